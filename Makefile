@@ -1,0 +1,46 @@
+# The README's two commands: `make run` and `make test`. Each does all its setup on a fresh
+# Debian/Ubuntu machine: system packages (apt), a virtualenv in .venv, the project with its test extras.
+SHELL := /bin/bash
+PY := .venv/bin/python
+VENV_STAMP := .venv/.installed
+APT_PACKAGES := redis-server sip-tester kamailio kamailio-redis-modules openssl iproute2 util-linux
+# Commands that tell us whether each package above is there.
+APT_PROBES := redis-server sipp kamailio openssl ip unshare
+
+.PHONY: run test lint typecheck pytest setup system-deps bench bench-quick clean
+
+run: setup
+	.venv/bin/sipfarm up
+
+test: setup lint typecheck pytest
+
+setup: system-deps $(VENV_STAMP)
+
+system-deps:
+	@bash scripts/system-deps.sh $(APT_PACKAGES) -- $(APT_PROBES)
+
+$(VENV_STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv .venv
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -m pip install -q -e '.[test]'
+	@touch $(VENV_STAMP)
+
+lint:
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check sipfarm media
+
+typecheck:
+	.venv/bin/mypy
+
+pytest:
+	@bash scripts/in-netns.sh .venv/bin/pytest -q -m 'not slow'; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest ran no test: failing"; exit 1; fi; exit $$rc
+
+bench: setup
+	.venv/bin/sipfarm bench
+
+bench-quick: setup
+	.venv/bin/sipfarm bench --quick
+
+clean:
+	rm -rf .run results .mypy_cache .pytest_cache .ruff_cache

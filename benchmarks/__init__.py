@@ -1,0 +1,1 @@
+"""Benchmark building blocks: SIPp scenarios and runner, a Kamailio reference server, rate search."""

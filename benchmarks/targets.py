@@ -1,0 +1,227 @@
+"""The servers a benchmark drives: a sipfarm farm (Redis, balancer, N nodes) or Kamailio.
+
+Each target starts its processes on free loopback ports, exposes the address SIPp sends to,
+the process trees to measure (`measure.ProcessTree`) and, when it has one, the Redis whose
+command counters the model needs; `stop()` stops everything it started, in reverse order,
+also after a failed start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+from benchmarks.kamailio import DEFAULT_DOMAIN, Kamailio, RedisServer, User
+from benchmarks.measure import ProcessTree, RedisStats
+from benchmarks.process import ManagedProcess, free_port, wait_until
+
+HOST = "127.0.0.1"
+
+
+class TargetError(RuntimeError):
+    """A target failed to start or one of its processes died; the message names which."""
+
+
+async def _provision(redis_url: str, users: Sequence[User], domain: str, concurrency: int = 64) -> None:
+    """Accounts through sipfarm's AccountStore, `concurrency` adds in flight on as many connections."""
+    from sipfarm.store import AccountExists, AccountStore, create_redis  # noqa: PLC0415
+
+    redis = create_redis(redis_url, max_connections=concurrency, socket_timeout=5.0)
+    try:
+        store = AccountStore(redis)
+        queue = list(users)
+
+        async def worker() -> None:
+            while queue:
+                user = queue.pop()
+                with contextlib.suppress(AccountExists):
+                    await store.add(user.name, domain, user.password)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    finally:
+        await redis.aclose()
+
+
+async def _node_members(redis_url: str) -> int:
+    from sipfarm.cluster.membership import MembershipStore, Role  # noqa: PLC0415
+    from sipfarm.store import create_redis  # noqa: PLC0415
+
+    redis = create_redis(redis_url)
+    try:
+        return len(await MembershipStore(redis).members(Role.NODE))
+    finally:
+        await redis.aclose()
+
+
+def _up_or_dead(proc: ManagedProcess, port: int) -> bool:
+    return not proc.alive() or _sip_ping(port)
+
+
+def _sip_ping(port: int) -> bool:
+    from sipfarm.up import sip_ping  # noqa: PLC0415
+
+    return sip_ping(HOST, port, 0.3) is not None
+
+
+class Target:
+    """Common surface of the benchmark targets."""
+
+    name: str
+    kind: str
+    nodes: int
+    workers: int
+    domain: str = DEFAULT_DOMAIN
+    port: int
+    redis: RedisServer | None = None
+    redis_baseline_memory: int | None = None
+    """Redis used_memory before provisioning (sipfarm keeps accounts in Redis too)."""
+    note: str = ""
+
+    def __init__(self) -> None:
+        self._procs: list[tuple[str, ManagedProcess]] = []
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def trees(self) -> list[ProcessTree]:
+        return [ProcessTree(label, proc.pid) for label, proc in self._procs]
+
+    def start(self) -> Target:
+        raise NotImplementedError
+
+    def server_labels(self) -> list[str]:
+        """Roles doing the SIP work (what "per CPU-second" divides by)."""
+        raise NotImplementedError
+
+    def redis_stats(self) -> RedisStats | None:
+        return RedisStats(self.redis.host, self.redis.port) if self.redis is not None else None
+
+    def dead(self) -> str | None:
+        """The label and log tail of a process that exited, or None when all run."""
+        for label, proc in self._procs:
+            if not proc.alive():
+                return f"{label} exited with {proc.proc.returncode}:\n{proc.log_tail(15)}"
+        return None
+
+    def stop(self) -> None:
+        for _label, proc in reversed(self._procs):
+            proc.stop()
+        self._procs.clear()
+
+    def __enter__(self) -> Target:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+class SipfarmTarget(Target):
+    """Redis + one balancer + `nodes` sipfarm nodes of `workers` worker processes each."""
+
+    kind = "sipfarm"
+
+    def __init__(self, workdir: Path, users: Sequence[User], *, nodes: int, workers: int) -> None:
+        super().__init__()
+        self.workdir = workdir.resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.users = users
+        self.nodes = nodes
+        self.workers = workers
+        self.name = f"sipfarm-{nodes}n"
+        self.port = 0
+        self.provision_s = 0.0
+
+    def server_labels(self) -> list[str]:
+        return [f"node{i + 1}" for i in range(self.nodes)]
+
+    def _spawn(self, label: str, argv: list[str]) -> ManagedProcess:
+        proc = ManagedProcess(label, [sys.executable, "-m", "sipfarm", *argv], self.workdir / f"{label}.log",
+                              cwd=self.workdir)
+        self._procs.append((label, proc))
+        return proc
+
+    def start(self) -> SipfarmTarget:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        self.redis = RedisServer(self.workdir / "redis")
+        self._procs.append(("redis", self.redis.process))
+        stats = self.redis_stats()
+        assert stats is not None
+        self.redis_baseline_memory = stats.used_memory()
+        t0 = time.monotonic()
+        asyncio.run(_provision(self.redis.url, self.users, self.domain))
+        self.provision_s = time.monotonic() - t0
+        ports: list[int] = []
+        for i in range(self.nodes):
+            port = free_port(HOST)
+            ports.append(port)
+            self._spawn(f"node{i + 1}", [
+                "node", "--listen", f"udp:{HOST}:{port}", "--listen", f"tcp:{HOST}:{port}",
+                "--redis", self.redis.url, "--domain", self.domain, "--node-id", f"node{i + 1}",
+                "--workers", str(self.workers), "--log-level", "warning",
+            ])
+        for i, port in enumerate(ports):
+            label, proc = self._procs[i + 1]
+            if not wait_until(functools.partial(_up_or_dead, proc, port), 20) or not proc.alive():
+                raise TargetError(f"{label} did not answer OPTIONS on {HOST}:{port}:\n{proc.log_tail(15)}")
+        self.port = free_port(HOST)
+        balancer = self._spawn("balancer", [
+            "balancer", "--redis", self.redis.url, "--listen", f"udp:{HOST}:{self.port}",
+            "--balancer-id", "lb1", "--log-level", "warning",
+        ])
+        if not wait_until(lambda: not balancer.alive() or _sip_ping(self.port), 20) or not balancer.alive():
+            raise TargetError(f"balancer did not answer OPTIONS on {self.address}:\n{balancer.log_tail(15)}")
+        url = self.redis.url
+        if not wait_until(lambda: asyncio.run(_node_members(url)) >= self.nodes, 15, interval=0.2):
+            raise TargetError(f"only {asyncio.run(_node_members(url))} of {self.nodes} nodes joined the farm")
+        time.sleep(1.0)  # the balancer's watcher polls membership every 0.25 s, then probes
+
+
+class KamailioTarget(Target):
+    """Kamailio doing a node's job (benchmarks/kamailio.py), location in memory or in Redis."""
+
+    kind = "kamailio"
+
+    def __init__(self, workdir: Path, users: Sequence[User], *, workers: int, redis_location: bool) -> None:
+        super().__init__()
+        self.workdir = workdir.resolve()
+        self.users = users
+        self.nodes = 1
+        self.workers = workers
+        self.redis_location = redis_location
+        self.name = "kamailio-redis" if redis_location else "kamailio"
+        self.note = ("usrloc db_mode 3 in Redis (db_redis)" if redis_location else "usrloc in shared memory")
+        self.port = 0
+        self.kamailio: Kamailio | None = None
+
+    def server_labels(self) -> list[str]:
+        return ["kamailio"]
+
+    def start(self) -> KamailioTarget:
+        try:
+            if self.redis_location:
+                self.redis = RedisServer(self.workdir / "redis")
+                self._procs.append(("redis", self.redis.process))
+            self.kamailio = Kamailio.start(self.workdir / "kamailio", self.users, children=self.workers,
+                                           redis_url=self.redis.url if self.redis else None)
+            self._procs.append(("kamailio", self.kamailio.process))
+            self.port = self.kamailio.port
+            self.domain = self.kamailio.domain
+        except BaseException:
+            self.stop()
+            raise
+        return self

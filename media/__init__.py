@@ -1,0 +1,1 @@
+"""RTP media relays for sipfarm."""

@@ -1,0 +1,69 @@
+"""Flow tokens (RFC 5626 5.2 style): the client connection a request must go back out on.
+
+The balancer puts a token in the user part of the URIs it adds to Path (REGISTER) and
+Record-Route (dialogs): ``<sip:TOKEN@balancer:port;lr;ob>``.  When a request comes back with
+that URI as its top Route, the token names the exact flow (transport, client address) to send
+it on.  The token is authenticated (truncated HMAC-SHA256 with a farm-wide secret) so a client
+cannot make the balancer send to an arbitrary address, and carries no state: any balancer with
+the secret decodes it, so balancers can run side by side.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import ipaddress
+import struct
+
+from sipfarm.sip.address import Address
+
+_TRANSPORTS = ("udp", "tcp", "tls", "ws", "wss")
+_MAC_LEN = 8
+CACHE_LIMIT = 100_000
+
+
+class FlowTokenError(ValueError):
+    """Not a token of ours (forged, truncated, other secret)."""
+
+
+class FlowTokens:
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) < 16:
+            raise ValueError("flow token secret must be at least 16 bytes")
+        self._secret = secret
+        self._cache: dict[Address, str] = {}  # a flow's token, for its next messages
+
+    def encode(self, flow: Address) -> str:
+        token = self._cache.get(flow)
+        if token is None:
+            token = self._encode(flow)
+            if len(self._cache) >= CACHE_LIMIT:
+                self._cache.clear()  # bounded; a miss only costs one HMAC
+            self._cache[flow] = token
+        return token
+
+    def _encode(self, flow: Address) -> str:
+        ip = ipaddress.ip_address(flow.host.strip("[]"))
+        packed = bytes([_TRANSPORTS.index(flow.transport), ip.version]) + ip.packed + struct.pack("!H", flow.port)
+        mac = hmac.digest(self._secret, packed, "sha256")[:_MAC_LEN]
+        return base64.b32encode(mac + packed).decode("ascii").rstrip("=").lower()
+
+    def decode(self, token: str | bytes) -> Address:
+        text = token.decode("latin-1") if isinstance(token, bytes) else token
+        try:
+            raw = base64.b32decode(text.upper() + "=" * (-len(text) % 8))
+        except (ValueError, TypeError) as exc:
+            raise FlowTokenError("not base32") from exc
+        if len(raw) < _MAC_LEN + 2 + 4 + 2:
+            raise FlowTokenError("too short")
+        mac, packed = raw[:_MAC_LEN], raw[_MAC_LEN:]
+        expected = hmac.digest(self._secret, packed, "sha256")[:_MAC_LEN]
+        if not hmac.compare_digest(mac, expected):
+            raise FlowTokenError("bad MAC")
+        transport_index, version = packed[0], packed[1]
+        size = 4 if version == 4 else 16
+        if transport_index >= len(_TRANSPORTS) or version not in (4, 6) or len(packed) != 2 + size + 2:
+            raise FlowTokenError("bad layout")
+        host = str(ipaddress.ip_address(packed[2 : 2 + size]))
+        (port,) = struct.unpack("!H", packed[2 + size :])
+        return Address(_TRANSPORTS[transport_index], host, port)

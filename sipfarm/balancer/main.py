@@ -1,0 +1,256 @@
+"""``sipfarm balancer``: listeners, the forwarding core, membership watching and probes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import sys
+import time
+from typing import Any
+
+from sipfarm import __version__
+from sipfarm.config import BalancerConfig, ConfigError, load
+from sipfarm.logs import setup_logging
+from sipfarm.sip.address import Address
+from sipfarm.transport.loop import stop_on_signals, tune_gc
+
+log = logging.getLogger("sipfarm.balancer")
+
+FLOW_SECRET_KEY = "sipfarm:flow-secret"  # noqa: S105 - a Redis key name
+
+
+def run_balancer(args: argparse.Namespace) -> int:
+    flags = {
+        "listen": args.listen,
+        "redis": args.redis or os.environ.get("REDIS_URL"),
+        "metrics": args.metrics,
+        "internal": getattr(args, "internal", None),
+        "advertise": getattr(args, "advertise", None),
+        "balancer_id": getattr(args, "balancer_id", None),
+        "tls_cert": getattr(args, "tls_cert", None),
+        "tls_key": getattr(args, "tls_key", None),
+        "log_level": getattr(args, "log_level", None),
+        "log_format": getattr(args, "log_format", None),
+        "workers": getattr(args, "workers", None),
+    }
+    try:
+        cfg = load(BalancerConfig, args.config, flags, section="balancer")
+    except ConfigError as exc:
+        print(f"sipfarm balancer: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level, cfg.log_format)
+    if not cfg.balancer_id:
+        cfg.balancer_id = f"lb-{socket.gethostname()}-{os.getpid()}"
+    worker_index = getattr(args, "worker_index", None)
+    if cfg.workers > 1 and worker_index is None:
+        from sipfarm.workers import supervise  # noqa: PLC0415
+
+        argv = [
+            sys.executable,
+            "-m",
+            "sipfarm",
+            "balancer",
+            "--redis",
+            cfg.redis,
+            "--balancer-id",
+            cfg.balancer_id,
+            "--log-level",
+            cfg.log_level,
+            "--log-format",
+            cfg.log_format,
+        ]
+        for flag, value in (
+            ("--config", args.config),
+            ("--internal", cfg.internal),
+            ("--advertise", cfg.advertise),
+            ("--tls-cert", cfg.tls_cert),
+            ("--tls-key", cfg.tls_key),
+        ):
+            if value:
+                argv += [flag, value]
+        for spec in cfg.listen:
+            argv += ["--listen", spec]
+        return supervise(argv, cfg.workers, cfg.metrics)
+    from sipfarm.transport.loop import install_uvloop  # noqa: PLC0415
+
+    install_uvloop()
+    try:
+        asyncio.run(serve(cfg, worker_index=worker_index))
+    except OSError as exc:
+        print(f"sipfarm balancer: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _flow_secret(redis_url: str) -> bytes:
+    from sipfarm.store.errors import StoreError  # noqa: PLC0415
+    from sipfarm.store.resp import RedisPipe  # noqa: PLC0415
+
+    pipe = RedisPipe(redis_url)
+    try:
+        for _ in range(20):
+            try:
+                if not pipe.connected:
+                    await pipe.connect()
+                await pipe.execute("SET", FLOW_SECRET_KEY, secrets.token_hex(32), "NX")
+                value = await pipe.execute("GET", FLOW_SECRET_KEY)
+                if value:
+                    return bytes(value)
+            except (StoreError, OSError):
+                await asyncio.sleep(0.25)
+    finally:
+        await pipe.close()
+    log.warning("event=flow_secret_local reason=redis_unavailable")
+    return secrets.token_bytes(32)
+
+
+async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: asyncio.Event | None = None) -> None:
+    from sipfarm.balancer.core import BalancerCore  # noqa: PLC0415
+    from sipfarm.balancer.flowtoken import FlowTokens  # noqa: PLC0415
+    from sipfarm.balancer.nodes import NodeSet  # noqa: PLC0415
+    from sipfarm.cluster.heartbeat import start_heartbeat  # noqa: PLC0415
+    from sipfarm.cluster.membership import Member, MembershipStore, Role  # noqa: PLC0415
+    from sipfarm.cluster.watcher import MemberWatcher  # noqa: PLC0415
+    from sipfarm.metrics import BalancerMetrics, serve_metrics, sync_counters  # noqa: PLC0415
+    from sipfarm.store.redis_client import create_redis  # noqa: PLC0415
+    from sipfarm.transport.config import TransportConfig  # noqa: PLC0415
+    from sipfarm.transport.manager import TransportManager  # noqa: PLC0415
+    from sipfarm.transport.tls import server_context  # noqa: PLC0415
+
+    loop = asyncio.get_running_loop()
+    multi = worker_index is not None
+    metrics = BalancerMetrics()
+    if cfg.metrics and not multi:
+        serve_metrics(cfg.metrics, metrics.registry)
+    secret = cfg.flow_secret.encode() if cfg.flow_secret else await _flow_secret(cfg.redis)
+    nodes = NodeSet(down_after=cfg.down_after, probe_interval=cfg.probe_interval)
+    holder: list[BalancerCore] = []
+
+    def on_message(msg: object, source: Address, local: Address) -> None:
+        holder[0].on_message(msg, source, local)  # type: ignore[arg-type]
+
+    transports = TransportManager(on_message, config=TransportConfig(udp_recv_buffer=cfg.udp_recv_buffer))
+    ssl_ctx = server_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
+    public: dict[str, Address] = {}
+    ws_servers: list[Any] = []
+    for spec in cfg.listen:
+        addr = Address.parse(spec)
+        if addr.transport in ("ws", "wss"):
+            from sipfarm.balancer.websocket import listen_websocket  # noqa: PLC0415
+
+            bound, ws_server = await listen_websocket(
+                transports, addr, ssl_ctx if addr.transport == "wss" else None, reuse_port=multi
+            )
+            ws_servers.append(ws_server)
+        else:
+            bound = await transports.listen(addr, ssl=ssl_ctx if addr.transport == "tls" else None, reuse_port=multi)
+        public.setdefault(bound.transport, bound)
+    if multi:
+        # each worker faces the nodes on a private UDP port: Via, Path and Record-Route name it,
+        # so responses and requests for this worker's client connections come back to it
+        host = Address.parse(cfg.internal).host if cfg.internal else public["udp"].host
+        internal = await transports.listen(f"udp:{host}:0")
+    elif cfg.internal:
+        internal = Address.parse(cfg.internal)
+        if internal not in transports.addresses:
+            internal = await transports.listen(internal)
+    else:
+        internal = public["udp"]
+    aliases = frozenset((a.host, a.port) for a in transports.addresses) | frozenset(
+        (a.host, a.port) for a in public.values()
+    )
+    if cfg.advertise:
+        # listening on a wildcard (or behind NAT): Via, Path and Record-Route name this address
+        public = {t: Address(t, cfg.advertise, a.port) for t, a in public.items()}
+        aliases |= frozenset((cfg.advertise, a.port) for a in public.values())
+    core = BalancerCore(
+        nodes,
+        FlowTokens(secret),
+        public=public,
+        internal=internal,
+        send=transports.send,
+        retry_after=cfg.retry_after,
+        aliases=aliases,
+    )
+    holder.append(core)
+
+    def on_probe(branch: bytes) -> None:
+        entry = nodes.find_probe(branch)
+        if entry is not None:
+            sent = entry.probe_sent
+            nodes.probe_answered(entry, loop.time())
+            if sent is not None:
+                metrics.probe_rtt.observe(loop.time() - sent)
+
+    core.probe_listener = on_probe
+
+    redis = create_redis(cfg.redis, client_name=f"sipfarm-{cfg.balancer_id}")
+    store = MembershipStore(redis)
+    watcher = MemberWatcher(store, Role.NODE)
+
+    def refresh(_change: object = None) -> None:
+        nodes.update_members(watcher.snapshot())
+
+    watcher.add_listener(refresh)
+    watcher.start()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(watcher.poll(), 1.0)
+    refresh()
+    started = time.time()
+
+    def member() -> Member:
+        return Member(
+            id=cfg.balancer_id,
+            role=Role.BALANCER,
+            addresses=tuple(str(a) for a in public.values()),
+            load=float(nodes.usable_count),
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            started_at=started,
+            version=__version__,
+        )
+
+    heartbeater = start_heartbeat(store, member, interval=cfg.heartbeat, leader=not multi or worker_index == 0)
+
+    def probe_tick() -> None:
+        now = loop.time()
+        for entry in nodes.due_probes(now):
+            nodes.probe_sent(entry, now, core.probe(entry))
+
+    sync = sync_counters(lambda: {**core.stats.flat(), **transports.stats.flat()}, metrics.events)
+    tune_gc()
+    stop = stop_on_signals(loop)
+    log.info(
+        "event=balancer_started id=%s listen=%s internal=%s",
+        cfg.balancer_id,
+        ",".join(str(a) for a in public.values()),
+        internal,
+    )
+    if ready is not None:
+        ready.set()
+    ticks = 0
+    try:
+        while not stop.is_set():
+            probe_tick()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), cfg.probe_interval / 2)
+            ticks += 1
+            if ticks % 4 == 0:
+                sync()
+                metrics.nodes_usable.set(nodes.usable_count)
+                metrics.nodes_known.set(len(nodes.nodes))
+    finally:
+        if heartbeater is not None:
+            await heartbeater.stop()
+        await watcher.stop()
+        for server in ws_servers:
+            close = getattr(server, "close", None)
+            if close is not None:
+                close()
+        await transports.close()
+        await redis.aclose()

@@ -1,0 +1,186 @@
+"""The balancer's view of the back-end nodes: membership plus its own health probes.
+
+Sans-IO: fed member snapshots (from Redis, read in the background) and probe results, asked
+``pick(key)`` on the hot path.  A node is a destination when it is in the membership, active
+(not draining) and not marked down by probes.  Probes are OPTIONS every ``probe_interval``; a
+node that misses ``down_after`` probes in a row is down (so within about
+``down_after * probe_interval``), as is one the balancer cannot send to at all; one answer
+brings it back (ICMP port-unreachable is not used: unconnected UDP sockets do not report it).
+The consistent hash ring is rebuilt only when the set of usable nodes changes, so a node's
+death moves only its own keys.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from sipfarm.cluster.membership import Member, MemberState
+from sipfarm.cluster.ring import HashRing
+from sipfarm.sip.address import Address
+
+MAX_DEPARTED = 1024  # addresses of departed nodes remembered (FIFO)
+
+
+class Health(enum.Enum):
+    UP = "up"
+    DOWN = "down"
+
+
+@dataclass(slots=True)
+class NodeEntry:
+    id: str
+    address: Address  # where the balancer sends SIP (UDP preferred)
+    draining: bool = False
+    health: Health = Health.UP
+    missed: int = 0
+    probe_sent: float | None = None  # loop time of the outstanding probe
+    last_probe: float = float("-inf")  # loop time the last probe went out
+    probe_branch: bytes = b""
+    rtt: float = 0.0  # smoothed probe round trip (seconds)
+    aliases: set[tuple[str, int]] = field(default_factory=set)
+
+    @property
+    def usable(self) -> bool:
+        return self.health is Health.UP and not self.draining
+
+
+def node_address(member: Member) -> Address | None:
+    """The member's UDP SIP address (else its first address)."""
+    parsed: list[Address] = []
+    for text in member.addresses:
+        try:
+            parsed.append(Address.parse(text))
+        except ValueError:
+            continue
+    for addr in parsed:
+        if addr.transport == "udp":
+            return addr
+    return parsed[0] if parsed else None
+
+
+class NodeSet:
+    def __init__(self, *, down_after: int = 2, probe_interval: float = 0.3, vnodes: int = 128) -> None:
+        self.nodes: dict[str, NodeEntry] = {}
+        self.down_after = down_after
+        self.probe_interval = probe_interval
+        self._vnodes = vnodes
+        self._ring = HashRing((), vnodes)
+        self._by_address: dict[tuple[str, int], NodeEntry] = {}
+        self._departed: dict[tuple[str, int], str] = {}  # address -> id of a node gone from membership
+        self.changes = 0
+
+    # -- membership --------------------------------------------------------------------------
+
+    def update_members(self, members: Iterable[Member]) -> None:
+        seen: set[str] = set()
+        for member in members:
+            addr = node_address(member)
+            if addr is None:
+                continue
+            seen.add(member.id)
+            entry = self.nodes.get(member.id)
+            draining = member.state is MemberState.DRAINING
+            aliases = set()
+            for text in member.addresses:
+                try:
+                    a = Address.parse(text)
+                except ValueError:
+                    continue
+                aliases.add((a.host, a.port))
+            if entry is None:
+                self.nodes[member.id] = NodeEntry(member.id, addr, draining=draining, aliases=aliases)
+            else:
+                entry.address = addr
+                entry.draining = draining
+                entry.aliases = aliases
+        for gone in set(self.nodes) - seen:
+            entry = self.nodes.pop(gone)
+            # its Record-Route stays in the route sets of its dialogs: remember it was a node
+            for alias in entry.aliases | {(entry.address.host, entry.address.port)}:
+                self._departed.pop(alias, None)
+                self._departed[alias] = gone
+        while len(self._departed) > MAX_DEPARTED:
+            del self._departed[next(iter(self._departed))]
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        usable = sorted(n.id for n in self.nodes.values() if n.usable)
+        if tuple(usable) != self._ring.members:
+            self._ring = HashRing(usable, self._vnodes)
+            self.changes += 1
+        self._by_address = {}
+        for entry in self.nodes.values():
+            for alias in entry.aliases | {(entry.address.host, entry.address.port)}:
+                self._by_address[alias] = entry
+                self._departed.pop(alias, None)  # back (or another node on its address)
+
+    # -- hot path ----------------------------------------------------------------------------
+
+    def pick(self, key: bytes) -> NodeEntry | None:
+        """The node for ``key`` (Call-ID, AOR) on the ring of usable nodes; None when none."""
+        if not self._ring:
+            return None
+        return self.nodes.get(self._ring.lookup(key))
+
+    def by_address(self, host: str, port: int) -> NodeEntry | None:
+        return self._by_address.get((host, port))
+
+    def departed(self, host: str, port: int) -> bool:
+        """Whether ``host:port`` was a node's address until it left the membership."""
+        return (host, port) in self._departed
+
+    @property
+    def usable_count(self) -> int:
+        return len(self._ring)
+
+    # -- probes ------------------------------------------------------------------------------
+
+    def due_probes(self, now: float) -> list[NodeEntry]:
+        """Nodes to probe now; an unanswered probe older than the interval counts as missed."""
+        due: list[NodeEntry] = []
+        for entry in self.nodes.values():
+            if entry.probe_sent is None:
+                if now - entry.last_probe >= self.probe_interval:
+                    due.append(entry)
+                continue
+            if now - entry.probe_sent >= self.probe_interval:
+                self.probe_missed(entry)
+                due.append(entry)
+        return due
+
+    def probe_sent(self, entry: NodeEntry, now: float, branch: bytes) -> None:
+        entry.probe_sent = now
+        entry.last_probe = now
+        entry.probe_branch = branch
+
+    def probe_answered(self, entry: NodeEntry, now: float) -> None:
+        if entry.probe_sent is not None:
+            sample = now - entry.probe_sent
+            entry.rtt = sample if entry.rtt == 0 else 0.8 * entry.rtt + 0.2 * sample
+        entry.probe_sent = None
+        entry.missed = 0
+        if entry.health is Health.DOWN:
+            entry.health = Health.UP
+            self._rebuild()
+
+    def probe_missed(self, entry: NodeEntry) -> None:
+        entry.probe_sent = None
+        entry.missed += 1
+        if entry.missed >= self.down_after and entry.health is Health.UP:
+            entry.health = Health.DOWN
+            self._rebuild()
+
+    def mark_down(self, entry: NodeEntry) -> None:
+        """Hard evidence (the probe could not even be sent): down now."""
+        entry.missed = self.down_after
+        if entry.health is Health.UP:
+            entry.health = Health.DOWN
+            self._rebuild()
+
+    def find_probe(self, branch: bytes) -> NodeEntry | None:
+        for entry in self.nodes.values():
+            if entry.probe_branch == branch:
+                return entry
+        return None

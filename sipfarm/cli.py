@@ -1,0 +1,216 @@
+"""The ``sipfarm`` command: processes (node, balancer, relay, up) and administration.
+
+Keep the command line stable: operators and scripts rely on it (see README).
+Errors an operator can fix are printed as one clear line on stderr with exit status 1/2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import os
+import sys
+from collections.abc import Sequence
+
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+
+
+def _redis_url(args: argparse.Namespace) -> str:
+    return str(args.redis or os.environ.get("REDIS_URL") or DEFAULT_REDIS)
+
+
+def _split_aor(aor: str) -> tuple[str, str]:
+    user, at, domain = aor.removeprefix("sip:").partition("@")
+    if not at or not user or not domain:
+        raise SystemExit(f"sipfarm: expected USER@DOMAIN, got {aor!r}")
+    return user, domain
+
+
+def _password(args: argparse.Namespace) -> str:
+    if args.password:
+        return str(args.password)
+    env = os.environ.get("SIPFARM_PASSWORD")
+    if env:
+        return env
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\n")
+    return getpass.getpass("password: ")
+
+
+async def _user_command(args: argparse.Namespace) -> int:
+    from sipfarm.store import (  # noqa: PLC0415 - keep `sipfarm --help` fast
+        AccountExists,
+        AccountNotFound,
+        AccountStore,
+        LocationStore,
+        StoreUnavailable,
+        create_redis,
+    )
+
+    url = _redis_url(args)
+    redis = create_redis(url)
+    store = AccountStore(redis)
+    try:
+        if args.user_cmd == "add":
+            user, domain = _split_aor(args.aor)
+            try:
+                account = await store.add(user, domain, _password(args), max_contacts=args.max_contacts)
+            except AccountExists:
+                print(f"sipfarm: account {user}@{domain} exists", file=sys.stderr)
+                return 1
+            print(f"added {account.aor}")
+        elif args.user_cmd == "del":
+            user, domain = _split_aor(args.aor)
+            try:
+                await store.delete(user, domain)
+            except AccountNotFound:
+                print(f"sipfarm: no account {user}@{domain}", file=sys.stderr)
+                return 1
+            await LocationStore(redis).clear(f"{user}@{domain}")
+            print(f"deleted {user}@{domain}")
+        elif args.user_cmd == "passwd":
+            user, domain = _split_aor(args.aor)
+            try:
+                await store.set_password(user, domain, _password(args))
+            except AccountNotFound:
+                print(f"sipfarm: no account {user}@{domain}", file=sys.stderr)
+                return 1
+            print(f"password changed for {user}@{domain}")
+        elif args.user_cmd == "list":
+            accounts = await store.list(args.domain)
+            for account in accounts:
+                state = "enabled" if account.enabled else "disabled"
+                print(f"{account.aor}\t{state}\tmax_contacts={account.max_contacts}")
+        return 0
+    except StoreUnavailable as exc:
+        print(f"sipfarm: Redis at {url} is unavailable: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"sipfarm: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        await redis.aclose()
+
+
+def _bench(argv: list[str]) -> int:
+    """``sipfarm bench [OPTIONS]``: the benchmark harness (benchmarks/), options passed through."""
+    import importlib  # noqa: PLC0415
+
+    try:
+        bench = importlib.import_module("benchmarks.harness")
+    except ImportError as exc:
+        print(
+            f"sipfarm bench: the benchmark harness is not installed with this copy ({exc}); "
+            "run it from a checkout: python -m benchmarks",
+            file=sys.stderr,
+        )
+        return 2
+    return int(bench.main(argv))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sipfarm", description="A SIP/VoIP farm server.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    node = sub.add_parser("node", help="run a registrar/proxy node")
+    node.add_argument("--config", help="TOML file ([node] section)")
+    node.add_argument("--listen", action="append", help="TRANSPORT:HOST:PORT (repeatable), e.g. udp:127.0.0.1:5071")
+    node.add_argument("--redis", help="Redis URL (default $REDIS_URL or redis://127.0.0.1:6379/0)")
+    node.add_argument("--domain", action="append", dest="domains", help="SIP domain served (repeatable)")
+    node.add_argument("--workers", type=int, help="worker processes sharing the port (SO_REUSEPORT)")
+    node.add_argument("--metrics", help="HOST:PORT for Prometheus /metrics")
+    node.add_argument("--node-id", help="member id in the farm (default: host-pid)")
+    node.add_argument("--advertise", help="address to put in Record-Route/Via when listening on 0.0.0.0")
+    node.add_argument("--log-format", choices=("kv", "json"))
+    node.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    node.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+
+    user = sub.add_parser("user", help="manage accounts")
+    user_sub = user.add_subparsers(dest="user_cmd", required=True)
+    for name, help_text in (("add", "create an account"), ("passwd", "change a password")):
+        p = user_sub.add_parser(name, help=help_text)
+        p.add_argument("aor", help="user@domain")
+        p.add_argument("--password", help="password (else $SIPFARM_PASSWORD, stdin or prompt)")
+        p.add_argument("--redis")
+        if name == "add":
+            p.add_argument("--max-contacts", type=int, default=10)
+    p = user_sub.add_parser("del", help="delete an account and its registrations")
+    p.add_argument("aor")
+    p.add_argument("--redis")
+    p = user_sub.add_parser("list", help="list accounts")
+    p.add_argument("--domain")
+    p.add_argument("--redis")
+
+    up = sub.add_parser("up", help="start a local farm (Redis, balancer, nodes, relay) in the foreground")
+    up.add_argument("--nodes", type=int, default=2)
+    up.add_argument("--relays", type=int, default=1)
+    up.add_argument("--sip-port", type=int, default=5060)
+    up.add_argument("--redis", help="use this Redis instead of starting a private one")
+    up.add_argument("--dir", default=".run", help="working directory for Redis files, logs, certificates")
+    up.add_argument("--domain", default="farm.test")
+    up.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    up.add_argument("--workers", type=int, default=1)
+    up.add_argument("--no-balancer", action="store_true", help="nodes only, first node on --sip-port")
+    up.add_argument(
+        "--metrics-port", type=int, default=9100, help="Prometheus port of the balancer; nodes use the next ones"
+    )
+
+    status = sub.add_parser("status", help="members of the farm, their load and registrations")
+    status.add_argument("--redis")
+    status.add_argument("--json", action="store_true")
+
+    drain = sub.add_parser("drain", help="stop new work to a node; its transactions finish")
+    drain.add_argument("node_id")
+    drain.add_argument("--redis")
+    drain.add_argument("--undo", action="store_true", help="make the node active again")
+
+    balancer = sub.add_parser("balancer", help="run the SIP load balancer")
+    balancer.add_argument("--config", help="TOML file ([balancer] section)")
+    balancer.add_argument("--listen", action="append", help="TRANSPORT:HOST:PORT, transport udp|tcp|tls|ws|wss")
+    balancer.add_argument("--internal", help="udp:HOST:PORT facing the nodes (default: the first udp listener)")
+    balancer.add_argument("--advertise", help="address clients reach the balancer at (Via/Path/Record-Route)")
+    balancer.add_argument("--redis")
+    balancer.add_argument("--metrics")
+    balancer.add_argument("--balancer-id")
+    balancer.add_argument("--workers", type=int, help="processes sharing the listeners (SO_REUSEPORT)")
+    balancer.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    balancer.add_argument("--tls-cert")
+    balancer.add_argument("--tls-key")
+    balancer.add_argument("--log-format", choices=("kv", "json"))
+    balancer.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+
+    bench = sub.add_parser("bench", help="benchmark the farm against Kamailio (see benchmarks/README.md)")
+    bench.add_argument("--quick", action="store_true")
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.command == "user":
+        return asyncio.run(_user_command(args))
+    if args.command == "node":
+        from sipfarm.node.main import run_node  # noqa: PLC0415
+
+        return int(run_node(args))
+    if args.command == "up":
+        from sipfarm.up import run_up  # noqa: PLC0415
+
+        return int(run_up(args))
+    if args.command in ("status", "drain"):
+        from sipfarm.cluster.cli import run_cluster_command  # noqa: PLC0415
+
+        return int(run_cluster_command(args))
+    if args.command == "balancer":
+        from sipfarm.balancer.main import run_balancer  # noqa: PLC0415
+
+        return int(run_balancer(args))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""``sipfarm status``: the member table as plain text and as JSON. Formatting only, no I/O:
+the CLI fetches ``MembershipStore.members()`` (and ``drain_flags``) and passes them here."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .membership import Member, MemberState
+
+__all__ = ["format_age", "render_json", "render_table", "status_rows"]
+
+_COLUMNS = ("ID", "ROLE", "ADDRESSES", "STATE", "LOAD", "REGS", "TRANS", "AGE", "HOST", "PID", "VERSION")
+_NUMERIC = frozenset({"LOAD", "REGS", "TRANS", "AGE", "PID"})
+_ROLE_ORDER = {"balancer": 0, "node": 1, "relay": 2}
+
+
+def format_age(seconds: float) -> str:
+    """``42s``, ``3m07s``, ``5h02m``, ``2d03h``."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _ordered(members: Sequence[Member]) -> list[Member]:
+    return sorted(members, key=lambda m: (_ROLE_ORDER.get(m.role.value, 9), m.id))
+
+
+def _state(member: Member, drain_flags: Mapping[str, bool] | None) -> str:
+    # A flag set since the member's last beat shows as "draining*": requested, not yet seen.
+    if drain_flags and drain_flags.get(member.id) and member.state is MemberState.ACTIVE:
+        return "draining*"
+    return member.state.value
+
+
+def status_rows(
+    members: Sequence[Member], *, now: float, drain_flags: Mapping[str, bool] | None = None
+) -> list[dict[str, Any]]:
+    """One JSON-ready dict per member, balancers first, then nodes, then relays."""
+    return [
+        {
+            "id": m.id,
+            "role": m.role.value,
+            "addresses": list(m.addresses),
+            "control_address": m.control_address,
+            "state": _state(m, drain_flags),
+            "load": m.load,
+            "registrations": m.registrations,
+            "transactions": m.transactions,
+            "age": round(max(0.0, now - m.started_at), 3) if m.started_at else None,
+            "started_at": m.started_at,
+            "host": m.host,
+            "pid": m.pid,
+            "version": m.version,
+        }
+        for m in _ordered(members)
+    ]
+
+
+def render_json(members: Sequence[Member], *, now: float, drain_flags: Mapping[str, bool] | None = None) -> str:
+    return json.dumps({"now": now, "members": status_rows(members, now=now, drain_flags=drain_flags)}, indent=2)
+
+
+def render_table(members: Sequence[Member], *, now: float, drain_flags: Mapping[str, bool] | None = None) -> str:
+    """A fixed-width table, one member a line, then a totals line."""
+    if not members:
+        return "no members (is the farm running, and is this the right Redis?)\n"
+    rows: list[tuple[str, ...]] = []
+    for r in status_rows(members, now=now, drain_flags=drain_flags):
+        addresses = ",".join(r["addresses"]) or "-"
+        if r["control_address"]:
+            addresses += f" ctl={r['control_address']}"
+        rows.append(
+            (
+                r["id"],
+                r["role"],
+                addresses,
+                r["state"],
+                f"{r['load']:.1f}",
+                str(r["registrations"]),
+                str(r["transactions"]),
+                "-" if r["age"] is None else format_age(r["age"]),
+                r["host"] or "-",
+                str(r["pid"] or "-"),
+                r["version"] or "-",
+            )
+        )
+    widths = [max(len(col), *(len(row[i]) for row in rows)) for i, col in enumerate(_COLUMNS)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if name in _NUMERIC else c.ljust(w) for c, w, name in zip(cells, widths, _COLUMNS, strict=True)
+        ).rstrip()
+
+    out = [line(_COLUMNS), *(line(row) for row in rows)]
+    counts: dict[str, int] = {}
+    for m in members:
+        counts[m.role.value] = counts.get(m.role.value, 0) + 1
+    draining = sum(1 for r in rows if r[3] != MemberState.ACTIVE.value)
+    summary = ", ".join(f"{n} {role}{'s' if n != 1 else ''}" for role, n in sorted(counts.items()))
+    out.append(
+        f"{summary}; {draining} draining; "
+        # every node reports the farm-wide count it last read from Redis: the newest, not a sum
+        f"{max((m.registrations for m in members), default=0)} registrations in the farm, "
+        f"{sum(m.transactions for m in members)} transactions"
+    )
+    return "\n".join(out) + "\n"

@@ -1,0 +1,239 @@
+"""Typed configuration: one dataclass per process, from TOML, then environment, then flags.
+
+``load(NodeConfig, path, flags)`` reads ``[node]`` (the section is the process role) from a TOML
+file, then ``SIPFARM_<KEY>`` environment variables, then explicit command-line values, and
+validates every field's type and range.  A bad value raises :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sipfarm.sip.address import Address
+
+
+class ConfigError(ValueError):
+    """A configuration value that is missing, of the wrong type or out of range."""
+
+
+@dataclass(slots=True)
+class NodeConfig:
+    """A registrar/proxy node (``sipfarm node``)."""
+
+    listen: list[str] = field(default_factory=lambda: ["udp:127.0.0.1:5071"])
+    redis: str = "redis://127.0.0.1:6379/0"
+    domains: list[str] = field(default_factory=lambda: ["farm.test"])
+    workers: int = 1
+    metrics: str = ""  # HOST:PORT of the Prometheus endpoint, empty = none
+    node_id: str = ""  # default: host-pid
+    # Address written into Record-Route and Via when the listen address is a wildcard.
+    advertise: str = ""
+    max_transactions: int = 50_000
+    t1: float = 0.5
+    t2: float = 4.0
+    t4: float = 5.0
+    nonce_lifetime: float = 300.0
+    nonce_secret: str = ""  # empty: a farm-wide secret kept in Redis
+    min_expires: int = 60
+    max_expires: int = 7200
+    default_expires: int = 3600
+    # Offered in this order. MD5 first: SIPp and many deployed phones read only the first
+    # challenge; SHA-256 (RFC 8760) is offered too for UAs that pick the strongest.
+    digest_algorithms: list[str] = field(default_factory=lambda: ["MD5", "SHA-256"])
+    auth_invite: bool = True  # challenge INVITE/MESSAGE... from unauthenticated sources (407)
+    account_cache_ttl: float = 2.0
+    # SO_RCVBUF of UDP sockets: the kernel's ~200 KB default overflows under bursts long before
+    # the CPU is busy (Kamailio and SIPp ask for 4 MB too); capped by net.core.rmem_max
+    udp_recv_buffer: int = 4 * 1024 * 1024
+    heartbeat: float = 0.5
+    log_level: str = "info"
+    log_format: str = "kv"  # kv | json
+
+    def validate(self) -> None:
+        for spec in self.listen:
+            _check_address("listen", spec)
+        if not self.domains:
+            raise ConfigError("domains: at least one domain is required")
+        _check_range("workers", self.workers, 1, 64)
+        _check_range("max_transactions", self.max_transactions, 10, 10_000_000)
+        _check_range("t1", self.t1, 0.001, 60)
+        _check_range("min_expires", self.min_expires, 1, 86_400)
+        if not self.min_expires <= self.default_expires <= self.max_expires:
+            raise ConfigError("default_expires: must lie between min_expires and max_expires")
+        if self.metrics:
+            _check_hostport("metrics", self.metrics)
+        if not self.redis.startswith("redis://"):
+            raise ConfigError(f"redis: expected redis://HOST:PORT/DB, got {self.redis!r}")
+        for algorithm in self.digest_algorithms:
+            _check_choice("digest_algorithms", algorithm, ("MD5", "SHA-256", "MD5-sess", "SHA-256-sess"))
+        _check_choice("log_format", self.log_format, ("kv", "json"))
+        _check_choice("log_level", self.log_level, ("debug", "info", "warning", "error"))
+
+
+def _check_address(key: str, spec: str) -> None:
+    try:
+        addr = Address.parse(spec)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    if addr.transport not in ("udp", "tcp", "tls", "ws", "wss"):
+        raise ConfigError(f"{key}: unknown transport {addr.transport!r} in {spec!r}")
+    _check_range(key, addr.port, 0, 65535)
+
+
+def _check_hostport(key: str, value: str) -> None:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{key}: expected HOST:PORT, got {value!r}")
+
+
+def _check_range(key: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{key}: {value} is outside {low}..{high}")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+
+
+T = TypeVar("T")
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    origin = typing.get_origin(kind)
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(key, v, item) for v in value]
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if value is None or value == "":
+            return None
+        return _coerce(key, value, args[0])
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if kind is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if kind is str:
+        if not isinstance(value, str | int | float):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {kind!r}")
+
+
+def load(
+    cls: type[T],
+    path: str | Path | None = None,
+    flags: dict[str, Any] | None = None,
+    *,
+    section: str | None = None,
+    environ: dict[str, str] | None = None,
+) -> T:
+    """Build ``cls`` from TOML ``path`` (section = role), ``SIPFARM_*`` env and ``flags``."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+        if section:
+            data = data.get(section, {})
+        for key, value in data.items():
+            if key not in names:
+                raise ConfigError(f"{key}: unknown setting in {path}")
+            values[key] = value
+    env = os.environ if environ is None else environ
+    for name in names:
+        env_value = env.get("SIPFARM_" + name.upper())
+        if env_value is not None:
+            values[name] = env_value
+    for key, value in (flags or {}).items():
+        if value is None:
+            continue
+        if key not in names:
+            raise ConfigError(f"{key}: unknown setting")
+        values[key] = value
+    coerced = {key: _coerce(key, value, hints[key]) for key, value in values.items()}
+    obj = cls(**coerced)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate()
+    return obj
+
+
+@dataclass(slots=True)
+class BalancerConfig:
+    """The SIP load balancer (``sipfarm balancer``)."""
+
+    # Client-facing listeners: udp, tcp, tls (needs tls_cert/tls_key), ws, wss.
+    listen: list[str] = field(default_factory=lambda: ["udp:127.0.0.1:5060", "tcp:127.0.0.1:5060"])
+    # UDP address facing the nodes; empty: the first udp listener.
+    internal: str = ""
+    # Host written into Via/Path/Record-Route for clients when listening on 0.0.0.0 or behind NAT.
+    advertise: str = ""
+    redis: str = "redis://127.0.0.1:6379/0"
+    metrics: str = ""
+    balancer_id: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    flow_secret: str = ""  # empty: a farm-wide secret kept in Redis (balancers share tokens)
+    workers: int = 1  # processes sharing the listeners (SO_REUSEPORT), each with a private internal port
+    udp_recv_buffer: int = 4 * 1024 * 1024  # SO_RCVBUF of UDP sockets (see NodeConfig)
+    probe_interval: float = 0.25
+    down_after: int = 2
+    retry_after: int = 5
+    heartbeat: float = 0.5
+    log_level: str = "info"
+    log_format: str = "kv"
+
+    def validate(self) -> None:
+        if not self.listen:
+            raise ConfigError("listen: at least one listener is required")
+        for spec in self.listen:
+            _check_address("listen", spec)
+        if self.internal:
+            _check_address("internal", self.internal)
+            if not self.internal.startswith("udp:"):
+                raise ConfigError("internal: must be a udp:HOST:PORT address")
+        elif not any(s.startswith("udp:") for s in self.listen):
+            raise ConfigError("internal: required when there is no udp listener")
+        if any(s.startswith(("tls:", "wss:")) for s in self.listen) and not (self.tls_cert and self.tls_key):
+            raise ConfigError("tls_cert: tls/wss listeners need tls_cert and tls_key")
+        _check_range("probe_interval", self.probe_interval, 0.05, 10)
+        _check_range("workers", self.workers, 1, 64)
+        _check_range("down_after", self.down_after, 1, 100)
+        if self.metrics:
+            _check_hostport("metrics", self.metrics)
+        if not self.redis.startswith("redis://"):
+            raise ConfigError(f"redis: expected redis://HOST:PORT/DB, got {self.redis!r}")
+        _check_choice("log_format", self.log_format, ("kv", "json"))
+        _check_choice("log_level", self.log_level, ("debug", "info", "warning", "error"))

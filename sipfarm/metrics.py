@@ -1,0 +1,160 @@
+"""Prometheus metrics, named ``sipfarm_<component>_<what>_<unit>``.
+
+Each process builds its metrics in its own registry (two nodes in one test process do not
+collide).  A node with several workers runs prometheus-client's multiprocess mode: the workers
+write to files under ``PROMETHEUS_MULTIPROC_DIR`` and the parent serves the aggregate.
+Label children are cached so the hot path pays one dict look-up and one increment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class LabelCache:
+    """``metric.labels(x)`` is slow-ish; keep the children."""
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[object, Any] = {}
+
+    def __call__(self, *labels: object) -> Any:
+        child = self._children.get(labels)
+        if child is None:
+            child = self._metric.labels(*[str(v) for v in labels])
+            if len(self._children) < 1024:  # bounded: hostile methods must not grow it
+                self._children[labels] = child
+        return child
+
+
+def _gauge(name: str, doc: str, registry: CollectorRegistry, labels: tuple[str, ...] = ()) -> Gauge:
+    # In multiprocess mode the parent sums the live workers' values.
+    return Gauge(name, doc, labels, registry=registry, multiprocess_mode="livesum")
+
+
+class NodeMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = LabelCache(
+            Counter("sipfarm_node_requests_total", "SIP requests received, by method", ["method"], registry=r)
+        )
+        self.responses = LabelCache(
+            Counter(
+                "sipfarm_node_responses_total",
+                "SIP responses sent by the node (its own and forwarded), by status",
+                ["status"],
+                registry=r,
+            )
+        )
+        self.registrations = _gauge("sipfarm_node_registrations", "Registered bindings in the farm", r)
+        self.registered_aors = _gauge("sipfarm_node_registered_aors", "AORs with a live binding", r)
+        self.register_seconds = Histogram(
+            "sipfarm_node_register_seconds",
+            "REGISTER handling time, receipt to final response",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.invite_seconds = Histogram(
+            "sipfarm_node_invite_seconds",
+            "INVITE routing time, receipt to forwarded (or rejected)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.transactions = _gauge("sipfarm_node_transactions", "Transactions in flight", r)
+        self.auth_failures = LabelCache(
+            Counter("sipfarm_node_auth_failures_total", "Failed digest authentications", ["reason"], registry=r)
+        )
+        self.parse_errors = LabelCache(
+            Counter("sipfarm_node_parse_errors_total", "Malformed messages, by kind", ["kind"], registry=r)
+        )
+        self.redis_seconds = Histogram(
+            "sipfarm_node_redis_seconds", "Redis round-trip time", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.redis_errors = Counter("sipfarm_node_redis_errors_total", "Failed Redis commands", registry=r)
+        self.errors = LabelCache(
+            Counter("sipfarm_node_errors_total", "Requests failed with a SIP error, by kind", ["kind"], registry=r)
+        )
+        self.internal_errors = Counter(
+            "sipfarm_node_internal_errors_total", "Unexpected exceptions in message handling", registry=r
+        )
+        self.transport_events = LabelCache(
+            Counter(
+                "sipfarm_node_transport_events_total",
+                "Transport events (messages, parse errors, connections), by kind",
+                ["kind"],
+                registry=r,
+            )
+        )
+
+
+def serve_metrics(address: str, registry: CollectorRegistry) -> bool:
+    """Serve ``/metrics`` on HOST:PORT from a background thread; False (logged) if it cannot
+    bind: a busy metrics port must not stop a SIP process."""
+    host, _, port = address.rpartition(":")
+    try:
+        start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
+    except OSError as exc:
+        logging.getLogger("sipfarm.metrics").error(
+            "event=metrics_unavailable address=%s error=%s", address, str(exc).replace(" ", "_")
+        )
+        return False
+    return True
+
+
+def multiprocess_registry() -> CollectorRegistry:
+    """The parent's registry that sums its workers (needs PROMETHEUS_MULTIPROC_DIR)."""
+    from prometheus_client import multiprocess  # noqa: PLC0415 - only in multiprocess mode
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return registry
+
+
+def sync_counters(read: Callable[[], dict[str, int]], sink: LabelCache) -> Callable[[], None]:
+    """Copy monotonically growing integer stats (e.g. a transport's) into a labelled Counter."""
+    last: dict[str, int] = {}
+
+    def sync() -> None:
+        for key, value in read().items():
+            delta = value - last.get(key, 0)
+            if delta > 0:
+                sink(key).inc(delta)
+                last[key] = value
+
+    return sync
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+
+
+class BalancerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.events = LabelCache(
+            Counter(
+                "sipfarm_balancer_events_total",
+                "Forwarded messages, failures and transport events, by kind",
+                ["kind"],
+                registry=r,
+            )
+        )
+        self.nodes_usable = Gauge("sipfarm_balancer_nodes_usable", "Nodes the balancer dispatches to", registry=r)
+        self.nodes_known = Gauge("sipfarm_balancer_nodes_known", "Nodes in the membership", registry=r)
+        self.probe_rtt = Histogram(
+            "sipfarm_balancer_probe_rtt_seconds",
+            "OPTIONS probe round trip to nodes",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )

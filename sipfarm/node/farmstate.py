@@ -1,0 +1,128 @@
+"""The node's hot-path access to shared state: accounts and bindings over the pipelined client.
+
+Same keys, scripts and encodings as :mod:`sipfarm.store` (which the CLI and tests use through
+redis-py); here every operation takes a callback and costs no task or future.  Everything a
+burst of SIP messages asks for in one event-loop iteration goes to Redis as one pipeline.
+Results are values or a :class:`~sipfarm.store.errors.StoreError` (503 for StoreUnavailable).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import hiredis
+
+from sipfarm.store import location as loc
+from sipfarm.store.accounts import Account, account_key
+from sipfarm.store.errors import StoreError
+from sipfarm.store.resp import RedisPipe, Reply
+
+_ACCOUNT_FIELDS = (b"user", b"domain", b"ha1_md5", b"ha1_sha256", b"enabled", b"max_contacts", b"created")
+
+
+class FarmState:
+    def __init__(
+        self,
+        pipe: RedisPipe,
+        *,
+        account_cache_ttl: float = 2.0,
+        account_cache_size: int = 20_000,
+        clock: Callable[[], float] = time.monotonic,
+        observe: Callable[[float], None] | None = None,
+    ) -> None:
+        self.pipe = pipe
+        self._ttl = account_cache_ttl
+        self._cache_size = account_cache_size
+        self._cache: OrderedDict[tuple[str, str], tuple[float, Account | None]] = OrderedDict()
+        self._clock = clock
+        self._observe = observe  # Redis round-trip histogram
+        self._register_sha = hashlib.sha1(loc.REGISTER_SCRIPT.encode()).hexdigest()  # noqa: S324
+
+    # -- accounts --------------------------------------------------------------------------------
+
+    def get_account(self, user: str, domain: str, callback: Callable[[Account | StoreError | None], None]) -> None:
+        """The account (cached for ``account_cache_ttl``: the only staleness allowed) or None."""
+        key = (user, domain)
+        now = self._clock()
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] > now:
+            callback(hit[1])
+            return
+        started = now
+
+        def done(reply: Reply) -> None:
+            self._timed(started)
+            if isinstance(reply, StoreError):
+                callback(reply)
+                return
+            if isinstance(reply, Exception):
+                callback(StoreError(f"account lookup failed: {reply}"))
+                return
+            account: Account | None = None
+            if reply and reply[0] is not None:
+                try:
+                    account = Account.from_fields(dict(zip(_ACCOUNT_FIELDS, reply, strict=True)))
+                except StoreError as exc:
+                    callback(exc)
+                    return
+            self._cache[key] = (self._clock() + self._ttl, account)
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+            callback(account)
+
+        self.pipe.call(done, "HMGET", account_key(user, domain), *_ACCOUNT_FIELDS)
+
+    # -- bindings --------------------------------------------------------------------------------
+
+    def lookup(self, aor: str, now: float, callback: Callable[[list[loc.Binding] | StoreError], None]) -> None:
+        started = self._clock()
+
+        def done(reply: Reply) -> None:
+            self._timed(started)
+            if isinstance(reply, StoreError):
+                callback(reply)
+            elif isinstance(reply, Exception):
+                callback(StoreError(f"lookup failed: {reply}"))
+            else:
+                try:
+                    callback(loc.live_bindings(reply, now))
+                except StoreError as exc:
+                    callback(exc)
+
+        self.pipe.call(done, "HVALS", loc.location_key(aor))
+
+    def register(
+        self,
+        aor: str,
+        contacts: Sequence[loc.ContactUpdate],
+        callback: Callable[[loc.RegisterResult | StoreError], None],
+        **kwargs: object,
+    ) -> None:
+        """``LocationStore.apply_register`` (same script, same arguments) over the pipe."""
+        keys, args = loc.register_arguments(aor, contacts, **kwargs)  # type: ignore[arg-type]
+        started = self._clock()
+
+        def done(reply: Reply) -> None:
+            if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+                # first use on this Redis (or after SCRIPT FLUSH): send the body once
+                self.pipe.call(done, "EVAL", loc.REGISTER_SCRIPT, len(keys), *keys, *args)
+                return
+            self._timed(started)
+            if isinstance(reply, StoreError):
+                callback(reply)
+            elif isinstance(reply, Exception):
+                callback(StoreError(f"register failed: {reply}"))
+            else:
+                try:
+                    callback(loc.register_result(reply))
+                except StoreError as exc:
+                    callback(exc)
+
+        self.pipe.call(done, "EVALSHA", self._register_sha, len(keys), *keys, *args)
+
+    def _timed(self, started: float) -> None:
+        if self._observe is not None:
+            self._observe(self._clock() - started)

@@ -1,0 +1,275 @@
+"""``sipfarm node``: wires transports, the node core, Redis, metrics and the heartbeat together.
+
+With ``--workers N`` (N > 1) this process becomes a supervisor: it starts N worker processes
+that share the SIP ports with SO_REUSEPORT (like Kamailio's children), serves their aggregated
+metrics, and restarts a worker that dies.  Each worker also binds a private UDP port that it
+puts in its Via, so responses come back to the worker holding the transaction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import sys
+import time
+
+from sipfarm import __version__
+from sipfarm.config import ConfigError, NodeConfig, load
+from sipfarm.logs import setup_logging
+from sipfarm.sip.address import Address
+from sipfarm.transport.loop import stop_on_signals, tune_gc
+
+log = logging.getLogger("sipfarm.node")
+
+NONCE_SECRET_KEY = "sipfarm:nonce-secret"  # noqa: S105 - a Redis key name
+FLOW_SECRET_KEY = "sipfarm:flow-secret"  # noqa: S105 - shared with the balancers
+
+
+def _flags(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "listen": args.listen,
+        "redis": args.redis or os.environ.get("REDIS_URL"),
+        "domains": args.domains,
+        "workers": args.workers,
+        "metrics": args.metrics,
+        "node_id": args.node_id,
+        "advertise": args.advertise,
+        "log_format": args.log_format,
+        "log_level": args.log_level,
+    }
+
+
+def run_node(args: argparse.Namespace) -> int:
+    try:
+        cfg = load(NodeConfig, args.config, _flags(args), section="node")
+    except ConfigError as exc:
+        print(f"sipfarm node: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level, cfg.log_format)
+    if not cfg.node_id:
+        cfg.node_id = f"{socket.gethostname()}-{os.getpid()}"
+    worker_index = getattr(args, "worker_index", None)
+    if cfg.workers > 1 and worker_index is None:
+        return supervise_workers(cfg, args)
+    from sipfarm.transport.loop import install_uvloop  # noqa: PLC0415
+
+    install_uvloop()
+    try:
+        asyncio.run(serve(cfg, worker_index=worker_index))
+    except OSError as exc:
+        log.error("event=node_failed error=%s", str(exc).replace(" ", "_"))
+        print(f"sipfarm node: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _shared_secret(pipe: object, fallback: bytes, key: str = NONCE_SECRET_KEY) -> bytes:
+    """A farm-wide secret: created once in Redis (SET NX), read by every process."""
+    from sipfarm.store.resp import RedisPipe  # noqa: PLC0415
+
+    assert isinstance(pipe, RedisPipe)
+    candidate = secrets.token_hex(32)
+    await pipe.execute("SET", key, candidate, "NX")
+    value = await pipe.execute("GET", key)
+    return bytes(value) if value else fallback
+
+
+async def serve(cfg: NodeConfig, *, worker_index: int | None = None, ready: asyncio.Event | None = None) -> None:
+    from sipfarm.balancer.flowtoken import FlowTokens  # noqa: PLC0415
+    from sipfarm.cluster.heartbeat import start_heartbeat  # noqa: PLC0415
+    from sipfarm.cluster.membership import Member, MembershipStore, Role  # noqa: PLC0415
+    from sipfarm.metrics import NodeMetrics, serve_metrics, sync_counters  # noqa: PLC0415
+    from sipfarm.node.core import NodeCore, NodeIdentity  # noqa: PLC0415
+    from sipfarm.node.farmstate import FarmState  # noqa: PLC0415
+    from sipfarm.registrar.bindings import ExpiresPolicy  # noqa: PLC0415
+    from sipfarm.sip.auth import NonceFactory  # noqa: PLC0415
+    from sipfarm.sip.transaction import TimerConfig  # noqa: PLC0415
+    from sipfarm.store.errors import StoreError  # noqa: PLC0415
+    from sipfarm.store.redis_client import create_redis  # noqa: PLC0415
+    from sipfarm.store.resp import RedisPipe  # noqa: PLC0415
+    from sipfarm.transport.config import TransportConfig  # noqa: PLC0415
+    from sipfarm.transport.manager import TransportManager  # noqa: PLC0415
+
+    loop = asyncio.get_running_loop()
+    metrics = NodeMetrics()
+    if cfg.metrics and worker_index is None:
+        serve_metrics(cfg.metrics, metrics.registry)
+    pipe = RedisPipe(cfg.redis)
+    await pipe.start()
+    state = FarmState(pipe, account_cache_ttl=cfg.account_cache_ttl, observe=metrics.redis_seconds.observe)
+    secret = cfg.nonce_secret.encode() if cfg.nonce_secret else secrets.token_bytes(32)
+    nonces = NonceFactory(secret, cfg.nonce_lifetime)
+
+    multi = worker_index is not None
+    core_holder: list[NodeCore] = []
+
+    def on_message(msg: object, source: Address, local: Address) -> None:
+        core_holder[0].on_message(msg, source, local)  # type: ignore[arg-type]
+
+    def on_send_failure(dest: Address) -> None:
+        node = core_holder[0]
+        node.layer.transport_error(dest, node.now())  # every transaction whose remote is dest
+        node.flush()
+
+    transports = TransportManager(
+        on_message, on_send_failure=on_send_failure, config=TransportConfig(udp_recv_buffer=cfg.udp_recv_buffer)
+    )
+    bound: list[Address] = [await transports.listen(spec, reuse_port=multi) for spec in cfg.listen]
+    addresses: dict[str, tuple[str, int]] = {}
+    for addr in bound:
+        host = cfg.advertise or addr.host
+        addresses.setdefault(addr.transport, (host, addr.port))
+    aliases = {(a.host, a.port) for a in bound} | {(h, p) for h, p in addresses.values()}
+    if multi and "udp" in addresses:
+        udp_host = next(a.host for a in bound if a.transport == "udp")
+        private = await transports.listen(f"udp:{udp_host}:0")
+        addresses["udp"] = (cfg.advertise or udp_host, private.port)
+        aliases.add((private.host, private.port))
+    identity = NodeIdentity(
+        node_id=cfg.node_id,
+        domains=frozenset(d.lower() for d in cfg.domains),
+        addresses=addresses,
+        aliases=frozenset(aliases),
+    )
+    core = NodeCore(
+        identity,
+        state,
+        nonces,
+        metrics=metrics,
+        timers=TimerConfig(t1=cfg.t1, t2=cfg.t2, t4=cfg.t4),
+        max_transactions=cfg.max_transactions,
+        policy=ExpiresPolicy(cfg.min_expires, cfg.max_expires, cfg.default_expires),
+        auth_requests=cfg.auth_invite,
+        digest_algorithms=tuple(cfg.digest_algorithms),
+    )
+    core.attach(transports.send, loop)
+    core_holder.append(core)
+
+    if not cfg.nonce_secret:
+
+        async def fetch_secret() -> None:
+            while True:
+                try:
+                    core.nonces = NonceFactory(await _shared_secret(pipe, secret), cfg.nonce_lifetime)
+                    flow_secret = await _shared_secret(pipe, secret, FLOW_SECRET_KEY)
+                    core.flow_tokens = FlowTokens(flow_secret)
+                    return
+                except (StoreError, OSError):
+                    await asyncio.sleep(0.5)
+
+        secret_task = loop.create_task(fetch_secret())
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(secret_task), 2.0)
+
+    sync_transport = sync_counters(transports.stats.flat, metrics.transport_events)
+    registrations = {"bindings": 0, "aors": 0}
+
+    def count_registrations() -> None:
+        def got(reply: object) -> None:
+            if isinstance(reply, list) and len(reply) == 4:
+                registrations["aors"] = int(reply[2])
+                registrations["bindings"] = int(reply[3])
+
+        # the location index (see sipfarm.store.location): prune what expired, then count
+        from sipfarm.store.location import AOR_INDEX, BINDING_INDEX  # noqa: PLC0415
+
+        now = time.time()
+
+        def pruned_aors(_: object) -> None:
+            return None
+
+        pipe.call(pruned_aors, "ZREMRANGEBYSCORE", AOR_INDEX, "-inf", now)
+        pipe.call(pruned_aors, "ZREMRANGEBYSCORE", BINDING_INDEX, "-inf", now)
+        results: list[object] = []
+
+        def collect(reply: object) -> None:
+            results.append(reply)
+            if len(results) == 2:
+                got([0, 0, *results])
+
+        pipe.call(collect, "ZCARD", AOR_INDEX)
+        pipe.call(collect, "ZCARD", BINDING_INDEX)
+
+    membership_redis = create_redis(cfg.redis, client_name=f"sipfarm-node-{cfg.node_id}")
+    membership = MembershipStore(membership_redis)
+    started_at = time.time()
+    sip_addresses = tuple(str(a) for a in bound)
+
+    def member() -> Member:
+        return Member(
+            id=cfg.node_id,
+            role=Role.NODE,
+            addresses=sip_addresses,
+            load=float(len(core.layer)),
+            registrations=registrations["bindings"],
+            transactions=len(core.layer),
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            started_at=started_at,
+            version=__version__,
+        )
+
+    heartbeater = start_heartbeat(membership, member, interval=cfg.heartbeat, leader=not multi or worker_index == 0)
+
+    tune_gc()
+    stop = stop_on_signals(loop)
+    log.info(
+        "event=node_started node_id=%s listen=%s worker=%s", cfg.node_id, ",".join(str(a) for a in bound), worker_index
+    )
+    if ready is not None:
+        ready.set()
+    tick = 0
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+            tick += 1
+            sync_transport()
+            core.sweep(loop.time())
+            metrics.transactions.set(len(core.layer))
+            if tick % 5 == 1 and (not multi or worker_index == 0):
+                count_registrations()
+                metrics.registrations.set(registrations["bindings"])
+                metrics.registered_aors.set(registrations["aors"])
+    finally:
+        log.info("event=node_stopping node_id=%s", cfg.node_id)
+        if heartbeater is not None:
+            await heartbeater.stop()
+        core.close()
+        await transports.close()
+        await pipe.close()
+        await membership_redis.aclose()
+
+
+def supervise_workers(cfg: NodeConfig, args: argparse.Namespace) -> int:
+    """Run ``cfg.workers`` worker processes on the same ports; serve their summed metrics."""
+    from sipfarm.workers import supervise  # noqa: PLC0415
+
+    argv = [
+        sys.executable,
+        "-m",
+        "sipfarm",
+        "node",
+        "--redis",
+        cfg.redis,
+        "--node-id",
+        cfg.node_id,
+        "--log-level",
+        cfg.log_level,
+        "--log-format",
+        cfg.log_format,
+    ]
+    if args.config:
+        argv += ["--config", args.config]
+    if cfg.advertise:
+        argv += ["--advertise", cfg.advertise]
+    for spec in cfg.listen:
+        argv += ["--listen", spec]
+    for domain in cfg.domains:
+        argv += ["--domain", domain]
+    return supervise(argv, cfg.workers, cfg.metrics)

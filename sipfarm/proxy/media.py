@@ -1,0 +1,44 @@
+"""The proxy's hook for RTP relays: SDP offers and answers pass through it.
+
+A relay-backed implementation (``media/``) rewrites the SDP so media flows through a relay it
+picks by load, records which relay holds the call in Redis, and releases the ports when the
+call ends.  The proxy calls the hook at three points and waits for ``done`` before it forwards:
+
+* :meth:`MediaHook.offer` on an initial INVITE carrying SDP, before the branches are forked;
+* :meth:`MediaHook.answer` on a 18x/2xx with SDP, before it goes upstream;
+* :meth:`MediaHook.release` when the call ends (BYE, CANCEL, a final failure).
+
+``done(None)`` means "go on" (with the message possibly rewritten in place); ``done(error)``
+fails the request with that SIP error.  :class:`NoMedia` is the default: media flows end to end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from sipfarm.sip.errors import SipError
+from sipfarm.sip.message import SipMessage
+
+Done = Callable[[SipError | None], None]
+
+
+class MediaHook(Protocol):
+    def offer(self, request: SipMessage, done: Done) -> None: ...
+
+    def answer(self, response: SipMessage, done: Done) -> None: ...
+
+    def release(self, call_id: bytes, from_tag: bytes | None) -> None: ...
+
+
+class NoMedia:
+    """Media goes straight between the phones."""
+
+    def offer(self, request: SipMessage, done: Done) -> None:
+        done(None)
+
+    def answer(self, response: SipMessage, done: Done) -> None:
+        done(None)
+
+    def release(self, call_id: bytes, from_tag: bytes | None) -> None:
+        return None

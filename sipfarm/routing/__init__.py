@@ -1,0 +1,1 @@
+"""Where a request goes: the one routing step of the proxy (router table, LDAP, helpers later)."""

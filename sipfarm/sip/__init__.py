@@ -1,0 +1,1 @@
+"""Sans-IO SIP core: messages, parser, URIs, transactions, digest auth. No sockets, no clock."""

@@ -1,0 +1,733 @@
+"""SIP Digest authentication: header parsing, stateless nonces, verification, client side.
+
+Theory of operation
+-------------------
+This module never sees a SIP message.  The caller hands it header *values* (bytes), the request
+method, the stored HA1 values of one account and the current time, and gets typed results back:
+
+* :func:`parse_challenge` / :func:`parse_credentials` turn a ``WWW-Authenticate`` /
+  ``Proxy-Authenticate`` or ``Authorization`` / ``Proxy-Authorization`` value into a frozen
+  :class:`Challenge` / :class:`Credentials`.  Malformed input raises :class:`AuthHeaderError`
+  (a ``ValueError``) whose message names the defect; its ``status`` is 400.  A well-formed value
+  with another scheme than ``Digest`` raises the subclass :class:`UnsupportedSchemeError`, so a
+  registrar can answer it with a fresh 401 challenge instead of a 400 (RFC 4475 3.3.7).
+* :class:`NonceFactory` issues and checks *stateless* nonces: a nonce carries its issue time, a
+  random salt and a truncated HMAC-SHA256 over both and the realm.  Every node holding the same
+  secret validates any other node's nonces, with no shared state.  An authentic but expired nonce
+  is ``STALE`` (the re-challenge then carries ``stale=true``, RFC 7616 3.3); anything else that
+  does not verify is ``INVALID``.
+* :func:`verify` checks a :class:`Credentials` against the account's HA1 values.  An unknown
+  account (``None``) is computed against a fixed dummy HA1, so it takes the same path, the same
+  time and yields the same result and reason as a wrong password.
+* :func:`build_challenges` and :func:`build_credentials` produce header values; the latter is the
+  client side, used by tests and health probes.
+
+Accounts store HA1 = H(username ":" realm ":" password) per *base* algorithm (``"MD5"``,
+``"SHA-256"``), never passwords; the ``-sess`` variants derive their session HA1 from it
+(RFC 7616 3.4.2).  Only ``qop=auth`` is supported: ``auth-int`` is never offered and a response
+using it fails.  RFC 2069 responses (no qop) are accepted only when the caller allows them.
+
+Replay protection within a nonce's lifetime (tracking ``nc`` per nonce) needs shared state and is
+left to the caller: :class:`AuthResult` exposes the parsed ``nc``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import hashlib
+import hmac
+import re
+import secrets
+import struct
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import ClassVar, Final
+
+__all__ = [
+    "ALGORITHMS",
+    "AuthHeaderError",
+    "AuthOutcome",
+    "AuthResult",
+    "Challenge",
+    "Credentials",
+    "NonceFactory",
+    "NonceStatus",
+    "UnsupportedSchemeError",
+    "build_challenges",
+    "build_credentials",
+    "digest_response",
+    "ha1",
+    "parse_challenge",
+    "parse_credentials",
+    "verify",
+]
+
+
+class AuthHeaderError(ValueError):
+    """A malformed authentication header value; the message names the defect."""
+
+    status: ClassVar[int] = 400
+
+
+class UnsupportedSchemeError(AuthHeaderError):
+    """A syntactically plausible value whose scheme is not ``Digest`` (answer with a challenge)."""
+
+    status: ClassVar[int] = 401
+
+
+# ---------------------------------------------------------------------------------------------
+# Algorithms (RFC 7616 3.2, RFC 8760 2.2).  Names are matched case-insensitively and returned in
+# the canonical spelling below.
+
+_HASHES: Final[dict[str, Callable[[bytes], str]]] = {
+    "MD5": lambda data: hashlib.md5(data, usedforsecurity=False).hexdigest(),
+    "SHA-256": lambda data: hashlib.sha256(data).hexdigest(),
+}
+ALGORITHMS: Final[tuple[str, ...]] = ("SHA-256", "SHA-256-sess", "MD5", "MD5-sess")
+_CANONICAL: Final[dict[str, str]] = {name.lower(): name for name in ALGORITHMS}
+_HEX_LENGTH: Final[dict[str, int]] = {"MD5": 32, "SHA-256": 64}
+
+
+def _canonical_algorithm(algorithm: str) -> str | None:
+    return _CANONICAL.get(algorithm.lower())
+
+
+def _base(algorithm: str) -> str:
+    return algorithm.removesuffix("-sess")
+
+
+def _h(algorithm: str, text: str) -> str:
+    return _HASHES[_base(algorithm)](text.encode("utf-8"))
+
+
+def ha1(algorithm: str, user: str, realm: str, password: str) -> str:
+    """Hex HA1 = H(user ":" realm ":" password) (RFC 7616 3.4.2), the value accounts store.
+
+    A ``-sess`` algorithm name gives the same value as its base algorithm: the session key is
+    derived from it per nonce/cnonce by :func:`digest_response`.
+    """
+    canonical = _canonical_algorithm(algorithm)
+    if canonical is None:
+        raise ValueError(f"unsupported digest algorithm {algorithm!r}")
+    return _h(canonical, f"{user}:{realm}:{password}")
+
+
+def digest_response(
+    algorithm: str,
+    ha1_hex: str,
+    nonce: str,
+    method: str,
+    uri: str,
+    *,
+    qop: str | None = None,
+    nc: str | None = None,
+    cnonce: str | None = None,
+) -> str:
+    """The hex ``response`` value (RFC 7616 3.4.1, RFC 2617 3.2.2.1, RFC 2069 when ``qop`` is None).
+
+    ``ha1_hex`` is the stored (non-session) HA1; for ``-sess`` algorithms the session HA1
+    H(HA1 ":" nonce ":" cnonce) is derived here.  Only ``qop`` ``"auth"`` or ``None`` is valid.
+    """
+    canonical = _canonical_algorithm(algorithm)
+    if canonical is None:
+        raise ValueError(f"unsupported digest algorithm {algorithm!r}")
+    key = ha1_hex.lower()
+    if canonical.endswith("-sess"):
+        if cnonce is None:
+            raise ValueError("-sess algorithms need a cnonce")
+        key = _h(canonical, f"{key}:{nonce}:{cnonce}")
+    ha2 = _h(canonical, f"{method}:{uri}")
+    if qop is None:
+        return _h(canonical, f"{key}:{nonce}:{ha2}")
+    if qop != "auth":
+        raise ValueError(f"unsupported qop {qop!r}")
+    if nc is None or cnonce is None:
+        raise ValueError("qop=auth needs nc and cnonce")
+    return _h(canonical, f"{key}:{nonce}:{nc}:{cnonce}:{qop}:{ha2}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Grammar (RFC 3261 25.1, RFC 7616 3.3-3.4):
+#
+#   challenge    =  "Digest" LWS digest-cln *(COMMA digest-cln)
+#   credentials  =  "Digest" LWS digest-response
+#   auth-param   =  auth-param-name EQUAL ( token / quoted-string )
+#   token        =  1*(alphanum / "-" / "." / "!" / "%" / "*" / "_" / "+" / "`" / "'" / "~" )
+#   quoted-string =  SWS DQUOTE *(qdtext / quoted-pair ) DQUOTE
+#   qdtext       =  LWS / %x21 / %x23-5B / %x5D-7E / UTF8-NONASCII
+#   quoted-pair  =  "\" (%x00-09 / %x0B-0C / %x0E-7F)
+#   LWS          =  [*WSP CRLF] 1*WSP
+#
+# Empty list elements (",,") are skipped, as RFC 7230 7 allows for #rule lists.
+
+_TOKEN_CHARS: Final[frozenset[str]] = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~"
+)
+_WSP: Final[str] = " \t"
+
+
+class _Scanner:
+    """A cursor over one decoded header value; every method raises AuthHeaderError on a defect."""
+
+    __slots__ = ("pos", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.pos = 0
+
+    def at_end(self) -> bool:
+        return self.pos >= len(self.text)
+
+    def peek(self) -> str:
+        return self.text[self.pos] if self.pos < len(self.text) else ""
+
+    def skip_lws(self) -> bool:
+        """Skip SP/HTAB and folded line breaks (CRLF followed by WSP); True if anything skipped."""
+        start = self.pos
+        text = self.text
+        while self.pos < len(text):
+            char = text[self.pos]
+            if char in _WSP:
+                self.pos += 1
+            elif text.startswith("\r\n", self.pos) and text[self.pos + 2 : self.pos + 3] in (" ", "\t"):
+                self.pos += 3
+            elif char in "\r\n":
+                raise AuthHeaderError(f"line break not followed by whitespace at offset {self.pos}")
+            else:
+                break
+        return self.pos > start
+
+    def token(self, what: str) -> str:
+        start = self.pos
+        text = self.text
+        while self.pos < len(text) and text[self.pos] in _TOKEN_CHARS:
+            self.pos += 1
+        if self.pos == start:
+            found = repr(self.peek()) if not self.at_end() else "end of value"
+            raise AuthHeaderError(f"expected {what} at offset {start}, found {found}")
+        return text[start : self.pos]
+
+    def quoted_string(self) -> str:
+        text = self.text
+        start = self.pos
+        self.pos += 1  # opening DQUOTE, checked by the caller
+        out: list[str] = []
+        while True:
+            if self.pos >= len(text):
+                raise AuthHeaderError(f"unterminated quoted-string starting at offset {start}")
+            char = text[self.pos]
+            if char == '"':
+                self.pos += 1
+                return "".join(out)
+            if char == "\\":
+                if self.pos + 1 >= len(text):
+                    raise AuthHeaderError(f"backslash at end of quoted-string starting at offset {start}")
+                escaped = text[self.pos + 1]
+                if escaped in "\r\n" or ord(escaped) > 0x7F:
+                    raise AuthHeaderError(f"invalid quoted-pair at offset {self.pos}")
+                out.append(escaped)
+                self.pos += 2
+            elif char in "\r\n":
+                self.skip_lws()  # a fold (CRLF WSP) reads as one SP; a bare break raises
+                out.append(" ")
+            elif char == "\t" or (char >= " " and char != "\x7f"):
+                out.append(char)
+                self.pos += 1
+            else:
+                raise AuthHeaderError(f"control character {char!r} in quoted-string at offset {self.pos}")
+
+
+def _decode(value: bytes) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise AuthHeaderError(f"header value is not UTF-8 (byte offset {exc.start})") from None
+
+
+_TOKEN_RE = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"  # noqa: S105 - a regex, not a secret
+# One auth-param and its separator, for the common, well-formed shape (no escapes, no LWS folding).
+_FAST_PARAM = re.compile(rf'[ \t]*({_TOKEN_RE})[ \t]*=[ \t]*(?:"([^"\\\x00-\x1f\x7f]*)"|({_TOKEN_RE}))[ \t]*(,|\Z)')
+
+
+def _parse_fast(text: str) -> tuple[str, dict[str, str], frozenset[str]] | None:
+    """The hot-path parse of a typical Authorization value; None hands over to the scanner."""
+    if text[:7].lower() != "digest " or "\\" in text:
+        return None
+    params: dict[str, str] = {}
+    quoted: set[str] = set()
+    pos, end = 7, len(text)
+    while pos < end:
+        m = _FAST_PARAM.match(text, pos)
+        if m is None:
+            return None
+        name = m.group(1).lower()
+        if name in params:
+            return None  # the scanner names the defect
+        if m.group(2) is not None:
+            params[name] = m.group(2)
+            quoted.add(name)
+        else:
+            params[name] = m.group(3)
+        pos = m.end()
+        if not m.group(4):
+            break
+    if pos < end or not params or text.rstrip().endswith(","):
+        return None
+    return text[:6], params, frozenset(quoted)
+
+
+def _parse(value: bytes) -> tuple[str, dict[str, str], frozenset[str]]:
+    """Split ``scheme LWS param *(COMMA param)``; returns scheme, params (lower-cased names) and the
+    names whose value was a quoted-string."""
+    text = _decode(value)
+    fast = _parse_fast(text)
+    if fast is not None:
+        return fast
+    scanner = _Scanner(text)
+    scanner.skip_lws()
+    scheme = scanner.token("authentication scheme")
+    if scheme.lower() != "digest":
+        raise UnsupportedSchemeError(f"unsupported authentication scheme {scheme!r}")
+    if not scanner.skip_lws():
+        raise AuthHeaderError("expected whitespace after 'Digest'")
+    params: dict[str, str] = {}
+    quoted: set[str] = set()
+    while True:
+        scanner.skip_lws()
+        if scanner.peek() == ",":  # empty list element
+            scanner.pos += 1
+            continue
+        if scanner.at_end():
+            break
+        name = scanner.token("parameter name").lower()
+        scanner.skip_lws()
+        if scanner.peek() != "=":
+            raise AuthHeaderError(f"expected '=' after parameter {name!r}")
+        scanner.pos += 1
+        scanner.skip_lws()
+        if scanner.peek() == '"':
+            param_value = scanner.quoted_string()
+            quoted.add(name)
+        else:
+            param_value = scanner.token(f"value of parameter {name!r}")
+        if name in params:
+            raise AuthHeaderError(f"duplicate parameter {name!r}")
+        params[name] = param_value
+        scanner.skip_lws()
+        if scanner.at_end():
+            break
+        if scanner.peek() != ",":
+            raise AuthHeaderError(f"expected ',' after parameter {name!r} at offset {scanner.pos}")
+        scanner.pos += 1
+    if not params:
+        raise AuthHeaderError("no Digest parameters")
+    return scheme, params, frozenset(quoted)
+
+
+def _require(params: Mapping[str, str], name: str) -> str:
+    try:
+        return params[name]
+    except KeyError:
+        raise AuthHeaderError(f"missing {name!r} parameter") from None
+
+
+def _bool_param(params: Mapping[str, str], name: str) -> bool:
+    raw = params.get(name)
+    if raw is None:
+        return False
+    lowered = raw.lower()
+    if lowered not in ("true", "false"):
+        raise AuthHeaderError(f"parameter {name!r} must be true or false, not {raw!r}")
+    return lowered == "true"
+
+
+def _ext_value(raw: str) -> str:
+    """Decode an RFC 8187 ext-value (``UTF-8''%c3%a9...``), used by ``username*`` (RFC 7616 3.4.4)."""
+    charset, sep1, rest = raw.partition("'")
+    _language, sep2, encoded = rest.partition("'")
+    if not sep1 or not sep2 or charset.lower() != "utf-8":
+        raise AuthHeaderError("username* is not a UTF-8 ext-value")
+    out = bytearray()
+    i = 0
+    while i < len(encoded):
+        char = encoded[i]
+        if char == "%":
+            pair = encoded[i + 1 : i + 3]
+            if len(pair) != 2 or any(c not in "0123456789abcdefABCDEF" for c in pair):
+                raise AuthHeaderError("bad percent-escape in username*")
+            out.append(int(pair, 16))
+            i += 3
+        else:
+            out.extend(char.encode("utf-8"))
+            i += 1
+    try:
+        return out.decode("utf-8")
+    except UnicodeDecodeError:
+        raise AuthHeaderError("username* does not decode as UTF-8") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """A parsed ``WWW-Authenticate`` / ``Proxy-Authenticate`` Digest challenge."""
+
+    realm: str
+    nonce: str
+    algorithm: str = "MD5"  # as sent (default MD5, RFC 7616 3.3); see supported_algorithm
+    qop: tuple[str, ...] = ()  # qop-options, lower-cased
+    opaque: str | None = None
+    stale: bool = False
+    domain: str | None = None
+    userhash: bool = False
+    params: tuple[tuple[str, str], ...] = ()  # every parameter, names lower-cased, in order
+
+    @property
+    def supported_algorithm(self) -> str | None:
+        """Canonical algorithm name if this module supports it, else None."""
+        return _canonical_algorithm(self.algorithm)
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """A parsed ``Authorization`` / ``Proxy-Authorization`` Digest response."""
+
+    username: str
+    realm: str
+    nonce: str
+    uri: str  # digest-uri, to be compared with the Request-URI by the caller (RFC 3261 22.4)
+    response: str
+    algorithm: str = "MD5"
+    qop: str | None = None  # lower-cased message-qop
+    nc: str | None = None  # 8 hex digits, as sent
+    cnonce: str | None = None
+    opaque: str | None = None
+    userhash: bool = False  # username is H(user ":" realm) (RFC 7616 3.4.4); lookup is the caller's
+    params: tuple[tuple[str, str], ...] = ()
+
+
+def parse_challenge(value: bytes) -> Challenge:
+    """Parse a Digest challenge value; raise AuthHeaderError naming the defect."""
+    _scheme, params, _quoted = _parse(value)
+    qop_raw = params.get("qop")
+    qop: tuple[str, ...] = ()
+    if qop_raw is not None:
+        qop = tuple(item.strip(_WSP).lower() for item in qop_raw.split(",") if item.strip(_WSP))
+        if not qop:
+            raise AuthHeaderError("empty 'qop' parameter")
+    return Challenge(
+        realm=_require(params, "realm"),
+        nonce=_require(params, "nonce"),
+        algorithm=params.get("algorithm", "MD5"),
+        qop=qop,
+        opaque=params.get("opaque"),
+        stale=_bool_param(params, "stale"),
+        domain=params.get("domain"),
+        userhash=_bool_param(params, "userhash"),
+        params=tuple(params.items()),
+    )
+
+
+def parse_credentials(value: bytes) -> Credentials:
+    """Parse a Digest credentials value; raise AuthHeaderError naming the defect."""
+    _scheme, params, _quoted = _parse(value)
+    if "username" in params and "username*" in params:
+        raise AuthHeaderError("both 'username' and 'username*' present")  # RFC 7616 3.4.4
+    username = _ext_value(params["username*"]) if "username*" in params else _require(params, "username")
+    qop = params.get("qop")
+    nc = params.get("nc")
+    cnonce = params.get("cnonce")
+    if qop is not None:
+        qop = qop.lower()
+        if nc is None or cnonce is None:
+            raise AuthHeaderError("'qop' present without 'nc' and 'cnonce'")  # RFC 7616 3.4
+    if nc is not None and (len(nc) != 8 or any(c not in "0123456789abcdefABCDEF" for c in nc)):
+        raise AuthHeaderError(f"'nc' must be 8 hex digits, not {nc!r}")
+    return Credentials(
+        username=username,
+        realm=_require(params, "realm"),
+        nonce=_require(params, "nonce"),
+        uri=_require(params, "uri"),
+        response=_require(params, "response"),
+        algorithm=params.get("algorithm", "MD5"),
+        qop=qop,
+        nc=nc,
+        cnonce=cnonce,
+        opaque=params.get("opaque"),
+        userhash=_bool_param(params, "userhash"),
+        params=tuple(params.items()),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Building header values.
+
+
+_PLAIN_QDTEXT = re.compile(r'[^"\\\x00-\x1f\x7f]*\Z').match
+
+
+def _quote(text: str) -> str:
+    """Render ``text`` as a quoted-string, backslash-escaping what qdtext cannot carry."""
+    if _PLAIN_QDTEXT(text):
+        return '"' + text + '"'  # the common case: nothing to escape
+    if "\r" in text or "\n" in text:
+        raise ValueError("CR and LF cannot be carried in a quoted-string")
+    out = ['"']
+    for char in text:
+        if char in '"\\' or char < " " or char == "\x7f":
+            out.append("\\")
+        out.append(char)
+    out.append('"')
+    return "".join(out)
+
+
+def build_challenges(
+    realm: str,
+    nonce: str,
+    algorithms: Iterable[str] = ("SHA-256", "MD5"),
+    stale: bool = False,
+    opaque: str | None = None,
+) -> list[bytes]:
+    """Challenge values in preference order, one per algorithm (RFC 8760 2.4: SHA-256 first).
+
+    Each offers ``qop="auth"`` only.  The caller emits them as separate header fields.
+    """
+    values: list[bytes] = []
+    for algorithm in algorithms:
+        canonical = _canonical_algorithm(algorithm)
+        if canonical is None:
+            raise ValueError(f"unsupported digest algorithm {algorithm!r}")
+        parts = [f"Digest realm={_quote(realm)}", f"nonce={_quote(nonce)}"]
+        if opaque is not None:
+            parts.append(f"opaque={_quote(opaque)}")
+        parts.append(f"algorithm={canonical}")
+        parts.append('qop="auth"')
+        if stale:
+            parts.append("stale=true")
+        values.append(", ".join(parts).encode("utf-8"))
+    return values
+
+
+def build_credentials(
+    challenge: Challenge,
+    user: str,
+    password: str,
+    method: bytes | str,
+    uri: str,
+    cnonce: str,
+    nc: int = 1,
+) -> bytes:
+    """An ``Authorization`` value answering ``challenge`` (client side, for tests and probes).
+
+    Uses qop=auth when offered, RFC 2069 style when the challenge offers no qop; raises
+    ValueError for an unsupported algorithm or a challenge offering only auth-int.
+    """
+    algorithm = challenge.supported_algorithm
+    if algorithm is None:
+        raise ValueError(f"unsupported digest algorithm {challenge.algorithm!r}")
+    if not 0 < nc <= 0xFFFFFFFF:
+        raise ValueError("nc must fit 8 hex digits and be positive")
+    method_text = method.decode("ascii") if isinstance(method, bytes) else method
+    secret = ha1(algorithm, user, challenge.realm, password)
+    parts = [
+        f"Digest username={_quote(user)}",
+        f"realm={_quote(challenge.realm)}",
+        f"nonce={_quote(challenge.nonce)}",
+        f"uri={_quote(uri)}",
+    ]
+    if challenge.qop:
+        if "auth" not in challenge.qop:
+            raise ValueError(f"challenge offers no supported qop: {challenge.qop!r}")
+        nc_text = f"{nc:08x}"
+        digest = digest_response(
+            algorithm, secret, challenge.nonce, method_text, uri, qop="auth", nc=nc_text, cnonce=cnonce
+        )
+        parts.append(f"response={_quote(digest)}")
+        parts.append(f"algorithm={algorithm}")
+        parts.append(f"cnonce={_quote(cnonce)}")
+        parts.append("qop=auth")
+        parts.append(f"nc={nc_text}")
+    else:
+        sess_cnonce = cnonce if algorithm.endswith("-sess") else None
+        digest = digest_response(algorithm, secret, challenge.nonce, method_text, uri, cnonce=sess_cnonce)
+        parts.append(f"response={_quote(digest)}")
+        parts.append(f"algorithm={algorithm}")
+        if sess_cnonce is not None:
+            parts.append(f"cnonce={_quote(sess_cnonce)}")
+    if challenge.opaque is not None:
+        parts.append(f"opaque={_quote(challenge.opaque)}")
+    return ", ".join(parts).encode("utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stateless nonces.
+
+
+class NonceStatus(enum.Enum):
+    VALID = "valid"
+    STALE = "stale"  # authentic, but older than the lifetime: re-challenge with stale=true
+    INVALID = "invalid"  # not issued with our secret for this realm, or garbled
+
+
+_TIMESTAMP = struct.Struct(">Q")  # issue time, whole milliseconds since the epoch
+_SALT_LEN: Final = 8
+_MAC_LEN: Final = 16  # truncated HMAC-SHA256: 128 bits is plenty for a forgery bound
+_NONCE_LEN: Final = _TIMESTAMP.size + _SALT_LEN + _MAC_LEN
+
+
+class NonceFactory:
+    """Issues and checks stateless nonces shared by every node holding ``secret``.
+
+    nonce = base64url(timestamp | salt | HMAC-SHA256(secret, timestamp | salt | realm)[:16]),
+    unpadded (43 characters).  ``old_secrets`` are still accepted by :meth:`check`, for key
+    rotation across a cluster.  A nonce dated more than ``max_clock_skew`` seconds in the future
+    is INVALID (an authentic one can only come from a node whose clock is off).
+    """
+
+    __slots__ = ("_keys", "_random", "lifetime", "max_clock_skew")
+
+    def __init__(
+        self,
+        secret: bytes,
+        lifetime: float,
+        *,
+        old_secrets: Iterable[bytes] = (),
+        max_clock_skew: float = 30.0,
+        random: Callable[[int], bytes] = secrets.token_bytes,
+    ) -> None:
+        if len(secret) < 16:
+            raise ValueError("nonce secret must be at least 16 bytes")
+        if lifetime <= 0:
+            raise ValueError("nonce lifetime must be positive")
+        self._keys: tuple[bytes, ...] = (secret, *old_secrets)
+        self._random = random
+        self.lifetime = lifetime
+        self.max_clock_skew = max_clock_skew
+
+    @staticmethod
+    def _mac(key: bytes, head: bytes, realm: str) -> bytes:
+        return hmac.digest(key, head + realm.encode("utf-8"), "sha256")[:_MAC_LEN]  # one-shot C path
+
+    def issue(self, now: float, realm: str) -> str:
+        head = _TIMESTAMP.pack(max(0, int(now * 1000))) + self._random(_SALT_LEN)[:_SALT_LEN]
+        if len(head) != _TIMESTAMP.size + _SALT_LEN:
+            raise ValueError("random source returned too few bytes")
+        raw = head + self._mac(self._keys[0], head, realm)
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+    def check(self, nonce: str, now: float, realm: str) -> NonceStatus:
+        if len(nonce) != 43 or not nonce.isascii():
+            return NonceStatus.INVALID
+        try:
+            raw = base64.urlsafe_b64decode(nonce + "=")
+        except (binascii.Error, ValueError):
+            return NonceStatus.INVALID
+        # b64decode drops stray characters and ignores the last character's spare bits: insist on
+        # the canonical spelling so one nonce has exactly one textual form (callers key on it).
+        if len(raw) != _NONCE_LEN or base64.urlsafe_b64encode(raw)[:43].decode("ascii") != nonce:
+            return NonceStatus.INVALID
+        head, mac = raw[:-_MAC_LEN], raw[-_MAC_LEN:]
+        authentic = False
+        for key in self._keys:  # no early exit: same work whichever key matches
+            authentic |= hmac.compare_digest(self._mac(key, head, realm), mac)
+        if not authentic:
+            return NonceStatus.INVALID
+        (issued_ms,) = _TIMESTAMP.unpack(head[: _TIMESTAMP.size])
+        age = now - issued_ms / 1000
+        if age < -self.max_clock_skew:
+            return NonceStatus.INVALID
+        if age > self.lifetime:
+            return NonceStatus.STALE
+        return NonceStatus.VALID
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification.
+
+
+class AuthOutcome(enum.Enum):
+    OK = "ok"
+    STALE = "stale"  # right password, expired nonce: re-challenge with stale=true
+    FAIL = "fail"  # answer 401/407 (or 403 after repeated failures): never say why to the client
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResult:
+    outcome: AuthOutcome
+    reason: str  # for logs and metrics only; identical for unknown user and wrong password
+    nc: int | None = None  # parsed nonce-count, for callers tracking replays
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome is AuthOutcome.OK
+
+
+# Used when the account is unknown, so the computation and its timing match a wrong password.
+_DUMMY_HA1: Final[dict[str, str]] = {
+    name: _HASHES[name](b"sipfarm:no-such-account:" + name.encode()) for name in _HASHES
+}
+_MISMATCH: Final = "digest mismatch"
+
+
+def verify(
+    creds: Credentials,
+    method: bytes | str,
+    ha1_by_algorithm: Mapping[str, str] | None,
+    nonces: NonceFactory,
+    now: float,
+    expected_realm: str,
+    *,
+    allow_rfc2069: bool = False,
+) -> AuthResult:
+    """Check ``creds`` for a request with ``method`` against an account's stored HA1 values.
+
+    ``ha1_by_algorithm`` maps base algorithm names (``"MD5"``, ``"SHA-256"``) to hex HA1, or is
+    None for an unknown account; both that and a wrong password give FAIL with the same reason.
+    The caller must still compare ``creds.uri`` with the Request-URI and ``creds.username`` with
+    the account it looked up.
+    """
+    if creds.realm != expected_realm:
+        return AuthResult(AuthOutcome.FAIL, "realm mismatch")
+    algorithm = _canonical_algorithm(creds.algorithm)
+    if algorithm is None:
+        return AuthResult(AuthOutcome.FAIL, f"unsupported algorithm {creds.algorithm!r}")
+    nc_value: int | None = None
+    if creds.qop is None:
+        if not allow_rfc2069:
+            return AuthResult(AuthOutcome.FAIL, "qop missing (RFC 2069 response not allowed)")
+        if algorithm.endswith("-sess") and creds.cnonce is None:
+            return AuthResult(AuthOutcome.FAIL, "-sess algorithm without cnonce")
+    elif creds.qop != "auth":
+        return AuthResult(AuthOutcome.FAIL, f"unsupported qop {creds.qop!r}")  # auth-int not offered
+    else:
+        if creds.nc is None or creds.cnonce is None:  # parse_credentials enforces this already
+            return AuthResult(AuthOutcome.FAIL, "qop without nc/cnonce")
+        nc_value = int(creds.nc, 16)
+        if nc_value == 0:
+            return AuthResult(AuthOutcome.FAIL, "nc is zero")
+    status = nonces.check(creds.nonce, now, expected_realm)
+    if status is NonceStatus.INVALID:
+        return AuthResult(AuthOutcome.FAIL, "invalid nonce", nc_value)
+
+    base = _base(algorithm)
+    stored = ha1_by_algorithm.get(base) if ha1_by_algorithm is not None else None
+    known = stored is not None and len(stored) == _HEX_LENGTH[base]
+    key = stored if stored is not None and known else _DUMMY_HA1[base]
+    method_text = method.decode("ascii", "replace") if isinstance(method, bytes) else method
+    expected = digest_response(
+        algorithm,
+        key,
+        creds.nonce,
+        method_text,
+        creds.uri,
+        qop=creds.qop,
+        nc=creds.nc,
+        cnonce=creds.cnonce if (creds.qop is not None or algorithm.endswith("-sess")) else None,
+    )
+    given = creds.response.lower().encode("ascii", "replace")
+    matches = hmac.compare_digest(expected.encode("ascii"), given) & known
+    if not matches:
+        return AuthResult(AuthOutcome.FAIL, _MISMATCH, nc_value)
+    if status is NonceStatus.STALE:
+        return AuthResult(AuthOutcome.STALE, "nonce expired", nc_value)
+    return AuthResult(AuthOutcome.OK, "ok", nc_value)

@@ -1,0 +1,442 @@
+"""Header names and the structured header values a registrar/proxy reads.
+
+Values stay ``bytes`` in the message; these functions parse one value on demand.  Syntax errors
+raise :class:`HeaderError` (a ``ValueError``), which the parser or handler turns into a 400.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from sipfarm.sip.uri import URI, URIError, parse_uri
+
+# RFC 3261 7.3.3 and registered extensions: compact form -> full name (lower case).
+COMPACT: dict[str, str] = {
+    "i": "call-id",
+    "m": "contact",
+    "e": "content-encoding",
+    "l": "content-length",
+    "c": "content-type",
+    "f": "from",
+    "s": "subject",
+    "k": "supported",
+    "t": "to",
+    "v": "via",
+    "o": "event",
+    "u": "allow-events",
+    "r": "refer-to",
+    "b": "referred-by",
+    "x": "session-expires",
+    "a": "accept-contact",
+    "j": "reject-contact",
+    "d": "request-disposition",
+    "y": "identity",
+    "n": "identity-info",
+}
+
+# How sipfarm writes the names of headers it adds.
+DISPLAY: dict[str, bytes] = {
+    "call-id": b"Call-ID",
+    "cseq": b"CSeq",
+    "www-authenticate": b"WWW-Authenticate",
+    "mime-version": b"MIME-Version",
+    "rack": b"RAck",
+    "rseq": b"RSeq",
+    "sip-etag": b"SIP-ETag",
+    "sip-if-match": b"SIP-If-Match",
+}
+
+# Headers whose value is a comma-separated list that may be split across lines (RFC 3261 7.3.1).
+LIST_HEADERS = frozenset(
+    {
+        "via",
+        "route",
+        "record-route",
+        "contact",
+        "path",
+        "allow",
+        "supported",
+        "require",
+        "proxy-require",
+        "unsupported",
+        "accept",
+        "accept-encoding",
+        "accept-language",
+        "content-encoding",
+        "allow-events",
+        "service-route",
+    }
+)
+
+_TOKEN_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
+
+
+class HeaderError(ValueError):
+    """A header value that does not follow its grammar."""
+
+
+def display_name(key: str) -> bytes:
+    """The spelling sipfarm uses when it writes header ``key`` (lower-case full name)."""
+    name = DISPLAY.get(key)
+    if name is None:
+        name = "-".join(part.capitalize() for part in key.split("-")).encode("ascii")
+        DISPLAY[key] = name
+    return name
+
+
+def is_token(value: bytes) -> bool:
+    return bool(value) and _TOKEN_CHARS.issuperset(value)
+
+
+def split_comma(value: bytes) -> list[bytes]:
+    """Split a header value on commas outside quoted strings and <...> (RFC 3261 7.3.1)."""
+    if b'"' not in value and b"<" not in value:
+        return [part.strip() for part in value.split(b",") if part.strip()]
+    out: list[bytes] = []
+    start = 0
+    in_quote = False
+    in_angle = False
+    i = 0
+    n = len(value)
+    while i < n:
+        ch = value[i]
+        if in_quote:
+            if ch == 0x5C:  # backslash escapes the next char (quoted-pair)
+                i += 1
+            elif ch == 0x22:
+                in_quote = False
+        elif ch == 0x22:
+            in_quote = True
+        elif ch == 0x3C:
+            in_angle = True
+        elif ch == 0x3E:
+            in_angle = False
+        elif ch == 0x2C and not in_angle:
+            part = value[start:i].strip()
+            if part:
+                out.append(part)
+            start = i + 1
+        i += 1
+    if in_quote:
+        raise HeaderError("unterminated quoted string")
+    part = value[start:].strip()
+    if part:
+        out.append(part)
+    return out
+
+
+def split_semicolon(value: bytes) -> list[bytes]:
+    """Split on ';' outside quoted strings."""
+    if b'"' not in value:
+        return value.split(b";")
+    out: list[bytes] = []
+    start = 0
+    in_quote = False
+    i = 0
+    while i < len(value):
+        ch = value[i]
+        if in_quote:
+            if ch == 0x5C:
+                i += 1
+            elif ch == 0x22:
+                in_quote = False
+        elif ch == 0x22:
+            in_quote = True
+        elif ch == 0x3B:
+            out.append(value[start:i])
+            start = i + 1
+        i += 1
+    if in_quote:
+        raise HeaderError("unterminated quoted string in parameters")
+    out.append(value[start:])
+    return out
+
+
+HeaderParams = tuple[tuple[str, str | None], ...]
+
+
+def parse_header_params(text: bytes) -> HeaderParams:
+    """``;name=value`` generic params (text after the first ';'); names lower-cased."""
+    out: list[tuple[str, str | None]] = []
+    for piece in split_semicolon(text):
+        name, eq, value = piece.partition(b"=")
+        name = name.strip()
+        if not is_token(name):
+            raise HeaderError(f"bad parameter name {name[:20]!r}")
+        key = name.decode("ascii").lower()
+        if eq:
+            value = value.strip()
+            if not value:
+                raise HeaderError(f"empty value for parameter {key}")
+            if value[0] == 0x22:
+                if len(value) < 2 or value[-1] != 0x22:
+                    raise HeaderError(f"unterminated quoted value for parameter {key}")
+            elif not _TOKEN_CHARS.union(b"[]:").issuperset(value):
+                raise HeaderError(f"bad value for parameter {key}")
+            out.append((key, value.decode("latin-1")))
+        else:
+            out.append((key, None))
+    return tuple(out)
+
+
+def get_param(params: HeaderParams, name: str) -> str | None:
+    for key, value in params:
+        if key == name:
+            return "" if value is None else value
+    return None
+
+
+def unquote_string(value: str) -> str:
+    """Strip the quotes of a quoted-string and resolve quoted-pairs."""
+    if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
+        inner = value[1:-1]
+        if "\\" not in inner:
+            return inner
+        out = []
+        i = 0
+        while i < len(inner):
+            if inner[i] == "\\" and i + 1 < len(inner):
+                i += 1
+            out.append(inner[i])
+            i += 1
+        return "".join(out)
+    return value
+
+
+# --- Via (RFC 3261 20.42, 18.2.1; RFC 3581) --------------------------------------------------
+
+# sent-protocol may contain LWS around the slashes (RFC 4475 3.1.1.1 "wsinv").
+_VIA_RE = re.compile(
+    rb"\s*SIP\s*/\s*2\.0\s*/\s*([A-Za-z0-9.!%*_+`'~-]+)\s+(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)"
+    rb"(?:\s*:\s*([0-9]{1,5}))?\s*(?:;(.*))?\Z",
+    re.DOTALL | re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Via:
+    transport: str  # upper case: UDP, TCP, TLS, WS, WSS, SCTP
+    host: str
+    port: int | None
+    params: HeaderParams
+
+    @property
+    def branch(self) -> str | None:
+        return get_param(self.params, "branch")
+
+    @property
+    def received(self) -> str | None:
+        return get_param(self.params, "received")
+
+    @property
+    def rport(self) -> str | None:
+        """'' when the rport flag is present without a value (RFC 3581), None when absent."""
+        return get_param(self.params, "rport")
+
+    @property
+    def sent_by(self) -> tuple[str, int | None]:
+        return self.host, self.port
+
+    def response_address(self, default_port: int = 5060) -> tuple[str, int]:
+        """Where responses go (RFC 3261 18.2.2 with RFC 3581 rport)."""
+        host = self.received or self.host
+        rport = self.rport
+        if rport:
+            return host, int(rport)
+        return host, self.port or default_port
+
+    def to_bytes(self) -> bytes:
+        out = f"SIP/2.0/{self.transport} {self.host}"
+        if self.port is not None:
+            out += f":{self.port}"
+        for key, value in self.params:
+            out += f";{key}" if value is None else f";{key}={value}"
+        return out.encode("latin-1")
+
+
+def parse_via(value: bytes) -> Via:
+    """One via-parm (a single element of a possibly comma-separated Via header)."""
+    match = _VIA_RE.match(value)
+    if match is None:
+        raise HeaderError("malformed Via")
+    transport, host, port, params = match.groups()
+    port_num = int(port) if port else None
+    if port_num is not None and port_num > 65535:
+        raise HeaderError("Via port out of range")
+    parsed = parse_header_params(params) if params else ()
+    rport = get_param(parsed, "rport")
+    if rport and (not rport.isdigit() or len(rport) > 5 or int(rport) > 65535):
+        raise HeaderError("Via rport is not a port number")  # RFC 3581 4: rport = port
+    return Via(
+        transport=transport.decode("ascii").upper(),
+        host=host.decode("ascii").lower(),
+        port=port_num,
+        params=parsed,
+    )
+
+
+def via_branch(value: bytes) -> bytes | None:
+    """Fast path: the branch parameter of a single via-parm, without building a Via."""
+    idx = value.find(b";branch=")
+    if idx < 0:
+        lower = value.lower()
+        idx = lower.find(b";branch=")
+        if idx < 0:
+            idx = lower.find(b"branch")
+            if idx < 0:
+                return None
+            # tolerate LWS around ';' and '=' (rare): fall back to the full parser
+            branch = parse_via(value).branch
+            return branch.encode("latin-1") if branch is not None else None
+    start = idx + 8
+    end = start
+    n = len(value)
+    while end < n and value[end] not in b"; ,\t\r\n":
+        end += 1
+    return value[start:end]
+
+
+# --- name-addr / addr-spec (From, To, Contact, Route, Record-Route, Path) ---------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NameAddr:
+    uri: URI
+    display: str | None = None  # unquoted display name
+    params: HeaderParams = ()
+    raw_uri: bytes = b""  # the URI text as written
+
+    @property
+    def tag(self) -> str | None:
+        return get_param(self.params, "tag")
+
+    def param(self, name: str) -> str | None:
+        return get_param(self.params, name)
+
+    def to_bytes(self) -> bytes:
+        out = b""
+        if self.display is not None:
+            escaped = self.display.replace("\\", "\\\\").replace('"', '\\"')
+            out = b'"' + escaped.encode("utf-8") + b'" '
+        out += b"<" + (self.raw_uri or self.uri.to_bytes()) + b">"
+        for key, value in self.params:
+            out += f";{key}".encode() if value is None else f";{key}={value}".encode("latin-1")
+        return out
+
+
+def _find_unquoted(value: bytes, char: int) -> int:
+    in_quote = False
+    i = 0
+    n = len(value)
+    while i < n:
+        ch = value[i]
+        if in_quote:
+            if ch == 0x5C:
+                i += 1
+            elif ch == 0x22:
+                in_quote = False
+        elif ch == 0x22:
+            in_quote = True
+        elif ch == char:
+            return i
+        i += 1
+    return -1
+
+
+def parse_name_addr(value: bytes) -> NameAddr:
+    """From/To/Contact/Route element: ``"Name" <uri>;params`` or ``uri;params`` (RFC 3261 20.10)."""
+    value = value.strip()
+    lt = _find_unquoted(value, 0x3C) if (b"<" in value) else -1
+    display: str | None = None
+    if lt >= 0:
+        gt = value.find(b">", lt)
+        if gt < 0:
+            raise HeaderError("missing '>' in name-addr")
+        disp = value[:lt].strip()
+        if disp:
+            if disp[0] == 0x22:
+                if len(disp) < 2 or disp[-1] != 0x22:
+                    raise HeaderError("bad quoted display name")
+                display = unquote_string(disp.decode("utf-8", "replace"))
+            else:
+                # display-name as *(token LWS): tokens only
+                for word in disp.split():
+                    if not is_token(word):
+                        raise HeaderError("bad display name (quote it)")
+                display = disp.decode("utf-8", "replace")
+        raw_uri = value[lt + 1 : gt]
+        if raw_uri[:1] in (b" ", b"\t") or raw_uri[-1:] in (b" ", b"\t"):
+            # RFC 3261 25.1: no LWS inside "<" addr-spec ">" (RFC 4475 3.1.2.14 "badaspec")
+            raise HeaderError("whitespace inside <...>")
+        rest = value[gt + 1 :].strip()
+        if rest and rest[0] != 0x3B:
+            raise HeaderError("junk after '>' in name-addr")
+        params = rest[1:] if rest else b""
+    else:
+        if value[:1] == b'"':
+            raise HeaderError("display name without <uri>")
+        # addr-spec: the URI cannot contain ';' params, they belong to the header (RFC 3261 20.10)
+        raw_uri, _, params = value.partition(b";")
+        raw_uri = raw_uri.strip()
+        if any(c in raw_uri for c in b" \t,?"):
+            raise HeaderError("addr-spec with reserved characters must use <uri>")
+    try:
+        uri = parse_uri(raw_uri)
+    except URIError as exc:
+        raise HeaderError(f"bad URI: {exc}") from None
+    return NameAddr(
+        uri=uri,
+        display=display,
+        params=parse_header_params(params) if params else (),
+        raw_uri=raw_uri,
+    )
+
+
+def tag_of(value: bytes) -> bytes | None:
+    """Fast path: the tag parameter of a From/To value (after the URI)."""
+    gt = value.rfind(b">")
+    params = value[gt + 1 :] if gt >= 0 else value
+    idx = params.find(b";tag=")
+    if idx < 0:
+        idx = params.lower().find(b"tag")
+        if idx < 0:
+            return None
+        tag = parse_name_addr(value).tag
+        return tag.encode("latin-1") if tag else None
+    start = idx + 5
+    end = start
+    n = len(params)
+    while end < n and params[end] not in b"; \t":
+        end += 1
+    return params[start:end] or None
+
+
+# --- CSeq, Max-Forwards, Content-Length, Expires ----------------------------------------------
+
+_MAX_CSEQ = 2**31  # RFC 3261 8.1.1.5: "MUST be less than 2**31"
+
+
+def parse_cseq(value: bytes) -> tuple[int, bytes]:
+    parts = value.split()
+    if len(parts) != 2:
+        raise HeaderError("malformed CSeq")
+    number, method = parts
+    if not number.isdigit() or len(number) > 10:
+        raise HeaderError("CSeq number is not a 32-bit integer")
+    seq = int(number)
+    if seq >= _MAX_CSEQ:
+        raise HeaderError("CSeq number too large")
+    if not is_token(method):
+        raise HeaderError("bad CSeq method")
+    return seq, method
+
+
+def parse_uint(value: bytes, name: str, maximum: int) -> int:
+    value = value.strip()
+    if not value.isdigit() or len(value) > 10:
+        raise HeaderError(f"{name} is not a number")
+    number = int(value)
+    if number > maximum:
+        raise HeaderError(f"{name} too large")
+    return number

@@ -1,0 +1,340 @@
+"""Parse SIP messages from bytes (RFC 3261 7, 18.3, 25).
+
+``parse_message`` frames one message (a datagram, or one message the stream framer cut out),
+splits the start line and header lines, and checks what every element needs before it can even
+answer: the start line, the mandatory headers, CSeq, Content-Length.  It does not parse header
+values it does not need; ``validate_request`` goes further (Request-URI, From, To, Via, Contact)
+for elements that act on those.
+
+Every defect raises a :class:`~sipfarm.sip.errors.SipError`: a 400 whose reason names it, 413,
+416, 505, or "drop" (status 0) when nothing can be answered (a broken response, garbage).
+"""
+
+from __future__ import annotations
+
+import re
+
+from sipfarm.sip.errors import (
+    BadMessage,
+    MessageDropped,
+    MessageTooLarge,
+    SipError,
+    UnsupportedURIScheme,
+    VersionNotSupported,
+)
+from sipfarm.sip.headers import COMPACT, HeaderError, is_token, parse_cseq, parse_uint
+from sipfarm.sip.message import Header, SipMessage
+from sipfarm.sip.uri import SipURI
+
+MAX_MESSAGE_SIZE = 65535
+MAX_HEADERS = 256
+
+_FOLD_RE = re.compile(rb"\r?\n[ \t]+")
+_SCHEMES_OK = (b"sip:", b"sips:", b"tel:")
+_MANDATORY = ("via", "from", "to", "call-id", "cseq")
+# Headers that may appear once only (RFC 3261 20); differing repeats are rejected.
+_SINGLE = frozenset(("call-id", "from", "to", "cseq", "content-length", "max-forwards"))
+# Headers whose first value the parser checks.
+_WATCHED = _SINGLE | {"via", "expires"}
+_SCHEME_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+-.")
+
+# raw header name -> lower-case full name; bounded so hostile names cannot grow it forever
+_KEY_CACHE: dict[bytes, str] = {}
+_KEY_CACHE_MAX = 512
+
+
+def header_key(raw_name: bytes) -> str:
+    """Lower-case full header name for ``raw_name`` (compact forms resolved, RFC 3261 7.3.3)."""
+    key = _KEY_CACHE.get(raw_name)
+    if key is not None:
+        return key
+    if not is_token(raw_name):
+        raise BadMessage(f"bad header name {raw_name[:30]!r}")
+    key = raw_name.decode("ascii").lower()
+    key = COMPACT.get(key, key)
+    if len(_KEY_CACHE) < _KEY_CACHE_MAX:
+        _KEY_CACHE[raw_name] = key
+    return key
+
+
+def parse_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> SipMessage:
+    """Parse one whole SIP message. Raises SipError (status 0 = drop)."""
+    # RFC 3261 7.5: CRLFs before the start line are ignored.
+    if data[:1] in (b"\r", b"\n"):
+        data = data.lstrip(b"\r\n")
+    if not data:
+        raise MessageDropped("empty message")
+    head_end = data.find(b"\r\n\r\n")
+    sep = b"\r\n"
+    if head_end >= 0:
+        body_start = head_end + 4
+    else:
+        lf_end = data.find(b"\n\n")
+        if lf_end >= 0 and b"\r\n" not in data[:lf_end]:
+            head_end, body_start, sep = lf_end, lf_end + 2, b"\n"  # bare-LF sender: tolerated
+        elif data.endswith(b"\r\n"):
+            head_end, body_start = len(data) - 2, len(data)  # no blank line, no body
+        else:
+            raise MessageDropped("no end of headers")
+    head = data[:head_end]
+    if sep == b"\r\n":
+        crlf = head.count(b"\r\n")
+        if head.count(b"\n") != crlf or head.count(b"\r") != crlf:
+            # Mixed line ends: treat every LF as a line end so no header value keeps a bare LF
+            # that a peer downstream would read as a line break.
+            head = head.replace(b"\r\n", b"\n")
+            sep = b"\n"
+    first, _, block = head.partition(sep)
+    msg = _parse_start_line(first)
+    if sep == b"\n" and b"\r" in head:
+        # RFC 3261 7: CR only as part of CRLF (a bare CR is a line break to some parsers)
+        if msg.is_response:
+            raise MessageDropped("bare CR in header section")
+        raise BadMessage("bare CR in header section", partial=msg)
+    headers, first_values = _parse_headers(block, sep, msg)
+    msg.headers = headers
+    if len(data) > max_size:
+        raise MessageTooLarge(f"message of {len(data)} bytes", partial=msg if msg.is_request else None)
+    body = data[body_start:]
+    clen = _content_length(msg, first_values.get("content-length"))
+    if clen is not None:
+        if clen > len(body):
+            # RFC 3261 18.3: a datagram that ends before its body does is an error
+            if msg.is_response:
+                raise MessageDropped("truncated body in response")
+            raise BadMessage("Content-Length larger than body", partial=msg)
+        body = body[:clen]
+    msg.body = body
+    _check_mandatory(msg, first_values)
+    return msg
+
+
+def _parse_start_line(line: bytes) -> SipMessage:
+    if line[:4] == b"SIP/" or line[:4].upper() == b"SIP/":
+        # Status-Line = SIP-Version SP Status-Code SP Reason-Phrase
+        version, _, rest = line.partition(b" ")
+        code, _, reason = rest.partition(b" ")
+        if version.upper() != b"SIP/2.0":
+            raise MessageDropped("response with unsupported SIP version")
+        if len(code) != 3 or not code.isdigit() or not (100 <= int(code) <= 699):
+            raise MessageDropped("bad status code")
+        return SipMessage(status=int(code), reason=reason)
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        raise MessageDropped("malformed request line") if len(parts) < 2 else _bad_request_line(parts)
+    method, uri, version = parts
+    if not is_token(method):
+        raise MessageDropped("bad method token")
+    msg = SipMessage(method=method, uri=uri)
+    if version.upper() != b"SIP/2.0":
+        if version[:4].upper() == b"SIP/":
+            raise VersionNotSupported(f"version {version[:16]!r}", partial=msg)
+        raise BadMessage("bad SIP version", partial=msg)
+    if not uri:
+        raise BadMessage("empty Request-URI", partial=msg)
+    return msg
+
+
+def _bad_request_line(parts: list[bytes]) -> SipError:
+    # Whitespace inside the Request-URI (RFC 4475 3.1.2.6 "lwsruri", 3.1.2.7 "lwsstart").
+    msg = SipMessage(method=parts[0], uri=b" ".join(parts[1:-1])) if is_token(parts[0]) else None
+    if msg is None:
+        return MessageDropped("malformed request line")
+    return BadMessage("whitespace in Request-URI", partial=msg)
+
+
+def _parse_headers(block: bytes, sep: bytes, msg: SipMessage) -> tuple[list[Header], dict[str, bytes]]:
+    """The header list, and the first value of each header ``_check_mandatory`` reads."""
+    if not block:
+        return [], {}
+    # RFC 3261 7.3.1: a line starting with whitespace continues the previous one.
+    if b"\n " in block or b"\n\t" in block or block[:1] in (b" ", b"\t"):
+        if block[:1] in (b" ", b"\t"):
+            raise BadMessage("header section starts with a continuation line", partial=msg)
+        block = _FOLD_RE.sub(b" ", block)
+    lines = block.split(sep)
+    if len(lines) > MAX_HEADERS:
+        raise BadMessage("too many header lines", partial=msg)
+    headers: list[Header] = []
+    append = headers.append
+    cache = _KEY_CACHE
+    watched = _WATCHED
+    first: dict[str, bytes] = {}
+    for line in lines:
+        name, colon, value = line.partition(b":")
+        if not colon:
+            msg.headers = headers
+            raise BadMessage("header line without colon", partial=msg)
+        key = cache.get(name)
+        if key is None:
+            name = name.rstrip(b" \t")  # HCOLON = *( SP / HTAB ) ":" SWS
+            key = header_key(name)
+        value = value.strip(b" \t")
+        append((key, name, value))
+        if key in watched:
+            seen = first.get(key)
+            if seen is None:
+                first[key] = value
+            elif seen != value and key in _SINGLE:
+                # RFC 3261 7.3.1 (RFC 4475 3.3.8 "multi01", 3.3.9 "mcl01"): only list headers
+                # may repeat; two Content-Lengths make the framing ambiguous.
+                msg.headers = headers
+                if msg.is_response:
+                    raise MessageDropped(f"more than one {key} header")
+                raise BadMessage(f"more than one {key} header", partial=msg)
+    return headers, first
+
+
+def _content_length(msg: SipMessage, value: bytes | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_uint(value, "Content-Length", 2**31)
+    except HeaderError as exc:
+        if msg.is_response:
+            raise MessageDropped(str(exc)) from None
+        raise BadMessage(str(exc), partial=msg) from None
+
+
+def _check_mandatory(msg: SipMessage, first: dict[str, bytes]) -> None:
+    """RFC 3261 8.1.1: To, From, CSeq, Call-ID, Via (Max-Forwards is added by proxies if absent)."""
+    for key in _MANDATORY:
+        if key not in first:
+            if msg.is_response:
+                raise MessageDropped(f"response without {key}")
+            raise BadMessage(f"missing {key} header", partial=msg)
+    try:
+        msg.cseq = parse_cseq(first["cseq"])
+    except HeaderError as exc:
+        if msg.is_response:
+            raise MessageDropped(str(exc)) from None
+        raise BadMessage(str(exc), partial=msg) from None
+    if msg.is_request:
+        if msg.cseq[1] != msg.method:
+            # RFC 3261 8.1.1.5 (RFC 4475 3.1.2.17 "mismatch01")
+            raise BadMessage("CSeq method does not match request method", partial=msg)
+        call_id = first["call-id"]
+        if not call_id or b" " in call_id or b"\t" in call_id:
+            raise BadMessage("malformed Call-ID", partial=msg)
+        for key in ("max-forwards", "expires"):
+            value = first.get(key)
+            if value is not None:
+                try:
+                    parse_uint(value, key, 2**32 - 1)
+                except HeaderError as exc:
+                    raise BadMessage(str(exc), partial=msg) from None
+        uri = msg.uri
+        if uri[:5].lower() not in _SCHEMES_OK and uri[:4].lower() not in _SCHEMES_OK:
+            # RFC 3986 3.1: scheme = ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )
+            scheme, colon, _ = uri.partition(b":")
+            if not colon or not scheme[:1].isalpha() or not _SCHEME_CHARS.issuperset(scheme):
+                raise BadMessage("bad Request-URI", partial=msg)
+            raise UnsupportedURIScheme("unsupported Request-URI scheme", partial=msg)
+
+
+def validate_request(msg: SipMessage) -> None:
+    """Deeper checks for elements acting on a request: Request-URI, From, To, Via, Contact.
+
+    Raises BadMessage / UnsupportedURIScheme; the parsed values are cached or cheap to redo.
+    """
+    uri = msg.request_uri
+    if isinstance(uri, SipURI) and uri.headers:
+        # RFC 3261 19.1.1 table: headers are not allowed in a Request-URI (RFC 4475 3.1.2.11)
+        raise BadMessage("headers in Request-URI", partial=msg)
+    msg.from_  # noqa: B018 - parse for validation
+    msg.to  # noqa: B018
+    if not msg.vias:
+        raise BadMessage("empty Via header", partial=msg)
+    contacts = msg.values("contact")
+    if contacts != [b"*"]:
+        msg.name_addrs("contact")
+    max_forwards = msg.get("max-forwards")
+    if max_forwards is not None:
+        try:
+            parse_uint(max_forwards, "Max-Forwards", 255)
+        except HeaderError as exc:
+            raise BadMessage(str(exc), partial=msg) from None
+
+
+def max_forwards(msg: SipMessage) -> int:
+    """Max-Forwards of a parsed request (70 when absent, RFC 3261 8.1.1.6)."""
+    value = msg.get("max-forwards")
+    return 70 if value is None else int(value)
+
+
+class StreamFramer:
+    """Cuts SIP messages out of a byte stream (TCP, TLS) by Content-Length (RFC 3261 18.3).
+
+    Sans-IO: ``receive_data`` buffers, ``next_event`` returns a whole message's bytes, ``PING``
+    for a CRLFCRLF keep-alive (RFC 5626 3.5.1; answer with CRLF), or None when more data is needed.
+    Scanning is O(bytes received): the header-end search resumes where it stopped.  A message over
+    ``max_size`` or without Content-Length raises SipError; the transport then closes the flow.
+    """
+
+    PING = b"\r\n\r\n"
+
+    def __init__(self, max_size: int = MAX_MESSAGE_SIZE) -> None:
+        self.max_size = max_size
+        self._buf = bytearray()
+        self._scan = 0  # where to resume the search for the end of headers
+        self._need = -1  # total length of the message being waited for, once known
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def receive_data(self, data: bytes) -> None:
+        self._buf += data
+
+    def next_event(self) -> bytes | None:
+        buf = self._buf
+        if self._need < 0:
+            # between messages: keep-alives and stray CRLFs
+            while buf[:2] == b"\r\n":
+                if buf[:4] == b"\r\n\r\n":
+                    del buf[:4]
+                    self._scan = 0
+                    return self.PING
+                if len(buf) < 4 and buf == b"\r\n\r"[: len(buf)]:
+                    return None  # could still become a ping
+                del buf[:2]
+            end = buf.find(b"\r\n\r\n", max(0, self._scan - 3))
+            if end < 0:
+                if len(buf) > self.max_size:
+                    raise MessageTooLarge("header section larger than the maximum message size")
+                self._scan = len(buf)
+                return None
+            if end + 4 > self.max_size:
+                # the same answer however the bytes were chunked (see the check above)
+                raise MessageTooLarge("header section larger than the maximum message size")
+            self._need = end + 4 + self._stream_content_length(bytes(buf[:end]))
+            if self._need > self.max_size:
+                raise MessageTooLarge(f"message of {self._need} bytes")
+        if len(buf) < self._need:
+            return None
+        message = bytes(buf[: self._need])
+        del buf[: self._need]
+        self._need = -1
+        self._scan = 0
+        return message
+
+    @staticmethod
+    def _stream_content_length(head: bytes) -> int:
+        found: bytes | None = None
+        for line in head.split(b"\r\n")[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon:
+                continue
+            name = name.rstrip(b" \t").lower()
+            if name in (b"content-length", b"l"):
+                value = value.strip()
+                if not value.isdigit() or len(value) > 10:
+                    raise BadMessage("bad Content-Length")
+                if found is not None and found != value:
+                    # RFC 4475 3.3.9 "mcl01": the framing is ambiguous; close the flow
+                    raise BadMessage("more than one Content-Length")
+                found = value
+        if found is None:
+            # RFC 3261 18.3: Content-Length MUST be used with stream transports
+            raise BadMessage("Content-Length required on stream transports")
+        return int(found)

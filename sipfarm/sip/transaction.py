@@ -1,0 +1,1046 @@
+"""The RFC 3261 section 17 transaction layer, sans-IO (with the RFC 6026 "Accepted" states).
+
+Theory of operation
+-------------------
+A transaction is a request plus every response to it (and the ACK of a non-2xx final answer to
+an INVITE).  There are four kinds, each a small state machine whose states are named as in RFC
+3261 17 (:class:`TxState`) and whose inputs (:class:`TxInput`) are "a message arrived", "the TU
+passes a response", "timer X fired" and "the transport failed".  Every machine is one table,
+``(state, input) -> (actions, next state)``: :data:`CLIENT_INVITE_TABLE`,
+:data:`CLIENT_NON_INVITE_TABLE`, :data:`SERVER_INVITE_TABLE`, :data:`SERVER_NON_INVITE_TABLE`.
+A pair missing from its table is a protocol error: :meth:`Transaction.process` moves the machine
+to Terminated and raises :class:`InvalidTransition`; the machine never silently keeps its state.
+Network oddities that RFC 3261 leaves open but that happen in practice (a late 1xx after the
+final response, an ACK before any final response) have explicit "absorb" rows, so a peer cannot
+tear a transaction down by sending them.
+
+The machines know nothing of sockets or clocks.  :class:`TransactionLayer` owns all of them, and
+is driven like aioquic's connection by three sources: messages received
+(:meth:`~TransactionLayer.receive_request`, :meth:`~TransactionLayer.receive_response`), the TU
+(:meth:`~TransactionLayer.start_client`, :meth:`~TransactionLayer.send_response`) and one timer
+(:meth:`~TransactionLayer.next_deadline`, :meth:`~TransactionLayer.handle_timer`).  Its outputs
+are drained by the caller: :meth:`~TransactionLayer.datagrams_to_send` (bytes and the
+:class:`~sipfarm.sip.address.Address` to send them to) and :meth:`~TransactionLayer.events`.
+
+Timers live in one heap for the whole layer.  A transaction records, per armed timer, the
+sequence number of its heap entry; an entry whose number no longer matches (cancelled, re-armed,
+transaction gone) is skipped when popped (lazy deletion), and the heap is rebuilt when stale
+entries outnumber live ones.  A timer stays armed only while its machine's table has a row for
+it in the current state: entering a state disarms the others (e.g. a 1xx cancels Timers A and B
+of an INVITE client transaction), so the rule lives in the tables, not in code.  A timer whose
+duration is zero (D, I, J, K on reliable transports) fires at once, so a transaction over TCP
+reaches Terminated, and is forgotten, in the same call that completed it.
+
+Retransmissions are absorbed before anything is parsed beyond what identifies the transaction:
+the top Via's branch (``via_branch``, no full Via parse), its sent-by, the CSeq method.
+
+What the TU must act on right away is a return value: ``receive_request`` returns a new server
+transaction (None when absorbed), ``receive_response`` returns the client transaction whose
+``last_response`` the TU must see (None when absorbed or stray).  Everything else is an event,
+drained with ``events()``: :class:`TransactionTimeout` (B, F, H), :class:`TransportFailure`,
+:class:`TransactionTerminated` (release ``tx.context``), :class:`AckFor2xx` (an ACK outside any
+transaction, to forward statelessly) and :class:`StrayResponse`.  Each thing is reported once,
+by one of the two channels, so a proxy cannot handle a response twice.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import heapq
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar, Final, TypeAlias
+
+from sipfarm.sip.address import Address
+from sipfarm.sip.errors import BadMessage, MessageDropped, ServiceUnavailable
+from sipfarm.sip.headers import HeaderError, parse_cseq, parse_via, via_branch
+from sipfarm.sip.message import SipMessage, make_response
+
+# RFC 3261 8.1.1.7: branches of RFC 3261 elements start with this.
+MAGIC_COOKIE: Final = b"z9hG4bK"
+
+
+def new_branch() -> bytes:
+    """A fresh RFC 3261 branch (magic cookie + 64 random bits)."""
+    return MAGIC_COOKIE + secrets.token_hex(8).encode("ascii")
+
+
+# --- timers -----------------------------------------------------------------------------------
+
+
+class TxState(enum.Enum):
+    """Transaction states, named as in RFC 3261 17 and RFC 6026 (Accepted)."""
+
+    CALLING = "Calling"
+    TRYING = "Trying"
+    PROCEEDING = "Proceeding"
+    COMPLETED = "Completed"
+    CONFIRMED = "Confirmed"
+    ACCEPTED = "Accepted"
+    TERMINATED = "Terminated"
+
+    # Members are singletons compared by identity; Enum's own __hash__ is Python code that
+    # hashes the name, and the per-message path does several table look-ups.
+    __hash__ = object.__hash__
+
+
+class TxInput(enum.Enum):
+    """What can happen to a transaction."""
+
+    # server side
+    REQUEST = "request retransmission"
+    ACK = "ACK"
+    SEND_1XX = "1xx from TU"
+    SEND_2XX = "2xx from TU"
+    SEND_3XX_6XX = "300-699 from TU"
+    # client side
+    RECV_1XX = "1xx"
+    RECV_2XX = "2xx"
+    RECV_3XX_6XX = "300-699"
+    # timers (RFC 3261 table 4, RFC 6026 L and M)
+    TIMER_A = "Timer A"
+    TIMER_B = "Timer B"
+    TIMER_D = "Timer D"
+    TIMER_E = "Timer E"
+    TIMER_F = "Timer F"
+    TIMER_G = "Timer G"
+    TIMER_H = "Timer H"
+    TIMER_I = "Timer I"
+    TIMER_J = "Timer J"
+    TIMER_K = "Timer K"
+    TIMER_L = "Timer L"
+    TIMER_M = "Timer M"
+    TRANSPORT_ERROR = "transport error"
+
+    __hash__ = object.__hash__  # see TxState
+
+
+TIMER_INPUTS: Final = frozenset(i for i in TxInput if i.name.startswith("TIMER_"))
+# Retransmission timers: armed only over unreliable transports (RFC 3261 17.1.1.2, 17.1.2.2, 17.2.1).
+_RETRANSMIT_TIMERS: Final = frozenset({TxInput.TIMER_A, TxInput.TIMER_E, TxInput.TIMER_G})
+# Wait timers that are zero over reliable transports (RFC 3261 17.1.1.2, 17.1.2.2, 17.2.1, 17.2.2).
+_ZERO_IF_RELIABLE: Final = frozenset({TxInput.TIMER_D, TxInput.TIMER_I, TxInput.TIMER_J, TxInput.TIMER_K})
+
+
+@dataclass(frozen=True, slots=True)
+class TimerConfig:
+    """RFC 3261 timer values (seconds; table 4 of section A) and the RFC 6026 additions."""
+
+    t1: float = 0.5  # RTT estimate
+    t2: float = 4.0  # maximum retransmit interval for non-INVITE requests and INVITE responses
+    t4: float = 5.0  # maximum duration a message remains in the network
+    d: float = 32.0  # Timer D over unreliable transports: "at least 32 seconds" (17.1.1.2)
+
+    def __post_init__(self) -> None:
+        for name in ("t1", "t2", "t4", "d"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"TimerConfig.{name} must be positive")
+        if self.t2 < self.t1:
+            raise ValueError("TimerConfig.t2 must not be smaller than t1")
+
+    def duration(self, timer: TxInput, reliable: bool) -> float | None:
+        """Initial duration of ``timer``; None when it is not used at all (A/E/G when reliable)."""
+        if reliable:
+            if timer in _RETRANSMIT_TIMERS:
+                return None
+            if timer in _ZERO_IF_RELIABLE:
+                return 0.0
+        if timer in _RETRANSMIT_TIMERS:
+            return self.t1  # A, E, G start at T1
+        if timer is TxInput.TIMER_D:
+            return self.d
+        if timer in (TxInput.TIMER_I, TxInput.TIMER_K):
+            return self.t4
+        if timer in TIMER_INPUTS:
+            return 64 * self.t1  # B, F, H, J, L, M
+        raise ValueError(f"{timer.value} is not a timer")
+
+
+# --- actions and tables -----------------------------------------------------------------------
+
+
+class Action(enum.Enum):
+    """Side effects of a transition, run by :class:`TransactionLayer` in table order."""
+
+    SEND_REQUEST = "send the request"  # client: first transmission and retransmissions
+    SEND_ACK = "send ACK"  # client INVITE: ACK a 300-699 (17.1.1.3)
+    DELIVER_TO_TU = "deliver response to TU"  # client: receive_response returns the transaction
+    SEND_TRYING = "send 100 Trying"  # server INVITE (17.2.1), when the layer is asked to
+    SEND_RESPONSE = "send the TU's response"  # server: transmit and remember for retransmission
+    RESEND_RESPONSE = "resend last response"  # server: request retransmission or Timer G
+    ACK_TO_TU = "pass ACK to TU"  # server INVITE in Accepted (RFC 6026 7.1): AckFor2xx event
+    REPORT_TIMEOUT = "inform TU of timeout"  # B, F, H: TransactionTimeout event
+    REPORT_TRANSPORT_ERROR = "inform TU of transport error"  # TransportFailure event
+    START_A = "start Timer A"
+    START_B = "start Timer B"
+    START_D = "start Timer D"
+    START_E = "start Timer E"
+    START_F = "start Timer F"
+    START_G = "start Timer G"
+    START_H = "start Timer H"
+    START_I = "start Timer I"
+    START_J = "start Timer J"
+    START_K = "start Timer K"
+    START_L = "start Timer L"
+    START_M = "start Timer M"
+    DOUBLE_A = "restart Timer A at twice its interval"  # 17.1.1.2: no cap for INVITE
+    BACKOFF_E = "restart Timer E at min(2x, T2)"  # 17.1.2.2 (Trying)
+    RESET_E_T2 = "restart Timer E at T2"  # 17.1.2.2 (Proceeding)
+    BACKOFF_G = "restart Timer G at min(2x, T2)"  # 17.2.1
+
+    __hash__ = object.__hash__  # see TxState
+
+
+_START_TIMER: Final[Mapping[Action, TxInput]] = {
+    Action.START_A: TxInput.TIMER_A,
+    Action.START_B: TxInput.TIMER_B,
+    Action.START_D: TxInput.TIMER_D,
+    Action.START_E: TxInput.TIMER_E,
+    Action.START_F: TxInput.TIMER_F,
+    Action.START_G: TxInput.TIMER_G,
+    Action.START_H: TxInput.TIMER_H,
+    Action.START_I: TxInput.TIMER_I,
+    Action.START_J: TxInput.TIMER_J,
+    Action.START_K: TxInput.TIMER_K,
+    Action.START_L: TxInput.TIMER_L,
+    Action.START_M: TxInput.TIMER_M,
+}
+
+Transition: TypeAlias = tuple[tuple[Action, ...], TxState]
+Table: TypeAlias = Mapping[tuple[TxState, TxInput], Transition]
+
+_S = TxState
+_I = TxInput
+_A = Action
+
+# RFC 3261 17.1.1 (figure 5) as amended by RFC 6026 8.4 (Accepted, Timer M).
+CLIENT_INVITE_TABLE: Final[Table] = {
+    (_S.CALLING, _I.TIMER_A): ((_A.SEND_REQUEST, _A.DOUBLE_A), _S.CALLING),
+    (_S.CALLING, _I.TIMER_B): ((_A.REPORT_TIMEOUT,), _S.TERMINATED),
+    (_S.CALLING, _I.TRANSPORT_ERROR): ((_A.REPORT_TRANSPORT_ERROR,), _S.TERMINATED),
+    (_S.CALLING, _I.RECV_1XX): ((_A.DELIVER_TO_TU,), _S.PROCEEDING),
+    (_S.CALLING, _I.RECV_2XX): ((_A.DELIVER_TO_TU, _A.START_M), _S.ACCEPTED),
+    (_S.CALLING, _I.RECV_3XX_6XX): ((_A.DELIVER_TO_TU, _A.SEND_ACK, _A.START_D), _S.COMPLETED),
+    # 17.1.1.2: "any further provisional responses MUST be passed up to the TU"
+    (_S.PROCEEDING, _I.RECV_1XX): ((_A.DELIVER_TO_TU,), _S.PROCEEDING),
+    (_S.PROCEEDING, _I.RECV_2XX): ((_A.DELIVER_TO_TU, _A.START_M), _S.ACCEPTED),
+    (_S.PROCEEDING, _I.RECV_3XX_6XX): ((_A.DELIVER_TO_TU, _A.SEND_ACK, _A.START_D), _S.COMPLETED),
+    # a stream flow that breaks while waiting for the final response
+    (_S.PROCEEDING, _I.TRANSPORT_ERROR): ((_A.REPORT_TRANSPORT_ERROR,), _S.TERMINATED),
+    # 17.1.1.2: a retransmitted final response is ACKed again, not passed up
+    (_S.COMPLETED, _I.RECV_3XX_6XX): ((_A.SEND_ACK,), _S.COMPLETED),
+    (_S.COMPLETED, _I.RECV_1XX): ((), _S.COMPLETED),  # late (reordered) provisional: absorbed
+    # a 2xx after a non-2xx final (downstream forking): proxies forward every 2xx (16.7 step 5)
+    (_S.COMPLETED, _I.RECV_2XX): ((_A.DELIVER_TO_TU,), _S.COMPLETED),
+    (_S.COMPLETED, _I.TRANSPORT_ERROR): ((_A.REPORT_TRANSPORT_ERROR,), _S.TERMINATED),
+    (_S.COMPLETED, _I.TIMER_D): ((), _S.TERMINATED),
+    # RFC 6026 8.4: 2xx retransmissions (and 2xx from other forks) go to the TU
+    (_S.ACCEPTED, _I.RECV_2XX): ((_A.DELIVER_TO_TU,), _S.ACCEPTED),
+    (_S.ACCEPTED, _I.RECV_1XX): ((), _S.ACCEPTED),  # reordered provisional: absorbed
+    (_S.ACCEPTED, _I.RECV_3XX_6XX): ((), _S.ACCEPTED),  # a final after a 2xx: absorbed
+    (_S.ACCEPTED, _I.TIMER_M): ((), _S.TERMINATED),
+}
+CLIENT_INVITE_INITIAL: Final = ((_A.SEND_REQUEST, _A.START_A, _A.START_B), _S.CALLING)
+
+# RFC 3261 17.1.2 (figure 6).
+CLIENT_NON_INVITE_TABLE: Final[Table] = {
+    (_S.TRYING, _I.TIMER_E): ((_A.SEND_REQUEST, _A.BACKOFF_E), _S.TRYING),
+    (_S.TRYING, _I.TIMER_F): ((_A.REPORT_TIMEOUT,), _S.TERMINATED),
+    (_S.TRYING, _I.TRANSPORT_ERROR): ((_A.REPORT_TRANSPORT_ERROR,), _S.TERMINATED),
+    (_S.TRYING, _I.RECV_1XX): ((_A.DELIVER_TO_TU,), _S.PROCEEDING),
+    (_S.TRYING, _I.RECV_2XX): ((_A.DELIVER_TO_TU, _A.START_K), _S.COMPLETED),
+    (_S.TRYING, _I.RECV_3XX_6XX): ((_A.DELIVER_TO_TU, _A.START_K), _S.COMPLETED),
+    (_S.PROCEEDING, _I.TIMER_E): ((_A.SEND_REQUEST, _A.RESET_E_T2), _S.PROCEEDING),
+    (_S.PROCEEDING, _I.TIMER_F): ((_A.REPORT_TIMEOUT,), _S.TERMINATED),
+    (_S.PROCEEDING, _I.TRANSPORT_ERROR): ((_A.REPORT_TRANSPORT_ERROR,), _S.TERMINATED),
+    (_S.PROCEEDING, _I.RECV_1XX): ((_A.DELIVER_TO_TU,), _S.PROCEEDING),
+    (_S.PROCEEDING, _I.RECV_2XX): ((_A.DELIVER_TO_TU, _A.START_K), _S.COMPLETED),
+    (_S.PROCEEDING, _I.RECV_3XX_6XX): ((_A.DELIVER_TO_TU, _A.START_K), _S.COMPLETED),
+    # 17.1.2.2: Completed buffers response retransmissions
+    (_S.COMPLETED, _I.RECV_1XX): ((), _S.COMPLETED),
+    (_S.COMPLETED, _I.RECV_2XX): ((), _S.COMPLETED),
+    (_S.COMPLETED, _I.RECV_3XX_6XX): ((), _S.COMPLETED),
+    (_S.COMPLETED, _I.TIMER_K): ((), _S.TERMINATED),
+}
+CLIENT_NON_INVITE_INITIAL: Final = ((_A.SEND_REQUEST, _A.START_E, _A.START_F), _S.TRYING)
+
+# RFC 3261 17.2.1 (figure 7) as amended by RFC 6026 7.1 (Accepted, Timer L).
+SERVER_INVITE_TABLE: Final[Table] = {
+    (_S.PROCEEDING, _I.REQUEST): ((_A.RESEND_RESPONSE,), _S.PROCEEDING),
+    (_S.PROCEEDING, _I.SEND_1XX): ((_A.SEND_RESPONSE,), _S.PROCEEDING),
+    (_S.PROCEEDING, _I.SEND_2XX): ((_A.SEND_RESPONSE, _A.START_L), _S.ACCEPTED),
+    (_S.PROCEEDING, _I.SEND_3XX_6XX): ((_A.SEND_RESPONSE, _A.START_G, _A.START_H), _S.COMPLETED),
+    (_S.PROCEEDING, _I.TRANSPORT_ERROR): ((_A.REPORT_TRANSPORT_ERROR,), _S.TERMINATED),
+    (_S.PROCEEDING, _I.ACK): ((), _S.PROCEEDING),  # ACK before any final response: bogus, absorbed
+    (_S.COMPLETED, _I.REQUEST): ((_A.RESEND_RESPONSE,), _S.COMPLETED),
+    (_S.COMPLETED, _I.TIMER_G): ((_A.RESEND_RESPONSE, _A.BACKOFF_G), _S.COMPLETED),
+    (_S.COMPLETED, _I.ACK): ((_A.START_I,), _S.CONFIRMED),
+    (_S.COMPLETED, _I.TIMER_H): ((_A.REPORT_TIMEOUT,), _S.TERMINATED),
+    (_S.COMPLETED, _I.TRANSPORT_ERROR): ((_A.REPORT_TRANSPORT_ERROR,), _S.TERMINATED),
+    # 17.2.1: Confirmed absorbs ACKs (and, like them, late INVITE retransmissions)
+    (_S.CONFIRMED, _I.ACK): ((), _S.CONFIRMED),
+    (_S.CONFIRMED, _I.REQUEST): ((), _S.CONFIRMED),
+    (_S.CONFIRMED, _I.TIMER_I): ((), _S.TERMINATED),
+    # RFC 6026 7.1: INVITE retransmissions absorbed without an answer, 2xx from the TU sent,
+    # an ACK (the 2xx's, when its sender reused the branch) passed up
+    (_S.ACCEPTED, _I.REQUEST): ((), _S.ACCEPTED),
+    (_S.ACCEPTED, _I.SEND_2XX): ((_A.SEND_RESPONSE,), _S.ACCEPTED),
+    (_S.ACCEPTED, _I.ACK): ((_A.ACK_TO_TU,), _S.ACCEPTED),
+    (_S.ACCEPTED, _I.TIMER_L): ((), _S.TERMINATED),
+}
+SERVER_INVITE_INITIAL: Final = ((_A.SEND_TRYING,), _S.PROCEEDING)
+
+# RFC 3261 17.2.2 (figure 8).
+SERVER_NON_INVITE_TABLE: Final[Table] = {
+    (_S.TRYING, _I.REQUEST): ((), _S.TRYING),  # "MUST be discarded"
+    (_S.TRYING, _I.SEND_1XX): ((_A.SEND_RESPONSE,), _S.PROCEEDING),
+    (_S.TRYING, _I.SEND_2XX): ((_A.SEND_RESPONSE, _A.START_J), _S.COMPLETED),
+    (_S.TRYING, _I.SEND_3XX_6XX): ((_A.SEND_RESPONSE, _A.START_J), _S.COMPLETED),
+    (_S.PROCEEDING, _I.REQUEST): ((_A.RESEND_RESPONSE,), _S.PROCEEDING),
+    (_S.PROCEEDING, _I.SEND_1XX): ((_A.SEND_RESPONSE,), _S.PROCEEDING),
+    (_S.PROCEEDING, _I.SEND_2XX): ((_A.SEND_RESPONSE, _A.START_J), _S.COMPLETED),
+    (_S.PROCEEDING, _I.SEND_3XX_6XX): ((_A.SEND_RESPONSE, _A.START_J), _S.COMPLETED),
+    (_S.PROCEEDING, _I.TRANSPORT_ERROR): ((_A.REPORT_TRANSPORT_ERROR,), _S.TERMINATED),
+    (_S.COMPLETED, _I.REQUEST): ((_A.RESEND_RESPONSE,), _S.COMPLETED),
+    # "Any other final responses passed by the TU ... MUST be discarded while in Completed"
+    (_S.COMPLETED, _I.SEND_2XX): ((), _S.COMPLETED),
+    (_S.COMPLETED, _I.SEND_3XX_6XX): ((), _S.COMPLETED),
+    (_S.COMPLETED, _I.TRANSPORT_ERROR): ((_A.REPORT_TRANSPORT_ERROR,), _S.TERMINATED),
+    (_S.COMPLETED, _I.TIMER_J): ((), _S.TERMINATED),
+}
+SERVER_NON_INVITE_INITIAL: Final = ((), _S.TRYING)
+
+
+def _timers_by_state(table: Table) -> dict[TxState, frozenset[TxInput]]:
+    out: dict[TxState, set[TxInput]] = {state: set() for state in TxState}
+    for state, inp in table:
+        if inp in TIMER_INPUTS:
+            out[state].add(inp)
+    return {state: frozenset(timers) for state, timers in out.items()}
+
+
+class InvalidTransition(Exception):
+    """``input`` has no row in the machine's table for ``state``; the machine is now Terminated."""
+
+    def __init__(self, machine: str, state: TxState, inp: TxInput) -> None:
+        super().__init__(f"{machine}: {inp.value!r} is not valid in state {state.value}")
+        self.machine = machine
+        self.state = state
+        self.input = inp
+
+
+# --- transactions -----------------------------------------------------------------------------
+
+
+class Transaction:
+    """State shared by the four machines: the request, the remote end, the state, the timers.
+
+    ``context`` is the TU's slot (the proxy hangs its response context / branch state there).
+    """
+
+    __slots__ = (
+        "_interval",
+        "_timers",
+        "context",
+        "key",
+        "remote",
+        "request",
+        "state",
+    )
+
+    TABLE: ClassVar[Table]
+    INITIAL: ClassVar[Transition]
+    TIMERS_IN_STATE: ClassVar[Mapping[TxState, frozenset[TxInput]]]
+
+    def __init__(self, request: SipMessage, remote: Address, key: tuple[object, ...]) -> None:
+        self.request = request
+        self.remote = remote  # server: where the request came from; client: where it goes
+        self.key = key
+        self.context: object | None = None
+        self.state = self.INITIAL[1]
+        self._timers: dict[TxInput, int] = {}  # armed timer -> sequence number of its heap entry
+        self._interval = 0.0  # current retransmission interval (A, E or G)
+
+    @property
+    def reliable(self) -> bool:
+        return self.remote.reliable
+
+    @property
+    def terminated(self) -> bool:
+        return self.state is TxState.TERMINATED
+
+    def process(self, inp: TxInput) -> tuple[Action, ...]:
+        """Apply ``inp``: the actions to run; raises InvalidTransition (and terminates) if illegal."""
+        transition = self.TABLE.get((self.state, inp))
+        if transition is None:
+            state = self.state
+            self.state = TxState.TERMINATED
+            raise InvalidTransition(type(self).__name__, state, inp)
+        self.state = transition[1]
+        return transition[0]
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.state.value} {self.request!r}>"
+
+
+class ClientTransaction(Transaction):
+    """A request this element sends (RFC 3261 17.1); matched by (branch, CSeq method)."""
+
+    __slots__ = ("_ack", "_request_bytes", "branch", "last_response")
+
+    def __init__(self, request: SipMessage, remote: Address, branch: bytes) -> None:
+        super().__init__(request, remote, (branch, request.method))
+        self.branch = branch
+        self.last_response: SipMessage | None = None
+        self._request_bytes = request.to_bytes()
+        self._ack: bytes | None = None
+
+
+class ClientInviteTransaction(ClientTransaction):
+    __slots__ = ()
+    TABLE = CLIENT_INVITE_TABLE
+    INITIAL = CLIENT_INVITE_INITIAL
+    TIMERS_IN_STATE = _timers_by_state(CLIENT_INVITE_TABLE)
+
+
+class ClientNonInviteTransaction(ClientTransaction):
+    __slots__ = ()
+    TABLE = CLIENT_NON_INVITE_TABLE
+    INITIAL = CLIENT_NON_INVITE_INITIAL
+    TIMERS_IN_STATE = _timers_by_state(CLIENT_NON_INVITE_TABLE)
+
+
+class ServerTransaction(Transaction):
+    """A request this element answers (RFC 3261 17.2); ``remote`` is where it came from."""
+
+    __slots__ = ("_response_bytes", "last_response")
+
+    def __init__(self, request: SipMessage, remote: Address, key: tuple[object, ...]) -> None:
+        super().__init__(request, remote, key)
+        self.last_response: SipMessage | None = None
+        self._response_bytes: bytes | None = None
+
+    @property
+    def source(self) -> Address:
+        return self.remote
+
+
+class ServerInviteTransaction(ServerTransaction):
+    __slots__ = ()
+    TABLE = SERVER_INVITE_TABLE
+    INITIAL = SERVER_INVITE_INITIAL
+    TIMERS_IN_STATE = _timers_by_state(SERVER_INVITE_TABLE)
+
+
+class ServerNonInviteTransaction(ServerTransaction):
+    __slots__ = ()
+    TABLE = SERVER_NON_INVITE_TABLE
+    INITIAL = SERVER_NON_INVITE_INITIAL
+    TIMERS_IN_STATE = _timers_by_state(SERVER_NON_INVITE_TABLE)
+
+
+MACHINES: Final[tuple[type[Transaction], ...]] = (
+    ClientInviteTransaction,
+    ClientNonInviteTransaction,
+    ServerInviteTransaction,
+    ServerNonInviteTransaction,
+)
+
+
+# --- events -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionTimeout:
+    """Timer B or F (client: the proxy answers 408 for that branch, RFC 3261 16.7 step 2 / 16.8)
+    or Timer H (server INVITE: the ACK never came, 17.2.1)."""
+
+    tx: Transaction
+
+
+@dataclass(frozen=True, slots=True)
+class TransportFailure:
+    """The transport could not deliver for ``tx`` (RFC 3261 17.1.4, 17.2.4; proxy: 503, 16.9)."""
+
+    tx: Transaction
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionTerminated:
+    """``tx`` reached Terminated and the layer forgot it: release whatever hangs off its context."""
+
+    tx: Transaction
+
+
+@dataclass(frozen=True, slots=True)
+class AckFor2xx:
+    """An ACK that no server transaction consumed: the ACK of a 2xx, which is its own end-to-end
+    transaction (RFC 3261 17, 13.2.2.4), or one passed up in Accepted (RFC 6026 7.1).  A proxy
+    forwards it statelessly (RFC 3261 16.11 / 16.10 "ACK ... forwarded")."""
+
+    request: SipMessage
+    source: Address
+
+
+@dataclass(frozen=True, slots=True)
+class StrayResponse:
+    """A response matching no client transaction (RFC 3261 17.1.3, 18.1.2).  RFC 3261 16.7 had
+    proxies forward those statelessly; RFC 6026 keeps 2xx retransmissions inside the Accepted
+    state instead, so a proxy built on this layer may simply count and drop them."""
+
+    response: SipMessage
+    source: Address
+
+
+Event: TypeAlias = TransactionTimeout | TransportFailure | TransactionTerminated | AckFor2xx | StrayResponse
+
+
+@dataclass(slots=True)
+class TransactionStats:
+    """Counters for the metrics exporter (``sipfarm_transaction_<name>_total``)."""
+
+    server_created: int = 0
+    client_created: int = 0
+    requests_absorbed: int = 0
+    responses_absorbed: int = 0
+    stray_responses: int = 0
+    acks_for_2xx: int = 0
+    timeouts: int = 0
+    transport_errors: int = 0
+    invalid_inputs: int = 0
+    rejected_full: int = 0
+
+
+# --- matching keys ----------------------------------------------------------------------------
+
+_INVITE: Final = b"INVITE"
+_ACK: Final = b"ACK"
+_LEGACY: Final = "rfc2543"  # first element of an RFC 2543 key; cookie keys start with bytes
+
+
+def _sent_by(via: bytes) -> bytes:
+    """sent-by (host[:port], lower case) of one via-parm; fast path for ``SIP/2.0/UDP h:p;...``."""
+    sp = via.find(b" ")
+    if sp > 8 and via[:8].upper() == b"SIP/2.0/":
+        semi = via.find(b";", sp)
+        chunk = via[sp + 1 : semi] if semi >= 0 else via[sp + 1 :]
+        chunk = chunk.rstrip(b" \t")
+        if chunk and b" " not in chunk and b"\t" not in chunk:
+            return chunk.lower()
+    # LWS inside the protocol or around ':' (RFC 4475 "wsinv"): the full parser knows
+    parsed = parse_via(via)
+    host = parsed.host.encode("ascii")
+    return host if parsed.port is None else b"%s:%d" % (host, parsed.port)
+
+
+def _legacy_key(msg: SipMessage, top_via: bytes, to_tag: bytes | None, method: bytes) -> tuple[object, ...]:
+    # RFC 3261 17.2.3: Request-URI, To tag, From tag, Call-ID, CSeq, top Via (RFC 2543 peers)
+    return (_LEGACY, msg.uri, to_tag, msg.from_tag, msg.call_id, msg.cseq[0], method, top_via)
+
+
+def _status_input(status: int, *, received: bool) -> TxInput:
+    if status < 200:
+        return TxInput.RECV_1XX if received else TxInput.SEND_1XX
+    if status < 300:
+        return TxInput.RECV_2XX if received else TxInput.SEND_2XX
+    return TxInput.RECV_3XX_6XX if received else TxInput.SEND_3XX_6XX
+
+
+def build_ack(request: SipMessage, response: SipMessage) -> SipMessage:
+    """The ACK of a 300-699 answer to ``request`` (RFC 3261 17.1.1.3).
+
+    Request-URI, Call-ID, From, the CSeq number and the top Via (hence the branch) are the
+    INVITE's, To is the response's (with its tag), Route headers are the INVITE's.
+    """
+    headers: list[tuple[str, bytes, bytes]] = []
+    via = request.top_via_value
+    for key, raw, value in request.headers:
+        if key == "via":
+            if via:
+                headers.append((key, raw, via))
+                via = b""
+        elif key == "to":
+            headers.append((key, raw, response.get("to") or value))
+        elif key in ("from", "call-id", "route", "max-forwards"):
+            headers.append((key, raw, value))
+        elif key == "cseq":
+            headers.append((key, raw, b"%d ACK" % request.cseq[0]))
+    ack = SipMessage(method=_ACK, uri=request.uri, headers=headers, cseq=(request.cseq[0], _ACK))
+    ack.set_body(b"", None)
+    return ack
+
+
+# --- the layer --------------------------------------------------------------------------------
+
+
+_Handler: TypeAlias = Callable[["Transaction", SipMessage | None, float], None]
+
+
+@dataclass(slots=True)
+class _Output:
+    datagrams: list[tuple[bytes, Address]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+
+class TransactionLayer:
+    """Every transaction of one SIP element, their timers and their output.
+
+    ``max_transactions`` bounds memory: a request that would create a transaction beyond it
+    raises :class:`~sipfarm.sip.errors.ServiceUnavailable` (answer 503, statelessly).
+    ``send_trying``: server INVITE transactions answer 100 Trying at once (RFC 3261 17.2.1, a
+    proxy's 16.2 duty); turn off when the TU sends its own provisional response within 200 ms.
+    """
+
+    def __init__(
+        self,
+        *,
+        timers: TimerConfig | None = None,
+        max_transactions: int = 100_000,
+        send_trying: bool = True,
+    ) -> None:
+        if max_transactions < 1:
+            raise ValueError("max_transactions must be at least 1")
+        self.timers = timers or TimerConfig()
+        self.max_transactions = max_transactions
+        self.send_trying = send_trying
+        self.stats = TransactionStats()
+        self._server: dict[tuple[object, ...], ServerTransaction] = {}
+        self._client: dict[tuple[object, ...], ClientTransaction] = {}
+        self._heap: list[tuple[float, int, Transaction, TxInput]] = []
+        self._seq = 0
+        self._armed = 0  # live heap entries
+        self._out = _Output()
+        self._immediate: list[TxInput] = []  # zero-length timers started by the running transition
+        self._handlers = self._action_handlers()
+        self._durations: dict[tuple[TxInput, bool], float | None] = {
+            (timer, reliable): self.timers.duration(timer, reliable)
+            for timer in TIMER_INPUTS
+            for reliable in (False, True)
+        }
+
+    def __len__(self) -> int:
+        """Live transactions (server and client)."""
+        return len(self._server) + len(self._client)  # one key per transaction
+
+    @property
+    def timer_entries(self) -> int:
+        """Heap size, stale entries included (for tests and a gauge)."""
+        return len(self._heap)
+
+    # -- output --------------------------------------------------------------------------------
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+        out = self._out.datagrams
+        self._out.datagrams = []
+        return out
+
+    def events(self) -> list[Event]:
+        out = self._out.events
+        self._out.events = []
+        return out
+
+    def send_stateless(self, msg: SipMessage | bytes, destination: Address) -> None:
+        """Queue a message outside any transaction (an ACK for 2xx, a stateless reply)."""
+        self._out.datagrams.append((msg if isinstance(msg, bytes) else msg.to_bytes(), destination))
+
+    # -- server side ---------------------------------------------------------------------------
+
+    def receive_request(self, msg: SipMessage, source: Address, now: float) -> ServerTransaction | None:
+        """Match ``msg`` to a server transaction (RFC 3261 17.2.3) or create one.
+
+        Returns the new transaction for a new request; None when the request was absorbed (a
+        retransmission: the last response is re-sent), when an ACK completed an INVITE
+        transaction, or for an ACK no transaction takes (reported as :class:`AckFor2xx`).
+        Raises BadMessage for an unreadable top Via and ServiceUnavailable when full.
+        """
+        method = msg.method
+        is_ack = method == _ACK
+        try:
+            top = msg.top_via_value
+            branch = via_branch(top) if top else None
+            if branch is not None and branch.startswith(MAGIC_COOKIE):
+                key: tuple[object, ...] = (branch, _sent_by(top), _INVITE if is_ack else method)
+                tx = self._server.get(key)
+            else:
+                key, tx = self._legacy_lookup(msg, top, is_ack)
+        except HeaderError as exc:
+            raise BadMessage(f"Via: {exc}", partial=msg) from None
+        if tx is not None:
+            # ACK keys name the INVITE, so an ACK only ever finds an INVITE transaction
+            if not is_ack:
+                self.stats.requests_absorbed += 1
+            self._network_input(tx, TxInput.ACK if is_ack else TxInput.REQUEST, msg, now)
+            return None
+        if is_ack:
+            self.stats.acks_for_2xx += 1
+            self._out.events.append(AckFor2xx(msg, source))
+            return None
+        if len(self._server) + len(self._client) >= self.max_transactions:
+            self.stats.rejected_full += 1
+            raise ServiceUnavailable("transaction table full", partial=msg)
+        new: ServerTransaction
+        if method == _INVITE:
+            new = ServerInviteTransaction(msg, source, key)
+        else:
+            new = ServerNonInviteTransaction(msg, source, key)
+        self._server[key] = new
+        self.stats.server_created += 1
+        self._run(new, new.INITIAL[0], None, now)
+        return new
+
+    def _legacy_lookup(
+        self, msg: SipMessage, top: bytes, is_ack: bool
+    ) -> tuple[tuple[object, ...], ServerTransaction | None]:
+        to_tag = msg.to_tag
+        if not is_ack:
+            key = _legacy_key(msg, top, to_tag, msg.method)
+            return key, self._server.get(key)
+        # RFC 3261 17.2.3: the ACK's To tag matches the tag of the response the transaction sent,
+        # so look for the INVITE under its own To tag (re-INVITE) and without one (initial INVITE).
+        for tag in (to_tag, None) if to_tag is not None else (None,):
+            key = _legacy_key(msg, top, tag, _INVITE)
+            tx = self._server.get(key)
+            if tx is not None:
+                sent = tx.last_response
+                if sent is None or sent.to_tag == to_tag:
+                    return key, tx
+        return _legacy_key(msg, top, to_tag, _INVITE), None
+
+    def find_invite_for_cancel(self, cancel: SipMessage) -> ServerInviteTransaction | None:
+        """The INVITE server transaction ``cancel`` cancels (RFC 3261 9.2: 17.2.3 matching with
+        the method taken as INVITE)."""
+        try:
+            top = cancel.top_via_value
+            branch = via_branch(top) if top else None
+            if branch is not None and branch.startswith(MAGIC_COOKIE):
+                tx = self._server.get((branch, _sent_by(top), _INVITE))
+            else:
+                # RFC 3261 9.1: the CANCEL's Request-URI, To, From, Call-ID, CSeq number and top
+                # Via are the INVITE's
+                tx = self._server.get(_legacy_key(cancel, top, cancel.to_tag, _INVITE))
+        except HeaderError:
+            return None
+        return tx if isinstance(tx, ServerInviteTransaction) else None
+
+    def send_response(self, tx: ServerTransaction, response: SipMessage, now: float) -> None:
+        """Pass the TU's ``response`` to ``tx``: it is queued to the request's source address.
+
+        Raises InvalidTransition (and ``tx`` is terminated and forgotten) when the machine does
+        not accept it, e.g. a provisional response after a final one, or any response after
+        Terminated.
+        """
+        inp = _status_input(response.status, received=False)
+        if tx.state is TxState.TERMINATED:
+            raise InvalidTransition(type(tx).__name__, tx.state, inp)
+        state = tx.state
+        try:
+            actions = tx.process(inp)
+        except InvalidTransition:
+            self._forget(tx)
+            raise
+        self._after(tx, state, actions, response, now)
+
+    # -- client side ---------------------------------------------------------------------------
+
+    def start_client(self, request: SipMessage, destination: Address, now: float) -> ClientTransaction:
+        """Send ``request`` to ``destination`` in a new client transaction (RFC 3261 17.1).
+
+        The request's top Via must carry the branch (the TU chose it, e.g. with
+        :func:`new_branch`); ACK is never sent in a transaction (use :meth:`send_stateless`).
+        """
+        if request.method == _ACK:
+            raise ValueError("ACK is not sent in a client transaction (use send_stateless)")
+        branch = via_branch(request.top_via_value)
+        if not branch or not branch.startswith(MAGIC_COOKIE):
+            raise ValueError("the request's top Via needs an RFC 3261 branch (z9hG4bK...)")
+        if request.cseq[1] != request.method:
+            # a request built by the TU (not parsed) keeps its CSeq only as a header until asked
+            value = request.get("cseq")
+            try:
+                request.cseq = parse_cseq(value or b"")
+            except HeaderError as exc:
+                raise ValueError(f"bad CSeq in request to send: {exc}") from None
+            if request.cseq[1] != request.method:
+                raise ValueError("CSeq method differs from the request method")
+        if len(self._server) + len(self._client) >= self.max_transactions:
+            self.stats.rejected_full += 1
+            raise ServiceUnavailable("transaction table full", partial=request)
+        tx: ClientTransaction
+        if request.method == _INVITE:
+            tx = ClientInviteTransaction(request, destination, branch)
+        else:
+            tx = ClientNonInviteTransaction(request, destination, branch)
+        if tx.key in self._client:
+            raise ValueError("a client transaction with this branch and method exists")
+        self._client[tx.key] = tx
+        self.stats.client_created += 1
+        self._run(tx, tx.INITIAL[0], None, now)
+        return tx
+
+    def receive_response(self, msg: SipMessage, source: Address, now: float) -> ClientTransaction | None:
+        """Match ``msg`` to its client transaction (RFC 3261 17.1.3: top Via branch + CSeq method).
+
+        Returns the transaction when the TU must see the response (``tx.last_response`` is
+        ``msg``): every provisional, the first final, and in Accepted every 2xx (RFC 6026).
+        Returns None when it was absorbed (retransmitted final; an ACK is re-sent for a
+        300-699) or matches nothing (:class:`StrayResponse` event).
+        """
+        try:
+            top = msg.top_via_value
+            branch = via_branch(top) if top else None
+        except (HeaderError, BadMessage):
+            raise MessageDropped("response with a malformed top Via") from None
+        tx = self._client.get((branch, msg.cseq[1])) if branch is not None else None
+        if tx is None:
+            self.stats.stray_responses += 1
+            self._out.events.append(StrayResponse(msg, source))
+            return None
+        if self._network_input(tx, _status_input(msg.status, received=True), msg, now):
+            return tx
+        self.stats.responses_absorbed += 1
+        return None
+
+    # -- transport errors and timers -----------------------------------------------------------
+
+    def transport_error(self, target: Transaction | Address, now: float) -> None:
+        """The transport failed sending for ``target`` (one transaction, or every transaction
+        whose remote end is that address, e.g. a TCP flow that closed)."""
+        if isinstance(target, Transaction):
+            txs: list[Transaction] = [target]
+        else:
+            txs = [tx for tx in (*self._server.values(), *self._client.values()) if tx.remote == target]
+        for tx in txs:
+            if tx.state is not TxState.TERMINATED:
+                self._network_input(tx, TxInput.TRANSPORT_ERROR, None, now)
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`handle_timer` must next be called (None: no timer armed)."""
+        heap = self._heap
+        while heap:
+            _, seq, tx, inp = heap[0]
+            if tx._timers.get(inp) == seq:
+                return heap[0][0]
+            heapq.heappop(heap)
+        return None
+
+    def handle_timer(self, now: float) -> None:
+        """Fire every timer due at ``now``, in deadline order.
+
+        A timer's effects are computed at its own deadline (a re-armed Timer A counts from when
+        it was due), so a late call, or a test jumping far ahead, replays the exact RFC schedule.
+        """
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            deadline, seq, tx, inp = heapq.heappop(heap)
+            if tx._timers.get(inp) != seq:
+                continue  # cancelled or re-armed (lazy deletion)
+            del tx._timers[inp]
+            self._armed -= 1
+            state = tx.state
+            actions = tx.process(inp)  # armed timers always have a row (see _after)
+            self._after(tx, state, actions, None, deadline)
+
+    # -- machinery -----------------------------------------------------------------------------
+
+    def _network_input(self, tx: Transaction, inp: TxInput, msg: SipMessage | None, now: float) -> bool:
+        """Feed a network-originated input; a peer's invalid input terminates the transaction
+        (counted), it never raises into the receive path.  True when the TU must see ``msg``."""
+        state = tx.state
+        try:
+            actions = tx.process(inp)
+        except InvalidTransition:
+            self.stats.invalid_inputs += 1
+            self._forget(tx)
+            return False
+        return self._after(tx, state, actions, msg, now)
+
+    def _after(
+        self,
+        tx: Transaction,
+        before: TxState,
+        actions: tuple[Action, ...],
+        msg: SipMessage | None,
+        now: float,
+    ) -> bool:
+        """Run ``actions`` of a transition out of state ``before``, then settle timers/removal."""
+        to_tu = self._run(tx, actions, msg, now)
+        if tx.state is before:
+            return to_tu
+        if tx.state is TxState.TERMINATED:
+            self._forget(tx)
+            return to_tu
+        # a timer stays armed only while the table reacts to it in the current state
+        timers = tx._timers
+        if timers:
+            valid = tx.TIMERS_IN_STATE[tx.state]
+            for inp in [t for t in timers if t not in valid]:
+                del timers[inp]
+                self._armed -= 1
+        return to_tu
+
+    def _run(self, tx: Transaction, actions: tuple[Action, ...], msg: SipMessage | None, now: float) -> bool:
+        handlers = self._handlers
+        for action in actions:
+            handlers[action](tx, msg, now)
+        if self._immediate:
+            # zero-length timers (reliable transports) fire now, after the transition settled;
+            # START_X only leads to states with a Timer X row, so process() cannot raise here
+            timers, self._immediate = self._immediate, []
+            for timer in timers:
+                state = tx.state
+                self._after(tx, state, tx.process(timer), None, now)
+        return Action.DELIVER_TO_TU in actions
+
+    # -- action handlers (one per Action; see _handlers) ---------------------------------------
+
+    def _start_timer(self, timer: TxInput, tx: Transaction, _msg: SipMessage | None, now: float) -> None:
+        duration = self._durations[(timer, tx.remote.reliable)]
+        if duration is None:
+            return  # retransmission timer over a reliable transport
+        if timer in _RETRANSMIT_TIMERS:
+            tx._interval = duration
+        if duration <= 0:
+            self._immediate.append(timer)
+        else:
+            self._arm(tx, timer, now + duration)
+
+    def _send_request(self, tx: Transaction, _msg: SipMessage | None, _now: float) -> None:
+        assert isinstance(tx, ClientTransaction)
+        self._out.datagrams.append((tx._request_bytes, tx.remote))
+
+    def _deliver_to_tu(self, tx: Transaction, msg: SipMessage | None, _now: float) -> None:
+        assert isinstance(tx, ClientTransaction)
+        tx.last_response = msg
+
+    def _send_response(self, tx: Transaction, msg: SipMessage | None, _now: float) -> None:
+        assert isinstance(tx, ServerTransaction) and msg is not None
+        data = msg.to_bytes()
+        tx.last_response = msg
+        tx._response_bytes = data
+        self._out.datagrams.append((data, tx.remote))
+
+    def _resend_response(self, tx: Transaction, _msg: SipMessage | None, _now: float) -> None:
+        assert isinstance(tx, ServerTransaction)
+        if tx._response_bytes is not None:
+            self._out.datagrams.append((tx._response_bytes, tx.remote))
+
+    def _send_ack(self, tx: Transaction, msg: SipMessage | None, _now: float) -> None:
+        assert isinstance(tx, ClientTransaction) and msg is not None
+        if tx._ack is None:
+            tx._ack = build_ack(tx.request, msg).to_bytes()
+        self._out.datagrams.append((tx._ack, tx.remote))
+
+    def _send_trying(self, tx: Transaction, _msg: SipMessage | None, _now: float) -> None:
+        assert isinstance(tx, ServerTransaction)
+        if self.send_trying:
+            trying = make_response(tx.request, 100)
+            tx.last_response = trying
+            tx._response_bytes = trying.to_bytes()
+            self._out.datagrams.append((tx._response_bytes, tx.remote))
+
+    def _ack_to_tu(self, tx: Transaction, msg: SipMessage | None, _now: float) -> None:
+        assert msg is not None
+        self.stats.acks_for_2xx += 1
+        self._out.events.append(AckFor2xx(msg, tx.remote))
+
+    def _report_timeout(self, tx: Transaction, _msg: SipMessage | None, _now: float) -> None:
+        self.stats.timeouts += 1
+        self._out.events.append(TransactionTimeout(tx))
+
+    def _report_transport_error(self, tx: Transaction, _msg: SipMessage | None, _now: float) -> None:
+        self.stats.transport_errors += 1
+        self._out.events.append(TransportFailure(tx))
+
+    def _double_a(self, tx: Transaction, _msg: SipMessage | None, now: float) -> None:
+        tx._interval *= 2  # RFC 3261 17.1.1.2: no cap for INVITE
+        self._arm(tx, TxInput.TIMER_A, now + tx._interval)
+
+    def _backoff_e(self, tx: Transaction, _msg: SipMessage | None, now: float) -> None:
+        tx._interval = min(2 * tx._interval, self.timers.t2)
+        self._arm(tx, TxInput.TIMER_E, now + tx._interval)
+
+    def _backoff_g(self, tx: Transaction, _msg: SipMessage | None, now: float) -> None:
+        tx._interval = min(2 * tx._interval, self.timers.t2)
+        self._arm(tx, TxInput.TIMER_G, now + tx._interval)
+
+    def _reset_e_t2(self, tx: Transaction, _msg: SipMessage | None, now: float) -> None:
+        tx._interval = self.timers.t2
+        self._arm(tx, TxInput.TIMER_E, now + tx._interval)
+
+    def _action_handlers(self) -> dict[Action, _Handler]:
+        handlers: dict[Action, _Handler] = {
+            Action.SEND_REQUEST: self._send_request,
+            Action.SEND_ACK: self._send_ack,
+            Action.DELIVER_TO_TU: self._deliver_to_tu,
+            Action.SEND_TRYING: self._send_trying,
+            Action.SEND_RESPONSE: self._send_response,
+            Action.RESEND_RESPONSE: self._resend_response,
+            Action.ACK_TO_TU: self._ack_to_tu,
+            Action.REPORT_TIMEOUT: self._report_timeout,
+            Action.REPORT_TRANSPORT_ERROR: self._report_transport_error,
+            Action.DOUBLE_A: self._double_a,
+            Action.BACKOFF_E: self._backoff_e,
+            Action.RESET_E_T2: self._reset_e_t2,
+            Action.BACKOFF_G: self._backoff_g,
+        }
+        for action, timer in _START_TIMER.items():
+            handlers[action] = functools.partial(self._start_timer, timer)
+        missing = set(Action) - set(handlers)
+        if missing:  # pragma: no cover - guards future Actions
+            raise AssertionError(f"no handler for {missing}")
+        return handlers
+
+    def _arm(self, tx: Transaction, timer: TxInput, deadline: float) -> None:
+        self._seq += 1
+        if timer not in tx._timers:
+            self._armed += 1
+        tx._timers[timer] = self._seq
+        heap = self._heap
+        heapq.heappush(heap, (deadline, self._seq, tx, timer))
+        if len(heap) > 1024 and len(heap) > 3 * self._armed:
+            self._heap = [e for e in heap if e[2]._timers.get(e[3]) == e[1]]
+            heapq.heapify(self._heap)
+
+    def _forget(self, tx: Transaction) -> None:
+        table: dict[tuple[object, ...], ServerTransaction] | dict[tuple[object, ...], ClientTransaction]
+        table = self._server if isinstance(tx, ServerTransaction) else self._client
+        if table.get(tx.key) is not tx:
+            return  # already forgotten
+        del table[tx.key]
+        self._armed -= len(tx._timers)
+        tx._timers.clear()
+        self._out.events.append(TransactionTerminated(tx))
+
+
+__all__ = [
+    "CLIENT_INVITE_TABLE",
+    "CLIENT_NON_INVITE_TABLE",
+    "MACHINES",
+    "MAGIC_COOKIE",
+    "SERVER_INVITE_TABLE",
+    "SERVER_NON_INVITE_TABLE",
+    "AckFor2xx",
+    "Action",
+    "ClientInviteTransaction",
+    "ClientNonInviteTransaction",
+    "ClientTransaction",
+    "Event",
+    "InvalidTransition",
+    "ServerInviteTransaction",
+    "ServerNonInviteTransaction",
+    "ServerTransaction",
+    "StrayResponse",
+    "TimerConfig",
+    "Transaction",
+    "TransactionLayer",
+    "TransactionStats",
+    "TransactionTerminated",
+    "TransactionTimeout",
+    "TransportFailure",
+    "TxInput",
+    "TxState",
+    "build_ack",
+    "new_branch",
+]

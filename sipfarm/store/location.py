@@ -1,0 +1,334 @@
+"""Location service (RFC 3261 10): the bindings of every address-of-record, in Redis.
+
+Key layout::
+
+    sipfarm:loc:{aor}      hash: binding key -> binding (compact JSON array); TTL = latest expiry
+    sipfarm:loc:aors       zset: aor -> latest expires_at          (count_all; optional)
+    sipfarm:loc:bindings   zset: "aor\\nkey" -> expires_at          (count_all; optional)
+
+The ``{aor}`` hash tag keeps one AOR in one Redis Cluster slot. The two zsets are updated
+inside the scripts, so they share a slot with nothing: on Redis Cluster build the store with
+``index=False`` (``count_all`` is then unavailable).
+
+A binding's key is ``i:<+sip.instance>:<reg-id>`` when the contact carries an instance
+(RFC 5626 6: a new flow of the same instance and reg-id replaces the old one; RFC 5627 5: an
+instance without reg-id has one binding whatever its contact URI), else ``c:<contact URI>``.
+Contact URIs are compared as given: the caller passes them normalized (RFC 3261 19.1.4).
+
+Every REGISTER is one round trip: ``register.lua`` applies RFC 3261 10.3 steps 6-8 atomically
+and answers with the AOR's live bindings. A lookup is one ``HGETALL``; ``lookup_many``
+pipelines them. Time is always passed in (``now``, seconds since the epoch) so expiry is
+testable without sleeping; Redis's own key TTL is set relative to that ``now``.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Final
+
+from redis.asyncio import Redis
+
+from .errors import StoreError
+from .redis_client import redis_errors
+
+LOCATION_PREFIX: Final = "sipfarm:loc:"
+AOR_INDEX: Final = "sipfarm:loc:aors"
+BINDING_INDEX: Final = "sipfarm:loc:bindings"
+
+_REGISTER_LUA: Final = files(__package__).joinpath("register.lua").read_text()
+_REMOVE_LUA: Final = files(__package__).joinpath("remove.lua").read_text()
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False).encode
+_loads = json.loads
+
+
+def location_key(aor: str) -> str:
+    return f"{LOCATION_PREFIX}{{{aor}}}"
+
+
+def binding_key(contact: str, instance: str | None, reg_id: int | None) -> str:
+    """The identity of a binding within its AOR (see the module docstring)."""
+    if instance is not None:
+        return f"i:{instance}:{'' if reg_id is None else reg_id}"
+    return f"c:{contact}"
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """One registered contact of an AOR, as stored."""
+
+    contact: str
+    expires_at: float  # absolute, seconds since the epoch
+    q: float
+    call_id: str
+    cseq: int
+    instance: str | None  # RFC 5626 +sip.instance
+    reg_id: int | None  # RFC 5626 reg-id
+    path: tuple[str, ...]  # RFC 3327 Path, top first, to use as the Route set
+    received: str  # where the REGISTER came from, e.g. "udp:1.2.3.4:5060", or a flow token
+    user_agent: str
+    node: str  # the node that accepted the REGISTER
+    updated: float  # when it was last written
+
+    @property
+    def key(self) -> str:
+        return binding_key(self.contact, self.instance, self.reg_id)
+
+    def expires_in(self, now: float) -> int:
+        """Whole seconds left, for the ``expires`` parameter of the 200 OK's Contact."""
+        return max(0, int(self.expires_at - now))
+
+    def to_json(self) -> str:
+        # A positional array: about half the bytes of an object. register.lua reads
+        # positions 2 (expires_at), 4 (call_id) and 5 (cseq); remove.lua reads 1 (contact).
+        return _dumps(
+            [
+                self.contact,
+                self.expires_at,
+                self.q,
+                self.call_id,
+                self.cseq,
+                self.instance,
+                self.reg_id,
+                self.path,
+                self.received,
+                self.user_agent,
+                self.node,
+                self.updated,
+            ]
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Binding:
+        try:
+            c, e, q, ci, cs, ins, rid, path, rcv, ua, node, upd = _loads(data)
+            return cls(c, e, q, ci, cs, ins, rid, tuple(path), rcv, ua, node, upd)
+        except (ValueError, TypeError) as exc:
+            raise StoreError(f"corrupt binding {data!r:.200}: {exc}") from exc
+
+
+def _order(bindings: Iterable[Binding]) -> list[Binding]:
+    # Highest q first (RFC 3261 16.6 / 8.1.3.4 use q for forking order), then most recent.
+    return sorted(bindings, key=lambda b: (-b.q, -b.updated))
+
+
+@dataclass(frozen=True, slots=True)
+class ContactUpdate:
+    """One Contact of a REGISTER, already parsed: ``expires`` 0 removes the binding."""
+
+    contact: str
+    expires: int
+    q: float = 1.0
+    instance: str | None = None
+    reg_id: int | None = None
+
+
+class RegisterOutcome(enum.Enum):
+    """What ``apply_register`` did, and the final response the registrar answers."""
+
+    OK = "ok"
+    #: RFC 3261 10.3 steps 6/7: same Call-ID, CSeq not higher than stored -> "the request fails"
+    OUT_OF_ORDER = "out of order"
+    #: the request would add a binding beyond the account's max_contacts. 403, not 503:
+    #: the limit is policy, retrying elsewhere cannot help (RFC 3261 21.4.4). (Kamailio's
+    #: registrar answers 503 here.)
+    TOO_MANY_CONTACTS = "too many contacts"
+
+    @property
+    def sip_status(self) -> int:
+        return _OUTCOME_STATUS[self][0]
+
+    @property
+    def sip_reason(self) -> str:
+        return _OUTCOME_STATUS[self][1]
+
+
+_OUTCOME_STATUS: Final = {
+    RegisterOutcome.OK: (200, "OK"),
+    RegisterOutcome.OUT_OF_ORDER: (500, "Server Internal Error"),
+    RegisterOutcome.TOO_MANY_CONTACTS: (403, "Too Many Contacts"),
+}
+_SCRIPT_OUTCOME: Final = (RegisterOutcome.OK, RegisterOutcome.OUT_OF_ORDER, RegisterOutcome.TOO_MANY_CONTACTS)
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterResult:
+    """The outcome and the AOR's live bindings (after the request if OK, untouched if not),
+    ordered as ``lookup`` orders them: the 200 OK lists them all with ``expires_in(now)``."""
+
+    outcome: RegisterOutcome
+    bindings: tuple[Binding, ...]
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome is RegisterOutcome.OK
+
+
+@dataclass(frozen=True, slots=True)
+class LocationCounts:
+    aors: int
+    bindings: int
+
+
+def register_arguments(
+    aor: str,
+    contacts: Sequence[ContactUpdate],
+    *,
+    call_id: str,
+    cseq: int,
+    now: float,
+    max_contacts: int,
+    remove_all: bool = False,
+    path: Sequence[str] = (),
+    received: str = "",
+    user_agent: str = "",
+    node: str = "",
+    index: bool = True,
+) -> tuple[list[str], list[str | int | float]]:
+    """KEYS and ARGV of ``register.lua`` for one REGISTER (shared by every Redis client)."""
+    if remove_all and contacts:
+        raise ValueError("Contact: * comes alone (RFC 3261 10.2.2)")
+    path_t = tuple(path)
+    args: list[str | int | float] = [
+        aor,
+        repr(now),
+        call_id,
+        cseq,
+        max_contacts,
+        "1" if remove_all else "0",
+        len(contacts),
+    ]
+    for c in contacts:
+        if c.expires < 0 or not 0.0 <= c.q <= 1.0:
+            raise ValueError(f"bad contact update {c!r}: expires >= 0 and 0 <= q <= 1")
+        expires_at = now + c.expires
+        value = ""
+        if c.expires > 0:
+            value = Binding(
+                c.contact, expires_at, c.q, call_id, cseq, c.instance, c.reg_id,
+                path_t, received, user_agent, node, now,
+            ).to_json()  # fmt: skip
+        args += (binding_key(c.contact, c.instance, c.reg_id), repr(expires_at), value)
+    loc = location_key(aor)
+    return ([loc, AOR_INDEX, BINDING_INDEX] if index else [loc]), args
+
+
+def register_result(reply: object) -> RegisterResult:
+    """Decode ``register.lua``'s reply."""
+    try:
+        outcome = _SCRIPT_OUTCOME[reply[0]]  # type: ignore[index]
+        values = reply[1:]  # type: ignore[index]
+    except (IndexError, TypeError, KeyError) as exc:
+        raise StoreError(f"unexpected register.lua reply {reply!r:.200}") from exc
+    return RegisterResult(outcome, tuple(_order(Binding.from_json(v) for v in values)))
+
+
+def live_bindings(values: Iterable[bytes | str], now: float) -> list[Binding]:
+    """Decode an HVALS of an AOR's hash: live bindings in lookup order."""
+    return _live(values, now)
+
+
+REGISTER_SCRIPT: Final = _REGISTER_LUA
+
+
+class LocationStore:
+    """Bindings of all AORs. Holds no state of its own: any node may serve any AOR."""
+
+    def __init__(self, redis: Redis, *, index: bool = True) -> None:
+        self._redis = redis
+        self._register = redis.register_script(_REGISTER_LUA)
+        self._remove = redis.register_script(_REMOVE_LUA)
+        self._index = index
+
+    def _keys(self, aor: str) -> list[str]:
+        loc = location_key(aor)
+        return [loc, AOR_INDEX, BINDING_INDEX] if self._index else [loc]
+
+    async def apply_register(
+        self,
+        aor: str,
+        contacts: Sequence[ContactUpdate],
+        *,
+        call_id: str,
+        cseq: int,
+        now: float,
+        max_contacts: int,
+        remove_all: bool = False,
+        path: Sequence[str] = (),
+        received: str = "",
+        user_agent: str = "",
+        node: str = "",
+    ) -> RegisterResult:
+        """Apply one REGISTER (RFC 3261 10.3 steps 6-8) atomically, in one round trip.
+
+        ``remove_all`` is ``Contact: *`` (the caller has checked it came alone with
+        ``Expires: 0``, else 400). ``contacts`` carry the expiry the registrar granted
+        (after its min/max policy). A REGISTER with no Contact and not ``*`` is a query:
+        the result just lists the bindings. Raises :class:`StoreUnavailable` (503).
+        """
+        keys, args = register_arguments(
+            aor, contacts, call_id=call_id, cseq=cseq, now=now, max_contacts=max_contacts,
+            remove_all=remove_all, path=path, received=received, user_agent=user_agent, node=node,
+            index=self._index,
+        )  # fmt: skip
+        with redis_errors:
+            reply = await self._register(keys=keys, args=args)
+        return register_result(reply)
+
+    async def lookup(self, aor: str, now: float) -> list[Binding]:
+        """Live bindings of ``aor``, highest q first then most recently updated (one HGETALL)."""
+        with redis_errors:
+            values = await self._redis.hvals(location_key(aor))
+        return _live(values, now)
+
+    async def lookup_many(self, aors: Sequence[str], now: float) -> dict[str, list[Binding]]:
+        """``lookup`` of several AORs in one pipelined round trip (per Cluster node)."""
+        if not aors:
+            return {}
+        with redis_errors:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for aor in aors:
+                    pipe.hvals(location_key(aor))
+                replies = await pipe.execute()
+        return {aor: _live(values, now) for aor, values in zip(aors, replies, strict=True)}
+
+    async def remove(self, aor: str, contact: str) -> int:
+        """Remove the bindings of ``aor`` whose contact URI is ``contact``; return how many."""
+        if not contact:
+            raise ValueError("empty contact; use clear() to remove every binding")
+        with redis_errors:
+            removed: int = await self._remove(keys=self._keys(aor), args=[aor, contact])
+        return removed
+
+    async def clear(self, aor: str) -> int:
+        """Remove every binding of ``aor`` (e.g. its account was deleted); return how many."""
+        with redis_errors:
+            removed: int = await self._remove(keys=self._keys(aor), args=[aor, ""])
+        return removed
+
+    async def count_all(self, now: float) -> LocationCounts:
+        """Registered AORs and bindings, for a gauge: O(log n) plus pruning what expired.
+
+        Approximate: an AOR whose bindings were removed by ``remove`` counts until its
+        latest expiry.
+        """
+        if not self._index:
+            raise StoreError("count_all needs the location index (LocationStore(index=True))")
+        with redis_errors:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.zremrangebyscore(AOR_INDEX, "-inf", now)
+                pipe.zremrangebyscore(BINDING_INDEX, "-inf", now)
+                pipe.zcard(AOR_INDEX)
+                pipe.zcard(BINDING_INDEX)
+                _, _, aors, bindings = await pipe.execute()
+        return LocationCounts(aors=aors, bindings=bindings)
+
+
+def _live(values: Iterable[bytes | str], now: float) -> list[Binding]:
+    # Expired bindings stay in Redis until the AOR's next REGISTER purges them (or its key
+    # TTL drops it); a read never returns one.
+    return _order(b for b in map(Binding.from_json, values) if b.expires_at > now)

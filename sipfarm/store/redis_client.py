@@ -1,0 +1,96 @@
+"""Redis client factory, and the one place Redis exceptions become store exceptions.
+
+Timeouts are short on purpose: a node that waits seconds for Redis holds the whole SIP
+transaction, while a quick ``503 Retry-After`` lets the UA or the balancer go elsewhere.
+
+redis-py drops (never reuses) a connection whose command was cancelled or timed out
+mid-reply, so a half-read reply can never be handed to the next command; the store relies
+on that and ``tests/store/test_store_failures.py`` guards it.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+from redis import exceptions as rexc
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from .errors import StoreError, StoreUnavailable
+
+DEFAULT_SOCKET_TIMEOUT = 0.5
+DEFAULT_CONNECT_TIMEOUT = 0.5
+DEFAULT_MAX_CONNECTIONS = 128
+
+# Replies that mean "this Redis cannot serve now", not "the request is wrong".
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    rexc.ConnectionError,  # includes BusyLoadingError, MaxConnectionsError, auth failures
+    rexc.TimeoutError,
+    rexc.ReadOnlyError,  # a replica promoted/demoted under us
+    rexc.OutOfMemoryError,
+    rexc.ClusterDownError,
+    rexc.TryAgainError,
+    TimeoutError,  # asyncio.timeout / wait_for around a store call
+    OSError,
+)
+
+
+def create_redis(
+    url: str,
+    *,
+    socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    client_name: str | None = None,
+) -> Redis:
+    """Return an asyncio Redis client for ``url`` (``redis://host:port/db``, ``rediss://``, ``unix://``).
+
+    - every command and connect is bounded by the timeouts above;
+    - one immediate retry on a connection error, so the first command after a Redis restart
+      replaces the dead pooled connection instead of failing (a Lua script that had already
+      run before the connection died is then run twice: for REGISTER that yields the "out of
+      order" outcome, i.e. a 500 the UA recovers from by re-registering);
+    - at most ``max_connections`` commands in flight; one more fails at once with
+      :class:`StoreUnavailable` (Redis that far behind is overload: answer 503 rather than
+      queue; a waiting ``BlockingConnectionPool`` also costs ~20 us CPU per command).
+    Replies are ``bytes`` (no decoding cost on the hot path).
+    """
+    pool = ConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=connect_timeout,
+        retry=Retry(NoBackoff(), 1),
+        client_name=client_name,
+        decode_responses=False,
+    )
+    return Redis.from_pool(pool)  # the client owns its pool: aclose() closes it
+
+
+class RedisErrors:
+    """``with redis_errors:`` turns Redis/socket failures into :class:`StoreError`.
+
+    A class rather than ``@contextmanager``: it is entered once per store call on the hot path.
+    """
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            return
+        if isinstance(exc, _UNAVAILABLE):
+            raise StoreUnavailable(f"redis unavailable: {exc!r}") from exc
+        if isinstance(exc, rexc.RedisError):
+            raise StoreError(f"redis error: {exc!r}") from exc
+
+
+redis_errors = RedisErrors()

@@ -1,0 +1,162 @@
+"""Run a throw-away ``redis-server`` on a loopback port (tests, benchmarks, ``sipfarm up``).
+
+No persistence (``--save '' --appendonly no``): the farm's Redis holds registrations that
+UAs refresh anyway. Readiness is a raw ``PING`` over a socket so this module needs no client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+REDIS_SERVER = "redis-server"
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 5.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the kernel just handed out on ``host`` (free unless someone races us for it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def ping(host: str, port: int, timeout: float = 0.2) -> bool:
+    """True if a Redis on ``host:port`` answers ``PING`` with ``+PONG``."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisProcess:
+    """One ``redis-server`` child process bound to ``host:port``, data files in ``workdir``.
+
+    ``stop()`` then ``start()`` restarts it on the same port with an empty dataset, which is
+    what "Redis died and came back" looks like to the farm.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        executable: str = REDIS_SERVER,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.host = host
+        self.port = port if port is not None else free_port(host)
+        self.executable = executable
+        self.extra_args = extra_args
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def logfile(self) -> Path:
+        return self.workdir / f"redis-{self.port}.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def command(self) -> list[str]:
+        exe = shutil.which(self.executable) or self.executable
+        return [
+            exe,
+            "--bind", self.host,
+            "--port", str(self.port),
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.workdir),
+            "--logfile", str(self.logfile),
+            "--daemonize", "no",
+            "--protected-mode", "yes",
+            *self.extra_args,
+        ]  # fmt: skip
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Start the server and return once it answers ``PING``; raise ``RuntimeError`` if not."""
+        if self.running:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._proc = subprocess.Popen(
+            self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                self._proc = None
+                raise RuntimeError(f"redis-server exited at start on port {self.port}: {err}{self._log_tail()}")
+            if ping(self.host, self.port):
+                return
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"redis-server on port {self.port} did not answer PING in {timeout}s{self._log_tail()}")
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after ``timeout``); idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+    def _log_tail(self) -> str:
+        with contextlib.suppress(OSError):
+            return "\n" + "\n".join(self.logfile.read_text(errors="replace").splitlines()[-10:])
+        return ""
+
+    def __enter__(self) -> RedisProcess:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def start_redis(workdir: Path | str, port: int | None = None, attempts: int = 3) -> RedisProcess:
+    """Start a ``redis-server`` on a free loopback port (or ``port``) and return it running.
+
+    With no ``port``, a start that fails (someone took the port in between) is retried on a
+    fresh one up to ``attempts`` times.
+    """
+    last: RuntimeError | None = None
+    for _ in range(attempts if port is None else 1):
+        proc = RedisProcess(Path(workdir), port=port)
+        try:
+            proc.start()
+        except RuntimeError as e:
+            last = e
+            continue
+        return proc
+    assert last is not None
+    raise last

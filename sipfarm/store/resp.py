@@ -1,0 +1,246 @@
+"""A pipelined Redis client for the SIP hot path: callbacks, no task or future per command.
+
+Why not redis-py here: a redis-py asyncio command costs a connection-pool checkout, a future and
+a coroutine per call (~100 µs of CPU), the whole per-message budget of a node.  This client
+writes each command into a buffer flushed once per event-loop iteration (so everything a burst
+of SIP messages needs goes out as one pipeline), and hiredis parses the replies, which are handed
+to callbacks in FIFO order from ``data_received``.  redis-py is still used for administration
+(CLI, tests, membership) where convenience beats speed.
+
+Failure model: a dead or slow connection fails every pending command with
+:class:`StoreUnavailable` (the node answers 503) and is replaced in the background with
+back-off; it is never reused half-read.  While disconnected, calls fail at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlparse
+
+import hiredis
+
+from sipfarm.store.errors import StoreUnavailable
+
+log = logging.getLogger("sipfarm.redis")
+
+Reply = Any  # bytes | int | list | None | hiredis.ReplyError | StoreUnavailable
+Callback = Callable[[Reply], None]
+
+
+def parse_redis_url(url: str) -> tuple[str, int, int, str | None]:
+    """``redis://[:password@]host:port/db`` -> (host, port, db, password)."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("redis", ""):
+        raise ValueError(f"unsupported Redis URL scheme in {url!r} (use redis://HOST:PORT/DB)")
+    db = int(parsed.path.lstrip("/") or 0) if parsed.path not in ("", "/") else 0
+    return parsed.hostname or "127.0.0.1", parsed.port or 6379, db, parsed.password
+
+
+class _RespProtocol(asyncio.Protocol):
+    def __init__(self, owner: RedisPipe) -> None:
+        self.owner = owner
+        self.reader = hiredis.Reader()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        pending = self.owner._pending
+        try:
+            while True:
+                reply = self.reader.gets()
+                if reply is False:
+                    break
+                if not pending:
+                    raise hiredis.ProtocolError("reply without a pending command")
+                callback = pending.popleft()[0]
+                self.owner._safe_call(callback, reply)
+        except hiredis.ProtocolError as exc:
+            log.warning("event=redis_protocol_error error=%s", exc)
+            if self.transport is not None:
+                self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner._lost(self, exc)
+
+
+class RedisPipe:
+    """One pipelined connection to Redis, reconnecting by itself."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        command_timeout: float = 1.0,
+        connect_timeout: float = 1.0,
+        on_state: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.host, self.port, self.db, self.password = parse_redis_url(url)
+        self.url = url
+        self.command_timeout = command_timeout
+        self.connect_timeout = connect_timeout
+        self.on_state = on_state
+        self._proto: _RespProtocol | None = None
+        self._pending: deque[tuple[Callback, float]] = deque()
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._closed = False
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.errors = 0
+        self.commands = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._proto is not None
+
+    async def connect(self) -> None:
+        """Connect once (raises StoreUnavailable); afterwards the pipe reconnects by itself."""
+        self._loop = asyncio.get_running_loop()
+        await self._open()
+        self._arm_watchdog()
+
+    async def start(self) -> None:
+        """Connect if Redis is there; otherwise keep trying in the background (never raises)."""
+        self._loop = asyncio.get_running_loop()
+        try:
+            await self._open()
+        except StoreUnavailable as exc:
+            log.warning("event=redis_unavailable url=%s error=%s", self.url, str(exc).replace(" ", "_"))
+            self._start_reconnect()
+        self._arm_watchdog()
+
+    async def _open(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            _, proto = await asyncio.wait_for(
+                loop.create_connection(lambda: _RespProtocol(self), self.host, self.port),
+                self.connect_timeout,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise StoreUnavailable(f"cannot connect to Redis at {self.host}:{self.port}: {exc}") from exc
+        # AUTH / SELECT are pipelined ahead of anything else on the new connection.
+        self._proto = proto
+        if self.password:
+            self.call(self._check_setup, "AUTH", self.password)
+        if self.db:
+            self.call(self._check_setup, "SELECT", self.db)
+        if self.on_state is not None:
+            self.on_state(True)
+
+    def _check_setup(self, reply: Reply) -> None:
+        if isinstance(reply, Exception):
+            log.error("event=redis_setup_failed error=%s", reply)
+
+    def call(self, callback: Callback, *args: bytes | str | int | float) -> None:
+        """Queue one command; ``callback`` gets the reply, a ReplyError or StoreUnavailable."""
+        if self._proto is None:
+            self.errors += 1
+            self._safe_call(callback, StoreUnavailable("Redis is not connected"))
+            return
+        self.commands += 1
+        self._out.append(hiredis.pack_command(args))  # type: ignore[arg-type]
+        self._pending.append((callback, time.monotonic()))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    async def execute(self, *args: bytes | str | int | float) -> Reply:
+        """Awaitable form for code off the hot path. Raises StoreUnavailable / ReplyError."""
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+
+        def done(reply: Reply) -> None:
+            if not fut.done():
+                if isinstance(reply, Exception):
+                    fut.set_exception(reply)
+                else:
+                    fut.set_result(reply)
+
+        self.call(done, *args)
+        return await fut
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out and self._proto is not None and self._proto.transport is not None:
+            self._proto.transport.write(b"".join(self._out))
+        self._out.clear()
+
+    def _safe_call(self, callback: Callback, reply: Reply) -> None:
+        try:
+            callback(reply)
+        except Exception:  # a bug in one handler must not poison the connection
+            log.exception("event=redis_callback_failed")
+
+    def _fail_pending(self, reason: str) -> None:
+        pending, self._pending = self._pending, deque()
+        self._out.clear()
+        for callback, _ in pending:
+            self.errors += 1
+            self._safe_call(callback, StoreUnavailable(reason))
+
+    def _lost(self, proto: _RespProtocol, exc: Exception | None) -> None:
+        if proto is not self._proto:
+            return
+        self._proto = None
+        if self.on_state is not None:
+            self.on_state(False)
+        self._fail_pending(f"Redis connection lost: {exc or 'closed'}")
+        if not self._closed:
+            log.warning("event=redis_disconnected url=%s", self.url)
+            self._start_reconnect()
+
+    def _start_reconnect(self) -> None:
+        if self._reconnect_task is None or self._reconnect_task.done():
+            self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        delay = 0.05
+        while not self._closed and self._proto is None:
+            try:
+                await self._open()
+                log.warning("event=redis_reconnected url=%s", self.url)
+                return
+            except StoreUnavailable:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def _arm_watchdog(self) -> None:
+        if self._loop is None or self._closed:
+            return
+        self._watchdog = self._loop.call_later(min(0.25, self.command_timeout / 2), self._check_stalled)
+
+    def _check_stalled(self) -> None:
+        """A reply overdue by command_timeout means the connection is dead or stuck: replace it."""
+        if self._pending and time.monotonic() - self._pending[0][1] > self.command_timeout:
+            proto = self._proto
+            log.warning("event=redis_timeout pending=%d", len(self._pending))
+            if proto is not None:
+                self._lost(proto, TimeoutError("reply overdue"))
+                if proto.transport is not None:
+                    proto.transport.abort()
+        elif self._proto is None and not self._closed:
+            self._start_reconnect()
+        self._arm_watchdog()
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reconnect_task
+        proto = self._proto
+        self._proto = None
+        self._fail_pending("Redis client closed")
+        if proto is not None and proto.transport is not None:
+            proto.transport.close()

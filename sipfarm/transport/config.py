@@ -1,0 +1,47 @@
+"""Limits and timeouts of the transport layer, as one typed, validated object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from sipfarm.sip.parser import MAX_MESSAGE_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class TransportConfig:
+    """Every bound the transports enforce; the defaults suit a proxy facing the Internet."""
+
+    # One number for the largest message, datagram or stream (STYLE 16); above it a datagram is
+    # answered 413 and a stream connection closed.
+    max_message_size: int = MAX_MESSAGE_SIZE
+    # A stream connection with no traffic either way for this long is closed.  Clients keep
+    # their flows open with RFC 5626 CRLFCRLF pings (every 95-120 s by 4.4.1), well under it.
+    idle_timeout: float = 300.0
+    # A stream message must be complete this long after its first byte arrived; a peer that
+    # stalls (or drips, slowloris-style) mid-message is closed.
+    message_timeout: float = 10.0
+    connect_timeout: float = 5.0
+    tls_handshake_timeout: float = 5.0
+    max_connections: int = 10_000
+    # Above ``write_buffer_high`` bytes unsent to a stream peer, stop reading from it (it does
+    # not read our answers); above ``write_buffer_limit`` close it.
+    write_buffer_high: int = 64 * 1024
+    write_buffer_limit: int = 1024 * 1024
+    # Data queued for an outbound connection while it is being set up.
+    connect_queue_limit: int = 256 * 1024
+    # UDP: datagrams queued in user space when the socket is full are dropped above this.
+    udp_send_buffer_limit: int = 1024 * 1024
+    udp_recv_buffer: int | None = None  # SO_RCVBUF; None keeps the OS default
+    backlog: int = 1024
+    # Apply RFC 3261 18.2.1 / RFC 3581 (received, rport) to requests before the callback.
+    stamp_via: bool = True
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or value is None:
+                continue
+            if not value > 0:
+                raise ValueError(f"transport config: {f.name} must be positive, got {value!r}")
+        if self.write_buffer_high > self.write_buffer_limit:
+            raise ValueError("transport config: write_buffer_high must not exceed write_buffer_limit")

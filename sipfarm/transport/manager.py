@@ -1,0 +1,376 @@
+"""The transport layer of a node or the balancer: listeners, flows, one message callback.
+
+Theory of operation
+-------------------
+``listen`` binds UDP sockets and TCP/TLS servers.  Every datagram and every message framed on a
+stream goes through :meth:`TransportManager.deliver`, inline from the protocol callback:
+
+1. ``parse_message``; a :class:`SipError` is counted by kind and, unless it is a drop,
+   answered with :func:`error_response` straight back to the source (the one place a
+   SipError becomes a response);
+2. for requests, RFC 3261 18.2.1 / RFC 3581 ``received``/``rport`` stamping of the top Via;
+3. the user's ``on_message(msg, source, local)``.  A SipError it raises is answered the same
+   way; any other exception is logged with the Call-ID and counted.  Nothing escapes.
+
+``send(data, dest)`` picks the socket: UDP through a listening socket (the one named by
+``local`` when given, so answers leave from the address the request reached); TCP/TLS over the
+flow to ``dest`` -- the connection a peer opened to us is keyed by its address, so answering
+the source of a request reuses it (RFC 3261 18.2.2) -- or a new outbound connection, with the
+data queued (bounded) until it is up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ipaddress
+import logging
+import random
+import ssl
+from collections.abc import Callable
+from typing import Protocol
+
+from sipfarm.sip.address import Address
+from sipfarm.sip.errors import SipError
+from sipfarm.sip.message import SipMessage, error_response
+from sipfarm.sip.parser import parse_message
+from sipfarm.sip.via import stamp_received
+from sipfarm.transport.config import TransportConfig
+from sipfarm.transport.stats import TransportStats, bump
+from sipfarm.transport.stream import StreamFlow
+from sipfarm.transport.udp import UdpEndpoint, bind_udp_socket
+
+logger = logging.getLogger(__name__)
+
+MessageCallback = Callable[[SipMessage, Address, Address], None]
+"""``on_message(msg, source, local)``: synchronous, called inline for every parsed message."""
+
+STREAM_TRANSPORTS = frozenset({"tcp", "tls"})
+
+
+class Flow(Protocol):
+    """A connection ``send`` can write to: a TCP/TLS :class:`StreamFlow`, or one another
+    listener owns (a WebSocket, see ``adopt_flow``)."""
+
+    @property
+    def remote(self) -> Address | None: ...
+
+    @property
+    def closing(self) -> bool: ...
+
+    def write(self, data: bytes) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+_LOG_INTERVAL = 1.0  # at most one error log line per second; the rest go to debug and counters
+
+
+@functools.lru_cache(maxsize=4096)
+def is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _to_tag() -> bytes:
+    return b"%08x" % random.getrandbits(32)
+
+
+class TransportManager:
+    """Listeners and connections of one process; see the module docstring."""
+
+    def __init__(
+        self,
+        on_message: MessageCallback,
+        *,
+        config: TransportConfig | None = None,
+        stats: TransportStats | None = None,
+        tls_client_context: ssl.SSLContext | None = None,
+        on_send_failure: Callable[[Address], None] | None = None,
+    ) -> None:
+        self.on_message = on_message
+        # told when queued data to ``dest`` is lost (connect failed): the transaction layer
+        # turns it into a transport error at once (RFC 3261 16.9) instead of waiting for Timer B
+        self.on_send_failure = on_send_failure
+        self.config = config if config is not None else TransportConfig()
+        self.stats = stats if stats is not None else TransportStats()
+        self._tls_client_context = tls_client_context
+        self._max_size = self.config.max_message_size
+        self._stamp = self.config.stamp_via
+        self._udp: dict[Address, UdpEndpoint] = {}
+        self._udp_v4: UdpEndpoint | None = None
+        self._udp_v6: UdpEndpoint | None = None
+        self._servers: list[tuple[Address, asyncio.Server]] = []
+        self._flows: dict[Address, Flow] = {}  # also adopted WebSocket flows (duck-typed)
+        self._connecting: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._last_error_log = -_LOG_INTERVAL
+        self._suppressed_logs = 0
+
+    # -- listening -----------------------------------------------------------------------------
+
+    @property
+    def addresses(self) -> list[Address]:
+        """The bound addresses of every listener, in the order ``listen`` was called."""
+        return [*self._udp, *(addr for addr, _ in self._servers)]
+
+    def address(self, transport: str) -> Address:
+        """The first bound address of ``transport`` (``udp``, ``tcp``, ``tls``)."""
+        for addr in self.addresses:
+            if addr.transport == transport:
+                return addr
+        raise LookupError(f"no {transport} listener")
+
+    async def listen(
+        self, where: str | Address, *, ssl: ssl.SSLContext | None = None, reuse_port: bool = False
+    ) -> Address:
+        """Bind ``udp:HOST:PORT``, ``tcp:...`` or ``tls:...`` (port 0: a free one).
+
+        ``tls`` needs a server ``ssl`` context.  ``reuse_port`` sets SO_REUSEPORT so worker
+        processes can share the port.  Returns the bound address.
+        """
+        if self._closed:
+            raise RuntimeError("transport manager is closed")
+        addr = Address.parse(where) if isinstance(where, str) else where
+        loop = asyncio.get_running_loop()
+        if addr.transport == "udp":
+            if ssl is not None:
+                raise ValueError("an ssl context makes no sense for udp")
+            sock = bind_udp_socket(addr.host, addr.port, reuse_port=reuse_port, recv_buffer=self.config.udp_recv_buffer)
+            _, endpoint = await loop.create_datagram_endpoint(lambda: UdpEndpoint(self), sock=sock)
+            bound = endpoint.local
+            self._udp[bound] = endpoint
+            if ":" in bound.host:
+                self._udp_v6 = self._udp_v6 or endpoint
+            else:
+                self._udp_v4 = self._udp_v4 or endpoint
+            logger.info("event=listening address=%s reuse_port=%s", bound, reuse_port)
+            return bound
+        if addr.transport not in STREAM_TRANSPORTS:
+            raise ValueError(f"unsupported transport {addr.transport!r} in {str(addr)!r}")
+        if (addr.transport == "tls") != (ssl is not None):
+            raise ValueError("tls listeners need an ssl context, tcp listeners must not have one")
+        name = addr.transport
+        server = await loop.create_server(
+            lambda: StreamFlow(self, name, None),
+            addr.host,
+            addr.port,
+            ssl=ssl,
+            reuse_port=reuse_port or None,
+            backlog=self.config.backlog,
+            ssl_handshake_timeout=self.config.tls_handshake_timeout if ssl is not None else None,
+        )
+        sockname = server.sockets[0].getsockname()
+        bound = Address(name, sockname[0], sockname[1])
+        self._servers.append((bound, server))
+        logger.info("event=listening address=%s reuse_port=%s", bound, reuse_port)
+        return bound
+
+    # -- receiving (hot path) ------------------------------------------------------------------
+
+    def deliver(self, data: bytes, source: Address, local: Address) -> None:
+        """Parse one message from ``source`` and hand it to the callback. Never raises."""
+        try:
+            msg = parse_message(data, max_size=self._max_size)
+            if self._stamp and msg.status == 0:
+                stamp_received(msg, source)
+        except SipError as exc:
+            bump(self.stats.parse_errors, exc.counter)
+            logger.debug("event=parse_error source=%s error=%s", source, exc)
+            self._answer_error(None, exc, source, local)
+            return
+        except Exception:  # a parser bug must not take the transport down
+            self.stats.internal_errors += 1
+            self._log_exception("parse_failed", source, b"")
+            return
+        self.stats.received[source.transport] += 1
+        try:
+            self.on_message(msg, source, local)
+        except SipError as exc:
+            bump(self.stats.rejected, exc.counter)
+            self._answer_error(msg if msg.status == 0 else None, exc, source, local)
+        except Exception:
+            self.stats.callback_errors += 1
+            self._log_exception("callback_failed", source, msg.call_id)
+
+    def _answer_error(self, request: SipMessage | None, exc: SipError, source: Address, local: Address) -> None:
+        try:
+            response = error_response(request, exc, _to_tag())
+            if response is None:
+                return
+            data = response.to_bytes()
+        except Exception:
+            self.stats.internal_errors += 1
+            self._log_exception("error_response_failed", source, b"")
+            return
+        if self.send(data, source, local=local):
+            self.stats.error_responses += 1
+
+    def _log_exception(self, event: str, source: Address, call_id: bytes) -> None:
+        now = asyncio.get_running_loop().time()
+        cid = call_id.decode("latin-1")
+        if now - self._last_error_log >= _LOG_INTERVAL:
+            self._last_error_log = now
+            suppressed, self._suppressed_logs = self._suppressed_logs, 0
+            logger.exception("event=%s source=%s call_id=%s suppressed=%d", event, source, cid, suppressed)
+        else:
+            self._suppressed_logs += 1
+            logger.debug("event=%s source=%s call_id=%s", event, source, cid, exc_info=True)
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def send(self, data: bytes, dest: Address, *, local: Address | None = None) -> bool:
+        """Send one message to ``dest``; False (and counted as dropped) when it cannot be.
+
+        UDP leaves through the listening socket ``local`` when given (else the first one of the
+        address family); ``dest.host`` must be an IP address (resolve names first: a name
+        here would block the loop).  TCP/TLS uses the flow to ``dest``, opening one if needed.
+        """
+        transport = dest.transport
+        if transport == "udp":
+            endpoint = self._udp.get(local) if local is not None else None
+            if endpoint is None:
+                endpoint = self._udp_v6 if ":" in dest.host else self._udp_v4
+            if endpoint is None or not is_ip_literal(dest.host) or not endpoint.send(data, dest):
+                self.stats.dropped += 1
+                return False
+            self.stats.sent["udp"] += 1
+            return True
+        if transport in ("ws", "wss"):
+            ws_flow = self._flows.get(dest)
+            if ws_flow is None or ws_flow.closing or not ws_flow.write(data):
+                self.stats.dropped += 1
+                return False
+            self.stats.sent[transport] += 1
+            return True
+        if transport in STREAM_TRANSPORTS:
+            flow = self._flows.get(dest)
+            if flow is None or flow.closing:
+                flow = self._connect(dest)
+            if flow is None or not flow.write(data):
+                self.stats.dropped += 1
+                return False
+            self.stats.sent[transport] += 1
+            return True
+        self.stats.dropped += 1
+        return False
+
+    def has_flow(self, dest: Address) -> bool:
+        """Whether a TCP/TLS connection to ``dest`` is open (or being opened)."""
+        flow = self._flows.get(dest)
+        return flow is not None and not flow.closing
+
+    def _connect(self, dest: Address) -> StreamFlow | None:
+        if self._closed:
+            return None
+        if len(self._flows) >= self.config.max_connections:
+            self.stats.connections_refused += 1
+            return None
+        context: ssl.SSLContext | None = None
+        if dest.transport == "tls":
+            if self._tls_client_context is None:
+                self._tls_client_context = ssl.create_default_context()
+            context = self._tls_client_context
+        flow = StreamFlow(self, dest.transport, dest)
+        self._flows[dest] = flow
+        task = asyncio.get_running_loop().create_task(self._open_connection(flow, dest, context))
+        self._connecting.add(task)
+        task.add_done_callback(self._connecting.discard)
+        return flow
+
+    async def _open_connection(self, flow: StreamFlow, dest: Address, context: ssl.SSLContext | None) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: flow,
+                    dest.host,
+                    dest.port,
+                    ssl=context,
+                    server_hostname=dest.host if context is not None else None,
+                    ssl_handshake_timeout=self.config.tls_handshake_timeout if context is not None else None,
+                ),
+                self.config.connect_timeout,
+            )
+        except asyncio.CancelledError:
+            flow.connect_failed()
+            self._forget(flow)
+            raise
+        except Exception as exc:  # OSError, TimeoutError, ssl.SSLError, bad host...
+            self.stats.connect_failures += 1
+            logger.debug("event=connect_failed dest=%s error=%r", dest, exc)
+            flow.connect_failed()
+            self._forget(flow)
+            if self.on_send_failure is not None:
+                try:
+                    self.on_send_failure(dest)
+                except Exception:
+                    self._log_exception("send_failure_callback_failed", dest, b"")
+
+    # -- flow bookkeeping (called by StreamFlow) ----------------------------------------------
+
+    def flow_established(self, flow: StreamFlow) -> bool:
+        """A connection is up; False refuses it (over the connection limit, or closing)."""
+        remote = flow.remote
+        assert remote is not None
+        if self._closed:
+            return False
+        if not flow.outbound:
+            if len(self._flows) >= self.config.max_connections:
+                self.stats.connections_refused += 1
+                return False
+            self._flows[remote] = flow
+        self.stats.connections_opened += 1
+        return True
+
+    def flow_closed(self, flow: StreamFlow, *, established: bool) -> None:
+        if established:
+            self.stats.connections_closed += 1
+        self._forget(flow)
+
+    def _forget(self, flow: Flow) -> None:
+        remote = flow.remote
+        if remote is not None and self._flows.get(remote) is flow:
+            del self._flows[remote]
+
+    # -- flows owned by other listeners (WebSocket) ----------------------------------------------
+
+    def adopt_flow(self, remote: Address, flow: Flow) -> None:
+        """Register a connection another listener accepted (e.g. a WebSocket) so ``send`` to
+        ``remote`` writes to it. ``flow`` needs ``write(bytes) -> bool``, ``closing`` and
+        ``close()``."""
+        self._flows[remote] = flow
+        self.stats.connections_opened += 1
+
+    def drop_flow(self, remote: Address, flow: Flow) -> None:
+        if self._flows.get(remote) is flow:
+            del self._flows[remote]
+            self.stats.connections_closed += 1
+
+    # -- shutdown ------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Close listeners, connections and pending connects."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in list(self._connecting):
+            task.cancel()
+        for _, server in self._servers:
+            server.close()
+        for flow in list(self._flows.values()):
+            flow.close()
+        for endpoint in self._udp.values():
+            if endpoint.transport is not None:
+                endpoint.transport.close()
+        if self._connecting:
+            await asyncio.gather(*self._connecting, return_exceptions=True)
+        for _, server in self._servers:
+            await server.wait_closed()
+        await asyncio.sleep(0)  # let connection_lost callbacks run
+        self._servers.clear()
+        self._udp.clear()
+        self._udp_v4 = self._udp_v6 = None

@@ -1,0 +1,238 @@
+"""TCP and TLS: one protocol object per connection ("flow"), framing with StreamFramer.
+
+Theory of operation
+-------------------
+A flow cuts messages out of the byte stream with the sans-IO :class:`StreamFramer`
+(Content-Length framing, RFC 3261 18.3) and hands each one to the manager inline from
+``data_received``.  RFC 5626 3.5.1 CRLFCRLF pings are answered with a CRLF pong.
+
+Bounds, each enforced here and counted in :class:`TransportStats`:
+
+* the framer's buffer never exceeds the maximum message size (plus one read);
+* a message must be complete ``message_timeout`` after its first byte (a stalled or dripping
+  peer is closed), and a flow without traffic for ``idle_timeout`` is closed;
+* unsent data to a peer that does not read: above ``write_buffer_high`` we stop reading from
+  it, above ``write_buffer_limit`` we close it;
+* data for an outbound flow still connecting is queued up to ``connect_queue_limit``.
+
+A framing error (garbage, missing or bad Content-Length, oversize) leaves the stream with no
+known message boundary, so the flow is closed; other flows are not affected.  Timers are lazy:
+one ``call_at`` per flow, re-armed when it fires, so reading data never cancels a timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, cast
+
+from sipfarm.sip.address import Address
+from sipfarm.sip.errors import SipError
+from sipfarm.sip.parser import StreamFramer
+from sipfarm.transport.stats import bump
+
+if TYPE_CHECKING:
+    from sipfarm.transport.manager import TransportManager
+
+logger = logging.getLogger(__name__)
+
+PONG = b"\r\n"  # RFC 5626 3.5.1
+
+
+class StreamFlow(asyncio.Protocol):
+    """One TCP or TLS connection, inbound (``remote`` None until connected) or outbound."""
+
+    def __init__(self, manager: TransportManager, transport_name: str, remote: Address | None) -> None:
+        self._manager = manager
+        self._stats = manager.stats
+        self._config = manager.config
+        self._deliver = manager.deliver
+        self._loop = asyncio.get_running_loop()
+        self.transport_name = transport_name
+        self.remote = remote
+        self.outbound = remote is not None
+        self.local = Address(transport_name, "", 0)
+        self._transport: asyncio.Transport | None = None
+        self._framer = StreamFramer(self._config.max_message_size)
+        self._pending: list[bytes] = []  # queued while connecting
+        self._pending_size = 0
+        self._closing = False
+        self._established = False
+        self._last_activity = self._loop.time()
+        self._message_start: float | None = None  # first byte of an incomplete message
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+
+    def __repr__(self) -> str:
+        return f"<StreamFlow {self.remote} local={self.local}>"
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    @property
+    def connected(self) -> bool:
+        return self._transport is not None and not self._closing
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        tr = cast(asyncio.Transport, transport)
+        peer = tr.get_extra_info("peername")
+        sock = tr.get_extra_info("sockname")
+        if self.remote is None:
+            self.remote = Address(self.transport_name, peer[0], peer[1])
+        if sock is not None:
+            self.local = Address(self.transport_name, sock[0], sock[1])
+        if not self._manager.flow_established(self):
+            self._closing = True
+            tr.abort()
+            return
+        self._transport = tr
+        self._established = True
+        tr.set_write_buffer_limits(high=self._config.write_buffer_high)
+        self._last_activity = self._loop.time()
+        self._arm(self._last_activity + self._config.idle_timeout)
+        if self._pending:
+            pending, self._pending, self._pending_size = self._pending, [], 0
+            for data in pending:
+                if not self.write(data):
+                    self._stats.dropped += 1
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        now = self._loop.time()
+        self._last_activity = now
+        framer = self._framer
+        framer.receive_data(data)
+        delivered = False
+        remote = cast(Address, self.remote)
+        while True:
+            try:
+                event = framer.next_event()
+            except SipError as exc:
+                # no message boundary any more: the flow cannot continue
+                bump(self._stats.parse_errors, exc.counter)
+                self.abort_for_abuse(exc.counter, str(exc))
+                return
+            if event is None:
+                break
+            if event is StreamFramer.PING:
+                self._stats.keepalive_pings += 1
+                self.write(PONG)
+                continue
+            delivered = True
+            self._deliver(event, remote, self.local)
+            if self.closing:  # the callback closed us
+                return
+        if framer.buffered:
+            if delivered or self._message_start is None:
+                self._message_start = now
+                self._arm(now + self._config.message_timeout)
+        else:
+            self._message_start = None
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too: SIP has no use for half-open flows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._transport = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._pending:
+            self._stats.dropped += len(self._pending)
+            self._pending.clear()
+        self._manager.flow_closed(self, established=self._established)
+
+    def pause_writing(self) -> None:
+        # The peer does not read what we send: stop reading what it sends.
+        if self._transport is not None and not self._closing:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None and not self._closing:
+            self._transport.resume_reading()
+
+    # -- used by the manager -------------------------------------------------------------------
+
+    def write(self, data: bytes) -> bool:
+        if self._closing:
+            return False
+        tr = self._transport
+        if tr is None:  # still connecting
+            if self._pending_size + len(data) > self._config.connect_queue_limit:
+                return False
+            self._pending.append(data)
+            self._pending_size += len(data)
+            return True
+        if tr.get_write_buffer_size() + len(data) > self._config.write_buffer_limit:
+            self.abort_for_abuse("slow_reader", "write buffer limit reached")
+            return False
+        tr.write(data)
+        self._last_activity = self._loop.time()
+        return True
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if self._transport is not None:
+            self._transport.close()
+
+    def abort_for_abuse(self, reason: str, detail: str) -> None:
+        if self._closing:
+            return
+        self._stats.connections_closed_abuse += 1
+        bump(self._stats.abuse, reason)
+        logger.debug("event=flow_closed_abuse remote=%s reason=%s detail=%r", self.remote, reason, detail)
+        self._closing = True
+        if self._transport is not None:
+            self._transport.abort()  # nothing owed to an abusive peer: do not flush
+
+    def connect_failed(self) -> None:
+        """The outbound connection could not be set up: drop what was queued."""
+        self._closing = True
+        self._stats.dropped += len(self._pending)
+        self._pending.clear()
+        self._pending_size = 0
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # -- timers --------------------------------------------------------------------------------
+
+    def _arm(self, when: float) -> None:
+        """Make sure the flow's one timer fires no later than ``when``."""
+        if self._timer is not None:
+            if self._timer_at <= when:
+                return  # fires earlier; it re-arms itself for the rest
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._closing:
+            return
+        now = self._loop.time()
+        if self._message_start is not None:
+            deadline = self._message_start + self._config.message_timeout
+            if now >= deadline:
+                self._stats.connections_closed_abuse += 1
+                bump(self._stats.abuse, "stalled")
+                logger.debug("event=flow_closed_abuse remote=%s reason=stalled", self.remote)
+                self._closing = True
+                if self._transport is not None:
+                    self._transport.abort()
+                return
+            self._arm(deadline)
+        idle_deadline = self._last_activity + self._config.idle_timeout
+        if now >= idle_deadline:
+            self._stats.connections_idle_closed += 1
+            logger.debug("event=flow_closed_idle remote=%s", self.remote)
+            self.close()
+            return
+        self._arm(idle_deadline)

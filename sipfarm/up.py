@@ -1,0 +1,278 @@
+"""``sipfarm up``: a whole local farm in the foreground (what ``make run`` starts).
+
+Starts a private redis-server (unless ``--redis``/``$REDIS_URL``), provisions the demo accounts,
+starts the farm's processes, waits until each answers, prints how to point a softphone at it
+and one line ``READY {json}`` for scripts, then waits for Ctrl-C / SIGTERM and stops all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEMO_USERS = (("alice", "alice-secret"), ("bob", "bob-secret"))
+
+
+@dataclass
+class Child:
+    role: str
+    process: subprocess.Popen[bytes]
+    sip: list[str] = field(default_factory=list)
+    extra: dict[str, object] = field(default_factory=dict)
+    log: Path | None = None
+
+    def describe(self) -> dict[str, object]:
+        return {"role": self.role, "pid": self.process.pid, "sip": self.sip, **self.extra}
+
+
+def sip_ping(host: str, port: int, timeout: float = 0.5) -> int | None:
+    """Send OPTIONS over UDP; the status code of the answer, or None."""
+    branch = "z9hG4bK" + secrets.token_hex(8)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((host, 0))
+        sock.settimeout(timeout)
+        local_port = sock.getsockname()[1]
+        msg = (
+            f"OPTIONS sip:{host}:{port} SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP {host}:{local_port};branch={branch};rport\r\n"
+            f"Max-Forwards: 70\r\nFrom: <sip:probe@{host}>;tag={secrets.token_hex(4)}\r\n"
+            f"To: <sip:{host}:{port}>\r\nCall-ID: {secrets.token_hex(8)}@probe\r\n"
+            f"CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+        ).encode()
+        try:
+            sock.sendto(msg, (host, port))
+            data = sock.recv(65535)
+        except OSError:
+            return None
+    parts = data.split(b" ", 2)
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
+
+
+def log_tail(path: Path | None, lines: int = 15) -> str:
+    """The last ``lines`` lines of a child's log, indented, for an error message ('' if none)."""
+    if path is None:
+        return ""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    tail = text.rstrip().splitlines()[-lines:]
+    return "".join(f"\n    {line}" for line in tail)
+
+
+def busy_ports(host: str, udp_tcp: list[int], tcp_only: list[int]) -> list[str]:
+    """Which of the farm's ports are taken on ``host`` (``udp:5060``, ``tcp:9100``...)."""
+    taken: list[str] = []
+    checks = [(p, socket.SOCK_DGRAM) for p in udp_tcp] + [(p, socket.SOCK_STREAM) for p in udp_tcp + tcp_only]
+    for port, kind in checks:
+        with socket.socket(socket.AF_INET, kind) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                taken.append(f"{'udp' if kind == socket.SOCK_DGRAM else 'tcp'}:{port}")
+    return taken
+
+
+def wait_sip(host: str, port: int, timeout: float, child: Child) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.process.poll() is not None:
+            raise RuntimeError(
+                f"{child.role} {child.extra.get('id', '')} exited with status {child.process.returncode}; "
+                f"its log ({child.log}):{log_tail(child.log)}"
+            )
+        if sip_ping(host, port, 0.3) is not None:
+            return
+    raise RuntimeError(f"{child.role} did not answer OPTIONS on {host}:{port} within {timeout:.0f} s")
+
+
+async def provision(redis_url: str, domain: str) -> None:
+    from sipfarm.store import AccountExists, AccountStore, create_redis  # noqa: PLC0415
+
+    redis = create_redis(redis_url)
+    try:
+        store = AccountStore(redis)
+        for user, password in DEMO_USERS:
+            with contextlib.suppress(AccountExists):
+                await store.add(user, domain, password)
+    finally:
+        await redis.aclose()
+
+
+def spawn(role: str, argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    log = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
+    return subprocess.Popen(
+        [sys.executable, "-m", "sipfarm", *argv],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def stop_all(children: list[Child], timeout: float = 5.0) -> None:
+    for child in children:
+        if child.process.poll() is None:
+            child.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for child in children:
+        remaining = max(0.1, deadline - time.monotonic())
+        try:
+            child.process.wait(remaining)
+        except subprocess.TimeoutExpired:
+            child.process.kill()
+            child.process.wait()
+
+
+def run_up(args: argparse.Namespace) -> int:
+    workdir = Path(args.dir).resolve()
+    (workdir / "logs").mkdir(parents=True, exist_ok=True)
+    host = args.host
+    children: list[Child] = []
+    redis_proc = None
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        node_base = args.sip_port if args.no_balancer else args.sip_port + 10
+        farm_ports = [node_base + i for i in range(args.nodes)]
+        other_ports = [args.metrics_port + i for i in range(args.nodes + 1)]
+        if not args.no_balancer:
+            farm_ports.append(args.sip_port)
+            other_ports += [args.sip_port + 1, args.sip_port + 2]
+        taken = busy_ports(host, farm_ports, other_ports)
+        if taken:
+            print(
+                f"sipfarm: ports already in use on {host}: {', '.join(taken)} (another farm running?); "
+                "choose others with --sip-port / --metrics-port",
+                file=sys.stderr,
+            )
+            return 1
+        redis_url = args.redis or os.environ.get("REDIS_URL")
+        if not redis_url:
+            from sipfarm.store.redis_server import free_port, start_redis  # noqa: PLC0415
+
+            redis_port = free_port()
+            while redis_port in farm_ports or redis_port in other_ports:
+                redis_port = free_port()
+            try:
+                redis_proc = start_redis(workdir / "redis", port=redis_port)
+            except (OSError, RuntimeError) as exc:
+                print(
+                    f"sipfarm: cannot start redis-server ({exc}); install it (apt-get install "
+                    "redis-server) or pass --redis URL",
+                    file=sys.stderr,
+                )
+                return 1
+            redis_url = redis_proc.url
+        asyncio.run(provision(redis_url, args.domain))
+
+        for i in range(args.nodes):
+            port = node_base + i
+            listen = [f"udp:{host}:{port}", f"tcp:{host}:{port}"]
+            argv = [
+                "node",
+                "--redis",
+                redis_url,
+                "--domain",
+                args.domain,
+                "--node-id",
+                f"node{i + 1}",
+                "--workers",
+                str(args.workers),
+                "--metrics",
+                f"{host}:{args.metrics_port + i + 1}",
+            ]
+            for spec in listen:
+                argv += ["--listen", spec]
+            log_path = workdir / "logs" / f"node{i + 1}.log"
+            proc = spawn("node", argv, log_path)
+            metrics = f"{host}:{args.metrics_port + i + 1}"
+            children.append(Child("node", proc, listen, {"id": f"node{i + 1}", "metrics": metrics}, log_path))
+        for child in children:
+            wait_sip(host, int(child.sip[0].rsplit(":", 1)[1]), 15.0, child)
+
+        entry_port = node_base
+        transports = "UDP and TCP"
+        if not args.no_balancer:
+            from sipfarm.transport.tls import make_self_signed_cert  # noqa: PLC0415
+
+            tls_dir = workdir / "tls"
+            tls_dir.mkdir(exist_ok=True)
+            cert, key = make_self_signed_cert(tls_dir, ip=host)
+            entry_port = args.sip_port
+            listen = [
+                f"udp:{host}:{entry_port}",
+                f"tcp:{host}:{entry_port}",
+                f"tls:{host}:{entry_port + 1}",
+                f"ws:{host}:{entry_port + 2}",
+            ]
+            argv = [
+                "balancer",
+                "--redis",
+                redis_url,
+                "--balancer-id",
+                "lb1",
+                "--tls-cert",
+                str(cert),
+                "--tls-key",
+                str(key),
+                "--metrics",
+                f"{host}:{args.metrics_port}",
+            ]
+            for spec in listen:
+                argv += ["--listen", spec]
+            log_path = workdir / "logs" / "balancer.log"
+            proc = spawn("balancer", argv, log_path)
+            balancer = Child(
+                "balancer", proc, listen, {"id": "lb1", "metrics": f"{host}:{args.metrics_port}"}, log_path
+            )
+            children.insert(0, balancer)
+            wait_sip(host, entry_port, 15.0, balancer)
+            transports = f"UDP and TCP {entry_port}, TLS {entry_port + 1}, WS {entry_port + 2}"
+
+        role = "registrar/proxy" if args.no_balancer else "balancer"
+        print(f"sipfarm is up: SIP domain {args.domain}, {role} at {host}:{entry_port} ({transports})")
+        print("Point a softphone at it:")
+        for user, password in DEMO_USERS:
+            print(f"  user {user}@{args.domain}  password {password}  registrar/outbound proxy sip:{host}:{entry_port}")
+        print(f"  then call sip:bob@{args.domain} from alice. Logs: {workdir / 'logs'}. Ctrl-C stops the farm.")
+        processes = [c.describe() for c in children]
+        if redis_proc is not None:
+            processes.append({"role": "redis", "pid": redis_proc.pid, "sip": [], "url": redis_url})
+        print("READY " + json.dumps({"redis": redis_url, "domain": args.domain, "processes": processes}), flush=True)
+        while not stopping:
+            for child in children:
+                if child.process.poll() is not None:
+                    print(
+                        f"sipfarm: {child.role} {child.extra.get('id', '')} exited "
+                        f"({child.process.returncode}); see its log",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    children.remove(child)
+                    break
+            time.sleep(0.2)
+        return 0
+    except RuntimeError as exc:
+        print(f"sipfarm: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        stop_all(children)
+        if redis_proc is not None:
+            redis_proc.stop()

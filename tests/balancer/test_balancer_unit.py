@@ -1,0 +1,408 @@
+"""Sans-IO tests of :class:`BalancerCore` and :class:`NodeSet`: messages in, (bytes, Address) out.
+
+The balancer listens on 10.0.0.1:5060 (udp, tcp; also its internal address facing the nodes)
+and ws 10.0.0.1:8080; three nodes at 10.0.1.{1,2,3}:5060.  Messages are fed as the transport
+would: parsed, the top Via of requests stamped with received/rport.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+import pytest
+
+from sipfarm.balancer.core import BalancerCore
+from sipfarm.balancer.flowtoken import FlowTokens
+from sipfarm.balancer.nodes import Health, NodeSet
+from sipfarm.cluster.membership import Member, Role
+from sipfarm.sip.address import Address
+from sipfarm.sip.headers import parse_name_addr
+from sipfarm.sip.message import SipMessage
+from sipfarm.sip.parser import parse_message
+from sipfarm.sip.uri import SipURI
+from sipfarm.sip.via import stamp_received
+
+SECRET = b"unit-test-flow-secret-0123456789"
+LB_UDP = Address("udp", "10.0.0.1", 5060)
+LB_TCP = Address("tcp", "10.0.0.1", 5060)
+LB_WS = Address("ws", "10.0.0.1", 8080)
+NODES = {f"node{i}": Address("udp", f"10.0.1.{i}", 5060) for i in (1, 2, 3)}
+CLIENT = Address("udp", "203.0.113.7", 40000)  # a UA behind NAT: source != Via sent-by
+TCP_CLIENT = Address("tcp", "203.0.113.9", 51000)
+
+
+def members(ids: list[str] | None = None) -> list[Member]:
+    return [Member(i, Role.NODE, (str(NODES[i]),)) for i in (ids or list(NODES))]
+
+
+@dataclass
+class Harness:
+    """A core with in-memory ``send``: everything it sends lands in ``sent``."""
+
+    nodes: NodeSet = field(default_factory=NodeSet)
+    sent: list[tuple[SipMessage, Address]] = field(default_factory=list)
+    fail_to: set[Address] = field(default_factory=set)  # destinations whose send fails
+
+    def __post_init__(self) -> None:
+        self.tokens = FlowTokens(SECRET)
+        self.core = BalancerCore(
+            self.nodes, self.tokens, public={"udp": LB_UDP, "tcp": LB_TCP, "ws": LB_WS}, internal=LB_UDP,
+            send=self._send, retry_after=7,
+        )
+
+    def _send(self, data: bytes, dest: Address) -> bool:
+        if dest in self.fail_to:
+            return False
+        self.sent.append((parse_message(data), dest))
+        return True
+
+    def feed(self, data: bytes, source: Address, local: Address = LB_UDP) -> list[tuple[SipMessage, Address]]:
+        """Deliver ``data`` from ``source``; what the core sent in answer."""
+        msg = parse_message(data)
+        if msg.is_request:
+            stamp_received(msg, source)
+        before = len(self.sent)
+        self.core.on_message(msg, source, local)
+        return self.sent[before:]
+
+    def one(self, data: bytes, source: Address, local: Address = LB_UDP) -> tuple[SipMessage, Address]:
+        out = self.feed(data, source, local)
+        assert len(out) == 1, out
+        return out[0]
+
+
+@pytest.fixture
+def lb() -> Harness:
+    h = Harness()
+    h.nodes.update_members(members())
+    return h
+
+
+def request(
+    method: str,
+    uri: str,
+    *,
+    via: str = "SIP/2.0/UDP 192.168.1.5:5062;rport",
+    call_id: str | None = None,
+    to: str = "<sip:bob@farm.test>",
+    from_: str = "<sip:alice@farm.test>;tag=a1",
+    cseq: int = 1,
+    extra: str = "",
+    max_forwards: int = 70,
+    body: str = "",
+) -> bytes:
+    branch = "z9hG4bK" + secrets.token_hex(6)
+    call_id = call_id or secrets.token_hex(8)
+    return (
+        f"{method} {uri} SIP/2.0\r\nVia: {via};branch={branch}\r\nMax-Forwards: {max_forwards}\r\n"
+        f"From: {from_}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n{extra}"
+        f"Content-Length: {len(body)}\r\n\r\n{body}"
+    ).encode()
+
+
+def register(user: str = "alice", *, call_id: str | None = None, cseq: int = 1,
+             via: str = "SIP/2.0/UDP 192.168.1.5:5062;rport") -> bytes:
+    return request("REGISTER", "sip:farm.test", via=via, call_id=call_id, cseq=cseq,
+                   to=f"<sip:{user}@farm.test>", from_=f"<sip:{user}@farm.test>;tag=r{cseq}",
+                   extra=f"Contact: <sip:{user}@192.168.1.5:5062>\r\nSupported: path\r\n")
+
+
+def uri_of(value: bytes) -> SipURI:
+    uri = parse_name_addr(value).uri
+    assert isinstance(uri, SipURI)
+    return uri
+
+
+def node_for(h: Harness, key: bytes) -> Address:
+    entry = h.nodes.pick(key)
+    assert entry is not None
+    return entry.address
+
+
+# -- requests from clients -----------------------------------------------------------------------
+
+
+def test_register_gets_path_with_token_of_client_flow_and_goes_to_node_of_aor(lb: Harness):
+    msg, dest = lb.one(register(), CLIENT)
+    assert dest == node_for(lb, b"sip:alice@farm.test")
+    paths = msg.values("path")
+    assert len(paths) == 1  # udp client, udp node side: one entry
+    top = uri_of(paths[0])
+    assert (top.host, top.port) == ("10.0.0.1", 5060)
+    assert top.user is not None and lb.tokens.decode(top.user) == CLIENT
+    assert top.param("lr") is not None and top.param("ob") is not None
+
+
+def test_register_refreshes_of_one_aor_meet_one_node(lb: Harness):
+    dests = {lb.one(register(call_id=secrets.token_hex(8), cseq=n), CLIENT)[1] for n in range(1, 20)}
+    assert len(dests) == 1
+    # and different AORs spread over the nodes
+    spread = {lb.one(register(f"user{i}"), CLIENT)[1] for i in range(60)}
+    assert spread == set(NODES.values())
+
+
+def test_invite_hashed_by_call_id_with_record_route_via_and_max_forwards(lb: Harness):
+    for _ in range(20):
+        call_id = secrets.token_hex(8)
+        msg, dest = lb.one(request("INVITE", "sip:bob@farm.test", call_id=call_id), CLIENT)
+        assert dest == node_for(lb, call_id.encode())
+        assert msg.get("max-forwards") == b"69"
+        vias = msg.vias
+        assert len(vias) == 2
+        assert (vias[0].host, vias[0].port, vias[0].transport) == ("10.0.0.1", 5060, "UDP")
+        assert vias[0].branch is not None and vias[0].branch.startswith("z9hG4bK")
+        assert vias[1].received == "203.0.113.7" and vias[1].rport == "40000"
+        rr = msg.values("record-route")
+        assert len(rr) == 1
+        token = uri_of(rr[0]).user
+        assert token is not None and lb.tokens.decode(token) == CLIENT
+
+
+def test_cancel_and_ack_follow_their_invite(lb: Harness):
+    for _ in range(20):
+        call_id = secrets.token_hex(8)
+        invite = request("INVITE", "sip:bob@farm.test", call_id=call_id)
+        _, invite_dest = lb.one(invite, CLIENT)
+        branch = parse_message(invite).top_via_value
+        cancel = invite.replace(b"INVITE sip:", b"CANCEL sip:").replace(b"1 INVITE", b"1 CANCEL")
+        cancel = cancel.replace(parse_message(cancel).top_via_value, branch)
+        cancel_msg, cancel_dest = lb.one(cancel, CLIENT)
+        assert cancel_dest == invite_dest
+        # stateless proxy: the CANCEL's branch equals the INVITE's (RFC 3261 16.11)
+        invite_out = lb.sent[-2][0]
+        assert cancel_msg.top_via.branch == invite_out.top_via.branch
+        ack = request("ACK", "sip:bob@farm.test", call_id=call_id, to="<sip:bob@farm.test>;tag=b9")
+        assert lb.one(ack, CLIENT)[1] == invite_dest
+
+
+def test_cancel_follows_its_invite_when_a_node_joins_meanwhile():
+    h = Harness()
+    h.nodes.update_members(members(["node1"]))
+    moved = 0
+    for _ in range(30):
+        call_id = secrets.token_hex(8)
+        h.nodes.update_members(members(["node1"]))
+        invite = request("INVITE", "sip:bob@farm.test", call_id=call_id)
+        _, invite_dest = h.one(invite, CLIENT)
+        assert invite_dest == NODES["node1"]
+        h.nodes.update_members(members())  # node2 and node3 join while it rings
+        moved += h.nodes.pick(call_id.encode()).id != "node1"  # type: ignore[union-attr]
+        branch = parse_message(invite).top_via_value
+        cancel = invite.replace(b"INVITE sip:", b"CANCEL sip:").replace(b"1 INVITE", b"1 CANCEL")
+        cancel = cancel.replace(parse_message(cancel).top_via_value, branch)
+        assert h.one(cancel, CLIENT)[1] == NODES["node1"]
+    assert moved > 0  # hashing alone would have sent those CANCELs elsewhere
+
+
+def test_response_from_node_pops_our_via_and_honours_rport_received(lb: Harness):
+    msg, dest = lb.one(request("INVITE", "sip:bob@farm.test"), CLIENT)
+    response = _response(msg, 180)
+    out, to = lb.one(response, dest)
+    assert out.status == 180
+    assert len(out.vias) == 1 and out.vias[0].host == "192.168.1.5"
+    assert to == CLIENT  # received + rport, not the Via's 192.168.1.5:5062
+
+
+def test_response_without_rport_goes_to_via_sent_by(lb: Harness):
+    client = Address("udp", "192.168.1.5", 4444)
+    msg, dest = lb.one(request("OPTIONS", "sip:bob@farm.test", via="SIP/2.0/UDP 192.168.1.5:5062"), client)
+    _, to = lb.one(_response(msg, 200), dest)
+    assert to == Address("udp", "192.168.1.5", 5062)  # RFC 3261 18.2.2: no rport, the sent-by port
+
+
+def test_response_to_tcp_client_goes_back_over_its_connection(lb: Harness):
+    """No rport in the Via of a TCP client: the response must still use the connection the
+    request came over (RFC 3261 18.2.2), i.e. the client's source port, not its Via port."""
+    msg, dest = lb.one(request("INVITE", "sip:bob@farm.test", via="SIP/2.0/TCP 192.168.1.5:5062"),
+                       TCP_CLIENT, LB_TCP)
+    out, to = lb.one(_response(msg, 200), dest)
+    assert out.status == 200
+    assert to == TCP_CLIENT
+
+
+def _response(req: SipMessage, status: int) -> bytes:
+    vias = "".join(f"Via: {v.decode()}\r\n" for v in req.values("via"))
+    rr = "".join(f"Record-Route: {v.decode()}\r\n" for v in req.values("record-route"))
+    return (
+        f"SIP/2.0 {status} X\r\n{vias}{rr}From: {req.get('from').decode()}\r\n"  # type: ignore[union-attr]
+        f"To: {req.get('to').decode()};tag=b9\r\nCall-ID: {req.call_id.decode()}\r\n"  # type: ignore[union-attr]
+        f"CSeq: {req.cseq[0]} {req.cseq[1].decode()}\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+
+
+# -- requests from nodes to clients --------------------------------------------------------------
+
+
+def _path_of(lb: Harness, source: Address, local: Address, via: str) -> tuple[list[bytes], Address]:
+    msg, node = lb.one(register(via=via), source, local)
+    return msg.values("path"), node
+
+
+def test_request_from_node_with_client_token_goes_out_on_the_tcp_flow(lb: Harness):
+    paths, node = _path_of(lb, TCP_CLIENT, LB_TCP, "SIP/2.0/TCP 192.168.1.5:5062")
+    # top Path is the hop the node sends to: our internal (udp) address, no token
+    top = uri_of(paths[0])
+    assert (top.host, top.port, top.transport, top.user) == ("10.0.0.1", 5060, "udp", None)
+    routes = "".join(f"Route: {p.decode()}\r\n" for p in paths)
+    invite = request("INVITE", "sip:alice@192.168.1.5:5062;transport=tcp", via="SIP/2.0/UDP 10.0.1.1:5060",
+                     extra=routes + "Record-Route: <sip:10.0.1.1:5060;lr>\r\n")
+    msg, dest = lb.one(invite, node)
+    assert dest == TCP_CLIENT
+    assert not msg.values("route")
+    assert msg.top_via.transport == "TCP" and (msg.top_via.host, msg.top_via.port) == ("10.0.0.1", 5060)
+    rr = [uri_of(v) for v in msg.values("record-route")]
+    # facing the client on top (its token, transport=tcp), then our node side, then the node
+    assert rr[0].user is not None and lb.tokens.decode(rr[0].user) == TCP_CLIENT
+    assert rr[0].transport == "tcp"
+    assert (rr[1].host, rr[1].port, rr[1].user) == ("10.0.0.1", 5060, None)
+    assert (rr[2].host, rr[2].port) == ("10.0.1.1", 5060)
+
+
+def test_request_from_node_with_token_goes_to_udp_flow(lb: Harness):
+    paths, node = _path_of(lb, CLIENT, LB_UDP, "SIP/2.0/UDP 192.168.1.5:5062;rport")
+    routes = "".join(f"Route: {p.decode()}\r\n" for p in paths)
+    invite = request("INVITE", "sip:alice@192.168.1.5:5062", via="SIP/2.0/UDP 10.0.1.1:5060", extra=routes)
+    msg, dest = lb.one(invite, node)
+    assert dest == CLIENT  # the NAT binding, not the private Contact
+    assert msg.values("record-route")
+
+
+def test_node_side_of_dialog_with_tcp_caller_routes_through_internal_udp(lb: Harness):
+    """The Record-Route of a TCP caller's INVITE: the node-facing entry must be on top, so the
+    callee's in-dialog requests reach the balancer from a node over its internal UDP."""
+    msg, _ = lb.one(request("INVITE", "sip:bob@farm.test", via="SIP/2.0/TCP 192.168.1.5:5062"),
+                    TCP_CLIENT, LB_TCP)
+    rr = [uri_of(v) for v in msg.values("record-route")]
+    assert len(rr) == 2
+    assert (rr[0].host, rr[0].port, rr[0].transport, rr[0].user) == ("10.0.0.1", 5060, "udp", None)
+    assert rr[1].user is not None and lb.tokens.decode(rr[1].user) == TCP_CLIENT
+
+
+# -- in-dialog requests and dead nodes -----------------------------------------------------------
+
+
+def test_in_dialog_request_for_live_node_follows_route(lb: Harness):
+    bye = request("BYE", "sip:bob@192.168.9.9:5060", to="<sip:bob@farm.test>;tag=b9",
+                  extra="Route: <sip:10.0.0.1:5060;lr>, <sip:10.0.1.2:5060;lr>\r\n")
+    msg, dest = lb.one(bye, CLIENT)
+    assert dest == NODES["node2"]
+    assert [uri_of(v).host for v in msg.values("route")] == ["10.0.1.2"]
+
+
+@pytest.mark.parametrize("how", ["probes", "left_membership"])
+def test_in_dialog_request_for_dead_node_is_rehashed_and_its_route_dropped(lb: Harness, how: str):
+    if how == "probes":
+        lb.nodes.mark_down(lb.nodes.nodes["node2"])
+    else:  # its record expired from Redis: the node is not a member any more
+        lb.nodes.update_members(members(["node1", "node3"]))
+    dests = set()
+    for _ in range(20):
+        call_id = secrets.token_hex(8)
+        bye = request("BYE", "sip:bob@192.168.9.9:5060", to="<sip:bob@farm.test>;tag=b9", call_id=call_id,
+                      extra="Route: <sip:10.0.0.1:5060;lr>, <sip:10.0.1.2:5060;lr>, "
+                            "<sip:tok@10.0.0.9:5060;lr>\r\n")
+        msg, dest = lb.one(bye, CLIENT)
+        assert dest != NODES["node2"]
+        assert dest == node_for(lb, call_id.encode())
+        assert [uri_of(v).host for v in msg.values("route")] == ["10.0.0.9"]
+        dests.add(dest)
+    assert dests == {NODES["node1"], NODES["node3"]}
+    assert lb.core.stats.rehashed == 20
+
+
+# -- errors answered by the balancer -------------------------------------------------------------
+
+
+def test_no_usable_node_gives_503_with_retry_after():
+    h = Harness()
+    out, dest = h.one(request("INVITE", "sip:bob@farm.test"), CLIENT)
+    assert out.status == 503 and dest == CLIENT
+    assert out.get("retry-after") == b"7"
+    h.nodes.update_members(members(["node1"]))
+    h.nodes.mark_down(h.nodes.nodes["node1"])
+    out, _ = h.one(register(), CLIENT)
+    assert out.status == 503
+
+
+def test_forged_token_gives_400(lb: Harness):
+    good = lb.tokens.encode(CLIENT)
+    forged = FlowTokens(b"another-secret-another-secret!!!").encode(Address("udp", "198.51.100.1", 5060))
+    for token in (forged, good[:-3] + ("aaa" if good[-3:] != "aaa" else "bbb")):
+        invite = request("INVITE", "sip:alice@192.168.1.5", via="SIP/2.0/UDP 10.0.1.1:5060",
+                         extra=f"Route: <sip:{token}@10.0.0.1:5060;lr>\r\n")
+        out, dest = lb.one(invite, NODES["node1"])
+        assert out.status == 400 and dest == NODES["node1"]
+
+
+def test_max_forwards_zero_gives_483(lb: Harness):
+    out, dest = lb.one(request("INVITE", "sip:bob@farm.test", max_forwards=0), CLIENT)
+    assert out.status == 483 and dest == CLIENT
+
+
+def test_options_to_the_balancer_is_answered_locally(lb: Harness):
+    out, dest = lb.one(request("OPTIONS", "sip:10.0.0.1:5060"), CLIENT)
+    assert out.status == 200 and dest == CLIENT
+    assert lb.core.stats.to_node == 0
+
+
+def test_unreachable_client_flow_gives_430(lb: Harness):
+    paths, node = _path_of(lb, TCP_CLIENT, LB_TCP, "SIP/2.0/TCP 192.168.1.5:5062")
+    lb.fail_to.add(TCP_CLIENT)
+    routes = "".join(f"Route: {p.decode()}\r\n" for p in paths)
+    out, dest = lb.one(request("INVITE", "sip:alice@192.168.1.5:5062;transport=tcp",
+                               via="SIP/2.0/UDP 10.0.1.1:5060", extra=routes), node)
+    assert out.status == 430 and dest == node
+
+
+# -- node set ------------------------------------------------------------------------------------
+
+
+def test_node_missing_two_probes_is_down_and_only_its_keys_move():
+    nodes = NodeSet(down_after=2, probe_interval=0.25)
+    nodes.update_members(members())
+    keys = [secrets.token_hex(8).encode() for _ in range(3000)]
+    before = {k: nodes.pick(k).id for k in keys}  # type: ignore[union-attr]
+    now = 0.0
+    for entry in nodes.due_probes(now):
+        nodes.probe_sent(entry, now, b"b")
+    # node1 and node3 answer every probe, node2 stays silent
+    for _ in range(2):
+        for entry in (nodes.nodes["node1"], nodes.nodes["node3"]):
+            nodes.probe_answered(entry, now + 0.001)
+        assert nodes.nodes["node2"].health is Health.UP
+        now += 0.25
+        for entry in nodes.due_probes(now):
+            nodes.probe_sent(entry, now, b"b")
+    assert nodes.nodes["node2"].health is Health.DOWN
+    assert nodes.usable_count == 2
+    after = {k: nodes.pick(k).id for k in keys}  # type: ignore[union-attr]
+    moved = {k for k in keys if before[k] != after[k]}
+    assert moved == {k for k in keys if before[k] == "node2"}
+    assert len(moved) > 500  # node2 had about a third of them
+    # one answer brings it back, with its keys
+    nodes.probe_answered(nodes.nodes["node2"], now + 0.001)
+    assert {k: nodes.pick(k).id for k in keys} == before  # type: ignore[union-attr]
+
+
+def test_one_missed_probe_is_not_down():
+    nodes = NodeSet(down_after=2, probe_interval=0.25)
+    nodes.update_members(members(["node1"]))
+    entry = nodes.nodes["node1"]
+    nodes.probe_sent(entry, 0.0, b"b")
+    nodes.due_probes(0.25)
+    assert entry.health is Health.UP and entry.missed == 1
+
+
+def test_draining_node_finishes_its_dialogs_but_takes_no_new_calls(lb: Harness):
+    from sipfarm.cluster.membership import MemberState  # noqa: PLC0415
+
+    lb.nodes.update_members([
+        m if m.id != "node2" else Member("node2", Role.NODE, m.addresses, state=MemberState.DRAINING)
+        for m in members()
+    ])
+    bye = request("BYE", "sip:bob@192.168.9.9:5060", to="<sip:bob@farm.test>;tag=b9",
+                  extra="Route: <sip:10.0.0.1:5060;lr>, <sip:10.0.1.2:5060;lr>\r\n")
+    assert lb.one(bye, CLIENT)[1] == NODES["node2"]
+    dests = {lb.one(request("INVITE", "sip:bob@farm.test"), CLIENT)[1] for _ in range(40)}
+    assert NODES["node2"] not in dests

@@ -1,0 +1,103 @@
+"""`sipfarm up` (what `make run` starts): the whole local farm comes up, prints READY with its
+processes, serves a registration through the balancer, shows in `sipfarm status`, and Ctrl-C
+(SIGINT) stops every process it started."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fixtures.farm import SipClient
+
+from sipfarm.up import busy_ports
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _free_block() -> tuple[int, int]:
+    """SIP and metrics base ports for `up`, below the kernel's ephemeral range (32768+) so that no
+    client socket or Redis started meanwhile can take one of them."""
+    rng = random.Random()
+    for _ in range(200):
+        sip = rng.randrange(20000, 30000, 20)
+        metrics = sip + 15
+        others = [sip + 1, sip + 2, metrics, metrics + 1, metrics + 2]
+        if not busy_ports("127.0.0.1", [sip, sip + 10, sip + 11], others):
+            return sip, metrics
+    raise RuntimeError("no free port block")
+
+
+def test_up_refuses_ports_in_use(tmp_path: Path):
+    port, metrics = _free_block()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
+        squatter.bind(("127.0.0.1", port + 10))
+        done = subprocess.run(
+            [sys.executable, "-m", "sipfarm", "up", "--sip-port", str(port), "--dir", str(tmp_path / "run"),
+             "--metrics-port", str(metrics)],
+            capture_output=True, text=True, timeout=60,
+        )
+    assert done.returncode == 1
+    assert f"udp:{port + 10}" in done.stderr and "in use" in done.stderr
+
+
+def test_up_starts_a_usable_farm_and_stops_it(tmp_path: Path):
+    port, metrics = _free_block()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sipfarm", "up", "--sip-port", str(port), "--dir", str(tmp_path / "run"),
+         "--metrics-port", str(metrics)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    ready = None
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("READY "):
+                ready = json.loads(line[len("READY "):])
+                break
+        assert ready is not None, "".join(lines)
+        roles = sorted(p["role"] for p in ready["processes"])
+        assert roles == ["balancer", "node", "node", "redis"]
+        text = "".join(lines)
+        assert "alice@farm.test" in text and f"127.0.0.1:{port}" in text
+
+        time.sleep(1.0)  # the balancer's first membership poll and probes
+        client = SipClient()
+        try:
+            reply = client.register(("127.0.0.1", port), "alice", "alice-secret")
+            assert reply is not None and reply.status == 200
+        finally:
+            client.close()
+        status = subprocess.run([sys.executable, "-m", "sipfarm", "status", "--redis", ready["redis"]],
+                                capture_output=True, text=True, timeout=30)
+        assert "node1" in status.stdout and "lb1" in status.stdout
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    pids = [p["pid"] for p in (ready or {"processes": []})["processes"]]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.2)
+    assert not [pid for pid in pids if _alive(pid)]
+    assert proc.returncode == 0

@@ -1,0 +1,716 @@
+"""A pjsua2 softphone driven by JSON lines: the real SIP peer of sipfarm's integration tests.
+
+Theory of operation
+-------------------
+One process holds one pjsua2 ``Endpoint`` (pjsua is a singleton per process, see PEERS.md), so two
+softphones are two agents. The controller (``softphone.Softphone``) writes one JSON object per line on
+our stdin and reads one JSON object per line from our stdout:
+
+* a command ``{"cmd": "call", "id": 3, ...}`` is answered by exactly one reply
+  ``{"reply": "call", "id": 3, "ok": true, ...}`` (or ``"ok": false, "error": "..."``);
+* everything pjsip tells us arrives as an event ``{"event": "call_state", ...}`` at any time.
+
+Everything runs on the main thread: pjsua has no worker thread (``threadCnt=0``), and the loop
+alternates ``pjsua_handle_events(10 ms)`` (through ctypes: the binding lacks ``libHandleEvents``) with a
+non-blocking read of stdin, so every pjsua2 callback runs on this thread between two commands. Audio
+runs on pjsua's own media threads (null sound device clock, media ioqueue) and needs no polling.
+
+What the binding (pjsua2-pybind11 0.1a3) lacks is reached through ctypes on the bundled libpjsua, the
+very library instance the module uses: WAV player and recorder, conference connections, codec
+priorities, call dumps (RTP statistics).
+
+The agent never outlives its controller: it exits when stdin closes, on ``quit``, or after
+``--max-lifetime`` seconds, and it always hangs up, finalises recordings and destroys the library.
+Anything pjsip prints goes to stderr: fd 1 is moved to stderr at start and the protocol keeps a
+private duplicate, so a stray C ``printf`` cannot corrupt the JSON stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import math
+import os
+import re
+import select
+import struct
+import sys
+import time
+import wave
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pjsua2 as pj
+
+JsonObject = dict[str, Any]
+
+POLL_MS = 10
+STDIN_CHUNK = 65536
+MAX_LINE = 1 << 20
+SHUTDOWN_POLL_S = 2.0
+STATS_SNAPSHOT_S = 0.2
+TONE_RATE = 8000
+TONE_SECONDS = 1  # integer seconds of an integer-Hz tone: the loop point is seamless
+TONE_AMPLITUDE = 0.5
+DUMP_BUF = 8192
+# Codecs pjsua registers besides G.711; all are switched off so G.711 is what gets negotiated.
+OTHER_CODECS = ("speex", "iLBC", "GSM", "G722", "G7221", "L16", "opus", "AMR", "G729", "BV", "SILK")
+
+
+class PjStr(ctypes.Structure):
+    """``pj_str_t``: pointer + length, not NUL-terminated."""
+
+    _fields_ = (("ptr", ctypes.c_char_p), ("slen", ctypes.c_ssize_t))
+
+
+def pj_str(text: str) -> PjStr:
+    raw = text.encode()
+    return PjStr(raw, len(raw))
+
+
+class AgentError(Exception):
+    """A command that cannot be carried out; its message goes back in the reply."""
+
+
+def _library_dir() -> Path:
+    return Path(pj.__file__).resolve().parent / "pjsua2_pybind11.libs"
+
+
+def _load(prefix: str) -> ctypes.CDLL:
+    matches = sorted(_library_dir().glob(f"{prefix}-*.so*"))
+    if not matches:
+        raise AgentError(f"{prefix} not found in {_library_dir()}")
+    # dlopen of the path the module already loaded returns the same handle: same globals.
+    return ctypes.CDLL(str(matches[0]))
+
+
+class PjsuaC:
+    """The few libpjsua / libpj C functions pjsua2-pybind11 does not expose."""
+
+    def __init__(self) -> None:
+        self.pj = _load("libpj")
+        self.lib = _load("libpjsua")
+        lib = self.lib
+        self.pj.pj_log_set_level.argtypes = (ctypes.c_int,)
+        self.pj.pj_log_set_level.restype = None
+        lib.pjsua_handle_events.argtypes = (ctypes.c_uint,)
+        lib.pjsua_handle_events.restype = ctypes.c_int
+        lib.pjsua_player_create.argtypes = (
+            ctypes.POINTER(PjStr), ctypes.c_uint, ctypes.POINTER(ctypes.c_int))
+        lib.pjsua_player_create.restype = ctypes.c_int
+        lib.pjsua_player_get_conf_port.argtypes = (ctypes.c_int,)
+        lib.pjsua_player_get_conf_port.restype = ctypes.c_int
+        lib.pjsua_player_destroy.argtypes = (ctypes.c_int,)
+        lib.pjsua_player_destroy.restype = ctypes.c_int
+        lib.pjsua_recorder_create.argtypes = (
+            ctypes.POINTER(PjStr), ctypes.c_uint, ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_uint,
+            ctypes.POINTER(ctypes.c_int))
+        lib.pjsua_recorder_create.restype = ctypes.c_int
+        lib.pjsua_recorder_get_conf_port.argtypes = (ctypes.c_int,)
+        lib.pjsua_recorder_get_conf_port.restype = ctypes.c_int
+        lib.pjsua_recorder_destroy.argtypes = (ctypes.c_int,)
+        lib.pjsua_recorder_destroy.restype = ctypes.c_int
+        lib.pjsua_conf_connect.argtypes = (ctypes.c_int, ctypes.c_int)
+        lib.pjsua_conf_connect.restype = ctypes.c_int
+        lib.pjsua_conf_disconnect.argtypes = (ctypes.c_int, ctypes.c_int)
+        lib.pjsua_conf_disconnect.restype = ctypes.c_int
+        lib.pjsua_codec_set_priority.argtypes = (ctypes.POINTER(PjStr), ctypes.c_uint8)
+        lib.pjsua_codec_set_priority.restype = ctypes.c_int
+        lib.pjsua_call_dump.argtypes = (
+            ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_char_p)
+        lib.pjsua_call_dump.restype = ctypes.c_int
+
+    def check(self, status: int, what: str) -> None:
+        if status != 0:
+            raise AgentError(f"{what} failed: pj_status_t {status}")
+
+    def player_create(self, path: str) -> tuple[int, int]:
+        pid = ctypes.c_int(-1)
+        name = pj_str(path)
+        self.check(self.lib.pjsua_player_create(ctypes.byref(name), 0, ctypes.byref(pid)),
+                   "pjsua_player_create")
+        return pid.value, self.lib.pjsua_player_get_conf_port(pid.value)
+
+    def recorder_create(self, path: str) -> tuple[int, int]:
+        rid = ctypes.c_int(-1)
+        name = pj_str(path)
+        self.check(self.lib.pjsua_recorder_create(ctypes.byref(name), 0, None, 0, 0, ctypes.byref(rid)),
+                   "pjsua_recorder_create")
+        return rid.value, self.lib.pjsua_recorder_get_conf_port(rid.value)
+
+    def codec_priority(self, codec_id: str, priority: int) -> int:
+        name = pj_str(codec_id)
+        return int(self.lib.pjsua_codec_set_priority(ctypes.byref(name), priority))
+
+    def call_dump(self, call_id: int) -> str:
+        buf = ctypes.create_string_buffer(DUMP_BUF)
+        self.lib.pjsua_call_dump(call_id, 1, buf, DUMP_BUF, b"")
+        return buf.value.decode(errors="replace")
+
+
+# pjsua_call_dump prints, per media line:
+#   #0 audio PCMU @8kHz, sendrecv, peer=127.0.0.1:4002
+#      RX pt=0, last update:00h:00m:01.234s ago
+#         total 250pkt 40.0KB (50.0KB +IP hdr) @avg=64.0Kbps/80.0Kbps
+#         pkt loss=0 (0.0%), discrd=0 (0.0%), dup=0 (0.0%), reord=0 (0.0%)
+#      TX pt=0, ptime=20, last update:00h:00m:00.010s ago
+#         total 250pkt 40.0KB (50.0KB +IP hdr) @avg=64.0Kbps/80.0Kbps
+_DUMP_DIR = re.compile(r"^\s*(RX|TX)\b[^\n]*\n\s*total\s+(\d+)pkt", re.MULTILINE)
+_DUMP_LOSS = re.compile(r"pkt loss=(\d+)")
+_DUMP_CODEC = re.compile(r"#\d+\s+audio\s+(\S+)")
+
+
+def parse_call_dump(dump: str) -> JsonObject:
+    """RX/TX packet totals (summed over media lines), RX loss and the codec from a call dump."""
+    totals = {"RX": 0, "TX": 0}
+    seen = False
+    for direction, count in _DUMP_DIR.findall(dump):
+        totals[direction] += int(count)
+        seen = True
+    rx_section = dump.split("RX", 1)[1] if "RX" in dump else ""
+    loss = _DUMP_LOSS.search(rx_section)
+    codec = _DUMP_CODEC.search(dump)
+    return {
+        "has_media": seen,
+        "rx_packets": totals["RX"],
+        "tx_packets": totals["TX"],
+        "rx_lost": int(loss.group(1)) if loss else 0,
+        "codec": codec.group(1) if codec else None,
+    }
+
+
+def write_tone_wav(path: str, hz: float, seconds: int = TONE_SECONDS, rate: int = TONE_RATE) -> None:
+    """A 16-bit mono sine WAV, written with the standard ``wave`` module."""
+    peak = TONE_AMPLITUDE * 32767
+    frames = b"".join(
+        struct.pack("<h", round(peak * math.sin(2 * math.pi * hz * n / rate))) for n in range(rate * seconds)
+    )
+    with wave.open(path, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(frames)
+
+
+@dataclass
+class CallMedia:
+    """What the agent has plugged into one call's conference slot."""
+
+    conf_slot: int = -1
+    tone_hz: float | None = None
+    tone_path: str | None = None
+    player_id: int = -1
+    player_slot: int = -1
+    record_path: str | None = None
+    recorder_id: int = -1
+    recorder_slot: int = -1
+    last_stats: JsonObject = field(default_factory=dict)
+
+
+class AgentCall(pj.Call):
+    def __init__(self, agent: Agent, acc: pj.Account, call_id: int | None = None) -> None:
+        if call_id is None:
+            super().__init__(acc)
+        else:
+            super().__init__(acc, call_id)
+        self.agent = agent
+
+    def onCallState(self, prm: pj.OnCallStateParam) -> None:
+        self.agent.guard("onCallState", lambda: self.agent.on_call_state(self))
+
+    def onCallMediaState(self, prm: pj.OnCallMediaStateParam) -> None:
+        self.agent.guard("onCallMediaState", lambda: self.agent.on_call_media_state(self))
+
+    def onCallSdpCreated(self, prm: pj.OnCallSdpCreatedParam) -> None:
+        self.agent.guard("onCallSdpCreated", lambda: self.agent.on_call_sdp_created(self, prm))
+
+
+class AgentAccount(pj.Account):
+    def __init__(self, agent: Agent) -> None:
+        super().__init__()
+        self.agent = agent
+
+    def onRegState(self, prm: pj.OnRegStateParam) -> None:
+        self.agent.guard("onRegState", lambda: self.agent.on_reg_state(self, prm))
+
+    def onIncomingCall(self, prm: pj.OnIncomingCallParam) -> None:
+        self.agent.guard("onIncomingCall", lambda: self.agent.on_incoming_call(self, prm))
+
+
+class Agent:
+    def __init__(self, out_fd: int, name: str, tmp_dir: str) -> None:
+        self.out_fd = out_fd
+        self.name = name
+        self.tmp_dir = tmp_dir
+        self.c = PjsuaC()
+        self.ep: pj.Endpoint | None = None
+        self.transport_id = -1
+        self.transport = "udp"
+        self.local_port = 0
+        self.bound = "127.0.0.1"
+        self.account: AgentAccount | None = None
+        self.calls: dict[int, AgentCall] = {}
+        self.media: dict[int, CallMedia] = {}
+        self.auto_answer_code: int | None = None
+        self.default_tone_hz: float | None = None
+        self.default_record_path: str | None = None
+        self.deferred: list[Callable[[], None]] = []
+        self.quitting = False
+        self.tone_files: set[str] = set()
+
+    # -- output ---------------------------------------------------------------------------------
+
+    def send(self, obj: JsonObject) -> None:
+        obj.setdefault("t", round(time.monotonic(), 3))
+        data = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+        view = memoryview(data)
+        while view:
+            written = os.write(self.out_fd, view)
+            view = view[written:]
+
+    def event(self, kind: str, /, **fields: Any) -> None:
+        self.send({"event": kind, **fields})
+
+    def guard(self, where: str, body: Callable[[], None]) -> None:
+        # An exception must not unwind into pjsip's C stack: report it as an event instead.
+        try:
+            body()
+        except Exception as exc:
+            self.event("error", where=where, error=f"{type(exc).__name__}: {exc}")
+
+    # -- pjsua callbacks (all on the polling thread) -----------------------------------------------
+
+    def on_reg_state(self, acc: AgentAccount, prm: pj.OnRegStateParam) -> None:
+        info = acc.info
+        self.event("reg_state", code=int(prm.code), reason=prm.reason, expiration=int(prm.expiration),
+                   active=bool(info.regIsActive), uri=info.uri, status=int(prm.status),
+                   src=prm.rdata.srcAddress)
+
+    def on_incoming_call(self, acc: AgentAccount, prm: pj.OnIncomingCallParam) -> None:
+        call = AgentCall(self, acc, prm.callId)
+        self.calls[prm.callId] = call
+        self.media[prm.callId] = CallMedia()
+        info = call.info
+        self.event("incoming_call", call_id=prm.callId, remote_uri=info.remoteUri,
+                   local_uri=info.localUri, call_id_header=info.callIdString)
+        code = self.auto_answer_code
+        op = pj.CallOpParam(True)
+        op.statusCode = pj.StatusCode(code if code is not None else 180)
+        call.answer(op)
+
+    def on_call_state(self, call: AgentCall) -> None:
+        info = call.info
+        call_id = info.id
+        state = info.state.name
+        fields: JsonObject = {
+            "call_id": call_id, "state": state, "code": int(info.lastStatusCode), "reason": info.lastReason,
+            "role": info.role.name, "remote_uri": info.remoteUri, "call_id_header": info.callIdString,
+        }
+        if state == "DISCONNECTED":
+            media = self.media.get(call_id)
+            live = parse_call_dump(self.c.call_dump(call_id))
+            if live["has_media"]:
+                fields["stats"] = {**live, "source": "live"}
+            elif media is not None and media.last_stats:
+                fields["stats"] = {**media.last_stats, "source": "snapshot"}
+            self.deferred.append(lambda: self.forget_call(call_id))
+        self.event("call_state", **fields)
+
+    def on_call_sdp_created(self, call: AgentCall, prm: pj.OnCallSdpCreatedParam) -> None:
+        # Read-only: prm is a copy (PEERS.md), but a test can check which address we offer and
+        # what the far side (or a media relay rewriting SDP) offered us.
+        self.event("sdp", call_id=call.id, local_sdp=prm.sdp.wholeSdp, remote_sdp=prm.remSdp.wholeSdp)
+
+    def on_call_media_state(self, call: AgentCall) -> None:
+        info = call.info
+        call_id = info.id
+        media = self.media.setdefault(call_id, CallMedia())
+        for mi in info.media:
+            if mi.type != pj.MediaType.AUDIO:
+                continue
+            status = mi.status.name
+            if status == "ACTIVE" and mi.audioConfSlot >= 0:
+                media.conf_slot = mi.audioConfSlot
+                stats = parse_call_dump(self.c.call_dump(call_id))
+                self.event("media_active", call_id=call_id, conf_slot=media.conf_slot, codec=stats["codec"],
+                           dir=mi.dir.name)
+                if media.tone_hz is None and self.default_tone_hz is not None:
+                    media.tone_hz = self.default_tone_hz
+                if media.record_path is None and self.default_record_path is not None:
+                    media.record_path = self.default_record_path
+                self.attach_media(call_id)
+            else:
+                self.event("media_state", call_id=call_id, status=status)
+
+    # -- media plumbing ---------------------------------------------------------------------------
+
+    def attach_media(self, call_id: int) -> None:
+        """Connect the wanted tone player and recorder to the call once its audio slot exists."""
+        media = self.media[call_id]
+        if media.conf_slot < 0:
+            return
+        if media.tone_hz is not None and media.player_id < 0:
+            path = media.tone_path or os.path.join(
+                self.tmp_dir, f"sipfarm-peer-{self.name}-{os.getpid()}-{media.tone_hz:g}hz.wav")
+            if path not in self.tone_files:
+                write_tone_wav(path, media.tone_hz)
+                self.tone_files.add(path)
+            media.tone_path = path
+            media.player_id, media.player_slot = self.c.player_create(path)
+            self.c.check(self.c.lib.pjsua_conf_connect(media.player_slot, media.conf_slot), "conf_connect")
+            self.event("tone_playing", call_id=call_id, hz=media.tone_hz, path=path)
+        if media.record_path is not None and media.recorder_id < 0:
+            media.recorder_id, media.recorder_slot = self.c.recorder_create(media.record_path)
+            self.c.check(self.c.lib.pjsua_conf_connect(media.conf_slot, media.recorder_slot),
+                         "conf_connect")
+            self.event("recording", call_id=call_id, path=media.record_path)
+
+    def release_media(self, call_id: int) -> None:
+        media = self.media.get(call_id)
+        if media is None:
+            return
+        if media.player_id >= 0:
+            self.c.lib.pjsua_player_destroy(media.player_id)
+            media.player_id = -1
+        if media.recorder_id >= 0:
+            # Destroying the recorder writes the WAV header sizes: the file is complete only now.
+            self.c.lib.pjsua_recorder_destroy(media.recorder_id)
+            media.recorder_id = -1
+            path = media.record_path or ""
+            self.event("record_done", call_id=call_id, path=path,
+                       bytes=os.path.getsize(path) if os.path.exists(path) else 0)
+
+    def snapshot_stats(self) -> None:
+        """Keep each call's latest RTP totals: pjsua frees the stream before DISCONNECTED is reported."""
+        for call_id, media in self.media.items():
+            if media.conf_slot >= 0:
+                stats = parse_call_dump(self.c.call_dump(call_id))
+                if stats["has_media"]:
+                    media.last_stats = stats
+
+    def forget_call(self, call_id: int) -> None:
+        self.release_media(call_id)
+        self.media.pop(call_id, None)
+        self.calls.pop(call_id, None)
+
+    # -- commands ---------------------------------------------------------------------------------
+
+    def handle_line(self, line: bytes) -> None:
+        try:
+            cmd = json.loads(line)
+        except ValueError as exc:
+            self.send({"reply": None, "ok": False, "error": f"bad JSON: {exc}"})
+            return
+        if not isinstance(cmd, dict):
+            self.send({"reply": None, "ok": False, "error": "command must be a JSON object"})
+            return
+        name = cmd.get("cmd")
+        reply: JsonObject = {"reply": name, "id": cmd.get("id")}
+        handler = getattr(self, f"cmd_{name}", None) if isinstance(name, str) else None
+        if handler is None:
+            reply.update(ok=False, error=f"unknown command {name!r}")
+        else:
+            try:
+                reply.update(handler(cmd) or {})
+                reply["ok"] = True
+            except AgentError as exc:
+                reply.update(ok=False, error=str(exc))
+            except Exception as exc:  # pjsua2 errors (RuntimeError) and bugs alike go back to the test
+                reply.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+        self.send(reply)
+
+    def require_started(self) -> pj.Endpoint:
+        if self.ep is None:
+            raise AgentError("not started: send start first")
+        return self.ep
+
+    def cmd_start(self, cmd: JsonObject) -> JsonObject:
+        if self.ep is not None:
+            raise AgentError("already started")
+        transport = str(cmd.get("transport", "udp")).lower()
+        if transport not in ("udp", "tcp"):
+            raise AgentError(f"transport must be udp or tcp, not {transport!r}")
+        bound = str(cmd.get("bind", "127.0.0.1"))
+        port = int(cmd.get("port", 0))
+        self.c.pj.pj_log_set_level(0)  # before libCreate: no banner
+        ep = pj.Endpoint()
+        ep.libCreate()
+        self.ep = ep
+        cfg = pj.EpConfig()
+        cfg.uaConfig.threadCnt = 0
+        cfg.uaConfig.mainThreadOnly = False
+        cfg.uaConfig.maxCalls = int(cmd.get("max_calls", 4))
+        cfg.logConfig.level = 0
+        cfg.logConfig.consoleLevel = 0
+        cfg.logConfig.msgLogging = 0
+        cfg.medConfig.noVad = True  # continuous RTP: packet counts mean something
+        cfg.medConfig.ecTailLen = 0
+        ep.libInit(cfg)
+        tcfg = pj.TransportConfig()
+        tcfg.port = port
+        tcfg.boundAddress = bound
+        tcfg.publicAddress = bound
+        ttype = pj.TransportType.TCP if transport == "tcp" else pj.TransportType.UDP
+        self.transport_id = ep.transportCreate(ttype, tcfg)
+        ep.libStart()
+        ep.audDevManager.setNullDev()
+        self.transport = transport
+        self.bound = bound
+        local = ep.transportGetInfo(self.transport_id).localName
+        self.local_port = int(local.rsplit(":", 1)[1])
+        codecs = [str(c) for c in cmd.get("codecs", ["PCMU", "PCMA"])]
+        for other in OTHER_CODECS:
+            self.c.codec_priority(other, 0)
+        for rank, codec in enumerate(codecs):
+            self.c.check(self.c.codec_priority(codec, 255 - rank), f"codec priority {codec}")
+        return {"port": self.local_port, "address": bound, "transport": transport,
+                "local_name": local, "version": ep.version.full, "codecs": codecs}
+
+    def cmd_register(self, cmd: JsonObject) -> JsonObject:
+        self.require_started()
+        if self.account is not None:
+            raise AgentError("already registered: one account per agent")
+        user = str(cmd["user"])
+        domain = str(cmd["domain"])
+        registrar = str(cmd["registrar"])
+        transport = str(cmd.get("transport", self.transport)).lower()
+        proxy = cmd.get("proxy", registrar)
+        tparam = ";transport=tcp" if transport == "tcp" else ""
+        acfg = pj.AccountConfig()
+        acfg.idUri = f"sip:{user}@{domain}"
+        reg = acfg.regConfig
+        reg.registrarUri = f"sip:{registrar}{tparam}"
+        reg.timeoutSec = int(cmd.get("expires", 300))
+        reg.retryIntervalSec = 0  # report a failure once, never retry behind the test's back
+        reg.firstRetryIntervalSec = 0
+        reg.registerOnAdd = bool(cmd.get("register", True))
+        sip = acfg.sipConfig
+        sip.transportId = self.transport_id
+        if proxy:
+            proxies = pj.StringVector()
+            proxies.append(f"sip:{proxy};lr{tparam}")
+            sip.proxies = proxies
+        password = cmd.get("password")
+        if password is not None:
+            creds = pj.AuthCredInfoVector()
+            creds.append(pj.AuthCredInfo("digest", str(cmd.get("realm", "*")),
+                                         str(cmd.get("auth_user", user)), 0, str(password)))
+            sip.authCreds = creds
+        acc = AgentAccount(self)
+        acc.create(acfg, True)
+        self.account = acc
+        return {"uri": acfg.idUri, "registrar": reg.registrarUri}
+
+    def cmd_unregister(self, cmd: JsonObject) -> JsonObject:
+        if self.account is None:
+            raise AgentError("no account")
+        self.account.setRegistration(False)
+        return {}
+
+    def cmd_auto_answer(self, cmd: JsonObject) -> JsonObject:
+        enabled = bool(cmd.get("enabled", True))
+        self.auto_answer_code = int(cmd.get("code", 200)) if enabled else None
+        return {"enabled": enabled, "code": self.auto_answer_code}
+
+    def pick_call(self, cmd: JsonObject) -> int:
+        if cmd.get("call_id") is not None:
+            call_id = int(cmd["call_id"])
+            if call_id not in self.calls:
+                raise AgentError(f"no call {call_id}")
+            return call_id
+        if not self.calls:
+            raise AgentError("no call")
+        return max(self.calls)
+
+    def cmd_call(self, cmd: JsonObject) -> JsonObject:
+        self.require_started()
+        if self.account is None:
+            raise AgentError("no account: send register first")
+        call = AgentCall(self, self.account)
+        op = pj.CallOpParam(True)
+        call.makeCall(str(cmd["uri"]), op)
+        call_id = call.id
+        self.calls[call_id] = call
+        self.media.setdefault(call_id, CallMedia())
+        return {"call_id": call_id}
+
+    def cmd_answer(self, cmd: JsonObject) -> JsonObject:
+        call_id = self.pick_call(cmd)
+        op = pj.CallOpParam(True)
+        op.statusCode = pj.StatusCode(int(cmd.get("code", 200)))
+        self.calls[call_id].answer(op)
+        return {"call_id": call_id}
+
+    def cmd_hangup(self, cmd: JsonObject) -> JsonObject:
+        if cmd.get("call_id") is None and cmd.get("all"):
+            self.require_started().hangupAllCalls()
+            return {"call_ids": sorted(self.calls)}
+        call_id = self.pick_call(cmd)
+        op = pj.CallOpParam(True)
+        if cmd.get("code") is not None:
+            op.statusCode = pj.StatusCode(int(cmd["code"]))
+        self.calls[call_id].hangup(op)
+        return {"call_id": call_id}
+
+    def cmd_play_tone(self, cmd: JsonObject) -> JsonObject:
+        hz = float(cmd["hz"])
+        if not 20 <= hz <= TONE_RATE / 2:
+            raise AgentError(f"tone frequency {hz} Hz out of range 20..{TONE_RATE // 2}")
+        if not self.calls or cmd.get("next_call"):
+            self.default_tone_hz = hz  # played into every call whose media comes up later
+            return {"call_id": None, "hz": hz}
+        call_id = self.pick_call(cmd)
+        media = self.media.setdefault(call_id, CallMedia())
+        if media.player_id >= 0:
+            raise AgentError(f"call {call_id} already plays {media.tone_hz} Hz")
+        media.tone_hz = hz
+        self.attach_media(call_id)
+        return {"call_id": call_id, "hz": hz}
+
+    def cmd_record(self, cmd: JsonObject) -> JsonObject:
+        path = str(cmd["path"])
+        if not path.endswith(".wav"):
+            raise AgentError("record path must end in .wav")
+        if not self.calls or cmd.get("next_call"):
+            self.default_record_path = path
+            return {"call_id": None, "path": path}
+        call_id = self.pick_call(cmd)
+        media = self.media.setdefault(call_id, CallMedia())
+        if media.recorder_id >= 0:
+            raise AgentError(f"call {call_id} already records to {media.record_path}")
+        media.record_path = path
+        self.attach_media(call_id)
+        return {"call_id": call_id, "path": path}
+
+    def cmd_stop_record(self, cmd: JsonObject) -> JsonObject:
+        call_id = self.pick_call(cmd)
+        media = self.media[call_id]
+        if media.recorder_id < 0:
+            raise AgentError(f"call {call_id} is not recording")
+        self.c.lib.pjsua_recorder_destroy(media.recorder_id)
+        media.recorder_id = -1
+        self.event("record_done", call_id=call_id, path=media.record_path,
+                   bytes=os.path.getsize(media.record_path or ""))
+        return {"call_id": call_id}
+
+    def cmd_stats(self, cmd: JsonObject) -> JsonObject:
+        call_id = self.pick_call(cmd)
+        stats = parse_call_dump(self.c.call_dump(call_id))
+        if not stats["has_media"] and call_id in self.media:
+            stats = self.media[call_id].last_stats or stats
+        info = self.calls[call_id].info
+        return {"call_id": call_id, "state": info.state.name, **stats}
+
+    def cmd_calls(self, cmd: JsonObject) -> JsonObject:
+        calls = [{"call_id": cid, "state": call.info.state.name} for cid, call in self.calls.items()]
+        return {"calls": calls}
+
+    def cmd_ping(self, cmd: JsonObject) -> JsonObject:
+        return {"name": self.name, "pid": os.getpid()}
+
+    def cmd_quit(self, cmd: JsonObject) -> JsonObject:
+        self.quitting = True
+        return {}
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def poll(self, ms: int) -> None:
+        if self.ep is not None:
+            self.c.lib.pjsua_handle_events(ms)
+        else:
+            time.sleep(ms / 1000)
+        while self.deferred:
+            self.deferred.pop(0)()
+
+    def shutdown(self, reason: str) -> None:
+        self.event("shutting_down", reason=reason)
+        ep = self.ep
+        if ep is None:
+            return
+        if self.calls:
+            ep.hangupAllCalls()
+            deadline = time.monotonic() + SHUTDOWN_POLL_S
+            while self.calls and time.monotonic() < deadline:
+                self.poll(POLL_MS)
+        for call_id in list(self.media):
+            self.release_media(call_id)
+        self.calls.clear()
+        self.media.clear()
+        if self.account is not None:
+            self.account.shutdown()
+            self.account = None
+            deadline = time.monotonic() + 0.3  # let the un-REGISTER go out
+            while time.monotonic() < deadline:
+                self.poll(POLL_MS)
+        self.deferred.clear()
+        for path in self.tone_files:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        # A pj.Call still referenced after libDestroy aborts the process (PEERS.md).
+        gc.collect()
+        ep.libDestroy()
+        self.ep = None
+
+
+def run(args: argparse.Namespace) -> int:
+    out_fd = os.dup(1)
+    os.dup2(2, 1)  # anything pjsip prints lands on stderr, never in the JSON stream
+    sys.stdout = sys.stderr
+    agent = Agent(out_fd, args.name, args.tmp_dir)
+    agent.event("ready", pid=os.getpid(), name=args.name)
+    deadline = time.monotonic() + args.max_lifetime
+    stdin_fd = sys.stdin.fileno()
+    os.set_blocking(stdin_fd, False)
+    buffer = b""
+    reason = "quit"
+    next_snapshot = 0.0
+    while not agent.quitting:
+        agent.poll(POLL_MS)
+        now = time.monotonic()
+        if now > deadline:
+            reason = "max lifetime"
+            break
+        if agent.ep is not None and now >= next_snapshot:
+            agent.snapshot_stats()
+            next_snapshot = now + STATS_SNAPSHOT_S
+        ready, _, _ = select.select([stdin_fd], [], [], 0)
+        if not ready:
+            continue
+        try:
+            chunk = os.read(stdin_fd, STDIN_CHUNK)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            reason = "stdin closed"
+            break
+        buffer += chunk
+        if len(buffer) > MAX_LINE:
+            reason = "command line too long"
+            break
+        while b"\n" in buffer and not agent.quitting:
+            line, buffer = buffer.split(b"\n", 1)
+            if line.strip():
+                agent.handle_line(line)
+    try:
+        agent.shutdown(reason)
+    finally:
+        agent.event("exit", reason=reason)
+        os.close(out_fd)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--name", default="peer")
+    parser.add_argument("--max-lifetime", type=float, default=300.0, help="seconds before exiting anyway")
+    parser.add_argument("--tmp-dir", default="/tmp")
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

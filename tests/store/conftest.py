@@ -1,0 +1,28 @@
+"""Store tests: ``async def`` tests run in a fresh event loop each (no asyncio plugin needed)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from store_support import OpenStores, Stores
+
+from sipfarm.store import AccountStore, LocationStore, create_redis
+
+
+@pytest.fixture
+def open_stores(redis_url: str) -> OpenStores:
+    """``async with open_stores() as s:`` an AccountStore and a LocationStore on a fresh client
+    (one node's view of the farm); keyword arguments go to ``create_redis``."""
+
+    @asynccontextmanager
+    async def open_(**kwargs: Any) -> AsyncIterator[Stores]:
+        redis = create_redis(redis_url, **kwargs)
+        try:
+            yield Stores(AccountStore(redis), LocationStore(redis))
+        finally:
+            await redis.aclose()
+
+    return open_

@@ -1,0 +1,242 @@
+"""TCP flows through TransportManager over real sockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+
+from conftest import Runner, Uas, read_message, sip_request, wait_until
+
+from sipfarm.sip.address import Address
+from sipfarm.sip.message import SipMessage
+from sipfarm.sip.parser import parse_message
+from sipfarm.transport.config import TransportConfig
+from sipfarm.transport.manager import TransportManager
+
+TCP_VIA = "SIP/2.0/TCP 127.0.0.1:5070;branch=z9hG4bK-1;rport"
+
+
+async def _uas_on_tcp(uas: Uas, **config: float) -> tuple[TransportManager, Address]:
+    manager = TransportManager(uas, config=TransportConfig(**config))  # type: ignore[arg-type]
+    uas.manager = manager
+    return manager, await manager.listen("tcp:127.0.0.1:0")
+
+
+async def _connect(addr: Address) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection(addr.host, addr.port)
+
+
+async def _closed_by_peer(reader: asyncio.StreamReader, timeout: float = 3.0) -> bool:
+    try:
+        while await asyncio.wait_for(reader.read(65536), timeout):
+            pass
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def test_message_split_byte_by_byte_is_framed_and_answered_on_the_same_connection(arun: Runner) -> None:
+    async def scenario() -> None:
+        uas = Uas()
+        manager, addr = await _uas_on_tcp(uas)
+        reader, writer = await _connect(addr)
+        data = sip_request(via=TCP_VIA, body=b"v=0\r\n")
+        for i in range(len(data)):
+            writer.write(data[i : i + 1])
+            await writer.drain()
+            await asyncio.sleep(0)
+        response = parse_message(await read_message(reader))
+        assert response.status == 200
+        msg, source, local = uas.seen[0]
+        assert msg.body == b"v=0\r\n"
+        assert source == Address("tcp", *writer.get_extra_info("sockname")[:2])
+        assert local == addr
+        # the answer used the connection the client opened: no second connection
+        assert manager.stats.connections_opened == 1
+        assert manager.stats.received["tcp"] == manager.stats.sent["tcp"] == 1
+        writer.close()
+        await manager.close()
+
+    arun(scenario())
+
+
+def test_two_messages_in_one_write(arun: Runner) -> None:
+    async def scenario() -> None:
+        uas = Uas()
+        manager, addr = await _uas_on_tcp(uas)
+        reader, writer = await _connect(addr)
+        writer.write(sip_request(via=TCP_VIA, call_id="one") + sip_request(via=TCP_VIA, call_id="two"))
+        first = parse_message(await read_message(reader))
+        second = parse_message(await read_message(reader))
+        assert (first.call_id, second.call_id) == (b"one", b"two")
+        assert [m.call_id for m, _, _ in uas.seen] == [b"one", b"two"]
+        writer.close()
+        await manager.close()
+
+    arun(scenario())
+
+
+def test_crlfcrlf_ping_gets_a_crlf_pong(arun: Runner) -> None:
+    async def scenario() -> None:
+        manager, addr = await _uas_on_tcp(Uas())
+        reader, writer = await _connect(addr)
+        writer.write(b"\r\n\r\n")
+        assert await asyncio.wait_for(reader.readexactly(2), 3) == b"\r\n"
+        # the flow is still usable afterwards
+        writer.write(sip_request(via=TCP_VIA))
+        assert parse_message(await read_message(reader)).status == 200
+        assert manager.stats.keepalive_pings == 1
+        writer.close()
+        await manager.close()
+
+    arun(scenario())
+
+
+def test_garbage_and_oversize_connections_are_closed_others_keep_working(arun: Runner) -> None:
+    async def scenario() -> None:
+        uas = Uas()
+        manager, addr = await _uas_on_tcp(uas, max_message_size=4000)
+        good_r, good_w = await _connect(addr)
+        good_w.write(sip_request(via=TCP_VIA, call_id="before"))
+        assert parse_message(await read_message(good_r)).status == 200
+
+        bad_r, bad_w = await _connect(addr)
+        bad_w.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # no Content-Length: framing error
+        assert await _closed_by_peer(bad_r)
+        big_r, big_w = await _connect(addr)
+        big_w.write(sip_request(via=TCP_VIA, content_length=10_000))  # announces an oversize body
+        assert await _closed_by_peer(big_r)
+        flood_r, flood_w = await _connect(addr)
+        flood_w.write(b"INVITE sip:x SIP/2.0\r\n" + b"X: y\r\n" * 1000)  # headers never end
+        assert await _closed_by_peer(flood_r)
+
+        good_w.write(sip_request(via=TCP_VIA, call_id="after"))
+        assert parse_message(await read_message(good_r)).call_id == b"after"
+        stats = manager.stats
+        assert stats.parse_errors == {"bad_message": 1, "too_large": 2}
+        assert stats.abuse == {"bad_message": 1, "too_large": 2}
+        assert stats.connections_closed_abuse == 3
+        await wait_until(lambda: stats.connections_closed == 3)
+        for w in (good_w, bad_w, big_w, flood_w):
+            w.close()
+        await manager.close()
+
+    arun(scenario())
+
+
+def test_malformed_but_framed_message_is_answered_and_the_flow_stays(arun: Runner) -> None:
+    async def scenario() -> None:
+        manager, addr = await _uas_on_tcp(Uas())
+        reader, writer = await _connect(addr)
+        writer.write(sip_request(via=TCP_VIA, cseq_method="BYE") + sip_request(via=TCP_VIA))
+        assert parse_message(await read_message(reader)).status == 400
+        assert parse_message(await read_message(reader)).status == 200
+        assert manager.stats.connections_closed_abuse == 0
+        writer.close()
+        await manager.close()
+
+    arun(scenario())
+
+
+def test_stalled_partial_message_is_closed_after_the_timeout(arun: Runner) -> None:
+    async def scenario() -> None:
+        manager, addr = await _uas_on_tcp(Uas(), message_timeout=0.2)
+        other_r, other_w = await _connect(addr)
+        reader, writer = await _connect(addr)
+        writer.write(sip_request(via=TCP_VIA)[:60])
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        assert await _closed_by_peer(reader)
+        assert 0.15 < loop.time() - start < 2.0
+        assert manager.stats.abuse == {"stalled": 1}
+        other_w.write(sip_request(via=TCP_VIA))  # idle, not stalled: still open
+        assert parse_message(await read_message(other_r)).status == 200
+        writer.close()
+        other_w.close()
+        await manager.close()
+
+    arun(scenario())
+
+
+def test_idle_connection_is_closed(arun: Runner) -> None:
+    async def scenario() -> None:
+        manager, addr = await _uas_on_tcp(Uas(), idle_timeout=0.2)
+        reader, writer = await _connect(addr)
+        assert await _closed_by_peer(reader)
+        assert manager.stats.connections_idle_closed == 1
+        assert manager.stats.connections_closed_abuse == 0
+        writer.close()
+        await manager.close()
+
+    arun(scenario())
+
+
+def test_connection_limit(arun: Runner) -> None:
+    async def scenario() -> None:
+        manager, addr = await _uas_on_tcp(Uas(), max_connections=1)
+        reader, writer = await _connect(addr)
+        writer.write(b"\r\n\r\n")
+        assert await asyncio.wait_for(reader.readexactly(2), 3) == b"\r\n"
+        refused_r, refused_w = await _connect(addr)
+        assert await _closed_by_peer(refused_r)
+        assert manager.stats.connections_refused == 1
+        for w in (writer, refused_w):
+            w.close()
+        await manager.close()
+
+    arun(scenario())
+
+
+def test_peer_that_does_not_read_is_closed(arun: Runner) -> None:
+    async def scenario() -> None:
+        manager, addr = await _uas_on_tcp(Uas(), write_buffer_high=16 * 1024, write_buffer_limit=64 * 1024)
+        _reader, writer = await _connect(addr)
+        writer.write(b"\r\n\r\n")
+        await wait_until(lambda: manager.stats.keepalive_pings == 1)
+        peer = Address("tcp", *writer.get_extra_info("sockname")[:2])
+        blob = b"x" * 65536
+        for _ in range(2000):  # the kernel's buffers fill up first, then ours
+            if not manager.send(blob, peer):
+                break
+            await asyncio.sleep(0)
+        assert manager.stats.abuse == {"slow_reader": 1}
+        writer.close()
+        await manager.close()
+
+    arun(scenario(), timeout=20)
+
+
+def test_outbound_connection_carries_request_and_response(arun: Runner) -> None:
+    async def scenario() -> None:
+        server_uas = Uas()
+        server, addr = await _uas_on_tcp(server_uas)
+        answers: list[tuple[SipMessage, Address]] = []
+        client = TransportManager(lambda msg, source, local: answers.append((msg, source)))
+        assert client.send(sip_request(via=TCP_VIA, call_id="out-1"), addr)  # queued while connecting
+        assert client.send(sip_request(via=TCP_VIA, call_id="out-2"), addr)
+        await wait_until(lambda: len(answers) == 2)
+        assert [(m.status, m.call_id) for m, _ in answers] == [(200, b"out-1"), (200, b"out-2")]
+        assert all(source == addr for _, source in answers)
+        assert client.has_flow(addr)
+        assert client.send(sip_request(via=TCP_VIA, call_id="out-3"), addr)
+        await wait_until(lambda: len(answers) == 3)
+        assert client.stats.connections_opened == 1  # one connection, reused
+        assert server.stats.connections_opened == 1
+        await client.close()
+        await server.close()
+
+    arun(scenario())
+
+
+def test_outbound_connect_failure_is_counted(arun: Runner) -> None:
+    async def scenario() -> None:
+        probe = TransportManager(Uas())
+        addr = await probe.listen("tcp:127.0.0.1:0")
+        await probe.close()  # now nothing listens there
+        client = TransportManager(Uas())
+        assert client.send(sip_request(via=TCP_VIA), addr)  # queued
+        await wait_until(lambda: client.stats.connect_failures == 1)
+        assert client.stats.dropped == 1
+        assert not client.has_flow(addr)
+        await client.close()
+
+    arun(scenario())
