@@ -34,14 +34,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from benchmarks.kamailio import KAMAILIO_BIN, KamailioError, User, make_users, write_calls_csv, write_users_csv
 from benchmarks.measure import MemorySampler, ProcessTree, calls_delta, cpu_delta, udp_drops, udp_drops_by_inode
-from benchmarks.process import udp_receive_buffer_errors
+from benchmarks.process import sipfarm_env, udp_receive_buffer_errors
 from benchmarks.search import SearchResult, Step, find_max_rate
 from benchmarks.sipp import REGISTER_AUTH, UAC_CALL, SippError, SippResult, SippServer, run_sipp
 from benchmarks.targets import KamailioTarget, SipfarmTarget, Target, TargetError
@@ -82,6 +82,8 @@ class Settings:
     fixed_call_rate: float
     kamailio: bool
     kamailio_redis: bool
+    build: str = "auto"  # requested: auto | compiled | interpreted
+    build_used: str = ""  # what the sipfarm processes ran (sipfarm_env)
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,12 +324,14 @@ class Harness:
         self.deadline = time.monotonic() + settings.total_budget_s
         target_count = len(settings.nodes) + int(settings.kamailio) + int(settings.kamailio_redis)
         self.searches_left = 2 * target_count if settings.search else 0
+        self.env, _ = sipfarm_env(settings.build)
 
     def targets(self) -> Iterator[Callable[[], Target]]:
         s = self.settings
         raw = self.out / "raw"
         for n in s.nodes:
-            yield functools.partial(SipfarmTarget, raw / f"sipfarm-{n}n", self.users, nodes=n, workers=s.workers)
+            yield functools.partial(SipfarmTarget, raw / f"sipfarm-{n}n", self.users, nodes=n, workers=s.workers,
+                                    env=self.env)
         if s.kamailio:
             yield lambda: KamailioTarget(raw / "kamailio", self.users, workers=s.workers, redis_location=False)
         if s.kamailio_redis:
@@ -488,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-search", action="store_true", help="one fixed-rate step of each kind")
     p.add_argument("--no-kamailio", action="store_true", help="skip the Kamailio comparison")
     p.add_argument("--no-kamailio-redis", action="store_true", help="skip Kamailio with location in Redis")
+    p.add_argument("--build", choices=("auto", "compiled", "interpreted"), default="auto",
+                   help="sipfarm as compiled by 'make compiled' (mypyc) or pure Python; auto: compiled when "
+                   "that build is fresh")
     p.add_argument("--out", type=Path, default=Path("results"), help="results/<timestamp>/ goes here")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     return p
@@ -527,6 +534,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         fixed_call_rate=pick(args.call_rate, 20.0, 20.0, 5.0),
         kamailio=kamailio_ok and not args.no_kamailio,
         kamailio_redis=kamailio_ok and not args.no_kamailio and not args.no_kamailio_redis and not args.tiny,
+        build=args.build,
     )
 
 
@@ -559,6 +567,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for message in fatal:
             print(f"sipfarm bench: {message}", file=sys.stderr)
         return EXIT_MISSING_TOOL
+    try:
+        _, build_used = sipfarm_env(settings.build)
+    except RuntimeError as exc:
+        print(f"sipfarm bench: {exc}", file=sys.stderr)
+        return EXIT_MISSING_TOOL
+    settings = replace(settings, build_used=build_used)
+    if build_used != "compiled":
+        notes.append(f"sipfarm ran {build_used}: 'make compiled' builds the faster mypyc modules")
     for note in notes:
         print(f"sipfarm bench: {note}", file=sys.stderr)
     if settings.kamailio and not settings.kamailio_redis and settings.mode != "tiny" and not args.no_kamailio_redis:

@@ -13,7 +13,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -74,7 +74,8 @@ class Stoppable:
 class ManagedProcess(Stoppable):
     """A long-lived child process with its output in a log file; a context manager that stops it."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path, cwd: Path | None = None) -> None:
+    def __init__(self, name: str, argv: Sequence[str], log_path: Path, cwd: Path | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
@@ -85,6 +86,7 @@ class ManagedProcess(Stoppable):
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=cwd,
+            env=dict(env) if env is not None else None,
             start_new_session=True,
         )
 
@@ -146,3 +148,46 @@ def udp_receive_buffer_errors() -> int:
     if len(udp) < 2 or "RcvbufErrors" not in udp[0]:
         return 0
     return int(udp[1][udp[0].index("RcvbufErrors")])
+
+
+REPO = Path(__file__).resolve().parent.parent
+COMPILED_DIR = REPO / "build" / "compiled"
+
+
+def compiled_build_state(build_dir: Path = COMPILED_DIR, source: Path = REPO) -> str:
+    """'fresh', 'stale' (a source changed since `make compiled`) or 'missing'.
+
+    The build is a copy of `sipfarm/` and `media/` with extension modules beside the copied
+    sources (scripts/build-compiled.sh): it is fresh when every copied .py equals its source
+    and no source file is missing from it.
+    """
+    if not any(build_dir.glob("sipfarm/**/*.so")):
+        return "missing"
+    for package in ("sipfarm", "media"):
+        for src in (source / package).rglob("*.py"):
+            copy = build_dir / src.relative_to(source)
+            try:
+                if copy.read_bytes() != src.read_bytes():
+                    return "stale"
+            except OSError:
+                return "stale"
+    return "fresh"
+
+
+def sipfarm_env(build: str) -> tuple[dict[str, str], str]:
+    """The environment sipfarm processes run with, and which build that is.
+
+    `build`: 'compiled' (fails unless `make compiled` is fresh), 'interpreted', or 'auto'
+    (compiled when fresh, else interpreted).
+    """
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    if build == "interpreted":
+        return env, "interpreted"
+    state = compiled_build_state()
+    if state != "fresh":
+        if build == "compiled":
+            raise RuntimeError(f"compiled build is {state}: run 'make compiled' first")
+        return env, f"interpreted (compiled build {state})"
+    env["PYTHONPATH"] = str(COMPILED_DIR)
+    return env, "compiled"

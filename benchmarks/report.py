@@ -163,6 +163,7 @@ def markdown(summary: Mapping[str, Any]) -> str:
         f"Machine: {m['nproc']} CPUs, {m['cpu_model']}, kernel {m['kernel']}, load average at start "
         f"{', '.join(f'{x:.2f}' for x in m['loadavg_at_start'])}; {m.get('sipp')}; {m.get('kamailio')}; "
         f"{m.get('redis')}.",
+        f"sipfarm build: {s.get('build_used') or 'interpreted'}. "
         f"Users: {s['users']:,}; workers per node / Kamailio children: {s['workers']}; call hold {s['hold_ms']} ms; "
         f"steps of {s['step_s']:g} s; a step passes with < 1% failed, >= 90% of the offered rate sent and "
         f"completed" + (f", p99 <= {s['max_p99_ms']:g} ms" if s["max_p99_ms"] else "") + ".",

@@ -13,7 +13,7 @@ import contextlib
 import functools
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -128,8 +128,10 @@ class SipfarmTarget(Target):
 
     kind = "sipfarm"
 
-    def __init__(self, workdir: Path, users: Sequence[User], *, nodes: int, workers: int) -> None:
+    def __init__(self, workdir: Path, users: Sequence[User], *, nodes: int, workers: int,
+                 env: Mapping[str, str] | None = None) -> None:
         super().__init__()
+        self.env = env
         self.workdir = workdir.resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.users = users
@@ -144,7 +146,7 @@ class SipfarmTarget(Target):
 
     def _spawn(self, label: str, argv: list[str]) -> ManagedProcess:
         proc = ManagedProcess(label, [sys.executable, "-m", "sipfarm", *argv], self.workdir / f"{label}.log",
-                              cwd=self.workdir)
+                              cwd=self.workdir, env=self.env)
         self._procs.append((label, proc))
         return proc
 

@@ -23,6 +23,7 @@ in one place (:meth:`_fail`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -55,6 +56,7 @@ from sipfarm.sip.errors import (
     TooManyHops,
 )
 from sipfarm.sip.headers import HeaderError, parse_name_addr, via_branch
+from sipfarm.sip.ids import random_hex
 from sipfarm.sip.message import SipMessage, error_response, make_response
 from sipfarm.sip.parser import max_forwards
 from sipfarm.sip.transaction import (
@@ -1019,9 +1021,10 @@ def _upstream(response: SipMessage) -> SipMessage:
 
 
 def _random_hex() -> bytes:
-    return secrets.token_hex(6).encode()
+    return random_hex(6)
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)

@@ -104,11 +104,28 @@ class Binding:
 
     @classmethod
     def from_json(cls, data: bytes | str) -> Binding:
+        """Decode a stored binding. Bindings are immutable, so a lookup's decodes are memoised
+        by their raw value (a busy callee's bindings are read on every call to it)."""
+        hit = _DECODED.get(data)
+        if hit is not None:
+            return hit
+        binding = cls._decode(data)
+        if len(_DECODED) >= _DECODED_MAX:
+            _DECODED.clear()
+        _DECODED[data] = binding
+        return binding
+
+    @classmethod
+    def _decode(cls, data: bytes | str) -> Binding:
         try:
             c, e, q, ci, cs, ins, rid, path, rcv, ua, node, upd = _loads(data)
             return cls(c, e, q, ci, cs, ins, rid, tuple(path), rcv, ua, node, upd)
         except (ValueError, TypeError) as exc:
             raise StoreError(f"corrupt binding {data!r:.200}: {exc}") from exc
+
+
+_DECODED: dict[bytes | str, Binding] = {}
+_DECODED_MAX: Final = 4096
 
 
 def _order(bindings: Iterable[Binding]) -> list[Binding]:
