@@ -7,12 +7,12 @@ APT_PACKAGES := redis-server sip-tester kamailio kamailio-redis-modules openssl 
 # Commands that tell us whether each package above is there.
 APT_PROBES := redis-server sipp kamailio openssl ip unshare
 
-.PHONY: run test lint typecheck pytest setup system-deps bench bench-quick clean
+.PHONY: run test lint typecheck pytest pytest-compiled setup system-deps bench bench-quick clean compiled
 
 run: setup
 	.venv/bin/sipfarm up
 
-test: setup lint typecheck pytest
+test: setup lint typecheck pytest pytest-compiled
 
 setup: system-deps $(VENV_STAMP)
 
@@ -36,11 +36,21 @@ pytest:
 	@bash scripts/in-netns.sh .venv/bin/pytest -q -m 'not slow'; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest ran no test: failing"; exit 1; fi; exit $$rc
 
-bench: setup
-	.venv/bin/sipfarm bench
+# The protocol, node and balancer suites again, against the mypyc build (what benchmarks run).
+pytest-compiled: $(VENV_STAMP)
+	@bash scripts/test-compiled.sh tests/sip tests/node tests/balancer tests/store tests/transport
 
-bench-quick: setup
-	.venv/bin/sipfarm bench --quick
+# Benchmarks measure the mypyc build of the hot path (`make compiled`).
+bench: setup compiled
+	.venv/bin/sipfarm bench --build compiled
+
+bench-quick: setup compiled
+	.venv/bin/sipfarm bench --quick --build compiled
+
+# mypyc build of the hot-path modules in build/compiled/ (the source tree is untouched):
+# PYTHONPATH=build/compiled to use it, scripts/test-compiled.sh to test it.
+compiled: $(VENV_STAMP)
+	@bash scripts/build-compiled.sh --if-stale
 
 clean:
-	rm -rf .run results .mypy_cache .pytest_cache .ruff_cache
+	rm -rf .run results build .mypy_cache .pytest_cache .ruff_cache

@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         reg = run_sipp(REGISTER_AUTH, target, workdir=work / "reg0", rate=500, calls=len(users),
                        injection=write_users_csv(work / "users.csv", users),
                        variables={"domain": DEFAULT_DOMAIN, "contact": uas.contact, "expires": "3600"})
-        print(f"pre-registration: {reg.calls_succeeded}/{reg.calls_attempted} ok", flush=True)
+        print(f"pre-registration: {reg.calls_succeeded}/{reg.calls_attempted} ok; node pid {node.proc.pid}",
+              flush=True)
         count = round(args.rate * args.seconds)
         if args.kind == "register":
             picked = [users[i % len(users)] for i in range(count)]

@@ -9,15 +9,31 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import inspect
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
+_ROOT = Path(__file__).resolve().parent.parent
+
+if os.environ.get("SIPFARM_TEST_COMPILED"):  # pragma: no cover
+    # scripts/test-compiled.sh: run against the mypyc build in build/compiled/, in this process
+    # and in the `python -m sipfarm` children. They run from our cwd, which `-m` puts first on
+    # their sys.path: make it the build (from the checkout, the source tree would shadow it).
+    _COMPILED = str(_ROOT / "build" / "compiled")
+    sys.path.insert(0, _COMPILED)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_COMPILED, os.environ.get("PYTHONPATH")]))
+    os.chdir(_COMPILED)
+    import sipfarm.sip.parser
+
+    _parser = str(sipfarm.sip.parser.__file__)
+    if not (_parser.startswith(_COMPILED) and _parser.endswith(".so")):
+        pytest.exit(f"SIPFARM_TEST_COMPILED: sipfarm.sip.parser is {_parser}, not the compiled build", 2)
 # Until the project is installed (`make setup` does `pip install -e .`), import it from the
 # checkout.
-if importlib.util.find_spec("sipfarm") is None:  # pragma: no cover
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+elif importlib.util.find_spec("sipfarm") is None:  # pragma: no cover
+    sys.path.insert(0, str(_ROOT))
 
 pytest_plugins = ["fixtures.redis_server", "fixtures.farm"]
 

@@ -194,14 +194,15 @@ class NodeCore:
 
     def _rearm(self) -> None:
         deadline = self.layer.next_deadline()
-        if deadline == self._timer_at or self._loop is None:
-            return
+        if deadline is None or self._loop is None:
+            return  # an armed timer may fire for nothing; cheaper than cancelling it here
+        if self._timer_at is not None and self._timer_at <= deadline:
+            return  # armed early enough: when it fires, handle_timer re-arms for what is left
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self._timer_at = deadline
-        if deadline is not None:
-            self._timer = self._loop.call_at(deadline, self._on_timer)
+        self._timer = self._loop.call_at(deadline, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -247,7 +248,7 @@ class NodeCore:
     @staticmethod
     def _reply_address(msg: SipMessage, source: Address) -> Address:
         top = msg.top_via_value
-        if b";rport=" in top:
+        if top.find(b";rport=") >= 0:
             return source  # stamped by the transport: the source port is the answer port
         try:
             target = via_value_target(top)

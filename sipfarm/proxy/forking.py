@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from sipfarm.sip.address import Address
 from sipfarm.sip.message import SipMessage
+from sipfarm.sip.transaction import ClientTransaction, ServerTransaction
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +40,7 @@ class Branch:
     call: ProxyCall
     target: Target
     request: SipMessage  # the request as sent on this branch
-    client_tx: object = None
+    client_tx: ClientTransaction | None = None
     state: BranchState = BranchState.STARTED
     cancel_wanted: bool = False  # CANCEL as soon as a provisional arrives (RFC 3261 9.1)
     cancelled: bool = False
@@ -58,7 +59,7 @@ def response_rank(status: int) -> tuple[int, int]:
 class ProxyCall:
     """One request the proxy is forwarding (server transaction + its client branches)."""
 
-    server_tx: object
+    server_tx: ServerTransaction
     request: SipMessage  # as received (Route processing done)
     started: float
     groups: list[list[Target]] = field(default_factory=list)  # remaining serial groups

@@ -126,7 +126,7 @@ def register_ok(
         headers.append(("contact", value))
     # RFC 3327 5.3: the registrar echoes Path when the UA supports it.
     supported = b",".join(request.get_all("supported")).lower()
-    if b"path" in supported:
+    if supported.find(b"path") >= 0:
         headers.extend(("path", p) for p in request.values("path"))
     if outbound:
         headers.append(("require", b"outbound"))  # RFC 5626 6

@@ -91,7 +91,7 @@ def is_token(value: bytes) -> bool:
 
 def split_comma(value: bytes) -> list[bytes]:
     """Split a header value on commas outside quoted strings and <...> (RFC 3261 7.3.1)."""
-    if b'"' not in value and b"<" not in value:
+    if value.find(b'"') < 0 and value.find(b"<") < 0:
         return [part.strip() for part in value.split(b",") if part.strip()]
     out: list[bytes] = []
     start = 0
@@ -128,7 +128,7 @@ def split_comma(value: bytes) -> list[bytes]:
 
 def split_semicolon(value: bytes) -> list[bytes]:
     """Split on ';' outside quoted strings."""
-    if b'"' not in value:
+    if value.find(b'"') < 0:
         return value.split(b";")
     out: list[bytes] = []
     start = 0
@@ -344,10 +344,28 @@ def _find_unquoted(value: bytes, char: int) -> int:
     return -1
 
 
+_NAME_ADDRS: dict[bytes, NameAddr] = {}
+_NAME_ADDRS_MAX = 4096
+
+
 def parse_name_addr(value: bytes) -> NameAddr:
-    """From/To/Contact/Route element: ``"Name" <uri>;params`` or ``uri;params`` (RFC 3261 20.10)."""
+    """From/To/Contact/Route element: ``"Name" <uri>;params`` or ``uri;params`` (RFC 3261 20.10).
+
+    Memoised by value like :func:`~sipfarm.sip.uri.parse_uri` (results are immutable; Route
+    and Contact values recur in every dialog through the same hops)."""
+    hit = _NAME_ADDRS.get(value)
+    if hit is not None:
+        return hit
+    parsed = _parse_name_addr(value)
+    if len(_NAME_ADDRS) >= _NAME_ADDRS_MAX:
+        _NAME_ADDRS.clear()
+    _NAME_ADDRS[value] = parsed
+    return parsed
+
+
+def _parse_name_addr(value: bytes) -> NameAddr:
     value = value.strip()
-    lt = _find_unquoted(value, 0x3C) if (b"<" in value) else -1
+    lt = _find_unquoted(value, 0x3C) if (value.find(b"<") >= 0) else -1
     display: str | None = None
     if lt >= 0:
         gt = value.find(b">", lt)

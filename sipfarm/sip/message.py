@@ -117,9 +117,11 @@ class SipMessage:
         if self._uri is None:
             try:
                 self._uri = parse_uri(self.uri)
-            except UnknownScheme as exc:
-                raise UnsupportedURIScheme(str(exc), partial=self) from None
             except URIError as exc:
+                # One handler, not `except UnknownScheme` then `except URIError`: mypyc would give
+                # `exc` the first clause's type and reject a plain URIError in the second.
+                if isinstance(exc, UnknownScheme):
+                    raise UnsupportedURIScheme(str(exc), partial=self) from None
                 raise BadMessage(f"bad Request-URI: {exc}", partial=self) from None
         return self._uri
 
@@ -198,7 +200,7 @@ class SipMessage:
         """Remove and return the first element of list header ``key`` (e.g. the top Route)."""
         for i, (k, raw, v) in enumerate(self.headers):
             if k == key:
-                if key in LIST_HEADERS and (b"," in v):
+                if key in LIST_HEADERS and (v.find(b",") >= 0):
                     parts = split_comma(v)
                     if len(parts) > 1:
                         self.headers[i] = (k, raw, b", ".join(parts[1:]))
@@ -211,7 +213,7 @@ class SipMessage:
         """Replace the first element of list header ``key`` (e.g. the top Via)."""
         for i, (k, raw, v) in enumerate(self.headers):
             if k == key:
-                if key in LIST_HEADERS and (b"," in v):
+                if key in LIST_HEADERS and (v.find(b",") >= 0):
                     parts = split_comma(v)
                     if len(parts) > 1:
                         self.headers[i] = (k, raw, b", ".join([value, *parts[1:]]))
@@ -240,7 +242,7 @@ class SipMessage:
         v = self.get("via")
         if v is None:
             return b""
-        if b"," in v:
+        if v.find(b",") >= 0:
             try:
                 return split_comma(v)[0]
             except HeaderError as exc:

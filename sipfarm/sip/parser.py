@@ -13,6 +13,7 @@ Every defect raises a :class:`~sipfarm.sip.errors.SipError`: a 400 whose reason 
 from __future__ import annotations
 
 import re
+from typing import ClassVar, Final
 
 from sipfarm.sip.errors import (
     BadMessage,
@@ -28,6 +29,8 @@ from sipfarm.sip.uri import SipURI
 
 MAX_MESSAGE_SIZE = 65535
 MAX_HEADERS = 256
+# What StreamFramer.next_event returns for a CRLFCRLF keep-alive (compare with ``is``).
+PING: Final = b"\r\n\r\n"
 
 _FOLD_RE = re.compile(rb"\r?\n[ \t]+")
 _SCHEMES_OK = (b"sip:", b"sips:", b"tel:")
@@ -70,7 +73,7 @@ def parse_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> SipMessag
         body_start = head_end + 4
     else:
         lf_end = data.find(b"\n\n")
-        if lf_end >= 0 and b"\r\n" not in data[:lf_end]:
+        if lf_end >= 0 and data.find(b"\r\n", 0, lf_end) < 0:
             head_end, body_start, sep = lf_end, lf_end + 2, b"\n"  # bare-LF sender: tolerated
         elif data.endswith(b"\r\n"):
             head_end, body_start = len(data) - 2, len(data)  # no blank line, no body
@@ -86,7 +89,7 @@ def parse_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> SipMessag
             sep = b"\n"
     first, _, block = head.partition(sep)
     msg = _parse_start_line(first)
-    if sep == b"\n" and b"\r" in head:
+    if sep == b"\n" and head.find(b"\r") >= 0:
         # RFC 3261 7: CR only as part of CRLF (a bare CR is a line break to some parsers)
         if msg.is_response:
             raise MessageDropped("bare CR in header section")
@@ -148,7 +151,7 @@ def _parse_headers(block: bytes, sep: bytes, msg: SipMessage) -> tuple[list[Head
     if not block:
         return [], {}
     # RFC 3261 7.3.1: a line starting with whitespace continues the previous one.
-    if b"\n " in block or b"\n\t" in block or block[:1] in (b" ", b"\t"):
+    if block.find(b"\n ") >= 0 or block.find(b"\n\t") >= 0 or block[:1] in (b" ", b"\t"):
         if block[:1] in (b" ", b"\t"):
             raise BadMessage("header section starts with a continuation line", partial=msg)
         block = _FOLD_RE.sub(b" ", block)
@@ -214,7 +217,7 @@ def _check_mandatory(msg: SipMessage, first: dict[str, bytes]) -> None:
             # RFC 3261 8.1.1.5 (RFC 4475 3.1.2.17 "mismatch01")
             raise BadMessage("CSeq method does not match request method", partial=msg)
         call_id = first["call-id"]
-        if not call_id or b" " in call_id or b"\t" in call_id:
+        if not call_id or call_id.find(b" ") >= 0 or call_id.find(b"\t") >= 0:
             raise BadMessage("malformed Call-ID", partial=msg)
         for key in ("max-forwards", "expires"):
             value = first.get(key)
@@ -271,7 +274,9 @@ class StreamFramer:
     ``max_size`` or without Content-Length raises SipError; the transport then closes the flow.
     """
 
-    PING = b"\r\n\r\n"
+    # An alias of the module's PING: a ClassVar, so that a mypyc-compiled build keeps it a class
+    # attribute (a plain assignment there becomes a per-instance attribute).
+    PING: ClassVar[bytes] = PING
 
     def __init__(self, max_size: int = MAX_MESSAGE_SIZE) -> None:
         self.max_size = max_size
@@ -294,7 +299,7 @@ class StreamFramer:
                 if buf[:4] == b"\r\n\r\n":
                     del buf[:4]
                     self._scan = 0
-                    return self.PING
+                    return PING
                 if len(buf) < 4 and buf == b"\r\n\r"[: len(buf)]:
                     return None  # could still become a ping
                 del buf[:2]

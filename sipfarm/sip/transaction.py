@@ -527,7 +527,7 @@ def _sent_by(via: bytes) -> bytes:
         semi = via.find(b";", sp)
         chunk = via[sp + 1 : semi] if semi >= 0 else via[sp + 1 :]
         chunk = chunk.rstrip(b" \t")
-        if chunk and b" " not in chunk and b"\t" not in chunk:
+        if chunk and chunk.find(b" ") < 0 and chunk.find(b"\t") < 0:
             return chunk.lower()
     # LWS inside the protocol or around ':' (RFC 4475 "wsinv"): the full parser knows
     parsed = parse_via(via)

@@ -197,8 +197,28 @@ def _parse_port(text: str) -> int:
     return port
 
 
+_PARSED: dict[str | bytes, URI] = {}
+_PARSED_MAX = 4096
+
+
 def parse_uri(value: str | bytes) -> URI:
-    """Parse a sip:, sips: or tel: URI. Raises URIError / UnknownScheme."""
+    """Parse a sip:, sips: or tel: URI. Raises URIError / UnknownScheme.
+
+    URIs are immutable and SIP traffic repeats them (Request-URIs, Routes, Contacts), so
+    results are memoised by their text; the memo is bounded (cleared when full), and errors
+    are never memoised.
+    """
+    hit = _PARSED.get(value)
+    if hit is not None:
+        return hit
+    uri = _parse_uri(value)
+    if len(_PARSED) >= _PARSED_MAX:
+        _PARSED.clear()
+    _PARSED[value] = uri
+    return uri
+
+
+def _parse_uri(value: str | bytes) -> URI:
     text = value.decode("latin-1") if isinstance(value, bytes) else value
     scheme, colon, rest = text.partition(":")
     if not colon or not scheme:

@@ -91,14 +91,14 @@ def _split_fast(raw: bytes) -> tuple[bytes, bytes, bytes, bytes, list[bytes]] | 
     "Simple": IPv4 or host-name sent-by and no quoted parameter value; the rest (IPv6,
     quoted strings, whitespace inside sent-by) goes through the full parser.
     """
-    if raw[:8] != b"SIP/2.0/" or b'"' in raw or b"[" in raw:
+    if raw[:8] != b"SIP/2.0/" or raw.find(b'"') >= 0 or raw.find(b"[") >= 0:
         return None
     protocol, space, rest = raw.partition(b" ")
     if not space:
         return None
     sent_by, _, params = rest.partition(b";")
     host, colon, port = sent_by.strip().partition(b":")
-    if not host or b" " in host or b"\t" in host or (colon and not (port.isdigit() and len(port) <= 5)):
+    if not host or host.find(b" ") >= 0 or host.find(b"\t") >= 0 or (colon and not (port.isdigit() and len(port) <= 5)):
         return None
     return protocol, sent_by, host, port, params.split(b";") if params else []
 

@@ -28,7 +28,7 @@ import logging
 import random
 import ssl
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 from sipfarm.sip.address import Address
 from sipfarm.sip.errors import SipError
@@ -163,7 +163,8 @@ class TransportManager:
             backlog=self.config.backlog,
             ssl_handshake_timeout=self.config.tls_handshake_timeout if ssl is not None else None,
         )
-        sockname = server.sockets[0].getsockname()
+        # typeshed says tuple, uvloop returns a list: read it untyped (compiled code checks types)
+        sockname = cast(Any, server).sockets[0].getsockname()
         bound = Address(name, sockname[0], sockname[1])
         self._servers.append((bound, server))
         logger.info("event=listening address=%s reuse_port=%s", bound, reuse_port)
