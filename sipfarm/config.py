@@ -35,7 +35,7 @@ class NodeConfig:
     node_id: str = ""  # default: host-pid
     # Address written into Record-Route and Via when the listen address is a wildcard.
     advertise: str = ""
-    max_transactions: int = 50_000
+    max_transactions: int = 200_000
     t1: float = 0.5
     t2: float = 4.0
     t4: float = 5.0

@@ -122,7 +122,7 @@ class NodeCore:
         *,
         metrics: NodeMetrics | None = None,
         timers: TimerConfig | None = None,
-        max_transactions: int = 50_000,
+        max_transactions: int = 200_000,
         policy: ExpiresPolicy | None = None,
         auth_requests: bool = True,
         digest_algorithms: tuple[str, ...] = ("MD5", "SHA-256"),

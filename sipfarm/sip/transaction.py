@@ -333,6 +333,10 @@ class InvalidTransition(Exception):
 
 # --- transactions -----------------------------------------------------------------------------
 
+# What a completed non-INVITE server transaction's ``request`` becomes: nothing reads it after the
+# final response (retransmissions are matched by key and answered with the response's bytes).
+_RELEASED: Final = SipMessage(method=b"RELEASED", uri=b"sip:released.invalid")
+
 
 class Transaction:
     """State shared by the four machines: the request, the remote end, the state, the timers.
@@ -871,6 +875,12 @@ class TransactionLayer:
         if tx.state is TxState.TERMINATED:
             self._forget(tx)
             return to_tu
+        if tx.state is TxState.COMPLETED and isinstance(tx, ServerNonInviteTransaction):
+            # Completed only absorbs retransmissions with the response's bytes (Timer J: 32 s
+            # over UDP): release the parsed messages so completed REGISTERs stay small (~0.5 KB
+            # instead of ~4 KB: a registrar at 4,000 REG/s holds 128,000 of them).
+            tx.request = _RELEASED
+            tx.last_response = None
         # a timer stays armed only while the table reacts to it in the current state
         timers = tx._timers
         if timers:
