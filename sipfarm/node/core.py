@@ -31,6 +31,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from sipfarm.balancer.flowtoken import FlowTokens
 from sipfarm.metrics import NodeMetrics
@@ -38,7 +39,7 @@ from sipfarm.node.farmstate import FarmState
 from sipfarm.proxy.forking import Branch, BranchState, ProxyCall, Target
 from sipfarm.proxy.media import MediaHook, NoMedia
 from sipfarm.proxy.routeset import pop_own_routes
-from sipfarm.registrar.bindings import ExpiresPolicy, read_register, register_ok
+from sipfarm.registrar.bindings import ExpiresPolicy, RegisterRequest, read_register, register_ok
 from sipfarm.routing.router import Action, Decision, Router
 from sipfarm.sip import auth
 from sipfarm.sip.address import Address
@@ -317,51 +318,66 @@ class NodeCore:
         if creds.username != reg.user:
             self.metrics.auth_failures("user_mismatch").inc()
             raise Forbidden("credentials do not match the address-of-record", partial=msg)
-        started = now
-        wall = self.wall()
+        # partials of methods, not closures: no reference cycle per request (see farmstate.py)
+        done = partial(self._register_with_account, stx, msg, source, creds, reg, now, self.wall())
+        self.state.get_account(reg.user, reg.domain, done)
 
-        def with_account(account: Account | StoreError | None) -> None:
-            if isinstance(account, StoreError):
-                self._store_failed(stx, msg, account)
-                return
-            result = self._verify(creds, msg, account, reg.domain, wall)
-            if result is not None:
-                self._auth_failed(stx, msg, 401, reg.domain, result)
-                return
-            assert account is not None
+    def _register_with_account(
+        self,
+        stx: ServerTransaction,
+        msg: SipMessage,
+        source: Address,
+        creds: auth.Credentials,
+        reg: RegisterRequest,
+        started: float,
+        wall: float,
+        account: Account | StoreError | None,
+    ) -> None:
+        if isinstance(account, StoreError):
+            self._store_failed(stx, msg, account)
+            return
+        result = self._verify(creds, msg, account, reg.domain, wall)
+        if result is not None:
+            self._auth_failed(stx, msg, 401, reg.domain, result)
+            return
+        assert account is not None
+        try:
+            self.state.register(
+                reg.aor,
+                reg.updates,
+                partial(self._register_applied, stx, msg, reg, started),
+                call_id=msg.call_id.decode("latin-1"),
+                cseq=msg.cseq[0],
+                now=wall,
+                max_contacts=account.max_contacts,
+                remove_all=reg.remove_all,
+                path=self._register_path(reg.path, reg.outbound, source),
+                received=str(source),
+                user_agent=(msg.get("user-agent") or b"").decode("utf-8", "replace")[:100],
+                node=self.identity.node_id,
+            )
+        except ValueError as exc:
+            self._fail(stx, BadMessage(str(exc), partial=msg))
+        self.flush()
 
-            def applied(res: RegisterResult | StoreError) -> None:
-                if isinstance(res, StoreError):
-                    self._store_failed(stx, msg, res)
-                    return
-                if res.outcome is RegisterOutcome.OK:
-                    response = register_ok(msg, res.bindings, self.wall(), self._tag(msg), outbound=reg.outbound)
-                else:
-                    response = make_response(msg, res.outcome.sip_status, res.outcome.sip_reason, to_tag=self._tag(msg))
-                self.metrics.register_seconds.observe(self.now() - started)
-                self._reply(stx, response)
-                self.flush()
-
-            try:
-                self.state.register(
-                    reg.aor,
-                    reg.updates,
-                    applied,
-                    call_id=msg.call_id.decode("latin-1"),
-                    cseq=msg.cseq[0],
-                    now=wall,
-                    max_contacts=account.max_contacts,
-                    remove_all=reg.remove_all,
-                    path=self._register_path(reg.path, reg.outbound, source),
-                    received=str(source),
-                    user_agent=(msg.get("user-agent") or b"").decode("utf-8", "replace")[:100],
-                    node=self.identity.node_id,
-                )
-            except ValueError as exc:
-                self._fail(stx, BadMessage(str(exc), partial=msg))
-            self.flush()
-
-        self.state.get_account(reg.user, reg.domain, with_account)
+    def _register_applied(
+        self,
+        stx: ServerTransaction,
+        msg: SipMessage,
+        reg: RegisterRequest,
+        started: float,
+        res: RegisterResult | StoreError,
+    ) -> None:
+        if isinstance(res, StoreError):
+            self._store_failed(stx, msg, res)
+            return
+        if res.outcome is RegisterOutcome.OK:
+            response = register_ok(msg, res.bindings, self.wall(), self._tag(msg), outbound=reg.outbound)
+        else:
+            response = make_response(msg, res.outcome.sip_status, res.outcome.sip_reason, to_tag=self._tag(msg))
+        self.metrics.register_seconds.observe(self.now() - started)
+        self._reply(stx, response)
+        self.flush()
 
     def _register_path(self, path: tuple[str, ...], outbound: bool, source: Address) -> tuple[str, ...]:
         """The Path to store: the request's, or (a client connected straight to this node over a
@@ -454,14 +470,14 @@ class NodeCore:
         call = ProxyCall(server_tx=stx, request=msg, started=now)
         stx.context = call
 
-        def decided(decision: Decision) -> None:
-            try:
-                self._on_decision(call, msg, local, decision)
-            except SipError as exc:
-                self._fail(stx, exc)
-            self.flush()
+        self.router.route(msg, uri, partial(self._decided, call, msg, local))
 
-        self.router.route(msg, uri, decided)
+    def _decided(self, call: ProxyCall, msg: SipMessage, local: Address, decision: Decision) -> None:
+        try:
+            self._on_decision(call, msg, local, decision)
+        except SipError as exc:
+            self._fail(call.server_tx, exc)
+        self.flush()
 
     def _on_decision(self, call: ProxyCall, msg: SipMessage, local: Address, decision: Decision) -> None:
         stx = call.server_tx
@@ -488,22 +504,11 @@ class NodeCore:
                 self._challenge(stx, msg, 407, realm, stale=False)
                 return
         wall = self.wall()
-        results: dict[str, object] = {}
-        needed = 3 if creds is not None else 2
-
-        def joined(name: str) -> Callable[[object], None]:
-            def done(value: object) -> None:
-                results[name] = value
-                if len(results) == needed:
-                    self._route_with(call, msg, local, creds, realm, uri, results, wall)
-                    self.flush()
-
-            return done
-
+        join = _Lookups(self, call, msg, local, creds, realm, uri, wall, 3 if creds is not None else 2)
         if creds is not None:
-            self.state.get_account(creds.username, realm, joined("caller"))
-        self.state.lookup(decision.aor, wall, joined("bindings"))
-        self.state.get_account(callee_user, decision.domain, joined("callee"))
+            self.state.get_account(creds.username, realm, partial(join.done, "caller"))
+        self.state.lookup(decision.aor, wall, partial(join.done, "bindings"))
+        self.state.get_account(callee_user, decision.domain, partial(join.done, "callee"))
 
     def _route_with(
         self,
@@ -545,19 +550,18 @@ class NodeCore:
             call.inbound = local.transport
             self.metrics.invite_seconds.observe(self.now() - call.started)
             if msg.method == b"INVITE" and msg.body:
-
-                def offered(error: SipError | None) -> None:
-                    if error is not None:
-                        self._fail(stx, error)
-                    elif not call.cancelled:
-                        self._start_group(call, self.now())
-                    self.flush()
-
-                self.media.offer(msg, offered)
+                self.media.offer(msg, partial(self._offered, call))
             else:
                 self._start_group(call, self.now())
         except SipError as exc:
             self._fail(stx, exc)
+
+    def _offered(self, call: ProxyCall, error: SipError | None) -> None:
+        if error is not None:
+            self._fail(call.server_tx, error)
+        elif not call.cancelled:
+            self._start_group(call, self.now())
+        self.flush()
 
     def _binding_target(self, binding: Binding) -> Target | None:
         contact = binding.contact.encode("latin-1")
@@ -792,20 +796,19 @@ class NodeCore:
         stx = call.server_tx
         assert isinstance(stx, ServerTransaction)
         if call.is_invite and response.body and response.status < 300:
-
-            def answered(error: SipError | None) -> None:
-                if error is not None:
-                    log.warning(
-                        "event=media_answer_failed call_id=%s error=%s",
-                        response.call_id.decode("latin-1"),
-                        str(error).replace(" ", "_"),
-                    )
-                self._reply(stx, response)
-                self.flush()
-
-            self.media.answer(response, answered)
+            self.media.answer(response, partial(self._answered, stx, response))
             return
         self._reply(stx, response)
+
+    def _answered(self, stx: ServerTransaction, response: SipMessage, error: SipError | None) -> None:
+        if error is not None:
+            log.warning(
+                "event=media_answer_failed call_id=%s error=%s",
+                response.call_id.decode("latin-1"),
+                str(error).replace(" ", "_"),
+            )
+        self._reply(stx, response)
+        self.flush()
 
     def sweep(self, now: float) -> None:
         """Timer C (RFC 3261 16.8): a branch ringing too long is CANCELled and counts as 408;
@@ -902,9 +905,13 @@ class NodeCore:
         elif isinstance(event, StrayResponse):
             self._forward_stray(event.response)
         elif isinstance(event, TransactionTerminated):
-            if isinstance(event.tx.context, Branch):
-                self._timer_c.pop(event.tx.context, None)
+            context = event.tx.context
             event.tx.context = None
+            if isinstance(context, Branch):
+                self._timer_c.pop(context, None)
+                _release_call(context.call)
+            elif isinstance(context, ProxyCall):
+                _release_call(context)
 
     def _forward_ack(self, msg: SipMessage) -> None:
         """ACK for 2xx: forwarded statelessly along its Route set (RFC 3261 16.11)."""
@@ -1002,6 +1009,57 @@ class NodeCore:
         if outbound:
             params += ";ob"
         return f"<sip:{self.flow_tokens.encode(flow)}@{host}:{port}{params}>".encode()
+
+
+def _release_call(call: ProxyCall) -> None:
+    """Once the last transaction of a proxied request has terminated, drop the call's list of
+    branches: each branch refers back to its call, a cycle that would otherwise wait for the
+    cyclic GC with both messages of every branch."""
+    if not call.server_tx.terminated:
+        return
+    for branch in call.branches:
+        tx = branch.client_tx
+        if tx is not None and not tx.terminated:
+            return
+    call.branches.clear()
+
+
+class _Lookups:
+    """The Redis answers an initial request waits for (caller's account when it authenticated,
+    the callee's bindings and account), joined before routing goes on. An object, not closures:
+    no reference cycle per request (see farmstate.py)."""
+
+    __slots__ = ("call", "creds", "local", "msg", "needed", "node", "realm", "results", "uri", "wall")
+
+    def __init__(
+        self,
+        node: NodeCore,
+        call: ProxyCall,
+        msg: SipMessage,
+        local: Address,
+        creds: auth.Credentials | None,
+        realm: str,
+        uri: SipURI,
+        wall: float,
+        needed: int,
+    ) -> None:
+        self.node = node
+        self.call = call
+        self.msg = msg
+        self.local = local
+        self.creds = creds
+        self.realm = realm
+        self.uri = uri
+        self.wall = wall
+        self.needed = needed
+        self.results: dict[str, object] = {}
+
+    def done(self, name: str, value: object) -> None:
+        self.results[name] = value
+        if len(self.results) == self.needed:
+            node = self.node
+            node._route_with(self.call, self.msg, self.local, self.creds, self.realm, self.uri, self.results, self.wall)
+            node.flush()
 
 
 class Unresolved(Exception):
