@@ -11,6 +11,7 @@ transaction or the client's connection.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -21,11 +22,27 @@ from pathlib import Path
 
 log = logging.getLogger("sipfarm.workers")
 
+SUPERVISOR_ENV = "SIPFARM_SUPERVISOR_PID"
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_supervisor() -> None:
+    """In a worker: get SIGTERM when the supervisor dies, even by SIGKILL (Linux
+    PR_SET_PDEATHSIG), so no orphaned worker keeps the ports; exit now if it is already gone."""
+    supervisor = os.environ.get(SUPERVISOR_ENV)
+    if not supervisor:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if str(os.getppid()) != supervisor:
+        log.warning("event=supervisor_gone supervisor=%s", supervisor)
+        raise SystemExit(0)
+
 
 def supervise(argv: list[str], workers: int, metrics: str = "") -> int:
     """Run ``argv + ["--worker-index", i]`` for i in range(workers) until told to stop."""
     multiproc_dir = tempfile.mkdtemp(prefix="sipfarm-metrics-")
-    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=multiproc_dir)
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=multiproc_dir, **{SUPERVISOR_ENV: str(os.getpid())})
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
     if metrics:
         from sipfarm.metrics import multiprocess_registry, serve_metrics  # noqa: PLC0415

@@ -76,6 +76,10 @@ def run_balancer(args: argparse.Namespace) -> int:
         for spec in cfg.listen:
             argv += ["--listen", spec]
         return supervise(argv, cfg.workers, cfg.metrics)
+    if worker_index is not None:
+        from sipfarm.workers import die_with_supervisor  # noqa: PLC0415
+
+        die_with_supervisor()
     from sipfarm.transport.loop import install_uvloop  # noqa: PLC0415
 
     install_uvloop()

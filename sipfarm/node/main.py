@@ -56,6 +56,10 @@ def run_node(args: argparse.Namespace) -> int:
     worker_index = getattr(args, "worker_index", None)
     if cfg.workers > 1 and worker_index is None:
         return supervise_workers(cfg, args)
+    if worker_index is not None:
+        from sipfarm.workers import die_with_supervisor  # noqa: PLC0415
+
+        die_with_supervisor()
     from sipfarm.transport.loop import install_uvloop  # noqa: PLC0415
 
     install_uvloop()

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import enum
 import json
+import json.scanner
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import Final
+from typing import Any, Final, cast
 
 from redis.asyncio import Redis
 
@@ -43,7 +44,19 @@ _REGISTER_LUA: Final = files(__package__).joinpath("register.lua").read_text()
 _REMOVE_LUA: Final = files(__package__).joinpath("remove.lua").read_text()
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False).encode
-_loads = json.loads
+_scan = json.scanner.make_scanner(cast(Any, json.JSONDecoder()))  # C scanner, no Python wrapper
+
+
+def _loads(data: bytes | str) -> Any:
+    """Decode one stored JSON value (strictly: the whole text, nothing after it)."""
+    text = data.decode("utf-8") if isinstance(data, bytes) else data
+    try:
+        value, end = _scan(text, 0)
+    except StopIteration:
+        raise ValueError("not JSON") from None
+    if end != len(text):
+        raise ValueError("trailing data after JSON")
+    return value
 
 
 def location_key(aor: str) -> str:

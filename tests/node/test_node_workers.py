@@ -3,6 +3,8 @@ its own Via port, and the supervisor's metrics add both workers up."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 import urllib.request
 
@@ -40,3 +42,42 @@ def test_two_workers_serve_one_port_and_metrics_add_up(redis_url, accounts, star
         time.sleep(0.2)
     assert requests >= 32  # 16 x (REGISTER -> 401 -> REGISTER), summed over both workers
     assert node.process.poll() is None
+
+
+def _worker_pids(supervisor: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rpartition(")")[2].split()[1]) == supervisor:
+                        pids.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    return pids
+
+
+def test_workers_exit_when_the_supervisor_is_killed(redis_url, start_node):
+    node = start_node(redis_url, extra=["--workers", "2"])
+    deadline = time.monotonic() + 10
+    workers: list[int] = []
+    while time.monotonic() < deadline and len(workers) < 2:
+        workers = _worker_pids(node.process.pid)
+        time.sleep(0.1)
+    assert len(workers) == 2
+    node.process.send_signal(signal.SIGKILL)  # no chance to stop its workers itself
+    node.process.wait(5)
+    deadline = time.monotonic() + 10
+    alive = workers
+    while time.monotonic() < deadline and alive:
+        alive = [pid for pid in workers if os.path.exists(f"/proc/{pid}") and _not_zombie(pid)]
+        time.sleep(0.1)
+    assert not alive, f"orphaned workers: {alive}"
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
