@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -20,20 +19,12 @@ from typing import Self
 
 import psutil
 
+from sipfarm import ports
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port free for both UDP and TCP on `host` at the time of the call."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind((host, 0))
-            port: int = udp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind((host, port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError(f"no free UDP+TCP port found on {host}")
+    """A port free for both UDP and TCP on `host`, below the ephemeral range (sipfarm.ports)."""
+    return ports.free_port(host, udp=True, tcp=True)
 
 
 def cpu_seconds(pid: int) -> float:

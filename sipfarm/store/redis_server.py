@@ -14,17 +14,16 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from sipfarm import ports
+
 REDIS_SERVER = "redis-server"
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port the kernel just handed out on ``host`` (free unless someone races us for it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A TCP port free on ``host`` (see :mod:`sipfarm.ports`)."""
+    return ports.free_port(host, udp=False, tcp=True)
 
 
 def ping(host: str, port: int, timeout: float = 0.2) -> bool:

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from sipfarm import ports
+
 KAMAILIO = "/usr/sbin/kamailio"
 MODULE_DIR = "/usr/lib/x86_64-linux-gnu/kamailio/modules/"
 START_TIMEOUT_S = 10.0
@@ -121,18 +123,8 @@ route[AUTH] {{
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port free for both UDP and TCP on host (racy by nature, good enough for tests)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind((host, 0))
-            port = int(udp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind((host, port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free UDP+TCP port")
+    """A port free for both UDP and TCP on host, below the ephemeral range (sipfarm.ports)."""
+    return ports.free_port(host, udp=True, tcp=True)
 
 
 def _sip_options_ok(host: str, port: int) -> bool:

@@ -1,0 +1,48 @@
+"""Free loopback ports for the processes sipfarm starts itself (Redis for ``sipfarm up``, the
+benchmark's and the tests' servers).
+
+Asking the kernel for port 0 gives a port from its ephemeral range, the same range it hands out
+for every outgoing connection's local port: between the check and the server's own bind, a Redis
+client connecting somewhere may take it. Ports are picked at random below that range instead,
+where only other explicit choices (this function's) can land, and checked free for the wanted
+protocols.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+from pathlib import Path
+
+_EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(_EPHEMERAL.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def is_free(host: str, port: int, *, udp: bool = True, tcp: bool = True) -> bool:
+    """True when ``port`` can be bound on ``host`` now, for each protocol asked."""
+    kinds = ([socket.SOCK_DGRAM] if udp else []) + ([socket.SOCK_STREAM] if tcp else [])
+    for kind in kinds:
+        with socket.socket(socket.AF_INET, kind) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1", *, udp: bool = True, tcp: bool = True) -> int:
+    """A port free on ``host`` (UDP and/or TCP), below the kernel's ephemeral range."""
+    top = _ephemeral_start()
+    bottom = max(1024, top - 12_000)
+    rng = random.SystemRandom()
+    for _ in range(500):
+        port = rng.randrange(bottom, top)
+        if is_free(host, port, udp=udp, tcp=tcp):
+            return port
+    raise RuntimeError(f"no free port on {host} in {bottom}-{top - 1}")
