@@ -72,6 +72,7 @@ from sipfarm.sip.transaction import (
     TransactionTerminated,
     TransactionTimeout,
     TransportFailure,
+    TxState,
 )
 from sipfarm.sip.uri import SipURI, URIError, parse_uri
 from sipfarm.sip.via import default_port, response_target, via_value_target
@@ -948,6 +949,14 @@ class NodeCore:
     # -- helpers ---------------------------------------------------------------------------------
 
     def _reply(self, stx: ServerTransaction, response: SipMessage) -> None:
+        if 200 <= response.status < 300 and stx.state in _AFTER_NON_2XX and response.cseq[1] == b"INVITE":
+            # RFC 3261 16.7 step 5, RFC 6026 7.2: a 2xx is forwarded even after the caller got a
+            # non-2xx final (a callee answering as our 487 for a CANCEL went up): statelessly,
+            # so the caller can ACK and hang up the call it did not want
+            self.layer.send_stateless(response, response_target(response, stx.source))
+            self.metrics.responses(response.status).inc()
+            self.metrics.errors("late_2xx_forwarded").inc()
+            return
         try:
             self.layer.send_response(stx, response, self.now())
         except InvalidTransition:
@@ -1009,6 +1018,10 @@ class NodeCore:
         if outbound:
             params += ";ob"
         return f"<sip:{self.flow_tokens.encode(flow)}@{host}:{port}{params}>".encode()
+
+
+# INVITE server transaction states that take no more final responses (a non-2xx was sent).
+_AFTER_NON_2XX = frozenset({TxState.COMPLETED, TxState.CONFIRMED, TxState.TERMINATED})
 
 
 def _release_call(call: ProxyCall) -> None:

@@ -335,6 +335,46 @@ def test_cancel_before_the_callee_sent_a_provisional(redis_url, accounts, start_
         callee.close()
 
 
+def test_a_2xx_after_the_callers_487_is_still_forwarded(redis_url, accounts, start_node, client):
+    """The callee answers 200 although the caller already got 487 for its CANCEL (the callee
+    never saw the CANCEL: no provisional came): the 200 still reaches the caller (RFC 3261
+    16.7 step 5, RFC 6026 7.2), so it can ACK and BYE the call."""
+    node = start_node(redis_url)
+    callee = SipClient()
+    try:
+        register_contact(node, "bob", accounts["bob"], f"<sip:bob@127.0.0.1:{callee.port}>")
+        dialog = Dialog(client, f"sip:bob@{DOMAIN}")
+        trying = dialog.invite_with_credentials(node.address, accounts["alice"])
+        assert trying.status == 100
+        invite = callee.recv(3.0)
+        assert invite is not None and invite.method == b"INVITE"
+        assert dialog.invite is not None
+        client.send(cancel_for(dialog.invite, dialog.cseq), node.address)
+        assert collect_cancel_answers(dialog, node.address, 3.0) == {b"CANCEL": 200, b"INVITE": 487}
+        ok = SipMessage(status=200, reason=b"OK")
+        for value in invite.get_all("via"):
+            ok.append("via", value)
+        for value in invite.get_all("record-route"):
+            ok.append("record-route", value)
+        ok.append("from", invite.get("from") or b"")
+        ok.append("to", (invite.get("to") or b"") + b";tag=answered-anyway")
+        for key in ("call-id", "cseq"):
+            ok.append(key, invite.get(key) or b"")
+        ok.append("contact", f"<sip:bob@127.0.0.1:{callee.port}>".encode())
+        ok.set_body(b"", None)
+        callee.send(ok, node.address)
+        deadline = time.monotonic() + 3
+        got: SipMessage | None = None
+        while time.monotonic() < deadline:
+            got = client.recv(1.0)
+            if got is not None and got.status == 200 and got.cseq[1] == b"INVITE":
+                break
+        assert got is not None and got.status == 200 and got.cseq[1] == b"INVITE"
+        assert got.to_tag == b"answered-anyway"
+    finally:
+        callee.close()
+
+
 def test_parallel_forking_first_answer_wins_other_branch_cancelled(redis_url, accounts, start_node, client, uas):
     node = start_node(redis_url)
     answering = uas(UAS_ANSWER)
