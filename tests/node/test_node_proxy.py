@@ -300,36 +300,53 @@ def collect_cancel_answers(dialog: Dialog, dest: tuple[str, int], timeout: float
     return answers
 
 
+def _cancelled_before_any_provisional(node, accounts, client, callee: SipClient) -> SipMessage:
+    """alice calls bob (at ``callee``), which sends nothing back; alice CANCELs and gets 200 for
+    the CANCEL and 487 for the INVITE at once. Returns the INVITE as bob received it."""
+    register_contact(node, "bob", accounts["bob"], f"<sip:bob@127.0.0.1:{callee.port}>")
+    dialog = Dialog(client, f"sip:bob@{DOMAIN}")
+    trying = dialog.invite_with_credentials(node.address, accounts["alice"])
+    assert trying.status == 100
+    invite = callee.recv(3.0)
+    assert invite is not None and invite.method == b"INVITE"
+    assert dialog.invite is not None
+    client.send(cancel_for(dialog.invite, dialog.cseq), node.address)
+    assert collect_cancel_answers(dialog, node.address, 3.0) == {b"CANCEL": 200, b"INVITE": 487}
+    return invite
+
+
+def _answer(invite: SipMessage, status: int, reason: bytes, to_tag: bytes) -> SipMessage:
+    """The callee's response to ``invite``, built by hand (Via, Record-Route, From, To, Call-ID, CSeq)."""
+    response = SipMessage(status=status, reason=reason)
+    for key in ("via", "record-route"):
+        for value in invite.get_all(key):
+            response.append(key, value)
+    response.append("from", invite.get("from") or b"")
+    response.append("to", (invite.get("to") or b"") + b";tag=" + to_tag)
+    for key in ("call-id", "cseq"):
+        response.append(key, invite.get(key) or b"")
+    response.set_body(b"", None)
+    return response
+
+
+def _wait_for(sock: SipClient, wanted, timeout: float = 3.0) -> SipMessage | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = sock.recv(1.0)
+        if got is not None and wanted(got):
+            return got
+    return None
+
+
 def test_cancel_before_the_callee_sent_a_provisional(redis_url, accounts, start_node, client):
     """A callee that has not answered yet (no 1xx): the caller still gets its 487 at once, and
     the callee gets the CANCEL as soon as it sends a provisional (RFC 3261 9.1)."""
     node = start_node(redis_url)
     callee = SipClient()
     try:
-        register_contact(node, "bob", accounts["bob"], f"<sip:bob@127.0.0.1:{callee.port}>")
-        dialog = Dialog(client, f"sip:bob@{DOMAIN}")
-        trying = dialog.invite_with_credentials(node.address, accounts["alice"])
-        assert trying.status == 100
-        invite = callee.recv(3.0)
-        assert invite is not None and invite.method == b"INVITE"
-        assert dialog.invite is not None
-        client.send(cancel_for(dialog.invite, dialog.cseq), node.address)
-        assert collect_cancel_answers(dialog, node.address, 3.0) == {b"CANCEL": 200, b"INVITE": 487}
-        ringing = SipMessage(status=180, reason=b"Ringing")
-        for value in invite.get_all("via"):
-            ringing.append("via", value)
-        ringing.append("from", invite.get("from") or b"")
-        ringing.append("to", (invite.get("to") or b"") + b";tag=late")
-        for key in ("call-id", "cseq"):
-            ringing.append(key, invite.get(key) or b"")
-        ringing.set_body(b"", None)
-        callee.send(ringing, node.address)
-        deadline = time.monotonic() + 3
-        got: SipMessage | None = None
-        while time.monotonic() < deadline:
-            got = callee.recv(1.0)
-            if got is not None and got.method == b"CANCEL":
-                break
+        invite = _cancelled_before_any_provisional(node, accounts, client, callee)
+        callee.send(_answer(invite, 180, b"Ringing", b"late"), node.address)
+        got = _wait_for(callee, lambda m: m.method == b"CANCEL")
         assert got is not None and got.method == b"CANCEL"
     finally:
         callee.close()
@@ -342,33 +359,11 @@ def test_a_2xx_after_the_callers_487_is_still_forwarded(redis_url, accounts, sta
     node = start_node(redis_url)
     callee = SipClient()
     try:
-        register_contact(node, "bob", accounts["bob"], f"<sip:bob@127.0.0.1:{callee.port}>")
-        dialog = Dialog(client, f"sip:bob@{DOMAIN}")
-        trying = dialog.invite_with_credentials(node.address, accounts["alice"])
-        assert trying.status == 100
-        invite = callee.recv(3.0)
-        assert invite is not None and invite.method == b"INVITE"
-        assert dialog.invite is not None
-        client.send(cancel_for(dialog.invite, dialog.cseq), node.address)
-        assert collect_cancel_answers(dialog, node.address, 3.0) == {b"CANCEL": 200, b"INVITE": 487}
-        ok = SipMessage(status=200, reason=b"OK")
-        for value in invite.get_all("via"):
-            ok.append("via", value)
-        for value in invite.get_all("record-route"):
-            ok.append("record-route", value)
-        ok.append("from", invite.get("from") or b"")
-        ok.append("to", (invite.get("to") or b"") + b";tag=answered-anyway")
-        for key in ("call-id", "cseq"):
-            ok.append(key, invite.get(key) or b"")
+        invite = _cancelled_before_any_provisional(node, accounts, client, callee)
+        ok = _answer(invite, 200, b"OK", b"answered-anyway")
         ok.append("contact", f"<sip:bob@127.0.0.1:{callee.port}>".encode())
-        ok.set_body(b"", None)
         callee.send(ok, node.address)
-        deadline = time.monotonic() + 3
-        got: SipMessage | None = None
-        while time.monotonic() < deadline:
-            got = client.recv(1.0)
-            if got is not None and got.status == 200 and got.cseq[1] == b"INVITE":
-                break
+        got = _wait_for(client, lambda m: m.status == 200 and m.cseq[1] == b"INVITE")
         assert got is not None and got.status == 200 and got.cseq[1] == b"INVITE"
         assert got.to_tag == b"answered-anyway"
     finally:
