@@ -702,7 +702,7 @@ class NodeCore:
                 req.prepend("record-route", self.identity.record_route(out_transport))
         for route in reversed(target.route):
             req.prepend("route", route)
-        branch = MAGIC_COOKIE + self._loop_hash(call.request) + b"." + _random_hex()
+        branch = MAGIC_COOKIE + self._loop_hash(call.request) + b"." + random_hex(6)
         req.prepend("via", self.identity.via(out_transport, branch))
         return req
 
@@ -1090,10 +1090,6 @@ def _upstream(response: SipMessage) -> SipMessage:
     out = response.copy()
     out.pop_first_value("via")
     return out
-
-
-def _random_hex() -> bytes:
-    return random_hex(6)
 
 
 @functools.lru_cache(maxsize=4096)

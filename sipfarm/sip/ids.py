@@ -28,11 +28,6 @@ def random_hex(nbytes: int = 8) -> bytes:
     return b"%0*x" % (2 * nbytes, _RNG.getrandbits(8 * nbytes))
 
 
-def random_hex_str(nbytes: int = 8) -> str:
-    """``2 * nbytes`` lowercase hex digits."""
-    return f"{_RNG.getrandbits(8 * nbytes):0{2 * nbytes}x}"
-
-
 def random_bytes(nbytes: int) -> bytes:
     """``nbytes`` random bytes (unique, not secret: salts, not keys)."""
     return _RNG.randbytes(nbytes)

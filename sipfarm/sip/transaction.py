@@ -48,7 +48,6 @@ from __future__ import annotations
 import enum
 import functools
 import heapq
-import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Final, TypeAlias
@@ -56,6 +55,7 @@ from typing import ClassVar, Final, TypeAlias
 from sipfarm.sip.address import Address
 from sipfarm.sip.errors import BadMessage, MessageDropped, ServiceUnavailable
 from sipfarm.sip.headers import HeaderError, parse_cseq, parse_via, via_branch
+from sipfarm.sip.ids import random_hex
 from sipfarm.sip.message import SipMessage, make_response
 
 # RFC 3261 8.1.1.7: branches of RFC 3261 elements start with this.
@@ -64,7 +64,7 @@ MAGIC_COOKIE: Final = b"z9hG4bK"
 
 def new_branch() -> bytes:
     """A fresh RFC 3261 branch (magic cookie + 64 random bits)."""
-    return MAGIC_COOKIE + secrets.token_hex(8).encode("ascii")
+    return MAGIC_COOKIE + random_hex(8)
 
 
 # --- timers -----------------------------------------------------------------------------------
