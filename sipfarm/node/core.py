@@ -505,7 +505,8 @@ class NodeCore:
                 self._challenge(stx, msg, 407, realm, stale=False)
                 return
         wall = self.wall()
-        join = _Lookups(self, call, msg, local, creds, realm, uri, wall, 3 if creds is not None else 2)
+        route = partial(self._route_with, call, msg, local, creds, realm, uri, wall)
+        join = _Join(3 if creds is not None else 2, route, self.flush)
         if creds is not None:
             self.state.get_account(creds.username, realm, partial(join.done, "caller"))
         self.state.lookup(decision.aor, wall, partial(join.done, "bindings"))
@@ -519,9 +520,10 @@ class NodeCore:
         creds: auth.Credentials | None,
         realm: str,
         uri: SipURI,
-        results: dict[str, object],
         wall: float,
+        results: dict[str, object],
     ) -> None:
+        """Routing goes on once the lookups of :meth:`_on_decision` are all answered."""
         stx = call.server_tx
         assert isinstance(stx, ServerTransaction)
         try:
@@ -1037,42 +1039,24 @@ def _release_call(call: ProxyCall) -> None:
     call.branches.clear()
 
 
-class _Lookups:
-    """The Redis answers an initial request waits for (caller's account when it authenticated,
-    the callee's bindings and account), joined before routing goes on. An object, not closures:
-    no reference cycle per request (see farmstate.py)."""
+class _Join:
+    """Waits for ``needed`` named results (the Redis answers an initial request needs), then
+    calls ``then`` with them, then ``after``. An object, not closures: no reference cycle per request (see
+    farmstate.py)."""
 
-    __slots__ = ("call", "creds", "local", "msg", "needed", "node", "realm", "results", "uri", "wall")
+    __slots__ = ("after", "needed", "results", "then")
 
-    def __init__(
-        self,
-        node: NodeCore,
-        call: ProxyCall,
-        msg: SipMessage,
-        local: Address,
-        creds: auth.Credentials | None,
-        realm: str,
-        uri: SipURI,
-        wall: float,
-        needed: int,
-    ) -> None:
-        self.node = node
-        self.call = call
-        self.msg = msg
-        self.local = local
-        self.creds = creds
-        self.realm = realm
-        self.uri = uri
-        self.wall = wall
+    def __init__(self, needed: int, then: Callable[[dict[str, object]], None], after: Callable[[], None]) -> None:
         self.needed = needed
+        self.then = then
+        self.after = after  # the node's flush: what `then` queued goes out now
         self.results: dict[str, object] = {}
 
     def done(self, name: str, value: object) -> None:
         self.results[name] = value
         if len(self.results) == self.needed:
-            node = self.node
-            node._route_with(self.call, self.msg, self.local, self.creds, self.realm, self.uri, self.results, self.wall)
-            node.flush()
+            self.then(self.results)
+            self.after()
 
 
 class Unresolved(Exception):

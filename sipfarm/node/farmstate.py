@@ -67,12 +67,9 @@ class FarmState:
         callback: Callable[[Account | StoreError | None], None],
         reply: Reply,
     ) -> None:
-        self._timed(started)
-        if isinstance(reply, StoreError):
-            callback(reply)
-            return
-        if isinstance(reply, Exception):
-            callback(StoreError(f"account lookup failed: {reply}"))
+        error = self._settle(started, "account lookup", reply)
+        if error is not None:
+            callback(error)
             return
         account: Account | None = None
         if reply and reply[0] is not None:
@@ -94,16 +91,13 @@ class FarmState:
     def _lookup_done(
         self, now: float, started: float, callback: Callable[[list[loc.Binding] | StoreError], None], reply: Reply
     ) -> None:
-        self._timed(started)
-        if isinstance(reply, StoreError):
-            callback(reply)
-        elif isinstance(reply, Exception):
-            callback(StoreError(f"lookup failed: {reply}"))
-        else:
+        result: list[loc.Binding] | StoreError | None = self._settle(started, "lookup", reply)
+        if result is None:
             try:
-                callback(loc.live_bindings(reply, now))
+                result = loc.live_bindings(reply, now)
             except StoreError as exc:
-                callback(exc)
+                result = exc
+        callback(result)  # outside the try: a StoreError from the callback is not answered twice
 
     def register(
         self,
@@ -130,16 +124,22 @@ class FarmState:
             done = partial(self._register_done, keys, args, started, callback)
             self.pipe.call(done, "EVAL", loc.REGISTER_SCRIPT, len(keys), *keys, *args)
             return
+        result: loc.RegisterResult | StoreError | None = self._settle(started, "register", reply)
+        if result is None:
+            try:
+                result = loc.register_result(reply)
+            except StoreError as exc:
+                result = exc
+        callback(result)
+
+    def _settle(self, started: float, what: str, reply: Reply) -> StoreError | None:
+        """Time the round trip; the StoreError a failed reply stands for (None: a reply)."""
         self._timed(started)
         if isinstance(reply, StoreError):
-            callback(reply)
-        elif isinstance(reply, Exception):
-            callback(StoreError(f"register failed: {reply}"))
-        else:
-            try:
-                callback(loc.register_result(reply))
-            except StoreError as exc:
-                callback(exc)
+            return reply
+        if isinstance(reply, Exception):
+            return StoreError(f"{what} failed: {reply}")
+        return None
 
     def _timed(self, started: float) -> None:
         if self._observe is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from sipfarm.sip.memo import BoundedMemo
 from sipfarm.sip.uri import URI, URIError, parse_uri
 
 # RFC 3261 7.3.3 and registered extensions: compact form -> full name (lower case).
@@ -344,23 +345,12 @@ def _find_unquoted(value: bytes, char: int) -> int:
     return -1
 
 
-_NAME_ADDRS: dict[bytes, NameAddr] = {}
-_NAME_ADDRS_MAX = 4096
-
-
 def parse_name_addr(value: bytes) -> NameAddr:
     """From/To/Contact/Route element: ``"Name" <uri>;params`` or ``uri;params`` (RFC 3261 20.10).
 
     Memoised by value like :func:`~sipfarm.sip.uri.parse_uri` (results are immutable; Route
     and Contact values recur in every dialog through the same hops)."""
-    hit = _NAME_ADDRS.get(value)
-    if hit is not None:
-        return hit
-    parsed = _parse_name_addr(value)
-    if len(_NAME_ADDRS) >= _NAME_ADDRS_MAX:
-        _NAME_ADDRS.clear()
-    _NAME_ADDRS[value] = parsed
-    return parsed
+    return _NAME_ADDRS(value)
 
 
 def _parse_name_addr(value: bytes) -> NameAddr:
@@ -458,3 +448,6 @@ def parse_uint(value: bytes, name: str, maximum: int) -> int:
     if number > maximum:
         raise HeaderError(f"{name} too large")
     return number
+
+
+_NAME_ADDRS: BoundedMemo[bytes, NameAddr] = BoundedMemo(_parse_name_addr)

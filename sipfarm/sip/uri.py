@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
+from sipfarm.sip.memo import BoundedMemo
+
 Params = tuple[tuple[str, str | None], ...]
 
 _HOSTNAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.")
@@ -197,25 +199,12 @@ def _parse_port(text: str) -> int:
     return port
 
 
-_PARSED: dict[str | bytes, URI] = {}
-_PARSED_MAX = 4096
-
-
 def parse_uri(value: str | bytes) -> URI:
     """Parse a sip:, sips: or tel: URI. Raises URIError / UnknownScheme.
 
-    URIs are immutable and SIP traffic repeats them (Request-URIs, Routes, Contacts), so
-    results are memoised by their text; the memo is bounded (cleared when full), and errors
-    are never memoised.
+    Results are immutable and memoised by their text (:class:`~sipfarm.sip.memo.BoundedMemo`).
     """
-    hit = _PARSED.get(value)
-    if hit is not None:
-        return hit
-    uri = _parse_uri(value)
-    if len(_PARSED) >= _PARSED_MAX:
-        _PARSED.clear()
-    _PARSED[value] = uri
-    return uri
+    return _PARSED(value)
 
 
 def _parse_uri(value: str | bytes) -> URI:
@@ -263,3 +252,6 @@ def _parse_sip(scheme: str, rest: str) -> SipURI:
         params=parse_params(params) if semi else (),
         headers=headers if qmark else "",
     )
+
+
+_PARSED: BoundedMemo[str | bytes, URI] = BoundedMemo(_parse_uri)

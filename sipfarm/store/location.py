@@ -33,6 +33,8 @@ from typing import Any, Final, cast
 
 from redis.asyncio import Redis
 
+from sipfarm.sip.memo import BoundedMemo
+
 from .errors import StoreError
 from .redis_client import redis_errors
 
@@ -119,14 +121,7 @@ class Binding:
     def from_json(cls, data: bytes | str) -> Binding:
         """Decode a stored binding. Bindings are immutable, so a lookup's decodes are memoised
         by their raw value (a busy callee's bindings are read on every call to it)."""
-        hit = _DECODED.get(data)
-        if hit is not None:
-            return hit
-        binding = cls._decode(data)
-        if len(_DECODED) >= _DECODED_MAX:
-            _DECODED.clear()
-        _DECODED[data] = binding
-        return binding
+        return _DECODED(data)
 
     @classmethod
     def _decode(cls, data: bytes | str) -> Binding:
@@ -137,8 +132,7 @@ class Binding:
             raise StoreError(f"corrupt binding {data!r:.200}: {exc}") from exc
 
 
-_DECODED: dict[bytes | str, Binding] = {}
-_DECODED_MAX: Final = 4096
+_DECODED: BoundedMemo[bytes | str, Binding] = BoundedMemo(Binding._decode)
 
 
 def _order(bindings: Iterable[Binding]) -> list[Binding]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from sipfarm.sip.memo import BoundedMemo
 from sipfarm.sip.uri import SipURI, TelURI, UnknownScheme, URIError, parse_uri
 
 
@@ -144,3 +145,24 @@ def test_unknown_scheme_is_a_uri_error() -> None:
     # callers that only care about "usable or not" can catch URIError alone
     assert issubclass(UnknownScheme, URIError)
     assert issubclass(URIError, ValueError)
+
+
+def test_parse_memo_is_bounded_and_never_keeps_errors():
+    calls: list[str] = []
+
+    def parse(text: str) -> str:
+        calls.append(text)
+        if text == "bad":
+            raise ValueError(text)
+        return text.upper()
+
+    memo: BoundedMemo[str, str] = BoundedMemo(parse, limit=2)
+    assert memo("a") == "A" and memo("a") == "A"
+    assert calls == ["a"]
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            memo("bad")
+    assert calls == ["a", "bad", "bad"]
+    memo("b")
+    memo("c")  # full: cleared, then kept
+    assert len(memo._data) <= 2
