@@ -40,7 +40,6 @@ MODULES=(
     sipfarm/sip/transaction.py
     sipfarm/sip/ids.py
     sipfarm/store/resp.py
-    sipfarm/proxy/routeset.py
     sipfarm/proxy/forking.py
     sipfarm/proxy/media.py
     sipfarm/routing/router.py
@@ -51,7 +50,7 @@ MODULES=(
     sipfarm/node/core.py
     sipfarm/node/farmstate.py
     sipfarm/balancer/core.py
-    sipfarm/balancer/flowtoken.py
+    sipfarm/edge.py
     sipfarm/transport/udp.py
 )
 

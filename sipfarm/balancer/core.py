@@ -6,7 +6,7 @@ Every message is forwarded statelessly (RFC 3261 16.11): the balancer keeps no t
 dialog, only its open client connections (in the transport layer).  Requests:
 
 1. Route entries naming the balancer are removed (RFC 3261 16.4); the flow token in their user
-   part (:mod:`sipfarm.balancer.flowtoken`) names the client connection the request is for.
+   part (:mod:`sipfarm.edge`) names the client connection the request is for.
 2. The next hop is, in order: that client flow; the node named by the next Route, while it is
    up (draining or not; when it is down or gone from the membership the Route entry is
    dropped and the request re-hashed: nodes keep no dialog state, so any node continues it);
@@ -27,7 +27,6 @@ membership is read in the background into :class:`~sipfarm.balancer.nodes.NodeSe
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import logging
 import secrets
 import time
@@ -35,9 +34,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from sipfarm.balancer.flowtoken import FlowTokens
 from sipfarm.balancer.nodes import Health, NodeEntry, NodeSet
-from sipfarm.proxy.routeset import pop_own_routes, route_uri
+from sipfarm.edge import DIALOG_CREATING, MAGIC_COOKIE, FlowTokens, bracket, is_ip_literal, pop_own_routes, route_uri
 from sipfarm.sip.address import Address
 from sipfarm.sip.errors import BadMessage, ServiceUnavailable, SipError, TooManyHops
 from sipfarm.sip.headers import via_branch
@@ -48,8 +46,7 @@ from sipfarm.sip.via import default_port, response_target, via_sent_by, via_valu
 
 log = logging.getLogger("sipfarm.balancer")
 
-DIALOG_CREATING = frozenset({b"INVITE", b"SUBSCRIBE", b"REFER", b"NOTIFY"})
-MAGIC = b"z9hG4bK"
+MAGIC = MAGIC_COOKIE
 PROBE_PREFIX = b"z9hG4bKlbprobe"
 PIN_SECONDS = 64 * 0.5  # Timer B: an INVITE is CANCELled or answered within it
 PIN_LIMIT = 200_000
@@ -327,10 +324,8 @@ class BalancerCore:
         host = (uri.param("maddr") or uri.host).strip("[]")
         if host == "localhost":
             host = "127.0.0.1"
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            raise ServiceUnavailable(f"cannot resolve {host}", retry_after=None, partial=msg) from None
+        if not is_ip_literal(host):
+            raise ServiceUnavailable(f"cannot resolve {host}", retry_after=None, partial=msg)
         return Address(uri.transport, host, uri.port or default_port(uri.transport))
 
     def _is_for_us(self, msg: SipMessage) -> bool:
@@ -425,4 +420,4 @@ def _stamp_connection(msg: SipMessage, source: Address) -> None:
 
 
 def _host(addr: Address) -> str:
-    return f"[{addr.host}]" if ":" in addr.host else addr.host
+    return bracket(addr.host)

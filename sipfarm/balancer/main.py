@@ -115,11 +115,11 @@ async def _flow_secret(redis_url: str) -> bytes:
 
 async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: asyncio.Event | None = None) -> None:
     from sipfarm.balancer.core import BalancerCore  # noqa: PLC0415
-    from sipfarm.balancer.flowtoken import FlowTokens  # noqa: PLC0415
     from sipfarm.balancer.nodes import NodeSet  # noqa: PLC0415
     from sipfarm.cluster.heartbeat import start_heartbeat  # noqa: PLC0415
     from sipfarm.cluster.membership import Member, MembershipStore, Role  # noqa: PLC0415
     from sipfarm.cluster.watcher import MemberWatcher  # noqa: PLC0415
+    from sipfarm.edge import FlowTokens  # noqa: PLC0415
     from sipfarm.metrics import BalancerMetrics, serve_metrics, sync_counters  # noqa: PLC0415
     from sipfarm.store.redis_client import create_redis  # noqa: PLC0415
     from sipfarm.transport.config import TransportConfig  # noqa: PLC0415

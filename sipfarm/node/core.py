@@ -23,9 +23,7 @@ in one place (:meth:`_fail`).
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
-import ipaddress
 import logging
 import secrets
 import time
@@ -33,12 +31,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-from sipfarm.balancer.flowtoken import FlowTokens
+from sipfarm.edge import DIALOG_CREATING, FlowTokens, is_ip_literal, pop_own_routes
 from sipfarm.metrics import NodeMetrics
 from sipfarm.node.farmstate import FarmState
 from sipfarm.proxy.forking import Branch, BranchState, ProxyCall, Target
 from sipfarm.proxy.media import MediaHook, NoMedia
-from sipfarm.proxy.routeset import pop_own_routes
 from sipfarm.registrar.bindings import ExpiresPolicy, RegisterRequest, read_register, register_ok
 from sipfarm.routing.router import Action, Decision, Router
 from sipfarm.sip import auth
@@ -84,8 +81,6 @@ from sipfarm.transport.resolver import Resolver
 log = logging.getLogger("sipfarm.node")
 
 ALLOW = b"INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, MESSAGE, INFO, UPDATE, PRACK, SUBSCRIBE, NOTIFY, REFER"
-# Requests that create a dialog: the proxy Record-Routes them (RFC 3261 16.6 step 4).
-DIALOG_CREATING = frozenset({b"INVITE", b"SUBSCRIBE", b"REFER", b"NOTIFY"})
 # Out-of-dialog requests a caller must authenticate for (407); others are let through.
 AUTHENTICATED = frozenset({b"INVITE", b"MESSAGE", b"SUBSCRIBE", b"REFER", b"PUBLISH", b"NOTIFY", b"INFO"})
 
@@ -650,7 +645,7 @@ class NodeCore:
         host = uri.param("maddr") or uri.host
         host = host.strip("[]")
         port = uri.port or default_port(transport)
-        if not _is_ip(host):
+        if not is_ip_literal(host):
             if host in self.identity.domains:
                 # a served domain names the farm's users, never a next hop (e.g. the ACK of a
                 # stateless 407 has the callee's AOR as Request-URI): nothing to look up
@@ -1074,12 +1069,3 @@ def _upstream(response: SipMessage) -> SipMessage:
     out = response.copy()
     out.pop_first_value("via")
     return out
-
-
-@functools.lru_cache(maxsize=4096)
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True

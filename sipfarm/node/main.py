@@ -84,9 +84,9 @@ async def _shared_secret(pipe: object, fallback: bytes, key: str = NONCE_SECRET_
 
 
 async def serve(cfg: NodeConfig, *, worker_index: int | None = None, ready: asyncio.Event | None = None) -> None:
-    from sipfarm.balancer.flowtoken import FlowTokens  # noqa: PLC0415
     from sipfarm.cluster.heartbeat import start_heartbeat  # noqa: PLC0415
     from sipfarm.cluster.membership import Member, MembershipStore, Role  # noqa: PLC0415
+    from sipfarm.edge import FlowTokens  # noqa: PLC0415
     from sipfarm.metrics import NodeMetrics, serve_metrics, sync_counters  # noqa: PLC0415
     from sipfarm.node.core import NodeCore, NodeIdentity  # noqa: PLC0415
     from sipfarm.node.farmstate import FarmState  # noqa: PLC0415

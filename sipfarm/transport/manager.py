@@ -22,14 +22,13 @@ data queued (bounded) until it is up.
 from __future__ import annotations
 
 import asyncio
-import functools
-import ipaddress
 import logging
 import random
 import ssl
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
+from sipfarm.edge import is_ip_literal
 from sipfarm.sip.address import Address
 from sipfarm.sip.errors import SipError
 from sipfarm.sip.message import SipMessage, error_response
@@ -64,15 +63,6 @@ class Flow(Protocol):
 
 
 _LOG_INTERVAL = 1.0  # at most one error log line per second; the rest go to debug and counters
-
-
-@functools.lru_cache(maxsize=4096)
-def is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _to_tag() -> bytes:

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from sipfarm.balancer.core import BalancerCore
-from sipfarm.balancer.flowtoken import FlowTokens
 from sipfarm.balancer.nodes import Health, NodeSet
 from sipfarm.cluster.membership import Member, Role
+from sipfarm.edge import FlowTokens
 from sipfarm.sip.address import Address
 from sipfarm.sip.headers import parse_name_addr
 from sipfarm.sip.message import SipMessage

@@ -1,4 +1,12 @@
-"""Flow tokens (RFC 5626 5.2 style): the client connection a request must go back out on.
+"""What every element at the farm's edge shares (node and balancer alike).
+
+* Flow tokens (RFC 5626 5.2 style): the client connection a request must go back out on.
+* Route-set handling (RFC 3261 16.4): popping the entries that name us.
+* The dialog-creating set, the RFC 3261 magic cookie, the IP-literal check, host bracketing
+  (RFC 3261 25.1: an IPv6 reference in a URI or Via is ``[...]``).
+
+Flow tokens
+-----------
 
 The balancer puts a token in the user part of the URIs it adds to Path (REGISTER) and
 Record-Route (dialogs): ``<sip:TOKEN@balancer:port;lr;ob>``.  When a request comes back with
@@ -11,11 +19,50 @@ the secret decodes it, so balancers can run side by side.
 from __future__ import annotations
 
 import base64
+import functools
 import hmac
 import ipaddress
 import struct
+from collections.abc import Callable
 
 from sipfarm.sip.address import Address
+from sipfarm.sip.errors import BadMessage
+from sipfarm.sip.headers import HeaderError, parse_name_addr
+from sipfarm.sip.message import SipMessage
+from sipfarm.sip.transaction import MAGIC_COOKIE
+from sipfarm.sip.uri import SipURI
+
+# Requests that create a dialog: a proxy staying on the path Record-Routes them (RFC 3261 16.6
+# step 4; NOTIFY may create one, RFC 6665 4.2.2).
+DIALOG_CREATING = frozenset({b"INVITE", b"SUBSCRIBE", b"REFER", b"NOTIFY"})
+MAX_OWN_ENTRIES = 4  # a double Record-Route (RFC 5658) is two; more means a loop or junk
+
+__all__ = [
+    "DIALOG_CREATING",
+    "MAGIC_COOKIE",
+    "FlowTokenError",
+    "FlowTokens",
+    "bracket",
+    "is_ip_literal",
+    "pop_own_routes",
+    "route_uri",
+]
+
+
+@functools.lru_cache(maxsize=4096)
+def is_ip_literal(host: str) -> bool:
+    """``host`` (brackets allowed) is an IPv4 or IPv6 address, not a name."""
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def bracket(host: str) -> str:
+    """``host`` as written in a URI, Via or Path (RFC 3261 25.1: ``[v6]``)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
 
 _TRANSPORTS = ("udp", "tcp", "tls", "ws", "wss")
 _MAC_LEN = 8
@@ -67,3 +114,32 @@ class FlowTokens:
         host = str(ipaddress.ip_address(packed[2 : 2 + size]))
         (port,) = struct.unpack("!H", packed[2 + size :])
         return Address(_TRANSPORTS[transport_index], host, port)
+
+
+def route_uri(msg: SipMessage, value: bytes) -> SipURI | None:
+    """The SIP URI of one Route value (None for another scheme); BadMessage when malformed."""
+    try:
+        uri = parse_name_addr(value).uri
+    except HeaderError as exc:
+        raise BadMessage(f"bad Route: {exc}", partial=msg) from None
+    return uri if isinstance(uri, SipURI) else None
+
+
+def pop_own_routes(msg: SipMessage, names_us: Callable[[SipURI], bool], tokens: FlowTokens) -> Address | None:
+    """RFC 3261 16.4: remove the leading Route entries that name us; the flow a token in them
+    names, if any."""
+    flow: Address | None = None
+    for _ in range(MAX_OWN_ENTRIES):
+        routes = msg.values("route")
+        if not routes:
+            break
+        uri = route_uri(msg, routes[0])
+        if uri is None or not names_us(uri):
+            break
+        msg.pop_first_value("route")
+        if uri.user:
+            try:
+                flow = tokens.decode(uri.user)
+            except FlowTokenError:
+                raise BadMessage("invalid flow token in Route", partial=msg) from None
+    return flow
