@@ -612,6 +612,8 @@ class TransactionLayer:
         self.stats = TransactionStats()
         self._server: dict[tuple[object, ...], ServerTransaction] = {}
         self._client: dict[tuple[object, ...], ClientTransaction] = {}
+        # remote end -> its live transactions, so a failed flow touches only its own (O(affected))
+        self._by_remote: dict[Address, set[Transaction]] = {}
         self._heap: list[tuple[float, int, Transaction, TxInput]] = []
         self._seq = 0
         self._armed = 0  # live heap entries
@@ -690,6 +692,7 @@ class TransactionLayer:
         else:
             new = ServerNonInviteTransaction(msg, source, key)
         self._server[key] = new
+        self._index(new)
         self.stats.server_created += 1
         self._run(new, new.INITIAL[0], None, now)
         return new
@@ -779,6 +782,7 @@ class TransactionLayer:
         if tx.key in self._client:
             raise ValueError("a client transaction with this branch and method exists")
         self._client[tx.key] = tx
+        self._index(tx)
         self.stats.client_created += 1
         self._run(tx, tx.INITIAL[0], None, now)
         return tx
@@ -814,7 +818,7 @@ class TransactionLayer:
         if isinstance(target, Transaction):
             txs: list[Transaction] = [target]
         else:
-            txs = [tx for tx in (*self._server.values(), *self._client.values()) if tx.remote == target]
+            txs = list(self._by_remote.get(target, ()))
         for tx in txs:
             if tx.state is not TxState.TERMINATED:
                 self._network_input(tx, TxInput.TRANSPORT_ERROR, None, now)
@@ -1013,12 +1017,24 @@ class TransactionLayer:
             self._heap = [e for e in heap if e[2]._timers.get(e[3]) == e[1]]
             heapq.heapify(self._heap)
 
+    def _index(self, tx: Transaction) -> None:
+        same_remote = self._by_remote.get(tx.remote)
+        if same_remote is None:
+            self._by_remote[tx.remote] = {tx}
+        else:
+            same_remote.add(tx)
+
     def _forget(self, tx: Transaction) -> None:
         table: dict[tuple[object, ...], ServerTransaction] | dict[tuple[object, ...], ClientTransaction]
         table = self._server if isinstance(tx, ServerTransaction) else self._client
         if table.get(tx.key) is not tx:
             return  # already forgotten
         del table[tx.key]
+        same_remote = self._by_remote.get(tx.remote)
+        if same_remote is not None:
+            same_remote.discard(tx)
+            if not same_remote:
+                del self._by_remote[tx.remote]
         self._armed -= len(tx._timers)
         tx._timers.clear()
         self._out.events.append(TransactionTerminated(tx))

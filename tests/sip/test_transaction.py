@@ -607,6 +607,39 @@ def test_transport_error_is_reported() -> None:
     assert layer.stats.transport_errors == 2
 
 
+class _NoScan(dict):  # type: ignore[type-arg]
+    """A transaction table that fails the test when walked whole."""
+
+    def values(self):  # type: ignore[no-untyped-def]
+        raise AssertionError("transport_error scanned every transaction")
+
+
+def test_transport_error_touches_only_the_failed_remote_and_the_index_is_released() -> None:
+    layer = TransactionLayer()
+    flows = [Address("tcp", "10.0.9.1", 40000 + i) for i in range(200)]
+    servers = []
+    for i, flow in enumerate(flows):
+        layer.start_client(request("OPTIONS", branch=f"z9hG4bKc{i}"), flow, 0.0)
+        via = f"SIP/2.0/TCP 10.0.9.1:{40000 + i}"
+        servers.append(layer.receive_request(request("OPTIONS", branch=f"z9hG4bKs{i}", via=via), flow, 0.0))
+    drain(layer)
+    tables = layer._server, layer._client
+    layer._server, layer._client = _NoScan(tables[0]), _NoScan(tables[1])
+    layer.transport_error(flows[7], 0.1)  # one closed TCP flow: its two transactions end
+    ended = [e.tx for e in layer.events() if isinstance(e, TransactionTerminated)]
+    assert len(ended) == 2 and {tx.remote for tx in ended} == {flows[7]}
+    assert len(layer) == 2 * 199
+    layer.transport_error(Address("tcp", "10.0.9.9", 1), 0.2)  # no transaction there: nothing happens
+    assert layer.events() == []
+    layer._server, layer._client = dict(layer._server), dict(layer._client)
+    for tx in servers:
+        if tx is not None and not tx.terminated:
+            layer.send_response(tx, make_response(tx.request, 200), 0.3)
+    run_timers(layer, 100.0)  # everything ends (Timer F, J): no remote is remembered any more
+    assert len(layer) == 0
+    assert layer._by_remote == {}
+
+
 def test_start_client_rejects_ack_and_missing_branch() -> None:
     layer = TransactionLayer()
     with pytest.raises(ValueError, match="ACK"):
