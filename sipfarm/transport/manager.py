@@ -17,6 +17,11 @@ stream goes through :meth:`TransportManager.deliver`, inline from the protocol c
 flow to ``dest`` -- the connection a peer opened to us is keyed by its address, so answering
 the source of a request reuses it (RFC 3261 18.2.2) -- or a new outbound connection, with the
 data queued (bounded) until it is up.
+
+Responses: ``send(data, dest, connect=False)``.  An element never opens a connection to send a
+response: it goes over the flow its request came in on, and when that flow is gone the
+response is dropped and counted (``stats.no_flow``).  Otherwise anything that names a
+destination in a response (a forged Via, a stale flow) could make us dial a local service.
 """
 
 from __future__ import annotations
@@ -197,7 +202,7 @@ class TransportManager:
             self.stats.internal_errors += 1
             self._log_exception("error_response_failed", source, b"")
             return
-        if self.send(data, source, local=local):
+        if self.send(data, source, local=local, connect=False):
             self.stats.error_responses += 1
 
     def _log_exception(self, event: str, source: Address, call_id: bytes) -> None:
@@ -213,12 +218,14 @@ class TransportManager:
 
     # -- sending -------------------------------------------------------------------------------
 
-    def send(self, data: bytes, dest: Address, *, local: Address | None = None) -> bool:
+    def send(self, data: bytes, dest: Address, *, local: Address | None = None, connect: bool = True) -> bool:
         """Send one message to ``dest``; False (and counted as dropped) when it cannot be.
 
         UDP leaves through the listening socket ``local`` when given (else the first one of the
         address family); ``dest.host`` must be an IP address (resolve names first: a name
-        here would block the loop).  TCP/TLS uses the flow to ``dest``, opening one if needed.
+        here would block the loop).  TCP/TLS uses the flow to ``dest``, opening one if needed
+        unless ``connect`` is False: responses are sent that way (only over an existing flow,
+        counted in ``no_flow`` when there is none; see the module docstring).
         """
         transport = dest.transport
         if transport == "udp":
@@ -232,7 +239,11 @@ class TransportManager:
             return True
         if transport in ("ws", "wss"):
             ws_flow = self._flows.get(dest)
-            if ws_flow is None or ws_flow.closing or not ws_flow.write(data):
+            if ws_flow is None or ws_flow.closing:
+                self.stats.no_flow += 1  # a WebSocket is never dialled, request or response
+                self.stats.dropped += 1
+                return False
+            if not ws_flow.write(data):
                 self.stats.dropped += 1
                 return False
             self.stats.sent[transport] += 1
@@ -240,6 +251,10 @@ class TransportManager:
         if transport in STREAM_TRANSPORTS:
             flow = self._flows.get(dest)
             if flow is None or flow.closing:
+                if not connect:
+                    self.stats.no_flow += 1
+                    self.stats.dropped += 1
+                    return False
                 flow = self._connect(dest)
             if flow is None or not flow.write(data):
                 self.stats.dropped += 1

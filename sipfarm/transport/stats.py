@@ -25,6 +25,7 @@ class TransportStats:
     callback_errors: int = 0  # unexpected exceptions raised by the callback
     internal_errors: int = 0  # unexpected exceptions in parsing (a parser bug)
     dropped: int = 0  # outbound messages not sent: no route, buffer full, connect failed
+    no_flow: int = 0  # subset: sent with connect=False (responses) and no open connection
     send_errors: int = 0  # errors the OS reported on sending (ICMP unreachable, ...)
     keepalive_pings: int = 0  # RFC 5626 CRLFCRLF on streams (answered) and CRLF on UDP
     connections_opened: int = 0  # inbound and outbound, once established

@@ -240,3 +240,40 @@ def test_outbound_connect_failure_is_counted(arun: Runner) -> None:
         await client.close()
 
     arun(scenario())
+
+
+def test_send_without_connect_uses_only_an_open_flow_and_never_dials(arun: Runner) -> None:
+    """``send(..., connect=False)`` (how every response is sent): over the connection the peer
+    opened while it is up; once it is gone, or to an address we hold no connection to, the
+    message is dropped and counted, and no connection is opened (a forged Via or a stale flow
+    must not make us dial a local service)."""
+
+    async def scenario() -> None:
+        dialled: list[int] = []
+
+        async def victim(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            dialled.append(1)
+            writer.close()
+
+        server = await asyncio.start_server(victim, "127.0.0.1", 0)
+        victim_addr = Address("tcp", "127.0.0.1", server.sockets[0].getsockname()[1])
+        uas = Uas(answer=False)
+        manager, addr = await _uas_on_tcp(uas)
+        reader, writer = await _connect(addr)
+        writer.write(sip_request(via=TCP_VIA))
+        await wait_until(lambda: len(uas.seen) == 1)
+        client = uas.seen[0][1]
+        assert manager.send(b"SIP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n", client, connect=False)
+        assert (await read_message(reader)).startswith(b"SIP/2.0 200")
+        assert not manager.send(b"x", victim_addr, connect=False)
+        writer.close()
+        await wait_until(lambda: not manager.has_flow(client))
+        assert not manager.send(b"x", client, connect=False)
+        await asyncio.sleep(0.1)
+        assert dialled == []
+        assert manager.stats.no_flow == 2 and manager.stats.dropped == 2
+        assert manager.stats.connections_opened == 1
+        await manager.close()
+        server.close()
+
+    arun(scenario())
