@@ -1,0 +1,58 @@
+"""DestinationPolicy: the farm's own listeners, loopback and internal networks are refused as
+request destinations taken from a message, unless the operator allows them."""
+
+from __future__ import annotations
+
+import pytest
+
+from sipfarm.sip.address import Address
+from sipfarm.transport.destinations import DestinationPolicy, parse_destination
+
+
+def udp(host: str, port: int = 5060) -> Address:
+    return Address("udp", host, port)
+
+
+def test_defaults_refuse_loopback_and_odd_addresses_and_permit_the_internet() -> None:
+    policy = DestinationPolicy()
+    for host in ("127.0.0.1", "127.5.6.7", "::1", "[::1]", "::ffff:127.0.0.1", "0.0.0.0", "::",
+                 "224.0.0.1", "ff02::1", "255.255.255.255", "localhost", "redis.internal"):
+        assert not policy.permits(udp(host)), host
+    for host in ("203.0.113.7", "2001:db8::7", "[2001:db8::7]", "10.1.2.3"):
+        assert policy.permits(Address("tcp", host, 6379)), host
+
+
+def test_operator_internal_networks_and_allow_list() -> None:
+    policy = DestinationPolicy(allow=["10.9.0.0/16", "10.1.0.5:5060"], deny=["10.0.0.0/8", "127.0.0.0/8"])
+    assert not policy.permits(udp("10.1.0.4"))
+    assert policy.permits(udp("10.1.0.5"))  # exactly allowed host:port
+    assert not policy.permits(udp("10.1.0.5", 6379))  # not that port
+    assert policy.permits(udp("10.9.3.3", 6379))  # allowed network inside a denied one
+    assert not policy.permits(udp("127.0.0.1"))
+
+
+def test_own_listeners_are_refused_even_inside_an_allowed_network() -> None:
+    own = [Address("udp", "127.0.0.1", 5060), Address("tcp", "0.0.0.0", 5080), ("2001:db8::1", 5060)]
+    policy = DestinationPolicy(allow=["127.0.0.0/8", "2001:db8::/32"], own=own)
+    assert not policy.permits(udp("127.0.0.1", 5060))
+    assert policy.permits(udp("127.0.0.1", 5062))  # a loopback peer the tests allow
+    assert not policy.permits(Address("tcp", "127.0.0.2", 5080))  # wildcard listener
+    assert not policy.permits(Address("tcp", "2001:db8::1", 5080))  # another own host, wildcard port
+    assert not policy.permits(udp("[2001:db8::1]"))
+    assert policy.permits(udp("2001:db8::2"))
+    # only an exact allow entry overrides "own" (the operator knows it is another process)
+    assert DestinationPolicy(allow=["127.0.0.1:5060"], own=own).permits(udp("127.0.0.1", 5060))
+    policy = DestinationPolicy(allow=["127.0.0.0/8"])
+    policy.add_own([Address("udp", "127.0.0.1", 7000)])
+    assert not policy.permits(udp("127.0.0.1", 7000))
+
+
+@pytest.mark.parametrize("entry", ["nonsense", "10.0.0.0/33", "1.2.3.4:", "1.2.3.4:99999", "[::1:5060", "name:5060"])
+def test_bad_entries_are_refused_with_the_entry_named(entry: str) -> None:
+    with pytest.raises(ValueError, match="bad destination"):
+        parse_destination(entry)
+
+
+def test_deny_takes_networks_only() -> None:
+    with pytest.raises(ValueError, match="networks"):
+        DestinationPolicy(deny=["10.0.0.1:5060"])
