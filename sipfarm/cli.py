@@ -180,6 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     balancer.add_argument("--log-format", choices=("kv", "json"))
     balancer.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
 
+    ban = sub.add_parser("ban", help="farm-wide bans of source addresses (brute-force protection)")
+    ban_sub = ban.add_subparsers(dest="ban_cmd", required=True)
+    p = ban_sub.add_parser("list", help="current bans, time left and why")
+    p.add_argument("--redis")
+    p = ban_sub.add_parser("add", help="ban a source address on every node")
+    p.add_argument("ip")
+    p.add_argument("--seconds", type=float, default=900.0, help="ban length (default 900; 0: until lifted)")
+    p.add_argument("--redis")
+    p = ban_sub.add_parser("del", help="lift a ban and forget the source's failures")
+    p.add_argument("ip")
+    p.add_argument("--redis")
+
     bench = sub.add_parser("bench", help="benchmark the farm against Kamailio (see benchmarks/README.md)")
     bench.add_argument("--quick", action="store_true")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
@@ -205,6 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sipfarm.cluster.cli import run_cluster_command  # noqa: PLC0415
 
         return int(run_cluster_command(args))
+    if args.command == "ban":
+        from sipfarm.protect.cli import run_ban_command  # noqa: PLC0415
+
+        return int(run_ban_command(args))
     if args.command == "balancer":
         from sipfarm.balancer.main import run_balancer  # noqa: PLC0415
 

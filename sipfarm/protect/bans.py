@@ -1,0 +1,86 @@
+"""Bans as operators see them (``sipfarm ban``): list, add and lift, through redis-py.
+
+Same keys as the guards (:mod:`sipfarm.protect.guard`). A ban added here is seen by the next
+request from that source on any node; a lifted one within ``local_ban_recheck`` seconds on nodes
+that had cached it. Lifting a ban also forgets the source's counted failures.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from sipfarm.store.redis_client import redis_errors
+
+from .guard import BAN_PREFIX, ban_key, milliseconds, source_failures_key
+
+__all__ = ["BanEntry", "BanStore", "source_address"]
+
+MANUAL: bytes = b"manual"
+
+
+def source_address(text: str) -> str:
+    """An IP address as the nodes see sources (``ipaddress``'s canonical text); ValueError otherwise."""
+    try:
+        return str(ipaddress.ip_address(text.strip().strip("[]")))
+    except ValueError:
+        raise ValueError(f"not an IP address: {text!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class BanEntry:
+    source: str
+    seconds_left: float | None  # None: until lifted
+    reason: str  # "manual", or the failure count that started it ("10 failures")
+
+
+class BanStore:
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+
+    async def list(self) -> list[BanEntry]:
+        """Every current ban, by source address."""
+        with redis_errors:
+            keys = [key async for key in self.redis.scan_iter(match=BAN_PREFIX.encode() + b"*", count=1000)]
+            if not keys:
+                return []
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.get(key)
+                    pipe.pttl(key)
+                replies = await pipe.execute()
+        entries = []
+        for key, value, pttl in zip(keys, replies[::2], replies[1::2], strict=True):
+            if value is None or pttl == -2:  # ended between SCAN and GET
+                continue
+            source = key.decode()[len(BAN_PREFIX) :]
+            reason = "manual" if value == MANUAL else f"{value.decode()} failures"
+            entries.append(BanEntry(source, None if pttl == -1 else pttl / 1000, reason))
+        return sorted(entries, key=lambda e: _sort_key(e.source))
+
+    async def add(self, source: str, seconds: float | None) -> None:
+        """Ban ``source`` for ``seconds`` (None: until lifted), replacing any ban it has."""
+        with redis_errors:
+            if seconds is None:
+                await self.redis.set(ban_key(source), MANUAL)
+            else:
+                await self.redis.set(ban_key(source), MANUAL, px=milliseconds(seconds))
+
+    async def delete(self, source: str) -> bool:
+        """Lift the ban of ``source`` and forget its failures; whether it was banned."""
+        with redis_errors:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(ban_key(source))
+                pipe.delete(source_failures_key(source))
+                banned, _ = await pipe.execute()
+        return bool(banned)
+
+
+def _sort_key(source: str) -> tuple[int, int | str]:
+    try:
+        address = ipaddress.ip_address(source)
+    except ValueError:
+        return (2, source)
+    return (address.version, int(address))

@@ -1,0 +1,27 @@
+-- Count one failed authentication, atomically; ban the source at the threshold.
+-- (sipfarm/protect/guard.py has the theory; memory_guard.py states the same steps in Python.)
+--
+-- KEYS[1]  sipfarm:protect:fail:src:<ip>       counter of the source's failures
+-- KEYS[2]  sipfarm:protect:fail:acct:<aor>     counter of the account's failures
+-- KEYS[3]  sipfarm:protect:ban:<ip>            the source's ban
+-- ARGV     window_ms, max_failures, ban_ms
+--
+-- Returns {source failures, account failures, 1 if this failure started the ban else 0,
+-- PTTL of the ban (-2 none, -1 no end)}. A counter's window opens with its first failure. A
+-- ban consumes the failures that caused it: the source's counter is cleared when it starts.
+
+local window_ms = ARGV[1]
+local source = redis.call('INCR', KEYS[1])
+if source == 1 then
+    redis.call('PEXPIRE', KEYS[1], window_ms)
+end
+local account = redis.call('INCR', KEYS[2])
+if account == 1 then
+    redis.call('PEXPIRE', KEYS[2], window_ms)
+end
+local started = 0
+if source >= tonumber(ARGV[2]) and redis.call('SET', KEYS[3], source, 'NX', 'PX', ARGV[3]) then
+    started = 1
+    redis.call('DEL', KEYS[1])
+end
+return {source, account, started, redis.call('PTTL', KEYS[3])}

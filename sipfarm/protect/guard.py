@@ -1,0 +1,230 @@
+"""Farm-wide brute-force and replay protection: the policy, the answers and the guard interface.
+
+Theory of operation
+-------------------
+Digest authentication (RFC 3261 22, RFC 7616 for SHA-256, RFC 8760 for SIP) leaves two doors
+open that a single node cannot close on its own, because any node of the farm may see any
+request:
+
+* **Replay.** A captured ``Authorization`` is valid for as long as its nonce is. RFC 7616 3.3
+  (nonce-count) lets a server refuse a repeated ``(nonce, nc)`` pair; here every pair is recorded
+  farm-wide with ``SET NX`` and the nonce's remaining lifetime as expiry, so a pair is accepted
+  exactly once by the whole farm. A client that sends no ``qop`` sends no ``nc`` either
+  (RFC 2617 3.2.2, RFC 3261 22.4 for RFC 2069 clients): its nonce is recorded as ``"<nonce>:"``
+  and is thus one-time.
+* **Guessing.** Failed authentications are counted per source address and per account (the
+  account as the client named it, ``user@domain``: an unknown user counts exactly like a known
+  one, so counting never tells them apart). ``max_failures`` failures from one source within
+  ``window`` seconds ban the source for ``ban_time`` seconds, farm-wide. Accounts are never
+  locked (the real user elsewhere must still register); an account crossing ``account_alert``
+  failures in the window is logged and counted as under attack.
+
+A ban *consumes* the failures that caused it (the source's counter is cleared when the ban
+starts), so once a ban ends the source starts again from zero. Counters use a fixed window
+opened by the first failure (the counter's expiry is set on its first increment).
+
+The node asks the guard twice per authenticated request at most: :meth:`Guard.admit` in the same
+pipeline as the lookups the request already makes (is the source banned? is this ``(nonce,
+nc)`` new?) and :meth:`Guard.failed` when the credentials do not verify. Before any I/O it asks
+:meth:`Guard.banned_locally`, which answers from what this process already learnt, so a banned
+flood costs no Redis round trip. A locally cached ban is trusted for at most
+``local_ban_recheck`` seconds (never past the ban's end), so ``sipfarm ban del`` reaches every
+node within that time.
+
+Two implementations: :class:`sipfarm.protect.redis_guard.RedisGuard` (the farm's, over the
+pipelined Redis client) and :class:`sipfarm.protect.memory_guard.MemoryGuard` (the in-memory
+test tier). What they decide from their store's answers lives once, in :class:`GuardRules`.
+
+Redis keys (all under ``sipfarm:protect:``)::
+
+    ban:<ip>                   string: why (failure count, or "manual"); expiry = end of the ban
+    fail:src:<ip>              counter of failures from a source; expiry = end of its window
+    fail:acct:<user@domain>    counter of failures against an account; expiry = end of its window
+    nonce:<nonce>:<nc>         "1"; expiry = end of the nonce's lifetime
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Final, Protocol
+
+from sipfarm.store.errors import StoreError
+
+from .local_bans import LocalBans
+
+__all__ = [
+    "DEFAULT_POLICY",
+    "KEY_PREFIX",
+    "Admission",
+    "FailureOutcome",
+    "Guard",
+    "GuardPolicy",
+    "GuardRules",
+    "account_failures_key",
+    "ban_key",
+    "milliseconds",
+    "nonce_key",
+    "source_failures_key",
+]
+
+log = logging.getLogger("sipfarm.protect")
+
+KEY_PREFIX: Final = "sipfarm:protect:"
+BAN_PREFIX: Final = KEY_PREFIX + "ban:"
+SOURCE_FAILURES_PREFIX: Final = KEY_PREFIX + "fail:src:"
+ACCOUNT_FAILURES_PREFIX: Final = KEY_PREFIX + "fail:acct:"
+NONCE_PREFIX: Final = KEY_PREFIX + "nonce:"
+
+
+def milliseconds(seconds: float) -> int:
+    """An expiry as Redis keeps it (PX, PEXPIRE): whole milliseconds, at least 1."""
+    return max(1, math.ceil(seconds * 1000))
+
+
+def ban_key(source_ip: str) -> str:
+    return BAN_PREFIX + source_ip
+
+
+def source_failures_key(source_ip: str) -> str:
+    return SOURCE_FAILURES_PREFIX + source_ip
+
+
+def account_failures_key(account: str) -> str:
+    return ACCOUNT_FAILURES_PREFIX + account
+
+
+def nonce_key(nonce_use: str) -> str:
+    """``nonce_use`` is ``"<nonce>:<nc>"``, or ``"<nonce>:"`` for a client that sends no qop."""
+    return NONCE_PREFIX + nonce_use
+
+
+@dataclass(frozen=True, slots=True)
+class GuardPolicy:
+    """How many failures ban a source, for how long; validated when made (names the bad field)."""
+
+    max_failures: int = 10  # failed authentications from one source address ...
+    window: float = 300.0  # ... within this many seconds ban that source
+    ban_time: float = 900.0
+    #: failures against one account in the window that log/count it as under attack (no lockout:
+    #: the real user elsewhere must still register)
+    account_alert: int = 100
+    local_cache_size: int = 10_000  # bound on the in-process ban cache
+    #: a ban learnt from Redis is trusted locally this long at most (so an unban spreads)
+    local_ban_recheck: float = 10.0
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"guard policy: {field.name} must be a positive number, not {value!r}")
+        for name in ("max_failures", "account_alert", "local_cache_size"):
+            if not isinstance(getattr(self, name), int):
+                raise ValueError(f"guard policy: {name} must be a whole number, not {getattr(self, name)!r}")
+
+
+DEFAULT_POLICY: Final = GuardPolicy()
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    banned: bool  # the source is banned now
+    replay: bool  # this (nonce, nc) was already used somewhere in the farm
+
+
+# The four possible answers, made once (admit is on the path of every authenticated request).
+_ADMISSIONS: Final = {(b, r): Admission(b, r) for b in (False, True) for r in (False, True)}
+
+
+@dataclass(frozen=True, slots=True)
+class FailureOutcome:
+    source_failures: int
+    account_failures: int
+    banned: bool  # this failure started a ban of the source
+    account_alert: bool  # the account crossed account_alert with this failure
+
+
+class Guard(Protocol):
+    """Farm-wide ban and replay checks; answers go to ``done`` (values or a StoreError, never raised)."""
+
+    def admit(self, source_ip: str, nonce_use: str, ttl: float, done: Callable[[Admission | StoreError], None]) -> None:
+        """ONE pipelined round trip: is ``source_ip`` banned; and record ``nonce_use`` (``"<nonce>:<nc>"``,
+        or ``"<nonce>:"`` for a client sending no qop, which makes the nonce one-time) with SET NX and
+        expiry ``ttl`` (the nonce's remaining lifetime, seconds): ``replay`` when it already existed."""
+
+    def failed(self, source_ip: str, account: str, done: Callable[[FailureOutcome | StoreError], None]) -> None:
+        """Count one failed authentication per source and per account (``user@domain``; an unknown user
+        counts exactly like a known one), expiring after ``window``; at ``max_failures`` ban the source
+        for ``ban_time`` (farm-wide)."""
+
+    def banned_locally(self, source_ip: str, now: float) -> bool:
+        """No I/O: this process already knows ``source_ip`` is banned (learnt from admit/failed answers;
+        entries end with the ban or after ``local_ban_recheck``, bounded LRU; ``now`` on the guard's clock)."""
+
+
+class GuardRules:
+    """What every guard decides from its store's answers, and what the process remembers of them.
+
+    A store reports, per call, facts it established atomically: the remaining time of the source's
+    ban (None: no ban; ``math.inf``: a ban without end), whether the nonce use was new, the
+    counters after the increment and whether this failure started the ban. The rules turn them
+    into answers, keep the local ban cache, log and count.
+    """
+
+    __slots__ = ("account_alerts", "bans_started", "local", "policy")
+
+    def __init__(self, policy: GuardPolicy) -> None:
+        self.policy = policy
+        self.local = LocalBans(policy.local_cache_size)
+        self.bans_started = 0  # for metrics: bans this process started
+        self.account_alerts = 0  # for metrics: accounts this process saw cross account_alert
+
+    def admission(self, source_ip: str, ban_left: float | None, first_use: bool, now: float) -> Admission:
+        self._learn(source_ip, ban_left, now)
+        return _ADMISSIONS[(ban_left is not None, not first_use)]
+
+    def failure(
+        self,
+        source_ip: str,
+        account: str,
+        source_failures: int,
+        account_failures: int,
+        ban_started: bool,
+        ban_left: float | None,
+        now: float,
+    ) -> FailureOutcome:
+        self._learn(source_ip, ban_left, now)
+        alert = account_failures == self.policy.account_alert
+        if ban_started:
+            self.bans_started += 1
+            log.warning(
+                "event=source_banned source=%s failures=%d ban_seconds=%g",
+                _log_value(source_ip),
+                source_failures,
+                self.policy.ban_time,
+            )
+        if alert:
+            self.account_alerts += 1
+            log.warning(
+                "event=account_under_attack account=%s failures=%d window_seconds=%g source=%s",
+                _log_value(account),
+                account_failures,
+                self.policy.window,
+                _log_value(source_ip),
+            )
+        return FailureOutcome(source_failures, account_failures, ban_started, alert)
+
+    def _learn(self, source_ip: str, ban_left: float | None, now: float) -> None:
+        if ban_left is None:
+            self.local.forget(source_ip)  # ended, or lifted by an operator
+        else:
+            self.local.learn(source_ip, now + min(ban_left, self.policy.local_ban_recheck))
+
+
+def _log_value(text: str) -> str:
+    """One key=value word: whitespace, ``=`` and unprintable characters percent-escaped."""
+    if text.isprintable() and " " not in text and "=" not in text and "%" not in text:
+        return text
+    return "".join(c if c.isprintable() and c not in " =%" else f"%{ord(c):02X}" for c in text)

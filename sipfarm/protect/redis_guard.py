@@ -1,0 +1,200 @@
+"""The farm's guard: bans, failure counters and nonce uses in Redis, over the node's pipelined client.
+
+Every call costs one command slot in the pipeline the node flushes once per event-loop iteration
+(:mod:`sipfarm.store.resp`), no task or future:
+
+* :meth:`RedisGuard.admit` queues ``PTTL ban:<ip>`` and ``SET nonce:<nonce>:<nc> 1 NX PX <ttl>``
+  back to back, so they travel with the account and binding lookups of the same request and
+  cost no round trip of their own. ``PTTL`` rather than ``GET``: the same one-key read, and it
+  also tells how long the ban lasts, which the local cache needs (-2: no ban).
+* :meth:`RedisGuard.failed` runs ``failure.lua`` (EVALSHA, EVAL once on NOSCRIPT), which
+  increments both counters, opens their window on the first failure, and sets the ban when the
+  source reaches ``max_failures``, atomically: two nodes counting the same source at the same
+  instant cannot both miss (or both start) the ban. The EVAL that answers a NOSCRIPT goes out
+  in a later pipeline than the commands queued after the EVALSHA, so on a Redis that has just
+  lost its scripts a ``failed`` may be applied after an ``admit`` issued after it (once per
+  script loss; at worst one request of a source being banned at that instant gets through).
+
+Times go to Redis in milliseconds and expire on Redis's clock, so nodes need no clock agreement.
+The script touches keys of one source and one account that share no hash tag: it needs a single
+Redis (or Sentinel), not Redis Cluster, like the farm's other scripts' index keys.
+
+Replies become :class:`~sipfarm.store.errors.StoreError` (StoreUnavailable, 503, when Redis
+cannot serve: connection lost, loading, read-only, out of memory); nothing is raised out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable
+from functools import partial
+from importlib.resources import files
+from typing import Final
+
+import hiredis
+
+from sipfarm.store.errors import StoreError, StoreUnavailable
+from sipfarm.store.resp import RedisPipe, Reply
+
+from .guard import (
+    DEFAULT_POLICY,
+    Admission,
+    FailureOutcome,
+    GuardPolicy,
+    GuardRules,
+    account_failures_key,
+    ban_key,
+    milliseconds,
+    nonce_key,
+    source_failures_key,
+)
+
+__all__ = ["FAILURE_SCRIPT", "RedisGuard", "ban_left"]
+
+FAILURE_SCRIPT: Final = files(__package__).joinpath("failure.lua").read_text()
+
+# Error replies that mean "this Redis cannot serve now" (as sipfarm.store.redis_client maps them).
+_UNAVAILABLE_REPLIES: Final = ("LOADING", "READONLY", "OOM", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+
+
+def ban_left(pttl: int) -> float | None:
+    """Seconds left of a ban from ``PTTL``: None when there is none, ``math.inf`` when it has no end."""
+    if pttl == -2:
+        return None
+    if pttl == -1:
+        return math.inf
+    return pttl / 1000
+
+
+class _AdmitReplies:
+    """The first of the two replies of one ``admit``, kept until the second arrives."""
+
+    __slots__ = ("ban", "done", "source_ip", "started")
+
+    def __init__(self, source_ip: str, started: float, done: Callable[[Admission | StoreError], None]) -> None:
+        self.source_ip = source_ip
+        self.started = started
+        self.done = done
+        self.ban: Reply = None
+
+
+class RedisGuard:
+    """:class:`~sipfarm.protect.guard.Guard` over a :class:`~sipfarm.store.resp.RedisPipe`."""
+
+    def __init__(
+        self,
+        pipe: RedisPipe,
+        policy: GuardPolicy = DEFAULT_POLICY,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        observe: Callable[[float], None] | None = None,
+    ) -> None:
+        self.pipe = pipe
+        self.policy = policy
+        self.rules = GuardRules(policy)
+        self._clock = clock  # the local ban cache's clock (banned_locally's ``now``)
+        self._observe = observe  # Redis round-trip histogram
+        self._failure_sha = hashlib.sha1(FAILURE_SCRIPT.encode()).hexdigest()  # noqa: S324
+        self._failure_args = (milliseconds(policy.window), policy.max_failures, milliseconds(policy.ban_time))
+
+    # Callbacks are ``functools.partial`` of bound methods, not closures (see FarmState: a mypyc
+    # closure is a reference cycle per call).
+
+    def banned_locally(self, source_ip: str, now: float) -> bool:
+        return self.rules.local.banned(source_ip, now)
+
+    # -- admit -----------------------------------------------------------------------------------
+
+    def admit(self, source_ip: str, nonce_use: str, ttl: float, done: Callable[[Admission | StoreError], None]) -> None:
+        replies = _AdmitReplies(source_ip, self._clock(), done)
+        # RFC 7616 3.3: one (nonce, nc) once; the key lives as long as the nonce could be accepted.
+        # Both commands go out in the pipeline of this loop iteration; replies come back in order.
+        self.pipe.call(partial(self._ban_read, replies), "PTTL", ban_key(source_ip))
+        self.pipe.call(
+            partial(self._nonce_recorded, replies), "SET", nonce_key(nonce_use), b"1", "NX", "PX", milliseconds(ttl)
+        )
+
+    def _ban_read(self, replies: _AdmitReplies, reply: Reply) -> None:
+        replies.ban = reply
+
+    def _nonce_recorded(self, replies: _AdmitReplies, reply: Reply) -> None:
+        ban = replies.ban
+        result: Admission | StoreError | None = self._settle(replies.started, "ban lookup", ban)
+        if result is None:
+            result = self._settle(None, "nonce record", reply)
+        if result is None:
+            if isinstance(ban, int) and (reply is None or reply == b"OK"):
+                result = self.rules.admission(replies.source_ip, ban_left(ban), reply is not None, self._clock())
+            else:
+                result = StoreError(f"admit: unexpected replies {ban!r}, {reply!r}")
+        replies.done(result)
+
+    # -- failed ----------------------------------------------------------------------------------
+
+    def failed(self, source_ip: str, account: str, done: Callable[[FailureOutcome | StoreError], None]) -> None:
+        self._count_failure("EVALSHA", self._failure_sha, source_ip, account, self._clock(), done)
+
+    def _count_failure(
+        self,
+        command: str,
+        script: str,
+        source_ip: str,
+        account: str,
+        started: float,
+        done: Callable[[FailureOutcome | StoreError], None],
+    ) -> None:
+        self.pipe.call(
+            partial(self._failure_counted, source_ip, account, started, done),
+            command,
+            script,
+            3,
+            source_failures_key(source_ip),
+            account_failures_key(account),
+            ban_key(source_ip),
+            *self._failure_args,
+        )
+
+    def _failure_counted(
+        self,
+        source_ip: str,
+        account: str,
+        started: float,
+        done: Callable[[FailureOutcome | StoreError], None],
+        reply: Reply,
+    ) -> None:
+        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+            # first use on this Redis (or after SCRIPT FLUSH / a restart): send the body once
+            self._count_failure("EVAL", FAILURE_SCRIPT, source_ip, account, started, done)
+            return
+        result: FailureOutcome | StoreError | None = self._settle(started, "failure count", reply)
+        if result is None:
+            if isinstance(reply, list) and len(reply) == 4 and all(isinstance(n, int) for n in reply):
+                source_failures, account_failures, started_ban, pttl = reply
+                result = self.rules.failure(
+                    source_ip,
+                    account,
+                    source_failures,
+                    account_failures,
+                    started_ban == 1,
+                    ban_left(pttl),
+                    self._clock(),
+                )
+            else:
+                result = StoreError(f"failure count: unexpected reply {reply!r}")
+        done(result)
+
+    # -- replies ---------------------------------------------------------------------------------
+
+    def _settle(self, started: float | None, what: str, reply: Reply) -> StoreError | None:
+        """Time the round trip (when ``started``); the StoreError a failed reply stands for (None: a reply)."""
+        if started is not None and self._observe is not None:
+            self._observe(self._clock() - started)
+        if isinstance(reply, StoreError):
+            return reply
+        if isinstance(reply, Exception):
+            if str(reply).startswith(_UNAVAILABLE_REPLIES):
+                return StoreUnavailable(f"{what} failed: {reply}")
+            return StoreError(f"{what} failed: {reply}")
+        return None
