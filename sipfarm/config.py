@@ -87,6 +87,19 @@ def _check_address(key: str, spec: str) -> None:
     _check_range(key, addr.port, 0, 65535)
 
 
+def _check_destinations(internal_networks: list[str], allow_destinations: list[str]) -> None:
+    from sipfarm.transport.destinations import parse_destination  # noqa: PLC0415 - config stays light
+
+    for key, entries in (("internal_networks", internal_networks), ("allow_destinations", allow_destinations)):
+        for entry in entries:
+            try:
+                parsed = parse_destination(entry)
+            except ValueError as exc:
+                raise ConfigError(f"{key}: {exc}") from None
+            if key == "internal_networks" and isinstance(parsed, tuple):
+                raise ConfigError(f"internal_networks: {entry!r} is not a network")
+
+
 def _check_hostport(key: str, value: str) -> None:
     host, _, port = value.rpartition(":")
     if not host or not port.isdigit() or int(port) > 65535:
@@ -214,10 +227,16 @@ class BalancerConfig:
     heartbeat: float = 0.5
     log_level: str = "info"
     log_format: str = "kv"
+    # A Request-URI the balancer forwards to (a node's request with no flow token) may not name
+    # the farm itself, these networks (loopback and the operator's internal ones) ...
+    internal_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    # ... unless listed here (networks or IP:PORT), e.g. ["127.0.0.0/8"] for peers on loopback.
+    allow_destinations: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         if not self.listen:
             raise ConfigError("listen: at least one listener is required")
+        _check_destinations(self.internal_networks, self.allow_destinations)
         for spec in self.listen:
             _check_address("listen", spec)
         if self.internal:

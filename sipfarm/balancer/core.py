@@ -17,8 +17,20 @@ dialog, only its open client connections (in the transport layer).  Requests:
 3. REGISTER from a client gets a Path (RFC 3327) and dialog-creating requests a Record-Route,
    each with the token of the client's flow, so requests to the client come back through this
    balancer and out on the very connection (TCP/TLS/WS) or NAT binding it used.
-4. A Via with a branch derived from the incoming one (retransmissions and CANCEL keep matching)
-   is added; responses pop it and follow the next Via (RFC 3261 16.7 / 18.2.2).
+4. Max-Forwards is capped at 70 on entry from clients (RFC 3261 16.6 step 3 counts down from
+   there) and decremented.
+5. A Via is added whose branch records the previous hop, signed
+   (:mod:`sipfarm.balancer.branch`); it is derived from the incoming branch, so retransmissions,
+   the CANCEL and the ACK of a non-2xx get their INVITE's branch (RFC 3261 16.11, 17.2.3).
+
+Responses pop our Via and go to the hop the branch names, and only there, over the flow the
+request came in on (``send_response``: never dialling a connection).  The next Via is not
+trusted for the destination: anyone can forge a response.  A response whose branch does not
+verify, or whose flow is gone, is dropped and counted (``dropped_<reason>``).
+
+A request taken to its Request-URI (from a node, with no token of ours) goes only where the
+:class:`~sipfarm.transport.destinations.DestinationPolicy` permits: never to the farm's own
+listeners or nodes (a loop), loopback or the operator's internal networks unless allowed (403).
 
 No usable node: 503 with Retry-After, answered here.  Nothing here waits on Redis: node
 membership is read in the background into :class:`~sipfarm.balancer.nodes.NodeSet`.
@@ -26,30 +38,33 @@ membership is read in the background into :class:`~sipfarm.balancer.nodes.NodeSe
 
 from __future__ import annotations
 
-import hashlib
+import functools
+import ipaddress
 import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
+from sipfarm.balancer.branch import HopBranches
 from sipfarm.balancer.nodes import Health, NodeEntry, NodeSet
-from sipfarm.edge import DIALOG_CREATING, MAGIC_COOKIE, FlowTokens, bracket, is_ip_literal, pop_own_routes, route_uri
+from sipfarm.edge import DIALOG_CREATING, FlowTokens, bracket, is_ip_literal, pop_own_routes, route_uri
 from sipfarm.sip.address import Address
 from sipfarm.sip.errors import BadMessage, ServiceUnavailable, SipError, TooManyHops
-from sipfarm.sip.headers import via_branch
+from sipfarm.sip.headers import HeaderError, via_branch
 from sipfarm.sip.message import SipMessage, error_response, make_response
 from sipfarm.sip.parser import max_forwards
 from sipfarm.sip.uri import SipURI, URIError
-from sipfarm.sip.via import default_port, response_target, via_sent_by, via_value_target
+from sipfarm.sip.via import default_port, via_sent_by, via_value_target
+from sipfarm.transport.destinations import DestinationPolicy
 
 log = logging.getLogger("sipfarm.balancer")
 
-MAGIC = MAGIC_COOKIE
 PROBE_PREFIX = b"z9hG4bKlbprobe"
 PIN_SECONDS = 64 * 0.5  # Timer B: an INVITE is CANCELled or answered within it
 PIN_LIMIT = 200_000
+MAX_FORWARDS_ENTRY = 70  # RFC 3261 8.1.1.6: what a UA starts with; more on entry is capped
 
 
 class FlowFailed(SipError):
@@ -57,6 +72,13 @@ class FlowFailed(SipError):
 
     status = 430
     counter = "flow_failed"
+
+
+class DestinationRefused(SipError):
+    """403: a Request-URI naming the farm itself, loopback or an internal network."""
+
+    status = 403
+    counter = "destination_refused"
 
 
 @dataclass(slots=True)
@@ -67,9 +89,12 @@ class BalancerStats:
     no_node: int = 0
     flow_failed: int = 0
     rehashed: int = 0
-    dropped: int = 0
+    dropped: int = 0  # responses not forwarded, for any of the reasons in ``drops``
     local: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    # not_ours (another element's Via), forged (branch not ours or not for this response),
+    # bad_via, no_flow (the client's connection is gone), send_failed
+    drops: dict[str, int] = field(default_factory=dict)
 
     def flat(self) -> dict[str, int]:
         out = {
@@ -77,7 +102,12 @@ class BalancerStats:
             for k in ("to_node", "to_client", "responses", "no_node", "flow_failed", "rehashed", "dropped", "local")
         }
         out.update({f"error_{k}": v for k, v in self.errors.items()})
+        out.update({f"dropped_{k}": v for k, v in self.drops.items()})
         return out
+
+    def drop(self, reason: str) -> None:
+        self.dropped += 1
+        self.drops[reason] = self.drops.get(reason, 0) + 1
 
 
 class BalancerCore:
@@ -89,19 +119,30 @@ class BalancerCore:
         public: dict[str, Address],
         internal: Address,
         send: Callable[[bytes, Address], bool] | None = None,
+        send_response: Callable[[bytes, Address], bool] | None = None,
         retry_after: int = 5,
         aliases: frozenset[tuple[str, int]] = frozenset(),
+        destinations: DestinationPolicy | None = None,
+        hop_secret: bytes | None = None,
     ) -> None:
+        """``send`` sends a request (may open a connection); ``send_response`` sends a response
+        over an existing flow only (``TransportManager.send(..., connect=False)``).
+        ``hop_secret`` signs the previous hop into our Via branches: the farm-wide flow secret,
+        so any worker or balancer can route a response.  ``destinations`` judges Request-URIs
+        (default: loopback refused); our own addresses are added to it."""
         self.nodes = nodes
         self.tokens = tokens
         self.public = public  # transport -> our address facing clients
         self.internal = internal  # our UDP address facing nodes
         self.send: Callable[[bytes, Address], bool] = send or (lambda data, dest: False)
+        self.send_response: Callable[[bytes, Address], bool] = send_response or self.send
         self.retry_after = retry_after
         self.stats = BalancerStats()
         # every host:port meaning "this balancer" in a Route or Via (bound and advertised)
-        self._ours = {(a.host, a.port) for a in (*public.values(), internal)} | set(aliases)
-        self._key = secrets.token_bytes(16)
+        self._ours = {(_bare(host), port) for host, port in _pairs((*public.values(), internal), aliases)}
+        self.destinations = destinations if destinations is not None else DestinationPolicy()
+        self.destinations.add_own(self._ours)
+        self.branches = HopBranches(hop_secret if hop_secret is not None else secrets.token_bytes(32))
         self._invites: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
         self._clock = time.monotonic
         self._debug = log.isEnabledFor(logging.DEBUG)
@@ -110,11 +151,13 @@ class BalancerCore:
     # -- entry point -----------------------------------------------------------------------------
 
     def on_message(self, msg: SipMessage, source: Address, local: Address) -> None:
+        hop = source
         try:
             if msg.status:
                 self._on_response(msg)
             else:
-                self._on_request(msg, source, local)
+                hop = self._previous_hop(msg, source)
+                self._on_request(msg, source, hop)
         except SipError as exc:
             self.stats.errors[exc.counter] = self.stats.errors.get(exc.counter, 0) + 1
             if self._debug:
@@ -128,11 +171,29 @@ class BalancerCore:
             if msg.status == 0:
                 answer = error_response(msg, exc, self._to_tag)
                 if answer is not None:
-                    self.send(answer.to_bytes(), source)
+                    self.send_response(answer.to_bytes(), hop)
+
+    def _previous_hop(self, msg: SipMessage, source: Address) -> Address:
+        """Where responses to request ``msg`` from ``source`` go: recorded in our branch.
+
+        A connection's remote end (RFC 3261 18.2.2: the connection the request came in on,
+        whatever transport its Via claims) and a node's source address as they are.  A UDP
+        client's source IP, at its rport (RFC 3581), else its Via's sent-by port (RFC 3261
+        18.2.2): a port on its own address only, never a host it names.
+        """
+        if source.reliable or self.nodes.by_address(source.host, source.port) is not None:
+            return source
+        try:
+            target = via_value_target(msg.top_via_value)
+        except SipError:
+            return source
+        if target.port == source.port or target.host != source.host:
+            return source
+        return Address("udp", source.host, target.port)
 
     # -- requests --------------------------------------------------------------------------------
 
-    def _on_request(self, msg: SipMessage, source: Address, local: Address) -> None:
+    def _on_request(self, msg: SipMessage, source: Address, hop: Address) -> None:
         if max_forwards(msg) <= 0:
             raise TooManyHops("Max-Forwards reached 0", partial=msg)
         from_node = self.nodes.by_address(source.host, source.port) is not None
@@ -140,21 +201,21 @@ class BalancerCore:
         if msg.method == b"OPTIONS" and not msg.values("route") and self._is_for_us(msg):
             # keep-alive probes of the balancer itself; anything else (a REGISTER sent to
             # sip:balancer-ip:port) is the farm's business and goes to a node
-            self._answer_locally(msg, source)
+            self._answer_locally(msg, hop)
             return
         if flow is not None and from_node:
             # a token is an instruction only on the way to its client: the same Record-Route
             # entry comes back first in the route set of that client's own requests
-            self._to_client(msg, self._udp_contact_or_flow(msg, flow), record_route=True)
+            self._to_client(msg, self._udp_contact_or_flow(msg, flow), hop, record_route=True)
             return
         if from_node:
             # from a node, no token of ours: an element outside the farm (its Request-URI)
-            self._to_client(msg, self._uri_target(msg), record_route=True)
+            self._to_client(msg, self._uri_target(msg), hop, record_route=True)
             return
         node = self._route_node(msg)
         if node is None:
             node = self._pick(msg)
-        self._to_node(msg, node, source)
+        self._to_node(msg, node, source, hop)
 
     def _udp_contact_or_flow(self, msg: SipMessage, flow: Address) -> Address:
         """For a UDP flow, the Request-URI (the Contact) when it names the flow's own IP: the
@@ -168,7 +229,9 @@ class BalancerCore:
         except SipError:
             return flow
         if isinstance(uri, SipURI) and uri.host.strip("[]") == flow.host and uri.transport == "udp":
-            return Address("udp", flow.host, uri.port or default_port("udp"))
+            contact = Address("udp", flow.host, uri.port or default_port("udp"))
+            if self.destinations.permits(contact) and not self._is_node(contact):
+                return contact
         return flow
 
     def _route_node(self, msg: SipMessage) -> NodeEntry | None:
@@ -229,12 +292,12 @@ class BalancerCore:
             return to[lt + 1 : gt].lower()
         return to.partition(b";")[0].strip().lower()
 
-    def _to_node(self, msg: SipMessage, node: NodeEntry, source: Address) -> None:
+    def _to_node(self, msg: SipMessage, node: NodeEntry, source: Address, hop: Address) -> None:
         dest = node.address
         client_flow = source
         method = msg.method
-        if source.reliable:
-            _stamp_connection(msg, source)
+        if max_forwards(msg) > MAX_FORWARDS_ENTRY:
+            msg.set("max-forwards", b"%d" % MAX_FORWARDS_ENTRY)  # decremented below
         # _own_entries lists top first: prepend bottom first, so the node-facing entry (our
         # internal UDP address) ends on top and the node's requests to the client come to it
         if method == b"REGISTER":
@@ -244,20 +307,22 @@ class BalancerCore:
         elif method in DIALOG_CREATING and msg.to_tag is None:
             for value in reversed(self._own_entries(client_flow, dest.transport, path=False)):
                 msg.prepend("record-route", value)
-        self._forward(msg, dest, self.internal)
+        self._forward(msg, dest, self.internal, hop)
         self.stats.to_node += 1
 
-    def _to_client(self, msg: SipMessage, flow: Address, *, record_route: bool) -> None:
+    def _to_client(self, msg: SipMessage, flow: Address, hop: Address, *, record_route: bool) -> None:
         if record_route and msg.method in DIALOG_CREATING and msg.to_tag is None:
             for value in reversed(self._own_entries(flow, flow.transport, path=False, facing_client=True)):
                 msg.prepend("record-route", value)
         facing = self.public.get(flow.transport) or self.internal
-        self._forward(msg, flow, facing, flow_failure=True)
+        self._forward(msg, flow, facing, hop, flow_failure=True)
         self.stats.to_client += 1
 
-    def _forward(self, msg: SipMessage, dest: Address, via_address: Address, *, flow_failure: bool = False) -> None:
+    def _forward(
+        self, msg: SipMessage, dest: Address, via_address: Address, hop: Address, *, flow_failure: bool = False
+    ) -> None:
         msg.set("max-forwards", str(max_forwards(msg) - 1).encode())
-        msg.prepend("via", self._via(msg, dest.transport, via_address))
+        msg.prepend("via", self._via(msg, dest.transport, via_address, hop))
         if self._debug:
             log.debug(
                 "event=forward method=%s call_id=%s dest=%s",
@@ -274,19 +339,16 @@ class BalancerCore:
                 raise FlowFailed("the client's flow is gone", partial=msg)
             raise ServiceUnavailable("node unreachable", retry_after=self.retry_after, partial=msg)
 
-    def _via(self, msg: SipMessage, transport: str, via_address: Address) -> bytes:
-        # RFC 3261 16.11: the same incoming branch gives the same outgoing one
-        incoming = via_branch(msg.top_via_value) or msg.call_id + str(msg.cseq[0]).encode()
-        if msg.method == b"ACK" and incoming:
-            incoming += b"ack"  # the ACK of a non-2xx shares its INVITE's branch upstream only
-        digest = hashlib.blake2b(incoming, key=self._key, digest_size=10).hexdigest().encode()
-        host = via_address.host if ":" not in via_address.host else f"[{via_address.host}]"
-        return b"SIP/2.0/%s %s:%d;branch=%slb%s" % (
+    def _via(self, msg: SipMessage, transport: str, via_address: Address, hop: Address) -> bytes:
+        # RFC 3261 16.11: the same incoming branch (and hop) gives the same outgoing one, so the
+        # CANCEL and the ACK of a non-2xx (which carry their INVITE's branch, 17.1.1.3) match
+        # the INVITE's transaction upstream; an ACK for a 2xx has a branch of its own anyway
+        branch = self.branches.encode(hop, _transaction_key(msg, msg.top_via_value))
+        return b"SIP/2.0/%s %s:%d;branch=%s" % (
             transport.upper().encode(),
-            host.encode(),
+            _host(via_address).encode(),
             via_address.port,
-            MAGIC,
-            digest,
+            branch,
         )
 
     def _own_entries(
@@ -315,7 +377,10 @@ class BalancerCore:
         return pop_own_routes(msg, self._names_us, self.tokens)
 
     def _names_us(self, uri: SipURI) -> bool:
-        return (uri.host, uri.port or default_port(uri.transport)) in self._ours
+        return (_bare(uri.host), uri.port or default_port(uri.transport)) in self._ours
+
+    def _is_node(self, dest: Address) -> bool:
+        return self.nodes.by_address(dest.host, dest.port) is not None
 
     def _uri_target(self, msg: SipMessage) -> Address:
         uri = msg.request_uri
@@ -326,53 +391,62 @@ class BalancerCore:
             host = "127.0.0.1"
         if not is_ip_literal(host):
             raise ServiceUnavailable(f"cannot resolve {host}", retry_after=None, partial=msg)
-        return Address(uri.transport, host, uri.port or default_port(uri.transport))
+        dest = Address(uri.transport, host, uri.port or default_port(uri.transport))
+        # the Request-URI is whatever the request's sender wrote: never the farm itself (a
+        # loop), loopback or an internal network unless the operator allows it
+        if not self.destinations.permits(dest) or self._is_node(dest):
+            raise DestinationRefused("destination not allowed", partial=msg)
+        return dest
 
     def _is_for_us(self, msg: SipMessage) -> bool:
         try:
             uri = msg.request_uri
         except (SipError, URIError):
             return False
-        return (
-            isinstance(uri, SipURI)
-            and uri.user is None
-            and (uri.host, uri.port or default_port(uri.transport)) in self._ours
-        )
+        return isinstance(uri, SipURI) and uri.user is None and self._names_us(uri)
 
-    def _answer_locally(self, msg: SipMessage, source: Address) -> None:
+    def _answer_locally(self, msg: SipMessage, hop: Address) -> None:
         """OPTIONS keep-alives (and anything else) addressed to the balancer itself."""
         self.stats.local += 1
         if msg.method == b"ACK":
             return
         status = 200 if msg.method == b"OPTIONS" else 405
         reply = make_response(msg, status, to_tag=self._to_tag, headers=(("allow", b"OPTIONS"),))
-        self.send(reply.to_bytes(), response_target(reply, source))
+        self.send_response(reply.to_bytes(), hop)
 
     # -- responses -------------------------------------------------------------------------------
 
     def _on_response(self, msg: SipMessage) -> None:
-        top = msg.top_via_value
-        branch = via_branch(top) or b""
-        if branch.startswith(PROBE_PREFIX):
-            self.on_probe_response(branch)
-            return
         try:
-            if via_sent_by(top) not in self._ours:
-                self.stats.dropped += 1  # not ours: RFC 3261 18.1.2 says discard
+            top = msg.top_via_value
+            branch = via_branch(top) or b""
+            if branch.startswith(PROBE_PREFIX):
+                self.on_probe_response(branch)
+                return
+            host, port = via_sent_by(top)
+            if (_bare(host), port) not in self._ours:
+                self.stats.drop("not_ours")  # RFC 3261 18.1.2: discard
                 return
             msg.pop_first_value("via")
-            dest = via_value_target(msg.top_via_value)
-        except SipError:
-            self.stats.dropped += 1
+            key = _transaction_key(msg, msg.top_via_value)
+        except (SipError, HeaderError):
+            self.stats.drop("bad_via")
+            return
+        # RFC 3261 16.7 step 3 / 18.2.2: the hop we recorded, never one the response names
+        dest = self.branches.decode(branch, key)
+        if dest is None:
+            self.stats.drop("forged")
+            if self._debug:
+                log.debug("event=response_dropped reason=forged call_id=%s", msg.call_id.decode("latin-1"))
             return
         if self._debug:
             log.debug(
                 "event=forward_response status=%d call_id=%s dest=%s", msg.status, msg.call_id.decode("latin-1"), dest
             )
-        if self.send(msg.to_bytes(), dest):
+        if self.send_response(msg.to_bytes(), dest):
             self.stats.responses += 1
         else:
-            self.stats.dropped += 1
+            self.stats.drop("no_flow" if dest.reliable else "send_failed")
 
     # -- probes ----------------------------------------------------------------------------------
 
@@ -391,32 +465,34 @@ class BalancerCore:
             b"From: <sip:balancer@%s>;tag=%s\r\nTo: <sip:%s:%d>\r\nCall-ID: %s\r\nCSeq: 1 OPTIONS\r\n"
             b"Content-Length: 0\r\n\r\n"
         ) % (
-            node.address.host.encode(), node.address.port, _host(addr).encode(), addr.port, branch,
-            _host(addr).encode(), self._to_tag, node.address.host.encode(), node.address.port, branch,
+            _host(node.address).encode(), node.address.port, _host(addr).encode(), addr.port, branch,
+            _host(addr).encode(), self._to_tag, _host(node.address).encode(), node.address.port, branch,
         )  # fmt: skip
         if not self.send(msg, node.address):
             self.nodes.mark_down(node)
         return branch
 
 
-def _stamp_connection(msg: SipMessage, source: Address) -> None:
-    """Name the connection a request came over in its top Via (``received`` and ``rport``).
+def _transaction_key(msg: SipMessage, via_value: bytes) -> bytes:
+    """What identifies the request a Via belongs to: its branch, or for an RFC 2543 client
+    without one, Call-ID and CSeq number (the same for the INVITE, its CANCEL and ACK)."""
+    return via_branch(via_value) or msg.call_id + b" %d" % msg.cseq[0]
 
-    RFC 3261 18.2.2: the response goes back over that connection.  Stateless, we find it
-    again only from the Via, and a TCP/TLS/WS client's sent-by port (or a WS client's
-    ``.invalid`` host, RFC 7118 5) is not its connection's port: this is RFC 3581 rport,
-    forced (as Kamailio's ``force_rport``).
-    """
-    try:
-        via = msg.top_via
-    except SipError:
-        return
-    port = str(source.port)
-    if via.received == source.host and via.rport == port:
-        return
-    params = [(k, v) for k, v in via.params if k not in ("received", "rport")]
-    params += [("received", source.host), ("rport", port)]
-    msg.replace_first_value("via", replace(via, params=tuple(params)).to_bytes())
+
+@functools.lru_cache(maxsize=1024)
+def _bare(host: str) -> str:
+    """A host as compared with our own addresses: no brackets, IPv6 in its canonical form."""
+    host = host.strip("[]").lower()
+    if ":" in host:
+        try:
+            return str(ipaddress.ip_address(host))
+        except ValueError:
+            return host
+    return host
+
+
+def _pairs(addresses: Iterable[Address], aliases: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
+    return [(a.host, a.port) for a in addresses] + list(aliases)
 
 
 def _host(addr: Address) -> str:

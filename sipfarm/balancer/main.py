@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -123,6 +124,7 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
     from sipfarm.metrics import BalancerMetrics, serve_metrics, sync_counters  # noqa: PLC0415
     from sipfarm.store.redis_client import create_redis  # noqa: PLC0415
     from sipfarm.transport.config import TransportConfig  # noqa: PLC0415
+    from sipfarm.transport.destinations import DestinationPolicy  # noqa: PLC0415
     from sipfarm.transport.manager import TransportManager  # noqa: PLC0415
     from sipfarm.transport.tls import server_context  # noqa: PLC0415
 
@@ -172,14 +174,19 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
         # listening on a wildcard (or behind NAT): Via, Path and Record-Route name this address
         public = {t: Address(t, cfg.advertise, a.port) for t, a in public.items()}
         aliases |= frozenset((cfg.advertise, a.port) for a in public.values())
+    destinations = DestinationPolicy(allow=cfg.allow_destinations, deny=cfg.internal_networks, own=transports.addresses)
     core = BalancerCore(
         nodes,
         FlowTokens(secret),
         public=public,
         internal=internal,
         send=transports.send,
+        # an element never opens a connection to send a response: the request's flow or nothing
+        send_response=functools.partial(transports.send, connect=False),
         retry_after=cfg.retry_after,
         aliases=aliases,
+        destinations=destinations,
+        hop_secret=secret,  # farm-wide: any worker or balancer routes a response
     )
     holder.append(core)
 

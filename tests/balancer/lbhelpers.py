@@ -7,6 +7,7 @@ from __future__ import annotations
 import secrets
 import socket
 import time
+from pathlib import Path
 
 from fixtures.farm import DOMAIN, SipClient
 
@@ -111,6 +112,15 @@ class Caller:
             if reply is not None and reply.status >= 200 and reply.cseq[1] == b"BYE":
                 return reply
         return None
+
+
+def loopback_peers(workdir: Path) -> list[str]:
+    """Balancer flags for tests whose peers sit on loopback at other ports than they register
+    from (SIPp's UAS, a softphone's separate sockets): the balancer refuses loopback
+    destinations unless the operator allows them, so these tests say so explicitly."""
+    path = workdir / "balancer-loopback-peers.toml"
+    path.write_text('[balancer]\nallow_destinations = ["127.0.0.0/8"]\n')
+    return ["--config", str(path)]
 
 
 def answer(request: SipMessage, contact: str, status: int = 200) -> SipMessage:

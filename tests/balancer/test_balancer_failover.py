@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from fixtures.farm import DOMAIN, BalancerProcess, NodeProcess, SipClient, free_udp_tcp_port, wait_nodes_usable
-from lbhelpers import Caller, answer, wait_request
+from lbhelpers import Caller, answer, loopback_peers, wait_request
 
 from benchmarks.sipp import REGISTER_AUTH, UAS_ANSWER, SippServer, run_sipp
 from sipfarm.sip.headers import parse_name_addr
@@ -89,9 +89,12 @@ def read_call_log(workdir: Path) -> dict[int, CallTimes]:
     return calls
 
 
-def farm(redis_url: str, start_node, start_balancer, count: int = 3) -> tuple[list[NodeProcess], BalancerProcess]:
+def farm(
+    redis_url: str, start_node, start_balancer, workdir: Path, count: int = 3
+) -> tuple[list[NodeProcess], BalancerProcess]:
     nodes = [start_node(redis_url, f"node{i}") for i in range(1, count + 1)]
-    lb = start_balancer(redis_url)
+    # SIPp's UAS registers from another port than it answers on, on loopback
+    lb = start_balancer(redis_url, extra=loopback_peers(workdir))
     wait_nodes_usable(lb, count)
     time.sleep(0.6)  # the balancer's watcher polls every 0.25 s; probes settle
     return nodes, lb
@@ -100,7 +103,7 @@ def farm(redis_url: str, start_node, start_balancer, count: int = 3) -> tuple[li
 def test_node_killed_under_call_load(redis_url, accounts, start_node, start_balancer, tmp_path: Path):
     users = {f"user{i:03d}": f"pw-{i:03d}" for i in range(REGISTERED_USERS)}
     provision(redis_url, users)
-    nodes, lb = farm(redis_url, start_node, start_balancer)
+    nodes, lb = farm(redis_url, start_node, start_balancer, tmp_path)
     target = f"127.0.0.1:{lb.port}"
     with SippServer(tmp_path / "uas", scenario=UAS_ANSWER) as uas:
         # bob is the SIPp UAS; 60 more AORs spread over the nodes (by AOR hash)
@@ -211,8 +214,8 @@ def callee_bye(invite: SipMessage, ok: SipMessage, client: SipClient) -> SipMess
     return msg
 
 
-def test_bye_of_established_call_after_its_node_died(redis_url, accounts, start_node, start_balancer):
-    nodes, lb = farm(redis_url, start_node, start_balancer)
+def test_bye_of_established_call_after_its_node_died(redis_url, accounts, start_node, start_balancer, tmp_path):
+    nodes, lb = farm(redis_url, start_node, start_balancer, tmp_path)
     alice, bob = SipClient(), SipClient()
     try:
         reply = bob.register(lb.address, "bob", accounts["bob"])

@@ -2,7 +2,9 @@
 
 The balancer listens on 10.0.0.1:5060 (udp, tcp; also its internal address facing the nodes)
 and ws 10.0.0.1:8080; three nodes at 10.0.1.{1,2,3}:5060.  Messages are fed as the transport
-would: parsed, the top Via of requests stamped with received/rport.
+would: parsed, the top Via of requests stamped with received/rport.  What the core sends as a
+response (``send_response``: over an existing flow only, never dialling) is told apart from
+requests in ``Harness.responses``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from sipfarm.sip.message import SipMessage
 from sipfarm.sip.parser import parse_message
 from sipfarm.sip.uri import SipURI
 from sipfarm.sip.via import stamp_received
+from sipfarm.transport.destinations import DestinationPolicy
 
 SECRET = b"unit-test-flow-secret-0123456789"
 LB_UDP = Address("udp", "10.0.0.1", 5060)
@@ -42,13 +45,18 @@ class Harness:
 
     nodes: NodeSet = field(default_factory=NodeSet)
     sent: list[tuple[SipMessage, Address]] = field(default_factory=list)
+    responses: list[Address] = field(default_factory=list)  # destinations of send_response
     fail_to: set[Address] = field(default_factory=set)  # destinations whose send fails
+    public: dict[str, Address] = field(default_factory=lambda: {"udp": LB_UDP, "tcp": LB_TCP, "ws": LB_WS})
+    internal: Address = LB_UDP
+    destinations: DestinationPolicy | None = None
 
     def __post_init__(self) -> None:
         self.tokens = FlowTokens(SECRET)
         self.core = BalancerCore(
-            self.nodes, self.tokens, public={"udp": LB_UDP, "tcp": LB_TCP, "ws": LB_WS}, internal=LB_UDP,
-            send=self._send, retry_after=7,
+            self.nodes, self.tokens, public=self.public, internal=self.internal,
+            send=self._send, send_response=self._send_response, retry_after=7, hop_secret=SECRET,
+            destinations=self.destinations,
         )
 
     def _send(self, data: bytes, dest: Address) -> bool:
@@ -56,6 +64,12 @@ class Harness:
             return False
         self.sent.append((parse_message(data), dest))
         return True
+
+    def _send_response(self, data: bytes, dest: Address) -> bool:
+        if dest in self.fail_to:  # the flow is gone: dropped, never re-dialled
+            return False
+        self.responses.append(dest)
+        return self._send(data, dest)
 
     def feed(self, data: bytes, source: Address, local: Address = LB_UDP) -> list[tuple[SipMessage, Address]]:
         """Deliver ``data`` from ``source``; what the core sent in answer."""
@@ -406,3 +420,203 @@ def test_draining_node_finishes_its_dialogs_but_takes_no_new_calls(lb: Harness):
     assert lb.one(bye, CLIENT)[1] == NODES["node2"]
     dests = {lb.one(request("INVITE", "sip:bob@farm.test"), CLIENT)[1] for _ in range(40)}
     assert NODES["node2"] not in dests
+
+
+# -- responses go to the hop the balancer recorded, and nowhere else -----------------------------
+
+
+def _forged_response(top_via: str, next_via: str, status: int = 200) -> bytes:
+    return (
+        f"SIP/2.0 {status} OK\r\nVia: {top_via}\r\nVia: {next_via}\r\nFrom: <sip:a@farm.test>;tag=1\r\n"
+        "To: <sip:b@farm.test>;tag=2\r\nCall-ID: forged\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+
+
+@pytest.mark.parametrize("branch", ["z9hG4bKlbdeadbeef", "z9hG4bKlb-aaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "z9hG4bKx", ""])
+def test_forged_response_naming_a_local_service_is_dropped_and_counted(lb: Harness, branch: str):
+    """The next Via is the attacker's: once it decided the destination (a TCP connection to
+    Redis on loopback, written with the response's body).  Not a branch we signed: dropped."""
+    top = "SIP/2.0/UDP 10.0.0.1:5060" + (f";branch={branch}" if branch else "")
+    out = lb.feed(_forged_response(top, "SIP/2.0/TCP 127.0.0.1:6379;branch=z9hG4bKzz"), CLIENT)
+    assert out == []
+    assert lb.core.stats.dropped == 1 and lb.core.stats.flat()["dropped_forged"] == 1
+
+
+def test_response_goes_to_the_recorded_hop_whatever_the_next_via_says(lb: Harness):
+    msg, node = lb.one(request("INVITE", "sip:bob@farm.test", via="SIP/2.0/UDP 192.168.1.5:5062;rport"), CLIENT)
+    _ours, theirs = msg.values("via")
+    lying = theirs.replace(b"192.168.1.5:5062", b"127.0.0.1:6379").replace(b"SIP/2.0/UDP", b"SIP/2.0/TCP")
+    response = _response(msg, 180).replace(theirs, lying)
+    _, dest = lb.one(response, node)
+    assert dest == CLIENT and lb.responses == [CLIENT]
+    # a branch of ours moved under another transaction's Via does not verify
+    other = lying.replace(b"branch=z9hG4bK", b"branch=z9hG4bKother")
+    assert lb.feed(_response(msg, 180).replace(theirs, other), node) == []
+    assert lb.core.stats.flat()["dropped_forged"] == 1
+
+
+def test_response_for_a_tcp_client_whose_connection_is_gone_is_dropped_not_redialled(lb: Harness):
+    msg, node = lb.one(request("INVITE", "sip:bob@farm.test", via="SIP/2.0/TCP 192.168.1.5:5062"),
+                       TCP_CLIENT, LB_TCP)
+    lb.fail_to.add(TCP_CLIENT)
+    assert lb.feed(_response(msg, 200), node) == []
+    assert lb.core.stats.flat()["dropped_no_flow"] == 1
+    assert all(dest != Address("tcp", "192.168.1.5", 5062) for _, dest in lb.sent)
+
+
+def test_client_sending_wss_via_through_a_tls_proxy_is_answered_on_its_connection(lb: Harness):
+    tls_client = Address("tls", "198.51.100.4", 44000)
+    lb.core.public["tls"] = Address("tls", "10.0.0.1", 5061)
+    msg, node = lb.one(register(via="SIP/2.0/WSS abc.invalid"), tls_client, Address("tls", "10.0.0.1", 5061))
+    out, dest = lb.one(_response(msg, 401), node)
+    assert out.status == 401 and dest == tls_client and lb.responses == [tls_client]
+
+
+def test_response_to_a_request_from_a_node_goes_back_to_that_node(lb: Harness):
+    paths, node = _path_of(lb, CLIENT, LB_UDP, "SIP/2.0/UDP 192.168.1.5:5062;rport")
+    routes = "".join(f"Route: {p.decode()}\r\n" for p in paths)
+    # the node's Via names another port than its source: the source is what we recorded
+    msg, dest = lb.one(request("INVITE", "sip:alice@192.168.1.5:5062", via="SIP/2.0/UDP 10.0.1.1:7777",
+                               extra=routes), node)
+    assert dest == CLIENT
+    out, to = lb.one(_response(msg, 180), CLIENT)
+    assert out.status == 180 and to == node
+
+
+def test_answers_made_by_the_balancer_go_to_the_recorded_hop_too(lb: Harness):
+    tcp = lb.feed(request("OPTIONS", "sip:10.0.0.1:5060", via="SIP/2.0/TCP 127.0.0.1:6379"), TCP_CLIENT, LB_TCP)
+    assert [dest for _, dest in tcp] == [TCP_CLIENT] and lb.responses == [TCP_CLIENT]
+    out, dest = lb.one(request("INVITE", "sip:bob@farm.test", max_forwards=0, via="SIP/2.0/TLS 127.0.0.1:6379"),
+                       TCP_CLIENT, LB_TCP)
+    assert out.status == 483 and dest == TCP_CLIENT
+
+
+# -- the ACK of a non-2xx and the CANCEL leave with their INVITE's branch ------------------------
+
+
+def test_ack_of_a_non_2xx_leaves_with_the_invites_branch(lb: Harness):
+    """RFC 3261 17.1.1.3 / 16.11: the UA's ACK to a 486 has its INVITE's branch; ours must too,
+    or the node's INVITE server transaction never sees it and retransmits the 486 for 32 s."""
+    call_id = secrets.token_hex(8)
+    invite = request("INVITE", "sip:bob@farm.test", call_id=call_id)
+    invite_out, node = lb.one(invite, CLIENT)
+    lb.one(_response(invite_out, 486), node)
+    top = parse_message(invite).top_via_value
+    ack = request("ACK", "sip:bob@farm.test", call_id=call_id, to="<sip:bob@farm.test>;tag=b9")
+    ack = ack.replace(parse_message(ack).top_via_value, top)
+    ack_out, ack_dest = lb.one(ack, CLIENT)
+    assert ack_dest == node
+    assert ack_out.top_via_value == invite_out.top_via_value
+    # a retransmitted INVITE too
+    again, _ = lb.one(invite, CLIENT)
+    assert again.top_via_value == invite_out.top_via_value
+
+
+# -- Max-Forwards ---------------------------------------------------------------------------------
+
+
+def test_max_forwards_is_capped_at_70_on_entry(lb: Harness):
+    msg, _ = lb.one(request("INVITE", "sip:bob@farm.test", max_forwards=255), CLIENT)
+    assert msg.get("max-forwards") == b"69"
+    msg, _ = lb.one(request("OPTIONS", "sip:bob@farm.test", max_forwards=3), CLIENT)
+    assert msg.get("max-forwards") == b"2"
+
+
+# -- IPv6 ----------------------------------------------------------------------------------------
+
+LB6 = Address("udp", "2001:db8::1", 5060)
+CLIENT6 = Address("udp", "2001:db8:ff::7", 40000)
+
+
+@pytest.fixture
+def lb6() -> Harness:
+    h = Harness(public={"udp": LB6, "tcp": Address("tcp", "2001:db8::1", 5060)}, internal=LB6)
+    h.nodes.update_members([Member("n6", Role.NODE, ("udp:[2001:db8:1::1]:5060",))])
+    return h
+
+
+def test_ipv6_via_path_and_record_route_use_brackets(lb6: Harness):
+    msg, node = lb6.one(register(via="SIP/2.0/UDP [2001:db8:ff::7]:5062;rport"), CLIENT6)
+    assert node == Address("udp", "2001:db8:1::1", 5060)
+    assert b"SIP/2.0/UDP [2001:db8::1]:5060;" in msg.top_via_value
+    path = uri_of(msg.values("path")[0])
+    assert path.host == "[2001:db8::1]" and path.port == 5060
+    assert b"@[2001:db8::1]:5060;" in msg.values("path")[0]
+    invite, _ = lb6.one(request("INVITE", "sip:bob@farm.test", via="SIP/2.0/UDP [2001:db8:ff::7]:5062;rport"),
+                        CLIENT6)
+    assert b"@[2001:db8::1]:5060;" in invite.values("record-route")[0]
+    out, dest = lb6.one(_response(invite, 180), node)  # our bracketed Via is recognised
+    assert out.status == 180 and dest == CLIENT6
+
+
+def test_ipv6_own_bracketed_route_entries_are_popped_and_options_answered(lb6: Harness):
+    bye = request("BYE", "sip:bob@[2001:db8:ff::9]:5060", to="<sip:bob@farm.test>;tag=b9",
+                  extra="Route: <sip:[2001:db8::1]:5060;lr>, <sip:[2001:db8:1::1]:5060;lr>\r\n")
+    msg, dest = lb6.one(bye, CLIENT6)
+    assert dest == Address("udp", "2001:db8:1::1", 5060)
+    assert [uri_of(v).host for v in msg.values("route")] == ["[2001:db8:1::1]"]
+    out, dest = lb6.one(request("OPTIONS", "sip:[2001:db8::1]:5060"), CLIENT6)
+    assert out.status == 200 and dest == CLIENT6
+    # a non-canonical spelling of our address is us too
+    out, _ = lb6.one(request("OPTIONS", "sip:[2001:0db8:0::1]:5060"), CLIENT6)
+    assert out.status == 200
+
+
+# -- destinations taken from a Request-URI --------------------------------------------------------
+
+
+def _from_node(lb: Harness, uri: str) -> list[tuple[SipMessage, Address]]:
+    bye = request("BYE", uri, via="SIP/2.0/UDP 10.0.1.1:5060", to="<sip:bob@farm.test>;tag=b9")
+    return lb.feed(bye, NODES["node1"])
+
+
+@pytest.mark.parametrize("uri", [
+    "sip:x@127.0.0.1:6379;transport=tcp",  # loopback (Redis)
+    "sip:x@localhost:6379",
+    "sip:x@[::1]:6379",
+    "sip:x@203.0.113.9;maddr=127.0.0.1",
+    "sip:x@10.0.0.1:5060",  # the balancer itself: a loop
+    "sip:x@10.0.1.2:5060",  # a node of the farm: a loop
+    "sip:x@0.0.0.0:5060",
+])
+def test_request_from_a_node_to_a_forbidden_destination_is_refused_and_counted(lb: Harness, uri: str):
+    out = _from_node(lb, uri)
+    assert [(m.status, d) for m, d in out] == [(403, NODES["node1"])]
+    assert lb.core.stats.errors["destination_refused"] == 1
+
+
+def test_request_from_a_node_to_an_outside_uri_is_forwarded(lb: Harness):
+    (msg, dest), = _from_node(lb, "sip:x@203.0.113.9:5080")
+    assert dest == Address("udp", "203.0.113.9", 5080) and msg.method == b"BYE"
+
+
+def test_operator_allowed_loopback_destination_is_forwarded():
+    h = Harness(destinations=DestinationPolicy(allow=["127.0.0.0/8"]))
+    h.nodes.update_members(members())
+    (_, dest), = _from_node(h, "sip:x@127.0.0.1:5070")
+    assert dest == Address("udp", "127.0.0.1", 5070)
+    out = _from_node(h, "sip:x@10.0.0.1:5060")  # still never ourselves
+    assert out[0][0].status == 403
+
+
+def test_contact_port_on_a_flow_address_obeys_the_policy(lb: Harness):
+    """A UDP flow's Contact port is used when it is on the flow's IP; never to reach a
+    forbidden destination (a client on the farm's own host naming a local service)."""
+    flow = Address("udp", "127.0.0.1", 40000)
+    paths, node = _path_of(lb, flow, LB_UDP, "SIP/2.0/UDP 127.0.0.1:40000;rport")
+    routes = "".join(f"Route: {p.decode()}\r\n" for p in paths)
+    _, dest = lb.one(request("INVITE", "sip:alice@127.0.0.1:6379", via="SIP/2.0/UDP 10.0.1.1:5060",
+                             extra=routes), node)
+    assert dest == flow
+
+
+def test_destination_settings_are_validated_naming_the_key():
+    from sipfarm.config import BalancerConfig, ConfigError, load  # noqa: PLC0415
+
+    cfg = load(BalancerConfig, None, {"allow_destinations": "127.0.0.0/8, 10.1.1.1:5060"}, environ={})
+    assert cfg.allow_destinations == ["127.0.0.0/8", "10.1.1.1:5060"]
+    assert cfg.internal_networks == ["127.0.0.0/8", "::1/128"]
+    with pytest.raises(ConfigError, match="allow_destinations"):
+        load(BalancerConfig, None, {"allow_destinations": "nonsense"}, environ={})
+    with pytest.raises(ConfigError, match="internal_networks"):
+        load(BalancerConfig, None, {"internal_networks": "10.0.0.1:5060"}, environ={})
