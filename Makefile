@@ -3,9 +3,15 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
-APT_PACKAGES := redis-server sip-tester kamailio kamailio-redis-modules openssl iproute2 util-linux
+APT_PACKAGES := redis-server sip-tester kamailio kamailio-redis-modules openssl iproute2 util-linux \
+	baresip-core chromium
 # Commands that tell us whether each package above is there.
-APT_PROBES := redis-server sipp kamailio openssl ip unshare
+APT_PROBES := redis-server sipp kamailio openssl ip unshare baresip chromium
+# Node.js and npm install JsSIP for the web phone tests (tests/browser); installed apart so that a
+# machine with Node.js from elsewhere (NodeSource) keeps it.
+NODE_PACKAGES := nodejs npm
+NODE_PROBES := node npm
+BROWSER_STAMP := tests/browser/node_modules/.installed
 
 .PHONY: run test lint typecheck pytest pytest-compiled setup system-deps bench bench-quick clean compiled
 
@@ -14,10 +20,16 @@ run: setup
 
 test: setup lint typecheck pytest pytest-compiled
 
-setup: system-deps $(VENV_STAMP)
+setup: system-deps $(VENV_STAMP) $(BROWSER_STAMP)
 
 system-deps:
 	@bash scripts/system-deps.sh $(APT_PACKAGES) -- $(APT_PROBES)
+	@bash scripts/system-deps.sh $(NODE_PACKAGES) -- $(NODE_PROBES)
+
+# JsSIP and esbuild from the npm registry, versions pinned by the lock file, in a directory git ignores.
+$(BROWSER_STAMP): tests/browser/package.json tests/browser/package-lock.json | system-deps
+	@npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
+	@touch $(BROWSER_STAMP)
 
 $(VENV_STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv .venv

@@ -1,0 +1,211 @@
+"""The JsSIP web phone page (``web/``), the loopback HTTP server that serves it and collects its
+reports, and headless Chromium to run it.
+
+``make setup`` installs JsSIP and esbuild from npm into ``tests/browser/node_modules`` (see
+``package.json``; git ignores the directory). JsSIP's npm package ships CommonJS only, so
+``build_bundle`` makes the browser script with esbuild (an IIFE exposing ``window.JsSIP``).
+
+The page reports each step by POSTing JSON to ``/report``; ``PageServer.wait_step`` waits for one.
+
+Chromium flags (Debian chromium 156, as root, in a loopback-only network namespace):
+
+* ``--headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-sync
+  --disable-background-networking --disable-component-update`` and a fresh ``--user-data-dir``:
+  a headless browser that tries no connection of its own (this machine refuses them).
+* ``--use-fake-device-for-media-stream --use-fake-ui-for-media-stream``: a fake microphone and
+  an automatically granted permission prompt.
+* ``--allow-loopback-in-peer-connection``: WebRTC leaves loopback out of ICE gathering; where
+  ``lo`` is the only interface, no candidate at all would be gathered without it.
+* ``--autoplay-policy=no-user-gesture-required``: JsSIP plays nothing itself, but the remote
+  track is live without a click.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlencode
+
+HERE = Path(__file__).resolve().parent
+WEB_DIR = HERE / "web"
+NODE_MODULES = HERE / "node_modules"
+ESBUILD = NODE_MODULES / ".bin" / "esbuild"
+JSSIP_ENTRY = NODE_MODULES / "jssip" / "lib" / "JsSIP.js"
+CHROMIUM = "/usr/bin/chromium"
+
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-default-apps",
+    "--disable-extensions",
+    "--mute-audio",
+    "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
+    "--allow-loopback-in-peer-connection",
+    "--autoplay-policy=no-user-gesture-required",
+)
+
+Report = dict[str, Any]
+
+
+def missing_tools() -> str | None:
+    """What ``make setup`` has not installed yet, or None."""
+    if not Path(CHROMIUM).exists():
+        return f"{CHROMIUM} missing (Debian package chromium): run make setup"
+    if not ESBUILD.exists() or not JSSIP_ENTRY.exists():
+        return f"JsSIP/esbuild missing in {NODE_MODULES}: run make setup"
+    return None
+
+
+def build_bundle(out_dir: Path) -> Path:
+    """JsSIP as one browser script defining ``window.JsSIP``."""
+    out = out_dir / "jssip.js"
+    subprocess.run(
+        [str(ESBUILD), str(JSSIP_ENTRY), "--bundle", "--format=iife", "--global-name=JsSIP",
+         "--platform=browser", "--log-level=warning", f"--outfile={out}"],
+        check=True, timeout=60, capture_output=True,
+    )  # fmt: skip
+    return out
+
+
+class PageServer:
+    """A loopback HTTP server for ``/`` (phone.html), ``/phone.js``, ``/jssip.js`` and ``POST /report``."""
+
+    def __init__(self, bundle: Path, log_path: Path) -> None:
+        self.reports: list[Report] = []
+        self._cond = threading.Condition()
+        self._log = log_path.open("w")
+        files = {
+            "/": (WEB_DIR / "phone.html", "text/html"),
+            "/phone.js": (WEB_DIR / "phone.js", "text/javascript"),
+            "/jssip.js": (bundle, "text/javascript"),
+        }
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                entry = files.get(self.path.partition("?")[0])
+                if entry is None:
+                    self.send_error(HTTPStatus.NOT_FOUND)
+                    return
+                body = entry[0].read_bytes()
+                self.send_response(HTTPStatus.OK)
+                self.send_header("Content-Type", entry[1])
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                report = json.loads(self.rfile.read(length) or b"{}")
+                server.add(report)
+                self.send_response(HTTPStatus.NO_CONTENT)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="page-server", daemon=True)
+        self._thread.start()
+
+    def add(self, report: Report) -> None:
+        report["t"] = time.monotonic()
+        with self._cond:
+            self._log.write(json.dumps(report) + "\n")
+            self._log.flush()
+            self.reports.append(report)
+            self._cond.notify_all()
+
+    def url(self, **query: str | int) -> str:
+        return f"http://127.0.0.1:{self.port}/?{urlencode(query)}"
+
+    def wait_step(self, step: str, timeout: float, alive: Callable[[], bool] = lambda: True) -> Report:
+        """The page's report of ``step``; AssertionError if it reports a failure first or is silent."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for report in self.reports:
+                    if report.get("step") == "failed":
+                        raise AssertionError(f"web phone failed before {step!r}: {report}")
+                    if report.get("step") == step:
+                        return report
+                left = deadline - time.monotonic()
+                if left <= 0 or not alive():
+                    steps = [r.get("step") for r in self.reports if r.get("step") != "debug"]
+                    raise AssertionError(f"web phone did not report {step!r} in {timeout} s (steps: {steps})")
+                self._cond.wait(min(left, 0.2))
+
+    def debug_text(self) -> str:
+        with self._cond:
+            return "\n".join(str(r.get("text", "")) for r in self.reports if r.get("step") == "debug")
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._log.close()
+
+    def __enter__(self) -> PageServer:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+class HeadlessChromium:
+    """Chromium showing one URL until closed (killed: the page has reported all it had to)."""
+
+    def __init__(self, url: str, workdir: Path) -> None:
+        self.profile = workdir / "chromium-profile"
+        self.profile.mkdir(parents=True, exist_ok=True)
+        self.log_path = workdir / "chromium.log"
+        log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={self.profile}", url],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        log.close()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def close(self) -> None:
+        # Chromium's renderer, GPU and zygote processes share the session started for it
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(5)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+    def __enter__(self) -> HeadlessChromium:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()

@@ -1,0 +1,309 @@
+"""``BaresipPhone``: one baresip 1.0.0 softphone (Debian ``baresip-core``) driven over ``ctrl_tcp``.
+
+Each phone gets its own config directory (``baresip -f DIR``) with only the modules a headless
+test needs: ``g711`` (PCMU/PCMA), ``ausine`` as the microphone (a sine at the phone's own
+frequency), ``aubridge`` as a null speaker, ``sndfile`` (dumps what is sent and what is heard to
+``dump-<time>-enc.wav`` / ``-dec.wav``), ``account`` (reads ``accounts``), ``menu`` (the ``dial``,
+``hangup`` and ``reginfo`` commands) and ``ctrl_tcp``.
+
+Control is netstring-framed JSON on ``ctrl_tcp_listen``: ``{"command", "params", "token"}`` in,
+``{"response": true, "ok", "data", "token"}`` and ``{"event": true, "class", "type", ...}`` out
+(REGISTER_OK, REGISTER_FAIL, CALL_INCOMING, CALL_ESTABLISHED, CALL_CLOSED...). Events sent before
+the test connects are lost, so registration is read by polling ``reginfo`` as well.
+
+Quirks of baresip 1.0.0 (see also /work/shared/PEERS.md):
+
+* ``ausine`` refuses anything but 48 kHz stereo: ``ausrc_srate 48000``, ``ausrc_channels 2``.
+* ``sip_listen 127.0.0.1:P`` opens UDP and TCP on P and TLS on P + 1: phones are spaced apart.
+* ``net_interface`` takes an address (127.0.0.1), not an interface name.
+* A 401 with two WWW-Authenticate headers (MD5 and SHA-256) fails the REGISTER with
+  "Function not implemented" (libre's digest code knows only MD5 and gives up on the first
+  challenge it cannot answer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from sipfarm.ports import free_port
+
+BARESIP = "/usr/bin/baresip"
+MODULE_PATH = "/usr/lib/baresip/modules"
+DEFAULT_TIMEOUT_S = 10.0
+QUIT_TIMEOUT_S = 5.0
+STATUS_LINE = re.compile(r"^\s*\[\d+:\d\d:\d\d\] audio=")
+
+Event = dict[str, Any]
+
+
+class BaresipError(Exception):
+    """baresip died, refused a command, or an awaited event did not come in time."""
+
+
+def _free_port_pair() -> int:
+    """A port P with P (UDP + TCP) and P + 1 (TCP, baresip's TLS listener) free on 127.0.0.1."""
+    for _ in range(50):
+        port = free_port("127.0.0.1", udp=True, tcp=True)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise BaresipError("no free port pair on 127.0.0.1")
+
+
+def _netstring(payload: bytes) -> bytes:
+    return b"%d:%s," % (len(payload), payload)
+
+
+class BaresipPhone:
+    """One baresip process with one account.
+
+    ``with BaresipPhone("alice", tmp_path, tone_hz=660) as alice:
+    alice.start("alice", "pw", "farm.test", "127.0.0.1:5060"); alice.wait_registered()``
+    """
+
+    def __init__(self, name: str, workdir: Path, *, tone_hz: int, max_lifetime_s: int = 55) -> None:
+        self.name = name
+        self.tone_hz = tone_hz
+        self.max_lifetime_s = max_lifetime_s
+        self.dir = workdir / f"baresip-{name}"
+        self.dump_dir = self.dir / "dumps"
+        self.log_path = self.dir / "baresip.log"
+        self.events: list[Event] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.aor = ""
+        self._sock: socket.socket | None = None
+        self._cond = threading.Condition()
+        self._responses: dict[str, Event] = {}
+        self._next_token = 0
+        self._reader: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self, user: str, password: str, domain: str, proxy: str, *, transport: str = "udp") -> None:
+        """Write the config and account, start baresip and connect to its control port.
+
+        ``proxy`` is HOST:PORT of the registrar (the balancer); every request goes through it.
+        """
+        self.dump_dir.mkdir(parents=True, exist_ok=True)
+        sip_port = _free_port_pair()
+        ctrl_port = free_port("127.0.0.1", tcp=True)
+        rtp_low = free_port("127.0.0.1", udp=True) & ~1
+        self.aor = f"sip:{user}@{domain}"
+        (self.dir / "config").write_text(self._config(sip_port, ctrl_port, rtp_low))
+        outbound = f"sip:{proxy};transport={transport}"
+        (self.dir / "accounts").write_text(
+            f'<{self.aor}>;auth_pass={password};outbound="{outbound}";answermode=auto;'
+            "regint=600;audio_codecs=PCMU,PCMA;ptime=20\n"
+        )
+        log = self.log_path.open("wb")
+        env = {**os.environ, "HOME": str(self.dir)}
+        # -t: baresip quits on its own even if a crashed test never closes it
+        self.proc = subprocess.Popen(
+            [BARESIP, "-f", str(self.dir), "-t", str(self.max_lifetime_s)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.dir,
+        )  # fmt: skip
+        log.close()
+        deadline = time.monotonic() + DEFAULT_TIMEOUT_S
+        while True:
+            if self.proc.poll() is not None:
+                raise BaresipError(f"{self.name}: baresip exited {self.proc.returncode}: {self.log()[-2000:]}")
+            try:
+                self._sock = socket.create_connection(("127.0.0.1", ctrl_port), timeout=1)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise BaresipError(f"{self.name}: ctrl_tcp never listened: {self.log()[-2000:]}") from None
+                time.sleep(0.05)
+        self._sock.settimeout(None)
+        self._reader = threading.Thread(target=self._read_loop, name=f"baresip-{self.name}", daemon=True)
+        self._reader.start()
+
+    def _config(self, sip_port: int, ctrl_port: int, rtp_low: int) -> str:
+        lines = [
+            ("poll_method", "epoll"),
+            ("sip_listen", f"127.0.0.1:{sip_port}"),
+            ("net_interface", "127.0.0.1"),
+            ("call_local_timeout", "30"),
+            ("call_max_calls", "4"),
+            ("audio_player", "aubridge,speaker"),
+            ("audio_source", f"ausine,{self.tone_hz}"),
+            ("audio_alert", "aubridge,alert"),
+            ("ausrc_srate", "48000"),
+            ("ausrc_channels", "2"),
+            ("auplay_srate", "48000"),
+            ("auplay_channels", "2"),
+            ("audio_level", "no"),
+            ("rtp_ports", f"{rtp_low}-{rtp_low + 20}"),
+            ("rtcp_mux", "no"),
+            ("jitter_buffer_delay", "1-10"),
+            ("rtp_stats", "yes"),
+            ("module_path", MODULE_PATH),
+            ("module", "g711.so"),
+            ("module", "ausine.so"),
+            ("module", "aubridge.so"),
+            ("module", "sndfile.so"),
+            ("module_app", "account.so"),
+            ("module_app", "menu.so"),  # the dial, hangup and reginfo commands
+            ("module_app", "ctrl_tcp.so"),
+            ("ctrl_tcp_listen", f"127.0.0.1:{ctrl_port}"),
+            ("snd_path", str(self.dump_dir)),
+        ]
+        return "".join(f"{key}\t{value}\n" for key, value in lines)
+
+    def log(self) -> str:
+        """baresip's output without the call status line that ``menu`` redraws ten times a second."""
+        if not self.log_path.exists():
+            return ""
+        text = self.log_path.read_text(errors="replace")
+        return "\n".join(line for line in re.split(r"[\r\n]+", text) if not STATUS_LINE.match(line))
+
+    def rtp_packets(self) -> tuple[int, int]:
+        """(sent, received) RTP packets of the last call, from the summary ``rtp_stats yes`` prints
+        when a call ends."""
+        found = re.findall(r"^packets:\s+(\d+)\s+(\d+)", self.log(), re.MULTILINE)
+        if not found:
+            raise BaresipError(f"{self.name}: no RTP summary in the log: {self.log()[-1500:]}")
+        sent, received = found[-1]
+        return int(sent), int(received)
+
+    def close(self) -> None:
+        """Quit baresip (kill it if it lingers); safe to call twice."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None and self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.sendall(_netstring(json.dumps({"command": "quit", "token": "quit"}).encode()))
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(QUIT_TIMEOUT_S)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(QUIT_TIMEOUT_S)
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
+        if self._reader is not None:
+            self._reader.join(2)
+
+    def __enter__(self) -> BaresipPhone:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- control channel ------------------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        assert self._sock is not None
+        buffer = b""
+        while True:
+            try:
+                chunk = self._sock.recv(65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                with self._cond:
+                    self.events.append({"event": True, "type": "CTRL_CLOSED"})
+                    self._cond.notify_all()
+                return
+            buffer += chunk
+            while (colon := buffer.find(b":")) > 0:
+                length = int(buffer[:colon])
+                end = colon + 1 + length
+                if len(buffer) < end + 1:
+                    break
+                message = json.loads(buffer[colon + 1 : end])
+                buffer = buffer[end + 1 :]
+                with self._cond:
+                    if message.get("response"):
+                        self._responses[str(message.get("token"))] = message
+                    else:
+                        message["t"] = time.monotonic()
+                        self.events.append(message)
+                    self._cond.notify_all()
+
+    def command(self, command: str, params: str = "", timeout: float = DEFAULT_TIMEOUT_S) -> str:
+        """Run a baresip command (``dial``, ``hangup``, ``reginfo``...); its text output."""
+        assert self._sock is not None, "start() first"
+        with self._cond:
+            self._next_token += 1
+            token = f"{self.name}-{self._next_token}"
+        payload = {"command": command, "params": params, "token": token}
+        self._sock.sendall(_netstring(json.dumps(payload).encode()))
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while token not in self._responses:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BaresipError(f"{self.name}: no response to {command!r}: {self.log()[-1500:]}")
+                self._cond.wait(left)
+            response = self._responses.pop(token)
+        if not response.get("ok"):
+            raise BaresipError(f"{self.name}: {command!r} failed: {response}")
+        return str(response.get("data", ""))
+
+    def wait_for(self, predicate: Callable[[Event], bool], timeout: float = DEFAULT_TIMEOUT_S) -> Event:
+        """The first event (received at any time) that satisfies ``predicate``."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for event in self.events:
+                    if predicate(event):
+                        return event
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    seen = [e.get("type") for e in self.events]
+                    raise BaresipError(f"{self.name}: event not seen in {timeout} s (saw {seen}): {self.log()[-1500:]}")
+                self._cond.wait(min(left, 0.2))
+
+    def wait_event(self, kind: str, timeout: float = DEFAULT_TIMEOUT_S) -> Event:
+        return self.wait_for(lambda e: e.get("type") == kind, timeout)
+
+    # -- phone actions --------------------------------------------------------------------------
+
+    def registration(self, timeout: float = DEFAULT_TIMEOUT_S) -> str:
+        """``OK`` once registered, or the failure baresip reports ("Function not implemented"...).
+
+        REGISTER_OK/REGISTER_FAIL may come before the control connection exists, so ``reginfo``
+        is polled too (its line for the account ends in OK or ERR).
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._cond:
+                for event in self.events:
+                    if event.get("type") == "REGISTER_OK":
+                        return "OK"
+                    if event.get("type") == "REGISTER_FAIL":
+                        return str(event.get("param", "REGISTER_FAIL"))
+            info = re.sub(r"\x1b\[[0-9;]*m", "", self.command("reginfo"))
+            for line in info.splitlines():
+                if self.aor in line:
+                    if re.search(r"\bOK\b", line):
+                        return "OK"
+                    if "ERR" in line:
+                        return line.strip()
+            time.sleep(0.1)
+        raise BaresipError(f"{self.name}: no registration outcome in {timeout} s: {self.log()[-1500:]}")
+
+    def dial(self, uri: str) -> None:
+        self.command("dial", uri)
+
+    def hangup(self) -> None:
+        self.command("hangup")
+
+    def dumps(self, direction: str) -> list[Path]:
+        """sndfile's WAV files: ``"dec"`` is what the phone heard, ``"enc"`` what it sent."""
+        return sorted(self.dump_dir.glob(f"dump-*-{direction}.wav"))
