@@ -1,0 +1,233 @@
+"""Attacks on the balancer's public port with real sockets: nothing an outsider sends makes the
+balancer send to a destination the farm did not choose.
+
+* A forged response whose second Via names ``SIP/2.0/TCP 127.0.0.1:<port>`` once made the
+  balancer dial that port and write the response (with Redis there, every body line ran as a
+  command).  A "local service" here is a plain TCP listener that records any connection.
+* A request from a node with no flow token goes to its Request-URI: one naming loopback (reached
+  by an outsider through a Route set bouncing off a node) is refused with 403.
+* The ACK of a 486 through the balancer reaches the node's INVITE server transaction: the
+  caller gets the 486 once, not five times (RFC 3261 17.2.1, 16.11).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from fixtures.farm import DOMAIN, SipClient, free_udp_tcp_port, wait_nodes_usable
+from lbhelpers import Caller, answer, wait_request
+
+from sipfarm.cluster.membership import Member, MembershipStore, Role
+from sipfarm.sip.message import SipMessage
+from sipfarm.sip.parser import parse_message
+from sipfarm.store import create_redis
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class LocalService:
+    """A TCP listener on loopback standing in for Redis: records every connection and byte."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", free_udp_tcp_port()))
+        self.sock.listen(8)
+        self.sock.settimeout(0.1)
+        self.port: int = self.sock.getsockname()[1]
+        self.received: list[bytes] = []
+        self.connections = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            conn.settimeout(0.5)
+            try:
+                while chunk := conn.recv(65536):
+                    self.received.append(chunk)
+            except OSError:
+                pass
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.sock.close()
+        self._thread.join(2)
+
+
+@pytest.fixture
+def service() -> Iterator[LocalService]:
+    svc = LocalService()
+    yield svc
+    svc.close()
+
+
+def balancer_events(metrics_port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2) as page:
+        text = page.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("sipfarm_balancer_events_total{"):
+            kind = line.split('kind="', 1)[1].split('"', 1)[0]
+            out[kind] = float(line.rpartition(" ")[2])
+    return out
+
+
+def wait_events(metrics_port: int, kind: str, at_least: float, timeout: float = 5.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    events = balancer_events(metrics_port)
+    while events.get(kind, 0) < at_least and time.monotonic() < deadline:
+        time.sleep(0.2)
+        events = balancer_events(metrics_port)
+    return events
+
+
+def forged_response(lb_port: int, branch: str, service_port: int) -> bytes:
+    body = b"SET owned 1\r\nCONFIG SET dir /tmp\r\n"
+    return (
+        f"SIP/2.0 200 OK\r\n"
+        f"Via: SIP/2.0/UDP 127.0.0.1:{lb_port};branch={branch}\r\n"
+        f"Via: SIP/2.0/TCP 127.0.0.1:{service_port};branch=z9hG4bK{secrets.token_hex(4)}\r\n"
+        f"From: <sip:a@{DOMAIN}>;tag=1\r\nTo: <sip:b@{DOMAIN}>;tag=2\r\nCall-ID: {secrets.token_hex(6)}\r\n"
+        f"CSeq: 1 INVITE\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+def test_forged_response_never_reaches_a_local_service(redis_url, start_balancer, service: LocalService):
+    metrics_port = free_udp_tcp_port()
+    lb = start_balancer(redis_url, extra=["--metrics", f"127.0.0.1:{metrics_port}"])
+    attacker = SipClient()
+    try:
+        # branches as the old balancer wrote them, as this one writes them, and anything else
+        branches = ["z9hG4bKlb" + secrets.token_hex(10), "z9hG4bKlb-" + "a" * 29, "z9hG4bK" + secrets.token_hex(5)]
+        for branch in branches:
+            attacker.send(forged_response(lb.port, branch, service.port), lb.address)
+        events = wait_events(metrics_port, "dropped_forged", len(branches))
+        time.sleep(0.5)
+        assert service.connections == 0 and service.received == []
+        assert events.get("dropped_forged", 0) == len(branches), events
+        assert lb.process.poll() is None
+    finally:
+        attacker.close()
+
+
+class FakeNode:
+    """A UDP socket the balancer believes is a node (a membership record in Redis); it answers
+    the balancer's OPTIONS probes and sends what the test tells it to."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.client = SipClient()
+        self.redis_url = redis_url
+        self.member = Member("fake-node", Role.NODE, (f"udp:127.0.0.1:{self.client.port}",))
+        asyncio.run(self._heartbeat())
+        self.replies: list[SipMessage] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    async def _heartbeat(self) -> None:
+        redis = create_redis(self.redis_url)
+        try:
+            await MembershipStore(redis, ttl=60).heartbeat(self.member)
+        finally:
+            await redis.aclose()
+
+    def _serve(self) -> None:
+        self.client.sock.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                data, source = self.client.sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            msg = parse_message(data)
+            if msg.method == b"OPTIONS":
+                self.client.send(answer(msg, f"<sip:127.0.0.1:{self.client.port}>"), source)
+            elif msg.status:
+                self.replies.append(msg)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.client.close()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "udp"])
+def test_request_uri_naming_a_local_service_is_refused(redis_url, start_balancer, service: LocalService,
+                                                        transport: str):
+    metrics_port = free_udp_tcp_port()
+    lb = start_balancer(redis_url, extra=["--metrics", f"127.0.0.1:{metrics_port}"])
+    node = FakeNode(redis_url)
+    try:
+        wait_nodes_usable(lb, 1)
+        uri = f"sip:x@127.0.0.1:{service.port};transport={transport}"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            # until the balancer's membership watcher knows the node, it answers 503 (no node)
+            bye = node.client.request("BYE", uri, to=f"<sip:x@{DOMAIN}>;tag=t1")
+            node.client.send(bye, lb.address)
+            time.sleep(0.3)
+            if any(r.status == 403 for r in node.replies):
+                break
+        assert any(r.status == 403 for r in node.replies), [r.status for r in node.replies]
+        events = wait_events(metrics_port, "error_destination_refused", 1)
+        assert events.get("error_destination_refused", 0) >= 1, events
+        assert service.connections == 0 and service.received == []
+    finally:
+        node.close()
+
+
+def test_caller_acking_a_486_through_the_balancer_gets_it_once(redis_url, accounts, start_node, start_balancer):
+    start_node(redis_url, "node1")
+    lb = start_balancer(redis_url)
+    wait_nodes_usable(lb, 1)
+    time.sleep(0.6)
+    alice, bob = SipClient(), SipClient()
+    try:
+        reply = bob.register(lb.address, "bob", accounts["bob"])
+        assert reply is not None and reply.status == 200, lb.log()[-2000:]
+        caller = Caller(alice, lb.address, "alice", accounts["alice"])
+        result: list[SipMessage | None] = []
+        thread = threading.Thread(target=lambda: result.append(caller.invite("bob", 8.0)))
+        thread.start()
+        invite = wait_request(bob, b"INVITE", 8.0)
+        assert invite is not None, lb.log()[-2000:]
+        bob.send(answer(invite, f"<sip:bob@127.0.0.1:{bob.port}>", 486), lb.address)
+        thread.join(10)
+        busy = result[0] if result else None
+        assert busy is not None and busy.status == 486, busy
+        # RFC 3261 17.1.1.3: the ACK of a non-2xx carries the INVITE's top Via (its branch)
+        ack = SipMessage.request("ACK", f"sip:bob@{DOMAIN}", [
+            ("via", busy.top_via_value), ("max-forwards", "70"), ("from", busy.get("from") or b""),
+            ("to", busy.get("to") or b""), ("call-id", busy.call_id), ("cseq", f"{busy.cseq[0]} ACK"),
+        ])
+        alice.send(ack, lb.address)
+        # Timer G would retransmit at +0.5, +1.5, +3.5 s if the ACK missed the transaction
+        copies = 0
+        deadline = time.monotonic() + 4.5
+        while (left := deadline - time.monotonic()) > 0:
+            msg = alice.recv(left)
+            if msg is None:
+                break
+            copies += msg.status == 486
+        assert copies == 0, f"{copies} retransmitted 486s after the ACK"
+    finally:
+        alice.close()
+        bob.close()
