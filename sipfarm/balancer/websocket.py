@@ -5,6 +5,10 @@ exactly one SIP message (RFC 7118 5), which goes through the same parser and cal
 other transport via :meth:`TransportManager.deliver`.  The connection is registered as a flow
 under the client's (transport, address), so responses and requests for that client find it
 exactly as they find a TCP connection.  The ``sip`` subprotocol is negotiated (RFC 7118 4).
+
+WebSocket connections count towards the transport's ``max_connections`` with TCP/TLS ones:
+over it, the HTTP upgrade is answered 503; a handshake that raced past that check is closed
+(1013, try again later) when its flow would be registered.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
 
 from sipfarm.sip.address import Address
 from sipfarm.transport.manager import TransportManager
@@ -91,7 +96,10 @@ async def listen_websocket(
         if connection.subprotocol != "sip":
             log.debug("event=ws_without_sip_subprotocol remote=%s", remote)
         flow = WebSocketFlow(connection, remote)
-        manager.adopt_flow(remote, flow)
+        if not manager.adopt_flow(remote, flow):
+            flow._closing = True
+            await connection.close(1013, "too many connections")
+            return
         try:
             async for message in connection:
                 data = message.encode("utf-8") if isinstance(message, str) else bytes(message)
@@ -103,10 +111,17 @@ async def listen_websocket(
             flow._wake.set()
             manager.drop_flow(remote, flow)
 
+    def admit(connection: ServerConnection, _request: Request) -> Response | None:
+        if manager.at_connection_limit:
+            manager.stats.connections_refused += 1
+            return connection.respond(503, "Too many connections\n")
+        return None
+
     server = await serve(
         handler,
         where.host,
         where.port,
+        process_request=admit,
         ssl=ssl_context,
         subprotocols=["sip"],  # type: ignore[list-item]
         max_size=manager.config.max_message_size,

@@ -344,12 +344,22 @@ class TransportManager:
 
     # -- flows owned by other listeners (WebSocket) ----------------------------------------------
 
-    def adopt_flow(self, remote: Address, flow: Flow) -> None:
+    @property
+    def at_connection_limit(self) -> bool:
+        """Whether ``max_connections`` flows are open (another listener refuses new ones)."""
+        return self._closed or len(self._flows) >= self.config.max_connections
+
+    def adopt_flow(self, remote: Address, flow: Flow) -> bool:
         """Register a connection another listener accepted (e.g. a WebSocket) so ``send`` to
         ``remote`` writes to it. ``flow`` needs ``write(bytes) -> bool``, ``closing`` and
-        ``close()``."""
+        ``close()``.  False (counted in ``connections_refused``) over ``max_connections``:
+        the listener then closes the connection."""
+        if self.at_connection_limit:
+            self.stats.connections_refused += 1
+            return False
         self._flows[remote] = flow
         self.stats.connections_opened += 1
+        return True
 
     def drop_flow(self, remote: Address, flow: Flow) -> None:
         if self._flows.get(remote) is flow:
