@@ -89,11 +89,12 @@ class BalancerStats:
     no_node: int = 0
     flow_failed: int = 0
     rehashed: int = 0
-    dropped: int = 0  # responses not forwarded, for any of the reasons in ``drops``
+    dropped: int = 0  # messages not forwarded and not answered, for the reasons in ``drops``
     local: int = 0
     errors: dict[str, int] = field(default_factory=dict)
-    # not_ours (another element's Via), forged (branch not ours or not for this response),
-    # bad_via, no_flow (the client's connection is gone), send_failed
+    # responses: not_ours (another element's Via), forged (branch not ours or not for this
+    # response), bad_via, no_flow (the client's connection is gone), send_failed; requests:
+    # ack_unsent (an ACK that could not be sent: there is no answering it)
     drops: dict[str, int] = field(default_factory=dict)
 
     def flat(self) -> dict[str, int]:
@@ -156,8 +157,9 @@ class BalancerCore:
             if msg.status:
                 self._on_response(msg)
             else:
-                hop = self._previous_hop(msg, source)
-                self._on_request(msg, source, hop)
+                from_node = self.nodes.by_address(source.host, source.port) is not None
+                hop = source if from_node else self._previous_hop(msg, source)
+                self._on_request(msg, source, hop, from_node=from_node)
         except SipError as exc:
             self.stats.errors[exc.counter] = self.stats.errors.get(exc.counter, 0) + 1
             if self._debug:
@@ -177,11 +179,11 @@ class BalancerCore:
         """Where responses to request ``msg`` from ``source`` go: recorded in our branch.
 
         A connection's remote end (RFC 3261 18.2.2: the connection the request came in on,
-        whatever transport its Via claims) and a node's source address as they are.  A UDP
+        whatever transport its Via claims) as it is (a node's source address too).  A UDP
         client's source IP, at its rport (RFC 3581), else its Via's sent-by port (RFC 3261
         18.2.2): a port on its own address only, never a host it names.
         """
-        if source.reliable or self.nodes.by_address(source.host, source.port) is not None:
+        if source.reliable:
             return source
         try:
             target = via_value_target(msg.top_via_value)
@@ -193,10 +195,9 @@ class BalancerCore:
 
     # -- requests --------------------------------------------------------------------------------
 
-    def _on_request(self, msg: SipMessage, source: Address, hop: Address) -> None:
+    def _on_request(self, msg: SipMessage, source: Address, hop: Address, *, from_node: bool) -> None:
         if max_forwards(msg) <= 0:
             raise TooManyHops("Max-Forwards reached 0", partial=msg)
-        from_node = self.nodes.by_address(source.host, source.port) is not None
         flow = self._pop_own_routes(msg)
         if msg.method == b"OPTIONS" and not msg.values("route") and self._is_for_us(msg):
             # keep-alive probes of the balancer itself; anything else (a REGISTER sent to
@@ -332,6 +333,7 @@ class BalancerCore:
             )
         if not self.send(msg.to_bytes(), dest):
             if msg.method == b"ACK":
+                self.stats.drop("ack_unsent")  # nothing to answer an ACK with
                 return
             msg.pop_first_value("via")
             if flow_failure:
