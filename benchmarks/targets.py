@@ -181,8 +181,12 @@ class SipfarmTarget(Target):
             if not wait_until(functools.partial(_up_or_dead, proc, port), 20) or not proc.alive():
                 raise TargetError(f"{label} did not answer OPTIONS on {HOST}:{port}:\n{proc.log_tail(15)}")
         self.port = free_port(HOST)
+        # SIPp's UAS listens on another loopback port than its REGISTER came from: the operator
+        # setting that lets the balancer send there (loopback is refused by default)
+        peers = self.workdir / "balancer-peers.toml"
+        peers.write_text('[balancer]\nallow_destinations = ["127.0.0.0/8"]\n')
         balancer = self._spawn("balancer", [
-            "balancer", "--redis", self.redis.url, "--listen", f"udp:{HOST}:{self.port}",
+            "balancer", "--config", str(peers), "--redis", self.redis.url, "--listen", f"udp:{HOST}:{self.port}",
             "--balancer-id", "lb1", "--log-level", "warning",
         ])
         if not wait_until(lambda: not balancer.alive() or _sip_ping(self.port), 20) or not balancer.alive():

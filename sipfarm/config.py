@@ -44,9 +44,16 @@ class NodeConfig:
     min_expires: int = 60
     max_expires: int = 7200
     default_expires: int = 3600
-    # Offered in this order. MD5 first: SIPp and many deployed phones read only the first
-    # challenge; SHA-256 (RFC 8760) is offered too for UAs that pick the strongest.
-    digest_algorithms: list[str] = field(default_factory=lambda: ["MD5", "SHA-256"])
+    # Offered (one challenge each, in this order) and the only ones accepted. MD5 alone by
+    # default: it is the one challenge every client reads (baresip fails on a second
+    # WWW-Authenticate; JsSIP and SIP.js keep only the last one and know only MD5; SIPp reads
+    # the first). ["SHA-256", "MD5"] turns on RFC 8760 for phones that pick the strongest.
+    digest_algorithms: list[str] = field(default_factory=lambda: ["MD5"])
+    # Brute force (farm-wide, in Redis): this many failed authentications from one source
+    # address within auth_failure_window seconds ban that source for auth_ban_time seconds.
+    auth_max_failures: int = 10
+    auth_failure_window: float = 300.0
+    auth_ban_time: float = 900.0
     auth_invite: bool = True  # challenge INVITE/MESSAGE... from unauthenticated sources (407)
     account_cache_ttl: float = 2.0
     # SO_RCVBUF of UDP sockets: the kernel's ~200 KB default overflows under bursts long before
@@ -71,8 +78,13 @@ class NodeConfig:
             _check_hostport("metrics", self.metrics)
         if not self.redis.startswith("redis://"):
             raise ConfigError(f"redis: expected redis://HOST:PORT/DB, got {self.redis!r}")
+        if not self.digest_algorithms:
+            raise ConfigError("digest_algorithms: at least one algorithm is required")
         for algorithm in self.digest_algorithms:
             _check_choice("digest_algorithms", algorithm, ("MD5", "SHA-256", "MD5-sess", "SHA-256-sess"))
+        _check_range("auth_max_failures", self.auth_max_failures, 1, 1_000_000)
+        _check_range("auth_failure_window", self.auth_failure_window, 1, 86_400)
+        _check_range("auth_ban_time", self.auth_ban_time, 1, 30 * 86_400)
         _check_choice("log_format", self.log_format, ("kv", "json"))
         _check_choice("log_level", self.log_level, ("debug", "info", "warning", "error"))
 

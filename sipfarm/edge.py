@@ -143,3 +143,12 @@ def pop_own_routes(msg: SipMessage, names_us: Callable[[SipURI], bool], tokens: 
             except FlowTokenError:
                 raise BadMessage("invalid flow token in Route", partial=msg) from None
     return flow
+
+
+def flow_uri(tokens: FlowTokens, flow: Address, host: str, port: int, *, outbound: bool = False) -> bytes:
+    """Our Path (``ob``, RFC 5626 5.1) or Record-Route entry naming ``flow``: requests routed
+    through it come back here and leave on that connection or NAT binding."""
+    params = ";lr" + ("" if flow.transport == "udp" else f";transport={flow.transport}")
+    if outbound:
+        params += ";ob"
+    return f"<sip:{tokens.encode(flow)}@{bracket(host)}:{port}{params}>".encode()

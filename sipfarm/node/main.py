@@ -90,6 +90,7 @@ async def serve(cfg: NodeConfig, *, worker_index: int | None = None, ready: asyn
     from sipfarm.metrics import NodeMetrics, serve_metrics, sync_counters  # noqa: PLC0415
     from sipfarm.node.core import NodeCore, NodeIdentity  # noqa: PLC0415
     from sipfarm.node.farmstate import FarmState  # noqa: PLC0415
+    from sipfarm.node.glue import NodeGlue  # noqa: PLC0415
     from sipfarm.registrar.bindings import ExpiresPolicy  # noqa: PLC0415
     from sipfarm.sip.auth import NonceFactory  # noqa: PLC0415
     from sipfarm.sip.transaction import TimerConfig  # noqa: PLC0415
@@ -98,6 +99,7 @@ async def serve(cfg: NodeConfig, *, worker_index: int | None = None, ready: asyn
     from sipfarm.store.resp import RedisPipe  # noqa: PLC0415
     from sipfarm.transport.config import TransportConfig  # noqa: PLC0415
     from sipfarm.transport.manager import TransportManager  # noqa: PLC0415
+    from sipfarm.transport.resolver import Resolver  # noqa: PLC0415
 
     loop = asyncio.get_running_loop()
     metrics = NodeMetrics()
@@ -110,15 +112,13 @@ async def serve(cfg: NodeConfig, *, worker_index: int | None = None, ready: asyn
     nonces = NonceFactory(secret, cfg.nonce_lifetime)
 
     multi = worker_index is not None
-    core_holder: list[NodeCore] = []
+    glue_holder: list[NodeGlue] = []
 
     def on_message(msg: object, source: Address, local: Address) -> None:
-        core_holder[0].on_message(msg, source, local)  # type: ignore[arg-type]
+        glue_holder[0].on_message(msg, source, local)  # type: ignore[arg-type]
 
     def on_send_failure(dest: Address) -> None:
-        node = core_holder[0]
-        node.layer.transport_error(dest, node.now())  # every transaction whose remote is dest
-        node.flush()
+        glue_holder[0].on_send_failure(dest)  # every transaction whose remote is dest
 
     transports = TransportManager(
         on_message, on_send_failure=on_send_failure, config=TransportConfig(udp_recv_buffer=cfg.udp_recv_buffer)
@@ -140,19 +140,24 @@ async def serve(cfg: NodeConfig, *, worker_index: int | None = None, ready: asyn
         addresses=addresses,
         aliases=frozenset(aliases),
     )
+    resolver = Resolver()
     core = NodeCore(
         identity,
         state,
         nonces,
         metrics=metrics,
+        resolver=resolver,
+        clock=loop.time,
         timers=TimerConfig(t1=cfg.t1, t2=cfg.t2, t4=cfg.t4),
         max_transactions=cfg.max_transactions,
         policy=ExpiresPolicy(cfg.min_expires, cfg.max_expires, cfg.default_expires),
         auth_requests=cfg.auth_invite,
         digest_algorithms=tuple(cfg.digest_algorithms),
     )
-    core.attach(transports.send, loop)
-    core_holder.append(core)
+    glue = NodeGlue(core, transports.send, loop)
+    glue_holder.append(glue)
+    pipe.after_replies = glue.drain  # Redis answers are inputs too: drain after each batch
+    resolver.after = glue.drain
 
     if not cfg.nonce_secret:
 
@@ -234,7 +239,6 @@ async def serve(cfg: NodeConfig, *, worker_index: int | None = None, ready: asyn
                 await asyncio.wait_for(stop.wait(), 1.0)
             tick += 1
             sync_transport()
-            core.sweep(loop.time())
             metrics.transactions.set(len(core.layer))
             if tick % 5 == 1 and (not multi or worker_index == 0):
                 count_registrations()
@@ -244,7 +248,7 @@ async def serve(cfg: NodeConfig, *, worker_index: int | None = None, ready: asyn
         log.info("event=node_stopping node_id=%s", cfg.node_id)
         if heartbeater is not None:
             await heartbeater.stop()
-        core.close()
+        glue.close()
         await transports.close()
         await pipe.close()
         await membership_redis.aclose()

@@ -67,6 +67,7 @@ class _RespProtocol(asyncio.Protocol):
             log.warning("event=redis_protocol_error error=%s", exc)
             if self.transport is not None:
                 self.transport.close()
+        self.owner._replied()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.owner._lost(self, exc)
@@ -98,6 +99,9 @@ class RedisPipe:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.errors = 0
         self.commands = 0
+        # called once after each batch of replies (or failures) has gone to its callbacks: the
+        # node's glue drains what the callbacks queued (one drain per batch, not per reply)
+        self.after_replies: Callable[[], None] | None = None
 
     @property
     def connected(self) -> bool:
@@ -186,6 +190,16 @@ class RedisPipe:
         for callback, _ in pending:
             self.errors += 1
             self._safe_call(callback, StoreUnavailable(reason))
+        if pending:
+            self._replied()
+
+    def _replied(self) -> None:
+        after = self.after_replies
+        if after is not None:
+            try:
+                after()
+            except Exception:
+                log.exception("event=redis_after_replies_failed")
 
     def _lost(self, proto: _RespProtocol, exc: Exception | None) -> None:
         if proto is not self._proto:

@@ -48,6 +48,7 @@ class Resolver:
         self._cache: dict[str, tuple[str, float]] = {}
         self._waiting: dict[str, list[Done]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.after: Callable[[], None] | None = None  # called after each batch of callbacks
 
     def cached(self, host: str) -> str | None:
         """The cached address ('' = known unresolvable), or None when not (or no longer) known."""
@@ -97,3 +98,5 @@ class Resolver:
                 done(address)
             except Exception:
                 log.exception("event=resolve_callback_failed host=%s", host)
+        if self.after is not None:
+            self.after()

@@ -1,0 +1,162 @@
+"""What every transaction user of a node shares: its name, its clock and the one place it answers.
+
+The registrar (:mod:`sipfarm.registrar.registrar`), the proxy (:mod:`sipfarm.proxy.proxy`) and
+the authenticator (:mod:`sipfarm.protect.authenticator`) are sans-IO: they queue responses and
+requests on the node's :class:`~sipfarm.sip.transaction.TransactionLayer` and never touch a
+socket or a timer.  :class:`Element` carries what they all need: the node's identity (how it
+names itself on the wire), the transaction layer, metrics, the clocks (injected: a test runs
+Timer C's three minutes in microseconds) and the answering helpers, so that a
+:class:`~sipfarm.sip.errors.SipError` becomes a response in exactly one place (:meth:`fail`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sipfarm.edge import bracket
+from sipfarm.metrics import NodeMetrics
+from sipfarm.proxy.forking import ProxyCall
+from sipfarm.sip.address import Address
+from sipfarm.sip.errors import ServerInternalError, ServiceUnavailable, SipError
+from sipfarm.sip.message import SipMessage, error_response
+from sipfarm.sip.transaction import InvalidTransition, ServerTransaction, TransactionLayer, TxState
+from sipfarm.sip.uri import SipURI
+from sipfarm.sip.via import default_port, response_target
+from sipfarm.store.errors import StoreError, StoreUnavailable
+
+log = logging.getLogger("sipfarm.node")
+outcomes = logging.getLogger("sipfarm.requests")  # one line per answered request (operators keep it on)
+
+# INVITE server transaction states that take no more final responses (a non-2xx was sent).
+_AFTER_NON_2XX = frozenset({TxState.COMPLETED, TxState.CONFIRMED, TxState.TERMINATED})
+
+
+@dataclass(frozen=True, slots=True)
+class NodeIdentity:
+    """How the node names itself on the wire."""
+
+    node_id: str
+    domains: frozenset[str]
+    # transport -> (host, port) for our Via sent-by and Record-Route
+    addresses: dict[str, tuple[str, int]] = field(default_factory=dict)
+    # every host:port that means "this node" in a Route or Request-URI (hosts without brackets)
+    aliases: frozenset[tuple[str, int]] = frozenset()
+
+    def address(self, transport: str) -> tuple[str, int]:
+        return self.addresses.get(transport) or self.addresses["udp"]
+
+    def record_route(self, transport: str) -> bytes:
+        host, port = self.address(transport)
+        suffix = "" if transport == "udp" else f";transport={transport}"
+        return f"<sip:{bracket(host)}:{port};lr{suffix}>".encode()
+
+    def via(self, transport: str, branch: bytes) -> bytes:
+        host, port = self.address(transport)
+        return f"SIP/2.0/{transport.upper()} {bracket(host)}:{port};branch=".encode() + branch
+
+    def names(self, uri: SipURI) -> bool:
+        """``uri`` names this node (host and port, the transport's default port if none)."""
+        port = uri.port or default_port(uri.transport)
+        return (uri.host.strip("[]"), port) in self.aliases
+
+
+class Element:
+    """The shared duties of a node's transaction users toward the transaction layer."""
+
+    def __init__(
+        self,
+        identity: NodeIdentity,
+        layer: TransactionLayer,
+        metrics: NodeMetrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.identity = identity
+        self.layer = layer
+        self.metrics = metrics
+        self.now = clock  # monotonic: transaction timers, Timer C, latency
+        self.wall = wall  # wall clock: nonces and binding expiry, shared with other nodes
+        self._tag_key = hashlib.blake2b(identity.node_id.encode(), digest_size=8).digest()
+
+    def tag(self, msg: SipMessage) -> bytes:
+        """A To tag that is stable for retransmissions of the same request."""
+        h = hashlib.blake2b(msg.call_id + msg.top_via_value, digest_size=5, key=self._tag_key)
+        return h.hexdigest().encode()
+
+    def reply(self, stx: ServerTransaction, response: SipMessage) -> None:
+        if 200 <= response.status < 300 and stx.state in _AFTER_NON_2XX and response.cseq[1] == b"INVITE":
+            # RFC 3261 16.7 step 5, RFC 6026 7.2: a 2xx is forwarded even after the caller got a
+            # non-2xx final (a callee answering as our 487 for a CANCEL went up): statelessly,
+            # so the caller can ACK and hang up the call it did not want
+            self.layer.send_stateless(response, response_target(response, stx.source))
+            self.metrics.responses(response.status).inc()
+            self.metrics.errors("late_2xx_forwarded").inc()
+            return
+        try:
+            self.layer.send_response(stx, response, self.now())
+        except InvalidTransition:
+            return  # the transaction ended meanwhile (client gave up): nothing to answer
+        self.metrics.responses(response.status).inc()
+        if response.status >= 200:
+            self.log_outcome(stx.request, response.status, stx.source)
+
+    def send_stateless(self, request: SipMessage, response: SipMessage, source: Address) -> None:
+        """A response sent without a transaction (a challenge, a refusal)."""
+        self.layer.send_stateless(response, response_target(response, source))
+        self.metrics.responses(response.status).inc()
+        self.log_outcome(request, response.status, source)
+
+    def fail(self, stx: ServerTransaction, exc: SipError) -> None:
+        """The one place a SipError on a transaction becomes its answer."""
+        self.metrics.errors(exc.counter).inc()
+        call = stx.context
+        if isinstance(call, ProxyCall):
+            if call.answered:
+                return
+            call.answered = True
+        response = error_response(stx.request, exc, self.tag(stx.request))
+        if response is not None:
+            self.reply(stx, response)
+
+    def store_failed(self, stx: ServerTransaction, msg: SipMessage, exc: StoreError) -> None:
+        self.metrics.redis_errors.inc()
+        if isinstance(exc, StoreUnavailable):
+            error: SipError = ServiceUnavailable("Redis unavailable", retry_after=exc.retry_after, partial=msg)
+        else:
+            log.warning("event=store_error call_id=%s error=%s", msg.call_id.decode("latin-1"), exc)
+            error = ServerInternalError("store error", partial=msg)
+        self.fail(stx, error)
+
+    def log_outcome(self, request: SipMessage, status: int, source: Address, user: str = "") -> None:
+        """One line per final answer: method, status, source, user.  Refusals and failures at
+        INFO (a failing phone is diagnosed from them, fail2ban reads them); successes and the
+        routine first challenge at DEBUG (the hot path stays quiet under load)."""
+        level = (
+            logging.DEBUG if status < 300 or (status in (401, 407) and not _has_credentials(request)) else logging.INFO
+        )
+        if not outcomes.isEnabledFor(level):
+            return
+        if not user:
+            try:
+                uri = request.from_.uri
+                user = uri.aor if isinstance(uri, SipURI) else ""
+            except SipError:
+                user = ""
+        outcomes.log(
+            level,
+            "event=request method=%s status=%d source=%s user=%s call_id=%s",
+            request.method.decode("latin-1"),
+            status,
+            source,
+            user or "-",
+            request.call_id.decode("latin-1"),
+        )
+
+
+def _has_credentials(request: SipMessage) -> bool:
+    return request.has("authorization") or request.has("proxy-authorization")

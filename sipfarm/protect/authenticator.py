@@ -1,0 +1,282 @@
+"""Digest authentication for the whole node, in one place: challenge, verify, replay, brute force.
+
+Theory of operation
+-------------------
+The registrar (401, RFC 3261 22.2) and the proxy (407, 22.3) both ask this module three things:
+
+* :meth:`Authenticator.challenge`: the 401/407 to send.  The nonce is stateless (any node with
+  the farm's secret verifies it, :class:`~sipfarm.sip.auth.NonceFactory`).  One challenge per
+  configured algorithm; the default is MD5 alone, the one challenge every client in the field
+  reads (baresip fails on a second WWW-Authenticate, JsSIP and SIP.js keep only the last one
+  and know only MD5, SIPp reads the first).  Operators turn on SHA-256 (RFC 8760) with
+  ``digest_algorithms``.
+* :meth:`Authenticator.credentials`: our realm's credentials in a request, if any.
+* :meth:`Authenticator.authenticate`: the verdict, given to a callback.  In one pipelined
+  Redis round trip it fetches the account *and* asks the farm-wide guard
+  (:mod:`sipfarm.protect.guard`) whether the source is banned and whether this (nonce, nc) was
+  used before anywhere in the farm (RFC 7616 3.4.5 / RFC 3261 22.4: the nonce-count defeats
+  replays; a client sending no qop gets a one-time nonce).  A wrong password and an unknown
+  user take the same path, the same Redis commands and the same digest computation (a dummy
+  HA1), so neither the answer nor its timing tells them apart.  Each failure is counted per
+  source and per account in Redis; past the guard's threshold the source is banned farm-wide
+  (the real user elsewhere still registers).
+
+Nothing here does I/O itself: Redis is reached through the node's ``FarmState`` and the guard,
+both callback-style, so the in-memory test tier runs the same code.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from sipfarm.element import Element
+from sipfarm.sip import auth
+from sipfarm.sip.address import Address
+from sipfarm.sip.errors import BadMessage, Forbidden
+from sipfarm.sip.message import SipMessage, make_response
+from sipfarm.sip.uri import SipURI
+from sipfarm.store.accounts import Account
+from sipfarm.store.errors import StoreError
+
+log = logging.getLogger("sipfarm.auth")
+
+DEFAULT_ALGORITHMS = ("MD5",)
+
+
+class Verdict(enum.Enum):
+    OK = "ok"
+    CHALLENGE = "challenge"  # wrong or unusable credentials: a fresh challenge (counted)
+    STALE = "stale"  # an authentic but expired nonce, or a nonce-count seen before: stale=true
+    BANNED = "banned"  # the source is banned: 403, whatever the password
+
+
+@dataclass(frozen=True, slots=True)
+class AuthAnswer:
+    verdict: Verdict
+    account: Account | None = None
+    error: StoreError | None = None  # Redis failed: answer 503/500 instead
+
+
+class AccountSource(Protocol):
+    def get_account(self, user: str, domain: str, callback: Callable[[Account | StoreError | None], None]) -> None: ...
+
+
+class GuardLike(Protocol):
+    """What :mod:`sipfarm.protect.guard` offers (see there)."""
+
+    def admit(self, source_ip: str, nonce_use: str, ttl: float, done: Callable[[object], None]) -> None: ...
+
+    def failed(self, source_ip: str, account: str, done: Callable[[object], None]) -> None: ...
+
+    def banned_locally(self, source_ip: str, now: float) -> bool: ...
+
+
+class Authenticator:
+    def __init__(
+        self,
+        element: Element,
+        nonces: auth.NonceFactory,
+        accounts: AccountSource,
+        guard: GuardLike | None,
+        *,
+        algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS,
+    ) -> None:
+        for name in algorithms:
+            if name.upper().removesuffix("-SESS") not in ("MD5", "SHA-256"):
+                raise ValueError(f"unsupported digest algorithm {name!r} (MD5, SHA-256, their -sess)")
+        self.element = element
+        self.nonces = nonces
+        self.accounts = accounts
+        self.guard = guard
+        self.algorithms = algorithms
+        self._accepted = frozenset(a.upper().removesuffix("-SESS") for a in algorithms)
+
+    # -- challenges ------------------------------------------------------------------------------
+
+    def challenge(self, msg: SipMessage, status: int, realm: str, *, stale: bool = False) -> SipMessage:
+        nonce = self.nonces.issue(self.element.wall(), realm)
+        key = "www-authenticate" if status == 401 else "proxy-authenticate"
+        headers = [(key, value) for value in auth.build_challenges(realm, nonce, self.algorithms, stale=stale)]
+        return make_response(msg, status, to_tag=self.element.tag(msg), headers=headers)
+
+    def refusal(self, msg: SipMessage) -> SipMessage:
+        """What a banned source gets, whatever it sends."""
+        return make_response(msg, 403, to_tag=self.element.tag(msg))
+
+    def banned(self, source: Address) -> bool:
+        """The source is known banned here (no I/O)."""
+        return self.guard is not None and self.guard.banned_locally(source.host, self.element.now())
+
+    # -- credentials -----------------------------------------------------------------------------
+
+    def credentials(self, msg: SipMessage, header: str, realm: str) -> auth.Credentials | None:
+        """Our realm's credentials in ``header`` (None: none, challenge)."""
+        for value in msg.get_all(header):
+            try:
+                creds = auth.parse_credentials(value)
+            except auth.UnsupportedSchemeError:
+                continue
+            except auth.AuthHeaderError as exc:
+                self.element.metrics.auth_failures("malformed").inc()
+                raise BadMessage(f"{header}: {exc}", partial=msg) from None
+            if creds.realm == realm:
+                return creds
+        return None
+
+    def register_realm(self, msg: SipMessage) -> str:
+        """The served domain a REGISTER is for (its realm), or Forbidden."""
+        domains = self.element.identity.domains
+        uri = msg.request_uri
+        if isinstance(uri, SipURI) and uri.host in domains:
+            return uri.host
+        # a phone configured with the farm's address as registrar (sip:IP:port): the
+        # address-of-record's domain, in To, decides (step 1 leaves it to the registrar)
+        to_uri = msg.to.uri
+        if not isinstance(to_uri, SipURI) or to_uri.host not in domains:
+            raise Forbidden("not a domain of this registrar", partial=msg)
+        return to_uri.host
+
+    def caller_realm(self, msg: SipMessage, uri: SipURI) -> str:
+        caller = msg.from_.uri
+        domains = self.element.identity.domains
+        if isinstance(caller, SipURI) and caller.host in domains:
+            return caller.host
+        if uri.host in domains:
+            return uri.host
+        return next(iter(sorted(domains)))
+
+    # -- verification ----------------------------------------------------------------------------
+
+    def authenticate(
+        self,
+        creds: auth.Credentials,
+        msg: SipMessage,
+        source: Address,
+        realm: str,
+        done: Callable[[AuthAnswer], None],
+    ) -> None:
+        """Verify ``creds`` (account + guard in one pipeline); ``done`` gets the verdict."""
+        if self.banned(source):
+            self._refused(msg, source, creds.username, "banned")
+            done(AuthAnswer(Verdict.BANNED))
+            return
+        check = _Check(self, creds, msg, source, realm, self.element.wall(), done)
+        needed = 2 if self.guard is not None else 1
+        check.needed = needed
+        if self.guard is not None:
+            nonce_use = f"{creds.nonce}:{creds.nc or ''}"
+            self.guard.admit(source.host, nonce_use, self.nonces.lifetime + 60.0, check.admitted)
+        self.accounts.get_account(creds.username, realm, check.account_found)
+
+    def _decide(self, check: _Check) -> AuthAnswer:
+        creds, msg = check.creds, check.msg
+        admission = check.admission
+        if isinstance(check.account, StoreError):
+            return AuthAnswer(Verdict.CHALLENGE, error=check.account)
+        if isinstance(admission, StoreError):
+            return AuthAnswer(Verdict.CHALLENGE, error=admission)
+        if admission is not None and getattr(admission, "banned", False):
+            self._refused(msg, check.source, creds.username, "banned")
+            return AuthAnswer(Verdict.BANNED)
+        account = check.account
+        ha1 = account.ha1_by_algorithm if account is not None and account.enabled else None
+        algorithm = creds.algorithm.upper().removesuffix("-SESS")
+        if algorithm not in self._accepted:
+            ha1 = None  # an algorithm we do not offer: the same failure as a wrong password
+        result = auth.verify(creds, msg.method, ha1, self.nonces, check.wall, check.realm, allow_rfc2069=True)
+        if result.outcome is auth.AuthOutcome.STALE:
+            self.element.metrics.auth_failures("stale").inc()
+            return AuthAnswer(Verdict.STALE)
+        if result.ok and admission is not None and getattr(admission, "replay", False):
+            # authentic, but this nonce-count was used already: a replay, or a client that
+            # lost count. A fresh nonce (stale=true) lets an honest client retry at once.
+            self.element.metrics.auth_failures("replay").inc()
+            log.info(
+                "event=auth_replay source=%s user=%s call_id=%s",
+                check.source.host,
+                creds.username,
+                msg.call_id.decode("latin-1"),
+            )
+            return AuthAnswer(Verdict.STALE)
+        if not result.ok or account is None:
+            self._failed(check)
+            return AuthAnswer(Verdict.CHALLENGE)
+        return AuthAnswer(Verdict.OK, account)
+
+    def _failed(self, check: _Check) -> None:
+        creds = check.creds
+        self.element.metrics.auth_failures("failed").inc()
+        # the same line for an unknown user and a wrong password (fail2ban-ready)
+        log.info(
+            "event=auth_failed source=%s user=%s realm=%s method=%s call_id=%s",
+            check.source.host,
+            creds.username,
+            check.realm,
+            check.msg.method.decode("latin-1"),
+            check.msg.call_id.decode("latin-1"),
+        )
+        if self.guard is not None:
+            self.guard.failed(check.source.host, f"{creds.username}@{check.realm}", self._counted)
+
+    def _counted(self, outcome: object) -> None:
+        if getattr(outcome, "banned", False):
+            self.element.metrics.errors("source_banned").inc()
+
+    def _refused(self, msg: SipMessage, source: Address, user: str, why: str) -> None:
+        self.element.metrics.auth_failures(why).inc()
+        log.info(
+            "event=auth_refused reason=%s source=%s user=%s call_id=%s",
+            why,
+            source.host,
+            user,
+            msg.call_id.decode("latin-1"),
+        )
+
+
+class _Check:
+    """One verification waiting for its account and guard answers (an object, not closures:
+    no reference cycle per request, see farmstate.py)."""
+
+    __slots__ = ("account", "admission", "auth", "creds", "done", "got", "msg", "needed", "realm", "source", "wall")
+
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        creds: auth.Credentials,
+        msg: SipMessage,
+        source: Address,
+        realm: str,
+        wall: float,
+        done: Callable[[AuthAnswer], None],
+    ) -> None:
+        self.auth = authenticator
+        self.creds = creds
+        self.msg = msg
+        self.source = source
+        self.realm = realm
+        self.wall = wall
+        self.done = done
+        self.needed = 1
+        self.got = 0
+        self.account: Account | StoreError | None = None
+        self.admission: object = None
+
+    def account_found(self, account: Account | StoreError | None) -> None:
+        self.account = account
+        self._one()
+
+    def admitted(self, admission: object) -> None:
+        self.admission = admission
+        self._one()
+
+    def _one(self) -> None:
+        self.got += 1
+        if self.got == self.needed:
+            self.done(self.auth._decide(self))
+
+
+__all__ = ["DEFAULT_ALGORITHMS", "AuthAnswer", "Authenticator", "Verdict"]

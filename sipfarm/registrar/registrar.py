@@ -1,0 +1,152 @@
+"""The registrar (RFC 3261 10.3, RFC 3327, RFC 5626) as a sans-IO transaction user.
+
+Theory of operation
+-------------------
+A REGISTER without credentials gets its 401 statelessly (RFC 3261 8.2.7: no transaction to
+keep for 32 s; a lost 401 is re-sent for the retransmission).  With credentials it gets a
+server transaction; then, in order: the REGISTER is read (:func:`read_register`: AOR,
+Contacts, expiries; policy errors are SipErrors), the credentials must be the AOR's own, the
+authenticator verifies them (account and guard in one Redis pipeline), and one atomic
+``register.lua`` applies every Contact (:meth:`FarmState.register`).  The 200 lists every
+binding.  A client connected straight to this node over a connection (or an outbound client)
+gets our own Path entry naming its flow, so every node reaches it through us.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Protocol
+
+from sipfarm.edge import FlowTokens, flow_uri
+from sipfarm.element import Element
+from sipfarm.protect.authenticator import AuthAnswer, Authenticator, Verdict
+from sipfarm.registrar.bindings import ExpiresPolicy, RegisterRequest, read_register, register_ok
+from sipfarm.sip import auth
+from sipfarm.sip.address import Address
+from sipfarm.sip.errors import BadMessage, Forbidden
+from sipfarm.sip.message import SipMessage, make_response
+from sipfarm.sip.transaction import ServerTransaction
+from sipfarm.store.errors import StoreError
+from sipfarm.store.location import ContactUpdate, RegisterOutcome, RegisterResult
+
+
+class BindingStore(Protocol):
+    def register(
+        self,
+        aor: str,
+        contacts: Sequence[ContactUpdate],
+        callback: Callable[[RegisterResult | StoreError], None],
+        **kwargs: object,
+    ) -> None: ...
+
+
+class Registrar:
+    def __init__(
+        self,
+        element: Element,
+        authenticator: Authenticator,
+        store: BindingStore,
+        *,
+        policy: ExpiresPolicy | None = None,
+        flow_tokens: FlowTokens,
+    ) -> None:
+        self.element = element
+        self.auth = authenticator
+        self.store = store
+        self.policy = policy or ExpiresPolicy()
+        self.flow_tokens = flow_tokens
+
+    def challenge_stateless(self, msg: SipMessage, source: Address) -> None:
+        """A REGISTER with no credentials: 401 without a transaction (403 to a banned source)."""
+        element = self.element
+        if self.auth.banned(source):
+            element.send_stateless(msg, self.auth.refusal(msg), source)
+            return
+        response = self.auth.challenge(msg, 401, self.auth.register_realm(msg))
+        element.send_stateless(msg, response, source)
+
+    def on_register(self, stx: ServerTransaction, msg: SipMessage, source: Address) -> None:
+        # RFC 3261 10.3 step 2 comes before the Contacts are read: challenge first, cheaply
+        realm = self.auth.register_realm(msg)
+        creds = self.auth.credentials(msg, "authorization", realm)
+        if creds is None:
+            self.element.reply(stx, self.auth.challenge(msg, 401, realm))
+            return
+        reg = read_register(msg, self.element.identity.domains, self.policy)
+        if reg.domain != realm:
+            raise Forbidden("To and Request-URI name different domains", partial=msg)
+        if creds.username != reg.user:
+            self.element.metrics.auth_failures("user_mismatch").inc()
+            raise Forbidden("credentials do not match the address-of-record", partial=msg)
+        # partials of methods, not closures: no reference cycle per request (see farmstate.py)
+        done = partial(self._authenticated, stx, msg, source, creds, reg, self.element.now())
+        self.auth.authenticate(creds, msg, source, realm, done)
+
+    def _authenticated(
+        self,
+        stx: ServerTransaction,
+        msg: SipMessage,
+        source: Address,
+        creds: auth.Credentials,
+        reg: RegisterRequest,
+        started: float,
+        answer: AuthAnswer,
+    ) -> None:
+        element = self.element
+        if answer.error is not None:
+            element.store_failed(stx, msg, answer.error)
+            return
+        if answer.verdict is Verdict.BANNED:
+            element.reply(stx, self.auth.refusal(msg))
+            return
+        if answer.verdict is not Verdict.OK:
+            element.reply(stx, self.auth.challenge(msg, 401, reg.domain, stale=answer.verdict is Verdict.STALE))
+            return
+        account = answer.account
+        assert account is not None
+        try:
+            self.store.register(
+                reg.aor,
+                reg.updates,
+                partial(self._applied, stx, msg, reg, started),
+                call_id=msg.call_id.decode("latin-1"),
+                cseq=msg.cseq[0],
+                now=element.wall(),
+                max_contacts=account.max_contacts,
+                remove_all=reg.remove_all,
+                path=self._path(reg.path, reg.outbound, source),
+                received=str(source),
+                user_agent=(msg.get("user-agent") or b"").decode("utf-8", "replace")[:100],
+                node=element.identity.node_id,
+            )
+        except ValueError as exc:
+            element.fail(stx, BadMessage(str(exc), partial=msg))
+
+    def _applied(
+        self,
+        stx: ServerTransaction,
+        msg: SipMessage,
+        reg: RegisterRequest,
+        started: float,
+        res: RegisterResult | StoreError,
+    ) -> None:
+        element = self.element
+        if isinstance(res, StoreError):
+            element.store_failed(stx, msg, res)
+            return
+        if res.outcome is RegisterOutcome.OK:
+            response = register_ok(msg, res.bindings, element.wall(), element.tag(msg), outbound=reg.outbound)
+        else:
+            response = make_response(msg, res.outcome.sip_status, res.outcome.sip_reason, to_tag=element.tag(msg))
+        element.metrics.register_seconds.observe(element.now() - started)
+        element.reply(stx, response)
+
+    def _path(self, path: tuple[str, ...], outbound: bool, source: Address) -> tuple[str, ...]:
+        """The Path to store: the request's, or (a client connected straight to this node over a
+        connection, or an outbound client) our own entry naming its flow, so any node reaches it
+        through us (RFC 3327 / RFC 5626 5.1, the node acting as its own edge proxy)."""
+        if path or (source.transport == "udp" and not outbound):
+            return path
+        host, port = self.element.identity.address(source.transport)
+        return (flow_uri(self.flow_tokens, source, host, port, outbound=True).decode("latin-1"),)
