@@ -1,0 +1,353 @@
+"""The proxy in memory (RFC 3261 16): what a caller and the phones it calls see.
+
+No sockets, no Redis, no sleeps: :mod:`memfarm` runs the node's sans-IO core, phones and a fake
+clock, so Timer C's three minutes take microseconds.  Any exception other than a SipError out of
+``NodeCore.on_message`` fails the test that caused it (the farm does not catch it).
+
+Tests marked ``xfail(strict=True)`` are behaviour issue 8 asks for and the node does not have
+yet: when the fix lands they pass, strict xfail turns that into a failure, and the mark goes.
+"""
+
+from __future__ import annotations
+
+import pytest
+from memfarm import DOMAIN, MemFarm, Phone, issue8
+
+from sipfarm.sip.address import Address
+from sipfarm.sip.headers import parse_name_addr
+from sipfarm.sip.message import SipMessage
+from sipfarm.sip.uri import SipURI
+from sipfarm.store.errors import StoreUnavailable
+
+BOB = f"sip:bob@{DOMAIN}"
+
+
+@pytest.fixture
+def farm() -> MemFarm:
+    return MemFarm()
+
+
+@pytest.fixture
+def alice(farm: MemFarm) -> Phone:
+    phone = farm.phone("alice", "10.0.0.1")
+    assert phone.register().status == 200  # type: ignore[union-attr]
+    return phone
+
+
+def registered(farm: MemFarm, user: str, host: str, *, q: float | None = None, **behaviour: object) -> Phone:
+    """A phone of ``user`` at ``host``, registered (with ``q``), then told how to answer."""
+    phone = farm.phone(user, host)
+    contact = None if q is None else f"<{phone.contact}>;q={q}"
+    assert phone.register(contact=contact).status == 200  # type: ignore[union-attr]
+    phone.inbox.clear()
+    for name, value in behaviour.items():
+        setattr(phone, name, value)
+    return phone
+
+
+def call(caller: Phone, uri: str = BOB, **kwargs: object) -> SipMessage | None:
+    """An authenticated INVITE from ``caller``; the last thing it received."""
+    return caller.authenticated(caller.request("INVITE", uri, **kwargs))  # type: ignore[arg-type]
+
+
+def names_node(value: bytes, node: str = "127.0.1.1") -> bool:
+    """A Route/Record-Route value is a loose-routing entry of the node (no user part)."""
+    uri = parse_name_addr(value).uri
+    assert isinstance(uri, SipURI)
+    return (uri.host, uri.port, uri.user) == (node, 5060, None) and uri.param("lr") is not None
+
+
+def last_invite(phone: Phone) -> SipMessage:
+    return next(m for m in reversed(phone.sent) if m.method == b"INVITE")
+
+
+def statuses(phone: Phone, method: bytes = b"INVITE") -> list[int]:
+    return [m.status for m in phone.inbox if m.is_response and m.cseq[1] == method]
+
+
+# -- A: a call, end to end ----------------------------------------------------------------------
+
+
+def test_invite_is_challenged_with_407_then_connected(farm: MemFarm, alice: Phone) -> None:
+    bob = registered(farm, "bob", "10.0.0.2", answer=200)
+    invite = alice.request("INVITE", BOB)
+    alice.send(invite)
+    challenge = alice.last()
+    assert challenge is not None
+    assert challenge.status == 407
+    assert challenge.has("proxy-authenticate")
+    assert bob.requests() == []
+    alice.send(alice.authorize(challenge, invite))
+    assert statuses(alice)[-1] == 200
+    assert len(bob.requests(b"INVITE")) == 1
+    assert not bob.requests(b"INVITE")[0].has("proxy-authorization")  # consumed by the node
+
+
+def test_a_connected_call_is_acked_and_hung_up_through_the_node(farm: MemFarm, alice: Phone) -> None:
+    bob = registered(farm, "bob", "10.0.0.2", answer=200)
+    answer = call(alice)
+    assert answer is not None
+    assert answer.status == 200
+    assert statuses(alice) == [100, 180, 200]
+    alice.ack(answer)
+    assert len(bob.requests(b"ACK")) == 1
+    bye = alice.in_dialog("BYE", answer)
+    alice.send(bye, alice.first_hop(bye))
+    assert len(bob.requests(b"BYE")) == 1
+    assert statuses(alice, b"BYE") == [200]
+    assert farm.stray == []
+
+
+def test_wrong_password_on_invite_gets_407_again(farm: MemFarm, alice: Phone) -> None:
+    bob = registered(farm, "bob", "10.0.0.2", answer=200)
+    answer = alice.authenticated(alice.request("INVITE", BOB), password="guess")
+    assert answer is not None
+    assert answer.status == 407
+    assert answer.has("proxy-authenticate")
+    assert bob.requests() == []
+
+
+def test_invite_is_record_routed_by_the_node(farm: MemFarm, alice: Phone) -> None:
+    bob = registered(farm, "bob", "10.0.0.2", answer=200)
+    answer = call(alice)
+    record_route = bob.requests(b"INVITE")[0].values("record-route")
+    assert [names_node(v) for v in record_route] == [True]
+    assert answer is not None
+    assert answer.values("record-route") == record_route
+
+
+def test_in_dialog_bye_is_loose_routed_by_the_nodes_record_route(farm: MemFarm, alice: Phone) -> None:
+    bob = registered(farm, "bob", "10.0.0.2", answer=200)
+    answer = call(alice)
+    assert answer is not None
+    alice.ack(answer)
+    bye = alice.in_dialog("BYE", answer)
+    assert [names_node(v) for v in bye.values("route")] == [True]
+    alice.send(bye, farm.node_addresses[0])
+    received = bob.requests(b"BYE")
+    assert len(received) == 1
+    assert received[0].uri == b"sip:bob@10.0.0.2:5060"
+    assert not received[0].has("route")  # the node removed its own entry (RFC 3261 16.4)
+    assert statuses(alice, b"BYE") == [200]
+
+
+# -- A: forking ---------------------------------------------------------------------------------
+
+
+def test_parallel_forking_rings_both_first_200_wins_the_other_is_cancelled(farm: MemFarm, alice: Phone) -> None:
+    desk = registered(farm, "bob", "10.0.0.2")
+    mobile = registered(farm, "bob", "10.0.0.3")
+    call(alice)
+    assert len(desk.requests(b"INVITE")) == 1
+    assert len(mobile.requests(b"INVITE")) == 1
+    desk.answer_call(200)
+    assert statuses(alice)[-1] == 200
+    assert len(mobile.requests(b"CANCEL")) == 1
+    assert desk.requests(b"CANCEL") == []
+    farm.advance(40)
+    assert [s for s in statuses(alice) if s >= 200] == [200]  # mobile's 487 stays at the node
+
+
+def test_serial_forking_tries_the_higher_q_contact_first(farm: MemFarm, alice: Phone) -> None:
+    high = registered(farm, "bob", "10.0.0.2", q=1.0, answer=486)
+    low = registered(farm, "bob", "10.0.0.3", q=0.5, answer=200)
+    farm.log.clear()
+    call(alice)
+    invites = [s.dest.host for s in farm.log if s.data.startswith(b"INVITE ") and s.dest.host.startswith("10.0.0.")]
+    assert invites == ["10.0.0.2", "10.0.0.3"]
+    assert high.requests(b"ACK")  # the node ACKed the 486 itself
+    assert len(low.requests(b"INVITE")) == 1
+    assert statuses(alice)[-1] == 200
+
+
+# -- A: CANCEL, busy, no answer -----------------------------------------------------------------
+
+
+def test_cancel_while_ringing(farm: MemFarm, alice: Phone) -> None:
+    bob = registered(farm, "bob", "10.0.0.2")
+    call(alice)
+    assert statuses(alice)[-1] == 180
+    alice.cancel(last_invite(alice))
+    assert statuses(alice, b"CANCEL") == [200]
+    assert len(bob.requests(b"CANCEL")) == 1
+    assert statuses(alice)[-1] == 487
+
+
+def test_busy_callee_486_is_forwarded_once(farm: MemFarm, alice: Phone) -> None:
+    registered(farm, "bob", "10.0.0.2", answer=486)
+    answer = call(alice)
+    assert answer is not None
+    assert answer.status == 486
+    farm.advance(40)
+    assert [s for s in statuses(alice) if s >= 200] == [486]  # alice's ACK stopped the retransmissions
+
+
+def test_no_answer_cancels_the_ringing_branch_at_timer_c_and_caller_gets_408(farm: MemFarm, alice: Phone) -> None:
+    bob = registered(farm, "bob", "10.0.0.2")
+    call(alice)
+    farm.advance(179)
+    assert bob.requests(b"CANCEL") == []
+    assert [s for s in statuses(alice) if s >= 200] == []
+    farm.advance(2)
+    assert len(bob.requests(b"CANCEL")) == 1
+    assert [s for s in statuses(alice) if s >= 200] == [408]
+
+
+# -- A: requests that cannot be routed ----------------------------------------------------------
+
+
+def test_unknown_user_gets_404(farm: MemFarm, alice: Phone) -> None:
+    answer = call(alice, f"sip:nobody@{DOMAIN}")
+    assert answer is not None
+    assert answer.status == 404
+
+
+def test_known_but_unregistered_user_gets_480(farm: MemFarm, alice: Phone) -> None:
+    answer = call(alice, f"sip:carol@{DOMAIN}")
+    assert answer is not None
+    assert answer.status == 480
+
+
+def test_max_forwards_0_gets_483(farm: MemFarm, alice: Phone) -> None:
+    bob = registered(farm, "bob", "10.0.0.2", answer=200)
+    answer = call(alice, max_forwards=0)
+    assert answer is not None
+    assert answer.status == 483
+    assert bob.requests() == []
+
+
+def test_a_request_looping_back_to_the_node_gets_482(farm: MemFarm, alice: Phone) -> None:
+    bob = registered(farm, "bob", "10.0.0.2")
+    call(alice)
+    sent_by_alice = last_invite(alice)
+    # bob's device forwards the INVITE back to bob's address-of-record, unchanged otherwise
+    looped = bob.requests(b"INVITE")[0].copy()
+    looped.set_uri(BOB.encode())
+    looped.prepend("via", b"SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bKloop1;rport")
+    looped.append("proxy-authorization", sent_by_alice.get("proxy-authorization") or b"")
+    bob.inbox.clear()
+    bob.send(looped)
+    assert [m.status for m in bob.inbox if m.status >= 200] == [482]
+    assert bob.requests(b"INVITE") == []
+
+
+def test_options_to_the_node_itself_gets_200(farm: MemFarm) -> None:
+    probe = farm.phone("monitor", "10.0.0.50")
+    probe.send(probe.request("OPTIONS", "sip:127.0.1.1:5060"))
+    answer = probe.last()
+    assert answer is not None
+    assert answer.status == 200
+    assert b"INVITE" in (answer.get("allow") or b"")
+
+
+def test_invite_while_redis_is_down_gets_503_with_retry_after(farm: MemFarm, alice: Phone) -> None:
+    registered(farm, "bob", "10.0.0.2", answer=200)
+    farm.state.fail_with = StoreUnavailable("connection refused")
+    answer = call(alice)
+    assert answer is not None
+    assert answer.status == 503
+    assert answer.get("retry-after") is not None
+
+
+# -- B: issue 8 ---------------------------------------------------------------------------------
+
+
+def test_max_forwards_above_70_is_capped_on_entry(farm: MemFarm, alice: Phone) -> None:
+    bob = registered(farm, "bob", "10.0.0.2", answer=200)
+    call(alice, max_forwards=255)
+    forwarded = bob.requests(b"INVITE")[0]
+    assert int(forwarded.get("max-forwards") or b"0") <= 69
+
+
+def test_6xx_reaches_the_caller_without_waiting_for_a_silent_branch(farm: MemFarm, alice: Phone) -> None:
+    registered(farm, "bob", "10.0.0.2", ring=False, answer=603)
+    registered(farm, "bob", "10.0.0.3", ring=False)  # has not answered anything yet
+    call(alice)
+    farm.advance(1)
+    assert 603 in statuses(alice)
+
+
+def test_a_silent_branch_is_cancelled_as_soon_as_it_rings_after_a_6xx(farm: MemFarm, alice: Phone) -> None:
+    registered(farm, "bob", "10.0.0.2", ring=False, answer=603)
+    late = registered(farm, "bob", "10.0.0.3", ring=False)
+    call(alice)
+    farm.advance(1)
+    assert late.requests(b"CANCEL") == []  # RFC 3261 9.1: no CANCEL before a provisional
+    late.provisional(180)
+    assert len(late.requests(b"CANCEL")) == 1
+    assert 180 not in statuses(alice)  # the late ring is not passed on after the 6xx
+
+
+def test_a_lower_q_contact_is_tried_within_30s_of_unanswered_ringing(farm: MemFarm, alice: Phone) -> None:
+    high = registered(farm, "bob", "10.0.0.2", q=1.0)
+    low = registered(farm, "bob", "10.0.0.3", q=0.5, answer=200)
+    call(alice)
+    assert len(high.requests(b"INVITE")) == 1
+    assert low.requests(b"INVITE") == []
+    farm.advance(30)
+    assert len(low.requests(b"INVITE")) == 1
+    assert len(high.requests(b"CANCEL")) == 1
+    assert statuses(alice)[-1] == 200
+
+
+@pytest.mark.parametrize(
+    "callee",
+    [
+        pytest.param({"ring": False}, id="silent_timer_b"),
+        pytest.param({}, id="ringing_timer_c"),
+    ],
+)
+def test_a_locally_made_408_carries_a_to_tag(farm: MemFarm, alice: Phone, callee: dict[str, object]) -> None:
+    registered(farm, "bob", "10.0.0.2", **callee)
+    call(alice)
+    farm.advance(200)
+    timeout = alice.last(408)
+    assert timeout is not None
+    assert timeout.to_tag is not None
+
+
+def test_no_408_for_a_non_invite_nobody_answers(farm: MemFarm, alice: Phone) -> None:
+    registered(farm, "bob", "10.0.0.2", silent=True)
+    alice.authenticated(alice.request("MESSAGE", BOB, body=b"hello"))
+    farm.advance(64)
+    assert 408 not in statuses(alice, b"MESSAGE")
+
+
+def test_a_non_invite_nobody_answers_leaves_no_transaction_behind(farm: MemFarm, alice: Phone) -> None:
+    registered(farm, "bob", "10.0.0.2", silent=True)
+    alice.authenticated(alice.request("MESSAGE", BOB, body=b"hello"))
+    assert farm.transactions() > 0
+    farm.advance(64)
+    assert farm.transactions() == 0
+
+
+@issue8("an unterminated quoted string in the To of an OPTIONS the node answers gets 200")
+def test_options_to_the_node_with_an_unterminated_quote_in_to_gets_400(farm: MemFarm) -> None:
+    probe = farm.phone("monitor", "10.0.0.50")
+    raw = (
+        b"OPTIONS sip:127.0.1.1:5060 SIP/2.0\r\n"
+        b"Via: SIP/2.0/UDP 10.0.0.50:5060;branch=z9hG4bKquote1;rport\r\n"
+        b"Max-Forwards: 70\r\n"
+        b"From: <sip:monitor@farm.test>;tag=q1\r\n"
+        b'To: "Unterminated <sip:127.0.1.1:5060>\r\n'
+        b"Call-ID: quote-1\r\n"
+        b"CSeq: 1 OPTIONS\r\n"
+        b"Content-Length: 0\r\n\r\n"
+    )
+    probe.send(raw)
+    assert [m.status for m in probe.inbox] == [400]
+
+
+def test_ack_for_2xx_reaches_a_phone_connected_to_the_node_over_tcp(farm: MemFarm, alice: Phone) -> None:
+    bob = farm.tcp_phone("bob", "10.0.0.3")
+    assert bob.register().status == 200  # type: ignore[union-attr]
+    bob.answer = 200
+    answer = call(alice)
+    assert answer is not None
+    assert answer.status == 200
+    assert any(b"@127.0.1.1" in rr for rr in answer.values("record-route"))  # the flow-token entry
+    alice.ack(answer)
+    assert len(bob.requests(b"ACK")) == 1
+    assert farm.stray_to("10.0.0.3") == []  # nothing to the Contact's port (nobody listens there)
+    acks = [s for s in farm.sent_to(bob.address) if s.data.startswith(b"ACK ")]
+    assert [s.dest for s in acks] == [Address("tcp", "10.0.0.3", 40001)]

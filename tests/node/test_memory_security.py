@@ -1,0 +1,265 @@
+"""Attacks on a node, in memory (issue 8): what the attacker gets back, what its victim receives.
+
+The attacker is a phone with no account (or a stolen one) on the in-memory network; the
+"victim" of a relay attack is an address nobody listens on, so anything the node sends there
+lands in :attr:`memfarm.MemFarm.stray`.  Tests marked ``xfail(strict=True)`` are protections
+issue 8 asks for that the node does not have yet; the mark goes when the fix lands.
+"""
+
+from __future__ import annotations
+
+import pytest
+from memfarm import DOMAIN, MemFarm, Phone
+
+from sipfarm.sip.headers import parse_name_addr
+from sipfarm.sip.message import SipMessage
+from sipfarm.sip.uri import SipURI
+
+BOB = f"sip:bob@{DOMAIN}"
+VICTIM_HOST, VICTIM_PORT = "127.0.0.1", 6379  # say, a Redis without a password on loopback
+IDENTITY_HEADERS = ("p-asserted-identity", "p-preferred-identity", "remote-party-id")
+
+
+@pytest.fixture
+def farm() -> MemFarm:
+    return MemFarm(nodes=2)
+
+
+@pytest.fixture
+def alice(farm: MemFarm) -> Phone:
+    phone = farm.phone("alice", "10.0.0.1")
+    assert phone.register().status == 200  # type: ignore[union-attr]
+    return phone
+
+
+@pytest.fixture
+def bob(farm: MemFarm) -> Phone:
+    phone = farm.phone("bob", "10.0.0.2")
+    assert phone.register().status == 200  # type: ignore[union-attr]
+    phone.inbox.clear()
+    phone.answer = 200
+    return phone
+
+
+@pytest.fixture
+def mallory(farm: MemFarm) -> Phone:
+    """An outsider: no account, its own address."""
+    return farm.phone("mallory", "10.6.6.6")
+
+
+def finals(phone: Phone) -> list[int]:
+    return [m.status for m in phone.inbox if m.status >= 200]
+
+
+def last_sent(phone: Phone, method: bytes) -> SipMessage:
+    return next(m for m in reversed(phone.sent) if m.method == method)
+
+
+# -- 1: in-dialog requests as an open relay -----------------------------------------------------
+
+
+@pytest.mark.parametrize("target", [f"{VICTIM_HOST}:{VICTIM_PORT}", "192.168.1.20:8080"], ids=["loopback", "internal"])
+@pytest.mark.parametrize("route", [None, "<sip:10.9.9.9:5060;lr>"], ids=["no_route", "foreign_route"])
+@pytest.mark.parametrize("method", ["BYE", "INFO", "INVITE", "OPTIONS"])
+def test_in_dialog_request_not_routed_by_the_farm_gets_404_and_reaches_nobody(
+    farm: MemFarm, mallory: Phone, method: str, route: str | None, target: str
+) -> None:
+    uri = f"sip:x@{target}"
+    headers = [] if route is None else [("route", route)]
+    mallory.send(mallory.request(method, uri, to=f"<{uri}>;tag=dlg1", headers=headers))
+    assert finals(mallory) == [404]
+    assert farm.stray_to(target.partition(":")[0]) == []
+    assert farm.stray_to("10.9.9.9") == []
+
+
+@pytest.mark.parametrize("route", [None, "<sip:10.9.9.9:5060;lr>"], ids=["no_route", "foreign_route"])
+def test_an_ack_not_routed_by_the_farm_is_dropped(farm: MemFarm, mallory: Phone, route: str | None) -> None:
+    uri = f"sip:x@{VICTIM_HOST}:{VICTIM_PORT}"
+    headers = [] if route is None else [("route", route)]
+    since = len(farm.log)
+    mallory.send(mallory.request("ACK", uri, to=f"<{uri}>;tag=dlg1", headers=headers))
+    farm.advance(1)
+    assert farm.sent_by_node(0, since) == []
+    assert mallory.inbox == []
+
+
+@pytest.mark.parametrize("method", ["BYE", "INVITE", "OPTIONS"])
+def test_in_dialog_request_to_the_node_itself_is_refused_at_once(farm: MemFarm, mallory: Phone, method: str) -> None:
+    uri = "sip:x@127.0.1.1:5060"
+    since = len(farm.log)
+    mallory.send(mallory.request(method, uri, to=f"<{uri}>;tag=dlg1"))
+    assert finals(mallory) in ([404], [482], [483])
+    node = farm.node_addresses[0]
+    to_itself = [s for s in farm.log[since:] if s.dest.host == node.host and s.source.host == node.host]
+    assert to_itself == []
+    farm.advance(40)
+    assert farm.transactions(0) == 0
+
+
+# -- 3: identity --------------------------------------------------------------------------------
+
+
+def test_an_authenticated_caller_cannot_claim_another_users_from(farm: MemFarm, alice: Phone, bob: Phone) -> None:
+    answer = alice.authenticated(alice.request("INVITE", BOB, from_=f'"CEO" <sip:ceo@{DOMAIN}>'))
+    assert answer is not None
+    assert answer.status == 403
+    assert bob.requests() == []
+
+
+def test_the_callee_sees_the_authenticated_identity_only(farm: MemFarm, alice: Phone, bob: Phone) -> None:
+    forged = [
+        ("p-asserted-identity", f'"CEO" <sip:ceo@{DOMAIN}>'),
+        ("p-preferred-identity", f"<sip:ceo@{DOMAIN}>"),
+        ("remote-party-id", f'"CEO" <sip:ceo@{DOMAIN}>;party=calling;screen=yes'),
+    ]
+    answer = alice.authenticated(alice.request("INVITE", BOB, headers=forged))
+    assert answer is not None
+    assert answer.status == 200
+    invite = bob.requests(b"INVITE")[0]
+    asserted = invite.values("p-asserted-identity")
+    assert len(asserted) == 1
+    uri = parse_name_addr(asserted[0]).uri
+    assert isinstance(uri, SipURI)
+    assert uri.aor == f"alice@{DOMAIN}"
+    assert not invite.has("p-preferred-identity")
+    assert not invite.has("remote-party-id")
+    assert all(b"ceo" not in v for name in IDENTITY_HEADERS for v in invite.get_all(name))
+
+
+# -- 4: replayed credentials --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("node", [0, 1], ids=["same_node", "other_node"])
+def test_invite_credentials_replayed_for_another_callee_are_challenged(
+    farm: MemFarm, alice: Phone, bob: Phone, mallory: Phone, node: int
+) -> None:
+    carol = farm.phone("carol", "10.0.0.3")
+    assert carol.register().status == 200  # type: ignore[union-attr]
+    carol.inbox.clear()
+    carol.answer = 200
+    answer = alice.authenticated(alice.request("INVITE", BOB))
+    assert answer is not None
+    assert answer.status == 200
+    captured = last_sent(alice, b"INVITE").get("proxy-authorization")
+    assert captured is not None
+    mallory.node = node
+    replay = mallory.request(
+        "INVITE", f"sip:carol@{DOMAIN}", from_user="alice", headers=[("proxy-authorization", captured)], cseq=2
+    )
+    mallory.send(replay)
+    assert finals(mallory) == [407]
+    assert carol.requests() == []
+
+
+@pytest.mark.parametrize("node", [0, 1], ids=["same_node", "other_node"])
+def test_register_credentials_replayed_are_challenged(farm: MemFarm, alice: Phone, mallory: Phone, node: int) -> None:
+    captured = last_sent(alice, b"REGISTER").get("authorization")
+    assert captured is not None
+    mallory.node = node
+    replay = mallory.request(
+        "REGISTER",
+        f"sip:{DOMAIN}",
+        to=f"<sip:alice@{DOMAIN}>",
+        from_user="alice",
+        headers=[("expires", "3600"), ("authorization", captured)],
+        cseq=2,
+    )
+    mallory.send(replay)
+    assert finals(mallory) == [401]
+    assert [b.contact for b in farm.state.bindings[f"alice@{DOMAIN}"].values()] == ["sip:alice@10.0.0.1:5060"]
+
+
+# -- 5: guessing passwords ----------------------------------------------------------------------
+
+
+def test_ten_wrong_passwords_ban_the_source_even_for_the_right_one(farm: MemFarm) -> None:
+    guesser = farm.phone("alice", "10.6.6.7")
+    for i in range(10):
+        assert guesser.register(password=f"guess-{i}").status == 401  # type: ignore[union-attr]
+    assert guesser.register().status == 403  # type: ignore[union-attr]
+    assert guesser.register().status == 403  # type: ignore[union-attr]
+    real = farm.phone("alice", "10.0.0.1")
+    assert real.register().status == 200  # type: ignore[union-attr]
+
+
+def test_guesses_for_an_unknown_user_count_like_wrong_passwords(farm: MemFarm) -> None:
+    guesser = farm.phone("nobody", "10.6.6.8")
+    for i in range(10):
+        assert guesser.register(password=f"guess-{i}").status == 401  # type: ignore[union-attr]
+    assert guesser.register(user="alice", password="alice-pw").status == 403  # type: ignore[union-attr]
+
+
+def test_the_eleventh_answer_does_not_tell_unknown_users_from_known_ones(farm: MemFarm) -> None:
+    answers = []
+    for user, host in (("alice", "10.6.6.9"), ("nobody", "10.6.6.10")):
+        guesser = farm.phone(user, host)
+        for i in range(10):
+            guesser.register(password=f"guess-{i}")
+        eleventh = guesser.register(password="guess-10")
+        assert eleventh is not None
+        answers.append((eleventh.status, [h[0] for h in eleventh.headers if h[0] not in ("via", "contact")]))
+    assert answers[0] == answers[1]
+
+
+# -- 6: telling registered users apart without credentials --------------------------------------
+
+
+@pytest.mark.parametrize("method", ["OPTIONS", "UPDATE", "BYE", "MESSAGE", "INFO", "SUBSCRIBE"])
+def test_unauthenticated_requests_get_407_whoever_they_are_for(
+    farm: MemFarm, mallory: Phone, bob: Phone, method: str
+) -> None:
+    seen = []
+    for user in ("bob", "carol", "nobody"):  # registered, unregistered, missing
+        mallory.inbox.clear()
+        mallory.send(mallory.request(method, f"sip:{user}@{DOMAIN}"))
+        seen.append(finals(mallory))
+    assert seen == [[407], [407], [407]]
+    assert bob.requests() == []
+
+
+# -- 11: forged responses -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", ["UDP", "TCP"])
+def test_a_forged_stray_2xx_is_not_relayed_to_its_second_via(farm: MemFarm, mallory: Phone, transport: str) -> None:
+    body = b"FLUSHALL\r\nSET sipfarm:owned 1\r\n"
+    forged = (
+        b"SIP/2.0 200 OK\r\n"
+        b"Via: SIP/2.0/UDP 127.0.1.1:5060;branch=z9hG4bKforged1\r\n"
+        b"Via: SIP/2.0/" + transport.encode() + b" 127.0.0.1:6379;branch=z9hG4bKvictim1\r\n"
+        b"From: <sip:alice@farm.test>;tag=f1\r\n"
+        b"To: <sip:bob@farm.test>;tag=t1\r\n"
+        b"Call-ID: forged-1\r\n"
+        b"CSeq: 1 INVITE\r\n"
+        b"Contact: <sip:bob@10.6.6.6:5060>\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    ) + body
+    mallory.send(forged)
+    assert [s for s in farm.log if s.dest.host == VICTIM_HOST] == []
+
+
+# -- 12: flow tokens as a way in ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seen_in", ["path", "record_route"])
+@pytest.mark.parametrize("method", ["INVITE", "MESSAGE", "OPTIONS"])
+def test_an_out_of_dialog_request_routed_by_a_flow_token_is_refused(
+    farm: MemFarm, alice: Phone, mallory: Phone, method: str, seen_in: str
+) -> None:
+    bob = farm.tcp_phone("bob", "10.0.0.4")
+    assert bob.register().status == 200  # type: ignore[union-attr]
+    bob.answer = 200
+    (binding,) = farm.state.bindings[f"bob@{DOMAIN}"].values()
+    if seen_in == "path":
+        (route,) = binding.path  # the node's own entry naming bob's connection, token and all
+    else:
+        answer = alice.authenticated(alice.request("INVITE", BOB))
+        assert answer is not None
+        assert answer.status == 200
+        # the entry naming bob's connection: the one with a user part (the token)
+        (token_entry,) = [v for v in answer.values("record-route") if b"@" in v]
+        route = token_entry.decode()
+    bob.inbox.clear()
+    mallory.send(mallory.request(method, binding.contact, headers=[("route", route)]))
+    assert finals(mallory) in ([403], [404])
+    assert bob.inbox == []
