@@ -54,6 +54,12 @@ class NodeConfig:
     auth_max_failures: int = 10
     auth_failure_window: float = 300.0
     auth_ban_time: float = 900.0
+    # A destination taken from a message (an in-dialog Request-URI or Route, a Contact) may not
+    # be the farm itself or one of these networks (loopback and the operator's internal ones)
+    # unless listed in allow_destinations (networks or IP:PORT; e.g. ["127.0.0.0/8"] when the
+    # phones are on this machine). Flows and farm elements (signed URIs) are always reachable.
+    internal_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    allow_destinations: list[str] = field(default_factory=list)
     auth_invite: bool = True  # challenge INVITE/MESSAGE... from unauthenticated sources (407)
     account_cache_ttl: float = 2.0
     # SO_RCVBUF of UDP sockets: the kernel's ~200 KB default overflows under bursts long before
@@ -82,6 +88,7 @@ class NodeConfig:
             raise ConfigError("digest_algorithms: at least one algorithm is required")
         for algorithm in self.digest_algorithms:
             _check_choice("digest_algorithms", algorithm, ("MD5", "SHA-256", "MD5-sess", "SHA-256-sess"))
+        _check_destinations(self.internal_networks, self.allow_destinations)
         _check_range("auth_max_failures", self.auth_max_failures, 1, 1_000_000)
         _check_range("auth_failure_window", self.auth_failure_window, 1, 86_400)
         _check_range("auth_ban_time", self.auth_ban_time, 1, 30 * 86_400)

@@ -2,6 +2,7 @@
 
 * Flow tokens (RFC 5626 5.2 style): the client connection a request must go back out on.
 * Route-set handling (RFC 3261 16.4): popping the entries that name us.
+* Hop branches: the previous hop of a request, signed into a stateless proxy's Via branch.
 * The dialog-creating set, the RFC 3261 magic cookie, the IP-literal check, host bracketing
   (RFC 3261 25.1: an IPv6 reference in a URI or Via is ``[...]``).
 
@@ -19,7 +20,9 @@ the secret decodes it, so balancers can run side by side.
 from __future__ import annotations
 
 import base64
+import binascii
 import functools
+import hashlib
 import hmac
 import ipaddress
 import struct
@@ -27,10 +30,11 @@ from collections.abc import Callable
 
 from sipfarm.sip.address import Address
 from sipfarm.sip.errors import BadMessage
-from sipfarm.sip.headers import HeaderError, parse_name_addr
+from sipfarm.sip.headers import HeaderError, parse_name_addr, via_branch
 from sipfarm.sip.message import SipMessage
 from sipfarm.sip.transaction import MAGIC_COOKIE
 from sipfarm.sip.uri import SipURI
+from sipfarm.sip.via import default_port
 
 # Requests that create a dialog: a proxy staying on the path Record-Routes them (RFC 3261 16.6
 # step 4; NOTIFY may create one, RFC 6665 4.2.2).
@@ -39,13 +43,16 @@ MAX_OWN_ENTRIES = 4  # a double Record-Route (RFC 5658) is two; more means a loo
 
 __all__ = [
     "DIALOG_CREATING",
+    "HOP_PREFIX",
     "MAGIC_COOKIE",
     "FlowTokenError",
     "FlowTokens",
+    "HopBranches",
     "bracket",
     "is_ip_literal",
     "pop_own_routes",
     "route_uri",
+    "transaction_key",
 ]
 
 
@@ -74,11 +81,45 @@ class FlowTokenError(ValueError):
 
 
 class FlowTokens:
+    """Flow tokens, and seals: the farm's signature on the URIs it writes (see :meth:`seal`)."""
+
     def __init__(self, secret: bytes) -> None:
         if len(secret) < 16:
             raise ValueError("flow token secret must be at least 16 bytes")
         self._secret = secret
         self._cache: dict[Address, str] = {}  # a flow's token, for its next messages
+        # a key of its own, so a seal never doubles as a flow token MAC
+        self._seal_key = hmac.digest(secret, b"sipfarm uri seal", "sha256")
+        self._seals: dict[tuple[str, int], str] = {}  # element seals, for the next messages
+
+    def seal(self, host: str, port: int, call_id: bytes = b"") -> str:
+        """The ``sf`` parameter the farm puts on URIs it writes into Record-Route and Route.
+
+        With ``call_id``: a node's Record-Route entry of one dialog (or the Path entry a node
+        routes one request through): only requests of that Call-ID carry it, so a Route copied
+        from one dialog opens nothing else.  Without: a farm element's own entry (the
+        balancer's node-facing Record-Route), telling nodes that hop is the farm's.
+        """
+        if not call_id:
+            cached = self._seals.get((host, port))
+            if cached is not None:
+                return cached
+        text = b"%s:%d|%s" % (host.strip("[]").lower().encode("latin-1"), port, call_id)
+        mac = hashlib.blake2b(text, key=self._seal_key[:32], digest_size=10).digest()
+        value = base64.b32encode(mac).decode("ascii").lower()
+        if not call_id:
+            if len(self._seals) >= 256:
+                self._seals.clear()
+            self._seals[(host, port)] = value
+        return value
+
+    def sealed(self, uri: SipURI, call_id: bytes = b"") -> bool:
+        """``uri`` carries the farm's seal for its host:port (and ``call_id``, if given)."""
+        given = uri.param("sf")
+        if not given:
+            return False
+        port = uri.port or default_port(uri.transport)
+        return hmac.compare_digest(given.lower(), self.seal(uri.host, port, call_id))
 
     def encode(self, flow: Address) -> str:
         token = self._cache.get(flow)
@@ -145,10 +186,116 @@ def pop_own_routes(msg: SipMessage, names_us: Callable[[SipURI], bool], tokens: 
     return flow
 
 
-def flow_uri(tokens: FlowTokens, flow: Address, host: str, port: int, *, outbound: bool = False) -> bytes:
+def flow_uri(
+    tokens: FlowTokens, flow: Address, host: str, port: int, *, outbound: bool = False, seal: str = ""
+) -> bytes:
     """Our Path (``ob``, RFC 5626 5.1) or Record-Route entry naming ``flow``: requests routed
     through it come back here and leave on that connection or NAT binding."""
     params = ";lr" + ("" if flow.transport == "udp" else f";transport={flow.transport}")
     if outbound:
         params += ";ob"
+    if seal:
+        params += f";sf={seal}"
     return f"<sip:{tokens.encode(flow)}@{bracket(host)}:{port}{params}>".encode()
+
+
+def add_uri_param(value: bytes, param: bytes) -> bytes:
+    """``value`` (a name-addr such as a Route value) with ``;param`` appended to its URI."""
+    gt = value.rfind(b">")
+    if gt < 0:
+        return b"<" + value + param + b">"
+    return value[:gt] + param + value[gt:]
+
+
+# -- hop branches ---------------------------------------------------------------------------------
+#
+# The balancer's Via branch: the previous hop of a request, signed, so a response needs no state.
+#
+# A stateless proxy must send a response where its request came from (RFC 3261 16.7 step 3,
+# 18.2.2), and the only thing that comes back with the response is the Via the proxy added.  The
+# next Via down is written by whoever sent the request -- or by whoever forges a response -- so it
+# must not name the destination.  Instead the balancer records the previous hop itself when it
+# forwards a request: its branch is ::
+#
+#     z9hG4bK lb- base32( MAC(10) | transport(1) | IP version(1) | IP(4 or 16) | port(2) )
+#
+# with the MAC a keyed BLAKE2b over the packed hop and the *transaction key*: the branch of the
+# Via below ours (the request's own branch), or Call-ID + CSeq number for an RFC 2543 client
+# without one.  So:
+#
+# * the branch is deterministic (RFC 3261 16.11): a retransmission, the CANCEL and the ACK of a
+#   non-2xx carry their INVITE's branch and source, and get the very same branch upstream, which
+#   is what the next element matches them on (RFC 3261 9.2, 17.2.3);
+# * a response is sent to the recorded hop only, and only when the MAC verifies against the Via
+#   below ours; nothing in a forged response can name another destination;
+# * any balancer holding the farm-wide secret can route the response (workers sharing a port,
+#   balancers side by side).
+#
+# A node reads the same branch to learn which client a request from a balancer came from (the
+# address brute-force bans and logs are about), since the balancer's own address is every
+# client's source as the node sees it.
+
+HOP_PREFIX = MAGIC_COOKIE + b"lb-"  # "-" is outside base32: never confused with a probe's branch
+_HOP_MAC_LEN = 10
+_HOP_CACHE_LIMIT = 4096
+
+
+class HopBranches:
+    """Encode and verify branches naming a previous hop; see the module docstring."""
+
+    __slots__ = ("_key", "_packed")
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) < 16:
+            raise ValueError("branch secret must be at least 16 bytes")
+        # a key of its own, so a branch MAC never doubles as a flow token MAC
+        self._key = hmac.digest(secret, b"sipfarm balancer via branch", "sha256")
+        self._packed: dict[Address, bytes] = {}  # a hop's packed form, for its next requests
+
+    def _pack(self, hop: Address) -> bytes:
+        packed = self._packed.get(hop)
+        if packed is None:
+            ip = ipaddress.ip_address(hop.host.strip("[]"))
+            packed = bytes([_TRANSPORTS.index(hop.transport), ip.version]) + ip.packed + struct.pack("!H", hop.port)
+            if len(self._packed) >= _HOP_CACHE_LIMIT:
+                self._packed.clear()  # bounded; a miss only costs packing again
+            self._packed[hop] = packed
+        return packed
+
+    def _mac(self, packed: bytes, transaction_key: bytes) -> bytes:
+        return hashlib.blake2b(packed + transaction_key, key=self._key, digest_size=_HOP_MAC_LEN).digest()
+
+    def encode(self, hop: Address, transaction_key: bytes) -> bytes:
+        """The branch for a request from ``hop`` whose transaction key is ``transaction_key``.
+        ``hop.host`` must be an IP address and ``hop.transport`` one of udp/tcp/tls/ws/wss."""
+        packed = self._pack(hop)
+        raw = self._mac(packed, transaction_key) + packed
+        return HOP_PREFIX + base64.b32encode(raw).rstrip(b"=").lower()
+
+    def decode(self, branch: bytes, transaction_key: bytes) -> Address | None:
+        """The hop a branch of ours names, or None (not ours, forged, or for another request)."""
+        if not branch.startswith(HOP_PREFIX):
+            return None
+        text = branch[len(HOP_PREFIX) :].upper()
+        try:
+            raw = base64.b32decode(text + b"=" * (-len(text) % 8))
+        except (binascii.Error, ValueError):
+            return None
+        mac, packed = raw[:_HOP_MAC_LEN], raw[_HOP_MAC_LEN:]
+        if len(packed) not in (2 + 4 + 2, 2 + 16 + 2):
+            return None
+        if not hmac.compare_digest(mac, self._mac(packed, transaction_key)):
+            return None
+        transport, version = packed[0], packed[1]
+        size = 4 if version == 4 else 16
+        if transport >= len(_TRANSPORTS) or version not in (4, 6) or len(packed) != 2 + size + 2:
+            return None
+        host = str(ipaddress.ip_address(packed[2 : 2 + size]))
+        (port,) = struct.unpack("!H", packed[2 + size :])
+        return Address(_TRANSPORTS[transport], host, port)
+
+
+def transaction_key(msg: SipMessage, via_value: bytes) -> bytes:
+    """What identifies the request a Via belongs to: its branch, or for an RFC 2543 client
+    without one, Call-ID and CSeq number (the same for the INVITE, its CANCEL and ACK)."""
+    return via_branch(via_value) or msg.call_id + b" %d" % msg.cseq[0]

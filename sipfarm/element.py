@@ -17,11 +17,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sipfarm.edge import bracket
+from sipfarm.edge import HOP_PREFIX, HopBranches, bracket, transaction_key
 from sipfarm.metrics import NodeMetrics
 from sipfarm.proxy.forking import ProxyCall
 from sipfarm.sip.address import Address
 from sipfarm.sip.errors import ServerInternalError, ServiceUnavailable, SipError
+from sipfarm.sip.headers import via_branch
 from sipfarm.sip.message import SipMessage, error_response
 from sipfarm.sip.transaction import InvalidTransition, ServerTransaction, TransactionLayer, TxState
 from sipfarm.sip.uri import SipURI
@@ -45,13 +46,22 @@ class NodeIdentity:
     addresses: dict[str, tuple[str, int]] = field(default_factory=dict)
     # every host:port that means "this node" in a Route or Request-URI (hosts without brackets)
     aliases: frozenset[tuple[str, int]] = frozenset()
+    # transport -> (host, port) for Record-Route and Path when they differ from the Via's: the
+    # port every worker of the node shares, where a worker's Via names its private port (a
+    # dialog must outlive the worker that set it up)
+    route_addresses: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     def address(self, transport: str) -> tuple[str, int]:
         return self.addresses.get(transport) or self.addresses["udp"]
 
-    def record_route(self, transport: str) -> bytes:
-        host, port = self.address(transport)
+    def route_address(self, transport: str) -> tuple[str, int]:
+        return self.route_addresses.get(transport) or self.route_addresses.get("udp") or self.address(transport)
+
+    def record_route(self, transport: str, seal: str = "") -> bytes:
+        host, port = self.route_address(transport)
         suffix = "" if transport == "udp" else f";transport={transport}"
+        if seal:
+            suffix += f";sf={seal}"
         return f"<sip:{bracket(host)}:{port};lr{suffix}>".encode()
 
     def via(self, transport: str, branch: bytes) -> bytes:
@@ -82,6 +92,27 @@ class Element:
         self.now = clock  # monotonic: transaction timers, Timer C, latency
         self.wall = wall  # wall clock: nonces and binding expiry, shared with other nodes
         self._tag_key = hashlib.blake2b(identity.node_id.encode(), digest_size=8).digest()
+        # reads the client a balancer forwarded a request for (its signed Via branch)
+        self.hops: HopBranches | None = None
+
+    def client(self, msg: SipMessage, source: Address) -> Address:
+        """Who sent ``msg``: ``source``, or when that is a farm balancer, the client it names
+        in its branch (signed with the farm's secret: a client cannot forge it). Bans and
+        logs are about this address: behind a balancer every request comes from the balancer."""
+        hops = self.hops
+        if hops is None:
+            return source
+        top = msg.top_via_value
+        if top.find(HOP_PREFIX) < 0:
+            return source
+        vias = msg.values("via")
+        if len(vias) < 2:
+            return source
+        branch = via_branch(top)
+        if branch is None:
+            return source
+        hop = hops.decode(branch, transaction_key(msg, vias[1]))
+        return hop if hop is not None else source
 
     def tag(self, msg: SipMessage) -> bytes:
         """A To tag that is stable for retransmissions of the same request."""
@@ -105,11 +136,14 @@ class Element:
         if response.status >= 200:
             self.log_outcome(stx.request, response.status, stx.source)
 
-    def send_stateless(self, request: SipMessage, response: SipMessage, source: Address) -> None:
-        """A response sent without a transaction (a challenge, a refusal)."""
+    def send_stateless(
+        self, request: SipMessage, response: SipMessage, source: Address, client: Address | None = None
+    ) -> None:
+        """A response sent without a transaction (a challenge, a refusal) back to ``source``;
+        ``client``: who the request was from, for the log."""
         self.layer.send_stateless(response, response_target(response, source))
         self.metrics.responses(response.status).inc()
-        self.log_outcome(request, response.status, source)
+        self.log_outcome(request, response.status, source, client)
 
     def fail(self, stx: ServerTransaction, exc: SipError) -> None:
         """The one place a SipError on a transaction becomes its answer."""
@@ -132,15 +166,19 @@ class Element:
             error = ServerInternalError("store error", partial=msg)
         self.fail(stx, error)
 
-    def log_outcome(self, request: SipMessage, status: int, source: Address, user: str = "") -> None:
-        """One line per final answer: method, status, source, user.  Refusals and failures at
-        INFO (a failing phone is diagnosed from them, fail2ban reads them); successes and the
-        routine first challenge at DEBUG (the hot path stays quiet under load)."""
-        level = (
-            logging.DEBUG if status < 300 or (status in (401, 407) and not _has_credentials(request)) else logging.INFO
-        )
+    def log_outcome(
+        self, request: SipMessage, status: int, source: Address, client: Address | None = None, user: str = ""
+    ) -> None:
+        """One line per final answer: method, status, source (the client behind a balancer),
+        user. Refusals and failures at INFO (a failing phone is diagnosed from them, fail2ban
+        reads them); successes and the routine first challenge at DEBUG (the hot path stays
+        quiet under load)."""
+        routine = status < 300 or (status in (401, 407) and not _has_credentials(request))
+        level = logging.DEBUG if routine else logging.INFO
         if not outcomes.isEnabledFor(level):
             return
+        if client is None:
+            client = self.client(request, source)
         if not user:
             try:
                 uri = request.from_.uri
@@ -152,7 +190,7 @@ class Element:
             "event=request method=%s status=%d source=%s user=%s call_id=%s",
             request.method.decode("latin-1"),
             status,
-            source,
+            client,
             user or "-",
             request.call_id.decode("latin-1"),
         )

@@ -20,7 +20,7 @@ dialog, only its open client connections (in the transport layer).  Requests:
 4. Max-Forwards is capped at 70 on entry from clients (RFC 3261 16.6 step 3 counts down from
    there) and decremented.
 5. A Via is added whose branch records the previous hop, signed
-   (:mod:`sipfarm.balancer.branch`); it is derived from the incoming branch, so retransmissions,
+   (:class:`sipfarm.edge.HopBranches`); it is derived from the incoming branch, so retransmissions,
    the CANCEL and the ACK of a non-2xx get their INVITE's branch (RFC 3261 16.11, 17.2.3).
 
 Responses pop our Via and go to the hop the branch names, and only there, over the flow the
@@ -47,9 +47,17 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from sipfarm.balancer.branch import HopBranches
 from sipfarm.balancer.nodes import Health, NodeEntry, NodeSet
-from sipfarm.edge import DIALOG_CREATING, FlowTokens, bracket, is_ip_literal, pop_own_routes, route_uri
+from sipfarm.edge import (
+    DIALOG_CREATING,
+    FlowTokens,
+    HopBranches,
+    bracket,
+    is_ip_literal,
+    pop_own_routes,
+    route_uri,
+    transaction_key,
+)
 from sipfarm.sip.address import Address
 from sipfarm.sip.errors import BadMessage, ServiceUnavailable, SipError, TooManyHops
 from sipfarm.sip.headers import HeaderError, via_branch
@@ -236,7 +244,7 @@ class BalancerCore:
         return flow
 
     def _route_node(self, msg: SipMessage) -> NodeEntry | None:
-        """The node named by the top Route while usable; a dead one's entry is dropped."""
+        """The node named by the top Route while usable (None: pick one by hash)."""
         routes = msg.values("route")
         if not routes:
             return None
@@ -250,8 +258,8 @@ class BalancerCore:
                 return None  # not a node of ours: an element outside the farm
         elif node.health is Health.UP:
             return node  # a draining node still finishes its dialogs
-        # RFC-wise the dialog continues on any node: the dead node's hop is removed
-        msg.pop_first_value("route")
+        # the dialog continues on any node: the dead node's Record-Route stays on top, sealed
+        # for this Call-ID, and the node picked by hash takes it as the farm's own
         self.stats.rehashed += 1
         return None
 
@@ -345,7 +353,7 @@ class BalancerCore:
         # RFC 3261 16.11: the same incoming branch (and hop) gives the same outgoing one, so the
         # CANCEL and the ACK of a non-2xx (which carry their INVITE's branch, 17.1.1.3) match
         # the INVITE's transaction upstream; an ACK for a 2xx has a branch of its own anyway
-        branch = self.branches.encode(hop, _transaction_key(msg, msg.top_via_value))
+        branch = self.branches.encode(hop, transaction_key(msg, msg.top_via_value))
         return b"SIP/2.0/%s %s:%d;branch=%s" % (
             transport.upper().encode(),
             _host(via_address).encode(),
@@ -430,7 +438,7 @@ class BalancerCore:
                 self.stats.drop("not_ours")  # RFC 3261 18.1.2: discard
                 return
             msg.pop_first_value("via")
-            key = _transaction_key(msg, msg.top_via_value)
+            key = transaction_key(msg, msg.top_via_value)
         except (SipError, HeaderError):
             self.stats.drop("bad_via")
             return
@@ -473,12 +481,6 @@ class BalancerCore:
         if not self.send(msg, node.address):
             self.nodes.mark_down(node)
         return branch
-
-
-def _transaction_key(msg: SipMessage, via_value: bytes) -> bytes:
-    """What identifies the request a Via belongs to: its branch, or for an RFC 2543 client
-    without one, Call-ID and CSeq number (the same for the INVITE, its CANCEL and ACK)."""
-    return via_branch(via_value) or msg.call_id + b" %d" % msg.cseq[0]
 
 
 @functools.lru_cache(maxsize=1024)

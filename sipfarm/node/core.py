@@ -24,14 +24,14 @@ import secrets
 import time
 from collections.abc import Callable
 
-from sipfarm.edge import FlowTokens
+from sipfarm.edge import FlowTokens, HopBranches
 from sipfarm.element import Element, NodeIdentity
 from sipfarm.metrics import NodeMetrics
 from sipfarm.node.farmstate import FarmState
 from sipfarm.protect.authenticator import DEFAULT_ALGORITHMS, Authenticator, GuardLike
 from sipfarm.proxy.media import MediaHook
 from sipfarm.proxy.nexthop import NameResolver
-from sipfarm.proxy.proxy import Proxy
+from sipfarm.proxy.proxy import MAX_FORWARDS, Proxy
 from sipfarm.registrar.bindings import ExpiresPolicy
 from sipfarm.registrar.registrar import Registrar
 from sipfarm.routing.router import Router
@@ -42,6 +42,7 @@ from sipfarm.sip.message import SipMessage
 from sipfarm.sip.parser import max_forwards
 from sipfarm.sip.transaction import TimerConfig, TransactionLayer
 from sipfarm.sip.via import via_value_target
+from sipfarm.transport.destinations import DestinationPolicy
 from sipfarm.transport.resolver import Resolver
 
 log = logging.getLogger("sipfarm.node")
@@ -72,6 +73,7 @@ class NodeCore:
         media: MediaHook | None = None,
         guard: GuardLike | None = None,
         resolver: NameResolver | None = None,
+        destinations: DestinationPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -93,6 +95,7 @@ class NodeCore:
             media=media,
             auth_requests=auth_requests,
             timer_c=timer_c,
+            destinations=destinations,
         )
 
     # -- secrets shared by the farm (fetched from Redis after start) ------------------------------
@@ -104,6 +107,11 @@ class NodeCore:
     @nonces.setter
     def nonces(self, value: auth.NonceFactory) -> None:
         self.auth.nonces = value
+
+    def use_farm_secret(self, secret: bytes) -> None:
+        """The farm-wide secret (Redis): flow tokens, seals, and balancers' hop branches."""
+        self.flow_tokens = FlowTokens(secret)
+        self.element.hops = HopBranches(secret)
 
     @property
     def flow_tokens(self) -> FlowTokens:
@@ -174,6 +182,13 @@ class NodeCore:
             return
         if self.proxy.stateless_407(msg, source):
             return
+        if msg.method == b"OPTIONS" and msg.to_tag is None and not msg.has("route") and self.proxy.is_us(msg):
+            # a keep-alive or a balancer's probe: answered without a transaction, so a probe
+            # every second costs no memory for 32 s (RFC 3261 8.2.7 allows a stateless UAS)
+            msg.to  # noqa: B018 - parsed here: a malformed To gets 400, not an echo of itself
+            if max_forwards(msg) >= 0:
+                self.element.send_stateless(msg, self.proxy.options_answer(msg), source)
+                return
         if not source.reliable:
             # RFC 3261 18.2.2: UDP responses go to the Via (received, rport, else sent-by port),
             # not blindly to the source port: a balancer or node worker sending from a shared
@@ -183,13 +198,16 @@ class NodeCore:
         if stx is None:
             return  # retransmission absorbed, or an ACK (AckFor2xx event)
         try:
-            flow = self.proxy.own_routes(msg)
+            # nothing from outside lives longer than a request of our own (RFC 3261 16.6 step 3)
+            if max_forwards(msg) > MAX_FORWARDS:
+                msg.set("max-forwards", b"%d" % MAX_FORWARDS)
+            routes = self.proxy.own_routes(msg)
             if msg.method == b"REGISTER":
                 if max_forwards(msg) <= 0:
                     raise TooManyHops("Max-Forwards reached 0", partial=msg)
                 self.registrar.on_register(stx, msg, source)
             else:
-                self.proxy.on_request(stx, msg, local, None if flow == source else flow)
+                self.proxy.on_request(stx, msg, local, routes)
         except SipError as exc:
             self.element.fail(stx, exc)
 

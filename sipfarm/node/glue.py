@@ -17,7 +17,7 @@ from sipfarm.sip.message import SipMessage
 
 log = logging.getLogger("sipfarm.node")
 
-SendFn = Callable[[bytes, Address], bool]
+SendFn = Callable[..., bool]  # TransportManager.send(data, dest, *, connect=...)
 
 
 class NodeGlue:
@@ -44,7 +44,9 @@ class NodeGlue:
         """Send what the core queued, then re-arm the one timer."""
         send = self.send
         for data, dest in self.core.datagrams_to_send():
-            if not send(data, dest):
+            # a response goes back over the flow its request came on, never over a new
+            # connection (RFC 3261 18.2.2; a forged Via must not make us dial anything)
+            if not (send(data, dest, connect=False) if data[:8] == b"SIP/2.0 " else send(data, dest)):
                 log.debug("event=send_failed dest=%s", dest)
         deadline = self.core.next_deadline()
         if deadline is None:

@@ -86,11 +86,11 @@ async def _shared_secret(pipe: object, fallback: bytes, key: str = NONCE_SECRET_
 async def serve(cfg: NodeConfig, *, worker_index: int | None = None, ready: asyncio.Event | None = None) -> None:
     from sipfarm.cluster.heartbeat import start_heartbeat  # noqa: PLC0415
     from sipfarm.cluster.membership import Member, MembershipStore, Role  # noqa: PLC0415
-    from sipfarm.edge import FlowTokens  # noqa: PLC0415
     from sipfarm.metrics import NodeMetrics, serve_metrics, sync_counters  # noqa: PLC0415
     from sipfarm.node.core import NodeCore, NodeIdentity  # noqa: PLC0415
     from sipfarm.node.farmstate import FarmState  # noqa: PLC0415
     from sipfarm.node.glue import NodeGlue  # noqa: PLC0415
+    from sipfarm.protect import GuardPolicy, RedisGuard  # noqa: PLC0415
     from sipfarm.registrar.bindings import ExpiresPolicy  # noqa: PLC0415
     from sipfarm.sip.auth import NonceFactory  # noqa: PLC0415
     from sipfarm.sip.transaction import TimerConfig  # noqa: PLC0415
@@ -98,6 +98,7 @@ async def serve(cfg: NodeConfig, *, worker_index: int | None = None, ready: asyn
     from sipfarm.store.redis_client import create_redis  # noqa: PLC0415
     from sipfarm.store.resp import RedisPipe  # noqa: PLC0415
     from sipfarm.transport.config import TransportConfig  # noqa: PLC0415
+    from sipfarm.transport.destinations import DestinationPolicy  # noqa: PLC0415
     from sipfarm.transport.manager import TransportManager  # noqa: PLC0415
     from sipfarm.transport.resolver import Resolver  # noqa: PLC0415
 
@@ -129,7 +130,11 @@ async def serve(cfg: NodeConfig, *, worker_index: int | None = None, ready: asyn
         host = cfg.advertise or addr.host
         addresses.setdefault(addr.transport, (host, addr.port))
     aliases = {(a.host, a.port) for a in bound} | {(h, p) for h, p in addresses.values()}
+    # Record-Route and Path name the port every worker shares: a dialog outlives its worker
+    route_addresses = dict(addresses)
     if multi and "udp" in addresses:
+        # a worker's Via names a private port of its own, so responses come back to the worker
+        # holding the transaction
         udp_host = next(a.host for a in bound if a.transport == "udp")
         private = await transports.listen(f"udp:{udp_host}:0")
         addresses["udp"] = (cfg.advertise or udp_host, private.port)
@@ -139,6 +144,13 @@ async def serve(cfg: NodeConfig, *, worker_index: int | None = None, ready: asyn
         domains=frozenset(d.lower() for d in cfg.domains),
         addresses=addresses,
         aliases=frozenset(aliases),
+        route_addresses=route_addresses,
+    )
+    destinations = DestinationPolicy(allow=cfg.allow_destinations, deny=cfg.internal_networks, own=transports.addresses)
+    guard = RedisGuard(
+        pipe,
+        GuardPolicy(max_failures=cfg.auth_max_failures, window=cfg.auth_failure_window, ban_time=cfg.auth_ban_time),
+        clock=loop.time,
     )
     resolver = Resolver()
     core = NodeCore(
@@ -153,27 +165,29 @@ async def serve(cfg: NodeConfig, *, worker_index: int | None = None, ready: asyn
         policy=ExpiresPolicy(cfg.min_expires, cfg.max_expires, cfg.default_expires),
         auth_requests=cfg.auth_invite,
         digest_algorithms=tuple(cfg.digest_algorithms),
+        guard=guard,
+        destinations=destinations,
     )
     glue = NodeGlue(core, transports.send, loop)
     glue_holder.append(glue)
     pipe.after_replies = glue.drain  # Redis answers are inputs too: drain after each batch
     resolver.after = glue.drain
 
-    if not cfg.nonce_secret:
-
-        async def fetch_secret() -> None:
-            while True:
-                try:
+    async def fetch_secrets() -> None:
+        # farm-wide: nonces any node verifies (unless configured), flow tokens and seals any
+        # node or balancer reads
+        while True:
+            try:
+                if not cfg.nonce_secret:
                     core.nonces = NonceFactory(await _shared_secret(pipe, secret), cfg.nonce_lifetime)
-                    flow_secret = await _shared_secret(pipe, secret, FLOW_SECRET_KEY)
-                    core.flow_tokens = FlowTokens(flow_secret)
-                    return
-                except (StoreError, OSError):
-                    await asyncio.sleep(0.5)
+                core.use_farm_secret(await _shared_secret(pipe, secret, FLOW_SECRET_KEY))
+                return
+            except (StoreError, OSError):
+                await asyncio.sleep(0.5)
 
-        secret_task = loop.create_task(fetch_secret())
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(secret_task), 2.0)
+    secret_task = loop.create_task(fetch_secrets())
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(asyncio.shield(secret_task), 2.0)
 
     sync_transport = sync_counters(transports.stats.flat, metrics.transport_events)
     registrations = {"bindings": 0, "aors": 0}

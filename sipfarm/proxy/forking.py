@@ -44,6 +44,7 @@ class Branch:
     state: BranchState = BranchState.STARTED
     cancel_wanted: bool = False  # CANCEL as soon as a provisional arrives (RFC 3261 9.1)
     cancelled: bool = False
+    started: float = 0.0  # when the request left (serial forking bounds a group's ringing)
 
 
 def response_rank(status: int) -> tuple[int, int]:
@@ -65,6 +66,7 @@ class ProxyCall:
     groups: list[list[Target]] = field(default_factory=list)  # remaining serial groups
     branches: list[Branch] = field(default_factory=list)
     best: SipMessage | None = None
+    best_is_local: bool = False  # the best final so far was made here (a timeout, a CANCEL)
     challenges: list[tuple[str, bytes]] = field(default_factory=list)  # 16.7 step 7
     answered: bool = False  # a 2xx or a final was sent upstream
     cancelled: bool = False
@@ -88,14 +90,16 @@ class ProxyCall:
     def active(self) -> list[Branch]:
         return [b for b in self.branches if b.state is not BranchState.COMPLETED]
 
-    def record_final(self, response: SipMessage) -> None:
-        """Keep the best final response so far and collect auth challenges."""
+    def record_final(self, response: SipMessage, *, local: bool = False) -> None:
+        """Keep the best final response so far and collect auth challenges. ``local``: made
+        by this proxy (RFC 3261 16.7 step 2 timeouts, 16.10 CANCEL), not received."""
         status = response.status
         if status in (401, 407):
             key = "www-authenticate" if status == 401 else "proxy-authenticate"
             self.challenges.extend((key, v) for v in response.get_all(key))
         if self.best is None or response_rank(status) < response_rank(self.best.status):
             self.best = response
+            self.best_is_local = local
 
     def final_to_forward(self) -> SipMessage | None:
         """The response to send upstream once every branch is done (None: nothing came)."""

@@ -25,10 +25,11 @@ import hashlib
 import heapq
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
 
-from sipfarm.edge import DIALOG_CREATING, FlowTokens, flow_uri, pop_own_routes
+from sipfarm.edge import DIALOG_CREATING, FlowTokenError, FlowTokens, add_uri_param, flow_uri, route_uri
 from sipfarm.element import Element
 from sipfarm.protect.authenticator import AccountSource, AuthAnswer, Authenticator, Verdict
 from sipfarm.proxy.forking import Branch, BranchState, ProxyCall, Target
@@ -41,6 +42,7 @@ from sipfarm.sip.errors import (
     BadGateway,
     BadMessage,
     CallDoesNotExist,
+    Forbidden,
     LoopDetected,
     NotFound,
     ServerInternalError,
@@ -64,16 +66,36 @@ from sipfarm.sip.transaction import (
     TransportFailure,
 )
 from sipfarm.sip.uri import SipURI, URIError, parse_uri
-from sipfarm.sip.via import via_value_target
+from sipfarm.sip.via import default_port
 from sipfarm.store.accounts import Account
 from sipfarm.store.errors import StoreError
 from sipfarm.store.location import Binding
+from sipfarm.transport.destinations import DestinationPolicy
 
 log = logging.getLogger("sipfarm.proxy")
 
 ALLOW = b"INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, MESSAGE, INFO, UPDATE, PRACK, SUBSCRIBE, NOTIFY, REFER"
-# Out-of-dialog requests a caller must authenticate for (407); others are let through.
-AUTHENTICATED = frozenset({b"INVITE", b"MESSAGE", b"SUBSCRIBE", b"REFER", b"PUBLISH", b"NOTIFY", b"INFO"})
+# Out-of-dialog requests that need no credentials: ACK and CANCEL cannot be challenged (RFC
+# 3261 22.1), REGISTER is the registrar's. Every other request to a user is authenticated: an
+# unauthenticated OPTIONS or BYE answered by the phone itself would tell who is registered.
+UNAUTHENTICATED = frozenset({b"ACK", b"CANCEL", b"REGISTER"})
+# Identity headers only the farm may write (RFC 3325 5: stripped from untrusted senders).
+IDENTITY_HEADERS = ("p-asserted-identity", "p-preferred-identity", "remote-party-id")
+MAX_OWN_ENTRIES = 4  # a double Record-Route (RFC 5658) is two; more means a loop or junk
+MAX_FORWARDS = 70  # RFC 3261 16.6 step 3 / 8.1.1.6: what a request may carry past our door
+SERIAL_FORK_SECONDS = 30.0  # how long one q-value group rings before the next is tried
+
+
+@dataclass(frozen=True, slots=True)
+class OwnRoutes:
+    """What removing the Route entries that are ours (RFC 3261 16.4) found."""
+
+    flow: Address | None = None  # a client flow one of them named (flow token)
+    sealed: bool = False  # one was the farm's Record-Route (or Path) entry for this Call-ID
+    popped: bool = False  # at least one entry named us
+
+
+NO_ROUTES = OwnRoutes()
 
 
 class LocationSource(AccountSource, Protocol):
@@ -93,6 +115,8 @@ class Proxy:
         media: MediaHook | None = None,
         auth_requests: bool = True,
         timer_c: float = 180.0,
+        serial_fork: float = SERIAL_FORK_SECONDS,
+        destinations: DestinationPolicy | None = None,
     ) -> None:
         self.element = element
         self.auth = authenticator
@@ -104,6 +128,10 @@ class Proxy:
         self.auth_requests = auth_requests
         # RFC 3261 16.6 step 11 / 16.8: Timer C per INVITE branch (> 3 min), reset by provisionals
         self.timer_c = timer_c
+        self.serial_fork = serial_fork
+        # where requests may go when the destination came from a message, not from the farm
+        self.destinations = destinations if destinations is not None else DestinationPolicy()
+        self.destinations.add_own(element.identity.aliases)
         self._timer_c: dict[Branch, float] = {}
         self._timer_heap: list[tuple[float, int, Branch]] = []
         self._timer_seq = 0
@@ -117,54 +145,110 @@ class Proxy:
         """An initial request a caller must authenticate for, with no credentials, to a user of
         a served domain, not routed anywhere else: its 407 goes without a transaction (its ACK,
         matching nothing, is dropped as an ACK whose Request-URI no hop serves)."""
-        if not self.auth_requests or msg.method not in AUTHENTICATED or msg.has("proxy-authorization"):
+        if not self.auth_requests or msg.method in UNAUTHENTICATED or msg.has("proxy-authorization"):
             return False
         if msg.has("route") or msg.to_tag is not None or max_forwards(msg) <= 0:
             return False
         uri = msg.request_uri
         if not (isinstance(uri, SipURI) and uri.user is not None and uri.host in self.element.identity.domains):
             return False
+        client = self.element.client(msg, source)
+        if self.auth.banned(client):
+            self.element.send_stateless(msg, self.auth.refusal(msg), source, client)
+            return True
         realm = self.auth.caller_realm(msg, uri)
-        self.element.send_stateless(msg, self.auth.challenge(msg, 407, realm), source)
+        self.element.send_stateless(msg, self.auth.challenge(msg, 407, realm), source, client)
         return True
 
-    def own_routes(self, msg: SipMessage) -> Address | None:
-        """RFC 3261 16.4: remove the Route entries that name us (two with double RR); the
-        client flow named by a token in one of them, if any."""
-        return pop_own_routes(msg, self.element.identity.names, self.flow_tokens)
+    def own_routes(self, msg: SipMessage) -> OwnRoutes:
+        """RFC 3261 16.4: remove the leading Route entries that are ours.
 
-    def on_request(self, stx: ServerTransaction, msg: SipMessage, local: Address, flow: Address | None) -> None:
-        """Every request but REGISTER, its own Route entries already removed (``flow``: the
-        client flow one of them named)."""
+        Ours: entries naming this node; and, on top, a farm node's Record-Route sealed for this
+        Call-ID whichever node it names (with the entries of that node right below it): the
+        balancer sends a dialog whose node died to another node, which continues it.  A flow
+        token counts only in an entry naming us: a flow lives in the node that holds it.
+        """
+        if not msg.has("route"):
+            return NO_ROUTES
+        identity = self.element.identity
+        tokens = self.flow_tokens
+        flow: Address | None = None
+        sealed = popped = False
+        taken_over: str | None = None  # the host of a dead node whose entries we took
+        for index in range(MAX_OWN_ENTRIES):
+            routes = msg.values("route")
+            if not routes:
+                break
+            uri = route_uri(msg, routes[0])
+            if uri is None:
+                break
+            names_us = identity.names(uri)
+            seal = uri.param("sf") is not None and tokens.sealed(uri, msg.call_id)
+            if not names_us:
+                if not seal or uri.user or (index > 0 and uri.host != taken_over):
+                    break
+                taken_over = uri.host
+            msg.pop_first_value("route")
+            popped = True
+            sealed = sealed or seal
+            if uri.user and names_us:
+                try:
+                    flow = tokens.decode(uri.user)
+                except FlowTokenError:
+                    raise BadMessage("invalid flow token in Route", partial=msg) from None
+        return OwnRoutes(flow, sealed, popped)
+
+    def on_request(self, stx: ServerTransaction, msg: SipMessage, local: Address, routes: OwnRoutes) -> None:
+        """Every request but REGISTER, its own Route entries already removed (``routes``)."""
         method = msg.method
         now = self.element.now()
-        if flow is not None and method != b"CANCEL":
-            # our own Path/Record-Route entry naming a client's connection held here: the
-            # request was routed and authenticated by a node before us; deliver it on the flow
+        if method == b"CANCEL":
+            self._on_cancel(stx, msg, now)
+            return
+        flow = routes.flow
+        if flow is not None and flow != stx.source:
+            # our own Path/Record-Route entry naming a client's connection held here, sealed for
+            # this request by the node that routed (and authenticated) it: deliver on the flow.
+            # Unsealed, it is a URI someone copied (a Path echoed in a 200, a Record-Route):
+            # it opens nothing (out of dialog 403, in dialog 404).
+            if not routes.sealed:
+                self.element.metrics.errors("flow_route_unsealed").inc()
+                if msg.to_tag is None:
+                    raise Forbidden("route not usable", partial=msg)
+                raise NotFound("no such dialog route", partial=msg)
             if max_forwards(msg) <= 0:
                 raise TooManyHops("Max-Forwards reached 0", partial=msg)
             self._forward_to(stx, msg, local, flow, now, record_route_flow=flow)
             return
-        if method == b"CANCEL":
-            self._on_cancel(stx, msg, now)
-            return
+        _strip_identity(msg)  # nobody outside the farm asserts an identity (RFC 3325)
         if max_forwards(msg) <= 0:
-            if method == b"OPTIONS" and self._is_us(msg):
+            if method == b"OPTIONS" and self.is_us(msg):
                 self._answer_options(stx, msg)
                 return
             raise TooManyHops("Max-Forwards reached 0", partial=msg)
         if msg.to_tag is not None:
+            if not routes.sealed:
+                # RFC 3261 16.12 loose routing needs our Record-Route on top: without it this is
+                # not a dialog the farm set up (a relay attempt, or a dialog of a stranger)
+                self.element.metrics.errors("in_dialog_not_ours").inc()
+                raise NotFound("no dialog through this proxy", partial=msg)
+            self._check_loop(msg)
             self._forward_along_route(stx, msg, local, now)
             return
-        if method == b"OPTIONS" and self._is_us(msg):
+        if method == b"OPTIONS" and self.is_us(msg):
             self._answer_options(stx, msg)
             return
         self._check_loop(msg)
         self._on_initial(stx, msg, local, now)
 
-    def _answer_options(self, stx: ServerTransaction, msg: SipMessage) -> None:
+    def options_answer(self, msg: SipMessage) -> SipMessage:
+        """200 to an OPTIONS addressed to this node (RFC 3261 11.2)."""
         headers = (("allow", ALLOW), ("accept", b"application/sdp"), ("supported", b"path, outbound"))
-        self.element.reply(stx, make_response(msg, 200, to_tag=self.element.tag(msg), headers=headers))
+        return make_response(msg, 200, to_tag=self.element.tag(msg), headers=headers)
+
+    def _answer_options(self, stx: ServerTransaction, msg: SipMessage) -> None:
+        msg.to  # noqa: B018 - parsed here: a malformed To gets 400, not an echo of itself
+        self.element.reply(stx, self.options_answer(msg))
 
     # -- initial requests ------------------------------------------------------------------------
 
@@ -195,7 +279,7 @@ class Proxy:
         assert isinstance(uri, SipURI)
         realm = ""
         creds: auth.Credentials | None = None
-        if self.auth_requests and msg.method in AUTHENTICATED:
+        if self.auth_requests and msg.method not in UNAUTHENTICATED:
             realm = self.auth.caller_realm(msg, uri)
             creds = self.auth.credentials(msg, "proxy-authorization", realm)
             if creds is None:
@@ -205,7 +289,8 @@ class Proxy:
         # authentication (account + guard) and the callee's bindings and account: one pipeline
         join = _Join(3 if creds is not None else 2, partial(self._route_with, call, msg, local, realm))
         if creds is not None:
-            self.auth.authenticate(creds, msg, stx.source, realm, partial(join.done, "auth"))
+            client = element.client(msg, stx.source)
+            self.auth.authenticate(creds, msg, client, realm, partial(join.done, "auth"))
         self.state.lookup(decision.aor, element.wall(), partial(join.done, "bindings"))
         self.state.get_account(decision.user, decision.domain, partial(join.done, "callee"))
 
@@ -232,6 +317,9 @@ class Proxy:
                         element.reply(stx, self.auth.challenge(msg, 407, realm, stale=stale))
                     return
                 msg.remove("proxy-authorization")  # ours, consumed (RFC 3261 22.3)
+                account = answer.account
+                assert account is not None
+                self._assert_identity(msg, account)
             for value in results.values():
                 if isinstance(value, StoreError):
                     element.store_failed(stx, msg, value)
@@ -244,7 +332,7 @@ class Proxy:
                     raise NotFound("no such user", partial=msg)
                 assert isinstance(callee, Account)
                 raise TemporarilyUnavailable("user not registered", partial=msg)
-            targets = [self._binding_target(b) for b in bindings]
+            targets = [self._binding_target(b, msg.call_id) for b in bindings]
             call.set_targets(t for t in targets if t is not None)
             call.record_route = msg.method in DIALOG_CREATING
             call.inbound = local.transport
@@ -256,24 +344,52 @@ class Proxy:
         except SipError as exc:
             element.fail(stx, exc)
 
+    def _assert_identity(self, msg: SipMessage, account: Account) -> None:
+        """The From must be the authenticated user's own address (403 otherwise: a caller may
+        not present itself as someone else); the farm asserts it downstream (RFC 3325 9.1)."""
+        caller = msg.from_.uri
+        if not (
+            isinstance(caller, SipURI)
+            and (caller.user_unescaped or "") == account.user
+            and caller.host.lower() == account.domain
+        ):
+            self.element.metrics.auth_failures("from_mismatch").inc()
+            raise Forbidden("From does not match the authenticated user", partial=msg)
+        msg.prepend("p-asserted-identity", f"<sip:{account.user}@{account.domain}>".encode())
+
     def _offered(self, call: ProxyCall, error: SipError | None) -> None:
         if error is not None:
             self.element.fail(call.server_tx, error)
         elif not call.cancelled:
             self._start_group(call, self.element.now())
 
-    def _binding_target(self, binding: Binding) -> Target | None:
+    def _binding_target(self, binding: Binding, call_id: bytes) -> Target | None:
         contact = binding.contact.encode("latin-1")
         route = tuple(p.encode("latin-1") for p in binding.path)
         try:
             if route:
-                dest = self._destination(parse_name_addr(route[0]).uri)
+                hop = parse_name_addr(route[0]).uri
+                dest = self._destination(hop)
+                trusted = self._farm_uri(hop, b"")
+                if trusted and isinstance(hop, SipURI) and hop.user:
+                    # a farm flow token: sealed for this Call-ID, so the element holding the flow
+                    # knows a farm node routed this request (a copied Path opens nothing)
+                    seal = self.flow_tokens.seal(hop.host, hop.port or default_port(hop.transport), call_id)
+                    route = (add_uri_param(route[0], b";sf=" + seal.encode()), *route[1:])
             elif binding.received and (binding.reg_id is not None or not binding.received.startswith("udp:")):
                 # the flow the REGISTER came over: RFC 5626 5.3 for outbound contacts, and the
                 # connection a TCP/TLS/WS client registered on (its Contact port may not listen)
                 dest = Address.parse(binding.received)
+                trusted = True  # where the phone itself is
             else:
                 dest = self._destination(parse_uri(contact))
+                trusted = False
+            if not trusted and not self.destinations.permits(dest):
+                # a Contact (or a Path the phone wrote itself) naming loopback, an internal
+                # network or one of our own listeners: never a phone of ours
+                self.element.metrics.errors("destination_refused").inc()
+                log.info("event=binding_destination_refused contact=%s dest=%s", binding.contact, dest)
+                return None
         except Unresolved as pending:
             self.resolver.resolve(pending.host, _ignore)
             log.info("event=binding_host_resolving host=%s", pending.host)
@@ -287,13 +403,13 @@ class Proxy:
 
     def _forward_along_route(self, stx: ServerTransaction, msg: SipMessage, local: Address, now: float) -> None:
         """RFC 3261 16.12: the next hop is the top Route, else the Request-URI. No state needed."""
-        if msg.method == b"BYE":
-            self.media.release(msg.call_id, msg.from_tag)
         try:
             dest = self._next_hop(msg)
         except Unresolved as pending:
             self.resolver.resolve(pending.host, partial(self._resolved, stx, msg, local, pending))
             return
+        if msg.method == b"BYE":
+            self.media.release(msg.call_id, msg.from_tag)
         self._forward_to(stx, msg, local, dest, now)
 
     def _resolved(
@@ -301,10 +417,14 @@ class Proxy:
     ) -> None:
         if stx.terminated:
             return
+        dest = Address(hop.transport, ip or "", hop.port)
         if ip is None:
             self.element.fail(stx, BadGateway(f"cannot resolve {hop.host}", partial=msg))
+        elif not self.destinations.permits(dest):
+            self.element.metrics.errors("destination_refused").inc()
+            self.element.fail(stx, Forbidden("destination not allowed", partial=msg))
         else:
-            self._forward_to(stx, msg, local, Address(hop.transport, ip, hop.port), self.element.now())
+            self._forward_to(stx, msg, local, dest, self.element.now())
 
     def _forward_to(
         self,
@@ -326,14 +446,34 @@ class Proxy:
         self._start_group(call, now)
 
     def _next_hop(self, msg: SipMessage) -> Address:
-        """Where a request goes by its Route set or Request-URI (raises Unresolved, BadMessage)."""
+        """Where a request goes by its Route set or Request-URI (raises Unresolved, BadMessage,
+        Forbidden for a destination the farm does not send to)."""
         routes = msg.values("route")
         try:
-            if routes:
-                return self._destination(parse_name_addr(routes[0]).uri)
-            return self._destination(msg.request_uri)
+            uri = parse_name_addr(routes[0]).uri if routes else msg.request_uri
+            dest = self._destination(uri)
         except (HeaderError, URIError) as exc:
             raise BadMessage(f"bad Route: {exc}", partial=msg) from None
+        if not (routes and self._farm_uri(uri, msg.call_id)) and not self.destinations.permits(dest):
+            self.element.metrics.errors("destination_refused").inc()
+            raise Forbidden("destination not allowed", partial=msg)
+        return dest
+
+    def _farm_uri(self, uri: object, call_id: bytes) -> bool:
+        """``uri`` was written by the farm: a flow token, or a seal (an element's, or a node's
+        Record-Route for this Call-ID). Its host is then a farm element, never a stranger."""
+        if not isinstance(uri, SipURI):
+            return False
+        tokens = self.flow_tokens
+        if uri.user:
+            try:
+                tokens.decode(uri.user)
+            except FlowTokenError:
+                return False
+            return True
+        if uri.param("sf") is None:
+            return False
+        return tokens.sealed(uri) or (bool(call_id) and tokens.sealed(uri, call_id))
 
     def _destination(self, uri: object) -> Address:
         return uri_destination(uri, self.resolver, self.element.identity.domains)
@@ -354,7 +494,8 @@ class Proxy:
             branch.client_tx = ctx
             call.branches.append(branch)
             if call.is_invite:
-                self._arm_timer_c(branch, now + self.timer_c)
+                branch.started = now
+                self._arm_timer_c(branch, self._timer_c_deadline(branch, now))
         if not call.active():
             self._maybe_finish(call, now)
 
@@ -369,18 +510,25 @@ class Proxy:
             flow = call.record_route_flow
             # RFC 5658 double Record-Route when the transport changes on the way through
             if call.inbound != out_transport:
-                req.prepend("record-route", identity.record_route(call.inbound))
+                req.prepend("record-route", self._record_route(call.inbound, req.call_id))
             if flow is not None:
                 # toward a client on our connection: the entry carries its flow token
-                host, port = identity.address(flow.transport)
-                req.prepend("record-route", flow_uri(self.flow_tokens, flow, host, port))
+                host, port = identity.route_address(flow.transport)
+                seal = self.flow_tokens.seal(host, port, req.call_id)
+                req.prepend("record-route", flow_uri(self.flow_tokens, flow, host, port, seal=seal))
             else:
-                req.prepend("record-route", identity.record_route(out_transport))
+                req.prepend("record-route", self._record_route(out_transport, req.call_id))
         for route in reversed(target.route):
             req.prepend("route", route)
         branch = MAGIC_COOKIE + self._loop_hash(call.request) + b"." + random_hex(6)
         req.prepend("via", identity.via(out_transport, branch))
         return req
+
+    def _record_route(self, transport: str, call_id: bytes) -> bytes:
+        """Our Record-Route entry, sealed for this dialog's Call-ID: any node of the farm takes
+        it as its own, and only requests of this dialog carry it."""
+        host, port = self.element.identity.route_address(transport)
+        return self.element.identity.record_route(transport, self.flow_tokens.seal(host, port, call_id))
 
     def _loop_hash(self, msg: SipMessage) -> bytes:
         """RFC 3261 16.6 step 8: a branch part that is the same for the same request here."""
@@ -424,7 +572,7 @@ class Proxy:
                 msg.prepend("via", value)
         if status < 200:
             if branch in self._timer_c:
-                self._arm_timer_c(branch, now + self.timer_c)
+                self._arm_timer_c(branch, self._timer_c_deadline(branch, now))
             if branch.state is BranchState.STARTED:
                 branch.state = BranchState.PROCEEDING
             if branch.cancel_wanted and not branch.cancelled:
@@ -448,9 +596,15 @@ class Proxy:
         branch.state = BranchState.COMPLETED
         call.record_final(msg)
         if status >= 600 and call.is_invite:
-            call.groups.clear()  # RFC 3261 16.7 step 5: no more branches, cancel the others
+            # RFC 3261 16.7 step 5: no more branches, cancel the others. One that has not
+            # answered yet cannot be CANCELled before its provisional (9.1): it ends here as a
+            # 487 so the 6xx goes up now, and its CANCEL leaves when the provisional comes.
+            call.groups.clear()
             for other in call.active():
                 self._cancel_branch(other, now)
+                if other.state is BranchState.STARTED:
+                    other.state = BranchState.COMPLETED
+                    call.record_final(self._local_response(call, other, 487), local=True)
         self._maybe_finish(call, now)
 
     def _maybe_finish(self, call: ProxyCall, now: float) -> None:
@@ -463,6 +617,13 @@ class Proxy:
         if best is None:
             tag = self.element.tag(call.request)
             response = make_response(call.request, 408 if call.branches else 480, to_tag=tag)
+        elif best.status == 408 and not call.is_invite and call.best_is_local:
+            # RFC 4320 4.1: a proxy never sends a 408 for a non-INVITE request; the client's
+            # own Timer F has fired by now. The transaction ends without an answer.
+            call.answered = True
+            self.element.metrics.errors("non_invite_timeout").inc()
+            self.element.layer.abandon(call.server_tx)
+            return
         else:
             response = _upstream(best)
         call.answered = True
@@ -486,7 +647,21 @@ class Proxy:
             )
         self.element.reply(stx, response)
 
+    def _local_response(self, call: ProxyCall, branch: Branch, status: int) -> SipMessage:
+        """A final response this proxy makes for a branch (RFC 3261 16.7 step 2 timeouts, 16.9
+        transport errors, 16.10 CANCEL): built on the branch's request, so it goes upstream like
+        a received one, with our To tag (RFC 3261 8.2.6.2)."""
+        return make_response(branch.request, status, to_tag=self.element.tag(call.request))
+
     # -- Timer C ---------------------------------------------------------------------------------
+
+    def _timer_c_deadline(self, branch: Branch, now: float) -> float:
+        """Timer C (reset by each provisional); while lower-q groups wait, a group rings for at
+        most ``serial_fork`` seconds (RFC 3261 16.6 leaves serial timing to the proxy)."""
+        deadline = now + self.timer_c
+        if branch.call.groups:
+            deadline = min(deadline, branch.started + self.serial_fork)
+        return deadline
 
     def _arm_timer_c(self, branch: Branch, deadline: float) -> None:
         self._timer_c[branch] = deadline
@@ -519,7 +694,7 @@ class Proxy:
             if branch.state is BranchState.PROCEEDING:
                 self._cancel_branch(branch, now)
                 branch.state = BranchState.COMPLETED
-                branch.call.record_final(make_response(branch.request, 408))
+                branch.call.record_final(self._local_response(branch.call, branch, 408), local=True)
                 self._arm_timer_c(branch, now + 64 * self.element.layer.timers.t1)
                 self._maybe_finish(branch.call, now)
             # no provisional yet: Timer B ends it
@@ -549,7 +724,7 @@ class Proxy:
                 # Its CANCEL waits for a provisional (RFC 3261 9.1) that may never come: the
                 # branch ends here as a 487 so the caller is answered now, not at Timer B.
                 branch.state = BranchState.COMPLETED
-                call.record_final(make_response(branch.request, 487, to_tag=element.tag(call.request)))
+                call.record_final(self._local_response(call, branch, 487), local=True)
         self._maybe_finish(call, now)
 
     def _cancel_branch(self, branch: Branch, now: float) -> None:
@@ -591,12 +766,16 @@ class Proxy:
                 # RFC 3261 16.7 step 2 / 16.9: a timeout is a 408, a transport error a 503
                 status = 408 if isinstance(event, TransactionTimeout) else 503
                 branch.state = BranchState.COMPLETED
-                branch.call.record_final(make_response(branch.request, status))
+                branch.call.record_final(self._local_response(branch.call, branch, status), local=True)
                 self._maybe_finish(branch.call, now)
         elif isinstance(event, AckFor2xx):
-            self._forward_ack(event.request)
+            self._forward_ack(event.request, event.source)
         elif isinstance(event, StrayResponse):
-            self._forward_stray(event.response)
+            # RFC 3261 16.7 / RFC 6026: a response matching no client transaction of ours is
+            # not ours to route. Its Via below ours was written by whoever sent it, so it names
+            # no destination we chose: dropped, counted (the 2xx retransmissions of a call we
+            # forwarded match our client transaction in Accepted for 32 s)
+            self.element.metrics.errors("stray_response_dropped").inc()
         elif isinstance(event, TransactionTerminated):
             context = event.tx.context
             event.tx.context = None
@@ -606,41 +785,36 @@ class Proxy:
             elif isinstance(context, ProxyCall):
                 _release_call(context)
 
-    def _forward_ack(self, msg: SipMessage) -> None:
-        """ACK for 2xx: forwarded statelessly along its Route set (RFC 3261 16.11)."""
-        if not msg.has("route") and msg.uri.partition(b"@")[2].split(b";", 1)[0] in self._domain_bytes:
-            return  # the ACK of a stateless 407 (Request-URI: a user of ours, no route): ends here
+    def _forward_ack(self, msg: SipMessage, source: Address) -> None:
+        """ACK for 2xx: forwarded statelessly along its Route set (RFC 3261 16.11), only when
+        our sealed Record-Route entry is on top (anything else is not a dialog of ours: dropped,
+        counted); onto the client flow when our entry names one."""
+        if not msg.has("route"):
+            return  # the ACK of a stateless 407, or a stranger's: nothing of ours to continue
         try:
-            self.own_routes(msg)
-            if max_forwards(msg) <= 0:
+            routes = self.own_routes(msg)
+            if not routes.sealed or max_forwards(msg) <= 0:
+                self.element.metrics.errors("ack_dropped").inc()
                 return
-            dest = self._next_hop(msg)
+            flow = routes.flow
+            dest = flow if flow is not None and flow != source else self._next_hop(msg)
         except Unresolved as pending:
             # the next ACK (the UAS retransmits its 2xx until one arrives) finds the name cached
             self.resolver.resolve(pending.host, _ignore)
             return
         except SipError:
+            self.element.metrics.errors("ack_dropped").inc()
             return
-        msg.set("max-forwards", str(max_forwards(msg) - 1).encode())
+        _strip_identity(msg)
+        msg.set("max-forwards", str(min(max_forwards(msg), MAX_FORWARDS) - 1).encode())
         # deterministic branch: a retransmitted ACK leaves with the same one (RFC 3261 16.11)
         digest = hashlib.blake2b(msg.top_via_value, digest_size=8).hexdigest().encode()
         msg.prepend("via", self.element.identity.via(dest.transport, MAGIC_COOKIE + b"a" + digest))
         self.element.layer.send_stateless(msg, dest)
 
-    def _forward_stray(self, response: SipMessage) -> None:
-        """A 2xx retransmission after our transaction is gone: forward it by its Via."""
-        if not (200 <= response.status < 300 and response.cseq[1] == b"INVITE"):
-            return
-        upstream = _upstream(response)
-        try:
-            dest = via_value_target(upstream.top_via_value)
-        except SipError:
-            return
-        self.element.layer.send_stateless(upstream, dest)
-
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _is_us(self, msg: SipMessage) -> bool:
+    def is_us(self, msg: SipMessage) -> bool:
         """The Request-URI names this node (or a served domain with no user part)."""
         try:
             uri = msg.request_uri
@@ -693,3 +867,10 @@ def _upstream(response: SipMessage) -> SipMessage:
     out = response.copy()
     out.pop_first_value("via")
     return out
+
+
+def _strip_identity(msg: SipMessage) -> None:
+    """Remove the identity headers only the farm may write (RFC 3325 5)."""
+    for name in IDENTITY_HEADERS:
+        if msg.has(name):
+            msg.remove(name)

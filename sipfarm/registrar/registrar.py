@@ -60,11 +60,12 @@ class Registrar:
     def challenge_stateless(self, msg: SipMessage, source: Address) -> None:
         """A REGISTER with no credentials: 401 without a transaction (403 to a banned source)."""
         element = self.element
-        if self.auth.banned(source):
-            element.send_stateless(msg, self.auth.refusal(msg), source)
+        client = element.client(msg, source)
+        if self.auth.banned(client):
+            element.send_stateless(msg, self.auth.refusal(msg), source, client)
             return
         response = self.auth.challenge(msg, 401, self.auth.register_realm(msg))
-        element.send_stateless(msg, response, source)
+        element.send_stateless(msg, response, source, client)
 
     def on_register(self, stx: ServerTransaction, msg: SipMessage, source: Address) -> None:
         # RFC 3261 10.3 step 2 comes before the Contacts are read: challenge first, cheaply
@@ -81,7 +82,7 @@ class Registrar:
             raise Forbidden("credentials do not match the address-of-record", partial=msg)
         # partials of methods, not closures: no reference cycle per request (see farmstate.py)
         done = partial(self._authenticated, stx, msg, source, creds, reg, self.element.now())
-        self.auth.authenticate(creds, msg, source, realm, done)
+        self.auth.authenticate(creds, msg, self.element.client(msg, source), realm, done)
 
     def _authenticated(
         self,

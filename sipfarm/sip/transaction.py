@@ -810,6 +810,11 @@ class TransactionLayer:
         self.stats.responses_absorbed += 1
         return None
 
+    def abandon(self, tx: ServerTransaction) -> None:
+        """The TU ends a server transaction without answering it (RFC 4320 4.1: a proxy sends
+        no 408 for a non-INVITE request). Its retransmissions then match nothing here."""
+        self._forget(tx)
+
     # -- transport errors and timers -----------------------------------------------------------
 
     def transport_error(self, target: Transaction | Address, now: float) -> None:

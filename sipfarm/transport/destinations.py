@@ -112,6 +112,12 @@ class DestinationPolicy:
                 self._own.add((ip, port))
                 self._own_hosts.add(ip)
 
+    def allow(self, entries: Iterable[str]) -> None:
+        """Permit more destinations (networks or ``IP:PORT``), e.g. a test's loopback peers."""
+        nets, exact = _split(entries)
+        self._allow_nets.extend(nets)
+        self._allow_exact |= exact
+
     def permits(self, dest: Address) -> bool:
         """Whether a request may be sent to ``dest`` (see the module docstring for the order)."""
         ip = _ip(dest.host)

@@ -437,6 +437,23 @@ def _finish(started: tuple[list[str], float, subprocess.Popen[str]], deadline: f
     return ToolRun(argv, code, out, err, time.monotonic() - at, _rows(out))
 
 
+# svcrack 0.3.8 parses -b but never hands it to its scanner, which then sends from whatever
+# address the kernel picks (127.0.0.1 here): every attacker would look like every test client.
+# This runs svcrack's own main with the scanner bound where -b says.
+_SVCRACK_BOUND = """
+import sys
+import sipvicious.svcrack as svcrack
+source = sys.argv.pop(1)
+init = svcrack.ASipOfRedWine.__init__
+def bound(self, *args, **kwargs):
+    kwargs["bindingip"] = source
+    init(self, *args, **kwargs)
+svcrack.ASipOfRedWine.__init__ = bound
+sys.argv[0] = "sipvicious_svcrack"
+sys.exit(svcrack.main())
+"""
+
+
 def svcrack(
     target: Dest,
     user: str,
@@ -459,8 +476,9 @@ def svcrack(
     requests keeps it looping forever: hence the time limit, after which it is killed."""
     words_file = workdir / f"words-{secrets.token_hex(3)}.txt"
     words_file.write_text("".join(w + "\n" for w in words))
+    sipvicious("svcrack")  # installed, or a clear message
     argv = [
-        sipvicious("svcrack"), "-vv", "-u", user, "-d", str(words_file), f"--domain={DOMAIN}",
+        sys.executable, "-c", _SVCRACK_BOUND, source, "-vv", "-u", user, "-d", str(words_file), f"--domain={DOMAIN}",
         "-x", source, "-b", source, "-P", str(free_udp_tcp_port(source)), "-p", str(target[1]),
         "--maximumtime", str(max_silence), *(["--reusenonce"] if reusenonce else []), target[0],
     ]  # fmt: skip

@@ -48,9 +48,21 @@ def test_up_refuses_ports_in_use(tmp_path: Path):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
         squatter.bind(("127.0.0.1", port + 10))
         done = subprocess.run(
-            [sys.executable, "-m", "sipfarm", "up", "--sip-port", str(port), "--dir", str(tmp_path / "run"),
-             "--metrics-port", str(metrics)],
-            capture_output=True, text=True, timeout=60,
+            [
+                sys.executable,
+                "-m",
+                "sipfarm",
+                "up",
+                "--sip-port",
+                str(port),
+                "--dir",
+                str(tmp_path / "run"),
+                "--metrics-port",
+                str(metrics),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     assert done.returncode == 1
     assert f"udp:{port + 10}" in done.stderr and "in use" in done.stderr
@@ -59,9 +71,21 @@ def test_up_refuses_ports_in_use(tmp_path: Path):
 def test_up_starts_a_usable_farm_and_stops_it(tmp_path: Path):
     port, metrics = _free_block()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sipfarm", "up", "--sip-port", str(port), "--dir", str(tmp_path / "run"),
-         "--metrics-port", str(metrics)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "sipfarm",
+            "up",
+            "--sip-port",
+            str(port),
+            "--dir",
+            str(tmp_path / "run"),
+            "--metrics-port",
+            str(metrics),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     ready = None
     lines: list[str] = []
@@ -74,7 +98,7 @@ def test_up_starts_a_usable_farm_and_stops_it(tmp_path: Path):
                 break
             lines.append(line)
             if line.startswith("READY "):
-                ready = json.loads(line[len("READY "):])
+                ready = json.loads(line[len("READY ") :])
                 break
         assert ready is not None, "".join(lines)
         roles = sorted(p["role"] for p in ready["processes"])
@@ -89,8 +113,12 @@ def test_up_starts_a_usable_farm_and_stops_it(tmp_path: Path):
             assert reply is not None and reply.status == 200
         finally:
             client.close()
-        status = subprocess.run([sys.executable, "-m", "sipfarm", "status", "--redis", ready["redis"]],
-                                capture_output=True, text=True, timeout=30)
+        status = subprocess.run(
+            [sys.executable, "-m", "sipfarm", "status", "--redis", ready["redis"]],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert "node1" in status.stdout and "lb1" in status.stdout
     finally:
         proc.send_signal(signal.SIGINT)

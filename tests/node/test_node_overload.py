@@ -15,10 +15,13 @@ def test_transaction_table_full_gives_503_and_node_stays_up(redis_url, accounts,
     client = SipClient()
     statuses = []
     try:
-        # OPTIONS to the node are answered at once; each transaction then absorbs
-        # retransmissions for Timer J (32 s over UDP), so the table fills
+        # OPTIONS routed to the node are answered at once in a transaction, which then absorbs
+        # retransmissions for Timer J (32 s over UDP), so the table fills (a bare keep-alive
+        # OPTIONS is answered statelessly and would not)
+        host, port = node.address
         for _ in range(15):
-            req = client.request("OPTIONS", f"sip:{DOMAIN}", call_id=secrets.token_hex(6))
+            route = (("route", f"<sip:{host}:{port};lr>"),)
+            req = client.request("OPTIONS", f"sip:{DOMAIN}", call_id=secrets.token_hex(6), headers=route)
             client.send(req, node.address)
             reply = client.recv_final()
             statuses.append(reply.status if reply is not None else None)

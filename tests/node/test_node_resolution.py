@@ -8,16 +8,19 @@ import asyncio
 import socket
 
 import pytest
-from fixtures.farm import DOMAIN, SipClient
+from fixtures.farm import DOMAIN, SipClient, sealed_record_route
 
 from sipfarm.transport.resolver import Resolver
 
 pytestmark = pytest.mark.timeout(30)
 
 
-def _bye(client: SipClient, route: str) -> bytes:
+def _bye(client: SipClient, route: str, node: tuple[str, int], redis_url: str) -> bytes:
+    """An in-dialog BYE whose route set is the node's own (sealed) Record-Route, then ``route``."""
+    call_id = "resolve-" + route.rsplit(":", maxsplit=1)[-1].split(";", maxsplit=1)[0]
+    own = sealed_record_route(redis_url, node, call_id)
     req = client.request("BYE", "sip:bob@127.0.0.1:5999", to=f"<sip:bob@{DOMAIN}>;tag=callee1",
-                         headers=(("route", route),))
+                         headers=(("route", own), ("route", route)), call_id=call_id)
     return req.to_bytes()
 
 
@@ -26,7 +29,7 @@ def test_route_by_host_name_is_resolved(redis_url, start_node):
     caller = SipClient()
     callee = SipClient()
     try:
-        caller.send(_bye(caller, f"<sip:localhost:{callee.port};lr>"), node.address)
+        caller.send(_bye(caller, f"<sip:localhost:{callee.port};lr>", node.address, redis_url), node.address)
         forwarded = callee.recv(5.0)
         assert forwarded is not None and forwarded.method == b"BYE"
         assert forwarded.get("max-forwards") == b"69"
