@@ -48,6 +48,16 @@ MODULES=(
     sipfarm/transport/manager.py
     sipfarm/registrar/bindings.py
     sipfarm/node/core.py
+    sipfarm/node/glue.py
+    sipfarm/element.py
+    sipfarm/proxy/proxy.py
+    sipfarm/proxy/nexthop.py
+    sipfarm/registrar/registrar.py
+    sipfarm/protect/authenticator.py
+    sipfarm/protect/guard.py
+    sipfarm/protect/local_bans.py
+    sipfarm/protect/redis_guard.py
+    sipfarm/transport/destinations.py
     sipfarm/node/farmstate.py
     sipfarm/balancer/core.py
     sipfarm/edge.py

@@ -29,7 +29,7 @@ echo "test-compiled: sipfarm.sip.parser is compiled ($OUT)"
 
 if [ "$#" -eq 0 ]; then
     # store before transport: both have a conftest.py that the transport tests import by name
-    set -- tests/sip tests/node tests/balancer tests/store tests/transport
+    set -- tests/sip tests/node tests/balancer tests/store tests/transport tests/protect
 fi
 rc=0
 SIPFARM_TEST_COMPILED=1 bash scripts/in-netns.sh .venv/bin/pytest -q -m 'not slow' "$@" || rc=$?

@@ -169,12 +169,10 @@ class Element:
     def log_outcome(
         self, request: SipMessage, status: int, source: Address, client: Address | None = None, user: str = ""
     ) -> None:
-        """One line per final answer: method, status, source (the client behind a balancer),
-        user. Refusals and failures at INFO (a failing phone is diagnosed from them, fail2ban
-        reads them); successes and the routine first challenge at DEBUG (the hot path stays
-        quiet under load)."""
-        routine = status < 300 or (status in (401, 407) and not _has_credentials(request))
-        level = logging.DEBUG if routine else logging.INFO
+        """One line per final answer at INFO (method, status, source: the client behind a
+        balancer, user): a failing phone is diagnosed from these, fail2ban reads the 401/403/407
+        ones. Run at ``warning`` to keep them out (the benchmark does)."""
+        level = logging.INFO
         if not outcomes.isEnabledFor(level):
             return
         if client is None:
@@ -194,7 +192,3 @@ class Element:
             user or "-",
             request.call_id.decode("latin-1"),
         )
-
-
-def _has_credentials(request: SipMessage) -> bool:
-    return request.has("authorization") or request.has("proxy-authorization")

@@ -74,6 +74,12 @@ class NodeMetrics:
         self.auth_failures = LabelCache(
             Counter("sipfarm_node_auth_failures_total", "Failed digest authentications", ["reason"], registry=r)
         )
+        self.bans = Counter(
+            "sipfarm_node_auth_bans_total", "Source addresses banned for failed authentications", registry=r
+        )
+        self.account_alerts = Counter(
+            "sipfarm_node_auth_account_alerts_total", "Accounts crossing the failure alert threshold", registry=r
+        )
         self.parse_errors = LabelCache(
             Counter("sipfarm_node_parse_errors_total", "Malformed messages, by kind", ["kind"], registry=r)
         )

@@ -23,17 +23,17 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from sipfarm.edge import FlowTokens, HopBranches
 from sipfarm.element import Element, NodeIdentity
 from sipfarm.metrics import NodeMetrics
-from sipfarm.node.farmstate import FarmState
 from sipfarm.protect.authenticator import DEFAULT_ALGORITHMS, Authenticator, GuardLike
 from sipfarm.proxy.media import MediaHook
 from sipfarm.proxy.nexthop import NameResolver
-from sipfarm.proxy.proxy import MAX_FORWARDS, Proxy
+from sipfarm.proxy.proxy import MAX_FORWARDS, LocationSource, Proxy
 from sipfarm.registrar.bindings import ExpiresPolicy
-from sipfarm.registrar.registrar import Registrar
+from sipfarm.registrar.registrar import BindingStore, Registrar
 from sipfarm.routing.router import Router
 from sipfarm.sip import auth
 from sipfarm.sip.address import Address
@@ -52,13 +52,18 @@ __all__ = ["NodeCore", "NodeIdentity"]
 _EVENT_ROUNDS = 8  # events may queue more output and events; bounded
 
 
+class FarmStore(LocationSource, BindingStore, Protocol):
+    """The shared state the node's transaction users read and write: FarmState over Redis,
+    or a dict-backed twin in the in-memory test tier."""
+
+
 class NodeCore:
     """The registrar and proxy of one node worker."""
 
     def __init__(
         self,
         identity: NodeIdentity,
-        state: FarmState,
+        state: FarmStore,
         nonces: auth.NonceFactory,
         *,
         metrics: NodeMetrics | None = None,

@@ -224,7 +224,9 @@ class Authenticator:
 
     def _counted(self, outcome: object) -> None:
         if getattr(outcome, "banned", False):
-            self.element.metrics.errors("source_banned").inc()
+            self.element.metrics.bans.inc()
+        if getattr(outcome, "account_alert", False):
+            self.element.metrics.account_alerts.inc()
 
     def _refused(self, msg: SipMessage, source: Address, user: str, why: str) -> None:
         self.element.metrics.auth_failures(why).inc()

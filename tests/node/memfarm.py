@@ -167,7 +167,12 @@ class MemFarm:
         users: dict[str, str] | None = None,
         policy: GuardPolicy | None = None,
         node_kwargs: dict[str, object] | None = None,
+        node_hosts: Sequence[str] | None = None,
+        worker_via_port: int | None = None,
     ) -> None:
+        """``node_hosts``: the nodes' IP addresses (default 127.0.1.<n>; IPv6 allowed).
+        ``worker_via_port``: each node is a worker of a multi-worker node, whose Via names that
+        private port while Record-Route and Path name the shared 5060."""
         self.clock = Clock()
         self.state = MemoryState()
         for user, password in (users or {"alice": "alice-pw", "bob": "bob-pw", "carol": "carol-pw"}).items():
@@ -184,12 +189,14 @@ class MemFarm:
         self._queue: collections.deque[Sent] = collections.deque()
         self._delivering = False
         for i in range(nodes):
-            addr = Address("udp", f"127.0.1.{i + 1}", 5060)
+            addr = Address("udp", node_hosts[i] if node_hosts else f"127.0.1.{i + 1}", 5060)
+            via_port = worker_via_port or addr.port
             identity = NodeIdentity(
                 node_id=f"node{i + 1}",
                 domains=frozenset({DOMAIN}),
-                addresses={"udp": (addr.host, addr.port)},
-                aliases=frozenset({(addr.host, addr.port)}),
+                addresses={"udp": (addr.host, via_port)},
+                aliases=frozenset({(addr.host, addr.port), (addr.host, via_port)}),
+                route_addresses={"udp": (addr.host, addr.port)},
             )
             core = NodeCore(
                 identity,
@@ -207,6 +214,9 @@ class MemFarm:
             self.nodes.append(core)
             self.node_addresses.append(addr)
             self.endpoints[_key(addr)] = self._node_input(core, addr)
+            if via_port != addr.port:
+                private = Address("udp", addr.host, via_port)
+                self.endpoints[_key(private)] = self._node_input(core, private)
 
     # -- the network ----------------------------------------------------------------------------
 
