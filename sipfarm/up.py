@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import secrets
@@ -181,6 +182,10 @@ def run_up(args: argparse.Namespace) -> int:
                 return 1
             redis_url = redis_proc.url
         asyncio.run(provision(redis_url, args.domain))
+        if _is_loopback(host) and "SIPFARM_ALLOW_DESTINATIONS" not in os.environ:
+            # a farm listening on loopback serves phones on this machine only, and those sit on
+            # loopback: let requests reach them (refused by default, see README "A closed farm")
+            os.environ["SIPFARM_ALLOW_DESTINATIONS"] = "127.0.0.0/8,::1/128"
 
         for i in range(args.nodes):
             port = node_base + i
@@ -276,3 +281,10 @@ def run_up(args: argparse.Namespace) -> int:
         stop_all(children)
         if redis_proc is not None:
             redis_proc.stop()
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"

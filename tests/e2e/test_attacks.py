@@ -59,10 +59,13 @@ from fixtures.farm import (
 )
 from fixtures.redis_server import RedisProcess, flushall
 
+from benchmarks.sipp import run_sipp
 from sipfarm.sip.headers import parse_name_addr
 from sipfarm.sip.message import SipMessage
 from sipfarm.sip.uri import SipURI
 from sipfarm.store import AccountStore, create_redis
+
+SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -467,3 +470,24 @@ def test_svcrack_banned_after_ten_wrong_words(farm: Farm, tmp_path: Path):
     words = [*WRONG_WORDS[:10], ACCOUNTS["alice"], *WRONG_WORDS[10:20]]
     run = svcrack(farm.lb.address, "alice", words, tmp_path, source="127.0.0.67", time_limit=4.0)
     assert not cracked(run, ACCOUNTS["alice"]), f"tried {len(run.tried)} passwords\n{run.describe()}"
+
+
+# -- 9. a SIPp flood of relay attempts -----------------------------------------------------------
+
+
+def test_sipp_flood_of_in_dialog_relays_reaches_no_victim(farm: Farm, victim: Victim, tmp_path: Path):
+    """SIPp as the attacker: 200 in-dialog INFOs at 100/s whose Request-URI and Route name a
+    loopback service; every one is answered 404 and none reaches the service."""
+    result = run_sipp(
+        SCENARIOS / "relay_flood.xml",
+        f"{farm.lb.address[0]}:{farm.lb.address[1]}",
+        workdir=tmp_path,
+        rate=100,
+        calls=200,
+        local_ip="127.0.0.68",
+        variables={"victim": f"127.0.0.1:{victim.port}"},
+        timeout_s=20,
+    )
+    assert_untouched(victim, "SIPp relay flood")
+    assert result.calls_succeeded == 200, result.summary()
+    farm.still_serves()
