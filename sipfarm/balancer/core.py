@@ -377,7 +377,10 @@ class BalancerCore:
         client_entry = b"<sip:%s@%s:%d%s>" % (token.encode(), _host(pub).encode(), pub.port, params.encode())
         if pub == self.internal and client_flow.transport == "udp":
             return [client_entry]
-        node_entry = b"<sip:%s:%d;lr>" % (_host(self.internal).encode(), self.internal.port)
+        # sealed as the farm's (RFC 5658 entry facing the nodes): a node takes the balancer as
+        # a farm element when a dialog or a Path routes through it, whatever its network
+        seal = self.tokens.seal(self.internal.host, self.internal.port).encode()
+        node_entry = b"<sip:%s:%d;lr;sf=%s>" % (_host(self.internal).encode(), self.internal.port, seal)
         if facing_client:
             return [client_entry, node_entry]
         return [node_entry, client_entry]
