@@ -596,15 +596,9 @@ class Proxy:
         branch.state = BranchState.COMPLETED
         call.record_final(msg)
         if status >= 600 and call.is_invite:
-            # RFC 3261 16.7 step 5: no more branches, cancel the others. One that has not
-            # answered yet cannot be CANCELled before its provisional (9.1): it ends here as a
-            # 487 so the 6xx goes up now, and its CANCEL leaves when the provisional comes.
+            # RFC 3261 16.7 step 5: no more branches, cancel the others
             call.groups.clear()
-            for other in call.active():
-                self._cancel_branch(other, now)
-                if other.state is BranchState.STARTED:
-                    other.state = BranchState.COMPLETED
-                    call.record_final(self._local_response(call, other, 487), local=True)
+            self._end_branches(call, call.active(), now)
         self._maybe_finish(call, now)
 
     def _maybe_finish(self, call: ProxyCall, now: float) -> None:
@@ -718,14 +712,18 @@ class Proxy:
             call.answered = True
             element.reply(invite, make_response(call.request, 487, to_tag=element.tag(call.request)))
             return
-        for branch in active:
+        self._end_branches(call, active, now)
+        self._maybe_finish(call, now)
+
+    def _end_branches(self, call: ProxyCall, branches: list[Branch], now: float) -> None:
+        """CANCEL ``branches``. One that has not answered yet cannot be CANCELled before its
+        provisional (RFC 3261 9.1), which may never come: it ends here as a 487, so the caller
+        is answered now, not at Timer B, and its CANCEL leaves when the provisional comes."""
+        for branch in branches:
             self._cancel_branch(branch, now)
             if branch.state is BranchState.STARTED:
-                # Its CANCEL waits for a provisional (RFC 3261 9.1) that may never come: the
-                # branch ends here as a 487 so the caller is answered now, not at Timer B.
                 branch.state = BranchState.COMPLETED
                 call.record_final(self._local_response(call, branch, 487), local=True)
-        self._maybe_finish(call, now)
 
     def _cancel_branch(self, branch: Branch, now: float) -> None:
         """RFC 3261 9.1: CANCEL only after a provisional; until then, remember to."""
