@@ -26,7 +26,7 @@ from sipfarm.sip.headers import via_branch
 from sipfarm.sip.message import SipMessage, error_response
 from sipfarm.sip.transaction import InvalidTransition, ServerTransaction, TransactionLayer, TxState
 from sipfarm.sip.uri import SipURI
-from sipfarm.sip.via import default_port, response_target
+from sipfarm.sip.via import default_port
 from sipfarm.store.errors import StoreError, StoreUnavailable
 
 log = logging.getLogger("sipfarm.node")
@@ -124,7 +124,7 @@ class Element:
             # RFC 3261 16.7 step 5, RFC 6026 7.2: a 2xx is forwarded even after the caller got a
             # non-2xx final (a callee answering as our 487 for a CANCEL went up): statelessly,
             # so the caller can ACK and hang up the call it did not want
-            self.layer.send_stateless(response, response_target(response, stx.source))
+            self.layer.send_stateless(response, stx.source)
             self.metrics.responses(response.status).inc()
             self.metrics.errors("late_2xx_forwarded").inc()
             return
@@ -141,7 +141,7 @@ class Element:
     ) -> None:
         """A response sent without a transaction (a challenge, a refusal) back to ``source``;
         ``client``: who the request was from, for the log."""
-        self.layer.send_stateless(response, response_target(response, source))
+        self.layer.send_stateless(response, source)  # the source, never a port the Via names
         self.metrics.responses(response.status).inc()
         self.log_outcome(request, response.status, source, client)
 

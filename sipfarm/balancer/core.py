@@ -64,7 +64,7 @@ from sipfarm.sip.headers import HeaderError, via_branch
 from sipfarm.sip.message import SipMessage, error_response, make_response
 from sipfarm.sip.parser import max_forwards
 from sipfarm.sip.uri import SipURI, URIError
-from sipfarm.sip.via import default_port, via_sent_by, via_value_target
+from sipfarm.sip.via import default_port, via_sent_by
 from sipfarm.transport.destinations import DestinationPolicy
 
 log = logging.getLogger("sipfarm.balancer")
@@ -165,8 +165,9 @@ class BalancerCore:
             if msg.status:
                 self._on_response(msg)
             else:
+                # responses go to the source: the connection, or the UDP address and port the
+                # request came from (RFC 3581 rport, forced): never where a Via points
                 from_node = self.nodes.by_address(source.host, source.port) is not None
-                hop = source if from_node else self._previous_hop(msg, source)
                 self._on_request(msg, source, hop, from_node=from_node)
         except SipError as exc:
             self.stats.errors[exc.counter] = self.stats.errors.get(exc.counter, 0) + 1
@@ -182,24 +183,6 @@ class BalancerCore:
                 answer = error_response(msg, exc, self._to_tag)
                 if answer is not None:
                     self.send_response(answer.to_bytes(), hop)
-
-    def _previous_hop(self, msg: SipMessage, source: Address) -> Address:
-        """Where responses to request ``msg`` from ``source`` go: recorded in our branch.
-
-        A connection's remote end (RFC 3261 18.2.2: the connection the request came in on,
-        whatever transport its Via claims) as it is (a node's source address too).  A UDP
-        client's source IP, at its rport (RFC 3581), else its Via's sent-by port (RFC 3261
-        18.2.2): a port on its own address only, never a host it names.
-        """
-        if source.reliable:
-            return source
-        try:
-            target = via_value_target(msg.top_via_value)
-        except SipError:
-            return source
-        if target.port == source.port or target.host != source.host:
-            return source
-        return Address("udp", source.host, target.port)
 
     # -- requests --------------------------------------------------------------------------------
 

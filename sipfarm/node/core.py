@@ -41,7 +41,6 @@ from sipfarm.sip.errors import SipError, TooManyHops
 from sipfarm.sip.message import SipMessage
 from sipfarm.sip.parser import max_forwards
 from sipfarm.sip.transaction import TimerConfig, TransactionLayer
-from sipfarm.sip.via import via_value_target
 from sipfarm.transport.destinations import DestinationPolicy
 from sipfarm.transport.resolver import Resolver
 
@@ -194,11 +193,9 @@ class NodeCore:
             if max_forwards(msg) >= 0:
                 self.element.send_stateless(msg, self.proxy.options_answer(msg), source)
                 return
-        if not source.reliable:
-            # RFC 3261 18.2.2: UDP responses go to the Via (received, rport, else sent-by port),
-            # not blindly to the source port: a balancer or node worker sending from a shared
-            # socket names its own port in Via and must get the answer there
-            source = _reply_address(msg, source)
+        # Responses go to the source: the connection, or the UDP address the request came from
+        # (RFC 3581 rport, forced as Kamailio's force_rport does): never to a port the request
+        # names. Farm elements send from the port their Via names, so this is where they listen.
         stx = self.layer.receive_request(msg, source, now)
         if stx is None:
             return  # retransmission absorbed, or an ACK (AckFor2xx event)
@@ -215,14 +212,3 @@ class NodeCore:
                 self.proxy.on_request(stx, msg, local, routes)
         except SipError as exc:
             self.element.fail(stx, exc)
-
-
-def _reply_address(msg: SipMessage, source: Address) -> Address:
-    top = msg.top_via_value
-    if top.find(b";rport=") >= 0:
-        return source  # stamped by the transport: the source port is the answer port
-    try:
-        target = via_value_target(top)
-    except SipError:
-        return source
-    return target if target.transport == source.transport else source

@@ -27,6 +27,9 @@ class NodeGlue:
         self.loop = loop
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        # the UDP socket requests leave from: the one our Via names (a worker's private port),
+        # since peers answer to the source port (RFC 3581)
+        self.request_socket: Address | None = None
 
     def on_message(self, msg: SipMessage, source: Address, local: Address) -> None:
         """Transport callback (inline, no task). A SipError raised here before a transaction
@@ -43,10 +46,17 @@ class NodeGlue:
     def drain(self) -> None:
         """Send what the core queued, then re-arm the one timer."""
         send = self.send
+        via_socket = self.request_socket
         for data, dest in self.core.datagrams_to_send():
-            # a response goes back over the flow its request came on, never over a new
-            # connection (RFC 3261 18.2.2; a forged Via must not make us dial anything)
-            if not (send(data, dest, connect=False) if data[:8] == b"SIP/2.0 " else send(data, dest)):
+            if data[:8] == b"SIP/2.0 ":
+                # a response goes back over the flow its request came on, never over a new
+                # connection (RFC 3261 18.2.2; a forged Via must not make us dial anything)
+                sent = send(data, dest, connect=False)
+            elif via_socket is not None and dest.transport == "udp":
+                sent = send(data, dest, local=via_socket)
+            else:
+                sent = send(data, dest)
+            if not sent:
                 log.debug("event=send_failed dest=%s", dest)
         deadline = self.core.next_deadline()
         if deadline is None:

@@ -132,6 +132,7 @@ async def serve(cfg: NodeConfig, *, worker_index: int | None = None, ready: asyn
     aliases = {(a.host, a.port) for a in bound} | {(h, p) for h, p in addresses.values()}
     # Record-Route and Path name the port every worker shares: a dialog outlives its worker
     route_addresses = dict(addresses)
+    private: Address | None = None
     if multi and "udp" in addresses:
         # a worker's Via names a private port of its own, so responses come back to the worker
         # holding the transaction
@@ -169,6 +170,8 @@ async def serve(cfg: NodeConfig, *, worker_index: int | None = None, ready: asyn
         destinations=destinations,
     )
     glue = NodeGlue(core, transports.send, loop)
+    if private is not None:
+        glue.request_socket = private
     glue_holder.append(glue)
     pipe.after_replies = glue.drain  # Redis answers are inputs too: drain after each batch
     resolver.after = glue.drain
