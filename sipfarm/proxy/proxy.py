@@ -182,7 +182,9 @@ class Proxy:
             uri = route_uri(msg, routes[0])
             if uri is None:
                 break
-            names_us = identity.names(uri)
+            # this node, or the farm's domain itself (a phone whose outbound proxy is
+            # "sip:farm.test" preloads that Route, and the domain leads here)
+            names_us = identity.names(uri) or (uri.user is None and uri.host in identity.domains)
             seal = uri.param("sf") is not None and tokens.sealed(uri, msg.call_id)
             if not names_us:
                 if not seal or uri.user or (index > 0 and uri.host != taken_over):
@@ -226,6 +228,11 @@ class Proxy:
                 self._answer_options(stx, msg)
                 return
             raise TooManyHops("Max-Forwards reached 0", partial=msg)
+        if msg.to_tag is None and msg.has("route"):
+            # an initial request whose next Route is not ours: the farm routes initial requests
+            # itself and relays them nowhere a sender names (RFC 3261 16.4 leaves the choice)
+            self.element.metrics.errors("foreign_route").inc()
+            raise NotFound("route not served here", partial=msg)
         if msg.to_tag is not None:
             if not routes.sealed:
                 # RFC 3261 16.12 loose routing needs our Record-Route on top: without it this is

@@ -62,3 +62,26 @@ def test_an_operator_allowed_network_is_reached() -> None:
     _register_with(farm, bob, contact="<sip:bob@127.0.0.201:5070>")
     _call(farm)
     assert [s.msg.method for s in farm.stray_to("127.0.0.201", 5070)] == [b"INVITE"]
+
+
+def test_an_initial_request_preloaded_with_a_foreign_route_gets_404_and_goes_nowhere() -> None:
+    farm = MemFarm()
+    bob = farm.phone("bob", "10.0.0.2")
+    assert bob.register().status == 200  # type: ignore[union-attr]
+    alice = farm.phone("alice", "10.0.0.1")
+    invite = alice.request("INVITE", BOB, headers=(("route", f"<sip:{REDIS.host}:{REDIS.port};lr>"),))
+    alice.send(invite)
+    assert [m.status for m in alice.inbox if m.status >= 200] == [404]
+    assert farm.stray_to(REDIS.host, REDIS.port) == []
+    assert [m for m in bob.inbox if m.method == b"INVITE"] == []
+
+
+def test_a_route_naming_the_farm_domain_is_the_farms_own() -> None:
+    """A phone whose outbound proxy is set to the domain preloads Route: <sip:farm.test;lr>."""
+    farm = MemFarm()
+    bob = farm.phone("bob", "10.0.0.2")
+    assert bob.register().status == 200  # type: ignore[union-attr]
+    bob.answer = 200
+    alice = farm.phone("alice", "10.0.0.1")
+    answer = alice.authenticated(alice.request("INVITE", BOB, headers=(("route", f"<sip:{DOMAIN};lr>"),)))
+    assert answer is not None and answer.status == 200
