@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(_provision(redis.url, users, DEFAULT_DOMAIN))
         port = free_port(HOST)
+        # SIPp's UAS sits on loopback, which a node refuses as a destination unless allowed
+        env = {**env, "SIPFARM_ALLOW_DESTINATIONS": "127.0.0.0/8"}
         node = ManagedProcess(
             "node",
             [sys.executable, "-m", "sipfarm", "node", "--listen", f"udp:{HOST}:{port}", "--redis", redis.url,

@@ -19,12 +19,11 @@ the secret decodes it, so balancers can run side by side.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
 import hashlib
 import hmac
 import ipaddress
+import socket
 import struct
 from collections.abc import Callable
 
@@ -80,8 +79,44 @@ class FlowTokenError(ValueError):
     """Not a token of ours (forged, truncated, other secret)."""
 
 
+def pack_flow(flow: Address) -> bytes:
+    """transport(1) | IP version(1) | IP(4 or 16) | port(2): a flow in bytes (C primitives only:
+    this runs for most messages of a busy node or balancer)."""
+    host = flow.host.strip("[]")
+    if ":" in host:
+        version, ip = 6, socket.inet_pton(socket.AF_INET6, host)
+    else:
+        version, ip = 4, socket.inet_pton(socket.AF_INET, host)
+    return bytes((_TRANSPORTS.index(flow.transport), version)) + ip + struct.pack("!H", flow.port)
+
+
+def unpack_flow(packed: bytes) -> Address | None:
+    """The flow :func:`pack_flow` packed, or None for a bad layout."""
+    if len(packed) < 4:
+        return None
+    transport, version = packed[0], packed[1]
+    size = 4 if version == 4 else 16
+    if transport >= len(_TRANSPORTS) or version not in (4, 6) or len(packed) != 2 + size + 2:
+        return None
+    family = socket.AF_INET if version == 4 else socket.AF_INET6
+    host = socket.inet_ntop(family, packed[2 : 2 + size])
+    return Address(_TRANSPORTS[transport], host, (packed[2 + size] << 8) | packed[3 + size])
+
+
+def _unhex(text: str | bytes) -> bytes | None:
+    try:
+        return bytes.fromhex(text.decode("latin-1") if isinstance(text, bytes) else text)
+    except ValueError:
+        return None
+
+
 class FlowTokens:
-    """Flow tokens, and seals: the farm's signature on the URIs it writes (see :meth:`seal`)."""
+    """Flow tokens, and seals: the farm's signature on the URIs it writes (see :meth:`seal`).
+
+    Hex, not base32: ``bytes.hex``/``bytes.fromhex`` are C, base64's base32 is Python, and a
+    node decodes a token or checks a seal on nearly every in-dialog message. Decoded tokens are
+    remembered (bounded), as are element seals.
+    """
 
     def __init__(self, secret: bytes) -> None:
         if len(secret) < 16:
@@ -91,6 +126,7 @@ class FlowTokens:
         # a key of its own, so a seal never doubles as a flow token MAC
         self._seal_key = hmac.digest(secret, b"sipfarm uri seal", "sha256")
         self._seals: dict[tuple[str, int], str] = {}  # element seals, for the next messages
+        self._decoded: dict[str, Address] = {}  # valid tokens seen, for their next messages
 
     def seal(self, host: str, port: int, call_id: bytes = b"") -> str:
         """The ``sf`` parameter the farm puts on URIs it writes into Record-Route and Route.
@@ -105,8 +141,7 @@ class FlowTokens:
             if cached is not None:
                 return cached
         text = b"%s:%d|%s" % (host.strip("[]").lower().encode("latin-1"), port, call_id)
-        mac = hashlib.blake2b(text, key=self._seal_key[:32], digest_size=10).digest()
-        value = base64.b32encode(mac).decode("ascii").lower()
+        value = hashlib.blake2b(text, key=self._seal_key[:32], digest_size=10).hexdigest()
         if not call_id:
             if len(self._seals) >= 256:
                 self._seals.clear()
@@ -131,30 +166,30 @@ class FlowTokens:
         return token
 
     def _encode(self, flow: Address) -> str:
-        ip = ipaddress.ip_address(flow.host.strip("[]"))
-        packed = bytes([_TRANSPORTS.index(flow.transport), ip.version]) + ip.packed + struct.pack("!H", flow.port)
-        mac = hmac.digest(self._secret, packed, "sha256")[:_MAC_LEN]
-        return base64.b32encode(mac + packed).decode("ascii").rstrip("=").lower()
+        packed = pack_flow(flow)
+        return (hmac.digest(self._secret, packed, "sha256")[:_MAC_LEN] + packed).hex()
 
     def decode(self, token: str | bytes) -> Address:
         text = token.decode("latin-1") if isinstance(token, bytes) else token
-        try:
-            raw = base64.b32decode(text.upper() + "=" * (-len(text) % 8))
-        except (ValueError, TypeError) as exc:
-            raise FlowTokenError("not base32") from exc
+        known = self._decoded.get(text)
+        if known is not None:
+            return known
+        raw = _unhex(text)
+        if raw is None:
+            raise FlowTokenError("not hex")
         if len(raw) < _MAC_LEN + 2 + 4 + 2:
             raise FlowTokenError("too short")
         mac, packed = raw[:_MAC_LEN], raw[_MAC_LEN:]
         expected = hmac.digest(self._secret, packed, "sha256")[:_MAC_LEN]
         if not hmac.compare_digest(mac, expected):
             raise FlowTokenError("bad MAC")
-        transport_index, version = packed[0], packed[1]
-        size = 4 if version == 4 else 16
-        if transport_index >= len(_TRANSPORTS) or version not in (4, 6) or len(packed) != 2 + size + 2:
+        flow = unpack_flow(packed)
+        if flow is None:
             raise FlowTokenError("bad layout")
-        host = str(ipaddress.ip_address(packed[2 : 2 + size]))
-        (port,) = struct.unpack("!H", packed[2 + size :])
-        return Address(_TRANSPORTS[transport_index], host, port)
+        if len(self._decoded) >= CACHE_LIMIT:
+            self._decoded.clear()  # bounded; only valid tokens get here, a miss costs one HMAC
+        self._decoded[text] = flow
+        return flow
 
 
 def route_uri(msg: SipMessage, value: bytes) -> SipURI | None:
@@ -235,7 +270,7 @@ def add_uri_param(value: bytes, param: bytes) -> bytes:
 # address brute-force bans and logs are about), since the balancer's own address is every
 # client's source as the node sees it.
 
-HOP_PREFIX = MAGIC_COOKIE + b"lb-"  # "-" is outside base32: never confused with a probe's branch
+HOP_PREFIX = MAGIC_COOKIE + b"lb-"  # "-" is outside hex: never confused with a probe's branch
 _HOP_MAC_LEN = 10
 _HOP_CACHE_LIMIT = 4096
 
@@ -255,8 +290,7 @@ class HopBranches:
     def _pack(self, hop: Address) -> bytes:
         packed = self._packed.get(hop)
         if packed is None:
-            ip = ipaddress.ip_address(hop.host.strip("[]"))
-            packed = bytes([_TRANSPORTS.index(hop.transport), ip.version]) + ip.packed + struct.pack("!H", hop.port)
+            packed = pack_flow(hop)
             if len(self._packed) >= _HOP_CACHE_LIMIT:
                 self._packed.clear()  # bounded; a miss only costs packing again
             self._packed[hop] = packed
@@ -269,30 +303,21 @@ class HopBranches:
         """The branch for a request from ``hop`` whose transaction key is ``transaction_key``.
         ``hop.host`` must be an IP address and ``hop.transport`` one of udp/tcp/tls/ws/wss."""
         packed = self._pack(hop)
-        raw = self._mac(packed, transaction_key) + packed
-        return HOP_PREFIX + base64.b32encode(raw).rstrip(b"=").lower()
+        return HOP_PREFIX + (self._mac(packed, transaction_key) + packed).hex().encode("ascii")
 
     def decode(self, branch: bytes, transaction_key: bytes) -> Address | None:
         """The hop a branch of ours names, or None (not ours, forged, or for another request)."""
         if not branch.startswith(HOP_PREFIX):
             return None
-        text = branch[len(HOP_PREFIX) :].upper()
-        try:
-            raw = base64.b32decode(text + b"=" * (-len(text) % 8))
-        except (binascii.Error, ValueError):
+        raw = _unhex(branch[len(HOP_PREFIX) :])
+        if raw is None:
             return None
         mac, packed = raw[:_HOP_MAC_LEN], raw[_HOP_MAC_LEN:]
         if len(packed) not in (2 + 4 + 2, 2 + 16 + 2):
             return None
         if not hmac.compare_digest(mac, self._mac(packed, transaction_key)):
             return None
-        transport, version = packed[0], packed[1]
-        size = 4 if version == 4 else 16
-        if transport >= len(_TRANSPORTS) or version not in (4, 6) or len(packed) != 2 + size + 2:
-            return None
-        host = str(ipaddress.ip_address(packed[2 : 2 + size]))
-        (port,) = struct.unpack("!H", packed[2 + size :])
-        return Address(_TRANSPORTS[transport], host, port)
+        return unpack_flow(packed)
 
 
 def transaction_key(msg: SipMessage, via_value: bytes) -> bytes:

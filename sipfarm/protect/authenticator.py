@@ -74,6 +74,8 @@ class GuardLike(Protocol):
 
     def banned_locally(self, source_ip: str, now: float) -> bool: ...
 
+    def any_banned_locally(self) -> bool: ...
+
 
 class Authenticator:
     def __init__(
@@ -110,6 +112,14 @@ class Authenticator:
     def banned(self, source: Address) -> bool:
         """The source is known banned here (no I/O)."""
         return self.guard is not None and self.guard.banned_locally(source.host, self.element.now())
+
+    def request_banned(self, msg: SipMessage, source: Address) -> bool:
+        """The client of ``msg`` (behind a balancer: the one its branch names) is known banned
+        here; no branch is read while this process knows of no ban at all."""
+        guard = self.guard
+        if guard is None or not guard.any_banned_locally():
+            return False
+        return self.banned(self.element.client(msg, source))
 
     # -- credentials -----------------------------------------------------------------------------
 

@@ -159,6 +159,9 @@ class Guard(Protocol):
         counts exactly like a known one), expiring after ``window``; at ``max_failures`` ban the source
         for ``ban_time`` (farm-wide)."""
 
+    def any_banned_locally(self) -> bool:
+        """Whether this process knows of any ban at all."""
+
     def banned_locally(self, source_ip: str, now: float) -> bool:
         """No I/O: this process already knows ``source_ip`` is banned (learnt from admit/failed answers;
         entries end with the ban or after ``local_ban_recheck``, bounded LRU; ``now`` on the guard's clock)."""

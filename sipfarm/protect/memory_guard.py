@@ -123,6 +123,10 @@ class MemoryGuard:
     def banned_locally(self, source_ip: str, now: float) -> bool:
         return self.rules.local.banned(source_ip, now)
 
+    def any_banned_locally(self) -> bool:
+        """Whether this process knows of any ban at all (no need to look up a source if not)."""
+        return len(self.rules.local) > 0
+
     def admit(self, source_ip: str, nonce_use: str, ttl: float, done: Callable[[Admission | StoreError], None]) -> None:
         ban = self.keys.left(ban_key(source_ip))
         first_use = self.keys.set(nonce_key(nonce_use), "1", _whole_ms(ttl), only_new=True)

@@ -152,12 +152,11 @@ class Proxy:
         uri = msg.request_uri
         if not (isinstance(uri, SipURI) and uri.user is not None and uri.host in self.element.identity.domains):
             return False
-        client = self.element.client(msg, source)
-        if self.auth.banned(client):
-            self.element.send_stateless(msg, self.auth.refusal(msg), source, client)
+        if self.auth.request_banned(msg, source):
+            self.element.send_stateless(msg, self.auth.refusal(msg), source)
             return True
         realm = self.auth.caller_realm(msg, uri)
-        self.element.send_stateless(msg, self.auth.challenge(msg, 407, realm), source, client)
+        self.element.send_stateless(msg, self.auth.challenge(msg, 407, realm), source)
         return True
 
     def own_routes(self, msg: SipMessage) -> OwnRoutes:

@@ -60,12 +60,11 @@ class Registrar:
     def challenge_stateless(self, msg: SipMessage, source: Address) -> None:
         """A REGISTER with no credentials: 401 without a transaction (403 to a banned source)."""
         element = self.element
-        client = element.client(msg, source)
-        if self.auth.banned(client):
-            element.send_stateless(msg, self.auth.refusal(msg), source, client)
+        if self.auth.request_banned(msg, source):
+            element.send_stateless(msg, self.auth.refusal(msg), source)
             return
         response = self.auth.challenge(msg, 401, self.auth.register_realm(msg))
-        element.send_stateless(msg, response, source, client)
+        element.send_stateless(msg, response, source)
 
     def on_register(self, stx: ServerTransaction, msg: SipMessage, source: Address) -> None:
         # RFC 3261 10.3 step 2 comes before the Contacts are read: challenge first, cheaply

@@ -29,6 +29,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128")
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+_JUDGED_LIMIT = 10_000
 
 __all__ = ["LOOPBACK_NETWORKS", "DestinationPolicy", "parse_destination"]
 
@@ -81,7 +82,7 @@ class DestinationPolicy:
     ``deny`` entries are networks); ``own`` the farm's listening addresses (a wildcard host such
     as ``0.0.0.0`` stands for loopback and every other own host on that port)."""
 
-    __slots__ = ("_allow_exact", "_allow_nets", "_deny_nets", "_own", "_own_hosts", "_own_wildcard_ports")
+    __slots__ = ("_allow_exact", "_allow_nets", "_deny_nets", "_judged", "_own", "_own_hosts", "_own_wildcard_ports")
 
     def __init__(
         self,
@@ -97,10 +98,14 @@ class DestinationPolicy:
         self._own: set[tuple[IPAddress, int]] = set()
         self._own_hosts: set[IPAddress] = set()
         self._own_wildcard_ports: set[int] = set()
+        # verdicts by (host, port): ipaddress is pure Python, and a node judges the same few
+        # destinations (its phones, the balancers) on every message; bounded
+        self._judged: dict[tuple[str, int], bool] = {}
         self.add_own(own)
 
     def add_own(self, own: Iterable[Address | tuple[str, int]]) -> None:
         """Add listening addresses (a process learns its bound ports after listening)."""
+        self._judged = {}
         for item in own:
             host, port = (item.host, item.port) if isinstance(item, Address) else item
             ip = _ip(host)
@@ -115,11 +120,22 @@ class DestinationPolicy:
     def allow(self, entries: Iterable[str]) -> None:
         """Permit more destinations (networks or ``IP:PORT``), e.g. a test's loopback peers."""
         nets, exact = _split(entries)
+        self._judged = {}
         self._allow_nets.extend(nets)
         self._allow_exact |= exact
 
     def permits(self, dest: Address) -> bool:
         """Whether a request may be sent to ``dest`` (see the module docstring for the order)."""
+        key = (dest.host, dest.port)
+        verdict = self._judged.get(key)
+        if verdict is None:
+            verdict = self._judge(dest)
+            if len(self._judged) >= _JUDGED_LIMIT:
+                self._judged.clear()
+            self._judged[key] = verdict
+        return verdict
+
+    def _judge(self, dest: Address) -> bool:
         ip = _ip(dest.host)
         if ip is None:
             return False
