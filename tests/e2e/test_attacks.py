@@ -16,10 +16,12 @@ The attacks:
 5. ``sipvicious_svwar`` (REGISTER, INVITE, OPTIONS) over extensions including alice and bob;
 6. an authenticated caller claiming someone else's identity;
 7. credentials captured from one INVITE replayed for another callee, at any node;
-8. unauthenticated OPTIONS/UPDATE/BYE/MESSAGE telling registered users from the others.
+8. unauthenticated OPTIONS/UPDATE/BYE/MESSAGE telling registered users from the others;
+9. SIPp flooding the balancer with in-dialog relay attempts at a victim.
 
-Tests marked xfail(strict) show what the farm still does wrong (the attack succeeds); each one
-turns green when the fix lands, and strict makes pytest say so.
+Every attack succeeded against the farm before issue 8 (each was first committed as a strict
+xfail and read to fail for the right reason); each now asserts that it fails. The svcrack tests
+run last: each bans its attacker's address for 15 minutes.
 """
 
 from __future__ import annotations
@@ -72,11 +74,6 @@ pytestmark = pytest.mark.timeout(60)
 ACCOUNTS = {**USERS, "dave": "dave-secret", "erin": "erin-secret"}
 PAYLOAD = b"SET sipfarm:pwned yes\r\nCONFIG SET dir /tmp\r\nQUIT\r\n"  # what Redis would run line by line
 WRONG_WORDS = [f"wrong{i:03d}" for i in range(300)]
-
-
-def issue8(what: str) -> pytest.MarkDecorator:
-    """The attack still succeeds (an assertion fails); anything else is a harness error."""
-    return pytest.mark.xfail(strict=True, raises=AssertionError, reason=f"issue 8: {what}")
 
 
 NEEDS_SIPVICIOUS = pytest.mark.skipif(
