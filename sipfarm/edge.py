@@ -148,6 +148,9 @@ class FlowTokens:
             self._seals[(host, port)] = value
         return value
 
+    def seal_matches(self, given: str, host: str, port: int, call_id: bytes = b"") -> bool:
+        return hmac.compare_digest(given.lower(), self.seal(host, port, call_id))
+
     def sealed(self, uri: SipURI, call_id: bytes = b"") -> bool:
         """``uri`` carries the farm's seal for its host:port (and ``call_id``, if given)."""
         given = uri.param("sf")
@@ -324,3 +327,28 @@ def transaction_key(msg: SipMessage, via_value: bytes) -> bytes:
     """What identifies the request a Via belongs to: its branch, or for an RFC 2543 client
     without one, Call-ID and CSeq number (the same for the INVITE, its CANCEL and ACK)."""
     return via_branch(via_value) or msg.call_id + b" %d" % msg.cseq[0]
+
+
+def sealed_route_parts(value: bytes) -> tuple[bytes, str, int, str] | None:
+    """(user, host, port, seal) of a Route value in the exact shape the farm writes it
+    (``<sip:[user@]host:port;...;sf=SEAL...>``), read without the URI parser; None for anything
+    else (the caller parses it). Sealed entries are unique per dialog: parsing them would only
+    churn the parsers' memo, which the values that do recur (Contacts, element entries) need."""
+    if value[:5] != b"<sip:" or value[-1:] != b">":
+        return None
+    inner = value[5:-1]
+    at = inner.find(b";sf=")
+    if at < 0:
+        return None
+    head, _, _ = inner.partition(b";")
+    user, _, hostport = head.rpartition(b"@")
+    if hostport[:1] == b"[":
+        close = hostport.find(b"]")
+        host, rest = hostport[1:close], hostport[close + 1 :]
+    else:
+        host, colon, port_text = hostport.partition(b":")
+        rest = colon + port_text
+    if rest[:1] != b":" or not rest[1:].isdigit() or not host:
+        return None
+    seal = inner[at + 4 :].partition(b";")[0]
+    return user, host.decode("latin-1").lower(), int(rest[1:]), seal.decode("latin-1")

@@ -29,7 +29,15 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
 
-from sipfarm.edge import DIALOG_CREATING, FlowTokenError, FlowTokens, add_uri_param, flow_uri, route_uri
+from sipfarm.edge import (
+    DIALOG_CREATING,
+    FlowTokenError,
+    FlowTokens,
+    add_uri_param,
+    flow_uri,
+    route_uri,
+    sealed_route_parts,
+)
 from sipfarm.element import Element
 from sipfarm.protect.authenticator import AccountSource, AuthAnswer, Authenticator, Verdict
 from sipfarm.proxy.forking import Branch, BranchState, ProxyCall, Target
@@ -178,23 +186,33 @@ class Proxy:
             routes = msg.values("route")
             if not routes:
                 break
-            uri = route_uri(msg, routes[0])
-            if uri is None:
-                break
-            # this node, or the farm's domain itself (a phone whose outbound proxy is
-            # "sip:farm.test" preloads that Route, and the domain leads here)
-            names_us = identity.names(uri) or (uri.user is None and uri.host in identity.domains)
-            seal = uri.param("sf") is not None and tokens.sealed(uri, msg.call_id)
-            if not names_us:
-                if not seal or uri.user or (index > 0 and uri.host != taken_over):
+            parts = sealed_route_parts(routes[0])
+            if parts is not None:  # the shape the farm writes: no parse (see sealed_route_parts)
+                user_part, host, port, given = parts
+                names_us = (host, port) in identity.aliases
+                seal = tokens.seal_matches(given, host, port, msg.call_id)
+                user = user_part.decode("latin-1")
+                domain = False
+            else:
+                uri = route_uri(msg, routes[0])
+                if uri is None:
                     break
-                taken_over = uri.host
+                names_us = identity.names(uri)
+                seal = uri.param("sf") is not None and tokens.sealed(uri, msg.call_id)
+                user, host = uri.user or "", uri.host
+                # the farm's domain itself (a phone whose outbound proxy is "sip:farm.test"
+                # preloads that Route, and the domain leads here)
+                domain = not user and host in identity.domains
+            if not (names_us or domain):
+                if not seal or user or (index > 0 and host != taken_over):
+                    break
+                taken_over = host
             msg.pop_first_value("route")
             popped = True
             sealed = sealed or seal
-            if uri.user and names_us:
+            if user and names_us:
                 try:
-                    flow = tokens.decode(uri.user)
+                    flow = tokens.decode(user)
                 except FlowTokenError:
                     raise BadMessage("invalid flow token in Route", partial=msg) from None
         return OwnRoutes(flow, sealed, popped)
