@@ -12,6 +12,7 @@ import inspect
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,5 +45,32 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     if not inspect.iscoroutinefunction(pyfuncitem.obj):
         return None
     args = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
-    asyncio.run(asyncio.wait_for(pyfuncitem.obj(**args), timeout=60))
+    _run_bounded(pyfuncitem.obj(**args), ASYNC_TEST_SECONDS)
     return True
+
+
+ASYNC_TEST_SECONDS = 60.0
+CLEANUP_SECONDS = 5.0
+
+
+def _run_bounded(coro: Any, seconds: float) -> None:
+    """Run ``coro`` on a new loop for at most ``seconds``, then at most CLEANUP_SECONDS to cancel
+    what is left. ``asyncio.run(wait_for(...))`` waits without limit for a task that does not
+    end when cancelled (a client stuck reconnecting to a Redis a test stopped), hanging the
+    whole suite; here such a test fails and the suite goes on."""
+    loop = asyncio.new_event_loop()
+    try:
+        task = loop.create_task(coro)
+        loop.run_until_complete(asyncio.wait({task}, timeout=seconds))
+        timed_out = not task.done()
+        leftovers = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for t in leftovers:
+            t.cancel()
+        if leftovers:
+            loop.run_until_complete(asyncio.wait(leftovers, timeout=CLEANUP_SECONDS))
+        if timed_out:
+            pytest.fail(f"async test still running after {seconds:.0f} s")
+        task.result()  # the test's own outcome (an assertion error, say)
+    finally:
+        loop.run_until_complete(asyncio.wait({loop.create_task(loop.shutdown_asyncgens())}, timeout=CLEANUP_SECONDS))
+        loop.close()
