@@ -127,7 +127,7 @@ class BalancerCore:
         *,
         public: dict[str, Address],
         internal: Address,
-        send: Callable[[bytes, Address], bool] | None = None,
+        send: Callable[[bytes, Address, Address], bool] | None = None,
         send_response: Callable[[bytes, Address], bool] | None = None,
         retry_after: int = 5,
         aliases: frozenset[tuple[str, int]] = frozenset(),
@@ -143,8 +143,10 @@ class BalancerCore:
         self.tokens = tokens
         self.public = public  # transport -> our address facing clients
         self.internal = internal  # our UDP address facing nodes
-        self.send: Callable[[bytes, Address], bool] = send or (lambda data, dest: False)
-        self.send_response: Callable[[bytes, Address], bool] = send_response or self.send
+        # send(data, dest, local): a request leaves from our socket ``local``, the one its Via
+        # names, since the next hop answers to the source (RFC 3581); a worker's private port
+        self.send: Callable[[bytes, Address, Address], bool] = send or (lambda data, dest, local: False)
+        self.send_response: Callable[[bytes, Address], bool] = send_response or (lambda data, dest: False)
         self.retry_after = retry_after
         self.stats = BalancerStats()
         # every host:port meaning "this balancer" in a Route or Via (bound and advertised)
@@ -322,7 +324,7 @@ class BalancerCore:
                 msg.call_id.decode("latin-1"),
                 dest,
             )
-        if not self.send(msg.to_bytes(), dest):
+        if not self.send(msg.to_bytes(), dest, via_address):
             if msg.method == b"ACK":
                 self.stats.drop("ack_unsent")  # nothing to answer an ACK with
                 return
@@ -464,7 +466,7 @@ class BalancerCore:
             _host(node.address).encode(), node.address.port, _host(addr).encode(), addr.port, branch,
             _host(addr).encode(), self._to_tag, _host(node.address).encode(), node.address.port, branch,
         )  # fmt: skip
-        if not self.send(msg, node.address):
+        if not self.send(msg, node.address, self.internal):
             self.nodes.mark_down(node)
         return branch
 

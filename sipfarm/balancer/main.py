@@ -180,7 +180,7 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
         FlowTokens(secret),
         public=public,
         internal=internal,
-        send=transports.send,
+        send=lambda data, dest, local: transports.send(data, dest, local=local if dest.transport == "udp" else None),
         # an element never opens a connection to send a response: the request's flow or nothing
         send_response=functools.partial(transports.send, connect=False),
         retry_after=cfg.retry_after,

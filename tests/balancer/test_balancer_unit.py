@@ -59,7 +59,7 @@ class Harness:
             destinations=self.destinations,
         )
 
-    def _send(self, data: bytes, dest: Address) -> bool:
+    def _send(self, data: bytes, dest: Address, local: Address | None = None) -> bool:
         if dest in self.fail_to:
             return False
         self.sent.append((parse_message(data), dest))
