@@ -136,14 +136,11 @@ class Element:
         if response.status >= 200:
             self.log_outcome(stx.request, response.status, stx.source)
 
-    def send_stateless(
-        self, request: SipMessage, response: SipMessage, source: Address, client: Address | None = None
-    ) -> None:
-        """A response sent without a transaction (a challenge, a refusal) back to ``source``;
-        ``client``: who the request was from, for the log."""
+    def send_stateless(self, request: SipMessage, response: SipMessage, source: Address) -> None:
+        """A response sent without a transaction (a challenge, a refusal) back to ``source``."""
         self.layer.send_stateless(response, source)  # the source, never a port the Via names
         self.metrics.responses(response.status).inc()
-        self.log_outcome(request, response.status, source, client)
+        self.log_outcome(request, response.status, source)
 
     def fail(self, stx: ServerTransaction, exc: SipError) -> None:
         """The one place a SipError on a transaction becomes its answer."""
@@ -166,17 +163,14 @@ class Element:
             error = ServerInternalError("store error", partial=msg)
         self.fail(stx, error)
 
-    def log_outcome(
-        self, request: SipMessage, status: int, source: Address, client: Address | None = None, user: str = ""
-    ) -> None:
+    def log_outcome(self, request: SipMessage, status: int, source: Address, user: str = "") -> None:
         """One line per final answer at INFO (method, status, source: the client behind a
         balancer, user): a failing phone is diagnosed from these, fail2ban reads the 401/403/407
         ones. Run at ``warning`` to keep them out (the benchmark does)."""
         level = logging.INFO
         if not outcomes.isEnabledFor(level):
             return
-        if client is None:
-            client = self.client(request, source)
+        client = self.client(request, source)
         if not user:
             try:
                 uri = request.from_.uri

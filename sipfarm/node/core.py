@@ -28,7 +28,8 @@ from typing import Protocol
 from sipfarm.edge import FlowTokens, HopBranches
 from sipfarm.element import Element, NodeIdentity
 from sipfarm.metrics import NodeMetrics
-from sipfarm.protect.authenticator import DEFAULT_ALGORITHMS, Authenticator, GuardLike
+from sipfarm.protect.authenticator import DEFAULT_ALGORITHMS, Authenticator
+from sipfarm.protect.guard import Guard
 from sipfarm.proxy.media import MediaHook
 from sipfarm.proxy.nexthop import NameResolver
 from sipfarm.proxy.proxy import MAX_FORWARDS, LocationSource, Proxy
@@ -75,7 +76,7 @@ class NodeCore:
         flow_tokens: FlowTokens | None = None,
         router: Router | None = None,
         media: MediaHook | None = None,
-        guard: GuardLike | None = None,
+        guard: Guard | None = None,
         resolver: NameResolver | None = None,
         destinations: DestinationPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -125,9 +126,6 @@ class NodeCore:
     def flow_tokens(self, value: FlowTokens) -> None:
         self.proxy.flow_tokens = value
         self.registrar.flow_tokens = value
-
-    def now(self) -> float:
-        return self.element.now()
 
     # -- inputs ----------------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from sipfarm.element import Element
+from sipfarm.protect.guard import Admission, FailureOutcome, Guard
 from sipfarm.sip import auth
 from sipfarm.sip.address import Address
 from sipfarm.sip.errors import BadMessage, Forbidden
@@ -65,25 +66,13 @@ class AccountSource(Protocol):
     def get_account(self, user: str, domain: str, callback: Callable[[Account | StoreError | None], None]) -> None: ...
 
 
-class GuardLike(Protocol):
-    """What :mod:`sipfarm.protect.guard` offers (see there)."""
-
-    def admit(self, source_ip: str, nonce_use: str, ttl: float, done: Callable[[object], None]) -> None: ...
-
-    def failed(self, source_ip: str, account: str, done: Callable[[object], None]) -> None: ...
-
-    def banned_locally(self, source_ip: str, now: float) -> bool: ...
-
-    def any_banned_locally(self) -> bool: ...
-
-
 class Authenticator:
     def __init__(
         self,
         element: Element,
         nonces: auth.NonceFactory,
         accounts: AccountSource,
-        guard: GuardLike | None,
+        guard: Guard | None,
         *,
         algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS,
     ) -> None:
@@ -189,7 +178,7 @@ class Authenticator:
             return AuthAnswer(Verdict.CHALLENGE, error=check.account)
         if isinstance(admission, StoreError):
             return AuthAnswer(Verdict.CHALLENGE, error=admission)
-        if admission is not None and getattr(admission, "banned", False):
+        if admission is not None and admission.banned:
             self._refused(msg, check.source, creds.username, "banned")
             return AuthAnswer(Verdict.BANNED)
         account = check.account
@@ -201,7 +190,7 @@ class Authenticator:
         if result.outcome is auth.AuthOutcome.STALE:
             self.element.metrics.auth_failures("stale").inc()
             return AuthAnswer(Verdict.STALE)
-        if result.ok and admission is not None and getattr(admission, "replay", False):
+        if result.ok and admission is not None and admission.replay:
             # authentic, but this nonce-count was used already: a replay, or a client that
             # lost count. A fresh nonce (stale=true) lets an honest client retry at once.
             self.element.metrics.auth_failures("replay").inc()
@@ -232,10 +221,13 @@ class Authenticator:
         if self.guard is not None:
             self.guard.failed(check.source.host, f"{creds.username}@{check.realm}", self._counted)
 
-    def _counted(self, outcome: object) -> None:
-        if getattr(outcome, "banned", False):
+    def _counted(self, outcome: FailureOutcome | StoreError) -> None:
+        if isinstance(outcome, StoreError):
+            self.element.metrics.redis_errors.inc()  # the failure went uncounted: seen in metrics
+            return
+        if outcome.banned:
             self.element.metrics.bans.inc()
-        if getattr(outcome, "account_alert", False):
+        if outcome.account_alert:
             self.element.metrics.account_alerts.inc()
 
     def _refused(self, msg: SipMessage, source: Address, user: str, why: str) -> None:
@@ -275,13 +267,13 @@ class _Check:
         self.needed = 1
         self.got = 0
         self.account: Account | StoreError | None = None
-        self.admission: object = None
+        self.admission: Admission | StoreError | None = None
 
     def account_found(self, account: Account | StoreError | None) -> None:
         self.account = account
         self._one()
 
-    def admitted(self, admission: object) -> None:
+    def admitted(self, admission: Admission | StoreError) -> None:
         self.admission = admission
         self._one()
 

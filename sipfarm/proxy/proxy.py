@@ -31,6 +31,7 @@ from typing import Protocol
 
 from sipfarm.edge import (
     DIALOG_CREATING,
+    MAX_OWN_ENTRIES,
     FlowTokenError,
     FlowTokens,
     add_uri_param,
@@ -89,7 +90,6 @@ ALLOW = b"INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, MESSAGE, INFO, UPDATE, PR
 UNAUTHENTICATED = frozenset({b"ACK", b"CANCEL", b"REGISTER"})
 # Identity headers only the farm may write (RFC 3325 5: stripped from untrusted senders).
 IDENTITY_HEADERS = ("p-asserted-identity", "p-preferred-identity", "remote-party-id")
-MAX_OWN_ENTRIES = 4  # a double Record-Route (RFC 5658) is two; more means a loop or junk
 MAX_FORWARDS = 70  # RFC 3261 16.6 step 3 / 8.1.1.6: what a request may carry past our door
 SERIAL_FORK_SECONDS = 30.0  # how long one q-value group rings before the next is tried
 
@@ -684,7 +684,14 @@ class Proxy:
     def _arm_timer_c(self, branch: Branch, deadline: float) -> None:
         self._timer_c[branch] = deadline
         self._timer_seq += 1
-        heapq.heappush(self._timer_heap, (deadline, self._timer_seq, branch))
+        heap = self._timer_heap
+        heapq.heappush(heap, (deadline, self._timer_seq, branch))
+        if len(heap) > 1024 and len(heap) > 3 * len(self._timer_c):
+            # re-armed and ended branches leave stale entries (lazy deletion): drop them before
+            # they outnumber the live ones, so memory follows the calls, not their history
+            live = self._timer_c
+            self._timer_heap = [e for e in heap if live.get(e[2]) == e[0]]
+            heapq.heapify(self._timer_heap)
 
     def next_deadline(self) -> float | None:
         heap = self._timer_heap
