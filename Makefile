@@ -46,6 +46,7 @@ typecheck:
 
 pytest:
 	@bash scripts/in-netns.sh .venv/bin/pytest -q -m 'not slow'; rc=$$?; \
+	$(PY) scripts/client_matrix.py; \
 	if [ $$rc -eq 5 ]; then echo "pytest ran no test: failing"; exit 1; fi; exit $$rc
 
 # The protocol, node and balancer suites again, against the mypyc build (what benchmarks run).

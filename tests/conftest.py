@@ -36,7 +36,7 @@ if os.environ.get("SIPFARM_TEST_COMPILED"):  # pragma: no cover
 elif importlib.util.find_spec("sipfarm") is None:  # pragma: no cover
     sys.path.insert(0, str(_ROOT))
 
-pytest_plugins = ["fixtures.redis_server", "fixtures.farm"]
+pytest_plugins = ["fixtures.redis_server", "fixtures.farm", "fixtures.default_farm", "fixtures.matrix"]
 
 
 @pytest.hookimpl(tryfirst=True)
