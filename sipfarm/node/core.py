@@ -34,7 +34,8 @@ from sipfarm.proxy.media import MediaHook
 from sipfarm.proxy.nexthop import NameResolver
 from sipfarm.proxy.proxy import MAX_FORWARDS, LocationSource, Proxy
 from sipfarm.registrar.bindings import ExpiresPolicy
-from sipfarm.registrar.registrar import BindingStore, Registrar
+from sipfarm.registrar.gruu import TempGruus
+from sipfarm.registrar.registrar import FLOW_TIMER_STREAM, FLOW_TIMER_UDP, BindingStore, Registrar
 from sipfarm.routing.router import Router
 from sipfarm.sip import auth
 from sipfarm.sip.address import Address
@@ -74,6 +75,9 @@ class NodeCore:
         digest_algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS,
         timer_c: float = 180.0,
         flow_tokens: FlowTokens | None = None,
+        temp_gruus: TempGruus | None = None,
+        flow_timer_udp: int = FLOW_TIMER_UDP,
+        flow_timer_stream: int = FLOW_TIMER_STREAM,
         router: Router | None = None,
         media: MediaHook | None = None,
         guard: Guard | None = None,
@@ -88,14 +92,25 @@ class NodeCore:
         self.layer = TransactionLayer(timers=timers, max_transactions=max_transactions)
         self.element = Element(identity, self.layer, self.metrics, clock=clock, wall=wall_clock)
         tokens = flow_tokens or FlowTokens(secrets.token_bytes(32))
+        gruus = temp_gruus or TempGruus(secrets.token_bytes(32))
         self.auth = Authenticator(self.element, nonces, state, guard, algorithms=digest_algorithms)
-        self.registrar = Registrar(self.element, self.auth, state, policy=policy, flow_tokens=tokens)
+        self.registrar = Registrar(
+            self.element,
+            self.auth,
+            state,
+            policy=policy,
+            flow_tokens=tokens,
+            temp_gruus=gruus,
+            flow_timer_udp=flow_timer_udp,
+            flow_timer_stream=flow_timer_stream,
+        )
         self.proxy = Proxy(
             self.element,
             self.auth,
             state,
             resolver or Resolver(),
             flow_tokens=tokens,
+            temp_gruus=gruus,
             router=router,
             media=media,
             auth_requests=auth_requests,
@@ -114,9 +129,11 @@ class NodeCore:
         self.auth.nonces = value
 
     def use_farm_secret(self, secret: bytes) -> None:
-        """The farm-wide secret (Redis): flow tokens, seals, and balancers' hop branches."""
+        """The farm-wide secret (Redis): flow tokens, seals, balancers' hop branches, and the
+        temporary GRUUs any node resolves."""
         self.flow_tokens = FlowTokens(secret)
         self.element.hops = HopBranches(secret)
+        self.temp_gruus = TempGruus(secret)
 
     @property
     def flow_tokens(self) -> FlowTokens:
@@ -126,6 +143,15 @@ class NodeCore:
     def flow_tokens(self, value: FlowTokens) -> None:
         self.proxy.flow_tokens = value
         self.registrar.flow_tokens = value
+
+    @property
+    def temp_gruus(self) -> TempGruus:
+        return self.proxy.temp_gruus
+
+    @temp_gruus.setter
+    def temp_gruus(self, value: TempGruus) -> None:
+        self.proxy.temp_gruus = value
+        self.registrar.temp_gruus = value
 
     # -- inputs ----------------------------------------------------------------------------------
 

@@ -17,6 +17,10 @@ layer's.
 * in-dialog requests (To tag) and ACK for 2xx: loose routing by the Route set alone (16.12),
   so any node continues any dialog: nodes hold no dialog state.
 * CANCEL: 200, and CANCEL of every branch that has heard a provisional (16.10, 9.1).
+* GRUUs (RFC 5627 5.5): a Request-URI with ``gr`` reaches the bindings of that one instance,
+  initial or in dialog (a GRUU as a dialog's remote target), from any node: a temporary GRUU
+  decodes with the farm secret (:mod:`sipfarm.registrar.gruu`), the bindings are in Redis.
+  One ``bytes.find`` is all a request without ``;gr`` pays.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import logging
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -44,6 +49,7 @@ from sipfarm.protect.authenticator import AccountSource, AuthAnswer, Authenticat
 from sipfarm.proxy.forking import Branch, BranchState, ProxyCall, Target
 from sipfarm.proxy.media import MediaHook, NoMedia
 from sipfarm.proxy.nexthop import NameResolver, Unresolved, uri_destination
+from sipfarm.registrar.gruu import GruuError, GruuTarget, TempGruus, read_gruu
 from sipfarm.routing.router import Action, Decision, Router
 from sipfarm.sip import auth
 from sipfarm.sip.address import Address
@@ -119,6 +125,7 @@ class Proxy:
         resolver: NameResolver,
         *,
         flow_tokens: FlowTokens,
+        temp_gruus: TempGruus | None = None,
         router: Router | None = None,
         media: MediaHook | None = None,
         auth_requests: bool = True,
@@ -131,6 +138,7 @@ class Proxy:
         self.state = state
         self.resolver = resolver
         self.flow_tokens = flow_tokens
+        self.temp_gruus = temp_gruus or TempGruus(secrets.token_bytes(32))
         self.router = router or Router(element.identity.domains)  # the one routing step
         self.media = media or NoMedia()  # the RTP relay hook
         self.auth_requests = auth_requests
@@ -310,16 +318,35 @@ class Proxy:
                 call.answered = True
                 element.reply(stx, self.auth.challenge(msg, 407, realm))
                 return
+        aor, user = decision.aor, decision.user
+        gruu: GruuTarget | None = None
+        if msg.uri.find(b";gr") >= 0:
+            try:
+                gruu = read_gruu(uri, self.temp_gruus)
+            except GruuError:
+                # not a temporary GRUU of ours: looked up as the user it names, who does not
+                # exist, selecting no binding: the answer (and the round trips) of an unknown user
+                element.metrics.errors("gruu_invalid").inc()
+                gruu = GruuTarget(user, decision.domain, "")
+            else:
+                if gruu is not None:
+                    aor, user = gruu.aor, gruu.user
         # authentication (account + guard) and the callee's bindings and account: one pipeline
-        join = _Join(3 if creds is not None else 2, partial(self._route_with, call, msg, local, realm))
+        join = _Join(3 if creds is not None else 2, partial(self._route_with, call, msg, local, realm, gruu))
         if creds is not None:
             client = element.client(msg, stx.source)
             self.auth.authenticate(creds, msg, client, realm, partial(join.done, "auth"))
-        self.state.lookup(decision.aor, element.wall(), partial(join.done, "bindings"))
-        self.state.get_account(decision.user, decision.domain, partial(join.done, "callee"))
+        self.state.lookup(aor, element.wall(), partial(join.done, "bindings"))
+        self.state.get_account(user, decision.domain, partial(join.done, "callee"))
 
     def _route_with(
-        self, call: ProxyCall, msg: SipMessage, local: Address, realm: str, results: dict[str, object]
+        self,
+        call: ProxyCall,
+        msg: SipMessage,
+        local: Address,
+        realm: str,
+        gruu: GruuTarget | None,
+        results: dict[str, object],
     ) -> None:
         """Routing goes on once the lookups of :meth:`_on_decision` are all answered."""
         stx = call.server_tx
@@ -350,6 +377,8 @@ class Proxy:
                     return
             bindings = results["bindings"]
             assert isinstance(bindings, list)
+            if gruu is not None:
+                bindings = gruu.select(bindings)  # RFC 5627 5.5: that device only, no forking
             if not bindings:
                 callee = results["callee"]
                 if callee is None:
@@ -427,6 +456,11 @@ class Proxy:
 
     def _forward_along_route(self, stx: ServerTransaction, msg: SipMessage, local: Address, now: float) -> None:
         """RFC 3261 16.12: the next hop is the top Route, else the Request-URI. No state needed."""
+        gruu = self._gruu_request_uri(msg)
+        if gruu is not None:
+            # a dialog whose remote target is a GRUU (RFC 5627 4.2): to the instance's binding
+            self.state.lookup(gruu.aor, self.element.wall(), partial(self._gruu_in_dialog, stx, msg, local, gruu))
+            return
         try:
             dest = self._next_hop(msg)
         except Unresolved as pending:
@@ -435,6 +469,56 @@ class Proxy:
         if msg.method == b"BYE":
             self.media.release(msg.call_id, msg.from_tag)
         self._forward_to(stx, msg, local, dest, now)
+
+    def _gruu_request_uri(self, msg: SipMessage) -> GruuTarget | None:
+        """The GRUU of ours the Request-URI of a request with no Route left is (RFC 5627 5.5),
+        or None; NotFound for a ``gr`` URI that is not one of ours."""
+        if msg.uri.find(b";gr") < 0 or msg.has("route"):
+            return None
+        uri = msg.request_uri
+        if not isinstance(uri, SipURI) or uri.host not in self.element.identity.domains:
+            return None
+        try:
+            return read_gruu(uri, self.temp_gruus)
+        except GruuError:
+            self.element.metrics.errors("gruu_invalid").inc()
+            raise NotFound("no such user", partial=msg) from None
+
+    def _gruu_binding(self, msg: SipMessage, gruu: GruuTarget, found: list[Binding] | StoreError) -> Target | None:
+        if isinstance(found, StoreError):
+            return None
+        for binding in gruu.select(found):
+            return self._binding_target(binding, msg.call_id)
+        return None
+
+    def _gruu_in_dialog(
+        self,
+        stx: ServerTransaction,
+        msg: SipMessage,
+        local: Address,
+        gruu: GruuTarget,
+        found: list[Binding] | StoreError,
+    ) -> None:
+        if stx.terminated:
+            return
+        if isinstance(found, StoreError):
+            self.element.store_failed(stx, msg, found)
+            return
+        target = self._gruu_binding(msg, gruu, found)
+        if target is None:
+            self.element.fail(stx, TemporarilyUnavailable("GRUU not registered", partial=msg))
+            return
+        if msg.method == b"BYE":
+            self.media.release(msg.call_id, msg.from_tag)
+        now = self.element.now()
+        call = ProxyCall(server_tx=stx, request=msg, started=now)
+        call.inbound = local.transport
+        stx.context = call
+        call.set_targets([target])
+        try:
+            self._start_group(call, now)
+        except SipError as exc:
+            self.element.fail(stx, exc)
 
     def _resolved(
         self, stx: ServerTransaction, msg: SipMessage, local: Address, hop: Unresolved, ip: str | None
@@ -826,6 +910,10 @@ class Proxy:
                 self.element.metrics.errors("ack_dropped").inc()
                 return
             flow = routes.flow
+            gruu = None if flow is not None else self._gruu_request_uri(msg)
+            if gruu is not None:
+                self.state.lookup(gruu.aor, self.element.wall(), partial(self._ack_to_gruu, msg, gruu))
+                return
             dest = flow if flow is not None and flow != source else self._next_hop(msg)
         except Unresolved as pending:
             # the next ACK (the UAS retransmits its 2xx until one arrives) finds the name cached
@@ -834,6 +922,20 @@ class Proxy:
         except SipError:
             self.element.metrics.errors("ack_dropped").inc()
             return
+        self._send_ack(msg, dest)
+
+    def _ack_to_gruu(self, msg: SipMessage, gruu: GruuTarget, found: list[Binding] | StoreError) -> None:
+        """The ACK of a 2xx whose dialog's remote target is a GRUU, once its bindings are read."""
+        target = self._gruu_binding(msg, gruu, found)
+        if target is None:
+            self.element.metrics.errors("ack_dropped").inc()
+            return
+        msg.set_uri(target.uri)
+        for route in reversed(target.route):
+            msg.prepend("route", route)
+        self._send_ack(msg, target.destination)
+
+    def _send_ack(self, msg: SipMessage, dest: Address) -> None:
         _strip_identity(msg)
         msg.set("max-forwards", str(min(max_forwards(msg), MAX_FORWARDS) - 1).encode())
         # deterministic branch: a retransmitted ACK leaves with the same one (RFC 3261 16.11)

@@ -7,6 +7,7 @@ Policy violations raise the SipError the registrar answers with (400, 403, 423).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sipfarm.sip.errors import BadMessage, Forbidden, IntervalTooBrief, UnsupportedURIScheme
@@ -112,8 +113,14 @@ def register_ok(
     to_tag: bytes,
     *,
     outbound: bool = False,
+    gruu: Callable[[Binding], str] | None = None,
+    flow_timer: int | None = None,
 ) -> SipMessage:
-    """200 OK listing every current binding with its remaining expiry (RFC 3261 10.3 step 8)."""
+    """200 OK listing every current binding with its remaining expiry (RFC 3261 10.3 step 8).
+
+    ``gruu``: the ``;pub-gruu=...;temp-gruu=...`` of a binding (RFC 5627 5.4), given when the
+    UA supports GRUU. ``flow_timer``: the keepalive interval of an outbound flow (RFC 5626 5.4).
+    """
     headers: list[tuple[str, bytes | str]] = []
     for b in bindings:
         value = f"<{b.contact}>;expires={b.expires_in(now)}"
@@ -123,6 +130,8 @@ def register_ok(
             value += f';+sip.instance="{b.instance}"'
         if b.reg_id is not None:
             value += f";reg-id={b.reg_id}"
+        if gruu is not None and b.instance:
+            value += gruu(b)
         headers.append(("contact", value))
     # RFC 3327 5.3: the registrar echoes Path when the UA supports it.
     supported = b",".join(request.get_all("supported")).lower()
@@ -130,4 +139,6 @@ def register_ok(
         headers.extend(("path", p) for p in request.values("path"))
     if outbound:
         headers.append(("require", b"outbound"))  # RFC 5626 6
+        if flow_timer is not None:
+            headers.append(("flow-timer", str(flow_timer).encode()))  # RFC 5626 5.4
     return make_response(request, 200, to_tag=to_tag, headers=headers)

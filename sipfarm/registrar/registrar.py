@@ -10,6 +10,11 @@ authenticator verifies them (account and guard in one Redis pipeline), and one a
 ``register.lua`` applies every Contact (:meth:`FarmState.register`).  The 200 lists every
 binding.  A client connected straight to this node over a connection (or an outbound client)
 gets our own Path entry naming its flow, so every node reaches it through us.
+
+A UA that sends ``Supported: gruu`` gets, on each Contact with an instance ID, its public and a
+fresh temporary GRUU (RFC 5627 5.4, :mod:`sipfarm.registrar.gruu`: nothing stored).  An
+outbound registration gets ``Flow-Timer`` (RFC 5626 5.4): the keepalive interval its flow's
+transport needs (below a NAT's UDP binding life, below a connection's idle timeout).
 """
 
 from __future__ import annotations
@@ -22,13 +27,23 @@ from sipfarm.edge import FlowTokens, flow_uri
 from sipfarm.element import Element
 from sipfarm.protect.authenticator import AuthAnswer, Authenticator, Verdict
 from sipfarm.registrar.bindings import ExpiresPolicy, RegisterRequest, read_register, register_ok
+from sipfarm.registrar.gruu import TempGruus, public_gruu
 from sipfarm.sip import auth
 from sipfarm.sip.address import Address
 from sipfarm.sip.errors import BadMessage, Forbidden
+from sipfarm.sip.headers import HeaderError, parse_name_addr
 from sipfarm.sip.message import SipMessage, make_response
 from sipfarm.sip.transaction import ServerTransaction
+from sipfarm.sip.uri import SipURI, URIError
 from sipfarm.store.errors import StoreError
-from sipfarm.store.location import ContactUpdate, RegisterOutcome, RegisterResult
+from sipfarm.store.location import Binding, ContactUpdate, RegisterOutcome, RegisterResult
+
+# RFC 5626 4.4.1 / 5.4: a UA sends a keepalive every 80-100 % of Flow-Timer. UDP: under the
+# ~30 s many NATs keep an idle UDP binding (and under the 30 s of silence after which the
+# balancer probes a UDP phone with OPTIONS); streams: within RFC 5626's 95-120 s and far under
+# the 300 s after which an idle connection is closed.
+FLOW_TIMER_UDP = 25
+FLOW_TIMER_STREAM = 110
 
 
 class BindingStore(Protocol):
@@ -50,12 +65,18 @@ class Registrar:
         *,
         policy: ExpiresPolicy | None = None,
         flow_tokens: FlowTokens,
+        temp_gruus: TempGruus,
+        flow_timer_udp: int = FLOW_TIMER_UDP,
+        flow_timer_stream: int = FLOW_TIMER_STREAM,
     ) -> None:
         self.element = element
         self.auth = authenticator
         self.store = store
         self.policy = policy or ExpiresPolicy()
         self.flow_tokens = flow_tokens
+        self.temp_gruus = temp_gruus
+        self.flow_timer_udp = flow_timer_udp
+        self.flow_timer_stream = flow_timer_stream
 
     def challenge_stateless(self, msg: SipMessage, source: Address) -> None:
         """A REGISTER with no credentials: 401 without a transaction (403 to a banned source)."""
@@ -105,17 +126,19 @@ class Registrar:
             return
         account = answer.account
         assert account is not None
+        path = self._path(reg.path, reg.outbound, source)
+        flow_timer = self._flow_timer(path, source) if reg.outbound else None
         try:
             self.store.register(
                 reg.aor,
                 reg.updates,
-                partial(self._applied, stx, msg, reg, started),
+                partial(self._applied, stx, msg, reg, started, flow_timer),
                 call_id=msg.call_id.decode("latin-1"),
                 cseq=msg.cseq[0],
                 now=element.wall(),
                 max_contacts=account.max_contacts,
                 remove_all=reg.remove_all,
-                path=self._path(reg.path, reg.outbound, source),
+                path=path,
                 received=str(source),
                 user_agent=(msg.get("user-agent") or b"").decode("utf-8", "replace")[:100],
                 node=element.identity.node_id,
@@ -129,6 +152,7 @@ class Registrar:
         msg: SipMessage,
         reg: RegisterRequest,
         started: float,
+        flow_timer: int | None,
         res: RegisterResult | StoreError,
     ) -> None:
         element = self.element
@@ -136,11 +160,44 @@ class Registrar:
             element.store_failed(stx, msg, res)
             return
         if res.outcome is RegisterOutcome.OK:
-            response = register_ok(msg, res.bindings, element.wall(), element.tag(msg), outbound=reg.outbound)
+            gruu = partial(self._gruu_params, msg, reg) if _supports_gruu(msg) else None
+            response = register_ok(
+                msg,
+                res.bindings,
+                element.wall(),
+                element.tag(msg),
+                outbound=reg.outbound,
+                gruu=gruu,
+                flow_timer=flow_timer,
+            )
         else:
             response = make_response(msg, res.outcome.sip_status, res.outcome.sip_reason, to_tag=element.tag(msg))
         element.metrics.register_seconds.observe(element.now() - started)
         element.reply(stx, response)
+
+    def _gruu_params(self, msg: SipMessage, reg: RegisterRequest, binding: Binding) -> str:
+        """RFC 5627 5.4: the public GRUU and a new temporary one (this binding's Call-ID and
+        CSeq: a new one on every refresh) of a binding with an instance ID."""
+        instance = binding.instance or ""
+        to_uri = msg.to.uri
+        user_part = to_uri.user if isinstance(to_uri, SipURI) and to_uri.user else reg.user
+        pub = public_gruu(user_part, reg.domain, instance)
+        temp = self.temp_gruus.uri(reg.user, reg.domain, instance, binding.call_id, binding.cseq)
+        return f';pub-gruu="{pub}";temp-gruu="{temp}"'
+
+    def _flow_timer(self, path: tuple[str, ...], source: Address) -> int:
+        """RFC 5626 5.4: the keepalive interval of the flow to the UA, by its transport: the
+        bottom Path entry is the edge proxy facing the UA (``;transport=`` when not UDP), else
+        the UA is connected straight to this node."""
+        transport = source.transport
+        if path:
+            try:
+                uri = parse_name_addr(path[-1].encode("latin-1")).uri
+            except (HeaderError, URIError, UnicodeEncodeError):
+                uri = None
+            if isinstance(uri, SipURI):
+                transport = uri.transport
+        return self.flow_timer_udp if transport == "udp" else self.flow_timer_stream
 
     def _path(self, path: tuple[str, ...], outbound: bool, source: Address) -> tuple[str, ...]:
         """The Path to store: the request's, or (a client connected straight to this node over a
@@ -150,3 +207,12 @@ class Registrar:
             return path
         host, port = self.element.identity.address(source.transport)
         return (flow_uri(self.flow_tokens, source, host, port, outbound=True).decode("latin-1"),)
+
+
+def _supports_gruu(msg: SipMessage) -> bool:
+    """The UA lists ``gruu`` in Supported (RFC 5627 4.1, 5.4: no GRUU for one that does not)."""
+    for value in msg.get_all("supported"):
+        for token in value.split(b","):
+            if token.strip().lower() == b"gruu":
+                return True
+    return False

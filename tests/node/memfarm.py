@@ -31,6 +31,7 @@ from sipfarm.edge import FlowTokens, flow_uri
 from sipfarm.element import NodeIdentity
 from sipfarm.node.core import NodeCore
 from sipfarm.protect import ExpiringKeys, GuardPolicy, MemoryGuard
+from sipfarm.registrar.gruu import TempGruus
 from sipfarm.sip import auth
 from sipfarm.sip.address import Address
 from sipfarm.sip.errors import SipError
@@ -204,6 +205,7 @@ class MemFarm:
                 auth.NonceFactory(SECRET, 300.0),
                 timers=TimerConfig(),
                 flow_tokens=self.tokens,
+                temp_gruus=TempGruus(SECRET),
                 guard=MemoryGuard(policy or GuardPolicy(), clock=self.clock.now, keys=self.keys),
                 resolver=Resolver(),
                 destinations=self.destinations,
@@ -611,16 +613,18 @@ class Phone:
         cseq: int = 1,
         password: str | None = None,
         user: str | None = None,
+        headers: Sequence[tuple[str, str | bytes]] = (),
     ) -> SipMessage | None:
         """REGISTER (challenge answered) for ``user`` (default: this phone's); the final answer.
-        ``contact``: a whole Contact value (e.g. ``*``, or with ``;q=0.5``)."""
+        ``contact``: a whole Contact value (e.g. ``*``, or with ``;q=0.5``); ``headers``: more
+        headers (e.g. ``Supported: gruu``)."""
         user = user or self.user
         msg = self.request(
             "REGISTER",
             f"sip:{DOMAIN}",
             to=f"<sip:{user}@{DOMAIN}>",
             from_user=user,
-            headers=(("expires", str(expires)),),
+            headers=(("expires", str(expires)), *headers),
             call_id=call_id,
             cseq=cseq,
         )
