@@ -65,6 +65,11 @@ class NodeConfig:
     # SO_RCVBUF of UDP sockets: the kernel's ~200 KB default overflows under bursts long before
     # the CPU is busy (Kamailio and SIPp ask for 4 MB too); capped by net.core.rmem_max
     udp_recv_buffer: int = 4 * 1024 * 1024
+    # RFC 5626 5.4 Flow-Timer sent to outbound registrations: the keepalive interval (s) of a
+    # UDP flow (under a NAT's UDP binding life and the balancer's 30 s keepalive_interval) and
+    # of a TCP/TLS/WS one (RFC 5626's 95-120 s, under the 300 s idle timeout of connections)
+    flow_timer_udp: int = 25
+    flow_timer_stream: int = 110
     heartbeat: float = 0.5
     log_level: str = "info"
     log_format: str = "kv"  # kv | json
@@ -92,6 +97,8 @@ class NodeConfig:
         _check_range("auth_max_failures", self.auth_max_failures, 1, 1_000_000)
         _check_range("auth_failure_window", self.auth_failure_window, 1, 86_400)
         _check_range("auth_ban_time", self.auth_ban_time, 1, 30 * 86_400)
+        _check_range("flow_timer_udp", self.flow_timer_udp, 1, 3600)
+        _check_range("flow_timer_stream", self.flow_timer_stream, 1, 3600)
         _check_choice("log_format", self.log_format, ("kv", "json"))
         _check_choice("log_level", self.log_level, ("debug", "info", "warning", "error"))
 

@@ -166,6 +166,8 @@ async def serve(cfg: NodeConfig, *, worker_index: int | None = None, ready: asyn
         policy=ExpiresPolicy(cfg.min_expires, cfg.max_expires, cfg.default_expires),
         auth_requests=cfg.auth_invite,
         digest_algorithms=tuple(cfg.digest_algorithms),
+        flow_timer_udp=cfg.flow_timer_udp,
+        flow_timer_stream=cfg.flow_timer_stream,
         guard=guard,
         destinations=destinations,
     )

@@ -164,6 +164,8 @@ class TempGruus:
             raw = base64.b32decode(text + "=" * (-len(text) % 8))
         except (binascii.Error, ValueError):
             raise GruuError("not base32") from None
+        if base64.b32encode(raw).decode("ascii").rstrip("=") != text:
+            raise GruuError("not canonical")  # unused low bits set: one GRUU, one spelling
         header = 1 + _SERIAL_LEN + _CALL_ID_LEN
         if len(raw) < _TAG_LEN + header + 1:
             raise GruuError("too short")
