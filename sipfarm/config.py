@@ -258,6 +258,16 @@ class BalancerConfig:
     internal_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     # ... unless listed here (networks or IP:PORT), e.g. ["127.0.0.0/8"] for peers on loopback.
     allow_destinations: list[str] = field(default_factory=list)
+    # NAT and flows (RFC 5626). A TCP/TLS connection with no traffic for stream_idle_timeout
+    # seconds is closed, unless a phone registered over it: then it is held open until its
+    # registration expires (at most flow_hold_max seconds, plus a margin).
+    stream_idle_timeout: float = 300.0
+    flow_hold_max: float = 7200.0
+    # A registered UDP phone silent for keepalive_interval seconds gets an OPTIONS from this
+    # balancer; after keepalive_failures unanswered in a row its bindings are removed.
+    # keepalive_interval = 0 sends none.
+    keepalive_interval: float = 30.0
+    keepalive_failures: int = 3
 
     def validate(self) -> None:
         if not self.listen:
@@ -276,6 +286,11 @@ class BalancerConfig:
         _check_range("probe_interval", self.probe_interval, 0.05, 10)
         _check_range("workers", self.workers, 1, 64)
         _check_range("down_after", self.down_after, 1, 100)
+        _check_range("stream_idle_timeout", self.stream_idle_timeout, 0.1, 86_400)
+        _check_range("flow_hold_max", self.flow_hold_max, 0, 7 * 86_400)
+        if self.keepalive_interval != 0:
+            _check_range("keepalive_interval", self.keepalive_interval, 0.1, 3600)
+        _check_range("keepalive_failures", self.keepalive_failures, 1, 100)
         if self.metrics:
             _check_hostport("metrics", self.metrics)
         if not self.redis.startswith("redis://"):

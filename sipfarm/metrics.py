@@ -158,6 +158,17 @@ class BalancerMetrics:
         )
         self.nodes_usable = Gauge("sipfarm_balancer_nodes_usable", "Nodes the balancer dispatches to", registry=r)
         self.nodes_known = Gauge("sipfarm_balancer_nodes_known", "Nodes in the membership", registry=r)
+        # RFC 5626 keepalives of registered UDP phones: sent, answered, flows_expired (phones
+        # unregistered for not answering), flows_learnt, registrations_ended, dropped_full
+        self.keepalives = LabelCache(
+            Counter(
+                "sipfarm_balancer_keepalive_events_total",
+                "OPTIONS keepalives to registered UDP phones and their outcomes, by kind",
+                ["kind"],
+                registry=r,
+            )
+        )
+        self.keepalive_flows = _gauge("sipfarm_balancer_keepalive_flows", "Registered UDP flows watched", r)
         self.probe_rtt = Histogram(
             "sipfarm_balancer_probe_rtt_seconds",
             "OPTIONS probe round trip to nodes",

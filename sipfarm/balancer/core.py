@@ -32,6 +32,13 @@ A request taken to its Request-URI (from a node, with no token of ours) goes onl
 :class:`~sipfarm.transport.destinations.DestinationPolicy` permits: never to the farm's own
 listeners or nodes (a loop), loopback or the operator's internal networks unless allowed (403).
 
+A request for a client flow named by a flow token is sent over that flow only, never over a
+new connection: when a phone's TCP/TLS/WS connection is gone, the node gets 430 Flow Failed
+at once (RFC 5626 5.3) instead of a connection attempt to the phone's ephemeral port and
+Timer B.  The flows of registered phones are kept usable (:mod:`sipfarm.balancer.keepalive`):
+a 2xx to a REGISTER holds the client's connection open for the registration's lifetime, or
+enters its UDP flow in the OPTIONS keepalive table (one dict look-up per received message).
+
 No usable node: 503 with Retry-After, answered here.  Nothing here waits on Redis: node
 membership is read in the background into :class:`~sipfarm.balancer.nodes.NodeSet`.
 """
@@ -47,6 +54,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from sipfarm.balancer.keepalive import HOLD_MARGIN, KEEPALIVE_PREFIX, FlowGone, Probe, RegisteredFlows
 from sipfarm.balancer.nodes import Health, NodeEntry, NodeSet
 from sipfarm.edge import (
     DIALOG_CREATING,
@@ -63,7 +71,7 @@ from sipfarm.sip.errors import BadMessage, ServiceUnavailable, SipError, TooMany
 from sipfarm.sip.headers import HeaderError, via_branch
 from sipfarm.sip.message import SipMessage, error_response, make_response
 from sipfarm.sip.parser import max_forwards
-from sipfarm.sip.uri import SipURI, URIError
+from sipfarm.sip.uri import SipURI, URIError, parse_uri
 from sipfarm.sip.via import default_port, via_sent_by
 from sipfarm.transport.destinations import DestinationPolicy
 
@@ -133,12 +141,18 @@ class BalancerCore:
         aliases: frozenset[tuple[str, int]] = frozenset(),
         destinations: DestinationPolicy | None = None,
         hop_secret: bytes | None = None,
+        registrations: RegisteredFlows | None = None,
+        hold: Callable[[Address, float], bool] | None = None,
+        hold_max: float = 7200.0,
     ) -> None:
         """``send`` sends a request (may open a connection); ``send_response`` sends a response
         over an existing flow only (``TransportManager.send(..., connect=False)``).
         ``hop_secret`` signs the previous hop into our Via branches: the farm-wide flow secret,
         so any worker or balancer can route a response.  ``destinations`` judges Request-URIs
-        (default: loopback refused); our own addresses are added to it."""
+        (default: loopback refused); our own addresses are added to it.
+        ``registrations`` keeps registered flows usable (default: no UDP keepalives);
+        ``hold(flow, seconds)`` keeps a client connection open that long
+        (``TransportManager.hold_flow``), at most ``hold_max`` plus a margin."""
         self.nodes = nodes
         self.tokens = tokens
         self.public = public  # transport -> our address facing clients
@@ -158,11 +172,18 @@ class BalancerCore:
         self._clock = time.monotonic
         self._debug = log.isEnabledFor(logging.DEBUG)
         self._to_tag = secrets.token_hex(4).encode()
+        self.registrations = registrations if registrations is not None else RegisteredFlows(interval=0)
+        self._registered_udp = self.registrations.flows  # read on every received message
+        self.hold: Callable[[Address, float], bool] = hold or (lambda flow, seconds: False)
+        self.hold_max = hold_max
 
     # -- entry point -----------------------------------------------------------------------------
 
     def on_message(self, msg: SipMessage, source: Address, local: Address) -> None:
         hop = source
+        registered = self._registered_udp.get(source)
+        if registered is not None:
+            registered.heard = True  # a registered UDP phone is alive (keepalive table)
         try:
             if msg.status:
                 self._on_response(msg)
@@ -200,7 +221,8 @@ class BalancerCore:
         if flow is not None and from_node:
             # a token is an instruction only on the way to its client: the same Record-Route
             # entry comes back first in the route set of that client's own requests
-            self._to_client(msg, self._udp_contact_or_flow(msg, flow), hop, record_route=True)
+            # over the flow or not at all: 430 at once when the connection is gone (RFC 5626 5.3)
+            self._to_client(msg, self._udp_contact_or_flow(msg, flow), hop, record_route=True, connect=False)
             return
         if from_node:
             # from a node, no token of ours: an element outside the farm (its Request-URI)
@@ -222,6 +244,9 @@ class BalancerCore:
             uri = msg.request_uri
         except SipError:
             return flow
+        return self._udp_contact(flow, uri)
+
+    def _udp_contact(self, flow: Address, uri: object) -> Address:
         if isinstance(uri, SipURI) and uri.host.strip("[]") == flow.host and uri.transport == "udp":
             contact = Address("udp", flow.host, uri.port or default_port("udp"))
             if self.destinations.permits(contact) and not self._is_node(contact):
@@ -295,6 +320,7 @@ class BalancerCore:
         # _own_entries lists top first: prepend bottom first, so the node-facing entry (our
         # internal UDP address) ends on top and the node's requests to the client come to it
         if method == b"REGISTER":
+            self.registrations.on_register(client_flow, msg)
             # RFC 3327: stay on the path to this UA (token = its flow)
             for value in reversed(self._own_entries(client_flow, dest.transport, path=True)):
                 msg.prepend("path", value)
@@ -304,16 +330,25 @@ class BalancerCore:
         self._forward(msg, dest, self.internal, hop)
         self.stats.to_node += 1
 
-    def _to_client(self, msg: SipMessage, flow: Address, hop: Address, *, record_route: bool) -> None:
+    def _to_client(
+        self, msg: SipMessage, flow: Address, hop: Address, *, record_route: bool, connect: bool = True
+    ) -> None:
         if record_route and msg.method in DIALOG_CREATING and msg.to_tag is None:
             for value in reversed(self._own_entries(flow, flow.transport, path=False, facing_client=True)):
                 msg.prepend("record-route", value)
         facing = self.public.get(flow.transport) or self.internal
-        self._forward(msg, flow, facing, hop, flow_failure=True)
+        self._forward(msg, flow, facing, hop, flow_failure=True, connect=connect)
         self.stats.to_client += 1
 
     def _forward(
-        self, msg: SipMessage, dest: Address, via_address: Address, hop: Address, *, flow_failure: bool = False
+        self,
+        msg: SipMessage,
+        dest: Address,
+        via_address: Address,
+        hop: Address,
+        *,
+        flow_failure: bool = False,
+        connect: bool = True,
     ) -> None:
         msg.set("max-forwards", str(max_forwards(msg) - 1).encode())
         msg.prepend("via", self._via(msg, dest.transport, via_address, hop))
@@ -324,7 +359,10 @@ class BalancerCore:
                 msg.call_id.decode("latin-1"),
                 dest,
             )
-        if not self.send(msg.to_bytes(), dest, via_address):
+        data = msg.to_bytes()
+        # ``send_response`` never dials: the flow that exists, or nothing
+        sent = self.send(data, dest, via_address) if connect or not dest.reliable else self.send_response(data, dest)
+        if not sent:
             if msg.method == b"ACK":
                 self.stats.drop("ack_unsent")  # nothing to answer an ACK with
                 return
@@ -421,6 +459,9 @@ class BalancerCore:
             if branch.startswith(PROBE_PREFIX):
                 self.on_probe_response(branch)
                 return
+            if branch.startswith(KEEPALIVE_PREFIX):
+                self.registrations.on_probe_response(branch)  # consumed: never forwarded
+                return
             host, port = via_sent_by(top)
             if (_bare(host), port) not in self._ours:
                 self.stats.drop("not_ours")  # RFC 3261 18.1.2: discard
@@ -443,8 +484,53 @@ class BalancerCore:
             )
         if self.send_response(msg.to_bytes(), dest):
             self.stats.responses += 1
+            if msg.cseq[1] == b"REGISTER" and 200 <= msg.status < 300:
+                self._registered(dest, msg)
         else:
             self.stats.drop("no_flow" if dest.reliable else "send_failed")
+
+    def _registered(self, flow: Address, msg: SipMessage) -> None:
+        """A 2xx to a client's REGISTER went out on ``flow``: keep that flow usable while the
+        registration lasts (held connection, or UDP keepalives), or let it go (expires 0)."""
+        reg = self.registrations.on_register_ok(flow, msg, self._clock())
+        if reg is None or not flow.reliable:
+            return
+        # RFC 5626 5.3: requests for the phone can reach it over this connection only
+        seconds = min(float(reg.expires), self.hold_max) + HOLD_MARGIN if reg.expires > 0 else 0.0
+        self.hold(flow, seconds)
+
+    # -- keepalives ------------------------------------------------------------------------------
+
+    def keepalive_tick(self, now: float) -> list[FlowGone]:
+        """Send the OPTIONS keepalives that are due; the phones found gone (``now``: the
+        clock of ``_clock``).  The caller removes their bindings."""
+        gone: list[FlowGone] = []
+        for action in self.registrations.handle_timer(now):
+            if isinstance(action, Probe):
+                self._send_keepalive(action)
+            else:
+                gone.append(action)
+        return gone
+
+    def _send_keepalive(self, probe: Probe) -> None:
+        """An ordinary OPTIONS to the phone's contact (RFC 3261 11), from the balancer, over
+        the flow (or to its contact's port when the phone is not behind NAT, see
+        ``_udp_contact_or_flow``); its answer comes back here by its branch."""
+        pub = self.public.get("udp") or self.internal
+        try:
+            dest = self._udp_contact(probe.flow, parse_uri(probe.contact))
+        except ValueError:  # URIError
+            dest = probe.flow
+        contact = probe.contact.encode("latin-1", "replace")
+        data = (
+            b"OPTIONS %s SIP/2.0\r\nVia: SIP/2.0/UDP %s:%d;branch=%s;rport\r\nMax-Forwards: 70\r\n"
+            b"From: <sip:balancer@%s>;tag=%s\r\nTo: <sip:%s>\r\nCall-ID: %s\r\nCSeq: 1 OPTIONS\r\n"
+            b"Content-Length: 0\r\n\r\n"
+        ) % (
+            contact, _host(pub).encode(), pub.port, probe.branch, _host(pub).encode(), self._to_tag,
+            probe.aor.encode("latin-1", "replace"), probe.branch[len(KEEPALIVE_PREFIX):],
+        )  # fmt: skip
+        self.send(data, dest, pub)
 
     # -- probes ----------------------------------------------------------------------------------
 

@@ -12,13 +12,16 @@ import secrets
 import socket
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sipfarm import __version__
 from sipfarm.config import BalancerConfig, ConfigError, load
 from sipfarm.logs import setup_logging
 from sipfarm.sip.address import Address
 from sipfarm.transport.loop import stop_on_signals, tune_gc
+
+if TYPE_CHECKING:
+    from sipfarm.balancer.keepalive import FlowGone
 
 log = logging.getLogger("sipfarm.balancer")
 
@@ -116,12 +119,15 @@ async def _flow_secret(redis_url: str) -> bytes:
 
 async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: asyncio.Event | None = None) -> None:
     from sipfarm.balancer.core import BalancerCore  # noqa: PLC0415
+    from sipfarm.balancer.keepalive import RegisteredFlows  # noqa: PLC0415
     from sipfarm.balancer.nodes import NodeSet  # noqa: PLC0415
     from sipfarm.cluster.heartbeat import start_heartbeat  # noqa: PLC0415
     from sipfarm.cluster.membership import Member, MembershipStore, Role  # noqa: PLC0415
     from sipfarm.cluster.watcher import MemberWatcher  # noqa: PLC0415
     from sipfarm.edge import FlowTokens  # noqa: PLC0415
     from sipfarm.metrics import BalancerMetrics, serve_metrics, sync_counters  # noqa: PLC0415
+    from sipfarm.store.errors import StoreError  # noqa: PLC0415
+    from sipfarm.store.location import LocationStore  # noqa: PLC0415
     from sipfarm.store.redis_client import create_redis  # noqa: PLC0415
     from sipfarm.transport.config import TransportConfig  # noqa: PLC0415
     from sipfarm.transport.destinations import DestinationPolicy  # noqa: PLC0415
@@ -140,7 +146,14 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
     def on_message(msg: object, source: Address, local: Address) -> None:
         holder[0].on_message(msg, source, local)  # type: ignore[arg-type]
 
-    transports = TransportManager(on_message, config=TransportConfig(udp_recv_buffer=cfg.udp_recv_buffer))
+    transports = TransportManager(
+        on_message,
+        config=TransportConfig(udp_recv_buffer=cfg.udp_recv_buffer, idle_timeout=cfg.stream_idle_timeout),
+    )
+    # RFC 5626: this worker's registered flows (each worker its own: a UDP client's 4-tuple
+    # and a connection stay with one worker, and a REGISTER's 200 comes back to it)
+    registrations = RegisteredFlows(interval=cfg.keepalive_interval, failures=cfg.keepalive_failures)
+    transports.on_keepalive = registrations.heard  # STUN and CRLF never reach the core
     ssl_ctx = server_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
     public: dict[str, Address] = {}
     ws_servers: list[Any] = []
@@ -187,6 +200,9 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
         aliases=aliases,
         destinations=destinations,
         hop_secret=secret,  # farm-wide: any worker or balancer routes a response
+        registrations=registrations,
+        hold=transports.hold_flow,
+        hold_max=cfg.flow_hold_max,
     )
     holder.append(core)
 
@@ -233,7 +249,31 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
         for entry in nodes.due_probes(now):
             nodes.probe_sent(entry, now, core.probe(entry))
 
+    location = LocationStore(redis)
+    removals: set[asyncio.Task[None]] = set()
+
+    async def unregister(gone: FlowGone) -> None:
+        """A UDP phone stopped answering OPTIONS: remove its bindings made over this flow
+        (their Path names the flow's token; a newer REGISTER from elsewhere stays)."""
+        token = core.tokens.encode(gone.flow)
+        removed = 0
+        try:
+            for binding in await location.lookup(gone.aor, time.time()):
+                if binding.contact in gone.contacts and any(token in p for p in binding.path):
+                    removed += await location.remove(gone.aor, binding.contact)
+        except StoreError as exc:
+            log.warning("event=keepalive_unregister_failed aor=%s error=%s", gone.aor, str(exc).replace(" ", "_"))
+            return
+        log.info("event=keepalive_flow_expired flow=%s aor=%s removed=%d", gone.flow, gone.aor, removed)
+
+    def keepalive_tick() -> None:
+        for gone in core.keepalive_tick(time.monotonic()):
+            task = loop.create_task(unregister(gone))
+            removals.add(task)
+            task.add_done_callback(removals.discard)
+
     sync = sync_counters(lambda: {**core.stats.flat(), **transports.stats.flat()}, metrics.events)
+    sync_keepalives = sync_counters(registrations.stats.flat, metrics.keepalives)
     tune_gc()
     stop = stop_on_signals(loop)
     log.info(
@@ -248,17 +288,22 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
     try:
         while not stop.is_set():
             probe_tick()
+            keepalive_tick()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), cfg.probe_interval / 2)
             ticks += 1
             if ticks % 4 == 0:
                 sync()
+                sync_keepalives()
+                metrics.keepalive_flows.set(len(registrations.flows))
                 metrics.nodes_usable.set(nodes.usable_count)
                 metrics.nodes_known.set(len(nodes.nodes))
     finally:
         if heartbeater is not None:
             await heartbeater.stop()
         await watcher.stop()
+        for task in removals:
+            task.cancel()
         for server in ws_servers:
             close = getattr(server, "close", None)
             if close is not None:

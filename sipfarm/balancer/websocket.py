@@ -29,6 +29,11 @@ from sipfarm.transport.manager import TransportManager
 log = logging.getLogger("sipfarm.transport.ws")
 
 MAX_PENDING_SENDS = 256
+# RFC 6455 5.5.2 pings, answered by every browser without the page's help: they keep NATs and
+# the connection open, and a peer that stops answering is closed (it is gone, whatever its
+# registration says).  There is no idle timeout on WebSockets (compare TransportConfig).
+PING_INTERVAL = 30.0
+PING_TIMEOUT = 30.0
 
 
 class WebSocketFlow:
@@ -82,6 +87,11 @@ class WebSocketFlow:
         self._wake.set()
         self._loop.create_task(self.connection.close())
 
+    def hold(self, seconds: float) -> None:
+        """Nothing to hold: a WebSocket has no idle timeout here.  The library's pings
+        (``PING_INTERVAL``) keep a live connection open however long it is silent, and close
+        one whose peer stopped answering them (``PING_TIMEOUT``)."""
+
 
 async def listen_websocket(
     manager: TransportManager, where: Address, ssl_context: ssl.SSLContext | None, *, reuse_port: bool = False
@@ -125,8 +135,8 @@ async def listen_websocket(
         ssl=ssl_context,
         subprotocols=["sip"],  # type: ignore[list-item]
         max_size=manager.config.max_message_size,
-        ping_interval=30,
-        ping_timeout=30,
+        ping_interval=PING_INTERVAL,
+        ping_timeout=PING_TIMEOUT,
         reuse_port=reuse_port or None,
     )
     sock = next(iter(server.sockets))

@@ -66,6 +66,8 @@ class Flow(Protocol):
 
     def close(self) -> None: ...
 
+    def hold(self, seconds: float) -> None: ...
+
 
 _LOG_INTERVAL = 1.0  # at most one error log line per second; the rest go to debug and counters
 
@@ -90,6 +92,9 @@ class TransportManager:
         # told when queued data to ``dest`` is lost (connect failed): the transaction layer
         # turns it into a transport error at once (RFC 3261 16.9) instead of waiting for Timer B
         self.on_send_failure = on_send_failure
+        # told the source of every keep-alive the transport consumes itself (a STUN Binding
+        # request or a CRLF on UDP): traffic from that flow that never reaches ``on_message``
+        self.on_keepalive: Callable[[Address], None] | None = None
         self.config = config if config is not None else TransportConfig()
         self.stats = stats if stats is not None else TransportStats()
         self._tls_client_context = tls_client_context
@@ -263,6 +268,16 @@ class TransportManager:
             return True
         self.stats.dropped += 1
         return False
+
+    def hold_flow(self, dest: Address, seconds: float) -> bool:
+        """Keep the connection to ``dest`` open without traffic for ``seconds`` (0: release);
+        False when there is no such open connection.  For a registered phone's flow: its
+        registration's lifetime (RFC 5626 5.3: requests reach it over that flow only)."""
+        flow = self._flows.get(dest)
+        if flow is None or flow.closing:
+            return False
+        flow.hold(seconds)
+        return True
 
     def has_flow(self, dest: Address) -> bool:
         """Whether a TCP/TLS connection to ``dest`` is open (or being opened)."""

@@ -10,7 +10,10 @@ Bounds, each enforced here and counted in :class:`TransportStats`:
 
 * the framer's buffer never exceeds the maximum message size (plus one read);
 * a message must be complete ``message_timeout`` after its first byte (a stalled or dripping
-  peer is closed), and a flow without traffic for ``idle_timeout`` is closed;
+  peer is closed), and a flow without traffic for ``idle_timeout`` is closed -- unless it is
+  *held* (``hold``): the connection of a registered phone stays open for its registration's
+  lifetime, since requests for the phone can only reach it over that flow (RFC 5626 5.3);
+  a held flow is still closed for abuse, by its peer, or over the write-buffer limit;
 * unsent data to a peer that does not read: above ``write_buffer_high`` we stop reading from
   it, above ``write_buffer_limit`` we close it;
 * data for an outbound flow still connecting is queued up to ``connect_queue_limit``.
@@ -62,6 +65,7 @@ class StreamFlow(asyncio.Protocol):
         self._message_start: float | None = None  # first byte of an incomplete message
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        self._hold_until = 0.0  # loop time: not closed for idleness before it
 
     def __repr__(self) -> str:
         return f"<StreamFlow {self.remote} local={self.local}>"
@@ -182,6 +186,16 @@ class StreamFlow(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
 
+    def hold(self, seconds: float) -> None:
+        """Do not close the flow for idleness for ``seconds`` from now (0 or less: release,
+        the ordinary idle timeout applies again).  The caller bounds ``seconds``."""
+        now = self._loop.time()
+        self._hold_until = now + seconds if seconds > 0 else 0.0
+        if self._established and not self._closing:
+            # re-armed only when this makes the timer earlier (a release); when the hold
+            # extends the deadline, the pending timer re-arms itself for the rest
+            self._arm(max(self._last_activity + self._config.idle_timeout, self._hold_until))
+
     def abort_for_abuse(self, reason: str, detail: str) -> None:
         if self._closing:
             return
@@ -229,7 +243,7 @@ class StreamFlow(asyncio.Protocol):
                     self._transport.abort()
                 return
             self._arm(deadline)
-        idle_deadline = self._last_activity + self._config.idle_timeout
+        idle_deadline = max(self._last_activity + self._config.idle_timeout, self._hold_until)
         if now >= idle_deadline:
             self._stats.connections_idle_closed += 1
             logger.debug("event=flow_closed_idle remote=%s", self.remote)

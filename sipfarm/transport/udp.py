@@ -3,6 +3,12 @@
 Each datagram is one message (RFC 3261 18.3): handed to the manager inline, no buffering and
 no task.  Responses and requests leave through the same socket (``send``), so a client behind
 NAT sees them come from the address it sent to (RFC 3581).
+
+Keep-alives share the port (RFC 5626 4.4): a datagram whose first byte is below ``A`` cannot
+start a SIP message, so only those are looked at more closely.  A CRLF is counted and
+ignored; a STUN Binding request is answered here with the sender's address
+(:mod:`sipfarm.transport.stun`, RFC 5626 8), any other STUN message dropped and counted.
+Neither reaches the parser; both tell the manager's ``on_keepalive`` the flow is alive.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from sipfarm.sip.address import Address
+from sipfarm.transport.stats import bump
+from sipfarm.transport.stun import BINDING_REQUEST, StunError, binding_response, is_stun, parse_header
 
 if TYPE_CHECKING:
     from sipfarm.transport.manager import TransportManager
@@ -29,6 +37,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
     """The protocol of one bound UDP socket."""
 
     def __init__(self, manager: TransportManager) -> None:
+        self._manager = manager
         self._deliver = manager.deliver
         self._stats = manager.stats
         self._send_limit = manager.config.udp_send_buffer_limit
@@ -44,11 +53,38 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         self.local = Address("udp", sockname[0], sockname[1])
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        if data[:1] in (b"\r", b"\n") and not data.strip(b"\r\n"):
-            # CRLF keep-alive some clients send over UDP: nothing to parse, nothing to answer
-            self._stats.keepalive_pings += 1
+        # a SIP message starts with a method (a token, in practice letters) or "SIP/2.0"
+        if data[:1] < b"A" and self._keepalive(data, addr):
             return
         self._deliver(data, Address("udp", cast(str, addr[0]), cast(int, addr[1])), self.local)
+
+    def _keepalive(self, data: bytes, addr: tuple[str | int, ...]) -> bool:
+        """Handle a CRLF or STUN keep-alive (True); False for anything else (the parser's)."""
+        stats = self._stats
+        if is_stun(data):
+            try:
+                header = parse_header(data)
+            except StunError as exc:
+                bump(stats.stun_dropped, exc.reason)
+                return True
+            if header.type != BINDING_REQUEST:
+                # responses, indications, other methods: nothing this usage sends or answers
+                bump(stats.stun_dropped, "stun_not_binding_request")
+                return True
+            source = Address("udp", cast(str, addr[0]), cast(int, addr[1]))
+            # RFC 5626 8 / RFC 5389 7.3.1: a success response naming the source address
+            if self.send(binding_response(header, source.host, source.port), source):
+                stats.stun_answered += 1
+        elif data and not data.strip(b"\r\n"):
+            # CRLF keep-alive some clients send over UDP: nothing to parse, nothing to answer
+            source = Address("udp", cast(str, addr[0]), cast(int, addr[1]))
+        else:
+            return False
+        stats.keepalive_pings += 1
+        on_keepalive = self._manager.on_keepalive
+        if on_keepalive is not None:
+            on_keepalive(source)
+        return True
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors for earlier sends (port unreachable...): per packet, so debug only
