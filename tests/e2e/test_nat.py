@@ -1,0 +1,281 @@
+"""NAT and flows (RFC 5626) through a real farm: a node and a balancer on loopback, the
+balancer's intervals shortened (keepalive every 1 s, 2 unanswered OPTIONS; streams idle after
+2 s) so each scenario takes seconds.
+
+* UDP: a phone sending STUN keep-alives keeps its binding (and reads its address from the
+  answer); a phone answering the balancer's OPTIONS keeps its binding; a silent phone is
+  unregistered after its keepalive budget, and a call to it then gets 480.
+* TCP: a registered phone idle for longer than the idle timeout still receives an INVITE over
+  its connection (an unregistered idle connection is closed meanwhile); a call to a phone
+  whose connection died gets 430 Flow Failed at the caller within 1 s.
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+from attack_support import Caller, Phone
+from fixtures.farm import DOMAIN, BalancerProcess, NodeProcess, SipClient, wait_nodes_usable
+
+from sipfarm.balancer.keepalive import KEEPALIVE_PREFIX
+from sipfarm.sip import auth
+from sipfarm.sip.message import SipMessage, make_response
+from sipfarm.sip.parser import parse_message
+from sipfarm.store.location import location_key
+from sipfarm.transport.stun import BINDING_REQUEST, BINDING_SUCCESS, MAGIC_COOKIE, parse_header
+
+pytestmark = pytest.mark.timeout(90)
+
+NAT_SETTINGS = """\
+[balancer]
+keepalive_interval = 1.0
+keepalive_failures = 2
+stream_idle_timeout = 2.0
+"""
+
+
+def nat_farm(
+    tmp_path: Path,
+    redis_url: str,
+    start_node: Callable[..., NodeProcess],
+    start_balancer: Callable[..., BalancerProcess],
+) -> BalancerProcess:
+    config = tmp_path / "balancer-nat.toml"
+    config.write_text(NAT_SETTINGS)
+    start_node(redis_url, "node1")
+    lb = start_balancer(redis_url, extra=["--config", str(config)])
+    wait_nodes_usable(lb, 1)
+    time.sleep(0.6)  # the balancer's probes see the node up
+    return lb
+
+
+def bindings(redis_url: str, user: str) -> int:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return int(client.hlen(location_key(f"{user}@{DOMAIN}")))
+    finally:
+        client.close()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+def stun_binding(sock: socket.socket, dest: tuple[str, int]) -> tuple[str, int] | None:
+    """One STUN Binding request (RFC 5389, no attributes, as RFC 5626 4.4.2 sends it); the
+    address the XOR-MAPPED-ADDRESS of the answer names, skipping any SIP that arrives."""
+    tid = secrets.token_bytes(12)
+    sock.sendto(struct.pack("!HHI", BINDING_REQUEST, 0, MAGIC_COOKIE) + tid, dest)
+    deadline = time.monotonic() + 2
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            data, _ = sock.recvfrom(65535)
+        except TimeoutError:
+            return None
+        if data[:1] >= b"A":
+            continue  # SIP: not the answer
+        header = parse_header(data)
+        assert header.type == BINDING_SUCCESS and header.transaction_id == tid
+        xport = struct.unpack_from("!H", data, 26)[0] ^ (MAGIC_COOKIE >> 16)
+        xaddr = struct.unpack_from("!I", data, 28)[0] ^ MAGIC_COOKIE
+        return socket.inet_ntoa(struct.pack("!I", xaddr)), xport
+    return None
+
+
+def drain(sock: socket.socket) -> list[SipMessage]:
+    """Every SIP datagram waiting on ``sock``."""
+    got: list[SipMessage] = []
+    sock.setblocking(False)
+    try:
+        while True:
+            try:
+                data = sock.recv(65535)
+            except BlockingIOError:
+                return got
+            if data[:1] >= b"A":
+                got.append(parse_message(data))
+    finally:
+        sock.setblocking(True)
+
+
+def test_udp_phones_keep_their_binding_with_stun_or_options_and_a_silent_one_loses_it(
+    tmp_path, redis_url, accounts, start_node, start_balancer
+):
+    lb = nat_farm(tmp_path, redis_url, start_node, start_balancer)
+    stun_phone = SipClient()  # bob: keeps its NAT binding with STUN, answers nothing
+    answering = Phone("carol")  # answers every request, the balancer's OPTIONS included
+    silent = SipClient()  # alice: registers, then never sends or answers anything
+    caller = Caller("bob", accounts["bob"])
+    try:
+        reply = stun_phone.register(lb.address, "bob", accounts["bob"])
+        assert reply is not None and reply.status == 200, lb.log()[-2000:]
+        assert answering.register(lb.address, accounts["carol"]) == 200
+        answering.start()
+        reply = silent.register(lb.address, "alice", accounts["alice"])
+        assert reply is not None and reply.status == 200
+        registered = time.monotonic()
+        assert [bindings(redis_url, u) for u in ("alice", "bob", "carol")] == [1, 1, 1]
+
+        # 5 s = five keepalive intervals: more than the silent phone's budget (1 + 2 x 1 s)
+        while time.monotonic() - registered < 5.0:
+            assert stun_binding(stun_phone.sock, lb.address) == ("127.0.0.1", stun_phone.port)
+            time.sleep(0.4)
+        assert wait_until(lambda: bindings(redis_url, "alice") == 0, 5.0), lb.log()[-2000:]
+        assert time.monotonic() - registered < 9.0
+        assert bindings(redis_url, "bob") == 1  # STUN kept it alive
+        assert bindings(redis_url, "carol") == 1  # answering OPTIONS kept it alive
+
+        # what each phone saw: OPTIONS from the balancer, to its contact, never for bob
+        keepalives = answering.received(settle=0, method=b"OPTIONS")
+        assert len(keepalives) >= 2
+        assert all(m.top_via.branch.startswith(KEEPALIVE_PREFIX.decode()) for m in keepalives)
+        assert str(keepalives[0].request_uri) == f"sip:carol@127.0.0.1:{answering.client.port}"
+        assert [m.method for m in drain(stun_phone.sock)] == []
+        to_silent = [m for m in drain(silent.sock) if m.method == b"OPTIONS"]
+        assert len(to_silent) == 2  # its budget, then it is gone
+
+        # the farm now sees alice unregistered: a call to her gets 480 (RFC 3261 21.4.18)
+        placed = caller.invite(lb.address, "alice")
+        assert placed.final is not None and placed.final.status == 480, lb.log()[-2000:]
+        assert "event=keepalive_flow_expired" in lb.log()
+    finally:
+        for closeable in (stun_phone, answering, silent, caller):
+            closeable.close()
+
+
+class TcpPhone:
+    """A blocking UA on one TCP connection to the balancer, registering over it."""
+
+    def __init__(self, dest: tuple[str, int], user: str, password: str) -> None:
+        self.sock = socket.create_connection(dest, timeout=5)
+        self.host, self.port = self.sock.getsockname()[:2]
+        self.user = user
+        self.password = password
+        self._buf = b""
+
+    @property
+    def contact(self) -> str:
+        return f"<sip:{self.user}@{self.host}:{self.port};transport=tcp>"
+
+    def _register(self, call_id: str, cseq: int, authorization: str = "") -> bytes:
+        lines = [
+            f"REGISTER sip:{DOMAIN} SIP/2.0",
+            f"Via: SIP/2.0/TCP {self.host}:{self.port};branch=z9hG4bK{secrets.token_hex(8)}",
+            "Max-Forwards: 70", f"From: <sip:{self.user}@{DOMAIN}>;tag=t{cseq}", f"To: <sip:{self.user}@{DOMAIN}>",
+            f"Call-ID: {call_id}", f"CSeq: {cseq} REGISTER", f"Contact: {self.contact}", "Expires: 300",
+            "Supported: path", *([f"Authorization: {authorization}"] if authorization else []),
+        ]  # fmt: skip
+        return "\r\n".join([*lines, "Content-Length: 0", "", ""]).encode()
+
+    def register(self) -> int:
+        call_id = secrets.token_hex(8)
+        self.sock.sendall(self._register(call_id, 1))
+        challenge = self.recv()
+        if challenge is None or challenge.status != 401:
+            return challenge.status if challenge is not None else 0
+        parsed = auth.parse_challenge(challenge.get_all("www-authenticate")[0])
+        creds = auth.build_credentials(parsed, self.user, self.password, "REGISTER", f"sip:{DOMAIN}", "0a4f113b")
+        self.sock.sendall(self._register(call_id, 2, creds.decode()))
+        final = self.recv()
+        return final.status if final is not None else 0
+
+    def recv(self, timeout: float = 5.0) -> SipMessage | None:
+        """The next message (Content-Length framed), or None on timeout or a closed connection."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._buf = self._buf.lstrip(b"\r\n")
+            head_end = self._buf.find(b"\r\n\r\n")
+            if head_end >= 0:
+                length = 0
+                for line in self._buf[:head_end].split(b"\r\n"):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() in (b"content-length", b"l"):
+                        length = int(value)
+                end = head_end + 4 + length
+                if len(self._buf) >= end:
+                    data, self._buf = self._buf[:end], self._buf[end:]
+                    return parse_message(data)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                return None
+            if not chunk:
+                return None
+            self._buf += chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def test_tcp_phone_idle_past_the_idle_timeout_still_rings_and_a_dead_connection_gets_430_at_once(
+    tmp_path, redis_url, accounts, start_node, start_balancer
+):
+    lb = nat_farm(tmp_path, redis_url, start_node, start_balancer)
+    carol = TcpPhone(lb.address, "carol", accounts["carol"])
+    bob: TcpPhone | None = None
+    idle = socket.create_connection(lb.address, timeout=5)  # connected, never registered
+    caller = Caller("alice", accounts["alice"])
+    try:
+        assert carol.register() == 200, lb.log()[-2000:]
+        opened = time.monotonic()
+        # the unregistered connection is closed for idleness (2 s here, 300 s by default) ...
+        assert closed_by_peer(idle, 6.0)
+        assert time.monotonic() - opened < 6.0
+        time.sleep(max(0.0, opened + 3.5 - time.monotonic()))  # carol idle for 3.5 s > 2 s
+
+        # ... carol's is held for her registration: a call reaches her over it
+        placed: list[object] = []
+        thread = threading.Thread(target=lambda: placed.append(caller.invite(lb.address, "carol", timeout=8.0)))
+        thread.start()
+        invite = carol.recv(8.0)
+        assert invite is not None and invite.method == b"INVITE", lb.log()[-2000:]
+        carol.sock.sendall(make_response(invite, 486, to_tag=b"busy1", record_route=True).to_bytes())
+        thread.join(10)
+        final = getattr(placed[0], "final", None) if placed else None
+        assert final is not None and final.status == 486
+
+        # bob registers over TCP, then his connection dies: 430 at the caller, at once
+        bob = TcpPhone(lb.address, "bob", accounts["bob"])
+        assert bob.register() == 200
+        bob.close()
+        time.sleep(0.3)  # the balancer sees the connection close
+        started = time.monotonic()
+        result = caller.invite(lb.address, "bob", timeout=5.0)
+        elapsed = time.monotonic() - started
+        assert result.final is not None and result.final.status == 430, lb.log()[-2000:]
+        assert elapsed < 1.0, elapsed  # not a connection attempt and Timer B's 32 s
+    finally:
+        for closeable in (carol, bob, caller):
+            if closeable is not None:
+                closeable.close()
+        idle.close()
