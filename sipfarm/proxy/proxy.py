@@ -17,7 +17,7 @@ layer's.
 * in-dialog requests (To tag) and ACK for 2xx: loose routing by the Route set alone (16.12),
   so any node continues any dialog: nodes hold no dialog state.
 * CANCEL: 200, and CANCEL of every branch that has heard a provisional (16.10, 9.1).
-* GRUUs (RFC 5627 5.5): a Request-URI with ``gr`` reaches the bindings of that one instance,
+* GRUUs (RFC 5627 6.1): a Request-URI with ``gr`` reaches the bindings of that one instance,
   initial or in dialog (a GRUU as a dialog's remote target), from any node: a temporary GRUU
   decodes with the farm secret (:mod:`sipfarm.registrar.gruu`), the bindings are in Redis.
   One ``bytes.find`` is all a request without ``;gr`` pays.
@@ -378,7 +378,7 @@ class Proxy:
             bindings = results["bindings"]
             assert isinstance(bindings, list)
             if gruu is not None:
-                bindings = gruu.select(bindings)  # RFC 5627 5.5: that device only, no forking
+                bindings = gruu.select(bindings)  # RFC 5627 6.1: that device only, no forking
             if not bindings:
                 callee = results["callee"]
                 if callee is None:
@@ -456,9 +456,9 @@ class Proxy:
 
     def _forward_along_route(self, stx: ServerTransaction, msg: SipMessage, local: Address, now: float) -> None:
         """RFC 3261 16.12: the next hop is the top Route, else the Request-URI. No state needed."""
-        gruu = self._gruu_request_uri(msg)
+        gruu = self._gruu_request_uri(msg) if msg.uri.find(b";gr") >= 0 else None
         if gruu is not None:
-            # a dialog whose remote target is a GRUU (RFC 5627 4.2): to the instance's binding
+            # a dialog whose remote target is a GRUU (RFC 5627 4.4): to the instance's binding
             self.state.lookup(gruu.aor, self.element.wall(), partial(self._gruu_in_dialog, stx, msg, local, gruu))
             return
         try:
@@ -471,9 +471,9 @@ class Proxy:
         self._forward_to(stx, msg, local, dest, now)
 
     def _gruu_request_uri(self, msg: SipMessage) -> GruuTarget | None:
-        """The GRUU of ours the Request-URI of a request with no Route left is (RFC 5627 5.5),
+        """The GRUU of ours the Request-URI of a request with no Route left is (RFC 5627 6.1),
         or None; NotFound for a ``gr`` URI that is not one of ours."""
-        if msg.uri.find(b";gr") < 0 or msg.has("route"):
+        if msg.has("route"):
             return None
         uri = msg.request_uri
         if not isinstance(uri, SipURI) or uri.host not in self.element.identity.domains:
@@ -910,7 +910,7 @@ class Proxy:
                 self.element.metrics.errors("ack_dropped").inc()
                 return
             flow = routes.flow
-            gruu = None if flow is not None else self._gruu_request_uri(msg)
+            gruu = self._gruu_request_uri(msg) if flow is None and msg.uri.find(b";gr") >= 0 else None
             if gruu is not None:
                 self.state.lookup(gruu.aor, self.element.wall(), partial(self._ack_to_gruu, msg, gruu))
                 return

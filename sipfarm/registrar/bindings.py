@@ -91,6 +91,10 @@ def read_register(request: SipMessage, domains: frozenset[str], policy: ExpiresP
                 raise BadMessage("bad q value in Contact", partial=request) from None
             if not 0.0 <= q <= 1.0:
                 raise BadMessage("q value out of range in Contact", partial=request)
+        uri = na.uri
+        if isinstance(uri, SipURI) and uri.host in domains and uri.param("gr") is not None:
+            # RFC 5627 5.1: a GRUU of ours is not a contact (it would route back to the farm)
+            raise Forbidden("a GRUU cannot be registered as a Contact", partial=request)
         instance = get_param(na.params, "+sip.instance")
         if instance is not None:
             instance = unquote_string(instance) or None
@@ -118,7 +122,7 @@ def register_ok(
 ) -> SipMessage:
     """200 OK listing every current binding with its remaining expiry (RFC 3261 10.3 step 8).
 
-    ``gruu``: the ``;pub-gruu=...;temp-gruu=...`` of a binding (RFC 5627 5.4), given when the
+    ``gruu``: the ``;pub-gruu=...;temp-gruu=...`` of a binding (RFC 5627 5.2), given when the
     UA supports GRUU. ``flow_timer``: the keepalive interval of an outbound flow (RFC 5626 5.4).
     """
     headers: list[tuple[str, bytes | str]] = []

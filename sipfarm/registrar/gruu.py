@@ -1,11 +1,11 @@
 """GRUUs (RFC 5627) without state: the URIs the registrar hands out, and what a GRUU names.
 
-Public GRUU (RFC 5627 3.1, 5.4): ``sip:alice@farm.test;gr=urn:uuid:X``: the AOR with the
+Public GRUU (RFC 5627 3.1.1, 5.4): ``sip:alice@farm.test;gr=urn:uuid:X``: the AOR with the
 instance ID (its angle brackets removed) in ``gr``.  It reveals the AOR and is valid for ever;
 a request to it reaches the instance's binding, or gets 480 while the instance is not
-registered (RFC 5627 5.5).
+registered (RFC 5627 6.1).
 
-Temporary GRUU (RFC 5627 3.2, 5.4): ``sip:tgruu.<opaque>@farm.test;gr``, the opaque part an
+Temporary GRUU (RFC 5627 3.1.2, 5.4): ``sip:tgruu.<opaque>@farm.test;gr``, the opaque part an
 authenticated encryption of (user, instance, Call-ID digest, serial) under a key derived from
 the farm-wide secret, so any node resolves it with no table of issued GRUUs:
 
@@ -14,15 +14,15 @@ the farm-wide secret, so any node resolves it with no table of issued GRUUs:
   not matter to a decoder: a URI user part is case-sensitive, but some clients are careless).
   Anything altered, truncated or made up fails the tag check: the proxy answers it like a user
   that does not exist (404), so a temporary GRUU tells nothing about who exists.
-* The serial is the REGISTER's CSeq: each refresh gets a new temporary GRUU (RFC 5627 3.2),
+* The serial is the REGISTER's CSeq: each refresh gets a new temporary GRUU (RFC 5627 5.4),
   and every one issued stays valid while the instance stays registered.
-* The Call-ID digest binds it to the registration (RFC 5627 3.2: a UA that reboots registers
+* The Call-ID digest binds it to the registration (RFC 5627 5.4: a UA that reboots registers
   with a new Call-ID, which invalidates its earlier temporary GRUUs): a temporary GRUU reaches
   the instance only while its live binding has that Call-ID.  Until then, and once the
   registration is gone, it is like a device not registered now: 480.  Stateless, the farm
   cannot tell "invalidated" from "not registered at the moment"; both fail the request.
 * The AOR is encrypted, not merely signed: a temporary GRUU does not reveal its user
-  (RFC 5627 3.2, anonymity).
+  (RFC 5627 3.1.2: anonymity).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class GruuError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class GruuTarget:
-    """What a GRUU Request-URI names: one instance of one AOR (RFC 5627 5.5)."""
+    """What a GRUU Request-URI names: one instance of one AOR (RFC 5627 6.1)."""
 
     user: str
     domain: str
@@ -68,7 +68,7 @@ class GruuTarget:
 
     def select(self, bindings: Iterable[Binding]) -> list[Binding]:
         """The bindings a request to this GRUU goes to: the instance's, never another device's
-        (RFC 5627 5.5).  An outbound instance with several flows (reg-id) gets one: the first in
+        (RFC 5627 6.1).  An outbound instance with several flows (reg-id) gets one: the first in
         lookup order, the most recently refreshed (RFC 5626 5.3)."""
         wanted = instance_key(self.instance)
         digest = self.call_id_digest
@@ -92,7 +92,7 @@ def call_id_digest(call_id: str) -> bytes:
 
 
 def public_gruu(user_part: str, domain: str, instance: str) -> str:
-    """RFC 5627 3.1: the AOR with ``gr`` set to the instance ID without its angle brackets."""
+    """RFC 5627 3.1.1: the AOR with ``gr`` set to the instance ID without its angle brackets."""
     return f"sip:{user_part}@{domain};gr={quote(instance_key(instance), safe=_GR_SAFE)}"
 
 
@@ -150,7 +150,7 @@ class TempGruus:
         return TEMP_PREFIX + opaque
 
     def uri(self, user: str, domain: str, instance: str, call_id: str, serial: int) -> str:
-        """RFC 5627 3.2: ``sip:tgruu.<opaque>@domain;gr``."""
+        """RFC 5627 3.1.2: ``sip:tgruu.<opaque>@domain;gr``."""
         return f"sip:{self.encode(user, domain, instance, call_id, serial)}@{domain};gr"
 
     def decode(self, user_part: str, domain: str) -> GruuTarget:
@@ -192,7 +192,7 @@ def _uuid_text(packed: bytes) -> str:
 
 
 def read_gruu(uri: SipURI, gruus: TempGruus) -> GruuTarget | None:
-    """The GRUU a Request-URI of a served domain is (RFC 5627 5.5), or None when it has no
+    """The GRUU a Request-URI of a served domain is (RFC 5627 6.1), or None when it has no
     ``gr`` parameter.  A ``gr`` without a value is a temporary GRUU; GruuError when it is not
     one of ours."""
     gr = uri.param("gr")

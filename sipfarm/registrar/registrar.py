@@ -12,7 +12,7 @@ binding.  A client connected straight to this node over a connection (or an outb
 gets our own Path entry naming its flow, so every node reaches it through us.
 
 A UA that sends ``Supported: gruu`` gets, on each Contact with an instance ID, its public and a
-fresh temporary GRUU (RFC 5627 5.4, :mod:`sipfarm.registrar.gruu`: nothing stored).  An
+fresh temporary GRUU (RFC 5627 5.2, 5.4, :mod:`sipfarm.registrar.gruu`: nothing stored).  An
 outbound registration gets ``Flow-Timer`` (RFC 5626 5.4): the keepalive interval its flow's
 transport needs (below a NAT's UDP binding life, below a connection's idle timeout).
 """
@@ -176,7 +176,7 @@ class Registrar:
         element.reply(stx, response)
 
     def _gruu_params(self, msg: SipMessage, reg: RegisterRequest, binding: Binding) -> str:
-        """RFC 5627 5.4: the public GRUU and a new temporary one (this binding's Call-ID and
+        """RFC 5627 5.2, 5.4: the public GRUU and a new temporary one (this binding's Call-ID and
         CSeq: a new one on every refresh) of a binding with an instance ID."""
         instance = binding.instance or ""
         to_uri = msg.to.uri
@@ -210,7 +210,7 @@ class Registrar:
 
 
 def _supports_gruu(msg: SipMessage) -> bool:
-    """The UA lists ``gruu`` in Supported (RFC 5627 4.1, 5.4: no GRUU for one that does not)."""
+    """The UA lists ``gruu`` in Supported (RFC 5627 4.1, 5.2: no GRUU for one that does not)."""
     for value in msg.get_all("supported"):
         for token in value.split(b","):
             if token.strip().lower() == b"gruu":

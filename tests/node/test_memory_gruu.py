@@ -71,11 +71,11 @@ def mobile(farm: MemFarm) -> Phone:
 
 def test_register_with_an_instance_and_gruu_support_gets_public_and_temporary_gruus(desk: Phone) -> None:
     pub, temp = gruus(register(desk, DESK), DESK)
-    assert pub == f"sip:bob@{DOMAIN};gr={DESK}"  # RFC 5627 3.1: the instance without <>
+    assert pub == f"sip:bob@{DOMAIN};gr={DESK}"  # RFC 5627 3.1.1: the instance without <>
     assert temp is not None
     assert temp.startswith("sip:tgruu.")
     assert temp.endswith(f"@{DOMAIN};gr")
-    assert "bob" not in temp  # a temporary GRUU does not tell who it is (RFC 5627 3.2)
+    assert "bob" not in temp  # a temporary GRUU does not tell who it is (RFC 5627 3.1.2)
 
 
 def test_no_gruus_without_supported_gruu(desk: Phone) -> None:
@@ -163,7 +163,7 @@ def test_attended_transfer_invite_with_replaces_reaches_the_gruus_device(
 def test_a_dialog_whose_remote_target_is_a_gruu_is_acked_and_hung_up(alice: Phone, desk: Phone) -> None:
     pub, _ = gruus(register(desk, DESK), DESK)
     assert pub is not None
-    desk.contact_uri = pub  # the device answers with its GRUU as Contact (RFC 5627 4.2)
+    desk.contact_uri = pub  # the device answers with its GRUU as Contact (RFC 5627 4.4)
     desk.answer = 200
     answer = call(alice, pub)
     assert answer is not None
@@ -281,3 +281,9 @@ def test_flow_timer_values_are_node_options() -> None:
     farm = MemFarm(node_kwargs={"flow_timer_udp": 20, "flow_timer_stream": 90})
     answer = register(farm.phone("bob", "10.0.0.2"), DESK, reg_id=1)
     assert answer.get("flow-timer") == b"20"
+
+
+def test_a_gruu_of_the_farm_cannot_be_registered_as_a_contact(desk: Phone) -> None:
+    answer = desk.register(contact=f"<sip:bob@{DOMAIN};gr={DESK}>", headers=GRUU)
+    assert answer is not None
+    assert answer.status == 403

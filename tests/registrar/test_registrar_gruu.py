@@ -1,4 +1,4 @@
-"""The temporary GRUU codec (RFC 5627 3.2) and GRUU Request-URIs, without a node.
+"""The temporary GRUU codec (RFC 5627 3.1.2) and GRUU Request-URIs, without a node.
 
 A temporary GRUU decodes to what it was made of under the same farm secret and domain, and to
 nothing else: altered, truncated, made up, under another secret or moved to another domain, it
