@@ -47,11 +47,12 @@ def nat_farm(
     redis_url: str,
     start_node: Callable[..., NodeProcess],
     start_balancer: Callable[..., BalancerProcess],
+    workers: int = 1,
 ) -> BalancerProcess:
     config = tmp_path / "balancer-nat.toml"
     config.write_text(NAT_SETTINGS)
     start_node(redis_url, "node1")
-    lb = start_balancer(redis_url, extra=["--config", str(config)])
+    lb = start_balancer(redis_url, extra=["--config", str(config), "--workers", str(workers)])
     wait_nodes_usable(lb, 1)
     time.sleep(0.6)  # the balancer's probes see the node up
     return lb
@@ -112,10 +113,13 @@ def drain(sock: socket.socket) -> list[SipMessage]:
         sock.setblocking(True)
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
 def test_udp_phones_keep_their_binding_with_stun_or_options_and_a_silent_one_loses_it(
-    tmp_path, redis_url, accounts, start_node, start_balancer
+    tmp_path, redis_url, accounts, start_node, start_balancer, workers
 ):
-    lb = nat_farm(tmp_path, redis_url, start_node, start_balancer)
+    """With two workers, each phone's flow is one worker's (SO_REUSEPORT hashes its 4-tuple),
+    and only that worker watches it: the silent phone still gets exactly its budget."""
+    lb = nat_farm(tmp_path, redis_url, start_node, start_balancer, workers)
     stun_phone = SipClient()  # bob: keeps its NAT binding with STUN, answers nothing
     answering = Phone("carol")  # answers every request, the balancer's OPTIONS included
     silent = SipClient()  # alice: registers, then never sends or answers anything
