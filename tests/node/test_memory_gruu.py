@@ -8,6 +8,8 @@ user that does not exist.  An outbound registration learns how often to send kee
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import pytest
 from memfarm import DOMAIN, MemFarm, Phone
 
@@ -158,6 +160,44 @@ def test_attended_transfer_invite_with_replaces_reaches_the_gruus_device(
     assert answer.status == 200
     assert desk.requests(b"INVITE")[0].get("replaces") == replaces.encode()
     assert mobile.requests() == []
+
+
+def test_attended_transfer_refer_to_a_gruu_then_invite_with_replaces(farm: MemFarm, alice: Phone) -> None:
+    """alice talks to carol's desk and to bob; she REFERs bob to carol's desk by its GRUU with
+    Replaces (RFC 3515, RFC 3891); bob's INVITE to that GRUU rings the desk, not carol's mobile."""
+    carol_desk, carol_mobile = farm.phone("carol", "10.0.0.7"), farm.phone("carol", "10.0.0.8")
+    carol_pub, _ = gruus(register(carol_desk, DESK), DESK)
+    register(carol_mobile, MOBILE)
+    bob = farm.phone("bob", "10.0.0.9")
+    assert bob.register().status == 200  # type: ignore[union-attr]
+    assert carol_pub is not None
+    carol_desk.answer = bob.answer = 200
+    consult = alice.authenticated(alice.request("INVITE", carol_pub, to=f"<sip:carol@{DOMAIN}>"))
+    assert consult is not None
+    assert consult.status == 200
+    alice.ack(consult)
+    talk = alice.authenticated(alice.request("INVITE", f"sip:bob@{DOMAIN}"))
+    assert talk is not None
+    assert talk.status == 200
+    alice.ack(talk)
+    carol_mobile.inbox.clear()
+    carol_desk.inbox.clear()
+
+    replaces = f"{consult.call_id.decode()};to-tag={consult.to_tag.decode()};from-tag={consult.from_tag.decode()}"  # type: ignore[union-attr]
+    refer_to = f"<{carol_pub}?Replaces={quote(replaces, safe='')}>"
+    refer = alice.in_dialog("REFER", talk)
+    refer.append("refer-to", refer_to)
+    alice.send(refer, alice.first_hop(refer))
+    assert [r.get("refer-to") for r in bob.requests(b"REFER")] == [refer_to.encode()]
+
+    # bob, the transferee, calls the Refer-To URI with its Replaces header
+    answer = bob.authenticated(
+        bob.request("INVITE", carol_pub, to=f"<sip:carol@{DOMAIN}>", headers=(("replaces", replaces),))
+    )
+    assert answer is not None
+    assert answer.status == 200
+    assert [r.get("replaces") for r in carol_desk.requests(b"INVITE")] == [replaces.encode()]
+    assert carol_mobile.requests() == []
 
 
 def test_a_dialog_whose_remote_target_is_a_gruu_is_acked_and_hung_up(alice: Phone, desk: Phone) -> None:
