@@ -275,7 +275,7 @@ class Proxy:
 
     def options_answer(self, msg: SipMessage) -> SipMessage:
         """200 to an OPTIONS addressed to this node (RFC 3261 11.2)."""
-        headers = (("allow", ALLOW), ("accept", b"application/sdp"), ("supported", b"path, outbound"))
+        headers = (("allow", ALLOW), ("accept", b"application/sdp"), ("supported", b"path, outbound, gruu"))
         return make_response(msg, 200, to_tag=self.element.tag(msg), headers=headers)
 
     def _answer_options(self, stx: ServerTransaction, msg: SipMessage) -> None:

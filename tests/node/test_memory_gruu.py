@@ -327,3 +327,11 @@ def test_a_gruu_of_the_farm_cannot_be_registered_as_a_contact(desk: Phone) -> No
     answer = desk.register(contact=f"<sip:bob@{DOMAIN};gr={DESK}>", headers=GRUU)
     assert answer is not None
     assert answer.status == 403
+
+
+def test_options_to_the_farm_lists_gruu_as_supported(farm: MemFarm) -> None:
+    phone = farm.phone("alice", "10.0.0.1")
+    phone.send(phone.request("OPTIONS", f"sip:{DOMAIN}"))
+    answer = phone.last(200)
+    assert answer is not None
+    assert b"gruu" in [t.strip() for t in (answer.get("supported") or b"").split(b",")]
