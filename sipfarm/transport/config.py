@@ -15,7 +15,8 @@ class TransportConfig:
     # answered 413 and a stream connection closed.
     max_message_size: int = MAX_MESSAGE_SIZE
     # A stream connection with no traffic either way for this long is closed.  Clients keep
-    # their flows open with RFC 5626 CRLFCRLF pings (every 95-120 s by 4.4.1), well under it.
+    # their flows open with RFC 5626 CRLFCRLF pings (every 95-120 s by 4.4.1), well under it;
+    # the balancer holds a registered phone's connection open longer (``StreamFlow.hold``).
     idle_timeout: float = 300.0
     # A stream message must be complete this long after its first byte arrived; a peer that
     # stalls (or drips, slowloris-style) mid-message is closed.

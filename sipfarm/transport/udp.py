@@ -72,8 +72,13 @@ class UdpEndpoint(asyncio.DatagramProtocol):
                 bump(stats.stun_dropped, "stun_not_binding_request")
                 return True
             source = Address("udp", cast(str, addr[0]), cast(int, addr[1]))
-            # RFC 5626 8 / RFC 5389 7.3.1: a success response naming the source address
-            if self.send(binding_response(header, source.host, source.port), source):
+            try:
+                # RFC 5626 8 / RFC 5389 7.3.1: a success response naming the source address
+                response = binding_response(header, source.host, source.port)
+            except ValueError:  # an address the OS gave in a form we cannot encode
+                bump(stats.stun_dropped, "stun_unencodable_source")
+                return True
+            if self.send(response, source):
                 stats.stun_answered += 1
         elif data and not data.strip(b"\r\n"):
             # CRLF keep-alive some clients send over UDP: nothing to parse, nothing to answer

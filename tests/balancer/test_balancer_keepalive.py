@@ -23,6 +23,7 @@ from sipfarm.balancer.keepalive import (
 )
 from sipfarm.balancer.nodes import NodeSet
 from sipfarm.cluster.membership import Member, Role
+from sipfarm.config import BalancerConfig, ConfigError, load
 from sipfarm.edge import FlowTokens
 from sipfarm.sip.address import Address
 from sipfarm.sip.message import SipMessage
@@ -289,3 +290,11 @@ def test_request_for_a_gone_connection_gets_430_at_once_and_is_never_dialled(tra
     assert answer.status == 430 and dest == node  # RFC 5626 5.3, to the node at once
     assert phone not in h.dialled
     assert h.core.stats.flow_failed == 1
+
+
+def test_nat_settings_are_validated_naming_the_key() -> None:
+    cfg = load(BalancerConfig, flags={"keepalive_interval": "0", "stream_idle_timeout": "2"}, environ={})
+    assert (cfg.keepalive_interval, cfg.keepalive_failures, cfg.stream_idle_timeout) == (0.0, 3, 2.0)
+    for key, value in (("keepalive_interval", "-1"), ("keepalive_failures", "0"), ("stream_idle_timeout", "0")):
+        with pytest.raises(ConfigError, match=key):
+            load(BalancerConfig, flags={key: value}, environ={})
