@@ -60,6 +60,15 @@ TONE_AMPLITUDE = 0.5
 DUMP_BUF = 8192
 # Codecs pjsua registers besides G.711; all are switched off so G.711 is what gets negotiated.
 OTHER_CODECS = ("speex", "iLBC", "GSM", "G722", "G7221", "L16", "opus", "AMR", "G729", "BV", "SILK")
+PJSUA_CALL_UNHOLD = 1  # pjsua_call_flag: the re-INVITE offers sendrecv again
+HOOK_SCAN_BYTES = 1 << 20  # pjsua_var is ~400 KB in PJSIP 2.14
+PJSUA_MAX_CALLS = 32  # size of pjsua's call array (enum_calls never returns more)
+# pjsua2's static callbacks in libpjsua2 (exported C++ symbols) that the agent swaps for its own,
+# because the binding does not expose the Account/Call methods they would call (see PjsuaC.hook).
+ON_PAGER2 = "_ZN2pj8Endpoint9on_pager2EiPK8pj_str_tS3_S3_S3_S3_P13pjsip_rx_datai"
+ON_PAGER_STATUS2 = (
+    "_ZN2pj8Endpoint16on_pager_status2EiPK8pj_str_tS3_Pv17pjsip_status_codeS3_P13pjsip_tx_dataP13pjsip_rx_datai"
+)
 
 
 class PjStr(ctypes.Structure):
@@ -71,6 +80,42 @@ class PjStr(ctypes.Structure):
 def pj_str(text: str) -> PjStr:
     raw = text.encode()
     return PjStr(raw, len(raw))
+
+
+class PjStrView(ctypes.Structure):
+    """``pj_str_t`` as pjsip hands it to a callback: read exactly ``slen`` bytes, no NUL expected."""
+
+    _fields_ = (("ptr", ctypes.c_void_p), ("slen", ctypes.c_ssize_t))
+
+
+def str_of(view: Any) -> str:
+    """The text of a ``PjStrView`` pointer (empty for NULL)."""
+    if not view:
+        return ""
+    value = view.contents
+    if not value.ptr or value.slen <= 0:
+        return ""
+    return ctypes.string_at(value.ptr, value.slen).decode(errors="replace")
+
+
+PjStrPtr = ctypes.POINTER(PjStrView)
+# void on_pager2(call_id, from, to, contact, mime_type, body, rdata, acc_id)
+OnPager2 = ctypes.CFUNCTYPE(
+    None, ctypes.c_int, PjStrPtr, PjStrPtr, PjStrPtr, PjStrPtr, PjStrPtr, ctypes.c_void_p, ctypes.c_int
+)
+# void on_pager_status2(call_id, to, body, user_data, status, reason, tdata, rdata, acc_id)
+OnPagerStatus2 = ctypes.CFUNCTYPE(
+    None,
+    ctypes.c_int,
+    PjStrPtr,
+    PjStrPtr,
+    ctypes.c_void_p,
+    ctypes.c_int,
+    PjStrPtr,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_int,
+)
 
 
 class AgentError(Exception):
@@ -100,16 +145,20 @@ class PjsuaC:
         self.pj.pj_log_set_level.restype = None
         lib.pjsua_handle_events.argtypes = (ctypes.c_uint,)
         lib.pjsua_handle_events.restype = ctypes.c_int
-        lib.pjsua_player_create.argtypes = (
-            ctypes.POINTER(PjStr), ctypes.c_uint, ctypes.POINTER(ctypes.c_int))
+        lib.pjsua_player_create.argtypes = (ctypes.POINTER(PjStr), ctypes.c_uint, ctypes.POINTER(ctypes.c_int))
         lib.pjsua_player_create.restype = ctypes.c_int
         lib.pjsua_player_get_conf_port.argtypes = (ctypes.c_int,)
         lib.pjsua_player_get_conf_port.restype = ctypes.c_int
         lib.pjsua_player_destroy.argtypes = (ctypes.c_int,)
         lib.pjsua_player_destroy.restype = ctypes.c_int
         lib.pjsua_recorder_create.argtypes = (
-            ctypes.POINTER(PjStr), ctypes.c_uint, ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_uint,
-            ctypes.POINTER(ctypes.c_int))
+            ctypes.POINTER(PjStr),
+            ctypes.c_uint,
+            ctypes.c_void_p,
+            ctypes.c_ssize_t,
+            ctypes.c_uint,
+            ctypes.POINTER(ctypes.c_int),
+        )
         lib.pjsua_recorder_create.restype = ctypes.c_int
         lib.pjsua_recorder_get_conf_port.argtypes = (ctypes.c_int,)
         lib.pjsua_recorder_get_conf_port.restype = ctypes.c_int
@@ -121,9 +170,23 @@ class PjsuaC:
         lib.pjsua_conf_disconnect.restype = ctypes.c_int
         lib.pjsua_codec_set_priority.argtypes = (ctypes.POINTER(PjStr), ctypes.c_uint8)
         lib.pjsua_codec_set_priority.restype = ctypes.c_int
-        lib.pjsua_call_dump.argtypes = (
-            ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_char_p)
+        lib.pjsua_call_dump.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_char_p)
         lib.pjsua_call_dump.restype = ctypes.c_int
+        lib.pjsua_enum_calls.argtypes = (ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_uint))
+        lib.pjsua_enum_calls.restype = ctypes.c_int
+        lib.pjsua_im_send.argtypes = (
+            ctypes.c_int,
+            ctypes.POINTER(PjStr),
+            ctypes.POINTER(PjStr),
+            ctypes.POINTER(PjStr),
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        )
+        lib.pjsua_im_send.restype = ctypes.c_int
+        lib.pjsua_get_var.argtypes = ()
+        lib.pjsua_get_var.restype = ctypes.c_void_p
+        self.pjsua2 = _load("libpjsua2")
+        self.hooks: list[tuple[int, int, Any]] = []  # (slot address, original pointer, ctypes callback)
 
     def check(self, status: int, what: str) -> None:
         if status != 0:
@@ -132,15 +195,16 @@ class PjsuaC:
     def player_create(self, path: str) -> tuple[int, int]:
         pid = ctypes.c_int(-1)
         name = pj_str(path)
-        self.check(self.lib.pjsua_player_create(ctypes.byref(name), 0, ctypes.byref(pid)),
-                   "pjsua_player_create")
+        self.check(self.lib.pjsua_player_create(ctypes.byref(name), 0, ctypes.byref(pid)), "pjsua_player_create")
         return pid.value, self.lib.pjsua_player_get_conf_port(pid.value)
 
     def recorder_create(self, path: str) -> tuple[int, int]:
         rid = ctypes.c_int(-1)
         name = pj_str(path)
-        self.check(self.lib.pjsua_recorder_create(ctypes.byref(name), 0, None, 0, 0, ctypes.byref(rid)),
-                   "pjsua_recorder_create")
+        self.check(
+            self.lib.pjsua_recorder_create(ctypes.byref(name), 0, None, 0, 0, ctypes.byref(rid)),
+            "pjsua_recorder_create",
+        )
         return rid.value, self.lib.pjsua_recorder_get_conf_port(rid.value)
 
     def codec_priority(self, codec_id: str, priority: int) -> int:
@@ -151,6 +215,54 @@ class PjsuaC:
         buf = ctypes.create_string_buffer(DUMP_BUF)
         self.lib.pjsua_call_dump(call_id, 1, buf, DUMP_BUF, b"")
         return buf.value.decode(errors="replace")
+
+    def call_ids(self) -> list[int]:
+        ids = (ctypes.c_int * PJSUA_MAX_CALLS)()
+        count = ctypes.c_uint(PJSUA_MAX_CALLS)
+        self.check(self.lib.pjsua_enum_calls(ids, ctypes.byref(count)), "pjsua_enum_calls")
+        return list(ids[: count.value])
+
+    def im_send(self, acc_id: int, to: str, text: str, mime: str, token: int) -> None:
+        uri, body, mime_type = pj_str(to), pj_str(text), pj_str(mime)
+        self.check(
+            self.lib.pjsua_im_send(acc_id, ctypes.byref(uri), ctypes.byref(mime_type), ctypes.byref(body), None, token),
+            "pjsua_im_send",
+        )
+
+    def hook(self, symbol: str, callback: Any) -> None:
+        """Point pjsua's callback slot that holds pjsua2's ``symbol`` at ``callback`` instead.
+
+        pjsua2 fills ``pjsua_var.ua_cfg.cb`` with its own static functions, which call Account
+        methods the binding does not expose (``onInstantMessage``...): nothing would reach Python.
+        The slot is found by value (the exported function's address appears once in
+        ``pjsua_var``, a global of libpjsua) inside the memory mapping that holds it.
+        """
+        target = ctypes.cast(getattr(self.pjsua2, symbol), ctypes.c_void_p).value
+        base = self.lib.pjsua_get_var()
+        if not target or not base:
+            raise AgentError(f"cannot hook {symbol}")
+        end = base
+        with open("/proc/self/maps") as maps:  # .bss continues in an anonymous mapping: join them
+            for line in maps:
+                span, perms = line.split(None, 2)[:2]
+                lo, hi = (int(x, 16) for x in span.split("-"))
+                if lo <= end < hi and perms.startswith("rw"):
+                    end = min(hi, base + HOOK_SCAN_BYTES)
+        memory = ctypes.string_at(base, end - base)
+        needle = struct.pack("<Q", target)
+        offset = memory.find(needle)
+        while offset >= 0 and offset % 8:
+            offset = memory.find(needle, offset + 1)
+        if offset < 0:
+            raise AgentError(f"{symbol} not found in pjsua_var")
+        slot = ctypes.c_void_p.from_address(base + offset)
+        self.hooks.append((base + offset, target, callback))
+        slot.value = ctypes.cast(callback, ctypes.c_void_p).value
+
+    def unhook(self) -> None:
+        for address, original, _callback in reversed(self.hooks):
+            ctypes.c_void_p.from_address(address).value = original
+        self.hooks.clear()
 
 
 # pjsua_call_dump prints, per media line:
@@ -209,6 +321,8 @@ class CallMedia:
     record_path: str | None = None
     recorder_id: int = -1
     recorder_slot: int = -1
+    local_hold: bool = False  # we hold the call: our "microphone" (the tone) is off, as in pjsua's app
+    defaults_applied: bool = False  # next_call tone and recording are taken once, at first media
     last_stats: JsonObject = field(default_factory=dict)
 
 
@@ -228,6 +342,9 @@ class AgentCall(pj.Call):
 
     def onCallSdpCreated(self, prm: pj.OnCallSdpCreatedParam) -> None:
         self.agent.guard("onCallSdpCreated", lambda: self.agent.on_call_sdp_created(self, prm))
+
+    def onCallTsxState(self, prm: pj.OnCallTsxStateParam) -> None:
+        self.agent.guard("onCallTsxState", lambda: self.agent.on_call_tsx_state(self, prm))
 
 
 class AgentAccount(pj.Account):
@@ -262,6 +379,7 @@ class Agent:
         self.deferred: list[Callable[[], None]] = []
         self.quitting = False
         self.tone_files: set[str] = set()
+        self.next_message_token = 1
 
     # -- output ---------------------------------------------------------------------------------
 
@@ -287,17 +405,29 @@ class Agent:
 
     def on_reg_state(self, acc: AgentAccount, prm: pj.OnRegStateParam) -> None:
         info = acc.info
-        self.event("reg_state", code=int(prm.code), reason=prm.reason, expiration=int(prm.expiration),
-                   active=bool(info.regIsActive), uri=info.uri, status=int(prm.status),
-                   src=prm.rdata.srcAddress)
+        self.event(
+            "reg_state",
+            code=int(prm.code),
+            reason=prm.reason,
+            expiration=int(prm.expiration),
+            active=bool(info.regIsActive),
+            uri=info.uri,
+            status=int(prm.status),
+            src=prm.rdata.srcAddress,
+        )
 
     def on_incoming_call(self, acc: AgentAccount, prm: pj.OnIncomingCallParam) -> None:
         call = AgentCall(self, acc, prm.callId)
         self.calls[prm.callId] = call
         self.media[prm.callId] = CallMedia()
         info = call.info
-        self.event("incoming_call", call_id=prm.callId, remote_uri=info.remoteUri,
-                   local_uri=info.localUri, call_id_header=info.callIdString)
+        self.event(
+            "incoming_call",
+            call_id=prm.callId,
+            remote_uri=info.remoteUri,
+            local_uri=info.localUri,
+            call_id_header=info.callIdString,
+        )
         code = self.auto_answer_code
         op = pj.CallOpParam(True)
         op.statusCode = pj.StatusCode(code if code is not None else 180)
@@ -308,8 +438,13 @@ class Agent:
         call_id = info.id
         state = info.state.name
         fields: JsonObject = {
-            "call_id": call_id, "state": state, "code": int(info.lastStatusCode), "reason": info.lastReason,
-            "role": info.role.name, "remote_uri": info.remoteUri, "call_id_header": info.callIdString,
+            "call_id": call_id,
+            "state": state,
+            "code": int(info.lastStatusCode),
+            "reason": info.lastReason,
+            "role": info.role.name,
+            "remote_uri": info.remoteUri,
+            "call_id_header": info.callIdString,
         }
         if state == "DISCONNECTED":
             media = self.media.get(call_id)
@@ -326,6 +461,104 @@ class Agent:
         # what the far side (or a media relay rewriting SDP) offered us.
         self.event("sdp", call_id=call.id, local_sdp=prm.sdp.wholeSdp, remote_sdp=prm.remSdp.wholeSdp)
 
+    def on_call_tsx_state(self, call: AgentCall, prm: pj.OnCallTsxStateParam) -> None:
+        """In-dialog transactions other than the INVITE's own: re-INVITE, REFER, NOTIFY, BYE...
+
+        A NOTIFY received for a REFER carries the transfer's progress as a sipfrag
+        (RFC 3515 2.4.5): reported as ``xfer_status`` with the status code it quotes.
+        """
+        tsx_event = prm.e.body.tsxState
+        tsx = tsx_event.tsx
+        state = tsx.state.name
+        if state not in ("COMPLETED", "TERMINATED"):
+            return
+        fields: JsonObject = {
+            "call_id": call.id,
+            "method": tsx.method,
+            "role": tsx.role.name,
+            "state": state,
+            "code": int(tsx.statusCode),
+            "reason": tsx.statusText,
+        }
+        self.event("tsx", **fields)
+        if tsx.method == "NOTIFY" and tsx.role.name == "UAS" and tsx_event.type == pj.EventId.RX_MSG:
+            whole = tsx_event.src.rdata.wholeMsg
+            frag = whole.split("\r\n\r\n", 1)[1] if "\r\n\r\n" in whole else ""
+            match = re.match(r"SIP/2\.0\s+(\d{3})\s*([^\r\n]*)", frag)
+            if match:
+                self.event(
+                    "xfer_status",
+                    call_id=call.id,
+                    code=int(match.group(1)),
+                    reason=match.group(2),
+                    final=int(match.group(1)) >= 200,
+                )
+
+    def on_pager(
+        self, call_id: int, from_: Any, to: Any, contact: Any, mime: Any, body: Any, rdata: Any, acc_id: int
+    ) -> None:
+        self.event(
+            "message",
+            call_id=call_id,
+            from_uri=str_of(from_),
+            to_uri=str_of(to),
+            contact=str_of(contact),
+            mime=str_of(mime),
+            body=str_of(body),
+            acc_id=acc_id,
+        )
+
+    def on_pager_status(
+        self,
+        call_id: int,
+        to: Any,
+        body: Any,
+        user_data: int | None,
+        status: int,
+        reason: Any,
+        tdata: Any,
+        rdata: Any,
+        acc_id: int,
+    ) -> None:
+        self.event(
+            "message_status",
+            token=user_data or 0,
+            to_uri=str_of(to),
+            body=str_of(body),
+            code=status,
+            reason=str_of(reason),
+        )
+
+    def adopt_calls(self) -> None:
+        """Give a pjsua2 ``Call`` to calls pjsua made on its own, and report them.
+
+        pjsua starts a call without the application twice: the transferee's call to the REFER
+        target (RFC 3515), and the call that takes over a dialog named by an INVITE's Replaces
+        (RFC 3891). pjsua2 hands them to ``onCallTransferRequest``/``onCallReplaced``, which
+        this binding does not expose, so their callbacks would reach nobody: wrap them here,
+        right after the poll that created them, and report their state so far.
+        """
+        if self.account is None or self.ep is None:
+            return
+        for call_id in self.c.call_ids():
+            if call_id in self.calls:
+                continue
+            call = AgentCall(self, self.account, call_id)
+            self.calls[call_id] = call
+            self.media.setdefault(call_id, CallMedia())
+            info = call.info
+            self.event(
+                "call_adopted",
+                call_id=call_id,
+                role=info.role.name,
+                state=info.state.name,
+                remote_uri=info.remoteUri,
+                call_id_header=info.callIdString,
+            )
+            self.on_call_state(call)
+            if info.state.name != "DISCONNECTED":
+                self.on_call_media_state(call)
+
     def on_call_media_state(self, call: AgentCall) -> None:
         info = call.info
         call_id = info.id
@@ -334,15 +567,25 @@ class Agent:
             if mi.type != pj.MediaType.AUDIO:
                 continue
             status = mi.status.name
+            media.local_hold = status == "LOCAL_HOLD"
             if status == "ACTIVE" and mi.audioConfSlot >= 0:
                 media.conf_slot = mi.audioConfSlot
                 stats = parse_call_dump(self.c.call_dump(call_id))
-                self.event("media_active", call_id=call_id, conf_slot=media.conf_slot, codec=stats["codec"],
-                           dir=mi.dir.name)
-                if media.tone_hz is None and self.default_tone_hz is not None:
-                    media.tone_hz = self.default_tone_hz
-                if media.record_path is None and self.default_record_path is not None:
-                    media.record_path = self.default_record_path
+                self.event(
+                    "media_active", call_id=call_id, conf_slot=media.conf_slot, codec=stats["codec"], dir=mi.dir.name
+                )
+                if not media.defaults_applied:
+                    media.defaults_applied = True
+                    if media.tone_hz is None and self.default_tone_hz is not None:
+                        media.tone_hz = self.default_tone_hz
+                    if media.record_path is None and self.default_record_path is not None:
+                        media.record_path = self.default_record_path
+                self.attach_media(call_id)
+            elif status in ("LOCAL_HOLD", "REMOTE_HOLD") and mi.audioConfSlot >= 0:
+                # held (RFC 3264 8.4): the stream lives on, one way or none; keep our ports on it, but
+                # a holding phone mutes its microphone (the held party hears silence, not the room)
+                media.conf_slot = mi.audioConfSlot
+                self.event("media_state", call_id=call_id, status=status, dir=mi.dir.name, conf_slot=media.conf_slot)
                 self.attach_media(call_id)
             else:
                 self.event("media_state", call_id=call_id, status=status)
@@ -354,9 +597,19 @@ class Agent:
         media = self.media[call_id]
         if media.conf_slot < 0:
             return
+        # A re-INVITE (hold, resume) recreates the call's conference port, often in the same slot but
+        # without its connections: connect again (connecting twice is harmless).
+        if media.player_id >= 0:
+            if media.local_hold:
+                self.c.lib.pjsua_conf_disconnect(media.player_slot, media.conf_slot)
+            else:
+                self.c.check(self.c.lib.pjsua_conf_connect(media.player_slot, media.conf_slot), "conf_connect")
+        if media.recorder_id >= 0:
+            self.c.check(self.c.lib.pjsua_conf_connect(media.conf_slot, media.recorder_slot), "conf_connect")
         if media.tone_hz is not None and media.player_id < 0:
             path = media.tone_path or os.path.join(
-                self.tmp_dir, f"sipfarm-peer-{self.name}-{os.getpid()}-{media.tone_hz:g}hz.wav")
+                self.tmp_dir, f"sipfarm-peer-{self.name}-{os.getpid()}-{media.tone_hz:g}hz.wav"
+            )
             if path not in self.tone_files:
                 write_tone_wav(path, media.tone_hz)
                 self.tone_files.add(path)
@@ -366,8 +619,7 @@ class Agent:
             self.event("tone_playing", call_id=call_id, hz=media.tone_hz, path=path)
         if media.record_path is not None and media.recorder_id < 0:
             media.recorder_id, media.recorder_slot = self.c.recorder_create(media.record_path)
-            self.c.check(self.c.lib.pjsua_conf_connect(media.conf_slot, media.recorder_slot),
-                         "conf_connect")
+            self.c.check(self.c.lib.pjsua_conf_connect(media.conf_slot, media.recorder_slot), "conf_connect")
             self.event("recording", call_id=call_id, path=media.record_path)
 
     def release_media(self, call_id: int) -> None:
@@ -382,8 +634,9 @@ class Agent:
             self.c.lib.pjsua_recorder_destroy(media.recorder_id)
             media.recorder_id = -1
             path = media.record_path or ""
-            self.event("record_done", call_id=call_id, path=path,
-                       bytes=os.path.getsize(path) if os.path.exists(path) else 0)
+            self.event(
+                "record_done", call_id=call_id, path=path, bytes=os.path.getsize(path) if os.path.exists(path) else 0
+            )
 
     def snapshot_stats(self) -> None:
         """Keep each call's latest RTP totals: pjsua frees the stream before DISCONNECTED is reported."""
@@ -459,6 +712,11 @@ class Agent:
         self.transport_id = ep.transportCreate(ttype, tcfg)
         ep.libStart()
         ep.audDevManager.setNullDev()
+        self.c.hook(ON_PAGER2, OnPager2(lambda *a: self.guard("on_pager2", lambda: self.on_pager(*a))))
+        self.c.hook(
+            ON_PAGER_STATUS2,
+            OnPagerStatus2(lambda *a: self.guard("on_pager_status2", lambda: self.on_pager_status(*a))),
+        )
         self.transport = transport
         self.bound = bound
         local = ep.transportGetInfo(self.transport_id).localName
@@ -468,8 +726,14 @@ class Agent:
             self.c.codec_priority(other, 0)
         for rank, codec in enumerate(codecs):
             self.c.check(self.c.codec_priority(codec, 255 - rank), f"codec priority {codec}")
-        return {"port": self.local_port, "address": bound, "transport": transport,
-                "local_name": local, "version": ep.version.full, "codecs": codecs}
+        return {
+            "port": self.local_port,
+            "address": bound,
+            "transport": transport,
+            "local_name": local,
+            "version": ep.version.full,
+            "codecs": codecs,
+        }
 
     def cmd_register(self, cmd: JsonObject) -> JsonObject:
         self.require_started()
@@ -498,8 +762,9 @@ class Agent:
         password = cmd.get("password")
         if password is not None:
             creds = pj.AuthCredInfoVector()
-            creds.append(pj.AuthCredInfo("digest", str(cmd.get("realm", "*")),
-                                         str(cmd.get("auth_user", user)), 0, str(password)))
+            creds.append(
+                pj.AuthCredInfo("digest", str(cmd.get("realm", "*")), str(cmd.get("auth_user", user)), 0, str(password))
+            )
             sip.authCreds = creds
         acc = AgentAccount(self)
         acc.create(acfg, True)
@@ -545,6 +810,46 @@ class Agent:
         op.statusCode = pj.StatusCode(int(cmd.get("code", 200)))
         self.calls[call_id].answer(op)
         return {"call_id": call_id}
+
+    def cmd_hold(self, cmd: JsonObject) -> JsonObject:
+        """Put the call on hold: re-INVITE offering sendonly (RFC 3264 8.4)."""
+        call_id = self.pick_call(cmd)
+        self.calls[call_id].setHold(pj.CallOpParam(True))
+        return {"call_id": call_id}
+
+    def cmd_unhold(self, cmd: JsonObject) -> JsonObject:
+        """Resume a held call: re-INVITE offering sendrecv again."""
+        call_id = self.pick_call(cmd)
+        op = pj.CallOpParam(True)
+        op.opt.flag = PJSUA_CALL_UNHOLD
+        self.calls[call_id].reinvite(op)
+        return {"call_id": call_id}
+
+    def cmd_xfer(self, cmd: JsonObject) -> JsonObject:
+        """Blind transfer: REFER the far end of the call to ``uri`` (RFC 3515)."""
+        call_id = self.pick_call(cmd)
+        self.calls[call_id].xfer(str(cmd["uri"]), pj.CallOpParam(True))
+        return {"call_id": call_id}
+
+    def cmd_xfer_replaces(self, cmd: JsonObject) -> JsonObject:
+        """Attended transfer: REFER the far end of ``call_id`` to the far end of ``dest_call_id``
+        with Replaces naming that dialog (RFC 3891, RFC 5589 7)."""
+        call_id = self.pick_call(cmd)
+        dest_id = int(cmd["dest_call_id"])
+        if dest_id not in self.calls:
+            raise AgentError(f"no call {dest_id}")
+        self.calls[call_id].xferReplaces(self.calls[dest_id], pj.CallOpParam(True))
+        return {"call_id": call_id, "dest_call_id": dest_id}
+
+    def cmd_message(self, cmd: JsonObject) -> JsonObject:
+        """Send a MESSAGE (RFC 3428) outside any dialog; its outcome comes as ``message_status``."""
+        self.require_started()
+        if self.account is None:
+            raise AgentError("no account: send register first")
+        token = self.next_message_token
+        self.next_message_token += 1
+        self.c.im_send(self.account.id, str(cmd["uri"]), str(cmd["text"]), str(cmd.get("mime", "text/plain")), token)
+        return {"token": token}
 
     def cmd_hangup(self, cmd: JsonObject) -> JsonObject:
         if cmd.get("call_id") is None and cmd.get("all"):
@@ -594,8 +899,8 @@ class Agent:
             raise AgentError(f"call {call_id} is not recording")
         self.c.lib.pjsua_recorder_destroy(media.recorder_id)
         media.recorder_id = -1
-        self.event("record_done", call_id=call_id, path=media.record_path,
-                   bytes=os.path.getsize(media.record_path or ""))
+        path, media.record_path = media.record_path, None  # a later re-INVITE must not record again
+        self.event("record_done", call_id=call_id, path=path, bytes=os.path.getsize(path or ""))
         return {"call_id": call_id}
 
     def cmd_stats(self, cmd: JsonObject) -> JsonObject:
@@ -622,6 +927,7 @@ class Agent:
     def poll(self, ms: int) -> None:
         if self.ep is not None:
             self.c.lib.pjsua_handle_events(ms)
+            self.adopt_calls()
         else:
             time.sleep(ms / 1000)
         while self.deferred:
@@ -653,6 +959,7 @@ class Agent:
                 os.unlink(path)
         # A pj.Call still referenced after libDestroy aborts the process (PEERS.md).
         gc.collect()
+        self.c.unhook()
         ep.libDestroy()
         self.ep = None
 

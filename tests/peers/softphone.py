@@ -14,6 +14,15 @@ Events are plain dicts with an ``"event"`` key:
   "stats": {...}}`` (``stats`` only on DISCONNECTED, the last RTP totals seen)
 * ``{"event": "media_active", "call_id": 0, "conf_slot": 1, "codec": "PCMU", "dir": ...}``
 * ``{"event": "tone_playing"|"recording"|"record_done", "call_id": 0, "path": ...}``
+* ``{"event": "media_state", "call_id": 0, "status": "LOCAL_HOLD|REMOTE_HOLD|NONE|...", "dir": ...}``
+* ``{"event": "tsx", "call_id": 0, "method": "REFER", "role": "UAC|UAS", "state": "COMPLETED|TERMINATED",
+  "code": 202, "reason": ...}`` (in-dialog transactions)
+* ``{"event": "xfer_status", "call_id": 0, "code": 200, "reason": "OK", "final": true}`` (a NOTIFY's
+  sipfrag received by the transferor)
+* ``{"event": "call_adopted", "call_id": 1, ...}``: a call pjsua started itself (the transferee's call
+  to the REFER target, the call taking over a dialog by Replaces), then its ``call_state`` so far
+* ``{"event": "message", "from_uri": ..., "to_uri": ..., "mime": "text/plain", "body": ...}`` (a
+  MESSAGE received) and ``{"event": "message_status", "token": 1, "code": 200, "reason": ...}``
 * ``{"event": "error", "where": ..., "error": ...}``, ``{"event": "exit", "reason": ...}``
 
 WAV helpers (pure Python): ``tone_rms``, ``is_non_silent``, ``goertzel_power``, ``dominant_frequency``.
@@ -66,8 +75,9 @@ class Softphone:
     ``with Softphone("alice") as alice: alice.start(); alice.register(...)``
     """
 
-    def __init__(self, name: str, *, max_lifetime: float = 300.0, log_dir: str | Path = "/tmp",
-                 python: str = sys.executable) -> None:
+    def __init__(
+        self, name: str, *, max_lifetime: float = 300.0, log_dir: str | Path = "/tmp", python: str = sys.executable
+    ) -> None:
         self.name = name
         self.events: list[Event] = []
         self.log_path = Path(log_dir) / f"sipfarm-peer-{name}-{os.getpid()}-{id(self):x}.log"
@@ -78,7 +88,10 @@ class Softphone:
         self._log: IO[bytes] = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [python, str(AGENT), "--name", name, "--max-lifetime", str(max_lifetime), "--tmp-dir", "/tmp"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log)
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+        )
         self._reader = threading.Thread(target=self._read, name=f"softphone-{name}", daemon=True)
         self._reader.start()
         try:
@@ -124,8 +137,7 @@ class Softphone:
             while cmd_id not in self._replies:
                 left = deadline - time.monotonic()
                 if left <= 0 or self._dead():
-                    raise SoftphoneError(
-                        f"{self.name}: no reply to {cmd} in {timeout} s; log {self.log_path}")
+                    raise SoftphoneError(f"{self.name}: no reply to {cmd} in {timeout} s; log {self.log_path}")
                 self._cond.wait(min(left, 0.5))
             reply = self._replies.pop(cmd_id)
         if not reply.get("ok"):
@@ -140,8 +152,7 @@ class Softphone:
         with self._cond:
             return len(self.events)
 
-    def wait_for(self, predicate: EventPredicate, timeout: float = DEFAULT_TIMEOUT_S,
-                 since: int = 0) -> Event:
+    def wait_for(self, predicate: EventPredicate, timeout: float = DEFAULT_TIMEOUT_S, since: int = 0) -> Event:
         """The first event from index ``since`` on that matches ``predicate``, waiting up to ``timeout``."""
         deadline = time.monotonic() + timeout
         index = since
@@ -154,35 +165,57 @@ class Softphone:
                         return event
                 left = deadline - time.monotonic()
                 if left <= 0 or self._dead():
-                    recent = self.events[max(since, len(self.events) - 5):]
-                    raise SoftphoneError(f"{self.name}: awaited event did not come in {timeout} s; "
-                                         f"recent events {recent}; log {self.log_path}")
+                    recent = self.events[max(since, len(self.events) - 5) :]
+                    raise SoftphoneError(
+                        f"{self.name}: awaited event did not come in {timeout} s; "
+                        f"recent events {recent}; log {self.log_path}"
+                    )
                 self._cond.wait(min(left, 0.5))
 
-    def wait_call_state(self, state: str, call_id: int | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-                        since: int = 0) -> Event:
+    def wait_call_state(
+        self, state: str, call_id: int | None = None, timeout: float = DEFAULT_TIMEOUT_S, since: int = 0
+    ) -> Event:
         return self.wait_for(
-            lambda e: e["event"] == "call_state" and e["state"] == state
-            and (call_id is None or e["call_id"] == call_id), timeout, since)
+            lambda e: (
+                e["event"] == "call_state" and e["state"] == state and (call_id is None or e["call_id"] == call_id)
+            ),
+            timeout,
+            since,
+        )
 
     # -- commands ---------------------------------------------------------------------------------
 
-    def start(self, port: int = 0, transport: str = "udp", bind: str = "127.0.0.1",
-              codecs: tuple[str, ...] = ("PCMU", "PCMA")) -> int:
+    def start(
+        self, port: int = 0, transport: str = "udp", bind: str = "127.0.0.1", codecs: tuple[str, ...] = ("PCMU", "PCMA")
+    ) -> int:
         """Create the endpoint and its SIP transport; returns the local SIP port."""
         reply = self.command("start", port=port, transport=transport, bind=bind, codecs=list(codecs))
         return int(reply["port"])
 
-    def register(self, registrar: str, user: str, domain: str, password: str | None = None, *,
-                 transport: str | None = None, proxy: str | None = None, expires: int = 300,
-                 timeout: float = DEFAULT_TIMEOUT_S) -> int:
+    def register(
+        self,
+        registrar: str,
+        user: str,
+        domain: str,
+        password: str | None = None,
+        *,
+        transport: str | None = None,
+        proxy: str | None = None,
+        expires: int = 300,
+        timeout: float = DEFAULT_TIMEOUT_S,
+    ) -> int:
         """REGISTER user@domain at registrar ("host:port"); returns the final status code (200, 401...).
 
         ``proxy`` is the outbound proxy, by default the registrar, so calls go through it too.
         """
         since = self.mark()
-        params: dict[str, Any] = {"registrar": registrar, "user": user, "domain": domain,
-                                  "expires": expires, "proxy": proxy if proxy is not None else registrar}
+        params: dict[str, Any] = {
+            "registrar": registrar,
+            "user": user,
+            "domain": domain,
+            "expires": expires,
+            "proxy": proxy if proxy is not None else registrar,
+        }
         if password is not None:
             params["password"] = password
         if transport is not None:
@@ -218,10 +251,43 @@ class Softphone:
     def stop_record(self, call_id: int | None = None) -> None:
         self.command("stop_record", call_id=call_id)
 
+    def hold(self, call_id: int | None = None) -> None:
+        """Put the call on hold (re-INVITE with ``a=sendonly``); see ``media_state`` LOCAL_HOLD."""
+        self.command("hold", call_id=call_id)
+
+    def unhold(self, call_id: int | None = None) -> None:
+        """Resume a held call (re-INVITE with ``a=sendrecv``); see ``media_active``."""
+        self.command("unhold", call_id=call_id)
+
+    def xfer(self, uri: str, call_id: int | None = None) -> None:
+        """Blind transfer: REFER the far end to ``uri``; progress comes as ``xfer_status`` events."""
+        self.command("xfer", uri=uri, call_id=call_id)
+
+    def xfer_replaces(self, call_id: int, dest_call_id: int) -> None:
+        """Attended transfer: REFER the far end of ``call_id`` to the far end of ``dest_call_id``
+        with Replaces (the transfer target's new call takes over ``dest_call_id``)."""
+        self.command("xfer_replaces", call_id=call_id, dest_call_id=dest_call_id)
+
+    def message(self, uri: str, text: str, mime: str = "text/plain") -> int:
+        """Send a MESSAGE; returns the token its ``message_status`` event carries."""
+        return int(self.command("message", uri=uri, text=text, mime=mime)["token"])
+
+    def wait_message_status(self, token: int, timeout: float = DEFAULT_TIMEOUT_S) -> Event:
+        """The final ``message_status`` of the MESSAGE ``token`` (code >= 200)."""
+        return self.wait_for(
+            lambda e: e["event"] == "message_status" and e["token"] == token and e["code"] >= 200, timeout
+        )
+
     def stats(self, call_id: int | None = None) -> CallStats:
         r = self.command("stats", call_id=call_id)
-        return CallStats(call_id=int(r["call_id"]), state=str(r["state"]), rx_packets=int(r["rx_packets"]),
-                         tx_packets=int(r["tx_packets"]), rx_lost=int(r["rx_lost"]), codec=r["codec"])
+        return CallStats(
+            call_id=int(r["call_id"]),
+            state=str(r["state"]),
+            rx_packets=int(r["rx_packets"]),
+            tx_packets=int(r["tx_packets"]),
+            rx_lost=int(r["rx_lost"]),
+            codec=r["codec"],
+        )
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -254,8 +320,9 @@ class Softphone:
     def __enter__(self) -> Softphone:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
 
@@ -281,7 +348,7 @@ def _rms(samples: list[int]) -> float:
 def tone_rms(path: str | Path, skip_s: float = 0.0) -> float:
     """Root-mean-square level of a 16-bit WAV (full scale 32767), after skipping ``skip_s`` seconds."""
     samples, rate = read_wav_mono(path)
-    return _rms(samples[int(skip_s * rate):])
+    return _rms(samples[int(skip_s * rate) :])
 
 
 def is_non_silent(path: str | Path, threshold: float = SILENCE_RMS) -> bool:
@@ -295,10 +362,10 @@ def _loudest_window(samples: list[int], size: int) -> list[int]:
         return samples
     best, best_energy = 0, -1.0
     for start in range(0, len(samples) - size + 1, size // 2):
-        energy = float(sum(s * s for s in samples[start:start + size:4]))
+        energy = float(sum(s * s for s in samples[start : start + size : 4]))
         if energy > best_energy:
             best, best_energy = start, energy
-    return samples[best:best + size]
+    return samples[best : best + size]
 
 
 def goertzel_power(samples: Sequence[float], rate: int, hz: float) -> float:
@@ -316,8 +383,7 @@ def _frange(lo: float, hi: float, step: float) -> Iterator[float]:
         yield lo + i * step
 
 
-def dominant_frequency(path: str | Path, lo: float = 100.0, hi: float = 3400.0,
-                       window_s: float = 0.25) -> float:
+def dominant_frequency(path: str | Path, lo: float = 100.0, hi: float = 3400.0, window_s: float = 0.25) -> float:
     """The strongest frequency (Hz, ~1 Hz precision) in the loudest ``window_s`` of a WAV.
 
     A coarse 10 Hz scan, then a 1 Hz scan around its peak; telephone band by default.
@@ -329,5 +395,4 @@ def dominant_frequency(path: str | Path, lo: float = 100.0, hi: float = 3400.0,
     mean = sum(window) / len(window)
     centred = [s - mean for s in window]
     coarse = max(_frange(lo, hi, 10.0), key=lambda f: goertzel_power(centred, rate, f))
-    return max(_frange(max(lo, coarse - 10), min(hi, coarse + 10), 1.0),
-               key=lambda f: goertzel_power(centred, rate, f))
+    return max(_frange(max(lo, coarse - 10), min(hi, coarse + 10), 1.0), key=lambda f: goertzel_power(centred, rate, f))
