@@ -128,13 +128,14 @@ class Element:
             self.metrics.responses(response.status).inc()
             self.metrics.errors("late_2xx_forwarded").inc()
             return
+        request = stx.request  # a completed non-INVITE transaction releases it on sending
         try:
             self.layer.send_response(stx, response, self.now())
         except InvalidTransition:
             return  # the transaction ended meanwhile (client gave up): nothing to answer
         self.metrics.responses(response.status).inc()
         if response.status >= 200:
-            self.log_outcome(stx.request, response.status, stx.source)
+            self.log_outcome(request, response.status, stx.source)
 
     def send_stateless(self, request: SipMessage, response: SipMessage, source: Address) -> None:
         """A response sent without a transaction (a challenge, a refusal) back to ``source``."""

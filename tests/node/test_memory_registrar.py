@@ -139,3 +139,18 @@ def test_register_while_redis_is_down_gets_503_with_retry_after(farm: MemFarm) -
     assert answer.get("retry-after") is not None
     farm.state.fail_with = None
     assert alice.register().status == 200  # type: ignore[union-attr]
+
+
+def test_the_log_line_of_an_accepted_register_names_method_user_and_call(
+    farm: MemFarm, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a completed non-INVITE transaction releases its request on sending: the outcome line
+    # must be written from the request as it was, not from the released placeholder
+    alice = farm.phone("alice", "10.0.0.1")
+    with caplog.at_level("INFO", logger="sipfarm"):
+        answer = alice.register()
+    assert answer is not None and answer.status == 200
+    lines = [r.getMessage() for r in caplog.records if "status=200" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "method=REGISTER" in lines[0] and f"user=alice@{DOMAIN}" in lines[0], lines
+    assert "source=udp:10.0.0.1:5060" in lines[0] and f"call_id={answer.call_id.decode()}" in lines[0], lines
