@@ -61,6 +61,9 @@ DUMP_BUF = 8192
 # Codecs pjsua registers besides G.711; all are switched off so G.711 is what gets negotiated.
 OTHER_CODECS = ("speex", "iLBC", "GSM", "G722", "G7221", "L16", "opus", "AMR", "G729", "BV", "SILK")
 PJSUA_CALL_UNHOLD = 1  # pjsua_call_flag: the re-INVITE offers sendrecv again
+CLONE_NEWUTS = 0x04000000
+HOST_NAME_MAX = 64
+SIP_LOG_LEVEL = 4  # pjsua logs whole messages at level 4
 HOOK_SCAN_BYTES = 1 << 20  # pjsua_var is ~400 KB in PJSIP 2.14
 PJSUA_MAX_CALLS = 32  # size of pjsua's call array (enum_calls never returns more)
 # pjsua2's static callbacks in libpjsua2 (exported C++ symbols) that the agent swaps for its own,
@@ -116,6 +119,22 @@ OnPagerStatus2 = ctypes.CFUNCTYPE(
     ctypes.c_void_p,
     ctypes.c_int,
 )
+
+
+def own_hostname(hostname: str) -> str:
+    """Give this process its own host name (a new UTS namespace, root only); returns the name in use.
+
+    pjsua derives the RFC 5626 ``+sip.instance`` of every account from a hash of the host name,
+    so two agents on one machine would claim to be one device, and a registrar rightly lets the
+    second registration's flow replace the first (RFC 5626 6). Real phones have distinct
+    instances: so do agents, when the namespace can be made. Must run before ``libCreate``
+    (pjlib caches the name).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    raw = hostname.encode()[:HOST_NAME_MAX]
+    if libc.unshare(CLONE_NEWUTS) == 0 and libc.sethostname(raw, len(raw)) == 0:
+        return raw.decode()
+    return os.uname().nodename
 
 
 class AgentError(Exception):
@@ -380,6 +399,7 @@ class Agent:
         self.quitting = False
         self.tone_files: set[str] = set()
         self.next_message_token = 1
+        self.hostname = ""
 
     # -- output ---------------------------------------------------------------------------------
 
@@ -470,17 +490,17 @@ class Agent:
         tsx_event = prm.e.body.tsxState
         tsx = tsx_event.tsx
         state = tsx.state.name
-        if state not in ("COMPLETED", "TERMINATED"):
-            return
-        fields: JsonObject = {
-            "call_id": call.id,
-            "method": tsx.method,
-            "role": tsx.role.name,
-            "state": state,
-            "code": int(tsx.statusCode),
-            "reason": tsx.statusText,
-        }
-        self.event("tsx", **fields)
+        if state in ("COMPLETED", "TERMINATED"):
+            fields: JsonObject = {
+                "call_id": call.id,
+                "method": tsx.method,
+                "role": tsx.role.name,
+                "state": state,
+                "code": int(tsx.statusCode),
+                "reason": tsx.statusText,
+            }
+            self.event("tsx", **fields)
+        # the request itself is seen once, as the server transaction starts (state TRYING)
         if tsx.method == "NOTIFY" and tsx.role.name == "UAS" and tsx_event.type == pj.EventId.RX_MSG:
             whole = tsx_event.src.rdata.wholeMsg
             frag = whole.split("\r\n\r\n", 1)[1] if "\r\n\r\n" in whole else ""
@@ -690,6 +710,7 @@ class Agent:
             raise AgentError(f"transport must be udp or tcp, not {transport!r}")
         bound = str(cmd.get("bind", "127.0.0.1"))
         port = int(cmd.get("port", 0))
+        self.hostname = own_hostname(f"sipfarm-{self.name}-{os.getpid()}")
         self.c.pj.pj_log_set_level(0)  # before libCreate: no banner
         ep = pj.Endpoint()
         ep.libCreate()
@@ -698,9 +719,11 @@ class Agent:
         cfg.uaConfig.threadCnt = 0
         cfg.uaConfig.mainThreadOnly = False
         cfg.uaConfig.maxCalls = int(cmd.get("max_calls", 4))
-        cfg.logConfig.level = 0
-        cfg.logConfig.consoleLevel = 0
-        cfg.logConfig.msgLogging = 0
+        # sip_log: every SIP message sent and received goes to stderr (the Softphone's log file)
+        sip_log = bool(cmd.get("sip_log", False))
+        cfg.logConfig.level = SIP_LOG_LEVEL if sip_log else 0
+        cfg.logConfig.consoleLevel = SIP_LOG_LEVEL if sip_log else 0
+        cfg.logConfig.msgLogging = 1 if sip_log else 0
         cfg.medConfig.noVad = True  # continuous RTP: packet counts mean something
         cfg.medConfig.ecTailLen = 0
         ep.libInit(cfg)
@@ -732,6 +755,7 @@ class Agent:
             "transport": transport,
             "local_name": local,
             "version": ep.version.full,
+            "hostname": self.hostname,
             "codecs": codecs,
         }
 

@@ -53,6 +53,7 @@ AGENT = Path(__file__).resolve().parent / "pjsua_agent.py"
 DEFAULT_TIMEOUT_S = 10.0
 QUIT_TIMEOUT_S = 8.0
 SILENCE_RMS = 300.0
+SIP_LOG_ENV = "SIPFARM_PEER_SIP_LOG"
 
 
 class SoftphoneError(Exception):
@@ -186,10 +187,21 @@ class Softphone:
     # -- commands ---------------------------------------------------------------------------------
 
     def start(
-        self, port: int = 0, transport: str = "udp", bind: str = "127.0.0.1", codecs: tuple[str, ...] = ("PCMU", "PCMA")
+        self,
+        port: int = 0,
+        transport: str = "udp",
+        bind: str = "127.0.0.1",
+        codecs: tuple[str, ...] = ("PCMU", "PCMA"),
+        sip_log: bool | None = None,
     ) -> int:
-        """Create the endpoint and its SIP transport; returns the local SIP port."""
-        reply = self.command("start", port=port, transport=transport, bind=bind, codecs=list(codecs))
+        """Create the endpoint and its SIP transport; returns the local SIP port.
+
+        ``sip_log``: pjsua writes every SIP message to the agent's log (``log_path``, kept when not
+        empty); by default on when the environment sets ``SIPFARM_PEER_SIP_LOG=1``.
+        """
+        if sip_log is None:
+            sip_log = os.environ.get(SIP_LOG_ENV, "") == "1"
+        reply = self.command("start", port=port, transport=transport, bind=bind, codecs=list(codecs), sip_log=sip_log)
         return int(reply["port"])
 
     def register(
