@@ -32,7 +32,7 @@ from fixtures.default_farm import DefaultFarm
 from fixtures.matrix import Cell
 
 from .netns import skip_reason
-from .softphone import Softphone, dominant_frequency, tone_rms
+from .softphone import EventPredicate, Softphone, dominant_frequency, tone_rms
 
 pytestmark = [
     pytest.mark.softphone,
@@ -79,7 +79,7 @@ def aor(farm: DefaultFarm, user: str) -> str:
     return f"sip:{user}@{farm.domain}"
 
 
-def is_call_state(state: str, call_id: int | None = None, code: int | None = None) -> object:
+def is_call_state(state: str, call_id: int | None = None, code: int | None = None) -> EventPredicate:
     return lambda e: (
         e["event"] == "call_state"
         and e["state"] == state
@@ -122,12 +122,6 @@ def connect(caller: Softphone, callee: Softphone, uri: str) -> tuple[int, int]:
     for phone, cid, since in ((caller, call_id, caller_since), (callee, incoming["call_id"], callee_since)):
         phone.wait_for(lambda e, c=cid: e["event"] == "media_active" and e["call_id"] == c, EVENT_S, since)
     return call_id, int(incoming["call_id"])
-
-
-def hang_up_everything(*phones_: Softphone) -> None:
-    for phone in phones_:
-        with contextlib.suppress(Exception):
-            phone.hangup_all()
 
 
 # -- register, call, audio, hold ----------------------------------------------------------------------
