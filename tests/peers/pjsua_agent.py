@@ -735,11 +735,15 @@ class Agent:
         self.transport_id = ep.transportCreate(ttype, tcfg)
         ep.libStart()
         ep.audDevManager.setNullDev()
-        self.c.hook(ON_PAGER2, OnPager2(lambda *a: self.guard("on_pager2", lambda: self.on_pager(*a))))
-        self.c.hook(
-            ON_PAGER_STATUS2,
-            OnPagerStatus2(lambda *a: self.guard("on_pager_status2", lambda: self.on_pager_status(*a))),
-        )
+        try:  # only MESSAGE needs the hooks: a PJSIP build where they fail still makes calls
+            self.c.hook(ON_PAGER2, OnPager2(lambda *a: self.guard("on_pager2", lambda: self.on_pager(*a))))
+            self.c.hook(
+                ON_PAGER_STATUS2,
+                OnPagerStatus2(lambda *a: self.guard("on_pager_status2", lambda: self.on_pager_status(*a))),
+            )
+        except (AgentError, AttributeError) as exc:
+            self.c.unhook()
+            self.event("error", where="hook", error=str(exc))
         self.transport = transport
         self.bound = bound
         local = ep.transportGetInfo(self.transport_id).localName
@@ -870,6 +874,8 @@ class Agent:
         self.require_started()
         if self.account is None:
             raise AgentError("no account: send register first")
+        if len(self.c.hooks) != 2:
+            raise AgentError("MESSAGE unavailable: pjsua's pager callbacks could not be hooked")
         token = self.next_message_token
         self.next_message_token += 1
         self.c.im_send(self.account.id, str(cmd["uri"]), str(cmd["text"]), str(cmd.get("mime", "text/plain")), token)
