@@ -50,8 +50,10 @@ def render(data: dict[str, dict[str, dict[str, str]]]) -> str:
             dates.add(entry.get("date", ""))
             text = "pass" if entry.get("result") == "pass" else "**FAIL**"
             if entry.get("note"):
-                notes.append(f"{client} {transport}, {feature}: {entry['note']}")
-                text += f" [{len(notes)}]"
+                # one number per distinct remark: the same client limit on every transport
+                if entry["note"] not in notes:
+                    notes.append(entry["note"])
+                text += f" [{notes.index(entry['note']) + 1}]"
             cells.append(text)
         lines.append(f"| {client} | {transport.upper()} | " + " | ".join(cells) + " |")
     out = "\n".join(lines) + "\n"
