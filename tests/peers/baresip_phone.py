@@ -3,8 +3,10 @@
 Each phone gets its own config directory (``baresip -f DIR``) with only the modules a headless
 test needs: ``g711`` (PCMU/PCMA), ``ausine`` as the microphone (a sine at the phone's own
 frequency), ``aubridge`` as a null speaker, ``sndfile`` (dumps what is sent and what is heard to
-``dump-<time>-enc.wav`` / ``-dec.wav``), ``account`` (reads ``accounts``), ``menu`` (the ``dial``,
-``hangup`` and ``reginfo`` commands) and ``ctrl_tcp``.
+``dump-<time>-enc.wav`` / ``-dec.wav``), ``stdio`` (a UI: what ``menu`` shows, a received
+MESSAGE among it, reaches the log), ``account`` (reads ``accounts``), ``contact`` (reads
+``contacts``; its ``message`` command sends to the first), ``menu`` (``dial``, ``hangup``,
+``accept``, ``hold``, ``resume``, ``transfer``, ``audio_debug``, ``reginfo``...) and ``ctrl_tcp``.
 
 Control is netstring-framed JSON on ``ctrl_tcp_listen``: ``{"command", "params", "token"}`` in,
 ``{"response": true, "ok", "data", "token"}`` and ``{"event": true, "class", "type", ...}`` out
@@ -19,6 +21,13 @@ Quirks of baresip 1.0.0 (see also /work/shared/PEERS.md):
 * A 401 with two WWW-Authenticate headers (MD5 and SHA-256) fails the REGISTER with
   "Function not implemented" (libre's digest code knows only MD5 and gives up on the first
   challenge it cannot answer).
+* A re-INVITE (hold, resume) rebuilds the receiving audio pipeline without the sndfile filter:
+  nothing heard after it is dumped. ``audio_debug`` still reports the stream: direction
+  (``dir=recvonly``), packets received (``rcvd=``), seconds of audio and level (``audio_level``).
+* ``hold`` stops sending altogether (a=sendonly, but no RTP).
+* ``answermode early`` answers 183 with SDP and starts receiving only: it sends no early audio.
+* A received MESSAGE is no ctrl_tcp event; ``menu`` prints it (``sip:alice@d: "text"``) to a UI.
+* libre 1.1.0 checks no TLS server certificate (``sip_cafile`` or not).
 """
 
 from __future__ import annotations
@@ -93,28 +102,46 @@ class BaresipPhone:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def start(self, user: str, password: str, domain: str, proxy: str, *, transport: str = "udp") -> None:
+    def start(
+        self,
+        user: str,
+        password: str,
+        domain: str,
+        proxy: str,
+        *,
+        transport: str = "udp",
+        answermode: str = "auto",
+        cafile: Path | None = None,
+        contacts: tuple[str, ...] = (),
+    ) -> None:
         """Write the config and account, start baresip and connect to its control port.
 
-        ``proxy`` is HOST:PORT of the registrar (the balancer); every request goes through it.
+        ``proxy`` is HOST:PORT of the registrar (the balancer); every request goes through it,
+        over ``transport`` (udp, tcp or tls; ``cafile`` is the CA to check the balancer's TLS
+        certificate with). ``answermode``: ``auto`` answers at once, ``manual`` rings until
+        ``accept()`` or ``hangup()`` (a reject). ``contacts``: SIP URIs, the first one is where
+        ``message()`` sends.
         """
         self.dump_dir.mkdir(parents=True, exist_ok=True)
         sip_port = _free_port_pair()
         ctrl_port = free_port("127.0.0.1", tcp=True)
         rtp_low = free_port("127.0.0.1", udp=True) & ~1
         self.aor = f"sip:{user}@{domain}"
-        (self.dir / "config").write_text(self._config(sip_port, ctrl_port, rtp_low))
+        (self.dir / "config").write_text(self._config(sip_port, ctrl_port, rtp_low, cafile))
         outbound = f"sip:{proxy};transport={transport}"
         (self.dir / "accounts").write_text(
-            f'<{self.aor}>;auth_pass={password};outbound="{outbound}";answermode=auto;'
+            f'<{self.aor}>;auth_pass={password};outbound="{outbound}";answermode={answermode};'
             "regint=600;audio_codecs=PCMU,PCMA;ptime=20\n"
         )
+        (self.dir / "contacts").write_text("".join(f"<{uri}>\n" for uri in contacts))
         log = self.log_path.open("wb")
         env = {**os.environ, "HOME": str(self.dir)}
-        # -t: baresip quits on its own even if a crashed test never closes it
+        # -t: baresip quits on its own even if a crashed test never closes it. stdin is a pipe
+        # nobody writes to: the stdio module needs a pollable stdin (it prints what menu shows,
+        # received MESSAGEs among it, into the log)
         self.proc = subprocess.Popen(
             [BARESIP, "-f", str(self.dir), "-t", str(self.max_lifetime_s)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.dir,
+            stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.dir,
         )  # fmt: skip
         log.close()
         deadline = time.monotonic() + DEFAULT_TIMEOUT_S
@@ -132,7 +159,7 @@ class BaresipPhone:
         self._reader = threading.Thread(target=self._read_loop, name=f"baresip-{self.name}", daemon=True)
         self._reader.start()
 
-    def _config(self, sip_port: int, ctrl_port: int, rtp_low: int) -> str:
+    def _config(self, sip_port: int, ctrl_port: int, rtp_low: int, cafile: Path | None) -> str:
         lines = [
             ("poll_method", "epoll"),
             ("sip_listen", f"127.0.0.1:{sip_port}"),
@@ -146,7 +173,7 @@ class BaresipPhone:
             ("ausrc_channels", "2"),
             ("auplay_srate", "48000"),
             ("auplay_channels", "2"),
-            ("audio_level", "no"),
+            ("audio_level", "yes"),  # audio_debug reports the received level (dBov)
             ("rtp_ports", f"{rtp_low}-{rtp_low + 20}"),
             ("rtcp_mux", "no"),
             ("jitter_buffer_delay", "1-10"),
@@ -156,12 +183,16 @@ class BaresipPhone:
             ("module", "ausine.so"),
             ("module", "aubridge.so"),
             ("module", "sndfile.so"),
+            ("module", "stdio.so"),  # a UI: menu's output (a received MESSAGE) reaches the log
             ("module_app", "account.so"),
-            ("module_app", "menu.so"),  # the dial, hangup and reginfo commands
+            ("module_app", "contact.so"),  # the message command (to the current contact)
+            ("module_app", "menu.so"),  # dial, hangup, reginfo, accept, hold, resume, transfer
             ("module_app", "ctrl_tcp.so"),
             ("ctrl_tcp_listen", f"127.0.0.1:{ctrl_port}"),
             ("snd_path", str(self.dump_dir)),
         ]
+        if cafile is not None:
+            lines.append(("sip_cafile", str(cafile)))
         return "".join(f"{key}\t{value}\n" for key, value in lines)
 
     def log(self) -> str:
@@ -192,6 +223,9 @@ class BaresipPhone:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(QUIT_TIMEOUT_S)
+        if self.proc.stdin is not None:
+            # only once baresip is gone: at EOF its stdin would be readable forever (a busy loop)
+            self.proc.stdin.close()
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.close()
@@ -302,7 +336,34 @@ class BaresipPhone:
         self.command("dial", uri)
 
     def hangup(self) -> None:
+        """End the current call; a call still ringing here is rejected (486 Rejected)."""
         self.command("hangup")
+
+    def accept(self) -> None:
+        self.command("accept")
+
+    def hold(self) -> None:
+        """re-INVITE with a=sendonly; baresip stops sending audio while the call is held."""
+        self.command("hold")
+
+    def resume(self) -> None:
+        self.command("resume")
+
+    def transfer(self, uri: str) -> None:
+        """Blind transfer: REFER the other party of the current call to ``uri``."""
+        self.command("transfer", uri)
+
+    def message(self, text: str) -> None:
+        """SIP MESSAGE (text/plain) to the first of ``start(contacts=...)``."""
+        self.command("message", text)
+
+    def received_messages(self) -> list[tuple[str, str]]:
+        """(sender, text) of each MESSAGE received, as menu prints them: ``sip:a@d: "text"``."""
+        return re.findall(r'^\s*(sips?:\S+): "(.*)"$', self.log(), re.MULTILINE)
+
+    def audio_debug(self) -> str:
+        """baresip's audio stream report of the current call (direction, RTP and jitter figures)."""
+        return self.command("audio_debug")
 
     def dumps(self, direction: str) -> list[Path]:
         """sndfile's WAV files: ``"dec"`` is what the phone heard, ``"enc"`` what it sent."""
