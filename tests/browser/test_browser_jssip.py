@@ -1,33 +1,51 @@
-"""A JsSIP web phone in headless Chromium registers and calls over the balancer's WebSocket listener.
+"""The JsSIP cells of the client matrix: two JsSIP web phones in headless Chromium register and
+call over the WebSocket listener of ``default_farm``'s balancer (one node on the default
+configuration).
 
-One node, one balancer (with ``ws:127.0.0.1:P``) and Redis on loopback. The page (``web/phone.js``)
-runs two JsSIP user agents, alice and bob, both registered over WebSocket (RFC 7118) through the
-balancer; alice calls bob, bob answers, and the call is confirmed on both sides. Each
-RTCPeerConnection must have received audio (inbound-rtp bytes and audio energy from Chromium's fake
-microphone, over DTLS-SRTP between 127.0.0.1 host candidates); alice hangs up and bob's session
-ends by the BYE that crossed the farm. Runs in the loopback-only namespace like the softphone tests.
+The page (``web/phone.js``) runs two JsSIP user agents, alice and bob, both registered over
+WebSocket (RFC 7118) through the balancer. Each step is asserted as the users would notice it and
+marked in the ``jssip``/``ws`` matrix cell right after:
 
-JsSIP keeps only the last WWW-Authenticate of a 401 and knows only MD5 (issue 8): the call runs on
-a node offering MD5 only, and once more on the default configuration, which is expected to fail
-while the default also offers SHA-256.
+- register: both user agents report ``registered``.
+- message: alice's MESSAGE text reaches bob's user agent (``newMessage``), alice gets 200.
+- call: alice calls bob, bob answers, the call is confirmed on both sides; alice's hangup ends
+  bob's session by the BYE that crossed the farm.
+- audio: each RTCPeerConnection received audio (inbound-rtp packets and audio energy from
+  Chromium's fake microphone, over DTLS-SRTP between 127.0.0.1 host candidates).
+- hold: alice holds (re-INVITE, a=sendonly; JsSIP mutes both ends while held): neither side
+  hears anything while held (no audio energy received, and bob, recvonly, sends alice no
+  packet), both hear each other again after alice resumes.
+- busy: bob rejects alice's next call with 486 Busy Here; alice's call fails as Busy.
+
+While the two are talking, the page (each phone's state, the call's duration, RTP packets, the
+audio level heard) is captured over the DevTools protocol into the test's ``tmp_path`` as
+``browser-call.png``; with ``SIPFARM_UPDATE_SCREENSHOT=1`` it is copied to
+``docs/browser-call.png``, the README's picture. Runs in the loopback-only namespace like the
+softphone tests.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fixtures.farm import DOMAIN, BalancerProcess, wait_nodes_usable
+from fixtures.default_farm import DefaultFarm
+from fixtures.matrix import Cell
 from peers.netns import skip_reason
 from webphone import HeadlessChromium, PageServer, build_bundle, missing_tools
 
-from sipfarm.config import NodeConfig
-
+CLIENT = "jssip"
 TALK_MS = 2000
+HOLD_MS = 1500
 STEP_TIMEOUT_S = 15.0
-# the default node offers a challenge JsSIP cannot answer unless it offers MD5 alone
-DEFAULT_CHALLENGE_BREAKS_JSSIP = NodeConfig().digest_algorithms != ["MD5"]
+SCREENSHOT = "browser-call.png"
+DOCS_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / SCREENSHOT
+UPDATE_SCREENSHOT = os.environ.get("SIPFARM_UPDATE_SCREENSHOT") == "1"
+MIN_PACKETS = 50  # ~50 a second each way
+HELD_ENERGY = 0.05  # audio energy received while held, at most, as a share of the resumed talk's
 
 pytestmark = [
     pytest.mark.softphone,
@@ -50,64 +68,73 @@ def page_server(bundle: Path, tmp_path: Path) -> Iterator[PageServer]:
         yield server
 
 
-def md5_only_config(tmp_path: Path) -> list[str]:
-    path = tmp_path / "node-md5.toml"
-    path.write_text('[node]\ndigest_algorithms = ["MD5"]\n')
-    return ["--config", str(path)]
-
-
-def web_call(lb: BalancerProcess, server: PageServer, accounts: dict[str, str], tmp_path: Path) -> None:
+def test_jssip_over_websocket(default_farm: DefaultFarm, matrix, page_server: PageServer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cell: Cell = matrix(CLIENT, "ws", "register", "call", "audio", "hold", "busy", "message")
+    server = page_server
+    accounts = default_farm.accounts
     url = server.url(
-        ws=f"ws://127.0.0.1:{lb.ws_port}", domain=DOMAIN, talk_ms=TALK_MS,
+        ws=f"ws://{default_farm.proxy('ws')}", domain=default_farm.domain, talk_ms=TALK_MS, hold_ms=HOLD_MS,
         caller=f"alice:{accounts['alice']}", callee=f"bob:{accounts['bob']}",
     )  # fmt: skip
     with HeadlessChromium(url, tmp_path) as chromium:
+
+        def step(name: str) -> dict:  # type: ignore[type-arg]
+            return server.wait_step(name, STEP_TIMEOUT_S, chromium.alive)
+
         try:
-            server.wait_step("media", STEP_TIMEOUT_S, chromium.alive)
-            server.wait_step("registered", STEP_TIMEOUT_S, chromium.alive)
-            server.wait_step("confirmed", STEP_TIMEOUT_S, chromium.alive)
-            stats = server.wait_step("stats", STEP_TIMEOUT_S, chromium.alive)
-            ended = server.wait_step("ended", STEP_TIMEOUT_S, chromium.alive)
-            server.wait_step("done", STEP_TIMEOUT_S, chromium.alive)
+            step("media")
+            step("registered")
+            cell.ok("register")
+
+            message = step("message")
+            assert message["status"] == 200, message
+            assert message["received"] == {"from": "sip:alice@farm.test", "body": message["sent"]}, message
+            cell.ok("message")
+
+            step("confirmed")
+            stats = step("stats")
+            step("talking")
+            shot = chromium.screenshot(tmp_path / SCREENSHOT)
+            server.release("screenshot")
+            hold = step("hold")
+            ended = step("ended")
+            busy = step("busy")
+            step("done")
         except AssertionError:
             print(f"--- JsSIP debug\n{server.debug_text()[-6000:]}\n--- chromium\n{chromium.log()[-3000:]}")
+            print(default_farm.logs())
             raise
-    print(f"stats: {stats}\nended: {ended}")
+    print(f"stats: {stats}\nhold: {hold}\nended: {ended}\nbusy: {busy}")
+    assert ended["caller"] == "local: Terminated", ended
+    assert ended["callee"] == "remote: Terminated", ended  # alice's BYE reached bob through the farm
+    cell.ok("call")
+
     for side in ("caller", "callee"):
         audio = stats[side]
         # ~50 packets a second each way for 2 s; the fake microphone is a beep, not silence
-        assert audio["packetsReceived"] >= 50 and audio["bytesReceived"] > 0, stats
-        assert audio["packetsSent"] >= 50, stats
+        assert audio["packetsReceived"] >= MIN_PACKETS and audio["bytesReceived"] > 0, stats
+        assert audio["packetsSent"] >= MIN_PACKETS, stats
         assert audio["totalAudioEnergy"] > 0, stats
         assert audio["pair"].startswith("127.0.0.1:"), stats
-    assert ended["caller"] == "local: Terminated", ended
-    assert ended["callee"] == "remote: Terminated", ended  # alice's BYE reached bob through the farm
+    cell.ok("audio")
 
+    def grew(before: dict, after: dict, side: str, figure: str) -> float:  # type: ignore[type-arg]
+        return float(after[side][figure]) - float(before[side][figure])
 
-def test_jssip_call_over_websocket_md5_only(
-    redis_url, accounts, start_node, start_balancer, page_server: PageServer, tmp_path: Path
-) -> None:
-    node = start_node(redis_url, "node1", extra=md5_only_config(tmp_path))
-    lb = start_balancer(redis_url)
-    wait_nodes_usable(lb, 1)
-    try:
-        web_call(lb, page_server, accounts, tmp_path)
-    except BaseException:
-        print(f"--- node log\n{node.log()[-3000:]}\n--- balancer log\n{lb.log()[-3000:]}")
-        raise
-    assert node.process.poll() is None and lb.process.poll() is None
+    for side in ("caller", "callee"):
+        # held: silence (bob still receives alice's muted packets; what little energy loss
+        # concealment adds is ~0.5 % of the talk's), then each hears the other again
+        talk_energy = grew(hold["resumed"], hold["talking"], side, "totalAudioEnergy")
+        assert grew(hold["held"], hold["stillHeld"], side, "totalAudioEnergy") < HELD_ENERGY * talk_energy, hold
+        assert talk_energy > 0 and grew(hold["resumed"], hold["talking"], side, "packetsReceived") >= MIN_PACKETS, hold
+    # bob answered the hold recvonly: he sends alice nothing until she resumes
+    assert grew(hold["held"], hold["stillHeld"], "caller", "packetsReceived") <= 3, hold
+    cell.ok("hold")
 
+    assert busy["status"] == 486 and busy["cause"] == "Busy", busy
+    cell.ok("busy")
 
-@pytest.mark.xfail(
-    DEFAULT_CHALLENGE_BREAKS_JSSIP,
-    strict=True,
-    raises=AssertionError,
-    reason="issue 8: default challenge offers SHA-256 too",
-)
-def test_jssip_call_over_websocket_default_config(
-    redis_url, accounts, start_node, start_balancer, page_server: PageServer, tmp_path: Path
-) -> None:
-    start_node(redis_url, "node1")
-    lb = start_balancer(redis_url)
-    wait_nodes_usable(lb, 1)
-    web_call(lb, page_server, accounts, tmp_path)
+    assert shot.read_bytes().startswith(b"\x89PNG"), shot
+    if UPDATE_SCREENSHOT:
+        DOCS_SCREENSHOT.parent.mkdir(exist_ok=True)
+        shutil.copyfile(shot, DOCS_SCREENSHOT)

@@ -18,10 +18,16 @@ Chromium flags (Debian chromium 156, as root, in a loopback-only network namespa
   ``lo`` is the only interface, no candidate at all would be gathered without it.
 * ``--autoplay-policy=no-user-gesture-required``: JsSIP plays nothing itself, but the remote
   track is live without a click.
+* ``--remote-debugging-port=0 --window-size=800,500``: the DevTools protocol on a port Chromium
+  picks (written to ``DevToolsActivePort`` in the profile), for ``screenshot()``
+  (``Page.captureScreenshot`` mid-call, of an 800x500 viewport set by
+  ``Emulation.setDeviceMetricsOverride``: headless, ``--window-size`` leaves a smaller one;
+  ``--screenshot`` only shoots a page once it has loaded).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -37,6 +43,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlencode
+from urllib.request import urlopen
+
+from websockets.sync.client import connect
 
 HERE = Path(__file__).resolve().parent
 WEB_DIR = HERE / "web"
@@ -61,7 +70,11 @@ CHROMIUM_FLAGS = (
     "--use-fake-ui-for-media-stream",
     "--allow-loopback-in-peer-connection",
     "--autoplay-policy=no-user-gesture-required",
+    "--remote-debugging-port=0",
+    "--window-size=800,500",
 )
+SCREENSHOT_SIZE = (800, 500)
+WAIT_TIMEOUT_S = 20.0  # how long GET /wait/NAME blocks at most
 
 Report = dict[str, Any]
 
@@ -87,10 +100,13 @@ def build_bundle(out_dir: Path) -> Path:
 
 
 class PageServer:
-    """A loopback HTTP server for ``/`` (phone.html), ``/phone.js``, ``/jssip.js`` and ``POST /report``."""
+    """A loopback HTTP server for ``/`` (phone.html), ``/phone.js``, ``/jssip.js``, ``POST /report``
+    and ``GET /wait/NAME`` (answered once the test calls ``release(NAME)``: the page waits there
+    for the test, for its screenshot say)."""
 
     def __init__(self, bundle: Path, log_path: Path) -> None:
         self.reports: list[Report] = []
+        self._released: dict[str, threading.Event] = {}
         self._cond = threading.Condition()
         self._log = log_path.open("w")
         files = {
@@ -102,6 +118,11 @@ class PageServer:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                if self.path.startswith("/wait/"):
+                    released = server.gate(self.path.removeprefix("/wait/")).wait(WAIT_TIMEOUT_S)
+                    self.send_response(HTTPStatus.NO_CONTENT if released else HTTPStatus.GATEWAY_TIMEOUT)
+                    self.end_headers()
+                    return
                 entry = files.get(self.path.partition("?")[0])
                 if entry is None:
                     self.send_error(HTTPStatus.NOT_FOUND)
@@ -137,6 +158,14 @@ class PageServer:
             self.reports.append(report)
             self._cond.notify_all()
 
+    def gate(self, name: str) -> threading.Event:
+        with self._cond:
+            return self._released.setdefault(name, threading.Event())
+
+    def release(self, name: str) -> None:
+        """Answer the page's ``GET /wait/NAME`` (now, or as soon as it asks)."""
+        self.gate(name).set()
+
     def url(self, **query: str | int) -> str:
         return f"http://127.0.0.1:{self.port}/?{urlencode(query)}"
 
@@ -161,6 +190,8 @@ class PageServer:
             return "\n".join(str(r.get("text", "")) for r in self.reports if r.get("step") == "debug")
 
     def close(self) -> None:
+        for gate in list(self._released.values()):
+            gate.set()
         self.httpd.shutdown()
         self.httpd.server_close()
         self._log.close()
@@ -191,6 +222,36 @@ class HeadlessChromium:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def screenshot(self, path: Path, timeout: float = 10.0) -> Path:
+        """A PNG of the page as it is now, over the DevTools protocol (``Page.captureScreenshot``)."""
+        port_file = self.profile / "DevToolsActivePort"
+        deadline = time.monotonic() + timeout
+        while not port_file.exists() or not port_file.read_text().strip():
+            if time.monotonic() > deadline or not self.alive():
+                raise AssertionError(f"no DevTools port from Chromium: {self.log()[-2000:]}")
+            time.sleep(0.05)
+        port = int(port_file.read_text().split()[0])
+        with urlopen(f"http://127.0.0.1:{port}/json/list", timeout=timeout) as answer:
+            targets = json.load(answer)
+        (page,) = [t for t in targets if t.get("type") == "page"]
+        with connect(page["webSocketDebuggerUrl"], open_timeout=timeout, max_size=None) as devtools:
+
+            def call(ident: int, method: str, **params: object) -> dict[str, Any]:
+                devtools.send(json.dumps({"id": ident, "method": method, "params": params}))
+                while True:
+                    reply: dict[str, Any] = json.loads(devtools.recv(timeout))
+                    if reply.get("id") == ident:
+                        if "result" not in reply:
+                            raise AssertionError(f"DevTools {method} failed: {reply}")
+                        return reply
+
+            # headless Chromium's viewport is smaller than --window-size: set it
+            width, height = SCREENSHOT_SIZE
+            call(1, "Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+            reply = call(2, "Page.captureScreenshot", format="png")
+        path.write_bytes(base64.b64decode(reply["result"]["data"]))
+        return path
 
     def close(self) -> None:
         # Chromium's renderer, GPU and zygote processes share the session started for it

@@ -1,25 +1,49 @@
-// A JsSIP web phone driven by its URL, reporting every step to the page's server (POST /report).
+// Two JsSIP web phones in one page, driven by its URL, reporting every step to the page's server
+// (POST /report).
 //
-// ?ws=ws://127.0.0.1:P&domain=farm.test&caller=alice:PW&callee=bob:PW&talk_ms=2000
+// ?ws=ws://127.0.0.1:P&domain=farm.test&caller=alice:PW&callee=bob:PW&talk_ms=2000&hold_ms=1500
 //
-// Two JsSIP user agents in one page register over the WebSocket; the caller calls the callee, the
-// callee answers, both RTCPeerConnections exchange audio (Chromium's fake microphone) for talk_ms,
-// then the caller hangs up. Reports: {step: "media" | "registered" | "confirmed" | "stats" |
-// "ended" | "done"} or {step: "failed", where, cause}. The test reads them from its server.
+// Both user agents register over the WebSocket. The caller sends the callee a MESSAGE, then calls;
+// the callee answers and both RTCPeerConnections exchange audio (Chromium's fake microphone) for
+// talk_ms. The page then waits for the test (GET /wait/screenshot: it takes its screenshot of the
+// call), the caller holds for hold_ms and resumes for talk_ms, and hangs up. Last, the caller calls
+// again and the callee rejects it (486 Busy Here). Reports: {step: "media" | "registered" |
+// "message" | "confirmed" | "stats" | "talking" | "hold" | "ended" | "busy" | "done"} or
+// {step: "failed", where, cause}. The page shows each phone's state, the call's duration, the
+// packets and the audio level it receives, for the screenshot.
 'use strict';
 
 const params = new URLSearchParams(location.search);
 const wsUrl = params.get('ws');
 const domain = params.get('domain');
 const talkMs = Number(params.get('talk_ms') || 2000);
+const holdMs = Number(params.get('hold_ms') || 1500);
 const STEP_TIMEOUT_MS = 10000;
+const LOG_LINES = 9;
+
+const logLines = [];
 
 function log(text) {
-  document.getElementById('log').textContent += text + '\n';
+  logLines.push(`${new Date().toISOString().slice(11, 23)} ${text}`);
+  document.getElementById('log').textContent = logLines.slice(-LOG_LINES).join('\n');
+}
+
+// One line of the page's log for a report a human reads in the screenshot.
+function describe(body) {
+  const audio = (side) => `${side.packetsReceived} packets, energy ${(side.totalAudioEnergy || 0).toFixed(2)}`;
+  switch (body.step) {
+    case 'media': return 'fake microphone granted';
+    case 'registered': return 'both registered over WebSocket (REGISTER, 401, REGISTER, 200)';
+    case 'message': return `MESSAGE delivered (${body.status}): "${body.received.body}"`;
+    case 'confirmed': return 'INVITE answered, call confirmed on both sides';
+    case 'stats': return `audio received: caller ${audio(body.caller)}; callee ${audio(body.callee)}`;
+    case 'talking': return 'talking (the test takes this screenshot)';
+    default: return JSON.stringify(body).slice(0, 110);
+  }
 }
 
 function report(body) {
-  log(JSON.stringify(body));
+  if (body.step !== 'debug') log(describe(body));
   return fetch('/report', {
     method: 'POST', headers: {'Content-Type': 'application/json'}, body: JSON.stringify(body),
   });
@@ -35,6 +59,64 @@ function withTimeout(promise, what) {
     new Promise((_, reject) => setTimeout(() => reject(new Error(`timeout: ${what}`)), STEP_TIMEOUT_MS)),
   ]);
 }
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// -- what the page shows: one panel per phone --------------------------------------------------
+
+const panels = {};
+
+function panel(role, ua) {
+  const el = document.getElementById(role);
+  el.innerHTML = `<h2>sip:${ua.user}@${domain} <span class="role">${role}</span></h2>
+    <table>
+      <tr><td>registration</td><td class="reg">starting</td></tr>
+      <tr><td>call</td><td class="state">idle</td></tr>
+      <tr><td>duration</td><td class="duration">-</td></tr>
+      <tr><td>codec</td><td class="codec">-</td></tr>
+      <tr><td>RTP received / sent</td><td class="packets">-</td></tr>
+      <tr><td>ICE pair</td><td class="pair">-</td></tr>
+      <tr><td>audio level heard</td><td><span class="level">-</span><div class="meter"><div></div></div></td></tr>
+    </table>`;
+  const field = (name) => el.querySelector(`.${name}`);
+  panels[role] = {field, meter: el.querySelector('.meter div'), session: null, since: 0};
+  ua.on('registered', () => { field('reg').textContent = 'registered (WebSocket)'; });
+  ua.on('registrationFailed', (e) => { field('reg').textContent = `failed: ${e.cause}`; });
+}
+
+function showState(role, text, cls) {
+  const state = panels[role].field('state');
+  state.textContent = text;
+  state.className = `state ${cls || ''}`;
+}
+
+function attach(role, session) {
+  const p = panels[role];
+  p.session = session;
+  session.on('progress', () => showState(role, 'ringing'));
+  session.on('confirmed', () => { p.since = Date.now(); showState(role, 'in call', 'confirmed'); });
+  session.on('hold', (e) => showState(role, `on hold (${e.originator})`, 'held'));
+  session.on('unhold', () => showState(role, 'in call', 'confirmed'));
+  session.on('ended', (e) => { p.session = null; showState(role, `ended: ${e.cause}`, 'ended'); });
+  session.on('failed', (e) => { p.session = null; showState(role, `failed: ${e.cause}`, 'failed'); });
+}
+
+async function refreshPanels() {
+  for (const p of Object.values(panels)) {
+    if (!p.session || !p.session.connection || !p.since) continue;
+    const s = await audioStats(p.session);
+    const seconds = Math.floor((Date.now() - p.since) / 1000);
+    p.field('duration').textContent = `${Math.floor(seconds / 60)}:${String(seconds % 60).padStart(2, '0')}`;
+    p.field('codec').textContent = [...new Set(s.codecs || [])].join(', ') || '-';
+    p.field('packets').textContent = `${s.packetsReceived || 0} / ${s.packetsSent || 0}`;
+    p.field('pair').textContent = s.pair || '-';
+    const level = s.audioLevel || 0;
+    p.field('level').textContent = level.toFixed(3);
+    p.meter.style.width = `${Math.round(level * 100)}%`;
+  }
+}
+
+// -- the phones ---------------------------------------------------------------------------------
 
 function makeUA(account) {
   const [user, password] = account.split(':');
@@ -95,7 +177,14 @@ async function audioStats(session) {
   return out;
 }
 
+const bothStats = async (a, b) => ({caller: await audioStats(a), callee: await audioStats(b)});
+
+function once(emitter, event, what) {
+  return withTimeout(new Promise((resolve) => emitter.once(event, resolve)), what);
+}
+
 async function main() {
+  document.getElementById('farm').textContent = `farm.test through the balancer at ${wsUrl}`;
   // A granted microphone (fake device, fake permission prompt) lets candidates carry real
   // addresses instead of mDNS names, which nothing resolves in a loopback-only namespace.
   const mic = await navigator.mediaDevices.getUserMedia({audio: true});
@@ -104,19 +193,51 @@ async function main() {
 
   const caller = makeUA(params.get('caller'));
   const callee = makeUA(params.get('callee'));
-  const calleeSession = new Promise((resolve) => {
-    callee.on('newRTCSession', (e) => {
-      if (e.originator !== 'remote') return;
-      resolve(e.session);
+  panel('caller', caller);
+  panel('callee', callee);
+  setInterval(refreshPanels, 200);
+  // the callee answers the first call and rejects the next as busy
+  let calleeAnswers = true;
+  const calleeSessions = [];
+  const nextCalleeSession = () => new Promise((resolve) => calleeSessions.push(resolve));
+  callee.on('newRTCSession', (e) => {
+    if (e.originator !== 'remote') return;
+    if (calleeAnswers) {
+      attach('callee', e.session);
       e.session.answer(CALL_OPTIONS);
-    });
+    } else {
+      e.session.terminate({status_code: 486, reason_phrase: 'Busy Here'});
+    }
+    const resolve = calleeSessions.shift();
+    if (resolve) resolve(e.session);
   });
   caller.start();
   callee.start();
   await withTimeout(Promise.all([caller.registeredPromise, callee.registeredPromise]), 'registration');
   await report({step: 'registered'});
 
+  // MESSAGE, caller to callee
+  const text = `hello ${callee.user}, this is ${caller.user}`;
+  const received = withTimeout(new Promise((resolve) => {
+    callee.on('newMessage', (e) => {
+      if (e.originator === 'remote') resolve({from: e.request.from.uri.toString(), body: e.request.body});
+    });
+  }), 'MESSAGE at the callee');
+  const sent = withTimeout(new Promise((resolve, reject) => {
+    caller.sendMessage(`sip:${callee.user}@${domain}`, text, {
+      eventHandlers: {
+        succeeded: (e) => resolve(e.response.status_code),
+        failed: (e) => reject(new Error(`MESSAGE failed: ${e.cause}`)),
+      },
+    });
+  }), 'MESSAGE answer');
+  const [message, status] = await Promise.all([received, sent]);
+  await report({step: 'message', sent: text, received: message, status});
+
+  // the call
+  const calleeSession = nextCalleeSession();
   const session = caller.call(`sip:${callee.user}@${domain}`, CALL_OPTIONS);
+  attach('caller', session);
   const confirmed = (s) => new Promise((resolve, reject) => {
     s.on('confirmed', resolve);
     s.on('failed', (e) => reject(new Error(`call failed (${e.originator}): ${e.cause}`)));
@@ -128,12 +249,26 @@ async function main() {
   // counts packets but its audio energy stays 0.
   await Promise.all([session, answered].map(play));
 
-  await new Promise((resolve) => setTimeout(resolve, talkMs));
-  await report({
-    step: 'stats',
-    caller: await audioStats(session),
-    callee: await audioStats(answered),
-  });
+  await sleep(talkMs);
+  await refreshPanels();
+  await report({step: 'stats', ...await bothStats(session, answered)});
+  await report({step: 'talking'});
+  await withTimeout(fetch('/wait/screenshot'), 'the test\'s screenshot');
+
+  // hold (re-INVITE a=sendonly; JsSIP mutes both ends' tracks while held) and resume
+  const calleeHeld = once(answered, 'hold', 'hold at the callee');
+  await withTimeout(new Promise((resolve) => session.hold({}, resolve)), 'hold re-INVITE');
+  await calleeHeld;
+  const held = await bothStats(session, answered);
+  await sleep(holdMs);
+  const stillHeld = await bothStats(session, answered);
+  const calleeResumed = once(answered, 'unhold', 'unhold at the callee');
+  await withTimeout(new Promise((resolve) => session.unhold({}, resolve)), 'unhold re-INVITE');
+  await calleeResumed;
+  const resumed = await bothStats(session, answered);
+  await sleep(talkMs);
+  const talking = await bothStats(session, answered);
+  await report({step: 'hold', held, stillHeld, resumed, talking});
 
   const ended = (s) => new Promise((resolve) => s.on('ended', (e) => resolve(`${e.originator}: ${e.cause}`)));
   const calleeEnded = ended(answered);
@@ -141,6 +276,16 @@ async function main() {
   session.terminate();
   const causes = await withTimeout(Promise.all([callerEnded, calleeEnded]), 'BYE');
   await report({step: 'ended', caller: causes[0], callee: causes[1]});
+
+  // busy: the callee rejects the next call
+  calleeAnswers = false;
+  const rejected = nextCalleeSession();
+  const busy = caller.call(`sip:${callee.user}@${domain}`, CALL_OPTIONS);
+  const failure = withTimeout(new Promise((resolve) => busy.on('failed', (e) => resolve({
+    originator: e.originator, cause: e.cause, status: e.message && e.message.status_code,
+  }))), 'busy call failed');
+  await withTimeout(rejected, 'second INVITE at the callee');
+  await report({step: 'busy', ...await failure});
 
   for (const ua of [caller, callee]) {
     ua.stop();
