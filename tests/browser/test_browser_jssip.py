@@ -16,6 +16,7 @@ marked in the ``jssip``/``ws`` matrix cell right after:
   hears anything while held (no audio energy received, and bob, recvonly, sends alice no
   packet), both hear each other again after alice resumes.
 - busy: bob rejects alice's next call with 486 Busy Here; alice's call fails as Busy.
+- no answer: bob's phone rings, alice gives up: her CANCEL ends bob's ringing session.
 
 While the two are talking, the page (each phone's state, the call's duration, RTP packets, the
 audio level heard) is captured over the DevTools protocol into the test's ``tmp_path`` as
@@ -69,7 +70,7 @@ def page_server(bundle: Path, tmp_path: Path) -> Iterator[PageServer]:
 
 
 def test_jssip_over_websocket(default_farm: DefaultFarm, matrix, page_server: PageServer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    cell: Cell = matrix(CLIENT, "ws", "register", "call", "audio", "hold", "busy", "message")
+    cell: Cell = matrix(CLIENT, "ws", "register", "call", "audio", "hold", "busy", "no answer", "message")
     server = page_server
     accounts = default_farm.accounts
     url = server.url(
@@ -99,12 +100,13 @@ def test_jssip_over_websocket(default_farm: DefaultFarm, matrix, page_server: Pa
             hold = step("hold")
             ended = step("ended")
             busy = step("busy")
+            no_answer = step("no answer")
             step("done")
         except AssertionError:
             print(f"--- JsSIP debug\n{server.debug_text()[-6000:]}\n--- chromium\n{chromium.log()[-3000:]}")
             print(default_farm.logs())
             raise
-    print(f"stats: {stats}\nhold: {hold}\nended: {ended}\nbusy: {busy}")
+    print(f"stats: {stats}\nhold: {hold}\nended: {ended}\nbusy: {busy}\nno answer: {no_answer}")
     assert ended["caller"] == "local: Terminated", ended
     assert ended["callee"] == "remote: Terminated", ended  # alice's BYE reached bob through the farm
     cell.ok("call")
@@ -133,6 +135,9 @@ def test_jssip_over_websocket(default_farm: DefaultFarm, matrix, page_server: Pa
 
     assert busy["status"] == 486 and busy["cause"] == "Busy", busy
     cell.ok("busy")
+
+    assert (no_answer["caller"], no_answer["callee"]) == ("local: Canceled", "remote: Canceled"), no_answer
+    cell.ok("no answer")
 
     assert shot.read_bytes().startswith(b"\x89PNG"), shot
     if UPDATE_SCREENSHOT:

@@ -7,8 +7,9 @@
 // the callee answers and both RTCPeerConnections exchange audio (Chromium's fake microphone) for
 // talk_ms. The page then waits for the test (GET /wait/screenshot: it takes its screenshot of the
 // call), the caller holds for hold_ms and resumes for talk_ms, and hangs up. Last, the caller calls
-// again and the callee rejects it (486 Busy Here). Reports: {step: "media" | "registered" |
-// "message" | "confirmed" | "stats" | "talking" | "hold" | "ended" | "busy" | "done"} or
+// again and the callee rejects it (486 Busy Here), and once more, ringing until the caller gives
+// up (CANCEL). Reports: {step: "media" | "registered" |
+// "message" | "confirmed" | "stats" | "talking" | "hold" | "ended" | "busy" | "no answer" | "done"} or
 // {step: "failed", where, cause}. The page shows each phone's state, the call's duration, the
 // packets and the audio level it receives, for the screenshot.
 'use strict';
@@ -196,16 +197,16 @@ async function main() {
   panel('caller', caller);
   panel('callee', callee);
   setInterval(refreshPanels, 200);
-  // the callee answers the first call and rejects the next as busy
-  let calleeAnswers = true;
+  // the callee answers the first call, rejects the next as busy, and lets the last one ring
+  let calleeDoes = 'answer';
   const calleeSessions = [];
   const nextCalleeSession = () => new Promise((resolve) => calleeSessions.push(resolve));
   callee.on('newRTCSession', (e) => {
     if (e.originator !== 'remote') return;
-    if (calleeAnswers) {
+    if (calleeDoes === 'answer') {
       attach('callee', e.session);
       e.session.answer(CALL_OPTIONS);
-    } else {
+    } else if (calleeDoes === 'reject') {
       e.session.terminate({status_code: 486, reason_phrase: 'Busy Here'});
     }
     const resolve = calleeSessions.shift();
@@ -278,7 +279,7 @@ async function main() {
   await report({step: 'ended', caller: causes[0], callee: causes[1]});
 
   // busy: the callee rejects the next call
-  calleeAnswers = false;
+  calleeDoes = 'reject';
   const rejected = nextCalleeSession();
   const busy = caller.call(`sip:${callee.user}@${domain}`, CALL_OPTIONS);
   const failure = withTimeout(new Promise((resolve) => busy.on('failed', (e) => resolve({
@@ -286,6 +287,19 @@ async function main() {
   }))), 'busy call failed');
   await withTimeout(rejected, 'second INVITE at the callee');
   await report({step: 'busy', ...await failure});
+
+  // no answer: the callee's phone rings until the caller gives up (CANCEL)
+  calleeDoes = 'ring';
+  const ringing = nextCalleeSession();
+  const unanswered = caller.call(`sip:${callee.user}@${domain}`, CALL_OPTIONS);
+  const failed = (s) => withTimeout(new Promise((resolve) => s.on('failed', (e) => resolve(`${e.originator}: ${e.cause}`))), 'CANCEL');
+  const callerGaveUp = failed(unanswered);
+  const rang = await withTimeout(ringing, 'third INVITE at the callee');
+  const calleeCancelled = failed(rang);
+  await withTimeout(new Promise((resolve) => unanswered.on('progress', resolve)), 'ringing at the caller');
+  await sleep(1000);
+  unanswered.terminate();
+  await report({step: 'no answer', caller: await callerGaveUp, callee: await calleeCancelled});
 
   for (const ua of [caller, callee]) {
     ua.stop();
