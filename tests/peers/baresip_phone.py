@@ -28,6 +28,8 @@ Quirks of baresip 1.0.0 (see also /work/shared/PEERS.md):
 * ``answermode early`` answers 183 with SDP and starts receiving only: it sends no early audio.
 * A received MESSAGE is no ctrl_tcp event; ``menu`` prints it (``sip:alice@d: "text"``) to a UI.
 * libre 1.1.0 checks no TLS server certificate (``sip_cafile`` or not).
+* ``;sipnat=outbound`` (RFC 5626) needs the ``uuid`` module (``+sip.instance``); it reads
+  DIR/uuid with ``fgets``, so a trailing newline would land inside ``+sip.instance``.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ class BaresipPhone:
         self.events: list[Event] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self.aor = ""
+        self.sip_port = 0
         self._sock: socket.socket | None = None
         self._cond = threading.Condition()
         self._responses: dict[str, Event] = {}
@@ -113,6 +116,9 @@ class BaresipPhone:
         answermode: str = "auto",
         cafile: Path | None = None,
         contacts: tuple[str, ...] = (),
+        sipnat: str | None = None,
+        instance: str | None = None,
+        regint: int = 600,
     ) -> None:
         """Write the config and account, start baresip and connect to its control port.
 
@@ -121,17 +127,27 @@ class BaresipPhone:
         certificate with). ``answermode``: ``auto`` answers at once, ``manual`` rings until
         ``accept()`` or ``hangup()`` (a reject). ``contacts``: SIP URIs, the first one is where
         ``message()`` sends.
+
+        RFC 5626 outbound: ``sipnat="outbound"`` makes the REGISTER carry ``reg-id`` and
+        ``Supported: gruu, outbound, path``, and libre keep the flow alive (STUN on UDP, CRLF on
+        streams) when the 200 has ``Require: outbound``, at its ``Flow-Timer``. It needs a
+        ``+sip.instance``: ``instance`` is the UUID (``urn:uuid:`` + it), loaded by baresip's
+        ``uuid`` module from the config dir. ``regint``: the registration interval asked for.
         """
         self.dump_dir.mkdir(parents=True, exist_ok=True)
-        sip_port = _free_port_pair()
+        sip_port = self.sip_port = _free_port_pair()
         ctrl_port = free_port("127.0.0.1", tcp=True)
         rtp_low = free_port("127.0.0.1", udp=True) & ~1
         self.aor = f"sip:{user}@{domain}"
-        (self.dir / "config").write_text(self._config(sip_port, ctrl_port, rtp_low, cafile))
+        (self.dir / "config").write_text(self._config(sip_port, ctrl_port, rtp_low, cafile, instance))
+        if instance is not None:
+            # the uuid module loads it; no newline: fgets would keep it in +sip.instance
+            (self.dir / "uuid").write_text(instance)
         outbound = f"sip:{proxy};transport={transport}"
+        nat = f";sipnat={sipnat}" if sipnat else ""
         (self.dir / "accounts").write_text(
-            f'<{self.aor}>;auth_pass={password};outbound="{outbound}";answermode={answermode};'
-            "regint=600;audio_codecs=PCMU,PCMA;ptime=20\n"
+            f'<{self.aor}>;auth_pass={password};outbound="{outbound}"{nat};answermode={answermode};'
+            f"regint={regint};audio_codecs=PCMU,PCMA;ptime=20\n"
         )
         (self.dir / "contacts").write_text("".join(f"<{uri}>\n" for uri in contacts))
         log = self.log_path.open("wb")
@@ -159,7 +175,9 @@ class BaresipPhone:
         self._reader = threading.Thread(target=self._read_loop, name=f"baresip-{self.name}", daemon=True)
         self._reader.start()
 
-    def _config(self, sip_port: int, ctrl_port: int, rtp_low: int, cafile: Path | None) -> str:
+    def _config(
+        self, sip_port: int, ctrl_port: int, rtp_low: int, cafile: Path | None, instance: str | None = None
+    ) -> str:
         lines = [
             ("poll_method", "epoll"),
             ("sip_listen", f"127.0.0.1:{sip_port}"),
@@ -193,6 +211,9 @@ class BaresipPhone:
         ]
         if cafile is not None:
             lines.append(("sip_cafile", str(cafile)))
+        if instance is not None:
+            # loaded before the accounts: sets the UUID behind +sip.instance (from DIR/uuid)
+            lines.insert(lines.index(("module_app", "account.so")), ("module_tmp", "uuid.so"))
         return "".join(f"{key}\t{value}\n" for key, value in lines)
 
     def log(self) -> str:
