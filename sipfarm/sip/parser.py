@@ -163,11 +163,14 @@ def _parse_headers(block: bytes, sep: bytes, msg: SipMessage) -> tuple[list[Head
     cache = _KEY_CACHE
     watched = _WATCHED
     first: dict[str, bytes] = {}
+    broken = False
     for line in lines:
         name, colon, value = line.partition(b":")
         if not colon:
-            msg.headers = headers
-            raise BadMessage("header line without colon", partial=msg)
+            # read on: the headers after the broken line (a stray line break inside a value,
+            # say) give the 400 its Via, From, To, Call-ID and CSeq (RFC 3261 8.2.2)
+            broken = True
+            continue
         key = cache.get(name)
         if key is None:
             name = name.rstrip(b" \t")  # HCOLON = *( SP / HTAB ) ":" SWS
@@ -185,6 +188,9 @@ def _parse_headers(block: bytes, sep: bytes, msg: SipMessage) -> tuple[list[Head
                 if msg.is_response:
                     raise MessageDropped(f"more than one {key} header")
                 raise BadMessage(f"more than one {key} header", partial=msg)
+    if broken:
+        msg.headers = headers
+        raise BadMessage("header line without colon", partial=msg)
     return headers, first
 
 

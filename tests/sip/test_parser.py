@@ -792,3 +792,25 @@ def test_typical_traffic_parses_and_round_trips(path: Path) -> None:
     assert [(k, v) for k, _, v in again.headers] == [(k, v) for k, _, v in msg.headers]
     assert (again.start_line(), again.body) == (msg.start_line(), msg.body)
     assert feed_bytewise(data) == [data]
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_a_broken_header_line_anywhere_still_gets_its_400(where: str) -> None:
+    # a stray line break inside a value (baresip 1.0 writes one into +sip.instance when its
+    # uuid file ends with a newline) leaves a line without a colon: the headers after it
+    # still give the 400 what it needs, instead of the request being dropped unanswered
+    broken = b'Contact: <sip:bob@127.0.0.1:5070>;+sip.instance="<urn:uuid:1\n>";reg-id=1'
+    headers = [
+        b"Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKabc;rport",
+        b"From: <sip:bob@farm.test>;tag=1",
+        b"To: <sip:bob@farm.test>",
+        b"Call-ID: c1",
+        b"CSeq: 1 REGISTER",
+    ]
+    headers.insert({"first": 0, "middle": 3, "last": 5}[where], broken)
+    raw = b"REGISTER sip:farm.test SIP/2.0\r\n" + b"\r\n".join(headers) + b"\r\nContent-Length: 0\r\n\r\n"
+    with pytest.raises(BadMessage, match="without colon") as info:
+        parse_message(raw)
+    answer = error_response(None, info.value, b"t")
+    assert answer is not None and answer.status == 400
+    assert answer.call_id == b"c1" and answer.get("cseq") == b"1 REGISTER"
