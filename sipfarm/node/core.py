@@ -9,6 +9,12 @@ callbacks of the stores and the resolver).  Outputs: :meth:`NodeCore.datagrams_t
 asyncio glue (:mod:`sipfarm.node.glue`) drains the output after every input; nothing here
 touches a socket, a loop or a clock of its own.
 
+Requests toward a client's connection held here (a phone registered straight to the node over
+TCP, TLS or WebSocket) must not open a new one: a NATed phone cannot be dialled.  After each
+:meth:`NodeCore.datagrams_to_send`, :attr:`NodeCore.flow_destinations` names those of its
+destinations; the glue sends requests to them over an existing connection only and reports a
+failure with :meth:`NodeCore.transport_failure`, which the proxy answers 430 (RFC 5626 5.3).
+
 Requests go through the transaction layer first, which absorbs retransmissions; what is new
 goes to the :class:`~sipfarm.registrar.registrar.Registrar` (REGISTER) or the
 :class:`~sipfarm.proxy.proxy.Proxy` (everything else); both authenticate through the one
@@ -117,6 +123,9 @@ class NodeCore:
             timer_c=timer_c,
             destinations=destinations,
         )
+        # client flows among the destinations of the last datagrams_to_send(): requests to
+        # them go over an existing connection only (see the module docstring)
+        self.flow_destinations: set[Address] = set()
 
     # -- secrets shared by the farm (fetched from Redis after start) ------------------------------
 
@@ -170,7 +179,8 @@ class NodeCore:
         self.proxy.handle_timer(now)
 
     def transport_failure(self, dest: Address, now: float) -> None:
-        """Sending to ``dest`` failed (a connection could not be made or was lost)."""
+        """Sending to ``dest`` failed (a connection could not be made or was lost, or a client's
+        flow in :attr:`flow_destinations` was gone): its transactions end with a transport error."""
         self.layer.transport_error(dest, now)
 
     # -- outputs ---------------------------------------------------------------------------------
@@ -187,6 +197,10 @@ class NodeCore:
             for event in events:
                 self.proxy.on_event(event)
             out += layer.datagrams_to_send()
+        proxy = self.proxy
+        if proxy.flow_sends or self.flow_destinations:
+            # this batch's flows; the proxy starts the next batch's (bounded by one drain)
+            self.flow_destinations, proxy.flow_sends = proxy.flow_sends, set()
         return out
 
     def next_deadline(self) -> float | None:

@@ -19,6 +19,11 @@ log = logging.getLogger("sipfarm.node")
 
 SendFn = Callable[..., bool]  # TransportManager.send(data, dest, *, connect=...)
 
+# drains in a row while client flows fail: each failure ends branches, and the answers (or a
+# next q-value group toward another flow) are sent in the next round; what is left after these
+# waits for the next input or timer
+_FLOW_FAILURE_ROUNDS = 8
+
 
 class NodeGlue:
     def __init__(self, core: NodeCore, send: SendFn, loop: asyncio.AbstractEventLoop) -> None:
@@ -45,20 +50,38 @@ class NodeGlue:
 
     def drain(self) -> None:
         """Send what the core queued, then re-arm the one timer."""
+        core = self.core
         send = self.send
         via_socket = self.request_socket
-        for data, dest in self.core.datagrams_to_send():
-            if data[:8] == b"SIP/2.0 ":
-                # a response goes back over the flow its request came on, never over a new
-                # connection (RFC 3261 18.2.2; a forged Via must not make us dial anything)
-                sent = send(data, dest, connect=False)
-            elif via_socket is not None and dest.transport == "udp":
-                sent = send(data, dest, local=via_socket)
-            else:
-                sent = send(data, dest)
-            if not sent:
-                log.debug("event=send_failed dest=%s", dest)
-        deadline = self.core.next_deadline()
+        for _ in range(_FLOW_FAILURE_ROUNDS):
+            out = core.datagrams_to_send()
+            flows = core.flow_destinations
+            failed: set[Address] | None = None
+            for data, dest in out:
+                if data[:8] == b"SIP/2.0 ":
+                    # a response goes back over the flow its request came on, never over a new
+                    # connection (RFC 3261 18.2.2; a forged Via must not make us dial anything)
+                    sent = send(data, dest, connect=False)
+                elif via_socket is not None and dest.transport == "udp":
+                    sent = send(data, dest, local=via_socket)
+                elif flows and dest in flows:
+                    # a request to a client's connection: that one or none, a NATed phone
+                    # cannot be dialled; its loss is answered 430 at once (RFC 5626 5.3)
+                    sent = send(data, dest, connect=False)
+                    if not sent:
+                        if failed is None:
+                            failed = set()
+                        failed.add(dest)
+                else:
+                    sent = send(data, dest)
+                if not sent:
+                    log.debug("event=send_failed dest=%s", dest)
+            if failed is None:
+                break
+            now = self.loop.time()
+            for dest in failed:
+                core.transport_failure(dest, now)
+        deadline = core.next_deadline()
         if deadline is None:
             return
         if self._timer_at is not None and self._timer_at <= deadline:

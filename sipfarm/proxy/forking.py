@@ -27,6 +27,9 @@ class Target:
     destination: Address
     route: tuple[bytes, ...] = ()  # Route values to add (RFC 3327 Path of the binding)
     q: float = 1.0
+    # ``destination`` is a client's connection held here (TCP, TLS, WebSocket): requests go over
+    # it only, never over a new one, and its loss answers the branch 430 (RFC 5626 5.3)
+    client_flow: bool = False
 
 
 class BranchState(enum.Enum):

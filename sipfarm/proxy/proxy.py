@@ -21,6 +21,11 @@ layer's.
   initial or in dialog (a GRUU as a dialog's remote target), from any node: a temporary GRUU
   decodes with the farm secret (:mod:`sipfarm.registrar.gruu`), the bindings are in Redis.
   One ``bytes.find`` is all a request without ``;gr`` pays.
+* client flows (a phone connected straight to this node, named by a flow token in our Path or
+  Record-Route, or the connection a binding was registered over): requests to them are
+  marked in :attr:`Proxy.flow_sends` so the transport uses the existing connection only; a
+  send that fails there is a transport error answered 430 Flow Failed at once, for that
+  branch alone (RFC 5626 5.3), instead of a connection to the phone's NATed port and Timer B.
 """
 
 from __future__ import annotations
@@ -151,6 +156,10 @@ class Proxy:
         self._timer_c: dict[Branch, float] = {}
         self._timer_heap: list[tuple[float, int, Branch]] = []
         self._timer_seq = 0
+        # destinations of the requests queued since the node last drained its output that are
+        # client connections held here: the transport sends to them without dialling (RFC 5626
+        # 5.3). The node takes the set with each drain, so it holds one drain's worth at most.
+        self.flow_sends: set[Address] = set()
         identity = element.identity
         self._domain_bytes = frozenset(d.encode() for d in identity.domains)
         self._loop_key = hashlib.blake2b(identity.node_id.encode(), digest_size=8).digest()
@@ -245,7 +254,7 @@ class Proxy:
                 raise NotFound("no such dialog route", partial=msg)
             if max_forwards(msg) <= 0:
                 raise TooManyHops("Max-Forwards reached 0", partial=msg)
-            self._forward_to(stx, msg, local, flow, now, record_route_flow=flow)
+            self._forward_to(stx, msg, local, flow, now, record_route_flow=flow, client_flow=flow.reliable)
             return
         _strip_identity(msg)  # nobody outside the farm asserts an identity (RFC 3325)
         if max_forwards(msg) <= 0:
@@ -419,6 +428,7 @@ class Proxy:
     def _binding_target(self, binding: Binding, call_id: bytes) -> Target | None:
         contact = binding.contact.encode("latin-1")
         route = tuple(p.encode("latin-1") for p in binding.path)
+        client_flow = False
         try:
             if route:
                 hop = parse_name_addr(route[0]).uri
@@ -434,6 +444,7 @@ class Proxy:
                 # connection a TCP/TLS/WS client registered on (its Contact port may not listen)
                 dest = Address.parse(binding.received)
                 trusted = True  # where the phone itself is
+                client_flow = dest.reliable
             else:
                 dest = self._destination(parse_uri(contact))
                 trusted = False
@@ -450,7 +461,7 @@ class Proxy:
         except (HeaderError, URIError, ValueError):
             log.info("event=bad_binding contact=%s", binding.contact)
             return None
-        return Target(uri=contact, destination=dest, route=route, q=binding.q)
+        return Target(uri=contact, destination=dest, route=route, q=binding.q, client_flow=client_flow)
 
     # -- in-dialog and pre-routed requests -------------------------------------------------------
 
@@ -543,6 +554,7 @@ class Proxy:
         now: float,
         *,
         record_route_flow: Address | None = None,
+        client_flow: bool = False,
     ) -> None:
         call = ProxyCall(server_tx=stx, request=msg, started=now)
         call.inbound = local.transport
@@ -550,7 +562,7 @@ class Proxy:
             call.record_route = True
             call.record_route_flow = record_route_flow
         stx.context = call
-        call.set_targets([Target(uri=msg.uri, destination=dest)])
+        call.set_targets([Target(uri=msg.uri, destination=dest, client_flow=client_flow)])
         self._start_group(call, now)
 
     def _next_hop(self, msg: SipMessage) -> Address:
@@ -600,6 +612,8 @@ class Proxy:
                 continue
             ctx.context = branch
             branch.client_tx = ctx
+            if target.client_flow:
+                self.flow_sends.add(target.destination)
             call.branches.append(branch)
             if call.is_invite:
                 branch.started = now
@@ -669,6 +683,8 @@ class Proxy:
             return  # e.g. the answer to a CANCEL we sent
         call = branch.call
         status = msg.status
+        if status >= 300 and branch.target.client_flow:
+            self.flow_sends.add(ctx.remote)  # the layer's ACK (RFC 3261 17.1.1.3) goes back the same way
         if len(msg.values("via")) < 2:
             # RFC 3261 16.7 step 3: with our Via gone nothing would route it upstream. A peer
             # that echoed only our Via (e.g. answering with a CANCEL's Via set) still answered
@@ -867,6 +883,9 @@ class Proxy:
             self.element.layer.start_client(cancel, ctx.remote, now)
         except (ServiceUnavailable, ValueError):
             log.debug("event=cancel_not_sent call_id=%s", req.call_id.decode("latin-1"))
+            return
+        if branch.target.client_flow:
+            self.flow_sends.add(ctx.remote)
 
     # -- transaction events ----------------------------------------------------------------------
 
@@ -876,8 +895,16 @@ class Proxy:
             tx = event.tx
             branch = tx.context
             if isinstance(branch, Branch) and branch.state is not BranchState.COMPLETED:
-                # RFC 3261 16.7 step 2 / 16.9: a timeout is a 408, a transport error a 503
-                status = 408 if isinstance(event, TransactionTimeout) else 503
+                # RFC 3261 16.7 step 2 / 16.9: a timeout is a 408, a transport error a 503; a
+                # client's connection that is gone is a 430 (RFC 5626 5.3), at once: only this
+                # branch's answer, the others of a forked request go on
+                if isinstance(event, TransactionTimeout):
+                    status = 408
+                elif branch.target.client_flow:
+                    status = 430
+                    self.element.metrics.errors("flow_failed").inc()
+                else:
+                    status = 503
                 branch.state = BranchState.COMPLETED
                 branch.call.record_final(self._local_response(branch.call, branch, status), local=True)
                 self._maybe_finish(branch.call, now)
@@ -914,7 +941,12 @@ class Proxy:
             if gruu is not None:
                 self.state.lookup(gruu.aor, self.element.wall(), partial(self._ack_to_gruu, msg, gruu))
                 return
-            dest = flow if flow is not None and flow != source else self._next_hop(msg)
+            if flow is not None and flow != source:
+                dest = flow
+                if flow.reliable:
+                    self.flow_sends.add(flow)  # over the client's connection only (RFC 5626 5.3)
+            else:
+                dest = self._next_hop(msg)
         except Unresolved as pending:
             # the next ACK (the UAS retransmits its 2xx until one arrives) finds the name cached
             self.resolver.resolve(pending.host, _ignore)
@@ -933,6 +965,8 @@ class Proxy:
         msg.set_uri(target.uri)
         for route in reversed(target.route):
             msg.prepend("route", route)
+        if target.client_flow:
+            self.flow_sends.add(target.destination)
         self._send_ack(msg, target.destination)
 
     def _send_ack(self, msg: SipMessage, dest: Address) -> None:

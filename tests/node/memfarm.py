@@ -241,8 +241,22 @@ class MemFarm:
         return deliver
 
     def _drain(self, core: NodeCore, local: Address) -> None:
-        for data, dest in core.datagrams_to_send():
-            self.send(data, local, dest)
+        """What the node glue does: a request to a client flow (``core.flow_destinations``)
+        goes only to an endpoint that is there (a connection that still exists); when it is
+        gone, the send fails and the node hears of it (``transport_failure``)."""
+        for _ in range(8):
+            out = core.datagrams_to_send()
+            flows = core.flow_destinations
+            failed: set[Address] = set()
+            for data, dest in out:
+                if dest in flows and data[:8] != b"SIP/2.0 " and _key(dest) not in self.endpoints:
+                    failed.add(dest)  # not dialled: nothing leaves
+                    continue
+                self.send(data, local, dest)
+            if not failed:
+                return
+            for dest in failed:
+                core.transport_failure(dest, self.clock.now())
 
     def send(self, data: bytes, source: Address, dest: Address) -> None:
         """Queue ``data`` from ``source`` to ``dest`` (over ``dest``'s transport) and deliver
@@ -301,6 +315,11 @@ class MemFarm:
         """A phone connected to its node over TCP from an ephemeral port: its Contact
         (``host:5060;transport=tcp``) is not reachable, only its connection is."""
         return self.phone(user, host, connection_port, transport="tcp", contact=f"sip:{user}@{host}:5060;transport=tcp")
+
+    def disconnect(self, phone: Phone) -> None:
+        """``phone``'s connection closes (a TCP phone): nothing reaches it any more, and a
+        node's request over that flow fails to send instead of reaching :attr:`stray`."""
+        del self.endpoints[_key(phone.address)]
 
     def flow_route(self, flow: Address, node: int = 0) -> str:
         """A Route/Record-Route value of node ``node`` naming ``flow`` with a valid token."""
