@@ -1,0 +1,878 @@
+"""The media relay's forwarding engine: sessions, ports, latching, counters, media timeout.
+
+Theory of operation
+-------------------
+A *call* (Call-ID) holds *monologues*, one per party, keyed by its SIP tag (rtpengine's model).
+A monologue has one *side* per media stream (m= line): the relay's local port(s) that party sends
+to, and from which the relay sends to that party, so the party sees the relay as the source of
+what it receives (symmetric RTP, RFC 4961).  A side is one :class:`RelayPort` (rtcp-mux, RFC 5761)
+or two (RTP on an even port, RTCP on the next, RFC 3550 11).
+
+A packet from party A arrives on A's port and leaves from B's port of the same stream towards B's
+current address.  Each :class:`RelayPort` holds direct references to the peer ports it forwards
+to, so the per-packet path is an attribute walk: classify two bytes, compare the source, update
+the counters, ``sendto``.  No dict lookup, no task, no log line, no exception on that path.
+
+Signalling (the later ng layer): ``offer(call_id, from_tag, media)`` makes (or updates) the
+offerer's monologue with its SDP endpoints and returns the ports of the other monologue, to be
+written into the SDP the answerer receives; ``answer(call_id, from_tag, to_tag, media)`` gives
+the answerer's endpoints and returns the offerer's ports for the SDP the offerer receives.  A
+re-INVITE from the callee is an offer with the tags swapped (from_tag = the callee's tag).
+
+Forked answers: every branch received the same offer, so every early answer reaches the same
+ports.  Each To tag is recorded as its own leg of the answering monologue (its SDP endpoints);
+the newest answer directs the media, deleting one leg leaves the others, and deleting the last
+leg (or the From tag, or the call) frees the call.
+
+Latching (symmetric RTP through NAT)
+------------------------------------
+Before a port has latched, the relay sends to the party's SDP address only if the injected
+policy permits it (``sdp_allowed``, typically :func:`policy_predicate` of a
+:class:`~sipfarm.transport.destinations.DestinationPolicy`); otherwise packets towards that
+party are dropped (``drops_no_destination``) until it sends.  The first well-formed packet
+arriving on a port latches the port to its source (IP, port): from then on the relay sends to
+that address and drops packets from any other source (``drops_unexpected_source``).
+
+Re-latching needs proof that the new source is the same party (rtpengine's "media handover",
+without its open window for anyone who sends first): ``relatch_packets`` consecutive packets
+(default 5) from one new source, all with one SSRC, RTP sequence numbers each ahead of the
+previous by less than MAX_DROPOUT, and either
+
+a. the SSRC is the one the latched source was sending, and the first packet continues its
+   sequence (a phone whose NAT binding or network changed mid-stream), or
+b. the latched source has been silent for ``relatch_silence`` seconds (default 2 s): a phone
+   that restarted its stream with a new SSRC from a new port.
+
+An RTCP port checks the sender SSRC for (a) (no sequence numbers).  New SDP endpoints for a
+party (a re-INVITE that moves its media) unlatch its ports: they latch again on the next packet.
+
+Counters and timeout
+--------------------
+Per port (that is, per stream and direction, counted where the packet enters): packets and
+bytes forwarded, drops by reason, last seen (the injected clock, monotonic), relatches, and RTP
+receiver statistics (:class:`~media.rtp.ReceiverStats`: extended highest sequence, expected,
+lost, interarrival jitter at the stream's clock rate).  A call none of whose ports received an
+accepted packet for ``media_timeout`` seconds (counted from the last offer/answer too) is freed
+by :meth:`RelayEngine.handle_timer`; the glue calls it at :meth:`RelayEngine.next_timer`.
+
+The core opens no socket: a new port is queued for :meth:`RelayEngine.take_opened` and the glue
+(:class:`RelayServer`, asyncio) binds it and sets ``port.sender`` to its transport; a freed port
+is queued for :meth:`RelayEngine.take_closed`.  Tests put in-memory senders there instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from media.ports import PortAllocator, PortsExhausted, RelayError
+from media.rtp import MAX_DROPOUT, RTCP_MAX_TYPE, RTCP_MIN_TYPE, SEQ_TS_SSRC, ReceiverStats
+from sipfarm.sip.address import Address
+from sipfarm.transport.destinations import DestinationPolicy
+
+__all__ = [
+    "CallStats",
+    "MediaEndpoint",
+    "MediaPorts",
+    "MediaStats",
+    "MonologueStats",
+    "PortStats",
+    "PortsExhausted",
+    "RelayEngine",
+    "RelayError",
+    "RelayPort",
+    "RelayServer",
+    "SessionLimitReached",
+    "UnknownCall",
+    "UnknownTag",
+    "policy_predicate",
+]
+
+DEFAULT_MEDIA_TIMEOUT = 60.0
+DEFAULT_MAX_SESSIONS = 10_000
+DEFAULT_RELATCH_PACKETS = 5
+DEFAULT_RELATCH_SILENCE = 2.0
+DEFAULT_CLOCK_RATE = 8000  # PCMU/PCMA (RFC 3551 4.5.14)
+
+Addr = tuple[Any, ...]  # (host, port) or, for IPv6, (host, port, flowinfo, scope_id)
+
+_RTP = 0  # kinds of port: what it accepts
+_RTCP = 1
+_MUX = 2
+_KIND_NAMES = ("rtp", "rtcp", "rtp+rtcp")
+_unpack_seq_ts_ssrc = SEQ_TS_SSRC.unpack_from
+
+
+class UnknownCall(RelayError):
+    reason = "Unknown call-id"
+
+
+class UnknownTag(RelayError):
+    reason = "Unknown from-tag or to-tag"
+
+
+class SessionLimitReached(RelayError):
+    reason = "Session limit reached"
+
+
+class Sender(Protocol):
+    """What a port sends through: an asyncio ``DatagramTransport`` or a test's recorder."""
+
+    def sendto(self, data: bytes, addr: Addr, /) -> None: ...
+
+
+class _NullSender:
+    """A port whose socket is not open (yet, or any more) sends nothing."""
+
+    def sendto(self, data: bytes, addr: Addr, /) -> None:
+        return None
+
+
+_NULL_SENDER = _NullSender()
+
+
+def policy_predicate(policy: DestinationPolicy) -> Callable[[str, int], bool]:
+    """``sdp_allowed`` from the farm's destination policy (allowed/denied networks)."""
+
+    def permitted(host: str, port: int) -> bool:
+        return policy.permits(Address("udp", host, port))
+
+    return permitted
+
+
+@dataclass(frozen=True, slots=True)
+class MediaEndpoint:
+    """Where one party receives one media stream, from its SDP (the ng layer parses it).
+
+    ``port`` 0 is a disabled stream (RFC 3264 6): nothing is sent to it before latching.
+    ``rtcp_port`` is the a=rtcp port (RFC 3605) if given, else ``port + 1``; ``rtcp_mux`` that
+    the party offered or accepted a=rtcp-mux.  ``clock_rate`` is the RTP clock of its codec.
+    """
+
+    host: str
+    port: int
+    rtcp_port: int | None = None
+    rtcp_mux: bool = False
+    clock_rate: int = DEFAULT_CLOCK_RATE
+
+
+@dataclass(frozen=True, slots=True)
+class MediaPorts:
+    """The relay's ports for one party's stream: RTCP equals RTP when the side is rtcp-mux."""
+
+    rtp: int
+    rtcp: int
+
+    @property
+    def rtcp_mux(self) -> bool:
+        return self.rtp == self.rtcp
+
+
+@dataclass(frozen=True, slots=True)
+class PortStats:
+    """Counters of the packets that entered one port (one stream, one direction)."""
+
+    port: int
+    kind: str  # "rtp", "rtcp" or "rtp+rtcp"
+    source: Addr | None  # latched address of the party
+    destination: Addr | None  # where the relay sends to that party now
+    packets: int  # forwarded
+    bytes: int
+    last_seen: float | None
+    drops_no_destination: int  # the other party has no address yet (not latched, SDP refused)
+    drops_unexpected_source: int
+    drops_malformed: int  # not RTP/RTCP, or not the kind this port expects
+    relatches: int
+    ssrc: int | None
+    extended_max_seq: int
+    expected: int
+    received: int
+    lost: int
+    jitter_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class MediaStats:
+    index: int
+    ports: MediaPorts
+    rtp: PortStats
+    rtcp: PortStats | None  # None with rtcp-mux (RTCP is counted on the RTP port)
+
+
+@dataclass(frozen=True, slots=True)
+class MonologueStats:
+    tag: str | None  # None: the offer is not answered yet
+    legs: tuple[str, ...]  # every To tag that answered on these ports (forks)
+    media: tuple[MediaStats, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CallStats:
+    call_id: str
+    created: float
+    last_activity: float
+    monologues: tuple[MonologueStats, ...]
+
+
+class RelayPort:
+    """One local UDP port of a side; see the module docstring for what ``receive`` does."""
+
+    __slots__ = (
+        "_cand_addr",
+        "_cand_count",
+        "_cand_seq",
+        "_cand_ssrc",
+        "_clock",
+        "_relatch_packets",
+        "_relatch_silence",
+        "bytes",
+        "closed",
+        "dest",
+        "drops_malformed",
+        "drops_no_destination",
+        "drops_unexpected_source",
+        "kind",
+        "last_seen",
+        "packets",
+        "peer_rtcp",
+        "peer_rtp",
+        "port",
+        "relatches",
+        "retired",
+        "rtcp_ssrc",
+        "sdp_dest",
+        "sender",
+        "source",
+        "stats",
+    )
+
+    def __init__(
+        self, port: int, kind: int, clock: Callable[[], float], relatch_packets: int, relatch_silence: float
+    ) -> None:
+        self.port = port
+        self.kind = kind
+        self._clock = clock
+        self._relatch_packets = relatch_packets
+        self._relatch_silence = relatch_silence
+        self.sender: Sender = _NULL_SENDER
+        self.peer_rtp: RelayPort = self  # wired by the engine before any socket opens
+        self.peer_rtcp: RelayPort = self
+        self.source: Addr | None = None
+        self.sdp_dest: Addr | None = None
+        self.dest: Addr | None = None
+        self.packets = 0
+        self.bytes = 0
+        self.last_seen: float | None = None
+        self.drops_no_destination = 0
+        self.drops_unexpected_source = 0
+        self.drops_malformed = 0
+        self.relatches = 0
+        self.stats = ReceiverStats()
+        self.rtcp_ssrc: int | None = None
+        self.closed = False
+        self.retired = False
+        self._cand_addr: Addr | None = None
+        self._cand_count = 0
+        self._cand_ssrc = -1
+        self._cand_seq = 0
+
+    def receive(self, data: bytes, addr: Addr) -> None:
+        """One datagram from ``addr``: forward it out of the peer port, or drop and count it."""
+        n = len(data)
+        if n < 8 or data[0] & 0xC0 != 0x80:  # RTP/RTCP version 2 (RFC 3550 5.1)
+            self.drops_malformed += 1
+            return
+        rtcp = RTCP_MIN_TYPE <= data[1] <= RTCP_MAX_TYPE  # RFC 5761 4
+        if rtcp:
+            if self.kind == _RTP:
+                self.drops_malformed += 1
+                return
+        elif self.kind == _RTCP or n < 12:
+            self.drops_malformed += 1
+            return
+        now = self._clock()
+        if addr != self.source and not self._new_source(data, addr, rtcp, now):
+            return
+        self.last_seen = now
+        if rtcp:
+            out = self.peer_rtcp
+            self.rtcp_ssrc = int.from_bytes(data[4:8])  # for the re-latch rule; RTCP is rare
+        else:
+            out = self.peer_rtp
+            seq, ts, ssrc = _unpack_seq_ts_ssrc(data, 2)
+            self.stats.update(seq, ts, ssrc, now)
+        dest = out.dest
+        if dest is None:
+            self.drops_no_destination += 1
+            return
+        self.packets += 1
+        self.bytes += n
+        out.sender.sendto(data, dest)
+
+    def _new_source(self, data: bytes, addr: Addr, rtcp: bool, now: float) -> bool:
+        """A packet not from the latched source: latch, count towards a re-latch, or drop."""
+        if self.source is None:
+            self._latch(addr)
+            return True
+        if rtcp:
+            ssrc = int.from_bytes(data[4:8])
+            seq = -1
+        else:
+            seq = int.from_bytes(data[2:4])
+            ssrc = int.from_bytes(data[8:12])
+        if addr != self._cand_addr or ssrc != self._cand_ssrc:
+            self._cand_addr = addr
+            self._cand_ssrc = ssrc
+            self._cand_count = 0
+            if rtcp:
+                known = ssrc == self.rtcp_ssrc
+            else:
+                stats = self.stats
+                known = ssrc == stats.ssrc and 0 < (seq - stats.max_seq) & 0xFFFF < MAX_DROPOUT
+            quiet = self.last_seen is None or now - self.last_seen >= self._relatch_silence
+            if not (known or quiet):
+                self._cand_addr = None  # not a handover candidate: forget it
+                self.drops_unexpected_source += 1
+                return False
+        elif not rtcp and not 0 < (seq - self._cand_seq) & 0xFFFF < MAX_DROPOUT:
+            self._cand_count = 0
+        self._cand_seq = seq
+        self._cand_count += 1
+        if self._cand_count < self._relatch_packets:
+            self.drops_unexpected_source += 1
+            return False
+        self._latch(addr)
+        self.relatches += 1
+        return True
+
+    def _latch(self, addr: Addr) -> None:
+        self.source = addr
+        self.dest = addr
+        self._cand_addr = None
+        self._cand_count = 0
+
+    def _set_sdp(self, dest: Addr | None) -> None:
+        if dest != self.sdp_dest:
+            self.sdp_dest = dest
+            self.source = None  # the party moved its media: learn it again
+            self._cand_addr = None
+        if self.source is None:
+            self.dest = dest
+
+    def snapshot(self) -> PortStats:
+        s = self.stats
+        rtp = self.kind != _RTCP
+        return PortStats(
+            port=self.port,
+            kind=_KIND_NAMES[self.kind],
+            source=self.source,
+            destination=self.dest,
+            packets=self.packets,
+            bytes=self.bytes,
+            last_seen=self.last_seen,
+            drops_no_destination=self.drops_no_destination,
+            drops_unexpected_source=self.drops_unexpected_source,
+            drops_malformed=self.drops_malformed,
+            relatches=self.relatches,
+            ssrc=s.ssrc if rtp else self.rtcp_ssrc,
+            extended_max_seq=s.extended_max_seq if rtp else 0,
+            expected=s.expected if rtp else 0,
+            received=s.total_received if rtp else 0,
+            lost=s.lost if rtp else 0,
+            jitter_ms=s.jitter_ms if rtp else 0.0,
+        )
+
+
+class _Side:
+    """One party's end of one media stream: its port(s) and its SDP endpoint."""
+
+    __slots__ = ("endpoint", "index", "rtcp", "rtp")
+
+    def __init__(self, index: int, rtp: RelayPort, rtcp: RelayPort | None) -> None:
+        self.index = index
+        self.rtp = rtp
+        self.rtcp = rtcp
+        self.endpoint: MediaEndpoint | None = None
+
+    @property
+    def ports(self) -> MediaPorts:
+        return MediaPorts(self.rtp.port, self.rtp.port if self.rtcp is None else self.rtcp.port)
+
+    def all_ports(self) -> tuple[RelayPort, ...]:
+        return (self.rtp,) if self.rtcp is None else (self.rtp, self.rtcp)
+
+    def set_endpoint(self, endpoint: MediaEndpoint, allowed: Callable[[str, int], bool]) -> None:
+        self.endpoint = endpoint
+        self.rtp.stats.clock_rate = endpoint.clock_rate
+        self.rtp.kind = _MUX if endpoint.rtcp_mux or self.rtcp is None else _RTP
+        rtp_dest: Addr | None = None
+        rtcp_dest: Addr | None = None
+        if endpoint.port and allowed(endpoint.host, endpoint.port):
+            rtp_dest = (endpoint.host, endpoint.port)
+        rtcp_port = endpoint.rtcp_port or endpoint.port + 1
+        if endpoint.port and not endpoint.rtcp_mux and allowed(endpoint.host, rtcp_port):
+            rtcp_dest = (endpoint.host, rtcp_port)
+        self.rtp._set_sdp(rtp_dest)
+        if self.rtcp is not None:
+            self.rtcp._set_sdp(rtcp_dest)
+
+    @property
+    def rtcp_target(self) -> RelayPort:
+        """The port from which this party receives RTCP (its RTP port when it muxes)."""
+        if self.rtcp is None or self.rtp.kind == _MUX:
+            return self.rtp
+        return self.rtcp
+
+
+def _wire(a: _Side, b: _Side) -> None:
+    for port in a.all_ports():
+        port.peer_rtp = b.rtp
+        port.peer_rtcp = b.rtcp_target
+    for port in b.all_ports():
+        port.peer_rtp = a.rtp
+        port.peer_rtcp = a.rtcp_target
+
+
+class _Monologue:
+    __slots__ = ("legs", "peer", "sides", "tag")
+
+    def __init__(self, tag: str | None) -> None:
+        self.tag = tag
+        self.legs: dict[str, Sequence[MediaEndpoint]] = {}  # To tags that answered here (forks)
+        self.sides: list[_Side] = []
+        self.peer: _Monologue | None = None
+
+    def ports(self) -> list[RelayPort]:
+        return [p for side in self.sides for p in side.all_ports()]
+
+    def snapshot(self) -> MonologueStats:
+        media = tuple(
+            MediaStats(
+                index=s.index,
+                ports=s.ports,
+                rtp=s.rtp.snapshot(),
+                rtcp=None if s.rtcp is None else s.rtcp.snapshot(),
+            )
+            for s in self.sides
+        )
+        return MonologueStats(tag=self.tag, legs=tuple(self.legs), media=media)
+
+
+class _Call:
+    __slots__ = ("call_id", "created", "last_signal", "monologues", "tags")
+
+    def __init__(self, call_id: str, now: float) -> None:
+        self.call_id = call_id
+        self.created = now
+        self.last_signal = now
+        self.monologues: list[_Monologue] = []
+        self.tags: dict[str, _Monologue] = {}
+
+    def ports(self) -> list[RelayPort]:
+        return [p for m in self.monologues for p in m.ports()]
+
+    def last_activity(self) -> float:
+        last = self.last_signal
+        for m in self.monologues:
+            for side in m.sides:
+                for p in side.all_ports():
+                    seen = p.last_seen
+                    if seen is not None and seen > last:
+                        last = seen
+        return last
+
+    def snapshot(self) -> CallStats:
+        return CallStats(
+            call_id=self.call_id,
+            created=self.created,
+            last_activity=self.last_activity(),
+            monologues=tuple(m.snapshot() for m in self.monologues),
+        )
+
+
+class RelayEngine:
+    """The sans-IO relay: see the module docstring.  Not thread-safe (one event loop)."""
+
+    def __init__(
+        self,
+        ports: PortAllocator,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sdp_allowed: Callable[[str, int], bool] | None = None,
+        media_timeout: float = DEFAULT_MEDIA_TIMEOUT,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        relatch_packets: int = DEFAULT_RELATCH_PACKETS,
+        relatch_silence: float = DEFAULT_RELATCH_SILENCE,
+    ) -> None:
+        if media_timeout <= 0:
+            raise ValueError("media_timeout must be positive")
+        if relatch_packets < 1:
+            raise ValueError("relatch_packets must be at least 1")
+        self.ports = ports
+        self.clock = clock
+        self._allowed = sdp_allowed or policy_predicate(DestinationPolicy())
+        self.media_timeout = media_timeout
+        self.max_sessions = max_sessions
+        self._relatch_packets = relatch_packets
+        self._relatch_silence = relatch_silence
+        self._calls: dict[str, _Call] = {}
+        self._opened: list[RelayPort] = []
+        self._closed: list[RelayPort] = []
+        self._deadline: float | None = None
+
+    # -- signalling ------------------------------------------------------------------------
+
+    def offer(
+        self, call_id: str, from_tag: str, media: Sequence[MediaEndpoint], to_tag: str | None = None
+    ) -> list[MediaPorts]:
+        """The offerer ``from_tag`` sends ``media``; returns the ports the answerer sends to.
+
+        Raises PortsExhausted or SessionLimitReached (a new call), leaving nothing allocated."""
+        now = self.clock()
+        call = self._calls.get(call_id)
+        new_call = call is None
+        if call is None:
+            if len(self._calls) >= self.max_sessions:
+                raise SessionLimitReached
+            call = _Call(call_id, now)
+        offerer = call.tags.get(from_tag)
+        new_offerer = offerer is None
+        if offerer is None:
+            offerer = _Monologue(from_tag)
+        answerer = offerer.peer
+        if to_tag is not None and (answerer is None or to_tag not in answerer.legs):
+            answerer = call.tags.get(to_tag)
+        new_answerer = answerer is None
+        if answerer is None:
+            answerer = _Monologue(to_tag)
+            if to_tag is not None:
+                answerer.legs[to_tag] = ()
+        self._grow(offerer, answerer, media)
+        if new_offerer:
+            call.monologues.append(offerer)
+            call.tags[from_tag] = offerer
+        if new_answerer:
+            call.monologues.append(answerer)
+            if to_tag is not None:
+                call.tags[to_tag] = answerer
+        offerer.peer = answerer
+        answerer.peer = offerer
+        for side, endpoint in zip(offerer.sides, media, strict=False):
+            side.set_endpoint(endpoint, self._allowed)
+        for a, b in zip(offerer.sides, answerer.sides, strict=True):
+            _wire(a, b)
+        call.last_signal = now
+        if new_call:
+            self._calls[call_id] = call
+        self._arm(now + self.media_timeout)
+        return [side.ports for side in answerer.sides[: len(media)]]
+
+    def answer(self, call_id: str, from_tag: str, to_tag: str, media: Sequence[MediaEndpoint]) -> list[MediaPorts]:
+        """The answerer ``to_tag`` sends ``media``; returns the ports the offerer sends to.
+
+        A To tag not seen before takes the offer's ports as a new leg (forked answers)."""
+        now = self.clock()
+        call = self._call(call_id)
+        offerer = call.tags.get(from_tag)
+        if offerer is None or offerer.peer is None:
+            raise UnknownTag(f"Unknown from-tag {from_tag!r}")
+        answerer = call.tags.get(to_tag)
+        if answerer is None:
+            answerer = offerer.peer
+            call.tags[to_tag] = answerer
+        elif answerer is not offerer.peer:
+            raise UnknownTag(f"to-tag {to_tag!r} is not the peer of from-tag {from_tag!r}")
+        answerer.legs.pop(to_tag, None)
+        answerer.legs[to_tag] = tuple(media)  # newest last: it directs the media
+        answerer.tag = to_tag
+        self._grow(offerer, answerer, media)
+        for side, endpoint in zip(answerer.sides, media, strict=False):
+            side.set_endpoint(endpoint, self._allowed)
+        for a, b in zip(offerer.sides, answerer.sides, strict=True):
+            _wire(a, b)
+        call.last_signal = now
+        self._arm(now + self.media_timeout)
+        return [side.ports for side in offerer.sides[: len(media)]]
+
+    def delete(self, call_id: str, from_tag: str | None = None, to_tag: str | None = None) -> CallStats:
+        """Free the call (ports return to the range), or only the leg ``to_tag`` of a forked
+        answer when other legs remain.  Returns the call's final counters."""
+        call = self._call(call_id)
+        if from_tag is not None and from_tag not in call.tags:
+            raise UnknownTag(f"Unknown from-tag {from_tag!r}")
+        if to_tag is not None:
+            leg = call.tags.get(to_tag)
+            if leg is None:
+                raise UnknownTag(f"Unknown to-tag {to_tag!r}")
+            if len(leg.legs) > 1 and to_tag in leg.legs:
+                del leg.legs[to_tag]
+                del call.tags[to_tag]
+                if leg.tag == to_tag:  # the newest remaining answer directs the media again
+                    leg.tag, endpoints = next(reversed(leg.legs.items()))
+                    for side, endpoint in zip(leg.sides, endpoints, strict=False):
+                        side.set_endpoint(endpoint, self._allowed)
+                    if leg.peer is not None:
+                        for a, b in zip(leg.peer.sides, leg.sides, strict=True):
+                            _wire(a, b)
+                return call.snapshot()
+        stats = call.snapshot()
+        self._free(call)
+        return stats
+
+    def query(self, call_id: str) -> CallStats:
+        return self._call(call_id).snapshot()
+
+    def list_calls(self) -> list[str]:
+        return list(self._calls)
+
+    @property
+    def sessions(self) -> int:
+        return len(self._calls)
+
+    # -- timer -----------------------------------------------------------------------------
+
+    def next_timer(self) -> float | None:
+        """When :meth:`handle_timer` should run next (clock time), None with no call."""
+        return self._deadline
+
+    def handle_timer(self, now: float) -> list[CallStats]:
+        """Free every call silent for ``media_timeout``; returns their final counters."""
+        expired: list[CallStats] = []
+        deadline: float | None = None
+        timeout = self.media_timeout
+        for call in list(self._calls.values()):
+            due = call.last_activity() + timeout
+            if due <= now:
+                expired.append(call.snapshot())
+                self._free(call)
+            elif deadline is None or due < deadline:
+                deadline = due
+        self._deadline = deadline
+        return expired
+
+    # -- sockets ---------------------------------------------------------------------------
+
+    def take_opened(self) -> list[RelayPort]:
+        """Ports allocated since the last call: the glue binds them and sets ``sender``."""
+        opened, self._opened = self._opened, []
+        return opened
+
+    def take_closed(self) -> list[RelayPort]:
+        """Ports freed since the last call: the glue closes their sockets."""
+        closed, self._closed = self._closed, []
+        return closed
+
+    def port_unusable(self, port: RelayPort) -> None:
+        """Binding ``port`` failed (another process holds it): never hand it out again, and
+        free the call that holds it."""
+        port.retired = True
+        self.ports.retire(port.port)
+        for call in list(self._calls.values()):
+            if any(p is port for p in call.ports()):
+                self._free(call)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _call(self, call_id: str) -> _Call:
+        call = self._calls.get(call_id)
+        if call is None:
+            raise UnknownCall(f"Unknown call-id {call_id!r}")
+        return call
+
+    def _arm(self, due: float) -> None:
+        if self._deadline is None or due < self._deadline:
+            self._deadline = due
+
+    def _grow(self, offerer: _Monologue, answerer: _Monologue, media: Sequence[MediaEndpoint]) -> None:
+        """Allocate the sides both monologues lack for ``media``, all or nothing."""
+        made: list[_Side] = []
+        try:
+            for mono in (offerer, answerer):
+                for index in range(len(mono.sides), len(media)):
+                    # the offerer's own SDP says whether it muxes; the answerer's is unknown yet,
+                    # so it gets a pair (RFC 5761 5.1.1: offer both, use one port if accepted)
+                    mux = mono is offerer and media[index].rtcp_mux
+                    made.append(self._new_side(index, mux))
+        except PortsExhausted:
+            for side in made:
+                self._release(side)
+            raise
+        for mono in (offerer, answerer):
+            need = len(media) - len(mono.sides)
+            if need > 0:
+                mono.sides.extend(made[:need])
+                del made[:need]
+
+    def _new_side(self, index: int, mux: bool) -> _Side:
+        clock, n, silence = self.clock, self._relatch_packets, self._relatch_silence
+        if mux:
+            rtp = RelayPort(self.ports.allocate_single(), _MUX, clock, n, silence)
+            side = _Side(index, rtp, None)
+        else:
+            base = self.ports.allocate_pair()
+            side = _Side(index, RelayPort(base, _RTP, clock, n, silence), RelayPort(base + 1, _RTCP, clock, n, silence))
+        self._opened.extend(side.all_ports())
+        return side
+
+    def _release(self, side: _Side) -> None:
+        for port in side.all_ports():
+            port.closed = True
+            port.sender = _NULL_SENDER
+            port.dest = None
+            self._closed.append(port)
+        if side.rtcp is None:
+            self.ports.free_single(side.rtp.port)
+        else:
+            self.ports.free_pair(side.rtp.port)
+
+    def _free(self, call: _Call) -> None:
+        if self._calls.get(call.call_id) is call:
+            del self._calls[call.call_id]
+        for mono in call.monologues:
+            for side in mono.sides:
+                self._release(side)
+            mono.sides = []
+        call.monologues = []
+        call.tags = {}
+
+
+def _freed(port: RelayPort) -> bool:
+    # a call, not the attribute: mypy would keep the narrowing from before an await
+    return port.closed
+
+
+class _PortProtocol(asyncio.DatagramProtocol):
+    """The glue of one port: asyncio hands every datagram straight to ``RelayPort.receive``."""
+
+    def __init__(self, receive: Callable[[bytes, Addr], None]) -> None:
+        # an instance attribute, not a method calling receive(): one Python frame less a packet
+        self.datagram_received = receive  # type: ignore[method-assign,assignment]
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable from a phone that went away: the media timeout handles it
+        return None
+
+
+class RelayServer:
+    """asyncio glue: binds the engine's ports on ``host``, closes freed ones, runs the timer.
+
+    Signalling that allocates ports is async (binding happens before the ports are answered);
+    the rest is synchronous.  ``receive_buffer`` sets SO_RCVBUF on every port (bytes)."""
+
+    def __init__(self, engine: RelayEngine, host: str, *, receive_buffer: int | None = None) -> None:
+        self.engine = engine
+        self.host = host
+        self.receive_buffer = receive_buffer
+        self._transports: dict[RelayPort, asyncio.DatagramTransport] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+
+    async def offer(
+        self, call_id: str, from_tag: str, media: Sequence[MediaEndpoint], to_tag: str | None = None
+    ) -> list[MediaPorts]:
+        ports = self.engine.offer(call_id, from_tag, media, to_tag)
+        await self._sync()
+        return ports
+
+    async def answer(
+        self, call_id: str, from_tag: str, to_tag: str, media: Sequence[MediaEndpoint]
+    ) -> list[MediaPorts]:
+        ports = self.engine.answer(call_id, from_tag, to_tag, media)
+        await self._sync()
+        return ports
+
+    def delete(self, call_id: str, from_tag: str | None = None, to_tag: str | None = None) -> CallStats:
+        stats = self.engine.delete(call_id, from_tag, to_tag)
+        self._close_freed()
+        return stats
+
+    def query(self, call_id: str) -> CallStats:
+        return self.engine.query(call_id)
+
+    def list_calls(self) -> list[str]:
+        return self.engine.list_calls()
+
+    @property
+    def open_ports(self) -> int:
+        return len(self._transports)
+
+    def close(self) -> None:
+        """Free every call and close every socket (the relay stops)."""
+        for call_id in self.engine.list_calls():
+            self.engine.delete(call_id)
+        self._close_freed()
+        for transport in self._transports.values():
+            transport.close()
+        self._transports.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    async def _sync(self) -> None:
+        loop = asyncio.get_running_loop()
+        failed: RelayPort | None = None
+        # the batch is the ports of the one engine call just made (no await in between)
+        for port in self.engine.take_opened():
+            if port.closed:  # its call was freed meanwhile (or by a failed bind below)
+                continue
+            try:
+                transport = await self._bind(loop, port)
+            except OSError:
+                failed = failed or port
+                self.engine.port_unusable(port)
+                continue
+            if _freed(port):  # the call was deleted while we bound
+                transport.close()
+                continue
+            self._transports[port] = transport
+            port.sender = transport
+        self._close_freed()
+        self._arm_timer()
+        if failed is not None:
+            raise PortsExhausted(f"Failed to bind port {failed.port}")
+
+    async def _bind(self, loop: asyncio.AbstractEventLoop, port: RelayPort) -> asyncio.DatagramTransport:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        for attempt in range(2):
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                sock.setblocking(False)
+                if self.receive_buffer:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer)
+                sock.bind((self.host, port.port))
+            except OSError:
+                sock.close()
+                if attempt:
+                    raise
+                await asyncio.sleep(0)  # a just-closed socket of a freed port closes next iteration
+                continue
+            transport, _ = await loop.create_datagram_endpoint(lambda: _PortProtocol(port.receive), sock=sock)
+            return transport
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _close_freed(self) -> None:
+        for port in self.engine.take_closed():
+            transport = self._transports.pop(port, None)
+            if transport is not None:
+                transport.close()
+
+    def _arm_timer(self) -> None:
+        due = self.engine.next_timer()
+        if due is None or (self._timer_at is not None and self._timer_at <= due and self._timer is not None):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = due
+        delay = max(0.0, due - self.engine.clock())
+        self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.engine.handle_timer(self.engine.clock())
+        self._close_freed()
+        self._arm_timer()
