@@ -540,6 +540,15 @@ class RelayEngine:
                 raise SessionLimitReached
             call = _Call(call_id, now)
         offerer = call.tags.get(from_tag)
+        if offerer is None and to_tag is not None:
+            other = call.tags.get(to_tag)
+            if other is not None and other.peer is not None:
+                # the other party offers in an existing dialog under a tag not seen yet (an
+                # UPDATE before the answer, or a fork's): it sends to the ports it was offered
+                offerer = other.peer
+                offerer.legs[from_tag] = ()
+                offerer.tag = from_tag
+                call.tags[from_tag] = offerer
         new_offerer = offerer is None
         if offerer is None:
             offerer = _Monologue(from_tag)
@@ -561,6 +570,8 @@ class RelayEngine:
                 call.tags[to_tag] = answerer
         offerer.peer = answerer
         answerer.peer = offerer
+        if from_tag in offerer.legs:  # a leg's own SDP, restored if a newer leg is deleted
+            offerer.legs[from_tag] = tuple(media)
         for side, endpoint in zip(offerer.sides, media, strict=False):
             side.set_endpoint(endpoint, self._allowed)
         for a, b in zip(offerer.sides, answerer.sides, strict=True):

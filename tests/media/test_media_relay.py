@@ -12,6 +12,8 @@ import struct
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from media.ports import PortAllocator, PortsExhausted, RelayError
 from media.relay import (
@@ -453,5 +455,78 @@ async def test_media_timeout_closes_sockets_on_a_real_loop() -> None:
         assert server.open_ports == 0
         await asyncio.sleep(0.05)
         assert bindable(ports.rtp)
+        # stopping the relay returns every port of the calls it still holds
+        await server.offer("other", "ta", [MediaEndpoint("127.0.0.2", 9)])
+        assert server.open_ports == 4
+        server.close()
+        assert engine.list_calls() == [] and server.open_ports == 0 and engine.ports.free_ports == 20
     finally:
         server.close()
+
+
+async def test_a_port_held_by_another_process_is_retired_and_the_offer_fails_cleanly() -> None:
+    engine = RelayEngine(PortAllocator(41200, 41205), sdp_allowed=lambda host, port: True)
+    server = RelayServer(engine, "127.0.0.1")
+    squatter = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    squatter.bind(("127.0.0.1", 41200))
+    try:
+        with pytest.raises(PortsExhausted, match=r"^Failed to bind port 41200$"):
+            await server.offer("c1", "ta", [MediaEndpoint("127.0.0.2", 9)])
+        assert engine.list_calls() == [] and server.open_ports == 0
+        [ports] = await server.offer("c2", "ta", [MediaEndpoint("127.0.0.2", 9)])
+        assert ports.rtp != 41200 and server.open_ports == 4
+        server.delete("c2")
+        assert engine.ports.free_ports == 5  # 41200 is never handed out again
+    finally:
+        squatter.close()
+        server.close()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["offer", "answer", "reoffer", "delete", "delete_leg", "timeout", "packet"]),
+            st.integers(0, 2),  # which call
+            st.integers(0, 2),  # which to-tag (forks)
+            st.integers(1, 2),  # media streams
+            st.booleans(),  # rtcp-mux
+        ),
+        max_size=40,
+    )
+)
+def test_any_signalling_sequence_never_leaks_or_double_frees_ports(ops: list[tuple[str, int, int, int, bool]]) -> None:
+    relay = Relay(PortAllocator(20000, 20023), max_sessions=2, media_timeout=10.0)
+    total = relay.engine.ports.free_ports
+    for op, c, t, n, mux in ops:
+        call_id, to_tag = f"c{c}", f"t{t}"
+        media = [MediaEndpoint(*A_SDP, rtcp_mux=mux)] * n
+        try:
+            if op == "offer":
+                relay.engine.offer(call_id, "ta", media)
+            elif op == "answer":
+                relay.engine.answer(call_id, "ta", to_tag, [MediaEndpoint(*B_SDP, rtcp_mux=mux)] * n)
+            elif op == "reoffer":
+                relay.engine.offer(call_id, to_tag, media, to_tag="ta")
+            elif op == "delete":
+                relay.engine.delete(call_id)
+            elif op == "delete_leg":
+                relay.engine.delete(call_id, "ta", to_tag)
+            elif op == "timeout":
+                relay.clock.now += 6.0
+                relay.engine.handle_timer(relay.clock.now)
+            else:
+                relay.sync()
+                for port in list(relay.ports.values()):
+                    port.receive(rtp(t), A_SDP)
+        except RelayError:
+            pass
+        relay.sync()
+        in_use = sum(len(relay.engine.query(cid).monologues) for cid in relay.engine.list_calls())
+        assert in_use <= 2 * len(relay.engine.list_calls())
+        assert relay.engine.ports.free_ports + len(relay.ports) == total
+    for call_id in relay.engine.list_calls():
+        relay.engine.delete(call_id)
+    relay.sync()
+    assert relay.engine.ports.free_ports == total
+    assert relay.ports == {}
