@@ -41,6 +41,7 @@ class FarmState:
         self._clock = clock
         self._observe = observe  # Redis round-trip histogram
         self._register_sha = hashlib.sha1(loc.REGISTER_SCRIPT.encode()).hexdigest()  # noqa: S324
+        self._remove_binding_sha = hashlib.sha1(loc.REMOVE_BINDING_SCRIPT.encode()).hexdigest()  # noqa: S324
 
     # -- accounts --------------------------------------------------------------------------------
     #
@@ -131,6 +132,28 @@ class FarmState:
             except StoreError as exc:
                 result = exc
         callback(result)
+
+    def remove_binding(self, aor: str, binding: loc.Binding, callback: Callable[[bool | StoreError], None]) -> None:
+        """``LocationStore.remove_binding`` over the pipe: ``binding`` goes if it is still
+        stored unchanged (contact, Path, flow); ``callback`` gets whether it went."""
+        keys, args = loc.remove_binding_arguments(aor, binding)
+        done = partial(self._remove_binding_done, keys, args, self._clock(), callback)
+        self.pipe.call(done, "EVALSHA", self._remove_binding_sha, len(keys), *keys, *args)
+
+    def _remove_binding_done(
+        self,
+        keys: list[str],
+        args: list[str],
+        started: float,
+        callback: Callable[[bool | StoreError], None],
+        reply: Reply,
+    ) -> None:
+        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+            done = partial(self._remove_binding_done, keys, args, started, callback)
+            self.pipe.call(done, "EVAL", loc.REMOVE_BINDING_SCRIPT, len(keys), *keys, *args)
+            return
+        error = self._settle(started, "remove binding", reply)
+        callback(error if error is not None else reply == 1)
 
     def _settle(self, started: float, what: str, reply: Reply) -> StoreError | None:
         """Time the round trip; the StoreError a failed reply stands for (None: a reply)."""

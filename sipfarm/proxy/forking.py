@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from sipfarm.sip.address import Address
 from sipfarm.sip.message import SipMessage
 from sipfarm.sip.transaction import ClientTransaction, ServerTransaction
+from sipfarm.store.location import Binding
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +31,9 @@ class Target:
     # ``destination`` is a client's connection held here (TCP, TLS, WebSocket): requests go over
     # it only, never over a new one, and its loss answers the branch 430 (RFC 5626 5.3)
     client_flow: bool = False
+    # the binding this target was built from, for an initial request: a 430 on its branch says
+    # the flow it was registered over is gone, and it is removed (RFC 5626 5.3, 11)
+    binding: Binding | None = None
 
 
 class BranchState(enum.Enum):
@@ -76,6 +80,7 @@ class ProxyCall:
     record_route: bool = False  # a dialog-creating initial request (RFC 3261 16.6 step 4)
     inbound: str = "udp"  # transport the request came in on (double Record-Route, RFC 5658)
     record_route_flow: Address | None = None  # Record-Route with this client flow's token
+    aor: str = ""  # whose bindings the targets are (an initial request to a user)
 
     @property
     def is_invite(self) -> bool:

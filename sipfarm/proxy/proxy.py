@@ -26,6 +26,9 @@ layer's.
   marked in :attr:`Proxy.flow_sends` so the transport uses the existing connection only; a
   send that fails there is a transport error answered 430 Flow Failed at once, for that
   branch alone (RFC 5626 5.3), instead of a connection to the phone's NATed port and Timer B.
+* dead flows: a 430 on a branch of an initial request to a registered binding (the edge's,
+  this node's own, or the phone's) removes that binding from the location store, unless it
+  was registered anew meanwhile (RFC 5626 11): later calls no longer fork to a gone flow.
 """
 
 from __future__ import annotations
@@ -119,6 +122,9 @@ NO_ROUTES = OwnRoutes()
 
 class LocationSource(AccountSource, Protocol):
     def lookup(self, aor: str, now: float, callback: Callable[[list[Binding] | StoreError], None]) -> None: ...
+
+    def remove_binding(self, aor: str, binding: Binding, callback: Callable[[bool | StoreError], None]) -> None:
+        """Remove ``binding`` if it is still stored as looked up (contact, Path, flow)."""
 
 
 class Proxy:
@@ -341,6 +347,7 @@ class Proxy:
                 if gruu is not None:
                     aor, user = gruu.aor, gruu.user
         # authentication (account + guard) and the callee's bindings and account: one pipeline
+        call.aor = aor
         join = _Join(3 if creds is not None else 2, partial(self._route_with, call, msg, local, realm, gruu))
         if creds is not None:
             client = element.client(msg, stx.source)
@@ -394,7 +401,7 @@ class Proxy:
                     raise NotFound("no such user", partial=msg)
                 assert isinstance(callee, Account)
                 raise TemporarilyUnavailable("user not registered", partial=msg)
-            targets = [self._binding_target(b, msg.call_id) for b in bindings]
+            targets = [self._binding_target(b, msg.call_id, initial=True) for b in bindings]
             call.set_targets(t for t in targets if t is not None)
             call.record_route = msg.method in DIALOG_CREATING
             call.inbound = local.transport
@@ -425,7 +432,9 @@ class Proxy:
         elif not call.cancelled:
             self._start_group(call, self.element.now())
 
-    def _binding_target(self, binding: Binding, call_id: bytes) -> Target | None:
+    def _binding_target(self, binding: Binding, call_id: bytes, *, initial: bool = False) -> Target | None:
+        """The branch toward ``binding``; ``initial``: of an initial request, whose 430 removes
+        the binding (in dialog, a 430 says nothing about the registration)."""
         contact = binding.contact.encode("latin-1")
         route = tuple(p.encode("latin-1") for p in binding.path)
         client_flow = False
@@ -461,7 +470,14 @@ class Proxy:
         except (HeaderError, URIError, ValueError):
             log.info("event=bad_binding contact=%s", binding.contact)
             return None
-        return Target(uri=contact, destination=dest, route=route, q=binding.q, client_flow=client_flow)
+        return Target(
+            uri=contact,
+            destination=dest,
+            route=route,
+            q=binding.q,
+            client_flow=client_flow,
+            binding=binding if initial else None,
+        )
 
     # -- in-dialog and pre-routed requests -------------------------------------------------------
 
@@ -705,6 +721,8 @@ class Proxy:
                 self._send_upstream(call, _upstream(msg))
             return
         self._timer_c.pop(branch, None)
+        if status == 430 and branch.state is not BranchState.COMPLETED:
+            self._flow_failed(branch)
         if 200 <= status < 300:
             first = branch.state is not BranchState.COMPLETED
             branch.state = BranchState.COMPLETED
@@ -903,6 +921,7 @@ class Proxy:
                 elif branch.target.client_flow:
                     status = 430
                     self.element.metrics.errors("flow_failed").inc()
+                    self._flow_failed(branch)
                 else:
                     status = 503
                 branch.state = BranchState.COMPLETED
@@ -924,6 +943,33 @@ class Proxy:
                 _release_call(context.call)
             elif isinstance(context, ProxyCall):
                 _release_call(context)
+
+    def _flow_failed(self, branch: Branch) -> None:
+        """A 430 on a branch to a registered binding (RFC 5626 5.3: the flow it was registered
+        over is gone, told by the edge or found here): every later call would fork to it again
+        until it expires, so it is removed (RFC 5626 11), unless it has been registered anew
+        meanwhile. Nothing waits for Redis: the 430 goes upstream as any answer would."""
+        binding = branch.target.binding
+        call = branch.call
+        if binding is None or not call.aor:
+            return  # in dialog, or a hop the request named: no binding of ours
+        done = partial(self._binding_removed, call.aor, binding, call.request.call_id)
+        self.state.remove_binding(call.aor, binding, done)
+
+    def _binding_removed(self, aor: str, binding: Binding, call_id: bytes, removed: bool | StoreError) -> None:
+        metrics = self.element.metrics
+        cid = call_id.decode("latin-1")
+        if isinstance(removed, StoreError):
+            metrics.errors("binding_remove_failed").inc()
+            error = str(removed).replace(" ", "_")
+            log.warning("event=binding_remove_failed aor=%s call_id=%s error=%s", aor, cid, error)
+        elif removed:
+            metrics.errors("binding_flow_failed").inc()
+            log.info("event=binding_removed reason=flow_failed aor=%s contact=%s call_id=%s", aor, binding.contact, cid)
+        else:
+            log.debug(
+                "event=binding_kept reason=registered_again aor=%s contact=%s call_id=%s", aor, binding.contact, cid
+            )
 
     def _forward_ack(self, msg: SipMessage, source: Address) -> None:
         """ACK for 2xx: forwarded statelessly along its Route set (RFC 3261 16.11), only when

@@ -258,6 +258,35 @@ def live_bindings(values: Iterable[bytes | str], now: float) -> list[Binding]:
 
 REGISTER_SCRIPT: Final = _REGISTER_LUA
 
+# Remove one binding if it is still the one a proxy routed over: same key, contact, Path and
+# received flow. A dead flow's 430 (RFC 5626 5.3, 11) must not take away the binding the same
+# instance and reg-id registered since over a new flow (RFC 5626 6: same key, new Path).
+# KEYS as register.lua. ARGV: aor, binding key, contact, received, then the Path entries.
+# Returns 1 if removed, else 0. Binding JSON positions read here: [1], [8], [9].
+REMOVE_BINDING_SCRIPT: Final = """
+local loc = KEYS[1]
+local stored = redis.call('HGET', loc, ARGV[2])
+if not stored then return 0 end
+local b = cjson.decode(stored)
+if b[1] ~= ARGV[3] or b[9] ~= ARGV[4] or #b[8] ~= #ARGV - 4 then return 0 end
+for i = 1, #b[8] do
+  if b[8][i] ~= ARGV[4 + i] then return 0 end
+end
+redis.call('HDEL', loc, ARGV[2])
+if #KEYS == 3 then
+  redis.call('ZREM', KEYS[3], ARGV[1] .. '\\n' .. ARGV[2])
+  if redis.call('EXISTS', loc) == 0 then redis.call('ZREM', KEYS[2], ARGV[1]) end
+end
+return 1
+"""
+
+
+def remove_binding_arguments(aor: str, binding: Binding, *, index: bool = True) -> tuple[list[str], list[str]]:
+    """KEYS and ARGV of :data:`REMOVE_BINDING_SCRIPT` for ``binding`` as it was looked up."""
+    loc = location_key(aor)
+    keys = [loc, AOR_INDEX, BINDING_INDEX] if index else [loc]
+    return keys, [aor, binding.key, binding.contact, binding.received, *binding.path]
+
 
 class LocationStore:
     """Bindings of all AORs. Holds no state of its own: any node may serve any AOR."""
@@ -266,6 +295,7 @@ class LocationStore:
         self._redis = redis
         self._register = redis.register_script(_REGISTER_LUA)
         self._remove = redis.register_script(_REMOVE_LUA)
+        self._remove_binding = redis.register_script(REMOVE_BINDING_SCRIPT)
         self._index = index
 
     def _keys(self, aor: str) -> list[str]:
@@ -327,6 +357,14 @@ class LocationStore:
         with redis_errors:
             removed: int = await self._remove(keys=self._keys(aor), args=[aor, contact])
         return removed
+
+    async def remove_binding(self, aor: str, binding: Binding) -> bool:
+        """Remove ``binding`` (as looked up) if it is still stored unchanged in contact, Path and
+        flow; a newer binding under its key stays. True if removed."""
+        keys, args = remove_binding_arguments(aor, binding, index=self._index)
+        with redis_errors:
+            removed: int = await self._remove_binding(keys=keys, args=args)
+        return bool(removed)
 
     async def clear(self, aor: str) -> int:
         """Remove every binding of ``aor`` (e.g. its account was deleted); return how many."""

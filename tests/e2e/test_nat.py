@@ -7,7 +7,8 @@ balancer's intervals shortened (keepalive every 1 s, 2 unanswered OPTIONS; strea
   unregistered after its keepalive budget, and a call to it then gets 480.
 * TCP: a registered phone idle for longer than the idle timeout still receives an INVITE over
   its connection (an unregistered idle connection is closed meanwhile); a call to a phone
-  whose connection died gets 430 Flow Failed at the caller within 1 s.
+  whose connection died gets 430 Flow Failed at the caller within 1 s, and its binding is
+  removed from Redis.
 """
 
 from __future__ import annotations
@@ -273,6 +274,7 @@ def test_tcp_phone_idle_past_the_idle_timeout_still_rings_and_a_dead_connection_
         # bob registers over TCP, then his connection dies: 430 at the caller, at once
         bob = TcpPhone(lb.address, "bob", accounts["bob"])
         assert bob.register() == 200
+        assert bindings(redis_url, "bob") == 1
         bob.close()
         time.sleep(0.3)  # the balancer sees the connection close
         started = time.monotonic()
@@ -280,6 +282,8 @@ def test_tcp_phone_idle_past_the_idle_timeout_still_rings_and_a_dead_connection_
         elapsed = time.monotonic() - started
         assert result.final is not None and result.final.status == 430, lb.log()[-2000:]
         assert elapsed < 1.0, elapsed  # not a connection attempt and Timer B's 32 s
+        # the node removed the binding of the dead flow (RFC 5626 11): no later call forks to it
+        assert wait_until(lambda: bindings(redis_url, "bob") == 0, 2.0), lb.log()[-2000:]
     finally:
         for closeable in (carol, bob, caller):
             if closeable is not None:

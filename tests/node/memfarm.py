@@ -93,6 +93,22 @@ class MemoryState:
         live = [b for b in self.bindings.get(aor, {}).values() if b.expires_at > now]
         callback(sorted(live, key=lambda b: (-b.q, -b.updated)))
 
+    def remove_binding(self, aor: str, binding: Binding, callback: Callable[[bool | StoreError], None]) -> None:
+        """FarmState.remove_binding: only if the stored one has the same contact, Path and flow."""
+        if self.fail_with is not None:
+            callback(self.fail_with)
+            return
+        current = self.bindings.get(aor, {})
+        stored = current.get(binding.key)
+        same = stored is not None and (stored.contact, stored.path, stored.received) == (
+            binding.contact,
+            binding.path,
+            binding.received,
+        )
+        if same:
+            del current[binding.key]
+        callback(same)
+
     def register(
         self,
         aor: str,
