@@ -33,7 +33,9 @@ MAX_DEPTH = 32  # ng messages nest three levels; the bound keeps recursion far f
 MAX_INT_DIGITS = 64  # ints in ng are counters and ports; int() of a huge string is quadratic
 
 Value = Union[int, bytes, list["Value"], dict[bytes, "Value"]]  # noqa: UP007 (a runtime alias)
-Encodable = Union[int, bytes, str, Sequence["Encodable"], Mapping[Union[bytes, str], "Encodable"]]  # noqa: UP007
+Encodable = Union[  # noqa: UP007 (a runtime alias)
+    int, bytes, str, Sequence["Encodable"], Mapping[str, "Encodable"], Mapping[bytes, "Encodable"]
+]
 
 _DIGITS = frozenset(b"0123456789")
 
