@@ -90,6 +90,7 @@ from media.ports import RelayError
 from media.relay import CallStats, MediaPorts, PortStats, UnknownCall
 
 __all__ = [
+    "COMMANDS",
     "COOKIE_CACHE_SIZE",
     "COOKIE_TTL",
     "DTLS_UNSUPPORTED",
@@ -110,6 +111,7 @@ DEFAULT_LIST_LIMIT = 32  # rtpengine's default for "list"
 MAX_LIST_LIMIT = 10_000
 MAX_IN_FLIGHT = 1_000  # ng messages being executed at once (NgServer); more are dropped
 
+COMMANDS = frozenset({"ping", "offer", "answer", "delete", "query", "list"})  # the subset
 DTLS_UNSUPPORTED = "DTLS-SRTP / SRTP not supported by this relay; use rtpengine"
 INTERNAL_ERROR = "internal error"
 
@@ -223,6 +225,9 @@ class NgController:
         self.dropped = 0  # datagrams without a cookie, or duplicates of one in execution
         self.errors = 0  # error replies
         self.internal_errors = 0
+        #: messages executed by (command, result): commands outside the subset count as
+        #: "unknown", unreadable messages as "invalid" (bounded labels for metrics)
+        self.commands: dict[tuple[str, str], int] = {}
         self._pending: set[bytes] = set()
         self._calls: dict[str, _CallState] = {}
         self._next_sweep = clock() + SWEEP_INTERVAL
@@ -242,18 +247,28 @@ class NgController:
             return None
         self._pending.add(cookie)
         try:
-            reply = await self._execute(body)
+            command, reply = await self._execute(body)
         finally:
             self._pending.discard(cookie)
+        key = (command, str(reply["result"]))
+        self.commands[key] = self.commands.get(key, 0) + 1
         data = cookie + b" " + encode(reply)
         self.cookies.put(cookie, data, self.clock())
         return data
 
     # -- dispatch --------------------------------------------------------------------------
 
-    async def _execute(self, body: bytes) -> dict[str, Any]:
-        """The reply dictionary for one message body; the one place errors become replies."""
+    def forget(self, call_id: str) -> None:
+        """The relay freed ``call_id`` on its own (media timeout): drop what is kept of it now
+        (:attr:`media.relay.RelayServer.on_expired`); the periodic sweep covers relays without
+        the hook."""
+        self._calls.pop(call_id, None)
+
+    async def _execute(self, body: bytes) -> tuple[str, dict[str, Any]]:
+        """The command's name and the reply dictionary for one message body; the one place
+        errors become replies."""
         call_id: str | None = None
+        name = "invalid"
         try:
             try:
                 decoded = decode(body)
@@ -269,20 +284,21 @@ class NgController:
             if isinstance(raw_id, bytes):
                 call_id = raw_id.decode("latin-1")
             self._sweep()
-            return await self._dispatch(command.lower(), message)
+            name = command.lower() if command.lower() in COMMANDS else "unknown"
+            return name, await self._dispatch(command.lower(), message)
         except NgError as exc:
             self.errors += 1
-            return _error(exc.reason)
+            return name, _error(exc.reason)
         except sdp.SdpError as exc:
             self.errors += 1
-            return _error(f"Failed to parse SDP: {exc}")
+            return name, _error(f"Failed to parse SDP: {exc}")
         except RelayError as exc:
             self.errors += 1
-            return _error(exc.reason)
+            return name, _error(exc.reason)
         except Exception:
             self.internal_errors += 1
             log.exception("ng internal error call_id=%s", call_id)
-            return _error(INTERNAL_ERROR)
+            return name, _error(INTERNAL_ERROR)
 
     async def _dispatch(self, command: str, message: Message) -> dict[str, Any]:
         if command == "ping":

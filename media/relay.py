@@ -67,7 +67,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from media.ports import PortAllocator, PortsExhausted, RelayError
 from media.rtp import MAX_DROPOUT, RTCP_MAX_TYPE, RTCP_MIN_TYPE, SEQ_TS_SSRC, ReceiverStats
@@ -86,6 +86,7 @@ __all__ = [
     "RelayError",
     "RelayPort",
     "RelayServer",
+    "RelayTotals",
     "SessionLimitReached",
     "UnknownCall",
     "UnknownTag",
@@ -208,6 +209,16 @@ class MonologueStats:
     tag: str | None  # None: the offer is not answered yet
     legs: tuple[str, ...]  # every To tag that answered on these ports (forks)
     media: tuple[MediaStats, ...]
+
+
+class RelayTotals(NamedTuple):
+    """Counters summed over ports (see :meth:`RelayServer.totals`)."""
+
+    packets: int = 0  # forwarded
+    bytes: int = 0
+    drops_no_destination: int = 0
+    drops_unexpected_source: int = 0
+    drops_malformed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -772,15 +783,28 @@ class RelayServer:
     """asyncio glue: binds the engine's ports on ``host``, closes freed ones, runs the timer.
 
     Signalling that allocates ports is async (binding happens before the ports are answered);
-    the rest is synchronous.  ``receive_buffer`` sets SO_RCVBUF on every port (bytes)."""
+    the rest is synchronous.  ``receive_buffer`` sets SO_RCVBUF on every port (bytes).
+    ``on_expired`` is called with the final counters of each call the media timeout freed (no
+    delete will come for it), after its ports are closed.  :meth:`totals` sums the counters of
+    every port since start, for metrics read once in a while (the packet path counts nothing more).
+    """
 
-    def __init__(self, engine: RelayEngine, host: str, *, receive_buffer: int | None = None) -> None:
+    def __init__(
+        self,
+        engine: RelayEngine,
+        host: str,
+        *,
+        receive_buffer: int | None = None,
+        on_expired: Callable[[CallStats], None] | None = None,
+    ) -> None:
         self.engine = engine
         self.host = host
         self.receive_buffer = receive_buffer
+        self.on_expired = on_expired
         self._transports: dict[RelayPort, asyncio.DatagramTransport] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._closed_totals = RelayTotals()
 
     async def offer(
         self, call_id: str, from_tag: str, media: Sequence[MediaEndpoint], to_tag: str | None = None
@@ -810,6 +834,18 @@ class RelayServer:
     @property
     def open_ports(self) -> int:
         return len(self._transports)
+
+    def totals(self) -> RelayTotals:
+        """Packets and bytes forwarded and dropped on every port since start: the ports freed
+        so far plus the open ones (O(open ports), attribute reads only)."""
+        packets, size, no_dest, unexpected, malformed = self._closed_totals
+        for port in self._transports:
+            packets += port.packets
+            size += port.bytes
+            no_dest += port.drops_no_destination
+            unexpected += port.drops_unexpected_source
+            malformed += port.drops_malformed
+        return RelayTotals(packets, size, no_dest, unexpected, malformed)
 
     def close(self) -> None:
         """Free every call and close every socket (the relay stops)."""
@@ -866,10 +902,19 @@ class RelayServer:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _close_freed(self) -> None:
+        closed = self._closed_totals
         for port in self.engine.take_closed():
             transport = self._transports.pop(port, None)
             if transport is not None:
                 transport.close()
+                closed = RelayTotals(
+                    closed.packets + port.packets,
+                    closed.bytes + port.bytes,
+                    closed.drops_no_destination + port.drops_no_destination,
+                    closed.drops_unexpected_source + port.drops_unexpected_source,
+                    closed.drops_malformed + port.drops_malformed,
+                )
+        self._closed_totals = closed
 
     def _arm_timer(self) -> None:
         due = self.engine.next_timer()
@@ -884,6 +929,9 @@ class RelayServer:
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        self.engine.handle_timer(self.engine.clock())
+        expired = self.engine.handle_timer(self.engine.clock())
         self._close_freed()
         self._arm_timer()
+        if self.on_expired is not None:
+            for stats in expired:
+                self.on_expired(stats)

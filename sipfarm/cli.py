@@ -180,6 +180,20 @@ def build_parser() -> argparse.ArgumentParser:
     balancer.add_argument("--log-format", choices=("kv", "json"))
     balancer.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
 
+    relay = sub.add_parser("relay", help="run an RTP media relay (rtpengine's ng protocol)")
+    relay.add_argument("--config", help="TOML file ([relay] section)")
+    relay.add_argument("--ng", help="HOST:PORT of the ng control socket, UDP (default 127.0.0.1:2223)")
+    relay.add_argument("--media-address", help="IP the media ports bind and the SDPs name (default 127.0.0.1)")
+    relay.add_argument("--port-min", type=int, help="first media port (default 30000)")
+    relay.add_argument("--port-max", type=int, help="last media port (default 39999)")
+    relay.add_argument("--media-timeout", type=float, help="seconds of silence that free a call (default 60)")
+    relay.add_argument("--max-sessions", type=int, help="calls held at once (default 10000)")
+    relay.add_argument("--redis", help="Redis URL (default $REDIS_URL or redis://127.0.0.1:6379/0)")
+    relay.add_argument("--relay-id", help="member id in the farm (default: relay-host-pid)")
+    relay.add_argument("--metrics", help="HOST:PORT for Prometheus /metrics")
+    relay.add_argument("--log-format", choices=("kv", "json"))
+    relay.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+
     ban = sub.add_parser("ban", help="farm-wide bans of source addresses (brute-force protection)")
     ban_sub = ban.add_subparsers(dest="ban_cmd", required=True)
     p = ban_sub.add_parser("list", help="current bans, time left and why")
@@ -221,6 +235,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sipfarm.protect.cli import run_ban_command  # noqa: PLC0415
 
         return int(run_ban_command(args))
+    if args.command == "relay":
+        from media.main import run_relay  # noqa: PLC0415
+
+        return int(run_relay(args))
     if args.command == "balancer":
         from sipfarm.balancer.main import run_balancer  # noqa: PLC0415
 

@@ -297,3 +297,51 @@ class BalancerConfig:
             raise ConfigError(f"redis: expected redis://HOST:PORT/DB, got {self.redis!r}")
         _check_choice("log_format", self.log_format, ("kv", "json"))
         _check_choice("log_level", self.log_level, ("debug", "info", "warning", "error"))
+
+
+@dataclass(slots=True)
+class RelayConfig:
+    """An RTP media relay (``sipfarm relay``), driven over rtpengine's ng protocol."""
+
+    ng: str = "127.0.0.1:2223"  # HOST:PORT of the ng control socket (UDP)
+    # IP the relay binds its media ports on and writes into the SDPs it anchors
+    media_address: str = "127.0.0.1"
+    port_min: int = 30000
+    port_max: int = 39999
+    media_timeout: float = 60.0  # seconds of silence after which a call is freed
+    max_sessions: int = 10_000
+    redis: str = "redis://127.0.0.1:6379/0"
+    relay_id: str = ""  # default: relay-host-pid
+    metrics: str = ""
+    heartbeat: float = 0.5
+    udp_recv_buffer: int = 1024 * 1024  # SO_RCVBUF of each media port
+    # Before a phone's port has latched, the relay sends to the address in its SDP only if
+    # these rules permit it (as the node's destination policy): not the internal networks
+    # unless listed in allow_destinations, e.g. ["127.0.0.0/8"] for phones on this machine.
+    internal_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    allow_destinations: list[str] = field(default_factory=list)
+    log_level: str = "info"
+    log_format: str = "kv"
+
+    def validate(self) -> None:
+        _check_hostport("ng", self.ng)
+        import ipaddress  # noqa: PLC0415 - config stays light
+
+        try:
+            ipaddress.ip_address(self.media_address)
+        except ValueError:
+            raise ConfigError(f"media_address: expected an IP address, got {self.media_address!r}") from None
+        _check_range("port_min", self.port_min, 1024, 65535)
+        _check_range("port_max", self.port_max, 1024, 65535)
+        if self.port_min + (self.port_min & 1) + 1 > self.port_max:  # RTP even, RTCP odd (RFC 3550 11)
+            raise ConfigError(f"port_max: the range {self.port_min}-{self.port_max} holds no even/odd port pair")
+        _check_range("media_timeout", self.media_timeout, 1, 86_400)
+        _check_range("max_sessions", self.max_sessions, 1, 10_000_000)
+        _check_range("heartbeat", self.heartbeat, 0.05, 10)
+        _check_destinations(self.internal_networks, self.allow_destinations)
+        if self.metrics:
+            _check_hostport("metrics", self.metrics)
+        if not self.redis.startswith("redis://"):
+            raise ConfigError(f"redis: expected redis://HOST:PORT/DB, got {self.redis!r}")
+        _check_choice("log_format", self.log_format, ("kv", "json"))
+        _check_choice("log_level", self.log_level, ("debug", "info", "warning", "error"))

@@ -175,3 +175,40 @@ class BalancerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+
+
+class RelayMetrics:
+    """A media relay (``sipfarm relay``). Packet counters are synced from the relay's own
+    totals once a second (never touched per packet)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.sessions = Gauge("sipfarm_relay_sessions", "Calls (Call-IDs) holding media ports", registry=r)
+        self.free_ports = Gauge("sipfarm_relay_free_ports", "Media ports of the range not in use", registry=r)
+        self.open_ports = Gauge("sipfarm_relay_open_ports", "Media ports bound now", registry=r)
+        self.packets = Counter(
+            "sipfarm_relay_forwarded_packets_total", "RTP/RTCP packets received and forwarded", registry=r
+        )
+        self.bytes = Counter("sipfarm_relay_forwarded_bytes_total", "Bytes of the packets forwarded", registry=r)
+        # reasons: no_destination (the other party has no address yet), unexpected_source
+        # (after latching), malformed (not RTP/RTCP, or not the kind the port expects)
+        self.drops = LabelCache(
+            Counter("sipfarm_relay_dropped_packets_total", "Packets dropped, by reason", ["reason"], registry=r)
+        )
+        self.expired = Counter(
+            "sipfarm_relay_expired_sessions_total", "Calls freed by the media timeout (no delete)", registry=r
+        )
+        self.ng_commands = LabelCache(
+            Counter(
+                "sipfarm_relay_ng_commands_total",
+                "ng control messages answered, by command and result (ok, pong, error)",
+                ["command", "result"],
+                registry=r,
+            )
+        )
+        # kinds: dropped (no cookie, duplicate in execution, too many in flight), internal
+        # (unexpected exceptions, answered "internal error")
+        self.ng_errors = LabelCache(
+            Counter("sipfarm_relay_ng_errors_total", "ng messages not executed, by kind", ["kind"], registry=r)
+        )

@@ -110,29 +110,37 @@ class Member:
     #: unix seconds when the process started (a change with the same id means a restart)
     started_at: float = 0.0
     version: str = ""
+    #: a relay's free media ports (of its configured range); None for other roles. Optional in
+    #: the record: written only when set, so records of other roles are unchanged
+    free_ports: int | None = None
+    #: a relay's packets forwarded per second over its last heartbeat interval; None likewise
+    packet_rate: float | None = None
 
     def __post_init__(self) -> None:
         if not self.id or not self.id.isprintable() or any(c.isspace() for c in self.id):
             raise ValueError(f"invalid member id {self.id!r}: empty, or contains spaces/control characters")
 
     def to_json(self) -> str:
-        return _dumps(
-            {
-                "v": RECORD_VERSION,
-                "id": self.id,
-                "role": self.role.value,
-                "addresses": self.addresses,
-                "control_address": self.control_address,
-                "state": self.state.value,
-                "load": self.load,
-                "registrations": self.registrations,
-                "transactions": self.transactions,
-                "pid": self.pid,
-                "host": self.host,
-                "started_at": self.started_at,
-                "version": self.version,
-            }
-        )
+        record: dict[str, Any] = {
+            "v": RECORD_VERSION,
+            "id": self.id,
+            "role": self.role.value,
+            "addresses": self.addresses,
+            "control_address": self.control_address,
+            "state": self.state.value,
+            "load": self.load,
+            "registrations": self.registrations,
+            "transactions": self.transactions,
+            "pid": self.pid,
+            "host": self.host,
+            "started_at": self.started_at,
+            "version": self.version,
+        }
+        if self.free_ports is not None:
+            record["free_ports"] = self.free_ports
+        if self.packet_rate is not None:
+            record["packet_rate"] = self.packet_rate
+        return _dumps(record)
 
     @classmethod
     def from_json(cls, data: bytes | str) -> Member:
@@ -140,6 +148,8 @@ class Member:
         try:
             d: Any = json.loads(data)
             control = d.get("control_address")
+            free_ports = d.get("free_ports")
+            packet_rate = d.get("packet_rate")
             return cls(
                 id=str(d["id"]),
                 role=Role(d["role"]),
@@ -153,6 +163,8 @@ class Member:
                 host=str(d.get("host", "")),
                 started_at=float(d.get("started_at", 0.0)),
                 version=str(d.get("version", "")),
+                free_ports=None if free_ports is None else int(free_ports),
+                packet_rate=None if packet_rate is None else float(packet_rate),
             )
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"not a member record {data!r:.200}: {e!r}") from e

@@ -7,7 +7,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .membership import Member, MemberState
+from .membership import Member, MemberState, Role
 
 __all__ = ["format_age", "render_json", "render_table", "status_rows"]
 
@@ -58,6 +58,9 @@ def status_rows(
             "host": m.host,
             "pid": m.pid,
             "version": m.version,
+            # relays: load is their active sessions; free media ports and packets/s forwarded
+            "free_ports": m.free_ports,
+            "packet_rate": m.packet_rate,
         }
         for m in _ordered(members)
     ]
@@ -68,7 +71,8 @@ def render_json(members: Sequence[Member], *, now: float, drain_flags: Mapping[s
 
 
 def render_table(members: Sequence[Member], *, now: float, drain_flags: Mapping[str, bool] | None = None) -> str:
-    """A fixed-width table, one member a line, then a totals line."""
+    """A fixed-width table, one member a line, then a totals line; then, if there are relays,
+    a second table of their media figures (sessions, free ports, packets/s)."""
     if not members:
         return "no members (is the farm running, and is this the right Redis?)\n"
     rows: list[tuple[str, ...]] = []
@@ -110,4 +114,30 @@ def render_table(members: Sequence[Member], *, now: float, drain_flags: Mapping[
         f"{max((m.registrations for m in members), default=0)} registrations in the farm, "
         f"{sum(m.transactions for m in members)} transactions"
     )
+    relays = [r for r in status_rows(members, now=now) if r["role"] == Role.RELAY.value]
+    if relays:
+        out.append("")
+        out.extend(_relay_table(relays))
     return "\n".join(out) + "\n"
+
+
+_RELAY_COLUMNS = ("RELAY", "SESSIONS", "FREE_PORTS", "PACKETS/S")
+
+
+def _relay_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    cells = [
+        (
+            r["id"],
+            f"{r['load']:.0f}",
+            "-" if r["free_ports"] is None else str(r["free_ports"]),
+            "-" if r["packet_rate"] is None else f"{r['packet_rate']:.0f}",
+        )
+        for r in rows
+    ]
+    widths = [max(len(col), *(len(row[i]) for row in cells)) for i, col in enumerate(_RELAY_COLUMNS)]
+    return [
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in (_RELAY_COLUMNS, *cells)
+    ]

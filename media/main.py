@@ -1,0 +1,187 @@
+"""``sipfarm relay``: wires the relay engine, its ports, the ng control socket, Redis membership
+and metrics together.  Process wiring only: the protocol is in :mod:`media.ng`, forwarding in
+:mod:`media.relay`.
+
+The relay heartbeats a :class:`~sipfarm.cluster.membership.Member` of role ``relay``: its
+``control_address`` is the ng socket (``udp:HOST:PORT``), ``addresses`` the media address with
+the first port of its range, ``load`` its active sessions (Call-IDs), ``free_ports`` and
+``packet_rate`` (packets forwarded per second over the last second).  SIGTERM or SIGINT stops
+it: it leaves the membership, stops answering ng, frees every call and closes every port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import sys
+import time
+
+from sipfarm import __version__
+from sipfarm.config import ConfigError, RelayConfig, load
+from sipfarm.logs import setup_logging
+from sipfarm.transport.loop import stop_on_signals, tune_gc
+
+__all__ = ["run_relay", "serve"]
+
+log = logging.getLogger("sipfarm.media")
+
+SYNC_INTERVAL = 1.0  # seconds between metrics/figures updates
+
+
+def _flags(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "ng": args.ng,
+        "media_address": args.media_address,
+        "port_min": args.port_min,
+        "port_max": args.port_max,
+        "media_timeout": args.media_timeout,
+        "max_sessions": args.max_sessions,
+        "redis": args.redis or os.environ.get("REDIS_URL"),
+        "relay_id": args.relay_id,
+        "metrics": args.metrics,
+        "log_level": args.log_level,
+        "log_format": args.log_format,
+    }
+
+
+def run_relay(args: argparse.Namespace) -> int:
+    try:
+        cfg = load(RelayConfig, args.config, _flags(args), section="relay")
+    except ConfigError as exc:
+        print(f"sipfarm relay: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level, cfg.log_format)
+    if not cfg.relay_id:
+        cfg.relay_id = f"relay-{socket.gethostname()}-{os.getpid()}"
+    from sipfarm.transport.loop import install_uvloop  # noqa: PLC0415
+
+    install_uvloop()
+    try:
+        asyncio.run(serve(cfg))
+    except OSError as exc:
+        log.error("event=relay_failed error=%s", str(exc).replace(" ", "_"))
+        print(f"sipfarm relay: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _split_hostport(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+async def serve(cfg: RelayConfig, *, ready: asyncio.Event | None = None) -> None:
+    from media.ng import NgController, NgServer  # noqa: PLC0415
+    from media.ports import PortAllocator  # noqa: PLC0415
+    from media.relay import CallStats, RelayEngine, RelayServer, policy_predicate  # noqa: PLC0415
+    from sipfarm.cluster.heartbeat import start_heartbeat  # noqa: PLC0415
+    from sipfarm.cluster.membership import Member, MembershipStore, Role  # noqa: PLC0415
+    from sipfarm.metrics import RelayMetrics, serve_metrics  # noqa: PLC0415
+    from sipfarm.store.redis_client import create_redis  # noqa: PLC0415
+    from sipfarm.transport.destinations import DestinationPolicy  # noqa: PLC0415
+
+    loop = asyncio.get_running_loop()
+    metrics = RelayMetrics()
+    policy = DestinationPolicy(allow=cfg.allow_destinations, deny=cfg.internal_networks)
+    engine = RelayEngine(
+        PortAllocator(cfg.port_min, cfg.port_max),
+        sdp_allowed=policy_predicate(policy),
+        media_timeout=cfg.media_timeout,
+        max_sessions=cfg.max_sessions,
+    )
+    server = RelayServer(engine, cfg.media_address, receive_buffer=cfg.udp_recv_buffer or None)
+    controller = NgController(server, cfg.media_address, engine.clock)
+
+    def expired(stats: CallStats) -> None:
+        controller.forget(stats.call_id)
+        metrics.expired.inc()
+        log.info("event=relay_session_expired call_id=%s", stats.call_id)
+
+    server.on_expired = expired
+    ng_host, ng_port = _split_hostport(cfg.ng)
+    ng = await NgServer.listen(controller, ng_host, ng_port)
+    bound_host, bound_port = ng.address
+    control = f"udp:[{bound_host}]:{bound_port}" if ":" in bound_host else f"udp:{bound_host}:{bound_port}"
+    media = f"[{cfg.media_address}]" if ":" in cfg.media_address else cfg.media_address
+    if cfg.metrics:
+        serve_metrics(cfg.metrics, metrics.registry)
+
+    redis = create_redis(cfg.redis, client_name=f"sipfarm-{cfg.relay_id}")
+    store = MembershipStore(redis)
+    started = time.time()
+    figures = {"packet_rate": 0.0}
+
+    def member() -> Member:
+        return Member(
+            id=cfg.relay_id,
+            role=Role.RELAY,
+            addresses=(f"udp:{media}:{cfg.port_min}",),
+            control_address=control,
+            load=float(engine.sessions),
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            started_at=started,
+            version=__version__,
+            free_ports=engine.ports.free_ports,
+            packet_rate=round(figures["packet_rate"], 1),
+        )
+
+    heartbeater = start_heartbeat(store, member, interval=cfg.heartbeat, leader=True)
+
+    synced = server.totals()
+    synced_at = loop.time()
+    ng_synced: dict[tuple[str, str], int] = {}
+    ng_dropped = ng_internal = 0
+
+    def sync() -> None:
+        """Copy the relay's and the controller's counters into the metrics (deltas)."""
+        nonlocal synced, synced_at, ng_dropped, ng_internal
+        totals, now = server.totals(), loop.time()
+        if now > synced_at:
+            figures["packet_rate"] = (totals.packets - synced.packets) / (now - synced_at)
+        metrics.packets.inc(totals.packets - synced.packets)
+        metrics.bytes.inc(totals.bytes - synced.bytes)
+        metrics.drops("no_destination").inc(totals.drops_no_destination - synced.drops_no_destination)
+        metrics.drops("unexpected_source").inc(totals.drops_unexpected_source - synced.drops_unexpected_source)
+        metrics.drops("malformed").inc(totals.drops_malformed - synced.drops_malformed)
+        synced, synced_at = totals, now
+        for key, count in list(controller.commands.items()):
+            if count > ng_synced.get(key, 0):
+                metrics.ng_commands(*key).inc(count - ng_synced.get(key, 0))
+                ng_synced[key] = count
+        metrics.ng_errors("dropped").inc(controller.dropped - ng_dropped)
+        metrics.ng_errors("internal").inc(controller.internal_errors - ng_internal)
+        ng_dropped, ng_internal = controller.dropped, controller.internal_errors
+        metrics.sessions.set(engine.sessions)
+        metrics.free_ports.set(engine.ports.free_ports)
+        metrics.open_ports.set(server.open_ports)
+
+    sync()
+    tune_gc()
+    stop = stop_on_signals(loop)
+    log.info(
+        "event=relay_started id=%s ng=%s media=%s ports=%d-%d",
+        cfg.relay_id,
+        control,
+        cfg.media_address,
+        cfg.port_min,
+        cfg.port_max,
+    )
+    if ready is not None:
+        ready.set()
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), SYNC_INTERVAL)
+            sync()
+    finally:
+        log.info("event=relay_stopping id=%s sessions=%d", cfg.relay_id, engine.sessions)
+        if heartbeater is not None:
+            await heartbeater.stop()
+        ng.close()
+        server.close()  # every call freed, every port closed: they return to the range
+        await redis.aclose()

@@ -1,0 +1,329 @@
+"""`sipfarm relay` as a process of the farm: ng over UDP, RTP through it, membership in Redis,
+`sipfarm status`, Prometheus metrics, media timeout, and a clean stop on SIGTERM.
+
+The relay runs as `python -m sipfarm relay` on free loopback ports with the test Redis; two
+"phones" on 127.0.0.2 and 127.0.0.3 send RTP through it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from media.bencode import decode, encode
+from sipfarm.ports import free_port
+
+pytestmark = pytest.mark.timeout(60)
+
+RANGE = 20  # media ports per test relay
+
+
+@dataclass
+class RelayProcess:
+    process: subprocess.Popen[bytes]
+    ng: tuple[str, int]
+    metrics: str
+    redis_url: str
+    relay_id: str
+    port_min: int
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def _media_range() -> int:
+    for _ in range(100):
+        base = free_port(udp=True, tcp=False) & ~1
+        if all(_udp_free(p) for p in range(base, base + RANGE)):
+            return base
+    raise RuntimeError("no free media port range")
+
+
+def _udp_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def ng_request(ng: tuple[str, int], message: dict[str, Any], timeout: float = 2.0) -> dict[bytes, Any]:
+    """One ng exchange over UDP (retransmitted under the same cookie, as clients do)."""
+    cookie = os.urandom(6).hex().encode()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.3)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            sock.sendto(cookie + b" " + encode(message), ng)
+            try:
+                data = sock.recv(65535)
+            except TimeoutError:
+                continue
+            head, _, body = data.partition(b" ")
+            assert head == cookie
+            reply = decode(body)
+            assert isinstance(reply, dict)
+            return reply
+    raise AssertionError(f"no ng reply from {ng} to {message.get('command')}")
+
+
+def start_relay(redis_url: str, tmp_path: Path, *extra: str) -> RelayProcess:
+    ng_port = free_port(udp=True, tcp=False)
+    metrics_port = free_port(udp=False, tcp=True)
+    port_min = _media_range()
+    relay_id = f"relay-test-{ng_port}"
+    log_path = tmp_path / f"{relay_id}.log"
+    argv = [
+        sys.executable, "-m", "sipfarm", "relay",
+        "--ng", f"127.0.0.1:{ng_port}",
+        "--media-address", "127.0.0.1",
+        "--port-min", str(port_min), "--port-max", str(port_min + RANGE - 1),
+        "--redis", redis_url,
+        "--relay-id", relay_id,
+        "--metrics", f"127.0.0.1:{metrics_port}",
+        *extra,
+    ]  # fmt: skip
+    env = dict(os.environ, SIPFARM_ALLOW_DESTINATIONS="127.0.0.0/8")  # the phones are on loopback
+    log = open(log_path, "wb")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    log.close()
+    relay = RelayProcess(
+        proc, ("127.0.0.1", ng_port), f"127.0.0.1:{metrics_port}", redis_url, relay_id, port_min, log_path
+    )
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"relay exited ({proc.returncode}): {relay.log()[-2000:]}")
+        try:
+            if ng_request(relay.ng, {"command": "ping"}, timeout=0.3).get(b"result") == b"pong":
+                return relay
+        except AssertionError:
+            continue
+    proc.kill()
+    proc.wait(5)
+    raise RuntimeError(f"relay did not answer ng ping: {relay.log()[-2000:]}")
+
+
+def stop(relay: RelayProcess) -> int:
+    if relay.process.poll() is None:
+        relay.process.send_signal(signal.SIGTERM)
+        try:
+            relay.process.wait(10)
+        except subprocess.TimeoutExpired:
+            relay.process.kill()
+            relay.process.wait(5)
+    return relay.process.returncode
+
+
+@pytest.fixture
+def relay(redis_url: str, tmp_path: Path) -> Iterator[RelayProcess]:
+    proc = start_relay(redis_url, tmp_path)
+    try:
+        yield proc
+    finally:
+        stop(proc)
+
+
+def phone_sdp(host: str, port: int) -> bytes:
+    return (
+        f"v=0\r\no=- 1 1 IN IP4 {host}\r\ns=-\r\nc=IN IP4 {host}\r\nt=0 0\r\n"
+        f"m=audio {port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=rtcp-mux\r\na=sendrecv\r\n"
+    ).encode()
+
+
+def sdp_target(sdp: bytes) -> tuple[str, int]:
+    hosts = re.findall(rb"^c=IN IP4 (\S+)", sdp, re.M)  # the last: the media-level one
+    port = re.search(rb"^m=audio (\d+)", sdp, re.M)
+    assert hosts and port, sdp
+    return hosts[-1].decode(), int(port.group(1))
+
+
+def rtp(seq: int) -> bytes:
+    return struct.pack("!BBHII", 0x80, 0, seq, seq * 160, 0x1234) + b"\xff" * 160
+
+
+def phone(host: str) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((host, 0))
+    sock.settimeout(1.0)
+    return sock
+
+
+def metrics_text(relay: RelayProcess) -> str:
+    with urllib.request.urlopen(f"http://{relay.metrics}/metrics", timeout=2) as resp:
+        return str(resp.read().decode())
+
+
+def metric(text: str, name: str) -> float:
+    """The value of the sample ``name`` (with its labels, as printed) in an exposition."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def eventually(check: Callable[[], bool], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.1)
+
+
+def status_json(redis_url: str) -> list[dict[str, Any]]:
+    done = subprocess.run(
+        [sys.executable, "-m", "sipfarm", "status", "--json", "--redis", redis_url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    members: list[dict[str, Any]] = json.loads(done.stdout)["members"]
+    return members
+
+
+def test_relay_process_carries_a_call_and_reports_it(relay: RelayProcess) -> None:
+    alice, bob = phone("127.0.0.2"), phone("127.0.0.3")
+    try:
+        assert ng_request(relay.ng, {"command": "ping"}) == {b"result": b"pong"}
+        offer = ng_request(
+            relay.ng,
+            {
+                "command": "offer",
+                "call-id": "call-1@test",
+                "from-tag": "alice-tag",
+                "sdp": phone_sdp("127.0.0.2", alice.getsockname()[1]),
+                "replace": ["origin", "session-connection"],
+                "ICE": "remove",
+            },
+        )
+        assert offer[b"result"] == b"ok", offer
+        to_bob = sdp_target(offer[b"sdp"])  # where bob sends: the relay
+        assert to_bob[0] == "127.0.0.1" and relay.port_min <= to_bob[1] < relay.port_min + RANGE
+        answer = ng_request(
+            relay.ng,
+            {
+                "command": "answer",
+                "call-id": "call-1@test",
+                "from-tag": "alice-tag",
+                "to-tag": "bob-tag",
+                "sdp": phone_sdp("127.0.0.3", bob.getsockname()[1]),
+            },
+        )
+        assert answer[b"result"] == b"ok", answer
+        to_alice = sdp_target(answer[b"sdp"])  # where alice sends
+
+        for seq in range(5):
+            alice.sendto(rtp(seq), to_alice)
+            data, source = bob.recvfrom(2048)
+            assert data == rtp(seq) and source == to_bob  # symmetric: bob hears the relay's port
+            bob.sendto(rtp(100 + seq), to_bob)
+            data, source = alice.recvfrom(2048)
+            assert data == rtp(100 + seq) and source == to_alice
+
+        # the relay is a member of the farm, with its sessions and free ports
+        def listed_with_call() -> bool:
+            rows = [m for m in status_json(relay.redis_url) if m["id"] == relay.relay_id]
+            return bool(rows) and rows[0]["load"] == 1.0
+
+        eventually(listed_with_call)
+        (row,) = [m for m in status_json(relay.redis_url) if m["id"] == relay.relay_id]
+        assert row["role"] == "relay" and row["state"] == "active"
+        assert row["control_address"] == f"udp:127.0.0.1:{relay.ng[1]}"
+        free = row["free_ports"]
+        assert RANGE - 4 <= free <= RANGE - 2  # a port (or pair, before the answer muxes) per side
+        table = subprocess.run(
+            [sys.executable, "-m", "sipfarm", "status", "--redis", relay.redis_url],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        assert "SESSIONS" in table and any(
+            line.split()[:3] == [relay.relay_id, "1", str(free)] for line in table.splitlines()
+        ), table
+
+        def counted() -> bool:
+            text = metrics_text(relay)
+            return metric(text, "sipfarm_relay_forwarded_packets_total") >= 10
+
+        eventually(counted)
+        text = metrics_text(relay)
+        assert metric(text, "sipfarm_relay_sessions") == 1
+        assert metric(text, "sipfarm_relay_forwarded_bytes_total") >= 10 * 172
+        assert metric(text, 'sipfarm_relay_ng_commands_total{command="offer",result="ok"}') == 1
+        assert metric(text, 'sipfarm_relay_ng_commands_total{command="ping",result="pong"}') >= 2
+
+        # a stranger's packet after latching is dropped and counted
+        with phone("127.0.0.4") as stranger:
+            stranger.sendto(rtp(50), to_alice)
+        deleted = ng_request(relay.ng, {"command": "delete", "call-id": "call-1@test", "from-tag": "alice-tag"})
+        assert deleted[b"result"] == b"ok", deleted
+        assert deleted[b"totals"][b"RTP"][b"packets"] == 10
+        unknown = ng_request(relay.ng, {"command": "query", "call-id": "call-1@test"})
+        assert unknown[b"result"] == b"error"
+        assert ng_request(relay.ng, {"command": "frobnicate"})[b"result"] == b"error"
+
+        def freed() -> bool:
+            text = metrics_text(relay)
+            return metric(text, "sipfarm_relay_sessions") == 0 and metric(text, "sipfarm_relay_free_ports") == RANGE
+
+        eventually(freed)
+        text = metrics_text(relay)
+        assert metric(text, 'sipfarm_relay_dropped_packets_total{reason="unexpected_source"}') == 1
+        assert metric(text, 'sipfarm_relay_ng_commands_total{command="unknown",result="error"}') == 1
+    finally:
+        alice.close()
+        bob.close()
+
+    assert stop(relay) == 0, relay.log()[-2000:]
+    assert "relay_stopping" in relay.log()
+    assert [m for m in status_json(relay.redis_url) if m["role"] == "relay"] == []  # left at once
+    for port in range(relay.port_min, relay.port_min + RANGE):
+        assert _udp_free(port), port  # every media port closed
+
+
+def test_media_timeout_frees_a_silent_call(redis_url: str, tmp_path: Path) -> None:
+    relay = start_relay(redis_url, tmp_path, "--media-timeout", "1")
+    try:
+        offer = ng_request(
+            relay.ng,
+            {"command": "offer", "call-id": "silent@test", "from-tag": "a", "sdp": phone_sdp("127.0.0.2", 40000)},
+        )
+        assert offer[b"result"] == b"ok", offer
+
+        def expired() -> bool:
+            return metric(metrics_text(relay), "sipfarm_relay_expired_sessions_total") == 1
+
+        eventually(expired, within=6)
+        assert ng_request(relay.ng, {"command": "list"}) == {b"result": b"ok", b"calls": []}
+        eventually(lambda: metric(metrics_text(relay), "sipfarm_relay_free_ports") == RANGE)  # synced each second
+        assert "relay_session_expired call_id=silent@test" in relay.log()
+    finally:
+        assert stop(relay) == 0, relay.log()[-2000:]
+
+
+def test_bad_configuration_is_one_clear_line(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "sipfarm", "relay", "--port-min", "30001", "--port-max", "30002"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert "configuration error: port_max" in done.stderr
