@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start a local farm (Redis, balancer, nodes, relay) in the foreground")
     up.add_argument("--nodes", type=int, default=2)
-    up.add_argument("--relays", type=int, default=1)
+    up.add_argument("--relays", type=int, default=1, help="media relays (ng on --ng-port and the next ports)")
+    up.add_argument("--ng-port", type=int, default=2223, help="ng control port of the first relay")
     up.add_argument("--sip-port", type=int, default=5060)
     up.add_argument("--redis", help="use this Redis instead of starting a private one")
     up.add_argument("--dir", default=".run", help="working directory for Redis files, logs, certificates")

@@ -1,7 +1,8 @@
 """``sipfarm up``: a whole local farm in the foreground (what ``make run`` starts).
 
 Starts a private redis-server (unless ``--redis``/``$REDIS_URL``), provisions the demo accounts,
-starts the farm's processes, waits until each answers, prints how to point a softphone at it
+starts the farm's processes (``--relays`` media relays, then the nodes and the balancer), waits
+until each answers (an ng ping for a relay, OPTIONS for the others), prints how to point a softphone at it
 and one line ``READY {json}`` for scripts, then waits for Ctrl-C / SIGTERM and stops all.
 """
 
@@ -19,10 +20,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 DEMO_USERS = (("alice", "alice-secret"), ("bob", "bob-secret"))
+#: the media ports the relays share, split evenly between them
+MEDIA_PORTS = (30000, 39999)
 
 
 @dataclass
@@ -60,6 +64,26 @@ def sip_ping(host: str, port: int, timeout: float = 0.5) -> int | None:
     return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
 
 
+def ng_ping(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Send an ng ``ping`` (rtpengine's control protocol) over UDP; True on ``pong``."""
+    from media.bencode import BencodeError, decode, encode  # noqa: PLC0415
+
+    cookie = secrets.token_hex(6).encode()
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.sendto(cookie + b" " + encode({"command": "ping"}), (host, port))
+            data = sock.recv(65535)
+        except OSError:
+            return False
+    head, _, body = data.partition(b" ")
+    try:
+        reply = decode(body)
+    except BencodeError:
+        return False
+    return head == cookie and isinstance(reply, dict) and reply.get(b"result") == b"pong"
+
+
 def log_tail(path: Path | None, lines: int = 15) -> str:
     """The last ``lines`` lines of a child's log, indented, for an error message ('' if none)."""
     if path is None:
@@ -72,10 +96,12 @@ def log_tail(path: Path | None, lines: int = 15) -> str:
     return "".join(f"\n    {line}" for line in tail)
 
 
-def busy_ports(host: str, udp_tcp: list[int], tcp_only: list[int]) -> list[str]:
+def busy_ports(host: str, udp_tcp: list[int], tcp_only: list[int], udp_only: Sequence[int] = ()) -> list[str]:
     """Which of the farm's ports are taken on ``host`` (``udp:5060``, ``tcp:9100``...)."""
     taken: list[str] = []
-    checks = [(p, socket.SOCK_DGRAM) for p in udp_tcp] + [(p, socket.SOCK_STREAM) for p in udp_tcp + tcp_only]
+    checks = [(p, socket.SOCK_DGRAM) for p in [*udp_tcp, *udp_only]] + [
+        (p, socket.SOCK_STREAM) for p in udp_tcp + tcp_only
+    ]
     for port, kind in checks:
         with socket.socket(socket.AF_INET, kind) as sock:
             try:
@@ -83,6 +109,19 @@ def busy_ports(host: str, udp_tcp: list[int], tcp_only: list[int]) -> list[str]:
             except OSError:
                 taken.append(f"{'udp' if kind == socket.SOCK_DGRAM else 'tcp'}:{port}")
     return taken
+
+
+def wait_ng(host: str, port: int, timeout: float, child: Child) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.process.poll() is not None:
+            raise RuntimeError(
+                f"relay {child.extra.get('id', '')} exited with status {child.process.returncode}; "
+                f"its log ({child.log}):{log_tail(child.log)}"
+            )
+        if ng_ping(host, port, 0.3):
+            return
+    raise RuntimeError(f"relay did not answer an ng ping on {host}:{port} within {timeout:.0f} s")
 
 
 def wait_sip(host: str, port: int, timeout: float, child: Child) -> None:
@@ -152,15 +191,17 @@ def run_up(args: argparse.Namespace) -> int:
     try:
         node_base = args.sip_port if args.no_balancer else args.sip_port + 10
         farm_ports = [node_base + i for i in range(args.nodes)]
-        other_ports = [args.metrics_port + i for i in range(args.nodes + 1)]
+        relays = max(0, args.relays)
+        other_ports = [args.metrics_port + i for i in range(args.nodes + 1 + relays)]
+        ng_ports = [args.ng_port + i for i in range(relays)]
         if not args.no_balancer:
             farm_ports.append(args.sip_port)
             other_ports += [args.sip_port + 1, args.sip_port + 2]
-        taken = busy_ports(host, farm_ports, other_ports)
+        taken = busy_ports(host, farm_ports, other_ports, ng_ports)
         if taken:
             print(
                 f"sipfarm: ports already in use on {host}: {', '.join(taken)} (another farm running?); "
-                "choose others with --sip-port / --metrics-port",
+                "choose others with --sip-port / --metrics-port / --ng-port",
                 file=sys.stderr,
             )
             return 1
@@ -169,7 +210,7 @@ def run_up(args: argparse.Namespace) -> int:
             from sipfarm.store.redis_server import free_port, start_redis  # noqa: PLC0415
 
             redis_port = free_port()
-            while redis_port in farm_ports or redis_port in other_ports:
+            while redis_port in farm_ports or redis_port in other_ports or redis_port in ng_ports:
                 redis_port = free_port()
             try:
                 redis_proc = start_redis(workdir / "redis", port=redis_port)
@@ -186,6 +227,35 @@ def run_up(args: argparse.Namespace) -> int:
             # a farm listening on loopback serves phones on this machine only, and those sit on
             # loopback: let requests reach them (refused by default, see README "A closed farm")
             os.environ["SIPFARM_ALLOW_DESTINATIONS"] = "127.0.0.0/8,::1/128"
+
+        # relays first: they are in the membership before the nodes take calls
+        span = (MEDIA_PORTS[1] - MEDIA_PORTS[0] + 1) // max(1, relays)
+        relay_children: list[Child] = []
+        for i, ng_port in enumerate(ng_ports):
+            port_min = MEDIA_PORTS[0] + i * span
+            metrics = f"{host}:{args.metrics_port + args.nodes + 1 + i}"
+            argv = [
+                "relay",
+                "--redis", redis_url,
+                "--relay-id", f"relay{i + 1}",
+                "--ng", f"{host}:{ng_port}",
+                "--media-address", host,
+                "--port-min", str(port_min),
+                "--port-max", str(port_min + span - 1),
+                "--metrics", metrics,
+            ]  # fmt: skip
+            log_path = workdir / "logs" / f"relay{i + 1}.log"
+            proc = spawn("relay", argv, log_path)
+            extra: dict[str, object] = {
+                "id": f"relay{i + 1}",
+                "ng": f"udp:{host}:{ng_port}",
+                "media_ports": f"{port_min}-{port_min + span - 1}",
+                "metrics": metrics,
+            }
+            relay_children.append(Child("relay", proc, [], extra, log_path))
+        children.extend(relay_children)
+        for child, ng_port in zip(relay_children, ng_ports, strict=True):
+            wait_ng(host, ng_port, 15.0, child)
 
         for i in range(args.nodes):
             port = node_base + i
@@ -210,7 +280,8 @@ def run_up(args: argparse.Namespace) -> int:
             metrics = f"{host}:{args.metrics_port + i + 1}"
             children.append(Child("node", proc, listen, {"id": f"node{i + 1}", "metrics": metrics}, log_path))
         for child in children:
-            wait_sip(host, int(child.sip[0].rsplit(":", 1)[1]), 15.0, child)
+            if child.sip:
+                wait_sip(host, int(child.sip[0].rsplit(":", 1)[1]), 15.0, child)
 
         entry_port = node_base
         transports = "UDP and TCP"
@@ -257,6 +328,8 @@ def run_up(args: argparse.Namespace) -> int:
         for user, password in DEMO_USERS:
             print(f"  user {user}@{args.domain}  password {password}  registrar/outbound proxy sip:{host}:{entry_port}")
         print(f"  then call sip:bob@{args.domain} from alice. Logs: {workdir / 'logs'}. Ctrl-C stops the farm.")
+        for child in relay_children:
+            print(f"Media relay {child.extra['id']}: ng {child.extra['ng']}, media ports {child.extra['media_ports']}")
         processes = [c.describe() for c in children]
         if redis_proc is not None:
             processes.append({"role": "redis", "pid": redis_proc.pid, "sip": [], "url": redis_url})

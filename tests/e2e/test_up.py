@@ -1,6 +1,6 @@
 """`sipfarm up` (what `make run` starts): the whole local farm comes up, prints READY with its
-processes, serves a registration through the balancer, shows in `sipfarm status`, and Ctrl-C
-(SIGINT) stops every process it started."""
+processes (a media relay among them, answering ng), serves a registration through the balancer,
+shows in `sipfarm status`, and Ctrl-C (SIGINT) stops every process it started."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from fixtures.farm import SipClient
 
-from sipfarm.up import busy_ports
+from sipfarm.up import busy_ports, ng_ping
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -31,14 +31,14 @@ def _alive(pid: int) -> bool:
 
 
 def _free_block() -> tuple[int, int]:
-    """SIP and metrics base ports for `up`, below the kernel's ephemeral range (32768+) so that no
-    client socket or Redis started meanwhile can take one of them."""
+    """SIP and metrics base ports for `up` (the relay's ng port is SIP + 5), below the kernel's
+    ephemeral range (32768+) so that no client socket or Redis started meanwhile can take one."""
     rng = random.Random()
     for _ in range(200):
         sip = rng.randrange(20000, 30000, 20)
         metrics = sip + 15
-        others = [sip + 1, sip + 2, metrics, metrics + 1, metrics + 2]
-        if not busy_ports("127.0.0.1", [sip, sip + 10, sip + 11], others):
+        others = [sip + 1, sip + 2, metrics, metrics + 1, metrics + 2, metrics + 3]
+        if not busy_ports("127.0.0.1", [sip, sip + 10, sip + 11], others, [sip + 5]):
             return sip, metrics
     raise RuntimeError("no free port block")
 
@@ -59,6 +59,8 @@ def test_up_refuses_ports_in_use(tmp_path: Path):
                 str(tmp_path / "run"),
                 "--metrics-port",
                 str(metrics),
+                "--ng-port",
+                str(port + 5),
             ],
             capture_output=True,
             text=True,
@@ -82,6 +84,8 @@ def test_up_starts_a_usable_farm_and_stops_it(tmp_path: Path):
             str(tmp_path / "run"),
             "--metrics-port",
             str(metrics),
+            "--ng-port",
+            str(port + 5),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -102,9 +106,12 @@ def test_up_starts_a_usable_farm_and_stops_it(tmp_path: Path):
                 break
         assert ready is not None, "".join(lines)
         roles = sorted(p["role"] for p in ready["processes"])
-        assert roles == ["balancer", "node", "node", "redis"]
+        assert roles == ["balancer", "node", "node", "redis", "relay"]
         text = "".join(lines)
         assert "alice@farm.test" in text and f"127.0.0.1:{port}" in text
+        (relay,) = [p for p in ready["processes"] if p["role"] == "relay"]
+        assert relay["id"] == "relay1" and relay["ng"] == f"udp:127.0.0.1:{port + 5}"
+        assert ng_ping("127.0.0.1", port + 5)
 
         time.sleep(1.0)  # the balancer's first membership poll and probes
         client = SipClient()
@@ -120,6 +127,7 @@ def test_up_starts_a_usable_farm_and_stops_it(tmp_path: Path):
             timeout=30,
         )
         assert "node1" in status.stdout and "lb1" in status.stdout
+        assert any(line.split()[:2] == ["relay1", "relay"] for line in status.stdout.splitlines()), status.stdout
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
