@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 
 from sipfarm.node.core import NodeCore
+from sipfarm.proxy.ng_client import NgClient
 from sipfarm.sip.address import Address
 from sipfarm.sip.message import SipMessage
 
@@ -103,3 +104,72 @@ class NodeGlue:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+class NgEndpoint(asyncio.DatagramProtocol):
+    """The UDP socket a node worker speaks ng on, to its media relays: the asyncio layer of a
+    sans-IO :class:`~sipfarm.proxy.ng_client.NgClient`.  Requests leave as soon as the proxy
+    queues them (the client's ``wake``); replies and the one ``call_at`` timer feed the client,
+    whose callbacks continue the proxy, then ``after`` (the node's drain) sends what they
+    queued.  Nothing here waits for a relay."""
+
+    def __init__(self, client: NgClient, loop: asyncio.AbstractEventLoop, after: Callable[[], None]) -> None:
+        self.client = client
+        self.loop = loop
+        self.after = after
+        self.transport: asyncio.DatagramTransport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        client.wake = self.flush
+
+    @classmethod
+    async def open(
+        cls, client: NgClient, loop: asyncio.AbstractEventLoop, after: Callable[[], None], host: str = "0.0.0.0"
+    ) -> NgEndpoint:
+        _, protocol = await loop.create_datagram_endpoint(lambda: cls(client, loop, after), local_addr=(host, 0))
+        return protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.DatagramTransport)
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            self.client.receive_datagram(data)
+        finally:
+            self.flush()
+            self.after()
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable from a dead relay: the request times out as if lost
+        log.debug("event=ng_socket_error error=%s", exc)
+
+    def flush(self) -> None:
+        """Send what the client queued, then re-arm the one timer."""
+        transport = self.transport
+        for data, relay in self.client.datagrams_to_send():
+            if transport is not None:
+                transport.sendto(data, relay)
+        deadline = self.client.next_deadline()
+        if deadline is None or (self._timer_at is not None and self._timer_at <= deadline):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        try:
+            self.client.handle_timer(self.loop.time())
+        finally:
+            self.flush()
+            self.after()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.transport is not None:
+            self.transport.close()

@@ -154,6 +154,15 @@ async def serve(cfg: NodeConfig, *, worker_index: int | None = None, ready: asyn
         clock=loop.time,
     )
     resolver = Resolver()
+    media = None
+    ng_client = None
+    if cfg.relays:
+        from sipfarm.proxy.ng_client import NgClient  # noqa: PLC0415
+        from sipfarm.proxy.relay_media import RelayMedia  # noqa: PLC0415
+
+        ng_client = NgClient(timeout=cfg.media_timeout)
+        relays = [(h.strip("[]"), int(p)) for h, _, p in (r.rpartition(":") for r in cfg.relays)]
+        media = RelayMedia(ng_client, relays, loop.time, on_failure=cfg.media_failure)
     core = NodeCore(
         identity,
         state,
@@ -170,8 +179,14 @@ async def serve(cfg: NodeConfig, *, worker_index: int | None = None, ready: asyn
         flow_timer_stream=cfg.flow_timer_stream,
         guard=guard,
         destinations=destinations,
+        media=media,
     )
     glue = NodeGlue(core, transports.send, loop)
+    ng_endpoint = None
+    if ng_client is not None:
+        from sipfarm.node.glue import NgEndpoint  # noqa: PLC0415
+
+        ng_endpoint = await NgEndpoint.open(ng_client, loop, glue.drain)
     if private is not None:
         glue.request_socket = private
     glue_holder.append(glue)
@@ -268,6 +283,8 @@ async def serve(cfg: NodeConfig, *, worker_index: int | None = None, ready: asyn
         if heartbeater is not None:
             await heartbeater.stop()
         glue.close()
+        if ng_endpoint is not None:
+            ng_endpoint.close()
         await transports.close()
         await pipe.close()
         await membership_redis.aclose()

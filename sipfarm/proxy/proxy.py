@@ -106,6 +106,9 @@ UNAUTHENTICATED = frozenset({b"ACK", b"CANCEL", b"REGISTER"})
 IDENTITY_HEADERS = ("p-asserted-identity", "p-preferred-identity", "remote-party-id")
 MAX_FORWARDS = 70  # RFC 3261 16.6 step 3 / 8.1.1.6: what a request may carry past our door
 SERIAL_FORK_SECONDS = 30.0  # how long one q-value group rings before the next is tried
+# in-dialog requests whose SDP is an offer (RFC 3261 14, RFC 3311); PRACK and ACK bodies
+# (answers to an offer in a reliable provisional or a 2xx) are not anchored yet
+_IN_DIALOG_OFFERS = frozenset({b"INVITE", b"UPDATE"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +155,9 @@ class Proxy:
         self.temp_gruus = temp_gruus or TempGruus(secrets.token_bytes(32))
         self.router = router or Router(element.identity.domains)  # the one routing step
         self.media = media or NoMedia()  # the RTP relay hook
+        # offers and answers in dialog (re-INVITE, UPDATE) go through the hook only when it
+        # anchors media: with NoMedia, in-dialog requests pay nothing for it
+        self.anchoring = media is not None and not isinstance(media, NoMedia)
         self.auth_requests = auth_requests
         # RFC 3261 16.6 step 11 / 16.8: Timer C per INVITE branch (> 3 min), reset by provisionals
         self.timer_c = timer_c
@@ -427,10 +433,18 @@ class Proxy:
         msg.prepend("p-asserted-identity", f"<sip:{account.user}@{account.domain}>".encode())
 
     def _offered(self, call: ProxyCall, error: SipError | None) -> None:
+        if call.cancelled or call.answered:
+            # CANCELled (and answered 487) while the relay was asked: nothing will end the
+            # session it may have opened but this
+            self.media.release(call.request.call_id, call.request.from_tag)
+            return
         if error is not None:
             self.element.fail(call.server_tx, error)
-        elif not call.cancelled:
+            return
+        try:
             self._start_group(call, self.element.now())
+        except SipError as exc:
+            self.element.fail(call.server_tx, exc)
 
     def _binding_target(self, binding: Binding, call_id: bytes, *, initial: bool = False) -> Target | None:
         """The branch toward ``binding``; ``initial``: of an initial request, whose 430 removes
@@ -495,7 +509,25 @@ class Proxy:
             return
         if msg.method == b"BYE":
             self.media.release(msg.call_id, msg.from_tag)
+        elif self.anchoring and msg.body and msg.method in _IN_DIALOG_OFFERS:
+            # a re-INVITE or UPDATE with SDP (hold, resume, codec change): an offer, anchored
+            # on the call's relay before it goes on (its answer comes back in the 2xx)
+            self.media.offer(msg, partial(self._offered_in_dialog, stx, msg, local, dest))
+            return
         self._forward_to(stx, msg, local, dest, now)
+
+    def _offered_in_dialog(
+        self, stx: ServerTransaction, msg: SipMessage, local: Address, dest: Address, error: SipError | None
+    ) -> None:
+        if stx.terminated:
+            return
+        if error is not None:
+            self.element.fail(stx, error)  # RFC 3261 14.2: a failed re-INVITE leaves the session as is
+            return
+        try:
+            self._forward_to(stx, msg, local, dest, self.element.now())
+        except SipError as exc:
+            self.element.fail(stx, exc)
 
     def _gruu_request_uri(self, msg: SipMessage) -> GruuTarget | None:
         """The GRUU of ours the Request-URI of a request with no Route left is (RFC 5627 6.1),
@@ -763,13 +795,19 @@ class Proxy:
         else:
             response = _upstream(best)
         call.answered = True
-        if call.is_invite:
+        if call.is_invite and call.request.to_tag is None:
+            # an initial INVITE failed: its media session goes (a failed re-INVITE leaves the
+            # call's session as it was, RFC 3261 14.1)
             self.media.release(call.request.call_id, call.request.from_tag)
         self._send_upstream(call, response)
 
     def _send_upstream(self, call: ProxyCall, response: SipMessage) -> None:
         stx = call.server_tx
-        if call.is_invite and response.body and response.status < 300:
+        if (
+            response.body
+            and response.status < 300
+            and (call.is_invite or (self.anchoring and call.request.method == b"UPDATE"))
+        ):
             self.media.answer(response, partial(self._answered, stx, response))
             return
         self.element.reply(stx, response)

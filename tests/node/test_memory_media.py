@@ -1,0 +1,379 @@
+"""Media anchoring in memory: the proxy's RelayMedia hook driving real ng relays without sockets.
+
+Each relay is a :class:`media.ng.NgController` over a socket-free :class:`media.relay.RelayEngine`
+(the pattern of tests/media/test_media_ng.py) sitting at an address of the in-memory network;
+the node's :class:`~sipfarm.proxy.ng_client.NgClient` sends its ng datagrams over that network,
+so a relay that is "down" is simply an address nobody listens on.  What is checked is what the
+phones see: the SDP each receives names the relay, a hang-up frees the relay's session, a dead
+relay costs a new call one ng timeout and then the next relay, and when no relay answers the
+operator's choice (503, or a call with media end to end) happens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine
+from typing import Any
+
+import pytest
+from memfarm import DOMAIN, MemFarm, Phone, Ringing
+
+from media.bencode import decode
+from media.ng import NgController
+from media.ports import PortAllocator
+from media.relay import RelayEngine
+from media.sdp import SessionDescription
+from sipfarm.proxy.ng_client import NgClient, NgRefused, NgTimeout
+from sipfarm.proxy.relay_media import RelayMedia, relay_index
+from sipfarm.sip.address import Address
+from sipfarm.sip.message import SipMessage, make_response
+
+BOB = f"sip:bob@{DOMAIN}"
+RELAYS = [("127.0.5.1", 2223), ("127.0.5.2", 2223)]
+NG_SOURCE = Address("udp", "127.0.1.1", 40000)  # the node's ng socket
+
+
+def phone_sdp(host: str, port: int, direction: str = "sendrecv", version: int = 1) -> bytes:
+    return (
+        "v=0\r\n"
+        f"o=- 7 {version} IN IP4 {host}\r\n"
+        "s=-\r\n"
+        f"c=IN IP4 {host}\r\n"
+        "t=0 0\r\n"
+        f"m=audio {port} RTP/AVP 0\r\n"
+        "a=rtpmap:0 PCMU/8000\r\n"
+        f"a={direction}\r\n"
+    ).encode()
+
+
+def run(coro: Coroutine[Any, Any, bytes | None]) -> bytes | None:
+    """An NgController.handle over an in-memory relay never suspends: run it without a loop."""
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    raise AssertionError("the in-memory relay suspended")
+
+
+class MemoryRelay:
+    """RelayServer's control surface over a bare engine (tests/media/test_media_ng.py)."""
+
+    def __init__(self, engine: RelayEngine) -> None:
+        self.engine = engine
+
+    async def offer(self, call_id: str, from_tag: str, media: Any, to_tag: str | None = None) -> Any:
+        return self.engine.offer(call_id, from_tag, media, to_tag)
+
+    async def answer(self, call_id: str, from_tag: str, to_tag: str, media: Any) -> Any:
+        return self.engine.answer(call_id, from_tag, to_tag, media)
+
+    def delete(self, call_id: str, from_tag: str | None = None, to_tag: str | None = None) -> Any:
+        return self.engine.delete(call_id, from_tag, to_tag)
+
+    def query(self, call_id: str) -> Any:
+        return self.engine.query(call_id)
+
+    def list_calls(self) -> list[str]:
+        return self.engine.list_calls()
+
+
+class MediaFarm:
+    """A MemFarm whose node anchors media at the relays of RELAYS that are ``up``."""
+
+    def __init__(self, up: tuple[int, ...] = (0, 1), failure: str = "503") -> None:
+        self.client = NgClient(prefix=b"node1")
+        self.media = RelayMedia(self.client, RELAYS, self._now, on_failure=failure)
+        self.farm = MemFarm(node_kwargs={"media": self.media})
+        self.engines: dict[int, RelayEngine] = {}
+        self.ng_log: list[dict[bytes, Any]] = []
+        for index in up:
+            host, port = RELAYS[index]
+            engine = RelayEngine(
+                PortAllocator(30000 + 100 * index, 30099 + 100 * index),
+                clock=self.farm.clock.now,
+                sdp_allowed=lambda h, p: True,
+            )
+            controller = NgController(MemoryRelay(engine), host, self.farm.clock.now)  # type: ignore[arg-type]
+            self.engines[index] = engine
+            self.farm.endpoints[(host, port)] = self._relay_input(controller, Address("udp", host, port))
+        self.farm.endpoints[(NG_SOURCE.host, NG_SOURCE.port)] = self._ng_input
+        self.client.wake = self._flush
+
+    def _now(self) -> float:
+        return self.farm.clock.now()
+
+    def _relay_input(self, controller: NgController, addr: Address) -> Any:
+        def deliver(data: bytes, source: Address) -> None:
+            message = decode(data.partition(b" ")[2])
+            assert isinstance(message, dict)
+            self.ng_log.append(message)
+            reply = run(controller.handle(data))
+            if reply is not None:
+                self.farm.send(reply, addr, source)
+
+        return deliver
+
+    def _ng_input(self, data: bytes, source: Address) -> None:
+        self.client.receive_datagram(data)
+        self._flush()
+        self.farm._drain(self.farm.nodes[0], self.farm.node_addresses[0])
+
+    def _flush(self) -> None:
+        for data, (host, port) in self.client.datagrams_to_send():
+            self.farm.send(data, NG_SOURCE, Address("udp", host, port))
+
+    def advance(self, seconds: float, step: float = 0.05) -> None:
+        end = self.farm.clock.mono + seconds
+        while self.farm.clock.mono < end - 1e-9:
+            self.farm.advance(step, step)
+            deadline = self.client.next_deadline()
+            if deadline is not None and deadline <= self.farm.clock.mono:
+                self.client.handle_timer(self.farm.clock.mono)
+                self._flush()
+                self.farm._drain(self.farm.nodes[0], self.farm.node_addresses[0])
+
+    def calls(self, index: int) -> list[str]:
+        return self.engines[index].list_calls()
+
+    def commands(self) -> list[bytes]:
+        return [m[b"command"] for m in self.ng_log]
+
+
+def call_id_on(index: int, count: int = len(RELAYS)) -> str:
+    """A Call-ID whose hash picks relay ``index``."""
+    return next(f"call-{n}" for n in range(1000) if relay_index(f"call-{n}".encode(), count) == index)
+
+
+def media_of(msg: SipMessage) -> tuple[str, int]:
+    sdp = SessionDescription.parse(msg.body)
+    section = sdp.media[0]
+    connection = section.connection or sdp.connection
+    assert connection is not None
+    return connection.address, section.line.port
+
+
+def answer_with_sdp(phone: Phone, sdp: bytes, call: Ringing | None = None) -> None:
+    call = call or phone.ringing[-1]
+    phone.ringing.remove(call)
+    response = make_response(
+        call.request,
+        200,
+        to_tag=call.tag,
+        headers=(("contact", f"<{phone.contact}>"),),
+        body=sdp,
+        content_type=b"application/sdp",
+        record_route=True,
+    )
+    phone.send(response, call.source)
+
+
+def setup(mf: MediaFarm) -> tuple[Phone, Phone]:
+    alice = mf.farm.phone("alice", "10.0.0.1")
+    bob = mf.farm.phone("bob", "10.0.0.2")
+    for phone in (alice, bob):
+        assert phone.register().status == 200  # type: ignore[union-attr]
+        phone.inbox.clear()
+    return alice, bob
+
+
+def invite(alice: Phone, call_id: str) -> SipMessage:
+    msg = alice.request("INVITE", BOB, call_id=call_id, body=phone_sdp("10.0.0.1", 4000))
+    msg.set("content-type", b"application/sdp")
+    return msg
+
+
+def establish(mf: MediaFarm, call_id: str) -> tuple[Phone, Phone, SipMessage]:
+    alice, bob = setup(mf)
+    alice.authenticated(invite(alice, call_id))
+    assert bob.ringing, alice.inbox
+    answer_with_sdp(bob, phone_sdp("10.0.0.2", 5000))
+    ok = alice.last(200, b"INVITE")
+    assert ok is not None
+    alice.ack(ok)
+    return alice, bob, ok
+
+
+# -- a call through a relay ------------------------------------------------------------------------
+
+
+def test_both_sdps_name_the_relay_and_bye_deletes_the_session() -> None:
+    mf = MediaFarm()
+    call_id = call_id_on(1)
+    alice, bob, ok = establish(mf, call_id)
+    offered = bob.requests(b"INVITE")[-1]
+    assert offered.body != phone_sdp("10.0.0.1", 4000)
+    host, port = media_of(offered)
+    assert (host, 30100 <= port <= 30199) == ("127.0.5.2", True)
+    assert int(offered.get("content-length") or b"0") == len(offered.body)
+    host, port = media_of(ok)
+    assert (host, 30100 <= port <= 30199) == ("127.0.5.2", True)
+    assert mf.calls(1) == [call_id]
+    assert mf.calls(0) == []
+    alice.send(alice.in_dialog("BYE", ok))
+    assert bob.requests(b"BYE")
+    assert mf.calls(1) == []
+    assert mf.commands() == [b"offer", b"answer", b"delete"]
+
+
+def test_ng_messages_carry_kamailio_flags() -> None:
+    mf = MediaFarm()
+    establish(mf, call_id_on(0))
+    offer, answer = mf.ng_log[0], mf.ng_log[1]
+    assert offer[b"replace"] == [b"origin", b"session-connection"]
+    assert offer[b"ICE"] == b"remove"
+    assert b"trust-address" not in offer.get(b"flags", [])
+    assert offer[b"via-branch"].startswith(b"z9hG4bK")
+    assert b"to-tag" not in offer
+    assert answer[b"from-tag"] == offer[b"from-tag"]
+    assert answer[b"to-tag"]
+
+
+def test_re_invite_for_hold_goes_through_the_relay_of_the_call() -> None:
+    mf = MediaFarm()
+    call_id = call_id_on(0)
+    alice, bob, ok = establish(mf, call_id)
+    hold = alice.in_dialog("INVITE", ok)
+    hold.set_body(phone_sdp("10.0.0.1", 4000, "sendonly", version=2), b"application/sdp")
+    alice.send(hold, alice.first_hop(hold))
+    offered = bob.requests(b"INVITE")[-1]
+    assert offered.to_tag is not None
+    assert media_of(offered)[0] == "127.0.5.1"
+    assert b"a=sendonly" in offered.body
+    answer_with_sdp(bob, phone_sdp("10.0.0.2", 5000, "recvonly", version=2))
+    reok = [m for m in alice.inbox if m.status == 200 and m.cseq == hold.cseq]
+    assert reok
+    assert media_of(reok[-1])[0] == "127.0.5.1"
+    assert mf.commands() == [b"offer", b"answer", b"offer", b"answer"]
+    assert mf.ng_log[2][b"to-tag"] == ok.to_tag
+    assert mf.calls(0) == [call_id]
+
+
+def test_a_failed_re_invite_keeps_the_session() -> None:
+    mf = MediaFarm()
+    call_id = call_id_on(0)
+    alice, bob, ok = establish(mf, call_id)
+    again = alice.in_dialog("INVITE", ok)
+    again.set_body(phone_sdp("10.0.0.1", 4000, version=2), b"application/sdp")
+    alice.send(again, alice.first_hop(again))
+    bob.answer_call(488)
+    assert 488 in alice.finals()
+    assert mf.calls(0) == [call_id]
+    assert b"delete" not in mf.commands()
+
+
+def test_cancel_deletes_the_session() -> None:
+    mf = MediaFarm()
+    call_id = call_id_on(0)
+    alice, _bob = setup(mf)
+    alice.authenticated(invite(alice, call_id))
+    assert mf.calls(0) == [call_id]
+    alice.cancel(next(m for m in reversed(alice.sent) if m.method == b"INVITE"))
+    assert 487 in alice.finals()
+    assert mf.calls(0) == []
+
+
+def test_final_failure_deletes_the_session() -> None:
+    mf = MediaFarm()
+    call_id = call_id_on(1)
+    alice, bob = setup(mf)
+    alice.authenticated(invite(alice, call_id))
+    bob.answer_call(486)
+    assert 486 in alice.finals()
+    assert mf.calls(1) == []
+
+
+# -- relays that do not answer ---------------------------------------------------------------------
+
+
+def test_a_dead_relay_sends_a_new_call_to_the_next_one() -> None:
+    mf = MediaFarm(up=(1,))
+    call_id = call_id_on(0)
+    alice, bob = setup(mf)
+    alice.authenticated(invite(alice, call_id))
+    assert not bob.requests(b"INVITE")  # waiting for relay 0, which never answers
+    mf.advance(0.9)
+    assert not bob.requests(b"INVITE")
+    mf.advance(0.2)
+    assert bob.requests(b"INVITE")
+    assert media_of(bob.requests(b"INVITE")[-1])[0] == "127.0.5.2"
+    answer_with_sdp(bob, phone_sdp("10.0.0.2", 5000))
+    ok = alice.last(200, b"INVITE")
+    assert ok is not None
+    assert media_of(ok)[0] == "127.0.5.2"
+    # the BYE's delete goes to the relay that holds the call on this node
+    alice.ack(ok)
+    alice.send(alice.in_dialog("BYE", ok))
+    assert mf.calls(1) == []
+
+
+def test_no_relay_answers_503_by_default() -> None:
+    mf = MediaFarm(up=())
+    alice, bob = setup(mf)
+    alice.authenticated(invite(alice, call_id_on(0)))
+    mf.advance(2.5)
+    assert 503 in alice.finals()
+    assert not bob.requests(b"INVITE")
+    assert mf.media.failures == 1
+    assert mf.client.timeouts == 2
+    assert len(mf.farm.stray_to("127.0.5.1")) == 3  # three tries per relay within the timeout
+    assert len(mf.farm.stray_to("127.0.5.2")) == 3
+
+
+def test_no_relay_forwards_with_media_end_to_end_when_configured() -> None:
+    mf = MediaFarm(up=(), failure="forward")
+    alice, bob = setup(mf)
+    alice.authenticated(invite(alice, call_id_on(1)))
+    mf.advance(2.5)
+    offered = bob.requests(b"INVITE")
+    assert offered
+    assert offered[-1].body == phone_sdp("10.0.0.1", 4000)
+    answer_with_sdp(bob, phone_sdp("10.0.0.2", 5000))
+    ok = alice.last(200, b"INVITE")
+    assert ok is not None
+    assert ok.body == phone_sdp("10.0.0.2", 5000)  # no offer anchored: the answer is not either
+
+
+def test_without_relays_the_sdp_goes_through_untouched() -> None:
+    farm = MemFarm()
+    alice = farm.phone("alice", "10.0.0.1")
+    bob = farm.phone("bob", "10.0.0.2")
+    for phone in (alice, bob):
+        assert phone.register().status == 200  # type: ignore[union-attr]
+    alice.authenticated(invite(alice, "plain-call"))
+    assert bob.requests(b"INVITE")[-1].body == phone_sdp("10.0.0.1", 4000)
+    assert not farm.nodes[0].proxy.anchoring
+
+
+# -- the ng client alone ---------------------------------------------------------------------------
+
+
+def test_ng_client_retransmits_with_the_same_cookie_then_times_out() -> None:
+    client = NgClient(timeout=1.0, tries=3, prefix=b"p")
+    results: list[object] = []
+    client.request(("127.0.0.1", 2223), {"command": b"ping"}, 10.0, results.append)
+    client.request(("127.0.0.1", 2223), {"command": b"ping"}, 10.0, results.append)
+    first = client.datagrams_to_send()
+    assert [d.partition(b" ")[0] for d, _ in first] == [b"p_1", b"p_2"]
+    sent = list(first)
+    now = 10.0
+    while (deadline := client.next_deadline()) is not None:
+        now = deadline
+        client.handle_timer(now)
+        sent += client.datagrams_to_send()
+    assert [d.partition(b" ")[0] for d, _ in sent].count(b"p_1") == 3
+    assert now == pytest.approx(11.0)
+    assert all(isinstance(r, NgTimeout) for r in results) and len(results) == 2
+    assert client.timeouts == 2 and len(client) == 0
+
+
+def test_ng_client_matches_replies_by_cookie_and_types_errors() -> None:
+    client = NgClient(prefix=b"q")
+    results: list[object] = []
+    client.request(("127.0.0.1", 2223), {"command": b"ping"}, 0.0, results.append)
+    client.request(("127.0.0.1", 2223), {"command": b"delete", "call-id": b"x"}, 0.0, results.append)
+    client.receive_datagram(b"q_2 d12:error-reason12:Unknown call6:result5:errore")
+    client.receive_datagram(b"q_1 d6:result4:ponge")
+    client.receive_datagram(b"q_1 d6:result4:ponge")  # a late duplicate: nobody waits for it
+    assert isinstance(results[0], NgRefused) and results[0].reason == "Unknown call"
+    assert results[1] == {b"result": b"pong"}
+    assert client.stray_replies == 1
+    assert client.next_deadline() is None
