@@ -75,11 +75,12 @@ class NodeConfig:
     log_format: str = "kv"  # kv | json
     # RTP relays (rtpengine's ng protocol, IP:PORT each: `sipfarm relay` or rtpengine): empty,
     # media goes straight between the phones. A call starts on the relay a hash of its Call-ID
-    # picks; a new call tries the next one when it gets no ng answer within media_timeout
-    # seconds; when none answers, media_failure: "503" answers the caller 503, "forward" lets
-    # the call through with its media end to end.
+    # picks; a new call tries the next one when it gets no ng answer within relay_timeout
+    # seconds (relay_timeout: not the relay's own media_timeout, its RTP silence limit); when
+    # none answers, media_failure: "503" answers the caller 503, "forward" lets the call
+    # through with its media end to end.
     relays: list[str] = field(default_factory=list)
-    media_timeout: float = 1.0
+    relay_timeout: float = 1.0
     media_failure: str = "503"
 
     def validate(self) -> None:
@@ -87,7 +88,7 @@ class NodeConfig:
             _check_address("listen", spec)
         for relay in self.relays:
             _check_hostport("relays", relay)
-        _check_range("media_timeout", self.media_timeout, 0.05, 30)
+        _check_range("relay_timeout", self.relay_timeout, 0.05, 30)
         _check_choice("media_failure", self.media_failure, ("503", "forward"))
         if not self.domains:
             raise ConfigError("domains: at least one domain is required")

@@ -160,7 +160,7 @@ async def serve(cfg: NodeConfig, *, worker_index: int | None = None, ready: asyn
         from sipfarm.proxy.ng_client import NgClient  # noqa: PLC0415
         from sipfarm.proxy.relay_media import RelayMedia  # noqa: PLC0415
 
-        ng_client = NgClient(timeout=cfg.media_timeout)
+        ng_client = NgClient(timeout=cfg.relay_timeout)
         relays = [(h.strip("[]"), int(p)) for h, _, p in (r.rpartition(":") for r in cfg.relays)]
         media = RelayMedia(ng_client, relays, loop.time, on_failure=cfg.media_failure)
     core = NodeCore(
