@@ -24,10 +24,9 @@ from pathlib import Path
 import pytest
 import redis
 from attack_support import Caller, Phone
-from fixtures.farm import DOMAIN, BalancerProcess, NodeProcess, SipClient, wait_nodes_usable
+from fixtures.farm import DOMAIN, BalancerProcess, NodeProcess, SipClient, TcpPhone, wait_nodes_usable
 
 from sipfarm.balancer.keepalive import KEEPALIVE_PREFIX
-from sipfarm.sip import auth
 from sipfarm.sip.message import SipMessage, make_response
 from sipfarm.sip.parser import parse_message
 from sipfarm.store.location import location_key
@@ -162,74 +161,6 @@ def test_udp_phones_keep_their_binding_with_stun_or_options_and_a_silent_one_los
     finally:
         for closeable in (stun_phone, answering, silent, caller):
             closeable.close()
-
-
-class TcpPhone:
-    """A blocking UA on one TCP connection to the balancer, registering over it."""
-
-    def __init__(self, dest: tuple[str, int], user: str, password: str) -> None:
-        self.sock = socket.create_connection(dest, timeout=5)
-        self.host, self.port = self.sock.getsockname()[:2]
-        self.user = user
-        self.password = password
-        self._buf = b""
-
-    @property
-    def contact(self) -> str:
-        return f"<sip:{self.user}@{self.host}:{self.port};transport=tcp>"
-
-    def _register(self, call_id: str, cseq: int, authorization: str = "") -> bytes:
-        lines = [
-            f"REGISTER sip:{DOMAIN} SIP/2.0",
-            f"Via: SIP/2.0/TCP {self.host}:{self.port};branch=z9hG4bK{secrets.token_hex(8)}",
-            "Max-Forwards: 70", f"From: <sip:{self.user}@{DOMAIN}>;tag=t{cseq}", f"To: <sip:{self.user}@{DOMAIN}>",
-            f"Call-ID: {call_id}", f"CSeq: {cseq} REGISTER", f"Contact: {self.contact}", "Expires: 300",
-            "Supported: path", *([f"Authorization: {authorization}"] if authorization else []),
-        ]  # fmt: skip
-        return "\r\n".join([*lines, "Content-Length: 0", "", ""]).encode()
-
-    def register(self) -> int:
-        call_id = secrets.token_hex(8)
-        self.sock.sendall(self._register(call_id, 1))
-        challenge = self.recv()
-        if challenge is None or challenge.status != 401:
-            return challenge.status if challenge is not None else 0
-        parsed = auth.parse_challenge(challenge.get_all("www-authenticate")[0])
-        creds = auth.build_credentials(parsed, self.user, self.password, "REGISTER", f"sip:{DOMAIN}", "0a4f113b")
-        self.sock.sendall(self._register(call_id, 2, creds.decode()))
-        final = self.recv()
-        return final.status if final is not None else 0
-
-    def recv(self, timeout: float = 5.0) -> SipMessage | None:
-        """The next message (Content-Length framed), or None on timeout or a closed connection."""
-        deadline = time.monotonic() + timeout
-        while True:
-            self._buf = self._buf.lstrip(b"\r\n")
-            head_end = self._buf.find(b"\r\n\r\n")
-            if head_end >= 0:
-                length = 0
-                for line in self._buf[:head_end].split(b"\r\n"):
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() in (b"content-length", b"l"):
-                        length = int(value)
-                end = head_end + 4 + length
-                if len(self._buf) >= end:
-                    data, self._buf = self._buf[:end], self._buf[end:]
-                    return parse_message(data)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            self.sock.settimeout(left)
-            try:
-                chunk = self.sock.recv(65536)
-            except TimeoutError:
-                return None
-            if not chunk:
-                return None
-            self._buf += chunk
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def closed_by_peer(sock: socket.socket, timeout: float) -> bool:

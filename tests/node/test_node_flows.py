@@ -13,77 +13,12 @@ import time
 import urllib.request
 
 import pytest
-from fixtures.farm import DOMAIN, SipClient, free_udp_tcp_port
+from fixtures.farm import DOMAIN, SipClient, TcpPhone, free_udp_tcp_port
 
 from sipfarm.sip import auth
 from sipfarm.sip.message import SipMessage
-from sipfarm.sip.parser import parse_message
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class TcpPhone:
-    """A phone on one TCP connection to the node (its Contact port listens nowhere)."""
-
-    def __init__(self, node: tuple[str, int], user: str, password: str) -> None:
-        self.sock = socket.create_connection(node, timeout=5)
-        self.host, self.port = self.sock.getsockname()[:2]
-        self.user = user
-        self.password = password
-        self._buf = b""
-
-    def _register(self, call_id: str, cseq: int, authorization: str = "") -> bytes:
-        lines = [
-            f"REGISTER sip:{DOMAIN} SIP/2.0",
-            f"Via: SIP/2.0/TCP {self.host}:{self.port};branch=z9hG4bK{secrets.token_hex(8)}",
-            "Max-Forwards: 70", f"From: <sip:{self.user}@{DOMAIN}>;tag=t{cseq}", f"To: <sip:{self.user}@{DOMAIN}>",
-            f"Call-ID: {call_id}", f"CSeq: {cseq} REGISTER",
-            f"Contact: <sip:{self.user}@{self.host}:5060;transport=tcp>", "Expires: 300",
-            *([f"Authorization: {authorization}"] if authorization else []),
-        ]  # fmt: skip
-        return "\r\n".join([*lines, "Content-Length: 0", "", ""]).encode()
-
-    def register(self) -> int:
-        call_id = secrets.token_hex(8)
-        self.sock.sendall(self._register(call_id, 1))
-        challenge = self.recv()
-        if challenge is None or challenge.status != 401:
-            return challenge.status if challenge is not None else 0
-        parsed = auth.parse_challenge(challenge.get_all("www-authenticate")[0])
-        creds = auth.build_credentials(parsed, self.user, self.password, "REGISTER", f"sip:{DOMAIN}", "0a4f113b")
-        self.sock.sendall(self._register(call_id, 2, creds.decode()))
-        final = self.recv()
-        return final.status if final is not None else 0
-
-    def recv(self, timeout: float = 5.0) -> SipMessage | None:
-        """The next message (Content-Length framed), or None on timeout or a closed connection."""
-        deadline = time.monotonic() + timeout
-        while True:
-            head_end = self._buf.find(b"\r\n\r\n")
-            if head_end >= 0:
-                length = 0
-                for line in self._buf[:head_end].split(b"\r\n"):
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() in (b"content-length", b"l"):
-                        length = int(value)
-                end = head_end + 4 + length
-                if len(self._buf) >= end:
-                    data, self._buf = self._buf[:end], self._buf[end:]
-                    return parse_message(data)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            self.sock.settimeout(left)
-            try:
-                chunk = self.sock.recv(65536)
-            except TimeoutError:
-                return None
-            if not chunk:
-                return None
-            self._buf += chunk
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def invite(caller: SipClient, node: tuple[str, int], callee: str, password: str) -> SipMessage | None:
@@ -111,7 +46,7 @@ def flow_failures(port: int) -> float:
 def test_a_call_to_a_tcp_phone_whose_connection_closed_gets_430_within_a_second(redis_url, accounts, start_node):
     metrics_port = free_udp_tcp_port()
     node = start_node(redis_url, extra=["--metrics", f"127.0.0.1:{metrics_port}"])
-    bob = TcpPhone(node.address, "bob", accounts["bob"])
+    bob = TcpPhone(node.address, "bob", accounts["bob"], contact_port=5060)
     caller = SipClient()
     nat = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
