@@ -8,6 +8,7 @@ validates every field's type and range.  A bad value raises :class:`ConfigError`
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 import types
@@ -88,6 +89,12 @@ class NodeConfig:
             _check_address("listen", spec)
         for relay in self.relays:
             _check_hostport("relays", relay)
+            try:
+                # an IP: a name would be resolved on the loop at every send, and replies are
+                # taken only from the address asked
+                ipaddress.ip_address(relay.rpartition(":")[0].strip("[]"))
+            except ValueError:
+                raise ConfigError(f"relays: expected an IP address and port, got {relay!r}") from None
         _check_range("relay_timeout", self.relay_timeout, 0.05, 30)
         _check_choice("media_failure", self.media_failure, ("503", "forward"))
         if not self.domains:

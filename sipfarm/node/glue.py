@@ -136,7 +136,7 @@ class NgEndpoint(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         try:
-            self.client.receive_datagram(data)
+            self.client.receive_datagram(data, (addr[0], addr[1]))
         finally:
             self.flush()
             self.after()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import secrets
@@ -161,7 +162,10 @@ async def serve(cfg: NodeConfig, *, worker_index: int | None = None, ready: asyn
         from sipfarm.proxy.relay_media import RelayMedia  # noqa: PLC0415
 
         ng_client = NgClient(timeout=cfg.relay_timeout)
-        relays = [(h.strip("[]"), int(p)) for h, _, p in (r.rpartition(":") for r in cfg.relays)]
+        # canonical IPs (validated by the config): replies are matched against them
+        relays = [
+            (str(ipaddress.ip_address(h.strip("[]"))), int(p)) for h, _, p in (r.rpartition(":") for r in cfg.relays)
+        ]
         media = RelayMedia(ng_client, relays, loop.time, on_failure=cfg.media_failure)
     core = NodeCore(
         identity,

@@ -117,13 +117,16 @@ class NgClient:
         if self.wake is not None:
             self.wake()
 
-    def receive_datagram(self, data: bytes) -> None:
-        """A datagram from a relay: the reply to the request with its cookie (else ignored)."""
+    def receive_datagram(self, data: bytes, source: RelayAddress | None = None) -> None:
+        """A datagram from ``source``: the reply to the request with its cookie, if it comes
+        from the relay that request went to (else ignored: a reply rewrites SDP, so one forged
+        by anyone who learnt a cookie must not steer a call's media)."""
         cookie, space, body = data.partition(b" ")
-        pending = self._pending.pop(cookie, None) if space else None
-        if pending is None:
+        pending = self._pending.get(cookie) if space else None
+        if pending is None or (source is not None and source != pending.relay):
             self.stray_replies += 1
             return
+        del self._pending[cookie]
         pending.done = True
         result: NgReply | NgError
         try:

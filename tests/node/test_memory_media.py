@@ -113,7 +113,7 @@ class MediaFarm:
         return deliver
 
     def _ng_input(self, data: bytes, source: Address) -> None:
-        self.client.receive_datagram(data)
+        self.client.receive_datagram(data, (source.host, source.port))
         self._flush()
         self.farm._drain(self.farm.nodes[0], self.farm.node_addresses[0])
 
@@ -377,3 +377,14 @@ def test_ng_client_matches_replies_by_cookie_and_types_errors() -> None:
     assert results[1] == {b"result": b"pong"}
     assert client.stray_replies == 1
     assert client.next_deadline() is None
+
+
+def test_ng_client_takes_a_reply_only_from_the_relay_it_asked() -> None:
+    # a reply rewrites SDP: one with the right cookie from elsewhere must not steer the media
+    client = NgClient(prefix=b"q")
+    results: list[object] = []
+    client.request(("127.0.0.1", 2223), {"command": b"ping"}, 0.0, results.append)
+    client.receive_datagram(b"q_1 d6:result4:ponge", ("127.0.0.9", 2223))
+    assert results == [] and client.stray_replies == 1 and len(client) == 1
+    client.receive_datagram(b"q_1 d6:result4:ponge", ("127.0.0.1", 2223))
+    assert results == [{b"result": b"pong"}] and len(client) == 0

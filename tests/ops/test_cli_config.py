@@ -55,6 +55,7 @@ def test_node_with_bad_setting_names_the_key(tmp_path: Path):
         ({"min_expires": 600, "default_expires": 60}, "default_expires"),
         ({"digest_algorithms": ["SHA-1"]}, "digest_algorithms"),
         ({"bogus": 1}, "bogus"),
+        ({"relays": ["relay.example:2223"]}, "relays"),
     ],
 )
 def test_config_errors_name_the_key(flags, key):
