@@ -10,114 +10,26 @@ after the ng timeout, and nothing rings.
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from fixtures.farm import DOMAIN, NodeProcess, SipClient
+from fixtures.relay import RANGE, ng_request, start_relay
+from fixtures.relay import RelayProcess as Relay
 
-from media.bencode import decode, encode
-from sipfarm.ports import free_port
 from sipfarm.sip import auth
 from sipfarm.sip.message import SipMessage, make_response
 
 pytestmark = pytest.mark.timeout(90)
 
-RANGE = 20  # media ports of the test relay
 CALLER_HOST = "127.0.0.2"
 CALLEE_HOST = "127.0.0.3"
-
-
-@dataclass
-class Relay:
-    process: subprocess.Popen[bytes]
-    ng: tuple[str, int]
-    port_min: int
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-
-
-def _udp_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def ng_request(ng: tuple[str, int], message: dict[str, Any], timeout: float = 2.0) -> dict[bytes, Any]:
-    cookie = secrets.token_hex(6).encode()
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(0.3)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            sock.sendto(cookie + b" " + encode(message), ng)
-            try:
-                data = sock.recv(65535)
-            except TimeoutError:
-                continue
-            head, _, body = data.partition(b" ")
-            assert head == cookie
-            reply = decode(body)
-            assert isinstance(reply, dict)
-            return reply
-    raise AssertionError(f"no ng reply from {ng}")
-
-
-def start_relay(redis_url: str, workdir: Path) -> Relay:
-    ng_port = free_port(udp=True, tcp=False)
-    port_min = next(
-        base
-        for base in (free_port(udp=True, tcp=False) & ~1 for _ in range(100))
-        if all(_udp_free(p) for p in range(base, base + RANGE))
-    )
-    log_path = workdir / "relay.log"
-    argv = [
-        sys.executable, "-m", "sipfarm", "relay",
-        "--ng", f"127.0.0.1:{ng_port}",
-        "--media-address", "127.0.0.1",
-        "--port-min", str(port_min), "--port-max", str(port_min + RANGE - 1),
-        "--redis", redis_url,
-        "--relay-id", f"relay-e2e-{ng_port}",
-    ]  # fmt: skip
-    env = dict(os.environ, SIPFARM_ALLOW_DESTINATIONS="127.0.0.0/8")  # the phones are on loopback
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-    relay = Relay(proc, ("127.0.0.1", ng_port), port_min, log_path)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"relay exited ({proc.returncode}): {relay.log()[-2000:]}")
-        try:
-            if ng_request(relay.ng, {"command": "ping"}, timeout=0.3).get(b"result") == b"pong":
-                return relay
-        except AssertionError:
-            continue
-    relay.stop()
-    raise RuntimeError(f"relay did not answer ng ping: {relay.log()[-2000:]}")
 
 
 @pytest.fixture

@@ -7,9 +7,7 @@ The relay runs as `python -m sipfarm relay` on free loopback ports with the test
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import socket
 import struct
 import subprocess
@@ -17,117 +15,13 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-from media.bencode import decode, encode
-from sipfarm.ports import free_port
+from fixtures.relay import RANGE, RelayProcess, ng_request, start_relay, stop, udp_free
 
 pytestmark = pytest.mark.timeout(60)
-
-RANGE = 20  # media ports per test relay
-
-
-@dataclass
-class RelayProcess:
-    process: subprocess.Popen[bytes]
-    ng: tuple[str, int]
-    metrics: str
-    redis_url: str
-    relay_id: str
-    port_min: int
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def _media_range() -> int:
-    for _ in range(100):
-        base = free_port(udp=True, tcp=False) & ~1
-        if all(_udp_free(p) for p in range(base, base + RANGE)):
-            return base
-    raise RuntimeError("no free media port range")
-
-
-def _udp_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def ng_request(ng: tuple[str, int], message: dict[str, Any], timeout: float = 2.0) -> dict[bytes, Any]:
-    """One ng exchange over UDP (retransmitted under the same cookie, as clients do)."""
-    cookie = os.urandom(6).hex().encode()
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(0.3)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            sock.sendto(cookie + b" " + encode(message), ng)
-            try:
-                data = sock.recv(65535)
-            except TimeoutError:
-                continue
-            head, _, body = data.partition(b" ")
-            assert head == cookie
-            reply = decode(body)
-            assert isinstance(reply, dict)
-            return reply
-    raise AssertionError(f"no ng reply from {ng} to {message.get('command')}")
-
-
-def start_relay(redis_url: str, tmp_path: Path, *extra: str) -> RelayProcess:
-    ng_port = free_port(udp=True, tcp=False)
-    metrics_port = free_port(udp=False, tcp=True)
-    port_min = _media_range()
-    relay_id = f"relay-test-{ng_port}"
-    log_path = tmp_path / f"{relay_id}.log"
-    argv = [
-        sys.executable, "-m", "sipfarm", "relay",
-        "--ng", f"127.0.0.1:{ng_port}",
-        "--media-address", "127.0.0.1",
-        "--port-min", str(port_min), "--port-max", str(port_min + RANGE - 1),
-        "--redis", redis_url,
-        "--relay-id", relay_id,
-        "--metrics", f"127.0.0.1:{metrics_port}",
-        *extra,
-    ]  # fmt: skip
-    env = dict(os.environ, SIPFARM_ALLOW_DESTINATIONS="127.0.0.0/8")  # the phones are on loopback
-    log = open(log_path, "wb")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-    log.close()
-    relay = RelayProcess(
-        proc, ("127.0.0.1", ng_port), f"127.0.0.1:{metrics_port}", redis_url, relay_id, port_min, log_path
-    )
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"relay exited ({proc.returncode}): {relay.log()[-2000:]}")
-        try:
-            if ng_request(relay.ng, {"command": "ping"}, timeout=0.3).get(b"result") == b"pong":
-                return relay
-        except AssertionError:
-            continue
-    proc.kill()
-    proc.wait(5)
-    raise RuntimeError(f"relay did not answer ng ping: {relay.log()[-2000:]}")
-
-
-def stop(relay: RelayProcess) -> int:
-    if relay.process.poll() is None:
-        relay.process.send_signal(signal.SIGTERM)
-        try:
-            relay.process.wait(10)
-        except subprocess.TimeoutExpired:
-            relay.process.kill()
-            relay.process.wait(5)
-    return relay.process.returncode
 
 
 @pytest.fixture
@@ -295,7 +189,7 @@ def test_relay_process_carries_a_call_and_reports_it(relay: RelayProcess) -> Non
     assert "relay_stopping" in relay.log()
     assert [m for m in status_json(relay.redis_url) if m["role"] == "relay"] == []  # left at once
     for port in range(relay.port_min, relay.port_min + RANGE):
-        assert _udp_free(port), port  # every media port closed
+        assert udp_free(port), port  # every media port closed
 
 
 def test_media_timeout_frees_a_silent_call(redis_url: str, tmp_path: Path) -> None:
