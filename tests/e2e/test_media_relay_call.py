@@ -10,26 +10,32 @@ after the ng timeout, and nothing rings.
 
 from __future__ import annotations
 
-import re
 import secrets
-import socket
 import struct
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from fixtures.farm import DOMAIN, NodeProcess, SipClient
+from fixtures.farm import NodeProcess, SipClient
+from fixtures.media_phones import (
+    CALLEE_HOST,
+    CALLER_HOST,
+    in_dialog,
+    phone_sdp,
+    received_rtp,
+    recv_request,
+    rtp,
+    rtp_socket,
+    sdp_target,
+    send_invite,
+)
 from fixtures.relay import RANGE, ng_request, start_relay
 from fixtures.relay import RelayProcess as Relay
 
-from sipfarm.sip import auth
-from sipfarm.sip.message import SipMessage, make_response
+from sipfarm.sip.message import make_response
 
 pytestmark = pytest.mark.timeout(90)
-
-CALLER_HOST = "127.0.0.2"
-CALLEE_HOST = "127.0.0.3"
 
 
 @pytest.fixture
@@ -52,85 +58,6 @@ def node(
     monkeypatch.setenv("SIPFARM_RELAYS", f"{relay.ng[0]}:{relay.ng[1]}")
     monkeypatch.setenv("SIPFARM_RELAY_TIMEOUT", "0.5")
     return start_node(redis_url)
-
-
-def phone_sdp(host: str, port: int) -> bytes:
-    return (
-        f"v=0\r\no=- 1 1 IN IP4 {host}\r\ns=-\r\nc=IN IP4 {host}\r\nt=0 0\r\n"
-        f"m=audio {port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendrecv\r\n"
-    ).encode()
-
-
-def sdp_target(sdp: bytes) -> tuple[str, int]:
-    hosts = re.findall(rb"^c=IN IP4 (\S+)", sdp, re.M)  # the last: the media-level one
-    port = re.search(rb"^m=audio (\d+)", sdp, re.M)
-    assert hosts and port, sdp
-    return hosts[-1].decode(), int(port.group(1))
-
-
-def rtp(seq: int, ssrc: int) -> bytes:
-    return struct.pack("!BBHII", 0x80, 0, seq, seq * 160, ssrc) + b"\xff" * 160
-
-
-def rtp_socket(host: str) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind((host, 0))
-    sock.settimeout(0.2)
-    return sock
-
-
-def received_rtp(sock: socket.socket, within: float = 1.0) -> list[bytes]:
-    got: list[bytes] = []
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            got.append(sock.recv(2048))
-        except TimeoutError:
-            if got:
-                break
-    return got
-
-
-def recv_request(client: SipClient, method: bytes, timeout: float = 3.0) -> SipMessage:
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        msg = client.recv(left)
-        if msg is not None and msg.method == method:
-            return msg
-    raise AssertionError(f"no {method!r} arrived")
-
-
-def send_invite(alice: SipClient, node: tuple[str, int], sdp: bytes, call_id: str) -> None:
-    """INVITE bob with ``sdp``, answering the node's 407 (the 2nd INVITE goes on to bob)."""
-    uri = f"sip:bob@{DOMAIN}"
-    headers = (("contact", f"<sip:alice@{alice.host}:{alice.port}>"), ("content-type", "application/sdp"))
-    invite = alice.request("INVITE", uri, call_id=call_id, headers=headers, body=sdp)
-    alice.send(invite, node)
-    challenge = alice.recv_final()
-    assert challenge is not None and challenge.status == 407, challenge
-    chal = auth.parse_challenge(challenge.get_all("proxy-authenticate")[0])
-    creds = auth.build_credentials(chal, "alice", "alice-secret", "INVITE", uri, secrets.token_hex(4))
-    again = alice.request(
-        "INVITE", uri, call_id=call_id, cseq=2, headers=(*headers, ("proxy-authorization", creds.decode())), body=sdp
-    )
-    alice.send(again, node)
-
-
-def in_dialog(client: SipClient, method: str, ok: SipMessage, cseq: int) -> SipMessage:
-    """A request in the dialog of the 2xx ``ok`` (this client's INVITE): route set reversed."""
-    remote = ok.name_addrs("contact")[0].uri
-    headers = [
-        ("via", f"SIP/2.0/UDP {client.host}:{client.port};branch=z9hG4bK{secrets.token_hex(8)};rport"),
-        ("max-forwards", "70"),
-        ("from", ok.get("from") or b""),
-        ("to", ok.get("to") or b""),
-        ("call-id", ok.call_id),
-        ("cseq", f"{cseq} {method}"),
-        *(("route", r) for r in reversed(ok.values("record-route"))),
-    ]
-    msg = SipMessage.request(method, str(remote), headers)
-    msg.cseq = (cseq, method.encode())
-    return msg
 
 
 def test_call_media_goes_through_the_relay_and_bye_frees_it(node: NodeProcess, relay: Relay) -> None:
