@@ -94,6 +94,7 @@ __all__ = [
     "COOKIE_CACHE_SIZE",
     "COOKIE_TTL",
     "DTLS_UNSUPPORTED",
+    "WEBRTC_UNSUPPORTED",
     "CookieCache",
     "NgController",
     "NgError",
@@ -112,7 +113,14 @@ MAX_LIST_LIMIT = 10_000
 MAX_IN_FLIGHT = 1_000  # ng messages being executed at once (NgServer); more are dropped
 
 COMMANDS = frozenset({"ping", "offer", "answer", "delete", "query", "list"})  # the subset
-DTLS_UNSUPPORTED = "DTLS-SRTP / SRTP not supported by this relay; use rtpengine"
+#: the error-reason of an offer or answer asking for WebRTC (or any encrypted) media; proxies
+#: look for "not supported" (sipfarm.proxy.relay_media then lets the call's media go end to end)
+WEBRTC_UNSUPPORTED = "DTLS-SRTP/ICE (WebRTC) media not supported by sipfarm relay; use rtpengine"
+DTLS_UNSUPPORTED = WEBRTC_UNSUPPORTED  # the earlier name
+RECORDING_UNSUPPORTED = "call recording not supported by sipfarm relay; use rtpengine"
+_WEBRTC_ICE = frozenset({"force", "force relay", "optional"})
+_WEBRTC_DTLS = frozenset({"passive", "active", "actpass"})
+_YES = frozenset({"yes", "on", "true", "1"})
 INTERNAL_ERROR = "internal error"
 
 # RFC 3551 6: RTP clock rates of the static payload types that are not 8000 Hz
@@ -561,6 +569,14 @@ def _text(message: Message, key: str) -> str | None:
     return value.decode("latin-1")
 
 
+def _text_or_number(message: Message, key: str) -> str | None:
+    """A value rtpengine takes as a string or a number (``"record call": "yes"``, ``"DTLS": "off"``)."""
+    value = message.get(key)
+    if isinstance(value, int):
+        return str(value)
+    return _text(message, key)
+
+
 def _required(message: Message, key: str) -> str:
     value = _text(message, key)
     if not value:
@@ -584,6 +600,14 @@ def _options(message: Message) -> _Options:
     flags = _names(message, "flags")
     if "asymmetric" in flags:
         raise NgError("asymmetric not supported: this relay always latches (symmetric RTP)")
+    record = _text_or_number(message, "record call")
+    if "record call" in flags or (record is not None and _key(record.encode()) in _YES):
+        raise NgError(RECORDING_UNSUPPORTED)
+    dtls = _text_or_number(message, "dtls")
+    if dtls is not None and _key(dtls.encode()) in _WEBRTC_DTLS:
+        raise NgError(WEBRTC_UNSUPPORTED)
+    _names(message, "sdes")  # SDES-SRTP is refused by its SDP; "off" etc. need nothing here
+    _names(message, "supports")
     received_from = message.get("received from")
     if received_from is not None and not (
         isinstance(received_from, list) and len(received_from) == 2 and all(isinstance(v, bytes) for v in received_from)
@@ -592,17 +616,20 @@ def _options(message: Message) -> _Options:
     direction = message.get("direction")
     if direction is not None and not (isinstance(direction, list) and all(isinstance(v, bytes) for v in direction)):
         raise NgError("direction must be a list of interface names")
-    timeout = message.get("media timeout")
-    if timeout is not None and not isinstance(timeout, int) and not (isinstance(timeout, bytes) and timeout.isdigit()):
-        raise NgError("media timeout must be a number")
+    for number in ("media timeout", "delete delay"):
+        value = message.get(number)
+        if value is not None and not isinstance(value, int) and not (isinstance(value, bytes) and value.isdigit()):
+            raise NgError(f"{number} must be a number")
     _text(message, "label")
     _text(message, "via branch")
     replace = _names(message, "replace")
-    ice_text = (_text(message, "ice") or "remove").lower()
+    ice_text = _key((_text(message, "ice") or "remove").encode("latin-1"))
     if ice_text in ("remove", "default"):
         ice = sdp.IceMode.REMOVE
-    elif ice_text in ("pass", "passthrough"):
+    elif ice_text in ("pass", "passthrough", "pass through"):
         ice = sdp.IceMode.KEEP
+    elif ice_text in _WEBRTC_ICE:
+        raise NgError(WEBRTC_UNSUPPORTED)
     else:
         raise NgError(f"ICE={ice_text[:20]} not supported by this relay (it does not speak ICE)")
     mux_flags = _names(message, "rtcp mux")
@@ -629,14 +656,14 @@ def _description(message: Message) -> tuple[sdp.SessionDescription, _Options]:
         raise NgError("No SDP body in message")
     options = _options(message)
     if options.transport is not None and ("SAVP" in options.transport or "TLS" in options.transport):
-        raise NgError(DTLS_UNSUPPORTED)
+        raise NgError(WEBRTC_UNSUPPORTED)
     description = sdp.SessionDescription.parse(body)
+    if sdp.secure_media(description) is not None:
+        raise NgError(WEBRTC_UNSUPPORTED)
     for section in description.media:
         if section.disabled:
             continue
         proto = section.line.proto.upper()
-        if "TLS" in proto or section.fingerprints or description.fingerprints:
-            raise NgError(DTLS_UNSUPPORTED)
         if options.transport is not None and proto != options.transport:
             if options.transport in _PLAIN_PROTOCOLS:
                 raise NgError(f"transport-protocol conversion from {proto} to {options.transport} not supported")

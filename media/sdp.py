@@ -667,6 +667,25 @@ def endpoints_of(sdp: SessionDescription) -> list[MediaEndpoint]:
     return result
 
 
+def secure_media(sdp: SessionDescription) -> str | None:
+    """What in ``sdp`` asks for encrypted media on an enabled stream, or None for plain RTP.
+
+    SRTP profiles (RFC 3711 ``RTP/SAVP``, RFC 5124 ``RTP/SAVPF``), DTLS-SRTP (RFC 5764
+    ``UDP/TLS/RTP/SAVP(F)``, ``a=fingerprint`` RFC 8122, session- or media-level) and SDES keys
+    (RFC 4568 ``a=crypto``): a relay that forwards RTP as it comes cannot terminate any of them
+    on its side, so it must refuse the SDP rather than pass keys it does not hold."""
+    for section in sdp.media:
+        if section.disabled:
+            continue
+        proto = section.line.proto.upper()
+        if "SAVP" in proto or "TLS" in proto:
+            return proto
+        for name in ("fingerprint", "crypto"):
+            if section.has_attribute(name) or sdp.has_attribute(name):
+                return f"a={name}"
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # What the relay says instead: anchoring.
 

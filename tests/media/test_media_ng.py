@@ -20,7 +20,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from media.bencode import decode, encode
-from media.ng import DTLS_UNSUPPORTED, CookieCache, NgController, NgServer
+from media.ng import (
+    DTLS_UNSUPPORTED,
+    RECORDING_UNSUPPORTED,
+    WEBRTC_UNSUPPORTED,
+    CookieCache,
+    NgController,
+    NgServer,
+)
 from media.ports import PortAllocator
 from media.relay import CallStats, MediaEndpoint, MediaPorts, RelayEngine, RelayServer
 from media.sdp import SessionDescription
@@ -379,7 +386,8 @@ def test_dtls_and_srtp_offers_get_a_clear_error_and_allocate_nothing() -> None:
 @pytest.mark.parametrize(
     ("extra", "reason"),
     [
-        ({"ICE": "force"}, b"ICE=force not supported by this relay (it does not speak ICE)"),
+        ({"ICE": "force"}, WEBRTC_UNSUPPORTED.encode()),
+        ({"ICE": "lite-please"}, b"ICE=lite please not supported by this relay (it does not speak ICE)"),
         ({"flags": ["asymmetric"]}, b"asymmetric not supported: this relay always latches (symmetric RTP)"),
         ({"received-from": "127.0.0.2"}, b"received-from must be a list [family, address]"),
         ({"direction": "internal"}, b"direction must be a list of interface names"),
@@ -457,6 +465,175 @@ def test_fuzz_any_datagram_gets_a_bencoded_reply_or_none(data: bytes) -> None:
             continue
         reply = decode(out.partition(b" ")[2])
         assert isinstance(reply, dict) and reply[b"result"] in (b"ok", b"pong", b"error")
+    assert f.controller.internal_errors == 0
+
+
+# -- WebRTC: refused with one clear reason, nothing allocated -----------------------------------
+
+BROWSER_FLAGS: dict[str, Any] = {  # what sipfarm's proxy sends towards a browser (rtpengine's gateway flags)
+    "ICE": "force",
+    "DTLS": "passive",
+    "transport-protocol": "UDP/TLS/RTP/SAVPF",
+    "rtcp-mux": ["offer", "require"],
+    "SDES": ["off"],
+    "flags": ["generate-mid"],
+}
+CRYPTO = "a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:PS1uQCVeeCFCanVmcjkpPywjNWhcYD0mXXtxaVBR|2^20|1:32\r\n"
+FINGERPRINT = "a=fingerprint:sha-256 " + ":".join(["AB"] * 32) + "\r\n"
+
+
+def secure_sdp(proto: str, media_extra: str = "", session_extra: str = "") -> bytes:
+    plain = phone_sdp("192.168.1.10", 4000, extra=media_extra).replace(b"RTP/AVP", proto.encode())
+    return plain.replace(b"t=0 0\r\n", b"t=0 0\r\n" + session_extra.encode())
+
+
+@pytest.mark.parametrize(
+    ("sdp", "extra"),
+    [
+        (secure_sdp("UDP/TLS/RTP/SAVPF", FINGERPRINT + "a=setup:actpass\r\n"), {}),
+        (secure_sdp("UDP/TLS/RTP/SAVP"), {}),
+        (secure_sdp("RTP/SAVPF"), {}),
+        (secure_sdp("RTP/SAVP", CRYPTO), {}),  # SDES-SRTP
+        (secure_sdp("RTP/AVP", CRYPTO), {}),  # keys on a plain profile (best-effort SRTP)
+        (secure_sdp("RTP/AVP", session_extra=FINGERPRINT), {}),  # session-level fingerprint
+        (phone_sdp("192.168.1.10", 4000), {"ICE": "force"}),
+        (phone_sdp("192.168.1.10", 4000), {"ICE": "force-relay"}),
+        (phone_sdp("192.168.1.10", 4000), {"DTLS": "passive"}),
+        (phone_sdp("192.168.1.10", 4000), {"DTLS": "active"}),
+        (phone_sdp("192.168.1.10", 4000), {"transport-protocol": "RTP/SAVP"}),
+        (phone_sdp("192.168.1.10", 4000), {"transport-protocol": "RTP/SAVPF"}),
+        (phone_sdp("192.168.1.10", 4000), {"transport-protocol": "UDP/TLS/RTP/SAVPF"}),
+        (phone_sdp("192.168.1.10", 4000), BROWSER_FLAGS),
+    ],
+    ids=[
+        "sdp-dtls-savpf", "sdp-dtls-savp", "sdp-savpf", "sdp-sdes", "sdp-crypto-on-avp", "sdp-session-fingerprint",
+        "ice-force", "ice-force-relay", "dtls-passive", "dtls-active", "tp-savp", "tp-savpf", "tp-dtls", "browser",
+    ],
+)  # fmt: skip
+def test_webrtc_offers_get_the_webrtc_error_and_allocate_nothing(sdp: bytes, extra: dict[str, Any]) -> None:
+    f = Fixture()
+    free = f.engine.ports.free_ports
+    datagram = ng("c1", ("sdp", sdp), ("call-id", "w"), ("from-tag", "a"), *extra.items(), ("command", "offer"))
+    reply = f.call("c1", datagram)
+    assert reply == {b"result": b"error", b"error-reason": WEBRTC_UNSUPPORTED.encode()}
+    assert b"not supported" in reply[b"error-reason"]  # what proxies look for
+    assert DTLS_UNSUPPORTED == WEBRTC_UNSUPPORTED
+    assert f.engine.ports.free_ports == free and f.engine.list_calls() == [] and f.controller._calls == {}
+
+
+def test_a_browsers_answer_to_a_plain_offer_is_refused_and_the_call_kept() -> None:
+    f = Fixture()
+    f.call("c1", offer("c1", phone_sdp("192.168.1.10", 4000)))
+    browser = secure_sdp("UDP/TLS/RTP/SAVPF", FINGERPRINT + "a=setup:active\r\n")
+    reply = f.call("c2", answer("c2", browser))
+    assert reply == {b"result": b"error", b"error-reason": WEBRTC_UNSUPPORTED.encode()}
+    assert f.engine.list_calls() == ["call-1"]  # the proxy still deletes it (or a plain answer comes)
+
+
+def test_webrtc_flags_that_ask_for_nothing_are_accepted() -> None:
+    f = Fixture()
+    datagram = ng(
+        "c1",
+        ("supports", ["load limit"]),
+        ("sdp", phone_sdp("192.168.1.10", 4000)),
+        ("flags", ["trust-address", "generate-mid", "strict-source"]),
+        ("ICE", "remove"),
+        ("DTLS", "off"),
+        ("SDES", ["off"]),
+        ("record call", "no"),
+        ("delete delay", 0),
+        ("call-id", "call-1"),
+        ("from-tag", "ta"),
+        ("command", "offer"),
+    )
+    assert sdp_of(f.call("c1", datagram)).media[0].line.proto == "RTP/AVP"
+
+
+@pytest.mark.parametrize("extra", [{"record call": "yes"}, {"record-call": "on"}, {"flags": ["record-call"]}])
+def test_recording_is_refused_not_silently_skipped(extra: dict[str, Any]) -> None:
+    f = Fixture()
+    datagram = ng("c1", ("sdp", phone_sdp("192.168.1.10", 4000)), ("call-id", "r"), ("from-tag", "a"),
+                  *extra.items(), ("command", "offer"))  # fmt: skip
+    assert f.call("c1", datagram) == {b"result": b"error", b"error-reason": RECORDING_UNSUPPORTED.encode()}
+    assert f.engine.list_calls() == []
+
+
+# -- fuzz: mutated ng messages -----------------------------------------------------------------
+
+NG_KEYS = [
+    "command", "call-id", "from-tag", "to-tag", "sdp", "flags", "replace", "ICE", "DTLS", "SDES", "rtcp-mux",
+    "transport-protocol", "direction", "received-from", "label", "via-branch", "record call", "supports",
+    "delete delay", "media timeout", "limit", "x-unknown",
+]  # fmt: skip
+NG_WORDS = [
+    b"offer", b"answer", b"delete", b"query", b"list", b"ping", b"remove", b"force", b"passive", b"off", b"demux",
+    b"offer", b"require", b"RTP/AVP", b"RTP/SAVP", b"UDP/TLS/RTP/SAVPF", b"origin", b"session-connection", b"IP4",
+    b"127.0.0.2", b"call-1", b"ta", b"tb", b"yes", b"no", b"trust-address", b"",
+]  # fmt: skip
+bencode_values = st.recursive(
+    st.one_of(st.sampled_from(NG_WORDS), st.binary(max_size=20), st.integers(-5, 70000)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.sampled_from([k.encode() for k in NG_KEYS]), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+SDPS = [phone_sdp("192.168.1.10", 4000), secure_sdp("RTP/SAVP", CRYPTO), b"v=0\r\n", b""]
+
+
+@st.composite
+def ng_messages(draw: st.DrawFn) -> bytes:
+    """A dictionary of ng keys (valid command and tags mostly) with values of any bencode type."""
+    pairs: list[tuple[str, Any]] = [
+        ("command", draw(st.sampled_from(["offer", "answer", "delete", "query", "list", "ping", "nope"]))),
+        ("call-id", draw(st.sampled_from(["call-1", "call-2"]))),
+        ("from-tag", "ta"),
+        ("sdp", draw(st.sampled_from(SDPS))),
+    ]
+    if draw(st.booleans()):
+        pairs.append(("to-tag", "tb"))
+    pairs.extend((key, draw(bencode_values)) for key in draw(st.lists(st.sampled_from(NG_KEYS), max_size=6)))
+    order = draw(st.permutations(range(len(pairs))))
+    return b"d" + b"".join(encode(pairs[i][0]) + encode(pairs[i][1]) for i in order) + b"e"
+
+
+def assert_answered(f: Fixture, datagram: bytes) -> None:
+    out = f.send(datagram)
+    if out is None:
+        return
+    reply = decode(out.partition(b" ")[2])
+    assert isinstance(reply, dict) and reply[b"result"] in (b"ok", b"pong", b"error"), reply
+    if reply[b"result"] == b"error":
+        assert isinstance(reply[b"error-reason"], bytes) and reply[b"error-reason"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(ng_messages(), min_size=1, max_size=5))
+def test_fuzz_random_ng_dictionaries_get_a_reply_never_an_exception(bodies: list[bytes]) -> None:
+    f = Fixture()
+    for n, body in enumerate(bodies):  # a sequence: offers, answers, deletes on the same calls
+        assert_answered(f, b"k%d " % n + body)
+    assert f.controller.internal_errors == 0
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_fuzz_mutated_kamailio_messages_get_a_reply_never_an_exception(data: st.DataObject) -> None:
+    valid = offer("k", phone_sdp("192.168.1.10", 4000), **{"rtcp-mux": ["demux"], "label": "x"})
+    body = bytearray(valid.partition(b" ")[2])
+    for _ in range(data.draw(st.integers(1, 6))):
+        at = data.draw(st.integers(0, len(body)))
+        action = data.draw(st.sampled_from(["flip", "insert", "delete", "digit"]))
+        if action == "flip" and at < len(body):
+            body[at] = data.draw(st.integers(0, 255))
+        elif action == "insert":
+            body[at:at] = data.draw(st.sampled_from([b"e", b"d", b"l", b"i", b"0:", b"9999:", b"-", b"i-1e", b"x"]))
+        elif action == "delete":
+            del body[at : at + data.draw(st.integers(1, 8))]
+        elif action == "digit" and at < len(body):
+            body[at] = ord(data.draw(st.sampled_from("0123456789")))
+    f = Fixture()
+    assert_answered(f, b"k " + bytes(body))
+    assert_answered(f, b"k2 " + valid.partition(b" ")[2])  # still serving afterwards
     assert f.controller.internal_errors == 0
 
 

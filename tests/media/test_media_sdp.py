@@ -28,6 +28,7 @@ from media.sdp import (
     anchor,
     continue_session,
     endpoints_of,
+    secure_media,
 )
 
 
@@ -797,3 +798,31 @@ def test_property_mutated_sdp_parses_or_raises_sdp_error(body: bytes, data: st.D
     assert SessionDescription.parse(sdp.to_bytes()) == sdp
     relays = [RelayEndpoint(RELAY, 30000, 30000 if m.rtcp_mux else None) for m in sdp.media]
     anchor(sdp, relays)
+
+
+# --- encrypted media: what the relay must refuse ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        (CHROME, "UDP/TLS/RTP/SAVPF"),
+        (TWO_STREAMS, "RTP/SAVP"),
+        (PJSUA2, None),
+        (BARESIP, None),
+        (SIPP, None),
+        (HOLD_ZERO, None),
+        (PJSUA2.replace("a=sendrecv", "a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:" + "A" * 40), "a=crypto"),
+    ],
+)  # fmt: skip
+def test_secure_media_names_what_asks_for_srtp_or_dtls(text: str, why: str | None) -> None:
+    assert secure_media(SessionDescription.parse(crlf(text))) == why
+
+
+def test_a_session_level_fingerprint_counts_but_a_disabled_secure_stream_does_not() -> None:
+    fingerprint = "a=fingerprint:sha-256 " + ":".join(["AB"] * 32)
+    plain = "v=0\no=- 1 1 IN IP4 10.0.0.1\ns=-\nc=IN IP4 10.0.0.1\nt=0 0\n"
+    audio = "m=audio 4000 RTP/AVP 0\n"
+    assert secure_media(SessionDescription.parse(crlf(plain + fingerprint + "\n" + audio))) == "a=fingerprint"
+    disabled = plain + audio + "m=video 0 UDP/TLS/RTP/SAVPF 96\n"
+    assert secure_media(SessionDescription.parse(crlf(disabled))) is None
