@@ -17,6 +17,11 @@ the offer when the callee is a WebSocket contact, and with the answer when the c
     "rtcp-mux": ["offer", "require"], "SDES": ["off"], "flags": ["generate-mid"],
     "replace": ["origin", "session-connection"]
 
+  ``"rtcp-mux": ["offer"]`` in an offer and ``["require"]`` in an answer (what
+  sipfarm/proxy/relay_media.py sends today) work too: in an offer, ``["offer"]`` alone keeps
+  a separate ``a=rtcp:<port+1>`` beside ``a=rtcp-mux``, ``"require"`` makes it the RTP port
+  (``a=rtcp:<port>``), the form a browser with ``rtcpMuxPolicy: "require"`` expects; both pass.
+
   rtpengine's SDP then has ``UDP/TLS/RTP/SAVPF``, ``a=fingerprint:sha-256``, ``a=setup``
   (``actpass`` in an offer, ``passive`` in an answer), ``a=ice-ufrag``/``a=ice-pwd``, a host
   ``a=candidate``, ``a=rtcp-mux``, ``a=mid`` and no ``a=crypto`` (``SDES: off``; without it
@@ -235,11 +240,19 @@ def assert_plain(sdp: str) -> None:
     assert "a=rtcp-mux" not in sdp
 
 
-def test_rtpengine_turns_a_desk_phones_offer_into_webrtc_for_a_browser_and_back(rtpengine: RtpengineProcess) -> None:
+MUX_VARIANTS = pytest.mark.parametrize(
+    ("offer_mux", "answer_mux"), [(["offer", "require"], ["offer", "require"]), (["offer"], ["require"])]
+)
+
+
+@MUX_VARIANTS
+def test_rtpengine_turns_a_desk_phones_offer_into_webrtc_for_a_browser_and_back(
+    rtpengine: RtpengineProcess, offer_mux: list[str], answer_mux: list[str]
+) -> None:
     call = {"call-id": secrets.token_hex(8), "from-tag": "desk"}
+    flags = {**TO_BROWSER, "rtcp-mux": offer_mux}
     offer = ng_sdp(
-        rtpengine,
-        {"command": "offer", **call, "sdp": phone_sdp(CALLER_HOST, 4000), "via-branch": "z9hG4bK1", **TO_BROWSER},
+        rtpengine, {"command": "offer", **call, "sdp": phone_sdp(CALLER_HOST, 4000), "via-branch": "z9hG4bK1", **flags}
     )
     assert_webrtc(offer, "actpass")
     mid = re.search(r"^a=mid:(\S+)\r$", offer, re.M)
@@ -253,15 +266,18 @@ def test_rtpengine_turns_a_desk_phones_offer_into_webrtc_for_a_browser_and_back(
     assert ng_request(rtpengine.ng, {"command": "delete", **call})[b"result"] == b"ok"
 
 
+@MUX_VARIANTS
 def test_rtpengine_turns_a_browsers_offer_into_plain_rtp_for_a_desk_phone_and_back(
-    rtpengine: RtpengineProcess,
+    rtpengine: RtpengineProcess, offer_mux: list[str], answer_mux: list[str]
 ) -> None:
     call = {"call-id": secrets.token_hex(8), "from-tag": "browser"}
     offer = ng_sdp(rtpengine, {"command": "offer", **call, "sdp": browser_sdp(), **TO_DESK_PHONE})
     assert_plain(offer)
+    flags = {**TO_BROWSER, "rtcp-mux": answer_mux}
     answer = ng_sdp(
-        rtpengine,
-        {"command": "answer", **call, "to-tag": "desk", "sdp": phone_sdp(CALLEE_HOST, 5000), **TO_BROWSER},
+        rtpengine, {"command": "answer", **call, "to-tag": "desk", "sdp": phone_sdp(CALLEE_HOST, 5000), **flags}
     )
     assert_webrtc(answer, "passive")  # the browser offered actpass: rtpengine takes the passive role
+    port = re.search(r"^m=audio (\d+) ", answer, re.M)
+    assert port and f"a=rtcp:{port.group(1)}\r\n" in answer  # muxed: RTCP on the RTP port
     assert ng_request(rtpengine.ng, {"command": "delete", **call})[b"result"] == b"ok"
