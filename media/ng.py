@@ -30,35 +30,67 @@ reply (there is nothing to address it to) and is counted in ``NgController.dropp
 
 The ng subset implemented
 -------------------------
-Commands: ``ping``, ``offer``, ``answer``, ``delete``, ``query``, ``list``.  Keys are read as
-rtpengine reads them: case-insensitive, ``-``, ``_`` and space equivalent (``call-id`` =
-``call id``), so both Kamailio's spellings and rtpengine's documented ones work.
+Commands: ``ping``, ``offer``, ``answer``, ``delete``, ``query``, ``list``; any other command is
+answered ``Unrecognized command``.  Keys are read as rtpengine reads them: case-insensitive,
+``-``, ``_`` and space equivalent (``call-id`` = ``call id``), so both Kamailio's spellings and
+rtpengine's documented ones work.  Keys outside this list are ignored, as rtpengine ignores them.
+
+What Kamailio 5.6's rtpengine module sends (captured in tests/interop/test_kamailio_drives_relay.py
+for ``rtpengine_manage("replace-origin replace-session-connection ICE=remove RTP/AVP
+rtcp-mux-demux SDES-off label=... via-branch=1 record-call=no")``), keys in its order::
+
+    offer:  supports sdp ICE label record-call replace transport-protocol rtcp-mux SDES
+            call-id via-branch received-from from-tag command
+    answer: the same + to-tag
+    delete: supports ICE label record-call transport-protocol call-id via-branch
+            received-from from-tag command
+    ping:   command (alone; at startup, to mark the relay up)
+    (trust-address adds "flags": ["trust-address"], received-from is still sent;
+     direction=X direction=Y adds "direction": [X, Y]; both checked against this relay)
+
+Honoured:
 
 - ``call-id``, ``from-tag`` (all but ping/list), ``to-tag`` (answer; optional for offer and
-  delete), ``sdp`` (offer, answer).
-- ``flags``: ``trust-address`` and ``symmetric`` accepted (the relay is always symmetric, and
-  an SDP address is only ever the pre-latch destination, subject to the relay's allowed networks);
-  ``asymmetric`` is refused (the relay always latches); other flags are ignored as rtpengine
-  ignores unknown ones.
-- ``received-from`` (``[family, address]``): checked, not used; latching finds where a phone really
-  sends from, so the SIP source (often another proxy) is never taken for a media address.
+  delete: a delete with both tags of a two-party call frees it), ``sdp`` (offer, answer).
 - ``replace``: ``origin`` (o= names the relay), ``session-connection`` (session-level c=).
   Media-level c= always names the relay.
 - ``ICE``: ``remove`` and ``default`` strip ICE (a relay that does not speak ICE must, or the
-  phones would check connectivity around it); ``pass``/``passthrough`` keep it; ``force`` and
-  ``force-relay`` are refused.
+  phones would check connectivity around it); ``pass``/``passthrough`` keep it.
 - ``rtcp-mux``: ``offer`` (add a=rtcp-mux), ``demux``/``reject`` (remove it), ``accept``
   (keep); the relay terminates rtcp-mux per leg, and confirms it in an SDP whenever the port it
-  writes there is a single (muxed) one.
-- ``direction``: accepted and ignored (one interface).
-- ``transport-protocol``: ``RTP/AVP``/``RTP/AVPF`` when the SDP already says so; SRTP, DTLS
-  (``RTP/SAVP``, ``RTP/SAVPF``, ``UDP/TLS/RTP/SAVPF``) and conversions are refused with
-  :data:`DTLS_UNSUPPORTED` or a conversion error.  An SDP offering DTLS (``UDP/TLS/...``
-  or a=fingerprint) gets :data:`DTLS_UNSUPPORTED` too; SDES-SRTP (``RTP/SAVP`` with a=crypto)
-  passes through untouched, end to end.
-- ``label``, ``via-branch``: accepted; a label is reported in ``query`` under its tag.
-- ``media timeout``: a number, accepted; the relay's own media timeout applies.
+  writes there is a single (muxed) one.  ``accept``/``require`` keep what the SDP says.
+- ``transport-protocol``: ``RTP/AVP``/``RTP/AVPF`` when the SDP already says so (a conversion
+  between them is refused).
+- ``label``: reported in ``query``/``delete`` under its tag.
 - ``limit`` (list): at most that many Call-IDs (default 32).
+
+Accepted and ignored (harmless here):
+
+- ``flags``: ``trust-address`` and ``symmetric`` (the relay always latches, and an SDP address
+  is only ever the pre-latch destination, subject to the relay's allowed networks) and any
+  unknown flag (``generate-mid``, ``strict-source``...), as rtpengine ignores unknown ones.
+- ``received-from`` (``[family, address]``, type-checked): latching finds where a phone really
+  sends from, so the SIP source (often another proxy) is never taken for a media address.
+- ``direction`` (a list; one interface here), ``via-branch`` (one session per call and tag:
+  no per-branch legs), ``supports`` (``["load limit"]``: the client's capabilities),
+  ``SDES`` (``off`` and friends: nothing to switch off, encrypted SDPs are refused anyway),
+  ``DTLS``: ``off``/``no``/``disable``, ``record call``: ``no``/``off``,
+  ``media timeout`` and ``delete delay`` (numbers: the relay's own media timeout applies, and it
+  frees a deleted call at once).
+
+Refused with an ng error, allocating nothing:
+
+- WebRTC or any encrypted media, with :data:`WEBRTC_UNSUPPORTED` ("DTLS-SRTP/ICE (WebRTC) media
+  not supported by sipfarm relay; use rtpengine"): an SDP whose enabled stream is ``RTP/SAVP``,
+  ``RTP/SAVPF``, ``UDP/TLS/RTP/SAVP(F)`` or carries ``a=fingerprint`` or ``a=crypto``
+  (:func:`media.sdp.secure_media`; the relay cannot hold the keys), or a message asking for
+  ``ICE``: ``force``/``force-relay``/``optional``, ``DTLS``: ``passive``/``active``, or a
+  ``transport-protocol`` with SAVP or TLS.  Proxies match "not supported" (sipfarm's own lets
+  such a call's media go end to end); rtpengine bridges these.
+- ``record call``: ``yes``/``on`` or the ``record-call`` flag (:data:`RECORDING_UNSUPPORTED`):
+  a call asked to be recorded must not go unrecorded silently.
+- ``flags``: ``asymmetric`` (the relay always latches).
+- Ill-typed values (a string for a list, a word for a number...), missing keys, bad SDP.
 
 Replies: offer/answer ``{"result": "ok", "sdp": ...}``; delete and query the call's statistics in
 rtpengine's shape: ``created``, ``last signal`` (UNIX seconds), ``tags`` (per tag: ``tag``,

@@ -327,6 +327,8 @@ def test_kamailio_rtpengine_module_drives_sipfarms_relay(
             closable.close()
 
     # what Kamailio sent: offer, answer, delete, every key one the relay knows
+    others = [m for m in recorder.messages if m.get(b"call-id") != call_id.encode()]
+    assert all(m == {b"command": b"ping"} for m in others), others  # the module's startup ping
     sent = [m for m in recorder.messages if m.get(b"call-id") == call_id.encode()]
     assert [m[b"command"] for m in sent] == [b"offer", b"answer", b"delete"], recorder.messages
     for message in sent:
