@@ -56,6 +56,8 @@ from fixtures.farm import NodeProcess, SipClient
 from fixtures.media_phones import (
     CALLEE_HOST,
     CALLER_HOST,
+    callee_in_dialog,
+    cancel_of,
     drain,
     exchange_rtp,
     in_dialog,
@@ -174,10 +176,28 @@ def test_rtpengine_relays_a_call_through_hold_and_resume_and_bye_deletes_it(
             alice.send(in_dialog(alice, "ACK", answered, cseq), node.address)
             recv_request(bob, b"ACK")
             cseq += 1
+        # the callee re-INVITEs too (its From tag is the offer's from-tag now)
+        bob_invite = callee_in_dialog(
+            bob, "INVITE", offered, ok, 1, body=phone_sdp(CALLEE_HOST, bob_port, version=4, direction="sendonly")
+        )
+        bob.send(bob_invite, node.address)
+        got = recv_request(alice, b"INVITE")
+        assert sdp_target(got.body) == to_alice_side and sdp_direction(got.body) == "sendonly", got.body
+        alice_answer = phone_sdp(CALLER_HOST, alice_port, version=4, direction="recvonly")
+        alice.send(
+            make_response(got, 200, body=alice_answer, content_type=b"application/sdp", record_route=True),
+            node.address,
+        )
+        final = bob.recv_final(5.0)
+        assert final is not None and final.status == 200, final
+        assert sdp_target(final.body) == to_bob_side and sdp_direction(final.body) == "recvonly", final.body
+        bob.send(callee_in_dialog(bob, "ACK", offered, ok, 1), node.address)
+        recv_request(alice, b"ACK")
+
         drain(alice_rtp)
         drain(bob_rtp)
         at_bob, at_alice = exchange_rtp(alice_rtp, to_alice_side, bob_rtp, to_bob_side)
-        assert at_bob and at_alice, "no media after resume"
+        assert at_bob and at_alice, "no media after the re-INVITEs"
 
         # hang up: the node's ng delete removes the call from rtpengine
         alice.send(in_dialog(alice, "BYE", answered, cseq), node.address)
@@ -281,3 +301,58 @@ def test_rtpengine_turns_a_browsers_offer_into_plain_rtp_for_a_desk_phone_and_ba
     port = re.search(r"^m=audio (\d+) ", answer, re.M)
     assert port and f"a=rtcp:{port.group(1)}\r\n" in answer  # muxed: RTCP on the RTP port
     assert ng_request(rtpengine.ng, {"command": "delete", **call})[b"result"] == b"ok"
+
+
+def wait_gone(rtpengine: RtpengineProcess, call_id: str, what: str) -> None:
+    deadline = time.monotonic() + 3
+    while ng_request(rtpengine.ng, {"command": "query", "call-id": call_id})[b"result"] != b"error":
+        assert time.monotonic() < deadline, f"rtpengine still holds the call after {what}"
+        time.sleep(0.1)
+
+
+def test_busy_and_cancelled_calls_leave_nothing_in_rtpengine(node: NodeProcess, rtpengine: RtpengineProcess) -> None:
+    alice, bob = SipClient(CALLER_HOST), SipClient(CALLEE_HOST)
+    try:
+        reply = bob.register(node.address, "bob", "bob-secret")
+        assert reply is not None and reply.status == 200, reply
+        # busy: bob answers 486, the caller gets it, the offer's session goes
+        busy_id = secrets.token_hex(10)
+        send_invite(alice, node.address, phone_sdp(CALLER_HOST, 40000), busy_id)
+        offered = recv_request(bob, b"INVITE")
+        assert rtpengine.owns(sdp_target(offered.body)[1])
+        bob.send(make_response(offered, 486, to_tag=b"busy1"), node.address)
+        final = alice.recv_final(5.0)
+        assert final is not None and final.status == 486, final
+        wait_gone(rtpengine, busy_id, "a 486")
+
+        # cancelled while ringing (183 with SDP: early media through rtpengine first)
+        cancel_id = secrets.token_hex(10)
+        invite = send_invite(alice, node.address, phone_sdp(CALLER_HOST, 40002), cancel_id)
+        offered = recv_request(bob, b"INVITE")
+        early = make_response(
+            offered,
+            183,
+            to_tag=b"ring1",
+            headers=(("contact", f"<sip:bob@{bob.host}:{bob.port}>"),),
+            body=phone_sdp(CALLEE_HOST, 40004),
+            content_type=b"application/sdp",
+            record_route=True,
+        )
+        bob.send(early, node.address)
+        progress = alice.recv(5.0)
+        while progress is not None and progress.status == 100:
+            progress = alice.recv(5.0)
+        assert progress is not None and progress.status == 183, progress
+        assert rtpengine.owns(sdp_target(progress.body)[1]), progress.body
+        alice.send(cancel_of(invite), node.address)
+        cancelled = recv_request(bob, b"CANCEL")
+        bob.send(make_response(cancelled, 200), node.address)
+        bob.send(make_response(offered, 487, to_tag=b"ring1"), node.address)
+        final = alice.recv_final(5.0)
+        while final is not None and final.cseq[1] == b"CANCEL":
+            final = alice.recv_final(5.0)
+        assert final is not None and final.status == 487, final
+        wait_gone(rtpengine, cancel_id, "a CANCEL")
+    finally:
+        alice.close()
+        bob.close()
