@@ -217,8 +217,20 @@ class RtpGen(Stoppable):
         self._send("sync")
         self._reply()
 
-    def run(self, rate: float, seconds: float, first: int, count: int, drain_s: float) -> GenRun:
+    def run(
+        self,
+        rate: float,
+        seconds: float,
+        first: int,
+        count: int,
+        drain_s: float,
+        sending_done: Callable[[], None] | None = None,
+    ) -> GenRun:
+        """One paced run; ``sending_done`` is called when the last packet is sent (before the drain)."""
         self._send(f"run {rate:.1f} {seconds:.3f} {first} {count} {drain_s:.3f}")
+        self._reply()
+        if sending_done is not None:
+            sending_done()
         r = self._reply()
         return GenRun(r["sent"], r["received"], r["elapsed"], r["cpu"], r["tx"], r["rx"])
 
@@ -477,6 +489,7 @@ class CallBlock:
 
     first: int
     calls: int
+    call_ids: tuple[str, ...]
 
     @property
     def sockets(self) -> int:
@@ -497,67 +510,80 @@ class Calls:
     def count(self) -> int:
         return sum(b.calls for b in self.blocks)
 
+    def _new_id(self) -> str:
+        self._serial += 1
+        return f"mb-{self.relay.name}-{os.getpid()}-{self._serial}"
+
+    def _setup(
+        self, call_ids: Sequence[str], caller_ports: Sequence[int], callee_ports: Sequence[int]
+    ) -> list[tuple[tuple[str, int], tuple[str, int]] | None]:
+        """Offer and answer each call as a proxy does; per call (where the caller sends, where the
+        callee sends), or None where the relay refused it."""
+        flags = {"replace": ["origin", "session-connection"], "ICE": "remove"}
+        offers = self.ng.request_all([
+            {"command": "offer", "call-id": cid, "from-tag": "caller", "sdp": _sdp(CALLER_HOST, port, i + 1), **flags}
+            for i, (cid, port) in enumerate(zip(call_ids, caller_ports, strict=True))
+        ])  # fmt: skip
+        answered = [i for i, offer in enumerate(offers) if offer.get(b"result") == b"ok"]
+        answers = self.ng.request_all([
+            {"command": "answer", "call-id": call_ids[i], "from-tag": "caller", "to-tag": "callee",
+             "sdp": _sdp(CALLEE_HOST, callee_ports[i], i + 1), **flags}
+            for i in answered
+        ])  # fmt: skip
+        out: list[tuple[tuple[str, int], tuple[str, int]] | None] = [None] * len(call_ids)
+        for i, answer in zip(answered, answers, strict=True):
+            if answer.get(b"result") == b"ok":
+                # the offer's rewritten SDP goes to the callee: it names where the callee sends
+                out[i] = (_sdp_media(answer[b"sdp"]), _sdp_media(offers[i][b"sdp"]))
+        return out
+
     def add(self, n: int) -> CallBlock:
-        """``n`` more calls: offer, answer, destinations, then a short burst both ways to latch."""
+        """``n`` more calls: offer, answer, destinations, then a short burst both ways to latch.
+
+        A call the relay refuses (a port of its range held by another process on this shared
+        machine) is set up again under a new Call-ID, up to 3 times."""
         first, caller_ports = self.gen.open(CALLER_HOST, n)
         _, callee_ports = self.gen.open(CALLEE_HOST, n)
-        ids = []
-        for _ in range(n):
-            self._serial += 1
-            ids.append(f"mb-{self.relay.name}-{os.getpid()}-{self._serial}")
-        flags = {"replace": ["origin", "session-connection"], "ICE": "remove"}
-        offers = self.ng.request_all(
-            [
-                {
-                    "command": "offer",
-                    "call-id": cid,
-                    "from-tag": f"a{i}",
-                    "sdp": _sdp(CALLER_HOST, port, i + 1),
-                    **flags,
-                }
-                for i, (cid, port) in enumerate(zip(ids, caller_ports, strict=True))
-            ]
-        )
-        answers = self.ng.request_all(
-            [
-                {
-                    "command": "answer",
-                    "call-id": cid,
-                    "from-tag": f"a{i}",
-                    "to-tag": f"b{i}",
-                    "sdp": _sdp(CALLEE_HOST, port, i + 1),
-                    **flags,
-                }
-                for i, (cid, port) in enumerate(zip(ids, callee_ports, strict=True))
-            ]
-        )
-        for i, (offer, answer) in enumerate(zip(offers, answers, strict=True)):
-            for reply in (offer, answer):
-                if reply.get(b"result") != b"ok":
-                    raise MediaBenchError(
-                        f"{self.relay.name}: ng {reply.get(b'result')!r}: {reply.get(b'error-reason')!r}"
-                    )
-            callee_sends_to = _sdp_media(offer[b"sdp"])  # the offer's SDP goes to the callee
-            caller_sends_to = _sdp_media(answer[b"sdp"])
-            self.gen.dest(first + i, *caller_sends_to)
-            self.gen.dest(first + n + i, *callee_sends_to)
+        ids = [self._new_id() for _ in range(n)]
+        todo = list(range(n))
+        for _attempt in range(4):
+            results = self._setup(
+                [ids[i] for i in todo], [caller_ports[i] for i in todo], [callee_ports[i] for i in todo]
+            )
+            failed = []
+            for i, result in zip(todo, results, strict=True):
+                if result is None:
+                    failed.append(i)
+                    continue
+                caller_sends_to, callee_sends_to = result
+                self.gen.dest(first + i, *caller_sends_to)
+                self.gen.dest(first + n + i, *callee_sends_to)
+            if not failed:
+                break
+            for i in failed:  # free what a half set-up call holds, then a new Call-ID
+                with contextlib.suppress(MediaBenchError):
+                    self.ng.request_all([{"command": "delete", "call-id": ids[i]}], timeout=2.0)
+                ids[i] = self._new_id()
+            todo = failed
+        else:
+            raise MediaBenchError(f"{self.relay.name}: {len(todo)} of {n} calls refused by the relay 4 times")
         self.gen.sync()
-        block = CallBlock(first, n)
+        block = CallBlock(first, n, tuple(ids))
         self.blocks.append(block)
         # latch: every phone sends a few packets (before latching the relays send to the SDP
         # addresses, which are the same sockets, so nothing is lost either way)
         self.gen.run(2 * n * 25, 0.2, first, 2 * n, 0.2)
         return block
 
-    def delete_all(self) -> None:
+    def delete(self, block: CallBlock) -> None:
+        """ng delete of the block's calls (their relay ports go back to the range)."""
+        self.blocks.remove(block)
         with contextlib.suppress(MediaBenchError, OSError):
-            self.ng.request_all(
-                [
-                    {"command": "delete", "call-id": f"mb-{self.relay.name}-{os.getpid()}-{i}"}
-                    for i in range(1, self._serial + 1)
-                ],
-                timeout=5.0,
-            )
+            self.ng.request_all([{"command": "delete", "call-id": cid} for cid in block.call_ids], timeout=10.0)
+
+    def delete_all(self) -> None:
+        for block in list(self.blocks):
+            self.delete(block)
         self.ng.close()
 
 
@@ -579,11 +605,12 @@ class MediaStep:
     achieved_pps: float  # what rtpgen sent per second of its sending time
     forwarded_pps: float  # what the phones received per second of sending time
     relay_cpu_s: float
-    relay_cpu_pct: float  # of one core, over the sending time
+    relay_cpu_pct: float  # of one core, while rtpgen was sending
     packets_per_cpu_s: float | None  # packets forwarded per relay CPU-second
     relay_socket_drops: int  # datagrams the kernel dropped on the relay's full sockets
     gen_cpu_pct: float
     generator_limited: bool
+    udp_errors: dict[str, int] = field(default_factory=dict)  # /proc/net/snmp Udp error deltas, whole machine
     passed: bool | None = None
 
     def line(self) -> str:
@@ -595,6 +622,17 @@ class MediaStep:
             f"relay CPU {self.relay_cpu_pct:.0f}% -> {ppc} pkt/CPU-s, relay socket drops "
             f"{self.relay_socket_drops}, rtpgen {self.gen_cpu_pct:.0f}%{gen}"
         )
+
+
+def _udp_counters() -> dict[str, int]:
+    """The error counters of /proc/net/snmp's Udp line (whole machine: other tests count too)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        lines = [
+            line.split()[1:] for line in Path("/proc/net/snmp").read_text().splitlines() if line.startswith("Udp:")
+        ]
+        counters = dict(zip(lines[0], map(int, lines[1]), strict=True))
+        return {k: counters[k] for k in ("NoPorts", "InErrors", "RcvbufErrors", "SndbufErrors") if k in counters}
+    return {}
 
 
 def _relay_drops(relay: Relay) -> int:
@@ -612,16 +650,24 @@ def measure_step(
     streams: int,
     calls: int,
     drain_s: float,
+    sinks: tuple[int, int] | None = None,
 ) -> MediaStep:
+    """``streams`` sockets from ``first`` send; what the sockets ``sinks`` (first, end; default
+    the senders) receive counts, so late packets of an earlier step on other calls do not."""
     drops0 = _relay_drops(relay)
+    snmp0 = _udp_counters()
     cpu0 = relay.cpu_seconds()
-    run = gen.run(rate, seconds, first, streams, drain_s)
+    mid: list[float] = []
+    run = gen.run(rate, seconds, first, streams, drain_s, lambda: mid.append(relay.cpu_seconds()))
     cpu = relay.cpu_seconds() - cpu0
     drops = _relay_drops(relay) - drops0
+    snmp = {k: v - snmp0.get(k, 0) for k, v in _udp_counters().items() if v - snmp0.get(k, 0)}
     if (dead := relay.dead()) is not None:
         raise MediaBenchError(dead)
     elapsed = max(run.elapsed, 1e-6)
-    loss = 100.0 * (1 - run.received / run.sent) if run.sent else 100.0
+    low, high = sinks or (first, first + streams)
+    received = sum(run.rx[low:high])
+    loss = 100.0 * (1 - received / run.sent) if run.sent else 100.0
     return MediaStep(
         test=test,
         rate=rate,
@@ -629,16 +675,17 @@ def measure_step(
         calls=calls,
         seconds=round(run.elapsed, 3),
         sent=run.sent,
-        received=run.received,
+        received=received,
         loss_pct=round(max(loss, 0.0), 4),
         achieved_pps=round(run.sent / elapsed),
-        forwarded_pps=round(run.received / elapsed),
+        forwarded_pps=round(received / elapsed),
         relay_cpu_s=round(cpu, 3),
-        relay_cpu_pct=round(100 * cpu / elapsed, 1),
-        packets_per_cpu_s=round(run.received / cpu) if cpu > 0 else None,
+        relay_cpu_pct=round(100 * (mid[0] - cpu0) / elapsed, 1),
+        packets_per_cpu_s=round(received / cpu) if cpu > 0 else None,
         relay_socket_drops=drops,
         gen_cpu_pct=round(100 * run.cpu / elapsed, 1),
         generator_limited=run.sent < 0.97 * rate * seconds or run.elapsed > 1.05 * seconds + 0.05,
+        udp_errors=snmp,
     )
 
 
@@ -681,9 +728,10 @@ class RelayBench:
         calls: int,
         seconds: float | None = None,
         cpu_limit: bool = False,
+        sinks: tuple[int, int] | None = None,
     ) -> MediaStep:
         step = measure_step(
-            self.relay, self.gen, test, rate, seconds or self.s.step_s, first, streams, calls, self.s.drain_s
+            self.relay, self.gen, test, rate, seconds or self.s.step_s, first, streams, calls, self.s.drain_s, sinks
         )
         step.passed = _passes(step, cpu_limit)
         self.result.steps.append(step)
@@ -700,12 +748,18 @@ class RelayBench:
         return self.result
 
     def packets_per_second(self) -> None:
-        pool = self.calls.add(self.s.pool_calls)
+        pools = [self.calls.add(self.s.pool_calls)]
         by_rate: dict[float, MediaStep] = {}
 
         def step(rate: float) -> Step:
+            pool = pools[-1]
             st = self._step("pps", rate, pool.first, pool.sockets, pool.calls)
             by_rate[rate] = st
+            if not st.passed:
+                # fresh calls for the next step: rtpengine stops reading the ports it found
+                # overloaded, and that must not fail the steps after (the same for both relays)
+                self.calls.delete(pool)
+                pools.append(self.calls.add(self.s.pool_calls))
             achieved = st.achieved_pps if not st.generator_limited else 0.0
             return Step(rate=rate, failure_pct=st.loss_pct, achieved_rate=achieved)
 
@@ -730,9 +784,10 @@ class RelayBench:
             stopped_by = search.stopped_by
         failing = [st for st in by_rate.values() if not st.passed and (best is None or st.rate > best.rate)]
         first_fail = min(failing, key=lambda st: st.rate) if failing else None
+        self.calls.delete(pools[-1])
         self.result.pps = {
-            "calls": pool.calls,
-            "streams": pool.sockets,
+            "calls": self.s.pool_calls,
+            "streams": 2 * self.s.pool_calls,
             "max_pps": best.rate if best else None,
             "forwarded_pps": best.forwarded_pps if best else None,
             "packets_per_cpu_s": best.packets_per_cpu_s if best else None,
@@ -752,12 +807,14 @@ class RelayBench:
             # start below what the packets/s search found, in blocks of 50 calls
             max_pps = self.result.pps.get("max_pps") or 20_000.0
             target = max(50, int(0.6 * max_pps / (2 * CALL_PPS)) // 50 * 50)
+        blocks: list[CallBlock] = []  # contiguous sockets: added one after the other
         for _ in range(self.s.calls_steps):
             target = min(target, self.s.max_calls)
-            if target > self.calls.count:
-                self.calls.add(target - self.calls.count)
-            n = self.calls.count
-            st = self._step("calls", 2.0 * CALL_PPS * n, 0, 2 * n, n, cpu_limit=True)
+            n = sum(b.calls for b in blocks)
+            if target > n:
+                blocks.append(self.calls.add(target - n))
+                n = target
+            st = self._step("calls", 2.0 * CALL_PPS * n, blocks[0].first, 2 * n, n, cpu_limit=True)
             if not st.passed:
                 failed = st
                 break
@@ -765,6 +822,8 @@ class RelayBench:
             if n >= self.s.max_calls:
                 break
             target = max(n + 50, int(n * self.s.calls_growth) // 50 * 50)
+        for block in blocks:
+            self.calls.delete(block)
         self.result.calls = {
             "pps_per_call_each_way": CALL_PPS,
             "max_calls": held.calls if held else None,
@@ -783,9 +842,13 @@ class RelayBench:
         }
 
     def single_stream(self) -> None:
-        block = self.calls.add(1)
         for rate in self.s.single_rates:
-            st = self._step("single_stream", rate, block.first, 1, 1, seconds=min(self.s.step_s, 2.0))
+            block = self.calls.add(1)  # a fresh call each rate (see packets_per_second)
+            st = self._step(
+                "single_stream", rate, block.first, 1, 1, seconds=min(self.s.step_s, 2.0),
+                sinks=(block.first, block.first + block.sockets),
+            )  # fmt: skip
+            self.calls.delete(block)
             self.result.single_stream.append(
                 {
                     "rate": rate,

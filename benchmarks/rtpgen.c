@@ -16,7 +16,8 @@
  *                          robin (each stream RATE/COUNT), for SECONDS; every socket counts
  *                          what it receives until DRAIN seconds after the last send:
  *                          {"sent":N,"received":N,"elapsed":S,"cpu":S,"tx":[...],"rx":[...]}
- *                          (tx/rx per socket, this run only)
+ *                          (tx/rx per socket, this run only), preceded by the line
+ *                          {"sending_done":true} as the last packet is sent
  *   quit
  *
  * Packets are PCMU-sized RTP (RFC 3550 5.1: 12-byte header, V=2, PT 0, 160 bytes of payload),
@@ -235,6 +236,8 @@ static void cmd_run(double rate, double seconds, int first, int count, double dr
         }
     }
     double elapsed = (sent ? now_s() : t) - t0;
+    printf("{\"sending_done\":true}\n"); /* the caller reads the relay's CPU here */
+    fflush(stdout);
     double end = now_s() + drain_s;
     for (double left = drain_s; left > 0; left = end - now_s()) drain((long)(left * 1e9));
     uint64_t received = 0;
