@@ -672,8 +672,10 @@ def secure_media(sdp: SessionDescription) -> str | None:
 
     SRTP profiles (RFC 3711 ``RTP/SAVP``, RFC 5124 ``RTP/SAVPF``), DTLS-SRTP (RFC 5764
     ``UDP/TLS/RTP/SAVP(F)``, ``a=fingerprint`` RFC 8122, session- or media-level) and SDES keys
-    (RFC 4568 ``a=crypto``): a relay that forwards RTP as it comes cannot terminate any of them
-    on its side, so it must refuse the SDP rather than pass keys it does not hold."""
+    (RFC 4568 ``a=crypto``).  sipfarm's relay terminates none of them: it refuses such SDP
+    (one rule for proxies: encrypted media goes to rtpengine, which terminates SRTP per leg),
+    rather than forward SDES-keyed SRTP opaquely, which would work only while both legs want
+    the same keys and profile."""
     for section in sdp.media:
         if section.disabled:
             continue
