@@ -326,6 +326,14 @@ class RelayPort:
 
     def _new_source(self, data: bytes, addr: Addr, rtcp: bool, now: float) -> bool:
         """A packet not from the latched source: latch, count towards a re-latch, or drop."""
+        if addr[1] == 0:
+            # nothing can answer source port 0 (raw-socket senders, e.g. SIPp's pcap play):
+            # forwarded while the port has not latched (it keeps sending to the SDP address),
+            # never latched onto
+            if self.source is None:
+                return True
+            self.drops_unexpected_source += 1
+            return False
         if self.source is None:
             self._latch(addr)
             return True
