@@ -49,6 +49,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -69,9 +70,10 @@ from fixtures.media_phones import (
     send_invite,
     ssrc_of,
 )
-from fixtures.relay import ng_request
+from fixtures.relay import ng_request, start_relay
 from fixtures.rtpengine import RtpengineProcess, rtpengine
 
+from media.ng import WEBRTC_UNSUPPORTED
 from sipfarm.sip.message import make_response
 
 __all__ = ["rtpengine"]  # the fixture, imported for pytest
@@ -356,3 +358,19 @@ def test_busy_and_cancelled_calls_leave_nothing_in_rtpengine(node: NodeProcess, 
     finally:
         alice.close()
         bob.close()
+
+
+def test_the_browser_flag_set_rtpengine_bridges_is_refused_clearly_by_sipfarms_relay(
+    rtpengine: RtpengineProcess, redis_url: str, tmp_path: Path
+) -> None:
+    relay = start_relay(redis_url, tmp_path)
+    try:
+        for sdp, flags in ((phone_sdp(CALLER_HOST, 4000), TO_BROWSER), (browser_sdp(), TO_DESK_PHONE)):
+            message = {"command": "offer", "call-id": secrets.token_hex(8), "from-tag": "a", "sdp": sdp, **flags}
+            assert ng_request(rtpengine.ng, message)[b"result"] == b"ok"
+            refused = ng_request(relay.ng, message)
+            assert refused == {b"result": b"error", b"error-reason": WEBRTC_UNSUPPORTED.encode()}
+            assert b"not supported" in refused[b"error-reason"]
+        assert ng_request(relay.ng, {"command": "list"})[b"calls"] == []  # nothing allocated
+    finally:
+        relay.stop()
