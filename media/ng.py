@@ -66,9 +66,11 @@ Honoured:
 
 Accepted and ignored (harmless here):
 
-- ``flags``: ``trust-address`` and ``symmetric`` (the relay always latches, and an SDP address
-  is only ever the pre-latch destination, subject to the relay's allowed networks) and any
-  unknown flag (``generate-mid``, ``strict-source``...), as rtpengine ignores unknown ones.
+- ``flags``: ``trust-address``, ``SIP-source-address`` (Kamailio's default config, NATed
+  phones) and ``symmetric``: the relay always latches onto where media really comes from, and
+  an SDP address is only ever the pre-latch destination, subject to the relay's allowed
+  networks; any unknown flag (``generate-mid``, ``strict-source``...), as rtpengine ignores
+  unknown ones.
 - ``received-from`` (``[family, address]``, type-checked): latching finds where a phone really
   sends from, so the SIP source (often another proxy) is never taken for a media address.
 - ``direction`` (a list; one interface here), ``via-branch`` (one session per call and tag:

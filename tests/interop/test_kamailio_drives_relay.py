@@ -2,7 +2,8 @@
 
 Kamailio 5.6 runs as a stateful record-routing proxy with no registrar: an INVITE goes to its
 Request-URI (the callee phone's own address) and ``rtpengine_manage()`` sends ng offer, answer
-and delete, with the flags a typical Kamailio config uses, to ``rtpengine_sock``: an ng
+and delete, with the flags Kamailio configs use (:data:`FLAG_SETS`: a typical one, the default
+kamailio.cfg's for NATed phones, trust-address with directions), to ``rtpengine_sock``: an ng
 recorder in the test that passes every message on to sipfarm's relay and keeps a copy.  Two
 hand-made UDP phones (127.0.0.2 calls 127.0.0.3): each SDP a phone receives names the relay,
 RTP flows both ways through it, the relay's ng ``query`` counts packets on both sides, and after
@@ -56,6 +57,12 @@ KAMAILIO_FLAGS = (
     "replace-origin replace-session-connection ICE=remove RTP/AVP rtcp-mux-demux SDES-off "
     "label=kamailio via-branch=1 record-call=no"
 )
+FLAG_SETS = {
+    "typical": KAMAILIO_FLAGS,
+    # Kamailio's own default kamailio.cfg (WITH_RTPENGINE, a NATed phone)
+    "default-cfg-nat": "SIP-source-address replace-origin replace-session-connection",
+    "trust-address-directions": "trust-address direction=internal direction=external replace-origin ICE=remove",
+}
 # every ng key Kamailio's module may send, as media/ng.py reads keys (case, '-', '_' and ' '
 # alike); what it does with each is in media/ng.py's docstring
 KNOWN_KEYS = {
@@ -108,7 +115,7 @@ class NgRecorder:
         self.sock.close()
 
 
-def kamailio_config(port: int, ng: tuple[str, int]) -> str:
+def kamailio_config(port: int, ng: tuple[str, int], flags: str = KAMAILIO_FLAGS) -> str:
     return f"""#!KAMAILIO
 debug=2
 log_stderror=yes
@@ -146,7 +153,7 @@ request_route {{
     if (has_totag()) {{
         if (loose_route()) {{
             if (is_method("BYE") || has_body("application/sdp")) {{
-                rtpengine_manage("{KAMAILIO_FLAGS}");
+                rtpengine_manage("{flags}");
             }}
             t_on_reply("MEDIA");
             if (!t_relay()) sl_reply_error();
@@ -170,7 +177,7 @@ request_route {{
     if (is_method("INVITE")) {{
         record_route();
         if (has_body("application/sdp")) {{
-            rtpengine_manage("{KAMAILIO_FLAGS}");
+            rtpengine_manage("{flags}");
         }}
         t_on_reply("MEDIA");
         t_on_failure("FAILED");
@@ -182,7 +189,7 @@ request_route {{
 
 onreply_route[MEDIA] {{
     if (has_body("application/sdp")) {{
-        rtpengine_manage("{KAMAILIO_FLAGS}");
+        rtpengine_manage("{flags}");
     }}
 }}
 
@@ -197,6 +204,7 @@ class Kamailio:
     process: subprocess.Popen[bytes]
     address: tuple[str, int]
     log_path: Path
+    flags: str
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -239,19 +247,19 @@ def recorder(relay: RelayProcess) -> Iterator[NgRecorder]:
         hop.close()
 
 
-@pytest.fixture
-def kamailio(recorder: NgRecorder, tmp_path: Path) -> Iterator[Kamailio]:
+@pytest.fixture(params=sorted(FLAG_SETS))
+def kamailio(request: pytest.FixtureRequest, recorder: NgRecorder, tmp_path: Path) -> Iterator[Kamailio]:
     if shutil.which(KAMAILIO_BIN) is None or not Path(MODULES_DIR, "rtpengine.so").exists():
         pytest.skip("kamailio with its rtpengine module not installed")
     port = free_port(udp=True, tcp=False)
     config = tmp_path / "kamailio.cfg"
-    config.write_text(kamailio_config(port, recorder.address))
+    config.write_text(kamailio_config(port, recorder.address, FLAG_SETS[request.param]))
     log_path = tmp_path / "kamailio.log"
     log = open(log_path, "wb")  # noqa: SIM115 - handed to the child
     argv = [KAMAILIO_BIN, "-DD", "-E", "-f", str(config), "-m", "64", "-M", "8", "-Y", str(tmp_path)]
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tmp_path)
     log.close()
-    kam = Kamailio(proc, ("127.0.0.1", port), log_path)
+    kam = Kamailio(proc, ("127.0.0.1", port), log_path, request.param)
     try:
         deadline = time.monotonic() + 10
         while not answers_options(kam.address):
@@ -336,9 +344,14 @@ def test_kamailio_rtpengine_module_drives_sipfarms_relay(
         assert keys <= KNOWN_KEYS, keys - KNOWN_KEYS
     assert all(r[b"result"] in (b"ok", b"pong") for r in recorder.replies), recorder.replies
     offer, answer, delete = sent
-    assert offer[b"received-from"] == [b"IP4", CALLER_HOST.encode()]
-    assert offer[b"rtcp-mux"] == [b"demux"] and offer[b"SDES"] == [b"off"] and offer[b"record-call"] == b"no"
+    assert offer[b"received-from"] == [b"IP4", CALLER_HOST.encode()]  # sent even with trust-address
     assert answer[b"to-tag"] and delete[b"from-tag"] == offer[b"from-tag"]
+    if kamailio.flags == "typical":
+        assert offer[b"rtcp-mux"] == [b"demux"] and offer[b"SDES"] == [b"off"] and offer[b"record-call"] == b"no"
+    elif kamailio.flags == "default-cfg-nat":
+        assert offer[b"flags"] == [b"SIP-source-address"]
+    else:
+        assert offer[b"flags"] == [b"trust-address"] and offer[b"direction"] == [b"internal", b"external"]
 
 
 # -- the same sequence from a test client that builds messages as Kamailio's module does --------
