@@ -38,6 +38,7 @@ from fixtures.media_phones import (
     phone_sdp,
     recv_request,
     rtp_socket,
+    sdp_direction,
     sdp_target,
     ssrc_of,
 )
@@ -324,7 +325,21 @@ def test_kamailio_rtpengine_module_drives_sipfarms_relay(
         }
         assert len(received) == 2 and all(n >= 10 for n in received.values()), received
 
-        alice.send(in_dialog(alice, "BYE", answered, 2), kamailio.address)
+        # hold: a re-INVITE through Kamailio is an ng offer with both tags; the same relay ports
+        held = phone_sdp(CALLER_HOST, alice_rtp.getsockname()[1], version=2, direction="sendonly")
+        alice.send(in_dialog(alice, "INVITE", answered, 2, body=held), kamailio.address)
+        got = recv_request(bob, b"INVITE")
+        assert sdp_target(got.body) == to_bob_side and sdp_direction(got.body) == "sendonly", got.body
+        bob_held = phone_sdp(CALLEE_HOST, bob_rtp.getsockname()[1], version=2, direction="recvonly")
+        bob.send(make_response(got, 200, body=bob_held, content_type=b"application/sdp", record_route=True),
+                 kamailio.address)  # fmt: skip
+        final = alice.recv_final(5.0)
+        assert final is not None and final.status == 200, final
+        assert sdp_target(final.body) == to_alice_side and sdp_direction(final.body) == "recvonly", final.body
+        alice.send(in_dialog(alice, "ACK", answered, 2), kamailio.address)
+        recv_request(bob, b"ACK")
+
+        alice.send(in_dialog(alice, "BYE", answered, 3), kamailio.address)
         bye = recv_request(bob, b"BYE")
         bob.send(make_response(bye, 200), kamailio.address)
         done = alice.recv_final()
@@ -338,12 +353,13 @@ def test_kamailio_rtpengine_module_drives_sipfarms_relay(
     others = [m for m in recorder.messages if m.get(b"call-id") != call_id.encode()]
     assert all(m == {b"command": b"ping"} for m in others), others  # the module's startup ping
     sent = [m for m in recorder.messages if m.get(b"call-id") == call_id.encode()]
-    assert [m[b"command"] for m in sent] == [b"offer", b"answer", b"delete"], recorder.messages
+    assert [m[b"command"] for m in sent] == [b"offer", b"answer", b"offer", b"answer", b"delete"], recorder.messages
     for message in sent:
         keys = {k.decode().lower().replace("-", " ").replace("_", " ") for k in message}
         assert keys <= KNOWN_KEYS, keys - KNOWN_KEYS
     assert all(r[b"result"] in (b"ok", b"pong") for r in recorder.replies), recorder.replies
-    offer, answer, delete = sent
+    offer, answer, reoffer, _, delete = sent
+    assert reoffer[b"to-tag"] == answer[b"to-tag"]  # in dialog
     assert offer[b"received-from"] == [b"IP4", CALLER_HOST.encode()]  # sent even with trust-address
     assert answer[b"to-tag"] and delete[b"from-tag"] == offer[b"from-tag"]
     if kamailio.flags == "typical":
