@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--metrics", help="HOST:PORT for Prometheus /metrics")
     node.add_argument("--node-id", help="member id in the farm (default: host-pid)")
     node.add_argument("--advertise", help="address to put in Record-Route/Via when listening on 0.0.0.0")
+    node.add_argument(
+        "--relays",
+        help='media relays: "cluster" (the live relays of the membership, by load) or IP:PORT,... (ng)',
+    )
     node.add_argument("--log-format", choices=("kv", "json"))
     node.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     node.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)

@@ -74,12 +74,14 @@ class NodeConfig:
     heartbeat: float = 0.5
     log_level: str = "info"
     log_format: str = "kv"  # kv | json
-    # RTP relays (rtpengine's ng protocol, IP:PORT each: `sipfarm relay` or rtpengine): empty,
-    # media goes straight between the phones. A call starts on the relay a hash of its Call-ID
-    # picks; a new call tries the next one when it gets no ng answer within relay_timeout
-    # seconds (relay_timeout: not the relay's own media_timeout, its RTP silence limit); when
-    # none answers, media_failure: "503" answers the caller 503, "forward" lets the call
-    # through with its media end to end.
+    # RTP relays (rtpengine's ng protocol). ["cluster"]: the live `sipfarm relay` processes of
+    # the membership, a new call to the least loaded (what `sipfarm up` configures); or a list
+    # of IP:PORT (rtpengine, relays outside the membership): a call starts on the relay a hash
+    # of its Call-ID picks. Empty: media goes straight between the phones. A new call tries the
+    # next relay when it gets no ng answer within relay_timeout seconds (not the relay's own
+    # media_timeout, its RTP silence limit); when none answers, media_failure: "503" answers
+    # the caller 503, "forward" lets the call through with its media end to end. The relay of
+    # each call is recorded in Redis, so any node handles its re-INVITE, BYE or failure.
     relays: list[str] = field(default_factory=list)
     relay_timeout: float = 1.0
     media_failure: str = "503"
@@ -87,7 +89,11 @@ class NodeConfig:
     def validate(self) -> None:
         for spec in self.listen:
             _check_address("listen", spec)
+        if "cluster" in self.relays and self.relays != ["cluster"]:
+            raise ConfigError('relays: "cluster" stands alone (the membership\'s relays), not in a list of addresses')
         for relay in self.relays:
+            if relay == "cluster":
+                continue
             _check_hostport("relays", relay)
             try:
                 # an IP: a name would be resolved on the loop at every send, and replies are

@@ -93,6 +93,15 @@ class NodeMetrics:
         self.internal_errors = Counter(
             "sipfarm_node_internal_errors_total", "Unexpected exceptions in message handling", registry=r
         )
+        self.media = LabelCache(
+            Counter(
+                "sipfarm_node_media_total",
+                "SDP offers and answers through the media relays, by outcome (anchored, "
+                "unanchored_webrtc, failed_503, failed_forward, answer_failed, relay_timeout, relay_refused)",
+                ["outcome"],
+                registry=r,
+            )
+        )
         self.transport_events = LabelCache(
             Counter(
                 "sipfarm_node_transport_events_total",

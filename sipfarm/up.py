@@ -275,6 +275,8 @@ def run_up(args: argparse.Namespace) -> int:
             ]
             for spec in listen:
                 argv += ["--listen", spec]
+            if relay_children:
+                argv += ["--relays", "cluster"]  # every call's media through the relays, by load
             log_path = workdir / "logs" / f"node{i + 1}.log"
             proc = spawn("node", argv, log_path)
             metrics = f"{host}:{args.metrics_port + i + 1}"

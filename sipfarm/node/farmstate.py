@@ -19,6 +19,7 @@ import hiredis
 from sipfarm.store import location as loc
 from sipfarm.store.accounts import Account, account_key
 from sipfarm.store.errors import StoreError
+from sipfarm.store.media import call_relay_key, recorded_relay
 from sipfarm.store.resp import RedisPipe, Reply
 
 _ACCOUNT_FIELDS = (b"user", b"domain", b"ha1_md5", b"ha1_sha256", b"enabled", b"max_contacts", b"created")
@@ -155,6 +156,25 @@ class FarmState:
         error = self._settle(started, "remove binding", reply)
         callback(error if error is not None else reply == 1)
 
+    # -- media relays of calls (sipfarm.proxy.relay_media.CallRelays) ------------------------------
+
+    def record_relay(self, call_id: bytes, tag: bytes, relay: str, ttl: int) -> None:
+        key = call_relay_key(call_id)
+        self.pipe.call(_ignore, "HSET", key, tag, relay)
+        self.pipe.call(_ignore, "EXPIRE", key, ttl)
+
+    def find_relay(self, call_id: bytes, callback: Callable[[str | None], None]) -> None:
+        """The relay recorded for the call; None when there is none or Redis failed (the caller
+        then anchors anew or leaves the session to the relay's media timeout)."""
+        self.pipe.call(partial(self._relay_found, self._clock(), callback), "HVALS", call_relay_key(call_id))
+
+    def _relay_found(self, started: float, callback: Callable[[str | None], None], reply: Reply) -> None:
+        error = self._settle(started, "find relay", reply)
+        callback(None if error is not None else recorded_relay(reply))
+
+    def forget_relay(self, call_id: bytes) -> None:
+        self.pipe.call(_ignore, "DEL", call_relay_key(call_id))
+
     def _settle(self, started: float, what: str, reply: Reply) -> StoreError | None:
         """Time the round trip; the StoreError a failed reply stands for (None: a reply)."""
         self._timed(started)
@@ -167,3 +187,7 @@ class FarmState:
     def _timed(self, started: float) -> None:
         if self._observe is not None:
             self._observe(self._clock() - started)
+
+
+def _ignore(_reply: Reply) -> None:
+    return None

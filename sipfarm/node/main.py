@@ -18,12 +18,18 @@ import secrets
 import socket
 import sys
 import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from sipfarm import __version__
 from sipfarm.config import ConfigError, NodeConfig, load
 from sipfarm.logs import setup_logging
 from sipfarm.sip.address import Address
 from sipfarm.transport.loop import stop_on_signals, tune_gc
+
+if TYPE_CHECKING:
+    from sipfarm.cluster.membership import Member
+    from sipfarm.proxy.relay_choice import RelayLoad
 
 log = logging.getLogger("sipfarm.node")
 
@@ -40,6 +46,7 @@ def _flags(args: argparse.Namespace) -> dict[str, object]:
         "metrics": args.metrics,
         "node_id": args.node_id,
         "advertise": args.advertise,
+        "relays": getattr(args, "relays", None),
         "log_format": args.log_format,
         "log_level": args.log_level,
     }
@@ -157,16 +164,31 @@ async def serve(cfg: NodeConfig, *, worker_index: int | None = None, ready: asyn
     resolver = Resolver()
     media = None
     ng_client = None
+    relay_table = None
     if cfg.relays:
         from sipfarm.proxy.ng_client import NgClient  # noqa: PLC0415
+        from sipfarm.proxy.relay_choice import RelayTable  # noqa: PLC0415
         from sipfarm.proxy.relay_media import RelayMedia  # noqa: PLC0415
 
         ng_client = NgClient(timeout=cfg.relay_timeout)
-        # canonical IPs (validated by the config): replies are matched against them
-        relays = [
-            (str(ipaddress.ip_address(h.strip("[]"))), int(p)) for h, _, p in (r.rpartition(":") for r in cfg.relays)
-        ]
-        media = RelayMedia(ng_client, relays, loop.time, on_failure=cfg.media_failure)
+        if cfg.relays == ["cluster"]:
+            relay_table = RelayTable()  # filled from the membership below
+        else:
+            # canonical IPs (validated by the config): replies are matched against them
+            relay_table = RelayTable(
+                [
+                    (str(ipaddress.ip_address(h.strip("[]"))), int(p))
+                    for h, _, p in (r.rpartition(":") for r in cfg.relays)
+                ]
+            )
+        media = RelayMedia(
+            ng_client,
+            relay_table,
+            loop.time,
+            on_failure=cfg.media_failure,
+            calls=state,
+            count=lambda outcome: metrics.media(outcome).inc(),
+        )
     core = NodeCore(
         identity,
         state,
@@ -262,6 +284,21 @@ async def serve(cfg: NodeConfig, *, worker_index: int | None = None, ready: asyn
         )
 
     heartbeater = start_heartbeat(membership, member, interval=cfg.heartbeat, leader=not multi or worker_index == 0)
+    relay_watcher = None
+    if relay_table is not None and cfg.relays == ["cluster"]:
+        from sipfarm.cluster.watcher import MemberWatcher  # noqa: PLC0415
+
+        relay_watcher = MemberWatcher(membership, Role.RELAY, interval=0.5)
+        table = relay_table
+
+        def relays_changed(_change: object = None) -> None:
+            table.update(relay_loads(relay_watcher.active() if relay_watcher is not None else ()))
+
+        relay_watcher.add_listener(relays_changed)
+        relay_watcher.start()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(relay_watcher.poll(), 1.0)  # the relays before the first call
+        relays_changed()
 
     tune_gc()
     stop = stop_on_signals(loop)
@@ -286,12 +323,32 @@ async def serve(cfg: NodeConfig, *, worker_index: int | None = None, ready: asyn
         log.info("event=node_stopping node_id=%s", cfg.node_id)
         if heartbeater is not None:
             await heartbeater.stop()
+        if relay_watcher is not None:
+            await relay_watcher.stop()
         glue.close()
         if ng_endpoint is not None:
             ng_endpoint.close()
         await transports.close()
         await pipe.close()
         await membership_redis.aclose()
+
+
+def relay_loads(members: Iterable[Member]) -> list[RelayLoad]:
+    """The relays of the membership a node may send new calls to: active, with an ng address."""
+    from sipfarm.cluster.membership import MemberState, parse_address  # noqa: PLC0415
+    from sipfarm.proxy.relay_choice import RelayLoad  # noqa: PLC0415
+
+    out: list[RelayLoad] = []
+    for member in members:
+        if member.state is not MemberState.ACTIVE or not member.control_address:
+            continue
+        try:
+            _transport, host, port = parse_address(member.control_address)
+            host = str(ipaddress.ip_address(host.strip("[]")))
+        except ValueError:
+            continue
+        out.append(RelayLoad((host, port), member.load, member.free_ports))
+    return out
 
 
 def supervise_workers(cfg: NodeConfig, args: argparse.Namespace) -> int:

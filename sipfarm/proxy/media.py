@@ -1,11 +1,16 @@
 """The proxy's hook for RTP relays: SDP offers and answers pass through it.
 
-A relay-backed implementation (``media/``) rewrites the SDP so media flows through a relay it
-picks by load, records which relay holds the call in Redis, and releases the ports when the
-call ends.  The proxy calls the hook at three points and waits for ``done`` before it forwards:
+A relay-backed implementation (:mod:`sipfarm.proxy.relay_media`) rewrites the SDP so media
+flows through a relay it picks by load, records which relay holds the call in Redis, and
+releases the ports when the call ends.  The proxy calls the hook at three points and waits for
+``done`` before it forwards:
 
-* :meth:`MediaHook.offer` on an initial INVITE carrying SDP, before the branches are forked;
-* :meth:`MediaHook.answer` on a 18x/2xx with SDP, before it goes upstream;
+* :meth:`MediaHook.offer` with a request that may carry SDP: an initial INVITE with SDP, before
+  the branches are forked; in dialog a re-INVITE (with SDP or without: then the 2xx offers),
+  UPDATE or PRACK; an ACK with SDP (the answer to an offer in a 2xx).  The hook tells an offer
+  from an answer;
+* :meth:`MediaHook.answer` on a 18x/2xx with SDP (to an INVITE, UPDATE or PRACK), before it goes
+  upstream: an answer, or an offer when the request had no SDP;
 * :meth:`MediaHook.release` when the call ends (BYE, CANCEL, a final failure).
 
 ``done(None)`` means "go on" (with the message possibly rewritten in place); ``done(error)``

@@ -106,9 +106,12 @@ UNAUTHENTICATED = frozenset({b"ACK", b"CANCEL", b"REGISTER"})
 IDENTITY_HEADERS = ("p-asserted-identity", "p-preferred-identity", "remote-party-id")
 MAX_FORWARDS = 70  # RFC 3261 16.6 step 3 / 8.1.1.6: what a request may carry past our door
 SERIAL_FORK_SECONDS = 30.0  # how long one q-value group rings before the next is tried
-# in-dialog requests whose SDP is an offer (RFC 3261 14, RFC 3311); PRACK and ACK bodies
-# (answers to an offer in a reliable provisional or a 2xx) are not anchored yet
-_IN_DIALOG_OFFERS = frozenset({b"INVITE", b"UPDATE"})
+# in-dialog requests whose SDP the media hook sees before they go on: offers (re-INVITE, RFC
+# 3261 14; UPDATE, RFC 3311) and answers to an offer in a reliable 18x (PRACK, RFC 3262); a
+# re-INVITE without SDP too (its 2xx will carry the offer). ACK bodies go through _send_ack.
+_IN_DIALOG_MEDIA = frozenset({b"INVITE", b"UPDATE", b"PRACK"})
+# requests whose 18x/2xx SDP the hook sees (an answer, or an offer when the request had none)
+_MEDIA_RESPONSES = frozenset({b"UPDATE", b"PRACK"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -509,9 +512,10 @@ class Proxy:
             return
         if msg.method == b"BYE":
             self.media.release(msg.call_id, msg.from_tag)
-        elif self.anchoring and msg.body and msg.method in _IN_DIALOG_OFFERS:
+        elif self.anchoring and msg.method in _IN_DIALOG_MEDIA and (msg.body or msg.method == b"INVITE"):
             # a re-INVITE or UPDATE with SDP (hold, resume, codec change): an offer, anchored
-            # on the call's relay before it goes on (its answer comes back in the 2xx)
+            # on the call's relay before it goes on (its answer comes back in the 2xx); a PRACK
+            # answering an offer in a reliable 18x
             self.media.offer(msg, partial(self._offered_in_dialog, stx, msg, local, dest))
             return
         self._forward_to(stx, msg, local, dest, now)
@@ -806,7 +810,7 @@ class Proxy:
         if (
             response.body
             and response.status < 300
-            and (call.is_invite or (self.anchoring and call.request.method == b"UPDATE"))
+            and (call.is_invite or (self.anchoring and call.request.method in _MEDIA_RESPONSES))
         ):
             self.media.answer(response, partial(self._answered, stx, response))
             return
@@ -1054,6 +1058,18 @@ class Proxy:
         self._send_ack(msg, target.destination)
 
     def _send_ack(self, msg: SipMessage, dest: Address) -> None:
+        if self.anchoring and msg.body:
+            # the answer to an offer a 2xx carried (RFC 3261 13.2.1): rewritten by the relay
+            self.media.offer(msg, partial(self._ack_anchored, msg, dest))
+            return
+        self._send_ack_now(msg, dest)
+
+    def _ack_anchored(self, msg: SipMessage, dest: Address, error: SipError | None) -> None:
+        if error is not None:
+            self.element.metrics.errors("ack_media_failed").inc()
+        self._send_ack_now(msg, dest)
+
+    def _send_ack_now(self, msg: SipMessage, dest: Address) -> None:
         _strip_identity(msg)
         msg.set("max-forwards", str(min(max_forwards(msg), MAX_FORWARDS) - 1).encode())
         # deterministic branch: a retransmitted ACK leaves with the same one (RFC 3261 16.11)

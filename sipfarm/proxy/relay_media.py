@@ -2,71 +2,120 @@
 
 Theory of operation
 -------------------
-The proxy calls :meth:`RelayMedia.offer` with a request carrying an SDP offer (an initial
-INVITE; in dialog, a re-INVITE or UPDATE), :meth:`RelayMedia.answer` with a 18x/2xx carrying
-SDP, and :meth:`RelayMedia.release` when a call ends.  Each becomes an ng request (the flags
-Kamailio's rtpengine module sends: replace origin and session-connection, ICE remove,
-``via-branch``; ``trust-address`` not set and no ``received-from``: the SIP source a node sees
-is the balancer, never a phone's media address, and the relay latches onto where media really
-comes from), so Debian's rtpengine or sipfarm's relay (``sipfarm relay``) serve alike.  The
-relay's SDP replaces the message's body (Content-Length follows) and ``done(None)`` lets the
-proxy forward it.
+The proxy hands the hook every request that may carry SDP (:meth:`RelayMedia.offer`: INVITE,
+re-INVITE, UPDATE, PRACK, ACK), every 18x/2xx with SDP (:meth:`RelayMedia.answer`), and the
+end of a call (:meth:`RelayMedia.release`).  The hook tells offers from answers (RFC 3264 with
+RFC 3261 13.2.1 and RFC 3262): a response's SDP answers the offer its request carried, or is an
+offer itself when the request had none (late offer), answered in the ACK or PRACK; an ACK's SDP
+is always such an answer.  Each becomes an ng request with the flags Kamailio's rtpengine module
+sends (replace origin and session-connection, ICE remove, ``via-branch``; no ``trust-address``,
+no ``received-from``: the SIP source a node sees is the balancer, never a phone's media
+address, and the relay latches onto where media really comes from), so Debian's rtpengine and
+``sipfarm relay`` serve alike.  The ``from-tag`` of an ng offer is always the offerer's tag and
+the ``to-tag`` the answerer's, whichever way the offer goes.  The relay's SDP replaces the
+message's body and ``done(None)`` lets the proxy forward it.  No ng exchange ever blocks the
+forwarding path: replies and timeouts come back as callbacks (:mod:`~sipfarm.proxy.ng_client`).
 
-Relay choice (this slice): among the configured ng addresses, the one a hash of the Call-ID
-picks, so every node picks the same relay for a call's re-INVITE, UPDATE or BYE without asking
-Redis.  A new call whose relay does not answer within the ng timeout tries the next relay in the
-list; when none answers (or every one refuses), ``on_failure`` decides: ``"503"`` answers the
-caller 503 (Retry-After), ``"forward"`` forwards with the SDP untouched (media end to end).
-What comes next: choice by load among live relays (cluster membership), and the relay of a call
-recorded in Redis by Call-ID and tags, so a call that failed over keeps its relay for in-dialog
-offers and the BYE on any node (today only the node that set it up remembers, until the call's
-answer has been forwarded for a while).
+Relay choice and the call's record
+----------------------------------
+A new call's relay comes from the :class:`~sipfarm.proxy.relay_choice.RelayTable` (by load among
+the live relays of the membership, or a Call-ID hash over a static list), trying the next one on
+timeout or refusal.  Once anchored, the relay is recorded in Redis under the Call-ID with the
+offerer's tag (:class:`CallRelays`, ``RECORD_SECONDS``), so any node handles the call's
+re-INVITE, UPDATE, BYE or failure on the same relay; the node that set the call up also keeps it
+in memory for ``REMEMBER_SECONDS`` after the answer (a retransmitted 2xx, the ACK, a quick
+re-INVITE need no Redis read).  A call that hangs up without BYE leaves its session to the
+relay's media timeout and its record to the TTL.
 
-Left for the next step: late offer (offer in the 2xx, answer in the ACK), PRACK and UPDATE
-bodies before the 2xx other than by the generic in-dialog path, forked answers with distinct
-To tags as separate legs (each answer is passed as is; the relay keeps the newest).
+When no relay anchors a new call, ``on_failure`` decides: ``"503"`` answers the caller 503
+(Retry-After), ``"forward"`` forwards with the SDP untouched (media end to end).
+
+WebRTC
+------
+A party that reached the farm over WebSocket (its Via says WS/WSS) or whose SDP is
+``UDP/TLS/RTP/SAVPF`` is a WebRTC endpoint: what goes to it is asked with ICE forced, DTLS-SRTP
+and rtcp-mux, what comes from it towards a desk phone with plain RTP/AVP (rtpengine's usual
+WebRTC gateway flags).  sipfarm's own relay does not bridge DTLS-SRTP and refuses such offers
+("not supported"): the call then goes with its SDP untouched (browsers talk ICE to each other),
+whatever ``on_failure`` says, and is counted ``unanchored_webrtc``.
+
+Forking: the offer is anchored once, before the branches; each branch's answer is passed with
+its own To tag, the relay keeps the newest (the 2xx's, in the end).  Per-branch sessions
+(rtpengine's ``via-branch`` legs) are not requested.
 """
 
 from __future__ import annotations
 
 import logging
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
+from typing import Protocol
 
 from media.bencode import Value
 from sipfarm.proxy.media import Done
-from sipfarm.proxy.ng_client import NgClient, NgError, NgReply, RelayAddress
+from sipfarm.proxy.ng_client import NgClient, NgError, NgRefused, NgReply, NgTimeout, RelayAddress
+from sipfarm.proxy.relay_choice import RelayTable, relay_index
 from sipfarm.sip.errors import ServiceUnavailable
 from sipfarm.sip.headers import via_branch
 from sipfarm.sip.message import SipMessage
 
 log = logging.getLogger("sipfarm.proxy.media")
 
-__all__ = ["FAILURE_POLICIES", "RelayMedia", "relay_index"]
+__all__ = ["FAILURE_POLICIES", "CallRelays", "RelayMedia", "relay_index"]
 
 FAILURE_POLICIES = ("503", "forward")
 SDP = b"application/sdp"
-# how long a node remembers the relay of an offer it anchored after the answer went through
-# (a 2xx retransmitted by the callee is anchored again on the same relay): Timer H's 64*T1
+# how long a node remembers a call it anchored after an answer went through (a 2xx
+# retransmitted by the callee is answered again on the same relay): Timer H's 64*T1
 REMEMBER_SECONDS = 32.0
 MAX_REMEMBERED = 100_000
+#: how long the Redis record of a call's relay lives (refreshed by each in-dialog offer)
+RECORD_SECONDS = 4 * 3600
 # ng flags as Kamailio's rtpengine module sends them for a plain RTP/AVP call
 _REPLACE: list[Value] = [b"origin", b"session-connection"]
+_SAVPF = b"UDP/TLS/RTP/SAVPF"
+# what a relay that cannot bridge WebRTC says (sipfarm relay): the call goes unanchored
+_UNSUPPORTED = "not supported"
 
 
-def relay_index(call_id: bytes, count: int) -> int:
-    """The relay a call starts on: the same on every node and process (no Redis, no state;
-    Python's own ``hash`` is salted per process, CRC-32 is not)."""
-    return zlib.crc32(call_id) % count
+class CallRelays(Protocol):
+    """Where the relay of a call is recorded (Redis: :class:`sipfarm.node.farmstate.FarmState`)."""
+
+    def record_relay(self, call_id: bytes, tag: bytes, relay: str, ttl: int) -> None: ...
+
+    def find_relay(self, call_id: bytes, callback: Callable[[str | None], None]) -> None: ...
+
+    def forget_relay(self, call_id: bytes) -> None: ...
 
 
 @dataclass(slots=True)
-class _Offer:
-    relay: int  # index in RelayMedia.relays
+class _Call:
+    relay: RelayAddress | None  # None: the call's media goes end to end (not anchored)
+    offerer: bytes | None = None  # tag of the party whose offer awaits an answer
+    webrtc: set[bytes] = field(default_factory=set)  # tags of WebRTC parties
     expires: float | None = None  # set once answered: then forgotten after REMEMBER_SECONDS
+
+
+def _address(relay: RelayAddress) -> str:
+    return f"{relay[0]}:{relay[1]}"
+
+
+def _parse_address(text: str) -> RelayAddress | None:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host, int(port)
+
+
+def _from_webrtc(msg: SipMessage) -> bool:
+    """The party that sent ``msg`` (a request; for a response, its request's sender) is a
+    browser: its own Via (the bottom one) says WS/WSS, or its SDP is DTLS-SRTP."""
+    vias = msg.values("via")
+    if vias and vias[-1][:10].upper() == b"SIP/2.0/WS":
+        return True
+    return _SAVPF in msg.body
 
 
 class RelayMedia:
@@ -75,150 +124,364 @@ class RelayMedia:
     def __init__(
         self,
         client: NgClient,
-        relays: Sequence[RelayAddress],
+        relays: Sequence[RelayAddress] | RelayTable,
         clock: Callable[[], float],
         *,
         on_failure: str = "503",
+        calls: CallRelays | None = None,
+        count: Callable[[str], None] | None = None,
     ) -> None:
-        if not relays:
-            raise ValueError("relays: at least one ng address is required")
         if on_failure not in FAILURE_POLICIES:
             raise ValueError(f"media_failure: expected one of {FAILURE_POLICIES}, got {on_failure!r}")
+        if isinstance(relays, RelayTable):
+            self.table = relays
+        else:
+            if not relays:
+                raise ValueError("relays: at least one ng address is required")
+            self.table = RelayTable(relays)
         self.client = client
-        self.relays = list(relays)
         self.clock = clock
         self.on_failure = on_failure
-        # offers anchored here, by (Call-ID, From tag of the offer): the relay its answer goes
-        # to. Bounded: entries go on release, REMEMBER_SECONDS after the answer, or oldest first.
-        self._offers: OrderedDict[tuple[bytes, bytes], _Offer] = OrderedDict()
-        self.failures = 0  # offers no relay anchored
+        self.records = calls
+        self._count = count
+        # calls anchored or seen here, by Call-ID. Bounded: entries go on release,
+        # REMEMBER_SECONDS after an answer, or oldest first beyond MAX_REMEMBERED.
+        self._calls: OrderedDict[bytes, _Call] = OrderedDict()
+        self.failures = 0  # new calls no relay anchored
+
+    @property
+    def relays(self) -> list[RelayAddress]:
+        return self.table.addresses
 
     # -- MediaHook -------------------------------------------------------------------------------
 
     def offer(self, request: SipMessage, done: Done) -> None:
+        """A request that may carry SDP: an offer (INVITE, UPDATE, a PRACK not answering), an
+        answer (ACK; a PRACK answering an offer in a reliable 18x), or none (a late offer)."""
         from_tag = request.from_tag
-        if not request.body or from_tag is None:
+        call_id = request.call_id
+        if from_tag is None:
             done(None)
             return
-        call_id = request.call_id
-        first = relay_index(call_id, len(self.relays))
-        message: dict[str, Value] = {
-            "command": b"offer",
-            "call-id": call_id,
-            "from-tag": from_tag,
-            "sdp": request.body,
-            "replace": _REPLACE,
-            "ICE": b"remove",
-        }
+        call = self._calls.get(call_id)
+        if not request.body:
+            if call is not None and request.method == b"INVITE":
+                call.offerer = None  # RFC 3261 14.2: the offer will come in the response
+            done(None)
+            return
+        method = request.method
         to_tag = request.to_tag
-        if to_tag is not None:
-            message["to-tag"] = to_tag
-        branch = via_branch(request.top_via_value)
-        if branch:
-            message["via-branch"] = branch
+        answering = to_tag is not None and (
+            method == b"ACK" or (method == b"PRACK" and call is not None and call.offerer == to_tag)
+        )
+        if answering:
+            assert to_tag is not None
+            # the offer came from the other party (in a 2xx or reliable 18x): from-tag is theirs
+            message = self._message(b"answer", request, to_tag, from_tag)
+            self._flags(message, call, sender=from_tag, receiver=to_tag, msg=request, answer=True)
+            self._with_relay(call_id, call, partial(self._send_answer, request, done, message, call_id))
+            return
+        if method == b"ACK":
+            done(None)
+            return
         self._prune()
-        self._send_offer(request, done, message, first, 0)
+        message = self._message(b"offer", request, from_tag, to_tag)
+        receiver = to_tag or b""
+        self._flags(message, call, sender=from_tag, receiver=receiver, msg=request, answer=False)
+        if to_tag is None:
+            # a new call: the relay the table picks (no record to read)
+            self._new_offer(request, done, message, from_tag)
+            return
+        self._with_relay(call_id, call, partial(self._in_dialog_offer, request, done, message, from_tag))
 
     def answer(self, response: SipMessage, done: Done) -> None:
+        """An 18x/2xx with SDP: the answer to its request's offer, or a (late) offer."""
         from_tag, to_tag = response.from_tag, response.to_tag
         if from_tag is None or to_tag is None or not response.body:
             done(None)
             return
-        offer = self._offers.get((response.call_id, from_tag))
-        if offer is None:
-            # not an answer to an offer anchored here: an offer in a 2xx (late offer), or a
-            # call forwarded without a relay
-            done(None)
+        call_id = response.call_id
+        call = self._calls.get(call_id)
+        if call is not None and call.offerer == from_tag:
+            if response.status >= 200:
+                call.expires = self.clock() + REMEMBER_SECONDS
+            if call.relay is None:
+                done(None)  # its offer went end to end: so does the answer
+                return
+            message = self._message(b"answer", response, from_tag, to_tag)
+            self._flags(message, call, sender=to_tag, receiver=from_tag, msg=response, answer=True)
+            self._send(call.relay, message, partial(self._answered, response, done, call.relay))
             return
-        if response.status >= 200:
-            offer.expires = self.clock() + REMEMBER_SECONDS
-        message: dict[str, Value] = {
-            "command": b"answer",
-            "call-id": response.call_id,
-            "from-tag": from_tag,
-            "to-tag": to_tag,
-            "sdp": response.body,
-            "replace": _REPLACE,
-            "ICE": b"remove",
-        }
-        branch = via_branch(response.top_via_value)
-        if branch:
-            message["via-branch"] = branch
-        relay = self.relays[offer.relay]
-        self.client.request(relay, message, self.clock(), partial(self._answered, response, done))
+        # the request carried no SDP (RFC 3261 13.2.1 late offer; RFC 3262 offer in a reliable
+        # 18x): the responder offers, the requester answers in the ACK or PRACK
+        message = self._message(b"offer", response, to_tag, from_tag)
+        self._flags(message, call, sender=to_tag, receiver=from_tag, msg=response, answer=False)
+        self._with_relay(call_id, call, partial(self._late_offer, response, done, message, to_tag))
 
     def release(self, call_id: bytes, from_tag: bytes | None) -> None:
-        """ng delete of the whole call, fire and forget (the relay's media timeout frees what a
-        lost delete leaves)."""
-        index: int | None = None
-        if from_tag is not None:
-            offer = self._offers.pop((call_id, from_tag), None)
-            if offer is not None:
-                index = offer.relay
-        if index is None:
-            index = relay_index(call_id, len(self.relays))
-        message: dict[str, Value] = {"command": b"delete", "call-id": call_id}
-        self.client.request(self.relays[index], message, self.clock(), _ignore)
+        """ng delete of the whole call on its relay, fire and forget (the relay's media
+        timeout frees what a lost delete leaves), and its record goes."""
+        call = self._calls.pop(call_id, None)
+        if call is not None:
+            if call.relay is not None:
+                self._delete(call_id, call.relay)
+        elif self.records is not None:
+            self.records.find_relay(call_id, partial(self._release_recorded, call_id))
+            return
+        else:
+            relay = self._hashed(call_id)
+            if relay is not None:
+                self._delete(call_id, relay)
+        if self.records is not None:
+            self.records.forget_relay(call_id)
 
-    # -- replies ---------------------------------------------------------------------------------
+    # -- the relay of a call ---------------------------------------------------------------------
 
-    def _send_offer(self, request: SipMessage, done: Done, message: dict[str, Value], first: int, tried: int) -> None:
-        index = (first + tried) % len(self.relays)
-        then = partial(self._offered, request, done, message, first, tried)
-        self.client.request(self.relays[index], message, self.clock(), then)
+    def _with_relay(self, call_id: bytes, call: _Call | None, then: Callable[[RelayAddress | None], None]) -> None:
+        """``then`` gets the relay holding the call: remembered here, recorded in Redis, or
+        None (a call this farm did not anchor, or whose record is gone)."""
+        if call is not None:
+            then(call.relay)
+        elif self.records is not None:
+            self.records.find_relay(call_id, partial(self._found, then))
+        else:
+            then(self._hashed(call_id))
+
+    def _hashed(self, call_id: bytes) -> RelayAddress | None:
+        """With a static list and no record: the relay the Call-ID's hash picks (where a new
+        call starts when all are healthy); by load, nothing to go on."""
+        relays = self.table.addresses
+        if self.table.by_load or not relays:
+            return None
+        return relays[relay_index(call_id, len(relays))]
+
+    def _found(self, then: Callable[[RelayAddress | None], None], recorded: str | None) -> None:
+        relay = _parse_address(recorded) if recorded else None
+        then(relay)
+
+    def _remember(self, call_id: bytes, relay: RelayAddress | None) -> _Call:
+        call = self._calls.get(call_id)
+        if call is None or call.relay != relay:
+            previous = call
+            call = _Call(relay)
+            if previous is not None:
+                call.webrtc = previous.webrtc
+            self._calls[call_id] = call
+        self._calls.move_to_end(call_id)
+        return call
+
+    def _unanchored(self, call_id: bytes, offerer: bytes) -> None:
+        """An offer that went end to end: its answer will too. A call anchored before keeps
+        its relay (a failed in-dialog offer leaves the session as it was)."""
+        call = self._calls.get(call_id)
+        if call is None:
+            call = self._calls[call_id] = _Call(None)
+        call.offerer = offerer
+
+    def _release_recorded(self, call_id: bytes, recorded: str | None) -> None:
+        relay = _parse_address(recorded) if recorded else None
+        if relay is not None:
+            self._delete(call_id, relay)
+        if self.records is not None:
+            self.records.forget_relay(call_id)
+
+    def _delete(self, call_id: bytes, relay: RelayAddress) -> None:
+        self._send(relay, {"command": b"delete", "call-id": call_id}, _ignore)
+
+    # -- offers ----------------------------------------------------------------------------------
+
+    def _new_offer(self, msg: SipMessage, done: Done, message: dict[str, Value], offerer: bytes) -> None:
+        candidates = self.table.choose(msg.call_id, self.clock())
+        self._try_offer(msg, done, message, offerer, candidates, 0)
+
+    def _in_dialog_offer(
+        self, msg: SipMessage, done: Done, message: dict[str, Value], offerer: bytes, relay: RelayAddress | None
+    ) -> None:
+        if relay is None:
+            # not anchored by this farm, or its record lost: anchor it now (the relay the table
+            # picks answers an unknown call's offer as a new session)
+            self._new_offer(msg, done, message, offerer)
+            return
+        self._send(relay, message, partial(self._offered, msg, done, message, offerer, [relay], 0))
+
+    def _late_offer(
+        self, msg: SipMessage, done: Done, message: dict[str, Value], offerer: bytes, relay: RelayAddress | None
+    ) -> None:
+        if relay is None:
+            self._new_offer(msg, done, message, offerer)
+            return
+        self._send(relay, message, partial(self._offered, msg, done, message, offerer, [relay], 0))
+
+    def _try_offer(
+        self,
+        msg: SipMessage,
+        done: Done,
+        message: dict[str, Value],
+        offerer: bytes,
+        candidates: list[RelayAddress],
+        tried: int,
+    ) -> None:
+        if tried >= len(candidates):
+            self._not_anchored(msg, done, offerer, "no media relay available")
+            return
+        then = partial(self._offered, msg, done, message, offerer, candidates, tried)
+        self._send(candidates[tried], message, then)
 
     def _offered(
         self,
-        request: SipMessage,
+        msg: SipMessage,
         done: Done,
         message: dict[str, Value],
-        first: int,
+        offerer: bytes,
+        candidates: list[RelayAddress],
         tried: int,
         reply: NgReply | NgError,
     ) -> None:
-        index = (first + tried) % len(self.relays)
+        relay = candidates[tried]
         sdp = reply.get(b"sdp") if isinstance(reply, dict) else None
+        call_id = msg.call_id
         if isinstance(sdp, bytes):
-            request.set_body(sdp, SDP)
-            key = (request.call_id, request.from_tag or b"")
-            self._offers[key] = _Offer(index)
-            self._offers.move_to_end(key)
+            new = call_id not in self._calls
+            webrtc = _from_webrtc(msg) if msg.is_request else _SAVPF in msg.body
+            msg.set_body(sdp, SDP)
+            call = self._remember(call_id, relay)
+            call.offerer = offerer
+            call.expires = None
+            if webrtc:
+                call.webrtc.add(offerer)
+            if new:
+                self.table.assigned(relay)
+            if self.records is not None:
+                self.records.record_relay(call_id, offerer, _address(relay), RECORD_SECONDS)
+            self._counted("anchored")
             done(None)
             return
-        relay = self.relays[index]
-        error = reply if isinstance(reply, NgError) else NgError("offer reply without SDP")
-        cid = request.call_id.decode("latin-1")
+        error = reply if isinstance(reply, NgError) else NgRefused("offer reply without SDP")
+        cid = call_id.decode("latin-1")
         log.warning("event=relay_offer_failed call_id=%s relay=%s:%d error=%s", cid, *relay, _word(error))
-        # another relay for a new call only: in dialog, the relay holding the call is the one
-        if tried + 1 < len(self.relays) and request.to_tag is None:
-            self._send_offer(request, done, message, first, tried + 1)
-            return
-        self.failures += 1
-        if self.on_failure == "forward":
-            log.warning("event=media_unanchored call_id=%s", cid)
+        if isinstance(error, NgRefused) and _UNSUPPORTED in error.reason:
+            # a relay that cannot bridge this media (WebRTC on sipfarm's relay): end to end
+            self._counted("unanchored_webrtc")
+            log.info("event=media_unanchored reason=unsupported call_id=%s", cid)
+            self._unanchored(call_id, offerer)
             done(None)
             return
-        done(ServiceUnavailable("no media relay available", partial=request))
+        self._counted("relay_timeout" if isinstance(error, NgTimeout) else "relay_refused")
+        self.table.failed(relay, self.clock())
+        self._try_offer(msg, done, message, offerer, candidates, tried + 1)
 
-    def _answered(self, response: SipMessage, done: Done, reply: NgReply | NgError) -> None:
+    def _not_anchored(self, msg: SipMessage, done: Done, offerer: bytes, why: str) -> None:
+        self.failures += 1
+        cid = msg.call_id.decode("latin-1")
+        if self.on_failure == "forward" or msg.to_tag is not None:
+            self._unanchored(msg.call_id, offerer)
+            # in dialog the call is up already: a failed re-INVITE would not bring media back
+            self._counted("failed_forward")
+            log.warning("event=media_unanchored call_id=%s reason=%s", cid, _word(Exception(why)))
+            done(None)
+            return
+        self._counted("failed_503")
+        done(ServiceUnavailable(why, partial=msg))
+
+    # -- answers ---------------------------------------------------------------------------------
+
+    def _send_answer(
+        self, msg: SipMessage, done: Done, message: dict[str, Value], call_id: bytes, relay: RelayAddress | None
+    ) -> None:
+        if relay is None:
+            done(None)  # an answer to an offer this farm did not anchor
+            return
+        call = self._calls.get(call_id)
+        if call is not None and msg.method == b"ACK":
+            call.expires = self.clock() + REMEMBER_SECONDS
+        self._send(relay, message, partial(self._answered, msg, done, relay))
+
+    def _answered(self, msg: SipMessage, done: Done, relay: RelayAddress, reply: NgReply | NgError) -> None:
         sdp = reply.get(b"sdp") if isinstance(reply, dict) else None
         if isinstance(sdp, bytes):
-            response.set_body(sdp, SDP)
+            msg.set_body(sdp, SDP)
             done(None)
             return
-        error = reply if isinstance(reply, NgError) else NgError("answer reply without SDP")
-        done(ServiceUnavailable(f"media relay: {error}", partial=response))
+        error = reply if isinstance(reply, NgError) else NgRefused("answer reply without SDP")
+        self._counted("answer_failed")
+        log.warning(
+            "event=relay_answer_failed call_id=%s relay=%s:%d error=%s",
+            msg.call_id.decode("latin-1"),
+            *relay,
+            _word(error),
+        )
+        done(ServiceUnavailable(f"media relay: {error}", partial=msg))
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _message(self, command: bytes, msg: SipMessage, from_tag: bytes, to_tag: bytes | None) -> dict[str, Value]:
+        message: dict[str, Value] = {"command": command, "call-id": msg.call_id, "from-tag": from_tag}
+        if to_tag:
+            message["to-tag"] = to_tag
+        message["sdp"] = msg.body
+        branch = via_branch(msg.top_via_value)
+        if branch:
+            message["via-branch"] = branch
+        return message
+
+    def _flags(
+        self,
+        message: dict[str, Value],
+        call: _Call | None,
+        *,
+        sender: bytes,
+        receiver: bytes,
+        msg: SipMessage,
+        answer: bool,
+    ) -> None:
+        """rtpengine's flags for the media going from ``sender``'s SDP to ``receiver``."""
+        message["replace"] = _REPLACE
+        to_webrtc = call is not None and receiver in call.webrtc
+        if msg.is_request:
+            from_webrtc = _from_webrtc(msg)
+            if from_webrtc and call is not None:
+                call.webrtc.add(sender)
+        else:
+            # a response: its bottom Via is the requester's, the receiver of this SDP
+            from_webrtc = _SAVPF in msg.body
+            to_webrtc = to_webrtc or _from_webrtc_via(msg)
+        if to_webrtc:
+            message["ICE"] = b"force"
+            message["DTLS"] = b"passive"
+            message["transport-protocol"] = _SAVPF
+            message["rtcp-mux"] = [b"require" if answer else b"offer"]
+            message["SDES"] = [b"off"]
+            message["flags"] = [b"generate-mid"]
+            return
+        message["ICE"] = b"remove"
+        if from_webrtc:
+            message["transport-protocol"] = b"RTP/AVP"
+            message["DTLS"] = b"off"
+            message["rtcp-mux"] = [b"demux"]
+            message["SDES"] = [b"off"]
+
+    def _send(self, relay: RelayAddress, message: dict[str, Value], then: Callable[[NgReply | NgError], None]) -> None:
+        self.client.request(relay, message, self.clock(), then)
+
+    def _counted(self, outcome: str) -> None:
+        if self._count is not None:
+            self._count(outcome)
 
     def _prune(self) -> None:
-        """Forget answered offers past REMEMBER_SECONDS (oldest first), and the oldest beyond
+        """Forget answered calls past REMEMBER_SECONDS (oldest first), and the oldest beyond
         MAX_REMEMBERED (calls that never ended here: their BYE went through another node)."""
-        offers = self._offers
+        calls = self._calls
         now = self.clock()
-        while offers:
-            key, offer = next(iter(offers.items()))
-            if len(offers) <= MAX_REMEMBERED and (offer.expires is None or offer.expires > now):
+        while calls:
+            key, call = next(iter(calls.items()))
+            if len(calls) <= MAX_REMEMBERED and (call.expires is None or call.expires > now):
                 break
-            del offers[key]
+            del calls[key]
+
+
+def _from_webrtc_via(response: SipMessage) -> bool:
+    vias = response.values("via")
+    return bool(vias) and vias[-1][:10].upper() == b"SIP/2.0/WS"
 
 
 def _ignore(_reply: NgReply | NgError) -> None:

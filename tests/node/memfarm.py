@@ -77,6 +77,7 @@ class MemoryState:
         self.accounts: dict[tuple[str, str], Account] = {}
         self.bindings: dict[str, dict[str, Binding]] = {}
         self.fail_with: StoreError | None = None  # make every call fail (Redis down)
+        self.call_relays: dict[bytes, dict[bytes, str]] = {}  # FarmState's sipfarm:media:{call}
 
     def add_account(self, user: str, password: str, domain: str = DOMAIN, max_contacts: int = 10) -> None:
         self.accounts[(user, domain)] = Account(
@@ -108,6 +109,17 @@ class MemoryState:
         if same:
             del current[binding.key]
         callback(same)
+
+    def record_relay(self, call_id: bytes, tag: bytes, relay: str, ttl: int) -> None:
+        if self.fail_with is None:
+            self.call_relays.setdefault(call_id, {})[tag] = relay
+
+    def find_relay(self, call_id: bytes, callback: Callable[[str | None], None]) -> None:
+        found = self.call_relays.get(call_id) if self.fail_with is None else None
+        callback(next(iter(found.values())) if found else None)
+
+    def forget_relay(self, call_id: bytes) -> None:
+        self.call_relays.pop(call_id, None)
 
     def register(
         self,

@@ -17,12 +17,13 @@ from typing import Any
 import pytest
 from memfarm import DOMAIN, MemFarm, Phone, Ringing
 
-from media.bencode import decode
+from media.bencode import decode, encode
 from media.ng import NgController
 from media.ports import PortAllocator
 from media.relay import RelayEngine
 from media.sdp import SessionDescription
 from sipfarm.proxy.ng_client import NgClient, NgRefused, NgTimeout
+from sipfarm.proxy.relay_choice import RelayLoad, RelayTable
 from sipfarm.proxy.relay_media import RelayMedia, relay_index
 from sipfarm.sip.address import Address
 from sipfarm.sip.message import SipMessage, make_response
@@ -79,10 +80,23 @@ class MemoryRelay:
 class MediaFarm:
     """A MemFarm whose node anchors media at the relays of RELAYS that are ``up``."""
 
-    def __init__(self, up: tuple[int, ...] = (0, 1), failure: str = "503") -> None:
+    def __init__(
+        self, up: tuple[int, ...] = (0, 1), failure: str = "503", *, by_load: bool = False, refuse: str = ""
+    ) -> None:
+        """``by_load``: the relays come from the membership (a RelayTable filled with their
+        figures) and the node records each call's relay in the shared state, as ``relays =
+        ["cluster"]`` runs; ``refuse``: every relay answers offers with this ng error."""
         self.client = NgClient(prefix=b"node1")
-        self.media = RelayMedia(self.client, RELAYS, self._now, on_failure=failure)
-        self.farm = MemFarm(node_kwargs={"media": self.media})
+        self.farm = MemFarm()
+        self.refuse = refuse
+        if by_load:
+            self.table = RelayTable()
+            self.table.update(RelayLoad(r) for r in RELAYS)
+            self.media = RelayMedia(self.client, self.table, self._now, on_failure=failure, calls=self.farm.state)
+        else:
+            self.table = RelayTable(RELAYS)
+            self.media = RelayMedia(self.client, self.table, self._now, on_failure=failure)
+        self.use(self.media)
         self.engines: dict[int, RelayEngine] = {}
         self.ng_log: list[dict[bytes, Any]] = []
         for index in up:
@@ -101,11 +115,21 @@ class MediaFarm:
     def _now(self) -> float:
         return self.farm.clock.now()
 
+    def use(self, media: RelayMedia) -> None:
+        """The node's media hook is ``media`` (a fresh one: a node that did not see the call)."""
+        proxy = self.farm.nodes[0].proxy
+        proxy.media = media
+        proxy.anchoring = True
+
     def _relay_input(self, controller: NgController, addr: Address) -> Any:
         def deliver(data: bytes, source: Address) -> None:
             message = decode(data.partition(b" ")[2])
             assert isinstance(message, dict)
             self.ng_log.append(message)
+            if self.refuse and message.get(b"command") == b"offer":
+                cookie = data.partition(b" ")[0]
+                self.farm.send(cookie + b" " + encode({"result": "error", "error-reason": self.refuse}), addr, source)
+                return
             reply = run(controller.handle(data))
             if reply is not None:
                 self.farm.send(reply, addr, source)
@@ -388,3 +412,155 @@ def test_ng_client_takes_a_reply_only_from_the_relay_it_asked() -> None:
     assert results == [] and client.stray_replies == 1 and len(client) == 1
     client.receive_datagram(b"q_1 d6:result4:ponge", ("127.0.0.1", 2223))
     assert results == [{b"result": b"pong"}] and len(client) == 0
+
+
+# -- offers in other places: late offer, PRACK ------------------------------------------------------
+
+
+def late_offer_call(mf: MediaFarm, call_id: str) -> tuple[Phone, Phone, SipMessage]:
+    """alice INVITEs with no SDP; bob's 200 carries the offer."""
+    alice, bob = setup(mf)
+    alice.authenticated(alice.request("INVITE", BOB, call_id=call_id))
+    assert bob.ringing
+    assert not bob.requests(b"INVITE")[-1].body
+    answer_with_sdp(bob, phone_sdp("10.0.0.2", 5000))
+    ok = alice.last(200, b"INVITE")
+    assert ok is not None
+    return alice, bob, ok
+
+
+def test_late_offer_in_the_2xx_is_anchored_and_answered_in_the_ack() -> None:
+    mf = MediaFarm()
+    call_id = call_id_on(1)
+    alice, bob, ok = late_offer_call(mf, call_id)
+    assert media_of(ok)[0] == "127.0.5.2"  # the offer alice got names the relay
+    offer = mf.ng_log[0]
+    assert offer[b"command"] == b"offer"
+    assert offer[b"from-tag"] == ok.to_tag  # the offerer is bob
+    assert offer[b"to-tag"] == ok.from_tag
+    ack = alice.in_dialog("ACK", ok)
+    ack.set_body(phone_sdp("10.0.0.1", 4000), b"application/sdp")
+    alice.send(ack, alice.first_hop(ack))
+    acked = bob.requests(b"ACK")
+    assert acked, "the ACK waits for the relay, then goes on"
+    assert media_of(acked[-1])[0] == "127.0.5.2"  # the answer bob got names the relay too
+    answer = mf.ng_log[1]
+    assert answer[b"command"] == b"answer"
+    assert (answer[b"from-tag"], answer[b"to-tag"]) == (ok.to_tag, ok.from_tag)
+    assert mf.calls(1) == [call_id]
+    alice.send(alice.in_dialog("BYE", ok))
+    assert mf.calls(1) == []
+
+
+def test_a_re_invite_without_sdp_gets_its_offer_from_the_2xx() -> None:
+    mf = MediaFarm()
+    call_id = call_id_on(0)
+    alice, bob, ok = establish(mf, call_id)
+    again = alice.in_dialog("INVITE", ok)
+    alice.send(again, alice.first_hop(again))
+    answer_with_sdp(bob, phone_sdp("10.0.0.2", 5000, version=2))
+    reok = [m for m in alice.inbox if m.status == 200 and m.cseq == again.cseq]
+    assert reok and media_of(reok[-1])[0] == "127.0.5.1"
+    assert mf.commands() == [b"offer", b"answer", b"offer"]  # the 2xx's SDP is an offer now
+    assert mf.ng_log[2][b"from-tag"] == ok.to_tag
+
+
+# -- relay choice, records, WebRTC ------------------------------------------------------------------
+
+
+def test_a_new_call_goes_to_the_least_loaded_relay() -> None:
+    mf = MediaFarm(by_load=True)
+    mf.table.update([RelayLoad(RELAYS[0], sessions=40), RelayLoad(RELAYS[1], sessions=3)])
+    alice, _bob = setup(mf)
+    for n in range(3):
+        alice.authenticated(invite(alice, f"load-{n}"))
+    assert len(mf.calls(1)) == 3  # 3 + up to 2 more calls of this node: still below 40
+    mf.table.update([RelayLoad(RELAYS[0], sessions=0), RelayLoad(RELAYS[1], sessions=3)])
+    alice.authenticated(invite(alice, "load-3"))
+    assert mf.calls(0) == ["load-3"]
+
+
+def test_a_full_or_dead_relay_is_tried_last() -> None:
+    mf = MediaFarm(up=(1,), by_load=True)
+    mf.table.update([RelayLoad(RELAYS[0], sessions=0), RelayLoad(RELAYS[1], sessions=10)])
+    alice, _bob = setup(mf)
+    alice.authenticated(invite(alice, "first"))
+    mf.advance(1.1)  # relay 0 (least loaded) is dead: one ng timeout, then relay 1
+    assert mf.calls(1) == ["first"]
+    strays = len(mf.farm.stray_to("127.0.5.1"))
+    alice.authenticated(invite(alice, "second"))
+    assert mf.calls(1) == ["first", "second"]  # at once: relay 0 is suspect now
+    assert len(mf.farm.stray_to("127.0.5.1")) == strays
+    mf.table.update([RelayLoad(RELAYS[0], sessions=0, free_ports=2), RelayLoad(RELAYS[1], sessions=10)])
+    mf.advance(6.0)  # the suspect mark is over, but relay 0 has no free port pair
+    alice.authenticated(invite(alice, "third"))
+    assert "third" in mf.calls(1)
+
+
+def test_any_node_ends_the_call_on_the_relay_recorded_for_it() -> None:
+    mf = MediaFarm(by_load=True)
+    mf.table.update([RelayLoad(RELAYS[0], sessions=9), RelayLoad(RELAYS[1], sessions=0)])
+    call_id = "recorded-call"
+    alice, bob, ok = establish(mf, call_id)
+    assert mf.calls(1) == [call_id]
+    assert mf.farm.state.call_relays[call_id.encode()] == {ok.from_tag: "127.0.5.2:2223"}
+    # another node (no memory of the call; its table would now pick relay 0) takes a re-INVITE
+    other = RelayMedia(mf.client, RelayTable(), mf._now, calls=mf.farm.state)
+    other.table.update([RelayLoad(RELAYS[0], sessions=0), RelayLoad(RELAYS[1], sessions=50)])
+    mf.use(other)
+    hold = alice.in_dialog("INVITE", ok)
+    hold.set_body(phone_sdp("10.0.0.1", 4000, "sendonly", version=2), b"application/sdp")
+    alice.send(hold, alice.first_hop(hold))
+    assert media_of(bob.requests(b"INVITE")[-1])[0] == "127.0.5.2"
+    mf.use(RelayMedia(mf.client, RelayTable(), mf._now, calls=mf.farm.state))  # and a third the BYE
+    alice.send(alice.in_dialog("BYE", ok))
+    assert mf.calls(1) == []
+    assert mf.calls(0) == []
+    assert call_id.encode() not in mf.farm.state.call_relays
+
+
+WEBRTC_SDP = (
+    b"v=0\r\no=- 7 1 IN IP4 10.0.0.1\r\ns=-\r\nc=IN IP4 10.0.0.1\r\nt=0 0\r\n"
+    b"m=audio 4000 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\na=ice-ufrag:abcd\r\n"
+    b"a=ice-pwd:0123456789abcdefghijkl\r\na=fingerprint:sha-256 AB:CD\r\na=setup:actpass\r\na=rtcp-mux\r\n"
+)
+
+
+def test_a_browser_offer_asks_the_relay_for_plain_rtp_towards_the_desk_phone() -> None:
+    mf = MediaFarm(refuse="DTLS-SRTP/ICE (WebRTC) media not supported by sipfarm relay")
+    alice, bob = setup(mf)
+    msg = alice.request("INVITE", BOB, call_id="webrtc-1", body=WEBRTC_SDP)
+    msg.set("content-type", b"application/sdp")
+    alice.authenticated(msg)
+    offer = mf.ng_log[0]
+    assert offer[b"transport-protocol"] == b"RTP/AVP"
+    assert offer[b"DTLS"] == b"off"
+    assert offer[b"ICE"] == b"remove"
+    assert offer[b"rtcp-mux"] == [b"demux"]
+    # sipfarm's relay cannot bridge it: the call goes on with its SDP untouched (even with
+    # media_failure 503), on the first refusal, no other relay asked
+    offered = bob.requests(b"INVITE")
+    assert offered and offered[-1].body == WEBRTC_SDP
+    assert mf.commands() == [b"offer"]
+    answer_with_sdp(bob, WEBRTC_SDP.replace(b"10.0.0.1", b"10.0.0.2"))
+    ok = alice.last(200, b"INVITE")
+    assert ok is not None and b"10.0.0.2" in ok.body
+    assert mf.commands() == [b"offer"]  # the answer too goes end to end
+
+
+def test_the_answer_to_a_browser_caller_asks_for_webrtc_media() -> None:
+    mf = MediaFarm()
+    alice, bob = setup(mf)
+    msg = alice.request("INVITE", BOB, call_id="webrtc-2", body=phone_sdp("10.0.0.1", 4000))
+    msg.set("content-type", b"application/sdp")
+    # alice's own Via as a WebSocket phone's, under the balancer's (RFC 7118)
+    msg.set("via", msg.get("via").replace(b"SIP/2.0/UDP", b"SIP/2.0/WSS"))  # type: ignore[union-attr]
+    alice.authenticated(msg)
+    if not bob.ringing:
+        pytest.skip("the in-memory phone's WSS Via is not routable here")
+    answer_with_sdp(bob, phone_sdp("10.0.0.2", 5000))
+    answer = next(m for m in mf.ng_log if m[b"command"] == b"answer")
+    assert answer[b"ICE"] == b"force"
+    assert answer[b"DTLS"] == b"passive"
+    assert answer[b"transport-protocol"] == b"UDP/TLS/RTP/SAVPF"
+    assert answer[b"rtcp-mux"] == [b"require"]
