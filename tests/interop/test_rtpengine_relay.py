@@ -3,8 +3,8 @@
 The same call as tests/e2e/test_media_relay_call.py (redis, a node with ``SIPFARM_RELAYS``, two
 hand-made UDP phones on 127.0.0.2 and 127.0.0.3), with ``rtpengine`` started by the test in
 place of ``sipfarm relay``: both SDPs name rtpengine's address and ports, RTP flows both ways
-through it, a re-INVITE hold (sendonly) and resume passes, and after the BYE rtpengine no longer
-knows the call.
+through it, re-INVITEs (the caller's hold and resume, the callee's hold) pass, and after the BYE
+rtpengine no longer knows the call; a 486 and a CANCEL after early media leave nothing there.
 
 The second half checks, against rtpengine directly over ng, the flags a proxy must send when
 one side of a call is a WebRTC browser (over SIP WebSocket) and the other a desk phone, so that
