@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -51,6 +50,8 @@ import pytest
 from fixtures.default_farm import DefaultFarm
 
 from sipfarm.ports import free_port
+
+from .loopback_capture import LoopbackCapture
 
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 SIPP = "sipp"
@@ -133,7 +134,9 @@ class Sipp:
             SIPP, self.farm.proxy(self.transport),
             "-sf", str(SCENARIOS / f"{scenario}.xml"),
             "-t", TRANSPORT_FLAG[self.transport],
-            "-i", ip, "-p", str(free_port(ip)), "-mp", str(free_port(ip, tcp=False)),
+            "-i", ip, "-p", str(free_port(ip)),
+            # the media socket is the SDP's audio port when the test gives one (RtpCounter)
+            "-mp", (variables or {}).get("rtp_port") or str(free_port(ip, tcp=False)),
             "-m", "1", "-timeout", f"{timeout_s}s", "-timeout_error",
             "-nostdin",
             "-trace_err", "-error_file", str(self.workdir / f"{name}.errors.log"),
@@ -193,27 +196,29 @@ def farm_logs(farm: DefaultFarm) -> str:
 
 
 class RtpCounter:
-    """A UDP socket an SDP can name; counts the G.711 A-law RTP packets that reached it."""
+    """The audio port a SIPp phone's SDP names, which is also its media socket (``-mp``): SIPp
+    plays its pcap from it, so RTP is symmetric as a phone's is, and the relay latches onto it.
+    Counts the G.711 A-law RTP packets that reached it on the wire (SIPp reads them itself)."""
 
     def __init__(self, ip: str) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((ip, 0))
-        self.sock.setblocking(False)
-        self.port: int = self.sock.getsockname()[1]
-        self.packets = 0
+        self.ip = ip
+        self.port: int = free_port(ip, tcp=False)
+        self._capture = LoopbackCapture(self.port)
 
     def count(self) -> int:
-        """Drain what arrived so far; the running total of RTP v2 packets with payload type 8."""
-        while True:
-            try:
-                data = self.sock.recv(2048)
-            except BlockingIOError:
-                return self.packets
-            if len(data) >= 12 and data[0] >> 6 == 2 and data[1] & 0x7F == PCMA:
-                self.packets += 1
+        """RTP v2 packets with payload type 8 that arrived at the port so far."""
+        return sum(
+            1
+            for p in self._capture.snapshot()
+            if p.proto == "udp"
+            and p.dst == (self.ip, self.port)
+            and len(p.payload) >= 12
+            and p.payload[0] >> 6 == 2
+            and p.payload[1] & 0x7F == PCMA
+        )
 
     def close(self) -> None:
-        self.sock.close()
+        self._capture.close()
 
 
 @pytest.fixture(params=["udp", "tcp"])
