@@ -66,6 +66,8 @@ HOST_NAME_MAX = 64
 SIP_LOG_LEVEL = 4  # pjsua logs whole messages at level 4
 HOOK_SCAN_BYTES = 1 << 20  # pjsua_var is ~400 KB in PJSIP 2.14
 PJSUA_MAX_CALLS = 32  # size of pjsua's call array (enum_calls never returns more)
+ACC_CONFIG_BUF = 1 << 16  # pjsua_acc_config is a few KB in PJSIP 2.14
+DEFAULT_RTP_PORT = 4000  # pjsua_acc_config_default's rtp_cfg.port, which pjsua2 keeps
 # pjsua2's static callbacks in libpjsua2 (exported C++ symbols) that the agent swaps for its own,
 # because the binding does not expose the Account/Call methods they would call (see PjsuaC.hook).
 ON_PAGER2 = "_ZN2pj8Endpoint9on_pager2EiPK8pj_str_tS3_S3_S3_S3_P13pjsip_rx_datai"
@@ -204,6 +206,14 @@ class PjsuaC:
         lib.pjsua_im_send.restype = ctypes.c_int
         lib.pjsua_get_var.argtypes = ()
         lib.pjsua_get_var.restype = ctypes.c_void_p
+        lib.pjsua_pool_create.argtypes = (ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t)
+        lib.pjsua_pool_create.restype = ctypes.c_void_p
+        lib.pjsua_acc_get_config.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+        lib.pjsua_acc_get_config.restype = ctypes.c_int
+        lib.pjsua_acc_modify.argtypes = (ctypes.c_int, ctypes.c_void_p)
+        lib.pjsua_acc_modify.restype = ctypes.c_int
+        self.pj.pj_pool_release.argtypes = (ctypes.c_void_p,)
+        self.pj.pj_pool_release.restype = None
         self.pjsua2 = _load("libpjsua2")
         self.hooks: list[tuple[int, int, Any]] = []  # (slot address, original pointer, ctypes callback)
 
@@ -247,6 +257,42 @@ class PjsuaC:
             self.lib.pjsua_im_send(acc_id, ctypes.byref(uri), ctypes.byref(mime_type), ctypes.byref(body), None, token),
             "pjsua_im_send",
         )
+
+    def set_media_public_address(self, acc_id: int, address: str) -> None:
+        """Make the account's calls name ``address`` in their SDP (c=) while RTP still goes out
+        from the socket's own address: a phone behind NAT that believes its public address.
+
+        The binding has no ``AccountConfig.mediaConfig``, so ``rtp_cfg.public_addr`` is set in
+        C: copy the account's ``pjsua_acc_config`` out, patch it, ``pjsua_acc_modify``. Without
+        headers, ``rtp_cfg`` (a ``pjsua_transport_config``: port, port_range, randomize_port,
+        public_addr, bound_addr, ...) is found by value: port 4000, range 0, not randomised, both
+        addresses empty, at one 8-aligned offset; anything else is refused, not guessed.
+        """
+        pool = self.lib.pjsua_pool_create(b"sipfarm-acc", 4096, 4096)
+        if not pool:
+            raise AgentError("pjsua_pool_create failed")
+        try:
+            cfg = ctypes.create_string_buffer(ACC_CONFIG_BUF)
+            self.check(self.lib.pjsua_acc_get_config(acc_id, pool, cfg), "pjsua_acc_get_config")
+            raw = cfg.raw
+            header = struct.Struct("<III4xQqQq")  # port, range, randomize, public_addr, bound_addr
+            matches = [
+                offset
+                for offset in range(0, ACC_CONFIG_BUF - header.size, 8)
+                if raw[offset : offset + 12] == struct.pack("<III", DEFAULT_RTP_PORT, 0, 0)
+                and header.unpack_from(raw, offset)[4] == 0
+                and header.unpack_from(raw, offset)[6] == 0
+            ]
+            if len(matches) != 1:
+                raise AgentError(f"cannot locate rtp_cfg in pjsua_acc_config ({len(matches)} candidates)")
+            value = address.encode()
+            keep = ctypes.create_string_buffer(value)  # pjsua_acc_modify copies it into the account's pool
+            public = PjStr.from_buffer(cfg, matches[0] + 16)
+            public.ptr = ctypes.cast(keep, ctypes.c_char_p)
+            public.slen = len(value)
+            self.check(self.lib.pjsua_acc_modify(acc_id, cfg), "pjsua_acc_modify")
+        finally:
+            self.pj.pj_pool_release(pool)
 
     def hook(self, symbol: str, callback: Any) -> None:
         """Point pjsua's callback slot that holds pjsua2's ``symbol`` at ``callback`` instead.
@@ -294,10 +340,12 @@ class PjsuaC:
 _DUMP_DIR = re.compile(r"^\s*(RX|TX)\b[^\n]*\n\s*total\s+(\d+)pkt", re.MULTILINE)
 _DUMP_LOSS = re.compile(r"pkt loss=(\d+)")
 _DUMP_CODEC = re.compile(r"#\d+\s+audio\s+(\S+)")
+_DUMP_PEER = re.compile(r"#\d+\s+audio\b[^\n]*\bpeer=(\S+?)(?:,|\s|$)", re.MULTILINE)
 
 
 def parse_call_dump(dump: str) -> JsonObject:
-    """RX/TX packet totals (summed over media lines), RX loss and the codec from a call dump."""
+    """RX/TX packet totals (summed over media lines), RX loss, the codec and the first audio
+    stream's peer (its RTP destination) from a call dump."""
     totals = {"RX": 0, "TX": 0}
     seen = False
     for direction, count in _DUMP_DIR.findall(dump):
@@ -306,12 +354,15 @@ def parse_call_dump(dump: str) -> JsonObject:
     rx_section = dump.split("RX", 1)[1] if "RX" in dump else ""
     loss = _DUMP_LOSS.search(rx_section)
     codec = _DUMP_CODEC.search(dump)
+    peer = _DUMP_PEER.search(dump)
     return {
         "has_media": seen,
         "rx_packets": totals["RX"],
         "tx_packets": totals["TX"],
         "rx_lost": int(loss.group(1)) if loss else 0,
         "codec": codec.group(1) if codec else None,
+        # where the first audio stream sends its RTP: the address:port the far SDP named
+        "peer": peer.group(1) if peer else None,
     }
 
 
@@ -500,6 +551,19 @@ class Agent:
                 "reason": tsx.statusText,
             }
             self.event("tsx", **fields)
+        if tsx_event.type == pj.EventId.RX_MSG:
+            # what the far side (or a media relay rewriting SDP) sent us in this transaction:
+            # the answer in a 200 to our INVITE, an offer in a re-INVITE...
+            head, sep, body = tsx_event.src.rdata.wholeMsg.partition("\r\n\r\n")
+            if sep and body.startswith("v=0"):
+                self.event(
+                    "rx_sdp",
+                    call_id=call.id,
+                    method=tsx.method,
+                    role=tsx.role.name,
+                    start_line=head.split("\r\n", 1)[0],
+                    sdp=body,
+                )
         # the request itself is seen once, as the server transaction starts (state TRYING)
         if tsx.method == "NOTIFY" and tsx.role.name == "UAS" and tsx_event.type == pj.EventId.RX_MSG:
             whole = tsx_event.src.rdata.wholeMsg
@@ -797,7 +861,10 @@ class Agent:
         acc = AgentAccount(self)
         acc.create(acfg, True)
         self.account = acc
-        return {"uri": acfg.idUri, "registrar": reg.registrarUri}
+        public = cmd.get("media_public_address")
+        if public:
+            self.c.set_media_public_address(acc.id, str(public))
+        return {"uri": acfg.idUri, "registrar": reg.registrarUri, "media_public_address": public}
 
     def cmd_unregister(self, cmd: JsonObject) -> JsonObject:
         if self.account is None:

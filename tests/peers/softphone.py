@@ -13,6 +13,10 @@ Events are plain dicts with an ``"event"`` key:
   "code": 200, "reason": "OK", "role": "UAC|UAS", "remote_uri": ..., "call_id_header": ...,
   "stats": {...}}`` (``stats`` only on DISCONNECTED, the last RTP totals seen)
 * ``{"event": "media_active", "call_id": 0, "conf_slot": 1, "codec": "PCMU", "dir": ...}``
+* ``{"event": "sdp", "call_id": 0, "local_sdp": ..., "remote_sdp": ...}`` (pjsua made its SDP;
+  ``remote_sdp`` is the offer it answers, empty when it offers) and ``{"event": "rx_sdp", "call_id": 0,
+  "method": "INVITE", "role": "UAC|UAS", "start_line": "SIP/2.0 200 OK", "sdp": ...}`` (a message of the
+  call's transactions carried SDP: the answer in the 200 to our INVITE, an offer in a re-INVITE...)
 * ``{"event": "tone_playing"|"recording"|"record_done", "call_id": 0, "path": ...}``
 * ``{"event": "media_state", "call_id": 0, "status": "LOCAL_HOLD|REMOTE_HOLD|NONE|...", "dir": ...}``
 * ``{"event": "tsx", "call_id": 0, "method": "REFER", "role": "UAC|UAS", "state": "COMPLETED|TERMINATED",
@@ -68,6 +72,7 @@ class CallStats:
     tx_packets: int
     rx_lost: int
     codec: str | None
+    peer: str | None = None  # "host:port" the audio stream sends RTP to (what the far SDP named)
 
 
 class Softphone:
@@ -215,10 +220,13 @@ class Softphone:
         proxy: str | None = None,
         expires: int = 300,
         timeout: float = DEFAULT_TIMEOUT_S,
+        media_public_address: str | None = None,
     ) -> int:
         """REGISTER user@domain at registrar ("host:port"); returns the final status code (200, 401...).
 
         ``proxy`` is the outbound proxy, by default the registrar, so calls go through it too.
+        ``media_public_address``: the address this account's SDP names (c=) instead of the one its
+        RTP leaves from, as a phone behind NAT that was told its public address (needs a password).
         """
         since = self.mark()
         params: dict[str, Any] = {
@@ -232,6 +240,8 @@ class Softphone:
             params["password"] = password
         if transport is not None:
             params["transport"] = transport
+        if media_public_address is not None:
+            params["media_public_address"] = media_public_address
         self.command("register", **params)
         event = self.wait_for(lambda e: e["event"] == "reg_state" and e["code"] >= 200, timeout, since)
         return int(event["code"])
@@ -299,6 +309,7 @@ class Softphone:
             tx_packets=int(r["tx_packets"]),
             rx_lost=int(r["rx_lost"]),
             codec=r["codec"],
+            peer=r.get("peer"),
         )
 
     # -- lifecycle --------------------------------------------------------------------------------
