@@ -7,8 +7,9 @@ kamailio.cfg's for NATed phones, trust-address with directions), to ``rtpengine_
 recorder in the test that passes every message on to sipfarm's relay and keeps a copy.  Two
 hand-made UDP phones (127.0.0.2 calls 127.0.0.3): each SDP a phone receives names the relay,
 RTP flows both ways through it, the relay's ng ``query`` counts packets on both sides, a hold
-re-INVITE keeps the relay's ports, and after the BYE the call is gone.  The recorder's copy shows what Kamailio really sends; every key and
-flag in it must be one media/ng.py honours or knowingly ignores (:data:`KNOWN_KEYS`).
+re-INVITE keeps the relay's ports, and after the BYE the call is gone.  The recorder's copy
+shows what Kamailio really sends; every key and flag in it must be one media/ng.py honours or
+knowingly ignores (:data:`KNOWN_KEYS`).
 
 Then the same sequence without Kamailio: an ng client that builds each dictionary as Kamailio's
 module does, with the keys and list flags it can send.
