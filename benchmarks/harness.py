@@ -495,6 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--build", choices=("auto", "compiled", "interpreted"), default="auto",
                    help="sipfarm as compiled by 'make compiled' (mypyc) or pure Python; auto: compiled when "
                    "that build is fresh")
+    p.add_argument("--media", action="store_true",
+                   help="the media benchmark instead: sipfarm's relay against rtpengine userspace (packets/s at "
+                   "< 0.1%% loss and per relay CPU-second, calls at 50 pps each way, one stream at 25k+ pps); "
+                   "with --quick (~90 s) or --tiny (tests)")
+    p.add_argument("--media-relays", default="sipfarm,rtpengine", help="with --media: the relays to measure")
     p.add_argument("--out", type=Path, default=Path("results"), help="results/<timestamp>/ goes here")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     return p
@@ -561,6 +566,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     while args_list and args_list[0] == "--":  # `sipfarm bench -- --nodes 1,2`
         args_list.pop(0)
     args = build_parser().parse_args(args_list)
+    if args.media:
+        return media_main(args, args_list)
     settings = settings_from(args)
     fatal, notes = _missing_tools(settings)
     if fatal:
@@ -635,5 +642,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     if interrupted:
         return EXIT_INTERRUPTED
     if not results or all(r.error for r in results if r.kind == "sipfarm"):
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def media_main(args: argparse.Namespace, args_list: Sequence[str]) -> int:
+    """`sipfarm bench --media`: benchmarks.media_bench; results/<timestamp>/ gets summary.json
+    (its `media` key), summary.md and media.json."""
+    from benchmarks import media_bench, report  # noqa: PLC0415
+
+    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+    relays = tuple(name for name in args.media_relays.split(",") if name)
+    unknown = [name for name in relays if name not in media_bench.RELAYS]
+    if unknown or not relays:
+        print(f"sipfarm bench: --media-relays: expected some of {','.join(media_bench.RELAYS)}", file=sys.stderr)
+        return EXIT_MISSING_TOOL
+    missing = [tool for tool in ("gcc", "redis-server") if shutil.which(tool) is None and "sipfarm" in relays]
+    if missing:
+        print(f"sipfarm bench: --media needs {' and '.join(missing)} (apt-get install gcc redis-server)",
+              file=sys.stderr)
+        return EXIT_MISSING_TOOL
+    settings = media_bench.media_settings(mode, relays, args.build)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out: Path = (args.out / stamp).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    machine = machine_info()
+    started = time.monotonic()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    interrupted = False
+    media: dict[str, Any] | None = None
+
+    def log(text: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
+
+    try:
+        media = media_bench.run_media(settings, out / "raw", log=log)
+    except KeyboardInterrupt:
+        interrupted = True
+        log("sipfarm bench: interrupted; every process it started is stopped")
+    except media_bench.MediaBenchError as exc:
+        log(f"sipfarm bench: {exc}")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    command = "sipfarm bench " + " ".join(args_list)
+    summary = report.build_media_summary(media=media, machine=machine, command=command,
+                                         elapsed_s=time.monotonic() - started, interrupted=interrupted)
+    paths = report.write_media(out, summary)
+    print(json.dumps({k: str(v) for k, v in paths.items()}))
+    for line in report.media_headline(summary):
+        print(line)
+    if interrupted:
+        return EXIT_INTERRUPTED
+    if media is None or not media["relays"] or any(r["error"] for r in media["relays"].values()):
         return EXIT_FAILED
     return EXIT_OK

@@ -970,10 +970,14 @@ def markdown(media: dict[str, Any]) -> str:
             why = f"{calls['stopped_by']}: loss {cf['loss_pct']:.2f}%, CPU {cf['relay_cpu_pct']:.0f}%"
             cfail = f"{_f(cf['calls'])} ({why})"
         lines.append(
-            f"| {name} {r['version']} | {_f(pps.get('max_pps'))} ({pps.get('calls')} calls) | "
+            f"| {name} | {_f(pps.get('max_pps'))} ({pps.get('calls')} calls) | "
             f"{_f(pps.get('packets_per_cpu_s'))} | {_f(pps.get('relay_cpu_pct'))} | "
             f"{_f(calls.get('max_calls'))} | {fail} / {cfail} |"
         )
+    versions = [
+        f"{name}: {r['version']}" + (f", {r['note']}" if r["note"] else "") for name, r in media["relays"].items()
+    ]
+    lines += ["", "Relays: " + "; ".join(versions) + "."]
     ratio = media.get("ratio_sipfarm_to_rtpengine")
     if ratio:
         lines += [

@@ -318,3 +318,50 @@ def headline(summary: Mapping[str, Any]) -> list[str]:
         out.append(f"{t['name']}: {_f(t['max_rate']['register'])} REG/s, {_f(t['max_rate']['call'])} calls/s; "
                    f"{_f(_eff(t, 'register'))} REG and {_f(_eff(t, 'call'))} calls per server CPU-s")
     return out
+
+
+def build_media_summary(*, media: Mapping[str, Any] | None, machine: Mapping[str, Any], command: str,
+                        elapsed_s: float, interrupted: bool) -> dict[str, Any]:
+    """summary.json of `sipfarm bench --media` (the media benchmark's data under `media`)."""
+    return {
+        "schema": 1,
+        "kind": "media",
+        "command": command,
+        "elapsed_s": round(elapsed_s, 1),
+        "interrupted": interrupted,
+        "machine": dict(machine),
+        "media": dict(media) if media is not None else None,
+    }
+
+
+def media_markdown(summary: Mapping[str, Any]) -> str:
+    from benchmarks import media_bench  # noqa: PLC0415
+
+    m = summary["machine"]
+    lines = [
+        "# sipfarm media benchmark",
+        "",
+        f"`{summary['command']}`, {summary['elapsed_s']:.0f} s" + (" **(interrupted)**" if summary["interrupted"]
+                                                                    else ""),
+        f"Machine: {m['nproc']} CPUs, {m['cpu_model']}, kernel {m['kernel']}, load average at start "
+        f"{', '.join(f'{x:.2f}' for x in m['loadavg_at_start'])}.",
+        "",
+    ]
+    media = summary.get("media")
+    lines.append(media_bench.markdown(media) if media else "No media results (see the log).\n")
+    return "\n".join(lines)
+
+
+def write_media(out: Path, summary: Mapping[str, Any]) -> dict[str, Path]:
+    paths = {"json": out / "summary.json", "markdown": out / "summary.md", "media": out / "media.json"}
+    paths["json"].write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    paths["media"].write_text(json.dumps(summary.get("media"), indent=2, default=str) + "\n")
+    paths["markdown"].write_text(media_markdown(summary))
+    return paths
+
+
+def media_headline(summary: Mapping[str, Any]) -> list[str]:
+    from benchmarks import media_bench  # noqa: PLC0415
+
+    media = summary.get("media")
+    return media_bench.headline(media) if media else ["media: no results"]
