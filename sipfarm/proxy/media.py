@@ -29,7 +29,7 @@ Done = Callable[[SipError | None], None]
 
 
 class MediaHook(Protocol):
-    def offer(self, request: SipMessage, done: Done) -> None: ...
+    def offer(self, request: SipMessage, done: Done, *, to_webrtc: bool = False) -> None: ...
 
     def answer(self, response: SipMessage, done: Done) -> None: ...
 
@@ -39,7 +39,7 @@ class MediaHook(Protocol):
 class NoMedia:
     """Media goes straight between the phones."""
 
-    def offer(self, request: SipMessage, done: Done) -> None:
+    def offer(self, request: SipMessage, done: Done, *, to_webrtc: bool = False) -> None:
         done(None)
 
     def answer(self, response: SipMessage, done: Done) -> None:

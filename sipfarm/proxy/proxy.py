@@ -410,13 +410,16 @@ class Proxy:
                     raise NotFound("no such user", partial=msg)
                 assert isinstance(callee, Account)
                 raise TemporarilyUnavailable("user not registered", partial=msg)
-            targets = [self._binding_target(b, msg.call_id, initial=True) for b in bindings]
-            call.set_targets(t for t in targets if t is not None)
+            targets = [t for t in (self._binding_target(b, msg.call_id, initial=True) for b in bindings) if t]
+            call.set_targets(targets)
             call.record_route = msg.method in DIALOG_CREATING
             call.inbound = local.transport
             element.metrics.invite_seconds.observe(element.now() - call.started)
             if msg.method == b"INVITE" and msg.body:
-                self.media.offer(msg, partial(self._offered, call))
+                # every device a browser (RFC 7118 Contact transport): the offer asks for WebRTC
+                # media; a fork to browsers and desk phones at once gets the desk phones' kind
+                to_webrtc = bool(targets) and all(_websocket_uri(t.uri) for t in targets)
+                self.media.offer(msg, partial(self._offered, call), to_webrtc=to_webrtc)
             else:
                 self._start_group(call, element.now())
         except SipError as exc:
@@ -1090,6 +1093,12 @@ class Proxy:
         if uri.user is None and uri.host in self.element.identity.domains:
             return True
         return self.element.identity.names(uri)
+
+
+def _websocket_uri(uri: bytes) -> bool:
+    """A Contact reached over WebSocket (RFC 7118 5.2: ``;transport=ws`` or ``wss``)."""
+    at = uri.lower().find(b";transport=ws")
+    return at >= 0 and uri[at + 13 : at + 14] in (b"", b";", b"s", b">")
 
 
 def _ignore(_ip: str | None) -> None:

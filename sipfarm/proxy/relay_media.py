@@ -155,9 +155,10 @@ class RelayMedia:
 
     # -- MediaHook -------------------------------------------------------------------------------
 
-    def offer(self, request: SipMessage, done: Done) -> None:
+    def offer(self, request: SipMessage, done: Done, *, to_webrtc: bool = False) -> None:
         """A request that may carry SDP: an offer (INVITE, UPDATE, a PRACK not answering), an
-        answer (ACK; a PRACK answering an offer in a reliable 18x), or none (a late offer)."""
+        answer (ACK; a PRACK answering an offer in a reliable 18x), or none (a late offer).
+        ``to_webrtc``: the proxy knows the receiver is a browser (its Contact says WebSocket)."""
         from_tag = request.from_tag
         call_id = request.call_id
         if from_tag is None:
@@ -187,7 +188,7 @@ class RelayMedia:
         self._prune()
         message = self._message(b"offer", request, from_tag, to_tag)
         receiver = to_tag or b""
-        self._flags(message, call, sender=from_tag, receiver=receiver, msg=request, answer=False)
+        self._flags(message, call, sender=from_tag, receiver=receiver, msg=request, answer=False, to_webrtc=to_webrtc)
         if to_tag is None:
             # a new call: the relay the table picks (no record to read)
             self._new_offer(request, done, message, from_tag)
@@ -433,10 +434,11 @@ class RelayMedia:
         receiver: bytes,
         msg: SipMessage,
         answer: bool,
+        to_webrtc: bool = False,
     ) -> None:
         """rtpengine's flags for the media going from ``sender``'s SDP to ``receiver``."""
         message["replace"] = _REPLACE
-        to_webrtc = call is not None and receiver in call.webrtc
+        to_webrtc = to_webrtc or (call is not None and receiver in call.webrtc)
         if msg.is_request:
             from_webrtc = _from_webrtc(msg)
             if from_webrtc and call is not None:
@@ -445,6 +447,11 @@ class RelayMedia:
             # a response: its bottom Via is the requester's, the receiver of this SDP
             from_webrtc = _SAVPF in msg.body
             to_webrtc = to_webrtc or _from_webrtc_via(msg)
+            if call is not None:
+                if from_webrtc:
+                    call.webrtc.add(sender)  # later offers towards it ask for WebRTC media
+                if to_webrtc:
+                    call.webrtc.add(receiver)
         if to_webrtc:
             message["ICE"] = b"force"
             message["DTLS"] = b"passive"

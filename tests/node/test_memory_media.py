@@ -564,3 +564,17 @@ def test_the_answer_to_a_browser_caller_asks_for_webrtc_media() -> None:
     assert answer[b"DTLS"] == b"passive"
     assert answer[b"transport-protocol"] == b"UDP/TLS/RTP/SAVPF"
     assert answer[b"rtcp-mux"] == [b"require"]
+
+
+def test_a_desk_phone_calling_a_browser_offers_it_webrtc_media() -> None:
+    mf = MediaFarm()
+    alice = mf.farm.phone("alice", "10.0.0.1")
+    bob = mf.farm.phone("bob", "10.0.0.2", contact="sip:bob@10.0.0.2:5060;transport=ws")
+    for phone in (alice, bob):
+        assert phone.register().status == 200  # type: ignore[union-attr]
+    alice.authenticated(invite(alice, "desk-to-browser"))
+    offer = mf.ng_log[0]
+    assert offer[b"ICE"] == b"force"
+    assert offer[b"transport-protocol"] == b"UDP/TLS/RTP/SAVPF"
+    assert offer[b"DTLS"] == b"passive"
+    assert offer[b"rtcp-mux"] == [b"offer"]
