@@ -27,13 +27,43 @@ SendFn = Callable[..., bool]  # TransportManager.send(data, dest, *, connect=...
 _FLOW_FAILURE_ROUNDS = 8
 
 
+class LazyTimer:
+    """One ``call_at`` timer kept no later than the earliest deadline asked for: an early fire
+    for nothing is cheaper than cancelling and re-arming on every message (the handler re-arms
+    for what is left)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fire: Callable[[], None]) -> None:
+        self.loop = loop
+        self._fire = fire
+        self._handle: asyncio.TimerHandle | None = None
+        self._at: float | None = None
+
+    def arm(self, deadline: float | None) -> None:
+        if deadline is None or (self._at is not None and self._at <= deadline):
+            return  # armed early enough: when it fires, the next drain re-arms
+        if self._handle is not None:
+            self._handle.cancel()
+        self._at = deadline
+        self._handle = self.loop.call_at(deadline, self._fired)
+
+    def _fired(self) -> None:
+        self._handle = None
+        self._at = None
+        self._fire()
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+            self._at = None
+
+
 class NodeGlue:
     def __init__(self, core: NodeCore, send: SendFn, loop: asyncio.AbstractEventLoop) -> None:
         self.core = core
         self.send = send
         self.loop = loop
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self._timer = LazyTimer(loop, self._on_timer)
         # the UDP socket requests leave from: the one our Via names (a worker's private port),
         # since peers answer to the source port (RFC 3581)
         self.request_socket: Address | None = None
@@ -83,28 +113,16 @@ class NodeGlue:
             now = self.loop.time()
             for dest in failed:
                 core.transport_failure(dest, now)
-        deadline = core.next_deadline()
-        if deadline is None:
-            return
-        if self._timer_at is not None and self._timer_at <= deadline:
-            return  # armed early enough: when it fires, the next drain re-arms for what is left
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = deadline
-        self._timer = self.loop.call_at(deadline, self._on_timer)
+        self._timer.arm(core.next_deadline())
 
     def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
         try:
             self.core.handle_timer(self.loop.time())
         finally:
             self.drain()
 
     def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.cancel()
 
 
 class NgEndpoint(asyncio.DatagramProtocol):
@@ -119,8 +137,7 @@ class NgEndpoint(asyncio.DatagramProtocol):
         self.loop = loop
         self.after = after
         self.transport: asyncio.DatagramTransport | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self._timer = LazyTimer(loop, self._on_timer)
         client.wake = self.flush
 
     @classmethod
@@ -151,17 +168,9 @@ class NgEndpoint(asyncio.DatagramProtocol):
         for data, relay in self.client.datagrams_to_send():
             if transport is not None:
                 transport.sendto(data, relay)
-        deadline = self.client.next_deadline()
-        if deadline is None or (self._timer_at is not None and self._timer_at <= deadline):
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = deadline
-        self._timer = self.loop.call_at(deadline, self._on_timer)
+        self._timer.arm(self.client.next_deadline())
 
     def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
         try:
             self.client.handle_timer(self.loop.time())
         finally:
@@ -169,8 +178,6 @@ class NgEndpoint(asyncio.DatagramProtocol):
             self.after()
 
     def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.cancel()
         if self.transport is not None:
             self.transport.close()
