@@ -345,7 +345,7 @@ _DUMP_PEER = re.compile(r"#\d+\s+audio\b[^\n]*\bpeer=(\S+?)(?:,|\s|$)", re.MULTI
 
 def parse_call_dump(dump: str) -> JsonObject:
     """RX/TX packet totals (summed over media lines), RX loss, the codec and the first audio
-    stream's peer (its RTP destination) from a call dump."""
+    stream's peer (the source of the RTP it receives) from a call dump."""
     totals = {"RX": 0, "TX": 0}
     seen = False
     for direction, count in _DUMP_DIR.findall(dump):
@@ -361,7 +361,7 @@ def parse_call_dump(dump: str) -> JsonObject:
         "tx_packets": totals["TX"],
         "rx_lost": int(loss.group(1)) if loss else 0,
         "codec": codec.group(1) if codec else None,
-        # where the first audio stream sends its RTP: the address:port the far SDP named
+        # where the first audio stream's RTP last came from (pjsua's src_rtp_name), "-" before any
         "peer": peer.group(1) if peer else None,
     }
 

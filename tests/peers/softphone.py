@@ -72,7 +72,7 @@ class CallStats:
     tx_packets: int
     rx_lost: int
     codec: str | None
-    peer: str | None = None  # "host:port" the audio stream sends RTP to (what the far SDP named)
+    peer: str | None = None  # "host:port" the audio stream's RTP comes from ("-" before the first packet)
 
 
 class Softphone:

@@ -4,8 +4,8 @@ Every phone is a pjsua2 agent (``pjsua_agent.py``) in the loopback-only namespac
 the balancer over UDP. What a user (or the operator watching the relay) would notice:
 
 * a call through the relay: the SDP each phone receives names the relay (127.0.0.1, a port of its
-  range), each phone's RTP goes there (the stream's peer in pjsua's call dump), each side's
-  recording holds the other side's tone, the relay's ng ``query`` counts packets on both legs,
+  range), the RTP each phone receives comes from that port (the stream's peer in pjsua's call
+  dump), each side's recording holds the other side's tone, the relay's ng ``query`` counts packets on both legs,
   and after the hang-up the relay no longer knows the call and every port of its range is free;
 * NAT: a phone whose SDP names an address it does not send from (127.0.0.99 while its RTP leaves
   from 127.0.0.1: a phone behind NAT that believes its public address; nothing leaves loopback)
@@ -14,8 +14,11 @@ the balancer over UDP. What a user (or the operator watching the relay) would no
   every ~0.3 s, hand-made UDP phones: a pjsua call takes longer than that to set up and check);
   every call set up from 2 s after the kill on has media through the survivor, both ways.
 
-The farms are built here (``start_relay`` + ``SIPFARM_RELAYS`` before the node): the failover
-needs two relays named in a static list, the others one relay whose ports the test can count.
+The first two run through ``default_farm`` (what ``make run`` starts: one relay, the node
+anchoring every call at the relays of the cluster). The failover builds its own farm with two
+relays (``start_relay`` + ``SIPFARM_RELAYS`` before the node), named either in a static list
+(a call starts on the relay a CRC-32 of its Call-ID picks) or as ``cluster`` (the least
+loaded relay of the membership); ``SIPFARM_RELAY_TIMEOUT`` 0.5 s.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
-from fixtures.farm import DOMAIN, BalancerProcess, NodeProcess, SipClient, wait_nodes_usable
+from fixtures.default_farm import DefaultFarm
+from fixtures.farm import BalancerProcess, NodeProcess, SipClient, wait_nodes_usable
 from fixtures.matrix import Cell
 from fixtures.media_phones import (
     CALLEE_HOST,
@@ -83,21 +87,13 @@ RTP_COUNT = 10
 
 
 @dataclass
-class RelayFarm:
-    """A balancer, one node, and the relays the node anchors every call at."""
+class TwoRelayFarm:
+    """A balancer, one node, and the two relays the node anchors every call at."""
 
     node: NodeProcess
     balancer: BalancerProcess
     relays: list[RelayProcess]
     accounts: dict[str, str]
-    domain: str = DOMAIN
-
-    @property
-    def proxy(self) -> str:
-        return f"127.0.0.1:{self.balancer.port}"
-
-    def aor(self, user: str) -> str:
-        return f"sip:{user}@{self.domain}"
 
     def logs(self) -> str:
         parts = [f"--- node log\n{self.node.log()[-4000:]}", f"--- balancer log\n{self.balancer.log()[-2000:]}"]
@@ -105,41 +101,24 @@ class RelayFarm:
         return "\n".join(parts)
 
 
-@contextlib.contextmanager
-def relay_farm(
-    count: int,
-    redis_url: str,
-    accounts: dict[str, str],
-    start_node: Callable[..., NodeProcess],
-    start_balancer: Callable[..., BalancerProcess],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> Iterator[RelayFarm]:
+@pytest.fixture(params=["list", "cluster"], ids=["relay-list", "relays-of-the-cluster"])
+def two_relay_farm(  # type: ignore[no-untyped-def]
+    request, redis_url, accounts, start_node, start_balancer, tmp_path, monkeypatch
+) -> Iterator[TwoRelayFarm]:
     relays: list[RelayProcess] = []
     try:
-        while len(relays) < count:
+        while len(relays) < 2:
             relays.append(start_relay(redis_url, tmp_path))
-        monkeypatch.setenv("SIPFARM_RELAYS", ",".join(f"{r.ng[0]}:{r.ng[1]}" for r in relays))
+        listed = ",".join(f"{r.ng[0]}:{r.ng[1]}" for r in relays)
+        monkeypatch.setenv("SIPFARM_RELAYS", listed if request.param == "list" else "cluster")
         monkeypatch.setenv("SIPFARM_RELAY_TIMEOUT", str(RELAY_TIMEOUT_S))
         node = start_node(redis_url, "node1")
         balancer = start_balancer(redis_url, allow_loopback=True)
         wait_nodes_usable(balancer, 1)
-        yield RelayFarm(node, balancer, relays, dict(accounts))
+        yield TwoRelayFarm(node, balancer, relays, dict(accounts))
     finally:
         for relay in relays:
             relay.stop()
-
-
-@pytest.fixture
-def one_relay_farm(redis_url, accounts, start_node, start_balancer, tmp_path, monkeypatch) -> Iterator[RelayFarm]:  # type: ignore[no-untyped-def]
-    with relay_farm(1, redis_url, accounts, start_node, start_balancer, tmp_path, monkeypatch) as farm:
-        yield farm
-
-
-@pytest.fixture
-def two_relay_farm(redis_url, accounts, start_node, start_balancer, tmp_path, monkeypatch) -> Iterator[RelayFarm]:  # type: ignore[no-untyped-def]
-    with relay_farm(2, redis_url, accounts, start_node, start_balancer, tmp_path, monkeypatch) as farm:
-        yield farm
 
 
 # -- relay observations -------------------------------------------------------------------------------
@@ -179,8 +158,17 @@ def eventually(check: Callable[[], bool], within: float, what: str) -> None:
 # -- phones ------------------------------------------------------------------------------------------
 
 
+class Farm(Protocol):
+    domain: str
+    accounts: dict[str, str]
+
+    def proxy(self, transport: str) -> str: ...
+
+    def logs(self) -> str: ...
+
+
 @contextlib.contextmanager
-def phones(farm: RelayFarm, tmp_path: Path, **public: str | None) -> Iterator[tuple[Softphone, Softphone]]:
+def phones(farm: Farm, tmp_path: Path, **public: str | None) -> Iterator[tuple[Softphone, Softphone]]:
     """alice and bob, registered over UDP, auto-answering, each playing its tone into every call;
     ``public``: a phone's media public address (``alice="127.0.0.99"``)."""
     with contextlib.ExitStack() as stack:
@@ -191,7 +179,7 @@ def phones(farm: RelayFarm, tmp_path: Path, **public: str | None) -> Iterator[tu
             started.append(phone)
         for phone, hz in zip(started, (ALICE_HZ, BOB_HZ), strict=True):
             code = phone.register(
-                farm.proxy,
+                farm.proxy("udp"),
                 phone.name,
                 farm.domain,
                 farm.accounts[phone.name],
@@ -221,9 +209,9 @@ class Call:
     bob_got: str  # the offer in the INVITE bob received
 
 
-def connect(farm: RelayFarm, alice: Softphone, bob: Softphone) -> Call:
+def connect(farm: Farm, alice: Softphone, bob: Softphone) -> Call:
     a_since, b_since = alice.mark(), bob.mark()
-    alice_id = alice.call(farm.aor("bob"))
+    alice_id = alice.call(f"sip:bob@{farm.domain}")
     incoming = bob.wait_for(lambda e: e["event"] == "incoming_call", EVENT_S, b_since)
     bob_id = int(incoming["call_id"])
     confirmed = alice.wait_for(is_call_state("CONFIRMED", alice_id), EVENT_S, a_since)
@@ -286,10 +274,10 @@ def target(sdp: str) -> tuple[str, int]:
 
 
 def test_call_media_through_the_relay_both_ways_and_freed_after_hangup(
-    one_relay_farm: RelayFarm, matrix: Callable[..., Cell], tmp_path: Path
+    default_farm: DefaultFarm, matrix: Callable[..., Cell], tmp_path: Path
 ) -> None:
-    farm = one_relay_farm
-    relay = farm.relays[0]
+    farm = default_farm
+    relay = farm.relay
     cell = matrix(CLIENT, "udp", "relay")
     assert free_ports(relay) == RANGE
     with phones(farm, tmp_path) as (alice, bob):
@@ -301,12 +289,13 @@ def test_call_media_through_the_relay_both_ways_and_freed_after_hangup(
         assert in_range(relay, bob_to), f"bob's INVITE names {bob_to}:\n{call.bob_got}"
         assert alice_to != bob_to
         assert target(call.alice_sent) != alice_to and target(call.bob_sent) != bob_to  # not end to end
-        assert alice.stats(call.alice_id).peer == f"{alice_to[0]}:{alice_to[1]}"
-        assert bob.stats(call.bob_id).peer == f"{bob_to[0]}:{bob_to[1]}"
 
         alice_heard, bob_heard = listen(alice, bob, call, tmp_path, "relayed")
         assert_tone(alice_heard, BOB_HZ, "alice")
         assert_tone(bob_heard, ALICE_HZ, "bob")
+        # what each phone hears comes from the relay port it sends to (symmetric RTP)
+        assert alice.stats(call.alice_id).peer == f"{alice_to[0]}:{alice_to[1]}"
+        assert bob.stats(call.bob_id).peer == f"{bob_to[0]}:{bob_to[1]}"
 
         # the relay counted both legs: what alice sent arrived on her port, bob's on his
         reply = query(relay, call.call_id)
@@ -329,10 +318,10 @@ def test_call_media_through_the_relay_both_ways_and_freed_after_hangup(
 
 @pytest.mark.parametrize("natted", ["alice", "bob"], ids=["caller-behind-nat", "callee-behind-nat"])
 def test_phone_whose_sdp_names_another_address_has_audio_both_ways(
-    one_relay_farm: RelayFarm, matrix: Callable[..., Cell], tmp_path: Path, natted: str
+    default_farm: DefaultFarm, matrix: Callable[..., Cell], tmp_path: Path, natted: str
 ) -> None:
-    farm = one_relay_farm
-    relay = farm.relays[0]
+    farm = default_farm
+    relay = farm.relay
     cell = matrix(CLIENT, "udp", "nat latching")
     with phones(farm, tmp_path, **{natted: NAT_ADDRESS}) as (alice, bob):
         call = connect(farm, alice, bob)
@@ -383,7 +372,7 @@ def recv_for(client: SipClient, call_id: str, want: Callable[[SipMessage], bool]
     return None
 
 
-def place_call(farm: RelayFarm, bob: SipClient, bob_rtp_host: str, ask: list[RelayProcess]) -> Attempt:
+def place_call(farm: TwoRelayFarm, bob: SipClient, bob_rtp_host: str, ask: list[RelayProcess]) -> Attempt:
     """alice (a fresh UDP phone) calls bob through the balancer; bob answers; RTP both ways; the
     relays in ``ask`` are queried for the call; BYE."""
     attempt = Attempt(time.monotonic(), secrets.token_hex(10))
@@ -459,7 +448,7 @@ def received(sock: Any, within: float = 0.5) -> list[bytes]:
 
 
 def test_new_calls_get_media_through_the_other_relay_when_one_is_killed(
-    two_relay_farm: RelayFarm, record_property: Callable[[str, object], None]
+    two_relay_farm: TwoRelayFarm, record_property: Callable[[str, object], None]
 ) -> None:
     farm = two_relay_farm
     bob = SipClient(CALLEE_HOST)
