@@ -42,6 +42,9 @@ MODULES=(
     sipfarm/store/resp.py
     sipfarm/proxy/forking.py
     sipfarm/proxy/media.py
+    sipfarm/proxy/relay_media.py
+    sipfarm/proxy/relay_choice.py
+    sipfarm/store/media.py
     sipfarm/routing/router.py
     sipfarm/store/location.py
     sipfarm/store/accounts.py

@@ -39,9 +39,12 @@ WebRTC gateway flags).  sipfarm's own relay does not bridge DTLS-SRTP and refuse
 ("not supported"): the call then goes with its SDP untouched (browsers talk ICE to each other),
 whatever ``on_failure`` says, and is counted ``unanchored_webrtc``.
 
-Forking: the offer is anchored once, before the branches; each branch's answer is passed with
-its own To tag, the relay keeps the newest (the 2xx's, in the end).  Per-branch sessions
-(rtpengine's ``via-branch`` legs) are not requested.
+Forking: the offer is anchored once, before the branches (with WebRTC flags when every
+device of the callee is a browser); each branch's 18x/2xx answer goes to the relay with its own
+To tag, which keeps a leg per To tag (rtpengine and ``sipfarm relay`` alike): the newest answer
+directs the media, so early media follows the device that last answered and the 2xx's device
+has the call.  A fork to browsers and desk phones at once gets one offer for all (the desk
+phones' kind): per-branch offers are not made.
 """
 
 from __future__ import annotations
