@@ -36,6 +36,7 @@ def _flags(args: argparse.Namespace) -> dict[str, object]:
     return {
         "ng": args.ng,
         "media_address": args.media_address,
+        "advertise": getattr(args, "advertise", None),
         "port_min": args.port_min,
         "port_max": args.port_max,
         "media_timeout": args.media_timeout,
@@ -94,7 +95,7 @@ async def serve(cfg: RelayConfig, *, ready: asyncio.Event | None = None) -> None
         max_sessions=cfg.max_sessions,
     )
     server = RelayServer(engine, cfg.media_address, receive_buffer=cfg.udp_recv_buffer or None)
-    controller = NgController(server, cfg.media_address, engine.clock)
+    controller = NgController(server, cfg.advertise or cfg.media_address, engine.clock)
 
     def expired(stats: CallStats) -> None:
         controller.forget(stats.call_id)

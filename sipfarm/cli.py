@@ -189,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     relay.add_argument("--config", help="TOML file ([relay] section)")
     relay.add_argument("--ng", help="HOST:PORT of the ng control socket, UDP (default 127.0.0.1:2223)")
     relay.add_argument("--media-address", help="IP the media ports bind and the SDPs name (default 127.0.0.1)")
+    relay.add_argument("--advertise", help="IP the SDPs name instead of --media-address (NAT, containers)")
     relay.add_argument("--port-min", type=int, help="first media port (default 30000)")
     relay.add_argument("--port-max", type=int, help="last media port (default 39999)")
     relay.add_argument("--media-timeout", type=float, help="seconds of silence that free a call (default 60)")

@@ -332,6 +332,9 @@ class RelayConfig:
     ng: str = "127.0.0.1:2223"  # HOST:PORT of the ng control socket (UDP)
     # IP the relay binds its media ports on and writes into the SDPs it anchors
     media_address: str = "127.0.0.1"
+    # IP written into the SDPs instead, when phones reach the relay at another address (a
+    # public IP mapped to media_address by NAT or a container's published ports)
+    advertise: str = ""
     port_min: int = 30000
     port_max: int = 39999
     media_timeout: float = 60.0  # seconds of silence after which a call is freed
@@ -357,6 +360,11 @@ class RelayConfig:
             ipaddress.ip_address(self.media_address)
         except ValueError:
             raise ConfigError(f"media_address: expected an IP address, got {self.media_address!r}") from None
+        if self.advertise:
+            try:
+                ipaddress.ip_address(self.advertise)
+            except ValueError:
+                raise ConfigError(f"advertise: expected an IP address, got {self.advertise!r}") from None
         _check_range("port_min", self.port_min, 1024, 65535)
         _check_range("port_max", self.port_max, 1024, 65535)
         if self.port_min + (self.port_min & 1) + 1 > self.port_max:  # RTP even, RTCP odd (RFC 3550 11)

@@ -212,6 +212,21 @@ def test_media_timeout_frees_a_silent_call(redis_url: str, tmp_path: Path) -> No
         assert stop(relay) == 0, relay.log()[-2000:]
 
 
+def test_advertise_names_another_address_in_the_sdp(redis_url: str, tmp_path: Path) -> None:
+    """Behind NAT or in a container the SDPs name the address phones reach, not the bound one."""
+    relay = start_relay(redis_url, tmp_path, "--advertise", "127.0.0.77")
+    try:
+        offer = ng_request(
+            relay.ng,
+            {"command": "offer", "call-id": "nat@test", "from-tag": "a", "sdp": phone_sdp("127.0.0.2", 40000)},
+        )
+        host, port = sdp_target(offer[b"sdp"])
+        assert host == "127.0.0.77"
+        assert relay.port_min <= port < relay.port_min + RANGE
+    finally:
+        assert stop(relay) == 0, relay.log()[-2000:]
+
+
 def test_bad_configuration_is_one_clear_line(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "sipfarm", "relay", "--port-min", "30001", "--port-max", "30002"],
