@@ -344,8 +344,7 @@ _DUMP_PEER = re.compile(r"#\d+\s+audio\b[^\n]*\bpeer=(\S+?)(?:,|\s|$)", re.MULTI
 
 
 def parse_call_dump(dump: str) -> JsonObject:
-    """RX/TX packet totals (summed over media lines), RX loss, the codec and the first audio
-    stream's peer (the source of the RTP it receives) from a call dump."""
+    """RX/TX packet totals (summed over media lines), RX loss and the codec from a call dump."""
     totals = {"RX": 0, "TX": 0}
     seen = False
     for direction, count in _DUMP_DIR.findall(dump):
@@ -354,16 +353,20 @@ def parse_call_dump(dump: str) -> JsonObject:
     rx_section = dump.split("RX", 1)[1] if "RX" in dump else ""
     loss = _DUMP_LOSS.search(rx_section)
     codec = _DUMP_CODEC.search(dump)
-    peer = _DUMP_PEER.search(dump)
     return {
         "has_media": seen,
         "rx_packets": totals["RX"],
         "tx_packets": totals["TX"],
         "rx_lost": int(loss.group(1)) if loss else 0,
         "codec": codec.group(1) if codec else None,
-        # where the first audio stream's RTP last came from (pjsua's src_rtp_name), "-" before any
-        "peer": peer.group(1) if peer else None,
     }
+
+
+def call_dump_peer(dump: str) -> str | None:
+    """Where the first audio stream's RTP last came from ("host:port", pjsua's ``src_rtp_name``;
+    "-" before the first packet), from a call dump."""
+    peer = _DUMP_PEER.search(dump)
+    return peer.group(1) if peer else None
 
 
 def write_tone_wav(path: str, hz: float, seconds: int = TONE_SECONDS, rate: int = TONE_RATE) -> None:
@@ -1002,11 +1005,12 @@ class Agent:
 
     def cmd_stats(self, cmd: JsonObject) -> JsonObject:
         call_id = self.pick_call(cmd)
-        stats = parse_call_dump(self.c.call_dump(call_id))
+        dump = self.c.call_dump(call_id)
+        stats = parse_call_dump(dump)
         if not stats["has_media"] and call_id in self.media:
             stats = self.media[call_id].last_stats or stats
         info = self.calls[call_id].info
-        return {"call_id": call_id, "state": info.state.name, **stats}
+        return {"call_id": call_id, "state": info.state.name, **stats, "peer": call_dump_peer(dump)}
 
     def cmd_calls(self, cmd: JsonObject) -> JsonObject:
         calls = [{"call_id": cid, "state": call.info.state.name} for cid, call in self.calls.items()]
