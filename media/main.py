@@ -106,6 +106,13 @@ async def serve(cfg: RelayConfig, *, ready: asyncio.Event | None = None) -> None
     ng_host, ng_port = _split_hostport(cfg.ng)
     ng = await NgServer.listen(controller, ng_host, ng_port)
     bound_host, bound_port = ng.address
+    # an SDP naming the relay's own ng socket or media ports is never sent to before latching
+    # (a loop, or ng datagrams made of RTP): the relay's addresses are its own, as a node's are
+    media_hosts = {cfg.media_address, cfg.advertise or cfg.media_address}
+    policy.add_own(
+        [(bound_host, bound_port)]
+        + [(host, port) for host in media_hosts for port in range(cfg.port_min, cfg.port_max + 1)]
+    )
     control = f"udp:[{bound_host}]:{bound_port}" if ":" in bound_host else f"udp:{bound_host}:{bound_port}"
     media = f"[{cfg.media_address}]" if ":" in cfg.media_address else cfg.media_address
     if cfg.metrics:

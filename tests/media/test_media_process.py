@@ -227,6 +227,43 @@ def test_advertise_names_another_address_in_the_sdp(redis_url: str, tmp_path: Pa
         assert stop(relay) == 0, relay.log()[-2000:]
 
 
+def test_an_sdp_naming_the_relay_itself_gets_nothing_before_latching(relay: RelayProcess) -> None:
+    """An offer whose SDP names the relay's own ng socket (or one of its media ports): media
+    towards it waits for the phone to send (latch); nothing goes to the relay's own sockets."""
+    bob = phone("127.0.0.3")
+    try:
+        for target in (relay.ng[1], relay.port_min + RANGE - 2):
+            call_id = f"self-{target}@test"
+            offer = ng_request(
+                relay.ng,
+                {"command": "offer", "call-id": call_id, "from-tag": "a", "sdp": phone_sdp("127.0.0.1", target)},
+            )
+            assert offer[b"result"] == b"ok", offer
+            to_relay = sdp_target(offer[b"sdp"])
+            answer = ng_request(
+                relay.ng,
+                {
+                    "command": "answer",
+                    "call-id": call_id,
+                    "from-tag": "a",
+                    "to-tag": "b",
+                    "sdp": phone_sdp("127.0.0.3", bob.getsockname()[1]),
+                },
+            )
+            assert answer[b"result"] == b"ok", answer
+            for seq in range(5):
+                bob.sendto(rtp(seq), to_relay)
+
+        def dropped() -> bool:
+            text = metrics_text(relay)
+            return metric(text, 'sipfarm_relay_dropped_packets_total{reason="no_destination"}') == 10
+
+        eventually(dropped)
+        assert metric(metrics_text(relay), 'sipfarm_relay_ng_errors_total{kind="dropped"}') == 0
+    finally:
+        bob.close()
+
+
 def test_bad_configuration_is_one_clear_line(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "sipfarm", "relay", "--port-min", "30001", "--port-max", "30002"],
