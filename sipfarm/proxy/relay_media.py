@@ -98,6 +98,7 @@ class _Call:
     relay: RelayAddress | None  # None: the call's media goes end to end (not anchored)
     offerer: bytes | None = None  # tag of the party whose offer awaits an answer
     webrtc: set[bytes] = field(default_factory=set)  # tags of WebRTC parties
+    unsupported: bool = False  # a relay refused its media kind: its offers go end to end
     expires: float | None = None  # set once answered: then forgotten after REMEMBER_SECONDS
 
 
@@ -185,8 +186,8 @@ class RelayMedia:
             self._flags(message, call, sender=from_tag, receiver=to_tag, msg=request, answer=True)
             self._with_relay(call_id, call, partial(self._send_answer, request, done, message, call_id))
             return
-        if method == b"ACK":
-            done(None)
+        if method == b"ACK" or (call is not None and call.unsupported):
+            done(None)  # an ACK without an offer to answer; a call no relay can carry
             return
         self._prune()
         message = self._message(b"offer", request, from_tag, to_tag)
@@ -274,13 +275,14 @@ class RelayMedia:
         self._calls.move_to_end(call_id)
         return call
 
-    def _unanchored(self, call_id: bytes, offerer: bytes) -> None:
+    def _unanchored(self, call_id: bytes, offerer: bytes) -> _Call:
         """An offer that went end to end: its answer will too. A call anchored before keeps
         its relay (a failed in-dialog offer leaves the session as it was)."""
         call = self._calls.get(call_id)
         if call is None:
             call = self._calls[call_id] = _Call(None)
         call.offerer = offerer
+        return call
 
     def _release_recorded(self, call_id: bytes, recorded: str | None) -> None:
         relay = _parse_address(recorded) if recorded else None
@@ -367,7 +369,7 @@ class RelayMedia:
             # a relay that cannot bridge this media (WebRTC on sipfarm's relay): end to end
             self._counted("unanchored_webrtc")
             log.info("event=media_unanchored reason=unsupported call_id=%s", cid)
-            self._unanchored(call_id, offerer)
+            self._unanchored(call_id, offerer).unsupported = True
             done(None)
             return
         self._counted("relay_timeout" if isinstance(error, NgTimeout) else "relay_refused")

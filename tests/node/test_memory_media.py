@@ -546,6 +546,12 @@ def test_a_browser_offer_asks_the_relay_for_plain_rtp_towards_the_desk_phone() -
     ok = alice.last(200, b"INVITE")
     assert ok is not None and b"10.0.0.2" in ok.body
     assert mf.commands() == [b"offer"]  # the answer too goes end to end
+    alice.ack(ok)
+    hold = alice.in_dialog("INVITE", ok)
+    hold.set_body(WEBRTC_SDP.replace(b"a=rtcp-mux", b"a=sendonly"), b"application/sdp")
+    alice.send(hold, alice.first_hop(hold))
+    assert b"a=sendonly" in bob.requests(b"INVITE")[-1].body
+    assert mf.commands() == [b"offer"]  # no relay asked again for a call none can carry
 
 
 def test_the_answer_to_a_browser_caller_asks_for_webrtc_media() -> None:
