@@ -197,7 +197,7 @@ class RelayMedia:
             # a new call: the relay the table picks (no record to read)
             self._new_offer(request, done, message, from_tag)
             return
-        self._with_relay(call_id, call, partial(self._in_dialog_offer, request, done, message, from_tag))
+        self._with_relay(call_id, call, partial(self._offer_on, request, done, message, from_tag))
 
     def answer(self, response: SipMessage, done: Done) -> None:
         """An 18x/2xx with SDP: the answer to its request's offer, or a (late) offer."""
@@ -221,7 +221,7 @@ class RelayMedia:
         # 18x): the responder offers, the requester answers in the ACK or PRACK
         message = self._message(b"offer", response, to_tag, from_tag)
         self._flags(message, call, sender=to_tag, receiver=from_tag, msg=response, answer=False)
-        self._with_relay(call_id, call, partial(self._late_offer, response, done, message, to_tag))
+        self._with_relay(call_id, call, partial(self._offer_on, response, done, message, to_tag))
 
     def release(self, call_id: bytes, from_tag: bytes | None) -> None:
         """ng delete of the whole call on its relay, fire and forget (the relay's media
@@ -300,19 +300,12 @@ class RelayMedia:
         candidates = self.table.choose(msg.call_id, self.clock())
         self._try_offer(msg, done, message, offerer, candidates, 0)
 
-    def _in_dialog_offer(
+    def _offer_on(
         self, msg: SipMessage, done: Done, message: dict[str, Value], offerer: bytes, relay: RelayAddress | None
     ) -> None:
-        if relay is None:
-            # not anchored by this farm, or its record lost: anchor it now (the relay the table
-            # picks answers an unknown call's offer as a new session)
-            self._new_offer(msg, done, message, offerer)
-            return
-        self._send(relay, message, partial(self._offered, msg, done, message, offerer, [relay], 0))
-
-    def _late_offer(
-        self, msg: SipMessage, done: Done, message: dict[str, Value], offerer: bytes, relay: RelayAddress | None
-    ) -> None:
+        """An offer of a call that may be anchored already (in dialog, or in a response): on
+        the relay holding it, else (not anchored by this farm, or its record lost) anchored now
+        on the relay the table picks, which answers an unknown call's offer as a new session."""
         if relay is None:
             self._new_offer(msg, done, message, offerer)
             return
