@@ -10,55 +10,28 @@ import time
 
 import pytest
 from fixtures.farm import DOMAIN, SipClient, wait_nodes_usable
+from fixtures.ws_phone import ws_contact, ws_recv, ws_register
 from lbhelpers import Caller, answer
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 
 from sipfarm.sip import auth
-from sipfarm.sip.message import SipMessage
-from sipfarm.sip.parser import parse_message
 
 pytestmark = pytest.mark.timeout(60)
 
-WS_CONTACT = "<sip:alice@xyz.invalid;transport=ws>"
-
-
-def ws_register(call_id: str, cseq: int, authorization: bytes | None = None) -> str:
-    lines = [
-        f"REGISTER sip:{DOMAIN} SIP/2.0",
-        f"Via: SIP/2.0/WS xyz.invalid;branch=z9hG4bK{secrets.token_hex(8)}",
-        "Max-Forwards: 70",
-        f"From: <sip:alice@{DOMAIN}>;tag=ws{cseq}",
-        f"To: <sip:alice@{DOMAIN}>",
-        f"Call-ID: {call_id}",
-        f"CSeq: {cseq} REGISTER",
-        f"Contact: {WS_CONTACT};expires=300",
-        "Supported: path, outbound",
-    ]
-    if authorization is not None:
-        lines.append(f"Authorization: {authorization.decode()}")
-    return "\r\n".join([*lines, "Content-Length: 0", "", ""])
-
-
-async def ws_recv(ws: ClientConnection, want: bytes | int, timeout: float = 5.0) -> SipMessage:
-    """The next message that is request ``want`` (method) or a final response ``want`` (status)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        data = await asyncio.wait_for(ws.recv(), max(0.01, deadline - time.monotonic()))
-        msg = parse_message(data.encode() if isinstance(data, str) else bytes(data))
-        if (isinstance(want, bytes) and msg.method == want) or (isinstance(want, int) and msg.status == want):
-            return msg
+WS_CONTACT = ws_contact("alice")
 
 
 async def ws_scenario(ws_url: str, lb_address: tuple[str, int], accounts: dict[str, str]) -> None:
     async with connect(ws_url, subprotocols=["sip"]) as ws:  # type: ignore[list-item]
         assert ws.subprotocol == "sip"
         call_id = secrets.token_hex(8)
-        await ws.send(ws_register(call_id, 1))
+        await ws.send(ws_register("alice", call_id, 1))
         challenge_msg = await ws_recv(ws, 401)
         challenge = auth.parse_challenge(challenge_msg.get_all("www-authenticate")[0])
-        creds = auth.build_credentials(challenge, "alice", accounts["alice"], "REGISTER", f"sip:{DOMAIN}",
-                                       secrets.token_hex(4))
-        await ws.send(ws_register(call_id, 2, creds))
+        creds = auth.build_credentials(
+            challenge, "alice", accounts["alice"], "REGISTER", f"sip:{DOMAIN}", secrets.token_hex(4)
+        )
+        await ws.send(ws_register("alice", call_id, 2, creds))
         ok = await ws_recv(ws, 200)
         assert any(b"xyz.invalid" in c for c in ok.values("contact"))
 

@@ -15,56 +15,28 @@ import pytest
 from fixtures.farm import DOMAIN, BalancerProcess, NodeProcess, SipClient, wait_nodes_usable
 from fixtures.media_phones import CALLER_HOST, phone_sdp, send_invite
 from fixtures.rtpengine import RtpengineProcess, rtpengine
-from websockets.asyncio.client import ClientConnection, connect
+from fixtures.ws_phone import ws_recv, ws_register
+from websockets.asyncio.client import connect
 
 from sipfarm.sip import auth
-from sipfarm.sip.message import SipMessage
-from sipfarm.sip.parser import parse_message
 
 __all__ = ["rtpengine"]  # the fixture, imported for pytest
 
 pytestmark = pytest.mark.timeout(60)
-WS_CONTACT = "<sip:bob@xyz.invalid;transport=ws>"
-
-
-def ws_register(call_id: str, cseq: int, authorization: bytes | None = None) -> str:
-    lines = [
-        f"REGISTER sip:{DOMAIN} SIP/2.0",
-        f"Via: SIP/2.0/WS xyz.invalid;branch=z9hG4bK{secrets.token_hex(8)}",
-        "Max-Forwards: 70",
-        f"From: <sip:bob@{DOMAIN}>;tag=ws{cseq}",
-        f"To: <sip:bob@{DOMAIN}>",
-        f"Call-ID: {call_id}",
-        f"CSeq: {cseq} REGISTER",
-        f"Contact: {WS_CONTACT};expires=300",
-        "Supported: path, outbound",
-    ]
-    if authorization is not None:
-        lines.append(f"Authorization: {authorization.decode()}")
-    return "\r\n".join([*lines, "Content-Length: 0", "", ""])
-
-
-async def recv(ws: ClientConnection, want: bytes | int, timeout: float = 5.0) -> SipMessage:
-    deadline = time.monotonic() + timeout
-    while True:
-        data = await asyncio.wait_for(ws.recv(), max(0.01, deadline - time.monotonic()))
-        msg = parse_message(data.encode() if isinstance(data, str) else bytes(data))
-        if (isinstance(want, bytes) and msg.method == want) or (isinstance(want, int) and msg.status == want):
-            return msg
 
 
 async def scenario(ws_url: str, lb_address: tuple[str, int], accounts: dict[str, str]) -> None:
     async with connect(ws_url, subprotocols=["sip"]) as ws:
         call_id = secrets.token_hex(8)
-        await ws.send(ws_register(call_id, 1))
-        chal = auth.parse_challenge((await recv(ws, 401)).get_all("www-authenticate")[0])
+        await ws.send(ws_register("bob", call_id, 1))
+        chal = auth.parse_challenge((await ws_recv(ws, 401)).get_all("www-authenticate")[0])
         creds = auth.build_credentials(chal, "bob", accounts["bob"], "REGISTER", f"sip:{DOMAIN}", "0a1b2c3d")
-        await ws.send(ws_register(call_id, 2, creds))
-        await recv(ws, 200)
+        await ws.send(ws_register("bob", call_id, 2, creds))
+        await ws_recv(ws, 200)
         alice = SipClient(CALLER_HOST)
         try:
             await asyncio.to_thread(send_invite, alice, lb_address, phone_sdp(CALLER_HOST, 40000), secrets.token_hex(8))
-            invite = await recv(ws, b"INVITE", 8.0)
+            invite = await ws_recv(ws, b"INVITE", 8.0)
             assert b"UDP/TLS/RTP/SAVPF" in invite.body and b"a=fingerprint" in invite.body, invite.body
             assert b"a=ice-ufrag" in invite.body
         finally:
