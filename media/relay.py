@@ -56,7 +56,7 @@ accepted packet for ``media_timeout`` seconds (counted from the last offer/answe
 by :meth:`RelayEngine.handle_timer`; the glue calls it at :meth:`RelayEngine.next_timer`.
 
 The core opens no socket: a new port is queued for :meth:`RelayEngine.take_opened` and the glue
-(:class:`RelayServer`, asyncio) binds it and sets ``port.sender`` to its transport; a freed port
+(:class:`RelayServer`, asyncio) binds it and sets ``port.sender`` to its socket; a freed port
 is queued for :meth:`RelayEngine.take_closed`.  Tests put in-memory senders there instead.
 """
 
@@ -130,9 +130,11 @@ class SessionLimitReached(RelayError):
 
 
 class Sender(Protocol):
-    """What a port sends through: an asyncio ``DatagramTransport`` or a test's recorder."""
+    """What a port sends through: its socket (:class:`RelayServer`), or a test's recorder.
 
-    def sendto(self, data: bytes, addr: Addr, /) -> None: ...
+    ``OSError`` from it (the kernel refused the datagram) is counted as ``drops_send_failed``."""
+
+    def sendto(self, data: bytes, addr: Addr, /) -> object: ...
 
 
 class _NullSender:
@@ -203,6 +205,7 @@ class PortStats:
     received: int
     lost: int
     jitter_ms: float
+    drops_send_failed: int = 0  # the kernel refused to send it (sendto raised OSError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +231,7 @@ class RelayTotals(NamedTuple):
     drops_no_destination: int = 0
     drops_unexpected_source: int = 0
     drops_malformed: int = 0
+    drops_send_failed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +258,7 @@ class RelayPort:
         "dest",
         "drops_malformed",
         "drops_no_destination",
+        "drops_send_failed",
         "drops_unexpected_source",
         "kind",
         "last_seen",
@@ -290,6 +295,7 @@ class RelayPort:
         self.drops_no_destination = 0
         self.drops_unexpected_source = 0
         self.drops_malformed = 0
+        self.drops_send_failed = 0
         self.relatches = 0
         self.stats = ReceiverStats()
         self.rtcp_ssrc: int | None = None
@@ -336,9 +342,13 @@ class RelayPort:
                     if dest is None:
                         self.drops_no_destination += 1
                         return
+                    try:
+                        out.sender.sendto(data, dest)
+                    except OSError:  # a full send buffer, no route: counted, never raised into the loop
+                        self.drops_send_failed += 1
+                        return
                     self.packets += 1
                     self.bytes += n
-                    out.sender.sendto(data, dest)
                     return
         self._receive(data, addr)
 
@@ -371,9 +381,13 @@ class RelayPort:
         if dest is None:
             self.drops_no_destination += 1
             return
+        try:
+            out.sender.sendto(data, dest)
+        except OSError:
+            self.drops_send_failed += 1
+            return
         self.packets += 1
         self.bytes += n
-        out.sender.sendto(data, dest)
 
     def _new_source(self, data: bytes, addr: Addr, rtcp: bool, now: float) -> bool:
         """A packet not from the latched source: latch, count towards a re-latch, or drop."""
@@ -447,6 +461,7 @@ class RelayPort:
             drops_no_destination=self.drops_no_destination,
             drops_unexpected_source=self.drops_unexpected_source,
             drops_malformed=self.drops_malformed,
+            drops_send_failed=self.drops_send_failed,
             relatches=self.relatches,
             ssrc=s.ssrc if rtp else self.rtcp_ssrc,
             extended_max_seq=s.extended_max_seq if rtp else 0,
@@ -897,14 +912,15 @@ class RelayServer:
     def totals(self) -> RelayTotals:
         """Packets and bytes forwarded and dropped on every port since start: the ports freed
         so far plus the open ones (O(open ports), attribute reads only)."""
-        packets, size, no_dest, unexpected, malformed = self._closed_totals
+        packets, size, no_dest, unexpected, malformed, send_failed = self._closed_totals
         for port in self._transports:
             packets += port.packets
             size += port.bytes
             no_dest += port.drops_no_destination
             unexpected += port.drops_unexpected_source
             malformed += port.drops_malformed
-        return RelayTotals(packets, size, no_dest, unexpected, malformed)
+            send_failed += port.drops_send_failed
+        return RelayTotals(packets, size, no_dest, unexpected, malformed, send_failed)
 
     def close(self) -> None:
         """Free every call and close every socket (the relay stops)."""
@@ -926,7 +942,7 @@ class RelayServer:
             if port.closed:  # its call was freed meanwhile (or by a failed bind below)
                 continue
             try:
-                transport = await self._bind(loop, port)
+                transport, sock = await self._bind(loop, port)
             except OSError:
                 failed = failed or port
                 self.engine.port_unusable(port)
@@ -935,13 +951,19 @@ class RelayServer:
                 transport.close()
                 continue
             self._transports[port] = transport
-            port.sender = transport
+            # the port sends through its socket, not the transport: uvloop's sendto converts
+            # the address through one LRU cache of 2048 entries for the whole process (a relay
+            # with more than 1024 calls misses it on every packet) and copies the context for
+            # every datagram sent; socket.sendto parses a numeric address directly
+            port.sender = sock
         self._close_freed()
         self._arm_timer()
         if failed is not None:
             raise PortsExhausted(f"Failed to bind port {failed.port}")
 
-    async def _bind(self, loop: asyncio.AbstractEventLoop, port: RelayPort) -> asyncio.DatagramTransport:
+    async def _bind(
+        self, loop: asyncio.AbstractEventLoop, port: RelayPort
+    ) -> tuple[asyncio.DatagramTransport, socket.socket]:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         for attempt in range(2):
             sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -957,7 +979,7 @@ class RelayServer:
                 await asyncio.sleep(0)  # a just-closed socket of a freed port closes next iteration
                 continue
             transport, _ = await loop.create_datagram_endpoint(lambda: _PortProtocol(port.receive), sock=sock)
-            return transport
+            return transport, sock
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _close_freed(self) -> None:
@@ -972,6 +994,7 @@ class RelayServer:
                     closed.drops_no_destination + port.drops_no_destination,
                     closed.drops_unexpected_source + port.drops_unexpected_source,
                     closed.drops_malformed + port.drops_malformed,
+                    closed.drops_send_failed + port.drops_send_failed,
                 )
         self._closed_totals = closed
 
