@@ -84,6 +84,8 @@ class Settings:
     kamailio_redis: bool
     build: str = "auto"  # requested: auto | compiled | interpreted
     build_used: str = ""  # what the sipfarm processes ran (sipfarm_env)
+    relays: int = 0  # `sipfarm relay` processes started with each farm, its nodes anchoring media on them
+    kinds: tuple[str, ...] = ("register", "call")  # the searches run (--media: calls only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,7 +325,7 @@ class Harness:
         self.notes: list[str] = []
         self.deadline = time.monotonic() + settings.total_budget_s
         target_count = len(settings.nodes) + int(settings.kamailio) + int(settings.kamailio_redis)
-        self.searches_left = 2 * target_count if settings.search else 0
+        self.searches_left = len(settings.kinds) * target_count if settings.search else 0
         self.env, _ = sipfarm_env(settings.build)
 
     def targets(self) -> Iterator[Callable[[], Target]]:
@@ -331,7 +333,7 @@ class Harness:
         raw = self.out / "raw"
         for n in s.nodes:
             yield functools.partial(SipfarmTarget, raw / f"sipfarm-{n}n", self.users, nodes=n, workers=s.workers,
-                                    env=self.env)
+                                    env=self.env, relays=s.relays)
         if s.kamailio:
             yield lambda: KamailioTarget(raw / "kamailio", self.users, workers=s.workers, redis_location=False)
         if s.kamailio_redis:
@@ -395,9 +397,10 @@ class Harness:
             if reg_all.succeeded == 0:
                 raise BenchError(f"{target.name}: no REGISTER succeeded; see {reg_all.raw_dir}")
             if s.search:
-                reg = self._search(bench, "register", self._start_rate("register", s.register_start, target),
-                                   target.name, 0.15, 0.55)
-                result.register_max, result.register_stopped_by = reg.max_rate, reg.stopped_by
+                if "register" in s.kinds:
+                    reg = self._search(bench, "register", self._start_rate("register", s.register_start, target),
+                                       target.name, 0.15, 0.55)
+                    result.register_max, result.register_stopped_by = reg.max_rate, reg.stopped_by
                 call = self._search(bench, "call", self._start_rate("call", s.call_start, target),
                                     target.name, 0.55, 0.95)
                 result.call_max, result.call_stopped_by = call.max_rate, call.stopped_by
@@ -500,6 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "< 0.1%% loss and per relay CPU-second, calls at 50 pps each way, one stream at 25k+ pps); "
                    "with --quick (~90 s) or --tiny (tests)")
     p.add_argument("--media-relays", default="sipfarm,rtpengine", help="with --media: the relays to measure")
+    p.add_argument("--no-media-farm", action="store_true",
+                   help="with --media: skip the call search of a 1-node farm with a relay (not run with --tiny)")
     p.add_argument("--out", type=Path, default=Path("results"), help="results/<timestamp>/ goes here")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     return p
@@ -675,8 +680,15 @@ def media_main(args: argparse.Namespace, args_list: Sequence[str]) -> int:
     def log(text: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
 
+    farm: list[TargetResult] = []
+    notes: list[str] = []
     try:
         media = media_bench.run_media(settings, out / "raw", log=log)
+        if mode != "tiny" and not args.no_media_farm and "sipfarm" in relays:
+            if shutil.which("sipp") is None:
+                notes.append("SIPp not installed: the farm's calls/s with a relay not measured")
+            else:
+                farm = _farm_with_relay(args, out, log, notes)
     except KeyboardInterrupt:
         interrupted = True
         log("sipfarm bench: interrupted; every process it started is stopped")
@@ -686,7 +698,8 @@ def media_main(args: argparse.Namespace, args_list: Sequence[str]) -> int:
         signal.signal(signal.SIGTERM, previous)
     command = "sipfarm bench " + " ".join(args_list)
     summary = report.build_media_summary(media=media, machine=machine, command=command,
-                                         elapsed_s=time.monotonic() - started, interrupted=interrupted)
+                                         elapsed_s=time.monotonic() - started, interrupted=interrupted,
+                                         farm=farm, notes=notes)
     paths = report.write_media(out, summary)
     print(json.dumps({k: str(v) for k, v in paths.items()}))
     for line in report.media_headline(summary):
@@ -696,3 +709,21 @@ def media_main(args: argparse.Namespace, args_list: Sequence[str]) -> int:
     if media is None or not media["relays"] or any(r["error"] for r in media["relays"].values()):
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _farm_with_relay(args: argparse.Namespace, out: Path, log: Callable[[str], None],
+                     notes: list[str]) -> list[TargetResult]:
+    """The call search of the SIP benchmark against one node with one `sipfarm relay`: every
+    call's SDP (SIPp's INVITE and 200 carry one) anchored over ng, deleted at BYE."""
+    settings = replace(settings_from(args), nodes=(1,), kamailio=False, kamailio_redis=False, relays=1,
+                       kinds=("call",))
+    try:
+        _, build_used = sipfarm_env(settings.build)
+    except RuntimeError as exc:
+        notes.append(f"farm with a relay not measured: {exc}")
+        return []
+    harness = Harness(replace(settings, build_used=build_used), out, log, lambda _text, _frac: None)
+    log("farm with a relay: 1 node, 1 sipfarm relay, call search")
+    results = harness.run()
+    notes.extend(harness.notes)
+    return results

@@ -321,8 +321,10 @@ def headline(summary: Mapping[str, Any]) -> list[str]:
 
 
 def build_media_summary(*, media: Mapping[str, Any] | None, machine: Mapping[str, Any], command: str,
-                        elapsed_s: float, interrupted: bool) -> dict[str, Any]:
-    """summary.json of `sipfarm bench --media` (the media benchmark's data under `media`)."""
+                        elapsed_s: float, interrupted: bool, farm: Sequence[TargetResult] = (),
+                        notes: Sequence[str] = ()) -> dict[str, Any]:
+    """summary.json of `sipfarm bench --media` (the media benchmark's data under `media`, the
+    call search of a farm with a relay under `farm_with_relays`)."""
     return {
         "schema": 1,
         "kind": "media",
@@ -331,6 +333,8 @@ def build_media_summary(*, media: Mapping[str, Any] | None, machine: Mapping[str
         "interrupted": interrupted,
         "machine": dict(machine),
         "media": dict(media) if media is not None else None,
+        "farm_with_relays": {r.name: target_summary(r) for r in farm},
+        "notes": list(notes),
     }
 
 
@@ -349,6 +353,26 @@ def media_markdown(summary: Mapping[str, Any]) -> str:
     ]
     media = summary.get("media")
     lines.append(media_bench.markdown(media) if media else "No media results (see the log).\n")
+    farm = summary.get("farm_with_relays") or {}
+    if farm:
+        lines += ["## Calls/s of the farm with relays on", "",
+                  "SIPp UAC -> balancer -> node -> SIPp UAS (INVITE with SDP, 407, 200 with SDP, ACK, hold, BYE), "
+                  "the node anchoring every call on the relay (ng offer, answer, delete); no RTP flows.", "",
+                  "| target | calls/s (< 1% failed) | call setup p50/p95/p99 ms | calls per node CPU-s "
+                  "| CPU % per role at that rate |", "|---|---|---|---|---|"]
+        for t in farm.values():
+            if t["error"]:
+                lines.append(f"| {t['name']} | failed: {t['error'].splitlines()[0][:80]} ||||")
+                continue
+            run = t["best"].get("call")
+            failed = t["first_failure"].get("call")
+            rate = _f(t["max_rate"]["call"]) + (f" (fail {failed['target_rate']:,.0f})" if failed else "")
+            pct = "/".join(_f(run and run[k], ".0f") for k in ("p50_ms", "p95_ms", "p99_ms"))
+            cpu = ", ".join(f"{k} {v:.0f}" for k, v in run["cpu_pct"].items()) if run else "-"
+            lines.append(f"| {t['name']} | {rate} | {pct} | {_f(_eff(t, 'call'))} | {cpu} |")
+        lines.append("")
+    if summary.get("notes"):
+        lines += ["## Notes", "", *(f"- {n}" for n in summary["notes"]), ""]
     return "\n".join(lines)
 
 
@@ -364,4 +388,8 @@ def media_headline(summary: Mapping[str, Any]) -> list[str]:
     from benchmarks import media_bench  # noqa: PLC0415
 
     media = summary.get("media")
-    return media_bench.headline(media) if media else ["media: no results"]
+    out = media_bench.headline(media) if media else ["media: no results"]
+    for t in (summary.get("farm_with_relays") or {}).values():
+        out.append(f"{t['name']}: failed" if t["error"] else
+                   f"{t['name']}: {_f(t['max_rate']['call'])} calls/s with the relay anchoring every call")
+    return out

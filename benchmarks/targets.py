@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -129,24 +130,27 @@ class SipfarmTarget(Target):
     kind = "sipfarm"
 
     def __init__(self, workdir: Path, users: Sequence[User], *, nodes: int, workers: int,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, relays: int = 0) -> None:
         super().__init__()
         self.env = env
+        self.relays = relays  # `sipfarm relay` processes the nodes anchor media on (ng)
         self.workdir = workdir.resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.users = users
         self.nodes = nodes
         self.workers = workers
-        self.name = f"sipfarm-{nodes}n"
+        self.name = f"sipfarm-{nodes}n" + (f"-{relays}relay" if relays else "")
+        if relays:
+            self.note = f"{relays} media relay(s): every call's SDP anchored (ng offer/answer/delete)"
         self.port = 0
         self.provision_s = 0.0
 
     def server_labels(self) -> list[str]:
         return [f"node{i + 1}" for i in range(self.nodes)]
 
-    def _spawn(self, label: str, argv: list[str]) -> ManagedProcess:
+    def _spawn(self, label: str, argv: list[str], env: Mapping[str, str] | None = None) -> ManagedProcess:
         proc = ManagedProcess(label, [sys.executable, "-m", "sipfarm", *argv], self.workdir / f"{label}.log",
-                              cwd=self.workdir, env=self.env)
+                              cwd=self.workdir, env=env if env is not None else self.env)
         self._procs.append((label, proc))
         return proc
 
@@ -168,18 +172,22 @@ class SipfarmTarget(Target):
         asyncio.run(_provision(self.redis.url, self.users, self.domain))
         self.provision_s = time.monotonic() - t0
         ports: list[int] = []
+        relay_ng = [free_port(HOST) for _ in range(self.relays)]
+        relay_flags = ["--relays", ",".join(f"{HOST}:{port}" for port in relay_ng)] if relay_ng else []
         for i in range(self.nodes):
             port = free_port(HOST)
             ports.append(port)
             self._spawn(f"node{i + 1}", [
                 "node", "--listen", f"udp:{HOST}:{port}", "--listen", f"tcp:{HOST}:{port}",
                 "--redis", self.redis.url, "--domain", self.domain, "--node-id", f"node{i + 1}",
-                "--workers", str(self.workers), "--log-level", "warning",
+                "--workers", str(self.workers), "--log-level", "warning", *relay_flags,
             ])
         for i, port in enumerate(ports):
             label, proc = self._procs[i + 1]
             if not wait_until(functools.partial(_up_or_dead, proc, port), 20) or not proc.alive():
                 raise TargetError(f"{label} did not answer OPTIONS on {HOST}:{port}:\n{proc.log_tail(15)}")
+        for i, ng in enumerate(relay_ng):
+            self._start_relay(i + 1, ng)
         self.port = free_port(HOST)
         # SIPp's UAS listens on another loopback port than its REGISTER came from: the operator
         # setting that lets the balancer send there (loopback is refused by default)
@@ -195,6 +203,35 @@ class SipfarmTarget(Target):
         if not wait_until(lambda: asyncio.run(_node_members(url)) >= self.nodes, 15, interval=0.2):
             raise TargetError(f"only {asyncio.run(_node_members(url))} of {self.nodes} nodes joined the farm")
         time.sleep(1.0)  # the balancer's watcher polls membership every 0.25 s, then probes
+
+
+    def _start_relay(self, index: int, ng: int) -> None:
+        """`sipfarm relay` on `ng`, media ports RELAY_PORTS apart per relay; up when it answers ping."""
+        from benchmarks.media_bench import MediaBenchError, NgClient  # noqa: PLC0415
+
+        assert self.redis is not None
+        low = RELAY_PORT_BASE + (index - 1) * RELAY_PORTS
+        env = dict(self.env if self.env is not None else os.environ)
+        env["SIPFARM_ALLOW_DESTINATIONS"] = "127.0.0.0/8"  # SIPp's SDP names loopback addresses
+        relay = self._spawn(f"relay{index}", [
+            "relay", "--ng", f"{HOST}:{ng}", "--media-address", HOST, "--port-min", str(low),
+            "--port-max", str(low + RELAY_PORTS - 1), "--redis", self.redis.url, "--relay-id", f"relay{index}",
+            "--log-level", "warning",
+        ], env=env)
+        client = NgClient((HOST, ng))
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and relay.alive():
+                with contextlib.suppress(MediaBenchError):
+                    if client.request_all([{"command": "ping"}], timeout=0.5)[0].get(b"result") == b"pong":
+                        return
+        finally:
+            client.close()
+        raise TargetError(f"relay{index} did not answer an ng ping on {HOST}:{ng}:\n{relay.log_tail(15)}")
+
+
+RELAY_PORT_BASE = 24000  # below the ephemeral range; a port another process holds is retired by the relay
+RELAY_PORTS = 4000  # 4 a call: 1,000 concurrent calls a relay
 
 
 class KamailioTarget(Target):
