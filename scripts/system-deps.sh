@@ -16,7 +16,7 @@ echo "sipfarm: missing commands: ${missing[*]}; installing: ${pkgs[*]}"
 if ! command -v apt-get >/dev/null 2>&1; then
   echo "sipfarm: apt-get is not available. Install these yourself, then run make again:" >&2
   echo "  redis-server, SIPp (sip-tester), kamailio (+ redis modules), openssl, iproute2, util-linux (unshare)," >&2
-  echo "  baresip (baresip-core), chromium, rtpengine (rtpengine-daemon), Node.js with npm" >&2
+  echo "  baresip (baresip-core), chromium, rtpengine (rtpengine-daemon), slapd + ldap-utils, Node.js with npm" >&2
   exit 1
 fi
 SUDO=""
@@ -29,7 +29,7 @@ export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
 # Debian starts these as system services on install; sipfarm runs its own on private ports.
-for svc in redis-server kamailio rtpengine-daemon; do
+for svc in redis-server kamailio rtpengine-daemon slapd; do
   $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || $SUDO service "$svc" stop >/dev/null 2>&1 || true
 done
 echo "sipfarm: system packages installed"
