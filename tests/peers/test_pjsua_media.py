@@ -54,7 +54,7 @@ from fixtures.relay import RANGE, RelayProcess, ng_request, start_relay
 from sipfarm.sip.message import SipMessage, make_response
 
 from .netns import skip_reason
-from .softphone import EventPredicate, Softphone, dominant_frequency, tone_rms
+from .softphone import EventPredicate, Softphone, SoftphoneError, dominant_frequency, tone_rms
 
 pytestmark = [
     pytest.mark.softphone,
@@ -212,7 +212,16 @@ class Call:
 
 
 def connect(farm: Farm, alice: Softphone, bob: Softphone) -> Call:
+    """alice calls bob, who auto-answers; a failure says what both phones and the farm saw."""
     a_since, b_since = alice.mark(), bob.mark()
+    try:
+        return _connect(farm, alice, bob, a_since, b_since)
+    except SoftphoneError as exc:
+        seen = {phone.name: phone.events[since:][-8:] for phone, since in ((alice, a_since), (bob, b_since))}
+        raise AssertionError(f"{exc}\nphones saw {seen}\n{farm.logs()}") from exc
+
+
+def _connect(farm: Farm, alice: Softphone, bob: Softphone, a_since: int, b_since: int) -> Call:
     alice_id = alice.call(f"sip:bob@{farm.domain}")
     incoming = bob.wait_for(lambda e: e["event"] == "incoming_call", EVENT_S, b_since)
     bob_id = int(incoming["call_id"])
