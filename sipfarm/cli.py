@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--relays",
         help='media relays: "cluster" (the live relays of the membership, by load) or IP:PORT,... (ng)',
     )
+    node.add_argument("--group", help="static cluster: the node group this node serves (default: the dynamic pool)")
     node.add_argument("--log-format", choices=("kv", "json"))
     node.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     node.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)

@@ -34,6 +34,9 @@ class NodeConfig:
     workers: int = 1
     metrics: str = ""  # HOST:PORT of the Prometheus endpoint, empty = none
     node_id: str = ""  # default: host-pid
+    # Static cluster: the node group this node announces (balancers pin the accounts of their
+    # [balancer] groups rules to it); empty: the dynamic pool, any account.
+    group: str = ""
     # Address written into Record-Route and Via when the listen address is a wildcard.
     advertise: str = ""
     max_transactions: int = 200_000
@@ -103,6 +106,8 @@ class NodeConfig:
                 raise ConfigError(f"relays: expected an IP address and port, got {relay!r}") from None
         _check_range("relay_timeout", self.relay_timeout, 0.05, 30)
         _check_choice("media_failure", self.media_failure, ("503", "forward"))
+        if self.group:
+            _check_group_name("group", self.group)
         if not self.domains:
             raise ConfigError("domains: at least one domain is required")
         _check_range("workers", self.workers, 1, 64)
@@ -150,6 +155,13 @@ def _check_destinations(internal_networks: list[str], allow_destinations: list[s
                 raise ConfigError(f"{key}: {exc}") from None
             if key == "internal_networks" and isinstance(parsed, tuple):
                 raise ConfigError(f"internal_networks: {entry!r} is not a network")
+
+
+def _check_group_name(key: str, value: str) -> None:
+    from sipfarm.balancer.groups import valid_group_name  # noqa: PLC0415 - config stays light
+
+    if not valid_group_name(value):
+        raise ConfigError(f"{key}: {value!r} is not a group name (letters, digits, '_', '-', '.'; at most 64)")
 
 
 def _check_hostport(key: str, value: str) -> None:

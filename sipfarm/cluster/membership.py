@@ -115,6 +115,9 @@ class Member:
     free_ports: int | None = None
     #: a relay's packets forwarded per second over its last heartbeat interval; None likewise
     packet_rate: float | None = None
+    #: a node's static group (the balancer pins accounts to it); None: the dynamic pool.
+    #: Written only when set, like ``free_ports``
+    group: str | None = None
 
     def __post_init__(self) -> None:
         if not self.id or not self.id.isprintable() or any(c.isspace() for c in self.id):
@@ -140,6 +143,8 @@ class Member:
             record["free_ports"] = self.free_ports
         if self.packet_rate is not None:
             record["packet_rate"] = self.packet_rate
+        if self.group is not None:
+            record["group"] = self.group
         return _dumps(record)
 
     @classmethod
@@ -150,6 +155,7 @@ class Member:
             control = d.get("control_address")
             free_ports = d.get("free_ports")
             packet_rate = d.get("packet_rate")
+            group = d.get("group")
             return cls(
                 id=str(d["id"]),
                 role=Role(d["role"]),
@@ -165,6 +171,7 @@ class Member:
                 version=str(d.get("version", "")),
                 free_ports=None if free_ports is None else int(free_ports),
                 packet_rate=None if packet_rate is None else float(packet_rate),
+                group=None if group is None else str(group),
             )
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"not a member record {data!r:.200}: {e!r}") from e

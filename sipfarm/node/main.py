@@ -47,6 +47,7 @@ def _flags(args: argparse.Namespace) -> dict[str, object]:
         "node_id": args.node_id,
         "advertise": args.advertise,
         "relays": getattr(args, "relays", None),
+        "group": getattr(args, "group", None),
         "log_format": args.log_format,
         "log_level": args.log_level,
     }
@@ -281,6 +282,7 @@ async def serve(cfg: NodeConfig, *, worker_index: int | None = None, ready: asyn
             host=socket.gethostname(),
             started_at=started_at,
             version=__version__,
+            group=cfg.group or None,
         )
 
     heartbeater = start_heartbeat(membership, member, interval=cfg.heartbeat, leader=not multi or worker_index == 0)
@@ -373,6 +375,8 @@ def supervise_workers(cfg: NodeConfig, args: argparse.Namespace) -> int:
         argv += ["--config", args.config]
     if cfg.advertise:
         argv += ["--advertise", cfg.advertise]
+    if cfg.group:
+        argv += ["--group", cfg.group]
     for spec in cfg.listen:
         argv += ["--listen", spec]
     for domain in cfg.domains:
