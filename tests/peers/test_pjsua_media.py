@@ -1,12 +1,14 @@
 """pjsua2 softphones whose media the farm anchors at its relays: balancer -> node -> ``sipfarm relay``.
 
 Every phone is a pjsua2 agent (``pjsua_agent.py``) in the loopback-only namespace, registered at
-the balancer over UDP. What a user (or the operator watching the relay) would notice:
+the balancer (over UDP unless said otherwise; RTP is UDP). What a user (or the operator watching
+the relay) would notice:
 
-* a call through the relay: the SDP each phone receives names the relay (127.0.0.1, a port of its
-  range), the RTP each phone receives comes from that port (the stream's peer in pjsua's call
-  dump), each side's recording holds the other side's tone, the relay's ng ``query`` counts packets on both legs,
-  and after the hang-up the relay no longer knows the call and every port of its range is free;
+* a call through the relay (SIP over UDP, the caller hangs up; over TCP, the callee does): the
+  SDP each phone receives names the relay (127.0.0.1, a port of its range), the RTP each phone
+  receives comes from that port (the stream's peer in pjsua's call dump), each side's recording
+  holds the other side's tone, the relay's ng ``query`` counts packets on both legs, and after
+  the hang-up the relay no longer knows the call and every port of its range is free;
 * NAT: a phone whose SDP names an address it does not send from (127.0.0.99 while its RTP leaves
   from 127.0.0.1: a phone behind NAT that believes its public address; nothing leaves loopback)
   still has audio both ways: the relay latches onto the address the RTP comes from;
@@ -170,18 +172,20 @@ class Farm(Protocol):
 
 
 @contextlib.contextmanager
-def phones(farm: Farm, tmp_path: Path, **public: str | None) -> Iterator[tuple[Softphone, Softphone]]:
-    """alice and bob, registered over UDP, auto-answering, each playing its tone into every call;
-    ``public``: a phone's media public address (``alice="127.0.0.99"``)."""
+def phones(
+    farm: Farm, tmp_path: Path, transport: str = "udp", **public: str | None
+) -> Iterator[tuple[Softphone, Softphone]]:
+    """alice and bob, registered over ``transport``, auto-answering, each playing its tone into
+    every call; ``public``: a phone's media public address (``alice="127.0.0.99"``)."""
     with contextlib.ExitStack() as stack:
         started = []
         for name in ("alice", "bob"):
             phone = stack.enter_context(Softphone(name, max_lifetime=PHONE_LIFETIME_S, log_dir=tmp_path))
-            phone.start(transport="udp")
+            phone.start(transport=transport)
             started.append(phone)
         for phone, hz in zip(started, (ALICE_HZ, BOB_HZ), strict=True):
             code = phone.register(
-                farm.proxy("udp"),
+                farm.proxy(transport),
                 phone.name,
                 farm.domain,
                 farm.accounts[phone.name],
@@ -270,9 +274,12 @@ def assert_tone(heard: tuple[float, float], hz: int, who: str) -> None:
     assert rms > MIN_RMS and abs(dominant - hz) <= HZ_TOLERANCE, f"{who}: heard RMS {rms} at {dominant} Hz, not {hz}"
 
 
-def hang_up(alice: Softphone, bob: Softphone, call: Call) -> None:
+def hang_up(alice: Softphone, bob: Softphone, call: Call, by: str = "alice") -> None:
     a_since, b_since = alice.mark(), bob.mark()
-    alice.hangup(call.alice_id)
+    if by == "alice":
+        alice.hangup(call.alice_id)
+    else:
+        bob.hangup(call.bob_id)
     alice.wait_for(is_call_state("DISCONNECTED", call.alice_id), EVENT_S, a_since)
     bob.wait_for(is_call_state("DISCONNECTED", call.bob_id), EVENT_S, b_since)
 
@@ -284,14 +291,19 @@ def target(sdp: str) -> tuple[str, int]:
 # -- a call through the relay --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("transport", "hanger"),
+    [("udp", "alice"), ("tcp", "bob")],
+    ids=["udp-caller-hangs-up", "tcp-callee-hangs-up"],
+)
 def test_call_media_through_the_relay_both_ways_and_freed_after_hangup(
-    default_farm: DefaultFarm, matrix: Callable[..., Cell], tmp_path: Path
+    default_farm: DefaultFarm, matrix: Callable[..., Cell], tmp_path: Path, transport: str, hanger: str
 ) -> None:
     farm = default_farm
     relay = farm.relay
-    cell = matrix(CLIENT, "udp", "relay")
+    cell = matrix(CLIENT, transport, "relay")
     assert free_ports(relay) == RANGE
-    with phones(farm, tmp_path) as (alice, bob):
+    with phones(farm, tmp_path, transport) as (alice, bob):
         call = connect(farm, alice, bob)
 
         # each phone was told to send its RTP to the relay, each to its own port there
@@ -318,7 +330,7 @@ def test_call_media_through_the_relay_both_ways_and_freed_after_hangup(
             assert packets > MIN_PACKETS, f"{who}'s leg at the relay forwarded {packets} packets: {reply}"
         assert free_ports(relay) < RANGE
 
-        hang_up(alice, bob, call)
+        hang_up(alice, bob, call, by=hanger)
     eventually(lambda: query(relay, call.call_id)[b"result"] == b"error", FREED_S, "the relay still holds the call")
     eventually(lambda: free_ports(relay) == RANGE, FREED_S, f"ports not returned: {free_ports(relay)} of {RANGE}")
     cell.ok("relay")
