@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start a local farm (Redis, balancer, nodes, relay) in the foreground")
     up.add_argument("--nodes", type=int, default=2)
+    up.add_argument("--config", help="TOML file: [node], [routing], [balancer], [relay] sections (see examples/)")
     up.add_argument("--relays", type=int, default=1, help="media relays (ng on --ng-port and the next ports)")
     up.add_argument("--ng-port", type=int, default=2223, help="ng control port of the first relay")
     up.add_argument("--sip-port", type=int, default=5060)
@@ -161,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--metrics-port", type=int, default=9100, help="Prometheus port of the balancer; nodes use the next ones"
     )
+
+    reload_ = sub.add_parser("reload", help="every node reads its config file's [routing] section again")
+    reload_.add_argument("--redis")
+    reload_.add_argument("--check", metavar="FILE", help="only check FILE's [routing] section, change nothing")
 
     status = sub.add_parser("status", help="members of the farm, their load and registrations")
     status.add_argument("--redis")
@@ -219,6 +224,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _reload(args: argparse.Namespace) -> int:
+    """``sipfarm reload``: bump the routing epoch in Redis; every node (each worker) sees it
+    within a second and reads its config file again, keeping its table if the file is bad."""
+    if args.check:
+        from sipfarm.routing.table import RoutingError, load_routing  # noqa: PLC0415
+
+        try:
+            table = load_routing(args.check)
+        except RoutingError as exc:
+            print(f"sipfarm reload: {exc}", file=sys.stderr)
+            return 2
+        print(f"{args.check}: {len(table.rules)} rules, unknown users: {table.unknown.action.value}")
+        return 0
+    from redis.exceptions import RedisError  # noqa: PLC0415
+
+    from sipfarm.node.main import ROUTING_EPOCH_KEY  # noqa: PLC0415
+    from sipfarm.store.redis_client import create_redis  # noqa: PLC0415
+
+    async def bump() -> int:
+        redis = create_redis(args.redis or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0")
+        try:
+            return int(await redis.incr(ROUTING_EPOCH_KEY))
+        finally:
+            await redis.aclose()
+
+    try:
+        epoch = asyncio.run(bump())
+    except (OSError, RedisError) as exc:
+        print(f"sipfarm reload: Redis: {exc}", file=sys.stderr)
+        return 1
+    print(f"routing epoch {epoch}: every node reads its routing table again within a second")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
@@ -238,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sipfarm.cluster.cli import run_cluster_command  # noqa: PLC0415
 
         return int(run_cluster_command(args))
+    if args.command == "reload":
+        return _reload(args)
     if args.command == "ban":
         from sipfarm.protect.cli import run_ban_command  # noqa: PLC0415
 

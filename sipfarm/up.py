@@ -150,10 +150,15 @@ async def provision(redis_url: str, domain: str) -> None:
         await redis.aclose()
 
 
+#: ``sipfarm up --config FILE``: every process reads its own section of it ([node] with
+#: [routing], [balancer], [relay]); explicit flags of ``up`` still win
+CONFIG_FILE: list[str] = []
+
+
 def spawn(role: str, argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     log = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
     return subprocess.Popen(
-        [sys.executable, "-m", "sipfarm", *argv],
+        [sys.executable, "-m", "sipfarm", *argv, *(["--config", CONFIG_FILE[0]] if CONFIG_FILE else [])],
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -175,6 +180,16 @@ def stop_all(children: list[Child], timeout: float = 5.0) -> None:
 
 
 def run_up(args: argparse.Namespace) -> int:
+    config = getattr(args, "config", None)
+    if config:
+        from sipfarm.routing.table import RoutingError, load_routing  # noqa: PLC0415
+
+        try:
+            load_routing(config)  # a bad file stops here, with the line, before anything starts
+        except RoutingError as exc:
+            print(f"sipfarm up: {exc}", file=sys.stderr)
+            return 2
+        CONFIG_FILE[:] = [str(Path(config).resolve())]
     workdir = Path(args.dir).resolve()
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     host = args.host

@@ -61,8 +61,14 @@ def supervise(argv: list[str], workers: int, metrics: str = "") -> int:
         nonlocal stopping
         stopping = True
 
+    def forward(sig: int, _frame: object) -> None:
+        for proc in children.values():  # SIGHUP: each worker reloads what it reloads
+            if proc.poll() is None:
+                proc.send_signal(sig)
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, forward)
     try:
         while not stopping:
             time.sleep(0.2)

@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import os
 import secrets
+import signal
 import socket
 import sys
 import time
@@ -59,6 +60,14 @@ def run_node(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"sipfarm node: configuration error: {exc}", file=sys.stderr)
         return 2
+    if args.config:
+        from sipfarm.routing.table import RoutingError, load_routing  # noqa: PLC0415
+
+        try:
+            load_routing(args.config)  # checked before anything starts; read again in serve()
+        except RoutingError as exc:
+            print(f"sipfarm node: routing table error: {exc}", file=sys.stderr)
+            return 2
     setup_logging(cfg.log_level, cfg.log_format)
     if not cfg.node_id:
         cfg.node_id = f"{socket.gethostname()}-{os.getpid()}"
@@ -73,7 +82,7 @@ def run_node(args: argparse.Namespace) -> int:
 
     install_uvloop()
     try:
-        asyncio.run(serve(cfg, worker_index=worker_index))
+        asyncio.run(serve(cfg, worker_index=worker_index, config_path=args.config))
     except OSError as exc:
         log.error("event=node_failed error=%s", str(exc).replace(" ", "_"))
         print(f"sipfarm node: {exc}", file=sys.stderr)
@@ -92,7 +101,13 @@ async def _shared_secret(pipe: object, fallback: bytes, key: str = NONCE_SECRET_
     return bytes(value) if value else fallback
 
 
-async def serve(cfg: NodeConfig, *, worker_index: int | None = None, ready: asyncio.Event | None = None) -> None:
+async def serve(
+    cfg: NodeConfig,
+    *,
+    worker_index: int | None = None,
+    ready: asyncio.Event | None = None,
+    config_path: str | None = None,
+) -> None:
     from sipfarm.cluster.heartbeat import start_heartbeat  # noqa: PLC0415
     from sipfarm.cluster.membership import Member, MembershipStore, Role  # noqa: PLC0415
     from sipfarm.metrics import NodeMetrics, serve_metrics, sync_counters  # noqa: PLC0415
@@ -190,6 +205,12 @@ async def serve(cfg: NodeConfig, *, worker_index: int | None = None, ready: asyn
             calls=state,
             count=lambda outcome: metrics.media(outcome).inc(),
         )
+    from sipfarm.routing.router import Router  # noqa: PLC0415
+    from sipfarm.routing.table import load_routing  # noqa: PLC0415
+
+    # the router table of the config file's [routing] section (checked in run_node); re-read on
+    # SIGHUP and when `sipfarm reload` bumps ROUTING_EPOCH_KEY in Redis
+    router = Router(identity.domains, load_routing(config_path) if config_path else None)
     core = NodeCore(
         identity,
         state,
@@ -207,6 +228,7 @@ async def serve(cfg: NodeConfig, *, worker_index: int | None = None, ready: asyn
         guard=guard,
         destinations=destinations,
         media=media,
+        router=router,
     )
     glue = NodeGlue(core, transports.send, loop)
     ng_endpoint = None
@@ -302,6 +324,26 @@ async def serve(cfg: NodeConfig, *, worker_index: int | None = None, ready: asyn
             await asyncio.wait_for(relay_watcher.poll(), 1.0)  # the relays before the first call
         relays_changed()
 
+    def reload_routing(why: str) -> None:
+        if not config_path:
+            return
+        error = router.reload(config_path)
+        if error is None:
+            log.info("event=routing_reloaded reason=%s rules=%d", why, len(router.table.rules))
+        else:
+            log.error("event=routing_reload_refused reason=%s error=%s", why, error.replace(" ", "_"))
+
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGHUP, reload_routing, "sighup")
+    epoch: list[object] = [None]
+
+    def routing_epoch(value: object) -> None:
+        if isinstance(value, Exception):
+            return
+        if epoch[0] is not None and value != epoch[0]:
+            reload_routing("sipfarm_reload")
+        epoch[0] = value
+
     tune_gc()
     stop = stop_on_signals(loop)
     log.info(
@@ -315,6 +357,8 @@ async def serve(cfg: NodeConfig, *, worker_index: int | None = None, ready: asyn
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
             tick += 1
+            if config_path:
+                pipe.call(routing_epoch, "GET", ROUTING_EPOCH_KEY)
             sync_transport()
             metrics.transactions.set(len(core.layer))
             if tick % 5 == 1 and (not multi or worker_index == 0):
@@ -333,6 +377,10 @@ async def serve(cfg: NodeConfig, *, worker_index: int | None = None, ready: asyn
         await transports.close()
         await pipe.close()
         await membership_redis.aclose()
+
+
+#: bumped by `sipfarm reload`: every node reads its config file's [routing] section again
+ROUTING_EPOCH_KEY = "sipfarm:routing:epoch"
 
 
 def relay_loads(members: Iterable[Member]) -> list[RelayLoad]:

@@ -329,8 +329,6 @@ class Proxy:
             call.answered = True
             element.reply(stx, make_response(msg, decision.status, decision.reason or None, to_tag=element.tag(msg)))
             return
-        if decision.action is not Action.LOCAL:
-            raise ServerInternalError(f"routing action {decision.action.value} is not available", partial=msg)
         uri = msg.request_uri
         assert isinstance(uri, SipURI)
         realm = ""
@@ -342,27 +340,48 @@ class Proxy:
                 call.answered = True
                 element.reply(stx, self.auth.challenge(msg, 407, realm))
                 return
-        aor, user = decision.aor, decision.user
         gruu: GruuTarget | None = None
-        if msg.uri.find(b";gr") >= 0:
-            try:
-                gruu = read_gruu(uri, self.temp_gruus)
-            except GruuError:
-                # not a temporary GRUU of ours: looked up as the user it names, who does not
-                # exist, selecting no binding: the answer (and the round trips) of an unknown user
-                element.metrics.errors("gruu_invalid").inc()
-                gruu = GruuTarget(user, decision.domain, "")
-            else:
-                if gruu is not None:
-                    aor, user = gruu.aor, gruu.user
-        # authentication (account + guard) and the callee's bindings and account: one pipeline
-        call.aor = aor
-        join = _Join(3 if creds is not None else 2, partial(self._route_with, call, msg, local, realm, gruu))
+        lookups: list[str] = []  # AORs whose bindings are read (with the first one's account)
+        user = decision.user
+        if decision.action is Action.LOCAL:
+            aor = decision.aor
+            if msg.uri.find(b";gr") >= 0:
+                try:
+                    gruu = read_gruu(uri, self.temp_gruus)
+                except GruuError:
+                    # not a temporary GRUU of ours: looked up as the user it names, who does not
+                    # exist, selecting no binding: the answer (and round trips) of an unknown user
+                    element.metrics.errors("gruu_invalid").inc()
+                    gruu = GruuTarget(user, decision.domain, "")
+                else:
+                    if gruu is not None:
+                        aor, user = gruu.aor, gruu.user
+            call.aor = aor
+            lookups.append(aor)
+        elif decision.action is Action.ALIAS:
+            lookups.extend(a for a in (self._local_aor(t) for t in decision.targets) if a)
+        # authentication (account + guard) and the lookups: one pipeline
+        needed = (1 if creds is not None else 0) + len(lookups) + (1 if decision.action is Action.LOCAL else 0)
+        join = _Join(needed, partial(self._route_with, call, msg, local, realm, gruu, decision))
         if creds is not None:
             client = element.client(msg, stx.source)
             self.auth.authenticate(creds, msg, client, realm, partial(join.done, "auth"))
-        self.state.lookup(aor, element.wall(), partial(join.done, "bindings"))
-        self.state.get_account(user, decision.domain, partial(join.done, "callee"))
+        for index, aor in enumerate(lookups):
+            self.state.lookup(aor, element.wall(), partial(join.done, f"bindings{index}"))
+        if decision.action is Action.LOCAL:
+            self.state.get_account(user, decision.domain, partial(join.done, "callee"))
+        if needed == 0:
+            self._route_with(call, msg, local, realm, gruu, decision, {})
+
+    def _local_aor(self, target: str) -> str | None:
+        """``user@domain`` of an alias target that is a user of a served domain, else None."""
+        try:
+            uri = parse_uri(target)
+        except (URIError, ValueError):
+            return None
+        if isinstance(uri, SipURI) and uri.user is not None and uri.host in self.element.identity.domains:
+            return uri.aor
+        return None
 
     def _route_with(
         self,
@@ -371,6 +390,7 @@ class Proxy:
         local: Address,
         realm: str,
         gruu: GruuTarget | None,
+        decision: Decision,
         results: dict[str, object],
     ) -> None:
         """Routing goes on once the lookups of :meth:`_on_decision` are all answered."""
@@ -400,17 +420,28 @@ class Proxy:
                 if isinstance(value, StoreError):
                     element.store_failed(stx, msg, value)
                     return
-            bindings = results["bindings"]
-            assert isinstance(bindings, list)
-            if gruu is not None:
-                bindings = gruu.select(bindings)  # RFC 5627 6.1: that device only, no forking
-            if not bindings:
-                callee = results["callee"]
-                if callee is None:
-                    raise NotFound("no such user", partial=msg)
-                assert isinstance(callee, Account)
-                raise TemporarilyUnavailable("user not registered", partial=msg)
-            targets = [t for t in (self._binding_target(b, msg.call_id, initial=True) for b in bindings) if t]
+            if decision.action is Action.LOCAL:
+                bindings = results["bindings0"]
+                assert isinstance(bindings, list)
+                if gruu is not None:
+                    bindings = gruu.select(bindings)  # RFC 5627 6.1: that device only, no forking
+                    results["bindings0"] = bindings
+                if not bindings:
+                    callee = results["callee"]
+                    if callee is not None:
+                        assert isinstance(callee, Account)
+                        raise TemporarilyUnavailable("user not registered", partial=msg)
+                    if gruu is not None:
+                        raise NotFound("no such user", partial=msg)
+                    # no such user, told only now, after authentication: the unknown rule
+                    decision = self.router.unknown(decision.user, decision.domain)
+                    if decision.action is not Action.FORWARD:
+                        self._unknown_user(call, msg, decision)
+                        return
+            if decision.action is Action.REDIRECT:
+                self._redirect(call, msg, decision.uri)
+                return
+            targets = self._decision_targets(msg, decision, results)
             call.set_targets(targets)
             call.record_route = msg.method in DIALOG_CREATING
             call.inbound = local.transport
@@ -424,6 +455,66 @@ class Proxy:
                 self._start_group(call, element.now())
         except SipError as exc:
             element.fail(stx, exc)
+
+    def _decision_targets(self, msg: SipMessage, decision: Decision, results: dict[str, object]) -> list[Target]:
+        """The branches of a decision: the bindings read (LOCAL, an alias's local users), an
+        alias's outside URIs, a forward's URI."""
+        if decision.action is Action.FORWARD:
+            target = self._uri_target(decision.uri.encode(), decision.rule)
+            if target is None:
+                raise ServerInternalError("route destination not allowed", partial=msg)
+            return [target]
+        targets: list[Target] = []
+        for name in sorted(k for k in results if k.startswith("bindings")):
+            bindings = results[name]
+            assert isinstance(bindings, list)
+            targets.extend(t for t in (self._binding_target(b, msg.call_id, initial=True) for b in bindings) if t)
+        if decision.action is Action.ALIAS:
+            for alias in decision.targets:
+                if self._local_aor(alias) is None:
+                    target = self._uri_target(alias.encode(), decision.rule)
+                    if target is not None:
+                        targets.append(target)
+            if not targets:
+                raise TemporarilyUnavailable("no alias target reachable", partial=msg)
+        return targets
+
+    def _uri_target(self, uri: bytes, rule: str) -> Target | None:
+        """A branch to a URI the router table names (a gateway, a voicemail, an alias outside
+        the farm): its host resolved, and allowed by the destination policy (a table naming a
+        loopback or internal address needs ``allow_destinations``)."""
+        try:
+            dest = self._destination(parse_uri(uri))
+        except Unresolved as pending:
+            # the next request finds the name cached; this one gets 503 with Retry-After
+            self.resolver.resolve(pending.host, _ignore)
+            raise ServiceUnavailable(f"resolving {pending.host}") from None
+        if not self.destinations.permits(dest):
+            self.element.metrics.errors("destination_refused").inc()
+            log.warning("event=route_destination_refused rule=%s dest=%s", rule, dest)
+            return None
+        return Target(uri=uri, destination=dest)
+
+    def _unknown_user(self, call: ProxyCall, msg: SipMessage, decision: Decision) -> None:
+        """A served domain's user with no account: the unknown rule's reject or redirect."""
+        if decision.action is Action.REDIRECT:
+            self._redirect(call, msg, decision.uri)
+            return
+        self.element.metrics.errors(f"route_{decision.status}").inc()
+        if decision.status == 404 and not decision.reason:
+            raise NotFound("no such user", partial=msg)
+        call.answered = True
+        element = self.element
+        response = make_response(msg, decision.status, decision.reason or None, to_tag=element.tag(msg))
+        element.reply(call.server_tx, response)
+
+    def _redirect(self, call: ProxyCall, msg: SipMessage, uri: str) -> None:
+        """302 to ``uri`` (RFC 3261 21.3.3): the caller's phone calls there itself."""
+        call.answered = True
+        element = self.element
+        element.metrics.errors("route_302").inc()
+        headers = (("contact", f"<{uri}>".encode()),)
+        element.reply(call.server_tx, make_response(msg, 302, to_tag=element.tag(msg), headers=headers))
 
     def _assert_identity(self, msg: SipMessage, account: Account) -> None:
         """The From must be the authenticated user's own address (403 otherwise: a caller may

@@ -1,0 +1,142 @@
+"""The router table in the proxy, in memory: forward to a gateway, an alias forking to users,
+the unknown-user rule (forward to voicemail, redirect, reject), all behind authentication
+(an outsider gets the same 407 for every address, existing or not)."""
+
+from __future__ import annotations
+
+import pytest
+from memfarm import DOMAIN, MemFarm, Phone
+
+from sipfarm.routing.router import Router
+from sipfarm.routing.table import RoutingError, RoutingTable
+
+GATEWAY = "10.9.0.1"
+VOICEMAIL = "10.9.0.2"
+
+
+def farm(routing: dict[str, object]) -> MemFarm:
+    table = RoutingTable.from_dict(routing)
+    mf = MemFarm(node_kwargs={"router": Router(frozenset({DOMAIN}), table)})
+    mf.destinations.allow([f"{GATEWAY}:5060", f"{VOICEMAIL}:5060"])
+    return mf
+
+
+def phones(mf: MemFarm, *names: str) -> list[Phone]:
+    out = []
+    for n, name in enumerate(names):
+        phone = mf.phone(name, f"10.0.0.{n + 1}")
+        assert phone.register().status == 200  # type: ignore[union-attr]
+        phone.inbox.clear()
+        out.append(phone)
+    return out
+
+
+def endpoint(mf: MemFarm, host: str) -> Phone:
+    """A gateway or voicemail server: a UA at ``host`` that answers what reaches it."""
+    return mf.phone("gw", host)
+
+
+EXAMPLE = {
+    "rules": [
+        {"name": "us-gateway", "user_prefix": "+1555", "action": "forward", "uri": f"sip:{GATEWAY}:5060"},
+        {
+            "name": "sales",
+            "domain": DOMAIN,
+            "user": "sales",
+            "action": "alias",
+            "targets": [f"sip:alice@{DOMAIN}", f"sip:bob@{DOMAIN}"],
+        },
+    ],
+    "unknown": {"action": "forward", "uri": f"sip:vm@{VOICEMAIL}:5060"},
+}
+
+
+def test_a_number_goes_to_the_gateway_with_its_user_after_authentication() -> None:
+    mf = farm(EXAMPLE)
+    (carol,) = phones(mf, "carol")
+    gateway = endpoint(mf, GATEWAY)
+    invite = carol.request("INVITE", f"sip:+15551234@{DOMAIN}")
+    carol.send(invite)
+    assert carol.last() is not None and carol.last().status == 407  # type: ignore[union-attr]
+    assert not gateway.ringing
+    carol.authenticated(carol.request("INVITE", f"sip:+15551234@{DOMAIN}"))
+    assert gateway.ringing
+    reached = gateway.ringing[-1].request
+    assert reached.uri == f"sip:+15551234@{GATEWAY}:5060".encode()
+    assert reached.get("p-asserted-identity") == f"<sip:carol@{DOMAIN}>".encode()
+    gateway.answer_call(200)
+    assert 200 in carol.finals()
+
+
+def test_an_alias_rings_every_phone_of_its_users() -> None:
+    mf = farm(EXAMPLE)
+    alice, bob, carol = phones(mf, "alice", "bob", "carol")
+    carol.authenticated(carol.request("INVITE", f"sip:sales@{DOMAIN}"))
+    assert alice.ringing and bob.ringing
+    bob.answer_call(200)
+    assert 200 in carol.finals()
+    assert alice.requests(b"CANCEL")  # the other branch is cancelled (RFC 3261 16.7)
+
+
+def test_an_unknown_user_reaches_voicemail_but_only_after_authentication() -> None:
+    mf = farm(EXAMPLE)
+    (carol,) = phones(mf, "carol")
+    voicemail = endpoint(mf, VOICEMAIL)
+    # an outsider sees the same challenge for an unknown user as for alice
+    for callee in ("nobody", "alice"):
+        carol.send(carol.request("INVITE", f"sip:{callee}@{DOMAIN}"))
+        assert carol.last().status == 407  # type: ignore[union-attr]
+    assert not voicemail.ringing
+    carol.authenticated(carol.request("INVITE", f"sip:nobody@{DOMAIN}"))
+    assert voicemail.ringing
+    assert voicemail.ringing[-1].request.uri == f"sip:vm@{VOICEMAIL}:5060".encode()
+    assert b"nobody@" in (voicemail.ringing[-1].request.get("to") or b"")  # who was called
+
+
+def test_unknown_users_can_be_redirected_or_rejected_with_604() -> None:
+    mf = farm({"unknown": {"action": "redirect", "uri": "sip:operator@farm.test"}})
+    (carol,) = phones(mf, "carol")
+    answer = carol.authenticated(carol.request("INVITE", f"sip:nobody@{DOMAIN}"))
+    assert answer is not None and answer.status == 302
+    assert answer.get("contact") == b"<sip:operator@farm.test>"
+    mf = farm({"unknown": {"action": "reject", "status": 604}})
+    (carol,) = phones(mf, "carol")
+    answer = carol.authenticated(carol.request("INVITE", f"sip:nobody@{DOMAIN}"))
+    assert answer is not None and answer.status == 604
+
+
+def test_a_reject_rule_and_the_default_for_other_domains() -> None:
+    mf = farm({"rules": [{"user_prefix": "900", "action": "reject", "status": 403, "reason": "Premium"}]})
+    (carol,) = phones(mf, "carol")
+    answer = carol.authenticated(carol.request("INVITE", f"sip:900123@{DOMAIN}"))
+    assert answer is not None and (answer.status, answer.reason) == (403, b"Premium")
+    carol.send(carol.request("INVITE", "sip:bob@elsewhere.test"))
+    assert carol.last().status == 403  # type: ignore[union-attr]
+
+
+def test_a_gateway_the_destination_policy_refuses_is_not_called() -> None:
+    table = RoutingTable.from_dict({"rules": [{"user_prefix": "+1", "action": "forward", "uri": "sip:127.0.0.1:5999"}]})
+    mf = MemFarm(node_kwargs={"router": Router(frozenset({DOMAIN}), table)})
+    (carol,) = phones(mf, "carol")
+    answer = carol.authenticated(carol.request("INVITE", f"sip:+1234@{DOMAIN}"))
+    assert answer is not None and answer.status == 500
+    assert not mf.stray_to("127.0.0.1", 5999)
+
+
+@pytest.mark.parametrize(
+    ("routing", "message"),
+    [
+        ({"rules": [{"action": "forward", "uri": "sip:gw"}]}, "matches everything"),
+        ({"rules": [{"user": "x", "action": "forward"}]}, "uri: a SIP URI is required"),
+        ({"rules": [{"user": "x", "action": "fly"}]}, "action must be one of"),
+        ({"rules": [{"user_regex": "(", "action": "reject"}]}, "user_regex"),
+        ({"rules": [{"user": "x", "action": "alias", "targets": []}]}, "targets"),
+        ({"rules": [{"user": "x", "action": "forward", "uri": "tel:+1"}]}, "not a sip"),
+        ({"unknown": {"action": "reject", "status": 403}}, "status 404"),
+        ({"unknown": {"action": "alias"}}, "reject, forward or redirect"),
+        ({"rulez": []}, "unknown setting"),
+    ],
+)
+def test_a_bad_table_is_refused_with_a_clear_message(routing: dict[str, object], message: str) -> None:
+    with pytest.raises(RoutingError, match=message):
+        RoutingTable.from_dict(routing)
