@@ -17,6 +17,7 @@ the relay) would notice:
   every call set up from 2 s after the kill on has media through the survivor, both ways. The
   test prints (and records as the ``failover`` property) how many calls after the kill failed,
   when the first good one was placed and answered, and which calls paid the node's ng timeout.
+  The latest call before the kill is left open across it: hanging it up afterwards still works.
 
 The first two run through ``default_farm`` (what ``make run`` starts: one relay, the node
 anchoring every call at the relays of the cluster). The failover builds its own farm with two
@@ -84,6 +85,7 @@ CALL_EVERY_S = 0.3
 CALLS_BEFORE_KILL = 4
 RUN_AFTER_KILL_S = 7.0  # past the node's 5 s suspect mark on the dead relay (relay_choice.SUSPECT_SECONDS)
 FAILOVER_WITHIN_S = 2.0
+BYE_WITHIN_S = 2.0  # hanging up a call whose relay died
 RTP_COUNT = 10
 
 
@@ -380,6 +382,7 @@ class Attempt:
     relay: int | None = None  # index of the relay whose ports the SDPs name
     media: bool = False  # RTP both ways through the relay
     known_at: list[str] = field(default_factory=list)  # relays whose ng query knew the call, mid-call
+    hang_up: Callable[[], tuple[int, float]] | None = None  # a call left open: BYE -> (final status, seconds)
     notes: list[str] = field(default_factory=list)
 
 
@@ -395,12 +398,31 @@ def recv_for(client: SipClient, call_id: str, want: Callable[[SipMessage], bool]
     return None
 
 
-def place_call(farm: TwoRelayFarm, bob: SipClient, bob_rtp_host: str, ask: list[RelayProcess]) -> Attempt:
+def place_call(
+    farm: TwoRelayFarm, bob: SipClient, bob_rtp_host: str, ask: list[RelayProcess], *, keep_open: bool = False
+) -> Attempt:
     """alice (a fresh UDP phone) calls bob through the balancer; bob answers; RTP both ways; the
-    relays in ``ask`` are queried for the call; BYE."""
+    relays in ``ask`` are queried for the call; BYE (``keep_open``: later, by ``hang_up``)."""
     attempt = Attempt(time.monotonic(), secrets.token_hex(10))
     lb = farm.balancer.address
     alice, alice_rtp, bob_rtp = SipClient(CALLER_HOST), rtp_socket(CALLER_HOST), rtp_socket(bob_rtp_host)
+    sockets = (alice, alice_rtp, bob_rtp)
+
+    def bye(answered: SipMessage) -> tuple[int, float]:
+        started = time.monotonic()
+        try:
+            alice.send(in_dialog(alice, "BYE", answered, 3), lb)
+            got = recv_for(bob, attempt.call_id, lambda m: m.method == b"BYE", 3.0)
+            if got is None:
+                attempt.notes.append("no BYE at bob")
+                return 0, time.monotonic() - started
+            bob.send(make_response(got, 200), lb)
+            final = alice.recv_final(3.0)
+            return (final.status if final is not None else 0), time.monotonic() - started
+        finally:
+            for closable in sockets:
+                closable.close()
+
     try:
         send_invite(alice, lb, phone_sdp(CALLER_HOST, alice_rtp.getsockname()[1]), attempt.call_id)
         invited = time.monotonic()
@@ -445,17 +467,15 @@ def place_call(farm: TwoRelayFarm, bob: SipClient, bob_rtp_host: str, ask: list[
         if not attempt.media:
             attempt.notes.append(f"RTP: {len(at_bob)} at bob, {len(at_alice)} at alice")
         attempt.known_at = [r.relay_id for r in ask if query(r, attempt.call_id)[b"result"] == b"ok"]
-        alice.send(in_dialog(alice, "BYE", answered, 3), lb)
-        bye = recv_for(bob, attempt.call_id, lambda m: m.method == b"BYE", 3.0)
-        if bye is not None:
-            bob.send(make_response(bye, 200), lb)
-            alice.recv_final(2.0)
+        if keep_open:
+            attempt.hang_up = lambda: bye(answered)
         else:
-            attempt.notes.append("no BYE at bob")
+            bye(answered)
         return attempt
     finally:
-        for closable in (alice, alice_rtp, bob_rtp):
-            closable.close()
+        if attempt.hang_up is None:
+            for closable in sockets:
+                closable.close()
 
 
 def received(sock: Any, within: float = 0.5) -> list[bytes]:
@@ -496,24 +516,26 @@ def test_new_calls_get_media_through_the_other_relay_when_one_is_killed(
 ) -> None:
     farm = two_relay_farm
     bob = SipClient(CALLEE_HOST)
+    attempts: list[Attempt] = []
+    hang_up_latest: Callable[[], tuple[int, float]] | None = None  # the call left open across the kill
     try:
         reply = bob.register(farm.balancer.address, "bob", farm.accounts["bob"])
         assert reply is not None and reply.status == 200, reply
-        attempts: list[Attempt] = []
 
-        def call_paced(ask: list[RelayProcess]) -> Attempt:
+        def call_paced(ask: list[RelayProcess], *, keep_open: bool = False) -> Attempt:
             if attempts:
                 time.sleep(max(0.0, attempts[-1].started + CALL_EVERY_S - time.monotonic()))
-            attempt = place_call(farm, bob, CALLEE_HOST, ask)
+            attempt = place_call(farm, bob, CALLEE_HOST, ask, keep_open=keep_open)
             attempts.append(attempt)
             return attempt
 
-        for _ in range(CALLS_BEFORE_KILL):
-            call_paced(farm.relays)
-        healthy = [a for a in attempts if a.status == 200 and a.media and a.relay is not None]
-        assert len(healthy) == CALLS_BEFORE_KILL, f"{attempts}\n{farm.logs()}"
-        # the relay the latest call used: the one whose ng query knew it during the call
+        for n in range(CALLS_BEFORE_KILL):
+            call_paced(farm.relays, keep_open=n == CALLS_BEFORE_KILL - 1)
         latest = attempts[-1]
+        hang_up_latest, latest.hang_up = latest.hang_up, None
+        healthy = [a for a in attempts if a.status == 200 and a.media and a.relay is not None]
+        assert len(healthy) == CALLS_BEFORE_KILL and hang_up_latest is not None, f"{attempts}\n{farm.logs()}"
+        # the relay the latest call used (still up): the one whose ng query knew it during the call
         assert latest.relay is not None and latest.known_at == [farm.relays[latest.relay].relay_id], latest
         victim_index = latest.relay
         victim, survivor = farm.relays[victim_index], farm.relays[1 - victim_index]
@@ -523,15 +545,22 @@ def test_new_calls_get_media_through_the_other_relay_when_one_is_killed(
         killed_at = time.monotonic()
         while time.monotonic() - killed_at < RUN_AFTER_KILL_S:
             call_paced([])
+        # the call whose relay died can still be hung up: the BYE does not wait for the dead relay
+        bye_status, bye_s = hang_up_latest()
+        hang_up_latest = None
 
         after = [a for a in attempts if a.started >= killed_at]
         good = [a for a in after if a.status == 200 and a.media and a.relay == 1 - victim_index]
         late = [a for a in after if a.started - killed_at >= FAILOVER_WITHIN_S]
         summary = failover_summary(victim, survivor, killed_at, after, good)
+        summary += f"; the call left on it hung up: {bye_status} in {bye_s:.2f} s"
         print(summary)
         record_property("failover", summary)
         assert late, "no call was placed 2 s after the kill"
         assert all(a in good for a in late), f"{summary}\n{farm.logs()}"
         assert good and min(a.started for a in good) - killed_at < FAILOVER_WITHIN_S, summary
+        assert bye_status == 200 and bye_s < BYE_WITHIN_S, f"{summary}\n{farm.logs()}"
     finally:
+        if hang_up_latest is not None:
+            hang_up_latest()
         bob.close()
