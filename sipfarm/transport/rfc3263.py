@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import ipaddress
 import logging
 import random as random_module
 import socket
@@ -188,7 +189,7 @@ def encode_query(qid: int, qname: str, qtype: QType) -> bytes:
 
 def _rdata(rtype: int, rdata: object) -> Rdata | None:
     if rtype in (QType.A, QType.AAAA):
-        return str(rdata)
+        return str(ipaddress.ip_address(str(rdata)))  # ValueError for a malformed address
     if rtype == QType.SRV:
         srv: dnslib.SRV = rdata
         return Srv(int(srv.priority), int(srv.weight), int(srv.port), normalize_name(str(srv.target)))
@@ -658,7 +659,8 @@ class Locator:
             self.client.lookup(key[0], key[1], self.client.now, partial(one, key))
 
     def _fail(self, loc: _Location, reason: LocateFailure) -> None:
-        log.info("event=locate_failed host=%s reason=%s", loc.host, reason.value)
+        # debug: this runs per request towards a broken name (the DNS events are logged once)
+        log.debug("event=locate_failed host=%s reason=%s", loc.host, reason.value)
         self._finish(loc, LocateError(loc.host, reason))
 
     def _deliver(self, loc: _Location, targets: list[Target]) -> None:

@@ -11,6 +11,8 @@ from typing import Any
 
 import dnslib  # type: ignore[import-untyped]
 from fixtures.dns_server import ZoneServer, dns_server, silent_ns  # noqa: F401  (fixtures)
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sipfarm.sip.uri import SipURI, parse_uri
 from sipfarm.transport.rfc3263 import (
@@ -19,10 +21,12 @@ from sipfarm.transport.rfc3263 import (
     DnsClient,
     LocateError,
     LocateFailure,
+    Naptr,
     QType,
     ServerLocator,
     Srv,
     Target,
+    decode_response,
     order_srv,
 )
 
@@ -427,3 +431,78 @@ def test_client_cache_is_bounded() -> None:
     assert client.cached("h0.test", QType.A, 1.0) is None  # the oldest went
     assert client.cached("h2.test", QType.A, 1.0) is not None
     assert client.cached("h2.test", QType.A, 61.0) is None
+
+
+def test_client_truncated_answers() -> None:
+    client = DnsClient([NS1, NS2], attempts=1)
+    answers: list[DnsAnswer] = []
+    client.lookup("big.test", QType.SRV, 0.0, answers.append)
+    [(packet, _)] = client.datagrams_to_send()
+    empty = dnslib.DNSRecord.parse(packet).reply()
+    empty.header.tc = 1
+    client.receive_datagram(bytes(empty.pack()), NS1, 0.1)
+    assert answers == []  # an empty truncated answer is a failure of that server (no TCP retry)
+    [(_, server)] = client.datagrams_to_send()
+    assert server == NS2
+    partial = dnslib.DNSRecord.parse(packet).reply()
+    partial.header.tc = 1
+    partial.add_answer(dnslib.RR("big.test", dnslib.QTYPE.SRV, ttl=60, rdata=dnslib.SRV(1, 1, 5060, "a.big.test")))
+    client.receive_datagram(bytes(partial.pack()), NS2, 0.2)
+    assert answers == [DnsAnswer(AnswerStatus.OK, (Srv(1, 1, 5060, "a.big.test"),), 60.0)]
+
+
+def test_client_calls_every_waiter_once_even_if_one_raises() -> None:
+    client = DnsClient([NS1])
+    seen: list[DnsAnswer] = []
+
+    def broken(answer: DnsAnswer) -> None:
+        raise RuntimeError("callback bug")
+
+    client.lookup("gw.test", QType.A, 0.0, broken)
+    client.lookup("gw.test", QType.A, 0.0, seen.append)
+    [(packet, _)] = client.datagrams_to_send()  # one query for both waiters
+    rr = dnslib.RR("gw.test", dnslib.QTYPE.A, ttl=60, rdata=dnslib.A("127.0.0.1"))
+    client.receive_datagram(reply_to(packet, rr), NS1, 0.1)
+    assert seen == [DnsAnswer(AnswerStatus.OK, ("127.0.0.1",), 60.0)]
+    assert client.stats.callback_errors == 1
+
+
+def _sample_reply() -> bytes:
+    query = dnslib.DNSRecord(dnslib.DNSHeader(id=77, rd=1), q=dnslib.DNSQuestion("gw.test", dnslib.QTYPE.NAPTR))
+    reply = query.reply()
+    naptr = dnslib.NAPTR(10, 50, b"s", b"SIP+D2U", b"", "_sip._udp.gw.test")
+    reply.add_answer(dnslib.RR("gw.test", dnslib.QTYPE.NAPTR, ttl=60, rdata=naptr))
+    soa = dnslib.SOA("ns.test", "h.test", (1, 2, 3, 4, 5))
+    reply.add_auth(dnslib.RR("test", dnslib.QTYPE.SOA, ttl=60, rdata=soa))
+    return bytes(reply.pack())
+
+
+def test_decode_response_truncations_are_parsed_or_value_error() -> None:
+    data = _sample_reply()
+    assert decode_response(data).records == (Naptr(10, 50, "s", "SIP+D2U", "_sip._udp.gw.test"),)
+    for end in range(len(data)):
+        try:
+            decode_response(data[:end])
+        except ValueError:
+            pass
+
+
+@given(st.binary(max_size=300), st.integers(0, 200), st.integers(0, 255))
+@settings(max_examples=300, deadline=None)
+def test_client_survives_any_datagram(junk: bytes, at: int, byte: int) -> None:
+    client = DnsClient([NS1])
+    answers: list[DnsAnswer] = []
+    client.lookup("gw.test", QType.NAPTR, 0.0, answers.append)
+    client.datagrams_to_send()
+    for data in (junk, _mutate(_sample_reply(), at, byte)):
+        try:
+            decode_response(data)
+        except ValueError:
+            pass
+        client.receive_datagram(data, NS1, 0.1)  # never raises
+    assert len(answers) <= 1
+
+
+def _mutate(data: bytes, at: int, byte: int) -> bytes:
+    at %= len(data)
+    return data[:at] + bytes([byte]) + data[at + 1 :]
