@@ -623,7 +623,8 @@ class Locator:
             self._addresses(loc, [(fallback, loc.host, default_port(fallback))])
 
     def _addresses(self, loc: _Location, entries: list[tuple[str, str, int]]) -> None:
-        keys = [(name, family) for _, name, _ in entries for family in self.families]
+        # an SRV target written as an address (not allowed by RFC 2782, seen in the wild) is used as is
+        keys = [(name, family) for _, name, _ in entries if not is_ip_literal(name) for family in self.families]
         self._gather(keys, partial(self._addresses_done, loc, entries))
 
     def _addresses_done(
@@ -631,6 +632,9 @@ class Locator:
     ) -> None:
         targets: dict[Target, None] = {}  # ordered and without repeats
         for transport, name, port in entries:
+            if is_ip_literal(name):
+                targets.setdefault(Target(transport, name, port))
+                continue
             for family in self.families:
                 for ip in answers[(name, family)].records:
                     if isinstance(ip, str):

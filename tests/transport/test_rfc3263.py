@@ -49,6 +49,7 @@ GATEWAY_ZONE: dict[str, list[tuple[Any, ...]]] = {
     # no NAPTR: SRV probing; the lower priority value comes first whatever the zone's order
     "srv.test": [("A", "127.0.0.99")],
     "_sip._udp.srv.test": [("SRV", (2, 0, 5072, "two.srv.test")), ("SRV", (1, 0, 5071, "one.srv.test"))],
+    "_sip._tcp.srv.test": [("SRV", (1, 0, 5073, "127.0.1.3"))],  # an address as target (seen in the wild)
     "one.srv.test": [("A", "127.0.1.1")],
     "two.srv.test": [("A", "127.0.1.2")],
     # neither NAPTR nor SRV: A at the default port
@@ -113,6 +114,7 @@ def test_srv_priorities_without_naptr(arun: Any, dns_server: ZoneServer) -> None
             assert await locate(locator, "srv.test") == [
                 Target("udp", "127.0.1.1", 5071),
                 Target("udp", "127.0.1.2", 5072),
+                Target("tcp", "127.0.1.3", 5073),
             ]
             # RFC 3263 4.1: no NAPTR, an SRV query per supported transport
             for name in ("_sip._udp.srv.test", "_sip._tcp.srv.test", "_sips._tcp.srv.test"):
