@@ -335,12 +335,13 @@ async def serve(
 
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGHUP, reload_routing, "sighup")
-    epoch: list[object] = [None]
+    unread = object()
+    epoch: list[object] = [unread]  # the epoch's value at the last read (None: never bumped)
 
     def routing_epoch(value: object) -> None:
         if isinstance(value, Exception):
             return
-        if epoch[0] is not None and value != epoch[0]:
+        if epoch[0] is not unread and value != epoch[0]:
             reload_routing("sipfarm_reload")
         epoch[0] = value
 

@@ -30,7 +30,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _free_block() -> tuple[int, int]:
+def free_block() -> tuple[int, int]:
     """SIP and metrics base ports for `up` (the relay's ng port is SIP + 5), below the kernel's
     ephemeral range (32768+) so that no client socket or Redis started meanwhile can take one."""
     rng = random.Random()
@@ -44,7 +44,7 @@ def _free_block() -> tuple[int, int]:
 
 
 def test_up_refuses_ports_in_use(tmp_path: Path):
-    port, metrics = _free_block()
+    port, metrics = free_block()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
         squatter.bind(("127.0.0.1", port + 10))
         done = subprocess.run(
@@ -71,7 +71,7 @@ def test_up_refuses_ports_in_use(tmp_path: Path):
 
 
 def test_up_starts_a_usable_farm_and_stops_it(tmp_path: Path):
-    port, metrics = _free_block()
+    port, metrics = free_block()
     proc = subprocess.Popen(
         [
             sys.executable,

@@ -1,0 +1,166 @@
+"""`sipfarm up --config examples/routing.toml`: the shipped example, loaded as is, routes a call
+from alice to +15551234 to the gateway on 127.0.0.1:15090, a call to an unknown user of
+farm.test to the voicemail on 127.0.0.1:15091, and a call to sales@farm.test to alice's and
+bob's phones at once.  Then `sipfarm reload` with a changed file changes the routing on the
+running nodes, and a broken file is refused with the old table kept."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fixtures.farm import DOMAIN, SipClient
+from fixtures.media_phones import phone_sdp, send_invite
+from test_up import free_block
+
+from sipfarm.sip.message import SipMessage
+from sipfarm.sip.parser import parse_message
+
+pytestmark = pytest.mark.timeout(120)
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "routing.toml"
+GATEWAY = ("127.0.0.1", 15090)
+VOICEMAIL = ("127.0.0.1", 15091)
+
+
+class Listener:
+    """A UAS standing in for a gateway or a voicemail: the requests that reach its port."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(address)
+        self.sock.settimeout(0.2)
+
+    def invite(self, within: float = 5.0) -> SipMessage | None:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            try:
+                data = self.sock.recv(65535)
+            except TimeoutError:
+                continue
+            msg = parse_message(data)
+            if msg.is_request and msg.method == b"INVITE":
+                return msg
+        return None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def farm(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    port, metrics = free_block()
+    config = tmp_path / "routing.toml"
+    shutil.copy(EXAMPLE, config)
+    argv = [
+        sys.executable, "-m", "sipfarm", "up", "--config", str(config), "--sip-port", str(port),
+        "--dir", str(tmp_path / "run"), "--metrics-port", str(metrics), "--ng-port", str(port + 5),
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("READY "):
+                ready = json.loads(line[len("READY ") :])
+                break
+        else:
+            ready = None
+        assert ready is not None, "".join(lines)
+        probe = SipClient("127.0.0.5")
+        try:  # usable once the balancer has polled the membership and probed the nodes
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                # alice's remove-all (Contact: *, Expires: 0; she has no binding yet): a node's 200
+                reply = probe.register(("127.0.0.1", port), "alice", "alice-secret", contact="*", expires=0)
+                if reply is not None and reply.status == 200:
+                    break
+                time.sleep(0.3)
+        finally:
+            probe.close()
+        yield {"address": ("127.0.0.1", port), "redis": ready["redis"], "config": config, "run": tmp_path / "run"}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+
+
+def call(farm: dict[str, Any], uri: str, user: str = "alice") -> None:
+    phone = SipClient("127.0.0.4")
+    try:
+        send_invite(
+            phone, farm["address"], phone_sdp("127.0.0.4", 40000), secrets.token_hex(8),
+            uri=uri, user=user, password=f"{user}-secret",
+        )  # fmt: skip
+    finally:
+        phone.close()
+
+
+def test_the_example_routes_to_gateway_voicemail_and_an_alias(farm: dict[str, Any]) -> None:
+    gateway, voicemail = Listener(GATEWAY), Listener(VOICEMAIL)
+    alice, bob = SipClient("127.0.0.2"), SipClient("127.0.0.3")
+    try:
+        call(farm, f"sip:+15551234@{DOMAIN}")
+        reached = gateway.invite()
+        assert reached is not None, "the gateway got no INVITE"
+        assert reached.uri == b"sip:+15551234@127.0.0.1:15090"
+
+        call(farm, f"sip:nobody@{DOMAIN}")
+        reached = voicemail.invite()
+        assert reached is not None, "the voicemail got no INVITE"
+        assert reached.uri == b"sip:vm@127.0.0.1:15091"
+
+        for phone, user in ((alice, "alice"), (bob, "bob")):
+            reply = phone.register(farm["address"], user, f"{user}-secret")
+            assert reply is not None and reply.status == 200, reply
+        call(farm, f"sip:sales@{DOMAIN}", user="bob")
+        for phone in (alice, bob):
+            deadline = time.monotonic() + 5
+            got = None
+            while got is None and time.monotonic() < deadline:
+                msg = phone.recv(0.5)
+                if msg is not None and msg.is_request and msg.method == b"INVITE":
+                    got = msg
+            assert got is not None, f"{phone.host} did not ring for sales"
+    finally:
+        for closable in (gateway, voicemail, alice, bob):
+            closable.close()
+
+
+def test_reload_changes_the_routing_and_a_bad_file_keeps_it(farm: dict[str, Any]) -> None:
+    config: Path = farm["config"]
+    config.write_text(config.read_text().replace('user_prefix = "+1555"', 'user_prefix = "+1666"'))
+    reload = [sys.executable, "-m", "sipfarm", "reload", "--redis", farm["redis"]]
+    done = subprocess.run(reload, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    time.sleep(2.0)  # every node polls the epoch each second
+    gateway = Listener(GATEWAY)
+    try:
+        call(farm, f"sip:+16661234@{DOMAIN}")
+        assert gateway.invite() is not None, "the reloaded rule did not route to the gateway"
+        config.write_text(config.read_text() + "\n[[routing.rules]]\naction = 'nonsense'\n")
+        check = subprocess.run([*reload, "--check", str(config)], capture_output=True, text=True, timeout=30)
+        assert check.returncode == 2 and "line" in check.stderr, check.stderr
+        done = subprocess.run(reload, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0
+        time.sleep(2.0)
+        logs = "".join(p.read_text() for p in (farm["run"] / "logs").glob("node*.log"))
+        assert "event=routing_reload_refused" in logs
+        call(farm, f"sip:+16665678@{DOMAIN}")
+        assert gateway.invite() is not None, "the old table was not kept"
+    finally:
+        gateway.close()
