@@ -518,14 +518,19 @@ class RoutingHelper:
                  self.config.timeout)  # fmt: skip
 
     def ask(self, query: dict[str, str], callback: Callback) -> None:
-        """Ask where ``query`` goes; ``callback`` gets the answer exactly once (see module doc)."""
+        """Ask where ``query`` goes; ``callback`` gets the answer exactly once (see module doc).
+
+        ``query`` maps strings to strings; anything else is a caller's bug, answered with the
+        default (later, from the loop) without asking the helper or counting against it.  Before
+        :meth:`start` or after :meth:`aclose` the default comes later from the running loop (at
+        once, inside ``ask``, only when called with no loop running)."""
         loop = self._loop
         if loop is None or self._closed:
-            self.defaults += 1
-            if loop is not None:
-                loop.call_soon(self._call, callback, self.config.default)
-            else:  # never started: there is no loop to defer to
-                self._call(callback, self.config.default)
+            self._default_later(callback)
+            return
+        if not all(type(k) is str and type(v) is str for k, v in query.items()):
+            log.debug("event=routing_helper_bad_query")
+            self._default_later(callback)
             return
         now = loop.time()
         key: Hashable | None = None
@@ -550,20 +555,13 @@ class RoutingHelper:
             return
         if admission is Admission.TRIAL:
             log.info("event=routing_helper_circuit_half_open")
-        try:
-            line = json.dumps(query, separators=(",", ":")).encode()
-        except (TypeError, ValueError):
-            line = b""
+        line = json.dumps(query, separators=(",", ":")).encode()  # str to str: cannot fail
         pending = PendingQuery(line, now + self.config.timeout, key, admission is Admission.TRIAL, [callback])
-        if not line:
-            log.debug("event=routing_helper_bad_query")
-            loop.call_soon(self._finish, pending, Failure.GARBAGE)
-            return
         self.asked += 1
         if key is not None:
             self._inflight[key] = pending
         if not self.backend.submit(pending):
-            loop.call_soon(self._finish, pending, Failure.OVERLOAD)
+            loop.call_soon(self._finish, pending, Failure.OVERLOAD)  # a trial among them decides too
             return
         self._deadlines.append(pending)
         if self._timer is None:
@@ -622,6 +620,15 @@ class RoutingHelper:
             log.info("event=routing_helper_circuit_closed %s", _describe(self.config))
         for callback in pending.callbacks:
             self._call(callback, answer)
+
+    def _default_later(self, callback: Callback) -> None:
+        self.defaults += 1
+        try:
+            loop = self._loop or asyncio.get_running_loop()
+        except RuntimeError:  # no loop at all: nothing to defer to
+            self._call(callback, self.config.default)
+            return
+        loop.call_soon(self._call, callback, self.config.default)
 
     def _call(self, callback: Callback, answer: HelperAnswer) -> None:
         try:
@@ -701,8 +708,12 @@ class _Pool:
                 worker.send(query)
 
     def report(self, query: PendingQuery, outcome: Outcome) -> None:
-        if self._report is not None:
+        if self._report is None:
+            return
+        try:
             self._report(query, outcome)
+        except Exception:  # a bug in the front must not stop a worker: logged, the worker goes on
+            log.exception("event=routing_helper_report_error")
 
 
 class ProgramPool(_Pool):
@@ -870,8 +881,9 @@ class HttpPool(_Pool):
         """Nothing to do: the connection carrying ``query`` has the same deadline and drops itself."""
 
     def request(self, body: bytes) -> bytes:
+        host = f"[{self.host}]" if ":" in self.host else self.host
         head = (
-            f"POST {self.target} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"POST {self.target} HTTP/1.1\r\nHost: {host}:{self.port}\r\n"
             f"Content-Type: application/json\r\nAccept: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n"
         )
@@ -916,7 +928,12 @@ class _HttpConnection:
             query = self.query
             if query is None:
                 continue
-            outcome = Failure.TIMEOUT if query.done else await self._exchange(query)
+            try:
+                outcome = Failure.TIMEOUT if query.done else await self._exchange(query)
+            except Exception:  # a bug here must not leave this connection busy forever
+                log.exception("event=routing_helper_http_error")
+                self.drop()
+                outcome = Failure.HTTP
             self.query = None
             self.pool.next_for(self)
             self.pool.report(query, outcome)
@@ -933,9 +950,10 @@ class _HttpConnection:
                     self.writer.write(pool.request(query.line))
                     try:
                         status, close, body = await _read_response(self.reader)
-                    except asyncio.IncompleteReadError as exc:
+                    except (asyncio.IncompleteReadError, ConnectionError) as exc:
                         self.drop()
-                        if reused and not exc.partial and attempt == 0:
+                        partial = isinstance(exc, asyncio.IncompleteReadError) and exc.partial
+                        if reused and not partial and attempt == 0:
                             continue  # the server closed an idle keep-alive connection: once more, afresh
                         raise
                     break
@@ -948,8 +966,8 @@ class _HttpConnection:
         except (OSError, asyncio.IncompleteReadError, HttpError):
             self.drop()
             return Failure.HTTP
-        if close:
-            self.drop()
+        if close or status != 200:
+            self.drop()  # an error (or an interim 1xx) may leave more on the connection than was read
         if status != 200:
             return Failure.HTTP
         try:

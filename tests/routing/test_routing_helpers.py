@@ -436,6 +436,13 @@ async def test_callback_errors_do_not_reach_the_caller(program):
         assert helper.callback_errors == 1
 
 
+async def test_bad_query_gets_the_default_without_asking(program):
+    async with running(program=program("good"), timeout=3, failures=1) as helper:
+        asked = Asked(helper, {"callee": ["sip:bob@farm.test"]})  # type: ignore[dict-item]
+        assert not asked.synchronous and await asked.answer() == DEFAULT_ANSWER
+        assert (helper.asked, helper.failures, helper.state) == (0, 0, BreakerState.CLOSED)
+
+
 # --- HTTP helper ---------------------------------------------------------------------------
 
 
@@ -499,6 +506,8 @@ class HttpHelper:
                 if extra:
                     break
         except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        except asyncio.CancelledError:  # stop(): end quietly (asyncio logs a cancelled handler)
             pass
         finally:
             writer.close()
