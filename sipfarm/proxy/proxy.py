@@ -189,6 +189,8 @@ class Proxy:
             return False
         if msg.has("route") or msg.to_tag is not None or max_forwards(msg) <= 0:
             return False
+        if self.router.table.trusted and self.router.table.trusts(self.element.client(msg, source).host):
+            return False  # a trusted gateway's call: routed, not challenged
         uri = msg.request_uri
         if not (isinstance(uri, SipURI) and uri.user is not None and uri.host in self.element.identity.domains):
             return False
@@ -333,7 +335,7 @@ class Proxy:
         assert isinstance(uri, SipURI)
         realm = ""
         creds: auth.Credentials | None = None
-        if self.auth_requests and msg.method not in UNAUTHENTICATED:
+        if self.auth_requests and msg.method not in UNAUTHENTICATED and not self._trusted_call(msg, stx, decision):
             realm = self.auth.caller_realm(msg, uri)
             creds = self.auth.credentials(msg, "proxy-authorization", realm)
             if creds is None:
@@ -372,6 +374,17 @@ class Proxy:
             self.state.get_account(user, decision.domain, partial(join.done, "callee"))
         if needed == 0:
             self._route_with(call, msg, local, realm, gruu, decision, {})
+
+    def _trusted_call(self, msg: SipMessage, stx: ServerTransaction, decision: Decision) -> bool:
+        """A call from a trusted gateway or trunk (by address) to the farm's users: no digest.
+        Forwarding onwards (to a gateway) still needs a user's credentials: no transit."""
+        table = self.router.table
+        if not table.trusted or decision.action not in (Action.LOCAL, Action.ALIAS):
+            return False
+        if not table.trusts(self.element.client(msg, stx.source).host):
+            return False
+        self.element.metrics.errors("trusted_peer_call").inc()
+        return True
 
     def _local_aor(self, target: str) -> str | None:
         """``user@domain`` of an alias target that is a user of a served domain, else None."""

@@ -18,6 +18,9 @@ served domain that has no account.  Anything else is refused (403).
     action = "alias"
     targets = ["sip:alice@farm.test", "sip:bob@farm.test"]   # parallel fork
 
+    [routing]
+    trusted = ["192.0.2.10"]       # gateways whose calls to the farm's users need no digest
+
     [routing.unknown]              # a user of a served domain with no account
     action = "forward"             # reject (status 404 or 604) | forward | redirect
     uri = "sip:vm@127.0.0.1:15091"
@@ -29,6 +32,7 @@ A bad table is refused as a whole with a message naming the rule and its line in
 from __future__ import annotations
 
 import enum
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -95,11 +99,23 @@ class UnknownRule:
 class RoutingTable:
     rules: tuple[Rule, ...] = ()
     unknown: UnknownRule = field(default_factory=UnknownRule)
+    #: gateways and trunks by address (``trusted = ["192.0.2.10", "198.51.100.0/24"]``): their
+    #: calls to the farm's users need no digest authentication; everyone else's do
+    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    def trusts(self, host: str) -> bool:
+        if not self.trusted:
+            return False
+        try:
+            ip = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            return False
+        return any(ip in net for net in self.trusted)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], text: str = "") -> RoutingTable:
         """The ``[routing]`` table of a TOML file (``text``: the file, for line numbers)."""
-        unknown_keys = set(data) - {"rules", "unknown"}
+        unknown_keys = set(data) - {"rules", "unknown", "trusted"}
         if unknown_keys:
             raise RoutingError(f"routing: unknown setting {sorted(unknown_keys)[0]!r}")
         raw_rules = data.get("rules", [])
@@ -123,7 +139,16 @@ class RoutingTable:
             unknown = _unknown(raw_unknown)
         except RoutingError as exc:
             raise RoutingError(f"{where}: {exc}") from None
-        return cls(tuple(rules), unknown)
+        raw_trusted = data.get("trusted", [])
+        if not isinstance(raw_trusted, list) or not all(isinstance(t, str) for t in raw_trusted):
+            raise RoutingError("routing.trusted: expected a list of addresses or networks")
+        trusted = []
+        for entry in raw_trusted:
+            try:
+                trusted.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                raise RoutingError(f"routing.trusted: not an IP address or network: {entry!r}") from None
+        return cls(tuple(rules), unknown, tuple(trusted))
 
 
 def load_routing(path: str | Path) -> RoutingTable:

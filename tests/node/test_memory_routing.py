@@ -140,3 +140,18 @@ def test_a_gateway_the_destination_policy_refuses_is_not_called() -> None:
 def test_a_bad_table_is_refused_with_a_clear_message(routing: dict[str, object], message: str) -> None:
     with pytest.raises(RoutingError, match=message):
         RoutingTable.from_dict(routing)
+
+
+def test_a_trusted_gateway_calls_users_without_digest_but_not_onwards() -> None:
+    mf = farm({**EXAMPLE, "trusted": [f"{GATEWAY}/32"]})
+    (alice,) = phones(mf, "alice")
+    gateway = endpoint(mf, GATEWAY)
+    untrusted = endpoint(mf, "10.9.0.9")
+    for caller, rings in ((untrusted, False), (gateway, True)):
+        caller.send(caller.request("INVITE", f"sip:alice@{DOMAIN}", from_="<sip:+4930123@gw.example>"))
+        assert bool(alice.ringing) is rings
+        if not rings:
+            assert caller.last().status == 407  # type: ignore[union-attr]
+    # no transit: a trusted gateway's call to another gateway number still needs a user's digest
+    gateway.send(gateway.request("INVITE", f"sip:+15559999@{DOMAIN}", from_="<sip:+4930123@gw.example>"))
+    assert gateway.last().status == 407  # type: ignore[union-attr]
