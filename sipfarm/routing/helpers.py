@@ -14,7 +14,8 @@ helper stand three guards, all in this module and all driven by the loop's clock
   the default given after a failure;
 * a circuit breaker (:class:`CircuitBreaker`): after ``failures`` consecutive failures
   (timeouts, crashes, garbage, HTTP errors) the helper is not asked for ``open_seconds``; then
-  one trial query decides whether it closes again;
+  one trial query decides whether it closes again.  A full wait queue is counted
+  (``overloaded``) but not held against the helper: if it is slow, the queries ahead time out;
 * a hard timeout per query: past it the caller gets the configured default answer.
 
 Two backends speak to the helper, each a small pool of workers with one outstanding query
@@ -49,7 +50,13 @@ Configuration (a TOML table, see :meth:`HelperConfig.from_dict`)::
     cache_key = ["callee"]   # query fields; absent: the whole query
     failures = 5         # consecutive failures that open the circuit
     open_seconds = 10
-    default = { action = "local" }
+    default = { action = "local" }   # the answer when the helper cannot give one
+    restart_min = 0.1    # program restart backoff, doubled up to restart_max
+    restart_max = 5.0
+
+A child whose query timed out is killed and restarted (redis-py's rule for a connection that
+timed out mid-command: drop it, never read the stale answer as the next one's), so a helper that
+is merely slow past ``timeout`` pays a restart per late answer: set ``timeout`` above its worst case.
 """
 
 from __future__ import annotations
