@@ -713,17 +713,19 @@ def media_main(args: argparse.Namespace, args_list: Sequence[str]) -> int:
 
 def _farm_with_relay(args: argparse.Namespace, out: Path, log: Callable[[str], None],
                      notes: list[str]) -> list[TargetResult]:
-    """The call search of the SIP benchmark against one node with one `sipfarm relay`: every
-    call's SDP (SIPp's INVITE and 200 carry one) anchored over ng, deleted at BYE."""
-    settings = replace(settings_from(args), nodes=(1,), kamailio=False, kamailio_redis=False, relays=1,
-                       kinds=("call",))
+    """The call search of the SIP benchmark against one node without, then with one `sipfarm
+    relay`: every call's SDP (SIPp's INVITE and 200 carry one) anchored over ng, deleted at BYE."""
+    settings = replace(settings_from(args), nodes=(1,), kamailio=False, kamailio_redis=False, kinds=("call",))
     try:
         _, build_used = sipfarm_env(settings.build)
     except RuntimeError as exc:
         notes.append(f"farm with a relay not measured: {exc}")
         return []
-    harness = Harness(replace(settings, build_used=build_used), out, log, lambda _text, _frac: None)
-    log("farm with a relay: 1 node, 1 sipfarm relay, call search")
-    results = harness.run()
-    notes.extend(harness.notes)
+    results: list[TargetResult] = []
+    for relays in (0, 1):
+        harness = Harness(replace(settings, build_used=build_used, relays=relays), out, log,
+                          lambda _text, _frac: None)
+        log(f"farm: 1 node, {relays} sipfarm relay(s), call search")
+        results += harness.run()
+        notes.extend(note for note in harness.notes if note not in notes)
     return results

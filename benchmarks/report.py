@@ -355,9 +355,10 @@ def media_markdown(summary: Mapping[str, Any]) -> str:
     lines.append(media_bench.markdown(media) if media else "No media results (see the log).\n")
     farm = summary.get("farm_with_relays") or {}
     if farm:
-        lines += ["## Calls/s of the farm with relays on", "",
-                  "SIPp UAC -> balancer -> node -> SIPp UAS (INVITE with SDP, 407, 200 with SDP, ACK, hold, BYE), "
-                  "the node anchoring every call on the relay (ng offer, answer, delete); no RTP flows.", "",
+        lines += ["## Calls/s of the farm with relays on (and off, same run)", "",
+                  "SIPp UAC -> balancer -> node -> SIPp UAS (INVITE with SDP, 407, 200 with SDP, ACK, hold, BYE); "
+                  "with a relay the node anchors every call on it (ng offer, answer, delete); no RTP flows. "
+                  "Calls per node CPU-s: the node's processes only (the relay's CPU is in the last column).", "",
                   "| target | calls/s (< 1% failed) | call setup p50/p95/p99 ms | calls per node CPU-s "
                   "| CPU % per role at that rate |", "|---|---|---|---|---|"]
         for t in farm.values():
