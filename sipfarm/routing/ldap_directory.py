@@ -416,42 +416,61 @@ class LdapUnavailable(Exception):
     """The directory cannot answer now (down, refused, timed out, backing off, bind refused)."""
 
 
-class _ReaderConnection(AIOLDAPConnection):
-    """bonsai's asyncio connection, waiting for replies on "readable" only once it is open.
+#: how often a wait for a reply polls libldap without a wakeup: a safety net, should a reply sit
+#: in libldap's buffer with nothing left to read on the socket
+_REPOLL_INTERVAL: Final = 0.05
 
-    ``AIOLDAPConnection`` watches the socket for "writable" too, which a connected socket always
-    is: the loop would call back every iteration until the reply came (a busy loop for as long as
-    a stalled server takes). Requests are written by libldap before the wait starts; only the
-    connect/bind phase (a dummy socket, then the bind) keeps bonsai's own polling.
+
+class _ReaderConnection(AIOLDAPConnection):
+    """bonsai's asyncio connection, waking up on "readable" only.
+
+    ``AIOLDAPConnection`` watches its socket for "writable" too, which a connected socket always
+    is: the loop would call back every iteration until the reply came, a busy loop for as long
+    as a stalled server takes. libldap writes a request before the wait starts; what is awaited
+    is always something to read: the dummy socket the connect thread pings when it is done, then
+    the bind reply, then search replies (``fileno()`` changes between the first two).
+
+    The wait always unwatches its descriptor, also when cancelled (bonsai's leaves it watched,
+    and the loop then calls a dead connection back forever).
     """
 
     async def _poll(self, msg_id: int, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - bonsai's signature
-        if self.closed:
-            return await super()._poll(msg_id, timeout)  # type: ignore[no-untyped-call]
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        fd = self.fileno()
+        watched = -1
+        timer: asyncio.TimerHandle | None = None
 
         def ready() -> None:
+            nonlocal watched, timer
+            if fut.done():
+                return
             try:
                 result = super(AIOLDAPConnection, self).get_result(msg_id)  # the C poll, not the coroutine
             except bonsai.LDAPError as exc:
-                loop.remove_reader(fd)
-                if not fut.done():
-                    fut.set_exception(exc)
+                fut.set_exception(exc)
                 return
             if result is not None:
-                loop.remove_reader(fd)
-                if not fut.done():
-                    fut.set_result(result)
+                fut.set_result(result)
+                return
+            fd = self.fileno()
+            if fd != watched:
+                if watched >= 0:
+                    loop.remove_reader(watched)
+                watched = fd
+                if fd >= 0:
+                    loop.add_reader(fd, ready)
+            if timer is not None:
+                timer.cancel()
+            timer = loop.call_later(_REPOLL_INTERVAL, ready)
 
-        loop.add_reader(fd, ready)
         try:
-            # the reply may already be in libldap's buffer (read along with an earlier one)
-            ready()
+            ready()  # the reply may be in libldap's buffer already
             return await asyncio.wait_for(fut, timeout)
         finally:
-            loop.remove_reader(fd)
+            if watched >= 0:
+                loop.remove_reader(watched)
+            if timer is not None:
+                timer.cancel()
 
 
 class LdapPool:
