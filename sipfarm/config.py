@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import os
 import tomllib
 import types
@@ -187,11 +188,19 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
     origin = typing.get_origin(kind)
     if origin is list:
         (item,) = typing.get_args(kind)
+        if isinstance(value, str) and typing.get_origin(item) is dict:
+            try:  # a list of tables from the environment: JSON
+                value = json.loads(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a JSON list of objects, got {value!r}") from None
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(key, v, item) for v in value]
+    if origin is dict:
+        # a table (or not) as written: the owner's validate() names the bad entry and key
+        return dict(value) if isinstance(value, dict) else value
     if origin in (types.UnionType, typing.Union):
         args = [a for a in typing.get_args(kind) if a is not type(None)]
         if value is None or value == "":
@@ -306,6 +315,12 @@ class BalancerConfig:
     # keepalive_interval = 0 sends none.
     keepalive_interval: float = 30.0
     keepalive_failures: int = 3
+    # Static cluster: rules pinning accounts to the nodes of a group ([node] group), tried in
+    # order, the first match wins; no match: any node (ungrouped ones first). A list of tables:
+    # {domain = "a.test", group = "A"}, {domain = "b.test", user_prefix = "+1", group = "B"},
+    # {domain = "c.test", user_regex = "9[0-9]{3}", group = "C"} (the regex matches the whole
+    # user part). In SIPFARM_GROUPS: the same as JSON.
+    groups: list[dict[str, str]] = field(default_factory=list)
 
     def validate(self) -> None:
         if not self.listen:
@@ -329,6 +344,12 @@ class BalancerConfig:
         if self.keepalive_interval != 0:
             _check_range("keepalive_interval", self.keepalive_interval, 0.1, 3600)
         _check_range("keepalive_failures", self.keepalive_failures, 1, 100)
+        from sipfarm.balancer.groups import parse_rules  # noqa: PLC0415 - config stays light
+
+        try:
+            parse_rules(self.groups)
+        except ValueError as exc:
+            raise ConfigError(f"groups: {exc}") from None
         if self.metrics:
             _check_hostport("metrics", self.metrics)
         if not self.redis.startswith("redis://"):

@@ -167,6 +167,19 @@ class BalancerMetrics:
         )
         self.nodes_usable = Gauge("sipfarm_balancer_nodes_usable", "Nodes the balancer dispatches to", registry=r)
         self.nodes_known = Gauge("sipfarm_balancer_nodes_known", "Nodes in the membership", registry=r)
+        # static cluster ([balancer] groups): requests answered 503 for want of a node of their
+        # group, and the usable nodes of each group the rules name
+        self.group_unavailable = LabelCache(
+            Counter(
+                "sipfarm_balancer_group_unavailable_total",
+                "Requests pinned to a node group with no usable node (answered 503), by group",
+                ["group"],
+                registry=r,
+            )
+        )
+        self.group_nodes_usable = LabelCache(
+            _gauge("sipfarm_balancer_group_nodes_usable", "Usable nodes of each group the rules name", r, ("group",))
+        )
         # RFC 5626 keepalives of registered UDP phones: sent, answered, flows_expired (phones
         # unregistered for not answering), flows_learnt, registrations_ended, dropped_full
         self.keepalives = LabelCache(

@@ -41,6 +41,13 @@ enters its UDP flow in the OPTIONS keepalive table (one dict look-up per receive
 
 No usable node: 503 with Retry-After, answered here.  Nothing here waits on Redis: node
 membership is read in the background into :class:`~sipfarm.balancer.nodes.NodeSet`.
+
+Static cluster (:mod:`sipfarm.balancer.groups`): with ``groups`` rules, a request hashed in
+step 2 whose target account a rule pins to a group is hashed among that group's usable nodes
+only, and answered 503 with Retry-After here when the group has none (counted per group in
+``group_unavailable``); an unpinned one goes to the ungrouped nodes (see ``NodeSet``).  A
+dialog whose node is gone is re-hashed within that node's group.  Without rules the only cost
+is one check of ``self.groups``.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from sipfarm.balancer.groups import GroupRules
 from sipfarm.balancer.keepalive import HOLD_MARGIN, KEEPALIVE_PREFIX, FlowGone, Probe, RegisteredFlows
 from sipfarm.balancer.nodes import Health, NodeEntry, NodeSet
 from sipfarm.edge import (
@@ -112,6 +120,8 @@ class BalancerStats:
     # response), bad_via, no_flow (the client's connection is gone), send_failed; requests:
     # ack_unsent (an ACK that could not be sent: there is no answering it)
     drops: dict[str, int] = field(default_factory=dict)
+    # static cluster: requests answered 503 because their group had no usable node, by group
+    group_unavailable: dict[str, int] = field(default_factory=dict)
 
     def flat(self) -> dict[str, int]:
         out = {
@@ -144,6 +154,7 @@ class BalancerCore:
         registrations: RegisteredFlows | None = None,
         hold: Callable[[Address, float], bool] | None = None,
         hold_max: float = 7200.0,
+        groups: GroupRules | None = None,
     ) -> None:
         """``send`` sends a request (may open a connection); ``send_response`` sends a response
         over an existing flow only (``TransportManager.send(..., connect=False)``).
@@ -152,7 +163,8 @@ class BalancerCore:
         (default: loopback refused); our own addresses are added to it.
         ``registrations`` keeps registered flows usable (default: no UDP keepalives);
         ``hold(flow, seconds)`` keeps a client connection open that long
-        (``TransportManager.hold_flow``), at most ``hold_max`` plus a margin."""
+        (``TransportManager.hold_flow``), at most ``hold_max`` plus a margin.
+        ``groups``: the static cluster's rules (none: any node serves any account)."""
         self.nodes = nodes
         self.tokens = tokens
         self.public = public  # transport -> our address facing clients
@@ -176,6 +188,7 @@ class BalancerCore:
         self._registered_udp = self.registrations.flows  # read on every received message
         self.hold: Callable[[Address, float], bool] = hold or (lambda flow, seconds: False)
         self.hold_max = hold_max
+        self.groups: GroupRules | None = groups if groups else None  # None: the one check per request
 
     # -- entry point -----------------------------------------------------------------------------
 
@@ -271,22 +284,38 @@ class BalancerCore:
         # the dialog continues on any node: the dead node's Record-Route stays on top, sealed
         # for this Call-ID, and the node picked by hash takes it as the farm's own
         self.stats.rehashed += 1
-        return None
+        if self.groups is None:
+            return None
+        # static cluster: any node of the dead node's group (its Request-URI is a Contact, not
+        # the account the rules match)
+        group = node.group if node is not None else self.nodes.departed_group(host, port)
+        return self._hash(msg, group)
 
     def _pick(self, msg: SipMessage) -> NodeEntry:
-        method = msg.method
-        if method in (b"CANCEL", b"ACK"):
+        if msg.method in (b"CANCEL", b"ACK"):
             # the node holding the INVITE transaction, even if the node set changed since
             pinned = self._invites.get(msg.call_id + b" %d" % msg.cseq[0])
             if pinned is not None:
                 entry = self.nodes.nodes.get(pinned[0])
                 if entry is not None and entry.health is Health.UP:
                     return entry
+        return self._hash(msg, self.groups.group_of(msg) if self.groups is not None else None)
+
+    def _hash(self, msg: SipMessage, group: str | None) -> NodeEntry:
+        """The node by consistent hash, among the nodes of ``group`` if not None."""
+        method = msg.method
         key = self._aor_key(msg) if method == b"REGISTER" else msg.call_id
-        node = self.nodes.pick(key)
-        if node is None:
-            self.stats.no_node += 1
-            raise ServiceUnavailable("no node available", retry_after=self.retry_after, partial=msg)
+        if group is None:
+            node = self.nodes.pick(key)
+            if node is None:
+                self.stats.no_node += 1
+                raise ServiceUnavailable("no node available", retry_after=self.retry_after, partial=msg)
+        else:
+            node = self.nodes.pick_in(group, key)
+            if node is None:
+                unavailable = self.stats.group_unavailable
+                unavailable[group] = unavailable.get(group, 0) + 1
+                raise ServiceUnavailable(f"no node of group {group}", retry_after=self.retry_after, partial=msg)
         if method == b"INVITE" and msg.to_tag is None:
             self._pin_invite(msg, node)
         return node

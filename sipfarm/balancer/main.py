@@ -119,6 +119,7 @@ async def _flow_secret(redis_url: str) -> bytes:
 
 async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: asyncio.Event | None = None) -> None:
     from sipfarm.balancer.core import BalancerCore  # noqa: PLC0415
+    from sipfarm.balancer.groups import parse_rules  # noqa: PLC0415
     from sipfarm.balancer.keepalive import RegisteredFlows  # noqa: PLC0415
     from sipfarm.balancer.nodes import NodeSet  # noqa: PLC0415
     from sipfarm.cluster.heartbeat import start_heartbeat  # noqa: PLC0415
@@ -203,6 +204,7 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
         registrations=registrations,
         hold=transports.hold_flow,
         hold_max=cfg.flow_hold_max,
+        groups=parse_rules(cfg.groups),  # validated with the configuration
     )
     holder.append(core)
 
@@ -274,13 +276,16 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
 
     sync = sync_counters(lambda: {**core.stats.flat(), **transports.stats.flat()}, metrics.events)
     sync_keepalives = sync_counters(registrations.stats.flat, metrics.keepalives)
+    sync_groups = sync_counters(lambda: dict(core.stats.group_unavailable), metrics.group_unavailable)
+    pinned_groups = sorted(core.groups.groups) if core.groups is not None else []
     tune_gc()
     stop = stop_on_signals(loop)
     log.info(
-        "event=balancer_started id=%s listen=%s internal=%s",
+        "event=balancer_started id=%s listen=%s internal=%s group_rules=%d",
         cfg.balancer_id,
         ",".join(str(a) for a in public.values()),
         internal,
+        len(cfg.groups),
     )
     if ready is not None:
         ready.set()
@@ -298,6 +303,9 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
                 metrics.keepalive_flows.set(len(registrations.flows))
                 metrics.nodes_usable.set(nodes.usable_count)
                 metrics.nodes_known.set(len(nodes.nodes))
+                sync_groups()
+                for group in pinned_groups:
+                    metrics.group_nodes_usable(group).set(nodes.usable_in(group))
     finally:
         if heartbeater is not None:
             await heartbeater.stop()

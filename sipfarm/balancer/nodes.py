@@ -8,6 +8,12 @@ node that misses ``down_after`` probes in a row is down (so within about
 brings it back (ICMP port-unreachable is not used: unconnected UDP sockets do not report it).
 The consistent hash ring is rebuilt only when the set of usable nodes changes, so a node's
 death moves only its own keys.
+
+Static cluster: a node may announce a group (``[node] group``).  Each group with a usable node
+has a ring of its own (``pick(key, group)``, for the accounts the balancer's rules pin to it);
+requests pinned to no group go to the ring of the ungrouped nodes, or, when none of those is
+usable, to the ring of every usable node (a grouped node is kept for its group while there is
+a dynamic pool, and still better than a 503 when there is none).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ class NodeEntry:
     probe_branch: bytes = b""
     rtt: float = 0.0  # smoothed probe round trip (seconds)
     aliases: set[tuple[str, int]] = field(default_factory=set)
+    group: str | None = None  # static cluster group (None: the dynamic pool)
 
     @property
     def usable(self) -> bool:
@@ -66,9 +73,12 @@ class NodeSet:
         self.down_after = down_after
         self.probe_interval = probe_interval
         self._vnodes = vnodes
-        self._ring = HashRing((), vnodes)
+        self._ring = HashRing((), vnodes)  # unpinned requests: the ungrouped nodes, else all
+        self._group_rings: dict[str, HashRing] = {}  # group -> ring of its usable nodes
+        self._usable: tuple[tuple[str, str], ...] = ()  # (id, group or '') of the usable nodes
         self._by_address: dict[tuple[str, int], NodeEntry] = {}
-        self._departed: dict[tuple[str, int], str] = {}  # address -> id of a node gone from membership
+        # address -> group ('' for none) of a node gone from membership
+        self._departed: dict[tuple[str, int], str] = {}
         self.changes = 0
 
     # -- membership --------------------------------------------------------------------------
@@ -90,25 +100,34 @@ class NodeSet:
                     continue
                 aliases.add((a.host, a.port))
             if entry is None:
-                self.nodes[member.id] = NodeEntry(member.id, addr, draining=draining, aliases=aliases)
+                self.nodes[member.id] = NodeEntry(
+                    member.id, addr, draining=draining, aliases=aliases, group=member.group
+                )
             else:
                 entry.address = addr
                 entry.draining = draining
                 entry.aliases = aliases
+                entry.group = member.group
         for gone in set(self.nodes) - seen:
             entry = self.nodes.pop(gone)
             # its Record-Route stays in the route sets of its dialogs: remember it was a node
             for alias in entry.aliases | {(entry.address.host, entry.address.port)}:
                 self._departed.pop(alias, None)
-                self._departed[alias] = gone
+                self._departed[alias] = entry.group or ""
         while len(self._departed) > MAX_DEPARTED:
             del self._departed[next(iter(self._departed))]
         self._rebuild()
 
     def _rebuild(self) -> None:
-        usable = sorted(n.id for n in self.nodes.values() if n.usable)
-        if tuple(usable) != self._ring.members:
-            self._ring = HashRing(usable, self._vnodes)
+        usable = tuple(sorted((n.id, n.group or "") for n in self.nodes.values() if n.usable))
+        if usable != self._usable:
+            self._usable = usable
+            groups: dict[str, list[str]] = {}
+            for node_id, group in usable:
+                groups.setdefault(group, []).append(node_id)
+            ungrouped = groups.pop("", None)
+            self._ring = HashRing(ungrouped or [node_id for node_id, _ in usable], self._vnodes)
+            self._group_rings = {group: HashRing(ids, self._vnodes) for group, ids in groups.items()}
             self.changes += 1
         self._by_address = {}
         for entry in self.nodes.values():
@@ -119,10 +138,18 @@ class NodeSet:
     # -- hot path ----------------------------------------------------------------------------
 
     def pick(self, key: bytes) -> NodeEntry | None:
-        """The node for ``key`` (Call-ID, AOR) on the ring of usable nodes; None when none."""
+        """The node for ``key`` (Call-ID, AOR) on the ring of usable nodes for unpinned
+        requests; None when none."""
         if not self._ring:
             return None
         return self.nodes.get(self._ring.lookup(key))
+
+    def pick_in(self, group: str, key: bytes) -> NodeEntry | None:
+        """The node for ``key`` among the usable nodes of ``group``; None when it has none."""
+        ring = self._group_rings.get(group)
+        if ring is None:
+            return None
+        return self.nodes.get(ring.lookup(key))
 
     def by_address(self, host: str, port: int) -> NodeEntry | None:
         return self._by_address.get((host, port))
@@ -131,9 +158,18 @@ class NodeSet:
         """Whether ``host:port`` was a node's address until it left the membership."""
         return (host, port) in self._departed
 
+    def departed_group(self, host: str, port: int) -> str | None:
+        """The group of the node that had ``host:port`` until it left (None: none, or no such node)."""
+        return self._departed.get((host, port)) or None
+
+    def usable_in(self, group: str) -> int:
+        """Usable nodes of ``group``."""
+        ring = self._group_rings.get(group)
+        return 0 if ring is None else len(ring)
+
     @property
     def usable_count(self) -> int:
-        return len(self._ring)
+        return len(self._usable)
 
     # -- probes ------------------------------------------------------------------------------
 
