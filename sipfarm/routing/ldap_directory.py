@@ -20,7 +20,33 @@ Concurrent lookups of one ``user@domain`` share one Redis read and one LDAP sear
 reach the caller through a callback, never an exception; a task runs per cache miss only.
 
 The LDAP client is ``bonsai`` (libldap underneath, asyncio-native: the socket is watched by the
-event loop, nothing blocks it; the initial TCP connect runs in libldap's own thread).
+event loop, nothing blocks it; the TCP connect runs in a thread of bonsai's). This module is not
+in the mypyc build (``_ReaderConnection`` subclasses bonsai's connection).
+
+Configuration (``LdapConfig.from_dict``)::
+
+    [ldap]
+    url = "ldap://127.0.0.1:389"              # or ldaps://
+    bind_dn = "cn=sipfarm,ou=services,dc=example,dc=com"   # omit both to bind anonymously
+    bind_password = "secret"
+    base = "ou=people,dc=example,dc=com"
+    filter = "(&(objectClass=sipAccount)(uid={user})(sipDomain={domain}))"  # default (uid={user})
+    pool_size = 4            # connections per node
+    timeout = 1.0            # s, per lookup (connect, bind, search)
+    cache_ttl = 30.0         # s, a Redis answer is fresh
+    stale_ttl = 300.0        # s, served while LDAP is down
+    negative_ttl = 5.0       # s, "no such user"
+    local_ttl = 2.0          # s, in-process (0: off)
+    max_contacts = 10        # the Account's binding limit
+
+    [ldap.attributes]
+    user = "uid"
+    ha1 = "sipHA1"           # MD5 HA1, hex; and/or
+    password = "userPassword"   # plaintext (both HA1s computed); HA1 wins when both are there
+    ha1_sha256 = "sipHA1SHA256" # optional
+    aliases = "sipAlias"     # multi-valued: sip:/sips:/tel: URIs, user@domain, or user
+    enabled = "sipEnabled"   # optional; enabled_mode "value" (TRUE/FALSE, absent: enabled),
+    enabled_mode = "value"   # "presence" (enabled iff present) or "absence" (a lock flag)
 
 Passwords read from LDAP (``password`` attribute) become HA1 values at once (realm = domain,
 RFC 7616 3.4.2): Redis never holds a plaintext password.
@@ -382,6 +408,19 @@ def decode_record(data: bytes) -> tuple[float, DirectoryEntry | None]:
     return fetched, entry
 
 
+def _plausible(name: str) -> bool:
+    """Non-empty and encodable (a name decoded with ``surrogateescape`` may not be)."""
+    if not name:
+        return False
+    if name.isascii():
+        return True
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 # -- the shared cache -----------------------------------------------------------------------------
 
 
@@ -599,8 +638,8 @@ class LdapPool:
 
     @staticmethod
     def _close(conn: AIOLDAPConnection) -> None:
-        # A wait cancelled mid-way (the lookup's deadline) may leave bonsai's socket watched:
-        # unwatch it before the descriptor is closed and reused.
+        # Unwatch the socket before its descriptor is closed (and reused): _ReaderConnection
+        # does when its wait ends, this is in case a wait of bonsai's own ever left it watched.
         with contextlib.suppress(Exception):
             fd = conn.fileno()
             if fd >= 0:
@@ -748,6 +787,8 @@ class LdapDirectory:
             log.exception("event=ldap_callback_error")
 
     async def _find(self, user: str, domain: str) -> _Result:
+        if not _plausible(user) or not _plausible(domain):
+            return None  # no entry can have that name: not worth a search (nor a traceback)
         key = cache_key(user, domain)
         cached: tuple[float, DirectoryEntry | None] | None = None
         if self._cache is not None:

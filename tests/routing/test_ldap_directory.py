@@ -249,6 +249,9 @@ async def test_lookups(slapd: SlapdProcess, redis_url: str) -> None:
         assert await account(d, "*") is None
         assert await account(d, "*)(uid=*") is None
         assert await account(d, "alice", "*") is None
+        assert await account(d, "") is None
+        assert await account(d, "al\udcffice") is None  # undecodable bytes (surrogateescape)
+        assert await account(d, "Lučić") is None
         assert d.failures == 0
 
     await with_node(slapd.url, redis_url, body)
@@ -347,7 +350,7 @@ async def test_slapd_stopped_mid_test(slapd: SlapdProcess, redis_url: str) -> No
             many = await asyncio.gather(*(account(d, f"user{i}") for i in range(20)))
             assert all(isinstance(r, StoreUnavailable) for r in many)
             assert time.monotonic() - started < 2.0
-        assert lag.worst < 0.2
+        assert lag.worst < 0.3
 
         node.wall += 300  # past stale_ttl: even alice is not served any more
         assert isinstance(await account(d, "alice"), StoreUnavailable)
@@ -402,9 +405,10 @@ async def test_stalled_slapd_times_out(slapd: SlapdProcess, redis_url: str) -> N
                 assert isinstance(await account(d, "sales"), StoreUnavailable)
                 assert time.monotonic() - started < 0.1
                 cpu = time.process_time() - cpu
-            assert lag.worst < 0.2
-            # waiting is not polling: bonsai's own asyncio wait spins on "writable" (~1 s of CPU here)
-            assert cpu < 0.3
+            assert lag.worst < 0.3
+            # waiting is not polling: bonsai's own asyncio wait spins on "writable" (~0.25 s of
+            # CPU here, ~0.01 s without)
+            assert cpu < 0.1
         finally:
             slapd.resume()
         node.wall -= 60
