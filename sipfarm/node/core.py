@@ -38,7 +38,7 @@ from sipfarm.protect.authenticator import DEFAULT_ALGORITHMS, Authenticator
 from sipfarm.protect.guard import Guard
 from sipfarm.proxy.media import MediaHook
 from sipfarm.proxy.nexthop import NameResolver
-from sipfarm.proxy.proxy import MAX_FORWARDS, LocationSource, Proxy
+from sipfarm.proxy.proxy import MAX_FORWARDS, LocationSource, Proxy, ServerLocation
 from sipfarm.registrar.bindings import ExpiresPolicy
 from sipfarm.registrar.gruu import TempGruus
 from sipfarm.registrar.registrar import FLOW_TIMER_STREAM, FLOW_TIMER_UDP, BindingStore, Registrar
@@ -86,6 +86,7 @@ class NodeCore:
         flow_timer_stream: int = FLOW_TIMER_STREAM,
         router: Router | None = None,
         media: MediaHook | None = None,
+        locator: ServerLocation | None = None,
         guard: Guard | None = None,
         resolver: NameResolver | None = None,
         destinations: DestinationPolicy | None = None,
@@ -119,6 +120,7 @@ class NodeCore:
             temp_gruus=gruus,
             router=router,
             media=media,
+            locator=locator,
             auth_requests=auth_requests,
             timer_c=timer_c,
             destinations=destinations,

@@ -211,6 +211,10 @@ async def serve(
     # the router table of the config file's [routing] section (checked in run_node); re-read on
     # SIGHUP and when `sipfarm reload` bumps ROUTING_EPOCH_KEY in Redis
     router = Router(identity.domains, load_routing(config_path) if config_path else None)
+    from sipfarm.transport.rfc3263 import ServerLocator  # noqa: PLC0415
+
+    # gateways by name: RFC 3263 (NAPTR, SRV, A/AAAA) with failover to the next target
+    locator = ServerLocator(list(router.table.nameservers) or None)
     core = NodeCore(
         identity,
         state,
@@ -229,6 +233,7 @@ async def serve(
         destinations=destinations,
         media=media,
         router=router,
+        locator=locator,
     )
     glue = NodeGlue(core, transports.send, loop)
     ng_endpoint = None
@@ -241,6 +246,7 @@ async def serve(
     glue_holder.append(glue)
     pipe.after_replies = glue.drain  # Redis answers are inputs too: drain after each batch
     resolver.after = glue.drain
+    locator.after = glue.drain
 
     async def fetch_secrets() -> None:
         # farm-wide: nonces any node verifies (unless configured), flow tokens and seals any
@@ -335,13 +341,14 @@ async def serve(
 
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGHUP, reload_routing, "sighup")
-    unread = object()
-    epoch: list[object] = [unread]  # the epoch's value at the last read (None: never bumped)
+    # the epoch's value at the last read (None: never bumped), read before serving: a bump
+    # from then on is a reload (the table was read from the file just before)
+    epoch: list[object] = [await pipe.execute("GET", ROUTING_EPOCH_KEY) if config_path else None]
 
     def routing_epoch(value: object) -> None:
         if isinstance(value, Exception):
             return
-        if epoch[0] is not unread and value != epoch[0]:
+        if value != epoch[0]:
             reload_routing("sipfarm_reload")
         epoch[0] = value
 
@@ -373,6 +380,7 @@ async def serve(
         if relay_watcher is not None:
             await relay_watcher.stop()
         glue.close()
+        locator.close()
         if ng_endpoint is not None:
             ng_endpoint.close()
         await transports.close()

@@ -81,6 +81,9 @@ class ProxyCall:
     inbound: str = "udp"  # transport the request came in on (double Record-Route, RFC 5658)
     record_route_flow: Address | None = None  # Record-Route with this client flow's token
     aor: str = ""  # whose bindings the targets are (an initial request to a user)
+    # the groups are one server's addresses in RFC 3263 order: the next is tried only when the
+    # current one fails (503, 408, a transport error: RFC 3263 4.3), never after ringing a while
+    failover: bool = False
 
     @property
     def is_invite(self) -> bool:

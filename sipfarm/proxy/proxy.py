@@ -35,12 +35,13 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import ipaddress
 import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Protocol
+from typing import Any, Protocol
 
 from sipfarm.edge import (
     DIALOG_CREATING,
@@ -106,6 +107,7 @@ UNAUTHENTICATED = frozenset({b"ACK", b"CANCEL", b"REGISTER"})
 IDENTITY_HEADERS = ("p-asserted-identity", "p-preferred-identity", "remote-party-id")
 MAX_FORWARDS = 70  # RFC 3261 16.6 step 3 / 8.1.1.6: what a request may carry past our door
 SERIAL_FORK_SECONDS = 30.0  # how long one q-value group rings before the next is tried
+FAILOVER_SECONDS = 2.0  # a gateway address silent this long: the next one (RFC 3263 4.3)
 # in-dialog requests whose SDP the media hook sees before they go on: offers (re-INVITE, RFC
 # 3261 14; UPDATE, RFC 3311) and answers to an offer in a reliable 18x (PRACK, RFC 3262); a
 # re-INVITE without SDP too (its 2xx will carry the offer). ACK bodies go through _send_ack.
@@ -145,6 +147,7 @@ class Proxy:
         temp_gruus: TempGruus | None = None,
         router: Router | None = None,
         media: MediaHook | None = None,
+        locator: ServerLocation | None = None,
         auth_requests: bool = True,
         timer_c: float = 180.0,
         serial_fork: float = SERIAL_FORK_SECONDS,
@@ -158,6 +161,7 @@ class Proxy:
         self.temp_gruus = temp_gruus or TempGruus(secrets.token_bytes(32))
         self.router = router or Router(element.identity.domains)  # the one routing step
         self.media = media or NoMedia()  # the RTP relay hook
+        self.locator = locator  # RFC 3263 for gateways by name; None: A/AAAA only
         # offers and answers in dialog (re-INVITE, UPDATE) go through the hook only when it
         # anchors media: with NoMedia, in-dialog requests pay nothing for it
         self.anchoring = media is not None and not isinstance(media, NoMedia)
@@ -454,20 +458,55 @@ class Proxy:
             if decision.action is Action.REDIRECT:
                 self._redirect(call, msg, decision.uri)
                 return
-            targets = self._decision_targets(msg, decision, results)
-            call.set_targets(targets)
-            call.record_route = msg.method in DIALOG_CREATING
-            call.inbound = local.transport
-            element.metrics.invite_seconds.observe(element.now() - call.started)
-            if msg.method == b"INVITE" and msg.body:
-                # every device a browser (RFC 7118 Contact transport): the offer asks for WebRTC
-                # media; a fork to browsers and desk phones at once gets the desk phones' kind
-                to_webrtc = bool(targets) and all(_websocket_uri(t.uri) for t in targets)
-                self.media.offer(msg, partial(self._offered, call), to_webrtc=to_webrtc)
-            else:
-                self._start_group(call, element.now())
+            if decision.action is Action.FORWARD and self.locator is not None:
+                located = parse_uri(decision.uri)
+                if isinstance(located, SipURI) and not _ip_literal(located.host):
+                    # a gateway by name: RFC 3263 (NAPTR, SRV, A/AAAA), its targets in order
+                    self.locator.locate_uri(located, partial(self._located, call, msg, local, decision))
+                    return
+            self._start_targets(call, msg, local, self._decision_targets(msg, decision, results))
         except SipError as exc:
             element.fail(stx, exc)
+
+    def _start_targets(self, call: ProxyCall, msg: SipMessage, local: Address, targets: list[Target]) -> None:
+        element = self.element
+        call.set_targets(targets)
+        call.record_route = msg.method in DIALOG_CREATING
+        call.inbound = local.transport
+        element.metrics.invite_seconds.observe(element.now() - call.started)
+        if msg.method == b"INVITE" and msg.body:
+            # every device a browser (RFC 7118 Contact transport): the offer asks for WebRTC
+            # media; a fork to browsers and desk phones at once gets the desk phones' kind
+            to_webrtc = bool(targets) and all(_websocket_uri(t.uri) for t in targets)
+            self.media.offer(msg, partial(self._offered, call), to_webrtc=to_webrtc)
+        else:
+            self._start_group(call, element.now())
+
+    def _located(self, call: ProxyCall, msg: SipMessage, local: Address, decision: Decision, found: object) -> None:
+        """The gateway's addresses in RFC 3263 order: one serial group each, the next tried
+        when one fails (RFC 3263 4.3); those the destination policy refuses are skipped."""
+        stx = call.server_tx
+        if call.cancelled or call.answered or stx.terminated:
+            return
+        try:
+            if not isinstance(found, list) or not found:
+                log.warning("event=route_locate_failed rule=%s uri=%s error=%s", decision.rule, decision.uri, found)
+                self.element.metrics.errors("route_locate_failed").inc()
+                raise ServiceUnavailable("gateway not found", partial=msg)
+            targets = []
+            for index, located in enumerate(found[:MAX_LOCATED]):
+                dest = Address(located.transport, located.ip, located.port)
+                if not self.destinations.permits(dest):
+                    self.element.metrics.errors("destination_refused").inc()
+                    continue
+                targets.append(Target(uri=decision.uri.encode(), destination=dest, q=1.0 - index / 100))
+            if not targets:
+                log.warning("event=route_destination_refused rule=%s uri=%s", decision.rule, decision.uri)
+                raise ServerInternalError("route destination not allowed", partial=msg)
+            call.failover = True
+            self._start_targets(call, msg, local, targets)
+        except SipError as exc:
+            self.element.fail(stx, exc)
 
     def _decision_targets(self, msg: SipMessage, decision: Decision, results: dict[str, object]) -> list[Target]:
         """The branches of a decision: the bindings read (LOCAL, an alias's local users), an
@@ -879,6 +918,8 @@ class Proxy:
         if branch.state is BranchState.COMPLETED:
             return
         branch.state = BranchState.COMPLETED
+        if call.failover and status not in (408, 503):
+            call.groups.clear()  # the server answered: no other address of it is tried
         call.record_final(msg)
         if status >= 600 and call.is_invite:
             # RFC 3261 16.7 step 5: no more branches, cancel the others
@@ -944,8 +985,14 @@ class Proxy:
         """Timer C (reset by each provisional); while lower-q groups wait, a group rings for at
         most ``serial_fork`` seconds (RFC 3261 16.6 leaves serial timing to the proxy)."""
         deadline = now + self.timer_c
-        if branch.call.groups:
-            deadline = min(deadline, branch.started + self.serial_fork)
+        call = branch.call
+        if call.groups:
+            if not call.failover:
+                deadline = min(deadline, branch.started + self.serial_fork)
+            elif branch.state is BranchState.STARTED:
+                # RFC 3263 4.3: a server that answers nothing (not even 100) within this is
+                # taken for dead and its next address tried (Timer B's 32 s would be too late)
+                deadline = min(deadline, now + FAILOVER_SECONDS)
         return deadline
 
     def _arm_timer_c(self, branch: Branch, deadline: float) -> None:
@@ -989,6 +1036,10 @@ class Proxy:
                 branch.call.record_final(self._local_response(branch.call, branch, 408), local=True)
                 self._arm_timer_c(branch, now + 64 * self.element.layer.timers.t1)
                 self._maybe_finish(branch.call, now)
+            elif branch.call.failover and isinstance(tx, ClientTransaction) and not tx.terminated:
+                # a gateway address that answered nothing: a transport error, then its next one
+                self.element.metrics.errors("failover_no_answer").inc()
+                self.element.layer.transport_error(tx, now)
             # no provisional yet: Timer B ends it
 
     # -- CANCEL ----------------------------------------------------------------------------------
@@ -1197,6 +1248,24 @@ class Proxy:
         if uri.user is None and uri.host in self.element.identity.domains:
             return True
         return self.element.identity.names(uri)
+
+
+MAX_LOCATED = 8  # addresses of one gateway tried in turn
+
+
+class ServerLocation(Protocol):
+    """RFC 3263 server location (:class:`sipfarm.transport.rfc3263.ServerLocator`): the
+    callback gets the targets in order (``transport``, ``ip``, ``port`` each) or an error."""
+
+    def locate_uri(self, uri: SipURI, callback: Callable[[Any], None]) -> None: ...
+
+
+def _ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def _websocket_uri(uri: bytes) -> bool:

@@ -102,6 +102,9 @@ class RoutingTable:
     #: gateways and trunks by address (``trusted = ["192.0.2.10", "198.51.100.0/24"]``): their
     #: calls to the farm's users need no digest authentication; everyone else's do
     trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    #: DNS servers for RFC 3263 location of gateways by name (``["IP:PORT"]``); empty: the
+    #: system's (/etc/resolv.conf). Read when the node starts (a reload keeps them)
+    nameservers: tuple[tuple[str, int], ...] = ()
 
     def trusts(self, host: str) -> bool:
         if not self.trusted:
@@ -115,7 +118,7 @@ class RoutingTable:
     @classmethod
     def from_dict(cls, data: dict[str, Any], text: str = "") -> RoutingTable:
         """The ``[routing]`` table of a TOML file (``text``: the file, for line numbers)."""
-        unknown_keys = set(data) - {"rules", "unknown", "trusted"}
+        unknown_keys = set(data) - {"rules", "unknown", "trusted", "nameservers"}
         if unknown_keys:
             raise RoutingError(f"routing: unknown setting {sorted(unknown_keys)[0]!r}")
         raw_rules = data.get("rules", [])
@@ -148,7 +151,17 @@ class RoutingTable:
                 trusted.append(ipaddress.ip_network(entry, strict=False))
             except ValueError:
                 raise RoutingError(f"routing.trusted: not an IP address or network: {entry!r}") from None
-        return cls(tuple(rules), unknown, tuple(trusted))
+        raw_servers = data.get("nameservers", [])
+        if not isinstance(raw_servers, list) or not all(isinstance(t, str) for t in raw_servers):
+            raise RoutingError("routing.nameservers: expected a list of IP:PORT")
+        servers = []
+        for entry in raw_servers:
+            host, _, port = entry.rpartition(":")
+            try:
+                servers.append((str(ipaddress.ip_address(host.strip("[]"))), int(port)))
+            except ValueError:
+                raise RoutingError(f"routing.nameservers: expected IP:PORT, got {entry!r}") from None
+        return cls(tuple(rules), unknown, tuple(trusted), tuple(servers))
 
 
 def load_routing(path: str | Path) -> RoutingTable:

@@ -68,6 +68,7 @@ def farm(tmp_path: Path) -> Iterator[dict[str, Any]]:
     ]  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
+    ready = None
     try:
         assert proc.stdout is not None
         deadline = time.monotonic() + 60
@@ -79,8 +80,6 @@ def farm(tmp_path: Path) -> Iterator[dict[str, Any]]:
             if line.startswith("READY "):
                 ready = json.loads(line[len("READY ") :])
                 break
-        else:
-            ready = None
         assert ready is not None, "".join(lines)
         probe = SipClient("127.0.0.5")
         try:  # usable once the balancer has polled the membership and probed the nodes

@@ -4,11 +4,14 @@ the unknown-user rule (forward to voicemail, redirect, reject), all behind authe
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from memfarm import DOMAIN, MemFarm, Phone
 
 from sipfarm.routing.router import Router
 from sipfarm.routing.table import RoutingError, RoutingTable
+from sipfarm.transport.rfc3263 import Target
 
 GATEWAY = "10.9.0.1"
 VOICEMAIL = "10.9.0.2"
@@ -155,3 +158,36 @@ def test_a_trusted_gateway_calls_users_without_digest_but_not_onwards() -> None:
     # no transit: a trusted gateway's call to another gateway number still needs a user's digest
     gateway.send(gateway.request("INVITE", f"sip:+15559999@{DOMAIN}", from_="<sip:+4930123@gw.example>"))
     assert gateway.last().status == 407  # type: ignore[union-attr]
+
+
+class Located:
+    """A stand-in for the RFC 3263 locator: the name's targets, in order."""
+
+    def __init__(self, targets: list[tuple[str, int]]) -> None:
+        self.targets = targets
+        self.asked: list[str] = []
+
+    def locate_uri(self, uri: object, callback: Any) -> None:
+        self.asked.append(str(uri))
+        callback([Target("udp", host, port) for host, port in self.targets])
+
+
+def test_a_gateway_by_name_fails_over_to_its_next_address_on_503_only() -> None:
+    table = RoutingTable.from_dict({"rules": [{"user_prefix": "+1", "action": "forward", "uri": "sip:gw.example"}]})
+    locator = Located([(GATEWAY, 5060), (VOICEMAIL, 5060)])
+    mf = MemFarm(node_kwargs={"router": Router(frozenset({DOMAIN}), table), "locator": locator})
+    mf.destinations.allow([f"{GATEWAY}:5060", f"{VOICEMAIL}:5060"])
+    (carol,) = phones(mf, "carol")
+    first, second = endpoint(mf, GATEWAY), endpoint(mf, VOICEMAIL)
+    carol.authenticated(carol.request("INVITE", f"sip:+15551234@{DOMAIN}"))
+    assert locator.asked == ["sip:+15551234@gw.example"]
+    assert first.ringing and not second.ringing
+    first.answer_call(503)
+    assert second.ringing, "the next address of the gateway was not tried"
+    second.answer_call(486)
+    assert 486 in carol.finals()
+    # a gateway that answers anything but 503/408 is the answer: no other address rings
+    carol.authenticated(carol.request("INVITE", f"sip:+15550000@{DOMAIN}"))
+    first.answer_call(486)
+    assert 486 in carol.finals()
+    assert len(second.requests(b"INVITE")) == 1
