@@ -215,6 +215,14 @@ async def serve(
 
     # gateways by name: RFC 3263 (NAPTR, SRV, A/AAAA) with failover to the next target
     locator = ServerLocator(list(router.table.nameservers) or None)
+    routing_helper = None
+    if router.table.helper is not None:
+        from sipfarm.routing.helpers import HelperConfig, RoutingHelper  # noqa: PLC0415
+
+        # the external helper of `action = "helper"` rules: a program pool or an HTTP service
+        routing_helper = RoutingHelper(HelperConfig.from_dict(router.table.helper))
+        routing_helper.start()
+        router.helper = routing_helper
     core = NodeCore(
         identity,
         state,
@@ -247,6 +255,7 @@ async def serve(
     pipe.after_replies = glue.drain  # Redis answers are inputs too: drain after each batch
     resolver.after = glue.drain
     locator.after = glue.drain
+    router.after = glue.drain
 
     async def fetch_secrets() -> None:
         # farm-wide: nonces any node verifies (unless configured), flow tokens and seals any
@@ -381,6 +390,8 @@ async def serve(
             await relay_watcher.stop()
         glue.close()
         locator.close()
+        if routing_helper is not None:
+            await routing_helper.aclose()
         if ng_endpoint is not None:
             ng_endpoint.close()
         await transports.close()

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from sipfarm.routing.table import Action, RoutingError, RoutingTable, Rule, load_routing
+from sipfarm.sip.errors import SipError
 from sipfarm.sip.message import SipMessage
 from sipfarm.sip.uri import URI, SipURI, parse_uri
 
@@ -60,6 +62,8 @@ class Router:
     def __init__(self, domains: frozenset[str], table: RoutingTable | None = None) -> None:
         self.domains = domains
         self.table = table or RoutingTable()
+        self.helper: Asker | None = None  # the external helper of ``helper`` rules (started by the node)
+        self.after: Callable[[], None] | None = None  # called after a decision that came later
 
     def reload(self, path: str) -> str | None:
         """Read the table again from ``path``: None when it took effect, else the reason it did
@@ -71,15 +75,39 @@ class Router:
         return None
 
     def route(self, request: SipMessage, uri: URI, done: Callable[[Decision], None]) -> None:
-        done(self.decide(uri))
+        decision = self.decide(uri)
+        if decision.action is not Action.HELPER:
+            done(decision)
+            return
+        helper = self.helper
+        if helper is None:
+            done(Decision(Action.REJECT, status=503, reason="routing helper not running", rule=decision.rule))
+            return
+        query = {
+            "method": request.method.decode("latin-1"),
+            "caller": str(request.from_.uri),
+            "callee": request.uri.decode("latin-1"),
+            "source": _source(request),
+        }
+        for name in self.table.helper_headers:
+            value = request.get(name)
+            if value is not None:
+                query[name] = value.decode("latin-1")[:512]
+        pending = _Pending(self, uri, decision.rule, done)
+        helper.ask(query, pending.answered)
+        pending.synchronous = False
 
     def decide(self, uri: URI) -> Decision:
+        """The table's decision for ``uri`` (``HELPER``: the helper has to be asked)."""
+        return self._decide(uri, helper=True)
+
+    def _decide(self, uri: URI, *, helper: bool) -> Decision:
         if not isinstance(uri, SipURI):
             return Decision(Action.REJECT, status=403, reason="not a local domain")
         user = uri.user_unescaped or ""
         domain = uri.host
         for rule in self.table.rules:
-            if rule.matches(user, domain):
+            if rule.matches(user, domain) and (helper or rule.action is not Action.HELPER):
                 return _decision(rule, uri, user, domain)
         if domain not in self.domains:
             return Decision(Action.REJECT, status=403, reason="not a local domain")
@@ -95,8 +123,52 @@ class Router:
         return Decision(rule.action, user=user, domain=domain, uri=rule.uri, rule="unknown")
 
 
+def _source(request: SipMessage) -> str:
+    """The caller's address as the farm saw it: its own (bottom) Via, received= first."""
+    try:
+        via = request.vias[-1]
+    except (SipError, IndexError):
+        return ""
+    return via.received or via.host
+
+
+class Asker(Protocol):
+    """The external helper (:class:`sipfarm.routing.helpers.RoutingHelper`)."""
+
+    def ask(self, query: dict[str, str], callback: Callable[[Any], None]) -> None: ...
+
+
+class _Pending:
+    """One question to the helper; its answer becomes the decision (``local``: the table's
+    other steps for the Request-URI, the helper's rules skipped)."""
+
+    __slots__ = ("done", "router", "rule", "synchronous", "uri")
+
+    def __init__(self, router: Router, uri: URI, rule: str, done: Callable[[Decision], None]) -> None:
+        self.router, self.uri, self.rule, self.done = router, uri, rule, done
+        self.synchronous = True
+
+    def answered(self, answer: Any) -> None:
+        action = Action(str(answer.action))
+        if action is Action.LOCAL:
+            decision = self.router._decide(self.uri, helper=False)
+        elif action is Action.REJECT:
+            decision = Decision(Action.REJECT, status=answer.status, reason=answer.reason, rule=self.rule)
+        elif action is Action.ALIAS:
+            decision = Decision(Action.ALIAS, targets=tuple(answer.targets), rule=self.rule)
+        else:  # forward, redirect: a URI without a user part gets the request's (a gateway)
+            user = self.uri.user if isinstance(self.uri, SipURI) else None
+            decision = Decision(action, uri=forward_uri(answer.uri, user or ""), rule=self.rule)
+        self.done(decision)
+        after = self.router.after
+        if not self.synchronous and after is not None:
+            after()  # the answer came from the loop: what the decision queued is sent now
+
+
 def _decision(rule: Rule, uri: SipURI, user: str, domain: str) -> Decision:
     action = rule.action
+    if action is Action.HELPER:
+        return Decision(Action.HELPER, user=user, domain=domain, rule=rule.name)
     if action is Action.LOCAL:  # e.g. a domain alias: its users looked up as accounts of it
         if uri.user is None:
             return Decision(Action.REJECT, status=404, reason="no user in Request-URI", rule=rule.name)

@@ -55,6 +55,7 @@ class Action(enum.Enum):
     FORWARD = "forward"  # proxy to ``uri`` (a gateway, a voicemail, another farm)
     REDIRECT = "redirect"  # 302 with ``uri`` as the Contact
     REJECT = "reject"  # answer ``status`` with ``reason``
+    HELPER = "helper"  # ask the external helper ([routing.helper]); its answer is one of the above
 
 
 class RoutingError(ValueError):
@@ -105,6 +106,11 @@ class RoutingTable:
     #: DNS servers for RFC 3263 location of gateways by name (``["IP:PORT"]``); empty: the
     #: system's (/etc/resolv.conf). Read when the node starts (a reload keeps them)
     nameservers: tuple[tuple[str, int], ...] = ()
+    #: the external helper ([routing.helper], see sipfarm.routing.helpers.HelperConfig) asked
+    #: by ``action = "helper"`` rules; ``helper_headers``: request headers put in its query.
+    #: Started with the node (a reload keeps the running helper)
+    helper: dict[str, Any] | None = None
+    helper_headers: tuple[str, ...] = ()
 
     def trusts(self, host: str) -> bool:
         if not self.trusted:
@@ -118,7 +124,7 @@ class RoutingTable:
     @classmethod
     def from_dict(cls, data: dict[str, Any], text: str = "") -> RoutingTable:
         """The ``[routing]`` table of a TOML file (``text``: the file, for line numbers)."""
-        unknown_keys = set(data) - {"rules", "unknown", "trusted", "nameservers"}
+        unknown_keys = set(data) - {"rules", "unknown", "trusted", "nameservers", "helper"}
         if unknown_keys:
             raise RoutingError(f"routing: unknown setting {sorted(unknown_keys)[0]!r}")
         raw_rules = data.get("rules", [])
@@ -161,7 +167,10 @@ class RoutingTable:
                 servers.append((str(ipaddress.ip_address(host.strip("[]"))), int(port)))
             except ValueError:
                 raise RoutingError(f"routing.nameservers: expected IP:PORT, got {entry!r}") from None
-        return cls(tuple(rules), unknown, tuple(trusted), tuple(servers))
+        helper, headers = _helper(data.get("helper"), text)
+        if helper is None and any(rule.action is Action.HELPER for rule in rules):
+            raise RoutingError("routing: a rule asks the helper, and there is no [routing.helper]")
+        return cls(tuple(rules), unknown, tuple(trusted), tuple(servers), helper, headers)
 
 
 def load_routing(path: str | Path) -> RoutingTable:
@@ -221,6 +230,25 @@ def _rule(raw: dict[str, Any], index: int) -> Rule:
     elif action is Action.REJECT:
         status = _status(raw.get("status", 403), 400)
     return Rule(name, action, domain.lower() if domain else None, user, prefix, regex, uri, targets, status, reason)
+
+
+def _helper(raw: object, text: str) -> tuple[dict[str, Any] | None, tuple[str, ...]]:
+    if raw is None:
+        return None, ()
+    where = "routing.helper" + (f" (line {_table_line(text, 'routing.helper')})" if text else "")
+    if not isinstance(raw, dict):
+        raise RoutingError(f"{where}: expected a table")
+    config = dict(raw)
+    headers = config.pop("headers", [])
+    if not isinstance(headers, list) or not all(isinstance(h, str) and h for h in headers) or len(headers) > 16:
+        raise RoutingError(f"{where}: headers must be a list of at most 16 header names")
+    from sipfarm.routing.helpers import HelperConfig  # noqa: PLC0415 - only with a helper
+
+    try:
+        HelperConfig.from_dict(config)
+    except ValueError as exc:
+        raise RoutingError(f"{where}: {exc}") from None
+    return config, tuple(h.lower() for h in headers)
 
 
 def _unknown(raw: dict[str, Any]) -> UnknownRule:

@@ -191,3 +191,54 @@ def test_a_gateway_by_name_fails_over_to_its_next_address_on_503_only() -> None:
     first.answer_call(486)
     assert 486 in carol.finals()
     assert len(second.requests(b"INVITE")) == 1
+
+
+class Helper:
+    """A stand-in for the external helper: answers from a dict by callee user."""
+
+    def __init__(self, answers: dict[str, dict[str, object]]) -> None:
+        self.answers = answers
+        self.queries: list[dict[str, str]] = []
+
+    def ask(self, query: dict[str, str], callback: Any) -> None:
+        from sipfarm.routing.helpers import HelperAnswer  # noqa: PLC0415
+
+        self.queries.append(query)
+        user = query["callee"].partition(":")[2].partition("@")[0]
+        callback(HelperAnswer.from_dict(self.answers.get(user, {"action": "local"})))
+
+
+def test_a_helper_rule_routes_by_the_helpers_answer() -> None:
+    table = RoutingTable.from_dict(
+        {
+            "rules": [{"domain": DOMAIN, "user_prefix": "+", "action": "helper"}],
+            "helper": {"program": ["true"], "headers": ["X-Account"]},
+        }
+    )
+    router = Router(frozenset({DOMAIN}), table)
+    router.helper = Helper(
+        {
+            "+1555": {"action": "forward", "uri": f"sip:{GATEWAY}:5060"},
+            "+1900": {"action": "reject", "status": 403, "reason": "Barred"},
+            "+49": {"action": "alias", "targets": [f"sip:alice@{DOMAIN}"]},
+        }
+    )
+    mf = MemFarm(node_kwargs={"router": router})
+    mf.destinations.allow([f"{GATEWAY}:5060"])
+    alice, carol = phones(mf, "alice", "carol")
+    gateway = endpoint(mf, GATEWAY)
+    carol.authenticated(carol.request("INVITE", f"sip:+1555@{DOMAIN}", headers=[("X-Account", "42")]))
+    assert gateway.ringing and gateway.ringing[-1].request.uri == f"sip:+1555@{GATEWAY}:5060".encode()
+    query = router.helper.queries[-1]  # type: ignore[attr-defined]
+    assert (query["method"], query["callee"], query["x-account"]) == ("INVITE", f"sip:+1555@{DOMAIN}", "42")
+    answer = carol.authenticated(carol.request("INVITE", f"sip:+1900@{DOMAIN}"))
+    assert answer is not None and (answer.status, answer.reason) == (403, b"Barred")
+    carol.authenticated(carol.request("INVITE", f"sip:+49@{DOMAIN}"))
+    assert alice.ringing
+
+
+def test_a_helper_rule_needs_a_helper_section() -> None:
+    with pytest.raises(RoutingError, match=r"no \[routing.helper\]"):
+        RoutingTable.from_dict({"rules": [{"user_prefix": "+", "action": "helper"}]})
+    with pytest.raises(RoutingError, match=r"routing\.helper"):
+        RoutingTable.from_dict({"rules": [], "helper": {"program": "not-a-list"}})
