@@ -447,3 +447,22 @@ async def test_without_redis(slapd: SlapdProcess) -> None:
         assert isinstance(await account(node.directory, "alice"), Account)
 
     await with_node(slapd.url, None, body)
+
+
+async def test_close_answers_lookups_in_flight(slapd: SlapdProcess, redis_url: str) -> None:
+    node = Node(slapd.url, redis_url, timeout=5.0)
+    try:
+        assert isinstance(await account(node.directory, "alice"), Account)
+        slapd.pause()
+        got: list[object] = []
+        node.directory.get_account("bob", DOMAIN, got.append)
+        await asyncio.sleep(0.1)
+        assert got == []  # waiting for the paused slapd
+        started = time.monotonic()
+        await node.directory.aclose()
+        assert time.monotonic() - started < 0.5
+        assert len(got) == 1
+        assert isinstance(got[0], StoreUnavailable)
+    finally:
+        slapd.resume()
+        await node.close()
