@@ -617,9 +617,13 @@ class LdapPool:
         finally:
             if not ok:  # also when cancelled by the lookup's deadline
                 self._free_slot()
+                if self._failures == 0:
+                    log.warning("event=ldap_down url=%s", self._config.url)
                 self._failures += 1
                 backoff = min(RECONNECT_BACKOFF_MAX, RECONNECT_BACKOFF_MIN * 2 ** (self._failures - 1))
                 self._retry_at = self._clock() + backoff * random.uniform(0.5, 1.0)
+        if self._failures:
+            log.warning("event=ldap_up url=%s failed_connects=%d", self._config.url, self._failures)
         self._failures = 0
         self.connects += 1
         if self._closed:
@@ -659,7 +663,9 @@ class LdapDirectory:
     """Accounts and aliases from LDAP through the shared cache; see the module docstring.
 
     ``get_account`` and ``aliases`` call back exactly once, possibly before they return (an
-    in-process cache hit), never raising into the caller. Counters for metrics: ``searches``
+    in-process cache hit), never raising into the caller. Per-lookup failures are logged at
+    debug level only (an outage would flood the log): the pool logs ``ldap_down``/``ldap_up``
+    once per outage, the counters say the rest. Counters for metrics: ``searches``
     (LDAP searches sent), ``cache_hits`` (fresh answers from Redis), ``local_hits``,
     ``stale_served`` (stale answers served because LDAP failed), ``failures`` (LDAP lookups that
     failed), ``cache_errors`` (Redis reads/writes that failed: the lookup goes on without it).
@@ -799,7 +805,7 @@ class LdapDirectory:
                     cached = decode_record(data)
             except (StoreError, TimeoutError, ValueError) as exc:
                 self.cache_errors += 1
-                log.warning("event=ldap_cache_read_failed key=%s error=%r", key, exc)
+                log.debug("event=ldap_cache_read_failed key=%s error=%r", key, exc)
             if cached is not None:
                 fetched, entry = cached
                 # a negative record lives only negative_ttl in Redis: present means fresh
@@ -812,9 +818,9 @@ class LdapDirectory:
             self.failures += 1
             if cached is not None and self._wall() - cached[0] < self.config.stale_ttl:
                 self.stale_served += 1
-                log.info("event=ldap_stale_served key=%s error=%s", key, exc)
+                log.debug("event=ldap_stale_served key=%s error=%s", key, exc)
                 return cached[1]
-            log.warning("event=ldap_unavailable key=%s error=%s", key, exc)
+            log.debug("event=ldap_unavailable key=%s error=%s", key, exc)
             return StoreUnavailable(f"LDAP directory unavailable: {exc}")
         except StoreError as exc:
             self.failures += 1
@@ -827,7 +833,7 @@ class LdapDirectory:
                     await self._cache.set(key, encode_record(entry, self._wall()), ttl)
             except (StoreError, TimeoutError) as exc:
                 self.cache_errors += 1
-                log.warning("event=ldap_cache_write_failed key=%s error=%r", key, exc)
+                log.debug("event=ldap_cache_write_failed key=%s error=%r", key, exc)
         return entry
 
     async def _search(self, user: str, domain: str) -> DirectoryEntry | None:
