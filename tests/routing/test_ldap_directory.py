@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -28,6 +29,8 @@ from fixtures.slapd import (
     ha1_sha256,
     running_slapd,
 )
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sipfarm import ports
 from sipfarm.routing.ldap_directory import (
@@ -187,6 +190,16 @@ def test_filter_values_are_escaped_per_rfc4515() -> None:
     assert build_filter(FILTER, EVIL_USER, "x)(y") == (
         r"(&(objectClass=sipAccount)(uid=ev\2al\29\28uid=\2a)(sipDomain=x\29\28y))"
     )
+
+
+@given(st.text())
+def test_escaped_values_hold_no_filter_syntax(value: str) -> None:
+    escaped = escape_filter_value(value)
+    assert not any(c in escaped for c in "*()\0")
+    # RFC 4515 3: every backslash starts a two-hex-digit escape; undoing them gives the value back
+    assert re.fullmatch(r"(?:[^\\]|\\[0-9a-f]{2})*", escaped, re.DOTALL)
+    unescaped = re.sub(r"\\([0-9a-f]{2})", lambda m: chr(int(m.group(1), 16)), escaped)
+    assert unescaped == value
 
 
 def test_alias_targets_become_uris() -> None:
