@@ -31,6 +31,7 @@ from sipfarm.transport.loop import stop_on_signals, tune_gc
 if TYPE_CHECKING:
     from sipfarm.cluster.membership import Member
     from sipfarm.proxy.relay_choice import RelayLoad
+    from sipfarm.routing.ldap_directory import LdapConfig
 
 log = logging.getLogger("sipfarm.node")
 
@@ -65,7 +66,8 @@ def run_node(args: argparse.Namespace) -> int:
 
         try:
             load_routing(args.config)  # checked before anything starts; read again in serve()
-        except RoutingError as exc:
+            ldap_section(args.config)
+        except (RoutingError, ValueError) as exc:
             print(f"sipfarm node: routing table error: {exc}", file=sys.stderr)
             return 2
     setup_logging(cfg.log_level, cfg.log_format)
@@ -223,9 +225,20 @@ async def serve(
         routing_helper = RoutingHelper(HelperConfig.from_dict(router.table.helper))
         routing_helper.start()
         router.helper = routing_helper
+    directory = None
+    directory_state = None
+    ldap = ldap_section(config_path) if config_path else None
+    if ldap is not None:
+        from sipfarm.routing.directory import DirectoryAliases, DirectoryState  # noqa: PLC0415
+        from sipfarm.routing.ldap_directory import LdapDirectory, RedisDirectoryCache  # noqa: PLC0415
+
+        # [ldap]: accounts not in Redis and aliases from a shared directory, cached in Redis
+        directory = LdapDirectory(ldap, RedisDirectoryCache(create_redis(cfg.redis)))
+        directory_state = DirectoryState(state, directory)
+        router.aliases = DirectoryAliases(directory)
     core = NodeCore(
         identity,
-        state,
+        directory_state or state,
         nonces,
         metrics=metrics,
         resolver=resolver,
@@ -256,6 +269,12 @@ async def serve(
     resolver.after = glue.drain
     locator.after = glue.drain
     router.after = glue.drain
+    if directory_state is not None:
+        directory_state.after = glue.drain
+        from sipfarm.routing.directory import DirectoryAliases  # noqa: PLC0415
+
+        assert isinstance(router.aliases, DirectoryAliases)
+        router.aliases.after = glue.drain
 
     async def fetch_secrets() -> None:
         # farm-wide: nonces any node verifies (unless configured), flow tokens and seals any
@@ -392,6 +411,8 @@ async def serve(
         locator.close()
         if routing_helper is not None:
             await routing_helper.aclose()
+        if directory is not None:
+            await directory.aclose()
         if ng_endpoint is not None:
             ng_endpoint.close()
         await transports.close()
@@ -401,6 +422,22 @@ async def serve(
 
 #: bumped by `sipfarm reload`: every node reads its config file's [routing] section again
 ROUTING_EPOCH_KEY = "sipfarm:routing:epoch"
+
+
+def ldap_section(path: str) -> LdapConfig | None:
+    """The config file's [ldap] section (the shared directory), checked; None when absent."""
+    import tomllib  # noqa: PLC0415
+
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    section = data.get("ldap")
+    if section is None:
+        return None
+    from sipfarm.routing.ldap_directory import LdapConfig  # noqa: PLC0415
+
+    if not isinstance(section, dict):
+        raise ValueError("ldap: expected a table")
+    return LdapConfig.from_dict(section)
 
 
 def relay_loads(members: Iterable[Member]) -> list[RelayLoad]:

@@ -524,7 +524,10 @@ class Proxy:
         if decision.action is Action.ALIAS:
             for alias in decision.targets:
                 if self._local_aor(alias) is None:
-                    target = self._uri_target(alias.encode(), decision.rule)
+                    try:
+                        target = self._uri_target(alias.encode(), decision.rule)
+                    except (SipError, URIError, ValueError):
+                        continue  # a name being resolved, or not a URI: the others still ring
                     if target is not None:
                         targets.append(target)
             if not targets:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 from sipfarm.routing.table import Action, RoutingError, RoutingTable, Rule, load_routing
@@ -63,6 +64,7 @@ class Router:
         self.domains = domains
         self.table = table or RoutingTable()
         self.helper: Asker | None = None  # the external helper of ``helper`` rules (started by the node)
+        self.aliases: AliasStep | None = None  # the directory's aliases of the farm's users (LDAP)
         self.after: Callable[[], None] | None = None  # called after a decision that came later
 
     def reload(self, path: str) -> str | None:
@@ -76,6 +78,10 @@ class Router:
 
     def route(self, request: SipMessage, uri: URI, done: Callable[[Decision], None]) -> None:
         decision = self.decide(uri)
+        if decision.action is Action.LOCAL and self.aliases is not None and not decision.rule:
+            # step 2 with a directory: a user whose entry lists aliases is forked to them
+            self.aliases.aliases(decision.user, decision.domain, partial(_aliased, decision, done))
+            return
         if decision.action is not Action.HELPER:
             done(decision)
             return
@@ -130,6 +136,16 @@ def _source(request: SipMessage) -> str:
     except (SipError, IndexError):
         return ""
     return via.received or via.host
+
+
+class AliasStep(Protocol):
+    def aliases(self, user: str, domain: str, done: Callable[[tuple[str, ...]], None]) -> None: ...
+
+
+def _aliased(decision: Decision, done: Callable[[Decision], None], targets: tuple[str, ...]) -> None:
+    if targets:
+        decision = Decision(Action.ALIAS, user=decision.user, domain=decision.domain, targets=targets, rule="directory")
+    done(decision)
 
 
 class Asker(Protocol):

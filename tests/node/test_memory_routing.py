@@ -11,6 +11,7 @@ from memfarm import DOMAIN, MemFarm, Phone
 
 from sipfarm.routing.router import Router
 from sipfarm.routing.table import RoutingError, RoutingTable
+from sipfarm.store.accounts import Account
 from sipfarm.transport.rfc3263 import Target
 
 GATEWAY = "10.9.0.1"
@@ -242,3 +243,41 @@ def test_a_helper_rule_needs_a_helper_section() -> None:
         RoutingTable.from_dict({"rules": [{"user_prefix": "+", "action": "helper"}]})
     with pytest.raises(RoutingError, match=r"routing\.helper"):
         RoutingTable.from_dict({"rules": [], "helper": {"program": "not-a-list"}})
+
+
+class Directory:
+    """A stand-in for the LDAP directory: accounts and aliases from dicts."""
+
+    def __init__(self, accounts: dict[str, str], aliases: dict[str, tuple[str, ...]]) -> None:
+        from sipfarm.store.accounts import ha1_md5, ha1_sha256  # noqa: PLC0415
+
+        self.accounts = {
+            user: Account(user, DOMAIN, ha1_md5(user, DOMAIN, pw), ha1_sha256(user, DOMAIN, pw), True, 10, 0.0)
+            for user, pw in accounts.items()
+        }
+        self.alias_table = aliases
+
+    def get_account(self, user: str, domain: str, callback: Any) -> None:
+        callback(self.accounts.get(user))
+
+    def aliases(self, user: str, domain: str, callback: Any) -> None:
+        callback(self.alias_table.get(user, ()))
+
+
+def test_directory_accounts_and_aliases() -> None:
+    from sipfarm.routing.directory import DirectoryAliases, DirectoryState  # noqa: PLC0415
+
+    mf = MemFarm(users={"alice": "alice-pw"})
+    directory = Directory({"dave": "dave-pw"}, {"sales": (f"sip:alice@{DOMAIN}", f"sip:dave@{DOMAIN}")})
+    core = mf.nodes[0]
+    state = DirectoryState(mf.state, directory)
+    core.proxy.state = core.registrar.store = core.auth.accounts = state  # type: ignore[assignment]
+    core.proxy.router.aliases = DirectoryAliases(directory)
+    alice = mf.phone("alice", "10.0.0.1")
+    dave = mf.phone("dave", "10.0.0.4")  # only in the directory
+    for phone in (alice, dave):
+        assert phone.register().status == 200  # type: ignore[union-attr]
+    dave.authenticated(dave.request("INVITE", f"sip:alice@{DOMAIN}", from_user="dave"))
+    assert alice.ringing
+    alice.authenticated(alice.request("INVITE", f"sip:sales@{DOMAIN}"))
+    assert dave.ringing  # the directory's alias forks to its users
