@@ -4,9 +4,11 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 APT_PACKAGES := redis-server sip-tester kamailio kamailio-redis-modules openssl iproute2 util-linux \
-	baresip-core chromium rtpengine-daemon slapd ldap-utils
-# Commands that tell us whether each package above is there.
-APT_PROBES := redis-server sipp kamailio openssl ip unshare baresip chromium rtpengine slapd ldapadd
+	baresip-core chromium rtpengine-daemon slapd ldap-utils libldap-dev libsasl2-dev
+# Commands (or files: the LDAP headers the bonsai client builds against) that tell us whether
+# each package above is there.
+APT_PROBES := redis-server sipp kamailio openssl ip unshare baresip chromium rtpengine slapd ldapadd \
+	/usr/include/ldap.h /usr/include/sasl/sasl.h
 # Node.js and npm install JsSIP for the web phone tests (tests/browser); installed apart so that a
 # machine with Node.js from elsewhere (NodeSource) keeps it.
 NODE_PACKAGES := nodejs npm
