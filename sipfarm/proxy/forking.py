@@ -34,6 +34,10 @@ class Target:
     # the binding this target was built from, for an initial request: a 430 on its branch says
     # the flow it was registered over is gone, and it is removed (RFC 5626 5.3, 11)
     binding: Binding | None = None
+    # a trunk's account (user, password): a 401/407 from it is answered once with them
+    credentials: tuple[str, str] | None = None
+    # the header the branch's request carries for that (name, value): set on the retry
+    authorization: tuple[str, bytes] | None = None
 
 
 class BranchState(enum.Enum):

@@ -33,6 +33,7 @@ layer's.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import heapq
 import ipaddress
@@ -499,7 +500,8 @@ class Proxy:
                 if not self.destinations.permits(dest):
                     self.element.metrics.errors("destination_refused").inc()
                     continue
-                targets.append(Target(uri=decision.uri.encode(), destination=dest, q=1.0 - index / 100))
+                q = 1.0 - index / 100
+                targets.append(Target(decision.uri.encode(), dest, q=q, credentials=decision.credentials))
             if not targets:
                 log.warning("event=route_destination_refused rule=%s uri=%s", decision.rule, decision.uri)
                 raise ServerInternalError("route destination not allowed", partial=msg)
@@ -515,7 +517,7 @@ class Proxy:
             target = self._uri_target(decision.uri.encode(), decision.rule)
             if target is None:
                 raise ServerInternalError("route destination not allowed", partial=msg)
-            return [target]
+            return [dataclasses.replace(target, credentials=decision.credentials)]
         targets: list[Target] = []
         for name in sorted(k for k in results if k.startswith("bindings")):
             bindings = results[name]
@@ -562,6 +564,31 @@ class Proxy:
         element = self.element
         response = make_response(msg, decision.status, decision.reason or None, to_tag=element.tag(msg))
         element.reply(call.server_tx, response)
+
+    def _trunk_retry(self, branch: Branch, challenge: SipMessage) -> Target | None:
+        """The branch's target again, carrying credentials for the trunk's challenge."""
+        target = branch.target
+        assert target.credentials is not None
+        key, header = (
+            ("www-authenticate", "authorization")
+            if challenge.status == 401
+            else ("proxy-authenticate", "proxy-authorization")
+        )
+        values = challenge.get_all(key)
+        if not values:
+            return None
+        try:
+            parsed = auth.parse_challenge(values[0])
+            user, password = target.credentials
+            method = branch.request.method
+            value = auth.build_credentials(
+                parsed, user, password, method, target.uri.decode("latin-1"), random_hex(8).decode()
+            )
+        except (auth.AuthHeaderError, ValueError):
+            self.element.metrics.errors("trunk_challenge_unusable").inc()
+            return None
+        self.element.metrics.errors("trunk_auth").inc()
+        return dataclasses.replace(target, authorization=(header, value))
 
     def _redirect(self, call: ProxyCall, msg: SipMessage, uri: str) -> None:
         """302 to ``uri`` (RFC 3261 21.3.3): the caller's phone calls there itself."""
@@ -843,6 +870,8 @@ class Proxy:
                 req.prepend("record-route", self._record_route(out_transport, req.call_id))
         for route in reversed(target.route):
             req.prepend("route", route)
+        if target.authorization is not None:
+            req.append(*target.authorization)  # a trunk's challenge answered (RFC 3261 22.2)
         branch = MAGIC_COOKIE + self._loop_hash(call.request) + b"." + random_hex(6)
         req.prepend("via", identity.via(out_transport, branch))
         return req
@@ -921,6 +950,14 @@ class Proxy:
         if branch.state is BranchState.COMPLETED:
             return
         branch.state = BranchState.COMPLETED
+        if status in (401, 407) and branch.target.credentials is not None and branch.target.authorization is None:
+            retry = self._trunk_retry(branch, msg)
+            if retry is not None:
+                # the trunk's challenge, answered once with the farm's account there (RFC 3261
+                # 22.2; same Call-ID and CSeq, a new branch); not a final to forward upstream
+                call.groups.insert(0, [retry])
+                self._maybe_finish(call, now)
+                return
         if call.failover and status not in (408, 503):
             call.groups.clear()  # the server answered: no other address of it is tried
         call.record_final(msg)

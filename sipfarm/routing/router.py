@@ -45,6 +45,7 @@ class Decision:
     uri: str = ""  # FORWARD, REDIRECT: the new Request-URI / Contact
     targets: tuple[str, ...] = ()  # ALIAS
     rule: str = ""  # the rule that decided (logs, metrics); "" for the built-in steps
+    credentials: tuple[str, str] | None = None  # FORWARD to a trunk: its account
 
 
 def forward_uri(rule_uri: str, user: str) -> str:
@@ -194,4 +195,11 @@ def _decision(rule: Rule, uri: SipURI, user: str, domain: str) -> Decision:
     if action is Action.ALIAS:
         return Decision(Action.ALIAS, user=user, domain=domain, targets=rule.targets, rule=rule.name)
     # the user as the Request-URI wrote it (still escaped, RFC 3261 19.1.2)
-    return Decision(action, user=user, domain=domain, uri=forward_uri(rule.uri, uri.user or ""), rule=rule.name)
+    return Decision(
+        action,
+        user=user,
+        domain=domain,
+        uri=forward_uri(rule.uri, uri.user or ""),
+        rule=rule.name,
+        credentials=rule.credentials,
+    )

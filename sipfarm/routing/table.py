@@ -11,6 +11,8 @@ served domain that has no account.  Anything else is refused (403).
     user_prefix = "+1555"          # or user = "sales", or user_regex = "^9[0-9]{3}$"
     action = "forward"             # local | alias | forward | redirect | reject
     uri = "sip:127.0.0.1:15090"    # forward/redirect: no user part -> the Request-URI's user
+    username = "farm"              # forward to a trunk that challenges: the farm's account
+    password = "secret"            #   there, answering its 401/407 once (RFC 3261 22.2)
 
     [[routing.rules]]
     domain = "farm.test"
@@ -74,6 +76,8 @@ class Rule:
     targets: tuple[str, ...] = ()
     status: int = 0
     reason: str = ""
+    #: forward to a trunk that challenges: the farm's account there (RFC 3261 22.2 digest)
+    credentials: tuple[str, str] | None = None
 
     def matches(self, user: str, domain: str) -> bool:
         if self.domain is not None and domain != self.domain:
@@ -194,7 +198,10 @@ def load_routing(path: str | Path) -> RoutingTable:
 
 # -- parsing -------------------------------------------------------------------------------------
 
-_RULE_KEYS = {"name", "action", "domain", "user", "user_prefix", "user_regex", "uri", "targets", "status", "reason"}
+_RULE_KEYS = {
+    "name", "action", "domain", "user", "user_prefix", "user_regex", "uri", "targets", "status", "reason",
+    "username", "password",
+}  # fmt: skip
 
 
 def _rule(raw: dict[str, Any], index: int) -> Rule:
@@ -229,7 +236,17 @@ def _rule(raw: dict[str, Any], index: int) -> Rule:
         targets = tuple(_sip_uri(v, "targets") for v in values)
     elif action is Action.REJECT:
         status = _status(raw.get("status", 403), 400)
-    return Rule(name, action, domain.lower() if domain else None, user, prefix, regex, uri, targets, status, reason)
+    username, password = _string(raw, "username"), raw.get("password")
+    credentials = None
+    if username is not None or password is not None:
+        if action is not Action.FORWARD:
+            raise RoutingError("username/password: only for a forward to a trunk")
+        if username is None or not isinstance(password, str):
+            raise RoutingError("username and password go together (strings)")
+        credentials = (username, password)
+    return Rule(
+        name, action, domain.lower() if domain else None, user, prefix, regex, uri, targets, status, reason, credentials
+    )
 
 
 def _helper(raw: object, text: str) -> tuple[dict[str, Any] | None, tuple[str, ...]]:

@@ -4,6 +4,7 @@ the unknown-user rule (forward to voicemail, redirect, reject), all behind authe
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import pytest
@@ -281,3 +282,43 @@ def test_directory_accounts_and_aliases() -> None:
     assert alice.ringing
     alice.authenticated(alice.request("INVITE", f"sip:sales@{DOMAIN}"))
     assert dave.ringing  # the directory's alias forks to its users
+
+
+def test_a_trunk_that_challenges_is_answered_with_the_farms_account_once() -> None:
+    from sipfarm.sip import auth  # noqa: PLC0415
+    from sipfarm.sip.message import make_response  # noqa: PLC0415
+
+    mf = farm(
+        {
+            "rules": [
+                {
+                    "user_prefix": "+1",
+                    "action": "forward",
+                    "uri": f"sip:{GATEWAY}:5060",
+                    "username": "farm-account",
+                    "password": "trunk-secret",
+                }
+            ]
+        }
+    )
+    (carol,) = phones(mf, "carol")
+    trunk = endpoint(mf, GATEWAY)
+    carol.authenticated(carol.request("INVITE", f"sip:+15551234@{DOMAIN}"))
+    first = trunk.ringing.pop()
+    demand = (("proxy-authenticate", b'Digest realm="trunk.example", nonce="n0nce", qop="auth", algorithm=MD5'),)
+    trunk.send(make_response(first.request, 407, to_tag=b"trunk", headers=demand), first.source)
+    assert 407 not in carol.finals()  # the trunk's challenge is the farm's business
+    assert trunk.ringing, "the INVITE was not sent again with credentials"
+    second = trunk.ringing.pop()
+    value = second.request.get("proxy-authorization")
+    assert value is not None and b'username="farm-account"' in value
+    creds = auth.parse_credentials(value)
+    ha1 = auth.ha1("MD5", "farm-account", "trunk.example", "trunk-secret")
+    ha2 = hashlib.md5(f"INVITE:{creds.uri}".encode(), usedforsecurity=False).hexdigest()
+    expected = f"{ha1}:{creds.nonce}:{creds.nc}:{creds.cnonce}:{creds.qop}:{ha2}"
+    assert creds.response == hashlib.md5(expected.encode(), usedforsecurity=False).hexdigest()  # RFC 2617 3.2.2
+    assert (creds.realm, creds.nonce, creds.uri) == ("trunk.example", "n0nce", f"sip:+15551234@{GATEWAY}:5060")
+    # a second challenge is the answer (the account was refused): forwarded, no loop
+    trunk.send(make_response(second.request, 407, to_tag=b"trunk", headers=demand), second.source)
+    assert 407 in carol.finals()
+    assert not trunk.ringing
