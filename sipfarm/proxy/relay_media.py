@@ -309,7 +309,7 @@ class RelayMedia:
         if relay is None:
             self._new_offer(msg, done, message, offerer)
             return
-        self._send(relay, message, partial(self._offered, msg, done, message, offerer, [relay], 0))
+        self._try_offer(msg, done, message, offerer, [relay], 0)
 
     def _try_offer(
         self,

@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from sipfarm.proxy.proxy import LocationSource
+from sipfarm.registrar.registrar import BindingStore
 from sipfarm.store.accounts import Account
 from sipfarm.store.errors import StoreError
 from sipfarm.store.location import Binding, ContactUpdate, RegisterResult
@@ -33,22 +35,8 @@ class AccountDirectory(Protocol):
     def aliases(self, user: str, domain: str, callback: AliasAnswer) -> None: ...
 
 
-class FarmAccounts(Protocol):
+class FarmAccounts(LocationSource, BindingStore, Protocol):
     """What the node's state offers (FarmState over Redis; the in-memory twin in tests)."""
-
-    def get_account(self, user: str, domain: str, callback: AccountAnswer) -> None: ...
-
-    def lookup(self, aor: str, now: float, callback: Callable[[list[Binding] | StoreError], None]) -> None: ...
-
-    def remove_binding(self, aor: str, binding: Binding, callback: Callable[[bool | StoreError], None]) -> None: ...
-
-    def register(
-        self,
-        aor: str,
-        contacts: Sequence[ContactUpdate],
-        callback: Callable[[RegisterResult | StoreError], None],
-        **kwargs: object,
-    ) -> None: ...
 
 
 class _Later:

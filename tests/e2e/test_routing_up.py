@@ -6,7 +6,6 @@ running nodes, and a broken file is refused with the old table kept."""
 
 from __future__ import annotations
 
-import json
 import secrets
 import shutil
 import signal
@@ -21,7 +20,7 @@ from typing import Any
 import pytest
 from fixtures.farm import DOMAIN, SipClient
 from fixtures.media_phones import phone_sdp, send_invite
-from test_up import free_block
+from test_up import free_block, read_ready
 
 from sipfarm.sip.message import SipMessage
 from sipfarm.sip.parser import parse_message
@@ -67,20 +66,8 @@ def farm(tmp_path: Path) -> Iterator[dict[str, Any]]:
         "--dir", str(tmp_path / "run"), "--metrics-port", str(metrics), "--ng-port", str(port + 5),
     ]  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    ready = None
     try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("READY "):
-                ready = json.loads(line[len("READY ") :])
-                break
-        assert ready is not None, "".join(lines)
+        ready = read_ready(proc, [])
         probe = SipClient("127.0.0.5")
         try:  # usable once the balancer has polled the membership and probed the nodes
             deadline = time.monotonic() + 15

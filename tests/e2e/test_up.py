@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fixtures.farm import SipClient
@@ -41,6 +42,21 @@ def free_block() -> tuple[int, int]:
         if not busy_ports("127.0.0.1", [sip, sip + 10, sip + 11], others, [sip + 5]):
             return sip, metrics
     raise RuntimeError("no free port block")
+
+
+def read_ready(proc: subprocess.Popen[str], lines: list[str], within: float = 60.0) -> dict[str, Any]:
+    """`sipfarm up`'s READY line, parsed; the lines before it are kept in ``lines``."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("READY "):
+            ready: dict[str, Any] = json.loads(line[len("READY ") :])
+            return ready
+    raise AssertionError("".join(lines))
 
 
 def test_up_refuses_ports_in_use(tmp_path: Path):
@@ -94,17 +110,7 @@ def test_up_starts_a_usable_farm_and_stops_it(tmp_path: Path):
     ready = None
     lines: list[str] = []
     try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("READY "):
-                ready = json.loads(line[len("READY ") :])
-                break
-        assert ready is not None, "".join(lines)
+        ready = read_ready(proc, lines)
         roles = sorted(p["role"] for p in ready["processes"])
         assert roles == ["balancer", "node", "node", "redis", "relay"]
         text = "".join(lines)
