@@ -1,11 +1,12 @@
 """`sipfarm up --config examples/routing.toml`: the shipped example, loaded as is, routes a call
 from alice to +15551234 to the gateway on 127.0.0.1:15090, a call to an unknown user of
-farm.test to the voicemail on 127.0.0.1:15091, and a call to sales@farm.test to alice's and
+farm.test to the voicemail on 127.0.0.1:15091 (SIPp UAS processes stand in for both), and a call to sales@farm.test to alice's and
 bob's phones at once.  Then `sipfarm reload` with a changed file changes the routing on the
 running nodes, and a broken file is refused with the old table kept."""
 
 from __future__ import annotations
 
+import re
 import secrets
 import shutil
 import signal
@@ -28,6 +29,7 @@ from sipfarm.sip.parser import parse_message
 pytestmark = pytest.mark.timeout(120)
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "routing.toml"
+SCENARIOS = Path(__file__).resolve().parents[1] / "peers" / "scenarios"
 GATEWAY = ("127.0.0.1", 15090)
 VOICEMAIL = ("127.0.0.1", 15091)
 
@@ -96,19 +98,43 @@ def call(farm: dict[str, Any], uri: str, user: str = "alice") -> None:
         phone.close()
 
 
-def test_the_example_routes_to_gateway_voicemail_and_an_alias(farm: dict[str, Any]) -> None:
-    gateway, voicemail = Listener(GATEWAY), Listener(VOICEMAIL)
+class SippUas:
+    """SIPp as the gateway or the voicemail: answers one INVITE 486 (tests/peers/scenarios/
+    uas_busy.xml), takes its ACK and exits 0; the INVITE it got is in its message trace."""
+
+    def __init__(self, address: tuple[str, int], workdir: Path) -> None:
+        self.trace = workdir / f"sipp-{address[1]}.msg"
+        argv = [
+            "sipp", "-sf", str(SCENARIOS / "uas_busy.xml"), "-i", address[0], "-p", str(address[1]),
+            "-t", "u1", "-m", "1", "-timeout", "20s", "-timeout_error", "-nostdin",
+            "-trace_msg", "-message_file", str(self.trace),
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(argv, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.3)  # bound before the call is placed
+
+    def invite_uri(self, within: float = 10.0) -> str:
+        """The Request-URI of the INVITE SIPp answered (after its scenario completed)."""
+        assert self.proc.wait(within) == 0, "SIPp's UAS scenario did not complete"
+        text = self.trace.read_text(errors="replace")
+        found = re.search(r"^INVITE (\S+) SIP/2.0", text, re.M)
+        assert found, text[-2000:]
+        return found.group(1)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def test_the_example_routes_to_gateway_voicemail_and_an_alias(farm: dict[str, Any], tmp_path: Path) -> None:
+    gateway, voicemail = SippUas(GATEWAY, tmp_path), SippUas(VOICEMAIL, tmp_path)
     alice, bob = SipClient("127.0.0.2"), SipClient("127.0.0.3")
     try:
         call(farm, f"sip:+15551234@{DOMAIN}")
-        reached = gateway.invite()
-        assert reached is not None, "the gateway got no INVITE"
-        assert reached.uri == b"sip:+15551234@127.0.0.1:15090"
+        assert gateway.invite_uri() == "sip:+15551234@127.0.0.1:15090"
 
         call(farm, f"sip:nobody@{DOMAIN}")
-        reached = voicemail.invite()
-        assert reached is not None, "the voicemail got no INVITE"
-        assert reached.uri == b"sip:vm@127.0.0.1:15091"
+        assert voicemail.invite_uri() == "sip:vm@127.0.0.1:15091"
 
         for phone, user in ((alice, "alice"), (bob, "bob")):
             reply = phone.register(farm["address"], user, f"{user}-secret")
