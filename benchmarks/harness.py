@@ -407,6 +407,8 @@ class Harness:
             else:
                 for kind, rate, frac in (("register", s.fixed_register_rate, 0.4),
                                          ("call", s.fixed_call_rate, 0.8)):
+                    if kind not in s.kinds:
+                        continue
                     self.progress(f"{target.name}: {kind} at {rate:g}/s", frac)
                     _, m = bench.step(kind, rate)
                     ok = m.failure_pct < 1.0
@@ -505,6 +507,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--media-relays", default="sipfarm,rtpengine", help="with --media: the relays to measure")
     p.add_argument("--no-media-farm", action="store_true",
                    help="with --media: skip the call search of a 1-node farm with a relay (not run with --tiny)")
+    p.add_argument("--routing", action="store_true",
+                   help="the routing benchmark instead: calls/s of 1 node plain, with accounts in LDAP (cache cold "
+                   "and warm) and with a routing helper program per call, same run; with --quick or --tiny (tests)")
+    p.add_argument("--routing-configs", default="plain,ldap-cold,ldap-warm,helper",
+                   help="with --routing: the configurations to measure (also: helper-cached)")
     p.add_argument("--out", type=Path, default=Path("results"), help="results/<timestamp>/ goes here")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     return p
@@ -573,6 +580,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(args_list)
     if args.media:
         return media_main(args, args_list)
+    if args.routing:
+        from benchmarks.routing_bench import routing_main  # noqa: PLC0415
+
+        return routing_main(args, args_list)
     settings = settings_from(args)
     fatal, notes = _missing_tools(settings)
     if fatal:

@@ -130,9 +130,12 @@ class SipfarmTarget(Target):
     kind = "sipfarm"
 
     def __init__(self, workdir: Path, users: Sequence[User], *, nodes: int, workers: int,
-                 env: Mapping[str, str] | None = None, relays: int = 0) -> None:
+                 env: Mapping[str, str] | None = None, relays: int = 0, node_args: Sequence[str] = (),
+                 provision: bool = True) -> None:
         super().__init__()
         self.env = env
+        self.node_args = tuple(node_args)  # appended to every `sipfarm node` (--routing: --config FILE)
+        self.provision = provision  # False: no account in Redis (--routing: they are in LDAP only)
         self.relays = relays  # `sipfarm relay` processes the nodes anchor media on (ng)
         self.workdir = workdir.resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -169,7 +172,8 @@ class SipfarmTarget(Target):
         assert stats is not None
         self.redis_baseline_memory = stats.used_memory()
         t0 = time.monotonic()
-        asyncio.run(_provision(self.redis.url, self.users, self.domain))
+        if self.provision:
+            asyncio.run(_provision(self.redis.url, self.users, self.domain))
         self.provision_s = time.monotonic() - t0
         ports: list[int] = []
         relay_ng = [free_port(HOST) for _ in range(self.relays)]
@@ -180,7 +184,7 @@ class SipfarmTarget(Target):
             self._spawn(f"node{i + 1}", [
                 "node", "--listen", f"udp:{HOST}:{port}", "--listen", f"tcp:{HOST}:{port}",
                 "--redis", self.redis.url, "--domain", self.domain, "--node-id", f"node{i + 1}",
-                "--workers", str(self.workers), "--log-level", "warning", *relay_flags,
+                "--workers", str(self.workers), "--log-level", "warning", *relay_flags, *self.node_args,
             ])
         for i, port in enumerate(ports):
             label, proc = self._procs[i + 1]
