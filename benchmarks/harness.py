@@ -313,6 +313,8 @@ def _mark(m: Measurement, passed: bool) -> Measurement:
 
 
 class Harness:
+    bench_class: type[Bench] = Bench  # what measures each SIPp run (--routing adds slapd's searches)
+
     def __init__(self, settings: Settings, out: Path, log: Callable[[str], None],
                  progress: Callable[[str, float], None]) -> None:
         self.settings = settings
@@ -372,7 +374,7 @@ class Harness:
             for tree in [*target.trees(), ProcessTree("sipp-uas", uas.process.pid)]:
                 self.sampler.track(tree)
             result.server_labels = target.server_labels()
-            bench = Bench(target, uas, self.out / "raw" / target.name, self.users, self.sampler, s, self.log)
+            bench = self.bench_class(target, uas, self.out / "raw" / target.name, self.users, self.sampler, s, self.log)
             redis = target.redis_stats()
             mem0 = redis.used_memory() if redis else 0
             self.log(f"{target.name}: up on {target.address} ({target.note or f'{target.workers} worker(s)/node'})")

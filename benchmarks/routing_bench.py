@@ -39,7 +39,9 @@ from benchmarks.harness import (
     EXIT_INTERRUPTED,
     EXIT_MISSING_TOOL,
     EXIT_OK,
+    Bench,
     Harness,
+    Measurement,
     Settings,
     TargetResult,
     _raise_interrupt,
@@ -150,6 +152,8 @@ class RoutingTarget(SipfarmTarget):
         self.name = config.name
         self.note = config.description
         self.slapd: Slapd | None = None
+        #: searches slapd completed during each SIPp run, by the run's raw directory
+        self.ldap_searches: dict[str, int] = {}
 
     def start(self) -> RoutingTarget:
         try:
@@ -179,8 +183,26 @@ class RoutingTarget(SipfarmTarget):
             self.slapd.stop()
 
 
+class RoutingBench(Bench):
+    """A `Bench` that also counts the LDAP searches slapd answered during each SIPp run."""
+
+    def run(
+        self, kind: str, name: str, rate: float, *, calls: int | None = None, duration_s: float | None = None
+    ) -> Measurement:
+        target = self.target
+        slapd = target.slapd if isinstance(target, RoutingTarget) else None
+        before = slapd.searches() if slapd is not None else 0
+        m = super().run(kind, name, rate, calls=calls, duration_s=duration_s)
+        if slapd is not None:
+            assert isinstance(target, RoutingTarget)
+            target.ldap_searches[m.raw_dir] = slapd.searches() - before - 1  # less the first counter read
+        return m
+
+
 class RoutingHarness(Harness):
     """The call search against one `RoutingTarget` per configuration, in order."""
+
+    bench_class = RoutingBench
 
     def __init__(
         self, settings: Settings, out: Path, log: Callable[[str], None], configs: Sequence[RoutingConfig]
@@ -188,6 +210,7 @@ class RoutingHarness(Harness):
         super().__init__(settings, out, log, lambda _text, _frac: None)
         self.configs = list(configs)
         self.searches_left = len(self.configs) if settings.search else 0
+        self.ldap_searches: dict[str, dict[str, int]] = {}  # by target, then by run's raw directory
 
     def targets(self) -> Iterator[Callable[[], Target]]:
         for config in self.configs:
@@ -202,7 +225,11 @@ class RoutingHarness(Harness):
 
     def run_target(self, target: Target) -> TargetResult:
         self.log(f"{target.name}: {target.note}")
-        return super().run_target(target)
+        try:
+            return super().run_target(target)
+        finally:
+            if isinstance(target, RoutingTarget) and target.ldap_searches:
+                self.ldap_searches[target.name] = target.ldap_searches
 
 
 # -- summary --------------------------------------------------------------------------------------
@@ -236,6 +263,7 @@ def routing_table(targets: Mapping[str, Mapping[str, Any]]) -> list[dict[str, An
             "calls_per_slapd_cpu_s": None,
             "cpu_pct": {},
             "redis_cmds_per_call": None,
+            "ldap_searches_per_call": None,
         }
         if best is not None:
             row.update(
@@ -248,6 +276,8 @@ def routing_table(targets: Mapping[str, Mapping[str, Any]]) -> list[dict[str, An
             )
             eff = t["efficiency"].get("call") or {}
             row["redis_cmds_per_call"] = eff.get("redis_cmds_per_op")
+            if best.get("ldap_searches") is not None and best["succeeded"]:
+                row["ldap_searches_per_call"] = round(best["ldap_searches"] / best["succeeded"], 2)
         rows.append(row)
     plain: dict[str, Any] = next((r for r in rows if r["config"] == "plain" and not r["error"]), {})
     for row in rows:
@@ -267,10 +297,20 @@ def build_summary(
     command: str,
     elapsed_s: float,
     interrupted: bool,
+    ldap_searches: Mapping[str, Mapping[str, int]] | None = None,
 ) -> dict[str, Any]:
     from benchmarks import report  # noqa: PLC0415
 
     targets = {r.name: report.target_summary(r) for r in results}
+    for name, by_run in (ldap_searches or {}).items():
+        # every run of a target with slapd gets the searches slapd answered meanwhile
+        t = targets.get(name)
+        for run in t["runs"] if t else []:
+            run["ldap_searches"] = by_run.get(run["raw_dir"])
+        for kind in ("best", "first_failure"):
+            for run in (t or {}).get(kind, {}).values():
+                if run is not None:
+                    run["ldap_searches"] = by_run.get(run["raw_dir"])
     return {
         "schema": 1,
         "kind": "routing",
@@ -309,12 +349,12 @@ def markdown(summary: Mapping[str, Any]) -> str:
         "beside it.",
         "",
         "| config | calls/s | setup p50/p95/p99 ms | calls per node CPU-s | calls per slapd CPU-s "
-        "| ratio to plain: calls/s | per node CPU-s | Redis cmds per call | what |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| ratio to plain: calls/s | per node CPU-s | LDAP searches per call | Redis cmds per call | what |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["routing"]:
         if r["error"]:
-            lines.append(f"| {r['config']} | failed: {r['error'].splitlines()[0][:80]} ||||||| {r['description']} |")
+            lines.append(f"| {r['config']} | failed: {r['error'].splitlines()[0][:80]} |||||||| {r['description']} |")
             continue
         rate = _f(r["calls_per_s"]) + (f" (fail {r['first_failing_rate']:,.0f})" if r["first_failing_rate"] else "")
         pct = "/".join(_f(r[k]) for k in ("p50_ms", "p95_ms", "p99_ms"))
@@ -322,7 +362,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
         lines.append(
             f"| {r['config']} | {rate} | {pct} | {_f(r['calls_per_node_cpu_s'])} | "
             f"{_f(r['calls_per_slapd_cpu_s'])} | {_f(ratio['calls_per_s'], '.2f')} | "
-            f"{_f(ratio['calls_per_node_cpu_s'], '.2f')} | {_f(r['redis_cmds_per_call'], '.1f')} | "
+            f"{_f(ratio['calls_per_node_cpu_s'], '.2f')} | {_f(r['ldap_searches_per_call'], '.2f')} | "
+            f"{_f(r['redis_cmds_per_call'], '.1f')} | "
             f"{r['description']} |"
         )
     lines += ["", "CPU % per role at each configuration's max rate:", ""]
@@ -420,6 +461,7 @@ def routing_main(args: argparse.Namespace, args_list: Sequence[str]) -> int:
         machine=machine,
         results=results,
         notes=harness.notes,
+        ldap_searches=harness.ldap_searches,
         command="sipfarm bench " + " ".join(args_list),
         elapsed_s=time.monotonic() - started,
         interrupted=interrupted,

@@ -37,6 +37,7 @@ PEOPLE = f"ou=people,{BASE}"
 BIND_DN = f"cn=sipfarm,ou=services,{BASE}"
 BIND_PASSWORD = "svcpw"
 FILTER = "(&(uid={user})(sipDomain={domain}))"
+MONITOR_SEARCHES = "cn=Search,cn=Operations,cn=Monitor"
 #: `[ldap.attributes]` of the node's config
 ATTRIBUTES = {"user": "uid", "ha1": "sipHA1"}
 
@@ -88,6 +89,7 @@ def slapd_conf(workdir: Path) -> str:
 {includes}
 modulepath /usr/lib/ldap
 moduleload back_mdb
+moduleload back_monitor
 pidfile {workdir / "slapd.pid"}
 argsfile {workdir / "slapd.args"}
 loglevel 0
@@ -103,6 +105,12 @@ access to attrs=userPassword
     by anonymous auth
     by * none
 access to *
+    by dn.exact="{BIND_DN}" read
+    by * none
+
+# cn=Monitor: the benchmark reads the count of completed searches (LDAP searches per call)
+database monitor
+access to dn.subtree="cn=Monitor"
     by dn.exact="{BIND_DN}" read
     by * none
 """
@@ -150,6 +158,16 @@ class Slapd:
     @property
     def url(self) -> str:
         return f"ldap://{self.host}:{self.port}"
+
+    def searches(self) -> int:
+        """Searches slapd has completed so far (cn=Monitor; this one included)."""
+        import bonsai  # noqa: PLC0415 - sipfarm's LDAP client, needed only with slapd
+
+        client = bonsai.LDAPClient(self.url)
+        client.set_credentials("SIMPLE", user=BIND_DN, password=BIND_PASSWORD)
+        with client.connect() as conn:
+            [entry] = conn.search(MONITOR_SEARCHES, bonsai.LDAPSearchScope.BASE, attrlist=["monitorOpCompleted"])
+            return int(entry["monitorOpCompleted"][0])
 
     def stop(self) -> None:
         self.process.stop()

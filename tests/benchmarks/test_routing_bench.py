@@ -28,6 +28,7 @@ ROW_KEYS = {
     "p99_ms",
     "calls_per_node_cpu_s",
     "calls_per_slapd_cpu_s",
+    "ldap_searches_per_call",
     "ratio_to_plain",
 }
 
@@ -54,5 +55,9 @@ def test_tiny_routing_run_places_calls_in_every_configuration(
     # the LDAP configurations ran a slapd, the others did not
     cpu = {row["config"]: summary["targets"][row["config"]]["runs"][-1]["cpu_s"] for row in summary["routing"]}
     assert "slapd" in cpu["ldap-cold"] and "slapd" in cpu["ldap-warm"] and "slapd" not in cpu["plain"]
+    # cold: the callers' accounts come from LDAP during the calls; warm: from the caches
+    searches = {row["config"]: row["ldap_searches_per_call"] for row in summary["routing"]}
+    assert searches["ldap-cold"] is not None and searches["ldap-cold"] > 0
+    assert searches["ldap-warm"] is not None and searches["plain"] is None
     markdown = (run / "summary.md").read_text()
     assert all(f"| {name} |" in markdown for name in CONFIGS)
