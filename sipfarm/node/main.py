@@ -136,6 +136,14 @@ async def serve(
     await pipe.start()
     state = FarmState(pipe, account_cache_ttl=cfg.account_cache_ttl, observe=metrics.redis_seconds.observe)
     secret = cfg.nonce_secret.encode() if cfg.nonce_secret else secrets.token_bytes(32)
+    # the farm-wide secrets before anything is served: a nonce minted with a local secret and
+    # then checked with the farm's would make the first clients' credentials stale (401 again)
+    farm_secrets: tuple[bytes, bytes] | None = None
+    with contextlib.suppress(StoreError, OSError, asyncio.TimeoutError):
+        nonce_secret = secret if cfg.nonce_secret else await asyncio.wait_for(_shared_secret(pipe, secret), 2.0)
+        flow_secret = await asyncio.wait_for(_shared_secret(pipe, secret, FLOW_SECRET_KEY), 2.0)
+        farm_secrets = (nonce_secret, flow_secret)
+        secret = nonce_secret
     nonces = NonceFactory(secret, cfg.nonce_lifetime)
 
     multi = worker_index is not None
@@ -256,6 +264,8 @@ async def serve(
         router=router,
         locator=locator,
     )
+    if farm_secrets is not None:
+        core.use_farm_secret(farm_secrets[1])  # before any message can reach the core
     glue = NodeGlue(core, transports.send, loop)
     ng_endpoint = None
     if ng_client is not None:
@@ -288,9 +298,9 @@ async def serve(
             except (StoreError, OSError):
                 await asyncio.sleep(0.5)
 
-    secret_task = loop.create_task(fetch_secrets())
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(asyncio.shield(secret_task), 2.0)
+    secret_tasks: list[asyncio.Task[None]] = []  # a reference, so the task is not collected
+    if farm_secrets is None:  # Redis not there at start: local secrets until it answers
+        secret_tasks.append(loop.create_task(fetch_secrets()))
 
     sync_transport = sync_counters(transports.stats.flat, metrics.transport_events)
     registrations = {"bindings": 0, "aors": 0}
