@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
+from sipfarm.routing.table import compile_user_regex
 from sipfarm.sip.errors import SipError
 from sipfarm.sip.message import SipMessage
 from sipfarm.sip.uri import URI, SipURI, URIError, parse_uri
@@ -161,10 +162,8 @@ def _parse_rule(index: int, table: Mapping[str, object]) -> GroupRule:
         raise ValueError(f"{where}: needs a domain, a user_prefix or a user_regex")
     regex = None
     if pattern is not None:
-        if len(pattern) > MAX_PATTERN:
-            raise ValueError(f"{where}: user_regex is longer than {MAX_PATTERN} characters")
         try:
-            regex = re.compile(pattern)
-        except re.error as exc:
-            raise ValueError(f"{where}: user_regex {pattern!r}: {exc}") from None
+            regex = compile_user_regex(pattern, MAX_PATTERN)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
     return GroupRule(group, domain, prefix, regex)

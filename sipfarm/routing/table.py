@@ -44,7 +44,7 @@ from typing import Any
 from sipfarm.sip.errors import SipError
 from sipfarm.sip.uri import SipURI, parse_uri
 
-__all__ = ["Action", "RoutingError", "RoutingTable", "Rule", "UnknownRule", "load_routing"]
+__all__ = ["Action", "RoutingError", "RoutingTable", "Rule", "UnknownRule", "compile_user_regex", "load_routing"]
 
 MAX_RULES = 10_000
 MAX_TARGETS = 32
@@ -215,12 +215,10 @@ def _rule(raw: dict[str, Any], index: int) -> Rule:
     pattern = _string(raw, "user_regex")
     regex = None
     if pattern is not None:
-        if len(pattern) > MAX_REGEX:
-            raise RoutingError(f"user_regex longer than {MAX_REGEX} characters")
         try:
-            regex = re.compile(pattern)
-        except re.error as exc:
-            raise RoutingError(f"user_regex: {exc}") from None
+            regex = compile_user_regex(pattern, MAX_REGEX)
+        except ValueError as exc:
+            raise RoutingError(str(exc)) from None
     if domain is None and user is None and prefix is None and regex is None:
         raise RoutingError("matches everything: give a domain, user, user_prefix or user_regex")
     uri, status, reason = "", 0, _string(raw, "reason") or ""
@@ -266,6 +264,17 @@ def _helper(raw: object, text: str) -> tuple[dict[str, Any] | None, tuple[str, .
     except ValueError as exc:
         raise RoutingError(f"{where}: {exc}") from None
     return config, tuple(h.lower() for h in headers)
+
+
+def compile_user_regex(pattern: str, limit: int) -> re.Pattern[str]:
+    """An operator's ``user_regex`` (router table, balancer groups), bounded in length; a
+    ``ValueError`` naming it otherwise."""
+    if len(pattern) > limit:
+        raise ValueError(f"user_regex is longer than {limit} characters")
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"user_regex {pattern!r}: {exc}") from None
 
 
 def _unknown(raw: dict[str, Any]) -> UnknownRule:
