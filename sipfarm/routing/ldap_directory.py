@@ -606,17 +606,25 @@ class LdapPool:
         if self._clock() < self._retry_at:
             self._free_slot()
             raise LdapUnavailable(f"reconnecting to {self._config.url} after {self._failures} failed connects")
-        ok = False
+        ok = refused = False
+        started = self._clock()
         try:
             conn: AIOLDAPConnection = await self._client.connect(is_async=True, timeout=self._config.timeout)
             ok = True
         except bonsai.LDAPError as exc:
+            refused = True
             raise LdapUnavailable(f"connect to {self._config.url}: {exc!r}") from exc
         except TimeoutError as exc:
+            refused = True
             raise LdapUnavailable(f"connect to {self._config.url} timed out") from exc
         finally:
-            if not ok:  # also when cancelled by the lookup's deadline
+            if not ok:
                 self._free_slot()
+                # the server refused, or did not answer for about a timeout: down. A connect
+                # cancelled early by the lookup's deadline (spent queueing behind others in a
+                # busy node) says nothing about the directory and starts no backoff
+                refused = refused or self._clock() - started >= 0.8 * self._config.timeout
+            if refused:
                 if self._failures == 0:
                     log.warning("event=ldap_down url=%s", self._config.url)
                 self._failures += 1
