@@ -321,11 +321,45 @@ class BalancerConfig:
     # {domain = "c.test", user_regex = "9[0-9]{3}", group = "C"} (the regex matches the whole
     # user part). In SIPFARM_GROUPS: the same as JSON.
     groups: list[dict[str, str]] = field(default_factory=list)
+    # Front-end protection (sipfarm/balancer/frontdoor.py). A client source sending more than
+    # rate_register REGISTERs, rate_invite INVITEs or rate_other other requests per rate_window
+    # seconds (0: that class unlimited), or using a User-Agent containing one of scanner_agents
+    # (case-insensitive), or sending more than rate_suspect out-of-dialog requests per window
+    # for a domain not in domains (empty: no domain check), is banned farm-wide (in Redis, as
+    # `sipfarm ban list` shows) for ban_time seconds and dropped unanswered. Bans from Redis are
+    # re-read every ban_refresh seconds. Sources in exempt networks are never limited nor
+    # dropped: loopback by default (local tools, tests and benchmarks); protect = false: off.
+    protect: bool = True
+    rate_register: int = 20
+    rate_invite: int = 50
+    rate_other: int = 100
+    rate_suspect: int = 5
+    rate_window: float = 1.0
+    ban_time: float = 600.0
+    ban_refresh: float = 0.5
+    scanner_agents: list[str] = field(
+        default_factory=lambda: [
+            "friendly-scanner", "sipvicious", "sipcli", "VaxSIPUserAgent", "sip-scan", "sipsak", "iWar",
+            "sundayddr", "pplsip", "smap",
+        ]
+    )  # fmt: skip
+    exempt: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    domains: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         if not self.listen:
             raise ConfigError("listen: at least one listener is required")
         _check_destinations(self.internal_networks, self.allow_destinations)
+        for key in ("rate_register", "rate_invite", "rate_other", "rate_suspect"):
+            _check_range(key, getattr(self, key), 0, 10_000_000)
+        _check_range("rate_window", self.rate_window, 0.01, 3600)
+        _check_range("ban_time", self.ban_time, 0, 30 * 86_400)
+        _check_range("ban_refresh", self.ban_refresh, 0.05, 60)
+        for net in self.exempt:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ConfigError(f"exempt: {net!r} is not a network") from None
         for spec in self.listen:
             _check_address("listen", spec)
         if self.internal:

@@ -191,6 +191,19 @@ class BalancerMetrics:
             )
         )
         self.keepalive_flows = _gauge("sipfarm_balancer_keepalive_flows", "Registered UDP flows watched", r)
+        # front-end protection (sipfarm/balancer/frontdoor.py): banned (dropped, source banned),
+        # rate_register/rate_invite/rate_other/rate_suspect (a budget exceeded: banned),
+        # scanner (User-Agent: dropped, banned), unknown_domain (dropped), ban_started,
+        # ban_write_failed, ban_read_failed
+        self.protect = LabelCache(
+            Counter(
+                "sipfarm_balancer_protect_total",
+                "Front-end protection decisions (drops, bans) by reason",
+                ["reason"],
+                registry=r,
+            )
+        )
+        self.bans_known = _gauge("sipfarm_balancer_bans_known", "Banned sources in the local copy of the bans", r)
         self.probe_rtt = Histogram(
             "sipfarm_balancer_probe_rtt_seconds",
             "OPTIONS probe round trip to nodes",

@@ -61,6 +61,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from sipfarm.balancer.frontdoor import FrontDoor
 from sipfarm.balancer.groups import GroupRules
 from sipfarm.balancer.keepalive import HOLD_MARGIN, KEEPALIVE_PREFIX, FlowGone, Probe, RegisteredFlows
 from sipfarm.balancer.nodes import Health, NodeEntry, NodeSet
@@ -155,6 +156,7 @@ class BalancerCore:
         hold: Callable[[Address, float], bool] | None = None,
         hold_max: float = 7200.0,
         groups: GroupRules | None = None,
+        front: FrontDoor | None = None,
     ) -> None:
         """``send`` sends a request (may open a connection); ``send_response`` sends a response
         over an existing flow only (``TransportManager.send(..., connect=False)``).
@@ -164,7 +166,9 @@ class BalancerCore:
         ``registrations`` keeps registered flows usable (default: no UDP keepalives);
         ``hold(flow, seconds)`` keeps a client connection open that long
         (``TransportManager.hold_flow``), at most ``hold_max`` plus a margin.
-        ``groups``: the static cluster's rules (none: any node serves any account)."""
+        ``groups``: the static cluster's rules (none: any node serves any account).
+        ``front``: scanner and domain checks of clients' requests (none: no checks here; its
+        rate limits and bans apply before parsing, in the transport)."""
         self.nodes = nodes
         self.tokens = tokens
         self.public = public  # transport -> our address facing clients
@@ -189,6 +193,7 @@ class BalancerCore:
         self.hold: Callable[[Address, float], bool] = hold or (lambda flow, seconds: False)
         self.hold_max = hold_max
         self.groups: GroupRules | None = groups if groups else None  # None: the one check per request
+        self.front = front
 
     # -- entry point -----------------------------------------------------------------------------
 
@@ -204,6 +209,13 @@ class BalancerCore:
                 # responses go to the source: the connection, or the UDP address and port the
                 # request came from (RFC 3581 rport, forced): never where a Via points
                 from_node = self.nodes.by_address(source.host, source.port) is not None
+                front = self.front
+                if (
+                    front is not None
+                    and not from_node
+                    and not front.inspect(msg, source.host, self._names_us, self._clock())
+                ):
+                    return  # a scanner or a domain not served: dropped unanswered (counted there)
                 self._on_request(msg, source, hop, from_node=from_node)
         except SipError as exc:
             self.stats.errors[exc.counter] = self.stats.errors.get(exc.counter, 0) + 1

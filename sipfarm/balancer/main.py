@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import os
 import secrets
 import socket
@@ -21,6 +22,9 @@ from sipfarm.sip.address import Address
 from sipfarm.transport.loop import stop_on_signals, tune_gc
 
 if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from sipfarm.balancer.frontdoor import FrontDoor, FrontDoorPolicy
     from sipfarm.balancer.keepalive import FlowGone
 
 log = logging.getLogger("sipfarm.balancer")
@@ -119,9 +123,11 @@ async def _flow_secret(redis_url: str) -> bytes:
 
 async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: asyncio.Event | None = None) -> None:
     from sipfarm.balancer.core import BalancerCore  # noqa: PLC0415
+    from sipfarm.balancer.frontdoor import FrontDoor  # noqa: PLC0415
     from sipfarm.balancer.groups import parse_rules  # noqa: PLC0415
     from sipfarm.balancer.keepalive import RegisteredFlows  # noqa: PLC0415
     from sipfarm.balancer.nodes import NodeSet  # noqa: PLC0415
+    from sipfarm.balancer.screened import ScreenedTransports  # noqa: PLC0415
     from sipfarm.cluster.heartbeat import start_heartbeat  # noqa: PLC0415
     from sipfarm.cluster.membership import Member, MembershipStore, Role  # noqa: PLC0415
     from sipfarm.cluster.watcher import MemberWatcher  # noqa: PLC0415
@@ -132,7 +138,6 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
     from sipfarm.store.redis_client import create_redis  # noqa: PLC0415
     from sipfarm.transport.config import TransportConfig  # noqa: PLC0415
     from sipfarm.transport.destinations import DestinationPolicy  # noqa: PLC0415
-    from sipfarm.transport.manager import TransportManager  # noqa: PLC0415
     from sipfarm.transport.tls import server_context  # noqa: PLC0415
 
     loop = asyncio.get_running_loop()
@@ -147,10 +152,22 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
     def on_message(msg: object, source: Address, local: Address) -> None:
         holder[0].on_message(msg, source, local)  # type: ignore[arg-type]
 
-    transports = TransportManager(
+    transports = ScreenedTransports(
         on_message,
         config=TransportConfig(udp_recv_buffer=cfg.udp_recv_buffer, idle_timeout=cfg.stream_idle_timeout),
     )
+    front = FrontDoor(front_door_policy(cfg)) if cfg.protect else None
+    if front is not None:
+        screen_source = front.screen
+        node_at = nodes.by_address
+        clock = time.monotonic
+
+        def screen(data: bytes, source: Address) -> bool:
+            # before parsing (hot path): nodes pass; a client is checked against the bans and
+            # its rate budget (see sipfarm.balancer.frontdoor)
+            return node_at(source.host, source.port) is not None or screen_source(data, source.host, clock())
+
+        transports.screen = screen
     # RFC 5626: this worker's registered flows (each worker its own: a UDP client's 4-tuple
     # and a connection stay with one worker, and a REGISTER's 200 comes back to it)
     registrations = RegisteredFlows(interval=cfg.keepalive_interval, failures=cfg.keepalive_failures)
@@ -205,6 +222,7 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
         hold=transports.hold_flow,
         hold_max=cfg.flow_hold_max,
         groups=parse_rules(cfg.groups),  # validated with the configuration
+        front=front,
     )
     holder.append(core)
 
@@ -274,6 +292,8 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
             removals.add(task)
             task.add_done_callback(removals.discard)
 
+    ban_sync = loop.create_task(sync_bans(front, redis, cfg.ban_refresh)) if front is not None else None
+    sync_protect = sync_counters(lambda: dict(front.stats) if front is not None else {}, metrics.protect)
     sync = sync_counters(lambda: {**core.stats.flat(), **transports.stats.flat()}, metrics.events)
     sync_keepalives = sync_counters(registrations.stats.flat, metrics.keepalives)
     sync_groups = sync_counters(lambda: dict(core.stats.group_unavailable), metrics.group_unavailable)
@@ -304,12 +324,19 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
                 metrics.nodes_usable.set(nodes.usable_count)
                 metrics.nodes_known.set(len(nodes.nodes))
                 sync_groups()
+                sync_protect()
+                if front is not None:
+                    metrics.bans_known.set(front.bans_known)
                 for group in pinned_groups:
                     metrics.group_nodes_usable(group).set(nodes.usable_in(group))
     finally:
         if heartbeater is not None:
             await heartbeater.stop()
         await watcher.stop()
+        if ban_sync is not None:
+            ban_sync.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ban_sync
         for task in removals:
             task.cancel()
         for server in ws_servers:
@@ -318,3 +345,64 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
                 close()
         await transports.close()
         await redis.aclose()
+
+
+def front_door_policy(cfg: BalancerConfig) -> FrontDoorPolicy:
+    from sipfarm.balancer.frontdoor import FrontDoorPolicy  # noqa: PLC0415
+    from sipfarm.protect.pike import RateBudgets  # noqa: PLC0415
+
+    budgets = RateBudgets(
+        register=cfg.rate_register,
+        invite=cfg.rate_invite,
+        other=cfg.rate_other,
+        suspect=cfg.rate_suspect,
+        window=cfg.rate_window,
+    )
+    return FrontDoorPolicy(
+        budgets=budgets,
+        ban_time=cfg.ban_time,
+        scanner_agents=tuple(cfg.scanner_agents),
+        exempt=tuple(cfg.exempt),
+        domains=tuple(cfg.domains),
+    )
+
+
+async def sync_bans(front: FrontDoor, redis: Redis, refresh: float) -> None:
+    """The front door's bans and the farm's, in the background (never on the forwarding path):
+    bans started here are written to Redis within 0.1 s, under the keys the nodes' guard and
+    ``sipfarm ban`` use; every ``refresh`` seconds all bans are read back into the local copy,
+    so bans started by other balancers or nodes (or lifted) apply here within that time."""
+    from sipfarm.protect.bans import BALANCER_REASON, BanStore  # noqa: PLC0415
+    from sipfarm.protect.guard import ban_key, milliseconds  # noqa: PLC0415
+    from sipfarm.store.errors import StoreError  # noqa: PLC0415
+    from sipfarm.store.redis_client import redis_errors  # noqa: PLC0415
+
+    store = BanStore(redis)
+    step = min(0.1, refresh)
+    last_read = -math.inf
+    while True:
+        for ban in front.take_new_bans():
+            value = BALANCER_REASON + ban.reason.encode()
+            try:
+                with redis_errors:
+                    if ban.seconds > 0:
+                        await redis.set(ban_key(ban.source), value, px=milliseconds(ban.seconds))
+                    else:
+                        await redis.set(ban_key(ban.source), value)
+            except StoreError as exc:  # Redis down: the local ban still holds
+                front.count("ban_write_failed")
+                log.warning("event=ban_write_failed source=%s error=%s", ban.source, str(exc).replace(" ", "_"))
+            else:
+                log.info("event=source_banned source=%s reason=%s seconds=%g", ban.source, ban.reason, ban.seconds)
+        now = time.monotonic()
+        if now - last_read >= refresh:
+            last_read = now
+            try:
+                entries = await asyncio.wait_for(store.list(), max(1.0, refresh * 2))
+            except (StoreError, TimeoutError) as exc:  # keep the last copy until Redis answers
+                front.count("ban_read_failed")
+                log.debug("event=ban_read_failed error=%s", str(exc).replace(" ", "_"))
+            else:
+                remote = {e.source: math.inf if e.seconds_left is None else e.seconds_left for e in entries}
+                front.replace_bans(remote, time.monotonic(), now)
+        await asyncio.sleep(step)

@@ -16,9 +16,10 @@ from sipfarm.store.redis_client import redis_errors
 
 from .guard import BAN_PREFIX, ban_key, milliseconds, source_failures_key
 
-__all__ = ["BanEntry", "BanStore", "source_address"]
+__all__ = ["BALANCER_REASON", "BanEntry", "BanStore", "source_address"]
 
 MANUAL: bytes = b"manual"
+BALANCER_REASON: bytes = b"balancer:"  # value of a ban a balancer started: balancer:<reason>
 
 
 def source_address(text: str) -> str:
@@ -56,7 +57,12 @@ class BanStore:
             if value is None or pttl == -2:  # ended between SCAN and GET
                 continue
             source = key.decode()[len(BAN_PREFIX) :]
-            reason = "manual" if value == MANUAL else f"{value.decode()} failures"
+            if value == MANUAL:
+                reason = "manual"
+            elif value.startswith(BALANCER_REASON):  # a balancer's front door (rate, scanner...)
+                reason = value.decode("latin-1")
+            else:
+                reason = f"{value.decode()} failures"
             entries.append(BanEntry(source, None if pttl == -1 else pttl / 1000, reason))
         return sorted(entries, key=lambda e: _sort_key(e.source))
 

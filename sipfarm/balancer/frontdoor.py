@@ -1,0 +1,201 @@
+"""The balancer's front door: per-source rate limits, scanners, unserved domains and bans, no I/O.
+
+Theory of operation
+-------------------
+Every message from a client (never from a node) passes two checks:
+
+1. :meth:`FrontDoor.screen`, on the raw bytes before they are parsed: a source in the local copy
+   of the farm's bans is dropped (one dict look-up); otherwise a request's method (the first
+   token of the first line) is counted against the source's budget for its class
+   (:mod:`sipfarm.protect.pike`), and a source over budget is banned and dropped.  Responses
+   are not counted (a phone answers what the farm sends it).
+2. :meth:`FrontDoor.inspect`, on the parsed request: a User-Agent containing one of the scanner
+   names (case-insensitive) bans the source at once; an out-of-dialog request whose
+   Request-URI names neither a domain the farm serves nor the balancer itself is dropped and
+   counted against the source's SUSPECT budget (a few a window), so a source probing domains
+   ends banned.  Nothing is answered: a scanner learns nothing, not even that SIP is here.
+
+A ban starts in the local copy at once and is queued (:meth:`take_new_bans`) for the asyncio
+layer to write to Redis in the background, under the key the nodes' brute-force guard uses
+(:func:`sipfarm.protect.guard.ban_key`): every balancer and node refuses the source, and
+``sipfarm ban list`` shows it.  The asyncio layer also re-reads every ban from Redis
+periodically and hands them to :meth:`replace_bans`, so bans started elsewhere (another
+balancer, a node, ``sipfarm ban add``) apply here, and lifted ones stop applying.  Nothing here
+waits on Redis.
+
+Sources in ``exempt`` networks are never limited, inspected or dropped.  Every decision is
+counted by reason in ``stats`` (``sipfarm_balancer_protect_total{reason}``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from sipfarm.protect.pike import Rate, RateBudgets, RequestClass, SourceRates, request_class
+from sipfarm.sip.errors import SipError
+from sipfarm.sip.message import SipMessage
+from sipfarm.sip.uri import SipURI, URIError
+
+__all__ = ["DEFAULT_SCANNER_AGENTS", "FrontDoor", "FrontDoorPolicy", "NewBan"]
+
+DEFAULT_SCANNER_AGENTS = (
+    "friendly-scanner",
+    "sipvicious",
+    "sipcli",
+    "vaxsipuseragent",
+    "sip-scan",
+    "sipsak",
+    "iWar",
+    "sundayddr",
+    "pplsip",
+    "smap",
+)
+_EXEMPT_CACHE_LIMIT = 65_536
+_RATE_REASONS = {
+    RequestClass.REGISTER: "rate_register",
+    RequestClass.INVITE: "rate_invite",
+    RequestClass.OTHER: "rate_other",
+    RequestClass.SUSPECT: "rate_suspect",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class FrontDoorPolicy:
+    budgets: RateBudgets = field(default_factory=RateBudgets)
+    ban_time: float = 600.0
+    scanner_agents: tuple[str, ...] = DEFAULT_SCANNER_AGENTS
+    exempt: tuple[str, ...] = ()  # networks (CIDR) never limited nor dropped
+    domains: tuple[str, ...] = ()  # served domains; empty: no domain check
+    max_sources: int = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class NewBan:
+    source: str
+    seconds: float
+    reason: str  # "rate_register", "scanner"... as counted
+
+
+class FrontDoor:
+    def __init__(self, policy: FrontDoorPolicy) -> None:
+        self.policy = policy
+        self.rates = SourceRates(policy.budgets, max_sources=policy.max_sources)
+        self._exempt_nets = [ipaddress.ip_network(n, strict=False) for n in policy.exempt]
+        self._exempt: dict[str, bool] = {}  # source -> in an exempt network (cache)
+        self._agents = [a.lower().encode() for a in policy.scanner_agents if a]
+        self._domains = frozenset(d.lower() for d in policy.domains)
+        self._bans: dict[str, float] = {}  # source -> banned until (clock); the farm's, as last read
+        self._own: dict[str, float] = {}  # source -> when this balancer banned it (not yet read back)
+        self._new: list[NewBan] = []
+        self.stats: dict[str, int] = {}
+
+    # -- the two checks ---------------------------------------------------------------------------
+
+    def screen(self, data: bytes, source: str, now: float) -> bool:
+        """Before parsing: whether to go on with a message from ``source`` (False: drop it)."""
+        exempt = self._exempt.get(source)
+        if exempt is None:
+            exempt = self._learn_exempt(source)
+        if exempt:
+            return True
+        until = self._bans.get(source)
+        if until is not None:
+            if until > now:
+                self._count("banned")
+                return False
+            del self._bans[source]
+        if data.startswith(b"SIP/"):
+            return True
+        space = data.find(b" ", 0, 32)
+        cls = request_class(data[:space] if space > 0 else data[:32])
+        if self.rates.hit(source, cls, now) is Rate.EXCEEDED:
+            self._count(_RATE_REASONS[cls])
+            self._ban(source, _RATE_REASONS[cls], now)
+            return False
+        return True
+
+    def inspect(self, msg: SipMessage, source: str, names_us: Callable[[SipURI], bool], now: float) -> bool:
+        """After parsing, a request from a client: whether to forward it (False: drop it)."""
+        if self._exempt.get(source):
+            return True
+        if self._agents:
+            agent = msg.get("user-agent")
+            if agent is not None:
+                agent = agent.lower()
+                for name in self._agents:
+                    if name in agent:
+                        self._count("scanner")
+                        self._ban(source, "scanner", now)  # no second chance: a tool, not a phone
+                        return False
+        if self._domains and msg.to_tag is None and msg.method not in (b"ACK", b"CANCEL"):
+            try:
+                uri = msg.request_uri
+            except (SipError, URIError):
+                return True  # the core answers a bad Request-URI
+            if isinstance(uri, SipURI) and uri.host.lower() not in self._domains and not names_us(uri):
+                self._count("unknown_domain")
+                if self.rates.hit(source, RequestClass.SUSPECT, now) is Rate.EXCEEDED:
+                    self._count(_RATE_REASONS[RequestClass.SUSPECT])
+                    self._ban(source, _RATE_REASONS[RequestClass.SUSPECT], now)
+                return False
+        return True
+
+    # -- bans ---------------------------------------------------------------------------------------
+
+    def banned(self, source: str, now: float) -> bool:
+        until = self._bans.get(source)
+        return until is not None and until > now
+
+    def take_new_bans(self) -> list[NewBan]:
+        """The bans started here since the last call, to be written to Redis."""
+        new, self._new = self._new, []
+        return new
+
+    def replace_bans(self, remote: Mapping[str, float], now: float, read_started: float) -> None:
+        """The farm's bans as read from Redis (source -> seconds left, ``math.inf``: no end),
+        read from ``read_started`` on: they replace the local copy, except the bans this
+        balancer started since (their write may not have been read back yet)."""
+        bans = {source: now + left for source, left in remote.items() if left > 0}
+        for source, started in list(self._own.items()):
+            if source in remote or started < read_started:
+                del self._own[source]  # written before the read began: Redis has the last word
+            else:
+                bans[source] = max(bans.get(source, 0.0), self._bans.get(source, 0.0))
+        self._bans = bans
+
+    def _ban(self, source: str, reason: str, now: float) -> None:
+        seconds = self.policy.ban_time
+        if self.banned(source, now):
+            return
+        self._bans[source] = now + seconds if seconds > 0 else math.inf
+        self._own[source] = now
+        self._new.append(NewBan(source, seconds, reason))
+        self.rates.forget(source)
+        self._count("ban_started")
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    @property
+    def bans_known(self) -> int:
+        return len(self._bans)
+
+    def count(self, reason: str) -> None:
+        """Count a decision taken elsewhere (the asyncio layer: ban_write_failed...)."""
+        self.stats[reason] = self.stats.get(reason, 0) + 1
+
+    _count = count
+
+    def _learn_exempt(self, source: str) -> bool:
+        try:
+            address = ipaddress.ip_address(source)
+        except ValueError:
+            exempt = False
+        else:
+            exempt = any(address in net for net in self._exempt_nets)
+        if len(self._exempt) >= _EXEMPT_CACHE_LIMIT:
+            self._exempt.clear()
+        self._exempt[source] = exempt
+        return exempt

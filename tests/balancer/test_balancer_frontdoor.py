@@ -1,0 +1,118 @@
+"""Sans-IO tests of the balancer's front door (:mod:`sipfarm.balancer.frontdoor`): rate limits,
+scanners, unserved domains and the local copy of the farm's bans, on a fake clock."""
+
+from __future__ import annotations
+
+import math
+
+from sipfarm.balancer.frontdoor import FrontDoor, FrontDoorPolicy
+from sipfarm.protect.pike import RateBudgets
+from sipfarm.sip.parser import parse_message
+from sipfarm.sip.uri import SipURI
+
+POLICY = FrontDoorPolicy(
+    budgets=RateBudgets(register=3, invite=2, other=5, suspect=2, window=1.0),
+    ban_time=60.0,
+    exempt=("10.9.0.0/16",),
+    domains=("farm.test",),
+)
+FLOODER = "198.51.100.2"
+PHONE = "198.51.100.3"
+
+
+def request(method: str = "REGISTER", uri: str = "sip:farm.test", agent: str | None = None, to_tag: str = "") -> bytes:
+    lines = [
+        f"{method} {uri} SIP/2.0",
+        "Via: SIP/2.0/UDP 198.51.100.2:5060;branch=z9hG4bK1",
+        "From: <sip:alice@farm.test>;tag=1",
+        f"To: <sip:alice@farm.test>{';tag=' + to_tag if to_tag else ''}",
+        "Call-ID: c1",
+        f"CSeq: 1 {method}",
+        "Max-Forwards: 70",
+    ]
+    if agent is not None:
+        lines.append(f"User-Agent: {agent}")
+    return ("\r\n".join(lines) + "\r\nContent-Length: 0\r\n\r\n").encode()
+
+
+def names_us(uri: SipURI) -> bool:
+    return uri.host == "192.0.2.10"
+
+
+def admitted(front: FrontDoor, data: bytes, source: str, now: float) -> bool:
+    return front.screen(data, source, now) and front.inspect(parse_message(data), source, names_us, now)
+
+
+def test_flooder_banned_phone_untouched():
+    front = FrontDoor(POLICY)
+    assert [front.screen(request(), FLOODER, 0.0) for _ in range(4)] == [True] * 3 + [False]
+    assert front.stats == {"rate_register": 1, "ban_started": 1}
+    ban = front.take_new_bans()
+    assert [(b.source, b.seconds, b.reason) for b in ban] == [(FLOODER, 60.0, "rate_register")]
+    assert front.take_new_bans() == []
+    # banned: anything from it is dropped unparsed (even a response, even garbage), counted
+    assert not front.screen(b"SIP/2.0 200 OK\r\n", FLOODER, 1.0)
+    assert not front.screen(b"\x00garbage", FLOODER, 59.0)
+    assert front.stats["banned"] == 2
+    assert front.screen(request(), PHONE, 1.0)
+    # the ban ends after ban_time; the source starts from a fresh budget
+    assert front.screen(request(), FLOODER, 60.5)
+
+
+def test_classes_have_their_own_budgets_and_responses_are_not_counted():
+    front = FrontDoor(POLICY)
+    for _ in range(50):
+        assert front.screen(b"SIP/2.0 200 OK\r\nCSeq: 1 INVITE\r\n", PHONE, 0.0)
+    assert [front.screen(request("INVITE"), PHONE, 0.0) for _ in range(3)] == [True, True, False]
+    assert front.stats["rate_invite"] == 1
+
+
+def test_exempt_networks_never_limited_nor_dropped():
+    front = FrontDoor(POLICY)
+    assert all(admitted(front, request(agent="friendly-scanner"), "10.9.1.1", 0.0) for _ in range(100))
+    assert front.stats == {}
+
+
+def test_scanner_agent_banned_at_once():
+    front = FrontDoor(POLICY)
+    data = request("OPTIONS", "sip:100@farm.test", agent="SIPVicious/0.3.8 Friendly-Scanner")
+    assert not admitted(front, data, FLOODER, 0.0)
+    assert front.stats == {"scanner": 1, "ban_started": 1}
+    assert [b.reason for b in front.take_new_bans()] == ["scanner"]
+    assert not front.screen(request(), FLOODER, 0.1)
+    assert admitted(front, request(agent="Linphone/5.1"), PHONE, 0.1)
+
+
+def test_unserved_domain_dropped_then_banned():
+    front = FrontDoor(POLICY)
+    assert admitted(front, request("INVITE", "sip:bob@FARM.test"), PHONE, 0.0)
+    assert admitted(front, request("OPTIONS", "sip:192.0.2.10:5060"), PHONE, 0.0)  # the balancer itself
+    # in a dialog (To tag): not checked, the dialog's own business
+    assert admitted(front, request("BYE", "sip:bob@203.0.113.9", to_tag="x"), PHONE, 0.0)
+    outcomes = [admitted(front, request("OPTIONS", "sip:100@evil.test"), FLOODER, 0.0) for _ in range(3)]
+    assert outcomes == [False, False, False]
+    assert front.stats["unknown_domain"] == 3
+    assert front.stats["rate_suspect"] == 1
+    assert front.banned(FLOODER, 0.1)
+
+
+def test_no_domains_no_domain_check():
+    front = FrontDoor(FrontDoorPolicy(domains=()))
+    assert all(admitted(front, request("INVITE", "sip:100@evil.test"), PHONE, 0.0) for _ in range(10))
+
+
+def test_bans_from_redis_replace_the_local_copy():
+    front = FrontDoor(POLICY)
+    front.replace_bans({PHONE: 30.0, "203.0.113.1": math.inf}, now=10.0, read_started=10.0)
+    assert not front.screen(request(), PHONE, 11.0)
+    assert not front.screen(request(), "203.0.113.1", 1e9)
+    assert front.bans_known == 2
+    # a ban started here after the read began survives the read (its write is not read back yet)
+    for _ in range(4):
+        front.screen(request(), FLOODER, 12.0)
+    front.replace_bans({}, now=12.1, read_started=11.9)
+    assert front.banned(FLOODER, 12.2)
+    assert not front.banned(PHONE, 12.2)  # lifted in Redis: lifted here
+    # once the next read began after it, Redis has the last word
+    front.replace_bans({}, now=13.0, read_started=12.5)
+    assert not front.banned(FLOODER, 13.0)
