@@ -7,6 +7,7 @@ import math
 
 from sipfarm.balancer.frontdoor import FrontDoor, FrontDoorPolicy
 from sipfarm.protect.pike import RateBudgets
+from sipfarm.sip.address import Address
 from sipfarm.sip.parser import parse_message
 from sipfarm.sip.uri import SipURI
 
@@ -116,3 +117,23 @@ def test_bans_from_redis_replace_the_local_copy():
     # once the next read began after it, Redis has the last word
     front.replace_bans({}, now=13.0, read_started=12.5)
     assert not front.banned(FLOODER, 13.0)
+
+
+def test_core_drops_a_scanner_from_a_client_never_from_a_node():
+    from test_balancer_unit import CLIENT, NODES, Harness, members  # noqa: PLC0415 - the core's harness
+    from test_balancer_unit import request as core_request  # noqa: PLC0415
+
+    h = Harness()
+    h.nodes.update_members(members())
+    front = FrontDoor(POLICY)
+    h.core.front = front
+    scan = core_request("OPTIONS", "sip:100@farm.test", extra="User-Agent: friendly-scanner\r\n")
+    assert h.feed(scan, CLIENT) == []  # dropped, nothing answered
+    assert front.stats == {"scanner": 1, "ban_started": 1}
+    assert [b.reason for b in front.take_new_bans()] == ["scanner"]
+    phone = core_request("OPTIONS", "sip:bob@farm.test", extra="User-Agent: Linphone\r\n")
+    assert len(h.feed(phone, Address("udp", "198.51.100.9", 5060))) == 1  # forwarded to a node
+    # a node's request is the farm's own: never inspected
+    from_node = core_request("OPTIONS", "sip:bob@evil.test", extra="User-Agent: sipvicious\r\n")
+    h.feed(from_node, NODES["node1"])
+    assert front.stats.get("scanner") == 1 and "unknown_domain" not in front.stats
