@@ -373,9 +373,7 @@ async def sync_bans(front: FrontDoor, redis: Redis, refresh: float) -> None:
     ``sipfarm ban`` use; every ``refresh`` seconds all bans are read back into the local copy,
     so bans started by other balancers or nodes (or lifted) apply here within that time."""
     from sipfarm.protect.bans import BALANCER_REASON, BanStore  # noqa: PLC0415
-    from sipfarm.protect.guard import ban_key, milliseconds  # noqa: PLC0415
     from sipfarm.store.errors import StoreError  # noqa: PLC0415
-    from sipfarm.store.redis_client import redis_errors  # noqa: PLC0415
 
     store = BanStore(redis)
     step = min(0.1, refresh)
@@ -384,11 +382,7 @@ async def sync_bans(front: FrontDoor, redis: Redis, refresh: float) -> None:
         for ban in front.take_new_bans():
             value = BALANCER_REASON + ban.reason.encode()
             try:
-                with redis_errors:
-                    if ban.seconds > 0:
-                        await redis.set(ban_key(ban.source), value, px=milliseconds(ban.seconds))
-                    else:
-                        await redis.set(ban_key(ban.source), value)
+                await store.add(ban.source, ban.seconds if ban.seconds > 0 else None, value)
             except StoreError as exc:  # Redis down: the local ban still holds
                 front.count("ban_write_failed")
                 log.warning("event=ban_write_failed source=%s error=%s", ban.source, str(exc).replace(" ", "_"))

@@ -8,18 +8,21 @@ that had cached it. Lifting a ban also forgets the source's counted failures.
 from __future__ import annotations
 
 import ipaddress
+import math
+import time
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
 from sipfarm.store.redis_client import redis_errors
 
-from .guard import BAN_PREFIX, ban_key, milliseconds, source_failures_key
+from .guard import BAN_INDEX, BAN_PREFIX, ban_key, milliseconds, source_failures_key
 
 __all__ = ["BALANCER_REASON", "BanEntry", "BanStore", "source_address"]
 
 MANUAL: bytes = b"manual"
 BALANCER_REASON: bytes = b"balancer:"  # value of a ban a balancer started: balancer:<reason>
+INDEX_GRACE = 60.0  # seconds an index entry outlives its ban's end (clocks of writers differ)
 
 
 def source_address(text: str) -> str:
@@ -42,11 +45,16 @@ class BanStore:
         self.redis = redis
 
     async def list(self) -> list[BanEntry]:
-        """Every current ban, by source address."""
+        """Every current ban, by source address: the index's sources (pruned of bans ended
+        more than a minute ago: the index's scores are wall clocks), then each ban key."""
         with redis_errors:
-            keys = [key async for key in self.redis.scan_iter(match=BAN_PREFIX.encode() + b"*", count=1000)]
-            if not keys:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zremrangebyscore(BAN_INDEX, "-inf", f"({(time.time() - INDEX_GRACE) * 1000:.0f}")
+                pipe.zrange(BAN_INDEX, 0, -1)
+                _, sources = await pipe.execute()
+            if not sources:
                 return []
+            keys = [BAN_PREFIX.encode() + s for s in sources]
             async with self.redis.pipeline(transaction=False) as pipe:
                 for key in keys:
                     pipe.get(key)
@@ -66,13 +74,18 @@ class BanStore:
             entries.append(BanEntry(source, None if pttl == -1 else pttl / 1000, reason))
         return sorted(entries, key=lambda e: _sort_key(e.source))
 
-    async def add(self, source: str, seconds: float | None) -> None:
-        """Ban ``source`` for ``seconds`` (None: until lifted), replacing any ban it has."""
+    async def add(self, source: str, seconds: float | None, reason: bytes = MANUAL) -> None:
+        """Ban ``source`` for ``seconds`` (None: until lifted), replacing any ban it has;
+        ``reason`` is what ``list`` shows (a balancer's: ``balancer:<why>``)."""
+        ends = math.inf if seconds is None else (time.time() + seconds) * 1000
         with redis_errors:
-            if seconds is None:
-                await self.redis.set(ban_key(source), MANUAL)
-            else:
-                await self.redis.set(ban_key(source), MANUAL, px=milliseconds(seconds))
+            async with self.redis.pipeline(transaction=True) as pipe:
+                if seconds is None:
+                    pipe.set(ban_key(source), reason)
+                else:
+                    pipe.set(ban_key(source), reason, px=milliseconds(seconds))
+                pipe.zadd(BAN_INDEX, {source: ends})
+                await pipe.execute()
 
     async def delete(self, source: str) -> bool:
         """Lift the ban of ``source`` and forget its failures; whether it was banned."""
@@ -80,7 +93,8 @@ class BanStore:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.delete(ban_key(source))
                 pipe.delete(source_failures_key(source))
-                banned, _ = await pipe.execute()
+                pipe.zrem(BAN_INDEX, source)
+                banned, _, _ = await pipe.execute()
         return bool(banned)
 
 

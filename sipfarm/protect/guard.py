@@ -56,6 +56,7 @@ from sipfarm.store.errors import StoreError
 from .local_bans import LocalBans
 
 __all__ = [
+    "BAN_INDEX",
     "DEFAULT_POLICY",
     "KEY_PREFIX",
     "Admission",
@@ -74,6 +75,10 @@ log = logging.getLogger("sipfarm.protect")
 
 KEY_PREFIX: Final = "sipfarm:protect:"
 BAN_PREFIX: Final = KEY_PREFIX + "ban:"
+#: zset of banned sources -> when the ban ends (unix ms; +inf: until lifted): what lists the
+#: bans (`sipfarm ban list`, the balancers' refresh each half second) reads instead of a SCAN
+#: of the whole keyspace; the ban keys stay the truth (an index entry outliving its key is skipped)
+BAN_INDEX: Final = KEY_PREFIX + "bans"
 SOURCE_FAILURES_PREFIX: Final = KEY_PREFIX + "fail:src:"
 ACCOUNT_FAILURES_PREFIX: Final = KEY_PREFIX + "fail:acct:"
 NONCE_PREFIX: Final = KEY_PREFIX + "nonce:"

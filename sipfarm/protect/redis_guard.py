@@ -39,6 +39,7 @@ from sipfarm.store.errors import StoreError, StoreUnavailable
 from sipfarm.store.resp import RedisPipe, Reply
 
 from .guard import (
+    BAN_INDEX,
     DEFAULT_POLICY,
     Admission,
     FailureOutcome,
@@ -153,11 +154,13 @@ class RedisGuard:
             partial(self._failure_counted, source_ip, account, started, done),
             command,
             script,
-            3,
+            4,
             source_failures_key(source_ip),
             account_failures_key(account),
             ban_key(source_ip),
+            BAN_INDEX,
             *self._failure_args,
+            source_ip,
         )
 
     def _failure_counted(
