@@ -1,8 +1,9 @@
 """`sipfarm up --config examples/routing.toml`: the shipped example, loaded as is, routes a call
 from alice to +15551234 to the gateway on 127.0.0.1:15090, a call to an unknown user of
-farm.test to the voicemail on 127.0.0.1:15091 (SIPp UAS processes stand in for both), and a call to sales@farm.test to alice's and
-bob's phones at once.  Then `sipfarm reload` with a changed file changes the routing on the
-running nodes, and a broken file is refused with the old table kept."""
+farm.test to the voicemail on 127.0.0.1:15091 (SIPp UAS processes stand in for both), and a
+call to sales@farm.test to alice's and bob's phones at once.  Then `sipfarm reload` with a
+changed file changes the routing on the running nodes, and a broken file is refused with the
+old table kept."""
 
 from __future__ import annotations
 
