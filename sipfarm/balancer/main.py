@@ -127,7 +127,6 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
     from sipfarm.balancer.groups import parse_rules  # noqa: PLC0415
     from sipfarm.balancer.keepalive import RegisteredFlows  # noqa: PLC0415
     from sipfarm.balancer.nodes import NodeSet  # noqa: PLC0415
-    from sipfarm.balancer.screened import ScreenedTransports  # noqa: PLC0415
     from sipfarm.cluster.heartbeat import start_heartbeat  # noqa: PLC0415
     from sipfarm.cluster.membership import Member, MembershipStore, Role  # noqa: PLC0415
     from sipfarm.cluster.watcher import MemberWatcher  # noqa: PLC0415
@@ -138,6 +137,7 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
     from sipfarm.store.redis_client import create_redis  # noqa: PLC0415
     from sipfarm.transport.config import TransportConfig  # noqa: PLC0415
     from sipfarm.transport.destinations import DestinationPolicy  # noqa: PLC0415
+    from sipfarm.transport.manager import TransportManager  # noqa: PLC0415
     from sipfarm.transport.tls import server_context  # noqa: PLC0415
 
     loop = asyncio.get_running_loop()
@@ -152,7 +152,7 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
     def on_message(msg: object, source: Address, local: Address) -> None:
         holder[0].on_message(msg, source, local)  # type: ignore[arg-type]
 
-    transports = ScreenedTransports(
+    transports = TransportManager(
         on_message,
         config=TransportConfig(udp_recv_buffer=cfg.udp_recv_buffer, idle_timeout=cfg.stream_idle_timeout),
     )

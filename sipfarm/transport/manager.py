@@ -95,6 +95,9 @@ class TransportManager:
         # told the source of every keep-alive the transport consumes itself (a STUN Binding
         # request or a CRLF on UDP): traffic from that flow that never reaches ``on_message``
         self.on_keepalive: Callable[[Address], None] | None = None
+        # checked before parsing: False drops the message unparsed and unanswered (the
+        # balancer's front door: a banned or flooding source costs a dict look-up or two)
+        self.screen: Callable[[bytes, Address], bool] | None = None
         self.config = config if config is not None else TransportConfig()
         self.stats = stats if stats is not None else TransportStats()
         self._tls_client_context = tls_client_context
@@ -174,6 +177,9 @@ class TransportManager:
 
     def deliver(self, data: bytes, source: Address, local: Address) -> None:
         """Parse one message from ``source`` and hand it to the callback. Never raises."""
+        screen = self.screen
+        if screen is not None and not screen(data, source):
+            return
         try:
             msg = parse_message(data, max_size=self._max_size)
             if self._stamp and msg.status == 0:

@@ -46,7 +46,8 @@ def flow_failures(port: int) -> float:
 def test_a_call_to_a_tcp_phone_whose_connection_closed_gets_430_within_a_second(redis_url, accounts, start_node):
     metrics_port = free_udp_tcp_port()
     node = start_node(redis_url, extra=["--metrics", f"127.0.0.1:{metrics_port}"])
-    bob = TcpPhone(node.address, "bob", accounts["bob"], contact_port=5060)
+    # bob's port outside the ephemeral range: nothing else takes it once bob's connection is reset
+    bob = TcpPhone(node.address, "bob", accounts["bob"], contact_port=5060, local_port=free_udp_tcp_port())
     caller = SipClient()
     nat = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
