@@ -875,6 +875,13 @@ class Agent:
         self.account.setRegistration(False)
         return {}
 
+    def cmd_reregister(self, cmd: JsonObject) -> JsonObject:
+        """Refresh the registration now (as at its expiry); the outcome comes as reg_state."""
+        if self.account is None:
+            raise AgentError("no account")
+        self.account.setRegistration(True)
+        return {}
+
     def cmd_auto_answer(self, cmd: JsonObject) -> JsonObject:
         enabled = bool(cmd.get("enabled", True))
         self.auto_answer_code = int(cmd.get("code", 200)) if enabled else None

@@ -246,6 +246,13 @@ class Softphone:
         event = self.wait_for(lambda e: e["event"] == "reg_state" and e["code"] >= 200, timeout, since)
         return int(event["code"])
 
+    def reregister(self, timeout: float = DEFAULT_TIMEOUT_S) -> int:
+        """Refresh the registration now; the final status code of the refresh."""
+        since = self.mark()
+        self.command("reregister")
+        event = self.wait_for(lambda e: e["event"] == "reg_state" and e["code"] >= 200, timeout, since)
+        return int(event["code"])
+
     def auto_answer(self, enabled: bool = True, code: int = 200) -> None:
         self.command("auto_answer", enabled=enabled, code=code)
 
