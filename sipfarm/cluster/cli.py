@@ -13,6 +13,7 @@ import os
 import sys
 import time
 
+from sipfarm.protect.bans import BanStore
 from sipfarm.store.errors import StoreError
 from sipfarm.store.redis_client import create_redis
 
@@ -44,7 +45,7 @@ async def _run(args: argparse.Namespace) -> int:
     store = MembershipStore(redis)
     try:
         if args.command == "status":
-            return await _status(store, as_json=bool(getattr(args, "json", False)))
+            return await _status(store, BanStore(redis), as_json=bool(getattr(args, "json", False)))
         if args.command == "drain":
             return await _drain(store, str(args.node_id), undo=bool(getattr(args, "undo", False)))
         print(f"sipfarm: unknown cluster command {args.command!r}", file=sys.stderr)
@@ -56,11 +57,11 @@ async def _run(args: argparse.Namespace) -> int:
         await redis.aclose()
 
 
-async def _status(store: MembershipStore, *, as_json: bool) -> int:
+async def _status(store: MembershipStore, bans: BanStore, *, as_json: bool) -> int:
     members = await store.members()
     flags = await store.drain_flags(m.id for m in members)
     render = render_json if as_json else render_table
-    sys.stdout.write(render(members, now=time.time(), drain_flags=flags))
+    sys.stdout.write(render(members, now=time.time(), drain_flags=flags, bans=await bans.list()))
     if as_json:
         sys.stdout.write("\n")
     return 0

@@ -1,13 +1,17 @@
-"""``sipfarm status``: the member table as plain text and as JSON. Formatting only, no I/O:
-the CLI fetches ``MembershipStore.members()`` (and ``drain_flags``) and passes them here."""
+"""``sipfarm status``: the member table and the farm's bans as plain text and as JSON. Formatting
+only, no I/O: the CLI fetches ``MembershipStore.members()`` (and ``drain_flags``, and
+``BanStore.list()``) and passes them here."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .membership import Member, MemberState, Role
+
+if TYPE_CHECKING:
+    from sipfarm.protect.bans import BanEntry
 
 __all__ = ["format_age", "render_json", "render_table", "status_rows"]
 
@@ -66,15 +70,39 @@ def status_rows(
     ]
 
 
-def render_json(members: Sequence[Member], *, now: float, drain_flags: Mapping[str, bool] | None = None) -> str:
-    return json.dumps({"now": now, "members": status_rows(members, now=now, drain_flags=drain_flags)}, indent=2)
+def render_json(
+    members: Sequence[Member],
+    *,
+    now: float,
+    drain_flags: Mapping[str, bool] | None = None,
+    bans: Sequence[BanEntry] = (),
+) -> str:
+    document = {
+        "now": now,
+        "members": status_rows(members, now=now, drain_flags=drain_flags),
+        "bans": [{"source": b.source, "seconds_left": b.seconds_left, "reason": b.reason} for b in bans],
+    }
+    return json.dumps(document, indent=2)
 
 
-def render_table(members: Sequence[Member], *, now: float, drain_flags: Mapping[str, bool] | None = None) -> str:
+#: bans listed by ``sipfarm status`` (all of them: ``sipfarm ban list``)
+BANS_SHOWN = 10
+
+
+def render_table(
+    members: Sequence[Member],
+    *,
+    now: float,
+    drain_flags: Mapping[str, bool] | None = None,
+    bans: Sequence[BanEntry] = (),
+) -> str:
     """A fixed-width table, one member a line, then a totals line; then, if there are relays,
-    a second table of their media figures (sessions, free ports, packets/s)."""
+    a second table of their media figures (sessions, free ports, packets/s); then the farm's
+    bans (how many, and the first few with time left and reason)."""
     if not members:
-        return "no members (is the farm running, and is this the right Redis?)\n"
+        return "no members (is the farm running, and is this the right Redis?)\n" + "".join(
+            line + "\n" for line in _ban_lines(bans)
+        )
     rows: list[tuple[str, ...]] = []
     for r in status_rows(members, now=now, drain_flags=drain_flags):
         addresses = ",".join(r["addresses"]) or "-"
@@ -118,7 +146,20 @@ def render_table(members: Sequence[Member], *, now: float, drain_flags: Mapping[
     if relays:
         out.append("")
         out.extend(_relay_table(relays))
+    out.extend(_ban_lines(bans))
     return "\n".join(out) + "\n"
+
+
+def _ban_lines(bans: Sequence[BanEntry]) -> list[str]:
+    if not bans:
+        return []
+    lines = ["", f"{len(bans)} source{'s' if len(bans) != 1 else ''} banned:"]
+    for entry in bans[:BANS_SHOWN]:
+        left = "until lifted" if entry.seconds_left is None else f"{format_age(entry.seconds_left)} left"
+        lines.append(f"  {entry.source}  {left}  {entry.reason}")
+    if len(bans) > BANS_SHOWN:
+        lines.append(f"  ... and {len(bans) - BANS_SHOWN} more (sipfarm ban list)")
+    return lines
 
 
 _RELAY_COLUMNS = ("RELAY", "SESSIONS", "FREE_PORTS", "PACKETS/S")

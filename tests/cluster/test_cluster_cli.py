@@ -40,6 +40,16 @@ async def _has(store: MembershipStore, member_id: str) -> bool:
     return any(m.id == member_id for m in await store.members())
 
 
+def test_status_shows_the_farms_bans(redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ban", "add", "192.0.2.7", "--seconds", "300", "--redis", redis_url]) == 0
+    capsys.readouterr()
+    assert main(["status", "--redis", redis_url]) == 0
+    out = capsys.readouterr().out
+    assert "1 source banned:" in out and "192.0.2.7" in out and "manual" in out
+    assert main(["status", "--json", "--redis", redis_url]) == 0
+    assert [b["source"] for b in json.loads(capsys.readouterr().out)["bans"]] == ["192.0.2.7"]
+
+
 def test_drain_unknown_member_fails_and_leaves_no_flag(redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["drain", "nobody", "--redis", redis_url]) == 1
     assert "no live member 'nobody'" in capsys.readouterr().err

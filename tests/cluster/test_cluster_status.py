@@ -7,7 +7,8 @@ import json
 from cluster_support import node, relay
 
 from sipfarm.cluster import Member, MemberState, Role, render_json, render_table
-from sipfarm.cluster.status import format_age
+from sipfarm.cluster.status import BANS_SHOWN, format_age
+from sipfarm.protect.bans import BanEntry
 
 NOW = 1_700_000_000.0
 
@@ -62,3 +63,19 @@ def test_format_age() -> None:
     assert [format_age(s) for s in (0, 59.9, 60, 3599, 3600, 86399, 86400 * 3 + 7200)] == [
         "0s", "59s", "1m00s", "59m59s", "1h00m", "23h59m", "3d02h",
     ]  # fmt: skip
+
+
+def test_bans_follow_the_members() -> None:
+    bans = [BanEntry(f"203.0.113.{n}", 600.0 - n, "balancer:rate_register") for n in range(12)]
+    bans.append(BanEntry("2001:db8::1", None, "manual"))
+    text = render_table(farm(), now=NOW, bans=bans)
+    lines = text.splitlines()
+    start = lines.index("13 sources banned:")
+    assert lines[start + 1].split() == ["203.0.113.0", "10m00s", "left", "balancer:rate_register"]
+    assert len(lines) - start - 1 == BANS_SHOWN + 1 and lines[-1] == "  ... and 3 more (sipfarm ban list)"
+    assert "banned" not in render_table(farm(), now=NOW)  # no bans: no section
+    assert "1 source banned:" in render_table([], now=NOW, bans=bans[-1:])  # even with no member
+    assert "until lifted" in render_table([], now=NOW, bans=bans[-1:])
+    data = json.loads(render_json(farm(), now=NOW, bans=bans))
+    assert data["bans"][-1] == {"source": "2001:db8::1", "seconds_left": None, "reason": "manual"}
+    assert len(data["bans"]) == 13
