@@ -14,14 +14,12 @@ the sources of this test are other loopback "hosts", not exempt here.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import shutil
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,33 +33,15 @@ from fixtures.farm import (
     free_udp_tcp_port,
     wait_nodes_usable,
 )
+from fixtures.protect import bans, protect_metrics
 
 from benchmarks.sipp import find_sipp
-from sipfarm.protect.bans import BanStore
-from sipfarm.store import create_redis
 
 SCENARIO = Path(__file__).resolve().parent / "scenarios" / "register_flood.xml"
 FLOODER, PHONE, BYSTANDER, SVMAP_SOURCE = (f"127.0.0.{n}" for n in (2, 3, 4, 5))
 SVWAR_SOURCE = "127.0.0.1"  # where svwar 0.3.8 sends from, whatever its -b says
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def bans(redis_url: str) -> dict[str, str]:
-    async def read() -> dict[str, str]:
-        redis = create_redis(redis_url)
-        try:
-            return {e.source: e.reason for e in await BanStore(redis).list()}
-        finally:
-            await redis.aclose()
-
-    return asyncio.run(read())
-
-
-def protect_metrics(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as page:
-        text = page.read().decode()
-    return {m[1]: float(m[2]) for m in re.finditer(r'sipfarm_balancer_protect_total\{reason="(\w+)"\} (\S+)', text)}
 
 
 @pytest.fixture

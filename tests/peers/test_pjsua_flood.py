@@ -15,24 +15,20 @@ loopback), register, alice refreshes her registration every second, and alice ca
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import re
 import shutil
 import subprocess
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from fixtures.farm import DOMAIN, BalancerProcess, NodeProcess, free_udp_tcp_port, wait_nodes_usable
+from fixtures.protect import bans, protect_metrics
 
 from benchmarks.sipp import find_sipp
-from sipfarm.protect.bans import BanStore
-from sipfarm.store import create_redis
 
 from .netns import skip_reason
 from .softphone import Softphone
@@ -84,23 +80,6 @@ def flood_farm(redis_url, accounts, start_node, start_balancer, monkeypatch) -> 
     return FloodFarm(node, balancer, metrics_port, dict(accounts), redis_url)
 
 
-def ban_reason(redis_url: str, source: str) -> str | None:
-    async def read() -> str | None:
-        redis = create_redis(redis_url)
-        try:
-            return next((e.reason for e in await BanStore(redis).list() if e.source == source), None)
-        finally:
-            await redis.aclose()
-
-    return asyncio.run(read())
-
-
-def protect_metrics(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as page:
-        text = page.read().decode()
-    return {m[1]: float(m[2]) for m in re.finditer(r'sipfarm_balancer_protect_total\{reason="(\w+)"\} (\S+)', text)}
-
-
 @contextlib.contextmanager
 def flood(farm: FloodFarm, tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
     procs = []
@@ -138,7 +117,7 @@ def test_flooder_banned_while_softphones_register_and_talk(flood_farm: FloodFarm
 
         def watch() -> None:  # the ban in Redis, looked for every 50 ms
             while time.monotonic() - started < 5 and not banned:
-                if ban_reason(farm.redis_url, FLOODER) is not None:
+                if FLOODER in bans(farm.redis_url):
                     banned.append(time.monotonic() - started)
                 time.sleep(0.05)
 
@@ -162,7 +141,7 @@ def test_flooder_banned_while_softphones_register_and_talk(flood_farm: FloodFarm
 
         assert banned and banned[0] < BANNED_WITHIN_S, (banned, farm.logs())
         banned_after = banned[0]
-        assert ban_reason(farm.redis_url, FLOODER) in ("balancer:rate_register", "balancer:rate_other")
+        assert bans(farm.redis_url).get(FLOODER) in ("balancer:rate_register", "balancer:rate_other")
         assert len(register_times) >= 12 and max(register_times) < REGISTER_WITHIN_S, register_times
         assert call is not None and heard is not None
         assert_tone(heard[0], BOB_HZ, "alice")
