@@ -345,10 +345,42 @@ class BalancerConfig:
     )  # fmt: skip
     exempt: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     domains: list[str] = field(default_factory=list)
+    # Connection limits (TCP, TLS, WS and WSS together; each worker process counts its own).
+    # At most max_connections open, and max_connections_per_source from one IP address (0: no
+    # per-source limit; sources in exempt are not limited): over either, a new connection is
+    # closed at accept, before its TLS handshake, and a WebSocket upgrade is answered 503.
+    # 64 lets an office of phones behind one NAT address connect. A TLS handshake must finish
+    # within handshake_timeout seconds, and so must a WebSocket's HTTP upgrade (wss: each);
+    # a connection must then send its first byte within first_message_timeout seconds, and
+    # every message must be complete message_timeout seconds after its first byte (a slow,
+    # drip-feeding sender is closed). Counted in sipfarm_balancer_connections_refused_total.
+    max_connections: int = 10_000
+    max_connections_per_source: int = 64
+    handshake_timeout: float = 5.0
+    first_message_timeout: float = 10.0
+    message_timeout: float = 10.0
+    # WebSocket Origin (RFC 6455 10.2). Browsers always send the page's origin: a ws/wss
+    # listener facing the Internet should list its web phones' origins, e.g.
+    # ["https://phone.example.com", "https://*.example.net"] (*. matches any subdomain);
+    # any other origin is answered 403. Empty: any origin. Requests without Origin (SIP over
+    # WebSocket clients outside browsers) are served unless ws_require_origin = true.
+    ws_origins: list[str] = field(default_factory=list)
+    ws_require_origin: bool = False
 
     def validate(self) -> None:
         if not self.listen:
             raise ConfigError("listen: at least one listener is required")
+        _check_range("max_connections", self.max_connections, 1, 10_000_000)
+        _check_range("max_connections_per_source", self.max_connections_per_source, 0, 10_000_000)
+        _check_range("handshake_timeout", self.handshake_timeout, 0.05, 600)
+        _check_range("first_message_timeout", self.first_message_timeout, 0.05, 3600)
+        _check_range("message_timeout", self.message_timeout, 0.05, 3600)
+        from sipfarm.balancer.origins import OriginPolicy  # noqa: PLC0415 - config stays light
+
+        try:
+            OriginPolicy(self.ws_origins)
+        except ValueError as exc:
+            raise ConfigError(f"ws_origins: {exc}") from None
         _check_destinations(self.internal_networks, self.allow_destinations)
         for key in ("rate_register", "rate_invite", "rate_other", "rate_suspect"):
             _check_range(key, getattr(self, key), 0, 10_000_000)

@@ -203,6 +203,22 @@ class BalancerMetrics:
                 registry=r,
             )
         )
+        # connection limits and handshakes (sipfarm/transport/manager.py, balancer/websocket.py):
+        # per_source and total (over max_connections_per_source / max_connections: closed at
+        # accept, WebSocket answered 503), origin (WebSocket Origin not allowed: 403),
+        # handshake_timeout (TLS handshake or WebSocket upgrade not done in time),
+        # handshake_failed (TLS error), silent (no byte within first_message_timeout)
+        self.connections_refused = LabelCache(
+            Counter(
+                "sipfarm_balancer_connections_refused_total",
+                "Client connections refused or closed before their first message, by reason",
+                ["reason"],
+                registry=r,
+            )
+        )
+        self.connections_open = _gauge(
+            "sipfarm_balancer_connections_open", "Open client connections (TCP, TLS, WebSocket)", r
+        )
         self.bans_known = _gauge("sipfarm_balancer_bans_known", "Banned sources in the local copy of the bans", r)
         self.probe_rtt = Histogram(
             "sipfarm_balancer_probe_rtt_seconds",

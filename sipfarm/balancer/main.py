@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import logging
 import math
 import os
@@ -13,6 +14,7 @@ import secrets
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sipfarm import __version__
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
 
     from sipfarm.balancer.frontdoor import FrontDoor, FrontDoorPolicy
     from sipfarm.balancer.keepalive import FlowGone
+    from sipfarm.transport.config import TransportConfig
 
 log = logging.getLogger("sipfarm.balancer")
 
@@ -45,6 +48,7 @@ def run_balancer(args: argparse.Namespace) -> int:
         "log_level": getattr(args, "log_level", None),
         "log_format": getattr(args, "log_format", None),
         "workers": getattr(args, "workers", None),
+        "ws_origins": getattr(args, "ws_origin", None),
     }
     try:
         cfg = load(BalancerConfig, args.config, flags, section="balancer")
@@ -83,6 +87,8 @@ def run_balancer(args: argparse.Namespace) -> int:
                 argv += [flag, value]
         for spec in cfg.listen:
             argv += ["--listen", spec]
+        for origin in getattr(args, "ws_origin", None) or ():
+            argv += ["--ws-origin", origin]
         return supervise(argv, cfg.workers, cfg.metrics)
     if worker_index is not None:
         from sipfarm.workers import die_with_supervisor  # noqa: PLC0415
@@ -135,7 +141,6 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
     from sipfarm.store.errors import StoreError  # noqa: PLC0415
     from sipfarm.store.location import LocationStore  # noqa: PLC0415
     from sipfarm.store.redis_client import create_redis  # noqa: PLC0415
-    from sipfarm.transport.config import TransportConfig  # noqa: PLC0415
     from sipfarm.transport.destinations import DestinationPolicy  # noqa: PLC0415
     from sipfarm.transport.manager import TransportManager  # noqa: PLC0415
     from sipfarm.transport.tls import server_context  # noqa: PLC0415
@@ -152,10 +157,8 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
     def on_message(msg: object, source: Address, local: Address) -> None:
         holder[0].on_message(msg, source, local)  # type: ignore[arg-type]
 
-    transports = TransportManager(
-        on_message,
-        config=TransportConfig(udp_recv_buffer=cfg.udp_recv_buffer, idle_timeout=cfg.stream_idle_timeout),
-    )
+    transports = TransportManager(on_message, config=transport_config(cfg))
+    transports.limit_exempt = source_matcher(cfg.exempt)
     front = FrontDoor(front_door_policy(cfg)) if cfg.protect else None
     if front is not None:
         screen_source = front.screen
@@ -173,6 +176,9 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
     registrations = RegisteredFlows(interval=cfg.keepalive_interval, failures=cfg.keepalive_failures)
     transports.on_keepalive = registrations.heard  # STUN and CRLF never reach the core
     ssl_ctx = server_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
+    from sipfarm.balancer.origins import OriginPolicy  # noqa: PLC0415
+
+    origins = OriginPolicy(cfg.ws_origins, require=cfg.ws_require_origin)
     public: dict[str, Address] = {}
     ws_servers: list[Any] = []
     for spec in cfg.listen:
@@ -181,7 +187,7 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
             from sipfarm.balancer.websocket import listen_websocket  # noqa: PLC0415
 
             bound, ws_server = await listen_websocket(
-                transports, addr, ssl_ctx if addr.transport == "wss" else None, reuse_port=multi
+                transports, addr, ssl_ctx if addr.transport == "wss" else None, reuse_port=multi, origins=origins
             )
             ws_servers.append(ws_server)
         else:
@@ -296,6 +302,7 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
     sync_protect = sync_counters(lambda: dict(front.stats) if front is not None else {}, metrics.protect)
     sync = sync_counters(lambda: {**core.stats.flat(), **transports.stats.flat()}, metrics.events)
     sync_keepalives = sync_counters(registrations.stats.flat, metrics.keepalives)
+    sync_refused = sync_counters(lambda: dict(transports.stats.refused), metrics.connections_refused)
     sync_groups = sync_counters(lambda: dict(core.stats.group_unavailable), metrics.group_unavailable)
     pinned_groups = sorted(core.groups.groups) if core.groups is not None else []
     tune_gc()
@@ -320,6 +327,8 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
             if ticks % 4 == 0:
                 sync()
                 sync_keepalives()
+                sync_refused()
+                metrics.connections_open.set(transports.open_connections)
                 metrics.keepalive_flows.set(len(registrations.flows))
                 metrics.nodes_usable.set(nodes.usable_count)
                 metrics.nodes_known.set(len(nodes.nodes))
@@ -345,6 +354,36 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
                 close()
         await transports.close()
         await redis.aclose()
+
+
+def transport_config(cfg: BalancerConfig) -> TransportConfig:
+    """The client-facing transports' limits from the ``[balancer]`` settings."""
+    from sipfarm.transport.config import TransportConfig  # noqa: PLC0415
+
+    return TransportConfig(
+        udp_recv_buffer=cfg.udp_recv_buffer,
+        idle_timeout=cfg.stream_idle_timeout,
+        max_connections=cfg.max_connections,
+        max_connections_per_source=cfg.max_connections_per_source or None,
+        tls_handshake_timeout=cfg.handshake_timeout,
+        ws_open_timeout=cfg.handshake_timeout,
+        first_message_timeout=cfg.first_message_timeout,
+        message_timeout=cfg.message_timeout,
+    )
+
+
+def source_matcher(networks: list[str]) -> Callable[[str], bool]:
+    """Whether an IP address string is in one of ``networks`` (validated CIDR strings)."""
+    nets = [ipaddress.ip_network(n, strict=False) for n in networks]
+
+    def matches(host: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(ip in net for net in nets)
+
+    return matches
 
 
 def front_door_policy(cfg: BalancerConfig) -> FrontDoorPolicy:

@@ -6,14 +6,23 @@ other transport via :meth:`TransportManager.deliver`.  The connection is registe
 under the client's (transport, address), so responses and requests for that client find it
 exactly as they find a TCP connection.  The ``sip`` subprotocol is negotiated (RFC 7118 4).
 
-WebSocket connections count towards the transport's ``max_connections`` with TCP/TLS ones:
-over it, the HTTP upgrade is answered 503; a handshake that raced past that check is closed
-(1013, try again later) when its flow would be registered.
+WebSocket connections count towards the transport's ``max_connections`` and
+``max_connections_per_source`` with TCP/TLS ones, from the TCP accept (the TLS handshake of
+wss comes first: the library runs it) until the connection is gone: over a limit, the HTTP
+upgrade is answered 503.  The upgrade must arrive within ``ws_open_timeout``.
+
+Origin (RFC 6455 10.2): browsers send the page's origin with every upgrade, so a listener
+facing the Internet should name the origins of its web phones (``origins``): any other is
+answered 403, so a page elsewhere cannot use a visitor's browser against the farm.  An entry
+``https://*.example.net`` matches any subdomain.  Non-browser SIP-over-WebSocket clients send
+no Origin and are served unless ``require_origin``.  Refusals are counted by reason in the
+transport's ``refused`` stats (per_source, total, origin, handshake_timeout).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 from collections import deque
@@ -23,6 +32,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from sipfarm.balancer.origins import OriginPolicy
 from sipfarm.sip.address import Address
 from sipfarm.transport.manager import TransportManager
 
@@ -34,6 +44,33 @@ MAX_PENDING_SENDS = 256
 # registration says).  There is no idle timeout on WebSockets (compare TransportConfig).
 PING_INTERVAL = 30.0
 PING_TIMEOUT = 30.0
+
+
+class AdmittedConnection(ServerConnection):
+    """A WebSocket connection counted against the transport's connection limits from the
+    TCP accept until it is gone (``TransportManager.admit``/``release``)."""
+
+    def __init__(self, *args: Any, manager: TransportManager, open_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.manager = manager
+        self.open_timeout = open_timeout
+        self.refused: str | None = None  # the limit it is over: answered 503 at the upgrade
+        self.accepted_at = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.accepted_at = self.loop.time()
+        peer = transport.get_extra_info("peername")
+        host = str(peer[0]) if peer else ""
+        self.refused = self.manager.admit(self, host)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.manager.release(self)
+        # no complete HTTP upgrade request in open_timeout (not a client that left early)
+        late = self.loop.time() - self.accepted_at >= self.open_timeout * 0.9
+        if self.refused is None and self.request is None and late:
+            self.manager.count_refused("handshake_timeout")
 
 
 class WebSocketFlow:
@@ -94,11 +131,19 @@ class WebSocketFlow:
 
 
 async def listen_websocket(
-    manager: TransportManager, where: Address, ssl_context: ssl.SSLContext | None, *, reuse_port: bool = False
+    manager: TransportManager,
+    where: Address,
+    ssl_context: ssl.SSLContext | None,
+    *,
+    reuse_port: bool = False,
+    origins: OriginPolicy | None = None,
 ) -> tuple[Address, Server]:
-    """Listen for SIP over ws (or wss with ``ssl_context``); returns the bound address."""
+    """Listen for SIP over ws (or wss with ``ssl_context``); returns the bound address.
+    ``origins``: the Origin check (default: any origin, or none)."""
     transport = "wss" if ssl_context is not None else "ws"
     local = Address(transport, where.host, where.port)
+    policy = origins if origins is not None else OriginPolicy()
+    open_timeout = manager.config.ws_open_timeout
 
     async def handler(connection: ServerConnection) -> None:
         peer: Any = connection.remote_address
@@ -106,7 +151,7 @@ async def listen_websocket(
         if connection.subprotocol != "sip":
             log.debug("event=ws_without_sip_subprotocol remote=%s", remote)
         flow = WebSocketFlow(connection, remote)
-        if not manager.adopt_flow(remote, flow):
+        if not manager.adopt_flow(remote, flow, connection):
             flow._closing = True
             await connection.close(1013, "too many connections")
             return
@@ -119,12 +164,17 @@ async def listen_websocket(
         finally:
             flow._closing = True
             flow._wake.set()
-            manager.drop_flow(remote, flow)
+            manager.drop_flow(remote, flow, connection)
 
-    def admit(connection: ServerConnection, _request: Request) -> Response | None:
-        if manager.at_connection_limit:
-            manager.stats.connections_refused += 1
-            return connection.respond(503, "Too many connections\n")
+    def admit(connection: ServerConnection, request: Request) -> Response | None:
+        if isinstance(connection, AdmittedConnection) and connection.refused is not None:
+            return connection.respond(503, "Too many connections\n")  # counted by admit
+        values = request.headers.get_all("Origin")
+        origin = values[0] if len(values) == 1 else None
+        if len(values) > 1 or not policy.allows(origin):
+            manager.count_refused("origin")
+            log.debug("event=ws_origin_refused origin=%r", origin)
+            return connection.respond(403, "Origin not allowed\n")
         return None
 
     server = await serve(
@@ -132,6 +182,10 @@ async def listen_websocket(
         where.host,
         where.port,
         process_request=admit,
+        create_connection=functools.partial(  # type: ignore[arg-type]
+            AdmittedConnection, manager=manager, open_timeout=open_timeout
+        ),
+        open_timeout=open_timeout,
         ssl=ssl_context,
         subprotocols=["sip"],  # type: ignore[list-item]
         max_size=manager.config.max_message_size,

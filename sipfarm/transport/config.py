@@ -21,9 +21,22 @@ class TransportConfig:
     # A stream message must be complete this long after its first byte arrived; a peer that
     # stalls (or drips, slowloris-style) mid-message is closed.
     message_timeout: float = 10.0
+    # An inbound stream connection must send its first byte (a message or a CRLFCRLF ping)
+    # this long after it was accepted (TCP) or its TLS handshake completed; a silent one is
+    # closed and counted (``refused["silent"]``) instead of holding a slot for idle_timeout.
+    first_message_timeout: float = 10.0
     connect_timeout: float = 5.0
+    # The TLS handshake of an inbound or outbound connection (counted as ``handshake_timeout``
+    # when an inbound one does not finish in time), and the HTTP upgrade of a WebSocket
+    # (the ``websockets`` library's open_timeout; for wss it bounds the TLS handshake too).
     tls_handshake_timeout: float = 5.0
+    ws_open_timeout: float = 10.0
+    # Open connections (inbound from accept, handshakes included, and outbound), and inbound
+    # ones from one source IP address (None: no such limit; ``limit_exempt`` of the manager
+    # names sources it does not apply to).  Over either, a new connection is closed at
+    # accept, before any TLS handshake; a WebSocket upgrade is answered 503.
     max_connections: int = 10_000
+    max_connections_per_source: int | None = None
     # Above ``write_buffer_high`` bytes unsent to a stream peer, stop reading from it (it does
     # not read our answers); above ``write_buffer_limit`` close it.
     write_buffer_high: int = 64 * 1024

@@ -18,6 +18,14 @@ flow to ``dest`` -- the connection a peer opened to us is keyed by its address, 
 the source of a request reuses it (RFC 3261 18.2.2) -- or a new outbound connection, with the
 data queued (bounded) until it is up.
 
+Connection limits: every connection counts towards ``max_connections`` from the moment it is
+accepted (or dialled) until it is gone, and an inbound one towards its source address's
+``max_connections_per_source`` too (``admit``/``release``, one entry per connection object,
+so a connection closed in any way frees its slot exactly once).  A TLS listener is our own
+accept loop (``_accept_tls``): a source over its limit is closed before its handshake costs
+anything, and the handshake (``connect_accepted_socket``, bounded by
+``tls_handshake_timeout``) holds its slot; one that fails or does not finish is counted.
+
 Responses: ``send(data, dest, connect=False)``.  An element never opens a connection to send a
 response: it goes over the flow its request came in on, and when that flow is gone the
 response is dropped and counted (``stats.no_flow``).  Otherwise anything that names a
@@ -29,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Any, Protocol, cast
@@ -98,6 +107,8 @@ class TransportManager:
         # checked before parsing: False drops the message unparsed and unanswered (the
         # balancer's front door: a banned or flooding source costs a dict look-up or two)
         self.screen: Callable[[bytes, Address], bool] | None = None
+        # sources (IP address strings) ``max_connections_per_source`` does not apply to
+        self.limit_exempt: Callable[[str], bool] | None = None
         self.config = config if config is not None else TransportConfig()
         self.stats = stats if stats is not None else TransportStats()
         self._tls_client_context = tls_client_context
@@ -107,8 +118,12 @@ class TransportManager:
         self._udp_v4: UdpEndpoint | None = None
         self._udp_v6: UdpEndpoint | None = None
         self._servers: list[tuple[Address, asyncio.Server]] = []
+        self._tls_listeners: list[tuple[Address, socket.socket]] = []
         self._flows: dict[Address, Flow] = {}  # also adopted WebSocket flows (duck-typed)
         self._connecting: set[asyncio.Task[None]] = set()
+        # every open connection (the flow or WebSocket object) -> its source host, "" outbound
+        self._open: dict[object, str] = {}
+        self._per_source: dict[str, int] = {}
         self._closed = False
         self._last_error_log = -_LOG_INTERVAL
         self._suppressed_logs = 0
@@ -118,7 +133,7 @@ class TransportManager:
     @property
     def addresses(self) -> list[Address]:
         """The bound addresses of every listener, in the order ``listen`` was called."""
-        return [*self._udp, *(addr for addr, _ in self._servers)]
+        return [*self._udp, *(addr for addr, _ in self._servers), *(addr for addr, _ in self._tls_listeners)]
 
     def address(self, transport: str) -> Address:
         """The first bound address of ``transport`` (``udp``, ``tcp``, ``tls``)."""
@@ -157,14 +172,14 @@ class TransportManager:
         if (addr.transport == "tls") != (ssl is not None):
             raise ValueError("tls listeners need an ssl context, tcp listeners must not have one")
         name = addr.transport
+        if ssl is not None:
+            return self._listen_tls(addr, ssl, reuse_port)
         server = await loop.create_server(
             lambda: StreamFlow(self, name, None),
             addr.host,
             addr.port,
-            ssl=ssl,
             reuse_port=reuse_port or None,
             backlog=self.config.backlog,
-            ssl_handshake_timeout=self.config.tls_handshake_timeout if ssl is not None else None,
         )
         # typeshed says tuple, uvloop returns a list: read it untyped (compiled code checks types)
         sockname = cast(Any, server).sockets[0].getsockname()
@@ -172,6 +187,62 @@ class TransportManager:
         self._servers.append((bound, server))
         logger.info("event=listening address=%s reuse_port=%s", bound, reuse_port)
         return bound
+
+    def _listen_tls(self, addr: Address, context: ssl.SSLContext, reuse_port: bool) -> Address:
+        family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((addr.host, addr.port))
+            sock.listen(self.config.backlog)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        sockname = sock.getsockname()
+        bound = Address("tls", sockname[0], sockname[1])
+        self._tls_listeners.append((bound, sock))
+        self._spawn(self._accept_tls(sock, context))
+        logger.info("event=listening address=%s reuse_port=%s", bound, reuse_port)
+        return bound
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._connecting.add(task)
+        task.add_done_callback(self._connecting.discard)
+
+    async def _accept_tls(self, sock: socket.socket, context: ssl.SSLContext) -> None:
+        """Accept TLS connections: the limits first (``admit``), then the handshake."""
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            try:
+                conn, peer = await loop.sock_accept(sock)
+            except OSError as exc:  # EMFILE and the like: do not spin
+                logger.warning("event=accept_failed error=%r", exc)
+                await asyncio.sleep(0.1)
+                continue
+            flow = StreamFlow(self, "tls", None)
+            if self.admit(flow, str(peer[0])) is not None:
+                conn.close()
+                continue
+            self._spawn(self._handshake(flow, conn, context))
+
+    async def _handshake(self, flow: StreamFlow, conn: socket.socket, context: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        timeout = self.config.tls_handshake_timeout
+        started = loop.time()
+        try:
+            await loop.connect_accepted_socket(lambda: flow, conn, ssl=context, ssl_handshake_timeout=timeout)
+        except BaseException as exc:  # the connection never reached the flow: free its slot here
+            self.release(flow)
+            conn.close()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            slow = loop.time() - started >= timeout * 0.9
+            self.count_refused("handshake_timeout" if slow else "handshake_failed")
+            logger.debug("event=tls_handshake_failed error=%r", exc)
 
     # -- receiving (hot path) ------------------------------------------------------------------
 
@@ -293,7 +364,7 @@ class TransportManager:
     def _connect(self, dest: Address) -> StreamFlow | None:
         if self._closed:
             return None
-        if len(self._flows) >= self.config.max_connections:
+        if len(self._open) >= self.config.max_connections:
             self.stats.connections_refused += 1
             return None
         context: ssl.SSLContext | None = None
@@ -303,6 +374,7 @@ class TransportManager:
             context = self._tls_client_context
         flow = StreamFlow(self, dest.transport, dest)
         self._flows[dest] = flow
+        self._open[flow] = ""
         task = asyncio.get_running_loop().create_task(self._open_connection(flow, dest, context))
         self._connecting.add(task)
         task.add_done_callback(self._connecting.discard)
@@ -340,14 +412,14 @@ class TransportManager:
     # -- flow bookkeeping (called by StreamFlow) ----------------------------------------------
 
     def flow_established(self, flow: StreamFlow) -> bool:
-        """A connection is up; False refuses it (over the connection limit, or closing)."""
+        """A connection is up (an inbound one: accepted, before any TLS handshake); False
+        refuses it (over a connection limit, or closing)."""
         remote = flow.remote
         assert remote is not None
         if self._closed:
             return False
         if not flow.outbound:
-            if len(self._flows) >= self.config.max_connections:
-                self.stats.connections_refused += 1
+            if self.admit(flow, remote.host) is not None:
                 return False
             self._flows[remote] = flow
         self.stats.connections_opened += 1
@@ -359,30 +431,85 @@ class TransportManager:
         self._forget(flow)
 
     def _forget(self, flow: Flow) -> None:
+        self.release(flow)
         remote = flow.remote
         if remote is not None and self._flows.get(remote) is flow:
             del self._flows[remote]
+
+    # -- connection limits ------------------------------------------------------------------------
+
+    def admit(self, connection: object, host: str) -> str | None:
+        """Count a connection just accepted from ``host`` towards the limits.  None when
+        admitted (``release(connection)`` frees the slot, once, however it closes); else the
+        reason it is refused (``total`` or ``per_source``, counted): the caller closes it."""
+        if connection in self._open:
+            return None
+        reason: str | None = None
+        if self._closed or len(self._open) >= self.config.max_connections:
+            reason = "total"
+        else:
+            limit = self.config.max_connections_per_source
+            if limit is not None and self._per_source.get(host, 0) >= limit:
+                exempt = self.limit_exempt
+                if exempt is None or not exempt(host):
+                    reason = "per_source"
+        if reason is not None:
+            self.stats.connections_refused += 1
+            self.count_refused(reason)
+            logger.debug("event=connection_refused source=%s reason=%s", host, reason)
+            return reason
+        self._open[connection] = host
+        self._per_source[host] = self._per_source.get(host, 0) + 1
+        return None
+
+    def release(self, connection: object) -> None:
+        """The connection ``admit`` counted is gone (idempotent)."""
+        host = self._open.pop(connection, None)
+        if not host:
+            return
+        left = self._per_source.get(host, 0) - 1
+        if left > 0:
+            self._per_source[host] = left
+        else:
+            self._per_source.pop(host, None)
+
+    def count_refused(self, reason: str) -> None:
+        """Count an inbound connection refused or closed before its first message."""
+        bump(self.stats.refused, reason)
+
+    def connections_from(self, host: str) -> int:
+        """Open inbound connections from ``host`` (for status and tests)."""
+        return self._per_source.get(host, 0)
+
+    @property
+    def open_connections(self) -> int:
+        """Every connection counted towards ``max_connections``."""
+        return len(self._open)
 
     # -- flows owned by other listeners (WebSocket) ----------------------------------------------
 
     @property
     def at_connection_limit(self) -> bool:
-        """Whether ``max_connections`` flows are open (another listener refuses new ones)."""
-        return self._closed or len(self._flows) >= self.config.max_connections
+        """Whether ``max_connections`` connections are open (new ones are refused)."""
+        return self._closed or len(self._open) >= self.config.max_connections
 
-    def adopt_flow(self, remote: Address, flow: Flow) -> bool:
+    def adopt_flow(self, remote: Address, flow: Flow, connection: object | None = None) -> bool:
         """Register a connection another listener accepted (e.g. a WebSocket) so ``send`` to
         ``remote`` writes to it. ``flow`` needs ``write(bytes) -> bool``, ``closing`` and
-        ``close()``.  False (counted in ``connections_refused``) over ``max_connections``:
-        the listener then closes the connection."""
-        if self.at_connection_limit:
-            self.stats.connections_refused += 1
+        ``close()``.  ``connection`` is what the listener passed to ``admit`` at accept (it
+        calls ``release`` when the connection is gone); without it the flow is admitted
+        here.  False (counted) over a limit or when closing: the listener closes it."""
+        if self._closed:
+            return False
+        key = connection if connection is not None else flow
+        if key not in self._open and self.admit(key, remote.host) is not None:
             return False
         self._flows[remote] = flow
         self.stats.connections_opened += 1
         return True
 
-    def drop_flow(self, remote: Address, flow: Flow) -> None:
+    def drop_flow(self, remote: Address, flow: Flow, connection: object | None = None) -> None:
+        self.release(connection if connection is not None else flow)
         if self._flows.get(remote) is flow:
             del self._flows[remote]
             self.stats.connections_closed += 1
@@ -398,6 +525,8 @@ class TransportManager:
             task.cancel()
         for _, server in self._servers:
             server.close()
+        for _, sock in self._tls_listeners:
+            sock.close()
         for flow in list(self._flows.values()):
             flow.close()
         for endpoint in self._udp.values():
@@ -409,5 +538,6 @@ class TransportManager:
             await server.wait_closed()
         await asyncio.sleep(0)  # let connection_lost callbacks run
         self._servers.clear()
+        self._tls_listeners.clear()
         self._udp.clear()
         self._udp_v4 = self._udp_v6 = None

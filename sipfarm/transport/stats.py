@@ -35,7 +35,13 @@ class TransportStats:
     connections_closed_abuse: int = 0  # subset: framing error, oversize, stalled, slow reader
     abuse: dict[str, int] = field(default_factory=dict)  # the same, by reason
     connections_idle_closed: int = 0  # subset: idle timeout
-    connections_refused: int = 0  # inbound or outbound over max_connections
+    connections_refused: int = 0  # over max_connections (inbound or outbound) or a per-source limit
+    # inbound connections refused, or closed before their first message, by reason: total
+    # and per_source (the limits; also in connections_refused), origin (a WebSocket Origin
+    # not allowed, answered 403), handshake_timeout (TLS handshake or WebSocket upgrade not
+    # completed in time), handshake_failed (a TLS error), silent (no byte within
+    # first_message_timeout)
+    refused: dict[str, int] = field(default_factory=dict)
     connect_failures: int = 0  # outbound connect / TLS handshake failures and timeouts
 
     def flat(self) -> dict[str, int]:

@@ -16,7 +16,9 @@ Bounds, each enforced here and counted in :class:`TransportStats`:
   a held flow is still closed for abuse, by its peer, or over the write-buffer limit;
 * unsent data to a peer that does not read: above ``write_buffer_high`` we stop reading from
   it, above ``write_buffer_limit`` we close it;
-* data for an outbound flow still connecting is queued up to ``connect_queue_limit``.
+* data for an outbound flow still connecting is queued up to ``connect_queue_limit``;
+* an inbound flow that sends nothing at all for ``first_message_timeout`` after it is
+  accepted (TLS: after its handshake) is closed, counted as ``silent``.
 
 A framing error (garbage, missing or bad Content-Length, oversize) leaves the stream with no
 known message boundary, so the flow is closed; other flows are not affected.  Timers are lazy:
@@ -66,6 +68,7 @@ class StreamFlow(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._hold_until = 0.0  # loop time: not closed for idleness before it
+        self._silent_until = 0.0  # loop time an inbound flow must have spoken by (0: it has)
 
     def __repr__(self) -> str:
         return f"<StreamFlow {self.remote} local={self.local}>"
@@ -95,8 +98,11 @@ class StreamFlow(asyncio.Protocol):
         self._transport = tr
         self._established = True
         tr.set_write_buffer_limits(high=self._config.write_buffer_high)
-        self._last_activity = self._loop.time()
-        self._arm(self._last_activity + self._config.idle_timeout)
+        self._last_activity = now = self._loop.time()
+        if not self.outbound:
+            self._silent_until = now + self._config.first_message_timeout
+            self._arm(self._silent_until)
+        self._arm(now + self._config.idle_timeout)
         if self._pending:
             pending, self._pending, self._pending_size = self._pending, [], 0
             for data in pending:
@@ -108,6 +114,7 @@ class StreamFlow(asyncio.Protocol):
             return
         now = self._loop.time()
         self._last_activity = now
+        self._silent_until = 0.0
         framer = self._framer
         framer.receive_data(data)
         delivered = False
@@ -232,6 +239,15 @@ class StreamFlow(asyncio.Protocol):
         if self._closing:
             return
         now = self._loop.time()
+        if self._silent_until:
+            if now >= self._silent_until:
+                self._manager.count_refused("silent")
+                logger.debug("event=flow_closed_silent remote=%s", self.remote)
+                self._closing = True
+                if self._transport is not None:
+                    self._transport.abort()
+                return
+            self._arm(self._silent_until)
         if self._message_start is not None:
             deadline = self._message_start + self._config.message_timeout
             if now >= deadline:

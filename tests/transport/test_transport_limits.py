@@ -1,0 +1,359 @@
+"""Connection limits and handshake timeouts over real sockets (issue 12).
+
+Clients bind other 127.0.0.0/8 addresses (127.0.0.2, .3) to be distinct sources.  Every
+timeout is configured short, so each test takes well under a few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import pytest
+from conftest import Runner, Uas, read_message, sip_request, wait_until
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from sipfarm.balancer.main import source_matcher, transport_config
+from sipfarm.balancer.origins import OriginPolicy
+from sipfarm.balancer.websocket import listen_websocket
+from sipfarm.config import BalancerConfig, ConfigError, load
+from sipfarm.sip.address import Address
+from sipfarm.sip.parser import parse_message
+from sipfarm.transport.config import TransportConfig
+from sipfarm.transport.manager import TransportManager
+from sipfarm.transport.tls import client_context, server_context
+
+TCP_VIA = "SIP/2.0/TCP 127.0.0.1:5070;branch=z9hG4bK-1;rport"
+
+
+async def _server(
+    transport: str = "tcp", tls: tuple[Path, Path] | None = None, **config: object
+) -> tuple[TransportManager, Address]:
+    uas = Uas()
+    manager = TransportManager(uas, config=TransportConfig(**config))  # type: ignore[arg-type]
+    uas.manager = manager
+    ctx = server_context(*tls) if tls is not None else None
+    return manager, await manager.listen(f"{transport}:127.0.0.1:0", ssl=ctx)
+
+
+async def _open(
+    addr: Address, source: str, *, tls: Path | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.wait_for(
+        asyncio.open_connection(
+            addr.host, addr.port, local_addr=(source, 0), ssl=client_context(tls) if tls is not None else None
+        ),
+        3,
+    )
+
+
+async def _answered(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    writer.write(sip_request(via=TCP_VIA))
+    return parse_message(await read_message(reader)).status == 200
+
+
+async def _closed_by_peer(reader: asyncio.StreamReader, timeout: float = 3.0) -> float:
+    """Read until the peer closes; returns how long that took."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    try:
+        while await asyncio.wait_for(reader.read(65536), timeout):
+            pass
+    except (ConnectionResetError, OSError):
+        pass
+    return loop.time() - start
+
+
+def test_per_source_limit_refuses_one_source_and_serves_others(arun: Runner) -> None:
+    async def scenario() -> None:
+        manager, addr = await _server(max_connections_per_source=2)
+        held = [await _open(addr, "127.0.0.2") for _ in range(2)]
+        for reader, writer in held:
+            assert await _answered(reader, writer)
+        refused_r, refused_w = await _open(addr, "127.0.0.2")
+        await _closed_by_peer(refused_r)
+        assert manager.stats.refused == {"per_source": 1}
+        assert manager.stats.connections_refused == 1
+        other_r, other_w = await _open(addr, "127.0.0.3")  # another source still gets in
+        assert await _answered(other_r, other_w)
+        assert manager.connections_from("127.0.0.2") == 2
+        for _, writer in [*held, (refused_r, refused_w), (other_r, other_w)]:
+            writer.close()
+        await manager.close()
+
+    arun(scenario())
+
+
+def test_every_way_a_connection_ends_frees_its_slot(arun: Runner) -> None:
+    """After N connections from a source close (by the client, for abuse, for silence,
+    idle), N new ones are accepted: no slot leaks."""
+
+    async def scenario() -> None:
+        manager, addr = await _server(max_connections_per_source=3, first_message_timeout=0.3, idle_timeout=0.6)
+        for _ in range(3):  # three rounds fill and empty the source's three slots
+            conns = [await _open(addr, "127.0.0.2") for _ in range(3)]
+            assert manager.connections_from("127.0.0.2") == 3
+            (r0, w0), (r1, w1), (r2, w2) = conns
+            assert await _answered(r0, w0)
+            w0.close()  # 1: the client closes
+            w1.write(b"NOT SIP AT ALL\r\n\r\n")  # 2: framing error, closed for abuse
+            await _closed_by_peer(r1)
+            await _closed_by_peer(r2)  # 3: silent, closed after first_message_timeout
+            await wait_until(lambda: manager.connections_from("127.0.0.2") == 0)
+            assert manager.open_connections == 0
+            w1.close()
+            w2.close()
+        assert manager.stats.refused == {"silent": 3}
+        assert manager.stats.connections_refused == 0
+        await manager.close()
+
+    arun(scenario())
+
+
+def test_total_limit_counts_every_source(arun: Runner) -> None:
+    async def scenario() -> None:
+        manager, addr = await _server(max_connections=2)
+        first = await _open(addr, "127.0.0.2")
+        second = await _open(addr, "127.0.0.3")
+        await wait_until(lambda: manager.open_connections == 2)
+        refused_r, refused_w = await _open(addr, "127.0.0.4")
+        await _closed_by_peer(refused_r)
+        assert manager.stats.refused == {"total": 1}
+        first[1].close()
+        await wait_until(lambda: manager.open_connections == 1)
+        again = await _open(addr, "127.0.0.4")
+        assert await _answered(*again)
+        for _, writer in (second, again, (refused_r, refused_w)):
+            writer.close()
+        await manager.close()
+
+    arun(scenario())
+
+
+def test_silent_connection_is_closed_after_the_first_message_timeout(arun: Runner) -> None:
+    async def scenario() -> None:
+        manager, addr = await _server(first_message_timeout=0.3)
+        talker_r, talker_w = await _open(addr, "127.0.0.3")
+        talker_w.write(b"\r\n\r\n")  # any first byte will do: a keep-alive ping
+        assert await asyncio.wait_for(talker_r.readexactly(2), 3) == b"\r\n"
+        silent_r, silent_w = await _open(addr, "127.0.0.2")
+        took = await _closed_by_peer(silent_r)
+        assert 0.2 < took < 2.0
+        assert manager.stats.refused == {"silent": 1}
+        assert manager.stats.connections_idle_closed == 0
+        assert await _answered(talker_r, talker_w)  # the one that spoke stays open
+        for writer in (talker_w, silent_w):
+            writer.close()
+        await manager.close()
+
+    arun(scenario())
+
+
+def test_drip_feeding_sender_is_closed_by_the_message_timeout(arun: Runner) -> None:
+    """Slowloris: one byte every 50 ms keeps the connection busy but never completes a
+    message; message_timeout (0.4 s) counts from the message's first byte."""
+
+    async def scenario() -> None:
+        manager, addr = await _server(message_timeout=0.4, idle_timeout=30)
+        reader, writer = await _open(addr, "127.0.0.2")
+        data = sip_request(via=TCP_VIA)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises((ConnectionResetError, BrokenPipeError)):
+            for i in range(len(data)):  # bounded: the message is ~250 bytes, 12 s at most
+                writer.write(data[i : i + 1])
+                await writer.drain()
+                await asyncio.sleep(0.05)
+                if reader.at_eof():
+                    raise ConnectionResetError
+        assert loop.time() - start < 2.0
+        assert manager.stats.abuse == {"stalled": 1}
+        assert manager.connections_from("127.0.0.2") == 0
+        writer.close()
+        await manager.close()
+
+    arun(scenario())
+
+
+def test_tls_source_over_its_limit_is_closed_before_the_handshake(arun: Runner, tls_cert: tuple[Path, Path]) -> None:
+    cert, _ = tls_cert
+
+    async def scenario() -> None:
+        manager, addr = await _server("tls", tls_cert, max_connections_per_source=1)
+        reader, writer = await _open(addr, "127.0.0.2", tls=cert)
+        assert await _answered(reader, writer)
+        with pytest.raises((ConnectionError, OSError)):  # closed at accept: no handshake
+            await _open(addr, "127.0.0.2", tls=cert)
+        assert manager.stats.refused == {"per_source": 1}
+        other = await _open(addr, "127.0.0.3", tls=cert)
+        assert await _answered(*other)
+        writer.close()
+        await wait_until(lambda: manager.connections_from("127.0.0.2") == 0)
+        again = await _open(addr, "127.0.0.2", tls=cert)  # its slot is free again
+        assert await _answered(*again)
+        other[1].close()
+        again[1].close()
+        await manager.close()
+
+    arun(scenario())
+
+
+def test_tls_client_that_never_says_hello_is_closed_in_time(arun: Runner, tls_cert: tuple[Path, Path]) -> None:
+    async def scenario() -> None:
+        manager, addr = await _server("tls", tls_cert, tls_handshake_timeout=0.3, max_connections_per_source=1)
+        reader, writer = await _open(addr, "127.0.0.2")  # plain TCP: no ClientHello, ever
+        assert manager.connections_from("127.0.0.2") == 1  # the handshake holds its slot
+        took = await _closed_by_peer(reader)
+        assert 0.2 < took < 2.0
+        assert manager.stats.refused == {"handshake_timeout": 1}
+        assert manager.connections_from("127.0.0.2") == 0
+        writer.close()
+        # garbage instead of a ClientHello: a failed handshake, counted apart, slot freed
+        reader, writer = await _open(addr, "127.0.0.2")
+        writer.write(b"OPTIONS sip:x SIP/2.0\r\n\r\n")
+        await _closed_by_peer(reader)
+        await wait_until(lambda: manager.stats.refused.get("handshake_failed") == 1)
+        assert manager.connections_from("127.0.0.2") == 0
+        writer.close()
+        await manager.close()
+
+    arun(scenario())
+
+
+# -- WebSocket ---------------------------------------------------------------------------------
+
+
+async def _ws_server(origins: OriginPolicy | None = None, **config: object) -> tuple[TransportManager, str, object]:
+    manager = TransportManager(lambda msg, source, local: None, config=TransportConfig(**config))  # type: ignore[arg-type]
+    bound, server = await listen_websocket(manager, Address("ws", "127.0.0.1", 0), None, origins=origins)
+    return manager, f"ws://127.0.0.1:{bound.port}", server
+
+
+async def _ws_status(url: str, origin: str | None, source: str = "127.0.0.1") -> int:
+    try:
+        ws = await connect(
+            url,
+            subprotocols=["sip"],  # type: ignore[list-item]
+            origin=origin,  # type: ignore[arg-type]
+            local_addr=(source, 0),
+        )
+    except InvalidStatus as exc:
+        return exc.response.status_code
+    await ws.close()
+    return 101
+
+
+def test_websocket_origin_check(arun: Runner) -> None:
+    async def scenario() -> None:
+        policy = OriginPolicy(["https://phone.example.com", "https://*.example.net"])
+        manager, url, server = await _ws_server(policy)
+        assert await _ws_status(url, "https://evil.example.org") == 403
+        assert await _ws_status(url, "https://phone.example.com") == 101
+        assert await _ws_status(url, "https://a.b.example.net") == 101  # the wildcard
+        assert await _ws_status(url, "https://example.net") == 403  # not a subdomain
+        assert await _ws_status(url, "http://phone.example.com") == 403  # another scheme
+        assert await _ws_status(url, None) == 101  # no Origin: a client outside a browser
+        assert manager.stats.refused == {"origin": 3}
+        server.close()  # type: ignore[attr-defined]
+        await manager.close()
+
+        strict, url, server = await _ws_server(OriginPolicy(["https://phone.example.com"], require=True))
+        assert await _ws_status(url, None) == 403
+        assert await _ws_status(url, "https://phone.example.com") == 101
+        server.close()  # type: ignore[attr-defined]
+        await strict.close()
+
+    arun(scenario())
+
+
+def test_websocket_per_source_limit_and_slots_freed(arun: Runner) -> None:
+    async def scenario() -> None:
+        manager, url, server = await _ws_server(max_connections_per_source=2)
+        kw = {"subprotocols": ["sip"], "local_addr": ("127.0.0.2", 0)}
+        first = await connect(url, **kw)  # type: ignore[arg-type]
+        second = await connect(url, **kw)  # type: ignore[arg-type]
+        assert await _ws_status(url, None, "127.0.0.2") == 503
+        assert await _ws_status(url, None, "127.0.0.3") == 101
+        assert manager.stats.refused == {"per_source": 1}
+        await first.close()
+        await second.close()
+        await wait_until(lambda: manager.connections_from("127.0.0.2") == 0)
+        for _ in range(2):  # both slots free again
+            assert await _ws_status(url, None, "127.0.0.2") == 101
+        await wait_until(lambda: manager.open_connections == 0)
+        server.close()  # type: ignore[attr-defined]
+        await manager.close()
+
+    arun(scenario())
+
+
+def test_websocket_upgrade_must_come_within_the_open_timeout(arun: Runner) -> None:
+    async def scenario() -> None:
+        manager, url, server = await _ws_server(ws_open_timeout=0.3)
+        port = int(url.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")  # an upgrade request that never ends
+        took = await _closed_by_peer(reader)
+        assert 0.2 < took < 2.0
+        await wait_until(lambda: manager.stats.refused == {"handshake_timeout": 1})
+        assert manager.connections_from("127.0.0.2") == 0
+        writer.close()
+        server.close()  # type: ignore[attr-defined]
+        await manager.close()
+
+    arun(scenario())
+
+
+# -- the Origin rules, no sockets ----------------------------------------------------------------
+
+
+def test_origin_policy_rules() -> None:
+    policy = OriginPolicy(["https://Phone.Example.com/", "https://*.example.net:8443"])
+    assert policy.allows("https://phone.example.com")
+    assert policy.allows("HTTPS://PHONE.EXAMPLE.COM")
+    assert policy.allows("https://x.example.net:8443")
+    assert not policy.allows("https://x.example.net")  # the port is part of the origin
+    assert not policy.allows("https://x.example.net:8443.evil.com")
+    assert not policy.allows("https://xexample.net:8443")
+    assert not policy.allows("null")
+    assert policy.allows(None)
+    assert not OriginPolicy(["https://a.test"], require=True).allows(None)
+    assert OriginPolicy().allows("https://anything.test") and OriginPolicy().any_origin
+    for bad in ("phone.example.com", "https://a.test/path", "https://a.*.test", "https://*a.test"):
+        with pytest.raises(ValueError, match=r"origin|wildcard"):
+            OriginPolicy([bad])
+
+
+def test_loopback_socket_helper_binds_the_source() -> None:
+    """The tests above rely on binding 127.0.0.2/.3: the whole 127.0.0.0/8 is local."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.2", 0))
+        assert sock.getsockname()[0] == "127.0.0.2"
+
+
+def test_balancer_settings_reach_the_transport_and_bad_origins_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "farm.toml"
+    path.write_text(
+        "[balancer]\n"
+        "max_connections = 500\nmax_connections_per_source = 8\nhandshake_timeout = 2.5\n"
+        "first_message_timeout = 4\nmessage_timeout = 6\n"
+        'ws_origins = ["https://phone.example.com", "https://*.example.net"]\nws_require_origin = true\n'
+    )
+    cfg = load(BalancerConfig, path, section="balancer", environ={})
+    transport = transport_config(cfg)
+    assert (transport.max_connections, transport.max_connections_per_source) == (500, 8)
+    assert transport.tls_handshake_timeout == transport.ws_open_timeout == 2.5
+    assert (transport.first_message_timeout, transport.message_timeout) == (4, 6)
+    assert cfg.ws_require_origin
+    flags = {"ws_origins": ["https://a.test"], "max_connections_per_source": 0}
+    cfg = load(BalancerConfig, path, flags, section="balancer", environ={})  # as --ws-origin gives
+    assert cfg.ws_origins == ["https://a.test"]
+    assert transport_config(cfg).max_connections_per_source is None  # 0: no per-source limit
+    with pytest.raises(ConfigError, match="ws_origins"):
+        load(BalancerConfig, None, {"ws_origins": ["phone.example.com"]}, environ={})
+    with pytest.raises(ConfigError, match="max_connections_per_source"):
+        load(BalancerConfig, None, {"max_connections_per_source": -1}, environ={})
+    exempt = source_matcher(BalancerConfig().exempt)
+    assert exempt("127.0.0.9") and exempt("::1") and not exempt("192.0.2.1") and not exempt("junk")
