@@ -145,8 +145,8 @@ def wait_request(client: SipClient, method: bytes, timeout: float = 5.0) -> SipM
 class TcpSip:
     """One blocking TCP connection carrying SIP, framed by Content-Length."""
 
-    def __init__(self, dest: tuple[str, int]) -> None:
-        self.sock = socket.create_connection(dest, timeout=5)
+    def __init__(self, dest: tuple[str, int], source: str | None = None) -> None:
+        self.sock = socket.create_connection(dest, timeout=5, source_address=(source, 0) if source else None)
         self.host, self.port = self.sock.getsockname()[:2]
         self._buf = b""
 
