@@ -222,6 +222,43 @@ def test_tls_client_that_never_says_hello_is_closed_in_time(arun: Runner, tls_ce
     arun(scenario())
 
 
+def test_churn_of_tls_connections_leaves_no_slot_behind(arun: Runner, tls_cert: tuple[Path, Path]) -> None:
+    """Clients that complete the handshake, leave mid-handshake, send garbage or are refused,
+    all at once: afterwards no connection is counted and the source gets its slots back."""
+    cert, _ = tls_cert
+
+    async def client(addr: Address, kind: int) -> None:
+        try:
+            if kind == 0:  # a full TLS session
+                reader, writer = await _open(addr, "127.0.0.2", tls=cert)
+                await _answered(reader, writer)
+            else:
+                reader, writer = await _open(addr, "127.0.0.2")
+                if kind == 1:
+                    writer.write(b"\x16\x03\x01\x00")  # the start of a ClientHello, then gone
+                    await writer.drain()
+                elif kind == 2:
+                    writer.write(b"garbage\r\n\r\n")
+                    await _closed_by_peer(reader, 1.0)
+            writer.close()
+        except (ConnectionError, OSError):
+            pass  # refused over the limit, or reset by the peer
+
+    async def scenario() -> None:
+        manager, addr = await _server("tls", tls_cert, max_connections_per_source=8, tls_handshake_timeout=1.0)
+        await asyncio.gather(*(client(addr, i % 4) for i in range(40)))
+        await wait_until(lambda: manager.open_connections == 0, 3.0)
+        assert manager.connections_from("127.0.0.2") == 0
+        held = [await _open(addr, "127.0.0.2", tls=cert) for _ in range(8)]  # all 8 slots
+        for reader, writer in held:
+            assert await _answered(reader, writer)
+        for _, writer in held:
+            writer.close()
+        await manager.close()
+
+    arun(scenario(), 15.0)
+
+
 # -- WebSocket ---------------------------------------------------------------------------------
 
 
