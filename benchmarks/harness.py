@@ -420,11 +420,15 @@ class Harness:
                         result.register_max, result.register_stopped_by = (rate if ok else None), "fixed"
                     else:
                         result.call_max, result.call_stopped_by = (rate if ok else None), "fixed"
+            self.before_stop(bench, target, result)
             self.sampler.sample()
             result.runs = list(bench.runs)
         result.peak_rss_mb = self.sampler.peaks_mb()
         self.progress(f"{target.name}: done", 1.0)
         return result
+
+    def before_stop(self, bench: Bench, target: Target, result: TargetResult) -> None:
+        """After the searches, while the target still runs (--protect: equal-load steps, counters)."""
 
     def _start_rate(self, kind: str, default: float, target: Target) -> float:
         """Start near where the sipfarm runs ended: fewer steps to bracket the limit."""
@@ -514,6 +518,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "and warm) and with a routing helper program per call, same run; with --quick or --tiny (tests)")
     p.add_argument("--routing-configs", default="plain,ldap-cold,ldap-warm,helper",
                    help="with --routing: the configurations to measure (also: helper-cached)")
+    p.add_argument("--protect", action="store_true",
+                   help="the protection benchmark instead: REGISTER and call searches of 1 balancer + 1 node with "
+                   "the balancer's front door off, as shipped and with every check on every message, same run; "
+                   "with --quick or --tiny (tests)")
+    p.add_argument("--protect-configs", default="off,default,full",
+                   help="with --protect: the configurations to measure, the first is the reference")
+    p.add_argument("--protect-calls-only", action="store_true", help="with --protect: the call searches only")
     p.add_argument("--out", type=Path, default=Path("results"), help="results/<timestamp>/ goes here")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     return p
@@ -586,6 +597,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from benchmarks.routing_bench import routing_main  # noqa: PLC0415
 
         return routing_main(args, args_list)
+    if args.protect:
+        from benchmarks.protect_bench import protect_main  # noqa: PLC0415
+
+        return protect_main(args, args_list)
     settings = settings_from(args)
     fatal, notes = _missing_tools(settings)
     if fatal:

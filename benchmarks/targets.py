@@ -131,9 +131,10 @@ class SipfarmTarget(Target):
 
     def __init__(self, workdir: Path, users: Sequence[User], *, nodes: int, workers: int,
                  env: Mapping[str, str] | None = None, relays: int = 0, node_args: Sequence[str] = (),
-                 provision: bool = True) -> None:
+                 provision: bool = True, balancer_config: str = "") -> None:
         super().__init__()
         self.env = env
+        self.balancer_config = balancer_config  # TOML lines added to [balancer] (--protect: the front door)
         self.node_args = tuple(node_args)  # appended to every `sipfarm node` (--routing: --config FILE)
         self.provision = provision  # False: no account in Redis (--routing: they are in LDAP only)
         self.relays = relays  # `sipfarm relay` processes the nodes anchor media on (ng)
@@ -196,7 +197,7 @@ class SipfarmTarget(Target):
         # SIPp's UAS listens on another loopback port than its REGISTER came from: the operator
         # setting that lets the balancer send there (loopback is refused by default)
         peers = self.workdir / "balancer-peers.toml"
-        peers.write_text('[balancer]\nallow_destinations = ["127.0.0.0/8"]\n')
+        peers.write_text('[balancer]\nallow_destinations = ["127.0.0.0/8"]\n' + self.balancer_config)
         balancer = self._spawn("balancer", [
             "balancer", "--config", str(peers), "--redis", self.redis.url, "--listen", f"udp:{HOST}:{self.port}",
             "--balancer-id", "lb1", "--log-level", "warning",
