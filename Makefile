@@ -17,7 +17,10 @@ BROWSER_STAMP := tests/browser/node_modules/.installed
 
 .PHONY: run test lint typecheck pytest pytest-compiled setup system-deps bench bench-quick clean compiled
 
+# The farm runs the mypyc build of the hot path (built here when missing or stale; sipfarm.build
+# re-executes into it), or the pure-Python modules if it cannot be built.
 run: setup
+	@bash scripts/build-compiled.sh --if-stale || echo "make run: the compiled build failed: the farm runs the pure-Python modules"
 	.venv/bin/sipfarm up
 
 test: setup lint typecheck pytest pytest-compiled

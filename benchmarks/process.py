@@ -20,6 +20,7 @@ from typing import Self
 import psutil
 
 from sipfarm import ports
+from sipfarm.build import COMPILED_DIR, compiled_build_state
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -142,27 +143,6 @@ def udp_receive_buffer_errors() -> int:
 
 
 REPO = Path(__file__).resolve().parent.parent
-COMPILED_DIR = REPO / "build" / "compiled"
-
-
-def compiled_build_state(build_dir: Path = COMPILED_DIR, source: Path = REPO) -> str:
-    """'fresh', 'stale' (a source changed since `make compiled`) or 'missing'.
-
-    The build is a copy of `sipfarm/` and `media/` with extension modules beside the copied
-    sources (scripts/build-compiled.sh): it is fresh when every copied .py equals its source
-    and no source file is missing from it.
-    """
-    if not any(build_dir.glob("sipfarm/**/*.so")):
-        return "missing"
-    for package in ("sipfarm", "media"):
-        for src in (source / package).rglob("*.py"):
-            copy = build_dir / src.relative_to(source)
-            try:
-                if copy.read_bytes() != src.read_bytes():
-                    return "stale"
-            except OSError:
-                return "stale"
-    return "fresh"
 
 
 def sipfarm_env(build: str) -> tuple[dict[str, str], str]:
@@ -173,6 +153,7 @@ def sipfarm_env(build: str) -> tuple[dict[str, str], str]:
     """
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
+    env["SIPFARM_BUILD"] = "interpreted"  # the processes run what is chosen here, never re-exec
     if build == "interpreted":
         return env, "interpreted"
     state = compiled_build_state()

@@ -263,6 +263,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["bench"]:
         return _bench(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.command in ("up", "node", "balancer", "relay"):
+        from sipfarm.build import BuildError, reexec_compiled  # noqa: PLC0415
+
+        try:
+            reexec_compiled(argv)  # the compiled hot path when it is fresh (SIPFARM_BUILD)
+        except BuildError as exc:
+            print(f"sipfarm: {exc}", file=sys.stderr)
+            return 1
     if args.command == "user":
         return asyncio.run(_user_command(args))
     if args.command == "node":

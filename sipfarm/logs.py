@@ -58,3 +58,7 @@ def setup_logging(level: str = "info", fmt: str = "kv", stream: object = None) -
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    from sipfarm import build  # noqa: PLC0415
+
+    if build.explanation:  # a serving command: say which build runs (sipfarm.build)
+        logging.getLogger("sipfarm").info("event=build build=%s detail=%r", build.running_build(), build.explanation)

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sipfarm import build
+
 DEMO_USERS = (("alice", "alice-secret"), ("bob", "bob-secret"))
 #: the media ports the relays share, split evenly between them
 MEDIA_PORTS = (30000, 39999)
@@ -341,6 +343,7 @@ def run_up(args: argparse.Namespace) -> int:
 
         role = "registrar/proxy" if args.no_balancer else "balancer"
         print(f"sipfarm is up: SIP domain {args.domain}, {role} at {host}:{entry_port} ({transports})")
+        print(f"Build: {build.explanation or build.running_build()} (SIPFARM_BUILD=auto|compiled|interpreted)")
         print("Point a softphone at it:")
         for user, password in DEMO_USERS:
             print(f"  user {user}@{args.domain}  password {password}  registrar/outbound proxy sip:{host}:{entry_port}")
@@ -350,7 +353,8 @@ def run_up(args: argparse.Namespace) -> int:
         processes = [c.describe() for c in children]
         if redis_proc is not None:
             processes.append({"role": "redis", "pid": redis_proc.pid, "sip": [], "url": redis_url})
-        print("READY " + json.dumps({"redis": redis_url, "domain": args.domain, "processes": processes}), flush=True)
+        ready = {"redis": redis_url, "domain": args.domain, "build": build.running_build(), "processes": processes}
+        print("READY " + json.dumps(ready), flush=True)
         while not stopping:
             for child in children:
                 if child.process.poll() is not None:

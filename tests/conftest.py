@@ -36,6 +36,11 @@ if os.environ.get("SIPFARM_TEST_COMPILED"):  # pragma: no cover
 elif importlib.util.find_spec("sipfarm") is None:  # pragma: no cover
     sys.path.insert(0, str(_ROOT))
 
+# The processes tests start run the modules this process imports (the source tree, or the build
+# under SIPFARM_TEST_COMPILED), never re-exec into build/compiled/ (sipfarm.build): what a stage
+# tests does not depend on whether `make run` built it before.
+os.environ["SIPFARM_BUILD"] = "interpreted"
+
 pytest_plugins = ["fixtures.redis_server", "fixtures.farm", "fixtures.default_farm", "fixtures.matrix"]
 
 

@@ -64,6 +64,7 @@ class Heartbeater:
         self._outage_since: float | None = None
         self._provider_failing = False
         self._wake = asyncio.Event()
+        self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -74,7 +75,13 @@ class Heartbeater:
         """Start the background task (in the running loop); the first beat goes out at once."""
         if self.running:
             return
+        self._stopping = False
         self._task = asyncio.get_running_loop().create_task(self._run(), name="sipfarm-heartbeat")
+
+    @property
+    def stopping(self) -> bool:
+        """stop() was called: the beat in flight is the last."""
+        return self._stopping
 
     def beat_now(self) -> None:
         self._wake.set()
@@ -83,9 +90,18 @@ class Heartbeater:
         """Stop beating and, if ``leave``, remove the member now (best effort, bounded)."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Let a beat in flight finish (bounded by its timeout) rather than cancel it: a
+            # cancellation inside redis-py's asyncio client at the wrong moment (the first
+            # beat's connect) can be swallowed, and awaiting the cancelled task then never
+            # returns (a node stopped right after it started hung in its shutdown).
+            self._stopping = True
+            self._wake.set()
+            done, _ = await asyncio.wait({task}, timeout=self.timeout + 0.5)
+            if not done:
+                task.cancel()  # not awaited: see above
+                log.warning("event=cluster_heartbeat_stop_timeout member=%s", self.member_id)
+            elif not task.cancelled() and task.exception() is not None:
+                log.error("event=cluster_heartbeat_task_failed error=%r", task.exception())
         if leave and self.member_id is not None:
             try:
                 async with asyncio.timeout(LEAVE_TIMEOUT):
@@ -157,9 +173,11 @@ class Heartbeater:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         next_at = loop.time()
-        while True:
+        while not self._stopping:
             self._wake.clear()
             await self.beat()
+            if self.stopping:
+                return
             # Fixed cadence from the start, not "interval after the last beat": a slow Redis
             # must not stretch the period towards the TTL. Missed slots are skipped.
             next_at = max(next_at + self.interval, loop.time())

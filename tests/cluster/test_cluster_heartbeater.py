@@ -45,6 +45,22 @@ async def test_heartbeater_joins_updates_and_leaves_on_stop(open_membership: Ope
         assert not hb.running
 
 
+async def test_heartbeater_stopped_at_any_point_of_its_first_beat_stops(open_membership: OpenMembership) -> None:
+    # a node SIGTERMed right after it started: stop() while the first beat (a fresh client's
+    # connect, then the script) is in flight at each await point; a cancellation there used to be
+    # swallowed by redis-py and stop() never returned
+    for yields in range(40):
+        async with open_membership(ttl=60) as store:
+            hb = Heartbeater(store, lambda: node("node-1"), interval=1.0)
+            hb.start()
+            for _ in range(yields):
+                await asyncio.sleep(0)
+            async with asyncio.timeout(3):
+                await hb.stop()
+            assert not hb.running
+            assert await store.members() == [], yields  # left, whether or not the beat landed
+
+
 async def test_heartbeater_reports_drain_and_undrain(open_membership: OpenMembership) -> None:
     states: list[MemberState] = []
     async with (
