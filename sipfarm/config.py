@@ -119,8 +119,7 @@ class NodeConfig:
             raise ConfigError("default_expires: must lie between min_expires and max_expires")
         if self.metrics:
             _check_hostport("metrics", self.metrics)
-        if not self.redis.startswith("redis://"):
-            raise ConfigError(f"redis: expected redis://HOST:PORT/DB, got {self.redis!r}")
+        _check_redis_url(self.redis)
         if not self.digest_algorithms:
             raise ConfigError("digest_algorithms: at least one algorithm is required")
         for algorithm in self.digest_algorithms:
@@ -163,6 +162,17 @@ def _check_group_name(key: str, value: str) -> None:
 
     if not valid_group_name(value):
         raise ConfigError(f"{key}: {value!r} is not a group name (letters, digits, '_', '-', '.'; at most 64)")
+
+
+def _check_redis_url(url: str) -> None:
+    from sipfarm.store.resp import parse_redis_url  # noqa: PLC0415
+
+    try:
+        parse_redis_url(url)
+    except ValueError as exc:
+        raise ConfigError(
+            f"redis: {exc}; expected redis[s]://[[USER]:PASSWORD@]HOST:PORT/DB[?ssl_ca_certs=PATH], got {url!r}"
+        ) from None
 
 
 def _check_hostport(key: str, value: str) -> None:
@@ -418,8 +428,7 @@ class BalancerConfig:
             raise ConfigError(f"groups: {exc}") from None
         if self.metrics:
             _check_hostport("metrics", self.metrics)
-        if not self.redis.startswith("redis://"):
-            raise ConfigError(f"redis: expected redis://HOST:PORT/DB, got {self.redis!r}")
+        _check_redis_url(self.redis)
         _check_choice("log_format", self.log_format, ("kv", "json"))
         _check_choice("log_level", self.log_level, ("debug", "info", "warning", "error"))
 
@@ -474,7 +483,6 @@ class RelayConfig:
         _check_destinations(self.internal_networks, self.allow_destinations)
         if self.metrics:
             _check_hostport("metrics", self.metrics)
-        if not self.redis.startswith("redis://"):
-            raise ConfigError(f"redis: expected redis://HOST:PORT/DB, got {self.redis!r}")
+        _check_redis_url(self.redis)
         _check_choice("log_format", self.log_format, ("kv", "json"))
         _check_choice("log_level", self.log_level, ("debug", "info", "warning", "error"))

@@ -230,7 +230,8 @@ def run_up(args: argparse.Namespace) -> int:
             while redis_port in farm_ports or redis_port in other_ports or redis_port in ng_ports:
                 redis_port = free_port()
             try:
-                redis_proc = start_redis(workdir / "redis", port=redis_port)
+                # a password even on loopback: any local user could otherwise rewrite the farm
+                redis_proc = start_redis(workdir / "redis", port=redis_port, password=secrets.token_urlsafe(18))
             except (OSError, RuntimeError) as exc:
                 print(
                     f"sipfarm: cannot start redis-server ({exc}); install it (apt-get install "
@@ -348,6 +349,7 @@ def run_up(args: argparse.Namespace) -> int:
         for user, password in DEMO_USERS:
             print(f"  user {user}@{args.domain}  password {password}  registrar/outbound proxy sip:{host}:{entry_port}")
         print(f"  then call sip:bob@{args.domain} from alice. Logs: {workdir / 'logs'}. Ctrl-C stops the farm.")
+        print(f"Redis: {redis_url} (for sipfarm status / user / ban --redis)")
         for child in relay_children:
             print(f"Media relay {child.extra['id']}: ng {child.extra['ng']}, media ports {child.extra['media_ports']}")
         processes = [c.describe() for c in children]

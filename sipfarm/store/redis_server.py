@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import quote
 
 from sipfarm import ports
 
@@ -26,14 +28,30 @@ def free_port(host: str = "127.0.0.1") -> int:
     return ports.free_port(host, udp=False, tcp=True)
 
 
-def ping(host: str, port: int, timeout: float = 0.2) -> bool:
-    """True if a Redis on ``host:port`` answers ``PING`` with ``+PONG``."""
+def ping(
+    host: str, port: int, timeout: float = 0.2, *, password: str | None = None, tls: ssl.SSLContext | None = None
+) -> bool:
+    """True if a Redis on ``host:port`` answers ``PING`` with ``+PONG`` (after ``AUTH`` when
+    given a password; over TLS when given a context)."""
     try:
-        with socket.create_connection((host, port), timeout=timeout) as s:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            s = tls.wrap_socket(raw, server_hostname=host) if tls is not None else raw
+            if password:
+                s.sendall(_command("AUTH", password))
+                if not s.recv(64).startswith(b"+OK"):
+                    return False
             s.sendall(b"PING\r\n")
             return s.recv(64).startswith(b"+PONG")
     except OSError:
         return False
+
+
+def _command(*args: str) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
 
 
 class RedisProcess:
@@ -50,8 +68,15 @@ class RedisProcess:
         host: str = "127.0.0.1",
         executable: str = REDIS_SERVER,
         extra_args: tuple[str, ...] = (),
+        password: str | None = None,
+        tls_dir: Path | None = None,
     ) -> None:
+        """``password``: ``requirepass`` (the URL carries it). ``tls_dir``: serve TLS only, with a
+        self-signed certificate written there (the URL is ``rediss://`` naming it as the CA)."""
         self.workdir = Path(workdir)
+        self.password = password
+        self.tls_dir = Path(tls_dir) if tls_dir is not None else None
+        self._tls_files: tuple[Path, Path] | None = None
         self.host = host
         self.port = port if port is not None else free_port(host)
         self.executable = executable
@@ -60,7 +85,16 @@ class RedisProcess:
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        if self.tls_dir is None:
+            return f"redis://{auth}{self.host}:{self.port}/0"
+        cert = self.tls_dir / "cert.pem"
+        return f"rediss://{auth}{self.host}:{self.port}/0?ssl_ca_certs={quote(str(cert), safe='/')}"
+
+    def _client_tls(self) -> ssl.SSLContext | None:
+        if self.tls_dir is None:
+            return None
+        return ssl.create_default_context(cafile=str(self.tls_dir / "cert.pem"))
 
     @property
     def logfile(self) -> Path:
@@ -86,7 +120,24 @@ class RedisProcess:
             "--logfile", str(self.logfile),
             "--daemonize", "no",
             "--protected-mode", "yes",
+            *(["--requirepass", self.password] if self.password else []),
+            *self._tls_args(),
             *self.extra_args,
+        ]  # fmt: skip
+
+    def _tls_args(self) -> list[str]:
+        if self.tls_dir is None:
+            return []
+        if self._tls_files is None:
+            from sipfarm.transport.tls import make_self_signed_cert  # noqa: PLC0415
+
+            self.tls_dir.mkdir(parents=True, exist_ok=True)
+            cert, key = make_self_signed_cert(self.tls_dir, ip=self.host)
+            self._tls_files = (Path(cert), Path(key))
+        cert, key = self._tls_files
+        return [
+            "--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert),
+            "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
         ]  # fmt: skip
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
@@ -103,7 +154,7 @@ class RedisProcess:
                 err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
                 self._proc = None
                 raise RuntimeError(f"redis-server exited at start on port {self.port}: {err}{self._log_tail()}")
-            if ping(self.host, self.port):
+            if ping(self.host, self.port, password=self.password, tls=self._client_tls()):
                 return
             time.sleep(0.02)
         self.stop()
@@ -142,7 +193,9 @@ class RedisProcess:
         self.stop()
 
 
-def start_redis(workdir: Path | str, port: int | None = None, attempts: int = 3) -> RedisProcess:
+def start_redis(
+    workdir: Path | str, port: int | None = None, attempts: int = 3, *, password: str | None = None
+) -> RedisProcess:
     """Start a ``redis-server`` on a free loopback port (or ``port``) and return it running.
 
     With no ``port``, a start that fails (someone took the port in between) is retried on a
@@ -150,7 +203,7 @@ def start_redis(workdir: Path | str, port: int | None = None, attempts: int = 3)
     """
     last: RuntimeError | None = None
     for _ in range(attempts if port is None else 1):
-        proc = RedisProcess(Path(workdir), port=port)
+        proc = RedisProcess(Path(workdir), port=port, password=password)
         try:
             proc.start()
         except RuntimeError as e:

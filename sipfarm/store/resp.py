@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 import hiredis
 
@@ -33,13 +34,37 @@ Reply = Any  # bytes | int | list | None | hiredis.ReplyError | StoreUnavailable
 Callback = Callable[[Reply], None]
 
 
-def parse_redis_url(url: str) -> tuple[str, int, int, str | None]:
-    """``redis://[:password@]host:port/db`` -> (host, port, db, password)."""
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+def parse_redis_url(url: str) -> tuple[str, int, int, str | None, str | None, ssl.SSLContext | None]:
+    """``redis[s]://[[user]:password@]host:port/db[?ssl_ca_certs=PATH&ssl_cert_reqs=none|optional|required]``
+    -> (host, port, db, username, password, TLS context or None), as redis-py reads the same URL.
+    Raises ValueError for anything else."""
     parsed = urlparse(url)
-    if parsed.scheme not in ("redis", ""):
-        raise ValueError(f"unsupported Redis URL scheme in {url!r} (use redis://HOST:PORT/DB)")
-    db = int(parsed.path.lstrip("/") or 0) if parsed.path not in ("", "/") else 0
-    return parsed.hostname or "127.0.0.1", parsed.port or 6379, db, parsed.password
+    if parsed.scheme not in ("redis", "rediss", ""):
+        raise ValueError(f"unsupported Redis URL scheme in {url!r} (use redis://HOST:PORT/DB or rediss://)")
+    try:
+        db = int(parsed.path.lstrip("/") or 0) if parsed.path not in ("", "/") else 0
+        port = parsed.port or 6379
+    except ValueError:
+        raise ValueError(f"bad port or database number in the Redis URL {url!r}") from None
+    query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+    tls: ssl.SSLContext | None = None
+    if parsed.scheme == "rediss":
+        try:
+            tls = ssl.create_default_context(cafile=query.get("ssl_ca_certs"))
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"ssl_ca_certs in the Redis URL: {exc}") from None
+        reqs = query.get("ssl_cert_reqs", "required").lower()
+        if reqs not in _CERT_REQS:
+            raise ValueError(f"ssl_cert_reqs={reqs!r} in the Redis URL: expected none, optional or required")
+        if reqs != "required" or query.get("ssl_check_hostname", "true").lower() in ("false", "0", "no"):
+            tls.check_hostname = False
+        tls.verify_mode = _CERT_REQS[reqs]
+    username = unquote(parsed.username) if parsed.username else None
+    password = unquote(parsed.password) if parsed.password else None
+    return parsed.hostname or "127.0.0.1", port, db, username, password, tls
 
 
 class _RespProtocol(asyncio.Protocol):
@@ -84,7 +109,7 @@ class RedisPipe:
         connect_timeout: float = 1.0,
         on_state: Callable[[bool], None] | None = None,
     ) -> None:
-        self.host, self.port, self.db, self.password = parse_redis_url(url)
+        self.host, self.port, self.db, self.username, self.password, self.tls = parse_redis_url(url)
         self.url = url
         self.command_timeout = command_timeout
         self.connect_timeout = connect_timeout
@@ -127,15 +152,24 @@ class RedisPipe:
         loop = asyncio.get_running_loop()
         try:
             _, proto = await asyncio.wait_for(
-                loop.create_connection(lambda: _RespProtocol(self), self.host, self.port),
+                loop.create_connection(
+                    lambda: _RespProtocol(self),
+                    self.host,
+                    self.port,
+                    ssl=self.tls,
+                    server_hostname=self.host if self.tls is not None else None,
+                ),
                 self.connect_timeout,
             )
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             raise StoreUnavailable(f"cannot connect to Redis at {self.host}:{self.port}: {exc}") from exc
         # AUTH / SELECT are pipelined ahead of anything else on the new connection.
         self._proto = proto
         if self.password:
-            self.call(self._check_setup, "AUTH", self.password)
+            if self.username:
+                self.call(self._check_setup, "AUTH", self.username, self.password)
+            else:
+                self.call(self._check_setup, "AUTH", self.password)
         if self.db:
             self.call(self._check_setup, "SELECT", self.db)
         if self.on_state is not None:
