@@ -376,6 +376,25 @@ class BalancerConfig:
     # WebSocket clients outside browsers) are served unless ws_require_origin = true.
     ws_origins: list[str] = field(default_factory=list)
     ws_require_origin: bool = False
+    # Overload shedding (sipfarm/balancer/overload.py). Each node may hold a limit of new
+    # INVITEs/REGISTERs it has not answered yet; the limit adapts so that its first answers
+    # (100 Trying, 401, 200) come within shed_target seconds (it starts at shed_limit, stays
+    # within shed_min_limit..shed_max_limit). A new INVITE or REGISTER whose node is at its
+    # limit goes to another node that is not; when every node is, the balancer answers 503
+    # with a Retry-After drawn from shed_retry_after_min..shed_retry_after_max seconds.
+    # In-dialog requests, ACK, CANCEL, BYE and OPTIONS are never shed. A request unanswered
+    # after shed_late seconds counts as late (cuts the limit). shed_node_load > 0 also treats
+    # a node as overloaded while its heartbeat reports more transactions in flight than that.
+    # shed = false: never shed (the CLI's --no-shed).
+    shed: bool = True
+    shed_target: float = 0.2
+    shed_limit: int = 64
+    shed_min_limit: int = 4
+    shed_max_limit: int = 2000
+    shed_late: float = 2.0
+    shed_node_load: float = 0.0
+    shed_retry_after_min: int = 1
+    shed_retry_after_max: int = 5
 
     def validate(self) -> None:
         if not self.listen:
@@ -391,6 +410,14 @@ class BalancerConfig:
             OriginPolicy(self.ws_origins)
         except ValueError as exc:
             raise ConfigError(f"ws_origins: {exc}") from None
+        _check_range("shed_target", self.shed_target, 0.005, 30)
+        _check_range("shed_min_limit", self.shed_min_limit, 1, 1_000_000)
+        _check_range("shed_max_limit", self.shed_max_limit, self.shed_min_limit, 1_000_000)
+        _check_range("shed_limit", self.shed_limit, self.shed_min_limit, self.shed_max_limit)
+        _check_range("shed_late", self.shed_late, self.shed_target, 64)
+        _check_range("shed_node_load", self.shed_node_load, 0, 1e9)
+        _check_range("shed_retry_after_min", self.shed_retry_after_min, 0, 3600)
+        _check_range("shed_retry_after_max", self.shed_retry_after_max, self.shed_retry_after_min, 3600)
         _check_destinations(self.internal_networks, self.allow_destinations)
         for key in ("rate_register", "rate_invite", "rate_other", "rate_suspect"):
             _check_range(key, getattr(self, key), 0, 10_000_000)

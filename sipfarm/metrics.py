@@ -219,6 +219,26 @@ class BalancerMetrics:
         self.connections_open = _gauge(
             "sipfarm_balancer_connections_open", "Open client connections (TCP, TLS, WebSocket)", r
         )
+        # overload shedding (sipfarm/balancer/overload.py): new requests answered 503 here,
+        # by method; the admission control's events (admitted, answered, slow, late, diverted,
+        # cuts); nodes at their limit now
+        self.shed = LabelCache(
+            Counter(
+                "sipfarm_balancer_shed_total",
+                "New INVITE/REGISTER answered 503 by the balancer: every node overloaded, by method",
+                ["method"],
+                registry=r,
+            )
+        )
+        self.overload = LabelCache(
+            Counter(
+                "sipfarm_balancer_overload_events_total",
+                "Admission control of new requests: admitted, answered, slow, late, diverted, cuts",
+                ["kind"],
+                registry=r,
+            )
+        )
+        self.nodes_overloaded = _gauge("sipfarm_balancer_nodes_overloaded", "Nodes at their admission limit", r)
         self.bans_known = _gauge("sipfarm_balancer_bans_known", "Banned sources in the local copy of the bans", r)
         self.probe_rtt = Histogram(
             "sipfarm_balancer_probe_rtt_seconds",

@@ -42,6 +42,13 @@ enters its UDP flow in the OPTIONS keepalive table (one dict look-up per receive
 No usable node: 503 with Retry-After, answered here.  Nothing here waits on Redis: node
 membership is read in the background into :class:`~sipfarm.balancer.nodes.NodeSet`.
 
+Overload (:mod:`sipfarm.balancer.overload`): with an ``admission`` control, a new
+out-of-dialog INVITE or REGISTER whose hashed node is overloaded goes to another node of its
+pool that is not, and is answered 503 with a randomized Retry-After here when every one is
+(counted by method in ``shed``).  Everything else (in-dialog requests, ACK, CANCEL, BYE,
+responses, OPTIONS to the balancer) is never shed.  The node's first response to each
+admitted request feeds the control its delay.
+
 Static cluster (:mod:`sipfarm.balancer.groups`): with ``groups`` rules, a request hashed in
 step 2 whose target account a rule pins to a group is hashed among that group's usable nodes
 only, and answered 503 with Retry-After here when the group has none (counted per group in
@@ -55,6 +62,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
+import random
 import secrets
 import time
 from collections import OrderedDict
@@ -65,6 +73,7 @@ from sipfarm.balancer.frontdoor import FrontDoor
 from sipfarm.balancer.groups import GroupRules
 from sipfarm.balancer.keepalive import HOLD_MARGIN, KEEPALIVE_PREFIX, FlowGone, Probe, RegisteredFlows
 from sipfarm.balancer.nodes import Health, NodeEntry, NodeSet
+from sipfarm.balancer.overload import AdmissionControl
 from sipfarm.edge import (
     DIALOG_CREATING,
     FlowTokens,
@@ -89,6 +98,7 @@ log = logging.getLogger("sipfarm.balancer")
 PROBE_PREFIX = b"z9hG4bKlbprobe"
 PIN_SECONDS = 64 * 0.5  # Timer B: an INVITE is CANCELled or answered within it
 PIN_LIMIT = 200_000
+NEW_WORK = frozenset((b"INVITE", b"REGISTER"))  # what overload shedding admits or sheds
 MAX_FORWARDS_ENTRY = 70  # RFC 3261 8.1.1.6: what a UA starts with; more on entry is capped
 
 
@@ -97,6 +107,12 @@ class FlowFailed(SipError):
 
     status = 430
     counter = "flow_failed"
+
+
+class Overloaded(ServiceUnavailable):
+    """503 + Retry-After: every node a new INVITE/REGISTER may go to is overloaded (shed)."""
+
+    counter = "shed"
 
 
 class DestinationRefused(SipError):
@@ -123,6 +139,9 @@ class BalancerStats:
     drops: dict[str, int] = field(default_factory=dict)
     # static cluster: requests answered 503 because their group had no usable node, by group
     group_unavailable: dict[str, int] = field(default_factory=dict)
+    # overload: new requests answered 503 here because every node they may go to is
+    # overloaded, by method
+    shed: dict[str, int] = field(default_factory=dict)
 
     def flat(self) -> dict[str, int]:
         out = {
@@ -157,6 +176,8 @@ class BalancerCore:
         hold_max: float = 7200.0,
         groups: GroupRules | None = None,
         front: FrontDoor | None = None,
+        admission: AdmissionControl | None = None,
+        shed_retry_after: tuple[int, int] = (1, 5),
     ) -> None:
         """``send`` sends a request (may open a connection); ``send_response`` sends a response
         over an existing flow only (``TransportManager.send(..., connect=False)``).
@@ -168,7 +189,9 @@ class BalancerCore:
         (``TransportManager.hold_flow``), at most ``hold_max`` plus a margin.
         ``groups``: the static cluster's rules (none: any node serves any account).
         ``front``: scanner and domain checks of clients' requests (none: no checks here; its
-        rate limits and bans apply before parsing, in the transport)."""
+        rate limits and bans apply before parsing, in the transport).
+        ``admission``: overload shedding (none: never shed); a shed request's Retry-After is
+        drawn from ``shed_retry_after`` (inclusive), so shed phones do not come back at once."""
         self.nodes = nodes
         self.tokens = tokens
         self.public = public  # transport -> our address facing clients
@@ -194,6 +217,8 @@ class BalancerCore:
         self.hold_max = hold_max
         self.groups: GroupRules | None = groups if groups else None  # None: the one check per request
         self.front = front
+        self.admission = admission
+        self.shed_retry_after = shed_retry_after
 
     # -- entry point -----------------------------------------------------------------------------
 
@@ -328,9 +353,41 @@ class BalancerCore:
                 unavailable = self.stats.group_unavailable
                 unavailable[group] = unavailable.get(group, 0) + 1
                 raise ServiceUnavailable(f"no node of group {group}", retry_after=self.retry_after, partial=msg)
+        admission = self.admission
+        if admission is not None and msg.to_tag is None and method in NEW_WORK:
+            key = msg.call_id + b" %d" % msg.cseq[0]
+            if not admission.is_pending(key):  # a retransmission follows its original
+                node = self._admit(msg, node, group, admission)
         if method == b"INVITE" and msg.to_tag is None:
             self._pin_invite(msg, node)
         return node
+
+    def _admit(self, msg: SipMessage, node: NodeEntry, group: str | None, admission: AdmissionControl) -> NodeEntry:
+        """``node`` when it is not overloaded, else the least loaded other node of the pool
+        that is not; none: shed (503 + Retry-After, answered here)."""
+        # credentials: the second half of work already begun (a challenged INVITE/REGISTER)
+        credentials = msg.has("proxy-authorization") or msg.has("authorization")
+        if not admission.overloaded(node.id, credentials=credentials):
+            return node
+        best: NodeEntry | None = None
+        best_fill = 0.0
+        for node_id in self.nodes.pool(group):
+            if node_id == node.id or admission.overloaded(node_id, credentials=credentials):
+                continue
+            entry = self.nodes.nodes.get(node_id)
+            if entry is None:
+                continue
+            load = admission.nodes.get(node_id)
+            fill = 0.0 if load is None else len(load.pending) / load.limit
+            if best is None or fill < best_fill:
+                best, best_fill = entry, fill
+        if best is not None:
+            admission.stats.diverted += 1
+            return best
+        method = msg.method.decode("latin-1")
+        self.stats.shed[method] = self.stats.shed.get(method, 0) + 1
+        low, high = self.shed_retry_after
+        raise Overloaded("every node overloaded", retry_after=random.randint(low, high), partial=msg)
 
     def _pin_invite(self, msg: SipMessage, node: NodeEntry) -> None:
         """Soft state, bounded in size and age: which node an initial INVITE went to, so its
@@ -370,6 +427,9 @@ class BalancerCore:
                 msg.prepend("record-route", value)
         self._forward(msg, dest, self.internal, hop)
         self.stats.to_node += 1
+        admission = self.admission
+        if admission is not None and msg.to_tag is None and method in NEW_WORK:
+            admission.sent(msg.call_id + b" %d" % msg.cseq[0], node.id, self._clock())
 
     def _to_client(
         self, msg: SipMessage, flow: Address, hop: Address, *, record_route: bool, connect: bool = True
@@ -523,6 +583,12 @@ class BalancerCore:
             log.debug(
                 "event=forward_response status=%d call_id=%s dest=%s", msg.status, msg.call_id.decode("latin-1"), dest
             )
+        admission = self.admission
+        if admission is not None:
+            method = msg.cseq[1]
+            if method in NEW_WORK:
+                # the node's first answer to a new request: its delay (see overload.py)
+                admission.answered(msg.call_id + b" %d" % msg.cseq[0], self._clock())
         if self.send_response(msg.to_bytes(), dest):
             self.stats.responses += 1
             if msg.cseq[1] == b"REGISTER" and 200 <= msg.status < 300:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from sipfarm.balancer.frontdoor import FrontDoor, FrontDoorPolicy
     from sipfarm.balancer.keepalive import FlowGone
+    from sipfarm.balancer.overload import OverloadPolicy
     from sipfarm.transport.config import TransportConfig
 
 log = logging.getLogger("sipfarm.balancer")
@@ -49,6 +50,8 @@ def run_balancer(args: argparse.Namespace) -> int:
         "log_format": getattr(args, "log_format", None),
         "workers": getattr(args, "workers", None),
         "ws_origins": getattr(args, "ws_origin", None),
+        "shed": False if getattr(args, "no_shed", None) else None,
+        "shed_target": getattr(args, "shed_target", None),
     }
     try:
         cfg = load(BalancerConfig, args.config, flags, section="balancer")
@@ -76,6 +79,9 @@ def run_balancer(args: argparse.Namespace) -> int:
             "--log-format",
             cfg.log_format,
         ]
+        if cfg.shed is False:
+            argv.append("--no-shed")
+        argv += ["--shed-target", str(cfg.shed_target)]
         for flag, value in (
             ("--config", args.config),
             ("--internal", cfg.internal),
@@ -133,6 +139,7 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
     from sipfarm.balancer.groups import parse_rules  # noqa: PLC0415
     from sipfarm.balancer.keepalive import RegisteredFlows  # noqa: PLC0415
     from sipfarm.balancer.nodes import NodeSet  # noqa: PLC0415
+    from sipfarm.balancer.overload import AdmissionControl  # noqa: PLC0415
     from sipfarm.cluster.heartbeat import start_heartbeat  # noqa: PLC0415
     from sipfarm.cluster.membership import Member, MembershipStore, Role  # noqa: PLC0415
     from sipfarm.cluster.watcher import MemberWatcher  # noqa: PLC0415
@@ -229,8 +236,11 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
         hold_max=cfg.flow_hold_max,
         groups=parse_rules(cfg.groups),  # validated with the configuration
         front=front,
+        admission=AdmissionControl(overload_policy(cfg)) if cfg.shed else None,
+        shed_retry_after=(cfg.shed_retry_after_min, cfg.shed_retry_after_max),
     )
     holder.append(core)
+    admission = core.admission
 
     def on_probe(branch: bytes) -> None:
         entry = nodes.find_probe(branch)
@@ -247,7 +257,12 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
     watcher = MemberWatcher(store, Role.NODE)
 
     def refresh(_change: object = None) -> None:
-        nodes.update_members(watcher.snapshot())
+        members = watcher.snapshot()
+        nodes.update_members(members)
+        if admission is not None:
+            for m in members:
+                admission.heartbeat(m.id, m.load)  # transactions in flight (shed_node_load)
+            admission.forget({m.id for m in members})
 
     watcher.add_listener(refresh)
     watcher.start()
@@ -304,6 +319,9 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
     sync_keepalives = sync_counters(registrations.stats.flat, metrics.keepalives)
     sync_refused = sync_counters(lambda: dict(transports.stats.refused), metrics.connections_refused)
     sync_groups = sync_counters(lambda: dict(core.stats.group_unavailable), metrics.group_unavailable)
+    sync_shed = sync_counters(lambda: dict(core.stats.shed), metrics.shed)
+    sync_overload = sync_counters(admission.stats.flat if admission is not None else dict, metrics.overload)
+    overloaded_before = 0
     pinned_groups = sorted(core.groups.groups) if core.groups is not None else []
     tune_gc()
     stop = stop_on_signals(loop)
@@ -321,6 +339,8 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
         while not stop.is_set():
             probe_tick()
             keepalive_tick()
+            if admission is not None:
+                admission.expire(time.monotonic())
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), cfg.probe_interval / 2)
             ticks += 1
@@ -334,6 +354,19 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
                 metrics.nodes_known.set(len(nodes.nodes))
                 sync_groups()
                 sync_protect()
+                if admission is not None:
+                    sync_shed()
+                    sync_overload()
+                    overloaded = admission.overloaded_count()
+                    metrics.nodes_overloaded.set(overloaded)
+                    if overloaded != overloaded_before:
+                        log.warning(
+                            "event=nodes_overloaded count=%d shed=%d limits=%s",
+                            overloaded,
+                            sum(core.stats.shed.values()),
+                            ",".join(f"{n}:{int(v.limit)}/{len(v.pending)}" for n, v in admission.nodes.items()),
+                        )
+                        overloaded_before = overloaded
                 if front is not None:
                     metrics.bans_known.set(front.bans_known)
                 for group in pinned_groups:
@@ -384,6 +417,19 @@ def source_matcher(networks: list[str]) -> Callable[[str], bool]:
         return any(ip in net for net in nets)
 
     return matches
+
+
+def overload_policy(cfg: BalancerConfig) -> OverloadPolicy:
+    from sipfarm.balancer.overload import OverloadPolicy  # noqa: PLC0415
+
+    return OverloadPolicy(
+        target=cfg.shed_target,
+        initial_limit=cfg.shed_limit,
+        min_limit=cfg.shed_min_limit,
+        max_limit=cfg.shed_max_limit,
+        late_after=cfg.shed_late,
+        node_load=cfg.shed_node_load,
+    )
 
 
 def front_door_policy(cfg: BalancerConfig) -> FrontDoorPolicy:

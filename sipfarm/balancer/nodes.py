@@ -151,6 +151,12 @@ class NodeSet:
             return None
         return self.nodes.get(ring.lookup(key))
 
+    def pool(self, group: str | None) -> tuple[str, ...]:
+        """Ids of the usable nodes a request of ``group`` may go to (None: the unpinned pool,
+        as ``pick``): where a new request goes when its hashed node is overloaded."""
+        ring = self._ring if group is None else self._group_rings.get(group)
+        return () if ring is None else ring.members
+
     def by_address(self, host: str, port: int) -> NodeEntry | None:
         return self._by_address.get((host, port))
 

@@ -1,0 +1,186 @@
+"""Overload shedding, sans-IO: :class:`AdmissionControl` with an injected clock, and the
+balancer core shedding new INVITEs/REGISTERs (never in-dialog requests, ACK, BYE, OPTIONS)
+when every node is at its limit.  The real-process test is test_balancer_overload.py."""
+
+from __future__ import annotations
+
+import pytest
+from test_balancer_unit import CLIENT, NODES, Harness, _response, members, register, request
+
+from sipfarm.balancer.overload import AdmissionControl, OverloadPolicy
+from sipfarm.sip.message import SipMessage
+
+POLICY = OverloadPolicy(target=0.2, initial_limit=4, min_limit=2, max_limit=50, late_after=2.0)
+
+
+def fill(ac: AdmissionControl, node: str, count: int, now: float = 0.0, prefix: str = "k") -> list[bytes]:
+    keys = [f"{prefix}{node}{i}".encode() for i in range(count)]
+    for key in keys:
+        ac.sent(key, node, now)
+    return keys
+
+
+def test_a_node_at_its_limit_is_overloaded_until_it_answers():
+    ac = AdmissionControl(POLICY)
+    keys = fill(ac, "n1", 3)
+    assert not ac.overloaded("n1")
+    keys += fill(ac, "n1", 1, prefix="x")
+    assert ac.overloaded("n1") and ac.overloaded_count() == 1
+    assert not ac.overloaded("n2")  # another node: its own state
+    ac.answered(keys[0], 0.001)
+    assert not ac.overloaded("n1")
+
+
+def test_a_retransmission_is_not_counted_again_and_a_second_answer_is_ignored():
+    ac = AdmissionControl(POLICY)
+    (key,) = fill(ac, "n1", 1)
+    ac.sent(key, "n1", 0.3)
+    assert len(ac.nodes["n1"].pending) == 1 and ac.is_pending(key)
+    ac.answered(key, 0.001)
+    ac.answered(key, 0.002)  # the 180 after the 100: nothing pending any more
+    assert ac.stats.answered == 1 and not ac.is_pending(key)
+
+
+def test_fast_answers_from_a_busy_node_raise_the_limit():
+    ac = AdmissionControl(POLICY)
+    now = 0.0
+    for i in range(40):
+        keys = fill(ac, "n1", 3, now, prefix=f"r{i}-")
+        for key in keys:
+            now += 0.001
+            ac.answered(key, now)
+    assert ac.nodes["n1"].limit > POLICY.initial_limit
+
+
+def test_an_idle_node_does_not_grow_its_limit():
+    ac = AdmissionControl(POLICY)
+    for i in range(50):
+        (key,) = fill(ac, "n1", 1, float(i), prefix=f"r{i}-")
+        ac.answered(key, i + 0.001)
+    assert ac.nodes["n1"].limit == POLICY.initial_limit  # one pending of 4: not half busy
+
+
+def test_a_slow_answer_cuts_the_limit_in_proportion_once_per_target():
+    ac = AdmissionControl(OverloadPolicy(target=0.2, initial_limit=100, min_limit=2, max_limit=100))
+    keys = fill(ac, "n1", 10)
+    ac.answered(keys[0], 1.0)  # 1 s for a 0.2 s target: x0.2
+    assert ac.nodes["n1"].limit == pytest.approx(20.0)
+    ac.answered(keys[1], 1.1)  # within the same target period: no second cut
+    assert ac.nodes["n1"].limit == pytest.approx(20.0)
+    ac.answered(keys[2], 1.25)  # later: cut again (x0.16), never below min_limit
+    assert ac.nodes["n1"].limit == pytest.approx(20.0 * 0.2 / 1.25)
+    for i, key in enumerate(keys[3:]):
+        ac.answered(key, 2.0 + i)
+    assert ac.nodes["n1"].limit == 2.0
+    assert ac.stats.slow == 10 and ac.stats.cuts >= 3
+
+
+def test_unanswered_requests_expire_as_late_and_free_their_slots():
+    ac = AdmissionControl(POLICY)
+    fill(ac, "n1", 4)
+    assert ac.overloaded("n1")
+    ac.expire(1.9)
+    assert ac.overloaded("n1")
+    ac.expire(2.0)
+    assert not ac.overloaded("n1") and ac.stats.late == 4
+    assert ac.nodes["n1"].limit < POLICY.initial_limit  # late counts as slow
+
+
+def test_requests_with_credentials_are_admitted_up_to_twice_the_limit():
+    ac = AdmissionControl(POLICY)
+    fill(ac, "n1", 5)
+    assert ac.overloaded("n1") and not ac.overloaded("n1", credentials=True)
+    fill(ac, "n1", 3, prefix="y")
+    assert ac.overloaded("n1", credentials=True)
+
+
+def test_heartbeat_load_above_node_load_is_overload_and_gone_nodes_are_forgotten():
+    ac = AdmissionControl(OverloadPolicy(node_load=100))
+    ac.heartbeat("n1", 150)
+    ac.heartbeat("n2", 50)
+    assert ac.overloaded("n1") and not ac.overloaded("n2")
+    keys = fill(ac, "n1", 2)
+    ac.forget({"n2"})
+    assert "n1" not in ac.nodes and not ac.is_pending(keys[0])
+    assert not AdmissionControl(OverloadPolicy()).overloaded("n1")  # node_load 0: unused
+
+
+# -- the balancer core ---------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def shed() -> tuple[Harness, Clock]:
+    h = Harness()
+    h.nodes.update_members(members())
+    h.core.admission = AdmissionControl(OverloadPolicy(initial_limit=2, min_limit=2, max_limit=2))
+    clock = Clock()
+    h.core._clock = clock  # the injected clock
+    return h, clock
+
+
+def _invites(h: Harness, count: int) -> list[tuple[SipMessage, object]]:
+    out = []
+    for _ in range(count):
+        out += h.feed(request("INVITE", "sip:bob@farm.test"), CLIENT)
+    return out
+
+
+def test_new_invites_go_to_other_nodes_then_are_shed_with_503_and_retry_after(shed: tuple[Harness, Clock]):
+    h, _ = shed
+    forwarded = _invites(h, 6)  # 3 nodes x limit 2
+    assert all(m.method == b"INVITE" for m, _ in forwarded)
+    assert sorted(str(d) for _, d in forwarded) == sorted(str(a) for a in NODES.values() for _ in range(2))
+    assert h.core.admission is not None and h.core.admission.stats.diverted > 0
+    for out, dest in _invites(h, 3):
+        assert out.status == 503 and dest == CLIENT
+        assert 1 <= int(out.get("retry-after") or b"0") <= 5
+    out, _ = h.one(register(), CLIENT)
+    assert out.status == 503
+    assert h.core.stats.shed == {"INVITE": 3, "REGISTER": 1}
+
+
+def test_never_shed_in_dialog_requests_ack_bye_cancel_retransmissions_or_options(shed: tuple[Harness, Clock]):
+    h, _ = shed
+    first = request("INVITE", "sip:bob@farm.test", call_id="c-first")
+    sent = h.feed(first, CLIENT) + _invites(h, 5)
+    assert len(sent) == 6
+    # the retransmission of a pending INVITE follows it
+    msg, dest = h.one(first, CLIENT)
+    assert msg.method == b"INVITE" and dest == sent[0][1]
+    for method in ("ACK", "CANCEL"):
+        msg, _ = h.one(request(method, "sip:bob@farm.test", call_id="c-first"), CLIENT)
+        assert msg.method == method.encode()
+    for method in ("BYE", "INVITE", "UPDATE"):  # in dialog: a To tag
+        msg, _ = h.one(request(method, "sip:bob@192.168.1.9", to="<sip:bob@farm.test>;tag=b9", cseq=5), CLIENT)
+        assert msg.method == method.encode()
+    out, _ = h.one(request("OPTIONS", "sip:10.0.0.1:5060"), CLIENT)
+    assert out.status == 200
+    assert h.core.stats.shed == {}
+
+
+def test_a_nodes_first_answer_reopens_it(shed: tuple[Harness, Clock]):
+    h, clock = shed
+    sent = _invites(h, 6)
+    assert h.one(request("INVITE", "sip:bob@farm.test"), CLIENT)[0].status == 503
+    fwd, node = sent[0]
+    clock.now += 0.002
+    answer = h.one(_response(fwd, 100), node)
+    assert answer[0].status == 100 and answer[1] == CLIENT
+    msg, dest = h.one(request("INVITE", "sip:bob@farm.test"), CLIENT)
+    assert msg.method == b"INVITE" and dest == node
+    admission = h.core.admission
+    assert admission is not None and admission.stats.answered == 1
+
+
+def test_without_admission_control_nothing_is_shed():
+    h = Harness()
+    h.nodes.update_members(members(["node1"]))
+    assert len(_invites(h, 200)) == 200
