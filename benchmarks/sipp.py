@@ -33,6 +33,7 @@ SCENARIOS_DIR = Path(__file__).resolve().parent / "scenarios"
 REGISTER_AUTH = SCENARIOS_DIR / "register_auth.xml"
 UAC_CALL = SCENARIOS_DIR / "uac_call.xml"
 UAC_CALL_RTP = SCENARIOS_DIR / "uac_call_rtp.xml"
+UAC_CALL_SHED = SCENARIOS_DIR / "uac_call_shed.xml"  # a 503 ends the call as "shed" (overload)
 UAS_ANSWER = SCENARIOS_DIR / "uas_answer.xml"
 G711A_PCAP = Path("/usr/share/sip-tester/g711a.pcap")
 # Socket buffers asked of SIPp; the kernel caps them at net.core.rmem_max / wmem_max.
@@ -183,6 +184,18 @@ def read_rtt(paths: Sequence[Path], rtd: int = 1) -> tuple[float, ...]:
                 if int(float(row[2])) == rtd:
                     values.append(float(row[1]))
     return tuple(values)
+
+
+def read_call_outcomes(workdir: Path) -> dict[str, set[int]]:
+    """The calls of a `-trace_logs` run by outcome logged by the scenario (uac_call_shed.xml:
+    "ok N", "end N", "shed N"): outcome -> call numbers."""
+    outcomes: dict[str, set[int]] = {}
+    for path in workdir.glob("*_logs.log"):
+        for line in path.read_text(errors="replace").splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[1].isdigit():
+                outcomes.setdefault(parts[0], set()).add(int(parts[1]))
+    return outcomes
 
 
 def _stat_int(row: Mapping[str, str], key: str) -> int:

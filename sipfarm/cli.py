@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     balancer.add_argument(
         "--no-shed", action="store_true", default=None, help="never answer 503 for overload ([balancer] shed = false)"
     )
-    balancer.add_argument("--shed-target", type=float, help="seconds: a node answering later is queueing (default 0.2)")
+    balancer.add_argument("--shed-target", type=float, help="seconds: a node answering later is queueing (default 0.1)")
     balancer.add_argument("--tls-cert")
     balancer.add_argument("--tls-key")
     balancer.add_argument("--log-format", choices=("kv", "json"))

@@ -387,7 +387,7 @@ class BalancerConfig:
     # a node as overloaded while its heartbeat reports more transactions in flight than that.
     # shed = false: never shed (the CLI's --no-shed).
     shed: bool = True
-    shed_target: float = 0.2
+    shed_target: float = 0.1
     shed_limit: int = 64
     shed_min_limit: int = 4
     shed_max_limit: int = 2000

@@ -229,6 +229,9 @@ class BalancerCore:
             registered.heard = True  # a registered UDP phone is alive (keepalive table)
         try:
             if msg.status:
+                node = self.nodes.by_address(source.host, source.port)
+                if node is not None:
+                    node.heard = True  # alive, whatever its probes (see NodeSet.due_probes)
                 self._on_response(msg)
             else:
                 # responses go to the source: the connection, or the UDP address and port the
@@ -267,6 +270,11 @@ class BalancerCore:
             # keep-alive probes of the balancer itself; anything else (a REGISTER sent to
             # sip:balancer-ip:port) is the farm's business and goes to a node
             self._answer_locally(msg, hop)
+            return
+        if msg.method == b"ACK" and msg.to_tag == self._to_tag:
+            # the ACK of a non-2xx answered here (503 shed, no node): ends here too (RFC 3261
+            # 17.2.1), no node knows that transaction
+            self.stats.local += 1
             return
         if flow is not None and from_node:
             # a token is an instruction only on the way to its client: the same Record-Route

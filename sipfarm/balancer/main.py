@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sipfarm.balancer")
 
+SHED_LOG_INTERVAL = 5.0  # seconds between warnings while shedding
 FLOW_SECRET_KEY = "sipfarm:flow-secret"  # noqa: S105 - a Redis key name
 
 
@@ -321,7 +322,7 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
     sync_groups = sync_counters(lambda: dict(core.stats.group_unavailable), metrics.group_unavailable)
     sync_shed = sync_counters(lambda: dict(core.stats.shed), metrics.shed)
     sync_overload = sync_counters(admission.stats.flat if admission is not None else dict, metrics.overload)
-    overloaded_before = 0
+    shed_logged = (0, -math.inf)  # shed count and time of the last warning
     pinned_groups = sorted(core.groups.groups) if core.groups is not None else []
     tune_gc()
     stop = stop_on_signals(loop)
@@ -357,16 +358,18 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
                 if admission is not None:
                     sync_shed()
                     sync_overload()
-                    overloaded = admission.overloaded_count()
-                    metrics.nodes_overloaded.set(overloaded)
-                    if overloaded != overloaded_before:
+                    metrics.nodes_overloaded.set(admission.overloaded_count())
+                    shed_now, now = sum(core.stats.shed.values()), time.monotonic()
+                    if shed_now > shed_logged[0] and now - shed_logged[1] >= SHED_LOG_INTERVAL:
+                        # one line per interval while shedding: how many, and each node's
+                        # limit/pending (the counters have the rest)
                         log.warning(
-                            "event=nodes_overloaded count=%d shed=%d limits=%s",
-                            overloaded,
-                            sum(core.stats.shed.values()),
+                            "event=shedding shed=%d since_s=%.1f nodes=%s",
+                            shed_now - shed_logged[0],
+                            min(now - shed_logged[1], 1e9),
                             ",".join(f"{n}:{int(v.limit)}/{len(v.pending)}" for n, v in admission.nodes.items()),
                         )
-                        overloaded_before = overloaded
+                        shed_logged = (shed_now, now)
                 if front is not None:
                     metrics.bans_known.set(front.bans_known)
                 for group in pinned_groups:

@@ -3,9 +3,10 @@
 Sans-IO: fed member snapshots (from Redis, read in the background) and probe results, asked
 ``pick(key)`` on the hot path.  A node is a destination when it is in the membership, active
 (not draining) and not marked down by probes.  Probes are OPTIONS every ``probe_interval``; a
-node that misses ``down_after`` probes in a row is down (so within about
-``down_after * probe_interval``), as is one the balancer cannot send to at all; one answer
-brings it back (ICMP port-unreachable is not used: unconnected UDP sockets do not report it).
+node that misses ``down_after`` probes in a row, with no other response from it meanwhile (an
+overloaded node answers its queue in order, the probe after the calls), is down (so within
+about ``down_after * probe_interval``), as is one the balancer cannot send to at all; one
+answer brings it back (ICMP port-unreachable is not used: unconnected UDP sockets do not report it).
 The consistent hash ring is rebuilt only when the set of usable nodes changes, so a node's
 death moves only its own keys.
 
@@ -47,6 +48,9 @@ class NodeEntry:
     rtt: float = 0.0  # smoothed probe round trip (seconds)
     aliases: set[tuple[str, int]] = field(default_factory=set)
     group: str | None = None  # static cluster group (None: the dynamic pool)
+    # a response came from the node since its last probe went out: it is alive even when the
+    # probe's answer is late (a node busy at its admission limit answers calls, not probes, first)
+    heard: bool = False
 
     @property
     def usable(self) -> bool:
@@ -188,7 +192,10 @@ class NodeSet:
                     due.append(entry)
                 continue
             if now - entry.probe_sent >= self.probe_interval:
-                self.probe_missed(entry)
+                if entry.heard:
+                    self.probe_answered(entry, now, measured=False)
+                else:
+                    self.probe_missed(entry)
                 due.append(entry)
         return due
 
@@ -196,9 +203,11 @@ class NodeSet:
         entry.probe_sent = now
         entry.last_probe = now
         entry.probe_branch = branch
+        entry.heard = False
 
-    def probe_answered(self, entry: NodeEntry, now: float) -> None:
-        if entry.probe_sent is not None:
+    def probe_answered(self, entry: NodeEntry, now: float, *, measured: bool = True) -> None:
+        """The probe's answer (or, ``measured`` False, other responses from the node)."""
+        if entry.probe_sent is not None and measured:
             sample = now - entry.probe_sent
             entry.rtt = sample if entry.rtt == 0 else 0.8 * entry.rtt + 0.2 * sample
         entry.probe_sent = None

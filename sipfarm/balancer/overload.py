@@ -21,12 +21,15 @@ node:
 - the node is *overloaded* while its pending requests reach its ``limit``, or while its
   last heartbeat reports more transactions in flight than ``node_load`` (0: not used);
 - the limit adapts (AIMD with a gradient, as Netflix's concurrency-limits): an answer within
-  ``target`` seconds, while the node is at least half busy, raises it by one; an answer
+  ``target`` seconds, while the node is at least half busy, raises it by 1/limit (one per
+  limit's worth of answers, as TCP's congestion avoidance); an answer
   later than ``target`` (or a late entry) cuts it to ``limit * target / delay`` (at most
   ``backoff``, at least ``min_limit``), at most once per ``target`` seconds, so one burst
   of slow answers is one cut.  The queue a node is allowed to hold is therefore about what
   it can serve within ``target``: with a node that answers 1,000 requests a second and
-  ``target`` 0.2 s, at most ~200 pending; with one that answers 50, ~10.
+  ``target`` 0.1 s, at most ~100 pending; with one that answers 50, ~5.  A call crosses
+  its node about four times before it is answered (two INVITEs, the INVITE to the callee
+  and its 200), so its setup stays within about ``4 * target`` at any offered load.
 
 The balancer prefers a node that is not overloaded (new INVITEs and REGISTERs may go to any
 node of their pool: nodes keep no state of their own), and sheds (503 + Retry-After) only
@@ -51,7 +54,7 @@ PENDING_LIMIT = 100_000  # entries over all nodes; beyond, the oldest are droppe
 class OverloadPolicy:
     """The settings of :class:`AdmissionControl` (``[balancer] shed_*``)."""
 
-    target: float = 0.2  # seconds: a node's first answer later than this means it queues
+    target: float = 0.1  # seconds: a node's first answer later than this means it queues
     initial_limit: int = 64  # pending new requests per node before the first measurement
     min_limit: int = 4
     max_limit: int = 2000
@@ -147,7 +150,9 @@ class AdmissionControl:
             self.stats.slow += 1
             self._cut(load, delay, now)
         elif (len(load.pending) + 1) * 2 >= load.limit:
-            load.limit = min(float(policy.max_limit), load.limit + 1.0)
+            # +1 per limit's worth of fast answers (TCP congestion avoidance): a node freed by
+            # a cut does not climb straight back into its queue
+            load.limit = min(float(policy.max_limit), load.limit + 1.0 / load.limit)
 
     def _cut(self, load: NodeLoad, delay: float, now: float) -> None:
         policy = self.policy

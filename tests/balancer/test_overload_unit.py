@@ -4,8 +4,10 @@ when every node is at its limit.  The real-process test is test_balancer_overloa
 
 from __future__ import annotations
 
+import secrets
+
 import pytest
-from test_balancer_unit import CLIENT, NODES, Harness, _response, members, register, request
+from test_balancer_unit import CLIENT, NODES, Harness, _response, members, node_for, register, request
 
 from sipfarm.balancer.overload import AdmissionControl, OverloadPolicy
 from sipfarm.sip.message import SipMessage
@@ -126,19 +128,23 @@ def shed() -> tuple[Harness, Clock]:
     return h, clock
 
 
-def _invites(h: Harness, count: int) -> list[tuple[SipMessage, object]]:
+def _invites(h: Harness, count: int, *, node: str | None = None) -> list[tuple[SipMessage, object]]:
+    """``count`` new INVITEs; ``node``: all with Call-IDs that hash to that node."""
     out = []
-    for _ in range(count):
-        out += h.feed(request("INVITE", "sip:bob@farm.test"), CLIENT)
+    for i in range(count):
+        call_id = f"c{i}-{secrets.token_hex(4)}"
+        while node is not None and node_for(h, call_id.encode()) != NODES[node]:
+            call_id = f"c{i}-{secrets.token_hex(4)}"
+        out += h.feed(request("INVITE", "sip:bob@farm.test", call_id=call_id), CLIENT)
     return out
 
 
 def test_new_invites_go_to_other_nodes_then_are_shed_with_503_and_retry_after(shed: tuple[Harness, Clock]):
     h, _ = shed
-    forwarded = _invites(h, 6)  # 3 nodes x limit 2
+    forwarded = _invites(h, 6, node="node1")  # 3 nodes x limit 2, all hashed to node1
     assert all(m.method == b"INVITE" for m, _ in forwarded)
     assert sorted(str(d) for _, d in forwarded) == sorted(str(a) for a in NODES.values() for _ in range(2))
-    assert h.core.admission is not None and h.core.admission.stats.diverted > 0
+    assert h.core.admission is not None and h.core.admission.stats.diverted == 4
     for out, dest in _invites(h, 3):
         assert out.status == 503 and dest == CLIENT
         assert 1 <= int(out.get("retry-after") or b"0") <= 5
@@ -184,3 +190,23 @@ def test_without_admission_control_nothing_is_shed():
     h = Harness()
     h.nodes.update_members(members(["node1"]))
     assert len(_invites(h, 200)) == 200
+
+
+def test_a_node_heard_from_is_not_marked_down_for_late_probes():
+    from sipfarm.balancer.nodes import Health, NodeSet  # noqa: PLC0415
+
+    nodes = NodeSet(down_after=2, probe_interval=0.25)
+    nodes.update_members(members(["node1"]))
+    entry = nodes.nodes["node1"]
+    now = 0.0
+    for _ in range(6):  # probes unanswered, calls answered meanwhile (a busy node)
+        for due in nodes.due_probes(now):
+            nodes.probe_sent(due, now, b"b")
+        entry.heard = True
+        now += 0.3
+    assert entry.health is Health.UP
+    for _ in range(3):  # silent: down
+        for due in nodes.due_probes(now):
+            nodes.probe_sent(due, now, b"b")
+        now += 0.3
+    assert entry.health is Health.DOWN
