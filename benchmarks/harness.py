@@ -525,6 +525,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protect-configs", default="off,default,full",
                    help="with --protect: the configurations to measure, the first is the reference")
     p.add_argument("--protect-calls-only", action="store_true", help="with --protect: the call searches only")
+    p.add_argument("--overload", action="store_true",
+                   help="calls offered at --overload-factor x the farm's max, shedding on and off (overload.md)")
+    p.add_argument("--overload-factor", type=float, default=3.0, help="with --overload: x the farm's max (default 3)")
+    p.add_argument("--overload-s", type=float, help="with --overload: seconds of each flood (default 10; full 20)")
+    p.add_argument("--overload-node-cpu", type=float, default=0.15,
+                   help="with --overload: each node's CPU quota in cores, cgroup v1, root only (0: none)")
     p.add_argument("--out", type=Path, default=Path("results"), help="results/<timestamp>/ goes here")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     return p
@@ -601,6 +607,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from benchmarks.protect_bench import protect_main  # noqa: PLC0415
 
         return protect_main(args, args_list)
+    if args.overload:
+        from benchmarks.overload_bench import overload_main  # noqa: PLC0415
+
+        return overload_main(args, args_list)
     settings = settings_from(args)
     fatal, notes = _missing_tools(settings)
     if fatal:

@@ -131,11 +131,12 @@ class SipfarmTarget(Target):
 
     def __init__(self, workdir: Path, users: Sequence[User], *, nodes: int, workers: int,
                  env: Mapping[str, str] | None = None, relays: int = 0, node_args: Sequence[str] = (),
-                 provision: bool = True, balancer_config: str = "") -> None:
+                 provision: bool = True, balancer_config: str = "", balancer_args: Sequence[str] = ()) -> None:
         super().__init__()
         self.env = env
         self.balancer_config = balancer_config  # TOML lines added to [balancer] (--protect: the front door)
         self.node_args = tuple(node_args)  # appended to every `sipfarm node` (--routing: --config FILE)
+        self.balancer_args = tuple(balancer_args)  # appended to `sipfarm balancer` (--overload: --no-shed)
         self.provision = provision  # False: no account in Redis (--routing: they are in LDAP only)
         self.relays = relays  # `sipfarm relay` processes the nodes anchor media on (ng)
         self.workdir = workdir.resolve()
@@ -200,7 +201,7 @@ class SipfarmTarget(Target):
         peers.write_text('[balancer]\nallow_destinations = ["127.0.0.0/8"]\n' + self.balancer_config)
         balancer = self._spawn("balancer", [
             "balancer", "--config", str(peers), "--redis", self.redis.url, "--listen", f"udp:{HOST}:{self.port}",
-            "--balancer-id", "lb1", "--log-level", "warning",
+            "--balancer-id", "lb1", "--log-level", "warning", *self.balancer_args,
         ])
         if not wait_until(lambda: not balancer.alive() or _sip_ping(self.port), 20) or not balancer.alive():
             raise TargetError(f"balancer did not answer OPTIONS on {self.address}:\n{balancer.log_tail(15)}")

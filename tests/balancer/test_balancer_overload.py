@@ -25,11 +25,11 @@ from benchmarks.sipp import REGISTER_AUTH, UAC_CALL_SHED, UAS_ANSWER, SippServer
 pytestmark = pytest.mark.timeout(120)
 
 NODE_CORES = 0.1  # the node's CPU quota
-CALIBRATE_RATE = 150  # calls/s offered to measure the node's capacity (well above it)
+CALIBRATE_RATE = 300  # calls/s offered to measure the node's capacity (well above it)
 CALIBRATE_S = 3.0
 OVERLOAD = 3.0  # x the measured capacity
 FLOOD_S = 10.0
-MAX_RATE = 400  # SIPp and the balancer must keep their CPU to spare
+MAX_RATE = 500  # SIPp and the balancer must keep their CPU to spare
 HOLD_MS = 200
 
 
