@@ -166,6 +166,10 @@ class OverloadBench:
 
     def _search(self, bench: Bench) -> float | None:
         s = self.settings
+        if not s.search:  # --tiny, --no-search: the fixed call rate stands for the max
+            self.farm_max = s.fixed_call_rate
+            self.notes.append(f"no search: {s.fixed_call_rate:g} calls/s taken as the farm's max")
+            return s.fixed_call_rate
 
         def step(rate: float) -> Step:
             st, m = bench.step("call", rate)
@@ -248,7 +252,8 @@ def markdown(summary: dict[str, Any]) -> str:
         f"# Overload: calls offered at {summary['overload_factor']:g}x the farm's max, shedding on and off",
         "",
         f"`{summary['command']}`, {summary['time']}, {summary['elapsed_s']:.0f} s; "
-        f"{m.get('cpu_count', '?')} CPUs ({m.get('cpu_model', '?')}), sipfarm {summary['build']}; "
+        f"{m.get('nproc', '?')} CPUs ({m.get('cpu_model', '?')}), kernel {m.get('kernel', '?')}, "
+        f"SIPp {m.get('sipp', '?')}, sipfarm {summary['build']}; "
         f"{summary['nodes']} node(s)" + (f", each held to {limit:.0%} of a core (cgroup CPU quota)" if limit else "")
         + f"; {summary['users']} users, hold {summary['hold_ms']} ms.",
         "",
