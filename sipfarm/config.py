@@ -388,7 +388,7 @@ class BalancerConfig:
     # shed = false: never shed (the CLI's --no-shed).
     shed: bool = True
     shed_target: float = 0.1
-    shed_limit: int = 64
+    shed_limit: int = 200
     shed_min_limit: int = 4
     shed_max_limit: int = 2000
     shed_late: float = 2.0

@@ -55,7 +55,7 @@ class OverloadPolicy:
     """The settings of :class:`AdmissionControl` (``[balancer] shed_*``)."""
 
     target: float = 0.1  # seconds: a node's first answer later than this means it queues
-    initial_limit: int = 64  # pending new requests per node before the first measurement
+    initial_limit: int = 200  # pending new requests per node before the first measurement
     min_limit: int = 4
     max_limit: int = 2000
     backoff: float = 0.9  # the smallest cut of the limit on a slow answer
