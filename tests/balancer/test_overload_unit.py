@@ -210,3 +210,22 @@ def test_a_node_heard_from_is_not_marked_down_for_late_probes():
             nodes.probe_sent(due, now, b"b")
         now += 0.3
     assert entry.health is Health.DOWN
+
+
+def test_shed_settings_from_toml_environment_and_flags_are_validated(tmp_path):
+    from sipfarm.balancer.main import overload_policy  # noqa: PLC0415
+    from sipfarm.config import BalancerConfig, ConfigError, load  # noqa: PLC0415
+
+    cfg = load(BalancerConfig, environ={})
+    assert cfg.shed and cfg.shed_target == 0.1 and (cfg.shed_retry_after_min, cfg.shed_retry_after_max) == (1, 5)
+    toml = tmp_path / "lb.toml"
+    toml.write_text("[balancer]\nshed = false\nshed_target = 0.25\nshed_limit = 10\nshed_node_load = 500\n")
+    cfg = load(BalancerConfig, toml, environ={"SIPFARM_SHED_LATE": "3"}, section="balancer")
+    assert not cfg.shed
+    policy = overload_policy(cfg)
+    assert (policy.target, policy.initial_limit, policy.node_load, policy.late_after) == (0.25, 10, 500.0, 3.0)
+    assert load(BalancerConfig, flags={"shed": False}, environ={}).shed is False
+    for key, value in (("shed_target", "0"), ("shed_limit", "1"), ("shed_max_limit", "2"),
+                       ("shed_late", "0.01"), ("shed_retry_after_max", "0"), ("shed_node_load", "-1")):
+        with pytest.raises(ConfigError, match=key):
+            load(BalancerConfig, flags={key: value}, environ={})
