@@ -152,7 +152,9 @@ def sipfarm_env(build: str) -> tuple[dict[str, str], str]:
     (compiled when fresh, else interpreted).
     """
     env = dict(os.environ)
-    env.pop("PYTHONPATH", None)
+    # interpreted: this checkout's sources, whatever copy is installed (a git worktree's
+    # processes would import the main checkout's otherwise: they run from their workdir)
+    env["PYTHONPATH"] = str(REPO)
     env["SIPFARM_BUILD"] = "interpreted"  # the processes run what is chosen here, never re-exec
     if build == "interpreted":
         return env, "interpreted"
