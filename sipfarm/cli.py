@@ -126,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--relays",
         help='media relays: "cluster" (the live relays of the membership, by load) or IP:PORT,... (ng)',
     )
+    node.add_argument(
+        "--accept-from",
+        action="append",
+        metavar="SOURCE",
+        help="take requests only from: balancers, peers, or a network (CIDR); repeatable or "
+        "comma-separated (default: anyone)",
+    )
     node.add_argument("--group", help="static cluster: the node group this node serves (default: the dynamic pool)")
     node.add_argument("--log-format", choices=("kv", "json"))
     node.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
@@ -190,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-shed", action="store_true", default=None, help="never answer 503 for overload ([balancer] shed = false)"
     )
     balancer.add_argument("--shed-target", type=float, help="seconds: a node answering later is queueing (default 0.1)")
+    balancer.add_argument(
+        "--allow", action="append", metavar="CIDR", help="only these client networks (repeatable, or comma-separated)"
+    )
+    balancer.add_argument(
+        "--deny", action="append", metavar="CIDR", help="drop these client networks (repeatable, or comma-separated)"
+    )
     balancer.add_argument("--tls-cert")
     balancer.add_argument("--tls-key")
     balancer.add_argument("--log-format", choices=("kv", "json"))

@@ -20,6 +20,9 @@ from typing import Any, TypeVar
 
 from sipfarm.sip.address import Address
 
+#: the words [node] accept_from takes besides networks
+ACCEPT_KEYWORDS = ("balancers", "peers")
+
 
 class ConfigError(ValueError):
     """A configuration value that is missing, of the wrong type or out of range."""
@@ -65,6 +68,16 @@ class NodeConfig:
     # phones are on this machine). Flows and farm elements (signed URIs) are always reachable.
     internal_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     allow_destinations: list[str] = field(default_factory=list)
+    # Who may send this node requests (flag --accept-from, repeatable or comma-separated): each
+    # entry a network (CIDR or an address) or a keyword: "balancers", the live balancers of the
+    # membership (the hosts they heartbeat, kept current as they come and go); "peers", the
+    # [routing] section's trusted networks and the IP literals of its forward and alias URIs
+    # (gateways, trunks; re-read with the table). A request from any other source is dropped
+    # unparsed and unanswered (a TCP/TLS connection from it closed at once), counted in
+    # sipfarm_node_dropped_total{reason="unknown_source"}. Responses always pass to the
+    # transaction layer, which drops those matching no transaction of this node (gateways
+    # found by DNS answer from addresses no list names). Empty (the default): anyone.
+    accept_from: list[str] = field(default_factory=list)
     auth_invite: bool = True  # challenge INVITE/MESSAGE... from unauthenticated sources (407)
     account_cache_ttl: float = 2.0
     # SO_RCVBUF of UDP sockets: the kernel's ~200 KB default overflows under bursts long before
@@ -125,6 +138,14 @@ class NodeConfig:
         for algorithm in self.digest_algorithms:
             _check_choice("digest_algorithms", algorithm, ("MD5", "SHA-256", "MD5-sess", "SHA-256-sess"))
         _check_destinations(self.internal_networks, self.allow_destinations)
+        for entry in self.accept_from:
+            if entry not in ACCEPT_KEYWORDS:
+                try:
+                    _check_networks("accept_from", [entry])
+                except ConfigError:
+                    raise ConfigError(
+                        f"accept_from: {entry!r} is neither {' nor '.join(ACCEPT_KEYWORDS)} nor a network (CIDR)"
+                    ) from None
         _check_range("auth_max_failures", self.auth_max_failures, 1, 1_000_000)
         _check_range("auth_failure_window", self.auth_failure_window, 1, 86_400)
         _check_range("auth_ban_time", self.auth_ban_time, 1, 30 * 86_400)
@@ -132,6 +153,14 @@ class NodeConfig:
         _check_range("flow_timer_stream", self.flow_timer_stream, 1, 3600)
         _check_choice("log_format", self.log_format, ("kv", "json"))
         _check_choice("log_level", self.log_level, ("debug", "info", "warning", "error"))
+
+
+def flag_list(values: list[str] | None) -> list[str] | None:
+    """A repeatable flag whose values may also be comma-separated (``--deny a,b --deny c``);
+    None when not given (the file's or the default list stays)."""
+    if values is None:
+        return None
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
 
 
 def _check_address(key: str, spec: str) -> None:
@@ -155,6 +184,16 @@ def _check_destinations(internal_networks: list[str], allow_destinations: list[s
                 raise ConfigError(f"{key}: {exc}") from None
             if key == "internal_networks" and isinstance(parsed, tuple):
                 raise ConfigError(f"internal_networks: {entry!r} is not a network")
+
+
+def _check_networks(key: str, entries: list[str]) -> None:
+    from sipfarm.protect.netlist import parse_network  # noqa: PLC0415 - config stays light
+
+    for entry in entries:
+        try:
+            parse_network(entry)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
 
 
 def _check_group_name(key: str, value: str) -> None:
@@ -395,6 +434,16 @@ class BalancerConfig:
     shed_node_load: float = 0.0
     shed_retry_after_min: int = 1
     shed_retry_after_max: int = 5
+    # Allow and deny lists of the public side (networks in CIDR or single addresses, IPv4 and
+    # IPv6; flags --allow/--deny, repeatable or comma-separated): a client source in a deny
+    # network is dropped before parsing, unanswered; when allow is not empty, so is a source
+    # outside it. Deny wins over allow. A refused source's TCP/TLS connection is closed as it
+    # is accepted, its WebSocket upgrade answered 403, its STUN keep-alive ignored. The farm's
+    # nodes always pass; exempt plays no part (it only spares rate limits). Applies whether
+    # protect is on or not; counted in sipfarm_balancer_protect_total{reason="denied"} and
+    # {reason="not_allowed"}.
+    allow: list[str] = field(default_factory=list)
+    deny: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         if not self.listen:
@@ -429,6 +478,8 @@ class BalancerConfig:
                 ipaddress.ip_network(net, strict=False)
             except ValueError:
                 raise ConfigError(f"exempt: {net!r} is not a network") from None
+        _check_networks("allow", self.allow)
+        _check_networks("deny", self.deny)
         for spec in self.listen:
             _check_address("listen", spec)
         if self.internal:

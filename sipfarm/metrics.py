@@ -102,6 +102,16 @@ class NodeMetrics:
                 registry=r,
             )
         )
+        # messages dropped unanswered before parsing: unknown_source (a request, connection or
+        # keep-alive from a source [node] accept_from does not name)
+        self.dropped = LabelCache(
+            Counter(
+                "sipfarm_node_dropped_total",
+                "Messages and connections dropped unanswered before parsing, by reason",
+                ["reason"],
+                registry=r,
+            )
+        )
         self.transport_events = LabelCache(
             Counter(
                 "sipfarm_node_transport_events_total",

@@ -275,6 +275,7 @@ def run_up(args: argparse.Namespace) -> int:
         for child, ng_port in zip(relay_children, ng_ports, strict=True):
             wait_ng(host, ng_port, 15.0, child)
 
+        accept_from = node_accept_from(host) if not args.no_balancer else ""
         for i in range(args.nodes):
             port = node_base + i
             listen = [f"udp:{host}:{port}", f"tcp:{host}:{port}"]
@@ -295,6 +296,8 @@ def run_up(args: argparse.Namespace) -> int:
                 argv += ["--listen", spec]
             if relay_children:
                 argv += ["--relays", "cluster"]  # every call's media through the relays, by load
+            if accept_from:
+                argv += ["--accept-from", accept_from]
             log_path = workdir / "logs" / f"node{i + 1}.log"
             proc = spawn("node", argv, log_path)
             metrics = f"{host}:{args.metrics_port + i + 1}"
@@ -377,6 +380,41 @@ def run_up(args: argparse.Namespace) -> int:
         stop_all(children)
         if redis_proc is not None:
             redis_proc.stop()
+
+
+def node_accept_from(host: str) -> str:
+    """The nodes' ``--accept-from`` behind the farm's balancer: the balancers, the routing
+    table's peers, and this host's own address (``up`` asks each node for OPTIONS from it
+    before the balancer starts; the balancer sends from it too). A farm on a wildcard address
+    takes loopback instead (what the balancer and ``up`` send from). Phones talk to the
+    balancer, never to the nodes. Empty (nodes open to anyone) when the config file or
+    $SIPFARM_ACCEPT_FROM says otherwise: the operator's choice wins."""
+    if "SIPFARM_ACCEPT_FROM" in os.environ or _node_setting("accept_from") is not None:
+        return ""
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        try:
+            own = sorted({str(info[4][0]) for info in socket.getaddrinfo(host, None)})
+        except OSError:
+            return ""  # the balancer cannot listen there either: up fails on its own terms
+    else:
+        own = ["127.0.0.0/8", "::1/128"] if address.is_unspecified else [str(address)]
+    return ",".join(["balancers", "peers", *own])
+
+
+def _node_setting(key: str) -> object | None:
+    """A key of the config file's [node] section (None: no file, or not set there)."""
+    if not CONFIG_FILE:
+        return None
+    import tomllib  # noqa: PLC0415
+
+    try:
+        with open(CONFIG_FILE[0], "rb") as fh:
+            section = tomllib.load(fh).get("node", {})
+    except (OSError, tomllib.TOMLDecodeError):
+        return None  # the node reports the file's problem itself
+    return section.get(key) if isinstance(section, dict) else None
 
 
 def _is_loopback(host: str) -> bool:

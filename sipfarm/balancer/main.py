@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sipfarm import __version__
-from sipfarm.config import BalancerConfig, ConfigError, load
+from sipfarm.config import BalancerConfig, ConfigError, flag_list, load
 from sipfarm.logs import setup_logging
 from sipfarm.sip.address import Address
 from sipfarm.transport.loop import stop_on_signals, tune_gc
@@ -53,6 +53,8 @@ def run_balancer(args: argparse.Namespace) -> int:
         "ws_origins": getattr(args, "ws_origin", None),
         "shed": False if getattr(args, "no_shed", None) else None,
         "shed_target": getattr(args, "shed_target", None),
+        "allow": flag_list(getattr(args, "allow", None)),
+        "deny": flag_list(getattr(args, "deny", None)),
     }
     try:
         cfg = load(BalancerConfig, args.config, flags, section="balancer")
@@ -96,6 +98,9 @@ def run_balancer(args: argparse.Namespace) -> int:
             argv += ["--listen", spec]
         for origin in getattr(args, "ws_origin", None) or ():
             argv += ["--ws-origin", origin]
+        for key in ("allow", "deny"):  # the file's lists too: flags win over it, so pass them all
+            if getattr(cfg, key):
+                argv += [f"--{key}", ",".join(getattr(cfg, key))]
         return supervise(argv, cfg.workers, cfg.metrics)
     if worker_index is not None:
         from sipfarm.workers import die_with_supervisor  # noqa: PLC0415
@@ -146,6 +151,7 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
     from sipfarm.cluster.watcher import MemberWatcher  # noqa: PLC0415
     from sipfarm.edge import FlowTokens  # noqa: PLC0415
     from sipfarm.metrics import BalancerMetrics, serve_metrics, sync_counters  # noqa: PLC0415
+    from sipfarm.protect.netlist import NetList, Verdict  # noqa: PLC0415
     from sipfarm.store.errors import StoreError  # noqa: PLC0415
     from sipfarm.store.location import LocationStore  # noqa: PLC0415
     from sipfarm.store.redis_client import create_redis  # noqa: PLC0415
@@ -168,9 +174,32 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
     transports = TransportManager(on_message, config=transport_config(cfg))
     transports.limit_exempt = source_matcher(cfg.exempt)
     front = FrontDoor(front_door_policy(cfg)) if cfg.protect else None
+    acl = NetList(cfg.allow, cfg.deny) if cfg.allow or cfg.deny else None
+    refused: dict[str, int] = {}  # sources refused by the allow/deny lists, by verdict
+    node_at = nodes.by_address
+    if acl is not None:
+        verdict = acl.verdict
+        allowed = Verdict.ALLOWED
+
+        def admit(source: Address) -> bool:
+            # every message, before the front door: one dict look-up (cached); nodes pass
+            found = verdict(source.host)
+            if found is allowed or node_at(source.host, source.port) is not None:
+                return True
+            refused[found.value] = refused.get(found.value, 0) + 1
+            return False
+
+        def allow_source(host: str) -> bool:
+            # a connection as it is accepted, a keep-alive (the nodes talk UDP, never these)
+            found = verdict(host)
+            if found is allowed:
+                return True
+            refused[found.value] = refused.get(found.value, 0) + 1
+            return False
+
+        transports.allow_source = allow_source
     if front is not None:
         screen_source = front.screen
-        node_at = nodes.by_address
         clock = time.monotonic
 
         def screen(data: bytes, source: Address) -> bool:
@@ -179,6 +208,14 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
             return node_at(source.host, source.port) is not None or screen_source(data, source.host, clock())
 
         transports.screen = screen
+        if acl is not None:
+
+            def screen_acl(data: bytes, source: Address) -> bool:
+                return admit(source) and screen(data, source)
+
+            transports.screen = screen_acl
+    elif acl is not None:
+        transports.screen = lambda _data, source: admit(source)
     # RFC 5626: this worker's registered flows (each worker its own: a UDP client's 4-tuple
     # and a connection stay with one worker, and a REGISTER's 200 comes back to it)
     registrations = RegisteredFlows(interval=cfg.keepalive_interval, failures=cfg.keepalive_failures)
@@ -282,6 +319,7 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
             host=socket.gethostname(),
             started_at=started,
             version=__version__,
+            internal_address=str(internal),  # where requests to the nodes come from
         )
 
     heartbeater = start_heartbeat(store, member, interval=cfg.heartbeat, leader=not multi or worker_index == 0)
@@ -315,7 +353,7 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
             task.add_done_callback(removals.discard)
 
     ban_sync = loop.create_task(sync_bans(front, redis, cfg.ban_refresh)) if front is not None else None
-    sync_protect = sync_counters(lambda: dict(front.stats) if front is not None else {}, metrics.protect)
+    sync_protect = sync_counters(lambda: {**(front.stats if front is not None else {}), **refused}, metrics.protect)
     sync = sync_counters(lambda: {**core.stats.flat(), **transports.stats.flat()}, metrics.events)
     sync_keepalives = sync_counters(registrations.stats.flat, metrics.keepalives)
     sync_refused = sync_counters(lambda: dict(transports.stats.refused), metrics.connections_refused)
@@ -327,11 +365,13 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
     tune_gc()
     stop = stop_on_signals(loop)
     log.info(
-        "event=balancer_started id=%s listen=%s internal=%s group_rules=%d",
+        "event=balancer_started id=%s listen=%s internal=%s group_rules=%d allow=%s deny=%s",
         cfg.balancer_id,
         ",".join(str(a) for a in public.values()),
         internal,
         len(cfg.groups),
+        ",".join(cfg.allow) or "any",
+        ",".join(cfg.deny) or "none",
     )
     if ready is not None:
         ready.set()

@@ -16,7 +16,8 @@ facing the Internet should name the origins of its web phones (``origins``): any
 answered 403, so a page elsewhere cannot use a visitor's browser against the farm.  An entry
 ``https://*.example.net`` matches any subdomain.  Non-browser SIP-over-WebSocket clients send
 no Origin and are served unless ``require_origin``.  Refusals are counted by reason in the
-transport's ``refused`` stats (per_source, total, origin, handshake_timeout).
+transport's ``refused`` stats (per_source, total, origin, handshake_timeout).  A source the
+manager's ``allow_source`` refuses (the balancer's allow and deny lists) is closed at accept.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import functools
 import logging
 import ssl
 from collections import deque
-from typing import Any
+from typing import Any, cast
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -34,7 +35,7 @@ from websockets.http11 import Request, Response
 
 from sipfarm.balancer.origins import OriginPolicy
 from sipfarm.sip.address import Address
-from sipfarm.transport.manager import TransportManager
+from sipfarm.transport.manager import REFUSED_SOURCE, TransportManager
 
 log = logging.getLogger("sipfarm.transport.ws")
 
@@ -63,6 +64,8 @@ class AdmittedConnection(ServerConnection):
         peer = transport.get_extra_info("peername")
         host = str(peer[0]) if peer else ""
         self.refused = self.manager.admit(self, host)
+        if self.refused == REFUSED_SOURCE:
+            cast(asyncio.Transport, transport).abort()  # the allow/deny lists: no HTTP answer
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

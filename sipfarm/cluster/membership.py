@@ -118,6 +118,10 @@ class Member:
     #: a node's static group (the balancer pins accounts to it); None: the dynamic pool.
     #: Written only when set, like ``free_ports``
     group: str | None = None
+    #: a balancer's address facing the nodes (``"udp:10.0.0.5:5060"``), where its requests to
+    #: them come from when it differs from ``addresses`` (``advertise``, ``internal``); a
+    #: node's ``accept_from = ["balancers"]`` takes the hosts of both. Written only when set
+    internal_address: str | None = None
 
     def __post_init__(self) -> None:
         if not self.id or not self.id.isprintable() or any(c.isspace() for c in self.id):
@@ -145,6 +149,8 @@ class Member:
             record["packet_rate"] = self.packet_rate
         if self.group is not None:
             record["group"] = self.group
+        if self.internal_address is not None:
+            record["internal_address"] = self.internal_address
         return _dumps(record)
 
     @classmethod
@@ -156,6 +162,7 @@ class Member:
             free_ports = d.get("free_ports")
             packet_rate = d.get("packet_rate")
             group = d.get("group")
+            internal = d.get("internal_address")
             return cls(
                 id=str(d["id"]),
                 role=Role(d["role"]),
@@ -172,6 +179,7 @@ class Member:
                 free_ports=None if free_ports is None else int(free_ports),
                 packet_rate=None if packet_rate is None else float(packet_rate),
                 group=None if group is None else str(group),
+                internal_address=None if internal is None else str(internal),
             )
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"not a member record {data!r:.200}: {e!r}") from e

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from sipfarm import __version__
-from sipfarm.config import ConfigError, NodeConfig, load
+from sipfarm.config import ConfigError, NodeConfig, flag_list, load
 from sipfarm.logs import setup_logging
 from sipfarm.sip.address import Address
 from sipfarm.transport.loop import stop_on_signals, tune_gc
@@ -50,6 +50,7 @@ def _flags(args: argparse.Namespace) -> dict[str, object]:
         "advertise": args.advertise,
         "relays": getattr(args, "relays", None),
         "group": getattr(args, "group", None),
+        "accept_from": flag_list(getattr(args, "accept_from", None)),
         "log_format": args.log_format,
         "log_level": args.log_level,
     }
@@ -113,6 +114,7 @@ async def serve(
     from sipfarm.cluster.heartbeat import start_heartbeat  # noqa: PLC0415
     from sipfarm.cluster.membership import Member, MembershipStore, Role  # noqa: PLC0415
     from sipfarm.metrics import NodeMetrics, serve_metrics, sync_counters  # noqa: PLC0415
+    from sipfarm.node.accept import AcceptFrom  # noqa: PLC0415
     from sipfarm.node.core import NodeCore, NodeIdentity  # noqa: PLC0415
     from sipfarm.node.farmstate import FarmState  # noqa: PLC0415
     from sipfarm.node.glue import NodeGlue  # noqa: PLC0415
@@ -158,6 +160,13 @@ async def serve(
     transports = TransportManager(
         on_message, on_send_failure=on_send_failure, config=TransportConfig(udp_recv_buffer=cfg.udp_recv_buffer)
     )
+    # [node] accept_from: before anything listens, so no request slips in unscreened
+    accept = AcceptFrom(cfg.accept_from)
+    if accept.open:
+        log.info("event=node_open accept_from=anyone hint=behind_balancers_set_accept_from_balancers,peers")
+    else:
+        transports.screen = accept.screen
+        transports.allow_source = accept.allow_source
     bound: list[Address] = [await transports.listen(spec, reuse_port=multi) for spec in cfg.listen]
     addresses: dict[str, tuple[str, int]] = {}
     for addr in bound:
@@ -221,6 +230,7 @@ async def serve(
     # the router table of the config file's [routing] section (checked in run_node); re-read on
     # SIGHUP and when `sipfarm reload` bumps ROUTING_EPOCH_KEY in Redis
     router = Router(identity.domains, load_routing(config_path) if config_path else None)
+    accept.set_peers(router.table)
     from sipfarm.transport.rfc3263 import ServerLocator  # noqa: PLC0415
 
     # gateways by name: RFC 3263 (NAPTR, SRV, A/AAAA) with failover to the next target
@@ -303,6 +313,7 @@ async def serve(
         secret_tasks.append(loop.create_task(fetch_secrets()))
 
     sync_transport = sync_counters(transports.stats.flat, metrics.transport_events)
+    sync_dropped = sync_counters(lambda: accept.stats, metrics.dropped)
     registrations = {"bindings": 0, "aors": 0}
 
     def count_registrations() -> None:
@@ -368,12 +379,42 @@ async def serve(
             await asyncio.wait_for(relay_watcher.poll(), 1.0)  # the relays before the first call
         relays_changed()
 
+    def log_accepted(why: str) -> None:
+        log.info(
+            "event=accept_from reason=%s accepted=%s",
+            why,
+            ",".join(str(n) for n in accept.accepted) or "nobody_yet",
+        )
+
+    balancer_watcher = None
+    if accept.want_balancers:
+        from sipfarm.cluster.watcher import MemberWatcher  # noqa: PLC0415
+
+        # the balancers as they come and go: a new one is accepted within a poll of its first
+        # heartbeat, one gone (its record expired) no more
+        balancer_watcher = MemberWatcher(membership, Role.BALANCER, interval=min(0.25, cfg.heartbeat))
+        watched = balancer_watcher
+
+        def balancers_changed(_change: object = None) -> None:
+            if accept.set_balancers(watched.snapshot()):
+                log_accepted("balancers_changed")
+
+        balancer_watcher.add_listener(balancers_changed)
+        balancer_watcher.start()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(balancer_watcher.poll(), 1.0)  # the balancers before serving
+        accept.set_balancers(balancer_watcher.snapshot())
+    if not accept.open:
+        log_accepted("started")
+
     def reload_routing(why: str) -> None:
         if not config_path:
             return
         error = router.reload(config_path)
         if error is None:
             log.info("event=routing_reloaded reason=%s rules=%d", why, len(router.table.rules))
+            if accept.set_peers(router.table):
+                log_accepted("peers_reloaded")
         else:
             log.error("event=routing_reload_refused reason=%s error=%s", why, error.replace(" ", "_"))
 
@@ -406,6 +447,7 @@ async def serve(
             if config_path:
                 pipe.call(routing_epoch, "GET", ROUTING_EPOCH_KEY)
             sync_transport()
+            sync_dropped()
             metrics.transactions.set(len(core.layer))
             if tick % 5 == 1 and (not multi or worker_index == 0):
                 count_registrations()
@@ -417,6 +459,8 @@ async def serve(
             await heartbeater.stop()
         if relay_watcher is not None:
             await relay_watcher.stop()
+        if balancer_watcher is not None:
+            await balancer_watcher.stop()
         glue.close()
         locator.close()
         if routing_helper is not None:
@@ -492,6 +536,8 @@ def supervise_workers(cfg: NodeConfig, args: argparse.Namespace) -> int:
         argv += ["--advertise", cfg.advertise]
     if cfg.group:
         argv += ["--group", cfg.group]
+    if cfg.accept_from:
+        argv += ["--accept-from", ",".join(cfg.accept_from)]
     for spec in cfg.listen:
         argv += ["--listen", spec]
     for domain in cfg.domains:

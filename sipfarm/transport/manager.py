@@ -12,6 +12,12 @@ stream goes through :meth:`TransportManager.deliver`, inline from the protocol c
 3. the user's ``on_message(msg, source, local)``.  A SipError it raises is answered the same
    way; any other exception is logged with the Call-ID and counted.  Nothing escapes.
 
+Two optional hooks let the process refuse sources cheaply: ``screen(data, source)`` before
+step 1 (False: dropped unparsed and unanswered; the balancer's front door and allow/deny
+lists, a node's ``accept_from``), and ``allow_source(host)`` when a connection is accepted,
+before the limits below and any TLS handshake (False: closed at once), and when a UDP
+keep-alive arrives (False: ignored, unanswered).
+
 ``send(data, dest)`` picks the socket: UDP through a listening socket (the one named by
 ``local`` when given, so answers leave from the address the request reached); TCP/TLS over the
 flow to ``dest`` -- the connection a peer opened to us is keyed by its address, so answering
@@ -59,6 +65,8 @@ MessageCallback = Callable[[SipMessage, Address, Address], None]
 """``on_message(msg, source, local)``: synchronous, called inline for every parsed message."""
 
 STREAM_TRANSPORTS = frozenset({"tcp", "tls"})
+#: ``admit``'s reason for a connection from a source ``allow_source`` refuses
+REFUSED_SOURCE = "source"
 
 
 class Flow(Protocol):
@@ -109,6 +117,11 @@ class TransportManager:
         self.screen: Callable[[bytes, Address], bool] | None = None
         # sources (IP address strings) ``max_connections_per_source`` does not apply to
         self.limit_exempt: Callable[[str], bool] | None = None
+        # checked first when a connection is accepted (TCP, TLS before its handshake, WebSocket)
+        # and before a UDP keep-alive is answered, with the source's IP address: False refuses
+        # the source (the connection closed at once, the keep-alive ignored). The balancer's
+        # allow/deny lists, a node's accept_from; the owner counts what it refuses
+        self.allow_source: Callable[[str], bool] | None = None
         self.config = config if config is not None else TransportConfig()
         self.stats = stats if stats is not None else TransportStats()
         self._tls_client_context = tls_client_context
@@ -441,9 +454,14 @@ class TransportManager:
     def admit(self, connection: object, host: str) -> str | None:
         """Count a connection just accepted from ``host`` towards the limits.  None when
         admitted (``release(connection)`` frees the slot, once, however it closes); else the
-        reason it is refused (``total`` or ``per_source``, counted): the caller closes it."""
+        reason it is refused (``total`` or ``per_source``, counted; ``source``: a source
+        ``allow_source`` refuses, counted by its owner): the caller closes it."""
         if connection in self._open:
             return None
+        allow_source = self.allow_source
+        if allow_source is not None and not allow_source(host):
+            self.stats.connections_refused += 1
+            return REFUSED_SOURCE
         reason: str | None = None
         if self._closed or len(self._open) >= self.config.max_connections:
             reason = "total"

@@ -8,7 +8,8 @@ Keep-alives share the port (RFC 5626 4.4): a datagram whose first byte is below 
 start a SIP message, so only those are looked at more closely.  A CRLF is counted and
 ignored; a STUN Binding request is answered here with the sender's address
 (:mod:`sipfarm.transport.stun`, RFC 5626 8), any other STUN message dropped and counted.
-Neither reaches the parser; both tell the manager's ``on_keepalive`` the flow is alive.
+Neither reaches the parser; both tell the manager's ``on_keepalive`` the flow is alive.  A
+source the manager's ``allow_source`` hook refuses gets neither answer nor notice.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
     def _keepalive(self, data: bytes, addr: tuple[str | int, ...]) -> bool:
         """Handle a CRLF or STUN keep-alive (True); False for anything else (the parser's)."""
         stats = self._stats
+        allow_source = self._manager.allow_source
         if is_stun(data):
             try:
                 header = parse_header(data)
@@ -72,6 +74,8 @@ class UdpEndpoint(asyncio.DatagramProtocol):
                 bump(stats.stun_dropped, "stun_not_binding_request")
                 return True
             source = Address("udp", cast(str, addr[0]), cast(int, addr[1]))
+            if allow_source is not None and not allow_source(source.host):
+                return True  # a refused source learns nothing, not even its address
             try:
                 # RFC 5626 8 / RFC 5389 7.3.1: a success response naming the source address
                 response = binding_response(header, source.host, source.port)
@@ -83,6 +87,8 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         elif data and not data.strip(b"\r\n"):
             # CRLF keep-alive some clients send over UDP: nothing to parse, nothing to answer
             source = Address("udp", cast(str, addr[0]), cast(int, addr[1]))
+            if allow_source is not None and not allow_source(source.host):
+                return True
         else:
             return False
         stats.keepalive_pings += 1

@@ -1,0 +1,167 @@
+"""Which sources a node takes requests from (``[node] accept_from``), no I/O.
+
+Theory of operation
+-------------------
+Behind balancers a node has no business with phones: its requests come from the balancers,
+from the gateways and trunks of its routing table, and from networks the operator names.
+:class:`AcceptFrom` turns the configured entries into one allow list
+(:class:`~sipfarm.protect.netlist.NetList`):
+
+- a network (``10.0.0.0/8``, ``192.0.2.7``) as written;
+- ``balancers``: the hosts the live balancers of the membership heartbeat (their public
+  addresses and the one facing the nodes), handed in with :meth:`AcceptFrom.set_balancers` by
+  the asyncio layer whenever the membership changes;
+- ``peers``: the routing table's ``trusted`` networks and the IP literals of its forward and
+  alias URIs (:func:`peer_networks`), handed in with :meth:`AcceptFrom.set_peers` when the
+  table is read or reloaded.
+
+:meth:`AcceptFrom.screen` runs on the raw bytes before parsing: a response always passes (the
+transaction layer drops one that matches no transaction, and a gateway found by DNS answers
+from an address no list names); a request from a source outside the list is dropped,
+unanswered, and counted (``stats["unknown_source"]``).  :meth:`AcceptFrom.allow_source` refuses the
+same sources' TCP/TLS connections as they are accepted, and their UDP keep-alives.  No
+entries at all (the default): everyone is accepted (``open``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+
+from sipfarm.cluster.membership import Member, parse_address
+from sipfarm.config import ACCEPT_KEYWORDS as KEYWORDS
+from sipfarm.protect.netlist import NetList, Network, parse_network
+from sipfarm.routing.table import Action, RoutingTable
+from sipfarm.sip.address import Address
+from sipfarm.sip.errors import SipError
+from sipfarm.sip.uri import SipURI, parse_uri
+
+__all__ = ["KEYWORDS", "AcceptFrom", "balancer_networks", "peer_networks"]
+
+_UNKNOWN_SOURCE = "unknown_source"
+
+
+def _host_network(host: str) -> Network | None:
+    """An IP literal as a one-address network; None for a name or a wildcard (0.0.0.0, ::)."""
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+    if address.is_unspecified:
+        return None
+    return ipaddress.ip_network(address)
+
+
+def balancer_networks(members: Iterable[Member]) -> list[Network]:
+    """The hosts the balancers among ``members`` send from: their addresses and the address
+    facing the nodes.  A name or a wildcard (a balancer on 0.0.0.0 without ``internal``) tells
+    nothing: such a balancer's network must be listed in accept_from as a CIDR."""
+    out: list[Network] = []
+    for member in members:
+        for text in (*member.addresses, *([member.internal_address] if member.internal_address else [])):
+            try:
+                _transport, host, _port = parse_address(text)
+            except ValueError:
+                continue
+            net = _host_network(host)
+            if net is not None and net not in out:
+                out.append(net)
+    return out
+
+
+def peer_networks(table: RoutingTable) -> list[Network]:
+    """The routing table's trusted networks and the IP literals of the URIs it forwards to
+    (forward rules, the unknown rule's forward, alias targets outside the farm): the gateways
+    and trunks that send the farm calls or continue its dialogs."""
+    out: list[Network] = list(table.trusted)
+    uris: list[str] = []
+    for rule in table.rules:
+        if rule.action is Action.FORWARD:
+            uris.append(rule.uri)
+        elif rule.action is Action.ALIAS:
+            uris.extend(rule.targets)
+    if table.unknown.action is Action.FORWARD:
+        uris.append(table.unknown.uri)
+    for text in uris:
+        try:
+            uri = parse_uri(text.encode())
+        except (SipError, ValueError):
+            continue
+        if isinstance(uri, SipURI):
+            net = _host_network(uri.host)
+            if net is not None and net not in out:
+                out.append(net)
+    return out
+
+
+class AcceptFrom:
+    """The sources a node takes requests from; see the module docstring."""
+
+    def __init__(self, entries: Sequence[str]) -> None:
+        self.entries = tuple(entries)
+        self.want_balancers = "balancers" in entries
+        self.want_peers = "peers" in entries
+        self.networks = [parse_network(e) for e in entries if e not in KEYWORDS]
+        self.balancers: list[Network] = []
+        self.peers: list[Network] = []
+        self._acl = NetList()
+        self._nobody = True  # an empty allow list (no balancer yet): nobody, not everyone
+        self._verdict_allows = self._acl.allows
+        self.stats: dict[str, int] = {}
+        self._rebuild()
+
+    @property
+    def open(self) -> bool:
+        """No entries: every source is accepted."""
+        return not self.entries
+
+    @property
+    def accepted(self) -> list[Network]:
+        """The networks requests are taken from now."""
+        out = list(self.networks)
+        for net in (*self.balancers, *self.peers):
+            if net not in out:
+                out.append(net)
+        return out
+
+    def set_balancers(self, members: Iterable[Member]) -> bool:
+        """The balancers of the membership now; True when the accepted hosts changed."""
+        nets = balancer_networks(members) if self.want_balancers else []
+        if nets == self.balancers:
+            return False
+        self.balancers = nets
+        self._rebuild()
+        return True
+
+    def set_peers(self, table: RoutingTable) -> bool:
+        """The routing table now (read at start or reloaded); True when the peers changed."""
+        nets = peer_networks(table) if self.want_peers else []
+        if nets == self.peers:
+            return False
+        self.peers = nets
+        self._rebuild()
+        return True
+
+    def _rebuild(self) -> None:
+        accepted = self.accepted
+        self._nobody = not accepted
+        self._acl.replace(allow=accepted)
+
+    # -- the transport's hooks (hot path) -----------------------------------------------------
+
+    def accepts(self, host: str) -> bool:
+        return self.open or (not self._nobody and self._verdict_allows(host))
+
+    def screen(self, data: bytes, source: Address) -> bool:
+        """Before parsing: whether to go on with a message from ``source`` (False: drop it)."""
+        if data.startswith(b"SIP/") or self.accepts(source.host):
+            return True
+        self.stats[_UNKNOWN_SOURCE] = self.stats.get(_UNKNOWN_SOURCE, 0) + 1
+        return False
+
+    def allow_source(self, host: str) -> bool:
+        """A connection accepted from ``host``, or a keep-alive: whether to keep it."""
+        if self.accepts(host):
+            return True
+        self.stats[_UNKNOWN_SOURCE] = self.stats.get(_UNKNOWN_SOURCE, 0) + 1
+        return False
