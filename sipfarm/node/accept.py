@@ -26,7 +26,7 @@ entries at all (the default): everyone is accepted (``open``).
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from sipfarm.cluster.membership import Member, parse_address
 from sipfarm.config import ACCEPT_KEYWORDS as KEYWORDS
@@ -94,6 +94,14 @@ def peer_networks(table: RoutingTable) -> list[Network]:
     return out
 
 
+def _anyone(_host: str) -> bool:
+    return True
+
+
+def _nobody(_host: str) -> bool:
+    return False
+
+
 class AcceptFrom:
     """The sources a node takes requests from; see the module docstring."""
 
@@ -105,8 +113,7 @@ class AcceptFrom:
         self.balancers: list[Network] = []
         self.peers: list[Network] = []
         self._acl = NetList()
-        self._nobody = True  # an empty allow list (no balancer yet): nobody, not everyone
-        self._verdict_allows = self._acl.allows
+        self._accepts: Callable[[str], bool] = _anyone
         self.stats: dict[str, int] = {}
         self._rebuild()
 
@@ -144,24 +151,29 @@ class AcceptFrom:
 
     def _rebuild(self) -> None:
         accepted = self.accepted
-        self._nobody = not accepted
         self._acl.replace(allow=accepted)
+        if self.open:
+            self._accepts = _anyone
+        elif not accepted:
+            self._accepts = _nobody  # an empty allow list (no balancer yet): nobody, not anyone
+        else:
+            self._accepts = self._acl.allows
 
     # -- the transport's hooks (hot path) -----------------------------------------------------
 
     def accepts(self, host: str) -> bool:
-        return self.open or (not self._nobody and self._verdict_allows(host))
+        return self._accepts(host)
 
     def screen(self, data: bytes, source: Address) -> bool:
         """Before parsing: whether to go on with a message from ``source`` (False: drop it)."""
-        if data.startswith(b"SIP/") or self.accepts(source.host):
+        if self._accepts(source.host) or data.startswith(b"SIP/"):
             return True
         self.stats[_UNKNOWN_SOURCE] = self.stats.get(_UNKNOWN_SOURCE, 0) + 1
         return False
 
     def allow_source(self, host: str) -> bool:
         """A connection accepted from ``host``, or a keep-alive: whether to keep it."""
-        if self.accepts(host):
+        if self._accepts(host):
             return True
         self.stats[_UNKNOWN_SOURCE] = self.stats.get(_UNKNOWN_SOURCE, 0) + 1
         return False

@@ -41,6 +41,9 @@ class Verdict(enum.Enum):
     NOT_ALLOWED = "not_allowed"  # an allow list is set and the source is in none of it
 
 
+_ALLOWED: Final = Verdict.ALLOWED
+
+
 def parse_network(text: str) -> Network:
     """``"10.0.0.0/8"``, ``"192.0.2.7"``, ``"2001:db8::/32"``, ``"[::1]"`` -> a network; host
     bits are ignored (``10.1.2.3/8`` is 10.0.0.0/8).  ``ValueError`` naming ``text`` otherwise."""
@@ -123,7 +126,10 @@ class NetList:
         return verdict
 
     def allows(self, source: str) -> bool:
-        return self.verdict(source) is Verdict.ALLOWED
+        verdict = self._cache.get(source)
+        if verdict is None:
+            verdict = self.verdict(source)
+        return verdict is _ALLOWED
 
     def _classify(self, source: str) -> Verdict:
         address = _address(source)
