@@ -1,10 +1,11 @@
 """The balancer's allow and deny lists (``--allow``/``--deny``) with real sockets: a denied or
-unlisted source gets nothing (UDP, TCP, STUN), a listed one is served, the farm's nodes pass
+unlisted source gets nothing (UDP, TCP, TLS, WebSocket, STUN), a listed one is served, the farm's nodes pass
 even from a denied address, and every refusal is counted in ``/metrics``."""
 
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 import urllib.request
 
@@ -12,6 +13,7 @@ import pytest
 from fixtures.farm import SipClient, free_udp_tcp_port, options_request, wait_nodes_usable
 
 from sipfarm.transport.stun import BINDING_REQUEST
+from sipfarm.transport.tls import make_self_signed_cert
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -52,14 +54,48 @@ def tcp_options(source: str, dest: tuple[str, int]) -> bytes:
             return b"(timeout)"
 
 
-def test_denied_and_unlisted_sources_dropped_nodes_pass(redis_url, accounts, start_node, start_balancer):
+def ws_upgrade(source: str, dest: tuple[str, int]) -> bytes:
+    """A WebSocket upgrade from ``source``: the first bytes of the answer (b"": closed)."""
+    request = (
+        f"GET / HTTP/1.1\r\nHost: {dest[0]}:{dest[1]}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Protocol: sip\r\n\r\n"
+    ).encode()
+    with socket.create_connection(dest, timeout=2, source_address=(source, 0)) as sock:
+        try:
+            sock.sendall(request)
+            return sock.recv(4096)
+        except (ConnectionResetError, BrokenPipeError):
+            return b""
+
+
+def tls_handshake(source: str, dest: tuple[str, int]) -> bool:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection(dest, timeout=2, source_address=(source, 0)) as raw,
+            context.wrap_socket(raw, server_hostname=dest[0]),
+        ):
+            return True
+    except (OSError, ssl.SSLError):
+        return False
+
+
+def test_denied_and_unlisted_sources_dropped_nodes_pass(redis_url, accounts, start_node, start_balancer, tmp_path):
     start_node(redis_url, "node1")  # on 127.0.0.1: a denied address, but a node's
     metrics_port = free_udp_tcp_port()
+    tls_port = free_udp_tcp_port()
+    cert, key = make_self_signed_cert(tmp_path, ip="127.0.0.1")
     lb = start_balancer(
         redis_url,
-        extra=["--metrics", f"127.0.0.1:{metrics_port}", "--allow", "127.0.0.0/29", "--deny", "127.0.0.1,127.0.0.2"],
+        extra=[
+            "--metrics", f"127.0.0.1:{metrics_port}", "--allow", "127.0.0.0/29", "--deny", "127.0.0.1,127.0.0.2",
+            "--listen", f"tls:127.0.0.1:{tls_port}", "--tls-cert", str(cert), "--tls-key", str(key),
+        ],
         probe_from="127.0.0.3",
-    )
+    )  # fmt: skip
     wait_nodes_usable(lb, 1)
     time.sleep(0.6)  # the node's probes answered: usable
     served, denied, unlisted = SipClient("127.0.0.3"), SipClient("127.0.0.2"), SipClient("127.0.0.9")
@@ -77,14 +113,19 @@ def test_denied_and_unlisted_sources_dropped_nodes_pass(redis_url, accounts, sta
         assert stun_binding("127.0.0.2", lb.address) is None
         assert tcp_options("127.0.0.2", lb.address) == b""
         assert tcp_options("127.0.0.3", lb.address).startswith(b"SIP/2.0 ")
+        ws = (lb.address[0], lb.ws_port)
+        assert ws_upgrade("127.0.0.2", ws) == b""  # closed at accept: no HTTP answer at all
+        assert ws_upgrade("127.0.0.3", ws).startswith(b"HTTP/1.1 101")
+        assert not tls_handshake("127.0.0.2", ("127.0.0.1", tls_port))  # closed before the handshake
+        assert tls_handshake("127.0.0.3", ("127.0.0.1", tls_port))
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             counts = protect_counts(metrics_port)
-            if counts.get("denied", 0) >= 6 and counts.get("not_allowed", 0) >= 4:
+            if counts.get("denied", 0) >= 8 and counts.get("not_allowed", 0) >= 4:
                 break
             time.sleep(0.2)
-        # 3 OPTIONS + a REGISTER each; the STUN request and the connection from 127.0.0.2
-        assert counts.get("denied", 0) >= 6, counts
+        # 3 OPTIONS + a REGISTER each; the STUN request and the three connections from 127.0.0.2
+        assert counts.get("denied", 0) >= 8, counts
         assert counts.get("not_allowed", 0) >= 4, counts
         assert "allow=127.0.0.0/29 deny=127.0.0.1,127.0.0.2" in lb.log()
     finally:
