@@ -437,9 +437,10 @@ class BalancerConfig:
     # Allow and deny lists of the public side (networks in CIDR or single addresses, IPv4 and
     # IPv6; flags --allow/--deny, repeatable or comma-separated): a client source in a deny
     # network is dropped before parsing, unanswered; when allow is not empty, so is a source
-    # outside it. Deny wins over allow. A refused source's TCP/TLS connection is closed as it
-    # is accepted, its WebSocket upgrade answered 403, its STUN keep-alive ignored. The farm's
-    # nodes always pass; exempt plays no part (it only spares rate limits). Applies whether
+    # outside it. Deny wins over allow. A refused source's TCP, TLS or WebSocket connection is
+    # closed as it is accepted (before any handshake; not counted in the connection limits),
+    # its STUN keep-alive ignored. The farm's nodes always pass; exempt plays no part (it only
+    # spares rate limits and connection limits). Applies whether
     # protect is on or not; counted in sipfarm_balancer_protect_total{reason="denied"} and
     # {reason="not_allowed"}.
     allow: list[str] = field(default_factory=list)
