@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures.farm import SipClient
+from fixtures.farm import SipClient, sip_options
 
 from sipfarm.up import busy_ports, ng_ping
 
@@ -126,6 +126,10 @@ def test_up_starts_a_usable_farm_and_stops_it(tmp_path: Path):
             assert reply is not None and reply.status == 200
         finally:
             client.close()
+        # the nodes take requests from the balancer, the routing peers and the farm's host only:
+        # a phone on another address talking straight to a node gets nothing
+        assert sip_options("127.0.0.1", port + 10, source="127.0.0.5") is None
+        assert sip_options("127.0.0.1", port + 10) is not None
         status = subprocess.run(
             [sys.executable, "-m", "sipfarm", "status", "--redis", ready["redis"]],
             capture_output=True,

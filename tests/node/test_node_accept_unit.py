@@ -105,3 +105,21 @@ def test_settings():
     for key in ("allow", "deny"):
         with pytest.raises(ConfigError, match=f"{key}: '10.0.0.0/33' is not an IP network"):
             load(BalancerConfig, None, {key: ["10.0.0.0/33"]}, environ={})
+
+
+def test_what_sipfarm_up_gives_its_nodes(monkeypatch, tmp_path):
+    from sipfarm import up  # noqa: PLC0415
+
+    monkeypatch.delenv("SIPFARM_ACCEPT_FROM", raising=False)
+    monkeypatch.setattr(up, "CONFIG_FILE", [])
+    assert up.node_accept_from("127.0.0.1") == "balancers,peers,127.0.0.1"
+    assert up.node_accept_from("0.0.0.0") == "balancers,peers,127.0.0.0/8,::1/128"
+    assert "127.0.0.1" in up.node_accept_from("localhost").split(",")  # and ::1 where it resolves so
+    # the operator's own setting wins: the config file's [node] or the environment
+    config = tmp_path / "farm.toml"
+    config.write_text('[node]\naccept_from = ["10.0.0.0/8"]\n')
+    monkeypatch.setattr(up, "CONFIG_FILE", [str(config)])
+    assert up.node_accept_from("127.0.0.1") == ""
+    monkeypatch.setattr(up, "CONFIG_FILE", [])
+    monkeypatch.setenv("SIPFARM_ACCEPT_FROM", "")
+    assert up.node_accept_from("127.0.0.1") == ""
