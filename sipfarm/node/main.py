@@ -114,7 +114,7 @@ async def serve(
     from sipfarm.cluster.heartbeat import start_heartbeat  # noqa: PLC0415
     from sipfarm.cluster.membership import Member, MembershipStore, Role  # noqa: PLC0415
     from sipfarm.metrics import NodeMetrics, serve_metrics, sync_counters  # noqa: PLC0415
-    from sipfarm.node.accept import AcceptFrom  # noqa: PLC0415
+    from sipfarm.node.accept import AcceptFrom, balancer_networks  # noqa: PLC0415
     from sipfarm.node.core import NodeCore, NodeIdentity  # noqa: PLC0415
     from sipfarm.node.farmstate import FarmState  # noqa: PLC0415
     from sipfarm.node.glue import NodeGlue  # noqa: PLC0415
@@ -395,15 +395,22 @@ async def serve(
         balancer_watcher = MemberWatcher(membership, Role.BALANCER, interval=min(0.25, cfg.heartbeat))
         watched = balancer_watcher
 
-        def balancers_changed(_change: object = None) -> None:
-            if accept.set_balancers(watched.snapshot()):
+        unplaced: set[str] = set()  # balancers already reported as sending from nowhere known
+
+        def balancers_changed(_change: object = None, *, starting: bool = False) -> None:
+            members = watched.snapshot()
+            if accept.set_balancers(members) and not starting:
                 log_accepted("balancers_changed")
+            for lb in members:
+                if lb.id not in unplaced and not balancer_networks([lb]):
+                    unplaced.add(lb.id)  # a wildcard or a name: its requests are refused here
+                    log.warning("event=accept_from_balancer_unknown_address balancer=%s hint=set_its_internal", lb.id)
 
         balancer_watcher.add_listener(balancers_changed)
         balancer_watcher.start()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(balancer_watcher.poll(), 1.0)  # the balancers before serving
-        accept.set_balancers(balancer_watcher.snapshot())
+        balancers_changed(starting=True)  # logged with the rest just below
     if not accept.open:
         log_accepted("started")
 

@@ -5,12 +5,16 @@ is accepted within its heartbeat, and one that stops is refused again."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 import urllib.request
 
 import pytest
 from fixtures.farm import SipClient, free_udp_tcp_port, options_request, sip_options, wait_nodes_usable
+
+from sipfarm.cluster.membership import Member, MembershipStore, Role
+from sipfarm.store import create_redis
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -22,6 +26,14 @@ def node_dropped(port: int) -> float:
         if line.startswith('sipfarm_node_dropped_total{reason="unknown_source"}'):
             return float(line.rpartition(" ")[2])
     return 0.0
+
+
+async def heartbeat_once(redis_url: str, member: Member) -> None:
+    redis = create_redis(redis_url)
+    try:
+        await MembershipStore(redis).heartbeat(member)
+    finally:
+        await redis.aclose()
 
 
 def answered_within(seconds: float, node: tuple[str, int], source: str) -> float | None:
@@ -75,6 +87,12 @@ def test_a_balancer_starting_later_is_accepted_and_one_gone_refused(redis_url, s
     took = answered_within(3.0, node.address, "127.0.0.2")
     assert took is not None and took < 1.5, took
     assert answered_within(0.5, node.address, "127.0.0.6") is None  # only the balancer's address
+    # a balancer heartbeating only a wildcard address: nothing to accept, and the node says so
+    asyncio.run(heartbeat_once(redis_url, Member("lb-ghost", Role.BALANCER, ("udp:0.0.0.0:5060",))))
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and "balancer=lb-ghost" not in node.log():
+        time.sleep(0.1)
+    assert "event=accept_from_balancer_unknown_address balancer=lb-ghost" in node.log()
     late.stop()
     # its record expires (1.5 s after its last heartbeat), then the node refuses its address
     deadline = time.monotonic() + 6
