@@ -205,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     balancer.add_argument("--tls-cert")
     balancer.add_argument("--tls-key")
+    balancer.add_argument(
+        "--ws-origin",
+        action="append",
+        help="an Origin allowed to open a WebSocket (repeat; https://*.example.net for subdomains); default any",
+    )
     balancer.add_argument("--log-format", choices=("kv", "json"))
     balancer.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
 
