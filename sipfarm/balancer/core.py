@@ -363,9 +363,14 @@ class BalancerCore:
                 raise ServiceUnavailable(f"no node of group {group}", retry_after=self.retry_after, partial=msg)
         admission = self.admission
         if admission is not None and msg.to_tag is None and method in NEW_WORK:
-            key = msg.call_id + b" %d" % msg.cseq[0]
-            if not admission.is_pending(key):  # a retransmission follows its original
+            pending = admission.pending_node(msg.call_id + b" %d" % msg.cseq[0])
+            if pending is None:
                 node = self._admit(msg, node, group, admission)
+            elif pending != node.id:
+                # a retransmission follows its original, which was diverted to another node
+                entry = self.nodes.nodes.get(pending)
+                if entry is not None and entry.usable:
+                    node = entry
         if method == b"INVITE" and msg.to_tag is None:
             self._pin_invite(msg, node)
         return node

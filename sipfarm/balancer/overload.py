@@ -67,6 +67,7 @@ class OverloadPolicy:
 class NodeLoad:
     """One node's admission state."""
 
+    node_id: str
     limit: float
     pending: OrderedDict[bytes, float] = field(default_factory=OrderedDict)  # key -> sent at
     delay: float = 0.0  # smoothed first-answer delay (seconds), for the metrics and logs
@@ -111,7 +112,7 @@ class AdmissionControl:
     def node(self, node_id: str) -> NodeLoad:
         load = self.nodes.get(node_id)
         if load is None:
-            load = self.nodes[node_id] = NodeLoad(limit=float(self.policy.initial_limit))
+            load = self.nodes[node_id] = NodeLoad(node_id, float(self.policy.initial_limit))
         return load
 
     def overloaded(self, node_id: str, *, credentials: bool = False) -> bool:
@@ -122,6 +123,12 @@ class AdmissionControl:
     def is_pending(self, key: bytes) -> bool:
         """A request already forwarded and not answered (its retransmission passes)."""
         return key in self._pending
+
+    def pending_node(self, key: bytes) -> str | None:
+        """The node a pending request went to (its retransmission goes there too, even when it
+        was diverted from its hashed node); None when not pending."""
+        load = self._pending.get(key)
+        return None if load is None else load.node_id
 
     def sent(self, key: bytes, node_id: str, now: float) -> None:
         """A new INVITE/REGISTER went to ``node_id`` (a retransmission is not counted again)."""

@@ -153,6 +153,20 @@ def test_new_invites_go_to_other_nodes_then_are_shed_with_503_and_retry_after(sh
     assert h.core.stats.shed == {"INVITE": 3, "REGISTER": 1}
 
 
+def test_a_retransmission_of_a_diverted_invite_goes_to_the_same_node(shed: tuple[Harness, Clock]):
+    h, _ = shed
+    _invites(h, 2, node="node1")  # node1 at its limit
+    call_id = "diverted-1"
+    while node_for(h, call_id.encode()) != NODES["node1"]:
+        call_id += "x"
+    invite = request("INVITE", "sip:bob@farm.test", call_id=call_id)
+    _, first = h.one(invite, CLIENT)
+    assert first != NODES["node1"]
+    for _ in range(3):
+        assert h.one(invite, CLIENT)[1] == first
+    assert h.one(request("CANCEL", "sip:bob@farm.test", call_id=call_id), CLIENT)[1] == first
+
+
 def test_never_shed_in_dialog_requests_ack_bye_cancel_retransmissions_or_options(shed: tuple[Harness, Clock]):
     h, _ = shed
     first = request("INVITE", "sip:bob@farm.test", call_id="c-first")
