@@ -10,9 +10,13 @@ balancer, one node) in several configurations of the balancer's front-end protec
 - ``default``: the front door as shipped: loopback is exempt, so SIPp on 127.0.0.1 pays only the
   exempt look-up (and the node-address check) per message;
 - ``full``: nothing exempt, ``domains`` = the benchmark's domain, every rate budget far above any
-  offered rate: every message pays the ban look-up and the rate counting before parsing, every
-  request from SIPp the User-Agent scan (the scenarios send ``User-Agent: sipfarm-bench``) and
-  every out-of-dialog one the domain check.
+  offered rate, an ``allow`` list holding loopback and a ``deny`` list holding TEST-NET-1: every
+  message pays the allow/deny verdict, the ban look-up and the rate counting before parsing,
+  every request from SIPp the User-Agent scan (the scenarios send ``User-Agent: sipfarm-bench``)
+  and every out-of-dialog one the domain check.
+
+Overload shedding (``shed``, sipfarm/balancer/overload.py) stays as shipped in every
+configuration: it is not the front door (``sipfarm bench --overload`` measures it).
 
 The balancer gets these as ``[balancer]`` keys in its ``--config`` file; ``SIPFARM_*`` variables
 of the same keys are removed from the farm's environment (they would override the file).
@@ -74,15 +78,20 @@ FAR_RATE = 1_000_000
 EQUAL_LOAD_FRACTION = 0.5
 #: the equal-load step lasts at least this long (quick steps are 3 s: too few calls)
 EQUAL_LOAD_MIN_S = 5.0
+ALLOWED_NETWORK = "127.0.0.0/8"
+DENIED_NETWORK = "192.0.2.0/24"  # TEST-NET-1 (RFC 5737)
 PROBE_SOURCE = "127.0.0.2"  # not SIPp's 127.0.0.1: its one dropped request must not touch SIPp
 PROBE_DOMAIN = "unserved.invalid"
 #: [balancer] keys of the front door; SIPFARM_<KEY> in the environment would override the file
 PROTECT_KEYS = (
     "protect", "rate_register", "rate_invite", "rate_other", "rate_suspect", "rate_window", "ban_time",
-    "ban_refresh", "scanner_agents", "exempt", "domains",
+    "ban_refresh", "scanner_agents", "exempt", "domains", "allow", "deny",
 )  # fmt: skip
 #: protect counter reasons that mean SIPp's traffic was screened out
-VOIDING_REASONS = ("ban_started", "banned", "rate_register", "rate_invite", "rate_other", "rate_suspect", "scanner")
+VOIDING_REASONS = (
+    "ban_started", "banned", "rate_register", "rate_invite", "rate_other", "rate_suspect", "scanner", "denied",
+    "not_allowed",
+)  # fmt: skip
 KINDS = ("register", "call")
 
 
@@ -101,8 +110,8 @@ CONFIGS: Mapping[str, ProtectConfig] = {
         ProtectConfig("default", "as shipped: loopback exempt (SIPp pays the exempt look-up only)"),
         ProtectConfig(
             "full",
-            "nothing exempt, domains = the benchmark's, budgets far above the load: ban look-up, rate "
-            "counting, User-Agent scan and domain check on every message",
+            "nothing exempt, domains = the benchmark's, budgets far above the load, allow and deny lists: "
+            "list verdict, ban look-up, rate counting, User-Agent scan and domain check on every message",
             everything_checked=True,
         ),
     )
@@ -124,6 +133,8 @@ def balancer_settings(config: ProtectConfig, domain: str) -> dict[str, Any]:
         "rate_invite": FAR_RATE,
         "rate_other": FAR_RATE,
         "rate_window": 1.0,
+        "allow": [ALLOWED_NETWORK],  # SIPp's loopback: allowed, after the look-up
+        "deny": [DENIED_NETWORK],  # a network no benchmark source is in
     }
 
 

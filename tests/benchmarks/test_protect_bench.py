@@ -19,6 +19,7 @@ from benchmarks.kamailio import DEFAULT_DOMAIN
 from sipfarm.balancer.frontdoor import FrontDoor
 from sipfarm.balancer.main import front_door_policy
 from sipfarm.config import BalancerConfig, load
+from sipfarm.protect.netlist import NetList, Verdict
 from sipfarm.sip.parser import parse_message
 
 SIPP_SOURCE = "127.0.0.1"
@@ -51,6 +52,8 @@ def test_default_is_the_shipped_front_door_which_exempts_sipp(tmp_path: Path) ->
 def test_full_checks_sipp_but_never_bans_it_at_far_more_than_any_offered_rate(tmp_path: Path) -> None:
     cfg = balancer_config(tmp_path, "full")
     assert cfg.protect and cfg.exempt == [] and cfg.domains == [DEFAULT_DOMAIN]
+    lists = NetList(cfg.allow, cfg.deny)  # every message pays the verdict; SIPp and the probe pass it
+    assert lists.active and lists.verdict(SIPP_SOURCE) is lists.verdict("127.0.0.2") is Verdict.ALLOWED
     front = FrontDoor(front_door_policy(cfg))
     # 20,000 REGISTERs, INVITEs and BYEs each within one window: 10x what this box offers
     for method in (b"REGISTER", b"INVITE", b"BYE"):
@@ -65,8 +68,13 @@ def test_full_checks_sipp_but_never_bans_it_at_far_more_than_any_offered_rate(tm
     assert front.stats == {"unknown_domain": 1}  # not banned: one suspect request
 
 
+def test_a_list_refusal_of_sipp_voids_the_configuration() -> None:
+    assert fake_summary({"not_allowed": 7})["protect"][1]["void"] == ["not_allowed"]
+
+
 def test_protect_variables_in_the_environment_are_dropped() -> None:
-    env = {"SIPFARM_PROTECT": "false", "SIPFARM_EXEMPT": "0.0.0.0/0", "SIPFARM_REDIS": "r", "PATH": "/bin"}
+    env = {"SIPFARM_PROTECT": "false", "SIPFARM_EXEMPT": "0.0.0.0/0", "SIPFARM_DENY": "127.0.0.1", "SIPFARM_REDIS": "r",
+           "PATH": "/bin"}  # fmt: skip
     assert protect_bench.without_protect_env(env) == {"SIPFARM_REDIS": "r", "PATH": "/bin"}
 
 
@@ -157,7 +165,7 @@ def test_markdown_shows_both_tables_and_the_checks() -> None:
 
 
 def test_a_ban_of_sipp_voids_the_configuration() -> None:
-    summary = fake_summary({"ban_started": 1, "banned": 40, "rate_invite": 1})
+    summary = fake_summary({"ban_started": 1, "banned": 40, "rate_invite": 1, "unknown_domain": 1})
     full = summary["protect"][1]
     assert full["void"] == ["ban_started", "banned", "rate_invite"]
     assert any(note.startswith("full: VOID") for note in summary["notes"])
