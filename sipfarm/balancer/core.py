@@ -366,6 +366,7 @@ class BalancerCore:
             pending = admission.pending_node(msg.call_id + b" %d" % msg.cseq[0])
             if pending is None:
                 node = self._admit(msg, node, group, admission)
+                admission.admitted(msg.call_id, node.id, self._clock())
             elif pending != node.id:
                 # a retransmission follows its original, which was diverted to another node
                 entry = self.nodes.nodes.get(pending)
@@ -380,6 +381,12 @@ class BalancerCore:
         that is not; none: shed (503 + Retry-After, answered here)."""
         # credentials: the second half of work already begun (a challenged INVITE/REGISTER)
         credentials = msg.has("proxy-authorization") or msg.has("authorization")
+        if credentials:
+            first = admission.follow_up(msg.call_id, self._clock())
+            if first is not None:  # its challenge came from that node: finish the call there
+                entry = self.nodes.nodes.get(first)
+                if entry is not None and entry.usable:
+                    return entry
         if not admission.overloaded(node.id, credentials=credentials):
             return node
         best: NodeEntry | None = None

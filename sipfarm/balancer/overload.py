@@ -36,7 +36,9 @@ node of their pool: nodes keep no state of their own), and sheds (503 + Retry-Af
 when every node it may use is overloaded.  In-dialog requests, ACK, CANCEL, BYE and
 responses are never shed: they finish work already admitted.  A request with credentials
 (the second INVITE of a challenged call, the second REGISTER) finishes work already begun:
-it is shed only above twice the limit.
+when its Call-ID was admitted in the last ``ADMITTED_TTL`` seconds it goes to the node that
+admitted it and is never shed (at most ``ADMITTED_RETRIES`` times a Call-ID, so a reused
+Call-ID is no way around shedding); otherwise it is shed only above twice the limit.
 
 No clock of its own: ``now`` is passed in (the balancer's monotonic clock); ``expire(now)``
 is called from the balancer's periodic tick.
@@ -48,6 +50,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 PENDING_LIMIT = 100_000  # entries over all nodes; beyond, the oldest are dropped as late
+ADMITTED_LIMIT = 100_000  # Call-IDs of admitted new requests remembered; beyond, the oldest go
+ADMITTED_TTL = 32.0  # seconds a challenged request's credentialed retry may take (Timer B)
+ADMITTED_RETRIES = 2  # credentialed follow-ups per admitted Call-ID never shed
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +105,16 @@ class OverloadStats:
         }
 
 
+@dataclass(slots=True)
+class Admitted:
+    """Where a new request's Call-ID was admitted, when, and how many credentialed follow-ups
+    may still pass unshed."""
+
+    node_id: str
+    when: float
+    left: int
+
+
 class AdmissionControl:
     """Per-node pending new requests and adaptive limits (see the module docstring)."""
 
@@ -107,7 +122,30 @@ class AdmissionControl:
         self.policy = policy if policy is not None else OverloadPolicy()
         self.nodes: dict[str, NodeLoad] = {}
         self._pending: dict[bytes, NodeLoad] = {}  # key -> its node, for the answer
+        # Call-ID of an admitted new request -> where and when (oldest first)
+        self._admitted: OrderedDict[bytes, Admitted] = OrderedDict()
         self.stats = OverloadStats()
+
+    def admitted(self, call_id: bytes, node_id: str, now: float) -> None:
+        """A new request of ``call_id`` was admitted to ``node_id`` (see :meth:`follow_up`)."""
+        admitted = self._admitted
+        if call_id in admitted:
+            return
+        admitted[call_id] = Admitted(node_id, now, ADMITTED_RETRIES)
+        if len(admitted) > ADMITTED_LIMIT:
+            admitted.popitem(last=False)
+
+    def follow_up(self, call_id: bytes, now: float) -> str | None:
+        """The node that admitted ``call_id`` when a credentialed follow-up of it may pass
+        unshed (and counts it); None otherwise."""
+        entry = self._admitted.get(call_id)
+        if entry is None:
+            return None
+        if now - entry.when > ADMITTED_TTL or entry.left <= 0:
+            del self._admitted[call_id]
+            return None
+        entry.left -= 1
+        return entry.node_id
 
     def node(self, node_id: str) -> NodeLoad:
         load = self.nodes.get(node_id)
@@ -172,6 +210,7 @@ class AdmissionControl:
     def expire(self, now: float, *, force: int = 0) -> None:
         """Drop pending requests older than ``late_after`` (late: a cut of their node's limit);
         ``force``: also drop that many of the oldest whatever their age (the table is full)."""
+        self.expire_admitted(now)
         late_after = self.policy.late_after
         for load in self.nodes.values():
             pending = load.pending
@@ -191,6 +230,14 @@ class AdmissionControl:
     def heartbeat(self, node_id: str, load: float) -> None:
         """The node's own figure (transactions in flight) from its last heartbeat."""
         self.node(node_id).heartbeat_load = load
+
+    def expire_admitted(self, now: float) -> None:
+        """Forget admitted Call-IDs older than ``ADMITTED_TTL`` (from the periodic tick)."""
+        admitted = self._admitted
+        while admitted:
+            if now - next(iter(admitted.values())).when <= ADMITTED_TTL:
+                break
+            admitted.popitem(last=False)
 
     def forget(self, present: set[str]) -> None:
         """Drop the state of nodes gone from the membership."""

@@ -9,7 +9,7 @@ import secrets
 import pytest
 from test_balancer_unit import CLIENT, NODES, Harness, _response, members, node_for, register, request
 
-from sipfarm.balancer.overload import AdmissionControl, OverloadPolicy
+from sipfarm.balancer.overload import ADMITTED_TTL, AdmissionControl, OverloadPolicy
 from sipfarm.sip.message import SipMessage
 
 POLICY = OverloadPolicy(target=0.2, initial_limit=4, min_limit=2, max_limit=50, late_after=2.0)
@@ -107,6 +107,21 @@ def test_heartbeat_load_above_node_load_is_overload_and_gone_nodes_are_forgotten
     assert not AdmissionControl(OverloadPolicy()).overloaded("n1")  # node_load 0: unused
 
 
+def test_an_admitted_call_id_lets_two_credentialed_follow_ups_through_for_a_while():
+    ac = AdmissionControl(POLICY)
+    ac.admitted(b"call-1", "n2", 10.0)
+    ac.admitted(b"call-1", "n3", 10.5)  # a retransmission or a second new request: the first stays
+    assert ac.follow_up(b"call-1", 11.0) == "n2"
+    assert ac.follow_up(b"call-1", 12.0) == "n2"
+    assert ac.follow_up(b"call-1", 13.0) is None  # ADMITTED_RETRIES used: a reused Call-ID is shed as any
+    assert ac.follow_up(b"unknown", 13.0) is None
+    ac.admitted(b"call-2", "n1", 20.0)
+    assert ac.follow_up(b"call-2", 20.0 + ADMITTED_TTL + 1) is None  # too late
+    ac.admitted(b"call-3", "n1", 30.0)
+    ac.expire(30.0 + ADMITTED_TTL + 1)
+    assert not ac._admitted
+
+
 # -- the balancer core ---------------------------------------------------------------------------
 
 
@@ -165,6 +180,24 @@ def test_a_retransmission_of_a_diverted_invite_goes_to_the_same_node(shed: tuple
     for _ in range(3):
         assert h.one(invite, CLIENT)[1] == first
     assert h.one(request("CANCEL", "sip:bob@farm.test", call_id=call_id), CLIENT)[1] == first
+
+
+def test_the_credentialed_invite_of_an_admitted_call_finishes_on_its_node(shed: tuple[Harness, Clock]):
+    h, _ = shed
+    _invites(h, 2, node="node1")  # node1 at its limit: the next INVITE is diverted
+    call_id = "challenged-1"
+    while node_for(h, call_id.encode()) != NODES["node1"]:
+        call_id += "x"
+    _, admitted_at = h.one(request("INVITE", "sip:bob@farm.test", call_id=call_id), CLIENT)
+    assert admitted_at != NODES["node1"]
+    _invites(h, 6)  # now every node is full (and the excess shed)
+    creds = (
+        'Proxy-Authorization: Digest username="alice", realm="farm.test", nonce="n", '
+        'uri="sip:bob@farm.test", response="r"\r\n'
+    )
+    retry = request("INVITE", "sip:bob@farm.test", call_id=call_id, cseq=2, extra=creds)
+    out, dest = h.one(retry, CLIENT)
+    assert out.method == b"INVITE" and dest == admitted_at  # its challenge came from there: not shed
 
 
 def test_never_shed_in_dialog_requests_ack_bye_cancel_retransmissions_or_options(shed: tuple[Harness, Clock]):
