@@ -592,6 +592,60 @@ def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def mode_log(text: str) -> None:
+    """A benchmark mode's progress line on stderr."""
+    print(f"{time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class ModeRun:
+    """One run of a benchmark mode (``--routing``, ``--protect``...): its settings with the
+    build the sipfarm processes will run, its output directory and when it started."""
+
+    settings: Settings
+    out: Path
+    machine: dict[str, Any]
+    started: float
+    started_utc: str
+
+    @classmethod
+    def start(cls, settings: Settings, out_root: Path) -> ModeRun | None:
+        """None (said on stderr) when the build asked for cannot run."""
+        try:
+            _, build_used = sipfarm_env(settings.build)
+        except RuntimeError as exc:
+            print(f"sipfarm bench: {exc}", file=sys.stderr)
+            return None
+        out = (out_root / dt.datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        return cls(
+            replace(settings, build_used=build_used),
+            out,
+            machine_info(),
+            time.monotonic(),
+            dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M"),
+        )
+
+    def build_note(self) -> list[str]:
+        build = self.settings.build_used
+        return [] if build == "compiled" else [f"sipfarm ran {build}: 'make compiled' builds the faster mypyc modules"]
+
+    @staticmethod
+    def guarded(
+        run: Callable[[], list[TargetResult]], partial: Callable[[], list[TargetResult]]
+    ) -> tuple[list[TargetResult], bool]:
+        """``run()`` with SIGTERM as an interrupt: (results, interrupted); interrupted, the
+        results measured so far (``partial()``)."""
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            return run(), False
+        except KeyboardInterrupt:
+            mode_log("sipfarm bench: interrupted; every process it started is stopped")
+            return partial(), True
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     while args_list and args_list[0] == "--":  # `sipfarm bench -- --nodes 1,2`

@@ -40,11 +40,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import functools
 import json
 import shutil
-import signal
 import socket
 import sys
 import time
@@ -61,14 +59,14 @@ from benchmarks.harness import (
     EXIT_OK,
     Bench,
     Harness,
+    ModeRun,
     Settings,
     TargetResult,
-    _raise_interrupt,
-    machine_info,
+    mode_log,
     settings_from,
 )
 from benchmarks.kamailio import User
-from benchmarks.process import free_port, sipfarm_env
+from benchmarks.process import free_port
 from benchmarks.targets import HOST, SipfarmTarget, Target
 
 #: requests per source and class in one 1 s window: far above any rate this box can offer
@@ -541,36 +539,13 @@ def protect_main(args: argparse.Namespace, args_list: Sequence[str]) -> int:
         return EXIT_MISSING_TOOL
     kinds = ("call",) if args.protect_calls_only else KINDS
     settings = replace(settings_from(args), nodes=(1,), kamailio=False, kamailio_redis=False, kinds=kinds)
-    try:
-        _, build_used = sipfarm_env(settings.build)
-    except RuntimeError as exc:
-        print(f"sipfarm bench: {exc}", file=sys.stderr)
+    run = ModeRun.start(settings, args.out)
+    if run is None:
         return EXIT_MISSING_TOOL
-    settings = replace(settings, build_used=build_used)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    started_utc = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M")
-    out: Path = (args.out / stamp).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    machine = machine_info()
-    started = time.monotonic()
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    interrupted = False
-
-    def log(text: str) -> None:
-        print(f"{time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
-
-    harness = ProtectHarness(settings, out, log, configs)
-    if build_used != "compiled":
-        harness.notes.append(f"sipfarm ran {build_used}: 'make compiled' builds the faster mypyc modules")
-    results: list[TargetResult] = []
-    try:
-        results = harness.run()
-    except KeyboardInterrupt:
-        interrupted = True
-        log("sipfarm bench: interrupted; every process it started is stopped")
-        results = harness.results
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    settings, out, machine, started = run.settings, run.out, run.machine, run.started
+    harness = ProtectHarness(settings, out, mode_log, configs)
+    harness.notes.extend(run.build_note())
+    results, interrupted = ModeRun.guarded(harness.run, lambda: harness.results)
     summary = build_summary(
         settings=settings,
         machine=machine,
@@ -580,7 +555,7 @@ def protect_main(args: argparse.Namespace, args_list: Sequence[str]) -> int:
         command="sipfarm bench " + " ".join(args_list),
         elapsed_s=time.monotonic() - started,
         interrupted=interrupted,
-        started_utc=started_utc,
+        started_utc=run.started_utc,
     )
     paths = write(out, summary)
     print(json.dumps({k: str(v) for k, v in paths.items()}))

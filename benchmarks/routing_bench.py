@@ -22,11 +22,9 @@ which holds the helper programs (its children); slapd's CPU is reported beside i
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import functools
 import json
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -42,15 +40,14 @@ from benchmarks.harness import (
     Bench,
     Harness,
     Measurement,
+    ModeRun,
     Settings,
     TargetResult,
-    _raise_interrupt,
-    machine_info,
+    mode_log,
     settings_from,
 )
 from benchmarks.kamailio import User
 from benchmarks.measure import ProcessTree
-from benchmarks.process import sipfarm_env
 from benchmarks.slapd import ATTRIBUTES, BASE, BIND_DN, BIND_PASSWORD, FILTER, Slapd
 from benchmarks.targets import SipfarmTarget, Target
 
@@ -427,35 +424,13 @@ def routing_main(args: argparse.Namespace, args_list: Sequence[str]) -> int:
         )
         return EXIT_MISSING_TOOL
     settings = replace(settings_from(args), nodes=(1,), kamailio=False, kamailio_redis=False, kinds=("call",))
-    try:
-        _, build_used = sipfarm_env(settings.build)
-    except RuntimeError as exc:
-        print(f"sipfarm bench: {exc}", file=sys.stderr)
+    run = ModeRun.start(settings, args.out)
+    if run is None:
         return EXIT_MISSING_TOOL
-    settings = replace(settings, build_used=build_used)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out: Path = (args.out / stamp).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    machine = machine_info()
-    started = time.monotonic()
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    interrupted = False
-
-    def log(text: str) -> None:
-        print(f"{time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
-
-    harness = RoutingHarness(settings, out, log, configs)
-    if build_used != "compiled":
-        harness.notes.append(f"sipfarm ran {build_used}: 'make compiled' builds the faster mypyc modules")
-    results: list[TargetResult] = []
-    try:
-        results = harness.run()
-    except KeyboardInterrupt:
-        interrupted = True
-        log("sipfarm bench: interrupted; every process it started is stopped")
-        results = harness.results
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    settings, out, machine, started = run.settings, run.out, run.machine, run.started
+    harness = RoutingHarness(settings, out, mode_log, configs)
+    harness.notes.extend(run.build_note())
+    results, interrupted = ModeRun.guarded(harness.run, lambda: harness.results)
     summary = build_summary(
         settings=settings,
         machine=machine,

@@ -169,7 +169,8 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
     holder: list[BalancerCore] = []
 
     def on_message(msg: object, source: Address, local: Address) -> None:
-        holder[0].on_message(msg, source, local)  # type: ignore[arg-type]
+        if holder:  # a message in the moment between binding and the core's creation is dropped
+            holder[0].on_message(msg, source, local)  # type: ignore[arg-type]
 
     transports = TransportManager(on_message, config=transport_config(cfg))
     transports.limit_exempt = source_matcher(cfg.exempt)

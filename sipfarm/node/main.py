@@ -152,7 +152,8 @@ async def serve(
     glue_holder: list[NodeGlue] = []
 
     def on_message(msg: object, source: Address, local: Address) -> None:
-        glue_holder[0].on_message(msg, source, local)  # type: ignore[arg-type]
+        if glue_holder:  # a message in the moment between binding and the core's creation is dropped
+            glue_holder[0].on_message(msg, source, local)  # type: ignore[arg-type]
 
     def on_send_failure(dest: Address) -> None:
         glue_holder[0].on_send_failure(dest)  # every transaction whose remote is dest
