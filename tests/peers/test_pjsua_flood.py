@@ -1,7 +1,11 @@
 """A flood at the front door while real softphones use the farm (issue 12).
 
-SIPp floods REGISTERs and OPTIONS (two processes, 2,000 requests/s each: ~10x what the test's
-node serves, and two hundred times the balancer's per-source REGISTER budget) from 127.0.0.2 for
+The farm is made small on purpose where a cgroup v1 CPU quota can be set (root): its node gets
+a tenth of a core. Its capacity is measured first, without overloading it: SIPp (from the
+exempt 127.0.0.1) registers at a modest rate, and the node's CPU per registration gives the
+registrations per second its quota allows. SIPp then floods REGISTERs and OPTIONS (two
+processes, 2,000 requests/s each: at least ten times that capacity, checked from the
+balancer's own counts, and two hundred times the per-source REGISTER budget) from 127.0.0.2 for
 20 s, through the balancer every phone uses. Meanwhile two pjsua2 softphones, alice on 127.0.0.3
 and bob on 127.0.0.4 (other loopback "hosts": not exempt from the limits, unlike the default
 loopback), register, alice refreshes her registration every second, and alice calls bob:
@@ -24,11 +28,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 from fixtures.farm import DOMAIN, BalancerProcess, NodeProcess, free_udp_tcp_port, wait_nodes_usable
 from fixtures.protect import bans, protect_metrics
 
-from benchmarks.sipp import find_sipp
+from benchmarks.cpulimit import CpuLimit
+from benchmarks.sipp import REGISTER_AUTH, find_sipp, run_sipp
 
 from .netns import skip_reason
 from .softphone import Softphone
@@ -38,7 +44,7 @@ pytestmark = [
     pytest.mark.softphone,
     pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or ""),
     pytest.mark.skipif(shutil.which("sipp") is None, reason="SIPp is not installed (apt-get install sip-tester)"),
-    pytest.mark.timeout(90),
+    pytest.mark.timeout(120),
 ]
 
 HERE = Path(__file__).resolve().parent
@@ -50,6 +56,9 @@ FLOOD_S = 20.0
 BANNED_WITHIN_S = 2.0
 REGISTER_WITHIN_S = 1.0
 PHONE_LIFETIME_S = 80.0
+NODE_CORES = 0.1  # the farm's node, made small (cgroup v1 CPU quota) where it can be
+CALIBRATE_RATE = 40  # registrations/s while the node's CPU per registration is measured
+CALIBRATE_S = 2.0
 
 
 @dataclass
@@ -69,7 +78,7 @@ class FloodFarm:
 
 
 @pytest.fixture
-def flood_farm(redis_url, accounts, start_node, start_balancer, monkeypatch) -> FloodFarm:  # type: ignore[no-untyped-def]
+def flood_farm(redis_url, accounts, start_node, start_balancer, monkeypatch) -> Iterator[FloodFarm]:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("SIPFARM_EXEMPT", "127.0.0.1/32")  # the test's own tools; not the phones
     monkeypatch.setenv("SIPFARM_DOMAINS", DOMAIN)
     monkeypatch.setenv("SIPFARM_BAN_TIME", "120")
@@ -77,7 +86,32 @@ def flood_farm(redis_url, accounts, start_node, start_balancer, monkeypatch) -> 
     metrics_port = free_udp_tcp_port()
     balancer = start_balancer(redis_url, allow_loopback=True, extra=["--metrics", f"127.0.0.1:{metrics_port}"])
     wait_nodes_usable(balancer, 1)
-    return FloodFarm(node, balancer, metrics_port, dict(accounts), redis_url)
+    with contextlib.ExitStack() as stack:
+        if CpuLimit.unavailable() is None:
+            stack.enter_context(CpuLimit("sipfarm-test-flood", NODE_CORES)).add(node.process.pid)
+        yield FloodFarm(node, balancer, metrics_port, dict(accounts), redis_url)
+
+
+def farm_capacity(farm: FloodFarm, tmp_path: Path, cores: float) -> float:
+    """Registrations (REGISTER, 401, REGISTER with digest, 200) per second the node can complete
+    with ``cores`` of CPU: its CPU per registration (above its idle CPU) at a rate well under
+    that (no overload)."""
+    injection = tmp_path / "carol.csv"
+    injection.write_text(f"SEQUENTIAL\ncarol;{farm.accounts['carol']}\n")
+    node = psutil.Process(farm.node.process.pid)
+    idle = node.cpu_times()
+    time.sleep(CALIBRATE_S)  # what the node spends doing nothing (timers, probes, heartbeats)
+    before = node.cpu_times()
+    result = run_sipp(
+        REGISTER_AUTH, f"127.0.0.1:{farm.balancer.port}", workdir=tmp_path / "calibrate", rate=CALIBRATE_RATE,
+        duration_s=CALIBRATE_S, injection=injection, timeout_s=CALIBRATE_S + 15,
+        variables={"domain": DOMAIN, "contact": "127.0.0.1:5999", "expires": "300"},
+    )  # fmt: skip
+    after = node.cpu_times()
+    used = (after.user - before.user) + (after.system - before.system)
+    used -= (before.user - idle.user) + (before.system - idle.system)
+    assert result.calls_succeeded >= 0.9 * CALIBRATE_RATE * CALIBRATE_S, result.summary()
+    return cores * result.calls_succeeded / max(used, 1e-3)
 
 
 @contextlib.contextmanager
@@ -110,6 +144,9 @@ def test_flooder_banned_while_softphones_register_and_talk(flood_farm: FloodFarm
             assert code == 200, f"{phone.name} REGISTER: {code}\n{farm.logs()}"
             phone.auto_answer(True, 200)
             phone.play_tone(hz, next_call=True)
+
+        limited = CpuLimit.unavailable() is None
+        capacity = farm_capacity(farm, tmp_path, NODE_CORES if limited else 1.0)
 
         stack.enter_context(flood(farm, tmp_path))
         started = time.monotonic()
@@ -150,4 +187,14 @@ def test_flooder_banned_while_softphones_register_and_talk(flood_farm: FloodFarm
         metrics = protect_metrics(farm.metrics_port)
         assert metrics.get("banned", 0) > 1000, metrics  # the flood went on, dropped unparsed
         assert metrics.get("rate_register", 0) + metrics.get("rate_other", 0) >= 1, metrics
-        print(f"flooder banned after {banned_after:.2f} s; alice's refreshes: max {max(register_times) * 1000:.0f} ms")
+        # the flood's rate, from what the balancer dropped (the few requests before the ban aside),
+        # against the farm's capacity in REGISTER requests (two a registration)
+        flood_rate = metrics["banned"] / flooding
+        ratio = flood_rate / (2 * capacity)
+        print(
+            f"farm capacity {capacity:.0f} registrations/s (node limited to {NODE_CORES} core: {limited}); "
+            f"flood {flood_rate:.0f} requests/s = {ratio:.1f}x its REGISTER requests/s; flooder banned after "
+            f"{banned_after:.2f} s; alice's refreshes: max {max(register_times) * 1000:.0f} ms"
+        )
+        if limited:
+            assert ratio >= 10, (flood_rate, capacity)
