@@ -27,6 +27,8 @@ import ipaddress
 from collections.abc import Iterable
 from typing import Final
 
+from sipfarm.transport.destinations import _ip as _address  # an IPv4-mapped address judged as IPv4
+
 __all__ = ["NetList", "Network", "Verdict", "parse_network"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -51,16 +53,6 @@ def parse_network(text: str) -> Network:
         return ipaddress.ip_network(text.strip().removeprefix("[").replace("]", ""), strict=False)
     except ValueError:
         raise ValueError(f"{text!r} is not an IP network (CIDR) or address") from None
-
-
-def _address(source: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        address = ipaddress.ip_address(source.strip("[]"))
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
 
 
 class _Networks:
