@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.process import ManagedProcess, Stoppable, free_port, wait_until
+from sipfarm import ports
 
 SCENARIOS_DIR = Path(__file__).resolve().parent / "scenarios"
 REGISTER_AUTH = SCENARIOS_DIR / "register_auth.xml"
@@ -42,6 +43,22 @@ SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 # SIPp exit statuses (sipp(1)): 0 all calls succeeded, 1 some failed, 97 stopped by an
 # internal command, 99 normal exit without any call processed; 254/255 are fatal errors.
 _EXIT_OK = {0, 1, 97, 99}
+
+
+# SIPp binds its RTP echo sockets at -mp (audio) and -mp + 2 (video), RTCP beside each; with
+# -mp given it tries no other port and dies with "Unable to bind ... RTP socket" (exit 254).
+_MEDIA_PORTS = 4
+_BIND_FAILED = "Unable to bind"
+_BIND_ATTEMPTS = 3
+
+
+def free_media_port(host: str = "127.0.0.1") -> int:
+    """A UDP port ``p`` for SIPp's ``-mp`` with ``p`` .. ``p + 3`` all free on ``host``."""
+    for _ in range(200):
+        port = ports.free_port(host, udp=True, tcp=False)
+        if all(ports.is_free(host, port + k, udp=True, tcp=False) for k in range(1, _MEDIA_PORTS)):
+            return port
+    raise SippError(f"no block of {_MEDIA_PORTS} free UDP ports on {host} for SIPp's media")
 
 
 class SippError(RuntimeError):
@@ -226,6 +243,54 @@ def _wait_with_rusage(proc: subprocess.Popen[bytes], timeout: float) -> tuple[in
         time.sleep(0.02)
 
 
+def _client_argv(
+    binary: str,
+    path: Path,
+    target: str,
+    *,
+    transport: str,
+    local_ip: str,
+    local_port: int,
+    media_port: int,
+    rate: float,
+    calls: int,
+    call_length_ms: int,
+    timeout_s: float,
+    stat_file: Path,
+    error_file: Path,
+    max_concurrent: int | None,
+    injection: Path | None,
+    variables: Mapping[str, str] | None,
+    extra_args: Sequence[str],
+) -> list[str]:
+    argv = [
+        binary, target,
+        "-sf", str(path),
+        "-t", transport,
+        "-i", local_ip,
+        "-p", str(local_port),
+        "-mp", str(media_port),
+        "-r", f"{rate:g}", "-rp", "1000",
+        "-m", str(calls),
+        "-d", str(call_length_ms),
+        "-timeout", f"{max(1, math.ceil(timeout_s - 3))}s",
+        "-nostdin",
+        "-trace_stat", "-stf", str(stat_file), "-fd", "1",
+        "-trace_rtt", "-rtt_freq", "1",
+        "-trace_err", "-error_file", str(error_file),
+        "-max_recv_loops", "10000", "-max_sched_loops", "10000",
+        # SIPp's default socket buffers (64 KB) overflow at a few hundred calls/s on loopback.
+        "-buff_size", str(SOCKET_BUFFER_BYTES),
+    ]  # fmt: skip
+    if max_concurrent is not None:
+        argv += ["-l", str(max_concurrent)]
+    if injection is not None:
+        argv += ["-inf", str(injection.resolve())]
+    for name, value in (variables or {}).items():
+        argv += ["-set", name, value]
+    return argv + list(extra_args)
+
+
 def run_sipp(
     scenario: str | Path,
     target: str,
@@ -268,39 +333,28 @@ def run_sipp(
     error_file = workdir / "errors.log"
     for stale in (stat_file, error_file):
         stale.unlink(missing_ok=True)
-    argv = [
-        binary, target,
-        "-sf", str(path),
-        "-t", transport,
-        "-i", local_ip,
-        "-p", str(local_port or free_port(local_ip)),
-        "-mp", str(media_port or free_port(local_ip)),
-        "-r", f"{rate:g}", "-rp", "1000",
-        "-m", str(calls),
-        "-d", str(call_length_ms),
-        "-timeout", f"{max(1, math.ceil(timeout_s - 3))}s",
-        "-nostdin",
-        "-trace_stat", "-stf", str(stat_file), "-fd", "1",
-        "-trace_rtt", "-rtt_freq", "1",
-        "-trace_err", "-error_file", str(error_file),
-        "-max_recv_loops", "10000", "-max_sched_loops", "10000",
-        # SIPp's default socket buffers (64 KB) overflow at a few hundred calls/s on loopback.
-        "-buff_size", str(SOCKET_BUFFER_BYTES),
-    ]
-    if max_concurrent is not None:
-        argv += ["-l", str(max_concurrent)]
-    if injection is not None:
-        argv += ["-inf", str(injection.resolve())]
-    for name, value in (variables or {}).items():
-        argv += ["-set", name, value]
-    argv += list(extra_args)
-    with (workdir / "sipp.out").open("wb") as out:
-        started = time.monotonic()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                cwd=workdir, start_new_session=True)
-        code, cpu = _wait_with_rusage(proc, timeout_s)
-        wall_s = time.monotonic() - started
-    output = (workdir / "sipp.out").read_text(errors="replace")
+    # Ports this function picks can be taken between the check and SIPp's bind (by another
+    # process picking at random, or an outgoing connection): a bind failure is retried on new ones.
+    for attempt in range(_BIND_ATTEMPTS):
+        argv = _client_argv(
+            binary, path, target, transport=transport, local_ip=local_ip,
+            local_port=local_port or free_port(local_ip), media_port=media_port or free_media_port(local_ip),
+            rate=rate, calls=calls, call_length_ms=call_length_ms, timeout_s=timeout_s,
+            stat_file=stat_file, error_file=error_file, max_concurrent=max_concurrent,
+            injection=injection, variables=variables, extra_args=extra_args,
+        )  # fmt: skip
+        with (workdir / "sipp.out").open("wb") as out:
+            started = time.monotonic()
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    cwd=workdir, start_new_session=True)
+            code, cpu = _wait_with_rusage(proc, timeout_s)
+            wall_s = time.monotonic() - started
+        output = (workdir / "sipp.out").read_text(errors="replace")
+        chosen = local_port is None or media_port is None
+        if code in _EXIT_OK or not chosen or _BIND_FAILED not in output or attempt == _BIND_ATTEMPTS - 1:
+            break
+        for stale in (stat_file, error_file):
+            stale.unlink(missing_ok=True)
     if code not in _EXIT_OK:
         tail = "\n".join(output.splitlines()[-25:])
         raise SippError(f"sipp exited with {code} ({' '.join(argv)}):\n{tail}")
@@ -358,32 +412,37 @@ class SippServer(Stoppable):
     ) -> None:
         binary = find_sipp(sipp_bin)
         self.local_ip = local_ip
-        self.port = port or free_port(local_ip)
         workdir = workdir.resolve()
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.stat_file = workdir / "uas_stats.csv"
-        self.stat_file.unlink(missing_ok=True)
-        argv = [
-            binary,
-            "-sf", str(scenario_path(scenario)),
-            "-t", transport,
-            "-i", local_ip,
-            "-p", str(self.port),
-            "-mp", str(media_port or free_port(local_ip)),
-            "-nostdin",
-            "-trace_stat", "-stf", str(self.stat_file), "-fd", "1",
-            "-trace_err", "-error_file", str(workdir / "uas_errors.log"),
-            "-max_recv_loops", "10000", "-max_sched_loops", "10000",
-            "-buff_size", str(SOCKET_BUFFER_BYTES),
-            *extra_args,
-        ]
-        self.process = ManagedProcess("sipp-uas", argv, workdir / "uas.out", cwd=workdir)
-        # Ready once its statistics file exists (written right after the sockets are bound).
-        if not wait_until(lambda: not self.process.alive() or self.stat_file.exists(), timeout=10) \
-                or not self.process.alive():
+        for _attempt in range(_BIND_ATTEMPTS):
+            self.port = port or free_port(local_ip)
+            self.stat_file.unlink(missing_ok=True)
+            argv = [
+                binary,
+                "-sf", str(scenario_path(scenario)),
+                "-t", transport,
+                "-i", local_ip,
+                "-p", str(self.port),
+                "-mp", str(media_port or free_media_port(local_ip)),
+                "-nostdin",
+                "-trace_stat", "-stf", str(self.stat_file), "-fd", "1",
+                "-trace_err", "-error_file", str(workdir / "uas_errors.log"),
+                "-max_recv_loops", "10000", "-max_sched_loops", "10000",
+                "-buff_size", str(SOCKET_BUFFER_BYTES),
+                *extra_args,
+            ]  # fmt: skip
+            self.process = ManagedProcess("sipp-uas", argv, workdir / "uas.out", cwd=workdir)
+            # Ready once its statistics file exists (written right after the sockets are bound).
+            if wait_until(lambda: not self.process.alive() or self.stat_file.exists(), timeout=10) \
+                    and self.process.alive():
+                return
             self.process.stop()
-            raise SippError(f"sipp UAS did not start on {local_ip}:{self.port}:\n{self.process.log_tail()}")
+            log = self.process.log_tail(400)
+            if (port is not None and media_port is not None) or _BIND_FAILED not in log:
+                break
+        raise SippError(f"sipp UAS did not start on {local_ip}:{self.port}:\n{self.process.log_tail()}")
 
     @property
     def contact(self) -> str:

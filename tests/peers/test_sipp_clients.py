@@ -49,6 +49,7 @@ from pathlib import Path
 import pytest
 from fixtures.default_farm import DefaultFarm
 
+from benchmarks.sipp import free_media_port
 from sipfarm.ports import free_port
 
 from .loopback_capture import LoopbackCapture
@@ -136,7 +137,7 @@ class Sipp:
             "-t", TRANSPORT_FLAG[self.transport],
             "-i", ip, "-p", str(free_port(ip)),
             # the media socket is the SDP's audio port when the test gives one (RtpCounter)
-            "-mp", (variables or {}).get("rtp_port") or str(free_port(ip, tcp=False)),
+            "-mp", (variables or {}).get("rtp_port") or str(free_media_port(ip)),
             "-m", "1", "-timeout", f"{timeout_s}s", "-timeout_error",
             "-nostdin",
             "-trace_err", "-error_file", str(self.workdir / f"{name}.errors.log"),
