@@ -40,6 +40,7 @@ MODULES=(
     sipfarm/sip/transaction.py
     sipfarm/sip/ids.py
     sipfarm/store/resp.py
+    sipfarm/store/resp_cluster.py
     sipfarm/proxy/forking.py
     sipfarm/proxy/media.py
     sipfarm/proxy/relay_media.py

@@ -102,8 +102,18 @@ class NodeConfig:
     relays: list[str] = field(default_factory=list)
     relay_timeout: float = 1.0
     media_failure: str = "503"
+    # Redis replication is asynchronous: a master that dies loses the writes its replicas had
+    # not yet received. replicas_ack = N answers a REGISTER 200 only once N replicas have its
+    # write (one Redis WAIT behind each batch of REGISTERs, at most replicas_ack_timeout
+    # seconds; fewer replicas in time answer 503, the UA registers again), so a failover loses
+    # no acknowledged registration. 0 (the default): no WAIT, the window of loss is replication's
+    # lag (usually under a millisecond). Same meaning on one Redis with replicas (Sentinel).
+    replicas_ack: int = 0
+    replicas_ack_timeout: float = 0.1
 
     def validate(self) -> None:
+        _check_range("replicas_ack", self.replicas_ack, 0, 16)
+        _check_range("replicas_ack_timeout", self.replicas_ack_timeout, 0.001, 10)
         for spec in self.listen:
             _check_address("listen", spec)
         if "cluster" in self.relays and self.relays != ["cluster"]:
@@ -204,13 +214,17 @@ def _check_group_name(key: str, value: str) -> None:
 
 
 def _check_redis_url(url: str) -> None:
-    from sipfarm.store.resp import parse_redis_url  # noqa: PLC0415
+    from sipfarm.store.resp import is_cluster_url, parse_cluster_url, parse_redis_url  # noqa: PLC0415
 
     try:
-        parse_redis_url(url)
+        if is_cluster_url(url):
+            parse_cluster_url(url)
+        else:
+            parse_redis_url(url)
     except ValueError as exc:
         raise ConfigError(
-            f"redis: {exc}; expected redis[s]://[[USER]:PASSWORD@]HOST:PORT/DB[?ssl_ca_certs=PATH], got {url!r}"
+            f"redis: {exc}; expected redis[s]://[[USER]:PASSWORD@]HOST:PORT/DB[?ssl_ca_certs=PATH] or "
+            f"redis[s]+cluster://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT...], got {url!r}"
         ) from None
 
 

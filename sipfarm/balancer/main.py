@@ -119,9 +119,9 @@ def run_balancer(args: argparse.Namespace) -> int:
 
 async def _flow_secret(redis_url: str) -> bytes:
     from sipfarm.store.errors import StoreError  # noqa: PLC0415
-    from sipfarm.store.resp import RedisPipe  # noqa: PLC0415
+    from sipfarm.store.resp_cluster import open_pipe  # noqa: PLC0415
 
-    pipe = RedisPipe(redis_url)
+    pipe = open_pipe(redis_url)
     try:
         for _ in range(20):
             try:

@@ -34,8 +34,12 @@ class FarmState:
         account_cache_size: int = 20_000,
         clock: Callable[[], float] = time.monotonic,
         observe: Callable[[float], None] | None = None,
+        cluster: bool = False,
     ) -> None:
+        """``cluster``: the Redis Cluster key layout (:mod:`sipfarm.store.location`). A REGISTER's
+        write waits for the pipe's ``replicas_ack`` replicas (``RedisPipe.call_acked``) when set."""
         self.pipe = pipe
+        self._cluster = cluster
         self._ttl = account_cache_ttl
         self._cache_size = account_cache_size
         self._cache: OrderedDict[tuple[str, str], tuple[float, Account | None]] = OrderedDict()
@@ -88,7 +92,9 @@ class FarmState:
     # -- bindings --------------------------------------------------------------------------------
 
     def lookup(self, aor: str, now: float, callback: Callable[[list[loc.Binding] | StoreError], None]) -> None:
-        self.pipe.call(partial(self._lookup_done, now, self._clock(), callback), "HVALS", loc.location_key(aor))
+        self.pipe.call(
+            partial(self._lookup_done, now, self._clock(), callback), "HVALS", loc.location_key(aor, self._cluster)
+        )
 
     def _lookup_done(
         self, now: float, started: float, callback: Callable[[list[loc.Binding] | StoreError], None], reply: Reply
@@ -109,9 +115,12 @@ class FarmState:
         **kwargs: object,
     ) -> None:
         """``LocationStore.apply_register`` (same script, same arguments) over the pipe."""
-        keys, args = loc.register_arguments(aor, contacts, **kwargs)  # type: ignore[arg-type]
+        keys, args = loc.register_arguments(aor, contacts, cluster=self._cluster, **kwargs)  # type: ignore[arg-type]
         done = partial(self._register_done, keys, args, self._clock(), callback)
-        self.pipe.call(done, "EVALSHA", self._register_sha, len(keys), *keys, *args)
+        if self.pipe.replicas_ack > 0:
+            self.pipe.call_acked(done, "EVALSHA", self._register_sha, len(keys), *keys, *args)
+        else:
+            self.pipe.call(done, "EVALSHA", self._register_sha, len(keys), *keys, *args)
 
     def _register_done(
         self,
@@ -124,7 +133,7 @@ class FarmState:
         if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
             # first use on this Redis (or after SCRIPT FLUSH): send the body once
             done = partial(self._register_done, keys, args, started, callback)
-            self.pipe.call(done, "EVAL", loc.REGISTER_SCRIPT, len(keys), *keys, *args)
+            self.pipe.call_acked(done, "EVAL", loc.REGISTER_SCRIPT, len(keys), *keys, *args)
             return
         result: loc.RegisterResult | StoreError | None = self._settle(started, "register", reply)
         if result is None:
@@ -137,7 +146,7 @@ class FarmState:
     def remove_binding(self, aor: str, binding: loc.Binding, callback: Callable[[bool | StoreError], None]) -> None:
         """``LocationStore.remove_binding`` over the pipe: ``binding`` goes if it is still
         stored unchanged (contact, Path, flow); ``callback`` gets whether it went."""
-        keys, args = loc.remove_binding_arguments(aor, binding)
+        keys, args = loc.remove_binding_arguments(aor, binding, cluster=self._cluster)
         done = partial(self._remove_binding_done, keys, args, self._clock(), callback)
         self.pipe.call(done, "EVALSHA", self._remove_binding_sha, len(keys), *keys, *args)
 

@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterable
+from functools import partial
 from typing import TYPE_CHECKING
 
 from sipfarm import __version__
@@ -124,7 +125,8 @@ async def serve(
     from sipfarm.sip.transaction import TimerConfig  # noqa: PLC0415
     from sipfarm.store.errors import StoreError  # noqa: PLC0415
     from sipfarm.store.redis_client import create_redis  # noqa: PLC0415
-    from sipfarm.store.resp import RedisPipe  # noqa: PLC0415
+    from sipfarm.store.resp import is_cluster_url  # noqa: PLC0415
+    from sipfarm.store.resp_cluster import open_pipe  # noqa: PLC0415
     from sipfarm.transport.config import TransportConfig  # noqa: PLC0415
     from sipfarm.transport.destinations import DestinationPolicy  # noqa: PLC0415
     from sipfarm.transport.manager import TransportManager  # noqa: PLC0415
@@ -134,9 +136,13 @@ async def serve(
     metrics = NodeMetrics()
     if cfg.metrics and worker_index is None:
         serve_metrics(cfg.metrics, metrics.registry)
-    pipe = RedisPipe(cfg.redis)
+    pipe = open_pipe(cfg.redis)
+    cluster = is_cluster_url(cfg.redis)
+    pipe.require_replicas(cfg.replicas_ack, max(1, round(cfg.replicas_ack_timeout * 1000)))
     await pipe.start()
-    state = FarmState(pipe, account_cache_ttl=cfg.account_cache_ttl, observe=metrics.redis_seconds.observe)
+    state = FarmState(
+        pipe, account_cache_ttl=cfg.account_cache_ttl, observe=metrics.redis_seconds.observe, cluster=cluster
+    )
     secret = cfg.nonce_secret.encode() if cfg.nonce_secret else secrets.token_bytes(32)
     # the farm-wide secrets before anything is served: a nonce minted with a local secret and
     # then checked with the farm's would make the first clients' credentials stale (401 again)
@@ -323,25 +329,30 @@ async def serve(
                 registrations["aors"] = int(reply[2])
                 registrations["bindings"] = int(reply[3])
 
-        # the location index (see sipfarm.store.location): prune what expired, then count
-        from sipfarm.store.location import AOR_INDEX, BINDING_INDEX  # noqa: PLC0415
+        # the location index (see sipfarm.store.location): prune what expired, then count, in
+        # every piece (one on one Redis, each shard on a Cluster)
+        from sipfarm.store.location import index_pieces  # noqa: PLC0415
 
         now = time.time()
+        pieces = index_pieces(cluster)
 
         def pruned_aors(_: object) -> None:
             return None
 
-        pipe.call(pruned_aors, "ZREMRANGEBYSCORE", AOR_INDEX, "-inf", now)
-        pipe.call(pruned_aors, "ZREMRANGEBYSCORE", BINDING_INDEX, "-inf", now)
-        results: list[object] = []
+        totals = [0, 0, 0]  # aors, bindings, replies in
 
-        def collect(reply: object) -> None:
-            results.append(reply)
-            if len(results) == 2:
-                got([0, 0, *results])
+        def collect(which: int, reply: object) -> None:
+            if isinstance(reply, int):
+                totals[which] += reply
+            totals[2] += 1
+            if totals[2] == 2 * len(pieces):
+                got([0, 0, totals[0], totals[1]])
 
-        pipe.call(collect, "ZCARD", AOR_INDEX)
-        pipe.call(collect, "ZCARD", BINDING_INDEX)
+        for aor_index, binding_index in pieces:
+            pipe.call(pruned_aors, "ZREMRANGEBYSCORE", aor_index, "-inf", now)
+            pipe.call(pruned_aors, "ZREMRANGEBYSCORE", binding_index, "-inf", now)
+            pipe.call(partial(collect, 0), "ZCARD", aor_index)
+            pipe.call(partial(collect, 1), "ZCARD", binding_index)
 
     membership_redis = create_redis(cfg.redis, client_name=f"sipfarm-node-{cfg.node_id}")
     membership = MembershipStore(membership_redis)

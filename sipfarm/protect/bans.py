@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from sipfarm.store.redis_client import redis_errors
 
-from .guard import BAN_INDEX, BAN_PREFIX, ban_key, milliseconds, source_failures_key
+from .guard import BAN_INDEX, ban_key, ban_source, milliseconds, source_failures_key
 
 __all__ = ["BALANCER_REASON", "BanEntry", "BanStore", "source_address"]
 
@@ -54,7 +54,7 @@ class BanStore:
                 _, sources = await pipe.execute()
             if not sources:
                 return []
-            keys = [BAN_PREFIX.encode() + s for s in sources]
+            keys = [ban_key(s.decode()).encode() for s in sources]
             async with self.redis.pipeline(transaction=False) as pipe:
                 for key in keys:
                     pipe.get(key)
@@ -64,7 +64,7 @@ class BanStore:
         for key, value, pttl in zip(keys, replies[::2], replies[1::2], strict=True):
             if value is None or pttl == -2:  # ended between SCAN and GET
                 continue
-            source = key.decode()[len(BAN_PREFIX) :]
+            source = ban_source(key.decode())
             if value == MANUAL:
                 reason = "manual"
             elif value.startswith(BALANCER_REASON):  # a balancer's front door (rate, scanner...)
@@ -79,7 +79,9 @@ class BanStore:
         ``reason`` is what ``list`` shows (a balancer's: ``balancer:<why>``)."""
         ends = math.inf if seconds is None else (time.time() + seconds) * 1000
         with redis_errors:
-            async with self.redis.pipeline(transaction=True) as pipe:
+            # not a transaction: the ban and the index are in different Redis Cluster slots; the
+            # ban key is written first and is the truth (an index entry without one is skipped)
+            async with self.redis.pipeline(transaction=False) as pipe:
                 if seconds is None:
                     pipe.set(ban_key(source), reason)
                 else:
@@ -90,7 +92,7 @@ class BanStore:
     async def delete(self, source: str) -> bool:
         """Lift the ban of ``source`` and forget its failures; whether it was banned."""
         with redis_errors:
-            async with self.redis.pipeline(transaction=True) as pipe:
+            async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.delete(ban_key(source))
                 pipe.delete(source_failures_key(source))
                 pipe.zrem(BAN_INDEX, source)

@@ -37,10 +37,15 @@ test tier). What they decide from their store's answers lives once, in :class:`G
 
 Redis keys (all under ``sipfarm:protect:``)::
 
-    ban:<ip>                   string: why (failure count, or "manual"); expiry = end of the ban
-    fail:src:<ip>              counter of failures from a source; expiry = end of its window
+    ban:{<ip>}                 string: why (failure count, or "manual"); expiry = end of the ban
+    fail:src:{<ip>}            counter of failures from a source; expiry = end of its window
     fail:acct:<user@domain>    counter of failures against an account; expiry = end of its window
     nonce:<nonce>:<nc>         "1"; expiry = end of the nonce's lifetime
+    bans                       zset: banned source -> end of its ban (see BAN_INDEX)
+
+The ``{<ip>}`` hash tag puts a source's ban and failure counter in one Redis Cluster slot, the
+two keys ``failure.lua`` touches; the account's counter and the ban index are written by
+commands of their own, so every command and script stays within one slot.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ __all__ = [
     "GuardRules",
     "account_failures_key",
     "ban_key",
+    "ban_source",
     "milliseconds",
     "nonce_key",
     "source_failures_key",
@@ -90,11 +96,16 @@ def milliseconds(seconds: float) -> int:
 
 
 def ban_key(source_ip: str) -> str:
-    return BAN_PREFIX + source_ip
+    return BAN_PREFIX + "{" + source_ip + "}"
+
+
+def ban_source(key: str) -> str:
+    """The source address a ban key names (``ban_key``'s inverse)."""
+    return key[len(BAN_PREFIX) :].strip("{}")
 
 
 def source_failures_key(source_ip: str) -> str:
-    return SOURCE_FAILURES_PREFIX + source_ip
+    return SOURCE_FAILURES_PREFIX + "{" + source_ip + "}"
 
 
 def account_failures_key(account: str) -> str:

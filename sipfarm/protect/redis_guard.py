@@ -8,7 +8,7 @@ Every call costs one command slot in the pipeline the node flushes once per even
   cost no round trip of their own. ``PTTL`` rather than ``GET``: the same one-key read, and it
   also tells how long the ban lasts, which the local cache needs (-2: no ban).
 * :meth:`RedisGuard.failed` runs ``failure.lua`` (EVALSHA, EVAL once on NOSCRIPT), which
-  increments both counters, opens their window on the first failure, and sets the ban when the
+  increments the source's counter, opens its window on the first failure, and sets the ban when the
   source reaches ``max_failures``, atomically: two nodes counting the same source at the same
   instant cannot both miss (or both start) the ban. The EVAL that answers a NOSCRIPT goes out
   in a later pipeline than the commands queued after the EVALSHA, so on a Redis that has just
@@ -16,8 +16,9 @@ Every call costs one command slot in the pipeline the node flushes once per even
   script loss; at worst one request of a source being banned at that instant gets through).
 
 Times go to Redis in milliseconds and expire on Redis's clock, so nodes need no clock agreement.
-The script touches keys of one source and one account that share no hash tag: it needs a single
-Redis (or Sentinel), not Redis Cluster, like the farm's other scripts' index keys.
+The script touches the two keys of one source (one hash slot: Redis Cluster-safe); the account's
+counter (``SET NX PX`` + ``INCR``) and, when a ban starts, the ban index (``ZADD``) are commands
+of their own, in the same pipeline.
 
 Replies become :class:`~sipfarm.store.errors.StoreError` (StoreUnavailable, 503, when Redis
 cannot serve: connection lost, loading, read-only, out of memory); nothing is raised out.
@@ -81,6 +82,28 @@ class _AdmitReplies:
         self.ban: Reply = None
 
 
+class _FailureReplies:
+    """The two replies of one ``failed`` (source script, account counter), kept until both are in:
+    on Redis Cluster they come from different masters, in either order."""
+
+    __slots__ = ("account", "account_name", "done", "source", "source_ip", "started", "waiting")
+
+    def __init__(
+        self, source_ip: str, account: str, started: float, done: Callable[[FailureOutcome | StoreError], None]
+    ) -> None:
+        self.source_ip = source_ip
+        self.account_name = account
+        self.started = started
+        self.done = done
+        self.source: Reply = None
+        self.account: Reply = None
+        self.waiting = 2
+
+
+def _ignore(_reply: Reply) -> None:
+    return None
+
+
 class RedisGuard:
     """:class:`~sipfarm.protect.guard.Guard` over a :class:`~sipfarm.store.resp.RedisPipe`."""
 
@@ -139,58 +162,70 @@ class RedisGuard:
     # -- failed ----------------------------------------------------------------------------------
 
     def failed(self, source_ip: str, account: str, done: Callable[[FailureOutcome | StoreError], None]) -> None:
-        self._count_failure("EVALSHA", self._failure_sha, source_ip, account, self._clock(), done)
+        replies = _FailureReplies(source_ip, account, self._clock(), done)
+        self._count_failure("EVALSHA", self._failure_sha, replies)
+        # the account's counter: its window opens with its first failure (SET NX PX), INCR keeps
+        # the expiry. Its own commands: another key's hash slot than the source's (guard.py)
+        key = account_failures_key(account)
+        self.pipe.call(_ignore, "SET", key, b"0", "NX", "PX", self._failure_args[0])
+        self.pipe.call(partial(self._account_counted, replies), "INCR", key)
 
-    def _count_failure(
-        self,
-        command: str,
-        script: str,
-        source_ip: str,
-        account: str,
-        started: float,
-        done: Callable[[FailureOutcome | StoreError], None],
-    ) -> None:
+    def _count_failure(self, command: str, script: str, replies: _FailureReplies) -> None:
         self.pipe.call(
-            partial(self._failure_counted, source_ip, account, started, done),
+            partial(self._source_counted, replies),
             command,
             script,
-            4,
-            source_failures_key(source_ip),
-            account_failures_key(account),
-            ban_key(source_ip),
-            BAN_INDEX,
+            2,
+            source_failures_key(replies.source_ip),
+            ban_key(replies.source_ip),
             *self._failure_args,
-            source_ip,
         )
 
-    def _failure_counted(
-        self,
-        source_ip: str,
-        account: str,
-        started: float,
-        done: Callable[[FailureOutcome | StoreError], None],
-        reply: Reply,
-    ) -> None:
+    def _source_counted(self, replies: _FailureReplies, reply: Reply) -> None:
         if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
             # first use on this Redis (or after SCRIPT FLUSH / a restart): send the body once
-            self._count_failure("EVAL", FAILURE_SCRIPT, source_ip, account, started, done)
+            self._count_failure("EVAL", FAILURE_SCRIPT, replies)
             return
-        result: FailureOutcome | StoreError | None = self._settle(started, "failure count", reply)
+        replies.source = reply
+        replies.waiting -= 1
+        if replies.waiting == 0:
+            self._failure_counted(replies)
+
+    def _account_counted(self, replies: _FailureReplies, reply: Reply) -> None:
+        replies.account = reply
+        replies.waiting -= 1
+        if replies.waiting == 0:
+            self._failure_counted(replies)
+
+    def _failure_counted(self, replies: _FailureReplies) -> None:
+        reply, account_reply = replies.source, replies.account
+        result: FailureOutcome | StoreError | None = self._settle(replies.started, "failure count", reply)
         if result is None:
-            if isinstance(reply, list) and len(reply) == 4 and all(isinstance(n, int) for n in reply):
-                source_failures, account_failures, started_ban, pttl = reply
+            result = self._settle(None, "account failure count", account_reply)
+        if result is None:
+            if (
+                isinstance(reply, list)
+                and len(reply) == 3
+                and all(isinstance(n, int) for n in reply)
+                and isinstance(account_reply, int)
+            ):
+                source_failures, started_ban, pttl = reply
+                if started_ban == 1:
+                    # the ban index (another slot): what lists bans; the ban key stays the truth
+                    ends = int(time.time() * 1000) + self._failure_args[2]
+                    self.pipe.call(_ignore, "ZADD", BAN_INDEX, ends, replies.source_ip)
                 result = self.rules.failure(
-                    source_ip,
-                    account,
+                    replies.source_ip,
+                    replies.account_name,
                     source_failures,
-                    account_failures,
+                    account_reply,
                     started_ban == 1,
                     ban_left(pttl),
                     self._clock(),
                 )
             else:
-                result = StoreError(f"failure count: unexpected reply {reply!r}")
-        done(result)
+                result = StoreError(f"failure count: unexpected replies {reply!r}, {account_reply!r}")
+        replies.done(result)
 
     # -- replies ---------------------------------------------------------------------------------
 

@@ -6,8 +6,8 @@ Key layout::
     sipfarm:accounts             set of "user@domain" (the index ``list`` walks with SSCAN)
 
 The ``{user@domain}`` hash tag keeps an account in one Redis Cluster slot; every script
-touches that one key only, and the index set is updated by a separate command in the same
-pipeline (one round trip, Cluster-safe, never read on the SIP path).
+touches that one key only, and the index set is updated by a separate command (Cluster-safe,
+never read on the SIP path).
 
 The realm is the domain, so digest authentication (RFC 2617 3.2.2.2, RFC 7616 3.4.2,
 RFC 8760 for SIP) needs only HA1 = H(user ":" realm ":" password): the password itself
@@ -153,10 +153,9 @@ class AccountStore:
         )
         args = [x for kv in account.to_fields().items() for x in kv]
         with redis_errors:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                await self._add(keys=[account_key(user, domain)], args=args, client=pipe)
-                pipe.sadd(ACCOUNT_INDEX, account.aor)  # idempotent when the account existed
-                created, _ = await pipe.execute()
+            # two commands, not a pipeline: redis-py's Cluster pipelines take no scripts
+            created = await self._add(keys=[account_key(user, domain)], args=args)
+            await self._redis.sadd(ACCOUNT_INDEX, account.aor)  # idempotent when the account existed
         self._forget(user, domain)
         if created != 1:
             raise AccountExists(f"account {account.aor} exists")

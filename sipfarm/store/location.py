@@ -1,14 +1,21 @@
 """Location service (RFC 3261 10): the bindings of every address-of-record, in Redis.
 
-Key layout::
+Key layout on one Redis (or Sentinel)::
 
     sipfarm:loc:{aor}      hash: binding key -> binding (compact JSON array); TTL = latest expiry
     sipfarm:loc:aors       zset: aor -> latest expires_at          (count_all; optional)
     sipfarm:loc:bindings   zset: "aor\\nkey" -> expires_at          (count_all; optional)
 
-The ``{aor}`` hash tag keeps one AOR in one Redis Cluster slot. The two zsets are updated
-inside the scripts, so they share a slot with nothing: on Redis Cluster build the store with
-``index=False`` (``count_all`` is then unavailable).
+On Redis Cluster (``cluster=True``) the index is split in ``LOCATION_SHARDS`` pieces and each
+AOR lives with its piece, so that a script touches keys of one hash slot only::
+
+    sipfarm:loc:{<tag>}:<aor>        the AOR's hash, as above
+    sipfarm:loc:aors:{<tag>}         the AOR index of the shard
+    sipfarm:loc:bindings:{<tag>}     the binding index of the shard
+
+``<tag>`` is the shard's (:func:`shard_tag`: shard = CRC16(aor) mod 1024), chosen so that shard
+``k`` hashes to slot ``16 k``: the shards spread evenly over the slot ranges of the masters.
+``count_all`` (and the node's gauge) walks the 1,024 shards, pipelined per master.
 
 A binding's key is ``i:<+sip.instance>:<reg-id>`` when the contact carries an instance
 (RFC 5626 6: a new flow of the same instance and reg-id replaces the old one; RFC 5627 5: an
@@ -23,6 +30,7 @@ testable without sleeping; Redis's own key TTL is set relative to that ``now``.
 
 from __future__ import annotations
 
+import binascii
 import enum
 import json
 import json.scanner
@@ -36,7 +44,7 @@ from redis.asyncio import Redis
 from sipfarm.sip.memo import BoundedMemo
 
 from .errors import StoreError
-from .redis_client import redis_errors
+from .redis_client import is_cluster_client, redis_errors
 
 LOCATION_PREFIX: Final = "sipfarm:loc:"
 AOR_INDEX: Final = "sipfarm:loc:aors"
@@ -61,8 +69,55 @@ def _loads(data: bytes | str) -> Any:
     return value
 
 
-def location_key(aor: str) -> str:
+#: pieces of the location index on Redis Cluster (a constant of the key layout: every process of
+#: a farm must agree on it)
+LOCATION_SHARDS: Final = 1024
+_SLOTS: Final = 16384
+_shard_tags: list[str] = []
+
+
+def shard_tags() -> list[str]:
+    """The hash tag of every shard: shard ``k``'s tag hashes to slot ``16 k`` (computed once,
+    deterministically: the first hexadecimal numbers that land on each of those slots)."""
+    if not _shard_tags:
+        step = _SLOTS // LOCATION_SHARDS
+        tags: list[str] = [""] * LOCATION_SHARDS
+        left = LOCATION_SHARDS
+        i = 0
+        while left:
+            tag = f"{i:x}"
+            slot = binascii.crc_hqx(tag.encode(), 0) & (_SLOTS - 1)
+            if slot % step == 0 and not tags[slot // step]:
+                tags[slot // step] = tag
+                left -= 1
+            i += 1
+        _shard_tags.extend(tags)
+    return _shard_tags
+
+
+def shard_tag(aor: str) -> str:
+    return shard_tags()[binascii.crc_hqx(aor.encode(), 0) % LOCATION_SHARDS]
+
+
+def location_key(aor: str, cluster: bool = False) -> str:
+    if cluster:
+        return f"{LOCATION_PREFIX}{{{shard_tag(aor)}}}:{aor}"
     return f"{LOCATION_PREFIX}{{{aor}}}"
+
+
+def index_keys(aor: str, cluster: bool = False) -> list[str]:
+    """KEYS of the scripts for ``aor``: its hash, then the AOR and binding index (pieces)."""
+    if cluster:
+        tag = shard_tag(aor)
+        return [f"{LOCATION_PREFIX}{{{tag}}}:{aor}", f"{AOR_INDEX}:{{{tag}}}", f"{BINDING_INDEX}:{{{tag}}}"]
+    return [f"{LOCATION_PREFIX}{{{aor}}}", AOR_INDEX, BINDING_INDEX]
+
+
+def index_pieces(cluster: bool = False) -> list[tuple[str, str]]:
+    """Every (AOR index, binding index) pair: one on one Redis, one per shard on a Cluster."""
+    if cluster:
+        return [(f"{AOR_INDEX}:{{{t}}}", f"{BINDING_INDEX}:{{{t}}}") for t in shard_tags()]
+    return [(AOR_INDEX, BINDING_INDEX)]
 
 
 def binding_key(contact: str, instance: str | None, reg_id: int | None) -> str:
@@ -212,6 +267,7 @@ def register_arguments(
     user_agent: str = "",
     node: str = "",
     index: bool = True,
+    cluster: bool = False,
 ) -> tuple[list[str], list[str | int | float]]:
     """KEYS and ARGV of ``register.lua`` for one REGISTER (shared by every Redis client)."""
     if remove_all and contacts:
@@ -237,8 +293,8 @@ def register_arguments(
                 path_t, received, user_agent, node, now,
             ).to_json()  # fmt: skip
         args += (binding_key(c.contact, c.instance, c.reg_id), repr(expires_at), value)
-    loc = location_key(aor)
-    return ([loc, AOR_INDEX, BINDING_INDEX] if index else [loc]), args
+    keys = index_keys(aor, cluster)
+    return (keys if index else keys[:1]), args
 
 
 def register_result(reply: object) -> RegisterResult:
@@ -281,26 +337,29 @@ return 1
 """
 
 
-def remove_binding_arguments(aor: str, binding: Binding, *, index: bool = True) -> tuple[list[str], list[str]]:
+def remove_binding_arguments(
+    aor: str, binding: Binding, *, index: bool = True, cluster: bool = False
+) -> tuple[list[str], list[str]]:
     """KEYS and ARGV of :data:`REMOVE_BINDING_SCRIPT` for ``binding`` as it was looked up."""
-    loc = location_key(aor)
-    keys = [loc, AOR_INDEX, BINDING_INDEX] if index else [loc]
-    return keys, [aor, binding.key, binding.contact, binding.received, *binding.path]
+    keys = index_keys(aor, cluster)
+    return (keys if index else keys[:1]), [aor, binding.key, binding.contact, binding.received, *binding.path]
 
 
 class LocationStore:
     """Bindings of all AORs. Holds no state of its own: any node may serve any AOR."""
 
-    def __init__(self, redis: Redis, *, index: bool = True) -> None:
+    def __init__(self, redis: Redis, *, index: bool = True, cluster: bool | None = None) -> None:
+        """``cluster``: the Redis Cluster key layout (None: when ``redis`` is a ``RedisCluster``)."""
         self._redis = redis
+        self._cluster = is_cluster_client(redis) if cluster is None else cluster
         self._register = redis.register_script(_REGISTER_LUA)
         self._remove = redis.register_script(_REMOVE_LUA)
         self._remove_binding = redis.register_script(REMOVE_BINDING_SCRIPT)
         self._index = index
 
     def _keys(self, aor: str) -> list[str]:
-        loc = location_key(aor)
-        return [loc, AOR_INDEX, BINDING_INDEX] if self._index else [loc]
+        keys = index_keys(aor, self._cluster)
+        return keys if self._index else keys[:1]
 
     async def apply_register(
         self,
@@ -327,7 +386,7 @@ class LocationStore:
         keys, args = register_arguments(
             aor, contacts, call_id=call_id, cseq=cseq, now=now, max_contacts=max_contacts,
             remove_all=remove_all, path=path, received=received, user_agent=user_agent, node=node,
-            index=self._index,
+            index=self._index, cluster=self._cluster,
         )  # fmt: skip
         with redis_errors:
             reply = await self._register(keys=keys, args=args)
@@ -336,7 +395,7 @@ class LocationStore:
     async def lookup(self, aor: str, now: float) -> list[Binding]:
         """Live bindings of ``aor``, highest q first then most recently updated (one HGETALL)."""
         with redis_errors:
-            values = await self._redis.hvals(location_key(aor))
+            values = await self._redis.hvals(location_key(aor, self._cluster))
         return _live(values, now)
 
     async def lookup_many(self, aors: Sequence[str], now: float) -> dict[str, list[Binding]]:
@@ -346,7 +405,7 @@ class LocationStore:
         with redis_errors:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for aor in aors:
-                    pipe.hvals(location_key(aor))
+                    pipe.hvals(location_key(aor, self._cluster))
                 replies = await pipe.execute()
         return {aor: _live(values, now) for aor, values in zip(aors, replies, strict=True)}
 
@@ -361,7 +420,7 @@ class LocationStore:
     async def remove_binding(self, aor: str, binding: Binding) -> bool:
         """Remove ``binding`` (as looked up) if it is still stored unchanged in contact, Path and
         flow; a newer binding under its key stays. True if removed."""
-        keys, args = remove_binding_arguments(aor, binding, index=self._index)
+        keys, args = remove_binding_arguments(aor, binding, index=self._index, cluster=self._cluster)
         with redis_errors:
             removed: int = await self._remove_binding(keys=keys, args=args)
         return bool(removed)
@@ -376,17 +435,22 @@ class LocationStore:
         """Registered AORs and bindings, for a gauge: O(log n) plus pruning what expired.
 
         Approximate: an AOR whose bindings were removed by ``remove`` counts until its
-        latest expiry.
+        latest expiry. On Redis Cluster: every shard of the index, pipelined.
         """
         if not self._index:
             raise StoreError("count_all needs the location index (LocationStore(index=True))")
+        aors = bindings = 0
         with redis_errors:
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.zremrangebyscore(AOR_INDEX, "-inf", now)
-                pipe.zremrangebyscore(BINDING_INDEX, "-inf", now)
-                pipe.zcard(AOR_INDEX)
-                pipe.zcard(BINDING_INDEX)
-                _, _, aors, bindings = await pipe.execute()
+                for aor_index, binding_index in index_pieces(self._cluster):
+                    pipe.zremrangebyscore(aor_index, "-inf", now)
+                    pipe.zremrangebyscore(binding_index, "-inf", now)
+                    pipe.zcard(aor_index)
+                    pipe.zcard(binding_index)
+                replies = await pipe.execute()
+        for i in range(0, len(replies), 4):
+            aors += int(replies[i + 2])
+            bindings += int(replies[i + 3])
         return LocationCounts(aors=aors, bindings=bindings)
 
 

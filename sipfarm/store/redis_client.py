@@ -11,9 +11,12 @@ on that and ``tests/store/test_store_failures.py`` guards it.
 from __future__ import annotations
 
 from types import TracebackType
+from typing import Any, cast
 
 from redis import exceptions as rexc
 from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -55,7 +58,31 @@ def create_redis(
       :class:`StoreUnavailable` (Redis that far behind is overload: answer 503 rather than
       queue; a waiting ``BlockingConnectionPool`` also costs ~20 us CPU per command).
     Replies are ``bytes`` (no decoding cost on the hot path).
+
+    ``redis+cluster://[[user]:password@]host:port[,host:port...]`` (``rediss+cluster://`` for TLS)
+    gives redis-py's ``RedisCluster`` over those seed nodes, typed as ``Redis``: the stores use
+    only commands both serve (single-slot scripts and transactions, pipelines without one).
     """
+    from sipfarm.store.resp import is_cluster_url, parse_cluster_url  # noqa: PLC0415
+
+    if is_cluster_url(url):
+        seeds, seed_urls = parse_cluster_url(url)
+        kwargs: dict[str, Any] = dict(parse_url(seed_urls[0]))
+        for key in ("host", "port", "db"):
+            kwargs.pop(key, None)
+        if kwargs.pop("connection_class", None) is SSLConnection:
+            kwargs["ssl"] = True
+        cluster = RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in seeds],
+            max_connections=max_connections,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=connect_timeout,
+            client_name=client_name,
+            decode_responses=False,
+            require_full_coverage=False,
+            **kwargs,
+        )
+        return cast("Redis", cluster)  # duck-typed: see above
     pool = ConnectionPool.from_url(
         url,
         max_connections=max_connections,
@@ -66,6 +93,11 @@ def create_redis(
         decode_responses=False,
     )
     return Redis.from_pool(pool)  # the client owns its pool: aclose() closes it
+
+
+def is_cluster_client(redis: object) -> bool:
+    """Whether ``redis`` (from ``create_redis``) talks to a Redis Cluster."""
+    return isinstance(redis, RedisCluster)
 
 
 class RedisErrors:

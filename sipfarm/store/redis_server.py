@@ -212,3 +212,189 @@ def start_redis(
         return proc
     assert last is not None
     raise last
+
+
+def query(host: str, port: int, *args: str, timeout: float = 2.0, password: str | None = None) -> bytes:
+    """One command over a raw socket; the reply's payload (a bulk string's bytes, a simple
+    string's or an integer's text, an error's text prefixed ``-``). Enough for ``CLUSTER INFO``
+    and friends."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        if password:
+            s.sendall(_command("AUTH", password))
+        s.sendall(_command(*args))
+        data = b""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+            body = data[5:] if password and data.startswith(b"+OK\r\n") else data
+            if body[:1] in (b"+", b"-", b":") and body.endswith(b"\r\n"):
+                return body[:-2] if body[:1] == b"-" else body[1:-2]
+            if body[:1] == b"$":
+                head, _, rest = body.partition(b"\r\n")
+                size = int(head[1:])
+                if size < 0:
+                    return b""
+                if len(rest) >= size + 2:
+                    return rest[:size]
+        raise OSError(f"incomplete reply from {host}:{port} to {args[0]}")
+
+
+class RedisClusterProcesses:
+    """A throw-away Redis Cluster on loopback: ``masters`` masters with ``replicas`` replicas each
+    (``redis-server --cluster-enabled yes`` per node, ``redis-cli --cluster create``), ready once
+    every node says ``cluster_state:ok``. ``cluster-node-timeout`` is short (``node_timeout_ms``)
+    so a killed master's replica is promoted within about a second or two."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        masters: int = 3,
+        replicas: int = 1,
+        host: str = "127.0.0.1",
+        node_timeout_ms: int = 1000,
+        password: str | None = None,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.host = host
+        self.masters = masters
+        self.replicas = replicas
+        self.node_timeout_ms = node_timeout_ms
+        self.password = password
+        self.nodes: list[RedisProcess] = []
+
+    @property
+    def url(self) -> str:
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        seeds = ",".join(f"{self.host}:{n.port}" for n in self.nodes[: self.masters])
+        return f"redis+cluster://{auth}{seeds}"
+
+    def _node(self, port: int | None) -> RedisProcess:
+        port = port if port is not None else free_port(self.host)
+        # the cluster bus port named too (not port + 10000, which may be taken or ephemeral)
+        bus = free_port(self.host)
+        return RedisProcess(
+            self.workdir / f"node-{port}",
+            port=port,
+            host=self.host,
+            password=self.password,
+            extra_args=(
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", f"nodes-{port}.conf",
+                "--cluster-node-timeout", str(self.node_timeout_ms),
+                "--cluster-port", str(bus),
+                "--cluster-require-full-coverage", "no",
+                "--repl-diskless-sync-delay", "0",
+                *(("--masterauth", self.password) if self.password else ()),
+            ),
+        )  # fmt: skip
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start every node, create the cluster, wait for ``cluster_state:ok`` on all of them."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            for _ in range(self.masters * (1 + self.replicas)):
+                for attempt in range(3):  # a port taken between its pick and the bind: new ones
+                    node = self._node(None)
+                    try:
+                        node.start()
+                        break
+                    except RuntimeError:
+                        if attempt == 2:
+                            raise
+                self.nodes.append(node)
+            cli = shutil.which("redis-cli") or "redis-cli"
+            create = [
+                cli, "--cluster", "create", *(f"{self.host}:{n.port}" for n in self.nodes),
+                "--cluster-replicas", str(self.replicas), "--cluster-yes",
+                *(("-a", self.password, "--no-auth-warning") if self.password else ()),
+            ]  # fmt: skip
+            done = subprocess.run(create, capture_output=True, timeout=timeout, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create failed: {done.stdout!r} {done.stderr!r}")
+            self.wait_ok(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_ok(self, timeout: float = 30.0, *, replicated: bool = True) -> None:
+        """Return once every running node reports ``cluster_state:ok`` and knows every slot (and,
+        when ``replicated``, every master has its replicas in sync)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if all(self._ok(n, self.replicas if replicated else 0) for n in self.nodes if n.running):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError("Redis Cluster did not reach cluster_state:ok")
+            time.sleep(0.05)
+
+    def _ok(self, node: RedisProcess, replicas_wanted: int) -> bool:
+        """Cluster state ok, every slot assigned, and a master's replicas in sync (a WAIT would
+        otherwise block until their first full sync)."""
+        try:
+            info = query(self.host, node.port, "CLUSTER", "INFO", password=self.password)
+            replication = query(self.host, node.port, "INFO", "replication", password=self.password).decode()
+        except OSError:
+            return False
+        if b"cluster_state:ok" not in info or b"cluster_slots_assigned:16384" not in info:
+            return False
+        if "role:master" in replication:
+            replicas = [line for line in replication.splitlines() if line.startswith("slave")]
+            return len(replicas) >= replicas_wanted and all("state=online" in line for line in replicas)
+        return "master_link_status:up" in replication
+
+    def roles(self) -> dict[int, str]:
+        """Port -> ``master`` or ``slave`` for every running node, as that node sees itself."""
+        out: dict[int, str] = {}
+        for node in self.nodes:
+            if not node.running:
+                continue
+            with contextlib.suppress(OSError):
+                info = query(self.host, node.port, "INFO", "replication", password=self.password)
+                for line in info.decode().splitlines():
+                    if line.startswith("role:"):
+                        out[node.port] = line[5:].strip()
+        return out
+
+    def master_of(self, key: bytes) -> RedisProcess:
+        """The running node that serves ``key``'s slot as master."""
+        slot = int(query(self.host, self.nodes[0].port, "CLUSTER", "KEYSLOT", key.decode(), password=self.password))
+        for node in self.nodes:
+            if not node.running:
+                continue
+            with contextlib.suppress(OSError):
+                slots = query(self.host, node.port, "CLUSTER", "NODES", password=self.password).decode()
+                for line in slots.splitlines():
+                    fields = line.split()
+                    if "myself" in fields[2] and "master" in fields[2]:
+                        for piece in fields[8:]:
+                            first, _, last = piece.partition("-")
+                            if first.isdigit() and int(first) <= slot <= int(last or first):
+                                return node
+        raise LookupError(f"no running master serves slot {slot}")
+
+    def kill(self, node: RedisProcess) -> None:
+        """SIGKILL one node (a crash: nothing flushed, no goodbye to the cluster)."""
+        proc = node._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> RedisClusterProcesses:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

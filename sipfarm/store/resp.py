@@ -21,6 +21,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
@@ -67,6 +68,44 @@ def parse_redis_url(url: str) -> tuple[str, int, int, str | None, str | None, ss
     return parsed.hostname or "127.0.0.1", port, db, username, password, tls
 
 
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+
+
+def is_cluster_url(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster (``redis+cluster://`` or ``rediss+cluster://``)."""
+    return url.partition("://")[0].lower() in CLUSTER_SCHEMES
+
+
+def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], list[str]]:
+    """``redis[s]+cluster://[[user]:password@]host:port[,host:port...][/][?query]`` -> (seed nodes,
+    one ``redis[s]://`` URL per seed with the same credentials and query). Raises ValueError."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in CLUSTER_SCHEMES:
+        raise ValueError(f"not a Redis Cluster URL: {url!r} (use redis+cluster://HOST:PORT[,HOST:PORT...])")
+    netloc, _, query = rest.partition("?")
+    netloc, _, path = netloc.partition("/")
+    if path.strip("/") not in ("", "0"):
+        raise ValueError(f"a Redis Cluster has database 0 only, not {path!r}, in {url!r}")
+    userinfo, at, hosts = netloc.rpartition("@")
+    seeds: list[tuple[str, int]] = []
+    for item in hosts.split(","):
+        host, colon, port = item.strip().rpartition(":")
+        if not colon:
+            host, port = item.strip(), "6379"
+        host = host.strip("[]")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"bad seed node {item!r} in the Redis Cluster URL {url!r}")
+        seeds.append((host, int(port)))
+    single = scheme.lower().partition("+")[0]
+    auth = userinfo + "@" if at else ""
+    urls = [
+        f"{single}://{auth}{'[' + h + ']' if ':' in h else h}:{p}/0{'?' + query if query else ''}" for h, p in seeds
+    ]
+    for u in urls:
+        parse_redis_url(u)  # credentials and TLS options as for one Redis
+    return seeds, urls
+
+
 class _RespProtocol(asyncio.Protocol):
     def __init__(self, owner: RedisPipe) -> None:
         self.owner = owner
@@ -98,6 +137,19 @@ class _RespProtocol(asyncio.Protocol):
         self.owner._lost(self, exc)
 
 
+class _Acked:
+    """The reply of one ``call_acked`` write, held until the WAIT behind it answers."""
+
+    __slots__ = ("callback", "reply")
+
+    def __init__(self, callback: Callback) -> None:
+        self.callback = callback
+        self.reply: Reply = None
+
+    def replied(self, reply: Reply) -> None:
+        self.reply = reply
+
+
 class RedisPipe:
     """One pipelined connection to Redis, reconnecting by itself."""
 
@@ -127,6 +179,14 @@ class RedisPipe:
         # called once after each batch of replies (or failures) has gone to its callbacks: the
         # node's glue drains what the callbacks queued (one drain per batch, not per reply)
         self.after_replies: Callable[[], None] | None = None
+        #: ``[store] replicas_ack``: a write made with ``call_acked`` is answered only once this
+        #: many replicas have it (one ``WAIT`` per flushed batch); 0 = no WAIT
+        self.replicas_ack = 0
+        #: milliseconds the WAIT may block this connection (and every command behind it)
+        self.replicas_timeout_ms = 100
+        #: writes answered StoreUnavailable because fewer than ``replicas_ack`` replicas had them
+        self.unacked = 0
+        self._acked: list[_Acked] = []
 
     @property
     def connected(self) -> bool:
@@ -192,6 +252,39 @@ class RedisPipe:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
+    def require_replicas(self, count: int, timeout_ms: int = 100) -> None:
+        """``[node] replicas_ack`` / ``replicas_ack_timeout``: see ``call_acked``. A WAIT blocks its
+        connection up to ``timeout_ms``: the stall watchdog gives it that much more."""
+        self.replicas_ack = count
+        self.replicas_timeout_ms = timeout_ms
+        if count > 0:
+            self.command_timeout = max(self.command_timeout, timeout_ms / 1000 + 0.5)
+
+    def call_acked(self, callback: Callback, *args: bytes | str | int | float) -> None:
+        """``call`` for a write that must reach ``replicas_ack`` replicas before it is answered:
+        the writes queued in one event-loop iteration share one ``WAIT`` behind them. Fewer
+        replicas in ``replicas_timeout_ms`` answer StoreUnavailable (the write stays on the
+        master: it may survive a failover, or not)."""
+        if self.replicas_ack <= 0 or self._proto is None:
+            self.call(callback, *args)
+            return
+        acked = _Acked(callback)
+        self.call(acked.replied, *args)
+        self._acked.append(acked)
+
+    def _acked_done(self, batch: list[_Acked], reply: Reply) -> None:
+        error: Exception | None = None
+        if isinstance(reply, Exception):
+            error = reply if isinstance(reply, StoreUnavailable) else StoreUnavailable(f"WAIT failed: {reply}")
+        elif not isinstance(reply, int) or reply < self.replicas_ack:
+            error = StoreUnavailable(f"write acknowledged by {reply} of {self.replicas_ack} replicas")
+        for acked in batch:
+            if error is not None and not isinstance(acked.reply, Exception):
+                self.unacked += 1
+                self._safe_call(acked.callback, error)
+            else:
+                self._safe_call(acked.callback, acked.reply)
+
     async def execute(self, *args: bytes | str | int | float) -> Reply:
         """Awaitable form for code off the hot path. Raises StoreUnavailable / ReplyError."""
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
@@ -208,6 +301,11 @@ class RedisPipe:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self._acked and self._proto is not None:
+            batch, self._acked = self._acked, []
+            self.commands += 1
+            self._out.append(hiredis.pack_command(("WAIT", self.replicas_ack, self.replicas_timeout_ms)))  # type: ignore[arg-type]
+            self._pending.append((partial(self._acked_done, batch), time.monotonic()))
         if self._out and self._proto is not None and self._proto.transport is not None:
             self._proto.transport.write(b"".join(self._out))
         self._out.clear()
@@ -224,7 +322,10 @@ class RedisPipe:
         for callback, _ in pending:
             self.errors += 1
             self._safe_call(callback, StoreUnavailable(reason))
-        if pending:
+        acked, self._acked = self._acked, []  # queued, their WAIT not yet: fail them too
+        for one in acked:
+            self._safe_call(one.callback, StoreUnavailable(reason))
+        if pending or acked:
             self._replied()
 
     def _replied(self) -> None:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from protect_support import FakeClock, admit, failed, pipes, wait_until
 
 from sipfarm.protect import Admission, FailureOutcome, GuardPolicy, MemoryGuard, RedisGuard
-from sipfarm.protect.guard import source_failures_key
+from sipfarm.protect.guard import ban_key, source_failures_key
 from sipfarm.protect.redis_guard import FAILURE_SCRIPT
 from sipfarm.store.errors import StoreError, StoreUnavailable
 from sipfarm.store.redis_server import RedisProcess, free_port
@@ -96,7 +96,7 @@ async def test_ten_failures_ban_the_source_farm_wide_and_not_nine(
         # the account's real user, from elsewhere, is not affected
         assert await admit(node_b, OTHER, "n:3") == Admission(banned=False, replay=False)
         assert not node_b.banned_locally(OTHER, time.monotonic())
-        assert await pipe_a.execute("PTTL", f"sipfarm:protect:ban:{ATTACKER}") > 899_000
+        assert await pipe_a.execute("PTTL", ban_key(ATTACKER)) > 899_000
         # a failure counted while banned (a request already in flight) starts no second ban
         outcome = await failed(node_b, ATTACKER, ALICE)
         assert isinstance(outcome, FailureOutcome)
@@ -179,12 +179,12 @@ async def test_the_local_ban_cache_is_bounded_and_expires(redis_url: str) -> Non
         assert await admit(guard, sources[4], "n:1") == Admission(banned=True, replay=False)
         assert guard.banned_locally(sources[4], clock.now)
         # never trusted past the ban's end
-        await pipe.execute("PEXPIRE", f"sipfarm:protect:ban:{sources[3]}", 2000)
+        await pipe.execute("PEXPIRE", ban_key(sources[3]), 2000)
         assert await admit(guard, sources[3], "n:2") == Admission(banned=True, replay=False)
         clock.now += 2.0
         assert not guard.banned_locally(sources[3], clock.now)
         # a lifted ban is forgotten at the next admit
-        await pipe.execute("DEL", f"sipfarm:protect:ban:{sources[4]}")
+        await pipe.execute("DEL", ban_key(sources[4]))
         assert await admit(guard, sources[4], "n:3") == Admission(banned=False, replay=False)
         assert not guard.banned_locally(sources[4], clock.now)
 

@@ -18,9 +18,9 @@ T0 = 1_700_000_000.0
 
 
 async def test_redis_restart_gives_store_unavailable_then_recovers(
-    redis_server: RedisProcess, open_stores: OpenStores
+    redis_server: RedisProcess, open_single_stores: OpenStores
 ) -> None:
-    async with open_stores() as s:
+    async with open_single_stores() as s:
         await s.accounts.add("alice", "example.com", "pw")
         await s.location.apply_register(
             AOR, [ContactUpdate("sip:a@h", 60)], call_id="c", cseq=1, now=T0, max_contacts=5

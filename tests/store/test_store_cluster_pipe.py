@@ -1,0 +1,152 @@
+"""The hot path's client on a real 3-master + 3-replica Redis Cluster (``redis_cluster`` fixture):
+slot routing, MOVED and ASK followed, replicas' acknowledgement (WAIT), the node's FarmState."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from sipfarm.node.farmstate import FarmState
+from sipfarm.store import ContactUpdate, StoreUnavailable
+from sipfarm.store.location import index_pieces, location_key
+from sipfarm.store.redis_server import RedisClusterProcesses, query
+from sipfarm.store.resp import parse_cluster_url
+from sipfarm.store.resp_cluster import SLOTS, ClusterPipe, command_slot, key_slot
+
+T0 = 1_700_000_000.0
+
+
+def test_key_slot_follows_the_specification() -> None:
+    # the examples of the Redis Cluster specification
+    assert key_slot(b"123456789") == 0x31C3 & (SLOTS - 1)
+    assert key_slot(b"{user1000}.following") == key_slot(b"{user1000}.followers")
+    assert key_slot(b"foo{}{bar}") == key_slot(b"foo{}{bar}".replace(b"{}", b"{}"))
+    assert key_slot(b"foo{{bar}}zap") == key_slot(b"{bar")
+    assert command_slot(("EVALSHA", "sha", 1, "k{x}", "arg")) == key_slot(b"x")
+    assert command_slot(("PING",)) == -1
+
+
+def test_cluster_urls_are_parsed_with_credentials_and_tls() -> None:
+    seeds, urls = parse_cluster_url("rediss+cluster://:pw@10.0.0.1:7001,10.0.0.2:7002?ssl_cert_reqs=none")
+    assert seeds == [("10.0.0.1", 7001), ("10.0.0.2", 7002)]
+    assert urls[1] == "rediss://:pw@10.0.0.2:7002/0?ssl_cert_reqs=none"
+    with pytest.raises(ValueError, match="seed node"):
+        parse_cluster_url("redis+cluster://host:notaport")
+
+
+async def test_commands_reach_the_master_of_their_slot(redis_cluster_url: str) -> None:
+    pipe = ClusterPipe(redis_cluster_url)
+    await pipe.connect()
+    try:
+        assert len(pipe.masters) == 3
+        replies: list[Any] = []
+        for i in range(300):  # one event-loop iteration: one pipeline per master
+            pipe.call(replies.append, "SET", f"key:{i}", i)
+        values = await asyncio.gather(*(pipe.execute("GET", f"key:{i}") for i in range(300)))
+        assert replies == [b"OK"] * 300
+        assert values == [str(i).encode() for i in range(300)]
+        assert all(p.commands > 50 for p in pipe.masters.values())  # spread over the three
+    finally:
+        await pipe.close()
+
+
+async def test_a_stale_slot_map_is_corrected_by_moved(redis_cluster_url: str) -> None:
+    pipe = ClusterPipe(redis_cluster_url)
+    await pipe.connect()
+    try:
+        wrong = next(iter(pipe.masters.values()))
+        pipe._slots = [wrong] * SLOTS  # as if every slot had moved away from where we think
+        values = await asyncio.gather(*(pipe.execute("INCR", f"moved:{i}") for i in range(100)))
+        assert values == [1] * 100
+        assert pipe.redirects > 0
+        await asyncio.sleep(0.3)  # the background refresh has read the real map
+        before = pipe.redirects
+        assert await pipe.execute("INCR", "moved:1") == 2
+        assert pipe.redirects == before
+    finally:
+        await pipe.close()
+
+
+async def test_ask_is_followed_during_a_slot_migration(
+    redis_cluster: RedisClusterProcesses, redis_cluster_url: str
+) -> None:
+    """A slot half migrated (MIGRATING on its owner, IMPORTING on another master): a key already
+    moved is answered -ASK, which the client follows behind ASKING, leaving the map alone."""
+    pipe = ClusterPipe(redis_cluster_url)
+    await pipe.connect()
+    key = "asked{aor-under-migration}"
+    slot = key_slot(key.encode())
+    owner = redis_cluster.master_of(key.encode())
+    other = next(
+        n
+        for p, r in redis_cluster.roles().items()
+        if r == "master" and p != owner.port
+        for n in redis_cluster.nodes
+        if n.port == p
+    )
+    ids = {n.port: query("127.0.0.1", n.port, "CLUSTER", "MYID").decode() for n in (owner, other)}
+    try:
+        query("127.0.0.1", other.port, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", ids[owner.port])
+        query("127.0.0.1", owner.port, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", ids[other.port])
+        # the key is not on the owner: the owner answers ASK, the importing node serves it
+        assert await pipe.execute("SET", key, "there") == b"OK"
+        assert pipe.redirects == 1
+        assert query("127.0.0.1", other.port, "DBSIZE") != b"0"
+    finally:
+        for node in (owner, other):
+            query("127.0.0.1", node.port, "CLUSTER", "SETSLOT", str(slot), "STABLE")
+        query("127.0.0.1", other.port, "DEL", key)
+        await pipe.close()
+
+
+async def test_writes_wait_for_replicas_when_asked(redis_cluster_url: str) -> None:
+    pipe = ClusterPipe(redis_cluster_url)
+    pipe.require_replicas(1, 1000)
+    await pipe.connect()
+    try:
+        loop = asyncio.get_running_loop()
+        done: list[asyncio.Future[Any]] = [loop.create_future() for _ in range(50)]
+        for i in range(50):
+            pipe.call_acked(done[i].set_result, "SET", f"acked:{i}", i)
+        assert await asyncio.gather(*done) == [b"OK"] * 50
+        pipe.require_replicas(2, 50)  # one replica per master: never enough
+        with pytest.raises(StoreUnavailable, match="acknowledged by 1 of 2"):
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            pipe.call_acked(fut.set_result, "SET", "acked:x", 1)
+            raise (await fut)
+    finally:
+        await pipe.close()
+
+
+async def test_farmstate_registers_and_counts_on_the_cluster(redis_cluster_url: str) -> None:
+    pipe = ClusterPipe(redis_cluster_url)
+    await pipe.connect()
+    state = FarmState(pipe, cluster=True)
+    try:
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Any]] = [loop.create_future() for _ in range(200)]
+        for i in range(200):
+            state.register(
+                f"user{i}@farm.test",
+                [ContactUpdate(f"sip:user{i}@127.0.0.1:5060", 3600)],
+                futures[i].set_result,
+                call_id=f"c{i}",
+                cseq=1,
+                now=T0,
+                max_contacts=5,
+            )
+        results = await asyncio.gather(*futures)
+        assert all(getattr(r, "ok", False) for r in results), results[:3]
+        found: asyncio.Future[Any] = loop.create_future()
+        state.lookup("user7@farm.test", T0 + 1, found.set_result)
+        assert [b.contact for b in await found] == ["sip:user7@127.0.0.1:5060"]
+        # every shard of the index holds its AORs; together they count all
+        total = 0
+        for aor_index, _ in index_pieces(True):
+            total += await pipe.execute("ZCARD", aor_index)
+        assert total == 200
+        assert location_key("user7@farm.test", True).startswith("sipfarm:loc:{")
+    finally:
+        await pipe.close()
