@@ -71,15 +71,18 @@ def ban_left(pttl: int) -> float | None:
 
 
 class _AdmitReplies:
-    """The first of the two replies of one ``admit``, kept until the second arrives."""
+    """The two replies of one ``admit`` (ban, nonce), kept until both are in: on one Redis they
+    come in order, on Redis Cluster from different masters, in either order."""
 
-    __slots__ = ("ban", "done", "source_ip", "started")
+    __slots__ = ("ban", "done", "nonce", "source_ip", "started", "waiting")
 
     def __init__(self, source_ip: str, started: float, done: Callable[[Admission | StoreError], None]) -> None:
         self.source_ip = source_ip
         self.started = started
         self.done = done
         self.ban: Reply = None
+        self.nonce: Reply = None
+        self.waiting = 2
 
 
 class _FailureReplies:
@@ -138,7 +141,8 @@ class RedisGuard:
     def admit(self, source_ip: str, nonce_use: str, ttl: float, done: Callable[[Admission | StoreError], None]) -> None:
         replies = _AdmitReplies(source_ip, self._clock(), done)
         # RFC 7616 3.3: one (nonce, nc) once; the key lives as long as the nonce could be accepted.
-        # Both commands go out in the pipeline of this loop iteration; replies come back in order.
+        # Both commands go out in the pipeline of this loop iteration; their replies come back in
+        # order on one Redis, in either order on a Cluster (two keys, two masters).
         self.pipe.call(partial(self._ban_read, replies), "PTTL", ban_key(source_ip))
         self.pipe.call(
             partial(self._nonce_recorded, replies), "SET", nonce_key(nonce_use), b"1", "NX", "PX", milliseconds(ttl)
@@ -146,9 +150,18 @@ class RedisGuard:
 
     def _ban_read(self, replies: _AdmitReplies, reply: Reply) -> None:
         replies.ban = reply
+        replies.waiting -= 1
+        if replies.waiting == 0:
+            self._admitted(replies)
 
     def _nonce_recorded(self, replies: _AdmitReplies, reply: Reply) -> None:
-        ban = replies.ban
+        replies.nonce = reply
+        replies.waiting -= 1
+        if replies.waiting == 0:
+            self._admitted(replies)
+
+    def _admitted(self, replies: _AdmitReplies) -> None:
+        ban, reply = replies.ban, replies.nonce
         result: Admission | StoreError | None = self._settle(replies.started, "ban lookup", ban)
         if result is None:
             result = self._settle(None, "nonce record", reply)

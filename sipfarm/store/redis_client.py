@@ -34,6 +34,8 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     rexc.OutOfMemoryError,
     rexc.ClusterDownError,
     rexc.TryAgainError,
+    rexc.MasterDownError,
+    rexc.RedisClusterException,  # "cannot be connected": no seed node reachable
     TimeoutError,  # asyncio.timeout / wait_for around a store call
     OSError,
 )
