@@ -215,7 +215,19 @@ def _check_group_name(key: str, value: str) -> None:
 
 def _check_redis_url(url: str) -> None:
     from sipfarm.store.resp import is_cluster_url, parse_cluster_url, parse_redis_url  # noqa: PLC0415
+    from sipfarm.store.sentinel import is_sentinel_url, parse_sentinel_url  # noqa: PLC0415
 
+    if is_sentinel_url(url):
+        # redis[s]+sentinel://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]
+        #   [?sentinel_password=PW&ssl_ca_certs=PATH]: the master of SERVICE as the sentinels
+        #   name it at each (re)connect; every process follows a failover
+        try:
+            parse_sentinel_url(url)
+        except ValueError as exc:
+            raise ConfigError(
+                f"redis: {exc}; expected redis[s]+sentinel://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]"
+            ) from None
+        return
     try:
         if is_cluster_url(url):
             parse_cluster_url(url)

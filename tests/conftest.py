@@ -41,7 +41,13 @@ elif importlib.util.find_spec("sipfarm") is None:  # pragma: no cover
 # tests does not depend on whether `make run` built it before.
 os.environ["SIPFARM_BUILD"] = "interpreted"
 
-pytest_plugins = ["fixtures.redis_server", "fixtures.farm", "fixtures.default_farm", "fixtures.matrix"]
+pytest_plugins = [
+    "fixtures.redis_server",
+    "fixtures.redis_sentinel",
+    "fixtures.farm",
+    "fixtures.default_farm",
+    "fixtures.matrix",
+]
 
 
 @pytest.hookimpl(tryfirst=True)

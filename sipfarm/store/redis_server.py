@@ -175,6 +175,17 @@ class RedisProcess:
         if proc.stderr is not None:
             proc.stderr.close()
 
+    def kill(self) -> None:
+        """SIGKILL: the server dies at once, without a word to its clients or replicas."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
     def _log_tail(self) -> str:
         with contextlib.suppress(OSError):
             return "\n" + "\n".join(self.logfile.read_text(errors="replace").splitlines()[-10:])
@@ -398,3 +409,63 @@ class RedisClusterProcesses:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class SentinelProcess(RedisProcess):
+    """One ``redis-server --sentinel`` monitoring ``service`` whose master is on ``master``.
+
+    Sentinel rewrites its config file as it learns the set (replicas, other sentinels, a new
+    master after a failover), so each one gets its own file in ``workdir``. The timings are a
+    test's: down after ``down_after_ms`` without an answer, at most one failover per
+    ``failover_timeout_ms``.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        master: tuple[str, int],
+        *,
+        service: str = "mymaster",
+        quorum: int = 2,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 5000,
+        auth_pass: str | None = None,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        executable: str = REDIS_SERVER,
+    ) -> None:
+        super().__init__(workdir, port=port, host=host, executable=executable)
+        self.master = master
+        self.service = service
+        self.quorum = quorum
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.auth_pass = auth_pass
+
+    @property
+    def conf(self) -> Path:
+        return self.workdir / f"sentinel-{self.port}.conf"
+
+    @property
+    def logfile(self) -> Path:
+        return self.workdir / f"sentinel-{self.port}.log"
+
+    def command(self) -> list[str]:
+        name = self.service
+        lines = [
+            f"port {self.port}",
+            f"bind {self.host}",
+            f"dir {self.workdir}",
+            f"logfile {self.logfile}",
+            "daemonize no",
+            f"sentinel monitor {name} {self.master[0]} {self.master[1]} {self.quorum}",
+            f"sentinel down-after-milliseconds {name} {self.down_after_ms}",
+            f"sentinel failover-timeout {name} {self.failover_timeout_ms}",
+            f"sentinel parallel-syncs {name} 1",
+        ]
+        if self.auth_pass:
+            lines.append(f"sentinel auth-pass {name} {self.auth_pass}")
+        if not self.conf.exists():  # a restart keeps what the sentinel learnt
+            self.conf.write_text("\n".join(lines) + "\n")
+        exe = shutil.which(self.executable) or self.executable
+        return [exe, str(self.conf), "--sentinel"]

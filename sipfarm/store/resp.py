@@ -28,6 +28,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 import hiredis
 
 from sipfarm.store.errors import StoreUnavailable
+from sipfarm.store.sentinel import SentinelResolver, is_sentinel_url, parse_sentinel_url, unavailable_reply
 
 log = logging.getLogger("sipfarm.redis")
 
@@ -35,6 +36,7 @@ Reply = Any  # bytes | int | list | None | hiredis.ReplyError | StoreUnavailable
 Callback = Callable[[Reply], None]
 
 
+_ReplyError = hiredis.ReplyError
 _CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 
 
@@ -126,6 +128,8 @@ class _RespProtocol(asyncio.Protocol):
                 if not pending:
                     raise hiredis.ProtocolError("reply without a pending command")
                 callback = pending.popleft()[0]
+                if reply.__class__ is _ReplyError:
+                    reply = self.owner._error_reply(self, reply)
                 self.owner._safe_call(callback, reply)
         except hiredis.ProtocolError as exc:
             log.warning("event=redis_protocol_error error=%s", exc)
@@ -161,7 +165,15 @@ class RedisPipe:
         connect_timeout: float = 1.0,
         on_state: Callable[[bool], None] | None = None,
     ) -> None:
-        self.host, self.port, self.db, self.username, self.password, self.tls = parse_redis_url(url)
+        # redis+sentinel://: the master's address is asked of the sentinels at every (re)connect
+        self.sentinel: SentinelResolver | None = None
+        if is_sentinel_url(url):
+            spec = parse_sentinel_url(url)
+            self.sentinel = SentinelResolver(spec)
+            self.host, self.port = spec.sentinels[0]  # until a master is found
+            self.db, self.username, self.password, self.tls = spec.db, spec.username, spec.password, spec.tls
+        else:
+            self.host, self.port, self.db, self.username, self.password, self.tls = parse_redis_url(url)
         self.url = url
         self.command_timeout = command_timeout
         self.connect_timeout = connect_timeout
@@ -210,6 +222,8 @@ class RedisPipe:
 
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.sentinel is not None:  # raises StoreUnavailable: no master (yet)
+            self.host, self.port = await self.sentinel.find_master(self.connect_timeout)
         try:
             _, proto = await asyncio.wait_for(
                 loop.create_connection(
@@ -309,6 +323,20 @@ class RedisPipe:
         if self._out and self._proto is not None and self._proto.transport is not None:
             self._proto.transport.write(b"".join(self._out))
         self._out.clear()
+
+    def _error_reply(self, proto: _RespProtocol, error: Exception) -> Reply:
+        """An error reply as the callback sees it: READONLY/LOADING/MASTERDOWN are
+        StoreUnavailable (503, retry later), not a failed command (500). READONLY behind
+        Sentinel means the server is a replica now: drop the connection, so the next one goes
+        to the master the sentinels name."""
+        if not unavailable_reply(error):
+            return error
+        self.errors += 1
+        readonly = str(error).startswith("READONLY")
+        if readonly and self.sentinel is not None and proto is self._proto and proto.transport is not None:
+            log.warning("event=redis_readonly host=%s port=%d", self.host, self.port)
+            proto.transport.close()
+        return StoreUnavailable(f"Redis {self.host}:{self.port}: {error}")
 
     def _safe_call(self, callback: Callback, reply: Reply) -> None:
         try:
