@@ -28,7 +28,13 @@ from urllib.parse import parse_qs, unquote, urlparse
 import hiredis
 
 from sipfarm.store.errors import StoreUnavailable
-from sipfarm.store.sentinel import SentinelResolver, is_sentinel_url, parse_sentinel_url, unavailable_reply
+from sipfarm.store.sentinel import (
+    SentinelResolver,
+    SwitchWatch,
+    is_sentinel_url,
+    parse_sentinel_url,
+    unavailable_reply,
+)
 
 log = logging.getLogger("sipfarm.redis")
 
@@ -167,9 +173,11 @@ class RedisPipe:
     ) -> None:
         # redis+sentinel://: the master's address is asked of the sentinels at every (re)connect
         self.sentinel: SentinelResolver | None = None
+        self._switch_watch: SwitchWatch | None = None
         if is_sentinel_url(url):
             spec = parse_sentinel_url(url)
             self.sentinel = SentinelResolver(spec)
+            self._switch_watch = SwitchWatch(self.sentinel, self._master_switched)
             self.host, self.port = spec.sentinels[0]  # until a master is found
             self.db, self.username, self.password, self.tls = spec.db, spec.username, spec.password, spec.tls
         else:
@@ -207,12 +215,16 @@ class RedisPipe:
     async def connect(self) -> None:
         """Connect once (raises StoreUnavailable); afterwards the pipe reconnects by itself."""
         self._loop = asyncio.get_running_loop()
+        if self._switch_watch is not None:
+            self._switch_watch.start()
         await self._open()
         self._arm_watchdog()
 
     async def start(self) -> None:
         """Connect if Redis is there; otherwise keep trying in the background (never raises)."""
         self._loop = asyncio.get_running_loop()
+        if self._switch_watch is not None:
+            self._switch_watch.start()
         try:
             await self._open()
         except StoreUnavailable as exc:
@@ -375,6 +387,22 @@ class RedisPipe:
             log.warning("event=redis_disconnected url=%s", self.url)
             self._start_reconnect()
 
+    def _master_switched(self, address: tuple[str, int]) -> None:
+        """The sentinels switched the master: leave the old one now (its pending commands
+        fail with StoreUnavailable) and connect to the new one without waiting for back-off."""
+        proto = self._proto
+        if proto is not None:
+            if (self.host, self.port) == address:
+                return
+            self._lost(proto, ConnectionError(f"sentinels switched the master to {address[0]}:{address[1]}"))
+            if proto.transport is not None:
+                proto.transport.abort()
+        elif not self._closed:
+            if self._reconnect_task is not None:
+                self._reconnect_task.cancel()  # asleep in its back-off: start again at once
+            self._reconnect_task = None
+            self._start_reconnect()
+
     def _start_reconnect(self) -> None:
         if self._reconnect_task is None or self._reconnect_task.done():
             self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
@@ -410,6 +438,8 @@ class RedisPipe:
 
     async def close(self) -> None:
         self._closed = True
+        if self._switch_watch is not None:
+            await self._switch_watch.close()
         if self._watchdog is not None:
             self._watchdog.cancel()
         if self._reconnect_task is not None:

@@ -27,8 +27,10 @@ The parsing of URL and replies is sans-IO; :func:`find_master` is the one corout
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote
@@ -36,6 +38,8 @@ from urllib.parse import parse_qs, quote, unquote
 import hiredis
 
 from .errors import StoreUnavailable
+
+log = logging.getLogger("sipfarm.redis")
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 DEFAULT_SENTINEL_PORT = 26379
@@ -245,3 +249,81 @@ class SentinelResolver:
             self.master = address
             return address
         raise StoreUnavailable(f"no master for {url.service!r}: " + "; ".join(errors))
+
+
+def switch_master(message: Any, service: str) -> tuple[str, int] | None:
+    """The new master's address from a ``+switch-master`` pub/sub message about ``service``
+    (``[b"message", b"+switch-master", b"NAME OLDIP OLDPORT NEWIP NEWPORT"]``); None for any
+    other message (subscribe confirmations, other services)."""
+    if not (isinstance(message, list) and len(message) == 3 and message[0] == b"message"):
+        return None
+    if message[1] != b"+switch-master" or not isinstance(message[2], bytes):
+        return None
+    fields = message[2].decode(errors="replace").split()
+    if len(fields) != 5 or fields[0] != service or not fields[4].isdigit():
+        return None
+    return fields[3], int(fields[4])
+
+
+class SwitchWatch:
+    """Listens to one sentinel at a time for ``+switch-master`` of the service and calls
+    ``on_switch(address)`` at once: a client then leaves the old master when the sentinels
+    switch, not only when the old master drops it or answers READONLY (which, for a master
+    demoted alive, comes on the sentinels' next look at it, up to 10 s later; writes it takes
+    meanwhile are lost). One connection; when it is lost, the next sentinel, with back-off."""
+
+    RETRY_MIN = 0.1
+    RETRY_MAX = 2.0
+
+    def __init__(self, resolver: SentinelResolver, on_switch: Callable[[tuple[str, int]], None]) -> None:
+        self.resolver = resolver
+        self.on_switch = on_switch
+        self._task: asyncio.Task[None] | None = None
+        self.switches = 0
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _run(self) -> None:
+        url = self.resolver.url
+        delay = self.RETRY_MIN
+        while True:
+            for host, port in list(self.resolver._order):
+                try:
+                    await self._listen(host, port, url)
+                    delay = self.RETRY_MIN
+                except (OSError, TimeoutError, hiredis.ProtocolError, ValueError) as exc:
+                    log.debug("event=sentinel_watch_lost sentinel=%s:%d error=%r", host, port, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.RETRY_MAX)
+
+    async def _listen(self, host: str, port: int, url: SentinelURL) -> None:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=url.tls, server_hostname=host if url.tls is not None else None),
+            self.RETRY_MAX,
+        )
+        try:
+            commands = [*_auth(url.sentinel_username, url.sentinel_password), ("SUBSCRIBE", "+switch-master")]
+            writer.write(b"".join(hiredis.pack_command(c) for c in commands))  # type: ignore[arg-type]
+            parser = hiredis.Reader()
+            while data := await reader.read(65536):
+                parser.feed(data)
+                while (message := parser.gets()) is not False:
+                    if isinstance(message, hiredis.ReplyError):
+                        raise ValueError(f"sentinel {host}:{port}: {message}")
+                    address = switch_master(message, url.service)
+                    if address is not None:
+                        self.switches += 1
+                        log.warning("event=sentinel_switch_master service=%s master=%s:%d", url.service, *address)
+                        self.on_switch(address)
+            raise ConnectionError("connection closed")
+        finally:
+            writer.transport.abort()

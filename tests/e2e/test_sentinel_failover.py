@@ -16,6 +16,7 @@ README (store/Redis) has figures from repeated runs.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from sipfarm.store import AccountStore, LocationStore, create_redis
 pytestmark = pytest.mark.timeout(150)
 
 SCENARIO = Path(__file__).resolve().parent / "scenarios" / "register_auth_logged.xml"
-RATE = 50  # registrations/s
+RATE = int(os.environ.get("SIPFARM_FAILOVER_RATE", "50"))  # registrations/s (README's figures: 50, 200)
 SECONDS = 14
 KILL_AFTER = 4.0  # seconds into the load
 MAX_OUTAGE = 30.0  # generous: sentinel's down-after (1 s) + election + reconnects, on a loaded CI

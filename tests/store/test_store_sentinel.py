@@ -17,7 +17,7 @@ from sipfarm.store import StoreUnavailable, create_redis
 from sipfarm.store.redis_client import redis_errors
 from sipfarm.store.redis_server import free_port
 from sipfarm.store.resp import RedisPipe
-from sipfarm.store.sentinel import is_master_role, master_address, parse_sentinel_url
+from sipfarm.store.sentinel import is_master_role, master_address, parse_sentinel_url, switch_master
 
 # --- sans-IO ---------------------------------------------------------------------------------
 
@@ -69,6 +69,11 @@ def test_sentinel_replies() -> None:
     assert not is_master_role([b"slave", b"127.0.0.1", 6379, b"connected", 10])
     assert not is_master_role([b"sentinel", [b"mymaster"]])
     assert not is_master_role(None)
+    message = [b"message", b"+switch-master", b"mymaster 127.0.0.1 6379 127.0.0.1 6380"]
+    assert switch_master(message, "mymaster") == ("127.0.0.1", 6380)
+    assert switch_master(message, "other") is None
+    assert switch_master([b"subscribe", b"+switch-master", 1], "mymaster") is None
+    assert switch_master([b"message", b"+sdown", b"master mymaster 127.0.0.1 6379"], "mymaster") is None
 
 
 # --- real sentinels --------------------------------------------------------------------------
@@ -144,6 +149,7 @@ async def test_clients_follow_a_failover(sentinel_set) -> None:
         assert moved, f"clients did not follow the failover ({failures} failed calls)"
         assert (pipe.host, pipe.port) == new
         assert pipe.sentinel is not None and pipe.sentinel.master_changes == 1
+        assert pipe._switch_watch is not None and pipe._switch_watch.switches == 1  # +switch-master heard
         assert await pipe.execute("GET", "before") == b"1"  # replicated before the failover
         with farm.client(farm.replica) as r:
             assert r.execute_command("ROLE")[0] == b"master"
