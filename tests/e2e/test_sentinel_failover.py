@@ -166,9 +166,10 @@ def test_replicas_ack_loses_no_acknowledged_registration(
     sentinel_set, start_node, start_balancer, tmp_path: Path, record_property, monkeypatch
 ) -> None:
     """``[node] replicas_ack = 1``: a 200 OK only once a replica has the write (WAIT), so the
-    promoted replica has every acknowledged registration. Two replicas: after the failover the
-    new master still has one, or every REGISTER would wait for a replica that is not there
-    (and be answered 503)."""
+    promoted replica has every acknowledged registration (Sentinel promotes the replica with the
+    largest replication offset it knows of; on loopback both replicas get each write within
+    microseconds). Two replicas: after the failover the new master still has one, or every
+    REGISTER would wait for a replica that is not there (and be answered 503)."""
     monkeypatch.setenv("SIPFARM_REPLICAS_ACK", "1")
     farm = sentinel_set(password="farm-pw", replicas=2)
     report = run_failover(farm, start_node, start_balancer, tmp_path)
