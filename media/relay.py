@@ -57,29 +57,24 @@ by :meth:`RelayEngine.handle_timer`; the glue calls it at :meth:`RelayEngine.nex
 
 The core opens no socket: a new port is queued for :meth:`RelayEngine.take_opened` and the glue
 (:class:`RelayServer`, asyncio) binds it and sets ``port.sender`` to its socket; a freed port
-is queued for :meth:`RelayEngine.take_closed`.  Tests put in-memory senders there instead.
+is queued for :meth:`RelayEngine.take_closed`.  Tests put in-memory senders there instead.  Once
+a port has latched, the glue may also give it ``port.link``, a socket connected to its source
+(the kernel then sends there with no address to convert, and gives it only that source's
+packets: :mod:`media.plane`); the core drops the link whenever the source changes.  The per-packet
+code (:class:`RelayPort`) is in :mod:`media.port`, compiled with mypyc in the compiled build.
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import NamedTuple
 
+from media.plane import MediaPlane
+from media.port import KIND_MUX, KIND_RTCP, KIND_RTP, NULL_SENDER, Addr, PortStats, RelayPort
 from media.ports import PortAllocator, PortsExhausted, RelayError
-from media.rtp import (
-    _TS_HALF,
-    MAX_DROPOUT,
-    RTCP_MAX_TYPE,
-    RTCP_MIN_TYPE,
-    SEQ_MOD,
-    SEQ_TS_SSRC,
-    TS_MOD,
-    ReceiverStats,
-)
 from sipfarm.sip.address import Address
 from sipfarm.transport.destinations import DestinationPolicy
 
@@ -108,13 +103,7 @@ DEFAULT_RELATCH_PACKETS = 5
 DEFAULT_RELATCH_SILENCE = 2.0
 DEFAULT_CLOCK_RATE = 8000  # PCMU/PCMA (RFC 3551 4.5.14)
 
-Addr = tuple[Any, ...]  # (host, port) or, for IPv6, (host, port, flowinfo, scope_id)
-
-_RTP = 0  # kinds of port: what it accepts
-_RTCP = 1
-_MUX = 2
-_KIND_NAMES = ("rtp", "rtcp", "rtp+rtcp")
-_unpack_seq_ts_ssrc = SEQ_TS_SSRC.unpack_from
+_RTP, _RTCP, _MUX = KIND_RTP, KIND_RTCP, KIND_MUX  # kinds of port: what it accepts
 
 
 class UnknownCall(RelayError):
@@ -127,24 +116,6 @@ class UnknownTag(RelayError):
 
 class SessionLimitReached(RelayError):
     reason = "Session limit reached"
-
-
-class Sender(Protocol):
-    """What a port sends through: its socket (:class:`RelayServer`), or a test's recorder.
-
-    ``OSError`` from it (the kernel refused the datagram) is counted as ``drops_send_failed``."""
-
-    def sendto(self, data: bytes, addr: Addr, /) -> object: ...
-
-
-class _NullSender:
-    """A port whose socket is not open (yet, or any more) sends nothing."""
-
-    def sendto(self, data: bytes, addr: Addr, /) -> None:
-        return None
-
-
-_NULL_SENDER = _NullSender()
 
 
 def policy_predicate(policy: DestinationPolicy) -> Callable[[str, int], bool]:
@@ -185,30 +156,6 @@ class MediaPorts:
 
 
 @dataclass(frozen=True, slots=True)
-class PortStats:
-    """Counters of the packets that entered one port (one stream, one direction)."""
-
-    port: int
-    kind: str  # "rtp", "rtcp" or "rtp+rtcp"
-    source: Addr | None  # latched address of the party
-    destination: Addr | None  # where the relay sends to that party now
-    packets: int  # forwarded
-    bytes: int
-    last_seen: float | None
-    drops_no_destination: int  # the other party has no address yet (not latched, SDP refused)
-    drops_unexpected_source: int
-    drops_malformed: int  # not RTP/RTCP, or not the kind this port expects
-    relatches: int
-    ssrc: int | None
-    extended_max_seq: int
-    expected: int
-    received: int
-    lost: int
-    jitter_ms: float
-    drops_send_failed: int = 0  # the kernel refused to send it (sendto raised OSError)
-
-
-@dataclass(frozen=True, slots=True)
 class MediaStats:
     index: int
     ports: MediaPorts
@@ -240,236 +187,6 @@ class CallStats:
     created: float
     last_activity: float
     monologues: tuple[MonologueStats, ...]
-
-
-class RelayPort:
-    """One local UDP port of a side; see the module docstring for what ``receive`` does."""
-
-    __slots__ = (
-        "_cand_addr",
-        "_cand_count",
-        "_cand_seq",
-        "_cand_ssrc",
-        "_clock",
-        "_relatch_packets",
-        "_relatch_silence",
-        "bytes",
-        "closed",
-        "dest",
-        "drops_malformed",
-        "drops_no_destination",
-        "drops_send_failed",
-        "drops_unexpected_source",
-        "kind",
-        "last_seen",
-        "packets",
-        "peer_rtcp",
-        "peer_rtp",
-        "port",
-        "relatches",
-        "retired",
-        "rtcp_ssrc",
-        "sdp_dest",
-        "sender",
-        "source",
-        "stats",
-    )
-
-    def __init__(
-        self, port: int, kind: int, clock: Callable[[], float], relatch_packets: int, relatch_silence: float
-    ) -> None:
-        self.port = port
-        self.kind = kind
-        self._clock = clock
-        self._relatch_packets = relatch_packets
-        self._relatch_silence = relatch_silence
-        self.sender: Sender = _NULL_SENDER
-        self.peer_rtp: RelayPort = self  # wired by the engine before any socket opens
-        self.peer_rtcp: RelayPort = self
-        self.source: Addr | None = None
-        self.sdp_dest: Addr | None = None
-        self.dest: Addr | None = None
-        self.packets = 0
-        self.bytes = 0
-        self.last_seen: float | None = None
-        self.drops_no_destination = 0
-        self.drops_unexpected_source = 0
-        self.drops_malformed = 0
-        self.drops_send_failed = 0
-        self.relatches = 0
-        self.stats = ReceiverStats()
-        self.rtcp_ssrc: int | None = None
-        self.closed = False
-        self.retired = False
-        self._cand_addr: Addr | None = None
-        self._cand_count = 0
-        self._cand_ssrc = -1
-        self._cand_seq = 0
-
-    def receive(self, data: bytes, addr: Addr) -> None:
-        """One datagram from ``addr``: forward it out of the peer port, or drop and count it.
-
-        The common case comes first and is flat: RTP from the latched source on a port that
-        takes RTP, of the SSRC being counted, in sequence (or a duplicate).  Its receiver
-        statistics are :meth:`ReceiverStats.update`'s in-sequence branch inlined (RFC 3550 A.1
-        update_seq, A.8 jitter): a method call per packet is a sizeable part of the relay's work
-        per packet.  Everything else takes :meth:`_receive`, the general path."""
-        if addr == self.source and self.kind != _RTCP:
-            n = len(data)
-            if n >= 12 and data[0] & 0xC0 == 0x80 and not RTCP_MIN_TYPE <= data[1] <= RTCP_MAX_TYPE:
-                seq, ts, ssrc = _unpack_seq_ts_ssrc(data, 2)
-                stats = self.stats
-                max_seq = stats.max_seq
-                if ssrc == stats.ssrc and (seq - max_seq) & 0xFFFF < MAX_DROPOUT:
-                    now = self._clock()
-                    self.last_seen = now
-                    if seq < max_seq:
-                        stats.cycles += SEQ_MOD  # wrapped
-                    stats.max_seq = seq
-                    stats.received += 1
-                    transit = now * stats.clock_rate - ts
-                    last = stats._transit
-                    stats._transit = transit
-                    if last is not None:
-                        d = transit - last
-                        if d < 0.0:
-                            d = -d
-                        if d > _TS_HALF:  # the RTP timestamp wrapped between the two packets
-                            d = abs(d - TS_MOD)
-                        stats.jitter += (d - stats.jitter) * 0.0625
-                    out = self.peer_rtp
-                    dest = out.dest
-                    if dest is None:
-                        self.drops_no_destination += 1
-                        return
-                    try:
-                        out.sender.sendto(data, dest)
-                    except OSError:  # a full send buffer, no route: counted, never raised into the loop
-                        self.drops_send_failed += 1
-                        return
-                    self.packets += 1
-                    self.bytes += n
-                    return
-        self._receive(data, addr)
-
-    def _receive(self, data: bytes, addr: Addr) -> None:
-        """Every datagram but the common case of :meth:`receive` (same outcome for that too)."""
-        n = len(data)
-        if n < 8 or data[0] & 0xC0 != 0x80:  # RTP/RTCP version 2 (RFC 3550 5.1)
-            self.drops_malformed += 1
-            return
-        rtcp = RTCP_MIN_TYPE <= data[1] <= RTCP_MAX_TYPE  # RFC 5761 4
-        if rtcp:
-            if self.kind == _RTP:
-                self.drops_malformed += 1
-                return
-        elif self.kind == _RTCP or n < 12:
-            self.drops_malformed += 1
-            return
-        now = self._clock()
-        if addr != self.source and not self._new_source(data, addr, rtcp, now):
-            return
-        self.last_seen = now
-        if rtcp:
-            out = self.peer_rtcp
-            self.rtcp_ssrc = int.from_bytes(data[4:8])  # for the re-latch rule; RTCP is rare
-        else:
-            out = self.peer_rtp
-            seq, ts, ssrc = _unpack_seq_ts_ssrc(data, 2)
-            self.stats.update(seq, ts, ssrc, now)
-        dest = out.dest
-        if dest is None:
-            self.drops_no_destination += 1
-            return
-        try:
-            out.sender.sendto(data, dest)
-        except OSError:
-            self.drops_send_failed += 1
-            return
-        self.packets += 1
-        self.bytes += n
-
-    def _new_source(self, data: bytes, addr: Addr, rtcp: bool, now: float) -> bool:
-        """A packet not from the latched source: latch, count towards a re-latch, or drop."""
-        if addr[1] == 0:
-            # nothing can answer source port 0 (raw-socket senders, e.g. SIPp's pcap play):
-            # forwarded while the port has not latched (it keeps sending to the SDP address),
-            # never latched onto
-            if self.source is None:
-                return True
-            self.drops_unexpected_source += 1
-            return False
-        if self.source is None:
-            self._latch(addr)
-            return True
-        if rtcp:
-            ssrc = int.from_bytes(data[4:8])
-            seq = -1
-        else:
-            seq = int.from_bytes(data[2:4])
-            ssrc = int.from_bytes(data[8:12])
-        if addr != self._cand_addr or ssrc != self._cand_ssrc:
-            self._cand_addr = addr
-            self._cand_ssrc = ssrc
-            self._cand_count = 0
-            if rtcp:
-                known = ssrc == self.rtcp_ssrc
-            else:
-                stats = self.stats
-                known = ssrc == stats.ssrc and 0 < (seq - stats.max_seq) & 0xFFFF < MAX_DROPOUT
-            quiet = self.last_seen is None or now - self.last_seen >= self._relatch_silence
-            if not (known or quiet):
-                self._cand_addr = None  # not a handover candidate: forget it
-                self.drops_unexpected_source += 1
-                return False
-        elif not rtcp and not 0 < (seq - self._cand_seq) & 0xFFFF < MAX_DROPOUT:
-            self._cand_count = 0
-        self._cand_seq = seq
-        self._cand_count += 1
-        if self._cand_count < self._relatch_packets:
-            self.drops_unexpected_source += 1
-            return False
-        self._latch(addr)
-        self.relatches += 1
-        return True
-
-    def _latch(self, addr: Addr) -> None:
-        self.source = addr
-        self.dest = addr
-        self._cand_addr = None
-        self._cand_count = 0
-
-    def _set_sdp(self, dest: Addr | None) -> None:
-        if dest != self.sdp_dest:
-            self.sdp_dest = dest
-            self.source = None  # the party moved its media: learn it again
-            self._cand_addr = None
-        if self.source is None:
-            self.dest = dest
-
-    def snapshot(self) -> PortStats:
-        s = self.stats
-        rtp = self.kind != _RTCP
-        return PortStats(
-            port=self.port,
-            kind=_KIND_NAMES[self.kind],
-            source=self.source,
-            destination=self.dest,
-            packets=self.packets,
-            bytes=self.bytes,
-            last_seen=self.last_seen,
-            drops_no_destination=self.drops_no_destination,
-            drops_unexpected_source=self.drops_unexpected_source,
-            drops_malformed=self.drops_malformed,
-            drops_send_failed=self.drops_send_failed,
-            relatches=self.relatches,
-            ssrc=s.ssrc if rtp else self.rtcp_ssrc,
-            extended_max_seq=s.extended_max_seq if rtp else 0,
-            expected=s.expected if rtp else 0,
-            received=s.total_received if rtp else 0,
-            lost=s.lost if rtp else 0,
-            jitter_ms=s.jitter_ms if rtp else 0.0,
-        )
 
 
 class _Side:
@@ -817,7 +534,8 @@ class RelayEngine:
     def _release(self, side: _Side) -> None:
         for port in side.all_ports():
             port.closed = True
-            port.sender = _NULL_SENDER
+            port.sender = NULL_SENDER
+            port.link = None
             port.dest = None
             self._closed.append(port)
         if side.rtcp is None:
@@ -836,28 +554,13 @@ class RelayEngine:
         call.tags = {}
 
 
-def _freed(port: RelayPort) -> bool:
-    # a call, not the attribute: mypy would keep the narrowing from before an await
-    return port.closed
-
-
-class _PortProtocol(asyncio.DatagramProtocol):
-    """The glue of one port: asyncio hands every datagram straight to ``RelayPort.receive``."""
-
-    def __init__(self, receive: Callable[[bytes, Addr], None]) -> None:
-        # an instance attribute, not a method calling receive(): one Python frame less a packet
-        self.datagram_received = receive  # type: ignore[method-assign,assignment]
-
-    def error_received(self, exc: Exception) -> None:
-        # ICMP port unreachable from a phone that went away: the media timeout handles it
-        return None
-
-
 class RelayServer:
     """asyncio glue: binds the engine's ports on ``host``, closes freed ones, runs the timer.
 
-    Signalling that allocates ports is async (binding happens before the ports are answered);
-    the rest is synchronous.  ``receive_buffer`` sets SO_RCVBUF on every port (bytes).
+    The ports' sockets are a :class:`~media.plane.MediaPlane` (one epoll, drained by the event
+    loop through ``add_reader`` on its descriptor: see :mod:`media.plane`).  Signalling that
+    allocates ports is async (the API of a relay that may wait to bind); the rest is synchronous.
+    ``receive_buffer`` sets SO_RCVBUF on every port (bytes).
     ``on_expired`` is called with the final counters of each call the media timeout freed (no
     delete will come for it), after its ports are closed.  :meth:`totals` sums the counters of
     every port since start, for metrics read once in a while (the packet path counts nothing more).
@@ -875,7 +578,8 @@ class RelayServer:
         self.host = host
         self.receive_buffer = receive_buffer
         self.on_expired = on_expired
-        self._transports: dict[RelayPort, asyncio.DatagramTransport] = {}
+        self._plane = MediaPlane(host, receive_buffer)
+        self._loop: asyncio.AbstractEventLoop | None = None  # watching the plane
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._closed_totals = RelayTotals()
@@ -907,13 +611,23 @@ class RelayServer:
 
     @property
     def open_ports(self) -> int:
-        return len(self._transports)
+        return len(self._plane)
+
+    @property
+    def linked_ports(self) -> int:
+        """Latched ports with a socket connected to their party (see :mod:`media.plane`)."""
+        return self._plane.linked
+
+    @property
+    def links_failed(self) -> int:
+        """Latched ports the plane could not give a connected socket (they work without)."""
+        return self._plane.links_failed
 
     def totals(self) -> RelayTotals:
         """Packets and bytes forwarded and dropped on every port since start: the ports freed
         so far plus the open ones (O(open ports), attribute reads only)."""
         packets, size, no_dest, unexpected, malformed, send_failed = self._closed_totals
-        for port in self._transports:
+        for port in self._plane.ports():
             packets += port.packets
             size += port.bytes
             no_dest += port.drops_no_destination
@@ -927,67 +641,38 @@ class RelayServer:
         for call_id in self.engine.list_calls():
             self.engine.delete(call_id)
         self._close_freed()
-        for transport in self._transports.values():
-            transport.close()
-        self._transports.clear()
+        if self._loop is not None:
+            if not self._loop.is_closed():
+                self._loop.remove_reader(self._plane.fileno())
+            self._loop = None
+        self._plane.close()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
     async def _sync(self) -> None:
-        loop = asyncio.get_running_loop()
         failed: RelayPort | None = None
-        # the batch is the ports of the one engine call just made (no await in between)
+        # the batch is the ports of the one engine call just made
         for port in self.engine.take_opened():
             if port.closed:  # its call was freed meanwhile (or by a failed bind below)
                 continue
             try:
-                transport, sock = await self._bind(loop, port)
+                self._plane.bind(port)  # port.sender is its socket from now on
             except OSError:
                 failed = failed or port
                 self.engine.port_unusable(port)
-                continue
-            if _freed(port):  # the call was deleted while we bound
-                transport.close()
-                continue
-            self._transports[port] = transport
-            # the port sends through its socket, not the transport: uvloop's sendto converts
-            # the address through one LRU cache of 2048 entries for the whole process (a relay
-            # with more than 1024 calls misses it on every packet) and copies the context for
-            # every datagram sent; socket.sendto parses a numeric address directly
-            port.sender = sock
         self._close_freed()
         self._arm_timer()
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(self._plane.fileno(), self._plane.drain)
         if failed is not None:
             raise PortsExhausted(f"Failed to bind port {failed.port}")
-
-    async def _bind(
-        self, loop: asyncio.AbstractEventLoop, port: RelayPort
-    ) -> tuple[asyncio.DatagramTransport, socket.socket]:
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        for attempt in range(2):
-            sock = socket.socket(family, socket.SOCK_DGRAM)
-            try:
-                sock.setblocking(False)
-                if self.receive_buffer:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer)
-                sock.bind((self.host, port.port))
-            except OSError:
-                sock.close()
-                if attempt:
-                    raise
-                await asyncio.sleep(0)  # a just-closed socket of a freed port closes next iteration
-                continue
-            transport, _ = await loop.create_datagram_endpoint(lambda: _PortProtocol(port.receive), sock=sock)
-            return transport, sock
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def _close_freed(self) -> None:
         closed = self._closed_totals
         for port in self.engine.take_closed():
-            transport = self._transports.pop(port, None)
-            if transport is not None:
-                transport.close()
+            if self._plane.unbind(port):
                 closed = RelayTotals(
                     closed.packets + port.packets,
                     closed.bytes + port.bytes,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Final
 
 __all__ = [
     "MAX_DROPOUT",
@@ -33,23 +34,23 @@ __all__ = [
     "seq_gt",
 ]
 
-RTP_VERSION = 2
-RTP_HEADER_SIZE = 12
-RTCP_HEADER_SIZE = 8  # common header + sender SSRC (RFC 3550 6.4)
+RTP_VERSION: Final = 2
+RTP_HEADER_SIZE: Final = 12
+RTCP_HEADER_SIZE: Final = 8  # common header + sender SSRC (RFC 3550 6.4)
 
 # RFC 5761 4: RTP payload types 64-95 must not be used with rtcp-mux, so that a second octet
 # (marker bit + payload type) of 192-223 is RTCP. The RTCP packet types in use sit in 200-207.
-RTCP_MIN_TYPE = 192
-RTCP_MAX_TYPE = 223
+RTCP_MIN_TYPE: Final = 192
+RTCP_MAX_TYPE: Final = 223
 
 # RFC 3550 A.1: a jump of less than MAX_DROPOUT ahead is in order (with loss); less than
 # MAX_MISORDER behind is a late or duplicate packet; anything else restarts the source after two
 # sequential packets.
-MAX_DROPOUT = 3000
-MAX_MISORDER = 100
-SEQ_MOD = 1 << 16
-TS_MOD = 1 << 32
-_TS_HALF = 1 << 31
+MAX_DROPOUT: Final = 3000
+MAX_MISORDER: Final = 100
+SEQ_MOD: Final = 1 << 16
+TS_MOD: Final = 1 << 32
+_TS_HALF: Final = 1 << 31
 
 #: sequence number, timestamp and SSRC: ``SEQ_TS_SSRC.unpack_from(data, 2)``
 SEQ_TS_SSRC = struct.Struct("!HII")

@@ -29,6 +29,8 @@ WORK="$ROOT/build/mypyc"  # generated C, object files, setup script
 #   property read on such a class (`error.reason`, from compiled code) as a vtable call that
 #   the exception object's layout does not have: a segfault (error_response). Raised on bad
 #   input only, so nothing is lost by leaving it interpreted.
+# - media/relay.py, media/ports.py: the relay's signalling (its errors derive from Exception, as
+#   above); the per-packet path is media/port.py and media/plane.py, compiled.
 MODULES=(
     sipfarm/sip/uri.py
     sipfarm/sip/address.py
@@ -66,6 +68,9 @@ MODULES=(
     sipfarm/balancer/core.py
     sipfarm/edge.py
     sipfarm/transport/udp.py
+    media/rtp.py
+    media/port.py
+    media/plane.py
 )
 
 test -x "$PY" || { echo "build-compiled: $PY missing (run make setup)" >&2; exit 1; }

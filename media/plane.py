@@ -1,0 +1,263 @@
+"""The relay's media plane: every port's sockets on one ``select.epoll``, drained in batches.
+
+Theory of operation
+-------------------
+asyncio's (and uvloop's) datagram protocol costs a Python callback per datagram with a source
+address turned into a ``(host, port)`` tuple, and its ``sendto`` parses that tuple back; a bare
+uvloop forwarder with no counters reached 0.79x the packets per CPU-second of rtpengine
+(userspace).  This module takes the packet path off the event loop's datagram machinery:
+
+- every port's socket is registered (level-triggered, ``EPOLLIN``) with one epoll object of the
+  plane, whose own file descriptor the event loop watches (``loop.add_reader``): one loop
+  callback (:meth:`MediaPlane.drain`) serves every socket that is ready, a bounded number of
+  events at a time so that ng commands and timers are never starved;
+- a ready socket is read ``recvfrom`` by ``recvfrom`` and each datagram handed to
+  :meth:`RelayPort.receive <media.port.RelayPort.receive>`, which forwards, drops and counts
+  exactly as before.  How many datagrams are read from one socket in a row adapts to its rate
+  (:meth:`MediaPlane.drain`): one at a time for the many streams of ordinary calls (no empty
+  read, whose ``BlockingIOError`` costs as much as a datagram), up to :data:`MAX_BURST` for a
+  hot stream (one epoll event for many datagrams);
+- **links**: once a port has latched (its party's real address is known), the plane opens a
+  second socket on the same local address and port, ``connect``-ed to that source, and gives it
+  to the core as ``port.link``.  The kernel delivers a connected UDP socket's packets to it in
+  preference to the unconnected one (it matches more of the 4-tuple), so the party's packets
+  arrive there and are read with ``recv`` (no source address to build: it is the link's), and
+  the packets the relay sends to that party go out through ``link.send`` (no address to parse,
+  the route cached in the socket).  Packets from anyone else still arrive on the port's own
+  socket and take the general path (latching, re-latch proof, ``drops_unexpected_source``).
+
+The two sockets share the port by ``SO_REUSEADDR``, set on both only while the link is bound
+and cleared right after, so another process can no more bind the port than before (a bind
+conflicts with a socket whose ``SO_REUSEADDR`` is off).  The core drops ``port.link`` whenever
+the port's source changes (re-latch, new SDP, freed port); the plane then links it again, to
+the new source, after the batch that latched it.  A link's datagram always counts as coming
+from the address it is connected to, so a packet read from a link that is no longer the port's
+source is judged like any other stranger's.
+
+The clock, the counters and the forwarding rules are the core's (:mod:`media.relay`); nothing
+here knows RTP.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+from typing import Any, Final
+
+from media.port import KIND_RTCP, RelayPort
+
+__all__ = ["MAX_BURST", "MAX_EVENTS", "MediaPlane"]
+
+#: ready sockets handled per :meth:`MediaPlane.drain` (the loop's other work runs in between)
+MAX_EVENTS: Final = 256
+#: most datagrams read from one ready socket in a row (see the module docstring)
+MAX_BURST: Final = 32
+#: most datagrams read from a port's own socket when it gets a link (a queue of 1 MB is ~1,300)
+MAX_FLUSH: Final = 4096
+RECV_SIZE: Final = 65536  # a whole UDP datagram: never truncate what is forwarded
+
+Addr = tuple[Any, ...]
+
+
+class _PortSockets:
+    """One port's socket and, once it has latched, its link."""
+
+    __slots__ = ("burst", "link", "link_addr", "link_failed", "link_fd", "polled", "port", "sock")
+
+    def __init__(self, port: RelayPort, sock: socket.socket) -> None:
+        self.port = port
+        self.sock = sock
+        self.burst = 1  # datagrams to read at its next readiness
+        self.polled = -1  # the poll that last reported one of its sockets
+        self.link: socket.socket | None = None
+        self.link_fd = -1
+        self.link_addr: Addr | None = None
+        self.link_failed: Addr | None = None  # the source a link could not be opened to
+
+
+class MediaPlane:
+    """The sockets of the relay's ports on ``host`` (see the module docstring)."""
+
+    def __init__(self, host: str, receive_buffer: int | None = None) -> None:
+        self.host = host
+        self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.receive_buffer = receive_buffer
+        self._epoll = select.epoll()
+        self._by_fd: dict[int, _PortSockets] = {}  # both sockets of a port: the same entry
+        self._ports: dict[RelayPort, _PortSockets] = {}
+        self.links_failed = 0
+        self._polls = 0
+        self._closed = False
+
+    def fileno(self) -> int:
+        """The epoll's descriptor: readable when a port's socket is (watch it with add_reader)."""
+        return self._epoll.fileno()
+
+    def __len__(self) -> int:
+        return len(self._ports)
+
+    @property
+    def linked(self) -> int:
+        return sum(1 for port in self._ports if port.link is not None)
+
+    def ports(self) -> list[RelayPort]:
+        return list(self._ports)
+
+    def bind(self, port: RelayPort) -> None:
+        """Bind ``port`` on the plane's host; OSError if another socket holds it."""
+        sock = self._socket()
+        try:
+            sock.bind((self.host, port.port))
+        except OSError:
+            sock.close()
+            raise
+        entry = _PortSockets(port, sock)
+        fd = sock.fileno()
+        self._epoll.register(fd, select.EPOLLIN)
+        self._by_fd[fd] = entry
+        self._ports[port] = entry
+        port.sender = sock
+
+    def unbind(self, port: RelayPort) -> bool:
+        """Close ``port``'s sockets (the core has dropped its sender and link); False if none."""
+        entry = self._ports.pop(port, None)
+        if entry is None:
+            return False
+        self._unlink(entry)
+        self._forget(entry.sock)
+        return True
+
+    def close(self) -> None:
+        for port in list(self._ports):
+            self.unbind(port)
+        self._closed = True
+        self._epoll.close()
+
+    # -- the packet path -------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Read the ready sockets (at most MAX_EVENTS of them) and hand every datagram to its port.
+
+        How many datagrams to read from a ready socket adapts per port: one while it has one
+        datagram per poll (the next read would only raise BlockingIOError, the costliest part of
+        an empty read), twice as many each time it is ready in two polls running, half as many
+        after a read found it empty.  Level-triggered: what is left (sockets beyond MAX_EVENTS,
+        datagrams beyond a burst) keeps this epoll readable, so the event loop calls again."""
+        if self._closed:  # the relay stopped
+            return
+        events = self._epoll.poll(0, MAX_EVENTS)
+        self._polls += 1
+        poll = self._polls
+        by_fd = self._by_fd
+        for fd, _mask in events:
+            entry = by_fd.get(fd)
+            if entry is None:  # closed by an earlier datagram's consequences in this batch
+                continue
+            burst = entry.burst
+            if entry.polled == poll - 1 and burst < MAX_BURST:
+                burst *= 2
+            entry.polled = poll
+            port = entry.port
+            read = 0
+            if fd == entry.link_fd:
+                link = entry.link
+                source = entry.link_addr
+                assert link is not None and source is not None
+                while read < burst:
+                    try:
+                        data = link.recv(RECV_SIZE)
+                    except OSError:  # empty (BlockingIOError), or an ICMP error reported on a link
+                        break
+                    read += 1
+                    port.receive(data, source)
+            else:
+                sock = entry.sock
+                while read < burst:
+                    try:
+                        data, addr = sock.recvfrom(RECV_SIZE)
+                    except OSError:
+                        break
+                    read += 1
+                    port.receive(data, addr)
+            entry.burst = burst if read == burst else max(1, burst >> 1)
+            if port.link is None and port.source is not None:
+                self._relink(entry)
+
+    # -- links -----------------------------------------------------------------------------
+
+    def _relink(self, entry: _PortSockets) -> None:
+        """The port has latched (again) and has no link: give it one connected to its source."""
+        port = entry.port
+        source = port.source
+        if source is None or port.closed or port.kind == KIND_RTCP or source[1] == 0:
+            return
+        if entry.link is not None and entry.link_addr == source:
+            port.link = entry.link  # unlatched and latched again to the same address
+            return
+        if source is entry.link_failed:
+            return
+        self._unlink(entry)
+        link = self._socket()
+        try:
+            # both sockets share the port only while the link binds (see the module docstring)
+            entry.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            link.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                link.bind(entry.sock.getsockname())
+            finally:
+                entry.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+                link.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+            link.connect(source)
+        except OSError:
+            # the port keeps working through its own socket, as before links existed
+            link.close()
+            entry.link_failed = source
+            self.links_failed += 1
+            return
+        fd = link.fileno()
+        self._epoll.register(fd, select.EPOLLIN)
+        self._by_fd[fd] = entry
+        entry.link = link
+        entry.link_fd = fd
+        entry.link_addr = source
+        port.link = link
+        # what the port's own socket holds arrived before the link existed: forward it now, so
+        # that the party's packets keep their order (the link's come after)
+        sock = entry.sock
+        for _ in range(MAX_FLUSH):
+            try:
+                data, addr = sock.recvfrom(RECV_SIZE)
+            except OSError:
+                break
+            port.receive(data, addr)
+
+    def _unlink(self, entry: _PortSockets) -> None:
+        link = entry.link
+        if link is not None:
+            entry.link = None
+            entry.link_fd = -1
+            entry.link_addr = None
+            if entry.port.link is link:
+                entry.port.link = None
+            self._forget(link)
+
+    def _forget(self, sock: socket.socket) -> None:
+        fd = sock.fileno()
+        if fd >= 0:
+            self._by_fd.pop(fd, None)
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):  # closed epoll (the relay stops), or never registered
+                pass
+        sock.close()
+
+    def _socket(self) -> socket.socket:
+        sock = socket.socket(self.family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            if self.receive_buffer:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer)
+        except OSError:
+            sock.close()
+            raise
+        return sock
