@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--ng-port", type=int, default=2223, help="ng control port of the first relay")
     up.add_argument("--sip-port", type=int, default=5060)
     up.add_argument("--redis", help="use this Redis instead of starting a private one")
+    up.add_argument(
+        "--redis-cluster", action="store_true", help="start a private Redis Cluster (3 masters + 3 replicas) instead"
+    )
     up.add_argument("--dir", default=".run", help="working directory for Redis files, logs, certificates")
     up.add_argument("--domain", default="farm.test")
     up.add_argument("--host", default="127.0.0.1", help="address to listen on")

@@ -197,6 +197,7 @@ def run_up(args: argparse.Namespace) -> int:
     host = args.host
     children: list[Child] = []
     redis_proc = None
+    redis_cluster = None
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -223,6 +224,21 @@ def run_up(args: argparse.Namespace) -> int:
             )
             return 1
         redis_url = args.redis or os.environ.get("REDIS_URL")
+        if not redis_url and args.redis_cluster:
+            from sipfarm.store.redis_server import RedisClusterProcesses  # noqa: PLC0415
+
+            # 3 masters + 3 replicas on free loopback ports, with a password like the single one
+            redis_cluster = RedisClusterProcesses(
+                workdir / "redis-cluster",
+                password=secrets.token_urlsafe(18),
+                avoid=frozenset(farm_ports + other_ports + ng_ports),
+            )
+            try:
+                redis_cluster.start()
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                print(f"sipfarm: cannot start a Redis Cluster ({exc})", file=sys.stderr)
+                return 1
+            redis_url = redis_cluster.url
         if not redis_url:
             from sipfarm.store.redis_server import free_port, start_redis  # noqa: PLC0415
 
@@ -358,6 +374,8 @@ def run_up(args: argparse.Namespace) -> int:
         processes = [c.describe() for c in children]
         if redis_proc is not None:
             processes.append({"role": "redis", "pid": redis_proc.pid, "sip": [], "url": redis_url})
+        if redis_cluster is not None:
+            processes += [{"role": "redis", "pid": n.pid, "sip": [], "url": redis_url} for n in redis_cluster.nodes]
         ready = {"redis": redis_url, "domain": args.domain, "build": build.running_build(), "processes": processes}
         print("READY " + json.dumps(ready), flush=True)
         while not stopping:
@@ -380,6 +398,8 @@ def run_up(args: argparse.Namespace) -> int:
         stop_all(children)
         if redis_proc is not None:
             redis_proc.stop()
+        if redis_cluster is not None:
+            redis_cluster.stop()
 
 
 def node_accept_from(host: str) -> str:

@@ -268,9 +268,12 @@ class RedisClusterProcesses:
         host: str = "127.0.0.1",
         node_timeout_ms: int = 1000,
         password: str | None = None,
+        avoid: frozenset[int] = frozenset(),
     ) -> None:
+        """``avoid``: ports not to take (those the caller is about to bind)."""
         self.workdir = Path(workdir)
         self.host = host
+        self.avoid = avoid
         self.masters = masters
         self.replicas = replicas
         self.node_timeout_ms = node_timeout_ms
@@ -283,10 +286,18 @@ class RedisClusterProcesses:
         seeds = ",".join(f"{self.host}:{n.port}" for n in self.nodes[: self.masters])
         return f"redis+cluster://{auth}{seeds}"
 
+    def _free_port(self) -> int:
+        taken = self.avoid | {n.port for n in self.nodes}
+        for _ in range(100):
+            port = free_port(self.host)
+            if port not in taken:
+                return port
+        raise RuntimeError("no free port for a Redis Cluster node")
+
     def _node(self, port: int | None) -> RedisProcess:
-        port = port if port is not None else free_port(self.host)
+        port = port if port is not None else self._free_port()
         # the cluster bus port named too (not port + 10000, which may be taken or ephemeral)
-        bus = free_port(self.host)
+        bus = self._free_port()
         return RedisProcess(
             self.workdir / f"node-{port}",
             port=port,

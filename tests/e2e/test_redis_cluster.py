@@ -13,17 +13,22 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fixtures.farm import DOMAIN, NodeProcess, SipClient, free_udp_tcp_port, wait_nodes_usable
 
 from benchmarks.sipp import REGISTER_AUTH, UAS_ANSWER, SippResult, SippServer, run_sipp
+from sipfarm.ports import is_free
 from sipfarm.store import AccountStore, LocationStore, create_redis
 from sipfarm.store.location import location_key
 from sipfarm.store.redis_server import RedisClusterProcesses, query
@@ -209,3 +214,61 @@ def test_the_cli_on_a_redis_cluster(redis_cluster_url: str, start_node) -> None:
     assert sipfarm("ban", "del", "192.0.2.7", *url).returncode == 0
     assert "192.0.2.7" not in sipfarm("ban", "list", *url).stdout
     assert sipfarm("user", "del", f"alice@{DOMAIN}", *url).returncode == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_up_on_a_private_redis_cluster(tmp_path: Path) -> None:
+    """`sipfarm up --redis-cluster`: a 3+3 cluster with a password, the farm on it, all stopped."""
+    port = free_udp_tcp_port()  # the balancer's; the node's is port + 10, metrics on others
+    while not all(is_free("127.0.0.1", port + d) for d in (1, 2, 10, 11)):
+        port = free_udp_tcp_port()
+    metrics = free_udp_tcp_port()
+    while not is_free("127.0.0.1", metrics + 1) or metrics in (port + 1, port + 2, port + 10, port + 11):
+        metrics = free_udp_tcp_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sipfarm", "up", "--redis-cluster", "--nodes", "1", "--relays", "0",
+         "--sip-port", str(port), "--metrics-port", str(metrics), "--dir", str(tmp_path / "run")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    ready: dict[str, Any] | None = None
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 90
+        while ready is None and time.monotonic() < deadline and (line := proc.stdout.readline()):
+            lines.append(line)
+            if line.startswith("READY "):
+                ready = json.loads(line[len("READY ") :])
+        assert ready is not None, "".join(lines)
+        assert ready["redis"].startswith("redis+cluster://:")  # with a password
+        assert sorted(p["role"] for p in ready["processes"]).count("redis") == 6
+        client = SipClient()
+        try:
+            deadline = time.monotonic() + 20  # the balancer's first membership poll and probes
+            status = 0
+            while status != 200 and time.monotonic() < deadline:
+                reply = client.register(("127.0.0.1", port), "alice", "alice-secret")
+                status = reply.status if reply is not None else 0
+                if status != 200:
+                    time.sleep(0.5)
+            assert status == 200
+        finally:
+            client.close()
+        assert f"alice@{DOMAIN}" in registered(ready["redis"], [f"alice@{DOMAIN}"])
+        assert registered(ready["redis"], [f"alice@{DOMAIN}"])[f"alice@{DOMAIN}"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    pids = [p["pid"] for p in (ready or {"processes": []})["processes"]]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.2)
+    assert not [pid for pid in pids if _alive(pid)]
+    assert proc.returncode == 0
