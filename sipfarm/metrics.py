@@ -87,6 +87,17 @@ class NodeMetrics:
             "sipfarm_node_redis_seconds", "Redis round-trip time", buckets=LATENCY_BUCKETS, registry=r
         )
         self.redis_errors = Counter("sipfarm_node_redis_errors_total", "Failed Redis commands", registry=r)
+        # unacked_writes: REGISTER writes answered 503 because fewer than [node] replicas_ack
+        # replicas confirmed them in time; cluster_redirects: MOVED/ASK followed;
+        # cluster_map_refreshes: CLUSTER SLOTS read again (start, MOVED, a master lost)
+        self.redis_events = LabelCache(
+            Counter(
+                "sipfarm_node_redis_events_total",
+                "Redis client events: unacked_writes, cluster_redirects, cluster_map_refreshes",
+                ["kind"],
+                registry=r,
+            )
+        )
         self.errors = LabelCache(
             Counter("sipfarm_node_errors_total", "Requests failed with a SIP error, by kind", ["kind"], registry=r)
         )

@@ -321,6 +321,7 @@ async def serve(
 
     sync_transport = sync_counters(transports.stats.flat, metrics.transport_events)
     sync_dropped = sync_counters(lambda: accept.stats, metrics.dropped)
+    sync_redis = sync_counters(pipe.stats, metrics.redis_events)
     registrations = {"bindings": 0, "aors": 0}
 
     def count_registrations() -> None:
@@ -467,6 +468,7 @@ async def serve(
                 pipe.call(routing_epoch, "GET", ROUTING_EPOCH_KEY)
             sync_transport()
             sync_dropped()
+            sync_redis()
             metrics.transactions.set(len(core.layer))
             if tick % 5 == 1 and (not multi or worker_index == 0):
                 count_registrations()

@@ -278,6 +278,10 @@ class RedisPipe:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
+    def stats(self) -> dict[str, int]:
+        """Counts for the node's ``sipfarm_node_redis_events_total{kind}`` (monotonic)."""
+        return {"unacked_writes": self.unacked}
+
     def require_replicas(self, count: int, timeout_ms: int = 100) -> None:
         """``[node] replicas_ack`` / ``replicas_ack_timeout``: see ``call_acked``. A WAIT blocks its
         connection up to ``timeout_ms``: the stall watchdog gives it that much more."""

@@ -130,6 +130,7 @@ class ClusterPipe(RedisPipe):
         self._last_refresh = 0.0
         self.refreshes = 0
         self.redirects = 0
+        self._gone_unacked = 0  # unacknowledged writes counted by master pipes since dropped
         self._up = False
 
     # -- the slot map --------------------------------------------------------------------------
@@ -211,6 +212,7 @@ class ClusterPipe(RedisPipe):
         self._slots = slots
         for address in [a for a in self._masters if a not in wanted]:  # demoted or gone
             old = self._masters.pop(address)
+            self._gone_unacked += old.unacked
             old.after_replies = None
             await old.close()
         for address in wanted:
@@ -268,6 +270,14 @@ class ClusterPipe(RedisPipe):
         except StoreUnavailable as exc:
             log.warning("event=redis_unavailable url=%s error=%s", self.url, str(exc).replace(" ", "_"))
         self.refresh_soon()
+
+    def stats(self) -> dict[str, int]:
+        # masters come and go (a pipe of a demoted master is dropped): their counts are kept
+        return {
+            "unacked_writes": self._gone_unacked + sum(p.unacked for p in self._masters.values()),
+            "cluster_redirects": self.redirects,
+            "cluster_map_refreshes": self.refreshes,
+        }
 
     def require_replicas(self, count: int, timeout_ms: int = 100) -> None:
         super().require_replicas(count, timeout_ms)
@@ -354,6 +364,7 @@ class ClusterPipe(RedisPipe):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._refresh_task
         masters, self._masters = self._masters, {}
+        self._gone_unacked += sum(p.unacked for p in masters.values())
         self._slots = [None] * SLOTS
         for pipe in masters.values():
             pipe.after_replies = None

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,15 @@ def test_registrations_and_calls_through_a_farm_on_a_redis_cluster(
     assert_clean(result, CALLS)
 
 
+def redis_events(port: int, kind: str) -> float:
+    """``sipfarm_node_redis_events_total{kind=...}`` of a node's metrics endpoint."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as page:
+        for line in page.read().decode().splitlines():
+            if line.startswith(f'sipfarm_node_redis_events_total{{kind="{kind}"}}'):
+                return float(line.rpartition(" ")[2])
+    return 0.0
+
+
 def register_once(client: SipClient, node: NodeProcess, user: str, password: str) -> int:
     """The final status of one REGISTER with digest (0: no answer)."""
     reply = client.register(node.address, user, password, contact=f"<sip:{user}@127.0.0.1:{client.port}>",
@@ -138,7 +148,8 @@ def test_master_killed_mid_registrations_loses_no_acknowledged_registration(
         provision(cluster.url, users)
         monkeypatch.setenv("SIPFARM_REPLICAS_ACK", "1")
         monkeypatch.setenv("SIPFARM_REPLICAS_ACK_TIMEOUT", "0.5")
-        node = start_node(cluster.url, "node1")
+        metrics = free_udp_tcp_port()
+        node = start_node(cluster.url, "node1", extra=["--metrics", f"127.0.0.1:{metrics}"])
         client = SipClient()
         acknowledged: set[str] = set()
         refused: list[str] = []
@@ -173,6 +184,11 @@ def test_master_killed_mid_registrations_loses_no_acknowledged_registration(
             assert not refused, f"still refused after the failover: {refused[:5]}"
         finally:
             client.close()
+        # the node's client read the map again after losing the master (counted)
+        deadline = time.monotonic() + 10
+        while redis_events(metrics, "cluster_map_refreshes") < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert redis_events(metrics, "cluster_map_refreshes") >= 2
         node.stop()  # before the cluster goes
         found = registered(cluster.url, [f"{u}@{DOMAIN}" for u in acknowledged])
         lost = sorted(aor for aor, contacts in found.items() if not contacts)
