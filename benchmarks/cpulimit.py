@@ -11,6 +11,12 @@ The cgroup is made under ``/sys/fs/cgroup/cpu`` (``cpu.cfs_period_us`` 10 ms, so
 process waits at most ~9 ms per period rather than 90 ms) and removed on exit, its processes
 moved back to the root group first.  ``CpuLimit.unavailable()`` says why it cannot be used
 (not root, no cgroup v1 cpu controller), for a test to skip with that reason.
+
+A quota is a ceiling, not a reservation: on a machine others load too, a limited process may
+get less.  ``shares`` (``cpu.shares``, 1024 = one ordinary process) weights the group against
+its siblings when the CPUs are contended; ``cores=0`` sets no quota (a group for its weight
+only), and ``root`` nests a group in another (`benchmarks.scaling_bench`: the benchmark's
+processes weighted up as one group, each node held to its quota inside it).
 """
 
 from __future__ import annotations
@@ -29,10 +35,11 @@ class CpuLimitError(RuntimeError):
 
 
 class CpuLimit:
-    def __init__(self, name: str, cores: float, root: Path = CGROUP_CPU) -> None:
+    def __init__(self, name: str, cores: float, root: Path = CGROUP_CPU, shares: int | None = None) -> None:
         self.root = root
         self.path = root / f"{name}-{os.getpid()}"
         self.cores = cores
+        self.shares = shares
 
     @staticmethod
     def unavailable(root: Path = CGROUP_CPU) -> str | None:
@@ -46,8 +53,11 @@ class CpuLimit:
     def __enter__(self) -> CpuLimit:
         try:
             self.path.mkdir(exist_ok=True)
-            (self.path / "cpu.cfs_period_us").write_text(str(PERIOD_US))
-            (self.path / "cpu.cfs_quota_us").write_text(str(max(1000, round(PERIOD_US * self.cores))))
+            if self.cores > 0:
+                (self.path / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+                (self.path / "cpu.cfs_quota_us").write_text(str(max(1000, round(PERIOD_US * self.cores))))
+            if self.shares is not None:
+                (self.path / "cpu.shares").write_text(str(self.shares))
         except OSError as exc:
             self.remove()
             raise CpuLimitError(f"cgroup {self.path}: {exc}") from exc

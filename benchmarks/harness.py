@@ -314,6 +314,7 @@ def _mark(m: Measurement, passed: bool) -> Measurement:
 
 class Harness:
     bench_class: type[Bench] = Bench  # what measures each SIPp run (--routing adds slapd's searches)
+    search_growth = 2.0  # the searches' step-up factor (--scaling starts near the limit: smaller)
 
     def __init__(self, settings: Settings, out: Path, log: Callable[[str], None],
                  progress: Callable[[str, float], None]) -> None:
@@ -464,7 +465,7 @@ class Harness:
             self.log(f"  {'PASS' if ok else 'FAIL'} {bench.runs[index].line()}")
 
         result = find_max_rate(step, start_rate=start, precision=s.precision, max_steps=s.max_steps,
-                               time_budget_s=budget, max_p99_ms=s.max_p99_ms, on_step=show)
+                               growth=self.search_growth, time_budget_s=budget, max_p99_ms=s.max_p99_ms, on_step=show)
         self.log(f"  {name}: max {label} {result.max_rate} ({result.stopped_by}, {len(result.steps)} steps, "
                  f"{result.elapsed_s:.0f} s)")
         return result
@@ -531,6 +532,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overload-s", type=float, help="with --overload: seconds of each flood (default 10; full 20)")
     p.add_argument("--overload-node-cpu", type=float, default=0.15,
                    help="with --overload: each node's CPU quota in cores, cgroup v1, root only (0: none)")
+    p.add_argument("--scaling", action="store_true",
+                   help="the scaling curve instead: max calls/s and REGISTER/s of 1, 2, 4 nodes (--nodes), each held "
+                   "to a fixed CPU quota, against linear; then the balancer alone held to a quota: calls per "
+                   "balancer CPU-second vs the node's (scaling.json/.md/.png); cgroup v1, root only")
+    p.add_argument("--scaling-node-cpu", type=float, default=0.1,
+                   help="with --scaling: each node's CPU quota in cores (default 0.1: 4 nodes fit in 2 cores with "
+                   "the balancer, Redis and SIPp)")
+    p.add_argument("--scaling-balancer-cpu", type=float, default=0.15,
+                   help="with --scaling: the balancer's CPU quota in cores for its own measurement (0: skip it)")
+    p.add_argument("--scaling-shares", type=int,
+                   help="with --scaling: cpu.shares of the cgroup the benchmark and all it starts run in, against "
+                   "other load on the machine (default 10240, tiny 0: none)")
     p.add_argument("--out", type=Path, default=Path("results"), help="results/<timestamp>/ goes here")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     return p
@@ -665,6 +678,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from benchmarks.overload_bench import overload_main  # noqa: PLC0415
 
         return overload_main(args, args_list)
+    if args.scaling:
+        from benchmarks.scaling_bench import scaling_main  # noqa: PLC0415
+
+        return scaling_main(args, args_list)
     settings = settings_from(args)
     fatal, notes = _missing_tools(settings)
     if fatal:
