@@ -15,7 +15,7 @@ NODE_PACKAGES := nodejs npm
 NODE_PROBES := node npm
 BROWSER_STAMP := tests/browser/node_modules/.installed
 
-.PHONY: run test lint typecheck pytest pytest-compiled setup system-deps bench bench-quick clean compiled
+.PHONY: run test lint typecheck pytest pytest-compiled setup system-deps bench bench-quick bench-scaling clean compiled
 
 # The farm runs the mypyc build of the hot path (built here when missing or stale; sipfarm.build
 # re-executes into it), or the pure-Python modules if it cannot be built.
@@ -64,6 +64,10 @@ bench: setup compiled
 
 bench-quick: setup compiled
 	.venv/bin/sipfarm bench --quick --build compiled
+
+# The scaling curve: 1, 2, 4 nodes of 0.1 core each (cgroup v1 quotas: root), then the balancer alone.
+bench-scaling: setup compiled
+	.venv/bin/sipfarm bench --scaling --quick --build compiled
 
 # mypyc build of the hot-path modules in build/compiled/ (the source tree is untouched):
 # PYTHONPATH=build/compiled to use it, scripts/test-compiled.sh to test it.

@@ -16,7 +16,10 @@ would show their load. So the benchmark process and everything it starts run in 
 groups nested in it), and each step records how busy the whole machine was and how much of that
 was not the farm's. Each farm is a fresh
 `SipfarmTarget`; the searches are the SIP benchmark's (`Harness`): < 1% failed, >= 90% of the
-offered rate sent and completed, p99 <= 500 ms (not 200: see MAX_P99_MS); a step in which no call failed but that missed
+offered rate sent and completed, p99 <= 500 ms (not 200: see MAX_P99_MS). After every step the
+benchmark waits until each limited process is quiet again (`ScalingBench.wait_quiet`: a node at
+0.1 core drains an overloaded step's backlog for seconds, which the next step must not pay for),
+and a step in which no call failed but that missed
 the p99 or the rate is run once more and the second run stands (`ScalingBench.step`).
 
 - **curve**: for each N in ``--nodes`` (default 1,2,4) the REGISTER and call searches; linear =
@@ -80,6 +83,9 @@ BALANCER_FARM_NODES = 2
 # core would not. So the latency bound here is 500 ms (`--max-p99-ms` sets another), still
 # bounded: a farm past its limit queues for seconds.
 MAX_P99_MS = 500.0
+QUIET_LIMIT_S = 15.0  # after a step, wait for the limited roles to go quiet, at most this long
+QUIET_WINDOW_S = 0.5
+QUIET_FRACTION = 0.25  # quiet: under a quarter of the quota
 TARGET_EFFICIENCY = 0.8  # issue 13: >= 0.8 x linear up to 4 nodes
 TARGET_BALANCER_RATIO = 3.0  # issue 13: the balancer >= 3x the node's calls per CPU-second
 
@@ -195,12 +201,36 @@ class ScalingBench(Bench):
         """A step in which every call succeeded but that failed on p99 or on the rate completed
         is run once more, and the second run stands: a farm at its limit fails again, a moment
         of other load on the machine (a p99 of 300 ms over a p95 of 20) usually does not."""
-        st, m = super().step(kind, rate)
+        st, m = self._quiet_step(kind, rate)
         s = self.settings
         if m.failed == 0 and m.succeeded > 0 and not step_passes(st, max_p99_ms=s.max_p99_ms):
             self.log(f"  again (no call failed): {m.line()}")
-            st, m = super().step(kind, rate)
+            st, m = self._quiet_step(kind, rate)
         return st, m
+
+    def _quiet_step(self, kind: str, rate: float) -> tuple[Step, Measurement]:
+        st, m = super().step(kind, rate)
+        self.wait_quiet()
+        return st, m
+
+    def wait_quiet(self, limit_s: float = QUIET_LIMIT_S) -> float:
+        """Wait (at most `limit_s`) until every limited role uses under a quarter of its quota:
+        a node held to 0.1 core drains the backlog of an overloaded step (retransmissions,
+        transactions timing out) ten times slower than a free one, and the next step, often a
+        lower rate, must not pay for it. Returns the seconds waited."""
+        target = self.target
+        assert isinstance(target, ScalingTarget)
+        trees = [tree for tree in target.trees() if tree.label in target.limits]
+        started = time.monotonic()
+        while trees and time.monotonic() - started < limit_s:
+            before = {tree.label: sum(tree.cpu_by_pid().values()) for tree in trees}
+            time.sleep(QUIET_WINDOW_S)
+            busy = [tree.label for tree in trees
+                    if sum(tree.cpu_by_pid().values()) - before[tree.label]
+                    > QUIET_FRACTION * target.limits[tree.label].cores * QUIET_WINDOW_S]
+            if not busy:
+                break
+        return time.monotonic() - started
 
 
 class ScalingHarness(Harness):
