@@ -541,6 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the balancer, Redis and SIPp)")
     p.add_argument("--scaling-balancer-cpu", type=float, default=0.15,
                    help="with --scaling: the balancer's CPU quota in cores for its own measurement (0: skip it)")
+    p.add_argument("--scaling-runs", type=int, default=1,
+                   help="with --scaling: measure every farm this many times, in turn; medians and spread reported")
     p.add_argument("--scaling-shares", type=int,
                    help="with --scaling: cpu.shares of the cgroup the benchmark and all it starts run in, against "
                    "other load on the machine (default 10240, tiny 0: none)")

@@ -27,8 +27,12 @@ the p99 or the rate is run once more and the second run stands (`ScalingBench.st
 - **balancer**: a farm of 2 nodes without a quota (ample: they are not the limit) whose balancer
   is held to ``--scaling-balancer-cpu`` (default 0.15 core); its call search gives calls/s per
   balancer CPU-second (successful calls / the balancer's CPU seconds at its max step), compared
-  with the node's calls per node CPU-second at the 1-node max of the same run (issue 13 wants
-  the balancer >= 3x the node: a stateless forwarder against a stateful node).
+  with the node's calls per node CPU-second at the call max of the same run's curve farms (their
+  median; issue 13 wants the balancer >= 3x the node: a stateless forwarder against a stateful
+  node).
+
+``--scaling-runs R`` measures every farm R times, in turn (1n, 2n, 4n, balancer, 1n, ...): the
+curve is the median per N, with each run's figures and ratios beside it.
 
 Output in ``results/<timestamp>/``: ``scaling.json``, ``scaling.md``, ``scaling.png`` (the curve
 against linear and 0.8 x linear, and calls per CPU-second of node and balancer), raw SIPp
@@ -44,6 +48,7 @@ import functools
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -100,12 +105,20 @@ class FarmShape:
     balancer_cpu: float
     kinds: tuple[str, ...]
     role: str  # "curve" or "balancer"
+    run: int = 1  # which of --scaling-runs
 
 
-def farm_shapes(nodes: Sequence[int], node_cpu: float, balancer_cpu: float, kinds: Sequence[str]) -> list[FarmShape]:
-    shapes = [FarmShape(f"sipfarm-{n}n", n, node_cpu, 0.0, tuple(kinds), "curve") for n in nodes]
-    if balancer_cpu > 0:
-        shapes.append(FarmShape("balancer-alone", BALANCER_FARM_NODES, 0.0, balancer_cpu, ("call",), "balancer"))
+def farm_shapes(nodes: Sequence[int], node_cpu: float, balancer_cpu: float, kinds: Sequence[str],
+                runs: int = 1) -> list[FarmShape]:
+    """Every farm of one run, then of the next: a slow minute on a shared machine hits one run's
+    farm, not every run's same farm."""
+    shapes: list[FarmShape] = []
+    for run in range(1, runs + 1):
+        suffix = f"-run{run}" if runs > 1 else ""
+        shapes += [FarmShape(f"sipfarm-{n}n{suffix}", n, node_cpu, 0.0, tuple(kinds), "curve", run) for n in nodes]
+        if balancer_cpu > 0:
+            shapes.append(FarmShape(f"balancer-alone{suffix}", BALANCER_FARM_NODES, 0.0, balancer_cpu, ("call",),
+                                    "balancer", run))
     return shapes
 
 
@@ -315,7 +328,7 @@ def utilisation(run: Mapping[str, Any], shape: FarmShape, throttled: Mapping[str
 def farm_row(t: Mapping[str, Any], shape: FarmShape, throttled: Mapping[str, Mapping[str, int]],
              machine: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
     row: dict[str, Any] = {
-        "name": shape.name, "role": shape.role, "nodes": shape.nodes, "node_cpu": shape.node_cpu,
+        "name": shape.name, "role": shape.role, "run": shape.run, "nodes": shape.nodes, "node_cpu": shape.node_cpu,
         "balancer_cpu": shape.balancer_cpu, "error": t["error"],
     }
     for kind in KINDS:
@@ -345,18 +358,34 @@ def farm_row(t: Mapping[str, Any], shape: FarmShape, throttled: Mapping[str, Map
     return row
 
 
+def _median(values: Sequence[float]) -> float | None:
+    return round(statistics.median(values), 3) if values else None
+
+
 def curve(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Per kind: for each N, the max, linear (N x the 1-node max per node) and their ratio."""
+    """Per kind: for each N, the median over runs of the max (and each run's), linear (N x the
+    1-node median per node) and their ratio; each run's ratio to its own 1-node max beside it."""
     farms = [r for r in rows if r["role"] == "curve" and not r["error"]]
+    counts = sorted({r["nodes"] for r in farms})
     out: dict[str, Any] = {}
     for kind in KINDS:
-        base = next((r for r in farms if r[kind]["max_rate"]), None)
-        per_node = base[kind]["max_rate"] / base["nodes"] if base else None
+        by_n = {n: [r for r in farms if r["nodes"] == n] for n in counts}
+        medians = {n: _median([r[kind]["max_rate"] for r in by_n[n] if r[kind]["max_rate"]]) for n in counts}
+        base_n = next((n for n in counts if medians[n]), None)
+        per_node = medians[base_n] / base_n if base_n and medians[base_n] else None
+        base_by_run = {r["run"]: r[kind]["max_rate"] / r["nodes"] for r in by_n.get(base_n or 0, [])
+                       if r[kind]["max_rate"]}
         points = []
-        for r in farms:
-            linear = round(per_node * r["nodes"], 1) if per_node else None
-            points.append({"nodes": r["nodes"], "max_rate": r[kind]["max_rate"], "linear": linear,
-                           "efficiency": _ratio(r[kind]["max_rate"], linear)})
+        for n in counts:
+            linear = round(per_node * n, 1) if per_node else None
+            rates = [r[kind]["max_rate"] for r in by_n[n]]
+            known = [v for v in rates if v]
+            points.append({
+                "nodes": n, "max_rate": medians[n], "linear": linear, "efficiency": _ratio(medians[n], linear),
+                "by_run": rates, "min": min(known, default=None), "max": max(known, default=None),
+                "efficiency_by_run": [_ratio(r[kind]["max_rate"], base_by_run[r["run"]] * n)
+                                      if r["run"] in base_by_run else None for r in by_n[n]],
+            })
         effs = [p["efficiency"] for p in points if p["nodes"] > 1]
         out[kind] = {
             "points": points,
@@ -367,19 +396,44 @@ def curve(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def balancer_figures(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
-    """Calls per balancer CPU-s (balancer held to its quota) / calls per node CPU-s (1-node farm)."""
-    lb = next((r for r in rows if r["role"] == "balancer"), None)
-    node = next((r for r in rows if r["role"] == "curve" and not r["error"] and r["call"]["per_node_cpu_s"]), None)
+    """Per run, calls per balancer CPU-s (the balancer held to its quota) / calls per node CPU-s
+    (the curve farms of the same run, their nodes held to theirs); the median over runs."""
+    per_run = [f for f in (_balancer_run(rows, run) for run in sorted({r["run"] for r in rows})) if f is not None]
+    if not per_run:
+        return None
+    ok = [f for f in per_run if f["ratio"] is not None]
+    ratio = _median([f["ratio"] for f in ok])
+    return {
+        **per_run[0],
+        "calls_per_s": _median([f["calls_per_s"] for f in per_run if f["calls_per_s"]]),
+        "calls_per_balancer_cpu_s": _median([f["calls_per_balancer_cpu_s"] for f in ok]),
+        "calls_per_node_cpu_s": _median([f["calls_per_node_cpu_s"] for f in ok]),
+        "ratio": ratio,
+        "ratio_min": min((f["ratio"] for f in ok), default=None),
+        "ratio_max": max((f["ratio"] for f in ok), default=None),
+        "meets_target": ratio is not None and ratio >= TARGET_BALANCER_RATIO,
+        "runs": per_run,
+    }
+
+
+def _balancer_run(rows: Sequence[Mapping[str, Any]], run: int) -> dict[str, Any] | None:
+    """The node's figure: the median over the run's curve farms at their call max (each node
+    at its quota there; one farm alone moves with the machine's load)."""
+    lb = next((r for r in rows if r["role"] == "balancer" and r["run"] == run), None)
+    nodes = [r for r in rows if r["role"] == "curve" and r["run"] == run and not r["error"]
+             and r["call"]["per_node_cpu_s"]]
     if lb is None:
         return None
     per_lb = lb["call"]["per_balancer_cpu_s"] if not lb["error"] else None
-    per_node = node["call"]["per_node_cpu_s"] if node else None
+    per_node = _median([r["call"]["per_node_cpu_s"] for r in nodes])
     ratio = _ratio(per_lb, per_node)
     return {
-        "farm": lb["name"], "balancer_cpu": lb["balancer_cpu"], "nodes": lb["nodes"], "error": lb["error"],
+        "run": run, "farm": lb["name"], "balancer_cpu": lb["balancer_cpu"], "nodes": lb["nodes"],
+        "error": lb["error"],
         "calls_per_s": lb["call"]["max_rate"], "first_failing_rate": lb["call"]["first_failing_rate"],
         "calls_per_balancer_cpu_s": per_lb,
-        "node_farm": node["name"] if node else None,
+        "node_farms": [r["name"] for r in nodes],
+        "calls_per_node_cpu_s_by_farm": [r["call"]["per_node_cpu_s"] for r in nodes],
         "calls_per_node_cpu_s": per_node,
         "ratio": ratio,
         "meets_target": ratio is not None and ratio >= TARGET_BALANCER_RATIO,
@@ -442,6 +496,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
     shapes = summary["shapes"]
     node_cpu = next((sh["node_cpu"] for sh in shapes if sh["role"] == "curve"), 0.0)
     lb = summary["balancer"]
+    runs = max((sh["run"] for sh in shapes), default=1)
+    points = {kind: {p["nodes"]: p for p in summary["curve"][kind]["points"]} for kind in KINDS}
     lines = [
         "# sipfarm scaling: max calls/s and REGISTER/s for N nodes of a fixed CPU quota each, against linear",
         "",
@@ -459,47 +515,64 @@ def markdown(summary: Mapping[str, Any]) -> str:
         + " (in brackets the lowest failing step above it). Linear = N x the 1-node max; "
         f"target >= {TARGET_EFFICIENCY:g} x linear.",
         "",
-        "| nodes | calls/s | linear | x linear | REGISTER/s | linear | x linear | call p99 ms | REG p99 ms "
-        "| calls per node CPU-s | calls per balancer CPU-s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"Runs: {runs} (each every farm in turn, one run after the other); figures are the median over runs, "
+        "min-max in brackets.",
+        "",
+        "| nodes | calls/s | linear | x linear | x linear, each run | REGISTER/s | linear | x linear "
+        "| x linear, each run |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    points = {kind: {p["nodes"]: p for p in summary["curve"][kind]["points"]} for kind in KINDS}
-    for row in summary["farms"]:
-        if row["role"] != "curve":
-            continue
-        if row["error"]:
-            lines.append(f"| {row['nodes']} | failed: {row['error'].splitlines()[0][:80]} ||||||||||")
-            continue
-        cells = [str(row["nodes"])]
+    for n in points["call"]:
+        cells = [str(n)]
         for kind in ("call", "register"):
-            p = points[kind].get(row["nodes"], {})
-            fail = row[kind]["first_failing_rate"]
-            cells += [_f(row[kind]["max_rate"]) + (f" ({fail:,.0f})" if fail else ""), _f(p.get("linear")),
-                      _f(p.get("efficiency"), ".2f")]
-        cells += [_f(row["call"]["p99_ms"]), _f(row["register"]["p99_ms"]), _f(row["call"]["per_node_cpu_s"]),
-                  _f(row["call"]["per_balancer_cpu_s"])]
+            p = points[kind][n]
+            spread = f" ({_f(p['min'])}-{_f(p['max'])})" if runs > 1 and p["min"] is not None else ""
+            cells += [_f(p["max_rate"]) + spread, _f(p["linear"]), _f(p["efficiency"], ".2f"),
+                      " / ".join(_f(e, ".2f") for e in p["efficiency_by_run"])]
         lines.append("| " + " | ".join(cells) + " |")
     c = summary["curve"]
     lines += [
         "",
-        f"Lowest x linear above 1 node: calls {_f(c['call']['min_efficiency'], '.2f')}, "
+        f"Lowest x linear above 1 node (medians): calls {_f(c['call']['min_efficiency'], '.2f')}, "
         f"REGISTER {_f(c['register']['min_efficiency'], '.2f')} (target {TARGET_EFFICIENCY:g}: "
         f"calls {'met' if c['call']['meets_target'] else 'not met'}, "
         f"REGISTER {'met' if c['register']['meets_target'] else 'not met'}).",
         "",
+        "Every farm (in brackets the lowest failing step above the max):",
+        "",
+        "| farm | nodes | calls/s | REGISTER/s | call p50/p99 ms | REG p50/p99 ms | calls per node CPU-s "
+        "| calls per balancer CPU-s | REG per node CPU-s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    for row in summary["farms"]:
+        if row["error"]:
+            lines.append(f"| {row['name']} | {row['nodes']} | failed: {row['error'].splitlines()[0][:80]} ||||||")
+            continue
+        cells = [row["name"], str(row["nodes"])]
+        for kind in ("call", "register"):
+            e = row[kind]
+            fail = e["first_failing_rate"]
+            cells.append(_f(e["max_rate"]) + (f" ({fail:,.0f})" if fail and e["max_rate"] is not None else ""))
+        for kind in ("call", "register"):
+            cells.append(f"{_f(row[kind]['p50_ms'])}/{_f(row[kind]['p99_ms'])}")
+        cells += [_f(row["call"]["per_node_cpu_s"]), _f(row["call"]["per_balancer_cpu_s"]),
+                  _f(row["register"]["per_node_cpu_s"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
     if lb is not None:
+        each = ", ".join(f"run {f['run']}: {_f(f['calls_per_s'])} calls/s, {_f(f['calls_per_balancer_cpu_s'])} "
+                         f"vs {_f(f['calls_per_node_cpu_s'])} = {_f(f['ratio'], '.2f')} x" for f in lb["runs"])
         lines += [
             "## The balancer alone",
             "",
-            f"{lb['nodes']} nodes without a quota, the balancer held to **{lb['balancer_cpu']:g} core**: "
-            + ("failed: " + lb["error"].splitlines()[0][:100] if lb["error"] else
-               f"max **{_f(lb['calls_per_s'])} calls/s**"
-               + (f" ({_f(lb['first_failing_rate'])} failed)" if lb["first_failing_rate"] else "")
-               + f", **{_f(lb['calls_per_balancer_cpu_s'])} calls per balancer CPU-s** against "
-               f"{_f(lb['calls_per_node_cpu_s'])} calls per node CPU-s ({lb['node_farm']}, same run): "
-               f"**{_f(lb['ratio'], '.2f')} x** (target {TARGET_BALANCER_RATIO:g} x: "
-               f"{'met' if lb['meets_target'] else 'not met'})."),
+            f"{lb['nodes']} nodes without a quota, the balancer held to **{lb['balancer_cpu']:g} core**; calls per "
+            "balancer CPU-s (successful calls / the balancer's CPU seconds at its max step) against calls per node "
+            "CPU-s (the median over the same run's farms above, each at its call max, nodes at their quota): "
+            + (f"max **{_f(lb['calls_per_s'])} calls/s**, **{_f(lb['calls_per_balancer_cpu_s'])} calls per balancer "
+               f"CPU-s** against {_f(lb['calls_per_node_cpu_s'])} per node CPU-s: **{_f(lb['ratio'], '.2f')} x** "
+               f"(target {TARGET_BALANCER_RATIO:g} x: {'met' if lb['meets_target'] else 'not met'})"
+               if lb["ratio"] is not None else "not measured")
+            + (f". Each run: {each}." if runs > 1 else "."),
             "",
         ]
     lines += ["## Which process saturated", "",
@@ -540,7 +613,13 @@ def plot(summary: Mapping[str, Any], path: Path) -> None:
             ax.plot([0, top], [0, per_node * top], "-", color="grey", label="linear (N x 1 node)")
             ax.plot([0, top], [0, TARGET_EFFICIENCY * per_node * top], ":", color="grey",
                     label=f"{TARGET_EFFICIENCY:g} x linear")
-        ax.plot(xs, [p["max_rate"] for p in points], "o-", color="C0", label="sipfarm, measured")
+        runs = max((len(p["by_run"]) for p in points), default=1)
+        ax.plot(xs, [p["max_rate"] for p in points], "o-", color="C0",
+                label="sipfarm, measured" + (f" (median of {runs} runs)" if runs > 1 else ""))
+        if runs > 1:
+            each = [(p["nodes"], v) for p in points for v in p["by_run"] if v]
+            ax.scatter([x for x, _ in each], [v for _, v in each], marker="_", s=120, color="C0", alpha=0.6,
+                       label="each run")
         for p in points:
             if p["efficiency"] is not None and p["nodes"] > 1:
                 ax.annotate(f"{p['efficiency']:.2f}x", (p["nodes"], p["max_rate"]), textcoords="offset points",
@@ -559,11 +638,17 @@ def plot(summary: Mapping[str, Any], path: Path) -> None:
     if lb is not None and not lb["error"]:
         values = [lb["calls_per_node_cpu_s"] or 0, lb["calls_per_balancer_cpu_s"] or 0]
         ax.bar(["node", "balancer"], values, color=["C0", "C1"])
+        for i, key in enumerate(("calls_per_node_cpu_s", "calls_per_balancer_cpu_s")):
+            each = [f[key] for f in lb["runs"] if f[key]]
+            if len(each) > 1:
+                ax.scatter([i] * len(each), each, marker="_", s=300, color="black", alpha=0.6)
         if lb["calls_per_node_cpu_s"]:
             ax.axhline(TARGET_BALANCER_RATIO * lb["calls_per_node_cpu_s"], linestyle=":", color="grey",
                        label=f"{TARGET_BALANCER_RATIO:g} x node (target)")
             ax.legend(fontsize="small")
         ratio = f"{lb['ratio']:.2f}" if lb["ratio"] else "-"
+        if lb.get("ratio_min") is not None and len(lb["runs"]) > 1:
+            ratio += f" ({lb['ratio_min']:.2f}-{lb['ratio_max']:.2f})"
         ax.set_title(f"calls per CPU-second (balancer {ratio} x node)")
         ax.set_ylabel("successful calls / CPU-s at the max step")
         ax.grid(alpha=0.3, axis="y")
@@ -607,7 +692,7 @@ def scaling_settings(args: argparse.Namespace, args_list: Sequence[str] = ()) ->
     settings = settings_from(args)
     mode = settings.mode
     nodes = args.nodes or ((1, 2) if mode == "tiny" else DEFAULT_NODES)
-    searches = 2 * len(nodes) + 1
+    searches = (2 * len(nodes) + 1) * max(1, args.scaling_runs)
     return replace(
         settings,
         nodes=nodes,
@@ -646,7 +731,7 @@ def scaling_main(args: argparse.Namespace, args_list: Sequence[str]) -> int:
     if run is None:
         return EXIT_MISSING_TOOL
     settings, out, machine, started = run.settings, run.out, run.machine, run.started
-    shapes = farm_shapes(settings.nodes, node_cpu, balancer_cpu, KINDS)
+    shapes = farm_shapes(settings.nodes, node_cpu, balancer_cpu, KINDS, runs=max(1, args.scaling_runs))
     shares: int = args.scaling_shares if args.scaling_shares is not None else (
         0 if settings.mode == "tiny" else DEFAULT_SHARES)
     # Weighted up, this process and everything it starts (Redis, balancer, nodes, SIPp) are one
