@@ -15,7 +15,7 @@ NODE_PACKAGES := nodejs npm
 NODE_PROBES := node npm
 BROWSER_STAMP := tests/browser/node_modules/.installed
 
-.PHONY: run test lint typecheck pytest pytest-compiled setup system-deps bench bench-quick bench-scaling clean compiled
+.PHONY: run test lint typecheck pytest pytest-compiled setup system-deps bench bench-quick bench-scaling clean compiled docker-test
 
 # The farm runs the mypyc build of the hot path (built here when missing or stale; sipfarm.build
 # re-executes into it), or the pure-Python modules if it cannot be built.
@@ -73,6 +73,14 @@ bench-scaling: setup compiled
 # PYTHONPATH=build/compiled to use it, scripts/test-compiled.sh to test it.
 compiled: $(VENV_STAMP)
 	@bash scripts/build-compiled.sh --if-stale
+
+# The Docker image and docker/compose.yaml built and run for real (slow: not part of `make test`):
+# installs Docker (Debian's docker.io, docker-compose) and debootstrap when missing, starts a
+# dockerd of its own if none answers (and stops it), builds the base from Debian's packages and
+# the images, brings the compose farm up, registers phones and places a call through it with
+# SIPp, checks every metrics endpoint and Prometheus, brings it down. See docker/README.md.
+docker-test: $(VENV_STAMP)
+	@bash scripts/docker-test.sh
 
 clean:
 	rm -rf .run results build .mypy_cache .pytest_cache .ruff_cache
