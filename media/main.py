@@ -57,7 +57,9 @@ def run_relay(args: argparse.Namespace) -> int:
         return 2
     setup_logging(cfg.log_level, cfg.log_format)
     if not cfg.relay_id:
-        cfg.relay_id = f"relay-{socket.gethostname()}-{os.getpid()}"
+        from sipfarm.cluster.membership import default_member_id  # noqa: PLC0415
+
+        cfg.relay_id = default_member_id("relay-")
     from sipfarm.transport.loop import install_uvloop  # noqa: PLC0415
 
     install_uvloop()

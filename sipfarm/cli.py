@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--domain", action="append", dest="domains", help="SIP domain served (repeatable)")
     node.add_argument("--workers", type=int, help="worker processes sharing the port (SO_REUSEPORT)")
     node.add_argument("--metrics", help="HOST:PORT for Prometheus /metrics")
-    node.add_argument("--node-id", help="member id in the farm (default: host-pid)")
+    node.add_argument("--node-id", help="member id in the farm (default: host-pid-RANDOM)")
     node.add_argument("--advertise", help="address to put in Record-Route/Via when listening on 0.0.0.0")
     node.add_argument(
         "--relays",
@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     relay.add_argument("--media-timeout", type=float, help="seconds of silence that free a call (default 60)")
     relay.add_argument("--max-sessions", type=int, help="calls held at once (default 10000)")
     relay.add_argument("--redis", help="Redis URL (default $REDIS_URL or redis://127.0.0.1:6379/0)")
-    relay.add_argument("--relay-id", help="member id in the farm (default: relay-host-pid)")
+    relay.add_argument("--relay-id", help="member id in the farm (default: relay-host-pid-RANDOM)")
     relay.add_argument("--metrics", help="HOST:PORT for Prometheus /metrics")
     relay.add_argument("--log-format", choices=("kv", "json"))
     relay.add_argument("--log-level", choices=("debug", "info", "warning", "error"))

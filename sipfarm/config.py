@@ -37,7 +37,7 @@ class NodeConfig:
     domains: list[str] = field(default_factory=lambda: ["farm.test"])
     workers: int = 1
     metrics: str = ""  # HOST:PORT of the Prometheus endpoint, empty = none
-    node_id: str = ""  # default: host-pid
+    node_id: str = ""  # default: host-pid-RANDOM (cluster.membership.default_member_id)
     # Static cluster: the node group this node announces (balancers pin the accounts of their
     # [balancer] groups rules to it); empty: the dynamic pool, any account.
     group: str = ""
@@ -363,7 +363,7 @@ class BalancerConfig:
     advertise: str = ""
     redis: str = "redis://127.0.0.1:6379/0"
     metrics: str = ""
-    balancer_id: str = ""
+    balancer_id: str = ""  # default: lb-host-pid-RANDOM
     tls_cert: str = ""
     tls_key: str = ""
     flow_secret: str = ""  # empty: a farm-wide secret kept in Redis (balancers share tokens)
@@ -553,7 +553,7 @@ class RelayConfig:
     media_timeout: float = 60.0  # seconds of silence after which a call is freed
     max_sessions: int = 10_000
     redis: str = "redis://127.0.0.1:6379/0"
-    relay_id: str = ""  # default: relay-host-pid
+    relay_id: str = ""  # default: relay-host-pid-RANDOM
     metrics: str = ""
     heartbeat: float = 0.5
     udp_recv_buffer: int = 1024 * 1024  # SO_RCVBUF of each media port

@@ -63,7 +63,9 @@ def run_balancer(args: argparse.Namespace) -> int:
         return 2
     setup_logging(cfg.log_level, cfg.log_format)
     if not cfg.balancer_id:
-        cfg.balancer_id = f"lb-{socket.gethostname()}-{os.getpid()}"
+        from sipfarm.cluster.membership import default_member_id  # noqa: PLC0415
+
+        cfg.balancer_id = default_member_id("lb-")
     worker_index = getattr(args, "worker_index", None)
     if cfg.workers > 1 and worker_index is None:
         from sipfarm.workers import supervise  # noqa: PLC0415

@@ -17,6 +17,7 @@ from .membership import (
     MembershipStore,
     MemberState,
     Role,
+    default_member_id,
     parse_address,
 )
 from .ring import HashRing, ring_hash
@@ -35,6 +36,7 @@ __all__ = [
     "MembershipChange",
     "MembershipStore",
     "Role",
+    "default_member_id",
     "parse_address",
     "render_json",
     "render_table",

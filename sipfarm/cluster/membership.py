@@ -31,6 +31,9 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import os
+import secrets
+import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -49,10 +52,24 @@ __all__ = [
     "MemberState",
     "MembershipStore",
     "Role",
+    "default_member_id",
     "parse_address",
 ]
 
 log = logging.getLogger("sipfarm.cluster")
+
+
+def default_member_id(prefix: str = "") -> str:
+    """The member id of a process started without one: ``<prefix><host>-<pid>-<6 hex digits>``.
+
+    Host and pid alone do not tell processes apart: containers on the host's network (Docker's
+    ``network_mode: host``) share the host's name and each process is pid 1 of its own PID
+    namespace, so two nodes started alike would share one membership record, each heartbeat
+    overwriting the other's addresses. The random part keeps ids apart; ``--node-id`` (and
+    ``--balancer-id``, ``--relay-id``) give an id that stays the same across restarts.
+    """
+    return f"{prefix}{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
 
 #: seconds between two heartbeats of a member
 HEARTBEAT_INTERVAL: Final = 0.5

@@ -74,7 +74,9 @@ def run_node(args: argparse.Namespace) -> int:
             return 2
     setup_logging(cfg.log_level, cfg.log_format)
     if not cfg.node_id:
-        cfg.node_id = f"{socket.gethostname()}-{os.getpid()}"
+        from sipfarm.cluster.membership import default_member_id  # noqa: PLC0415
+
+        cfg.node_id = default_member_id()
     worker_index = getattr(args, "worker_index", None)
     if cfg.workers > 1 and worker_index is None:
         return supervise_workers(cfg, args)
