@@ -18,9 +18,9 @@ uvloop forwarder with no counters reached 0.79x the packets per CPU-second of rt
   read, whose ``BlockingIOError`` costs as much as a datagram), up to :data:`MAX_BURST` for a
   hot stream (one epoll event for many datagrams);
 - **links**: once a port has latched (its party's real address is known), the plane opens a
-  second socket on the same local address and port, ``connect``-ed to that source, and gives it
-  to the core as ``port.link``.  The kernel delivers a connected UDP socket's packets to it in
-  preference to the unconnected one (it matches more of the 4-tuple), so the party's packets
+  second socket on the same local address and port, ``connect``-ed to that source, and gives
+  its ``send`` to the core as ``port.link``.  The kernel delivers a connected UDP socket's packets
+  to it in preference to the unconnected one (it matches more of the 4-tuple), so the party's packets
   arrive there and are read with ``recv`` (no source address to build: it is the link's), and
   the packets the relay sends to that party go out through ``link.send`` (no address to parse,
   the route cached in the socket).  Packets from anyone else still arrive on the port's own
@@ -42,9 +42,10 @@ from __future__ import annotations
 
 import select
 import socket
+from collections.abc import Callable
 from typing import Any, Final
 
-from media.port import KIND_RTCP, RelayPort
+from media.port import KIND_RTCP, Link, RelayPort
 
 __all__ = ["MAX_BURST", "MAX_EVENTS", "MediaPlane"]
 
@@ -62,7 +63,19 @@ Addr = tuple[Any, ...]
 class _PortSockets:
     """One port's socket and, once it has latched, its link."""
 
-    __slots__ = ("burst", "link", "link_addr", "link_failed", "link_fd", "polled", "port", "sock")
+    __slots__ = (
+        "burst",
+        "link",
+        "link_addr",
+        "link_failed",
+        "link_fd",
+        "link_recv",
+        "link_send",
+        "polled",
+        "port",
+        "recvfrom",
+        "sock",
+    )
 
     def __init__(self, port: RelayPort, sock: socket.socket) -> None:
         self.port = port
@@ -71,6 +84,9 @@ class _PortSockets:
         self.polled = -1  # the poll that last reported one of its sockets
         self.link: socket.socket | None = None
         self.link_fd = -1
+        self.link_send: Link | None = None  # link.send, bound once: the port's ``link``
+        self.link_recv: Callable[[int], bytes] | None = None  # link.recv (bound once, as below)
+        self.recvfrom: Callable[[int], tuple[bytes, Addr]] = sock.recvfrom
         self.link_addr: Addr | None = None
         self.link_failed: Addr | None = None  # the source a link could not be opened to
 
@@ -160,21 +176,21 @@ class MediaPlane:
             port = entry.port
             read = 0
             if fd == entry.link_fd:
-                link = entry.link
+                recv = entry.link_recv
                 source = entry.link_addr
-                assert link is not None and source is not None
+                assert recv is not None and source is not None
                 while read < burst:
                     try:
-                        data = link.recv(RECV_SIZE)
+                        data = recv(RECV_SIZE)
                     except OSError:  # empty (BlockingIOError), or an ICMP error reported on a link
                         break
                     read += 1
                     port.receive(data, source)
             else:
-                sock = entry.sock
+                recvfrom = entry.recvfrom
                 while read < burst:
                     try:
-                        data, addr = sock.recvfrom(RECV_SIZE)
+                        data, addr = recvfrom(RECV_SIZE)
                     except OSError:
                         break
                     read += 1
@@ -192,7 +208,7 @@ class MediaPlane:
         if source is None or port.closed or port.kind == KIND_RTCP or source[1] == 0:
             return
         if entry.link is not None and entry.link_addr == source:
-            port.link = entry.link  # unlatched and latched again to the same address
+            port.link = entry.link_send  # unlatched and latched again to the same address
             return
         if source is entry.link_failed:
             return
@@ -220,7 +236,8 @@ class MediaPlane:
         entry.link = link
         entry.link_fd = fd
         entry.link_addr = source
-        port.link = link
+        entry.link_send = port.link = link.send
+        entry.link_recv = link.recv
         # what the port's own socket holds arrived before the link existed: forward it now, so
         # that the party's packets keep their order (the link's come after)
         sock = entry.sock
@@ -237,8 +254,10 @@ class MediaPlane:
             entry.link = None
             entry.link_fd = -1
             entry.link_addr = None
-            if entry.port.link is link:
+            if entry.port.link is entry.link_send:
                 entry.port.link = None
+            entry.link_send = None
+            entry.link_recv = None
             self._forget(link)
 
     def _forget(self, sock: socket.socket) -> None:

@@ -25,7 +25,18 @@ from media.rtp import (
     ReceiverStats,
 )
 
-__all__ = ["KIND_MUX", "KIND_RTCP", "KIND_RTP", "NULL_SENDER", "Addr", "Link", "PortStats", "RelayPort", "Sender"]
+__all__ = [
+    "KIND_MUX",
+    "KIND_RTCP",
+    "KIND_RTP",
+    "NEVER",
+    "NULL_SENDER",
+    "Addr",
+    "Link",
+    "PortStats",
+    "RelayPort",
+    "Sender",
+]
 
 Addr = tuple[Any, ...]  # (host, port) or, for IPv6, (host, port, flowinfo, scope_id)
 
@@ -46,13 +57,14 @@ class Sender(Protocol):
     def sendto(self, data: bytes, addr: Addr, /) -> object: ...
 
 
-class Link(Protocol):
-    """A socket connected to a port's latched source (the glue's, :class:`RelayServer`): it
-    sends there with no address to convert, and the kernel gives it only that source's packets.
+#: what a port's ``link`` is: the ``send`` of a socket connected to the port's latched source
+#: (the glue's, :mod:`media.plane`): it sends there with no address to convert, and the kernel
+#: gives that socket only that source's packets.  ``OSError`` from it is counted as
+#: ``drops_send_failed``, as from a :class:`Sender`.
+Link = Callable[[bytes], object]
 
-    ``OSError`` from it is counted as ``drops_send_failed``, as from a :class:`Sender`."""
-
-    def send(self, data: bytes, /) -> object: ...
+#: ``RelayPort.last_seen`` of a port that never received an accepted packet
+NEVER: Final = float("-inf")
 
 
 class _NullSender:
@@ -142,7 +154,7 @@ class RelayPort:
         self.dest: Addr | None = None
         self.packets = 0
         self.bytes = 0
-        self.last_seen: float | None = None
+        self.last_seen = NEVER  # a plain float (no box per packet in mypyc); None in PortStats
         self.drops_no_destination = 0
         self.drops_unexpected_source = 0
         self.drops_malformed = 0
@@ -180,20 +192,20 @@ class RelayPort:
                     stats.max_seq = seq
                     stats.received += 1
                     transit = now * stats.clock_rate - ts
-                    last = stats._transit
-                    stats._transit = transit
-                    if last is not None:
-                        d = transit - last
+                    if stats._timed:
+                        d = transit - stats._transit
                         if d < 0.0:
                             d = -d
                         if d > _TS_HALF:  # the RTP timestamp wrapped between the two packets
                             d = abs(d - TS_MOD)
                         stats.jitter += (d - stats.jitter) * 0.0625
+                    stats._transit = transit
+                    stats._timed = True
                     out = self.peer_rtp
                     link = out.link
                     try:
                         if link is not None:  # connected to out.dest: no address to convert
-                            link.send(data)
+                            link(data)
                         else:
                             dest = out.dest
                             if dest is None:
@@ -236,7 +248,7 @@ class RelayPort:
         link = out.link
         try:
             if link is not None:
-                link.send(data)
+                link(data)
             else:
                 dest = out.dest
                 if dest is None:
@@ -277,7 +289,7 @@ class RelayPort:
             else:
                 stats = self.stats
                 known = ssrc == stats.ssrc and 0 < (seq - stats.max_seq) & 0xFFFF < MAX_DROPOUT
-            quiet = self.last_seen is None or now - self.last_seen >= self._relatch_silence
+            quiet = now - self.last_seen >= self._relatch_silence  # NEVER: -inf
             if not (known or quiet):
                 self._cand_addr = None  # not a handover candidate: forget it
                 self.drops_unexpected_source += 1
@@ -319,7 +331,7 @@ class RelayPort:
             destination=self.dest,
             packets=self.packets,
             bytes=self.bytes,
-            last_seen=self.last_seen,
+            last_seen=None if self.last_seen == NEVER else self.last_seen,
             drops_no_destination=self.drops_no_destination,
             drops_unexpected_source=self.drops_unexpected_source,
             drops_malformed=self.drops_malformed,

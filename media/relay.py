@@ -58,9 +58,9 @@ by :meth:`RelayEngine.handle_timer`; the glue calls it at :meth:`RelayEngine.nex
 The core opens no socket: a new port is queued for :meth:`RelayEngine.take_opened` and the glue
 (:class:`RelayServer`, asyncio) binds it and sets ``port.sender`` to its socket; a freed port
 is queued for :meth:`RelayEngine.take_closed`.  Tests put in-memory senders there instead.  Once
-a port has latched, the glue may also give it ``port.link``, a socket connected to its source
-(the kernel then sends there with no address to convert, and gives it only that source's
-packets: :mod:`media.plane`); the core drops the link whenever the source changes.  The per-packet
+a port has latched, the glue may also give it ``port.link``, the ``send`` of a socket connected
+to its source (the kernel then sends there with no address to convert, and gives that socket
+only that source's packets: :mod:`media.plane`); the core drops it whenever the source changes.  The per-packet
 code (:class:`RelayPort`) is in :mod:`media.port`, compiled with mypyc in the compiled build.
 """
 
@@ -282,9 +282,8 @@ class _Call:
         for m in self.monologues:
             for side in m.sides:
                 for p in side.all_ports():
-                    seen = p.last_seen
-                    if seen is not None and seen > last:
-                        last = seen
+                    seen = p.last_seen  # NEVER (-inf) for a port that never received
+                    last = max(last, seen)
         return last
 
     def snapshot(self) -> CallStats:

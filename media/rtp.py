@@ -178,6 +178,7 @@ class ReceiverStats:
         "_bad_seq",
         "_expected_before",
         "_received_before",
+        "_timed",
         "_transit",
         "base_seq",
         "clock_rate",
@@ -199,7 +200,8 @@ class ReceiverStats:
         self.received = 0
         self.jitter = 0.0  # timestamp units, A.8
         self._bad_seq = -1
-        self._transit: float | None = None
+        self._transit = 0.0  # of the previous packet, when _timed (a plain float: no box in mypyc)
+        self._timed = False
         self._expected_before = 0
         self._received_before = 0
 
@@ -213,7 +215,7 @@ class ReceiverStats:
         self.cycles = 0
         self.received = 0
         self._bad_seq = -1
-        self._transit = None
+        self._timed = False
 
     def update(self, seq: int, timestamp: int, ssrc: int, now: float) -> bool:
         """Account one packet; False if A.1 judged it out of the stream (not counted)."""
@@ -238,13 +240,13 @@ class ReceiverStats:
         self.received += 1
         # A.8: D(i-1, i) = (R_i - R_{i-1}) - (S_i - S_{i-1}) in timestamp units
         transit = now * self.clock_rate - timestamp
-        last = self._transit
-        self._transit = transit
-        if last is not None:
-            d = abs(transit - last)
+        if self._timed:
+            d = abs(transit - self._transit)
             if d > _TS_HALF:  # the RTP timestamp wrapped between the two packets
                 d = abs(d - TS_MOD)
             self.jitter += (d - self.jitter) / 16.0
+        self._transit = transit
+        self._timed = True
         return True
 
     @property
