@@ -432,16 +432,28 @@ class SipfarmRelay(Relay):
                 "warning",
             ],
             self.workdir / "sipfarm-relay.log",
-            cwd=REPO,
+            # not the checkout: `python -m` puts the cwd first on sys.path, and the source tree
+            # there would shadow the compiled build named by PYTHONPATH
+            cwd=self.workdir,
             env=env,
         )
         self._wait_ping()
+        if build_used == "compiled" and not _runs_compiled(self.pid):
+            raise MediaBenchError("the sipfarm relay was to run the compiled build but maps no mypyc extension")
         return self
 
     def stop(self) -> None:
         super().stop()
         if self.redis is not None:
             self.redis.stop()
+
+
+def _runs_compiled(pid: int) -> bool:
+    """Whether process ``pid`` has loaded the mypyc build (its shared library is named __mypyc)."""
+    try:
+        return "__mypyc" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
 
 
 class RtpengineRelay(Relay):
