@@ -89,11 +89,15 @@ class NodeMetrics:
         self.redis_errors = Counter("sipfarm_node_redis_errors_total", "Failed Redis commands", registry=r)
         # unacked_writes: REGISTER writes answered 503 because fewer than [node] replicas_ack
         # replicas confirmed them in time; cluster_redirects: MOVED/ASK followed;
-        # cluster_map_refreshes: CLUSTER SLOTS read again (start, MOVED, a master lost)
+        # cluster_map_refreshes: CLUSTER SLOTS read again (start, MOVED, a master lost);
+        # redis+sentinel://: sentinel_master_changes (a new master found on reconnect),
+        # sentinel_switch_master (+switch-master heard), sentinel_failures (a sentinel that did
+        # not answer or know the service), sentinel_not_master (a named master that was not)
         self.redis_events = LabelCache(
             Counter(
                 "sipfarm_node_redis_events_total",
-                "Redis client events: unacked_writes, cluster_redirects, cluster_map_refreshes",
+                "Redis client events: unacked_writes, cluster_redirects, cluster_map_refreshes, "
+                "sentinel_master_changes, sentinel_switch_master, sentinel_failures, sentinel_not_master",
                 ["kind"],
                 registry=r,
             )

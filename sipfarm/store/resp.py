@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, Final
 from urllib.parse import parse_qs, unquote, urlparse
 
 import hiredis
@@ -42,7 +42,7 @@ Reply = Any  # bytes | int | list | None | hiredis.ReplyError | StoreUnavailable
 Callback = Callable[[Reply], None]
 
 
-_ReplyError = hiredis.ReplyError
+_REPLY_ERROR: Final = hiredis.ReplyError  # Final: a C static in the compiled build, no dict look-up
 _CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 
 
@@ -134,7 +134,7 @@ class _RespProtocol(asyncio.Protocol):
                 if not pending:
                     raise hiredis.ProtocolError("reply without a pending command")
                 callback = pending.popleft()[0]
-                if reply.__class__ is _ReplyError:
+                if type(reply) is _REPLY_ERROR:  # one pointer compare per reply
                     reply = self.owner._error_reply(self, reply)
                 self.owner._safe_call(callback, reply)
         except hiredis.ProtocolError as exc:
@@ -280,7 +280,10 @@ class RedisPipe:
 
     def stats(self) -> dict[str, int]:
         """Counts for the node's ``sipfarm_node_redis_events_total{kind}`` (monotonic)."""
-        return {"unacked_writes": self.unacked}
+        counts = {"unacked_writes": self.unacked}
+        if self.sentinel is not None:
+            counts.update(self.sentinel.stats())
+        return counts
 
     def require_replicas(self, count: int, timeout_ms: int = 100) -> None:
         """``[node] replicas_ack`` / ``replicas_ack_timeout``: see ``call_acked``. A WAIT blocks its

@@ -204,6 +204,20 @@ class SentinelResolver:
         self.master: tuple[str, int] | None = None
         #: times the master found differed from the one before (a failover seen by this client)
         self.master_changes = 0
+        #: sentinels that did not answer (or not usefully), servers named master that were not
+        self.sentinel_failures = 0
+        self.not_master = 0
+        #: +switch-master messages heard (SwitchWatch)
+        self.switches = 0
+
+    def stats(self) -> dict[str, int]:
+        """Monotonic counts for the node's ``sipfarm_node_redis_events_total{kind}``."""
+        return {
+            "sentinel_master_changes": self.master_changes,
+            "sentinel_switch_master": self.switches,
+            "sentinel_failures": self.sentinel_failures,
+            "sentinel_not_master": self.not_master,
+        }
 
     async def find_master(self, timeout: float) -> tuple[str, int]:  # noqa: ASYNC109 - per exchange
         """Ask the sentinels for the master, check it with ROLE; raise StoreUnavailable if no
@@ -221,12 +235,15 @@ class SentinelResolver:
                 replies = await asyncio.wait_for(_exchange(*sentinel, ask, url.tls), timeout)
                 address = master_address(replies[-1])
             except (OSError, TimeoutError, ValueError, hiredis.ProtocolError) as exc:
+                self.sentinel_failures += 1
                 errors.append(f"sentinel {sentinel[0]}:{sentinel[1]}: {exc or type(exc).__name__}")
                 continue
             if isinstance(replies[0], Exception):
+                self.sentinel_failures += 1
                 errors.append(f"sentinel {sentinel[0]}:{sentinel[1]}: {replies[0]}")
                 continue
             if address is None:
+                self.sentinel_failures += 1
                 errors.append(f"sentinel {sentinel[0]}:{sentinel[1]} does not monitor {url.service!r}")
                 continue
             if address in tried:
@@ -240,6 +257,7 @@ class SentinelResolver:
                 errors.append(f"master {address[0]}:{address[1]}: {exc or type(exc).__name__}")
                 continue
             if not is_master_role(replies[-1]):
+                self.not_master += 1
                 errors.append(f"{address[0]}:{address[1]} is not a master (ROLE {replies[-1]!r})")
                 continue
             self._order.remove(sentinel)
@@ -279,7 +297,6 @@ class SwitchWatch:
         self.resolver = resolver
         self.on_switch = on_switch
         self._task: asyncio.Task[None] | None = None
-        self.switches = 0
 
     def start(self) -> None:
         if self._task is None:
@@ -321,7 +338,7 @@ class SwitchWatch:
                         raise ValueError(f"sentinel {host}:{port}: {message}")
                     address = switch_master(message, url.service)
                     if address is not None:
-                        self.switches += 1
+                        self.resolver.switches += 1
                         log.warning("event=sentinel_switch_master service=%s master=%s:%d", url.service, *address)
                         self.on_switch(address)
             raise ConnectionError("connection closed")

@@ -149,7 +149,7 @@ async def test_clients_follow_a_failover(sentinel_set) -> None:
         assert moved, f"clients did not follow the failover ({failures} failed calls)"
         assert (pipe.host, pipe.port) == new
         assert pipe.sentinel is not None and pipe.sentinel.master_changes == 1
-        assert pipe._switch_watch is not None and pipe._switch_watch.switches == 1  # +switch-master heard
+        assert pipe.stats()["sentinel_switch_master"] == 1  # +switch-master heard
         assert await pipe.execute("GET", "before") == b"1"  # replicated before the failover
         with farm.client(farm.replica) as r:
             assert r.execute_command("ROLE")[0] == b"master"
