@@ -128,17 +128,25 @@ class RedisProcess:
     def _tls_args(self) -> list[str]:
         if self.tls_dir is None:
             return []
-        if self._tls_files is None:
-            from sipfarm.transport.tls import make_self_signed_cert  # noqa: PLC0415
-
-            self.tls_dir.mkdir(parents=True, exist_ok=True)
-            cert, key = make_self_signed_cert(self.tls_dir, ip=self.host)
-            self._tls_files = (Path(cert), Path(key))
-        cert, key = self._tls_files
+        cert, key = self.tls_files()
         return [
             "--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert),
             "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
         ]  # fmt: skip
+
+    def tls_files(self) -> tuple[Path, Path]:
+        """(certificate, key) in ``tls_dir``, made once: servers sharing a ``tls_dir`` (a master,
+        its replicas and sentinels speaking TLS to each other) share one certificate."""
+        assert self.tls_dir is not None
+        if self._tls_files is None:
+            cert, key = self.tls_dir / "cert.pem", self.tls_dir / "key.pem"
+            if not (cert.exists() and key.exists()):
+                from sipfarm.transport.tls import make_self_signed_cert  # noqa: PLC0415
+
+                self.tls_dir.mkdir(parents=True, exist_ok=True)
+                cert, key = make_self_signed_cert(self.tls_dir, ip=self.host)
+            self._tls_files = (Path(cert), Path(key))
+        return self._tls_files
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
         """Start the server and return once it answers ``PING``; raise ``RuntimeError`` if not."""
@@ -444,8 +452,11 @@ class SentinelProcess(RedisProcess):
         port: int | None = None,
         host: str = "127.0.0.1",
         executable: str = REDIS_SERVER,
+        tls_dir: Path | None = None,
     ) -> None:
-        super().__init__(workdir, port=port, host=host, executable=executable)
+        """``tls_dir``: TLS only, to clients and to the servers and other sentinels (share the
+        servers' ``tls_dir``, so one certificate)."""
+        super().__init__(workdir, port=port, host=host, executable=executable, tls_dir=tls_dir)
         self.master = master
         self.service = service
         self.quorum = quorum
@@ -463,8 +474,20 @@ class SentinelProcess(RedisProcess):
 
     def command(self) -> list[str]:
         name = self.service
+        listen = [f"port {self.port}"]
+        if self.tls_dir is not None:
+            cert, key = self.tls_files()
+            listen = [
+                "port 0",
+                f"tls-port {self.port}",
+                f"tls-cert-file {cert}",
+                f"tls-key-file {key}",
+                f"tls-ca-cert-file {cert}",
+                "tls-auth-clients no",
+                "tls-replication yes",  # to the servers and the other sentinels
+            ]
         lines = [
-            f"port {self.port}",
+            *listen,
             f"bind {self.host}",
             f"dir {self.workdir}",
             f"logfile {self.logfile}",

@@ -5,11 +5,11 @@ master + replica + 3 sentinels set."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 
 import pytest
-import redis
 from fixtures.redis_sentinel import SERVICE
 
 from sipfarm.config import ConfigError, NodeConfig
@@ -115,7 +115,7 @@ async def test_clients_follow_a_failover(sentinel_set) -> None:
             await replica.execute("SET", "x", "1")
         await replica.close()
 
-        with redis.Redis(port=farm.sentinels[0].port, socket_timeout=5) as s:
+        with farm.sentinel_client(farm.sentinels[0]) as s:
             assert s.sentinel_failover(SERVICE)
         new = await asyncio.to_thread(farm.wait_failover, old)
         assert new == (farm.replica.host, farm.replica.port)
@@ -155,6 +155,36 @@ async def test_clients_follow_a_failover(sentinel_set) -> None:
             assert r.execute_command("ROLE")[0] == b"master"
         with farm.client(farm.master) as r:
             assert r.execute_command("ROLE")[0] == b"slave"  # the old master, demoted
+    finally:
+        await pipe.close()
+        await client.aclose()
+
+
+async def test_tls_sentinels_and_servers(sentinel_set) -> None:
+    """``rediss+sentinel://``: sentinels, master and replica speak TLS only (one certificate, the
+    URL's ``ssl_ca_certs``); both clients find the master, and the pipelined one follows a
+    switch heard over TLS."""
+    farm = await asyncio.to_thread(sentinel_set, password="pw", tls=True)
+    assert farm.url.startswith("rediss+sentinel://")
+    old = (farm.master.host, farm.master.port)
+    pipe = RedisPipe(farm.url, command_timeout=1.0, connect_timeout=1.0)
+    client = create_redis(farm.url)
+    try:
+        await pipe.connect()
+        assert (pipe.host, pipe.port) == old
+        assert await pipe.execute("SET", "k", "1") == b"OK"
+        with redis_errors:
+            assert await client.get("k") == b"1"
+        with farm.sentinel_client(farm.sentinels[0]) as s:
+            assert s.sentinel_failover(SERVICE)
+        new = await asyncio.to_thread(farm.wait_failover, old)
+        deadline = time.monotonic() + 20
+        while (pipe.host, pipe.port) != new and time.monotonic() < deadline:
+            with contextlib.suppress(StoreUnavailable):
+                await pipe.execute("GET", "k")
+            await asyncio.sleep(0.1)
+        assert (pipe.host, pipe.port) == new
+        assert await pipe.execute("GET", "k") == b"1"
     finally:
         await pipe.close()
         await client.aclose()
