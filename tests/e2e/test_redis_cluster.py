@@ -8,6 +8,9 @@
    before or after the kill, is found after the promotion; those refused meanwhile (503 or no
    answer) register once the dead node is back as the promoted one's replica (until then its
    slots have no replica to acknowledge a write: 503, by design).
+3. The master of the membership slot is killed under a balancer and a node: REGISTERs through
+   the balancer succeed again once its replica is promoted.
+4. The CLI (accounts, status, drain, bans) and ``sipfarm up --redis-cluster`` on a cluster.
 """
 
 from __future__ import annotations
@@ -298,3 +301,36 @@ def test_up_on_a_private_redis_cluster(tmp_path: Path) -> None:
         time.sleep(0.2)
     assert not [pid for pid in pids if _alive(pid)]
     assert proc.returncode == 0
+
+
+def test_the_farm_survives_the_loss_of_the_membership_master(start_node, start_balancer, tmp_path: Path) -> None:
+    """The master holding the membership slot (``{cluster}``: every heartbeat, the balancer's view
+    of the nodes) SIGKILLed: the balancer keeps its last view meanwhile, and REGISTERs through it
+    succeed again once the replica is promoted."""
+    with RedisClusterProcesses(tmp_path / "cluster", node_timeout_ms=1000) as cluster:
+        users = {f"m{i:02d}": f"pw{i:02d}" for i in range(20)}
+        provision(cluster.url, users)
+        start_node(cluster.url, "node1")
+        lb = start_balancer(cluster.url, allow_loopback=True, extra=["--no-shed"])
+        wait_nodes_usable(lb, 1, timeout=20)
+        client = SipClient()
+        try:
+            reply = client.register(lb.address, "m00", "pw00")
+            assert reply is not None and reply.status == 200
+            cluster.kill(cluster.master_of(b"sipfarm:{cluster}:members"))
+            killed_at = time.monotonic()
+            cluster.wait_ok(30, replicated=False)
+            statuses: list[int] = []
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                user = f"m{1 + len(statuses) % 19:02d}"
+                reply = client.register(lb.address, user, users[user])
+                statuses.append(reply.status if reply is not None else 0)
+                if statuses[-3:] == [200, 200, 200]:
+                    break
+                time.sleep(0.2)
+            print(f"membership master killed: registrations through the balancer again after "
+                  f"{time.monotonic() - killed_at:.1f} s ({statuses})")  # fmt: skip
+            assert statuses[-3:] == [200, 200, 200], statuses
+        finally:
+            client.close()
