@@ -63,20 +63,26 @@ def key_slot(key: bytes) -> int:
 def _as_bytes(value: bytes | str | int | float) -> bytes:
     if isinstance(value, bytes):
         return value
+    if isinstance(value, str):
+        return value.encode()
     return str(value).encode()
 
 
 def command_slot(args: tuple[bytes | str | int | float, ...]) -> int:
-    """The slot of a command's first key; -1 for a command with no key (any master serves it)."""
+    """The slot of a command's first key; -1 for a command with no key (any master serves it).
+    Command names as the farm writes them (upper case ``str``) are looked up as they are."""
     if len(args) < 2:
         return -1
-    name = args[0].upper() if isinstance(args[0], str) else _as_bytes(args[0]).decode().upper()
+    first = args[0]
+    name = first if isinstance(first, str) else _as_bytes(first).decode()
     if name in _KEY_AT_3:
         if len(args) < 4 or int(args[2]) == 0:
             return -1
         return key_slot(_as_bytes(args[3]))
-    if name in _NO_KEY:
+    if name in _NO_KEY or (not name.isupper() and name.upper() in _NO_KEY):
         return -1
+    if not name.isupper() and name.upper() in _KEY_AT_3:
+        return command_slot((name.upper(), *args[1:]))
     return key_slot(_as_bytes(args[1]))
 
 

@@ -150,3 +150,9 @@ async def test_farmstate_registers_and_counts_on_the_cluster(redis_cluster_url: 
         assert location_key("user7@farm.test", True).startswith("sipfarm:loc:{")
     finally:
         await pipe.close()
+
+
+def test_command_names_in_any_case_find_their_key() -> None:
+    assert command_slot(("evalsha", "sha", 1, "k{x}")) == key_slot(b"x")
+    assert command_slot((b"GET", b"k{x}")) == key_slot(b"x")
+    assert command_slot(("ping", "x")) == -1
