@@ -137,6 +137,8 @@ class ClusterPipe(RedisPipe):
         self.refreshes = 0
         self.redirects = 0
         self._gone_unacked = 0  # unacknowledged writes counted by master pipes since dropped
+        self._started: set[tuple[str, int]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._up = False
 
     # -- the slot map --------------------------------------------------------------------------
@@ -164,9 +166,15 @@ class ClusterPipe(RedisPipe):
             pipe.require_replicas(self.replicas_ack, self.replicas_timeout_ms)
             pipe.after_replies = self._forward_replies
             self._masters[address] = pipe
-            if self._loop is not None:
-                self._loop.create_task(pipe.start())
         return pipe
+
+    async def _start_master(self, address: tuple[str, int]) -> None:
+        """Connect a master's pipe once; from then on it reconnects by itself (its own back-off
+        and watchdog: started once, never again while it is in the map)."""
+        if address in self._started:
+            return
+        self._started.add(address)
+        await self._masters[address].start()
 
     def _forward_replies(self) -> None:
         self._replied()
@@ -217,15 +225,13 @@ class ClusterPipe(RedisPipe):
                 slots[slot] = pipe
         self._slots = slots
         for address in [a for a in self._masters if a not in wanted]:  # demoted or gone
+            self._started.discard(address)
             old = self._masters.pop(address)
             self._gone_unacked += old.unacked
             old.after_replies = None
             await old.close()
         for address in wanted:
-            pipe = self._masters[address]
-            if not pipe.connected:
-                with contextlib.suppress(StoreUnavailable):
-                    await pipe.connect()
+            await self._start_master(address)
         complete = all(s is not None for s in slots) and all(self._masters[a].connected for a in wanted)
         self._set_up(complete)
         return complete
@@ -324,6 +330,10 @@ class ClusterPipe(RedisPipe):
             return
         address = (host.strip("[]") or self._seeds[0][0], int(port))
         pipe = self._pipe_for(address)
+        if address not in self._started and self._loop is not None:
+            task = self._loop.create_task(self._start_master(address))
+            self._tasks.add(task)  # a reference until done: the loop holds tasks weakly
+            task.add_done_callback(self._tasks.discard)
         if kind == "MOVED":
             self._slots[int(slot_text)] = pipe
             if time.monotonic() - self._last_refresh > REFRESH_RETRY:
@@ -369,6 +379,7 @@ class ClusterPipe(RedisPipe):
             self._refresh_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._refresh_task
+        self._started.clear()
         masters, self._masters = self._masters, {}
         self._gone_unacked += sum(p.unacked for p in masters.values())
         self._slots = [None] * SLOTS
