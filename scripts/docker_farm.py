@@ -13,9 +13,12 @@ in order, each step printing one `docker-test:` line:
 5. SIPp on this host: bob's phone (a UAS) registers through balancer lb2, alice registers
    through lb1, and alice calls bob through lb1 (digest-challenged INVITE, 200, ACK, BYE): the
    call crosses both balancers, a node and a relay;
-6. every /metrics endpoint answers, with the farm's counters for the calls (requests by method
+6. Sentinel: `SENTINEL FAILOVER` makes the replica the master; once every sentinel names it,
+   both phones register again (through the other balancer each) and alice calls bob again:
+   the farm follows the new master;
+7. every /metrics endpoint answers, with the farm's counters for the calls (requests by method
    at the nodes, the SDPs anchored at a relay, ng offer and answer at the relays);
-7. Prometheus scrapes every process (all its targets `up`).
+8. Prometheus scrapes every process (all its targets `up`).
 
 The farm is brought down (`down -v`: containers and volumes) whatever happened, unless --keep.
 Extra compose files (a Redis Cluster variant, say) come from SIPFARM_COMPOSE_FILES (colon-separated).
@@ -39,6 +42,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import redis  # noqa: E402
+
 from benchmarks.sipp import REGISTER_AUTH, UAC_CALL, SippServer, run_sipp  # noqa: E402
 
 COMPOSE_FILE = ROOT / "docker" / "compose.yaml"
@@ -46,6 +51,10 @@ DOMAIN = "farm.test"
 BALANCERS = {"lb1": "127.0.80.11", "lb2": "127.0.80.12"}
 NODES = {"node1": "127.0.80.21", "node2": "127.0.80.22", "node3": "127.0.80.23"}
 RELAYS = {"relay1": "127.0.80.31", "relay2": "127.0.80.32"}
+REDIS_SERVERS = {"redis": "127.0.80.2", "redis-replica": "127.0.80.3"}
+SENTINELS = {"sentinel1": "127.0.80.5", "sentinel2": "127.0.80.6", "sentinel3": "127.0.80.7"}
+SENTINEL_PORT = 26379
+SERVICE = "mymaster"
 METRICS_PORT = 9100
 PROMETHEUS = "127.0.80.9:9090"
 SIP_PORT = 5060
@@ -98,7 +107,7 @@ def wait_for(what: str, predicate: Callable[[], object], timeout: float, interva
     while True:
         try:
             last = predicate()
-        except (OSError, FarmCheckFailed, ValueError) as exc:
+        except (OSError, FarmCheckFailed, ValueError, redis.RedisError) as exc:
             last = exc
         else:
             if last:
@@ -124,6 +133,36 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def sentinel_master() -> tuple[str, int]:
+    """The master the first sentinel names."""
+    with redis.Redis(host=SENTINELS["sentinel1"], port=SENTINEL_PORT, socket_timeout=5) as sentinel:
+        host, port = sentinel.sentinel_get_master_addr_by_name(SERVICE)
+        return (host.decode() if isinstance(host, bytes) else str(host), int(port))
+
+
+def sentinels_ready() -> bool:
+    """Every sentinel knows one replica and the two other sentinels (a failover can be agreed)."""
+    for ip in SENTINELS.values():
+        with redis.Redis(host=ip, port=SENTINEL_PORT, socket_timeout=5) as sentinel:
+            view = sentinel.sentinel_master(SERVICE)
+            if int(view["num-slaves"]) < 1 or int(view["num-other-sentinels"]) < len(SENTINELS) - 1:
+                return False
+    return True
+
+
+def _switched(old: tuple[str, int]) -> str | None:
+    """The new master (host:port) once every sentinel names one other than ``old``."""
+    seen = set()
+    for ip in SENTINELS.values():
+        with redis.Redis(host=ip, port=SENTINEL_PORT, socket_timeout=5) as sentinel:
+            host, port = sentinel.sentinel_get_master_addr_by_name(SERVICE)
+            seen.add((host.decode() if isinstance(host, bytes) else str(host), int(port)))
+    if len(seen) == 1 and old not in seen:
+        host, port = seen.pop()
+        return f"{host}:{port}"
+    return None
+
+
 def farm_status(compose: Compose) -> dict[str, int]:
     members = json.loads(compose.admin("status", "--json"))
     rows = members if isinstance(members, list) else members.get("members", [])
@@ -138,7 +177,7 @@ def check(args: argparse.Namespace, compose: Compose, workdir: Path) -> None:
     started = time.monotonic()
     up_args = ["up", "-d"] + ([] if args.build else ["--no-build"])
     compose.run(*up_args, timeout=600)
-    services = [*BALANCERS, *NODES, *RELAYS, "redis", "prometheus"]
+    services = [*BALANCERS, *NODES, *RELAYS, *REDIS_SERVERS, *SENTINELS, "prometheus"]
     running = compose.run("ps", "--services", "--filter", "status=running").stdout.split()
     missing = sorted(set(services) - set(running))
     if missing:
@@ -189,22 +228,37 @@ def check(args: argparse.Namespace, compose: Compose, workdir: Path) -> None:
             wait_for(f"{user}'s REGISTER through {target}", attempt, timeout=60, interval=1)
             say(f"registered {user}@{DOMAIN} through {target} (contact {contact}): 401 challenge, then 200")
 
+        def call(target: str, name: str) -> None:
+            calls = workdir / "calls.csv"
+            calls.write_text(f"SEQUENTIAL\nbob;alice;{USERS['alice']}\n")
+            result = run_sipp(
+                UAC_CALL, target, workdir=workdir / name, rate=1, calls=1, call_length_ms=500,
+                injection=calls, variables={"domain": DOMAIN}, timeout_s=60,
+            )  # fmt: skip
+            if result.calls_succeeded != 1:
+                output = (result.workdir / "sipp.out").read_text(errors="replace")[-1500:]
+                raise FarmCheckFailed(
+                    f"alice's call to bob through {target} failed: {result.calls_failed} failed; errors:\n"
+                    f"{result.errors_tail}\nsipp output: {output}"
+                )
+            rtt = result.response_times_ms[0] if result.response_times_ms else float("nan")
+            say(f"call alice -> bob through {target}: 1 of 1 completed (INVITE, 407, INVITE, 200, ACK, BYE, 200), "
+                f"setup {rtt:.1f} ms")  # fmt: skip
+
         register("bob", lb2, uas.contact)
         register("alice", lb1, "127.0.0.1:5999")
-        calls = workdir / "calls.csv"
-        calls.write_text(f"SEQUENTIAL\nbob;alice;{USERS['alice']}\n")
-        result = run_sipp(
-            UAC_CALL, lb1, workdir=workdir / "call", rate=1, calls=1, call_length_ms=500,
-            injection=calls, variables={"domain": DOMAIN}, timeout_s=60,
-        )  # fmt: skip
-        if result.calls_succeeded != 1:
-            raise FarmCheckFailed(
-                f"alice's call to bob failed: {result.calls_failed} failed; errors:\n{result.errors_tail}\n"
-                f"sipp output: {(result.workdir / 'sipp.out').read_text(errors='replace')[-1500:]}"
-            )
-        rtt = result.response_times_ms[0] if result.response_times_ms else float("nan")
-        say(f"call alice -> bob through {lb1} (bob registered through {lb2}): 1 of 1 completed "
-            f"(INVITE, 407, INVITE, 200, ACK, BYE, 200), setup {rtt:.1f} ms")  # fmt: skip
+        call(lb1, "call-1")  # bob registered through lb2: the call crosses both balancers
+
+        # Sentinel: the farm follows a failover (SENTINEL FAILOVER: the replica becomes the master)
+        old = sentinel_master()
+        wait_for("the sentinels to know the replica and each other", sentinels_ready, timeout=60, interval=1)
+        with redis.Redis(host=SENTINELS["sentinel1"], port=SENTINEL_PORT, socket_timeout=5) as sentinel:
+            sentinel.execute_command("SENTINEL", "FAILOVER", SERVICE)
+        new = wait_for("every sentinel to name the new master", lambda: _switched(old), timeout=90, interval=1)
+        say(f"sentinel failover: master {old[0]}:{old[1]} -> {new} (all {len(SENTINELS)} sentinels agree)")
+        register("bob", lb1, uas.contact)
+        register("alice", lb2, "127.0.0.1:5999")
+        call(lb2, "call-2")
     finally:
         uas.stop()
 
@@ -215,7 +269,7 @@ def check(args: argparse.Namespace, compose: Compose, workdir: Path) -> None:
     answers = sum(metric_sum(pages[r], "sipfarm_relay_ng_commands_total", command="answer") for r in RELAYS)
     if offers < 1 or answers < 1:
         raise FarmCheckFailed(f"the relays saw no offer/answer for the call (offer {offers:g}, answer {answers:g})")
-    say(f"metrics: relays counted ng offer {offers:g}, answer {answers:g} for the call")
+    say(f"metrics: relays counted ng offer {offers:g}, answer {answers:g} for the calls")
     for name in BALANCERS:
         events = metric_sum(pages[name], "sipfarm_balancer_events_total")
         usable = metric_sum(pages[name], "sipfarm_balancer_nodes_usable")
@@ -225,7 +279,7 @@ def check(args: argparse.Namespace, compose: Compose, workdir: Path) -> None:
         for method in ("REGISTER", "INVITE", "ACK", "BYE")
     }
     anchored = sum(metric_sum(pages[n], "sipfarm_node_media_total", outcome="anchored") for n in NODES)
-    if per_method["REGISTER"] < 4 or per_method["INVITE"] < 2 or anchored < 1:
+    if per_method["REGISTER"] < 8 or per_method["INVITE"] < 4 or anchored < 2:
         raise FarmCheckFailed(f"the nodes' counters miss the traffic: {per_method}, media anchored {anchored:g}")
     say(f"metrics: nodes' sipfarm_node_requests_total {per_method}, media anchored {anchored:g}")
 
@@ -262,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sipfarm-docker-test-") as tmp:
         try:
             check(args, compose, Path(tmp))
-        except (FarmCheckFailed, subprocess.TimeoutExpired, OSError) as exc:
+        except (FarmCheckFailed, subprocess.TimeoutExpired, OSError, redis.RedisError) as exc:
             say(f"FAILED: {exc}")
             logs = compose.run("logs", "--no-color", "--tail", "15", check=False, timeout=60)
             print(logs.stdout[-6000:], file=sys.stderr)
