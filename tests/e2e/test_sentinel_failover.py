@@ -16,7 +16,10 @@ README (store/Redis) has figures from repeated runs.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -160,6 +163,13 @@ def test_registrations_survive_master_sigkill(
     # Redis replicates asynchronously: an acknowledged registration can be lost (it was not on
     # the replica yet); it can only be one acknowledged in the moment before the kill.
     assert report.acknowledged - len(report.missing) > 0
+    # the CLI on the sentinel URL after the failover: both nodes' heartbeats on the new master
+    done = subprocess.run(
+        [sys.executable, "-m", "sipfarm", "status", "--json", "--redis", farm.url],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    ids = {m["id"] for m in json.loads(done.stdout)["members"]}
+    assert {"node1", "node2"} <= ids, done.stdout
 
 
 def test_replicas_ack_loses_no_acknowledged_registration(
