@@ -33,6 +33,10 @@ class NodeConfig:
     """A registrar/proxy node (``sipfarm node``)."""
 
     listen: list[str] = field(default_factory=lambda: ["udp:127.0.0.1:5071"])
+    # The farm's shared state (the same URL forms for the balancer and the relay):
+    # redis[s]://[[USER]:PASSWORD@]HOST:PORT/DB, redis[s]+sentinel://...HOST:PORT[,...]/SERVICE,
+    # or redis[s]+cluster://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT...] (a Redis Cluster: any
+    # seed nodes; README "Redis: one server or a Redis Cluster")
     redis: str = "redis://127.0.0.1:6379/0"
     domains: list[str] = field(default_factory=lambda: ["farm.test"])
     workers: int = 1
