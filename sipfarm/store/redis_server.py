@@ -391,7 +391,8 @@ class RedisClusterProcesses:
 
     def master_of(self, key: bytes) -> RedisProcess:
         """The running node that serves ``key``'s slot as master."""
-        slot = int(query(self.host, self.nodes[0].port, "CLUSTER", "KEYSLOT", key.decode(), password=self.password))
+        alive = next(n for n in self.nodes if n.running)
+        slot = int(query(self.host, alive.port, "CLUSTER", "KEYSLOT", key.decode(), password=self.password))
         for node in self.nodes:
             if not node.running:
                 continue
