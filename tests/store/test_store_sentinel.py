@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import ssl
 import time
+from typing import Any
 
 import pytest
 from fixtures.redis_sentinel import SERVICE
@@ -79,6 +80,11 @@ def test_sentinel_replies() -> None:
 # --- real sentinels --------------------------------------------------------------------------
 
 
+def _run(coro: Any) -> None:
+    """The async part of a test, bounded."""
+    asyncio.run(asyncio.wait_for(coro, 90.0))
+
+
 async def test_no_sentinel_answers_is_unavailable_at_once() -> None:
     url = f"redis+sentinel://127.0.0.1:{free_port()},127.0.0.1:{free_port()}/{SERVICE}"
     started = time.monotonic()
@@ -95,10 +101,14 @@ async def test_no_sentinel_answers_is_unavailable_at_once() -> None:
     assert time.monotonic() - started < 10
 
 
-async def test_clients_follow_a_failover(sentinel_set) -> None:
+def test_clients_follow_a_failover(sentinel_set) -> None:
+    farm = sentinel_set(password="pw")  # started outside the async test's 60 s bound
+    _run(_clients_follow_a_failover(farm))
+
+
+async def _clients_follow_a_failover(farm) -> None:
     """A forced failover (``SENTINEL FAILOVER``): the old master is demoted but alive, so a
     client that kept talking to it would read stale data and get READONLY on writes."""
-    farm = await asyncio.to_thread(sentinel_set, password="pw")
     old = (farm.master.host, farm.master.port)
     pipe = RedisPipe(farm.url, command_timeout=1.0, connect_timeout=0.5)
     client = create_redis(farm.url)
@@ -160,11 +170,15 @@ async def test_clients_follow_a_failover(sentinel_set) -> None:
         await client.aclose()
 
 
-async def test_tls_sentinels_and_servers(sentinel_set) -> None:
+def test_tls_sentinels_and_servers(sentinel_set) -> None:
+    farm = sentinel_set(password="pw", tls=True)
+    _run(_tls_sentinels_and_servers(farm))
+
+
+async def _tls_sentinels_and_servers(farm) -> None:
     """``rediss+sentinel://``: sentinels, master and replica speak TLS only (one certificate, the
     URL's ``ssl_ca_certs``); both clients find the master, and the pipelined one follows a
     switch heard over TLS."""
-    farm = await asyncio.to_thread(sentinel_set, password="pw", tls=True)
     assert farm.url.startswith("rediss+sentinel://")
     old = (farm.master.host, farm.master.port)
     pipe = RedisPipe(farm.url, command_timeout=1.0, connect_timeout=1.0)
