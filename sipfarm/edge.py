@@ -209,10 +209,10 @@ def pop_own_routes(msg: SipMessage, names_us: Callable[[SipURI], bool], tokens: 
     names, if any."""
     flow: Address | None = None
     for _ in range(MAX_OWN_ENTRIES):
-        routes = msg.values("route")
-        if not routes:
+        top = msg.first_value("route")
+        if top is None:
             break
-        uri = route_uri(msg, routes[0])
+        uri = route_uri(msg, top)
         if uri is None or not names_us(uri):
             break
         msg.pop_first_value("route")
@@ -281,7 +281,7 @@ _HOP_CACHE_LIMIT = 4096
 class HopBranches:
     """Encode and verify branches naming a previous hop; see the module docstring."""
 
-    __slots__ = ("_key", "_packed")
+    __slots__ = ("_hops", "_key", "_packed")
 
     def __init__(self, secret: bytes) -> None:
         if len(secret) < 16:
@@ -289,6 +289,7 @@ class HopBranches:
         # a key of its own, so a branch MAC never doubles as a flow token MAC
         self._key = hmac.digest(secret, b"sipfarm balancer via branch", "sha256")
         self._packed: dict[Address, bytes] = {}  # a hop's packed form, for its next requests
+        self._hops: dict[bytes, Address] = {}  # verified packed hops, for their next responses
 
     def _pack(self, hop: Address) -> bytes:
         packed = self._packed.get(hop)
@@ -320,7 +321,15 @@ class HopBranches:
             return None
         if not hmac.compare_digest(mac, self._mac(packed, transaction_key)):
             return None
-        return unpack_flow(packed)
+        hop = self._hops.get(packed)
+        if hop is None:
+            hop = unpack_flow(packed)
+            if hop is None:
+                return None
+            if len(self._hops) >= _HOP_CACHE_LIMIT:
+                self._hops.clear()  # bounded (only MAC-verified hops get here); a miss unpacks again
+            self._hops[packed] = hop
+        return hop
 
 
 def transaction_key(msg: SipMessage, via_value: bytes) -> bytes:

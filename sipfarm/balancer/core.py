@@ -100,6 +100,7 @@ PIN_SECONDS = 64 * 0.5  # Timer B: an INVITE is CANCELled or answered within it
 PIN_LIMIT = 200_000
 NEW_WORK = frozenset((b"INVITE", b"REGISTER"))  # what overload shedding admits or sheds
 MAX_FORWARDS_ENTRY = 70  # RFC 3261 8.1.1.6: what a UA starts with; more on entry is capped
+ENTRIES_CACHE_LIMIT = 100_000  # flows whose Record-Route/Path entries are remembered
 
 
 class FlowFailed(SipError):
@@ -208,6 +209,8 @@ class BalancerCore:
         self.destinations.add_own(self._ours)
         self.branches = HopBranches(hop_secret if hop_secret is not None else secrets.token_bytes(32))
         self._invites: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
+        # (client flow, path, facing client) -> our Record-Route/Path entries for it
+        self._entries: dict[tuple[Address, bool, bool], tuple[bytes, ...]] = {}
         self._clock = time.monotonic
         self._debug = log.isEnabledFor(logging.DEBUG)
         self._to_tag = secrets.token_hex(4).encode()
@@ -266,7 +269,7 @@ class BalancerCore:
         if max_forwards(msg) <= 0:
             raise TooManyHops("Max-Forwards reached 0", partial=msg)
         flow = self._pop_own_routes(msg)
-        if msg.method == b"OPTIONS" and not msg.values("route") and self._is_for_us(msg):
+        if msg.method == b"OPTIONS" and msg.first_value("route") is None and self._is_for_us(msg):
             # keep-alive probes of the balancer itself; anything else (a REGISTER sent to
             # sip:balancer-ip:port) is the farm's business and goes to a node
             self._answer_locally(msg, hop)
@@ -313,10 +316,10 @@ class BalancerCore:
 
     def _route_node(self, msg: SipMessage) -> NodeEntry | None:
         """The node named by the top Route while usable (None: pick one by hash)."""
-        routes = msg.values("route")
-        if not routes:
+        top = msg.first_value("route")
+        if top is None:
             return None
-        uri = route_uri(msg, routes[0])
+        uri = route_uri(msg, top)
         if uri is None:
             return None
         host, port = uri.host.strip("[]"), uri.port or default_port(uri.transport)
@@ -433,8 +436,7 @@ class BalancerCore:
         dest = node.address
         client_flow = source
         method = msg.method
-        if max_forwards(msg) > MAX_FORWARDS_ENTRY:
-            msg.set("max-forwards", b"%d" % MAX_FORWARDS_ENTRY)  # decremented below
+        hops = min(max_forwards(msg), MAX_FORWARDS_ENTRY)  # capped on entry, decremented below
         # _own_entries lists top first: prepend bottom first, so the node-facing entry (our
         # internal UDP address) ends on top and the node's requests to the client come to it
         if method == b"REGISTER":
@@ -445,7 +447,7 @@ class BalancerCore:
         elif method in DIALOG_CREATING and msg.to_tag is None:
             for value in reversed(self._own_entries(client_flow, dest.transport, path=False)):
                 msg.prepend("record-route", value)
-        self._forward(msg, dest, self.internal, hop)
+        self._forward(msg, dest, self.internal, hop, hops)
         self.stats.to_node += 1
         admission = self.admission
         if admission is not None and msg.to_tag is None and method in NEW_WORK:
@@ -458,7 +460,7 @@ class BalancerCore:
             for value in reversed(self._own_entries(flow, flow.transport, path=False, facing_client=True)):
                 msg.prepend("record-route", value)
         facing = self.public.get(flow.transport) or self.internal
-        self._forward(msg, flow, facing, hop, flow_failure=True, connect=connect)
+        self._forward(msg, flow, facing, hop, max_forwards(msg), flow_failure=True, connect=connect)
         self.stats.to_client += 1
 
     def _forward(
@@ -467,11 +469,13 @@ class BalancerCore:
         dest: Address,
         via_address: Address,
         hop: Address,
+        hops: int,
         *,
         flow_failure: bool = False,
         connect: bool = True,
     ) -> None:
-        msg.set("max-forwards", str(max_forwards(msg) - 1).encode())
+        """Send ``msg`` on with Max-Forwards ``hops - 1`` (RFC 3261 16.6 step 3) and our Via."""
+        msg.set("max-forwards", b"%d" % (hops - 1))
         msg.prepend("via", self._via(msg, dest.transport, via_address, hop))
         if self._debug:
             log.debug(
@@ -507,12 +511,23 @@ class BalancerCore:
 
     def _own_entries(
         self, client_flow: Address, node_transport: str, *, path: bool, facing_client: bool = False
-    ) -> list[bytes]:
+    ) -> tuple[bytes, ...]:
         """Our Record-Route/Path values, top first: the entry facing the receiver on top.
 
         The client-facing entry carries the client's flow token; when client and node sides
-        are the same socket one entry does (RFC 5658 double Record-Route otherwise).
+        are the same socket one entry does (RFC 5658 double Record-Route otherwise).  The same
+        flow gets the same entries: remembered (bounded) for its next dialogs and REGISTERs.
         """
+        key = (client_flow, path, facing_client)
+        entries = self._entries.get(key)
+        if entries is None:
+            entries = self._make_entries(client_flow, path=path, facing_client=facing_client)
+            if len(self._entries) >= ENTRIES_CACHE_LIMIT:
+                self._entries.clear()  # a miss only costs formatting them again
+            self._entries[key] = entries
+        return entries
+
+    def _make_entries(self, client_flow: Address, *, path: bool, facing_client: bool) -> tuple[bytes, ...]:
         pub = self.public.get(client_flow.transport) or self.internal
         token = self.tokens.encode(client_flow)
         params = ";lr" + ("" if client_flow.transport == "udp" else f";transport={client_flow.transport}")
@@ -520,14 +535,14 @@ class BalancerCore:
             params += ";ob"
         client_entry = b"<sip:%s@%s:%d%s>" % (token.encode(), _host(pub).encode(), pub.port, params.encode())
         if pub == self.internal and client_flow.transport == "udp":
-            return [client_entry]
+            return (client_entry,)
         # sealed as the farm's (RFC 5658 entry facing the nodes): a node takes the balancer as
         # a farm element when a dialog or a Path routes through it, whatever its network
         seal = self.tokens.seal(self.internal.host, self.internal.port).encode()
         node_entry = b"<sip:%s:%d;lr;sf=%s>" % (_host(self.internal).encode(), self.internal.port, seal)
         if facing_client:
-            return [client_entry, node_entry]
-        return [node_entry, client_entry]
+            return (client_entry, node_entry)
+        return (node_entry, client_entry)
 
     def _pop_own_routes(self, msg: SipMessage) -> Address | None:
         """Remove our Route entries; the flow named by a token in them, if any."""

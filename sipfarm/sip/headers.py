@@ -127,6 +127,37 @@ def split_comma(value: bytes) -> list[bytes]:
     return out
 
 
+def first_element(value: bytes) -> tuple[bytes, bytes] | None:
+    """(first element, what follows its comma) of a list header value, without splitting the
+    rest: what a proxy reads of a Via or Route (RFC 3261 7.3.1).  The same first element as
+    :func:`split_comma`, found with ``bytes.find``; commas inside ``<...>`` are skipped.  The
+    rest is returned stripped, b"" when there is none.  None for what only ``split_comma``
+    reads right: a quoted string anywhere (it may hide a comma, or be unterminated: the
+    error is the full splitter's), or an empty first or second element (``", a"``, ``"a,,b"``).
+    """
+    if value.find(b'"') >= 0:
+        return None
+    start = 0
+    while True:
+        comma = value.find(b",", start)
+        if comma < 0:
+            first = value.strip()
+            return (first, b"") if first else None
+        # inside <...> when the last angle bracket before the comma opens one (as split_comma)
+        if value.rfind(b"<", 0, comma) > value.rfind(b">", 0, comma):
+            close = value.find(b">", comma)
+            if close < 0:
+                first = value.strip()
+                return (first, b"") if first else None
+            start = close
+            continue
+        first = value[:comma].strip()
+        rest = value[comma + 1 :].strip()
+        if not first or rest[:1] == b",":
+            return None
+        return first, rest
+
+
 def split_semicolon(value: bytes) -> list[bytes]:
     """Split on ';' outside quoted strings."""
     if value.find(b'"') < 0:

@@ -22,6 +22,7 @@ from sipfarm.sip.headers import (
     NameAddr,
     Via,
     display_name,
+    first_element,
     parse_name_addr,
     parse_via,
     split_comma,
@@ -157,6 +158,25 @@ class SipMessage:
             raise BadMessage(f"{key}: {exc}", partial=self) from None
         return out
 
+    def first_value(self, key: str) -> bytes | None:
+        """The first element of list header ``key`` (``values(key)[0]``, None when there is
+        none), without splitting the rest: the top Route or Via, on every forwarded message.
+        The same checks as ``values``: a value with a quoted string goes through it whole."""
+        first: bytes | None = None
+        for k, _, v in self.headers:
+            if k == key:
+                if v.find(b'"') >= 0:
+                    break  # values() reads (and judges) every line of this header
+                if first is None:
+                    found = first_element(v)
+                    if found is None:
+                        break
+                    first = found[0]
+        else:
+            return first
+        values = self.values(key)
+        return values[0] if values else None
+
     def has(self, key: str) -> bool:
         return any(k == key for k, _, _ in self.headers)
 
@@ -201,6 +221,13 @@ class SipMessage:
         for i, (k, raw, v) in enumerate(self.headers):
             if k == key:
                 if key in LIST_HEADERS and (v.find(b",") >= 0):
+                    found = first_element(v)
+                    if found is not None:
+                        if found[1]:
+                            self.headers[i] = (k, raw, found[1])
+                        else:
+                            del self.headers[i]
+                        return found[0]
                     parts = split_comma(v)
                     if len(parts) > 1:
                         self.headers[i] = (k, raw, b", ".join(parts[1:]))
@@ -243,6 +270,9 @@ class SipMessage:
         if v is None:
             return b""
         if v.find(b",") >= 0:
+            found = first_element(v)
+            if found is not None:
+                return found[0]
             try:
                 return split_comma(v)[0]
             except HeaderError as exc:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sipfarm.sip.headers import (
     COMPACT,
     HeaderError,
     display_name,
+    first_element,
     is_token,
     parse_cseq,
     parse_header_params,
@@ -94,6 +97,39 @@ def test_split_comma(value: bytes, parts: list[bytes]) -> None:
 def test_split_comma_unterminated_quote() -> None:
     with pytest.raises(HeaderError):
         split_comma(b'"unterminated, x')
+
+
+# first_element: what split_comma gives first, and the rest it would go on to split, whenever
+# it answers at all (None hands the value to split_comma)
+_LIST_PIECES = st.lists(st.sampled_from([b"a", b"<", b">", b",", b" ", b'"', b"sip:x;lr", b"\\"]), max_size=12)
+
+
+@given(_LIST_PIECES)
+def test_first_element_agrees_with_split_comma(pieces: list[bytes]) -> None:
+    value = b"".join(pieces)
+    found = first_element(value)
+    if found is None:
+        return
+    first, rest = found
+    parts = split_comma(value)
+    assert parts[0] == first
+    assert split_comma(rest) == parts[1:]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (b"<sip:a;lr>, <sip:b;lr>", (b"<sip:a;lr>", b"<sip:b;lr>")),
+        (b"<sip:h;x=a,b>, <sip:k>", (b"<sip:h;x=a,b>", b"<sip:k>")),
+        (b"SIP/2.0/UDP a;branch=1 , SIP/2.0/TCP b", (b"SIP/2.0/UDP a;branch=1", b"SIP/2.0/TCP b")),
+        (b"<sip:a>", (b"<sip:a>", b"")),
+        (b'"Doe, John" <sip:j@h>, <sip:k@h>', None),  # quoted: split_comma's
+        (b", <sip:a>", None),
+        (b"<sip:a>,, <sip:b>", None),
+    ],
+)
+def test_first_element(value: bytes, expected: tuple[bytes, bytes] | None) -> None:
+    assert first_element(value) == expected
 
 
 # -- name-addr / addr-spec -----------------------------------------------------------------------
