@@ -80,21 +80,22 @@ def parse_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> SipMessag
         else:
             raise MessageDropped("no end of headers")
     head = data[:head_end]
+    lines = head.split(sep)  # the start line, then the header lines (split once, here)
     if sep == b"\r\n":
-        crlf = head.count(b"\r\n")
+        crlf = len(lines) - 1
         if head.count(b"\n") != crlf or head.count(b"\r") != crlf:
             # Mixed line ends: treat every LF as a line end so no header value keeps a bare LF
             # that a peer downstream would read as a line break.
             head = head.replace(b"\r\n", b"\n")
             sep = b"\n"
-    first, _, block = head.partition(sep)
-    msg = _parse_start_line(first)
+            lines = head.split(sep)
+    msg = _parse_start_line(lines[0])
     if sep == b"\n" and head.find(b"\r") >= 0:
         # RFC 3261 7: CR only as part of CRLF (a bare CR is a line break to some parsers)
         if msg.is_response:
             raise MessageDropped("bare CR in header section")
         raise BadMessage("bare CR in header section", partial=msg)
-    headers, first_values = _parse_headers(block, sep, msg)
+    headers, first_values = _parse_headers(lines, sep, msg)
     msg.headers = headers
     if len(data) > max_size:
         raise MessageTooLarge(f"message of {len(data)} bytes", partial=msg if msg.is_request else None)
@@ -146,16 +147,19 @@ def _bad_request_line(parts: list[bytes]) -> SipError:
     return BadMessage("whitespace in Request-URI", partial=msg)
 
 
-def _parse_headers(block: bytes, sep: bytes, msg: SipMessage) -> tuple[list[Header], dict[str, bytes]]:
-    """The header list, and the first value of each header ``_check_mandatory`` reads."""
-    if not block:
+def _parse_headers(head_lines: list[bytes], sep: bytes, msg: SipMessage) -> tuple[list[Header], dict[str, bytes]]:
+    """The header list, and the first value of each header ``_check_mandatory`` reads
+    (``head_lines``: the header section split on ``sep``, the start line first)."""
+    lines = head_lines[1:]
+    if not lines or (len(lines) == 1 and not lines[0]):
         return [], {}
     # RFC 3261 7.3.1: a line starting with whitespace continues the previous one.
-    if block.find(b"\n ") >= 0 or block.find(b"\n\t") >= 0 or block[:1] in (b" ", b"\t"):
-        if block[:1] in (b" ", b"\t"):
-            raise BadMessage("header section starts with a continuation line", partial=msg)
-        block = _FOLD_RE.sub(b" ", block)
-    lines = block.split(sep)
+    for line in lines:
+        if line and (line[0] == 0x20 or line[0] == 0x09):
+            if lines[0][:1] in (b" ", b"\t"):
+                raise BadMessage("header section starts with a continuation line", partial=msg)
+            lines = _FOLD_RE.sub(b" ", sep.join(lines)).split(sep)
+            break
     if len(lines) > MAX_HEADERS:
         raise BadMessage("too many header lines", partial=msg)
     headers: list[Header] = []
@@ -165,17 +169,26 @@ def _parse_headers(block: bytes, sep: bytes, msg: SipMessage) -> tuple[list[Head
     first: dict[str, bytes] = {}
     broken = False
     for line in lines:
-        name, colon, value = line.partition(b":")
-        if not colon:
+        colon = line.find(b":")
+        if colon < 0:
             # read on: the headers after the broken line (a stray line break inside a value,
             # say) give the 400 its Via, From, To, Call-ID and CSeq (RFC 3261 8.2.2)
             broken = True
             continue
+        name = line[:colon]
         key = cache.get(name)
         if key is None:
             name = name.rstrip(b" \t")  # HCOLON = *( SP / HTAB ) ":" SWS
             key = header_key(name)
-        value = value.strip(b" \t")
+        # the value without the whitespace around it (strip(b" \t") without its extra copy:
+        # one slice per line, on every message)
+        start = colon + 1
+        end = len(line)
+        while start < end and (line[start] == 0x20 or line[start] == 0x09):
+            start += 1
+        while end > start and (line[end - 1] == 0x20 or line[end - 1] == 0x09):
+            end -= 1
+        value = line[start:end]
         append((key, name, value))
         if key in watched:
             seen = first.get(key)
