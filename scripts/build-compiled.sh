@@ -66,6 +66,13 @@ MODULES=(
     sipfarm/transport/destinations.py
     sipfarm/node/farmstate.py
     sipfarm/balancer/core.py
+    sipfarm/balancer/nodes.py
+    sipfarm/balancer/overload.py
+    sipfarm/balancer/frontdoor.py
+    sipfarm/balancer/keepalive.py
+    sipfarm/cluster/ring.py
+    sipfarm/protect/pike.py
+    sipfarm/sip/memo.py
     sipfarm/edge.py
     sipfarm/transport/udp.py
     media/rtp.py

@@ -104,7 +104,7 @@ class FrontDoor:
         until = self._bans.get(source)
         if until is not None:
             if until > now:
-                self._count("banned")
+                self.count("banned")
                 return False
             del self._bans[source]
         if data.startswith(b"SIP/"):
@@ -112,7 +112,7 @@ class FrontDoor:
         space = data.find(b" ", 0, 32)
         cls = request_class(data[:space] if space > 0 else data[:32])
         if self.rates.hit(source, cls, now) is Rate.EXCEEDED:
-            self._count(_RATE_REASONS[cls])
+            self.count(_RATE_REASONS[cls])
             self._ban(source, _RATE_REASONS[cls], now)
             return False
         return True
@@ -127,7 +127,7 @@ class FrontDoor:
                 agent = agent.lower()
                 for name in self._agents:
                     if name in agent:
-                        self._count("scanner")
+                        self.count("scanner")
                         self._ban(source, "scanner", now)  # no second chance: a tool, not a phone
                         return False
         if self._domains and msg.to_tag is None and msg.method not in (b"ACK", b"CANCEL"):
@@ -136,9 +136,9 @@ class FrontDoor:
             except (SipError, URIError):
                 return True  # the core answers a bad Request-URI
             if isinstance(uri, SipURI) and uri.host.lower() not in self._domains and not names_us(uri):
-                self._count("unknown_domain")
+                self.count("unknown_domain")
                 if self.rates.hit(source, RequestClass.SUSPECT, now) is Rate.EXCEEDED:
-                    self._count(_RATE_REASONS[RequestClass.SUSPECT])
+                    self.count(_RATE_REASONS[RequestClass.SUSPECT])
                     self._ban(source, _RATE_REASONS[RequestClass.SUSPECT], now)
                 return False
         return True
@@ -174,7 +174,7 @@ class FrontDoor:
         self._own[source] = now
         self._new.append(NewBan(source, seconds, reason))
         self.rates.forget(source)
-        self._count("ban_started")
+        self.count("ban_started")
 
     # -- helpers ------------------------------------------------------------------------------------
 
@@ -185,8 +185,6 @@ class FrontDoor:
     def count(self, reason: str) -> None:
         """Count a decision taken elsewhere (the asyncio layer: ban_write_failed...)."""
         self.stats[reason] = self.stats.get(reason, 0) + 1
-
-    _count = count
 
     def _learn_exempt(self, source: str) -> bool:
         try:

@@ -101,7 +101,14 @@ class KeepaliveStats:
     dropped_full: int = 0  # flows dropped because the table was full
 
     def flat(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
+        return {
+            "sent": self.sent,
+            "answered": self.answered,
+            "flows_expired": self.flows_expired,
+            "flows_learnt": self.flows_learnt,
+            "registrations_ended": self.registrations_ended,
+            "dropped_full": self.dropped_full,
+        }  # named one by one: a compiled (mypyc) class has no __slots__ to walk
 
 
 @dataclass(slots=True)
