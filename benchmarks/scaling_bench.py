@@ -649,7 +649,7 @@ def plot(summary: Mapping[str, Any], path: Path) -> None:
         ratio = f"{lb['ratio']:.2f}" if lb["ratio"] else "-"
         if lb.get("ratio_min") is not None and len(lb["runs"]) > 1:
             ratio += f" ({lb['ratio_min']:.2f}-{lb['ratio_max']:.2f})"
-        ax.set_title(f"calls per CPU-second (balancer {ratio} x node)")
+        ax.set_title(f"calls per CPU-second\nbalancer {ratio} x node")
         ax.set_ylabel("successful calls / CPU-s at the max step")
         ax.grid(alpha=0.3, axis="y")
     else:
