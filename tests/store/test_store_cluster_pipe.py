@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import hiredis
 import pytest
 
 from sipfarm.node.farmstate import FarmState
@@ -156,3 +157,60 @@ def test_command_names_in_any_case_find_their_key() -> None:
     assert command_slot(("evalsha", "sha", 1, "k{x}")) == key_slot(b"x")
     assert command_slot((b"GET", b"k{x}")) == key_slot(b"x")
     assert command_slot(("ping", "x")) == -1
+
+
+class _FakeNode(asyncio.Protocol):
+    """A cluster node owning every slot that answers everything else with one error reply."""
+
+    error = b"-CLUSTERDOWN The cluster is down\r\n"
+
+    def __init__(self, port: list[int]) -> None:
+        self.port = port
+        self.reader = hiredis.Reader()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while (command := self.reader.gets()) is not False:
+            name = bytes(command[0]).upper()
+            if name == b"CLUSTER":
+                host = b"127.0.0.1"
+                port = str(self.port[0]).encode()
+                self.transport.write(  # type: ignore[attr-defined]
+                    b"*1\r\n*3\r\n:0\r\n:16383\r\n*3\r\n$9\r\n" + host + b"\r\n:" + port + b"\r\n$2\r\nid\r\n"
+                )
+            else:
+                self.transport.write(self.error.replace(b"PORT", str(self.port[0]).encode()))  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (b"-CLUSTERDOWN The cluster is down\r\n", "CLUSTERDOWN"),
+        (b"-TRYAGAIN Multiple keys request during rehashing of slot\r\n", "TRYAGAIN"),
+        (b"-MOVED 3999 127.0.0.1:PORT\r\n", "too many redirections"),
+    ],
+)
+async def test_cluster_errors_are_store_unavailable(error: bytes, message: str) -> None:
+    """CLUSTERDOWN and TRYAGAIN answer 503 (StoreUnavailable); a MOVED loop stops after
+    MAX_REDIRECTS. A fake node plays the cluster: these states are hard to hold still on a real one."""
+    loop = asyncio.get_running_loop()
+    port: list[int] = [0]
+
+    def node() -> _FakeNode:
+        fake = _FakeNode(port)
+        fake.error = error
+        return fake
+
+    server = await loop.create_server(node, "127.0.0.1", 0)
+    port[0] = server.sockets[0].getsockname()[1]
+    pipe = ClusterPipe(f"redis+cluster://127.0.0.1:{port[0]}")
+    try:
+        await pipe.connect()
+        with pytest.raises(StoreUnavailable, match=message):
+            await pipe.execute("GET", "some-key")
+    finally:
+        await pipe.close()
+        server.close()
