@@ -13,7 +13,7 @@ from sipfarm.node.farmstate import FarmState
 from sipfarm.store import ContactUpdate, StoreUnavailable
 from sipfarm.store.location import index_pieces, location_key
 from sipfarm.store.redis_server import RedisClusterProcesses, query
-from sipfarm.store.resp import parse_cluster_url
+from sipfarm.store.resp import RedisPipe, parse_cluster_url
 from sipfarm.store.resp_cluster import SLOTS, ClusterPipe, command_slot, key_slot
 
 T0 = 1_700_000_000.0
@@ -214,3 +214,72 @@ async def test_cluster_errors_are_store_unavailable(error: bytes, message: str) 
     finally:
         await pipe.close()
         server.close()
+
+
+async def test_registrations_go_on_through_a_slot_migration(
+    redis_cluster: RedisClusterProcesses, redis_cluster_url: str
+) -> None:
+    """The slot of one location shard moves to another master (IMPORTING/MIGRATING, MIGRATE key
+    by key, SETSLOT NODE) while REGISTERs and lookups of its AORs keep coming: ASK and MOVED are
+    followed; a script finding its keys split between the two masters gets TRYAGAIN, a 503 the
+    UA retries; afterwards every AOR is there, served by the new master."""
+    from sipfarm.store.location import shard_tag  # noqa: PLC0415
+
+    tag = shard_tag("m0@farm.test")
+    aors = [a for a in (f"m{i}@farm.test" for i in range(20_000)) if shard_tag(a) == tag][:12]
+    pipe = ClusterPipe(redis_cluster_url)
+    await pipe.connect()
+    state = FarmState(pipe, cluster=True)
+    loop = asyncio.get_running_loop()
+
+    async def register(aor: str, cseq: int) -> Any:
+        fut: asyncio.Future[Any] = loop.create_future()
+        state.register(aor, [ContactUpdate(f"sip:{aor}", 3600)], fut.set_result,
+                       call_id=aor, cseq=cseq, now=T0, max_contacts=5)  # fmt: skip
+        return await fut
+
+    async def lookup(aor: str) -> Any:
+        fut: asyncio.Future[Any] = loop.create_future()
+        state.lookup(aor, T0 + 1, fut.set_result)
+        return await fut
+
+    key = location_key(aors[0], True)
+    slot = key_slot(key.encode())
+    source = redis_cluster.master_of(key.encode())
+    masters = [p for p, r in redis_cluster.roles().items() if r == "master" and p != source.port]
+    target = masters[0]
+    ids = {p: query("127.0.0.1", p, "CLUSTER", "MYID").decode() for p in (source.port, target)}
+    src = RedisPipe(f"redis://127.0.0.1:{source.port}/0")  # the source node itself, for the move
+    await src.connect()
+    try:
+        assert [getattr(await register(a, 1), "ok", False) for a in aors] == [True] * len(aors)
+        query("127.0.0.1", target, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", ids[source.port])
+        query("127.0.0.1", source.port, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", ids[target])
+        cseq = 1
+        outcomes: list[str] = []
+        while True:  # one key at a time, a round of REGISTERs and lookups between two moves
+            moving = await src.execute("CLUSTER", "GETKEYSINSLOT", slot, 1)
+            cseq += 1
+            for aor in aors:
+                result = await register(aor, cseq)
+                outcomes.append("ok" if getattr(result, "ok", False) else type(result).__name__)
+                found = await lookup(aor)
+                assert [b.contact for b in found] == [f"sip:{aor}"]  # one key: always served (ASK)
+            if not moving:
+                break
+            migrated = await src.execute("MIGRATE", "127.0.0.1", target, moving[0], 0, 5000)
+            assert migrated in (b"OK", b"NOKEY"), migrated
+        for port in (target, source.port):
+            query("127.0.0.1", port, "CLUSTER", "SETSLOT", str(slot), "NODE", ids[target])
+        refused = outcomes.count("StoreUnavailable")
+        print(f"slot {slot} moved key by key: {outcomes.count('ok')} REGISTERs ok, "
+              f"{refused} answered 503 (TRYAGAIN), {pipe.redirects} redirections")  # fmt: skip
+        assert pipe.redirects > 0  # ASK during the move (and MOVED once it is done)
+        assert set(outcomes) <= {"ok", "StoreUnavailable"}, set(outcomes)
+        cseq += 1
+        assert [getattr(await register(a, cseq), "ok", False) for a in aors] == [True] * len(aors)
+        assert [[b.contact for b in await lookup(a)] for a in aors] == [[f"sip:{a}"] for a in aors]
+        assert redis_cluster.master_of(key.encode()).port == target
+    finally:
+        await src.close()
+        await pipe.close()
