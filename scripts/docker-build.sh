@@ -21,13 +21,21 @@ MYPY_VERSION=$(sed -n 's/^ARG MYPY_VERSION=//p' docker/Dockerfile)
 
 bash scripts/docker-base.sh
 
+# The wheels are made again only when the dependencies may have changed: new files (even the
+# same wheels) would void the engine's cache of every later build step, the mypyc compile too.
 start=$(date +%s)
-test -x build/docker-pip/bin/pip || /usr/bin/python3 -m venv build/docker-pip
-rm -f docker/wheels/*.whl
-build/docker-pip/bin/pip wheel -q --disable-pip-version-check -w docker/wheels \
-    . "mypy==$MYPY_VERSION" "setuptools>=77" wheel 2> >(grep -v 'is ignored: it is neither' >&2)
-rm -f docker/wheels/sipfarm-*.whl  # the image installs the project from its sources
-echo "docker-build: $(ls docker/wheels/*.whl | wc -l) wheels in docker/wheels in $(($(date +%s) - start)) s"
+stamp=docker/wheels/.stamp
+if [ -f "$stamp" ] && [ -z "$(find pyproject.toml docker/Dockerfile -newer "$stamp" -print -quit)" ]; then
+    echo "docker-build: docker/wheels is up to date ($(ls docker/wheels/*.whl | wc -l) wheels)"
+else
+    test -x build/docker-pip/bin/pip || /usr/bin/python3 -m venv build/docker-pip
+    rm -f docker/wheels/*.whl "$stamp"
+    build/docker-pip/bin/pip wheel -q --disable-pip-version-check -w docker/wheels \
+        . "mypy==$MYPY_VERSION" "setuptools>=77" wheel 2> >(grep -v 'is ignored: it is neither' >&2)
+    rm -f docker/wheels/sipfarm-*.whl  # the image installs the project from its sources
+    touch "$stamp"
+    echo "docker-build: $(ls docker/wheels/*.whl | wc -l) wheels in docker/wheels in $(($(date +%s) - start)) s"
+fi
 
 for spec in "$IMAGE:docker/Dockerfile" "$PROM_IMAGE:docker/prometheus.Dockerfile"; do
     image=${spec%:docker/*}

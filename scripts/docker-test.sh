@@ -9,7 +9,9 @@
 #    the farm's containers use the host's network) and stops it at the end;
 # 3. builds the base from Debian's packages, the wheelhouse and the images (scripts/docker-build.sh);
 # 4. brings the compose farm up, registers phones and places a call through it with SIPp from this
-#    host, checks the metrics endpoints and Prometheus, and brings it down (scripts/docker_farm.py).
+#    host, fails Redis over and does it again, checks the metrics endpoints and Prometheus, and
+#    brings it down (scripts/docker_farm.py): once on Redis behind Sentinel (compose.yaml), once
+#    on a Redis Cluster (+ compose.redis-cluster.yaml); DOCKER_TEST_REDIS="sentinel" for one.
 # The output is also written to build/docker-test.log.
 set -euo pipefail
 
@@ -53,5 +55,8 @@ else
 fi
 
 bash scripts/docker-build.sh
-.venv/bin/python scripts/docker_farm.py --project "$PROJECT"
+# compose.yaml as it is (Redis behind Sentinel), then with compose.redis-cluster.yaml
+for redis in ${DOCKER_TEST_REDIS:-sentinel cluster}; do
+    .venv/bin/python scripts/docker_farm.py --project "$PROJECT" --redis "$redis"
+done
 echo "docker-test: done in $(($(date +%s) - start)) s"

@@ -15,7 +15,8 @@ in order, each step printing one `docker-test:` line:
    call crosses both balancers, a node and a relay;
 6. Sentinel: `SENTINEL FAILOVER` makes the replica the master; once every sentinel names it,
    both phones register again (through the other balancer each) and alice calls bob again:
-   the farm follows the new master;
+   the farm follows the new master. With --redis cluster (compose.redis-cluster.yaml), the
+   master of slot 0 is stopped instead, and the same follows once its replica took its slots;
 7. every /metrics endpoint answers, with the farm's counters for the calls (requests by method
    at the nodes, the SDPs anchored at a relay, ng offer and answer at the relays);
 8. Prometheus scrapes every process (all its targets `up`).
@@ -47,6 +48,8 @@ import redis  # noqa: E402
 from benchmarks.sipp import REGISTER_AUTH, UAC_CALL, SippServer, run_sipp  # noqa: E402
 
 COMPOSE_FILE = ROOT / "docker" / "compose.yaml"
+CLUSTER_FILE = ROOT / "docker" / "compose.redis-cluster.yaml"
+CLUSTER_SERVERS = {f"redis-c{i + 1}": f"127.0.80.{40 + i}" for i in range(6)}
 DOMAIN = "farm.test"
 BALANCERS = {"lb1": "127.0.80.11", "lb2": "127.0.80.12"}
 NODES = {"node1": "127.0.80.21", "node2": "127.0.80.22", "node3": "127.0.80.23"}
@@ -163,6 +166,52 @@ def _switched(old: tuple[str, int]) -> str | None:
     return None
 
 
+def sentinel_failover() -> None:
+    """SENTINEL FAILOVER (the replica becomes the master); back when every sentinel names it."""
+    old = sentinel_master()
+    wait_for("the sentinels to know the replica and each other", sentinels_ready, timeout=60, interval=1)
+    with redis.Redis(host=SENTINELS["sentinel1"], port=SENTINEL_PORT, socket_timeout=5) as sentinel:
+        sentinel.execute_command("SENTINEL", "FAILOVER", SERVICE)
+    new = wait_for("every sentinel to name the new master", lambda: _switched(old), timeout=90, interval=1)
+    say(f"sentinel failover: master {old[0]}:{old[1]} -> {new} (all {len(SENTINELS)} sentinels agree)")
+
+
+def cluster_info(ip: str) -> dict[str, str]:
+    password = os.environ["SIPFARM_REDIS_PASSWORD"]
+    with redis.Redis(host=ip, port=6379, password=password, socket_timeout=5) as server:
+        text = server.execute_command("CLUSTER", "INFO")
+    text = text.decode() if isinstance(text, bytes) else str(text)
+    return dict(line.split(":", 1) for line in text.split() if ":" in line)
+
+
+def cluster_master_stopped(compose: Compose) -> None:
+    """Stop the master of slot 0 (a master with a replica): its replica is promoted."""
+    first = next(iter(CLUSTER_SERVERS))
+    info = cluster_info(CLUSTER_SERVERS[first])
+    say(f"redis cluster: cluster_state {info['cluster_state']}, {info['cluster_size']} masters, "
+        f"{info['cluster_known_nodes']} servers")  # fmt: skip
+    password = os.environ["SIPFARM_REDIS_PASSWORD"]
+    with redis.Redis(host=CLUSTER_SERVERS[first], port=6379, password=password, socket_timeout=5) as server:
+        slots = server.execute_command("CLUSTER", "SLOTS")
+    owner = next(row for row in slots if int(row[0]) == 0)
+    master_ip = owner[2][0].decode() if isinstance(owner[2][0], bytes) else str(owner[2][0])
+    victim = next(name for name, ip in CLUSTER_SERVERS.items() if ip == master_ip)
+    witness = next(ip for ip in CLUSTER_SERVERS.values() if ip != master_ip)
+    compose.run("stop", "--timeout", "1", victim)
+
+    def promoted() -> str | None:
+        with redis.Redis(host=witness, port=6379, password=password, socket_timeout=5) as server:
+            rows = server.execute_command("CLUSTER", "SLOTS")
+        row = next((r for r in rows if int(r[0]) == 0), None)
+        if row is None or cluster_info(witness)["cluster_state"] != "ok":
+            return None
+        ip = row[2][0].decode() if isinstance(row[2][0], bytes) else str(row[2][0])
+        return ip if ip != master_ip else None
+
+    new = wait_for("a replica promoted in the stopped master's place", promoted, timeout=90, interval=1)
+    say(f"redis cluster: master {victim} ({master_ip}) stopped; its replica {new} took its slots, cluster_state ok")
+
+
 def farm_status(compose: Compose) -> dict[str, int]:
     members = json.loads(compose.admin("status", "--json"))
     rows = members if isinstance(members, list) else members.get("members", [])
@@ -178,6 +227,8 @@ def check(args: argparse.Namespace, compose: Compose, workdir: Path) -> None:
     up_args = ["up", "-d"] + ([] if args.build else ["--no-build"])
     compose.run(*up_args, timeout=600)
     services = [*BALANCERS, *NODES, *RELAYS, *REDIS_SERVERS, *SENTINELS, "prometheus"]
+    if args.redis == "cluster":
+        services += list(CLUSTER_SERVERS)
     running = compose.run("ps", "--services", "--filter", "status=running").stdout.split()
     missing = sorted(set(services) - set(running))
     if missing:
@@ -249,13 +300,10 @@ def check(args: argparse.Namespace, compose: Compose, workdir: Path) -> None:
         register("alice", lb1, "127.0.0.1:5999")
         call(lb1, "call-1")  # bob registered through lb2: the call crosses both balancers
 
-        # Sentinel: the farm follows a failover (SENTINEL FAILOVER: the replica becomes the master)
-        old = sentinel_master()
-        wait_for("the sentinels to know the replica and each other", sentinels_ready, timeout=60, interval=1)
-        with redis.Redis(host=SENTINELS["sentinel1"], port=SENTINEL_PORT, socket_timeout=5) as sentinel:
-            sentinel.execute_command("SENTINEL", "FAILOVER", SERVICE)
-        new = wait_for("every sentinel to name the new master", lambda: _switched(old), timeout=90, interval=1)
-        say(f"sentinel failover: master {old[0]}:{old[1]} -> {new} (all {len(SENTINELS)} sentinels agree)")
+        if args.redis == "sentinel":
+            sentinel_failover()
+        else:
+            cluster_master_stopped(compose)
         register("bob", lb1, uas.contact)
         register("alice", lb2, "127.0.0.1:5999")
         call(lb2, "call-2")
@@ -308,10 +356,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--project", default="sipfarm-test", help="compose project name (default sipfarm-test)")
     parser.add_argument("--build", action="store_true", help="let compose build the images (default: use them)")
     parser.add_argument("--keep", action="store_true", help="leave the farm running")
+    parser.add_argument(
+        "--redis", choices=("sentinel", "cluster"), default="sentinel",
+        help="sentinel: compose.yaml as it is; cluster: with compose.redis-cluster.yaml (default sentinel)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     os.environ.setdefault("SIPFARM_REDIS_PASSWORD", secrets.token_hex(16))
     extra = [Path(p) for p in os.environ.get("SIPFARM_COMPOSE_FILES", "").split(":") if p]
+    if args.redis == "cluster":
+        extra.insert(0, CLUSTER_FILE)
     compose = Compose(args.project, [COMPOSE_FILE, *extra])
+    say(f"farm: docker/compose.yaml{' + compose.redis-cluster.yaml' if args.redis == 'cluster' else ''}, "
+        f"Redis {'Cluster' if args.redis == 'cluster' else 'behind Sentinel'}")  # fmt: skip
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="sipfarm-docker-test-") as tmp:
         try:
