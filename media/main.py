@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import socket
 import sys
 import time
@@ -63,6 +64,7 @@ def run_relay(args: argparse.Namespace) -> int:
     from sipfarm.transport.loop import install_uvloop  # noqa: PLC0415
 
     install_uvloop()
+    _raise_descriptor_limit()
     try:
         asyncio.run(serve(cfg))
     except OSError as exc:
@@ -70,6 +72,19 @@ def run_relay(args: argparse.Namespace) -> int:
         print(f"sipfarm relay: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _raise_descriptor_limit() -> None:
+    """Take the hard limit of open files: a latched RTP port holds two sockets (media.plane), so
+    a call holds up to six descriptors, and the default soft limit (often 1,024) is far below
+    what ``max_sessions`` calls need."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):  # a kernel cap (nr_open) below the hard limit: keep the soft one
+            log.warning("event=relay_nofile_limit soft=%d hard=%d", soft, hard)
 
 
 def _split_hostport(value: str) -> tuple[str, int]:
@@ -96,7 +111,9 @@ async def serve(cfg: RelayConfig, *, ready: asyncio.Event | None = None) -> None
         media_timeout=cfg.media_timeout,
         max_sessions=cfg.max_sessions,
     )
-    server = RelayServer(engine, cfg.media_address, receive_buffer=cfg.udp_recv_buffer or None)
+    server = RelayServer(
+        engine, cfg.media_address, receive_buffer=cfg.udp_recv_buffer or None, batch_interval=cfg.batch_interval
+    )
     controller = NgController(server, cfg.advertise or cfg.media_address, engine.clock)
 
     def expired(stats: CallStats) -> None:

@@ -52,7 +52,7 @@ __all__ = ["MAX_BURST", "MAX_EVENTS", "MediaPlane"]
 #: ready sockets handled per :meth:`MediaPlane.drain` (the loop's other work runs in between)
 MAX_EVENTS: Final = 256
 #: most datagrams read from one ready socket in a row (see the module docstring)
-MAX_BURST: Final = 32
+MAX_BURST: Final = 256
 #: most datagrams read from a port's own socket when it gets a link (a queue of 1 MB is ~1,300)
 MAX_FLUSH: Final = 4096
 RECV_SIZE: Final = 65536  # a whole UDP datagram: never truncate what is forwarded
@@ -151,8 +151,9 @@ class MediaPlane:
 
     # -- the packet path -------------------------------------------------------------------
 
-    def drain(self) -> None:
-        """Read the ready sockets (at most MAX_EVENTS of them) and hand every datagram to its port.
+    def drain(self) -> int:
+        """Read the ready sockets (at most MAX_EVENTS of them) and hand every datagram to its
+        port; returns how many sockets were ready (MAX_EVENTS: more may be).
 
         How many datagrams to read from a ready socket adapts per port: one while it has one
         datagram per poll (the next read would only raise BlockingIOError, the costliest part of
@@ -160,7 +161,7 @@ class MediaPlane:
         after a read found it empty.  Level-triggered: what is left (sockets beyond MAX_EVENTS,
         datagrams beyond a burst) keeps this epoll readable, so the event loop calls again."""
         if self._closed:  # the relay stopped
-            return
+            return 0
         events = self._epoll.poll(0, MAX_EVENTS)
         self._polls += 1
         poll = self._polls
@@ -198,6 +199,7 @@ class MediaPlane:
             entry.burst = burst if read == burst else max(1, burst >> 1)
             if port.link is None and port.source is not None:
                 self._relink(entry)
+        return len(events)
 
     # -- links -----------------------------------------------------------------------------
 

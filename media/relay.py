@@ -67,12 +67,13 @@ code (:class:`RelayPort`) is in :mod:`media.port`, compiled with mypyc in the co
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from media.plane import MediaPlane
+from media.plane import MAX_EVENTS, MediaPlane
 from media.port import KIND_MUX, KIND_RTCP, KIND_RTP, NULL_SENDER, Addr, PortStats, RelayPort
 from media.ports import PortAllocator, PortsExhausted, RelayError
 from sipfarm.sip.address import Address
@@ -104,6 +105,9 @@ DEFAULT_RELATCH_SILENCE = 2.0
 DEFAULT_CLOCK_RATE = 8000  # PCMU/PCMA (RFC 3551 4.5.14)
 
 _RTP, _RTCP, _MUX = KIND_RTP, KIND_RTCP, KIND_MUX  # kinds of port: what it accepts
+_MAX_ROUNDS = 16  # polls of the plane per loop callback (MAX_EVENTS sockets each)
+DEFAULT_BATCH_INTERVAL = 0.001  # seconds: see RelayServer
+_OWN_SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class UnknownCall(RelayError):
@@ -478,11 +482,13 @@ class RelayEngine:
         closed, self._closed = self._closed, []
         return closed
 
-    def port_unusable(self, port: RelayPort) -> None:
-        """Binding ``port`` failed (another process holds it): never hand it out again, and
-        free the call that holds it."""
-        port.retired = True
-        self.ports.retire(port.port)
+    def port_unusable(self, port: RelayPort, *, retire: bool = True) -> None:
+        """Binding ``port`` failed: free the call that holds it and, when another process holds
+        the port (``retire``), never hand it out again.  A failure of this process (out of file
+        descriptors, of memory) returns the port to the range with the call."""
+        if retire:
+            port.retired = True
+            self.ports.retire(port.port)
         for call in list(self._calls.values()):
             if any(p is port for p in call.ports()):
                 self._free(call)
@@ -560,6 +566,16 @@ class RelayServer:
     loop through ``add_reader`` on its descriptor: see :mod:`media.plane`).  Signalling that
     allocates ports is async (the API of a relay that may wait to bind); the rest is synchronous.
     ``receive_buffer`` sets SO_RCVBUF on every port (bytes).
+
+    The plane is read in batches (``batch_interval``, default 1 ms; 0: on every wakeup, as a
+    bare event loop would): the first packet after a quiet spell is forwarded as soon as it
+    arrives, then the loop stops watching the epoll and reads whatever every socket received
+    once per interval while packets keep coming.  With hundreds of streams at 50-150 packets/s
+    each, waking for every few packets costs more than forwarding them (a context switch and
+    two epoll_waits per wakeup: 20% of the relay's CPU in a profile at 90,000 packets/s over
+    1,800 streams); a batch a millisecond shares that among every packet of the interval.  The
+    price: a packet may wait up to ``batch_interval`` (plus the loop's timer granularity, ~1 ms)
+    in its socket, well inside any RTP jitter buffer (20 ms frames).
     ``on_expired`` is called with the final counters of each call the media timeout freed (no
     delete will come for it), after its ports are closed.  :meth:`totals` sums the counters of
     every port since start, for metrics read once in a while (the packet path counts nothing more).
@@ -572,13 +588,17 @@ class RelayServer:
         *,
         receive_buffer: int | None = None,
         on_expired: Callable[[CallStats], None] | None = None,
+        batch_interval: float = DEFAULT_BATCH_INTERVAL,
     ) -> None:
         self.engine = engine
+        self.batch_interval = batch_interval
         self.host = host
         self.receive_buffer = receive_buffer
         self.on_expired = on_expired
         self._plane = MediaPlane(host, receive_buffer)
-        self._loop: asyncio.AbstractEventLoop | None = None  # watching the plane
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop the plane runs on
+        self._watching = False  # the loop watches the plane's epoll (else a batch timer is due)
+        self._batch_timer: asyncio.TimerHandle | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._closed_totals = RelayTotals()
@@ -641,8 +661,12 @@ class RelayServer:
             self.engine.delete(call_id)
         self._close_freed()
         if self._loop is not None:
-            if not self._loop.is_closed():
+            if self._watching and not self._loop.is_closed():
                 self._loop.remove_reader(self._plane.fileno())
+            if self._batch_timer is not None:
+                self._batch_timer.cancel()
+                self._batch_timer = None
+            self._watching = False
             self._loop = None
         self._plane.close()
         if self._timer is not None:
@@ -657,16 +681,55 @@ class RelayServer:
                 continue
             try:
                 self._plane.bind(port)  # port.sender is its socket from now on
-            except OSError:
+            except OSError as exc:
                 failed = failed or port
-                self.engine.port_unusable(port)
+                # the port is someone else's (EADDRINUSE, EACCES), or this process is short of
+                # descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM): the port is fine then
+                self.engine.port_unusable(port, retire=exc.errno not in _OWN_SHORTAGE)
         self._close_freed()
         self._arm_timer()
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-            self._loop.add_reader(self._plane.fileno(), self._plane.drain)
+            self._watch()
         if failed is not None:
             raise PortsExhausted(f"Failed to bind port {failed.port}")
+
+    # -- the media plane's schedule: wake on the first packet, then read in batches ----------
+
+    def _watch(self) -> None:
+        assert self._loop is not None
+        self._loop.add_reader(self._plane.fileno(), self._on_readable)
+        self._watching = True
+
+    def _on_readable(self) -> None:
+        """A packet arrived while the relay was quiet: forward it now, then batch (below)."""
+        assert self._loop is not None
+        self._drain()
+        if self.batch_interval > 0:
+            self._loop.remove_reader(self._plane.fileno())
+            self._watching = False
+            self._batch_timer = self._loop.call_later(self.batch_interval, self._on_batch)
+
+    def _on_batch(self) -> None:
+        """``batch_interval`` after the last read: read what came meanwhile, all at once, and
+        keep doing so while packets keep coming; back to waking on the first packet when none
+        did (one loop wakeup per interval for every stream, not one per few packets)."""
+        self._batch_timer = None
+        if self._loop is None:
+            return
+        if self._drain():
+            self._batch_timer = self._loop.call_later(self.batch_interval, self._on_batch)
+        else:
+            self._watch()
+
+    def _drain(self) -> int:
+        ready = total = self._plane.drain()
+        rounds = 1
+        while ready == MAX_EVENTS and rounds < _MAX_ROUNDS:  # more sockets ready than one poll takes
+            ready = self._plane.drain()
+            total += ready
+            rounds += 1
+        return total
 
     def _close_freed(self) -> None:
         closed = self._closed_totals

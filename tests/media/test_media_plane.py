@@ -4,13 +4,15 @@ party), bursts of one hot stream, and that the rules of latching hold through bo
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
 import socket
 import struct
 from typing import Any
 
 import pytest
 
-from media.ports import PortAllocator
+from media.ports import PortAllocator, PortsExhausted
 from media.relay import MediaEndpoint, RelayEngine, RelayServer, policy_predicate
 from sipfarm.transport.destinations import DestinationPolicy
 
@@ -151,8 +153,8 @@ async def test_one_hot_stream_is_read_in_bursts_without_loss() -> None:
         n = 5000
         for seq in range(n):  # in chunks: the relay reads between them (one event loop)
             ta.sendto(rtp(seq), ("127.0.0.1", a_ports.rtp))
-            if seq % 25 == 24:  # below MAX_BURST a loop iteration: only the first chunks queue up
-                await asyncio.sleep(0)
+            if seq % 50 == 49:  # ~50,000 packets/s at most: the relay reads a batch a millisecond
+                await asyncio.sleep(0.001)
         got = await receive(pb, n)
         assert [d for d, _ in got] == [rtp(seq) for seq in range(n)]
         stats = server.query("call").monologues[0].media[0].rtp
@@ -170,3 +172,26 @@ async def test_a_closed_relay_ignores_a_drain_already_due() -> None:
     server.close()
     plane.drain()  # the loop may still run a readiness reported before the close
     assert server.open_ports == 0
+
+
+async def test_out_of_descriptors_fails_the_offer_but_retires_no_port() -> None:
+    server = relay(41380)
+    total = server.engine.ports.free_ports
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = {int(fd) for fd in os.listdir("/proc/self/fd")}
+    limit = 0
+    while sum(1 for fd in range(limit) if fd not in in_use) < 2:  # room for 2 of the 4 sockets
+        limit += 1
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        with pytest.raises(PortsExhausted):
+            await server.offer("call", "ta", [MediaEndpoint("127.0.0.2", 9)])
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        assert server.engine.list_calls() == [] and server.open_ports == 0
+        assert server.engine.ports.free_ports == total  # nothing retired: the ports were fine
+        await server.offer("call", "ta", [MediaEndpoint("127.0.0.2", 9)])
+        assert server.open_ports == 4
+    finally:
+        server.close()
