@@ -34,12 +34,14 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from sipfarm.balancer.nodes import NodeSet
 from sipfarm.protect.pike import Rate, RateBudgets, RequestClass, SourceRates, request_class
+from sipfarm.sip.address import Address
 from sipfarm.sip.errors import SipError
 from sipfarm.sip.message import SipMessage
 from sipfarm.sip.uri import SipURI, URIError
 
-__all__ = ["DEFAULT_SCANNER_AGENTS", "FrontDoor", "FrontDoorPolicy", "NewBan"]
+__all__ = ["DEFAULT_SCANNER_AGENTS", "ClientScreen", "FrontDoor", "FrontDoorPolicy", "NewBan"]
 
 DEFAULT_SCANNER_AGENTS = (
     "friendly-scanner",
@@ -197,3 +199,19 @@ class FrontDoor:
             self._exempt.clear()
         self._exempt[source] = exempt
         return exempt
+
+
+class ClientScreen:
+    """The balancer's ``TransportManager.screen``: the farm's nodes pass, a client's message
+    goes through :meth:`FrontDoor.screen` (before parsing).  A compiled class, not a closure
+    in the entry point: it runs for every datagram."""
+
+    def __init__(self, front: FrontDoor, nodes: NodeSet, clock: Callable[[], float]) -> None:
+        self.front = front
+        self.nodes = nodes
+        self.clock = clock
+
+    def __call__(self, data: bytes, source: Address) -> bool:
+        return self.nodes.by_address(source.host, source.port) is not None or self.front.screen(
+            data, source.host, self.clock()
+        )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import ipaddress
 import logging
 import math
@@ -143,7 +142,7 @@ async def _flow_secret(redis_url: str) -> bytes:
 
 async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: asyncio.Event | None = None) -> None:
     from sipfarm.balancer.core import BalancerCore  # noqa: PLC0415
-    from sipfarm.balancer.frontdoor import FrontDoor  # noqa: PLC0415
+    from sipfarm.balancer.frontdoor import ClientScreen, FrontDoor  # noqa: PLC0415
     from sipfarm.balancer.groups import parse_rules  # noqa: PLC0415
     from sipfarm.balancer.keepalive import RegisteredFlows  # noqa: PLC0415
     from sipfarm.balancer.nodes import NodeSet  # noqa: PLC0415
@@ -202,14 +201,9 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
 
         transports.allow_source = allow_source
     if front is not None:
-        screen_source = front.screen
-        clock = time.monotonic
-
-        def screen(data: bytes, source: Address) -> bool:
-            # before parsing (hot path): nodes pass; a client is checked against the bans and
-            # its rate budget (see sipfarm.balancer.frontdoor)
-            return node_at(source.host, source.port) is not None or screen_source(data, source.host, clock())
-
+        # before parsing (hot path): nodes pass; a client is checked against the bans and
+        # its rate budget (see sipfarm.balancer.frontdoor)
+        screen = ClientScreen(front, nodes, time.monotonic)
         transports.screen = screen
         if acl is not None:
 
@@ -265,9 +259,9 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
         FlowTokens(secret),
         public=public,
         internal=internal,
-        send=lambda data, dest, local: transports.send(data, dest, local=local if dest.transport == "udp" else None),
+        send=transports.send_request,
         # an element never opens a connection to send a response: the request's flow or nothing
-        send_response=functools.partial(transports.send, connect=False),
+        send_response=transports.send_on_flow,
         retry_after=cfg.retry_after,
         aliases=aliases,
         destinations=destinations,
@@ -281,6 +275,7 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
         shed_retry_after=(cfg.shed_retry_after_min, cfg.shed_retry_after_max),
     )
     holder.append(core)
+    transports.on_message = core.on_message  # from now on straight to the core (no closure)
     admission = core.admission
 
     def on_probe(branch: bytes) -> None:

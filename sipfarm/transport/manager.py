@@ -359,6 +359,16 @@ class TransportManager:
         self.stats.dropped += 1
         return False
 
+    def send_request(self, data: bytes, dest: Address, local: Address) -> bool:
+        """``send`` for a request a proxy forwards: over UDP from its socket ``local`` (the one
+        its Via names), over a connection it may open.  A method, not a lambda: the
+        balancer calls it for every request (compiled, no interpreted frame)."""
+        return self.send(data, dest, local=local if dest.transport == "udp" else None)
+
+    def send_on_flow(self, data: bytes, dest: Address) -> bool:
+        """``send`` over an existing flow only (``connect=False``): what responses use."""
+        return self.send(data, dest, connect=False)
+
     def hold_flow(self, dest: Address, seconds: float) -> bool:
         """Keep the connection to ``dest`` open without traffic for ``seconds`` (0: release);
         False when there is no such open connection.  For a registered phone's flow: its
