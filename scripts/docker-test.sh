@@ -27,6 +27,7 @@ bash scripts/system-deps.sh docker.io docker-compose debootstrap python3-venv si
 
 DOCKERD_PID=""
 PROJECT=sipfarm-test
+run=/run/sipfarm-docker
 cleanup() {
     if [ -n "$DOCKERD_PID" ]; then
         # containers left by an interrupted run would restart with the next engine (restart policy)
@@ -35,6 +36,8 @@ cleanup() {
         kill -TERM "$DOCKERD_PID" 2>/dev/null || true
         for _ in $(seq 60); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 0.5; done
         kill -0 "$DOCKERD_PID" 2>/dev/null && kill -KILL "$DOCKERD_PID" 2>/dev/null
+        # dockerd leaves its default network namespace mounted in its exec root
+        umount "$run/exec/netns/default" 2>/dev/null || true
         echo "docker-test: stopped the dockerd this run started (pid $DOCKERD_PID)"
     fi
 }
@@ -43,7 +46,6 @@ trap cleanup EXIT
 if docker info >/dev/null 2>&1; then
     echo "docker-test: using the running Docker engine ($(docker info -f '{{.ServerVersion}}'))"
 else
-    run=/run/sipfarm-docker
     mkdir -p "$run"
     export DOCKER_HOST=unix://$run/docker.sock
     dockerd --iptables=false --ip6tables=false --bridge=none -H "$DOCKER_HOST" --pidfile "$run/dockerd.pid" \
