@@ -54,8 +54,9 @@ class Workload:
     target_utilisation: float = 0.6
     """Of a core, per process, at the peak: headroom for bursts, GC and one failed instance."""
     redis_memory_per_shard_gb: float = 8.0
-    redis_replicas: int = 1
-    """Replicas per Redis Cluster master (failover without losing the shard)."""
+    redis_replicas: int = 2
+    """Replicas per Redis Cluster master: two, so that after a failover the promoted master still
+    has one and ``[node] replicas_ack = 1`` keeps answering (README, Redis Cluster)."""
 
     @property
     def average_reg_rate(self) -> float:
@@ -280,7 +281,7 @@ def to_markdown(p: Projection) -> str:
             note = f"one core each at {w.target_utilisation:.0%}, +1; chosen by load from the membership"
         else:
             masters = c.instances // (1 + w.redis_replicas)
-            note = (f"Redis Cluster: {masters} master(s) x (1 + {w.redis_replicas} replica), single-threaded, "
+            note = (f"Redis Cluster: {masters} master(s) x (1 + {w.redis_replicas} replicas), single-threaded, "
                     f"{w.target_utilisation:.0%} target, at most {w.redis_memory_per_shard_gb:g} GB each")
         if c.headroom is not None and c.name != "node":
             note += f"; one process carries {c.headroom:g}x the workload"

@@ -40,8 +40,8 @@ def test_ten_million_users_are_sized_per_component() -> None:
     assert parts["balancer"].instances == 60
     assert parts["relay"].cores == pytest.approx(300.0)
     assert parts["relay"].instances == 501  # 300 / 0.6 + 1
-    # 15 GB of state over 8 GB masters: 2 masters, each with a replica
-    assert parts["redis shard"].instances == 4
+    # 15 GB of state over 8 GB masters: 2 masters, each with two replicas
+    assert parts["redis shard"].instances == 6
     assert p.first_bottleneck.startswith("relay")
     text = model.to_markdown(p)
     assert "| relay | 300 | 501 |" in text and "Redis Cluster: 2 master(s)" in text
