@@ -114,6 +114,21 @@ def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], list[str]]:
     return seeds, urls
 
 
+async def call_and_wait(call: Callable[..., None], *args: bytes | str | int | float) -> Reply:
+    """``call(callback, *args)`` (a pipe's callback API) awaited: the reply, or its error raised."""
+    fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+
+    def done(reply: Reply) -> None:
+        if not fut.done():
+            if isinstance(reply, Exception):
+                fut.set_exception(reply)
+            else:
+                fut.set_result(reply)
+
+    call(done, *args)
+    return await fut
+
+
 class _RespProtocol(asyncio.Protocol):
     def __init__(self, owner: RedisPipe) -> None:
         self.owner = owner
@@ -320,17 +335,7 @@ class RedisPipe:
 
     async def execute(self, *args: bytes | str | int | float) -> Reply:
         """Awaitable form for code off the hot path. Raises StoreUnavailable / ReplyError."""
-        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-
-        def done(reply: Reply) -> None:
-            if not fut.done():
-                if isinstance(reply, Exception):
-                    fut.set_exception(reply)
-                else:
-                    fut.set_result(reply)
-
-        self.call(done, *args)
-        return await fut
+        return await call_and_wait(self.call, *args)
 
     def _flush(self) -> None:
         self._flush_scheduled = False

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from functools import partial
 
 from sipfarm.store.errors import StoreUnavailable
-from sipfarm.store.resp import Callback, RedisPipe, Reply, is_cluster_url, parse_cluster_url
+from sipfarm.store.resp import Callback, RedisPipe, Reply, call_and_wait, is_cluster_url, parse_cluster_url
 
 log = logging.getLogger("sipfarm.redis")
 
@@ -361,17 +361,7 @@ class ClusterPipe(RedisPipe):
         loop.call_later(0.01, retry)
 
     async def execute(self, *args: bytes | str | int | float) -> Reply:
-        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-
-        def done(reply: Reply) -> None:
-            if not fut.done():
-                if isinstance(reply, Exception):
-                    fut.set_exception(reply)
-                else:
-                    fut.set_result(reply)
-
-        self.call(done, *args)
-        return await fut
+        return await call_and_wait(self.call, *args)
 
     async def close(self) -> None:
         self._closed = True
