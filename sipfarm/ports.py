@@ -6,15 +6,23 @@ for every outgoing connection's local port: between the check and the server's o
 client connecting somewhere may take it. Ports are picked at random below that range instead,
 where only other explicit choices (this function's) can land, and checked free for the wanted
 protocols.
+
+Nothing is bound between two calls, so two calls in a row could hand out the same port (a
+balancer given one port for UDP/TCP and "another" for WebSocket failed to bind the second): a
+port handed out recently by this process is not handed out again.
 """
 
 from __future__ import annotations
 
 import random
 import socket
+from collections import deque
 from pathlib import Path
 
 _EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_RECENT_MAX = 4096
+_recent: deque[int] = deque(maxlen=_RECENT_MAX)
+_recent_set: set[int] = set()
 
 
 def _ephemeral_start() -> int:
@@ -43,6 +51,14 @@ def free_port(host: str = "127.0.0.1", *, udp: bool = True, tcp: bool = True) ->
     rng = random.SystemRandom()
     for _ in range(500):
         port = rng.randrange(bottom, top)
-        if is_free(host, port, udp=udp, tcp=tcp):
+        if port not in _recent_set and is_free(host, port, udp=udp, tcp=tcp):
+            _remember(port)
             return port
     raise RuntimeError(f"no free port on {host} in {bottom}-{top - 1}")
+
+
+def _remember(port: int) -> None:
+    if len(_recent) == _RECENT_MAX:
+        _recent_set.discard(_recent[0])
+    _recent.append(port)
+    _recent_set.add(port)
