@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import cast
 
 from benchmarks.targets import SipfarmTarget
+from sipfarm.build import compiled_build_state
 
 SOURCES = 64
 MAGIC_COOKIE = 0x2112A442
@@ -41,7 +42,24 @@ def binding_request() -> bytes:
     return struct.pack("!HHI", BINDING_REQUEST, 0, MAGIC_COOKIE) + os.urandom(12)
 
 
-def measure(rate: float, seconds: float, workdir: Path) -> dict[str, float]:
+def _drain(sel: selectors.BaseSelector, timeout: float) -> int:
+    """Read every answer waiting on the ready sockets (within ``timeout``); how many."""
+    got = 0
+    for key, _ in sel.select(timeout=timeout):
+        sock = cast(socket.socket, key.fileobj)
+        while True:
+            try:
+                sock.recv(2048)
+            except BlockingIOError:
+                break
+            got += 1
+    return got
+
+
+def measure(rate: float, seconds: float, workdir: Path) -> dict[str, float | str]:
+    # what `sipfarm balancer` started from this checkout runs (sipfarm/build.py's choice)
+    fresh = compiled_build_state() == "fresh" and os.environ.get("SIPFARM_BUILD", "auto") != "interpreted"
+    build = "compiled" if fresh else "interpreted"
     with SipfarmTarget(workdir, [], nodes=1, workers=1, provision=False) as target:
         target.start()
         balancer = next(proc for label, proc in target._procs if label == "balancer")
@@ -70,29 +88,16 @@ def measure(rate: float, seconds: float, workdir: Path) -> dict[str, float]:
                         break
                     sent += 1
                 next_tick += batch / rate
-            for key, _ in sel.select(timeout=max(0.0, min(next_tick - time.monotonic(), 0.001))):
-                sock = cast(socket.socket, key.fileobj)
-                while True:
-                    try:
-                        sock.recv(2048)
-                    except BlockingIOError:
-                        break
-                    received += 1
+            received += _drain(sel, max(0.0, min(next_tick - time.monotonic(), 0.001)))
         settle = time.monotonic() + 0.5
         while time.monotonic() < settle:
-            for key, _ in sel.select(timeout=0.05):
-                sock = cast(socket.socket, key.fileobj)
-                while True:
-                    try:
-                        sock.recv(2048)
-                    except BlockingIOError:
-                        break
-                    received += 1
+            received += _drain(sel, 0.05)
         cpu = balancer.cpu_seconds() - cpu0
         elapsed = time.monotonic() - started
         for sock in socks:
             sock.close()
     return {
+        "build": build,
         "offered_per_s": round(sent / seconds),
         "answered": received,
         "loss_pct": round(100.0 * (sent - received) / sent, 3) if sent else 0.0,
