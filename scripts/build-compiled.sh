@@ -3,7 +3,7 @@
 #
 # The source tree is never touched: sipfarm/ and media/ are copied to build/compiled/ (wiped
 # first) and the modules in MODULES are compiled there, the extensions landing next to their
-# copies. Use it with PYTHONPATH:
+# copies, together with the hand-written C extensions in CEXTENSIONS. Use it with PYTHONPATH:
 #
 #   scripts/build-compiled.sh
 #   PYTHONSAFEPATH=1 PYTHONPATH=build/compiled .venv/bin/python -m benchmarks.parse_bench
@@ -80,12 +80,20 @@ MODULES=(
     media/plane.py
 )
 
+# Hand-written C extensions (CPython C API, no dependency but a C compiler): "module.name=path.c".
+# Built by the same setup script, into the same tree.  The source tree never has their .so:
+# the code importing one falls back (ImportError) to a pure-Python path, which the interpreted
+# test stage checks, while scripts/test-compiled.sh tests the extension.
+CEXTENSIONS=(
+    sipfarm.transport._batchio=sipfarm/transport/_batchio.c
+)
+
 test -x "$PY" || { echo "build-compiled: $PY missing (run make setup)" >&2; exit 1; }
 
 if [ "${1:-}" = "--if-stale" ]; then
     # Nothing to do when the build is newer than every source it was made from.
     stale=$(cd "$ROOT" && find sipfarm media scripts/build-compiled.sh -newer "$OUT/.stamp" \
-        \( -name '*.py' -o -name '*.sh' -o -name '*.lua' \) -print -quit 2>/dev/null || echo missing)
+        \( -name '*.py' -o -name '*.sh' -o -name '*.lua' -o -name '*.c' -o -name '*.h' \) -print -quit 2>/dev/null || echo missing)
     if [ -f "$OUT/.stamp" ] && [ -z "$stale" ]; then
         echo "build-compiled: $OUT is up to date"
         exit 0
@@ -102,11 +110,23 @@ cat >"$WORK/setup.py" <<EOF
 import os
 import sys
 
-from setuptools import setup
+from setuptools import Extension, setup
 from mypyc.build import mypycify
 
-paths = sys.argv[sys.argv.index("--") + 1 :]
-del sys.argv[sys.argv.index("--") :]
+# setup.py [setuptools args] -- mypyc paths... -- module.name=path.c...
+marker = sys.argv.index("--")
+rest = sys.argv[marker + 1 :]
+del sys.argv[marker:]
+paths = rest[: rest.index("--")] if "--" in rest else rest
+cexts = rest[rest.index("--") + 1 :] if "--" in rest else []
+extensions = [
+    Extension(
+        name,
+        [source],
+        extra_compile_args=["-O2", "-Wall", "-Werror=implicit-function-declaration"],
+    )
+    for name, source in (spec.split("=", 1) for spec in cexts)
+]
 setup(
     name="sipfarm_compiled",
     ext_modules=mypycify(
@@ -115,25 +135,31 @@ setup(
         debug_level="1",
         multi_file=True,  # one C file per module: builds faster than one huge file at -O3
         target_dir="$WORK/c",
-    ),
+    )
+    + extensions,
 )
 EOF
 
 cd "$OUT"
-"$PY" "$WORK/setup.py" -q build_ext --inplace --build-temp "$WORK/temp" -- "${MODULES[@]}"
+"$PY" "$WORK/setup.py" -q build_ext --inplace --build-temp "$WORK/temp" -- "${MODULES[@]}" -- "${CEXTENSIONS[@]}"
 
 # Every listed module must now resolve to an extension under build/compiled/.
 for m in "${MODULES[@]}"; do
     so=("$OUT/${m%.py}".*.so)
     test -f "${so[0]}" || { echo "build-compiled: no extension built for $m" >&2; exit 1; }
 done
+for spec in "${CEXTENSIONS[@]}"; do
+    so=("$OUT/${spec#*=}")
+    so=("${so[0]%.c}".*.so)
+    test -f "${so[0]}" || { echo "build-compiled: no extension built for ${spec%%=*}" >&2; exit 1; }
+done
 (cd / && PYTHONPATH="$OUT" "$PY" -c '
 import importlib, os, sys
 for path in sys.argv[1:]:
-    mod = importlib.import_module(path[:-3].replace("/", "."))
+    mod = importlib.import_module(path.rsplit(".", 1)[0].replace("/", "."))
     assert mod.__file__ and mod.__file__.endswith(".so") and mod.__file__.startswith(os.environ["PYTHONPATH"]), mod.__file__
-' "${MODULES[@]}")
+' "${MODULES[@]}" "${CEXTENSIONS[@]#*=}")
 touch "$OUT/.stamp"
 
 echo "build-compiled: compiled into $OUT in $(($(date +%s) - start)) s:"
-printf '  %s\n' "${MODULES[@]}"
+printf '  %s\n' "${MODULES[@]}" "${CEXTENSIONS[@]%%=*}"

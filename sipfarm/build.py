@@ -42,13 +42,13 @@ class BuildError(Exception):
 def compiled_build_state(build_dir: Path = COMPILED_DIR, source: Path = REPO) -> str:
     """'fresh', 'stale' (a source changed since the build) or 'missing'.
 
-    Fresh: extension modules are there, every copied .py equals its source and no source file
-    is missing from the copy.
+    Fresh: extension modules are there, every copied source (.py, and the .c/.h of the
+    hand-written C extensions) equals its source and no source file is missing from the copy.
     """
     if not any(build_dir.glob("sipfarm/**/*.so")):
         return "missing"
     for package in ("sipfarm", "media"):
-        for src in (source / package).rglob("*.py"):
+        for src in _sources(source / package):
             copy = build_dir / src.relative_to(source)
             try:
                 if copy.read_bytes() != src.read_bytes():
@@ -56,6 +56,10 @@ def compiled_build_state(build_dir: Path = COMPILED_DIR, source: Path = REPO) ->
             except OSError:
                 return "stale"
     return "fresh"
+
+
+def _sources(package: Path) -> list[Path]:
+    return [path for pattern in ("*.py", "*.c", "*.h") for path in package.rglob(pattern)]
 
 
 def running_build() -> str:

@@ -102,3 +102,12 @@ def test_build_state_of_a_copy(tmp_path: Path) -> None:
     (source / "media" / "a.py").write_text("X = 'media'\n")
     (source / "sipfarm" / "new.py").write_text("")
     assert build.compiled_build_state(copy, source) == "stale"  # a module the build lacks
+    (copy / "sipfarm" / "new.py").write_text("")
+    assert build.compiled_build_state(copy, source) == "fresh"
+    # a C extension's source counts like a module's
+    (source / "sipfarm" / "fast.c").write_text("int x;\n")
+    assert build.compiled_build_state(copy, source) == "stale"  # missing from the build
+    (copy / "sipfarm" / "fast.c").write_text("int x;\n")
+    assert build.compiled_build_state(copy, source) == "fresh"
+    (source / "sipfarm" / "fast.c").write_text("int y;\n")
+    assert build.compiled_build_state(copy, source) == "stale"  # changed since the build
