@@ -112,7 +112,11 @@ async def serve(cfg: RelayConfig, *, ready: asyncio.Event | None = None) -> None
         max_sessions=cfg.max_sessions,
     )
     server = RelayServer(
-        engine, cfg.media_address, receive_buffer=cfg.udp_recv_buffer or None, batch_interval=cfg.batch_interval
+        engine,
+        cfg.media_address,
+        receive_buffer=cfg.udp_recv_buffer or None,
+        batch_interval=cfg.batch_interval,
+        fast_path=cfg.fast_path,
     )
     controller = NgController(server, cfg.advertise or cfg.media_address, engine.clock)
 
@@ -191,12 +195,13 @@ async def serve(cfg: RelayConfig, *, ready: asyncio.Event | None = None) -> None
     tune_gc()
     stop = stop_on_signals(loop)
     log.info(
-        "event=relay_started id=%s ng=%s media=%s ports=%d-%d",
+        "event=relay_started id=%s ng=%s media=%s ports=%d-%d fast_path=%s",
         cfg.relay_id,
         control,
         cfg.media_address,
         cfg.port_min,
         cfg.port_max,
+        "on" if server.fast_path else "off",
     )
     if ready is not None:
         ready.set()

@@ -34,18 +34,35 @@ the new source, after the batch that latched it.  A link's datagram always count
 from the address it is connected to, so a packet read from a link that is no longer the port's
 source is judged like any other stranger's.
 
+**The fast path** (``media/_fastpath.c``, a C extension built with the compiled build; the
+interpreted build has none and does it all here): a :class:`~media._fastpath.LinkTable` does the
+epoll_wait, and for each ready link of a port it has *loaded* reads, checks, counts and forwards
+the common case (RTP of the counted SSRC, in sequence, to the peer's current link) exactly as
+:meth:`RelayPort.receive <media.port.RelayPort.receive>`'s first branch, with no Python object
+per packet; it hands back to this module every other ready socket and the first uncommon
+datagram of a link.  While loaded, the table owns the port's counters and RTP statistics (the
+RelayPort's copies are stale): the plane unloads a port (the table writes them back) before any
+Python code handles its datagrams, :meth:`MediaPlane.reclaim` before signalling changes it, and
+:meth:`MediaPlane.flush` before anything reads counters (query, totals, the media timeout).
+After Python handled a port, :meth:`MediaPlane._settle` tells the table whether its link is
+still current and loads it again.  The C file's comment has the rules.
+
 The clock, the counters and the forwarding rules are the core's (:mod:`media.relay`); nothing
-here knows RTP.
+here knows RTP (the fast path mirrors the core's common case).
 """
 
 from __future__ import annotations
 
 import select
 import socket
-from collections.abc import Callable
-from typing import Any, Final
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Final
 
 from media.port import KIND_RTCP, Link, RelayPort
+
+if TYPE_CHECKING:
+    from media._fastpath import LinkTable
 
 __all__ = ["MAX_BURST", "MAX_EVENTS", "MediaPlane"]
 
@@ -91,19 +108,55 @@ class _PortSockets:
         self.link_failed: Addr | None = None  # the source a link could not be opened to
 
 
-class MediaPlane:
-    """The sockets of the relay's ports on ``host`` (see the module docstring)."""
+def fast_path_available() -> bool:
+    """Whether the C fast path is importable (the compiled build has it)."""
+    try:
+        import media._fastpath  # noqa: F401, PLC0415
+    except ImportError:
+        return False
+    return True
 
-    def __init__(self, host: str, receive_buffer: int | None = None) -> None:
+
+def _link_table(epoll_fd: int) -> LinkTable | None:
+    try:
+        from media._fastpath import LinkTable  # noqa: PLC0415
+    except ImportError:  # the interpreted build: the Python path does it all
+        return None
+    return LinkTable(epoll_fd)
+
+
+class MediaPlane:
+    """The sockets of the relay's ports on ``host`` (see the module docstring).
+
+    ``clock`` (the engine's) times the datagrams the fast path forwards, once per drain;
+    ``fast_path`` False keeps every datagram on the Python path even when the C extension is
+    there (:attr:`fast` says which runs)."""
+
+    def __init__(
+        self,
+        host: str,
+        receive_buffer: int | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        fast_path: bool = True,
+    ) -> None:
         self.host = host
         self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.receive_buffer = receive_buffer
+        self._clock = clock
         self._epoll = select.epoll()
         self._by_fd: dict[int, _PortSockets] = {}  # both sockets of a port: the same entry
         self._ports: dict[RelayPort, _PortSockets] = {}
         self.links_failed = 0
         self._polls = 0
         self._closed = False
+        self._fast: LinkTable | None = _link_table(self._epoll.fileno()) if fast_path else None
+        self._handback: list[Any] = []  # what the fast path leaves to Python, per drain
+
+    @property
+    def fast(self) -> bool:
+        """Whether the C fast path forwards the linked ports' common case."""
+        return self._fast is not None
 
     def fileno(self) -> int:
         """The epoll's descriptor: readable when a port's socket is (watch it with add_reader)."""
@@ -147,7 +200,47 @@ class MediaPlane:
         for port in list(self._ports):
             self.unbind(port)
         self._closed = True
+        if self._fast is not None:
+            self._fast.close()
         self._epoll.close()
+
+    # -- counter ownership with the fast path (see the module docstring) --------------------
+
+    def reclaim(self, ports: Iterable[RelayPort]) -> None:
+        """Give ``ports``' counters back to Python before signalling reads or changes them."""
+        fast = self._fast
+        if fast is None:
+            return
+        for port in ports:
+            entry = self._ports.get(port)
+            if entry is not None and entry.link_fd >= 0:
+                fast.unload(entry.link_fd)
+
+    def refresh(self, ports: Iterable[RelayPort]) -> None:
+        """After signalling changed ``ports``: tell the fast path which links are still theirs."""
+        fast = self._fast
+        if fast is None:
+            return
+        for port in ports:
+            entry = self._ports.get(port)
+            if entry is not None and entry.link_fd >= 0:
+                if port.link is entry.link_send:
+                    fast.set_current(entry.link_fd)
+                else:
+                    fast.retire(entry.link_fd)
+
+    def flush(self, ports: Iterable[RelayPort] | None = None) -> None:
+        """Write the fast path's counters back into ``ports`` (every port: None) for reading."""
+        fast = self._fast
+        if fast is None:
+            return
+        if ports is None:
+            fast.flush_all()
+            return
+        for port in ports:
+            entry = self._ports.get(port)
+            if entry is not None and entry.link_fd >= 0:
+                fast.flush(entry.link_fd)
 
     # -- the packet path -------------------------------------------------------------------
 
@@ -159,47 +252,89 @@ class MediaPlane:
         datagram per poll (the next read would only raise BlockingIOError, the costliest part of
         an empty read), twice as many each time it is ready in two polls running, half as many
         after a read found it empty.  Level-triggered: what is left (sockets beyond MAX_EVENTS,
-        datagrams beyond a burst) keeps this epoll readable, so the event loop calls again."""
+        datagrams beyond a burst) keeps this epoll readable, so the event loop calls again.
+        With the fast path, the C table polls and forwards the loaded links' common case (same
+        burst rule); this reads what it hands back."""
         if self._closed:  # the relay stopped
             return 0
-        events = self._epoll.poll(0, MAX_EVENTS)
         self._polls += 1
         poll = self._polls
-        by_fd = self._by_fd
-        for fd, _mask in events:
-            entry = by_fd.get(fd)
-            if entry is None:  # closed by an earlier datagram's consequences in this batch
-                continue
-            burst = entry.burst
-            if entry.polled == poll - 1 and burst < MAX_BURST:
-                burst *= 2
-            entry.polled = poll
-            port = entry.port
-            read = 0
-            if fd == entry.link_fd:
-                recv = entry.link_recv
-                source = entry.link_addr
-                assert recv is not None and source is not None
-                while read < burst:
-                    try:
-                        data = recv(RECV_SIZE)
-                    except OSError:  # empty (BlockingIOError), or an ICMP error reported on a link
-                        break
-                    read += 1
-                    port.receive(data, source)
-            else:
-                recvfrom = entry.recvfrom
-                while read < burst:
-                    try:
-                        data, addr = recvfrom(RECV_SIZE)
-                    except OSError:
-                        break
-                    read += 1
-                    port.receive(data, addr)
-            entry.burst = burst if read == burst else max(1, burst >> 1)
-            if port.link is None and port.source is not None:
-                self._relink(entry)
-        return len(events)
+        fast = self._fast
+        if fast is None:
+            events = self._epoll.poll(0, MAX_EVENTS)
+            for fd, _mask in events:
+                self._serve(fd, poll)
+            return len(events)
+        handback = self._handback
+        ready = fast.drain(self._clock(), handback)
+        if handback:
+            try:
+                for item in handback:
+                    if isinstance(item, int):
+                        self._serve(item, poll)
+                    else:  # the first datagram of a loaded link that is not the common case
+                        fd, data = item
+                        entry = self._by_fd.get(fd)
+                        if entry is not None and entry.link_addr is not None:
+                            entry.port.receive(data, entry.link_addr)
+                            self._settle(entry)
+            finally:
+                handback.clear()
+        return ready
+
+    def _serve(self, fd: int, poll: int) -> None:
+        """Read one ready socket on the Python path."""
+        entry = self._by_fd.get(fd)
+        if entry is None:  # closed by an earlier datagram's consequences in this batch
+            return
+        burst = entry.burst
+        if entry.polled == poll - 1 and burst < MAX_BURST:
+            burst *= 2
+        entry.polled = poll
+        port = entry.port
+        read = 0
+        if fd == entry.link_fd:
+            recv = entry.link_recv
+            source = entry.link_addr
+            assert recv is not None and source is not None
+            while read < burst:
+                try:
+                    data = recv(RECV_SIZE)
+                except OSError:  # empty (BlockingIOError), or an ICMP error reported on a link
+                    break
+                read += 1
+                port.receive(data, source)
+        else:
+            if self._fast is not None and entry.link_fd >= 0:
+                self._fast.unload(entry.link_fd)  # a stranger, or a packet from before the link
+            recvfrom = entry.recvfrom
+            while read < burst:
+                try:
+                    data, addr = recvfrom(RECV_SIZE)
+                except OSError:
+                    break
+                read += 1
+                port.receive(data, addr)
+        entry.burst = burst if read == burst else max(1, burst >> 1)
+        self._settle(entry)
+
+    def _settle(self, entry: _PortSockets) -> None:
+        """Python handled datagrams of ``entry``'s port: link it if it latched; with the fast
+        path, say whether its link is still its own and let the table take it over again."""
+        port = entry.port
+        if port.link is None and port.source is not None:
+            self._relink(entry)
+        fast = self._fast
+        if fast is None or entry.link_fd < 0:
+            return
+        if port.link is not entry.link_send:
+            fast.retire(entry.link_fd)
+            return
+        fast.set_current(entry.link_fd)
+        out = port.peer_rtp
+        out_entry = self._ports.get(out)
+        if out_entry is not None and out_entry.link_fd >= 0 and out.link is out_entry.link_send:
+            fast.load(entry.link_fd, out_entry.link_fd)
 
     # -- links -----------------------------------------------------------------------------
 
@@ -235,6 +370,8 @@ class MediaPlane:
         fd = link.fileno()
         self._epoll.register(fd, select.EPOLLIN)
         self._by_fd[fd] = entry
+        if self._fast is not None:
+            self._fast.register(fd, port)
         entry.link = link
         entry.link_fd = fd
         entry.link_addr = source
@@ -253,6 +390,8 @@ class MediaPlane:
     def _unlink(self, entry: _PortSockets) -> None:
         link = entry.link
         if link is not None:
+            if self._fast is not None:
+                self._fast.remove(entry.link_fd)  # writes the port's counters back
             entry.link = None
             entry.link_fd = -1
             entry.link_addr = None

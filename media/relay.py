@@ -445,6 +445,11 @@ class RelayEngine:
     def list_calls(self) -> list[str]:
         return list(self._calls)
 
+    def call_ports(self, call_id: str) -> list[RelayPort]:
+        """The ports of ``call_id`` (none for an unknown call)."""
+        call = self._calls.get(call_id)
+        return [] if call is None else call.ports()
+
     @property
     def sessions(self) -> int:
         return len(self._calls)
@@ -579,6 +584,9 @@ class RelayServer:
     ``on_expired`` is called with the final counters of each call the media timeout freed (no
     delete will come for it), after its ports are closed.  :meth:`totals` sums the counters of
     every port since start, for metrics read once in a while (the packet path counts nothing more).
+    ``fast_path`` (default on) lets the plane's C fast path forward the latched ports' common
+    case where the extension is built (:attr:`fast_path` says whether it runs); the glue gives
+    the ports' counters back to Python around signalling and before reading them.
     """
 
     def __init__(
@@ -589,13 +597,14 @@ class RelayServer:
         receive_buffer: int | None = None,
         on_expired: Callable[[CallStats], None] | None = None,
         batch_interval: float = DEFAULT_BATCH_INTERVAL,
+        fast_path: bool = True,
     ) -> None:
         self.engine = engine
         self.batch_interval = batch_interval
         self.host = host
         self.receive_buffer = receive_buffer
         self.on_expired = on_expired
-        self._plane = MediaPlane(host, receive_buffer)
+        self._plane = MediaPlane(host, receive_buffer, clock=engine.clock, fast_path=fast_path)
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop the plane runs on
         self._watching = False  # the loop watches the plane's epoll (else a batch timer is due)
         self._batch_timer: asyncio.TimerHandle | None = None
@@ -606,24 +615,42 @@ class RelayServer:
     async def offer(
         self, call_id: str, from_tag: str, media: Sequence[MediaEndpoint], to_tag: str | None = None
     ) -> list[MediaPorts]:
-        ports = self.engine.offer(call_id, from_tag, media, to_tag)
+        self._plane.reclaim(self.engine.call_ports(call_id))
+        try:
+            ports = self.engine.offer(call_id, from_tag, media, to_tag)
+        finally:
+            self._plane.refresh(self.engine.call_ports(call_id))
         await self._sync()
         return ports
 
     async def answer(
         self, call_id: str, from_tag: str, to_tag: str, media: Sequence[MediaEndpoint]
     ) -> list[MediaPorts]:
-        ports = self.engine.answer(call_id, from_tag, to_tag, media)
+        self._plane.reclaim(self.engine.call_ports(call_id))
+        try:
+            ports = self.engine.answer(call_id, from_tag, to_tag, media)
+        finally:
+            self._plane.refresh(self.engine.call_ports(call_id))
         await self._sync()
         return ports
 
     def delete(self, call_id: str, from_tag: str | None = None, to_tag: str | None = None) -> CallStats:
-        stats = self.engine.delete(call_id, from_tag, to_tag)
+        self._plane.reclaim(self.engine.call_ports(call_id))
+        try:
+            stats = self.engine.delete(call_id, from_tag, to_tag)
+        finally:
+            self._plane.refresh(self.engine.call_ports(call_id))
         self._close_freed()
         return stats
 
     def query(self, call_id: str) -> CallStats:
+        self._plane.flush(self.engine.call_ports(call_id))
         return self.engine.query(call_id)
+
+    @property
+    def fast_path(self) -> bool:
+        """Whether the plane's C fast path runs (see :mod:`media.plane`)."""
+        return self._plane.fast
 
     def list_calls(self) -> list[str]:
         return self.engine.list_calls()
@@ -646,6 +673,7 @@ class RelayServer:
         """Packets and bytes forwarded and dropped on every port since start: the ports freed
         so far plus the open ones (O(open ports), attribute reads only)."""
         packets, size, no_dest, unexpected, malformed, send_failed = self._closed_totals
+        self._plane.flush()
         for port in self._plane.ports():
             packets += port.packets
             size += port.bytes
@@ -657,6 +685,7 @@ class RelayServer:
 
     def close(self) -> None:
         """Free every call and close every socket (the relay stops)."""
+        self._plane.flush()
         for call_id in self.engine.list_calls():
             self.engine.delete(call_id)
         self._close_freed()
@@ -758,6 +787,7 @@ class RelayServer:
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
+        self._plane.flush()  # the media timeout reads last_seen, the expired calls' counters
         expired = self.engine.handle_timer(self.engine.clock())
         self._close_freed()
         self._arm_timer()

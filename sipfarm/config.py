@@ -566,6 +566,10 @@ class RelayConfig:
     # of one per few packets; a packet may wait this long (+ ~1 ms timer granularity) in its
     # socket. 0 reads on every wakeup (least latency, most CPU per packet with many streams).
     batch_interval: float = 0.001
+    # Forward latched streams' common case (RTP of the counted source, in sequence) in the C
+    # fast path (media/_fastpath.c, built with the compiled build; without it this does nothing):
+    # the same counters and statistics, no Python per packet. false: every packet in Python.
+    fast_path: bool = True
     # Before a phone's port has latched, the relay sends to the address in its SDP only if
     # these rules permit it (as the node's destination policy): not the internal networks
     # unless listed in allow_destinations, e.g. ["127.0.0.0/8"] for phones on this machine.
