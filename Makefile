@@ -57,6 +57,7 @@ pytest:
 # The protocol, node and balancer suites again, against the mypyc build (what benchmarks run).
 pytest-compiled: $(VENV_STAMP)
 	@bash scripts/test-compiled.sh tests/sip tests/node tests/balancer tests/store tests/transport tests/protect tests/e2e/test_attacks.py tests/e2e/test_redis_cluster.py \
+		tests/media/test_media_fastpath.py tests/media/test_media_plane.py tests/media/test_media_relay.py \
 		tests/e2e/test_sentinel_failover.py::test_registrations_survive_master_sigkill
 
 # Benchmarks measure the mypyc build of the hot path (`make compiled`).

@@ -220,7 +220,7 @@ static inline int forward(Slot *s, int out_fd, const unsigned char *d, Py_ssize_
     s->timed = 1;
     ssize_t sent;
     do {
-        sent = send(out_fd, d, (size_t)n, 0);
+        sent = send(out_fd, d, (size_t)n, MSG_NOSIGNAL);
     } while (sent < 0 && errno == EINTR);
     if (sent < 0) { /* a full send buffer, an ICMP error on the link: counted, as in Python */
         s->drops_send_failed += 1;

@@ -30,7 +30,8 @@ WORK="$ROOT/build/mypyc"  # generated C, object files, setup script
 #   the exception object's layout does not have: a segfault (error_response). Raised on bad
 #   input only, so nothing is lost by leaving it interpreted.
 # - media/relay.py, media/ports.py: the relay's signalling (its errors derive from Exception, as
-#   above); the per-packet path is media/port.py and media/plane.py, compiled.
+#   above); the per-packet path is media/port.py and media/plane.py, compiled, and the C fast
+#   path media/_fastpath.c (CEXTENSIONS) for latched streams.
 MODULES=(
     sipfarm/sip/uri.py
     sipfarm/sip/address.py
@@ -86,6 +87,7 @@ MODULES=(
 # test stage checks, while scripts/test-compiled.sh tests the extension.
 CEXTENSIONS=(
     sipfarm.transport._batchio=sipfarm/transport/_batchio.c
+    media._fastpath=media/_fastpath.c
 )
 
 test -x "$PY" || { echo "build-compiled: $PY missing (run make setup)" >&2; exit 1; }
