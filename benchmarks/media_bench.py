@@ -440,6 +440,8 @@ class SipfarmRelay(Relay):
         self._wait_ping()
         if build_used == "compiled" and not _runs_compiled(self.pid):
             raise MediaBenchError("the sipfarm relay was to run the compiled build but maps no mypyc extension")
+        if _maps(self.pid, "_fastpath"):  # media/_fastpath.c (the compiled build, [relay] fast_path on)
+            self.version = f"sipfarm relay ({build_used}, C fast path)"
         return self
 
     def stop(self) -> None:
@@ -450,8 +452,13 @@ class SipfarmRelay(Relay):
 
 def _runs_compiled(pid: int) -> bool:
     """Whether process ``pid`` has loaded the mypyc build (its shared library is named __mypyc)."""
+    return _maps(pid, "__mypyc")
+
+
+def _maps(pid: int, name: str) -> bool:
+    """Whether process ``pid`` has a shared library with ``name`` in its path loaded."""
     try:
-        return "__mypyc" in Path(f"/proc/{pid}/maps").read_text()
+        return name in Path(f"/proc/{pid}/maps").read_text()
     except OSError:
         return False
 

@@ -25,7 +25,10 @@
  * stranger on its own socket, signalling on its call) and flushes before counters are read
  * (query, totals, the media timeout).  A loaded link forwards only to a peer link that is still
  * current and the one it was loaded with (a generation number per fd, bumped on retire and
- * remove): otherwise the datagram goes to Python, which knows the peer's state.
+ * remove): otherwise the datagram goes to Python, which knows the peer's state.  A peer that has
+ * not latched (a one-way stream: its party never sent) has no link: its own socket is then a
+ * *target*, registered with the address Python would sendto (the peer's SDP address), current
+ * while the peer has no link and that address; its own datagrams still go to Python.
  *
  * Linux only (epoll); the GIL is held throughout (non-blocking sockets, one thread).
  */
@@ -36,6 +39,8 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 
@@ -63,6 +68,10 @@ typedef struct {
     double last_seen, jitter, transit, clock_rate;
     uint32_t ssrc;
     int max_seq;
+    /* a port's own socket as a destination (target): sendto this address */
+    uint8_t has_dest;
+    socklen_t dest_len;
+    struct sockaddr_storage dest;
 } Slot;
 
 typedef struct {
@@ -194,7 +203,7 @@ static inline Slot *out_of(LinkTable *self, Slot *s) {
 
 /* RelayPort.receive's common case for one datagram of a loaded link: 1 done (forwarded or its
  * send failed, counted), 0 not the common case (nothing changed: Python takes it). */
-static inline int forward(Slot *s, int out_fd, const unsigned char *d, Py_ssize_t n, double now) {
+static inline int forward(Slot *s, Slot *out, int out_fd, const unsigned char *d, Py_ssize_t n, double now) {
     if (n < 12 || (d[0] & 0xC0) != 0x80 || (d[1] >= RTCP_MIN_TYPE && d[1] <= RTCP_MAX_TYPE))
         return 0;
     int seq = (d[2] << 8) | d[3];
@@ -220,7 +229,10 @@ static inline int forward(Slot *s, int out_fd, const unsigned char *d, Py_ssize_
     s->timed = 1;
     ssize_t sent;
     do {
-        sent = send(out_fd, d, (size_t)n, MSG_NOSIGNAL);
+        if (out->has_dest) /* the peer has not latched: its own socket, to its SDP address */
+            sent = sendto(out_fd, d, (size_t)n, MSG_NOSIGNAL, (struct sockaddr *)&out->dest, out->dest_len);
+        else
+            sent = send(out_fd, d, (size_t)n, MSG_NOSIGNAL);
     } while (sent < 0 && errno == EINTR);
     if (sent < 0) { /* a full send buffer, an ICMP error on the link: counted, as in Python */
         s->drops_send_failed += 1;
@@ -280,7 +292,7 @@ static PyObject *LinkTable_drain(LinkTable *self, PyObject *args) {
             if (r < 0) /* empty (EAGAIN), or an ICMP error reported on the link */
                 break;
             read++;
-            if (!forward(s, out_fd, self->buf, r, now)) {
+            if (!forward(s, out, out_fd, self->buf, r, now)) {
                 PyObject *data = PyBytes_FromStringAndSize((const char *)self->buf, r);
                 if (data == NULL)
                     return NULL;
@@ -306,18 +318,14 @@ static PyObject *LinkTable_feed(LinkTable *self, PyObject *args) {
         return NULL;
     Slot *s = slot_of(self, fd);
     Slot *out = (s != NULL && s->loaded) ? out_of(self, s) : NULL;
-    int done = out != NULL && forward(s, s->out_fd, data.buf, data.len, now);
+    int done = out != NULL && forward(s, out, s->out_fd, data.buf, data.len, now);
     PyBuffer_Release(&data);
     if (!done && s != NULL && unload_slot(s) < 0)
         return NULL;
     return PyBool_FromLong(done);
 }
 
-static PyObject *LinkTable_register(LinkTable *self, PyObject *args) {
-    int fd;
-    PyObject *port;
-    if (!PyArg_ParseTuple(args, "iO:register", &fd, &port))
-        return NULL;
+static Slot *new_slot(LinkTable *self, int fd, PyObject *port) {
     if (fd < 0 || fd >= MAX_FD) {
         PyErr_Format(PyExc_ValueError, "fd %d out of range", fd);
         return NULL;
@@ -327,8 +335,10 @@ static PyObject *LinkTable_register(LinkTable *self, PyObject *args) {
         while (size <= fd)
             size *= 2;
         Slot *grown = PyMem_Realloc(self->slots, (size_t)size * sizeof(Slot));
-        if (grown == NULL)
-            return PyErr_NoMemory();
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return NULL;
+        }
         memset(grown + self->nslots, 0, (size_t)(size - self->nslots) * sizeof(Slot));
         self->slots = grown;
         self->nslots = size;
@@ -343,10 +353,80 @@ static PyObject *LinkTable_register(LinkTable *self, PyObject *args) {
     s->registered = 1;
     s->current = 1;
     s->loaded = 0;
+    s->has_dest = 0;
     s->gen += 1;
     s->burst = 1;
     s->polled = -1;
+    return s;
+}
+
+static PyObject *LinkTable_register(LinkTable *self, PyObject *args) {
+    int fd;
+    PyObject *port;
+    if (!PyArg_ParseTuple(args, "iO:register", &fd, &port))
+        return NULL;
+    if (new_slot(self, fd, port) == NULL)
+        return NULL;
     Py_RETURN_NONE;
+}
+
+/* The address tuple of a Python sendto: (host, port) or (host, port, flowinfo, scope_id), an IP
+ * literal.  0 when it is not one (a name: Python resolves it, the fast path does not). */
+static int parse_addr(PyObject *addr, struct sockaddr_storage *out, socklen_t *len) {
+    const char *host;
+    int port;
+    unsigned int flowinfo = 0, scope_id = 0;
+    if (!PyTuple_Check(addr) || !PyArg_ParseTuple(addr, "si|II", &host, &port, &flowinfo, &scope_id)) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (port < 0 || port > 65535)
+        return 0;
+    memset(out, 0, sizeof(*out));
+    struct sockaddr_in *v4 = (struct sockaddr_in *)out;
+    if (inet_pton(AF_INET, host, &v4->sin_addr) == 1) {
+        v4->sin_family = AF_INET;
+        v4->sin_port = htons((uint16_t)port);
+        *len = sizeof(*v4);
+        return 1;
+    }
+    struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)out;
+    if (inet_pton(AF_INET6, host, &v6->sin6_addr) == 1) {
+        v6->sin6_family = AF_INET6;
+        v6->sin6_port = htons((uint16_t)port);
+        v6->sin6_flowinfo = htonl(flowinfo);
+        v6->sin6_scope_id = scope_id;
+        *len = sizeof(*v6);
+        return 1;
+    }
+    return 0;
+}
+
+static PyObject *LinkTable_target(LinkTable *self, PyObject *args) {
+    int fd;
+    PyObject *port, *addr;
+    if (!PyArg_ParseTuple(args, "iOO:target", &fd, &port, &addr))
+        return NULL;
+    struct sockaddr_storage dest;
+    socklen_t len = 0;
+    if (!parse_addr(addr, &dest, &len))
+        Py_RETURN_FALSE;
+    Slot *s = slot_of(self, fd);
+    if (s == NULL) {
+        s = new_slot(self, fd, port);
+        if (s == NULL)
+            return NULL;
+    } else if (s->port != port) {
+        PyErr_Format(PyExc_ValueError, "fd %d is registered for another port", fd);
+        return NULL;
+    } else if (!s->has_dest || s->dest_len != len || memcmp(&s->dest, &dest, len) != 0) {
+        s->gen += 1; /* another address: whoever sent to the old one asks again */
+    }
+    s->has_dest = 1;
+    s->dest = dest;
+    s->dest_len = len;
+    s->current = 1;
+    Py_RETURN_TRUE;
 }
 
 static Slot *slot_arg(LinkTable *self, PyObject *args, const char *format) {
@@ -494,6 +574,9 @@ static PyMethodDef LinkTable_methods[] = {
     {"feed", (PyCFunction)LinkTable_feed, METH_VARARGS,
      "feed(fd, data, now) -> bool: drain's per-datagram step without recv (tests); False: unloaded, Python's"},
     {"register", (PyCFunction)LinkTable_register, METH_VARARGS, "register(fd, port): a new link, current"},
+    {"target", (PyCFunction)LinkTable_target, METH_VARARGS,
+     "target(fd, port, addr) -> bool: a port's own socket as a destination (sendto addr), current; "
+     "False if addr is not an IP literal"},
     {"remove", (PyCFunction)LinkTable_remove, METH_VARARGS, "remove(fd): unload and forget the link"},
     {"retire", (PyCFunction)LinkTable_retire, METH_VARARGS, "retire(fd): unload; no longer its port's link"},
     {"set_current", (PyCFunction)LinkTable_set_current, METH_VARARGS, "set_current(fd): its port's link again"},

@@ -92,6 +92,7 @@ class _PortSockets:
         "port",
         "recvfrom",
         "sock",
+        "target",
     )
 
     def __init__(self, port: RelayPort, sock: socket.socket) -> None:
@@ -106,6 +107,9 @@ class _PortSockets:
         self.recvfrom: Callable[[int], tuple[bytes, Addr]] = sock.recvfrom
         self.link_addr: Addr | None = None
         self.link_failed: Addr | None = None  # the source a link could not be opened to
+        # the address the fast path sends to through ``sock`` for this port's peer, while the
+        # port has no link (see _target); None: ``sock`` is not registered there
+        self.target: Addr | None = None
 
 
 def fast_path_available() -> bool:
@@ -158,6 +162,14 @@ class MediaPlane:
         """Whether the C fast path forwards the linked ports' common case."""
         return self._fast is not None
 
+    @property
+    def fast_ports(self) -> int:
+        """Ports whose counters the fast path holds now (it forwards their common case)."""
+        fast = self._fast
+        if fast is None:
+            return 0
+        return sum(1 for entry in self._ports.values() if entry.link_fd >= 0 and fast.loaded(entry.link_fd))
+
     def fileno(self) -> int:
         """The epoll's descriptor: readable when a port's socket is (watch it with add_reader)."""
         return self._epoll.fileno()
@@ -193,6 +205,9 @@ class MediaPlane:
         if entry is None:
             return False
         self._unlink(entry)
+        if self._fast is not None and entry.target is not None:
+            entry.target = None
+            self._fast.remove(entry.sock.fileno())
         self._forget(entry.sock)
         return True
 
@@ -223,11 +238,25 @@ class MediaPlane:
             return
         for port in ports:
             entry = self._ports.get(port)
-            if entry is not None and entry.link_fd >= 0:
-                if port.link is entry.link_send:
-                    fast.set_current(entry.link_fd)
-                else:
-                    fast.retire(entry.link_fd)
+            if entry is not None:
+                self._check(entry)
+
+    def _check(self, entry: _PortSockets) -> None:
+        """Tell the fast path whether ``entry``'s link, and its socket as a target, still
+        stand for its port (only Python code changes a port: after it ran)."""
+        fast = self._fast
+        assert fast is not None
+        port = entry.port
+        if entry.link_fd >= 0:
+            if port.link is entry.link_send:
+                fast.set_current(entry.link_fd)
+            else:
+                fast.retire(entry.link_fd)
+        if entry.target is not None:
+            if port.link is None and port.dest == entry.target and not port.closed:
+                fast.set_current(entry.sock.fileno())
+            else:
+                fast.retire(entry.sock.fileno())
 
     def flush(self, ports: Iterable[RelayPort] | None = None) -> None:
         """Write the fast path's counters back into ``ports`` (every port: None) for reading."""
@@ -325,16 +354,28 @@ class MediaPlane:
         if port.link is None and port.source is not None:
             self._relink(entry)
         fast = self._fast
-        if fast is None or entry.link_fd < 0:
+        if fast is None:
             return
-        if port.link is not entry.link_send:
-            fast.retire(entry.link_fd)
+        self._check(entry)
+        if entry.link_fd < 0 or port.link is not entry.link_send:
             return
-        fast.set_current(entry.link_fd)
         out = port.peer_rtp
         out_entry = self._ports.get(out)
-        if out_entry is not None and out_entry.link_fd >= 0 and out.link is out_entry.link_send:
-            fast.load(entry.link_fd, out_entry.link_fd)
+        if out_entry is None or out.closed:
+            return
+        if out.link is not None:
+            if out_entry.link_fd >= 0 and out.link is out_entry.link_send:
+                fast.load(entry.link_fd, out_entry.link_fd)
+            return
+        # the peer has not latched (a one-way stream): it sends from its own socket to its
+        # SDP address, as RelayPort.receive does through ``out.sender``
+        dest = out.dest
+        if dest is None or out.sender is not out_entry.sock:
+            return
+        fd = out_entry.sock.fileno()
+        if fast.target(fd, out, dest):
+            out_entry.target = dest
+            fast.load(entry.link_fd, fd)
 
     # -- links -----------------------------------------------------------------------------
 

@@ -652,6 +652,11 @@ class RelayServer:
         """Whether the plane's C fast path runs (see :mod:`media.plane`)."""
         return self._plane.fast
 
+    @property
+    def fast_ports(self) -> int:
+        """Latched ports the fast path forwards for now (O(open ports): for tests and status)."""
+        return self._plane.fast_ports
+
     def list_calls(self) -> list[str]:
         return self.engine.list_calls()
 

@@ -97,16 +97,23 @@ class Stream:
 
 
 class Twin:
-    """A latched port with a linked peer; with ``table``, its link is held by the fast path."""
+    """A latched port with a linked peer (``one_way``: a peer that never latched, sending from
+    its own socket to its SDP address); with ``table``, the port's link is the fast path's."""
 
-    def __init__(self, clock: Clock, kind: int, table: object | None) -> None:
+    def __init__(self, clock: Clock, kind: int, table: object | None, *, one_way: bool = False) -> None:
         self.table = table
         self.port = RelayPort(40000, kind, clock, 2, 5.0)
         self.peer = RelayPort(40002, KIND_RTP, clock, 2, 5.0)
         self.port.peer_rtp = self.peer
         self.port.peer_rtcp = self.peer
         self.peer.peer_rtp = self.port
-        self.out, self.sink = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if one_way:
+            self.out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.out.bind(("127.0.0.1", 0))
+            self.sink.bind(("127.0.0.1", 0))
+        else:
+            self.out, self.sink = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         for s in (self.out, self.sink):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
@@ -114,8 +121,22 @@ class Twin:
         self.out.setblocking(False)
         self.link_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # an fd for the port's link
         self.link_send = self.link_sock.send
-        self.peer.link = self.out.send
-        self.peer.dest = ("127.0.0.3", 5000)
+        if one_way:
+            self.peer.sender = self.out
+            self.peer.dest = self.sink.getsockname()
+        else:
+            self.peer.link = self.out.send
+            self.peer.dest = ("127.0.0.3", 5000)
+        self.one_way = one_way
+
+    def register(self) -> None:
+        """The plane's part: the peer's link, or its own socket as a target."""
+        assert self.table is not None
+        if self.one_way:
+            assert self.table.target(self.out.fileno(), self.peer, self.peer.dest)  # type: ignore[attr-defined]
+        else:
+            self.table.register(self.out.fileno(), self.peer)  # type: ignore[attr-defined]
+        self.table.register(self.link_sock.fileno(), self.port)  # type: ignore[attr-defined]
 
     def settle(self) -> None:
         """media/plane.py's _settle, with links that never need opening."""
@@ -142,13 +163,15 @@ class Twin:
         self.port.receive(data, addr)
         self.settle()
 
-    def forwarded(self) -> list[bytes]:
-        out = []
-        while True:
+    def forwarded(self, most: int = 1000) -> list[bytes]:
+        """What reached the peer's party (loopback UDP for one way: delivered on send)."""
+        out: list[bytes] = []
+        while len(out) < most:
             try:
                 out.append(self.sink.recv(65536))
             except BlockingIOError:
-                return out
+                break
+        return out
 
     def close(self) -> None:
         for s in (self.out, self.sink, self.link_sock):
@@ -167,18 +190,17 @@ def link_table() -> Iterator[object]:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(steps=st.lists(_STEP, min_size=1, max_size=60), mux=st.booleans())
+@given(steps=st.lists(_STEP, min_size=1, max_size=60), mux=st.booleans(), one_way=st.booleans())
 def test_fast_path_counts_and_forwards_exactly_as_the_python_path(
-    steps: list[tuple[str, int, float]], mux: bool
+    steps: list[tuple[str, int, float]], mux: bool, one_way: bool
 ) -> None:
     kind = KIND_MUX if mux else KIND_RTP
     clock = Clock()
     with link_table() as table:
-        python, fast = Twin(clock, kind, None), Twin(clock, kind, table)
+        python, fast = Twin(clock, kind, None, one_way=one_way), Twin(clock, kind, table, one_way=one_way)
         try:
             fast_fd = fast.link_sock.fileno()
-            table.register(fast.out.fileno(), fast.peer)  # type: ignore[attr-defined]
-            table.register(fast_fd, fast.port)  # type: ignore[attr-defined]
+            fast.register()
             # latch both on a first packet, as the plane does before it links a port
             streams = Stream(), Stream()
             for twin, stream in zip((python, fast), streams, strict=True):
@@ -193,7 +215,7 @@ def test_fast_path_counts_and_forwards_exactly_as_the_python_path(
                     twin.feed(data, addr, clock.now)
             table.flush(fast_fd)  # type: ignore[attr-defined]
             assert fast.port.snapshot() == python.port.snapshot()
-            assert fast.forwarded() == python.forwarded()
+            assert fast.forwarded(len(steps) + 1) == python.forwarded(len(steps) + 1)
             # and with ownership back in Python, the next packets agree too
             table.unload(fast_fd)  # type: ignore[attr-defined]
             for twin, stream in zip((python, fast), streams, strict=True):
@@ -210,8 +232,7 @@ def test_a_failed_send_is_counted_and_the_stats_still_move() -> None:
     with link_table() as table:
         python, fast = Twin(clock, KIND_RTP, None), Twin(clock, KIND_RTP, table)
         try:
-            table.register(fast.out.fileno(), fast.peer)  # type: ignore[attr-defined]
-            table.register(fast.link_sock.fileno(), fast.port)  # type: ignore[attr-defined]
+            fast.register()
             streams = Stream(), Stream()
             for twin, stream in zip((python, fast), streams, strict=True):
                 data, addr = stream.datagram("next", 1)
@@ -240,8 +261,7 @@ def test_a_peer_that_is_no_longer_linked_is_sent_to_by_python() -> None:
         fast = Twin(clock, KIND_RTP, table)
         try:
             out_fd, fd = fast.out.fileno(), fast.link_sock.fileno()
-            table.register(out_fd, fast.peer)  # type: ignore[attr-defined]
-            table.register(fd, fast.port)  # type: ignore[attr-defined]
+            fast.register()
             stream = Stream()
             first = stream.datagram("next", 1)
             fast.feed(*first, clock.now)
@@ -304,6 +324,7 @@ async def test_counters_of_the_fast_path_reach_query_and_totals() -> None:
         assert to_b == [rtp(seq, seq * 160, 0xA, 160) for seq in range(count)]
         assert to_a == [rtp(seq, seq * 160, 0xB, 160) for seq in range(count)]
         assert server.linked_ports == 2
+        assert server.fast_ports == 2
         stats = server.query("call")
         legs = [m.media[0].rtp for m in stats.monologues]
         for leg in legs:
@@ -319,3 +340,68 @@ async def test_counters_of_the_fast_path_reach_query_and_totals() -> None:
         server.close()
         for s in socks:
             s.close()
+
+
+async def test_a_one_way_stream_is_forwarded_and_counted_by_the_fast_path() -> None:
+    """Only one party sends (its peer never latched): the fast path sends from the peer's port
+    to the address of the peer's SDP, as the Python path does; then the peer latches."""
+    server = _relay(41440)
+    socks = []
+    for host in ("127.0.0.2", "127.0.0.3"):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        s.bind((host, 0))
+        s.setblocking(False)
+        socks.append(s)
+    a, b = socks
+
+    async def drained(s: socket.socket, count: int) -> list[bytes]:
+        got: list[bytes] = []
+        for _ in range(500):
+            while True:
+                try:
+                    got.append(s.recv(2048))
+                except BlockingIOError:
+                    break
+            if len(got) >= count:
+                break
+            await asyncio.sleep(0.01)
+        return got
+
+    try:
+        [b_ports] = await server.offer("call", "ta", [MediaEndpoint(*a.getsockname())])
+        [a_ports] = await server.answer("call", "ta", "tb", [MediaEndpoint(*b.getsockname())])
+        count = 200
+        loaded = False
+        for seq in range(count):
+            a.sendto(rtp(seq, seq * 160, 0xA, 160), ("127.0.0.1", a_ports.rtp))
+            if seq % 20 == 0:
+                await asyncio.sleep(0.005)
+                loaded = loaded or server.fast_ports == 1
+        assert await drained(b, count) == [rtp(seq, seq * 160, 0xA, 160) for seq in range(count)]
+        assert loaded
+        [a_leg, b_leg] = [m.media[0].rtp for m in server.query("call").monologues]
+        assert (a_leg.packets, a_leg.received, a_leg.lost, b_leg.packets) == (count, count, 0, 0)
+        # the callee sends at last: it latches, and the caller's packets now take its link
+        b.sendto(rtp(0, 0, 0xB, 160), ("127.0.0.1", b_ports.rtp))
+        assert await drained(a, 1) == [rtp(0, 0, 0xB, 160)]
+        await until_linked(server, 2)
+        for seq in range(count, 2 * count):
+            a.sendto(rtp(seq, seq * 160, 0xA, 160), ("127.0.0.1", a_ports.rtp))
+            if seq % 20 == 0:
+                await asyncio.sleep(0.005)
+        assert await drained(b, count) == [rtp(seq, seq * 160, 0xA, 160) for seq in range(count, 2 * count)]
+        [a_leg, b_leg] = [m.media[0].rtp for m in server.query("call").monologues]
+        assert (a_leg.packets, a_leg.received, a_leg.lost, b_leg.packets) == (2 * count, 2 * count, 0, 1)
+    finally:
+        server.close()
+        for s in socks:
+            s.close()
+
+
+async def until_linked(server: RelayServer, ports: int) -> None:
+    for _ in range(200):
+        if server.linked_ports == ports:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{server.linked_ports} linked ports, not {ports}")
