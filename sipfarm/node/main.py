@@ -294,6 +294,8 @@ async def serve(
     if private is not None:
         glue.request_socket = private
     glue_holder.append(glue)
+    # from now on the transport calls the glue straight (no interpreted frame per message)
+    transports.on_message = glue.on_message
     pipe.after_replies = glue.drain  # Redis answers are inputs too: drain after each batch
     resolver.after = glue.drain
     locator.after = glue.drain

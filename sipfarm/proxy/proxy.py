@@ -40,9 +40,8 @@ import ipaddress
 import logging
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from sipfarm.edge import (
     DIALOG_CREATING,
@@ -117,13 +116,28 @@ _IN_DIALOG_MEDIA = frozenset({b"INVITE", b"UPDATE", b"PRACK"})
 _MEDIA_RESPONSES = frozenset({b"UPDATE", b"PRACK"})
 
 
-@dataclass(frozen=True, slots=True)
 class OwnRoutes:
-    """What removing the Route entries that are ours (RFC 3261 16.4) found."""
+    """What removing the Route entries that are ours (RFC 3261 16.4) found (immutable: Final
+    attributes; a plain class, not a frozen dataclass: its __init__ is ~15x cheaper compiled)."""
 
-    flow: Address | None = None  # a client flow one of them named (flow token)
-    sealed: bool = False  # one was the farm's Record-Route (or Path) entry for this Call-ID
-    popped: bool = False  # at least one entry named us
+    def __init__(self, flow: Address | None = None, sealed: bool = False, popped: bool = False) -> None:
+        self.flow: Final = flow  # a client flow one of them named (flow token)
+        self.sealed: Final = sealed  # one was the farm's Record-Route (or Path) entry for this Call-ID
+        self.popped: Final = popped  # at least one entry named us
+
+    # value semantics, as the frozen dataclass had
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, OwnRoutes) and (self.flow, self.sealed, self.popped) == (
+            other.flow,
+            other.sealed,
+            other.popped,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.flow, self.sealed, self.popped))
+
+    def __repr__(self) -> str:
+        return f"OwnRoutes(flow={self.flow!r}, sealed={self.sealed}, popped={self.popped})"
 
 
 NO_ROUTES = OwnRoutes()

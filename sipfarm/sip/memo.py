@@ -32,3 +32,10 @@ class BoundedMemo(Generic[K, V]):
             self._data.clear()
         self._data[key] = value
         return value
+
+    def seed(self, key: K, value: V) -> None:
+        """Record ``value`` as what the parser makes of ``key`` (the caller just encoded it from
+        that value), so its first read costs a look-up, not a parse."""
+        if len(self._data) >= self._limit:
+            self._data.clear()
+        self._data[key] = value

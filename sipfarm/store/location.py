@@ -288,10 +288,14 @@ def register_arguments(
         expires_at = now + c.expires
         value = ""
         if c.expires > 0:
-            value = Binding(
+            binding = Binding(
                 c.contact, expires_at, c.q, call_id, cseq, c.instance, c.reg_id,
                 path_t, received, user_agent, node, now,
-            ).to_json()  # fmt: skip
+            )  # fmt: skip
+            value = binding.to_json()
+            # register.lua answers with every binding of the AOR, this one among them: the
+            # node reads it back as the value it has (a look-up, not a JSON decode per REGISTER)
+            _DECODED.seed(value.encode("utf-8"), binding)
         args += (binding_key(c.contact, c.instance, c.reg_id), repr(expires_at), value)
     keys = index_keys(aor, cluster)
     return (keys if index else keys[:1]), args
