@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from typing import Final
 
 from sipfarm.sip.address import Address
 from sipfarm.sip.message import SipMessage
@@ -20,24 +20,70 @@ from sipfarm.sip.transaction import ClientTransaction, ServerTransaction
 from sipfarm.store.location import Binding
 
 
-@dataclass(frozen=True, slots=True)
 class Target:
-    """Where one branch goes: the new Request-URI, the first hop and a pre-loaded route set."""
+    """Where one branch goes: the new Request-URI, the first hop and a pre-loaded route set.
 
-    uri: bytes
-    destination: Address
-    route: tuple[bytes, ...] = ()  # Route values to add (RFC 3327 Path of the binding)
-    q: float = 1.0
-    # ``destination`` is a client's connection held here (TCP, TLS, WebSocket): requests go over
-    # it only, never over a new one, and its loss answers the branch 430 (RFC 5626 5.3)
-    client_flow: bool = False
-    # the binding this target was built from, for an initial request: a 430 on its branch says
-    # the flow it was registered over is gone, and it is removed (RFC 5626 5.3, 11)
-    binding: Binding | None = None
-    # a trunk's account (user, password): a 401/407 from it is answered once with them
-    credentials: tuple[str, str] | None = None
-    # the header the branch's request carries for that (name, value): set on the retry
-    authorization: tuple[str, bytes] | None = None
+    Immutable (Final attributes, enforced when compiled) with value equality; a plain class,
+    not a frozen dataclass, whose generated __init__ costs ~15x a compiled one."""
+
+    def __init__(
+        self,
+        uri: bytes,
+        destination: Address,
+        route: tuple[bytes, ...] = (),
+        q: float = 1.0,
+        client_flow: bool = False,
+        binding: Binding | None = None,
+        credentials: tuple[str, str] | None = None,
+        authorization: tuple[str, bytes] | None = None,
+    ) -> None:
+        self.uri: Final = uri
+        self.destination: Final = destination
+        self.route: Final = route  # Route values to add (RFC 3327 Path of the binding)
+        self.q: Final = q
+        # ``destination`` is a client's connection held here (TCP, TLS, WebSocket): requests go
+        # over it only, never over a new one, and its loss answers the branch 430 (RFC 5626 5.3)
+        self.client_flow: Final = client_flow
+        # the binding this target was built from, for an initial request: a 430 on its branch
+        # says the flow it was registered over is gone, and it is removed (RFC 5626 5.3, 11)
+        self.binding: Final = binding
+        # a trunk's account (user, password): a 401/407 from it is answered once with them
+        self.credentials: Final = credentials
+        # the header the branch's request carries for that (name, value): set on the retry
+        self.authorization: Final = authorization
+
+    def _fields(self) -> tuple[object, ...]:
+        return (
+            self.uri,
+            self.destination,
+            self.route,
+            self.q,
+            self.client_flow,
+            self.binding,
+            self.credentials,
+            self.authorization,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Target) and self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        return f"Target({self.uri!r}, {self.destination!r}, q={self.q})"
+
+    def with_credentials(self, credentials: tuple[str, str] | None) -> Target:
+        return Target(
+            self.uri, self.destination, self.route, self.q, self.client_flow, self.binding, credentials,
+            self.authorization,
+        )  # fmt: skip
+
+    def with_authorization(self, authorization: tuple[str, bytes]) -> Target:
+        return Target(
+            self.uri, self.destination, self.route, self.q, self.client_flow, self.binding, self.credentials,
+            authorization,
+        )  # fmt: skip
 
 
 class BranchState(enum.Enum):
@@ -46,16 +92,32 @@ class BranchState(enum.Enum):
     COMPLETED = "completed"  # a final response (or a timeout) came
 
 
-@dataclass(slots=True, eq=False)
 class Branch:
-    call: ProxyCall
-    target: Target
-    request: SipMessage  # the request as sent on this branch
-    client_tx: ClientTransaction | None = None
-    state: BranchState = BranchState.STARTED
-    cancel_wanted: bool = False  # CANCEL as soon as a provisional arrives (RFC 3261 9.1)
-    cancelled: bool = False
-    started: float = 0.0  # when the request left (serial forking bounds a group's ringing)
+    """One client branch of a :class:`ProxyCall` (a plain class, not a dataclass: compiled, its
+    __init__ is native; a dataclass's generated one is interpreted, ~6x the cost)."""
+
+    def __init__(
+        self,
+        call: ProxyCall,
+        target: Target,
+        request: SipMessage,  # the request as sent on this branch
+        client_tx: ClientTransaction | None = None,
+        state: BranchState = BranchState.STARTED,
+        cancel_wanted: bool = False,
+        cancelled: bool = False,
+        started: float = 0.0,
+    ) -> None:
+        self.call = call
+        self.target = target
+        self.request = request
+        self.client_tx = client_tx
+        self.state = state
+        self.cancel_wanted = cancel_wanted  # CANCEL as soon as a provisional arrives (RFC 3261 9.1)
+        self.cancelled = cancelled
+        self.started = started  # when the request left (serial forking bounds a group's ringing)
+
+    def __repr__(self) -> str:
+        return f"Branch({self.target.uri!r}, {self.state})"
 
 
 def response_rank(status: int) -> tuple[int, int]:
@@ -67,27 +129,31 @@ def response_rank(status: int) -> tuple[int, int]:
     return (klass, favoured)
 
 
-@dataclass(slots=True, eq=False)
 class ProxyCall:
-    """One request the proxy is forwarding (server transaction + its client branches)."""
+    """One request the proxy is forwarding (server transaction + its client branches). A plain
+    class, not a dataclass: compiled, its __init__ is native (see :class:`Branch`)."""
 
-    server_tx: ServerTransaction
-    request: SipMessage  # as received (Route processing done)
-    started: float
-    groups: list[list[Target]] = field(default_factory=list)  # remaining serial groups
-    branches: list[Branch] = field(default_factory=list)
-    best: SipMessage | None = None
-    best_is_local: bool = False  # the best final so far was made here (a timeout, a CANCEL)
-    challenges: list[tuple[str, bytes]] = field(default_factory=list)  # 16.7 step 7
-    answered: bool = False  # a 2xx or a final was sent upstream
-    cancelled: bool = False
-    record_route: bool = False  # a dialog-creating initial request (RFC 3261 16.6 step 4)
-    inbound: str = "udp"  # transport the request came in on (double Record-Route, RFC 5658)
-    record_route_flow: Address | None = None  # Record-Route with this client flow's token
-    aor: str = ""  # whose bindings the targets are (an initial request to a user)
-    # the groups are one server's addresses in RFC 3263 order: the next is tried only when the
-    # current one fails (503, 408, a transport error: RFC 3263 4.3), never after ringing a while
-    failover: bool = False
+    def __init__(self, server_tx: ServerTransaction, request: SipMessage, started: float) -> None:
+        self.server_tx = server_tx
+        self.request = request  # as received (Route processing done)
+        self.started = started
+        self.groups: list[list[Target]] = []  # remaining serial groups
+        self.branches: list[Branch] = []
+        self.best: SipMessage | None = None
+        self.best_is_local = False  # the best final so far was made here (a timeout, a CANCEL)
+        self.challenges: list[tuple[str, bytes]] = []  # 16.7 step 7
+        self.answered = False  # a 2xx or a final was sent upstream
+        self.cancelled = False
+        self.record_route = False  # a dialog-creating initial request (RFC 3261 16.6 step 4)
+        self.inbound = "udp"  # transport the request came in on (double Record-Route, RFC 5658)
+        self.record_route_flow: Address | None = None  # Record-Route with this client flow's token
+        self.aor = ""  # whose bindings the targets are (an initial request to a user)
+        # the groups are one server's addresses in RFC 3263 order: the next is tried only when the
+        # current one fails (503, 408, a transport error: RFC 3263 4.3), never after ringing a while
+        self.failover = False
+
+    def __repr__(self) -> str:
+        return f"ProxyCall({self.request.method!r}, branches={len(self.branches)}, answered={self.answered})"
 
     @property
     def is_invite(self) -> bool:

@@ -33,7 +33,6 @@ layer's.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import heapq
 import ipaddress
@@ -531,7 +530,7 @@ class Proxy:
             target = self._uri_target(decision.uri.encode(), decision.rule)
             if target is None:
                 raise ServerInternalError("route destination not allowed", partial=msg)
-            return [dataclasses.replace(target, credentials=decision.credentials)]
+            return [target.with_credentials(decision.credentials)]
         targets: list[Target] = []
         for name in sorted(k for k in results if k.startswith("bindings")):
             bindings = results[name]
@@ -602,7 +601,7 @@ class Proxy:
             self.element.metrics.errors("trunk_challenge_unusable").inc()
             return None
         self.element.metrics.errors("trunk_auth").inc()
-        return dataclasses.replace(target, authorization=(header, value))
+        return target.with_authorization((header, value))
 
     def _redirect(self, call: ProxyCall, msg: SipMessage, uri: str) -> None:
         """302 to ``uri`` (RFC 3261 21.3.3): the caller's phone calls there itself."""
