@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -261,7 +260,7 @@ def test_unknown_user_fails_even_with_the_dummy_secret_guessed() -> None:
         cnonce=creds.cnonce,
     )
     assert (
-        auth.verify(dataclasses.replace(creds, response=forged), "INVITE", None, nonces, NOW, REALM).outcome
+        auth.verify(creds.replace(response=forged), "INVITE", None, nonces, NOW, REALM).outcome
         is AuthOutcome.FAIL
     )
 
@@ -312,9 +311,9 @@ def test_auth_int_and_unsupported_algorithms_fail() -> None:
     nonces = NonceFactory(SECRET, lifetime=300)
     base = credentials_for(nonces)
     ha1s = account("alice", REALM, "s3cret")
-    auth_int = dataclasses.replace(base, qop="auth-int")
+    auth_int = base.replace(qop="auth-int")
     assert verify(auth_int, "INVITE", ha1s, nonces, NOW, REALM).outcome is AuthOutcome.FAIL
-    sha512 = dataclasses.replace(base, algorithm="SHA-512-256")
+    sha512 = base.replace(algorithm="SHA-512-256")
     assert verify(sha512, "INVITE", ha1s, nonces, NOW, REALM).outcome is AuthOutcome.FAIL
 
 
