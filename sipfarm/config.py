@@ -22,6 +22,9 @@ from sipfarm.sip.address import Address
 
 #: the words [node] accept_from takes besides networks
 ACCEPT_KEYWORDS = ("balancers", "peers")
+# [node]/[balancer] udp_batch_interval (s): see NodeConfig; chosen by measurement
+# (benchmarks/README.md, "The balancer's cost per call")
+UDP_BATCH_INTERVAL = 0.0
 
 
 class ConfigError(ValueError):
@@ -87,6 +90,14 @@ class NodeConfig:
     # SO_RCVBUF of UDP sockets: the kernel's ~200 KB default overflows under bursts long before
     # the CPU is busy (Kamailio and SIPp ask for 4 MB too); capped by net.core.rmem_max
     udp_recv_buffer: int = 4 * 1024 * 1024
+    # UDP sockets read with recvmmsg and written with sendmmsg, many datagrams a system call
+    # (sipfarm/transport/_batchio.c, built with the compiled build; without it, or false:
+    # asyncio's datagram transport, one system call a datagram). udp_batch_interval > 0 reads
+    # a busy socket once per that many seconds (the first datagram after a quiet spell at
+    # once) so more datagrams share a wake-up, each waiting up to that long; 0: on every
+    # wake-up of the loop. Same keys in [balancer].
+    udp_batchio: bool = True
+    udp_batch_interval: float = UDP_BATCH_INTERVAL
     # RFC 5626 5.4 Flow-Timer sent to outbound registrations: the keepalive interval (s) of a
     # UDP flow (under a NAT's UDP binding life and the balancer's 30 s keepalive_interval) and
     # of a TCP/TLS/WS one (RFC 5626's 95-120 s, under the 300 s idle timeout of connections)
@@ -116,6 +127,7 @@ class NodeConfig:
     replicas_ack_timeout: float = 0.1
 
     def validate(self) -> None:
+        _check_range("udp_batch_interval", self.udp_batch_interval, 0, 0.02)
         _check_range("replicas_ack", self.replicas_ack, 0, 16)
         _check_range("replicas_ack_timeout", self.replicas_ack_timeout, 0.001, 10)
         for spec in self.listen:
@@ -373,6 +385,8 @@ class BalancerConfig:
     flow_secret: str = ""  # empty: a farm-wide secret kept in Redis (balancers share tokens)
     workers: int = 1  # processes sharing the listeners (SO_REUSEPORT), each with a private internal port
     udp_recv_buffer: int = 4 * 1024 * 1024  # SO_RCVBUF of UDP sockets (see NodeConfig)
+    udp_batchio: bool = True  # recvmmsg/sendmmsg (see NodeConfig)
+    udp_batch_interval: float = UDP_BATCH_INTERVAL  # (see NodeConfig)
     probe_interval: float = 0.25
     down_after: int = 2
     retry_after: int = 5
@@ -479,6 +493,7 @@ class BalancerConfig:
     def validate(self) -> None:
         if not self.listen:
             raise ConfigError("listen: at least one listener is required")
+        _check_range("udp_batch_interval", self.udp_batch_interval, 0, 0.02)
         _check_range("max_connections", self.max_connections, 1, 10_000_000)
         _check_range("max_connections_per_source", self.max_connections_per_source, 0, 10_000_000)
         _check_range("handshake_timeout", self.handshake_timeout, 0.05, 600)

@@ -436,6 +436,8 @@ def transport_config(cfg: BalancerConfig) -> TransportConfig:
 
     return TransportConfig(
         udp_recv_buffer=cfg.udp_recv_buffer,
+        udp_batchio=cfg.udp_batchio,
+        udp_batch_interval=cfg.udp_batch_interval,
         idle_timeout=cfg.stream_idle_timeout,
         max_connections=cfg.max_connections,
         max_connections_per_source=cfg.max_connections_per_source or None,

@@ -167,7 +167,13 @@ async def serve(
         glue_holder[0].on_send_failure(dest)  # every transaction whose remote is dest
 
     transports = TransportManager(
-        on_message, on_send_failure=on_send_failure, config=TransportConfig(udp_recv_buffer=cfg.udp_recv_buffer)
+        on_message,
+        on_send_failure=on_send_failure,
+        config=TransportConfig(
+            udp_recv_buffer=cfg.udp_recv_buffer,
+            udp_batchio=cfg.udp_batchio,
+            udp_batch_interval=cfg.udp_batch_interval,
+        ),
     )
     # [node] accept_from: before anything listens, so no request slips in unscreened
     accept = AcceptFrom(cfg.accept_from)

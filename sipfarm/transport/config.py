@@ -46,6 +46,13 @@ class TransportConfig:
     # UDP: datagrams queued in user space when the socket is full are dropped above this.
     udp_send_buffer_limit: int = 1024 * 1024
     udp_recv_buffer: int | None = None  # SO_RCVBUF; None keeps the OS default
+    # UDP sockets read with recvmmsg and written with sendmmsg (sipfarm/transport/_batchio.c,
+    # in the compiled build only; without it, or False: asyncio's datagram transport).
+    udp_batchio: bool = True
+    # With batching: 0 reads a socket on every wake-up of the loop; > 0 reads it at once after
+    # a quiet spell, then once per this many seconds while datagrams keep coming (more of them
+    # per wake-up and system call, each waiting up to that long).
+    udp_batch_interval: float = 0.0
     backlog: int = 1024
     # Apply RFC 3261 18.2.1 / RFC 3581 (received, rport) to requests before the callback.
     stamp_via: bool = True
@@ -54,6 +61,8 @@ class TransportConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, bool) or value is None:
+                continue
+            if f.name == "udp_batch_interval" and value == 0:
                 continue
             if not value > 0:
                 raise ValueError(f"transport config: {f.name} must be positive, got {value!r}")

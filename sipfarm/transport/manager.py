@@ -57,7 +57,7 @@ from sipfarm.sip.via import stamp_received
 from sipfarm.transport.config import TransportConfig
 from sipfarm.transport.stats import TransportStats, bump
 from sipfarm.transport.stream import StreamFlow
-from sipfarm.transport.udp import UdpEndpoint, bind_udp_socket
+from sipfarm.transport.udp import HAVE_BATCHIO, BatchedUdpEndpoint, UdpBatches, UdpEndpoint, bind_udp_socket
 
 logger = logging.getLogger(__name__)
 
@@ -127,9 +127,10 @@ class TransportManager:
         self._tls_client_context = tls_client_context
         self._max_size = self.config.max_message_size
         self._stamp = self.config.stamp_via
-        self._udp: dict[Address, UdpEndpoint] = {}
-        self._udp_v4: UdpEndpoint | None = None
-        self._udp_v6: UdpEndpoint | None = None
+        self._udp: dict[Address, UdpEndpoint | BatchedUdpEndpoint] = {}
+        self._udp_v4: UdpEndpoint | BatchedUdpEndpoint | None = None
+        self._udp_v6: UdpEndpoint | BatchedUdpEndpoint | None = None
+        self._udp_batches: UdpBatches | None = None  # the batched endpoints' send queues
         self._servers: list[tuple[Address, asyncio.Server]] = []
         self._tls_listeners: list[tuple[Address, socket.socket]] = []
         self._flows: dict[Address, Flow] = {}  # also adopted WebSocket flows (duck-typed)
@@ -171,14 +172,22 @@ class TransportManager:
             if ssl is not None:
                 raise ValueError("an ssl context makes no sense for udp")
             sock = bind_udp_socket(addr.host, addr.port, reuse_port=reuse_port, recv_buffer=self.config.udp_recv_buffer)
-            _, endpoint = await loop.create_datagram_endpoint(lambda: UdpEndpoint(self), sock=sock)
+            endpoint: UdpEndpoint | BatchedUdpEndpoint
+            if self.batched_udp:
+                if self._udp_batches is None:
+                    self._udp_batches = UdpBatches(loop)
+                batched = BatchedUdpEndpoint(self, sock, self._udp_batches, self.config.udp_batch_interval)
+                batched.start()
+                endpoint = batched
+            else:
+                _, endpoint = await loop.create_datagram_endpoint(lambda: UdpEndpoint(self), sock=sock)
             bound = endpoint.local
             self._udp[bound] = endpoint
             if ":" in bound.host:
                 self._udp_v6 = self._udp_v6 or endpoint
             else:
                 self._udp_v4 = self._udp_v4 or endpoint
-            logger.info("event=listening address=%s reuse_port=%s", bound, reuse_port)
+            logger.info("event=listening address=%s reuse_port=%s batched=%s", bound, reuse_port, self.batched_udp)
             return bound
         if addr.transport not in STREAM_TRANSPORTS:
             raise ValueError(f"unsupported transport {addr.transport!r} in {str(addr)!r}")
@@ -200,6 +209,12 @@ class TransportManager:
         self._servers.append((bound, server))
         logger.info("event=listening address=%s reuse_port=%s", bound, reuse_port)
         return bound
+
+    @property
+    def batched_udp(self) -> bool:
+        """Whether UDP sockets are read and written in batches (recvmmsg/sendmmsg): the C
+        extension is built (compiled build) and ``udp_batchio`` is on."""
+        return HAVE_BATCHIO and self.config.udp_batchio
 
     def _listen_tls(self, addr: Address, context: ssl.SSLContext, reuse_port: bool) -> Address:
         family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
@@ -558,8 +573,7 @@ class TransportManager:
         for flow in list(self._flows.values()):
             flow.close()
         for endpoint in self._udp.values():
-            if endpoint.transport is not None:
-                endpoint.transport.close()
+            endpoint.close()
         if self._connecting:
             await asyncio.gather(*self._connecting, return_exceptions=True)
         for _, server in self._servers:

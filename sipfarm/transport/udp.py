@@ -1,4 +1,4 @@
-"""UDP: one datagram endpoint per listening socket, a thin layer over the manager.
+"""UDP: one endpoint per listening socket, a thin layer over the manager.
 
 Each datagram is one message (RFC 3261 18.3): handed to the manager inline, no buffering and
 no task.  Responses and requests leave through the same socket (``send``), so a client behind
@@ -10,6 +10,18 @@ ignored; a STUN Binding request is answered here with the sender's address
 (:mod:`sipfarm.transport.stun`, RFC 5626 8), any other STUN message dropped and counted.
 Neither reaches the parser; both tell the manager's ``on_keepalive`` the flow is alive.  A
 source the manager's ``allow_source`` hook refuses gets neither answer nor notice.
+
+Two endpoints do this.  :class:`BatchedUdpEndpoint`, when the C extension
+:mod:`sipfarm.transport._batchio` is built (``scripts/build-compiled.sh``), reads the socket
+with ``loop.add_reader`` and ``recvmmsg`` (up to :data:`BATCH` datagrams a system call) and
+queues what is sent meanwhile: the queues of every socket are written with one ``sendmmsg``
+each when the batch is handled (:class:`UdpBatches`); a send from anywhere else (a timer, a
+Redis reply) is written on the loop's next iteration, one ``call_soon`` for all of them.  Per
+datagram that saves a ``recvmsg``, a ``sendmsg`` and, under load, an event loop wake-up.
+With ``batch_interval`` > 0 the socket is read like the relay's ports (media/relay.py): the
+first datagram after a quiet spell at once, then once per interval while datagrams keep
+coming, so more of them share a wake-up.  :class:`UdpEndpoint` is asyncio's datagram
+protocol, used without the extension (the interpreted build) and for ``udp_batchio = false``.
 """
 
 from __future__ import annotations
@@ -27,15 +39,76 @@ from sipfarm.transport.stun import BINDING_REQUEST, StunError, binding_response,
 if TYPE_CHECKING:
     from sipfarm.transport.manager import TransportManager
 
+try:  # built by scripts/build-compiled.sh only: the interpreted build falls back to asyncio's
+    from sipfarm.transport._batchio import counters as batch_counters
+    from sipfarm.transport._batchio import recv_batch, send_batch
+
+    HAVE_BATCHIO = True
+except ImportError:  # pragma: no cover - which branch runs depends on the build
+    HAVE_BATCHIO = False
+
 logger = logging.getLogger(__name__)
+
+#: datagrams read by one recvmmsg, and read rounds per wake-up at most (then the loop runs
+#: its other callbacks: a flood on one socket does not starve the rest)
+BATCH = 64
+_MAX_ROUNDS = 8
+#: the receive buffer of one datagram: the largest UDP payload fits (nothing is ever cut;
+#: a message over max_message_size is answered 413 by the manager, as without batching)
+_BUFSIZE = 65536
+#: a send queue this long is written at once, not at the end of the batch
+_FLUSH_AT = 64
+
+UdpDestination = tuple[str, int]
 
 
 def _nothing_buffered() -> int:
     return 0
 
 
+def consume_keepalive(
+    manager: TransportManager, data: bytes, host: str, port: int, send: Callable[[bytes, Address], bool]
+) -> bool:
+    """Handle a CRLF or STUN keep-alive (True); False for anything else (the parser's)."""
+    stats = manager.stats
+    allow_source = manager.allow_source
+    if is_stun(data):
+        try:
+            header = parse_header(data)
+        except StunError as exc:
+            bump(stats.stun_dropped, exc.reason)
+            return True
+        if header.type != BINDING_REQUEST:
+            # responses, indications, other methods: nothing this usage sends or answers
+            bump(stats.stun_dropped, "stun_not_binding_request")
+            return True
+        source = Address("udp", host, port)
+        if allow_source is not None and not allow_source(host):
+            return True  # a refused source learns nothing, not even its address
+        try:
+            # RFC 5626 8 / RFC 5389 7.3.1: a success response naming the source address
+            response = binding_response(header, host, port)
+        except ValueError:  # an address the OS gave in a form we cannot encode
+            bump(stats.stun_dropped, "stun_unencodable_source")
+            return True
+        if send(response, source):
+            stats.stun_answered += 1
+    elif data and not data.strip(b"\r\n"):
+        # CRLF keep-alive some clients send over UDP: nothing to parse, nothing to answer
+        source = Address("udp", host, port)
+        if allow_source is not None and not allow_source(host):
+            return True
+    else:
+        return False
+    stats.keepalive_pings += 1
+    on_keepalive = manager.on_keepalive
+    if on_keepalive is not None:
+        on_keepalive(source)
+    return True
+
+
 class UdpEndpoint(asyncio.DatagramProtocol):
-    """The protocol of one bound UDP socket."""
+    """The asyncio datagram protocol of one bound UDP socket (no C extension)."""
 
     def __init__(self, manager: TransportManager) -> None:
         self._manager = manager
@@ -54,48 +127,12 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         self.local = Address("udp", sockname[0], sockname[1])
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        host = cast(str, addr[0])
+        port = cast(int, addr[1])
         # a SIP message starts with a method (a token, in practice letters) or "SIP/2.0"
-        if data[:1] < b"A" and self._keepalive(data, addr):
+        if data[:1] < b"A" and consume_keepalive(self._manager, data, host, port, self.send):
             return
-        self._deliver(data, Address("udp", cast(str, addr[0]), cast(int, addr[1])), self.local)
-
-    def _keepalive(self, data: bytes, addr: tuple[str | int, ...]) -> bool:
-        """Handle a CRLF or STUN keep-alive (True); False for anything else (the parser's)."""
-        stats = self._stats
-        allow_source = self._manager.allow_source
-        if is_stun(data):
-            try:
-                header = parse_header(data)
-            except StunError as exc:
-                bump(stats.stun_dropped, exc.reason)
-                return True
-            if header.type != BINDING_REQUEST:
-                # responses, indications, other methods: nothing this usage sends or answers
-                bump(stats.stun_dropped, "stun_not_binding_request")
-                return True
-            source = Address("udp", cast(str, addr[0]), cast(int, addr[1]))
-            if allow_source is not None and not allow_source(source.host):
-                return True  # a refused source learns nothing, not even its address
-            try:
-                # RFC 5626 8 / RFC 5389 7.3.1: a success response naming the source address
-                response = binding_response(header, source.host, source.port)
-            except ValueError:  # an address the OS gave in a form we cannot encode
-                bump(stats.stun_dropped, "stun_unencodable_source")
-                return True
-            if self.send(response, source):
-                stats.stun_answered += 1
-        elif data and not data.strip(b"\r\n"):
-            # CRLF keep-alive some clients send over UDP: nothing to parse, nothing to answer
-            source = Address("udp", cast(str, addr[0]), cast(int, addr[1]))
-            if allow_source is not None and not allow_source(source.host):
-                return True
-        else:
-            return False
-        stats.keepalive_pings += 1
-        on_keepalive = self._manager.on_keepalive
-        if on_keepalive is not None:
-            on_keepalive(source)
-        return True
+        self._deliver(data, Address("udp", host, port), self.local)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors for earlier sends (port unreachable...): per packet, so debug only
@@ -114,6 +151,201 @@ class UdpEndpoint(asyncio.DatagramProtocol):
             return False
         transport.sendto(data, (dest.host, dest.port))
         return True
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class UdpBatches:
+    """The send queues of a manager's batched endpoints, written together.
+
+    While a batch is handled (``begin``/``end``) a send only queues; ``end`` writes every queue
+    that got something, one ``sendmmsg`` per socket.  A send outside a batch arms one
+    ``call_soon`` that writes them all on the loop's next iteration.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.depth = 0  # batches being handled (one, or nested when a handler reads another)
+        self.pending: list[BatchedUdpEndpoint] = []
+        self.scheduled = False
+
+    def queued(self, endpoint: BatchedUdpEndpoint) -> None:
+        """``endpoint`` has datagrams to write (called once until they are written)."""
+        self.pending.append(endpoint)
+        if self.depth == 0 and not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def begin(self) -> None:
+        self.depth += 1
+
+    def end(self) -> None:
+        self.depth -= 1
+        if self.depth == 0 and self.pending:
+            self.flush()
+
+    def flush(self) -> None:
+        self.scheduled = False
+        pending = self.pending
+        if not pending:
+            return
+        self.pending = []
+        for endpoint in pending:
+            endpoint.flush()
+
+
+class BatchedUdpEndpoint:
+    """One bound UDP socket read with recvmmsg and written with sendmmsg (see the module)."""
+
+    def __init__(
+        self, manager: TransportManager, sock: socket.socket, batches: UdpBatches, batch_interval: float
+    ) -> None:
+        self._manager = manager
+        self._deliver = manager.deliver
+        self._stats = manager.stats
+        self._send_limit = manager.config.udp_send_buffer_limit
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._batches = batches
+        self._loop = batches.loop
+        self.batch_interval = batch_interval
+        sockname = sock.getsockname()
+        self.local = Address("udp", sockname[0], sockname[1])
+        self._queue: list[tuple[bytes, UdpDestination | None]] = []
+        self._queued_bytes = 0
+        self._pending = False  # in the batches' pending list
+        self._writing = False  # waiting for the socket to be writable (add_writer)
+        self._reading = False  # the loop watches the socket (add_reader)
+        self._timer: asyncio.TimerHandle | None = None
+        self.closed = False
+
+    # -- receiving -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop.add_reader(self._fd, self._on_readable)
+        self._reading = True
+
+    def _on_readable(self) -> None:
+        """Datagrams are waiting: read and handle them now, then (batch_interval > 0) stop
+        watching the socket and read again once per interval while datagrams keep coming."""
+        self.receive()
+        if self.batch_interval > 0 and not self.closed:
+            self._loop.remove_reader(self._fd)
+            self._reading = False
+            self._timer = self._loop.call_later(self.batch_interval, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.closed:
+            return
+        if self.receive():
+            self._timer = self._loop.call_later(self.batch_interval, self._on_timer)
+        else:  # quiet: back to waking on the first datagram
+            self.start()
+
+    def receive(self) -> int:
+        """Read and handle what the socket holds (bounded: ``_MAX_ROUNDS`` batches); the
+        datagrams handled."""
+        total = 0
+        batches = self._batches
+        batches.begin()
+        try:
+            for _ in range(_MAX_ROUNDS):
+                try:
+                    batch = recv_batch(self._fd, BATCH, _BUFSIZE)
+                except OSError as exc:
+                    # an error queued on the socket (ICMP for an earlier send: what asyncio
+                    # hands to error_received), or the socket closed under us
+                    if self.closed:
+                        break
+                    self._stats.send_errors += 1
+                    logger.debug("event=udp_error local=%s error=%s", self.local, exc)
+                    continue
+                self.handle(batch)
+                total += len(batch)
+                if len(batch) < BATCH:
+                    break
+        finally:
+            batches.end()
+        return total
+
+    def handle(self, batch: list[tuple[bytes, tuple[str, int]]]) -> None:
+        """Hand each datagram of a batch to the manager (keep-alives answered here)."""
+        deliver = self._deliver
+        local = self.local
+        manager = self._manager
+        send = self.send
+        for data, addr in batch:
+            host = addr[0]
+            port = addr[1]
+            if data[:1] < b"A" and consume_keepalive(manager, data, host, port, send):
+                continue
+            deliver(data, Address("udp", host, port), local)
+
+    # -- sending ---------------------------------------------------------------------------------
+
+    def send(self, data: bytes, dest: Address) -> bool:
+        """Queue ``data`` for ``dest``: written at the end of the batch being handled, or on
+        the loop's next iteration.  False (the manager counts a drop) when closed or when
+        ``udp_send_buffer_limit`` bytes already wait."""
+        if self.closed or self._queued_bytes > self._send_limit:
+            return False
+        queue = self._queue
+        queue.append((data, (dest.host, dest.port)))
+        self._queued_bytes += len(data)
+        if len(queue) >= _FLUSH_AT and not self._writing:
+            self.flush()  # bound the queue (and the wait) in a long batch
+        elif not self._pending:
+            self._pending = True
+            self._batches.queued(self)
+        return True
+
+    def flush(self) -> None:
+        """Write the queue with sendmmsg; what the kernel cannot take yet waits for the socket
+        to be writable (bounded by ``udp_send_buffer_limit``)."""
+        self._pending = False
+        queue = self._queue
+        if not queue or self.closed:
+            return
+        errors = batch_counters()[1]
+        consumed = send_batch(self._fd, queue)
+        # datagrams the kernel refused (EPERM, ECONNREFUSED, EMSGSIZE...; what asyncio hands to
+        # error_received): the extension's counter is process-wide, ours is the difference
+        self._stats.send_errors += batch_counters()[1] - errors
+        if consumed >= len(queue):
+            queue.clear()
+            self._queued_bytes = 0
+            if self._writing:
+                self._loop.remove_writer(self._fd)
+                self._writing = False
+            return
+        del queue[:consumed]
+        self._queued_bytes = sum(len(data) for data, _ in queue)
+        if not self._writing:
+            self._loop.add_writer(self._fd, self.flush)
+            self._writing = True
+
+    def close(self) -> None:
+        """Stop reading, write what is queued (once, best effort) and close the socket."""
+        if self.closed:
+            return
+        if self._queue:
+            self.flush()
+        self.closed = True
+        if self._reading:
+            self._loop.remove_reader(self._fd)
+            self._reading = False
+        if self._writing:
+            self._loop.remove_writer(self._fd)
+            self._writing = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._sock.close()
 
 
 def bind_udp_socket(host: str, port: int, *, reuse_port: bool = False, recv_buffer: int | None = None) -> socket.socket:
