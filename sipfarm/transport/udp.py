@@ -58,6 +58,8 @@ _MAX_ROUNDS = 8
 _BUFSIZE = 65536
 #: a send queue this long is written at once, not at the end of the batch
 _FLUSH_AT = 64
+#: source addresses remembered (forgotten all at once beyond: a scan costs one Address each)
+_SOURCES = 4096
 
 UdpDestination = tuple[str, int]
 
@@ -213,6 +215,8 @@ class BatchedUdpEndpoint:
         self.batch_interval = batch_interval
         sockname = sock.getsockname()
         self.local = Address("udp", sockname[0], sockname[1])
+        # the Address of recent sources (a NamedTuple: building one runs Python code)
+        self._sources: dict[tuple[str, int], Address] = {}
         self._queue: list[tuple[bytes, UdpDestination | None]] = []
         self._queued_bytes = 0
         self._pending = False  # in the batches' pending list
@@ -277,12 +281,16 @@ class BatchedUdpEndpoint:
         local = self.local
         manager = self._manager
         send = self.send
+        sources = self._sources
         for data, addr in batch:
-            host = addr[0]
-            port = addr[1]
-            if data[:1] < b"A" and consume_keepalive(manager, data, host, port, send):
+            if data[:1] < b"A" and consume_keepalive(manager, data, addr[0], addr[1], send):
                 continue
-            deliver(data, Address("udp", host, port), local)
+            source = sources.get(addr)
+            if source is None:
+                if len(sources) >= _SOURCES:
+                    sources.clear()
+                source = sources[addr] = Address("udp", addr[0], addr[1])
+            deliver(data, source, local)
 
     # -- sending ---------------------------------------------------------------------------------
 
