@@ -33,7 +33,6 @@ left to the caller: :class:`AuthResult` exposes the parsed ``nc``.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import enum
 import hashlib
@@ -644,6 +643,13 @@ _TIMESTAMP = struct.Struct(">Q")  # issue time, whole milliseconds since the epo
 _SALT_LEN: Final = 8
 _MAC_LEN: Final = 16  # 128-bit keyed BLAKE2b: plenty for a forgery bound
 _NONCE_LEN: Final = _TIMESTAMP.size + _SALT_LEN + _MAC_LEN
+_TO_URLSAFE: Final = bytes.maketrans(b"+/", b"-_")
+_FROM_URLSAFE: Final = bytes.maketrans(b"-_", b"+/")
+
+
+def _b64url(raw: bytes) -> bytes:
+    """base64.urlsafe_b64encode without its interpreted frames (one nonce per challenge)."""
+    return binascii.b2a_base64(raw, newline=False).translate(_TO_URLSAFE)
 
 
 class NonceFactory:
@@ -690,18 +696,19 @@ class NonceFactory:
         if len(head) != _TIMESTAMP.size + _SALT_LEN:
             raise ValueError("random source returned too few bytes")
         raw = head + self._mac(self._keys[0], head, realm)
-        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+        return _b64url(raw).rstrip(b"=").decode("ascii")
 
     def check(self, nonce: str, now: float, realm: str) -> NonceStatus:
         if len(nonce) != 43 or not nonce.isascii():
             return NonceStatus.INVALID
         try:
-            raw = base64.urlsafe_b64decode(nonce + "=")
+            # base64.urlsafe_b64decode, without its interpreted frames (the text is ASCII)
+            raw = binascii.a2b_base64((nonce + "=").encode("ascii").translate(_FROM_URLSAFE))
         except (binascii.Error, ValueError):
             return NonceStatus.INVALID
-        # b64decode drops stray characters and ignores the last character's spare bits: insist on
+        # a2b_base64 drops stray characters and ignores the last character's spare bits: insist on
         # the canonical spelling so one nonce has exactly one textual form (callers key on it).
-        if len(raw) != _NONCE_LEN or base64.urlsafe_b64encode(raw)[:43].decode("ascii") != nonce:
+        if len(raw) != _NONCE_LEN or _b64url(raw)[:43].decode("ascii") != nonce:
             return NonceStatus.INVALID
         head, mac = raw[:-_MAC_LEN], raw[-_MAC_LEN:]
         authentic = False

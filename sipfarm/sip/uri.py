@@ -56,7 +56,10 @@ class SipURI:
 
     @property
     def user_unescaped(self) -> str | None:
-        return None if self.user is None else unquote(self.user)
+        user = self.user
+        if user is None or user.find("%") < 0:
+            return user  # nothing escaped: no interpreted unquote() frame
+        return unquote(user)
 
     @property
     def transport(self) -> str:
