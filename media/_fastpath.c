@@ -71,7 +71,11 @@ typedef struct {
     /* a port's own socket as a destination (target): sendto this address */
     uint8_t has_dest;
     socklen_t dest_len;
-    struct sockaddr_storage dest;
+    union {
+        struct sockaddr sa;
+        struct sockaddr_in v4;
+        struct sockaddr_in6 v6;
+    } dest;
 } Slot;
 
 typedef struct {
@@ -230,7 +234,7 @@ static inline int forward(Slot *s, Slot *out, int out_fd, const unsigned char *d
     ssize_t sent;
     do {
         if (out->has_dest) /* the peer has not latched: its own socket, to its SDP address */
-            sent = sendto(out_fd, d, (size_t)n, MSG_NOSIGNAL, (struct sockaddr *)&out->dest, out->dest_len);
+            sent = sendto(out_fd, d, (size_t)n, MSG_NOSIGNAL, &out->dest.sa, out->dest_len);
         else
             sent = send(out_fd, d, (size_t)n, MSG_NOSIGNAL);
     } while (sent < 0 && errno == EINTR);
@@ -372,7 +376,7 @@ static PyObject *LinkTable_register(LinkTable *self, PyObject *args) {
 
 /* The address tuple of a Python sendto: (host, port) or (host, port, flowinfo, scope_id), an IP
  * literal.  0 when it is not one (a name: Python resolves it, the fast path does not). */
-static int parse_addr(PyObject *addr, struct sockaddr_storage *out, socklen_t *len) {
+static int parse_addr(PyObject *addr, struct sockaddr_in6 *out, socklen_t *len) {
     const char *host;
     int port;
     unsigned int flowinfo = 0, scope_id = 0;
@@ -407,7 +411,7 @@ static PyObject *LinkTable_target(LinkTable *self, PyObject *args) {
     PyObject *port, *addr;
     if (!PyArg_ParseTuple(args, "iOO:target", &fd, &port, &addr))
         return NULL;
-    struct sockaddr_storage dest;
+    struct sockaddr_in6 dest; /* large enough for either family */
     socklen_t len = 0;
     if (!parse_addr(addr, &dest, &len))
         Py_RETURN_FALSE;
@@ -423,7 +427,7 @@ static PyObject *LinkTable_target(LinkTable *self, PyObject *args) {
         s->gen += 1; /* another address: whoever sent to the old one asks again */
     }
     s->has_dest = 1;
-    s->dest = dest;
+    memcpy(&s->dest, &dest, len);
     s->dest_len = len;
     s->current = 1;
     Py_RETURN_TRUE;

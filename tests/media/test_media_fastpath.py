@@ -405,3 +405,64 @@ async def until_linked(server: RelayServer, ports: int) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"{server.linked_ports} linked ports, not {ports}")
+
+
+async def test_the_media_timeout_sees_what_the_fast_path_forwards() -> None:
+    """The fast path's "last seen" reaches the media timeout: a call whose media flows only
+    through it outlives the timeout, and is freed once its media stops."""
+    engine = RelayEngine(
+        PortAllocator(41480, 41499),
+        sdp_allowed=policy_predicate(DestinationPolicy(allow=["127.0.0.0/8"])),
+        media_timeout=1.5,
+    )
+    expired: list[str] = []
+    server = RelayServer(engine, "127.0.0.1", receive_buffer=1 << 20, on_expired=lambda s: expired.append(s.call_id))
+    socks = []
+    for host in ("127.0.0.2", "127.0.0.3"):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind((host, 0))
+        s.setblocking(False)
+        socks.append(s)
+    a, b = socks
+    try:
+        [b_ports] = await server.offer("call", "ta", [MediaEndpoint(*a.getsockname())])
+        [a_ports] = await server.answer("call", "ta", "tb", [MediaEndpoint(*b.getsockname())])
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 3.5  # more than twice the timeout
+        seq = 0
+        fast = False
+        while loop.time() < until:
+            a.sendto(rtp(seq, seq * 160, 0xA, 160), ("127.0.0.1", a_ports.rtp))
+            b.sendto(rtp(seq, seq * 160, 0xB, 160), ("127.0.0.1", b_ports.rtp))
+            seq += 1
+            await asyncio.sleep(0.05)
+            fast = fast or server.fast_ports == 2
+            for s in socks:  # keep the phones' queues short
+                while True:
+                    try:
+                        s.recv(2048)
+                    except BlockingIOError:
+                        break
+        assert fast
+        assert expired == []
+        assert engine.list_calls() == ["call"]
+        for _ in range(100):  # silence: freed after the timeout
+            if expired:
+                break
+            await asyncio.sleep(0.1)
+        assert expired == ["call"]
+        assert server.totals().packets == 2 * seq  # written back when its ports closed
+    finally:
+        server.close()
+        for s in socks:
+            s.close()
+
+
+def test_fast_path_off_leaves_every_packet_to_python() -> None:
+    engine = RelayEngine(PortAllocator(41500, 41519))
+    server = RelayServer(engine, "127.0.0.1", fast_path=False)
+    try:
+        assert not server.fast_path
+        assert server.fast_ports == 0
+    finally:
+        server.close()
