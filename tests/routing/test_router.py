@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sipfarm.routing.router import Action, Router
+from sipfarm.sip.parser import parse_message
 from sipfarm.sip.uri import parse_uri
 
 ROUTER = Router(frozenset({"farm.test"}))
@@ -25,5 +26,10 @@ def test_domain_without_user_is_404():
 
 def test_route_calls_back():
     seen = []
-    ROUTER.route(None, parse_uri("sip:alice@farm.test"), seen.append)  # type: ignore[arg-type]
+    request = parse_message(
+        b"INVITE sip:alice@farm.test SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK1\r\n"
+        b"From: <sip:bob@farm.test>;tag=1\r\nTo: <sip:alice@farm.test>\r\nCall-ID: c1\r\n"
+        b"CSeq: 1 INVITE\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+    )
+    ROUTER.route(request, parse_uri("sip:alice@farm.test"), seen.append)
     assert seen and seen[0].action is Action.LOCAL
