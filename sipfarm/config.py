@@ -24,7 +24,7 @@ from sipfarm.sip.address import Address
 ACCEPT_KEYWORDS = ("balancers", "peers")
 # [node]/[balancer] udp_batch_interval (s): see NodeConfig; chosen by measurement
 # (benchmarks/README.md, "The balancer's cost per call")
-UDP_BATCH_INTERVAL = 0.001
+UDP_BATCH_INTERVAL = 0.0
 
 
 class ConfigError(ValueError):
