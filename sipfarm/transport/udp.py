@@ -195,7 +195,10 @@ class UdpBatches:
             return
         self.pending = []
         for endpoint in pending:
-            endpoint.flush()
+            try:
+                endpoint.flush()
+            except Exception:  # one endpoint's failure must not stop the others' writes
+                logger.exception("event=udp_flush_failed local=%s", endpoint.local)
 
 
 class BatchedUdpEndpoint:
@@ -283,14 +286,18 @@ class BatchedUdpEndpoint:
         send = self.send
         sources = self._sources
         for data, addr in batch:
-            if data[:1] < b"A" and consume_keepalive(manager, data, addr[0], addr[1], send):
-                continue
-            source = sources.get(addr)
-            if source is None:
-                if len(sources) >= _SOURCES:
-                    sources.clear()
-                source = sources[addr] = Address("udp", addr[0], addr[1])
-            deliver(data, source, local)
+            try:
+                if data[:1] < b"A" and consume_keepalive(manager, data, addr[0], addr[1], send):
+                    continue
+                source = sources.get(addr)
+                if source is None:
+                    if len(sources) >= _SOURCES:
+                        sources.clear()
+                    source = sources[addr] = Address("udp", addr[0], addr[1])
+                deliver(data, source, local)
+            except Exception:  # a bug on one datagram must not lose the rest of the batch
+                self._stats.internal_errors += 1
+                logger.exception("event=udp_datagram_failed local=%s source=%s", local, addr)
 
     # -- sending ---------------------------------------------------------------------------------
 
@@ -318,7 +325,12 @@ class BatchedUdpEndpoint:
         if not queue or self.closed:
             return
         errors = batch_counters()[1]
-        consumed = send_batch(self._fd, queue)
+        try:
+            consumed = send_batch(self._fd, queue)
+        except Exception as exc:  # the socket itself failed (not one datagram): drop the queue
+            self._stats.send_errors += len(queue)
+            logger.warning("event=udp_send_failed local=%s datagrams=%d error=%s", self.local, len(queue), exc)
+            consumed = len(queue)
         # datagrams the kernel refused (EPERM, ECONNREFUSED, EMSGSIZE...; what asyncio hands to
         # error_received): the extension's counter is process-wide, ours is the difference
         self._stats.send_errors += batch_counters()[1] - errors

@@ -288,3 +288,60 @@ def test_ipv6_and_keepalives_over_real_sockets(arun: Runner) -> None:
             await manager.close()
 
     arun(scenario())
+
+
+def test_one_endpoints_failed_write_stops_neither_it_nor_the_others(arun: Runner) -> None:
+    """A send_batch that raises (here: a destination the extension cannot take) drops that
+    endpoint's queue and is counted; the other endpoints in the same flush still write, and the
+    failed endpoint writes again afterwards."""
+
+    async def scenario() -> None:
+        manager = TransportManager(lambda *_: None)
+        first = await manager.listen("udp:127.0.0.1:0")
+        second = await manager.listen("udp:127.0.0.1:0")
+        client = await udp_client()
+        dest = Address("udp", "127.0.0.1", client.port)
+        # queued outside a batch: one flush on the next iteration writes both endpoints
+        broken = manager._udp[first]
+        assert isinstance(broken, BatchedUdpEndpoint)
+        broken._queue.append((b"bad", ("127.0.0.1",)))  # type: ignore[arg-type]  # send_batch raises on it
+        assert manager.send(b"lost with it", dest, local=first)
+        assert manager.send(b"good", dest, local=second)
+        assert await client.recv(timeout=10) == b"good"
+        await wait_until(lambda: manager.stats.send_errors == 2)
+        assert manager.send(b"again", dest, local=first)
+        assert await client.recv(timeout=10) == b"again"
+        client.close()
+        await manager.close()
+
+    arun(scenario())
+
+
+def test_a_failing_datagram_does_not_lose_the_rest_of_its_batch(arun: Runner) -> None:
+    seen: list[str] = []
+
+    def on_message(msg: SipMessage, source: Address, local: Address) -> None:
+        seen.append(msg.call_id)
+
+    async def scenario() -> None:
+        manager, addr = await _batched_manager(0.002, on_message)
+        deliver = manager.deliver
+
+        def flaky(data: bytes, source: Address, local: Address) -> None:
+            if b"boom" in data:
+                raise RuntimeError("a bug on one datagram")
+            deliver(data, source, local)
+
+        for endpoint in manager._udp.values():
+            endpoint._deliver = flaky  # type: ignore[union-attr]
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            for n in range(6):
+                client.sendto(sip_request(call_id="boom" if n == 2 else f"ok{n}"), (addr.host, addr.port))
+            await wait_until(lambda: len(seen) == 5)
+        finally:
+            client.close()
+        assert manager.stats.internal_errors == 1
+        await manager.close()
+
+    arun(scenario())
