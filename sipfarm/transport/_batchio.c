@@ -103,52 +103,37 @@ static PyObject *format_addr(const struct sockaddr_storage *ss, socklen_t len) {
 static PyObject *source_tuple(const struct sockaddr_storage *ss, socklen_t len) {
     if (len > sizeof *ss) len = sizeof *ss;
     /* compare only what identifies the source: family, port, address (not flowinfo) */
+    struct sockaddr_storage norm;
+    memset(&norm, 0, sizeof norm);
+    socklen_t nlen;
     if (ss->ss_family == AF_INET6) {
         struct sockaddr_in6 key;
         memcpy(&key, ss, sizeof key);
         key.sin6_flowinfo = 0;
-        struct sockaddr_storage norm;
-        memset(&norm, 0, sizeof norm);
         memcpy(&norm, &key, sizeof key);
-        len = sizeof key;
-        unsigned int h = addr_hash(&norm, len);
-        addr_entry *e = &addr_cache[h];
-        if (e->tuple != NULL && e->len == len && memcmp(&e->addr, &norm, len) == 0) {
-            Py_INCREF(e->tuple);
-            return e->tuple;
-        }
-        PyObject *t = format_addr(ss, len);
-        if (t == NULL) return NULL;
-        Py_XSETREF(e->tuple, t);
-        Py_INCREF(t);
-        e->addr = norm;
-        e->len = len;
-        return t;
-    }
-    if (ss->ss_family == AF_INET) {
-        struct sockaddr_storage norm;
-        memset(&norm, 0, sizeof norm);
+        nlen = sizeof key;
+    } else if (ss->ss_family == AF_INET) {
         const struct sockaddr_in *sin = (const struct sockaddr_in *)ss;
         struct sockaddr_in *n = (struct sockaddr_in *)&norm;
         n->sin_family = AF_INET;
         n->sin_port = sin->sin_port;
         n->sin_addr = sin->sin_addr;
-        len = sizeof(struct sockaddr_in);
-        unsigned int h = addr_hash(&norm, len);
-        addr_entry *e = &addr_cache[h];
-        if (e->tuple != NULL && e->len == len && memcmp(&e->addr, &norm, len) == 0) {
-            Py_INCREF(e->tuple);
-            return e->tuple;
-        }
-        PyObject *t = format_addr(ss, len);
-        if (t == NULL) return NULL;
-        Py_XSETREF(e->tuple, t);
-        Py_INCREF(t);
-        e->addr = norm;
-        e->len = len;
-        return t;
+        nlen = sizeof(struct sockaddr_in);
+    } else {
+        return format_addr(ss, len);
     }
-    return format_addr(ss, len);
+    addr_entry *e = &addr_cache[addr_hash(&norm, nlen)];
+    if (e->tuple != NULL && e->len == nlen && memcmp(&e->addr, &norm, nlen) == 0) {
+        Py_INCREF(e->tuple);
+        return e->tuple;
+    }
+    PyObject *t = format_addr(ss, len);
+    if (t == NULL) return NULL;
+    Py_XSETREF(e->tuple, t);
+    Py_INCREF(t);
+    e->addr = norm;
+    e->len = nlen;
+    return t;
 }
 
 static PyObject *recv_batch(PyObject *self, PyObject *args) {
