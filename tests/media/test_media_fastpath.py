@@ -286,9 +286,8 @@ def _relay(low: int) -> RelayServer:
     return RelayServer(engine, "127.0.0.1", receive_buffer=1 << 20)
 
 
-async def test_counters_of_the_fast_path_reach_query_and_totals() -> None:
-    server = _relay(41400)
-    assert server.fast_path
+def _parties() -> list[socket.socket]:
+    """Two phones' sockets, on 127.0.0.2 and 127.0.0.3 (non-blocking, room for bursts)."""
     socks = []
     for host in ("127.0.0.2", "127.0.0.3"):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -296,6 +295,13 @@ async def test_counters_of_the_fast_path_reach_query_and_totals() -> None:
         s.bind((host, 0))
         s.setblocking(False)
         socks.append(s)
+    return socks
+
+
+async def test_counters_of_the_fast_path_reach_query_and_totals() -> None:
+    server = _relay(41400)
+    assert server.fast_path
+    socks = _parties()
     a, b = socks
     try:
         [b_ports] = await server.offer("call", "ta", [MediaEndpoint(*a.getsockname())])
@@ -346,13 +352,7 @@ async def test_a_one_way_stream_is_forwarded_and_counted_by_the_fast_path() -> N
     """Only one party sends (its peer never latched): the fast path sends from the peer's port
     to the address of the peer's SDP, as the Python path does; then the peer latches."""
     server = _relay(41440)
-    socks = []
-    for host in ("127.0.0.2", "127.0.0.3"):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        s.bind((host, 0))
-        s.setblocking(False)
-        socks.append(s)
+    socks = _parties()
     a, b = socks
 
     async def drained(s: socket.socket, count: int) -> list[bytes]:
@@ -417,12 +417,7 @@ async def test_the_media_timeout_sees_what_the_fast_path_forwards() -> None:
     )
     expired: list[str] = []
     server = RelayServer(engine, "127.0.0.1", receive_buffer=1 << 20, on_expired=lambda s: expired.append(s.call_id))
-    socks = []
-    for host in ("127.0.0.2", "127.0.0.3"):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind((host, 0))
-        s.setblocking(False)
-        socks.append(s)
+    socks = _parties()
     a, b = socks
     try:
         [b_ports] = await server.offer("call", "ta", [MediaEndpoint(*a.getsockname())])
