@@ -88,7 +88,9 @@ class Account:
         return hash(self._fields())
 
     def __repr__(self) -> str:
-        return "Account(" + ", ".join(f"{n}={v!r}" for n, v in zip(_ACCOUNT_FIELDS, self._fields(), strict=True)) + ")"
+        # the HA1s are as good as the password: never in a log line or a traceback
+        fields = zip(_ACCOUNT_FIELDS, self._fields(), strict=True)
+        return "Account(" + ", ".join(f"{n}=<hidden>" if n.startswith("ha1") else f"{n}={v!r}" for n, v in fields) + ")"
 
     @property
     def aor(self) -> str:

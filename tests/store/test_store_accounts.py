@@ -8,7 +8,7 @@ import pytest
 from store_support import OpenStores
 
 from sipfarm.store import AccountExists, AccountNotFound, ha1_md5, ha1_sha256
-from sipfarm.store.accounts import AccountStore
+from sipfarm.store.accounts import Account, AccountStore
 
 
 def test_ha1_md5_matches_rfc2617_example() -> None:
@@ -148,3 +148,10 @@ async def test_cache_is_bounded(open_stores: OpenStores) -> None:
         for i in range(10):
             await cached.cached_get(f"u{i}", "example.com")
         assert len(cached._cache) == 3
+
+
+def test_an_accounts_repr_hides_its_ha1s() -> None:
+    account = Account("alice", "farm.test", "a" * 32, "b" * 64, True, 5, 0.0)
+    text = repr(account)
+    assert "a" * 32 not in text and "b" * 64 not in text
+    assert "user='alice'" in text and "ha1_md5=<hidden>" in text
