@@ -156,6 +156,7 @@ class MediaPlane:
         self._closed = False
         self._fast: LinkTable | None = _link_table(self._epoll.fileno()) if fast_path else None
         self._handback: list[Any] = []  # what the fast path leaves to Python, per drain
+        self._closed_fds: set[int] = set()  # sockets closed since the drain began (see drain)
 
     @property
     def fast(self) -> bool:
@@ -295,20 +296,26 @@ class MediaPlane:
                 self._serve(fd, poll)
             return len(events)
         handback = self._handback
-        ready = fast.drain(self._clock(), handback)
-        if handback:
-            try:
-                for item in handback:
-                    if isinstance(item, int):
-                        self._serve(item, poll)
-                    else:  # the first datagram of a loaded link that is not the common case
-                        fd, data = item
-                        entry = self._by_fd.get(fd)
-                        if entry is not None and entry.link_addr is not None:
-                            entry.port.receive(data, entry.link_addr)
-                            self._settle(entry)
-            finally:
-                handback.clear()
+        closed = self._closed_fds
+        closed.clear()  # closed between drains: their events are not in this batch
+        try:
+            ready = fast.drain(self._clock(), handback)
+            for item in handback:
+                # an item whose socket an earlier item closed (its number may already name a
+                # new socket, e.g. the same port's new link): it was the closed socket's
+                fd = item if isinstance(item, int) else item[0]
+                if closed and fd in closed:
+                    continue
+                if isinstance(item, int):
+                    self._serve(item, poll)
+                else:  # the first datagram of a loaded link that is not the common case
+                    entry = self._by_fd.get(fd)
+                    if entry is not None and entry.link_addr is not None:
+                        entry.port.receive(item[1], entry.link_addr)
+                        self._settle(entry)
+        finally:
+            handback.clear()
+            closed.clear()
         return ready
 
     def _serve(self, fd: int, poll: int) -> None:
@@ -445,6 +452,8 @@ class MediaPlane:
     def _forget(self, sock: socket.socket) -> None:
         fd = sock.fileno()
         if fd >= 0:
+            if self._fast is not None:
+                self._closed_fds.add(fd)
             self._by_fd.pop(fd, None)
             try:
                 self._epoll.unregister(fd)
