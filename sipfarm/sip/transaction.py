@@ -22,14 +22,18 @@ is driven like aioquic's connection by three sources: messages received
 are drained by the caller: :meth:`~TransactionLayer.datagrams_to_send` (bytes and the
 :class:`~sipfarm.sip.address.Address` to send them to) and :meth:`~TransactionLayer.events`.
 
-Timers live in one heap for the whole layer.  A transaction records, per armed timer, the
-sequence number of its heap entry; an entry whose number no longer matches (cancelled, re-armed,
-transaction gone) is skipped when popped (lazy deletion), and the heap is rebuilt when stale
-entries outnumber live ones.  A timer stays armed only while its machine's table has a row for
-it in the current state: entering a state disarms the others (e.g. a 1xx cancels Timers A and B
-of an INVITE client transaction), so the rule lives in the tables, not in code.  A timer whose
-duration is zero (D, I, J, K on reliable transports) fires at once, so a transaction over TCP
-reaches Terminated, and is forgotten, in the same call that completed it.
+Timers live in one FIFO queue per duration for the whole layer (RFC 3261's timers take a handful
+of durations: T1, 64*T1, T4, and the doubled retransmission intervals), so arming one is an
+append and firing one a pop from the front, with no comparisons: deadlines of one duration come
+in the order they were armed (an entry armed out of order, from a late timer's own deadline, is
+inserted in place). A transaction records, per armed timer, its queue entry; an entry no longer
+recorded (cancelled, re-armed, transaction gone) is skipped when it reaches the front (lazy
+deletion), and the queues are compacted when stale entries outnumber live ones. A timer stays
+armed only while its machine's table has a row for it in the current state: entering a state
+disarms the others (e.g. a 1xx cancels Timers A and B of an INVITE client transaction), so the
+rule lives in the tables, not in code. A timer whose duration is zero (D, I, J, K on reliable
+transports) fires at once, so a transaction over TCP reaches Terminated, and is forgotten, in
+the same call that completed it.
 
 Retransmissions are absorbed before anything is parsed beyond what identifies the transaction:
 the top Via's branch (``via_branch``, no full Via parse), its sent-by, the CSeq method.
@@ -45,9 +49,9 @@ by one of the two channels, so a proxy cannot handle a response twice.
 
 from __future__ import annotations
 
+import collections
 import enum
 import functools
-import heapq
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Final, TypeAlias
@@ -338,6 +342,19 @@ class InvalidTransition(Exception):
 _RELEASED: Final = SipMessage(method=b"RELEASED", uri=b"sip:released.invalid")
 
 
+class _TimerEntry:
+    """One armed timer in its duration's queue (a compiled class: read by attribute, never
+    compared as a tuple).  Stale once its transaction no longer records it for ``timer``."""
+
+    __slots__ = ("deadline", "seq", "timer", "tx")
+
+    def __init__(self, deadline: float, seq: int, tx: Transaction, timer: TxInput) -> None:
+        self.deadline = deadline
+        self.seq = seq  # arming order: equal deadlines fire in the order they were armed
+        self.tx = tx
+        self.timer = timer
+
+
 class Transaction:
     """State shared by the four machines: the request, the remote end, the state, the timers.
 
@@ -364,7 +381,7 @@ class Transaction:
         self.key = key
         self.context: object | None = None
         self.state = self.INITIAL[1]
-        self._timers: dict[TxInput, int] = {}  # armed timer -> sequence number of its heap entry
+        self._timers: dict[TxInput, _TimerEntry] = {}  # armed timer -> its queue entry
         self._interval = 0.0  # current retransmission interval (A, E or G)
 
     @property
@@ -456,26 +473,35 @@ MACHINES: Final[tuple[type[Transaction], ...]] = (
 # --- events -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class TransactionTimeout:
+class _TxEvent:
+    """An event about one transaction.  Immutable (a Final attribute, which a compiled build
+    enforces) with value equality: a plain class, not a frozen dataclass, whose generated
+    __init__ costs ~15x a compiled one (the layer makes one per transaction it forgets)."""
+
+    def __init__(self, tx: Transaction) -> None:
+        self.tx: Final = tx
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and isinstance(other, _TxEvent) and other.tx is self.tx
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, id(self.tx)))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(tx={self.tx!r})"
+
+
+class TransactionTimeout(_TxEvent):
     """Timer B or F (client: the proxy answers 408 for that branch, RFC 3261 16.7 step 2 / 16.8)
     or Timer H (server INVITE: the ACK never came, 17.2.1)."""
 
-    tx: Transaction
 
-
-@dataclass(frozen=True, slots=True)
-class TransportFailure:
+class TransportFailure(_TxEvent):
     """The transport could not deliver for ``tx`` (RFC 3261 17.1.4, 17.2.4; proxy: 503, 16.9)."""
 
-    tx: Transaction
 
-
-@dataclass(frozen=True, slots=True)
-class TransactionTerminated:
+class TransactionTerminated(_TxEvent):
     """``tx`` reached Terminated and the layer forgot it: release whatever hangs off its context."""
-
-    tx: Transaction
 
 
 _ACKFOR2XX_FIELDS: Final = ("request", "source")
@@ -512,14 +538,25 @@ class AckFor2xx:
         )
 
 
-@dataclass(frozen=True, slots=True)
 class StrayResponse:
     """A response matching no client transaction (RFC 3261 17.1.3, 18.1.2).  RFC 3261 16.7 had
     proxies forward those statelessly; RFC 6026 keeps 2xx retransmissions inside the Accepted
-    state instead, so a proxy built on this layer may simply count and drop them."""
+    state instead, so a proxy built on this layer may simply count and drop them.
 
-    response: SipMessage
-    source: Address
+    Immutable with value equality, a plain class (see :class:`AckFor2xx`)."""
+
+    def __init__(self, response: SipMessage, source: Address) -> None:
+        self.response: Final = response
+        self.source: Final = source
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StrayResponse) and (self.response, self.source) == (other.response, other.source)
+
+    def __hash__(self) -> int:
+        return hash((self.response, self.source))
+
+    def __repr__(self) -> str:
+        return f"StrayResponse(response={self.response!r}, source={self.source!r})"
 
 
 Event: TypeAlias = TransactionTimeout | TransportFailure | TransactionTerminated | AckFor2xx | StrayResponse
@@ -638,9 +675,11 @@ class TransactionLayer:
         self._client: dict[tuple[object, ...], ClientTransaction] = {}
         # remote end -> its live transactions, so a failed flow touches only its own (O(affected))
         self._by_remote: dict[Address, set[Transaction]] = {}
-        self._heap: list[tuple[float, int, Transaction, TxInput]] = []
+        # timer duration -> its entries, deadlines in order (see the module docstring)
+        self._queues: dict[float, collections.deque[_TimerEntry]] = {}
         self._seq = 0
-        self._armed = 0  # live heap entries
+        self._entries = 0  # queued entries, stale ones included
+        self._armed = 0  # live entries
         self._out = _Output()
         self._immediate: list[TxInput] = []  # zero-length timers started by the running transition
         self._handlers = self._action_handlers()
@@ -656,8 +695,8 @@ class TransactionLayer:
 
     @property
     def timer_entries(self) -> int:
-        """Heap size, stale entries included (for tests and a gauge)."""
-        return len(self._heap)
+        """Queued timer entries, stale ones included (for tests and a gauge)."""
+        return self._entries
 
     # -- output --------------------------------------------------------------------------------
 
@@ -854,12 +893,21 @@ class TransactionLayer:
 
     def next_deadline(self) -> float | None:
         """When :meth:`handle_timer` must next be called (None: no timer armed)."""
-        heap = self._heap
-        while heap:
-            _, seq, tx, inp = heap[0]
-            if tx._timers.get(inp) == seq:
-                return heap[0][0]
-            heapq.heappop(heap)
+        best: _TimerEntry | None = None
+        for queue in self._queues.values():
+            head = self._live_head(queue)
+            if head is not None and (best is None or head.deadline < best.deadline):
+                best = head
+        return None if best is None else best.deadline
+
+    def _live_head(self, queue: collections.deque[_TimerEntry]) -> _TimerEntry | None:
+        """The first live entry of ``queue``, the stale ones before it dropped."""
+        while queue:
+            head = queue[0]
+            if head.tx._timers.get(head.timer) is head:
+                return head
+            queue.popleft()
+            self._entries -= 1
         return None
 
     def handle_timer(self, now: float) -> None:
@@ -868,16 +916,33 @@ class TransactionLayer:
         A timer's effects are computed at its own deadline (a re-armed Timer A counts from when
         it was due), so a late call, or a test jumping far ahead, replays the exact RFC schedule.
         """
-        heap = self._heap
-        while heap and heap[0][0] <= now:
-            deadline, seq, tx, inp = heapq.heappop(heap)
-            if tx._timers.get(inp) != seq:
-                continue  # cancelled or re-armed (lazy deletion)
+        queues = self._queues
+        while True:
+            # the earliest due entry of all queues (a few: one per duration in use)
+            due: _TimerEntry | None = None
+            due_queue: collections.deque[_TimerEntry] | None = None
+            for queue in queues.values():
+                head = self._live_head(queue)
+                if (
+                    head is not None
+                    and head.deadline <= now
+                    and (
+                        due is None
+                        or head.deadline < due.deadline
+                        or (head.deadline == due.deadline and head.seq < due.seq)
+                    )
+                ):
+                    due, due_queue = head, queue
+            if due is None or due_queue is None:
+                return
+            due_queue.popleft()
+            self._entries -= 1
+            tx, inp = due.tx, due.timer
             del tx._timers[inp]
             self._armed -= 1
             state = tx.state
             actions = tx.process(inp)  # armed timers always have a row (see _after)
-            self._after(tx, state, actions, None, deadline)
+            self._after(tx, state, actions, None, due.deadline)
 
     # -- machinery -----------------------------------------------------------------------------
 
@@ -947,7 +1012,7 @@ class TransactionLayer:
         if duration <= 0:
             self._immediate.append(timer)
         else:
-            self._arm(tx, timer, now + duration)
+            self._arm(tx, timer, now, duration)
 
     def _send_request(self, tx: Transaction, _msg: SipMessage | None, _now: float) -> None:
         assert isinstance(tx, ClientTransaction)
@@ -998,19 +1063,19 @@ class TransactionLayer:
 
     def _double_a(self, tx: Transaction, _msg: SipMessage | None, now: float) -> None:
         tx._interval *= 2  # RFC 3261 17.1.1.2: no cap for INVITE
-        self._arm(tx, TxInput.TIMER_A, now + tx._interval)
+        self._arm(tx, TxInput.TIMER_A, now, tx._interval)
 
     def _backoff_e(self, tx: Transaction, _msg: SipMessage | None, now: float) -> None:
         tx._interval = min(2 * tx._interval, self.timers.t2)
-        self._arm(tx, TxInput.TIMER_E, now + tx._interval)
+        self._arm(tx, TxInput.TIMER_E, now, tx._interval)
 
     def _backoff_g(self, tx: Transaction, _msg: SipMessage | None, now: float) -> None:
         tx._interval = min(2 * tx._interval, self.timers.t2)
-        self._arm(tx, TxInput.TIMER_G, now + tx._interval)
+        self._arm(tx, TxInput.TIMER_G, now, tx._interval)
 
     def _reset_e_t2(self, tx: Transaction, _msg: SipMessage | None, now: float) -> None:
         tx._interval = self.timers.t2
-        self._arm(tx, TxInput.TIMER_E, now + tx._interval)
+        self._arm(tx, TxInput.TIMER_E, now, tx._interval)
 
     def _action_handlers(self) -> dict[Action, _Handler]:
         handlers: dict[Action, _Handler] = {
@@ -1035,16 +1100,34 @@ class TransactionLayer:
             raise AssertionError(f"no handler for {missing}")
         return handlers
 
-    def _arm(self, tx: Transaction, timer: TxInput, deadline: float) -> None:
+    def _arm(self, tx: Transaction, timer: TxInput, now: float, duration: float) -> None:
+        """Arm ``timer`` of ``tx`` to fire ``duration`` after ``now`` (re-arming replaces it)."""
         self._seq += 1
+        entry = _TimerEntry(now + duration, self._seq, tx, timer)
         if timer not in tx._timers:
             self._armed += 1
-        tx._timers[timer] = self._seq
-        heap = self._heap
-        heapq.heappush(heap, (deadline, self._seq, tx, timer))
-        if len(heap) > 1024 and len(heap) > 3 * self._armed:
-            self._heap = [e for e in heap if e[2]._timers.get(e[3]) == e[1]]
-            heapq.heapify(self._heap)
+        tx._timers[timer] = entry
+        queue = self._queues.get(duration)
+        if queue is None:
+            queue = self._queues[duration] = collections.deque()
+        if queue and queue[-1].deadline > entry.deadline:
+            # armed from an earlier "now" than the last one (a late timer re-arming from its
+            # own deadline): in place, from the back
+            index = len(queue) - 1
+            while index > 0 and queue[index - 1].deadline > entry.deadline:
+                index -= 1
+            queue.insert(index, entry)
+        else:
+            queue.append(entry)
+        self._entries += 1
+        if self._entries > 1024 and self._entries > 3 * self._armed:
+            # stale entries (timers cancelled by a state change) outnumber the live ones: drop
+            # them, so memory follows the live transactions, not their history
+            self._queues = {
+                key: collections.deque(e for e in old if e.tx._timers.get(e.timer) is e)
+                for key, old in self._queues.items()
+            }
+            self._entries = sum(len(q) for q in self._queues.values())
 
     def _index(self, tx: Transaction) -> None:
         same_remote = self._by_remote.get(tx.remote)
