@@ -42,6 +42,7 @@ MODULES=(
     sipfarm/sip/auth.py
     sipfarm/sip/transaction.py
     sipfarm/sip/ids.py
+    sipfarm/counters.py
     sipfarm/store/resp.py
     sipfarm/store/resp_cluster.py
     sipfarm/proxy/forking.py

@@ -125,7 +125,7 @@ class Element:
             # non-2xx final (a callee answering as our 487 for a CANCEL went up): statelessly,
             # so the caller can ACK and hang up the call it did not want
             self.layer.send_stateless(response, stx.source)
-            self.metrics.responses(response.status).inc()
+            self.metrics.responses.inc(response.status)
             self.metrics.errors("late_2xx_forwarded").inc()
             return
         request = stx.request  # a completed non-INVITE transaction releases it on sending
@@ -133,14 +133,14 @@ class Element:
             self.layer.send_response(stx, response, self.now())
         except InvalidTransition:
             return  # the transaction ended meanwhile (client gave up): nothing to answer
-        self.metrics.responses(response.status).inc()
+        self.metrics.responses.inc(response.status)
         if response.status >= 200:
             self.log_outcome(request, response.status, stx.source)
 
     def send_stateless(self, request: SipMessage, response: SipMessage, source: Address) -> None:
         """A response sent without a transaction (a challenge, a refusal) back to ``source``."""
         self.layer.send_stateless(response, source)  # the source, never a port the Via names
-        self.metrics.responses(response.status).inc()
+        self.metrics.responses.inc(response.status)
         self.log_outcome(request, response.status, source)
 
     def fail(self, stx: ServerTransaction, exc: SipError) -> None:

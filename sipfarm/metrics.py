@@ -4,16 +4,30 @@ Each process builds its metrics in its own registry (two nodes in one test proce
 collide).  A node with several workers runs prometheus-client's multiprocess mode: the workers
 write to files under ``PROMETHEUS_MULTIPROC_DIR`` and the parent serves the aggregate.
 Label children are cached so the hot path pays one dict look-up and one increment.
+
+The metrics a node bumps on every message (requests, responses, the REGISTER, INVITE and Redis
+timings) count in plain compiled counters (:mod:`sipfarm.counters`) instead, which a collector
+turns into the same samples (names, types, labels, values, ``_created``) at scrape time.  In a
+worker of a multi-process node (``--workers``) nothing is scraped from the worker itself:
+:meth:`NodeMetrics.flush`, called once a second and at shutdown, copies the increments into
+prometheus-client's multiprocess files, so the supervisor's figures for those metrics lag by at
+most a second there.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import metrics as prometheus_metrics
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
+
+from sipfarm.counters import FixedHistogram, LabelledCounter
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -41,34 +55,143 @@ def _gauge(name: str, doc: str, registry: CollectorRegistry, labels: tuple[str, 
     return Gauge(name, doc, labels, registry=registry, multiprocess_mode="livesum")
 
 
+def _label(key: object) -> str:
+    """The label value of a native counter's key, as ``LabelCache`` made it (bytes off the
+    wire decoded as latin-1, anything else ``str``)."""
+    return key.decode("latin-1") if isinstance(key, bytes) else str(key)
+
+
+def _created_series() -> bool:
+    # prometheus-client's own switch (PROMETHEUS_DISABLE_CREATED_SERIES, disable_created_metrics)
+    return bool(getattr(prometheus_metrics, "_use_created", True))
+
+
+class NativeCounter:
+    """A :class:`LabelledCounter` exposed as a prometheus-client ``Counter`` with one label
+    would be: the same samples, made at scrape time.  In multiprocess mode (``mirror``) it is
+    not registered; :meth:`flush` copies its increments into a real ``Counter`` instead."""
+
+    def __init__(
+        self, name: str, doc: str, label: str, registry: CollectorRegistry, *, limit: int, mirror: bool
+    ) -> None:
+        self.counter = LabelledCounter(limit, "other")
+        self.name, self.doc, self.label = name, doc, label
+        self._mirror: Counter | None = None
+        self._flushed: dict[object, int] = {}
+        if mirror:
+            self._mirror = Counter(name, doc, [label], registry=registry)
+        else:
+            registry.register(self)
+
+    def describe(self) -> list[Metric]:
+        return [CounterMetricFamily(self.name, self.doc, labels=[self.label])]
+
+    def collect(self) -> Iterator[Metric]:
+        values: dict[str, tuple[float, float]] = {}
+        for key, count, created in self.counter.snapshot():
+            label = _label(key)  # "other" (the overflow) may also come off the wire: one sample
+            before = values.get(label)
+            values[label] = (before[0] + count, before[1]) if before else (float(count), created)
+        family = CounterMetricFamily(self.name, self.doc, labels=[self.label])
+        with_created = _created_series()
+        for label, (value, created) in values.items():
+            family.add_metric([label], value, created=created if with_created else None)
+        yield family
+
+    def flush(self) -> None:
+        if self._mirror is None:
+            return
+        flushed = self._flushed
+        for key, count, _created in self.counter.snapshot():
+            delta = count - flushed.get(key, 0)
+            if delta > 0:
+                self._mirror.labels(_label(key)).inc(delta)
+                flushed[key] = count
+
+
+class NativeHistogram:
+    """A :class:`FixedHistogram` exposed as a prometheus-client ``Histogram`` without labels
+    would be (buckets, count, sum, created); mirrored like :class:`NativeCounter`."""
+
+    def __init__(
+        self, name: str, doc: str, registry: CollectorRegistry, *, buckets: tuple[float, ...], mirror: bool
+    ) -> None:
+        self.histogram = FixedHistogram(buckets)
+        self.name, self.doc = name, doc
+        self._les: list[str] = [floatToGoString(b) for b in self.histogram.bounds]  # type: ignore[no-untyped-call]
+        self._mirror: Histogram | None = None
+        self._flushed = ([0] * len(self._les), 0.0)
+        if mirror:
+            self._mirror = Histogram(name, doc, buckets=buckets, registry=registry)
+        else:
+            registry.register(self)
+
+    def describe(self) -> list[Metric]:
+        return [HistogramMetricFamily(self.name, self.doc)]
+
+    def collect(self) -> Iterator[Metric]:
+        counts, total = self.histogram.snapshot()
+        cumulative: list[tuple[str, float]] = []
+        acc = 0.0
+        for le, count in zip(self._les, counts, strict=True):
+            acc += count
+            cumulative.append((le, acc))
+        family = HistogramMetricFamily(self.name, self.doc)
+        family.add_metric([], cumulative, total)
+        if _created_series():
+            family.samples.append(Sample(self.name + "_created", {}, self.histogram.created, None, None))
+        yield family
+
+    def flush(self) -> None:
+        if self._mirror is None:
+            return
+        counts, total = self.histogram.snapshot()
+        before, before_total = self._flushed
+        # prometheus-client has no bulk observe: add to its bucket and sum values directly
+        buckets = self._mirror._buckets
+        for i, (now, then) in enumerate(zip(counts, before, strict=True)):
+            if now > then:
+                buckets[i].inc(now - then)
+        if total != before_total:
+            self._mirror._sum.inc(total - before_total)
+        self._flushed = (counts, total)
+
+
 class NodeMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    """A node's metrics.  ``multiprocess``: a worker of a multi-process node, whose registry is
+    never scraped (the supervisor reads the multiprocess files): call :meth:`flush` often."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, multiprocess: bool = False) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.requests = LabelCache(
-            Counter("sipfarm_node_requests_total", "SIP requests received, by method", ["method"], registry=r)
-        )
-        self.responses = LabelCache(
-            Counter(
-                "sipfarm_node_responses_total",
-                "SIP responses sent by the node (its own and forwarded), by status",
-                ["status"],
-                registry=r,
-            )
+        self._native: list[NativeCounter | NativeHistogram] = []
+
+        def counter(name: str, doc: str, label: str, limit: int) -> LabelledCounter:
+            export = NativeCounter(name, doc, label, r, limit=limit, mirror=multiprocess)
+            self._native.append(export)
+            return export.counter
+
+        def histogram(name: str, doc: str) -> FixedHistogram:
+            export = NativeHistogram(name, doc, r, buckets=LATENCY_BUCKETS, mirror=multiprocess)
+            self._native.append(export)
+            return export.histogram
+
+        # per message: compiled counters (call sites pass the method's bytes, the status's int);
+        # a request's method is any token off the wire: past 64 distinct ones, "other"
+        self.requests = counter("sipfarm_node_requests_total", "SIP requests received, by method", "method", 64)
+        self.responses = counter(
+            "sipfarm_node_responses_total",
+            "SIP responses sent by the node (its own and forwarded), by status",
+            "status",
+            1000,  # a status is 100-699
         )
         self.registrations = _gauge("sipfarm_node_registrations", "Registered bindings in the farm", r)
         self.registered_aors = _gauge("sipfarm_node_registered_aors", "AORs with a live binding", r)
-        self.register_seconds = Histogram(
-            "sipfarm_node_register_seconds",
-            "REGISTER handling time, receipt to final response",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.register_seconds = histogram(
+            "sipfarm_node_register_seconds", "REGISTER handling time, receipt to final response"
         )
-        self.invite_seconds = Histogram(
-            "sipfarm_node_invite_seconds",
-            "INVITE routing time, receipt to forwarded (or rejected)",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.invite_seconds = histogram(
+            "sipfarm_node_invite_seconds", "INVITE routing time, receipt to forwarded (or rejected)"
         )
         self.transactions = _gauge("sipfarm_node_transactions", "Transactions in flight", r)
         self.auth_failures = LabelCache(
@@ -83,9 +206,7 @@ class NodeMetrics:
         self.parse_errors = LabelCache(
             Counter("sipfarm_node_parse_errors_total", "Malformed messages, by kind", ["kind"], registry=r)
         )
-        self.redis_seconds = Histogram(
-            "sipfarm_node_redis_seconds", "Redis round-trip time", buckets=LATENCY_BUCKETS, registry=r
-        )
+        self.redis_seconds = histogram("sipfarm_node_redis_seconds", "Redis round-trip time")
         self.redis_errors = Counter("sipfarm_node_redis_errors_total", "Failed Redis commands", registry=r)
         # unacked_writes: REGISTER writes answered 503 because fewer than [node] replicas_ack
         # replicas confirmed them in time; cluster_redirects: MOVED/ASK followed;
@@ -135,6 +256,13 @@ class NodeMetrics:
                 registry=r,
             )
         )
+
+    def flush(self) -> None:
+        """Multiprocess mode: copy what the compiled counters counted since the last call into
+        prometheus-client's files (the supervisor's figures lag by at most the period between
+        calls: a second in ``sipfarm node``).  Nothing to do otherwise (scraped live)."""
+        for export in self._native:
+            export.flush()
 
 
 def serve_metrics(address: str, registry: CollectorRegistry) -> bool:

@@ -218,7 +218,7 @@ class NodeCore:
     # -- requests --------------------------------------------------------------------------------
 
     def _on_request(self, msg: SipMessage, source: Address, local: Address, now: float) -> None:
-        self.metrics.requests(msg.method.decode("latin-1")).inc()
+        self.metrics.requests.inc(msg.method)
         if msg.method == b"REGISTER" and not msg.has("authorization"):
             # RFC 3261 8.2.7: a challenge may be sent by a stateless UAS. No transaction to keep
             # for 32 s: a lost 401 just gets a fresh challenge on the retransmission.

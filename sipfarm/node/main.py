@@ -135,7 +135,7 @@ async def serve(
     from sipfarm.transport.resolver import Resolver  # noqa: PLC0415
 
     loop = asyncio.get_running_loop()
-    metrics = NodeMetrics()
+    metrics = NodeMetrics(multiprocess=worker_index is not None)
     if cfg.metrics and worker_index is None:
         serve_metrics(cfg.metrics, metrics.registry)
     pipe = open_pipe(cfg.redis)
@@ -479,6 +479,7 @@ async def serve(
             sync_transport()
             sync_dropped()
             sync_redis()
+            metrics.flush()  # a worker's per-message counters into the multiprocess files
             metrics.transactions.set(len(core.layer))
             if tick % 5 == 1 and (not multi or worker_index == 0):
                 count_registrations()
@@ -486,6 +487,7 @@ async def serve(
                 metrics.registered_aors.set(registrations["aors"])
     finally:
         log.info("event=node_stopping node_id=%s", cfg.node_id)
+        metrics.flush()
         if heartbeater is not None:
             await heartbeater.stop()
         if relay_watcher is not None:
