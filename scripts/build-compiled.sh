@@ -89,6 +89,7 @@ MODULES=(
 CEXTENSIONS=(
     sipfarm.transport._batchio=sipfarm/transport/_batchio.c
     media._fastpath=media/_fastpath.c
+    sipfarm.sip._fastparse=sipfarm/sip/_fastparse.c
 )
 
 test -x "$PY" || { echo "build-compiled: $PY missing (run make setup)" >&2; exit 1; }

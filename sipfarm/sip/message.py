@@ -30,6 +30,13 @@ from sipfarm.sip.headers import (
 )
 from sipfarm.sip.uri import URI, UnknownScheme, URIError, parse_uri
 
+try:  # built by scripts/build-compiled.sh only: the interpreted build joins in Python
+    from sipfarm.sip._fastparse import join as _join
+
+    HAVE_FASTJOIN = True
+except ImportError:  # pragma: no cover - which branch runs depends on the build
+    HAVE_FASTJOIN = False
+
 Header = tuple[str, bytes, bytes]  # (key, raw name, value)
 
 SIP_VERSION = b"SIP/2.0"
@@ -342,6 +349,16 @@ class SipMessage:
         return self.method + b" " + self.uri + b" SIP/2.0"
 
     def to_bytes(self) -> bytes:
+        if HAVE_FASTJOIN:
+            # sipfarm/sip/_fastparse.c: the same bytes in one allocation (None: headers that are
+            # not all (str, bytes, bytes), which the Python join below handles or rejects)
+            out = _join(self.start_line(), self.headers, self.body)
+            if out is not None:
+                return out
+        return self.to_bytes_reference()
+
+    def to_bytes_reference(self) -> bytes:
+        """``to_bytes`` in Python alone (what the C join must match; the interpreted build's)."""
         parts = [self.start_line()]
         parts.extend([raw + b": " + v for _, raw, v in self.headers])
         parts.append(b"")

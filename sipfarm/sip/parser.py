@@ -27,6 +27,13 @@ from sipfarm.sip.headers import COMPACT, HeaderError, is_token, parse_cseq, pars
 from sipfarm.sip.message import Header, SipMessage
 from sipfarm.sip.uri import SipURI
 
+try:  # built by scripts/build-compiled.sh only: the interpreted build does it all in Python
+    from sipfarm.sip._fastparse import split_headers as _split_headers
+
+    HAVE_FASTPARSE = True
+except ImportError:  # pragma: no cover - which branch runs depends on the build
+    HAVE_FASTPARSE = False
+
 MAX_MESSAGE_SIZE = 65535
 MAX_HEADERS = 256
 # What StreamFramer.next_event returns for a CRLFCRLF keep-alive (compare with ``is``).
@@ -67,6 +74,30 @@ def parse_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> SipMessag
         data = data.lstrip(b"\r\n")
     if not data:
         raise MessageDropped("empty message")
+    if HAVE_FASTPARSE:
+        # The common case in C (sipfarm/sip/_fastparse.c): CRLF line ends, no folding, known
+        # names, no repeated single header.  None: anything else, which the Python code below
+        # (the reference) parses or rejects with its own error.
+        split = _split_headers(data, _KEY_CACHE, _WATCHED, _SINGLE, MAX_HEADERS)
+        if split is not None:
+            msg = _parse_start_line(split[0])
+            msg.headers = split[1]
+            return _finish(msg, data, split[3], split[2], max_size)
+    return _parse(data, max_size)
+
+
+def parse_message_reference(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> SipMessage:
+    """``parse_message`` in Python alone: what the C common case must match (the tests compare
+    them; the interpreted build has nothing else)."""
+    if data[:1] in (b"\r", b"\n"):
+        data = data.lstrip(b"\r\n")
+    if not data:
+        raise MessageDropped("empty message")
+    return _parse(data, max_size)
+
+
+def _parse(data: bytes, max_size: int) -> SipMessage:
+    """The Python parse of ``data`` (not empty, no leading CRLF)."""
     head_end = data.find(b"\r\n\r\n")
     sep = b"\r\n"
     if head_end >= 0:
@@ -97,6 +128,11 @@ def parse_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> SipMessag
         raise BadMessage("bare CR in header section", partial=msg)
     headers, first_values = _parse_headers(lines, sep, msg)
     msg.headers = headers
+    return _finish(msg, data, body_start, first_values, max_size)
+
+
+def _finish(msg: SipMessage, data: bytes, body_start: int, first_values: dict[str, bytes], max_size: int) -> SipMessage:
+    """Size, body and mandatory headers, once the start line and headers are parsed."""
     if len(data) > max_size:
         raise MessageTooLarge(f"message of {len(data)} bytes", partial=msg if msg.is_request else None)
     body = data[body_start:]

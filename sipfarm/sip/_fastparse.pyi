@@ -1,0 +1,15 @@
+"""The common case of the SIP header split and serialisation: sipfarm/sip/_fastparse.c.
+
+Built by scripts/build-compiled.sh into build/compiled/ only; the interpreted build has no such
+module (sipfarm/sip/parser.py and message.py then do it all in Python).
+"""
+
+def split_headers(
+    data: bytes,
+    key_cache: dict[bytes, str],
+    watched: frozenset[str],
+    single: frozenset[str],
+    max_headers: int,
+    /,
+) -> tuple[bytes, list[tuple[str, bytes, bytes]], dict[str, bytes], int] | None: ...
+def join(start_line: bytes, headers: list[tuple[str, bytes, bytes]], body: bytes, /) -> bytes | None: ...

@@ -1,0 +1,301 @@
+"""The C common case of the parser and serialiser (sipfarm/sip/_fastparse.c) against the Python
+code it stands in for.
+
+``parse_message`` hands a message to ``split_headers`` first and falls back to the Python parse
+(``parse_message_reference`` is that parse alone) when the C answers None; ``to_bytes`` does the
+same with ``join``.  For valid messages (the typical and RFC 4475 vectors, generated ones) and
+for mutations of them (folding, bare CR/LF, LF-only, repeated single headers, unknown and
+compact names, empty values, whitespace around the colon, NUL and high bytes, more than
+MAX_HEADERS lines, no blank line, truncation): the same message (start line, headers with raw
+names, body, CSeq) or the same exception (class, text, status, partial message) either way, and
+the same bytes out.  The common case must really be the C's (a C that always said None would
+pass the rest).
+
+The extension exists only in the compiled build (scripts/test-compiled.sh); the interpreted
+stage skips this file (its path is the Python one, tested everywhere else).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_properties import sip_messages
+
+from sipfarm.sip import parser
+from sipfarm.sip.errors import SipError
+from sipfarm.sip.message import SipMessage
+from sipfarm.sip.parser import MAX_HEADERS, parse_message, parse_message_reference
+
+fastparse = pytest.importorskip("sipfarm.sip._fastparse")
+
+SCALE = float(os.environ.get("SIPFARM_PROPERTY_SCALE", "1"))
+PROPERTY = settings(
+    max_examples=int(400 * SCALE),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+VECTORS = Path(__file__).resolve().parent / "vectors"
+TYPICAL = sorted((VECTORS / "typical").glob("*.sip"))
+_FOLD = re.compile(rb"\r\n[ \t]+")
+COMMON = [p.read_bytes() for p in TYPICAL]
+CORPUS = COMMON + [p.read_bytes() for p in sorted((VECTORS / "rfc4475").glob("*.sip"))]
+
+
+def split(data: bytes) -> object:
+    return fastparse.split_headers(data, parser._KEY_CACHE, parser._WATCHED, parser._SINGLE, MAX_HEADERS)
+
+
+def summary(msg: SipMessage | None) -> tuple[object, ...] | None:
+    if msg is None:
+        return None
+    return (msg.method, msg.uri, msg.status, msg.reason, list(msg.headers), msg.body, msg.cseq)
+
+
+def outcome(parse: object, data: bytes) -> tuple[object, ...]:
+    try:
+        msg = parse(data)  # type: ignore[operator]
+    except SipError as exc:
+        return ("error", type(exc), str(exc), exc.status, summary(exc.partial))
+    return ("parsed", summary(msg), msg.to_bytes())
+
+
+def check_same(data: bytes) -> None:
+    """The C-assisted parse and the Python one agree, the first time a name is seen (the C
+    declines, Python parses and caches the name) and the next (the C's turn)."""
+    first = outcome(parse_message, data)
+    reference = outcome(parse_message_reference, data)
+    again = outcome(parse_message, data)
+    assert first == reference
+    assert again == reference
+    if reference[0] == "parsed":
+        msg = parse_message(data)
+        assert msg.to_bytes() == msg.to_bytes_reference()
+
+
+# -- the common case is the C's -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", TYPICAL, ids=[p.stem for p in TYPICAL])
+def test_typical_messages_take_the_c_path(path: Path) -> None:
+    data = path.read_bytes()
+    parse_message_reference(data)  # the names are cached
+    got = split(data)
+    assert got is not None
+    start_line, headers, first, body_start = got  # type: ignore[misc]
+    msg = parse_message_reference(data)
+    assert start_line == data[: data.find(b"\r\n")]
+    assert headers == msg.headers
+    assert [type(item) for item in headers] == [tuple] * len(headers)
+    assert first == {key: value for key, _, value in reversed(msg.headers) if key in parser._WATCHED}
+    assert data[body_start:].startswith(msg.body)
+    assert fastparse.join(msg.start_line(), msg.headers, msg.body) == msg.to_bytes_reference()
+
+
+@settings(max_examples=int(100 * SCALE), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sip_messages())
+def test_generated_unfolded_messages_take_the_c_path(gen: object) -> None:
+    data: bytes = gen.data  # type: ignore[attr-defined]
+    parse_message_reference(data)
+    head = data[: data.find(b"\r\n\r\n")]
+    if b"\r\n " in head or b"\r\n\t" in head or head.count(b"\n") != head.count(b"\r"):
+        return  # folded, or a value with a CR/LF the generator let through
+    assert split(data) is not None
+    check_same(data)
+
+
+def test_the_c_declines_what_is_not_the_common_case() -> None:
+    base = (VECTORS / "typical" / "invite_sdp.sip").read_bytes()
+    parse_message_reference(base)
+    assert split(base) is not None
+    head, _, body = base.partition(b"\r\n\r\n")
+    declined = [
+        base.replace(b"\r\n", b"\n"),  # LF only
+        head.replace(b"\r\nTo:", b"\r\n To:") + b"\r\n\r\n" + body,  # folding
+        head.replace(b"\r\nTo:", b"\rTo:") + b"\r\n\r\n" + body,  # bare CR
+        head.replace(b"\r\nTo:", b"\nTo:") + b"\r\n\r\n" + body,  # bare LF
+        head + b"\r\nCall-ID: another\r\n\r\n" + body,  # a second, different Call-ID
+        head + b"\r\nX-Never-Seen-Before-Zq: 1\r\n\r\n" + body,  # a name not cached yet
+        head + b"\r\nno colon here\r\n\r\n" + body,
+        head + b"\r\n" + b"Contact: <sip:a@b>\r\n" * MAX_HEADERS + b"\r\n" + body,  # too many
+        head + b"\r\n",  # no blank line
+        b"\r\n" + base,  # leading CRLF: parse_message strips it before asking
+    ]
+    for data in declined:
+        assert split(data) is None, data[:60]
+        check_same(data)
+    # MAX_HEADERS lines are the C's, one more is not
+    lines = head.count(b"\r\n")  # header lines (the start line has none before it)
+    exact = head + b"\r\n" + b"Contact: <sip:a@b>\r\n" * (MAX_HEADERS - lines) + b"\r\n" + body
+    assert split(exact) is not None
+    over = head + b"\r\n" + b"Contact: <sip:a@b>\r\n" * (MAX_HEADERS - lines + 1) + b"\r\n" + body
+    assert split(over) is None
+    check_same(over)
+    # a repeat with the same value, or of a list header, is the common case
+    assert split(head + b"\r\nCall-ID: " + parse_message(base).call_id + b"\r\n\r\n" + body) is not None
+    assert split(head + b"\r\nVia: SIP/2.0/UDP h;branch=z9hG4bKx\r\n\r\n" + body) is not None
+
+
+def test_join_declines_what_a_message_does_not_hold() -> None:
+    msg = parse_message((VECTORS / "typical" / "invite_sdp.sip").read_bytes())
+    start = msg.start_line()
+    assert fastparse.join(start, msg.headers, msg.body) == msg.to_bytes_reference()
+    for headers in (
+        [*msg.headers, ("x-a", b"X-A", bytearray(b"1"))],
+        [*msg.headers, ["x-a", b"X-A", b"1"]],
+        [*msg.headers, ("x-a", b"X-A")],
+        tuple(msg.headers),
+    ):
+        assert fastparse.join(start, headers, msg.body) is None
+    assert fastparse.join(start, msg.headers, bytearray(msg.body)) is None
+    assert fastparse.join(bytearray(start), msg.headers, msg.body) is None
+    assert fastparse.join(start, [], b"") == start + b"\r\n\r\n"
+
+
+# -- arbitrary messages: the same answer either way ----------------------------------------------
+
+_SINGLE_NAMES = [b"Call-ID", b"i", b"CSeq", b"From", b"f", b"To", b"t", b"Content-Length", b"l", b"Max-Forwards"]
+_OTHER_NAMES = [b"Via", b"v", b"Contact", b"m", b"Subject", b"s", b"Expires", b"Route", b"Supported", b"k"]
+
+
+@st.composite
+def unknown_names(draw: st.DrawFn) -> bytes:
+    # a few dozen distinct names: they get cached (the cache is bounded; not filled by this)
+    return b"X-Odd-" + str(draw(st.integers(0, 40))).encode()
+
+
+@st.composite
+def header_lines(draw: st.DrawFn) -> bytes:
+    name = draw(st.sampled_from(_SINGLE_NAMES + _OTHER_NAMES) | unknown_names())
+    if draw(st.booleans()):
+        name = name.upper() if draw(st.booleans()) else name.lower()
+    before = draw(st.sampled_from([b"", b"", b" ", b"\t", b" \t "]))
+    after = draw(st.sampled_from([b" ", b"", b"  ", b"\t", b" \t"]))
+    value = draw(
+        st.sampled_from([b"", b"1", b"0", b"5 INVITE", b"abc@h", b"<sip:a@b>;tag=1", b"SIP/2.0/UDP h;branch=z9hG4bK1"])
+        | st.binary(max_size=12).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
+    )
+    trail = draw(st.sampled_from([b"", b"", b" ", b"\t"]))
+    return name + before + b":" + after + value + trail
+
+
+@st.composite
+def mutated_messages(draw: st.DrawFn) -> bytes:
+    source = draw(st.integers(0, 2))
+    if source == 0:
+        data = draw(st.sampled_from(COMMON))  # typical traffic: the C's common case
+    elif source == 1:
+        data = draw(st.sampled_from(CORPUS))  # with RFC 4475's torture messages
+    else:
+        data = draw(sip_messages()).data  # type: ignore[attr-defined]
+        if draw(st.integers(0, 3)):
+            data = _FOLD.sub(b" ", data)  # mostly unfolded: the C's
+    for _ in range(draw(st.integers(0, 3))):
+        op = draw(
+            st.sampled_from(
+                [
+                    "fold", "bare_cr", "bare_lf", "cr_other", "lf_only", "dup_line", "add_line",
+                    "many_lines", "exact_lines", "line_ws", "no_blank", "truncate", "byte", "insert",
+                    "leading_crlf", "tail",
+                ]
+            )
+        )  # fmt: skip
+        head_end = data.find(b"\r\n\r\n")
+        head_end = len(data) if head_end < 0 else head_end
+        crlfs = [i for i in range(head_end - 1) if data[i : i + 2] == b"\r\n"]
+        if op == "fold" and crlfs:
+            i = draw(st.sampled_from(crlfs)) + 2
+            data = data[:i] + draw(st.sampled_from([b" ", b"\t", b"  "])) + data[i:]
+        elif op in ("bare_cr", "bare_lf") and head_end:
+            i = draw(st.integers(0, head_end))
+            data = data[:i] + (b"\r" if op == "bare_cr" else b"\n") + data[i:]
+        elif op == "cr_other" and crlfs:
+            # a line "ended" by CR and another byte: one line to Python (bare CR)
+            i = draw(st.sampled_from(crlfs))
+            data = data[:i] + b"\r" + bytes([draw(st.sampled_from([0x20, 0x58, 0x00, 0x0D]))]) + data[i + 2 :]
+        elif op == "line_ws" and crlfs:
+            # SP/HTAB at the end of a line, or around its colon
+            i = draw(st.sampled_from(crlfs))
+            if draw(st.booleans()):
+                colon = data.rfind(b":", 0, i)
+                i = colon + draw(st.integers(0, 1)) if colon > data.rfind(b"\r\n", 0, i) else i
+            data = data[:i] + draw(st.sampled_from([b" ", b"\t", b" \t ", b"  "])) + data[i:]
+        elif op == "exact_lines" and crlfs:
+            # exactly MAX_HEADERS header lines, or one more
+            lines = data[:head_end].count(b"\r\n")
+            n = MAX_HEADERS - lines + draw(st.integers(-1, 1))
+            i = draw(st.sampled_from(crlfs)) + 2
+            data = data[:i] + b"Subject: x\r\n" * max(n, 0) + data[i:]
+        elif op == "lf_only":
+            data = data[:head_end].replace(b"\r\n", b"\n") + data[head_end:].replace(b"\r\n", b"\n", 1)
+        elif op == "dup_line" and crlfs:
+            i = draw(st.sampled_from(crlfs)) + 2
+            j = data.find(b"\r\n", i)
+            line = data[i:j] if j >= 0 else data[i:]
+            if draw(st.booleans()):
+                line += draw(st.sampled_from([b"x", b"", b" ", b"0"]))
+            data = data[:i] + line + b"\r\n" + data[i:]
+        elif op == "add_line" and crlfs:
+            i = draw(st.sampled_from(crlfs)) + 2
+            data = data[:i] + draw(header_lines()) + b"\r\n" + data[i:]
+        elif op == "many_lines" and crlfs:
+            i = draw(st.sampled_from(crlfs)) + 2
+            n = draw(st.sampled_from([MAX_HEADERS - 20, MAX_HEADERS - 12, MAX_HEADERS, MAX_HEADERS + 1, 300]))
+            data = data[:i] + b"Subject: x\r\n" * n + data[i:]
+        elif op == "no_blank":
+            data = data[:head_end] + b"\r\n" + data[head_end + 4 :]
+        elif op == "truncate" and data:
+            data = data[: draw(st.integers(0, len(data) - 1))]
+        elif op == "byte" and data:
+            i = draw(st.integers(0, len(data) - 1))
+            byte = draw(st.sampled_from([0, 0x80, 0xFF, 0x20, 0x09, 0x3A, 0x0D, 0x0A]))
+            data = data[:i] + bytes([byte]) + data[i + 1 :]
+        elif op == "insert":
+            i = draw(st.integers(0, len(data)))
+            data = (
+                data[:i] + draw(st.sampled_from([b"\x00", b"\xff", b":", b" ", b"\t", b"\r\n", b"\r\n\r\n"])) + data[i:]
+            )
+        elif op == "leading_crlf":
+            data = draw(st.sampled_from([b"\r\n", b"\n", b"\r\n\r\n"])) + data
+        elif op == "tail":
+            data += draw(st.binary(max_size=20))
+    return data
+
+
+@PROPERTY
+@given(mutated_messages())
+def test_c_assisted_parse_is_the_python_parse(data: bytes) -> None:
+    check_same(data)
+
+
+@PROPERTY
+@given(st.sampled_from(CORPUS), st.data())
+def test_join_is_the_python_join_after_edits(data: bytes, draw: st.DataObject) -> None:
+    try:
+        msg = parse_message(data)
+    except SipError:
+        return
+    values = st.binary(max_size=30)
+    for _ in range(draw.draw(st.integers(0, 4))):
+        op = draw.draw(st.sampled_from(["prepend", "set", "append", "remove", "body", "pop"]))
+        key = draw.draw(st.sampled_from(["via", "record-route", "max-forwards", "x-added", "route", "contact"]))
+        if op == "prepend":
+            msg.prepend(key, draw.draw(values))
+        elif op == "set":
+            msg.set(key, draw.draw(values))
+        elif op == "append":
+            msg.append(key, draw.draw(values))
+        elif op == "remove":
+            msg.remove(key)
+        elif op == "body":
+            msg.set_body(draw.draw(values), draw.draw(st.none() | st.just(b"application/sdp")))
+        else:
+            msg.headers = msg.headers[1:]
+    assert msg.to_bytes() == msg.to_bytes_reference()
+    response = SipMessage(status=draw.draw(st.integers(100, 699)), reason=draw.draw(values), headers=msg.headers)
+    assert response.to_bytes() == response.to_bytes_reference()
