@@ -16,9 +16,11 @@ from functools import partial
 
 import hiredis
 
+from sipfarm.protect.guard import ban_key, milliseconds, nonce_key
+from sipfarm.protect.redis_guard import UNAVAILABLE_REPLIES
 from sipfarm.store import location as loc
-from sipfarm.store.accounts import Account, account_key
-from sipfarm.store.errors import StoreError
+from sipfarm.store.accounts import NOT_CACHED, Account, CacheMiss, account_key
+from sipfarm.store.errors import StoreError, StoreUnavailable
 from sipfarm.store.media import call_relay_key, recorded_relay
 from sipfarm.store.resp import RedisPipe, Reply
 
@@ -46,6 +48,11 @@ class FarmState:
         self._clock = clock
         self._observe = observe  # Redis round-trip histogram
         self._register_sha = hashlib.sha1(loc.REGISTER_SCRIPT.encode()).hexdigest()  # noqa: S324
+        self._admitted_sha = hashlib.sha1(loc.ADMITTED_REGISTER_SCRIPT.encode()).hexdigest()  # noqa: S324
+        #: ``register_admitted`` may be used: the guard's keys (the node's RedisGuard, on this same
+        #: pipe) and the bindings on one Redis, one script. Not on a Redis Cluster: a source's ban
+        #: key lives in the source's slot, the AOR's hash in its shard's (two round trips there).
+        self.admits = not cluster
         self._remove_binding_sha = hashlib.sha1(loc.REMOVE_BINDING_SCRIPT.encode()).hexdigest()  # noqa: S324
 
     # -- accounts --------------------------------------------------------------------------------
@@ -65,6 +72,14 @@ class FarmState:
         self.pipe.call(
             partial(self._account_done, key, now, callback), "HMGET", account_key(user, domain), *_ACCOUNT_FIELDS
         )
+
+    def cached_account(self, user: str, domain: str) -> Account | CacheMiss | None:
+        """The account as ``get_account`` would answer it from the cache (None: cached as none),
+        or NOT_CACHED; no I/O."""
+        hit = self._cache.get((user, domain))
+        if hit is not None and hit[0] > self._clock():
+            return hit[1]
+        return NOT_CACHED
 
     def _account_done(
         self,
@@ -139,6 +154,54 @@ class FarmState:
         if result is None:
             try:
                 result = loc.register_result(reply)
+            except StoreError as exc:
+                result = exc
+        callback(result)
+
+    def register_admitted(
+        self,
+        aor: str,
+        contacts: Sequence[loc.ContactUpdate],
+        source_ip: str,
+        nonce_use: str,
+        nonce_ttl: float,
+        callback: Callable[[loc.AdmittedRegister | StoreError], None],
+        **kwargs: object,
+    ) -> None:
+        """``register`` behind the guard's admit (``source_ip`` not banned, ``nonce_use`` new: see
+        :class:`~sipfarm.protect.guard.Guard`), in one script and one round trip; only when
+        ``admits``. ``callback`` gets the admission's facts and, if they let it through, the
+        result."""
+        keys, args = loc.admitted_register_arguments(
+            aor,
+            contacts,
+            ban_key=ban_key(source_ip),
+            nonce_key=nonce_key(nonce_use),
+            nonce_ttl_ms=milliseconds(nonce_ttl),
+            **kwargs,
+        )
+        done = partial(self._admitted_done, keys, args, self._clock(), callback)
+        self.pipe.call_acked(done, "EVALSHA", self._admitted_sha, len(keys), *keys, *args)
+
+    def _admitted_done(
+        self,
+        keys: list[str],
+        args: list[str | int | float],
+        started: float,
+        callback: Callable[[loc.AdmittedRegister | StoreError], None],
+        reply: Reply,
+    ) -> None:
+        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+            done = partial(self._admitted_done, keys, args, started, callback)
+            self.pipe.call_acked(done, "EVAL", loc.ADMITTED_REGISTER_SCRIPT, len(keys), *keys, *args)
+            return
+        result: loc.AdmittedRegister | StoreError | None = self._settle(started, "register", reply)
+        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith(UNAVAILABLE_REPLIES):
+            # what the guard's admit answers for these (503), asked first on the other path
+            result = StoreUnavailable(f"register failed: {reply}")
+        if result is None:
+            try:
+                result = loc.admitted_register_result(reply)
             except StoreError as exc:
                 result = exc
         callback(result)

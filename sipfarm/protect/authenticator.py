@@ -20,6 +20,16 @@ The registrar (401, RFC 3261 22.2) and the proxy (407, 22.3) both ask this modul
   HA1), so neither the answer nor its timing tells them apart.  Each failure is counted per
   source and per account in Redis; past the guard's threshold the source is banned farm-wide
   (the real user elsewhere still registers).
+* :meth:`Authenticator.verified_without_io`: the registrar's short cut. When the account is
+  already in the node's cache, the digest is verified before Redis is asked anything; if it
+  verifies, the two guard questions are asked by the script that writes the bindings (one
+  round trip, :meth:`FarmState.register_admitted`), which writes nothing unless the source is
+  not banned and the nonce use is new; :meth:`Authenticator.admitted` then gives the verdict
+  from what it found, with the same metrics, logs and local ban cache as ``authenticate``.
+  Anything else (no cached account, an unknown user, a wrong password, a stale nonce, a
+  source banned here) goes through ``authenticate`` as before: the same answers, counters and
+  bans, and the same work for an unknown user as for a wrong password (both are verified once
+  here, with the account's HA1 or the dummy one, then again by ``authenticate``).
 
 Nothing here does I/O itself: Redis is reached through the node's ``FarmState`` and the guard,
 both callback-style, so the in-memory test tier runs the same code.
@@ -39,7 +49,7 @@ from sipfarm.sip.address import Address
 from sipfarm.sip.errors import BadMessage, Forbidden
 from sipfarm.sip.message import SipMessage, make_response
 from sipfarm.sip.uri import SipURI
-from sipfarm.store.accounts import Account
+from sipfarm.store.accounts import Account, CacheMiss
 from sipfarm.store.errors import StoreError
 
 log = logging.getLogger("sipfarm.auth")
@@ -81,6 +91,10 @@ class AuthAnswer:
 
 class AccountSource(Protocol):
     def get_account(self, user: str, domain: str, callback: Callable[[Account | StoreError | None], None]) -> None: ...
+
+    def cached_account(self, user: str, domain: str) -> Account | CacheMiss | None:
+        """What ``get_account`` would answer without I/O (None: no such account), or NOT_CACHED."""
+        ...
 
 
 class Authenticator:
@@ -184,9 +198,57 @@ class Authenticator:
         needed = 2 if self.guard is not None else 1
         check.needed = needed
         if self.guard is not None:
-            nonce_use = f"{creds.nonce}:{creds.nc or ''}"
-            self.guard.admit(source.host, nonce_use, self.nonces.lifetime + 60.0, check.admitted)
+            self.guard.admit(source.host, nonce_use(creds), self.nonce_use_ttl, check.admitted)
         self.accounts.get_account(creds.username, realm, check.account_found)
+
+    @property
+    def nonce_use_ttl(self) -> float:
+        """How long a nonce use is remembered: as long as the nonce could be accepted."""
+        return self.nonces.lifetime + 60.0
+
+    def verified_without_io(
+        self, creds: auth.Credentials, msg: SipMessage, source: Address, realm: str
+    ) -> Account | None:
+        """The account, when ``creds`` are verified here and now with no I/O: a guard, no ban of
+        ``source`` known here, the account in the cache, enabled, the digest right, the nonce
+        fresh. The caller must then have the guard's admission established (see
+        :class:`~sipfarm.protect.guard.Guard`) before it acts, and give the facts to
+        :meth:`admitted`. None: ask :meth:`authenticate` (nothing was counted or logged)."""
+        if self.guard is None or self.banned(source):
+            return None
+        account = self.accounts.cached_account(creds.username, realm)
+        if isinstance(account, CacheMiss):
+            return None
+        result = auth.verify(
+            creds, msg.method, self._ha1(account, creds), self.nonces, self.element.wall(), realm, allow_rfc2069=True
+        )
+        # a cached "no such account" is verified with the dummy HA1, as authenticate does: the
+        # same work as a known account's wrong password before both go to authenticate
+        return account if result.ok and account is not None else None
+
+    def admitted(
+        self, creds: auth.Credentials, msg: SipMessage, source: Address, ban_left: float | None, first_use: bool
+    ) -> Verdict:
+        """The verdict on credentials :meth:`verified_without_io` accepted, from the admission's
+        facts a store established with them (OK, BANNED or STALE, as :meth:`authenticate`)."""
+        guard = self.guard
+        assert guard is not None  # verified_without_io accepts nothing without one
+        admission = guard.admission(source.host, ban_left, first_use)
+        if admission.banned:
+            self._refused(msg, source, creds.username, "banned")
+            return Verdict.BANNED
+        if admission.replay:
+            self._replayed(msg, source, creds.username)
+            return Verdict.STALE
+        return Verdict.OK
+
+    def _ha1(self, account: Account | None, creds: auth.Credentials) -> dict[str, str] | None:
+        """The HA1s to verify ``creds`` with (None: verify against the dummy HA1, which fails)."""
+        if account is None or not account.enabled:
+            return None
+        if creds.algorithm.upper().removesuffix("-SESS") not in self._accepted:
+            return None  # an algorithm we do not offer: the same failure as a wrong password
+        return account.ha1_by_algorithm
 
     def _decide(self, check: _Check) -> AuthAnswer:
         creds, msg = check.creds, check.msg
@@ -199,10 +261,7 @@ class Authenticator:
             self._refused(msg, check.source, creds.username, "banned")
             return AuthAnswer(Verdict.BANNED)
         account = check.account
-        ha1 = account.ha1_by_algorithm if account is not None and account.enabled else None
-        algorithm = creds.algorithm.upper().removesuffix("-SESS")
-        if algorithm not in self._accepted:
-            ha1 = None  # an algorithm we do not offer: the same failure as a wrong password
+        ha1 = self._ha1(account, creds)
         result = auth.verify(creds, msg.method, ha1, self.nonces, check.wall, check.realm, allow_rfc2069=True)
         if result.outcome is auth.AuthOutcome.STALE:
             self.element.metrics.auth_failures("stale").inc()
@@ -210,13 +269,7 @@ class Authenticator:
         if result.ok and admission is not None and admission.replay:
             # authentic, but this nonce-count was used already: a replay, or a client that
             # lost count. A fresh nonce (stale=true) lets an honest client retry at once.
-            self.element.metrics.auth_failures("replay").inc()
-            log.info(
-                "event=auth_replay source=%s user=%s call_id=%s",
-                check.source.host,
-                creds.username,
-                msg.call_id.decode("latin-1"),
-            )
+            self._replayed(msg, check.source, creds.username)
             return AuthAnswer(Verdict.STALE)
         if not result.ok or account is None:
             self._failed(check)
@@ -246,6 +299,10 @@ class Authenticator:
             self.element.metrics.bans.inc()
         if outcome.account_alert:
             self.element.metrics.account_alerts.inc()
+
+    def _replayed(self, msg: SipMessage, source: Address, user: str) -> None:
+        self.element.metrics.auth_failures("replay").inc()
+        log.info("event=auth_replay source=%s user=%s call_id=%s", source.host, user, msg.call_id.decode("latin-1"))
 
     def _refused(self, msg: SipMessage, source: Address, user: str, why: str) -> None:
         self.element.metrics.auth_failures(why).inc()
@@ -300,4 +357,10 @@ class _Check:
             self.done(self.auth._decide(self))
 
 
-__all__ = ["DEFAULT_ALGORITHMS", "AuthAnswer", "Authenticator", "Verdict"]
+def nonce_use(creds: auth.Credentials) -> str:
+    """The guard's name of one use of a nonce: ``"<nonce>:<nc>"``, or ``"<nonce>:"`` for a client
+    sending no qop (which makes its nonce one-time)."""
+    return f"{creds.nonce}:{creds.nc or ''}"
+
+
+__all__ = ["DEFAULT_ALGORITHMS", "AuthAnswer", "Authenticator", "Verdict", "nonce_use"]

@@ -25,7 +25,11 @@ opened by the first failure (the counter's expiry is set on its first increment)
 
 The node asks the guard twice per authenticated request at most: :meth:`Guard.admit` in the same
 pipeline as the lookups the request already makes (is the source banned? is this ``(nonce,
-nc)`` new?) and :meth:`Guard.failed` when the credentials do not verify. Before any I/O it asks
+nc)`` new?) and :meth:`Guard.failed` when the credentials do not verify. A REGISTER whose
+credentials verified before any I/O (its account cached) has the same two questions asked by
+the script that writes its bindings, on one Redis: ``admit.lua`` of :mod:`sipfarm.store` reads
+and writes the keys below exactly as admit does, writes no binding unless both answers let it,
+and :meth:`Guard.admission` turns what it found into admit's answer. Before any I/O it asks
 :meth:`Guard.banned_locally`, which answers from what this process already learnt, so a banned
 flood costs no Redis round trip. A locally cached ban is trusted for at most
 ``local_ban_recheck`` seconds (never past the ban's end), so ``sipfarm ban del`` reaches every
@@ -169,6 +173,12 @@ class Guard(Protocol):
         """ONE pipelined round trip: is ``source_ip`` banned; and record ``nonce_use`` (``"<nonce>:<nc>"``,
         or ``"<nonce>:"`` for a client sending no qop, which makes the nonce one-time) with SET NX and
         expiry ``ttl`` (the nonce's remaining lifetime, seconds): ``replay`` when it already existed."""
+
+    def admission(self, source_ip: str, ban_left: float | None, first_use: bool) -> Admission:
+        """What ``admit`` would answer, for facts a store established atomically on this guard's
+        behalf (a REGISTER's bindings written in one script with its admission, ``admit.lua`` of
+        :mod:`sipfarm.store`): ``ban_left`` seconds of the source's ban (None: none, ``math.inf``:
+        no end), ``first_use``: the nonce use was new. Learnt like admit's answers (no I/O)."""
 
     def failed(self, source_ip: str, account: str, done: Callable[[FailureOutcome | StoreError], None]) -> None:
         """Count one failed authentication per source and per account (``user@domain``; an unknown user

@@ -29,7 +29,7 @@ from .guard import (
     source_failures_key,
 )
 
-__all__ = ["ExpiringKeys", "MemoryGuard"]
+__all__ = ["ExpiringKeys", "MemoryGuard", "record_admission"]
 
 
 class ExpiringKeys:
@@ -128,9 +128,11 @@ class MemoryGuard:
         return len(self.rules.local) > 0
 
     def admit(self, source_ip: str, nonce_use: str, ttl: float, done: Callable[[Admission | StoreError], None]) -> None:
-        ban = self.keys.left(ban_key(source_ip))
-        first_use = self.keys.set(nonce_key(nonce_use), "1", _whole_ms(ttl), only_new=True)
+        ban, first_use = record_admission(self.keys, source_ip, nonce_use, ttl)
         done(self.rules.admission(source_ip, ban, first_use, self._clock()))
+
+    def admission(self, source_ip: str, ban_left: float | None, first_use: bool) -> Admission:
+        return self.rules.admission(source_ip, ban_left, first_use, self._clock())
 
     def failed(self, source_ip: str, account: str, done: Callable[[FailureOutcome | StoreError], None]) -> None:
         # failure.lua, step for step
@@ -167,6 +169,15 @@ class MemoryGuard:
         """Lift a ban and forget the source's failures; whether there was a ban."""
         self.keys.delete(source_failures_key(source_ip))
         return self.keys.delete(ban_key(source_ip))
+
+
+def record_admission(keys: ExpiringKeys, source_ip: str, nonce_use: str, ttl: float) -> tuple[float | None, bool]:
+    """What admit asks the store (and ``admit.lua`` before a REGISTER's write), over ``keys``:
+    the seconds left of the source's ban (None: none), and whether the nonce use was new (it is
+    recorded for ``ttl`` seconds either way)."""
+    ban = keys.left(ban_key(source_ip))
+    first_use = keys.set(nonce_key(nonce_use), "1", _whole_ms(ttl), only_new=True)
+    return ban, first_use
 
 
 def _whole_ms(seconds: float) -> float:

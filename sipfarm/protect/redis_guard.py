@@ -27,7 +27,6 @@ cannot serve: connection lost, loading, read-only, out of memory); nothing is ra
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from collections.abc import Callable
 from functools import partial
@@ -37,6 +36,7 @@ from typing import Final
 import hiredis
 
 from sipfarm.store.errors import StoreError, StoreUnavailable
+from sipfarm.store.location import seconds_left
 from sipfarm.store.resp import RedisPipe, Reply
 
 from .guard import (
@@ -53,21 +53,17 @@ from .guard import (
     source_failures_key,
 )
 
-__all__ = ["FAILURE_SCRIPT", "RedisGuard", "ban_left"]
+__all__ = ["FAILURE_SCRIPT", "UNAVAILABLE_REPLIES", "RedisGuard", "ban_left"]
 
 FAILURE_SCRIPT: Final = files(__package__).joinpath("failure.lua").read_text()
 
 # Error replies that mean "this Redis cannot serve now" (as sipfarm.store.redis_client maps them).
-_UNAVAILABLE_REPLIES: Final = ("LOADING", "READONLY", "OOM", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+UNAVAILABLE_REPLIES: Final = ("LOADING", "READONLY", "OOM", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
 
 
 def ban_left(pttl: int) -> float | None:
     """Seconds left of a ban from ``PTTL``: None when there is none, ``math.inf`` when it has no end."""
-    if pttl == -2:
-        return None
-    if pttl == -1:
-        return math.inf
-    return pttl / 1000
+    return seconds_left(pttl)
 
 
 class _AdmitReplies:
@@ -172,6 +168,9 @@ class RedisGuard:
                 result = StoreError(f"admit: unexpected replies {ban!r}, {reply!r}")
         replies.done(result)
 
+    def admission(self, source_ip: str, ban_left: float | None, first_use: bool) -> Admission:
+        return self.rules.admission(source_ip, ban_left, first_use, self._clock())
+
     # -- failed ----------------------------------------------------------------------------------
 
     def failed(self, source_ip: str, account: str, done: Callable[[FailureOutcome | StoreError], None]) -> None:
@@ -249,7 +248,7 @@ class RedisGuard:
         if isinstance(reply, StoreError):
             return reply
         if isinstance(reply, Exception):
-            if str(reply).startswith(_UNAVAILABLE_REPLIES):
+            if str(reply).startswith(UNAVAILABLE_REPLIES):
                 return StoreUnavailable(f"{what} failed: {reply}")
             return StoreError(f"{what} failed: {reply}")
         return None

@@ -8,7 +8,17 @@ server transaction; then, in order: the REGISTER is read (:func:`read_register`:
 Contacts, expiries; policy errors are SipErrors), the credentials must be the AOR's own, the
 authenticator verifies them (account and guard in one Redis pipeline), and one atomic
 ``register.lua`` applies every Contact (:meth:`FarmState.register`).  The 200 lists every
-binding.  A client connected straight to this node over a connection (or an outbound client)
+binding.
+
+The common case costs one round trip, not two: when the account is in the node's cache and
+the credentials verify without I/O (:meth:`Authenticator.verified_without_io`), and the store
+can check the guard's keys in the script that writes the bindings (``admits``: one Redis, not
+a Cluster), the ban and nonce-use checks and the write are one script
+(:meth:`FarmState.register_admitted`), which writes nothing unless the source is not banned
+and the nonce use is new.  The order stays: credentials verified, then admitted, then written;
+every other case (and any doubt) takes the two round trips above.
+
+A client connected straight to this node over a connection (or an outbound client)
 gets our own Path entry naming its flow, so every node reaches it through us.
 
 A UA that sends ``Supported: gruu`` gets, on each Contact with an instance ID, its public and a
@@ -25,7 +35,7 @@ from typing import Protocol
 
 from sipfarm.edge import FlowTokens, flow_uri
 from sipfarm.element import Element
-from sipfarm.protect.authenticator import AuthAnswer, Authenticator, Verdict
+from sipfarm.protect.authenticator import AuthAnswer, Authenticator, Verdict, nonce_use
 from sipfarm.registrar.bindings import ExpiresPolicy, RegisterRequest, read_register, register_ok
 from sipfarm.registrar.gruu import TempGruus, public_gruu
 from sipfarm.sip import auth
@@ -35,8 +45,9 @@ from sipfarm.sip.headers import HeaderError, parse_name_addr
 from sipfarm.sip.message import SipMessage, make_response
 from sipfarm.sip.transaction import ServerTransaction
 from sipfarm.sip.uri import SipURI, URIError
+from sipfarm.store.accounts import Account
 from sipfarm.store.errors import StoreError
-from sipfarm.store.location import Binding, ContactUpdate, RegisterOutcome, RegisterResult
+from sipfarm.store.location import AdmittedRegister, Binding, ContactUpdate, RegisterOutcome, RegisterResult
 
 # RFC 5626 4.4.1 / 5.4: a UA sends a keepalive every 80-100 % of Flow-Timer. UDP: under the
 # ~30 s many NATs keep an idle UDP binding (and under the 30 s of silence after which the
@@ -54,6 +65,24 @@ class BindingStore(Protocol):
         callback: Callable[[RegisterResult | StoreError], None],
         **kwargs: object,
     ) -> None: ...
+
+    @property
+    def admits(self) -> bool:
+        """``register_admitted`` may be used (the guard's keys and the bindings in one store)."""
+        ...
+
+    def register_admitted(
+        self,
+        aor: str,
+        contacts: Sequence[ContactUpdate],
+        source_ip: str,
+        nonce_use: str,
+        nonce_ttl: float,
+        callback: Callable[[AdmittedRegister | StoreError], None],
+        **kwargs: object,
+    ) -> None:
+        """``register`` behind the guard's admission of ``source_ip`` and ``nonce_use``, atomically."""
+        ...
 
 
 class Registrar:
@@ -100,9 +129,19 @@ class Registrar:
         if creds.username != reg.user:
             self.element.metrics.auth_failures("user_mismatch").inc()
             raise Forbidden("credentials do not match the address-of-record", partial=msg)
+        client = self.element.client(msg, source)
+        started = self.element.now()
+        if self.store.admits:
+            account = self.auth.verified_without_io(creds, msg, client, realm)
+            if account is not None:
+                try:
+                    self._write(stx, msg, source, reg, started, account, creds, client)
+                    return
+                except ValueError:
+                    pass  # authenticate first, then the same ValueError (400) as ever
         # partials of methods, not closures: no reference cycle per request (see farmstate.py)
-        done = partial(self._authenticated, stx, msg, source, creds, reg, self.element.now())
-        self.auth.authenticate(creds, msg, self.element.client(msg, source), realm, done)
+        done = partial(self._authenticated, stx, msg, source, creds, reg, started)
+        self.auth.authenticate(creds, msg, client, realm, done)
 
     def _authenticated(
         self,
@@ -118,33 +157,94 @@ class Registrar:
         if answer.error is not None:
             element.store_failed(stx, msg, answer.error)
             return
-        if answer.verdict is Verdict.BANNED:
-            element.reply(stx, self.auth.refusal(msg))
-            return
         if answer.verdict is not Verdict.OK:
-            element.reply(stx, self.auth.challenge(msg, 401, reg.domain, stale=answer.verdict is Verdict.STALE))
+            self._refuse(stx, msg, reg, answer.verdict)
             return
         account = answer.account
         assert account is not None
+        try:
+            self._write(stx, msg, source, reg, started, account, None, None)
+        except ValueError as exc:
+            element.fail(stx, BadMessage(str(exc), partial=msg))
+
+    def _refuse(self, stx: ServerTransaction, msg: SipMessage, reg: RegisterRequest, verdict: Verdict) -> None:
+        """A banned source's 403, or a new challenge (stale=true for a stale or replayed nonce)."""
+        if verdict is Verdict.BANNED:
+            self.element.reply(stx, self.auth.refusal(msg))
+        else:
+            self.element.reply(stx, self.auth.challenge(msg, 401, reg.domain, stale=verdict is Verdict.STALE))
+
+    def _write(
+        self,
+        stx: ServerTransaction,
+        msg: SipMessage,
+        source: Address,
+        reg: RegisterRequest,
+        started: float,
+        account: Account,
+        creds: auth.Credentials | None,
+        client: Address | None,
+    ) -> None:
+        """Apply the REGISTER's Contacts; with ``creds`` (verified without I/O) and ``client``,
+        behind the guard's admission in the same script. ValueError: nothing was sent."""
+        element = self.element
         path = self._path(reg.path, reg.outbound, source)
         flow_timer = self._flow_timer(path, source) if reg.outbound else None
-        try:
+        call_id = msg.call_id.decode("latin-1")
+        user_agent = (msg.get("user-agent") or b"").decode("utf-8", "replace")[:100]
+        if creds is None or client is None:
             self.store.register(
                 reg.aor,
                 reg.updates,
                 partial(self._applied, stx, msg, reg, started, flow_timer),
-                call_id=msg.call_id.decode("latin-1"),
+                call_id=call_id,
                 cseq=msg.cseq[0],
                 now=element.wall(),
                 max_contacts=account.max_contacts,
                 remove_all=reg.remove_all,
                 path=path,
                 received=str(source),
-                user_agent=(msg.get("user-agent") or b"").decode("utf-8", "replace")[:100],
+                user_agent=user_agent,
                 node=element.identity.node_id,
             )
-        except ValueError as exc:
-            element.fail(stx, BadMessage(str(exc), partial=msg))
+            return
+        self.store.register_admitted(
+            reg.aor,
+            reg.updates,
+            client.host,
+            nonce_use(creds),
+            self.auth.nonce_use_ttl,
+            partial(self._admitted, stx, msg, reg, started, flow_timer, creds, client),
+            call_id=call_id,
+            cseq=msg.cseq[0],
+            now=element.wall(),
+            max_contacts=account.max_contacts,
+            remove_all=reg.remove_all,
+            path=path,
+            received=str(source),
+            user_agent=user_agent,
+            node=element.identity.node_id,
+        )
+
+    def _admitted(
+        self,
+        stx: ServerTransaction,
+        msg: SipMessage,
+        reg: RegisterRequest,
+        started: float,
+        flow_timer: int | None,
+        creds: auth.Credentials,
+        client: Address,
+        res: AdmittedRegister | StoreError,
+    ) -> None:
+        if isinstance(res, StoreError):
+            self.element.store_failed(stx, msg, res)
+            return
+        verdict = self.auth.admitted(creds, msg, client, res.ban_left, res.first_use)
+        if verdict is not Verdict.OK or res.result is None:
+            self._refuse(stx, msg, reg, verdict)
+            return
+        self._applied(stx, msg, reg, started, flow_timer, res.result)
 
     def _applied(
         self,

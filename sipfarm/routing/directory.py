@@ -19,9 +19,9 @@ from typing import Protocol
 
 from sipfarm.proxy.proxy import LocationSource
 from sipfarm.registrar.registrar import BindingStore
-from sipfarm.store.accounts import Account
+from sipfarm.store.accounts import NOT_CACHED, Account, CacheMiss
 from sipfarm.store.errors import StoreError
-from sipfarm.store.location import Binding, ContactUpdate, RegisterResult
+from sipfarm.store.location import AdmittedRegister, Binding, ContactUpdate, RegisterResult
 
 __all__ = ["AccountDirectory", "DirectoryAliases", "DirectoryState"]
 
@@ -77,6 +77,12 @@ class DirectoryState:
         self.directory.get_account(user, domain, later.answered)
         later.synchronous = False
 
+    def cached_account(self, user: str, domain: str) -> Account | CacheMiss | None:
+        """A farm account the node's cache holds; anything else (not in Redis: the directory's
+        to answer) is NOT_CACHED, and goes the way of ``get_account``."""
+        found = self.state.cached_account(user, domain)
+        return NOT_CACHED if found is None else found
+
     def lookup(self, aor: str, now: float, callback: Callable[[list[Binding] | StoreError], None]) -> None:
         self.state.lookup(aor, now, callback)
 
@@ -91,6 +97,22 @@ class DirectoryState:
         **kwargs: object,
     ) -> None:
         self.state.register(aor, contacts, callback, **kwargs)
+
+    @property
+    def admits(self) -> bool:
+        return self.state.admits
+
+    def register_admitted(
+        self,
+        aor: str,
+        contacts: Sequence[ContactUpdate],
+        source_ip: str,
+        nonce_use: str,
+        nonce_ttl: float,
+        callback: Callable[[AdmittedRegister | StoreError], None],
+        **kwargs: object,
+    ) -> None:
+        self.state.register_admitted(aor, contacts, source_ip, nonce_use, nonce_ttl, callback, **kwargs)
 
 
 class DirectoryAliases:

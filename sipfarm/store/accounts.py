@@ -16,6 +16,7 @@ is never stored.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import time
 from collections import OrderedDict
@@ -34,6 +35,16 @@ DEFAULT_MAX_CONTACTS: Final = 10
 #: the only staleness the store allows: an account read by ``cached_get`` may be this old
 CACHE_TTL: Final = 5.0
 CACHE_SIZE: Final = 10_000
+
+
+class CacheMiss(enum.Enum):
+    """What a look-up in a process's account cache answers when it holds nothing for the name
+    (None there is a cached "no such account")."""
+
+    MISS = "miss"
+
+
+NOT_CACHED: Final = CacheMiss.MISS
 
 _ADD_LUA: Final = files(__package__).joinpath("account_add.lua").read_text()
 _UPDATE_LUA: Final = files(__package__).joinpath("account_update.lua").read_text()

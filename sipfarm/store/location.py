@@ -23,9 +23,12 @@ instance without reg-id has one binding whatever its contact URI), else ``c:<con
 Contact URIs are compared as given: the caller passes them normalized (RFC 3261 19.1.4).
 
 Every REGISTER is one round trip: ``register.lua`` applies RFC 3261 10.3 steps 6-8 atomically
-and answers with the AOR's live bindings. A lookup is one ``HGETALL``; ``lookup_many``
-pipelines them. Time is always passed in (``now``, seconds since the epoch) so expiry is
-testable without sleeping; Redis's own key TTL is set relative to that ``now``.
+and answers with the AOR's live bindings. On one Redis (not a Cluster) the node's REGISTER
+whose credentials it verified without I/O sends :data:`ADMITTED_REGISTER_SCRIPT` instead: the
+guard's ban and nonce-use checks (``admit.lua``), then ``register.lua`` only if they pass.
+A lookup is one ``HGETALL``; ``lookup_many`` pipelines them. Time is always passed in (``now``,
+seconds since the epoch) so expiry is testable without sleeping; Redis's own key TTL is set
+relative to that ``now``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import binascii
 import enum
 import json
 import json.scanner
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
@@ -52,6 +56,7 @@ BINDING_INDEX: Final = "sipfarm:loc:bindings"
 
 _REGISTER_LUA: Final = files(__package__).joinpath("register.lua").read_text()
 _REMOVE_LUA: Final = files(__package__).joinpath("remove.lua").read_text()
+_ADMIT_LUA: Final = files(__package__).joinpath("admit.lua").read_text()
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False)
 # JSONEncoder.encode's C core without its interpreted frames (encode -> iterencode -> the C
@@ -431,6 +436,80 @@ def live_bindings(values: Iterable[bytes | str], now: float) -> list[Binding]:
 
 
 REGISTER_SCRIPT: Final = _REGISTER_LUA
+#: the guard's admission, then ``register.lua`` (see ``admit.lua``): one Redis only
+ADMITTED_REGISTER_SCRIPT: Final = _ADMIT_LUA + _REGISTER_LUA
+#: the first element of ``ADMITTED_REGISTER_SCRIPT``'s reply when the admission refused the write
+#: (register.lua's statuses are 0, 1 and 2)
+ADMISSION_REFUSED: Final = 3
+
+
+def admitted_register_arguments(
+    aor: str,
+    contacts: Sequence[ContactUpdate],
+    *,
+    ban_key: str,
+    nonce_key: str,
+    nonce_ttl_ms: int,
+    **kwargs: Any,
+) -> tuple[list[str], list[str | int | float]]:
+    """KEYS and ARGV of :data:`ADMITTED_REGISTER_SCRIPT`: ``register_arguments``' (one Redis's
+    key layout) with the guard's two keys and the nonce use's expiry after them."""
+    keys, args = register_arguments(aor, contacts, cluster=False, **kwargs)
+    keys += (ban_key, nonce_key)
+    args.append(nonce_ttl_ms)
+    return keys, args
+
+
+_ADMITTEDREGISTER_FIELDS: Final = ("ban_left", "first_use", "result")
+
+
+class AdmittedRegister:
+    """What :data:`ADMITTED_REGISTER_SCRIPT` established: the admission's facts, as the guard's
+    admit reports them (seconds left of the source's ban, None: none, ``math.inf``: no end;
+    whether the nonce use was new), and ``register.lua``'s result when they let the write
+    through (None: refused, nothing written).
+
+    Immutable (Final attributes): a plain class, as the others here."""
+
+    def __init__(self, ban_left: float | None, first_use: bool, result: RegisterResult | None) -> None:
+        self.ban_left: Final = ban_left
+        self.first_use: Final = first_use
+        self.result: Final = result
+
+    def _fields(self) -> tuple[object, ...]:
+        return (self.ban_left, self.first_use, self.result)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AdmittedRegister) and self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        return (
+            "AdmittedRegister("
+            + ", ".join(f"{n}={v!r}" for n, v in zip(_ADMITTEDREGISTER_FIELDS, self._fields(), strict=True))
+            + ")"
+        )
+
+
+def seconds_left(pttl: int) -> float | None:
+    """Seconds left of a key from ``PTTL``: None when it is missing, ``math.inf`` when it has no expiry."""
+    if pttl == -2:
+        return None
+    if pttl == -1:
+        return math.inf
+    return pttl / 1000
+
+
+def admitted_register_result(reply: object) -> AdmittedRegister:
+    """Decode ``ADMITTED_REGISTER_SCRIPT``'s reply."""
+    if isinstance(reply, list) and reply and reply[0] == ADMISSION_REFUSED:
+        if len(reply) != 3 or not isinstance(reply[1], int) or reply[2] not in (0, 1):
+            raise StoreError(f"unexpected admission reply {reply!r:.200}")
+        return AdmittedRegister(seconds_left(reply[1]), reply[2] == 1, None)
+    return AdmittedRegister(None, True, register_result(reply))
+
 
 # Remove one binding if it is still the one a proxy routed over: same key, contact, Path and
 # received flow. A dead flow's 430 (RFC 5626 5.3, 11) must not take away the binding the same

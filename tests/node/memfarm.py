@@ -31,6 +31,7 @@ from sipfarm.edge import FlowTokens, flow_uri
 from sipfarm.element import NodeIdentity
 from sipfarm.node.core import NodeCore
 from sipfarm.protect import ExpiringKeys, GuardPolicy, MemoryGuard
+from sipfarm.protect.memory_guard import record_admission
 from sipfarm.registrar.gruu import TempGruus
 from sipfarm.sip import auth
 from sipfarm.sip.address import Address
@@ -41,9 +42,16 @@ from sipfarm.sip.parser import parse_message
 from sipfarm.sip.transaction import TimerConfig
 from sipfarm.sip.uri import SipURI
 from sipfarm.sip.via import default_port, stamp_received
-from sipfarm.store.accounts import Account, ha1_md5, ha1_sha256
+from sipfarm.store.accounts import NOT_CACHED, Account, CacheMiss, ha1_md5, ha1_sha256
 from sipfarm.store.errors import StoreError
-from sipfarm.store.location import Binding, ContactUpdate, RegisterOutcome, RegisterResult, binding_key
+from sipfarm.store.location import (
+    AdmittedRegister,
+    Binding,
+    ContactUpdate,
+    RegisterOutcome,
+    RegisterResult,
+    binding_key,
+)
 from sipfarm.transport.destinations import DestinationPolicy
 
 DOMAIN = "farm.test"
@@ -71,13 +79,22 @@ class Clock:
 
 
 class MemoryState:
-    """FarmState's interface over dicts: accounts, and RFC 3261 10.3 bindings."""
+    """FarmState's interface over dicts: accounts, and RFC 3261 10.3 bindings.
 
-    def __init__(self) -> None:
+    Every account counts as cached (``cached_account``), so a REGISTER whose credentials verify
+    takes the one-round-trip path (``register_admitted``, over the guard's ``keys``) unless
+    ``admits`` is False (what a Redis Cluster's FarmState says) or ``cache_accounts`` is
+    False. ``writes`` counts each path's writes: (plain, admitted)."""
+
+    def __init__(self, keys: ExpiringKeys | None = None) -> None:
         self.accounts: dict[tuple[str, str], Account] = {}
         self.bindings: dict[str, dict[str, Binding]] = {}
         self.fail_with: StoreError | None = None  # make every call fail (Redis down)
         self.call_relays: dict[bytes, dict[bytes, str]] = {}  # FarmState's sipfarm:media:{call}
+        self.keys = keys  # the guard's key space (the farm's Redis)
+        self.admits = keys is not None
+        self.cache_accounts = True
+        self.writes = [0, 0]
 
     def add_account(self, user: str, password: str, domain: str = DOMAIN, max_contacts: int = 10) -> None:
         self.accounts[(user, domain)] = Account(
@@ -86,6 +103,36 @@ class MemoryState:
 
     def get_account(self, user: str, domain: str, callback: Callable[[Account | StoreError | None], None]) -> None:
         callback(self.fail_with or self.accounts.get((user, domain)))
+
+    def cached_account(self, user: str, domain: str) -> Account | CacheMiss | None:
+        return self.accounts.get((user, domain)) if self.cache_accounts else NOT_CACHED
+
+    def register_admitted(
+        self,
+        aor: str,
+        contacts: Sequence[ContactUpdate],
+        source_ip: str,
+        nonce_use: str,
+        nonce_ttl: float,
+        callback: Callable[[AdmittedRegister | StoreError], None],
+        **kw: object,
+    ) -> None:
+        """admit.lua: the guard's two checks over its keys, then ``register`` only if they pass."""
+        assert self.keys is not None and self.admits
+        self.writes[1] += 1
+        # the guard's part first: ``fail_with`` fails the whole after it, as on the other path,
+        # whose MemoryGuard (unlike one Redis) never fails
+        ban_left, first_use = record_admission(self.keys, source_ip, nonce_use, nonce_ttl)
+        if self.fail_with is not None:
+            callback(self.fail_with)
+            return
+        if ban_left is not None or not first_use:
+            callback(AdmittedRegister(ban_left, first_use, None))
+            return
+        results: list[RegisterResult | StoreError] = []
+        self._apply(aor, contacts, results.append, **kw)
+        result = results[0]
+        callback(result if isinstance(result, StoreError) else AdmittedRegister(None, True, result))
 
     def lookup(self, aor: str, now: float, callback: Callable[[list[Binding] | StoreError], None]) -> None:
         if self.fail_with is not None:
@@ -122,6 +169,16 @@ class MemoryState:
         self.call_relays.pop(call_id, None)
 
     def register(
+        self,
+        aor: str,
+        contacts: Sequence[ContactUpdate],
+        callback: Callable[[RegisterResult | StoreError], None],
+        **kw: object,
+    ) -> None:
+        self.writes[0] += 1
+        self._apply(aor, contacts, callback, **kw)
+
+    def _apply(
         self,
         aor: str,
         contacts: Sequence[ContactUpdate],
@@ -203,10 +260,10 @@ class MemFarm:
         ``worker_via_port``: each node is a worker of a multi-worker node, whose Via names that
         private port while Record-Route and Path name the shared 5060."""
         self.clock = Clock()
-        self.state = MemoryState()
+        self.keys = ExpiringKeys(self.clock.now)
+        self.state = MemoryState(self.keys)
         for user, password in (users or {"alice": "alice-pw", "bob": "bob-pw", "carol": "carol-pw"}).items():
             self.state.add_account(user, password)
-        self.keys = ExpiringKeys(self.clock.now)
         self.tokens = FlowTokens(SECRET)
         # loopback is refused by default: each phone is allowed by its exact address
         self.destinations = DestinationPolicy()

@@ -4,11 +4,17 @@ callback itself fails with a StoreError (it used to be called a second time with
 from __future__ import annotations
 
 import asyncio
+import json
+import math
+import time
 
 import pytest
 
 from sipfarm.node.farmstate import FarmState
-from sipfarm.store.errors import StoreError
+from sipfarm.protect import Admission, RedisGuard
+from sipfarm.protect.guard import ban_key, nonce_key
+from sipfarm.store.errors import StoreError, StoreUnavailable
+from sipfarm.store.location import AdmittedRegister, ContactUpdate, RegisterOutcome, location_key
 from sipfarm.store.resp import RedisPipe
 
 pytestmark = pytest.mark.timeout(30)
@@ -73,3 +79,120 @@ async def test_the_relay_of_a_call_is_recorded_found_and_forgotten(redis_url):
         assert await find(b"c1@phone") is None  # Redis gone: no relay known, never an exception
     finally:
         await pipe.close()
+
+
+# -- a REGISTER's write behind the guard's admission: one script (admit.lua + register.lua) ------
+
+ALICE = "alice@farm.test"
+CLIENT = "192.0.2.10"
+
+
+async def _admitted_register(
+    state: FarmState, nonce_use: str, contacts: list[ContactUpdate], *, cseq: int = 1, **kwargs: object
+) -> object:
+    got: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    state.register_admitted(
+        ALICE,
+        contacts,
+        kwargs.pop("source_ip", CLIENT),  # type: ignore[arg-type]
+        nonce_use,
+        60.0,
+        got.set_result,
+        call_id="c1",
+        cseq=cseq,
+        now=time.time(),
+        max_contacts=10,
+        **kwargs,
+    )
+    return await asyncio.wait_for(got, 5)
+
+
+async def admit(guard: RedisGuard, source: str, nonce_use: str) -> object:
+    got: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    guard.admit(source, nonce_use, 60.0, got.set_result)
+    return await asyncio.wait_for(got, 5)
+
+
+async def _contacts(pipe: RedisPipe) -> list[str]:
+    values = await pipe.execute("HVALS", location_key(ALICE))
+    return sorted(json.loads(v)[0] for v in values)  # type: ignore[union-attr]
+
+
+async def test_an_admitted_register_writes_in_one_command_and_its_replay_writes_nothing(redis_url):
+    pipe = RedisPipe(redis_url)
+    await pipe.start()
+    try:
+        state = FarmState(pipe)
+        assert state.admits
+        await pipe.execute("SCRIPT", "FLUSH")  # the first use answers NOSCRIPT: the body is sent once
+        two = [ContactUpdate("sip:alice@192.0.2.10:5060", 600), ContactUpdate("sip:alice@192.0.2.11:5060", 60)]
+        first = await _admitted_register(state, "n1:00000001", two)
+        assert isinstance(first, AdmittedRegister) and first.result is not None
+        assert (first.ban_left, first.first_use, first.result.outcome) == (None, True, RegisterOutcome.OK)
+        assert len(first.result.bindings) == 2
+        before = pipe.commands
+        second = await _admitted_register(state, "n1:00000002", [ContactUpdate("sip:alice@192.0.2.11:5060", 0)], cseq=2)
+        assert pipe.commands - before == 1  # ban, nonce use and write: one EVALSHA, one round trip
+        assert isinstance(second, AdmittedRegister) and second.result is not None and second.result.ok
+        assert await _contacts(pipe) == ["sip:alice@192.0.2.10:5060"]
+        # the same (nonce, nc) again, from anywhere, with anything: refused, nothing written
+        replay = await _admitted_register(
+            state, "n1:00000002", [ContactUpdate("sip:alice@203.0.113.6:5060", 3600)], cseq=9, source_ip="203.0.113.6"
+        )
+        assert replay == AdmittedRegister(None, False, None)
+        assert await _contacts(pipe) == ["sip:alice@192.0.2.10:5060"]
+    finally:
+        await pipe.close()
+
+
+async def test_a_banned_source_writes_nothing_and_spends_its_nonce_use_as_admit_does(redis_url):
+    pipe = RedisPipe(redis_url)
+    await pipe.start()
+    try:
+        state = FarmState(pipe)
+        await pipe.execute("SET", ban_key(CLIENT), "10", "PX", 60_000)
+        refused = await _admitted_register(state, "n2:00000001", [ContactUpdate("sip:alice@192.0.2.10:5060", 600)])
+        assert isinstance(refused, AdmittedRegister) and refused.result is None and refused.first_use
+        assert refused.ban_left is not None and 0 < refused.ban_left <= 60
+        assert await _contacts(pipe) == []
+        assert await pipe.execute("EXISTS", nonce_key("n2:00000001")) == 1
+        await pipe.execute("PERSIST", ban_key(CLIENT))  # a ban without end: math.inf, as admit says
+        forever = await _admitted_register(state, "n2:00000002", [ContactUpdate("sip:alice@192.0.2.10:5060", 600)])
+        assert forever == AdmittedRegister(math.inf, True, None)
+        assert await _contacts(pipe) == []
+    finally:
+        await pipe.close()
+
+
+async def test_the_one_script_and_the_guard_share_their_nonce_uses(redis_url):
+    """The two paths of a REGISTER (and the proxy's admit) see each other's nonce uses."""
+    pipe = RedisPipe(redis_url)
+    await pipe.start()
+    try:
+        state, guard = FarmState(pipe), RedisGuard(pipe)
+        assert (await _admitted_register(state, "n3:00000001", [])).first_use  # type: ignore[attr-defined]
+        assert await admit(guard, CLIENT, "n3:00000001") == Admission(banned=False, replay=True)
+        assert await admit(guard, CLIENT, "n3:00000002") == Admission(banned=False, replay=False)
+        assert await _admitted_register(state, "n3:00000002", []) == AdmittedRegister(None, False, None)
+    finally:
+        await pipe.close()
+
+
+async def test_a_script_error_is_a_store_error_and_redis_down_is_unavailable(redis_url):
+    pipe = RedisPipe(redis_url)
+    await pipe.start()
+    try:
+        state = FarmState(pipe)
+        await pipe.execute("HSET", location_key(ALICE), "k", "not json")
+        failed = await _admitted_register(state, "n4:00000001", [ContactUpdate("sip:alice@192.0.2.10:5060", 600)])
+        assert isinstance(failed, StoreError) and not isinstance(failed, StoreUnavailable)
+        await pipe.close()
+        down = await _admitted_register(state, "n4:00000002", [ContactUpdate("sip:alice@192.0.2.10:5060", 600)])
+        assert isinstance(down, StoreUnavailable)
+    finally:
+        await pipe.close()
+
+
+def test_on_a_redis_cluster_the_write_is_not_merged_with_the_admission():
+    """A source's ban key lives in its own slot, the AOR's hash in its shard's: two round trips."""
+    assert not FarmState(RedisPipe("redis://127.0.0.1:1"), cluster=True).admits

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
 import time
 
+import redis as sync_redis
 from fixtures.farm import DOMAIN, SipClient
 
+from sipfarm.protect.guard import ban_key
+from sipfarm.sip import auth
+from sipfarm.sip.message import SipMessage
 from sipfarm.store import LocationStore, create_redis
+from sipfarm.store.location import ADMITTED_REGISTER_SCRIPT
 
 
 def lookup(redis_url: str, aor: str) -> list[str]:
@@ -65,8 +71,7 @@ def test_unregister_with_star(redis_url, accounts, start_node):
     try:
         call_id = secrets.token_hex(6)
         assert client.register(node.address, "bob", accounts["bob"], call_id=call_id).status == 200
-        reply = client.register(node.address, "bob", accounts["bob"], contact="*", expires=0,
-                                call_id=call_id, cseq=10)
+        reply = client.register(node.address, "bob", accounts["bob"], contact="*", expires=0, call_id=call_id, cseq=10)
         assert reply is not None and reply.status == 200
         assert lookup(redis_url, f"bob@{DOMAIN}") == []
     finally:
@@ -143,3 +148,64 @@ async def _readd(redis_url: str, accounts: dict[str, str]) -> None:
             pass
     finally:
         await redis.aclose()
+
+
+def _authorized_register(
+    client: SipClient, node: tuple[str, int], user: str, password: str, contact: str
+) -> SipMessage:
+    """A REGISTER answering a fresh challenge (sent, answered 200 or not): the request as sent."""
+    uri = f"sip:{DOMAIN}"
+    headers = (("contact", contact), ("expires", "300"))
+    call_id = secrets.token_hex(8)
+    req = client.request("REGISTER", uri, from_user=user, to=f"<sip:{user}@{DOMAIN}>", call_id=call_id, headers=headers)
+    client.send(req, node)
+    challenge = client.recv_final()
+    assert challenge is not None and challenge.status == 401
+    creds = auth.build_credentials(
+        auth.parse_challenge(challenge.get_all("www-authenticate")[0]), user, password, "REGISTER", uri, "0a4f113b"
+    )
+    headers = (*headers, ("authorization", creds.decode()))
+    return client.request(
+        "REGISTER", uri, from_user=user, to=f"<sip:{user}@{DOMAIN}>", call_id=call_id, cseq=2, headers=headers
+    )
+
+
+def test_one_round_trip_register_refuses_a_replay_and_a_banned_source(redis_url, accounts, start_node, monkeypatch):
+    """With alice's account in the node's cache, her REGISTER's ban and nonce checks and its
+    write are one script: a replay of it, or her right password from a banned source, is
+    refused there and writes nothing."""
+    monkeypatch.setenv("SIPFARM_ACCOUNT_CACHE_TTL", "600")  # cached for the whole test
+    node = start_node(redis_url)
+    client, attacker = SipClient(), SipClient()
+    aor = f"alice@{DOMAIN}"
+    mine = f"<sip:alice@127.0.0.1:{client.port}>"
+    redis = sync_redis.Redis.from_url(redis_url)
+    try:
+        assert client.register(node.address, "alice", accounts["alice"]).status == 200  # caches the account
+        sha = hashlib.sha1(ADMITTED_REGISTER_SCRIPT.encode()).hexdigest()
+        redis.script_flush()
+        request = _authorized_register(client, node.address, "alice", accounts["alice"], mine)
+        client.send(request, node.address)
+        assert client.recv_final().status == 200  # type: ignore[union-attr]
+        assert redis.script_exists(sha) == [True]  # the one-script path took it
+        # the same request again (new branch, another Contact) from elsewhere: a replay
+        replay = request.copy()
+        replay.set("contact", "<sip:alice@127.0.0.1:9>")
+        replay.replace_first_value("via", f"SIP/2.0/UDP 127.0.0.1:{attacker.port};branch=z9hG4bKreplay1;rport".encode())
+        attacker.send(replay, node.address)
+        refused = attacker.recv_final()
+        assert refused is not None and refused.status == 401
+        assert auth.parse_challenge(refused.get_all("www-authenticate")[0]).stale
+        assert lookup(redis_url, aor) == [f"sip:alice@127.0.0.1:{client.port}"]
+        # banned farm-wide (by another node, or `sipfarm ban add`): this node has not heard of it
+        request = _authorized_register(client, node.address, "alice", accounts["alice"], "<sip:alice@127.0.0.1:9>")
+        redis.set(ban_key("127.0.0.1"), "manual", px=60_000)
+        client.send(request, node.address)
+        banned = client.recv_final()
+        assert banned is not None and banned.status == 403
+        assert lookup(redis_url, aor) == [f"sip:alice@127.0.0.1:{client.port}"]
+    finally:
+        redis.delete(ban_key("127.0.0.1"))
+        redis.close()
+        client.close()
+        attacker.close()
