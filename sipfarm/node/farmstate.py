@@ -49,11 +49,16 @@ class FarmState:
         self._observe = observe  # Redis round-trip histogram
         self._register_sha = hashlib.sha1(loc.REGISTER_SCRIPT.encode()).hexdigest()  # noqa: S324
         self._admitted_sha = hashlib.sha1(loc.ADMITTED_REGISTER_SCRIPT.encode()).hexdigest()  # noqa: S324
-        #: ``register_admitted`` may be used: the guard's keys (the node's RedisGuard, on this same
-        #: pipe) and the bindings on one Redis, one script. Not on a Redis Cluster: a source's ban
-        #: key lives in the source's slot, the AOR's hash in its shard's (two round trips there).
-        self.admits = not cluster
         self._remove_binding_sha = hashlib.sha1(loc.REMOVE_BINDING_SCRIPT.encode()).hexdigest()  # noqa: S324
+
+    @property
+    def admits(self) -> bool:
+        """``register_admitted`` may be used: the guard's keys (the node's RedisGuard, on this same
+        pipe) and the bindings on one Redis, one script. Not on a Redis Cluster: a source's ban
+        key lives in the source's slot, the AOR's hash in its shard's. Nor with ``replicas_ack``:
+        the script's WAIT would turn a refusal (403, or 401 to a replay, answered on the other
+        path without waiting) into a 503 whenever replicas lag. Two round trips there."""
+        return not self._cluster and self.pipe.replicas_ack <= 0
 
     # -- accounts --------------------------------------------------------------------------------
     #
@@ -181,7 +186,7 @@ class FarmState:
             **kwargs,
         )
         done = partial(self._admitted_done, keys, args, self._clock(), callback)
-        self.pipe.call_acked(done, "EVALSHA", self._admitted_sha, len(keys), *keys, *args)
+        self.pipe.call(done, "EVALSHA", self._admitted_sha, len(keys), *keys, *args)
 
     def _admitted_done(
         self,
@@ -193,7 +198,7 @@ class FarmState:
     ) -> None:
         if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
             done = partial(self._admitted_done, keys, args, started, callback)
-            self.pipe.call_acked(done, "EVAL", loc.ADMITTED_REGISTER_SCRIPT, len(keys), *keys, *args)
+            self.pipe.call(done, "EVAL", loc.ADMITTED_REGISTER_SCRIPT, len(keys), *keys, *args)
             return
         result: loc.AdmittedRegister | StoreError | None = self._settle(started, "register", reply)
         if isinstance(reply, hiredis.ReplyError) and str(reply).startswith(UNAVAILABLE_REPLIES):

@@ -19,7 +19,7 @@ from typing import Protocol
 
 from sipfarm.proxy.proxy import LocationSource
 from sipfarm.registrar.registrar import BindingStore
-from sipfarm.store.accounts import NOT_CACHED, Account, CacheMiss
+from sipfarm.store.accounts import Account, CacheMiss
 from sipfarm.store.errors import StoreError
 from sipfarm.store.location import AdmittedRegister, Binding, ContactUpdate, RegisterResult
 
@@ -78,10 +78,9 @@ class DirectoryState:
         later.synchronous = False
 
     def cached_account(self, user: str, domain: str) -> Account | CacheMiss | None:
-        """A farm account the node's cache holds; anything else (not in Redis: the directory's
-        to answer) is NOT_CACHED, and goes the way of ``get_account``."""
-        found = self.state.cached_account(user, domain)
-        return NOT_CACHED if found is None else found
+        """The farm's cache as it is: its "no such account" (the directory's to answer) fails the
+        verification without I/O, as a wrong password does, and goes to ``get_account``."""
+        return self.state.cached_account(user, domain)
 
     def lookup(self, aor: str, now: float, callback: Callable[[list[Binding] | StoreError], None]) -> None:
         self.state.lookup(aor, now, callback)

@@ -193,6 +193,11 @@ async def test_a_script_error_is_a_store_error_and_redis_down_is_unavailable(red
         await pipe.close()
 
 
-def test_on_a_redis_cluster_the_write_is_not_merged_with_the_admission():
-    """A source's ban key lives in its own slot, the AOR's hash in its shard's: two round trips."""
+def test_on_a_redis_cluster_or_with_replicas_ack_the_write_is_not_merged_with_the_admission():
+    """A source's ban key lives in its own slot, the AOR's hash in its shard's; a WAIT for
+    replicas would delay (or fail) the refusals too: two round trips there."""
+    assert FarmState(RedisPipe("redis://127.0.0.1:1")).admits
     assert not FarmState(RedisPipe("redis://127.0.0.1:1"), cluster=True).admits
+    acked = RedisPipe("redis://127.0.0.1:1")
+    acked.require_replicas(1, 100)
+    assert not FarmState(acked).admits
