@@ -58,7 +58,12 @@ class _Timed:
             first = data[: data.find(b"\r\n")].split(b" ")
             method = data[data.find(b"CSeq: ") :].split(b"\r\n", 1)[0].split(b" ")[-1]
             status = first[1] + b" " if data.startswith(b"SIP/") else b""
-            self.add((status + method).decode(), spent)
+            kind = status + method
+            if not status:
+                # the two INVITEs and the two ACKs of a call apart
+                kind += b" (credentials)" if data.find(b"\r\nProxy-Authorization:") >= 0 else b""
+                kind += b" (route)" if data.find(b"\r\nRoute:") >= 0 else b""
+            self.add(kind.decode(), spent)
 
         return timed
 
@@ -108,7 +113,7 @@ def run(calls: int, rate: float, *, breakdown: bool = False) -> float:
     assert not farm.stray, farm.stray[:1]
     if breakdown:
         for kind, (count, spent) in sorted(timed.by_kind.items(), key=lambda kv: -kv[1][1]):
-            print(f"{kind:12s} {count / calls:5.2f} per call {spent / calls * 1e6:7.1f} us per call", file=sys.stderr)
+            print(f"{kind:28s} {count / calls:5.2f} per call {spent / calls * 1e6:7.1f} us per call", file=sys.stderr)
     return timed.seconds / calls
 
 

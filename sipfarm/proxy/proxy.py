@@ -1161,8 +1161,18 @@ class Proxy:
     # -- transaction events ----------------------------------------------------------------------
 
     def on_event(self, event: object) -> None:
+        if isinstance(event, TransactionTerminated):
+            # the commonest event by far (every transaction ends with one): tested first
+            context = event.tx.context
+            event.tx.context = None
+            if isinstance(context, Branch):
+                self._timer_c.pop(context, None)
+                _release_call(context.call)
+            elif isinstance(context, ProxyCall):
+                _release_call(context)
+            return
         now = self.element.now()
-        if isinstance(event, TransactionTimeout | TransportFailure):
+        if isinstance(event, (TransactionTimeout, TransportFailure)):
             tx = event.tx
             branch = tx.context
             if isinstance(branch, Branch) and branch.state is not BranchState.COMPLETED:
@@ -1188,14 +1198,6 @@ class Proxy:
             # no destination we chose: dropped, counted (the 2xx retransmissions of a call we
             # forwarded match our client transaction in Accepted for 32 s)
             self.element.metrics.errors("stray_response_dropped").inc()
-        elif isinstance(event, TransactionTerminated):
-            context = event.tx.context
-            event.tx.context = None
-            if isinstance(context, Branch):
-                self._timer_c.pop(context, None)
-                _release_call(context.call)
-            elif isinstance(context, ProxyCall):
-                _release_call(context)
 
     def _flow_failed(self, branch: Branch) -> None:
         """A 430 on a branch to a registered binding (RFC 5626 5.3: the flow it was registered

@@ -673,7 +673,8 @@ class TransactionLayer:
         self.stats = TransactionStats()
         self._server: dict[tuple[object, ...], ServerTransaction] = {}
         self._client: dict[tuple[object, ...], ClientTransaction] = {}
-        # remote end -> its live transactions, so a failed flow touches only its own (O(affected))
+        # remote end (a stream flow) -> its live transactions, so a failed flow touches only its
+        # own (O(affected))
         self._by_remote: dict[Address, set[Transaction]] = {}
         # timer duration -> its entries, deadlines in order (see the module docstring)
         self._queues: dict[float, collections.deque[_TimerEntry]] = {}
@@ -885,8 +886,12 @@ class TransactionLayer:
         whose remote end is that address, e.g. a TCP flow that closed)."""
         if isinstance(target, Transaction):
             txs: list[Transaction] = [target]
-        else:
+        elif target.reliable:
             txs = list(self._by_remote.get(target, ()))
+        else:
+            # a UDP peer has no flow to lose: nothing in the node reports one (only stream
+            # connects and client flows fail), so it is not indexed, and this scan is the rare path
+            txs = [tx for table in (self._server, self._client) for tx in table.values() if tx.remote == target]
         for tx in txs:
             if tx.state is not TxState.TERMINATED:
                 self._network_input(tx, TxInput.TRANSPORT_ERROR, None, now)
@@ -1130,6 +1135,10 @@ class TransactionLayer:
             self._entries = sum(len(q) for q in self._queues.values())
 
     def _index(self, tx: Transaction) -> None:
+        """Remember ``tx`` under its remote end if that is a flow (stream transports), so a
+        failed flow touches only its own transactions (see :meth:`transport_error`)."""
+        if not tx.remote.reliable:
+            return
         same_remote = self._by_remote.get(tx.remote)
         if same_remote is None:
             self._by_remote[tx.remote] = {tx}
@@ -1142,7 +1151,7 @@ class TransactionLayer:
         if table.get(tx.key) is not tx:
             return  # already forgotten
         del table[tx.key]
-        same_remote = self._by_remote.get(tx.remote)
+        same_remote = self._by_remote.get(tx.remote) if tx.remote.reliable else None
         if same_remote is not None:
             same_remote.discard(tx)
             if not same_remote:
