@@ -194,7 +194,8 @@ def _parse_host(text: str) -> tuple[str, int | None]:
 
 
 def _parse_port(text: str) -> int:
-    if not text.isdigit() or len(text) > 5:
+    # str.isdigit() takes other scripts' digits too ("²", a latin-1 byte 0xB2), which int() refuses
+    if not (text.isascii() and text.isdigit()) or len(text) > 5:
         raise URIError(f"bad port {text!r}")
     port = int(text)
     if port > 65535:

@@ -117,6 +117,7 @@ def test_unknown_scheme(text: str) -> None:
         "sip:bob@example.com:abc",
         "sip:bob@example.com:65536",
         "sip:bob@example.com:123456",
+        "sip:bob@example.com:\u00b2",  # a digit to str.isdigit(), not to int() (latin-1 0xB2)
         "sip:bob smith@example.com",
         "sip:bob@exa mple.com",
         "sip:bob@<example.com>",
