@@ -11,7 +11,7 @@
  * such module.  A None is never an error, only "not mine".
  *
  *   split_headers(data, key_cache, watched, single, max_headers)
- *       -> (start_line, headers, first_values, body_start) | None
+ *       -> (start_line, headers, first_values, body_start, start) | None
  *     data: the message, leading CRLFs already stripped.  The common case: the header section
  *     ends with CRLFCRLF; every line ends with CRLF (no bare CR or LF anywhere before it); no
  *     line starts with SP/HTAB (folding); at most max_headers header lines; each has a colon
@@ -20,7 +20,10 @@
  *     it); a header whose key is in `single` and `watched` repeated with another value (an
  *     error) is not the common case either.  headers: [(key, raw_name, value)], value without
  *     the SP/HTAB around it; first_values: {key: first value} for keys in `watched`; the
- *     tuples, list and dict exactly as parser._parse_headers builds them.
+ *     tuples, list and dict exactly as parser._parse_headers builds them.  start: the start
+ *     line's (method, uri, status, reason) when it has the common form ("SIP/2.0 DDD reason",
+ *     DDD in 100..699, or "token SP uri SP SIP/2.0"; what parser._parse_start_line would make of
+ *     it), else None: the parser reads start_line itself.
  *   join(start_line, headers, body) -> bytes | None
  *     start_line CRLF (raw_name ": " value CRLF)* CRLF body, as SipMessage.to_bytes; None
  *     when an argument is not what a SipMessage holds (a list of 3-tuples of bytes...), for
@@ -124,6 +127,39 @@ static int name_lookup(const char *p, Py_ssize_t n, PyObject *cache, PyObject *w
     }
     *flags = fl;
     return 1;
+}
+
+/* RFC 3261 25.1: token = 1*(alphanum / "-" / "." / "!" / "%" / "*" / "_" / "+" / "`" / "'" / "~") */
+static int is_token_char(unsigned char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '.' ||
+           c == '!' || c == '%' || c == '*' || c == '_' || c == '+' || c == '`' || c == '\'' || c == '~';
+}
+
+/* The start line's (method, uri, status, reason) when it is the common case (parser
+ * _parse_start_line would accept it as it is): "SIP/2.0 DDD[ reason]" with DDD in 100..699, or
+ * "token SP uri SP SIP/2.0" with a non-empty uri without SP.  Py_None otherwise (a new reference
+ * either way; NULL on error). */
+static PyObject *start_line_parts(const char *p, Py_ssize_t n) {
+    static const char version[] = "SIP/2.0";
+    if (n >= 11 && memcmp(p, "SIP/2.0 ", 8) == 0) {
+        const unsigned char *d = (const unsigned char *)p + 8;
+        if (d[0] < '1' || d[0] > '6' || d[1] < '0' || d[1] > '9' || d[2] < '0' || d[2] > '9') Py_RETURN_NONE;
+        if (n > 11 && p[11] != ' ') Py_RETURN_NONE;
+        long status = (d[0] - '0') * 100 + (d[1] - '0') * 10 + (d[2] - '0');
+        return Py_BuildValue("(y#y#ly#)", "", (Py_ssize_t)0, "", (Py_ssize_t)0, status, n > 11 ? p + 12 : "",
+                             n > 11 ? n - 12 : (Py_ssize_t)0);
+    }
+    if (n >= 4 && (p[0] == 'S' || p[0] == 's') && (p[1] == 'I' || p[1] == 'i') && (p[2] == 'P' || p[2] == 'p') &&
+        p[3] == '/')
+        Py_RETURN_NONE; /* a response's start line, not in the common form */
+    const char *sp1 = memchr(p, ' ', (size_t)n);
+    if (sp1 == NULL || sp1 == p) Py_RETURN_NONE;
+    for (const char *c = p; c < sp1; c++)
+        if (!is_token_char((unsigned char)*c)) Py_RETURN_NONE;
+    const char *uri = sp1 + 1, *end = p + n;
+    const char *sp2 = memchr(uri, ' ', (size_t)(end - uri));
+    if (sp2 == NULL || sp2 == uri || end - (sp2 + 1) != 7 || memcmp(sp2 + 1, version, 7) != 0) Py_RETURN_NONE;
+    return Py_BuildValue("(y#y#iy#)", p, (Py_ssize_t)(sp1 - p), uri, (Py_ssize_t)(sp2 - uri), 0, "", (Py_ssize_t)0);
 }
 
 static PyObject *split_headers(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -240,15 +276,22 @@ static PyObject *split_headers(PyObject *self, PyObject *const *args, Py_ssize_t
     {
         PyObject *body_start = PyLong_FromSsize_t((end - buf) + 4);
         if (body_start == NULL) goto error;
-        result = PyTuple_New(4);
+        PyObject *start = start_line_parts(PyBytes_AS_STRING(start_line), PyBytes_GET_SIZE(start_line));
+        if (start == NULL) {
+            Py_DECREF(body_start);
+            goto error;
+        }
+        result = PyTuple_New(5);
         if (result == NULL) {
             Py_DECREF(body_start);
+            Py_DECREF(start);
             goto error;
         }
         PyTuple_SET_ITEM(result, 0, start_line);
         PyTuple_SET_ITEM(result, 1, headers);
         PyTuple_SET_ITEM(result, 2, first);
         PyTuple_SET_ITEM(result, 3, body_start);
+        PyTuple_SET_ITEM(result, 4, start);
         return result;
     }
 
@@ -315,7 +358,7 @@ static PyObject *join(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
 static PyMethodDef methods[] = {
     {"split_headers", (PyCFunction)(void (*)(void))split_headers, METH_FASTCALL,
      "split_headers(data, key_cache, watched, single, max_headers) -> (start_line, headers, first_values, "
-     "body_start) | None"},
+     "body_start, start) | None"},
     {"join", (PyCFunction)(void (*)(void))join, METH_FASTCALL, "join(start_line, headers, body) -> bytes | None"},
     {NULL, NULL, 0, NULL},
 };

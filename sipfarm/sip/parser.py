@@ -80,7 +80,11 @@ def parse_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> SipMessag
         # (the reference) parses or rejects with its own error.
         split = _split_headers(data, _KEY_CACHE, _WATCHED, _SINGLE, MAX_HEADERS)
         if split is not None:
-            msg = _parse_start_line(split[0])
+            start = split[4]
+            if start is None:
+                msg = _parse_start_line(split[0])
+            else:  # the start line's common form, read by the C as _parse_start_line would
+                msg = SipMessage(method=start[0], uri=start[1], status=start[2], reason=start[3])
             msg.headers = split[1]
             return _finish(msg, data, split[3], split[2], max_size)
     return _parse(data, max_size)

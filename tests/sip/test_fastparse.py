@@ -17,6 +17,7 @@ stage skips this file (its path is the Python one, tested everywhere else).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -87,9 +88,10 @@ def test_typical_messages_take_the_c_path(path: Path) -> None:
     parse_message_reference(data)  # the names are cached
     got = split(data)
     assert got is not None
-    start_line, headers, first, body_start = got  # type: ignore[misc]
+    start_line, headers, first, body_start, start = got  # type: ignore[misc]
     msg = parse_message_reference(data)
     assert start_line == data[: data.find(b"\r\n")]
+    assert start == (msg.method, msg.uri, msg.status, msg.reason)
     assert headers == msg.headers
     assert [type(item) for item in headers] == [tuple] * len(headers)
     assert first == {key: value for key, _, value in reversed(msg.headers) if key in parser._WATCHED}
@@ -184,6 +186,29 @@ def header_lines(draw: st.DrawFn) -> bytes:
     return name + before + b":" + after + value + trail
 
 
+_START_LINES = [
+    b"SIP/2.0 200 OK", b"SIP/2.0 200", b"SIP/2.0 200 ", b"SIP/2.0 100 Trying", b"SIP/2.0 699 x y",
+    b"SIP/2.0 700 X", b"SIP/2.0 099 X", b"SIP/2.0 99 X", b"SIP/2.0 2000 OK", b"SIP/2.0  200 OK",
+    b"sip/2.0 200 OK", b"SIP/2.1 200 OK", b"SIP/2.0 2x0 OK", b"SIP/2.0 200\tOK", b"SIP/2.0 200 \xff\x00",
+    b"INVITE sip:a@b SIP/2.0", b"INVITE  sip:a@b SIP/2.0", b"INVITE sip:a b SIP/2.0", b"INVITE sip:a sip/2.0",
+    b"INVITE sip:a SIP/2.0 ", b"INV@TE sip:a SIP/2.0", b"SIP/x sip:a SIP/2.0", b"sIp/ sip:a SIP/2.0",
+    b"INVITE sip:a SIP/3.0", b"INVITE sip:a", b"X", b"INVITE \xffsip:a SIP/2.0", b"INVITE sip:a SIP/2.00",
+    b"INVITE  SIP/2.0", b"INVITE sip:a SIP/2.1", b"INVITE sip:a SIP/2.0x", b"INVITE sip:a SIP/2.",
+    b"REGISTER sip:a SIP/2.0", b"ACK tel:+1 SIP/2.0", b"INVITE sip:a\tb SIP/2.0", b" INVITE sip:a SIP/2.0",
+]  # fmt: skip
+
+
+@st.composite
+def start_lines(draw: st.DrawFn) -> bytes:
+    if draw(st.booleans()):
+        return draw(st.sampled_from(_START_LINES))
+    first = draw(st.sampled_from([b"SIP/2.0", b"INVITE", b"BYE", b"X-y.z", b"SIP/"]) | st.binary(max_size=8))
+    second = draw(st.sampled_from([b"200", b"sip:a@b", b"180", b""]) | st.binary(max_size=6))
+    third = draw(st.sampled_from([b"SIP/2.0", b"OK", b"", b"Ringing now"]) | st.binary(max_size=6))
+    line = b" ".join([first, second, third])
+    return line.replace(b"\r", b"").replace(b"\n", b"")
+
+
 @st.composite
 def mutated_messages(draw: st.DrawFn) -> bytes:
     source = draw(st.integers(0, 2))
@@ -201,7 +226,7 @@ def mutated_messages(draw: st.DrawFn) -> bytes:
                 [
                     "fold", "bare_cr", "bare_lf", "cr_other", "lf_only", "dup_line", "add_line",
                     "many_lines", "exact_lines", "line_ws", "no_blank", "truncate", "byte", "insert",
-                    "leading_crlf", "tail",
+                    "leading_crlf", "tail", "start_line",
                 ]
             )
         )  # fmt: skip
@@ -231,6 +256,9 @@ def mutated_messages(draw: st.DrawFn) -> bytes:
             n = MAX_HEADERS - lines + draw(st.integers(-1, 1))
             i = draw(st.sampled_from(crlfs)) + 2
             data = data[:i] + b"Subject: x\r\n" * max(n, 0) + data[i:]
+        elif op == "start_line":
+            end = data.find(b"\r\n")
+            data = draw(start_lines()) + (data[end:] if end >= 0 else b"\r\n")
         elif op == "lf_only":
             data = data[:head_end].replace(b"\r\n", b"\n") + data[head_end:].replace(b"\r\n", b"\n", 1)
         elif op == "dup_line" and crlfs:
@@ -299,3 +327,21 @@ def test_join_is_the_python_join_after_edits(data: bytes, draw: st.DataObject) -
     assert msg.to_bytes() == msg.to_bytes_reference()
     response = SipMessage(status=draw.draw(st.integers(100, 699)), reason=draw.draw(values), headers=msg.headers)
     assert response.to_bytes() == response.to_bytes_reference()
+
+
+@pytest.mark.parametrize("line", _START_LINES)
+def test_start_line_read_by_the_c_is_the_python_reading(line: bytes) -> None:
+    data = line + b"\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n\r\n"
+    with contextlib.suppress(SipError):
+        parse_message_reference(data)  # Via is cached
+    got = split(data)
+    assert got is not None
+    start = got[4]  # type: ignore[index]
+    try:
+        msg = parser._parse_start_line(line)
+    except SipError:
+        assert start is None
+        return
+    assert start in (None, (msg.method, msg.uri, msg.status, msg.reason))
+    if line in (b"SIP/2.0 200 OK", b"SIP/2.0 200", b"SIP/2.0 200 ", b"INVITE sip:a@b SIP/2.0", b"ACK tel:+1 SIP/2.0"):
+        assert start == (msg.method, msg.uri, msg.status, msg.reason)
