@@ -110,6 +110,9 @@ def build(ports: dict[str, int]) -> tuple[TransportManager, BalancerCore, _Count
         hold_max=cfg.flow_hold_max,
         admission=AdmissionControl(overload_policy(cfg)),
         shed_retry_after=(cfg.shed_retry_after_min, cfg.shed_retry_after_max),
+        # as main.serve: the core stamps clients' requests when the transport does not (a
+        # build from before that change stamps in the transport, and its core has no option)
+        **({} if transports.config.stamp_via else {"stamp_via": True}),
     )
     holder.append(core)
     transports.on_message = core.on_message

@@ -44,12 +44,13 @@ __all__ = [
     "DIALOG_CREATING",
     "HOP_PREFIX",
     "MAGIC_COOKIE",
+    "NO_FLOW",
     "FlowTokenError",
     "FlowTokens",
     "HopBranches",
+    "OwnRoutes",
     "bracket",
     "is_ip_literal",
-    "pop_own_routes",
     "route_uri",
     "transaction_key",
 ]
@@ -204,24 +205,57 @@ def route_uri(msg: SipMessage, value: bytes) -> SipURI | None:
     return uri if isinstance(uri, SipURI) else None
 
 
-def pop_own_routes(msg: SipMessage, names_us: Callable[[SipURI], bool], tokens: FlowTokens) -> Address | None:
-    """RFC 3261 16.4: remove the leading Route entries that name us; the flow a token in them
-    names, if any."""
-    flow: Address | None = None
-    for _ in range(MAX_OWN_ENTRIES):
+class OwnRoutes:
+    """What the Route entries that name us say: ``route value -> the flow its token names``
+    (``NO_FLOW``: ours, without a token), remembered for the values that recur (the balancer's
+    Record-Route entries of one client flow come back in every dialog of that flow).  Only
+    entries that name us and carry a valid token (or none) are remembered, under their exact
+    bytes: a look-up answers what parsing and verifying them again would.  Bounded: cleared
+    when full (a miss only costs the parse and the token's MAC)."""
+
+    __slots__ = ("_known", "limit", "names_us", "tokens")
+
+    def __init__(self, names_us: Callable[[SipURI], bool], tokens: FlowTokens, limit: int = CACHE_LIMIT) -> None:
+        self.names_us = names_us
+        self.tokens = tokens
+        self.limit = limit
+        self._known: dict[bytes, Address] = {}
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+    def pop(self, msg: SipMessage) -> tuple[Address | None, bytes | None]:
+        """RFC 3261 16.4: remove the leading Route entries that name us.  The flow a token in
+        them names (None: none), and the first Route value left (None: none left)."""
+        flow: Address | None = None
+        known = self._known
         top = msg.first_value("route")
-        if top is None:
-            break
-        uri = route_uri(msg, top)
-        if uri is None or not names_us(uri):
-            break
-        msg.pop_first_value("route")
-        if uri.user:
-            try:
-                flow = tokens.decode(uri.user)
-            except FlowTokenError:
-                raise BadMessage("invalid flow token in Route", partial=msg) from None
-    return flow
+        for _ in range(MAX_OWN_ENTRIES):
+            if top is None:
+                break
+            named = known.get(top)
+            if named is None:
+                uri = route_uri(msg, top)
+                if uri is None or not self.names_us(uri):
+                    break
+                named = NO_FLOW
+                if uri.user:
+                    try:
+                        named = self.tokens.decode(uri.user)
+                    except FlowTokenError:
+                        raise BadMessage("invalid flow token in Route", partial=msg) from None
+                if len(known) >= self.limit:
+                    known.clear()
+                known[top] = named
+            msg.pop_first_value("route")
+            if named is not NO_FLOW:
+                flow = named
+            top = msg.first_value("route")
+        return flow, top
+
+
+#: what :class:`OwnRoutes` remembers for a Route entry of ours without a flow token
+NO_FLOW = Address("", "", 0)
 
 
 def flow_uri(
@@ -276,41 +310,72 @@ def add_uri_param(value: bytes, param: bytes) -> bytes:
 HOP_PREFIX = MAGIC_COOKIE + b"lb-"  # "-" is outside hex: never confused with a probe's branch
 _HOP_MAC_LEN = 10
 _HOP_CACHE_LIMIT = 4096
+# Branches known good, per generation (two generations: at most twice this many entries).  A
+# request's branch is remembered when it is made, so the responses to it (100, 180, 200...)
+# are matched by a dict look-up instead of a MAC each; the oldest generation is dropped whole.
+VERIFIED_LIMIT = 16_384
 
 
 class HopBranches:
-    """Encode and verify branches naming a previous hop; see the module docstring."""
+    """Encode and verify branches naming a previous hop; see the module docstring.
 
-    __slots__ = ("_hops", "_key", "_packed")
+    Verified branches are remembered (bounded): ``branch -> (transaction key, hop)`` for the
+    branches this object made or verified.  A look-up matches only the very branch bytes with
+    the very transaction key they were made for, so it answers exactly what recomputing the
+    MAC would (anything else, forged or not, is verified the long way).
+    """
+
+    __slots__ = ("_hops", "_key", "_packed", "_verified", "_verified_old")
 
     def __init__(self, secret: bytes) -> None:
         if len(secret) < 16:
             raise ValueError("branch secret must be at least 16 bytes")
         # a key of its own, so a branch MAC never doubles as a flow token MAC
         self._key = hmac.digest(secret, b"sipfarm balancer via branch", "sha256")
-        self._packed: dict[Address, bytes] = {}  # a hop's packed form, for its next requests
+        # a hop -> (its packed form, the Address a branch of it decodes to), for its next requests
+        self._packed: dict[Address, tuple[bytes, Address]] = {}
         self._hops: dict[bytes, Address] = {}  # verified packed hops, for their next responses
+        self._verified: dict[bytes, tuple[bytes, Address]] = {}  # see the class docstring
+        self._verified_old: dict[bytes, tuple[bytes, Address]] = {}
 
-    def _pack(self, hop: Address) -> bytes:
-        packed = self._packed.get(hop)
-        if packed is None:
+    def _pack(self, hop: Address) -> tuple[bytes, Address]:
+        known = self._packed.get(hop)
+        if known is None:
             packed = pack_flow(hop)
+            decoded = unpack_flow(packed)
+            if decoded is None:  # never: pack_flow's output unpacks
+                raise ValueError(f"hop {hop} cannot be packed")
+            known = (packed, decoded)
             if len(self._packed) >= _HOP_CACHE_LIMIT:
                 self._packed.clear()  # bounded; a miss only costs packing again
-            self._packed[hop] = packed
-        return packed
+            self._packed[hop] = known
+        return known
 
     def _mac(self, packed: bytes, transaction_key: bytes) -> bytes:
         return hashlib.blake2b(packed + transaction_key, key=self._key, digest_size=_HOP_MAC_LEN).digest()
 
+    def _remember(self, branch: bytes, transaction_key: bytes, hop: Address) -> None:
+        verified = self._verified
+        if len(verified) >= VERIFIED_LIMIT:
+            self._verified_old = verified
+            verified = self._verified = {}
+        verified[branch] = (transaction_key, hop)
+
     def encode(self, hop: Address, transaction_key: bytes) -> bytes:
         """The branch for a request from ``hop`` whose transaction key is ``transaction_key``.
         ``hop.host`` must be an IP address and ``hop.transport`` one of udp/tcp/tls/ws/wss."""
-        packed = self._pack(hop)
-        return HOP_PREFIX + (self._mac(packed, transaction_key) + packed).hex().encode("ascii")
+        packed, decoded = self._pack(hop)
+        branch = HOP_PREFIX + (self._mac(packed, transaction_key) + packed).hex().encode("ascii")
+        self._remember(branch, transaction_key, decoded)
+        return branch
 
     def decode(self, branch: bytes, transaction_key: bytes) -> Address | None:
         """The hop a branch of ours names, or None (not ours, forged, or for another request)."""
+        known = self._verified.get(branch)
+        if known is None:
+            known = self._verified_old.get(branch)
+        if known is not None and known[0] == transaction_key:
+            return known[1]
         if not branch.startswith(HOP_PREFIX):
             return None
         raw = _unhex(branch[len(HOP_PREFIX) :])
@@ -329,6 +394,7 @@ class HopBranches:
             if len(self._hops) >= _HOP_CACHE_LIMIT:
                 self._hops.clear()  # bounded (only MAC-verified hops get here); a miss unpacks again
             self._hops[packed] = hop
+        self._remember(branch, transaction_key, hop)
         return hop
 
 

@@ -78,9 +78,9 @@ from sipfarm.edge import (
     DIALOG_CREATING,
     FlowTokens,
     HopBranches,
+    OwnRoutes,
     bracket,
     is_ip_literal,
-    pop_own_routes,
     route_uri,
     transaction_key,
 )
@@ -90,7 +90,7 @@ from sipfarm.sip.headers import HeaderError, via_branch
 from sipfarm.sip.message import SipMessage, error_response, make_response
 from sipfarm.sip.parser import max_forwards
 from sipfarm.sip.uri import SipURI, URIError, parse_uri
-from sipfarm.sip.via import default_port, via_sent_by
+from sipfarm.sip.via import default_port, stamp_received, via_sent_by
 from sipfarm.transport.destinations import DestinationPolicy
 
 log = logging.getLogger("sipfarm.balancer")
@@ -179,6 +179,7 @@ class BalancerCore:
         front: FrontDoor | None = None,
         admission: AdmissionControl | None = None,
         shed_retry_after: tuple[int, int] = (1, 5),
+        stamp_via: bool = False,
     ) -> None:
         """``send`` sends a request (may open a connection); ``send_response`` sends a response
         over an existing flow only (``TransportManager.send(..., connect=False)``).
@@ -192,7 +193,11 @@ class BalancerCore:
         ``front``: scanner and domain checks of clients' requests (none: no checks here; its
         rate limits and bans apply before parsing, in the transport).
         ``admission``: overload shedding (none: never shed); a shed request's Retry-After is
-        drawn from ``shed_retry_after`` (inclusive), so shed phones do not come back at once."""
+        drawn from ``shed_retry_after`` (inclusive), so shed phones do not come back at once.
+        ``stamp_via``: add received/rport to the top Via of clients' requests here (RFC 3261
+        18.2.1, RFC 3581), for a transport told not to (``TransportConfig.stamp_via`` False):
+        a node's requests need no stamp (answers to them are routed by our branch), so the
+        balancer skips the work for them."""
         self.nodes = nodes
         self.tokens = tokens
         self.public = public  # transport -> our address facing clients
@@ -208,6 +213,11 @@ class BalancerCore:
         self.destinations = destinations if destinations is not None else DestinationPolicy()
         self.destinations.add_own(self._ours)
         self.branches = HopBranches(hop_secret if hop_secret is not None else secrets.token_bytes(32))
+        self.own_routes = OwnRoutes(self._names_us, tokens)
+        self.stamp_via = stamp_via
+        # (transport, our address) -> the start of the Via we write, "SIP/2.0/UDP host:port;"
+        self._via_prefixes: dict[tuple[str, Address], bytes] = {}
+        self._our_via_starts: set[bytes] = set()  # the same, to recognise them in responses
         self._invites: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
         # (client flow, path, facing client) -> our Record-Route/Path entries for it
         self._entries: dict[tuple[Address, bool, bool], tuple[bytes, ...]] = {}
@@ -240,6 +250,8 @@ class BalancerCore:
                 # responses go to the source: the connection, or the UDP address and port the
                 # request came from (RFC 3581 rport, forced): never where a Via points
                 from_node = self.nodes.by_address(source.host, source.port) is not None
+                if self.stamp_via and not from_node:
+                    stamp_received(msg, source)
                 front = self.front
                 if (
                     front is not None
@@ -266,15 +278,20 @@ class BalancerCore:
     # -- requests --------------------------------------------------------------------------------
 
     def _on_request(self, msg: SipMessage, source: Address, hop: Address, *, from_node: bool) -> None:
-        if max_forwards(msg) <= 0:
+        # what the request says is read once here and handed down (Max-Forwards, the To tag,
+        # the top Route left): no header list scanned twice for the same value
+        hops = max_forwards(msg)
+        if hops <= 0:
             raise TooManyHops("Max-Forwards reached 0", partial=msg)
-        flow = self._pop_own_routes(msg)
-        if msg.method == b"OPTIONS" and msg.first_value("route") is None and self._is_for_us(msg):
+        flow, route = self.own_routes.pop(msg)
+        method = msg.method
+        if method == b"OPTIONS" and route is None and self._is_for_us(msg):
             # keep-alive probes of the balancer itself; anything else (a REGISTER sent to
             # sip:balancer-ip:port) is the farm's business and goes to a node
             self._answer_locally(msg, hop)
             return
-        if msg.method == b"ACK" and msg.to_tag == self._to_tag:
+        to_tag = msg.to_tag
+        if method == b"ACK" and to_tag == self._to_tag:
             # the ACK of a non-2xx answered here (503 shed, no node): ends here too (RFC 3261
             # 17.2.1), no node knows that transaction
             self.stats.local += 1
@@ -283,23 +300,23 @@ class BalancerCore:
             # a token is an instruction only on the way to its client: the same Record-Route
             # entry comes back first in the route set of that client's own requests
             # over the flow or not at all: 430 at once when the connection is gone (RFC 5626 5.3)
-            self._to_client(msg, self._udp_contact_or_flow(msg, flow), hop, record_route=True, connect=False)
+            self._to_client(msg, self._udp_contact_or_flow(msg, flow, to_tag), hop, hops, to_tag, connect=False)
             return
         if from_node:
             # from a node, no token of ours: an element outside the farm (its Request-URI)
-            self._to_client(msg, self._uri_target(msg), hop, record_route=True)
+            self._to_client(msg, self._uri_target(msg), hop, hops, to_tag)
             return
-        node = self._route_node(msg)
+        node = self._route_node(msg, route, to_tag) if route is not None else None
         if node is None:
-            node = self._pick(msg)
-        self._to_node(msg, node, source, hop)
+            node = self._pick(msg, to_tag)
+        self._to_node(msg, node, source, hop, hops, to_tag)
 
-    def _udp_contact_or_flow(self, msg: SipMessage, flow: Address) -> Address:
+    def _udp_contact_or_flow(self, msg: SipMessage, flow: Address, to_tag: bytes | None) -> Address:
         """For a UDP flow, the Request-URI (the Contact) when it names the flow's own IP: the
         client is not behind NAT and may receive on another port than it sent from (a UA whose
         registrar client and UAS are separate sockets).  Otherwise, and always for connection
         flows, the flow itself (NAT binding or connection, RFC 5626 5.3)."""
-        if flow.transport != "udp" or msg.to_tag is not None:
+        if flow.transport != "udp" or to_tag is not None:
             return flow
         try:
             uri = msg.request_uri
@@ -314,11 +331,8 @@ class BalancerCore:
                 return contact
         return flow
 
-    def _route_node(self, msg: SipMessage) -> NodeEntry | None:
-        """The node named by the top Route while usable (None: pick one by hash)."""
-        top = msg.first_value("route")
-        if top is None:
-            return None
+    def _route_node(self, msg: SipMessage, top: bytes, to_tag: bytes | None) -> NodeEntry | None:
+        """The node named by the top Route ``top`` while usable (None: pick one by hash)."""
         uri = route_uri(msg, top)
         if uri is None:
             return None
@@ -337,9 +351,9 @@ class BalancerCore:
         # static cluster: any node of the dead node's group (its Request-URI is a Contact, not
         # the account the rules match)
         group = node.group if node is not None else self.nodes.departed_group(host, port)
-        return self._hash(msg, group)
+        return self._hash(msg, group, to_tag)
 
-    def _pick(self, msg: SipMessage) -> NodeEntry:
+    def _pick(self, msg: SipMessage, to_tag: bytes | None) -> NodeEntry:
         if msg.method in (b"CANCEL", b"ACK"):
             # the node holding the INVITE transaction, even if the node set changed since
             pinned = self._invites.get(msg.call_id + b" %d" % msg.cseq[0])
@@ -347,12 +361,13 @@ class BalancerCore:
                 entry = self.nodes.nodes.get(pinned[0])
                 if entry is not None and entry.health is Health.UP:
                     return entry
-        return self._hash(msg, self.groups.group_of(msg) if self.groups is not None else None)
+        return self._hash(msg, self.groups.group_of(msg) if self.groups is not None else None, to_tag)
 
-    def _hash(self, msg: SipMessage, group: str | None) -> NodeEntry:
+    def _hash(self, msg: SipMessage, group: str | None, to_tag: bytes | None) -> NodeEntry:
         """The node by consistent hash, among the nodes of ``group`` if not None."""
         method = msg.method
-        key = self._aor_key(msg) if method == b"REGISTER" else msg.call_id
+        call_id = msg.call_id
+        key = self._aor_key(msg) if method == b"REGISTER" else call_id
         if group is None:
             node = self.nodes.pick(key)
             if node is None:
@@ -365,18 +380,18 @@ class BalancerCore:
                 unavailable[group] = unavailable.get(group, 0) + 1
                 raise ServiceUnavailable(f"no node of group {group}", retry_after=self.retry_after, partial=msg)
         admission = self.admission
-        if admission is not None and msg.to_tag is None and method in NEW_WORK:
-            pending = admission.pending_node(msg.call_id + b" %d" % msg.cseq[0])
+        if admission is not None and to_tag is None and method in NEW_WORK:
+            pending = admission.pending_node(call_id + b" %d" % msg.cseq[0])
             if pending is None:
                 node = self._admit(msg, node, group, admission)
-                admission.admitted(msg.call_id, node.id, self._clock())
+                admission.admitted(call_id, node.id, self._clock())
             elif pending != node.id:
                 # a retransmission follows its original, which was diverted to another node
                 entry = self.nodes.nodes.get(pending)
                 if entry is not None and entry.usable:
                     node = entry
-        if method == b"INVITE" and msg.to_tag is None:
-            self._pin_invite(msg, node)
+        if method == b"INVITE" and to_tag is None:
+            self._pin_invite(call_id + b" %d" % msg.cseq[0], node)
         return node
 
     def _admit(self, msg: SipMessage, node: NodeEntry, group: str | None, admission: AdmissionControl) -> NodeEntry:
@@ -412,13 +427,13 @@ class BalancerCore:
         low, high = self.shed_retry_after
         raise Overloaded("every node overloaded", retry_after=random.randint(low, high), partial=msg)
 
-    def _pin_invite(self, msg: SipMessage, node: NodeEntry) -> None:
-        """Soft state, bounded in size and age: which node an initial INVITE went to, so its
-        CANCEL and non-2xx ACK follow it across a change of the node set (losing it only
-        falls back to hashing)."""
+    def _pin_invite(self, key: bytes, node: NodeEntry) -> None:
+        """Soft state, bounded in size and age: which node an initial INVITE (Call-ID and CSeq
+        number ``key``) went to, so its CANCEL and non-2xx ACK follow it across a change of
+        the node set (losing it only falls back to hashing)."""
         invites = self._invites
         now = self._clock()
-        invites[msg.call_id + b" %d" % msg.cseq[0]] = (node.id, now + PIN_SECONDS)
+        invites[key] = (node.id, now + PIN_SECONDS)
         while invites:
             oldest = next(iter(invites.values()))
             if len(invites) <= PIN_LIMIT and oldest[1] > now:
@@ -432,11 +447,13 @@ class BalancerCore:
             return to[lt + 1 : gt].lower()
         return to.partition(b";")[0].strip().lower()
 
-    def _to_node(self, msg: SipMessage, node: NodeEntry, source: Address, hop: Address) -> None:
+    def _to_node(
+        self, msg: SipMessage, node: NodeEntry, source: Address, hop: Address, hops: int, to_tag: bytes | None
+    ) -> None:
         dest = node.address
         client_flow = source
         method = msg.method
-        hops = min(max_forwards(msg), MAX_FORWARDS_ENTRY)  # capped on entry, decremented below
+        hops = min(hops, MAX_FORWARDS_ENTRY)  # capped on entry, decremented below
         # _own_entries lists top first: prepend bottom first, so the node-facing entry (our
         # internal UDP address) ends on top and the node's requests to the client come to it
         if method == b"REGISTER":
@@ -444,23 +461,24 @@ class BalancerCore:
             # RFC 3327: stay on the path to this UA (token = its flow)
             for value in reversed(self._own_entries(client_flow, dest.transport, path=True)):
                 msg.prepend("path", value)
-        elif method in DIALOG_CREATING and msg.to_tag is None:
+        elif method in DIALOG_CREATING and to_tag is None:
             for value in reversed(self._own_entries(client_flow, dest.transport, path=False)):
                 msg.prepend("record-route", value)
         self._forward(msg, dest, self.internal, hop, hops)
         self.stats.to_node += 1
         admission = self.admission
-        if admission is not None and msg.to_tag is None and method in NEW_WORK:
+        if admission is not None and to_tag is None and method in NEW_WORK:
             admission.sent(msg.call_id + b" %d" % msg.cseq[0], node.id, self._clock())
 
     def _to_client(
-        self, msg: SipMessage, flow: Address, hop: Address, *, record_route: bool, connect: bool = True
+        self, msg: SipMessage, flow: Address, hop: Address, hops: int, to_tag: bytes | None, *, connect: bool = True
     ) -> None:
-        if record_route and msg.method in DIALOG_CREATING and msg.to_tag is None:
+        """A request from a node to a client (Record-Routed when it creates a dialog)."""
+        if msg.method in DIALOG_CREATING and to_tag is None:
             for value in reversed(self._own_entries(flow, flow.transport, path=False, facing_client=True)):
                 msg.prepend("record-route", value)
         facing = self.public.get(flow.transport) or self.internal
-        self._forward(msg, flow, facing, hop, max_forwards(msg), flow_failure=True, connect=connect)
+        self._forward(msg, flow, facing, hop, hops, flow_failure=True, connect=connect)
         self.stats.to_client += 1
 
     def _forward(
@@ -502,12 +520,22 @@ class BalancerCore:
         # CANCEL and the ACK of a non-2xx (which carry their INVITE's branch, 17.1.1.3) match
         # the INVITE's transaction upstream; an ACK for a 2xx has a branch of its own anyway
         branch = self.branches.encode(hop, transaction_key(msg, msg.top_via_value))
-        return b"SIP/2.0/%s %s:%d;branch=%s" % (
-            transport.upper().encode(),
-            _host(via_address).encode(),
-            via_address.port,
-            branch,
-        )
+        prefix = self._via_prefixes.get((transport, via_address))
+        if prefix is None:
+            prefix = b"SIP/2.0/%s %s:%d;" % (transport.upper().encode(), _host(via_address).encode(), via_address.port)
+            # one per (transport, address of ours): bounded by the listeners
+            self._via_prefixes[(transport, via_address)] = prefix
+            self._our_via_starts.add(prefix)
+        return prefix + b"branch=" + branch
+
+    def _sent_by_us(self, top: bytes) -> bool:
+        """Whether the via-parm ``top`` names this balancer (RFC 3261 18.1.2)."""
+        semi = top.find(b";")
+        if semi > 0 and top[: semi + 1] in self._our_via_starts and top.find(b'"') < 0 and top.find(b"[") < 0:
+            # the very start of a Via we write: what via_sent_by reads from it is ours
+            return True
+        host, port = via_sent_by(top)
+        return (_bare(host), port) in self._ours
 
     def _own_entries(
         self, client_flow: Address, node_transport: str, *, path: bool, facing_client: bool = False
@@ -543,10 +571,6 @@ class BalancerCore:
         if facing_client:
             return (client_entry, node_entry)
         return (node_entry, client_entry)
-
-    def _pop_own_routes(self, msg: SipMessage) -> Address | None:
-        """Remove our Route entries; the flow named by a token in them, if any."""
-        return pop_own_routes(msg, self._names_us, self.tokens)
 
     def _names_us(self, uri: SipURI) -> bool:
         return (_bare(uri.host), uri.port or default_port(uri.transport)) in self._ours
@@ -598,8 +622,7 @@ class BalancerCore:
             if branch.startswith(KEEPALIVE_PREFIX):
                 self.registrations.on_probe_response(branch)  # consumed: never forwarded
                 return
-            host, port = via_sent_by(top)
-            if (_bare(host), port) not in self._ours:
+            if not self._sent_by_us(top):
                 self.stats.drop("not_ours")  # RFC 3261 18.1.2: discard
                 return
             msg.pop_first_value("via")

@@ -273,6 +273,7 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
         front=front,
         admission=AdmissionControl(overload_policy(cfg)) if cfg.shed else None,
         shed_retry_after=(cfg.shed_retry_after_min, cfg.shed_retry_after_max),
+        stamp_via=True,  # clients' requests only: the transports do not (transport_config)
     )
     holder.append(core)
     transports.on_message = core.on_message  # from now on straight to the core (no closure)
@@ -445,6 +446,9 @@ def transport_config(cfg: BalancerConfig) -> TransportConfig:
         ws_open_timeout=cfg.handshake_timeout,
         first_message_timeout=cfg.first_message_timeout,
         message_timeout=cfg.message_timeout,
+        # the core stamps received/rport on clients' requests (BalancerCore stamp_via): a
+        # node's requests need none, answers to them find their way by our branch
+        stamp_via=False,
     )
 
 

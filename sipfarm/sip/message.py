@@ -211,12 +211,16 @@ class SipMessage:
     def set(self, key: str, value: bytes | str) -> None:
         """Replace every ``key`` header with one, kept where the first one stood."""
         val = value.encode("utf-8") if isinstance(value, str) else value
-        for i, (k, raw, _) in enumerate(self.headers):
+        headers = self.headers
+        for i, (k, raw, _) in enumerate(headers):
             if k == key:
-                self.headers[i] = (key, raw, val)
-                self.headers[i + 1 :] = [h for h in self.headers[i + 1 :] if h[0] != key]
+                headers[i] = (key, raw, val)
+                for j in range(i + 1, len(headers)):
+                    if headers[j][0] == key:  # repeats (rare): the list rebuilt without them
+                        headers[i + 1 :] = [h for h in headers[i + 1 :] if h[0] != key]
+                        break
                 return
-        self.headers.append((key, display_name(key), val))
+        headers.append((key, display_name(key), val))
 
     def remove(self, key: str) -> int:
         before = len(self.headers)

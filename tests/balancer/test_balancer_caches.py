@@ -1,0 +1,192 @@
+"""The balancer's per-message shortcuts answer exactly what the long way would, and stay bounded.
+
+* :class:`HopBranches` remembers the branches it made or verified (two bounded generations):
+  a response is matched by a look-up only under the very branch and transaction key the
+  branch was made for; anything else (forged, moved under another transaction, tampered) is
+  verified by its MAC and refused.
+* :class:`OwnRoutes` remembers our own Route entries with a valid token (or none): a forged
+  token is refused every time, entries not ours are never remembered.
+* The core recognises the Vias it wrote by their start; a Via naming us otherwise is still
+  read the long way, and one naming anyone else is not ours.
+* With ``stamp_via`` the core stamps received/rport on clients' requests, not on nodes'.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import pytest
+from test_balancer_unit import CLIENT, LB_UDP, NODES, SECRET, Harness, _response, members, request
+
+from sipfarm.balancer.core import BalancerCore
+from sipfarm.balancer.nodes import NodeSet
+from sipfarm.edge import NO_FLOW, VERIFIED_LIMIT, FlowTokens, HopBranches, OwnRoutes
+from sipfarm.sip.address import Address
+from sipfarm.sip.errors import BadMessage
+from sipfarm.sip.headers import parse_via
+from sipfarm.sip.message import SipMessage
+from sipfarm.sip.parser import parse_message
+from sipfarm.sip.uri import SipURI
+
+HOP = Address("udp", "203.0.113.7", 40000)
+
+
+def _key() -> bytes:
+    return b"z9hG4bK" + secrets.token_hex(8).encode()
+
+
+# -- hop branches ----------------------------------------------------------------------------------
+
+
+def test_a_branch_decodes_to_its_hop_under_its_own_transaction_key_only():
+    hops = HopBranches(SECRET)
+    key = _key()
+    branch = hops.encode(HOP, key)
+    assert hops.decode(branch, key) == HOP
+    assert hops.decode(branch, _key()) is None  # a real branch moved under another transaction
+    assert hops.decode(branch, key + b"x") is None
+    tampered = branch[:-1] + (b"0" if branch[-1:] != b"0" else b"1")
+    assert hops.decode(tampered, key) is None
+    # what the look-up answers is what the MAC answers: a fresh instance (nothing remembered)
+    assert HopBranches(SECRET).decode(branch, key) == HOP
+    assert HopBranches(SECRET).decode(branch, _key()) is None
+    assert HopBranches(b"another-secret-0123456789abcdef!").decode(branch, key) is None
+
+
+def test_the_same_hop_decodes_to_the_same_address_however_it_was_written():
+    hops = HopBranches(SECRET)
+    key = _key()
+    v6 = hops.encode(Address("tcp", "[2001:DB8::1]", 5060), key)
+    assert hops.decode(v6, key) == Address("tcp", "2001:db8::1", 5060)
+    assert HopBranches(SECRET).decode(v6, key) == Address("tcp", "2001:db8::1", 5060)
+
+
+def test_remembered_branches_are_bounded_and_forgotten_ones_still_verify():
+    hops = HopBranches(SECRET)
+    first_key = _key()
+    first = hops.encode(HOP, first_key)
+    made = [(hops.encode(HOP, key), key) for key in (b"k%d" % i for i in range(2 * VERIFIED_LIMIT + 10))]
+    assert len(hops._verified) + len(hops._verified_old) <= 2 * VERIFIED_LIMIT
+    assert first not in hops._verified and first not in hops._verified_old
+    assert hops.decode(first, first_key) == HOP  # by its MAC
+    assert hops.decode(first, _key()) is None
+    branch, key = made[-1]
+    assert hops.decode(branch, key) == HOP
+
+
+def test_a_branch_made_by_another_balancer_is_verified_then_remembered():
+    ours, theirs = HopBranches(SECRET), HopBranches(SECRET)
+    key = _key()
+    branch = theirs.encode(HOP, key)
+    assert ours.decode(branch, key) == HOP
+    assert branch in ours._verified
+    assert ours.decode(branch, _key()) is None
+
+
+# -- our own Route entries -------------------------------------------------------------------------
+
+
+def _names_us(uri: SipURI) -> bool:
+    return uri.host == "10.0.0.1" and (uri.port or 5060) == 5060
+
+
+def _with_routes(*routes: str) -> SipMessage:
+    extra = "".join(f"Route: {r}\r\n" for r in routes)
+    return parse_message(request("BYE", "sip:bob@192.168.1.5:5062", extra=extra, to="<sip:b@x>;tag=t"))
+
+
+def test_own_routes_pop_ours_and_name_the_flow_of_the_token():
+    tokens = FlowTokens(SECRET)
+    routes = OwnRoutes(_names_us, tokens)
+    mine = f"<sip:{tokens.encode(CLIENT)}@10.0.0.1:5060;lr>"
+    for _ in range(2):  # parsed, then remembered: the same answer
+        msg = _with_routes(mine, "<sip:10.0.0.1:5060;lr>", "<sip:10.0.1.1:5060;lr>")
+        flow, top = routes.pop(msg)
+        assert flow == CLIENT and top == b"<sip:10.0.1.1:5060;lr>"
+        assert msg.values("route") == [b"<sip:10.0.1.1:5060;lr>"]
+    assert routes._known[b"<sip:10.0.0.1:5060;lr>"] is NO_FLOW
+    assert b"<sip:10.0.1.1:5060;lr>" not in routes._known  # not ours: never remembered
+
+
+def test_own_routes_refuse_a_forged_token_every_time_and_do_not_remember_it():
+    tokens = FlowTokens(SECRET)
+    routes = OwnRoutes(_names_us, tokens)
+    real = tokens.encode(CLIENT)
+    forged = real[:-1] + ("0" if real[-1] != "0" else "1")
+    for _ in range(2):
+        with pytest.raises(BadMessage):
+            routes.pop(_with_routes(f"<sip:{forged}@10.0.0.1:5060;lr>"))
+    assert len(routes) == 0
+    # a token signed with another secret neither
+    other = FlowTokens(b"another-secret-0123456789abcdef!").encode(CLIENT)
+    with pytest.raises(BadMessage):
+        routes.pop(_with_routes(f"<sip:{other}@10.0.0.1:5060;lr>"))
+
+
+def test_own_routes_are_bounded():
+    tokens = FlowTokens(SECRET)
+    routes = OwnRoutes(_names_us, tokens, limit=8)
+    for port in range(40000, 40020):
+        flow = Address("udp", "203.0.113.7", port)
+        assert routes.pop(_with_routes(f"<sip:{tokens.encode(flow)}@10.0.0.1:5060;lr>")) == (flow, None)
+        assert len(routes) <= 8
+
+
+# -- the core --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def lb() -> Harness:
+    h = Harness()
+    h.nodes.update_members(members())
+    return h
+
+
+@pytest.mark.parametrize(
+    ("rewrite", "reason"),
+    [
+        ((b"10.0.0.1:5060;", b"10.0.0.1:5070;"), "not_ours"),  # another port of the same host
+        ((b"SIP/2.0/UDP 10.0.0.1:5060;", b"SIP/2.0/UDP 10.0.0.9:5060;"), "not_ours"),
+        ((b"SIP/2.0/UDP 10.0.0.1:5060;", b"SIP/2.0/UDP 10.0.0.1;"), None),  # default port: ours
+        ((b"SIP/2.0/UDP 10.0.0.1:5060;", b"SIP/2.0/udp  10.0.0.1:5060 ;"), None),  # odd spelling: ours
+    ],
+)
+def test_responses_are_ours_by_the_via_we_wrote_however_it_is_spelt(lb: Harness, rewrite, reason):
+    msg, node = lb.one(request("INVITE", "sip:bob@farm.test"), CLIENT)
+    response = _response(msg, 180).replace(*rewrite)
+    out = lb.feed(response, node)
+    if reason is None:
+        assert [dest for _, dest in out] == [CLIENT]
+    else:
+        assert out == [] and lb.core.stats.flat()[f"dropped_{reason}"] == 1
+
+
+def test_the_core_stamps_clients_requests_and_not_nodes():
+    nodes = NodeSet()
+    nodes.update_members(members())
+    sent: list[tuple[SipMessage, Address]] = []
+
+    def send(data: bytes, dest: Address, local: Address | None = None) -> bool:
+        sent.append((parse_message(data), dest))
+        return True
+
+    core = BalancerCore(
+        nodes, FlowTokens(SECRET), public={"udp": LB_UDP}, internal=LB_UDP, send=send,
+        send_response=lambda data, dest: send(data, dest), hop_secret=SECRET, stamp_via=True,
+    )  # fmt: skip
+    # from a client: received and rport filled in (RFC 3261 18.2.1, RFC 3581 4)
+    core.on_message(parse_message(request("INVITE", "sip:bob@farm.test")), CLIENT, LB_UDP)
+    out, _ = sent[-1]
+    client_via = parse_via(out.values("via")[1])
+    assert client_via.received == CLIENT.host and client_via.rport == str(CLIENT.port)
+    # from a node: left as written
+    node = NODES["node1"]
+    core.on_message(
+        parse_message(request("OPTIONS", "sip:bob@198.51.100.9:5060", via="SIP/2.0/UDP 10.0.1.1:7777;rport")),
+        node,
+        LB_UDP,
+    )
+    out, dest = sent[-1]
+    assert dest == Address("udp", "198.51.100.9", 5060)
+    node_via = parse_via(out.values("via")[1])
+    assert node_via.received is None and node_via.rport == ""
