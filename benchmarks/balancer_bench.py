@@ -8,7 +8,8 @@ Replays one SIPp call as the balancer saw it under ``sipfarm bench`` (captured w
 real farm: ``scenarios/balancer_call.json``, 16 datagrams in and 16 out: UAC -> balancer -> node
 -> balancer -> UAS and back) through the balancer's own pieces wired as ``sipfarm balancer``
 wires them (``TransportManager.deliver`` with the front door's screen, ``BalancerCore`` with the
-front door, admission control and keepalive table), with the UDP socket replaced by a counter.
+front door, admission control and keepalive table; the garbage collector tuned as there), with
+the UDP socket replaced by a counter.
 So it measures everything the balancer does per message except the kernel's recvmsg/sendmsg and
 uvloop's event loop: the part this code can change.
 
@@ -42,6 +43,7 @@ from sipfarm.config import BalancerConfig
 from sipfarm.edge import FlowTokens
 from sipfarm.sip.address import Address
 from sipfarm.transport.destinations import DestinationPolicy
+from sipfarm.transport.loop import tune_gc
 from sipfarm.transport.manager import TransportManager
 from sipfarm.transport.udp import UdpEndpoint
 
@@ -208,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     capture = json.loads(CAPTURE.read_text())
     ports = {k: int(v) for k, v in capture.items() if k != "messages"}
     incoming, expected = prepare(capture)
+    tune_gc()  # as `sipfarm balancer` does once started
     import sipfarm.balancer.core as core_module  # noqa: PLC0415
 
     build_kind = "compiled" if (core_module.__file__ or "").endswith(".so") else "interpreted"

@@ -325,13 +325,15 @@ class HopBranches:
     MAC would (anything else, forged or not, is verified the long way).
     """
 
-    __slots__ = ("_hops", "_key", "_packed", "_verified", "_verified_old")
+    __slots__ = ("_hops", "_keyed", "_packed", "_verified", "_verified_old")
 
     def __init__(self, secret: bytes) -> None:
         if len(secret) < 16:
             raise ValueError("branch secret must be at least 16 bytes")
         # a key of its own, so a branch MAC never doubles as a flow token MAC
-        self._key = hmac.digest(secret, b"sipfarm balancer via branch", "sha256")
+        key = hmac.digest(secret, b"sipfarm balancer via branch", "sha256")
+        # the keyed state, copied for each MAC: a third cheaper than keying a new one each time
+        self._keyed = hashlib.blake2b(key=key, digest_size=_HOP_MAC_LEN)
         # a hop -> (its packed form, the Address a branch of it decodes to), for its next requests
         self._packed: dict[Address, tuple[bytes, Address]] = {}
         self._hops: dict[bytes, Address] = {}  # verified packed hops, for their next responses
@@ -352,7 +354,9 @@ class HopBranches:
         return known
 
     def _mac(self, packed: bytes, transaction_key: bytes) -> bytes:
-        return hashlib.blake2b(packed + transaction_key, key=self._key, digest_size=_HOP_MAC_LEN).digest()
+        mac = self._keyed.copy()
+        mac.update(packed + transaction_key)
+        return mac.digest()
 
     def _remember(self, branch: bytes, transaction_key: bytes, hop: Address) -> None:
         verified = self._verified

@@ -86,7 +86,7 @@ from sipfarm.edge import (
 )
 from sipfarm.sip.address import Address
 from sipfarm.sip.errors import BadMessage, ServiceUnavailable, SipError, TooManyHops
-from sipfarm.sip.headers import HeaderError, via_branch
+from sipfarm.sip.headers import HeaderError, first_element, via_branch
 from sipfarm.sip.message import SipMessage, error_response, make_response
 from sipfarm.sip.parser import max_forwards
 from sipfarm.sip.uri import SipURI, URIError, parse_uri
@@ -614,7 +614,11 @@ class BalancerCore:
 
     def _on_response(self, msg: SipMessage) -> None:
         try:
-            top = msg.top_via_value
+            # our via-parm and what follows it on its line, read once (first_element) for the
+            # checks and the removal below; odd values (a quoted string...) the general way
+            at, top, rest = _split_top_via(msg)
+            if at < 0:
+                top = msg.top_via_value
             branch = via_branch(top) or b""
             if branch.startswith(PROBE_PREFIX):
                 self.on_probe_response(branch)
@@ -625,7 +629,13 @@ class BalancerCore:
             if not self._sent_by_us(top):
                 self.stats.drop("not_ours")  # RFC 3261 18.1.2: discard
                 return
-            msg.pop_first_value("via")
+            if at < 0:
+                msg.pop_first_value("via")
+            elif rest:
+                header = msg.headers[at]
+                msg.headers[at] = (header[0], header[1], rest)
+            else:
+                del msg.headers[at]
             key = transaction_key(msg, msg.top_via_value)
         except (SipError, HeaderError):
             self.stats.drop("bad_via")
@@ -720,6 +730,24 @@ class BalancerCore:
         if not self.send(msg, node.address, self.internal):
             self.nodes.mark_down(node)
         return branch
+
+
+def _split_top_via(msg: SipMessage) -> tuple[int, bytes, bytes]:
+    """(index of the first Via line, its first via-parm, the rest of that line stripped: what
+    ``pop_first_value`` leaves of it) read with one ``first_element``; index -1 when the
+    value needs the general reader (a quoted string, an empty element) or there is no Via."""
+    headers = msg.headers
+    for i in range(len(headers)):
+        header = headers[i]
+        if header[0] == "via":
+            value = header[2]
+            if value.find(b",") < 0:
+                return i, value, b""
+            found = first_element(value)
+            if found is None:
+                return -1, b"", b""
+            return i, found[0], found[1]
+    return -1, b"", b""
 
 
 @functools.lru_cache(maxsize=1024)
