@@ -56,6 +56,7 @@ DEFAULT_SCANNER_AGENTS = (
     "smap",
 )
 _EXEMPT_CACHE_LIMIT = 65_536
+_AGENT_CACHE_LIMIT = 4096  # User-Agent values judged (a phone model's recurs on every request)
 _RATE_REASONS = {
     RequestClass.REGISTER: "rate_register",
     RequestClass.INVITE: "rate_invite",
@@ -88,6 +89,7 @@ class FrontDoor:
         self._exempt_nets = [ipaddress.ip_network(n, strict=False) for n in policy.exempt]
         self._exempt: dict[str, bool] = {}  # source -> in an exempt network (cache)
         self._agents = [a.lower().encode() for a in policy.scanner_agents if a]
+        self._agent_verdicts: dict[bytes, bool] = {}  # User-Agent value -> names a scanner
         self._domains = frozenset(d.lower() for d in policy.domains)
         self._bans: dict[str, float] = {}  # source -> banned until (clock); the farm's, as last read
         self._own: dict[str, float] = {}  # source -> when this balancer banned it (not yet read back)
@@ -125,13 +127,10 @@ class FrontDoor:
             return True
         if self._agents:
             agent = msg.get("user-agent")
-            if agent is not None:
-                agent = agent.lower()
-                for name in self._agents:
-                    if name in agent:
-                        self.count("scanner")
-                        self._ban(source, "scanner", now)  # no second chance: a tool, not a phone
-                        return False
+            if agent is not None and self._is_scanner(agent):
+                self.count("scanner")
+                self._ban(source, "scanner", now)  # no second chance: a tool, not a phone
+                return False
         if self._domains and msg.to_tag is None and msg.method not in (b"ACK", b"CANCEL"):
             try:
                 uri = msg.request_uri
@@ -187,6 +186,18 @@ class FrontDoor:
     def count(self, reason: str) -> None:
         """Count a decision taken elsewhere (the asyncio layer: ban_write_failed...)."""
         self.stats[reason] = self.stats.get(reason, 0) + 1
+
+    def _is_scanner(self, agent: bytes) -> bool:
+        """Whether a User-Agent value contains a scanner's name (case-insensitive); the verdict
+        is remembered per value (bounded: cleared when full)."""
+        verdict = self._agent_verdicts.get(agent)
+        if verdict is None:
+            lower = agent.lower()
+            verdict = any(name in lower for name in self._agents)
+            if len(self._agent_verdicts) >= _AGENT_CACHE_LIMIT:
+                self._agent_verdicts.clear()
+            self._agent_verdicts[agent] = verdict
+        return verdict
 
     def _learn_exempt(self, source: str) -> bool:
         try:

@@ -190,3 +190,24 @@ def test_the_core_stamps_clients_requests_and_not_nodes():
     assert dest == Address("udp", "198.51.100.9", 5060)
     node_via = parse_via(out.values("via")[1])
     assert node_via.received is None and node_via.rport == ""
+
+
+# -- the front door's User-Agent verdicts ----------------------------------------------------------
+
+
+def test_scanner_verdicts_are_remembered_per_value_and_bounded():
+    from test_balancer_frontdoor import POLICY, admitted  # noqa: PLC0415
+    from test_balancer_frontdoor import request as front_request  # noqa: PLC0415
+
+    from sipfarm.balancer import frontdoor  # noqa: PLC0415
+
+    front = frontdoor.FrontDoor(POLICY)
+    phone, scanner = "Linphone/5.1", "friendly-scanner"
+    for i in range(3):  # judged, then remembered: the same answer each time, per source
+        assert admitted(front, front_request("OPTIONS", "sip:1@farm.test", agent=phone), "198.51.100.3", i)
+        assert not admitted(front, front_request("OPTIONS", "sip:1@farm.test", agent=scanner), f"198.51.100.{9 + i}", i)
+    assert front.stats["scanner"] == 3
+    for i in range(frontdoor._AGENT_CACHE_LIMIT + 10):
+        front._is_scanner(b"phone/%d" % i)
+        assert len(front._agent_verdicts) <= frontdoor._AGENT_CACHE_LIMIT
+    assert front._is_scanner(b"X-" + scanner.upper().encode()) and not front._is_scanner(phone.encode())
