@@ -51,6 +51,7 @@ __all__ = [
     "OwnRoutes",
     "bracket",
     "is_ip_literal",
+    "plain_route_parts",
     "route_uri",
     "transaction_key",
 ]
@@ -205,18 +206,61 @@ def route_uri(msg: SipMessage, value: bytes) -> SipURI | None:
     return uri if isinstance(uri, SipURI) else None
 
 
+_PLAIN_ROUTE_CHARS = b"abcdefghijklmnopqrstuvwxyz0123456789.-_:;=@"
+_PLAIN_HOST_CHARS = b"abcdefghijklmnopqrstuvwxyz0123456789.-"
+_PLAIN_TOKEN_CHARS = b"abcdefghijklmnopqrstuvwxyz0123456789.-_"
+
+
+def plain_route_parts(value: bytes) -> tuple[bytes, str, int] | None:
+    """(user, host, port) of a Route value in the plain shape farm elements write
+    (``<sip:[user@]host:port[;name[=value]]...>``: lower-case letters, digits and ``.-_`` only,
+    an explicit port), read without the URI parser; None for anything else.  Whatever it
+    reads, :func:`route_uri` parses to the same user, host and port (a property test checks
+    it): the node's sealed Record-Route entry of each dialog is read this way, never parsed
+    (parsing it would only churn the parsers' memo).  The user is b"" when there is none."""
+    if value[:5] != b"<sip:" or value[-1:] != b">":
+        return None
+    inner = value[5:-1]
+    if inner.translate(None, _PLAIN_ROUTE_CHARS):
+        return None  # a character outside the plain alphabet (another '<' or '>' among them)
+    head, semi, params = inner.partition(b";")
+    user, at, hostport = head.rpartition(b"@")
+    if at and (not user or user.translate(None, _PLAIN_TOKEN_CHARS)):
+        return None  # an empty user, or a second '@' or a password (':') in it
+    host, colon, port_text = hostport.partition(b":")
+    if (
+        not colon
+        or not host
+        or host.translate(None, _PLAIN_HOST_CHARS)
+        or not port_text.isdigit()
+        or len(port_text) > 5
+    ):
+        return None
+    port = int(port_text)
+    if port > 65535:
+        return None
+    if semi:
+        for piece in params.split(b";"):
+            name, _, param_value = piece.partition(b"=")
+            if not name or name.translate(None, _PLAIN_TOKEN_CHARS) or param_value.translate(None, _PLAIN_TOKEN_CHARS):
+                return None  # an empty name, ':' '@' or a second '=' in a parameter
+    return user, host.decode("ascii"), port
+
+
 class OwnRoutes:
     """What the Route entries that name us say: ``route value -> the flow its token names``
     (``NO_FLOW``: ours, without a token), remembered for the values that recur (the balancer's
     Record-Route entries of one client flow come back in every dialog of that flow).  Only
     entries that name us and carry a valid token (or none) are remembered, under their exact
     bytes: a look-up answers what parsing and verifying them again would.  Bounded: cleared
-    when full (a miss only costs the parse and the token's MAC)."""
+    when full (a miss only costs the parse and the token's MAC).  ``ours(host, port)`` tells
+    whether a host and port (the port defaulted by transport) name us.  An entry in the plain
+    shape that is not ours (the next hop's) is read by :func:`plain_route_parts`, not parsed."""
 
-    __slots__ = ("_known", "limit", "names_us", "tokens")
+    __slots__ = ("_known", "limit", "ours", "tokens")
 
-    def __init__(self, names_us: Callable[[SipURI], bool], tokens: FlowTokens, limit: int = CACHE_LIMIT) -> None:
-        self.names_us = names_us
+    def __init__(self, ours: Callable[[str, int], bool], tokens: FlowTokens, limit: int = CACHE_LIMIT) -> None:
+        self.ours = ours
         self.tokens = tokens
         self.limit = limit
         self._known: dict[bytes, Address] = {}
@@ -235,8 +279,11 @@ class OwnRoutes:
                 break
             named = known.get(top)
             if named is None:
+                plain = plain_route_parts(top)
+                if plain is not None and not self.ours(plain[1], plain[2]):
+                    break  # the next hop's entry: what the parser would read of it is not us
                 uri = route_uri(msg, top)
-                if uri is None or not self.names_us(uri):
+                if uri is None or not self.ours(uri.host, uri.port or default_port(uri.transport)):
                     break
                 named = NO_FLOW
                 if uri.user:

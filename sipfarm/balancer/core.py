@@ -81,6 +81,7 @@ from sipfarm.edge import (
     OwnRoutes,
     bracket,
     is_ip_literal,
+    plain_route_parts,
     route_uri,
     transaction_key,
 )
@@ -213,7 +214,7 @@ class BalancerCore:
         self.destinations = destinations if destinations is not None else DestinationPolicy()
         self.destinations.add_own(self._ours)
         self.branches = HopBranches(hop_secret if hop_secret is not None else secrets.token_bytes(32))
-        self.own_routes = OwnRoutes(self._names_us, tokens)
+        self.own_routes = OwnRoutes(self._ours_at, tokens)
         self.stamp_via = stamp_via
         # (transport, our address) -> the start of the Via we write, "SIP/2.0/UDP host:port;"
         self._via_prefixes: dict[tuple[str, Address], bytes] = {}
@@ -333,10 +334,14 @@ class BalancerCore:
 
     def _route_node(self, msg: SipMessage, top: bytes, to_tag: bytes | None) -> NodeEntry | None:
         """The node named by the top Route ``top`` while usable (None: pick one by hash)."""
-        uri = route_uri(msg, top)
-        if uri is None:
-            return None
-        host, port = uri.host.strip("[]"), uri.port or default_port(uri.transport)
+        plain = plain_route_parts(top)  # the node's entry, as written: read, not parsed
+        if plain is not None:
+            host, port = plain[1], plain[2]
+        else:
+            uri = route_uri(msg, top)
+            if uri is None:
+                return None
+            host, port = uri.host.strip("[]"), uri.port or default_port(uri.transport)
         node = self.nodes.by_address(host, port)
         if node is None:
             if not self.nodes.departed(host, port):
@@ -574,6 +579,9 @@ class BalancerCore:
 
     def _names_us(self, uri: SipURI) -> bool:
         return (_bare(uri.host), uri.port or default_port(uri.transport)) in self._ours
+
+    def _ours_at(self, host: str, port: int) -> bool:
+        return (_bare(host), port) in self._ours
 
     def _is_node(self, dest: Address) -> bool:
         return self.nodes.by_address(dest.host, dest.port) is not None

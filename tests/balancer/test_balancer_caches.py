@@ -6,6 +6,7 @@
   verified by its MAC and refused.
 * :class:`OwnRoutes` remembers our own Route entries with a valid token (or none): a forged
   token is refused every time, entries not ours are never remembered.
+* :func:`plain_route_parts` reads only what the URI parser reads the same way.
 * The core recognises the Vias it wrote by their start; a Via naming us otherwise is still
   read the long way, and one naming anyone else is not ours.
 * With ``stamp_via`` the core stamps received/rport on clients' requests, not on nodes'.
@@ -16,17 +17,18 @@ from __future__ import annotations
 import secrets
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_balancer_unit import CLIENT, LB_UDP, NODES, SECRET, Harness, _response, members, request
 
 from sipfarm.balancer.core import BalancerCore
 from sipfarm.balancer.nodes import NodeSet
-from sipfarm.edge import NO_FLOW, VERIFIED_LIMIT, FlowTokens, HopBranches, OwnRoutes
+from sipfarm.edge import NO_FLOW, VERIFIED_LIMIT, FlowTokens, HopBranches, OwnRoutes, plain_route_parts, route_uri
 from sipfarm.sip.address import Address
 from sipfarm.sip.errors import BadMessage
 from sipfarm.sip.headers import parse_via
 from sipfarm.sip.message import SipMessage
 from sipfarm.sip.parser import parse_message
-from sipfarm.sip.uri import SipURI
 
 HOP = Address("udp", "203.0.113.7", 40000)
 
@@ -86,8 +88,8 @@ def test_a_branch_made_by_another_balancer_is_verified_then_remembered():
 # -- our own Route entries -------------------------------------------------------------------------
 
 
-def _names_us(uri: SipURI) -> bool:
-    return uri.host == "10.0.0.1" and (uri.port or 5060) == 5060
+def _ours(host: str, port: int) -> bool:
+    return host == "10.0.0.1" and port == 5060
 
 
 def _with_routes(*routes: str) -> SipMessage:
@@ -97,7 +99,7 @@ def _with_routes(*routes: str) -> SipMessage:
 
 def test_own_routes_pop_ours_and_name_the_flow_of_the_token():
     tokens = FlowTokens(SECRET)
-    routes = OwnRoutes(_names_us, tokens)
+    routes = OwnRoutes(_ours, tokens)
     mine = f"<sip:{tokens.encode(CLIENT)}@10.0.0.1:5060;lr>"
     for _ in range(2):  # parsed, then remembered: the same answer
         msg = _with_routes(mine, "<sip:10.0.0.1:5060;lr>", "<sip:10.0.1.1:5060;lr>")
@@ -110,7 +112,7 @@ def test_own_routes_pop_ours_and_name_the_flow_of_the_token():
 
 def test_own_routes_refuse_a_forged_token_every_time_and_do_not_remember_it():
     tokens = FlowTokens(SECRET)
-    routes = OwnRoutes(_names_us, tokens)
+    routes = OwnRoutes(_ours, tokens)
     real = tokens.encode(CLIENT)
     forged = real[:-1] + ("0" if real[-1] != "0" else "1")
     for _ in range(2):
@@ -125,11 +127,57 @@ def test_own_routes_refuse_a_forged_token_every_time_and_do_not_remember_it():
 
 def test_own_routes_are_bounded():
     tokens = FlowTokens(SECRET)
-    routes = OwnRoutes(_names_us, tokens, limit=8)
+    routes = OwnRoutes(_ours, tokens, limit=8)
     for port in range(40000, 40020):
         flow = Address("udp", "203.0.113.7", port)
         assert routes.pop(_with_routes(f"<sip:{tokens.encode(flow)}@10.0.0.1:5060;lr>")) == (flow, None)
         assert len(routes) <= 8
+
+
+@pytest.mark.parametrize(
+    ("value", "parts"),
+    [
+        (b"<sip:127.0.0.1:29520;lr;sf=6cc544c17029e07f36e1>", (b"", "127.0.0.1", 29520)),
+        (b"<sip:5bf96cc4298f06fd@10.0.0.1:5060;lr>", (b"5bf96cc4298f06fd", "10.0.0.1", 5060)),
+        (b"<sip:node-1.farm.test:5070;lr;transport=udp>", (b"", "node-1.farm.test", 5070)),
+        (b"<sip:10.0.0.1;lr>", None),  # no port: the transport's default, the parser's business
+        (b"<sip:10.0.0.1:5060;lr>;x=1", None),  # header parameters
+        (b"<sip:Node.farm.test:5060;lr>", None),  # upper case
+        (b"<sip:[::1]:5060;lr>", None),
+        (b"<sip:a@b@10.0.0.1:5060>", None),
+        (b"<sip:a:pw@10.0.0.1:5060>", None),
+        (b"<sip:10.0.0.1:5060;;lr>", None),
+        (b"<sip:10.0.0.1:5060;a=b=c>", None),
+        (b"<sip:10.0.0.1:99999>", None),
+        (b"<sip:10.0.0.1:5060?x=y>", None),
+        (b"<sips:10.0.0.1:5060>", None),
+        (b"sip:10.0.0.1:5060", None),
+        (b"<sip:@10.0.0.1:5060>", None),
+    ],
+)
+def test_plain_route_parts_reads_the_shape_elements_write_and_nothing_else(value, parts):
+    assert plain_route_parts(value) == parts
+
+
+@given(
+    st.text(alphabet="abcz019.-_:;=@<>[]?AZ", max_size=30).map(lambda t: f"<sip:{t}>".encode())
+    | st.builds(
+        lambda user, host, port, params: f"<sip:{user}{host}:{port}{params}>".encode(),
+        st.sampled_from(["", "a1@", "@", "x:y@", "a@b@"]),
+        st.sampled_from(["10.0.0.1", "node-1.farm.test", "a..b", "-x", "Up.case", "1.2.3.999"]),
+        st.integers(min_value=0, max_value=100_000),
+        st.text(alphabet=";=abl r_-", max_size=12),
+    )
+)
+@settings(max_examples=400, deadline=None)
+def test_plain_route_parts_agrees_with_the_parser(value: bytes):
+    """Whatever the shortcut reads, the parser reads the same (and never refuses)."""
+    parts = plain_route_parts(value)
+    if parts is None:
+        return
+    uri = route_uri(SipMessage(), value)
+    assert uri is not None
+    assert (uri.user or "").encode() == parts[0] and uri.host == parts[1] and uri.port == parts[2]
 
 
 # -- the core --------------------------------------------------------------------------------------
