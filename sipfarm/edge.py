@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 from sipfarm.sip.address import Address
 from sipfarm.sip.errors import BadMessage
-from sipfarm.sip.headers import HeaderError, parse_name_addr, via_branch
+from sipfarm.sip.headers import HeaderError, first_element, parse_name_addr, via_branch
 from sipfarm.sip.message import SipMessage
 from sipfarm.sip.transaction import MAGIC_COOKIE
 from sipfarm.sip.uri import SipURI
@@ -240,11 +240,54 @@ def plain_route_parts(value: bytes) -> tuple[bytes, str, int] | None:
     if port > 65535:
         return None
     if semi:
+        if params.find(b":") >= 0 or params.find(b"@") >= 0:
+            return None
         for piece in params.split(b";"):
             name, _, param_value = piece.partition(b"=")
-            if not name or name.translate(None, _PLAIN_TOKEN_CHARS) or param_value.translate(None, _PLAIN_TOKEN_CHARS):
-                return None  # an empty name, ':' '@' or a second '=' in a parameter
+            if not name or param_value.find(b"=") >= 0:
+                return None  # an empty name or a second '=' in a parameter
     return user, host.decode("ascii"), port
+
+
+def first_value_at(msg: SipMessage, key: str) -> tuple[int, bytes, bytes]:
+    """(index of the first ``key`` line, its first element, what follows that element's comma
+    on the line, stripped) with one ``first_element``: what ``first_value`` reads and
+    ``pop_first_value`` leaves.  Index ``NO_VALUE`` when there is no such header;
+    ``GENERAL`` when a line of it needs the general reader (a quoted string on any of them, an
+    empty element): the caller then uses ``first_value``/``pop_first_value``, as they do."""
+    at = NO_VALUE
+    first = rest = b""
+    headers = msg.headers
+    for i in range(len(headers)):
+        header = headers[i]
+        if header[0] != key:
+            continue
+        value = header[2]
+        if value.find(b'"') >= 0:
+            return GENERAL, b"", b""  # first_value reads (and judges) every line of it then
+        if at == NO_VALUE:
+            found = first_element(value)
+            if found is None:
+                return GENERAL, b"", b""
+            at = i
+            first, rest = found
+    return at, first, rest
+
+
+def pop_value_at(msg: SipMessage, key: str, at: int, rest: bytes) -> None:
+    """Remove the first element of ``key`` read by :func:`first_value_at` (``at`` >= 0, or
+    ``GENERAL``: ``pop_first_value`` does it)."""
+    if at < 0:
+        msg.pop_first_value(key)
+    elif rest:
+        header = msg.headers[at]
+        msg.headers[at] = (header[0], header[1], rest)
+    else:
+        del msg.headers[at]
+
+
+NO_VALUE = -1
+GENERAL = -2
 
 
 class OwnRoutes:
@@ -268,12 +311,15 @@ class OwnRoutes:
     def __len__(self) -> int:
         return len(self._known)
 
-    def pop(self, msg: SipMessage) -> tuple[Address | None, bytes | None]:
+    def pop(self, msg: SipMessage) -> tuple[Address | None, bytes | None, tuple[bytes, str, int] | None]:
         """RFC 3261 16.4: remove the leading Route entries that name us.  The flow a token in
-        them names (None: none), and the first Route value left (None: none left)."""
+        them names (None: none), the first Route value left (None: none left), and what
+        :func:`plain_route_parts` read of it when it was read (else None)."""
         flow: Address | None = None
         known = self._known
-        top = msg.first_value("route")
+        plain: tuple[bytes, str, int] | None = None
+        at, top_value, rest = first_value_at(msg, "route")
+        top = top_value if at >= 0 else (None if at == NO_VALUE else msg.first_value("route"))
         for _ in range(MAX_OWN_ENTRIES):
             if top is None:
                 break
@@ -282,6 +328,7 @@ class OwnRoutes:
                 plain = plain_route_parts(top)
                 if plain is not None and not self.ours(plain[1], plain[2]):
                     break  # the next hop's entry: what the parser would read of it is not us
+                plain = None
                 uri = route_uri(msg, top)
                 if uri is None or not self.ours(uri.host, uri.port or default_port(uri.transport)):
                     break
@@ -294,11 +341,12 @@ class OwnRoutes:
                 if len(known) >= self.limit:
                     known.clear()
                 known[top] = named
-            msg.pop_first_value("route")
+            pop_value_at(msg, "route", at, rest)
             if named is not NO_FLOW:
                 flow = named
-            top = msg.first_value("route")
-        return flow, top
+            at, top_value, rest = first_value_at(msg, "route")
+            top = top_value if at >= 0 else (None if at == NO_VALUE else msg.first_value("route"))
+        return flow, top, plain
 
 
 #: what :class:`OwnRoutes` remembers for a Route entry of ours without a flow token

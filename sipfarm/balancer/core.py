@@ -284,7 +284,7 @@ class BalancerCore:
         hops = max_forwards(msg)
         if hops <= 0:
             raise TooManyHops("Max-Forwards reached 0", partial=msg)
-        flow, route = self.own_routes.pop(msg)
+        flow, route, plain = self.own_routes.pop(msg)
         method = msg.method
         if method == b"OPTIONS" and route is None and self._is_for_us(msg):
             # keep-alive probes of the balancer itself; anything else (a REGISTER sent to
@@ -307,7 +307,7 @@ class BalancerCore:
             # from a node, no token of ours: an element outside the farm (its Request-URI)
             self._to_client(msg, self._uri_target(msg), hop, hops, to_tag)
             return
-        node = self._route_node(msg, route, to_tag) if route is not None else None
+        node = self._route_node(msg, route, plain, to_tag) if route is not None else None
         if node is None:
             node = self._pick(msg, to_tag)
         self._to_node(msg, node, source, hop, hops, to_tag)
@@ -332,9 +332,13 @@ class BalancerCore:
                 return contact
         return flow
 
-    def _route_node(self, msg: SipMessage, top: bytes, to_tag: bytes | None) -> NodeEntry | None:
-        """The node named by the top Route ``top`` while usable (None: pick one by hash)."""
-        plain = plain_route_parts(top)  # the node's entry, as written: read, not parsed
+    def _route_node(
+        self, msg: SipMessage, top: bytes, plain: tuple[bytes, str, int] | None, to_tag: bytes | None
+    ) -> NodeEntry | None:
+        """The node named by the top Route ``top`` while usable (None: pick one by hash);
+        ``plain``: what ``plain_route_parts`` read of ``top`` already, if it did."""
+        if plain is None:
+            plain = plain_route_parts(top)  # the node's entry, as written: read, not parsed
         if plain is not None:
             host, port = plain[1], plain[2]
         else:

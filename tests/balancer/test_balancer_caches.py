@@ -23,7 +23,18 @@ from test_balancer_unit import CLIENT, LB_UDP, NODES, SECRET, Harness, _response
 
 from sipfarm.balancer.core import BalancerCore
 from sipfarm.balancer.nodes import NodeSet
-from sipfarm.edge import NO_FLOW, VERIFIED_LIMIT, FlowTokens, HopBranches, OwnRoutes, plain_route_parts, route_uri
+from sipfarm.edge import (
+    NO_FLOW,
+    NO_VALUE,
+    VERIFIED_LIMIT,
+    FlowTokens,
+    HopBranches,
+    OwnRoutes,
+    first_value_at,
+    plain_route_parts,
+    pop_value_at,
+    route_uri,
+)
 from sipfarm.sip.address import Address
 from sipfarm.sip.errors import BadMessage
 from sipfarm.sip.headers import parse_via
@@ -103,8 +114,8 @@ def test_own_routes_pop_ours_and_name_the_flow_of_the_token():
     mine = f"<sip:{tokens.encode(CLIENT)}@10.0.0.1:5060;lr>"
     for _ in range(2):  # parsed, then remembered: the same answer
         msg = _with_routes(mine, "<sip:10.0.0.1:5060;lr>", "<sip:10.0.1.1:5060;lr>")
-        flow, top = routes.pop(msg)
-        assert flow == CLIENT and top == b"<sip:10.0.1.1:5060;lr>"
+        flow, top, plain = routes.pop(msg)
+        assert flow == CLIENT and top == b"<sip:10.0.1.1:5060;lr>" and plain == (b"", "10.0.1.1", 5060)
         assert msg.values("route") == [b"<sip:10.0.1.1:5060;lr>"]
     assert routes._known[b"<sip:10.0.0.1:5060;lr>"] is NO_FLOW
     assert b"<sip:10.0.1.1:5060;lr>" not in routes._known  # not ours: never remembered
@@ -130,8 +141,40 @@ def test_own_routes_are_bounded():
     routes = OwnRoutes(_ours, tokens, limit=8)
     for port in range(40000, 40020):
         flow = Address("udp", "203.0.113.7", port)
-        assert routes.pop(_with_routes(f"<sip:{tokens.encode(flow)}@10.0.0.1:5060;lr>")) == (flow, None)
+        assert routes.pop(_with_routes(f"<sip:{tokens.encode(flow)}@10.0.0.1:5060;lr>")) == (flow, None, None)
         assert len(routes) <= 8
+
+
+def _outcome(call):
+    try:
+        return ("ok", call())
+    except BadMessage as exc:
+        return ("error", str(exc))
+
+
+@given(
+    st.lists(
+        st.text(alphabet='<>",; ab@:', max_size=14).map(str.strip).filter(bool).map(str.encode),
+        min_size=0,
+        max_size=3,
+    )
+)
+@settings(max_examples=400, deadline=None)
+def test_first_value_at_reads_and_pops_what_first_value_and_pop_first_value_do(lines: list[bytes]):
+    def message() -> SipMessage:
+        return SipMessage(method=b"BYE", headers=[("via", b"Via", b"x"), *(("route", b"Route", v) for v in lines)])
+
+    reference, fast = message(), message()
+    expected = _outcome(lambda: reference.first_value("route"))
+    at, first, rest = first_value_at(fast, "route")
+    if at >= 0:
+        assert expected == ("ok", first)
+    elif at == NO_VALUE:
+        assert expected == ("ok", None)
+    if expected[0] == "ok" and expected[1] is not None:
+        reference.pop_first_value("route")
+        pop_value_at(fast, "route", at, rest)
+        assert fast.headers == reference.headers
 
 
 @pytest.mark.parametrize(
