@@ -28,6 +28,14 @@
  *     start_line CRLF (raw_name ": " value CRLF)* CRLF body, as SipMessage.to_bytes; None
  *     when an argument is not what a SipMessage holds (a list of 3-tuples of bytes...), for
  *     the Python code to do (or fail) as it always did.
+ *   digest_params(value) -> (scheme, params, quoted) | None
+ *     sipfarm/sip/auth.py's _parse_fast of an Authorization / WWW-Authenticate value, read
+ *     from its bytes: "Digest" (any case) SP, then name=value params separated by single
+ *     commas, optional SP/HTAB around each name, "=" and value; a value is an HTTP token or a
+ *     quoted-string without backslash or control characters.  scheme: the first six
+ *     characters; params: {lower-cased name: value (without quotes)}; quoted: the frozenset
+ *     of names whose value was quoted.  None for anything else (a byte >= 0x80 included: the
+ *     UTF-8 decode and its error are Python's), or a repeated name (the scanner names it).
  *
  * Names: a name's key and watched/single flags are remembered in a small direct-mapped table
  * (NAME_SLOTS entries, bounded; strong references to the key str and a raw-name bytes object
@@ -355,11 +363,103 @@ static PyObject *join(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     return out;
 }
 
+/* RFC 7230 3.2.6 tchar, as auth.py's _TOKEN_RE: "!#$%&'*+-.^_`|~" DIGIT ALPHA */
+static int is_tchar(unsigned char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '!' || c == '#' ||
+           c == '$' || c == '%' || c == '&' || c == '\'' || c == '*' || c == '+' || c == '-' || c == '.' ||
+           c == '^' || c == '_' || c == '`' || c == '|' || c == '~';
+}
+
+static PyObject *digest_params(PyObject *self, PyObject *value) {
+    if (!PyBytes_CheckExact(value)) Py_RETURN_NONE;
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(value);
+    Py_ssize_t n = PyBytes_GET_SIZE(value);
+    if (n < 8 || PyOS_strnicmp((const char *)p, "digest", 6) != 0 || p[6] != ' ') Py_RETURN_NONE;
+    for (Py_ssize_t k = 0; k < n; k++)
+        if (p[k] >= 0x80) Py_RETURN_NONE; /* the UTF-8 decode (and its error) is Python's */
+    PyObject *params = PyDict_New(), *quoted = PyList_New(0), *name = NULL, *val = NULL;
+    if (params == NULL || quoted == NULL) goto fail;
+    const unsigned char *c = p + 7, *end = p + n;
+    for (;;) {
+        while (c < end && (*c == ' ' || *c == '\t')) c++;
+        const unsigned char *ns = c;
+        while (c < end && is_tchar(*c)) c++;
+        Py_ssize_t nlen = c - ns;
+        if (nlen == 0) goto none;
+        while (c < end && (*c == ' ' || *c == '\t')) c++;
+        if (c >= end || *c != '=') goto none;
+        c++;
+        while (c < end && (*c == ' ' || *c == '\t')) c++;
+        if (c >= end) goto none;
+        int is_quoted = 0;
+        const unsigned char *vs, *ve;
+        if (*c == '"') {
+            vs = ++c;
+            while (c < end && *c != '"' && *c != '\\' && *c >= 0x20 && *c != 0x7f) c++;
+            if (c >= end || *c != '"') goto none;
+            ve = c++;
+            is_quoted = 1;
+        } else {
+            vs = c;
+            while (c < end && is_tchar(*c)) c++;
+            ve = c;
+            if (ve == vs) goto none;
+        }
+        while (c < end && (*c == ' ' || *c == '\t')) c++;
+        name = PyUnicode_New(nlen, 127);
+        if (name == NULL) goto fail;
+        Py_UCS1 *lowered = PyUnicode_1BYTE_DATA(name);
+        for (Py_ssize_t k = 0; k < nlen; k++) lowered[k] = (Py_UCS1)Py_TOLOWER(ns[k]);
+        val = PyUnicode_DecodeASCII((const char *)vs, ve - vs, NULL);
+        if (val == NULL) goto fail;
+        int has = PyDict_Contains(params, name);
+        if (has < 0) goto fail;
+        if (has) goto none; /* a repeated name: the scanner names the defect */
+        if (PyDict_SetItem(params, name, val) < 0) goto fail;
+        if (is_quoted && PyList_Append(quoted, name) < 0) goto fail;
+        Py_CLEAR(name);
+        Py_CLEAR(val);
+        if (c == end) break;
+        if (*c != ',') goto none;
+        c++;
+    }
+    PyObject *frozen = PyFrozenSet_New(quoted);
+    Py_DECREF(quoted);
+    if (frozen == NULL) {
+        Py_DECREF(params);
+        return NULL;
+    }
+    PyObject *scheme = PyUnicode_DecodeASCII((const char *)p, 6, NULL);
+    if (scheme == NULL) {
+        Py_DECREF(params);
+        Py_DECREF(frozen);
+        return NULL;
+    }
+    PyObject *out = PyTuple_Pack(3, scheme, params, frozen);
+    Py_DECREF(scheme);
+    Py_DECREF(params);
+    Py_DECREF(frozen);
+    return out;
+none:
+    Py_XDECREF(name);
+    Py_XDECREF(val);
+    Py_XDECREF(params);
+    Py_XDECREF(quoted);
+    Py_RETURN_NONE;
+fail:
+    Py_XDECREF(name);
+    Py_XDECREF(val);
+    Py_XDECREF(params);
+    Py_XDECREF(quoted);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"split_headers", (PyCFunction)(void (*)(void))split_headers, METH_FASTCALL,
      "split_headers(data, key_cache, watched, single, max_headers) -> (start_line, headers, first_values, "
      "body_start, start) | None"},
     {"join", (PyCFunction)(void (*)(void))join, METH_FASTCALL, "join(start_line, headers, body) -> bytes | None"},
+    {"digest_params", digest_params, METH_O, "digest_params(value) -> (scheme, params, quoted) | None"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,7 +1,7 @@
 """The common case of the SIP header split and serialisation: sipfarm/sip/_fastparse.c.
 
 Built by scripts/build-compiled.sh into build/compiled/ only; the interpreted build has no such
-module (sipfarm/sip/parser.py and message.py then do it all in Python).
+module (sipfarm/sip/parser.py, message.py and auth.py then do it all in Python).
 """
 
 def split_headers(
@@ -15,3 +15,4 @@ def split_headers(
     tuple[bytes, list[tuple[str, bytes, bytes]], dict[str, bytes], int, tuple[bytes, bytes, int, bytes] | None] | None
 ): ...
 def join(start_line: bytes, headers: list[tuple[str, bytes, bytes]], body: bytes, /) -> bytes | None: ...
+def digest_params(value: bytes, /) -> tuple[str, dict[str, str], frozenset[str]] | None: ...

@@ -8,7 +8,8 @@ for mutations of them (folding, bare CR/LF, LF-only, repeated single headers, un
 compact names, empty values, whitespace around the colon, NUL and high bytes, more than
 MAX_HEADERS lines, no blank line, truncation): the same message (start line, headers with raw
 names, body, CSeq) or the same exception (class, text, status, partial message) either way, and
-the same bytes out.  The common case must really be the C's (a C that always said None would
+the same bytes out.  ``digest_params`` (an Authorization / WWW-Authenticate value) against
+``auth._parse_fast`` the same way.  The common case must really be the C's (a C that always said None would
 pass the rest).
 
 The extension exists only in the compiled build (scripts/test-compiled.sh); the interpreted
@@ -27,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_properties import sip_messages
 
-from sipfarm.sip import parser
+from sipfarm.sip import auth, parser
 from sipfarm.sip.errors import SipError
 from sipfarm.sip.message import SipMessage
 from sipfarm.sip.parser import MAX_HEADERS, parse_message, parse_message_reference
@@ -345,3 +346,94 @@ def test_start_line_read_by_the_c_is_the_python_reading(line: bytes) -> None:
     assert start in (None, (msg.method, msg.uri, msg.status, msg.reason))
     if line in (b"SIP/2.0 200 OK", b"SIP/2.0 200", b"SIP/2.0 200 ", b"INVITE sip:a@b SIP/2.0", b"ACK tel:+1 SIP/2.0"):
         assert start == (msg.method, msg.uri, msg.status, msg.reason)
+
+
+# --- Digest credentials and challenges: digest_params against auth._parse_fast -------------------
+
+_DIGEST_COMMON = [
+    b'Digest username="alice",realm="bench.test",nonce="AAAAaGVsbG8td29ybGQ",uri="sip:bench.test",'
+    b'response="6629fae49393a05397450978507c4ef1",algorithm=MD5,cnonce="0a4f113b",qop=auth,nc=00000001',
+    b'digest username = "bob" , realm="r", nonce="n", uri="sip:x", response="", opaque=""',
+    b'DIGEST realm="bench.test", nonce="abc", algorithm=SHA-256, qop="auth", stale=true',
+    b'Digest\tusername="a"',
+    b'Digest username="a", username="b"',
+    b'Digest username="a", USERNAME="b"',
+    b'Digest username="a",,realm="r"',
+    b'Digest username="a", realm="r",',
+    b'Digest username="a\\"b"',
+    b'Digest username="caf\xc3\xa9", realm="r"',
+    b'Digest username="caf\xe9"',
+    b'Digest  username="a"',
+    b"Basic dXNlcjpwYXNz",
+    b"Digest username=a b",
+    b'Digest username="a" realm="r"',
+    b"Digest a=b",
+    b"Digest x=~|^`#$%&'*+-.!",
+    b'Digest x="\x7f"',
+    b'Digest x="\t"',
+    b"Digest x=\x00",
+    b"Digest ",
+    b"Digest",
+    b"Digestx a=b",
+    b'Digest x="unterminated',
+    b"Digest x=" + b"y" * 300 + b", " + b"n" * 200 + b"=1",
+]
+_DIGEST_PIECES = [
+    b"Digest ",
+    b"digest ",
+    b"username",
+    b"realm",
+    b"nonce",
+    b"qop",
+    b"=",
+    b'"',
+    b"\\",
+    b",",
+    b" ",
+    b"\t",
+    b"\r\n ",
+    b"auth",
+    b"MD5",
+    b"00000001",
+    b"\xc3\xa9",
+    b"\xff",
+    b"\x00",
+    b"\x7f",
+    b";",
+    b":",
+    b"@",
+    b"(",
+    b"a",
+]
+
+
+def _python_digest(value: bytes) -> object:
+    try:
+        text = value.decode("ascii")
+    except UnicodeDecodeError:
+        return None  # not the C's: the Python path decodes (and names a bad UTF-8 byte)
+    return auth._parse_fast(text)
+
+
+@pytest.mark.parametrize("value", _DIGEST_COMMON)
+def test_digest_params_read_by_the_c_are_the_python_reading(value: bytes) -> None:
+    assert fastparse.digest_params(value) == _python_digest(value)
+
+
+def test_digest_params_common_case_is_the_cs() -> None:
+    assert fastparse.digest_params(_DIGEST_COMMON[0]) is not None
+    assert fastparse.digest_params(_DIGEST_COMMON[1]) is not None
+
+
+@PROPERTY
+@given(
+    st.one_of(
+        st.lists(st.sampled_from(_DIGEST_PIECES), max_size=24).map(b"".join),
+        st.tuples(st.sampled_from(_DIGEST_COMMON), st.integers(0, 400), st.binary(max_size=3)).map(
+            lambda t: t[0][: t[1]] + t[2] + t[0][t[1] :]
+        ),
+        st.tuples(st.sampled_from(_DIGEST_COMMON), st.integers(0, 400)).map(lambda t: t[0][: t[1]] + t[0][t[1] + 1 :]),
+    )
+)
+def test_digest_params_are_the_python_ones(value: bytes) -> None:
+    assert fastparse.digest_params(value) == _python_digest(value)
