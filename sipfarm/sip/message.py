@@ -14,8 +14,9 @@ Content-Length always matches the body: :meth:`set_body` keeps it so.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Final
 
-from sipfarm.sip.errors import BadMessage, SipError, UnsupportedURIScheme, reason_phrase
+from sipfarm.sip.errors import REASONS, BadMessage, SipError, UnsupportedURIScheme, reason_phrase
 from sipfarm.sip.headers import (
     LIST_HEADERS,
     HeaderError,
@@ -383,6 +384,10 @@ class SipMessage:
 _COPIED_TO_RESPONSE = ("via", "record-route", "from", "to", "call-id", "cseq")
 
 
+# errors.REASONS encoded, read from compiled code (errors.py is interpreted: reason_phrase is a frame)
+_REASON_BYTES: Final[dict[int, bytes]] = {status: phrase.encode() for status, phrase in REASONS.items()}
+
+
 def make_response(
     request: SipMessage,
     status: int,
@@ -400,7 +405,8 @@ def make_response(
     Record-Route is copied only when asked (UAS dialog-creating 2xx/18x, 12.1.1).
     """
     if reason is None:
-        reason_b = reason_phrase(status).encode()
+        known = _REASON_BYTES.get(status)
+        reason_b = known if known is not None else reason_phrase(status).encode()
     elif isinstance(reason, str):
         reason_b = reason.encode("utf-8", "replace")
     else:
