@@ -251,7 +251,9 @@ class Binding:
             raise StoreError(f"corrupt binding {data!r:.200}: {exc}") from exc
 
 
-_DECODED: BoundedMemo[bytes | str, Binding] = BoundedMemo(Binding._decode)
+# A stored binding's JSON carries the Contact, Call-ID, Path and User-Agent of its REGISTER:
+# several hundred bytes for a real one, so its memo remembers keys up to 2 KB (4,096 x 2 KB).
+_DECODED: BoundedMemo[bytes | str, Binding] = BoundedMemo(Binding._decode, max_key=2048)
 
 
 def _order(bindings: Iterable[Binding]) -> list[Binding]:
