@@ -30,6 +30,7 @@ from collections.abc import Callable
 from sipfarm.sip.address import Address
 from sipfarm.sip.errors import BadMessage
 from sipfarm.sip.headers import HeaderError, first_element, parse_name_addr, via_branch
+from sipfarm.sip.memo import MAX_CACHED_KEY
 from sipfarm.sip.message import SipMessage
 from sipfarm.sip.transaction import MAGIC_COOKIE
 from sipfarm.sip.uri import SipURI
@@ -57,9 +58,18 @@ __all__ = [
 ]
 
 
-@functools.lru_cache(maxsize=4096)
 def is_ip_literal(host: str) -> bool:
     """``host`` (brackets allowed) is an IPv4 or IPv6 address, not a name."""
+    # a host off the wire may be as long as a message: only short ones are remembered
+    return _is_ip_literal(host) if len(host) <= MAX_CACHED_KEY else _ip_literal(host)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_ip_literal(host: str) -> bool:
+    return _ip_literal(host)
+
+
+def _ip_literal(host: str) -> bool:
     try:
         ipaddress.ip_address(host.strip("[]"))
     except ValueError:
@@ -144,7 +154,7 @@ class FlowTokens:
                 return cached
         text = b"%s:%d|%s" % (host.strip("[]").lower().encode("latin-1"), port, call_id)
         value = hashlib.blake2b(text, key=self._seal_key[:32], digest_size=10).hexdigest()
-        if not call_id:
+        if not call_id and len(host) <= MAX_CACHED_KEY:  # a host off the wire: only short ones
             if len(self._seals) >= 256:
                 self._seals.clear()
             self._seals[(host, port)] = value
@@ -191,6 +201,8 @@ class FlowTokens:
         flow = unpack_flow(packed)
         if flow is None:
             raise FlowTokenError("bad layout")
+        if len(text) > MAX_CACHED_KEY:
+            return flow  # valid, yet padded (fromhex skips whitespace): not remembered
         if len(self._decoded) >= CACHE_LIMIT:
             self._decoded.clear()  # bounded; only valid tokens get here, a miss costs one HMAC
         self._decoded[text] = flow
@@ -338,9 +350,10 @@ class OwnRoutes:
                         named = self.tokens.decode(uri.user)
                     except FlowTokenError:
                         raise BadMessage("invalid flow token in Route", partial=msg) from None
-                if len(known) >= self.limit:
-                    known.clear()
-                known[top] = named
+                if len(top) <= MAX_CACHED_KEY:  # the sender may pad its entry: long ones are not kept
+                    if len(known) >= self.limit:
+                        known.clear()
+                    known[top] = named
             pop_value_at(msg, "route", at, rest)
             if named is not NO_FLOW:
                 flow = named
@@ -454,6 +467,8 @@ class HopBranches:
         return mac.digest()
 
     def _remember(self, branch: bytes, transaction_key: bytes, hop: Address) -> None:
+        if len(branch) + len(transaction_key) > MAX_CACHED_KEY:
+            return  # the client's branch (or Call-ID) may be as long as a message: not kept
         verified = self._verified
         if len(verified) >= VERIFIED_LIMIT:
             self._verified_old = verified

@@ -334,7 +334,7 @@ class BalancerMetrics:
             _gauge("sipfarm_balancer_group_nodes_usable", "Usable nodes of each group the rules name", r, ("group",))
         )
         # RFC 5626 keepalives of registered UDP phones: sent, answered, flows_expired (phones
-        # unregistered for not answering), flows_learnt, registrations_ended, dropped_full
+        # unregistered for not answering), flows_learnt, registrations_ended, dropped_full, too_long
         self.keepalives = LabelCache(
             Counter(
                 "sipfarm_balancer_keepalive_events_total",

@@ -88,6 +88,7 @@ from sipfarm.edge import (
 from sipfarm.sip.address import Address
 from sipfarm.sip.errors import BadMessage, ServiceUnavailable, SipError, TooManyHops
 from sipfarm.sip.headers import HeaderError, first_element, via_branch
+from sipfarm.sip.memo import bounded_key
 from sipfarm.sip.message import SipMessage, error_response, make_response
 from sipfarm.sip.parser import max_forwards
 from sipfarm.sip.uri import SipURI, URIError, parse_uri
@@ -365,7 +366,7 @@ class BalancerCore:
     def _pick(self, msg: SipMessage, to_tag: bytes | None) -> NodeEntry:
         if msg.method in (b"CANCEL", b"ACK"):
             # the node holding the INVITE transaction, even if the node set changed since
-            pinned = self._invites.get(msg.call_id + b" %d" % msg.cseq[0])
+            pinned = self._invites.get(bounded_key(msg.call_id + b" %d" % msg.cseq[0]))
             if pinned is not None:
                 entry = self.nodes.nodes.get(pinned[0])
                 if entry is not None and entry.health is Health.UP:
@@ -442,7 +443,7 @@ class BalancerCore:
         the node set (losing it only falls back to hashing)."""
         invites = self._invites
         now = self._clock()
-        invites[key] = (node.id, now + PIN_SECONDS)
+        invites[bounded_key(key)] = (node.id, now + PIN_SECONDS)  # a long Call-ID: 17 bytes
         while invites:
             oldest = next(iter(invites.values()))
             if len(invites) <= PIN_LIMIT and oldest[1] > now:

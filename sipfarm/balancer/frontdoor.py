@@ -38,6 +38,7 @@ from sipfarm.balancer.nodes import NodeSet
 from sipfarm.protect.pike import Rate, RateBudgets, RequestClass, SourceRates, request_class
 from sipfarm.sip.address import Address
 from sipfarm.sip.errors import SipError
+from sipfarm.sip.memo import MAX_CACHED_KEY
 from sipfarm.sip.message import SipMessage
 from sipfarm.sip.uri import SipURI, URIError
 
@@ -194,9 +195,10 @@ class FrontDoor:
         if verdict is None:
             lower = agent.lower()
             verdict = any(name in lower for name in self._agents)
-            if len(self._agent_verdicts) >= _AGENT_CACHE_LIMIT:
-                self._agent_verdicts.clear()
-            self._agent_verdicts[agent] = verdict
+            if len(agent) <= MAX_CACHED_KEY:  # a long value is judged every time, not kept
+                if len(self._agent_verdicts) >= _AGENT_CACHE_LIMIT:
+                    self._agent_verdicts.clear()
+                self._agent_verdicts[agent] = verdict
         return verdict
 
     def _learn_exempt(self, source: str) -> bool:

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from sipfarm.sip.address import Address
 from sipfarm.sip.errors import SipError
 from sipfarm.sip.headers import HeaderError, parse_uint
+from sipfarm.sip.memo import MAX_CACHED_KEY, bounded_key, key_size
 from sipfarm.sip.message import SipMessage
 from sipfarm.sip.uri import SipURI, URIError
 
@@ -45,6 +46,9 @@ from sipfarm.sip.uri import SipURI, URIError
 # nor a hop branch ("lb-")
 KEEPALIVE_PREFIX = b"z9hG4bKlbkeep"
 FLOW_LIMIT = 200_000
+# the most bytes (characters) of AOR and Contacts one pending REGISTER or flow holds: a phone's
+# are a few hundred; a table entry thus costs at most about this (and a bounded Call-ID)
+MAX_REGISTRATION = 2 * MAX_CACHED_KEY
 PENDING_LIMIT = 20_000  # REGISTERs forwarded and not answered yet
 HOLD_MARGIN = 32.0  # a refresh may come late by up to Timer F (64*T1)
 
@@ -99,6 +103,7 @@ class KeepaliveStats:
     flows_learnt: int = 0  # UDP flows entering the table
     registrations_ended: int = 0  # flows leaving it: de-REGISTER or registration expired
     dropped_full: int = 0  # flows dropped because the table was full
+    too_long: int = 0  # REGISTERs whose AOR and Contacts were too long to remember
 
     def flat(self) -> dict[str, int]:
         return {
@@ -108,6 +113,7 @@ class KeepaliveStats:
             "flows_learnt": self.flows_learnt,
             "registrations_ended": self.registrations_ended,
             "dropped_full": self.dropped_full,
+            "too_long": self.too_long,
         }  # named one by one: a compiled (mypyc) class has no __slots__ to walk
 
 
@@ -193,7 +199,12 @@ class RegisteredFlows:
         bound = register_contacts(request)
         if bound is None:
             return
-        key = (flow, request.call_id)
+        if key_size(bound) > MAX_REGISTRATION:
+            # off the wire, as long as a message: not remembered (that client's flow is not
+            # held or kept alive by the balancer; its REGISTER still goes to the registrar)
+            self.stats.too_long += 1
+            return
+        key = (flow, bounded_key(request.call_id))
         pending = self._pending
         pending[key] = bound
         pending.move_to_end(key)
@@ -203,7 +214,7 @@ class RegisteredFlows:
     def on_register_ok(self, flow: Address, response: SipMessage, now: float) -> Registration | None:
         """A 2xx to a REGISTER goes back to ``flow``: what it grants the client (None: not a
         REGISTER we saw, or a query).  Updates the UDP keepalive table."""
-        bound = self._pending.pop((flow, response.call_id), None)
+        bound = self._pending.pop((flow, bounded_key(response.call_id)), None)
         if bound is None:
             return None
         reg = registration(response, *bound)

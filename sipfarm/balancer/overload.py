@@ -49,6 +49,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from sipfarm.sip.memo import bounded_key
+
 PENDING_LIMIT = 100_000  # entries over all nodes; beyond, the oldest are dropped as late
 ADMITTED_LIMIT = 100_000  # Call-IDs of admitted new requests remembered; beyond, the oldest go
 ADMITTED_TTL = 32.0  # seconds a challenged request's credentialed retry may take (Timer B)
@@ -129,6 +131,7 @@ class AdmissionControl:
     def admitted(self, call_id: bytes, node_id: str, now: float) -> None:
         """A new request of ``call_id`` was admitted to ``node_id`` (see :meth:`follow_up`)."""
         admitted = self._admitted
+        call_id = bounded_key(call_id)  # off the wire: a long one is held as 17 bytes
         if call_id in admitted:
             return
         admitted[call_id] = Admitted(node_id, now, ADMITTED_RETRIES)
@@ -138,6 +141,7 @@ class AdmissionControl:
     def follow_up(self, call_id: bytes, now: float) -> str | None:
         """The node that admitted ``call_id`` when a credentialed follow-up of it may pass
         unshed (and counts it); None otherwise."""
+        call_id = bounded_key(call_id)
         entry = self._admitted.get(call_id)
         if entry is None:
             return None
@@ -160,16 +164,17 @@ class AdmissionControl:
 
     def is_pending(self, key: bytes) -> bool:
         """A request already forwarded and not answered (its retransmission passes)."""
-        return key in self._pending
+        return bounded_key(key) in self._pending
 
     def pending_node(self, key: bytes) -> str | None:
         """The node a pending request went to (its retransmission goes there too, even when it
         was diverted from its hashed node); None when not pending."""
-        load = self._pending.get(key)
+        load = self._pending.get(bounded_key(key))
         return None if load is None else load.node_id
 
     def sent(self, key: bytes, node_id: str, now: float) -> None:
         """A new INVITE/REGISTER went to ``node_id`` (a retransmission is not counted again)."""
+        key = bounded_key(key)  # Call-ID and CSeq off the wire: a long one is held as 17 bytes
         if key in self._pending:
             return
         load = self.node(node_id)
@@ -181,6 +186,7 @@ class AdmissionControl:
 
     def answered(self, key: bytes, now: float) -> None:
         """The first response to a pending request (later ones find nothing: one dict miss)."""
+        key = bounded_key(key)
         load = self._pending.pop(key, None)
         if load is None:
             return

@@ -12,6 +12,8 @@ Only results are kept: a parser that raises is simply called again next time.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Callable, Hashable
 from typing import Final, Generic, TypeVar
 
@@ -24,6 +26,21 @@ V = TypeVar("V")
 # valued) by bytes off the wire uses this bound, so its worst case is entries x this, not
 # entries x the message size.
 MAX_CACHED_KEY: Final = 512
+
+
+# keys bounded_key hashes, per process: an outsider cannot aim two values at one entry
+_KEY_HASH_SECRET: Final = os.urandom(32)
+
+
+def bounded_key(key: bytes) -> bytes:
+    """``key`` itself when at most ``MAX_CACHED_KEY`` bytes, else 17 bytes standing for it: a
+    NUL and a keyed BLAKE2b-128 of it.  For tables that behaviour depends on (a pinned INVITE,
+    an admitted Call-ID), where not remembering a long key would change what happens: the same
+    long value always maps to the same entry, of bounded size, and distinct ones (barring a
+    2**-128 chance) to distinct entries."""
+    if len(key) <= MAX_CACHED_KEY:
+        return key
+    return b"\0" + hashlib.blake2b(key, key=_KEY_HASH_SECRET, digest_size=16).digest()
 
 
 def key_size(key: object) -> int:

@@ -24,6 +24,7 @@ from sipfarm.sip.errors import (
     VersionNotSupported,
 )
 from sipfarm.sip.headers import COMPACT, HeaderError, is_token, parse_cseq, parse_uint
+from sipfarm.sip.memo import MAX_CACHED_KEY
 from sipfarm.sip.message import Header, SipMessage
 from sipfarm.sip.uri import SipURI
 
@@ -62,7 +63,7 @@ def header_key(raw_name: bytes) -> str:
         raise BadMessage(f"bad header name {raw_name[:30]!r}")
     key = raw_name.decode("ascii").lower()
     key = COMPACT.get(key, key)
-    if len(_KEY_CACHE) < _KEY_CACHE_MAX:
+    if len(_KEY_CACHE) < _KEY_CACHE_MAX and len(raw_name) <= MAX_CACHED_KEY:  # 512 x 512 bytes at most
         _KEY_CACHE[raw_name] = key
     return key
 

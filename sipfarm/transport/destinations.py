@@ -23,6 +23,7 @@ import ipaddress
 from collections.abc import Iterable
 
 from sipfarm.sip.address import Address
+from sipfarm.sip.memo import MAX_CACHED_KEY
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -130,9 +131,10 @@ class DestinationPolicy:
         verdict = self._judged.get(key)
         if verdict is None:
             verdict = self._judge(dest)
-            if len(self._judged) >= _JUDGED_LIMIT:
-                self._judged.clear()
-            self._judged[key] = verdict
+            if len(dest.host) <= MAX_CACHED_KEY:  # a host off the wire: a long one is not kept
+                if len(self._judged) >= _JUDGED_LIMIT:
+                    self._judged.clear()
+                self._judged[key] = verdict
         return verdict
 
     def _judge(self, dest: Address) -> bool:

@@ -7,7 +7,7 @@ would let distinct long values hold N x 64 KB. Each memo remembers keys up to a 
 
 from __future__ import annotations
 
-from sipfarm.sip import headers, uri
+from sipfarm.sip import headers, parser, uri
 from sipfarm.sip.headers import parse_name_addr
 from sipfarm.sip.memo import MAX_CACHED_KEY, BoundedMemo, key_size
 from sipfarm.sip.uri import SipURI, parse_uri
@@ -80,3 +80,15 @@ def test_binding_memo_keeps_no_hostile_long_bindings() -> None:
         assert Binding.from_json(raw) == binding
     assert memo.key_bytes() <= len(memo) * memo.max_key
     assert all(len(key) <= memo.max_key for key in memo._data)
+
+
+def test_header_name_cache_keeps_no_long_names() -> None:
+    for i in range(300):
+        name = f"X-{i}-" + "n" * LONG
+        data = (
+            "OPTIONS sip:a@example.com SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bKx\r\n"
+            "From: <sip:b@example.com>;tag=1\r\nTo: <sip:a@example.com>\r\nCall-ID: c\r\n"
+            f"CSeq: 1 OPTIONS\r\n{name}: v\r\nContent-Length: 0\r\n\r\n"
+        ).encode()
+        assert parser.parse_message(data).get(name.lower()) == b"v"
+    assert all(len(raw) <= MAX_CACHED_KEY for raw in parser._KEY_CACHE)
