@@ -26,6 +26,7 @@ import ipaddress
 import socket
 import struct
 from collections.abc import Callable
+from typing import Final
 
 from sipfarm.sip.address import Address
 from sipfarm.sip.errors import BadMessage
@@ -122,6 +123,9 @@ def _unhex(text: str | bytes) -> bytes | None:
         return None
 
 
+DIALOG_SEALS_LIMIT: Final = 4096  # dialog seals remembered (a few seconds of calls)
+
+
 class FlowTokens:
     """Flow tokens, and seals: the farm's signature on the URIs it writes (see :meth:`seal`).
 
@@ -138,6 +142,8 @@ class FlowTokens:
         # a key of its own, so a seal never doubles as a flow token MAC
         self._seal_key = hmac.digest(secret, b"sipfarm uri seal", "sha256")
         self._seals: dict[tuple[str, int], str] = {}  # element seals, for the next messages
+        # dialog seals: a call's Record-Route seal is checked again on its ACK and BYE (bounded)
+        self._dialog_seals: dict[tuple[str, int, bytes], str] = {}
         self._decoded: dict[str, Address] = {}  # valid tokens seen, for their next messages
 
     def seal(self, host: str, port: int, call_id: bytes = b"") -> str:
@@ -148,16 +154,19 @@ class FlowTokens:
         from one dialog opens nothing else.  Without: a farm element's own entry (the
         balancer's node-facing Record-Route), telling nodes that hop is the farm's.
         """
-        if not call_id:
-            cached = self._seals.get((host, port))
-            if cached is not None:
-                return cached
+        cached = self._dialog_seals.get((host, port, call_id)) if call_id else self._seals.get((host, port))
+        if cached is not None:
+            return cached
         text = b"%s:%d|%s" % (host.strip("[]").lower().encode("latin-1"), port, call_id)
         value = hashlib.blake2b(text, key=self._seal_key[:32], digest_size=10).hexdigest()
         if not call_id and len(host) <= MAX_CACHED_KEY:  # a host off the wire: only short ones
             if len(self._seals) >= 256:
                 self._seals.clear()
             self._seals[(host, port)] = value
+        else:
+            if len(self._dialog_seals) >= DIALOG_SEALS_LIMIT:
+                self._dialog_seals.clear()  # bounded whatever Call-IDs arrive; a miss is one MAC
+            self._dialog_seals[(host, port, call_id)] = value
         return value
 
     def seal_matches(self, given: str, host: str, port: int, call_id: bytes = b"") -> bool:
