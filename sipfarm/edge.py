@@ -159,11 +159,13 @@ class FlowTokens:
             return cached
         text = b"%s:%d|%s" % (host.strip("[]").lower().encode("latin-1"), port, call_id)
         value = hashlib.blake2b(text, key=self._seal_key[:32], digest_size=10).hexdigest()
-        if not call_id and len(host) <= MAX_CACHED_KEY:  # a host off the wire: only short ones
-            if len(self._seals) >= 256:
-                self._seals.clear()
-            self._seals[(host, port)] = value
-        else:
+        # host and Call-ID come off the wire: only short ones are kept (MAX_CACHED_KEY)
+        if not call_id:
+            if len(host) <= MAX_CACHED_KEY:
+                if len(self._seals) >= 256:
+                    self._seals.clear()
+                self._seals[(host, port)] = value
+        elif len(host) + len(call_id) <= MAX_CACHED_KEY:
             if len(self._dialog_seals) >= DIALOG_SEALS_LIMIT:
                 self._dialog_seals.clear()  # bounded whatever Call-IDs arrive; a miss is one MAC
             self._dialog_seals[(host, port, call_id)] = value

@@ -6,6 +6,7 @@ import hashlib
 import hmac
 
 from sipfarm.edge import DIALOG_SEALS_LIMIT, FlowTokens
+from sipfarm.sip.memo import MAX_CACHED_KEY
 
 SECRET = b"edge-seal-secret-0123456789abcdef"
 
@@ -32,3 +33,14 @@ def test_dialog_seals_stay_bounded_whatever_call_ids_arrive() -> None:
         call_id = b"flood-%d" % i
         assert tokens.seal("10.0.0.1", 5060, call_id) == _computed("10.0.0.1", 5060, call_id)
     assert len(tokens._dialog_seals) <= DIALOG_SEALS_LIMIT
+
+
+def test_a_long_call_id_or_host_is_sealed_but_not_remembered() -> None:
+    tokens = FlowTokens(SECRET)
+    long_id = b"x" * (MAX_CACHED_KEY + 1)
+    assert tokens.seal("10.0.0.1", 5060, long_id) == _computed("10.0.0.1", 5060, long_id)
+    long_host = "h" * (MAX_CACHED_KEY + 1)
+    assert tokens.seal(long_host, 5060, b"c") == _computed(long_host, 5060, b"c")
+    assert tokens.seal(long_host, 5060) == _computed(long_host, 5060, b"")
+    assert tokens._dialog_seals == {}
+    assert tokens._seals == {}
