@@ -348,20 +348,27 @@ class OwnRoutes:
                 break
             named = known.get(top)
             if named is None:
+                # the plain shape is read without the parser (the same user, host and port)
                 plain = plain_route_parts(top)
-                if plain is not None and not self.ours(plain[1], plain[2]):
-                    break  # the next hop's entry: what the parser would read of it is not us
-                plain = None
-                uri = route_uri(msg, top)
-                if uri is None or not self.ours(uri.host, uri.port or default_port(uri.transport)):
-                    break
+                if plain is not None:
+                    if not self.ours(plain[1], plain[2]):
+                        break  # the next hop's entry
+                    user = plain[0]
+                    plain = None
+                else:
+                    uri = route_uri(msg, top)
+                    if uri is None or not self.ours(uri.host, uri.port or default_port(uri.transport)):
+                        break
+                    user = uri.user.encode("latin-1") if uri.user else b""
                 named = NO_FLOW
-                if uri.user:
+                if user:
                     try:
-                        named = self.tokens.decode(uri.user)
+                        named = self.tokens.decode(user)
                     except FlowTokenError:
                         raise BadMessage("invalid flow token in Route", partial=msg) from None
-                if len(top) <= MAX_CACHED_KEY:  # the sender may pad its entry: long ones are not kept
+                # the sender may pad its entry (long ones are not kept); a sealed entry is one
+                # dialog's or request's (not kept either)
+                if len(top) <= MAX_CACHED_KEY and top.find(b";sf=") < 0:
                     if len(known) >= self.limit:
                         known.clear()
                     known[top] = named

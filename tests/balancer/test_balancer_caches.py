@@ -121,6 +121,25 @@ def test_own_routes_pop_ours_and_name_the_flow_of_the_token():
     assert b"<sip:10.0.1.1:5060;lr>" not in routes._known  # not ours: never remembered
 
 
+def test_own_routes_read_a_sealed_entry_of_ours_without_keeping_it():
+    """A node's Path entry for one request (sealed for its Call-ID) is ours and names the flow;
+    read in the plain shape or parsed, the same flow; sealed ones are not remembered."""
+    tokens = FlowTokens(SECRET)
+    routes = OwnRoutes(_ours, tokens)
+    token = tokens.encode(CLIENT)
+    for value in (
+        f"<sip:{token}@10.0.0.1:5060;lr;ob;sf=cdc0e62f3e729d5bdab3>",
+        f"<sip:{token}@10.0.0.1:5060;lr;ob;sf=ab12>",
+    ):
+        assert routes.pop(_with_routes(value)) == (CLIENT, None, None)
+    assert len(routes) == 0
+    # not in the plain shape (upper case): parsed, the same answer, remembered
+    odd = f"<sip:{token}@10.0.0.1:5060;lr;transport=UDP>"
+    assert plain_route_parts(odd.encode()) is None
+    assert routes.pop(_with_routes(odd)) == (CLIENT, None, None)
+    assert len(routes) == 1
+
+
 def test_own_routes_refuse_a_forged_token_every_time_and_do_not_remember_it():
     tokens = FlowTokens(SECRET)
     routes = OwnRoutes(_ours, tokens)
