@@ -18,6 +18,7 @@ import hiredis
 
 from sipfarm.protect.guard import ban_key, milliseconds, nonce_key
 from sipfarm.protect.redis_guard import UNAVAILABLE_REPLIES
+from sipfarm.sip.memo import MAX_CACHED_KEY, key_size
 from sipfarm.store import location as loc
 from sipfarm.store.accounts import NOT_CACHED, Account, CacheMiss, account_key
 from sipfarm.store.errors import StoreError, StoreUnavailable
@@ -104,9 +105,10 @@ class FarmState:
             except StoreError as exc:
                 callback(exc)
                 return
-        self._cache[key] = (self._clock() + self._ttl, account)
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        if key_size(key) <= MAX_CACHED_KEY:  # a user name off the wire: a long one is not kept
+            self._cache[key] = (self._clock() + self._ttl, account)
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
         callback(account)
 
     # -- bindings --------------------------------------------------------------------------------

@@ -73,6 +73,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import urlsplit
 
+from sipfarm.sip.memo import MAX_CACHED_KEY, key_size
 from sipfarm.sip.uri import SipURI, parse_uri
 
 log = logging.getLogger("sipfarm.routing.helpers")
@@ -346,8 +347,8 @@ class AnswerCache:
         return entry[1]
 
     def put(self, key: Hashable, answer: HelperAnswer, now: float) -> None:
-        if not self.enabled:
-            return
+        if not self.enabled or key_size(key) > MAX_CACHED_KEY:
+            return  # a query off the wire as long as a message is asked every time, not kept
         self._entries[key] = (now + self.ttl, answer)
         self._entries.move_to_end(key)
         while len(self._entries) > self.size:

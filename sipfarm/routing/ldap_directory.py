@@ -72,6 +72,7 @@ from bonsai.asyncio import AIOLDAPConnection
 from redis.asyncio import Redis
 
 from sipfarm.sip.auth import ha1
+from sipfarm.sip.memo import MAX_CACHED_KEY, key_size
 from sipfarm.store.accounts import DEFAULT_MAX_CONTACTS, Account
 from sipfarm.store.errors import StoreError, StoreUnavailable
 from sipfarm.store.redis_client import redis_errors
@@ -786,7 +787,8 @@ class LdapDirectory:
             result = StoreError(f"directory lookup failed: {exc!r}")
         finally:
             callbacks = self._inflight.pop(key, [])
-            if not isinstance(result, StoreError) and self.config.local_ttl > 0:
+            # a user name off the wire as long as a message is looked up every time, not kept
+            if not isinstance(result, StoreError) and self.config.local_ttl > 0 and key_size(key) <= MAX_CACHED_KEY:
                 self._local[key] = (self._clock() + self.config.local_ttl, result)
                 if len(self._local) > LOCAL_CACHE_SIZE:
                     self._local.popitem(last=False)
@@ -834,7 +836,7 @@ class LdapDirectory:
             self.failures += 1
             log.warning("event=ldap_error key=%s error=%s", key, exc)
             return exc
-        if self._cache is not None:
+        if self._cache is not None and len(key) <= 2 * MAX_CACHED_KEY:  # a long name is not kept in Redis
             ttl = self.config.negative_ttl if entry is None else self.config.stale_ttl
             try:
                 async with asyncio.timeout(self.config.timeout):

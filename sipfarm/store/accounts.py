@@ -26,6 +26,8 @@ from typing import Final, cast
 
 from redis.asyncio import Redis
 
+from sipfarm.sip.memo import MAX_CACHED_KEY, key_size
+
 from .errors import AccountExists, AccountNotFound, StoreError
 from .redis_client import redis_errors
 
@@ -236,10 +238,11 @@ class AccountStore:
             self._cache.move_to_end(key)
             return hit[1]
         account = await self.get(user, domain)
-        self._cache[key] = (now + self._cache_ttl, account)
-        self._cache.move_to_end(key)
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        if key_size(key) <= MAX_CACHED_KEY:  # a user name off the wire: a long one is not kept
+            self._cache[key] = (now + self._cache_ttl, account)
+            self._cache.move_to_end(key)
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
         return account
 
     async def set_password(self, user: str, domain: str, password: str) -> None:

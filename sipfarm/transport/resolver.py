@@ -23,6 +23,10 @@ Done = Callable[[str | None], None]
 AddrInfo = list[tuple[int, int, int, str, tuple[Any, ...]]]
 Lookup = Callable[[str], Awaitable[AddrInfo]]
 UNRESOLVABLE = ""  # cached negative answer
+# RFC 1035 2.3.4: a name is at most 255 octets on the wire, 253 characters written out.  A
+# longer host (off the wire: as long as a message) is unresolvable at once, never looked up
+# nor remembered, so the cache holds at most max_entries x 253 characters of names.
+MAX_NAME = 253
 
 
 async def _getaddrinfo(host: str) -> AddrInfo:
@@ -52,6 +56,8 @@ class Resolver:
 
     def cached(self, host: str) -> str | None:
         """The cached address ('' = known unresolvable), or None when not (or no longer) known."""
+        if len(host) > MAX_NAME:
+            return UNRESOLVABLE
         hit = self._cache.get(host)
         if hit is None:
             return None
@@ -72,6 +78,9 @@ class Resolver:
                 waiting.append(done)
             else:
                 done(None)
+            return
+        if len(self._waiting) >= self.max_entries:
+            done(None)  # that many names being looked up at once: no more (bounded)
             return
         self._waiting[host] = [done]
         task = asyncio.get_running_loop().create_task(self._lookup(host))

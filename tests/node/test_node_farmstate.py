@@ -201,3 +201,23 @@ def test_on_a_redis_cluster_or_with_replicas_ack_the_write_is_not_merged_with_th
     acked = RedisPipe("redis://127.0.0.1:1")
     acked.require_replicas(1, 100)
     assert not FarmState(acked).admits
+
+
+async def test_account_answers_for_long_user_names_are_right_and_not_cached(redis_url):
+    """A user name off the wire may be as long as a message: the cache (bounded in entries)
+    remembers short ones only, so distinct long names cost a read each, not memory."""
+    pipe = RedisPipe(redis_url)
+    await pipe.start()
+    try:
+        state = FarmState(pipe)
+        for i in range(50):
+            got: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+            state.get_account(f"u{i}" + "x" * 8192, "farm.test", got.set_result)
+            assert await asyncio.wait_for(got, 5) is None  # no such account
+        assert len(state._cache) == 0
+        got = asyncio.get_running_loop().create_future()
+        state.get_account("nobody", "farm.test", got.set_result)
+        assert await asyncio.wait_for(got, 5) is None
+        assert len(state._cache) == 1  # a real name still is
+    finally:
+        await pipe.close()

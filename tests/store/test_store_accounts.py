@@ -155,3 +155,14 @@ def test_an_accounts_repr_hides_its_ha1s() -> None:
     text = repr(account)
     assert "a" * 32 not in text and "b" * 64 not in text
     assert "user='alice'" in text and "ha1_md5=<hidden>" in text
+
+
+async def test_cached_get_keeps_no_answer_for_long_user_names(open_stores: OpenStores) -> None:
+    """A user name off the wire may be as long as a message: answered, never remembered."""
+    async with open_stores() as s:
+        cached = AccountStore(s.accounts._redis, cache_ttl=5.0)
+        for i in range(50):
+            assert await cached.cached_get(f"u{i}" + "x" * 8192, "example.com") is None
+        assert len(cached._cache) == 0
+        assert await cached.cached_get("alice", "example.com") is None
+        assert len(cached._cache) == 1
