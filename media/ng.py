@@ -122,6 +122,7 @@ from media import relay, sdp
 from media.bencode import BencodeError, Value, decode, encode
 from media.ports import RelayError
 from media.relay import CallStats, MediaPorts, PortStats, UnknownCall
+from sipfarm.sip.memo import MAX_CACHED_KEY, bounded_key
 
 __all__ = [
     "COMMANDS",
@@ -141,6 +142,10 @@ log = logging.getLogger("sipfarm.media.ng")
 COOKIE_TTL = 30.0  # seconds a reply is kept for retransmissions (rtpengine keeps its for 30 s)
 COOKIE_CACHE_SIZE = 10_000
 MAX_COOKIE = 128  # bytes; rtpengine's clients send ~20
+# The identifiers a call is kept under come from SIP (Call-ID, tags), off the wire: one longer
+# than MAX_CACHED_KEY is kept as "~" + 34 hex digits of a keyed hash (the same value, the same
+# name, in this process), so each of the relay's max_sessions calls costs a bounded amount.
+_IDENTIFIERS = ("call id", "from tag", "to tag")
 SWEEP_INTERVAL = 30.0
 DEFAULT_LIST_LIMIT = 32  # rtpengine's default for "list"
 MAX_LIST_LIMIT = 10_000
@@ -319,6 +324,10 @@ class NgController:
             if not isinstance(decoded, dict):
                 raise NgError("Message is not a bencoded dictionary")
             message = {_key(k): v for k, v in decoded.items()}
+            for ident in _IDENTIFIERS:
+                value = message.get(ident)
+                if isinstance(value, bytes) and len(value) > MAX_CACHED_KEY:
+                    message[ident] = b"~" + bounded_key(value).hex().encode()
             command = _text(message, "command")
             if command is None:
                 raise NgError("No command in message")

@@ -62,6 +62,7 @@ from sipfarm.proxy.ng_client import NgClient, NgError, NgRefused, NgReply, NgTim
 from sipfarm.proxy.relay_choice import RelayTable, relay_index
 from sipfarm.sip.errors import ServiceUnavailable
 from sipfarm.sip.headers import via_branch
+from sipfarm.sip.memo import bounded_key
 from sipfarm.sip.message import SipMessage
 
 log = logging.getLogger("sipfarm.proxy.media")
@@ -148,7 +149,8 @@ class RelayMedia:
         self.on_failure = on_failure
         self.records = calls
         self._count = count
-        # calls anchored or seen here, by Call-ID. Bounded: entries go on release,
+        # calls anchored or seen here, by Call-ID (and tags) as bounded_key holds them: a long
+        # one off the wire costs 17 bytes. Bounded: entries go on release,
         # REMEMBER_SECONDS after an answer, or oldest first beyond MAX_REMEMBERED.
         self._calls: OrderedDict[bytes, _Call] = OrderedDict()
         self.failures = 0  # new calls no relay anchored
@@ -168,7 +170,7 @@ class RelayMedia:
         if from_tag is None:
             done(None)
             return
-        call = self._calls.get(call_id)
+        call = self._calls.get(bounded_key(call_id))
         if not request.body:
             if call is not None and request.method == b"INVITE":
                 call.offerer = None  # RFC 3261 14.2: the offer will come in the response
@@ -177,7 +179,7 @@ class RelayMedia:
         method = request.method
         to_tag = request.to_tag
         answering = to_tag is not None and (
-            method == b"ACK" or (method == b"PRACK" and call is not None and call.offerer == to_tag)
+            method == b"ACK" or (method == b"PRACK" and call is not None and call.offerer == bounded_key(to_tag))
         )
         if answering:
             assert to_tag is not None
@@ -206,8 +208,8 @@ class RelayMedia:
             done(None)
             return
         call_id = response.call_id
-        call = self._calls.get(call_id)
-        if call is not None and call.offerer == from_tag:
+        call = self._calls.get(bounded_key(call_id))
+        if call is not None and call.offerer == bounded_key(from_tag):
             if response.status >= 200:
                 call.expires = self.clock() + REMEMBER_SECONDS
             if call.relay is None:
@@ -226,7 +228,7 @@ class RelayMedia:
     def release(self, call_id: bytes, from_tag: bytes | None) -> None:
         """ng delete of the whole call on its relay, fire and forget (the relay's media
         timeout frees what a lost delete leaves), and its record goes."""
-        call = self._calls.pop(call_id, None)
+        call = self._calls.pop(bounded_key(call_id), None)
         if call is not None:
             if call.relay is not None:
                 self._delete(call_id, call.relay)
@@ -265,23 +267,23 @@ class RelayMedia:
         then(relay)
 
     def _remember(self, call_id: bytes, relay: RelayAddress | None) -> _Call:
-        call = self._calls.get(call_id)
+        call = self._calls.get(bounded_key(call_id))
         if call is None or call.relay != relay:
             previous = call
             call = _Call(relay)
             if previous is not None:
                 call.webrtc = previous.webrtc
-            self._calls[call_id] = call
-        self._calls.move_to_end(call_id)
+            self._calls[bounded_key(call_id)] = call
+        self._calls.move_to_end(bounded_key(call_id))
         return call
 
     def _unanchored(self, call_id: bytes, offerer: bytes) -> _Call:
         """An offer that went end to end: its answer will too. A call anchored before keeps
         its relay (a failed in-dialog offer leaves the session as it was)."""
-        call = self._calls.get(call_id)
+        call = self._calls.get(bounded_key(call_id))
         if call is None:
-            call = self._calls[call_id] = _Call(None)
-        call.offerer = offerer
+            call = self._calls[bounded_key(call_id)] = _Call(None)
+        call.offerer = bounded_key(offerer)
         return call
 
     def _release_recorded(self, call_id: bytes, recorded: str | None) -> None:
@@ -340,14 +342,14 @@ class RelayMedia:
         sdp = reply.get(b"sdp") if isinstance(reply, dict) else None
         call_id = msg.call_id
         if isinstance(sdp, bytes):
-            new = call_id not in self._calls
+            new = bounded_key(call_id) not in self._calls
             webrtc = _from_webrtc(msg) if msg.is_request else _SAVPF in msg.body
             msg.set_body(sdp, SDP)
             call = self._remember(call_id, relay)
-            call.offerer = offerer
+            call.offerer = bounded_key(offerer)
             call.expires = None
             if webrtc:
-                call.webrtc.add(offerer)
+                call.webrtc.add(bounded_key(offerer))
             if new:
                 self.table.assigned(relay)
             if self.records is not None:
@@ -390,7 +392,7 @@ class RelayMedia:
         if relay is None:
             done(None)  # an answer to an offer this farm did not anchor
             return
-        call = self._calls.get(call_id)
+        call = self._calls.get(bounded_key(call_id))
         if call is not None and msg.method == b"ACK":
             call.expires = self.clock() + REMEMBER_SECONDS
         self._send(relay, message, partial(self._answered, msg, done, relay))
@@ -436,20 +438,20 @@ class RelayMedia:
     ) -> None:
         """rtpengine's flags for the media going from ``sender``'s SDP to ``receiver``."""
         message["replace"] = _REPLACE
-        to_webrtc = to_webrtc or (call is not None and receiver in call.webrtc)
+        to_webrtc = to_webrtc or (call is not None and bounded_key(receiver) in call.webrtc)
         if msg.is_request:
             from_webrtc = _from_webrtc(msg)
             if from_webrtc and call is not None:
-                call.webrtc.add(sender)
+                call.webrtc.add(bounded_key(sender))
         else:
             # a response: its bottom Via is the requester's, the receiver of this SDP
             from_webrtc = _SAVPF in msg.body
             to_webrtc = to_webrtc or _from_webrtc_via(msg)
             if call is not None:
                 if from_webrtc:
-                    call.webrtc.add(sender)  # later offers towards it ask for WebRTC media
+                    call.webrtc.add(bounded_key(sender))  # later offers towards it ask for WebRTC media
                 if to_webrtc:
-                    call.webrtc.add(receiver)
+                    call.webrtc.add(bounded_key(receiver))
         if to_webrtc:
             message["ICE"] = b"force"
             message["DTLS"] = b"passive"

@@ -735,3 +735,20 @@ async def test_offer_answer_media_query_delete_over_udp() -> None:
         relay.close()
         for t in (proxy, ta, tb):
             t.close()
+
+
+def test_long_call_ids_and_tags_are_kept_under_bounded_names_and_still_work() -> None:
+    """Call-IDs and tags come from SIP, off the wire: each of the relay's calls keeps a long one
+    as a fixed-size name, and offer, answer, query and delete all find the call by it."""
+    f = Fixture(30000, 30999)
+    long_id, long_from, long_to = "c" * 8192, "f" * 8192, "t" * 8192
+    out = sdp_of(f.call("o", offer("o", phone_sdp("192.168.1.10", 4000), call_id=long_id, from_tag=long_from)))
+    assert out.connection is not None and out.connection.address == RELAY
+    sdp_of(f.call("a", answer("a", phone_sdp("10.0.0.20", 5000), call_id=long_id, from_tag=long_from, to_tag=long_to)))
+    [kept] = f.engine.list_calls()
+    assert kept.startswith("~") and len(kept) <= 40
+    assert all(len(tag) <= 40 for tag in f.call("q", ng("q", ("call-id", long_id), ("command", "query")))[b"tags"])
+    assert (
+        f.call("d", ng("d", ("call-id", long_id), ("from-tag", long_from), ("command", "delete")))[b"result"] == b"ok"
+    )
+    assert f.engine.list_calls() == []

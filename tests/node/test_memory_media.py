@@ -584,3 +584,25 @@ def test_a_desk_phone_calling_a_browser_offers_it_webrtc_media() -> None:
     assert offer[b"transport-protocol"] == b"UDP/TLS/RTP/SAVPF"
     assert offer[b"DTLS"] == b"passive"
     assert offer[b"rtcp-mux"] == [b"offer"]
+
+
+def test_a_long_call_id_is_remembered_in_bounded_bytes_and_the_call_still_works() -> None:
+    """A Call-ID off the wire may be as long as a message: the node remembers its anchored
+    calls under a bounded key, and offer, answer and BYE still find the call."""
+    for late in (False, True):
+        mf = MediaFarm()
+        call_id = "long-" + "c" * 4096
+        alice, bob, ok = late_offer_call(mf, call_id) if late else establish(mf, call_id)
+        assert all(len(key) <= 17 for key in mf.media._calls)
+        assert all(call.offerer is None or len(call.offerer) <= 512 for call in mf.media._calls.values())
+        if late:
+            ack = alice.in_dialog("ACK", ok)
+            ack.set_body(phone_sdp("10.0.0.1", 4000), b"application/sdp")
+            alice.send(ack, alice.first_hop(ack))
+            assert media_of(bob.requests(b"ACK")[-1])[0].startswith("127.0.5.")
+        else:
+            assert media_of(ok)[0].startswith("127.0.5.")
+        assert [len(c) for r in range(len(RELAYS)) for c in mf.calls(r)] != []
+        alice.send(alice.in_dialog("BYE", ok))
+        assert [c for r in range(len(RELAYS)) for c in mf.calls(r)] == []
+        assert mf.commands()[-1] == b"delete"
