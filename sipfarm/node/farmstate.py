@@ -180,12 +180,7 @@ class FarmState:
         ``admits``. ``callback`` gets the admission's facts and, if they let it through, the
         result."""
         keys, args = loc.admitted_register_arguments(
-            aor,
-            contacts,
-            ban_key=ban_key(source_ip),
-            nonce_key=nonce_key(nonce_use),
-            nonce_ttl_ms=milliseconds(nonce_ttl),
-            **kwargs,
+            aor, contacts, ban_key(source_ip), nonce_key(nonce_use), milliseconds(nonce_ttl), kwargs
         )
         done = partial(self._admitted_done, keys, args, self._clock(), callback)
         self.pipe.call(done, "EVALSHA", self._admitted_sha, len(keys), *keys, *args)

@@ -448,14 +448,15 @@ ADMISSION_REFUSED: Final = 3
 def admitted_register_arguments(
     aor: str,
     contacts: Sequence[ContactUpdate],
-    *,
     ban_key: str,
     nonce_key: str,
     nonce_ttl_ms: int,
-    **kwargs: Any,
+    kwargs: dict[str, Any],
 ) -> tuple[list[str], list[str | int | float]]:
     """KEYS and ARGV of :data:`ADMITTED_REGISTER_SCRIPT`: ``register_arguments``' (one Redis's
-    key layout) with the guard's two keys and the nonce use's expiry after them."""
+    key layout, ``kwargs`` its keyword arguments) with the guard's two keys and the nonce use's
+    expiry after them.  ``kwargs`` as a dict, not ``**``: a compiled caller then calls this
+    natively (a ``**`` call goes through the Python calling convention, a new dict each)."""
     keys, args = register_arguments(aor, contacts, cluster=False, **kwargs)
     keys += (ban_key, nonce_key)
     args.append(nonce_ttl_ms)
