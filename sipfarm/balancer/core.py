@@ -88,7 +88,7 @@ from sipfarm.edge import (
 from sipfarm.sip.address import Address
 from sipfarm.sip.errors import BadMessage, ServiceUnavailable, SipError, TooManyHops
 from sipfarm.sip.headers import HeaderError, first_element, via_branch
-from sipfarm.sip.memo import bounded_key
+from sipfarm.sip.memo import MAX_CACHED_KEY, bounded_key
 from sipfarm.sip.message import SipMessage, error_response, make_response
 from sipfarm.sip.parser import max_forwards
 from sipfarm.sip.uri import SipURI, URIError, parse_uri
@@ -763,9 +763,18 @@ def _split_top_via(msg: SipMessage) -> tuple[int, bytes, bytes]:
     return -1, b"", b""
 
 
-@functools.lru_cache(maxsize=1024)
 def _bare(host: str) -> str:
     """A host as compared with our own addresses: no brackets, IPv6 in its canonical form."""
+    # a host off the wire (a Via's, a Route's) may be as long as a message: short ones remembered
+    return _bare_cached(host) if len(host) <= MAX_CACHED_KEY else _canonical_host(host)
+
+
+@functools.lru_cache(maxsize=1024)
+def _bare_cached(host: str) -> str:
+    return _canonical_host(host)
+
+
+def _canonical_host(host: str) -> str:
     host = host.strip("[]").lower()
     if ":" in host:
         try:

@@ -75,6 +75,7 @@ SDP = b"application/sdp"
 # retransmitted by the callee is answered again on the same relay): Timer H's 64*T1
 REMEMBER_SECONDS = 32.0
 MAX_REMEMBERED = 100_000
+MAX_WEBRTC_TAGS = 64  # browser parties noted per call (two, or a few forks, in real calls)
 #: how long the Redis record of a call's relay lives (refreshed by each in-dialog offer)
 RECORD_SECONDS = 4 * 3600
 # ng flags as Kamailio's rtpengine module sends them for a plain RTP/AVP call
@@ -349,7 +350,7 @@ class RelayMedia:
             call.offerer = bounded_key(offerer)
             call.expires = None
             if webrtc:
-                call.webrtc.add(bounded_key(offerer))
+                _mark_webrtc(call, offerer)
             if new:
                 self.table.assigned(relay)
             if self.records is not None:
@@ -442,16 +443,16 @@ class RelayMedia:
         if msg.is_request:
             from_webrtc = _from_webrtc(msg)
             if from_webrtc and call is not None:
-                call.webrtc.add(bounded_key(sender))
+                _mark_webrtc(call, sender)
         else:
             # a response: its bottom Via is the requester's, the receiver of this SDP
             from_webrtc = _SAVPF in msg.body
             to_webrtc = to_webrtc or _from_webrtc_via(msg)
             if call is not None:
                 if from_webrtc:
-                    call.webrtc.add(bounded_key(sender))  # later offers towards it ask for WebRTC media
+                    _mark_webrtc(call, sender)  # later offers towards it ask for WebRTC media
                 if to_webrtc:
-                    call.webrtc.add(bounded_key(receiver))
+                    _mark_webrtc(call, receiver)
         if to_webrtc:
             message["ICE"] = b"force"
             message["DTLS"] = b"passive"
@@ -484,6 +485,13 @@ class RelayMedia:
             if len(calls) <= MAX_REMEMBERED and (call.expires is None or call.expires > now):
                 break
             del calls[key]
+
+
+def _mark_webrtc(call: _Call, tag: bytes) -> None:
+    """Note that the party of ``tag`` is a browser. Tags come off the wire (any number per
+    Call-ID): at most MAX_WEBRTC_TAGS are noted, each in bounded bytes."""
+    if len(call.webrtc) < MAX_WEBRTC_TAGS:
+        call.webrtc.add(bounded_key(tag))
 
 
 def _from_webrtc_via(response: SipMessage) -> bool:

@@ -11,6 +11,7 @@ from test_balancer_keepalive import ok as keepalive_ok
 from test_balancer_keepalive import register as keepalive_register
 from test_balancer_unit import CLIENT, NODES, SECRET, Harness, members, request
 
+from sipfarm.balancer.core import _bare, _bare_cached
 from sipfarm.balancer.frontdoor import FrontDoor, FrontDoorPolicy
 from sipfarm.balancer.keepalive import RegisteredFlows
 from sipfarm.balancer.overload import AdmissionControl
@@ -156,3 +157,17 @@ def test_keepalive_table_keeps_no_long_registrations_and_hashes_long_call_ids():
     assert sum(len(call_id) for _, call_id in table._pending) <= 17
     reg = table.on_register_ok(flow, parse_message(keepalive_ok(req, f"Contact: <{CONTACT}>;expires=600\r\n")), 0.0)
     assert reg is not None and reg.contacts == (CONTACT,) and flow in table.flows
+
+
+def test_our_host_check_of_long_hosts_is_right_and_not_remembered():
+    before = _bare_cached.cache_info().currsize
+    for i in range(300):
+        assert _bare(f"[H{i}." + "a" * LONG + "]") == f"h{i}." + "a" * LONG
+    assert _bare_cached.cache_info().currsize == before
+    assert _bare("[2001:DB8:0::1]") == "2001:db8::1"
+    h = Harness()
+    h.nodes.update_members(members())
+    # a request whose top Via names a long host: read (not ours), answered, nothing kept
+    msg, _ = h.one(request("OPTIONS", "sip:bob@farm.test", via="SIP/2.0/UDP " + "v" * LONG + ".example"), CLIENT)
+    assert msg.method == b"OPTIONS"
+    assert _bare_cached.cache_info().currsize <= before + 4

@@ -3,6 +3,7 @@ hold short values only: a long one is answered right, and not remembered."""
 
 from __future__ import annotations
 
+from sipfarm.proxy.relay_media import MAX_WEBRTC_TAGS, _Call, _mark_webrtc
 from sipfarm.routing.helpers import AnswerCache, HelperAction, HelperAnswer
 from sipfarm.transport.resolver import MAX_NAME, Resolver
 
@@ -35,3 +36,11 @@ def test_helper_answers_for_long_queries_are_not_kept():
     assert len(cache) == 0
     cache.put(("alice", "farm.test"), answer, 0.0)
     assert cache.get(("alice", "farm.test"), 1.0) == answer
+
+
+def test_a_call_notes_a_bounded_number_of_browser_tags_in_bounded_bytes():
+    call = _Call(None)
+    for i in range(1000):
+        _mark_webrtc(call, b"%d-" % i + b"t" * LONG)
+    assert len(call.webrtc) == MAX_WEBRTC_TAGS
+    assert all(len(tag) <= 17 for tag in call.webrtc)
