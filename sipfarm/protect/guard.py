@@ -54,12 +54,14 @@ commands of their own, so every command and script stays within one slot.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Final, Protocol
 
+from sipfarm.sip.memo import MAX_CACHED_KEY
 from sipfarm.store.errors import StoreError
 
 from .local_bans import LocalBans
@@ -113,12 +115,21 @@ def source_failures_key(source_ip: str) -> str:
 
 
 def account_failures_key(account: str) -> str:
-    return ACCOUNT_FAILURES_PREFIX + account
+    return ACCOUNT_FAILURES_PREFIX + _bounded_name(account)
 
 
 def nonce_key(nonce_use: str) -> str:
     """``nonce_use`` is ``"<nonce>:<nc>"``, or ``"<nonce>:"`` for a client that sends no qop."""
-    return NONCE_PREFIX + nonce_use
+    return NONCE_PREFIX + _bounded_name(nonce_use)
+
+
+def _bounded_name(name: str) -> str:
+    """``name`` (a user name, a nonce: off the wire, recorded before any verification) itself
+    when at most MAX_CACHED_KEY characters, else "~" and its SHA-256: the same key on every
+    node (these keys are shared in Redis), each costing bounded bytes whatever was sent."""
+    if len(name) <= MAX_CACHED_KEY:
+        return name
+    return "~" + hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

@@ -346,3 +346,21 @@ def test_memory_and_redis_guards_give_the_same_answers(redis_server: RedisProces
 
 async def _key_gone(pipe: RedisPipe, key: str) -> bool:
     return bool(await pipe.execute("EXISTS", key) == 0)
+
+
+def test_memory_guard_keeps_long_nonces_and_user_names_in_bounded_keys() -> None:
+    """A nonce is recorded, and a user name's failures counted, before anything is verified:
+    off the wire, as long as a message. Their keys stay bounded, with the same answers."""
+    clock = FakeClock()
+    guard = MemoryGuard(GuardPolicy(max_failures=1000, window=60, ban_time=600, account_alert=1000), clock=clock)
+    answers: list[Any] = []
+    long_nonce = "n" * 8192 + ":00000001"
+    guard.admit(ATTACKER, long_nonce, 30, answers.append)
+    guard.admit(ATTACKER, long_nonce, 30, answers.append)
+    assert answers == [Admission(banned=False, replay=False), Admission(banned=False, replay=True)]
+    for i in range(100):
+        guard.admit(ATTACKER, f"{i}" + "n" * 8192 + ":1", 30, answers.append)
+        guard.failed(ATTACKER, f"u{i}" + "x" * 8192 + "@farm.test", answers.append)
+    guard.failed(ATTACKER, "u0" + "x" * 8192 + "@farm.test", answers.append)
+    assert answers[-1] == FailureOutcome(101, 2, banned=False, account_alert=False)  # counted as before
+    assert all(len(key) <= 600 for key in guard.keys._data)
