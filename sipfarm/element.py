@@ -91,7 +91,8 @@ class Element:
         self.metrics = metrics
         self.now = clock  # monotonic: transaction timers, Timer C, latency
         self.wall = wall  # wall clock: nonces and binding expiry, shared with other nodes
-        self._tag_key = hashlib.blake2b(identity.node_id.encode(), digest_size=8).digest()
+        tag_key = hashlib.blake2b(identity.node_id.encode(), digest_size=8).digest()
+        self._tag_state = hashlib.blake2b(digest_size=5, key=tag_key)
         # reads the client a balancer forwarded a request for (its signed Via branch)
         self.hops: HopBranches | None = None
 
@@ -116,7 +117,8 @@ class Element:
 
     def tag(self, msg: SipMessage) -> bytes:
         """A To tag that is stable for retransmissions of the same request."""
-        h = hashlib.blake2b(msg.call_id + msg.top_via_value, digest_size=5, key=self._tag_key)
+        h = self._tag_state.copy()  # keyed once (the same digest as blake2b(..., key=tag_key))
+        h.update(msg.call_id + msg.top_via_value)
         return h.hexdigest().encode()
 
     def reply(self, stx: ServerTransaction, response: SipMessage) -> None:
