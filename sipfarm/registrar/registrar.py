@@ -190,23 +190,21 @@ class Registrar:
         element = self.element
         path = self._path(reg.path, reg.outbound, source)
         flow_timer = self._flow_timer(path, source) if reg.outbound else None
-        call_id = msg.call_id.decode("latin-1")
-        user_agent = (msg.get("user-agent") or b"").decode("utf-8", "replace")[:100]
+        # the binding's facts, the same for either store call
+        fields: dict[str, object] = {
+            "call_id": msg.call_id.decode("latin-1"),
+            "cseq": msg.cseq[0],
+            "now": element.wall(),
+            "max_contacts": account.max_contacts,
+            "remove_all": reg.remove_all,
+            "path": path,
+            "received": str(source),
+            "user_agent": (msg.get("user-agent") or b"").decode("utf-8", "replace")[:100],
+            "node": element.identity.node_id,
+        }
         if creds is None or client is None:
-            self.store.register(
-                reg.aor,
-                reg.updates,
-                partial(self._applied, stx, msg, reg, started, flow_timer),
-                call_id=call_id,
-                cseq=msg.cseq[0],
-                now=element.wall(),
-                max_contacts=account.max_contacts,
-                remove_all=reg.remove_all,
-                path=path,
-                received=str(source),
-                user_agent=user_agent,
-                node=element.identity.node_id,
-            )
+            applied = partial(self._applied, stx, msg, reg, started, flow_timer)
+            self.store.register(reg.aor, reg.updates, applied, **fields)
             return
         self.store.register_admitted(
             reg.aor,
@@ -215,15 +213,7 @@ class Registrar:
             nonce_use(creds),
             self.auth.nonce_use_ttl,
             partial(self._admitted, stx, msg, reg, started, flow_timer, creds, client),
-            call_id=call_id,
-            cseq=msg.cseq[0],
-            now=element.wall(),
-            max_contacts=account.max_contacts,
-            remove_all=reg.remove_all,
-            path=path,
-            received=str(source),
-            user_agent=user_agent,
-            node=element.identity.node_id,
+            **fields,
         )
 
     def _admitted(
