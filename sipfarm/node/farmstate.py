@@ -138,25 +138,12 @@ class FarmState:
     ) -> None:
         """``LocationStore.apply_register`` (same script, same arguments) over the pipe."""
         keys, args = loc.register_arguments(aor, contacts, cluster=self._cluster, **kwargs)  # type: ignore[arg-type]
-        done = partial(self._register_done, keys, args, self._clock(), callback)
-        if self.pipe.replicas_ack > 0:
-            self.pipe.call_acked(done, "EVALSHA", self._register_sha, len(keys), *keys, *args)
-        else:
-            self.pipe.call(done, "EVALSHA", self._register_sha, len(keys), *keys, *args)
+        done = partial(self._register_done, self._clock(), callback)
+        self._script(loc.REGISTER_SCRIPT, self._register_sha, keys, args, done, acked=True)
 
     def _register_done(
-        self,
-        keys: list[str],
-        args: list[str | int | float],
-        started: float,
-        callback: Callable[[loc.RegisterResult | StoreError], None],
-        reply: Reply,
+        self, started: float, callback: Callable[[loc.RegisterResult | StoreError], None], reply: Reply
     ) -> None:
-        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
-            # first use on this Redis (or after SCRIPT FLUSH): send the body once
-            done = partial(self._register_done, keys, args, started, callback)
-            self.pipe.call_acked(done, "EVAL", loc.REGISTER_SCRIPT, len(keys), *keys, *args)
-            return
         result: loc.RegisterResult | StoreError | None = self._settle(started, "register", reply)
         if result is None:
             try:
@@ -182,21 +169,12 @@ class FarmState:
         keys, args = loc.admitted_register_arguments(
             aor, contacts, ban_key(source_ip), nonce_key(nonce_use), milliseconds(nonce_ttl), kwargs
         )
-        done = partial(self._admitted_done, keys, args, self._clock(), callback)
-        self.pipe.call(done, "EVALSHA", self._admitted_sha, len(keys), *keys, *args)
+        done = partial(self._admitted_done, self._clock(), callback)
+        self._script(loc.ADMITTED_REGISTER_SCRIPT, self._admitted_sha, keys, args, done)
 
     def _admitted_done(
-        self,
-        keys: list[str],
-        args: list[str | int | float],
-        started: float,
-        callback: Callable[[loc.AdmittedRegister | StoreError], None],
-        reply: Reply,
+        self, started: float, callback: Callable[[loc.AdmittedRegister | StoreError], None], reply: Reply
     ) -> None:
-        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
-            done = partial(self._admitted_done, keys, args, started, callback)
-            self.pipe.call(done, "EVAL", loc.ADMITTED_REGISTER_SCRIPT, len(keys), *keys, *args)
-            return
         result: loc.AdmittedRegister | StoreError | None = self._settle(started, "register", reply)
         if isinstance(reply, hiredis.ReplyError) and str(reply).startswith(UNAVAILABLE_REPLIES):
             # what the guard's admit answers for these (503), asked first on the other path
@@ -212,21 +190,10 @@ class FarmState:
         """``LocationStore.remove_binding`` over the pipe: ``binding`` goes if it is still
         stored unchanged (contact, Path, flow); ``callback`` gets whether it went."""
         keys, args = loc.remove_binding_arguments(aor, binding, cluster=self._cluster)
-        done = partial(self._remove_binding_done, keys, args, self._clock(), callback)
-        self.pipe.call(done, "EVALSHA", self._remove_binding_sha, len(keys), *keys, *args)
+        done = partial(self._remove_binding_done, self._clock(), callback)
+        self._script(loc.REMOVE_BINDING_SCRIPT, self._remove_binding_sha, keys, args, done)
 
-    def _remove_binding_done(
-        self,
-        keys: list[str],
-        args: list[str],
-        started: float,
-        callback: Callable[[bool | StoreError], None],
-        reply: Reply,
-    ) -> None:
-        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
-            done = partial(self._remove_binding_done, keys, args, started, callback)
-            self.pipe.call(done, "EVAL", loc.REMOVE_BINDING_SCRIPT, len(keys), *keys, *args)
-            return
+    def _remove_binding_done(self, started: float, callback: Callable[[bool | StoreError], None], reply: Reply) -> None:
         error = self._settle(started, "remove binding", reply)
         callback(error if error is not None else reply == 1)
 
@@ -248,6 +215,36 @@ class FarmState:
 
     def forget_relay(self, call_id: bytes) -> None:
         self.pipe.call(_ignore, "DEL", call_relay_key(call_id))
+
+    def _script(
+        self,
+        body: str,
+        sha: str,
+        keys: Sequence[str],
+        args: Sequence[str | int | float],
+        done: Callable[[Reply], None],
+        *,
+        acked: bool = False,
+    ) -> None:
+        """Run a Lua script by its SHA; on NOSCRIPT (its first use on this Redis, or after
+        SCRIPT FLUSH) send the body once. ``acked``: a write that waits for ``replicas_ack``."""
+        call = self.pipe.call_acked if acked else self.pipe.call
+        call(partial(self._script_done, body, keys, args, done, acked), "EVALSHA", sha, len(keys), *keys, *args)
+
+    def _script_done(
+        self,
+        body: str,
+        keys: Sequence[str],
+        args: Sequence[str | int | float],
+        done: Callable[[Reply], None],
+        acked: bool,
+        reply: Reply,
+    ) -> None:
+        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+            call = self.pipe.call_acked if acked else self.pipe.call
+            call(done, "EVAL", body, len(keys), *keys, *args)
+            return
+        done(reply)
 
     def _settle(self, started: float, what: str, reply: Reply) -> StoreError | None:
         """Time the round trip; the StoreError a failed reply stands for (None: a reply)."""
