@@ -312,9 +312,36 @@ class Kamailio(Stoppable):
         workdir.mkdir(parents=True, exist_ok=True)
         port = port or free_port(host)
         dbtext = write_dbtext(workdir / "dbtext", users, domain)
+        text = render_config(host=host, port=port, domain=domain, dbtext_dir=dbtext, children=children,
+                             redis_url=redis_url)
+        kam = cls.run_config(workdir, text, host=host, port=port, shm_mb=shm_mb, pkg_mb=pkg_mb,
+                             startup_timeout=startup_timeout)
+        kam.domain = domain
+        kam.users = list(users)
+        return kam
+
+    @classmethod
+    def run_config(
+        cls,
+        workdir: Path,
+        config_text: str,
+        *,
+        host: str,
+        port: int,
+        shm_mb: int = 1024,
+        pkg_mb: int = 16,
+        startup_timeout: float = 15.0,
+        memory_manager: str | None = None,
+    ) -> Kamailio:
+        """Check `config_text` (listening on host:port), start `kamailio -DD -E` with it in
+        `workdir` and wait until it answers OPTIONS (the config must answer one to itself).
+        `memory_manager`: `-x` (qm, Debian's default, fm or tlsf)."""
+        if not Path(KAMAILIO_BIN).exists():
+            raise KamailioError(f"{KAMAILIO_BIN} not found (apt-get install kamailio kamailio-redis-modules)")
+        workdir = workdir.resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
         config = workdir / "kamailio.cfg"
-        config.write_text(render_config(host=host, port=port, domain=domain, dbtext_dir=dbtext,
-                                        children=children, redis_url=redis_url))
+        config.write_text(config_text)
         check = ManagedProcess("kamailio-check", [KAMAILIO_BIN, "-c", "-f", str(config)],
                                workdir / "kamailio-check.log")
         check.proc.wait(timeout=30)
@@ -323,11 +350,11 @@ class Kamailio(Stoppable):
         process = ManagedProcess(
             "kamailio",
             [KAMAILIO_BIN, "-DD", "-E", "-f", str(config), "-m", str(shm_mb), "-M", str(pkg_mb),
-             "-Y", str(workdir), "-w", str(workdir)],
+             "-Y", str(workdir), "-w", str(workdir), *(["-x", memory_manager] if memory_manager else [])],
             workdir / "kamailio.log",
             cwd=workdir,
         )
-        kam = cls(process, host, port, domain, config, users)
+        kam = cls(process, host, port, DEFAULT_DOMAIN, config, ())
         if not wait_until(lambda: not process.alive() or _answers_options(host, port), startup_timeout) \
                 or not process.alive():
             process.stop()

@@ -148,6 +148,7 @@ class SipfarmTarget(Target):
         if relays:
             self.note = f"{relays} media relay(s): every call's SDP anchored (ng offer/answer/delete)"
         self.port = 0
+        self.node_ports: list[int] = []
         self.provision_s = 0.0
 
     def server_labels(self) -> list[str]:
@@ -194,6 +195,12 @@ class SipfarmTarget(Target):
                 raise TargetError(f"{label} did not answer OPTIONS on {HOST}:{port}:\n{proc.log_tail(15)}")
         for i, ng in enumerate(relay_ng):
             self._start_relay(i + 1, ng)
+        self.node_ports = ports
+        self._start_front()
+
+    def _start_front(self) -> None:
+        """The balancer in front of the nodes (``node_ports``); up when every node has joined."""
+        assert self.redis is not None
         self.port = free_port(HOST)
         # SIPp's UAS listens on another loopback port than its REGISTER came from: the operator
         # setting that lets the balancer send there (loopback is refused by default)
