@@ -304,8 +304,10 @@ class Kamailio(Stoppable):
         pkg_mb: int = 16,
         redis_url: str | None = None,
         startup_timeout: float = 15.0,
+        memory_manager: str | None = None,
     ) -> Kamailio:
-        """Provision `users`, write the config, start `kamailio -DD -E` and wait until it answers."""
+        """Provision `users`, write the config, start `kamailio -DD -E` and wait until it answers.
+        `memory_manager`: `-x` (None: Debian's default, qm)."""
         if not Path(KAMAILIO_BIN).exists():
             raise KamailioError(f"{KAMAILIO_BIN} not found (apt-get install kamailio kamailio-redis-modules)")
         workdir = workdir.resolve()
@@ -315,7 +317,7 @@ class Kamailio(Stoppable):
         text = render_config(host=host, port=port, domain=domain, dbtext_dir=dbtext, children=children,
                              redis_url=redis_url)
         kam = cls.run_config(workdir, text, host=host, port=port, shm_mb=shm_mb, pkg_mb=pkg_mb,
-                             startup_timeout=startup_timeout)
+                             startup_timeout=startup_timeout, memory_manager=memory_manager)
         kam.domain = domain
         kam.users = list(users)
         return kam
