@@ -118,6 +118,8 @@ def build(ports: dict[str, int]) -> tuple[TransportManager, BalancerCore, _Count
     )
     holder.append(core)
     transports.on_message = core.on_message
+    if hasattr(core, "response_fast_path"):  # as main.serve (a build from before it has none)
+        transports.fast_response = core.response_fast_path()
     nodes.update_members([Member(id="node1", role=Role.NODE, addresses=(f"udp:{HOST}:{ports['node']}",))])
     return transports, core, fake
 

@@ -76,6 +76,7 @@ from sipfarm.balancer.nodes import Health, NodeEntry, NodeSet
 from sipfarm.balancer.overload import AdmissionControl
 from sipfarm.edge import (
     DIALOG_CREATING,
+    HOP_PREFIX,
     FlowTokens,
     HopBranches,
     OwnRoutes,
@@ -94,6 +95,13 @@ from sipfarm.sip.parser import max_forwards
 from sipfarm.sip.uri import SipURI, URIError, parse_uri
 from sipfarm.sip.via import default_port, stamp_received, via_sent_by
 from sipfarm.transport.destinations import DestinationPolicy
+
+try:  # built by scripts/build-compiled.sh only: the interpreted build forwards every response the general way
+    from sipfarm.sip._fastparse import response_hop as _response_hop
+
+    HAVE_RESPONSE_HOP = True
+except ImportError:  # pragma: no cover - which branch runs depends on the build
+    HAVE_RESPONSE_HOP = False
 
 log = logging.getLogger("sipfarm.balancer")
 
@@ -220,6 +228,7 @@ class BalancerCore:
         # (transport, our address) -> the start of the Via we write, "SIP/2.0/UDP host:port;"
         self._via_prefixes: dict[tuple[str, Address], bytes] = {}
         self._our_via_starts: set[bytes] = set()  # the same, to recognise them in responses
+        self._via_starts: tuple[bytes, ...] = ()  # the same, for response_hop (C)
         self._invites: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
         # (client flow, path, facing client) -> our Record-Route/Path entries for it
         self._entries: dict[tuple[Address, bool, bool], tuple[bytes, ...]] = {}
@@ -536,6 +545,7 @@ class BalancerCore:
             # one per (transport, address of ours): bounded by the listeners
             self._via_prefixes[(transport, via_address)] = prefix
             self._our_via_starts.add(prefix)
+            self._via_starts = tuple(self._our_via_starts)
         return prefix + b"branch=" + branch
 
     def _sent_by_us(self, top: bytes) -> bool:
@@ -624,6 +634,48 @@ class BalancerCore:
         self.send_response(reply.to_bytes(), hop)
 
     # -- responses -------------------------------------------------------------------------------
+
+    def response_fast_path(self) -> Callable[[bytes, Address, int], bool] | None:
+        """What ``TransportManager.fast_response`` is set to: :meth:`forward_response` when the
+        C reader exists (the compiled build), else None (every response the general way)."""
+        return self.forward_response if HAVE_RESPONSE_HOP else None
+
+    def forward_response(self, data: bytes, source: Address, max_size: int) -> bool:
+        """The common response, forwarded from its bytes: False when it is not (the caller then
+        parses it and calls :meth:`on_message`).
+
+        ``response_hop`` (sipfarm/sip/_fastparse.c) takes only a response the general path
+        would forward unchanged but for our Via line (CRLF only, ``name: value`` lines, one of
+        our Vias on top with nothing after its branch, a next Via with a branch, no 2xx to a
+        REGISTER...), and cuts that line out.  Its branch is verified here as there
+        (``HopBranches.decode`` with the next Via's branch), and the same counters and side
+        effects follow: the same datagram to the same hop, or the same drop.  Messages that
+        are not that shape, probes, keepalives, and everything when debug logging is on take
+        the general path."""
+        if self._debug:
+            return False
+        found = _response_hop(data, self._via_starts, HOP_PREFIX, max_size)
+        if found is None:
+            return False
+        out, branch, key, pending = found
+        registered = self._registered_udp.get(source)
+        if registered is not None:
+            registered.heard = True
+        node = self.nodes.by_address(source.host, source.port)
+        if node is not None:
+            node.heard = True
+        dest = self.branches.decode(branch, key)
+        if dest is None:
+            self.stats.drop("forged")
+            return True
+        admission = self.admission
+        if admission is not None and pending is not None:
+            admission.answered(pending, self._clock())
+        if self.send_response(out, dest):
+            self.stats.responses += 1
+        else:
+            self.stats.drop("no_flow" if dest.reliable else "send_failed")
+        return True
 
     def _on_response(self, msg: SipMessage) -> None:
         try:

@@ -454,12 +454,328 @@ fail:
     return NULL;
 }
 
+/* ---- response_hop: a balancer's forwarding of a response, read and cut in one scan ------------
+ *
+ *   response_hop(data, prefixes, hop_prefix, max_size) -> (out, branch, key, pending) | None
+ *
+ * What sipfarm/balancer/core.py's general path (parse_message, _on_response, to_bytes) does to a
+ * response whose top Via is the balancer's own, for the common shape, with the same bytes out;
+ * None for anything else (the general path then does the whole job, errors and counters
+ * included).  The shape:
+ *   - data is at most max_size bytes; starts "SIP/2.0 DDD " (DDD in 100..699);
+ *   - the header section ends with CRLFCRLF, every line ends with CRLF (no bare CR or LF), no
+ *     line starts with SP/HTAB (folding), at most MAX_HEADER_LINES header lines;
+ *   - every header line is a non-empty token name, a colon, SP, then the value: out writes it
+ *     back as to_bytes writes the parsed line (`name ": " value`, the SP/HTAB around the value
+ *     dropped as the parser drops them);
+ *   - Via, From, To, Call-ID and CSeq present (full or compact names, any case); Call-ID,
+ *     From, To, CSeq, Content-Length and Max-Forwards each at most once;
+ *   - CSeq is `digits SP token` (at most 10 digits, below 2**31); Content-Length, if present,
+ *     is digits equal to the body's length; not a 2xx to a REGISTER (the balancer then keeps the
+ *     client's flow: the general path);
+ *   - the first Via line starts with one of `prefixes` (the starts of the Vias this balancer
+ *     writes, "SIP/2.0/UDP host:port;", each with its only ";" last), then "branch="
+ *     hop_prefix and one or more lower-case hex digits, then the end of the line or a comma
+ *     and more via-parms (no quote in the line, the next one not empty);
+ *   - the next via-parm (on that line, or the first of the next Via line) is not empty, has no
+ *     quote on its line, and (up to a comma outside "<...>") a non-empty ";branch=" parameter,
+ *     read as headers.via_branch reads it.
+ * out: data without our via-parm (the whole Via line when it was alone on it, else the via-parm,
+ * its comma and the SP/HTAB after it, as headers.first_element leaves the line); branch: the
+ * balancer's branch; key: the next Via's
+ * branch (edge.transaction_key); pending: for a response to INVITE or REGISTER, Call-ID SP
+ * CSeq number (as overload.AdmissionControl keys a request), else None.  The branch is not
+ * verified here: the caller checks it (HopBranches.decode), as the general path does.
+ * Every read stays inside data's buffer; no Python code runs while pointers into it are held.
+ */
+#define MAX_HEADER_LINES 256
+
+enum { HK_OTHER, HK_VIA, HK_FROM, HK_TO, HK_CALLID, HK_CSEQ, HK_CLEN, HK_MAXFWD };
+
+static int lower_eq(const char *p, Py_ssize_t n, const char *lower) {
+    Py_ssize_t i = 0;
+    for (; i < n && lower[i]; i++) {
+        unsigned char c = (unsigned char)p[i];
+        if (c >= 'A' && c <= 'Z') c = (unsigned char)(c + 32);
+        if (c != (unsigned char)lower[i]) return 0;
+    }
+    return i == n && lower[i] == 0;
+}
+
+static int header_kind(const char *p, Py_ssize_t n) {
+    if (n == 1) {
+        switch (p[0] | 0x20) {
+        case 'v': return HK_VIA;
+        case 'f': return HK_FROM;
+        case 't': return HK_TO;
+        case 'i': return HK_CALLID;
+        case 'l': return HK_CLEN;
+        default: return HK_OTHER;
+        }
+    }
+    if (lower_eq(p, n, "via")) return HK_VIA;
+    if (lower_eq(p, n, "from")) return HK_FROM;
+    if (lower_eq(p, n, "to")) return HK_TO;
+    if (lower_eq(p, n, "call-id")) return HK_CALLID;
+    if (lower_eq(p, n, "cseq")) return HK_CSEQ;
+    if (lower_eq(p, n, "content-length")) return HK_CLEN;
+    if (lower_eq(p, n, "max-forwards")) return HK_MAXFWD;
+    return HK_OTHER;
+}
+
+/* what bytes.strip() strips (headers.first_element strips the elements it cuts) */
+static int is_pyspace(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\x0b' || c == '\x0c'; }
+
+static int is_lower_hex(unsigned char c) { return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'); }
+
+typedef struct {
+    Py_ssize_t name, name_end, value, value_end; /* offsets in data: a line's name and value */
+} line_span;
+
+static PyObject *response_hop(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "response_hop(data, prefixes, hop_prefix, max_size)");
+        return NULL;
+    }
+    PyObject *data = args[0], *prefixes = args[1], *hop_prefix = args[2];
+    if (!PyBytes_CheckExact(data) || !PyTuple_CheckExact(prefixes) || !PyBytes_CheckExact(hop_prefix))
+        Py_RETURN_NONE;
+    Py_ssize_t max_size = PyLong_AsSsize_t(args[3]);
+    if (max_size == -1 && PyErr_Occurred()) return NULL;
+    const char *p = PyBytes_AS_STRING(data);
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
+    if (n > max_size || n < 16 || memcmp(p, "SIP/2.0 ", 8) != 0) Py_RETURN_NONE;
+    const unsigned char *d = (const unsigned char *)p + 8;
+    if (d[0] < '1' || d[0] > '6' || d[1] < '0' || d[1] > '9' || d[2] < '0' || d[2] > '9' || p[11] != ' ')
+        Py_RETURN_NONE;
+    int status = (d[0] - '0') * 100 + (d[1] - '0') * 10 + (d[2] - '0');
+    const char *head_end = memmem(p, (size_t)n, "\r\n\r\n", 4);
+    if (head_end == NULL) Py_RETURN_NONE;
+    Py_ssize_t hend = head_end - p; /* the last header line ends here */
+    Py_ssize_t body_start = hend + 4;
+
+    line_span lines[MAX_HEADER_LINES];
+    int nlines = 0;
+    int via1 = -1, via2 = -1, callid = -1, cseq = -1, clen = -1;
+    int seen_from = 0, seen_to = 0, seen_maxfwd = 0;
+
+    /* the start line: no CR or LF inside */
+    const char *eol = memchr(p, '\r', (size_t)hend + 2);
+    if (eol == NULL || eol[1] != '\n' || memchr(p, '\n', (size_t)(eol - p)) != NULL) Py_RETURN_NONE;
+    Py_ssize_t start_len = (eol - p) + 2; /* with its CRLF */
+    Py_ssize_t pos = start_len;
+    while (pos < hend + 2) {
+        const char *ls = p + pos;
+        const char *cr = memchr(ls, '\r', (size_t)(hend - pos + 1));
+        if (cr == NULL || cr[1] != '\n') Py_RETURN_NONE;
+        Py_ssize_t len = cr - ls;
+        if (len == 0 || memchr(ls, '\n', (size_t)len) != NULL) Py_RETURN_NONE;
+        if (nlines >= MAX_HEADER_LINES) Py_RETURN_NONE;
+        const char *colon = memchr(ls, ':', (size_t)len);
+        if (colon == NULL || colon == ls) Py_RETURN_NONE;
+        for (const char *c = ls; c < colon; c++)
+            if (!is_token_char((unsigned char)*c)) Py_RETURN_NONE;
+        /* ": " then the value without the SP/HTAB around it (what the parser keeps) */
+        Py_ssize_t vs = (colon - p) + 1, ve = cr - p;
+        if (vs >= ve || p[vs] != ' ') Py_RETURN_NONE;
+        while (vs < ve && (p[vs] == ' ' || p[vs] == '\t')) vs++;
+        while (ve > vs && (p[ve - 1] == ' ' || p[ve - 1] == '\t')) ve--;
+        line_span *span = &lines[nlines];
+        span->name = pos;
+        span->name_end = colon - p;
+        span->value = vs;
+        span->value_end = ve;
+        switch (header_kind(ls, colon - ls)) {
+        case HK_VIA:
+            if (via1 < 0)
+                via1 = nlines;
+            else if (via2 < 0)
+                via2 = nlines;
+            break;
+        case HK_FROM:
+            if (seen_from++) Py_RETURN_NONE;
+            break;
+        case HK_TO:
+            if (seen_to++) Py_RETURN_NONE;
+            break;
+        case HK_MAXFWD:
+            if (seen_maxfwd++) Py_RETURN_NONE;
+            break;
+        case HK_CALLID:
+            if (callid >= 0) Py_RETURN_NONE;
+            callid = nlines;
+            break;
+        case HK_CSEQ:
+            if (cseq >= 0) Py_RETURN_NONE;
+            cseq = nlines;
+            break;
+        case HK_CLEN:
+            if (clen >= 0) Py_RETURN_NONE;
+            clen = nlines;
+            break;
+        default:
+            break;
+        }
+        nlines++;
+        pos = (cr - p) + 2;
+    }
+    if (via1 < 0 || !seen_from || !seen_to || callid < 0 || cseq < 0) Py_RETURN_NONE;
+
+    /* Content-Length: digits, equal to the body's length (the general path would cut a longer body) */
+    if (clen >= 0) {
+        Py_ssize_t a = lines[clen].value, z = lines[clen].value_end;
+        if (z - a < 1 || z - a > 10) Py_RETURN_NONE;
+        long long v = 0;
+        for (Py_ssize_t i = a; i < z; i++) {
+            if (p[i] < '0' || p[i] > '9') Py_RETURN_NONE;
+            v = v * 10 + (p[i] - '0');
+        }
+        if (v > 2147483648LL || v != (long long)(n - body_start)) Py_RETURN_NONE;
+    }
+    /* CSeq: digits SP token */
+    Py_ssize_t ca = lines[cseq].value, cz = lines[cseq].value_end;
+    const char *sp = memchr(p + ca, ' ', (size_t)(cz - ca));
+    if (sp == NULL) Py_RETURN_NONE;
+    Py_ssize_t ndig = (sp - p) - ca;
+    if (ndig < 1 || ndig > 10) Py_RETURN_NONE;
+    long long seq = 0;
+    for (Py_ssize_t i = ca; i < ca + ndig; i++) {
+        if (p[i] < '0' || p[i] > '9') Py_RETURN_NONE;
+        seq = seq * 10 + (p[i] - '0');
+    }
+    if (seq >= 2147483648LL) Py_RETURN_NONE;
+    const char *method = sp + 1;
+    Py_ssize_t mlen = (p + cz) - method;
+    if (mlen < 1) Py_RETURN_NONE;
+    for (Py_ssize_t i = 0; i < mlen; i++)
+        if (!is_token_char((unsigned char)method[i])) Py_RETURN_NONE;
+    int is_register = mlen == 8 && memcmp(method, "REGISTER", 8) == 0;
+    int new_work = is_register || (mlen == 6 && memcmp(method, "INVITE", 6) == 0);
+    if (is_register && status >= 200 && status < 300) Py_RETURN_NONE;
+
+    /* the first Via: one of ours, prefix "branch=" hop_prefix hex */
+    const char *v = p + lines[via1].value;
+    Py_ssize_t vlen = lines[via1].value_end - lines[via1].value;
+    Py_ssize_t matched = -1;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(prefixes); i++) {
+        PyObject *pre = PyTuple_GET_ITEM(prefixes, i);
+        if (!PyBytes_CheckExact(pre)) continue;
+        Py_ssize_t plen = PyBytes_GET_SIZE(pre);
+        const char *pp = PyBytes_AS_STRING(pre);
+        if (plen < 1 || plen > vlen || pp[plen - 1] != ';' || memchr(pp, ';', (size_t)plen) != pp + plen - 1) continue;
+        if (memchr(pp, '[', (size_t)plen) != NULL || memchr(pp, '"', (size_t)plen) != NULL) continue;
+        if (memcmp(v, pp, (size_t)plen) == 0) {
+            matched = plen;
+            break;
+        }
+    }
+    if (matched < 0) Py_RETURN_NONE;
+    Py_ssize_t hp = PyBytes_GET_SIZE(hop_prefix);
+    const char *b = v + matched;
+    Py_ssize_t blen = vlen - matched;
+    if (blen < 7 + hp + 1 || memcmp(b, "branch=", 7) != 0 || memcmp(b + 7, PyBytes_AS_STRING(hop_prefix), (size_t)hp) != 0)
+        Py_RETURN_NONE;
+    Py_ssize_t t = 7 + hp;
+    while (t < blen && is_lower_hex((unsigned char)b[t])) t++;
+    if (t == 7 + hp) Py_RETURN_NONE;
+    const char *branch = b + 7;
+    Py_ssize_t branch_len = t - 7;
+    /* what stays of the first Via line: nothing (our via-parm alone on it), or what follows
+     * its comma, stripped, as headers.first_element leaves it (rest: offset in data, or -1) */
+    Py_ssize_t rest = -1;
+    const char *w;
+    Py_ssize_t wlen;
+    if (t == blen) {
+        if (via2 < 0) Py_RETURN_NONE;
+        w = p + lines[via2].value;
+        wlen = lines[via2].value_end - lines[via2].value;
+    } else {
+        if (b[t] != ',' || memchr(v, '"', (size_t)vlen) != NULL || is_pyspace(v[vlen - 1])) Py_RETURN_NONE;
+        const char *r = b + t + 1, *vend = v + vlen;
+        while (r < vend && is_pyspace(*r)) r++;
+        if (r == vend || *r == ',') Py_RETURN_NONE;
+        rest = r - p;
+        w = r;
+        wlen = vend - r;
+    }
+
+    /* the next via-parm (the first of w) and its branch */
+    if (wlen < 1 || memchr(w, '"', (size_t)wlen) != NULL) Py_RETURN_NONE;
+    const char *comma = memchr(w, ',', (size_t)wlen);
+    Py_ssize_t first_len = wlen;
+    if (comma != NULL) {
+        if (memchr(w, '<', (size_t)(comma - w)) != NULL) Py_RETURN_NONE;
+        first_len = comma - w;
+        while (first_len > 0 && is_pyspace(w[first_len - 1])) first_len--;
+        if (first_len == 0) Py_RETURN_NONE;
+        const char *r = comma + 1, *wend = w + wlen;
+        while (r < wend && is_pyspace(*r)) r++;
+        if (r < wend && *r == ',') Py_RETURN_NONE;
+    }
+    const char *kb = memmem(w, (size_t)first_len, ";branch=", 8);
+    if (kb == NULL) Py_RETURN_NONE;
+    kb += 8;
+    const char *ke = kb, *fend = w + first_len;
+    while (ke < fend && *ke != ';' && *ke != ' ' && *ke != ',' && *ke != '\t' && *ke != '\r' && *ke != '\n') ke++;
+    if (ke == kb) Py_RETURN_NONE;
+
+    /* the answer, as SipMessage.to_bytes writes the general path's message: start line, each
+     * line `name ": " value` (our via-parm out), CRLF, body.  Objects are built only now: no
+     * Python code ran during the scan. */
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n); /* never longer than data */
+    if (out == NULL) return NULL;
+    char *o = PyBytes_AS_STRING(out), *o0 = o;
+    memcpy(o, p, (size_t)start_len);
+    o += start_len;
+    for (int i = 0; i < nlines; i++) {
+        const line_span *span = &lines[i];
+        Py_ssize_t vfrom = span->value;
+        if (i == via1) {
+            if (rest < 0) continue;
+            vfrom = rest;
+        }
+        Py_ssize_t k = span->name_end - span->name;
+        memcpy(o, p + span->name, (size_t)k);
+        o += k;
+        *o++ = ':';
+        *o++ = ' ';
+        k = span->value_end - vfrom;
+        memcpy(o, p + vfrom, (size_t)k);
+        o += k;
+        *o++ = '\r';
+        *o++ = '\n';
+    }
+    *o++ = '\r';
+    *o++ = '\n';
+    memcpy(o, p + body_start, (size_t)(n - body_start));
+    o += n - body_start;
+    if (_PyBytes_Resize(&out, o - o0) < 0) return NULL;
+    PyObject *pending;
+    if (new_work) {
+        char num[24];
+        int k = snprintf(num, sizeof num, " %lld", seq);
+        Py_ssize_t id_len = lines[callid].value_end - lines[callid].value;
+        pending = PyBytes_FromStringAndSize(NULL, id_len + k);
+        if (pending == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        memcpy(PyBytes_AS_STRING(pending), p + lines[callid].value, (size_t)id_len);
+        memcpy(PyBytes_AS_STRING(pending) + id_len, num, (size_t)k);
+    } else {
+        pending = Py_NewRef(Py_None);
+    }
+    return Py_BuildValue("(Ny#y#N)", out, branch, branch_len, kb, (Py_ssize_t)(ke - kb), pending);
+}
+
 static PyMethodDef methods[] = {
     {"split_headers", (PyCFunction)(void (*)(void))split_headers, METH_FASTCALL,
      "split_headers(data, key_cache, watched, single, max_headers) -> (start_line, headers, first_values, "
      "body_start, start) | None"},
     {"join", (PyCFunction)(void (*)(void))join, METH_FASTCALL, "join(start_line, headers, body) -> bytes | None"},
     {"digest_params", digest_params, METH_O, "digest_params(value) -> (scheme, params, quoted) | None"},
+    {"response_hop", (PyCFunction)(void (*)(void))response_hop, METH_FASTCALL,
+     "response_hop(data, prefixes, hop_prefix, max_size) -> (out, branch, key, pending) | None"},
     {NULL, NULL, 0, NULL},
 };
 

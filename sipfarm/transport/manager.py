@@ -115,6 +115,9 @@ class TransportManager:
         # checked before parsing: False drops the message unparsed and unanswered (the
         # balancer's front door: a banned or flooding source costs a dict look-up or two)
         self.screen: Callable[[bytes, Address], bool] | None = None
+        # after the screen, before parsing: the balancer's forwarding of the common response
+        # from its bytes (``BalancerCore.forward_response``); False: not handled, parse it
+        self.fast_response: Callable[[bytes, Address, int], bool] | None = None
         # sources (IP address strings) ``max_connections_per_source`` does not apply to
         self.limit_exempt: Callable[[str], bool] | None = None
         # checked first when a connection is accepted (TCP, TLS before its handshake, WebSocket)
@@ -279,6 +282,16 @@ class TransportManager:
         screen = self.screen
         if screen is not None and not screen(data, source):
             return
+        fast = self.fast_response
+        if fast is not None:
+            try:
+                if fast(data, source, self._max_size):
+                    self.stats.received[source.transport] += 1
+                    return
+            except Exception:  # a bug there must not take the transport down either
+                self.stats.callback_errors += 1
+                self._log_exception("fast_response_failed", source, b"")
+                return
         try:
             msg = parse_message(data, max_size=self._max_size)
             if self._stamp and msg.status == 0:
