@@ -90,6 +90,7 @@ CEXTENSIONS=(
     sipfarm.transport._batchio=sipfarm/transport/_batchio.c
     media._fastpath=media/_fastpath.c
     sipfarm.sip._fastparse=sipfarm/sip/_fastparse.c
+    sipfarm.store._resppack=sipfarm/store/_resppack.c
 )
 
 test -x "$PY" || { echo "build-compiled: $PY missing (run make setup)" >&2; exit 1; }

@@ -42,6 +42,24 @@ Reply = Any  # bytes | int | list | None | hiredis.ReplyError | StoreUnavailable
 Callback = Callable[[Reply], None]
 
 
+try:  # built by scripts/build-compiled.sh only: the interpreted build packs with hiredis
+    from sipfarm.store._resppack import pack as _pack
+
+    HAVE_RESPPACK = True
+except ImportError:  # pragma: no cover - which branch runs depends on the build
+    HAVE_RESPPACK = False
+
+
+def pack_command(args: tuple[bytes | str | int | float, ...]) -> bytes:
+    """One command in RESP: hiredis.pack_command's bytes (and errors). The C packer, when built,
+    does the common case (str, bytes, int, float) without hiredis's sprintf per argument."""
+    if HAVE_RESPPACK:
+        packed = _pack(args)
+        if packed is not None:
+            return packed
+    return hiredis.pack_command(args)  # type: ignore[arg-type,no-any-return]
+
+
 _REPLY_ERROR: Final = hiredis.ReplyError  # Final: a C static in the compiled build, no dict look-up
 _CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 
@@ -287,7 +305,7 @@ class RedisPipe:
             self._safe_call(callback, StoreUnavailable("Redis is not connected"))
             return
         self.commands += 1
-        self._out.append(hiredis.pack_command(args))  # type: ignore[arg-type]
+        self._out.append(pack_command(args))
         self._pending.append((callback, time.monotonic()))
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -342,7 +360,7 @@ class RedisPipe:
         if self._acked and self._proto is not None:
             batch, self._acked = self._acked, []
             self.commands += 1
-            self._out.append(hiredis.pack_command(("WAIT", self.replicas_ack, self.replicas_timeout_ms)))  # type: ignore[arg-type]
+            self._out.append(pack_command(("WAIT", self.replicas_ack, self.replicas_timeout_ms)))
             self._pending.append((partial(self._acked_done, batch), time.monotonic()))
         if self._out and self._proto is not None and self._proto.transport is not None:
             self._proto.transport.write(b"".join(self._out))
