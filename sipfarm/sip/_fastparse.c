@@ -274,6 +274,11 @@ static PyObject *split_headers(PyObject *self, PyObject *const *args, Py_ssize_t
         PyTuple_SET_ITEM(item, 0, key);
         PyTuple_SET_ITEM(item, 1, raw);
         PyTuple_SET_ITEM(item, 2, value); /* the reference moves */
+        /* str and bytes only: nothing a cycle could run through.  Untracked now, the tuple
+         * stays out of the cyclic GC's young generation (CPython untracks such a tuple itself,
+         * but only at the first collection that visits it: a transaction's messages live 32 s,
+         * and each of their header tuples was walked once at least). */
+        PyObject_GC_UnTrack(item);
         Py_CLEAR(tmp_raw);
         Py_CLEAR(tmp_key);
         int rc = PyList_Append(headers, item);
