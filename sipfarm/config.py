@@ -51,6 +51,10 @@ class NodeConfig:
     # Address written into Record-Route and Via when the listen address is a wildcard.
     advertise: str = ""
     max_transactions: int = 200_000
+    # the message bytes live transactions may hold (requests, retransmitted responses): past it
+    # new requests get 503 (a 64 KB request held for Timer J/H costs 64 KB; the count alone
+    # would let 200,000 of them take 12.8 GB)
+    max_transaction_bytes: int = 256 * 2**20
     t1: float = 0.5
     t2: float = 4.0
     t4: float = 5.0
@@ -155,6 +159,7 @@ class NodeConfig:
             raise ConfigError("domains: at least one domain is required")
         _check_range("workers", self.workers, 1, 64)
         _check_range("max_transactions", self.max_transactions, 10, 10_000_000)
+        _check_range("max_transaction_bytes", self.max_transaction_bytes, 2**20, 2**40)
         _check_range("t1", self.t1, 0.001, 60)
         _check_range("min_expires", self.min_expires, 1, 86_400)
         if not self.min_expires <= self.default_expires <= self.max_expires:

@@ -194,6 +194,9 @@ class NodeMetrics:
             "sipfarm_node_invite_seconds", "INVITE routing time, receipt to forwarded (or rejected)"
         )
         self.transactions = _gauge("sipfarm_node_transactions", "Transactions in flight", r)
+        self.transaction_bytes = _gauge(
+            "sipfarm_node_transaction_bytes", "Message bytes the transactions in flight hold (max_transaction_bytes)", r
+        )
         self.auth_failures = LabelCache(
             Counter("sipfarm_node_auth_failures_total", "Failed digest authentications", ["reason"], registry=r)
         )

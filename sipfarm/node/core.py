@@ -76,6 +76,7 @@ class NodeCore:
         metrics: NodeMetrics | None = None,
         timers: TimerConfig | None = None,
         max_transactions: int = 200_000,
+        max_transaction_bytes: int = 256 * 2**20,
         policy: ExpiresPolicy | None = None,
         auth_requests: bool = True,
         digest_algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS,
@@ -96,7 +97,7 @@ class NodeCore:
         self.identity = identity
         self.state = state
         self.metrics = metrics or NodeMetrics()
-        self.layer = TransactionLayer(timers=timers, max_transactions=max_transactions)
+        self.layer = TransactionLayer(timers=timers, max_transactions=max_transactions, max_bytes=max_transaction_bytes)
         self.element = Element(identity, self.layer, self.metrics, clock=clock, wall=wall_clock)
         tokens = flow_tokens or FlowTokens(secrets.token_bytes(32))
         gruus = temp_gruus or TempGruus(secrets.token_bytes(32))

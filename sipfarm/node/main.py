@@ -278,6 +278,7 @@ async def serve(
         clock=loop.time,
         timers=TimerConfig(t1=cfg.t1, t2=cfg.t2, t4=cfg.t4),
         max_transactions=cfg.max_transactions,
+        max_transaction_bytes=cfg.max_transaction_bytes,
         policy=ExpiresPolicy(cfg.min_expires, cfg.max_expires, cfg.default_expires),
         auth_requests=cfg.auth_invite,
         digest_algorithms=tuple(cfg.digest_algorithms),
@@ -481,6 +482,7 @@ async def serve(
             sync_redis()
             metrics.flush()  # a worker's per-message counters into the multiprocess files
             metrics.transactions.set(len(core.layer))
+            metrics.transaction_bytes.set(core.layer.retained_bytes)
             if tick % 5 == 1 and (not multi or worker_index == 0):
                 count_registrations()
                 metrics.registrations.set(registrations["bindings"])

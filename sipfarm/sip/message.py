@@ -53,6 +53,7 @@ class SipMessage:
         "headers",
         "method",
         "reason",
+        "size",
         "status",
         "uri",
     )
@@ -77,6 +78,9 @@ class SipMessage:
         # (number, method); validated by the parser, filled lazily for built messages
         self.cseq: tuple[int, bytes] = cseq if cseq is not None else (0, b"")
         self._uri: URI | None = None
+        # bytes on the wire when parsed (0 for a built message): what holding it costs, for
+        # the transaction layer's memory budget
+        self.size = 0
 
     # -- construction ------------------------------------------------------------------------
 

@@ -150,6 +150,7 @@ def _finish(msg: SipMessage, data: bytes, body_start: int, first_values: dict[st
             raise BadMessage("Content-Length larger than body", partial=msg)
         body = body[:clen]
     msg.body = body
+    msg.size = len(data)
     _check_mandatory(msg, first_values)
     return msg
 

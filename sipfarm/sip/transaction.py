@@ -368,6 +368,7 @@ class Transaction:
         "key",
         "remote",
         "request",
+        "size",
         "state",
     )
 
@@ -383,6 +384,7 @@ class Transaction:
         self.state = self.INITIAL[1]
         self._timers: dict[TxInput, _TimerEntry] = {}  # armed timer -> its queue entry
         self._interval = 0.0  # current retransmission interval (A, E or G)
+        self.size = 0  # the message bytes it holds, charged to the layer's budget
 
     @property
     def reliable(self) -> bool:
@@ -576,6 +578,7 @@ class TransactionStats:
     transport_errors: int = 0
     invalid_inputs: int = 0
     rejected_full: int = 0
+    rejected_memory: int = 0  # requests refused because the held messages reached max_bytes
 
 
 # --- matching keys ----------------------------------------------------------------------------
@@ -652,8 +655,15 @@ class _Output:
 class TransactionLayer:
     """Every transaction of one SIP element, their timers and their output.
 
-    ``max_transactions`` bounds memory: a request that would create a transaction beyond it
-    raises :class:`~sipfarm.sip.errors.ServiceUnavailable` (answer 503, statelessly).
+    ``max_transactions`` and ``max_bytes`` bound memory: a request that would create a
+    transaction beyond ``max_transactions``, or when the messages the transactions hold plus
+    twice the new request (it and a response of about its size: a response copies the
+    request's Via, From, To, Call-ID and CSeq) would pass ``max_bytes``, raises
+    :class:`~sipfarm.sip.errors.ServiceUnavailable` (answer 503, statelessly).  The count alone
+    does not bound memory: a request may be 64 KB, so 200,000 of them held for Timer J or H
+    would be 12.8 GB.  What a transaction holds is counted in wire bytes (``retained_bytes``):
+    its request until it is released, the response bytes it retransmits, a client's last
+    response and ACK.
     ``send_trying``: server INVITE transactions answer 100 Trying at once (RFC 3261 17.2.1, a
     proxy's 16.2 duty); turn off when the TU sends its own provisional response within 200 ms.
     """
@@ -663,12 +673,17 @@ class TransactionLayer:
         *,
         timers: TimerConfig | None = None,
         max_transactions: int = 100_000,
+        max_bytes: int = 256 * 2**20,
         send_trying: bool = True,
     ) -> None:
         if max_transactions < 1:
             raise ValueError("max_transactions must be at least 1")
+        if max_bytes < 2**16:
+            raise ValueError("max_bytes must be at least 64 KiB")
         self.timers = timers or TimerConfig()
         self.max_transactions = max_transactions
+        self.max_bytes = max_bytes
+        self._bytes = 0  # sum of the live transactions' size
         self.send_trying = send_trying
         self.stats = TransactionStats()
         self._server: dict[tuple[object, ...], ServerTransaction] = {}
@@ -693,6 +708,24 @@ class TransactionLayer:
     def __len__(self) -> int:
         """Live transactions (server and client)."""
         return len(self._server) + len(self._client)  # one key per transaction
+
+    @property
+    def retained_bytes(self) -> int:
+        """The message bytes the live transactions hold (see the class docstring)."""
+        return self._bytes
+
+    def _charge(self, tx: Transaction, delta: int) -> None:
+        tx.size += delta
+        self._bytes += delta
+
+    def _room(self, size: int, msg: SipMessage) -> None:
+        """Raise ServiceUnavailable unless a transaction holding ``size`` bytes fits."""
+        if len(self._server) + len(self._client) >= self.max_transactions:
+            self.stats.rejected_full += 1
+            raise ServiceUnavailable("transaction table full", partial=msg)
+        if self._bytes + 2 * size > self.max_bytes:
+            self.stats.rejected_memory += 1
+            raise ServiceUnavailable("transaction memory full", partial=msg)
 
     @property
     def timer_entries(self) -> int:
@@ -747,15 +780,16 @@ class TransactionLayer:
             self.stats.acks_for_2xx += 1
             self._out.events.append(AckFor2xx(msg, source))
             return None
-        if len(self._server) + len(self._client) >= self.max_transactions:
-            self.stats.rejected_full += 1
-            raise ServiceUnavailable("transaction table full", partial=msg)
+        if msg.size <= 0:
+            msg.size = len(msg.to_bytes())  # built, not parsed (tests, local requests)
+        self._room(msg.size, msg)
         new: ServerTransaction
         if method == _INVITE:
             new = ServerInviteTransaction(msg, source, key)
         else:
             new = ServerNonInviteTransaction(msg, source, key)
         self._server[key] = new
+        self._charge(new, msg.size)
         self._index(new)
         self.stats.server_created += 1
         self._run(new, new.INITIAL[0], None, now)
@@ -835,9 +869,7 @@ class TransactionLayer:
                 raise ValueError(f"bad CSeq in request to send: {exc}") from None
             if request.cseq[1] != request.method:
                 raise ValueError("CSeq method differs from the request method")
-        if len(self._server) + len(self._client) >= self.max_transactions:
-            self.stats.rejected_full += 1
-            raise ServiceUnavailable("transaction table full", partial=request)
+        self._room(request.size or len(request.body) + 512, request)  # the bytes are made below
         tx: ClientTransaction
         if request.method == _INVITE:
             tx = ClientInviteTransaction(request, destination, branch)
@@ -846,6 +878,7 @@ class TransactionLayer:
         if tx.key in self._client:
             raise ValueError("a client transaction with this branch and method exists")
         self._client[tx.key] = tx
+        self._charge(tx, len(tx._request_bytes))
         self._index(tx)
         self.stats.client_created += 1
         self._run(tx, tx.INITIAL[0], None, now)
@@ -982,6 +1015,7 @@ class TransactionLayer:
             # Completed only absorbs retransmissions with the response's bytes (Timer J: 32 s
             # over UDP): release the parsed messages so completed REGISTERs stay small (~0.5 KB
             # instead of ~4 KB: a registrar at 4,000 REG/s holds 128,000 of them).
+            self._charge(tx, -tx.request.size)
             tx.request = _RELEASED
             tx.last_response = None
         # a timer stays armed only while the table reacts to it in the current state
@@ -1025,11 +1059,15 @@ class TransactionLayer:
 
     def _deliver_to_tu(self, tx: Transaction, msg: SipMessage | None, _now: float) -> None:
         assert isinstance(tx, ClientTransaction)
+        old = tx.last_response
+        self._charge(tx, (msg.size if msg is not None else 0) - (old.size if old is not None else 0))
         tx.last_response = msg
 
     def _send_response(self, tx: Transaction, msg: SipMessage | None, _now: float) -> None:
         assert isinstance(tx, ServerTransaction) and msg is not None
         data = msg.to_bytes()
+        old = tx._response_bytes
+        self._charge(tx, len(data) - (len(old) if old is not None else 0))
         tx.last_response = msg
         tx._response_bytes = data
         self._out.datagrams.append((data, tx.remote))
@@ -1043,6 +1081,7 @@ class TransactionLayer:
         assert isinstance(tx, ClientTransaction) and msg is not None
         if tx._ack is None:
             tx._ack = build_ack(tx.request, msg).to_bytes()
+            self._charge(tx, len(tx._ack))
         self._out.datagrams.append((tx._ack, tx.remote))
 
     def _send_trying(self, tx: Transaction, _msg: SipMessage | None, _now: float) -> None:
@@ -1050,7 +1089,9 @@ class TransactionLayer:
         if self.send_trying:
             trying = make_response(tx.request, 100)
             tx.last_response = trying
+            old = tx._response_bytes
             tx._response_bytes = trying.to_bytes()
+            self._charge(tx, len(tx._response_bytes) - (len(old) if old is not None else 0))
             self._out.datagrams.append((tx._response_bytes, tx.remote))
 
     def _ack_to_tu(self, tx: Transaction, msg: SipMessage | None, _now: float) -> None:
@@ -1158,6 +1199,8 @@ class TransactionLayer:
                 del self._by_remote[tx.remote]
         self._armed -= len(tx._timers)
         tx._timers.clear()
+        self._bytes -= tx.size
+        tx.size = 0
         self._out.events.append(TransactionTerminated(tx))
 
 

@@ -263,3 +263,39 @@ def test_an_out_of_dialog_request_routed_by_a_flow_token_is_refused(
     mallory.send(mallory.request(method, binding.contact, headers=[("route", route)]))
     assert finals(mallory) in ([403], [404])
     assert bob.inbox == []
+
+
+def test_challenges_hold_nothing_whatever_the_request_size(farm: MemFarm) -> None:
+    """Unauthenticated requests are challenged statelessly: 60 KB ones from many sources leave
+    no transaction (and no bytes) behind."""
+    layer = farm.nodes[0].layer
+    for i, method in enumerate(["REGISTER", "OPTIONS", "INVITE"] * 50):
+        source = farm.phone(f"flood{i}", host=f"127.0.9.{i + 1}")
+        source.send(source.request(method, f"sip:bob@{DOMAIN}", headers=[("X-Filler", "x" * 60_000)]))
+        assert source.finals() in ([401], [407])
+    assert len(layer) == 0 and layer.retained_bytes == 0
+
+
+def test_an_authenticated_flood_of_64_kb_invites_holds_at_most_the_byte_budget() -> None:
+    """A user with an account calls a callee that rings for ever, with 60 KB INVITEs: each call
+    holds its INVITE twice (server and client transaction) until Timer C.  The node answers
+    503 once the held bytes reach ``max_transaction_bytes``, long before ``max_transactions``,
+    and the bytes go back to zero when the transactions end."""
+    budget = 2 << 20
+    farm = MemFarm(node_kwargs={"max_transaction_bytes": budget})
+    layer = farm.nodes[0].layer
+    alice = farm.phone("alice", "127.0.0.10")
+    bob = farm.phone("bob", "127.0.0.11")
+    assert bob.register() is not None and bob.finals()[-1] == 200
+    finals: list[int] = []
+    for i in range(40):
+        invite = alice.request(
+            "INVITE", f"sip:bob@{DOMAIN}", call_id=f"flood-{i}", headers=[("X-Filler", "x" * 60_000)]
+        )
+        answer = alice.authenticated(invite)
+        finals.append(answer.status if answer is not None else 0)
+        assert layer.retained_bytes <= budget + 4 * 61_000
+    assert finals.count(503) >= 20 and len(layer) < 100
+    assert len(bob.requests(b"INVITE")) < 20
+    farm.advance(300.0)  # Timer C cancels the rung calls, then Timer D ends them
+    assert len(layer) == 0 and layer.retained_bytes == 0

@@ -140,7 +140,7 @@ def test_timer_a_doubles_without_cap_until_timer_b_times_out() -> None:
     assert all(data == tx.request.to_bytes() for _, data in sent)
     assert kinds(layer.events()) == [TransactionTimeout, TransactionTerminated]
     assert tx.state is TxState.TERMINATED
-    assert len(layer) == 0
+    assert len(layer) == 0 and layer.retained_bytes == 0
     assert layer.next_deadline() is None
 
 
@@ -189,7 +189,7 @@ def test_non_2xx_final_is_acked_with_rfc_headers_and_timer_d() -> None:
     run_timers(layer, 33.0)
     assert tx.state is TxState.TERMINATED
     assert kinds(layer.events()) == [TransactionTerminated]
-    assert len(layer) == 0
+    assert len(layer) == 0 and layer.retained_bytes == 0
 
 
 def test_timer_d_is_zero_over_reliable_transport() -> None:
@@ -198,7 +198,7 @@ def test_timer_d_is_zero_over_reliable_transport() -> None:
     tx = layer.start_client(req, UAS_TCP, 0.0)
     assert layer.receive_response(response(req, 503), UAS_TCP, 1.0) is tx
     assert tx.state is TxState.TERMINATED
-    assert len(layer) == 0
+    assert len(layer) == 0 and layer.retained_bytes == 0
     sent = layer.datagrams_to_send()
     assert [parse_message(d).method for d, _ in sent] == [b"INVITE", b"ACK"]
 
@@ -239,7 +239,7 @@ def test_timer_e_doubles_capped_at_t2_until_timer_f() -> None:
     # RFC 3261 17.1.2.2: min(2^n * T1, T2), Timer F = 64*T1
     assert times(sent) == [0.5, 1.5, 3.5, 7.5, 11.5, 15.5, 19.5, 23.5, 27.5, 31.5]
     assert kinds(layer.events()) == [TransactionTimeout, TransactionTerminated]
-    assert len(layer) == 0
+    assert len(layer) == 0 and layer.retained_bytes == 0
 
 
 def test_timer_e_fires_every_t2_in_proceeding() -> None:
@@ -269,7 +269,7 @@ def test_timer_k_absorbs_response_retransmissions() -> None:
     assert tx.state is TxState.COMPLETED
     run_timers(layer, 6.0)  # Timer K = T4
     assert tx.state is TxState.TERMINATED
-    assert len(layer) == 0
+    assert len(layer) == 0 and layer.retained_bytes == 0
 
 
 def test_timer_k_is_zero_over_reliable_transport() -> None:
@@ -288,7 +288,7 @@ def test_reliable_transport_skips_retransmissions_but_keeps_timeouts() -> None:
     assert len(layer.datagrams_to_send()) == 2
     assert run_timers(layer, 100.0) == []
     assert kinds(layer.events()) == [TransactionTimeout, TransactionTerminated] * 2
-    assert len(layer) == 0
+    assert len(layer) == 0 and layer.retained_bytes == 0
 
 
 # --- server INVITE: Timers G, H, I, L ---------------------------------------------------------
@@ -333,7 +333,7 @@ def test_timer_g_capped_at_t2_then_timer_h_reports_missing_ack() -> None:
     assert times(sent) == [0.5, 1.5, 3.5, 7.5, 11.5, 15.5, 19.5, 23.5, 27.5, 31.5]
     assert all(data == busy for _, data in sent)
     assert kinds(layer.events()) == [TransactionTimeout, TransactionTerminated]
-    assert len(layer) == 0
+    assert len(layer) == 0 and layer.retained_bytes == 0
 
 
 def test_ack_confirms_then_timer_i_terminates() -> None:
@@ -354,7 +354,7 @@ def test_ack_confirms_then_timer_i_terminates() -> None:
     assert tx.state is TxState.CONFIRMED
     run_timers(layer, 6.2)  # Timer I = T4 after the ACK
     assert tx.state is TxState.TERMINATED
-    assert len(layer) == 0
+    assert len(layer) == 0 and layer.retained_bytes == 0
 
 
 def test_reliable_server_invite_has_no_timer_g_and_zero_timer_i() -> None:
@@ -367,7 +367,7 @@ def test_reliable_server_invite_has_no_timer_g_and_zero_timer_i() -> None:
     assert layer.next_deadline() == 32.0  # only Timer H
     assert layer.receive_request(request("ACK", via="SIP/2.0/TCP 10.0.0.1:40000"), UAC_TCP, 1.0) is None
     assert tx.state is TxState.TERMINATED
-    assert len(layer) == 0
+    assert len(layer) == 0 and layer.retained_bytes == 0
     assert run_timers(layer, 100.0) == []
 
 
@@ -395,7 +395,7 @@ def test_server_invite_accepted_absorbs_invite_and_passes_ack_until_timer_l() ->
     assert run_timers(layer, 32.9) == []
     run_timers(layer, 33.0)  # Timer L = 64*T1 after the 2xx
     assert tx.state is TxState.TERMINATED
-    assert len(layer) == 0
+    assert len(layer) == 0 and layer.retained_bytes == 0
 
 
 # --- server non-INVITE: Timer J ---------------------------------------------------------------
@@ -421,7 +421,7 @@ def test_server_non_invite_trying_discards_then_final_resent_until_timer_j() -> 
     assert tx.state is TxState.COMPLETED
     run_timers(layer, 33.0)  # Timer J = 64*T1
     assert tx.state is TxState.TERMINATED
-    assert len(layer) == 0
+    assert len(layer) == 0 and layer.retained_bytes == 0
 
 
 def test_timer_j_is_zero_over_reliable_transport() -> None:
@@ -433,7 +433,7 @@ def test_timer_j_is_zero_over_reliable_transport() -> None:
     assert tx.state is TxState.TERMINATED
     assert len(layer.datagrams_to_send()) == 1
     assert kinds(layer.events()) == [TransactionTerminated]
-    assert len(layer) == 0
+    assert len(layer) == 0 and layer.retained_bytes == 0
 
 
 def test_non_invite_provisional_then_request_retransmission_resends_it() -> None:
@@ -568,7 +568,7 @@ def test_unmatched_ack_is_reported_for_stateless_forwarding() -> None:
     ack = request("ACK", to_tag="x", branch="z9hG4bKack")
     assert layer.receive_request(ack, UAC, 0.0) is None
     assert layer.events() == [AckFor2xx(ack, UAC)]
-    assert len(layer) == 0
+    assert len(layer) == 0 and layer.retained_bytes == 0
 
 
 # --- TU misuse, transport errors, limits ------------------------------------------------------
@@ -587,7 +587,7 @@ def test_invalid_tu_input_raises_and_terminates() -> None:
     assert info.value.input is TxInput.SEND_1XX
     assert tx.state is TxState.TERMINATED
     assert kinds(layer.events()) == [TransactionTerminated]
-    assert len(layer) == 0
+    assert len(layer) == 0 and layer.retained_bytes == 0
     with pytest.raises(InvalidTransition):
         layer.send_response(tx, make_response(req, 500), 0.2)
     assert run_timers(layer, 100.0) == []  # its timers died with it
@@ -636,7 +636,7 @@ def test_transport_error_touches_only_the_failed_remote_and_the_index_is_release
         if tx is not None and not tx.terminated:
             layer.send_response(tx, make_response(tx.request, 200), 0.3)
     run_timers(layer, 100.0)  # everything ends (Timer F, J): no remote is remembered any more
-    assert len(layer) == 0
+    assert len(layer) == 0 and layer.retained_bytes == 0
     assert layer._by_remote == {}
 
 
@@ -667,9 +667,84 @@ def test_max_transactions_answers_503_and_memory_returns_to_zero() -> None:
         layer.send_response(tx, make_response(tx.request, 200, to_tag=b"t"), 1.0)
     assert len(layer) == 10
     run_timers(layer, 1000.0)
-    assert len(layer) == 0
+    assert len(layer) == 0 and layer.retained_bytes == 0
     assert layer.timer_entries == 0
     assert kinds(layer.events()).count(TransactionTerminated) == 10
+
+
+def big_request(method: str, branch: str, size: int, via: str = "SIP/2.0/UDP 10.0.0.1:5060") -> SipMessage:
+    """A parsed request of about ``size`` bytes (a long header, as an attacker would send)."""
+    filler = "x" * size
+    lines = [
+        f"{method} sip:bob@example.com SIP/2.0",
+        f"Via: {via};branch={branch}",
+        "Max-Forwards: 70",
+        "From: <sip:alice@example.com>;tag=from1",
+        "To: <sip:bob@example.com>",
+        f"Call-ID: big-{branch}",
+        f"CSeq: 1 {method}",
+        f"X-Filler: {filler}",
+        "Content-Length: 0",
+        "",
+        "",
+    ]
+    return parse_message("\r\n".join(lines).encode())
+
+
+@pytest.mark.parametrize("method", ["OPTIONS", "INVITE", "REGISTER"])
+def test_held_bytes_are_bounded_not_only_the_count(method: str) -> None:
+    """64 KB requests fill max_bytes long before max_transactions: 503, and the bytes held
+    (requests, the responses retransmitted for Timer J/H) stay within the budget."""
+    budget = 1 << 20
+    layer = TransactionLayer(max_transactions=200_000, max_bytes=budget)
+    accepted = []
+    refused = 0
+    for i in range(200):
+        req = big_request(method, f"z9hG4bKbig{i}", 60_000)
+        assert req.size > 60_000
+        try:
+            tx = layer.receive_request(req, UAC, 0.0)
+        except ServiceUnavailable as exc:
+            assert exc.status == 503 and exc.partial is req
+            refused += 1
+            continue
+        assert tx is not None
+        accepted.append(tx)
+        # the answer copies the request's headers: as large as it, and retained for resending
+        reply = make_response(tx.request, 401, to_tag=b"t")
+        reply.headers.append(("x-filler", b"X-Filler", tx.request.get("x-filler") or b""))
+        layer.send_response(tx, reply, 0.0)
+        assert layer.retained_bytes <= budget + 2 * 61_000
+    drain(layer)
+    assert refused > 150 and 4 <= len(accepted) <= 16
+    assert layer.stats.rejected_memory == refused and layer.stats.rejected_full == 0
+    # a small request still fits once the big ones are gone; nothing is left charged
+    run_timers(layer, 1000.0)
+    drain(layer)
+    assert len(layer) == 0 and layer.retained_bytes == 0
+    assert layer.receive_request(request("OPTIONS", branch="z9hG4bKsmall"), UAC, 1000.0) is not None
+
+
+def test_held_bytes_follow_client_transactions_and_their_responses() -> None:
+    layer = TransactionLayer(max_bytes=1 << 20)
+    req = request("INVITE", branch="z9hG4bKcli1")
+    tx = layer.start_client(req, UAS, 0.0)
+    sent = layer.retained_bytes
+    assert sent == len(tx._request_bytes)
+    ringing = response(req, 180)
+    assert layer.receive_response(ringing, UAS, 0.1) is tx
+    assert layer.retained_bytes == sent + ringing.size
+    busy = response(req, 486)
+    layer.receive_response(busy, UAS, 0.2)  # the ACK is built and held for Timer D
+    assert layer.retained_bytes > sent + busy.size
+    run_timers(layer, 100.0)
+    drain(layer)
+    assert len(layer) == 0 and layer.retained_bytes == 0
+
+
+def test_max_bytes_is_checked() -> None:
+    with pytest.raises(ValueError, match="max_bytes"):
+        TransactionLayer(max_bytes=1000)
 
 
 def test_stale_timer_entries_are_compacted() -> None:
@@ -679,7 +754,7 @@ def test_stale_timer_entries_are_compacted() -> None:
         tx = layer.start_client(req, UAS, 0.0)
         layer.transport_error(tx, 0.0)  # E and F entries become stale at once
     drain(layer)
-    assert len(layer) == 0
+    assert len(layer) == 0 and layer.retained_bytes == 0
     assert layer.timer_entries < 2000
     assert layer.next_deadline() is None
 
