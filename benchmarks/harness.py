@@ -1,7 +1,8 @@
 """`sipfarm bench` / `python -m benchmarks`: sipfarm against Kamailio, same scenarios, same machine.
 
 Theory of operation. For every target (a sipfarm farm of N nodes for each N in `--nodes`,
-then Kamailio with its location in memory and in Redis) the harness starts the servers on
+then Kamailio with its location in memory, once per memory manager of `--kamailio-memory`,
+and in Redis) the harness starts the servers on
 loopback, provisions U users, starts a SIPp UAS, and then:
 
 1. registers all U users once at a fixed rate, every Contact pointing at the UAS (so any user
@@ -44,7 +45,14 @@ from benchmarks.measure import MemorySampler, ProcessTree, calls_delta, cpu_delt
 from benchmarks.process import sipfarm_env, udp_receive_buffer_errors
 from benchmarks.search import SearchResult, Step, find_max_rate
 from benchmarks.sipp import REGISTER_AUTH, UAC_CALL, SippError, SippResult, SippServer, run_sipp
-from benchmarks.targets import KamailioTarget, SipfarmTarget, Target, TargetError
+from benchmarks.targets import (
+    KAMAILIO_MEMORY_MANAGERS,
+    KamailioTarget,
+    SipfarmTarget,
+    Target,
+    TargetError,
+    kamailio_target_name,
+)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -86,6 +94,14 @@ class Settings:
     build_used: str = ""  # what the sipfarm processes ran (sipfarm_env)
     relays: int = 0  # `sipfarm relay` processes started with each farm, its nodes anchoring media on them
     kinds: tuple[str, ...] = ("register", "call")  # the searches run (--media: calls only)
+    kamailio_memory: tuple[str, ...] = ("qm",)
+    """Kamailio's memory managers: the in-memory target runs once with each (the first also
+    runs the Redis one); qm is Debian's default, the historical reference."""
+
+    @property
+    def target_count(self) -> int:
+        return (len(self.nodes) + (len(self.kamailio_memory) if self.kamailio else 0)
+                + int(self.kamailio_redis))
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,8 +343,7 @@ class Harness:
         self.results: list[TargetResult] = []
         self.notes: list[str] = []
         self.deadline = time.monotonic() + settings.total_budget_s
-        target_count = len(settings.nodes) + int(settings.kamailio) + int(settings.kamailio_redis)
-        self.searches_left = len(settings.kinds) * target_count if settings.search else 0
+        self.searches_left = len(settings.kinds) * settings.target_count if settings.search else 0
         self.env, _ = sipfarm_env(settings.build)
 
     def targets(self) -> Iterator[Callable[[], Target]]:
@@ -337,11 +352,15 @@ class Harness:
         for n in s.nodes:
             yield functools.partial(SipfarmTarget, raw / f"sipfarm-{n}n", self.users, nodes=n, workers=s.workers,
                                     env=self.env, relays=s.relays)
-        if s.kamailio:
-            yield lambda: KamailioTarget(raw / "kamailio", self.users, workers=s.workers, redis_location=False)
+        for memory in s.kamailio_memory if s.kamailio else ():
+            name = kamailio_target_name(redis_location=False, memory_manager=memory)
+            yield functools.partial(KamailioTarget, raw / name, self.users, workers=s.workers, redis_location=False,
+                                    memory_manager=memory)
         if s.kamailio_redis:
-            yield lambda: KamailioTarget(raw / "kamailio-redis", self.users, workers=s.workers,
-                                         redis_location=True)
+            memory = s.kamailio_memory[0]
+            name = kamailio_target_name(redis_location=True, memory_manager=memory)
+            yield functools.partial(KamailioTarget, raw / name, self.users, workers=s.workers, redis_location=True,
+                                    memory_manager=memory)
 
     def run(self) -> list[TargetResult]:
         self.sampler.start()
@@ -504,6 +523,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-search", action="store_true", help="one fixed-rate step of each kind")
     p.add_argument("--no-kamailio", action="store_true", help="skip the Kamailio comparison")
     p.add_argument("--no-kamailio-redis", action="store_true", help="skip Kamailio with location in Redis")
+    p.add_argument("--kamailio-memory", choices=(*KAMAILIO_MEMORY_MANAGERS, "both"), default="qm",
+                   help="Kamailio's memory manager (-x): qm, Debian's default and the historical reference "
+                   "(default); tlsf, ~2x less CPU per message in this config; both: the in-memory Kamailio "
+                   "twice, kamailio (qm) and kamailio-tlsf, sipfarm's ratios against each (the Redis one: qm)")
     p.add_argument("--build", choices=("auto", "compiled", "interpreted"), default="auto",
                    help="sipfarm as compiled by 'make compiled' (mypyc) or pure Python; auto: compiled when "
                    "that build is fresh")
@@ -561,6 +584,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
     users = pick(args.users, 10_000, 2_000, 50)
     kamailio_ok = Path(KAMAILIO_BIN).exists()
+    kamailio = kamailio_ok and not args.no_kamailio
+    memory = KAMAILIO_MEMORY_MANAGERS if args.kamailio_memory == "both" else (args.kamailio_memory,)
+    search_budget_s = pick(args.search_budget_s, 90.0, 24.0, 0.0)
     return Settings(
         mode=mode,
         nodes=pick(args.nodes, (1, 2), (1, 2), (1,)),
@@ -570,10 +596,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
         step_s=pick(args.step_s, 5.0, 3.0, 2.0),
         settle_s=pick(None, 1.0, 0.5, 0.2),
         search=not (args.no_search or args.tiny),
-        search_budget_s=pick(args.search_budget_s, 90.0, 24.0, 0.0),
+        search_budget_s=search_budget_s,
         # Searches share this: quick stays under 5 minutes with 4 targets (~15 s each to start
-        # and register everyone).
-        total_budget_s=pick(None, 3600.0, 215.0, 0.0),
+        # and register everyone); a second Kamailio memory manager adds its two searches.
+        total_budget_s=pick(None, 3600.0, 215.0, 0.0) + 2 * search_budget_s * (len(memory) - 1 if kamailio else 0),
         max_steps=pick(None, 12, 8, 1),
         precision=pick(None, 0.05, 0.15, 0.5),
         max_p99_ms=args.max_p99_ms or None,
@@ -583,9 +609,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
         call_start=pick(args.call_start, 100.0, 100.0, 5.0),
         fixed_register_rate=pick(args.register_rate, 100.0, 100.0, 25.0),
         fixed_call_rate=pick(args.call_rate, 20.0, 20.0, 5.0),
-        kamailio=kamailio_ok and not args.no_kamailio,
-        kamailio_redis=kamailio_ok and not args.no_kamailio and not args.no_kamailio_redis and not args.tiny,
+        kamailio=kamailio,
+        kamailio_redis=kamailio and not args.no_kamailio_redis and not args.tiny,
         build=args.build,
+        kamailio_memory=memory,
     )
 
 
@@ -714,7 +741,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
     started = time.monotonic()
     machine = machine_info()
-    target_count = len(settings.nodes) + int(settings.kamailio) + int(settings.kamailio_redis)
+    target_count = settings.target_count
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     progress = Progress(SpinnerColumn(), TextColumn("{task.description:<44}"), BarColumn(),
                         TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(), console=console,

@@ -227,7 +227,8 @@ def measured_from_summary(summary: Mapping[str, Any]) -> Measured | None:
     node_call = _get(farm, "efficiency", "call", "per_server_cpu_s")
     if not node_reg or not node_call:
         return None
-    kam = targets.get("kamailio", {})
+    # The reference of the comparison (qm's when both memory managers ran; summaries without one: "kamailio").
+    kam = targets.get(_get(summary, "comparison", "reference") or "kamailio", {})
     return Measured(
         source=str(farm.get("name")),
         node_regs_per_cpu_s=float(node_reg),

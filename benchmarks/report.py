@@ -4,6 +4,10 @@
 sustained REG/s and calls/s, the run at that rate (percentiles, retransmissions, 5xx, CPU
 per process), work per CPU-second, the process that saturates first, peak memory; then the
 sipfarm/Kamailio ratios, the 1 -> 2 node scaling and the capacity model (`benchmarks.model`).
+
+The Kamailio references are its in-memory targets (`kamailio`, Debian's memory manager qm, and
+`kamailio-tlsf` with `--kamailio-memory tlsf|both`): every other target gets its ratios against
+each; `comparison.reference` and `comparison.ratios` are those against the first (qm when run).
 """
 
 from __future__ import annotations
@@ -102,23 +106,36 @@ def target_summary(r: TargetResult) -> dict[str, Any]:
     return out
 
 
+def references(targets: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The Kamailio targets the others are compared with: in memory (not `kamailio-redis*`), run
+    without error, `kamailio` (qm) first."""
+    names = [name for name, t in targets.items() if t["kind"] == "kamailio" and not t["error"]
+             and not name.startswith("kamailio-redis")]
+    return sorted(names, key=lambda name: name != "kamailio")
+
+
+def _ratios(t: Mapping[str, Any], ref: Mapping[str, Any]) -> dict[str, float | None]:
+    return {
+        "register_rate": _ratio(t["max_rate"]["register"], ref["max_rate"]["register"]),
+        "call_rate": _ratio(t["max_rate"]["call"], ref["max_rate"]["call"]),
+        "regs_per_cpu_s": _ratio(_eff(t, "register"), _eff(ref, "register")),
+        "calls_per_cpu_s": _ratio(_eff(t, "call"), _eff(ref, "call")),
+    }
+
+
 def build_summary(*, settings: Mapping[str, Any], machine: Mapping[str, Any], results: Sequence[TargetResult],
                   notes: Sequence[str], command: str, elapsed_s: float, interrupted: bool) -> dict[str, Any]:
     targets = {r.name: target_summary(r) for r in results}
-    kam = targets.get("kamailio")
-    comparison: dict[str, Any] = {"reference": "kamailio" if kam and not kam["error"] else None, "ratios": {}}
+    refs = references(targets)
+    by_reference = {ref: {name: _ratios(t, targets[ref]) for name, t in targets.items()
+                          if name != ref and not t["error"]} for ref in refs}
+    comparison: dict[str, Any] = {
+        "reference": refs[0] if refs else None,
+        "ratios": by_reference[refs[0]] if refs else {},
+        "references": refs,
+        "ratios_by_reference": by_reference,
+    }
     farms = {t["nodes"]: t for t in targets.values() if t["kind"] == "sipfarm" and not t["error"]}
-    if comparison["reference"]:
-        assert kam is not None
-        for name, t in targets.items():
-            if name == "kamailio" or t["error"]:
-                continue
-            comparison["ratios"][name] = {
-                "register_rate": _ratio(t["max_rate"]["register"], kam["max_rate"]["register"]),
-                "call_rate": _ratio(t["max_rate"]["call"], kam["max_rate"]["call"]),
-                "regs_per_cpu_s": _ratio(_eff(t, "register"), _eff(kam, "register")),
-                "calls_per_cpu_s": _ratio(_eff(t, "call"), _eff(kam, "call")),
-            }
     if 1 in farms and 2 in farms:
         comparison["scaling_1_to_2_nodes"] = {
             "register_rate": _ratio(farms[2]["max_rate"]["register"], farms[1]["max_rate"]["register"]),
@@ -209,10 +226,17 @@ def markdown(summary: Mapping[str, Any]) -> str:
         "step above it, if any.",
     ]
     comp = summary["comparison"]
-    if comp.get("ratios"):
-        lines += ["", "## sipfarm / Kamailio", "", "| target | REG/s | calls/s | REG per CPU-s | calls per CPU-s |",
+    # Summaries written before there could be several references have only "ratios".
+    by_reference = comp.get("ratios_by_reference") or ({comp["reference"]: comp["ratios"]} if comp.get("ratios")
+                                                       else {})
+    for ref, ratios in by_reference.items():
+        if not ratios:
+            continue
+        title = "sipfarm / Kamailio" if len(by_reference) == 1 else (
+            f"sipfarm / {ref} ({summary['targets'][ref]['note'] or ref})")
+        lines += ["", f"## {title}", "", "| target | REG/s | calls/s | REG per CPU-s | calls per CPU-s |",
                   "|---|---|---|---|---|"]
-        for name, r in comp["ratios"].items():
+        for name, r in ratios.items():
             lines.append(f"| {name} | {_f(r['register_rate'], '.2f')} | {_f(r['call_rate'], '.2f')} | "
                          f"{_f(r['regs_per_cpu_s'], '.2f')} | {_f(r['calls_per_cpu_s'], '.2f')} |")
     if comp.get("scaling_1_to_2_nodes"):
@@ -262,7 +286,7 @@ def plot(summary: Mapping[str, Any], path: Path) -> None:
     targets = [t for t in summary["targets"].values() if not t["error"]]
     farms = sorted((t for t in targets if t["kind"] == "sipfarm"), key=lambda t: t["nodes"])
     refs = [t for t in targets if t["kind"] == "kamailio"]
-    styles = ["--", ":"]
+    styles = ["--", ":", "-."]
     for ax, kind, title in ((axes[0], "register", "REGISTER/s (digest) vs nodes"),
                             (axes[1], "call", "calls/s vs nodes")):
         xs = [t["nodes"] for t in farms]
@@ -270,7 +294,7 @@ def plot(summary: Mapping[str, Any], path: Path) -> None:
         ax.plot(xs, ys, "o-", label="sipfarm")
         for i, ref in enumerate(refs):
             if ref["max_rate"][kind]:
-                ax.axhline(ref["max_rate"][kind], linestyle=styles[i % 2], color=f"C{i + 1}",
+                ax.axhline(ref["max_rate"][kind], linestyle=styles[i % len(styles)], color=f"C{i + 1}",
                            label=f"{ref['name']} ({ref['workers']} children)")
         ax.set_title(title)
         ax.set_xlabel("sipfarm nodes")
@@ -317,6 +341,12 @@ def headline(summary: Mapping[str, Any]) -> list[str]:
             continue
         out.append(f"{t['name']}: {_f(t['max_rate']['register'])} REG/s, {_f(t['max_rate']['call'])} calls/s; "
                    f"{_f(_eff(t, 'register'))} REG and {_f(_eff(t, 'call'))} calls per server CPU-s")
+    for ref, ratios in (summary["comparison"].get("ratios_by_reference") or {}).items():
+        for name, r in ratios.items():
+            if summary["targets"][name]["kind"] == "sipfarm":
+                out.append(f"{name} / {ref}: per CPU-s REG {_f(r['regs_per_cpu_s'], '.2f')}, calls "
+                           f"{_f(r['calls_per_cpu_s'], '.2f')}; max rate REG {_f(r['register_rate'], '.2f')}, "
+                           f"calls {_f(r['call_rate'], '.2f')}")
     return out
 
 

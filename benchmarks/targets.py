@@ -247,20 +247,38 @@ RELAY_PORT_BASE = 24000  # below the ephemeral range; a port another process hol
 RELAY_PORTS = 4000  # 4 a call: 1,000 concurrent calls a relay
 
 
+KAMAILIO_MEMORY_MANAGERS = ("qm", "tlsf")
+"""Kamailio's memory managers the benchmark runs it with (`-x`): qm, Debian's default and the
+historical reference, costs ~2x per message in this config (benchmarks/README.md, lb_reference)."""
+
+
+def kamailio_target_name(*, redis_location: bool, memory_manager: str = "qm") -> str:
+    """kamailio, kamailio-redis; with another memory manager than qm, its name appended."""
+    base = "kamailio-redis" if redis_location else "kamailio"
+    return base if memory_manager == "qm" else f"{base}-{memory_manager}"
+
+
 class KamailioTarget(Target):
-    """Kamailio doing a node's job (benchmarks/kamailio.py), location in memory or in Redis."""
+    """Kamailio doing a node's job (benchmarks/kamailio.py), location in memory or in Redis,
+    with memory manager qm (Debian's default: no `-x`) or tlsf."""
 
     kind = "kamailio"
 
-    def __init__(self, workdir: Path, users: Sequence[User], *, workers: int, redis_location: bool) -> None:
+    def __init__(self, workdir: Path, users: Sequence[User], *, workers: int, redis_location: bool,
+                 memory_manager: str = "qm") -> None:
         super().__init__()
+        if memory_manager not in KAMAILIO_MEMORY_MANAGERS:
+            raise ValueError(f"memory manager {memory_manager!r}: expected one of {KAMAILIO_MEMORY_MANAGERS}")
         self.workdir = workdir.resolve()
         self.users = users
         self.nodes = 1
         self.workers = workers
         self.redis_location = redis_location
-        self.name = "kamailio-redis" if redis_location else "kamailio"
-        self.note = ("usrloc db_mode 3 in Redis (db_redis)" if redis_location else "usrloc in shared memory")
+        self.memory_manager = memory_manager
+        self.name = kamailio_target_name(redis_location=redis_location, memory_manager=memory_manager)
+        self.note = ("usrloc db_mode 3 in Redis (db_redis)" if redis_location else "usrloc in shared memory") + (
+            ", memory manager qm (Debian's default)" if memory_manager == "qm" else
+            f", memory manager {memory_manager} (-x {memory_manager})")
         self.port = 0
         self.kamailio: Kamailio | None = None
 
@@ -273,7 +291,8 @@ class KamailioTarget(Target):
                 self.redis = RedisServer(self.workdir / "redis")
                 self._procs.append(("redis", self.redis.process))
             self.kamailio = Kamailio.start(self.workdir / "kamailio", self.users, children=self.workers,
-                                           redis_url=self.redis.url if self.redis else None)
+                                           redis_url=self.redis.url if self.redis else None,
+                                           memory_manager=None if self.memory_manager == "qm" else self.memory_manager)
             self._procs.append(("kamailio", self.kamailio.process))
             self.port = self.kamailio.port
             self.domain = self.kamailio.domain
