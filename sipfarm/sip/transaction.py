@@ -869,12 +869,12 @@ class TransactionLayer:
                 raise ValueError(f"bad CSeq in request to send: {exc}") from None
             if request.cseq[1] != request.method:
                 raise ValueError("CSeq method differs from the request method")
-        self._room(request.size or len(request.body) + 512, request)  # the bytes are made below
         tx: ClientTransaction
         if request.method == _INVITE:
             tx = ClientInviteTransaction(request, destination, branch)
         else:
             tx = ClientNonInviteTransaction(request, destination, branch)
+        self._room(len(tx._request_bytes), request)  # room for it and an answer of its size
         if tx.key in self._client:
             raise ValueError("a client transaction with this branch and method exists")
         self._client[tx.key] = tx
