@@ -55,6 +55,8 @@ from sipfarm.store.errors import StoreError
 log = logging.getLogger("sipfarm.auth")
 
 DEFAULT_ALGORITHMS = ("MD5",)
+#: (realm, stale) pairs whose challenge templates an Authenticator keeps (realms are served domains)
+MAX_CHALLENGE_TEMPLATES = 64
 
 
 class Verdict(enum.Enum):
@@ -116,13 +118,22 @@ class Authenticator:
         self.guard = guard
         self.algorithms = algorithms
         self._accepted = frozenset(a.upper().removesuffix("-SESS") for a in algorithms)
+        # (realm, stale) -> the challenge values cut around the nonce (auth.challenge_templates);
+        # realms are served domains, the count is bounded all the same
+        self._templates: dict[tuple[str, bool], list[tuple[bytes, bytes]]] = {}
 
     # -- challenges ------------------------------------------------------------------------------
 
     def challenge(self, msg: SipMessage, status: int, realm: str, *, stale: bool = False) -> SipMessage:
-        nonce = self.nonces.issue(self.element.wall(), realm)
+        nonce = self.nonces.issue(self.element.wall(), realm).encode("ascii")
         key = "www-authenticate" if status == 401 else "proxy-authenticate"
-        headers = [(key, value) for value in auth.build_challenges(realm, nonce, self.algorithms, stale=stale)]
+        templates = self._templates.get((realm, stale))
+        if templates is None:
+            templates = auth.challenge_templates(realm, self.algorithms, stale=stale)
+            if len(self._templates) >= MAX_CHALLENGE_TEMPLATES:
+                self._templates.clear()
+            self._templates[(realm, stale)] = templates
+        headers = [(key, before + nonce + after) for before, after in templates]
         return make_response(msg, status, to_tag=self.element.tag(msg), headers=headers)
 
     def refusal(self, msg: SipMessage) -> SipMessage:

@@ -64,6 +64,7 @@ __all__ = [
     "UnsupportedSchemeError",
     "build_challenges",
     "build_credentials",
+    "challenge_templates",
     "digest_response",
     "ha1",
     "parse_challenge",
@@ -589,6 +590,24 @@ def build_challenges(
             parts.append("stale=true")
         values.append(", ".join(parts).encode("utf-8"))
     return values
+
+
+def challenge_templates(
+    realm: str, algorithms: Iterable[str] = ("SHA-256", "MD5"), stale: bool = False
+) -> list[tuple[bytes, bytes]]:
+    """:func:`build_challenges`' values (no ``opaque``) cut around the nonce: each value is
+    ``before + nonce + after`` for a nonce that is plain qdtext (a :class:`NonceFactory`
+    nonce is: base64url).  Everything but the nonce is the same for every challenge of a realm:
+    a node builds these once per realm, and per challenge joins three byte strings."""
+    templates: list[tuple[bytes, bytes]] = []
+    for algorithm in algorithms:
+        canonical = _canonical_algorithm(algorithm)
+        if canonical is None:
+            raise ValueError(f"unsupported digest algorithm {algorithm!r}")
+        before = f'Digest realm={_quote(realm)}, nonce="'
+        after = f'", algorithm={canonical}, qop="auth"' + (", stale=true" if stale else "")
+        templates.append((before.encode("utf-8"), after.encode("utf-8")))
+    return templates
 
 
 def build_credentials(

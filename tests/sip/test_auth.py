@@ -409,6 +409,20 @@ def test_build_challenges_then_parse_round_trips(realm: str, nonce: str, opaque:
         assert (challenge.realm, challenge.nonce, challenge.opaque) == (realm, nonce, opaque)
 
 
+@given(
+    realm=_printable_param,
+    algorithms=st.lists(st.sampled_from(["MD5", "SHA-256", "md5-sess", "SHA-256-sess"]), min_size=1, max_size=3),
+    stale=st.booleans(),
+)
+def test_challenge_templates_are_build_challenges_cut_around_the_nonce(
+    realm: str, algorithms: list[str], stale: bool
+) -> None:
+    nonce = NonceFactory(b"k" * 32, 300.0).issue(NOW, "r")  # base64url, as a node's nonces
+    templates = auth.challenge_templates(realm, algorithms, stale=stale)
+    expected = build_challenges(realm, nonce, algorithms, stale=stale)
+    assert [before + nonce.encode() + after for before, after in templates] == expected
+
+
 # --- the hand-written traffic vectors carry working Digest values -----------------------------
 
 VECTORS = Path(__file__).parent / "vectors"
