@@ -773,12 +773,160 @@ static PyObject *response_hop(PyObject *self, PyObject *const *args, Py_ssize_t 
     return Py_BuildValue("(Ny#y#N)", out, branch, branch_len, kb, (Py_ssize_t)(ke - kb), pending);
 }
 
+/* ---- stamp_via: RFC 3261 18.2.1 received / RFC 3581 rport on a simple via-parm ---------------
+ *
+ *   stamp_via(raw, source_host, source_port) -> bytes | None | False
+ *
+ * sipfarm/sip/via.py's _stamp_fast on the bytes: False where _split_fast answers None (not
+ * "SIP/2.0/...", a quote or "[" anywhere, no SP, an empty host or one with SP/HTAB inside, a
+ * port that is not 1-5 ASCII digits), None when nothing is to be added, else the new via-parm:
+ * a bare rport gets the source port, received is added (or replaced) when rport is present or
+ * the host differs (ASCII case-insensitively) from source_host, unless it already says it.
+ * Parameter names are matched as _stamp_fast matches them (bytes.strip(), ASCII lower case);
+ * everything else is kept byte for byte.  source_host: the source address as ASCII bytes.
+ */
+static int span_strip(const char **a, const char **z) {
+    while (*a < *z && is_pyspace(**a)) (*a)++;
+    while (*z > *a && is_pyspace((*z)[-1])) (*z)--;
+    return (int)(*z - *a);
+}
+
+static PyObject *stamp_via(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "stamp_via(raw, source_host, source_port)");
+        return NULL;
+    }
+    PyObject *raw = args[0], *src = args[1];
+    if (!PyBytes_CheckExact(raw) || !PyBytes_CheckExact(src)) Py_RETURN_FALSE;
+    long port = PyLong_AsLong(args[2]);
+    if (port == -1 && PyErr_Occurred()) return NULL;
+    const char *p = PyBytes_AS_STRING(raw), *end = p + PyBytes_GET_SIZE(raw);
+    Py_ssize_t n = PyBytes_GET_SIZE(raw);
+    const char *sh = PyBytes_AS_STRING(src);
+    Py_ssize_t shn = PyBytes_GET_SIZE(src);
+    if (n < 8 || memcmp(p, "SIP/2.0/", 8) != 0 || memchr(p, '"', (size_t)n) != NULL || memchr(p, '[', (size_t)n) != NULL)
+        Py_RETURN_FALSE;
+    const char *space = memchr(p, ' ', (size_t)n);
+    if (space == NULL) Py_RETURN_FALSE;
+    const char *sb = space + 1; /* sent-by, up to the first ';' */
+    const char *semi = memchr(sb, ';', (size_t)(end - sb));
+    const char *sb_end = semi != NULL ? semi : end;
+    const char *ha = sb, *hz = sb_end;
+    span_strip(&ha, &hz);
+    const char *colon = memchr(ha, ':', (size_t)(hz - ha));
+    const char *host_end = colon != NULL ? colon : hz;
+    if (host_end == ha || memchr(ha, ' ', (size_t)(host_end - ha)) != NULL || memchr(ha, '\t', (size_t)(host_end - ha)) != NULL)
+        Py_RETURN_FALSE;
+    if (colon != NULL) {
+        Py_ssize_t k = hz - (colon + 1);
+        if (k < 1 || k > 5) Py_RETURN_FALSE;
+        for (const char *c = colon + 1; c < hz; c++)
+            if (*c < '0' || *c > '9') Py_RETURN_FALSE;
+    }
+    /* the parameters: the first rport (bare or not) and the first received */
+    Py_ssize_t rport_at = -1, received_at = -1, index = 0;
+    int rport_bare = 0;
+    const char *recv_a = NULL, *recv_z = NULL;
+    if (semi != NULL && semi + 1 < end) { /* params.split(b";") if params else [] */
+        const char *q = semi + 1;
+        for (;;) {
+            const char *pe = memchr(q, ';', (size_t)(end - q));
+            if (pe == NULL) pe = end;
+            const char *eq = memchr(q, '=', (size_t)(pe - q));
+            const char *na = q, *nz = eq != NULL ? eq : pe;
+            int nlen = span_strip(&na, &nz);
+            if (rport_at < 0 && nlen == 5) {
+                char low[5];
+                for (int i = 0; i < 5; i++) low[i] = (char)((na[i] >= 'A' && na[i] <= 'Z') ? na[i] + 32 : na[i]);
+                if (memcmp(low, "rport", 5) == 0) {
+                    rport_at = index;
+                    rport_bare = eq == NULL;
+                    goto next;
+                }
+            }
+            if (received_at < 0 && nlen == 8) {
+                char low[8];
+                for (int i = 0; i < 8; i++) low[i] = (char)((na[i] >= 'A' && na[i] <= 'Z') ? na[i] + 32 : na[i]);
+                if (memcmp(low, "received", 8) == 0) {
+                    received_at = index;
+                    if (eq != NULL) {
+                        recv_a = eq + 1;
+                        recv_z = pe;
+                        span_strip(&recv_a, &recv_z);
+                    } else {
+                        recv_a = recv_z = pe;
+                    }
+                }
+            }
+        next:
+            index++;
+            if (pe == end) break;
+            q = pe + 1;
+        }
+    }
+    int same_host = (host_end - ha) == shn;
+    for (Py_ssize_t i = 0; same_host && i < shn; i++) {
+        char c = ha[i];
+        if (c >= 'A' && c <= 'Z') c = (char)(c + 32);
+        if (c != sh[i]) same_host = 0;
+    }
+    int received_same = recv_a != NULL && (recv_z - recv_a) == shn && memcmp(recv_a, sh, (size_t)shn) == 0;
+    int add_received = (rport_at >= 0 || !same_host) && !received_same;
+    if (!add_received && !rport_bare) Py_RETURN_NONE;
+
+    /* protocol SP sent-by ";" the parameters, rport filled in, received set */
+    char rport_text[32];
+    int rport_len = snprintf(rport_text, sizeof rport_text, "rport=%ld", port);
+    Py_ssize_t cap = n + rport_len + 10 + shn + 2;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, cap);
+    if (out == NULL) return NULL;
+    char *o = PyBytes_AS_STRING(out), *o0 = o;
+    memcpy(o, p, (size_t)(sb_end - p));
+    o += sb_end - p;
+    *o++ = ';';
+    index = 0;
+    if (semi != NULL && semi + 1 < end) { /* params.split(b";") if params else [] */
+        const char *q = semi + 1;
+        for (;;) {
+            const char *pe = memchr(q, ';', (size_t)(end - q));
+            if (pe == NULL) pe = end;
+            if (index > 0) *o++ = ';';
+            if (index == rport_at && rport_bare) {
+                memcpy(o, rport_text, (size_t)rport_len);
+                o += rport_len;
+            } else if (index == received_at && add_received) {
+                memcpy(o, "received=", 9);
+                o += 9;
+                memcpy(o, sh, (size_t)shn);
+                o += shn;
+            } else {
+                memcpy(o, q, (size_t)(pe - q));
+                o += pe - q;
+            }
+            index++;
+            if (pe == end) break;
+            q = pe + 1;
+        }
+    }
+    if (add_received && received_at < 0) {
+        if (index > 0) *o++ = ';';
+        memcpy(o, "received=", 9);
+        o += 9;
+        memcpy(o, sh, (size_t)shn);
+        o += shn;
+    }
+    if (_PyBytes_Resize(&out, o - o0) < 0) return NULL;
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"split_headers", (PyCFunction)(void (*)(void))split_headers, METH_FASTCALL,
      "split_headers(data, key_cache, watched, single, max_headers) -> (start_line, headers, first_values, "
      "body_start, start) | None"},
     {"join", (PyCFunction)(void (*)(void))join, METH_FASTCALL, "join(start_line, headers, body) -> bytes | None"},
     {"digest_params", digest_params, METH_O, "digest_params(value) -> (scheme, params, quoted) | None"},
+    {"stamp_via", (PyCFunction)(void (*)(void))stamp_via, METH_FASTCALL,
+     "stamp_via(raw, source_host, source_port) -> bytes | None | False"},
     {"response_hop", (PyCFunction)(void (*)(void))response_hop, METH_FASTCALL,
      "response_hop(data, prefixes, hop_prefix, max_size) -> (out, branch, key, pending) | None"},
     {NULL, NULL, 0, NULL},

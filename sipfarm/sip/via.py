@@ -24,6 +24,13 @@ from sipfarm.sip.errors import BadMessage, SipError
 from sipfarm.sip.headers import HeaderError, HeaderParams, Via, parse_via
 from sipfarm.sip.message import SipMessage
 
+try:  # built by scripts/build-compiled.sh only: the interpreted build stamps in Python
+    from sipfarm.sip._fastparse import stamp_via as _stamp_c
+
+    HAVE_STAMP_C = True
+except ImportError:  # pragma: no cover - which branch runs depends on the build
+    HAVE_STAMP_C = False
+
 SIP_PORT = 5060  # RFC 3261 19.1.2
 SIPS_PORT = 5061
 
@@ -75,7 +82,16 @@ def stamp_received(msg: SipMessage, source: Address) -> None:
     """
     if not msg.is_request:
         return
-    edited = _stamp_fast(msg.top_via_value, source)
+    top = msg.top_via_value
+    if HAVE_STAMP_C:
+        # _stamp_fast in C (sipfarm/sip/_fastparse.c): False where it would answer _SLOW
+        stamped = _stamp_c(top, source.host.encode("ascii"), source.port)
+        if stamped is None:
+            return
+        if isinstance(stamped, bytes):
+            msg.replace_first_value("via", stamped)
+            return
+    edited = _stamp_fast(top, source)
     if edited is _SLOW:
         edited = _stamp_parsed(msg.top_via, source)
     if edited is not None:

@@ -29,7 +29,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_properties import sip_messages
 
-from sipfarm.sip import auth, parser
+from sipfarm.sip import auth, parser, via
+from sipfarm.sip.address import Address
 from sipfarm.sip.errors import SipError
 from sipfarm.sip.message import SipMessage
 from sipfarm.sip.parser import MAX_HEADERS, parse_message, parse_message_reference
@@ -441,3 +442,93 @@ def test_digest_params_common_case_is_the_cs() -> None:
 )
 def test_digest_params_are_the_python_ones(value: bytes) -> None:
     assert fastparse.digest_params(value) == _python_digest(value)
+
+
+# -- stamp_via: via._stamp_fast in C ----------------------------------------------------------
+
+_VIA_PIECES = st.sampled_from(
+    [
+        b"branch=z9hG4bK1",
+        b"rport",
+        b"RPORT",
+        b" rport ",
+        b"rport=5",
+        b"received=10.0.0.9",
+        b"received=127.0.0.2",
+        b"Received= 127.0.0.2 ",
+        b"received",
+        b"ttl=1",
+        b"maddr=x",
+        b"",
+        b" ",
+        b"\x0brport",
+        b"rport\x0b",
+        b'x="q"',
+        b"received=127.0.0.2;rport",
+        b"=",
+        b"rport=",
+        b"re ceived=1",
+    ]
+)
+_SENT_BY = st.sampled_from(
+    [
+        b"127.0.0.2:5062",
+        b"127.0.0.2",
+        b"HOST.example.com:5060",
+        b"host.example.com",
+        b" 127.0.0.2:5062 ",
+        b"127.0.0.2:",
+        b"127.0.0.2:123456",
+        b"127.0.0.2:5x",
+        b"[::1]:5060",
+        b"a b:5060",
+        b"a\tb",
+        b"",
+        b" ",
+        b"127.0.0.2:5062:1",
+        b"\x0b127.0.0.2",
+        b"127.0.0.3:1",
+    ]
+)
+
+
+@PROPERTY
+@given(
+    protocol=st.sampled_from(
+        [b"SIP/2.0/UDP", b"SIP/2.0/TCP", b"SIP/2.0/WSS", b"SIP/2.0/", b"sip/2.0/UDP", b"SIP/2.0/UDP "]
+    ),
+    sent_by=_SENT_BY,
+    pieces=st.lists(_VIA_PIECES, max_size=6),
+    semicolon=st.booleans(),
+    host=st.sampled_from(["127.0.0.2", "127.0.0.3", "host.example.com", "::1"]),
+    port=st.integers(0, 65535),
+    noise=st.binary(max_size=4),
+)
+def test_stamp_via_matches_stamp_fast(
+    protocol: bytes, sent_by: bytes, pieces: list[bytes], semicolon: bool, host: str, port: int, noise: bytes
+) -> None:
+    raw = protocol + b" " + sent_by + ((b";" + b";".join(pieces)) if pieces or semicolon else b"") + noise
+    expected = via._stamp_fast(raw, Address("udp", host, port))
+    got = fastparse.stamp_via(raw, host.encode("ascii"), port)
+    assert got == (False if expected is via._SLOW else expected), raw
+
+
+def test_stamp_via_common_shapes_are_the_cs() -> None:
+    assert fastparse.stamp_via(b"SIP/2.0/UDP 127.0.0.2:5062;branch=z9hG4bK1;rport", b"127.0.0.2", 5062) == (
+        b"SIP/2.0/UDP 127.0.0.2:5062;branch=z9hG4bK1;rport=5062;received=127.0.0.2"
+    )
+    assert fastparse.stamp_via(b"SIP/2.0/UDP 127.0.0.2:5062;branch=z9hG4bK1", b"127.0.0.2", 5062) is None
+    assert fastparse.stamp_via(b"SIP/2.0/UDP 10.0.0.1:5062;branch=z9hG4bK1", b"127.0.0.2", 5062) == (
+        b"SIP/2.0/UDP 10.0.0.1:5062;branch=z9hG4bK1;received=127.0.0.2"
+    )
+    assert fastparse.stamp_via(b"SIP/2.0/UDP [::1]:5062;branch=z9hG4bK1", b"::1", 5062) is False
+    # the host compared without case; an empty parameter list is no parameter
+    assert fastparse.stamp_via(b"SIP/2.0/UDP HOST.Example.com:5062;branch=z9hG4bK1", b"host.example.com", 1) is None
+    assert (
+        fastparse.stamp_via(b"SIP/2.0/UDP 10.0.0.1:5062;", b"127.0.0.2", 1)
+        == b"SIP/2.0/UDP 10.0.0.1:5062;received=127.0.0.2"
+    )
+    assert (
+        fastparse.stamp_via(b"SIP/2.0/UDP 10.0.0.1:5062", b"127.0.0.2", 1)
+        == b"SIP/2.0/UDP 10.0.0.1:5062;received=127.0.0.2"
+    )
