@@ -338,6 +338,7 @@ def forwarder_main(sink: str, ready_file: Path, mode: str) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     sock.bind((HOST, 0))
     mechanism = "blocking recvfrom/sendto, one datagram each"
+    batched = False  # recvmmsg/sendmmsg (the compiled build's _batchio) rather than socket calls
     if mode == "batch":
         try:
             from sipfarm.transport._batchio import recv_batch, send_batch  # noqa: PLC0415
@@ -345,6 +346,7 @@ def forwarder_main(sink: str, ready_file: Path, mode: str) -> int:
             mechanism = "epoll, recvfrom/sendto (no _batchio)"
         else:
             mechanism = "epoll, recvmmsg/sendmmsg (_batchio)"
+            batched = True
         sock.setblocking(False)
         poller = select.epoll()
         poller.register(sock.fileno(), select.EPOLLIN)
@@ -354,7 +356,7 @@ def forwarder_main(sink: str, ready_file: Path, mode: str) -> int:
         while True:
             send(recv(65536), dest)
     fd = sock.fileno()
-    if "_batchio" in mechanism:
+    if batched:
         while True:
             poller.poll()  # level-triggered: what one read leaves wakes the next poll at once
             if batch := recv_batch(fd, 64, 65536):
