@@ -645,9 +645,10 @@ class BalancerCore:
         parses it and calls :meth:`on_message`).
 
         ``response_hop`` (sipfarm/sip/_fastparse.c) takes only a response the general path
-        would forward unchanged but for our Via line (CRLF only, ``name: value`` lines, one of
-        our Vias on top with nothing after its branch, a next Via with a branch, no 2xx to a
-        REGISTER...), and cuts that line out.  Its branch is verified here as there
+        would forward with the very bytes it makes (CRLF only, ``name: value`` lines, single
+        headers once, Content-Length equal to the body, one of our Vias on top with nothing
+        after its branch but more via-parms, a next Via with a branch, no 2xx to a
+        REGISTER...), and cuts our via-parm out.  Its branch is verified here as there
         (``HopBranches.decode`` with the next Via's branch), and the same counters and side
         effects follow: the same datagram to the same hop, or the same drop.  Messages that
         are not that shape, probes, keepalives, and everything when debug logging is on take
