@@ -420,8 +420,9 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
         await watcher.stop()
         if ban_sync is not None:
             ban_sync.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ban_sync
+            # bounded: a cancellation swallowed inside the Redis client must not hang the
+            # shutdown (see MemberWatcher.stop)
+            await asyncio.wait({ban_sync}, timeout=2.0)
         for task in removals:
             task.cancel()
         for server in ws_servers:

@@ -96,6 +96,8 @@ class MemberWatcher:
         self._stale_logged = False
         self._grace_until = 0.0
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._wake = asyncio.Event()
 
     # -- what the hot path reads (no await) ---------------------------------------------
 
@@ -138,14 +140,25 @@ class MemberWatcher:
         needs a view before serving awaits :meth:`poll` first."""
         if self.running:
             return
+        self._stopping = False
         self._task = asyncio.get_running_loop().create_task(self._run(), name="sipfarm-member-watcher")
 
     async def stop(self) -> None:
+        """Stop polling: the poll in flight finishes (bounded by ``timeout``) rather than being
+        cancelled.  A cancellation inside redis-py's asyncio client at the wrong moment (a
+        reconnect after an outage) can be swallowed, and awaiting the cancelled task then never
+        returns (a test hung 60 s in this stop); past the bound the task is cancelled and left."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if task is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        done, _ = await asyncio.wait({task}, timeout=self.timeout + 0.5)
+        if not done:
+            task.cancel()  # not awaited: see above
+            log.warning("event=cluster_watch_stop_timeout")
+        elif not task.cancelled() and task.exception() is not None:
+            log.error("event=cluster_watch_task_failed error=%r", task.exception())
 
     async def __aenter__(self) -> MemberWatcher:
         self.start()
@@ -243,8 +256,17 @@ class MemberWatcher:
                 except Exception:
                     log.exception("event=cluster_listener_failed change=%s member=%s", change.kind, change.member.id)
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
+            self._wake.clear()
             await self.poll()
+            if self.stopping:  # stop() waits for the poll in flight, then for this
+                return
             # Jitter, so the balancers of a farm do not poll Redis in lockstep.
-            await asyncio.sleep(self.interval * random.uniform(0.9, 1.1))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.interval * random.uniform(0.9, 1.1)):
+                    await self._wake.wait()
