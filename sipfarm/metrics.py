@@ -251,6 +251,17 @@ class NodeMetrics:
                 registry=r,
             )
         )
+        # the transaction layer's TransactionStats: rejected_full / rejected_memory are the 503s
+        # a full table or byte budget (max_transactions, max_transaction_bytes) answered
+        self.transaction_events = LabelCache(
+            Counter(
+                "sipfarm_node_transaction_events_total",
+                "Transaction layer events (created, absorbed retransmissions, timeouts, stray responses, "
+                "requests refused for a full table or byte budget), by event",
+                ["event"],
+                registry=r,
+            )
+        )
         self.transport_events = LabelCache(
             Counter(
                 "sipfarm_node_transport_events_total",

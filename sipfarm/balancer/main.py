@@ -422,7 +422,11 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
             ban_sync.cancel()
             # bounded: a cancellation swallowed inside the Redis client must not hang the
             # shutdown (see MemberWatcher.stop)
-            await asyncio.wait({ban_sync}, timeout=2.0)
+            done, _ = await asyncio.wait({ban_sync}, timeout=2.0)
+            if not done:
+                log.warning("event=ban_sync_stop_timeout")
+            elif not ban_sync.cancelled() and ban_sync.exception() is not None:
+                log.error("event=ban_sync_task_failed error=%r", ban_sync.exception())
         for task in removals:
             task.cancel()
         for server in ws_servers:

@@ -333,6 +333,7 @@ async def serve(
     sync_transport = sync_counters(transports.stats.flat, metrics.transport_events)
     sync_dropped = sync_counters(lambda: accept.stats, metrics.dropped)
     sync_redis = sync_counters(pipe.stats, metrics.redis_events)
+    sync_transactions = sync_counters(core.layer.stats.as_dict, metrics.transaction_events)
     registrations = {"bindings": 0, "aors": 0}
 
     def count_registrations() -> None:
@@ -480,6 +481,7 @@ async def serve(
             sync_transport()
             sync_dropped()
             sync_redis()
+            sync_transactions()
             metrics.flush()  # a worker's per-message counters into the multiprocess files
             metrics.transactions.set(len(core.layer))
             metrics.transaction_bytes.set(core.layer.retained_bytes)
@@ -489,6 +491,7 @@ async def serve(
                 metrics.registered_aors.set(registrations["aors"])
     finally:
         log.info("event=node_stopping node_id=%s", cfg.node_id)
+        sync_transactions()
         metrics.flush()
         if heartbeater is not None:
             await heartbeater.stop()

@@ -566,7 +566,7 @@ Event: TypeAlias = TransactionTimeout | TransportFailure | TransactionTerminated
 
 @dataclass(slots=True)
 class TransactionStats:
-    """Counters for the metrics exporter (``sipfarm_transaction_<name>_total``)."""
+    """Counters for the metrics exporter (``sipfarm_node_transaction_events_total{event=<name>}``)."""
 
     server_created: int = 0
     client_created: int = 0
@@ -579,6 +579,22 @@ class TransactionStats:
     invalid_inputs: int = 0
     rejected_full: int = 0
     rejected_memory: int = 0  # requests refused because the held messages reached max_bytes
+
+    def as_dict(self) -> dict[str, int]:
+        """Every counter by name (what ``sync_counters`` exports)."""
+        return {
+            "server_created": self.server_created,
+            "client_created": self.client_created,
+            "requests_absorbed": self.requests_absorbed,
+            "responses_absorbed": self.responses_absorbed,
+            "stray_responses": self.stray_responses,
+            "acks_for_2xx": self.acks_for_2xx,
+            "timeouts": self.timeouts,
+            "transport_errors": self.transport_errors,
+            "invalid_inputs": self.invalid_inputs,
+            "rejected_full": self.rejected_full,
+            "rejected_memory": self.rejected_memory,
+        }
 
 
 # --- matching keys ----------------------------------------------------------------------------

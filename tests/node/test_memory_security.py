@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 from memfarm import DOMAIN, MemFarm, Phone
 
+from sipfarm.metrics import NodeMetrics, sync_counters
 from sipfarm.sip.headers import parse_name_addr
 from sipfarm.sip.message import SipMessage
 from sipfarm.sip.uri import SipURI
@@ -297,5 +298,11 @@ def test_an_authenticated_flood_of_64_kb_invites_holds_at_most_the_byte_budget()
         assert layer.retained_bytes <= budget + 4 * 61_000
     assert finals.count(503) >= 20 and len(layer) < 100
     assert len(bob.requests(b"INVITE")) < 20
+    # the operator sees why: the node's once-a-second sync exports the layer's counters
+    metrics = NodeMetrics()
+    sync_counters(layer.stats.as_dict, metrics.transaction_events)()
+    name = "sipfarm_node_transaction_events_total"
+    assert metrics.registry.get_sample_value(name, {"event": "rejected_memory"}) == layer.stats.rejected_memory >= 20
+    assert metrics.registry.get_sample_value(name, {"event": "rejected_full"}) is None
     farm.advance(300.0)  # Timer C cancels the rung calls, then Timer D ends them
     assert len(layer) == 0 and layer.retained_bytes == 0
