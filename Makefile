@@ -50,7 +50,7 @@ typecheck:
 	.venv/bin/mypy
 
 pytest:
-	@bash scripts/in-netns.sh .venv/bin/pytest -q -m 'not slow'; rc=$$?; \
+	@bash scripts/in-netns.sh .venv/bin/pytest -q --durations=25 -m 'not slow'; rc=$$?; \
 	$(PY) scripts/client_matrix.py; \
 	if [ $$rc -eq 5 ]; then echo "pytest ran no test: failing"; exit 1; fi; exit $$rc
 

@@ -32,7 +32,7 @@ if [ "$#" -eq 0 ]; then
     set -- tests/sip tests/node tests/balancer tests/store tests/transport tests/protect
 fi
 rc=0
-SIPFARM_TEST_COMPILED=1 bash scripts/in-netns.sh .venv/bin/pytest -q -m 'not slow' "$@" || rc=$?
+SIPFARM_TEST_COMPILED=1 bash scripts/in-netns.sh .venv/bin/pytest -q --durations=25 -m 'not slow' "$@" || rc=$?
 if [ "$rc" -eq 5 ]; then
     echo "test-compiled: pytest ran no test: failing" >&2
     exit 1
