@@ -108,6 +108,7 @@ def test_denied_and_unlisted_sources_dropped_nodes_pass(redis_url, accounts, sta
                 client.send(options_request(*lb.address, client.port), lb.address)
             assert client.register(lb.address, "bob", accounts["bob"]) is None
             assert client.recv(0.3) is None
+            assert not client.skipped  # nor an answer to the OPTIONS, which register() passed over
         # keep-alives and connections: nothing for a refused source
         assert stun_binding("127.0.0.3", lb.address) is not None
         assert stun_binding("127.0.0.2", lb.address) is None
@@ -143,6 +144,7 @@ def test_lists_apply_with_protect_off(redis_url, accounts, start_node, start_bal
     denied, served = SipClient("127.0.0.2"), SipClient("127.0.0.3")
     try:
         assert denied.register(lb.address, "alice", accounts["alice"]) is None
+        assert not denied.skipped  # nothing else came back either
         reply = served.register(lb.address, "alice", accounts["alice"])
         assert reply is not None and reply.status == 200
     finally:

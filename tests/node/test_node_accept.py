@@ -60,6 +60,7 @@ def test_node_takes_requests_from_balancers_only(redis_url, accounts, start_node
         assert stranger.register(node.address, "alice", accounts["alice"]) is None
         stranger.send(options_request(*node.address, stranger.port), node.address)
         assert stranger.recv(0.5) is None
+        assert not stranger.skipped  # nothing register() passed over either
         # a connection from the stranger is closed as it is accepted
         with socket.create_connection(node.address, timeout=2, source_address=("127.0.0.5", 0)) as sock:
             try:
@@ -84,8 +85,10 @@ def test_a_balancer_starting_later_is_accepted_and_one_gone_refused(redis_url, s
     assert "event=accept_from reason=started accepted=10.9.0.0/16" in node.log()
     assert answered_within(1.0, node.address, "127.0.0.2") is None
     late = start_balancer(redis_url, host="127.0.0.2")  # heartbeats every 0.5 s from its start
-    took = answered_within(3.0, node.address, "127.0.0.2")
-    assert took is not None and took < 1.5, took
+    # its first heartbeat, then the node's membership poll (0.5 s): about a second; 3 s and more
+    # to answer leave room for a loaded CI machine
+    took = answered_within(5.0, node.address, "127.0.0.2")
+    assert took is not None and took < 3.0, took
     assert answered_within(0.5, node.address, "127.0.0.6") is None  # only the balancer's address
     # a balancer heartbeating only a wildcard address: nothing to accept, and the node says so
     asyncio.run(heartbeat_once(redis_url, Member("lb-ghost", Role.BALANCER, ("udp:0.0.0.0:5060",))))
