@@ -88,19 +88,27 @@ class Dialog:
                                 max_forwards: int = 70) -> SipMessage:
         """INVITE, answer the 407 with credentials; the first response after that (final or not)."""
         self.send_invite(dest)
-        challenge = self.client.recv_final()
+        challenge = self.recv_final()
         assert challenge is not None and challenge.status == 407, challenge
         self.ack_failure(challenge, dest)
         proxy_auth = auth.parse_challenge(challenge.get_all("proxy-authenticate")[0])
         creds = auth.build_credentials(proxy_auth, user, password, "INVITE", self.uri, secrets.token_hex(4))
         self.cseq += 1
         self.send_invite(dest, headers=(("proxy-authorization", creds),), max_forwards=max_forwards)
-        reply = self.client.recv(3.0)
+        # this INVITE's answer, not a late one to CSeq 1 nor a request to this phone
+        reply = self.client.recv_response(3.0, call_id=self.call_id, cseq=self.cseq)
         assert reply is not None, "no answer to the authenticated INVITE"
         return reply
 
+    def recv_final(self, timeout: float = 3.0, method: str = "INVITE") -> SipMessage | None:
+        """The final response to this dialog's last ``method`` request (INVITE: the one last
+        sent); anything else arriving meanwhile is skipped (a request to this phone, an answer to
+        an earlier CSeq, the 200 to the INVITE retransmitted while a BYE's answer is awaited)."""
+        cseq = self.cseq if method == "INVITE" else None
+        return self.client.recv_final(timeout, call_id=self.call_id, cseq=cseq, method=method)
+
     def wait_final(self, timeout: float = 5.0) -> SipMessage:
-        reply = self.client.recv_final(timeout)
+        reply = self.recv_final(timeout)
         assert reply is not None, "no final response"
         if 200 <= reply.status < 300:
             self.answer = reply
@@ -198,7 +206,7 @@ def test_invite_without_credentials_is_challenged_with_407(redis_url, accounts, 
     node = start_node(redis_url)
     dialog = Dialog(client, f"sip:bob@{DOMAIN}")
     dialog.send_invite(node.address)
-    reply = client.recv_final()
+    reply = dialog.recv_final()
     assert reply is not None and reply.status == 407
     challenges = reply.get_all("proxy-authenticate")
     assert challenges and all(c.startswith(b"Digest ") for c in challenges)
@@ -233,7 +241,7 @@ def test_non_local_domain_is_forbidden(redis_url, accounts, start_node, client):
     node = start_node(redis_url)
     dialog = Dialog(client, "sip:bob@elsewhere.example")
     dialog.send_invite(node.address)
-    reply = client.recv_final()
+    reply = dialog.recv_final()
     assert reply is not None and reply.status == 403
 
 
@@ -242,7 +250,7 @@ def test_max_forwards_zero_gets_483(redis_url, accounts, start_node, client):
     register_contact(node, "bob", accounts["bob"], f"<sip:bob@127.0.0.1:{free_udp_tcp_port()}>")
     dialog = Dialog(client, f"sip:bob@{DOMAIN}")
     dialog.send_invite(node.address, max_forwards=0)
-    reply = client.recv_final()
+    reply = dialog.recv_final()
     assert reply is not None and reply.status == 483
 
 
@@ -251,7 +259,7 @@ def test_options_to_the_node_gets_200_with_allow(redis_url, start_node, client):
     host, port = node.address
     dialog = Dialog(client, f"sip:{host}:{port}")
     client.send(dialog.build("OPTIONS"), node.address)
-    reply = client.recv_final()
+    reply = dialog.recv_final(method="OPTIONS")
     assert reply is not None and reply.status == 200
     allow = {m.strip() for m in (reply.get("allow") or b"").split(b",")}
     assert {b"INVITE", b"ACK", b"CANCEL", b"BYE", b"OPTIONS", b"REGISTER"} <= allow
@@ -267,7 +275,7 @@ def test_cancel_of_a_ringing_call(redis_url, accounts, start_node, client, uas):
     dialog = Dialog(client, f"sip:bob@{DOMAIN}")
     reply = dialog.invite_with_credentials(node.address, accounts["alice"])
     while reply.status == 100:
-        nxt = client.recv(3.0)
+        nxt = client.recv_response(3.0, call_id=dialog.call_id, cseq=dialog.cseq)
         assert nxt is not None, "no 180"
         reply = nxt
     assert reply.status == 180
@@ -288,12 +296,13 @@ def cancel_for(invite: SipMessage, cseq: int) -> SipMessage:
 
 
 def collect_cancel_answers(dialog: Dialog, dest: tuple[str, int], timeout: float) -> dict[bytes, int]:
-    """Final answers to the CANCEL and to the INVITE, by CSeq method (the 487 is ACKed)."""
+    """Final answers to the CANCEL and to the INVITE, by CSeq method (the 487 is ACKed); only
+    the last INVITE's transaction (not a late copy of the 407 to the first one)."""
     answers: dict[bytes, int] = {}
     deadline = time.monotonic() + timeout
     while len(answers) < 2 and (left := deadline - time.monotonic()) > 0:
-        msg = dialog.client.recv(min(left, 1.0))
-        if msg is not None and msg.status >= 200:
+        msg = dialog.client.recv_final(min(left, 1.0), call_id=dialog.call_id, cseq=dialog.cseq)
+        if msg is not None:
             answers[msg.cseq[1]] = msg.status
             if msg.cseq[1] == b"INVITE":
                 dialog.ack_failure(msg, dest)
@@ -394,7 +403,7 @@ def test_parallel_forking_first_answer_wins_other_branch_cancelled(redis_url, ac
     assert wait_for(lambda: successful_calls(ringing) == 1), ringing.stats()
     bye, _ = dialog.in_dialog("BYE")
     client.send(bye, node.address)
-    bye_ok = client.recv_final()
+    bye_ok = dialog.recv_final(method="BYE")  # not the 200 to the INVITE, retransmitted until the ACK
     assert bye_ok is not None and bye_ok.status == 200 and bye_ok.cseq[1] == b"BYE"
 
 
@@ -414,7 +423,7 @@ def test_serial_forking_by_q_value(redis_url, accounts, start_node, client, uas)
     client.send(ack, node.address)
     bye, _ = dialog.in_dialog("BYE")
     client.send(bye, node.address)
-    bye_ok = client.recv_final()
+    bye_ok = dialog.recv_final(method="BYE")  # not the 200 to the INVITE, retransmitted until the ACK
     assert bye_ok is not None and bye_ok.status == 200
 
 
@@ -454,7 +463,7 @@ def test_in_dialog_bye_routed_by_route_set_through_another_node(redis_url, accou
         assert final.status == 200
         ack, _ = dialog.in_dialog("ACK")
         client.send(ack, node1.address)
-        got_ack = callee.recv(3.0)
+        got_ack = callee.recv_request("ACK", 3.0)  # an INVITE the node retransmitted before our 200 is skipped
         assert got_ack is not None and got_ack.method == b"ACK"
 
         bye, _ = dialog.in_dialog("BYE")
@@ -465,14 +474,14 @@ def test_in_dialog_bye_routed_by_route_set_through_another_node(redis_url, accou
             host, port = node2.address
             bye.append("route", f"<sip:{host}:{port};lr>")
             client.send(bye, node2.address)
-            refused = client.recv_final(3.0)
+            refused = dialog.recv_final(3.0, method="BYE")
             assert refused is not None and refused.status == 404
             assert callee.recv(0.5) is None
             return
         # node1's sealed Record-Route, sent to node2, which never saw this call (as after node1
         # died and the balancer picked another node): node2 takes it as the farm's own
         client.send(bye, node2.address)
-        got_bye = callee.recv(3.0)
+        got_bye = callee.recv_request("BYE", 3.0)
         assert got_bye is not None and got_bye.method == b"BYE"
         assert got_bye.values("route") == []  # every Route naming a node was consumed
         assert len(got_bye.values("via")) == 2  # caller + node2: no detour through node1
@@ -484,7 +493,7 @@ def test_in_dialog_bye_routed_by_route_set_through_another_node(redis_url, accou
         reply.set_body(b"", None)
         first_hop = got_bye.top_via
         callee.send(reply, (first_hop.host, first_hop.port or 5060))
-        bye_ok = client.recv_final()
+        bye_ok = dialog.recv_final(method="BYE")
         assert bye_ok is not None and bye_ok.status == 200 and bye_ok.cseq[1] == b"BYE"
     finally:
         callee.close()

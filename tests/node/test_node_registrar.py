@@ -87,7 +87,7 @@ def test_binding_seen_by_a_second_node(redis_url, accounts, start_node):
         # a REGISTER with no Contact is a query: node2 answers with the binding node1 stored
         req = client.request("REGISTER", f"sip:{DOMAIN}", from_user="carol", to=f"<sip:carol@{DOMAIN}>")
         client.send(req, node2.address)
-        challenge = client.recv_final()
+        challenge = client.recv_final(call_id=req.call_id)
         assert challenge is not None and challenge.status == 401
     finally:
         client.close()
@@ -159,7 +159,7 @@ def _authorized_register(
     call_id = secrets.token_hex(8)
     req = client.request("REGISTER", uri, from_user=user, to=f"<sip:{user}@{DOMAIN}>", call_id=call_id, headers=headers)
     client.send(req, node)
-    challenge = client.recv_final()
+    challenge = client.recv_final(call_id=call_id, cseq=1)
     assert challenge is not None and challenge.status == 401
     creds = auth.build_credentials(
         auth.parse_challenge(challenge.get_all("www-authenticate")[0]), user, password, "REGISTER", uri, "0a4f113b"
@@ -186,7 +186,7 @@ def test_one_round_trip_register_refuses_a_replay_and_a_banned_source(redis_url,
         redis.script_flush()
         request = _authorized_register(client, node.address, "alice", accounts["alice"], mine)
         client.send(request, node.address)
-        assert client.recv_final().status == 200  # type: ignore[union-attr]
+        assert client.recv_final(call_id=request.call_id, cseq=2).status == 200  # type: ignore[union-attr]
         assert redis.script_exists(sha) == [True]  # the one-script path took it
         # the same request again (new branch, another Contact) from elsewhere: a replay
         replay = request.copy()
@@ -201,7 +201,7 @@ def test_one_round_trip_register_refuses_a_replay_and_a_banned_source(redis_url,
         request = _authorized_register(client, node.address, "alice", accounts["alice"], "<sip:alice@127.0.0.1:9>")
         redis.set(ban_key("127.0.0.1"), "manual", px=60_000)
         client.send(request, node.address)
-        banned = client.recv_final()
+        banned = client.recv_final(call_id=request.call_id, cseq=2)
         assert banned is not None and banned.status == 403
         assert lookup(redis_url, aor) == [f"sip:alice@127.0.0.1:{client.port}"]
     finally:
