@@ -76,12 +76,10 @@ def invite(
 def final_of(
     caller: SipClient, call_id: str, invite: SipMessage | None = None, proxy: Dest | None = None
 ) -> SipMessage | None:
-    """The final response of ``call_id`` (others skipped: retransmissions of earlier calls);
-    a non-2xx to ``invite`` is ACKed (RFC 3261 17.1.1.3), so it is not retransmitted."""
-    while True:
-        msg = caller.recv_final()
-        if msg is None or (msg.status and msg.call_id == call_id.encode()):
-            break
+    """The final response of ``call_id`` (to ``invite`` if given; others skipped: retransmissions
+    of earlier calls); a non-2xx to ``invite`` is ACKed (RFC 3261 17.1.1.3), so it is not
+    retransmitted."""
+    msg = caller.recv_final(call_id=call_id, cseq=invite.cseq[0] if invite is not None else None)
     if msg is not None and invite is not None and proxy is not None and msg.status >= 300:
         ack = SipMessage.request(
             "ACK",

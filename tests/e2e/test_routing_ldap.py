@@ -60,7 +60,8 @@ def test_a_directory_user_registers_and_is_called_and_survives_ldap_down(
                 reply = stranger.register(node.address, "dave", "davepw")
                 assert reply is not None and reply.status == 503, reply
                 assert reply.get("retry-after") is not None
-                assert time.monotonic() - started < 3.0
+                # the directory's 0.5 s timeout, not a hang (loose for a loaded CI machine)
+                assert time.monotonic() - started < 5.0
             finally:
                 stranger.close()
         finally:

@@ -70,7 +70,7 @@ class Phone:
         if body:
             req.set_body(body, b"application/sdp")
         self.client.send(req, self.proxy)
-        final = self.client.recv_final()
+        final = self.client.recv_final(call_id=call_id, cseq=1)
         if final is None or final.status not in (401, 407):
             return final
         if method == "INVITE":  # ACK of the non-2xx: the INVITE's branch (RFC 3261 17.1.1.3)
@@ -85,7 +85,7 @@ class Phone:
         if body:
             req.set_body(body, b"application/sdp")
         self.client.send(req, self.proxy)
-        return self.client.recv_final()
+        return self.client.recv_final(call_id=call_id, cseq=2)
 
     def register(self) -> int:
         reply = self._with_digest(
@@ -97,8 +97,9 @@ class Phone:
     def invite_once(self, callee: Phone) -> SipMessage | None:
         """An INVITE without credentials; its final response."""
         uri = f"sip:{callee.user}@{callee.domain}"
-        self.client.send(self._request("INVITE", uri, f"<{uri}>", secrets.token_hex(8), 1), self.proxy)
-        return self.client.recv_final()
+        call_id = secrets.token_hex(8)
+        self.client.send(self._request("INVITE", uri, f"<{uri}>", call_id, 1), self.proxy)
+        return self.client.recv_final(call_id=call_id)
 
     def call(self, callee: Phone) -> int:
         """INVITE ``callee``; it answers 200; ACK and BYE follow. The INVITE's final status."""
@@ -132,17 +133,12 @@ class Phone:
             got = callee.wait_for(b"BYE")
             assert got is not None, "the BYE did not reach the callee"
             callee.client.send(make_response(got, 200), self.proxy)
-            bye_final = self.client.recv_final()
+            bye_final = self.client.recv_final(call_id=final.call_id, method="BYE")
             assert bye_final is not None and bye_final.status == 200
         return final.status
 
     def wait_for(self, method: bytes, timeout: float = 5.0) -> SipMessage | None:
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            msg = self.client.recv(left)
-            if msg is not None and msg.method == method:
-                return msg
-        return None
+        return self.client.recv_request(method, timeout)
 
 
 def scrape(port: int) -> str:

@@ -307,7 +307,7 @@ def test_kamailio_rtpengine_module_drives_sipfarms_relay(
             record_route=True,
         )
         bob.send(ok, kamailio.address)
-        answered = alice.recv_final(5.0)
+        answered = alice.recv_final(5.0, call_id=call_id, cseq=1)
         assert answered is not None and answered.status == 200, answered
         to_alice_side = sdp_target(answered.body)
         assert to_alice_side[0] == "127.0.0.1" and relay.port_min <= to_alice_side[1] < relay.port_min + RANGE
@@ -334,7 +334,7 @@ def test_kamailio_rtpengine_module_drives_sipfarms_relay(
         bob_held = phone_sdp(CALLEE_HOST, bob_rtp.getsockname()[1], version=2, direction="recvonly")
         bob.send(make_response(got, 200, body=bob_held, content_type=b"application/sdp", record_route=True),
                  kamailio.address)  # fmt: skip
-        final = alice.recv_final(5.0)
+        final = alice.recv_final(5.0, call_id=call_id, cseq=2)
         assert final is not None and final.status == 200, final
         assert sdp_target(final.body) == to_alice_side and sdp_direction(final.body) == "recvonly", final.body
         alice.send(in_dialog(alice, "ACK", answered, 2), kamailio.address)
@@ -343,9 +343,12 @@ def test_kamailio_rtpengine_module_drives_sipfarms_relay(
         alice.send(in_dialog(alice, "BYE", answered, 3), kamailio.address)
         bye = recv_request(bob, b"BYE")
         bob.send(make_response(bye, 200), kamailio.address)
-        done = alice.recv_final()
+        done = alice.recv_final(call_id=call_id, method="BYE")
         assert done is not None and done.status == 200, done
-        assert ng_request(relay.ng, {"command": "query", "call-id": call_id})[b"result"] == b"error"
+        deadline = time.monotonic() + 3
+        while ng_request(relay.ng, {"command": "query", "call-id": call_id})[b"result"] != b"error":
+            assert time.monotonic() < deadline, "the relay still holds the call after BYE"
+            time.sleep(0.1)
     finally:
         for closable in (alice, bob, alice_rtp, bob_rtp):
             closable.close()

@@ -138,7 +138,7 @@ def test_rtpengine_relays_a_call_through_hold_and_resume_and_bye_deletes_it(
             record_route=True,
         )
         bob.send(ok, node.address)
-        answered = alice.recv_final(5.0)
+        answered = alice.recv_final(5.0, call_id=call_id, cseq=2)
         assert answered is not None and answered.status == 200, answered
         to_alice_side = sdp_target(answered.body)
         assert to_alice_side[0] == "127.0.0.1" and rtpengine.owns(to_alice_side[1]), answered.body
@@ -171,7 +171,7 @@ def test_rtpengine_relays_a_call_through_hold_and_resume_and_bye_deletes_it(
                 make_response(got, 200, body=reply_sdp, content_type=b"application/sdp", record_route=True),
                 node.address,
             )
-            final = alice.recv_final(5.0)
+            final = alice.recv_final(5.0, call_id=call_id, cseq=cseq)
             assert final is not None and final.status == 200, final
             assert sdp_target(final.body) == to_alice_side, final.body
             assert sdp_direction(final.body) == theirs
@@ -190,7 +190,7 @@ def test_rtpengine_relays_a_call_through_hold_and_resume_and_bye_deletes_it(
             make_response(got, 200, body=alice_answer, content_type=b"application/sdp", record_route=True),
             node.address,
         )
-        final = bob.recv_final(5.0)
+        final = bob.recv_final(5.0, call_id=call_id, method="INVITE")
         assert final is not None and final.status == 200, final
         assert sdp_target(final.body) == to_bob_side and sdp_direction(final.body) == "recvonly", final.body
         bob.send(callee_in_dialog(bob, "ACK", offered, ok, 1), node.address)
@@ -205,7 +205,7 @@ def test_rtpengine_relays_a_call_through_hold_and_resume_and_bye_deletes_it(
         alice.send(in_dialog(alice, "BYE", answered, cseq), node.address)
         bye = recv_request(bob, b"BYE")
         bob.send(make_response(bye, 200), node.address)
-        done = alice.recv_final()
+        done = alice.recv_final(call_id=call_id, method="BYE")
         assert done is not None and done.status == 200, done
         deadline = time.monotonic() + 3
         while ng_request(rtpengine.ng, {"command": "query", "call-id": call_id})[b"result"] != b"error":
@@ -323,7 +323,7 @@ def test_busy_and_cancelled_calls_leave_nothing_in_rtpengine(node: NodeProcess, 
         offered = recv_request(bob, b"INVITE")
         assert rtpengine.owns(sdp_target(offered.body)[1])
         bob.send(make_response(offered, 486, to_tag=b"busy1"), node.address)
-        final = alice.recv_final(5.0)
+        final = alice.recv_final(5.0, call_id=busy_id, cseq=2)
         assert final is not None and final.status == 486, final
         wait_gone(rtpengine, busy_id, "a 486")
 
@@ -341,18 +341,17 @@ def test_busy_and_cancelled_calls_leave_nothing_in_rtpengine(node: NodeProcess, 
             record_route=True,
         )
         bob.send(early, node.address)
-        progress = alice.recv(5.0)
+        # (the unACKed 486 of the busy call may come again meanwhile: only this call's answers)
+        progress = alice.recv_response(5.0, call_id=cancel_id, cseq=2)
         while progress is not None and progress.status == 100:
-            progress = alice.recv(5.0)
+            progress = alice.recv_response(5.0, call_id=cancel_id, cseq=2)
         assert progress is not None and progress.status == 183, progress
         assert rtpengine.owns(sdp_target(progress.body)[1]), progress.body
         alice.send(cancel_of(invite), node.address)
         cancelled = recv_request(bob, b"CANCEL")
         bob.send(make_response(cancelled, 200), node.address)
         bob.send(make_response(offered, 487, to_tag=b"ring1"), node.address)
-        final = alice.recv_final(5.0)
-        while final is not None and final.cseq[1] == b"CANCEL":
-            final = alice.recv_final(5.0)
+        final = alice.recv_final(5.0, call_id=cancel_id, method="INVITE")
         assert final is not None and final.status == 487, final
         wait_gone(rtpengine, cancel_id, "a CANCEL")
     finally:

@@ -417,7 +417,7 @@ def place_call(
                 attempt.notes.append("no BYE at bob")
                 return 0, time.monotonic() - started
             bob.send(make_response(got, 200), lb)
-            final = alice.recv_final(3.0)
+            final = alice.recv_final(3.0, call_id=attempt.call_id, method="BYE")
             return (final.status if final is not None else 0), time.monotonic() - started
         finally:
             for closable in sockets:
@@ -428,7 +428,7 @@ def place_call(
         invited = time.monotonic()
         invite = recv_for(bob, attempt.call_id, lambda m: m.method == b"INVITE", 5.0)
         if invite is None:
-            final = alice.recv_final(3.0)
+            final = alice.recv_final(3.0, call_id=attempt.call_id, cseq=2)
             attempt.status = final.status if final is not None else 0
             attempt.setup_s = time.monotonic() - invited
             attempt.notes.append("bob's phone did not ring")
@@ -444,7 +444,7 @@ def place_call(
             record_route=True,
         )
         bob.send(ok, lb)
-        answered = alice.recv_final(5.0)
+        answered = alice.recv_final(5.0, call_id=attempt.call_id, cseq=2)
         attempt.status = answered.status if answered is not None else 0
         attempt.setup_s = time.monotonic() - invited
         if answered is None or answered.status != 200:
