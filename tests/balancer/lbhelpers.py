@@ -66,7 +66,7 @@ class Caller:
         self.cseq += 1
         req = self._request("INVITE", uri, to=to, cseq=self.cseq, headers=(contact,), body=SDP)
         self.client.send(req, self.proxy)
-        final = self.client.recv_final(timeout)
+        final = self.client.recv_final(timeout, call_id=self.call_id, cseq=self.cseq)
         if final is None or final.status != 407:
             return self._answered(final)
         # ACK of the 407: the INVITE's branch (RFC 3261 17.1.1.3)
@@ -81,7 +81,8 @@ class Caller:
         req = self._request("INVITE", uri, to=to, cseq=self.cseq,
                             headers=(contact, ("proxy-authorization", creds)), body=SDP)
         self.client.send(req, self.proxy)
-        return self._answered(self.client.recv_final(timeout))
+        # this INVITE's answer: not a request to this phone nor a late answer to CSeq 1
+        return self._answered(self.client.recv_final(timeout, call_id=self.call_id, cseq=self.cseq))
 
     def _answered(self, final: SipMessage | None) -> SipMessage | None:
         if final is not None and 200 <= final.status < 300:
@@ -108,8 +109,8 @@ class Caller:
         deadline = time.monotonic() + retransmit_for
         while time.monotonic() < deadline:
             self.client.send(bye, self.proxy)
-            reply = self.client.recv_final(0.5)
-            if reply is not None and reply.status >= 200 and reply.cseq[1] == b"BYE":
+            reply = self.client.recv_final(0.5, call_id=self.call_id, cseq=bye.cseq[0], method="BYE")
+            if reply is not None:
                 return reply
         return None
 
@@ -131,15 +132,12 @@ def answer(request: SipMessage, contact: str, status: int = 200) -> SipMessage:
                          content_type=b"application/sdp" if body else None, record_route=True)
 
 
-def wait_request(client: SipClient, method: bytes, timeout: float = 5.0) -> SipMessage | None:
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        msg = client.recv(left)
-        if msg is None:
-            return None
-        if msg.method == method:
-            return msg
-    return None
+def wait_request(
+    client: SipClient, method: bytes, timeout: float = 5.0, *, call_id: str | bytes | None = None
+) -> SipMessage | None:
+    """The first ``method`` request (of ``call_id`` if given); anything else is passed over (a
+    retransmission of an earlier request, a late response)."""
+    return client.recv_request(method, timeout, call_id=call_id)
 
 
 class TcpSip:

@@ -73,13 +73,29 @@ def _drain_and_undo(redis_url: str, client: SipClient, lb_address: tuple[str, in
     drained = sipfarm("drain", "node1", "--redis", redis_url)
     assert drained.returncode == 0, drained.stderr
     time.sleep(1.5)  # next heartbeat (0.5 s) + the balancer's poll (0.25 s)
-    status = sipfarm("status", "--redis", redis_url)
+    deadline = time.monotonic() + 5  # (later on a loaded machine)
+    while "draining" not in (status := sipfarm("status", "--redis", redis_url)).stdout and time.monotonic() < deadline:
+        time.sleep(0.3)
     assert "draining" in status.stdout
-    _register_all(client, lb_address)  # refreshes: all land on node2 now
-    assert _nodes_of(redis_url) == {"node2"}
+    # refreshes: all land on node2 now (again after a little while if the balancer, on a loaded
+    # machine, polled later than the sleep above assumed)
+    assert _register_until(client, lb_address, redis_url, {"node2"}) == {"node2"}
 
     undone = sipfarm("drain", "node1", "--undo", "--redis", redis_url)
     assert undone.returncode == 0
     time.sleep(1.5)
-    _register_all(client, lb_address)
-    assert _nodes_of(redis_url) == {"node1", "node2"}
+    assert _register_until(client, lb_address, redis_url, {"node1", "node2"}) == {"node1", "node2"}
+
+
+def _register_until(
+    client: SipClient, lb_address: tuple[str, int], redis_url: str, nodes: set[str], within: float = 8.0
+) -> set[str]:
+    """Re-register everyone until the bindings are on ``nodes`` (or ``within`` s passed): the
+    nodes holding them at the last round."""
+    deadline = time.monotonic() + within
+    while True:
+        _register_all(client, lb_address)
+        found = _nodes_of(redis_url)
+        if found == nodes or time.monotonic() > deadline:
+            return found
+        time.sleep(0.3)
