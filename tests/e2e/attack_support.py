@@ -29,6 +29,7 @@ from pathlib import Path
 
 from fixtures.farm import DOMAIN, SipClient, free_udp_tcp_port
 
+from sipfarm.balancer.keepalive import KEEPALIVE_PREFIX
 from sipfarm.sip import auth
 from sipfarm.sip.message import SipMessage, make_response
 from sipfarm.sip.parser import parse_message
@@ -153,9 +154,12 @@ class Attacker:
             data = data.encode()
         self.sock.sendto(data, dest)
 
-    def replies(self, timeout: float, *, call_id: str | None = None, until_final: bool = False) -> list[SipMessage]:
-        """Responses received within ``timeout`` (only ``call_id``'s if given); with
-        ``until_final``, stop at the first final response."""
+    def replies(
+        self, timeout: float, *, call_id: str | None = None, cseq: int | None = None, until_final: bool = False
+    ) -> list[SipMessage]:
+        """Responses received within ``timeout`` (only ``call_id``'s, and CSeq number ``cseq``'s,
+        if given: a phone's transaction layer matches them so); with ``until_final``, stop at the
+        first final response."""
         got: list[SipMessage] = []
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
@@ -170,13 +174,15 @@ class Attacker:
                 continue  # an attacker ignores what it cannot read
             if call_id is not None and msg.call_id.decode("latin-1") != call_id:
                 continue
+            if cseq is not None and (msg.is_request or msg.cseq[0] != cseq):
+                continue
             got.append(msg)
             if until_final and msg.status >= 200:
                 break
         return got
 
-    def final(self, timeout: float = 3.0, *, call_id: str | None = None) -> SipMessage | None:
-        finals = [m for m in self.replies(timeout, call_id=call_id, until_final=True) if m.status >= 200]
+    def final(self, timeout: float = 3.0, *, call_id: str | None = None, cseq: int | None = None) -> SipMessage | None:
+        finals = [m for m in self.replies(timeout, call_id=call_id, cseq=cseq, until_final=True) if m.status >= 200]
         return finals[0] if finals else None
 
     def close(self) -> None:
@@ -212,6 +218,16 @@ def request(
 
 
 # -- phones ------------------------------------------------------------------------------------------
+
+
+def is_keepalive(msg: SipMessage) -> bool:
+    """A balancer's OPTIONS keepalive to a registered phone: its only Via is the balancer's own,
+    with the keepalive branch."""
+    return (
+        msg.method == b"OPTIONS"
+        and len(msg.values("via")) == 1
+        and (msg.top_via.branch or "").encode().startswith(KEEPALIVE_PREFIX)
+    )
 
 
 class Phone:
@@ -267,10 +283,18 @@ class Phone:
             )  # fmt: skip
             sock.sendto(reply.to_bytes(), peer)
 
-    def received(self, settle: float = 0.3, method: bytes | None = None) -> list[SipMessage]:
+    def received(
+        self, settle: float = 0.3, method: bytes | None = None, *, keepalives: bool = True
+    ) -> list[SipMessage]:
+        """The requests received (of ``method`` if given), after ``settle`` seconds.
+        ``keepalives=False``: without the balancer's own OPTIONS keepalives (RFC 5626 4.4.1), which a
+        phone registered over UDP gets after 30 s without a word, whatever the test does: one
+        Via, the balancer's, with its keepalive branch (a request relayed from a client carries
+        the client's Via too)."""
         time.sleep(settle)
         with self._lock:
-            return [m for m in self.requests if method is None or m.method == method]
+            got = [m for m in self.requests if method is None or m.method == method]
+        return got if keepalives else [m for m in got if not is_keepalive(m)]
 
     def wait_for(self, method: bytes, timeout: float = 3.0) -> SipMessage | None:
         deadline = time.monotonic() + timeout
@@ -339,7 +363,7 @@ class Caller:
 
         first_branch = branch()
         self.attacker.send(build(1, first_branch, ()), proxy)
-        final = self.attacker.final(timeout, call_id=cid)
+        final = self.attacker.final(timeout, call_id=cid, cseq=1)
         if final is None or final.status != 407:
             return Placed(final)
         self._ack(final, uri, first_branch, proxy)
@@ -349,7 +373,7 @@ class Caller:
         second_branch = branch()
         sent = build(2, second_branch, (("Proxy-Authorization", authorization),))
         self.attacker.send(sent, proxy)
-        responses = self.attacker.replies(timeout, call_id=cid, until_final=True)
+        responses = self.attacker.replies(timeout, call_id=cid, cseq=2, until_final=True)
         finals = [m for m in responses if m.status >= 200]
         result = Placed(finals[0] if finals else None, authorization, sent, responses)
         if result.final is not None and result.final.status >= 300:
