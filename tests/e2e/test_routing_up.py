@@ -154,13 +154,31 @@ def test_the_example_routes_to_gateway_voicemail_and_an_alias(farm: dict[str, An
             closable.close()
 
 
+def node_events(run: Path, event: str) -> dict[str, int]:
+    """How many times each node's log has ``event`` (``routing_reloaded``...)."""
+    return {p.name: p.read_text().count(f"event={event} ") for p in (run / "logs").glob("node*.log")}
+
+
+def wait_every_node_logged(run: Path, event: str, before: dict[str, int], within: float = 10.0) -> None:
+    """Until every node logged ``event`` once more than ``before`` (each polls the epoch every
+    second: a fixed sleep would be a guess on a loaded machine)."""
+    deadline = time.monotonic() + within
+    while True:
+        now = node_events(run, event)
+        if before and all(now.get(name, 0) > count for name, count in before.items()):
+            return
+        assert time.monotonic() < deadline, f"not every node logged {event}: {before} -> {now}"
+        time.sleep(0.1)
+
+
 def test_reload_changes_the_routing_and_a_bad_file_keeps_it(farm: dict[str, Any]) -> None:
     config: Path = farm["config"]
     config.write_text(config.read_text().replace('user_prefix = "+1555"', 'user_prefix = "+1666"'))
     reload = [sys.executable, "-m", "sipfarm", "reload", "--redis", farm["redis"]]
+    reloaded = node_events(farm["run"], "routing_reloaded")
     done = subprocess.run(reload, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
-    time.sleep(2.0)  # every node polls the epoch each second
+    wait_every_node_logged(farm["run"], "routing_reloaded", reloaded)
     gateway = Listener(GATEWAY)
     try:
         call(farm, f"sip:+16661234@{DOMAIN}")
@@ -168,11 +186,10 @@ def test_reload_changes_the_routing_and_a_bad_file_keeps_it(farm: dict[str, Any]
         config.write_text(config.read_text() + "\n[[routing.rules]]\naction = 'nonsense'\n")
         check = subprocess.run([*reload, "--check", str(config)], capture_output=True, text=True, timeout=30)
         assert check.returncode == 2 and "line" in check.stderr, check.stderr
+        refused = node_events(farm["run"], "routing_reload_refused")
         done = subprocess.run(reload, capture_output=True, text=True, timeout=30)
         assert done.returncode == 0
-        time.sleep(2.0)
-        logs = "".join(p.read_text() for p in (farm["run"] / "logs").glob("node*.log"))
-        assert "event=routing_reload_refused" in logs
+        wait_every_node_logged(farm["run"], "routing_reload_refused", refused)
         call(farm, f"sip:+16665678@{DOMAIN}")
         assert gateway.invite() is not None, "the old table was not kept"
     finally:

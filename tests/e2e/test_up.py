@@ -119,10 +119,16 @@ def test_up_starts_a_usable_farm_and_stops_it(tmp_path: Path):
         assert relay["id"] == "relay1" and relay["ng"] == f"udp:127.0.0.1:{port + 5}"
         assert ng_ping("127.0.0.1", port + 5)
 
-        time.sleep(1.0)  # the balancer's first membership poll and probes
+        # the balancer's first membership poll and probes (about a second; polled, as a loaded
+        # machine can take longer: until then the balancer answers 503)
         client = SipClient()
         try:
-            reply = client.register(("127.0.0.1", port), "alice", "alice-secret")
+            deadline = time.monotonic() + 10
+            while True:
+                reply = client.register(("127.0.0.1", port), "alice", "alice-secret")
+                if (reply is not None and reply.status == 200) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.3)
             assert reply is not None and reply.status == 200
         finally:
             client.close()
