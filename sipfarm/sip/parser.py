@@ -49,9 +49,38 @@ _SINGLE = frozenset(("call-id", "from", "to", "cseq", "content-length", "max-for
 _WATCHED = _SINGLE | {"via", "expires"}
 _SCHEME_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+-.")
 
-# raw header name -> lower-case full name; bounded so hostile names cannot grow it forever
+# raw header name -> lower-case full name; bounded so hostile names cannot grow it forever.
+# The C common case (_fastparse.split_headers) takes only messages whose names are all in it,
+# so the names phones and proxies send are put in first, in the spellings they use (RFC 3261's
+# capitalisation, lower and upper case, compact forms): a sender of thousands of made-up names
+# can fill the _KEY_CACHE_MAX other slots, never push the everyday names onto the slow path.
+_KNOWN_NAMES: Final = (
+    "Accept", "Accept-Contact", "Accept-Encoding", "Accept-Language", "Alert-Info", "Allow", "Allow-Events",
+    "Authentication-Info", "Authorization", "Call-ID", "Call-Info", "Contact", "Content-Disposition",
+    "Content-Encoding", "Content-Language", "Content-Length", "Content-Type", "CSeq", "Date", "Error-Info",
+    "Event", "Expires", "Flow-Timer", "From", "History-Info", "Identity", "In-Reply-To", "Max-Forwards",
+    "Min-Expires", "Min-SE", "MIME-Version", "Organization", "P-Access-Network-Info", "P-Asserted-Identity",
+    "P-Preferred-Identity", "Path", "Priority", "Privacy", "Proxy-Authenticate", "Proxy-Authorization",
+    "Proxy-Require", "RAck", "Reason", "Record-Route", "Refer-Sub", "Refer-To", "Referred-By", "Reject-Contact",
+    "Replaces", "Reply-To", "Request-Disposition", "Require", "Retry-After", "Route", "RSeq", "Server",
+    "Service-Route", "Session-Expires", "Session-ID", "SIP-ETag", "SIP-If-Match", "Subject",
+    "Subscription-State", "Supported", "Target-Dialog", "Timestamp", "To", "Unsupported", "User-Agent", "Via",
+    "Warning", "WWW-Authenticate",
+)  # fmt: skip
 _KEY_CACHE: dict[bytes, str] = {}
-_KEY_CACHE_MAX = 512
+_KEY_CACHE_MAX = 512  # names beyond the known ones
+
+
+def _seed_key_cache() -> None:
+    spellings = [*_KNOWN_NAMES, *COMPACT]
+    for name in spellings:
+        for raw in {name, name.lower(), name.upper(), "-".join(w.capitalize() for w in name.split("-"))}:
+            key = name.lower()
+            _KEY_CACHE[raw.encode("ascii")] = COMPACT.get(key, key)
+
+
+_seed_key_cache()
+_KEY_CACHE_LIMIT: Final = len(_KEY_CACHE) + _KEY_CACHE_MAX
 
 
 def header_key(raw_name: bytes) -> str:
@@ -63,7 +92,7 @@ def header_key(raw_name: bytes) -> str:
         raise BadMessage(f"bad header name {raw_name[:30]!r}")
     key = raw_name.decode("ascii").lower()
     key = COMPACT.get(key, key)
-    if len(_KEY_CACHE) < _KEY_CACHE_MAX and len(raw_name) <= MAX_CACHED_KEY:  # 512 x 512 bytes at most
+    if len(_KEY_CACHE) < _KEY_CACHE_LIMIT and len(raw_name) <= MAX_CACHED_KEY:  # 512 x 512 bytes at most
         _KEY_CACHE[raw_name] = key
     return key
 
