@@ -844,12 +844,14 @@ class Proxy:
     def _start_group(self, call: ProxyCall, now: float) -> None:
         group = call.next_group()
         layer = self.element.layer
+        refused: ServiceUnavailable | None = None
         for target in group:
             request = self._branch_request(call, target)
             branch = Branch(call=call, target=target, request=request)
             try:
                 ctx = layer.start_client(request, target.destination, now)
-            except ServiceUnavailable:
+            except ServiceUnavailable as exc:
+                refused = exc
                 continue
             ctx.context = branch
             branch.client_tx = ctx
@@ -860,6 +862,11 @@ class Proxy:
                 branch.started = now
                 self._arm_timer_c(branch, self._timer_c_deadline(branch, now))
         if not call.active():
+            if refused is not None and not call.branches and not call.groups:
+                # the node's own transaction limits refused every branch: 503, as for a request
+                # the layer could not take (a 480 would blame the callee)
+                self.element.fail(call.server_tx, refused)
+                return
             self._maybe_finish(call, now)
 
     def _branch_request(self, call: ProxyCall, target: Target) -> SipMessage:
