@@ -24,7 +24,7 @@ from sipfarm.sip.address import Address
 from sipfarm.sip.errors import ServerInternalError, ServiceUnavailable, SipError
 from sipfarm.sip.headers import via_branch
 from sipfarm.sip.message import SipMessage, error_response
-from sipfarm.sip.transaction import InvalidTransition, ServerTransaction, TransactionLayer, TxState
+from sipfarm.sip.transaction import RELEASED, InvalidTransition, ServerTransaction, TransactionLayer, TxState
 from sipfarm.sip.uri import SipURI
 from sipfarm.sip.via import default_port
 from sipfarm.store.errors import StoreError, StoreUnavailable
@@ -130,14 +130,18 @@ class Element:
             self.metrics.responses.inc(response.status)
             self.metrics.errors("late_2xx_forwarded").inc()
             return
-        request = stx.request  # a completed non-INVITE transaction releases it on sending
+        request = stx.request  # the layer releases it once the final response is sent
         try:
             self.layer.send_response(stx, response, self.now())
         except InvalidTransition:
             return  # the transaction ended meanwhile (client gave up): nothing to answer
         self.metrics.responses.inc(response.status)
         if response.status >= 200:
-            self.log_outcome(request, response.status, stx.source)
+            if request is not RELEASED:  # else a 2xx again (a retransmission, another fork)
+                self.log_outcome(request, response.status, stx.source)
+            call = stx.context
+            if isinstance(call, ProxyCall):
+                call.release_messages()
 
     def send_stateless(self, request: SipMessage, response: SipMessage, source: Address) -> None:
         """A response sent without a transaction (a challenge, a refusal) back to ``source``."""

@@ -16,7 +16,7 @@ from typing import Final
 
 from sipfarm.sip.address import Address
 from sipfarm.sip.message import SipMessage
-from sipfarm.sip.transaction import ClientTransaction, ServerTransaction
+from sipfarm.sip.transaction import RELEASED, ClientTransaction, ServerTransaction
 from sipfarm.store.location import Binding
 
 
@@ -135,7 +135,8 @@ class ProxyCall:
 
     def __init__(self, server_tx: ServerTransaction, request: SipMessage, started: float) -> None:
         self.server_tx = server_tx
-        self.request = request  # as received (Route processing done)
+        self.request = request  # as received (Route processing done); RELEASED once done
+        self.method = request.method
         self.started = started
         self.groups: list[list[Target]] = []  # remaining serial groups
         self.branches: list[Branch] = []
@@ -153,11 +154,33 @@ class ProxyCall:
         self.failover = False
 
     def __repr__(self) -> str:
-        return f"ProxyCall({self.request.method!r}, branches={len(self.branches)}, answered={self.answered})"
+        return f"ProxyCall({self.method!r}, branches={len(self.branches)}, answered={self.answered})"
 
     @property
     def is_invite(self) -> bool:
-        return self.request.method == b"INVITE"
+        return self.method == b"INVITE"
+
+    def release_messages(self) -> None:
+        """Drop the parsed messages once the request is answered and every branch has its final
+        and its transaction is past it (its own messages released by the layer): the
+        transactions live on for up to 32 s (Timers J, L, M) only to absorb retransmissions and
+        pass 2xx up, which needs none of them (:meth:`is_invite` reads ``method``). Called after
+        each final answer upstream and each final on a branch."""
+        if self.request is RELEASED or not self.answered:
+            return
+        server = self.server_tx
+        if not (server.released or server.terminated):
+            return  # answered, its response not sent yet (the relay's answer awaited)
+        for branch in self.branches:
+            tx = branch.client_tx
+            if branch.state is not BranchState.COMPLETED or (tx is not None and not (tx.released or tx.terminated)):
+                return  # a CANCEL may still be built from its request
+        self.request = RELEASED
+        for branch in self.branches:
+            branch.request = RELEASED
+        self.best = None
+        self.challenges.clear()
+        self.groups.clear()
 
     def set_targets(self, targets: Iterable[Target]) -> None:
         by_q: dict[float, list[Target]] = {}

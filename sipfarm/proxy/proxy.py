@@ -80,6 +80,7 @@ from sipfarm.sip.message import SipMessage, make_response
 from sipfarm.sip.parser import max_forwards
 from sipfarm.sip.transaction import (
     MAGIC_COOKIE,
+    RELEASED,
     AckFor2xx,
     ClientTransaction,
     ServerTransaction,
@@ -492,7 +493,7 @@ class Proxy:
             # every device a browser (RFC 7118 Contact transport): the offer asks for WebRTC
             # media; a fork to browsers and desk phones at once gets the desk phones' kind
             to_webrtc = bool(targets) and all(_websocket_uri(t.uri) for t in targets)
-            self.media.offer(msg, partial(self._offered, call), to_webrtc=to_webrtc)
+            self.media.offer(msg, partial(self._offered, call, msg), to_webrtc=to_webrtc)
         else:
             self._start_group(call, element.now())
 
@@ -624,11 +625,11 @@ class Proxy:
             raise Forbidden("From does not match the authenticated user", partial=msg)
         msg.prepend("p-asserted-identity", f"<sip:{account.user}@{account.domain}>".encode())
 
-    def _offered(self, call: ProxyCall, error: SipError | None) -> None:
+    def _offered(self, call: ProxyCall, msg: SipMessage, error: SipError | None) -> None:
         if call.cancelled or call.answered:
             # CANCELled (and answered 487) while the relay was asked: nothing will end the
-            # session it may have opened but this
-            self.media.release(call.request.call_id, call.request.from_tag)
+            # session it may have opened but this (``msg``: the call's messages may be released)
+            self.media.release(msg.call_id, msg.from_tag)
             return
         if error is not None:
             self.element.fail(call.server_tx, error)
@@ -928,6 +929,11 @@ class Proxy:
         branch = ctx.context
         if not isinstance(branch, Branch):
             return  # e.g. the answer to a CANCEL we sent
+        self._on_branch_response(branch, ctx, msg, now)
+        if msg.status >= 200:
+            branch.call.release_messages()
+
+    def _on_branch_response(self, branch: Branch, ctx: ClientTransaction, msg: SipMessage, now: float) -> None:
         call = branch.call
         status = msg.status
         if status >= 300 and branch.target.client_flow:
@@ -937,6 +943,10 @@ class Proxy:
             # that echoed only our Via (e.g. answering with a CANCEL's Via set) still answered
             # this branch: give the response the Via set the branch's request carried.
             self.element.metrics.errors("response_via_missing").inc()
+            if branch.request is RELEASED:
+                # a 2xx again after the call was done (its first one was mended and forwarded):
+                # the Via set is gone with the request, dropped
+                return
             msg = msg.copy()
             msg.remove("via")
             for value in reversed(branch.request.get_all("via")):
@@ -1015,7 +1025,7 @@ class Proxy:
         if (
             response.body
             and response.status < 300
-            and (call.is_invite or (self.anchoring and call.request.method in _MEDIA_RESPONSES))
+            and (call.is_invite or (self.anchoring and call.method in _MEDIA_RESPONSES))
         ):
             self.media.answer(response, partial(self._answered, stx, response))
             return

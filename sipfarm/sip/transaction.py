@@ -38,9 +38,17 @@ the same call that completed it.
 Retransmissions are absorbed before anything is parsed beyond what identifies the transaction:
 the top Via's branch (``via_branch``, no full Via parse), its sent-by, the CSeq method.
 
+Once a machine is past its final response (server: non-INVITE Completed, INVITE Accepted,
+Completed, Confirmed; client: INVITE Accepted and Completed, non-INVITE Completed) it only
+absorbs retransmissions and passes 2xx/ACK through for up to 32 s (Timers J, L, M, D): it
+keeps its key, its remote end and the bytes it may resend (the response of a Completed
+server, the ACK of a Completed INVITE client), and releases its parsed messages (``request``
+becomes :data:`RELEASED`, ``last_response`` None): at a few hundred calls/s these are tens of
+thousands of messages the cyclic GC would otherwise walk.
+
 What the TU must act on right away is a return value: ``receive_request`` returns a new server
-transaction (None when absorbed), ``receive_response`` returns the client transaction whose
-``last_response`` the TU must see (None when absorbed or stray).  Everything else is an event,
+transaction (None when absorbed), ``receive_response`` returns the client transaction when the
+TU must see the response it was given (None when absorbed or stray).  Everything else is an event,
 drained with ``events()``: :class:`TransactionTimeout` (B, F, H), :class:`TransportFailure`,
 :class:`TransactionTerminated` (release ``tx.context``), :class:`AckFor2xx` (an ACK outside any
 transaction, to forward statelessly) and :class:`StrayResponse`.  Each thing is reported once,
@@ -337,9 +345,9 @@ class InvalidTransition(Exception):
 
 # --- transactions -----------------------------------------------------------------------------
 
-# What a completed non-INVITE server transaction's ``request`` becomes: nothing reads it after the
-# final response (retransmissions are matched by key and answered with the response's bytes).
-_RELEASED: Final = SipMessage(method=b"RELEASED", uri=b"sip:released.invalid")
+# What a transaction's ``request`` becomes past its final response (see the module docstring):
+# retransmissions are matched by key and answered with bytes; nothing reads the message then.
+RELEASED: Final = SipMessage(method=b"RELEASED", uri=b"sip:released.invalid")
 
 
 class _TimerEntry:
@@ -375,6 +383,8 @@ class Transaction:
     TABLE: ClassVar[Table]
     INITIAL: ClassVar[Transition]
     TIMERS_IN_STATE: ClassVar[Mapping[TxState, frozenset[TxInput]]]
+    # states past the final response, where the parsed messages are released
+    RELEASE_IN: ClassVar[frozenset[TxState]]
 
     def __init__(self, request: SipMessage, remote: Address, key: tuple[object, ...]) -> None:
         self.request = request
@@ -394,6 +404,11 @@ class Transaction:
     def terminated(self) -> bool:
         return self.state is TxState.TERMINATED
 
+    @property
+    def released(self) -> bool:
+        """Past its final response: ``request`` is :data:`RELEASED` (see the module docstring)."""
+        return self.request is RELEASED
+
     def process(self, inp: TxInput) -> tuple[Action, ...]:
         """Apply ``inp``: the actions to run; raises InvalidTransition (and terminates) if illegal."""
         transition = self.TABLE.get((self.state, inp))
@@ -405,7 +420,9 @@ class Transaction:
         return transition[0]
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.state.value} {self.request!r}>"
+        request = self.request
+        what = f"key={self.key!r}" if request is RELEASED else repr(request)
+        return f"<{type(self).__name__} {self.state.value} {what}>"
 
 
 class ClientTransaction(Transaction):
@@ -426,6 +443,7 @@ class ClientInviteTransaction(ClientTransaction):
     TABLE = CLIENT_INVITE_TABLE
     INITIAL = CLIENT_INVITE_INITIAL
     TIMERS_IN_STATE = _timers_by_state(CLIENT_INVITE_TABLE)
+    RELEASE_IN = frozenset({TxState.ACCEPTED, TxState.COMPLETED})
 
 
 class ClientNonInviteTransaction(ClientTransaction):
@@ -433,6 +451,7 @@ class ClientNonInviteTransaction(ClientTransaction):
     TABLE = CLIENT_NON_INVITE_TABLE
     INITIAL = CLIENT_NON_INVITE_INITIAL
     TIMERS_IN_STATE = _timers_by_state(CLIENT_NON_INVITE_TABLE)
+    RELEASE_IN = frozenset({TxState.COMPLETED})
 
 
 class ServerTransaction(Transaction):
@@ -455,6 +474,7 @@ class ServerInviteTransaction(ServerTransaction):
     TABLE = SERVER_INVITE_TABLE
     INITIAL = SERVER_INVITE_INITIAL
     TIMERS_IN_STATE = _timers_by_state(SERVER_INVITE_TABLE)
+    RELEASE_IN = frozenset({TxState.ACCEPTED, TxState.COMPLETED, TxState.CONFIRMED})
 
 
 class ServerNonInviteTransaction(ServerTransaction):
@@ -462,6 +482,7 @@ class ServerNonInviteTransaction(ServerTransaction):
     TABLE = SERVER_NON_INVITE_TABLE
     INITIAL = SERVER_NON_INVITE_INITIAL
     TIMERS_IN_STATE = _timers_by_state(SERVER_NON_INVITE_TABLE)
+    RELEASE_IN = frozenset({TxState.COMPLETED})
 
 
 MACHINES: Final[tuple[type[Transaction], ...]] = (
@@ -678,8 +699,8 @@ class TransactionLayer:
     :class:`~sipfarm.sip.errors.ServiceUnavailable` (answer 503, statelessly).  The count alone
     does not bound memory: a request may be 64 KB, so 200,000 of them held for Timer J or H
     would be 12.8 GB.  What a transaction holds is counted in wire bytes (``retained_bytes``):
-    its request until it is released, the response bytes it retransmits, a client's last
-    response and ACK.
+    its request until its final response (then released, see the module docstring), the
+    response bytes it may retransmit, a client's last provisional response and its ACK.
     ``send_trying``: server INVITE transactions answer 100 Trying at once (RFC 3261 17.2.1, a
     proxy's 16.2 duty); turn off when the TU sends its own provisional response within 200 ms.
     """
@@ -903,10 +924,11 @@ class TransactionLayer:
     def receive_response(self, msg: SipMessage, source: Address, now: float) -> ClientTransaction | None:
         """Match ``msg`` to its client transaction (RFC 3261 17.1.3: top Via branch + CSeq method).
 
-        Returns the transaction when the TU must see the response (``tx.last_response`` is
-        ``msg``): every provisional, the first final, and in Accepted every 2xx (RFC 6026).
-        Returns None when it was absorbed (retransmitted final; an ACK is re-sent for a
-        300-699) or matches nothing (:class:`StrayResponse` event).
+        Returns the transaction when the TU must see ``msg``: every provisional, the first final,
+        and in Accepted every 2xx (RFC 6026). ``tx.last_response`` is ``msg`` only while a final
+        response is awaited (past it the transaction keeps no parsed message). Returns None
+        when it was absorbed (retransmitted final; an ACK is re-sent for a 300-699) or matches
+        nothing (:class:`StrayResponse` event).
         """
         try:
             top = msg.top_via_value
@@ -1027,13 +1049,8 @@ class TransactionLayer:
         if tx.state is TxState.TERMINATED:
             self._forget(tx)
             return to_tu
-        if tx.state is TxState.COMPLETED and isinstance(tx, ServerNonInviteTransaction):
-            # Completed only absorbs retransmissions with the response's bytes (Timer J: 32 s
-            # over UDP): release the parsed messages so completed REGISTERs stay small (~0.5 KB
-            # instead of ~4 KB: a registrar at 4,000 REG/s holds 128,000 of them).
-            self._charge(tx, -tx.request.size)
-            tx.request = _RELEASED
-            tx.last_response = None
+        if tx.state in tx.RELEASE_IN:
+            self._release(tx)
         # a timer stays armed only while the table reacts to it in the current state
         timers = tx._timers
         if timers:
@@ -1042,6 +1059,38 @@ class TransactionLayer:
                 del timers[inp]
                 self._armed -= 1
         return to_tu
+
+    def _release(self, tx: Transaction) -> None:
+        """``tx`` is past its final response (``RELEASE_IN``): it keeps its key, its remote end
+        and the bytes it may resend, and drops its parsed messages. A completed REGISTER holds
+        ~0.5 KB instead of ~4 KB (a registrar at 4,000 REG/s holds 128,000 of them for Timer J);
+        a call's transactions hold no message for their 32 s of Timers L, M, D."""
+        request = tx.request
+        if isinstance(tx, ServerTransaction):
+            if request is not RELEASED:
+                tx.request = RELEASED
+                self._charge(tx, -request.size)
+            if tx.state is not TxState.COMPLETED:
+                # Accepted and Confirmed resend nothing (the TU retransmits its 2xx, RFC 6026 7.1)
+                old = tx._response_bytes
+                if old is not None:
+                    tx._response_bytes = None
+                    self._charge(tx, -len(old))
+                tx.last_response = None
+            elif tx.key[0] != _LEGACY or isinstance(tx, ServerNonInviteTransaction):
+                tx.last_response = None
+            # else an RFC 2543 peer's ACK of a non-2xx is told from a 2xx's by the To tag of the
+            # response sent (RFC 3261 17.2.3, _legacy_lookup): it stays (not charged, as before)
+        else:
+            assert isinstance(tx, ClientTransaction)
+            if request is not RELEASED:
+                tx.request = RELEASED
+                self._charge(tx, -len(tx._request_bytes))
+                tx._request_bytes = b""
+            response = tx.last_response
+            if response is not None:
+                tx.last_response = None
+                self._charge(tx, -response.size)
 
     def _run(self, tx: Transaction, actions: tuple[Action, ...], msg: SipMessage | None, now: float) -> bool:
         handlers = self._handlers
@@ -1075,6 +1124,8 @@ class TransactionLayer:
 
     def _deliver_to_tu(self, tx: Transaction, msg: SipMessage | None, _now: float) -> None:
         assert isinstance(tx, ClientTransaction)
+        if tx.state in tx.RELEASE_IN:
+            return  # a final: the TU has ``msg``, the transaction keeps none (see _release)
         old = tx.last_response
         self._charge(tx, (msg.size if msg is not None else 0) - (old.size if old is not None else 0))
         tx.last_response = msg
@@ -1082,11 +1133,13 @@ class TransactionLayer:
     def _send_response(self, tx: Transaction, msg: SipMessage | None, _now: float) -> None:
         assert isinstance(tx, ServerTransaction) and msg is not None
         data = msg.to_bytes()
+        self._out.datagrams.append((data, tx.remote))
+        if tx.state is TxState.ACCEPTED:
+            return  # never resent by the layer (RFC 6026 7.1): nothing to keep (see _release)
         old = tx._response_bytes
         self._charge(tx, len(data) - (len(old) if old is not None else 0))
         tx.last_response = msg
         tx._response_bytes = data
-        self._out.datagrams.append((data, tx.remote))
 
     def _resend_response(self, tx: Transaction, _msg: SipMessage | None, _now: float) -> None:
         assert isinstance(tx, ServerTransaction)
@@ -1096,6 +1149,7 @@ class TransactionLayer:
     def _send_ack(self, tx: Transaction, msg: SipMessage | None, _now: float) -> None:
         assert isinstance(tx, ClientTransaction) and msg is not None
         if tx._ack is None:
+            # built on entering Completed, before the request is released
             tx._ack = build_ack(tx.request, msg).to_bytes()
             self._charge(tx, len(tx._ack))
         self._out.datagrams.append((tx._ack, tx.remote))
@@ -1225,6 +1279,7 @@ __all__ = [
     "CLIENT_NON_INVITE_TABLE",
     "MACHINES",
     "MAGIC_COOKIE",
+    "RELEASED",
     "SERVER_INVITE_TABLE",
     "SERVER_NON_INVITE_TABLE",
     "AckFor2xx",

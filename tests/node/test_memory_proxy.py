@@ -13,9 +13,11 @@ from __future__ import annotations
 import pytest
 from memfarm import DOMAIN, MemFarm, Phone
 
+from sipfarm.proxy.forking import ProxyCall
 from sipfarm.sip.address import Address
 from sipfarm.sip.headers import parse_name_addr
 from sipfarm.sip.message import SipMessage
+from sipfarm.sip.transaction import RELEASED, ServerInviteTransaction
 from sipfarm.sip.uri import SipURI
 from sipfarm.store.errors import StoreUnavailable
 
@@ -95,6 +97,36 @@ def test_a_connected_call_is_acked_and_hung_up_through_the_node(farm: MemFarm, a
     alice.send(bye, alice.first_hop(bye))
     assert len(bob.requests(b"BYE")) == 1
     assert statuses(alice, b"BYE") == [200]
+    assert farm.stray == []
+
+
+def test_a_finished_call_holds_no_parsed_message_yet_forwards_a_2xx_retransmission(
+    farm: MemFarm, alice: Phone
+) -> None:
+    """Past their final responses the call's transactions wait out Timers L, M, J (32 s) with
+    no parsed message, nor does the proxy's state for the call; a 2xx the callee sends again
+    (its ACK lost) still reaches the caller through the Accepted transactions."""
+    bob = registered(farm, "bob", "10.0.0.2", answer=200)
+    answer = call(alice)
+    assert answer is not None and answer.status == 200
+    layer = farm.nodes[0].layer
+    transactions = [*layer._server.values(), *layer._client.values()]
+    assert any(isinstance(tx, ServerInviteTransaction) for tx in transactions)
+    for tx in transactions:
+        assert tx.released and tx.last_response is None, tx
+        proxied = tx.context
+        if isinstance(proxied, ProxyCall):
+            assert proxied.request is RELEASED and proxied.best is None
+            assert all(branch.request is RELEASED for branch in proxied.branches)
+    ok = next(s for s in farm.log if s.source.host == "10.0.0.2" and s.data.startswith(b"SIP/2.0 200 "))
+    farm.send(ok.data, ok.source, ok.dest)
+    assert statuses(alice) == [100, 180, 200, 200]
+    alice.ack(answer)
+    bye = alice.in_dialog("BYE", answer)
+    alice.send(bye, alice.first_hop(bye))
+    assert statuses(alice, b"BYE") == [200] and len(bob.requests(b"BYE")) == 1
+    farm.advance(40)
+    assert len(layer) == 0 and layer.retained_bytes == 0
     assert farm.stray == []
 
 

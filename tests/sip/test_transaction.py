@@ -15,6 +15,7 @@ from sipfarm.sip.message import SipMessage, make_response
 from sipfarm.sip.parser import parse_message
 from sipfarm.sip.transaction import (
     MACHINES,
+    RELEASED,
     AckFor2xx,
     ClientInviteTransaction,
     ClientNonInviteTransaction,
@@ -736,7 +737,83 @@ def test_held_bytes_follow_client_transactions_and_their_responses() -> None:
     assert layer.retained_bytes == sent + ringing.size
     busy = response(req, 486)
     layer.receive_response(busy, UAS, 0.2)  # the ACK is built and held for Timer D
-    assert layer.retained_bytes > sent + busy.size
+    # past the final response only the ACK's bytes stay (the request and responses released)
+    assert layer.retained_bytes == len(tx._ack or b"") > 0
+    run_timers(layer, 100.0)
+    drain(layer)
+    assert len(layer) == 0 and layer.retained_bytes == 0
+
+
+def test_server_past_its_final_holds_no_parsed_message_and_still_absorbs() -> None:
+    """Completed (non-INVITE, INVITE), Confirmed, Accepted: the request and the response sent
+    are released (Timers J, H, L: 32 s of them per transaction at a few hundred calls/s); a
+    retransmission is still absorbed and answered with the very bytes first sent."""
+    for method, status in (("OPTIONS", 200), ("INVITE", 486)):
+        layer = TransactionLayer()
+        req = request(method)
+        tx = layer.receive_request(req, UAC, 0.0)
+        assert tx is not None
+        drain(layer)
+        layer.send_response(tx, make_response(req, status, to_tag=b"t"), 0.1)
+        ((sent, _),) = layer.datagrams_to_send()
+        assert tx.state is TxState.COMPLETED and tx.released
+        assert tx.request is RELEASED and tx.last_response is None
+        assert layer.retained_bytes == len(sent)  # only the bytes it resends
+        assert layer.receive_request(request(method), UAC, 0.2) is None
+        assert layer.datagrams_to_send() == [(sent, UAC)]
+        if method == "INVITE":
+            assert layer.receive_request(request("ACK", to_tag="t"), UAC, 0.3) is None
+            assert tx.state is TxState.CONFIRMED and layer.retained_bytes == 0  # nothing to resend
+        run_timers(layer, 100.0)
+        drain(layer)
+        assert len(layer) == 0 and layer.retained_bytes == 0
+    # Accepted: the TU retransmits its 2xx through it, an ACK is passed up; nothing is kept
+    layer = TransactionLayer()
+    req = request()
+    tx = layer.receive_request(req, UAC, 0.0)
+    assert tx is not None
+    drain(layer)
+    ok = make_response(req, 200, to_tag=b"t")
+    layer.send_response(tx, ok, 0.1)
+    layer.send_response(tx, ok, 0.6)
+    assert layer.datagrams_to_send() == [(ok.to_bytes(), UAC)] * 2
+    assert tx.state is TxState.ACCEPTED and tx.released and tx.last_response is None
+    assert layer.retained_bytes == 0
+    assert layer.receive_request(request(), UAC, 0.7) is None  # INVITE retransmission absorbed
+    assert layer.datagrams_to_send() == []
+    ack = request("ACK", to_tag="t")
+    assert layer.receive_request(ack, UAC, 0.8) is None
+    assert layer.events() == [AckFor2xx(ack, UAC)]
+    assert "key=" in repr(tx)  # the log's view of a released transaction: its key
+    run_timers(layer, 100.0)
+    drain(layer)
+    assert len(layer) == 0 and layer.retained_bytes == 0
+
+
+def test_client_past_its_final_holds_no_parsed_message_and_still_absorbs() -> None:
+    """Client INVITE Completed keeps only its ACK's bytes (resent for each retransmitted
+    final), Accepted and non-INVITE Completed nothing; 2xx in Accepted still reach the TU."""
+    layer = TransactionLayer()
+    req = request("INVITE", branch="z9hG4bKcli2")
+    tx = layer.start_client(req, UAS, 0.0)
+    drain(layer)
+    assert layer.receive_response(response(req, 486), UAS, 0.1) is tx
+    ((ack, _),) = layer.datagrams_to_send()
+    assert tx.state is TxState.COMPLETED and tx.released and tx.last_response is None
+    assert layer.retained_bytes == len(ack)
+    assert layer.receive_response(response(req, 486), UAS, 0.2) is None
+    assert layer.datagrams_to_send() == [(ack, UAS)]  # the same ACK
+    for method, status in (("INVITE", 200), ("OPTIONS", 200)):
+        req = request(method, branch=f"z9hG4bKcli3{method}")
+        tx = layer.start_client(req, UAS, 0.0)
+        drain(layer)
+        assert layer.receive_response(response(req, 180), UAS, 0.1) is tx
+        assert tx.last_response is not None  # awaiting the final: the 1xx is kept
+        assert layer.receive_response(response(req, status), UAS, 0.2) is tx
+        assert tx.released and tx.last_response is None and tx.size == 0
+        again = layer.receive_response(response(req, status), UAS, 0.3)
+        assert again is (tx if method == "INVITE" else None)  # RFC 6026 8.4: 2xx go up
+        assert tx.size == 0
     run_timers(layer, 100.0)
     drain(layer)
     assert len(layer) == 0 and layer.retained_bytes == 0
@@ -811,7 +888,7 @@ def test_two_layers_invite_with_a_lost_datagram() -> None:
     uas.send_response(server, make_response(server.request, 180, to_tag=b"uas"), 1.0)
     uas.send_response(server, make_response(server.request, 486, to_tag=b"uas"), 2.0)
     assert transfer(uas, uac, UAS, 2.0, drop=1) == [client]  # 180 lost, 486 arrives
-    assert client.last_response is not None and client.last_response.status == 486
+    assert client.state is TxState.COMPLETED and client.released  # the TU had the 486
     assert transfer(uac, uas, UAC, 2.0) == [None]  # the ACK is absorbed by the server tx
     assert server.state is TxState.CONFIRMED
     for t in (10.0, 40.0, 100.0):
@@ -921,7 +998,8 @@ def test_random_traffic_never_breaks_a_layer(
     src, dst = (UAC_TCP, UAS_TCP) if reliable else (UAC, UAS)
     req = request(method, via=via)
     client = uac.start_client(req, dst, 0.0)
-    server = uas.receive_request(request(method, via=via), src, 0.0)
+    server_req = request(method, via=via)  # the TU's own reference (the layer releases its own)
+    server = uas.receive_request(server_req, src, 0.0)
     assert server is not None
     now = 0.0
     for op, status, dt, flag in ops:
@@ -929,16 +1007,17 @@ def test_random_traffic_never_breaks_a_layer(
             uac.receive_response(response(req, status), dst, now)
         elif op == "server_resp":
             try:
-                uas.send_response(server, make_response(server.request, status, to_tag=b"t"), now)
+                uas.send_response(server, make_response(server_req, status, to_tag=b"t"), now)
             except InvalidTransition:
                 assert server.state is TxState.TERMINATED
             for data, _ in uas.datagrams_to_send():
                 uac.receive_response(parse_message(data), dst, now)
         elif op == "retransmit":
-            again = uas.receive_request(request(method, via=via), src, now)
+            again_req = request(method, via=via)
+            again = uas.receive_request(again_req, src, now)
             if again is not None:  # a new transaction only once the old one is gone
                 assert server.state is TxState.TERMINATED
-                server = again
+                server, server_req = again, again_req
         elif op == "ack":
             uas.receive_request(request("ACK", via=via, to_tag="t"), src, now)
         elif op == "ack_2xx":  # the 2xx's ACK, with its own branch: never a transaction's
@@ -951,6 +1030,8 @@ def test_random_traffic_never_breaks_a_layer(
             uas.handle_timer(now)
         for layer, tx in ((uac, client), (uas, server)):
             assert tx.state in MACHINE_STATES[type(tx)]
+            if tx.state in tx.RELEASE_IN:  # past the final: no parsed message held
+                assert tx.released and tx.last_response is None
             assert (len(layer) == 1) == (tx.state is not TxState.TERMINATED)
             deadline = layer.next_deadline()
             assert deadline is None or deadline > now
