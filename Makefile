@@ -15,7 +15,7 @@ NODE_PACKAGES := nodejs npm
 NODE_PROBES := node npm
 BROWSER_STAMP := tests/browser/node_modules/.installed
 
-.PHONY: run test lint typecheck pytest pytest-compiled setup system-deps bench bench-quick bench-scaling clean compiled docker-test
+.PHONY: run test lint typecheck pytest pytest-compiled setup system-deps bench bench-quick bench-scaling clean compiled docker-test asan-check
 
 # The farm runs the mypyc build of the hot path (built here when missing or stale; sipfarm.build
 # re-executes into it), or the pure-Python modules if it cannot be built.
@@ -83,6 +83,11 @@ compiled: $(VENV_STAMP)
 # SIPp, checks every metrics endpoint and Prometheus, brings it down. See docker/README.md.
 docker-test: $(VENV_STAMP)
 	@bash scripts/docker-test.sh
+
+# The hand-written C extensions under AddressSanitizer + UBSan, fed by their tests and the parser
+# fuzzer (~2 min; not part of `make test`): run it after touching a .c file.
+asan-check: $(VENV_STAMP)
+	@bash scripts/asan-check.sh
 
 clean:
 	rm -rf .run results build .mypy_cache .pytest_cache .ruff_cache
