@@ -334,6 +334,16 @@ class BalancerMetrics:
         )
         self.nodes_usable = Gauge("sipfarm_balancer_nodes_usable", "Nodes the balancer dispatches to", registry=r)
         self.nodes_known = Gauge("sipfarm_balancer_nodes_known", "Nodes in the membership", registry=r)
+        # changes of a node's state in the balancer's view (logged as event=node_<event>): joined,
+        # left, down, up, draining, active, moved; a flapping node shows as down and up growing
+        self.node_transitions = LabelCache(
+            Counter(
+                "sipfarm_balancer_node_transitions_total",
+                "Changes of a node's state in the balancer's view, by event",
+                ["event"],
+                registry=r,
+            )
+        )
         # static cluster ([balancer] groups): requests answered 503 for want of a node of their
         # group, and the usable nodes of each group the rules name
         self.group_unavailable = LabelCache(

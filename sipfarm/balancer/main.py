@@ -294,9 +294,36 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
     store = MembershipStore(redis)
     watcher = MemberWatcher(store, Role.NODE)
 
+    dropped_reported = 0
+
+    def report_transitions() -> None:
+        """One line per change of a node's state in this worker's view (never per message:
+        membership polls and probes make them), and its counter."""
+        nonlocal dropped_reported
+        transitions = nodes.take_transitions()
+        if not transitions:
+            return
+        usable = nodes.usable_count  # after these changes
+        for t in transitions:
+            metrics.node_transitions(t.event.value).inc()
+            log.info(
+                "event=node_%s node=%s address=%s group=%s reason=%s usable=%d worker=%s",
+                t.event.value,
+                t.node,
+                t.address,
+                t.group or "-",
+                t.reason,
+                usable,
+                worker_index,
+            )
+        if nodes.transitions_dropped > dropped_reported:
+            log.warning("event=node_transitions_dropped count=%d", nodes.transitions_dropped - dropped_reported)
+            dropped_reported = nodes.transitions_dropped
+
     def refresh(_change: object = None) -> None:
         members = watcher.snapshot()
         nodes.update_members(members)
+        report_transitions()
         if admission is not None:
             for m in members:
                 admission.heartbeat(m.id, m.load)  # transactions in flight (shed_node_load)
@@ -328,6 +355,7 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
         now = loop.time()
         for entry in nodes.due_probes(now):
             nodes.probe_sent(entry, now, core.probe(entry))
+        report_transitions()  # the probes' verdicts since the last tick (answers come between)
 
     location = LocationStore(redis)
     removals: set[asyncio.Task[None]] = set()

@@ -15,6 +15,13 @@ has a ring of its own (``pick(key, group)``, for the accounts the balancer's rul
 requests pinned to no group go to the ring of the ungrouped nodes, or, when none of those is
 usable, to the ring of every usable node (a grouped node is kept for its group while there is
 a dynamic pool, and still better than a 503 when there is none).
+
+Every change of a node's state in this view (joined, left, down, up, draining, active again,
+moved to another address or group) is recorded once, as a :class:`NodeTransition`, for the
+process to log and count (:meth:`NodeSet.take_transitions`): this module does no I/O.  Their
+rate is bounded by the inputs that make them: membership polls (the farm's own records) and
+probes (a node goes down at most once per ``down_after`` probe intervals, comes back at most
+once per answer); the queue is bounded anyway (``MAX_TRANSITIONS``, the rest counted).
 """
 
 from __future__ import annotations
@@ -28,11 +35,34 @@ from sipfarm.cluster.ring import HashRing
 from sipfarm.sip.address import Address
 
 MAX_DEPARTED = 1024  # addresses of departed nodes remembered (FIFO)
+MAX_TRANSITIONS = 1024  # transitions kept until taken (more are counted in transitions_dropped)
 
 
 class Health(enum.Enum):
     UP = "up"
     DOWN = "down"
+
+
+class NodeEvent(enum.Enum):
+    """A change of a node's state in the balancer's view (logged as ``event=node_<value>``)."""
+
+    JOINED = "joined"  # in the membership: usable unless draining (DRAINING follows then)
+    LEFT = "left"  # gone from the membership (heartbeats expired, or stopped)
+    DOWN = "down"  # probes missed, or the balancer cannot send to it
+    UP = "up"  # down, then answered (a probe, or any response)
+    DRAINING = "draining"  # takes no new requests (its dialogs still reach it)
+    ACTIVE = "active"  # draining no more
+    MOVED = "moved"  # another address or group under the same id
+
+
+@dataclass(frozen=True, slots=True)
+class NodeTransition:
+    event: NodeEvent
+    node: str
+    address: Address
+    group: str | None
+    #: why: "membership", "probes_missed", "send_failed", "probe_answered", "heard"
+    reason: str
 
 
 @dataclass(slots=True)
@@ -84,6 +114,8 @@ class NodeSet:
         # address -> group ('' for none) of a node gone from membership
         self._departed: dict[tuple[str, int], str] = {}
         self.changes = 0
+        self._transitions: list[NodeTransition] = []
+        self.transitions_dropped = 0
 
     # -- membership --------------------------------------------------------------------------
 
@@ -104,16 +136,24 @@ class NodeSet:
                     continue
                 aliases.add((a.host, a.port))
             if entry is None:
-                self.nodes[member.id] = NodeEntry(
-                    member.id, addr, draining=draining, aliases=aliases, group=member.group
-                )
+                entry = NodeEntry(member.id, addr, draining=draining, aliases=aliases, group=member.group)
+                self.nodes[member.id] = entry
+                self._record(NodeEvent.JOINED, entry, "membership")
+                if draining:
+                    self._record(NodeEvent.DRAINING, entry, "membership")
             else:
+                moved = entry.address != addr or entry.group != member.group
                 entry.address = addr
-                entry.draining = draining
                 entry.aliases = aliases
                 entry.group = member.group
-        for gone in set(self.nodes) - seen:
+                if moved:
+                    self._record(NodeEvent.MOVED, entry, "membership")
+                if entry.draining != draining:
+                    entry.draining = draining
+                    self._record(NodeEvent.DRAINING if draining else NodeEvent.ACTIVE, entry, "membership")
+        for gone in sorted(set(self.nodes) - seen):
             entry = self.nodes.pop(gone)
+            self._record(NodeEvent.LEFT, entry, "membership")
             # its Record-Route stays in the route sets of its dialogs: remember it was a node
             for alias in entry.aliases | {(entry.address.host, entry.address.port)}:
                 self._departed.pop(alias, None)
@@ -214,6 +254,7 @@ class NodeSet:
         entry.missed = 0
         if entry.health is Health.DOWN:
             entry.health = Health.UP
+            self._record(NodeEvent.UP, entry, "probe_answered" if measured else "heard")
             self._rebuild()
 
     def probe_missed(self, entry: NodeEntry) -> None:
@@ -221,6 +262,7 @@ class NodeSet:
         entry.missed += 1
         if entry.missed >= self.down_after and entry.health is Health.UP:
             entry.health = Health.DOWN
+            self._record(NodeEvent.DOWN, entry, "probes_missed")
             self._rebuild()
 
     def mark_down(self, entry: NodeEntry) -> None:
@@ -228,7 +270,21 @@ class NodeSet:
         entry.missed = self.down_after
         if entry.health is Health.UP:
             entry.health = Health.DOWN
+            self._record(NodeEvent.DOWN, entry, "send_failed")
             self._rebuild()
+
+    # -- transitions -------------------------------------------------------------------------
+
+    def _record(self, event: NodeEvent, entry: NodeEntry, reason: str) -> None:
+        if len(self._transitions) >= MAX_TRANSITIONS:
+            self.transitions_dropped += 1
+            return
+        self._transitions.append(NodeTransition(event, entry.id, entry.address, entry.group, reason))
+
+    def take_transitions(self) -> list[NodeTransition]:
+        """The transitions since the last call, oldest first (each is reported once)."""
+        taken, self._transitions = self._transitions, []
+        return taken
 
     def find_probe(self, branch: bytes) -> NodeEntry | None:
         for entry in self.nodes.values():
