@@ -198,7 +198,6 @@ def test_caller_acking_a_486_through_the_balancer_gets_it_once(redis_url, accoun
     start_node(redis_url, "node1")
     lb = start_balancer(redis_url)
     wait_nodes_usable(lb, 1)
-    time.sleep(0.6)
     alice, bob = SipClient(), SipClient()
     try:
         reply = bob.register(lb.address, "bob", accounts["bob"])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from fixtures.farm import SipClient, wait_nodes_usable
 
 
@@ -12,7 +10,6 @@ def test_register_through_balancer_adds_path(redis_url, accounts, start_node, st
     start_node(redis_url, "node2")
     lb = start_balancer(redis_url)
     wait_nodes_usable(lb, 2)
-    time.sleep(0.6)  # the balancer's watcher polls every 0.25 s
     client = SipClient()
     try:
         reply = client.register(lb.address, "alice", accounts["alice"], extra=(("supported", "path"),))

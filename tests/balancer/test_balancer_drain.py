@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from fixtures.farm import DOMAIN, SipClient, wait_nodes_usable
+from fixtures.farm import DOMAIN, BalancerProcess, SipClient, wait_balancer_view, wait_nodes_usable
 
 from sipfarm.store import LocationStore, create_redis
 
@@ -58,32 +58,32 @@ def test_drained_node_gets_no_new_registrations(redis_url, start_node, start_bal
     start_node(redis_url, "node2")
     lb = start_balancer(redis_url)
     wait_nodes_usable(lb, 2)
-    time.sleep(0.6)
     client = SipClient()
     try:
-        _drain_and_undo(redis_url, client, lb.address)
+        _drain_and_undo(redis_url, client, lb)
     finally:
         client.close()
 
 
-def _drain_and_undo(redis_url: str, client: SipClient, lb_address: tuple[str, int]) -> None:
+def _drain_and_undo(redis_url: str, client: SipClient, lb: BalancerProcess) -> None:
+    lb_address = lb.address
     _register_all(client, lb_address)
     assert _nodes_of(redis_url) == {"node1", "node2"}  # 12 AORs hash over both
 
     drained = sipfarm("drain", "node1", "--redis", redis_url)
     assert drained.returncode == 0, drained.stderr
-    time.sleep(1.5)  # next heartbeat (0.5 s) + the balancer's poll (0.25 s)
+    # node1's next heartbeat (0.5 s) says draining, the balancer's poll (0.25 s) reads it
+    wait_balancer_view(lb, lambda view: "node1" in view.draining, "node1 draining")
     deadline = time.monotonic() + 5  # (later on a loaded machine)
     while "draining" not in (status := sipfarm("status", "--redis", redis_url)).stdout and time.monotonic() < deadline:
         time.sleep(0.3)
     assert "draining" in status.stdout
-    # refreshes: all land on node2 now (again after a little while if the balancer, on a loaded
-    # machine, polled later than the sleep above assumed)
+    # refreshes: all land on node2 now
     assert _register_until(client, lb_address, redis_url, {"node2"}) == {"node2"}
 
     undone = sipfarm("drain", "node1", "--undo", "--redis", redis_url)
     assert undone.returncode == 0
-    time.sleep(1.5)
+    wait_balancer_view(lb, lambda view: {"node1", "node2"} <= view.usable, "node1 active again")
     assert _register_until(client, lb_address, redis_url, {"node1", "node2"}) == {"node1", "node2"}
 
 

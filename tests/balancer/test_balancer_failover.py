@@ -17,7 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from fixtures.farm import DOMAIN, BalancerProcess, NodeProcess, SipClient, free_udp_tcp_port, wait_nodes_usable
+from fixtures.farm import (
+    DOMAIN,
+    BalancerProcess,
+    NodeProcess,
+    SipClient,
+    free_udp_tcp_port,
+    wait_balancer_view,
+    wait_nodes_usable,
+)
 from lbhelpers import Caller, answer, loopback_peers, wait_request
 
 from benchmarks.sipp import REGISTER_AUTH, UAS_ANSWER, SippServer, run_sipp
@@ -96,7 +104,6 @@ def farm(
     # SIPp's UAS registers from another port than it answers on, on loopback
     lb = start_balancer(redis_url, extra=loopback_peers(workdir))
     wait_nodes_usable(lb, count)
-    time.sleep(0.6)  # the balancer's watcher polls every 0.25 s; probes settle
     return nodes, lb
 
 
@@ -244,10 +251,10 @@ def test_bye_of_established_call_after_its_node_died(redis_url, accounts, start_
         caller, invite, ok = establish(lb, alice, bob, accounts)
         dead2 = node_of_dialog(caller_final_rr(caller), live)
         dead2.kill()
-        time.sleep(2.5)  # membership TTL 1.5 s + watcher poll
+        # its Redis record expires (TTL 1.5 s), the balancer's next poll drops it
+        wait_balancer_view(lb, lambda view: dead2.node_id not in view.known, f"{dead2.node_id} gone")
         bye2 = callee_bye(invite, ok, bob)
-        # retransmitted every 0.5 s (Timer E-like) as a phone does: a balancer that noticed the
-        # death a little later than the sleep above (a loaded machine) still routes a copy
+        # retransmitted every 0.5 s (Timer E-like) as a phone does
         got = None
         deadline = time.monotonic() + 4.0
         while got is None and time.monotonic() < deadline:

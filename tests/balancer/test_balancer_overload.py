@@ -86,7 +86,6 @@ def test_excess_calls_are_shed_with_retry_after_and_admitted_calls_complete(
     metrics_port = free_udp_tcp_port()
     lb = start_balancer(redis_url, extra=[*loopback_peers(tmp_path), "--metrics", f"127.0.0.1:{metrics_port}"])
     wait_nodes_usable(lb, 1)
-    time.sleep(0.6)  # membership polled, first probes answered
     target = f"127.0.0.1:{lb.port}"
     with CpuLimit("sipfarm-test-overload", NODE_CORES) as limit, SippServer(tmp_path / "uas",
                                                                             scenario=UAS_ANSWER) as uas:

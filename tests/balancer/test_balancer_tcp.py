@@ -51,7 +51,6 @@ def test_tcp_register_and_call_arrives_on_the_same_connection(redis_url, account
     start_node(redis_url, "node2")
     lb = start_balancer(redis_url, extra=["--workers", str(workers)])
     wait_nodes_usable(lb, 2)
-    time.sleep(0.6)
     conn = TcpSip(lb.address)
     client = SipClient()
     try:

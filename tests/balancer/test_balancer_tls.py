@@ -60,7 +60,6 @@ def test_tls_register_and_call(redis_url, accounts, start_node, start_balancer, 
     lb = start_balancer(redis_url, extra=["--listen", f"tls:127.0.0.1:{tls_port}",
                                           "--tls-cert", str(cert), "--tls-key", str(key)])
     wait_nodes_usable(lb, 1)
-    time.sleep(0.6)
     conn = TlsSip(("127.0.0.1", tls_port), client_context(cert))  # verifies the certificate
     caller_socket = SipClient()
     try:

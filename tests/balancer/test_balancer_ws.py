@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import time
 
 import pytest
 from fixtures.farm import DOMAIN, SipClient, wait_nodes_usable
@@ -66,7 +65,6 @@ def test_ws_register_and_call_arrives_on_the_websocket(redis_url, accounts, star
     start_node(redis_url, "node2")
     lb = start_balancer(redis_url, extra=["--workers", str(workers)])
     wait_nodes_usable(lb, 2)
-    time.sleep(0.6)  # the balancer's watcher polls every 0.25 s
     try:
         asyncio.run(ws_scenario(f"ws://127.0.0.1:{lb.ws_port}", lb.address, accounts))
     except BaseException:

@@ -146,7 +146,6 @@ def farm(redis_server: RedisProcess, tmp_path_factory: pytest.TempPathFactory) -
         lb = launch_balancer(url, workdir)
         started.append(lb)
         wait_nodes_usable(lb, 2)
-        time.sleep(0.6)  # the balancer's membership poll and first probes
         for user in ("bob", "carol"):
             phone = Phone(user)
             phones.append(phone)

@@ -65,7 +65,6 @@ def nat_farm(
     metrics = ["--metrics", f"127.0.0.1:{metrics_port}"] if metrics_port else []
     lb = start_balancer(redis_url, extra=["--config", str(config), "--workers", str(workers), *metrics])
     wait_nodes_usable(lb, 1)
-    time.sleep(0.6)  # the balancer's probes see the node up
     return lb
 
 

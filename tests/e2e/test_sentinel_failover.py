@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from fixtures.farm import DOMAIN, free_udp_tcp_port, wait_nodes_usable
+from fixtures.farm import DOMAIN, free_udp_tcp_port, wait_node_records, wait_nodes_usable
 
 from benchmarks.sipp import run_sipp
 from sipfarm.store import AccountStore, LocationStore, create_redis
@@ -108,7 +108,6 @@ def run_failover(farm, start_node, start_balancer, workdir: Path, *, rate: int =
         start_node(farm.url, f"node{i}")
     lb = start_balancer(farm.url)
     wait_nodes_usable(lb, 2)
-    time.sleep(0.6)  # the balancer's watcher polls every 0.25 s; probes settle
 
     old = (farm.master.host, farm.master.port)
     kill_at: list[float] = []
@@ -137,7 +136,7 @@ def run_failover(farm, start_node, start_balancer, workdir: Path, *, rate: int =
     before = [t for t in oks.values() if t < kill]
     after = [oks[u] for u, t in starts.items() if t > kill and u in oks]
     present = asyncio.run(_registered(farm.url, list(oks)))
-    wait_nodes_usable(lb, 2, timeout=20)  # membership heartbeats reach the new master
+    wait_node_records(farm.url, 2, timeout=20)  # membership heartbeats reach the new master
     return FailoverReport(
         registrations=count,
         acknowledged=len(oks),

@@ -195,7 +195,6 @@ def test_domains_reach_only_their_groups_nodes_and_a_dead_group_gets_503(
     lb_metrics = free_port(udp=False)
     lb = start_balancer(redis_url, extra=["--config", str(config), "--metrics", f"127.0.0.1:{lb_metrics}"])
     wait_nodes_usable(lb, 3)
-    time.sleep(0.6)  # the balancer's watcher and first probes
 
     phones = {(u, "a.test"): Phone(u, "a.test", lb.address) for u in a_users}
     phones |= {(u, "b.test"): Phone(u, "b.test", lb.address) for u in b_users}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import time
 from collections.abc import Callable
 
 import pytest
@@ -55,5 +54,4 @@ def test_desk_phone_calls_browser_offer_is_webrtc(
     start_node(redis_url, "node1")
     lb = start_balancer(redis_url)
     wait_nodes_usable(lb, 1)
-    time.sleep(0.6)  # the balancer's view of the node settles
     asyncio.run(scenario(f"ws://127.0.0.1:{lb.ws_port}", lb.address, accounts))
