@@ -145,7 +145,7 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
     from sipfarm.balancer.frontdoor import ClientScreen, FrontDoor  # noqa: PLC0415
     from sipfarm.balancer.groups import parse_rules  # noqa: PLC0415
     from sipfarm.balancer.keepalive import RegisteredFlows  # noqa: PLC0415
-    from sipfarm.balancer.nodes import NodeSet  # noqa: PLC0415
+    from sipfarm.balancer.nodes import NodeEvent, NodeSet  # noqa: PLC0415
     from sipfarm.balancer.overload import AdmissionControl  # noqa: PLC0415
     from sipfarm.cluster.heartbeat import start_heartbeat  # noqa: PLC0415
     from sipfarm.cluster.membership import Member, MembershipStore, Role  # noqa: PLC0415
@@ -306,7 +306,8 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
         usable = nodes.usable_count  # after these changes
         for t in transitions:
             metrics.node_transitions(t.event.value).inc()
-            log.info(
+            log.log(
+                logging.WARNING if t.event is NodeEvent.DOWN else logging.INFO,  # shown at --log-level warning
                 "event=node_%s node=%s address=%s group=%s reason=%s usable=%d worker=%s",
                 t.event.value,
                 t.node,

@@ -253,6 +253,9 @@ def test_bye_of_established_call_after_its_node_died(redis_url, accounts, start_
         dead2.kill()
         # its Redis record expires (TTL 1.5 s), the balancer's next poll drops it
         wait_balancer_view(lb, lambda view: dead2.node_id not in view.known, f"{dead2.node_id} gone")
+        # what the operator reads: the first dead node went down on its probes, once, at warning
+        down = [line for line in lb.log().splitlines() if f"event=node_down node={dead.node_id} " in line]
+        assert len(down) == 1 and "level=warning" in down[0] and "reason=probes_missed" in down[0], down
         bye2 = callee_bye(invite, ok, bob)
         # retransmitted every 0.5 s (Timer E-like) as a phone does
         got = None
