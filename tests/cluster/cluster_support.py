@@ -40,6 +40,21 @@ def relay(member_id: str = "relay-1", port: int = 30000) -> Member:
     )
 
 
+def count_calls(store: MembershipStore, method: str = "members") -> list[float]:
+    """Count the calls of ``store.<method>`` from now on (e.g. a watcher's polls): the returned
+    list gets one monotonic timestamp per call, taken when the call starts. For tests that
+    reason in polls or beats rather than in wall-clock time, which a loaded machine stretches."""
+    calls: list[float] = []
+    original = getattr(store, method)
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(time.monotonic())
+        return await original(*args, **kwargs)
+
+    setattr(store, method, counted)
+    return calls
+
+
 async def eventually(check: Callable[[], Awaitable[bool]], within: float, interval: float = 0.02) -> float:
     """Poll ``check`` until true; return the seconds it took; fail after ``within`` seconds."""
     start = time.monotonic()

@@ -18,7 +18,7 @@ async def test_status_and_drain_from_another_process_view(
 ) -> None:
     async with open_membership() as store, Heartbeater(store, lambda: node("node-1"), interval=0.05) as hb:
         await store.heartbeat(relay())
-        await eventually(lambda: _has(store, "node-1"), within=1.0)
+        await eventually(lambda: _has(store, "node-1"), within=5.0)
 
         assert await asyncio.to_thread(main, ["status", "--redis", redis_url]) == 0
         out = capsys.readouterr().out

@@ -35,30 +35,46 @@ async def test_heartbeat_refreshes_figures(open_membership: OpenMembership) -> N
         assert (m.load, m.registrations, m.transactions) == (7.5, 11, 3)
 
 
-async def test_member_that_stops_heartbeating_is_gone_within_2s(open_membership: OpenMembership) -> None:
-    # The default TTL, as deployed: gone within 2 s of the last beat.
+async def _pttl_ms(redis_url: str, key: str) -> int:
+    redis = create_redis(redis_url)
+    try:
+        return int(await redis.pttl(key))
+    finally:
+        await redis.aclose()
+
+
+async def test_member_that_stops_heartbeating_is_gone_within_2s(
+    open_membership: OpenMembership, redis_url: str
+) -> None:
+    # The default TTL, as deployed: gone within 2 s of the last beat. "Within" is Redis's own
+    # clock (the record's PTTL, set by the beat): this process's view of the moment it went can
+    # only be late, and on a loaded machine by a second or more.
     async with open_membership() as store:
+        before_beat = time.monotonic()
         await store.heartbeat(node("silent"))
+        assert -1 != await _pttl_ms(redis_url, store.member_key("silent")) <= 2000  # -1: no expiry
         await store.heartbeat(node("alive"))
-        last_beat = time.monotonic()
 
         async def silent_gone() -> bool:
             await store.heartbeat(node("alive"))  # the other one keeps beating
             return [m.id for m in await store.members()] == ["alive"]
 
-        await eventually(silent_gone, within=2.5, interval=0.05)
-        gone_after = time.monotonic() - last_beat
-        assert store.ttl - 0.1 <= gone_after <= 2.0
+        await eventually(silent_gone, within=5.0, interval=0.05)
+        assert time.monotonic() - before_beat >= store.ttl - 0.1  # not before its TTL
 
 
-async def test_short_ttl_expiry(open_membership: OpenMembership) -> None:
+async def test_short_ttl_expiry(open_membership: OpenMembership, redis_url: str) -> None:
     async with open_membership(ttl=0.2) as store:
+        before_beat = time.monotonic()
         await store.heartbeat(node())
-        assert len(await store.members()) == 1
+        # gone within its TTL of the beat, on Redis's clock (-2: gone already, on a stalled machine)
+        assert -1 != await _pttl_ms(redis_url, store.member_key("node-1")) <= 200  # -1: no expiry
         await asyncio.sleep(0.1)
-        assert len(await store.members()) == 1  # still within its TTL
-        took = await eventually(lambda: _empty(store), within=1.0)
-        assert took < 0.3
+        listed = len(await store.members())
+        if time.monotonic() - before_beat < store.ttl - 0.02:  # not stalled past the TTL meanwhile
+            assert listed == 1  # still within its TTL
+        await eventually(lambda: _empty(store), within=5.0)
+        assert time.monotonic() - before_beat >= store.ttl - 0.02  # not before its TTL
 
 
 async def _empty(store: MembershipStore) -> bool:
@@ -139,8 +155,11 @@ async def test_set_state_and_self_reported_draining(open_membership: OpenMembers
 
 async def test_drain_with_ttl_expires(open_membership: OpenMembership) -> None:
     async with open_membership() as store:
+        before = time.monotonic()
         await store.drain("node-1", ttl=0.1)
-        assert await store.heartbeat(node("node-1")) is MemberState.DRAINING
+        state = await store.heartbeat(node("node-1"))
+        if time.monotonic() - before < 0.1 - 0.02:  # not stalled past the flag's TTL meanwhile
+            assert state is MemberState.DRAINING
         await asyncio.sleep(0.15)
         assert await store.heartbeat(node("node-1")) is MemberState.ACTIVE
 

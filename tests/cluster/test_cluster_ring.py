@@ -104,8 +104,10 @@ def test_empty_ring_and_bad_arguments() -> None:
 
 def test_lookup_is_fast() -> None:
     ring = HashRing([f"node-{i}" for i in range(20)])
-    t0 = time.perf_counter()
+    # CPU time, not wall time: the claim is the cost of a lookup, and a loaded machine that
+    # deschedules this process for a while must not count against it
+    t0 = time.process_time()
     for k in KEYS:
         ring.lookup(k)
-    per_key = (time.perf_counter() - t0) / len(KEYS)
+    per_key = (time.process_time() - t0) / len(KEYS)
     assert per_key < 20e-6  # generous for slow CI; ~1 us here
