@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import sys
@@ -102,8 +103,14 @@ async def running(**config: object) -> AsyncIterator[RoutingHelper]:
         await helper.aclose()
 
 
+#: the order answers arrive in, across all Asked (``Asked.seq``)
+_ANSWER_ORDER = itertools.count()
+
+
 class Asked:
-    """One ask(): the answer, how long it took, whether it came inside ask(), how many calls."""
+    """One ask(): the answer, how long it took, whether it came inside ask(), how many calls,
+    and ``seq``: its place among all the answers of the test (which came first, whatever the
+    wall-clock time a loaded machine adds)."""
 
     def __init__(self, helper: RoutingHelper, query: dict[str, str]) -> None:
         self.loop = asyncio.get_running_loop()
@@ -111,6 +118,7 @@ class Asked:
         self.future: asyncio.Future[HelperAnswer] = self.loop.create_future()
         self.started = self.loop.time()
         self.elapsed = -1.0
+        self.seq = -1
         helper.ask(query, self._callback)
         self.synchronous = bool(self.calls)
 
@@ -118,6 +126,7 @@ class Asked:
         self.calls.append(answer)
         if not self.future.done():
             self.elapsed = self.loop.time() - self.started
+            self.seq = next(_ANSWER_ORDER)
             self.future.set_result(answer)
 
     async def answer(self, within: float = 5.0) -> HelperAnswer:
@@ -300,7 +309,8 @@ async def test_hanging_helper_gets_the_default_within_the_timeout_and_is_restart
         first = pids(program.piddir)[0]
         asked = await ask(helper, "sip:bob@farm.test")
         assert asked.calls == [DEFAULT_ANSWER]
-        assert 0.29 <= asked.elapsed < 1.0
+        # at the timeout, not before; not never (ask() gives up at 5 s); room for a loaded machine
+        assert 0.29 <= asked.elapsed < 3.0
         assert (helper.timeouts, helper.failures, helper.defaults) == (1, 0, 1)
         # the child that left its query unanswered is killed and a new one started
         await eventually(lambda: len(pids(program.piddir)) == 2 and not alive(first))
@@ -308,12 +318,12 @@ async def test_hanging_helper_gets_the_default_within_the_timeout_and_is_restart
 
 
 async def test_crashed_helper_gives_the_default_at_once_and_is_restarted(program):
-    async with running(program=program("crash", "2"), pool=1, timeout=4, cache_ttl=0) as helper:
+    async with running(program=program("crash", "2"), pool=1, timeout=10, cache_ttl=0) as helper:
         for n in (1, 2):
             assert (await ask(helper, f"sip:u{n}@farm.test")).calls[0].uri == f"sip:u{n}@gw.test;n={n}"
         crashed = await ask(helper, "sip:u3@farm.test")
         assert crashed.calls == [DEFAULT_ANSWER]
-        assert crashed.elapsed < 2.0  # the exit, not the 4 s timeout
+        assert crashed.elapsed < 5.0  # the exit, not the 10 s timeout
         assert (helper.failures, helper.timeouts, helper.last_failure) == (1, 0, "crash")
         again = await ask(helper, "sip:u4@farm.test")  # a new child answers
         assert again.calls[0].uri == "sip:u4@gw.test;n=1"
@@ -322,18 +332,18 @@ async def test_crashed_helper_gives_the_default_at_once_and_is_restarted(program
 
 
 async def test_garbage_gets_the_default_and_the_child_keeps_running(program):
-    async with running(program=program("garbage"), pool=1, timeout=3) as helper:
+    async with running(program=program("garbage"), pool=1, timeout=10) as helper:
         for n in range(2):
             asked = await ask(helper, f"sip:u{n}@farm.test")
-            assert asked.calls == [DEFAULT_ANSWER] and asked.elapsed < 2.0
+            assert asked.calls == [DEFAULT_ANSWER] and asked.elapsed < 5.0  # not the 10 s timeout
         assert (helper.failures, helper.last_failure, helper.asked) == (2, "garbage", 2)
         assert len(pids(program.piddir)) == 1  # one line per query still holds: no restart
 
 
 async def test_overlong_line_gets_the_default_and_restarts_the_child(program):
-    async with running(program=program("long"), pool=1, timeout=3) as helper:
+    async with running(program=program("long"), pool=1, timeout=10) as helper:
         asked = await ask(helper, "sip:u@farm.test")
-        assert asked.calls == [DEFAULT_ANSWER] and asked.elapsed < 2.0
+        assert asked.calls == [DEFAULT_ANSWER] and asked.elapsed < 5.0  # not the 10 s timeout
         assert helper.last_failure == "too_long"
         await eventually(lambda: len(pids(program.piddir)) == 2)
 
@@ -400,9 +410,11 @@ async def test_full_queue_answers_the_default_at_once(program):
         asked = [Asked(helper, {"callee": f"sip:u{n}@farm.test"}) for n in range(3)]
         assert not any(a.synchronous for a in asked)
         assert await asked[2].answer() == DEFAULT_ANSWER
-        assert asked[2].elapsed < 0.3 and helper.overloaded == 1
+        assert helper.overloaded == 1
         assert (await asked[0].answer()).uri == "sip:u0@gw.test;n=1"
         assert (await asked[1].answer()).uri == "sip:u1@gw.test;n=2"
+        # at once: before the slow helper answered the query ahead of it (an order, not a time)
+        assert asked[2].seq < asked[0].seq < asked[1].seq
         assert helper.state is BreakerState.CLOSED
 
 
@@ -535,15 +547,16 @@ async def test_http_helper():
                 assert (await ask(helper, f"sip:{bad}@farm.test")).calls == [DEFAULT_ANSWER]
             assert helper.failures == 2
             hung = await ask(helper, "sip:hang@farm.test")
-            assert hung.calls == [DEFAULT_ANSWER] and 0.39 <= hung.elapsed < 1.0 and helper.timeouts == 1
+            # at the timeout, not before, and not after the server's 30 s (room for a loaded machine)
+            assert hung.calls == [DEFAULT_ANSWER] and 0.39 <= hung.elapsed < 3.0 and helper.timeouts == 1
             assert (await ask(helper, "sip:close@farm.test")).calls[0].uri == "sip:close@gw.test"
             before = server.connections
             assert (await ask(helper, "sip:after@farm.test")).calls[0].uri == "sip:after@gw.test"
             assert server.connections == before + 1  # the server closed the last one: a new one
             await server.stop()
             down = await ask(helper, "sip:down@farm.test")
-            assert down.calls == [DEFAULT_ANSWER] and down.elapsed < 0.39  # refused, not timed out
-            assert helper.last_failure == "http"
+            assert down.calls == [DEFAULT_ANSWER]
+            assert (helper.last_failure, helper.timeouts) == ("http", 1)  # refused, not timed out
     finally:
         if server.server is not None and server.server.is_serving():
             await server.stop()
