@@ -120,6 +120,8 @@ def build(ports: dict[str, int]) -> tuple[TransportManager, BalancerCore, _Count
     transports.on_message = core.on_message
     if hasattr(core, "response_fast_path"):  # as main.serve (a build from before it has none)
         transports.fast_response = core.response_fast_path()
+    if hasattr(core, "request_fast_path"):
+        transports.fast_request = core.request_fast_path()
     nodes.update_members([Member(id="node1", role=Role.NODE, addresses=(f"udp:{HOST}:{ports['node']}",))])
     return transports, core, fake
 
@@ -165,8 +167,14 @@ def prepare(capture: dict[str, Any]) -> tuple[list[tuple[bytes, Address]], list[
 
 
 def run(
-    incoming: list[tuple[bytes, Address]], expected: list[tuple[bytes, int]], calls: int, ports: dict[str, int]
+    incoming: list[tuple[bytes, Address]],
+    expected: list[tuple[bytes, int]],
+    calls: int,
+    ports: dict[str, int],
+    by_kind: dict[str, float] | None = None,
 ) -> dict[str, float]:
+    """One timed replay; with ``by_kind``, each datagram is timed on its own (thread CPU time,
+    adding the clock's own cost to each) and the microseconds per call summed per kind into it."""
     transports, _core, fake = build(ports)
     local = Address("udp", HOST, ports["balancer"])
     call_id = re.search(rb"Call-ID: (\S+)", incoming[0][0])
@@ -187,9 +195,21 @@ def run(
     fake.keep = False
     fake.count = 0
     start_cpu, start = time.process_time(), time.perf_counter()
-    for batch in prepared[1:]:
-        for data, source in batch:
-            deliver(data, source, local)
+    if by_kind is None:
+        for batch in prepared[1:]:
+            for data, source in batch:
+                deliver(data, source, local)
+    else:
+        spent = [0] * len(incoming)
+        clock = time.thread_time_ns
+        for batch in prepared[1:]:
+            for i, (data, source) in enumerate(batch):
+                t0 = clock()
+                deliver(data, source, local)
+                spent[i] += clock() - t0
+        for i, (data, source) in enumerate(incoming):
+            kind = _kind(data, source, ports)
+            by_kind[kind] = by_kind.get(kind, 0.0) + spent[i] / 1e3 / (calls - 1)
     cpu, wall = time.process_time() - start_cpu, time.perf_counter() - start
     n = calls - 1
     if fake.count != n * len(expected):
@@ -203,10 +223,22 @@ def run(
     }
 
 
+def _kind(data: bytes, source: Address, ports: dict[str, int]) -> str:
+    """A datagram's kind for --by-kind: "INVITE from client", "180 (INVITE) from node"..."""
+    first = data.split(b"\r\n", 1)[0].split(b" ")
+    method = re.search(rb"\r\nCSeq: \d+ (\S+)", data)
+    sender = "node" if source.port == ports["node"] else "client"
+    in_dialog = re.search(rb"\r\nTo: [^\r]*;tag=", data) is not None
+    if first[0] == b"SIP/2.0":
+        return f"{first[1].decode()} ({method.group(1).decode() if method else '?'}) from {sender}"
+    return f"{first[0].decode()}{' in-dialog' if in_dialog else ''} from {sender}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=10_000)
     ap.add_argument("--repeat", type=int, default=3, help="runs; the best is reported with the others")
+    ap.add_argument("--by-kind", action="store_true", help="one more run, each datagram timed: us per call by kind")
     ap.add_argument("--profile", action="store_true", help="cProfile one more run, top 30 by own time")
     args = ap.parse_args(argv)
     capture = json.loads(CAPTURE.read_text())
@@ -230,6 +262,14 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     )
+    if args.by_kind:
+        kinds: dict[str, float] = {}
+        run(incoming, expected, args.calls, ports, kinds)
+        print(
+            json.dumps(
+                {"us_per_call_by_kind": {k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}}
+            )
+        )
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()

@@ -67,7 +67,7 @@ for name in sys.argv[1:]:
 ' "${CEXTENSIONS[@]%%=*}"
 "$PY" -m pytest -q -p no:cacheprovider \
     tests/sip/test_fastparse.py tests/sip/test_rfc4475.py tests/sip/test_parser.py tests/sip/test_properties.py \
-    tests/balancer/test_response_fast_path.py tests/store/test_resppack.py \
+    tests/balancer/test_response_fast_path.py tests/balancer/test_request_fast_path.py tests/store/test_resppack.py \
     tests/media/test_media_fastpath.py tests/media/test_media_plane.py tests/media/test_media_relay.py
 "$PY" -m pytest -q -p no:cacheprovider tests/transport/test_transport_udp_batched.py
 "$PY" tests/sip/fuzz_parser.py --seconds "$FUZZ_S" --engine random

@@ -379,6 +379,47 @@ class OwnRoutes:
             top = top_value if at >= 0 else (None if at == NO_VALUE else msg.first_value("route"))
         return flow, top, plain
 
+    def pop_values(
+        self, values: tuple[bytes, ...]
+    ) -> tuple[Address | None, int, bytes | None, tuple[bytes, str, int] | None] | None:
+        """:meth:`pop` on a request's Route elements in order (``values``, as the balancer's
+        request fast path reads them): (flow, how many leading elements are ours, the first
+        one left, its :func:`plain_route_parts` when read), the same answers with the same
+        cache; None where :meth:`pop` would parse a URI or raise (an entry not in the plain
+        shape, an invalid token): the caller then takes the general path."""
+        flow: Address | None = None
+        known = self._known
+        plain: tuple[bytes, str, int] | None = None
+        n = len(values)
+        i = 0
+        for _ in range(MAX_OWN_ENTRIES):
+            if i >= n:
+                break
+            top = values[i]
+            named = known.get(top)
+            if named is None:
+                plain = plain_route_parts(top)
+                if plain is None:
+                    return None  # the URI parser's case
+                if not self.ours(plain[1], plain[2]):
+                    break  # the next hop's entry
+                user = plain[0]
+                plain = None
+                named = NO_FLOW
+                if user:
+                    try:
+                        named = self.tokens.decode(user)
+                    except FlowTokenError:
+                        return None  # BadMessage there
+                if len(top) <= MAX_CACHED_KEY and top.find(b";sf=") < 0:
+                    if len(known) >= self.limit:
+                        known.clear()
+                    known[top] = named
+            i += 1
+            if named is not NO_FLOW:
+                flow = named
+        return flow, i, values[i] if i < n else None, plain
+
 
 #: what :class:`OwnRoutes` remembers for a Route entry of ours without a flow token
 NO_FLOW = Address("", "", 0)

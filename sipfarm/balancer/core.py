@@ -88,10 +88,10 @@ from sipfarm.edge import (
 )
 from sipfarm.sip.address import Address
 from sipfarm.sip.errors import BadMessage, ServiceUnavailable, SipError, TooManyHops
-from sipfarm.sip.headers import HeaderError, first_element, via_branch
+from sipfarm.sip.headers import HeaderError, first_element, tag_of, via_branch
 from sipfarm.sip.memo import MAX_CACHED_KEY, bounded_key
 from sipfarm.sip.message import SipMessage, error_response, make_response
-from sipfarm.sip.parser import max_forwards
+from sipfarm.sip.parser import max_forwards, parse_message
 from sipfarm.sip.uri import SipURI, URIError, parse_uri
 from sipfarm.sip.via import default_port, stamp_received, via_sent_by
 from sipfarm.transport.destinations import DestinationPolicy
@@ -102,6 +102,15 @@ try:  # built by scripts/build-compiled.sh only: the interpreted build forwards 
     HAVE_RESPONSE_HOP = True
 except ImportError:  # pragma: no cover - which branch runs depends on the build
     HAVE_RESPONSE_HOP = False
+
+try:  # the same for in-dialog requests routed by our own Route entries
+    from sipfarm.sip._fastparse import request_out as _request_out
+    from sipfarm.sip._fastparse import request_scan as _request_scan
+    from sipfarm.sip._fastparse import stamp_via as _stamp_via
+
+    HAVE_REQUEST_HOP = True
+except ImportError:  # pragma: no cover - which branch runs depends on the build
+    HAVE_REQUEST_HOP = False
 
 log = logging.getLogger("sipfarm.balancer")
 
@@ -538,7 +547,11 @@ class BalancerCore:
         # RFC 3261 16.11: the same incoming branch (and hop) gives the same outgoing one, so the
         # CANCEL and the ACK of a non-2xx (which carry their INVITE's branch, 17.1.1.3) match
         # the INVITE's transaction upstream; an ACK for a 2xx has a branch of its own anyway
-        branch = self.branches.encode(hop, transaction_key(msg, msg.top_via_value))
+        return self._via_with(transaction_key(msg, msg.top_via_value), transport, via_address, hop)
+
+    def _via_with(self, key: bytes, transport: str, via_address: Address, hop: Address) -> bytes:
+        """Our Via for a request whose transaction key is ``key`` (see :meth:`_via`)."""
+        branch = self.branches.encode(hop, key)
         prefix = self._via_prefixes.get((transport, via_address))
         if prefix is None:
             prefix = b"SIP/2.0/%s %s:%d;" % (transport.upper().encode(), _host(via_address).encode(), via_address.port)
@@ -632,6 +645,121 @@ class BalancerCore:
         status = 200 if msg.method == b"OPTIONS" else 405
         reply = make_response(msg, status, to_tag=self._to_tag, headers=(("allow", b"OPTIONS"),))
         self.send_response(reply.to_bytes(), hop)
+
+    # -- in-dialog requests from their bytes ---------------------------------------------------
+
+    def request_fast_path(self) -> Callable[[bytes, Address, int], bool] | None:
+        """What ``TransportManager.fast_request`` is set to: :meth:`forward_request` when the
+        C reader exists (the compiled build), else None (every request the general way)."""
+        return self.forward_request if HAVE_REQUEST_HOP else None
+
+    def forward_request(self, data: bytes, source: Address, max_size: int) -> bool:
+        """The common in-dialog request routed by our own Route entries (a client's ACK or BYE
+        to its node, a node's to the client its flow token names), forwarded from its bytes:
+        False when it is not (the caller then parses it and calls :meth:`on_message`).
+
+        ``request_scan`` (sipfarm/sip/_fastparse.c) takes only a request the general path
+        would parse to the same pieces (CRLF only, ``name: value`` lines, no compact or
+        repeated single headers, Route values ``<...>`` only, one via-parm on the first Via
+        line, no REGISTER, OPTIONS, Record-Route, Path or Expires...) and returns them; every
+        decision is taken here as there, with the same functions: the To tag (``tag_of``),
+        the Route entries that are ours and their token (``OwnRoutes.pop_values``), the node
+        a Route names (up: else the general path, which re-hashes), the stamp, the branch, the
+        front door's User-Agent check.  Anything the general path would answer, re-hash,
+        parse further or log (debug) is declined before any side effect; ``request_out``
+        then writes the very bytes ``to_bytes`` would, and the same counters, drops and error
+        answers follow."""
+        if self._debug:
+            return False
+        found = _request_scan(data, max_size)
+        if found is None:
+            return False
+        method, to_value, routes, mf, top_via, call_id, seq, agent = found
+        try:
+            to_tag = tag_of(to_value)
+        except HeaderError:
+            return False
+        if to_tag is None or (method == b"ACK" and to_tag == self._to_tag):
+            return False  # new work, or the ACK of an answer of ours: the general path
+        hops = int(mf)
+        if hops <= 0:
+            return False  # TooManyHops, answered there
+        popped = self.own_routes.pop_values(routes)
+        if popped is None:
+            return False
+        flow, count, route, plain = popped
+        if count == 0:
+            return False  # not routed by us
+        from_node = self.nodes.by_address(source.host, source.port) is not None
+        if from_node:
+            if flow is None:
+                return False  # to its Request-URI: the destination policy's case
+            dest = flow  # in a dialog: the flow itself (_udp_contact_or_flow)
+            via_address = self.public.get(flow.transport) or self.internal
+            connect = False
+        else:
+            if route is None:
+                return False  # hashed: the general path picks
+            if plain is None:
+                plain = plain_route_parts(route)
+                if plain is None:
+                    return False
+            node = self.nodes.by_address(plain[1], plain[2])
+            if node is None or node.health is not Health.UP:
+                return False  # not a node of ours, or re-hashed: the general path
+            dest = node.address
+            via_address = self.internal
+            hops = min(hops, MAX_FORWARDS_ENTRY)
+            connect = True
+            if self.stamp_via:
+                stamped = _stamp_via(top_via, source.host.encode("ascii"), source.port)
+                if stamped is False:
+                    return False  # the via parser's case
+                if isinstance(stamped, bytes):
+                    top_via = stamped
+        try:
+            key = via_branch(top_via) or call_id + b" %d" % seq
+        except HeaderError:
+            return False
+        via = self._via_with(key, dest.transport, via_address, source)
+        out = _request_out(data, max_size, count, b"%d" % (hops - 1), via, top_via)
+        if out is None:
+            return False
+        # the general path's side effects, in its order (on_message, _on_request, _forward)
+        registered = self._registered_udp.get(source)
+        if registered is not None:
+            registered.heard = True
+        front = self.front
+        if front is not None and not from_node and not front.inspect_in_dialog(agent, source.host, self._clock()):
+            return True  # a scanner: dropped unanswered (counted there)
+        sent = self.send(out, dest, via_address) if connect or not dest.reliable else self.send_response(out, dest)
+        if not sent:
+            if method != b"ACK":
+                self._fast_request_failed(data, source, max_size, from_node)
+                return True
+            self.stats.drop("ack_unsent")  # nothing to answer an ACK with
+        if from_node:
+            self.stats.to_client += 1
+        else:
+            self.stats.to_node += 1
+        return True
+
+    def _fast_request_failed(self, data: bytes, source: Address, max_size: int, from_node: bool) -> None:
+        """A request of :meth:`forward_request` not sent: the general path's 430 (to a client)
+        or 503 (to a node), counted and answered from the request as it would have it."""
+        msg = parse_message(data, max_size=max_size)
+        if self.stamp_via and not from_node:
+            stamp_received(msg, source)
+        exc: SipError
+        if from_node:
+            self.stats.flow_failed += 1
+            exc = FlowFailed("the client's flow is gone", partial=msg)
+        else:
+            exc = ServiceUnavailable("node unreachable", retry_after=self.retry_after, partial=msg)
+        self.stats.errors[exc.counter] = self.stats.errors.get(exc.counter, 0) + 1
+        answer = error_response(msg, exc, self._to_tag)
+        if answer is not None:
+            self.send_response(answer.to_bytes(), source)
 
     # -- responses -------------------------------------------------------------------------------
 

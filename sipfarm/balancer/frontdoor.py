@@ -126,12 +126,8 @@ class FrontDoor:
         """After parsing, a request from a client: whether to forward it (False: drop it)."""
         if self._exempt.get(source):
             return True
-        if self._agents:
-            agent = msg.get("user-agent")
-            if agent is not None and self._is_scanner(agent):
-                self.count("scanner")
-                self._ban(source, "scanner", now)  # no second chance: a tool, not a phone
-                return False
+        if self._agents and not self._agent_allowed(msg.get("user-agent"), source, now):
+            return False
         if self._domains and msg.to_tag is None and msg.method not in (b"ACK", b"CANCEL"):
             try:
                 uri = msg.request_uri
@@ -143,6 +139,20 @@ class FrontDoor:
                     self.count(_RATE_REASONS[RequestClass.SUSPECT])
                     self._ban(source, _RATE_REASONS[RequestClass.SUSPECT], now)
                 return False
+        return True
+
+    def inspect_in_dialog(self, agent: bytes | None, source: str, now: float) -> bool:
+        """:meth:`inspect` of a request with a To tag, whose User-Agent is ``agent`` (the
+        domain check is for requests without one): the balancer's request fast path."""
+        if self._exempt.get(source):
+            return True
+        return not self._agents or self._agent_allowed(agent, source, now)
+
+    def _agent_allowed(self, agent: bytes | None, source: str, now: float) -> bool:
+        if agent is not None and self._is_scanner(agent):
+            self.count("scanner")
+            self._ban(source, "scanner", now)  # no second chance: a tool, not a phone
+            return False
         return True
 
     # -- bans ---------------------------------------------------------------------------------------

@@ -278,6 +278,7 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
     holder.append(core)
     transports.on_message = core.on_message  # from now on straight to the core (no closure)
     transports.fast_response = core.response_fast_path()  # the common response from its bytes (C)
+    transports.fast_request = core.request_fast_path()  # the common in-dialog request, the same way
     admission = core.admission
 
     def on_probe(branch: bytes) -> None:

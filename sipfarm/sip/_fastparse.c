@@ -919,6 +919,353 @@ static PyObject *stamp_via(PyObject *self, PyObject *const *args, Py_ssize_t nar
     return out;
 }
 
+/* ---- request_scan / request_out: a balancer's forwarding of an in-dialog request -------------
+ *
+ *   request_scan(data, max_size) -> (method, to, routes, max_forwards, top_via, call_id, cseq,
+ *                                    user_agent) | None
+ *   request_out(data, max_size, popped, max_forwards, via, top_via) -> bytes | None
+ *
+ * What sipfarm/balancer/core.py's general path (parse_message, stamp_received, _on_request,
+ * _forward, to_bytes) reads of and does to a request routed by the balancer's own Route entries,
+ * for the common shape only; None for anything else (the general path then does the whole job).
+ * Every decision (the To tag, the Route entries that are ours and their flow token, the next hop,
+ * the stamp, the branch, the front door) is the caller's: request_scan returns the pieces it
+ * needs, and request_out writes the datagram the general path would send.  The shape:
+ *   - data is at most max_size bytes, does not start with CR or LF; the request line is
+ *     "METHOD SP URI SP SIP/2.0" with METHOD a token other than REGISTER and OPTIONS, URI
+ *     starting "sip:" or "sips:" without SP;
+ *   - the header section ends with CRLFCRLF, every line ends with CRLF, no folding, at most
+ *     MAX_HEADER_LINES lines, each a token name of two characters or more (no compact form),
+ *     a colon, SP, then the value (written back as `name ": " value`, the SP/HTAB around it
+ *     dropped, as the parser and to_bytes do);
+ *   - Via, From, To, Call-ID, CSeq and Max-Forwards present, From, To, Call-ID, CSeq,
+ *     Content-Length and Max-Forwards once each; no Expires, Record-Route or Path;
+ *   - Call-ID without SP/HTAB; CSeq `digits SP METHOD` (at most 10 digits, below 2**31, the
+ *     request line's method); Max-Forwards 1 to 10 digits, at most 2**32 - 1; Content-Length,
+ *     if present, digits equal to the body's length;
+ *   - the first Via line is one non-empty via-parm (no comma, no quote);
+ *   - one Route element at least, MAX_ROUTES at most; every Route line is elements
+ *     "<...>" (no "<", ">", ",", quote, SP, HTAB, control or non-ASCII byte inside) separated
+ *     by a comma and optional SP/HTAB: what first_element/pop_value_at read one by one.
+ * routes: the Route elements in order; max_forwards: its value (bytes); top_via: the first Via
+ * line's value; cseq: its number; user_agent: the first User-Agent value or None.
+ * request_out: the same scan (None if it fails), then data with the first `popped` Route
+ * elements removed (a Route line left empty goes), Max-Forwards' value replaced, "Via: " via
+ * inserted before the first Via line and that line's value replaced by top_via.
+ * Every read stays inside data's buffer; no Python code runs while pointers into it are held.
+ */
+#define MAX_ROUTES 16
+
+enum { RK_OTHER, RK_VIA, RK_FROM, RK_TO, RK_CALLID, RK_CSEQ, RK_CLEN, RK_MAXFWD, RK_ROUTE, RK_UA, RK_BANNED };
+
+static int request_kind(const char *p, Py_ssize_t n) {
+    if (lower_eq(p, n, "via")) return RK_VIA;
+    if (lower_eq(p, n, "from")) return RK_FROM;
+    if (lower_eq(p, n, "to")) return RK_TO;
+    if (lower_eq(p, n, "call-id")) return RK_CALLID;
+    if (lower_eq(p, n, "cseq")) return RK_CSEQ;
+    if (lower_eq(p, n, "content-length")) return RK_CLEN;
+    if (lower_eq(p, n, "max-forwards")) return RK_MAXFWD;
+    if (lower_eq(p, n, "route")) return RK_ROUTE;
+    if (lower_eq(p, n, "user-agent")) return RK_UA;
+    if (lower_eq(p, n, "expires") || lower_eq(p, n, "record-route") || lower_eq(p, n, "path")) return RK_BANNED;
+    return RK_OTHER;
+}
+
+static int is_route_char(unsigned char c) {
+    return c > 0x20 && c < 0x7f && c != '<' && c != '>' && c != ',' && c != '"';
+}
+
+typedef struct {
+    const char *p;
+    Py_ssize_t n, start_len, method_len, body_start;
+    int nlines, via1, to, callid, cseq, maxfwd, ua, nroutes;
+    long long seq;
+    line_span lines[MAX_HEADER_LINES];
+    Py_ssize_t route_a[MAX_ROUTES], route_z[MAX_ROUTES];
+    int route_line[MAX_ROUTES];
+} req_scan;
+
+/* 1: the common shape, filled in; 0: not */
+static int scan_request(PyObject *data, Py_ssize_t max_size, req_scan *s) {
+    const char *p = PyBytes_AS_STRING(data);
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
+    s->p = p;
+    s->n = n;
+    if (n > max_size || n < 16) return 0;
+    const char *head_end = memmem(p, (size_t)n, "\r\n\r\n", 4);
+    if (head_end == NULL) return 0;
+    Py_ssize_t hend = head_end - p;
+    s->body_start = hend + 4;
+    /* the request line */
+    const char *eol = memchr(p, '\r', (size_t)hend + 2);
+    if (eol == NULL || eol[1] != '\n' || memchr(p, '\n', (size_t)(eol - p)) != NULL) return 0;
+    Py_ssize_t llen = eol - p;
+    const char *sp1 = memchr(p, ' ', (size_t)llen);
+    if (sp1 == NULL || sp1 == p) return 0;
+    for (const char *c = p; c < sp1; c++)
+        if (!is_token_char((unsigned char)*c)) return 0;
+    s->method_len = sp1 - p;
+    if ((s->method_len == 8 && memcmp(p, "REGISTER", 8) == 0) || (s->method_len == 7 && memcmp(p, "OPTIONS", 7) == 0))
+        return 0;
+    const char *uri = sp1 + 1;
+    const char *sp2 = memchr(uri, ' ', (size_t)(eol - uri));
+    if (sp2 == NULL || eol - (sp2 + 1) != 7 || memcmp(sp2 + 1, "SIP/2.0", 7) != 0) return 0;
+    if (!((sp2 - uri > 4 && memcmp(uri, "sip:", 4) == 0) || (sp2 - uri > 5 && memcmp(uri, "sips:", 5) == 0))) return 0;
+    s->start_len = llen + 2;
+
+    s->nlines = 0;
+    s->via1 = s->to = s->callid = s->cseq = s->maxfwd = s->ua = -1;
+    s->nroutes = 0;
+    int seen_from = 0, clen = -1;
+    Py_ssize_t pos = s->start_len;
+    while (pos < hend + 2) {
+        const char *ls = p + pos;
+        const char *cr = memchr(ls, '\r', (size_t)(hend - pos + 1));
+        if (cr == NULL || cr[1] != '\n') return 0;
+        Py_ssize_t len = cr - ls;
+        if (len == 0 || memchr(ls, '\n', (size_t)len) != NULL) return 0;
+        if (s->nlines >= MAX_HEADER_LINES) return 0;
+        const char *colon = memchr(ls, ':', (size_t)len);
+        if (colon == NULL || colon - ls < 2) return 0; /* no name, or a compact one */
+        for (const char *c = ls; c < colon; c++)
+            if (!is_token_char((unsigned char)*c)) return 0;
+        Py_ssize_t vs = (colon - p) + 1, ve = cr - p;
+        if (vs >= ve || p[vs] != ' ') return 0;
+        while (vs < ve && (p[vs] == ' ' || p[vs] == '\t')) vs++;
+        while (ve > vs && (p[ve - 1] == ' ' || p[ve - 1] == '\t')) ve--;
+        int i = s->nlines;
+        line_span *span = &s->lines[i];
+        span->name = pos;
+        span->name_end = colon - p;
+        span->value = vs;
+        span->value_end = ve;
+        const char *v = p + vs;
+        Py_ssize_t vlen = ve - vs;
+        switch (request_kind(ls, colon - ls)) {
+        case RK_VIA:
+            if (s->via1 < 0) {
+                if (vlen < 1 || memchr(v, ',', (size_t)vlen) != NULL || memchr(v, '"', (size_t)vlen) != NULL) return 0;
+                s->via1 = i;
+            }
+            break;
+        case RK_FROM:
+            if (seen_from++) return 0;
+            break;
+        case RK_TO:
+            if (s->to >= 0) return 0;
+            s->to = i;
+            break;
+        case RK_CALLID:
+            if (s->callid >= 0 || vlen < 1 || memchr(v, ' ', (size_t)vlen) != NULL || memchr(v, '\t', (size_t)vlen) != NULL)
+                return 0;
+            s->callid = i;
+            break;
+        case RK_CSEQ:
+            if (s->cseq >= 0) return 0;
+            s->cseq = i;
+            break;
+        case RK_CLEN:
+            if (clen >= 0) return 0;
+            clen = i;
+            break;
+        case RK_MAXFWD:
+            if (s->maxfwd >= 0) return 0;
+            s->maxfwd = i;
+            break;
+        case RK_UA:
+            if (s->ua < 0) s->ua = i;
+            break;
+        case RK_ROUTE: {
+            /* elements "<...>" separated by "," and optional SP/HTAB */
+            Py_ssize_t k = 0;
+            for (;;) {
+                if (k >= vlen || v[k] != '<') return 0;
+                Py_ssize_t a = k++;
+                while (k < vlen && is_route_char((unsigned char)v[k])) k++;
+                if (k >= vlen || v[k] != '>') return 0;
+                k++;
+                if (s->nroutes >= MAX_ROUTES) return 0;
+                s->route_a[s->nroutes] = vs + a;
+                s->route_z[s->nroutes] = vs + k;
+                s->route_line[s->nroutes] = i;
+                s->nroutes++;
+                if (k == vlen) break;
+                if (v[k] != ',') return 0;
+                k++;
+                while (k < vlen && (v[k] == ' ' || v[k] == '\t')) k++;
+            }
+            break;
+        }
+        case RK_BANNED:
+            return 0;
+        default:
+            break;
+        }
+        s->nlines++;
+        pos = (cr - p) + 2;
+    }
+    if (s->via1 < 0 || !seen_from || s->to < 0 || s->callid < 0 || s->cseq < 0 || s->maxfwd < 0 || s->nroutes < 1)
+        return 0;
+    if (clen >= 0) {
+        Py_ssize_t a = s->lines[clen].value, z = s->lines[clen].value_end;
+        if (z - a < 1 || z - a > 10) return 0;
+        long long v = 0;
+        for (Py_ssize_t i = a; i < z; i++) {
+            if (p[i] < '0' || p[i] > '9') return 0;
+            v = v * 10 + (p[i] - '0');
+        }
+        if (v > 2147483648LL || v != (long long)(n - s->body_start)) return 0;
+    }
+    {
+        Py_ssize_t a = s->lines[s->maxfwd].value, z = s->lines[s->maxfwd].value_end;
+        if (z - a < 1 || z - a > 10) return 0;
+        long long v = 0;
+        for (Py_ssize_t i = a; i < z; i++) {
+            if (p[i] < '0' || p[i] > '9') return 0;
+            v = v * 10 + (p[i] - '0');
+        }
+        if (v > 4294967295LL) return 0;
+    }
+    /* CSeq: digits SP the request line's method */
+    Py_ssize_t ca = s->lines[s->cseq].value, cz = s->lines[s->cseq].value_end;
+    const char *sp = memchr(p + ca, ' ', (size_t)(cz - ca));
+    if (sp == NULL) return 0;
+    Py_ssize_t ndig = (sp - p) - ca;
+    if (ndig < 1 || ndig > 10) return 0;
+    long long seq = 0;
+    for (Py_ssize_t i = ca; i < ca + ndig; i++) {
+        if (p[i] < '0' || p[i] > '9') return 0;
+        seq = seq * 10 + (p[i] - '0');
+    }
+    if (seq >= 2147483648LL) return 0;
+    s->seq = seq;
+    if ((p + cz) - (sp + 1) != s->method_len || memcmp(sp + 1, p, (size_t)s->method_len) != 0) return 0;
+    return 1;
+}
+
+static PyObject *span_bytes(const req_scan *s, int line) {
+    return PyBytes_FromStringAndSize(s->p + s->lines[line].value, s->lines[line].value_end - s->lines[line].value);
+}
+
+static PyObject *request_scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "request_scan(data, max_size)");
+        return NULL;
+    }
+    PyObject *data = args[0];
+    Py_ssize_t max_size = PyLong_AsSsize_t(args[1]);
+    if (max_size == -1 && PyErr_Occurred()) return NULL;
+    if (!PyBytes_CheckExact(data)) Py_RETURN_NONE;
+    req_scan *s = PyMem_Malloc(sizeof(req_scan));
+    if (s == NULL) return PyErr_NoMemory();
+    PyObject *out = NULL;
+    if (!scan_request(data, max_size, s)) {
+        PyMem_Free(s);
+        Py_RETURN_NONE;
+    }
+    PyObject *routes = PyTuple_New(s->nroutes);
+    if (routes == NULL) goto done;
+    for (int k = 0; k < s->nroutes; k++) {
+        PyObject *r = PyBytes_FromStringAndSize(s->p + s->route_a[k], s->route_z[k] - s->route_a[k]);
+        if (r == NULL) {
+            Py_DECREF(routes);
+            goto done;
+        }
+        PyTuple_SET_ITEM(routes, k, r);
+    }
+    PyObject *agent;
+    if (s->ua >= 0) {
+        agent = span_bytes(s, s->ua);
+        if (agent == NULL) {
+            Py_DECREF(routes);
+            goto done;
+        }
+    } else {
+        agent = Py_NewRef(Py_None);
+    }
+    out = Py_BuildValue("(y#NNNNNLN)", s->p, s->method_len, span_bytes(s, s->to), routes, span_bytes(s, s->maxfwd),
+                        span_bytes(s, s->via1), span_bytes(s, s->callid), s->seq, agent);
+done:
+    PyMem_Free(s);
+    return out;
+}
+
+static PyObject *request_out(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "request_out(data, max_size, popped, max_forwards, via, top_via)");
+        return NULL;
+    }
+    PyObject *data = args[0], *mf = args[3], *via = args[4], *top = args[5];
+    Py_ssize_t max_size = PyLong_AsSsize_t(args[1]);
+    if (max_size == -1 && PyErr_Occurred()) return NULL;
+    Py_ssize_t popped = PyLong_AsSsize_t(args[2]);
+    if (popped == -1 && PyErr_Occurred()) return NULL;
+    if (!PyBytes_CheckExact(data) || !PyBytes_CheckExact(mf) || !PyBytes_CheckExact(via) || !PyBytes_CheckExact(top))
+        Py_RETURN_NONE;
+    req_scan *s = PyMem_Malloc(sizeof(req_scan));
+    if (s == NULL) return PyErr_NoMemory();
+    if (!scan_request(data, max_size, s) || popped < 0 || popped > s->nroutes) {
+        PyMem_Free(s);
+        Py_RETURN_NONE;
+    }
+    const char *p = s->p;
+    Py_ssize_t mfn = PyBytes_GET_SIZE(mf), vn = PyBytes_GET_SIZE(via), tn = PyBytes_GET_SIZE(top);
+    /* an upper bound: every line at most "name: value CRLF" from its own bytes (the value
+     * never starts earlier than colon + 2), plus the replaced and added values */
+    Py_ssize_t cap = s->n + 7 + vn + mfn + tn;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, cap);
+    if (out == NULL) {
+        PyMem_Free(s);
+        return NULL;
+    }
+    char *o = PyBytes_AS_STRING(out), *o0 = o;
+    memcpy(o, p, (size_t)s->start_len);
+    o += s->start_len;
+    int r = 0; /* the next Route element */
+    for (int i = 0; i < s->nlines; i++) {
+        const line_span *span = &s->lines[i];
+        const char *vp = p + span->value;
+        Py_ssize_t vlen = span->value_end - span->value;
+        while (r < s->nroutes && s->route_line[r] == i && r < popped) r++;
+        if (r > 0 && s->route_line[r - 1] == i && r <= popped) {
+            /* this Route line lost elements: what follows the last one popped, or the line */
+            if (r == s->nroutes || s->route_line[r] != i) continue;
+            vp = p + s->route_a[r];
+            vlen = span->value_end - s->route_a[r];
+        }
+        if (i == s->via1) {
+            memcpy(o, "Via: ", 5);
+            o += 5;
+            memcpy(o, PyBytes_AS_STRING(via), (size_t)vn);
+            o += vn;
+            *o++ = '\r';
+            *o++ = '\n';
+            vp = PyBytes_AS_STRING(top);
+            vlen = tn;
+        } else if (i == s->maxfwd) {
+            vp = PyBytes_AS_STRING(mf);
+            vlen = mfn;
+        }
+        Py_ssize_t k = span->name_end - span->name;
+        memcpy(o, p + span->name, (size_t)k);
+        o += k;
+        *o++ = ':';
+        *o++ = ' ';
+        memcpy(o, vp, (size_t)vlen);
+        o += vlen;
+        *o++ = '\r';
+        *o++ = '\n';
+    }
+    *o++ = '\r';
+    *o++ = '\n';
+    memcpy(o, p + s->body_start, (size_t)(s->n - s->body_start));
+    o += s->n - s->body_start;
+    PyMem_Free(s);
+    if (_PyBytes_Resize(&out, o - o0) < 0) return NULL;
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"split_headers", (PyCFunction)(void (*)(void))split_headers, METH_FASTCALL,
      "split_headers(data, key_cache, watched, single, max_headers) -> (start_line, headers, first_values, "
@@ -929,6 +1276,10 @@ static PyMethodDef methods[] = {
      "stamp_via(raw, source_host, source_port) -> bytes | None | False"},
     {"response_hop", (PyCFunction)(void (*)(void))response_hop, METH_FASTCALL,
      "response_hop(data, prefixes, hop_prefix, max_size) -> (out, branch, key, pending) | None"},
+    {"request_scan", (PyCFunction)(void (*)(void))request_scan, METH_FASTCALL,
+     "request_scan(data, max_size) -> (method, to, routes, max_forwards, top_via, call_id, cseq, user_agent) | None"},
+    {"request_out", (PyCFunction)(void (*)(void))request_out, METH_FASTCALL,
+     "request_out(data, max_size, popped, max_forwards, via, top_via) -> bytes | None"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -118,6 +118,9 @@ class TransportManager:
         # after the screen, before parsing: the balancer's forwarding of the common response
         # from its bytes (``BalancerCore.forward_response``); False: not handled, parse it
         self.fast_response: Callable[[bytes, Address, int], bool] | None = None
+        # the same for the common in-dialog request (``BalancerCore.forward_request``), when
+        # this transport does not stamp Vias itself (the balancer's core stamps clients')
+        self.fast_request: Callable[[bytes, Address, int], bool] | None = None
         # sources (IP address strings) ``max_connections_per_source`` does not apply to
         self.limit_exempt: Callable[[str], bool] | None = None
         # checked first when a connection is accepted (TCP, TLS before its handshake, WebSocket)
@@ -291,6 +294,16 @@ class TransportManager:
             except Exception:  # a bug there must not take the transport down either
                 self.stats.callback_errors += 1
                 self._log_exception("fast_response_failed", source, b"")
+                return
+        fast = self.fast_request
+        if fast is not None and not self._stamp:
+            try:
+                if fast(data, source, self._max_size):
+                    self.stats.received[source.transport] += 1
+                    return
+            except Exception:  # as above
+                self.stats.callback_errors += 1
+                self._log_exception("fast_request_failed", source, b"")
                 return
         try:
             msg = parse_message(data, max_size=self._max_size)
