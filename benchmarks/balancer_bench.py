@@ -224,14 +224,17 @@ def run(
 
 
 def _kind(data: bytes, source: Address, ports: dict[str, int]) -> str:
-    """A datagram's kind for --by-kind: "INVITE from client", "180 (INVITE) from node"..."""
+    """A datagram's kind for --by-kind: "INVITE from client", "BYE routed from node" (with a
+    Route: in a dialog), "ACK tagged from client" (To tag, no Route: a non-2xx's ACK),
+    "180 (INVITE) from node"..."""
     first = data.split(b"\r\n", 1)[0].split(b" ")
     method = re.search(rb"\r\nCSeq: \d+ (\S+)", data)
     sender = "node" if source.port == ports["node"] else "client"
-    in_dialog = re.search(rb"\r\nTo: [^\r]*;tag=", data) is not None
+    tagged = re.search(rb"\r\nTo: [^\r]*;tag=", data) is not None
+    routed = data.find(b"\r\nRoute: ") >= 0
     if first[0] == b"SIP/2.0":
         return f"{first[1].decode()} ({method.group(1).decode() if method else '?'}) from {sender}"
-    return f"{first[0].decode()}{' in-dialog' if in_dialog else ''} from {sender}"
+    return f"{first[0].decode()}{' routed' if routed else ' tagged' if tagged else ''} from {sender}"
 
 
 def main(argv: list[str] | None = None) -> int:
