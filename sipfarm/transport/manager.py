@@ -50,9 +50,11 @@ from typing import Any, Protocol, cast
 
 from sipfarm.edge import is_ip_literal
 from sipfarm.sip.address import Address
-from sipfarm.sip.errors import SipError
+from sipfarm.sip.errors import BadMessage, SipError
+from sipfarm.sip.headers import HeaderError
 from sipfarm.sip.message import SipMessage, error_response
 from sipfarm.sip.parser import parse_message
+from sipfarm.sip.uri import URIError
 from sipfarm.sip.via import stamp_received
 from sipfarm.transport.config import TransportConfig
 from sipfarm.transport.stats import TransportStats, bump
@@ -324,6 +326,13 @@ class TransportManager:
         except SipError as exc:
             bump(self.stats.rejected, exc.counter)
             self._answer_error(msg if msg.status == 0 else None, exc, source, local)
+        except (HeaderError, URIError) as exc:
+            # a value the full grammar rejects, read only where the handler needed it (a top
+            # Via with "branch =" and nothing after it): the sender's error, a 400 like those
+            # the parser's own checks give, not a handler failure
+            bad = BadMessage(str(exc), partial=msg)
+            bump(self.stats.rejected, bad.counter)
+            self._answer_error(msg if msg.status == 0 else None, bad, source, local)
         except Exception:
             self.stats.callback_errors += 1
             self._log_exception("callback_failed", source, msg.call_id)
