@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -109,20 +110,66 @@ async def with_node(url: str, redis_url: str | None, body: Callable[[Node], Awai
         await node.close()
 
 
+def _run_delay() -> float:
+    """Seconds this thread has spent runnable but waiting for a CPU (the kernel's schedstat)."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _steal() -> list[float]:
+    """Seconds each CPU was kept from running by the hypervisor (/proc/stat's steal column)."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            lines = [line.split() for line in f if line[:3] == b"cpu" and line[3:4] != b" "]
+        return [int(fields[8]) / _TICK for fields in lines]
+    except (OSError, IndexError, ValueError):
+        return []
+
+
 class LoopLag:
-    """The longest the event loop went without running a 10 ms ticker: a blocked loop shows."""
+    """The longest the event loop went without running a 10 ms ticker, less what a loaded
+    machine took from it: a blocked loop shows, a busy machine does not.
+
+    Taken off each gap between ticks: the loop thread's wait for a CPU (runnable, not running:
+    its ``run_delay`` in /proc/thread-self/schedstat) and the largest steal of any CPU (the
+    hypervisor did not run the VM). What is left is the loop thread running code or sleeping
+    in a call that blocks it, which is what a stalled event loop means; on a loaded CI machine
+    the gap itself reached a second.
+    """
 
     def __init__(self) -> None:
         self.worst = 0.0
+        #: the largest gap as measured, machine stalls included (for messages)
+        self.worst_gap = 0.0
         self._task: asyncio.Task[None] | None = None
 
+    @staticmethod
+    def _now() -> tuple[float, float, list[float]]:
+        """The clock, the run delay and the steal, read with no wait for a CPU in between (a
+        wait there would count in one gap's time and in the other's delay)."""
+        for _ in range(5):
+            delay, steal = _run_delay(), _steal()
+            now = time.monotonic()
+            if _run_delay() == delay:
+                break
+        return now, delay, steal
+
     async def _run(self) -> None:
-        last = time.monotonic()
+        last, delay, steal = self._now()
         while True:
             await asyncio.sleep(0.01)
-            now = time.monotonic()
-            self.worst = max(self.worst, now - last - 0.01)
-            last = now
+            now, now_delay, now_steal = self._now()
+            stolen = max((b - a for a, b in zip(steal, now_steal, strict=False)), default=0.0)
+            gap = now - last - 0.01
+            self.worst_gap = max(self.worst_gap, gap)
+            self.worst = max(self.worst, gap - (now_delay - delay) - stolen)
+            last, delay, steal = now, now_delay, now_steal
 
     def __enter__(self) -> LoopLag:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -363,7 +410,7 @@ async def test_slapd_stopped_mid_test(slapd: SlapdProcess, redis_url: str) -> No
             many = await asyncio.gather(*(account(d, f"user{i}") for i in range(20)))
             assert all(isinstance(r, StoreUnavailable) for r in many)
             assert time.monotonic() - started < 2.0
-        assert lag.worst < 0.3
+        assert lag.worst < 0.3, (lag.worst, lag.worst_gap)
 
         node.wall += 300  # past stale_ttl: even alice is not served any more
         assert isinstance(await account(d, "alice"), StoreUnavailable)
@@ -414,11 +461,16 @@ async def test_stalled_slapd_times_out(slapd: SlapdProcess, redis_url: str) -> N
                 # bob and carol needed new connections, whose binds went unanswered: the pool backs
                 # off, the next lookup is answered at once
                 assert d.pool.size == 0
-                started = time.monotonic()
-                assert isinstance(await account(d, "sales"), StoreUnavailable)
-                assert time.monotonic() - started < 0.1
+                searches, started = d.searches, time.monotonic()
+                sales = await account(d, "sales")
+                # at once: refused by the pool's backoff, no connect tried and no search sent (so
+                # no timeout waited out); the time has room for a loaded machine (it was < 0.1 s
+                # against the 0.5 s timeout)
+                assert isinstance(sales, StoreUnavailable) and "reconnecting" in str(sales), sales
+                assert d.searches == searches
+                assert time.monotonic() - started < 2.0
                 cpu = time.process_time() - cpu
-            assert lag.worst < 0.3
+            assert lag.worst < 0.3, (lag.worst, lag.worst_gap)
             # waiting is not polling: bonsai's own asyncio wait spins on "writable" (~0.25 s of
             # CPU here, ~0.01 s without)
             assert cpu < 0.1
@@ -473,7 +525,7 @@ async def test_close_answers_lookups_in_flight(slapd: SlapdProcess, redis_url: s
         assert got == []  # waiting for the paused slapd
         started = time.monotonic()
         await node.directory.aclose()
-        assert time.monotonic() - started < 0.5
+        assert time.monotonic() - started < 2.5  # at once, not the 5 s timeout (room for a loaded machine)
         assert len(got) == 1
         assert isinstance(got[0], StoreUnavailable)
     finally:
