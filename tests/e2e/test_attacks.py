@@ -290,7 +290,7 @@ def test_in_dialog_request_to_the_node_itself_does_not_loop(farm: Farm, max_forw
         data, cid = in_dialog(mallory, "INFO", f"sip:x@127.0.0.1:{node.port}", max_forwards=max_forwards)
         sent = time.monotonic()
         mallory.send(data, farm.lb.address)
-        final = mallory.final(2.0, call_id=cid)
+        final = mallory.final(5.0, call_id=cid)
         took = time.monotonic() - sent
         time.sleep(max(0.0, 2.2 - took))  # the gauge is refreshed every second
         held = farm.transactions() - before
@@ -298,7 +298,9 @@ def test_in_dialog_request_to_the_node_itself_does_not_loop(farm: Farm, max_forw
         mallory.close()
     outcome = f"answer {final.status if final else None} after {took:.2f}s; {held:.0f} more transactions held"
     assert final is not None and final.status in (404, 482, 483), outcome
-    assert took < 1.0 and held <= 8, outcome
+    # not looped: few transactions held (a loop holds one per hop); answered at once normally,
+    # the bound has room for a loaded machine (was < 1.0 s)
+    assert took < 3.0 and held <= 8, outcome
     farm.still_serves()
 
 

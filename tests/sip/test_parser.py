@@ -756,24 +756,26 @@ def test_framer_is_linear_in_bytes_received() -> None:
     body = b"a" * 60000
     data = invite(body=body).replace(b"application/sdp", b"text/plain")
     framer = StreamFramer(max_size=70000)
-    start = time.perf_counter()
+    # CPU time, not wall time: the claim is the work done per byte, and a loaded machine that
+    # deschedules this process must not count against it
+    start = time.process_time()
     events = []
     for i in range(len(data)):
         framer.receive_data(data[i : i + 1])
         event = framer.next_event()
         if event is not None:
             events.append(event)
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     assert events == [data]
     assert elapsed < 2.0, f"{elapsed:.2f}s for {len(data)} one-byte chunks"
 
     headers_only = invite("X-Pad: " + "b" * 60000, body=b"")
     framer = StreamFramer(max_size=70000)
-    start = time.perf_counter()
+    start = time.process_time()
     for i in range(len(headers_only)):
         framer.receive_data(headers_only[i : i + 1])
         framer.next_event()
-    assert time.perf_counter() - start < 2.0
+    assert time.process_time() - start < 2.0
 
 
 # -- typical traffic (tests/sip/vectors/typical, when present) ---------------------------------------
