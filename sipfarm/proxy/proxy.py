@@ -1387,6 +1387,10 @@ def _upstream(response: SipMessage) -> SipMessage:
 
 def _strip_identity(msg: SipMessage) -> None:
     """Remove the identity headers only the farm may write (RFC 3325 5)."""
-    for name in IDENTITY_HEADERS:
-        if msg.has(name):
-            msg.remove(name)
+    # one pass over the headers (was one per name); the list is rebuilt only when one is there,
+    # keeping the others in order: what remove() per name left
+    headers = msg.headers
+    for key, _, _ in headers:
+        if key in IDENTITY_HEADERS:
+            msg.headers = [h for h in headers if h[0] not in IDENTITY_HEADERS]
+            return
