@@ -197,6 +197,9 @@ class Proxy:
         identity = element.identity
         self._domain_bytes = frozenset(d.encode() for d in identity.domains)
         self._loop_key = hashlib.blake2b(identity.node_id.encode(), digest_size=8).digest()
+        # the keyed hash's state once the key block is absorbed: each loop hash copies it (the
+        # same digest as blake2b(data, key=...), without compressing the key block again)
+        self._loop_hasher = hashlib.blake2b(key=self._loop_key, digest_size=6)
 
     # -- entry points ----------------------------------------------------------------------------
 
@@ -907,7 +910,9 @@ class Proxy:
         """RFC 3261 16.6 step 8: a branch part that is the same for the same request here."""
         # one call over the concatenation (what four update() calls hashed): the same value
         data = b"%s%s%s%d" % (msg.uri, msg.from_tag or b"", msg.call_id, msg.cseq[0])
-        return hashlib.blake2b(data, key=self._loop_key, digest_size=6).hexdigest().encode()
+        hasher = self._loop_hasher.copy()
+        hasher.update(data)
+        return hasher.hexdigest().encode()
 
     def _check_loop(self, msg: SipMessage) -> None:
         """RFC 3261 16.3 step 4: our own Via with this request's hash means a loop (482)."""
