@@ -383,13 +383,26 @@ class BalancerCore:
 
     def _pick(self, msg: SipMessage, to_tag: bytes | None) -> NodeEntry:
         if msg.method in (b"CANCEL", b"ACK"):
-            # the node holding the INVITE transaction, even if the node set changed since
-            pinned = self._invites.get(bounded_key(msg.call_id + b" %d" % msg.cseq[0]))
-            if pinned is not None:
-                entry = self.nodes.nodes.get(pinned[0])
-                if entry is not None and entry.health is Health.UP:
-                    return entry
+            entry = self._pinned(msg.call_id, msg.cseq[0])
+            if entry is not None:
+                return entry
         return self._hash(msg, self.groups.group_of(msg) if self.groups is not None else None, to_tag)
+
+    def _pinned(self, call_id: bytes, seq: int) -> NodeEntry | None:
+        """The node holding the INVITE transaction (Call-ID, CSeq number) while up, even if
+        the node set changed since (see :meth:`_pin_invite`)."""
+        pinned = self._invites.get(bounded_key(call_id + b" %d" % seq))
+        if pinned is not None:
+            entry = self.nodes.nodes.get(pinned[0])
+            if entry is not None and entry.health is Health.UP:
+                return entry
+        return None
+
+    def _pinned_or_hashed(self, call_id: bytes, seq: int) -> NodeEntry | None:
+        """:meth:`_pick` of an ACK or CANCEL without static-cluster groups (None: no node;
+        the general path answers 503 and counts it)."""
+        entry = self._pinned(call_id, seq)
+        return entry if entry is not None else self.nodes.pick(call_id)
 
     def _hash(self, msg: SipMessage, group: str | None, to_tag: bytes | None) -> NodeEntry:
         """The node by consistent hash, among the nodes of ``group`` if not None."""
@@ -688,9 +701,19 @@ class BalancerCore:
         if popped is None:
             return False
         flow, count, route, plain = popped
+        node: NodeEntry | None = None
         if count == 0:
-            return False  # not routed by us
-        from_node = self.nodes.by_address(source.host, source.port) is not None
+            if routes or method != b"ACK":
+                return False  # not routed by us
+            # the ACK of a non-2xx (no Route: RFC 3261 17.1.1.3) from a client: its INVITE's node
+            if self.groups is not None or self.nodes.by_address(source.host, source.port) is not None:
+                return False  # a group to read from the message, or a node's: the general path
+            node = self._pinned_or_hashed(call_id, seq)
+            if node is None:
+                return False  # no node: 503, answered there
+            from_node = False
+        else:
+            from_node = self.nodes.by_address(source.host, source.port) is not None
         if from_node:
             if flow is None:
                 return False  # to its Request-URI: the destination policy's case
@@ -698,15 +721,16 @@ class BalancerCore:
             via_address = self.public.get(flow.transport) or self.internal
             connect = False
         else:
-            if route is None:
-                return False  # hashed: the general path picks
-            if plain is None:
-                plain = plain_route_parts(route)
+            if node is None:
+                if route is None:
+                    return False  # hashed: the general path picks
                 if plain is None:
-                    return False
-            node = self.nodes.by_address(plain[1], plain[2])
-            if node is None or node.health is not Health.UP:
-                return False  # not a node of ours, or re-hashed: the general path
+                    plain = plain_route_parts(route)
+                    if plain is None:
+                        return False
+                node = self.nodes.by_address(plain[1], plain[2])
+                if node is None or node.health is not Health.UP:
+                    return False  # not a node of ours, or re-hashed: the general path
             dest = node.address
             via_address = self.internal
             hops = min(hops, MAX_FORWARDS_ENTRY)

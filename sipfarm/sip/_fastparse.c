@@ -944,7 +944,8 @@ static PyObject *stamp_via(PyObject *self, PyObject *const *args, Py_ssize_t nar
  *     request line's method); Max-Forwards 1 to 10 digits, at most 2**32 - 1; Content-Length,
  *     if present, digits equal to the body's length;
  *   - the first Via line is one non-empty via-parm (no comma, no quote);
- *   - one Route element at least, MAX_ROUTES at most; every Route line is elements
+ *   - MAX_ROUTES Route elements at most (none: the caller's ACK of a non-2xx); every Route
+ *     line is elements
  *     "<...>" (no "<", ">", ",", quote, SP, HTAB, control or non-ASCII byte inside) separated
  *     by a comma and optional SP/HTAB: what first_element/pop_value_at read one by one.
  * routes: the Route elements in order; max_forwards: its value (bytes); top_via: the first Via
@@ -1105,7 +1106,7 @@ static int scan_request(PyObject *data, Py_ssize_t max_size, req_scan *s) {
         s->nlines++;
         pos = (cr - p) + 2;
     }
-    if (s->via1 < 0 || !seen_from || s->to < 0 || s->callid < 0 || s->cseq < 0 || s->maxfwd < 0 || s->nroutes < 1)
+    if (s->via1 < 0 || !seen_from || s->to < 0 || s->callid < 0 || s->cseq < 0 || s->maxfwd < 0)
         return 0;
     if (clen >= 0) {
         Py_ssize_t a = s->lines[clen].value, z = s->lines[clen].value_end;

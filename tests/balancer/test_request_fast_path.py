@@ -140,7 +140,7 @@ def from_client(core: BalancerCore, method: bytes = b"BYE", *, routes: list[byte
         [
             method + b" sip:bob@127.0.0.3:5064;transport=UDP SIP/2.0",
             b"Via: SIP/2.0/UDP 127.0.0.2:5062;branch=z9hG4bK-client-9;rport",
-            b"Route: " + b", ".join(routes),
+            *([b"Route: " + b", ".join(routes)] if routes else []),
             b"Max-Forwards: 70",
             b"From: <sip:alice@example.com>;tag=a1",
             b"To: <sip:bob@example.com>;tag=b2",
@@ -164,7 +164,7 @@ def from_node(core: BalancerCore, method: bytes = b"BYE", *, routes: list[bytes]
             b"Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK766754832df4.312e29e2633f",
             b"Via: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKlb-1237f9b361a0dd2c5f0700047f000001573a",
             b"Via: SIP/2.0/UDP 127.0.0.2:5062;received=127.0.0.2;branch=z9hG4bK-client-9;rport=5062",
-            b"Route: " + b", ".join(routes),
+            *([b"Route: " + b", ".join(routes)] if routes else []),
             b"Max-Forwards: 68",
             b"From: <sip:alice@example.com>;tag=a1",
             b"To: <sip:bob@example.com>;tag=b2",
@@ -217,6 +217,24 @@ def test_canonical_requests_take_the_fast_path() -> None:
     )
     assert b"\r\nRoute: " + NODE_ENTRY + b", " in out and b"\r\nMax-Forwards: 69\r\n" in out
     assert b"Via: SIP/2.0/UDP 127.0.0.2:5062;branch=z9hG4bK-client-9;rport=5062;received=127.0.0.2\r\n" in out
+
+
+def test_ack_of_a_non_2xx_takes_the_fast_path_to_its_invite_node() -> None:
+    slow, fast = pair()
+    invite = from_client(fast.core, b"INVITE", routes=[]).replace(b";tag=b2", b"", 1)
+    both(invite, CLIENT, slow, fast)  # the general path: pinned to its node
+    ack = from_client(fast.core, b"ACK", routes=[])
+    assert taken(ack) and forwarded_fast(ack, CLIENT)
+    both(ack, CLIENT, slow, fast)
+    assert fast.sent[-1][1] == NODE and b"\r\nMax-Forwards: 69\r\n" in fast.sent[-1][0]
+    # from a node, with static-cluster groups, with no node: the general path
+    assert not forwarded_fast(ack, NODE)
+    for b in (slow, fast):
+        b.core.nodes.mark_down(b.core.nodes.nodes["node1"])
+    both(ack, CLIENT, slow, fast)
+    assert fast.core.stats.no_node == 1
+    for method in (b"BYE", b"CANCEL", b"INFO"):  # only the ACK: the rest is new work or hashed
+        assert not forwarded_fast(from_client(fast.core, method, routes=[]), CLIENT)
 
 
 def test_body_and_user_agent() -> None:
@@ -423,7 +441,9 @@ TOP_VIAS = st.sampled_from(
         b"SIP/2.0/TCP phone.example.com;branch=z9hG4bK-x;rport",
     ]
 )
-ROUTE_SETS = st.sampled_from(["canonical", "ours_only", "node_only", "twice_ours", "token_of_attacker", "upper"])
+ROUTE_SETS = st.sampled_from(
+    ["canonical", "ours_only", "node_only", "twice_ours", "token_of_attacker", "upper", "none"]
+)
 
 
 def _routes(core: BalancerCore, kind: str) -> list[bytes] | None:
@@ -433,6 +453,8 @@ def _routes(core: BalancerCore, kind: str) -> list[bytes] | None:
         return [entry(core, CLIENT)]
     if kind == "node_only":
         return [NODE_ENTRY]
+    if kind == "none":
+        return []  # the ACK of a non-2xx: no route set
     if kind == "twice_ours":
         return [entry(core, CLIENT), entry(core, UAS), NODE_ENTRY]
     if kind == "token_of_attacker":
