@@ -24,6 +24,7 @@ from collections.abc import Callable
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from wire_mutations import BARE, mutate, replace_header
 
 from sipfarm.balancer.core import BalancerCore
 from sipfarm.balancer.frontdoor import FrontDoor, FrontDoorPolicy
@@ -383,45 +384,17 @@ def test_over_max_size_takes_the_general_path() -> None:
     assert fastparse.request_scan(data, len(data)) is not None
 
 
+def _split_route(lines: list[bytes], i: int, pick: int) -> None:
+    lines[i] = lines[i].replace(b", ", [b"\r\nRoute: ", b",", b" ,", b",\t"][pick % 4], 1)
+
+
+def _max_forwards(lines: list[bytes], _i: int, pick: int) -> None:
+    replace_header(lines, b"max-forwards", [b"Max-Forwards: 0", b"Max-Forwards: 1", b"Max-Forwards: 255",
+                   b"Max-Forwards: 007", b"Max-Forwards: 4294967295", b"Max-Forwards: 99999999999"], pick)  # fmt: skip
+
+
 def _mutate(data: bytes, op: str, at: int, pick: int) -> bytes:
-    lines = data.split(b"\r\n")
-    if b"" not in lines or len(lines) < 3:
-        return data + b"x" if op != "truncate" else data[:-1]
-    head_end = lines.index(b"")
-    i = 1 + at % max(1, head_end - 1)  # a header line
-    line = lines[i]
-    name, colon, value = line.partition(b":")
-    if op == "pad":
-        lines[i] = name + colon + [b"  ", b"\t", b"", b" \t ", b"   "][pick % 5] + value.lstrip(b" ")
-    elif op == "trail":
-        lines[i] = line + [b" ", b"\t", b"\x0b", b"\x0c", b" ,"][pick % 5]
-    elif op == "name":
-        lines[i] = [name.upper(), name.lower(), name + b" ", name[:1]][pick % 4] + colon + value
-    elif op == "dup":
-        lines.insert(i, line if pick % 2 else name + colon + value + b"x")
-    elif op == "drop":
-        del lines[i]
-    elif op == "split_route":
-        lines[i] = line.replace(b", ", [b"\r\nRoute: ", b",", b" ,", b",\t"][pick % 4], 1)
-    elif op == "fold":
-        cut = len(line) // 2
-        lines[i] = line[:cut] + b"\r\n " + line[cut:]
-    elif op == "bare":
-        pos = (pick * 7919) % max(1, len(data))
-        return data[:pos] + [b"\r", b"\n", b"\x00", b'"', b",", b"<", b">", b"["][pick % 8] + data[pos:]
-    elif op == "byte":
-        pos = (pick * 104729) % max(1, len(data))
-        return data[:pos] + bytes([pick % 256]) + data[pos + 1 :]
-    elif op == "truncate":
-        return data[: (pick * 31) % max(1, len(data))]
-    elif op == "mf":
-        for j, other in enumerate(lines):
-            if other.lower().startswith(b"max-forwards"):
-                lines[j] = [b"Max-Forwards: 0", b"Max-Forwards: 1", b"Max-Forwards: 255", b"Max-Forwards: 007",
-                            b"Max-Forwards: 4294967295", b"Max-Forwards: 99999999999"][pick % 6]  # fmt: skip
-    elif op == "leading":
-        return b"\r\n" + data
-    return b"\r\n".join(lines)
+    return mutate(data, op, at, pick, bare=(*BARE, b">"), line_ops={"split_route": _split_route, "mf": _max_forwards})
 
 
 OPS = st.sampled_from(

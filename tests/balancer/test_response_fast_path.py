@@ -24,6 +24,7 @@ from collections.abc import Callable
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from wire_mutations import mutate, replace_header
 
 from sipfarm.balancer.core import BalancerCore
 from sipfarm.balancer.nodes import NodeSet
@@ -298,46 +299,21 @@ def test_over_max_size_takes_the_general_path() -> None:
     assert fastparse.response_hop(data, fast.core._via_starts, HOP_PREFIX, len(data)) is not None
 
 
+_COMPACT = {b"Via": b"v", b"From": b"f", b"To": b"t", b"Call-ID": b"i", b"Content-Length": b"l"}
+
+
+def _compact(lines: list[bytes], i: int, _pick: int) -> None:
+    name, colon, value = lines[i].partition(b":")
+    lines[i] = _COMPACT.get(name, name) + colon + value
+
+
+def _content_length(lines: list[bytes], _i: int, pick: int) -> None:
+    replace_header(lines, b"content-length", [b"Content-Length: 999", b"Content-Length: 0", b"Content-Length: -1",
+                   b"Content-Length: 00000000000", b"Content-Length: 0x1"], pick)  # fmt: skip
+
+
 def _mutate(data: bytes, op: str, at: int, pick: int) -> bytes:
-    lines = data.split(b"\r\n")
-    if b"" not in lines or len(lines) < 3:
-        return data + b"x" if op != "truncate" else data[:-1]
-    head_end = lines.index(b"")
-    i = 1 + at % max(1, head_end - 1)  # a header line
-    line = lines[i]
-    name, colon, value = line.partition(b":")
-    if op == "pad":
-        lines[i] = name + colon + [b"  ", b"\t", b"", b" \t ", b"   "][pick % 5] + value.lstrip(b" ")
-    elif op == "trail":
-        lines[i] = line + [b" ", b"\t", b"\x0b", b"\x0c", b" ,"][pick % 5]
-    elif op == "name":
-        lines[i] = [name.upper(), name.lower(), name + b" ", name[:1]][pick % 4] + colon + value
-    elif op == "compact":
-        compact = {b"Via": b"v", b"From": b"f", b"To": b"t", b"Call-ID": b"i", b"Content-Length": b"l"}
-        lines[i] = compact.get(name, name) + colon + value
-    elif op == "dup":
-        lines.insert(i, line if pick % 2 else name + colon + value + b"x")
-    elif op == "drop":
-        del lines[i]
-    elif op == "fold":
-        cut = len(line) // 2
-        lines[i] = line[:cut] + b"\r\n " + line[cut:]
-    elif op == "bare":
-        pos = (pick * 7919) % max(1, len(data))
-        return data[:pos] + [b"\r", b"\n", b"\x00", b'"', b",", b"<", b"["][pick % 7] + data[pos:]
-    elif op == "byte":
-        pos = (pick * 104729) % max(1, len(data))
-        return data[:pos] + bytes([pick % 256]) + data[pos + 1 :]
-    elif op == "truncate":
-        return data[: (pick * 31) % max(1, len(data))]
-    elif op == "clen":
-        for j, other in enumerate(lines):
-            if other.lower().startswith(b"content-length"):
-                lines[j] = [b"Content-Length: 999", b"Content-Length: 0", b"Content-Length: -1",
-                            b"Content-Length: 00000000000", b"Content-Length: 0x1"][pick % 5]  # fmt: skip
-    elif op == "leading":
-        return b"\r\n" + data
-    return b"\r\n".join(lines)
+    return mutate(data, op, at, pick, line_ops={"compact": _compact, "clen": _content_length})
 
 
 OPS = st.sampled_from(
