@@ -106,6 +106,8 @@ class PageServer:
 
     def __init__(self, bundle: Path, log_path: Path) -> None:
         self.reports: list[Report] = []
+        self.started = time.monotonic()
+        self.fetched: list[str] = []  # "PATH at +S s" for every GET, to tell a slow start from a stuck page
         self._released: dict[str, threading.Event] = {}
         self._cond = threading.Condition()
         self._log = log_path.open("w")
@@ -118,6 +120,9 @@ class PageServer:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                since = time.monotonic() - server.started
+                with server._cond:
+                    server.fetched.append(f"{self.path.partition('?')[0]} at +{since:.1f} s")
                 if self.path.startswith("/wait/"):
                     released = server.gate(self.path.removeprefix("/wait/")).wait(WAIT_TIMEOUT_S)
                     self.send_response(HTTPStatus.NO_CONTENT if released else HTTPStatus.GATEWAY_TIMEOUT)
@@ -182,7 +187,11 @@ class PageServer:
                 left = deadline - time.monotonic()
                 if left <= 0 or not alive():
                     steps = [r.get("step") for r in self.reports if r.get("step") != "debug"]
-                    raise AssertionError(f"web phone did not report {step!r} in {timeout} s (steps: {steps})")
+                    state = "running" if alive() else "exited"
+                    raise AssertionError(
+                        f"web phone did not report {step!r} in {timeout} s (steps: {steps}; "
+                        f"Chromium {state}; fetched: {self.fetched})"
+                    )
                 self._cond.wait(min(left, 0.2))
 
     def debug_text(self) -> str:

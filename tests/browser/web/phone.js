@@ -8,7 +8,7 @@
 // talk_ms. The page then waits for the test (GET /wait/screenshot: it takes its screenshot of the
 // call), the caller holds for hold_ms and resumes for talk_ms, and hangs up. Last, the caller calls
 // again and the callee rejects it (486 Busy Here), and once more, ringing until the caller gives
-// up (CANCEL). Reports: {step: "media" | "registered" |
+// up (CANCEL). Reports: {step: "loaded" | "media" | "registered" |
 // "message" | "confirmed" | "stats" | "talking" | "hold" | "ended" | "busy" | "no answer" | "done"} or
 // {step: "failed", where, cause}. The page shows each phone's state, the call's duration, the
 // packets and the audio level it receives, for the screenshot.
@@ -33,6 +33,7 @@ function log(text) {
 function describe(body) {
   const audio = (side) => `${side.packetsReceived} packets, energy ${(side.totalAudioEnergy || 0).toFixed(2)}`;
   switch (body.step) {
+    case 'loaded': return 'page loaded';
     case 'media': return 'fake microphone granted';
     case 'registered': return 'both registered over WebSocket (REGISTER, 401, REGISTER, 200)';
     case 'message': return `MESSAGE delivered (${body.status}): "${body.received.body}"`;
@@ -49,6 +50,11 @@ function report(body) {
     method: 'POST', headers: {'Content-Type': 'application/json'}, body: JSON.stringify(body),
   });
 }
+
+// First report: the page and both scripts loaded (the test allows Chromium's start-up more time
+// than a step). Errors anywhere from here on are reported as failures.
+window.addEventListener('error', (e) => report({step: 'failed', where: 'window', cause: String(e.message)}));
+report({step: 'loaded'});
 
 // JsSIP's debug output (the SIP messages) goes to the test's log through /report too.
 JsSIP.debug.enable('JsSIP:Transport JsSIP:RTCSession JsSIP:Registrator JsSIP:DigestAuthentication');
@@ -188,7 +194,7 @@ async function main() {
   document.getElementById('farm').textContent = `farm.test through the balancer at ${wsUrl}`;
   // A granted microphone (fake device, fake permission prompt) lets candidates carry real
   // addresses instead of mDNS names, which nothing resolves in a loopback-only namespace.
-  const mic = await navigator.mediaDevices.getUserMedia({audio: true});
+  const mic = await withTimeout(navigator.mediaDevices.getUserMedia({audio: true}), 'getUserMedia');
   mic.getTracks().forEach((t) => t.stop());
   await report({step: 'media'});
 
@@ -307,5 +313,4 @@ async function main() {
   await report({step: 'done'});
 }
 
-window.addEventListener('error', (e) => report({step: 'failed', where: 'window', cause: String(e.message)}));
 main().catch((err) => report({step: 'failed', where: 'main', cause: String(err && err.message || err)}));
