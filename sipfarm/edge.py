@@ -334,6 +334,27 @@ class OwnRoutes:
     def __len__(self) -> int:
         return len(self._known)
 
+    def _plain_entry(self, top: bytes, plain: tuple[bytes, str, int]) -> Address | None:
+        """A Route entry the cache did not know, read in the plain shape (``plain``, from
+        :func:`plain_route_parts`): None when it does not name us (the next hop's), else what
+        :meth:`_learn` says of it.  FlowTokenError on an invalid token."""
+        if not self.ours(plain[1], plain[2]):
+            return None
+        return self._learn(top, plain[0])
+
+    def _learn(self, top: bytes, user: bytes) -> Address:
+        """The flow the token in the user part of our entry ``top`` names (``NO_FLOW``: no
+        token), remembered under ``top``.  FlowTokenError on an invalid token."""
+        named = self.tokens.decode(user) if user else NO_FLOW
+        # the sender may pad its entry (long ones are not kept); a sealed entry is one
+        # dialog's or request's (not kept either)
+        if len(top) <= MAX_CACHED_KEY and top.find(b";sf=") < 0:
+            known = self._known
+            if len(known) >= self.limit:
+                known.clear()
+            known[top] = named
+        return named
+
     def pop(self, msg: SipMessage) -> tuple[Address | None, bytes | None, tuple[bytes, str, int] | None]:
         """RFC 3261 16.4: remove the leading Route entries that name us.  The flow a token in
         them names (None: none), the first Route value left (None: none left), and what
@@ -350,28 +371,19 @@ class OwnRoutes:
             if named is None:
                 # the plain shape is read without the parser (the same user, host and port)
                 plain = plain_route_parts(top)
-                if plain is not None:
-                    if not self.ours(plain[1], plain[2]):
-                        break  # the next hop's entry
-                    user = plain[0]
-                    plain = None
-                else:
-                    uri = route_uri(msg, top)
-                    if uri is None or not self.ours(uri.host, uri.port or default_port(uri.transport)):
-                        break
-                    user = uri.user.encode("latin-1") if uri.user else b""
-                named = NO_FLOW
-                if user:
-                    try:
-                        named = self.tokens.decode(user)
-                    except FlowTokenError:
-                        raise BadMessage("invalid flow token in Route", partial=msg) from None
-                # the sender may pad its entry (long ones are not kept); a sealed entry is one
-                # dialog's or request's (not kept either)
-                if len(top) <= MAX_CACHED_KEY and top.find(b";sf=") < 0:
-                    if len(known) >= self.limit:
-                        known.clear()
-                    known[top] = named
+                try:
+                    if plain is not None:
+                        named = self._plain_entry(top, plain)
+                        if named is None:
+                            break  # the next hop's entry
+                        plain = None
+                    else:
+                        uri = route_uri(msg, top)
+                        if uri is None or not self.ours(uri.host, uri.port or default_port(uri.transport)):
+                            break
+                        named = self._learn(top, uri.user.encode("latin-1") if uri.user else b"")
+                except FlowTokenError:
+                    raise BadMessage("invalid flow token in Route", partial=msg) from None
             pop_value_at(msg, "route", at, rest)
             if named is not NO_FLOW:
                 flow = named
@@ -401,20 +413,13 @@ class OwnRoutes:
                 plain = plain_route_parts(top)
                 if plain is None:
                     return None  # the URI parser's case
-                if not self.ours(plain[1], plain[2]):
+                try:
+                    named = self._plain_entry(top, plain)
+                except FlowTokenError:
+                    return None  # BadMessage there
+                if named is None:
                     break  # the next hop's entry
-                user = plain[0]
                 plain = None
-                named = NO_FLOW
-                if user:
-                    try:
-                        named = self.tokens.decode(user)
-                    except FlowTokenError:
-                        return None  # BadMessage there
-                if len(top) <= MAX_CACHED_KEY and top.find(b";sf=") < 0:
-                    if len(known) >= self.limit:
-                        known.clear()
-                    known[top] = named
             i += 1
             if named is not NO_FLOW:
                 flow = named
