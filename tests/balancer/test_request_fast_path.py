@@ -18,13 +18,12 @@ The C reader exists only in the compiled build (scripts/test-compiled.sh).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
-from wire_mutations import BARE, mutate, replace_header
+from wire_mutations import ATTACKER, BARE, CLIENT, LB, NODE, PROPERTY, SECRET, mutate, replace_header
 
 from sipfarm.balancer.core import BalancerCore
 from sipfarm.balancer.frontdoor import FrontDoor, FrontDoorPolicy
@@ -39,19 +38,7 @@ from sipfarm.transport.manager import TransportManager
 
 fastparse = pytest.importorskip("sipfarm.sip._fastparse")
 
-SCALE = float(os.environ.get("SIPFARM_PROPERTY_SCALE", "1"))
-PROPERTY = settings(
-    max_examples=int(500 * SCALE),
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-
-SECRET = b"fast-path-test-secret-0123456789"
-LB = Address("udp", "127.0.0.1", 5060)
-NODE = Address("udp", "127.0.0.1", 5070)
-CLIENT = Address("udp", "127.0.0.2", 5062)
 UAS = Address("udp", "127.0.0.3", 5064)
-ATTACKER = Address("udp", "127.0.0.66", 5099)
 MAX = 65535
 
 

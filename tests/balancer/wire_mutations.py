@@ -1,5 +1,6 @@
-"""Byte-level mutations of a SIP message for the balancer's fast-path parity tests
-(test_request_fast_path.py, test_response_fast_path.py): each applies one ``op`` to one
+"""What the balancer's two fast-path parity tests (test_request_fast_path.py,
+test_response_fast_path.py) share: their Hypothesis settings and addresses, and byte-level
+mutations of a SIP message.  Each mutation applies one ``op`` to one
 header line (chosen by ``at``) or to the bytes at a position (chosen by ``pick``), so that
 Hypothesis explores the shapes next to the common one the C reader takes or declines.
 
@@ -9,7 +10,25 @@ own in ``line_ops``: a function given the message's lines, the chosen header lin
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
+
+from hypothesis import HealthCheck, settings
+
+from sipfarm.sip.address import Address
+
+SCALE = float(os.environ.get("SIPFARM_PROPERTY_SCALE", "1"))
+PROPERTY = settings(
+    max_examples=int(500 * SCALE),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+SECRET = b"fast-path-test-secret-0123456789"
+LB = Address("udp", "127.0.0.1", 5060)
+NODE = Address("udp", "127.0.0.1", 5070)
+CLIENT = Address("udp", "127.0.0.2", 5062)
+ATTACKER = Address("udp", "127.0.0.66", 5099)
 
 LineOp = Callable[[list[bytes], int, int], None]
 
