@@ -9,12 +9,16 @@
   keeping the credentials it sent (what a sniffer would capture).
 * :func:`svcrack` / :func:`svwar`: SIPVicious 0.3.8 from PyPI run as subprocesses, bounded in
   time, their results parsed from the table they print.
+* :func:`running_farm`: the farm the attack suites share (a balancer, two nodes, registered
+  phones bob and carol), with each process's Prometheus counters at hand (:class:`Farm`).
 
 Everything stays on loopback and every loop is bounded in count and time.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import re
 import secrets
 import selectors
@@ -24,15 +28,30 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fixtures.farm import DOMAIN, SipClient, free_udp_tcp_port
+from fixtures.farm import (
+    DOMAIN,
+    USERS,
+    BalancerProcess,
+    NodeProcess,
+    SipClient,
+    free_udp_tcp_port,
+    launch_balancer,
+    launch_node,
+    wait_nodes_usable,
+)
+from fixtures.redis_server import RedisProcess, flushall
 
 from sipfarm.balancer.keepalive import KEEPALIVE_PREFIX
 from sipfarm.sip import auth
 from sipfarm.sip.message import SipMessage, make_response
 from sipfarm.sip.parser import parse_message
+from sipfarm.store import AccountStore, create_redis
 
 SDP = (
     b"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
@@ -67,17 +86,19 @@ class Hit:
 class Victim:
     """A loopback service that must never hear from the farm: TCP and UDP on one port."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+        """On ``host`` (IPv4 or IPv6 loopback) at ``port`` (default: one free on both)."""
         self.host = host
-        self.port = free_udp_tcp_port(host)
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        self.port = port or free_udp_tcp_port(host)
         self.hits: list[Hit] = []
         self._lock = threading.Lock()
-        self._tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._tcp = socket.socket(family, socket.SOCK_STREAM)
         self._tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._tcp.bind((host, self.port))
         self._tcp.listen(16)
         self._tcp.setblocking(False)
-        self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._udp = socket.socket(family, socket.SOCK_DGRAM)
         self._udp.bind((host, self.port))
         self._udp.setblocking(False)
         self._selector = selectors.DefaultSelector()
@@ -103,11 +124,11 @@ class Victim:
                     if key.data == "accept":
                         conn, peer = sock.accept()
                         conn.setblocking(False)
-                        self._record("tcp-connect", peer, b"")
-                        self._selector.register(conn, selectors.EVENT_READ, ("tcp", peer))
+                        self._record("tcp-connect", peer[:2], b"")
+                        self._selector.register(conn, selectors.EVENT_READ, ("tcp", peer[:2]))
                     elif key.data == "udp":
                         data, peer = sock.recvfrom(65535)
-                        self._record("udp", peer, data)
+                        self._record("udp", peer[:2], data)
                     else:
                         data = sock.recv(65535)
                         if data:
@@ -393,6 +414,106 @@ class Caller:
 
     def close(self) -> None:
         self.attacker.close()
+
+
+# -- the farm ----------------------------------------------------------------------------------------
+
+ACCOUNTS = {**USERS, "dave": "dave-secret", "erin": "erin-secret"}
+
+
+def scrape(port: int) -> dict[str, float]:
+    """A Prometheus page on 127.0.0.1:``port`` as ``name{labels}`` -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as page:
+        lines = page.read().decode().splitlines()
+    samples: dict[str, float] = {}
+    for line in lines:
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+@dataclass
+class Farm:
+    lb: BalancerProcess
+    nodes: list[NodeProcess]
+    metrics: dict[str, int]  # node id (and "lb") -> metrics port
+    bob: Phone
+    carol: Phone
+
+    def transactions(self) -> float:
+        """Transactions in flight on all nodes (the gauge is refreshed every second)."""
+        return sum(scrape(self.metrics[n.node_id]).get("sipfarm_node_transactions", 0.0) for n in self.nodes)
+
+    def counters(self) -> dict[str, dict[str, float]]:
+        """Every process's metrics page, by node id ("lb" for the balancer)."""
+        return {name: scrape(port) for name, port in self.metrics.items()}
+
+    def still_serves(self) -> None:
+        """A real user (erin, from 127.0.0.1) still registers through the balancer."""
+        client = SipClient()
+        try:
+            reply = client.register(self.lb.address, "erin", ACCOUNTS["erin"], expires=60)
+        finally:
+            client.close()
+        assert reply is not None and reply.status == 200, self.lb.log()[-1500:]
+
+    def processes(self) -> list[NodeProcess | BalancerProcess]:
+        return [self.lb, *self.nodes]
+
+    def logs(self, tail: int = 600) -> str:
+        return "\n".join(f"--- {p.log_path.name}\n{p.log()[-tail:]}" for p in self.processes())
+
+
+def provision(url: str) -> None:
+    """The accounts of :data:`ACCOUNTS` in the farm's domain."""
+
+    async def run() -> None:
+        redis = create_redis(url)
+        try:
+            store = AccountStore(redis)
+            for user, password in ACCOUNTS.items():
+                await store.add(user, DOMAIN, password)
+        finally:
+            await redis.aclose()
+
+    asyncio.run(run())
+
+
+@contextmanager
+def running_farm(redis_server: RedisProcess, workdir: Path, *, node_args: tuple[str, ...] = ()) -> Iterator[Farm]:
+    """A balancer and two nodes (with ``node_args``) on a flushed redis, each serving metrics;
+    bob and carol registered (UDP phones answering everything). Everything stopped on exit."""
+    redis_server.start()
+    flushall(redis_server.port)
+    url = redis_server.url
+    provision(url)
+    started: list[NodeProcess | BalancerProcess] = []
+    phones: list[Phone] = []
+    try:
+        metrics: dict[str, int] = {}
+        nodes = []
+        for name in ("node1", "node2"):
+            metrics[name] = free_udp_tcp_port()
+            extra = ["--metrics", f"127.0.0.1:{metrics[name]}", *node_args]
+            node = launch_node(url, workdir, node_id=name, extra=extra)
+            started.append(node)
+            nodes.append(node)
+        metrics["lb"] = free_udp_tcp_port()
+        lb = launch_balancer(url, workdir, extra=["--metrics", f"127.0.0.1:{metrics['lb']}"])
+        started.append(lb)
+        wait_nodes_usable(lb, 2)
+        for user in ("bob", "carol"):
+            phone = Phone(user)
+            phones.append(phone)
+            assert phone.register(lb.address, ACCOUNTS[user]) == 200, lb.log()[-1500:]
+            phone.start()
+        yield Farm(lb, nodes, metrics, phones[0], phones[1])
+    finally:
+        for phone in phones:
+            phone.close()
+        for proc in reversed(started):
+            proc.stop()
 
 
 # -- SIPVicious ----------------------------------------------------------------------------------------

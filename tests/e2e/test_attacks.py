@@ -26,52 +26,39 @@ run last: each bans its attacker's address for 15 minutes.
 
 from __future__ import annotations
 
-import asyncio
 import time
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from attack_support import (
+    ACCOUNTS,
     Attacker,
     Caller,
-    Phone,
+    Farm,
     ToolRun,
     Victim,
     branch,
     call_id,
     find_sipvicious,
     request,
+    running_farm,
     svcrack,
     svwar,
     tag,
 )
-from fixtures.farm import (
-    DOMAIN,
-    USERS,
-    BalancerProcess,
-    NodeProcess,
-    SipClient,
-    free_udp_tcp_port,
-    launch_balancer,
-    launch_node,
-    wait_nodes_usable,
-)
-from fixtures.redis_server import RedisProcess, flushall
+from fixtures.farm import DOMAIN, NodeProcess, SipClient
+from fixtures.redis_server import RedisProcess
 
 from benchmarks.sipp import run_sipp
 from sipfarm.sip.headers import parse_name_addr
 from sipfarm.sip.message import SipMessage
 from sipfarm.sip.uri import SipURI
-from sipfarm.store import AccountStore, create_redis
 
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 
 pytestmark = pytest.mark.timeout(60)
 
-ACCOUNTS = {**USERS, "dave": "dave-secret", "erin": "erin-secret"}
 PAYLOAD = b"SET sipfarm:pwned yes\r\nCONFIG SET dir /tmp\r\nQUIT\r\n"  # what Redis would run line by line
 WRONG_WORDS = [f"wrong{i:03d}" for i in range(300)]
 
@@ -82,81 +69,10 @@ NEEDS_SIPVICIOUS = pytest.mark.skipif(
 )
 
 
-@dataclass
-class Farm:
-    lb: BalancerProcess
-    nodes: list[NodeProcess]
-    metrics: dict[str, int]  # node id -> metrics port
-    bob: Phone
-    carol: Phone
-
-    def transactions(self) -> float:
-        """Transactions in flight on all nodes (the gauge is refreshed every second)."""
-        total = 0.0
-        for node in self.nodes:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics[node.node_id]}/metrics", timeout=2) as page:
-                for line in page.read().decode().splitlines():
-                    if line.startswith("sipfarm_node_transactions "):
-                        total += float(line.split()[1])
-        return total
-
-    def still_serves(self) -> None:
-        """A real user (erin, from 127.0.0.1) still registers through the balancer."""
-        client = SipClient()
-        try:
-            reply = client.register(self.lb.address, "erin", ACCOUNTS["erin"], expires=60)
-        finally:
-            client.close()
-        assert reply is not None and reply.status == 200, self.lb.log()[-1500:]
-
-    def logs(self, tail: int = 600) -> str:
-        return "\n".join(f"--- {p.log_path.name}\n{p.log()[-tail:]}" for p in (self.lb, *self.nodes))
-
-
-def _provision(url: str) -> None:
-    async def run() -> None:
-        redis = create_redis(url)
-        try:
-            store = AccountStore(redis)
-            for user, password in ACCOUNTS.items():
-                await store.add(user, DOMAIN, password)
-        finally:
-            await redis.aclose()
-
-    asyncio.run(run())
-
-
 @pytest.fixture(scope="module")
 def farm(redis_server: RedisProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
-    redis_server.start()
-    flushall(redis_server.port)
-    url = redis_server.url
-    _provision(url)
-    workdir = tmp_path_factory.mktemp("attacks")
-    started: list[NodeProcess | BalancerProcess] = []
-    phones: list[Phone] = []
-    try:
-        metrics: dict[str, int] = {}
-        nodes = []
-        for name in ("node1", "node2"):
-            metrics[name] = free_udp_tcp_port()
-            node = launch_node(url, workdir, node_id=name, extra=["--metrics", f"127.0.0.1:{metrics[name]}"])
-            started.append(node)
-            nodes.append(node)
-        lb = launch_balancer(url, workdir)
-        started.append(lb)
-        wait_nodes_usable(lb, 2)
-        for user in ("bob", "carol"):
-            phone = Phone(user)
-            phones.append(phone)
-            assert phone.register(lb.address, ACCOUNTS[user]) == 200, lb.log()[-1500:]
-            phone.start()
-        yield Farm(lb, nodes, metrics, phones[0], phones[1])
-    finally:
-        for phone in phones:
-            phone.close()
-        for proc in reversed(started):
-            proc.stop()
+    with running_farm(redis_server, tmp_path_factory.mktemp("attacks")) as started:
+        yield started
 
 
 @pytest.fixture
