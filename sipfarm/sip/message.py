@@ -456,7 +456,20 @@ def error_response(request: SipMessage | None, error: SipError, to_tag: bytes) -
     for key in ("via", "from", "to", "call-id", "cseq"):
         if not req.has(key):
             return None
+    kept: list[Header] = []
+    copied: set[str] = set()
+    for header in req.headers:
+        if header[0] in _SINGLE_IN_RESPONSE:
+            if header[0] in copied:
+                continue  # a request rejected for repeating it (RFC 4475 3.3.8): one in the answer
+            copied.add(header[0])
+        kept.append(header)
+    if len(kept) != len(req.headers):
+        req = SipMessage(method=req.method, uri=req.uri, headers=kept, cseq=req.cseq)
     return make_response(req, error.status, error.reason, to_tag=to_tag, headers=error.headers)
+
+
+_SINGLE_IN_RESPONSE = frozenset(("from", "to", "call-id", "cseq"))
 
 
 __all__ = [

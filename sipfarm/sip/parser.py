@@ -112,7 +112,11 @@ def parse_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> SipMessag
         if split is not None:
             start = split[4]
             if start is None:
-                msg = _parse_start_line(split[0])
+                try:
+                    msg = _parse_start_line(split[0])
+                except SipError as exc:
+                    _answerable(exc, split[1])
+                    raise
             else:  # the start line's common form, read by the C as _parse_start_line would
                 msg = SipMessage(method=start[0], uri=start[1], status=start[2], reason=start[3])
             msg.headers = split[1]
@@ -154,7 +158,15 @@ def _parse(data: bytes, max_size: int) -> SipMessage:
             head = head.replace(b"\r\n", b"\n")
             sep = b"\n"
             lines = head.split(sep)
-    msg = _parse_start_line(lines[0])
+    try:
+        msg = _parse_start_line(lines[0])
+    except SipError as exc:
+        if exc.partial is not None:
+            try:
+                _answerable(exc, _parse_headers(lines, sep, exc.partial)[0])
+            except SipError:
+                pass  # the headers are broken too: what _parse_headers kept, if anything
+        raise
     if sep == b"\n" and head.find(b"\r") >= 0:
         # RFC 3261 7: CR only as part of CRLF (a bare CR is a line break to some parsers)
         if msg.is_response:
@@ -210,6 +222,14 @@ def _parse_start_line(line: bytes) -> SipMessage:
     return msg
 
 
+def _answerable(exc: SipError, headers: list[Header]) -> None:
+    """Give the request an error in its start line left half-read its headers, so that the 400
+    or 505 can be sent: the answer needs Via, From, To, Call-ID and CSeq (RFC 3261 8.2.2, 8.2.6;
+    RFC 4475 3.1.2.8-10 and 3.1.2.16 want those answers, not silence)."""
+    if exc.partial is not None and exc.partial.is_request and not exc.partial.headers:
+        exc.partial.headers = headers
+
+
 def _bad_request_line(parts: list[bytes]) -> SipError:
     # Whitespace inside the Request-URI (RFC 4475 3.1.2.6 "lwsruri", 3.1.2.7 "lwsstart").
     msg = SipMessage(method=parts[0], uri=b" ".join(parts[1:-1])) if is_token(parts[0]) else None
@@ -239,6 +259,7 @@ def _parse_headers(head_lines: list[bytes], sep: bytes, msg: SipMessage) -> tupl
     watched = _WATCHED
     first: dict[str, bytes] = {}
     broken = False
+    repeated = ""  # a single-value header seen twice with different values
     for line in lines:
         colon = line.find(b":")
         if colon < 0:
@@ -265,13 +286,16 @@ def _parse_headers(head_lines: list[bytes], sep: bytes, msg: SipMessage) -> tupl
             seen = first.get(key)
             if seen is None:
                 first[key] = value
-            elif seen != value and key in _SINGLE:
+            elif seen != value and key in _SINGLE and not repeated:
                 # RFC 3261 7.3.1 (RFC 4475 3.3.8 "multi01", 3.3.9 "mcl01"): only list headers
-                # may repeat; two Content-Lengths make the framing ambiguous.
-                msg.headers = headers
-                if msg.is_response:
-                    raise MessageDropped(f"more than one {key} header")
-                raise BadMessage(f"more than one {key} header", partial=msg)
+                # may repeat; two Content-Lengths make the framing ambiguous. Read on: the
+                # headers after it give the 400 its From, To... (as for a broken line below)
+                repeated = key
+    if repeated:
+        msg.headers = headers
+        if msg.is_response:
+            raise MessageDropped(f"more than one {repeated} header")
+        raise BadMessage(f"more than one {repeated} header", partial=msg)
     if broken:
         msg.headers = headers
         raise BadMessage("header line without colon", partial=msg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from sipfarm.sip.errors import (
     VersionNotSupported,
 )
 from sipfarm.sip.message import SipMessage, error_response, make_response
-from sipfarm.sip.parser import StreamFramer, parse_message, validate_request
+from sipfarm.sip.parser import StreamFramer, parse_message, parse_message_reference, validate_request
 
 SDP = b"v=0\r\no=- 1 1 IN IP4 192.0.2.1\r\ns=-\r\nc=IN IP4 192.0.2.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n"
 
@@ -150,8 +151,7 @@ def test_compact_forms(compact: str, key: str) -> None:
         "content-length": "Content-Length",
         "content-type": "Content-Type",
     }
-    data = invite("Supported: timer", "Subject: hi", "Content-Encoding: gzip", "Event: reg",
-                  "Allow-Events: talk")
+    data = invite("Supported: timer", "Subject: hi", "Content-Encoding: gzip", "Event: reg", "Allow-Events: talk")
     long_name = full.get(key) or key.title()
     data = data.replace(f"\r\n{long_name}:".encode(), f"\r\n{compact.upper()}:".encode(), 1)
     assert f"\r\n{compact.upper()}:".encode() in data
@@ -269,9 +269,7 @@ def test_contact_star() -> None:
 
 
 def test_quoted_display_name_with_escapes() -> None:
-    data = invite().replace(
-        b'From: "Alice"', b'From: "A \\"quoted\\" \\\\ name, with comma"'
-    )
+    data = invite().replace(b'From: "Alice"', b'From: "A \\"quoted\\" \\\\ name, with comma"')
     msg = parse_message(data)
     assert msg.from_.display == 'A "quoted" \\ name, with comma'
     assert msg.from_tag == b"1928301774"
@@ -291,9 +289,7 @@ def test_addr_spec_params_belong_to_header() -> None:
 
 
 def test_name_addr_params_inside_angles_belong_to_uri() -> None:
-    data = invite().replace(
-        b"To: Bob <sip:bob@example.com>", b"To: <sip:bob@example.com;user=phone>;tag=xyz"
-    )
+    data = invite().replace(b"To: Bob <sip:bob@example.com>", b"To: <sip:bob@example.com;user=phone>;tag=xyz")
     to = parse_message(data).to
     assert to.uri.param("user") == "phone"  # type: ignore[union-attr]
     assert to.param("user") is None
@@ -635,9 +631,7 @@ def test_error_response_from_partial_request() -> None:
 
 
 def test_error_response_none_for_ack_and_drops() -> None:
-    ack = parse_message(
-        invite(body=b"").replace(b"INVITE sip:", b"ACK sip:").replace(b"314159 INVITE", b"314159 ACK")
-    )
+    ack = parse_message(invite(body=b"").replace(b"INVITE sip:", b"ACK sip:").replace(b"314159 INVITE", b"314159 ACK"))
     assert error_response(ack, BadMessage("x"), b"t") is None
     assert error_response(parse_message(invite()), MessageDropped("x"), b"t") is None
     assert error_response(None, BadMessage("no partial"), b"t") is None
@@ -816,3 +810,53 @@ def test_a_broken_header_line_anywhere_still_gets_its_400(where: str) -> None:
     answer = error_response(None, info.value, b"t")
     assert answer is not None and answer.status == 400
     assert answer.call_id == b"c1" and answer.get("cseq") == b"1 REGISTER"
+
+
+@pytest.mark.parametrize("parse", [parse_message, parse_message_reference], ids=["parse_message", "reference"])
+@pytest.mark.parametrize(
+    ("start_line", "status"),
+    [
+        pytest.param("INVITE sip:bob@example.com; lr SIP/2.0", 400, id="lws-in-uri"),  # RFC 4475 3.1.2.8
+        pytest.param("INVITE  sip:bob@example.com  SIP/2.0", 400, id="double-sp"),  # 3.1.2.9
+        pytest.param("INVITE sip:bob@example.com SIP/2.0  ", 400, id="trailing-sp"),  # 3.1.2.10
+        pytest.param("INVITE sip:bob@example.com SIP/7.0", 505, id="version"),  # 3.1.2.16
+        pytest.param("INVITE sip:bob@example.com HTTP/1.1", 400, id="not-sip"),
+    ],
+)
+def test_a_broken_request_line_still_gets_its_answer(
+    parse: Callable[[bytes], SipMessage], start_line: str, status: int
+) -> None:
+    # the start line fails before the headers are read: they are read all the same, so that
+    # the 400 / 505 has its Via, From, To, Call-ID and CSeq instead of the request being dropped
+    raw = build(start_line, *BASE_HEADERS)
+    with pytest.raises(SipError) as info:
+        parse(raw)
+    answer = error_response(None, info.value, b"t")
+    assert answer is not None and answer.status == status, info.value
+    assert answer.call_id == b"a84b4c76e66710@pc33.example.com" and answer.get("cseq") == b"314159 INVITE"
+
+
+@pytest.mark.parametrize("parse", [parse_message, parse_message_reference], ids=["parse_message", "reference"])
+def test_repeated_single_headers_get_a_400_with_one_of_each(parse: Callable[[bytes], SipMessage]) -> None:
+    # RFC 4475 3.3.8 "multi01": CSeq and Call-ID twice before From and To: the parser reads on
+    # to From and To, and the 400 copies one value of each (two Call-IDs would make it unreadable)
+    raw = build(
+        "INVITE sip:bob@example.com SIP/2.0",
+        "Via: SIP/2.0/UDP pc33.example.com;branch=z9hG4bK776asdhds",
+        "CSeq: 5 INVITE",
+        "Call-ID: one@example.com",
+        "CSeq: 59 INVITE",
+        "Call-ID: two@example.com",
+        "From: <sip:alice@example.com>;tag=1",
+        "To: <sip:bob@example.com>",
+        "To: <sip:carol@example.com>",
+    )
+    with pytest.raises(BadMessage, match="more than one cseq"):
+        parse(raw)
+    with pytest.raises(BadMessage) as info:
+        parse(raw)
+    answer = error_response(None, info.value, b"t")
+    assert answer is not None and answer.status == 400
+    again = parse_message(answer.to_bytes())
+    assert [len(again.values(key)) for key in ("call-id", "cseq", "from", "to")] == [1, 1, 1, 1]
+    assert again.call_id == b"one@example.com" and again.cseq == (5, b"INVITE")
