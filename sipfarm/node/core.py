@@ -47,7 +47,7 @@ from sipfarm.sip import auth
 from sipfarm.sip.address import Address
 from sipfarm.sip.errors import SipError, TooManyHops
 from sipfarm.sip.message import SipMessage
-from sipfarm.sip.parser import max_forwards
+from sipfarm.sip.parser import max_forwards, validate_request
 from sipfarm.sip.transaction import TimerConfig, TransactionLayer
 from sipfarm.transport.destinations import DestinationPolicy
 from sipfarm.transport.resolver import Resolver
@@ -220,6 +220,12 @@ class NodeCore:
 
     def _on_request(self, msg: SipMessage, source: Address, local: Address, now: float) -> None:
         self.metrics.requests.inc(msg.method)
+        # RFC 3261 16.3 step 1 (and 8.2 for the registrar): the grammar first, then any policy.
+        # The parser's quick pass leaves From, To, Contact, the Vias below the top one and the
+        # Request-URI's headers to this check; without it a malformed request was challenged,
+        # refused as foreign (403) or answered 200 instead of 400 (RFC 4475 3.1.2). A BadMessage
+        # here propagates to the transport, which answers it statelessly and counts it.
+        validate_request(msg)
         if msg.method == b"REGISTER" and not msg.has("authorization"):
             # RFC 3261 8.2.7: a challenge may be sent by a stateless UAS. No transaction to keep
             # for 32 s: a lost 401 just gets a fresh challenge on the retransmission.
