@@ -47,6 +47,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from fixtures.startup import StartupError, wait_started
+
 from sipfarm.ports import free_port
 
 BARESIP = "/usr/bin/baresip"
@@ -160,17 +162,20 @@ class BaresipPhone:
             stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.dir,
         )  # fmt: skip
         log.close()
-        deadline = time.monotonic() + DEFAULT_TIMEOUT_S
-        while True:
-            if self.proc.poll() is not None:
-                raise BaresipError(f"{self.name}: baresip exited {self.proc.returncode}: {self.log()[-2000:]}")
+
+        def connected() -> bool:
             try:
                 self._sock = socket.create_connection(("127.0.0.1", ctrl_port), timeout=1)
-                break
             except OSError:
-                if time.monotonic() > deadline:
-                    raise BaresipError(f"{self.name}: ctrl_tcp never listened: {self.log()[-2000:]}") from None
-                time.sleep(0.05)
+                return False
+            return True
+
+        try:
+            wait_started(f"baresip {self.name}", self.proc, connected, f"ctrl_tcp accepts on 127.0.0.1:{ctrl_port}",
+                         log=self.log_path)  # fmt: skip
+        except StartupError as exc:
+            raise BaresipError(str(exc)) from None
+        assert self._sock is not None
         self._sock.settimeout(None)
         self._reader = threading.Thread(target=self._read_loop, name=f"baresip-{self.name}", daemon=True)
         self._reader.start()

@@ -19,6 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+# the peers import fixtures.startup (under pytest, tests/ is on sys.path)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from .kamailio_registrar import KamailioRegistrar
 from .netns import can_make_netns, in_loopback_netns, netns_command
 from .softphone import Softphone, dominant_frequency, tone_rms

@@ -19,11 +19,12 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from fixtures.startup import wait_started
+
 from sipfarm import ports
 
 KAMAILIO = "/usr/sbin/kamailio"
 MODULE_DIR = "/usr/lib/x86_64-linux-gnu/kamailio/modules/"
-START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
 DOMAIN = "sipfarm.test"
 
@@ -187,14 +188,8 @@ class KamailioRegistrar:
             self.proc = subprocess.Popen(
                 [KAMAILIO, "-DD", "-E", "-f", str(self.cfg), "-Y", str(self.dir), "-m", "32", "-M", "8"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"kamailio exited with {self.proc.returncode}: {self.log.read_text()}")
-            if _sip_options_ok(self.host, self.port):
-                return
-        self.stop()
-        raise RuntimeError(f"kamailio did not answer OPTIONS within {START_TIMEOUT_S} s")
+        wait_started("kamailio", self.proc, lambda: _sip_options_ok(self.host, self.port),
+                     f"answers OPTIONS on {self.hostport}", log=self.log)  # fmt: skip
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None

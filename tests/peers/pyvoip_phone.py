@@ -237,7 +237,9 @@ class PyvoipPhone:
     def log(self) -> str:
         with self._cond:
             events = list(self.events)
-        return f"events {events}; stderr: {self.log_path.read_text(errors='replace')[-2000:]}"
+        code = self.proc.poll()
+        state = f"running (pid {self.proc.pid})" if code is None else f"exited with status {code}"
+        return f"process {state}; events {events}; stderr: {self.log_path.read_text(errors='replace')[-2000:]}"
 
     def close(self) -> None:
         if self.proc.poll() is None:

@@ -50,6 +50,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from fixtures.startup import wait_started
+
 Event = dict[str, Any]
 EventPredicate = Callable[[Event], bool]
 
@@ -101,7 +103,10 @@ class Softphone:
         self._reader = threading.Thread(target=self._read, name=f"softphone-{name}", daemon=True)
         self._reader.start()
         try:
-            self.wait_for(lambda e: e["event"] == "ready", DEFAULT_TIMEOUT_S)
+            # the agent's first sign of life (Python up, pjsua2 imported): the start-up allowance,
+            # not a step's timeout; it stops early if the agent exits (its reader sees EOF)
+            wait_started(f"pjsua2 agent {name}", self.proc, self._ready, 'reports {"event": "ready"}',
+                         log=self.log_path)  # fmt: skip
         except BaseException:
             self.close()
             raise
@@ -149,6 +154,10 @@ class Softphone:
         if not reply.get("ok"):
             raise SoftphoneError(f"{self.name}: {cmd} failed: {reply.get('error')}")
         return reply
+
+    def _ready(self) -> bool:
+        with self._cond:
+            return any(e["event"] == "ready" for e in self.events)
 
     def _dead(self) -> bool:
         return bool(self.events) and self.events[-1]["event"] == "eof"

@@ -44,6 +44,7 @@ from pathlib import Path
 import pytest
 from fixtures.default_farm import DefaultFarm
 from fixtures.matrix import Cell
+from fixtures.startup import START_TIMEOUT_S
 
 from .baresip_phone import BARESIP, BaresipPhone
 from .netns import skip_reason
@@ -61,7 +62,7 @@ MIN_PACKETS = 50  # 50 a second each way
 pytestmark = [
     pytest.mark.softphone,
     pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or ""),
-    pytest.mark.timeout(60),
+    pytest.mark.timeout(START_TIMEOUT_S + 60),
 ]
 
 

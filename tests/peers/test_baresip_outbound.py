@@ -55,6 +55,7 @@ from pathlib import Path
 
 import pytest
 from fixtures.default_farm import DefaultFarm
+from fixtures.startup import START_TIMEOUT_S
 
 from .baresip_phone import BARESIP, BaresipPhone
 from .loopback_capture import Packet, capture
@@ -74,7 +75,7 @@ NO_RING_S = 2.0  # after the right device rang: enough for the other one to have
 pytestmark = [
     pytest.mark.softphone,
     pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or ""),
-    pytest.mark.timeout(60),
+    pytest.mark.timeout(START_TIMEOUT_S + 60),
 ]
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 from fixtures.default_farm import DefaultFarm
 from fixtures.matrix import Cell
+from fixtures.startup import START_TIMEOUT_S
 
 from .netns import skip_reason
 from .softphone import EventPredicate, Softphone, dominant_frequency, tone_rms
@@ -37,7 +38,7 @@ from .softphone import EventPredicate, Softphone, dominant_frequency, tone_rms
 pytestmark = [
     pytest.mark.softphone,
     pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or ""),
-    pytest.mark.timeout(90),
+    pytest.mark.timeout(START_TIMEOUT_S + 90),
 ]
 
 TRANSPORTS = ["udp", "tcp"]

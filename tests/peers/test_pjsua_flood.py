@@ -32,6 +32,7 @@ import psutil
 import pytest
 from fixtures.farm import DOMAIN, BalancerProcess, NodeProcess, free_udp_tcp_port, wait_nodes_usable
 from fixtures.protect import bans, protect_metrics
+from fixtures.startup import START_TIMEOUT_S
 
 from benchmarks.cpulimit import CpuLimit
 from benchmarks.sipp import REGISTER_AUTH, find_sipp, run_sipp
@@ -44,7 +45,7 @@ pytestmark = [
     pytest.mark.softphone,
     pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or ""),
     pytest.mark.skipif(shutil.which("sipp") is None, reason="SIPp is not installed (apt-get install sip-tester)"),
-    pytest.mark.timeout(120),
+    pytest.mark.timeout(START_TIMEOUT_S + 120),
 ]
 
 HERE = Path(__file__).resolve().parent

@@ -53,6 +53,7 @@ from fixtures.media_phones import (
     ssrc_of,
 )
 from fixtures.relay import RANGE, RelayProcess, ng_request, start_relay
+from fixtures.startup import START_TIMEOUT_S
 
 from sipfarm.sip.message import SipMessage, make_response
 
@@ -62,7 +63,7 @@ from .softphone import EventPredicate, Softphone, SoftphoneError, dominant_frequ
 pytestmark = [
     pytest.mark.softphone,
     pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or ""),
-    pytest.mark.timeout(60),
+    pytest.mark.timeout(START_TIMEOUT_S + 60),
 ]
 
 CLIENT = "pjsua2"

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import pytest
 from fixtures.default_farm import DefaultFarm
+from fixtures.startup import START_TIMEOUT_S
 
 from sipfarm.ports import free_port
 
@@ -72,7 +73,7 @@ BUSY_NOTE = "pyVoIP's deny() sends the 486, then raises (it stops RTP that never
 pytestmark = [
     pytest.mark.softphone,
     pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or ""),
-    pytest.mark.timeout(90),
+    pytest.mark.timeout(START_TIMEOUT_S + 90),
 ]
 
 StartPyvoip = Callable[..., PyvoipPhone]
@@ -127,7 +128,7 @@ def test_register_call_audio(
         "bob", "answer", "--tone-hz", str(PYVOIP_HZ), "--talk-s", str(TALK_S), "--wav", str(bob_wav),
         "--codecs", "PCMU",  # see AUDIO_NOTE
     )  # fmt: skip
-    assert bob.wait_for("registered", "register_failed")["event"] == "registered", bob.log()
+    assert bob.wait_for("registered", "register_failed", timeout=START_TIMEOUT_S)["event"] == "registered", bob.log()
     cell.ok("register")
 
     alice.play_tone(PJSUA_HZ, next_call=True)
@@ -158,7 +159,7 @@ def test_busy(default_farm: DefaultFarm, pyvoip: StartPyvoip, alice: Softphone, 
     cell = matrix("pyvoip", "udp", "busy")
     cell.note("busy", BUSY_NOTE)
     bob = pyvoip("bob", "busy")
-    assert bob.wait_for("registered", "register_failed")["event"] == "registered", bob.log()
+    assert bob.wait_for("registered", "register_failed", timeout=START_TIMEOUT_S)["event"] == "registered", bob.log()
     call_id = alice.call(f"sip:bob@{default_farm.domain}")
     end = alice.wait_call_state("DISCONNECTED", call_id)
     assert end["code"] == 486, (end, bob.log())
@@ -173,7 +174,7 @@ def test_what_pyvoip_cannot_do_through_the_farm(
     pyVoIP's own BYE gets 404 from the farm and alice's call stays up; pyVoIP calling alice gets
     the farm's 407, which pyVoIP 1.6.8 does not answer: no call."""
     bob = pyvoip("bob", "answer", "--talk-s", "0.5", "--hangup")
-    assert bob.wait_for("registered", "register_failed")["event"] == "registered", bob.log()
+    assert bob.wait_for("registered", "register_failed", timeout=START_TIMEOUT_S)["event"] == "registered", bob.log()
     call_id = alice.call(f"sip:bob@{default_farm.domain}")
     assert alice.wait_call_state("CONFIRMED", call_id)["code"] == 200
     assert bob.wait_for("hung_up", timeout=5)["event"] == "hung_up", bob.log()
@@ -185,7 +186,8 @@ def test_what_pyvoip_cannot_do_through_the_farm(
 
     alice.auto_answer(True, 200)
     carol = pyvoip("carol", "call", "--target", "alice")
-    assert carol.wait_for("registered", "register_failed")["event"] == "registered", carol.log()
+    registered = carol.wait_for("registered", "register_failed", timeout=START_TIMEOUT_S)
+    assert registered["event"] == "registered", carol.log()
     outcome = carol.wait_for("call_state", timeout=15)
     assert outcome.get("state") == "failed", carol.log()
     assert "407 Proxy Authentication Required" in carol.log(), carol.log()

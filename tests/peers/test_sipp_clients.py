@@ -48,6 +48,7 @@ from pathlib import Path
 
 import pytest
 from fixtures.default_farm import DefaultFarm
+from fixtures.startup import START_TIMEOUT_S, StartupError, wait_started
 
 from benchmarks.sipp import free_media_port
 from sipfarm.ports import free_port
@@ -64,9 +65,8 @@ RUN_TIMEOUT_S = 20  # SIPp's own -timeout; the test waits a little longer, then 
 MIN_RTP_PACKETS = 20  # g711a.pcap sends ~33 packets a second
 PCMA = 8
 PHONE_HOLD_MS = 60_000  # a phone stays registered this long, unless killed at teardown
-REGISTER_TIMEOUT_S = 10
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 90)
 
 
 @pytest.fixture(autouse=True)
@@ -174,11 +174,11 @@ class Sipp:
                          injection=[(user, self.farm.accounts[user])], variables=variables,
                          timeout_s=PHONE_HOLD_MS // 1000 + 5,
                          extra=["-oocsf", str(SCENARIOS / f"{uas}.xml"), "-d", str(PHONE_HOLD_MS)])  # fmt: skip
-        deadline = time.monotonic() + REGISTER_TIMEOUT_S
-        while "registered" not in run.logged():
-            if run.process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{user} did not register\n{run.report()}\n{farm_logs(self.farm)}")
-            time.sleep(0.05)
+        # its first sign of life: SIPp has no other, so the start-up allowance
+        try:
+            wait_started(f"SIPp {user}", run.process, lambda: "registered" in run.logged(), "logs registered")
+        except StartupError as exc:
+            raise AssertionError(f"{exc}\n{run.report()}\n{farm_logs(self.farm)}") from None
         return run
 
     def uac(self, scenario: str, callee: str, *, rtp_port: int | None = None) -> SippRun:
