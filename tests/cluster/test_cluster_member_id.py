@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fixtures.startup import START_TIMEOUT_S, process_state
 
 from sipfarm.cluster import Member, MembershipStore, Role, default_member_id
 from sipfarm.store import create_redis
@@ -51,9 +52,11 @@ def test_two_nodes_each_pid_1_without_node_id_are_two_members(redis_url: str, tm
             ]  # fmt: skip
             log = (tmp_path / f"node{i}.log").open("wb")
             procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
-        members = asyncio.run(_node_members(redis_url, want=2, within=30.0))
+        # both nodes' start: the start-up allowance, ending early if one exits
+        members = asyncio.run(_node_members(redis_url, 2, START_TIMEOUT_S, procs))
         logs = "".join((tmp_path / f"node{i}.log").read_text(errors="replace")[-1500:] for i in range(2))
-        assert len(members) == 2, f"members {members}; logs:\n{logs}"
+        states = [process_state(proc) for proc in procs]
+        assert len(members) == 2, f"members {members}; nodes {states}; logs:\n{logs}"
         hosts_pids = {(m.host, m.pid) for m in members}
         assert hosts_pids == {(socket.gethostname(), 1)}  # what containers look like
     finally:
@@ -63,14 +66,15 @@ def test_two_nodes_each_pid_1_without_node_id_are_two_members(redis_url: str, tm
             proc.wait(timeout=15)
 
 
-async def _node_members(redis_url: str, want: int, within: float) -> list[Member]:
+async def _node_members(redis_url: str, want: int, within: float, procs: list[subprocess.Popen[bytes]]) -> list[Member]:
     redis = create_redis(redis_url)
     try:
         store = MembershipStore(redis)
         deadline = time.monotonic() + within
         while True:
             nodes = [m for m in await store.members() if m.role is Role.NODE]
-            if len(nodes) >= want or time.monotonic() > deadline:
+            exited = any(proc.poll() is not None for proc in procs)
+            if len(nodes) >= want or exited or time.monotonic() > deadline:
                 # a second look after the heartbeats of both: a shared id would show one member
                 await asyncio.sleep(1.0)
                 return [m for m in await store.members() if m.role is Role.NODE]

@@ -49,6 +49,7 @@ from attack_support import (
 )
 from fixtures.farm import DOMAIN, NodeProcess, SipClient
 from fixtures.redis_server import RedisProcess
+from fixtures.startup import START_TIMEOUT_S
 
 from benchmarks.sipp import run_sipp
 from sipfarm.sip.headers import parse_name_addr
@@ -57,7 +58,7 @@ from sipfarm.sip.uri import SipURI
 
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 60)
 
 PAYLOAD = b"SET sipfarm:pwned yes\r\nCONFIG SET dir /tmp\r\nQUIT\r\n"  # what Redis would run line by line
 WRONG_WORDS = [f"wrong{i:03d}" for i in range(300)]

@@ -34,6 +34,7 @@ from fixtures.farm import (
     wait_nodes_usable,
 )
 from fixtures.protect import bans, protect_metrics
+from fixtures.startup import START_TIMEOUT_S
 
 from benchmarks.sipp import find_sipp
 
@@ -41,7 +42,7 @@ SCENARIO = Path(__file__).resolve().parent / "scenarios" / "register_flood.xml"
 FLOODER, PHONE, BYSTANDER, SVMAP_SOURCE = (f"127.0.0.{n}" for n in (2, 3, 4, 5))
 SVWAR_SOURCE = "127.0.0.1"  # where svwar 0.3.8 sends from, whatever its -b says
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 60)
 
 
 @pytest.fixture

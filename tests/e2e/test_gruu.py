@@ -14,12 +14,13 @@ from collections.abc import Callable
 
 import pytest
 from fixtures.farm import DOMAIN, BalancerProcess, NodeProcess, SipClient, wait_nodes_usable
+from fixtures.startup import START_TIMEOUT_S
 
 from sipfarm.sip import auth
 from sipfarm.sip.headers import unquote_string
 from sipfarm.sip.message import SipMessage, make_response
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 60)
 
 DESK = "urn:uuid:5b0a4c6e-2f61-4d1b-8a53-0f1e2d3c4b5a"
 MOBILE = "urn:uuid:9e8d7c6b-5a49-4382-b1a0-f9e8d7c6b5a4"

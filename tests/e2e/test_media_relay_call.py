@@ -32,10 +32,11 @@ from fixtures.media_phones import (
 )
 from fixtures.relay import RANGE, ng_request, start_relay
 from fixtures.relay import RelayProcess as Relay
+from fixtures.startup import START_TIMEOUT_S
 
 from sipfarm.sip.message import make_response
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 90)
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ from fixtures.farm import (
     free_udp_tcp_port,
     wait_nodes_usable,
 )
+from fixtures.startup import START_TIMEOUT_S
 
 from sipfarm.balancer.keepalive import KEEPALIVE_PREFIX
 from sipfarm.sip.message import SipMessage, make_response
@@ -41,7 +42,7 @@ from sipfarm.sip.parser import parse_message
 from sipfarm.store.location import location_key
 from sipfarm.transport.stun import BINDING_REQUEST, BINDING_SUCCESS, MAGIC_COOKIE, parse_header
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 90)
 
 NAT_SETTINGS = """\
 [balancer]

@@ -30,6 +30,8 @@ from typing import Any
 
 import pytest
 from fixtures.farm import DOMAIN, NodeProcess, SipClient, free_udp_tcp_port, wait_nodes_usable
+from fixtures.startup import process_state
+from test_up import wait_registers
 
 from benchmarks.sipp import REGISTER_AUTH, UAS_ANSWER, SippResult, SippServer, run_sipp
 from sipfarm.ports import is_free
@@ -275,21 +277,10 @@ def test_up_on_a_private_redis_cluster(tmp_path: Path) -> None:
             lines.append(line)
             if line.startswith("READY "):
                 ready = json.loads(line[len("READY ") :])
-        assert ready is not None, "".join(lines)
+        assert ready is not None, f"no READY line in 90 s ({process_state(proc)}):\n{''.join(lines)}"
         assert ready["redis"].startswith("redis+cluster://:")  # with a password
         assert sorted(p["role"] for p in ready["processes"]).count("redis") == 6
-        client = SipClient()
-        try:
-            deadline = time.monotonic() + 20  # the balancer's first membership poll and probes
-            status = 0
-            while status != 200 and time.monotonic() < deadline:
-                reply = client.register(("127.0.0.1", port), "alice", "alice-secret")
-                status = reply.status if reply is not None else 0
-                if status != 200:
-                    time.sleep(0.5)
-            assert status == 200
-        finally:
-            client.close()
+        wait_registers(proc, ("127.0.0.1", port), lines)  # the balancer's first membership poll and probes
         assert f"alice@{DOMAIN}" in registered(ready["redis"], [f"alice@{DOMAIN}"])
         assert registered(ready["redis"], [f"alice@{DOMAIN}"])[f"alice@{DOMAIN}"]
     finally:

@@ -15,6 +15,7 @@ import pytest
 from fixtures.dns_server import ZoneServer, dns_server
 from fixtures.farm import DOMAIN, NodeProcess, SipClient
 from fixtures.media_phones import phone_sdp, send_invite
+from fixtures.startup import START_TIMEOUT_S
 
 from sipfarm.ports import free_port
 from sipfarm.sip.message import make_response
@@ -22,7 +23,7 @@ from sipfarm.sip.parser import parse_message
 
 __all__ = ["dns_server"]  # the fixture, imported for pytest
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 60)
 
 
 def invite_to(sock: socket.socket, uri: bytes, within: float) -> bool:

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from fixtures.farm import DOMAIN, NodeProcess, SipClient
 from fixtures.media_phones import phone_sdp, send_invite
+from fixtures.startup import START_TIMEOUT_S
 from test_routing_dns import invite_to
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 60)
 
 EXAMPLE_HELPER = Path(__file__).resolve().parents[2] / "examples" / "route_helper.py"
 

@@ -16,8 +16,9 @@ import pytest
 from fixtures.farm import NodeProcess, SipClient, _add_accounts
 from fixtures.media_phones import phone_sdp, send_invite
 from fixtures.slapd import ATTRIBUTES, BASE, BIND_DN, BIND_PASSWORD, running_slapd
+from fixtures.startup import START_TIMEOUT_S
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 60)
 
 
 def test_a_directory_user_registers_and_is_called_and_survives_ldap_down(

@@ -22,12 +22,13 @@ from typing import Any
 import pytest
 from fixtures.farm import DOMAIN, SipClient
 from fixtures.media_phones import phone_sdp, send_invite
-from test_up import free_block, read_ready
+from fixtures.startup import START_TIMEOUT_S, udp_bound, wait_started
+from test_up import free_block, read_ready, wait_registers
 
 from sipfarm.sip.message import SipMessage
 from sipfarm.sip.parser import parse_message
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 120)
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "routing.toml"
 SCENARIOS = Path(__file__).resolve().parents[1] / "peers" / "scenarios"
@@ -70,18 +71,10 @@ def farm(tmp_path: Path) -> Iterator[dict[str, Any]]:
     ]  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        ready = read_ready(proc, [])
-        probe = SipClient("127.0.0.5")
-        try:  # usable once the balancer has polled the membership and probed the nodes
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline:
-                # alice's remove-all (Contact: *, Expires: 0; she has no binding yet): a node's 200
-                reply = probe.register(("127.0.0.1", port), "alice", "alice-secret", contact="*", expires=0)
-                if reply is not None and reply.status == 200:
-                    break
-                time.sleep(0.3)
-        finally:
-            probe.close()
+        lines: list[str] = []
+        ready = read_ready(proc, lines)
+        # alice's remove-all (Contact: *, Expires: 0; she has no binding yet): a node's 200
+        wait_registers(proc, ("127.0.0.1", port), lines, source="127.0.0.5", contact="*", expires=0)
         yield {"address": ("127.0.0.1", port), "redis": ready["redis"], "config": config, "run": tmp_path / "run"}
     finally:
         proc.send_signal(signal.SIGINT)
@@ -110,8 +103,12 @@ class SippUas:
             "-t", "u1", "-m", "1", "-timeout", "20s", "-timeout_error", "-nostdin",
             "-trace_msg", "-message_file", str(self.trace),
         ]  # fmt: skip
-        self.proc = subprocess.Popen(argv, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.3)  # bound before the call is placed
+        out = workdir / f"sipp-{address[1]}.out"
+        with out.open("wb") as log:
+            self.proc = subprocess.Popen(argv, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
+        # bound before the call is placed (a sleep of 0.3 s was a guess, short on a loaded machine)
+        wait_started(f"SIPp UAS {address[0]}:{address[1]}", self.proc, lambda: udp_bound(*address),
+                     f"binds UDP {address[0]}:{address[1]}", log=out)  # fmt: skip
 
     def invite_uri(self, within: float = 10.0) -> str:
         """The Request-URI of the INVITE SIPp answered (after its scenario completed)."""

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from fixtures.farm import BalancerProcess, NodeProcess, SipClient, wait_nodes_usable
+from fixtures.startup import START_TIMEOUT_S
 
 from sipfarm.cluster.ring import HashRing
 from sipfarm.ports import free_port
@@ -28,7 +29,7 @@ from sipfarm.sip import auth
 from sipfarm.sip.message import SipMessage, make_response
 from sipfarm.store import AccountStore, create_redis
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 60)
 
 PASSWORD = "static-secret"
 SDP = (

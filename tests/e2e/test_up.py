@@ -17,10 +17,11 @@ from typing import Any
 
 import pytest
 from fixtures.farm import SipClient, sip_options
+from fixtures.startup import START_TIMEOUT_S, process_state, wait_started
 
 from sipfarm.up import busy_ports, ng_ping
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 90)
 
 
 def _alive(pid: int) -> bool:
@@ -44,7 +45,7 @@ def free_block() -> tuple[int, int]:
     raise RuntimeError("no free port block")
 
 
-def read_ready(proc: subprocess.Popen[str], lines: list[str], within: float = 60.0) -> dict[str, Any]:
+def read_ready(proc: subprocess.Popen[str], lines: list[str], within: float = START_TIMEOUT_S) -> dict[str, Any]:
     """`sipfarm up`'s READY line, parsed; the lines before it are kept in ``lines``."""
     assert proc.stdout is not None
     deadline = time.monotonic() + within
@@ -56,7 +57,34 @@ def read_ready(proc: subprocess.Popen[str], lines: list[str], within: float = 60
         if line.startswith("READY "):
             ready: dict[str, Any] = json.loads(line[len("READY ") :])
             return ready
-    raise AssertionError("".join(lines))
+    raise AssertionError(
+        f"sipfarm up printed no READY line within {within:g} s ({process_state(proc)}); its output:\n{''.join(lines)}"
+    )
+
+
+def wait_registers(
+    proc: subprocess.Popen[str], address: tuple[str, int], lines: list[str], *, source: str = "127.0.0.1",
+    **register: Any,
+) -> None:  # fmt: skip
+    """Until alice's REGISTER (from ``source``, ``register``: SipClient.register's options) through
+    the farm's balancer at ``address`` gets 200: after READY, the balancer's first membership poll
+    and probes (about a second; until then it answers 503). The farm's start: the start-up
+    allowance, stopping early if `sipfarm up` exits."""
+    client = SipClient(source)
+    answers: list[int | None] = []
+
+    def registered() -> bool:
+        reply = client.register(address, "alice", "alice-secret", **register)
+        answers.append(reply.status if reply is not None else None)
+        return answers[-1] == 200
+
+    try:
+        wait_started(
+            "sipfarm up", proc, registered, f"alice's REGISTER through {address[0]}:{address[1]} gets 200",
+            log=lambda: f"answers so far {answers[-10:]}; output before READY:\n{''.join(lines)}", interval=0.3,
+        )  # fmt: skip
+    finally:
+        client.close()
 
 
 def test_up_refuses_ports_in_use(tmp_path: Path):
@@ -119,19 +147,7 @@ def test_up_starts_a_usable_farm_and_stops_it(tmp_path: Path):
         assert relay["id"] == "relay1" and relay["ng"] == f"udp:127.0.0.1:{port + 5}"
         assert ng_ping("127.0.0.1", port + 5)
 
-        # the balancer's first membership poll and probes (about a second; polled, as a loaded
-        # machine can take longer: until then the balancer answers 503)
-        client = SipClient()
-        try:
-            deadline = time.monotonic() + 10
-            while True:
-                reply = client.register(("127.0.0.1", port), "alice", "alice-secret")
-                if (reply is not None and reply.status == 200) or time.monotonic() > deadline:
-                    break
-                time.sleep(0.3)
-            assert reply is not None and reply.status == 200
-        finally:
-            client.close()
+        wait_registers(proc, ("127.0.0.1", port), lines)
         # the nodes take requests from the balancer, the routing peers and the farm's host only:
         # a phone on another address talking straight to a node gets nothing
         assert sip_options("127.0.0.1", port + 10, source="127.0.0.5") is None

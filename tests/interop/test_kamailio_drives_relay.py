@@ -44,12 +44,13 @@ from fixtures.media_phones import (
     ssrc_of,
 )
 from fixtures.relay import RANGE, RelayProcess, ng_request, start_relay
+from fixtures.startup import START_TIMEOUT_S, wait_started
 
 from media.bencode import decode, encode
 from sipfarm.ports import free_port
 from sipfarm.sip.message import make_response
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 30)
 
 KAMAILIO_BIN = "/usr/sbin/kamailio"
 MODULES_DIR = "/usr/lib/x86_64-linux-gnu/kamailio/modules"
@@ -263,10 +264,8 @@ def kamailio(request: pytest.FixtureRequest, recorder: NgRecorder, tmp_path: Pat
     log.close()
     kam = Kamailio(proc, ("127.0.0.1", port), log_path, request.param)
     try:
-        deadline = time.monotonic() + 10
-        while not answers_options(kam.address):
-            assert proc.poll() is None, f"kamailio exited: {kam.log()[-3000:]}"
-            assert time.monotonic() < deadline, f"kamailio did not start: {kam.log()[-3000:]}"
+        wait_started("kamailio", proc, lambda: answers_options(kam.address), f"answers OPTIONS on 127.0.0.1:{port}",
+                     log=log_path)  # fmt: skip
         yield kam
     finally:
         if proc.poll() is None:

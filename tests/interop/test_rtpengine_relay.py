@@ -72,13 +72,14 @@ from fixtures.media_phones import (
 )
 from fixtures.relay import ng_request, start_relay
 from fixtures.rtpengine import RtpengineProcess, rtpengine
+from fixtures.startup import START_TIMEOUT_S
 
 from media.ng import WEBRTC_UNSUPPORTED
 from sipfarm.sip.message import make_response
 
 __all__ = ["rtpengine"]  # the fixture, imported for pytest
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 30)
 
 TO_BROWSER: dict[str, Any] = {
     "ICE": "force",

@@ -14,6 +14,7 @@ import pytest
 from fixtures.farm import DOMAIN, BalancerProcess, NodeProcess, SipClient, wait_nodes_usable
 from fixtures.media_phones import CALLER_HOST, phone_sdp, send_invite
 from fixtures.rtpengine import RtpengineProcess, rtpengine
+from fixtures.startup import START_TIMEOUT_S
 from fixtures.ws_phone import ws_recv, ws_register
 from websockets.asyncio.client import connect
 
@@ -21,7 +22,7 @@ from sipfarm.sip import auth
 
 __all__ = ["rtpengine"]  # the fixture, imported for pytest
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 60)
 
 
 async def scenario(ws_url: str, lb_address: tuple[str, int], accounts: dict[str, str]) -> None:

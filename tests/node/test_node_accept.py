@@ -12,11 +12,12 @@ import urllib.request
 
 import pytest
 from fixtures.farm import SipClient, free_udp_tcp_port, options_request, sip_options, wait_nodes_usable
+from fixtures.startup import START_TIMEOUT_S
 
 from sipfarm.cluster.membership import Member, MembershipStore, Role
 from sipfarm.store import create_redis
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 90)
 
 
 def node_dropped(port: int) -> float:

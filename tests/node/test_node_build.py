@@ -12,11 +12,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from fixtures.farm import DOMAIN, free_udp_tcp_port, sip_options
+from fixtures.startup import wait_started
 
 from sipfarm import build
 
@@ -33,9 +33,11 @@ def start_node(redis_url: str, choice: str, tmp_path: Path) -> tuple[subprocess.
             "--domain", DOMAIN, "--node-id", f"build-{choice}"]  # fmt: skip
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and proc.poll() is None and sip_options("127.0.0.1", port) is None:
-        pass
+    # ready when it answers, or once it has exited: the tests of a refused start check its status
+    wait_started(
+        f"node build-{choice}", proc, lambda: proc.poll() is not None or sip_options("127.0.0.1", port) is not None,
+        f"answers OPTIONS on 127.0.0.1:{port} or exits", log=log_path,
+    )  # fmt: skip
     return proc, log_path
 
 

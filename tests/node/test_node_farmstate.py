@@ -9,6 +9,7 @@ import math
 import time
 
 import pytest
+from fixtures.startup import START_TIMEOUT_S
 
 from sipfarm.node.farmstate import FarmState
 from sipfarm.protect import Admission, RedisGuard
@@ -17,7 +18,7 @@ from sipfarm.store.errors import StoreError, StoreUnavailable
 from sipfarm.store.location import AdmittedRegister, ContactUpdate, RegisterOutcome, location_key
 from sipfarm.store.resp import RedisPipe
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 30)
 
 
 async def test_lookup_answers_once_even_when_the_callback_raises(redis_url):

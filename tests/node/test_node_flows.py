@@ -14,11 +14,12 @@ import urllib.request
 
 import pytest
 from fixtures.farm import DOMAIN, SipClient, TcpPhone, free_udp_tcp_port
+from fixtures.startup import START_TIMEOUT_S
 
 from sipfarm.sip import auth
 from sipfarm.sip.message import SipMessage
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 60)
 
 
 def invite(caller: SipClient, node: tuple[str, int], callee: str, password: str) -> SipMessage | None:

@@ -20,12 +20,13 @@ from pathlib import Path
 
 import pytest
 from fixtures.farm import DOMAIN, NodeProcess, SipClient, free_udp_tcp_port
+from fixtures.startup import START_TIMEOUT_S
 
 from benchmarks.sipp import UAS_ANSWER, SippServer
 from sipfarm.sip import auth
 from sipfarm.sip.message import SipMessage
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 60)
 
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 UAS_RING_CANCEL = SCENARIOS / "uas_ring_cancel.xml"

@@ -9,10 +9,11 @@ import socket
 
 import pytest
 from fixtures.farm import DOMAIN, SipClient, sealed_record_route
+from fixtures.startup import START_TIMEOUT_S
 
 from sipfarm.transport.resolver import Resolver
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 30)
 
 
 def _bye(client: SipClient, route: str, node: tuple[str, int], redis_url: str) -> bytes:

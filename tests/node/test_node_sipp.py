@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 from fixtures.farm import DOMAIN, NodeProcess, SipClient, free_udp_tcp_port
+from fixtures.startup import START_TIMEOUT_S
 
 from benchmarks.sipp import REGISTER_AUTH, UAS_ANSWER, SippResult, SippServer, run_sipp
 from sipfarm.store import AccountStore, LocationStore, create_redis
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 90)
 
 # benchmarks/scenarios/uac_call.xml ACKs the 407 on a new branch, which no server transaction
 # matches (RFC 3261 17.2.3): this copy ACKs on the INVITE's branch.

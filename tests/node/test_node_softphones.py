@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from fixtures.farm import DOMAIN
+from fixtures.startup import START_TIMEOUT_S
 from peers.calls import call_with_tones
 from peers.netns import skip_reason
 from peers.softphone import Softphone
@@ -24,7 +25,7 @@ from peers.softphone import Softphone
 pytestmark = [
     pytest.mark.softphone,
     pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or ""),
-    pytest.mark.timeout(60),
+    pytest.mark.timeout(START_TIMEOUT_S + 60),
 ]
 
 ALICE_HZ = 660
