@@ -7,8 +7,9 @@ import urllib.request
 
 import pytest
 from fixtures.farm import SipClient, free_udp_tcp_port, wait_nodes_usable
+from fixtures.startup import START_TIMEOUT_S
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 60)
 
 GARBAGE = [
     b"\x00\xff\xfe garbage",

@@ -11,11 +11,12 @@ import urllib.request
 
 import pytest
 from fixtures.farm import SipClient, free_udp_tcp_port, options_request, wait_nodes_usable
+from fixtures.startup import START_TIMEOUT_S
 
 from sipfarm.transport.stun import BINDING_REQUEST
 from sipfarm.transport.tls import make_self_signed_cert
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 60)
 
 
 def protect_counts(port: int) -> dict[str, float]:

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 import pytest
 from fixtures.farm import DOMAIN, SipClient, free_udp_tcp_port, wait_nodes_usable
+from fixtures.startup import START_TIMEOUT_S
 from lbhelpers import Caller, answer, wait_request
 
 from sipfarm.cluster.membership import Member, MembershipStore, Role
@@ -29,7 +30,7 @@ from sipfarm.sip.message import SipMessage
 from sipfarm.sip.parser import parse_message
 from sipfarm.store import create_redis
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 60)
 
 
 class LocalService:

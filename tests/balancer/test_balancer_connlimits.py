@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from fixtures.farm import free_udp_tcp_port, wait_nodes_usable
+from fixtures.startup import START_TIMEOUT_S
 from lbhelpers import TcpSip
 from test_balancer_tcp import recv_until, tcp_register
 from websockets.asyncio.client import connect
@@ -21,7 +22,7 @@ from websockets.exceptions import InvalidStatus
 
 from sipfarm.sip import auth
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 60)
 
 CONFIG = """\
 [balancer]

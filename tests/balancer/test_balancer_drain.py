@@ -9,10 +9,11 @@ import time
 
 import pytest
 from fixtures.farm import DOMAIN, BalancerProcess, SipClient, wait_balancer_view, wait_nodes_usable
+from fixtures.startup import START_TIMEOUT_S
 
 from sipfarm.store import LocationStore, create_redis
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 60)
 
 USERS = [f"user{i:02d}" for i in range(12)]
 

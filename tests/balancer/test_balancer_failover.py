@@ -26,6 +26,7 @@ from fixtures.farm import (
     wait_balancer_view,
     wait_nodes_usable,
 )
+from fixtures.startup import START_TIMEOUT_S
 from lbhelpers import Caller, answer, loopback_peers, wait_request
 
 from benchmarks.sipp import REGISTER_AUTH, UAS_ANSWER, SippServer, run_sipp
@@ -34,7 +35,7 @@ from sipfarm.sip.message import SipMessage
 from sipfarm.sip.uri import SipURI
 from sipfarm.store import AccountStore, LocationStore, create_redis
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 90)
 
 UAC_LOGGED = Path(__file__).resolve().parent / "scenarios" / "uac_call_logged.xml"
 CALL_RATE = 30  # calls/s

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 from fixtures.farm import DOMAIN, SipClient, free_udp_tcp_port, options_request, wait_nodes_usable
+from fixtures.startup import START_TIMEOUT_S
 from lbhelpers import loopback_peers
 
 from benchmarks.cpulimit import CpuLimit
 from benchmarks.sipp import REGISTER_AUTH, UAC_CALL_SHED, UAS_ANSWER, SippServer, read_call_outcomes, run_sipp
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 120)
 
 NODE_CORES = 0.1  # the node's CPU quota
 CALIBRATE_RATE = 300  # calls/s offered to measure the node's capacity (well above it)

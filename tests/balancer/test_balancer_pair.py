@@ -8,9 +8,10 @@ import threading
 
 import pytest
 from fixtures.farm import SipClient, wait_nodes_usable
+from fixtures.startup import START_TIMEOUT_S
 from lbhelpers import Caller, answer, wait_request
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 60)
 
 
 def test_call_through_the_other_balancer(redis_url, accounts, start_node, start_balancer):

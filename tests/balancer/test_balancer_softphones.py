@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 from fixtures.farm import wait_nodes_usable
+from fixtures.startup import START_TIMEOUT_S
 from peers.calls import call_with_tones
 from peers.netns import skip_reason
 
 pytestmark = [
     pytest.mark.softphone,
     pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or ""),
-    pytest.mark.timeout(90),
+    pytest.mark.timeout(START_TIMEOUT_S + 90),
 ]
 
 

@@ -9,12 +9,13 @@ import time
 
 import pytest
 from fixtures.farm import DOMAIN, SipClient, wait_nodes_usable
+from fixtures.startup import START_TIMEOUT_S
 from lbhelpers import Caller, TcpSip, answer
 
 from sipfarm.sip import auth
 from sipfarm.sip.message import SipMessage
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 60)
 
 
 def tcp_register(conn: TcpSip, call_id: str, cseq: int, authorization: bytes | None = None) -> bytes:

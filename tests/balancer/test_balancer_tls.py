@@ -11,13 +11,14 @@ import time
 
 import pytest
 from fixtures.farm import DOMAIN, SipClient, free_udp_tcp_port, wait_nodes_usable
+from fixtures.startup import START_TIMEOUT_S
 from lbhelpers import Caller, TcpSip, answer
 
 from sipfarm.sip import auth
 from sipfarm.sip.message import SipMessage
 from sipfarm.transport.tls import client_context, make_self_signed_cert
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 60)
 
 
 class TlsSip(TcpSip):

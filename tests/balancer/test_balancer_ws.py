@@ -9,13 +9,14 @@ import secrets
 
 import pytest
 from fixtures.farm import DOMAIN, SipClient, wait_nodes_usable
+from fixtures.startup import START_TIMEOUT_S
 from fixtures.ws_phone import ws_contact, ws_recv, ws_register
 from lbhelpers import Caller, answer
 from websockets.asyncio.client import connect
 
 from sipfarm.sip import auth
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 60)
 
 WS_CONTACT = ws_contact("alice")
 

@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 from fixtures.relay import RANGE, RelayProcess, ng_request, start_relay, stop, udp_free
+from fixtures.startup import START_TIMEOUT_S
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 60)
 
 
 @pytest.fixture

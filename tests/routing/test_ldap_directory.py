@@ -30,6 +30,7 @@ from fixtures.slapd import (
     ha1_sha256,
     running_slapd,
 )
+from fixtures.startup import START_TIMEOUT_S
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -51,7 +52,7 @@ from sipfarm.store.accounts import Account
 from sipfarm.store.errors import StoreError, StoreUnavailable
 from sipfarm.store.redis_client import create_redis
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 30)
 
 
 @pytest.fixture
