@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 from fixtures.farm import SipClient, free_udp_tcp_port
-from fixtures.startup import START_TIMEOUT_S
+from fixtures.startup import START_TIMEOUT_S, udp_sockets, wait_started
 
 pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 60)
 
@@ -25,7 +25,9 @@ def total(port: int, name: str) -> float:
 def test_two_workers_serve_one_port_and_metrics_add_up(redis_url, accounts, start_node):
     metrics_port = free_udp_tcp_port()
     node = start_node(redis_url, extra=["--workers", "2", "--metrics", f"127.0.0.1:{metrics_port}"])
-    time.sleep(1.0)  # the second worker binds a moment after the first answers
+    # the second worker binds a moment after the first answers (a 1 s sleep was a guess)
+    wait_started("node --workers 2", node.process, lambda: udp_sockets(*node.address) >= 2,
+                 f"both workers bind UDP {node.address[0]}:{node.address[1]}", log=node.log_path)  # fmt: skip
     clients = [SipClient() for _ in range(16)]  # distinct source ports spread over the workers
     try:
         for client in clients:
