@@ -46,6 +46,7 @@ from fixtures.farm import (
     wait_nodes_usable,
 )
 from fixtures.redis_server import RedisProcess, flushall
+from fixtures.startup import udp_bound, wait_started
 
 from sipfarm.balancer.keepalive import KEEPALIVE_PREFIX
 from sipfarm.sip import auth
@@ -569,6 +570,14 @@ def _start(argv: list[str]) -> tuple[list[str], float, subprocess.Popen[str]]:
     return argv, time.monotonic(), subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _wait_bound(started: tuple[list[str], float, subprocess.Popen[str]], bind: tuple[str, int]) -> None:
+    """Until the tool has bound its source port (or exited, which ``_finish`` reports): its
+    interpreter's start, under the start-up allowance, so that the time limit counts its run."""
+    argv, _, proc = started
+    name = Path(argv[0]).name if argv[0] != sys.executable else "svcrack"
+    wait_started(name, proc, lambda: proc.poll() is not None or udp_bound(*bind), f"binds UDP {bind[0]}:{bind[1]}")
+
+
 def _finish(started: tuple[list[str], float, subprocess.Popen[str]], deadline: float) -> ToolRun:
     """Wait for a tool until ``deadline`` (monotonic), then kill it; what it printed."""
     argv, at, proc = started
@@ -622,12 +631,15 @@ def svcrack(
     words_file = workdir / f"words-{secrets.token_hex(3)}.txt"
     words_file.write_text("".join(w + "\n" for w in words))
     sipvicious("svcrack")  # installed, or a clear message
+    port = free_udp_tcp_port(source)
     argv = [
         sys.executable, "-c", _SVCRACK_BOUND, source, "-vv", "-u", user, "-d", str(words_file), f"--domain={DOMAIN}",
-        "-x", source, "-b", source, "-P", str(free_udp_tcp_port(source)), "-p", str(target[1]),
+        "-x", source, "-b", source, "-P", str(port), "-p", str(target[1]),
         "--maximumtime", str(max_silence), *(["--reusenonce"] if reusenonce else []), target[0],
     ]  # fmt: skip
-    return _finish(_start(argv), time.monotonic() + time_limit)
+    started = _start(argv)
+    _wait_bound(started, (source, port))
+    return _finish(started, time.monotonic() + time_limit)
 
 
 def svwar(
@@ -650,14 +662,18 @@ def svwar(
     challenges everyone a single run would probe only its first extension: hence one run each.
     """
     procs = []
+    binds = []
     for ext in extensions:
         names_file = workdir / f"ext-{ext}-{secrets.token_hex(3)}.txt"
         names_file.write_text(ext + "\n")
+        binds.append((source, free_udp_tcp_port(source)))
         argv = [
             sipvicious("svwar"), "-d", str(names_file), "-m", method, "--force", f"--domain={DOMAIN}",
-            "-x", source, "-b", source, "-P", str(free_udp_tcp_port(source)), "-p", str(target[1]),
+            "-x", source, "-b", source, "-P", str(binds[-1][1]), "-p", str(target[1]),
             "--maximumtime", str(max_silence), target[0],
         ]  # fmt: skip
         procs.append(_start(argv))
+    for started, bind in zip(procs, binds, strict=True):
+        _wait_bound(started, bind)
     deadline = time.monotonic() + time_limit
     return [_finish(proc, deadline) for proc in procs]
