@@ -46,6 +46,7 @@ import pytest
 from attack_support import ACCOUNTS, Caller, Farm, Victim, running_farm
 from fixtures.farm import free_udp_tcp_port
 from fixtures.redis_server import RedisProcess
+from fixtures.startup import START_TIMEOUT_S
 from websockets.exceptions import WebSocketException
 from websockets.sync.client import connect as ws_connect
 
@@ -53,7 +54,7 @@ from sipfarm.sip.errors import SipError
 from sipfarm.sip.message import SipMessage
 from sipfarm.sip.parser import StreamFramer, parse_message
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 90)
 
 VECTORS = Path(__file__).resolve().parents[1] / "sip" / "vectors"
 SETS = ("rfc4475", "rfc5118")
