@@ -88,7 +88,7 @@ from sipfarm.edge import (
 )
 from sipfarm.sip.address import Address
 from sipfarm.sip.errors import BadMessage, ServiceUnavailable, SipError, TooManyHops
-from sipfarm.sip.headers import HeaderError, first_element, tag_of, via_branch
+from sipfarm.sip.headers import HeaderError, display_name, first_element, tag_of, via_branch
 from sipfarm.sip.memo import MAX_CACHED_KEY, bounded_key
 from sipfarm.sip.message import SipMessage, error_response, make_response
 from sipfarm.sip.parser import max_forwards, parse_message
@@ -120,6 +120,7 @@ PIN_LIMIT = 200_000
 NEW_WORK = frozenset((b"INVITE", b"REGISTER"))  # what overload shedding admits or sheds
 MAX_FORWARDS_ENTRY = 70  # RFC 3261 8.1.1.6: what a UA starts with; more on entry is capped
 ENTRIES_CACHE_LIMIT = 100_000  # flows whose Record-Route/Path entries are remembered
+_RECORD_ROUTE = display_name("record-route") + b": "  # a Record-Route line as to_bytes writes it
 
 
 class FlowFailed(SipError):
@@ -320,7 +321,7 @@ class BalancerCore:
             # a token is an instruction only on the way to its client: the same Record-Route
             # entry comes back first in the route set of that client's own requests
             # over the flow or not at all: 430 at once when the connection is gone (RFC 5626 5.3)
-            self._to_client(msg, self._udp_contact_or_flow(msg, flow, to_tag), hop, hops, to_tag, connect=False)
+            self._to_client(msg, self._udp_contact_or_flow(msg.uri, flow, to_tag), hop, hops, to_tag, connect=False)
             return
         if from_node:
             # from a node, no token of ours: an element outside the farm (its Request-URI)
@@ -331,16 +332,18 @@ class BalancerCore:
             node = self._pick(msg, to_tag)
         self._to_node(msg, node, source, hop, hops, to_tag)
 
-    def _udp_contact_or_flow(self, msg: SipMessage, flow: Address, to_tag: bytes | None) -> Address:
-        """For a UDP flow, the Request-URI (the Contact) when it names the flow's own IP: the
-        client is not behind NAT and may receive on another port than it sent from (a UA whose
-        registrar client and UAS are separate sockets).  Otherwise, and always for connection
-        flows, the flow itself (NAT binding or connection, RFC 5626 5.3)."""
+    def _udp_contact_or_flow(self, request_uri: bytes, flow: Address, to_tag: bytes | None) -> Address:
+        """For a UDP flow and a request without To tag, the Request-URI ``request_uri`` (the
+        Contact) when it names the flow's own IP: the client is not behind NAT and may receive
+        on another port than it sent from (a UA whose registrar client and UAS are separate
+        sockets).  Otherwise (a Request-URI that does not parse included), and always for
+        connection flows, the flow itself (NAT binding or connection, RFC 5626 5.3).  Read
+        from the URI's bytes, so that the general path and :meth:`forward_request` share it."""
         if flow.transport != "udp" or to_tag is not None:
             return flow
         try:
-            uri = msg.request_uri
-        except SipError:
+            uri = parse_uri(request_uri)  # memoised: msg.request_uri's parse, without its 400/416
+        except URIError:
             return flow
         return self._udp_contact(flow, uri)
 
@@ -515,12 +518,19 @@ class BalancerCore:
         self, msg: SipMessage, flow: Address, hop: Address, hops: int, to_tag: bytes | None, *, connect: bool = True
     ) -> None:
         """A request from a node to a client (Record-Routed when it creates a dialog)."""
-        if msg.method in DIALOG_CREATING and to_tag is None:
-            for value in reversed(self._own_entries(flow, flow.transport, path=False, facing_client=True)):
-                msg.prepend("record-route", value)
+        for value in reversed(self._client_record_route(msg.method, flow, to_tag)):
+            msg.prepend("record-route", value)
         facing = self.public.get(flow.transport) or self.internal
         self._forward(msg, flow, facing, hop, hops, flow_failure=True, connect=connect)
         self.stats.to_client += 1
+
+    def _client_record_route(self, method: bytes, flow: Address, to_tag: bytes | None) -> tuple[bytes, ...]:
+        """Our Record-Route entries (top first) for a node's request to the client on ``flow``:
+        those of a dialog-creating request (no To tag), the client-facing entry on top; none
+        for the rest."""
+        if method in DIALOG_CREATING and to_tag is None:
+            return self._own_entries(flow, flow.transport, path=False, facing_client=True)
+        return ()
 
     def _forward(
         self,
@@ -667,33 +677,40 @@ class BalancerCore:
         return self.forward_request if HAVE_REQUEST_HOP else None
 
     def forward_request(self, data: bytes, source: Address, max_size: int) -> bool:
-        """The common in-dialog request routed by our own Route entries (a client's ACK or BYE
-        to its node, a node's to the client its flow token names), forwarded from its bytes:
-        False when it is not (the caller then parses it and calls :meth:`on_message`).
+        """The common request routed by our own Route entries, forwarded from its bytes: in a
+        dialog (a client's ACK or BYE to its node, a node's to the client its flow token
+        names), or a node's initial request to the client its token names (an INVITE routed
+        by our Path entry: Record-Routed here as on the general path).  False when it is not
+        (the caller then parses it and calls :meth:`on_message`).
 
         ``request_scan`` (sipfarm/sip/_fastparse.c) takes only a request the general path
         would parse to the same pieces (CRLF only, ``name: value`` lines, no compact or
         repeated single headers, Route values ``<...>`` only, one via-parm on the first Via
-        line, no REGISTER, OPTIONS, Record-Route, Path or Expires...) and returns them; every
-        decision is taken here as there, with the same functions: the To tag (``tag_of``),
-        the Route entries that are ours and their token (``OwnRoutes.pop_values``), the node
-        a Route names (up: else the general path, which re-hashes), the stamp, the branch, the
-        front door's User-Agent check.  Anything the general path would answer, re-hash,
-        parse further or log (debug) is declined before any side effect; ``request_out``
-        then writes the very bytes ``to_bytes`` would, and the same counters, drops and error
-        answers follow."""
+        line, no REGISTER, OPTIONS, Path or Expires...) and returns them; every decision is
+        taken here as there, with the same functions: the To tag (``tag_of``), the Route
+        entries that are ours and their token (``OwnRoutes.pop_values``), the node a Route
+        names (up: else the general path, which re-hashes), the client's address
+        (``_udp_contact_or_flow``) and our Record-Route entries (``_client_record_route``) for
+        a request without To tag, the stamp, the branch, the front door's User-Agent check.
+        A client's request without To tag (new work: hashed, admitted) and anything the
+        general path would answer, re-hash, parse further or log (debug) is declined before
+        any side effect; ``request_out`` then writes the very bytes ``to_bytes`` would (our
+        Record-Route lines where ``prepend`` puts them), and the same counters, drops and
+        error answers follow."""
         if self._debug:
             return False
         found = _request_scan(data, max_size)
         if found is None:
             return False
-        method, to_value, routes, mf, top_via, call_id, seq, agent = found
+        method, uri, to_value, routes, mf, top_via, call_id, seq, agent = found
         try:
             to_tag = tag_of(to_value)
         except HeaderError:
             return False
-        if to_tag is None or (method == b"ACK" and to_tag == self._to_tag):
-            return False  # new work, or the ACK of an answer of ours: the general path
+        if method == b"ACK" and to_tag == self._to_tag:
+            return False  # the ACK of an answer of ours: the general path
+        if to_tag is None and self.nodes.by_address(source.host, source.port) is None:
+            return False  # a client's new work: hashed, admitted and Record-Routed there
         hops = int(mf)
         if hops <= 0:
             return False  # TooManyHops, answered there
@@ -702,6 +719,7 @@ class BalancerCore:
             return False
         flow, count, route, plain = popped
         node: NodeEntry | None = None
+        record_route = b""
         if count == 0:
             if routes or method != b"ACK":
                 return False  # not routed by us
@@ -717,8 +735,11 @@ class BalancerCore:
         if from_node:
             if flow is None:
                 return False  # to its Request-URI: the destination policy's case
-            dest = flow  # in a dialog: the flow itself (_udp_contact_or_flow)
-            via_address = self.public.get(flow.transport) or self.internal
+            dest = self._udp_contact_or_flow(uri, flow, to_tag)
+            entries = self._client_record_route(method, dest, to_tag)
+            if entries:
+                record_route = b"".join([_RECORD_ROUTE + value + b"\r\n" for value in entries])
+            via_address = self.public.get(dest.transport) or self.internal
             connect = False
         else:
             if node is None:
@@ -746,7 +767,7 @@ class BalancerCore:
         except HeaderError:
             return False
         via = self._via_with(key, dest.transport, via_address, source)
-        out = _request_out(data, max_size, count, b"%d" % (hops - 1), via, top_via)
+        out = _request_out(data, max_size, count, b"%d" % (hops - 1), via, top_via, record_route)
         if out is None:
             return False
         # the general path's side effects, in its order (on_message, _on_request, _forward)

@@ -919,18 +919,20 @@ static PyObject *stamp_via(PyObject *self, PyObject *const *args, Py_ssize_t nar
     return out;
 }
 
-/* ---- request_scan / request_out: a balancer's forwarding of an in-dialog request -------------
+/* ---- request_scan / request_out: a balancer's forwarding of a request routed by our Route -----
  *
- *   request_scan(data, max_size) -> (method, to, routes, max_forwards, top_via, call_id, cseq,
- *                                    user_agent) | None
- *   request_out(data, max_size, popped, max_forwards, via, top_via) -> bytes | None
+ *   request_scan(data, max_size) -> (method, uri, to, routes, max_forwards, top_via, call_id,
+ *                                    cseq, user_agent) | None
+ *   request_out(data, max_size, popped, max_forwards, via, top_via, record_route) -> bytes | None
  *
  * What sipfarm/balancer/core.py's general path (parse_message, stamp_received, _on_request,
- * _forward, to_bytes) reads of and does to a request routed by the balancer's own Route entries,
+ * _to_client, _forward, to_bytes) reads of and does to a request routed by the balancer's own
+ * Route entries (in a dialog, or a node's initial request to the client its flow token names),
  * for the common shape only; None for anything else (the general path then does the whole job).
  * Every decision (the To tag, the Route entries that are ours and their flow token, the next hop,
- * the stamp, the branch, the front door) is the caller's: request_scan returns the pieces it
- * needs, and request_out writes the datagram the general path would send.  The shape:
+ * the Record-Route entries, the stamp, the branch, the front door) is the caller's: request_scan
+ * returns the pieces it needs, and request_out writes the datagram the general path would send.
+ * The shape:
  *   - data is at most max_size bytes, does not start with CR or LF; the request line is
  *     "METHOD SP URI SP SIP/2.0" with METHOD a token other than REGISTER and OPTIONS, URI
  *     starting "sip:" or "sips:" without SP;
@@ -939,7 +941,8 @@ static PyObject *stamp_via(PyObject *self, PyObject *const *args, Py_ssize_t nar
  *     a colon, SP, then the value (written back as `name ": " value`, the SP/HTAB around it
  *     dropped, as the parser and to_bytes do);
  *   - Via, From, To, Call-ID, CSeq and Max-Forwards present, From, To, Call-ID, CSeq,
- *     Content-Length and Max-Forwards once each; no Expires, Record-Route or Path;
+ *     Content-Length and Max-Forwards once each; no Expires or Path (Record-Route lines are
+ *     any other line, but the first one's place is remembered);
  *   - Call-ID without SP/HTAB; CSeq `digits SP METHOD` (at most 10 digits, below 2**31, the
  *     request line's method); Max-Forwards 1 to 10 digits, at most 2**32 - 1; Content-Length,
  *     if present, digits equal to the body's length;
@@ -948,16 +951,21 @@ static PyObject *stamp_via(PyObject *self, PyObject *const *args, Py_ssize_t nar
  *     line is elements
  *     "<...>" (no "<", ">", ",", quote, SP, HTAB, control or non-ASCII byte inside) separated
  *     by a comma and optional SP/HTAB: what first_element/pop_value_at read one by one.
- * routes: the Route elements in order; max_forwards: its value (bytes); top_via: the first Via
- * line's value; cseq: its number; user_agent: the first User-Agent value or None.
+ * uri: the request line's Request-URI (as the parser splits it); routes: the Route elements in
+ * order; max_forwards: its value (bytes); top_via: the first Via line's value; cseq: its
+ * number; user_agent: the first User-Agent value or None.
  * request_out: the same scan (None if it fails), then data with the first `popped` Route
  * elements removed (a Route line left empty goes), Max-Forwards' value replaced, "Via: " via
- * inserted before the first Via line and that line's value replaced by top_via.
+ * inserted before the first Via line and that line's value replaced by top_via, and the bytes
+ * record_route (whole header lines, CRLF-terminated; b"" for none) inserted where
+ * SipMessage.prepend("record-route", ...) puts a header: before the first Record-Route line,
+ * or before the first header line when there is none (so before our Via, which is prepended
+ * after them).
  * Every read stays inside data's buffer; no Python code runs while pointers into it are held.
  */
 #define MAX_ROUTES 16
 
-enum { RK_OTHER, RK_VIA, RK_FROM, RK_TO, RK_CALLID, RK_CSEQ, RK_CLEN, RK_MAXFWD, RK_ROUTE, RK_UA, RK_BANNED };
+enum { RK_OTHER, RK_VIA, RK_FROM, RK_TO, RK_CALLID, RK_CSEQ, RK_CLEN, RK_MAXFWD, RK_ROUTE, RK_UA, RK_RR, RK_BANNED };
 
 static int request_kind(const char *p, Py_ssize_t n) {
     if (lower_eq(p, n, "via")) return RK_VIA;
@@ -969,7 +977,8 @@ static int request_kind(const char *p, Py_ssize_t n) {
     if (lower_eq(p, n, "max-forwards")) return RK_MAXFWD;
     if (lower_eq(p, n, "route")) return RK_ROUTE;
     if (lower_eq(p, n, "user-agent")) return RK_UA;
-    if (lower_eq(p, n, "expires") || lower_eq(p, n, "record-route") || lower_eq(p, n, "path")) return RK_BANNED;
+    if (lower_eq(p, n, "record-route")) return RK_RR;
+    if (lower_eq(p, n, "expires") || lower_eq(p, n, "path")) return RK_BANNED;
     return RK_OTHER;
 }
 
@@ -979,8 +988,8 @@ static int is_route_char(unsigned char c) {
 
 typedef struct {
     const char *p;
-    Py_ssize_t n, start_len, method_len, body_start;
-    int nlines, via1, to, callid, cseq, maxfwd, ua, nroutes;
+    Py_ssize_t n, start_len, method_len, uri_a, uri_z, body_start;
+    int nlines, via1, to, callid, cseq, maxfwd, ua, rr1, nroutes;
     long long seq;
     line_span lines[MAX_HEADER_LINES];
     Py_ssize_t route_a[MAX_ROUTES], route_z[MAX_ROUTES];
@@ -1013,10 +1022,12 @@ static int scan_request(PyObject *data, Py_ssize_t max_size, req_scan *s) {
     const char *sp2 = memchr(uri, ' ', (size_t)(eol - uri));
     if (sp2 == NULL || eol - (sp2 + 1) != 7 || memcmp(sp2 + 1, "SIP/2.0", 7) != 0) return 0;
     if (!((sp2 - uri > 4 && memcmp(uri, "sip:", 4) == 0) || (sp2 - uri > 5 && memcmp(uri, "sips:", 5) == 0))) return 0;
+    s->uri_a = uri - p;
+    s->uri_z = sp2 - p;
     s->start_len = llen + 2;
 
     s->nlines = 0;
-    s->via1 = s->to = s->callid = s->cseq = s->maxfwd = s->ua = -1;
+    s->via1 = s->to = s->callid = s->cseq = s->maxfwd = s->ua = s->rr1 = -1;
     s->nroutes = 0;
     int seen_from = 0, clen = -1;
     Py_ssize_t pos = s->start_len;
@@ -1076,6 +1087,9 @@ static int scan_request(PyObject *data, Py_ssize_t max_size, req_scan *s) {
             break;
         case RK_UA:
             if (s->ua < 0) s->ua = i;
+            break;
+        case RK_RR:
+            if (s->rr1 < 0) s->rr1 = i;
             break;
         case RK_ROUTE: {
             /* elements "<...>" separated by "," and optional SP/HTAB */
@@ -1185,24 +1199,26 @@ static PyObject *request_scan(PyObject *self, PyObject *const *args, Py_ssize_t 
     } else {
         agent = Py_NewRef(Py_None);
     }
-    out = Py_BuildValue("(y#NNNNNLN)", s->p, s->method_len, span_bytes(s, s->to), routes, span_bytes(s, s->maxfwd),
-                        span_bytes(s, s->via1), span_bytes(s, s->callid), s->seq, agent);
+    out = Py_BuildValue("(y#y#NNNNNLN)", s->p, s->method_len, s->p + s->uri_a, s->uri_z - s->uri_a,
+                        span_bytes(s, s->to), routes, span_bytes(s, s->maxfwd), span_bytes(s, s->via1),
+                        span_bytes(s, s->callid), s->seq, agent);
 done:
     PyMem_Free(s);
     return out;
 }
 
 static PyObject *request_out(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "request_out(data, max_size, popped, max_forwards, via, top_via)");
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "request_out(data, max_size, popped, max_forwards, via, top_via, record_route)");
         return NULL;
     }
-    PyObject *data = args[0], *mf = args[3], *via = args[4], *top = args[5];
+    PyObject *data = args[0], *mf = args[3], *via = args[4], *top = args[5], *rr = args[6];
     Py_ssize_t max_size = PyLong_AsSsize_t(args[1]);
     if (max_size == -1 && PyErr_Occurred()) return NULL;
     Py_ssize_t popped = PyLong_AsSsize_t(args[2]);
     if (popped == -1 && PyErr_Occurred()) return NULL;
-    if (!PyBytes_CheckExact(data) || !PyBytes_CheckExact(mf) || !PyBytes_CheckExact(via) || !PyBytes_CheckExact(top))
+    if (!PyBytes_CheckExact(data) || !PyBytes_CheckExact(mf) || !PyBytes_CheckExact(via) || !PyBytes_CheckExact(top) ||
+        !PyBytes_CheckExact(rr))
         Py_RETURN_NONE;
     req_scan *s = PyMem_Malloc(sizeof(req_scan));
     if (s == NULL) return PyErr_NoMemory();
@@ -1212,9 +1228,11 @@ static PyObject *request_out(PyObject *self, PyObject *const *args, Py_ssize_t n
     }
     const char *p = s->p;
     Py_ssize_t mfn = PyBytes_GET_SIZE(mf), vn = PyBytes_GET_SIZE(via), tn = PyBytes_GET_SIZE(top);
+    Py_ssize_t rrn = PyBytes_GET_SIZE(rr);
+    int rr_at = s->rr1 >= 0 ? s->rr1 : 0; /* SipMessage.prepend: before the first, or on top */
     /* an upper bound: every line at most "name: value CRLF" from its own bytes (the value
-     * never starts earlier than colon + 2), plus the replaced and added values */
-    Py_ssize_t cap = s->n + 7 + vn + mfn + tn;
+     * never starts earlier than colon + 2), plus the replaced and added values and lines */
+    Py_ssize_t cap = s->n + 7 + vn + mfn + tn + rrn;
     PyObject *out = PyBytes_FromStringAndSize(NULL, cap);
     if (out == NULL) {
         PyMem_Free(s);
@@ -1228,6 +1246,10 @@ static PyObject *request_out(PyObject *self, PyObject *const *args, Py_ssize_t n
         const line_span *span = &s->lines[i];
         const char *vp = p + span->value;
         Py_ssize_t vlen = span->value_end - span->value;
+        if (i == rr_at) {
+            memcpy(o, PyBytes_AS_STRING(rr), (size_t)rrn);
+            o += rrn;
+        }
         while (r < s->nroutes && s->route_line[r] == i && r < popped) r++;
         if (r > 0 && s->route_line[r - 1] == i && r <= popped) {
             /* this Route line lost elements: what follows the last one popped, or the line */
@@ -1278,9 +1300,9 @@ static PyMethodDef methods[] = {
     {"response_hop", (PyCFunction)(void (*)(void))response_hop, METH_FASTCALL,
      "response_hop(data, prefixes, hop_prefix, max_size) -> (out, branch, key, pending) | None"},
     {"request_scan", (PyCFunction)(void (*)(void))request_scan, METH_FASTCALL,
-     "request_scan(data, max_size) -> (method, to, routes, max_forwards, top_via, call_id, cseq, user_agent) | None"},
+     "request_scan(data, max_size) -> (method, uri, to, routes, max_forwards, top_via, call_id, cseq, user_agent) | None"},
     {"request_out", (PyCFunction)(void (*)(void))request_out, METH_FASTCALL,
-     "request_out(data, max_size, popped, max_forwards, via, top_via) -> bytes | None"},
+     "request_out(data, max_size, popped, max_forwards, via, top_via, record_route) -> bytes | None"},
     {NULL, NULL, 0, NULL},
 };
 

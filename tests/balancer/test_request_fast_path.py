@@ -1,10 +1,13 @@
-"""The balancer's in-dialog request fast path (``BalancerCore.forward_request`` with
+"""The balancer's request fast path (``BalancerCore.forward_request`` with
 ``request_scan``/``request_out`` in sipfarm/sip/_fastparse.c) against the general path.
 
 Two balancers with the same secrets and clock, one with ``TransportManager.fast_request`` set
-as ``sipfarm balancer`` sets it and one without, take the same in-dialog requests: a client's
-ACK/BYE routed by our Record-Route entry then the node's sealed one (to the node), and a
-node's ACK/BYE routed by the entry with the client's flow token (to the client), canonical
+as ``sipfarm balancer`` sets it and one without, take the same requests: a client's in-dialog
+ACK/BYE routed by our Record-Route entry then the node's sealed one (to the node), a node's
+ACK/BYE routed by the entry with the client's flow token (to the client), and a node's
+initial INVITE (SUBSCRIBE, MESSAGE...) routed by our Path entries to the client its token
+names, Record-Routed by us (UDP flows whose Request-URI names the flow's IP or not, TCP, TLS
+and WS flows, with and without the node's Record-Route, SDP bodies, one or two listeners), canonical
 and mutated (whitespace, names, repeated or missing headers, compact forms, bare CR/LF,
 folding, Route shapes, forged or foreign tokens, Max-Forwards 0 or huge, a node down, sends
 that fail, a scanner's User-Agent, random bytes, truncation).  Whatever the fast path takes, it
@@ -43,7 +46,7 @@ MAX = 65535
 
 
 class Balancer:
-    def __init__(self, fast: bool) -> None:
+    def __init__(self, fast: bool, public: dict[str, Address] | None = None) -> None:
         self.sent: list[tuple[bytes, Address]] = []
         self.fail = False  # every send fails (the node unreachable, the client's flow gone)
         nodes = NodeSet()
@@ -52,7 +55,7 @@ class Balancer:
         self.core = BalancerCore(
             nodes,
             FlowTokens(SECRET),
-            public={"udp": LB},
+            public=public if public is not None else {"udp": LB},
             internal=LB,
             send=self._send,
             send_response=self._send_response,
@@ -176,9 +179,9 @@ def taken(data: bytes) -> bool:
     return fastparse.request_scan(data, MAX) is not None
 
 
-def forwarded_fast(data: bytes, source: Address) -> bool:
+def forwarded_fast(data: bytes, source: Address, public: dict[str, Address] | None = None) -> bool:
     """Whether a fresh balancer's fast path takes ``data`` from ``source`` (C and decisions)."""
-    return Balancer(fast=True).core.forward_request(data, source, MAX)
+    return Balancer(fast=True, public=public).core.forward_request(data, source, MAX)
 
 
 def test_canonical_requests_take_the_fast_path() -> None:
@@ -306,7 +309,6 @@ DECLINED: dict[str, Callable[[bytes], bytes]] = {
     "call_id_space": _line(b"Call-ID: dialog-1", b"Call-ID: dialog 1"),
     "compact_to": _line(b"To:", b"t:"),
     "compact_via": _line(b"Via:", b"v:"),
-    "record_route": _line(b"Max-Forwards:", b"Record-Route: <sip:10.0.0.1;lr>\r\nMax-Forwards:"),
     "path": _line(b"Max-Forwards:", b"Path: <sip:10.0.0.1;lr>\r\nMax-Forwards:"),
     "expires": _line(b"Max-Forwards:", b"Expires: 10\r\nMax-Forwards:"),
     "via_two_parms": _line(b";rport\r\n", b";rport, SIP/2.0/UDP 10.0.0.1;branch=z9hG4bK-x\r\n"),
@@ -354,6 +356,7 @@ def test_uncommon_shapes_take_the_general_path(case: str) -> None:
         _line(b", <sip:127", b",<sip:127"),
         _line(b", <sip:127", b"\r\nRoute: <sip:127"),
         _line(b"Content-Length: 0\r\n", b""),
+        _line(b"Max-Forwards:", b"Record-Route: <sip:10.0.0.1;lr>\r\nMax-Forwards:"),  # passed on as it is
     ],
 )
 def test_common_variants_take_the_fast_path(case: Callable[[bytes], bytes]) -> None:
@@ -472,3 +475,298 @@ def test_fast_path_matches_general_path(
 
 def test_the_fast_path_is_offered() -> None:
     assert Balancer(fast=True).core.request_fast_path() is not None
+
+
+# -- a node's initial request to the client its flow token names (Record-Routed here) ----------
+
+UAS_TCP = Address("tcp", "127.0.0.4", 40001)
+UAS_TLS = Address("tls", "127.0.0.4", 40002)
+UAS_WS = Address("ws", "127.0.0.4", 40003)
+UAS_ON_NODE_HOST = Address("udp", "127.0.0.1", 5999)  # a phone on the node's host (its URI may name the node)
+UAS_REMOTE = Address("udp", "10.0.0.5", 5062)  # off loopback
+FLOWS = (UAS, UAS_TCP, UAS_TLS, UAS_WS, UAS_ON_NODE_HOST, UAS_REMOTE)
+# the balancer's listeners: one UDP socket facing clients and nodes (one Record-Route entry for
+# a UDP flow), or one per transport (two entries, RFC 5658, for every flow)
+PUBLICS: dict[str, dict[str, Address]] = {
+    "one": {"udp": LB},
+    "split": {
+        "udp": Address("udp", "127.0.0.1", 5080),
+        "tcp": Address("tcp", "127.0.0.1", 5080),
+        "tls": Address("tls", "127.0.0.1", 5081),
+        "ws": Address("ws", "127.0.0.1", 5082),
+    },
+}
+NODE_RR = b"<sip:127.0.0.1:5070;lr;sf=6cc544c17029e07f36e1>"
+SDP = (
+    b"v=0\r\no=- 53655765 2353687637 IN IP4 127.0.0.2\r\ns=-\r\nc=IN IP4 127.0.0.2\r\nt=0 0\r\n"
+    b"m=audio 22752 RTP/AVP 8 0\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:0 PCMU/8000\r\n"
+)
+
+
+def path_routes(core: BalancerCore, flow: Address) -> list[bytes]:
+    """The route set a node gives a request for a registered client: our Path entries."""
+    return list(core._own_entries(flow, "udp", path=True))
+
+
+def contact_uri(flow: Address, port: int | None = None) -> bytes:
+    """The client's registered Contact on ``flow``'s host (its port unless ``port``)."""
+    transport = b"" if flow.transport == "udp" else b";transport=" + flow.transport.encode()
+    return b"sip:bob@%s:%d%s" % (flow.host.encode(), flow.port if port is None else port, transport)
+
+
+def initial(core: BalancerCore, flow: Address = UAS, *, method: bytes = b"INVITE", uri: bytes | None = None,
+            routes: list[bytes] | None = None, record_route: tuple[bytes, ...] = (NODE_RR,),
+            rr_after_via: bool = False, body: bytes = SDP) -> bytes:  # fmt: skip
+    """The node's initial request to the client on ``flow``, as a node sends it: routed by our
+    Path entries (the flow's token), its own Record-Route, the client's Via below the node's."""
+    if routes is None:
+        routes = path_routes(core, flow)
+    rr = [b"Record-Route: " + value for value in record_route]
+    vias = [
+        b"Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK4b3c63c9e52a.69b13b021f37",
+        b"Via: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKlb-c63b96ba07deef71901e00047f000001573a",
+        b"Via: SIP/2.0/UDP 127.0.0.2:5062;branch=z9hG4bK-4883-1-8",
+    ]
+    return b"\r\n".join(
+        [
+            method + b" " + (uri if uri is not None else contact_uri(flow)) + b" SIP/2.0",
+            *([b"Route: " + b", ".join(routes)] if routes else []),
+            b"P-Asserted-Identity: <sip:alice@example.com>",
+            *(vias + rr if rr_after_via else rr + vias),
+            b"Max-Forwards: 68",
+            b"From: <sip:alice@example.com>;tag=4883SIPpTag001",
+            b"To: <sip:bob@example.com>",
+            b"Call-ID: 1-4883@127.0.0.2",
+            b"CSeq: 2 " + method,
+            b"Contact: <sip:alice@127.0.0.2:5062;transport=UDP>",
+            *([b"Content-Type: application/sdp"] if body else []),
+            b"Content-Length: %d" % len(body),
+            b"",
+            body,
+        ]
+    )
+
+
+def pair_with(public: str) -> tuple[Balancer, Balancer]:
+    return Balancer(fast=False, public=PUBLICS[public]), Balancer(fast=True, public=PUBLICS[public])
+
+
+@pytest.mark.parametrize("public", sorted(PUBLICS))
+@pytest.mark.parametrize("flow", [UAS, UAS_TCP, UAS_TLS, UAS_WS])
+def test_initial_requests_take_the_fast_path(public: str, flow: Address) -> None:
+    slow, fast = pair_with(public)
+    shapes = [
+        {},
+        {"record_route": ()},
+        {"record_route": (NODE_RR, b"<sip:10.9.9.9;lr>")},
+        {"rr_after_via": True},
+        {"body": b""},
+        {"method": b"SUBSCRIBE", "body": b""},
+        {"method": b"MESSAGE", "body": b"hello"},  # not dialog-creating: no Record-Route of ours
+    ]
+    for shape in shapes:
+        data = initial(fast.core, flow, **shape)  # type: ignore[arg-type]
+        assert taken(data) and forwarded_fast(data, NODE, PUBLICS[public]), shape
+        both(data, NODE, slow, fast)
+        assert fast.sent[-1][1] == flow
+    assert fast.core.stats.to_client == len(shapes)
+    # the fast path really took them: the general path parses, the fast one did not
+    fast.transports.on_message = None  # type: ignore[assignment]
+    fast.deliver(initial(fast.core, flow), NODE)
+    assert fast.core.stats.to_client == len(shapes) + 1 and fast.transports.stats.callback_errors == 0
+    out = fast.sent[-1][0]
+    ours = fast.core._own_entries(flow, flow.transport, path=False, facing_client=True)
+    assert len(ours) == (1 if public == "one" and flow.transport == "udp" else 2)
+    rr = b"".join(b"Record-Route: " + value + b"\r\n" for value in ours)
+    assert b"\r\nP-Asserted-Identity: <sip:alice@example.com>\r\n" + rr + b"Record-Route: " + NODE_RR in out
+    assert b"\r\nVia: SIP/2.0/%s 127.0.0.1:" % flow.transport.upper().encode() in out
+    assert out.endswith(b"\r\nContent-Length: %d\r\n\r\n" % len(SDP) + SDP)
+    # no Record-Route of the node's: ours go on top (SipMessage.prepend), where its Route was
+    fast.deliver(initial(fast.core, flow, record_route=()), NODE)
+    assert fast.sent[-1][0].split(b"\r\n", 1)[1].startswith(rr + b"P-Asserted-Identity: ")
+
+
+@pytest.mark.parametrize(
+    ("flow", "uri", "dest"),
+    [
+        (UAS, contact_uri(UAS), UAS),
+        (UAS, contact_uri(UAS, 5090), Address("udp", "127.0.0.3", 5090)),  # not behind NAT: its Contact's port
+        (UAS, b"sip:bob@127.0.0.3", Address("udp", "127.0.0.3", 5060)),
+        (UAS, b"sip:bob@[127.0.0.3]:5090", Address("udp", "127.0.0.3", 5090)),
+        (UAS, b"sip:bob@127.0.0.9:5090", UAS),  # another IP: the NAT binding
+        (UAS, b"sip:bob@127.0.0.3:5090;transport=tcp", UAS),
+        (UAS, b"sips:bob@127.0.0.3:5090", UAS),
+        (UAS, b"sip:bob@127.0.0.3:99999", UAS),  # a Request-URI that does not parse
+        (UAS, b"sip:bob@127.0.0.3:5090;maddr=10.0.0.1", Address("udp", "127.0.0.3", 5090)),
+        (UAS_ON_NODE_HOST, b"sip:bob@127.0.0.1:5070", UAS_ON_NODE_HOST),  # never a node
+        (UAS_ON_NODE_HOST, b"sip:bob@127.0.0.1:5060", UAS_ON_NODE_HOST),  # never ourselves
+        (UAS_REMOTE, b"sip:bob@10.0.0.5:5090", Address("udp", "10.0.0.5", 5090)),
+        (UAS_TCP, b"sip:bob@127.0.0.4:5090;transport=tcp", UAS_TCP),  # a connection: the flow, always
+    ],
+)
+def test_initial_requests_go_where_the_general_path_sends_them(flow: Address, uri: bytes, dest: Address) -> None:
+    for public, listeners in PUBLICS.items():
+        slow, fast = pair_with(public)
+        data = initial(fast.core, flow, uri=uri)
+        assert forwarded_fast(data, NODE, listeners)
+        both(data, NODE, slow, fast)
+        assert fast.sent[-1][1] == dest
+
+
+@pytest.mark.parametrize("method", [b"INVITE", b"MESSAGE", b"CANCEL", b"ACK"])
+@pytest.mark.parametrize("flow", [UAS, UAS_TCP])
+def test_initial_failed_sends_answer_the_same(method: bytes, flow: Address) -> None:
+    slow, fast = pair()
+    slow.fail = fast.fail = True
+    data = initial(fast.core, flow, method=method)
+    assert forwarded_fast(data, NODE)
+    both(data, NODE, slow, fast)
+    if method == b"ACK":
+        assert fast.core.stats.drops == {"ack_unsent": 1}
+    else:
+        assert fast.core.stats.flow_failed == 1 and fast.sent[-1][0].startswith(b"SIP/2.0 430 ")
+        assert b"\r\nTo: <sip:bob@example.com>;tag=5ca1ab1e\r\n" in fast.sent[-1][0]
+
+
+def test_initial_request_with_the_node_down_or_from_elsewhere() -> None:
+    slow, fast = pair()
+    for b in (slow, fast):
+        b.core.nodes.mark_down(b.core.nodes.nodes["node1"])
+    both(initial(fast.core), NODE, slow, fast)
+    for source in (ATTACKER, CLIENT):  # not a node: a client's new work, hashed there
+        data = initial(fast.core)
+        assert not forwarded_fast(data, source)
+        both(data, source, slow, fast)
+
+
+def test_initial_requests_with_tokens_not_ours() -> None:
+    slow, fast = pair()
+    token = entry(fast.core, UAS)
+    forged = token.replace(b"<sip:", b"<sip:0", 1).replace(b"0", b"1", 2)
+    foreign = FlowTokens(b"another-farm-secret-0123456789ab").encode(ATTACKER).encode()
+    cases = [
+        [forged],
+        [b"<sip:%s@127.0.0.1:5060;lr>" % foreign],
+        [b"<sip:127.0.0.1:5060;lr>"],  # ours, no token: to its Request-URI
+        [b"<sip:10.9.9.9:5060;lr>"],  # not ours
+        [token, b"<sip:127.0.0.66:5099;lr>"],  # ours, then another element's: kept
+        [],
+    ]
+    for routes in cases:
+        data = initial(fast.core, routes=routes)
+        both(data, NODE, slow, fast)
+    assert forwarded_fast(initial(fast.core, routes=cases[4]), NODE)
+    for routes in cases[:4] + cases[5:]:
+        assert not forwarded_fast(initial(fast.core, routes=routes), NODE)
+
+
+INITIAL_DECLINED: dict[str, Callable[[bytes], bytes]] = {
+    "max_forwards_zero": _line(b"Max-Forwards: 68", b"Max-Forwards: 0"),
+    "path": _line(b"Max-Forwards:", b"Path: <sip:10.0.0.1;lr>\r\nMax-Forwards:"),
+    "expires": _line(b"Max-Forwards:", b"Expires: 120\r\nMax-Forwards:"),
+    "tel_uri": _line(b"sip:bob@127.0.0.3:5064 SIP", b"tel:+1234 SIP"),
+    "options": lambda data: data.replace(b"INVITE", b"OPTIONS"),
+    "compact_to": _line(b"\r\nTo:", b"\r\nt:"),
+    "rr_folded": _line(b"Record-Route: <", b"Record-Route:\r\n <"),
+    "rr_no_space": _line(b"Record-Route: <", b"Record-Route:<"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INITIAL_DECLINED))
+def test_uncommon_initial_shapes_take_the_general_path(case: str) -> None:
+    slow, fast = pair()
+    canonical = initial(fast.core)
+    assert forwarded_fast(canonical, NODE)
+    data = INITIAL_DECLINED[case](canonical)
+    assert data != canonical
+    assert not forwarded_fast(data, NODE)
+    both(data, NODE, slow, fast)
+
+
+def _record_route_line(lines: list[bytes], i: int, pick: int) -> None:
+    value = [NODE_RR, b"<sip:10.9.9.9;lr>", b"<sip:a@b>, <sip:c@d;lr>", b"sip:x@y", b""][pick % 5]
+    name = [b"Record-Route", b"record-route", b"RECORD-ROUTE", b"Record-Route ", b"Route"][pick // 5 % 5]
+    lines.insert(i, name + b": " + value)
+
+
+def _mutate_initial(data: bytes, op: str, at: int, pick: int) -> bytes:
+    return mutate(data, op, at, pick, bare=(*BARE, b">"), line_ops={"rr": _record_route_line, "mf": _max_forwards})
+
+
+INITIAL_OPS = st.sampled_from(["pad", "trail", "name", "dup", "drop", "rr", "fold", "bare", "byte", "truncate", "mf"])
+INITIAL_BENIGN = st.sampled_from(["pad", "trail", "name", "rr", "mf"])
+URIS = st.sampled_from([None, "port", "no_port", "other_ip", "tcp", "sips", "bad_port", "node", "upper"])
+
+
+def _uri(flow: Address, kind: str | None) -> bytes | None:
+    return {
+        None: None,
+        "port": contact_uri(flow, 5090),
+        "no_port": b"sip:bob@" + flow.host.encode(),
+        "other_ip": b"sip:bob@127.0.0.9:5090",
+        "tcp": contact_uri(flow, 5090).split(b";")[0] + b";transport=tcp",
+        "sips": b"sips:bob@%s:5090" % flow.host.encode(),
+        "bad_port": b"sip:bob@%s:70000" % flow.host.encode(),
+        "node": b"sip:bob@127.0.0.1:5070",
+        "upper": b"sip:BOB@%s:5090;TRANSPORT=UDP" % flow.host.encode(),
+    }[kind]
+
+
+@PROPERTY
+@given(
+    public=st.sampled_from(sorted(PUBLICS)),
+    method=st.sampled_from([b"INVITE", b"SUBSCRIBE", b"REFER", b"MESSAGE", b"CANCEL", b"ACK", b"invite"]),
+    flow=st.sampled_from(FLOWS),
+    uri=URIS,
+    routes=st.sampled_from(["path", "client_entry", "token_then_other", "forged", "no_token", "none"]),
+    record_route=st.sampled_from([(), (NODE_RR,), (NODE_RR, b"<sip:10.9.9.9;lr>")]),
+    rr_after_via=st.booleans(),
+    body=st.sampled_from([b"", SDP]),
+    to_tag=st.booleans(),
+    mutations=st.one_of(
+        st.just([]),
+        st.lists(st.tuples(INITIAL_BENIGN, st.integers(0, 50), st.integers(0, 10_000)), max_size=3),
+        st.lists(st.tuples(INITIAL_OPS, st.integers(0, 50), st.integers(0, 10_000)), max_size=3),
+    ),
+    source=st.sampled_from([NODE, NODE, ATTACKER, CLIENT]),
+    fail=st.booleans(),
+    node_down=st.booleans(),
+)
+def test_initial_fast_path_matches_general_path(
+    public: str,
+    method: bytes,
+    flow: Address,
+    uri: str | None,
+    routes: str,
+    record_route: tuple[bytes, ...],
+    rr_after_via: bool,
+    body: bytes,
+    to_tag: bool,
+    mutations: list[tuple[str, int, int]],
+    source: Address,
+    fail: bool,
+    node_down: bool,
+) -> None:
+    slow, fast = pair_with(public)
+    for b in (slow, fast):
+        b.fail = fail
+        if node_down:
+            b.core.nodes.mark_down(b.core.nodes.nodes["node1"])
+    core = fast.core
+    route_set = {
+        "path": path_routes(core, flow),
+        "client_entry": list(core._own_entries(flow, "udp", path=False, facing_client=True)),
+        "token_then_other": [*path_routes(core, flow), b"<sip:127.0.0.66:5099;lr>"],
+        "forged": [path_routes(core, flow)[-1].replace(b"<sip:", b"<sip:0", 1)],
+        "no_token": [b"<sip:127.0.0.1:5060;lr>"],
+        "none": [],
+    }[routes]
+    data = initial(core, flow, method=method, uri=_uri(flow, uri), routes=route_set, record_route=record_route,
+                   rr_after_via=rr_after_via, body=body)  # fmt: skip
+    if to_tag:
+        data = data.replace(b"To: <sip:bob@example.com>", b"To: <sip:bob@example.com>;tag=b2", 1)
+    for op, at, pick in mutations:
+        data = _mutate_initial(data, op, at, pick)
+    event("fast" if forwarded_fast(data, source, PUBLICS[public]) else "general")
+    both(data, source, slow, fast)
+    both(data, source, slow, fast)  # a retransmission: the same again
