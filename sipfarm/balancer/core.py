@@ -669,7 +669,7 @@ class BalancerCore:
         reply = make_response(msg, status, to_tag=self._to_tag, headers=(("allow", b"OPTIONS"),))
         self.send_response(reply.to_bytes(), hop)
 
-    # -- in-dialog requests from their bytes ---------------------------------------------------
+    # -- requests routed by our own Route entries, from their bytes ---------------------------
 
     def request_fast_path(self) -> Callable[[bytes, Address, int], bool] | None:
         """What ``TransportManager.fast_request`` is set to: :meth:`forward_request` when the

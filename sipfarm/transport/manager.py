@@ -120,7 +120,7 @@ class TransportManager:
         # after the screen, before parsing: the balancer's forwarding of the common response
         # from its bytes (``BalancerCore.forward_response``); False: not handled, parse it
         self.fast_response: Callable[[bytes, Address, int], bool] | None = None
-        # the same for the common in-dialog request (``BalancerCore.forward_request``), when
+        # the same for the common request routed by our Route (``BalancerCore.forward_request``), when
         # this transport does not stamp Vias itself (the balancer's core stamps clients')
         self.fast_request: Callable[[bytes, Address, int], bool] | None = None
         # sources (IP address strings) ``max_connections_per_source`` does not apply to
