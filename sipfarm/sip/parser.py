@@ -23,7 +23,7 @@ from sipfarm.sip.errors import (
     UnsupportedURIScheme,
     VersionNotSupported,
 )
-from sipfarm.sip.headers import COMPACT, HeaderError, is_token, parse_cseq, parse_uint
+from sipfarm.sip.headers import COMPACT, HeaderError, check_via, is_token, parse_cseq, parse_uint
 from sipfarm.sip.memo import MAX_CACHED_KEY
 from sipfarm.sip.message import Header, SipMessage
 from sipfarm.sip.uri import SipURI
@@ -360,8 +360,14 @@ def validate_request(msg: SipMessage) -> None:
         raise BadMessage("headers in Request-URI", partial=msg)
     msg.from_  # noqa: B018 - parse for validation
     msg.to  # noqa: B018
-    if not msg.vias:
+    vias = msg.values("via")
+    if not vias:
         raise BadMessage("empty Via header", partial=msg)
+    for via in vias:
+        try:
+            check_via(via)  # msg.vias's verdict, without building every Via
+        except HeaderError as exc:
+            raise BadMessage(f"Via: {exc}", partial=msg) from None
     contacts = msg.values("contact")
     if contacts != [b"*"]:
         msg.name_addrs("contact")

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sipfarm.sip.headers import (
     COMPACT,
     HeaderError,
+    check_via,
     display_name,
     first_element,
     is_token,
@@ -273,6 +276,75 @@ def test_bad_via(value: bytes) -> None:
         parse_via(value)
 
 
+def _verdict(check: Callable[[bytes], object], value: bytes) -> bool:
+    try:
+        check(value)
+    except HeaderError:
+        return False
+    return True
+
+
+# via-parms near the common shape: each piece from a small alphabet of right and wrong spellings
+_VIA_PIECES = st.tuples(
+    st.sampled_from([b"SIP/2.0/", b"sip/2.0/", b"SIP/2.0 /", b"SIP/3.0/", b"SIP/2.0"]),
+    st.sampled_from([b"UDP", b"tcp", b"WSS", b"SCTPX", b"", b"U/P"]),
+    st.sampled_from([b" ", b"  ", b"", b"\t"]),
+    st.sampled_from([b"192.0.2.1", b"host.example.com", b"[2001:db8::1]", b"[::1", b"ho st", b"h_x", b""]),
+    st.sampled_from([b"", b":5060", b":0", b":65535", b":65536", b":99999", b":123456", b": 5060", b":"]),
+    st.lists(
+        st.sampled_from(
+            [
+                b";branch=z9hG4bKx",
+                b";rport",
+                b";rport=5062",
+                b";RPORT=1",
+                b";rport=70000",
+                b";rport=x",
+                b";rport=",
+                b";received=127.0.0.2",
+                b";maddr=[::1]",
+                b';x="q"',
+                b';x="q',
+                b";",
+                b";=",
+                b" ;a",
+                b";a =b",
+                b";b=c:d",
+                b";\xc3\xa9",
+                b";a=b@c",
+                b",",
+                b";rport=00001",
+                b";rport=123456",
+            ]
+        ),
+        max_size=5,
+    ),
+)
+
+
+@settings(max_examples=1000)
+@given(_VIA_PIECES)
+def test_check_via_agrees_with_parse_via(pieces: tuple[bytes, bytes, bytes, bytes, bytes, list[bytes]]) -> None:
+    proto, transport, space, host, port, params = pieces
+    value = proto + transport + space + host + port + b"".join(params)
+    assert _verdict(check_via, value) == _verdict(parse_via, value), value
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"SIP/2.0/UDP 127.0.0.2:5062;received=127.0.0.2;rport=5062;branch=z9hG4bK-1234-1-0",
+        b"SIP/2.0/UDP 192.0.2.1:99999",
+        b"SIP/2.0/UDP host;branch=a;rport=x",
+        b"SIP/2.0/UDP host;rport;rport=x",
+        b"SIP/2.0/UDP host;rport=70000",
+        b"SIP/2.0/UDP host;Rport=1;rport=x",
+    ],
+)
+def test_check_via_matches_parse_via_on_rport_and_ports(value: bytes) -> None:
+    assert _verdict(check_via, value) == _verdict(parse_via, value)
+
+
 @pytest.mark.parametrize(
     ("value", "branch"),
     [
@@ -323,8 +395,17 @@ def test_cseq(value: bytes, parsed: tuple[int, bytes]) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    [b"", b"1", b"INVITE", b"-1 INVITE", b"2147483648 INVITE", b"36893488147419103232 REGISTER",
-     b"1 INV ITE", b"1 INV:ITE", b"\xd9\xa3 INVITE"],
+    [
+        b"",
+        b"1",
+        b"INVITE",
+        b"-1 INVITE",
+        b"2147483648 INVITE",
+        b"36893488147419103232 REGISTER",
+        b"1 INV ITE",
+        b"1 INV:ITE",
+        b"\xd9\xa3 INVITE",
+    ],
 )
 def test_bad_cseq(value: bytes) -> None:
     with pytest.raises(HeaderError):
