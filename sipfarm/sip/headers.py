@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 
 from sipfarm.sip.memo import BoundedMemo
-from sipfarm.sip.uri import URI, URIError, parse_uri
+from sipfarm.sip.uri import URI, URIError, ipv6_reference, parse_uri
 
 # RFC 3261 7.3.3 and registered extensions: compact form -> full name (lower case).
 COMPACT: dict[str, str] = {
@@ -304,18 +304,25 @@ def parse_via(value: bytes) -> Via:
     rport = get_param(parsed, "rport")
     if rport and (not rport.isdigit() or len(rport) > 5 or int(rport) > 65535):
         raise HeaderError("Via rport is not a port number")  # RFC 3581 4: rport = port
+    host_text = host.decode("ascii").lower()
+    if host_text[0] == "[":
+        try:
+            host_text = ipv6_reference(host_text)  # an IPv6 address inside (RFC 5118 4.10's colon aside)
+        except URIError:
+            raise HeaderError("Via sent-by: bad IPv6 reference") from None
     return Via(
         transport=transport.decode("ascii").upper(),
-        host=host.decode("ascii").lower(),
+        host=host_text,
         port=port_num,
         params=parsed,
     )
 
 
-# The common via-parm, in one strict shape (no LWS, no quotes, a short transport name): every
-# value it matches is one parse_via accepts as well when the ports check out (see check_via).
+# The common via-parm, in one strict shape (no LWS, no quotes, a short transport name, a host
+# name or IPv4 sent-by: an IPv6 reference is parse_via's to check): every value it matches is
+# one parse_via accepts as well when the ports check out (see check_via).
 _VIA_COMMON_RE = re.compile(
-    rb"SIP/2\.0/[A-Za-z]{2,4} (?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::([0-9]{1,5}))?"
+    rb"SIP/2\.0/[A-Za-z]{2,4} [A-Za-z0-9.-]+(?::([0-9]{1,5}))?"
     rb"(?:;[A-Za-z0-9.!%*_+`'~-]+(?:=[A-Za-z0-9.!%*_+`'~\[\]:-]+)?)*\Z"
 )
 

@@ -7,6 +7,7 @@ callers map them to 400 / 416.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from urllib.parse import unquote
@@ -32,6 +33,33 @@ class URIError(ValueError):
 
 class UnknownScheme(URIError):
     """A well-formed URI whose scheme sipfarm does not serve (answer 416 to a Request-URI)."""
+
+
+# RFC 3261 25.1: IPv6reference = "[" IPv6address "]". Its IPv6address production, inherited from
+# RFC 2373, is wrong: ``hexpart [ ":" IPv4address ]`` with a hexpart ending in "::" derives
+# ``2001:db8:::192.0.2.1`` (three colons before an embedded IPv4 address), which RFC 4291 (and
+# RFC 5954's correction of RFC 3261) does not. RFC 5118 4.10: an implementation "may exhibit
+# robustness by successfully parsing the IPv6 reference (it can choose to ignore the extra colon
+# ...)". So the address inside the brackets is RFC 4291's, the one tolerance being that derivation:
+# ":::" right before an IPv4 address that ends the reference reads as "::".
+_ABNF_BUG_COLON = re.compile(r":::(?=(?:[0-9]{1,3}\.){3}[0-9]{1,3}\Z)")
+
+
+def ipv6_reference(text: str) -> str:
+    """``text``, an ``[IPv6address]`` reference, lower-cased (RFC 3261's extra colon removed, see
+    ``_ABNF_BUG_COLON``): what a URI or Via host holds, so that every reader of it finds an
+    IPv6 address between the brackets. Raises :class:`URIError`."""
+    if len(text) < 4 or text[0] != "[" or text[-1] != "]":
+        raise URIError("bad IPv6 reference")
+    inner = _ABNF_BUG_COLON.sub("::", text[1:-1].lower(), count=1)
+    # ipaddress takes a zone ("%eth0") that no IPv6reference has: the character check first
+    if inner.strip("0123456789abcdef:."):
+        raise URIError("bad IPv6 reference")
+    try:
+        ipaddress.IPv6Address(inner)
+    except ValueError:
+        raise URIError("bad IPv6 reference") from None
+    return f"[{inner}]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,15 +204,13 @@ def _parse_host(text: str) -> tuple[str, int | None]:
         end = text.find("]")
         if end < 0:
             raise URIError("unterminated IPv6 reference")
-        host = text[: end + 1]
+        host = ipv6_reference(text[: end + 1])
         rest = text[end + 1 :]
-        if not all(c in "0123456789abcdefABCDEF:." for c in host[1:-1]) or len(host) < 4:
-            raise URIError("bad IPv6 reference")
         if rest:
             if rest[0] != ":":
                 raise URIError("junk after IPv6 reference")
             port = _parse_port(rest[1:])
-        return host.lower(), port
+        return host, port
     host, colon, port_text = text.partition(":")
     if colon:
         port = _parse_port(port_text)

@@ -252,6 +252,31 @@ def test_via_lws_in_sent_protocol_and_ipv6() -> None:
     assert v6.sent_by == ("[2001:db8::9]", 5061)
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"SIP/2.0/UDP [192.0.2.1];branch=z9hG4bKa",
+        b"SIP/2.0/UDP [::::]:5060;branch=z9hG4bKa",
+        b"SIP/2.0/UDP [1:2];branch=z9hG4bKa",
+        b"SIP/2.0/UDP [2001:db8:::10];branch=z9hG4bKa",
+    ],
+)
+def test_via_ipv6_sent_by_must_be_an_address(value: bytes) -> None:
+    """check_via's one-match shape took any hex and colons in brackets; parse_via decides now."""
+    with pytest.raises(HeaderError):
+        parse_via(value)
+    with pytest.raises(HeaderError):
+        check_via(value)
+
+
+def test_via_ipv6_sent_by_with_rfc3261_extra_colon() -> None:
+    """RFC 5118 4.10: ``:::`` before an embedded IPv4 address reads as ``::``."""
+    via = parse_via(b"SIP/2.0/UDP [2001:db8:::192.0.2.1]:5070;branch=z9hG4bKa")
+    assert via.sent_by == ("[2001:db8::192.0.2.1]", 5070)
+    check_via(b"SIP/2.0/UDP [2001:db8:::192.0.2.1]:5070;branch=z9hG4bKa")
+    check_via(b"SIP/2.0/UDP [2001:db8::9:1];received=[2001:db8::9:255];branch=z9hG4bKa")
+
+
 def test_via_to_bytes_round_trip() -> None:
     via = parse_via(b"SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKx;rport")
     assert parse_via(via.to_bytes()) == via

@@ -23,6 +23,7 @@ SipError may escape.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ import pytest
 from sipfarm.sip.errors import SipError
 from sipfarm.sip.message import SipMessage
 from sipfarm.sip.parser import StreamFramer, parse_message, validate_request
+from sipfarm.sip.uri import SipURI, parse_uri
+from sipfarm.sip.via import via_target
 
 VECTOR_DIR = Path(__file__).resolve().parent / "vectors" / "rfc4475"
 MANIFEST = VECTOR_DIR / "manifest.json"
@@ -122,6 +125,37 @@ def test_rfc5118_vector(entry: dict[str, object]) -> None:
     data = (RFC5118_DIR / str(entry["file"])).read_bytes()
     alternatives = tuple(entry.get("alternatives", ()))  # type: ignore[call-overload]
     check_vector(str(entry["name"]), data, bool(entry["valid"]), entry["expect"], alternatives)
+
+
+def _rfc5118_request(name: str) -> tuple[SipMessage, SipURI]:
+    msg = run_vector((RFC5118_DIR / f"{name}.sip").read_bytes())
+    uri = parse_uri(msg.uri)
+    assert isinstance(uri, SipURI)
+    return msg, uri
+
+
+def test_rfc5118_hosts_read_as_the_rfc_means() -> None:
+    """Beyond "it parses": the address and port each RFC 5118 message names."""
+    _, ambiguous = _rfc5118_request("port-ambiguous")  # 4.3: 5070 is the address's last group
+    assert (ambiguous.host, ambiguous.port) == ("[2001:db8::10:5070]", None)
+    _, unambiguous = _rfc5118_request("port-unambiguous")  # 4.4
+    assert (unambiguous.host, unambiguous.port) == ("[2001:db8::10]", 5070)
+    for name in ("via-received-param-with-delim", "via-received-param-no-delim"):  # 4.5
+        msg, _ = _rfc5118_request(name)
+        target = via_target(msg.vias[0])
+        assert ipaddress.ip_address(target.host) == ipaddress.ip_address("2001:db8::9:255"), name
+    msg, _ = _rfc5118_request("mult-ip-in-header")  # 4.7
+    assert [(v.transport, v.host, v.port, v.received) for v in msg.vias] == [
+        ("UDP", "[2001:db8::9:1]", 6050, None),
+        ("UDP", "192.0.2.1", None, None),
+        ("TCP", "[2001:db8::9:255]", None, "192.0.2.200"),
+    ]
+    msg, _ = _rfc5118_request("ipv4-mapped-ipv6")  # 4.9
+    assert [v.sent_by for v in msg.vias] == [("[::ffff:192.0.2.10]", 19823), ("[::ffff:192.0.2.2]", None)]
+    # 4.10: the extra colon RFC 3261's ABNF allows is ignored; both name one address
+    _, three = _rfc5118_request("ipv6-bug-abnf-3-colons")
+    _, two = _rfc5118_request("ipv6-correct-abnf-2-colons")
+    assert three.host == two.host == "[2001:db8::192.0.2.1]"
 
 
 # -- built-in vectors (RFC 4475 section 3) --------------------------------------------------------

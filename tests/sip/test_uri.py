@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 
 from sipfarm.sip.memo import BoundedMemo
@@ -61,6 +63,30 @@ def test_scheme_and_host_are_case_insensitive_user_is_not() -> None:
 def test_ip_hosts(text: str, host: str, port: int | None) -> None:
     uri = sip(text)
     assert (uri.host, uri.port) == (host, port)
+
+
+@pytest.mark.parametrize(
+    ("text", "host"),
+    [
+        # RFC 5118 4.10: RFC 3261's IPv6address ABNF (from RFC 2373) derives an extra colon
+        # before an embedded IPv4 address; read as the address RFC 4291 writes with two
+        ("sip:user@[2001:db8:::192.0.2.1]", "[2001:db8::192.0.2.1]"),
+        ("sip:user@[2001:DB8:::192.0.2.1]:5070", "[2001:db8::192.0.2.1]"),
+        ("sip:[:::192.0.2.1]", "[::192.0.2.1]"),
+        ("sip:user@[2001:db8::192.0.2.1]", "[2001:db8::192.0.2.1]"),
+    ],
+)
+def test_rfc3261_abnf_extra_colon_before_ipv4_is_read_as_two(text: str, host: str) -> None:
+    uri = sip(text)
+    assert uri.host == host
+    ipaddress.IPv6Address(uri.host[1:-1])  # an address for whoever reads the host (edge, routing)
+
+
+def test_port_inside_the_brackets_is_part_of_the_address() -> None:
+    """RFC 5118 4.3: in ``[2001:db8::10:5070]`` 5070 is the last group, not a port."""
+    ambiguous, unambiguous = sip("sip:[2001:db8::10:5070]"), sip("sip:[2001:db8::10]:5070")
+    assert (ambiguous.host, ambiguous.port) == ("[2001:db8::10:5070]", None)
+    assert (unambiguous.host, unambiguous.port) == ("[2001:db8::10]", 5070)
 
 
 def test_escaped_user() -> None:
@@ -126,6 +152,18 @@ def test_unknown_scheme(text: str) -> None:
         "sip:bob@[]",
         "sip:bob@[::1]junk",
         "sip:bob@[zz::1]",
+        # an IPv6 reference holds an IPv6 address (RFC 3261 25.1, RFC 4291), not any hex and colons
+        "sip:bob@[192.0.2.1]",
+        "sip:bob@[::::]",
+        "sip:bob@[1:2]",
+        "sip:bob@[2001:db8::1::2]",
+        "sip:bob@[fe80::1%eth0]",
+        "sip:bob@[2001:db8::1.2.3]",
+        # RFC 3261's extra colon is tolerated before an embedded IPv4 address only (RFC 5118 4.10)
+        "sip:bob@[2001:db8:::10]",
+        "sip:bob@[:::1]",
+        "sip:bob@[2001:db8::1:::192.0.2.1]",
+        "sip:bob@[2001:db8:::192.0.2.1:5]",
         "sip:bob@example.com;=x",
         "sip:bob@example.com;a b=c",
         "sip:a@b@c",
