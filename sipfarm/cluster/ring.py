@@ -27,13 +27,18 @@ DEFAULT_VNODES: Final = 128
 MIN_VNODES: Final = 1
 MAX_VNODES: Final = 4096
 
-_blake2b = hashlib.blake2b
-_from_bytes = int.from_bytes
+# A fresh 8-byte BLAKE2b, copied per key: the same digest as ``blake2b(key, digest_size=8)``
+# without calling the type with a keyword (a keyword dict built per call, ~0.1 us of ~0.5);
+# Final, so that the compiled build reads these from C statics, not the module's dict.
+_BLAKE2B_8: Final = hashlib.blake2b(digest_size=8)
+_bisect_left: Final = bisect_left
 
 
 def ring_hash(data: bytes) -> int:
     """The ring position of ``data``: an unsigned 64-bit integer."""
-    return _from_bytes(_blake2b(data, digest_size=8).digest(), "big")
+    h = _BLAKE2B_8.copy()
+    h.update(data)
+    return int.from_bytes(h.digest(), "big")
 
 
 class HashRing:
@@ -93,7 +98,9 @@ class HashRing:
         points = self._points
         if not points:
             raise LookupError("hash ring has no members")
-        i = bisect_left(points, _from_bytes(_blake2b(key, digest_size=8).digest(), "big"))
+        h = _BLAKE2B_8.copy()  # ring_hash(key), inline: once per forwarded new request
+        h.update(key)
+        i = _bisect_left(points, int.from_bytes(h.digest(), "big"))
         return self._owners[i if i < len(points) else 0]
 
     def lookup_n(self, key: bytes, n: int) -> list[str]:
