@@ -327,10 +327,13 @@ class BalancerCore:
             # from a node, no token of ours: an element outside the farm (its Request-URI)
             self._to_client(msg, self._uri_target(msg), hop, hops, to_tag)
             return
-        node = self._route_node(msg, route, plain, to_tag) if route is not None else None
+        # new work (admission control, the INVITE's pin): its Call-ID and CSeq number, the
+        # pending request's key, made once here for _hash and _to_node
+        txn = msg.call_id + b" %d" % msg.cseq[0] if to_tag is None and method in NEW_WORK else None
+        node = self._route_node(msg, route, plain, to_tag, txn) if route is not None else None
         if node is None:
-            node = self._pick(msg, to_tag)
-        self._to_node(msg, node, source, hop, hops, to_tag)
+            node = self._pick(msg, to_tag, txn)
+        self._to_node(msg, node, source, hop, hops, to_tag, txn)
 
     def _udp_contact_or_flow(self, request_uri: bytes, flow: Address, to_tag: bytes | None) -> Address:
         """For a UDP flow and a request without To tag, the Request-URI ``request_uri`` (the
@@ -355,7 +358,12 @@ class BalancerCore:
         return flow
 
     def _route_node(
-        self, msg: SipMessage, top: bytes, plain: tuple[bytes, str, int] | None, to_tag: bytes | None
+        self,
+        msg: SipMessage,
+        top: bytes,
+        plain: tuple[bytes, str, int] | None,
+        to_tag: bytes | None,
+        txn: bytes | None,
     ) -> NodeEntry | None:
         """The node named by the top Route ``top`` while usable (None: pick one by hash);
         ``plain``: what ``plain_route_parts`` read of ``top`` already, if it did."""
@@ -382,14 +390,14 @@ class BalancerCore:
         # static cluster: any node of the dead node's group (its Request-URI is a Contact, not
         # the account the rules match)
         group = node.group if node is not None else self.nodes.departed_group(host, port)
-        return self._hash(msg, group, to_tag)
+        return self._hash(msg, group, to_tag, txn)
 
-    def _pick(self, msg: SipMessage, to_tag: bytes | None) -> NodeEntry:
+    def _pick(self, msg: SipMessage, to_tag: bytes | None, txn: bytes | None) -> NodeEntry:
         if msg.method in (b"CANCEL", b"ACK"):
             entry = self._pinned(msg.call_id, msg.cseq[0])
             if entry is not None:
                 return entry
-        return self._hash(msg, self.groups.group_of(msg) if self.groups is not None else None, to_tag)
+        return self._hash(msg, self.groups.group_of(msg) if self.groups is not None else None, to_tag, txn)
 
     def _pinned(self, call_id: bytes, seq: int) -> NodeEntry | None:
         """The node holding the INVITE transaction (Call-ID, CSeq number) while up, even if
@@ -407,8 +415,9 @@ class BalancerCore:
         entry = self._pinned(call_id, seq)
         return entry if entry is not None else self.nodes.pick(call_id)
 
-    def _hash(self, msg: SipMessage, group: str | None, to_tag: bytes | None) -> NodeEntry:
-        """The node by consistent hash, among the nodes of ``group`` if not None."""
+    def _hash(self, msg: SipMessage, group: str | None, to_tag: bytes | None, txn: bytes | None) -> NodeEntry:
+        """The node by consistent hash, among the nodes of ``group`` if not None; ``txn``: a
+        new INVITE/REGISTER's Call-ID and CSeq number (None: not new work)."""
         method = msg.method
         call_id = msg.call_id
         key = self._aor_key(msg) if method == b"REGISTER" else call_id
@@ -424,8 +433,8 @@ class BalancerCore:
                 unavailable[group] = unavailable.get(group, 0) + 1
                 raise ServiceUnavailable(f"no node of group {group}", retry_after=self.retry_after, partial=msg)
         admission = self.admission
-        if admission is not None and to_tag is None and method in NEW_WORK:
-            pending = admission.pending_node(call_id + b" %d" % msg.cseq[0])
+        if admission is not None and txn is not None:
+            pending = admission.pending_node(txn)
             if pending is None:
                 node = self._admit(msg, node, group, admission)
                 admission.admitted(call_id, node.id, self._clock())
@@ -434,15 +443,15 @@ class BalancerCore:
                 entry = self.nodes.nodes.get(pending)
                 if entry is not None and entry.usable:
                     node = entry
-        if method == b"INVITE" and to_tag is None:
-            self._pin_invite(call_id + b" %d" % msg.cseq[0], node)
+        if txn is not None and method == b"INVITE":
+            self._pin_invite(txn, node)
         return node
 
     def _admit(self, msg: SipMessage, node: NodeEntry, group: str | None, admission: AdmissionControl) -> NodeEntry:
         """``node`` when it is not overloaded, else the least loaded other node of the pool
         that is not; none: shed (503 + Retry-After, answered here)."""
         # credentials: the second half of work already begun (a challenged INVITE/REGISTER)
-        credentials = msg.has("proxy-authorization") or msg.has("authorization")
+        credentials = _has_credentials(msg)
         if credentials:
             first = admission.follow_up(msg.call_id, self._clock())
             if first is not None:  # its challenge came from that node: finish the call there
@@ -492,8 +501,16 @@ class BalancerCore:
         return to.partition(b";")[0].strip().lower()
 
     def _to_node(
-        self, msg: SipMessage, node: NodeEntry, source: Address, hop: Address, hops: int, to_tag: bytes | None
+        self,
+        msg: SipMessage,
+        node: NodeEntry,
+        source: Address,
+        hop: Address,
+        hops: int,
+        to_tag: bytes | None,
+        txn: bytes | None,
     ) -> None:
+        """``txn``: a new INVITE/REGISTER's Call-ID and CSeq number (None: not new work)."""
         dest = node.address
         client_flow = source
         method = msg.method
@@ -511,8 +528,8 @@ class BalancerCore:
         self._forward(msg, dest, self.internal, hop, hops)
         self.stats.to_node += 1
         admission = self.admission
-        if admission is not None and to_tag is None and method in NEW_WORK:
-            admission.sent(msg.call_id + b" %d" % msg.cseq[0], node.id, self._clock())
+        if admission is not None and txn is not None:
+            admission.sent(txn, node.id, self._clock())
 
     def _to_client(
         self, msg: SipMessage, flow: Address, hop: Address, hops: int, to_tag: bytes | None, *, connect: bool = True
@@ -969,6 +986,12 @@ class BalancerCore:
         if not self.send(msg, node.address, self.internal):
             self.nodes.mark_down(node)
         return branch
+
+
+def _has_credentials(msg: SipMessage) -> bool:
+    """Whether ``msg`` has a Proxy-Authorization or Authorization header: one pass."""
+    # a tuple literal: compiled as two comparisons, cheaper here than a frozenset's hash
+    return any(key in ("proxy-authorization", "authorization") for key, _, _ in msg.headers)
 
 
 def _split_top_via(msg: SipMessage) -> tuple[int, bytes, bytes]:
