@@ -515,16 +515,14 @@ class BalancerCore:
         client_flow = source
         method = msg.method
         hops = min(hops, MAX_FORWARDS_ENTRY)  # capped on entry, decremented below
-        # _own_entries lists top first: prepend bottom first, so the node-facing entry (our
-        # internal UDP address) ends on top and the node's requests to the client come to it
+        # _own_entries lists top first, the node-facing entry (our internal UDP address) on
+        # top, so that the node's requests to the client come to it
         if method == b"REGISTER":
             self.registrations.on_register(client_flow, msg)
             # RFC 3327: stay on the path to this UA (token = its flow)
-            for value in reversed(self._own_entries(client_flow, dest.transport, path=True)):
-                msg.prepend("path", value)
+            msg.prepend_values("path", self._own_entries(client_flow, dest.transport, path=True))
         elif method in DIALOG_CREATING and to_tag is None:
-            for value in reversed(self._own_entries(client_flow, dest.transport, path=False)):
-                msg.prepend("record-route", value)
+            msg.prepend_values("record-route", self._own_entries(client_flow, dest.transport, path=False))
         self._forward(msg, dest, self.internal, hop, hops)
         self.stats.to_node += 1
         admission = self.admission
@@ -535,8 +533,9 @@ class BalancerCore:
         self, msg: SipMessage, flow: Address, hop: Address, hops: int, to_tag: bytes | None, *, connect: bool = True
     ) -> None:
         """A request from a node to a client (Record-Routed when it creates a dialog)."""
-        for value in reversed(self._client_record_route(msg.method, flow, to_tag)):
-            msg.prepend("record-route", value)
+        entries = self._client_record_route(msg.method, flow, to_tag)
+        if entries:
+            msg.prepend_values("record-route", entries)
         facing = self.public.get(flow.transport) or self.internal
         self._forward(msg, flow, facing, hop, hops, flow_failure=True, connect=connect)
         self.stats.to_client += 1

@@ -213,6 +213,19 @@ class SipMessage:
                 return
         self.headers.insert(0, (key, display_name(key), val))
 
+    def prepend_values(self, key: str, values: tuple[bytes, ...]) -> None:
+        """Insert the ``values`` lines, in order, before the first header named ``key`` (or at
+        the top when there is none): ``prepend`` of each, the last first, in one scan."""
+        headers = self.headers
+        at = 0
+        for i, (k, _, _) in enumerate(headers):
+            if k == key:
+                at = i
+                break
+        name = display_name(key)
+        for value in reversed(values):  # list.insert: cheaper than a slice assignment here
+            headers.insert(at, (key, name, value))
+
     def set(self, key: str, value: bytes | str) -> None:
         """Replace every ``key`` header with one, kept where the first one stood."""
         val = value.encode("utf-8") if isinstance(value, str) else value

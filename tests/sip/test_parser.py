@@ -510,6 +510,19 @@ def test_prepend_set_remove() -> None:
     assert msg.remove("via") == 0
 
 
+def test_prepend_values_is_prepend_of_each_last_first() -> None:
+    values = (b"<sip:a.example;lr>", b"<sip:b.example;lr>", b"<sip:c.example;lr>")
+    for extra in ((), ("Record-Route: <sip:old.example;lr>",), ("X-A: 1", "Record-Route: <sip:o;lr>", "X-B: 2")):
+        for key in ("record-route", "path"):
+            for n in range(len(values) + 1):
+                one, many = parse_message(invite(*extra)), parse_message(invite(*extra))
+                for value in reversed(values[:n]):
+                    one.prepend(key, value)
+                many.prepend_values(key, values[:n])
+                assert many.headers == one.headers
+                assert many.to_bytes() == one.to_bytes()
+
+
 def test_set_replaces_all_and_keeps_position() -> None:
     msg = parse_message(invite("X-A: 1", "X-B: 2", "X-A: 3"))
     msg.set("x-a", "new")
