@@ -479,6 +479,8 @@ def tag_of(value: bytes) -> bytes | None:
     """Fast path: the tag parameter of a From/To value (after the URI)."""
     gt = value.rfind(b">")
     params = value[gt + 1 :] if gt >= 0 else value
+    if not params:
+        return None  # "<...>" and nothing after: an initial request's To (what follows finds no tag)
     idx = params.find(b";tag=")
     if idx < 0:
         idx = params.lower().find(b"tag")

@@ -399,6 +399,7 @@ def test_via_branch_fast_path(value: bytes, branch: bytes | None) -> None:
         (b"<sip:a@b> ; tag = sp", b"sp"),
         (b"<sip:a@b;tag=inside-uri>", None),
         (b"<sip:a@b>", None),
+        (b"", None),
         (b"sip:tagger@b", None),
     ],
 )
