@@ -17,7 +17,6 @@ Everything stays on loopback and every loop is bounded in count and time.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import re
 import secrets
@@ -40,6 +39,7 @@ from fixtures.farm import (
     BalancerProcess,
     NodeProcess,
     SipClient,
+    add_accounts,
     free_udp_tcp_port,
     launch_balancer,
     launch_node,
@@ -52,7 +52,6 @@ from sipfarm.balancer.keepalive import KEEPALIVE_PREFIX
 from sipfarm.sip import auth
 from sipfarm.sip.message import SipMessage, make_response
 from sipfarm.sip.parser import parse_message
-from sipfarm.store import AccountStore, create_redis
 
 SDP = (
     b"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
@@ -466,21 +465,6 @@ class Farm:
         return "\n".join(f"--- {p.log_path.name}\n{p.log()[-tail:]}" for p in self.processes())
 
 
-def provision(url: str) -> None:
-    """The accounts of :data:`ACCOUNTS` in the farm's domain."""
-
-    async def run() -> None:
-        redis = create_redis(url)
-        try:
-            store = AccountStore(redis)
-            for user, password in ACCOUNTS.items():
-                await store.add(user, DOMAIN, password)
-        finally:
-            await redis.aclose()
-
-    asyncio.run(run())
-
-
 @contextmanager
 def running_farm(redis_server: RedisProcess, workdir: Path, *, node_args: tuple[str, ...] = ()) -> Iterator[Farm]:
     """A balancer and two nodes (with ``node_args``) on a flushed redis, each serving metrics;
@@ -488,7 +472,7 @@ def running_farm(redis_server: RedisProcess, workdir: Path, *, node_args: tuple[
     redis_server.start()
     flushall(redis_server.port)
     url = redis_server.url
-    provision(url)
+    add_accounts(url, ACCOUNTS)
     started: list[NodeProcess | BalancerProcess] = []
     phones: list[Phone] = []
     try:

@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures.farm import DOMAIN, NodeProcess, SipClient, free_udp_tcp_port, wait_nodes_usable
+from fixtures.farm import DOMAIN, NodeProcess, SipClient, add_accounts, free_udp_tcp_port, wait_nodes_usable
 from fixtures.startup import process_state
 from test_up import wait_registers
 
 from benchmarks.sipp import REGISTER_AUTH, UAS_ANSWER, SippResult, SippServer, run_sipp
 from sipfarm.ports import is_free
-from sipfarm.store import AccountStore, LocationStore, create_redis
+from sipfarm.store import LocationStore, create_redis
 from sipfarm.store.location import location_key
 from sipfarm.store.redis_server import RedisClusterProcesses, query
 
@@ -45,22 +45,6 @@ UAC_CALL = Path(__file__).resolve().parents[1] / "node" / "scenarios" / "uac_cal
 USERS = 300
 RATE = 60
 CALLS = 20
-
-
-def provision(url: str, users: dict[str, str]) -> None:
-    """One add at a time: redis-py's RedisCluster opening many connections at once is unreliable
-    (tests/store/test_store_location.py)."""
-
-    async def run() -> None:
-        redis = create_redis(url)
-        try:
-            store = AccountStore(redis)
-            for user, password in users.items():
-                await store.add(user, DOMAIN, password)
-        finally:
-            await redis.aclose()
-
-    asyncio.run(run())
 
 
 def registered(url: str, aors: list[str]) -> dict[str, list[str]]:
@@ -96,7 +80,7 @@ def test_registrations_and_calls_through_a_farm_on_a_redis_cluster(
     redis_cluster: RedisClusterProcesses, redis_cluster_url: str, start_node, start_balancer, sipp_uas, tmp_path: Path
 ) -> None:
     users = {f"user{i:04d}": f"pw-{i:04d}" for i in range(USERS)}
-    provision(redis_cluster_url, {**users, "alice": "alice-secret", "bob": "bob-secret"})
+    add_accounts(redis_cluster_url, {**users, "alice": "alice-secret", "bob": "bob-secret"})
     start_node(redis_cluster_url, "node1")
     # no overload shedding: on a loaded CI machine it may turn a registration away (503), and
     # what is tested here is the store, not the balancer's admission
@@ -150,7 +134,7 @@ def test_master_killed_mid_registrations_loses_no_acknowledged_registration(
 ) -> None:
     with RedisClusterProcesses(tmp_path / "cluster", node_timeout_ms=1000) as cluster:
         users = {f"u{i:03d}": f"pw{i:03d}" for i in range(150)}
-        provision(cluster.url, users)
+        add_accounts(cluster.url, users)
         monkeypatch.setenv("SIPFARM_REPLICAS_ACK", "1")
         monkeypatch.setenv("SIPFARM_REPLICAS_ACK_TIMEOUT", "0.5")
         metrics = free_udp_tcp_port()
@@ -300,7 +284,7 @@ def test_the_farm_survives_the_loss_of_the_membership_master(start_node, start_b
     succeed again once the replica is promoted."""
     with RedisClusterProcesses(tmp_path / "cluster", node_timeout_ms=1000) as cluster:
         users = {f"m{i:02d}": f"pw{i:02d}" for i in range(20)}
-        provision(cluster.url, users)
+        add_accounts(cluster.url, users)
         start_node(cluster.url, "node1")
         lb = start_balancer(cluster.url, allow_loopback=True, extra=["--no-shed"])
         wait_nodes_usable(lb, 1, timeout=20)

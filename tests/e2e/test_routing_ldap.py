@@ -6,14 +6,13 @@ from the directory cache in Redis (a stale answer), and a user never seen gets 5
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from fixtures.farm import NodeProcess, SipClient, _add_accounts
+from fixtures.farm import NodeProcess, SipClient, add_accounts
 from fixtures.media_phones import phone_sdp, send_invite
 from fixtures.slapd import ATTRIBUTES, BASE, BIND_DN, BIND_PASSWORD, running_slapd
 from fixtures.startup import START_TIMEOUT_S
@@ -24,7 +23,7 @@ pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 60)
 def test_a_directory_user_registers_and_is_called_and_survives_ldap_down(
     redis_url: str, start_node: Callable[..., NodeProcess], tmp_path: Path
 ) -> None:
-    asyncio.run(_add_accounts(redis_url, {"alice": "alice-secret"}))  # only alice in Redis
+    add_accounts(redis_url, {"alice": "alice-secret"})  # only alice in Redis
     with running_slapd(tmp_path / "slapd") as slapd:
         config = tmp_path / "farm.toml"
         attributes = ", ".join(f'{k} = "{v}"' for k, v in ATTRIBUTES.items())
