@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fixtures.farm import USERS, SipClient, _add_accounts, wait_nodes_usable
+from fixtures.farm import USERS, SipClient, add_accounts, wait_nodes_usable
 from hiredis import ReplyError
 
 from sipfarm.config import ConfigError, NodeConfig
@@ -72,7 +72,7 @@ def test_register_through_a_balancer_and_a_node_on_a_secure_redis(
     secure_redis: RedisProcess, start_node, start_balancer
 ) -> None:
     url = secure_redis.url
-    asyncio.run(_add_accounts(url, USERS))
+    add_accounts(url, USERS)
     start_node(url)
     lb = start_balancer(url)
     wait_nodes_usable(lb, 1)
