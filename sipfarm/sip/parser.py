@@ -23,7 +23,15 @@ from sipfarm.sip.errors import (
     UnsupportedURIScheme,
     VersionNotSupported,
 )
-from sipfarm.sip.headers import COMPACT, HeaderError, check_via, is_token, parse_cseq, parse_uint
+from sipfarm.sip.headers import (
+    COMPACT,
+    HeaderError,
+    check_name_addr,
+    check_via,
+    is_token,
+    parse_cseq,
+    parse_uint,
+)
 from sipfarm.sip.memo import MAX_CACHED_KEY
 from sipfarm.sip.message import Header, SipMessage
 from sipfarm.sip.uri import SipURI
@@ -358,8 +366,11 @@ def validate_request(msg: SipMessage) -> None:
     if isinstance(uri, SipURI) and uri.headers:
         # RFC 3261 19.1.1 table: headers are not allowed in a Request-URI (RFC 4475 3.1.2.11)
         raise BadMessage("headers in Request-URI", partial=msg)
-    msg.from_  # noqa: B018 - parse for validation
-    msg.to  # noqa: B018
+    for key in ("from", "to"):
+        name_addr = msg.get(key)
+        if name_addr is None:
+            raise BadMessage(f"missing {key} header", partial=msg)
+        _check_name_addr(msg, key, name_addr)
     vias = msg.values("via")
     if not vias:
         raise BadMessage("empty Via header", partial=msg)
@@ -370,13 +381,22 @@ def validate_request(msg: SipMessage) -> None:
             raise BadMessage(f"Via: {exc}", partial=msg) from None
     contacts = msg.values("contact")
     if contacts != [b"*"]:
-        msg.name_addrs("contact")
+        for contact in contacts:
+            _check_name_addr(msg, "contact", contact)
     max_forwards = msg.get("max-forwards")
     if max_forwards is not None:
         try:
             parse_uint(max_forwards, "Max-Forwards", 255)
         except HeaderError as exc:
             raise BadMessage(str(exc), partial=msg) from None
+
+
+def _check_name_addr(msg: SipMessage, key: str, value: bytes) -> None:
+    """``msg.name_addr(key)``'s verdict on ``value``, without building it (check_name_addr)."""
+    try:
+        check_name_addr(value)
+    except HeaderError as exc:
+        raise BadMessage(f"{key}: {exc}", partial=msg) from None
 
 
 def max_forwards(msg: SipMessage) -> int:

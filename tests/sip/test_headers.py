@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from sipfarm.sip.headers import (
     COMPACT,
     HeaderError,
+    check_name_addr,
     check_via,
     display_name,
     first_element,
@@ -353,6 +354,77 @@ def test_check_via_agrees_with_parse_via(pieces: tuple[bytes, bytes, bytes, byte
     proto, transport, space, host, port, params = pieces
     value = proto + transport + space + host + port + b"".join(params)
     assert _verdict(check_via, value) == _verdict(parse_via, value), value
+
+
+# name-addrs near the common shape, from right and wrong spellings of each part
+_NAME_ADDR_PIECES = st.tuples(
+    st.sampled_from(
+        [
+            b"",
+            b"sipp ",
+            b'"Alice" ',
+            b'"A <b>" ',
+            b'"a\\"b" ',
+            b'"\xc3\xa9" ',
+            b"Bell, Alexander ",
+            b'"x',
+            b"a  b ",
+            b" ",
+            b'""',
+            b"tok\x01 ",
+        ]
+    ),
+    st.sampled_from([b"<", b"< ", b""]),
+    st.sampled_from(
+        [
+            b"sip:alice@farm.test",
+            b"sips:bob@127.0.0.1:5061",
+            b"sip:[::1]:5060",
+            b"sip:[127.0.0.1]",
+            b"tel:+123",
+            b"mailto:a@b",
+            b"sip:a b@c",
+            b"sip:user@host?Route=x",
+            b"sip:%zz@h",
+            b"sip:u@h:99999",
+            b"sip:u@h;lr",
+            b"sip:h;transport=tcp;maddr=[::1]",
+            b"",
+            b"sip:",
+            b"sip:a@b>c",
+            b'sip:"q"@h',
+        ]
+    ),
+    st.sampled_from([b">", b" >", b""]),
+    st.lists(
+        st.sampled_from(
+            [
+                b";tag=1928301774",
+                b";tag=",
+                b";tag",
+                b";=x",
+                b";a b=c",
+                b';x="q"',
+                b";x=[::1]",
+                b";",
+                b" ;t=1",
+                b" junk",
+                b";t=a%b",
+                b",",
+                b";expires=3600;q=0.5",
+            ]
+        ),
+        max_size=3,
+    ),
+)
+
+
+@settings(max_examples=1000)
+@given(_NAME_ADDR_PIECES)
+def test_check_name_addr_agrees_with_parse_name_addr(pieces: tuple[bytes, bytes, bytes, bytes, list[bytes]]) -> None:
+    display, lt, uri, gt, params = pieces
+    value = display + lt + uri + gt + b"".join(params)
+    assert _verdict(check_name_addr, value) == _verdict(parse_name_addr, value), value
 
 
 @pytest.mark.parametrize(
