@@ -725,7 +725,8 @@ class BalancerCore:
             return False
         if method == b"ACK" and to_tag == self._to_tag:
             return False  # the ACK of an answer of ours: the general path
-        if to_tag is None and self.nodes.by_address(source.host, source.port) is None:
+        from_node = self.nodes.by_address(source.host, source.port) is not None
+        if to_tag is None and not from_node:
             return False  # a client's new work: hashed, admitted and Record-Routed there
         hops = int(mf)
         if hops <= 0:
@@ -740,14 +741,11 @@ class BalancerCore:
             if routes or method != b"ACK":
                 return False  # not routed by us
             # the ACK of a non-2xx (no Route: RFC 3261 17.1.1.3) from a client: its INVITE's node
-            if self.groups is not None or self.nodes.by_address(source.host, source.port) is not None:
+            if self.groups is not None or from_node:
                 return False  # a group to read from the message, or a node's: the general path
             node = self._pinned_or_hashed(call_id, seq)
             if node is None:
                 return False  # no node: 503, answered there
-            from_node = False
-        else:
-            from_node = self.nodes.by_address(source.host, source.port) is not None
         if from_node:
             if flow is None:
                 return False  # to its Request-URI: the destination policy's case
