@@ -13,8 +13,9 @@ marked in the ``jssip``/``ws`` matrix cell right after:
 - audio: each RTCPeerConnection received audio (inbound-rtp packets and audio energy from
   Chromium's fake microphone, over DTLS-SRTP between 127.0.0.1 host candidates).
 - hold: alice holds (re-INVITE, a=sendonly; JsSIP mutes both ends while held): neither side
-  hears anything while held (no audio energy received, and bob, recvonly, sends alice no
-  packet), both hear each other again after alice resumes.
+  hears anything while held (no audio energy received once what each had buffered before the
+  hold has played out, and bob, recvonly, sends alice no packet), both hear each other again
+  after alice resumes.
 - busy: bob rejects alice's next call with 486 Busy Here; alice's call fails as Busy.
 - no answer: bob's phone rings, alice gives up: her CANCEL ends bob's ringing session.
 
@@ -42,6 +43,7 @@ from webphone import HeadlessChromium, PageServer, build_bundle, missing_tools
 CLIENT = "jssip"
 TALK_MS = 2000
 HOLD_MS = 1500
+HOLD_SETTLE_MS = 5000  # at most, for what was buffered before the hold to play out
 STEP_TIMEOUT_S = 15.0
 SCREENSHOT = "browser-call.png"
 DOCS_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / SCREENSHOT
@@ -75,7 +77,7 @@ def test_jssip_over_websocket(default_farm: DefaultFarm, matrix, page_server: Pa
     server = page_server
     accounts = default_farm.accounts
     url = server.url(
-        ws=f"ws://{default_farm.proxy('ws')}", domain=default_farm.domain, talk_ms=TALK_MS, hold_ms=HOLD_MS,
+        ws=f"ws://{default_farm.proxy('ws')}", domain=default_farm.domain, talk_ms=TALK_MS, hold_ms=HOLD_MS, hold_settle_ms=HOLD_SETTLE_MS,
         caller=f"alice:{accounts['alice']}", callee=f"bob:{accounts['bob']}",
     )  # fmt: skip
     with HeadlessChromium(url, tmp_path) as chromium:
@@ -101,7 +103,7 @@ def test_jssip_over_websocket(default_farm: DefaultFarm, matrix, page_server: Pa
             step("talking")
             shot = chromium.screenshot(tmp_path / SCREENSHOT)
             server.release("screenshot")
-            hold = step("hold")
+            hold = step("hold", STEP_TIMEOUT_S + HOLD_SETTLE_MS / 1000)
             ended = step("ended")
             busy = step("busy")
             no_answer = step("no answer")
