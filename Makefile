@@ -49,14 +49,20 @@ lint:
 typecheck:
 	.venv/bin/mypy
 
+# Both stages run their test files in PYTEST_WORKERS processes (pytest-xdist; a file's tests stay
+# together, so its fixtures start once): most of a test's time is spent waiting on the peers and
+# servers it starts. PYTEST_WORKERS=0 runs them in this process, one after another.
+PYTEST_WORKERS ?= 2
+PARALLEL = -n $(PYTEST_WORKERS) --dist loadfile
+
 pytest:
-	@bash scripts/in-netns.sh .venv/bin/pytest -q --durations=25 -m 'not slow'; rc=$$?; \
+	@bash scripts/in-netns.sh .venv/bin/pytest -q $(PARALLEL) --durations=25 -m 'not slow'; rc=$$?; \
 	$(PY) scripts/client_matrix.py; \
 	if [ $$rc -eq 5 ]; then echo "pytest ran no test: failing"; exit 1; fi; exit $$rc
 
 # The protocol, node and balancer suites again, against the mypyc build (what benchmarks run).
 pytest-compiled: $(VENV_STAMP)
-	@bash scripts/test-compiled.sh tests/sip tests/node tests/balancer tests/store tests/transport tests/protect tests/e2e/test_attacks.py tests/e2e/test_redis_cluster.py \
+	@PYTEST_ADDOPTS="$(PARALLEL)" bash scripts/test-compiled.sh tests/sip tests/node tests/balancer tests/store tests/transport tests/protect tests/e2e/test_attacks.py tests/e2e/test_redis_cluster.py \
 		tests/media/test_media_fastpath.py tests/media/test_media_plane.py tests/media/test_media_relay.py \
 		tests/e2e/test_sentinel_failover.py::test_registrations_survive_master_sigkill
 
