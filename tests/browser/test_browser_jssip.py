@@ -77,7 +77,8 @@ def test_jssip_over_websocket(default_farm: DefaultFarm, matrix, page_server: Pa
     server = page_server
     accounts = default_farm.accounts
     url = server.url(
-        ws=f"ws://{default_farm.proxy('ws')}", domain=default_farm.domain, talk_ms=TALK_MS, hold_ms=HOLD_MS, hold_settle_ms=HOLD_SETTLE_MS,
+        ws=f"ws://{default_farm.proxy('ws')}", domain=default_farm.domain,
+        talk_ms=TALK_MS, hold_ms=HOLD_MS, hold_settle_ms=HOLD_SETTLE_MS,
         caller=f"alice:{accounts['alice']}", callee=f"bob:{accounts['bob']}",
     )  # fmt: skip
     with HeadlessChromium(url, tmp_path) as chromium:
