@@ -31,6 +31,16 @@ if [ "$#" -eq 0 ]; then
     # store before transport: both have a conftest.py that the transport tests import by name
     set -- tests/sip tests/node tests/balancer tests/store tests/transport tests/protect
 fi
+# Absolute test paths: the suite's conftest moves into build/compiled/, and pytest-xdist's
+# workers start there and read the arguments from there.
+args=()
+for arg in "$@"; do
+    case "$arg" in
+        -* | /*) args+=("$arg") ;;
+        *) if [ -e "$ROOT/${arg%%::*}" ]; then args+=("$ROOT/$arg"); else args+=("$arg"); fi ;;
+    esac
+done
+set -- "${args[@]}"
 rc=0
 SIPFARM_TEST_COMPILED=1 bash scripts/in-netns.sh .venv/bin/pytest -q --durations=25 -m 'not slow' "$@" || rc=$?
 if [ "$rc" -eq 5 ]; then
