@@ -25,6 +25,7 @@ ACCEPT_KEYWORDS = ("balancers", "peers")
 # [node]/[balancer] udp_batch_interval (s): see NodeConfig; chosen by measurement
 # (benchmarks/README.md, "The balancer's cost per call")
 UDP_BATCH_INTERVAL = 0.0
+BALANCER_UDP_BATCH_INTERVAL = 0.001
 
 
 class ConfigError(ValueError):
@@ -100,9 +101,11 @@ class NodeConfig:
     # UDP sockets read with recvmmsg and written with sendmmsg, many datagrams a system call
     # (sipfarm/transport/_batchio.c, built with the compiled build; without it, or false:
     # asyncio's datagram transport, one system call a datagram). udp_batch_interval > 0 reads
-    # a busy socket once per that many seconds (the first datagram after a quiet spell at
-    # once) so more datagrams share a wake-up, each waiting up to that long; 0: on every
-    # wake-up of the loop. Same keys in [balancer].
+    # a busy socket (a wake-up found 2 or more datagrams waiting) once per that many seconds
+    # while it stays busy, so more datagrams share a wake-up, each waiting up to that long;
+    # a lightly loaded one on every wake-up, as 0 does. Same keys in [balancer], where the
+    # default is 1 ms (benchmarks/README.md, "Reading a busy balancer socket once per
+    # millisecond").
     udp_batchio: bool = True
     udp_batch_interval: float = UDP_BATCH_INTERVAL
     # RFC 5626 5.4 Flow-Timer sent to outbound registrations: the keepalive interval (s) of a
@@ -394,7 +397,7 @@ class BalancerConfig:
     workers: int = 1  # processes sharing the listeners (SO_REUSEPORT), each with a private internal port
     udp_recv_buffer: int = 4 * 1024 * 1024  # SO_RCVBUF of UDP sockets (see NodeConfig)
     udp_batchio: bool = True  # recvmmsg/sendmmsg (see NodeConfig)
-    udp_batch_interval: float = UDP_BATCH_INTERVAL  # (see NodeConfig)
+    udp_batch_interval: float = BALANCER_UDP_BATCH_INTERVAL  # (see NodeConfig)
     probe_interval: float = 0.25
     down_after: int = 2
     retry_after: int = 5

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 _ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,6 +41,12 @@ elif importlib.util.find_spec("sipfarm") is None:  # pragma: no cover
 # under SIPFARM_TEST_COMPILED), never re-exec into build/compiled/ (sipfarm.build): what a stage
 # tests does not depend on whether `make run` built it before.
 os.environ["SIPFARM_BUILD"] = "interpreted"
+
+# Property tests judge answers, not time: no per-example deadline and no "too slow" health
+# check, which a loaded machine (make test runs two workers on two cores) trips at random.
+# Speed lives in benchmarks/.
+settings.register_profile("sipfarm", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("sipfarm")
 
 pytest_plugins = [
     "fixtures.redis_server",

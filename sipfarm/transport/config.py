@@ -49,9 +49,9 @@ class TransportConfig:
     # UDP sockets read with recvmmsg and written with sendmmsg (sipfarm/transport/_batchio.c,
     # in the compiled build only; without it, or False: asyncio's datagram transport).
     udp_batchio: bool = True
-    # With batching: 0 reads a socket on every wake-up of the loop; > 0 reads it at once after
-    # a quiet spell, then once per this many seconds while datagrams keep coming (more of them
-    # per wake-up and system call, each waiting up to that long).
+    # With batching: 0 reads a socket on every wake-up of the loop; > 0 reads it once per this
+    # many seconds while it is busy (udp.BUSY or more datagrams a read: more of them per wake-up
+    # and system call, each waiting up to that long), and on every wake-up while it is not.
     udp_batch_interval: float = 0.0
     backlog: int = 1024
     # Apply RFC 3261 18.2.1 / RFC 3581 (received, rport) to requests before the callback.

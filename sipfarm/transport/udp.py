@@ -18,9 +18,10 @@ queues what is sent meanwhile: the queues of every socket are written with one `
 each when the batch is handled (:class:`UdpBatches`); a send from anywhere else (a timer, a
 Redis reply) is written on the loop's next iteration, one ``call_soon`` for all of them.  Per
 datagram that saves a ``recvmsg``, a ``sendmsg`` and, under load, an event loop wake-up.
-With ``batch_interval`` > 0 the socket is read like the relay's ports (media/relay.py): the
-first datagram after a quiet spell at once, then once per interval while datagrams keep
-coming, so more of them share a wake-up.  :class:`UdpEndpoint` is asyncio's datagram
+With ``batch_interval`` > 0 a busy socket is read once per interval: once a wake-up finds
+:data:`BUSY` or more datagrams waiting, the socket is read by a timer while each read finds
+that many, so more of them share a wake-up and a system call; under a light load (one datagram
+a wake-up) every datagram is read as it comes, as with 0.  :class:`UdpEndpoint` is asyncio's datagram
 protocol, used without the extension (the interpreted build) and for ``udp_batchio = false``.
 """
 
@@ -56,6 +57,9 @@ _MAX_ROUNDS = 8
 #: the receive buffer of one datagram: the largest UDP payload fits (nothing is ever cut;
 #: a message over max_message_size is answered 413 by the manager, as without batching)
 _BUFSIZE = 65536
+#: with a batch interval: datagrams a read must find for the socket to be read once per interval
+#: (fewer: the load is light, and each datagram is read as it comes)
+BUSY = 2
 #: a send queue this long is written at once, not at the end of the batch
 _FLUSH_AT = 64
 #: source addresses remembered (forgotten all at once beyond: a scan costs one Address each)
@@ -235,10 +239,10 @@ class BatchedUdpEndpoint:
         self._reading = True
 
     def _on_readable(self) -> None:
-        """Datagrams are waiting: read and handle them now, then (batch_interval > 0) stop
-        watching the socket and read again once per interval while datagrams keep coming."""
-        self.receive()
-        if self.batch_interval > 0 and not self.closed:
+        """Datagrams are waiting: read and handle them now, then (batch_interval > 0), if this
+        wake-up found :data:`BUSY` or more, stop watching the socket and read it once per
+        interval while each read finds that many: datagrams arriving one at a time never wait."""
+        if self.receive() >= BUSY and self.batch_interval > 0 and not self.closed:
             self._loop.remove_reader(self._fd)
             self._reading = False
             self._timer = self._loop.call_later(self.batch_interval, self._on_timer)
@@ -247,9 +251,9 @@ class BatchedUdpEndpoint:
         self._timer = None
         if self.closed:
             return
-        if self.receive():
+        if self.receive() >= BUSY:
             self._timer = self._loop.call_later(self.batch_interval, self._on_timer)
-        else:  # quiet: back to waking on the first datagram
+        else:  # quiet again: back to waking on the first datagram
             self.start()
 
     def receive(self) -> int:

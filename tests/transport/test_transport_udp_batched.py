@@ -221,6 +221,35 @@ def test_a_burst_is_read_in_batches_and_every_request_answered(arun: Runner, int
     arun(scenario())
 
 
+def test_with_an_interval_a_light_load_is_read_as_it_comes_and_a_burst_once_per_interval(arun: Runner) -> None:
+    """batch_interval > 0 delays nothing under a light load: a wake-up that finds one datagram
+    keeps the socket watched. One that finds BUSY or more hands the socket to the timer, which
+    reads it once per interval while datagrams keep coming, then watches it again."""
+
+    async def scenario() -> None:
+        seen: list[bytes] = []
+        manager, addr = await _batched_manager(0.05, lambda msg, source, local: seen.append(msg.call_id))
+        endpoint = manager._udp[addr]
+        assert isinstance(endpoint, BatchedUdpEndpoint)
+        client = await udp_client()
+        for i in range(5):
+            client.send(sip_request(call_id=f"one-{i}"), addr)
+            await wait_until(lambda: len(seen) == i + 1)  # noqa: B023 - awaited here
+            assert endpoint._reading and endpoint._timer is None
+        for i in range(20):  # sent before the loop runs the endpoint: one wake-up finds them all
+            client.send(sip_request(call_id=f"burst-{i}"), addr)
+        await wait_until(lambda: len(seen) == 25)
+        assert not endpoint._reading and endpoint._timer is not None
+        await wait_until(lambda: endpoint._reading and endpoint._timer is None)  # quiet: watched again
+        client.send(sip_request(call_id="after"), addr)
+        await wait_until(lambda: len(seen) == 26)
+        assert endpoint._reading and endpoint._timer is None
+        client.close()
+        await manager.close()
+
+    arun(scenario())
+
+
 def test_sends_outside_a_batch_go_out_on_the_next_iteration(arun: Runner) -> None:
     async def scenario() -> None:
         manager, _ = await _batched_manager(0.0, lambda *_: None)
