@@ -23,7 +23,8 @@ from sipfarm.sip.address import Address
 #: the words [node] accept_from takes besides networks
 ACCEPT_KEYWORDS = ("balancers", "peers")
 # [node]/[balancer] udp_batch_interval (s): see NodeConfig; chosen by measurement
-# (benchmarks/README.md, "The balancer's cost per call")
+# (benchmarks/README.md, "The balancer's cost per call" and "Reading a busy balancer socket
+# once per millisecond")
 UDP_BATCH_INTERVAL = 0.0
 BALANCER_UDP_BATCH_INTERVAL = 0.001
 

@@ -190,12 +190,13 @@ const bothStats = async (a, b) => ({caller: await audioStats(a), callee: await a
 // Both sides' stats once neither hears anything (audio level 0 twice in a row, 100 ms apart),
 // or as they are after holdSettleMs.
 async function settled(a, b) {
-  const deadline = performance.now() + holdSettleMs;
+  const started = performance.now();
   let quiet = 0;
   for (;;) {
     const stats = await bothStats(a, b);
+    const settleMs = performance.now() - started;
     quiet = !stats.caller.audioLevel && !stats.callee.audioLevel ? quiet + 1 : 0;
-    if (quiet >= 2 || performance.now() >= deadline) return {...stats, settleMs: holdSettleMs - (deadline - performance.now())};
+    if (quiet >= 2 || settleMs >= holdSettleMs) return {...stats, settleMs};
     await sleep(100);
   }
 }
