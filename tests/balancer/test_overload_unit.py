@@ -62,6 +62,41 @@ def test_an_idle_node_does_not_grow_its_limit():
     assert ac.nodes["n1"].limit == POLICY.initial_limit  # one pending of 4: not half busy
 
 
+def test_the_limit_is_at_least_what_the_node_answers_within_the_target():
+    """A node answering 1,000 requests a second one at a time is never half busy, so additive
+    increase never moves its limit; the measured throughput does (Little's law: 1,000/s x
+    0.2 s), so a pause shorter than the target does not shed. Capped by max_limit; it decays
+    when the answers stop, and a cut below it lasts until the next window is measured."""
+    policy = OverloadPolicy(target=0.2, initial_limit=4, min_limit=2, max_limit=500)
+    ac = AdmissionControl(policy)
+    now = 0.0
+    for i in range(1000):  # one second of answers at 1,000/s, each within a millisecond
+        (key,) = fill(ac, "n1", 1, now, prefix=f"r{i}-")
+        if i == 0:
+            ac.expire(now)  # the node's window opens at the first tick that knows it
+        now += 0.001
+        ac.answered(key, now)
+        if i % 125 == 124:
+            ac.expire(now)  # the balancer's tick (probe_interval / 2)
+    load = ac.nodes["n1"]
+    assert load.throughput == pytest.approx(1000.0, rel=0.01)
+    assert load.limit == pytest.approx(200.0, rel=0.01)
+    fill(ac, "n1", 150, now, prefix="pause-")  # 150 ms of requests unanswered: not overloaded
+    assert not ac.overloaded("n1")
+    capped = AdmissionControl(OverloadPolicy(target=0.2, initial_limit=4, max_limit=50))
+    for i in range(400):
+        (key,) = fill(capped, "n1", 1, i / 400, prefix=f"c{i}-")
+        capped.answered(key, i / 400 + 0.0001)
+        if i == 0:
+            capped.expire(0.0)  # the node's window opens at the first tick that knows it
+    capped.expire(1.0)
+    assert capped.nodes["n1"].limit == 50.0
+    # the answers stop: the windows measure nothing, the throughput halves each window
+    for tick in range(1, 5):
+        ac.expire(now + tick * 0.5)
+    assert load.throughput < 100.0
+
+
 def test_a_slow_answer_cuts_the_limit_in_proportion_once_per_target():
     ac = AdmissionControl(OverloadPolicy(target=0.2, initial_limit=100, min_limit=2, max_limit=100))
     keys = fill(ac, "n1", 10)
