@@ -156,10 +156,18 @@ modparam("auth_db", "load_credentials", "")
 modparam("rr", "enable_full_lr", 1)
 modparam("tm", "fr_timer", 5000)
 modparam("tm", "fr_inv_timer", 30000)
+modparam("sanity", "autodrop", 0)
 
 request_route {{
     if (!mf_process_maxfwd_header("10")) {{
         sl_send_reply("483", "Too Many Hops");
+        exit;
+    }}
+    # Every request validated first, as a sipfarm node does (RFC 3261 16.3 step 1) and as
+    # Kamailio's shipped kamailio.cfg does in route[REQINIT]: Request-URI version and scheme,
+    # the mandatory headers, CSeq, Content-Length, Expires, the Request-URI, From and To
+    # URIs, the first Via. A malformed request gets 400 from sanity.
+    if (!sanity_check("17895", "7")) {{
         exit;
     }}
     # In-dialog requests follow the route set this proxy put in the dialog.
