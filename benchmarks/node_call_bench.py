@@ -65,7 +65,8 @@ class _Timed:
             kind = status + method
             if not status:
                 # the two INVITEs and the two ACKs of a call apart
-                kind += b" (credentials)" if data.find(b"\r\nProxy-Authorization:") >= 0 else b""
+                credentials = data.find(b"\r\nProxy-Authorization:") >= 0 or data.find(b"\r\nAuthorization:") >= 0
+                kind += b" (credentials)" if credentials else b""
                 kind += b" (route)" if data.find(b"\r\nRoute:") >= 0 else b""
             self.add(kind.decode(), spent)
 
@@ -77,6 +78,7 @@ def run(
     rate: float,
     *,
     breakdown: bool = False,
+    register: bool = False,
     memory: dict[str, float] | None = None,
     ramp: dict[str, float] | None = None,
 ) -> float:
@@ -134,6 +136,12 @@ def run(
         phone.inbox.clear()
         phone.sent.clear()  # the phone looks its INVITE up there (to ACK the 407)
         farm.log.clear()
+        if register:
+            # a phone's refresh: REGISTER, 401, REGISTER with credentials, 200
+            answer = phone.register(call_id=f"reg-{phone.user}", cseq=n + 2)
+            assert answer is not None and answer.status == 200, answer
+            tick()
+            continue
         answer = phone.authenticated(phone.request("INVITE", f"sip:bob@{DOMAIN}"))
         assert answer is not None and answer.status == 200, answer
         phone.ack(answer)
@@ -195,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=200.0, help="calls per (fake) second")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--breakdown", action="store_true", help="per kind of message, first round (stderr)")
+    ap.add_argument("--register", action="store_true", help="REGISTER refreshes (with their 401) instead of calls")
     ap.add_argument(
         "--memory",
         action="store_true",
@@ -219,9 +228,13 @@ def main(argv: list[str] | None = None) -> int:
         run(1, args.rate, ramp=ramp)  # the ramp is the warm-up; one call after it
         print(json.dumps({"build": build, "rate": args.rate, **ramp}), flush=True)
         return 0
-    results = [run(args.calls, args.rate, breakdown=args.breakdown and i == 0) for i in range(args.rounds)]
+    results = [
+        run(args.calls, args.rate, breakdown=args.breakdown and i == 0, register=args.register)
+        for i in range(args.rounds)
+    ]
     out = {
         "build": build,
+        "kind": "register" if args.register else "call",
         "calls": args.calls,
         "rate": args.rate,
         "us_per_call_best": round(min(results) * 1e6, 1),
