@@ -3,6 +3,8 @@
 * Flow tokens (RFC 5626 5.2 style): the client connection a request must go back out on.
 * Route-set handling (RFC 3261 16.4): popping the entries that name us.
 * Hop branches: the previous hop of a request, signed into a stateless proxy's Via branch.
+* Challenge tags: the To tag of a node's stateless 407 or 403 to an initial request, which a
+  balancer recognises in the ACK of that answer and ends there (see :class:`ChallengeTags`).
 * The dialog-creating set, the RFC 3261 magic cookie, the IP-literal check, host bracketing
   (RFC 3261 25.1: an IPv6 reference in a URI or Via is ``[...]``).
 
@@ -43,10 +45,12 @@ DIALOG_CREATING = frozenset({b"INVITE", b"SUBSCRIBE", b"REFER", b"NOTIFY"})
 MAX_OWN_ENTRIES = 4  # a double Record-Route (RFC 5658) is two; more means a loop or junk
 
 __all__ = [
+    "CHALLENGE_TAG_PREFIX",
     "DIALOG_CREATING",
     "HOP_PREFIX",
     "MAGIC_COOKIE",
     "NO_FLOW",
+    "ChallengeTags",
     "FlowTokenError",
     "FlowTokens",
     "HopBranches",
@@ -574,6 +578,39 @@ class HopBranches:
             self._hops[packed] = hop
         self._remember(branch, transaction_key, hop)
         return hop
+
+
+CHALLENGE_TAG_PREFIX: Final = b"ch-"  # "-" is outside hex: never an Element.tag
+_CHALLENGE_TAG_LEN = 8
+
+
+class ChallengeTags:
+    """The To tag of a node's answer to an initial request that no transaction keeps (the
+    stateless 407 challenge, the 403 to a banned source): ``ch-`` and a MAC, with the farm's
+    secret, of the Call-ID and CSeq number.  The ACK of that answer repeats both (RFC 3261
+    17.1.1.3), so any balancer of the farm recognises it and ends it at the edge: the node it
+    would go to holds nothing it could match (it drops it after parsing it).  Keyed, so that a
+    To tag chosen outside the farm (a gateway's 407 a node forwards, whose ACK its server
+    transaction must absorb) is never taken for one."""
+
+    __slots__ = ("_keyed",)
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) < 16:
+            raise ValueError("challenge tag secret must be at least 16 bytes")
+        key = hmac.digest(secret, b"sipfarm stateless challenge to-tag", "sha256")
+        self._keyed = hashlib.blake2b(key=key, digest_size=_CHALLENGE_TAG_LEN)
+
+    def tag(self, call_id: bytes, seq: int) -> bytes:
+        mac = self._keyed.copy()
+        mac.update(b"%d " % seq + call_id)
+        return CHALLENGE_TAG_PREFIX + mac.hexdigest().encode()
+
+    def matches(self, to_tag: bytes | None, call_id: bytes, seq: int) -> bool:
+        """``to_tag`` is the tag this farm's stateless answer to that request carries."""
+        if to_tag is None or not to_tag.startswith(CHALLENGE_TAG_PREFIX):
+            return False
+        return hmac.compare_digest(to_tag, self.tag(call_id, seq))
 
 
 def transaction_key(msg: SipMessage, via_value: bytes) -> bytes:

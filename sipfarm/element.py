@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sipfarm.edge import HOP_PREFIX, HopBranches, bracket, transaction_key
+from sipfarm.edge import HOP_PREFIX, ChallengeTags, HopBranches, bracket, transaction_key
 from sipfarm.metrics import NodeMetrics
 from sipfarm.proxy.forking import ProxyCall
 from sipfarm.sip.address import Address
@@ -95,6 +96,8 @@ class Element:
         self._tag_state = hashlib.blake2b(digest_size=5, key=tag_key)
         # reads the client a balancer forwarded a request for (its signed Via branch)
         self.hops: HopBranches | None = None
+        # the To tag of a stateless answer (the farm's secret replaces this key once read)
+        self.challenge_tags = ChallengeTags(secrets.token_bytes(32))
 
     def client(self, msg: SipMessage, source: Address) -> Address:
         """Who sent ``msg``: ``source``, or when that is a farm balancer, the client it names
@@ -120,6 +123,11 @@ class Element:
         h = self._tag_state.copy()  # keyed once (the same digest as blake2b(..., key=tag_key))
         h.update(msg.call_id + msg.top_via_value)
         return h.hexdigest().encode()
+
+    def stateless_tag(self, msg: SipMessage) -> bytes:
+        """The To tag of an answer no transaction keeps, to an initial INVITE or other request
+        that gets an ACK: its ACK is ended by the balancer (:class:`ChallengeTags`)."""
+        return self.challenge_tags.tag(msg.call_id, msg.cseq[0])
 
     def reply(self, stx: ServerTransaction, response: SipMessage) -> None:
         if 200 <= response.status < 300 and stx.state in _AFTER_NON_2XX and response.cseq[1] == b"INVITE":

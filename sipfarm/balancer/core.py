@@ -77,6 +77,7 @@ from sipfarm.balancer.overload import AdmissionControl
 from sipfarm.edge import (
     DIALOG_CREATING,
     HOP_PREFIX,
+    ChallengeTags,
     FlowTokens,
     HopBranches,
     OwnRoutes,
@@ -153,6 +154,7 @@ class BalancerStats:
     rehashed: int = 0
     dropped: int = 0  # messages not forwarded and not answered, for the reasons in ``drops``
     local: int = 0
+    acks_ended: int = 0  # ACKs of a node's stateless challenge, ended here (ChallengeTags)
     errors: dict[str, int] = field(default_factory=dict)
     # responses: not_ours (another element's Via), forged (branch not ours or not for this
     # response), bad_via, no_flow (the client's connection is gone), send_failed; requests:
@@ -167,7 +169,17 @@ class BalancerStats:
     def flat(self) -> dict[str, int]:
         out = {
             k: getattr(self, k)
-            for k in ("to_node", "to_client", "responses", "no_node", "flow_failed", "rehashed", "dropped", "local")
+            for k in (
+                "to_node",
+                "to_client",
+                "responses",
+                "no_node",
+                "flow_failed",
+                "rehashed",
+                "dropped",
+                "local",
+                "acks_ended",
+            )
         }
         out.update({f"error_{k}": v for k, v in self.errors.items()})
         out.update({f"dropped_{k}": v for k, v in self.drops.items()})
@@ -204,7 +216,8 @@ class BalancerCore:
         """``send`` sends a request (may open a connection); ``send_response`` sends a response
         over an existing flow only (``TransportManager.send(..., connect=False)``).
         ``hop_secret`` signs the previous hop into our Via branches: the farm-wide flow secret,
-        so any worker or balancer can route a response.  ``destinations`` judges Request-URIs
+        so any worker or balancer can route a response, and recognises the To tag of a node's
+        stateless challenge, whose ACK ends here (:class:`ChallengeTags`).  ``destinations`` judges Request-URIs
         (default: loopback refused); our own addresses are added to it.
         ``registrations`` keeps registered flows usable (default: no UDP keepalives);
         ``hold(flow, seconds)`` keeps a client connection open that long
@@ -232,7 +245,9 @@ class BalancerCore:
         self._ours = {(_bare(host), port) for host, port in _pairs((*public.values(), internal), aliases)}
         self.destinations = destinations if destinations is not None else DestinationPolicy()
         self.destinations.add_own(self._ours)
-        self.branches = HopBranches(hop_secret if hop_secret is not None else secrets.token_bytes(32))
+        farm_secret = hop_secret if hop_secret is not None else secrets.token_bytes(32)
+        self.branches = HopBranches(farm_secret)
+        self.challenge_tags = ChallengeTags(farm_secret)
         self.own_routes = OwnRoutes(self._ours_at, tokens)
         self.stamp_via = stamp_via
         # (transport, our address) -> the start of the Via we write, "SIP/2.0/UDP host:port;"
@@ -316,6 +331,11 @@ class BalancerCore:
             # the ACK of a non-2xx answered here (503 shed, no node): ends here too (RFC 3261
             # 17.2.1), no node knows that transaction
             self.stats.local += 1
+            return
+        if method == b"ACK" and not from_node and self.challenge_tags.matches(to_tag, msg.call_id, msg.cseq[0]):
+            # the ACK of a node's stateless 407 or 403: no node holds a transaction it could
+            # match (the node would parse it and drop it), so it ends here, one crossing less
+            self.stats.acks_ended += 1
             return
         if flow is not None and from_node:
             # a token is an instruction only on the way to its client: the same Record-Route
@@ -734,6 +754,16 @@ class BalancerCore:
         popped = self.own_routes.pop_values(routes)
         if popped is None:
             return False
+        if method == b"ACK" and not from_node and self.challenge_tags.matches(to_tag, call_id, seq):
+            # the ACK of a node's stateless challenge ends here, as on the general path, after
+            # the same side effects (a registered flow heard, the front door's check)
+            registered = self._registered_udp.get(source)
+            if registered is not None:
+                registered.heard = True
+            front = self.front
+            if front is None or front.inspect_in_dialog(agent, source.host, self._clock()):
+                self.stats.acks_ended += 1
+            return True
         flow, count, route, plain = popped
         node: NodeEntry | None = None
         record_route = b""

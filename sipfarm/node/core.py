@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from sipfarm.edge import FlowTokens, HopBranches
+from sipfarm.edge import ChallengeTags, FlowTokens, HopBranches
 from sipfarm.element import Element, NodeIdentity
 from sipfarm.metrics import NodeMetrics
 from sipfarm.protect.authenticator import DEFAULT_ALGORITHMS, Authenticator
@@ -141,10 +141,11 @@ class NodeCore:
         self.auth.nonces = value
 
     def use_farm_secret(self, secret: bytes) -> None:
-        """The farm-wide secret (Redis): flow tokens, seals, balancers' hop branches, and the
-        temporary GRUUs any node resolves."""
+        """The farm-wide secret (Redis): flow tokens, seals, balancers' hop branches, the tags of
+        stateless challenges, and the temporary GRUUs any node resolves."""
         self.flow_tokens = FlowTokens(secret)
         self.element.hops = HopBranches(secret)
+        self.element.challenge_tags = ChallengeTags(secret)
         self.temp_gruus = TempGruus(secret)
 
     @property

@@ -206,7 +206,8 @@ class Proxy:
     def stateless_407(self, msg: SipMessage, source: Address) -> bool:
         """An initial request a caller must authenticate for, with no credentials, to a user of
         a served domain, not routed anywhere else: its 407 goes without a transaction (its ACK,
-        matching nothing, is dropped as an ACK whose Request-URI no hop serves)."""
+        matching nothing, is dropped as an ACK whose Request-URI no hop serves). Its To tag is
+        a challenge tag (:class:`~sipfarm.edge.ChallengeTags`): a balancer ends that ACK."""
         if not self.auth_requests or msg.method in UNAUTHENTICATED or msg.has("proxy-authorization"):
             return False
         if msg.has("route") or msg.to_tag is not None or max_forwards(msg) <= 0:
@@ -217,10 +218,10 @@ class Proxy:
         if not (isinstance(uri, SipURI) and uri.user is not None and uri.host in self.element.identity.domains):
             return False
         if self.auth.request_banned(msg, source):
-            self.element.send_stateless(msg, self.auth.refusal(msg), source)
+            self.element.send_stateless(msg, self.auth.refusal(msg, stateless=True), source)
             return True
         realm = self.auth.caller_realm(msg, uri)
-        self.element.send_stateless(msg, self.auth.challenge(msg, 407, realm), source)
+        self.element.send_stateless(msg, self.auth.challenge(msg, 407, realm, stateless=True), source)
         return True
 
     def own_routes(self, msg: SipMessage) -> OwnRoutes:

@@ -196,8 +196,11 @@ def test_request_uri_naming_a_local_service_is_refused(redis_url, start_balancer
 
 
 def test_caller_acking_a_486_through_the_balancer_gets_it_once(redis_url, accounts, start_node, start_balancer):
+    """The ACK of the node's stateless 407 ends at the balancer (the farm's secret in its To
+    tag); the ACK of the 486 the node's transaction forwarded reaches that transaction."""
     start_node(redis_url, "node1")
-    lb = start_balancer(redis_url)
+    metrics_port = free_udp_tcp_port()
+    lb = start_balancer(redis_url, extra=["--metrics", f"127.0.0.1:{metrics_port}"])
     wait_nodes_usable(lb, 1)
     alice, bob = SipClient(), SipClient()
     try:
@@ -228,6 +231,8 @@ def test_caller_acking_a_486_through_the_balancer_gets_it_once(redis_url, accoun
                 break
             copies += msg.status == 486
         assert copies == 0, f"{copies} retransmitted 486s after the ACK"
+        events = wait_events(metrics_port, "acks_ended", 1)
+        assert events.get("acks_ended") == 1, events  # the 407's, not the 486's
     finally:
         alice.close()
         bob.close()

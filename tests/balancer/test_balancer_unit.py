@@ -17,7 +17,7 @@ import pytest
 from sipfarm.balancer.core import BalancerCore
 from sipfarm.balancer.nodes import Health, NodeSet
 from sipfarm.cluster.membership import Member, Role
-from sipfarm.edge import FlowTokens
+from sipfarm.edge import ChallengeTags, FlowTokens
 from sipfarm.sip.address import Address
 from sipfarm.sip.headers import parse_name_addr
 from sipfarm.sip.message import SipMessage
@@ -515,6 +515,30 @@ def test_ack_of_a_non_2xx_leaves_with_the_invites_branch(lb: Harness):
     # a retransmitted INVITE too
     again, _ = lb.one(invite, CLIENT)
     assert again.top_via_value == invite_out.top_via_value
+
+
+def test_the_ack_of_a_nodes_stateless_challenge_ends_here(lb: Harness):
+    """A node's stateless 407 carries a challenge tag (the farm's secret over Call-ID and
+    CSeq number): its ACK ends at the balancer, counted, instead of crossing to a node that
+    holds nothing to match it. Any other To tag, the same tag for another request, a made-up
+    ``ch-`` tag, or such an ACK from a node, goes on as before."""
+    tags = ChallengeTags(SECRET)
+    call_id = secrets.token_hex(8)
+    invite_out, node = lb.one(request("INVITE", "sip:bob@farm.test", call_id=call_id), CLIENT)
+    tag = tags.tag(call_id.encode(), 1).decode()
+    lb.one(_response(invite_out, 407), node)
+    ack = request("ACK", "sip:bob@farm.test", call_id=call_id, to=f"<sip:bob@farm.test>;tag={tag}")
+    assert lb.feed(ack, CLIENT) == []
+    assert lb.core.stats.acks_ended == 1 and lb.core.stats.flat()["acks_ended"] == 1
+    for other in (
+        request("ACK", "sip:bob@farm.test", call_id=call_id, to="<sip:bob@farm.test>;tag=b9"),
+        request("ACK", "sip:bob@farm.test", call_id=call_id, cseq=2, to=f"<sip:bob@farm.test>;tag={tag}"),
+        request("ACK", "sip:bob@farm.test", call_id=call_id, to="<sip:bob@farm.test>;tag=ch-0123456789abcdef"),
+    ):
+        assert lb.one(other, CLIENT)[1] == node
+    from_node = request("ACK", "sip:alice@192.168.1.5:5062", call_id=call_id, to=f"<sip:bob@farm.test>;tag={tag}")
+    assert lb.one(from_node, node)[1] != node  # a node's own ACK goes on towards the client
+    assert lb.core.stats.acks_ended == 1
 
 
 # -- Max-Forwards ---------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from sipfarm.balancer.frontdoor import FrontDoor, FrontDoorPolicy
 from sipfarm.balancer.nodes import NodeSet
 from sipfarm.balancer.overload import AdmissionControl
 from sipfarm.cluster.membership import Member, Role
-from sipfarm.edge import FlowTokens
+from sipfarm.edge import ChallengeTags, FlowTokens
 from sipfarm.sip.address import Address
 from sipfarm.transport.config import TransportConfig
 from sipfarm.transport.destinations import DestinationPolicy
@@ -241,6 +241,26 @@ def test_ack_of_a_non_2xx_takes_the_fast_path_to_its_invite_node() -> None:
     assert fast.core.stats.no_node == 1
     for method in (b"BYE", b"CANCEL", b"INFO"):  # only the ACK: the rest is new work or hashed
         assert not forwarded_fast(from_client(fast.core, method, routes=[]), CLIENT)
+
+
+def test_the_ack_of_a_stateless_challenge_ends_on_both_paths() -> None:
+    """The ACK of a node's stateless 407 (its To tag a challenge tag for this Call-ID and
+    CSeq number) ends at the balancer on both paths, with or without our Route entries, after
+    the same side effects; a scanner's is dropped by the front door on both."""
+    slow, fast = pair()
+    tag = ChallengeTags(SECRET).tag(b"dialog-1@127.0.0.2", 3)
+    for routes in ([], [entry(fast.core, CLIENT)]):
+        ack = from_client(fast.core, b"ACK", routes=routes).replace(b";tag=b2", b";tag=" + tag, 1)
+        assert taken(ack) and forwarded_fast(ack, CLIENT)
+        both(ack, CLIENT, slow, fast)
+    assert fast.core.stats.acks_ended == 2 and not fast.sent
+    scanner = from_client(fast.core, b"ACK", routes=[], agent=b"friendly-scanner")
+    both(scanner.replace(b";tag=b2", b";tag=" + tag, 1), CLIENT, slow, fast)
+    assert fast.core.stats.acks_ended == 2
+    # the same tag on another request's ACK (CSeq 4) is forwarded as before
+    other = from_client(fast.core, b"ACK", routes=[]).replace(b";tag=b2", b";tag=" + tag, 1)
+    both(other.replace(b"CSeq: 3 ACK", b"CSeq: 4 ACK"), CLIENT, slow, fast)
+    assert fast.sent[-1][1] == NODE
 
 
 def test_body_and_user_agent() -> None:

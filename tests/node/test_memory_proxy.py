@@ -79,6 +79,9 @@ def test_invite_is_challenged_with_407_then_connected(farm: MemFarm, alice: Phon
     assert challenge.status == 407
     assert challenge.has("proxy-authenticate")
     assert bob.requests() == []
+    # sent with no transaction: its To tag is a challenge tag, whose ACK a balancer ends
+    tags = farm.nodes[0].element.challenge_tags
+    assert tags.matches(challenge.to_tag, invite.call_id, invite.cseq[0])
     alice.send(alice.authorize(challenge, invite))
     assert statuses(alice)[-1] == 200
     assert len(bob.requests(b"INVITE")) == 1
@@ -132,11 +135,16 @@ def test_a_finished_call_holds_no_parsed_message_yet_forwards_a_2xx_retransmissi
 
 def test_wrong_password_on_invite_gets_407_again(farm: MemFarm, alice: Phone) -> None:
     bob = registered(farm, "bob", "10.0.0.2", answer=200)
-    answer = alice.authenticated(alice.request("INVITE", BOB), password="guess")
+    invite = alice.request("INVITE", BOB)
+    answer = alice.authenticated(invite, password="guess")
     assert answer is not None
     assert answer.status == 407
     assert answer.has("proxy-authenticate")
     assert bob.requests() == []
+    # the second 407 is a transaction's, its ACK absorbed by it: no challenge tag (the ACK
+    # must reach the node, or it retransmits the 407)
+    tags = farm.nodes[0].element.challenge_tags
+    assert not tags.matches(answer.to_tag, invite.call_id, answer.cseq[0])
 
 
 def test_invite_is_record_routed_by_the_node(farm: MemFarm, alice: Phone) -> None:
