@@ -587,11 +587,15 @@ _CHALLENGE_TAG_LEN = 8
 class ChallengeTags:
     """The To tag of a node's answer to an initial request that no transaction keeps (the
     stateless 407 challenge, the 403 to a banned source): ``ch-`` and a MAC, with the farm's
-    secret, of the Call-ID and CSeq number.  The ACK of that answer repeats both (RFC 3261
-    17.1.1.3), so any balancer of the farm recognises it and ends it at the edge: the node it
-    would go to holds nothing it could match (it drops it after parsing it).  Keyed, so that a
-    To tag chosen outside the farm (a gateway's 407 a node forwards, whose ACK its server
-    transaction must absorb) is never taken for one."""
+    secret, of the client's address (the balancer's hop), the Call-ID and the CSeq number.
+    The ACK of that answer comes from that client and repeats both (RFC 3261 17.1.1.3), so any
+    balancer of the farm recognises it and ends it at the edge: the node it would go to holds
+    nothing it could match (it drops it after parsing it).  Keyed, so that a To tag chosen
+    outside the farm (a gateway's 407 a node forwards, whose ACK its server transaction must
+    absorb) is never taken for one; with the client's address, so that a callee who learnt the
+    tag of a call's Call-ID and CSeq (by sending the farm an INVITE with them) and answers that
+    call with it cannot have the caller's ACK ended (the node would retransmit its final
+    answer until Timer H)."""
 
     __slots__ = ("_keyed",)
 
@@ -601,16 +605,20 @@ class ChallengeTags:
         key = hmac.digest(secret, b"sipfarm stateless challenge to-tag", "sha256")
         self._keyed = hashlib.blake2b(key=key, digest_size=_CHALLENGE_TAG_LEN)
 
-    def tag(self, call_id: bytes, seq: int) -> bytes:
+    def tag(self, client: Address, call_id: bytes, seq: int) -> bytes:
         mac = self._keyed.copy()
-        mac.update(b"%d " % seq + call_id)
+        try:
+            mac.update(pack_flow(client))
+        except (OSError, ValueError):
+            mac.update(f"{client.transport} {client.host} {client.port}".encode())  # not an IP
+        mac.update(b" %d " % seq + call_id)
         return CHALLENGE_TAG_PREFIX + mac.hexdigest().encode()
 
-    def matches(self, to_tag: bytes | None, call_id: bytes, seq: int) -> bool:
-        """``to_tag`` is the tag this farm's stateless answer to that request carries."""
+    def matches(self, to_tag: bytes | None, client: Address, call_id: bytes, seq: int) -> bool:
+        """``to_tag`` is the tag this farm's stateless answer to that client's request carries."""
         if to_tag is None or not to_tag.startswith(CHALLENGE_TAG_PREFIX):
             return False
-        return hmac.compare_digest(to_tag, self.tag(call_id, seq))
+        return hmac.compare_digest(to_tag, self.tag(client, call_id, seq))
 
 
 def transaction_key(msg: SipMessage, via_value: bytes) -> bytes:

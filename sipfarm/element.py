@@ -124,10 +124,11 @@ class Element:
         h.update(msg.call_id + msg.top_via_value)
         return h.hexdigest().encode()
 
-    def stateless_tag(self, msg: SipMessage) -> bytes:
+    def stateless_tag(self, msg: SipMessage, client: Address) -> bytes:
         """The To tag of an answer no transaction keeps, to an initial INVITE or other request
-        that gets an ACK: its ACK is ended by the balancer (:class:`ChallengeTags`)."""
-        return self.challenge_tags.tag(msg.call_id, msg.cseq[0])
+        that gets an ACK, from ``client`` (:meth:`client`): its ACK is ended by the balancer
+        (:class:`ChallengeTags`)."""
+        return self.challenge_tags.tag(client, msg.call_id, msg.cseq[0])
 
     def reply(self, stx: ServerTransaction, response: SipMessage) -> None:
         if 200 <= response.status < 300 and stx.state in _AFTER_NON_2XX and response.cseq[1] == b"INVITE":

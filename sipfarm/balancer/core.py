@@ -332,7 +332,7 @@ class BalancerCore:
             # 17.2.1), no node knows that transaction
             self.stats.local += 1
             return
-        if method == b"ACK" and not from_node and self.challenge_tags.matches(to_tag, msg.call_id, msg.cseq[0]):
+        if method == b"ACK" and not from_node and self.challenge_tags.matches(to_tag, hop, msg.call_id, msg.cseq[0]):
             # the ACK of a node's stateless 407 or 403: no node holds a transaction it could
             # match (the node would parse it and drop it), so it ends here, one crossing less
             self.stats.acks_ended += 1
@@ -754,7 +754,7 @@ class BalancerCore:
         popped = self.own_routes.pop_values(routes)
         if popped is None:
             return False
-        if method == b"ACK" and not from_node and self.challenge_tags.matches(to_tag, call_id, seq):
+        if method == b"ACK" and not from_node and self.challenge_tags.matches(to_tag, source, call_id, seq):
             # the ACK of a node's stateless challenge ends here, as on the general path, after
             # the same side effects (a registered flow heard, the front door's check)
             registered = self._registered_udp.get(source)

@@ -125,10 +125,10 @@ class Authenticator:
     # -- challenges ------------------------------------------------------------------------------
 
     def challenge(
-        self, msg: SipMessage, status: int, realm: str, *, stale: bool = False, stateless: bool = False
+        self, msg: SipMessage, status: int, realm: str, *, stale: bool = False, tag: bytes | None = None
     ) -> SipMessage:
-        """A 401/407 with a fresh nonce. ``stateless``: sent with no transaction, to a request
-        its ACK follows (its To tag is then a challenge tag, whose ACK a balancer ends)."""
+        """A 401/407 with a fresh nonce. ``tag``: its To tag when not :meth:`Element.tag`'s (a
+        challenge tag, for an answer sent with no transaction: ``Element.stateless_tag``)."""
         nonce = self.nonces.issue(self.element.wall(), realm).encode("ascii")
         key = "www-authenticate" if status == 401 else "proxy-authenticate"
         templates = self._templates.get((realm, stale))
@@ -138,13 +138,11 @@ class Authenticator:
                 self._templates.clear()
             self._templates[(realm, stale)] = templates
         headers = [(key, before + nonce + after) for before, after in templates]
-        tag = self.element.stateless_tag(msg) if stateless else self.element.tag(msg)
-        return make_response(msg, status, to_tag=tag, headers=headers)
+        return make_response(msg, status, to_tag=tag or self.element.tag(msg), headers=headers)
 
-    def refusal(self, msg: SipMessage, *, stateless: bool = False) -> SipMessage:
-        """What a banned source gets, whatever it sends (``stateless``: as :meth:`challenge`)."""
-        tag = self.element.stateless_tag(msg) if stateless else self.element.tag(msg)
-        return make_response(msg, 403, to_tag=tag)
+    def refusal(self, msg: SipMessage, *, tag: bytes | None = None) -> SipMessage:
+        """What a banned source gets, whatever it sends (``tag``: as :meth:`challenge`)."""
+        return make_response(msg, 403, to_tag=tag or self.element.tag(msg))
 
     def banned(self, source: Address) -> bool:
         """The source is known banned here (no I/O)."""

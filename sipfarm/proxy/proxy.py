@@ -212,16 +212,18 @@ class Proxy:
             return False
         if msg.has("route") or msg.to_tag is not None or max_forwards(msg) <= 0:
             return False
-        if self.router.table.trusted and self.router.table.trusts(self.element.client(msg, source).host):
-            return False  # a trusted gateway's call: routed, not challenged
         uri = msg.request_uri
         if not (isinstance(uri, SipURI) and uri.user is not None and uri.host in self.element.identity.domains):
             return False
-        if self.auth.request_banned(msg, source):
-            self.element.send_stateless(msg, self.auth.refusal(msg, stateless=True), source)
+        client = self.element.client(msg, source)  # behind a balancer: the hop its branch names
+        if self.router.table.trusted and self.router.table.trusts(client.host):
+            return False  # a trusted gateway's call: routed, not challenged
+        tag = self.element.stateless_tag(msg, client)
+        if self.auth.banned(client):
+            self.element.send_stateless(msg, self.auth.refusal(msg, tag=tag), source)
             return True
         realm = self.auth.caller_realm(msg, uri)
-        self.element.send_stateless(msg, self.auth.challenge(msg, 407, realm, stateless=True), source)
+        self.element.send_stateless(msg, self.auth.challenge(msg, 407, realm, tag=tag), source)
         return True
 
     def own_routes(self, msg: SipMessage) -> OwnRoutes:

@@ -518,18 +518,22 @@ def test_ack_of_a_non_2xx_leaves_with_the_invites_branch(lb: Harness):
 
 
 def test_the_ack_of_a_nodes_stateless_challenge_ends_here(lb: Harness):
-    """A node's stateless 407 carries a challenge tag (the farm's secret over Call-ID and
-    CSeq number): its ACK ends at the balancer, counted, instead of crossing to a node that
+    """A node's stateless 407 carries a challenge tag (the farm's secret over the client's
+    address, Call-ID and CSeq number): its ACK ends at the balancer, counted, instead of crossing to a node that
     holds nothing to match it. Any other To tag, the same tag for another request, a made-up
     ``ch-`` tag, or such an ACK from a node, goes on as before."""
     tags = ChallengeTags(SECRET)
     call_id = secrets.token_hex(8)
     invite_out, node = lb.one(request("INVITE", "sip:bob@farm.test", call_id=call_id), CLIENT)
-    tag = tags.tag(call_id.encode(), 1).decode()
+    tag = tags.tag(CLIENT, call_id.encode(), 1).decode()
     lb.one(_response(invite_out, 407), node)
     ack = request("ACK", "sip:bob@farm.test", call_id=call_id, to=f"<sip:bob@farm.test>;tag={tag}")
     assert lb.feed(ack, CLIENT) == []
     assert lb.core.stats.acks_ended == 1 and lb.core.stats.flat()["acks_ended"] == 1
+    # the same Call-ID and CSeq from another client (a callee who asked the farm for this
+    # tag and answers the caller with it): that client's own ACK ends, nobody else's
+    elsewhere = Address("udp", "203.0.113.9", 5060)
+    assert lb.one(ack, elsewhere)[1] == node
     for other in (
         request("ACK", "sip:bob@farm.test", call_id=call_id, to="<sip:bob@farm.test>;tag=b9"),
         request("ACK", "sip:bob@farm.test", call_id=call_id, cseq=2, to=f"<sip:bob@farm.test>;tag={tag}"),

@@ -248,7 +248,7 @@ def test_the_ack_of_a_stateless_challenge_ends_on_both_paths() -> None:
     CSeq number) ends at the balancer on both paths, with or without our Route entries, after
     the same side effects; a scanner's is dropped by the front door on both."""
     slow, fast = pair()
-    tag = ChallengeTags(SECRET).tag(b"dialog-1@127.0.0.2", 3)
+    tag = ChallengeTags(SECRET).tag(CLIENT, b"dialog-1@127.0.0.2", 3)
     for routes in ([], [entry(fast.core, CLIENT)]):
         ack = from_client(fast.core, b"ACK", routes=routes).replace(b";tag=b2", b";tag=" + tag, 1)
         assert taken(ack) and forwarded_fast(ack, CLIENT)

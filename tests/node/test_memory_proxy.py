@@ -81,7 +81,9 @@ def test_invite_is_challenged_with_407_then_connected(farm: MemFarm, alice: Phon
     assert bob.requests() == []
     # sent with no transaction: its To tag is a challenge tag, whose ACK a balancer ends
     tags = farm.nodes[0].element.challenge_tags
-    assert tags.matches(challenge.to_tag, invite.call_id, invite.cseq[0])
+    assert tags.matches(challenge.to_tag, alice.address, invite.call_id, invite.cseq[0])
+    # the same request's tag for another client is another tag
+    assert not tags.matches(challenge.to_tag, bob.address, invite.call_id, invite.cseq[0])
     alice.send(alice.authorize(challenge, invite))
     assert statuses(alice)[-1] == 200
     assert len(bob.requests(b"INVITE")) == 1
@@ -144,7 +146,7 @@ def test_wrong_password_on_invite_gets_407_again(farm: MemFarm, alice: Phone) ->
     # the second 407 is a transaction's, its ACK absorbed by it: no challenge tag (the ACK
     # must reach the node, or it retransmits the 407)
     tags = farm.nodes[0].element.challenge_tags
-    assert not tags.matches(answer.to_tag, invite.call_id, answer.cseq[0])
+    assert not tags.matches(answer.to_tag, alice.address, invite.call_id, answer.cseq[0])
 
 
 def test_invite_is_record_routed_by_the_node(farm: MemFarm, alice: Phone) -> None:
