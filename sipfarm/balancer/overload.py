@@ -10,7 +10,8 @@ before it reaches the node: the balancer answers new INVITEs and REGISTERs itsel
 and a Retry-After, so that the calls it admits still complete.
 
 What the balancer sees of a node's load is the delay of its first answer to a new request:
-a node answers an INVITE with 100 Trying (or 407) and a REGISTER with 401 or 200 at once, in
+a node answers an INVITE with 100 Trying (or 407; with its ``trying_delay`` > 0, the callee's
+180 or, that long after, its 100) and a REGISTER with 401 or 200 at once, in
 about a millisecond when healthy; under overload that delay is the node's queue.  So, per
 node:
 

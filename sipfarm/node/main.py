@@ -276,7 +276,7 @@ async def serve(
         metrics=metrics,
         resolver=resolver,
         clock=loop.time,
-        timers=TimerConfig(t1=cfg.t1, t2=cfg.t2, t4=cfg.t4),
+        timers=TimerConfig(t1=cfg.t1, t2=cfg.t2, t4=cfg.t4, trying=cfg.trying_delay),
         max_transactions=cfg.max_transactions,
         max_transaction_bytes=cfg.max_transaction_bytes,
         policy=ExpiresPolicy(cfg.min_expires, cfg.max_expires, cfg.default_expires),

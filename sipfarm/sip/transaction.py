@@ -35,6 +35,12 @@ rule lives in the tables, not in code. A timer whose duration is zero (D, I, J, 
 transports) fires at once, so a transaction over TCP reaches Terminated, and is forgotten, in
 the same call that completed it.
 
+A server INVITE transaction answers 100 Trying at once, or, with ``TimerConfig.trying`` > 0,
+arms "Timer 100" instead (RFC 3261 17.2.1: no 100 is needed when the TU answers within 200
+ms): the 100 goes when it fires with no response sent, or at the first retransmission of the
+request if that comes first.  A node's callee usually rings within milliseconds, so a call
+costs one datagram less at the node and at the balancer in front of it.
+
 Retransmissions are absorbed before anything is parsed beyond what identifies the transaction:
 the top Via's branch (``via_branch``, no full Via parse), its sent-by, the CSeq method.
 
@@ -124,6 +130,9 @@ class TxInput(enum.Enum):
     TIMER_K = "Timer K"
     TIMER_L = "Timer L"
     TIMER_M = "Timer M"
+    # RFC 3261 17.2.1's 200 ms: a server INVITE transaction's 100 Trying, when it is not sent
+    # at once (TimerConfig.trying), goes when this fires with no response sent yet
+    TIMER_TRYING = "Timer 100"
     TRANSPORT_ERROR = "transport error"
 
     __hash__ = object.__hash__  # see TxState
@@ -144,6 +153,10 @@ class TimerConfig:
     t2: float = 4.0  # maximum retransmit interval for non-INVITE requests and INVITE responses
     t4: float = 5.0  # maximum duration a message remains in the network
     d: float = 32.0  # Timer D over unreliable transports: "at least 32 seconds" (17.1.1.2)
+    # A server INVITE transaction's 100 Trying: 0 sends it at once; > 0 sends it only if the TU
+    # has sent no response that long after the request (RFC 3261 17.2.1: no 100 is needed when
+    # the TU answers within 200 ms), or at the first retransmission of the request, if earlier
+    trying: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("t1", "t2", "t4", "d"):
@@ -151,6 +164,8 @@ class TimerConfig:
                 raise ValueError(f"TimerConfig.{name} must be positive")
         if self.t2 < self.t1:
             raise ValueError("TimerConfig.t2 must not be smaller than t1")
+        if not 0 <= self.trying <= 0.2:
+            raise ValueError("TimerConfig.trying must lie between 0 and 0.2 s (RFC 3261 17.2.1)")
 
     def duration(self, timer: TxInput, reliable: bool) -> float | None:
         """Initial duration of ``timer``; None when it is not used at all (A/E/G when reliable)."""
@@ -165,6 +180,8 @@ class TimerConfig:
             return self.d
         if timer in (TxInput.TIMER_I, TxInput.TIMER_K):
             return self.t4
+        if timer is TxInput.TIMER_TRYING:
+            return self.trying if self.trying > 0 else None
         if timer in TIMER_INPUTS:
             return 64 * self.t1  # B, F, H, J, L, M
         raise ValueError(f"{timer.value} is not a timer")
@@ -197,6 +214,7 @@ class Action(enum.Enum):
     START_K = "start Timer K"
     START_L = "start Timer L"
     START_M = "start Timer M"
+    START_TRYING = "start the 100 Trying timer"  # server INVITE, when TimerConfig.trying > 0
     DOUBLE_A = "restart Timer A at twice its interval"  # 17.1.1.2: no cap for INVITE
     BACKOFF_E = "restart Timer E at min(2x, T2)"  # 17.1.2.2 (Trying)
     RESET_E_T2 = "restart Timer E at T2"  # 17.1.2.2 (Proceeding)
@@ -218,6 +236,7 @@ _START_TIMER: Final[Mapping[Action, TxInput]] = {
     Action.START_K: TxInput.TIMER_K,
     Action.START_L: TxInput.TIMER_L,
     Action.START_M: TxInput.TIMER_M,
+    Action.START_TRYING: TxInput.TIMER_TRYING,
 }
 
 Transition: TypeAlias = tuple[tuple[Action, ...], TxState]
@@ -280,7 +299,9 @@ CLIENT_NON_INVITE_INITIAL: Final = ((_A.SEND_REQUEST, _A.START_E, _A.START_F), _
 
 # RFC 3261 17.2.1 (figure 7) as amended by RFC 6026 7.1 (Accepted, Timer L).
 SERVER_INVITE_TABLE: Final[Table] = {
+    # a retransmission before any response (TimerConfig.trying > 0): the 100 Trying, now
     (_S.PROCEEDING, _I.REQUEST): ((_A.RESEND_RESPONSE,), _S.PROCEEDING),
+    (_S.PROCEEDING, _I.TIMER_TRYING): ((_A.SEND_TRYING,), _S.PROCEEDING),
     (_S.PROCEEDING, _I.SEND_1XX): ((_A.SEND_RESPONSE,), _S.PROCEEDING),
     (_S.PROCEEDING, _I.SEND_2XX): ((_A.SEND_RESPONSE, _A.START_L), _S.ACCEPTED),
     (_S.PROCEEDING, _I.SEND_3XX_6XX): ((_A.SEND_RESPONSE, _A.START_G, _A.START_H), _S.COMPLETED),
@@ -303,6 +324,8 @@ SERVER_INVITE_TABLE: Final[Table] = {
     (_S.ACCEPTED, _I.TIMER_L): ((), _S.TERMINATED),
 }
 SERVER_INVITE_INITIAL: Final = ((_A.SEND_TRYING,), _S.PROCEEDING)
+# TimerConfig.trying > 0: the 100 Trying waits for the TU (RFC 3261 17.2.1)
+SERVER_INVITE_INITIAL_DEFERRED: Final = ((_A.START_TRYING,), _S.PROCEEDING)
 
 # RFC 3261 17.2.2 (figure 8).
 SERVER_NON_INVITE_TABLE: Final[Table] = {
@@ -701,8 +724,10 @@ class TransactionLayer:
     would be 12.8 GB.  What a transaction holds is counted in wire bytes (``retained_bytes``):
     its request until its final response (then released, see the module docstring), the
     response bytes it may retransmit, a client's last provisional response and its ACK.
-    ``send_trying``: server INVITE transactions answer 100 Trying at once (RFC 3261 17.2.1, a
-    proxy's 16.2 duty); turn off when the TU sends its own provisional response within 200 ms.
+    ``send_trying``: server INVITE transactions answer 100 Trying (RFC 3261 17.2.1, a proxy's
+    16.2 duty): at once, or, with ``TimerConfig.trying`` > 0, only when the TU has sent no
+    response by then (or the request is retransmitted first); false: never (a TU that always
+    answers within 200 ms).
     """
 
     def __init__(
@@ -722,6 +747,10 @@ class TransactionLayer:
         self.max_bytes = max_bytes
         self._bytes = 0  # sum of the live transactions' size
         self.send_trying = send_trying
+        # TimerConfig.trying > 0: a server INVITE transaction starts its 100 Trying timer
+        # instead of answering 100 at once
+        self._defer_trying = self.timers.trying > 0
+        self._deferred_trying: tuple[Action, ...] = SERVER_INVITE_INITIAL_DEFERRED[0]
         self.stats = TransactionStats()
         self._server: dict[tuple[object, ...], ServerTransaction] = {}
         self._client: dict[tuple[object, ...], ClientTransaction] = {}
@@ -829,7 +858,10 @@ class TransactionLayer:
         self._charge(new, msg.size)
         self._index(new)
         self.stats.server_created += 1
-        self._run(new, new.INITIAL[0], None, now)
+        initial: tuple[Action, ...] = new.INITIAL[0]
+        if self._defer_trying and method == _INVITE:
+            initial = self._deferred_trying
+        self._run(new, initial, None, now)
         return new
 
     def _legacy_lookup(
@@ -1141,10 +1173,12 @@ class TransactionLayer:
         tx.last_response = msg
         tx._response_bytes = data
 
-    def _resend_response(self, tx: Transaction, _msg: SipMessage | None, _now: float) -> None:
+    def _resend_response(self, tx: Transaction, msg: SipMessage | None, now: float) -> None:
         assert isinstance(tx, ServerTransaction)
         if tx._response_bytes is not None:
             self._out.datagrams.append((tx._response_bytes, tx.remote))
+        elif isinstance(tx, ServerInviteTransaction):
+            self._send_trying(tx, msg, now)  # deferred (TimerConfig.trying) and not sent yet
 
     def _send_ack(self, tx: Transaction, msg: SipMessage | None, _now: float) -> None:
         assert isinstance(tx, ClientTransaction) and msg is not None
@@ -1156,13 +1190,13 @@ class TransactionLayer:
 
     def _send_trying(self, tx: Transaction, _msg: SipMessage | None, _now: float) -> None:
         assert isinstance(tx, ServerTransaction)
-        if self.send_trying:
+        if self.send_trying and tx._response_bytes is None:  # else (deferred) the TU answered first
             trying = make_response(tx.request, 100)
             tx.last_response = trying
-            old = tx._response_bytes
-            tx._response_bytes = trying.to_bytes()
-            self._charge(tx, len(tx._response_bytes) - (len(old) if old is not None else 0))
-            self._out.datagrams.append((tx._response_bytes, tx.remote))
+            data = trying.to_bytes()
+            tx._response_bytes = data
+            self._charge(tx, len(data))
+            self._out.datagrams.append((data, tx.remote))
 
     def _ack_to_tu(self, tx: Transaction, msg: SipMessage | None, _now: float) -> None:
         assert msg is not None

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from sipfarm.config import TRYING_DELAY
 from sipfarm.edge import FlowTokens, flow_uri
 from sipfarm.element import NodeIdentity
 from sipfarm.node.core import NodeCore
@@ -284,11 +285,12 @@ class MemFarm:
                 aliases=frozenset({(addr.host, addr.port), (addr.host, via_port)}),
                 route_addresses={"udp": (addr.host, addr.port)},
             )
+            kwargs: dict[str, object] = {"timers": TimerConfig(trying=TRYING_DELAY)}  # as a node process
+            kwargs.update(node_kwargs or {})
             core = NodeCore(
                 identity,
                 self.state,  # type: ignore[arg-type]
                 auth.NonceFactory(SECRET, 300.0),
-                timers=TimerConfig(),
                 flow_tokens=self.tokens,
                 temp_gruus=TempGruus(SECRET),
                 guard=MemoryGuard(policy or GuardPolicy(), clock=self.clock.now, keys=self.keys),
@@ -296,7 +298,7 @@ class MemFarm:
                 destinations=self.destinations,
                 clock=self.clock.now,
                 wall_clock=self.clock.wall,
-                **(node_kwargs or {}),  # type: ignore[arg-type]
+                **kwargs,  # type: ignore[arg-type]
             )
             self.nodes.append(core)
             self.node_addresses.append(addr)

@@ -17,7 +17,7 @@ from sipfarm.proxy.forking import ProxyCall
 from sipfarm.sip.address import Address
 from sipfarm.sip.headers import parse_name_addr
 from sipfarm.sip.message import SipMessage
-from sipfarm.sip.transaction import RELEASED, ServerInviteTransaction
+from sipfarm.sip.transaction import RELEASED, ServerInviteTransaction, TimerConfig
 from sipfarm.sip.uri import SipURI
 from sipfarm.store.errors import StoreUnavailable
 
@@ -68,6 +68,42 @@ def statuses(phone: Phone, method: bytes = b"INVITE") -> list[int]:
 
 
 # -- A: a call, end to end ----------------------------------------------------------------------
+
+
+def test_with_a_trying_delay_the_100_goes_only_when_the_callee_is_slow() -> None:
+    # RFC 3261 17.2.1: no 100 is needed when an answer comes within 200 ms; the node waits
+    # NodeConfig.trying_delay for one, or sends it at the caller's first retransmission
+    users = {name: f"{name}-pw" for name in ("alice", "bob", "carol", "dave")}
+    farm = MemFarm(users=users, node_kwargs={"timers": TimerConfig(trying=0.05)})
+    alice = farm.phone("alice", "10.0.0.1")
+    assert alice.register().status == 200  # type: ignore[union-attr]
+    for callee, host in (("bob", "10.0.0.2"), ("carol", "10.0.0.3")):
+        phone = registered(farm, callee, host, ring=False)
+        invite = alice.request("INVITE", f"sip:{callee}@{DOMAIN}")
+        alice.send(invite)
+        challenge = alice.last(407)
+        assert challenge is not None
+        again = alice.authorize(challenge, invite)
+        alice.inbox.clear()
+        alice.send(again)
+        assert len(phone.requests(b"INVITE")) == 1
+        farm.advance(0.04, step=0.01)
+        assert statuses(alice) == []
+        if callee == "bob":
+            farm.advance(0.02, step=0.01)
+            assert statuses(alice) == [100]
+            phone.provisional(180)
+            assert statuses(alice) == [100, 180]
+        else:  # a caller that retransmits first gets its 100 at once, and once
+            alice.send(again)
+            assert statuses(alice) == [100]
+            farm.advance(0.1, step=0.01)
+            assert statuses(alice) == [100]
+        alice.inbox.clear()
+    # rung at once: no 100 at all
+    registered(farm, "dave", "10.0.0.4", answer=200)
+    assert call(alice, f"sip:dave@{DOMAIN}") is not None
+    assert statuses(alice) == [180, 200]
 
 
 def test_invite_is_challenged_with_407_then_connected(farm: MemFarm, alice: Phone) -> None:

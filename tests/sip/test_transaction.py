@@ -124,6 +124,11 @@ def test_timer_config_rejects_bad_values() -> None:
         TimerConfig(t1=0)
     with pytest.raises(ValueError, match="t2"):
         TimerConfig(t1=5, t2=4)
+    for trying in (-0.1, 0.25):
+        with pytest.raises(ValueError, match="trying"):
+            TimerConfig(trying=trying)
+    assert TimerConfig().duration(TxInput.TIMER_TRYING, reliable=False) is None  # 100 at once
+    assert TimerConfig(trying=0.2).duration(TxInput.TIMER_TRYING, reliable=True) == 0.2
 
 
 # --- client INVITE: Timers A, B, D, M ---------------------------------------------------------
@@ -318,6 +323,62 @@ def test_send_trying_can_be_turned_off() -> None:
     assert layer.receive_request(request(), UAC, 0.0) is not None
     assert layer.receive_request(request(), UAC, 0.5) is None
     assert layer.datagrams_to_send() == []
+
+
+def test_a_deferred_100_is_not_sent_when_the_tu_answers_first() -> None:
+    # RFC 3261 17.2.1: no 100 Trying is needed when the TU answers within 200 ms
+    layer = TransactionLayer(timers=TimerConfig(trying=0.05))
+    req = request()
+    tx = layer.receive_request(req, UAC, 0.0)
+    assert tx is not None and layer.datagrams_to_send() == []
+    layer.send_response(tx, make_response(req, 180, to_tag=b"t"), 0.01)
+    ((ringing, _),) = layer.datagrams_to_send()
+    assert run_timers(layer, 0.4) == []  # the timer finds a response sent: nothing
+    assert layer.receive_request(request(), UAC, 0.5) is None
+    assert layer.datagrams_to_send() == [(ringing, UAC)]
+
+
+def test_a_deferred_100_goes_when_the_tu_is_silent() -> None:
+    for src, via in ((UAC, "SIP/2.0/UDP 10.0.0.1:5060"), (UAC_TCP, "SIP/2.0/TCP 10.0.0.1:40000")):
+        layer = TransactionLayer(timers=TimerConfig(trying=0.05))
+        req = request(via=via)
+        tx = layer.receive_request(req, src, 0.0)
+        assert tx is not None and layer.datagrams_to_send() == []
+        ((when, trying),) = run_timers(layer, 1.0)
+        assert when == pytest.approx(0.05) and parse_message(trying).status == 100
+        assert layer.next_deadline() is None  # nothing else armed while the TU works
+        layer.send_response(tx, make_response(req, 486, to_tag=b"t"), 1.0)
+        assert parse_message(layer.datagrams_to_send()[0][0]).status == 486
+
+
+def test_a_retransmission_gets_the_deferred_100_at_once_and_only_once() -> None:
+    layer = TransactionLayer(timers=TimerConfig(trying=0.2))
+    req = request()
+    tx = layer.receive_request(req, UAC, 0.0)
+    assert tx is not None and layer.datagrams_to_send() == []
+    assert layer.receive_request(request(), UAC, 0.1) is None
+    ((trying, dest),) = layer.datagrams_to_send()
+    assert parse_message(trying).status == 100 and dest == UAC
+    assert run_timers(layer, 0.3) == []  # the timer does not send it again
+    assert layer.receive_request(request(), UAC, 0.35) is None
+    assert layer.datagrams_to_send() == [(trying, UAC)]
+
+
+def test_a_final_answer_disarms_the_deferred_100() -> None:
+    layer = TransactionLayer(timers=TimerConfig(trying=0.05))
+    req = request()
+    tx = layer.receive_request(req, UAC, 0.0)
+    assert tx is not None
+    layer.send_response(tx, make_response(req, 200, to_tag=b"t"), 0.01)
+    drain(layer)
+    assert TxInput.TIMER_TRYING not in tx._timers
+    assert all(parse_message(data).status != 100 for _, data in run_timers(layer, 40.0))
+
+
+def test_the_100_timer_is_for_invite_only() -> None:
+    layer = TransactionLayer(timers=TimerConfig(trying=0.05))
+    tx = layer.receive_request(request("OPTIONS"), UAC, 0.0)
+    assert tx is not None and tx._timers == {} and layer.next_deadline() is None
 
 
 def test_timer_g_capped_at_t2_then_timer_h_reports_missing_ack() -> None:
@@ -988,12 +1049,13 @@ OPS = st.lists(
 @given(
     method=st.sampled_from(["INVITE", "OPTIONS", "BYE"]),
     reliable=st.booleans(),
+    trying=st.sampled_from([0.0, 0.05]),
     ops=OPS,
 )
 def test_random_traffic_never_breaks_a_layer(
-    method: str, reliable: bool, ops: list[tuple[str, int, float, bool]]
+    method: str, reliable: bool, trying: float, ops: list[tuple[str, int, float, bool]]
 ) -> None:
-    uac, uas = TransactionLayer(), TransactionLayer()
+    uac, uas = TransactionLayer(), TransactionLayer(timers=TimerConfig(trying=trying))
     via = "SIP/2.0/TCP 10.0.0.1:40000" if reliable else "SIP/2.0/UDP 10.0.0.1:5060"
     src, dst = (UAC_TCP, UAS_TCP) if reliable else (UAC, UAS)
     req = request(method, via=via)
