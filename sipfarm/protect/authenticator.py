@@ -209,7 +209,18 @@ class Authenticator:
             self._refused(msg, source, creds.username, "banned")
             done(AuthAnswer(Verdict.BANNED))
             return
-        check = _Check(self, creds, msg, source, realm, self.element.wall(), done)
+        wall = self.element.wall()
+        nonce_status = self.nonces.check(creds.nonce, wall, realm)
+        if nonce_status is auth.NonceStatus.INVALID:
+            # a nonce this farm did not issue (made up, or signed with a retired secret): no
+            # response can match it, so it is no password guess to count, and nothing of it goes
+            # to Redis (a nonce use, a failure counter per made-up user name: keys an attacker
+            # could mint at line rate, spoofed sources included). A fresh one, stale=true: a
+            # phone whose nonce predates a secret change retries without asking its user.
+            self.element.metrics.auth_failures("invalid_nonce").inc()
+            done(AuthAnswer(Verdict.STALE))
+            return
+        check = _Check(self, creds, msg, source, realm, wall, done)
         needed = 2 if self.guard is not None else 1
         check.needed = needed
         if self.guard is not None:
@@ -304,7 +315,12 @@ class Authenticator:
             check.msg.call_id.decode("latin-1"),
         )
         if self.guard is not None:
-            self.guard.failed(check.source.host, f"{creds.username}@{check.realm}", self._counted)
+            # an account's own counter only for an account that exists: a counter per made-up
+            # user name would be Redis keys an attacker mints (the source's counts either way)
+            account = check.account if isinstance(check.account, Account) else None
+            self.guard.failed(
+                check.source.host, f"{creds.username}@{check.realm}" if account is not None else None, self._counted
+            )
 
     def _counted(self, outcome: FailureOutcome | StoreError) -> None:
         if isinstance(outcome, StoreError):

@@ -12,9 +12,13 @@ request:
   exactly once by the whole farm. A client that sends no ``qop`` sends no ``nc`` either
   (RFC 2617 3.2.2, RFC 3261 22.4 for RFC 2069 clients): its nonce is recorded as ``"<nonce>:"``
   and is thus one-time.
-* **Guessing.** Failed authentications are counted per source address and per account (the
-  account as the client named it, ``user@domain``: an unknown user counts exactly like a known
-  one, so counting never tells them apart). ``max_failures`` failures from one source within
+* **Guessing.** Failed authentications are counted per source address and, for a user name an
+  account has, per account (``user@domain``). A user name no account has gets no counter of
+  its own: one per made-up name would be Redis keys an attacker mints at will. The answer is the
+  same for both and goes before any counting, so neither it nor its timing tells them apart.
+  Credentials whose nonce the farm did not issue are not counted and write nothing at all
+  (:class:`~sipfarm.protect.authenticator.Authenticator`): no response can match such a nonce,
+  so it is no guess. ``max_failures`` failures from one source within
   ``window`` seconds ban the source for ``ban_time`` seconds, farm-wide. Accounts are never
   locked (the real user elsewhere must still register); an account crossing ``account_alert``
   failures in the window is logged and counted as under attack.
@@ -191,10 +195,10 @@ class Guard(Protocol):
         :mod:`sipfarm.store`): ``ban_left`` seconds of the source's ban (None: none, ``math.inf``:
         no end), ``first_use``: the nonce use was new. Learnt like admit's answers (no I/O)."""
 
-    def failed(self, source_ip: str, account: str, done: Callable[[FailureOutcome | StoreError], None]) -> None:
-        """Count one failed authentication per source and per account (``user@domain``; an unknown user
-        counts exactly like a known one), expiring after ``window``; at ``max_failures`` ban the source
-        for ``ban_time`` (farm-wide)."""
+    def failed(self, source_ip: str, account: str | None, done: Callable[[FailureOutcome | StoreError], None]) -> None:
+        """Count one failed authentication per source and per account (``user@domain``; None for a
+        user name no account has: no counter, so made-up names mint no keys), expiring after
+        ``window``; at ``max_failures`` ban the source for ``ban_time`` (farm-wide)."""
 
     def any_banned_locally(self) -> bool:
         """Whether this process knows of any ban at all."""
@@ -228,7 +232,7 @@ class GuardRules:
     def failure(
         self,
         source_ip: str,
-        account: str,
+        account: str | None,
         source_failures: int,
         account_failures: int,
         ban_started: bool,
@@ -236,7 +240,7 @@ class GuardRules:
         now: float,
     ) -> FailureOutcome:
         self._learn(source_ip, ban_left, now)
-        alert = account_failures == self.policy.account_alert
+        alert = account is not None and account_failures == self.policy.account_alert
         if ban_started:
             self.bans_started += 1
             log.warning(
@@ -249,7 +253,7 @@ class GuardRules:
             self.account_alerts += 1
             log.warning(
                 "event=account_under_attack account=%s failures=%d window_seconds=%g source=%s",
-                _log_value(account),
+                _log_value(account or ""),
                 account_failures,
                 self.policy.window,
                 _log_value(source_ip),

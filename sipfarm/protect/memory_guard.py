@@ -134,19 +134,21 @@ class MemoryGuard:
     def admission(self, source_ip: str, ban_left: float | None, first_use: bool) -> Admission:
         return self.rules.admission(source_ip, ban_left, first_use, self._clock())
 
-    def failed(self, source_ip: str, account: str, done: Callable[[FailureOutcome | StoreError], None]) -> None:
+    def failed(self, source_ip: str, account: str | None, done: Callable[[FailureOutcome | StoreError], None]) -> None:
         # failure.lua, step for step
         policy = self.policy
         keys = self.keys
         source_key = source_failures_key(source_ip)
-        account_key = account_failures_key(account)
+        account_count = 0
         try:
             source = keys.incr(source_key)
             if source == 1:
                 keys.expire(source_key, _whole_ms(policy.window))
-            account_count = keys.incr(account_key)
-            if account_count == 1:
-                keys.expire(account_key, _whole_ms(policy.window))
+            if account is not None:
+                account_key = account_failures_key(account)
+                account_count = keys.incr(account_key)
+                if account_count == 1:
+                    keys.expire(account_key, _whole_ms(policy.window))
         except StoreError as exc:
             done(exc)
             return

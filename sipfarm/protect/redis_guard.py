@@ -88,15 +88,15 @@ class _FailureReplies:
     __slots__ = ("account", "account_name", "done", "source", "source_ip", "started", "waiting")
 
     def __init__(
-        self, source_ip: str, account: str, started: float, done: Callable[[FailureOutcome | StoreError], None]
+        self, source_ip: str, account: str | None, started: float, done: Callable[[FailureOutcome | StoreError], None]
     ) -> None:
         self.source_ip = source_ip
         self.account_name = account
         self.started = started
         self.done = done
         self.source: Reply = None
-        self.account: Reply = None
-        self.waiting = 2
+        self.account: Reply = 0  # no account counter (an unknown user): 0 failures
+        self.waiting = 2 if account is not None else 1
 
 
 def _ignore(_reply: Reply) -> None:
@@ -173,9 +173,11 @@ class RedisGuard:
 
     # -- failed ----------------------------------------------------------------------------------
 
-    def failed(self, source_ip: str, account: str, done: Callable[[FailureOutcome | StoreError], None]) -> None:
+    def failed(self, source_ip: str, account: str | None, done: Callable[[FailureOutcome | StoreError], None]) -> None:
         replies = _FailureReplies(source_ip, account, self._clock(), done)
         self._count_failure("EVALSHA", self._failure_sha, replies)
+        if account is None:
+            return
         # the account's counter: its window opens with its first failure (SET NX PX), INCR keeps
         # the expiry. Its own commands: another key's hash slot than the source's (guard.py)
         key = account_failures_key(account)

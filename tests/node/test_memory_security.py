@@ -202,6 +202,45 @@ def test_the_eleventh_answer_does_not_tell_unknown_users_from_known_ones(farm: M
     assert answers[0] == answers[1]
 
 
+def test_guesses_for_an_unknown_user_mint_no_key_of_their_own(farm: MemFarm) -> None:
+    # a counter per made-up user name would be keys an attacker mints at will: only the
+    # source's counter (and its ban) for those; an account that exists gets its own
+    for user, host in (("nobody", "10.6.6.11"), ("alice", "10.6.6.12")):
+        guesser = farm.phone(user, host)
+        assert guesser.register(password="guess").status == 401  # type: ignore[union-attr]
+    keys = set(farm.keys._data)
+    assert any("10.6.6.11" in k for k in keys) and any("10.6.6.12" in k for k in keys)
+    assert any(f"alice@{DOMAIN}" in k for k in keys)
+    assert not any("nobody" in k for k in keys), keys
+
+
+@pytest.mark.parametrize("method", ["REGISTER", "INVITE"])
+def test_credentials_with_a_nonce_the_farm_never_issued_write_nothing(
+    farm: MemFarm, mallory: Phone, method: str
+) -> None:
+    # no response can match a made-up nonce: no guess to count, no nonce use to record, so a
+    # flood of them (spoofed sources included) leaves no key; a fresh nonce with stale=true
+    before = set(farm.keys._data)
+    statuses = []
+    for i in range(12):  # past max_failures: no ban either
+        uri = f"sip:{DOMAIN}" if method == "REGISTER" else BOB
+        header = "authorization" if method == "REGISTER" else "proxy-authorization"
+        creds = (
+            f'Digest username="nobody{i}", realm="{DOMAIN}", nonce="{"A" * 43}", uri="{uri}", '
+            f'response="{"0" * 32}", algorithm=MD5'
+        )
+        mallory.inbox.clear()
+        to = f"<sip:nobody{i}@{DOMAIN}>" if method == "REGISTER" else None
+        mallory.send(mallory.request(method, uri, to=to, headers=[(header, creds)]))
+        answer = mallory.last()
+        assert answer is not None
+        statuses.append(answer.status)
+        challenge = answer.get("www-authenticate" if method == "REGISTER" else "proxy-authenticate") or b""
+        assert b"stale=true" in challenge.lower(), answer
+    assert statuses == [401 if method == "REGISTER" else 407] * 12
+    assert set(farm.keys._data) == before
+
+
 # -- 6: telling registered users apart without credentials --------------------------------------
 
 

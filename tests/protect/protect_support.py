@@ -27,7 +27,7 @@ async def admit(guard: Guard, source: str, nonce_use: str, ttl: float = 60.0) ->
     return await asyncio.wait_for(fut, 5)
 
 
-async def failed(guard: Guard, source: str, account: str) -> FailureOutcome | StoreError:
+async def failed(guard: Guard, source: str, account: str | None) -> FailureOutcome | StoreError:
     fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     guard.failed(source, account, fut.set_result)
     return await asyncio.wait_for(fut, 5)

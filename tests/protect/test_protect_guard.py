@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from protect_support import FakeClock, admit, failed, pipes, wait_until
 
 from sipfarm.protect import Admission, FailureOutcome, GuardPolicy, MemoryGuard, RedisGuard
-from sipfarm.protect.guard import ban_key, source_failures_key
+from sipfarm.protect.guard import BAN_INDEX, ban_key, source_failures_key
 from sipfarm.protect.redis_guard import FAILURE_SCRIPT
 from sipfarm.store.errors import StoreError, StoreUnavailable
 from sipfarm.store.redis_server import RedisProcess, free_port
@@ -157,6 +157,20 @@ async def test_failures_against_an_account_add_up_across_sources_and_nodes(
             assert await admit(node_b, source, f"n:{source}") == Admission(banned=False, replay=False)
 
 
+async def test_a_user_name_no_account_has_gets_no_counter(redis_url: str) -> None:
+    # the authenticator passes None for a made-up name: the source counts (and is banned),
+    # and nothing is keyed by the name, which would be keys an attacker mints at will
+    policy = GuardPolicy(max_failures=3)
+    async with pipes(redis_url) as (pipe,):
+        await pipe.execute("FLUSHDB")
+        guard = RedisGuard(pipe, policy)
+        for n in (1, 2):
+            assert await failed(guard, ATTACKER, None) == FailureOutcome(n, 0, banned=False, account_alert=False)
+        assert await failed(guard, ATTACKER, None) == FailureOutcome(3, 0, banned=True, account_alert=False)
+        keys = await pipe.execute("KEYS", "*")
+        assert sorted(keys) == sorted([ban_key(ATTACKER).encode(), BAN_INDEX.encode()]), keys
+
+
 async def test_the_local_ban_cache_is_bounded_and_expires(redis_url: str) -> None:
     clock = FakeClock()
     policy = GuardPolicy(max_failures=1, ban_time=900, local_cache_size=3, local_ban_recheck=10)
@@ -295,7 +309,7 @@ SOURCES = [ATTACKER, OTHER, "2001:db8::1"]
 operations = st.lists(
     st.one_of(
         st.tuples(st.just("admit"), st.sampled_from(SOURCES), st.sampled_from(["a:1", "a:2", "b:", "c:00000001"])),
-        st.tuples(st.just("failed"), st.sampled_from(SOURCES), st.sampled_from([ALICE, BOB, "x@y"])),
+        st.tuples(st.just("failed"), st.sampled_from(SOURCES), st.sampled_from([ALICE, BOB, "x@y", None])),
     ),
     max_size=30,
 )
@@ -313,7 +327,7 @@ def test_memory_and_redis_guards_give_the_same_answers(redis_server: RedisProces
 
         @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
         @given(operations)
-        def agree(ops: list[tuple[str, str, str]]) -> None:
+        def agree(ops: list[tuple[str, str, Any]]) -> None:
             clock = FakeClock()
             memory, redis = MemoryGuard(policy, clock=clock), RedisGuard(pipe, policy, clock=clock)
             expected: list[Any] = []
