@@ -125,11 +125,20 @@ class Authenticator:
     # -- challenges ------------------------------------------------------------------------------
 
     def challenge(
-        self, msg: SipMessage, status: int, realm: str, *, stale: bool = False, tag: bytes | None = None
+        self,
+        msg: SipMessage,
+        status: int,
+        realm: str,
+        client: Address,
+        *,
+        stale: bool = False,
+        tag: bytes | None = None,
     ) -> SipMessage:
-        """A 401/407 with a fresh nonce. ``tag``: its To tag when not :meth:`Element.tag`'s (a
-        challenge tag, for an answer sent with no transaction: ``Element.stateless_tag``)."""
-        nonce = self.nonces.issue(self.element.wall(), realm).encode("ascii")
+        """A 401/407 with a fresh nonce, good from ``client``'s address only (behind a balancer:
+        the hop its branch names, ``Element.client``). ``tag``: its To tag when not
+        :meth:`Element.tag`'s (a challenge tag, for an answer sent with no transaction:
+        ``Element.stateless_tag``)."""
+        nonce = self.nonces.issue(self.element.wall(), realm, client.host).encode("ascii")
         key = "www-authenticate" if status == 401 else "proxy-authenticate"
         templates = self._templates.get((realm, stale))
         if templates is None:
@@ -147,14 +156,6 @@ class Authenticator:
     def banned(self, source: Address) -> bool:
         """The source is known banned here (no I/O)."""
         return self.guard is not None and self.guard.banned_locally(source.host, self.element.now())
-
-    def request_banned(self, msg: SipMessage, source: Address) -> bool:
-        """The client of ``msg`` (behind a balancer: the one its branch names) is known banned
-        here; no branch is read while this process knows of no ban at all."""
-        guard = self.guard
-        if guard is None or not guard.any_banned_locally():
-            return False
-        return self.banned(self.element.client(msg, source))
 
     # -- credentials -----------------------------------------------------------------------------
 
@@ -210,13 +211,14 @@ class Authenticator:
             done(AuthAnswer(Verdict.BANNED))
             return
         wall = self.element.wall()
-        nonce_status = self.nonces.check(creds.nonce, wall, realm)
+        nonce_status = self.nonces.check(creds.nonce, wall, realm, source.host)
         if nonce_status is auth.NonceStatus.INVALID:
-            # a nonce this farm did not issue (made up, or signed with a retired secret): no
-            # response can match it, so it is no password guess to count, and nothing of it goes
-            # to Redis (a nonce use, a failure counter per made-up user name: keys an attacker
-            # could mint at line rate, spoofed sources included). A fresh one, stale=true: a
-            # phone whose nonce predates a secret change retries without asking its user.
+            # a nonce this farm did not issue to this address (made up, issued to another one,
+            # or signed with a retired secret): no response can match it, so it is no password
+            # guess to count, and nothing of it goes to Redis (a nonce use, a failure counter:
+            # keys an attacker could mint at line rate, or a ban of the address it spoofs). A
+            # fresh one, stale=true: a phone whose address or the farm's secret changed since
+            # its nonce retries without asking its user.
             self.element.metrics.auth_failures("invalid_nonce").inc()
             done(AuthAnswer(Verdict.STALE))
             return
@@ -246,7 +248,14 @@ class Authenticator:
         if isinstance(account, CacheMiss):
             return None
         result = auth.verify(
-            creds, msg.method, self._ha1(account, creds), self.nonces, self.element.wall(), realm, allow_rfc2069=True
+            creds,
+            msg.method,
+            self._ha1(account, creds),
+            self.nonces,
+            self.element.wall(),
+            realm,
+            allow_rfc2069=True,
+            client=source.host,
         )
         # a cached "no such account" is verified with the dummy HA1, as authenticate does: the
         # same work as a known account's wrong password before both go to authenticate
@@ -288,7 +297,9 @@ class Authenticator:
             return AuthAnswer(Verdict.BANNED)
         account = check.account
         ha1 = self._ha1(account, creds)
-        result = auth.verify(creds, msg.method, ha1, self.nonces, check.wall, check.realm, allow_rfc2069=True)
+        result = auth.verify(
+            creds, msg.method, ha1, self.nonces, check.wall, check.realm, allow_rfc2069=True, client=check.source.host
+        )
         if result.outcome is auth.AuthOutcome.STALE:
             self.element.metrics.auth_failures("stale").inc()
             return AuthAnswer(Verdict.STALE)

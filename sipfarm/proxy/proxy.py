@@ -223,7 +223,7 @@ class Proxy:
             self.element.send_stateless(msg, self.auth.refusal(msg, tag=tag), source)
             return True
         realm = self.auth.caller_realm(msg, uri)
-        self.element.send_stateless(msg, self.auth.challenge(msg, 407, realm, tag=tag), source)
+        self.element.send_stateless(msg, self.auth.challenge(msg, 407, realm, client, tag=tag), source)
         return True
 
     def own_routes(self, msg: SipMessage) -> OwnRoutes:
@@ -365,7 +365,7 @@ class Proxy:
             creds = self.auth.credentials(msg, "proxy-authorization", realm)
             if creds is None:
                 call.answered = True
-                element.reply(stx, self.auth.challenge(msg, 407, realm))
+                element.reply(stx, self.auth.challenge(msg, 407, realm, element.client(msg, stx.source)))
                 return
         gruu: GruuTarget | None = None
         lookups: list[str] = []  # AORs whose bindings are read (with the first one's account)
@@ -448,7 +448,8 @@ class Proxy:
                         element.reply(stx, self.auth.refusal(msg))
                     else:
                         stale = answer.verdict is Verdict.STALE
-                        element.reply(stx, self.auth.challenge(msg, 407, realm, stale=stale))
+                        client = element.client(msg, stx.source)
+                        element.reply(stx, self.auth.challenge(msg, 407, realm, client, stale=stale))
                     return
                 msg.remove("proxy-authorization")  # ours, consumed (RFC 3261 22.3)
                 account = answer.account

@@ -110,10 +110,11 @@ class Registrar:
     def challenge_stateless(self, msg: SipMessage, source: Address) -> None:
         """A REGISTER with no credentials: 401 without a transaction (403 to a banned source)."""
         element = self.element
-        if self.auth.request_banned(msg, source):
+        client = element.client(msg, source)  # behind a balancer: the hop its branch names
+        if self.auth.banned(client):
             element.send_stateless(msg, self.auth.refusal(msg), source)
             return
-        response = self.auth.challenge(msg, 401, self.auth.register_realm(msg))
+        response = self.auth.challenge(msg, 401, self.auth.register_realm(msg), client)
         element.send_stateless(msg, response, source)
 
     def on_register(self, stx: ServerTransaction, msg: SipMessage, source: Address) -> None:
@@ -121,7 +122,7 @@ class Registrar:
         realm = self.auth.register_realm(msg)
         creds = self.auth.credentials(msg, "authorization", realm)
         if creds is None:
-            self.element.reply(stx, self.auth.challenge(msg, 401, realm))
+            self.element.reply(stx, self.auth.challenge(msg, 401, realm, self.element.client(msg, source)))
             return
         reg = read_register(msg, self.element.identity.domains, self.policy)
         if reg.domain != realm:
@@ -158,7 +159,7 @@ class Registrar:
             element.store_failed(stx, msg, answer.error)
             return
         if answer.verdict is not Verdict.OK:
-            self._refuse(stx, msg, reg, answer.verdict)
+            self._refuse(stx, msg, element.client(msg, source), reg, answer.verdict)
             return
         account = answer.account
         assert account is not None
@@ -167,12 +168,15 @@ class Registrar:
         except ValueError as exc:
             element.fail(stx, BadMessage(str(exc), partial=msg))
 
-    def _refuse(self, stx: ServerTransaction, msg: SipMessage, reg: RegisterRequest, verdict: Verdict) -> None:
+    def _refuse(
+        self, stx: ServerTransaction, msg: SipMessage, client: Address, reg: RegisterRequest, verdict: Verdict
+    ) -> None:
         """A banned source's 403, or a new challenge (stale=true for a stale or replayed nonce)."""
+        element = self.element
         if verdict is Verdict.BANNED:
-            self.element.reply(stx, self.auth.refusal(msg))
+            element.reply(stx, self.auth.refusal(msg))
         else:
-            self.element.reply(stx, self.auth.challenge(msg, 401, reg.domain, stale=verdict is Verdict.STALE))
+            element.reply(stx, self.auth.challenge(msg, 401, reg.domain, client, stale=verdict is Verdict.STALE))
 
     def _write(
         self,
@@ -232,7 +236,7 @@ class Registrar:
             return
         verdict = self.auth.admitted(creds, msg, client, res.ban_left, res.first_use)
         if verdict is not Verdict.OK or res.result is None:
-            self._refuse(stx, msg, reg, verdict)
+            self._refuse(stx, msg, client, reg, verdict)
             return
         self._applied(stx, msg, reg, started, flow_timer, res.result)
 

@@ -687,7 +687,7 @@ def _b64url(raw: bytes) -> bytes:
 class NonceFactory:
     """Issues and checks stateless nonces shared by every node holding ``secret``.
 
-    nonce = base64url(timestamp | salt | BLAKE2b-128(key=secret, timestamp | salt | realm)),
+    nonce = base64url(timestamp | salt | BLAKE2b-128(key=secret, timestamp | salt | [0 | client | 0 |] realm)),
     unpadded (43 characters). Keyed BLAKE2b is a MAC by design (RFC 7693) and a third of the
     cost of HMAC-SHA256 here, which matters: every challenge and every authenticated request
     computes one. The salt needs uniqueness, not secrecy (the MAC covers it). ``old_secrets``
@@ -725,19 +725,25 @@ class NonceFactory:
         self.max_clock_skew = max_clock_skew
 
     @staticmethod
-    def _mac(keyed: hashlib.blake2b, head: bytes, realm: str) -> bytes:
+    def _mac(keyed: hashlib.blake2b, head: bytes, realm: str, client: str) -> bytes:
         h = keyed.copy()
-        h.update(head + realm.encode("utf-8"))
+        # with a client: NUL, client, NUL, realm (a realm is a served domain: it never starts
+        # with NUL, so no client-less input reads the same)
+        client_part = b"\0" + client.encode("utf-8") + b"\0" if client else b""
+        h.update(head + client_part + realm.encode("utf-8"))
         return h.digest()
 
-    def issue(self, now: float, realm: str) -> str:
+    def issue(self, now: float, realm: str, client: str = "") -> str:
+        """A nonce for ``realm``, valid only from ``client`` (an IP address, "" for anyone):
+        a nonce obtained at one address does not authenticate, nor count failures, from another
+        (a spoofed source cannot get its victim banned with it)."""
         head = _TIMESTAMP.pack(max(0, int(now * 1000))) + self._random(_SALT_LEN)[:_SALT_LEN]
         if len(head) != _TIMESTAMP.size + _SALT_LEN:
             raise ValueError("random source returned too few bytes")
-        raw = head + self._mac(self._keyed[0], head, realm)
+        raw = head + self._mac(self._keyed[0], head, realm, client)
         return _b64url(raw).rstrip(b"=").decode("ascii")
 
-    def check(self, nonce: str, now: float, realm: str) -> NonceStatus:
+    def check(self, nonce: str, now: float, realm: str, client: str = "") -> NonceStatus:
         if len(nonce) != 43 or not nonce.isascii():
             return NonceStatus.INVALID
         try:
@@ -752,7 +758,7 @@ class NonceFactory:
         head, mac = raw[:-_MAC_LEN], raw[-_MAC_LEN:]
         authentic = False
         for keyed in self._keyed:  # no early exit: same work whichever key matches
-            authentic |= hmac.compare_digest(self._mac(keyed, head, realm), mac)
+            authentic |= hmac.compare_digest(self._mac(keyed, head, realm, client), mac)
         if not authentic:
             return NonceStatus.INVALID
         (issued_ms,) = _TIMESTAMP.unpack(head[: _TIMESTAMP.size])
@@ -818,8 +824,10 @@ def verify(
     expected_realm: str,
     *,
     allow_rfc2069: bool = False,
+    client: str = "",
 ) -> AuthResult:
-    """Check ``creds`` for a request with ``method`` against an account's stored HA1 values.
+    """Check ``creds`` for a request with ``method`` against an account's stored HA1 values
+    (``client``: the address the request came from, which its nonce must have been issued to).
 
     ``ha1_by_algorithm`` maps base algorithm names (``"MD5"``, ``"SHA-256"``) to hex HA1, or is
     None for an unknown account; both that and a wrong password give FAIL with the same reason.
@@ -845,7 +853,7 @@ def verify(
         nc_value = int(creds.nc, 16)
         if nc_value == 0:
             return AuthResult(AuthOutcome.FAIL, "nc is zero")
-    status = nonces.check(creds.nonce, now, expected_realm)
+    status = nonces.check(creds.nonce, now, expected_realm, client)
     if status is NonceStatus.INVALID:
         return AuthResult(AuthOutcome.FAIL, "invalid nonce", nc_value)
 

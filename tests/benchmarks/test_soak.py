@@ -34,4 +34,4 @@ def test_a_short_soak_writes_its_samples(tmp_path: Path) -> None:
     assert result["dead"] is None and result["calls_ok"] == 60 and result["calls_failed"] == 0
     assert result["attack_sent"] > 0 and result["attack_sources"] >= soak.SOURCES_PER_ROUND
     assert len(result["samples"]) >= 4 and all(s["node_mb"] > 0 for s in result["samples"])
-    assert "| t (s) | node MB | balancer MB | Redis MB |" in (tmp_path / "soak.md").read_text()
+    assert "| t (s) | node MB | balancer MB | Redis MB | Redis keys |" in (tmp_path / "soak.md").read_text()

@@ -205,8 +205,17 @@ def test_a_replay_through_one_round_trip_writes_nothing_and_gets_a_stale_challen
     alice = farm.phone("alice", "10.0.0.1")
     assert alice.register().status == 200  # type: ignore[union-attr]
     assert farm.state.writes == [0, 1]
+    # from another address the nonce is not alice's (it was issued to 10.0.0.1): refused
+    # before any I/O, nothing written, a fresh nonce for that address
     mallory = farm.phone("mallory", "10.6.6.6")
     answer = _replay(farm, alice, mallory, "sip:alice@10.6.6.6:5060")
+    assert answer is not None and answer.status == 401
+    assert auth.parse_challenge(answer.get_all("www-authenticate")[0]).stale
+    assert farm.state.writes == [0, 1]
+    # from alice's own address (her network, or a spoofed source): the nonce checks out, the
+    # nonce-count was used: refused in the write's script, which writes nothing
+    neighbour = farm.phone("mallory", "10.0.0.1", port=5070)
+    answer = _replay(farm, alice, neighbour, "sip:alice@10.6.6.6:5060")
     assert answer is not None and answer.status == 401
     assert auth.parse_challenge(answer.get_all("www-authenticate")[0]).stale
     assert farm.state.writes == [0, 2]  # it went the one-round-trip way, and was refused there

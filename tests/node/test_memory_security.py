@@ -12,6 +12,7 @@ import pytest
 from memfarm import DOMAIN, MemFarm, Phone
 
 from sipfarm.metrics import NodeMetrics, sync_counters
+from sipfarm.sip import auth
 from sipfarm.sip.headers import parse_name_addr
 from sipfarm.sip.message import SipMessage
 from sipfarm.sip.uri import SipURI
@@ -212,6 +213,28 @@ def test_guesses_for_an_unknown_user_mint_no_key_of_their_own(farm: MemFarm) -> 
     assert any("10.6.6.11" in k for k in keys) and any("10.6.6.12" in k for k in keys)
     assert any(f"alice@{DOMAIN}" in k for k in keys)
     assert not any("nobody" in k for k in keys), keys
+
+
+def test_a_spoofed_source_cannot_get_its_victim_banned(farm: MemFarm) -> None:
+    # mallory gets a real nonce at her own address, then sends wrong passwords with it from
+    # alice's address (UDP sources are forged at will): the nonce was not issued there, so
+    # no guess is counted for alice's address, and alice still registers
+    mallory = farm.phone("alice", "10.6.6.13")
+    invite = mallory.request("REGISTER", f"sip:{DOMAIN}", to=f"<sip:alice@{DOMAIN}>")
+    mallory.send(invite)
+    challenge = mallory.last(401)
+    assert challenge is not None
+    spoofed = farm.phone("alice", "10.0.0.1", port=5099)
+    before = set(farm.keys._data)
+    for i in range(12):
+        spoofed.inbox.clear()
+        spoofed.send(spoofed.authorize(challenge, invite, password=f"guess-{i}"))
+        answer = spoofed.last()
+        assert answer is not None and answer.status == 401
+        assert auth.parse_challenge(answer.get_all("www-authenticate")[0]).stale
+    assert set(farm.keys._data) == before
+    alice = farm.phone("alice", "10.0.0.1")
+    assert alice.register().status == 200  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("method", ["REGISTER", "INVITE"])

@@ -347,6 +347,18 @@ def test_nonce_lifecycle() -> None:
     assert nonces.check(nonce, NOW - 3600, REALM) is NonceStatus.INVALID  # from the far future
 
 
+def test_a_nonce_issued_to_a_client_is_good_from_its_address_only() -> None:
+    nonces = NonceFactory(SECRET, lifetime=60)
+    nonce = nonces.issue(NOW, REALM, "192.0.2.10")
+    assert nonces.check(nonce, NOW, REALM, "192.0.2.10") is NonceStatus.VALID
+    assert nonces.check(nonce, NOW + 61, REALM, "192.0.2.10") is NonceStatus.STALE
+    for other in ("192.0.2.11", "", "2001:db8::10", "192.0.2.1"):
+        assert nonces.check(nonce, NOW, REALM, other) is NonceStatus.INVALID
+    # nor can the realm and the address be traded against each other
+    assert nonces.check(nonces.issue(NOW, "a", "b"), NOW, "b", "a") is NonceStatus.INVALID
+    assert nonces.check(nonces.issue(NOW, "ab", "c"), NOW, "a", "bc") is NonceStatus.INVALID
+
+
 def test_nonce_rotation_accepts_old_secret() -> None:
     old = NonceFactory(SECRET, lifetime=60)
     rotated = NonceFactory(b"the-new-cluster-secret", lifetime=60, old_secrets=[SECRET])
