@@ -18,10 +18,11 @@ request:
   same for both and goes before any counting, so neither it nor its timing tells them apart.
   Credentials whose nonce the farm did not issue to the client's address are not counted and
   write nothing at all (:class:`~sipfarm.protect.authenticator.Authenticator`): no response
-  can match such a nonce, so it is no guess, and a spoofed source cannot get its victim banned. ``max_failures`` failures from one source within
-  ``window`` seconds ban the source for ``ban_time`` seconds, farm-wide. Accounts are never
-  locked (the real user elsewhere must still register); an account crossing ``account_alert``
-  failures in the window is logged and counted as under attack.
+  can match such a nonce, so it is no guess, and a spoofed source cannot get its victim banned.
+  ``max_failures`` failures from one source within ``window`` seconds ban the source for
+  ``ban_time`` seconds, farm-wide. Accounts are never locked (the real user elsewhere must
+  still register); an account crossing ``account_alert`` failures in the window is logged and
+  counted as under attack.
 
 A ban *consumes* the failures that caused it (the source's counter is cleared when the ban
 starts), so once a ban ends the source starts again from zero. Counters use a fixed window
