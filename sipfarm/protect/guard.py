@@ -201,9 +201,6 @@ class Guard(Protocol):
         user name no account has: no counter, so made-up names mint no keys), expiring after
         ``window``; at ``max_failures`` ban the source for ``ban_time`` (farm-wide)."""
 
-    def any_banned_locally(self) -> bool:
-        """Whether this process knows of any ban at all."""
-
     def banned_locally(self, source_ip: str, now: float) -> bool:
         """No I/O: this process already knows ``source_ip`` is banned (learnt from admit/failed answers;
         entries end with the ban or after ``local_ban_recheck``, bounded LRU; ``now`` on the guard's clock)."""

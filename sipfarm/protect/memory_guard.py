@@ -123,10 +123,6 @@ class MemoryGuard:
     def banned_locally(self, source_ip: str, now: float) -> bool:
         return self.rules.local.banned(source_ip, now)
 
-    def any_banned_locally(self) -> bool:
-        """Whether this process knows of any ban at all (no need to look up a source if not)."""
-        return len(self.rules.local) > 0
-
     def admit(self, source_ip: str, nonce_use: str, ttl: float, done: Callable[[Admission | StoreError], None]) -> None:
         ban, first_use = record_admission(self.keys, source_ip, nonce_use, ttl)
         done(self.rules.admission(source_ip, ban, first_use, self._clock()))

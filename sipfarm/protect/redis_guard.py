@@ -128,10 +128,6 @@ class RedisGuard:
     def banned_locally(self, source_ip: str, now: float) -> bool:
         return self.rules.local.banned(source_ip, now)
 
-    def any_banned_locally(self) -> bool:
-        """Whether this process knows of any ban at all (no need to look up a source if not)."""
-        return len(self.rules.local) > 0
-
     # -- admit -----------------------------------------------------------------------------------
 
     def admit(self, source_ip: str, nonce_use: str, ttl: float, done: Callable[[Admission | StoreError], None]) -> None:
