@@ -223,6 +223,7 @@ class Authenticator:
             done(AuthAnswer(Verdict.STALE))
             return
         check = _Check(self, creds, msg, source, realm, wall, done)
+        check.nonce_status = nonce_status
         needed = 2 if self.guard is not None else 1
         check.needed = needed
         if self.guard is not None:
@@ -298,7 +299,15 @@ class Authenticator:
         account = check.account
         ha1 = self._ha1(account, creds)
         result = auth.verify(
-            creds, msg.method, ha1, self.nonces, check.wall, check.realm, allow_rfc2069=True, client=check.source.host
+            creds,
+            msg.method,
+            ha1,
+            self.nonces,
+            check.wall,
+            check.realm,
+            allow_rfc2069=True,
+            client=check.source.host,
+            nonce_status=check.nonce_status,  # checked by authenticate: one MAC, not two
         )
         if result.outcome is auth.AuthOutcome.STALE:
             self.element.metrics.auth_failures("stale").inc()
@@ -361,7 +370,20 @@ class _Check:
     """One verification waiting for its account and guard answers (an object, not closures:
     no reference cycle per request, see farmstate.py)."""
 
-    __slots__ = ("account", "admission", "auth", "creds", "done", "got", "msg", "needed", "realm", "source", "wall")
+    __slots__ = (
+        "account",
+        "admission",
+        "auth",
+        "creds",
+        "done",
+        "got",
+        "msg",
+        "needed",
+        "nonce_status",
+        "realm",
+        "source",
+        "wall",
+    )
 
     def __init__(
         self,
@@ -384,6 +406,7 @@ class _Check:
         self.got = 0
         self.account: Account | StoreError | None = None
         self.admission: Admission | StoreError | None = None
+        self.nonce_status: auth.NonceStatus | None = None
 
     def account_found(self, account: Account | StoreError | None) -> None:
         self.account = account

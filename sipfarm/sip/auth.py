@@ -825,9 +825,11 @@ def verify(
     *,
     allow_rfc2069: bool = False,
     client: str = "",
+    nonce_status: NonceStatus | None = None,
 ) -> AuthResult:
     """Check ``creds`` for a request with ``method`` against an account's stored HA1 values
-    (``client``: the address the request came from, which its nonce must have been issued to).
+    (``client``: the address the request came from, which its nonce must have been issued to;
+    ``nonce_status``: the caller's ``nonces.check`` of it already, not computed again).
 
     ``ha1_by_algorithm`` maps base algorithm names (``"MD5"``, ``"SHA-256"``) to hex HA1, or is
     None for an unknown account; both that and a wrong password give FAIL with the same reason.
@@ -853,7 +855,7 @@ def verify(
         nc_value = int(creds.nc, 16)
         if nc_value == 0:
             return AuthResult(AuthOutcome.FAIL, "nc is zero")
-    status = nonces.check(creds.nonce, now, expected_realm, client)
+    status = nonce_status if nonce_status is not None else nonces.check(creds.nonce, now, expected_realm, client)
     if status is NonceStatus.INVALID:
         return AuthResult(AuthOutcome.FAIL, "invalid nonce", nc_value)
 

@@ -750,7 +750,6 @@ class TransactionLayer:
         # TimerConfig.trying > 0: a server INVITE transaction starts its 100 Trying timer
         # instead of answering 100 at once
         self._defer_trying = self.timers.trying > 0
-        self._deferred_trying: tuple[Action, ...] = SERVER_INVITE_INITIAL_DEFERRED[0]
         self.stats = TransactionStats()
         self._server: dict[tuple[object, ...], ServerTransaction] = {}
         self._client: dict[tuple[object, ...], ClientTransaction] = {}
@@ -860,7 +859,7 @@ class TransactionLayer:
         self.stats.server_created += 1
         initial: tuple[Action, ...] = new.INITIAL[0]
         if self._defer_trying and method == _INVITE:
-            initial = self._deferred_trying
+            initial = SERVER_INVITE_INITIAL_DEFERRED[0]
         self._run(new, initial, None, now)
         return new
 
