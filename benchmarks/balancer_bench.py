@@ -50,7 +50,7 @@ from sipfarm.transport.udp import UdpEndpoint
 CAPTURE = Path(__file__).with_name("scenarios") / "balancer_call.json"
 SECRET = b"balancer-bench-secret-0123456789"
 HOST = "127.0.0.1"
-_TOKEN = re.compile(rb"sip:([0-9a-f]{32})@")
+_TOKEN = re.compile(rb"sip:([0-9a-f]{32})@([0-9.]+):([0-9]+)")
 _BRANCH = re.compile(rb"z9hG4bKlb-[0-9a-f]{36}")
 
 
@@ -127,13 +127,15 @@ def build(ports: dict[str, int]) -> tuple[TransportManager, BalancerCore, _Count
 
 
 def _resign_tokens(data: bytes, tokens: FlowTokens) -> bytes:
-    """The flow tokens in ``data`` signed with ``tokens``' secret (each names its own flow)."""
+    """The flow tokens in ``data`` signed with ``tokens``' secret (each names its own flow, at
+    the host and port of its URI)."""
     from sipfarm.edge import unpack_flow  # noqa: PLC0415
 
     def sub(m: re.Match[bytes]) -> bytes:
         flow = unpack_flow(bytes.fromhex(m.group(1)[16:].decode()))
         assert flow is not None
-        return b"sip:" + tokens.encode(flow).encode() + b"@"
+        host, port = m.group(2), m.group(3)
+        return b"sip:%s@%s:%s" % (tokens.encode(flow, host.decode(), int(port)).encode(), host, port)
 
     return _TOKEN.sub(sub, data)
 

@@ -142,13 +142,13 @@ class FlowTokens:
         if len(secret) < 16:
             raise ValueError("flow token secret must be at least 16 bytes")
         self._secret = secret
-        self._cache: dict[Address, str] = {}  # a flow's token, for its next messages
+        self._cache: dict[tuple[Address, str, int], str] = {}  # a flow's token, for its next messages
         # a key of its own, so a seal never doubles as a flow token MAC
         self._seal_key = hmac.digest(secret, b"sipfarm uri seal", "sha256")
         self._seals: dict[tuple[str, int], str] = {}  # element seals, for the next messages
         # dialog seals: a call's Record-Route seal is checked again on its ACK and BYE (bounded)
         self._dialog_seals: dict[tuple[str, int, bytes], str] = {}
-        self._decoded: dict[str, Address] = {}  # valid tokens seen, for their next messages
+        self._decoded: dict[tuple[str, str, int], Address] = {}  # valid tokens seen, for their next messages
 
     def seal(self, host: str, port: int, call_id: bytes = b"") -> str:
         """The ``sf`` parameter the farm puts on URIs it writes into Record-Route and Route.
@@ -186,22 +186,31 @@ class FlowTokens:
         port = uri.port or default_port(uri.transport)
         return hmac.compare_digest(given.lower(), self.seal(uri.host, port, call_id))
 
-    def encode(self, flow: Address) -> str:
-        token = self._cache.get(flow)
+    def encode(self, flow: Address, host: str, port: int) -> str:
+        """The token naming ``flow`` in a URI the farm writes at ``host:port`` (the element
+        holding the flow): valid there only, so a token copied into a URI naming any other
+        host or port is no token of ours (a token trusted wherever it was written let a URI
+        of one's choosing pass for the farm's, and a node send there)."""
+        key = (flow, host, port)
+        token = self._cache.get(key)
         if token is None:
-            token = self._encode(flow)
+            packed = pack_flow(flow)
+            token = (self._mac(packed, host, port) + packed).hex()
             if len(self._cache) >= CACHE_LIMIT:
                 self._cache.clear()  # bounded; a miss only costs one HMAC
-            self._cache[flow] = token
+            self._cache[key] = token
         return token
 
-    def _encode(self, flow: Address) -> str:
-        packed = pack_flow(flow)
-        return (hmac.digest(self._secret, packed, "sha256")[:_MAC_LEN] + packed).hex()
+    def _mac(self, packed: bytes, host: str, port: int) -> bytes:
+        where = b"@%s:%d" % (host.strip("[]").lower().encode("latin-1"), port)
+        return hmac.digest(self._secret, packed + where, "sha256")[:_MAC_LEN]
 
-    def decode(self, token: str | bytes) -> Address:
+    def decode(self, token: str | bytes, host: str, port: int) -> Address:
+        """The flow ``token`` names, when the farm wrote it in a URI at ``host:port`` (the
+        port as the URI gives it, else its transport's default); FlowTokenError otherwise."""
         text = token.decode("latin-1") if isinstance(token, bytes) else token
-        known = self._decoded.get(text)
+        key = (text, host, port)
+        known = self._decoded.get(key)
         if known is not None:
             return known
         raw = _unhex(text)
@@ -210,17 +219,16 @@ class FlowTokens:
         if len(raw) < _MAC_LEN + 2 + 4 + 2:
             raise FlowTokenError("too short")
         mac, packed = raw[:_MAC_LEN], raw[_MAC_LEN:]
-        expected = hmac.digest(self._secret, packed, "sha256")[:_MAC_LEN]
-        if not hmac.compare_digest(mac, expected):
+        if not hmac.compare_digest(mac, self._mac(packed, host, port)):
             raise FlowTokenError("bad MAC")
         flow = unpack_flow(packed)
         if flow is None:
             raise FlowTokenError("bad layout")
-        if len(text) > MAX_CACHED_KEY:
+        if len(text) + len(host) > MAX_CACHED_KEY:
             return flow  # valid, yet padded (fromhex skips whitespace): not remembered
         if len(self._decoded) >= CACHE_LIMIT:
             self._decoded.clear()  # bounded; only valid tokens get here, a miss costs one HMAC
-        self._decoded[text] = flow
+        self._decoded[key] = flow
         return flow
 
 
@@ -344,12 +352,12 @@ class OwnRoutes:
         :meth:`_learn` says of it.  FlowTokenError on an invalid token."""
         if not self.ours(plain[1], plain[2]):
             return None
-        return self._learn(top, plain[0])
+        return self._learn(top, plain[0], plain[1], plain[2])
 
-    def _learn(self, top: bytes, user: bytes) -> Address:
-        """The flow the token in the user part of our entry ``top`` names (``NO_FLOW``: no
-        token), remembered under ``top``.  FlowTokenError on an invalid token."""
-        named = self.tokens.decode(user) if user else NO_FLOW
+    def _learn(self, top: bytes, user: bytes, host: str, port: int) -> Address:
+        """The flow the token in the user part of our entry ``top`` (at ``host:port``) names
+        (``NO_FLOW``: no token), remembered under ``top``.  FlowTokenError on an invalid token."""
+        named = self.tokens.decode(user, host, port) if user else NO_FLOW
         # the sender may pad its entry (long ones are not kept); a sealed entry is one
         # dialog's or request's (not kept either)
         if len(top) <= MAX_CACHED_KEY and top.find(b";sf=") < 0:
@@ -383,9 +391,10 @@ class OwnRoutes:
                         plain = None
                     else:
                         uri = route_uri(msg, top)
-                        if uri is None or not self.ours(uri.host, uri.port or default_port(uri.transport)):
+                        port = uri.port or default_port(uri.transport) if uri is not None else 0
+                        if uri is None or not self.ours(uri.host, port):
                             break
-                        named = self._learn(top, uri.user.encode("latin-1") if uri.user else b"")
+                        named = self._learn(top, uri.user.encode("latin-1") if uri.user else b"", uri.host, port)
                 except FlowTokenError:
                     raise BadMessage("invalid flow token in Route", partial=msg) from None
             pop_value_at(msg, "route", at, rest)
@@ -444,7 +453,7 @@ def flow_uri(
         params += ";ob"
     if seal:
         params += f";sf={seal}"
-    return f"<sip:{tokens.encode(flow)}@{bracket(host)}:{port}{params}>".encode()
+    return f"<sip:{tokens.encode(flow, host, port)}@{bracket(host)}:{port}{params}>".encode()
 
 
 def add_uri_param(value: bytes, param: bytes) -> bytes:

@@ -257,10 +257,9 @@ def run_up(args: argparse.Namespace) -> int:
                 return 1
             redis_url = redis_proc.url
         asyncio.run(provision(redis_url, args.domain))
-        if _is_loopback(host) and "SIPFARM_ALLOW_DESTINATIONS" not in os.environ:
-            # a farm listening on loopback serves phones on this machine only, and those sit on
-            # loopback: let requests reach them (refused by default, see README "A closed farm")
-            os.environ["SIPFARM_ALLOW_DESTINATIONS"] = "127.0.0.0/8,::1/128"
+        destinations = loopback_destinations(host)
+        if destinations is not None:
+            os.environ["SIPFARM_ALLOW_DESTINATIONS"] = destinations
 
         # relays first: they are in the membership before the nodes take calls
         span = (MEDIA_PORTS[1] - MEDIA_PORTS[0] + 1) // max(1, relays)
@@ -423,17 +422,35 @@ def node_accept_from(host: str) -> str:
     return ",".join(["balancers", "peers", *own])
 
 
+def loopback_destinations(host: str) -> str | None:
+    """What ``sipfarm up`` sets ``SIPFARM_ALLOW_DESTINATIONS`` to for a farm on ``host``
+    (None: nothing). A farm listening on loopback serves phones on this machine only, and those
+    sit on loopback: requests may reach them (refused by default, see README "A closed farm").
+    The operator's own setting wins: the environment, or the config file's ``[node]`` or
+    ``[balancer]`` (which the environment would override)."""
+    if not _is_loopback(host) or "SIPFARM_ALLOW_DESTINATIONS" in os.environ:
+        return None
+    if any(_setting(name, "allow_destinations") is not None for name in ("node", "balancer")):
+        return None
+    return "127.0.0.0/8,::1/128"
+
+
 def _node_setting(key: str) -> object | None:
     """A key of the config file's [node] section (None: no file, or not set there)."""
+    return _setting("node", key)
+
+
+def _setting(name: str, key: str) -> object | None:
+    """A key of the config file's section ``name`` (None: no file, or not set there)."""
     if not CONFIG_FILE:
         return None
     import tomllib  # noqa: PLC0415
 
     try:
         with open(CONFIG_FILE[0], "rb") as fh:
-            section = tomllib.load(fh).get("node", {})
+            section = tomllib.load(fh).get(name, {})
     except (OSError, tomllib.TOMLDecodeError):
-        return None  # the node reports the file's problem itself
+        return None  # the process reports the file's problem itself
     return section.get(key) if isinstance(section, dict) else None
 
 

@@ -649,7 +649,7 @@ class BalancerCore:
 
     def _make_entries(self, client_flow: Address, *, path: bool, facing_client: bool) -> tuple[bytes, ...]:
         pub = self.public.get(client_flow.transport) or self.internal
-        token = self.tokens.encode(client_flow)
+        token = self.tokens.encode(client_flow, pub.host, pub.port)
         params = ";lr" + ("" if client_flow.transport == "udp" else f";transport={client_flow.transport}")
         if path:
             params += ";ob"
@@ -663,6 +663,11 @@ class BalancerCore:
         if facing_client:
             return (client_entry, node_entry)
         return (node_entry, client_entry)
+
+    def flow_token(self, flow: Address) -> str:
+        """The token our Path and Record-Route entries carry for ``flow`` (see :meth:`_make_entries`)."""
+        pub = self.public.get(flow.transport) or self.internal
+        return self.tokens.encode(flow, pub.host, pub.port)
 
     def _names_us(self, uri: SipURI) -> bool:
         return (_bare(uri.host), uri.port or default_port(uri.transport)) in self._ours

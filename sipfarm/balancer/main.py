@@ -365,7 +365,7 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
     async def unregister(gone: FlowGone) -> None:
         """A UDP phone stopped answering OPTIONS: remove its bindings made over this flow
         (their Path names the flow's token; a newer REGISTER from elsewhere stays)."""
-        token = core.tokens.encode(gone.flow)
+        token = core.flow_token(gone.flow)
         removed = 0
         try:
             for binding in await location.lookup(gone.aor, time.time()):

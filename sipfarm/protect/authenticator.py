@@ -117,7 +117,8 @@ class Authenticator:
         self.accounts = accounts
         self.guard = guard
         self.algorithms = algorithms
-        self._accepted = frozenset(a.upper().removesuffix("-SESS") for a in algorithms)
+        # as configured: MD5 does not let in MD5-sess (list "MD5-sess" to take it)
+        self._accepted = frozenset(a.upper() for a in algorithms)
         # (realm, stale) -> the challenge values cut around the nonce (auth.challenge_templates);
         # realms are served domains, the count is bounded all the same
         self._templates: dict[tuple[str, bool], list[tuple[bytes, bytes]]] = {}
@@ -282,7 +283,7 @@ class Authenticator:
         """The HA1s to verify ``creds`` with (None: verify against the dummy HA1, which fails)."""
         if account is None or not account.enabled:
             return None
-        if creds.algorithm.upper().removesuffix("-SESS") not in self._accepted:
+        if creds.algorithm.upper() not in self._accepted:
             return None  # an algorithm we do not offer: the same failure as a wrong password
         return account.ha1_by_algorithm
 

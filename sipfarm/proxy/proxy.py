@@ -258,7 +258,7 @@ class Proxy:
                     break
                 names_us = identity.names(uri)
                 seal = uri.param("sf") is not None and tokens.sealed(uri, msg.call_id)
-                user, host = uri.user or "", uri.host
+                user, host, port = uri.user or "", uri.host, uri.port or default_port(uri.transport)
                 # the farm's domain itself (a phone whose outbound proxy is "sip:farm.test"
                 # preloads that Route, and the domain leads here)
                 domain = not user and host in identity.domains
@@ -271,7 +271,7 @@ class Proxy:
             sealed = sealed or seal
             if user and names_us:
                 try:
-                    flow = tokens.decode(user)
+                    flow = tokens.decode(user, host, port)
                 except FlowTokenError:
                     raise BadMessage("invalid flow token in Route", partial=msg) from None
         return OwnRoutes(flow, sealed, popped)
@@ -829,14 +829,16 @@ class Proxy:
         return dest
 
     def _farm_uri(self, uri: object, call_id: bytes) -> bool:
-        """``uri`` was written by the farm: a flow token, or a seal (an element's, or a node's
-        Record-Route for this Call-ID). Its host is then a farm element, never a stranger."""
-        if not isinstance(uri, SipURI):
+        """``uri`` was written by the farm: a flow token valid at its host and port, or a seal
+        of its host and port (an element's, or a node's Record-Route for this Call-ID), and no
+        ``maddr`` (the farm writes none; it would send elsewhere than the host the token or
+        seal vouches for). Its destination is then a farm element, never a stranger's choice."""
+        if not isinstance(uri, SipURI) or uri.param("maddr") is not None:
             return False
         tokens = self.flow_tokens
         if uri.user:
             try:
-                tokens.decode(uri.user)
+                tokens.decode(uri.user, uri.host, uri.port or default_port(uri.transport))
             except FlowTokenError:
                 return False
             return True

@@ -32,7 +32,7 @@ def _ours(host: str, port: int) -> bool:
 def test_own_routes_padded_by_the_sender_are_answered_not_remembered():
     tokens = FlowTokens(SECRET)
     routes = OwnRoutes(_ours, tokens)
-    token = tokens.encode(CLIENT)
+    token = tokens.encode(CLIENT, "10.0.0.1", 5060)
     for i in range(300):
         pad = f";x{i}=" + "a" * LONG
         extra = f"Route: <sip:{token}@10.0.0.1:5060;lr{pad}>\r\n"
@@ -68,10 +68,10 @@ def test_flow_tokens_seal_and_decode_caches_keep_no_long_keys():
         host = f"h{i}." + "a" * LONG
         assert tokens.seal(host, 5060) == tokens.seal(host, 5060)
     assert all(len(host) <= MAX_CACHED_KEY for host, _ in tokens._seals)
-    token = tokens.encode(CLIENT)
+    token = tokens.encode(CLIENT, "10.0.0.1", 5060)
     padded = " ".join(token[i : i + 2] for i in range(0, len(token), 2)) + " " * LONG
-    assert tokens.decode(padded) == CLIENT
-    assert all(len(text) <= MAX_CACHED_KEY for text in tokens._decoded)
+    assert tokens.decode(padded, "10.0.0.1", 5060) == CLIENT
+    assert all(len(text) <= MAX_CACHED_KEY for text, _, _ in tokens._decoded)
 
 
 def test_ip_literal_check_of_long_hosts_is_right_and_not_remembered():

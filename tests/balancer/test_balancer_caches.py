@@ -111,7 +111,7 @@ def _with_routes(*routes: str) -> SipMessage:
 def test_own_routes_pop_ours_and_name_the_flow_of_the_token():
     tokens = FlowTokens(SECRET)
     routes = OwnRoutes(_ours, tokens)
-    mine = f"<sip:{tokens.encode(CLIENT)}@10.0.0.1:5060;lr>"
+    mine = f"<sip:{tokens.encode(CLIENT, '10.0.0.1', 5060)}@10.0.0.1:5060;lr>"
     for _ in range(2):  # parsed, then remembered: the same answer
         msg = _with_routes(mine, "<sip:10.0.0.1:5060;lr>", "<sip:10.0.1.1:5060;lr>")
         flow, top, plain = routes.pop(msg)
@@ -126,7 +126,7 @@ def test_own_routes_read_a_sealed_entry_of_ours_without_keeping_it():
     read in the plain shape or parsed, the same flow; sealed ones are not remembered."""
     tokens = FlowTokens(SECRET)
     routes = OwnRoutes(_ours, tokens)
-    token = tokens.encode(CLIENT)
+    token = tokens.encode(CLIENT, '10.0.0.1', 5060)
     for value in (
         f"<sip:{token}@10.0.0.1:5060;lr;ob;sf=cdc0e62f3e729d5bdab3>",
         f"<sip:{token}@10.0.0.1:5060;lr;ob;sf=ab12>",
@@ -143,14 +143,14 @@ def test_own_routes_read_a_sealed_entry_of_ours_without_keeping_it():
 def test_own_routes_refuse_a_forged_token_every_time_and_do_not_remember_it():
     tokens = FlowTokens(SECRET)
     routes = OwnRoutes(_ours, tokens)
-    real = tokens.encode(CLIENT)
+    real = tokens.encode(CLIENT, '10.0.0.1', 5060)
     forged = real[:-1] + ("0" if real[-1] != "0" else "1")
     for _ in range(2):
         with pytest.raises(BadMessage):
             routes.pop(_with_routes(f"<sip:{forged}@10.0.0.1:5060;lr>"))
     assert len(routes) == 0
     # a token signed with another secret neither
-    other = FlowTokens(b"another-secret-0123456789abcdef!").encode(CLIENT)
+    other = FlowTokens(b"another-secret-0123456789abcdef!").encode(CLIENT, "10.0.0.1", 5060)
     with pytest.raises(BadMessage):
         routes.pop(_with_routes(f"<sip:{other}@10.0.0.1:5060;lr>"))
 
@@ -160,7 +160,8 @@ def test_own_routes_are_bounded():
     routes = OwnRoutes(_ours, tokens, limit=8)
     for port in range(40000, 40020):
         flow = Address("udp", "203.0.113.7", port)
-        assert routes.pop(_with_routes(f"<sip:{tokens.encode(flow)}@10.0.0.1:5060;lr>")) == (flow, None, None)
+        token = tokens.encode(flow, "10.0.0.1", 5060)
+        assert routes.pop(_with_routes(f"<sip:{token}@10.0.0.1:5060;lr>")) == (flow, None, None)
         assert len(routes) <= 8
 
 

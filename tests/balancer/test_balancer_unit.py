@@ -144,7 +144,7 @@ def test_register_gets_path_with_token_of_client_flow_and_goes_to_node_of_aor(lb
     assert len(paths) == 1  # udp client, udp node side: one entry
     top = uri_of(paths[0])
     assert (top.host, top.port) == ("10.0.0.1", 5060)
-    assert top.user is not None and lb.tokens.decode(top.user) == CLIENT
+    assert top.user is not None and lb.tokens.decode(top.user, top.host, top.port or 5060) == CLIENT
     assert top.param("lr") is not None and top.param("ob") is not None
 
 
@@ -170,7 +170,7 @@ def test_invite_hashed_by_call_id_with_record_route_via_and_max_forwards(lb: Har
         rr = msg.values("record-route")
         assert len(rr) == 1
         token = uri_of(rr[0]).user
-        assert token is not None and lb.tokens.decode(token) == CLIENT
+        assert token is not None and lb.tokens.decode(token, "10.0.0.1", 5060) == CLIENT
 
 
 def test_cancel_and_ack_follow_their_invite(lb: Harness):
@@ -269,7 +269,7 @@ def test_request_from_node_with_client_token_goes_out_on_the_tcp_flow(lb: Harnes
     assert msg.top_via.transport == "TCP" and (msg.top_via.host, msg.top_via.port) == ("10.0.0.1", 5060)
     rr = [uri_of(v) for v in msg.values("record-route")]
     # facing the client on top (its token, transport=tcp), then our node side, then the node
-    assert rr[0].user is not None and lb.tokens.decode(rr[0].user) == TCP_CLIENT
+    assert rr[0].user is not None and lb.tokens.decode(rr[0].user, rr[0].host, rr[0].port or 5060) == TCP_CLIENT
     assert rr[0].transport == "tcp"
     assert (rr[1].host, rr[1].port, rr[1].user) == ("10.0.0.1", 5060, None)
     assert (rr[2].host, rr[2].port) == ("10.0.1.1", 5060)
@@ -292,7 +292,7 @@ def test_node_side_of_dialog_with_tcp_caller_routes_through_internal_udp(lb: Har
     rr = [uri_of(v) for v in msg.values("record-route")]
     assert len(rr) == 2
     assert (rr[0].host, rr[0].port, rr[0].transport, rr[0].user) == ("10.0.0.1", 5060, "udp", None)
-    assert rr[1].user is not None and lb.tokens.decode(rr[1].user) == TCP_CLIENT
+    assert rr[1].user is not None and lb.tokens.decode(rr[1].user, rr[1].host, rr[1].port or 5060) == TCP_CLIENT
 
 
 # -- in-dialog requests and dead nodes -----------------------------------------------------------
@@ -345,8 +345,9 @@ def test_no_usable_node_gives_503_with_retry_after():
 
 
 def test_forged_token_gives_400(lb: Harness):
-    good = lb.tokens.encode(CLIENT)
-    forged = FlowTokens(b"another-secret-another-secret!!!").encode(Address("udp", "198.51.100.1", 5060))
+    good = lb.tokens.encode(CLIENT, "10.0.0.1", 5060)
+    other = FlowTokens(b"another-secret-another-secret!!!")
+    forged = other.encode(Address("udp", "198.51.100.1", 5060), "10.0.0.1", 5060)
     for token in (forged, good[:-3] + ("aaa" if good[-3:] != "aaa" else "bbb")):
         invite = request("INVITE", "sip:alice@192.168.1.5", via="SIP/2.0/UDP 10.0.1.1:5060",
                          extra=f"Route: <sip:{token}@10.0.0.1:5060;lr>\r\n")

@@ -127,7 +127,7 @@ def routes_not_quite_ours(core: BalancerCore) -> tuple[bytes, list[list[bytes]]]
     token, another farm's token, ours without a token, not ours, ours then another element's."""
     token = entry(core, UAS)
     forged = token.replace(b"<sip:", b"<sip:0", 1).replace(b"0", b"1", 2)
-    foreign = FlowTokens(b"another-farm-secret-0123456789ab").encode(ATTACKER).encode()
+    foreign = FlowTokens(b"another-farm-secret-0123456789ab").encode(ATTACKER, "127.0.0.1", 5060).encode()
     return token, [
         [forged],
         [b"<sip:%s@127.0.0.1:5060;lr>" % foreign],

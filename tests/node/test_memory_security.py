@@ -328,6 +328,51 @@ def test_an_out_of_dialog_request_routed_by_a_flow_token_is_refused(
     assert bob.inbox == []
 
 
+@pytest.mark.parametrize("method", ["INFO", "OPTIONS", "INVITE", "ACK"])
+@pytest.mark.parametrize(
+    "next_hop",
+    ["token_moved", "token_moved_tcp", "token_maddr", "element_seal_maddr", "dialog_seal_maddr"],
+)
+def test_a_dialogs_own_route_set_cannot_send_the_node_elsewhere(
+    farm: MemFarm, alice: Phone, method: str, next_hop: str
+) -> None:
+    """A caller holds its dialog's Record-Route: the node's entries sealed for its Call-ID and
+    a flow token. After them, a next hop that looks like the farm's, but points elsewhere: a
+    token copied into a URI naming another host (a token is valid only where the farm wrote
+    it), or a sealed entry with a ``maddr`` (the seal vouches for its host, not for where
+    ``maddr`` sends). Answered 403 and sent nowhere (the red team's F1: any account holder
+    made a node send UDP and TCP to any address, the farm's own Redis included)."""
+    bob = farm.tcp_phone("bob", "10.0.0.4")
+    assert bob.register().status == 200  # type: ignore[union-attr]
+    bob.answer = 200
+    answer = alice.authenticated(alice.request("INVITE", BOB))
+    assert answer is not None and answer.status == 200
+    record_route = answer.values("record-route")
+    (token_entry,) = [v for v in record_route if b"@" in v]
+    token = token_entry[5 : token_entry.index(b"@")].decode()
+    node_entries = [v.decode() for v in reversed(record_route) if b"@" not in v]
+    victim = f"{VICTIM_HOST}:{VICTIM_PORT}"
+    other_node = farm.node_addresses[1]
+    element_seal = farm.tokens.seal(other_node.host, other_node.port)
+    dialog_seal = farm.tokens.seal(other_node.host, other_node.port, answer.call_id)
+    hop = {
+        "token_moved": f"<sip:{token}@{victim};lr>",
+        "token_moved_tcp": f"<sip:{token}@{victim};lr;transport=tcp>",
+        "token_maddr": f"<sip:{token}@{other_node.host}:{other_node.port};lr;maddr={VICTIM_HOST}>",
+        "element_seal_maddr": f"<sip:{other_node.host}:{other_node.port};lr;sf={element_seal};maddr={VICTIM_HOST}>",
+        "dialog_seal_maddr": f"<sip:{other_node.host}:{other_node.port};lr;sf={dialog_seal};maddr={VICTIM_HOST}>",
+    }[next_hop]
+    request = alice.in_dialog(method, answer)
+    request.set("route", ", ".join([*node_entries, hop]).encode())
+    since = len(farm.log)
+    alice.inbox.clear()
+    alice.send(request, farm.node_addresses[0])
+    farm.advance(40)
+    assert [s for s in farm.log[since:] if s.dest.host == VICTIM_HOST] == []
+    if method != "ACK":
+        assert finals(alice) in ([403], [404])
+
+
 def test_challenges_hold_nothing_whatever_the_request_size(farm: MemFarm) -> None:
     """Unauthenticated requests are challenged statelessly: 60 KB ones from many sources leave
     no transaction (and no bytes) behind."""
@@ -368,3 +413,20 @@ def test_an_authenticated_flood_of_64_kb_invites_holds_at_most_the_byte_budget()
     assert metrics.registry.get_sample_value(name, {"event": "rejected_full"}) is None
     farm.advance(300.0)  # Timer C cancels the rung calls, then Timer D ends them
     assert len(layer) == 0 and layer.retained_bytes == 0
+
+
+def test_only_the_configured_digest_algorithms_are_accepted(farm: MemFarm) -> None:
+    """The farm offers MD5 (the default): credentials computed with MD5-sess are refused like a
+    wrong password, though the account's MD5 HA1 would verify them (RFC 7616 3.7: the server
+    names the algorithm; the README says only configured ones are taken)."""
+    phone = farm.phone("alice", "10.0.0.1")
+    register = phone.request("REGISTER", f"sip:{DOMAIN}", to=f"<sip:alice@{DOMAIN}>", from_user="alice")
+    phone.send(register)
+    (challenge,) = [m for m in phone.inbox if m.status == 401]
+    offered = challenge.get("www-authenticate")
+    assert offered is not None and b"algorithm=MD5" in offered
+    challenge.set("www-authenticate", offered.replace(b"algorithm=MD5", b"algorithm=MD5-sess"))
+    phone.inbox.clear()
+    phone.send(phone.authorize(challenge, register))
+    assert finals(phone) == [401]
+    assert phone.register().status == 200  # type: ignore[union-attr]

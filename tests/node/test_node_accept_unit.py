@@ -123,3 +123,22 @@ def test_what_sipfarm_up_gives_its_nodes(monkeypatch, tmp_path):
     monkeypatch.setattr(up, "CONFIG_FILE", [])
     monkeypatch.setenv("SIPFARM_ACCEPT_FROM", "")
     assert up.node_accept_from("127.0.0.1") == ""
+
+
+def test_sipfarm_up_leaves_a_configured_allow_destinations_alone(monkeypatch, tmp_path):
+    """On loopback, up lets requests reach loopback phones, unless the operator says otherwise
+    in the environment or the config file (the environment would silently override the file)."""
+    from sipfarm import up  # noqa: PLC0415
+
+    monkeypatch.delenv("SIPFARM_ALLOW_DESTINATIONS", raising=False)
+    monkeypatch.setattr(up, "CONFIG_FILE", [])
+    assert up.loopback_destinations("127.0.0.1") == "127.0.0.0/8,::1/128"
+    assert up.loopback_destinations("192.0.2.10") is None
+    for section in ("node", "balancer"):
+        config = tmp_path / f"{section}.toml"
+        config.write_text(f"[{section}]\nallow_destinations = []\n")
+        monkeypatch.setattr(up, "CONFIG_FILE", [str(config)])
+        assert up.loopback_destinations("127.0.0.1") is None
+    monkeypatch.setattr(up, "CONFIG_FILE", [])
+    monkeypatch.setenv("SIPFARM_ALLOW_DESTINATIONS", "")
+    assert up.loopback_destinations("127.0.0.1") is None
