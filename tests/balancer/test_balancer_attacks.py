@@ -236,3 +236,46 @@ def test_caller_acking_a_486_through_the_balancer_gets_it_once(redis_url, accoun
     finally:
         alice.close()
         bob.close()
+
+
+def test_the_2xx_ack_goes_past_the_node_and_the_bye_through_it(redis_url, accounts, start_node, start_balancer):
+    """In real processes: the caller's ACK of a 200 reaches the callee straight from the
+    balancer (counted; the node holds nothing for it and would only send it back), with the
+    caller's Via below the balancer's and no Route left; the BYE goes through the node, which
+    answers it through the callee as before."""
+    start_node(redis_url, "node1")
+    metrics_port = free_udp_tcp_port()
+    lb = start_balancer(redis_url, extra=["--metrics", f"127.0.0.1:{metrics_port}"])
+    wait_nodes_usable(lb, 1)
+    alice, bob = SipClient(), SipClient()
+    try:
+        reply = bob.register(lb.address, "bob", accounts["bob"])
+        assert reply is not None and reply.status == 200, lb.log()[-2000:]
+        caller = Caller(alice, lb.address, "alice", accounts["alice"])
+        result: list[SipMessage | None] = []
+        thread = threading.Thread(target=lambda: result.append(caller.invite("bob", 8.0)))
+        thread.start()
+        invite = wait_request(bob, b"INVITE", 8.0)
+        assert invite is not None, lb.log()[-2000:]
+        bob.send(answer(invite, f"<sip:bob@127.0.0.1:{bob.port}>"), lb.address)
+        thread.join(10)
+        ok = result[0] if result else None
+        assert ok is not None and ok.status == 200, ok
+        assert len(caller.route) >= 3  # ours, the node's, ours with bob's flow token
+        caller.ack()
+        ack = wait_request(bob, b"ACK", 5.0, call_id=caller.call_id)
+        assert ack is not None
+        assert not ack.values("route") and len(ack.vias) == 2, ack.to_bytes()
+        assert ack.vias[1].host == alice.host and ack.vias[1].port == alice.port
+        events = wait_events(metrics_port, "acks_past_node", 1)
+        assert events.get("acks_past_node") == 1, events
+        bye = threading.Thread(target=lambda: result.append(caller.bye()))
+        bye.start()
+        request = wait_request(bob, b"BYE", 5.0, call_id=caller.call_id)
+        assert request is not None and len(request.vias) == 4  # the balancer, the node, the balancer, alice
+        bob.send(answer(request, f"<sip:bob@127.0.0.1:{bob.port}>"), lb.address)
+        bye.join(10)
+        assert result[-1] is not None and result[-1].status == 200, result[-1]
+    finally:
+        alice.close()
+        bob.close()

@@ -330,6 +330,47 @@ def test_in_dialog_request_for_dead_node_is_rehashed_and_its_route_kept(lb: Harn
     assert lb.core.stats.rehashed == 20
 
 
+def _dialog_ack(lb: Harness, call_id: str, callee: Address, method: str = "ACK", node: str = "node2",
+                seal_for: str | None = None, body: str = "") -> bytes:  # fmt: skip
+    """A caller's in-dialog request with the route set of a call through this balancer to a
+    phone registered here on ``callee``: ours for the caller, the node's sealed entry, ours
+    with the callee's token (the 200's Record-Route reversed)."""
+    host, port = NODES[node].host, NODES[node].port
+    seal = lb.tokens.seal(host, port, (seal_for or call_id).encode())
+    caller_side = reversed(lb.core._own_entries(CLIENT, "udp", path=False))
+    callee_side = reversed(lb.core._own_entries(callee, callee.transport, path=False, facing_client=True))
+    routes = [*caller_side, f"<sip:{host}:{port};lr;sf={seal}>".encode(), *callee_side]
+    return request(method, "sip:bob@192.168.9.9:5060", call_id=call_id, to="<sip:bob@farm.test>;tag=b9",
+                   extra="Route: " + b", ".join(routes).decode() + "\r\n", cseq=2, body=body)
+
+
+@pytest.mark.parametrize("callee", [Address("udp", "198.51.100.7", 5060), TCP_CLIENT])
+def test_a_2xx_ack_goes_past_the_node_to_the_callees_flow(lb: Harness, callee: Address):
+    """The node would only send it back here (a proxy forwards a 2xx's ACK statelessly): it
+    goes to the callee's flow at once, counted, with our Via and nothing left of the route set;
+    the node gone from the membership changes nothing (its seal still names a node of ours)."""
+    call_id = secrets.token_hex(8)
+    msg, dest = lb.one(_dialog_ack(lb, call_id, callee), CLIENT)
+    assert dest == callee and not msg.values("route") and msg.get("max-forwards") == b"69"
+    assert (msg.top_via.host, msg.top_via.transport) == ("10.0.0.1", callee.transport.upper())
+    assert lb.core.stats.acks_past_node == 1 and lb.core.stats.flat()["acks_past_node"] == 1
+    lb.nodes.update_members(members(["node1", "node3"]))
+    assert lb.one(_dialog_ack(lb, call_id, callee), CLIENT)[1] == callee
+    # the BYE releases the call's media at the node, and an ACK with an answer is anchored there
+    assert lb.one(_dialog_ack(lb, call_id, callee, "BYE"), CLIENT)[1] in (NODES["node1"], NODES["node3"])
+    assert lb.one(_dialog_ack(lb, call_id, callee, body="v=0\r\n"), CLIENT)[1] != callee
+    assert lb.core.stats.acks_past_node == 2
+
+
+def test_an_ack_whose_node_entry_is_not_sealed_for_it_goes_to_the_node(lb: Harness):
+    call_id = secrets.token_hex(8)
+    callee = Address("udp", "198.51.100.7", 5060)
+    assert lb.one(_dialog_ack(lb, call_id, callee, seal_for="another-call"), CLIENT)[1] == NODES["node2"]
+    # from a node, the same ACK is the node's to the caller
+    assert lb.one(_dialog_ack(lb, call_id, callee), NODES["node2"])[1] == CLIENT
+    assert lb.core.stats.acks_past_node == 0
+
+
 # -- errors answered by the balancer -------------------------------------------------------------
 
 

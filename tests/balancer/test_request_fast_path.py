@@ -431,7 +431,7 @@ TOP_VIAS = st.sampled_from(
     ]
 )
 ROUTE_SETS = st.sampled_from(
-    ["canonical", "ours_only", "node_only", "twice_ours", "token_of_attacker", "upper", "none"]
+    ["canonical", "ours_only", "node_only", "twice_ours", "token_of_attacker", "upper", "none", "past_node"]
 )
 
 
@@ -448,6 +448,8 @@ def _routes(core: BalancerCore, kind: str) -> list[bytes] | None:
         return [entry(core, CLIENT), entry(core, UAS), NODE_ENTRY]
     if kind == "token_of_attacker":
         return [entry(core, ATTACKER), NODE_ENTRY]
+    if kind == "past_node":
+        return [entry(core, CLIENT), SEALED_NODE_ENTRY, entry(core, UAS)]
     return [entry(core, CLIENT).upper(), NODE_ENTRY]
 
 
@@ -787,3 +789,74 @@ def test_initial_fast_path_matches_general_path(
     event("fast" if forwarded_fast(data, source, PUBLICS[public]) else "general")
     both(data, source, slow, fast)
     both(data, source, slow, fast)  # a retransmission: the same again
+
+
+# -- a 2xx ACK past the node ------------------------------------------------------------------
+
+#: the node's Record-Route entry as a node writes it, sealed for from_client's Call-ID
+SEALED_NODE_ENTRY = b"<sip:127.0.0.1:5070;lr;sf=%s>" % FlowTokens(SECRET).seal(
+    "127.0.0.1", 5070, b"dialog-1@127.0.0.2"
+).encode()
+
+
+def dialog_routes(core: BalancerCore, callee: Address, node_entry: bytes = SEALED_NODE_ENTRY) -> list[bytes]:
+    """The caller's route set of a call through this balancer to a phone registered here: our
+    entries for the caller's flow, the node's, ours for the callee's flow (the 200's
+    Record-Route reversed)."""
+    caller_side = reversed(core._own_entries(CLIENT, "udp", path=False))
+    callee_side = reversed(core._own_entries(callee, callee.transport, path=False, facing_client=True))
+    return [*caller_side, node_entry, *callee_side]
+
+
+@pytest.mark.parametrize("public", sorted(PUBLICS))
+@pytest.mark.parametrize("callee", [UAS, UAS_TCP, UAS_WS])
+def test_a_2xx_ack_goes_past_the_node_on_both_paths(public: str, callee: Address) -> None:
+    """A client's ACK for a 2xx routed by our entries, the node's sealed one and ours with the
+    callee's token goes to the callee's flow: the node would only forward it back here."""
+    slow, fast = pair_with(public)
+    ack = from_client(fast.core, b"ACK", routes=dialog_routes(fast.core, callee))
+    assert taken(ack) and forwarded_fast(ack, CLIENT, PUBLICS[public])
+    both(ack, CLIENT, slow, fast)
+    out, dest = fast.sent[-1]
+    assert dest == callee
+    assert fast.core.stats.acks_past_node == 1 and fast.core.stats.to_client == 1 and fast.core.stats.to_node == 0
+    assert b"\r\nRoute:" not in out and b"\r\nMax-Forwards: 69\r\n" in out
+    facing = PUBLICS[public].get(callee.transport, LB)
+    assert out.startswith(b"ACK sip:bob@127.0.0.3:5064;transport=UDP SIP/2.0\r\nVia: SIP/2.0/%s 127.0.0.1:%d;branch="
+                          % (callee.transport.upper().encode(), facing.port))  # fmt: skip
+    assert b"Via: SIP/2.0/UDP 127.0.0.2:5062;branch=z9hG4bK-client-9;rport=5062;received=127.0.0.2\r\n" in out
+    # a retransmission, the same again; the node gone from the membership: the same (its seal
+    # still names a node of the farm's)
+    both(ack, CLIENT, slow, fast)
+    for b in (slow, fast):
+        b.core.nodes.update_members([])
+    both(ack, CLIENT, slow, fast)
+    assert fast.sent[-1] == fast.sent[-2] == fast.sent[-3] and fast.core.stats.acks_past_node == 3
+
+
+def test_what_does_not_go_past_the_node() -> None:
+    """Anything but that very shape goes to the node, as before, on both paths."""
+    slow, fast = pair()
+    routes = dialog_routes(fast.core, UAS)
+    at = routes.index(SEALED_NODE_ENTRY)
+    other_node = b"<sip:127.0.0.1:5999;lr;sf=%s>" % FlowTokens(SECRET).seal(
+        "127.0.0.1", 5999, b"dialog-1@127.0.0.2"
+    ).encode()
+    cases = [
+        from_client(fast.core, b"ACK", routes=[*routes[:at], NODE_ENTRY, *routes[at + 1 :]]),  # another Call-ID's seal
+        from_client(fast.core, b"ACK", routes=[*routes[:at], other_node, *routes[at + 1 :]]),  # sealed, not a node
+        from_client(fast.core, b"ACK", routes=[*routes, b"<sip:10.9.9.9:5060;lr>"]),  # another element after ours
+        from_client(fast.core, b"ACK", routes=[*routes[: at + 1], b"<sip:127.0.0.1:5060;lr>"]),  # ours, no token
+        from_client(fast.core, b"ACK", routes=routes[: at + 1]),  # nothing after the node's
+        from_client(fast.core, b"ACK", routes=routes, body=SDP),  # an answer in the ACK: the node anchors it
+        from_client(fast.core, b"BYE", routes=routes),  # the node releases the call's media
+        from_client(fast.core, b"INFO", routes=routes),
+    ]
+    for data in cases:
+        both(data, CLIENT, slow, fast)
+        assert fast.sent[-1][1] == NODE, data
+    assert not forwarded_fast(cases[5], CLIENT)  # the body: declined, the general path decided
+    # the same ACK from a node is a node's request to the caller's flow
+    both(from_client(fast.core, b"ACK", routes=routes), NODE, slow, fast)
+    assert fast.sent[-1][1] == CLIENT
+    assert fast.core.stats.acks_past_node == 0
