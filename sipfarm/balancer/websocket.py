@@ -67,6 +67,15 @@ class AdmittedConnection(ServerConnection):
         if self.refused == REFUSED_SOURCE:
             cast(asyncio.Transport, transport).abort()  # the allow/deny lists: no HTTP answer
 
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # the library answers each ping with a pong as it reads it, without flow control: a
+        # peer that pings and never reads would have every pong held here.  Over the stream
+        # transports' limit of unsent bytes it is closed, as a TCP peer that does not read.
+        transport = self.transport
+        if transport is not None and transport.get_write_buffer_size() > self.manager.config.write_buffer_limit:
+            abort_for_abuse(self.manager, transport, "slow_reader")
+
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self.manager.release(self)
@@ -76,19 +85,33 @@ class AdmittedConnection(ServerConnection):
             self.manager.count_refused("handshake_timeout")
 
 
+def abort_for_abuse(manager: TransportManager, transport: asyncio.BaseTransport, reason: str) -> None:
+    """Close an abusive WebSocket peer's connection at once, counted as the stream transports
+    count theirs (``connections_closed_abuse``, ``abuse[reason]``)."""
+    if transport.is_closing():
+        return
+    manager.stats.connections_closed_abuse += 1
+    manager.stats.abuse[reason] = manager.stats.abuse.get(reason, 0) + 1
+    cast(asyncio.Transport, transport).abort()  # nothing owed to an abusive peer: do not flush
+
+
 class WebSocketFlow:
     """The flow object the transport manager writes to for one WebSocket client.
 
     ``write`` is synchronous (called from the forwarding path): it queues the message, and one
     writer task per connection sends the queue in order.  A client that does not read fills the
-    bounded queue and its further messages are refused (counted as dropped by the manager).
+    queue: over ``MAX_PENDING_SENDS`` messages its further messages are refused (counted as
+    dropped by the manager); over the stream transports' ``write_buffer_limit`` bytes it is
+    closed, as a TCP peer that does not read.
     """
 
-    def __init__(self, connection: ServerConnection, remote: Address) -> None:
+    def __init__(self, connection: ServerConnection, remote: Address, manager: TransportManager) -> None:
         self.connection = connection
         self.remote = remote
+        self.manager = manager
         self._loop = asyncio.get_running_loop()
         self._queue: deque[bytes] = deque()
+        self._queued = 0  # bytes in the queue
         self._wake = asyncio.Event()
         self._closing = False
         self._writer: asyncio.Task[None] | None = None
@@ -100,6 +123,14 @@ class WebSocketFlow:
     def write(self, data: bytes) -> bool:
         if self._closing or len(self._queue) >= MAX_PENDING_SENDS:
             return False
+        if self._queued + len(data) > self.manager.config.write_buffer_limit:
+            self._closing = True
+            self._wake.set()
+            transport = self.connection.transport
+            if transport is not None:
+                abort_for_abuse(self.manager, transport, "slow_reader")
+            return False
+        self._queued += len(data)
         self._queue.append(data)
         self._wake.set()
         if self._writer is None:
@@ -113,6 +144,7 @@ class WebSocketFlow:
                 self._wake.clear()
                 while self._queue:
                     data = self._queue.popleft()
+                    self._queued -= len(data)
                     try:
                         text = data.decode("utf-8")
                     except UnicodeDecodeError:
@@ -153,12 +185,24 @@ async def listen_websocket(
         remote = Address(transport, str(peer[0]), int(peer[1]))
         if connection.subprotocol != "sip":
             log.debug("event=ws_without_sip_subprotocol remote=%s", remote)
-        flow = WebSocketFlow(connection, remote)
+        flow = WebSocketFlow(connection, remote, manager)
         if not manager.adopt_flow(remote, flow, connection):
             flow._closing = True
             await connection.close(1013, "too many connections")
             return
         try:
+            # the first SIP message within first_message_timeout of the upgrade, as on TCP: a
+            # connection that only holds a slot (answering pings) is closed; after it, none
+            # (a registered browser is silent between its refreshes, the pings keep it)
+            try:
+                first = await asyncio.wait_for(connection.recv(), manager.config.first_message_timeout)
+            except TimeoutError:
+                manager.count_refused("silent")  # as a silent TCP flow
+                if connection.transport is not None:
+                    connection.transport.abort()
+                return
+            data = first.encode("utf-8") if isinstance(first, str) else bytes(first)
+            manager.deliver(data, remote, local)
             async for message in connection:
                 data = message.encode("utf-8") if isinstance(message, str) else bytes(message)
                 manager.deliver(data, remote, local)

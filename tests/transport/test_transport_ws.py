@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
+import socket
 
 import pytest
 from conftest import Runner, wait_until
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from sipfarm.balancer.websocket import listen_websocket
 from sipfarm.sip.address import Address
@@ -54,6 +57,122 @@ def test_concurrent_handshakes_cannot_overshoot_the_limit(arun: Runner) -> None:
         assert manager.stats.connections_refused >= 7
         for ws in opened:
             await ws.close()
+        server.close()
+        await manager.close()
+
+    arun(scenario())
+
+
+def _upgrade(port: int) -> socket.socket:
+    """A raw WebSocket client (RFC 6455 4.1) with a small receive buffer that never reads."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: sip\r\n\r\n"
+        ).encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def _masked(opcode: int, payload: bytes) -> bytes:
+    mask = os.urandom(4)
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes((0x80 | opcode, 0x80 | len(payload))) + mask + body
+
+
+def test_a_peer_that_pings_and_never_reads_is_closed_at_the_byte_limit(arun: Runner) -> None:
+    """Every ping gets a pong at once, without flow control in the library: a peer that never
+    reads must not have them pile up in the balancer's memory (red team, 2026-12-02: 150 MB of
+    pings took a balancer from 32 to 279 MB). Over ``write_buffer_limit`` it is closed, counted
+    as a TCP peer that does not read."""
+    config = TransportConfig(write_buffer_high=16 * 1024, write_buffer_limit=64 * 1024)
+
+    async def scenario() -> None:
+        manager = TransportManager(lambda msg, source, local: None, config=config)
+        bound, server = await listen_websocket(manager, Address("ws", "127.0.0.1", 0), None)
+        sock = await asyncio.to_thread(_upgrade, bound.port)
+        sock.setblocking(False)
+        ping = _masked(0x9, b"p" * 125)
+        sent = 0
+        try:
+            for _ in range(40_000):  # 5.3 MB of pings at most
+                try:
+                    sock.send(ping)
+                    sent += 1
+                except BlockingIOError:
+                    await asyncio.sleep(0.005)
+                except OSError:
+                    break  # closed by the balancer
+                if manager.stats.abuse.get("slow_reader"):
+                    break
+                if sent % 200 == 0:
+                    await asyncio.sleep(0)
+            await wait_until(lambda: manager.stats.abuse.get("slow_reader") == 1)
+            assert manager.stats.connections_closed_abuse == 1
+        finally:
+            sock.close()
+            server.close()
+            await manager.close()
+
+    arun(scenario(), timeout=30.0)
+
+
+def test_a_websocket_that_sends_no_sip_message_is_closed_as_a_silent_tcp_flow(arun: Runner) -> None:
+    config = TransportConfig(first_message_timeout=0.3)
+
+    async def scenario() -> None:
+        got: list[bytes] = []
+        manager = TransportManager(lambda msg, source, local: got.append(msg.method), config=config)
+        bound, server = await listen_websocket(manager, Address("ws", "127.0.0.1", 0), None)
+        url = f"ws://127.0.0.1:{bound.port}"
+        silent = await connect(url, subprotocols=["sip"])  # type: ignore[list-item]
+        talker = await connect(url, subprotocols=["sip"])  # type: ignore[list-item]
+        await talker.send(
+            "OPTIONS sip:127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/WS x.invalid;branch=z9hG4bK1\r\n"
+            "From: <sip:a@x>;tag=1\r\nTo: <sip:b@x>\r\nCall-ID: ws-1\r\nCSeq: 1 OPTIONS\r\n"
+            "Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+        )
+        await wait_until(lambda: manager.stats.refused.get("silent") == 1)
+        await asyncio.sleep(0.5)
+        assert silent.state.name != "OPEN" or (await _closed(silent))
+        assert talker.state.name == "OPEN" and got == [b"OPTIONS"]  # past the first message, no limit
+        await talker.close()
+        server.close()
+        await manager.close()
+
+    arun(scenario())
+
+
+async def _closed(ws: object) -> bool:
+    try:
+        await asyncio.wait_for(ws.recv(), 1.0)  # type: ignore[attr-defined]
+    except ConnectionClosed:
+        return True
+    return False
+
+
+def test_a_flow_whose_peer_does_not_read_is_closed_at_the_byte_limit(arun: Runner) -> None:
+    """Answers queued for a WebSocket peer are bounded in bytes, not only in count (256 answers
+    of 60 kB were 16 MB per connection)."""
+    config = TransportConfig(write_buffer_high=16 * 1024, write_buffer_limit=64 * 1024)
+
+    async def scenario() -> None:
+        manager = TransportManager(lambda msg, source, local: None, config=config)
+        bound, server = await listen_websocket(manager, Address("ws", "127.0.0.1", 0), None)
+        client = await connect(f"ws://127.0.0.1:{bound.port}", subprotocols=["sip"])  # type: ignore[list-item]
+        await client.send("OPTIONS sip:x SIP/2.0\r\n\r\n")  # its first message (a 400's worth)
+        await wait_until(lambda: len(manager._flows) == 1)
+        (flow,) = manager._flows.values()
+        assert flow.write(b"x" * 40_000) and not flow.write(b"y" * 40_000)
+        await wait_until(lambda: manager.stats.abuse.get("slow_reader") == 1)
         server.close()
         await manager.close()
 
