@@ -93,13 +93,14 @@ from sipfarm.edge import (
     transaction_key,
 )
 from sipfarm.sip.address import Address
-from sipfarm.sip.errors import BadMessage, ServiceUnavailable, SipError, TooManyHops
+from sipfarm.sip.errors import BadMessage, ServiceUnavailable, SipError, TooLargeToForward, TooManyHops
 from sipfarm.sip.headers import HeaderError, display_name, first_element, tag_of, via_branch
 from sipfarm.sip.memo import MAX_CACHED_KEY, bounded_key
 from sipfarm.sip.message import SipMessage, error_response, make_response
 from sipfarm.sip.parser import max_forwards, parse_message
 from sipfarm.sip.uri import SipURI, URIError, parse_uri
 from sipfarm.sip.via import default_port, stamp_received, via_sent_by
+from sipfarm.transport.config import MAX_DATAGRAM
 from sipfarm.transport.destinations import DestinationPolicy
 
 try:  # built by scripts/build-compiled.sh only: the interpreted build forwards every response the general way
@@ -636,6 +637,14 @@ class BalancerCore:
                 dest,
             )
         data = msg.to_bytes()
+        if len(data) > MAX_DATAGRAM and not dest.reliable:
+            # no datagram carries it (a request near the limit on entry, grown by our Via and
+            # Record-Route): 513 here, before admission control counts it as sent to a node
+            msg.pop_first_value("via")
+            if msg.method == b"ACK":
+                self.stats.drop("ack_too_large")
+                return
+            raise TooLargeToForward(f"{len(data)} bytes", partial=msg)
         # ``send_response`` never dials: the flow that exists, or nothing
         sent = self.send(data, dest, via_address) if connect or not dest.reliable else self.send_response(data, dest)
         if not sent:
@@ -873,8 +882,8 @@ class BalancerCore:
             return False
         via = self._via_with(key, dest.transport, via_address, source)
         out = _request_out(data, max_size, count, b"%d" % (hops - 1), via, top_via, record_route)
-        if out is None:
-            return False
+        if out is None or (len(out) > MAX_DATAGRAM and not dest.reliable):
+            return False  # (too large: 513, answered there)
         # the general path's side effects, in its order (on_message, _on_request, _forward)
         registered = self._registered_udp.get(source)
         if registered is not None:

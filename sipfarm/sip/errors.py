@@ -168,6 +168,14 @@ class ResponseTooLarge(SipError):
     counter = "too_large"
 
 
+class TooLargeToForward(SipError):
+    """513: a request that would no longer fit a UDP datagram once our headers are added
+    (RFC 3261 21.5.14; 18.1.1 would switch to TCP, which a stateless hop cannot)."""
+
+    status = 513
+    counter = "too_large_to_forward"
+
+
 class Forbidden(SipError):
     status = 403
     counter = "forbidden"

@@ -303,9 +303,12 @@ class SipMessage:
             if found is not None:
                 return found[0]
             try:
-                return split_comma(v)[0]
+                elements = split_comma(v)
             except HeaderError as exc:
                 raise BadMessage(f"Via: {exc}", partial=self) from None
+            if not elements:  # nothing but commas
+                raise BadMessage("empty Via header", partial=self)
+            return elements[0]
         return v
 
     @property

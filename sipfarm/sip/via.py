@@ -243,7 +243,9 @@ def via_sent_by(raw: bytes) -> tuple[str, int]:
     parts = _split_fast(raw)
     if parts is not None:
         protocol, _, host, port, _ = parts
-        return host.decode("latin-1").lower(), int(port) if port else default_port(protocol[8:].decode().lower())
+        return host.decode("latin-1").lower(), int(port) if port else default_port(
+            protocol[8:].decode("latin-1").lower()
+        )
     try:
         via = parse_via(raw)
     except HeaderError as exc:

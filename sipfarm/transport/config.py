@@ -6,6 +6,9 @@ from dataclasses import dataclass, fields
 
 from sipfarm.sip.parser import MAX_MESSAGE_SIZE
 
+#: the largest UDP payload over IPv4 (65,535 - 8 - 20): a longer message cannot be sent at all
+MAX_DATAGRAM = 65507
+
 
 @dataclass(frozen=True, slots=True)
 class TransportConfig:

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from sipfarm.sip.address import Address
+from sipfarm.transport.config import MAX_DATAGRAM
 from sipfarm.transport.stats import bump
 from sipfarm.transport.stun import BINDING_REQUEST, StunError, binding_response, is_stun, parse_header
 
@@ -150,7 +151,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
 
     def send(self, data: bytes, dest: Address) -> bool:
         transport = self.transport
-        if transport is None or transport.is_closing():
+        if transport is None or transport.is_closing() or len(data) > MAX_DATAGRAM:
             return False
         # Datagrams the kernel could not take wait in user space; do not let them pile up.
         if self._buffered() > self._send_limit:
@@ -308,8 +309,10 @@ class BatchedUdpEndpoint:
     def send(self, data: bytes, dest: Address) -> bool:
         """Queue ``data`` for ``dest``: written at the end of the batch being handled, or on
         the loop's next iteration.  False (the manager counts a drop) when closed or when
-        ``udp_send_buffer_limit`` bytes already wait."""
-        if self.closed or self._queued_bytes > self._send_limit:
+        ``udp_send_buffer_limit`` bytes already wait, or for a datagram no UDP packet can
+        carry (``MAX_DATAGRAM``: the kernel would refuse it later, after the sender took it as
+        sent)."""
+        if self.closed or self._queued_bytes > self._send_limit or len(data) > MAX_DATAGRAM:
             return False
         queue = self._queue
         queue.append((data, (dest.host, dest.port)))

@@ -16,6 +16,7 @@ import pytest
 
 from sipfarm.balancer.core import BalancerCore
 from sipfarm.balancer.nodes import Health, NodeSet
+from sipfarm.balancer.overload import AdmissionControl
 from sipfarm.cluster.membership import Member, Role
 from sipfarm.edge import ChallengeTags, FlowTokens
 from sipfarm.sip.address import Address
@@ -695,3 +696,20 @@ def test_destination_settings_are_validated_naming_the_key():
         load(BalancerConfig, None, {"allow_destinations": "nonsense"}, environ={})
     with pytest.raises(ConfigError, match="internal_networks"):
         load(BalancerConfig, None, {"internal_networks": "10.0.0.1:5060"}, environ={})
+
+
+@pytest.mark.parametrize("method", ["REGISTER", "INVITE"])
+def test_a_request_too_large_to_forward_gets_513_and_costs_its_node_nothing(lb: Harness, method: str):
+    """A request that fits a datagram on entry but not once our Via and Path/Record-Route are
+    added is answered 513 here (red team, 2026-12-02: such REGISTERs were taken as sent, never
+    answered, and admission control counted each as a node's late answer, cutting every
+    node's limit to its floor: 503s to real phones for minutes after)."""
+    lb.core.admission = AdmissionControl()
+    data = register() if method == "REGISTER" else request("INVITE", "sip:bob@farm.test")
+    pad = b"X-Pad: " + b"p" * (65_480 - len(data) - 9) + b"\r\n"
+    data = data.replace(b"Content-Length:", pad + b"Content-Length:", 1)
+    assert len(data) == 65_480
+    out = lb.feed(data, CLIENT)
+    assert [(m.status, dest) for m, dest in out] == [(513, CLIENT)]
+    assert not lb.core.admission._pending
+    assert lb.core.stats.errors == {"too_large_to_forward": 1}

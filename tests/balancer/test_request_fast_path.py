@@ -860,3 +860,24 @@ def test_what_does_not_go_past_the_node() -> None:
     both(from_client(fast.core, b"ACK", routes=routes), NODE, slow, fast)
     assert fast.sent[-1][1] == CLIENT
     assert fast.core.stats.acks_past_node == 0
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_vias_of_nothing_but_commas_or_bytes_not_ascii_are_sip_errors_not_exceptions(fast: bool) -> None:
+    """Found by a red-team fuzzer: ``Via: ,,,,`` raised IndexError, and a response whose Via
+    transport was not UTF-8 raised UnicodeDecodeError (caught by the transport's last resort and
+    logged as tracebacks); each is now the parser's kind of error, counted, and nothing is sent
+    on."""
+    lb = Balancer(fast=fast)
+    request = from_client(lb.core, b"OPTIONS", routes=[]).replace(
+        b"Via: SIP/2.0/UDP 127.0.0.2:5062;branch=z9hG4bK-client-9;rport", b"Via: ,,,,"
+    )
+    lb.deliver(request, CLIENT)
+    response = (
+        b"SIP/2.0 200 OK\r\nVia: SIP/2.0/U\xc6P 127.0.0.1:5060;branch=z9hG4bKlb-1\r\n"
+        b"Via: SIP/2.0/UDP 127.0.0.2:5062;branch=z9hG4bK-client-9\r\nFrom: <sip:a@x>;tag=1\r\n"
+        b"To: <sip:b@x>;tag=2\r\nCall-ID: c1\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+    )
+    lb.deliver(response, NODE)
+    assert lb.transports.stats.callback_errors == 0
+    assert all(dest != NODE or data.startswith(b"SIP/2.0 4") for data, dest in lb.sent)
