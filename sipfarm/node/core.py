@@ -232,7 +232,7 @@ class NodeCore:
             # for 32 s: a lost 401 just gets a fresh challenge on the retransmission.
             self.registrar.challenge_stateless(msg, source)
             return
-        if self.proxy.stateless_407(msg, source):
+        if self.proxy.stateless_407(msg, source) or self.proxy.stateless_refusal(msg, source):
             return
         if msg.method == b"OPTIONS" and msg.to_tag is None and not msg.has("route") and self.proxy.is_us(msg):
             # a keep-alive or a balancer's probe: answered without a transaction, so a probe

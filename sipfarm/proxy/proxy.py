@@ -76,7 +76,7 @@ from sipfarm.sip.errors import (
 )
 from sipfarm.sip.headers import HeaderError, parse_name_addr, via_branch
 from sipfarm.sip.ids import random_hex
-from sipfarm.sip.message import SipMessage, make_response
+from sipfarm.sip.message import SipMessage, error_response, make_response
 from sipfarm.sip.parser import max_forwards
 from sipfarm.sip.transaction import (
     MAGIC_COOKIE,
@@ -224,6 +224,40 @@ class Proxy:
             return True
         realm = self.auth.caller_realm(msg, uri)
         self.element.send_stateless(msg, self.auth.challenge(msg, 407, realm, client, tag=tag), source)
+        return True
+
+    def stateless_refusal(self, msg: SipMessage, source: Address) -> bool:
+        """An initial INVITE the node refuses before any routing work, answered without a
+        transaction (RFC 3261 8.2.7 allows a stateless UAS): Max-Forwards 0 (483), and a
+        Request-URI the routing table rejects at once (a domain the farm does not serve, not
+        a SIP URI, no user: 403/404).  An INVITE server transaction over UDP sends its final
+        answer again and again until the ACK (Timer G: ~11 copies in 32 s), so one spoofed
+        INVITE made the node reflect a dozen datagrams at its victim (red team, 2026-12-02);
+        now each INVITE gets one answer, as the stateless 407 does, and its ACK (To tag: a
+        challenge tag) ends at the balancer.  A served user's INVITE goes on (routed, or
+        challenged by :meth:`stateless_407`)."""
+        if msg.method != b"INVITE" or msg.to_tag is not None:
+            return False
+        response: SipMessage | None
+        client = self.element.client(msg, source)
+        if max_forwards(msg) <= 0:
+            exc = TooManyHops("Max-Forwards reached 0", partial=msg)
+            self.element.metrics.errors(exc.counter).inc()
+            response = error_response(msg, exc, self.element.stateless_tag(msg, client))
+        else:
+            if msg.has("route"):
+                return False  # ours to pop first (own_routes)
+            uri = msg.request_uri
+            if isinstance(uri, SipURI) and uri.user is not None and uri.host in self.element.identity.domains:
+                return False
+            decision = self.router.decide(uri)
+            if decision.action is not Action.REJECT:
+                return False
+            self.element.metrics.errors(f"route_{decision.status}").inc()
+            tag = self.element.stateless_tag(msg, client)
+            response = make_response(msg, decision.status, decision.reason or None, to_tag=tag)
+        if response is not None:
+            self.element.send_stateless(msg, response, source)
         return True
 
     def own_routes(self, msg: SipMessage) -> OwnRoutes:

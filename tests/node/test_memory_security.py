@@ -430,3 +430,31 @@ def test_only_the_configured_digest_algorithms_are_accepted(farm: MemFarm) -> No
     phone.send(phone.authorize(challenge, register))
     assert finals(phone) == [401]
     assert phone.register().status == 200  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("uri", "headers", "status"),
+    [
+        ("sip:someone@elsewhere.example", [], 403),  # a domain the farm does not serve
+        ("tel:+15551234567", [], 403),  # not a SIP URI (the table has no rule for it)
+        (f"sip:{DOMAIN}", [], 404),  # no user
+        (BOB, [("max-forwards", "0")], 483),
+    ],
+    ids=["foreign_domain", "tel", "no_user", "max_forwards_0"],
+)
+def test_an_invite_refused_before_routing_is_answered_once_not_reflected(
+    farm: MemFarm, mallory: Phone, uri: str, headers: list[tuple[str, str]], status: int
+) -> None:
+    """A spoofed INVITE must not make the node a reflector: refused at once, it gets one
+    answer and no transaction (an INVITE server transaction over UDP sends its final answer
+    ~11 times in 32 s until the ACK: red team, 2026-12-02, 12x in datagrams); a retransmitted
+    INVITE gets one more, no more."""
+    invite = mallory.request("INVITE", uri)
+    for name, value in headers:
+        invite.set(name, value.encode())
+    mallory.send(invite)
+    mallory.send(invite)  # a retransmission
+    farm.advance(40)
+    answers = [m.status for m in mallory.inbox]
+    assert answers == [status, status], answers
+    assert farm.transactions(0) == 0 and farm.transactions(1) == 0
