@@ -44,6 +44,7 @@ MAX_PENDING_SENDS = 256
 # the connection open, and a peer that stops answering is closed (it is gone, whatever its
 # registration says).  There is no idle timeout on WebSockets (compare TransportConfig).
 PING_INTERVAL = 30.0
+_PROTOCOL_ERRORS = (1002, 1007, 1009)
 PING_TIMEOUT = 30.0
 
 
@@ -81,8 +82,10 @@ class AdmittedConnection(ServerConnection):
         self.manager.release(self)
         # no complete HTTP upgrade request in open_timeout (not a client that left early)
         late = self.loop.time() - self.accepted_at >= self.open_timeout * 0.9
-        if self.refused is None and self.request is None and late:
-            self.manager.count_refused("handshake_timeout")
+        if self.refused is None and self.request is None:
+            self.manager.count_refused("handshake_timeout" if late else "bad_upgrade")
+        elif self.refused is None and self.response is not None and self.response.status_code != 101:
+            self.manager.count_refused("bad_upgrade")  # a request the library answered 4xx/5xx
 
 
 def abort_for_abuse(manager: TransportManager, transport: asyncio.BaseTransport, reason: str) -> None:
@@ -209,6 +212,12 @@ async def listen_websocket(
         except ConnectionClosed:
             pass
         finally:
+            sent = connection.protocol.close_sent
+            if sent is not None and sent.code in _PROTOCOL_ERRORS:
+                # the peer broke RFC 6455 (1002), sent a text frame that is not UTF-8 (1007) or a
+                # message over max_message_size (1009): counted as a stream's framing abuse
+                manager.stats.connections_closed_abuse += 1
+                manager.stats.abuse["ws_protocol"] = manager.stats.abuse.get("ws_protocol", 0) + 1
             flow._closing = True
             flow._wake.set()
             manager.drop_flow(remote, flow, connection)
@@ -220,6 +229,8 @@ async def listen_websocket(
         origin = values[0] if len(values) == 1 else None
         if len(values) > 1 or not policy.allows(origin):
             manager.count_refused("origin")
+            if isinstance(connection, AdmittedConnection):
+                connection.refused = "origin"  # counted: not again as a bad upgrade
             log.debug("event=ws_origin_refused origin=%r", origin)
             return connection.respond(403, "Origin not allowed\n")
         return None

@@ -177,3 +177,36 @@ def test_a_flow_whose_peer_does_not_read_is_closed_at_the_byte_limit(arun: Runne
         await manager.close()
 
     arun(scenario())
+
+
+def test_bad_upgrades_and_protocol_errors_are_counted(arun: Runner) -> None:
+    """What the library refuses itself is counted too: an HTTP request that is no upgrade
+    (``refused["bad_upgrade"]``), a frame a client must mask sent unmasked (RFC 6455 5.1,
+    closed 1002: ``abuse["ws_protocol"]``)."""
+
+    def bad_http(port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.settimeout(5)
+            assert sock.recv(100).startswith(b"HTTP/1.1 4")
+
+    def unmasked(port: int) -> None:
+        sock = _upgrade(port)
+        sock.sendall(bytes((0x81, 5)) + b"hello")  # a text frame, no mask
+        sock.settimeout(5)
+        try:
+            sock.recv(100)
+        finally:
+            sock.close()
+
+    async def scenario() -> None:
+        manager = TransportManager(lambda msg, source, local: None, config=TransportConfig())
+        bound, server = await listen_websocket(manager, Address("ws", "127.0.0.1", 0), None)
+        await asyncio.to_thread(bad_http, bound.port)
+        await wait_until(lambda: manager.stats.refused.get("bad_upgrade") == 1)
+        await asyncio.to_thread(unmasked, bound.port)
+        await wait_until(lambda: manager.stats.abuse.get("ws_protocol") == 1)
+        server.close()
+        await manager.close()
+
+    arun(scenario())
