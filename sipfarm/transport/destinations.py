@@ -10,11 +10,13 @@ a node of the membership):
 2. the farm's ``own`` listeners are refused (a request to ourselves is a loop), and so are the
    unspecified address (``0.0.0.0`` reaches local listeners), multicast and broadcast;
 3. an ``allow`` network permits it (e.g. ``127.0.0.0/8`` for tests whose peers are loopback);
-4. a ``deny`` network refuses it (loopback and the operator's internal networks);
+4. a link-local address refuses it (169.254.0.0/16, where clouds serve instance metadata, and
+   fe80::/10), and so does a ``deny`` network (loopback and the operator's internal networks);
 5. anything else is permitted.
 
 Host names are refused: resolution happens before this check, never on the hot path.
-IPv4-mapped IPv6 addresses (``::ffff:127.0.0.1``) are judged as the IPv4 address they carry.
+IPv4-mapped IPv6 addresses (``::ffff:127.0.0.1``) and NAT64 ones (``64:ff9b::7f00:1``) are
+judged as the IPv4 address they carry.
 """
 
 from __future__ import annotations
@@ -35,13 +37,19 @@ _JUDGED_LIMIT = 10_000
 __all__ = ["LOOPBACK_NETWORKS", "DestinationPolicy", "parse_destination"]
 
 
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052's well-known prefix
+
+
 def _ip(host: str) -> IPAddress | None:
     try:
         ip = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped
+        if ip in _NAT64:  # a NAT64 gateway would take it to the IPv4 address inside
+            return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return ip
 
 
@@ -150,4 +158,6 @@ class DestinationPolicy:
             return False
         if any(ip in net for net in self._allow_nets):
             return True
+        if ip.is_link_local:
+            return False  # 169.254/16 (a cloud's metadata service), fe80::/10: never a SIP peer
         return not any(ip in net for net in self._deny_nets)

@@ -16,9 +16,10 @@ def udp(host: str, port: int = 5060) -> Address:
 def test_defaults_refuse_loopback_and_odd_addresses_and_permit_the_internet() -> None:
     policy = DestinationPolicy()
     for host in ("127.0.0.1", "127.5.6.7", "::1", "[::1]", "::ffff:127.0.0.1", "0.0.0.0", "::",
-                 "224.0.0.1", "ff02::1", "255.255.255.255", "localhost", "redis.internal"):
+                 "224.0.0.1", "ff02::1", "255.255.255.255", "localhost", "redis.internal",
+                 "169.254.169.254", "fe80::1", "64:ff9b::7f00:1", "[64:ff9b::127.0.0.1]"):  # fmt: skip
         assert not policy.permits(udp(host)), host
-    for host in ("203.0.113.7", "2001:db8::7", "[2001:db8::7]", "10.1.2.3"):
+    for host in ("203.0.113.7", "2001:db8::7", "[2001:db8::7]", "10.1.2.3", "64:ff9b::cb00:7107"):
         assert policy.permits(Address("tcp", host, 6379)), host
 
 
@@ -56,3 +57,10 @@ def test_bad_entries_are_refused_with_the_entry_named(entry: str) -> None:
 def test_deny_takes_networks_only() -> None:
     with pytest.raises(ValueError, match="networks"):
         DestinationPolicy(deny=["10.0.0.1:5060"])
+
+
+def test_link_local_is_refused_unless_allowed() -> None:
+    """Red team, 2026-12-02: 169.254.169.254 (a cloud's metadata service) was a permitted
+    destination by default; an operator who means it says so."""
+    assert not DestinationPolicy().permits(Address("tcp", "169.254.169.254", 80))
+    assert DestinationPolicy(allow=["169.254.10.0/24"]).permits(udp("169.254.10.5"))
