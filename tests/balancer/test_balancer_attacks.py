@@ -19,6 +19,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from fixtures.farm import DOMAIN, SipClient, free_udp_tcp_port, wait_nodes_usable
@@ -195,27 +196,41 @@ def test_request_uri_naming_a_local_service_is_refused(redis_url, start_balancer
         node.close()
 
 
-def test_caller_acking_a_486_through_the_balancer_gets_it_once(redis_url, accounts, start_node, start_balancer):
-    """The ACK of the node's stateless 407 ends at the balancer (the farm's secret in its To
-    tag); the ACK of the 486 the node's transaction forwarded reaches that transaction."""
+def _one_node_farm(redis_url: str, start_node: Any, start_balancer: Any) -> tuple[Any, int]:
+    """A node and a balancer with metrics: the balancer and its metrics port."""
     start_node(redis_url, "node1")
     metrics_port = free_udp_tcp_port()
     lb = start_balancer(redis_url, extra=["--metrics", f"127.0.0.1:{metrics_port}"])
     wait_nodes_usable(lb, 1)
+    return lb, metrics_port
+
+
+def _bob_answers(lb: Any, alice: SipClient, bob: SipClient, accounts: dict[str, str], status: int
+                 ) -> tuple[Caller, SipMessage]:  # fmt: skip
+    """bob registered through ``lb``; alice calls him (answering the 407); bob answers
+    ``status``: alice's Caller and the final answer she got."""
+    reply = bob.register(lb.address, "bob", accounts["bob"])
+    assert reply is not None and reply.status == 200, lb.log()[-2000:]
+    caller = Caller(alice, lb.address, "alice", accounts["alice"])
+    result: list[SipMessage | None] = []
+    thread = threading.Thread(target=lambda: result.append(caller.invite("bob", 8.0)))
+    thread.start()
+    invite = wait_request(bob, b"INVITE", 8.0)
+    assert invite is not None, lb.log()[-2000:]
+    bob.send(answer(invite, f"<sip:bob@127.0.0.1:{bob.port}>", status), lb.address)
+    thread.join(10)
+    final = result[0] if result else None
+    assert final is not None and final.status == status, final
+    return caller, final
+
+
+def test_caller_acking_a_486_through_the_balancer_gets_it_once(redis_url, accounts, start_node, start_balancer):
+    """The ACK of the node's stateless 407 ends at the balancer (the farm's secret in its To
+    tag); the ACK of the 486 the node's transaction forwarded reaches that transaction."""
+    lb, metrics_port = _one_node_farm(redis_url, start_node, start_balancer)
     alice, bob = SipClient(), SipClient()
     try:
-        reply = bob.register(lb.address, "bob", accounts["bob"])
-        assert reply is not None and reply.status == 200, lb.log()[-2000:]
-        caller = Caller(alice, lb.address, "alice", accounts["alice"])
-        result: list[SipMessage | None] = []
-        thread = threading.Thread(target=lambda: result.append(caller.invite("bob", 8.0)))
-        thread.start()
-        invite = wait_request(bob, b"INVITE", 8.0)
-        assert invite is not None, lb.log()[-2000:]
-        bob.send(answer(invite, f"<sip:bob@127.0.0.1:{bob.port}>", 486), lb.address)
-        thread.join(10)
-        busy = result[0] if result else None
-        assert busy is not None and busy.status == 486, busy
+        _, busy = _bob_answers(lb, alice, bob, accounts, 486)
         # RFC 3261 17.1.1.3: the ACK of a non-2xx carries the INVITE's top Via (its branch)
         ack = SipMessage.request("ACK", f"sip:bob@{DOMAIN}", [
             ("via", busy.top_via_value), ("max-forwards", "70"), ("from", busy.get("from") or b""),
@@ -243,24 +258,11 @@ def test_the_2xx_ack_goes_past_the_node_and_the_bye_through_it(redis_url, accoun
     balancer (counted; the node holds nothing for it and would only send it back), with the
     caller's Via below the balancer's and no Route left; the BYE goes through the node, which
     answers it through the callee as before."""
-    start_node(redis_url, "node1")
-    metrics_port = free_udp_tcp_port()
-    lb = start_balancer(redis_url, extra=["--metrics", f"127.0.0.1:{metrics_port}"])
-    wait_nodes_usable(lb, 1)
+    lb, metrics_port = _one_node_farm(redis_url, start_node, start_balancer)
     alice, bob = SipClient(), SipClient()
     try:
-        reply = bob.register(lb.address, "bob", accounts["bob"])
-        assert reply is not None and reply.status == 200, lb.log()[-2000:]
-        caller = Caller(alice, lb.address, "alice", accounts["alice"])
+        caller, _ = _bob_answers(lb, alice, bob, accounts, 200)
         result: list[SipMessage | None] = []
-        thread = threading.Thread(target=lambda: result.append(caller.invite("bob", 8.0)))
-        thread.start()
-        invite = wait_request(bob, b"INVITE", 8.0)
-        assert invite is not None, lb.log()[-2000:]
-        bob.send(answer(invite, f"<sip:bob@127.0.0.1:{bob.port}>"), lb.address)
-        thread.join(10)
-        ok = result[0] if result else None
-        assert ok is not None and ok.status == 200, ok
         assert len(caller.route) >= 3  # ours, the node's, ours with bob's flow token
         caller.ack()
         ack = wait_request(bob, b"ACK", 5.0, call_id=caller.call_id)
