@@ -463,7 +463,7 @@ class BalancerConfig:
     exempt: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     domains: list[str] = field(default_factory=list)
     # Connection limits (TCP, TLS, WS and WSS together; each worker process counts its own).
-    # At most max_connections open, and max_connections_per_source from one IP address (0: no
+    # At most max_connections open, and max_connections_per_source from one IP address or IPv6 /64 (0: no
     # per-source limit; sources in exempt are not limited): over either, a new connection is
     # closed at accept, before its TLS handshake, and a WebSocket upgrade is answered 503.
     # 64 lets an office of phones behind one NAT address connect. A TLS handshake must finish

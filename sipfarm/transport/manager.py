@@ -41,6 +41,7 @@ destination in a response (a forged Via, a stale flow) could make us dial a loca
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import random
 import socket
@@ -93,6 +94,22 @@ _LOG_INTERVAL = 1.0  # at most one error log line per second; the rest go to deb
 
 def _to_tag() -> bytes:
     return b"%08x" % random.getrandbits(32)
+
+
+def source_key(host: str) -> str:
+    """What a source's connections are counted under (``max_connections_per_source``): its
+    IPv4 address, or an IPv6 address's /64. One subscriber gets a whole /64 and may use any
+    address in it, so counting single IPv6 addresses let one host take every slot (red team,
+    2026-12-02). An IPv4-mapped address counts as its IPv4 address."""
+    if ":" not in host:
+        return host
+    try:
+        ip = ipaddress.IPv6Address(host.strip("[]").partition("%")[0])
+    except ValueError:
+        return host
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, 64), strict=False))
 
 
 class TransportManager:
@@ -527,7 +544,8 @@ class TransportManager:
             reason = "total"
         else:
             limit = self.config.max_connections_per_source
-            if limit is not None and self._per_source.get(host, 0) >= limit:
+            key = source_key(host)
+            if limit is not None and self._per_source.get(key, 0) >= limit:
                 exempt = self.limit_exempt
                 if exempt is None or not exempt(host):
                     reason = "per_source"
@@ -536,28 +554,30 @@ class TransportManager:
             self.count_refused(reason)
             logger.debug("event=connection_refused source=%s reason=%s", host, reason)
             return reason
-        self._open[connection] = host
-        self._per_source[host] = self._per_source.get(host, 0) + 1
+        key = source_key(host)
+        self._open[connection] = key
+        self._per_source[key] = self._per_source.get(key, 0) + 1
         return None
 
     def release(self, connection: object) -> None:
         """The connection ``admit`` counted is gone (idempotent)."""
-        host = self._open.pop(connection, None)
-        if not host:
+        key = self._open.pop(connection, None)
+        if not key:
             return
-        left = self._per_source.get(host, 0) - 1
+        left = self._per_source.get(key, 0) - 1
         if left > 0:
-            self._per_source[host] = left
+            self._per_source[key] = left
         else:
-            self._per_source.pop(host, None)
+            self._per_source.pop(key, None)
 
     def count_refused(self, reason: str) -> None:
         """Count an inbound connection refused or closed before its first message."""
         bump(self.stats.refused, reason)
 
     def connections_from(self, host: str) -> int:
-        """Open inbound connections from ``host`` (for status and tests)."""
-        return self._per_source.get(host, 0)
+        """Open inbound connections from ``host`` (for status and tests; an IPv6 host: from
+        its /64, see :func:`source_key`)."""
+        return self._per_source.get(source_key(host), 0)
 
     @property
     def open_connections(self) -> int:

@@ -398,3 +398,22 @@ def test_balancer_settings_reach_the_transport_and_bad_origins_are_refused(tmp_p
         load(BalancerConfig, None, {"max_connections_per_source": -1}, environ={})
     exempt = source_matcher(BalancerConfig().exempt)
     assert exempt("127.0.0.9") and exempt("::1") and not exempt("192.0.2.1") and not exempt("junk")
+
+
+def test_an_ipv6_source_is_counted_by_its_64() -> None:
+    """One subscriber holds a whole IPv6 /64 and can connect from any address in it: the
+    per-source limit counts the /64 (red team, 2026-12-02: 10,000 silent WebSockets from many
+    addresses filled max_connections). IPv4 sources, and IPv4-mapped ones, by their address."""
+    from sipfarm.transport.manager import source_key  # noqa: PLC0415
+
+    manager = TransportManager(lambda msg, source, local: None, config=TransportConfig(max_connections_per_source=2))
+    conns = [object() for _ in range(6)]
+    assert manager.admit(conns[0], "2001:db8:1:2::1") is None
+    assert manager.admit(conns[1], "2001:db8:1:2:ffff::9") is None
+    assert manager.admit(conns[2], "2001:db8:1:2::3") == "per_source"  # the same /64
+    assert manager.admit(conns[3], "2001:db8:1:3::1") is None  # the next /64
+    assert manager.connections_from("2001:db8:1:2::77") == 2
+    manager.release(conns[0])
+    assert manager.admit(conns[2], "[2001:db8:1:2::3]") is None  # a slot again
+    assert manager.admit(conns[4], "203.0.113.7") is None and manager.admit(conns[5], "203.0.113.8") is None
+    assert source_key("::ffff:203.0.113.7") == "203.0.113.7" and source_key("not-an-ip:") == "not-an-ip:"
