@@ -345,7 +345,14 @@ class BalancerCore:
             # match (the node would parse it and drop it), so it ends here, one crossing less
             self.stats.acks_ended += 1
             return
-        if method == b"ACK" and not from_node and route is not None and to_tag is not None and not msg.body:
+        if (
+            method == b"ACK"
+            and not from_node
+            and route is not None
+            and to_tag is not None
+            and not msg.body
+            and not any(msg.has(name) for name in _IDENTITY_HEADERS)
+        ):
             values = tuple(msg.values("route"))
             past = self._ack_past_node(values, 0, msg.call_id)
             if past is not None:
@@ -849,8 +856,8 @@ class BalancerCore:
         else:
             if method == b"ACK" and node is None and route is not None and to_tag is not None:
                 past = self._ack_past_node(routes, count, call_id)
-                if past is not None and data.find(b"\r\n\r\n") != len(data) - 4:
-                    return False  # a body: the general path reads it
+                if past is not None and (data.find(b"\r\n\r\n") != len(data) - 4 or _names_identity(data)):
+                    return False  # a body, or an identity header the node strips: the general path
             if past is not None:
                 dest, count = past
                 via_address = self.public.get(dest.transport) or self.internal
@@ -1085,6 +1092,19 @@ class BalancerCore:
         if not self.send(msg, node.address, self.internal):
             self.nodes.mark_down(node)
         return branch
+
+
+#: the identity headers only the farm may write (RFC 3325 5): a node strips them from what it
+#: forwards, so an ACK carrying one goes through a node, not past it
+_IDENTITY_HEADERS = ("p-asserted-identity", "p-preferred-identity", "remote-party-id")
+_IDENTITY_NAMES = tuple(b"\n" + name.encode() for name in _IDENTITY_HEADERS)
+
+
+def _names_identity(data: bytes) -> bool:
+    """Whether the message ``data`` may carry one of :data:`_IDENTITY_HEADERS` (a header line
+    starting with its name, in any case)."""
+    lower = data.lower()
+    return any(lower.find(name) >= 0 for name in _IDENTITY_NAMES)
 
 
 def _has_credentials(msg: SipMessage) -> bool:

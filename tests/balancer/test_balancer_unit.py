@@ -363,6 +363,17 @@ def test_a_2xx_ack_goes_past_the_node_to_the_callees_flow(lb: Harness, callee: A
     assert lb.core.stats.acks_past_node == 2
 
 
+@pytest.mark.parametrize("name", ["P-Asserted-Identity", "p-preferred-identity", "Remote-Party-ID"])
+def test_an_ack_with_an_identity_header_goes_through_the_node_which_strips_it(lb: Harness, name: str):
+    """Only the farm asserts an identity (RFC 3325): the node strips what a caller wrote, so an
+    ACK carrying such a header is the node's to forward, not the balancer's to shortcut."""
+    callee = Address("udp", "198.51.100.7", 5060)
+    ack = _dialog_ack(lb, secrets.token_hex(8), callee)
+    ack = ack.replace(b"Content-Length:", f"{name}: <sip:ceo@farm.test>\r\nContent-Length:".encode(), 1)
+    assert lb.one(ack, CLIENT)[1] == NODES["node2"]
+    assert lb.core.stats.acks_past_node == 0
+
+
 def test_an_ack_whose_node_entry_is_not_sealed_for_it_goes_to_the_node(lb: Harness):
     call_id = secrets.token_hex(8)
     callee = Address("udp", "198.51.100.7", 5060)

@@ -849,6 +849,9 @@ def test_what_does_not_go_past_the_node() -> None:
         from_client(fast.core, b"ACK", routes=[*routes[: at + 1], b"<sip:127.0.0.1:5060;lr>"]),  # ours, no token
         from_client(fast.core, b"ACK", routes=routes[: at + 1]),  # nothing after the node's
         from_client(fast.core, b"ACK", routes=routes, body=SDP),  # an answer in the ACK: the node anchors it
+        from_client(fast.core, b"ACK", routes=routes).replace(  # an identity the node strips
+            b"Content-Length:", b"p-asserted-identity: <sip:ceo@example.com>\r\nContent-Length:", 1
+        ),
         from_client(fast.core, b"BYE", routes=routes),  # the node releases the call's media
         from_client(fast.core, b"INFO", routes=routes),
     ]
@@ -856,6 +859,7 @@ def test_what_does_not_go_past_the_node() -> None:
         both(data, CLIENT, slow, fast)
         assert fast.sent[-1][1] == NODE, data
     assert not forwarded_fast(cases[5], CLIENT)  # the body: declined, the general path decided
+    assert not forwarded_fast(cases[6], CLIENT)  # the identity header: likewise
     # the same ACK from a node is a node's request to the caller's flow
     both(from_client(fast.core, b"ACK", routes=routes), NODE, slow, fast)
     assert fast.sent[-1][1] == CLIENT
