@@ -205,9 +205,14 @@ class FlowTokens:
         where = b"@%s:%d" % (host.strip("[]").lower().encode("latin-1"), port)
         return hmac.digest(self._secret, packed + where, "sha256")[:_MAC_LEN]
 
-    def decode(self, token: str | bytes, host: str, port: int) -> Address:
+    def decode(self, token: str | bytes, host: str, port: int, *, ours: bool = False) -> Address:
         """The flow ``token`` names, when the farm wrote it in a URI at ``host:port`` (the
-        port as the URI gives it, else its transport's default); FlowTokenError otherwise."""
+        port as the URI gives it, else its transport's default); FlowTokenError otherwise.
+
+        ``ours``: the URI names the reader itself, so where it points is not in question, and a
+        token of the earlier format (its MAC over the flow alone) is taken too: the Paths and
+        dialogs set up before tokens named their place go on.  A reader deciding whether a URI
+        naming someone else is the farm's never passes it."""
         text = token.decode("latin-1") if isinstance(token, bytes) else token
         key = (text, host, port)
         known = self._decoded.get(key)
@@ -219,11 +224,16 @@ class FlowTokens:
         if len(raw) < _MAC_LEN + 2 + 4 + 2:
             raise FlowTokenError("too short")
         mac, packed = raw[:_MAC_LEN], raw[_MAC_LEN:]
-        if not hmac.compare_digest(mac, self._mac(packed, host, port)):
+        bound = hmac.compare_digest(mac, self._mac(packed, host, port))
+        if not bound and not (
+            ours and hmac.compare_digest(mac, hmac.digest(self._secret, packed, "sha256")[:_MAC_LEN])
+        ):
             raise FlowTokenError("bad MAC")
         flow = unpack_flow(packed)
         if flow is None:
             raise FlowTokenError("bad layout")
+        if not bound:
+            return flow  # an earlier-format token: taken where it names us, never remembered
         if len(text) + len(host) > MAX_CACHED_KEY:
             return flow  # valid, yet padded (fromhex skips whitespace): not remembered
         if len(self._decoded) >= CACHE_LIMIT:
@@ -357,7 +367,7 @@ class OwnRoutes:
     def _learn(self, top: bytes, user: bytes, host: str, port: int) -> Address:
         """The flow the token in the user part of our entry ``top`` (at ``host:port``) names
         (``NO_FLOW``: no token), remembered under ``top``.  FlowTokenError on an invalid token."""
-        named = self.tokens.decode(user, host, port) if user else NO_FLOW
+        named = self.tokens.decode(user, host, port, ours=True) if user else NO_FLOW
         # the sender may pad its entry (long ones are not kept); a sealed entry is one
         # dialog's or request's (not kept either)
         if len(top) <= MAX_CACHED_KEY and top.find(b";sf=") < 0:

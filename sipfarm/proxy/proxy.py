@@ -305,7 +305,7 @@ class Proxy:
             sealed = sealed or seal
             if user and names_us:
                 try:
-                    flow = tokens.decode(user, host, port)
+                    flow = tokens.decode(user, host, port, ours=True)
                 except FlowTokenError:
                     raise BadMessage("invalid flow token in Route", partial=msg) from None
         return OwnRoutes(flow, sealed, popped)

@@ -322,3 +322,24 @@ def test_scanner_verdicts_are_remembered_per_value_and_bounded():
         front._is_scanner(b"phone/%d" % i)
         assert len(front._agent_verdicts) <= frontdoor._AGENT_CACHE_LIMIT
     assert front._is_scanner(b"X-" + scanner.upper().encode()) and not front._is_scanner(phone.encode())
+
+
+def test_a_token_of_the_earlier_format_is_taken_only_where_it_names_us():
+    """Tokens written before they named their place (MAC over the flow alone) still route the
+    Paths and dialogs set up before the upgrade when the entry names us; whether a URI naming
+    someone else is the farm's, they never tell (the relay they allowed), and they are not
+    remembered."""
+    import hashlib  # noqa: PLC0415
+    import hmac  # noqa: PLC0415
+
+    from sipfarm.edge import FlowTokenError, pack_flow  # noqa: PLC0415
+
+    tokens = FlowTokens(SECRET)
+    packed = pack_flow(CLIENT)
+    legacy = (hmac.digest(SECRET, packed, hashlib.sha256)[:8] + packed).hex()
+    assert tokens.decode(legacy, "10.0.0.1", 5060, ours=True) == CLIENT
+    with pytest.raises(FlowTokenError):
+        tokens.decode(legacy, "10.0.0.1", 5060)
+    assert not tokens._decoded
+    routes = OwnRoutes(_ours, tokens)
+    assert routes.pop(_with_routes(f"<sip:{legacy}@10.0.0.1:5060;lr>")) == (CLIENT, None, None)
