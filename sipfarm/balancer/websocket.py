@@ -82,8 +82,8 @@ class AdmittedConnection(ServerConnection):
         self.manager.release(self)
         # no complete HTTP upgrade request in open_timeout (not a client that left early)
         late = self.loop.time() - self.accepted_at >= self.open_timeout * 0.9
-        if self.refused is None and self.request is None:
-            self.manager.count_refused("handshake_timeout" if late else "bad_upgrade")
+        if self.refused is None and self.request is None and late:
+            self.manager.count_refused("handshake_timeout")
         elif self.refused is None and self.response is not None and self.response.status_code != 101:
             self.manager.count_refused("bad_upgrade")  # a request the library answered 4xx/5xx
 
@@ -194,18 +194,6 @@ async def listen_websocket(
             await connection.close(1013, "too many connections")
             return
         try:
-            # the first SIP message within first_message_timeout of the upgrade, as on TCP: a
-            # connection that only holds a slot (answering pings) is closed; after it, none
-            # (a registered browser is silent between its refreshes, the pings keep it)
-            try:
-                first = await asyncio.wait_for(connection.recv(), manager.config.first_message_timeout)
-            except TimeoutError:
-                manager.count_refused("silent")  # as a silent TCP flow
-                if connection.transport is not None:
-                    connection.transport.abort()
-                return
-            data = first.encode("utf-8") if isinstance(first, str) else bytes(first)
-            manager.deliver(data, remote, local)
             async for message in connection:
                 data = message.encode("utf-8") if isinstance(message, str) else bytes(message)
                 manager.deliver(data, remote, local)
