@@ -43,6 +43,9 @@ from sipfarm.sip.via import default_port
 # step 4; NOTIFY may create one, RFC 6665 4.2.2).
 DIALOG_CREATING = frozenset({b"INVITE", b"SUBSCRIBE", b"REFER", b"NOTIFY"})
 MAX_OWN_ENTRIES = 4  # a double Record-Route (RFC 5658) is two; more means a loop or junk
+#: the identity headers only the farm may write (RFC 3325 5): a node strips them from what it
+#: forwards, and the balancer sends a request that carries one through a node
+IDENTITY_HEADERS: Final = ("p-asserted-identity", "p-preferred-identity", "remote-party-id")
 
 __all__ = [
     "CHALLENGE_TAG_PREFIX",

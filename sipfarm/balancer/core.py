@@ -81,6 +81,7 @@ from sipfarm.balancer.overload import AdmissionControl
 from sipfarm.edge import (
     DIALOG_CREATING,
     HOP_PREFIX,
+    IDENTITY_HEADERS,
     ChallengeTags,
     FlowTokens,
     HopBranches,
@@ -351,7 +352,7 @@ class BalancerCore:
             and route is not None
             and to_tag is not None
             and not msg.body
-            and not any(msg.has(name) for name in _IDENTITY_HEADERS)
+            and not any(msg.has(name) for name in IDENTITY_HEADERS)
         ):
             values = tuple(msg.values("route"))
             past = self._ack_past_node(values, 0, msg.call_id)
@@ -1094,14 +1095,11 @@ class BalancerCore:
         return branch
 
 
-#: the identity headers only the farm may write (RFC 3325 5): a node strips them from what it
-#: forwards, so an ACK carrying one goes through a node, not past it
-_IDENTITY_HEADERS = ("p-asserted-identity", "p-preferred-identity", "remote-party-id")
-_IDENTITY_NAMES = tuple(b"\n" + name.encode() for name in _IDENTITY_HEADERS)
+_IDENTITY_NAMES = tuple(b"\n" + name.encode() for name in IDENTITY_HEADERS)
 
 
 def _names_identity(data: bytes) -> bool:
-    """Whether the message ``data`` may carry one of :data:`_IDENTITY_HEADERS` (a header line
+    """Whether the message ``data`` may carry one of :data:`~sipfarm.edge.IDENTITY_HEADERS` (a header line
     starting with its name, in any case)."""
     lower = data.lower()
     return any(lower.find(name) >= 0 for name in _IDENTITY_NAMES)

@@ -44,6 +44,7 @@ from typing import Any, Final, Protocol
 
 from sipfarm.edge import (
     DIALOG_CREATING,
+    IDENTITY_HEADERS,
     MAX_OWN_ENTRIES,
     FlowTokenError,
     FlowTokens,
@@ -104,7 +105,6 @@ ALLOW = b"INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, MESSAGE, INFO, UPDATE, PR
 # unauthenticated OPTIONS or BYE answered by the phone itself would tell who is registered.
 UNAUTHENTICATED = frozenset({b"ACK", b"CANCEL", b"REGISTER"})
 # Identity headers only the farm may write (RFC 3325 5: stripped from untrusted senders).
-IDENTITY_HEADERS = ("p-asserted-identity", "p-preferred-identity", "remote-party-id")
 MAX_FORWARDS = 70  # RFC 3261 16.6 step 3 / 8.1.1.6: what a request may carry past our door
 SERIAL_FORK_SECONDS = 30.0  # how long one q-value group rings before the next is tried
 FAILOVER_SECONDS = 2.0  # a gateway address silent this long: the next one (RFC 3263 4.3)
@@ -239,25 +239,25 @@ class Proxy:
         if msg.method != b"INVITE" or msg.to_tag is not None:
             return False
         response: SipMessage | None
-        client = self.element.client(msg, source)
+        element = self.element
         if max_forwards(msg) <= 0:
             exc = TooManyHops("Max-Forwards reached 0", partial=msg)
-            self.element.metrics.errors(exc.counter).inc()
-            response = error_response(msg, exc, self.element.stateless_tag(msg, client))
+            element.metrics.errors(exc.counter).inc()
+            response = error_response(msg, exc, element.stateless_tag(msg, element.client(msg, source)))
         else:
             if msg.has("route"):
                 return False  # ours to pop first (own_routes)
             uri = msg.request_uri
-            if isinstance(uri, SipURI) and uri.user is not None and uri.host in self.element.identity.domains:
+            if isinstance(uri, SipURI) and uri.user is not None and uri.host in element.identity.domains:
                 return False
             decision = self.router.decide(uri)
             if decision.action is not Action.REJECT:
                 return False
-            self.element.metrics.errors(f"route_{decision.status}").inc()
-            tag = self.element.stateless_tag(msg, client)
+            element.metrics.errors(f"route_{decision.status}").inc()
+            tag = element.stateless_tag(msg, element.client(msg, source))  # decoded only when refusing
             response = make_response(msg, decision.status, decision.reason or None, to_tag=tag)
         if response is not None:
-            self.element.send_stateless(msg, response, source)
+            element.send_stateless(msg, response, source)
         return True
 
     def own_routes(self, msg: SipMessage) -> OwnRoutes:
