@@ -592,13 +592,15 @@ class BalancerCore:
         hops = min(hops, MAX_FORWARDS_ENTRY)  # capped on entry, decremented below
         # _own_entries lists top first, the node-facing entry (our internal UDP address) on
         # top, so that the node's requests to the client come to it
-        if method == b"REGISTER":
-            self.registrations.on_register(client_flow, msg)
+        register = method == b"REGISTER"
+        if register:
             # RFC 3327: stay on the path to this UA (token = its flow)
             msg.prepend_values("path", self._own_entries(client_flow, dest.transport, path=True))
         elif method in DIALOG_CREATING and to_tag is None:
             msg.prepend_values("record-route", self._own_entries(client_flow, dest.transport, path=False))
         self._forward(msg, dest, self.internal, hop, hops)
+        if register:  # sent: its 2xx may come (one refused as too large is not remembered)
+            self.registrations.on_register(client_flow, msg)
         self.stats.to_node += 1
         admission = self.admission
         if admission is not None and txn is not None:

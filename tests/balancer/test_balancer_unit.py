@@ -723,4 +723,5 @@ def test_a_request_too_large_to_forward_gets_513_and_costs_its_node_nothing(lb: 
     out = lb.feed(data, CLIENT)
     assert [(m.status, dest) for m, dest in out] == [(513, CLIENT)]
     assert not lb.core.admission._pending
+    assert not lb.core.registrations._pending  # no 2xx can come for it
     assert lb.core.stats.errors == {"too_large_to_forward": 1}
