@@ -110,6 +110,7 @@ async def serve(cfg: RelayConfig, *, ready: asyncio.Event | None = None) -> None
         sdp_allowed=policy_predicate(policy),
         media_timeout=cfg.media_timeout,
         max_sessions=cfg.max_sessions,
+        latch_from=cfg.latch_from,
     )
     server = RelayServer(
         engine,

@@ -71,8 +71,9 @@ Accepted and ignored (harmless here):
   an SDP address is only ever the pre-latch destination, subject to the relay's allowed
   networks; any unknown flag (``generate-mid``, ``strict-source``...), as rtpengine ignores
   unknown ones.
-- ``received-from`` (``[family, address]``, type-checked): latching finds where a phone really
-  sends from, so the SIP source (often another proxy) is never taken for a media address.
+- ``received-from`` (``[family, address]``, type-checked) is never a destination (the SIP
+  source may be another proxy): its IP is one the party's ports may latch onto, with the SDP's
+  own (:mod:`media.relay`, "Latching").
 - ``direction`` (a list; one interface here), ``via-branch`` (one session per call and tag:
   no per-branch legs), ``supports`` (``["load limit"]``: the client's capabilities),
   ``SDES`` (``off`` and friends: nothing to switch off, encrypted SDPs are refused anyway),
@@ -374,7 +375,7 @@ class NgController:
         from_tag = _required(message, "from tag")
         to_tag = _text(message, "to tag") or None
         description, options = _description(message)
-        media = _relay_media(description)
+        media = _relay_media(description, _received_from(message))
         known = call_id in self._calls
         ports = await self.relay.offer(call_id, from_tag, media, to_tag)
         try:
@@ -390,7 +391,7 @@ class NgController:
         from_tag = _required(message, "from tag")
         to_tag = _required(message, "to tag")
         description, options = _description(message)
-        media = _relay_media(description)
+        media = _relay_media(description, _received_from(message))
         ports = await self.relay.answer(call_id, from_tag, to_tag, media)
         return {"result": "ok", "sdp": self._anchored(call_id, to_tag, description, ports, options, message)}
 
@@ -714,9 +715,19 @@ def _description(message: Message) -> tuple[sdp.SessionDescription, _Options]:
     return description, options
 
 
-def _relay_media(description: sdp.SessionDescription) -> list[relay.MediaEndpoint]:
+def _received_from(message: Message) -> str | None:
+    """The IP of ``received-from`` (``[family, address]``, checked by :func:`_options`): where
+    the SDP's party sent its SIP from, one of the IPs its ports may latch onto."""
+    value = message.get("received from")
+    if isinstance(value, list) and len(value) == 2 and isinstance(value[1], bytes):
+        return value[1].decode("latin-1")
+    return None
+
+
+def _relay_media(description: sdp.SessionDescription, source: str | None = None) -> list[relay.MediaEndpoint]:
     """What the relay needs of each section up to the last enabled one (a disabled one in between
-    is a placeholder without destination, to keep the sections' indexes)."""
+    is a placeholder without destination, to keep the sections' indexes).  ``source``: the
+    party's signalling IP (``received-from``)."""
     endpoints = sdp.endpoints_of(description)
     enabled = [e.index for e in endpoints if not e.disabled]
     media: list[relay.MediaEndpoint] = []
@@ -725,10 +736,12 @@ def _relay_media(description: sdp.SessionDescription) -> list[relay.MediaEndpoin
         clock_rate = _clock_rate(section)
         if endpoint.disabled or endpoint.address is None or endpoint.zero_address:
             # no destination before latching: disabled, or held the RFC 2543 way (c=0.0.0.0)
-            media.append(relay.MediaEndpoint("0.0.0.0", 0, None, endpoint.rtcp_mux, clock_rate))
+            media.append(relay.MediaEndpoint("0.0.0.0", 0, None, endpoint.rtcp_mux, clock_rate, source))
             continue
         rtcp_port = endpoint.rtcp_port if endpoint.rtcp_address == endpoint.address else None
-        media.append(relay.MediaEndpoint(endpoint.address, endpoint.rtp_port, rtcp_port, endpoint.rtcp_mux, clock_rate))
+        media.append(
+            relay.MediaEndpoint(endpoint.address, endpoint.rtp_port, rtcp_port, endpoint.rtcp_mux, clock_rate, source)
+        )
     return media
 
 

@@ -132,6 +132,7 @@ class RelayPort:
         "sdp_dest",
         "sender",
         "source",
+        "sources",
         "stats",
     )
 
@@ -150,6 +151,9 @@ class RelayPort:
         self.peer_rtp: RelayPort = self  # wired by the engine before any socket opens
         self.peer_rtcp: RelayPort = self
         self.source: Addr | None = None
+        # the IPs the signalling vouched for as this party's (its SDP address, the address its
+        # SIP came from): the only ones the port latches or re-latches onto; None: any
+        self.sources: frozenset[str] | None = None
         self.sdp_dest: Addr | None = None
         self.dest: Addr | None = None
         self.packets = 0
@@ -262,7 +266,20 @@ class RelayPort:
         self.bytes += n
 
     def _new_source(self, data: bytes, addr: Addr, rtcp: bool, now: float) -> bool:
-        """A packet not from the latched source: latch, count towards a re-latch, or drop."""
+        """A packet not from the latched source: latch, count towards a re-latch, or drop.
+
+        A source whose IP the signalling did not vouch for (``sources``) is never latched onto
+        first, nor after the party's silence: the first sender from anywhere took a call's
+        media (RTP bleed: a stranger spraying the port range while a call rang, or after 2 s
+        of a party's silence, heard one side and spoke into the other; red team,
+        2026-12-02).  It may take over only by continuing the latched stream's own SSRC and
+        sequence (a phone whose network changed mid-call), which only a party that sees the
+        stream can.  The port is learnt freely: a NAT picks it."""
+        sources = self.sources
+        foreign = sources is not None and addr[0] not in sources
+        if foreign and self.source is None:
+            self.drops_unexpected_source += 1
+            return False
         if addr[1] == 0:
             # nothing can answer source port 0 (raw-socket senders, e.g. SIPp's pcap play):
             # forwarded while the port has not latched (it keeps sending to the SDP address),
@@ -289,7 +306,7 @@ class RelayPort:
             else:
                 stats = self.stats
                 known = ssrc == stats.ssrc and 0 < (seq - stats.max_seq) & 0xFFFF < MAX_DROPOUT
-            quiet = now - self.last_seen >= self._relatch_silence  # NEVER: -inf
+            quiet = not foreign and now - self.last_seen >= self._relatch_silence  # NEVER: -inf
             if not (known or quiet):
                 self._cand_addr = None  # not a handover candidate: forget it
                 self.drops_unexpected_source += 1

@@ -30,10 +30,21 @@ Before a port has latched, the relay sends to the party's SDP address only if th
 policy permits it (``sdp_allowed``, typically :func:`policy_predicate` of a
 :class:`~sipfarm.transport.destinations.DestinationPolicy`); otherwise packets towards that
 party are dropped (``drops_no_destination``) until it sends.  The first well-formed packet
-arriving on a port latches the port to its source (IP, port): from then on the relay sends to
-that address and drops packets from any other source (``drops_unexpected_source``).
+arriving on a port from an address the signalling vouched for latches the port to its source
+(IP, port): from then on the relay sends to that address and drops packets from any other
+source (``drops_unexpected_source``).
 
-Re-latching needs proof that the new source is the same party (rtpengine's "media handover",
+Vouched for (``latch_from="signalled"``, the default): the IPs of the party's SDP connection
+addresses and the IP its SIP came from (ng ``received-from``, which sipfarm's nodes send with
+the phone's real address, as Kamailio does), gathered over the call's offers and answers; the
+port is learnt, as a NAT picks it.  A party that has sent no SDP yet (the callee while its
+phone rings) has none, so nothing latches its ports.  Before this rule the first sender from
+anywhere was taken: a stranger who sprayed the relay's port range while a call rang, or after a
+party's 2 s of silence, heard one side of the call and spoke into the other (RTP bleed; red
+team, 2026-12-02).  ``latch_from="any"`` restores rtpengine's default (an operator whose phones
+send media from addresses their signalling never names).
+
+Re-latching (from a vouched IP only) needs proof that the new source is the same party (rtpengine's "media handover",
 without its open window for anyone who sends first): ``relatch_packets`` consecutive packets
 (default 5) from one new source, all with one SSRC, RTP sequence numbers each ahead of the
 previous by less than MAX_DROPOUT, and either
@@ -68,6 +79,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -103,6 +115,7 @@ DEFAULT_MAX_SESSIONS = 10_000
 DEFAULT_RELATCH_PACKETS = 5
 DEFAULT_RELATCH_SILENCE = 2.0
 DEFAULT_CLOCK_RATE = 8000  # PCMU/PCMA (RFC 3551 4.5.14)
+LATCH_FROM = ("signalled", "any")  # whom a port latches onto: see "Latching"
 
 _RTP, _RTCP, _MUX = KIND_RTP, KIND_RTCP, KIND_MUX  # kinds of port: what it accepts
 _MAX_ROUNDS = 16  # polls of the plane per loop callback (MAX_EVENTS sockets each)
@@ -145,6 +158,8 @@ class MediaEndpoint:
     rtcp_port: int | None = None
     rtcp_mux: bool = False
     clock_rate: int = DEFAULT_CLOCK_RATE
+    #: the IP the party's signalling came from (ng ``received-from``), if the controller said
+    source: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +228,12 @@ class _Side:
 
     def set_endpoint(self, endpoint: MediaEndpoint, allowed: Callable[[str, int], bool]) -> None:
         self.endpoint = endpoint
+        sources = self.rtp.sources
+        if sources is not None:  # latch_from="signalled": vouch for this SDP's and SIP's IPs
+            vouched = sources | _source_forms(endpoint.host) | _source_forms(endpoint.source)
+            if vouched != sources:
+                for port in self.all_ports():
+                    port.sources = vouched
         self.rtp.stats.clock_rate = endpoint.clock_rate
         self.rtp.kind = _MUX if endpoint.rtcp_mux or self.rtcp is None else _RTP
         rtp_dest: Addr | None = None
@@ -232,6 +253,23 @@ class _Side:
         if self.rtcp is None or self.rtp.kind == _MUX:
             return self.rtp
         return self.rtcp
+
+
+def _source_forms(host: str | None) -> frozenset[str]:
+    """How a datagram's source names ``host`` (an IP of an SDP or ``received-from``): its
+    canonical text, and for IPv4 also its IPv4-mapped IPv6 form (a dual-stack socket's)."""
+    if not host:
+        return frozenset()
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return frozenset()  # a name, or nonsense: vouches for nothing
+    if ip.is_unspecified:
+        return frozenset()  # c=0.0.0.0: held, no address
+    if isinstance(ip, ipaddress.IPv6Address):
+        mapped = ip.ipv4_mapped
+        return frozenset((ip.compressed,) if mapped is None else (ip.compressed, str(mapped)))
+    return frozenset((str(ip), f"::ffff:{ip}"))
 
 
 def _wire(a: _Side, b: _Side) -> None:
@@ -312,7 +350,10 @@ class RelayEngine:
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         relatch_packets: int = DEFAULT_RELATCH_PACKETS,
         relatch_silence: float = DEFAULT_RELATCH_SILENCE,
+        latch_from: str = "signalled",
     ) -> None:
+        if latch_from not in LATCH_FROM:
+            raise ValueError(f"latch_from: expected one of {LATCH_FROM}, got {latch_from!r}")
         if media_timeout <= 0:
             raise ValueError("media_timeout must be positive")
         if relatch_packets < 1:
@@ -324,6 +365,7 @@ class RelayEngine:
         self.max_sessions = max_sessions
         self._relatch_packets = relatch_packets
         self._relatch_silence = relatch_silence
+        self._strict = latch_from == "signalled"
         self._calls: dict[str, _Call] = {}
         self._opened: list[RelayPort] = []
         self._closed: list[RelayPort] = []
@@ -538,6 +580,9 @@ class RelayEngine:
         else:
             base = self.ports.allocate_pair()
             side = _Side(index, RelayPort(base, _RTP, clock, n, silence), RelayPort(base + 1, _RTCP, clock, n, silence))
+        if self._strict:  # nothing vouched for yet: nothing latches (see "Latching")
+            for port in side.all_ports():
+                port.sources = frozenset()
         self._opened.extend(side.all_ports())
         return side
 

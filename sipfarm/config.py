@@ -614,6 +614,11 @@ class RelayConfig:
     # unless listed in allow_destinations, e.g. ["127.0.0.0/8"] for phones on this machine.
     internal_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     allow_destinations: list[str] = field(default_factory=list)
+    # Whom a port latches onto: "signalled", only a source whose IP the signalling named (the
+    # party's SDP address, or the SIP source the controller sends as ng received-from, as
+    # sipfarm's nodes and Kamailio do); "any", the first sender from anywhere (rtpengine's
+    # default: a stranger spraying the port range can take a call's media, RTP bleed).
+    latch_from: str = "signalled"
     log_level: str = "info"
     log_format: str = "kv"
 
@@ -639,6 +644,7 @@ class RelayConfig:
         _check_range("heartbeat", self.heartbeat, 0.05, 10)
         _check_range("batch_interval", self.batch_interval, 0, 0.02)
         _check_destinations(self.internal_networks, self.allow_destinations)
+        _check_choice("latch_from", self.latch_from, ("signalled", "any"))
         if self.metrics:
             _check_hostport("metrics", self.metrics)
         _check_redis_url(self.redis)

@@ -29,9 +29,13 @@ Done = Callable[[SipError | None], None]
 
 
 class MediaHook(Protocol):
-    def offer(self, request: SipMessage, done: Done, *, to_webrtc: bool = False) -> None: ...
+    """``sender``: the IP the SDP's party sent its SIP from, where the proxy knows it (behind a
+    balancer, the client its signed branch names; for a callee, the flow its binding was
+    registered over): a relay takes media for that party only from it or its SDP's address."""
 
-    def answer(self, response: SipMessage, done: Done) -> None: ...
+    def offer(self, request: SipMessage, done: Done, *, to_webrtc: bool = False, sender: str | None = None) -> None: ...
+
+    def answer(self, response: SipMessage, done: Done, *, sender: str | None = None) -> None: ...
 
     def release(self, call_id: bytes, from_tag: bytes | None) -> None: ...
 
@@ -39,10 +43,10 @@ class MediaHook(Protocol):
 class NoMedia:
     """Media goes straight between the phones."""
 
-    def offer(self, request: SipMessage, done: Done, *, to_webrtc: bool = False) -> None:
+    def offer(self, request: SipMessage, done: Done, *, to_webrtc: bool = False, sender: str | None = None) -> None:
         done(None)
 
-    def answer(self, response: SipMessage, done: Done) -> None:
+    def answer(self, response: SipMessage, done: Done, *, sender: str | None = None) -> None:
         done(None)
 
     def release(self, call_id: bytes, from_tag: bytes | None) -> None:

@@ -534,7 +534,8 @@ class Proxy:
             # every device a browser (RFC 7118 Contact transport): the offer asks for WebRTC
             # media; a fork to browsers and desk phones at once gets the desk phones' kind
             to_webrtc = bool(targets) and all(_websocket_uri(t.uri) for t in targets)
-            self.media.offer(msg, partial(self._offered, call, msg), to_webrtc=to_webrtc)
+            sender = element.client(msg, call.server_tx.remote).host
+            self.media.offer(msg, partial(self._offered, call, msg), to_webrtc=to_webrtc, sender=sender)
         else:
             self._start_group(call, element.now())
 
@@ -747,7 +748,8 @@ class Proxy:
             # a re-INVITE or UPDATE with SDP (hold, resume, codec change): an offer, anchored
             # on the call's relay before it goes on (its answer comes back in the 2xx); a PRACK
             # answering an offer in a reliable 18x
-            self.media.offer(msg, partial(self._offered_in_dialog, stx, msg, local, dest))
+            sender = self.element.client(msg, stx.remote).host
+            self.media.offer(msg, partial(self._offered_in_dialog, stx, msg, local, dest), sender=sender)
             return
         self._forward_to(stx, msg, local, dest, now)
 
@@ -861,6 +863,23 @@ class Proxy:
             self.element.metrics.errors("destination_refused").inc()
             raise Forbidden("destination not allowed", partial=msg)
         return dest
+
+    def _party(self, target: Target, call_id: bytes) -> str | None:
+        """The IP of the party a branch went to, as its media relay should know it: the flow a
+        farm flow token in its route names (a phone behind a balancer), else where the branch
+        was sent (the phone itself, a gateway); None behind a Path of someone else's."""
+        if not target.route:
+            return target.destination.host
+        try:
+            hop = parse_name_addr(target.route[0]).uri
+        except (HeaderError, URIError):
+            return None
+        if not (isinstance(hop, SipURI) and hop.user and self._farm_uri(hop, call_id)):
+            return None
+        try:
+            return self.flow_tokens.decode(hop.user, hop.host, hop.port or default_port(hop.transport)).host
+        except FlowTokenError:
+            return None
 
     def _farm_uri(self, uri: object, call_id: bytes) -> bool:
         """``uri`` was written by the farm: a flow token valid at its host and port, or a seal
@@ -1004,7 +1023,7 @@ class Proxy:
             if branch.cancel_wanted and not branch.cancelled:
                 self._send_cancel(branch, now)  # the CANCEL held back until now (RFC 3261 9.1)
             if status > 100 and not call.answered:
-                self._send_upstream(call, _upstream(msg))
+                self._send_upstream(call, _upstream(msg), branch)
             return
         self._timer_c.pop(branch, None)
         if status == 430 and branch.state is not BranchState.COMPLETED:
@@ -1013,7 +1032,7 @@ class Proxy:
             first = branch.state is not BranchState.COMPLETED
             branch.state = BranchState.COMPLETED
             call.answered = True
-            self._send_upstream(call, _upstream(msg))
+            self._send_upstream(call, _upstream(msg), branch)
             if first and call.is_invite:
                 call.groups.clear()
                 for other in call.active():
@@ -1065,14 +1084,16 @@ class Proxy:
             self.media.release(call.request.call_id, call.request.from_tag)
         self._send_upstream(call, response)
 
-    def _send_upstream(self, call: ProxyCall, response: SipMessage) -> None:
+    def _send_upstream(self, call: ProxyCall, response: SipMessage, branch: Branch | None = None) -> None:
+        """``branch``: the one ``response`` came on (None: made here)."""
         stx = call.server_tx
         if (
             response.body
             and response.status < 300
             and (call.is_invite or (self.anchoring and call.method in _MEDIA_RESPONSES))
         ):
-            self.media.answer(response, partial(self._answered, stx, response))
+            sender = None if branch is None else self._party(branch.target, response.call_id)
+            self.media.answer(response, partial(self._answered, stx, response), sender=sender)
             return
         self.element.reply(stx, response)
 
@@ -1314,7 +1335,7 @@ class Proxy:
         except SipError:
             self.element.metrics.errors("ack_dropped").inc()
             return
-        self._send_ack(msg, dest)
+        self._send_ack(msg, dest, source)
 
     def _ack_to_gruu(self, msg: SipMessage, gruu: GruuTarget, found: list[Binding] | StoreError) -> None:
         """The ACK of a 2xx whose dialog's remote target is a GRUU, once its bindings are read."""
@@ -1329,10 +1350,12 @@ class Proxy:
             self.flow_sends.add(target.destination)
         self._send_ack(msg, target.destination)
 
-    def _send_ack(self, msg: SipMessage, dest: Address) -> None:
+    def _send_ack(self, msg: SipMessage, dest: Address, source: Address | None = None) -> None:
+        """``source``: where the ACK came from (None: not known here)."""
         if self.anchoring and msg.body:
             # the answer to an offer a 2xx carried (RFC 3261 13.2.1): rewritten by the relay
-            self.media.offer(msg, partial(self._ack_anchored, msg, dest))
+            sender = None if source is None else self.element.client(msg, source).host
+            self.media.offer(msg, partial(self._ack_anchored, msg, dest), sender=sender)
             return
         self._send_ack_now(msg, dest)
 

@@ -8,10 +8,15 @@ end of a call (:meth:`RelayMedia.release`).  The hook tells offers from answers 
 RFC 3261 13.2.1 and RFC 3262): a response's SDP answers the offer its request carried, or is an
 offer itself when the request had none (late offer), answered in the ACK or PRACK; an ACK's SDP
 is always such an answer.  Each becomes an ng request with the flags Kamailio's rtpengine module
-sends (replace origin and session-connection, ICE remove, ``via-branch``; no ``trust-address``,
-no ``received-from``: the SIP source a node sees is the balancer, never a phone's media
-address, and the relay latches onto where media really comes from), so Debian's rtpengine and
-``sipfarm relay`` serve alike.  The ``from-tag`` of an ng offer is always the offerer's tag and
+sends (replace origin and session-connection, ICE remove, ``via-branch``, no ``trust-address``),
+so Debian's rtpengine and ``sipfarm relay`` serve alike.  ``received-from`` is the party's own
+address as the proxy knows it (``sender``; behind a balancer, never the balancer's): the client
+the balancer's signed branch names, or the flow a callee registered over.  rtpengine then sends
+to that IP before the phone's first packet (a NATed phone's SDP names a private address);
+``sipfarm relay`` latches a port only onto a source whose IP the SDP or ``received-from`` named
+(RTP bleed: a stranger spraying the port range took calls' media, red team 2026-12-02).  Where
+the proxy does not know it (an in-dialog response), none is sent and the relay keeps what the
+call's earlier messages named.  The ``from-tag`` of an ng offer is always the offerer's tag and
 the ``to-tag`` the answerer's, whichever way the offer goes.  The relay's SDP replaces the
 message's body and ``done(None)`` lets the proxy forward it.  No ng exchange ever blocks the
 forwarding path: replies and timeouts come back as callbacks (:mod:`~sipfarm.proxy.ng_client`).
@@ -162,7 +167,7 @@ class RelayMedia:
 
     # -- MediaHook -------------------------------------------------------------------------------
 
-    def offer(self, request: SipMessage, done: Done, *, to_webrtc: bool = False) -> None:
+    def offer(self, request: SipMessage, done: Done, *, to_webrtc: bool = False, sender: str | None = None) -> None:
         """A request that may carry SDP: an offer (INVITE, UPDATE, a PRACK not answering), an
         answer (ACK; a PRACK answering an offer in a reliable 18x), or none (a late offer).
         ``to_webrtc``: the proxy knows the receiver is a browser (its Contact says WebSocket)."""
@@ -185,7 +190,7 @@ class RelayMedia:
         if answering:
             assert to_tag is not None
             # the offer came from the other party (in a 2xx or reliable 18x): from-tag is theirs
-            message = self._message(b"answer", request, to_tag, from_tag)
+            message = self._message(b"answer", request, to_tag, from_tag, sender)
             self._flags(message, call, sender=from_tag, receiver=to_tag, msg=request, answer=True)
             self._with_relay(call_id, call, partial(self._send_answer, request, done, message, call_id))
             return
@@ -193,7 +198,7 @@ class RelayMedia:
             done(None)  # an ACK without an offer to answer; a call no relay can carry
             return
         self._prune()
-        message = self._message(b"offer", request, from_tag, to_tag)
+        message = self._message(b"offer", request, from_tag, to_tag, sender)
         receiver = to_tag or b""
         self._flags(message, call, sender=from_tag, receiver=receiver, msg=request, answer=False, to_webrtc=to_webrtc)
         if to_tag is None:
@@ -202,7 +207,7 @@ class RelayMedia:
             return
         self._with_relay(call_id, call, partial(self._offer_on, request, done, message, from_tag))
 
-    def answer(self, response: SipMessage, done: Done) -> None:
+    def answer(self, response: SipMessage, done: Done, *, sender: str | None = None) -> None:
         """An 18x/2xx with SDP: the answer to its request's offer, or a (late) offer."""
         from_tag, to_tag = response.from_tag, response.to_tag
         if from_tag is None or to_tag is None or not response.body:
@@ -216,13 +221,13 @@ class RelayMedia:
             if call.relay is None:
                 done(None)  # its offer went end to end: so does the answer
                 return
-            message = self._message(b"answer", response, from_tag, to_tag)
+            message = self._message(b"answer", response, from_tag, to_tag, sender)
             self._flags(message, call, sender=to_tag, receiver=from_tag, msg=response, answer=True)
             self._send(call.relay, message, partial(self._answered, response, done, call.relay))
             return
         # the request carried no SDP (RFC 3261 13.2.1 late offer; RFC 3262 offer in a reliable
         # 18x): the responder offers, the requester answers in the ACK or PRACK
-        message = self._message(b"offer", response, to_tag, from_tag)
+        message = self._message(b"offer", response, to_tag, from_tag, sender)
         self._flags(message, call, sender=to_tag, receiver=from_tag, msg=response, answer=False)
         self._with_relay(call_id, call, partial(self._offer_on, response, done, message, to_tag))
 
@@ -416,11 +421,15 @@ class RelayMedia:
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _message(self, command: bytes, msg: SipMessage, from_tag: bytes, to_tag: bytes | None) -> dict[str, Value]:
+    def _message(
+        self, command: bytes, msg: SipMessage, from_tag: bytes, to_tag: bytes | None, sender: str | None = None
+    ) -> dict[str, Value]:
         message: dict[str, Value] = {"command": command, "call-id": msg.call_id, "from-tag": from_tag}
         if to_tag:
             message["to-tag"] = to_tag
         message["sdp"] = msg.body
+        if sender:  # rtpengine's [family, address] (Kamailio's rtpengine module sends it too)
+            message["received-from"] = [b"IP6" if ":" in sender else b"IP4", sender.strip("[]").encode("latin-1")]
         branch = via_branch(msg.top_via_value)
         if branch:
             message["via-branch"] = branch

@@ -127,8 +127,9 @@ async def test_handover_moves_the_link_and_new_sdp_relatches_through_the_old_one
         assert (await receive(pn, 1))[0][0] == rtp(0, ssrc=0xB)  # B is heard at A's new address
         ta.sendto(rtp(15), ("127.0.0.1", a_ports.rtp))  # the old address is a stranger now
         await until(lambda: server.query("call").monologues[0].media[0].rtp.drops_unexpected_source == dropped + 1)
-        # a re-INVITE with new SDP unlatches; the phone sending on relatches (through its link)
-        await server.offer("call", "ta", [MediaEndpoint("127.0.0.7", 9)])
+        # a re-INVITE with new SDP (its SIP now from A's new network) unlatches; the phone
+        # sending on relatches (through its link)
+        await server.offer("call", "ta", [MediaEndpoint("127.0.0.7", 9, source="127.0.0.6")])
         assert server.linked_ports == 1  # B's port only
         for seq in range(16, 26):
             tn.sendto(rtp(seq), ("127.0.0.1", a_ports.rtp))

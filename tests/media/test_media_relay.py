@@ -67,10 +67,13 @@ class Relay:
         for port in self.engine.take_closed():
             del self.ports[port.port]
 
-    def call(self, b_sdp: tuple[str, int] = B_SDP, **a: Any) -> tuple[MediaPorts, MediaPorts]:
-        """offer from A, answer from B: (A's relay ports, B's relay ports)."""
+    def call(
+        self, b_sdp: tuple[str, int] = B_SDP, b_source: str | None = None, **a: Any
+    ) -> tuple[MediaPorts, MediaPorts]:
+        """offer from A, answer from B (``b_source``: B's SIP source, ng received-from):
+        (A's relay ports, B's relay ports)."""
         b_ports = self.engine.offer("c1", "ta", [MediaEndpoint(*A_SDP, **a)])
-        a_ports = self.engine.answer("c1", "ta", "tb", [MediaEndpoint(*b_sdp)])
+        a_ports = self.engine.answer("c1", "ta", "tb", [MediaEndpoint(*b_sdp, source=b_source)])
         self.sync()
         return a_ports[0], b_ports[0]
 
@@ -193,12 +196,13 @@ def test_forwarding_both_ways_is_symmetric() -> None:
 
 def test_sdp_address_refused_by_policy_waits_for_latching_nat() -> None:
     relay = Relay()
-    a, b = relay.call(b_sdp=("10.1.2.3", 5000))  # B's private address: never a destination
+    nat = ("198.51.100.7", 40000)
+    # B's private address: never a destination; its SIP came from its NAT's address
+    a, b = relay.call(b_sdp=("10.1.2.3", 5000), b_source=nat[0])
     relay.send(a.rtp, rtp(1), A_SDP)
     relay.send(a.rtp, rtp(2), A_SDP)
     assert relay.sent(b.rtp) == []
     assert relay.engine.query("c1").monologues[0].media[0].rtp.drops_no_destination == 2
-    nat = ("198.51.100.7", 40000)
     relay.send(b.rtp, rtp(1, ssrc=0xB), nat)  # B's first packet latches its real address
     relay.send(a.rtp, rtp(3), A_SDP)
     assert relay.sent(b.rtp) == [(rtp(3), nat)]
@@ -242,7 +246,7 @@ def test_relatch_refused_on_broken_continuity_then_allowed_after_silence() -> No
     relay = Relay()
     a, _ = relay.call()
     relay.send(a.rtp, rtp(100), A_SDP)
-    other = ("203.0.113.99", 9)
+    other = ("203.0.113.10", 9)  # A's IP, another port (its NAT binding changed)
     for seq in (101, 102, 103, 104, 9000, 9001):  # same SSRC, but the run breaks at 9000
         relay.send(a.rtp, rtp(seq), other)
     assert relay.engine.query("c1").monologues[0].media[0].rtp.source == A_SDP
@@ -388,6 +392,57 @@ def bindable(port: int) -> bool:
         return True
 
 
+def test_a_stranger_never_latches_while_the_call_rings_nor_after_silence() -> None:
+    """RTP bleed (red team, 2026-12-02): a sender the signalling did not name sprays the
+    relay's ports while the callee's phone rings (its ports know no address yet), and again
+    after a party's 2 s of silence.  It latches nothing, hears nothing, injects nothing; the
+    real phones still latch, from the IPs their SDP and SIP named, on any port."""
+    relay = Relay()
+    b_ports = relay.engine.offer("c1", "ta", [MediaEndpoint(*A_SDP)])[0]
+    relay.sync()
+    a_ports = relay.engine.query("c1").monologues[0].media[0].ports
+    stranger = ("198.51.100.66", 7078)
+    for port in (a_ports.rtp, a_ports.rtcp, b_ports.rtp, b_ports.rtcp):  # ringing: B sent no SDP yet
+        for seq in range(10):
+            relay.send(port, rtp(seq, ssrc=0xBAD) if port % 2 == 0 else rtcp_rr(0xBAD), stranger)
+    relay.send(a_ports.rtp, rtp(1), A_SDP)  # A talks while B rings: nobody to hear it yet
+    assert all(not relay.sent(p) for p in relay.ports)
+    relay.engine.answer("c1", "ta", "tb", [MediaEndpoint("10.1.2.3", 5000, source="198.51.100.7")])
+    b_nat = ("198.51.100.7", 41000)  # B's NAT, a port nobody named
+    relay.send(b_ports.rtp, rtp(1, ssrc=0xB), b_nat)
+    relay.send(a_ports.rtp, rtp(2), A_SDP)
+    assert relay.sent(b_ports.rtp) == [(rtp(2), b_nat)]
+    assert relay.sent(a_ports.rtp) == [(rtp(1, ssrc=0xB), A_SDP)]
+    relay.clock.now += 5.0  # both silent (hold, silence suppression): still only they may move
+    for port in (a_ports.rtp, b_ports.rtp):
+        for seq in range(20):
+            relay.send(port, rtp(seq, ssrc=0xBAD), stranger)
+    stats = relay.engine.query("c1")
+    a_rtp, b_rtp = (m.media[0].rtp for m in stats.monologues)
+    assert (a_rtp.source, b_rtp.source, a_rtp.relatches, b_rtp.relatches) == (A_SDP, b_nat, 0, 0)
+    assert a_rtp.drops_unexpected_source == 30 and b_rtp.drops_unexpected_source == 30
+    relay.send(b_ports.rtp, rtp(2, ssrc=0xB), b_nat)
+    assert relay.sent(a_ports.rtp) == [(rtp(2, ssrc=0xB), A_SDP)]  # no stranger's packet ever left
+
+
+def test_latch_from_any_takes_the_first_sender_as_before() -> None:
+    relay = Relay(latch_from="any")
+    a, b = relay.call(b_sdp=("10.1.2.3", 5000))
+    anywhere = ("198.51.100.9", 40000)
+    relay.send(b.rtp, rtp(1, ssrc=0xB), anywhere)
+    relay.send(a.rtp, rtp(1), A_SDP)
+    assert relay.sent(b.rtp) == [(rtp(1), anywhere)]
+    with pytest.raises(ValueError, match="latch_from"):
+        RelayEngine(PortAllocator(20000, 20099), latch_from="first")
+
+
+def test_a_dual_stack_socket_sees_ipv4_vouched_sources_in_their_mapped_form() -> None:
+    relay = Relay()
+    _, b = relay.call(b_source="198.51.100.7")
+    relay.send(b.rtp, rtp(1, ssrc=0xB), ("::ffff:198.51.100.7", 40000, 0, 0))
+    assert relay.engine.query("c1").monologues[1].media[0].rtp.source == ("::ffff:198.51.100.7", 40000, 0, 0)
+
+
 async def test_two_phones_through_the_relay_with_nat_latching() -> None:
     engine = RelayEngine(
         PortAllocator(41000, 41099),
@@ -399,9 +454,10 @@ async def test_two_phones_through_the_relay_with_nat_latching() -> None:
     try:
         a_addr = ta.get_extra_info("sockname")
         b_addr = tb.get_extra_info("sockname")
-        # B's SDP names 127.0.0.4:9 (its "private" address); it sends from 127.0.0.3:Y
+        # B's SDP names 127.0.0.4:9 (its "private" address); its SIP came from 127.0.0.3, and
+        # it sends from 127.0.0.3:Y
         [b_ports] = await server.offer("call", "ta", [MediaEndpoint(*a_addr)])
-        [a_ports] = await server.answer("call", "ta", "tb", [MediaEndpoint("127.0.0.4", 9)])
+        [a_ports] = await server.answer("call", "ta", "tb", [MediaEndpoint("127.0.0.4", 9, source="127.0.0.3")])
         assert server.open_ports == 4
         n = 50
         for seq in range(n):

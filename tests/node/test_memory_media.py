@@ -606,3 +606,37 @@ def test_a_long_call_id_is_remembered_in_bounded_bytes_and_the_call_still_works(
         alice.send(alice.in_dialog("BYE", ok))
         assert [c for r in range(len(RELAYS)) for c in mf.calls(r)] == []
         assert mf.commands()[-1] == b"delete"
+
+
+def test_each_sdp_goes_to_the_relay_with_its_partys_own_address() -> None:
+    """ng ``received-from`` is the IP each party's SIP came from (not its SDP's private
+    address, not the node's peer): the only IPs, with the SDP's, that the relay lets latch
+    that party's ports (RTP bleed, red team 2026-12-02).  Offer, answer, and the answer an
+    ACK carries after a late offer."""
+    mf = MediaFarm()
+    call_id = call_id_on(0)
+    alice, bob = setup(mf)
+    msg = alice.request("INVITE", BOB, call_id=call_id, body=phone_sdp("192.168.1.10", 4000))
+    msg.set("content-type", b"application/sdp")
+    alice.authenticated(msg)
+    answer_with_sdp(bob, phone_sdp("192.168.2.20", 5000))
+    ok = alice.last(200, b"INVITE")
+    assert ok is not None
+    offer, answer = mf.ng_log[0], mf.ng_log[1]
+    assert offer[b"received-from"] == [b"IP4", b"10.0.0.1"]
+    assert answer[b"received-from"] == [b"IP4", b"10.0.0.2"]
+    caller, callee = mf.engines[0].call_ports(call_id)[0], mf.engines[0].call_ports(call_id)[2]
+    assert caller.sources is not None and {"10.0.0.1", "192.168.1.10"} <= caller.sources
+    assert callee.sources is not None and {"10.0.0.2", "192.168.2.20"} <= callee.sources
+    assert "10.0.0.2" not in caller.sources
+
+
+def test_the_answer_in_an_ack_goes_to_the_relay_with_the_callers_address() -> None:
+    mf = MediaFarm()
+    alice, _, ok = late_offer_call(mf, call_id_on(1))
+    assert mf.ng_log[0][b"received-from"] == [b"IP4", b"10.0.0.2"]  # bob offered in the 2xx
+    ack = alice.in_dialog("ACK", ok)
+    ack.set_body(phone_sdp("192.168.1.10", 4000), b"application/sdp")
+    alice.send(ack, alice.first_hop(ack))
+    assert mf.ng_log[1][b"command"] == b"answer"
+    assert mf.ng_log[1][b"received-from"] == [b"IP4", b"10.0.0.1"]
