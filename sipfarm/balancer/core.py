@@ -268,7 +268,10 @@ class BalancerCore:
         self._entries: dict[tuple[Address, bool, bool], tuple[bytes, ...]] = {}
         self._clock = time.monotonic
         self._debug = log.isEnabledFor(logging.DEBUG)
-        self._to_tag = secrets.token_hex(4).encode()
+        self._to_tag = secrets.token_hex(4).encode()  # our answers to clients' requests
+        # our answers to nodes' requests (430 Flow Failed...): a node proxies them on to the
+        # caller, whose ACK (same To tag) must go on to that node's server transaction
+        self._node_to_tag = secrets.token_hex(4).encode()
         self.registrations = registrations if registrations is not None else RegisteredFlows(interval=0)
         self._registered_udp = self.registrations.flows  # read on every received message
         self.hold: Callable[[Address, float], bool] = hold or (lambda flow, seconds: False)
@@ -316,7 +319,8 @@ class BalancerCore:
                     str(exc).replace(" ", "_"),
                 )
             if msg.status == 0:
-                answer = error_response(msg, exc, self._to_tag)
+                from_node = self.nodes.by_address(source.host, source.port) is not None
+                answer = error_response(msg, exc, self._node_to_tag if from_node else self._to_tag)
                 if answer is not None:
                     self.send_response(answer.to_bytes(), hop)
 
@@ -336,7 +340,7 @@ class BalancerCore:
             self._answer_locally(msg, hop)
             return
         to_tag = msg.to_tag
-        if method == b"ACK" and to_tag == self._to_tag:
+        if method == b"ACK" and to_tag == (self._node_to_tag if from_node else self._to_tag):
             # the ACK of a non-2xx answered here (503 shed, no node): ends here too (RFC 3261
             # 17.2.1), no node knows that transaction
             self.stats.local += 1
@@ -813,7 +817,7 @@ class BalancerCore:
             to_tag = tag_of(to_value)
         except HeaderError:
             return False
-        if method == b"ACK" and to_tag == self._to_tag:
+        if method == b"ACK" and to_tag in (self._to_tag, self._node_to_tag):
             return False  # the ACK of an answer of ours: the general path
         from_node = self.nodes.by_address(source.host, source.port) is not None
         if to_tag is None and not from_node:
@@ -928,7 +932,7 @@ class BalancerCore:
         else:
             exc = ServiceUnavailable("node unreachable", retry_after=self.retry_after, partial=msg)
         self.stats.errors[exc.counter] = self.stats.errors.get(exc.counter, 0) + 1
-        answer = error_response(msg, exc, self._to_tag)
+        answer = error_response(msg, exc, self._node_to_tag if from_node else self._to_tag)
         if answer is not None:
             self.send_response(answer.to_bytes(), source)
 

@@ -196,6 +196,15 @@ async def listen_websocket(
         try:
             async for message in connection:
                 data = message.encode("utf-8") if isinstance(message, str) else bytes(message)
+                if data and not data.strip(b"\r\n"):
+                    # RFC 5626 3.5.1 CRLF keep-alive, usable over WebSocket (RFC 7118 6): a
+                    # double-CRLF ping is answered with a CRLF pong, and no SIP parse is tried
+                    manager.stats.keepalive_pings += 1
+                    if data.startswith(b"\r\n\r\n"):
+                        flow.write(b"\r\n")
+                    if manager.on_keepalive is not None:
+                        manager.on_keepalive(remote)
+                    continue
                 manager.deliver(data, remote, local)
         except ConnectionClosed:
             pass

@@ -428,6 +428,32 @@ def test_unreachable_client_flow_gives_430(lb: Harness):
     assert out.status == 430 and dest == node
 
 
+def test_the_callers_ack_of_a_430_made_here_goes_on_to_the_node_that_proxied_it(lb: Harness):
+    """The 430 answered to a node's INVITE (the callee's flow is gone) goes on from that node
+    to the caller, To tag and all; the caller's ACK belongs to the node's server transaction
+    (RFC 3261 17.2.1: hop by hop) and must reach it, or the node repeats the 430 until Timer H
+    (SIP.js over WebSocket got it 10 times, 2026-12-02).  The node's own ACK of it ends here."""
+    paths, node = _path_of(lb, TCP_CLIENT, LB_TCP, "SIP/2.0/TCP 192.168.1.5:5062")
+    lb.fail_to.add(TCP_CLIENT)
+    routes = "".join(f"Route: {p.decode()}\r\n" for p in paths)
+    call_id = secrets.token_hex(8)
+    out, _ = lb.one(request("INVITE", "sip:alice@192.168.1.5:5062;transport=tcp", via="SIP/2.0/UDP 10.0.1.1:5060",
+                            extra=routes, call_id=call_id), node)
+    tag = out.to_tag
+    assert out.status == 430 and tag
+    node_ack = request("ACK", "sip:alice@192.168.1.5:5062;transport=tcp", via="SIP/2.0/UDP 10.0.1.1:5060",
+                       call_id=call_id, to=f"<sip:alice@farm.test>;tag={tag.decode()}")
+    assert lb.feed(node_ack, node) == []  # the node's ACK of our 430: ends here
+    caller_ack = request("ACK", "sip:alice@farm.test", call_id=call_id,
+                         to=f"<sip:alice@farm.test>;tag={tag.decode()}")
+    ack, dest = lb.one(caller_ack, CLIENT)
+    assert (ack.method, dest) == (b"ACK", node_for(lb, call_id.encode()))
+    shed = request("INVITE", "sip:bob@farm.test", max_forwards=0)
+    refused, _ = lb.one(shed, CLIENT)  # an answer of ours to a client: its ACK still ends here
+    client_ack = request("ACK", "sip:bob@farm.test", to=f"<sip:bob@farm.test>;tag={refused.to_tag.decode()}")
+    assert refused.to_tag != tag and lb.feed(client_ack, CLIENT) == []
+
+
 # -- node set ------------------------------------------------------------------------------------
 
 

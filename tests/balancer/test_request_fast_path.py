@@ -67,6 +67,7 @@ class Balancer:
         )
         self.core._clock = lambda: 100.0
         self.core._to_tag = b"5ca1ab1e"  # random per balancer: the same in both (error answers)
+        self.core._node_to_tag = b"0dd5ca1e"
         # as `sipfarm balancer`: the core stamps clients' requests, the transport does not
         self.transports = TransportManager(self.core.on_message, config=TransportConfig(stamp_via=False))
         if fast:
@@ -653,7 +654,7 @@ def test_initial_failed_sends_answer_the_same(method: bytes, flow: Address) -> N
         assert fast.core.stats.drops == {"ack_unsent": 1}
     else:
         assert fast.core.stats.flow_failed == 1 and fast.sent[-1][0].startswith(b"SIP/2.0 430 ")
-        assert b"\r\nTo: <sip:bob@example.com>;tag=5ca1ab1e\r\n" in fast.sent[-1][0]
+        assert b"\r\nTo: <sip:bob@example.com>;tag=0dd5ca1e\r\n" in fast.sent[-1][0]  # the tag of answers to nodes
 
 
 def test_initial_request_with_the_node_down_or_from_elsewhere() -> None:

@@ -176,3 +176,29 @@ def test_bad_upgrades_and_protocol_errors_are_counted(arun: Runner) -> None:
         await manager.close()
 
     arun(scenario())
+
+
+def test_a_crlf_keepalive_gets_its_pong_and_is_no_parse_error(arun: Runner) -> None:
+    """RFC 5626 3.5.1 over WebSocket (RFC 7118 6): a message of a double CRLF is a ping,
+    answered with one CRLF; a lone CRLF is a pong.  Neither reaches the parser (SIP.js's
+    keep-alives were each an "empty message" parse error and got no pong, 2026-12-02)."""
+    heard: list[Address] = []
+
+    async def scenario() -> None:
+        manager = TransportManager(lambda msg, source, local: None)
+        manager.on_keepalive = heard.append
+        bound, server = await listen_websocket(manager, Address("ws", "127.0.0.1", 0), None)
+        client = await connect(f"ws://127.0.0.1:{bound.port}", subprotocols=["sip"])  # type: ignore[list-item]
+        for _ in range(3):
+            await client.send("\r\n\r\n")
+            assert await asyncio.wait_for(client.recv(), 2) == "\r\n"
+        await client.send("\r\n")  # a pong: no answer
+        await client.send("OPTIONS sip:x SIP/2.0\r\n\r\n")  # the next message is still read (a bad one)
+        await wait_until(lambda: manager.stats.parse_errors != {})
+        assert manager.stats.keepalive_pings == 4 and manager.stats.parse_errors == {"bad_message": 1}
+        assert len(heard) == 4 and {a.transport for a in heard} == {"ws"}
+        await client.close()
+        server.close()
+        await manager.close()
+
+    arun(scenario())
