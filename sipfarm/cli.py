@@ -225,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     relay.add_argument("--port-max", type=int, help="last media port (default 39999)")
     relay.add_argument("--media-timeout", type=float, help="seconds of silence that free a call (default 60)")
     relay.add_argument("--max-sessions", type=int, help="calls held at once (default 10000)")
+    relay.add_argument(
+        "--accept-from",
+        action="append",
+        metavar="SOURCE",
+        help="take ng commands only from: nodes (the membership's) or a network (CIDR); repeatable or "
+        "comma-separated (default: nodes,127.0.0.0/8,::1/128)",
+    )
     relay.add_argument("--redis", help="Redis URL (default $REDIS_URL or redis://127.0.0.1:6379/0)")
     relay.add_argument("--relay-id", help="member id in the farm (default: relay-host-pid-RANDOM)")
     relay.add_argument("--metrics", help="HOST:PORT for Prometheus /metrics")
