@@ -159,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--config", help="TOML file: [node], [routing], [balancer], [relay] sections (see examples/)")
     up.add_argument("--relays", type=int, default=1, help="media relays (ng on --ng-port and the next ports)")
     up.add_argument("--ng-port", type=int, default=2223, help="ng control port of the first relay")
+    up.add_argument(
+        "--ng-host",
+        default="127.0.0.1",
+        help="address the relays' ng control ports bind (default 127.0.0.1, whatever --host: ng has no "
+        "authentication, and the farm's nodes run on this machine)",
+    )
     up.add_argument("--sip-port", type=int, default=5060)
     up.add_argument("--redis", help="use this Redis instead of starting a private one")
     up.add_argument(
