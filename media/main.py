@@ -3,10 +3,15 @@ and metrics together.  Process wiring only: the protocol is in :mod:`media.ng`, 
 :mod:`media.relay`.
 
 The relay heartbeats a :class:`~sipfarm.cluster.membership.Member` of role ``relay``: its
-``control_address`` is the ng socket (``udp:HOST:PORT``), ``addresses`` the media address with
-the first port of its range, ``load`` its active sessions (Call-IDs), ``free_ports`` and
-``packet_rate`` (packets forwarded per second over the last second).  SIGTERM or SIGINT stops
-it: it leaves the membership, stops answering ng, frees every call and closes every port.
+``control_address`` is the ng socket (``udp:HOST:PORT``), ``addresses`` the media address (and
+the advertised one, when it differs) with the first port of its range, ``port_max`` the last,
+``load`` its active sessions (Call-IDs), ``free_ports`` and ``packet_rate`` (packets forwarded
+per second over the last second).  It also reads the membership (every role, polled each
+heartbeat interval): the nodes' hosts are who may send it ng commands (``accept_from``,
+:class:`media.farm.NgAccess`), and every member's addresses, other relays' whole ranges included,
+are the farm's, where no SDP may send media (:class:`media.farm.FarmAddresses`).  SIGTERM or
+SIGINT stops it: it leaves the membership, stops answering ng, frees every call and closes every
+port.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import sys
 import time
 
 from sipfarm import __version__
-from sipfarm.config import ConfigError, RelayConfig, load
+from sipfarm.config import ConfigError, RelayConfig, flag_list, load
 from sipfarm.logs import setup_logging
 from sipfarm.transport.loop import stop_on_signals, tune_gc
 
@@ -42,6 +47,7 @@ def _flags(args: argparse.Namespace) -> dict[str, object]:
         "port_max": args.port_max,
         "media_timeout": args.media_timeout,
         "max_sessions": args.max_sessions,
+        "accept_from": flag_list(getattr(args, "accept_from", None)),
         "redis": args.redis or os.environ.get("REDIS_URL"),
         "relay_id": args.relay_id,
         "metrics": args.metrics,
@@ -93,11 +99,13 @@ def _split_hostport(value: str) -> tuple[str, int]:
 
 
 async def serve(cfg: RelayConfig, *, ready: asyncio.Event | None = None) -> None:
+    from media.farm import FarmAddresses, NgAccess, PortRange, node_networks  # noqa: PLC0415
     from media.ng import NgController, NgServer  # noqa: PLC0415
     from media.ports import PortAllocator  # noqa: PLC0415
     from media.relay import CallStats, RelayEngine, RelayServer, policy_predicate  # noqa: PLC0415
     from sipfarm.cluster.heartbeat import start_heartbeat  # noqa: PLC0415
     from sipfarm.cluster.membership import Member, MembershipStore, Role  # noqa: PLC0415
+    from sipfarm.cluster.watcher import MemberWatcher  # noqa: PLC0415
     from sipfarm.metrics import RelayMetrics, serve_metrics  # noqa: PLC0415
     from sipfarm.store.redis_client import create_redis  # noqa: PLC0415
     from sipfarm.transport.destinations import DestinationPolicy  # noqa: PLC0415
@@ -105,9 +113,14 @@ async def serve(cfg: RelayConfig, *, ready: asyncio.Event | None = None) -> None
     loop = asyncio.get_running_loop()
     metrics = RelayMetrics()
     policy = DestinationPolicy(allow=cfg.allow_destinations, deny=cfg.internal_networks)
+    # an SDP naming an address of the farm is never sent to before latching: the relay's own
+    # ports (a loop), another relay's (two relays bouncing one packet for ever), a node's or a
+    # balancer's SIP listener; the relay's own now, the others' from the membership below
+    media_hosts = dict.fromkeys([cfg.media_address, cfg.advertise or cfg.media_address])
+    farm = FarmAddresses(PortRange(host, cfg.port_min, cfg.port_max) for host in media_hosts)
     engine = RelayEngine(
         PortAllocator(cfg.port_min, cfg.port_max),
-        sdp_allowed=policy_predicate(policy),
+        sdp_allowed=policy_predicate(policy, farm.farm_address),
         media_timeout=cfg.media_timeout,
         max_sessions=cfg.max_sessions,
         latch_from=cfg.latch_from,
@@ -127,23 +140,59 @@ async def serve(cfg: RelayConfig, *, ready: asyncio.Event | None = None) -> None
         log.info("event=relay_session_expired call_id=%s", stats.call_id)
 
     server.on_expired = expired
-    ng_host, ng_port = _split_hostport(cfg.ng)
-    ng = await NgServer.listen(controller, ng_host, ng_port)
-    bound_host, bound_port = ng.address
-    # an SDP naming the relay's own ng socket or media ports is never sent to before latching
-    # (a loop, or ng datagrams made of RTP): the relay's addresses are its own, as a node's are
-    media_hosts = {cfg.media_address, cfg.advertise or cfg.media_address}
-    policy.add_own(
-        [(bound_host, bound_port)]
-        + [(host, port) for host in media_hosts for port in range(cfg.port_min, cfg.port_max + 1)]
-    )
-    control = f"udp:[{bound_host}]:{bound_port}" if ":" in bound_host else f"udp:{bound_host}:{bound_port}"
-    media = f"[{cfg.media_address}]" if ":" in cfg.media_address else cfg.media_address
-    if cfg.metrics:
-        serve_metrics(cfg.metrics, metrics.registry)
 
     redis = create_redis(cfg.redis, client_name=f"sipfarm-{cfg.relay_id}")
     store = MembershipStore(redis)
+    access = NgAccess(cfg.accept_from)
+    watcher = MemberWatcher(store, None, interval=cfg.heartbeat)
+    unplaced: set[str] = set()  # nodes already reported as sending from nowhere known
+    seen = -1  # the watcher's generation last applied
+
+    def log_accepted(why: str) -> None:
+        accepted = ",".join(str(n) for n in access.accepted) or "nobody_yet"
+        log.info("event=relay_accept_from reason=%s accepted=%s", why, accepted)
+
+    def membership_changed(_change: object = None, *, starting: bool = False) -> None:
+        """Whatever changed (a node, a relay or a balancer came or went): the farm's
+        addresses and the accepted ng sources from the whole snapshot, once per poll."""
+        nonlocal seen
+        if watcher.generation == seen:
+            return
+        seen = watcher.generation
+        members = watcher.snapshot()
+        farm.update(members)
+        if access.update(members) and not starting:
+            log_accepted("nodes_changed")
+        if access.want_nodes:
+            for member in members:
+                if member.role is Role.NODE and member.id not in unplaced and not node_networks([member]):
+                    unplaced.add(member.id)  # a wildcard or a name: its ng commands are refused here
+                    log.warning("event=relay_accept_from_node_unknown_address node=%s hint=list_its_network", member.id)
+
+    watcher.add_listener(membership_changed)
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(watcher.poll(), 1.0)  # the nodes before the first ng command
+    membership_changed(starting=True)
+    watcher.start()
+    if access.open:
+        log.warning("event=relay_ng_open accept_from=anyone hint=set_accept_from_nodes")
+    else:
+        log_accepted("started")
+
+    ng_host, ng_port = _split_hostport(cfg.ng)
+    try:
+        ng = await NgServer.listen(controller, ng_host, ng_port, accepts=None if access.open else access.accepts)
+    except OSError:  # the ng port is taken: nothing else runs yet
+        await watcher.stop()
+        await redis.aclose()
+        raise
+    bound_host, bound_port = ng.address
+    farm.add_own([PortRange(bound_host, bound_port, bound_port)])  # ng datagrams made of RTP
+    control = f"udp:[{bound_host}]:{bound_port}" if ":" in bound_host else f"udp:{bound_host}:{bound_port}"
+    media = [f"udp:[{h}]:{cfg.port_min}" if ":" in h else f"udp:{h}:{cfg.port_min}" for h in media_hosts]
+    if cfg.metrics:
+        serve_metrics(cfg.metrics, metrics.registry)
+
     started = time.time()
     figures = {"packet_rate": 0.0}
 
@@ -151,7 +200,7 @@ async def serve(cfg: RelayConfig, *, ready: asyncio.Event | None = None) -> None
         return Member(
             id=cfg.relay_id,
             role=Role.RELAY,
-            addresses=(f"udp:{media}:{cfg.port_min}",),
+            addresses=tuple(media),
             control_address=control,
             load=float(engine.sessions),
             pid=os.getpid(),
@@ -160,6 +209,7 @@ async def serve(cfg: RelayConfig, *, ready: asyncio.Event | None = None) -> None
             version=__version__,
             free_ports=engine.ports.free_ports,
             packet_rate=round(figures["packet_rate"], 1),
+            port_max=cfg.port_max,
         )
 
     heartbeater = start_heartbeat(store, member, interval=cfg.heartbeat, leader=True)
@@ -167,11 +217,11 @@ async def serve(cfg: RelayConfig, *, ready: asyncio.Event | None = None) -> None
     synced = server.totals()
     synced_at = loop.time()
     ng_synced: dict[tuple[str, str], int] = {}
-    ng_dropped = ng_internal = 0
+    ng_dropped = ng_internal = ng_refused = 0
 
     def sync() -> None:
         """Copy the relay's and the controller's counters into the metrics (deltas)."""
-        nonlocal synced, synced_at, ng_dropped, ng_internal
+        nonlocal synced, synced_at, ng_dropped, ng_internal, ng_refused
         totals, now = server.totals(), loop.time()
         if now > synced_at:
             figures["packet_rate"] = (totals.packets - synced.packets) / (now - synced_at)
@@ -187,7 +237,8 @@ async def serve(cfg: RelayConfig, *, ready: asyncio.Event | None = None) -> None
                 ng_synced[key] = count
         metrics.ng_errors("dropped").inc(controller.dropped - ng_dropped)
         metrics.ng_errors("internal").inc(controller.internal_errors - ng_internal)
-        ng_dropped, ng_internal = controller.dropped, controller.internal_errors
+        metrics.ng_errors("refused").inc(ng.refused - ng_refused)
+        ng_dropped, ng_internal, ng_refused = controller.dropped, controller.internal_errors, ng.refused
         metrics.sessions.set(engine.sessions)
         metrics.free_ports.set(engine.ports.free_ports)
         metrics.open_ports.set(server.open_ports)
@@ -215,6 +266,7 @@ async def serve(cfg: RelayConfig, *, ready: asyncio.Event | None = None) -> None
         log.info("event=relay_stopping id=%s sessions=%d", cfg.relay_id, engine.sessions)
         if heartbeater is not None:
             await heartbeater.stop()
+        await watcher.stop()
         ng.close()
         server.close()  # every call freed, every port closed: they return to the range
         await redis.aclose()

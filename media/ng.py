@@ -13,7 +13,9 @@ reply datagram (or None: nothing to answer).  It is async at its edge only becau
 a call's new ports before their numbers may be answered (:meth:`media.relay.RelayServer.offer`);
 everything else in it is synchronous, and tests drive it with an in-memory relay.
 :class:`NgServer` is the thin asyncio glue: a ``DatagramProtocol`` that hands each datagram to the
-controller and sends the reply.
+controller and sends the reply.  ng has no authentication, so the glue first asks ``accepts``
+(the relay's ``accept_from``: :class:`media.farm.NgAccess`) whether the sender may drive the
+relay at all; a datagram from anyone else is dropped unanswered and counted.
 
 Retransmissions: an ng client resends a message under the same cookie until it has a reply, and
 rtpengine answers a cookie it has seen with the reply it gave then, without doing the work again
@@ -151,6 +153,8 @@ SWEEP_INTERVAL = 30.0
 DEFAULT_LIST_LIMIT = 32  # rtpengine's default for "list"
 MAX_LIST_LIMIT = 10_000
 MAX_IN_FLIGHT = 1_000  # ng messages being executed at once (NgServer); more are dropped
+#: seconds between two log lines about ng datagrams from sources not accepted (each is counted)
+REFUSED_LOG_INTERVAL = 10.0
 
 COMMANDS = frozenset({"ping", "offer", "answer", "delete", "query", "list"})  # the subset
 #: the error-reason of an offer or answer asking for WebRTC (or any encrypted) media; proxies
@@ -542,17 +546,35 @@ class NgServer(asyncio.DatagramProtocol):
 
     A control message is rare next to media, so each runs as a task (an offer awaits the
     binding of its ports); at most :data:`MAX_IN_FLIGHT` at once, more are dropped (the client
-    retransmits)."""
+    retransmits).
 
-    def __init__(self, controller: NgController) -> None:
+    ``accepts`` (the sender's IP address -> whether it may drive the relay; None: anyone) is
+    asked before anything else: a datagram from a source it refuses gets no task and no answer
+    (an error reply would tell a scanner a relay is here, and reflect traffic at whoever the
+    source address names), and is counted in :attr:`refused`; a warning names the latest such
+    source at most every :data:`REFUSED_LOG_INTERVAL` seconds (a flood writes no flood of logs)."""
+
+    def __init__(
+        self,
+        controller: NgController,
+        accepts: Callable[[str], bool] | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.controller = controller
+        self.accepts = accepts
+        self.refused = 0  # datagrams from sources accepts refused
         self.transport: asyncio.DatagramTransport | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._clock = clock
+        self._refusal_logged_at: float | None = None
 
     @classmethod
-    async def listen(cls, controller: NgController, host: str, port: int) -> NgServer:
+    async def listen(
+        cls, controller: NgController, host: str, port: int, *, accepts: Callable[[str], bool] | None = None
+    ) -> NgServer:
         loop = asyncio.get_running_loop()
-        _, server = await loop.create_datagram_endpoint(lambda: cls(controller), local_addr=(host, port))
+        _, server = await loop.create_datagram_endpoint(lambda: cls(controller, accepts), local_addr=(host, port))
         return server
 
     @property
@@ -565,6 +587,9 @@ class NgServer(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        if self.accepts is not None and not self.accepts(str(addr[0])):
+            self._refuse(str(addr[0]))
+            return
         if len(self._tasks) >= MAX_IN_FLIGHT:
             self.controller.dropped += 1
             return
@@ -576,6 +601,17 @@ class NgServer(asyncio.DatagramProtocol):
         reply = await self.controller.handle(data)
         if reply is not None and self.transport is not None:
             self.transport.sendto(reply, addr)
+
+    def _refuse(self, source: str) -> None:
+        self.refused += 1
+        now = self._clock()
+        if self._refusal_logged_at is None or now - self._refusal_logged_at >= REFUSED_LOG_INTERVAL:
+            self._refusal_logged_at = now
+            log.warning(
+                "event=ng_refused source=%s refused=%d hint=a_node_or_proxy_here_belongs_in_relay_accept_from",
+                source,
+                self.refused,
+            )
 
     def error_received(self, exc: Exception) -> None:
         # ICMP unreachable from a proxy that went away: nothing to do, it retransmits or not

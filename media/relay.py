@@ -135,13 +135,24 @@ class SessionLimitReached(RelayError):
     reason = "Session limit reached"
 
 
-def policy_predicate(policy: DestinationPolicy) -> Callable[[str, int], bool]:
-    """``sdp_allowed`` from the farm's destination policy (allowed/denied networks)."""
+def policy_predicate(
+    policy: DestinationPolicy, farm_address: Callable[[str, int], bool] | None = None
+) -> Callable[[str, int], bool]:
+    """``sdp_allowed`` from the farm's destination policy (allowed/denied networks) and, when
+    given, ``farm_address`` (:meth:`media.farm.FarmAddresses.farm_address`): an address of the
+    farm (a relay's media range or ng socket, a node's SIP port) is refused whatever the
+    networks allow, since media sent there loops between relays or floods the farm."""
+    if farm_address is None:
 
-    def permitted(host: str, port: int) -> bool:
-        return policy.permits(Address("udp", host, port))
+        def permitted(host: str, port: int) -> bool:
+            return policy.permits(Address("udp", host, port))
 
-    return permitted
+        return permitted
+
+    def permitted_outside_farm(host: str, port: int) -> bool:
+        return not farm_address(host, port) and policy.permits(Address("udp", host, port))
+
+    return permitted_outside_farm
 
 
 @dataclass(frozen=True, slots=True)

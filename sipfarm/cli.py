@@ -159,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--config", help="TOML file: [node], [routing], [balancer], [relay] sections (see examples/)")
     up.add_argument("--relays", type=int, default=1, help="media relays (ng on --ng-port and the next ports)")
     up.add_argument("--ng-port", type=int, default=2223, help="ng control port of the first relay")
+    up.add_argument(
+        "--ng-host",
+        default="127.0.0.1",
+        help="address the relays' ng control ports bind (default 127.0.0.1, whatever --host: ng has no "
+        "authentication, and the farm's nodes run on this machine)",
+    )
     up.add_argument("--sip-port", type=int, default=5060)
     up.add_argument("--redis", help="use this Redis instead of starting a private one")
     up.add_argument(
@@ -225,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     relay.add_argument("--port-max", type=int, help="last media port (default 39999)")
     relay.add_argument("--media-timeout", type=float, help="seconds of silence that free a call (default 60)")
     relay.add_argument("--max-sessions", type=int, help="calls held at once (default 10000)")
+    relay.add_argument(
+        "--accept-from",
+        action="append",
+        metavar="SOURCE",
+        help="take ng commands only from: nodes (the membership's) or a network (CIDR); repeatable or "
+        "comma-separated (default: nodes,127.0.0.0/8,::1/128)",
+    )
     relay.add_argument("--redis", help="Redis URL (default $REDIS_URL or redis://127.0.0.1:6379/0)")
     relay.add_argument("--relay-id", help="member id in the farm (default: relay-host-pid-RANDOM)")
     relay.add_argument("--metrics", help="HOST:PORT for Prometheus /metrics")

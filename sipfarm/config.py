@@ -22,6 +22,8 @@ from sipfarm.sip.address import Address
 
 #: the words [node] accept_from takes besides networks
 ACCEPT_KEYWORDS = ("balancers", "peers")
+#: the words [relay] accept_from takes besides networks
+RELAY_ACCEPT_KEYWORDS = ("nodes",)
 # [node]/[balancer] udp_batch_interval (s): see NodeConfig; chosen by measurement
 # (benchmarks/README.md, "The balancer's cost per call" and "Reading a busy balancer socket
 # once per millisecond")
@@ -586,6 +588,15 @@ class RelayConfig:
     """An RTP media relay (``sipfarm relay``), driven over rtpengine's ng protocol."""
 
     ng: str = "127.0.0.1:2223"  # HOST:PORT of the ng control socket (UDP)
+    # Who may send ng commands (flag --accept-from, repeatable or comma-separated): each entry
+    # a network (CIDR or an address) or "nodes", the hosts the farm's live nodes heartbeat
+    # (their SIP addresses; kept current as they come and go). ng has no authentication: whoever
+    # reaches the control socket can list calls, read phones' addresses, delete any call's
+    # media. A command from any other source is dropped unanswered, counted in
+    # sipfarm_relay_ng_errors_total{kind="refused"}. Empty: anyone. A node that sends from
+    # another address than it heartbeats (another interface), or a Kamailio outside the
+    # membership, needs its network listed.
+    accept_from: list[str] = field(default_factory=lambda: ["nodes", "127.0.0.0/8", "::1/128"])
     # IP the relay binds its media ports on and writes into the SDPs it anchors
     media_address: str = "127.0.0.1"
     # IP written into the SDPs instead, when phones reach the relay at another address (a
@@ -624,6 +635,16 @@ class RelayConfig:
 
     def validate(self) -> None:
         _check_hostport("ng", self.ng)
+        for entry in self.accept_from:
+            if entry not in RELAY_ACCEPT_KEYWORDS:
+                try:
+                    _check_networks("accept_from", [entry])
+                except ConfigError:
+                    raise ConfigError(
+                        f"accept_from: {entry!r} is neither {' nor '.join(RELAY_ACCEPT_KEYWORDS)} nor a network "
+                        "(CIDR); SIPFARM_ACCEPT_FROM is read by nodes and relays alike: give the relay its own "
+                        "with --accept-from or [relay] accept_from"
+                    ) from None
         import ipaddress  # noqa: PLC0415 - config stays light
 
         try:

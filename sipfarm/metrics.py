@@ -456,7 +456,8 @@ class RelayMetrics:
             )
         )
         # kinds: dropped (no cookie, duplicate in execution, too many in flight), internal
-        # (unexpected exceptions, answered "internal error")
+        # (unexpected exceptions, answered "internal error"), refused (from a source [relay]
+        # accept_from does not name: not executed, not answered)
         self.ng_errors = LabelCache(
             Counter("sipfarm_relay_ng_errors_total", "ng messages not executed, by kind", ["kind"], registry=r)
         )

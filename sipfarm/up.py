@@ -104,8 +104,9 @@ def busy_ports(host: str, udp_tcp: list[int], tcp_only: list[int], udp_only: Seq
     checks = [(p, socket.SOCK_DGRAM) for p in [*udp_tcp, *udp_only]] + [
         (p, socket.SOCK_STREAM) for p in udp_tcp + tcp_only
     ]
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for port, kind in checks:
-        with socket.socket(socket.AF_INET, kind) as sock:
+        with socket.socket(family, kind) as sock:
             try:
                 sock.bind((host, port))
             except OSError:
@@ -215,7 +216,11 @@ def run_up(args: argparse.Namespace) -> int:
         if not args.no_balancer:
             farm_ports.append(args.sip_port)
             other_ports += [args.sip_port + 1, args.sip_port + 2]
-        taken = busy_ports(host, farm_ports, other_ports, ng_ports)
+        # the relays' control ports stay off the farm's (often public) host: ng has no
+        # authentication, and every node of this farm reaches them on this machine
+        ng_host = getattr(args, "ng_host", "127.0.0.1")
+        taken = busy_ports(host, farm_ports, other_ports)
+        taken += [t if ng_host == host else f"{t} on {ng_host}" for t in busy_ports(ng_host, [], [], ng_ports)]
         if taken:
             print(
                 f"sipfarm: ports already in use on {host}: {', '.join(taken)} (another farm running?); "
@@ -271,7 +276,7 @@ def run_up(args: argparse.Namespace) -> int:
                 "relay",
                 "--redis", redis_url,
                 "--relay-id", f"relay{i + 1}",
-                "--ng", f"{host}:{ng_port}",
+                "--ng", f"{ng_listen(ng_host)}:{ng_port}",
                 "--media-address", host,
                 "--port-min", str(port_min),
                 "--port-max", str(port_min + span - 1),
@@ -281,14 +286,14 @@ def run_up(args: argparse.Namespace) -> int:
             proc = spawn("relay", argv, log_path)
             extra: dict[str, object] = {
                 "id": f"relay{i + 1}",
-                "ng": f"udp:{host}:{ng_port}",
+                "ng": f"udp:{ng_listen(ng_host)}:{ng_port}",
                 "media_ports": f"{port_min}-{port_min + span - 1}",
                 "metrics": metrics,
             }
             relay_children.append(Child("relay", proc, [], extra, log_path))
         children.extend(relay_children)
         for child, ng_port in zip(relay_children, ng_ports, strict=True):
-            wait_ng(host, ng_port, 15.0, child)
+            wait_ng(ng_host, ng_port, 15.0, child)
 
         accept_from = node_accept_from(host) if not args.no_balancer else ""
         for i in range(args.nodes):
@@ -399,6 +404,11 @@ def run_up(args: argparse.Namespace) -> int:
             redis_proc.stop()
         if redis_cluster is not None:
             redis_cluster.stop()
+
+
+def ng_listen(host: str) -> str:
+    """``host`` as the host part of HOST:PORT (an IPv6 address in brackets)."""
+    return f"[{host}]" if ":" in host else host
 
 
 def node_accept_from(host: str) -> str:

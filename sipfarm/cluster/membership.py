@@ -139,6 +139,12 @@ class Member:
     #: them come from when it differs from ``addresses`` (``advertise``, ``internal``); a
     #: node's ``accept_from = ["balancers"]`` takes the hosts of both. Written only when set
     internal_address: str | None = None
+    #: a relay's last media port: its range runs from the port of its ``addresses`` (the
+    #: first) to this one. Every relay refuses to send media into another's range (two relays
+    #: pointed at each other would bounce packets for ever: media.farm), so each must know the
+    #: whole range, not its first port. None for other roles and for relays of earlier
+    #: versions (their first port alone is known). Written only when set, like ``free_ports``
+    port_max: int | None = None
 
     def __post_init__(self) -> None:
         if not self.id or not self.id.isprintable() or any(c.isspace() for c in self.id):
@@ -168,6 +174,8 @@ class Member:
             record["group"] = self.group
         if self.internal_address is not None:
             record["internal_address"] = self.internal_address
+        if self.port_max is not None:
+            record["port_max"] = self.port_max
         return _dumps(record)
 
     @classmethod
@@ -180,6 +188,7 @@ class Member:
             packet_rate = d.get("packet_rate")
             group = d.get("group")
             internal = d.get("internal_address")
+            port_max = d.get("port_max")
             return cls(
                 id=str(d["id"]),
                 role=Role(d["role"]),
@@ -197,6 +206,7 @@ class Member:
                 packet_rate=None if packet_rate is None else float(packet_rate),
                 group=None if group is None else str(group),
                 internal_address=None if internal is None else str(internal),
+                port_max=None if port_max is None else int(port_max),
             )
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"not a member record {data!r:.200}: {e!r}") from e

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import replace
 
 import pytest
 from cluster_support import OpenMembership, eventually, node, relay
@@ -194,6 +195,14 @@ def test_member_json_round_trip_and_tolerance() -> None:
     for bad in ("[]", "{}", '{"id": "x", "role": "router"}', "nope", '{"id": "", "role": "node"}'):
         with pytest.raises(ValueError):
             Member.from_json(bad)
+
+
+def test_a_relay_record_carries_its_port_range_and_an_old_one_reads_without() -> None:
+    ranged = replace(relay(), port_max=30999)
+    assert json.loads(ranged.to_json())["port_max"] == 30999
+    assert Member.from_json(ranged.to_json()) == ranged
+    assert "port_max" not in json.loads(relay().to_json())  # unset: the record as before
+    assert Member.from_json(relay().to_json()).port_max is None  # a relay of an earlier version
 
 
 def test_member_id_validation() -> None:

@@ -169,3 +169,31 @@ def test_up_starts_a_usable_farm_and_stops_it(tmp_path: Path):
         time.sleep(0.2)
     assert not [pid for pid in pids if _alive(pid)]
     assert proc.returncode == 0
+
+
+def test_up_binds_the_relays_ng_port_to_loopback_not_the_farms_host(tmp_path: Path):
+    """ng has no authentication: on a farm whose --host is (here stands for) a public address,
+    the relays' control ports listen on loopback, where this machine's nodes reach them."""
+    port, metrics = free_block()
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "sipfarm", "up", "--host", "127.0.0.2", "--nodes", "1",
+            "--sip-port", str(port), "--dir", str(tmp_path / "run"), "--metrics-port", str(metrics),
+            "--ng-port", str(port + 5),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    try:
+        ready = read_ready(proc, lines)
+        (relay,) = [p for p in ready["processes"] if p["role"] == "relay"]
+        assert relay["ng"] == f"udp:127.0.0.1:{port + 5}"
+        assert ng_ping("127.0.0.1", port + 5)
+        assert not ng_ping("127.0.0.2", port + 5)  # nothing on the farm's host
+        wait_registers(proc, ("127.0.0.2", port), lines, source="127.0.0.2")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    assert proc.returncode == 0

@@ -6,6 +6,7 @@ The relay runs as `python -m sipfarm relay` on free loopback ports with the test
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import socket
@@ -15,12 +16,17 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fixtures.relay import RANGE, RelayProcess, ng_request, start_relay, stop, udp_free
 from fixtures.startup import START_TIMEOUT_S
+
+from media.bencode import decode, encode
+from sipfarm.cluster.membership import Member, MembershipStore, Role
+from sipfarm.store import create_redis
 
 pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 60)
 
@@ -274,3 +280,131 @@ def test_bad_configuration_is_one_clear_line(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "configuration error: port_max" in done.stderr
+
+
+# -- the farm around the relay: who may drive it, where it never sends -------------------------
+
+
+async def _heartbeat(redis_url: str, member: Member) -> None:
+    """Write ``member`` into the membership for a minute (a stand-in for a process)."""
+    redis = create_redis(redis_url)
+    try:
+        await MembershipStore(redis, ttl=60).heartbeat(member)
+    finally:
+        await redis.aclose()
+
+
+async def _leave(redis_url: str, member_id: str) -> None:
+    redis = create_redis(redis_url)
+    try:
+        await MembershipStore(redis).leave(member_id)
+    finally:
+        await redis.aclose()
+
+
+def ng_from(source: str, ng: tuple[str, int], message: dict[str, Any], wait: float = 0.6) -> dict[bytes, Any] | None:
+    """One ng request sent from ``source`` (a loopback address); its reply, None if none came."""
+    cookie = b"c" + str(time.monotonic_ns()).encode()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((source, 0))
+        sock.settimeout(wait)
+        sock.sendto(cookie + b" " + encode(message), ng)
+        try:
+            data = sock.recv(65535)
+        except TimeoutError:
+            return None
+    head, _, body = data.partition(b" ")
+    assert head == cookie
+    reply = decode(body)
+    assert isinstance(reply, dict)
+    return reply
+
+
+def test_ng_from_a_source_not_accepted_gets_no_answer_and_is_counted(redis_url: str, tmp_path: Path) -> None:
+    relay = start_relay(redis_url, tmp_path, "--accept-from", "127.0.0.1")
+    try:
+        assert "event=relay_accept_from reason=started accepted=127.0.0.1/32" in relay.log()
+        stranger = {"command": "list"}
+        assert ng_from("127.0.0.99", relay.ng, stranger) is None
+        assert ng_from("127.0.0.99", relay.ng, {"command": "delete", "call-id": "x", "from-tag": "a"}) is None
+        assert ng_from("127.0.0.1", relay.ng, stranger) == {b"result": b"ok", b"calls": []}
+
+        def synced() -> bool:  # the metrics are copied once a second
+            return metric(metrics_text(relay), 'sipfarm_relay_ng_commands_total{command="list",result="ok"}') == 1
+
+        eventually(synced)
+        text = metrics_text(relay)
+        assert metric(text, 'sipfarm_relay_ng_errors_total{kind="refused"}') == 2
+        assert metric(text, 'sipfarm_relay_ng_commands_total{command="delete",result="error"}') == 0
+        log = relay.log()
+        assert "event=ng_refused source=127.0.0.99 refused=1" in log
+        assert "refused=2" not in log  # rate-limited: one line per 10 s
+    finally:
+        assert stop(relay) == 0, relay.log()[-2000:]
+
+
+def test_the_nodes_of_the_membership_may_drive_the_relay(redis_url: str, tmp_path: Path) -> None:
+    """``accept_from = nodes``: a node's host (as it heartbeats it) is accepted while it is a
+    member, and refused again once it leaves; another host never."""
+    relay = start_relay(redis_url, tmp_path, "--accept-from", "nodes,127.0.0.1")
+    node = Member("node-far", Role.NODE, ("udp:127.0.0.98:5070", "tcp:127.0.0.98:5070"))
+    try:
+        assert ng_from("127.0.0.98", relay.ng, {"command": "ping"}) is None
+        asyncio.run(_heartbeat(redis_url, node))
+        eventually(lambda: ng_from("127.0.0.98", relay.ng, {"command": "ping"}, 0.3) == {b"result": b"pong"})
+        assert "event=relay_accept_from reason=nodes_changed accepted=127.0.0.1/32,127.0.0.98/32" in relay.log()
+        assert ng_from("127.0.0.97", relay.ng, {"command": "ping"}) is None
+        asyncio.run(_leave(redis_url, node.id))
+        eventually(lambda: ng_from("127.0.0.98", relay.ng, {"command": "ping"}, 0.3) is None)
+    finally:
+        assert stop(relay) == 0, relay.log()[-2000:]
+
+
+def test_an_sdp_inside_another_relays_range_is_not_sent_to(redis_url: str, tmp_path: Path) -> None:
+    """Another relay's media range (its membership record: first port, port_max) is the farm's:
+    an SDP naming any port of it gets nothing before latching (two relays pointed at each other
+    would bounce packets for ever); the port just past its range is a phone's like any other."""
+    relay = start_relay(redis_url, tmp_path)
+    bob, past_range = phone("127.0.0.3"), phone("127.0.0.6")
+    edge = past_range.getsockname()[1]
+    far = Member("relay-far", Role.RELAY, (f"udp:127.0.0.6:{edge - 10}",), control_address="udp:127.0.0.6:2223")
+    try:
+        asyncio.run(_heartbeat(redis_url, replace(far, port_max=edge - 1)))
+        eventually(lambda: "member=relay-far" in relay.log())  # the relay's membership poll saw it
+        targets = {}
+        for call_id, port in (("inside@test", edge - 5), ("past@test", edge)):
+            offer = ng_request(
+                relay.ng,
+                {"command": "offer", "call-id": call_id, "from-tag": "a", "sdp": phone_sdp("127.0.0.6", port)},
+            )
+            assert offer[b"result"] == b"ok", offer
+            targets[call_id] = sdp_target(offer[b"sdp"])
+            answer = ng_request(
+                relay.ng,
+                {
+                    "command": "answer",
+                    "call-id": call_id,
+                    "from-tag": "a",
+                    "to-tag": "b",
+                    "sdp": phone_sdp("127.0.0.3", bob.getsockname()[1]),
+                },
+            )
+            assert answer[b"result"] == b"ok", answer
+        for seq in range(5):
+            bob.sendto(rtp(seq), targets["inside@test"])
+        for seq in range(3):
+            bob.sendto(rtp(seq), targets["past@test"])
+            data, _ = past_range.recvfrom(2048)
+            assert data == rtp(seq)
+
+        def dropped() -> bool:
+            return metric(metrics_text(relay), 'sipfarm_relay_dropped_packets_total{reason="no_destination"}') == 5
+
+        eventually(dropped)
+        past_range.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            past_range.recvfrom(2048)  # nothing of the call whose SDP named the far relay
+    finally:
+        bob.close()
+        past_range.close()
+        assert stop(relay) == 0, relay.log()[-2000:]

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from media.farm import FarmAddresses, PortRange
 from media.ports import PortAllocator, PortsExhausted, RelayError
 from media.relay import (
     MediaEndpoint,
@@ -27,6 +28,7 @@ from media.relay import (
     UnknownTag,
     policy_predicate,
 )
+from sipfarm.cluster.membership import Member, Role
 from sipfarm.transport.destinations import DestinationPolicy
 
 A_SDP = ("203.0.113.10", 4000)
@@ -207,6 +209,24 @@ def test_sdp_address_refused_by_policy_waits_for_latching_nat() -> None:
     relay.send(a.rtp, rtp(3), A_SDP)
     assert relay.sent(b.rtp) == [(rtp(3), nat)]
     assert relay.engine.query("c1").monologues[1].media[0].rtp.source == nat
+
+
+def test_an_sdp_inside_another_relays_range_waits_for_latching() -> None:
+    """Two relays whose calls' SDPs name each other's ports would bounce one packet for ever:
+    a port anywhere in another relay's range (its membership record) is never sent to."""
+    farm = FarmAddresses([PortRange("203.0.113.1", 20000, 20099)])  # this relay's own
+    farm.update([Member("relay2", Role.RELAY, ("udp:203.0.113.2:30000",), port_max=30999)])
+    policy = DestinationPolicy(deny=["10.0.0.0/8", "127.0.0.0/8"])
+    relay = Relay(sdp_allowed=policy_predicate(policy, farm.farm_address))
+    a, b = relay.call(b_sdp=("203.0.113.2", 30500))  # B's SDP names relay 2's port of some call
+    relay.send(a.rtp, rtp(1), A_SDP)
+    assert relay.sent(b.rtp) == []
+    assert relay.engine.query("c1").monologues[0].media[0].rtp.drops_no_destination == 1
+    relay.engine.delete("c1")
+    relay.sync()
+    a, b = relay.call(b_sdp=("203.0.113.2", 31000))  # just past its range: a phone's like any other
+    relay.send(a.rtp, rtp(2), A_SDP)
+    assert relay.sent(b.rtp) == [(rtp(2), ("203.0.113.2", 31000))]
 
 
 def test_after_latching_other_sources_are_dropped_and_counted() -> None:
