@@ -124,6 +124,7 @@ async def serve(cfg: RelayConfig, *, ready: asyncio.Event | None = None) -> None
         media_timeout=cfg.media_timeout,
         max_sessions=cfg.max_sessions,
         latch_from=cfg.latch_from,
+        farm_address=farm.farm_address,
     )
     server = RelayServer(
         engine,

@@ -119,6 +119,7 @@ class RelayPort:
         "drops_no_destination",
         "drops_send_failed",
         "drops_unexpected_source",
+        "farm_address",
         "kind",
         "last_seen",
         "link",
@@ -154,6 +155,9 @@ class RelayPort:
         # the IPs the signalling vouched for as this party's (its SDP address, the address its
         # SIP came from): the only ones the port latches or re-latches onto; None: any
         self.sources: frozenset[str] | None = None
+        # whether (host, port) is an address of the farm (media.farm.FarmAddresses): never
+        # latched onto, so no spoofed packet can make two relays feed each other
+        self.farm_address: Callable[[str, int], bool] | None = None
         self.sdp_dest: Addr | None = None
         self.dest: Addr | None = None
         self.packets = 0
@@ -277,7 +281,8 @@ class RelayPort:
         stream can.  The port is learnt freely: a NAT picks it."""
         sources = self.sources
         foreign = sources is not None and addr[0] not in sources
-        if foreign and self.source is None:
+        farm = self.farm_address
+        if (foreign and self.source is None) or (farm is not None and farm(addr[0], addr[1])):
             self.drops_unexpected_source += 1
             return False
         if addr[1] == 0:

@@ -42,7 +42,10 @@ phone rings) has none, so nothing latches its ports.  Before this rule the first
 anywhere was taken: a stranger who sprayed the relay's port range while a call rang, or after a
 party's 2 s of silence, heard one side of the call and spoke into the other (RTP bleed; red
 team, 2026-12-02).  ``latch_from="any"`` restores rtpengine's default (an operator whose phones
-send media from addresses their signalling never names).
+send media from addresses their signalling never names).  Whatever the rule, a port never
+latches onto an address of the farm (``farm_address``: another relay's media ports, a node's
+SIP listener): a packet spoofed from relay B's port must not set relay A sending there, with B
+set the same way (two relays feeding each other for ever).
 
 Re-latching (from a vouched IP only) needs proof that the new source is the same party (rtpengine's "media handover",
 without its open window for anyone who sends first): ``relatch_packets`` consecutive packets
@@ -362,6 +365,7 @@ class RelayEngine:
         relatch_packets: int = DEFAULT_RELATCH_PACKETS,
         relatch_silence: float = DEFAULT_RELATCH_SILENCE,
         latch_from: str = "signalled",
+        farm_address: Callable[[str, int], bool] | None = None,
     ) -> None:
         if latch_from not in LATCH_FROM:
             raise ValueError(f"latch_from: expected one of {LATCH_FROM}, got {latch_from!r}")
@@ -377,6 +381,7 @@ class RelayEngine:
         self._relatch_packets = relatch_packets
         self._relatch_silence = relatch_silence
         self._strict = latch_from == "signalled"
+        self._farm_address = farm_address  # never a source to latch onto (media.farm)
         self._calls: dict[str, _Call] = {}
         self._opened: list[RelayPort] = []
         self._closed: list[RelayPort] = []
@@ -591,8 +596,9 @@ class RelayEngine:
         else:
             base = self.ports.allocate_pair()
             side = _Side(index, RelayPort(base, _RTP, clock, n, silence), RelayPort(base + 1, _RTCP, clock, n, silence))
-        if self._strict:  # nothing vouched for yet: nothing latches (see "Latching")
-            for port in side.all_ports():
+        for port in side.all_ports():
+            port.farm_address = self._farm_address
+            if self._strict:  # nothing vouched for yet: nothing latches (see "Latching")
                 port.sources = frozenset()
         self._opened.extend(side.all_ports())
         return side

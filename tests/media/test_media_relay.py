@@ -606,3 +606,18 @@ def test_any_signalling_sequence_never_leaks_or_double_frees_ports(ops: list[tup
     relay.sync()
     assert relay.engine.ports.free_ports == total
     assert relay.ports == {}
+
+
+def test_a_port_never_latches_onto_an_address_of_the_farm() -> None:
+    """A packet spoofed from another relay's media port (whose IP an SDP named) latches
+    nothing: relay A sending there, with relay B set the same way, would feed each other for
+    ever (red team C, 2026-12-02)."""
+    other_relay = ("203.0.113.20", 31000)
+    relay = Relay(farm_address=lambda host, port: host == other_relay[0] and 30000 <= port <= 39999)
+    a, b = relay.call(b_sdp=other_relay)
+    relay.send(b.rtp, rtp(1, ssrc=0xB), other_relay)
+    relay.send(b.rtp, rtp(2, ssrc=0xB), ("203.0.113.20", 40000))  # that host, outside the farm's range
+    b_rtp = relay.engine.query("c1").monologues[1].media[0].rtp
+    assert (b_rtp.source, b_rtp.drops_unexpected_source) == (("203.0.113.20", 40000), 1)
+    relay.send(a.rtp, rtp(1), A_SDP)
+    assert relay.sent(b.rtp) == [(rtp(1), ("203.0.113.20", 40000))]
