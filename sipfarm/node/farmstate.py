@@ -22,7 +22,7 @@ from sipfarm.sip.memo import MAX_CACHED_KEY, key_size
 from sipfarm.store import location as loc
 from sipfarm.store.accounts import NOT_CACHED, Account, CacheMiss, account_key
 from sipfarm.store.errors import StoreError, StoreUnavailable
-from sipfarm.store.media import call_relay_key, recorded_relay
+from sipfarm.store.media import call_relay_key, recorded, recorded_relay
 from sipfarm.store.resp import RedisPipe, Reply
 
 _ACCOUNT_FIELDS = (b"user", b"domain", b"ha1_md5", b"ha1_sha256", b"enabled", b"max_contacts", b"created")
@@ -201,7 +201,7 @@ class FarmState:
 
     def record_relay(self, call_id: bytes, tag: bytes, relay: str, ttl: int) -> None:
         key = call_relay_key(call_id)
-        self.pipe.call(_ignore, "HSET", key, tag, relay)
+        self.pipe.call(_ignore, "HSET", key, recorded(tag), relay)
         self.pipe.call(_ignore, "EXPIRE", key, ttl)
 
     def find_relay(self, call_id: bytes, callback: Callable[[str | None], None]) -> None:

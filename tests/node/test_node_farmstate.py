@@ -16,6 +16,7 @@ from sipfarm.protect import Admission, RedisGuard
 from sipfarm.protect.guard import ban_key, nonce_key
 from sipfarm.store.errors import StoreError, StoreUnavailable
 from sipfarm.store.location import AdmittedRegister, ContactUpdate, RegisterOutcome, location_key
+from sipfarm.store.media import PREFIX, call_relay_key
 from sipfarm.store.resp import RedisPipe
 
 pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 30)
@@ -76,6 +77,15 @@ async def test_the_relay_of_a_call_is_recorded_found_and_forgotten(redis_url):
         assert 0 < int(ttl) <= 60  # type: ignore[arg-type]
         state.forget_relay(b"c1@phone")
         assert await find(b"c1@phone") is None
+        # a Call-ID and tag off the wire of 40 kB: a record of bounded size, found by any node
+        long_id, long_tag = b"x" * 40_000, b"t" * 20_000
+        state.record_relay(long_id, long_tag, "127.0.5.2:2223", 60)
+        assert await find(long_id) == "127.0.5.2:2223"
+        assert await pipe.execute("EXISTS", PREFIX + long_id + b"}") == 0
+        used = await pipe.execute("MEMORY", "USAGE", call_relay_key(long_id))
+        assert isinstance(used, int) and used < 400
+        state.forget_relay(long_id)
+        assert await find(long_id) is None
         await pipe.close()
         assert await find(b"c1@phone") is None  # Redis gone: no relay known, never an exception
     finally:
