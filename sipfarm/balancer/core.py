@@ -304,7 +304,7 @@ class BalancerCore:
                 if (
                     front is not None
                     and not from_node
-                    and not front.inspect(msg, source.host, self._names_us, self._clock())
+                    and not front.inspect(msg, source.host, self._names_us, self._clock(), source.transport != "udp")
                 ):
                     return  # a scanner or a domain not served: dropped unanswered (counted there)
                 self._on_request(msg, source, hop, from_node=from_node)
@@ -835,7 +835,7 @@ class BalancerCore:
             if registered is not None:
                 registered.heard = True
             front = self.front
-            if front is None or front.inspect_in_dialog(agent, source.host, self._clock()):
+            if front is None or front.inspect_in_dialog(agent, source.host, self._clock(), source.transport != "udp"):
                 self.stats.acks_ended += 1
             return True
         flow, count, route, plain = popped
@@ -903,7 +903,11 @@ class BalancerCore:
         if registered is not None:
             registered.heard = True
         front = self.front
-        if front is not None and not from_node and not front.inspect_in_dialog(agent, source.host, self._clock()):
+        if (
+            front is not None
+            and not from_node
+            and not front.inspect_in_dialog(agent, source.host, self._clock(), source.transport != "udp")
+        ):
             return True  # a scanner: dropped unanswered (counted there)
         sent = self.send(out, dest, via_address) if connect or not dest.reliable else self.send_response(out, dest)
         if not sent:

@@ -23,6 +23,16 @@ periodically and hands them to :meth:`replace_bans`, so bans started elsewhere (
 balancer, a node, ``sipfarm ban add``) apply here, and lifted ones stop applying.  Nothing here
 waits on Redis.
 
+Only evidence from a source that proved its address starts a ban (``proven``: a TCP, TLS or
+WebSocket peer, whose handshake did).  A UDP datagram's source address is whatever its sender
+wrote: one spoofed datagram with a scanner's User-Agent, or a burst of REGISTERs over the
+budget, banned the address it named, farm-wide, on every transport, for ``ban_time`` (a
+victim's phones cut off for 10 minutes; red team D, 2026-12-02).  Over UDP the evidence drops
+that message only: a scanner's request, an unserved domain's, and every request over the
+budget while the source stays over it (the sliding window lets a real phone in again as soon
+as a forger stops), counted ``not_banned_udp``.  Bans already in force (started on proven
+evidence, by a node's guard, by ``sipfarm ban add``) apply to every transport.
+
 Sources in ``exempt`` networks are never limited, inspected or dropped.  Every decision is
 counted by reason in ``stats`` (``sipfarm_balancer_protect_total{reason}``).
 """
@@ -99,8 +109,9 @@ class FrontDoor:
 
     # -- the two checks ---------------------------------------------------------------------------
 
-    def screen(self, data: bytes, source: str, now: float) -> bool:
-        """Before parsing: whether to go on with a message from ``source`` (False: drop it)."""
+    def screen(self, data: bytes, source: str, now: float, proven: bool = True) -> bool:
+        """Before parsing: whether to go on with a message from ``source`` (False: drop it).
+        ``proven``: its transport proved the address (not UDP): only then may it start a ban."""
         exempt = self._exempt.get(source)
         if exempt is None:
             exempt = self._learn_exempt(source)
@@ -118,15 +129,17 @@ class FrontDoor:
         cls = request_class(data[:space] if space > 0 else data[:32])
         if self.rates.hit(source, cls, now) is Rate.EXCEEDED:
             self.count(_RATE_REASONS[cls])
-            self._ban(source, _RATE_REASONS[cls], now)
+            self._ban(source, _RATE_REASONS[cls], now, proven)
             return False
         return True
 
-    def inspect(self, msg: SipMessage, source: str, names_us: Callable[[SipURI], bool], now: float) -> bool:
+    def inspect(
+        self, msg: SipMessage, source: str, names_us: Callable[[SipURI], bool], now: float, proven: bool = True
+    ) -> bool:
         """After parsing, a request from a client: whether to forward it (False: drop it)."""
         if self._exempt.get(source):
             return True
-        if self._agents and not self._agent_allowed(msg.get("user-agent"), source, now):
+        if self._agents and not self._agent_allowed(msg.get("user-agent"), source, now, proven):
             return False
         if self._domains and msg.to_tag is None and msg.method not in (b"ACK", b"CANCEL"):
             try:
@@ -137,21 +150,21 @@ class FrontDoor:
                 self.count("unknown_domain")
                 if self.rates.hit(source, RequestClass.SUSPECT, now) is Rate.EXCEEDED:
                     self.count(_RATE_REASONS[RequestClass.SUSPECT])
-                    self._ban(source, _RATE_REASONS[RequestClass.SUSPECT], now)
+                    self._ban(source, _RATE_REASONS[RequestClass.SUSPECT], now, proven)
                 return False
         return True
 
-    def inspect_in_dialog(self, agent: bytes | None, source: str, now: float) -> bool:
+    def inspect_in_dialog(self, agent: bytes | None, source: str, now: float, proven: bool = True) -> bool:
         """:meth:`inspect` of a request with a To tag, whose User-Agent is ``agent`` (the
         domain check is for requests without one): the balancer's request fast path."""
         if self._exempt.get(source):
             return True
-        return not self._agents or self._agent_allowed(agent, source, now)
+        return not self._agents or self._agent_allowed(agent, source, now, proven)
 
-    def _agent_allowed(self, agent: bytes | None, source: str, now: float) -> bool:
+    def _agent_allowed(self, agent: bytes | None, source: str, now: float, proven: bool) -> bool:
         if agent is not None and self._is_scanner(agent):
             self.count("scanner")
-            self._ban(source, "scanner", now)  # no second chance: a tool, not a phone
+            self._ban(source, "scanner", now, proven)  # no second chance: a tool, not a phone
             return False
         return True
 
@@ -178,7 +191,10 @@ class FrontDoor:
                 bans[source] = max(bans.get(source, 0.0), self._bans.get(source, 0.0))
         self._bans = bans
 
-    def _ban(self, source: str, reason: str, now: float) -> None:
+    def _ban(self, source: str, reason: str, now: float, proven: bool) -> None:
+        if not proven:
+            self.count("not_banned_udp")  # a forgeable address: this message only (module doc)
+            return
         seconds = self.policy.ban_time
         if self.banned(source, now):
             return
@@ -236,5 +252,5 @@ class ClientScreen:
 
     def __call__(self, data: bytes, source: Address) -> bool:
         return self.nodes.by_address(source.host, source.port) is not None or self.front.screen(
-            data, source.host, self.clock()
+            data, source.host, self.clock(), source.transport != "udp"
         )

@@ -120,7 +120,7 @@ def test_bans_from_redis_replace_the_local_copy():
 
 
 def test_core_drops_a_scanner_from_a_client_never_from_a_node():
-    from test_balancer_unit import CLIENT, NODES, Harness, members  # noqa: PLC0415 - the core's harness
+    from test_balancer_unit import CLIENT, LB_TCP, NODES, Harness, members  # noqa: PLC0415 - the core's harness
     from test_balancer_unit import request as core_request  # noqa: PLC0415
 
     h = Harness()
@@ -129,11 +129,33 @@ def test_core_drops_a_scanner_from_a_client_never_from_a_node():
     h.core.front = front
     scan = core_request("OPTIONS", "sip:100@farm.test", extra="User-Agent: friendly-scanner\r\n")
     assert h.feed(scan, CLIENT) == []  # dropped, nothing answered
-    assert front.stats == {"scanner": 1, "ban_started": 1}
+    # over UDP the source address proves nothing: that message is dropped, nobody is banned
+    assert front.stats == {"scanner": 1, "not_banned_udp": 1} and front.take_new_bans() == []
+    assert not front.banned(CLIENT.host, 0.0)
+    assert h.feed(scan, Address("tcp", CLIENT.host, 40001), LB_TCP) == []  # a connection did
+    assert front.stats == {"scanner": 2, "not_banned_udp": 1, "ban_started": 1}
     assert [b.reason for b in front.take_new_bans()] == ["scanner"]
     phone = core_request("OPTIONS", "sip:bob@farm.test", extra="User-Agent: Linphone\r\n")
     assert len(h.feed(phone, Address("udp", "198.51.100.9", 5060))) == 1  # forwarded to a node
     # a node's request is the farm's own: never inspected
     from_node = core_request("OPTIONS", "sip:bob@evil.test", extra="User-Agent: sipvicious\r\n")
     h.feed(from_node, NODES["node1"])
-    assert front.stats.get("scanner") == 1 and "unknown_domain" not in front.stats
+    assert front.stats.get("scanner") == 2 and "unknown_domain" not in front.stats
+
+
+def test_a_spoofed_udp_source_bans_nobody():
+    """One UDP datagram claiming a victim's address (a scanner's User-Agent, or a burst over
+    the REGISTER budget) banned that address farm-wide on every transport for ban_time (red
+    team D, 2026-12-02).  Over UDP the evidence drops the messages only, while the source is
+    over its budget; the victim's phone is let in again as soon as the forger stops."""
+    front = FrontDoor(FrontDoorPolicy(budgets=RateBudgets(register=3, window=1.0)))
+    victim = "198.51.100.50"
+    for i in range(10):  # the forger, over budget
+        assert front.screen(b"REGISTER sip:farm.test SIP/2.0\r\n", victim, 100.0, proven=False) is (i < 3)
+    assert front.take_new_bans() == [] and not front.banned(victim, 100.0)
+    assert front.stats == {"rate_register": 7, "not_banned_udp": 7}
+    assert front.screen(b"REGISTER sip:farm.test SIP/2.0\r\n", victim, 102.5, proven=False)  # the forger stopped
+    # over a stream the address is the peer's own: the same burst bans it
+    for _ in range(4):
+        front.screen(b"REGISTER sip:farm.test SIP/2.0\r\n", "198.51.100.51", 100.0, proven=True)
+    assert [b.source for b in front.take_new_bans()] == ["198.51.100.51"]
