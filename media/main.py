@@ -123,6 +123,7 @@ async def serve(cfg: RelayConfig, *, ready: asyncio.Event | None = None) -> None
         sdp_allowed=policy_predicate(policy, farm.farm_address),
         media_timeout=cfg.media_timeout,
         max_sessions=cfg.max_sessions,
+        max_ports_per_owner=cfg.max_ports_per_owner,
         latch_from=cfg.latch_from,
         farm_address=farm.farm_address,
     )

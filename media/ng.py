@@ -64,6 +64,10 @@ Honoured:
 - ``transport-protocol``: ``RTP/AVP``/``RTP/AVPF`` when the SDP already says so (a conversion
   between them is refused).
 - ``label``: reported in ``query``/``delete`` under its tag.
+- ``owner`` (offer; sipfarm's own key, ignored by rtpengine): whose call a new one is, the
+  caller's account or address; the ports one owner's calls hold are bounded
+  (``max_ports_per_owner``), and an offer over it is refused, allocating nothing.  At most
+  :data:`MAX_RELAYED_SECTIONS` enabled media sections per SDP.
 - ``limit`` (list): at most that many Call-IDs (default 32).
 
 Accepted and ignored (harmless here):
@@ -152,6 +156,10 @@ _IDENTIFIERS = ("call id", "from tag", "to tag")
 SWEEP_INTERVAL = 30.0
 DEFAULT_LIST_LIMIT = 32  # rtpengine's default for "list"
 MAX_LIST_LIMIT = 10_000
+MAX_OWNER = 256  # "owner" (sipfarm's nodes: the caller's account or address): never longer
+#: enabled media sections one offer may anchor: a call's audio, video, data and screen share
+#: need a few; 64 (the SDP parser's bound) reserved 256 ports per INVITE (red team C, 2026-12-02)
+MAX_RELAYED_SECTIONS = 16
 MAX_IN_FLIGHT = 1_000  # ng messages being executed at once (NgServer); more are dropped
 #: seconds between two log lines about ng datagrams from sources not accepted (each is counted)
 REFUSED_LOG_INTERVAL = 10.0
@@ -185,7 +193,12 @@ class RelayControl(Protocol):
     """What the controller drives: :class:`media.relay.RelayServer` (or a test's stand-in)."""
 
     async def offer(
-        self, call_id: str, from_tag: str, media: Sequence[relay.MediaEndpoint], to_tag: str | None = None
+        self,
+        call_id: str,
+        from_tag: str,
+        media: Sequence[relay.MediaEndpoint],
+        to_tag: str | None = None,
+        owner: str | None = None,
     ) -> list[MediaPorts]: ...
 
     async def answer(
@@ -381,7 +394,10 @@ class NgController:
         description, options = _description(message)
         media = _relay_media(description, _received_from(message))
         known = call_id in self._calls
-        ports = await self.relay.offer(call_id, from_tag, media, to_tag)
+        owner = _text(message, "owner")
+        if owner is not None and len(owner) > MAX_OWNER:
+            raise NgError("owner too long")
+        ports = await self.relay.offer(call_id, from_tag, media, to_tag, owner or None)
         try:
             out = self._anchored(call_id, from_tag, description, ports, options, message)
         except BaseException:
@@ -766,6 +782,8 @@ def _relay_media(description: sdp.SessionDescription, source: str | None = None)
     party's signalling IP (``received-from``)."""
     endpoints = sdp.endpoints_of(description)
     enabled = [e.index for e in endpoints if not e.disabled]
+    if len(enabled) > MAX_RELAYED_SECTIONS:
+        raise NgError(f"more than {MAX_RELAYED_SECTIONS} media sections")
     media: list[relay.MediaEndpoint] = []
     for endpoint in endpoints[: enabled[-1] + 1 if enabled else 0]:
         section = description.media[endpoint.index]

@@ -119,6 +119,9 @@ DEFAULT_RELATCH_PACKETS = 5
 DEFAULT_RELATCH_SILENCE = 2.0
 DEFAULT_CLOCK_RATE = 8000  # PCMU/PCMA (RFC 3551 4.5.14)
 LATCH_FROM = ("signalled", "any")  # whom a port latches onto: see "Latching"
+# ports one owner's calls may hold at once (an account's, or a source's, as the controller says
+# in ng "owner"): 100 two-party audio calls with RTCP on its own port; 0: no limit
+DEFAULT_MAX_PORTS_PER_OWNER = 400
 
 _RTP, _RTCP, _MUX = KIND_RTP, KIND_RTCP, KIND_MUX  # kinds of port: what it accepts
 _MAX_ROUNDS = 16  # polls of the plane per loop callback (MAX_EVENTS sockets each)
@@ -136,6 +139,12 @@ class UnknownTag(RelayError):
 
 class SessionLimitReached(RelayError):
     reason = "Session limit reached"
+
+
+class OwnerLimitReached(RelayError):
+    """The offer's owner (an account, or a source) holds ``max_ports_per_owner`` ports already."""
+
+    reason = "Owner's port limit reached"
 
 
 def policy_predicate(
@@ -225,12 +234,13 @@ class CallStats:
 class _Side:
     """One party's end of one media stream: its port(s) and its SDP endpoint."""
 
-    __slots__ = ("endpoint", "index", "rtcp", "rtp")
+    __slots__ = ("endpoint", "index", "owner", "rtcp", "rtp")
 
-    def __init__(self, index: int, rtp: RelayPort, rtcp: RelayPort | None) -> None:
+    def __init__(self, index: int, rtp: RelayPort, rtcp: RelayPort | None, owner: str | None = None) -> None:
         self.index = index
         self.rtp = rtp
         self.rtcp = rtcp
+        self.owner = owner  # whose call holds these ports (max_ports_per_owner)
         self.endpoint: MediaEndpoint | None = None
 
     @property
@@ -321,10 +331,11 @@ class _Monologue:
 
 
 class _Call:
-    __slots__ = ("call_id", "created", "last_signal", "monologues", "tags")
+    __slots__ = ("call_id", "created", "last_signal", "monologues", "owner", "tags")
 
-    def __init__(self, call_id: str, now: float) -> None:
+    def __init__(self, call_id: str, now: float, owner: str | None = None) -> None:
         self.call_id = call_id
+        self.owner = owner
         self.created = now
         self.last_signal = now
         self.monologues: list[_Monologue] = []
@@ -366,6 +377,7 @@ class RelayEngine:
         relatch_silence: float = DEFAULT_RELATCH_SILENCE,
         latch_from: str = "signalled",
         farm_address: Callable[[str, int], bool] | None = None,
+        max_ports_per_owner: int = DEFAULT_MAX_PORTS_PER_OWNER,
     ) -> None:
         if latch_from not in LATCH_FROM:
             raise ValueError(f"latch_from: expected one of {LATCH_FROM}, got {latch_from!r}")
@@ -378,6 +390,8 @@ class RelayEngine:
         self._allowed = sdp_allowed or policy_predicate(DestinationPolicy())
         self.media_timeout = media_timeout
         self.max_sessions = max_sessions
+        self.max_ports_per_owner = max_ports_per_owner  # 0: no limit
+        self._owned: dict[str, int] = {}  # owner -> ports its calls hold
         self._relatch_packets = relatch_packets
         self._relatch_silence = relatch_silence
         self._strict = latch_from == "signalled"
@@ -390,18 +404,27 @@ class RelayEngine:
     # -- signalling ------------------------------------------------------------------------
 
     def offer(
-        self, call_id: str, from_tag: str, media: Sequence[MediaEndpoint], to_tag: str | None = None
+        self,
+        call_id: str,
+        from_tag: str,
+        media: Sequence[MediaEndpoint],
+        to_tag: str | None = None,
+        owner: str | None = None,
     ) -> list[MediaPorts]:
         """The offerer ``from_tag`` sends ``media``; returns the ports the answerer sends to.
+        ``owner``: whose call a new one is (the caller's account, or its address), bounded by
+        ``max_ports_per_owner`` (one account's ringing calls filled the whole port range and
+        every other caller got 503; red teams C and D, 2026-12-02).
 
-        Raises PortsExhausted or SessionLimitReached (a new call), leaving nothing allocated."""
+        Raises PortsExhausted, SessionLimitReached or OwnerLimitReached (a new call), leaving
+        nothing allocated."""
         now = self.clock()
         call = self._calls.get(call_id)
         new_call = call is None
         if call is None:
             if len(self._calls) >= self.max_sessions:
                 raise SessionLimitReached
-            call = _Call(call_id, now)
+            call = _Call(call_id, now, owner or None)
         offerer = call.tags.get(from_tag)
         if offerer is None and to_tag is not None:
             other = call.tags.get(to_tag)
@@ -423,7 +446,7 @@ class RelayEngine:
             answerer = _Monologue(to_tag)
             if to_tag is not None:
                 answerer.legs[to_tag] = ()
-        self._grow(offerer, answerer, media)
+        self._grow(offerer, answerer, media, call.owner)
         if new_offerer:
             call.monologues.append(offerer)
             call.tags[from_tag] = offerer
@@ -463,7 +486,7 @@ class RelayEngine:
         answerer.legs.pop(to_tag, None)
         answerer.legs[to_tag] = tuple(media)  # newest last: it directs the media
         answerer.tag = to_tag
-        self._grow(offerer, answerer, media)
+        self._grow(offerer, answerer, media, call.owner)
         for side, endpoint in zip(answerer.sides, media, strict=False):
             side.set_endpoint(endpoint, self._allowed)
         for a, b in zip(offerer.sides, answerer.sides, strict=True):
@@ -568,8 +591,14 @@ class RelayEngine:
         if self._deadline is None or due < self._deadline:
             self._deadline = due
 
-    def _grow(self, offerer: _Monologue, answerer: _Monologue, media: Sequence[MediaEndpoint]) -> None:
+    def _grow(
+        self, offerer: _Monologue, answerer: _Monologue, media: Sequence[MediaEndpoint], owner: str | None
+    ) -> None:
         """Allocate the sides both monologues lack for ``media``, all or nothing."""
+        if owner is not None and self.max_ports_per_owner:
+            need = sum(2 * max(0, len(media) - len(mono.sides)) for mono in (offerer, answerer))
+            if need and self._owned.get(owner, 0) + need > self.max_ports_per_owner:
+                raise OwnerLimitReached
         made: list[_Side] = []
         try:
             for mono in (offerer, answerer):
@@ -577,7 +606,7 @@ class RelayEngine:
                     # the offerer's own SDP says whether it muxes; the answerer's is unknown yet,
                     # so it gets a pair (RFC 5761 5.1.1: offer both, use one port if accepted)
                     mux = mono is offerer and media[index].rtcp_mux
-                    made.append(self._new_side(index, mux))
+                    made.append(self._new_side(index, mux, owner))
         except PortsExhausted:
             for side in made:
                 self._release(side)
@@ -588,14 +617,18 @@ class RelayEngine:
                 mono.sides.extend(made[:need])
                 del made[:need]
 
-    def _new_side(self, index: int, mux: bool) -> _Side:
+    def _new_side(self, index: int, mux: bool, owner: str | None = None) -> _Side:
         clock, n, silence = self.clock, self._relatch_packets, self._relatch_silence
         if mux:
             rtp = RelayPort(self.ports.allocate_single(), _MUX, clock, n, silence)
-            side = _Side(index, rtp, None)
+            side = _Side(index, rtp, None, owner)
         else:
             base = self.ports.allocate_pair()
-            side = _Side(index, RelayPort(base, _RTP, clock, n, silence), RelayPort(base + 1, _RTCP, clock, n, silence))
+            side = _Side(
+                index, RelayPort(base, _RTP, clock, n, silence), RelayPort(base + 1, _RTCP, clock, n, silence), owner
+            )
+        if owner is not None:
+            self._owned[owner] = self._owned.get(owner, 0) + len(side.all_ports())
         for port in side.all_ports():
             port.farm_address = self._farm_address
             if self._strict:  # nothing vouched for yet: nothing latches (see "Latching")
@@ -614,6 +647,13 @@ class RelayEngine:
             self.ports.free_single(side.rtp.port)
         else:
             self.ports.free_pair(side.rtp.port)
+        owner = side.owner
+        if owner is not None:
+            held = self._owned.get(owner, 0) - len(side.all_ports())
+            if held > 0:
+                self._owned[owner] = held
+            else:
+                self._owned.pop(owner, None)
 
     def _free(self, call: _Call) -> None:
         if self._calls.get(call.call_id) is call:
@@ -675,11 +715,16 @@ class RelayServer:
         self._closed_totals = RelayTotals()
 
     async def offer(
-        self, call_id: str, from_tag: str, media: Sequence[MediaEndpoint], to_tag: str | None = None
+        self,
+        call_id: str,
+        from_tag: str,
+        media: Sequence[MediaEndpoint],
+        to_tag: str | None = None,
+        owner: str | None = None,
     ) -> list[MediaPorts]:
         self._plane.reclaim(self.engine.call_ports(call_id))
         try:
-            ports = self.engine.offer(call_id, from_tag, media, to_tag)
+            ports = self.engine.offer(call_id, from_tag, media, to_tag, owner)
         finally:
             self._plane.refresh(self.engine.call_ports(call_id))
         await self._sync()

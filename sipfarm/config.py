@@ -606,6 +606,12 @@ class RelayConfig:
     port_max: int = 39999
     media_timeout: float = 60.0  # seconds of silence after which a call is freed
     max_sessions: int = 10_000
+    # Ports one owner's calls may hold at once (the caller's account, or its address when the
+    # call was not authenticated, as sipfarm's nodes send it in ng "owner"): 100 two-party
+    # audio calls. One account's ringing calls filled the whole range and every other caller
+    # got 503 (red teams, 2026-12-02). A PBX trunk account running more calls needs more;
+    # 0: no limit.
+    max_ports_per_owner: int = 400
     redis: str = "redis://127.0.0.1:6379/0"
     relay_id: str = ""  # default: relay-host-pid-RANDOM
     metrics: str = ""
@@ -662,6 +668,7 @@ class RelayConfig:
             raise ConfigError(f"port_max: the range {self.port_min}-{self.port_max} holds no even/odd port pair")
         _check_range("media_timeout", self.media_timeout, 1, 86_400)
         _check_range("max_sessions", self.max_sessions, 1, 10_000_000)
+        _check_range("max_ports_per_owner", self.max_ports_per_owner, 0, 1_000_000)
         _check_range("heartbeat", self.heartbeat, 0.05, 10)
         _check_range("batch_interval", self.batch_interval, 0, 0.02)
         _check_destinations(self.internal_networks, self.allow_destinations)

@@ -31,9 +31,19 @@ Done = Callable[[SipError | None], None]
 class MediaHook(Protocol):
     """``sender``: the IP the SDP's party sent its SIP from, where the proxy knows it (behind a
     balancer, the client its signed branch names; for a callee, the flow its binding was
-    registered over): a relay takes media for that party only from it or its SDP's address."""
+    registered over): a relay takes media for that party only from it or its SDP's address.
+    ``owner``: whose new call it is (the authenticated account, else the caller's address):
+    a relay bounds the ports one owner's calls hold."""
 
-    def offer(self, request: SipMessage, done: Done, *, to_webrtc: bool = False, sender: str | None = None) -> None: ...
+    def offer(
+        self,
+        request: SipMessage,
+        done: Done,
+        *,
+        to_webrtc: bool = False,
+        sender: str | None = None,
+        owner: str | None = None,
+    ) -> None: ...
 
     def answer(self, response: SipMessage, done: Done, *, sender: str | None = None) -> None: ...
 
@@ -43,7 +53,15 @@ class MediaHook(Protocol):
 class NoMedia:
     """Media goes straight between the phones."""
 
-    def offer(self, request: SipMessage, done: Done, *, to_webrtc: bool = False, sender: str | None = None) -> None:
+    def offer(
+        self,
+        request: SipMessage,
+        done: Done,
+        *,
+        to_webrtc: bool = False,
+        sender: str | None = None,
+        owner: str | None = None,
+    ) -> None:
         done(None)
 
     def answer(self, response: SipMessage, done: Done, *, sender: str | None = None) -> None:

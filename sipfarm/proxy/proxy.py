@@ -535,7 +535,10 @@ class Proxy:
             # media; a fork to browsers and desk phones at once gets the desk phones' kind
             to_webrtc = bool(targets) and all(_websocket_uri(t.uri) for t in targets)
             sender = element.client(msg, call.server_tx.remote).host
-            self.media.offer(msg, partial(self._offered, call, msg), to_webrtc=to_webrtc, sender=sender)
+            # the account _assert_identity wrote (a client's own P-Asserted-Identity is stripped
+            # on entry), else the caller's address: whose call the relay counts it as
+            owner = (msg.get("p-asserted-identity") or b"").decode("latin-1") or sender
+            self.media.offer(msg, partial(self._offered, call, msg), to_webrtc=to_webrtc, sender=sender, owner=owner)
         else:
             self._start_group(call, element.now())
 

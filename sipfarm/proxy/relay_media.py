@@ -167,7 +167,15 @@ class RelayMedia:
 
     # -- MediaHook -------------------------------------------------------------------------------
 
-    def offer(self, request: SipMessage, done: Done, *, to_webrtc: bool = False, sender: str | None = None) -> None:
+    def offer(
+        self,
+        request: SipMessage,
+        done: Done,
+        *,
+        to_webrtc: bool = False,
+        sender: str | None = None,
+        owner: str | None = None,
+    ) -> None:
         """A request that may carry SDP: an offer (INVITE, UPDATE, a PRACK not answering), an
         answer (ACK; a PRACK answering an offer in a reliable 18x), or none (a late offer).
         ``to_webrtc``: the proxy knows the receiver is a browser (its Contact says WebSocket)."""
@@ -202,7 +210,10 @@ class RelayMedia:
         receiver = to_tag or b""
         self._flags(message, call, sender=from_tag, receiver=receiver, msg=request, answer=False, to_webrtc=to_webrtc)
         if to_tag is None:
-            # a new call: the relay the table picks (no record to read)
+            # a new call: the relay the table picks (no record to read); whose it is, for the
+            # relay's bound on the ports one owner's calls hold
+            if owner:
+                message["owner"] = owner.encode("utf-8", "replace")[:200]
             self._new_offer(request, done, message, from_tag)
             return
         self._with_relay(call_id, call, partial(self._offer_on, request, done, message, from_tag))

@@ -119,9 +119,14 @@ class MemoryRelay:
         self.engine = engine
 
     async def offer(
-        self, call_id: str, from_tag: str, media: Sequence[MediaEndpoint], to_tag: str | None = None
+        self,
+        call_id: str,
+        from_tag: str,
+        media: Sequence[MediaEndpoint],
+        to_tag: str | None = None,
+        owner: str | None = None,
     ) -> list[MediaPorts]:
-        return self.engine.offer(call_id, from_tag, media, to_tag)
+        return self.engine.offer(call_id, from_tag, media, to_tag, owner)
 
     async def answer(
         self, call_id: str, from_tag: str, to_tag: str, media: Sequence[MediaEndpoint]
@@ -752,3 +757,12 @@ def test_long_call_ids_and_tags_are_kept_under_bounded_names_and_still_work() ->
         f.call("d", ng("d", ("call-id", long_id), ("from-tag", long_from), ("command", "delete")))[b"result"] == b"ok"
     )
     assert f.engine.list_calls() == []
+
+
+def test_an_offer_of_too_many_media_sections_is_refused() -> None:
+    from media import ng as ng_module  # noqa: PLC0415
+
+    sections = "".join(f"m=audio {4000 + 2 * i} RTP/AVP 0\r\n" for i in range(ng_module.MAX_RELAYED_SECTIONS + 1))
+    sdp = f"v=0\r\no=- 1 1 IN IP4 203.0.113.10\r\ns=-\r\nc=IN IP4 203.0.113.10\r\nt=0 0\r\n{sections}".encode()
+    with pytest.raises(ng_module.NgError, match="media sections"):
+        ng_module._relay_media(ng_module.sdp.SessionDescription.parse(sdp))

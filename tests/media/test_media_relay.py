@@ -621,3 +621,24 @@ def test_a_port_never_latches_onto_an_address_of_the_farm() -> None:
     assert (b_rtp.source, b_rtp.drops_unexpected_source) == (("203.0.113.20", 40000), 1)
     relay.send(a.rtp, rtp(1), A_SDP)
     assert relay.sent(b.rtp) == [(rtp(1), ("203.0.113.20", 40000))]
+
+
+def test_one_owners_calls_hold_at_most_max_ports_per_owner() -> None:
+    """One account's ringing calls took every port of the range and every other caller got
+    503 (red teams C and D, 2026-12-02): an owner's calls hold at most max_ports_per_owner
+    ports; an offer over it allocates nothing; ending a call gives its ports back."""
+    relay = Relay(max_ports_per_owner=12)
+    for n in range(3):  # a call of one stream: a pair for each party, 4 ports
+        relay.engine.offer(f"c{n}", "ta", [MediaEndpoint(*A_SDP)], owner="alice@farm.test")
+    free = relay.engine.ports.free_ports
+    with pytest.raises(RelayError, match="Owner's port limit"):
+        relay.engine.offer("c3", "ta", [MediaEndpoint(*A_SDP)], owner="alice@farm.test")
+    assert relay.engine.ports.free_ports == free and "c3" not in relay.engine.list_calls()
+    relay.engine.offer("b0", "tb", [MediaEndpoint(*B_SDP)], owner="bob@farm.test")  # others unaffected
+    relay.engine.offer("x0", "tx", [MediaEndpoint(*B_SDP)])  # no owner said: no owner's bound
+    relay.engine.answer("c0", "ta", "tz", [MediaEndpoint(*B_SDP)])  # an answer adds nothing
+    relay.engine.delete("c0")
+    relay.engine.offer("c3", "ta", [MediaEndpoint(*A_SDP)], owner="alice@farm.test")
+    for n in (1, 2, 3):
+        relay.engine.delete(f"c{n}")
+    assert relay.engine._owned == {"bob@farm.test": 4}

@@ -61,8 +61,10 @@ class MemoryRelay:
     def __init__(self, engine: RelayEngine) -> None:
         self.engine = engine
 
-    async def offer(self, call_id: str, from_tag: str, media: Any, to_tag: str | None = None) -> Any:
-        return self.engine.offer(call_id, from_tag, media, to_tag)
+    async def offer(
+        self, call_id: str, from_tag: str, media: Any, to_tag: str | None = None, owner: str | None = None
+    ) -> Any:
+        return self.engine.offer(call_id, from_tag, media, to_tag, owner)
 
     async def answer(self, call_id: str, from_tag: str, to_tag: str, media: Any) -> Any:
         return self.engine.answer(call_id, from_tag, to_tag, media)
@@ -640,3 +642,20 @@ def test_the_answer_in_an_ack_goes_to_the_relay_with_the_callers_address() -> No
     alice.send(ack, alice.first_hop(ack))
     assert mf.ng_log[1][b"command"] == b"answer"
     assert mf.ng_log[1][b"received-from"] == [b"IP4", b"10.0.0.1"]
+
+
+def test_a_new_calls_offer_names_its_owner_and_the_relay_bounds_it() -> None:
+    """The node tells the relay whose call it is (the authenticated account): one account's
+    calls hold at most max_ports_per_owner ports, so its ringing calls cannot take the whole
+    range (red teams C and D, 2026-12-02); its next call is answered 503."""
+    mf = MediaFarm()
+    for engine in mf.engines.values():
+        engine.max_ports_per_owner = 8  # two ringing calls of one stream per relay
+    alice, bob = setup(mf)
+    for n in range(5):  # a relay that refuses sends the call to the next: 2 + 2, then none
+        alice.authenticated(invite(alice, f"own-{n}"))
+    offers = [m for m in mf.ng_log if m[b"command"] == b"offer"]
+    assert {m[b"owner"] for m in offers} == {b"<sip:alice@" + DOMAIN.encode() + b">"}
+    assert len(bob.ringing) == 4
+    assert alice.last(503, b"INVITE") is not None
+    assert sorted(len(mf.calls(i)) for i in (0, 1)) == [2, 2]
