@@ -5,6 +5,7 @@ No sockets, no Redis: :mod:`memfarm` runs the node's sans-IO core with a fake cl
 
 from __future__ import annotations
 
+import memfarm
 import pytest
 from memfarm import DOMAIN, MemFarm
 
@@ -89,6 +90,18 @@ def test_contact_star_without_expires_0_is_a_bad_request(farm: MemFarm) -> None:
     answer = bob.register(expires=60, contact="*")
     assert answer is not None
     assert answer.status == 400
+
+
+@pytest.mark.parametrize("expires", [60, 3600])
+def test_the_200_gives_back_the_expiry_granted_when_the_clock_moves_on(
+    monkeypatch: pytest.MonkeyPatch, expires: int
+) -> None:
+    """The 200 is built with a later clock reading than the binding's write: it still says
+    what was granted (a phone copying 59 after asking for min_expires would get 423)."""
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(memfarm.Clock, "wall", lambda self: self.mono + self.wall_offset + next(ticks) * 0.003)
+    bob = MemFarm().phone("bob", "10.0.0.2")
+    assert _contacts(bob.register(expires=expires)) == [f"<sip:bob@10.0.0.2:5060>;expires={expires}".encode()]
 
 
 def test_expiry_below_the_minimum_gets_423_with_min_expires(farm: MemFarm) -> None:
