@@ -158,6 +158,15 @@ async def provision(redis_url: str, domain: str) -> None:
 CONFIG_FILE: list[str] = []
 
 
+def entry_certificate(tls_dir: Path, domain: str, host: str) -> tuple[Path, Path]:
+    """The balancer's self-signed certificate and key: named for the SIP domain (CN and DNS
+    entry, RFC 5922 7.1: a client checks the domain; linphone's mbedTLS reads no IP entry),
+    ``localhost`` and the farm's ``host`` address kept for clients that check those."""
+    from sipfarm.transport.tls import make_self_signed_cert  # noqa: PLC0415
+
+    return make_self_signed_cert(tls_dir, common_name=domain, dns_names=("localhost",), ip=host)
+
+
 def spawn(role: str, argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     log = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
     return subprocess.Popen(
@@ -329,11 +338,9 @@ def run_up(args: argparse.Namespace) -> int:
         entry_port = node_base
         transports = "UDP and TCP"
         if not args.no_balancer:
-            from sipfarm.transport.tls import make_self_signed_cert  # noqa: PLC0415
-
             tls_dir = workdir / "tls"
             tls_dir.mkdir(exist_ok=True)
-            cert, key = make_self_signed_cert(tls_dir, ip=host)
+            cert, key = entry_certificate(tls_dir, args.domain, host)
             entry_port = args.sip_port
             listen = [
                 f"udp:{host}:{entry_port}",

@@ -18,7 +18,9 @@ layer's.
   so any node continues any dialog: nodes hold no dialog state.
 * CANCEL: 200, and CANCEL of every branch that has heard a provisional (16.10, 9.1).
 * GRUUs (RFC 5627 6.1): a Request-URI with ``gr`` reaches the bindings of that one instance,
-  initial or in dialog (a GRUU as a dialog's remote target), from any node: a temporary GRUU
+  initial or in dialog (a GRUU as a dialog's remote target; with no Route too, for a UA that
+  ignored the Record-Route: authenticated like an initial request, ACK aside), from any node:
+  a temporary GRUU
   decodes with the farm secret (:mod:`sipfarm.registrar.gruu`), the bindings are in Redis.
   One ``bytes.find`` is all a request without ``;gr`` pays.
 * client flows (a phone connected straight to this node, named by a flow token in our Path or
@@ -346,9 +348,15 @@ class Proxy:
         if msg.to_tag is not None:
             if not routes.sealed:
                 # RFC 3261 16.12 loose routing needs our Record-Route on top: without it this is
-                # not a dialog the farm set up (a relay attempt, or a dialog of a stranger)
-                self.element.metrics.errors("in_dialog_not_ours").inc()
-                raise NotFound("no dialog through this proxy", partial=msg)
+                # not a dialog the farm set up (a relay attempt, or a dialog of a stranger),
+                # unless it is addressed to a GRUU of ours with no Route left (RFC 5627 6.1)
+                gruu = self._gruu_request_uri(msg) if msg.uri.find(b";gr") >= 0 else None
+                if gruu is None:
+                    self.element.metrics.errors("in_dialog_not_ours").inc()
+                    raise NotFound("no dialog through this proxy", partial=msg)
+                self._check_loop(msg)
+                self._routeless_to_gruu(stx, msg, local, gruu)
+                return
             self._check_loop(msg)
             self._forward_along_route(stx, msg, local, now)
             return
@@ -434,13 +442,38 @@ class Proxy:
         if needed == 0:
             self._route_with(call, msg, local, realm, gruu, decision, {})
 
+    def _auth_refused(self, stx: ServerTransaction, msg: SipMessage, realm: str, answer: AuthAnswer) -> bool:
+        """Answer a request whose credentials did not pass (Redis failure, ban, wrong or stale:
+        407 again) and return True; else consume them, check the From against the account
+        (:meth:`_assert_identity`) and return False."""
+        element = self.element
+        if answer.error is not None:
+            element.store_failed(stx, msg, answer.error)
+            return True
+        if answer.verdict is not Verdict.OK:
+            if answer.verdict is Verdict.BANNED:
+                element.reply(stx, self.auth.refusal(msg))
+            else:
+                stale = answer.verdict is Verdict.STALE
+                client = element.client(msg, stx.source)
+                element.reply(stx, self.auth.challenge(msg, 407, realm, client, stale=stale))
+            return True
+        msg.remove("proxy-authorization")  # ours, consumed (RFC 3261 22.3)
+        account = answer.account
+        assert account is not None
+        self._assert_identity(msg, account)
+        return False
+
     def _trusted_call(self, msg: SipMessage, stx: ServerTransaction, decision: Decision) -> bool:
         """A call from a trusted gateway or trunk (by address) to the farm's users: no digest.
         Forwarding onwards (to a gateway) still needs a user's credentials: no transit."""
-        table = self.router.table
-        if not table.trusted or decision.action not in (Action.LOCAL, Action.ALIAS):
+        if decision.action not in (Action.LOCAL, Action.ALIAS):
             return False
-        if not table.trusts(self.element.client(msg, stx.source).host):
+        return self._trusted_peer(msg, stx)
+
+    def _trusted_peer(self, msg: SipMessage, stx: ServerTransaction) -> bool:
+        table = self.router.table
+        if not table.trusted or not table.trusts(self.element.client(msg, stx.source).host):
             return False
         self.element.metrics.errors("trusted_peer_call").inc()
         return True
@@ -472,23 +505,9 @@ class Proxy:
             if call.cancelled or call.answered:
                 return
             answer = results.get("auth")
-            if isinstance(answer, AuthAnswer):
-                if answer.error is not None:
-                    element.store_failed(stx, msg, answer.error)
-                    return
-                if answer.verdict is not Verdict.OK:
-                    call.answered = True
-                    if answer.verdict is Verdict.BANNED:
-                        element.reply(stx, self.auth.refusal(msg))
-                    else:
-                        stale = answer.verdict is Verdict.STALE
-                        client = element.client(msg, stx.source)
-                        element.reply(stx, self.auth.challenge(msg, 407, realm, client, stale=stale))
-                    return
-                msg.remove("proxy-authorization")  # ours, consumed (RFC 3261 22.3)
-                account = answer.account
-                assert account is not None
-                self._assert_identity(msg, account)
+            if isinstance(answer, AuthAnswer) and self._auth_refused(stx, msg, realm, answer):
+                call.answered = True
+                return
             for value in results.values():
                 if isinstance(value, StoreError):
                     element.store_failed(stx, msg, value)
@@ -790,6 +809,42 @@ class Proxy:
             return self._binding_target(binding, msg.call_id)
         return None
 
+    def _routeless_to_gruu(self, stx: ServerTransaction, msg: SipMessage, local: Address, gruu: GruuTarget) -> None:
+        """An in-dialog request with no Route to a GRUU of ours (RFC 5627 6.1, RFC 3261 16.5:
+        the domain's proxy delivers it to that instance): a UA that ignored the dialog's
+        Record-Route (Twinkle reads no ``Record-route:`` spelling) sends its re-INVITE, BYE
+        or INFO to the remote target alone. No seal vouches that the dialog went through the
+        farm, so it is authenticated as an initial request to that user would be (a trusted
+        peer's is not): a made-up To tag opens no more than a call to the user does."""
+        element = self.element
+        if not self.auth_requests or msg.method in UNAUTHENTICATED or self._trusted_peer(msg, stx):
+            self.state.lookup(gruu.aor, element.wall(), partial(self._gruu_in_dialog, stx, msg, local, gruu))
+            return
+        uri = msg.request_uri
+        assert isinstance(uri, SipURI)  # a GRUU of a served domain
+        client = element.client(msg, stx.source)
+        realm = self.auth.caller_realm(msg, uri)
+        creds = self.auth.credentials(msg, "proxy-authorization", realm)
+        if creds is None:
+            refused = self.auth.banned(client)
+            element.reply(stx, self.auth.refusal(msg) if refused else self.auth.challenge(msg, 407, realm, client))
+            return
+        done = partial(self._routeless_authenticated, stx, msg, local, gruu, realm)
+        self.auth.authenticate(creds, msg, client, realm, done)
+
+    def _routeless_authenticated(
+        self, stx: ServerTransaction, msg: SipMessage, local: Address, gruu: GruuTarget, realm: str, answer: AuthAnswer
+    ) -> None:
+        if stx.terminated:
+            return
+        try:
+            if self._auth_refused(stx, msg, realm, answer):
+                return
+        except SipError as exc:
+            self.element.fail(stx, exc)
+            return
+        self.state.lookup(gruu.aor, self.element.wall(), partial(self._gruu_in_dialog, stx, msg, local, gruu))
+
     def _gruu_in_dialog(
         self,
         stx: ServerTransaction,
@@ -809,6 +864,22 @@ class Proxy:
             return
         if msg.method == b"BYE":
             self.media.release(msg.call_id, msg.from_tag)
+        elif self.anchoring and msg.method in _IN_DIALOG_MEDIA and (msg.body or msg.method == b"INVITE"):
+            # an offer in dialog, anchored as on the Route path (_forward_along_route)
+            sender = self.element.client(msg, stx.remote).host
+            self.media.offer(msg, partial(self._gruu_offered, stx, msg, local, target), sender=sender)
+            return
+        self._gruu_offered(stx, msg, local, target, None)
+
+    def _gruu_offered(
+        self, stx: ServerTransaction, msg: SipMessage, local: Address, target: Target, error: SipError | None
+    ) -> None:
+        """The in-dialog request to a GRUU goes to its instance's binding (its SDP anchored)."""
+        if stx.terminated:
+            return
+        if error is not None:
+            self.element.fail(stx, error)  # RFC 3261 14.2: a failed re-INVITE leaves the session as is
+            return
         now = self.element.now()
         call = ProxyCall(server_tx=stx, request=msg, started=now)
         call.inbound = local.transport
@@ -1314,7 +1385,10 @@ class Proxy:
         our sealed Record-Route entry is on top (anything else is not a dialog of ours: dropped,
         counted); onto the client flow when our entry names one."""
         if not msg.has("route"):
-            return  # the ACK of a stateless 407, or a stranger's: nothing of ours to continue
+            # the ACK of a 2xx from a UA that ignored the Record-Route, to a GRUU of ours (RFC
+            # 5627 6.1, as _routeless_to_gruu); else the ACK of a stateless 407 or a stranger's
+            self._routeless_ack(msg, source)
+            return
         try:
             routes = self.own_routes(msg)
             if not routes.sealed or max_forwards(msg) <= 0:
@@ -1339,6 +1413,25 @@ class Proxy:
             self.element.metrics.errors("ack_dropped").inc()
             return
         self._send_ack(msg, dest, source)
+
+    def _routeless_ack(self, msg: SipMessage, source: Address) -> None:
+        """An ACK with no Route: to its GRUU's binding when the Request-URI is a GRUU of ours,
+        else dropped. ACK cannot be challenged (RFC 3261 22.1): it reaches only what the
+        re-INVITE or BYE of that dialog would (one instance of a registered user), and a UA
+        drops an ACK that matches no dialog of its own (RFC 3261 12.2.2)."""
+        if msg.uri.find(b";gr") < 0 or max_forwards(msg) <= 0:
+            return
+        element = self.element
+        if element.challenge_tags.matches(msg.to_tag, element.client(msg, source), msg.call_id, msg.cseq[0]):
+            return  # the ACK of our stateless 407 to a call to a GRUU: it ends here
+        try:
+            gruu = self._gruu_request_uri(msg)
+        except SipError:
+            gruu = None
+        if gruu is None:
+            element.metrics.errors("ack_dropped").inc()
+            return
+        self.state.lookup(gruu.aor, element.wall(), partial(self._ack_to_gruu, msg, gruu))
 
     def _ack_to_gruu(self, msg: SipMessage, gruu: GruuTarget, found: list[Binding] | StoreError) -> None:
         """The ACK of a 2xx whose dialog's remote target is a GRUU, once its bindings are read."""

@@ -228,8 +228,12 @@ class Binding:
         return binding_key(self.contact, self.instance, self.reg_id)
 
     def expires_in(self, now: float) -> int:
-        """Whole seconds left, for the ``expires`` parameter of the 200 OK's Contact."""
-        return max(0, int(self.expires_at - now))
+        """Whole seconds left, for the ``expires`` parameter of the 200 OK's Contact: rounded up,
+        never above what was granted (``expires_at - updated``). The 200 is built with a clock
+        read after the write: truncating told a phone granted 60 s (min_expires) 59, and a
+        phone copying that into its refresh gets 423 (RFC 3261 10.2.8, 10.3 step 8)."""
+        granted = round(self.expires_at - self.updated)
+        return max(0, min(granted, math.ceil(self.expires_at - now)))
 
     def to_json(self) -> str:
         # A positional array: about half the bytes of an object. register.lua reads

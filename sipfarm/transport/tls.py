@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -23,16 +25,25 @@ def client_context(cafile: str | Path | None = None) -> ssl.SSLContext:
 
 
 def make_self_signed_cert(
-    directory: str | Path, *, common_name: str = "localhost", ip: str = "127.0.0.1"
+    directory: str | Path,
+    *,
+    common_name: str = "localhost",
+    ip: str = "127.0.0.1",
+    dns_names: Sequence[str] = (),
 ) -> tuple[Path, Path]:
     """Write a self-signed certificate and key (P-256, one day) with the ``openssl`` CLI.
 
-    For tests and development: the certificate names ``common_name`` and ``ip`` in its
-    subjectAltName, so a client verifying against it (``client_context(cert)``) accepts it.
-    Returns (certificate path, key path).
+    For tests and development: the certificate names ``common_name``, ``dns_names`` and ``ip``
+    in its subjectAltName, so a client verifying against it (``client_context(cert)``) accepts
+    it. A name that is an IP literal goes in as an IP entry. Returns (certificate path, key path).
     """
     out = Path(directory)
     cert, key = out / "cert.pem", out / "key.pem"
+    sans: list[str] = []
+    for name in (common_name, *dns_names, ip):
+        entry = f"IP:{name}" if _ip_literal(name) else f"DNS:{name}"
+        if entry not in sans:
+            sans.append(entry)
     subprocess.run(
         [
             "openssl",
@@ -48,7 +59,7 @@ def make_self_signed_cert(
             "-subj",
             f"/CN={common_name}",
             "-addext",
-            f"subjectAltName=DNS:{common_name},IP:{ip}",
+            "subjectAltName=" + ",".join(sans),
             "-keyout",
             str(key),
             "-out",
@@ -59,3 +70,11 @@ def make_self_signed_cert(
         timeout=30,
     )
     return cert, key
+
+
+def _ip_literal(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return False
+    return True

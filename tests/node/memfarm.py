@@ -256,8 +256,10 @@ class MemFarm:
         node_kwargs: dict[str, object] | None = None,
         node_hosts: Sequence[str] | None = None,
         worker_via_port: int | None = None,
+        domains: Sequence[str] = (DOMAIN,),
     ) -> None:
         """``node_hosts``: the nodes' IP addresses (default 127.0.1.<n>; IPv6 allowed).
+        ``domains``: the served domains (``[node] domains``).
         ``worker_via_port``: each node is a worker of a multi-worker node, whose Via names that
         private port while Record-Route and Path name the shared 5060."""
         self.clock = Clock()
@@ -280,7 +282,7 @@ class MemFarm:
             via_port = worker_via_port or addr.port
             identity = NodeIdentity(
                 node_id=f"node{i + 1}",
-                domains=frozenset({DOMAIN}),
+                domains=frozenset(domains),
                 addresses={"udp": (addr.host, via_port)},
                 aliases=frozenset({(addr.host, addr.port), (addr.host, via_port)}),
                 route_addresses={"udp": (addr.host, addr.port)},

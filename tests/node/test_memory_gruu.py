@@ -216,6 +216,102 @@ def test_a_dialog_whose_remote_target_is_a_gruu_is_acked_and_hung_up(alice: Phon
     assert [m.status for m in alice.inbox if m.cseq[1] == b"BYE"] == [200]
 
 
+def routeless(phone: Phone, method: str, answer: SipMessage) -> SipMessage:
+    """``method`` in the dialog of ``answer`` as a UA that ignored its Record-Route sends it
+    (Twinkle reads no ``Record-route:`` spelling): no Route, to the remote target alone."""
+    msg = phone.in_dialog(method, answer)
+    msg.remove("route")
+    return msg
+
+
+def gruu_dialog(alice: Phone, desk: Phone) -> SipMessage:
+    """alice calls desk, whose Contact is its public GRUU (linphonec's shape); the 2xx."""
+    pub, _ = gruus(register(desk, DESK), DESK)
+    assert pub is not None
+    desk.contact_uri = pub
+    desk.answer = 200
+    answer = call(alice, pub)
+    assert answer is not None
+    assert answer.status == 200
+    assert answer.values("record-route")  # there, and ignored by the caller
+    desk.inbox.clear()
+    return answer
+
+
+def test_ack_and_re_invite_without_route_to_the_callees_gruu_reach_it(alice: Phone, desk: Phone) -> None:
+    """Twinkle calling linphonec: ACK and re-INVITE (hold) go to the GRUU with no Route (RFC
+    5627 6.1, RFC 3261 16.5); the re-INVITE's 200 comes back, the call is not cut."""
+    answer = gruu_dialog(alice, desk)
+    alice.send(routeless(alice, "ACK", answer))
+    assert len(desk.requests(b"ACK")) == 1
+    assert desk.requests(b"ACK")[0].uri == f"sip:bob@{desk.hostport}".encode()  # to the binding
+    hold = alice.authenticated(routeless(alice, "INVITE", answer))
+    assert hold is not None
+    assert hold.status == 200
+    assert hold.cseq[1] == b"INVITE"
+    reinvites = desk.requests(b"INVITE")
+    assert len(reinvites) == 1
+    assert reinvites[0].to_tag == answer.to_tag
+    assert reinvites[0].get("proxy-authorization") is None  # the farm's, consumed
+    alice.send(routeless(alice, "ACK", hold))
+    bye = alice.authenticated(routeless(alice, "BYE", answer))
+    assert bye is not None
+    assert bye.status == 200
+    assert len(desk.requests(b"ACK")) == 2
+    assert len(desk.requests(b"BYE")) == 1
+
+
+def test_a_routeless_in_dialog_request_to_a_gruu_is_authenticated_like_a_call(farm: MemFarm, desk: Phone) -> None:
+    """Without the farm's sealed Route nothing vouches for the dialog: a stranger's made-up To
+    tag gets the challenge an initial request gets, and reaches nobody."""
+    pub, _ = gruus(register(desk, DESK), DESK)
+    assert pub is not None
+    mallory = farm.phone("mallory", "10.0.0.66")
+    msg = mallory.request("MESSAGE", pub, to=f"<{pub}>;tag=madeup")
+    mallory.send(msg)
+    assert [m.status for m in mallory.inbox] == [407]
+    ack = mallory.request("ACK", pub, to=f"<{pub}>;tag=madeup")
+    mallory.send(ack)  # an ACK cannot be challenged: it reaches the device, which drops it
+    assert desk.requests(b"MESSAGE") == []
+    assert len(desk.requests(b"ACK")) == 1
+
+
+def test_a_routeless_in_dialog_request_to_a_non_gruu_uri_still_gets_404(alice: Phone, desk: Phone) -> None:
+    answer = gruu_dialog(alice, desk)
+    for uri in (f"sip:bob@{DOMAIN}", f"sip:bob@{desk.hostport}", f"sip:bob@other.test;gr={DESK}"):
+        msg = routeless(alice, "INVITE", answer)
+        msg.set_uri(uri.encode())
+        reply = alice.authenticated(msg)
+        assert reply is not None
+        assert reply.status == 404, uri
+        ack = routeless(alice, "ACK", answer)
+        ack.set_uri(uri.encode())
+        alice.send(ack)
+    assert desk.requests() == []
+
+
+def test_a_routeless_in_dialog_request_to_an_unknown_or_unregistered_gruu(alice: Phone, desk: Phone) -> None:
+    answer = gruu_dialog(alice, desk)
+    pub = desk.contact
+    desk.contact_uri = None
+    _, temp = gruus(register(desk, DESK), DESK)
+    assert temp is not None
+    forged = temp.replace("tgruu.", "tgruu.a", 1)
+    cases = [(forged, 404), (f"sip:nobody@{DOMAIN};gr={DESK}", 480), (f"sip:bob@{DOMAIN};gr={MOBILE}", 480)]
+    register(desk, DESK, expires=0)
+    cases += [(pub, 480), (temp, 480)]  # the device's own GRUUs, no longer registered
+    for uri, status in cases:
+        msg = routeless(alice, "INVITE", answer)
+        msg.set_uri(uri.encode())
+        reply = alice.authenticated(msg)
+        assert reply is not None
+        assert reply.status == status, uri
+        ack = routeless(alice, "ACK", answer)
+        ack.set_uri(uri.encode())
+        alice.send(ack)
+    assert desk.requests() == []
+
+
 def test_a_gruu_whose_device_is_not_registered_gets_480(alice: Phone, desk: Phone) -> None:
     pub, temp = gruus(register(desk, DESK), DESK)
     register(desk, DESK, expires=0)

@@ -273,6 +273,41 @@ def test_re_invite_for_hold_goes_through_the_relay_of_the_call() -> None:
     assert mf.calls(0) == [call_id]
 
 
+def test_re_invite_without_route_to_a_gruu_goes_through_the_relay_of_the_call() -> None:
+    """A caller that ignored the Record-Route (Twinkle) holds a call whose remote target is the
+    callee's GRUU: the re-INVITE, with no Route, is anchored like one along the route set."""
+    mf = MediaFarm()
+    call_id = call_id_on(0)
+    alice, bob = setup(mf)
+    instance = "urn:uuid:f81d4fae-7dec-11d0-a765-00a0c91e6bf6"
+    answer = bob.register(contact=f'<{bob.contact}>;+sip.instance="<{instance}>"', headers=(("supported", "gruu"),))
+    assert answer is not None
+    assert answer.status == 200
+    bob.contact_uri = f"{BOB};gr={instance}"
+    alice.authenticated(invite(alice, call_id))
+    answer_with_sdp(bob, phone_sdp("10.0.0.2", 5000))
+    ok = alice.last(200, b"INVITE")
+    assert ok is not None
+    ack = alice.in_dialog("ACK", ok)
+    ack.remove("route")
+    alice.send(ack)
+    assert bob.requests(b"ACK")
+    hold = alice.in_dialog("INVITE", ok)
+    hold.remove("route")
+    hold.set_body(phone_sdp("10.0.0.1", 4000, "sendonly", version=2), b"application/sdp")
+    alice.authenticated(hold)
+    offered = bob.requests(b"INVITE")[-1]
+    assert offered.to_tag == ok.to_tag
+    assert media_of(offered)[0] == "127.0.5.1"
+    assert b"a=sendonly" in offered.body
+    answer_with_sdp(bob, phone_sdp("10.0.0.2", 5000, "recvonly", version=2))
+    reok = [m for m in alice.inbox if m.status == 200 and m.cseq[1] == b"INVITE"]
+    assert reok
+    assert media_of(reok[-1])[0] == "127.0.5.1"
+    assert mf.commands() == [b"offer", b"answer", b"offer", b"answer"]
+    assert mf.calls(0) == [call_id]
+
+
 def test_a_failed_re_invite_keeps_the_session() -> None:
     mf = MediaFarm()
     call_id = call_id_on(0)

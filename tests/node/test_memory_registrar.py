@@ -5,6 +5,7 @@ No sockets, no Redis: :mod:`memfarm` runs the node's sans-IO core with a fake cl
 
 from __future__ import annotations
 
+import memfarm
 import pytest
 from memfarm import DOMAIN, MemFarm
 
@@ -89,6 +90,46 @@ def test_contact_star_without_expires_0_is_a_bad_request(farm: MemFarm) -> None:
     answer = bob.register(expires=60, contact="*")
     assert answer is not None
     assert answer.status == 400
+
+
+@pytest.mark.parametrize("expires", [60, 3600])
+def test_the_200_gives_back_the_expiry_granted_when_the_clock_moves_on(
+    monkeypatch: pytest.MonkeyPatch, expires: int
+) -> None:
+    """The 200 is built with a later clock reading than the binding's write: it still says
+    what was granted (a phone copying 59 after asking for min_expires would get 423)."""
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(memfarm.Clock, "wall", lambda self: self.mono + self.wall_offset + next(ticks) * 0.003)
+    bob = MemFarm().phone("bob", "10.0.0.2")
+    assert _contacts(bob.register(expires=expires)) == [f"<sip:bob@10.0.0.2:5060>;expires={expires}".encode()]
+
+
+def _register_at(farm: MemFarm, domain: str) -> tuple[SipMessage | None, SipMessage | None]:
+    """alice's REGISTER with ``domain`` as her phone's domain (registrar and AOR): the first
+    answer, and the final one after answering a challenge."""
+    alice = farm.phone("alice", "10.0.0.1")
+    request = alice.request(
+        "REGISTER", f"sip:{domain}", to=f"<sip:alice@{domain}>", from_=f"<sip:alice@{domain}>"
+    )  # fmt: skip
+    alice.send(request)
+    first = alice.last()
+    assert first is not None
+    if first.status != 401:
+        return first, first
+    return first, alice.authenticated(request)
+
+
+def test_a_phone_with_the_farms_ip_as_its_domain_needs_that_ip_served_as_a_domain() -> None:
+    """The README's recipe: ``[node] domains`` lists the IP, the accounts exist in that domain
+    (the realm is the IP, like the domain's own accounts a separate name space)."""
+    assert _register_at(MemFarm(), "192.0.2.10")[0].status == 403  # type: ignore[union-attr]
+    farm = MemFarm(domains=(DOMAIN, "192.0.2.10"))
+    farm.state.add_account("alice", "alice-pw", domain="192.0.2.10")
+    challenge, answer = _register_at(farm, "192.0.2.10")
+    assert challenge is not None
+    assert _challenges(challenge)[0][0] == "192.0.2.10"
+    assert _contacts(answer) == [b"<sip:alice@10.0.0.1:5060>;expires=3600"]
+    assert "alice@192.0.2.10" in farm.state.bindings
 
 
 def test_expiry_below_the_minimum_gets_423_with_min_expires(farm: MemFarm) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from pathlib import Path
 
 from conftest import Runner, Uas, read_message, sip_request, wait_until
@@ -12,6 +13,7 @@ from sipfarm.sip.message import SipMessage
 from sipfarm.sip.parser import parse_message
 from sipfarm.transport.manager import TransportManager
 from sipfarm.transport.tls import client_context, server_context
+from sipfarm.up import entry_certificate
 
 TLS_VIA = "SIP/2.0/TLS 127.0.0.1:5071;branch=z9hG4bK-1;rport"
 
@@ -75,3 +77,29 @@ def test_untrusted_server_certificate_fails_the_connect(arun: Runner, tls_cert: 
         await server.close()
 
     arun(scenario())
+
+
+def _subject_and_sans(cert: Path) -> tuple[str, set[str]]:
+    """The certificate's subject line and subjectAltName entries, as ``openssl x509`` prints them."""
+    text = subprocess.run(
+        ["openssl", "x509", "-in", str(cert), "-noout", "-subject", "-ext", "subjectAltName"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    subject, _, rest = text.partition("\n")
+    sans = rest.split("Subject Alternative Name:")[1].strip()
+    return subject.replace(" ", ""), {entry.strip() for entry in sans.split(",")}
+
+
+def test_up_certificate_names_the_sip_domain_localhost_and_the_host(tmp_path: Path) -> None:
+    """RFC 5922 7.1: the SIP domain is what a client checks (linphone's mbedTLS ignores IP
+    entries); localhost and the host's address stay."""
+    cert, _ = entry_certificate(tmp_path, "farm.test", "192.0.2.10")
+    subject, sans = _subject_and_sans(cert)
+    assert subject == "subject=CN=farm.test"
+    assert sans == {"DNS:farm.test", "DNS:localhost", "IP Address:192.0.2.10"}
+    # a farm whose domain is its IP: an IP entry, never a DNS one
+    cert, _ = entry_certificate(tmp_path, "192.0.2.10", "192.0.2.10")
+    assert _subject_and_sans(cert)[1] == {"DNS:localhost", "IP Address:192.0.2.10"}
