@@ -95,11 +95,19 @@ from sipfarm.edge import (
 )
 from sipfarm.sip.address import Address
 from sipfarm.sip.errors import BadMessage, ServiceUnavailable, SipError, TooLargeToForward, TooManyHops
-from sipfarm.sip.headers import HeaderError, display_name, first_element, tag_of, via_branch
+from sipfarm.sip.headers import (
+    MAX_HEADER_VALUE,
+    MAX_VIA_PARM,
+    HeaderError,
+    display_name,
+    first_element,
+    tag_of,
+    via_branch,
+)
 from sipfarm.sip.memo import MAX_CACHED_KEY, bounded_key
 from sipfarm.sip.message import SipMessage, error_response, make_response
 from sipfarm.sip.parser import max_forwards, parse_message
-from sipfarm.sip.uri import SipURI, URIError, parse_uri
+from sipfarm.sip.uri import MAX_URI, SipURI, URIError, parse_uri
 from sipfarm.sip.via import default_port, stamp_received, via_sent_by
 from sipfarm.transport.config import MAX_DATAGRAM
 from sipfarm.transport.destinations import DestinationPolicy
@@ -813,6 +821,8 @@ class BalancerCore:
         if found is None:
             return False
         method, uri, to_value, routes, mf, top_via, call_id, seq, agent = found
+        if len(top_via) > MAX_VIA_PARM or len(to_value) > MAX_HEADER_VALUE or len(uri) > MAX_URI:
+            return False  # over the parser's bounds (sip/headers.py): the general path's 400
         try:
             to_tag = tag_of(to_value)
         except HeaderError:

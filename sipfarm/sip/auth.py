@@ -285,9 +285,20 @@ def _parse_fast(text: str) -> tuple[str, dict[str, str], frozenset[str]] | None:
     return text[:6], params, frozenset(quoted)
 
 
+# Bounds checked before any scan (see sipfarm/sip/headers.py, "What one value may cost"): real
+# Digest values are 300-600 bytes with ~10 params (RFC 7616's examples, pjsua, Linphone,
+# SIP.js); the scanner below reads one character at a time, so an unbounded value is costly.
+MAX_DIGEST: Final = 4096  # bytes of one Authorization / WWW-Authenticate (and Proxy-) value
+MAX_DIGEST_PARAMS: Final = 32  # commas in one value (quoted ones too: a bound)
+
+
 def _parse(value: bytes) -> tuple[str, dict[str, str], frozenset[str]]:
     """Split ``scheme LWS param *(COMMA param)``; returns scheme, params (lower-cased names) and the
     names whose value was a quoted-string."""
+    if len(value) > MAX_DIGEST:
+        raise AuthHeaderError(f"authentication header longer than {MAX_DIGEST} bytes")
+    if value.count(b",") >= MAX_DIGEST_PARAMS:
+        raise AuthHeaderError(f"more than {MAX_DIGEST_PARAMS} authentication parameters")
     if HAVE_FAST_DIGEST:
         # _parse_fast's common case read straight from the bytes, in C (sipfarm/sip/_fastparse.c;
         # None: not the common case, or not ASCII)

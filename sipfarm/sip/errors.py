@@ -139,6 +139,14 @@ class BadMessage(SipError):
         return f"Bad Request ({clean[:80]})"
 
 
+class ValueTooLong(BadMessage):
+    """400: a header value or the Request-URI over the parser's bounds (a message within the
+    size limit whose one value would cost a parser many times a benign message's CPU: see
+    sipfarm/sip/headers.py MAX_HEADER_VALUE); counted apart from other syntax errors."""
+
+    counter = "value_too_long"
+
+
 class MessageTooLarge(SipError):
     """413: the message (or its body) exceeds the configured maximum."""
 

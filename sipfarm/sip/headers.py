@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Final
 
 from sipfarm.sip.memo import BoundedMemo
-from sipfarm.sip.uri import URI, URIError, ipv6_reference, parse_uri
+from sipfarm.sip.uri import MAX_PARAMS, URI, URIError, ipv6_reference, parse_uri
 
 # RFC 3261 7.3.3 and registered extensions: compact form -> full name (lower case).
 COMPACT: dict[str, str] = {
@@ -70,6 +71,55 @@ LIST_HEADERS = frozenset(
     }
 )
 
+# --- What one value may cost -----------------------------------------------------------------
+# A red team (2026-12-02) found values the parser reads linearly but slowly per byte: a Via of
+# 28 KB of host and 28 KB of spaces (the Via regexes backtrack over both), a From of 14,000
+# ";x=y" params, thousands of tiny via-parms on one line: 10-20x the CPU of a benign message
+# of the same size (~0.1-0.4 ms for 56 KB).  Every structured value is therefore bounded by a
+# length and a count of its separators (bytes.count: one C pass) before any regex or split;
+# over a bound is HeaderError (URIError for URIs), answered 400 like any other syntax error.
+# The bounds are far above what phones and proxies send: real header values are under 1 KB (a
+# Digest Authorization 300-600 bytes, a WebRTC Contact ~250, a farm's Path/Record-Route entry
+# with flow token and seal ~250, a Via ~150 with 1-3 spaces), route sets and Via stacks have a
+# handful of entries (a 500-entry Route set is abuse, refused before), and
+# tests/sip/test_limits.py keeps realistic long values accepted.
+MAX_HEADER_VALUE: Final = 8192  # bytes of one header line's value (the parser refuses longer)
+MAX_LIST_ELEMENTS: Final = 64  # comma-separated elements of one header name, all its lines
+MAX_VIA_PARM: Final = 2048  # bytes of one via-parm
+MAX_VIA_LWS: Final = 32  # spaces and tabs in one via-parm (RFC 4475 "wsinv" has 10)
+MAX_NAME_ADDR_PARAMS: Final = 2 * MAX_PARAMS  # ';' in one name-addr: its URI's params and its own
+
+# Headers some part of sipfarm parses (by name; compact forms resolve to these keys): the ones
+# MAX_HEADER_VALUE bounds.  Others (Subject, Identity, X-...) are forwarded as bytes, never
+# parsed, so they are bounded by the message size alone.
+STRUCTURED: Final = LIST_HEADERS | frozenset(
+    {
+        "from",
+        "to",
+        "call-id",
+        "cseq",
+        "max-forwards",
+        "content-length",
+        "content-type",
+        "expires",
+        "min-expires",
+        "session-expires",
+        "authorization",
+        "proxy-authorization",
+        "www-authenticate",
+        "proxy-authenticate",
+        "event",
+        "refer-to",
+        "referred-by",
+        "reply-to",
+        "p-asserted-identity",
+        "p-preferred-identity",
+        "timestamp",
+        "user-agent",
+        "reason",
+    }
+)
+
 _TOKEN_BYTES = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~"
 # a header parameter's unquoted value: a token, or a host (IPv6 reference, port)
 _PARAM_VALUE_BYTES = _TOKEN_BYTES + b"[]:"
@@ -94,37 +144,59 @@ def is_token(value: bytes) -> bool:
     return bool(value) and not value.translate(None, _TOKEN_BYTES)
 
 
+# The bytes the list and parameter splitters act on, and the rest of a quoted string after its
+# opening quote (RFC 3261 25.1: quoted-pair = "\\" any byte): each found by one regex scan in
+# C, so a split costs a Python step per separator, never per byte (a long quoted display name
+# or parameter value is skipped whole).
+_COMMA_SPECIAL: Final = re.compile(rb'[",<>]')
+_SEMI_SPECIAL: Final = re.compile(rb'[";]')
+_QUOTED_REST: Final = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # unrolled: no per-byte alternation
+# '"', '<' and '>' in one list header value: a WebRTC Contact has 6 (<uri>, +sip.instance's
+# quoted <urn>), so 8 per element of MAX_LIST_ELEMENTS is plenty.
+_MAX_LIST_SPECIALS: Final = 8 * MAX_LIST_ELEMENTS
+
+
+def _after_quoted(value: bytes, quote: int) -> int:
+    """The index after the closing quote of the quoted string opening at ``quote``."""
+    match = _QUOTED_REST.match(value, quote + 1)
+    if match is None:
+        raise HeaderError("unterminated quoted string")
+    return match.end()
+
+
 def split_comma(value: bytes) -> list[bytes]:
-    """Split a header value on commas outside quoted strings and <...> (RFC 3261 7.3.1)."""
+    """Split a header value on commas outside quoted strings and <...> (RFC 3261 7.3.1).
+
+    HeaderError for more than :data:`MAX_LIST_ELEMENTS` commas (quoted or not: a bound)."""
+    if value.count(b",") >= MAX_LIST_ELEMENTS:
+        raise HeaderError(f"more than {MAX_LIST_ELEMENTS} list elements")
     if value.find(b'"') < 0 and value.find(b"<") < 0:
         return [part.strip() for part in value.split(b",") if part.strip()]
+    if value.count(b'"') + value.count(b"<") + value.count(b">") > _MAX_LIST_SPECIALS:
+        raise HeaderError("too many quotes and angle brackets in list")
     out: list[bytes] = []
     start = 0
-    in_quote = False
     in_angle = False
     i = 0
-    n = len(value)
-    while i < n:
+    while True:
+        found = _COMMA_SPECIAL.search(value, i)
+        if found is None:
+            break
+        i = found.start()
         ch = value[i]
-        if in_quote:
-            if ch == 0x5C:  # backslash escapes the next char (quoted-pair)
-                i += 1
-            elif ch == 0x22:
-                in_quote = False
-        elif ch == 0x22:
-            in_quote = True
-        elif ch == 0x3C:
+        if ch == 0x22:
+            i = _after_quoted(value, i)
+            continue
+        if ch == 0x3C:
             in_angle = True
         elif ch == 0x3E:
             in_angle = False
-        elif ch == 0x2C and not in_angle:
+        elif not in_angle:  # a comma
             part = value[start:i].strip()
             if part:
                 out.append(part)
             start = i + 1
         i += 1
-    if in_quote:
-        raise HeaderError("unterminated quoted string")
     part = value[start:].strip()
     if part:
         out.append(part)
@@ -168,23 +240,18 @@ def split_semicolon(value: bytes) -> list[bytes]:
         return value.split(b";")
     out: list[bytes] = []
     start = 0
-    in_quote = False
     i = 0
-    while i < len(value):
-        ch = value[i]
-        if in_quote:
-            if ch == 0x5C:
-                i += 1
-            elif ch == 0x22:
-                in_quote = False
-        elif ch == 0x22:
-            in_quote = True
-        elif ch == 0x3B:
-            out.append(value[start:i])
-            start = i + 1
+    while True:
+        found = _SEMI_SPECIAL.search(value, i)
+        if found is None:
+            break
+        i = found.start()
+        if value[i] == 0x22:
+            i = _after_quoted(value, i)
+            continue
+        out.append(value[start:i])
+        start = i + 1
         i += 1
-    if in_quote:
-        raise HeaderError("unterminated quoted string in parameters")
     out.append(value[start:])
     return out
 
@@ -194,6 +261,8 @@ HeaderParams = tuple[tuple[str, str | None], ...]
 
 def parse_header_params(text: bytes) -> HeaderParams:
     """``;name=value`` generic params (text after the first ';'); names lower-cased."""
+    if text.count(b";") >= MAX_PARAMS:
+        raise HeaderError(f"more than {MAX_PARAMS} header parameters")
     out: list[tuple[str, str | None]] = []
     for piece in split_semicolon(text):
         name, eq, value = piece.partition(b"=")
@@ -291,8 +360,20 @@ class Via:
         return out.encode("latin-1")
 
 
+def check_via_bounds(value: bytes) -> None:
+    """HeaderError for a via-parm over the bounds (:data:`MAX_VIA_PARM`, :data:`MAX_VIA_LWS`,
+    :data:`~sipfarm.sip.uri.MAX_PARAMS`): checked before either Via regex runs."""
+    if len(value) > MAX_VIA_PARM:
+        raise HeaderError(f"via-parm longer than {MAX_VIA_PARM} bytes")
+    if value.count(b" ") + value.count(b"\t") > MAX_VIA_LWS:
+        raise HeaderError("too much whitespace in via-parm")
+    if value.count(b";") >= MAX_PARAMS:
+        raise HeaderError(f"more than {MAX_PARAMS} Via parameters")
+
+
 def parse_via(value: bytes) -> Via:
     """One via-parm (a single element of a possibly comma-separated Via header)."""
+    check_via_bounds(value)
     match = _VIA_RE.match(value)
     if match is None:
         raise HeaderError("malformed Via")
@@ -331,6 +412,7 @@ def check_via(value: bytes) -> None:
     """HeaderError where :func:`parse_via` raises it, without building the Via: one match for
     the common shape (a validating proxy checks every Via of every request), parse_via for
     anything else."""
+    check_via_bounds(value)
     match = _VIA_COMMON_RE.match(value)
     if match is not None:
         port = match.group(1)
@@ -400,23 +482,18 @@ class NameAddr:
         return out
 
 
-def _find_unquoted(value: bytes, char: int) -> int:
-    in_quote = False
+def _find_unquoted_lt(value: bytes) -> int:
+    """The index of the first '<' outside quoted strings, -1 when there is none."""
     i = 0
-    n = len(value)
-    while i < n:
-        ch = value[i]
-        if in_quote:
-            if ch == 0x5C:
-                i += 1
-            elif ch == 0x22:
-                in_quote = False
-        elif ch == 0x22:
-            in_quote = True
-        elif ch == char:
-            return i
-        i += 1
-    return -1
+    while True:
+        lt = value.find(b"<", i)
+        quote = value.find(b'"', i)
+        if quote < 0 or 0 <= lt < quote:
+            return lt
+        found = _QUOTED_REST.match(value, quote + 1)
+        if found is None:
+            return -1  # unterminated: no '<' outside quotes
+        i = found.end()
 
 
 def parse_name_addr(value: bytes) -> NameAddr:
@@ -424,7 +501,17 @@ def parse_name_addr(value: bytes) -> NameAddr:
 
     Memoised by value like :func:`~sipfarm.sip.uri.parse_uri` (results are immutable; Route
     and Contact values recur in every dialog through the same hops)."""
+    check_name_addr_bounds(value)
     return _NAME_ADDRS(value)
+
+
+def check_name_addr_bounds(value: bytes) -> None:
+    """HeaderError for a name-addr over the bounds (:data:`MAX_HEADER_VALUE` bytes,
+    :data:`MAX_NAME_ADDR_PARAMS` semicolons): checked before any regex, scan or memo."""
+    if len(value) > MAX_HEADER_VALUE:
+        raise HeaderError(f"name-addr longer than {MAX_HEADER_VALUE} bytes")
+    if value.count(b";") >= MAX_NAME_ADDR_PARAMS:
+        raise HeaderError(f"more than {MAX_NAME_ADDR_PARAMS} parameters in name-addr")
 
 
 # The common name-addr, in one strict shape: an optional display name (tokens, or a quoted string
@@ -441,6 +528,7 @@ def check_name_addr(value: bytes) -> None:
     """HeaderError where :func:`parse_name_addr` raises it, without building (nor memoising) the
     name-addr: a validating proxy checks From and To of every request, and their tags make
     each value new."""
+    check_name_addr_bounds(value)
     match = _NAME_ADDR_COMMON_RE.match(value)
     if match is None:
         parse_name_addr(value)
@@ -453,7 +541,7 @@ def check_name_addr(value: bytes) -> None:
 
 def _parse_name_addr(value: bytes) -> NameAddr:
     value = value.strip()
-    lt = _find_unquoted(value, 0x3C) if (value.find(b"<") >= 0) else -1
+    lt = _find_unquoted_lt(value) if (value.find(b"<") >= 0) else -1
     display: str | None = None
     if lt >= 0:
         gt = value.find(b">", lt)

@@ -19,6 +19,7 @@ from typing import Final
 from sipfarm.sip.errors import REASONS, BadMessage, SipError, UnsupportedURIScheme, reason_phrase
 from sipfarm.sip.headers import (
     LIST_HEADERS,
+    MAX_LIST_ELEMENTS,
     HeaderError,
     NameAddr,
     Via,
@@ -166,6 +167,8 @@ class SipMessage:
             for k, _, v in self.headers:
                 if k == key:
                     out.extend(split_comma(v))
+                    if len(out) > MAX_LIST_ELEMENTS:  # repeated lines add up (see headers.py)
+                        raise HeaderError(f"more than {MAX_LIST_ELEMENTS} list elements")
         except HeaderError as exc:
             raise BadMessage(f"{key}: {exc}", partial=self) from None
         return out

@@ -21,7 +21,7 @@ from sipfarm.sip.memo import MAX_CACHED_KEY
 from sipfarm.sip.parser import parse_message
 from sipfarm.transport.destinations import DestinationPolicy
 
-LONG = 8 * 1024
+LONG = 1536  # over memo.MAX_CACHED_KEY (512), under the parser's bounds (headers.MAX_VIA_PARM 2 KB)
 HOP = Address("udp", "203.0.113.7", 40000)
 
 

@@ -20,6 +20,7 @@ from sipfarm.balancer.overload import AdmissionControl
 from sipfarm.cluster.membership import Member, Role
 from sipfarm.edge import ChallengeTags, FlowTokens
 from sipfarm.sip.address import Address
+from sipfarm.sip.errors import SipError
 from sipfarm.sip.headers import parse_name_addr
 from sipfarm.sip.message import SipMessage
 from sipfarm.sip.parser import parse_message
@@ -751,3 +752,39 @@ def test_a_request_too_large_to_forward_gets_513_and_costs_its_node_nothing(lb: 
     assert not lb.core.admission._pending
     assert not lb.core.registrations._pending  # no 2xx can come for it
     assert lb.core.stats.errors == {"too_large_to_forward": 1}
+
+
+# -- bounds on what one value may cost (red team, 2026-12-02) ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {"via": "SIP/2.0/UDP " + "h" * 28000 + " " * 28000},
+        {"via": ", ".join(["SIP/2.0/UDP a"] * 600)},
+        {"from_": "<sip:a@farm.test" + ";x=y" * 14000 + ">;tag=a1"},
+        {"extra": 'Contact: "' + "q" * 9000 + '" <sip:a@b>\r\n'},
+    ],
+    ids=["via_host_spaces", "via_elements", "from_params", "quoted_contact"],
+)
+def test_a_crafted_value_gets_400_and_never_reaches_a_node(lb: Harness, shape: dict[str, str]):
+    """(Shapes the balancer does not read, a whitespace run in a lower Via say, go to the node
+    at the cost of a benign message: the node's validate_request refuses them, tests/sip/test_limits.py.)"""
+    data = request("INVITE", "sip:bob@farm.test", **shape)  # type: ignore[arg-type]
+    try:
+        out = lb.feed(data, CLIENT)
+    except SipError as exc:  # refused by the parser, as the transport would answer it
+        assert exc.status == 400
+        return
+    assert [(m.status, dest) for m, dest in out] == [(400, CLIENT)]
+    assert lb.core.stats.to_node == 0
+
+
+def test_a_webrtc_register_with_long_contact_still_goes_to_its_node(lb: Harness):
+    contact = (
+        "Contact: <sip:k3v9pd1q@df7jal23ls0d.invalid;transport=ws;ob>;+sip.ice;reg-id=1;"
+        '+sip.instance="<urn:uuid:6f1a2b4c-8d3e-4f5a-9b6c-7d8e9f0a1b2c>";expires=600\r\n'
+    )
+    data = request("REGISTER", "sip:farm.test", extra=contact + "Supported: path, outbound, gruu\r\n")
+    msg, dest = lb.one(data, CLIENT)
+    assert msg.method == b"REGISTER" and dest in NODES.values()

@@ -1,0 +1,89 @@
+"""The bounds on what one header value or URI may cost (sipfarm/sip/headers.py, "What one value
+may cost"): each crafted shape of the red team's (2026-12-02) is refused with a 400 naming the
+bound, before any parser reads it whole; realistic long values still pass."""
+
+from __future__ import annotations
+
+import pytest
+
+from sipfarm.sip.errors import BadMessage
+from sipfarm.sip.headers import MAX_LIST_ELEMENTS, MAX_VIA_LWS
+from sipfarm.sip.message import error_response
+from sipfarm.sip.parser import parse_message, validate_request
+from sipfarm.sip.uri import MAX_PARAMS
+
+
+def request(*, via: str = "SIP/2.0/UDP 192.0.2.5:5062;rport", from_: str = "<sip:alice@farm.test>;tag=a1",
+            extra: str = "", uri: str = "sip:bob@farm.test", method: str = "INVITE") -> bytes:
+    return (
+        f"{method} {uri} SIP/2.0\r\nVia: {via};branch=z9hG4bK776\r\nMax-Forwards: 70\r\n"
+        f"From: {from_}\r\nTo: <sip:bob@farm.test>\r\nCall-ID: c1@h\r\nCSeq: 1 {method}\r\n{extra}"
+        "Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+CRAFTED = {
+    "via_host_spaces_56k": (request(via="SIP/2.0/UDP " + "h" * 28000 + " " * 28000), "longer than"),
+    "via_host_8k": (request(via="SIP/2.0/UDP " + "h" * 4000), "longer than"),
+    "via_lws_run": (request(via="SIP/2.0/UDP h" + " " * (MAX_VIA_LWS + 1)), "whitespace"),
+    "via_compact_lines": (request(extra="".join(f"v: SIP/2.0/UDP h{i}\r\n" for i in range(70))), "elements"),
+    "via_elements_one_line": (request(via=", ".join(["SIP/2.0/UDP a"] * 100)), "elements"),
+    "via_params": (request(via="SIP/2.0/UDP a" + ";p=q" * MAX_PARAMS), "parameters"),
+    "from_uri_14000_params": (request(from_="<sip:a@farm.test" + ";x=y" * 14000 + ">;tag=1"), "longer than"),
+    "from_uri_2000_params": (request(from_="<sip:a@farm.test" + ";x=y" * 2000 + ">;tag=1"), "parameters"),
+    "from_compact_params": (request(from_="<sip:a@farm.test>;tag=1" + ";x=y" * 200).replace(b"From:", b"f:"),
+                            "parameters"),
+    "from_header_params": (request(from_="<sip:a@farm.test>;tag=1" + ";x=y" * 200), "parameters"),
+    "uri_5k": (request(from_="<sip:" + "u" * 5000 + "@farm.test>;tag=1"), "URI longer"),
+    "request_uri_5k": (request(uri="sip:" + "u" * 5000 + "@farm.test"), "Request-URI longer"),
+    "request_uri_params": (request(uri="sip:bob@farm.test" + ";x" * 100), "URI parameters"),
+    "contact_quoted_10k": (request(extra='Contact: "' + "q" * 10000 + '" <sip:a@b>\r\n'), "longer than"),
+    "contact_many_quoted": (request(extra="Contact: " + '"a" ' * 700 + "<sip:a@b>\r\n"), "quotes"),
+    "contacts_many": (request(extra="".join(f"Contact: <sip:p{i}.test>\r\n" for i in range(70))), "elements"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CRAFTED))
+def test_a_crafted_value_is_refused_with_400_naming_the_bound(name: str) -> None:
+    data, bound = CRAFTED[name]
+    with pytest.raises(BadMessage) as caught:
+        validate_request(parse_message(data))
+    assert caught.value.status == 400 and bound in str(caught.value), str(caught.value)
+    answer = error_response(caught.value.partial, caught.value, b"lbtag")  # the one mapping place
+    assert answer is not None and answer.status == 400
+
+
+WEBRTC_CONTACT = (
+    "Contact: <sip:k3v9pd1q@df7jal23ls0d.invalid;transport=ws;ob>;+sip.ice;reg-id=1;"
+    '+sip.instance="<urn:uuid:6f1a2b4c-8d3e-4f5a-9b6c-7d8e9f0a1b2c>";expires=600\r\n'
+)
+FLOW_PATH = "".join(
+    f"Path: <sip:{'Zm' * 60}{i}@lb{i}.farm.test:5060;lr;ob;seal={'a1b2c3d4' * 8}>\r\n" for i in range(6)
+)
+DIGEST = (
+    'Authorization: Digest username="alice", realm="farm.test", nonce="' + "n" * 96 + '", '
+    'uri="sip:farm.test", response="' + "0" * 64 + '", algorithm=SHA-256, cnonce="' + "c" * 32 + '", '
+    'opaque="' + "o" * 64 + '", qop=auth, nc=00000001\r\n'
+)
+LEGIT = {
+    "webrtc_register": request(method="REGISTER", uri="sip:farm.test", extra=WEBRTC_CONTACT + DIGEST),
+    "path_of_six_flow_tokens": request(method="REGISTER", uri="sip:farm.test", extra=FLOW_PATH),
+    "record_route_on_one_line": request(extra="Record-Route: " + ", ".join(
+        f"<sip:{'t' * 200}@p{i}.test;lr;ftag=abc>" for i in range(12)) + "\r\n"),
+    "rfc4475_style_lws_via": request(via="SIP / 2.0 / UDP  192.0.2.5 : 5062 ;rport"),
+    "many_vias": request(extra="".join(f"Via: SIP/2.0/UDP p{i}.test;branch=z9hG4bK{i}\r\n" for i in range(40))),
+    "long_padding_header": request(extra="X-Pad: " + "p" * 50000 + "\r\n"),  # not parsed: not bounded
+}
+
+
+@pytest.mark.parametrize("name", sorted(LEGIT))
+def test_realistic_long_values_still_pass(name: str) -> None:
+    validate_request(parse_message(LEGIT[name]))
+
+
+def test_list_bound_counts_every_line_of_one_header() -> None:
+    ok = request(extra="".join(f"Route: <sip:p{i}.test;lr>\r\n" for i in range(MAX_LIST_ELEMENTS - 1)))
+    msg = parse_message(ok)
+    assert len(msg.values("route")) == MAX_LIST_ELEMENTS - 1
+    with pytest.raises(BadMessage):
+        parse_message(ok.replace(b"Route:", b"Route: <sip:x.test;lr>, <sip:y.test;lr>,", 1)).values("route")
