@@ -24,7 +24,7 @@ class TransportConfig:
     # A stream message must be complete this long after its first byte arrived; a peer that
     # stalls (or drips, slowloris-style) mid-message is closed.
     message_timeout: float = 10.0
-    # An inbound stream connection must send its first byte (a message or a CRLFCRLF ping)
+    # An inbound stream connection must start its first message (CRLFCRLF pings do not count)
     # this long after it was accepted (TCP) or its TLS handshake completed; a silent one is
     # closed and counted (``refused["silent"]``) instead of holding a slot for idle_timeout.
     first_message_timeout: float = 10.0

@@ -21,8 +21,10 @@ Bounds, each enforced here and counted in :class:`TransportStats`:
 * unsent data to a peer that does not read: above ``write_buffer_high`` we stop reading from
   it, above ``write_buffer_limit`` we close it;
 * data for an outbound flow still connecting is queued up to ``connect_queue_limit``;
-* an inbound flow that sends nothing at all for ``first_message_timeout`` after it is
-  accepted (TLS: after its handshake) is closed, counted as ``silent``.
+* an inbound flow that sends no message (keep-alive pings do not count) for
+  ``first_message_timeout`` after it is accepted (TLS: after its handshake) is closed,
+  counted as ``silent``; the first byte of a message is enough (then ``message_timeout``
+  bounds the rest).
 
 A framing error (garbage, missing or bad Content-Length, oversize) leaves the stream with no
 known message boundary, so the flow is closed; other flows are not affected.  Timers are lazy:
@@ -141,7 +143,6 @@ class StreamFlow(asyncio.Protocol):
             return
         now = self._loop.time()
         self._last_activity = now
-        self._silent_until = 0.0
         framer = self._framer
         framer.receive_data(data)
         delivered = False
@@ -170,7 +171,13 @@ class StreamFlow(asyncio.Protocol):
             self._deliver(event, remote, self.local)
             if self.closing:  # the callback closed us
                 return
-        if framer.buffered:
+        # A ping is no first message: the deadline holds until a message starts (a flow that
+        # only pings held a slot for idle_timeout, red team 2026-12-02).  A partial ping is
+        # no message either: it does not start the message timeout.
+        in_message = framer.in_message
+        if delivered or in_message:
+            self._silent_until = 0.0
+        if in_message:
             if delivered or self._message_start is None:
                 self._message_start = now
                 self._arm(now + self._config.message_timeout)

@@ -136,8 +136,7 @@ def test_silent_connection_is_closed_after_the_first_message_timeout(arun: Runne
     async def scenario() -> None:
         manager, addr = await _server(first_message_timeout=0.3)
         talker_r, talker_w = await _open(addr, "127.0.0.3")
-        talker_w.write(b"\r\n\r\n")  # any first byte will do: a keep-alive ping
-        assert await asyncio.wait_for(talker_r.readexactly(2), 3) == b"\r\n"
+        assert await _answered(talker_r, talker_w)
         silent_r, silent_w = await _open(addr, "127.0.0.2")
         took = await _closed_by_peer(silent_r)
         assert 0.2 < took < 2.0
@@ -145,6 +144,40 @@ def test_silent_connection_is_closed_after_the_first_message_timeout(arun: Runne
         assert manager.stats.connections_idle_closed == 0
         assert await _answered(talker_r, talker_w)  # the one that spoke stays open
         for writer in (talker_w, silent_w):
+            writer.close()
+        await manager.close()
+
+    arun(scenario())
+
+
+def test_a_connection_that_only_pings_is_closed_after_the_first_message_timeout(arun: Runner) -> None:
+    """A ping is no first message (red team, 2026-12-02: 160 sources x 63 connections each
+    sent one CRLFCRLF and held every slot for the idle timeout).  Its pings are answered until
+    then; a connection that starts a message in time stays, and so does its flow after it."""
+
+    async def scenario() -> None:
+        manager, addr = await _server(first_message_timeout=0.3, message_timeout=5.0)
+        pinger_r, pinger_w = await _open(addr, "127.0.0.2")
+        starter_r, starter_w = await _open(addr, "127.0.0.3")
+        request = sip_request(via=TCP_VIA)
+        starter_w.write(b"\r\n\r\n" + request[:20])  # a ping, then the start of a message
+        assert await asyncio.wait_for(starter_r.readexactly(2), 3) == b"\r\n"
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while loop.time() - start < 0.6:  # pings every 0.1 s, past the deadline
+            try:
+                pinger_w.write(b"\r\n\r\n")
+                assert await asyncio.wait_for(pinger_r.readexactly(2), 3) == b"\r\n"
+            except (asyncio.IncompleteReadError, ConnectionResetError):
+                break
+            await asyncio.sleep(0.1)
+        took = await _closed_by_peer(pinger_r)
+        assert 0.2 < loop.time() - start < 2.0 and took < 2.0
+        assert manager.stats.refused == {"silent": 1}
+        assert manager.stats.abuse == {}
+        starter_w.write(request[20:])
+        assert parse_message(await read_message(starter_r)).status == 200
+        for writer in (pinger_w, starter_w):
             writer.close()
         await manager.close()
 
