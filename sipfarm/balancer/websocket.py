@@ -216,6 +216,9 @@ async def listen_websocket(
             flow._closing = True
             await connection.close(1013, "too many connections")
             return
+        quiet = True  # no SIP message yet: evictable at max_connections (TransportManager.quiet)
+        ws_transport = connection.transport
+        manager.quiet(connection, ws_transport.abort)
         try:
             async for message in connection:
                 data = message.encode("utf-8") if isinstance(message, str) else bytes(message)
@@ -231,6 +234,9 @@ async def listen_websocket(
                     if manager.on_keepalive is not None:
                         manager.on_keepalive(remote)
                     continue
+                if quiet:
+                    quiet = False
+                    manager.spoke(connection)
                 manager.deliver(data, remote, local)
         except ConnectionClosed:
             pass

@@ -39,8 +39,9 @@ class TransportStats:
     # inbound connections refused, or closed before their first message, by reason: total
     # and per_source (the limits; also in connections_refused), origin (a WebSocket Origin
     # not allowed, answered 403), handshake_timeout (TLS handshake or WebSocket upgrade not
-    # completed in time), handshake_failed (a TLS error), silent (no byte within
-    # first_message_timeout)
+    # completed in time), handshake_failed (a TLS error), silent (no message within
+    # first_message_timeout), evicted (no message yet, closed for a new source at
+    # max_connections)
     refused: dict[str, int] = field(default_factory=dict)
     connect_failures: int = 0  # outbound connect / TLS handshake failures and timeouts
 

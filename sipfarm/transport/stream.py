@@ -131,6 +131,7 @@ class StreamFlow(asyncio.Protocol):
         if not self.outbound:
             self._silent_until = now + self._config.first_message_timeout
             self._arm(self._silent_until)
+            self._manager.quiet(self, self._evict)
         self._arm(now + self._config.idle_timeout)
         if self._pending:
             pending, self._pending, self._pending_size = self._pending, [], 0
@@ -175,8 +176,9 @@ class StreamFlow(asyncio.Protocol):
         # only pings held a slot for idle_timeout, red team 2026-12-02).  A partial ping is
         # no message either: it does not start the message timeout.
         in_message = framer.in_message
-        if delivered or in_message:
+        if (delivered or in_message) and self._silent_until:
             self._silent_until = 0.0
+            self._manager.spoke(self)
         if in_message:
             if delivered or self._message_start is None:
                 self._message_start = now
@@ -252,6 +254,14 @@ class StreamFlow(asyncio.Protocol):
         self._closing = True
         if self._transport is not None:
             self._transport.abort()  # nothing owed to an abusive peer: do not flush
+
+    def _evict(self) -> None:
+        """Closed to make room for a new source at max_connections (``TransportManager.quiet``)."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._transport is not None:
+            self._transport.abort()
 
     def connect_failed(self) -> None:
         """The outbound connection could not be set up: drop what was queued."""

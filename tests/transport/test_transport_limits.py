@@ -117,7 +117,7 @@ def test_total_limit_counts_every_source(arun: Runner) -> None:
         manager, addr = await _server(max_connections=2)
         first = await _open(addr, "127.0.0.2")
         second = await _open(addr, "127.0.0.3")
-        await wait_until(lambda: manager.open_connections == 2)
+        assert await _answered(*first) and await _answered(*second)  # not evictable
         refused_r, refused_w = await _open(addr, "127.0.0.4")
         await _closed_by_peer(refused_r)
         assert manager.stats.refused == {"total": 1}
@@ -127,6 +127,60 @@ def test_total_limit_counts_every_source(arun: Runner) -> None:
         assert await _answered(*again)
         for _, writer in (second, again, (refused_r, refused_w)):
             writer.close()
+        await manager.close()
+
+    arun(scenario())
+
+
+def test_at_the_limit_a_new_source_evicts_the_oldest_connection_that_sent_no_message(arun: Runner) -> None:
+    """Red team, 2026-12-02: connections that only pinged held every slot.  At max_connections
+    a source that has no connection takes the slot of the oldest one that has sent no SIP
+    message (pings do not count), never of one that has; a source that has one is refused."""
+
+    async def scenario() -> None:
+        manager, addr = await _server(max_connections=3)
+        talker = await _open(addr, "127.0.0.2")
+        assert await _answered(*talker)
+        pinger_r, pinger_w = await _open(addr, "127.0.0.3")
+        pinger_w.write(b"\r\n\r\n")
+        assert await asyncio.wait_for(pinger_r.readexactly(2), 3) == b"\r\n"
+        silent_r, silent_w = await _open(addr, "127.0.0.3")
+        await wait_until(lambda: manager.open_connections == 3)
+        same_r, same_w = await _open(addr, "127.0.0.3")  # its source has connections: refused
+        await _closed_by_peer(same_r)
+        assert manager.stats.refused == {"total": 1}
+        newcomer = await _open(addr, "127.0.0.4")
+        await _closed_by_peer(pinger_r)  # the oldest quiet one
+        assert await _answered(*newcomer)
+        late = await _open(addr, "127.0.0.5")
+        await _closed_by_peer(silent_r)  # then the next; the talker and newcomer spoke
+        assert await _answered(*late)
+        assert manager.stats.refused == {"total": 1, "evicted": 2}
+        refused = await _open(addr, "127.0.0.6")  # every slot holds a connection that spoke
+        await _closed_by_peer(refused[0])
+        assert manager.stats.refused == {"total": 2, "evicted": 2}
+        assert await _answered(*talker) and manager.open_connections == 3
+        for writer in (talker[1], pinger_w, silent_w, same_w, newcomer[1], late[1], refused[1]):
+            writer.close()
+        await manager.close()
+
+    arun(scenario())
+
+
+def test_at_the_limit_a_websocket_that_sent_no_message_is_evicted(arun: Runner) -> None:
+    async def scenario() -> None:
+        manager, url, server = await _ws_server(max_connections=2)
+        quiet = await connect(url, subprotocols=["sip"], local_addr=("127.0.0.2", 0))  # type: ignore[list-item]
+        talker = await connect(url, subprotocols=["sip"], local_addr=("127.0.0.3", 0))  # type: ignore[list-item]
+        await talker.send("OPTIONS sip:x SIP/2.0\r\n\r\n")  # a (bad) SIP message: it spoke
+        await wait_until(lambda: manager.stats.parse_errors != {})
+        assert await _ws_status(url, None, "127.0.0.4") == 101
+        await wait_until(lambda: manager.stats.refused == {"evicted": 1})
+        await asyncio.wait_for(quiet.wait_closed(), 3)
+        await talker.send("\r\n\r\n")
+        assert await asyncio.wait_for(talker.recv(), 2) == "\r\n"
+        await talker.close()
+        server.close()  # type: ignore[attr-defined]
         await manager.close()
 
     arun(scenario())
