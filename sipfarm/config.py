@@ -470,7 +470,8 @@ class BalancerConfig:
     # closed at accept, before its TLS handshake, and a WebSocket upgrade is answered 503.
     # 64 lets an office of phones behind one NAT address connect. A TLS handshake must finish
     # within handshake_timeout seconds, and so must a WebSocket's HTTP upgrade (wss: each);
-    # a connection must then send its first byte within first_message_timeout seconds, and
+    # a connection must then start its first SIP message within first_message_timeout seconds
+    # (CRLFCRLF keep-alives do not count; a WebSocket has no such timeout), and
     # every message must be complete message_timeout seconds after its first byte (a slow,
     # drip-feeding sender is closed). Counted in sipfarm_balancer_connections_refused_total.
     max_connections: int = 10_000

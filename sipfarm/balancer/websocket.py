@@ -18,6 +18,10 @@ answered 403, so a page elsewhere cannot use a visitor's browser against the far
 no Origin and are served unless ``require_origin``.  Refusals are counted by reason in the
 transport's ``refused`` stats (per_source, total, origin, handshake_timeout).  A source the
 manager's ``allow_source`` refuses (the balancer's allow and deny lists) is closed at accept.
+
+Keep-alives: CRLF messages (RFC 5626 3.5.1 over RFC 7118 6) and RFC 6455 pings together are
+bounded per connection as on TCP (``ping_limit`` per ``ping_window``, :class:`PingLimit`);
+over it the connection is closed as abuse (``ping_flood``).
 """
 
 from __future__ import annotations
@@ -31,11 +35,14 @@ from typing import Any, cast
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
+from websockets.protocol import Event
 
 from sipfarm.balancer.origins import OriginPolicy
 from sipfarm.sip.address import Address
 from sipfarm.transport.manager import REFUSED_SOURCE, TransportManager
+from sipfarm.transport.stream import PingLimit
 
 log = logging.getLogger("sipfarm.transport.ws")
 
@@ -58,6 +65,7 @@ class AdmittedConnection(ServerConnection):
         self.open_timeout = open_timeout
         self.refused: str | None = None  # the limit it is over: answered 503 at the upgrade
         self.accepted_at = 0.0
+        self.pings = PingLimit(manager.config.ping_limit, manager.config.ping_window)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -76,6 +84,15 @@ class AdmittedConnection(ServerConnection):
         transport = self.transport
         if transport is not None and transport.get_write_buffer_size() > self.manager.config.write_buffer_limit:
             abort_for_abuse(self.manager, transport, "slow_reader")
+
+    def process_event(self, event: Event) -> None:
+        super().process_event(event)
+        # an RFC 6455 ping: the library has answered it already (in data_received), but a peer
+        # that floods them is closed before the next read (abort drops the pongs unsent)
+        if isinstance(event, Frame) and event.opcode is Opcode.PING and self.pings.over(self.loop.time()):
+            transport = self.transport
+            if transport is not None:
+                abort_for_abuse(self.manager, transport, "ping_flood")
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -189,10 +206,19 @@ async def listen_websocket(
         if connection.subprotocol != "sip":
             log.debug("event=ws_without_sip_subprotocol remote=%s", remote)
         flow = WebSocketFlow(connection, remote, manager)
+        config = manager.config
+        pings = (
+            connection.pings
+            if isinstance(connection, AdmittedConnection)
+            else PingLimit(config.ping_limit, config.ping_window)
+        )
         if not manager.adopt_flow(remote, flow, connection):
             flow._closing = True
             await connection.close(1013, "too many connections")
             return
+        quiet = True  # no SIP message yet: evictable at max_connections (TransportManager.quiet)
+        ws_transport = connection.transport
+        manager.quiet(connection, ws_transport.abort)
         try:
             async for message in connection:
                 data = message.encode("utf-8") if isinstance(message, str) else bytes(message)
@@ -200,11 +226,17 @@ async def listen_websocket(
                     # RFC 5626 3.5.1 CRLF keep-alive, usable over WebSocket (RFC 7118 6): a
                     # double-CRLF ping is answered with a CRLF pong, and no SIP parse is tried
                     manager.stats.keepalive_pings += 1
+                    if pings.over(connection.loop.time()):
+                        abort_for_abuse(manager, connection.transport, "ping_flood")
+                        break
                     if data.startswith(b"\r\n\r\n"):
                         flow.write(b"\r\n")
                     if manager.on_keepalive is not None:
                         manager.on_keepalive(remote)
                     continue
+                if quiet:
+                    quiet = False
+                    manager.spoke(connection)
                 manager.deliver(data, remote, local)
         except ConnectionClosed:
             pass

@@ -459,6 +459,15 @@ class StreamFramer:
     def buffered(self) -> int:
         return len(self._buf)
 
+    @property
+    def in_message(self) -> bool:
+        """Whether part of a message is buffered, not only the start of a keep-alive (a lone
+        CR, CRLF or CRLFCR).  Meaningful after ``next_event`` returned None."""
+        buf = self._buf
+        if self._need >= 0:
+            return True
+        return len(buf) > 0 and not (len(buf) < 4 and buf == b"\r\n\r"[: len(buf)])
+
     def receive_data(self, data: bytes) -> None:
         self._buf += data
 

@@ -24,10 +24,16 @@ class TransportConfig:
     # A stream message must be complete this long after its first byte arrived; a peer that
     # stalls (or drips, slowloris-style) mid-message is closed.
     message_timeout: float = 10.0
-    # An inbound stream connection must send its first byte (a message or a CRLFCRLF ping)
+    # An inbound stream connection must start its first message (CRLFCRLF pings do not count)
     # this long after it was accepted (TCP) or its TLS handshake completed; a silent one is
     # closed and counted (``refused["silent"]``) instead of holding a slot for idle_timeout.
     first_message_timeout: float = 10.0
+    # RFC 5626 4.4.1 keep-alives come one at a time, every 25-120 s: more than ``ping_limit``
+    # pings within ``ping_window`` seconds on one connection (CRLFCRLF on TCP/TLS, CRLF
+    # messages and RFC 6455 pings on WebSocket) close it as abuse (``abuse["ping_flood"]``).
+    # Red team, 2026-12-02: 0.8 MB/s of pings on one connection took half a core.
+    ping_limit: int = 10
+    ping_window: float = 10.0
     connect_timeout: float = 5.0
     # The TLS handshake of an inbound or outbound connection (counted as ``handshake_timeout``
     # when an inbound one does not finish in time), and the HTTP upgrade of a WebSocket

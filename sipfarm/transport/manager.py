@@ -31,6 +31,10 @@ so a connection closed in any way frees its slot exactly once).  A TLS listener 
 accept loop (``_accept_tls``): a source over its limit is closed before its handshake costs
 anything, and the handshake (``connect_accepted_socket``, bounded by
 ``tls_handshake_timeout``) holds its slot; one that fails or does not finish is counted.
+At ``max_connections``, a connection from a source that has none evicts the oldest
+established inbound connection that has not sent a SIP message yet (``quiet``/``spoke``;
+counted as refused ``evicted``), so connections that only ping or say nothing cannot keep
+new sources out; a connection that carried a message is never evicted.
 
 Responses: ``send(data, dest, connect=False)``.  An element never opens a connection to send a
 response: it goes over the flow its request came in on, and when that flow is gone the
@@ -163,6 +167,9 @@ class TransportManager:
         # every open connection (the flow or WebSocket object) -> its source host, "" outbound
         self._open: dict[object, str] = {}
         self._per_source: dict[str, int] = {}
+        # established inbound connections that have sent no SIP message yet, oldest first,
+        # with how to close one: what a new source may evict at max_connections
+        self._quiet: dict[object, Callable[[], None]] = {}
         self._closed = False
         self._last_error_log = -_LOG_INTERVAL
         self._suppressed_logs = 0
@@ -540,7 +547,7 @@ class TransportManager:
             self.stats.connections_refused += 1
             return REFUSED_SOURCE
         reason: str | None = None
-        if self._closed or len(self._open) >= self.config.max_connections:
+        if self._closed or (len(self._open) >= self.config.max_connections and not self._evict_for(host)):
             reason = "total"
         else:
             limit = self.config.max_connections_per_source
@@ -559,8 +566,31 @@ class TransportManager:
         self._per_source[key] = self._per_source.get(key, 0) + 1
         return None
 
+    def quiet(self, connection: object, close: Callable[[], None]) -> None:
+        """An admitted inbound connection is established and has sent no SIP message yet:
+        ``close()`` may evict it for a new source at ``max_connections``."""
+        if connection in self._open:
+            self._quiet[connection] = close
+
+    def spoke(self, connection: object) -> None:
+        """The connection started a SIP message: never evicted."""
+        self._quiet.pop(connection, None)
+
+    def _evict_for(self, host: str) -> bool:
+        """At max_connections: make room for ``host`` if it has no connection, by closing the
+        oldest quiet one (True when done)."""
+        if not self._quiet or self._per_source.get(source_key(host), 0):
+            return False
+        victim, close = next(iter(self._quiet.items()))
+        self.release(victim)
+        self.count_refused("evicted")
+        logger.debug("event=connection_evicted for_source=%s", host)
+        close()
+        return True
+
     def release(self, connection: object) -> None:
         """The connection ``admit`` counted is gone (idempotent)."""
+        self._quiet.pop(connection, None)
         key = self._open.pop(connection, None)
         if not key:
             return

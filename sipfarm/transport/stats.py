@@ -27,20 +27,21 @@ class TransportStats:
     dropped: int = 0  # outbound messages not sent: no route, buffer full, connect failed
     no_flow: int = 0  # subset: sent with connect=False (responses) and no open connection
     send_errors: int = 0  # errors the OS reported on sending (ICMP unreachable, ...)
-    keepalive_pings: int = 0  # RFC 5626 CRLFCRLF on streams (answered), CRLF and STUN on UDP
+    keepalive_pings: int = 0  # RFC 5626 CRLFCRLF on streams (one pong a read), CRLF and STUN on UDP
     stun_answered: int = 0  # subset: STUN Binding requests answered on UDP (RFC 5626 4.4.2)
     stun_dropped: dict[str, int] = field(default_factory=dict)  # other STUN-shaped datagrams, by reason
     connections_opened: int = 0  # inbound and outbound, once established
     connections_closed: int = 0  # every close of an established connection, for any reason
-    connections_closed_abuse: int = 0  # subset: framing error, oversize, stalled, slow reader
+    connections_closed_abuse: int = 0  # subset: framing error, oversize, stalled, slow reader, ping flood
     abuse: dict[str, int] = field(default_factory=dict)  # the same, by reason
     connections_idle_closed: int = 0  # subset: idle timeout
     connections_refused: int = 0  # over max_connections (inbound or outbound) or a per-source limit
     # inbound connections refused, or closed before their first message, by reason: total
     # and per_source (the limits; also in connections_refused), origin (a WebSocket Origin
     # not allowed, answered 403), handshake_timeout (TLS handshake or WebSocket upgrade not
-    # completed in time), handshake_failed (a TLS error), silent (no byte within
-    # first_message_timeout)
+    # completed in time), handshake_failed (a TLS error), silent (no message within
+    # first_message_timeout), evicted (no message yet, closed for a new source at
+    # max_connections)
     refused: dict[str, int] = field(default_factory=dict)
     connect_failures: int = 0  # outbound connect / TLS handshake failures and timeouts
 

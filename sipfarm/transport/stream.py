@@ -4,11 +4,15 @@ Theory of operation
 -------------------
 A flow cuts messages out of the byte stream with the sans-IO :class:`StreamFramer`
 (Content-Length framing, RFC 3261 18.3) and hands each one to the manager inline from
-``data_received``.  RFC 5626 3.5.1 CRLFCRLF pings are answered with a CRLF pong.
+``data_received``.  RFC 5626 3.5.1 CRLFCRLF pings are answered with a CRLF pong: one pong
+for all the pings of one read (a client sends one ping and waits for its pong, 4.4.1), and
+more than ``ping_limit`` pings in ``ping_window`` close the flow as abuse (``ping_flood``).
 
 Bounds, each enforced here and counted in :class:`TransportStats`:
 
 * the framer's buffer never exceeds the maximum message size (plus one read);
+* keep-alive pings are bounded in rate (``PingLimit``), so a flood of them costs one pong
+  per read and the flow is closed within a read or two;
 * a message must be complete ``message_timeout`` after its first byte (a stalled or dripping
   peer is closed), and a flow without traffic for ``idle_timeout`` is closed -- unless it is
   *held* (``hold``): the connection of a registered phone stays open for its registration's
@@ -17,8 +21,10 @@ Bounds, each enforced here and counted in :class:`TransportStats`:
 * unsent data to a peer that does not read: above ``write_buffer_high`` we stop reading from
   it, above ``write_buffer_limit`` we close it;
 * data for an outbound flow still connecting is queued up to ``connect_queue_limit``;
-* an inbound flow that sends nothing at all for ``first_message_timeout`` after it is
-  accepted (TLS: after its handshake) is closed, counted as ``silent``.
+* an inbound flow that sends no message (keep-alive pings do not count) for
+  ``first_message_timeout`` after it is accepted (TLS: after its handshake) is closed,
+  counted as ``silent``; the first byte of a message is enough (then ``message_timeout``
+  bounds the rest).
 
 A framing error (garbage, missing or bad Content-Length, oversize) leaves the stream with no
 known message boundary, so the flow is closed; other flows are not affected.  Timers are lazy:
@@ -42,6 +48,28 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PONG = b"\r\n"  # RFC 5626 3.5.1
+
+
+class PingLimit:
+    """At most ``limit`` keep-alive pings on one connection per ``window`` seconds (fixed
+    windows: a burst across a window's end may reach twice ``limit``, still far above the one
+    ping per 25-120 s of RFC 5626 4.4.1).  Shared by the stream and WebSocket transports."""
+
+    __slots__ = ("_count", "_start", "limit", "window")
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit = limit
+        self.window = window
+        self._start = -float("inf")
+        self._count = 0
+
+    def over(self, now: float) -> bool:
+        """Count one ping received at ``now`` (loop time); True when it is over the limit."""
+        if now - self._start >= self.window:
+            self._start = now
+            self._count = 0
+        self._count += 1
+        return self._count > self.limit
 
 
 class StreamFlow(asyncio.Protocol):
@@ -69,6 +97,7 @@ class StreamFlow(asyncio.Protocol):
         self._timer_at = 0.0
         self._hold_until = 0.0  # loop time: not closed for idleness before it
         self._silent_until = 0.0  # loop time an inbound flow must have spoken by (0: it has)
+        self._pings = PingLimit(self._config.ping_limit, self._config.ping_window)
 
     def __repr__(self) -> str:
         return f"<StreamFlow {self.remote} local={self.local}>"
@@ -102,6 +131,7 @@ class StreamFlow(asyncio.Protocol):
         if not self.outbound:
             self._silent_until = now + self._config.first_message_timeout
             self._arm(self._silent_until)
+            self._manager.quiet(self, self._evict)
         self._arm(now + self._config.idle_timeout)
         if self._pending:
             pending, self._pending, self._pending_size = self._pending, [], 0
@@ -114,10 +144,10 @@ class StreamFlow(asyncio.Protocol):
             return
         now = self._loop.time()
         self._last_activity = now
-        self._silent_until = 0.0
         framer = self._framer
         framer.receive_data(data)
         delivered = False
+        ponged = False
         remote = cast(Address, self.remote)
         while True:
             try:
@@ -131,13 +161,25 @@ class StreamFlow(asyncio.Protocol):
                 break
             if event is StreamFramer.PING:
                 self._stats.keepalive_pings += 1
-                self.write(PONG)
+                if self._pings.over(now):
+                    self.abort_for_abuse("ping_flood", "more than ping_limit pings in ping_window")
+                    return
+                if not ponged:  # one pong answers every ping of this read
+                    ponged = True
+                    self.write(PONG)
                 continue
             delivered = True
             self._deliver(event, remote, self.local)
             if self.closing:  # the callback closed us
                 return
-        if framer.buffered:
+        # A ping is no first message: the deadline holds until a message starts (a flow that
+        # only pings held a slot for idle_timeout, red team 2026-12-02).  A partial ping is
+        # no message either: it does not start the message timeout.
+        in_message = framer.in_message
+        if (delivered or in_message) and self._silent_until:
+            self._silent_until = 0.0
+            self._manager.spoke(self)
+        if in_message:
             if delivered or self._message_start is None:
                 self._message_start = now
                 self._arm(now + self._config.message_timeout)
@@ -212,6 +254,14 @@ class StreamFlow(asyncio.Protocol):
         self._closing = True
         if self._transport is not None:
             self._transport.abort()  # nothing owed to an abusive peer: do not flush
+
+    def _evict(self) -> None:
+        """Closed to make room for a new source at max_connections (``TransportManager.quiet``)."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._transport is not None:
+            self._transport.abort()
 
     def connect_failed(self) -> None:
         """The outbound connection could not be set up: drop what was queued."""

@@ -721,6 +721,24 @@ def test_framer_ping() -> None:
     assert framer.next_event() == invite()
 
 
+def test_framer_in_message_is_false_for_keepalives_only() -> None:
+    """What the stream transport's first-message deadline and message timeout go by: pings
+    and the start of one are no message; any other byte is."""
+    framer = StreamFramer()
+    for chunk in (b"\r", b"\n", b"\r", b"\n"):
+        framer.receive_data(chunk)
+        while framer.next_event() is not None:
+            pass
+        assert not framer.in_message
+    assert framer.buffered == 0
+    framer.receive_data(b"\r\n\r\n\r\nI")
+    while framer.next_event() is not None:
+        pass
+    assert framer.in_message
+    framer.receive_data(invite()[1:50])
+    assert framer.next_event() is None and framer.in_message
+
+
 def test_framer_missing_content_length_is_400() -> None:
     framer = StreamFramer()
     framer.receive_data(invite().replace(b"Content-Length: %d\r\n" % len(SDP), b""))

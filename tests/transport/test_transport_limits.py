@@ -117,7 +117,7 @@ def test_total_limit_counts_every_source(arun: Runner) -> None:
         manager, addr = await _server(max_connections=2)
         first = await _open(addr, "127.0.0.2")
         second = await _open(addr, "127.0.0.3")
-        await wait_until(lambda: manager.open_connections == 2)
+        assert await _answered(*first) and await _answered(*second)  # not evictable
         refused_r, refused_w = await _open(addr, "127.0.0.4")
         await _closed_by_peer(refused_r)
         assert manager.stats.refused == {"total": 1}
@@ -132,12 +132,65 @@ def test_total_limit_counts_every_source(arun: Runner) -> None:
     arun(scenario())
 
 
+def test_at_the_limit_a_new_source_evicts_the_oldest_connection_that_sent_no_message(arun: Runner) -> None:
+    """Red team, 2026-12-02: connections that only pinged held every slot.  At max_connections
+    a source that has no connection takes the slot of the oldest one that has sent no SIP
+    message (pings do not count), never of one that has; a source that has one is refused."""
+
+    async def scenario() -> None:
+        manager, addr = await _server(max_connections=3)
+        talker = await _open(addr, "127.0.0.2")
+        assert await _answered(*talker)
+        pinger_r, pinger_w = await _open(addr, "127.0.0.3")
+        pinger_w.write(b"\r\n\r\n")
+        assert await asyncio.wait_for(pinger_r.readexactly(2), 3) == b"\r\n"
+        silent_r, silent_w = await _open(addr, "127.0.0.3")
+        await wait_until(lambda: manager.open_connections == 3)
+        same_r, same_w = await _open(addr, "127.0.0.3")  # its source has connections: refused
+        await _closed_by_peer(same_r)
+        assert manager.stats.refused == {"total": 1}
+        newcomer = await _open(addr, "127.0.0.4")
+        await _closed_by_peer(pinger_r)  # the oldest quiet one
+        assert await _answered(*newcomer)
+        late = await _open(addr, "127.0.0.5")
+        await _closed_by_peer(silent_r)  # then the next; the talker and newcomer spoke
+        assert await _answered(*late)
+        assert manager.stats.refused == {"total": 1, "evicted": 2}
+        refused = await _open(addr, "127.0.0.6")  # every slot holds a connection that spoke
+        await _closed_by_peer(refused[0])
+        assert manager.stats.refused == {"total": 2, "evicted": 2}
+        assert await _answered(*talker) and manager.open_connections == 3
+        for writer in (talker[1], pinger_w, silent_w, same_w, newcomer[1], late[1], refused[1]):
+            writer.close()
+        await manager.close()
+
+    arun(scenario())
+
+
+def test_at_the_limit_a_websocket_that_sent_no_message_is_evicted(arun: Runner) -> None:
+    async def scenario() -> None:
+        manager, url, server = await _ws_server(max_connections=2)
+        quiet = await connect(url, subprotocols=["sip"], local_addr=("127.0.0.2", 0))  # type: ignore[list-item]
+        talker = await connect(url, subprotocols=["sip"], local_addr=("127.0.0.3", 0))  # type: ignore[list-item]
+        await talker.send("OPTIONS sip:x SIP/2.0\r\n\r\n")  # a (bad) SIP message: it spoke
+        await wait_until(lambda: manager.stats.parse_errors != {})
+        assert await _ws_status(url, None, "127.0.0.4") == 101
+        await wait_until(lambda: manager.stats.refused == {"evicted": 1})
+        await asyncio.wait_for(quiet.wait_closed(), 3)
+        await talker.send("\r\n\r\n")
+        assert await asyncio.wait_for(talker.recv(), 2) == "\r\n"
+        await talker.close()
+        server.close()  # type: ignore[attr-defined]
+        await manager.close()
+
+    arun(scenario())
+
+
 def test_silent_connection_is_closed_after_the_first_message_timeout(arun: Runner) -> None:
     async def scenario() -> None:
         manager, addr = await _server(first_message_timeout=0.3)
         talker_r, talker_w = await _open(addr, "127.0.0.3")
-        talker_w.write(b"\r\n\r\n")  # any first byte will do: a keep-alive ping
-        assert await asyncio.wait_for(talker_r.readexactly(2), 3) == b"\r\n"
+        assert await _answered(talker_r, talker_w)
         silent_r, silent_w = await _open(addr, "127.0.0.2")
         took = await _closed_by_peer(silent_r)
         assert 0.2 < took < 2.0
@@ -145,6 +198,40 @@ def test_silent_connection_is_closed_after_the_first_message_timeout(arun: Runne
         assert manager.stats.connections_idle_closed == 0
         assert await _answered(talker_r, talker_w)  # the one that spoke stays open
         for writer in (talker_w, silent_w):
+            writer.close()
+        await manager.close()
+
+    arun(scenario())
+
+
+def test_a_connection_that_only_pings_is_closed_after_the_first_message_timeout(arun: Runner) -> None:
+    """A ping is no first message (red team, 2026-12-02: 160 sources x 63 connections each
+    sent one CRLFCRLF and held every slot for the idle timeout).  Its pings are answered until
+    then; a connection that starts a message in time stays, and so does its flow after it."""
+
+    async def scenario() -> None:
+        manager, addr = await _server(first_message_timeout=0.3, message_timeout=5.0)
+        pinger_r, pinger_w = await _open(addr, "127.0.0.2")
+        starter_r, starter_w = await _open(addr, "127.0.0.3")
+        request = sip_request(via=TCP_VIA)
+        starter_w.write(b"\r\n\r\n" + request[:20])  # a ping, then the start of a message
+        assert await asyncio.wait_for(starter_r.readexactly(2), 3) == b"\r\n"
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while loop.time() - start < 0.6:  # pings every 0.1 s, past the deadline
+            try:
+                pinger_w.write(b"\r\n\r\n")
+                assert await asyncio.wait_for(pinger_r.readexactly(2), 3) == b"\r\n"
+            except (asyncio.IncompleteReadError, ConnectionResetError):
+                break
+            await asyncio.sleep(0.1)
+        took = await _closed_by_peer(pinger_r)
+        assert 0.2 < loop.time() - start < 2.0 and took < 2.0
+        assert manager.stats.refused == {"silent": 1}
+        assert manager.stats.abuse == {}
+        starter_w.write(request[20:])
+        assert parse_message(await read_message(starter_r)).status == 200
+        for writer in (pinger_w, starter_w):
             writer.close()
         await manager.close()
 

@@ -91,6 +91,79 @@ def test_crlfcrlf_ping_gets_a_crlf_pong(arun: Runner) -> None:
     arun(scenario())
 
 
+async def _read_until_closed(reader: asyncio.StreamReader, timeout: float = 3.0) -> bytes:
+    """Everything the peer sent until it closed the connection."""
+    received = b""
+    try:
+        while chunk := await asyncio.wait_for(reader.read(65536), timeout):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    return received
+
+
+def test_a_flood_of_pings_gets_one_pong_a_read_and_is_closed_as_abuse(arun: Runner) -> None:
+    """Red team, 2026-12-02: 0.8 MB/s of CRLFCRLF on one connection, one pong each, took half
+    a core from the balancer.  A read of many pings gets one pong; over ``ping_limit`` pings
+    in ``ping_window`` the flow is closed and counted; other flows are not affected."""
+
+    async def scenario() -> None:
+        manager, addr = await _uas_on_tcp(Uas())
+        other_r, other_w = await _connect(addr)
+        reader, writer = await _connect(addr)
+        writer.write(b"\r\n\r\n" * 1000)
+        pongs = await _read_until_closed(reader)
+        assert pongs == b"\r\n" * (len(pongs) // 2) and 0 < len(pongs) <= 3 * 2
+        assert manager.stats.abuse == {"ping_flood": 1}
+        assert manager.stats.connections_closed_abuse == 1
+        assert manager.stats.keepalive_pings <= manager.config.ping_limit + 1
+        other_w.write(sip_request(via=TCP_VIA))
+        assert parse_message(await read_message(other_r)).status == 200
+        for w in (writer, other_w):
+            w.close()
+        await manager.close()
+
+    arun(scenario())
+
+
+def test_a_client_pinging_at_its_pace_gets_every_pong_and_stays(arun: Runner) -> None:
+    """RFC 5626 4.4.1: one ping at a time, each answered (here 2 per 0.5 s window, limit 3)."""
+
+    async def scenario() -> None:
+        manager, addr = await _uas_on_tcp(Uas(), ping_limit=3, ping_window=0.5)
+        reader, writer = await _connect(addr)
+        for _ in range(8):
+            writer.write(b"\r\n\r\n")
+            assert await asyncio.wait_for(reader.readexactly(2), 3) == b"\r\n"
+            await asyncio.sleep(0.25)
+        writer.write(sip_request(via=TCP_VIA))
+        assert parse_message(await read_message(reader)).status == 200
+        assert manager.stats.keepalive_pings == 8
+        assert manager.stats.abuse == {}
+        writer.close()
+        await manager.close()
+
+    arun(scenario())
+
+
+def test_pings_over_the_limit_one_read_at_a_time_close_the_flow(arun: Runner) -> None:
+    """The limit counts pings, not reads: one ping a write, faster than ping_limit allows."""
+
+    async def scenario() -> None:
+        manager, addr = await _uas_on_tcp(Uas(), ping_limit=3, ping_window=5.0)
+        reader, writer = await _connect(addr)
+        for _ in range(3):
+            writer.write(b"\r\n\r\n")
+            assert await asyncio.wait_for(reader.readexactly(2), 3) == b"\r\n"
+        writer.write(b"\r\n\r\n")
+        assert await _read_until_closed(reader) == b""
+        assert manager.stats.abuse == {"ping_flood": 1}
+        writer.close()
+        await manager.close()
+
+    arun(scenario())
+
+
 def test_garbage_and_oversize_connections_are_closed_others_keep_working(arun: Runner) -> None:
     async def scenario() -> None:
         uas = Uas()

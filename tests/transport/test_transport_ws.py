@@ -93,7 +93,8 @@ def test_a_peer_that_pings_and_never_reads_is_closed_at_the_byte_limit(arun: Run
     reads must not have them pile up in the balancer's memory (red team, 2026-12-02: 150 MB of
     pings took a balancer from 32 to 279 MB). Over ``write_buffer_limit`` it is closed, counted
     as a TCP peer that does not read."""
-    config = TransportConfig(write_buffer_high=16 * 1024, write_buffer_limit=64 * 1024)
+    # no ping limit here: this is about the bytes (a ping flood is closed sooner, see below)
+    config = TransportConfig(write_buffer_high=16 * 1024, write_buffer_limit=64 * 1024, ping_limit=10**9)
 
     async def scenario() -> None:
         manager = TransportManager(lambda msg, source, local: None, config=config)
@@ -197,6 +198,78 @@ def test_a_crlf_keepalive_gets_its_pong_and_is_no_parse_error(arun: Runner) -> N
         await wait_until(lambda: manager.stats.parse_errors != {})
         assert manager.stats.keepalive_pings == 4 and manager.stats.parse_errors == {"bad_message": 1}
         assert len(heard) == 4 and {a.transport for a in heard} == {"ws"}
+        await client.close()
+        server.close()
+        await manager.close()
+
+    arun(scenario())
+
+
+def _flood(port: int, frame: bytes, count: int) -> bytes:
+    """Send ``count`` copies of ``frame`` in one write after the upgrade; what came back
+    before the balancer closed the connection."""
+    sock = _upgrade(port)
+    received = b""
+    try:
+        sock.sendall(frame * count)
+        sock.settimeout(5)
+        while chunk := sock.recv(65536):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    finally:
+        sock.close()
+    return received
+
+
+@pytest.mark.parametrize(("kind", "opcode", "payload"), [("crlf", 0x1, b"\r\n\r\n"), ("rfc6455", 0x9, b"p")])
+def test_a_flood_of_pings_is_closed_as_abuse(arun: Runner, kind: str, opcode: int, payload: bytes) -> None:
+    """CRLF keep-alives (RFC 7118 6) and RFC 6455 pings are bounded as on TCP: over
+    ``ping_limit`` in ``ping_window`` the connection is closed and counted (red team,
+    2026-12-02: a ping flood on one connection took half a core)."""
+
+    async def scenario() -> None:
+        manager = TransportManager(lambda msg, source, local: None, config=TransportConfig())
+        bound, server = await listen_websocket(manager, Address("ws", "127.0.0.1", 0), None)
+        client = await connect(f"ws://127.0.0.1:{bound.port}", subprotocols=["sip"])  # type: ignore[list-item]
+        await client.send("\r\n\r\n")  # another client, pinging as it should
+        assert await asyncio.wait_for(client.recv(), 2) == "\r\n"
+        answers = await asyncio.to_thread(_flood, bound.port, _masked(opcode, payload), 1000)
+        if kind == "crlf":
+            assert len(answers) <= 3 * (manager.config.ping_limit + 1)  # a pong (3 bytes) each at most
+        else:
+            # the library answers RFC 6455 pings as it reads them (a read's worth here), then
+            # the connection is closed before its next read
+            assert len(answers) <= 3 * 1000
+        await wait_until(lambda: manager.stats.abuse == {"ping_flood": 1})
+        assert manager.stats.connections_closed_abuse == 1
+        if kind == "crlf":
+            assert manager.stats.keepalive_pings == 1 + manager.config.ping_limit + 1
+        await client.send("\r\n\r\n")  # the other connection is not affected
+        assert await asyncio.wait_for(client.recv(), 2) == "\r\n"
+        await client.close()
+        server.close()
+        await manager.close()
+
+    arun(scenario())
+
+
+def test_a_client_pinging_at_its_pace_is_answered_and_stays(arun: Runner) -> None:
+    """CRLF and RFC 6455 pings one at a time, 2 in each 0.5 s window with a limit of 3."""
+
+    async def scenario() -> None:
+        config = TransportConfig(ping_limit=3, ping_window=0.5)
+        manager = TransportManager(lambda msg, source, local: None, config=config)
+        bound, server = await listen_websocket(manager, Address("ws", "127.0.0.1", 0), None)
+        client = await connect(f"ws://127.0.0.1:{bound.port}", subprotocols=["sip"])  # type: ignore[list-item]
+        for i in range(8):
+            if i % 2:
+                await asyncio.wait_for(await client.ping(), 2)
+            else:
+                await client.send("\r\n\r\n")
+                assert await asyncio.wait_for(client.recv(), 2) == "\r\n"
+            await asyncio.sleep(0.25)
+        assert manager.stats.abuse == {} and manager.stats.keepalive_pings == 4
         await client.close()
         server.close()
         await manager.close()
