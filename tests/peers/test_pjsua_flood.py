@@ -3,12 +3,14 @@
 The farm is made small on purpose where a cgroup v1 CPU quota can be set (root): its node gets
 a tenth of a core. Its capacity is measured first, without overloading it: SIPp (from the
 exempt 127.0.0.1) registers at a modest rate, and the node's CPU per registration gives the
-registrations per second its quota allows. SIPp then floods REGISTERs and OPTIONS (two
-processes, 2,000 requests/s each: at least ten times that capacity, checked from the
+registrations per second its quota allows. SIPp then floods REGISTERs over TCP and OPTIONS over
+UDP (two processes, 2,000 requests/s each: at least ten times that capacity, checked from the
 balancer's own counts, and two hundred times the per-source REGISTER budget) from 127.0.0.2 for
-20 s, through the balancer every phone uses. Meanwhile two pjsua2 softphones, alice on 127.0.0.3
-and bob on 127.0.0.4 (other loopback "hosts": not exempt from the limits, unlike the default
-loopback), register, alice refreshes her registration every second, and alice calls bob:
+20 s (over TCP: only a connection proves its source address, so only its excess bans; once
+banned, the source's UDP is dropped too), through the balancer every phone uses. Meanwhile two
+pjsua2 softphones, alice on 127.0.0.3 and bob on 127.0.0.4 (other loopback "hosts": not exempt
+from the limits, unlike the default loopback), register, alice refreshes her registration
+every second, and alice calls bob:
 
 * the flooder is banned within 2 s of the flood's start (the ban in Redis, with the balancer's
   reason; the balancer counts the rate excess and the banned datagrams it dropped);
@@ -119,10 +121,11 @@ def farm_capacity(farm: FloodFarm, tmp_path: Path, cores: float) -> float:
 def flood(farm: FloodFarm, tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
     procs = []
     try:
-        for scenario in (REGISTER_FLOOD, OPTIONS_FLOOD):
+        for scenario, transport in ((REGISTER_FLOOD, "t1"), (OPTIONS_FLOOD, "u1")):
             argv = [
                 find_sipp(None), f"127.0.0.1:{farm.balancer.port}", "-sf", str(scenario), "-i", FLOODER,
-                "-p", "0", "-set", "domain", DOMAIN, "-r", str(FLOOD_RATE), "-m", str(int(FLOOD_RATE * FLOOD_S)),
+                "-t", transport, "-p", "0", "-set", "domain", DOMAIN, "-r", str(FLOOD_RATE),
+                "-m", str(int(FLOOD_RATE * FLOOD_S)),
                 "-l", "2000", "-recv_timeout", "300", "-timeout", str(int(FLOOD_S) + 5), "-nostdin",
             ]  # fmt: skip
             procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path))
