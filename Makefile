@@ -4,10 +4,10 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 APT_PACKAGES := redis-server sip-tester kamailio kamailio-redis-modules openssl iproute2 util-linux \
-	baresip-core chromium rtpengine-daemon slapd ldap-utils libldap-dev libsasl2-dev
+	baresip-core chromium rtpengine-daemon slapd ldap-utils libldap-dev libsasl2-dev twinkle-console linphone-cli
 # Commands (or files: the LDAP headers the bonsai client builds against) that tell us whether
 # each package above is there.
-APT_PROBES := redis-server sipp kamailio openssl ip unshare baresip chromium rtpengine slapd ldapadd \
+APT_PROBES := redis-server sipp kamailio openssl ip unshare baresip chromium rtpengine slapd ldapadd twinkle linphonec \
 	/usr/include/ldap.h /usr/include/sasl/sasl.h
 # Node.js and npm install JsSIP for the web phone tests (tests/browser); installed apart so that a
 # machine with Node.js from elsewhere (NodeSource) keeps it.

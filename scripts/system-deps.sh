@@ -17,7 +17,7 @@ echo "sipfarm: missing commands: ${missing[*]}; installing: ${pkgs[*]}"
 if ! command -v apt-get >/dev/null 2>&1; then
   echo "sipfarm: apt-get is not available. Install these yourself, then run make again:" >&2
   echo "  redis-server, SIPp (sip-tester), kamailio (+ redis modules), openssl, iproute2, util-linux (unshare)," >&2
-  echo "  baresip (baresip-core), chromium, rtpengine (rtpengine-daemon), slapd + ldap-utils + libldap-dev + libsasl2-dev, Node.js with npm" >&2
+  echo "  baresip (baresip-core), twinkle (twinkle-console), linphonec (linphone-cli), chromium, rtpengine (rtpengine-daemon), slapd + ldap-utils + libldap-dev + libsasl2-dev, Node.js with npm" >&2
   exit 1
 fi
 SUDO=""
