@@ -24,8 +24,8 @@ Per phone and transport (``test_calls``), two phones of that kind register and:
 Between the two phones (``test_linphonec_calls_twinkle``, ``test_twinkle_calls_linphonec``; UDP):
 a call each way with hold, resume and BYE. Twinkle calling linphonec needs the proxy to deliver
 route-less in-dialog requests to a GRUU (linphonec's Contact is its GRUU, and Twinkle ignores the
-``Record-route:`` spelling of its 200): without that, the hold gets 404, so that direction is
-``xfail(strict=False)`` until the fix is on main (it passes with it).
+``Record-route:`` spelling of its 200): without that (before 2026-12-02) the hold got 404, the
+ACK was dropped and linphonec hung up after 32 s.
 
 Phones of a test start together (both register in parallel). About 45 s for the module (a farm,
 seven tests of 4-7 s) on two cores; a binary's first start on a machine can take 7 s more
@@ -324,11 +324,5 @@ def test_linphonec_calls_twinkle(farm: DefaultFarm, tmp_path: Path) -> None:
 
 @NEEDS["twinkle"]
 @NEEDS["linphonec"]
-@pytest.mark.xfail(
-    strict=False,
-    reason="Twinkle's ACK and re-INVITE go to linphonec's GRUU Contact with no Route (Twinkle ignores the "
-    "Record-route: spelling of linphonec's 200): 404 to the hold until the proxy delivers route-less "
-    "in-dialog requests to a GRUU's instance (the fix being landed on main)",
-)
 def test_twinkle_calls_linphonec(farm: DefaultFarm, tmp_path: Path) -> None:
     cross_call(farm, tmp_path, "twinkle")
