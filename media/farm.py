@@ -40,12 +40,12 @@ source unanswered (an answer would make the relay a reflector) and counts it.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from sipfarm.cluster.membership import Member, Role, parse_address
 from sipfarm.config import RELAY_ACCEPT_KEYWORDS
+from sipfarm.node.accept import anyone, balancer_networks, nobody
 from sipfarm.protect.netlist import NetList, Network, parse_network
 from sipfarm.transport.destinations import IPAddress
 from sipfarm.transport.destinations import _ip as _address  # an IPv4-mapped address judged as IPv4
@@ -157,42 +157,11 @@ def _within(spans: tuple[Span, ...], port: int) -> bool:
     return any(low <= port <= high for low, high in spans)
 
 
-def _host_network(host: str) -> Network | None:
-    """An IP literal as a one-address network; None for a name or a wildcard (0.0.0.0, ::)."""
-    try:
-        address = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return None
-    if address.is_unspecified:
-        return None
-    return ipaddress.ip_network(address)
-
-
 def node_networks(members: Iterable[Member]) -> list[Network]:
     """The hosts the nodes among ``members`` heartbeat (their SIP addresses), where their ng
     requests come from.  A name or a wildcard (a node on 0.0.0.0 without ``advertise``) tells
     nothing: such a node's network must be listed in ``accept_from``."""
-    out: list[Network] = []
-    for member in members:
-        if member.role is not Role.NODE:
-            continue
-        for text in (*member.addresses, *([member.internal_address] if member.internal_address else [])):
-            try:
-                _transport, host, _port = parse_address(text)
-            except ValueError:
-                continue
-            net = _host_network(host)
-            if net is not None and net not in out:
-                out.append(net)
-    return out
-
-
-def _anyone(_host: str) -> bool:
-    return True
-
-
-def _nobody(_host: str) -> bool:
-    return False
+    return balancer_networks(m for m in members if m.role is Role.NODE)  # the same reading of a record
 
 
 class NgAccess:
@@ -204,7 +173,7 @@ class NgAccess:
         self.networks = [parse_network(e) for e in self.entries if e not in RELAY_ACCEPT_KEYWORDS]
         self.nodes: list[Network] = []
         self._acl = NetList()
-        self._accepts: Callable[[str], bool] = _anyone
+        self._accepts: Callable[[str], bool] = anyone
         self._rebuild()
 
     @property
@@ -236,8 +205,8 @@ class NgAccess:
         accepted = self.accepted
         self._acl.replace(allow=accepted)
         if self.open:
-            self._accepts = _anyone
+            self._accepts = anyone
         elif not accepted:
-            self._accepts = _nobody  # an empty allow list (no node yet): nobody, not anyone
+            self._accepts = nobody  # an empty allow list (no node yet): nobody, not anyone
         else:
             self._accepts = self._acl.allows

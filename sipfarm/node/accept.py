@@ -36,12 +36,12 @@ from sipfarm.sip.address import Address
 from sipfarm.sip.errors import SipError
 from sipfarm.sip.uri import SipURI, parse_uri
 
-__all__ = ["KEYWORDS", "AcceptFrom", "balancer_networks", "peer_networks"]
+__all__ = ["KEYWORDS", "AcceptFrom", "anyone", "balancer_networks", "host_network", "nobody", "peer_networks"]
 
 _UNKNOWN_SOURCE = "unknown_source"
 
 
-def _host_network(host: str) -> Network | None:
+def host_network(host: str) -> Network | None:
     """An IP literal as a one-address network; None for a name or a wildcard (0.0.0.0, ::)."""
     try:
         address = ipaddress.ip_address(host.strip("[]"))
@@ -63,7 +63,7 @@ def balancer_networks(members: Iterable[Member]) -> list[Network]:
                 _transport, host, _port = parse_address(text)
             except ValueError:
                 continue
-            net = _host_network(host)
+            net = host_network(host)
             if net is not None and net not in out:
                 out.append(net)
     return out
@@ -88,17 +88,17 @@ def peer_networks(table: RoutingTable) -> list[Network]:
         except (SipError, ValueError):
             continue
         if isinstance(uri, SipURI):
-            net = _host_network(uri.host)
+            net = host_network(uri.host)
             if net is not None and net not in out:
                 out.append(net)
     return out
 
 
-def _anyone(_host: str) -> bool:
+def anyone(_host: str) -> bool:
     return True
 
 
-def _nobody(_host: str) -> bool:
+def nobody(_host: str) -> bool:
     return False
 
 
@@ -113,7 +113,7 @@ class AcceptFrom:
         self.balancers: list[Network] = []
         self.peers: list[Network] = []
         self._acl = NetList()
-        self._accepts: Callable[[str], bool] = _anyone
+        self._accepts: Callable[[str], bool] = anyone
         self.stats: dict[str, int] = {}
         self._rebuild()
 
@@ -153,9 +153,9 @@ class AcceptFrom:
         accepted = self.accepted
         self._acl.replace(allow=accepted)
         if self.open:
-            self._accepts = _anyone
+            self._accepts = anyone
         elif not accepted:
-            self._accepts = _nobody  # an empty allow list (no balancer yet): nobody, not anyone
+            self._accepts = nobody  # an empty allow list (no balancer yet): nobody, not anyone
         else:
             self._accepts = self._acl.allows
 

@@ -58,7 +58,7 @@ from sipfarm.edge import (
 from sipfarm.element import Element
 from sipfarm.protect.authenticator import AccountSource, AuthAnswer, Authenticator, Verdict
 from sipfarm.proxy.forking import Branch, BranchState, ProxyCall, Target
-from sipfarm.proxy.media import MediaHook, NoMedia
+from sipfarm.proxy.media import Done, MediaHook, NoMedia
 from sipfarm.proxy.nexthop import NameResolver, Unresolved, uri_destination
 from sipfarm.registrar.gruu import GruuError, GruuTarget, TempGruus, read_gruu
 from sipfarm.routing.router import Action, Decision, Router
@@ -764,16 +764,21 @@ class Proxy:
         except Unresolved as pending:
             self.resolver.resolve(pending.host, partial(self._resolved, stx, msg, local, pending))
             return
+        if self._in_dialog_media(stx, msg, partial(self._offered_in_dialog, stx, msg, local, dest)):
+            return
+        self._forward_to(stx, msg, local, dest, now)
+
+    def _in_dialog_media(self, stx: ServerTransaction, msg: SipMessage, then: Done) -> bool:
+        """What an in-dialog request does to the call's media before it goes on: a BYE ends the
+        session; a re-INVITE or UPDATE with SDP (hold, resume, codec change) is an offer,
+        anchored on the call's relay first (its answer comes back in the 2xx), as is a PRACK
+        answering an offer in a reliable 18x.  True: the relay was asked, ``then`` goes on."""
         if msg.method == b"BYE":
             self.media.release(msg.call_id, msg.from_tag)
         elif self.anchoring and msg.method in _IN_DIALOG_MEDIA and (msg.body or msg.method == b"INVITE"):
-            # a re-INVITE or UPDATE with SDP (hold, resume, codec change): an offer, anchored
-            # on the call's relay before it goes on (its answer comes back in the 2xx); a PRACK
-            # answering an offer in a reliable 18x
-            sender = self.element.client(msg, stx.remote).host
-            self.media.offer(msg, partial(self._offered_in_dialog, stx, msg, local, dest), sender=sender)
-            return
-        self._forward_to(stx, msg, local, dest, now)
+            self.media.offer(msg, then, sender=self.element.client(msg, stx.remote).host)
+            return True
+        return False
 
     def _offered_in_dialog(
         self, stx: ServerTransaction, msg: SipMessage, local: Address, dest: Address, error: SipError | None
@@ -862,12 +867,7 @@ class Proxy:
         if target is None:
             self.element.fail(stx, TemporarilyUnavailable("GRUU not registered", partial=msg))
             return
-        if msg.method == b"BYE":
-            self.media.release(msg.call_id, msg.from_tag)
-        elif self.anchoring and msg.method in _IN_DIALOG_MEDIA and (msg.body or msg.method == b"INVITE"):
-            # an offer in dialog, anchored as on the Route path (_forward_along_route)
-            sender = self.element.client(msg, stx.remote).host
-            self.media.offer(msg, partial(self._gruu_offered, stx, msg, local, target), sender=sender)
+        if self._in_dialog_media(stx, msg, partial(self._gruu_offered, stx, msg, local, target)):
             return
         self._gruu_offered(stx, msg, local, target, None)
 
