@@ -40,13 +40,13 @@ source unanswered (an answer would make the relay a reflector) and counts it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from sipfarm.cluster.membership import Member, Role, parse_address
 from sipfarm.config import RELAY_ACCEPT_KEYWORDS
-from sipfarm.node.accept import anyone, balancer_networks, nobody
-from sipfarm.protect.netlist import NetList, Network, parse_network
+from sipfarm.node.accept import AcceptFrom, balancer_networks
+from sipfarm.protect.netlist import Network
 from sipfarm.transport.destinations import IPAddress
 from sipfarm.transport.destinations import _ip as _address  # an IPv4-mapped address judged as IPv4
 
@@ -165,48 +165,29 @@ def node_networks(members: Iterable[Member]) -> list[Network]:
 
 
 class NgAccess:
-    """The sources the relay takes ng commands from; see the module docstring."""
+    """The sources the relay takes ng commands from; see the module docstring.  The node's
+    :class:`~sipfarm.node.accept.AcceptFrom` does the matching: the relay's ``nodes`` is
+    its ``balancers`` keyword, fed with the membership's nodes instead."""
 
     def __init__(self, entries: Sequence[str]) -> None:
         self.entries = tuple(entries)
         self.want_nodes = NODES in self.entries
-        self.networks = [parse_network(e) for e in self.entries if e not in RELAY_ACCEPT_KEYWORDS]
-        self.nodes: list[Network] = []
-        self._acl = NetList()
-        self._accepts: Callable[[str], bool] = anyone
-        self._rebuild()
+        self._acl = AcceptFrom(["balancers" if e == NODES else e for e in self.entries])
 
     @property
     def open(self) -> bool:
         """No entries: every source is accepted."""
-        return not self.entries
+        return self._acl.open
 
     @property
     def accepted(self) -> list[Network]:
         """The networks commands are taken from now."""
-        out = list(self.networks)
-        out.extend(net for net in self.nodes if net not in out)
-        return out
+        return self._acl.accepted
 
     def update(self, members: Iterable[Member]) -> bool:
         """The membership now; True when the accepted hosts changed."""
-        nets = node_networks(members) if self.want_nodes else []
-        if nets == self.nodes:
-            return False
-        self.nodes = nets
-        self._rebuild()
-        return True
+        return self._acl.set_balancers(m for m in members if m.role is Role.NODE)
 
     def accepts(self, host: str) -> bool:
         """Whether a command from ``host`` (an IP address as the socket gave it) is executed."""
-        return self._accepts(host)
-
-    def _rebuild(self) -> None:
-        accepted = self.accepted
-        self._acl.replace(allow=accepted)
-        if self.open:
-            self._accepts = anyone
-        elif not accepted:
-            self._accepts = nobody  # an empty allow list (no node yet): nobody, not anyone
-        else:
-            self._accepts = self._acl.allows
+        return self._acl.accepts(host)
