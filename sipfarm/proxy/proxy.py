@@ -553,10 +553,12 @@ class Proxy:
             # every device a browser (RFC 7118 Contact transport): the offer asks for WebRTC
             # media; a fork to browsers and desk phones at once gets the desk phones' kind
             to_webrtc = bool(targets) and all(_websocket_uri(t.uri) for t in targets)
-            sender = element.client(msg, call.server_tx.remote).host
-            # the account _assert_identity wrote (a client's own P-Asserted-Identity is stripped
-            # on entry), else the caller's address: whose call the relay counts it as
-            owner = (msg.get("p-asserted-identity") or b"").decode("latin-1") or sender
+            sender = owner = None
+            if self.anchoring:  # what only a relay needs (NoMedia passes the SDP on untouched)
+                sender = element.client(msg, call.server_tx.remote).host
+                # the account _assert_identity wrote (a client's own P-Asserted-Identity is
+                # stripped on entry), else the caller's address: whose call the relay counts
+                owner = (msg.get("p-asserted-identity") or b"").decode("latin-1") or sender
             self.media.offer(msg, partial(self._offered, call, msg), to_webrtc=to_webrtc, sender=sender, owner=owner)
         else:
             self._start_group(call, element.now())
@@ -1166,7 +1168,7 @@ class Proxy:
             and response.status < 300
             and (call.is_invite or (self.anchoring and call.method in _MEDIA_RESPONSES))
         ):
-            sender = None if branch is None else self._party(branch.target, response.call_id)
+            sender = None if branch is None or not self.anchoring else self._party(branch.target, response.call_id)
             self.media.answer(response, partial(self._answered, stx, response), sender=sender)
             return
         self.element.reply(stx, response)
