@@ -88,6 +88,10 @@ class NodeConfig:
     auth_max_failures: int = 10
     auth_failure_window: float = 300.0
     auth_ban_time: float = 900.0
+    # Guessing spread over many addresses: past auth_account_lock failures against one account
+    # within auth_failure_window, only the hosts its bindings were registered from may still
+    # authenticate as it until that window ends (its phones keep working; see protect/guard.py)
+    auth_account_lock: int = 50
     # A destination taken from a message (an in-dialog Request-URI or Route, a Contact) may not
     # be the farm itself or one of these networks (loopback and the operator's internal ones)
     # unless listed in allow_destinations (networks or IP:PORT; e.g. ["127.0.0.0/8"] when the
@@ -201,6 +205,7 @@ class NodeConfig:
         _check_range("auth_max_failures", self.auth_max_failures, 1, 1_000_000)
         _check_range("auth_failure_window", self.auth_failure_window, 1, 86_400)
         _check_range("auth_ban_time", self.auth_ban_time, 1, 30 * 86_400)
+        _check_range("auth_account_lock", self.auth_account_lock, 1, 1_000_000)
         _check_range("flow_timer_udp", self.flow_timer_udp, 1, 3600)
         _check_range("flow_timer_stream", self.flow_timer_stream, 1, 3600)
         _check_choice("log_format", self.log_format, ("kv", "json"))

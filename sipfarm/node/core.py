@@ -101,7 +101,7 @@ class NodeCore:
         self.element = Element(identity, self.layer, self.metrics, clock=clock, wall=wall_clock)
         tokens = flow_tokens or FlowTokens(secrets.token_bytes(32))
         gruus = temp_gruus or TempGruus(secrets.token_bytes(32))
-        self.auth = Authenticator(self.element, nonces, state, guard, algorithms=digest_algorithms)
+        self.auth = Authenticator(self.element, nonces, state, guard, algorithms=digest_algorithms, bindings=state)
         self.registrar = Registrar(
             self.element,
             self.auth,
@@ -126,6 +126,7 @@ class NodeCore:
             timer_c=timer_c,
             destinations=destinations,
         )
+        self.auth.binding_client = self.proxy.binding_client  # reads the proxy's current flow tokens
         # client flows among the destinations of the last datagrams_to_send(): requests to
         # them go over an existing connection only (see the module docstring)
         self.flow_destinations: set[Address] = set()

@@ -208,7 +208,12 @@ async def serve(
     destinations = DestinationPolicy(allow=cfg.allow_destinations, deny=cfg.internal_networks, own=transports.addresses)
     guard = RedisGuard(
         pipe,
-        GuardPolicy(max_failures=cfg.auth_max_failures, window=cfg.auth_failure_window, ban_time=cfg.auth_ban_time),
+        GuardPolicy(
+            max_failures=cfg.auth_max_failures,
+            window=cfg.auth_failure_window,
+            ban_time=cfg.auth_ban_time,
+            account_lock=cfg.auth_account_lock,
+        ),
         clock=loop.time,
     )
     resolver = Resolver()

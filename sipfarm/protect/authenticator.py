@@ -31,6 +31,19 @@ The registrar (401, RFC 3261 22.2) and the proxy (407, 22.3) both ask this modul
   bans, and the same work for an unknown user as for a wrong password (both are verified once
   here, with the account's HA1 or the dummy one, then again by ``authenticate``).
 
+* **Accounts locked to their known clients.**  When a failure's count shows its account past
+  the guard's ``account_lock`` (guessing spread over many sources, each under the per-source
+  ban), this process locks the account until the failure window ends and fetches, once, the
+  hosts its bindings were registered from (:data:`BindingClient` turns a binding into its
+  client's host: the flow its Path's farm flow token names, else where the REGISTER came
+  from).  While locked, credentials from any other host fail whatever the password: verified
+  all the same, counted as a failure (``auth_failures{reason="account_locked"}``) and answered
+  with a fresh challenge, exactly as a wrong password, before any stale or replay answer could
+  tell a right password from a wrong one.  No request waits for I/O: the hosts are fetched
+  when the lock is learnt (and again every :data:`KNOWN_CLIENTS_REFRESH` seconds while it
+  lasts); until they first arrive, no one is let in.  An unknown user name is never
+  locked (it has no counter), and answers the same as a locked account does to a stranger.
+
 Nothing here does I/O itself: Redis is reached through the node's ``FarmState`` and the guard,
 both callback-style, so the in-memory test tier runs the same code.
 """
@@ -40,6 +53,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import Final, Protocol
 
 from sipfarm.element import Element
@@ -51,10 +65,17 @@ from sipfarm.sip.message import SipMessage, make_response
 from sipfarm.sip.uri import SipURI
 from sipfarm.store.accounts import Account, CacheMiss
 from sipfarm.store.errors import StoreError
+from sipfarm.store.location import Binding
 
 log = logging.getLogger("sipfarm.auth")
 
 DEFAULT_ALGORITHMS = ("MD5",)
+#: accounts this process holds locked to their known clients at most (oldest dropped first)
+MAX_LOCKED_ACCOUNTS = 10_000
+#: a locked account's known clients are fetched again after this many seconds
+KNOWN_CLIENTS_REFRESH = 30.0
+#: the host of the client a binding was registered from (None: not known)
+BindingClient = Callable[[Binding], str | None]
 #: (realm, stale) pairs whose challenge templates an Authenticator keeps (realms are served domains)
 MAX_CHALLENGE_TEMPLATES = 64
 
@@ -99,6 +120,21 @@ class AccountSource(Protocol):
         ...
 
 
+class BindingSource(Protocol):
+    def lookup(self, aor: str, now: float, callback: Callable[[list[Binding] | StoreError], None]) -> None: ...
+
+
+class _Lock:
+    """One account locked to its known clients (see the module)."""
+
+    __slots__ = ("fetched", "known", "until")
+
+    def __init__(self, until: float) -> None:
+        self.until = until  # on the element's clock
+        self.known: frozenset[str] = frozenset()  # client hosts of its bindings, once fetched
+        self.fetched = -KNOWN_CLIENTS_REFRESH  # when they were last asked for
+
+
 class Authenticator:
     def __init__(
         self,
@@ -108,6 +144,8 @@ class Authenticator:
         guard: Guard | None,
         *,
         algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS,
+        bindings: BindingSource | None = None,
+        binding_client: BindingClient | None = None,
     ) -> None:
         for name in algorithms:
             if name.upper().removesuffix("-SESS") not in ("MD5", "SHA-256"):
@@ -122,6 +160,10 @@ class Authenticator:
         # (realm, stale) -> the challenge values cut around the nonce (auth.challenge_templates);
         # realms are served domains, the count is bounded all the same
         self._templates: dict[tuple[str, bool], list[tuple[bytes, bytes]]] = {}
+        # accounts locked to their known clients ("user@realm" -> lock), insertion-ordered
+        self.bindings = bindings
+        self.binding_client = binding_client
+        self._locks: dict[str, _Lock] = {}
 
     # -- challenges ------------------------------------------------------------------------------
 
@@ -244,7 +286,7 @@ class Authenticator:
         fresh. The caller must then have the guard's admission established (see
         :class:`~sipfarm.protect.guard.Guard`) before it acts, and give the facts to
         :meth:`admitted`. None: ask :meth:`authenticate` (nothing was counted or logged)."""
-        if self.guard is None or self.banned(source):
+        if self.guard is None or self.banned(source) or self._locked_out(creds.username, realm, source.host):
             return None
         account = self.accounts.cached_account(creds.username, realm)
         if isinstance(account, CacheMiss):
@@ -310,6 +352,10 @@ class Authenticator:
             client=check.source.host,
             nonce_status=check.nonce_status,  # checked by authenticate: one MAC, not two
         )
+        if account is not None and self._locked_out(creds.username, check.realm, check.source.host):
+            # before the stale and replay answers, which only a right password gets
+            self._failed(check, "account_locked")
+            return AuthAnswer(Verdict.CHALLENGE)
         if result.outcome is auth.AuthOutcome.STALE:
             self.element.metrics.auth_failures("stale").inc()
             return AuthAnswer(Verdict.STALE)
@@ -323,12 +369,13 @@ class Authenticator:
             return AuthAnswer(Verdict.CHALLENGE)
         return AuthAnswer(Verdict.OK, account)
 
-    def _failed(self, check: _Check) -> None:
+    def _failed(self, check: _Check, reason: str = "failed") -> None:
         creds = check.creds
-        self.element.metrics.auth_failures("failed").inc()
+        self.element.metrics.auth_failures(reason).inc()
         # the same line for an unknown user and a wrong password (fail2ban-ready)
         log.info(
-            "event=auth_failed source=%s user=%s realm=%s method=%s call_id=%s",
+            "event=auth_failed reason=%s source=%s user=%s realm=%s method=%s call_id=%s",
+            reason,
             check.source.host,
             creds.username,
             check.realm,
@@ -339,9 +386,11 @@ class Authenticator:
             # an account's own counter only for an account that exists: a counter per made-up
             # user name would be Redis keys an attacker mints (the source's counts either way)
             account = check.account if isinstance(check.account, Account) else None
-            self.guard.failed(
-                check.source.host, f"{creds.username}@{check.realm}" if account is not None else None, self._counted
-            )
+            if account is None:
+                self.guard.failed(check.source.host, None, self._counted)
+            else:
+                aor = f"{creds.username}@{check.realm}"
+                self.guard.failed(check.source.host, aor, partial(self._account_counted, aor))
 
     def _counted(self, outcome: FailureOutcome | StoreError) -> None:
         if isinstance(outcome, StoreError):
@@ -351,6 +400,55 @@ class Authenticator:
             self.element.metrics.bans.inc()
         if outcome.account_alert:
             self.element.metrics.account_alerts.inc()
+
+    def _account_counted(self, aor: str, outcome: FailureOutcome | StoreError) -> None:
+        self._counted(outcome)
+        if not isinstance(outcome, StoreError) and outcome.account_locked:
+            self.lock(aor)
+
+    # -- accounts locked to their known clients --------------------------------------------------
+
+    def lock(self, aor: str) -> None:
+        """Lock ``aor`` (``user@realm``) to its known clients until the failure window ends
+        (from now: the window's own end is Redis's), fetching their hosts when due."""
+        now = self.element.now()
+        window = self.guard.policy.window if self.guard is not None else 300.0
+        locks = self._locks
+        entry = locks.get(aor)
+        if entry is None or entry.until <= now:
+            if entry is None:
+                if len(locks) >= MAX_LOCKED_ACCOUNTS:
+                    del locks[next(iter(locks))]
+                log.warning("event=account_locked account=%s window_seconds=%g", aor, window)
+            entry = locks[aor] = _Lock(now + window)
+        else:
+            entry.until = now + window
+        if self.bindings is None or self.binding_client is None or now - entry.fetched < KNOWN_CLIENTS_REFRESH:
+            return
+        entry.fetched = now
+        self.bindings.lookup(aor, self.element.wall(), partial(self._known_fetched, entry))
+
+    def _known_fetched(self, entry: _Lock, bindings: list[Binding] | StoreError) -> None:
+        if isinstance(bindings, StoreError):
+            entry.fetched = -KNOWN_CLIENTS_REFRESH  # asked again by the next failure
+            return
+        client = self.binding_client
+        assert client is not None
+        entry.known = frozenset(host for host in map(client, bindings) if host is not None)
+
+    def _locked_out(self, user: str, realm: str, host: str) -> bool:
+        """``host`` may not authenticate as ``user@realm`` now (no I/O)."""
+        locks = self._locks
+        if not locks:
+            return False
+        aor = f"{user}@{realm}"
+        entry = locks.get(aor)
+        if entry is None:
+            return False
+        if entry.until <= self.element.now():
+            del locks[aor]
+            return False
+        return host not in entry.known
 
     def _replayed(self, msg: SipMessage, source: Address, user: str) -> None:
         self.element.metrics.auth_failures("replay").inc()

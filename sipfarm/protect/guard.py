@@ -20,9 +20,14 @@ request:
   write nothing at all (:class:`~sipfarm.protect.authenticator.Authenticator`): no response
   can match such a nonce, so it is no guess, and a spoofed source cannot get its victim banned.
   ``max_failures`` failures from one source within ``window`` seconds ban the source for
-  ``ban_time`` seconds, farm-wide. Accounts are never locked (the real user elsewhere must
-  still register); an account crossing ``account_alert`` failures in the window is logged and
-  counted as under attack.
+  ``ban_time`` seconds, farm-wide. An account crossing ``account_alert`` failures in the window
+  is logged and counted as under attack.  Guessing spread over many sources (each under
+  ``max_failures``) is bounded per account: past ``account_lock`` failures in its window the
+  account is *locked to its known clients* until the window ends: only the hosts its current
+  bindings were registered from may still authenticate as it, so its phones keep working while
+  guesses from anywhere else fail whatever the password
+  (:class:`~sipfarm.protect.authenticator.Authenticator` keeps the lock and the hosts per
+  process, learnt from the counts these failures return: no I/O on any request's path).
 
 A ban *consumes* the failures that caused it (the source's counter is cleared when the ban
 starts), so once a ban ends the source starts again from zero. Counters use a fixed window
@@ -147,6 +152,9 @@ class GuardPolicy:
     #: failures against one account in the window that log/count it as under attack (no lockout:
     #: the real user elsewhere must still register)
     account_alert: int = 100
+    #: failures against one account in the window past which only its known clients (the hosts
+    #: of its bindings) may authenticate as it, until the window ends
+    account_lock: int = 50
     local_cache_size: int = 10_000  # bound on the in-process ban cache
     #: a ban learnt from Redis is trusted locally this long at most (so an unban spreads)
     local_ban_recheck: float = 10.0
@@ -156,7 +164,7 @@ class GuardPolicy:
             value = getattr(self, field.name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"guard policy: {field.name} must be a positive number, not {value!r}")
-        for name in ("max_failures", "account_alert", "local_cache_size"):
+        for name in ("max_failures", "account_alert", "account_lock", "local_cache_size"):
             if not isinstance(getattr(self, name), int):
                 raise ValueError(f"guard policy: {name} must be a whole number, not {getattr(self, name)!r}")
 
@@ -180,10 +188,13 @@ class FailureOutcome:
     account_failures: int
     banned: bool  # this failure started a ban of the source
     account_alert: bool  # the account crossed account_alert with this failure
+    account_locked: bool = False  # the account is past account_lock failures in its window
 
 
 class Guard(Protocol):
     """Farm-wide ban and replay checks; answers go to ``done`` (values or a StoreError, never raised)."""
+
+    policy: GuardPolicy
 
     def admit(self, source_ip: str, nonce_use: str, ttl: float, done: Callable[[Admission | StoreError], None]) -> None:
         """ONE pipelined round trip: is ``source_ip`` banned; and record ``nonce_use`` (``"<nonce>:<nc>"``,
@@ -256,7 +267,8 @@ class GuardRules:
                 self.policy.window,
                 _log_value(source_ip),
             )
-        return FailureOutcome(source_failures, account_failures, ban_started, alert)
+        locked = account is not None and account_failures >= self.policy.account_lock
+        return FailureOutcome(source_failures, account_failures, ban_started, alert, locked)
 
     def _learn(self, source_ip: str, ban_left: float | None, now: float) -> None:
         if ban_left is None:

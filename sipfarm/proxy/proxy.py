@@ -957,6 +957,26 @@ class Proxy:
         except FlowTokenError:
             return None
 
+    def binding_client(self, binding: Binding) -> str | None:
+        """The host of the client ``binding`` was registered from: the flow a farm flow token
+        at the top of its Path names (a phone behind a balancer), else where its REGISTER came
+        from; None behind a Path of someone else's (the authenticator's known clients)."""
+        if binding.path:
+            try:
+                hop = parse_name_addr(binding.path[0].encode("latin-1")).uri
+            except (HeaderError, URIError):
+                return None
+            if not (isinstance(hop, SipURI) and hop.user and hop.param("maddr") is None):
+                return None
+            try:
+                return self.flow_tokens.decode(hop.user, hop.host, hop.port or default_port(hop.transport)).host
+            except FlowTokenError:
+                return None
+        try:
+            return Address.parse(binding.received).host
+        except ValueError:
+            return None
+
     def _farm_uri(self, uri: object, call_id: bytes) -> bool:
         """``uri`` was written by the farm: a flow token valid at its host and port, or a seal
         of its host and port (an element's, or a node's Record-Route for this Call-ID), and no

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,7 @@ from attack_support import (
     Attacker,
     Caller,
     Farm,
+    Phone,
     ToolRun,
     Victim,
     branch,
@@ -43,6 +45,7 @@ from attack_support import (
     find_sipvicious,
     request,
     running_farm,
+    scrape,
     svcrack,
     svwar,
     tag,
@@ -390,6 +393,38 @@ def test_svcrack_banned_after_ten_wrong_words(farm: Farm, tmp_path: Path):
     words = [*WRONG_WORDS[:10], ACCOUNTS["alice"], *WRONG_WORDS[10:20]]
     run = svcrack(farm.lb.address, "alice", words, tmp_path, source="127.0.0.67", time_limit=4.0)
     assert not cracked(run, ACCOUNTS["alice"]), f"tried {len(run.tried)} passwords\n{run.describe()}"
+
+
+@NEEDS_SIPVICIOUS
+def test_svcrack_from_many_addresses_cannot_log_in_as_a_phone_that_keeps_working(farm: Farm, tmp_path: Path):
+    """Guessing spread over seven addresses, nine wrong words each (under the per-source ban
+    of 10, past the account's lock of 50): the right password from an eighth address then
+    fails, while erin's own phone, registered before, still registers."""
+    phone = Phone("erin")
+    try:
+        assert phone.register(farm.lb.address, ACCOUNTS["erin"]) == 200
+        sources = [f"127.0.0.{n}" for n in range(81, 88)]
+        with ThreadPoolExecutor(len(sources)) as pool:
+            runs = list(
+                pool.map(
+                    lambda src: svcrack(farm.lb.address, "erin", WRONG_WORDS[:9], tmp_path, source=src, time_limit=6.0),
+                    sources,
+                )
+            )
+        assert sum(len(run.tried) for run in runs) >= 50, "\n".join(run.describe() for run in runs)
+        run = svcrack(farm.lb.address, "erin", [ACCOUNTS["erin"]], tmp_path, source="127.0.0.88", time_limit=4.0)
+        assert not cracked(run, ACCOUNTS["erin"]), run.describe()
+        assert phone.register(farm.lb.address, ACCOUNTS["erin"]) == 200
+        locked = sum(
+            value
+            for name in ("node1", "node2")
+            for key, value in scrape(farm.metrics[name]).items()
+            if key.startswith("sipfarm_node_auth_failures_total") and 'reason="account_locked"' in key
+        )
+        assert locked >= 1
+    finally:
+        phone.register(farm.lb.address, ACCOUNTS["erin"], expires=0)
+        phone.close()
 
 
 # -- 9. a SIPp flood of relay attempts -----------------------------------------------------------

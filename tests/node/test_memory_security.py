@@ -15,10 +15,13 @@ import pytest
 from memfarm import DOMAIN, MemFarm, Phone
 
 from sipfarm.metrics import NodeMetrics, sync_counters
+from sipfarm.protect import GuardPolicy
 from sipfarm.sip import auth
+from sipfarm.sip.address import Address
 from sipfarm.sip.headers import parse_name_addr
 from sipfarm.sip.message import SipMessage
 from sipfarm.sip.uri import SipURI
+from sipfarm.store.location import Binding
 
 BOB = f"sip:bob@{DOMAIN}"
 VICTIM_HOST, VICTIM_PORT = "127.0.0.1", 6379  # say, a Redis without a password on loopback
@@ -216,6 +219,91 @@ def test_guesses_for_an_unknown_user_mint_no_key_of_their_own(farm: MemFarm) -> 
     assert any("10.6.6.11" in k for k in keys) and any("10.6.6.12" in k for k in keys)
     assert any(f"alice@{DOMAIN}" in k for k in keys)
     assert not any("nobody" in k for k in keys), keys
+
+
+LOCKING = GuardPolicy(max_failures=3, account_lock=6, window=300.0)
+
+
+def _guess_from_many_sources(farm: MemFarm, user: str, sources: int, first: int = 1) -> None:
+    """Two wrong passwords from each of ``sources`` addresses: none of them reaches the
+    per-source ban (3), together past the account's lock (6)."""
+    for n in range(first, first + sources):
+        guesser = farm.phone(user, f"10.66.0.{n}")
+        for i in range(2):
+            assert guesser.register(password=f"guess-{n}-{i}").status == 401  # type: ignore[union-attr]
+
+
+def test_guessing_spread_over_many_sources_locks_the_account_to_its_own_phones() -> None:
+    farm = MemFarm(nodes=2, policy=LOCKING)
+    alice = farm.phone("alice", "10.0.0.1")
+    assert alice.register().status == 200  # type: ignore[union-attr]
+    bob = farm.phone("bob", "10.0.0.2")
+    assert bob.register().status == 200  # type: ignore[union-attr]
+    bob.answer = 200
+    _guess_from_many_sources(farm, "alice", 4)
+    # a new address with the right password: as wrong a guess as any (no stale, no 200)
+    lucky = farm.phone("alice", "10.66.1.1")
+    answer = lucky.register()
+    assert answer is not None and answer.status == 401
+    assert not auth.parse_challenge(answer.get_all("www-authenticate")[0]).stale
+    invite = lucky.authenticated(lucky.request("INVITE", BOB))
+    assert invite is not None and invite.status == 407
+    # alice's own phone still registers and calls, through either node
+    for _ in range(2):
+        assert alice.register().status == 200  # type: ignore[union-attr]
+    call = alice.authenticated(alice.request("INVITE", BOB))
+    assert call is not None and call.status == 200
+    # bob is not locked by alice's attackers
+    assert farm.phone("bob", "10.66.1.2").register().status == 200  # type: ignore[union-attr]
+    # the lock ends with the failure window: the right password from a new address works again
+    farm.advance(301, step=5.0)
+    assert farm.phone("alice", "10.66.1.3").register().status == 200  # type: ignore[union-attr]
+
+
+def test_a_locked_account_answers_a_stranger_as_an_unknown_user_does() -> None:
+    farm = MemFarm(policy=LOCKING)
+    assert farm.phone("alice", "10.0.0.1").register().status == 200  # type: ignore[union-attr]
+    _guess_from_many_sources(farm, "alice", 4)
+    answers = []
+    for user, password, host in (("alice", "alice-pw", "10.66.1.4"), ("nobody", "x", "10.66.1.5")):
+        answer = farm.phone(user, host).register(password=password)
+        assert answer is not None
+        answers.append((answer.status, [h[0] for h in answer.headers if h[0] not in ("via", "contact")]))
+    assert answers[0] == answers[1]
+    # made-up user names are never locked: they have no counter to lock
+    _guess_from_many_sources(farm, "nobody", 4, first=20)
+    assert not any("nobody" in k for k in farm.keys._data)
+
+
+def test_a_locked_account_with_no_binding_lets_nobody_in_until_the_window_ends() -> None:
+    farm = MemFarm(policy=LOCKING)
+    _guess_from_many_sources(farm, "carol", 4)
+    assert farm.phone("carol", "10.0.0.3").register().status == 401  # type: ignore[union-attr]
+    name, labels = "sipfarm_node_auth_failures_total", {"reason": "account_locked"}
+    assert (farm.nodes[0].metrics.registry.get_sample_value(name, labels) or 0) >= 1
+    farm.advance(301, step=5.0)
+    assert farm.phone("carol", "10.0.0.3").register().status == 200  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("path", "received", "client"),
+    [
+        ("flow", "udp:127.0.2.1:5060", "10.0.0.9"),  # behind a balancer: its flow token names the phone
+        ("<sip:10.9.9.9:5060;lr>", "udp:127.0.2.1:5060", None),  # someone else's Path: not known
+        ("<sip:forged@127.0.1.1:5060;lr>", "udp:127.0.2.1:5060", None),  # a token the farm never made
+        (None, "udp:10.0.0.1:5060", "10.0.0.1"),  # straight to the node
+        (None, "tcp:[2001:db8::1]:5061", "2001:db8::1"),
+        (None, "garbage", None),
+    ],
+    ids=["flow_token", "foreign_path", "forged_token", "received", "received_v6", "garbage"],
+)
+def test_the_known_client_of_a_binding(farm: MemFarm, path: str | None, received: str, client: str | None) -> None:
+    if path == "flow":
+        path = farm.flow_route(Address("udp", "10.0.0.9", 5062))
+    binding = Binding(
+        "sip:alice@10.0.0.9:5062", 0.0, 1.0, "c", 1, None, None, (path,) if path else (), received, "", "n", 0.0
+    )
+    assert farm.nodes[0].proxy.binding_client(binding) == client
 
 
 def test_a_spoofed_source_cannot_get_its_victim_banned(farm: MemFarm) -> None:
