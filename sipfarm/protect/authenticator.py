@@ -213,6 +213,9 @@ class Authenticator:
                 self.element.metrics.auth_failures("malformed").inc()
                 raise BadMessage(f"{header}: {exc}", partial=msg) from None
             if creds.realm == realm:
+                if not auth.same_resource(creds.uri, msg.uri):
+                    self.element.metrics.auth_failures("uri_mismatch").inc()
+                    raise BadMessage(f"{header}: digest uri names another user than the Request-URI", partial=msg)
                 return creds
         return None
 

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Final
 
 from sipfarm.sip.ids import random_bytes
+from sipfarm.sip.uri import SipURI, URIError, parse_uri
 
 try:  # built by scripts/build-compiled.sh only: the interpreted build parses in Python
     from sipfarm.sip._fastparse import digest_params as _digest_params
@@ -824,6 +825,28 @@ _DUMMY_HA1: Final[dict[str, str]] = {
     name: _HASHES[name](b"sipfarm:no-such-account:" + name.encode()) for name in _HASHES
 }
 _MISMATCH: Final = "digest mismatch"
+
+
+def same_resource(digest_uri: str, request_uri: bytes) -> bool:
+    """The digest ``uri`` does not name another resource than the Request-URI (RFC 2617
+    3.2.2.5, RFC 3261 22.4): without this check, credentials captured from one request
+    authorise another with the same nonce use sent first (an INVITE to a premium number instead
+    of a colleague: the digest covers its ``uri``, not the Request-URI).  Byte-equal, or a user
+    part naming the same user (unescaped).  Only the user is compared:
+    phones differ in how they write the rest (SIPp puts ``sip:<server IP>:<port>`` for any
+    Request-URI), and a ``uri`` with no user part names no other callee."""
+    if digest_uri.encode("latin-1", "replace") == request_uri:
+        return True
+    try:
+        mine = parse_uri(digest_uri)
+        theirs = parse_uri(request_uri)
+    except URIError:
+        return False
+    if not (isinstance(mine, SipURI) and isinstance(theirs, SipURI)):
+        return str(mine) == str(theirs)
+    if mine.user is None:
+        return True
+    return mine.user_unescaped == theirs.user_unescaped
 
 
 def verify(

@@ -138,7 +138,7 @@ def test_the_callee_sees_the_authenticated_identity_only(farm: MemFarm, alice: P
 
 
 @pytest.mark.parametrize("node", [0, 1], ids=["same_node", "other_node"])
-def test_invite_credentials_replayed_for_another_callee_are_challenged(
+def test_invite_credentials_replayed_for_another_callee_are_refused(
     farm: MemFarm, alice: Phone, bob: Phone, mallory: Phone, node: int
 ) -> None:
     carol = farm.phone("carol", "10.0.0.3")
@@ -155,7 +155,30 @@ def test_invite_credentials_replayed_for_another_callee_are_challenged(
         "INVITE", f"sip:carol@{DOMAIN}", from_user="alice", headers=[("proxy-authorization", captured)], cseq=2
     )
     mallory.send(replay)
-    assert finals(mallory) == [407]
+    assert finals(mallory) == [400]  # the digest uri names bob, not carol
+    assert carol.requests() == []
+
+
+def test_invite_credentials_sent_first_by_an_on_path_attacker_reach_no_other_callee(
+    farm: MemFarm, alice: Phone, bob: Phone, mallory: Phone
+) -> None:
+    # mallory holds back alice's authorised INVITE to bob and sends its credentials first,
+    # for another Request-URI: the nonce use is new, the digest right, the uri names bob
+    carol = farm.phone("carol", "10.0.0.3")
+    assert carol.register().status == 200  # type: ignore[union-attr]
+    carol.inbox.clear()
+    carol.answer = 200
+    invite = alice.request("INVITE", BOB)
+    alice.send(invite)
+    challenge = alice.last(407)
+    assert challenge is not None
+    captured = alice.authorize(challenge, invite).get("proxy-authorization")
+    assert captured is not None
+    spoofed = farm.phone("alice", "10.0.0.1", port=5098)  # alice's address: the nonce is bound to it
+    spoofed.send(
+        spoofed.request("INVITE", f"sip:carol@{DOMAIN}", from_user="alice", headers=[("proxy-authorization", captured)])
+    )
+    assert finals(spoofed) == [400]
     assert carol.requests() == []
 
 

@@ -470,3 +470,24 @@ def test_rfc4475_regaut01_authorization_is_an_unknown_scheme() -> None:
     [value] = header_values((VECTORS / "rfc4475" / "regaut01.sip").read_bytes(), b"Authorization")
     with pytest.raises(UnsupportedSchemeError):
         parse_credentials(value)
+
+
+@pytest.mark.parametrize(
+    ("digest_uri", "request_uri", "same"),
+    [
+        ("sip:bob@farm.test", b"sip:bob@farm.test", True),
+        ("sip:bob@farm.test", b"sip:bob@farm.test;user=phone", True),  # parameters aside
+        ("sip:bob@10.0.0.1:5060", b"sip:bob@farm.test", True),  # another way of writing the host
+        ("sip:127.0.0.1:5060", b"sip:farm.test", True),  # SIPp: the server's address for any request
+        ("sip:127.0.0.1:5060", b"sip:bob@farm.test", True),  # no user: names no other callee
+        ("sip:b%6Fb@farm.test", b"sip:bob@farm.test", True),  # escapes resolved
+        ("sip:bob@farm.test", b"sip:1900premium@farm.test", False),
+        ("sip:bob@farm.test", b"sip:farm.test", False),
+        ("sips:bob@farm.test", b"sip:bob@farm.test", True),  # the scheme is the transport's business
+        ("tel:+15551234", b"tel:+15551234", True),
+        ("tel:+15551234", b"tel:+15559999", False),
+        ("not a uri", b"sip:bob@farm.test", False),
+    ],
+)
+def test_same_resource(digest_uri: str, request_uri: bytes, same: bool) -> None:
+    assert auth.same_resource(digest_uri, request_uri) is same
