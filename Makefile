@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 APT_PACKAGES := redis-server sip-tester kamailio kamailio-redis-modules openssl iproute2 util-linux \
-	baresip-core chromium rtpengine-daemon slapd ldap-utils libldap-dev libsasl2-dev twinkle-console linphone-cli
+	baresip-core chromium rtpengine-daemon slapd ldap-utils libldap-dev libsasl2-dev twinkle linphone-cli
 # Commands (or files: the LDAP headers the bonsai client builds against) that tell us whether
 # each package above is there.
 APT_PROBES := redis-server sipp kamailio openssl ip unshare baresip chromium rtpengine slapd ldapadd twinkle linphonec \

@@ -1,5 +1,5 @@
 """The Twinkle and linphonec cells of the client matrix: Twinkle 1.10 (``twinkle -c``, Debian
-``twinkle-console``; UDP, TCP) and linphonec 5.1 (Debian ``linphone-cli``; UDP, TCP, TLS), both
+``twinkle``; UDP, TCP) and linphonec 5.1 (Debian ``linphone-cli``; UDP, TCP, TLS), both
 driven on their command line (``twinkle_phone.py``, ``linphone_phone.py``), through the balancer of
 one farm the module shares (the farm of ``default_farm``: a node on the default configuration,
 every call's media anchored at the relay).
@@ -31,7 +31,7 @@ Phones of a test start together (both register in parallel). About 45 s for the 
 seven tests of 4-7 s) on two cores; a binary's first start on a machine can take 7 s more
 (loading its libraries), which the start-up allowance covers. Runs in the loopback-only
 namespace (``scripts/in-netns.sh``), like the other softphone tests. A test skips when its phone
-is not installed (Debian ``twinkle-console``, ``linphone-cli``), before the farm starts.
+is not installed (Debian ``twinkle``, ``linphone-cli``), before the farm starts.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ ENDED = {
 
 # a skip mark, not a skip in the test: a missing phone must not start the module's farm
 NEEDS = {
-    "twinkle": pytest.mark.skipif(not twinkle_phone.installed(), reason="twinkle not installed (twinkle-console)"),
+    "twinkle": pytest.mark.skipif(not twinkle_phone.installed(), reason="twinkle not installed (Debian twinkle)"),
     "linphonec": pytest.mark.skipif(not linphone_phone.installed(), reason="linphonec not installed (linphone-cli)"),
 }
 

@@ -1,4 +1,6 @@
-"""``TwinklePhone``: Twinkle 1.10 (Debian ``twinkle-console``) headless, ``twinkle -c`` driven on stdin.
+"""``TwinklePhone``: Twinkle 1.10 (Debian ``twinkle``) headless, ``twinkle -c`` driven on stdin.
+
+Debian's ``twinkle-console`` cannot stand in: it reads its first argument as a profile name.
 
 Each phone has its own HOME (the phone's directory) holding ``~/.twinkle/<user>.cfg`` (the user
 profile) and ``~/.twinkle/twinkle.sys`` (the system settings), and runs as
