@@ -970,8 +970,8 @@ class BalancerCore:
         effects follow: the same datagram to the same hop, or the same drop.  Messages that
         are not that shape, probes, keepalives, and everything when debug logging is on take
         the general path."""
-        if self._debug:
-            return False
+        if self._debug or data[8:12] == b"430 ":
+            return False  # a 430 may have to become 480 (_on_response)
         found = _response_hop(data, self._via_starts, HOP_PREFIX, max_size)
         if found is None:
             return False
@@ -1040,6 +1040,10 @@ class BalancerCore:
             if method in NEW_WORK:
                 # the node's first answer to a new request: its delay (see overload.py)
                 admission.answered(msg.call_id + b" %d" % msg.cseq[0], self._clock())
+        if msg.status == 430 and self.nodes.by_address(dest.host, dest.port) is None:
+            # RFC 5626 11.5: 430 Flow Failed is between proxies, never for a phone (a node
+            # forwards the one of an in-dialog request's flow as it came)
+            msg.status, msg.reason = 480, b"Temporarily Unavailable"
         if self.send_response(msg.to_bytes(), dest):
             self.stats.responses += 1
             if msg.cseq[1] == b"REGISTER" and 200 <= msg.status < 300:

@@ -214,6 +214,13 @@ class ProxyCall:
             # RFC 3261 16.7 step 6: a 503 becomes 500 upstream (the proxy itself is not down)
             best = best.copy()
             best.status, best.reason = 500, b"Server Internal Error"
+        elif best.status == 430 and self.aor:
+            # RFC 5626 11.5: 430 is between proxies, never for the caller. The proxy whose
+            # targets were the callee's bindings answers for them: every flow failed, so the
+            # callee is not reachable now (a hop that only followed a flow token's Route keeps
+            # the 430, for the proxy that looked the bindings up to drop that one)
+            best = best.copy()
+            best.status, best.reason = 480, b"Temporarily Unavailable"
         if best.status in (401, 407) and self.challenges:
             best = best.copy()
             best.remove("www-authenticate")

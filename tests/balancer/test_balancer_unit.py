@@ -569,6 +569,20 @@ def test_response_to_a_request_from_a_node_goes_back_to_that_node(lb: Harness):
     assert out.status == 180 and to == node
 
 
+def test_a_430_from_a_node_reaches_a_phone_as_480_and_a_node_as_430(lb: Harness):
+    """RFC 5626 11.5: 430 Flow Failed is between proxies (the node that looked the bindings up
+    drops the failed one); a phone hears 480, a node the 430 itself."""
+    msg, dest = lb.one(request("BYE", "sip:bob@farm.test", to="<sip:bob@farm.test>;tag=t1"), CLIENT)
+    out, to = lb.one(_response(msg, 430), dest)
+    assert (out.status, out.reason, to) == (480, b"Temporarily Unavailable", CLIENT)
+    paths, node = _path_of(lb, CLIENT, LB_UDP, "SIP/2.0/UDP 192.168.1.5:5062;rport")
+    routes = "".join(f"Route: {p.decode()}\r\n" for p in paths)
+    msg, dest = lb.one(request("INVITE", "sip:alice@192.168.1.5:5062", via="SIP/2.0/UDP 10.0.1.1:7777",
+                               extra=routes), node)
+    out, to = lb.one(_response(msg, 430), CLIENT)
+    assert out.status == 430 and to == node
+
+
 def test_answers_made_by_the_balancer_go_to_the_recorded_hop_too(lb: Harness):
     tcp = lb.feed(request("OPTIONS", "sip:10.0.0.1:5060", via="SIP/2.0/TCP 127.0.0.1:6379"), TCP_CLIENT, LB_TCP)
     assert [dest for _, dest in tcp] == [TCP_CLIENT] and lb.responses == [TCP_CLIENT]

@@ -7,7 +7,7 @@ balancer's intervals shortened (keepalive every 1 s, 2 unanswered OPTIONS; strea
   unregistered after its keepalive budget, and a call to it then gets 480.
 * TCP: a registered phone idle for longer than the idle timeout still receives an INVITE over
   its connection (an unregistered idle connection is closed meanwhile); a call to a phone
-  whose connection died gets 430 Flow Failed at the caller within 1 s, and its binding is
+  whose connection died fails with 430 Flow Failed (480 at the caller) within 1 s, and its binding is
   removed from Redis.
 """
 
@@ -195,7 +195,7 @@ def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
     return True
 
 
-def test_tcp_phone_idle_past_the_idle_timeout_still_rings_and_a_dead_connection_gets_430_at_once(
+def test_tcp_phone_idle_past_the_idle_timeout_still_rings_and_a_dead_connection_gets_480_at_once(
     tmp_path, redis_url, accounts, start_node, start_balancer
 ):
     metrics_port = free_udp_tcp_port()
@@ -223,7 +223,7 @@ def test_tcp_phone_idle_past_the_idle_timeout_still_rings_and_a_dead_connection_
         final = getattr(placed[0], "final", None) if placed else None
         assert final is not None and final.status == 486
 
-        # bob registers over TCP, then his connection dies: 430 at the caller, at once
+        # bob registers over TCP, then his connection dies: 480 at the caller (the node's 430), at once
         bob = TcpPhone(lb.address, "bob", accounts["bob"])
         assert bob.register() == 200
         assert bindings(redis_url, "bob") == 1
@@ -236,7 +236,7 @@ def test_tcp_phone_idle_past_the_idle_timeout_still_rings_and_a_dead_connection_
         started = time.monotonic()
         result = caller.invite(lb.address, "bob", timeout=5.0)
         elapsed = time.monotonic() - started
-        assert result.final is not None and result.final.status == 430, lb.log()[-2000:]
+        assert result.final is not None and result.final.status == 480, lb.log()[-2000:]
         # at once, not a connection attempt and Timer B's 32 s (3 s: room for a loaded CI machine)
         assert elapsed < 3.0, elapsed
         # the node removed the binding of the dead flow (RFC 5626 11): no later call forks to it

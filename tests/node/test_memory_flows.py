@@ -1,6 +1,7 @@
 """Client flows in memory (RFC 5626 5.3): a phone connected straight to a node over TCP is
-reached over its connection only; once that is gone, a request for it is answered 430 Flow
-Failed at once, never by dialling the phone's ephemeral port and waiting for Timer B.
+reached over its connection only; once that is gone, a request for it fails with 430 Flow
+Failed at once (the caller of an initial request hears 480: RFC 5626 11.5 keeps 430 between
+proxies), never by dialling the phone's ephemeral port and waiting for Timer B.
 
 :meth:`MemFarm.disconnect` closes a phone's connection: a request the node sends over that
 flow then fails to send (as ``TransportManager.send(..., connect=False)`` does), and anything
@@ -63,18 +64,18 @@ def bob_bindings(farm: MemFarm) -> list[Binding]:
     return list(farm.state.bindings.get(f"bob@{DOMAIN}", {}).values())
 
 
-def test_a_call_to_a_phone_whose_connection_is_gone_gets_430_at_once(farm: MemFarm, alice: Phone) -> None:
+def test_a_call_to_a_phone_whose_connection_is_gone_gets_480_at_once(farm: MemFarm, alice: Phone) -> None:
     bob = tcp_bob(farm)
     farm.disconnect(bob)
     answer = call(alice)  # no time passes: no connect timeout, no Timer B
     assert answer is not None
-    assert answer.status == 430
-    assert answer.reason == b"Flow Failed"
-    assert finals(alice) == [430]
+    assert answer.status == 480  # the branch's 430, never for the caller (RFC 5626 11.5)
+    assert answer.reason == b"Temporarily Unavailable"
+    assert finals(alice) == [480]
     assert farm.stray_to("10.0.0.3") == []  # the node dialled neither the flow's port nor the Contact's
     assert flow_failures(farm) == 1
     farm.advance(40)  # nothing more comes later (a 408 at Timer B, a second final)
-    assert finals(alice) == [430]
+    assert finals(alice) == [480]
 
 
 def test_with_a_second_device_the_call_rings_there_and_is_answered(farm: MemFarm, alice: Phone) -> None:
@@ -102,6 +103,8 @@ def test_an_in_dialog_request_over_a_gone_flow_gets_430(farm: MemFarm, alice: Ph
     alice.inbox.clear()
     bye = alice.in_dialog("BYE", answer)
     alice.send(bye, alice.first_hop(bye))
+    # as it came: this node followed the Route, it looked no binding up (a balancer in front
+    # turns it into 480 for the phone)
     assert finals(alice, b"BYE") == [430]
     assert farm.stray_to("10.0.0.3") == []
     # in dialog a 430 says nothing about the registration (it went by Record-Route, not a lookup)
@@ -124,7 +127,7 @@ def test_after_a_430_the_binding_is_gone_and_the_next_call_gets_480_at_once(
     bob = tcp_bob(farm)
     farm.disconnect(bob)
     with caplog.at_level(logging.INFO, logger="sipfarm.proxy"):
-        assert call(alice).status == 430  # type: ignore[union-attr]
+        assert call(alice).status == 480  # type: ignore[union-attr]
     assert bob_bindings(farm) == []
     assert flow_failures(farm, kind="binding_flow_failed") == 1
     (line,) = [r.getMessage() for r in caplog.records if "event=binding_removed" in r.getMessage()]
@@ -165,7 +168,7 @@ def test_a_newer_binding_of_the_same_instance_on_a_new_flow_is_kept(farm: MemFar
     assert new.register(contact=contact).status == 200  # type: ignore[union-attr]
     (binding,) = bob_bindings(farm)
     old.answer_call(430)
-    assert finals(alice) == [430]  # the caller still hears the branch's answer
+    assert finals(alice) == [480]  # the caller still hears the branch's answer (as 480)
     assert bob_bindings(farm) == [binding]  # registered over 40002: kept
     assert flow_failures(farm, kind="binding_flow_failed") == 0
     alice.inbox.clear()
