@@ -217,6 +217,9 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
     # and a connection stay with one worker, and a REGISTER's 200 comes back to it)
     registrations = RegisteredFlows(interval=cfg.keepalive_interval, failures=cfg.keepalive_failures)
     transports.on_keepalive = registrations.heard  # STUN and CRLF never reach the core
+    # RFC 5626 8: STUN keepalives come over registered flows; anything else would make the
+    # balancer answer whatever address a datagram claims (a reflector)
+    transports.stun_allowed = registrations.flows.__contains__
     ssl_ctx = server_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
     from sipfarm.balancer.origins import OriginPolicy  # noqa: PLC0415
 

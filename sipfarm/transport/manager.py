@@ -151,6 +151,10 @@ class TransportManager:
         # the source (the connection closed at once, the keep-alive ignored). The balancer's
         # allow/deny lists, a node's accept_from; the owner counts what it refuses
         self.allow_source: Callable[[str], bool] | None = None
+        # checked before a STUN Binding request on UDP is answered, with its source: False drops
+        # it (the balancer answers only its registered flows: RFC 5626 keepalives, never a
+        # reflector for datagrams whose source is forged)
+        self.stun_allowed: Callable[[Address], bool] | None = None
         self.config = config if config is not None else TransportConfig()
         self.stats = stats if stats is not None else TransportStats()
         self._tls_client_context = tls_client_context

@@ -9,7 +9,9 @@ start a SIP message, so only those are looked at more closely.  A CRLF is counte
 ignored; a STUN Binding request is answered here with the sender's address
 (:mod:`sipfarm.transport.stun`, RFC 5626 8), any other STUN message dropped and counted.
 Neither reaches the parser; both tell the manager's ``on_keepalive`` the flow is alive.  A
-source the manager's ``allow_source`` hook refuses gets neither answer nor notice.
+source the manager's ``allow_source`` hook refuses gets neither answer nor notice, and a STUN
+request from a source its ``stun_allowed`` hook refuses (the balancer's: not a registered flow)
+is dropped, counted: a forged source cannot make the farm a reflector.
 
 Two endpoints do this.  :class:`BatchedUdpEndpoint`, when the C extension
 :mod:`sipfarm.transport._batchio` is built (``scripts/build-compiled.sh``), reads the socket
@@ -92,6 +94,10 @@ def consume_keepalive(
         source = Address("udp", host, port)
         if allow_source is not None and not allow_source(host):
             return True  # a refused source learns nothing, not even its address
+        stun_allowed = manager.stun_allowed
+        if stun_allowed is not None and not stun_allowed(source):
+            bump(stats.stun_dropped, "stun_not_registered")
+            return True
         try:
             # RFC 5626 8 / RFC 5389 7.3.1: a success response naming the source address
             response = binding_response(header, host, port)

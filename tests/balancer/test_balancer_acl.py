@@ -30,16 +30,26 @@ def protect_counts(port: int) -> dict[str, float]:
     return counts
 
 
-def stun_binding(source: str, dest: tuple[str, int]) -> bytes | None:
+def stun_binding(source: str | socket.socket, dest: tuple[str, int]) -> bytes | None:
+    """One STUN Binding request from a new socket on ``source``, or from that socket; the answer."""
     request = BINDING_REQUEST.to_bytes(2, "big") + b"\x00\x00" + b"\x21\x12\xa4\x42" + b"t" * 12
+    if isinstance(source, socket.socket):
+        return _exchange(source, request, dest)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind((source, 0))
-        sock.settimeout(0.5)
-        sock.sendto(request, dest)
-        try:
-            return sock.recv(2048)
-        except TimeoutError:
-            return None
+        return _exchange(sock, request, dest)
+
+
+def _exchange(sock: socket.socket, request: bytes, dest: tuple[str, int]) -> bytes | None:
+    timeout = sock.gettimeout()
+    sock.settimeout(0.5)
+    sock.sendto(request, dest)
+    try:
+        return sock.recv(2048)
+    except TimeoutError:
+        return None
+    finally:
+        sock.settimeout(timeout)
 
 
 def tcp_options(source: str, dest: tuple[str, int]) -> bytes:
@@ -110,7 +120,9 @@ def test_denied_and_unlisted_sources_dropped_nodes_pass(redis_url, accounts, sta
             assert client.recv(0.3) is None
             assert not client.skipped  # nor an answer to the OPTIONS, which register() passed over
         # keep-alives and connections: nothing for a refused source
-        assert stun_binding("127.0.0.3", lb.address) is not None
+        # (STUN over the registered flow only: RFC 5626 keepalives; never a reflector)
+        assert stun_binding(served.sock, lb.address) is not None
+        assert stun_binding("127.0.0.3", lb.address) is None
         assert stun_binding("127.0.0.2", lb.address) is None
         assert tcp_options("127.0.0.2", lb.address) == b""
         assert tcp_options("127.0.0.3", lb.address).startswith(b"SIP/2.0 ")
