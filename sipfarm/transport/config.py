@@ -46,6 +46,11 @@ class TransportConfig:
     # accept, before any TLS handshake; a WebSocket upgrade is answered 503.
     max_connections: int = 10_000
     max_connections_per_source: int | None = None
+    # Bytes of incomplete stream messages buffered over all connections (each at most
+    # max_message_size): over it, the connection holding the most is closed
+    # (``abuse["partial_budget"]``), so stalled partial messages on many connections cost a
+    # bounded amount of memory, not max_connections x max_message_size (640 MB by default).
+    partial_budget: int = 32 * 1024 * 1024
     # Above ``write_buffer_high`` bytes unsent to a stream peer, stop reading from it (it does
     # not read our answers); above ``write_buffer_limit`` close it.
     write_buffer_high: int = 64 * 1024

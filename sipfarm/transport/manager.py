@@ -167,6 +167,7 @@ class TransportManager:
         self._servers: list[tuple[Address, asyncio.Server]] = []
         self._tls_listeners: list[tuple[Address, socket.socket]] = []
         self._flows: dict[Address, Flow] = {}  # also adopted WebSocket flows (duck-typed)
+        self.partial_bytes = 0  # incomplete stream messages buffered, all flows (partial_budget)
         self._connecting: set[asyncio.Task[None]] = set()
         # every open connection (the flow or WebSocket object) -> its source host, "" outbound
         self._open: dict[object, str] = {}
@@ -525,6 +526,31 @@ class TransportManager:
             self._flows[remote] = flow
         self.stats.connections_opened += 1
         return True
+
+    def partial_changed(self, flow: StreamFlow, buffered: int) -> None:
+        """``flow`` now buffers ``buffered`` bytes of an incomplete message; over the
+        ``partial_budget`` in all, the flow holding the most is closed (see TransportConfig)."""
+        self.partial_bytes += buffered - flow.partial
+        flow.partial = buffered
+        if self.partial_bytes <= self.config.partial_budget:
+            return
+        while self.partial_bytes > self.config.partial_budget:
+            largest = max(
+                (f for f in self._flows.values() if isinstance(f, StreamFlow) and not f.closing),
+                key=lambda f: f.partial,
+                default=None,
+            )
+            if largest is None or largest.partial == 0:
+                break
+            logger.warning(
+                "event=partial_budget_exceeded remote=%s partial_bytes=%d budget=%d",
+                largest.remote,
+                self.partial_bytes,
+                self.config.partial_budget,
+            )
+            self.partial_bytes -= largest.partial
+            largest.partial = 0
+            largest.abort_for_abuse("partial_budget", "the most buffered when over the partial budget")
 
     def flow_closed(self, flow: StreamFlow, *, established: bool) -> None:
         if established:

@@ -98,6 +98,7 @@ class StreamFlow(asyncio.Protocol):
         self._hold_until = 0.0  # loop time: not closed for idleness before it
         self._silent_until = 0.0  # loop time an inbound flow must have spoken by (0: it has)
         self._pings = PingLimit(self._config.ping_limit, self._config.ping_window)
+        self.partial = 0  # bytes of an incomplete message buffered (the manager's budget)
 
     def __repr__(self) -> str:
         return f"<StreamFlow {self.remote} local={self.local}>"
@@ -183,8 +184,11 @@ class StreamFlow(asyncio.Protocol):
             if delivered or self._message_start is None:
                 self._message_start = now
                 self._arm(now + self._config.message_timeout)
+            self._manager.partial_changed(self, framer.buffered)
         else:
             self._message_start = None
+            if self.partial:
+                self._manager.partial_changed(self, 0)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too: SIP has no use for half-open flows
@@ -192,6 +196,8 @@ class StreamFlow(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self._transport = None
+        if self.partial:
+            self._manager.partial_changed(self, 0)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -268,6 +268,34 @@ def test_drip_feeding_sender_is_closed_by_the_message_timeout(arun: Runner) -> N
     arun(scenario())
 
 
+def test_stalled_partial_messages_cost_at_most_the_partial_budget(arun: Runner) -> None:
+    """Connections from many sources each send 40 KB of a message and stall: over the
+    partial budget (100 KB) the connection holding the most is closed, so buffered partial
+    messages stay bounded; a phone sending whole messages meanwhile is served."""
+
+    async def scenario() -> None:
+        manager, addr = await _server(partial_budget=100_000, message_timeout=30, idle_timeout=30)
+        head = b"INVITE sip:bob@farm.test SIP/2.0\r\nVia: " + TCP_VIA.encode() + b"\r\nX-Pad: "
+        stalled = []
+        for n in range(6):
+            reader, writer = await _open(addr, f"127.0.0.{10 + n}")
+            writer.write(head + b"x" * (40_000 + n * 1000))  # no end of headers: never complete
+            stalled.append((reader, writer))
+            await wait_until(lambda: manager.partial_bytes > 0)
+            await asyncio.sleep(0.05)
+        await wait_until(lambda: manager.stats.abuse.get("partial_budget", 0) >= 3)
+        assert manager.partial_bytes <= 100_000
+        reader, writer = await _open(addr, "127.0.0.2")
+        assert await _answered(reader, writer)
+        writer.close()
+        for _, w in stalled:
+            w.close()
+        await wait_until(lambda: manager.partial_bytes == 0)
+        await manager.close()
+
+    arun(scenario())
+
+
 def test_tls_source_over_its_limit_is_closed_before_the_handshake(arun: Runner, tls_cert: tuple[Path, Path]) -> None:
     cert, _ = tls_cert
 
