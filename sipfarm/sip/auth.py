@@ -831,10 +831,11 @@ def same_resource(digest_uri: str, request_uri: bytes) -> bool:
     """The digest ``uri`` does not name another resource than the Request-URI (RFC 2617
     3.2.2.5, RFC 3261 22.4): without this check, credentials captured from one request
     authorise another with the same nonce use sent first (an INVITE to a premium number instead
-    of a colleague: the digest covers its ``uri``, not the Request-URI).  Byte-equal, or a user
-    part naming the same user (unescaped).  Only the user is compared:
-    phones differ in how they write the rest (SIPp puts ``sip:<server IP>:<port>`` for any
-    Request-URI), and a ``uri`` with no user part names no other callee."""
+    of a colleague: the digest covers its ``uri``, not the Request-URI).  Byte-equal, or the
+    same user (unescaped) where both name one.  Only the user is compared: phones differ in how
+    they write the rest (SIPp puts ``sip:<server IP>:<port>`` for any Request-URI), a ``uri``
+    with no user part names no other callee, and a Request-URI with none (a REGISTER's) routes
+    to no user whatever the ``uri`` says."""
     if digest_uri.encode("latin-1", "replace") == request_uri:
         return True
     try:
@@ -844,7 +845,7 @@ def same_resource(digest_uri: str, request_uri: bytes) -> bool:
         return False
     if not (isinstance(mine, SipURI) and isinstance(theirs, SipURI)):
         return str(mine) == str(theirs)
-    if mine.user is None:
+    if mine.user is None or theirs.user is None:
         return True
     return mine.user_unescaped == theirs.user_unescaped
 
