@@ -168,8 +168,9 @@ def _after_quoted(value: bytes, quote: int) -> int:
     return match.end()
 
 
-def _split_comma_short(value: bytes) -> list[bytes]:
-    """split_comma's byte walk, for a value of at most _SHORT_VALUE bytes."""
+def _split_short(value: bytes, sep: int, angles: bool) -> list[bytes]:
+    """The byte walk of the splitters, for a value of at most _SHORT_VALUE bytes: the pieces
+    between ``sep`` bytes outside quoted strings (and, with ``angles``, outside <...>)."""
     out: list[bytes] = []
     start = 0
     in_quote = False
@@ -185,41 +186,11 @@ def _split_comma_short(value: bytes) -> list[bytes]:
                 in_quote = False
         elif ch == 0x22:
             in_quote = True
-        elif ch == 0x3C:
+        elif angles and ch == 0x3C:
             in_angle = True
-        elif ch == 0x3E:
+        elif angles and ch == 0x3E:
             in_angle = False
-        elif ch == 0x2C and not in_angle:
-            part = value[start:i].strip()
-            if part:
-                out.append(part)
-            start = i + 1
-        i += 1
-    if in_quote:
-        raise HeaderError("unterminated quoted string")
-    part = value[start:].strip()
-    if part:
-        out.append(part)
-    return out
-
-
-def _split_semicolon_short(value: bytes) -> list[bytes]:
-    """split_semicolon's byte walk, for a value of at most _SHORT_VALUE bytes."""
-    out: list[bytes] = []
-    start = 0
-    in_quote = False
-    i = 0
-    n = len(value)
-    while i < n:
-        ch = value[i]
-        if in_quote:
-            if ch == 0x5C:
-                i += 1
-            elif ch == 0x22:
-                in_quote = False
-        elif ch == 0x22:
-            in_quote = True
-        elif ch == 0x3B:
+        elif ch == sep and not in_angle:
             out.append(value[start:i])
             start = i + 1
         i += 1
@@ -238,7 +209,7 @@ def split_comma(value: bytes) -> list[bytes]:
     if value.find(b'"') < 0 and value.find(b"<") < 0:
         return [part.strip() for part in value.split(b",") if part.strip()]
     if len(value) <= _SHORT_VALUE:
-        return _split_comma_short(value)
+        return [part.strip() for part in _split_short(value, 0x2C, True) if part.strip()]
     if value.count(b'"') + value.count(b"<") + value.count(b">") > _MAX_LIST_SPECIALS:
         raise HeaderError("too many quotes and angle brackets in list")
     out: list[bytes] = []
@@ -306,7 +277,7 @@ def split_semicolon(value: bytes) -> list[bytes]:
     if value.find(b'"') < 0:
         return value.split(b";")
     if len(value) <= _SHORT_VALUE:
-        return _split_semicolon_short(value)
+        return _split_short(value, 0x3B, False)
     out: list[bytes] = []
     start = 0
     i = 0

@@ -22,6 +22,7 @@ from sipfarm.sip.headers import (
     parse_uint,
     parse_via,
     split_comma,
+    split_semicolon,
     tag_of,
     unquote_string,
     via_branch,
@@ -515,3 +516,30 @@ def test_parse_uint() -> None:
     for bad in (b"", b"-1", b"1.0", b"256", b"12345678901", b"\xd9\xa3"):
         with pytest.raises(HeaderError):
             parse_uint(bad, "Max-Forwards", 255)
+
+
+def _outcome(split: Callable[[bytes], list[bytes]], value: bytes) -> list[bytes] | str:
+    try:
+        return split(value)
+    except HeaderError as exc:
+        return f"HeaderError: {exc}"
+
+
+# values of the bytes the splitters act on, short enough for the byte walk; padded with 600
+# spaces they take the regex path, which must split them alike
+_SPLITTABLE = st.lists(st.sampled_from([b'"', b"\\", b"<", b">", b",", b";", b"a", b" ", b"=x"]), max_size=40).map(
+    b"".join
+)
+
+
+@given(_SPLITTABLE)
+def test_the_short_and_the_long_split_comma_agree(value: bytes) -> None:
+    assert _outcome(split_comma, value) == _outcome(split_comma, value + b" " * 600)
+
+
+@given(_SPLITTABLE)
+def test_the_short_and_the_long_split_semicolon_agree(value: bytes) -> None:
+    short, long = _outcome(split_semicolon, value), _outcome(split_semicolon, value + b" " * 600)
+    if isinstance(long, list):
+        long = [*long[:-1], long[-1][: len(long[-1]) - 600]]
+    assert short == long
