@@ -4,7 +4,10 @@ RFC 3550 11: RTP takes an even port and RTCP the next odd one; with rtcp-mux (RF
 port carries both.  The range is kept as two free lists so that both requests are O(1):
 
 - ``pairs``: even ports whose odd partner is free too (a deque: freed pairs go to the back, so a
-  port is reused as late as possible and stray packets of an old call rarely reach a new one);
+  port is reused as late as possible and stray packets of an old call rarely reach a new one).
+  It starts in a random order: the next call's ports cannot be guessed from the last one's
+  (an attacker spraying the ports after its own finds no call to hit; latching is strict
+  besides, see media/port.py);
 - ``singles``: ports whose partner is in use (an insertion-ordered dict used as a set, so that
   freeing a single can find and remove its partner in O(1) and merge the two back into a pair).
 
@@ -13,6 +16,7 @@ A single is taken from ``singles`` first and otherwise by splitting a pair.
 
 from __future__ import annotations
 
+import random
 from collections import deque
 
 __all__ = ["PortAllocator", "PortsExhausted", "RelayError"]
@@ -38,7 +42,7 @@ class PortAllocator:
 
     __slots__ = ("_pairs", "_retired", "_singles", "max_port", "min_port")
 
-    def __init__(self, min_port: int, max_port: int) -> None:
+    def __init__(self, min_port: int, max_port: int, *, shuffled: bool = True) -> None:
         if not 1024 <= min_port <= max_port <= 65535:
             raise ValueError(f"bad port range {min_port}-{max_port}: expected 1024 <= min <= max <= 65535")
         first = min_port + (min_port & 1)  # RTP ports are even (RFC 3550 11)
@@ -46,7 +50,10 @@ class PortAllocator:
             raise ValueError(f"bad port range {min_port}-{max_port}: no even/odd pair in it")
         self.min_port = min_port
         self.max_port = max_port
-        self._pairs: deque[int] = deque(range(first, max_port, 2))
+        pairs = list(range(first, max_port, 2))
+        if shuffled:  # ``shuffled=False``: in order, for tests that name the ports they get
+            random.SystemRandom().shuffle(pairs)
+        self._pairs: deque[int] = deque(pairs)
         self._singles: dict[int, None] = {}
         self._retired: set[int] = set()
 

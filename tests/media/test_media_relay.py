@@ -100,7 +100,7 @@ def rtcp_rr(ssrc: int = 0xA) -> bytes:
 
 
 def test_allocator_pairs_singles_and_merging() -> None:
-    alloc = PortAllocator(20001, 20008)  # odd start: pairs 20002, 20004, 20006
+    alloc = PortAllocator(20001, 20008, shuffled=False)  # odd start: pairs 20002, 20004, 20006
     assert alloc.free_ports == 6
     assert alloc.allocate_pair() == 20002
     single = alloc.allocate_single()  # splits 20004: 20005 waits as a single
@@ -116,6 +116,14 @@ def test_allocator_pairs_singles_and_merging() -> None:
         alloc.allocate_pair()
     with pytest.raises(ValueError, match="bad port range"):
         PortAllocator(20000, 20000)
+
+
+def test_ports_are_handed_out_in_a_random_order() -> None:
+    """The next call's ports cannot be guessed from the last one's: two relays with the same
+    range give different sequences (probability of a match 1 in 50!), every even port once."""
+    orders = [[alloc.allocate_pair() for _ in range(50)] for alloc in (PortAllocator(30000, 30099) for _ in range(2))]
+    assert orders[0] != orders[1]
+    assert sorted(orders[0]) == sorted(orders[1]) == list(range(30000, 30099, 2))
 
 
 def test_offer_and_answer_allocate_even_pairs_and_mux_singles() -> None:
@@ -541,7 +549,7 @@ async def test_media_timeout_closes_sockets_on_a_real_loop() -> None:
 
 
 async def test_a_port_held_by_another_process_is_retired_and_the_offer_fails_cleanly() -> None:
-    engine = RelayEngine(PortAllocator(41200, 41205), sdp_allowed=lambda host, port: True)
+    engine = RelayEngine(PortAllocator(41200, 41205, shuffled=False), sdp_allowed=lambda host, port: True)
     server = RelayServer(engine, "127.0.0.1")
     squatter = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     squatter.bind(("127.0.0.1", 41200))
