@@ -377,13 +377,13 @@ class Authenticator:
         self.element.metrics.auth_failures(reason).inc()
         # the same line for an unknown user and a wrong password (fail2ban-ready)
         log.info(
-            "event=auth_failed reason=%s source=%s user=%s realm=%s method=%s call_id=%s",
-            reason,
+            "event=auth_failed source=%s user=%s realm=%s method=%s call_id=%s reason=%s",
             check.source.host,
             creds.username,
             check.realm,
             check.msg.method.decode("latin-1"),
             check.msg.call_id.decode("latin-1"),
+            reason,
         )
         if self.guard is not None:
             # an account's own counter only for an account that exists: a counter per made-up

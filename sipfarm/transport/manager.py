@@ -542,7 +542,7 @@ class TransportManager:
             )
             if largest is None or largest.partial == 0:
                 break
-            logger.warning(
+            logger.debug(  # counted (abuse partial_budget); one line per closed connection
                 "event=partial_budget_exceeded remote=%s partial_bytes=%d budget=%d",
                 largest.remote,
                 self.partial_bytes,
