@@ -970,7 +970,7 @@ class BalancerCore:
         effects follow: the same datagram to the same hop, or the same drop.  Messages that
         are not that shape, probes, keepalives, and everything when debug logging is on take
         the general path."""
-        if self._debug or data[8:12] == b"430 ":
+        if self._debug or data.startswith(b"430 ", 8):
             return False  # a 430 may have to become 480 (_on_response)
         found = _response_hop(data, self._via_starts, HOP_PREFIX, max_size)
         if found is None:

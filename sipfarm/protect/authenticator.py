@@ -406,16 +406,15 @@ class Authenticator:
 
     def _account_counted(self, aor: str, outcome: FailureOutcome | StoreError) -> None:
         self._counted(outcome)
-        if not isinstance(outcome, StoreError) and outcome.account_locked:
-            self.lock(aor)
+        if not isinstance(outcome, StoreError) and outcome.account_locked and self.guard is not None:
+            self.lock(aor, self.guard.policy.window)
 
     # -- accounts locked to their known clients --------------------------------------------------
 
-    def lock(self, aor: str) -> None:
-        """Lock ``aor`` (``user@realm``) to its known clients until the failure window ends
-        (from now: the window's own end is Redis's), fetching their hosts when due."""
+    def lock(self, aor: str, window: float) -> None:
+        """Lock ``aor`` (``user@realm``) to its known clients for the failure ``window`` from
+        now (the window's own end is Redis's), fetching their hosts when due."""
         now = self.element.now()
-        window = self.guard.policy.window if self.guard is not None else 300.0
         locks = self._locks
         entry = locks.get(aor)
         if entry is None or entry.until <= now:

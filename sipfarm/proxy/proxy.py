@@ -946,35 +946,32 @@ class Proxy:
         was sent (the phone itself, a gateway); None behind a Path of someone else's."""
         if not target.route:
             return target.destination.host
-        try:
-            hop = parse_name_addr(target.route[0]).uri
-        except (HeaderError, URIError):
-            return None
-        if not (isinstance(hop, SipURI) and hop.user and self._farm_uri(hop, call_id)):
-            return None
-        try:
-            return self.flow_tokens.decode(hop.user, hop.host, hop.port or default_port(hop.transport)).host
-        except FlowTokenError:
-            return None
+        return self._token_flow_host(target.route[0])
 
     def binding_client(self, binding: Binding) -> str | None:
         """The host of the client ``binding`` was registered from: the flow a farm flow token
         at the top of its Path names (a phone behind a balancer), else where its REGISTER came
         from; None behind a Path of someone else's (the authenticator's known clients)."""
         if binding.path:
-            try:
-                hop = parse_name_addr(binding.path[0].encode("latin-1")).uri
-            except (HeaderError, URIError):
-                return None
-            if not (isinstance(hop, SipURI) and hop.user and hop.param("maddr") is None):
-                return None
-            try:
-                return self.flow_tokens.decode(hop.user, hop.host, hop.port or default_port(hop.transport)).host
-            except FlowTokenError:
-                return None
+            return self._token_flow_host(binding.path[0].encode("latin-1"))
         try:
             return Address.parse(binding.received).host
         except ValueError:
+            return None
+
+    def _token_flow_host(self, entry: bytes) -> str | None:
+        """The host of the flow a farm flow token in the Route/Path ``entry`` names (valid at its
+        host and port, no ``maddr``: what :meth:`_farm_uri` accepts of a token); None for any
+        other entry."""
+        try:
+            hop = parse_name_addr(entry).uri
+        except (HeaderError, URIError):
+            return None
+        if not (isinstance(hop, SipURI) and hop.user and hop.param("maddr") is None):
+            return None
+        try:
+            return self.flow_tokens.decode(hop.user, hop.host, hop.port or default_port(hop.transport)).host
+        except FlowTokenError:
             return None
 
     def _farm_uri(self, uri: object, call_id: bytes) -> bool:

@@ -209,7 +209,7 @@ def split_comma(value: bytes) -> list[bytes]:
     if value.find(b'"') < 0 and value.find(b"<") < 0:
         return [part.strip() for part in value.split(b",") if part.strip()]
     if len(value) <= _SHORT_VALUE:
-        return [part.strip() for part in _split_short(value, 0x2C, True) if part.strip()]
+        return [stripped for part in _split_short(value, 0x2C, True) if (stripped := part.strip())]
     if value.count(b'"') + value.count(b"<") + value.count(b">") > _MAX_LIST_SPECIALS:
         raise HeaderError("too many quotes and angle brackets in list")
     out: list[bytes] = []

@@ -532,8 +532,6 @@ class TransportManager:
         ``partial_budget`` in all, the flow holding the most is closed (see TransportConfig)."""
         self.partial_bytes += buffered - flow.partial
         flow.partial = buffered
-        if self.partial_bytes <= self.config.partial_budget:
-            return
         while self.partial_bytes > self.config.partial_budget:
             largest = max(
                 (f for f in self._flows.values() if isinstance(f, StreamFlow) and not f.closing),
