@@ -19,6 +19,7 @@ from typing import Final
 from sipfarm.sip.errors import REASONS, BadMessage, SipError, UnsupportedURIScheme, reason_phrase
 from sipfarm.sip.headers import (
     LIST_HEADERS,
+    MAX_HEADER_VALUE,
     MAX_LIST_ELEMENTS,
     HeaderError,
     NameAddr,
@@ -482,6 +483,10 @@ def error_response(request: SipMessage | None, error: SipError, to_tag: bytes) -
             if header[0] in copied:
                 continue  # a request rejected for repeating it (RFC 4475 3.3.8): one in the answer
             copied.add(header[0])
+        elif header[0] == "via":
+            if "via" in copied and len(header[2]) > MAX_HEADER_VALUE:
+                continue  # an overlong Via below the top one is not echoed (the answer goes by the top)
+            copied.add("via")
         kept.append(header)
     if len(kept) != len(req.headers):
         req = SipMessage(method=req.method, uri=req.uri, headers=kept, cseq=req.cseq)

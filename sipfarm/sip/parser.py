@@ -27,6 +27,7 @@ from sipfarm.sip.errors import (
 from sipfarm.sip.headers import (
     COMPACT,
     MAX_HEADER_VALUE,
+    MAX_LIST_ELEMENTS,
     STRUCTURED,
     HeaderError,
     check_name_addr,
@@ -265,6 +266,46 @@ def _answerable(exc: SipError, headers: list[Header]) -> None:
         exc.partial.headers = headers
 
 
+# Vias copied into the answer to a request with too many header lines: as many as a request
+# may carry (MAX_LIST_ELEMENTS, the bound validate_request puts on every list); the rest are not
+# echoed (RFC 3261 8.2.6.2 copies them all, but such a request's sender gets an answer of
+# bounded size, routable back at least to the hop that sent it).
+_ANSWER_VIAS = MAX_LIST_ELEMENTS
+
+
+def _answer_headers(lines: list[bytes]) -> list[Header]:
+    """What the 400 to a request with too many header lines needs of it: its Via lines (the
+    first ``_ANSWER_VIAS``), and its first From, To, Call-ID and CSeq (RFC 3261 8.2.6.2).
+    Read without raising: a line the parser would reject is skipped, not answered for."""
+    kept: list[Header] = []
+    seen: set[str] = set()
+    vias = 0
+    for line in lines:
+        colon = line.find(b":")
+        if colon <= 0:
+            continue
+        name = line[:colon].rstrip(b" \t")
+        key = _KEY_CACHE.get(name)
+        if key is None:
+            if not is_token(name) or len(name) > 16:
+                continue
+            key = name.decode("ascii").lower()
+            key = COMPACT.get(key, key)
+        if key == "via":
+            if vias >= _ANSWER_VIAS:
+                continue
+            vias += 1
+        elif key in _MANDATORY and key not in seen:
+            seen.add(key)
+        else:
+            continue
+        value = line[colon + 1 :].strip(b" \t")
+        if len(value) > MAX_HEADER_VALUE:
+            continue
+        kept.append((key, name, value))
+    return kept
+
+
 def _bad_request_line(parts: list[bytes]) -> SipError:
     # Whitespace inside the Request-URI (RFC 4475 3.1.2.6 "lwsruri", 3.1.2.7 "lwsstart").
     msg = SipMessage(method=parts[0], uri=b" ".join(parts[1:-1])) if is_token(parts[0]) else None
@@ -283,10 +324,15 @@ def _parse_headers(head_lines: list[bytes], sep: bytes, msg: SipMessage) -> tupl
     for line in lines:
         if line and (line[0] == 0x20 or line[0] == 0x09):
             if lines[0][:1] in (b" ", b"\t"):
+                if msg.is_request:
+                    msg.headers = _answer_headers(lines)
                 raise BadMessage("header section starts with a continuation line", partial=msg)
             lines = _FOLD_RE.sub(b" ", sep.join(lines)).split(sep)
             break
     if len(lines) > MAX_HEADERS:
+        if msg.is_response:
+            raise MessageDropped("too many header lines")
+        msg.headers = _answer_headers(lines)
         raise BadMessage("too many header lines", partial=msg)
     headers: list[Header] = []
     append = headers.append

@@ -101,7 +101,37 @@ def load_vectors() -> list[Torture]:
     return found
 
 
-ALL = load_vectors()
+def _crafted_request(extra: str, *, via: str = "SIP/2.0/UDP client.example.com:5060;branch=z9hG4bKcrafted") -> bytes:
+    return (
+        f"OPTIONS sip:bob@biloxi.example.com SIP/2.0\r\nVia: {via}\r\nMax-Forwards: 70\r\n"
+        "From: <sip:alice@atlanta.example.com>;tag=c1\r\nTo: <sip:bob@biloxi.example.com>\r\n"
+        f"Call-ID: crafted@client.example.com\r\nCSeq: 1 OPTIONS\r\n{extra}Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def _lines(name: str, count: int, value: str) -> str:
+    return "".join(f"{name}: {value.format(i=i)}\r\n" for i in range(count))
+
+
+def crafted_vectors() -> list[Torture]:
+    """sipfarm's own: requests over the parser's bounds (too many lines, lists, values; see
+    tests/sip/test_limits.py), each answered 400 with what a response copies, never followed to
+    the hosts it names (the ``dangerous`` rewrite points them all at the victims)."""
+    shapes = {
+        "routes-500-lines": _lines("Route", 500, "<sip:r{i}.example.com;lr>"),
+        "vias-800-lines": _lines("Via", 800, "SIP/2.0/UDP v{i}.example.com;branch=z9hG4bK{i}"),
+        "headers-300-unknown": _lines("X-N{i}", 300, "v"),
+        "route-list-800": "Route: " + ",".join(f"<sip:r{i}.example.com;lr>" for i in range(800)) + "\r\n",
+        "via-list-70": "Via: " + ",".join(f"SIP/2.0/UDP v{i}.example.com;branch=b{i}" for i in range(70)) + "\r\n",
+        "contacts-70-lines": _lines("Contact", 70, "<sip:c{i}.example.com>"),
+    }
+    return [
+        Torture("sipfarm", name, "limits", "over a parser bound", _crafted_request(extra), False, "400")
+        for name, extra in shapes.items()
+    ]
+
+
+ALL = load_vectors() + crafted_vectors()
 
 # -- making a message dangerous ---------------------------------------------------------------------
 

@@ -87,3 +87,39 @@ def test_list_bound_counts_every_line_of_one_header() -> None:
     assert len(msg.values("route")) == MAX_LIST_ELEMENTS - 1
     with pytest.raises(BadMessage):
         parse_message(ok.replace(b"Route:", b"Route: <sip:x.test;lr>, <sip:y.test;lr>,", 1)).values("route")
+
+
+def _lines(name: str, count: int, value: str) -> str:
+    return "".join(f"{name}: {value.format(i=i)}\r\n" for i in range(count))
+
+
+# Requests the parser refuses before it has read their headers one by one (too many lines, a
+# continuation line first) or for a value it will not copy: each still gets its 400, with the
+# Via, From, To, Call-ID and CSeq a client needs to match it (RFC 3261 8.2.6.2), and the answer
+# echoes no overlong value and at most MAX_LIST_ELEMENTS Vias.
+UNREAD = {
+    "routes_500_lines": request(extra=_lines("Route", 500, "<sip:10.0.{i}.1;lr>")),
+    "vias_800_lines": request(extra=_lines("Via", 800, "SIP/2.0/UDP 10.0.0.{i};branch=z9hG4bK{i}")),
+    "compact_vias_800_lines": request(extra=_lines("v", 800, "SIP/2.0/UDP 10.0.0.{i};branch=z9hG4bK{i}")),
+    "unknown_headers_300": request(extra=_lines("X-N{i}", 300, "v")),
+    "via_list_800_one_line": request(extra="Via: " + ",".join(
+        f"SIP/2.0/UDP 10.0.0.{i};branch=z9hG4bK{i}" for i in range(800)) + "\r\n"),
+    "route_list_one_line": request(extra="Route: " + ",".join(f"<sip:10.0.{i}.1;lr>" for i in range(800)) + "\r\n"),
+    "continuation_first": request().replace(b"\r\nVia:", b"\r\n  folded\r\nVia:", 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNREAD))
+def test_a_request_refused_before_its_headers_are_read_is_still_answered(name: str) -> None:
+    data = UNREAD[name]
+    with pytest.raises(BadMessage) as caught:
+        validate_request(parse_message(data))
+    answer = error_response(caught.value.partial, caught.value, b"lbtag")
+    assert answer is not None and answer.status == 400, caught.value
+    wire = answer.to_bytes()
+    assert answer.get("call-id") == b"c1@h" and answer.get("cseq") == b"1 INVITE"
+    assert answer.values("via")[0] == b"SIP/2.0/UDP 192.0.2.5:5062;rport;branch=z9hG4bK776"
+    assert b"tag=lbtag" in answer.get("to") and answer.get("from") == b"<sip:alice@farm.test>;tag=a1"
+    assert len(answer.values("via")) <= MAX_LIST_ELEMENTS + 1
+    assert len(wire) < 8192, len(wire)
+
