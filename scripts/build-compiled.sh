@@ -54,6 +54,7 @@ MODULES=(
     sipfarm/store/location.py
     sipfarm/store/accounts.py
     sipfarm/transport/manager.py
+    sipfarm/transport/subject.py
     sipfarm/registrar/bindings.py
     sipfarm/node/core.py
     sipfarm/node/glue.py

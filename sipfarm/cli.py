@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     ban_sub = ban.add_subparsers(dest="ban_cmd", required=True)
     p = ban_sub.add_parser("list", help="current bans, time left and why")
     p.add_argument("--redis")
-    p = ban_sub.add_parser("add", help="ban a source address on every node")
+    p = ban_sub.add_parser("add", help="ban a source address (an IPv6 address: its /64) on every node")
     p.add_argument("ip")
     p.add_argument("--seconds", type=float, default=900.0, help="ban length (default 900; 0: until lifted)")
     p.add_argument("--redis")

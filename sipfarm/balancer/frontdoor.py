@@ -33,6 +33,10 @@ budget while the source stays over it (the sliding window lets a real phone in a
 as a forger stops), counted ``not_banned_udp``.  Bans already in force (started on proven
 evidence, by a node's guard, by ``sipfarm ban add``) apply to every transport.
 
+A source is budgeted and banned as its subject (:mod:`sipfarm.transport.subject`): an IPv4
+address itself, an IPv6 address as its /64, so a host picking new addresses in its /64 keeps
+its one budget and its ban.
+
 Sources in ``exempt`` networks are never limited, inspected or dropped.  Every decision is
 counted by reason in ``stats`` (``sipfarm_balancer_protect_total{reason}``).
 """
@@ -51,6 +55,7 @@ from sipfarm.sip.errors import SipError
 from sipfarm.sip.memo import MAX_CACHED_KEY
 from sipfarm.sip.message import SipMessage
 from sipfarm.sip.uri import SipURI, URIError
+from sipfarm.transport.subject import source_subject
 
 __all__ = ["DEFAULT_SCANNER_AGENTS", "ClientScreen", "FrontDoor", "FrontDoorPolicy", "NewBan"]
 
@@ -117,6 +122,7 @@ class FrontDoor:
             exempt = self._learn_exempt(source)
         if exempt:
             return True
+        source = source_subject(source)  # budgets and bans: an IPv6 source's /64
         until = self._bans.get(source)
         if until is not None:
             if until > now:
@@ -139,6 +145,7 @@ class FrontDoor:
         """After parsing, a request from a client: whether to forward it (False: drop it)."""
         if self._exempt.get(source):
             return True
+        source = source_subject(source)
         if self._agents and not self._agent_allowed(msg.get("user-agent"), source, now, proven):
             return False
         if self._domains and msg.to_tag is None and msg.method not in (b"ACK", b"CANCEL"):
@@ -159,7 +166,7 @@ class FrontDoor:
         domain check is for requests without one): the balancer's request fast path."""
         if self._exempt.get(source):
             return True
-        return not self._agents or self._agent_allowed(agent, source, now, proven)
+        return not self._agents or self._agent_allowed(agent, source_subject(source), now, proven)
 
     def _agent_allowed(self, agent: bytes | None, source: str, now: float, proven: bool) -> bool:
         if agent is not None and self._is_scanner(agent):
@@ -171,7 +178,7 @@ class FrontDoor:
     # -- bans ---------------------------------------------------------------------------------------
 
     def banned(self, source: str, now: float) -> bool:
-        until = self._bans.get(source)
+        until = self._bans.get(source_subject(source))
         return until is not None and until > now
 
     def take_new_bans(self) -> list[NewBan]:

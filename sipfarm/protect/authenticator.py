@@ -66,6 +66,7 @@ from sipfarm.sip.uri import SipURI
 from sipfarm.store.accounts import Account, CacheMiss
 from sipfarm.store.errors import StoreError
 from sipfarm.store.location import Binding
+from sipfarm.transport.subject import source_subject
 
 log = logging.getLogger("sipfarm.auth")
 
@@ -436,7 +437,8 @@ class Authenticator:
             return
         client = self.binding_client
         assert client is not None
-        entry.known = frozenset(host for host in map(client, bindings) if host is not None)
+        # by subject: a phone on IPv6 may register from one address of its /64 and try from another
+        entry.known = frozenset(source_subject(host) for host in map(client, bindings) if host is not None)
 
     def _locked_out(self, user: str, realm: str, host: str) -> bool:
         """``host`` may not authenticate as ``user@realm`` now (no I/O)."""
@@ -450,7 +452,7 @@ class Authenticator:
         if entry.until <= self.element.now():
             del locks[aor]
             return False
-        return host not in entry.known
+        return source_subject(host) not in entry.known
 
     def _replayed(self, msg: SipMessage, source: Address, user: str) -> None:
         self.element.metrics.auth_failures("replay").inc()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from sipfarm.store.redis_client import redis_errors
+from sipfarm.transport.subject import IPV6_PREFIX, source_subject
 
 from .guard import BAN_INDEX, ban_key, ban_source, milliseconds, source_failures_key
 
@@ -26,11 +27,19 @@ INDEX_GRACE = 60.0  # seconds an index entry outlives its ban's end (clocks of w
 
 
 def source_address(text: str) -> str:
-    """An IP address as the nodes see sources (``ipaddress``'s canonical text); ValueError otherwise."""
+    """What ``sipfarm ban`` bans for ``text``: an IPv4 address, or an IPv6 address's /64 (also
+    written as the /64 itself), the subject the farm counts and bans sources as
+    (:mod:`sipfarm.transport.subject`); ValueError otherwise."""
+    text = text.strip()
     try:
-        return str(ipaddress.ip_address(text.strip().strip("[]")))
+        if "/" in text:
+            network = ipaddress.ip_network(text, strict=False)
+            if network.version != 6 or network.prefixlen != IPV6_PREFIX:
+                raise ValueError(text)
+            return str(network)
+        return source_subject(str(ipaddress.ip_address(text.strip("[]"))))
     except ValueError:
-        raise ValueError(f"not an IP address: {text!r}") from None
+        raise ValueError(f"not an IP address or an IPv6 /{IPV6_PREFIX}: {text!r}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +111,7 @@ class BanStore:
 
 def _sort_key(source: str) -> tuple[int, int | str]:
     try:
-        address = ipaddress.ip_address(source)
+        network = ipaddress.ip_network(source)
     except ValueError:
-        return (2, source)
-    return (address.version, int(address))
+        return (7, source)
+    return (network.version, int(network.network_address))

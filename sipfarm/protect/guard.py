@@ -53,6 +53,7 @@ Redis keys (all under ``sipfarm:protect:``)::
 
     ban:{<ip>}                 string: why (failure count, or "manual"); expiry = end of the ban
     fail:src:{<ip>}            counter of failures from a source; expiry = end of its window
+                               (<ip>: the source's subject, an IPv6 address's /64: subject.py)
     fail:acct:<user@domain>    counter of failures against an account; expiry = end of its window
     nonce:<nonce>:<nc>         "1"; expiry = end of the nonce's lifetime
     bans                       zset: banned source -> end of its ban (see BAN_INDEX)
@@ -73,6 +74,7 @@ from typing import Final, Protocol
 
 from sipfarm.sip.memo import MAX_CACHED_KEY
 from sipfarm.store.errors import StoreError
+from sipfarm.transport.subject import source_subject
 
 from .local_bans import LocalBans
 
@@ -112,16 +114,17 @@ def milliseconds(seconds: float) -> int:
 
 
 def ban_key(source_ip: str) -> str:
-    return BAN_PREFIX + "{" + source_ip + "}"
+    """The ban of ``source_ip``'s subject (an IPv6 address's /64: :mod:`~sipfarm.transport.subject`)."""
+    return BAN_PREFIX + "{" + source_subject(source_ip) + "}"
 
 
 def ban_source(key: str) -> str:
-    """The source address a ban key names (``ban_key``'s inverse)."""
+    """The subject a ban key names (``ban_key``'s inverse: an IPv4 address, an IPv6 /64)."""
     return key[len(BAN_PREFIX) :].strip("{}")
 
 
 def source_failures_key(source_ip: str) -> str:
-    return SOURCE_FAILURES_PREFIX + "{" + source_ip + "}"
+    return SOURCE_FAILURES_PREFIX + "{" + source_subject(source_ip) + "}"
 
 
 def account_failures_key(account: str) -> str:

@@ -38,6 +38,7 @@ import hiredis
 from sipfarm.store.errors import StoreError, StoreUnavailable
 from sipfarm.store.location import seconds_left
 from sipfarm.store.resp import RedisPipe, Reply
+from sipfarm.transport.subject import source_subject
 
 from .guard import (
     BAN_INDEX,
@@ -223,7 +224,7 @@ class RedisGuard:
                 if started_ban == 1:
                     # the ban index (another slot): what lists bans; the ban key stays the truth
                     ends = int(time.time() * 1000) + self._failure_args[2]
-                    self.pipe.call(_ignore, "ZADD", BAN_INDEX, ends, replies.source_ip)
+                    self.pipe.call(_ignore, "ZADD", BAN_INDEX, ends, source_subject(replies.source_ip))
                 result = self.rules.failure(
                     replies.source_ip,
                     replies.account_name,

@@ -45,7 +45,6 @@ destination in a response (a forged Via, a stale flow) could make us dial a loca
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import random
 import socket
@@ -64,6 +63,7 @@ from sipfarm.sip.via import stamp_received
 from sipfarm.transport.config import TransportConfig
 from sipfarm.transport.stats import TransportStats, bump
 from sipfarm.transport.stream import StreamFlow
+from sipfarm.transport.subject import source_subject
 from sipfarm.transport.udp import HAVE_BATCHIO, BatchedUdpEndpoint, UdpBatches, UdpEndpoint, bind_udp_socket
 
 logger = logging.getLogger(__name__)
@@ -98,22 +98,6 @@ _LOG_INTERVAL = 1.0  # at most one error log line per second; the rest go to deb
 
 def _to_tag() -> bytes:
     return b"%08x" % random.getrandbits(32)
-
-
-def source_key(host: str) -> str:
-    """What a source's connections are counted under (``max_connections_per_source``): its
-    IPv4 address, or an IPv6 address's /64. One subscriber gets a whole /64 and may use any
-    address in it, so counting single IPv6 addresses let one host take every slot (red team,
-    2026-12-02). An IPv4-mapped address counts as its IPv4 address."""
-    if ":" not in host:
-        return host
-    try:
-        ip = ipaddress.IPv6Address(host.strip("[]").partition("%")[0])
-    except ValueError:
-        return host
-    if ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ipaddress.IPv6Network((ip, 64), strict=False))
 
 
 class TransportManager:
@@ -579,7 +563,7 @@ class TransportManager:
             reason = "total"
         else:
             limit = self.config.max_connections_per_source
-            key = source_key(host)
+            key = source_subject(host)
             if limit is not None and self._per_source.get(key, 0) >= limit:
                 exempt = self.limit_exempt
                 if exempt is None or not exempt(host):
@@ -589,7 +573,7 @@ class TransportManager:
             self.count_refused(reason)
             logger.debug("event=connection_refused source=%s reason=%s", host, reason)
             return reason
-        key = source_key(host)
+        key = source_subject(host)
         self._open[connection] = key
         self._per_source[key] = self._per_source.get(key, 0) + 1
         return None
@@ -607,7 +591,7 @@ class TransportManager:
     def _evict_for(self, host: str) -> bool:
         """At max_connections: make room for ``host`` if it has no connection, by closing the
         oldest quiet one (True when done)."""
-        if not self._quiet or self._per_source.get(source_key(host), 0):
+        if not self._quiet or self._per_source.get(source_subject(host), 0):
             return False
         victim, close = next(iter(self._quiet.items()))
         self.release(victim)
@@ -634,8 +618,8 @@ class TransportManager:
 
     def connections_from(self, host: str) -> int:
         """Open inbound connections from ``host`` (for status and tests; an IPv6 host: from
-        its /64, see :func:`source_key`)."""
-        return self._per_source.get(source_key(host), 0)
+        its /64, see :func:`~sipfarm.transport.subject.source_subject`)."""
+        return self._per_source.get(source_subject(host), 0)
 
     @property
     def open_connections(self) -> int:

@@ -159,3 +159,21 @@ def test_a_spoofed_udp_source_bans_nobody():
     for _ in range(4):
         front.screen(b"REGISTER sip:farm.test SIP/2.0\r\n", "198.51.100.51", 100.0, proven=True)
     assert [b.source for b in front.take_new_bans()] == ["198.51.100.51"]
+
+
+def test_an_ipv6_source_is_budgeted_and_banned_as_its_64():
+    """New addresses in one /64 (a host has them all) share one budget and one ban."""
+    front = FrontDoor(POLICY)
+    hops = [f"2001:db8:7:8::{n:x}" for n in range(1, 5)]
+    assert [front.screen(request(), host, 0.0) for host in hops] == [True] * 3 + [False]
+    assert [(b.source, b.reason) for b in front.take_new_bans()] == [("2001:db8:7:8::/64", "rate_register")]
+    assert front.banned("2001:db8:7:8:dead:beef:0:1", 1.0)
+    assert not front.screen(request(), "2001:db8:7:8:1::1", 1.0)
+    assert front.screen(request(), "2001:db8:7:9::1", 1.0)  # the next /64 is someone else
+    # a ban read from Redis for a /64 applies to each of its addresses
+    front.replace_bans({"2001:db8:1:1::/64": 30.0}, now=2.0, read_started=2.0)
+    assert not front.screen(request(), "2001:db8:1:1::abcd", 3.0)
+    # a scanner's User-Agent over a proven transport bans its /64
+    scanner = request("OPTIONS", agent="friendly-scanner")
+    assert not admitted(front, scanner, "2001:db8:2:2::1", 4.0)
+    assert front.banned("2001:db8:2:2::2", 4.0)

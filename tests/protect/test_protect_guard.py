@@ -295,6 +295,47 @@ def test_memory_guard_runs_windows_and_bans_on_its_clock() -> None:
     assert not guard.unban(OTHER)
 
 
+def test_an_ipv6_source_is_counted_and_banned_as_its_64() -> None:
+    """A host given a /64 picks any address in it: nine guesses from each of a thousand
+    addresses would be unlimited guessing, and a Redis counter each."""
+    clock = FakeClock()
+    guard = MemoryGuard(GuardPolicy(max_failures=10), clock=clock)
+    answers: list[Any] = []
+    for n in range(1, 10):
+        guard.failed(f"2001:db8:aa:bb::{n:x}", None, answers.append)
+        assert answers[-1].source_failures == n and not answers[-1].banned
+    guard.failed("2001:db8:aa:bb:ffff:1:2:3", None, answers.append)
+    assert answers[-1].banned
+    assert guard.keys.keys("sipfarm:protect:fail:src:") == []  # the ban consumed the one counter
+    assert guard.keys.keys("sipfarm:protect:ban:") == ["sipfarm:protect:ban:{2001:db8:aa:bb::/64}"]
+    # any address of the /64 is banned, here and farm-wide; the next /64 and IPv4 are not
+    assert guard.banned_locally("2001:db8:aa:bb:1234::5", clock.now)
+    guard.admit("2001:db8:aa:bb::9999", "n:1", 30, answers.append)
+    assert answers[-1].banned
+    guard.admit("2001:db8:aa:bc::1", "n:2", 30, answers.append)
+    assert not answers[-1].banned
+    guard.admit("::ffff:192.0.2.1", "n:3", 30, answers.append)  # a dual-stack socket's IPv4
+    assert not answers[-1].banned
+    for _ in range(10):
+        guard.failed("192.0.2.1", None, answers.append)
+    assert guard.banned_locally("::ffff:192.0.2.1", clock.now)  # the IPv4 address it carries
+
+
+async def test_a_ban_of_an_ipv6_64_is_indexed_once(redis_url: str) -> None:
+    async with pipes(redis_url) as (pipe,):
+        guard = RedisGuard(pipe, GuardPolicy(max_failures=3))
+        for n in range(3):
+            outcome = await failed(guard, f"2001:db8:1:2::{n + 1}", None)
+            assert isinstance(outcome, FailureOutcome)
+        assert outcome.banned
+        await wait_until(lambda: _index_has(pipe, "2001:db8:1:2::/64"))
+        assert await admit(guard, "2001:db8:1:2:9::9", "q:1") == Admission(banned=True, replay=False)
+
+
+async def _index_has(pipe: RedisPipe, member: str) -> bool:
+    return await pipe.execute("ZSCORE", BAN_INDEX, member) is not None
+
+
 def test_policy_errors_name_the_field() -> None:
     with pytest.raises(ValueError, match="max_failures"):
         GuardPolicy(max_failures=0)

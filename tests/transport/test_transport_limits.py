@@ -519,7 +519,7 @@ def test_an_ipv6_source_is_counted_by_its_64() -> None:
     """One subscriber holds a whole IPv6 /64 and can connect from any address in it: the
     per-source limit counts the /64 (red team, 2026-12-02: 10,000 silent WebSockets from many
     addresses filled max_connections). IPv4 sources, and IPv4-mapped ones, by their address."""
-    from sipfarm.transport.manager import source_key  # noqa: PLC0415
+    from sipfarm.transport.subject import source_subject as source_key  # noqa: PLC0415
 
     manager = TransportManager(lambda msg, source, local: None, config=TransportConfig(max_connections_per_source=2))
     conns = [object() for _ in range(6)]
