@@ -24,6 +24,9 @@ WS_CONTACT = ws_contact("alice")
 async def ws_scenario(ws_url: str, lb_address: tuple[str, int], accounts: dict[str, str]) -> None:
     async with connect(ws_url, subprotocols=["sip"]) as ws:  # type: ignore[list-item]
         assert ws.subprotocol == "sip"
+        # offered permessage-deflate (the client library's default), not negotiated: its zlib
+        # state would be most of each connection's memory
+        assert ws.response is not None and "Sec-WebSocket-Extensions" not in ws.response.headers
         call_id = secrets.token_hex(8)
         await ws.send(ws_register("alice", call_id, 1))
         challenge_msg = await ws_recv(ws, 401)
