@@ -5,8 +5,10 @@ bound, before any parser reads it whole; realistic long values still pass."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from sipfarm.sip.errors import BadMessage
+from sipfarm.sip.errors import BadMessage, SipError
 from sipfarm.sip.headers import MAX_LIST_ELEMENTS, MAX_VIA_LWS
 from sipfarm.sip.message import error_response
 from sipfarm.sip.parser import parse_message, validate_request
@@ -106,6 +108,13 @@ UNREAD = {
         f"SIP/2.0/UDP 10.0.0.{i};branch=z9hG4bK{i}" for i in range(800)) + "\r\n"),
     "route_list_one_line": request(extra="Route: " + ",".join(f"<sip:10.0.{i}.1;lr>" for i in range(800)) + "\r\n"),
     "continuation_first": request().replace(b"\r\nVia:", b"\r\n  folded\r\nVia:", 1),
+    # found by mutating the lines of a request (a byte inserted, dropped or replaced): a name that
+    # is no token, a bare CR, before the headers the answer needs
+    "bad_header_name_first": request().replace(b"\r\nVia:", b"\r\nCon tact: <sip:a@b>\r\nVia:", 1),
+    "bad_header_name": request(extra="Max<Forwards: 70\r\n"),
+    "bare_cr_in_the_start_line": request().replace(b"farm.test SIP", b"farm.te\rst SIP", 1),
+    "bare_cr_in_a_value_first": request().replace(b"\r\nVia:", b"\r\nX-A: a\rb\r\nVia:", 1),
+    "bare_cr_in_the_from": request(from_="<sip:alice@farm.test>;tag=a1").replace(b"From:", b"X-Pad: \r\r\nFrom:"),
 }
 
 
@@ -122,4 +131,62 @@ def test_a_request_refused_before_its_headers_are_read_is_still_answered(name: s
     assert b"tag=lbtag" in answer.get("to") and answer.get("from") == b"<sip:alice@farm.test>;tag=a1"
     assert len(answer.values("via")) <= MAX_LIST_ELEMENTS + 1
     assert len(wire) < 8192, len(wire)
+    assert wire.replace(b"\r\n", b"").find(b"\r") < 0  # no bare CR echoed
 
+
+
+_LINES = [
+    b"INVITE sip:bob@farm.test SIP/2.0",
+    b"Via: SIP/2.0/UDP 192.0.2.5:5062;rport;branch=z9hG4bK776",
+    b"Max-Forwards: 70",
+    b"From: <sip:alice@farm.test>;tag=a1",
+    b"To: <sip:bob@farm.test>",
+    b"Call-ID: c1@h",
+    b"CSeq: 1 INVITE",
+    b"Contact: <sip:alice@192.0.2.5:5062>",
+    b"Content-Type: application/sdp",
+    b"Route: <sip:farm.test;lr>",
+    b"Supported: path",
+]
+_MUTABLE = [0, 2, 7, 8, 9, 10]  # every line but the Via, From, To, Call-ID and CSeq an answer copies
+_JUNK = [b"\x00", b"\xff", b"<", b">", b'"', b";", b",", b"=", b" ", b"\t", b":", b"@", b"[", b"\\", b"\r", b"\n",
+         b"a" * 300, b";x" * 80]  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    line=st.sampled_from(_MUTABLE),
+    edits=st.lists(
+        st.tuples(st.integers(0, 80), st.sampled_from(["insert", "delete", "replace"]), st.sampled_from(_JUNK)),
+        min_size=1,
+        max_size=4,
+    ),
+)
+def test_a_request_with_its_answer_headers_intact_is_parsed_or_answered(
+    line: int, edits: list[tuple[int, str, bytes]]
+) -> None:
+    """Whatever is wrong with the other lines (a byte inserted, dropped or replaced), a request
+    whose Via, From, To, Call-ID and CSeq are intact is accepted or gets its 4xx/5xx, with no
+    bare CR in it; only a broken method (nothing to answer with: RFC 3261 8.2.6.2 copies the
+    CSeq) may be dropped unanswered."""
+    lines = list(_LINES)
+    mutated = bytearray(lines[line])
+    for pos, op, junk in edits:
+        pos = min(pos, len(mutated))
+        if op == "insert":
+            mutated[pos:pos] = junk
+        elif op == "delete":
+            del mutated[pos : pos + 3]
+        else:
+            mutated[pos : pos + 1] = junk
+    lines[line] = bytes(mutated)
+    data = b"\r\n".join(lines) + b"\r\nContent-Length: 0\r\n\r\n"
+    try:
+        validate_request(parse_message(data))
+    except SipError as exc:
+        answer = error_response(exc.partial, exc, b"lbtag")
+        if answer is None:
+            assert line == 0 and exc.status == 0, (exc, data)
+            return
+        assert 400 <= answer.status < 600
+        assert answer.to_bytes().replace(b"\r\n", b"").find(b"\r") < 0
