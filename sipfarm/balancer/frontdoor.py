@@ -198,6 +198,23 @@ class FrontDoor:
                 bans[source] = max(bans.get(source, 0.0), self._bans.get(source, 0.0))
         self._bans = bans
 
+    def update_bans(self, changed: Mapping[str, float | None], now: float, read_started: float) -> None:
+        """Changes to the farm's bans as read from Redis's ban log (source -> seconds left,
+        ``math.inf``: no end; None: no ban any more), read from ``read_started`` on: applied to
+        the local copy, except the lift of a ban this balancer started since (its write may not
+        have been read back yet). Between two :meth:`replace_bans`, so that a refresh costs the
+        changes, not every ban."""
+        bans, own = self._bans, self._own
+        for source, left in changed.items():
+            if left is None or left <= 0:
+                started = own.get(source)
+                if started is not None and started >= read_started:
+                    continue
+                bans.pop(source, None)
+            else:
+                bans[source] = now + left
+            own.pop(source, None)
+
     def _ban(self, source: str, reason: str, now: float, proven: bool) -> None:
         if not proven:
             self.count("not_banned_udp")  # a forgeable address: this message only (module doc)

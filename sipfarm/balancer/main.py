@@ -538,17 +538,31 @@ def front_door_policy(cfg: BalancerConfig) -> FrontDoorPolicy:
     )
 
 
+#: seconds between two full reads of the farm's bans (between them, only the ban log's changes)
+BAN_FULL_READ = 30.0
+#: milliseconds the ban log is read back before the last read began (writers' clocks differ)
+BAN_LOG_OVERLAP_MS = 5_000.0
+
+
 async def sync_bans(front: FrontDoor, redis: Redis, refresh: float) -> None:
     """The front door's bans and the farm's, in the background (never on the forwarding path):
     bans started here are written to Redis within 0.1 s, under the keys the nodes' guard and
-    ``sipfarm ban`` use; every ``refresh`` seconds all bans are read back into the local copy,
-    so bans started by other balancers or nodes (or lifted) apply here within that time."""
+    ``sipfarm ban`` use; every ``refresh`` seconds the changes since the last read (the ban log,
+    :data:`~sipfarm.protect.guard.BAN_LOG`) are read into the local copy, so bans started by
+    other balancers or nodes (or lifted) apply here within that time, and every
+    :data:`BAN_FULL_READ` seconds (or after a failed read) the whole index replaces it: a
+    refresh costs the changes, not every ban (an attacker banned from 100,000 addresses made
+    each refresh read 100,000 keys twice)."""
     from sipfarm.protect.bans import BALANCER_REASON, BanStore  # noqa: PLC0415
+    from sipfarm.protect.guard import BAN_LOG_KEEP  # noqa: PLC0415
     from sipfarm.store.errors import StoreError  # noqa: PLC0415
 
     store = BanStore(redis)
     step = min(0.1, refresh)
     last_read = -math.inf
+    last_full = -math.inf
+    last_ok = -math.inf
+    log_since: float | None = None  # wall ms the next log read starts from (None: read in full)
     while True:
         for ban in front.take_new_bans():
             value = BALANCER_REASON + ban.reason.encode()
@@ -562,12 +576,20 @@ async def sync_bans(front: FrontDoor, redis: Redis, refresh: float) -> None:
         now = time.monotonic()
         if now - last_read >= refresh:
             last_read = now
+            if now - last_ok > BAN_LOG_KEEP / 2 or now - last_full >= BAN_FULL_READ:
+                log_since = None  # the log may have been trimmed past what was read last
             try:
-                entries = await asyncio.wait_for(store.list(), max(1.0, refresh * 2))
+                if log_since is None:
+                    remote, wall = await asyncio.wait_for(store.current(), max(1.0, refresh * 2))
+                    front.replace_bans(remote, time.monotonic(), now)
+                    last_full = now
+                else:
+                    changed, wall = await asyncio.wait_for(store.changes(log_since), max(1.0, refresh * 2))
+                    front.update_bans(changed, time.monotonic(), now)
             except (StoreError, TimeoutError) as exc:  # keep the last copy until Redis answers
                 front.count("ban_read_failed")
                 log.debug("event=ban_read_failed error=%s", str(exc).replace(" ", "_"))
             else:
-                remote = {e.source: math.inf if e.seconds_left is None else e.seconds_left for e in entries}
-                front.replace_bans(remote, time.monotonic(), now)
+                last_ok = now
+                log_since = wall - BAN_LOG_OVERLAP_MS
         await asyncio.sleep(step)

@@ -13,11 +13,12 @@ import time
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from sipfarm.store.redis_client import redis_errors
 from sipfarm.transport.subject import IPV6_PREFIX, source_subject
 
-from .guard import BAN_INDEX, ban_key, ban_source, milliseconds, source_failures_key
+from .guard import BAN_INDEX, BAN_LOG, BAN_LOG_KEEP, ban_key, ban_source, milliseconds, source_failures_key
 
 __all__ = ["BALANCER_REASON", "BanEntry", "BanStore", "source_address"]
 
@@ -86,7 +87,8 @@ class BanStore:
     async def add(self, source: str, seconds: float | None, reason: bytes = MANUAL) -> None:
         """Ban ``source`` for ``seconds`` (None: until lifted), replacing any ban it has;
         ``reason`` is what ``list`` shows (a balancer's: ``balancer:<why>``)."""
-        ends = math.inf if seconds is None else (time.time() + seconds) * 1000
+        wall = time.time() * 1000
+        ends = math.inf if seconds is None else wall + seconds * 1000
         with redis_errors:
             # not a transaction: the ban and the index are in different Redis Cluster slots; the
             # ban key is written first and is the truth (an index entry without one is skipped)
@@ -96,6 +98,7 @@ class BanStore:
                 else:
                     pipe.set(ban_key(source), reason, px=milliseconds(seconds))
                 pipe.zadd(BAN_INDEX, {source: ends})
+                _log_change(pipe, source, wall)
                 await pipe.execute()
 
     async def delete(self, source: str) -> bool:
@@ -105,8 +108,60 @@ class BanStore:
                 pipe.delete(ban_key(source))
                 pipe.delete(source_failures_key(source))
                 pipe.zrem(BAN_INDEX, source)
-                banned, _, _ = await pipe.execute()
+                _log_change(pipe, source, time.time() * 1000)
+                banned = (await pipe.execute())[0]
         return bool(banned)
+
+    # -- what a balancer reads every refresh (sipfarm/balancer/main.py: sync_bans) ----------------
+
+    async def current(self) -> tuple[dict[str, float], float]:
+        """Every ban in force as the index has it, in one command: source -> seconds left
+        (``math.inf``: until lifted); and the wall clock (unix ms) the read started at.  The
+        index's scores are the bans' ends (each written with its key), so no key is read."""
+        wall = time.time() * 1000
+        with redis_errors:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zremrangebyscore(BAN_INDEX, "-inf", f"({wall - INDEX_GRACE * 1000:.0f}")
+                pipe.zrangebyscore(BAN_INDEX, f"({wall:.0f}", "+inf", withscores=True)
+                _, entries = await pipe.execute()
+        return {_text(source): _left(score, wall) for source, score in entries}, wall
+
+    async def changes(self, since: float) -> tuple[dict[str, float | None], float]:
+        """The bans started, changed or lifted since ``since`` (unix ms), as they stand now:
+        source -> seconds left (``math.inf``: until lifted; None: no ban any more); and the wall
+        clock the read started at.  Two round trips when anything changed, one otherwise; the
+        cost is the changes', whatever the number of bans."""
+        wall = time.time() * 1000
+        with redis_errors:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zremrangebyscore(BAN_LOG, "-inf", f"({wall - BAN_LOG_KEEP * 1000:.0f}")
+                pipe.zrangebyscore(BAN_LOG, f"{since:.0f}", "+inf")
+                _, changed = await pipe.execute()
+            if not changed:
+                return {}, wall
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for source in changed:
+                    pipe.zscore(BAN_INDEX, source)
+                ends = await pipe.execute()
+        return {
+            _text(source): None if end is None or end <= wall else _left(end, wall)
+            for source, end in zip(changed, ends, strict=True)
+        }, wall
+
+
+def _log_change(pipe: Pipeline, source: str, wall: float) -> None:
+    """Queue the change log's entry for ``source`` and the trim of entries past BAN_LOG_KEEP."""
+    pipe.zadd(BAN_LOG, {source: wall})
+    pipe.zremrangebyscore(BAN_LOG, "-inf", f"({wall - BAN_LOG_KEEP * 1000:.0f}")
+
+
+def _text(source: bytes | str) -> str:
+    return source.decode() if isinstance(source, bytes) else source
+
+
+def _left(end: float, wall: float) -> float:
+    """Seconds from ``wall`` to ``end`` (unix ms; inf stays inf)."""
+    return math.inf if math.isinf(end) else (end - wall) / 1000
 
 
 def _sort_key(source: str) -> tuple[int, int | str]:

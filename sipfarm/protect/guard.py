@@ -57,6 +57,7 @@ Redis keys (all under ``sipfarm:protect:``)::
     fail:acct:<user@domain>    counter of failures against an account; expiry = end of its window
     nonce:<nonce>:<nc>         "1"; expiry = end of the nonce's lifetime
     bans                       zset: banned source -> end of its ban (see BAN_INDEX)
+    bans:log                   zset: source -> when its ban last changed (see BAN_LOG)
 
 The ``{<ip>}`` hash tag puts a source's ban and failure counter in one Redis Cluster slot, the
 two keys ``failure.lua`` touches; the account's counter and the ban index are written by
@@ -80,6 +81,8 @@ from .local_bans import LocalBans
 
 __all__ = [
     "BAN_INDEX",
+    "BAN_LOG",
+    "BAN_LOG_KEEP",
     "DEFAULT_POLICY",
     "KEY_PREFIX",
     "Admission",
@@ -103,6 +106,12 @@ BAN_PREFIX: Final = KEY_PREFIX + "ban:"
 #: bans (`sipfarm ban list`, the balancers' refresh each half second) reads instead of a SCAN
 #: of the whole keyspace; the ban keys stay the truth (an index entry outliving its key is skipped)
 BAN_INDEX: Final = KEY_PREFIX + "bans"
+#: zset of sources whose ban started, changed or was lifted -> when (unix ms): what a balancer
+#: reads between its full reads of the index, so a refresh costs the changes since the last one,
+#: not every ban (an attacker with many proven addresses made each refresh read them all).
+#: Entries older than BAN_LOG_KEEP are trimmed by its writers and readers
+BAN_LOG: Final = KEY_PREFIX + "bans:log"
+BAN_LOG_KEEP: Final = 60.0  # seconds
 SOURCE_FAILURES_PREFIX: Final = KEY_PREFIX + "fail:src:"
 ACCOUNT_FAILURES_PREFIX: Final = KEY_PREFIX + "fail:acct:"
 NONCE_PREFIX: Final = KEY_PREFIX + "nonce:"

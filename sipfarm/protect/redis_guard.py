@@ -42,6 +42,8 @@ from sipfarm.transport.subject import source_subject
 
 from .guard import (
     BAN_INDEX,
+    BAN_LOG,
+    BAN_LOG_KEEP,
     DEFAULT_POLICY,
     Admission,
     FailureOutcome,
@@ -122,6 +124,7 @@ class RedisGuard:
         self._observe = observe  # Redis round-trip histogram
         self._failure_sha = hashlib.sha1(FAILURE_SCRIPT.encode()).hexdigest()  # noqa: S324
         self._failure_args = (milliseconds(policy.window), policy.max_failures, milliseconds(policy.ban_time))
+        self._log_keep_ms = milliseconds(BAN_LOG_KEEP)
 
     # Callbacks are ``functools.partial`` of bound methods, not closures (see FarmState: a mypyc
     # closure is a reference cycle per call).
@@ -222,9 +225,13 @@ class RedisGuard:
             ):
                 source_failures, started_ban, pttl = reply
                 if started_ban == 1:
-                    # the ban index (another slot): what lists bans; the ban key stays the truth
-                    ends = int(time.time() * 1000) + self._failure_args[2]
-                    self.pipe.call(_ignore, "ZADD", BAN_INDEX, ends, source_subject(replies.source_ip))
+                    # the ban index (another slot): what lists bans; the ban key stays the truth;
+                    # and the change log the balancers read between their full reads
+                    wall = int(time.time() * 1000)
+                    subject = source_subject(replies.source_ip)
+                    self.pipe.call(_ignore, "ZADD", BAN_INDEX, wall + self._failure_args[2], subject)
+                    self.pipe.call(_ignore, "ZADD", BAN_LOG, wall, subject)
+                    self.pipe.call(_ignore, "ZREMRANGEBYSCORE", BAN_LOG, "-inf", wall - self._log_keep_ms)
                 result = self.rules.failure(
                     replies.source_ip,
                     replies.account_name,

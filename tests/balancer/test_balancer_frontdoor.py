@@ -177,3 +177,22 @@ def test_an_ipv6_source_is_budgeted_and_banned_as_its_64():
     scanner = request("OPTIONS", agent="friendly-scanner")
     assert not admitted(front, scanner, "2001:db8:2:2::1", 4.0)
     assert front.banned("2001:db8:2:2::2", 4.0)
+
+
+def test_ban_log_changes_update_the_local_copy():
+    front = FrontDoor(POLICY)
+    front.replace_bans({PHONE: 30.0}, now=10.0, read_started=10.0)
+    front.update_bans({"203.0.113.5": math.inf, "203.0.113.6": 5.0}, now=11.0, read_started=11.0)
+    assert front.banned("203.0.113.5", 1e9) and front.banned("203.0.113.6", 15.9)
+    assert not front.banned("203.0.113.6", 16.1)  # its end as the log's read gave it
+    assert front.banned(PHONE, 11.0)  # not in the changes: untouched
+    front.update_bans({PHONE: None}, now=12.0, read_started=12.0)  # lifted
+    assert not front.banned(PHONE, 12.0)
+    # a ban started here after the read began is not lifted by it (its write is not read back)
+    for _ in range(4):
+        front.screen(request(), FLOODER, 13.0)
+    front.update_bans({FLOODER: None}, now=13.1, read_started=12.9)
+    assert front.banned(FLOODER, 13.2)
+    # the next read that began after it has the last word
+    front.update_bans({FLOODER: None}, now=14.0, read_started=13.5)
+    assert not front.banned(FLOODER, 14.0)

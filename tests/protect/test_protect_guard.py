@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from protect_support import FakeClock, admit, failed, pipes, wait_until
 
 from sipfarm.protect import Admission, FailureOutcome, GuardPolicy, MemoryGuard, RedisGuard
-from sipfarm.protect.guard import BAN_INDEX, ban_key, source_failures_key
+from sipfarm.protect.guard import BAN_INDEX, BAN_LOG, ban_key, source_failures_key
 from sipfarm.protect.redis_guard import FAILURE_SCRIPT
 from sipfarm.store.errors import StoreError, StoreUnavailable
 from sipfarm.store.redis_server import RedisProcess, free_port
@@ -168,7 +168,7 @@ async def test_a_user_name_no_account_has_gets_no_counter(redis_url: str) -> Non
             assert await failed(guard, ATTACKER, None) == FailureOutcome(n, 0, banned=False, account_alert=False)
         assert await failed(guard, ATTACKER, None) == FailureOutcome(3, 0, banned=True, account_alert=False)
         keys = await pipe.execute("KEYS", "*")
-        assert sorted(keys) == sorted([ban_key(ATTACKER).encode(), BAN_INDEX.encode()]), keys
+        assert sorted(keys) == sorted([ban_key(ATTACKER).encode(), BAN_INDEX.encode(), BAN_LOG.encode()]), keys
 
 
 async def test_the_local_ban_cache_is_bounded_and_expires(redis_url: str) -> None:
