@@ -9,7 +9,7 @@ APT_PACKAGES := redis-server sip-tester kamailio kamailio-redis-modules openssl 
 # each package above is there.
 APT_PROBES := redis-server sipp kamailio openssl ip unshare baresip chromium rtpengine slapd ldapadd twinkle linphonec \
 	/usr/include/ldap.h /usr/include/sasl/sasl.h
-# Node.js and npm install JsSIP for the web phone tests (tests/browser); installed apart so that a
+# Node.js and npm install JsSIP and SIP.js for the web phone tests (tests/browser); installed apart so that a
 # machine with Node.js from elsewhere (NodeSource) keeps it.
 NODE_PACKAGES := nodejs npm
 NODE_PROBES := node npm
@@ -31,7 +31,7 @@ system-deps:
 	@bash scripts/system-deps.sh $(APT_PACKAGES) -- $(APT_PROBES)
 	@bash scripts/system-deps.sh $(NODE_PACKAGES) -- $(NODE_PROBES)
 
-# JsSIP and esbuild from the npm registry, versions pinned by the lock file, in a directory git ignores.
+# JsSIP, SIP.js and esbuild from the npm registry, versions pinned by the lock file, in a directory git ignores.
 $(BROWSER_STAMP): tests/browser/package.json tests/browser/package-lock.json | system-deps
 	@npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
 	@touch $(BROWSER_STAMP)

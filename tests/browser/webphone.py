@@ -1,4 +1,4 @@
-"""The JsSIP web phone page (``web/``), the loopback HTTP server that serves it and collects its
+"""The JsSIP and SIP.js web phone pages (``web/``), the loopback HTTP server that serves them and collects their
 reports, and headless Chromium to run it.
 
 ``make setup`` installs JsSIP and esbuild from npm into ``tests/browser/node_modules`` (see
@@ -52,6 +52,7 @@ WEB_DIR = HERE / "web"
 NODE_MODULES = HERE / "node_modules"
 ESBUILD = NODE_MODULES / ".bin" / "esbuild"
 JSSIP_ENTRY = NODE_MODULES / "jssip" / "lib" / "JsSIP.js"
+SIPJS_ENTRY = NODE_MODULES / "sip.js" / "lib" / "index.js"  # ES modules: bundled the same way
 CHROMIUM = "/usr/bin/chromium"
 
 CHROMIUM_FLAGS = (
@@ -83,16 +84,17 @@ def missing_tools() -> str | None:
     """What ``make setup`` has not installed yet, or None."""
     if not Path(CHROMIUM).exists():
         return f"{CHROMIUM} missing (Debian package chromium): run make setup"
-    if not ESBUILD.exists() or not JSSIP_ENTRY.exists():
-        return f"JsSIP/esbuild missing in {NODE_MODULES}: run make setup"
+    if not ESBUILD.exists() or not JSSIP_ENTRY.exists() or not SIPJS_ENTRY.exists():
+        return f"JsSIP/SIP.js/esbuild missing in {NODE_MODULES}: run make setup"
     return None
 
 
-def build_bundle(out_dir: Path) -> Path:
-    """JsSIP as one browser script defining ``window.JsSIP``."""
-    out = out_dir / "jssip.js"
+def build_bundle(out_dir: Path, entry: Path = JSSIP_ENTRY, name: str = "JsSIP") -> Path:
+    """A library as one browser script defining ``window.<name>`` (JsSIP's CommonJS, SIP.js's
+    ES modules)."""
+    out = out_dir / f"{name.lower()}-bundle.js"
     subprocess.run(
-        [str(ESBUILD), str(JSSIP_ENTRY), "--bundle", "--format=iife", "--global-name=JsSIP",
+        [str(ESBUILD), str(entry), "--bundle", "--format=iife", f"--global-name={name}",
          "--platform=browser", "--log-level=warning", f"--outfile={out}"],
         check=True, timeout=60, capture_output=True,
     )  # fmt: skip
@@ -100,21 +102,22 @@ def build_bundle(out_dir: Path) -> Path:
 
 
 class PageServer:
-    """A loopback HTTP server for ``/`` (phone.html), ``/phone.js``, ``/jssip.js``, ``POST /report``
+    """A loopback HTTP server for ``/`` (phone.html), ``/phone.js``, ``/jssip.js`` (or the SIP.js
+    page: ``page="sipjs"``, sipjs.html, ``/sipjs.js``, ``/sipjs-bundle.js``), ``POST /report``
     and ``GET /wait/NAME`` (answered once the test calls ``release(NAME)``: the page waits there
     for the test, for its screenshot say)."""
 
-    def __init__(self, bundle: Path, log_path: Path) -> None:
+    def __init__(self, bundle: Path, log_path: Path, page: str = "phone") -> None:
         self.reports: list[Report] = []
         self.started = time.monotonic()
         self.fetched: list[str] = []  # "PATH at +S s" for every GET, to tell a slow start from a stuck page
         self._released: dict[str, threading.Event] = {}
         self._cond = threading.Condition()
         self._log = log_path.open("w")
-        files = {
-            "/": (WEB_DIR / "phone.html", "text/html"),
-            "/phone.js": (WEB_DIR / "phone.js", "text/javascript"),
-            "/jssip.js": (bundle, "text/javascript"),
+        files = {  # page "phone": JsSIP's; "sipjs": SIP.js's
+            "/": (WEB_DIR / f"{page}.html", "text/html"),
+            f"/{page}.js": (WEB_DIR / f"{page}.js", "text/javascript"),
+            "/jssip.js" if page == "phone" else f"/{page}-bundle.js": (bundle, "text/javascript"),
         }
         server = self
 
