@@ -30,15 +30,19 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from fixtures.default_farm import DefaultFarm
 from fixtures.matrix import Cell
 from fixtures.startup import START_TIMEOUT_S
-from peers.netns import skip_reason
-from webphone import HeadlessChromium, PageServer, build_bundle, missing_tools
+from webphone import (
+    BROWSER_MARKS,
+    HeadlessChromium,
+    PageServer,
+    check_audio,
+    check_message,
+    dumped_on_failure,
+)
 
 CLIENT = "jssip"
 TALK_MS = 2000
@@ -51,25 +55,7 @@ UPDATE_SCREENSHOT = os.environ.get("SIPFARM_UPDATE_SCREENSHOT") == "1"
 MIN_PACKETS = 50  # ~50 a second each way
 HELD_ENERGY = 0.05  # audio energy received while held, at most, as a share of the resumed talk's
 
-pytestmark = [
-    pytest.mark.softphone,
-    pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or ""),
-    pytest.mark.timeout(START_TIMEOUT_S + 90),
-]
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    missing = missing_tools()
-    if missing is not None:
-        pytest.fail(missing)
-    return build_bundle(tmp_path_factory.mktemp("jssip"))
-
-
-@pytest.fixture
-def page_server(bundle: Path, tmp_path: Path) -> Iterator[PageServer]:
-    with PageServer(bundle, tmp_path / "page-reports.jsonl") as server:
-        yield server
+pytestmark = BROWSER_MARKS
 
 
 def test_jssip_over_websocket(default_farm: DefaultFarm, matrix, page_server: PageServer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -86,17 +72,14 @@ def test_jssip_over_websocket(default_farm: DefaultFarm, matrix, page_server: Pa
         def step(name: str, timeout: float = STEP_TIMEOUT_S) -> dict:  # type: ignore[type-arg]
             return server.wait_step(name, timeout, chromium.alive)
 
-        try:
+        with dumped_on_failure(server, chromium, default_farm.logs, "JsSIP"):
             # Chromium's start with a fresh profile, to the page's first report: ~1-3 s idle, over
             # 15 s seen while CI loaded both cores (stop 20)
             step("loaded", START_TIMEOUT_S)
             step("media")
             step("registered")
             cell.ok("register")
-
-            message = step("message")
-            assert message["status"] == 200, message
-            assert message["received"] == {"from": "sip:alice@farm.test", "body": message["sent"]}, message
+            check_message(step("message"))
             cell.ok("message")
 
             step("confirmed")
@@ -109,22 +92,12 @@ def test_jssip_over_websocket(default_farm: DefaultFarm, matrix, page_server: Pa
             busy = step("busy")
             no_answer = step("no answer")
             step("done")
-        except AssertionError:
-            print(f"--- JsSIP debug\n{server.debug_text()[-6000:]}\n--- chromium\n{chromium.log()[-3000:]}")
-            print(default_farm.logs())
-            raise
     print(f"stats: {stats}\nhold: {hold}\nended: {ended}\nbusy: {busy}\nno answer: {no_answer}")
     assert ended["caller"] == "local: Terminated", ended
     assert ended["callee"] == "remote: Terminated", ended  # alice's BYE reached bob through the farm
     cell.ok("call")
 
-    for side in ("caller", "callee"):
-        audio = stats[side]
-        # ~50 packets a second each way for 2 s; the fake microphone is a beep, not silence
-        assert audio["packetsReceived"] >= MIN_PACKETS and audio["bytesReceived"] > 0, stats
-        assert audio["packetsSent"] >= MIN_PACKETS, stats
-        assert audio["totalAudioEnergy"] > 0, stats
-        assert audio["pair"].startswith("127.0.0.1:"), stats
+    check_audio(stats, MIN_PACKETS)
     cell.ok("audio")
 
     def grew(before: dict, after: dict, side: str, figure: str) -> float:  # type: ignore[type-arg]

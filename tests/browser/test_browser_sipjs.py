@@ -15,40 +15,26 @@ Inviter, Invitation).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from fixtures.default_farm import DefaultFarm
 from fixtures.matrix import Cell
 from fixtures.startup import START_TIMEOUT_S
-from peers.netns import skip_reason
-from webphone import SIPJS_ENTRY, HeadlessChromium, PageServer, build_bundle, missing_tools
+from webphone import (
+    BROWSER_MARKS,
+    HeadlessChromium,
+    PageServer,
+    check_audio,
+    check_message,
+    dumped_on_failure,
+)
 
 CLIENT = "sipjs"
 TALK_MS = 2000
 STEP_TIMEOUT_S = 15.0
 MIN_PACKETS = 50  # ~50 a second each way
 
-pytestmark = [
-    pytest.mark.softphone,
-    pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or ""),
-    pytest.mark.timeout(START_TIMEOUT_S + 90),
-]
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    missing = missing_tools()
-    if missing is not None:
-        pytest.fail(missing)
-    return build_bundle(tmp_path_factory.mktemp("sipjs"), SIPJS_ENTRY, "SIP")
-
-
-@pytest.fixture
-def page_server(bundle: Path, tmp_path: Path) -> Iterator[PageServer]:
-    with PageServer(bundle, tmp_path / "page-reports.jsonl", page="sipjs") as server:
-        yield server
+pytestmark = BROWSER_MARKS
 
 
 def test_sipjs_over_websocket(default_farm: DefaultFarm, matrix, page_server: PageServer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -64,37 +50,19 @@ def test_sipjs_over_websocket(default_farm: DefaultFarm, matrix, page_server: Pa
         def step(name: str, timeout: float = STEP_TIMEOUT_S) -> dict:  # type: ignore[type-arg]
             return server.wait_step(name, timeout, chromium.alive)
 
-        try:
-            step("loaded", START_TIMEOUT_S)
-            step("media")
-            step("registered")
+        with dumped_on_failure(server, chromium, default_farm.logs, "SIP.js"):
+            for name in ("loaded", "media", "registered"):
+                step(name, START_TIMEOUT_S if name == "loaded" else STEP_TIMEOUT_S)
             cell.ok("register")
-
-            message = step("message")
-            assert message["status"] == 200, message
-            assert message["received"] == {"from": "sip:alice@farm.test", "body": message["sent"]}, message
+            check_message(step("message"))
             cell.ok("message")
-
             step("confirmed")
-            stats = step("stats")
-            ended = step("ended")
-            busy = step("busy")
-            no_answer = step("no answer")
+            stats, ended, busy, no_answer = (step(name) for name in ("stats", "ended", "busy", "no answer"))
             step("done")
-        except AssertionError:
-            print(f"--- SIP.js debug\n{server.debug_text()[-6000:]}\n--- chromium\n{chromium.log()[-3000:]}")
-            print(default_farm.logs())
-            raise
     print(f"stats: {stats}\nended: {ended}\nbusy: {busy}\nno answer: {no_answer}")
     assert (ended["caller"], ended["callee"]) == ("Terminated", "Terminated"), ended
     cell.ok("call")
-
-    for side in ("caller", "callee"):
-        audio = stats[side]
-        assert audio["packetsReceived"] >= MIN_PACKETS and audio["bytesReceived"] > 0, stats
-        assert audio["packetsSent"] >= MIN_PACKETS, stats
-        assert audio["totalAudioEnergy"] > 0, stats
-        assert audio["pair"].startswith("127.0.0.1:"), stats
+    check_audio(stats, MIN_PACKETS)
     cell.ok("audio")
 
     assert busy["status"] == 486, busy

@@ -36,7 +36,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -45,6 +45,9 @@ from typing import Any
 from urllib.parse import urlencode
 from urllib.request import urlopen
 
+import pytest
+from fixtures.startup import START_TIMEOUT_S
+from peers.netns import skip_reason
 from websockets.sync.client import connect
 
 HERE = Path(__file__).resolve().parent
@@ -78,6 +81,13 @@ SCREENSHOT_SIZE = (800, 500)
 WAIT_TIMEOUT_S = 20.0  # how long GET /wait/NAME blocks at most
 
 Report = dict[str, Any]
+
+# the marks of every browser test module: run with the softphones, in the loopback-only namespace
+BROWSER_MARKS = [
+    pytest.mark.softphone,
+    pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or ""),
+    pytest.mark.timeout(START_TIMEOUT_S + 90),
+]
 
 
 def missing_tools() -> str | None:
@@ -117,6 +127,7 @@ class PageServer:
         files = {  # page "phone": JsSIP's; "sipjs": SIP.js's
             "/": (WEB_DIR / f"{page}.html", "text/html"),
             f"/{page}.js": (WEB_DIR / f"{page}.js", "text/javascript"),
+            "/pair.js": (WEB_DIR / "pair.js", "text/javascript"),
             "/jssip.js" if page == "phone" else f"/{page}-bundle.js": (bundle, "text/javascript"),
         }
         server = self
@@ -282,3 +293,36 @@ class HeadlessChromium:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
+
+
+# -- what both pages' tests check -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def dumped_on_failure(
+    server: PageServer, chromium: HeadlessChromium, farm_logs: Callable[[], str], library: str
+) -> Iterator[None]:
+    """Print the page's SIP trace, Chromium's log and the farm's logs when a step fails."""
+    try:
+        yield
+    except AssertionError:
+        print(f"--- {library} debug\n{server.debug_text()[-6000:]}\n--- chromium\n{chromium.log()[-3000:]}")
+        print(farm_logs())
+        raise
+
+
+def check_message(message: Report) -> None:
+    """The caller's MESSAGE reached the callee's user agent as sent, and the caller got 200."""
+    assert message["status"] == 200, message
+    assert message["received"] == {"from": "sip:alice@farm.test", "body": message["sent"]}, message
+
+
+def check_audio(stats: Report, min_packets: int) -> None:
+    """Each RTCPeerConnection sent and received audio (~50 packets a second each way; the fake
+    microphone is a beep, not silence) between 127.0.0.1 host candidates."""
+    for side in ("caller", "callee"):
+        audio = stats[side]
+        assert audio["packetsReceived"] >= min_packets and audio["bytesReceived"] > 0, stats
+        assert audio["packetsSent"] >= min_packets, stats
+        assert audio["totalAudioEnergy"] > 0, stats
+        assert audio["pair"].startswith("127.0.0.1:"), stats

@@ -175,13 +175,7 @@ async function audioStats(session) {
       out.sourceAudioEnergy = s.totalAudioEnergy;
     }
   });
-  stats.forEach((s) => {
-    if (s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded') {
-      const local = stats.get(s.localCandidateId);
-      const remote = stats.get(s.remoteCandidateId);
-      out.pair = `${local.address}:${local.port} -> ${remote.address}:${remote.port}`;
-    }
-  });
+  out.pair = nominatedPair(stats);
   return out;
 }
 
