@@ -1,8 +1,10 @@
-"""Bans as operators see them (``sipfarm ban``): list, add and lift, through redis-py.
+"""Bans as operators see them (``sipfarm ban``): list, add and lift, through redis-py; and as a
+balancer reads them (:meth:`BanStore.current`, :meth:`BanStore.changes`).
 
 Same keys as the guards (:mod:`sipfarm.protect.guard`). A ban added here is seen by the next
 request from that source on any node; a lifted one within ``local_ban_recheck`` seconds on nodes
-that had cached it. Lifting a ban also forgets the source's counted failures.
+that had cached it, and within a ban refresh on balancers (both are written to the ban log).
+Lifting a ban also forgets the source's counted failures.
 """
 
 from __future__ import annotations

@@ -267,10 +267,11 @@ def _answerable(exc: SipError, headers: list[Header]) -> None:
         exc.partial.headers = headers
 
 
-# Vias copied into the answer to a request with too many header lines: as many as a request
-# may carry (MAX_LIST_ELEMENTS, the bound validate_request puts on every list); the rest are not
-# echoed (RFC 3261 8.2.6.2 copies them all, but such a request's sender gets an answer of
-# bounded size, routable back at least to the hop that sent it).
+# Vias copied into the answer to a request refused before its header lines were read one by one
+# (_answer_headers): as many as a request may carry (MAX_LIST_ELEMENTS, the bound
+# validate_request puts on every list); the rest are not echoed (RFC 3261 8.2.6.2 copies them
+# all, but such a request's sender gets an answer of bounded size, routable back at least to the
+# hop that sent it).
 _ANSWER_VIAS = MAX_LIST_ELEMENTS
 
 
