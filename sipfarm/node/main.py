@@ -284,6 +284,7 @@ async def serve(
         timers=TimerConfig(t1=cfg.t1, t2=cfg.t2, t4=cfg.t4, trying=cfg.trying_delay),
         max_transactions=cfg.max_transactions,
         max_transaction_bytes=cfg.max_transaction_bytes,
+        max_pending_invites=cfg.max_pending_invites,
         policy=ExpiresPolicy(cfg.min_expires, cfg.max_expires, cfg.default_expires),
         auth_requests=cfg.auth_invite,
         digest_algorithms=tuple(cfg.digest_algorithms),

@@ -189,6 +189,16 @@ class Forbidden(SipError):
     counter = "forbidden"
 
 
+class TooManyCalls(Forbidden):
+    """403: the caller's account has ``max_pending_invites`` calls ringing on this node already."""
+
+    counter = "too_many_calls"
+
+    @property
+    def reason(self) -> str:
+        return "Too Many Calls"
+
+
 class NotFound(SipError):
     status = 404
     counter = "not_found"

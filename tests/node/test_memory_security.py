@@ -532,6 +532,40 @@ def test_an_authenticated_flood_of_64_kb_invites_holds_at_most_the_byte_budget()
     assert len(layer) == 0 and layer.retained_bytes == 0
 
 
+def test_one_accounts_unanswered_calls_cannot_take_the_node_from_everyone() -> None:
+    """The byte budget above is the node's, shared by all callers: one account calling a phone
+    that rings for ever would fill it and every caller would get 503. Past
+    ``max_pending_invites`` calls in progress, that account's next call gets 403 Too Many Calls
+    (counted) and holds nothing; another account still calls; once one of the account's calls
+    is answered or cancelled, it may call again."""
+    farm = MemFarm(node_kwargs={"max_pending_invites": 3})
+    node = farm.nodes[0]
+    alice = farm.phone("alice", "10.0.0.1")
+    carol = farm.phone("carol", "10.0.0.3")
+    bob = farm.phone("bob", "10.0.0.2")
+    assert bob.register() is not None and bob.finals()[-1] == 200  # rings, never answers
+
+    def call(phone: Phone, n: int) -> tuple[int, bytes]:
+        invite = phone.request("INVITE", BOB, call_id=f"{phone.user}-{n}")
+        answer = phone.authenticated(invite)
+        assert answer is not None
+        return answer.status, answer.reason
+
+    assert [call(alice, n)[0] for n in range(3)] == [180, 180, 180]
+    held = node.layer.retained_bytes
+    assert call(alice, 3) == (403, b"Too Many Calls")
+    assert node.layer.retained_bytes <= held + 2_000  # the refused call holds (almost) nothing
+    assert node.metrics.registry.get_sample_value("sipfarm_node_errors_total", {"kind": "too_many_calls"}) == 1
+    assert len(bob.requests(b"INVITE")) == 3
+    assert call(carol, 0)[0] == 180  # another account is not affected
+    bob.answer_call(200, bob.ringing[0])  # one of alice's calls is answered
+    assert call(alice, 4)[0] == 180
+    ringing = next(m for m in reversed(alice.sent) if m.method == b"INVITE")
+    alice.cancel(ringing)  # and one she gives up
+    assert call(alice, 5)[0] == 180
+    assert call(alice, 6)[0] == 403
+
+
 def test_only_the_configured_digest_algorithms_are_accepted(farm: MemFarm) -> None:
     """The farm offers MD5 (the default): credentials computed with MD5-sess are refused like a
     wrong password, though the account's MD5 HA1 would verify them (RFC 7616 3.7: the server
