@@ -46,6 +46,7 @@ MODULES=(
     sipfarm/store/resp.py
     sipfarm/store/resp_cluster.py
     sipfarm/proxy/forking.py
+    sipfarm/proxy/pending.py
     sipfarm/proxy/media.py
     sipfarm/proxy/relay_media.py
     sipfarm/proxy/relay_choice.py

@@ -62,10 +62,13 @@ class NodeConfig:
     # new requests get 503 (a 64 KB request held for Timer J/H costs 64 KB; the count alone
     # would let 200,000 of them take 12.8 GB)
     max_transaction_bytes: int = 256 * 2**20
-    # an authenticated account's calls in progress (INVITEs not answered yet) on this node, at
-    # most: past it 403 (one account's never-answered calls would otherwise fill the transaction
-    # memory above for every caller; also a bound on a stolen account's call attempts). 0: none
-    max_pending_invites: int = 100
+    # an authenticated account's calls in progress (INVITEs not answered yet) on this node may
+    # hold at most max_pending_invite_bytes of the transaction memory above and be at most
+    # max_pending_invites: past either, 403 (one account's never-answered calls would otherwise
+    # fill that memory for every caller; the count bounds a stolen account's calls at once).
+    # 0: no bound
+    max_pending_invites: int = 1000
+    max_pending_invite_bytes: int = 16 * 2**20
     t1: float = 0.5
     t2: float = 4.0
     t4: float = 5.0
@@ -186,6 +189,7 @@ class NodeConfig:
         _check_range("max_transactions", self.max_transactions, 10, 10_000_000)
         _check_range("max_transaction_bytes", self.max_transaction_bytes, 2**20, 2**40)
         _check_range("max_pending_invites", self.max_pending_invites, 0, 1_000_000)
+        _check_range("max_pending_invite_bytes", self.max_pending_invite_bytes, 0, self.max_transaction_bytes)
         _check_range("t1", self.t1, 0.001, 60)
         _check_range("trying_delay", self.trying_delay, 0, 0.2)
         _check_range("min_expires", self.min_expires, 1, 86_400)

@@ -38,7 +38,8 @@ from sipfarm.protect.authenticator import DEFAULT_ALGORITHMS, Authenticator
 from sipfarm.protect.guard import Guard
 from sipfarm.proxy.media import MediaHook
 from sipfarm.proxy.nexthop import NameResolver
-from sipfarm.proxy.proxy import MAX_FORWARDS, MAX_PENDING_INVITES, LocationSource, Proxy, ServerLocation
+from sipfarm.proxy.pending import MAX_PENDING_INVITE_BYTES, MAX_PENDING_INVITES, PendingInvites
+from sipfarm.proxy.proxy import MAX_FORWARDS, LocationSource, Proxy, ServerLocation
 from sipfarm.registrar.bindings import ExpiresPolicy
 from sipfarm.registrar.gruu import TempGruus
 from sipfarm.registrar.registrar import FLOW_TIMER_STREAM, FLOW_TIMER_UDP, BindingStore, Registrar
@@ -82,6 +83,7 @@ class NodeCore:
         digest_algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS,
         timer_c: float = 180.0,
         max_pending_invites: int = MAX_PENDING_INVITES,
+        max_pending_invite_bytes: int = MAX_PENDING_INVITE_BYTES,
         flow_tokens: FlowTokens | None = None,
         temp_gruus: TempGruus | None = None,
         flow_timer_udp: int = FLOW_TIMER_UDP,
@@ -126,7 +128,7 @@ class NodeCore:
             auth_requests=auth_requests,
             timer_c=timer_c,
             destinations=destinations,
-            max_pending_invites=max_pending_invites,
+            pending_invites=PendingInvites(max_pending_invites, max_pending_invite_bytes),
         )
         self.auth.binding_client = self.proxy.binding_client  # reads the proxy's current flow tokens
         # client flows among the destinations of the last datagrams_to_send(): requests to

@@ -285,6 +285,7 @@ async def serve(
         max_transactions=cfg.max_transactions,
         max_transaction_bytes=cfg.max_transaction_bytes,
         max_pending_invites=cfg.max_pending_invites,
+        max_pending_invite_bytes=cfg.max_pending_invite_bytes,
         policy=ExpiresPolicy(cfg.min_expires, cfg.max_expires, cfg.default_expires),
         auth_requests=cfg.auth_invite,
         digest_algorithms=tuple(cfg.digest_algorithms),

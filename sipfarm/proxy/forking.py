@@ -92,6 +92,16 @@ class BranchState(enum.Enum):
     COMPLETED = "completed"  # a final response (or a timeout) came
 
 
+class AccountCalls:
+    """One account's INVITEs in progress on this node and an upper bound of the transaction
+    bytes they hold (kept by :class:`sipfarm.proxy.pending.PendingInvites`)."""
+
+    def __init__(self) -> None:
+        self.calls: list[ProxyCall] = []  # in progress, and those ended since the last prune
+        self.held = 0  # bytes charged to them since the last prune (exact at the prune)
+        self.prune_at = 0  # len(calls) at which the ended ones are dropped next (set by the prune)
+
+
 class Branch:
     """One client branch of a :class:`ProxyCall` (a plain class, not a dataclass: compiled, its
     __init__ is native; a dataclass's generated one is interpreted, ~6x the cost)."""
@@ -152,6 +162,7 @@ class ProxyCall:
         # the groups are one server's addresses in RFC 3263 order: the next is tried only when the
         # current one fails (503, 408, a transport error: RFC 3263 4.3), never after ringing a while
         self.failover = False
+        self.held_by: AccountCalls | None = None  # the caller's account share it is charged to
 
     def __repr__(self) -> str:
         return f"ProxyCall({self.method!r}, branches={len(self.branches)}, answered={self.answered})"

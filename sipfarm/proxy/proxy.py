@@ -40,7 +40,6 @@ import heapq
 import ipaddress
 import logging
 import secrets
-from collections import OrderedDict
 from collections.abc import Callable
 from functools import partial
 from typing import Any, Final, Protocol
@@ -61,6 +60,7 @@ from sipfarm.protect.authenticator import AccountSource, AuthAnswer, Authenticat
 from sipfarm.proxy.forking import Branch, BranchState, ProxyCall, Target
 from sipfarm.proxy.media import Done, MediaHook, NoMedia
 from sipfarm.proxy.nexthop import NameResolver, Unresolved, uri_destination
+from sipfarm.proxy.pending import PendingInvites
 from sipfarm.registrar.gruu import GruuError, GruuTarget, TempGruus, read_gruu
 from sipfarm.routing.router import Action, Decision, Router
 from sipfarm.sip import auth
@@ -76,7 +76,6 @@ from sipfarm.sip.errors import (
     ServiceUnavailable,
     SipError,
     TemporarilyUnavailable,
-    TooManyCalls,
     TooManyHops,
 )
 from sipfarm.sip.headers import HeaderError, parse_name_addr, via_branch
@@ -112,11 +111,6 @@ UNAUTHENTICATED = frozenset({b"ACK", b"CANCEL", b"REGISTER"})
 MAX_FORWARDS = 70  # RFC 3261 16.6 step 3 / 8.1.1.6: what a request may carry past our door
 SERIAL_FORK_SECONDS = 30.0  # how long one q-value group rings before the next is tried
 FAILOVER_SECONDS = 2.0  # a gateway address silent this long: the next one (RFC 3263 4.3)
-# an authenticated account's INVITEs in progress (not answered yet) on one node, at most; past it
-# 403 (Proxy._count_invite). 100 x a 64 KB INVITE held to Timer C is 6.4 MB, 2.5% of a node's
-# transaction byte budget
-MAX_PENDING_INVITES = 100
-PENDING_ACCOUNTS = 10_000  # accounts whose pending INVITEs are tracked (least recently calling out)
 # in-dialog requests whose SDP the media hook sees before they go on: offers (re-INVITE, RFC
 # 3261 14; UPDATE, RFC 3311) and answers to an offer in a reliable 18x (PRACK, RFC 3262); a
 # re-INVITE without SDP too (its 2xx will carry the offer). ACK bodies go through _send_ack.
@@ -176,7 +170,7 @@ class Proxy:
         timer_c: float = 180.0,
         serial_fork: float = SERIAL_FORK_SECONDS,
         destinations: DestinationPolicy | None = None,
-        max_pending_invites: int = MAX_PENDING_INVITES,
+        pending_invites: PendingInvites | None = None,
     ) -> None:
         self.element = element
         self.auth = authenticator
@@ -197,10 +191,9 @@ class Proxy:
         # where requests may go when the destination came from a message, not from the farm
         self.destinations = destinations if destinations is not None else DestinationPolicy()
         self.destinations.add_own(element.identity.aliases)
-        # an authenticated caller's INVITEs in progress here (not answered yet), per account: at
-        # most max_pending_invites each (0: no limit), for PENDING_ACCOUNTS accounts at most
-        self.max_pending_invites = max_pending_invites
-        self._pending_invites: OrderedDict[str, list[ProxyCall]] = OrderedDict()
+        # an authenticated caller's INVITEs in progress here, per account: each account's share
+        # of the node's transaction memory (sipfarm.proxy.pending)
+        self.pending_invites = pending_invites if pending_invites is not None else PendingInvites()
         self._timer_c: dict[Branch, float] = {}
         self._timer_heap: list[tuple[float, int, Branch]] = []
         self._timer_seq = 0
@@ -476,31 +469,6 @@ class Proxy:
         self._assert_identity(msg, account)
         return False
 
-    def _count_invite(self, call: ProxyCall, account: Account) -> None:
-        """Count ``call`` among its authenticated caller's INVITEs in progress on this node;
-        TooManyCalls (403) past ``max_pending_invites``. One account's calls that ring and are
-        never answered (to its own second phone, to a number that never picks up) are held with
-        their transactions until Timer C: without a bound per account, one account filled the
-        node's transaction memory and every other caller got 503. The calls are kept, not
-        counted up and down: a call leaves the count once answered or ended, however it ended."""
-        limit = self.max_pending_invites
-        if limit <= 0:
-            return
-        pending_by_account = self._pending_invites
-        key = f"{account.user}@{account.domain}"
-        pending = pending_by_account.get(key)
-        if pending is None:
-            pending = []
-            pending_by_account[key] = pending
-            if len(pending_by_account) > PENDING_ACCOUNTS:
-                pending_by_account.popitem(last=False)
-        else:
-            pending_by_account.move_to_end(key)
-            pending[:] = [c for c in pending if not (c.answered or c.cancelled or c.server_tx.terminated)]
-        if len(pending) >= limit:
-            raise TooManyCalls(f"{len(pending)} calls of this account in progress", partial=call.request)
-        pending.append(call)
-
     def _trusted_call(self, msg: SipMessage, stx: ServerTransaction, decision: Decision) -> bool:
         """A call from a trusted gateway or trunk (by address) to the farm's users: no digest.
         Forwarding onwards (to a gateway) still needs a user's credentials: no transit."""
@@ -546,8 +514,9 @@ class Proxy:
                 if self._auth_refused(stx, msg, realm, answer):
                     call.answered = True
                     return
-                if call.is_invite and answer.account is not None:
-                    self._count_invite(call, answer.account)
+                account = answer.account
+                if call.is_invite and account is not None and self.pending_invites.enabled:
+                    self.pending_invites.admit(f"{account.user}@{account.domain}", call)
             for value in results.values():
                 if isinstance(value, StoreError):
                     element.store_failed(stx, msg, value)
@@ -1051,6 +1020,9 @@ class Proxy:
                 continue
             ctx.context = branch
             branch.client_tx = ctx
+            held_by = call.held_by
+            if held_by is not None:
+                held_by.held += ctx.size  # the caller's share of the node's (proxy.pending)
             if target.client_flow:
                 self.flow_sends.add(target.destination)
             call.branches.append(branch)

@@ -190,7 +190,9 @@ class Forbidden(SipError):
 
 
 class TooManyCalls(Forbidden):
-    """403: the caller's account has ``max_pending_invites`` calls ringing on this node already."""
+    """403: the caller's account has as many calls in progress on this node as it may
+    (``max_pending_invites``), or they hold its share of the node's transaction memory
+    (``max_pending_invite_bytes``; sipfarm.proxy.pending)."""
 
     counter = "too_many_calls"
 

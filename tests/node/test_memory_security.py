@@ -507,7 +507,8 @@ def test_an_authenticated_flood_of_64_kb_invites_holds_at_most_the_byte_budget()
     503 once the held bytes reach ``max_transaction_bytes``, long before ``max_transactions``,
     and the bytes go back to zero when the transactions end."""
     budget = 2 << 20
-    farm = MemFarm(node_kwargs={"max_transaction_bytes": budget})
+    # the account's own share of the budget (below) off: the node's bound is what is tested
+    farm = MemFarm(node_kwargs={"max_transaction_bytes": budget, "max_pending_invite_bytes": 0})
     layer = farm.nodes[0].layer
     alice = farm.phone("alice", "127.0.0.10")
     bob = farm.phone("bob", "127.0.0.11")
@@ -532,38 +533,70 @@ def test_an_authenticated_flood_of_64_kb_invites_holds_at_most_the_byte_budget()
     assert len(layer) == 0 and layer.retained_bytes == 0
 
 
+def _call(phone: Phone, n: int, filler: int = 0) -> tuple[int, bytes]:
+    headers = [("X-Filler", "x" * filler)] if filler else []
+    invite = phone.request("INVITE", BOB, call_id=f"{phone.user}-{n}", headers=headers)
+    answer = phone.authenticated(invite)
+    assert answer is not None
+    return answer.status, answer.reason
+
+
 def test_one_accounts_unanswered_calls_cannot_take_the_node_from_everyone() -> None:
     """The byte budget above is the node's, shared by all callers: one account calling a phone
-    that rings for ever would fill it and every caller would get 503. Past
-    ``max_pending_invites`` calls in progress, that account's next call gets 403 Too Many Calls
-    (counted) and holds nothing; another account still calls; once one of the account's calls
-    is answered or cancelled, it may call again."""
-    farm = MemFarm(node_kwargs={"max_pending_invites": 3})
+    that rings for ever with 60 KB INVITEs would fill it and every caller would get 503. Once
+    its calls in progress hold ``max_pending_invite_bytes``, that account's next call gets 403
+    Too Many Calls (counted) and holds nothing; another account still calls, with the node far
+    from full; once one of the account's calls is answered or cancelled, it may call again."""
+    share = 1 << 20
+    farm = MemFarm(node_kwargs={"max_transaction_bytes": 16 * share, "max_pending_invite_bytes": share})
     node = farm.nodes[0]
     alice = farm.phone("alice", "10.0.0.1")
     carol = farm.phone("carol", "10.0.0.3")
     bob = farm.phone("bob", "10.0.0.2")
     assert bob.register() is not None and bob.finals()[-1] == 200  # rings, never answers
-
-    def call(phone: Phone, n: int) -> tuple[int, bytes]:
-        invite = phone.request("INVITE", BOB, call_id=f"{phone.user}-{n}")
-        answer = phone.authenticated(invite)
-        assert answer is not None
-        return answer.status, answer.reason
-
-    assert [call(alice, n)[0] for n in range(3)] == [180, 180, 180]
-    held = node.layer.retained_bytes
-    assert call(alice, 3) == (403, b"Too Many Calls")
-    assert node.layer.retained_bytes <= held + 2_000  # the refused call holds (almost) nothing
-    assert node.metrics.registry.get_sample_value("sipfarm_node_errors_total", {"kind": "too_many_calls"}) == 1
-    assert len(bob.requests(b"INVITE")) == 3
-    assert call(carol, 0)[0] == 180  # another account is not affected
+    statuses = [_call(alice, n, 60_000)[0] for n in range(12)]
+    # each call holds its INVITE twice (the server and the client transaction): 8 fit in 1 MiB
+    assert statuses == [180] * 8 + [403] * 4, statuses
+    assert node.layer.retained_bytes <= share
+    assert _call(alice, 12) == (180, b"Ringing")  # the share is in bytes: a small call still fits
+    assert _call(alice, 13, 60_000) == (403, b"Too Many Calls")
+    assert node.metrics.registry.get_sample_value("sipfarm_node_errors_total", {"kind": "too_many_calls"}) == 5
+    assert len(bob.requests(b"INVITE")) == 9
+    assert _call(carol, 0, 60_000)[0] == 180  # another account is not affected
     bob.answer_call(200, bob.ringing[0])  # one of alice's calls is answered
-    assert call(alice, 4)[0] == 180
+    assert _call(alice, 14, 60_000)[0] == 180
     ringing = next(m for m in reversed(alice.sent) if m.method == b"INVITE")
     alice.cancel(ringing)  # and one she gives up
-    assert call(alice, 5)[0] == 180
-    assert call(alice, 6)[0] == 403
+    assert _call(alice, 15, 60_000)[0] == 180
+    assert _call(alice, 16, 60_000)[0] == 403
+    farm.advance(300.0)  # Timer C ends the rung calls: alice may call again
+    assert node.layer.retained_bytes == 0
+    assert _call(alice, 17, 60_000)[0] == 180
+
+
+def test_an_accounts_calls_at_once_are_bounded_in_count_too() -> None:
+    """``max_pending_invites``: however small its INVITEs, an account has at most that many
+    calls in progress on a node (a stolen account's calls at once); the ended ones do not
+    count, and many ordinary calls at once (a trunk, a load test) fit the default byte share."""
+    farm = MemFarm(node_kwargs={"max_pending_invites": 3})
+    alice = farm.phone("alice", "10.0.0.1")
+    bob = farm.phone("bob", "10.0.0.2")
+    assert bob.register() is not None and bob.finals()[-1] == 200
+    assert [_call(alice, n)[0] for n in range(4)] == [180, 180, 180, 403]
+    bob.answer_call(200, bob.ringing[0])
+    assert [_call(alice, n)[0] for n in range(4, 6)] == [180, 403]
+    unbounded = MemFarm(node_kwargs={"max_pending_invites": 0})
+    alice = unbounded.phone("alice", "10.0.0.1")
+    bob = unbounded.phone("bob", "10.0.0.2")
+    assert bob.register() is not None and bob.finals()[-1] == 200
+    assert {_call(alice, n)[0] for n in range(300)} == {180}  # 300 x ~1 KB x 2 < 16 MiB
+    pending = unbounded.nodes[0].proxy.pending_invites
+    assert len(pending) == 1
+    for n in range(300, 400):  # answered calls leave the account's list: it stays short
+        assert _call(alice, n)[0] == 180
+        bob.answer_call(200, bob.ringing[-1])
+    (entry,) = pending._by_account.values()
+    assert sum(1 for c in entry.calls if c.answered) <= 300 + 8  # ended ones: below live ones + 8
 
 
 def test_only_the_configured_digest_algorithms_are_accepted(farm: MemFarm) -> None:
