@@ -477,11 +477,15 @@ class Proxy:
         return self._trusted_peer(msg, stx)
 
     def _trusted_peer(self, msg: SipMessage, stx: ServerTransaction) -> bool:
-        table = self.router.table
-        if not table.trusted or not table.trusts(self.element.client(msg, stx.source).host):
+        if not self._trusted_source(msg, stx):
             return False
         self.element.metrics.errors("trusted_peer_call").inc()
         return True
+
+    def _trusted_source(self, msg: SipMessage, stx: ServerTransaction) -> bool:
+        """The request comes from a trusted gateway or trunk (the routing table's ``trusted``)."""
+        table = self.router.table
+        return bool(table.trusted) and table.trusts(self.element.client(msg, stx.source).host)
 
     def _local_aor(self, target: str) -> str | None:
         """``user@domain`` of an alias target that is a user of a served domain, else None."""
@@ -565,9 +569,15 @@ class Proxy:
             sender = owner = None
             if self.anchoring:  # what only a relay needs (NoMedia passes the SDP on untouched)
                 sender = element.client(msg, call.server_tx.remote).host
-                # the account _assert_identity wrote (a client's own P-Asserted-Identity is
-                # stripped on entry), else the caller's address: whose call the relay counts
-                owner = (msg.get("p-asserted-identity") or b"").decode("latin-1") or sender
+                # whose call the relay counts (max_ports_per_owner): the account
+                # _assert_identity wrote (a client's own P-Asserted-Identity is stripped on
+                # entry), else the caller's address, but for a trusted gateway or trunk: the
+                # operator's own peer carries many callers' calls, none of them bounded
+                identity = msg.get("p-asserted-identity")
+                if identity:
+                    owner = identity.decode("latin-1")
+                elif not self._trusted_source(msg, call.server_tx):
+                    owner = sender
             self.media.offer(msg, partial(self._offered, call, msg), to_webrtc=to_webrtc, sender=sender, owner=owner)
         else:
             self._start_group(call, element.now())

@@ -25,6 +25,8 @@ from media.sdp import SessionDescription
 from sipfarm.proxy.ng_client import NgClient, NgRefused, NgTimeout
 from sipfarm.proxy.relay_choice import RelayLoad, RelayTable
 from sipfarm.proxy.relay_media import RelayMedia, relay_index
+from sipfarm.routing.router import Router
+from sipfarm.routing.table import RoutingTable
 from sipfarm.sip.address import Address
 from sipfarm.sip.message import SipMessage, make_response
 
@@ -694,3 +696,25 @@ def test_a_new_calls_offer_names_its_owner_and_the_relay_bounds_it() -> None:
     assert len(bob.ringing) == 4
     assert alice.last(503, b"INVITE") is not None
     assert sorted(len(mf.calls(i)) for i in (0, 1)) == [2, 2]
+
+
+def test_a_trusted_gateways_calls_are_not_bounded_as_one_owner() -> None:
+    """A trusted gateway or trunk (the routing table's ``trusted``) brings many callers' calls
+    from one address: the node names no owner for them, so the relays' per-owner bound (which
+    would make it one caller: 503 past its hundredth call at once) does not apply. An untrusted
+    caller's calls are its address's, bounded."""
+    mf = MediaFarm()
+    for engine in mf.engines.values():
+        engine.max_ports_per_owner = 8
+    table = RoutingTable.from_dict({"trusted": ["10.9.0.1/32"]})
+    mf.farm.nodes[0].proxy.router = Router(frozenset({DOMAIN}), table)
+    _, bob = setup(mf)
+    gateway = mf.farm.phone("gw", "10.9.0.1")
+    for n in range(6):
+        msg = gateway.request("INVITE", BOB, call_id=f"gw-{n}", body=phone_sdp("10.9.0.1", 4000 + 2 * n))
+        msg.set("content-type", b"application/sdp")
+        msg.set("p-asserted-identity", b"<sip:alice@" + DOMAIN.encode() + b">")  # stripped on entry
+        gateway.send(msg)
+    assert len(bob.ringing) == 6 and gateway.last(503, b"INVITE") is None
+    offers = [m for m in mf.ng_log if m[b"command"] == b"offer"]
+    assert len(offers) == 6 and not any(b"owner" in m for m in offers)
