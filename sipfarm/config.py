@@ -461,7 +461,9 @@ class BalancerConfig:
     # for a domain not in domains (empty: no domain check), is banned farm-wide (in Redis, as
     # `sipfarm ban list` shows) for ban_time seconds and dropped unanswered. Bans from Redis are
     # re-read every ban_refresh seconds. Sources in exempt networks are never limited nor
-    # dropped: loopback by default (local tools, tests and benchmarks); protect = false: off.
+    # dropped: loopback by default (local tools, tests and benchmarks), and always the farm's
+    # gateways and trunks of the file's [routing] section (trusted, forward targets); protect =
+    # false: off.
     protect: bool = True
     rate_register: int = 20
     rate_invite: int = 50

@@ -60,6 +60,13 @@ def run_balancer(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"sipfarm balancer: configuration error: {exc}", file=sys.stderr)
         return 2
+    from sipfarm.routing.table import RoutingError  # noqa: PLC0415
+
+    try:
+        cfg.exempt = exempt_networks(cfg.exempt, args.config)
+    except RoutingError as exc:
+        print(f"sipfarm balancer: routing table error: {exc}", file=sys.stderr)
+        return 2
     setup_logging(cfg.log_level, cfg.log_format)
     if not cfg.balancer_id:
         from sipfarm.cluster.membership import default_member_id  # noqa: PLC0415
@@ -489,6 +496,23 @@ def transport_config(cfg: BalancerConfig) -> TransportConfig:
         # node's requests need none, answers to them find their way by our branch
         stamp_via=False,
     )
+
+
+def exempt_networks(exempt: list[str], config_path: str | None) -> list[str]:
+    """``exempt`` and the farm's own peers from the config file's ``[routing]`` section (its
+    trusted gateways and trunks and the IP literals it forwards to, read at start): one gateway
+    carries many callers' calls, so a per-source budget made it one caller (banned for
+    ``ban_time`` past 50 INVITEs a second over TCP, its calls cut off with it)."""
+    if not config_path:
+        return list(exempt)
+    from sipfarm.routing.peers import peer_networks  # noqa: PLC0415
+    from sipfarm.routing.table import load_routing  # noqa: PLC0415
+
+    out = list(exempt)
+    for net in peer_networks(load_routing(config_path)):
+        if str(net) not in out:
+            out.append(str(net))
+    return out
 
 
 def source_matcher(networks: list[str]) -> Callable[[str], bool]:

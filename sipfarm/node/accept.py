@@ -25,31 +25,18 @@ entries at all (the default): everyone is accepted (``open``).
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable, Iterable, Sequence
 
 from sipfarm.cluster.membership import Member, parse_address
 from sipfarm.config import ACCEPT_KEYWORDS as KEYWORDS
 from sipfarm.protect.netlist import NetList, Network, parse_network
-from sipfarm.routing.table import Action, RoutingTable
+from sipfarm.routing.peers import host_network, peer_networks
+from sipfarm.routing.table import RoutingTable
 from sipfarm.sip.address import Address
-from sipfarm.sip.errors import SipError
-from sipfarm.sip.uri import SipURI, parse_uri
 
 __all__ = ["KEYWORDS", "AcceptFrom", "anyone", "balancer_networks", "host_network", "nobody", "peer_networks"]
 
 _UNKNOWN_SOURCE = "unknown_source"
-
-
-def host_network(host: str) -> Network | None:
-    """An IP literal as a one-address network; None for a name or a wildcard (0.0.0.0, ::)."""
-    try:
-        address = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return None
-    if address.is_unspecified:
-        return None
-    return ipaddress.ip_network(address)
 
 
 def balancer_networks(members: Iterable[Member]) -> list[Network]:
@@ -64,31 +51,6 @@ def balancer_networks(members: Iterable[Member]) -> list[Network]:
             except ValueError:
                 continue
             net = host_network(host)
-            if net is not None and net not in out:
-                out.append(net)
-    return out
-
-
-def peer_networks(table: RoutingTable) -> list[Network]:
-    """The routing table's trusted networks and the IP literals of the URIs it forwards to
-    (forward rules, the unknown rule's forward, alias targets outside the farm): the gateways
-    and trunks that send the farm calls or continue its dialogs."""
-    out: list[Network] = list(table.trusted)
-    uris: list[str] = []
-    for rule in table.rules:
-        if rule.action is Action.FORWARD:
-            uris.append(rule.uri)
-        elif rule.action is Action.ALIAS:
-            uris.extend(rule.targets)
-    if table.unknown.action is Action.FORWARD:
-        uris.append(table.unknown.uri)
-    for text in uris:
-        try:
-            uri = parse_uri(text.encode())
-        except (SipError, ValueError):
-            continue
-        if isinstance(uri, SipURI):
-            net = host_network(uri.host)
             if net is not None and net not in out:
                 out.append(net)
     return out

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from sipfarm.balancer.frontdoor import FrontDoor, FrontDoorPolicy
+from sipfarm.balancer.main import exempt_networks
 from sipfarm.protect.pike import RateBudgets
+from sipfarm.routing.table import RoutingError
 from sipfarm.sip.address import Address
 from sipfarm.sip.parser import parse_message
 from sipfarm.sip.uri import SipURI
@@ -196,3 +200,26 @@ def test_ban_log_changes_update_the_local_copy():
     # the next read that began after it has the last word
     front.update_bans({FLOODER: None}, now=14.0, read_started=13.5)
     assert not front.banned(FLOODER, 14.0)
+
+
+def test_the_farms_gateways_and_trunks_are_exempt(tmp_path):
+    """The config file's [routing] peers (trusted gateways and trunks, the IP literals it
+    forwards to) join ``exempt``: a PSTN gateway carries many callers' calls from one address,
+    and its calls past the INVITE budget over TCP banned it, every call through it cut off."""
+    config = tmp_path / "farm.toml"
+    config.write_text(
+        '[routing]\ntrusted = ["192.0.2.10", "198.51.100.16/28"]\n'
+        'rules = [{name = "pstn", user_prefix = "+1", action = "forward", uri = "sip:203.0.113.5:5060"}]\n'
+    )
+    exempt = exempt_networks(["127.0.0.0/8"], str(config))
+    assert exempt == ["127.0.0.0/8", "192.0.2.10/32", "198.51.100.16/28", "203.0.113.5/32"]
+    assert exempt_networks(["127.0.0.0/8"], None) == ["127.0.0.0/8"]
+    policy = FrontDoorPolicy(budgets=POLICY.budgets, ban_time=60.0, exempt=tuple(exempt), domains=("farm.test",))
+    front = FrontDoor(policy)
+    for gateway in ("192.0.2.10", "198.51.100.20", "203.0.113.5"):
+        assert all(front.screen(request("INVITE"), gateway, 0.0, proven=True) for _ in range(500))
+    assert [front.screen(request("INVITE"), PHONE, 0.0, proven=True) for _ in range(3)] == [True, True, False]
+    assert [b.source for b in front.take_new_bans()] == [PHONE]
+    config.write_text("[routing]\ntrusted = 7\n")
+    with pytest.raises(RoutingError):  # the balancer refuses to start, as the node does
+        exempt_networks([], str(config))
