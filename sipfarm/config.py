@@ -456,7 +456,9 @@ class BalancerConfig:
     groups: list[dict[str, str]] = field(default_factory=list)
     # Front-end protection (sipfarm/balancer/frontdoor.py). A client source sending more than
     # rate_register REGISTERs, rate_invite INVITEs or rate_other other requests per rate_window
-    # seconds (0: that class unlimited), or using a User-Agent containing one of scanner_agents
+    # seconds (0: that class unlimited) has its excess dropped, and if it keeps over budget for
+    # rate_ban_after seconds (a flood; phones behind one NAT reconnecting at once are a burst of
+    # a second or two) it is banned; a source using a User-Agent containing one of scanner_agents
     # (case-insensitive), or sending more than rate_suspect out-of-dialog requests per window
     # for a domain not in domains (empty: no domain check), is banned farm-wide (in Redis, as
     # `sipfarm ban list` shows) for ban_time seconds and dropped unanswered. Bans from Redis are
@@ -470,6 +472,7 @@ class BalancerConfig:
     rate_other: int = 100
     rate_suspect: int = 5
     rate_window: float = 1.0
+    rate_ban_after: float = 3.0
     ban_time: float = 600.0
     ban_refresh: float = 0.5
     scanner_agents: list[str] = field(
@@ -560,6 +563,7 @@ class BalancerConfig:
         for key in ("rate_register", "rate_invite", "rate_other", "rate_suspect"):
             _check_range(key, getattr(self, key), 0, 10_000_000)
         _check_range("rate_window", self.rate_window, 0.01, 3600)
+        _check_range("rate_ban_after", self.rate_ban_after, 0, 3600)
         _check_range("ban_time", self.ban_time, 0, 30 * 86_400)
         _check_range("ban_refresh", self.ban_refresh, 0.05, 60)
         for net in self.exempt:

@@ -7,8 +7,10 @@ Every message from a client (never from a node) passes two checks:
 1. :meth:`FrontDoor.screen`, on the raw bytes before they are parsed: a source in the local copy
    of the farm's bans is dropped (one dict look-up); otherwise a request's method (the first
    token of the first line) is counted against the source's budget for its class
-   (:mod:`sipfarm.protect.pike`), and a source over budget is banned and dropped.  Responses
-   are not counted (a phone answers what the farm sends it).
+   (:mod:`sipfarm.protect.pike`): a request over budget is dropped, and a source over budget
+   for ``ban_after`` seconds with no quiet window between its excesses (a flood, not the burst
+   of phones behind one NAT reconnecting at once) is banned.  Responses are not counted (a
+   phone answers what the farm sends it).
 2. :meth:`FrontDoor.inspect`, on the parsed request: a User-Agent containing one of the scanner
    names (case-insensitive) bans the source at once; an out-of-dialog request whose
    Request-URI names neither a domain the farm serves nor the balancer itself is dropped and
@@ -89,6 +91,9 @@ class FrontDoorPolicy:
     exempt: tuple[str, ...] = ()  # networks (CIDR) never limited nor dropped
     domains: tuple[str, ...] = ()  # served domains; empty: no domain check
     max_sources: int = 100_000
+    # seconds a proven source stays over its REGISTER, INVITE or other budget before it is
+    # banned (its excess dropped meanwhile); 0: banned at its first excess
+    ban_after: float = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +116,8 @@ class FrontDoor:
         self._own: dict[str, float] = {}  # source -> when this balancer banned it (not yet read back)
         self._new: list[NewBan] = []
         self.stats: dict[str, int] = {}
+        # sources over a budget: [since when, their last excess] (at most max_sources)
+        self._over: dict[str, list[float]] = {}
 
     # -- the two checks ---------------------------------------------------------------------------
 
@@ -135,9 +142,30 @@ class FrontDoor:
         cls = request_class(data[:space] if space > 0 else data[:32])
         if self.rates.hit(source, cls, now) is Rate.EXCEEDED:
             self.count(_RATE_REASONS[cls])
-            self._ban(source, _RATE_REASONS[cls], now, proven)
+            if not proven or self._sustained(source, now):
+                self._ban(source, _RATE_REASONS[cls], now, proven)
             return False
         return True
+
+    def _sustained(self, source: str, now: float) -> bool:
+        """``source`` has been over its budget for ``ban_after`` seconds, without a quiet
+        window between its excesses. A burst is not a flood: phones behind one NAT address
+        reconnecting at once (a balancer restarted or failed over) send one or two REGISTERs
+        each within a second or two, then wait for their answers (over TCP, a dropped request
+        is not retransmitted: Timer F, 32 s); banned at their first excess, the whole office
+        was cut off for ``ban_time``. A flood keeps on."""
+        after = self.policy.ban_after
+        if after <= 0:
+            return True
+        over = self._over
+        span = over.get(source)
+        if span is None or now - span[1] > self.policy.budgets.window:
+            if span is None and len(over) >= self.policy.max_sources:
+                del over[next(iter(over))]  # the oldest excess forgotten first
+            over[source] = [now, now]
+            return False
+        span[1] = now
+        return now - span[0] >= after
 
     def inspect(
         self, msg: SipMessage, source: str, names_us: Callable[[SipURI], bool], now: float, proven: bool = True
@@ -226,6 +254,7 @@ class FrontDoor:
         self._own[source] = now
         self._new.append(NewBan(source, seconds, reason))
         self.rates.forget(source)
+        self._over.pop(source, None)
         self.count("ban_started")
 
     # -- helpers ------------------------------------------------------------------------------------

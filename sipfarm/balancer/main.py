@@ -556,6 +556,7 @@ def front_door_policy(cfg: BalancerConfig) -> FrontDoorPolicy:
     return FrontDoorPolicy(
         budgets=budgets,
         ban_time=cfg.ban_time,
+        ban_after=cfg.rate_ban_after,
         scanner_agents=tuple(cfg.scanner_agents),
         exempt=tuple(cfg.exempt),
         domains=tuple(cfg.domains),

@@ -20,6 +20,7 @@ POLICY = FrontDoorPolicy(
     ban_time=60.0,
     exempt=("10.9.0.0/16",),
     domains=("farm.test",),
+    ban_after=0.0,  # banned at the first excess (the default's grace: its own test below)
 )
 FLOODER = "198.51.100.2"
 PHONE = "198.51.100.3"
@@ -152,7 +153,7 @@ def test_a_spoofed_udp_source_bans_nobody():
     the REGISTER budget) banned that address farm-wide on every transport for ban_time (red
     team D, 2026-12-02).  Over UDP the evidence drops the messages only, while the source is
     over its budget; the victim's phone is let in again as soon as the forger stops."""
-    front = FrontDoor(FrontDoorPolicy(budgets=RateBudgets(register=3, window=1.0)))
+    front = FrontDoor(FrontDoorPolicy(budgets=RateBudgets(register=3, window=1.0), ban_after=0.0))
     victim = "198.51.100.50"
     for i in range(10):  # the forger, over budget
         assert front.screen(b"REGISTER sip:farm.test SIP/2.0\r\n", victim, 100.0, proven=False) is (i < 3)
@@ -214,7 +215,7 @@ def test_the_farms_gateways_and_trunks_are_exempt(tmp_path):
     exempt = exempt_networks(["127.0.0.0/8"], str(config))
     assert exempt == ["127.0.0.0/8", "192.0.2.10/32", "198.51.100.16/28", "203.0.113.5/32"]
     assert exempt_networks(["127.0.0.0/8"], None) == ["127.0.0.0/8"]
-    policy = FrontDoorPolicy(budgets=POLICY.budgets, ban_time=60.0, exempt=tuple(exempt), domains=("farm.test",))
+    policy = FrontDoorPolicy(budgets=POLICY.budgets, ban_time=60.0, exempt=tuple(exempt), ban_after=0.0)
     front = FrontDoor(policy)
     for gateway in ("192.0.2.10", "198.51.100.20", "203.0.113.5"):
         assert all(front.screen(request("INVITE"), gateway, 0.0, proven=True) for _ in range(500))
@@ -223,3 +224,27 @@ def test_the_farms_gateways_and_trunks_are_exempt(tmp_path):
     config.write_text("[routing]\ntrusted = 7\n")
     with pytest.raises(RoutingError):  # the balancer refuses to start, as the node does
         exempt_networks([], str(config))
+
+
+def test_a_burst_is_dropped_a_flood_is_banned():
+    """Phones behind one NAT address reconnecting at once (a balancer restarted) are over the
+    REGISTER budget for a second or two: their excess is dropped, nobody is banned, and once
+    the burst is over they register again. A source over budget for ``ban_after`` seconds with
+    no quiet window between is a flood: banned, farm-wide."""
+    policy = FrontDoorPolicy(budgets=POLICY.budgets, ban_time=60.0, ban_after=3.0)
+    front = FrontDoor(policy)
+    office, flooder = "198.51.100.50", "198.51.100.60"
+    burst = [front.screen(request(), office, t / 100, proven=True) for t in range(150)]  # 1.5 s
+    assert 0 < burst.count(True) < 10 and front.stats.get("ban_started") is None
+    assert front.screen(request(), office, 3.0, proven=True)  # after a quiet second: served
+    banned_at = None
+    for t in range(400):  # a flood: 100 a second for 4 s
+        front.screen(request(), flooder, t / 100, proven=True)
+        if banned_at is None and front.banned(flooder, t / 100):
+            banned_at = t / 100
+    assert banned_at is not None and 3.0 <= banned_at < 3.1, banned_at
+    assert [(b.source, b.reason) for b in front.take_new_bans()] == [(flooder, "rate_register")]
+    assert not front.banned(office, 5.0)
+    # a spoofable UDP source is never banned: its excess is dropped from the first, counted
+    assert [front.screen(request(), "198.51.100.70", 0.0, proven=False) for _ in range(5)] == [True] * 3 + [False] * 2
+    assert front.stats["not_banned_udp"] == 2 and front.take_new_bans() == []

@@ -1,10 +1,11 @@
 """Front-end protection at the balancer (issue 12), end to end: Redis, one node, two balancers.
 
 1. SIPp floods REGISTERs over TCP from 127.0.0.2 (far past the 20/s budget) for ~8 s while a
-   phone on 127.0.0.3 registers over and over through the same balancer: the flooder is banned
-   within 2 s (in Redis, under the farm's ban keys, and in the balancer's metrics), every
-   REGISTER of the phone completes in under a second, and the second balancer, which never saw
-   the flood, refuses the flooder within a second of the ban while still serving others.
+   phone on 127.0.0.3 registers over and over through the same balancer: the flooder, over
+   budget for rate_ban_after (3 s), is banned within 5 s (in Redis, under the farm's ban keys,
+   and in the balancer's metrics), every REGISTER of the phone completes in under a second,
+   and the second balancer, which never saw the flood, refuses the flooder within a second of
+   the ban while still serving others.
 2. SIPVicious svmap and svwar (scanner User-Agents, over UDP) learn nothing from the balancer;
    their sources are not banned, as a UDP source address proves nothing (a forger would ban
    its victim): their requests are dropped one by one.  A scanner over TCP is banned.
@@ -97,7 +98,7 @@ def test_flooder_banned_phone_served_bans_shared(protected, redis_url: str, tmp_
         banned_after: list[float] = []
 
         def watch() -> None:
-            while time.monotonic() - started < 5 and not banned_after:
+            while time.monotonic() - started < 7 and not banned_after:
                 if FLOODER in bans(redis_url):
                     banned_after.append(time.monotonic() - started)
                 time.sleep(0.05)
@@ -116,8 +117,9 @@ def test_flooder_banned_phone_served_bans_shared(protected, redis_url: str, tmp_
         finally:
             phone.close()
             watcher.join()
-        # the flooder: banned within 2 s of the first flood, in Redis with the balancer's reason
-        assert banned_after and banned_after[0] < 2.0, banned_after
+        # the flooder: banned within 5 s of the first flood (3 s over budget: a flood, not a
+        # burst), in Redis with the balancer's reason
+        assert banned_after and 2.5 < banned_after[0] < 5.0, banned_after
         assert bans(redis_url)[FLOODER] == "balancer:rate_register"
         # the phone: every registration (digest round trip) in under a second, throughout
         assert len(times) >= 20 and max(times) < 1.0, times
@@ -168,6 +170,52 @@ def test_shared_ban_applies_within_a_second(protected, redis_url: str):
         assert bans(redis_url)["127.0.0.7"] == "balancer:scanner"
     finally:
         source.close()
+
+
+def _register(port: int, n: int) -> bytes:
+    return (
+        f"REGISTER sip:{DOMAIN} SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.8:{port};branch=z9hG4bKburst{n}\r\n"
+        f"Max-Forwards: 70\r\nFrom: <sip:alice@{DOMAIN}>;tag={n}\r\nTo: <sip:alice@{DOMAIN}>\r\n"
+        f"Call-ID: burst-{n}@127.0.0.8\r\nCSeq: 1 REGISTER\r\nContact: <sip:alice@127.0.0.8:{port};transport=tcp>\r\n"
+        "Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def _answered(conns: list[socket.socket], wait: float) -> int:
+    """How many of ``conns`` got a 401 within ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    answered = 0
+    for conn in conns:
+        conn.settimeout(max(0.01, deadline - time.monotonic()))
+        with contextlib.suppress(TimeoutError, OSError):
+            answered += conn.recv(2048).startswith(b"SIP/2.0 401")
+    return answered
+
+
+def test_an_offices_reconnection_burst_is_not_banned(protected, redis_url: str):
+    """Phones behind one NAT address reconnecting at once (a balancer restarted, or failed
+    over): 60 TCP connections from 127.0.0.8 send a REGISTER each within a fraction of a
+    second, three times the 20/s budget. The excess is dropped (over TCP a phone waits for
+    Timer F, then tries again), the rest challenged; the address is not banned, and once the
+    burst is over its phones are served again. Banned at their first excess, as before, the
+    whole office was cut off for ban_time."""
+    lb1, _, metrics_port = protected
+    conns = [socket.create_connection(lb1.address, timeout=2, source_address=("127.0.0.8", 0)) for _ in range(60)]
+    try:
+        for n, conn in enumerate(conns):
+            conn.sendall(_register(conn.getsockname()[1], n))
+        answered = _answered(conns, 2.0)
+        assert 15 <= answered < 60, answered  # the budget's worth (and what the window slid in)
+        time.sleep(1.5)  # the burst is over: a quiet window
+        assert "127.0.0.8" not in bans(redis_url)
+        for n, conn in enumerate(conns[:10]):
+            conn.sendall(_register(conn.getsockname()[1], 100 + n))
+        assert _answered(conns[:10], 2.0) == 10
+        assert "127.0.0.8" not in bans(redis_url)
+        assert protect_metrics(metrics_port).get("rate_register", 0) >= 1
+    finally:
+        for conn in conns:
+            conn.close()
 
 
 @pytest.mark.skipif(find_sipvicious("svmap") is None or find_sipvicious("svwar") is None, reason="no SIPVicious")

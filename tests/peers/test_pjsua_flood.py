@@ -12,8 +12,9 @@ pjsua2 softphones, alice on 127.0.0.3 and bob on 127.0.0.4 (other loopback "host
 from the limits, unlike the default loopback), register, alice refreshes her registration
 every second, and alice calls bob:
 
-* the flooder is banned within 2 s of the flood's start (the ban in Redis, with the balancer's
-  reason; the balancer counts the rate excess and the banned datagrams it dropped);
+* the flooder is banned within 5 s of the flood's start, over budget for rate_ban_after (3 s)
+  (the ban in Redis, with the balancer's reason; the balancer counts the rate excess and the
+  banned datagrams it dropped);
 * every registration of alice during the flood (the digest round trip) completes in under 1 s;
 * the call connects and each side hears the other's tone (frequency detected in a recording),
   and hangs up cleanly, all while the flood lasts.
@@ -56,7 +57,7 @@ OPTIONS_FLOOD = HERE / "scenarios" / "options_flood.xml"
 FLOODER, ALICE_HOST, BOB_HOST = "127.0.0.2", "127.0.0.3", "127.0.0.4"
 FLOOD_RATE = 2000  # requests/s per SIPp process
 FLOOD_S = 20.0
-BANNED_WITHIN_S = 2.0
+BANNED_WITHIN_S = 5.0
 REGISTER_WITHIN_S = 1.0
 PHONE_LIFETIME_S = 80.0
 NODE_CORES = 0.1  # the farm's node, made small (cgroup v1 CPU quota) where it can be
@@ -157,7 +158,7 @@ def test_flooder_banned_while_softphones_register_and_talk(flood_farm: FloodFarm
         banned: list[float] = []
 
         def watch() -> None:  # the ban in Redis, looked for every 50 ms
-            while time.monotonic() - started < 5 and not banned:
+            while time.monotonic() - started < 7 and not banned:
                 if FLOODER in bans(farm.redis_url):
                     banned.append(time.monotonic() - started)
                 time.sleep(0.05)
@@ -191,9 +192,11 @@ def test_flooder_banned_while_softphones_register_and_talk(flood_farm: FloodFarm
         metrics = protect_metrics(farm.metrics_port)
         assert metrics.get("banned", 0) > 1000, metrics  # the flood went on, dropped unparsed
         assert metrics.get("rate_register", 0) + metrics.get("rate_other", 0) >= 1, metrics
-        # the flood's rate, from what the balancer dropped (the few requests before the ban aside),
-        # against the farm's capacity in REGISTER requests (two a registration)
-        flood_rate = metrics["banned"] / flooding
+        # the flood's rate, from what the balancer dropped (the few requests before the ban aside:
+        # its excess over the budget until the ban, then everything), against the farm's capacity
+        # in REGISTER requests (two a registration)
+        dropped = metrics["banned"] + metrics.get("rate_register", 0) + metrics.get("rate_other", 0)
+        flood_rate = dropped / flooding
         ratio = flood_rate / (2 * capacity)
         print(
             f"farm capacity {capacity:.0f} registrations/s (node limited to {NODE_CORES} core: {limited}); "
