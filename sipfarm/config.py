@@ -95,6 +95,11 @@ class NodeConfig:
     auth_max_failures: int = 10
     auth_failure_window: float = 300.0
     auth_ban_time: float = 900.0
+    # A source that authenticated within auth_working_time seconds (its phones work: an office
+    # behind one NAT address) is banned at auth_max_failures_working failures instead: one
+    # phone with a stale password retrying every 30 s must not cut off all the others
+    auth_max_failures_working: int = 100
+    auth_working_time: float = 3600.0
     # Guessing spread over many addresses: past auth_account_lock failures against one account
     # within auth_failure_window, only the hosts its bindings were registered from may still
     # authenticate as it until that window ends (its phones keep working; see protect/guard.py)
@@ -215,6 +220,8 @@ class NodeConfig:
         _check_range("auth_failure_window", self.auth_failure_window, 1, 86_400)
         _check_range("auth_ban_time", self.auth_ban_time, 1, 30 * 86_400)
         _check_range("auth_account_lock", self.auth_account_lock, 1, 1_000_000)
+        _check_range("auth_max_failures_working", self.auth_max_failures_working, 1, 1_000_000)
+        _check_range("auth_working_time", self.auth_working_time, 1, 30 * 86_400)
         _check_range("flow_timer_udp", self.flow_timer_udp, 1, 3600)
         _check_range("flow_timer_stream", self.flow_timer_stream, 1, 3600)
         _check_choice("log_format", self.log_format, ("kv", "json"))

@@ -213,6 +213,8 @@ async def serve(
             window=cfg.auth_failure_window,
             ban_time=cfg.auth_ban_time,
             account_lock=cfg.auth_account_lock,
+            max_failures_working=cfg.auth_max_failures_working,
+            working_time=cfg.auth_working_time,
         ),
         clock=loop.time,
     )

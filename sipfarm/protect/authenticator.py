@@ -323,6 +323,7 @@ class Authenticator:
         if admission.replay:
             self._replayed(msg, source, creds.username)
             return Verdict.STALE
+        guard.succeeded(source.host)
         return Verdict.OK
 
     def _ha1(self, account: Account | None, creds: auth.Credentials) -> dict[str, str] | None:
@@ -371,6 +372,9 @@ class Authenticator:
         if not result.ok or account is None:
             self._failed(check)
             return AuthAnswer(Verdict.CHALLENGE)
+        if self.guard is not None:
+            # its phones work: a stale password on one of them does not soon ban them all
+            self.guard.succeeded(check.source.host)
         return AuthAnswer(Verdict.OK, account)
 
     def _failed(self, check: _Check, reason: str = "failed") -> None:

@@ -3,7 +3,8 @@
 --
 -- KEYS[1]  sipfarm:protect:fail:src:{<ip>}     counter of the source's failures
 -- KEYS[2]  sipfarm:protect:ban:{<ip>}          the source's ban (same hash slot: one Cluster slot)
--- ARGV     window_ms, max_failures, ban_ms
+-- KEYS[3]  sipfarm:protect:working:{<ip>}      set while the source authenticates (its phones work)
+-- ARGV     window_ms, max_failures, ban_ms, max_failures_working (the threshold while KEYS[3] is)
 --
 -- Returns {source failures, 1 if this failure started the ban else 0, PTTL of the ban (-2 none,
 -- -1 no end)}. A counter's window opens with its first failure. A ban consumes the failures
@@ -14,8 +15,12 @@ local source = redis.call('INCR', KEYS[1])
 if source == 1 then
     redis.call('PEXPIRE', KEYS[1], ARGV[1])
 end
+local limit = tonumber(ARGV[2])
+if redis.call('EXISTS', KEYS[3]) == 1 then
+    limit = tonumber(ARGV[4])
+end
 local started = 0
-if source >= tonumber(ARGV[2]) and redis.call('SET', KEYS[2], source, 'NX', 'PX', ARGV[3]) then
+if source >= limit and redis.call('SET', KEYS[2], source, 'NX', 'PX', ARGV[3]) then
     started = 1
     redis.call('DEL', KEYS[1])
 end

@@ -20,8 +20,11 @@ request:
   write nothing at all (:class:`~sipfarm.protect.authenticator.Authenticator`): no response
   can match such a nonce, so it is no guess, and a spoofed source cannot get its victim banned.
   ``max_failures`` failures from one source within ``window`` seconds ban the source for
-  ``ban_time`` seconds, farm-wide. An account crossing ``account_alert`` failures in the window
-  is logged and counted as under attack.  Guessing spread over many sources (each under
+  ``ban_time`` seconds, farm-wide; ``max_failures_working`` when the source authenticated within
+  ``working_time`` (:meth:`Guard.succeeded` marks it): its phones work, and one of them with a
+  stale password, retrying every 30 s, must not cut off an office behind one NAT address.
+  An account crossing ``account_alert`` failures in the window is logged and counted as under
+  attack.  Guessing spread over many sources (each under
   ``max_failures``) is bounded per account: past ``account_lock`` failures in its window the
   account is *locked to its known clients* until the window ends: only the hosts its current
   bindings were registered from may still authenticate as it, so its phones keep working while
@@ -55,12 +58,14 @@ Redis keys (all under ``sipfarm:protect:``)::
     fail:src:{<ip>}            counter of failures from a source; expiry = end of its window
                                (<ip>: the source's subject, an IPv6 address's /64: subject.py)
     fail:acct:<user@domain>    counter of failures against an account; expiry = end of its window
+    working:{<ip>}             "1" while the source authenticates; expiry = working_time after
+                               the last mark (written once per working_time / 4 per process)
     nonce:<nonce>:<nc>         "1"; expiry = end of the nonce's lifetime
     bans                       zset: banned source -> end of its ban (see BAN_INDEX)
     bans:log                   zset: source -> when its ban last changed (see BAN_LOG)
 
-The ``{<ip>}`` hash tag puts a source's ban and failure counter in one Redis Cluster slot, the
-two keys ``failure.lua`` touches; the account's counter and the ban index are written by
+The ``{<ip>}`` hash tag puts a source's ban, failure counter and working mark in one Redis
+Cluster slot, the keys ``failure.lua`` touches; the account's counter and the ban index are written by
 commands of their own, so every command and script stays within one slot.
 """
 
@@ -90,12 +95,14 @@ __all__ = [
     "Guard",
     "GuardPolicy",
     "GuardRules",
+    "WorkingMarks",
     "account_failures_key",
     "ban_key",
     "ban_source",
     "milliseconds",
     "nonce_key",
     "source_failures_key",
+    "working_key",
 ]
 
 log = logging.getLogger("sipfarm.protect")
@@ -113,6 +120,8 @@ BAN_INDEX: Final = KEY_PREFIX + "bans"
 BAN_LOG: Final = KEY_PREFIX + "bans:log"
 BAN_LOG_KEEP: Final = 60.0  # seconds
 SOURCE_FAILURES_PREFIX: Final = KEY_PREFIX + "fail:src:"
+#: a source that authenticated lately (its phones work): more failures before it is banned
+WORKING_PREFIX: Final = KEY_PREFIX + "working:"
 ACCOUNT_FAILURES_PREFIX: Final = KEY_PREFIX + "fail:acct:"
 NONCE_PREFIX: Final = KEY_PREFIX + "nonce:"
 
@@ -134,6 +143,11 @@ def ban_source(key: str) -> str:
 
 def source_failures_key(source_ip: str) -> str:
     return SOURCE_FAILURES_PREFIX + "{" + source_subject(source_ip) + "}"
+
+
+def working_key(source_ip: str) -> str:
+    """The mark of a source that authenticated lately (same hash slot as its counter and ban)."""
+    return WORKING_PREFIX + "{" + source_subject(source_ip) + "}"
 
 
 def account_failures_key(account: str) -> str:
@@ -168,6 +182,11 @@ class GuardPolicy:
     #: of its bindings) may authenticate as it, until the window ends
     account_lock: int = 50
     local_cache_size: int = 10_000  # bound on the in-process ban cache
+    #: failures in the window that ban a source with working phones: one that authenticated
+    #: within ``working_time`` (an office whose one phone has a stale password must not be cut
+    #: off with all its others)
+    max_failures_working: int = 100
+    working_time: float = 3600.0
     #: a ban learnt from Redis is trusted locally this long at most (so an unban spreads)
     local_ban_recheck: float = 10.0
 
@@ -176,7 +195,7 @@ class GuardPolicy:
             value = getattr(self, field.name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"guard policy: {field.name} must be a positive number, not {value!r}")
-        for name in ("max_failures", "account_alert", "account_lock", "local_cache_size"):
+        for name in ("max_failures", "account_alert", "account_lock", "local_cache_size", "max_failures_working"):
             if not isinstance(getattr(self, name), int):
                 raise ValueError(f"guard policy: {name} must be a whole number, not {getattr(self, name)!r}")
 
@@ -192,6 +211,33 @@ class Admission:
 
 # The four possible answers, made once (admit is on the path of every authenticated request).
 _ADMISSIONS: Final = {(b, r): Admission(b, r) for b in (False, True) for r in (False, True)}
+
+
+class WorkingMarks:
+    """The sources this process marked working lately (:meth:`Guard.succeeded`), so a source
+    whose phones authenticate all day costs one Redis write per quarter of ``working_time``,
+    not one per request. At most ``size`` sources (the oldest mark forgotten first: it is then
+    written again, never missed)."""
+
+    __slots__ = ("_marked", "refresh", "size")
+
+    def __init__(self, working_time: float, size: int = 65_536) -> None:
+        self.refresh = working_time / 4
+        self.size = size
+        self._marked: dict[str, float] = {}  # subject -> when this process last wrote its mark
+
+    def due(self, source_ip: str, now: float) -> bool:
+        """Whether ``source_ip``'s mark is to be written now (and note that it is)."""
+        subject = source_subject(source_ip)
+        marked = self._marked
+        last = marked.get(subject)
+        if last is not None and now - last < self.refresh:
+            return False
+        if last is None and len(marked) >= self.size:
+            del marked[next(iter(marked))]
+        marked.pop(subject, None)
+        marked[subject] = now
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +269,11 @@ class Guard(Protocol):
         """Count one failed authentication per source and per account (``user@domain``; None for a
         user name no account has: no counter, so made-up names mint no keys), expiring after
         ``window``; at ``max_failures`` ban the source for ``ban_time`` (farm-wide)."""
+
+    def succeeded(self, source_ip: str) -> None:
+        """``source_ip`` authenticated: mark it working for ``working_time`` (its failures then
+        ban it at ``max_failures_working``), in the background, at most once per a quarter of
+        that time per process."""
 
     def banned_locally(self, source_ip: str, now: float) -> bool:
         """No I/O: this process already knows ``source_ip`` is banned (learnt from admit/failed answers;

@@ -22,11 +22,13 @@ from .guard import (
     FailureOutcome,
     GuardPolicy,
     GuardRules,
+    WorkingMarks,
     account_failures_key,
     ban_key,
     milliseconds,
     nonce_key,
     source_failures_key,
+    working_key,
 )
 
 __all__ = ["ExpiringKeys", "MemoryGuard", "record_admission"]
@@ -119,6 +121,11 @@ class MemoryGuard:
         self.rules = GuardRules(policy)
         self._clock = clock
         self.keys = ExpiringKeys(clock) if keys is None else keys
+        self._working = WorkingMarks(policy.working_time)
+
+    def succeeded(self, source_ip: str) -> None:
+        if self._working.due(source_ip, self._clock()):
+            self.keys.set(working_key(source_ip), 1, _whole_ms(self.policy.working_time))
 
     def banned_locally(self, source_ip: str, now: float) -> bool:
         return self.rules.local.banned(source_ip, now)
@@ -149,9 +156,9 @@ class MemoryGuard:
             done(exc)
             return
         started = False
-        if source >= policy.max_failures and keys.set(
-            ban_key(source_ip), source, _whole_ms(policy.ban_time), only_new=True
-        ):
+        working = keys.get(working_key(source_ip)) is not None
+        limit = policy.max_failures_working if working else policy.max_failures
+        if source >= limit and keys.set(ban_key(source_ip), source, _whole_ms(policy.ban_time), only_new=True):
             started = True
             keys.delete(source_key)
         ban = keys.left(ban_key(source_ip))

@@ -49,11 +49,13 @@ from .guard import (
     FailureOutcome,
     GuardPolicy,
     GuardRules,
+    WorkingMarks,
     account_failures_key,
     ban_key,
     milliseconds,
     nonce_key,
     source_failures_key,
+    working_key,
 )
 
 __all__ = ["FAILURE_SCRIPT", "UNAVAILABLE_REPLIES", "RedisGuard", "ban_left"]
@@ -123,7 +125,13 @@ class RedisGuard:
         self._clock = clock  # the local ban cache's clock (banned_locally's ``now``)
         self._observe = observe  # Redis round-trip histogram
         self._failure_sha = hashlib.sha1(FAILURE_SCRIPT.encode()).hexdigest()  # noqa: S324
-        self._failure_args = (milliseconds(policy.window), policy.max_failures, milliseconds(policy.ban_time))
+        self._failure_args = (
+            milliseconds(policy.window),
+            policy.max_failures,
+            milliseconds(policy.ban_time),
+            policy.max_failures_working,
+        )
+        self._working = WorkingMarks(policy.working_time)
         self._log_keep_ms = milliseconds(BAN_LOG_KEEP)
 
     # Callbacks are ``functools.partial`` of bound methods, not closures (see FarmState: a mypyc
@@ -171,6 +179,13 @@ class RedisGuard:
     def admission(self, source_ip: str, ban_left: float | None, first_use: bool) -> Admission:
         return self.rules.admission(source_ip, ban_left, first_use, self._clock())
 
+    # -- succeeded -------------------------------------------------------------------------------
+
+    def succeeded(self, source_ip: str) -> None:
+        if self._working.due(source_ip, self._clock()):
+            ms = milliseconds(self.policy.working_time)
+            self.pipe.call(_ignore, "SET", working_key(source_ip), b"1", "PX", ms)
+
     # -- failed ----------------------------------------------------------------------------------
 
     def failed(self, source_ip: str, account: str | None, done: Callable[[FailureOutcome | StoreError], None]) -> None:
@@ -189,9 +204,10 @@ class RedisGuard:
             partial(self._source_counted, replies),
             command,
             script,
-            2,
+            3,
             source_failures_key(replies.source_ip),
             ban_key(replies.source_ip),
+            working_key(replies.source_ip),
             *self._failure_args,
         )
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from protect_support import FakeClock, admit, failed, pipes, wait_until
 
 from sipfarm.protect import Admission, FailureOutcome, GuardPolicy, MemoryGuard, RedisGuard
-from sipfarm.protect.guard import BAN_INDEX, BAN_LOG, ban_key, source_failures_key
+from sipfarm.protect.guard import BAN_INDEX, BAN_LOG, ban_key, source_failures_key, working_key
 from sipfarm.protect.redis_guard import FAILURE_SCRIPT
 from sipfarm.store.errors import StoreError, StoreUnavailable
 from sipfarm.store.redis_server import RedisProcess, free_port
@@ -102,6 +102,37 @@ async def test_ten_failures_ban_the_source_farm_wide_and_not_nine(
         assert isinstance(outcome, FailureOutcome)
         assert not outcome.banned
         assert node_a.rules.bans_started + node_b.rules.bans_started == 1
+
+
+async def test_a_source_whose_phones_work_is_banned_at_max_failures_working(redis_url: str) -> None:
+    """An office behind one NAT address: its phones authenticate (the source is marked working
+    for working_time, farm-wide), and one phone with a stale password retrying every 30 s fails
+    over and over: ten failures do not ban the office, a hundred do. A source that never
+    authenticated is banned at ten, as before. The mark is written once per quarter of
+    working_time per process, not per request."""
+    async with pipes(redis_url, 2) as (pipe_a, pipe_b):
+        node_a, node_b = RedisGuard(pipe_a), RedisGuard(pipe_b)
+        for _ in range(50):
+            node_a.succeeded(OTHER)  # the office's phones, over and over
+        assert await pipe_a.execute("PTTL", working_key(OTHER)) > 3_599_000
+        for n in range(1, 100):
+            outcome = await failed(node_a if n % 2 else node_b, OTHER, ALICE)
+            assert isinstance(outcome, FailureOutcome) and not outcome.banned, n
+        outcome = await failed(node_b, OTHER, ALICE)
+        assert isinstance(outcome, FailureOutcome) and outcome.banned and outcome.source_failures == 100
+        for n in range(1, 11):  # a stranger
+            outcome = await failed(node_a, ATTACKER, BOB)
+            assert isinstance(outcome, FailureOutcome) and outcome.banned is (n == 10)
+    async with pipes(redis_url) as (pipe,):
+        # one SET per source per quarter of working_time: 50 successes wrote one
+        await pipe.execute("DEL", working_key(OTHER))
+        guard = RedisGuard(pipe)
+        guard.succeeded(OTHER)
+        await pipe.execute("PING")
+        await pipe.execute("DEL", working_key(OTHER))
+        guard.succeeded(OTHER)
+        await pipe.execute("PING")
+        assert await pipe.execute("EXISTS", working_key(OTHER)) == 0
 
 
 async def test_failures_outside_the_window_do_not_add_up(redis_url: str) -> None:
@@ -351,6 +382,7 @@ operations = st.lists(
     st.one_of(
         st.tuples(st.just("admit"), st.sampled_from(SOURCES), st.sampled_from(["a:1", "a:2", "b:", "c:00000001"])),
         st.tuples(st.just("failed"), st.sampled_from(SOURCES), st.sampled_from([ALICE, BOB, "x@y", None])),
+        st.tuples(st.just("succeeded"), st.sampled_from(SOURCES), st.none()),
     ),
     max_size=30,
 )
@@ -359,7 +391,7 @@ operations = st.lists(
 def test_memory_and_redis_guards_give_the_same_answers(redis_server: RedisProcess, redis_url: str) -> None:
     """Any sequence of calls, sent to Redis as one pipeline (as a node's burst is), gets the answers
     the in-memory guard gives one by one, and leaves the same local bans."""
-    policy = GuardPolicy(max_failures=3, account_alert=4, local_cache_size=2)
+    policy = GuardPolicy(max_failures=3, account_alert=4, local_cache_size=2, max_failures_working=5)
     loop = asyncio.new_event_loop()
     pipe = RedisPipe(redis_url)
     try:
@@ -375,6 +407,9 @@ def test_memory_and_redis_guards_give_the_same_answers(redis_server: RedisProces
             for op, source, arg in ops:
                 if op == "admit":
                     memory.admit(source, arg, 60, expected.append)
+                elif op == "succeeded":
+                    memory.succeeded(source)
+                    expected.append(None)
                 else:
                     memory.failed(source, arg, expected.append)
             got: list[Any] = [None] * len(ops)
@@ -384,6 +419,8 @@ def test_memory_and_redis_guards_give_the_same_answers(redis_server: RedisProces
                 for i, (op, source, arg) in enumerate(ops):
                     if op == "admit":
                         redis.admit(source, arg, 60, partial(got.__setitem__, i))
+                    elif op == "succeeded":
+                        redis.succeeded(source)
                     else:
                         redis.failed(source, arg, partial(got.__setitem__, i))
                 await pipe.execute("PING")  # replies come in order: every answer is in
