@@ -13,9 +13,10 @@ go on. The share is in bytes, not calls: a trunk or a load test sets up hundreds
 thief with 64 KB INVITEs a few hundred.
 
 The calls are kept, not counted up and down: a call leaves its account's share once answered or
-ended, however it ended. The charge of a call grows as its branches are created (the proxy adds them)
-and is recomputed exactly, from the transactions' own sizes, when an account reaches a bound or
-its list has doubled since the last look (:meth:`admit` prunes then): O(1) per call, amortized.
+ended, however it ended. The charge of a call grows as its branches are created (the proxy adds
+each one's bytes) and is recomputed exactly, from the transactions' own sizes, when an account
+reaches a bound or its list has doubled since the last look (:meth:`admit` prunes then): O(1)
+per call, amortized.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class PendingInvites:
     def _over(self, entry: AccountCalls, cost: int) -> bool:
         max_calls = self.max_calls
         max_bytes = self.max_bytes
-        # room for the request and a branch's copy of it, as the transaction layer's own check
         if max_calls > 0 and len(entry.calls) >= max_calls:
             return True
+        # room for the request and a branch's copy of it, as the transaction layer's own check
         return max_bytes > 0 and entry.held + 2 * cost > max_bytes

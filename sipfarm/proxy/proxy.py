@@ -1032,7 +1032,7 @@ class Proxy:
             branch.client_tx = ctx
             held_by = call.held_by
             if held_by is not None:
-                held_by.held += ctx.size  # the caller's share of the node's (proxy.pending)
+                held_by.held += ctx.size  # charged to the caller's share (sipfarm.proxy.pending)
             if target.client_flow:
                 self.flow_sends.add(target.destination)
             call.branches.append(branch)
