@@ -494,7 +494,9 @@ class BalancerConfig:
     # At most max_connections open, and max_connections_per_source from one IP address or IPv6 /64 (0: no
     # per-source limit; sources in exempt are not limited): over either, a new connection is
     # closed at accept, before its TLS handshake, and a WebSocket upgrade is answered 503.
-    # 64 lets an office of phones behind one NAT address connect. A TLS handshake must finish
+    # A connection a phone registered over does not count (up to 16 x the per-source limit):
+    # an office of phones behind one NAT address connects, each registered phone's connection
+    # having proved an account. A TLS handshake must finish
     # within handshake_timeout seconds, and so must a WebSocket's HTTP upgrade (wss: each);
     # a connection must then start its first SIP message within first_message_timeout seconds
     # (CRLFCRLF keep-alives do not count; a WebSocket has no such timeout), and

@@ -34,7 +34,11 @@ anything, and the handshake (``connect_accepted_socket``, bounded by
 At ``max_connections``, a connection from a source that has none evicts the oldest
 established inbound connection that has not sent a SIP message yet (``quiet``/``spoke``;
 counted as refused ``evicted``), so connections that only ping or say nothing cannot keep
-new sources out; a connection that carried a message is never evicted.
+new sources out; a connection that carried a message is never evicted.  A connection a phone
+registered over (``hold_flow``: the farm answered its REGISTER 2xx) stops counting towards its
+source's limit, up to ``REGISTERED_PER_SOURCE_FACTOR`` times that limit: an office of a hundred
+TLS phones behind one NAT address has a hundred connections that each proved an account, and
+its 65th phone was refused for good; the limit is for connections that proved nothing.
 
 Responses: ``send(data, dest, connect=False)``.  An element never opens a connection to send a
 response: it goes over the flow its request came in on, and when that flow is gone the
@@ -74,6 +78,9 @@ MessageCallback = Callable[[SipMessage, Address, Address], None]
 STREAM_TRANSPORTS = frozenset({"tcp", "tls"})
 #: ``admit``'s reason for a connection from a source ``allow_source`` refuses
 REFUSED_SOURCE = "source"
+#: a source's connections that registered a phone do not count towards its limit, up to this
+#: many times the limit (64 x 16: an office of 1,024 phones behind one address)
+REGISTERED_PER_SOURCE_FACTOR = 16
 
 
 class Flow(Protocol):
@@ -94,6 +101,14 @@ class Flow(Protocol):
 
 
 _LOG_INTERVAL = 1.0  # at most one error log line per second; the rest go to debug and counters
+
+
+def _decrement(counts: dict[str, int], key: str) -> None:
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
 
 
 def _to_tag() -> bytes:
@@ -155,7 +170,11 @@ class TransportManager:
         self._connecting: set[asyncio.Task[None]] = set()
         # every open connection (the flow or WebSocket object) -> its source host, "" outbound
         self._open: dict[object, str] = {}
-        self._per_source: dict[str, int] = {}
+        self._per_source: dict[str, int] = {}  # those that count towards the per-source limit
+        # inbound connections a phone registered over -> source: not counted in _per_source
+        self._registered: dict[object, str] = {}
+        self._registered_per_source: dict[str, int] = {}
+        self._adopted: dict[object, object] = {}  # adopted flow -> the connection admit counted
         # established inbound connections that have sent no SIP message yet, oldest first,
         # with how to close one: what a new source may evict at max_connections
         self._quiet: dict[object, Callable[[], None]] = {}
@@ -440,7 +459,29 @@ class TransportManager:
         if flow is None or flow.closing:
             return False
         flow.hold(seconds)
+        self._registered_flow(self._adopted.get(flow, flow), seconds > 0)
         return True
+
+    def _registered_flow(self, connection: object, registered: bool) -> None:
+        """A phone registered over ``connection`` (or unregistered): it counts towards its
+        source's ``max_connections_per_source`` only while it holds no registration, and while
+        the source has ``REGISTERED_PER_SOURCE_FACTOR`` times that many registered ones."""
+        key = self._open.get(connection)
+        if not key:
+            return  # outbound, or not admitted here
+        counted = self._per_source
+        by_source = self._registered_per_source
+        if registered and connection not in self._registered:
+            limit = self.config.max_connections_per_source
+            if limit is not None and by_source.get(key, 0) >= REGISTERED_PER_SOURCE_FACTOR * limit:
+                return
+            self._registered[connection] = key
+            by_source[key] = by_source.get(key, 0) + 1
+            _decrement(counted, key)
+        elif not registered and connection in self._registered:
+            del self._registered[connection]
+            _decrement(by_source, key)
+            counted[key] = counted.get(key, 0) + 1
 
     def has_flow(self, dest: Address) -> bool:
         """Whether a TCP/TLS connection to ``dest`` is open (or being opened)."""
@@ -591,7 +632,7 @@ class TransportManager:
     def _evict_for(self, host: str) -> bool:
         """At max_connections: make room for ``host`` if it has no connection, by closing the
         oldest quiet one (True when done)."""
-        if not self._quiet or self._per_source.get(source_subject(host), 0):
+        if not self._quiet or self.connections_from(host):
             return False
         victim, close = next(iter(self._quiet.items()))
         self.release(victim)
@@ -606,11 +647,10 @@ class TransportManager:
         key = self._open.pop(connection, None)
         if not key:
             return
-        left = self._per_source.get(key, 0) - 1
-        if left > 0:
-            self._per_source[key] = left
+        if self._registered.pop(connection, None) is not None:
+            _decrement(self._registered_per_source, key)
         else:
-            self._per_source.pop(key, None)
+            _decrement(self._per_source, key)
 
     def count_refused(self, reason: str) -> None:
         """Count an inbound connection refused or closed before its first message."""
@@ -619,7 +659,8 @@ class TransportManager:
     def connections_from(self, host: str) -> int:
         """Open inbound connections from ``host`` (for status and tests; an IPv6 host: from
         its /64, see :func:`~sipfarm.transport.subject.source_subject`)."""
-        return self._per_source.get(source_subject(host), 0)
+        key = source_subject(host)
+        return self._per_source.get(key, 0) + self._registered_per_source.get(key, 0)
 
     @property
     def open_connections(self) -> int:
@@ -645,10 +686,13 @@ class TransportManager:
         if key not in self._open and self.admit(key, remote.host) is not None:
             return False
         self._flows[remote] = flow
+        if connection is not None:
+            self._adopted[flow] = connection
         self.stats.connections_opened += 1
         return True
 
     def drop_flow(self, remote: Address, flow: Flow, connection: object | None = None) -> None:
+        self._adopted.pop(flow, None)
         self.release(connection if connection is not None else flow)
         if self._flows.get(remote) is flow:
             del self._flows[remote]

@@ -86,6 +86,47 @@ def test_per_source_limit_refuses_one_source_and_serves_others(arun: Runner) -> 
     arun(scenario())
 
 
+def test_connections_that_registered_a_phone_do_not_count_towards_the_source_limit(arun: Runner) -> None:
+    """An office of TLS phones behind one NAT address: each connection a phone registered over
+    (the farm answered its REGISTER 2xx: ``hold_flow``) proved an account, and stops counting
+    towards its source's limit, so the office's next phones connect; the limit still bounds
+    the connections that proved nothing, and a registration's end makes its connection count
+    again. Registered ones are exempt up to REGISTERED_PER_SOURCE_FACTOR times the limit."""
+
+    async def scenario() -> None:
+        manager, addr = await _server(max_connections_per_source=2)
+
+        async def phone() -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Address]:
+            reader, writer = await _open(addr, "127.0.0.2")
+            assert await _answered(reader, writer)
+            host, port = writer.get_extra_info("sockname")[:2]
+            return reader, writer, Address("tcp", host, port)
+
+        phones = [await phone() for _ in range(2)]
+        for _, _, remote in phones:
+            assert manager.hold_flow(remote, 3600.0)  # registered
+        phones += [await phone() for _ in range(2)]  # the office's next two phones get in
+        assert manager.connections_from("127.0.0.2") == 4
+        refused_r, refused_w = await _open(addr, "127.0.0.2")  # two that proved nothing: the limit
+        await _closed_by_peer(refused_r)
+        assert manager.stats.refused == {"per_source": 1}
+        assert manager.hold_flow(phones[0][2], 0.0)  # its registration ended: it counts again
+        phones[2][1].close()  # one unregistered phone leaves: still at the limit
+        await wait_until(lambda: manager.connections_from("127.0.0.2") == 3)
+        again_r, again_w = await _open(addr, "127.0.0.2")
+        await _closed_by_peer(again_r)
+        assert manager.stats.refused == {"per_source": 2}
+        for _, writer, _ in phones:
+            writer.close()
+        for writer in (refused_w, again_w):
+            writer.close()
+        await wait_until(lambda: manager.connections_from("127.0.0.2") == 0)
+        assert manager._registered == {} and manager._registered_per_source == {} and manager._per_source == {}
+        await manager.close()
+
+    arun(scenario())
+
+
 def test_every_way_a_connection_ends_frees_its_slot(arun: Runner) -> None:
     """After N connections from a source close (by the client, for abuse, for silence,
     idle), N new ones are accepted: no slot leaks."""
