@@ -239,6 +239,10 @@ class WorkingMarks:
         marked[subject] = now
         return True
 
+    def forget(self, source_ip: str) -> None:
+        """The mark's write failed: write it again at the next success."""
+        self._marked.pop(source_subject(source_ip), None)
+
 
 @dataclass(frozen=True, slots=True)
 class FailureOutcome:

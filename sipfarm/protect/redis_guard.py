@@ -184,7 +184,11 @@ class RedisGuard:
     def succeeded(self, source_ip: str) -> None:
         if self._working.due(source_ip, self._clock()):
             ms = milliseconds(self.policy.working_time)
-            self.pipe.call(_ignore, "SET", working_key(source_ip), b"1", "PX", ms)
+            self.pipe.call(partial(self._working_written, source_ip), "SET", working_key(source_ip), b"1", "PX", ms)
+
+    def _working_written(self, source_ip: str, reply: Reply) -> None:
+        if isinstance(reply, Exception):  # Redis unavailable or an error reply: not written
+            self._working.forget(source_ip)
 
     # -- failed ----------------------------------------------------------------------------------
 

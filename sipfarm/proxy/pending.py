@@ -30,7 +30,10 @@ from sipfarm.sip.errors import TooManyCalls
 MAX_PENDING_INVITES: Final = 1000  # an account's calls in progress on one node (0: no bound)
 MAX_PENDING_INVITE_BYTES: Final = 16 * 2**20  # what they may hold: 1/16 of the default budget
 PENDING_ACCOUNTS: Final = 10_000  # accounts tracked (the least recently calling forgotten)
-MIN_PRUNE: Final = 8  # an account's list is pruned of ended calls at this length at the earliest
+# an account's list is pruned of ended calls at this length at the earliest: an account with no
+# call in progress keeps at most 2 ended ones (their transactions' objects, messages released),
+# so 10,000 accounts keep 20,000 at most
+MIN_PRUNE: Final = 2
 
 
 def held_bytes(call: ProxyCall) -> int:
@@ -86,7 +89,7 @@ class PendingInvites:
             # the list keeps ended calls until the next prune, and the charges are upper bounds
             # (a call's bytes are released once it is answered): the calls still in progress and
             # what they hold now, exactly. Pruning again only once the list has doubled keeps
-            # the cost O(1) per call and the ended calls kept per account below its live ones + 8
+            # the cost O(1) per call and the ended calls kept per account below its live ones + 2
             entry.calls = [c for c in entry.calls if in_progress(c)]
             entry.held = sum(held_bytes(c) for c in entry.calls)
             entry.prune_at = max(MIN_PRUNE, 2 * len(entry.calls))

@@ -133,6 +133,10 @@ async def test_a_source_whose_phones_work_is_banned_at_max_failures_working(redi
         guard.succeeded(OTHER)
         await pipe.execute("PING")
         assert await pipe.execute("EXISTS", working_key(OTHER)) == 0
+        guard._working_written(OTHER, StoreUnavailable("lost"))  # a write that failed is not remembered
+        guard.succeeded(OTHER)
+        await pipe.execute("PING")
+        assert await pipe.execute("EXISTS", working_key(OTHER)) == 1
 
 
 async def test_failures_outside_the_window_do_not_add_up(redis_url: str) -> None:
