@@ -1,14 +1,15 @@
 // Two SIP.js (0.21) web phones in one page, driven by its URL, reporting every step to the page's
 // server (POST /report), as phone.js does for JsSIP.
 //
-// ?ws=ws://127.0.0.1:P&domain=farm.test&caller=alice:PW&callee=bob:PW&talk_ms=2000
+// ?ws=ws://127.0.0.1:P&domain=farm.test&caller=alice:PW&callee=bob:PW&talk_ms=2000&hold_ms=1500
 //
 // Both user agents register over the WebSocket (SIP.js's Registerer). The caller sends the callee
 // a MESSAGE (Messager), then calls (Inviter); the callee answers and both RTCPeerConnections
-// exchange audio (Chromium's fake microphone) for talk_ms; the caller hangs up (BYE). Then the
+// exchange audio (Chromium's fake microphone) for talk_ms; the caller holds for hold_ms, resumes
+// for talk_ms and hangs up (BYE). Then the
 // caller calls again and the callee rejects it (486 Busy Here), and once more, ringing until the
 // caller gives up (CANCEL). Reports: {step: "loaded" | "media" | "registered" | "message" |
-// "confirmed" | "stats" | "ended" | "busy" | "no answer" | "done"} or {step: "failed", where, cause};
+// "confirmed" | "stats" | "hold" | "ended" | "busy" | "no answer" | "done"} or {step: "failed", where, cause};
 // SIP.js's log (the SIP messages) as {step: "debug"}.
 'use strict';
 
@@ -16,7 +17,17 @@ const params = new URLSearchParams(location.search);
 const wsUrl = params.get('ws');
 const domain = params.get('domain');
 const talkMs = Number(params.get('talk_ms') || 2000);
+const holdMs = Number(params.get('hold_ms') || 1500);
 const STEP_TIMEOUT_MS = 10000;
+const HOLD_SETTLE_MS = 500;
+
+// The media direction of an SDP's first audio stream (RFC 4566 6: sendrecv when none is given).
+function direction(sdp) {
+  const lines = String(sdp || '').split(/\r?\n/);
+  const media = lines.slice(Math.max(0, lines.findIndex((l) => l.startsWith('m=audio'))));
+  const line = media.find((l) => /^a=(sendrecv|sendonly|recvonly|inactive)$/.test(l));
+  return line ? line.slice(2) : 'sendrecv';
+}
 
 function log(text) {
   const el = document.getElementById('log');
@@ -171,6 +182,30 @@ async function main() {
   await Promise.all([session, answered].map(play));
   await sleep(talkMs);
   await report({step: 'stats', caller: await audioStats(session), callee: await audioStats(answered)});
+
+  // hold and resume, SIP.js's way (its SessionManager's setHold): a re-INVITE whose offer the
+  // session description handler makes a=sendonly; the callee's SIP.js answers a=recvonly and
+  // sends nothing while its caller still does; then a re-INVITE offering sendrecv again
+  const reinvite = (hold) => withTimeout(new Promise((resolve, reject) => {
+    session.sessionDescriptionHandlerOptionsReInvite = {...MEDIA, hold};
+    session.invite({requestDelegate: {
+      onAccept: (r) => resolve({status: r.message.statusCode, answer: direction(r.message.body),
+        offer: direction(session.sessionDescriptionHandler.peerConnection.localDescription.sdp)}),
+      onReject: (r) => reject(new Error(`re-INVITE (hold ${hold}) rejected: ${r.message.statusCode}`)),
+    }}).catch(reject);
+  }), hold ? 'hold re-INVITE' : 'resume re-INVITE');
+  const both = async () => ({caller: await audioStats(session), callee: await audioStats(answered)});
+  const holding = await reinvite(true);
+  await sleep(HOLD_SETTLE_MS);  // what was in flight before the answer
+  const held = await both();
+  await sleep(holdMs);
+  const stillHeld = await both();
+  const resuming = await reinvite(false);
+  await sleep(HOLD_SETTLE_MS);
+  const resumed = await both();
+  await sleep(talkMs);
+  const talking = await both();
+  await report({step: 'hold', holding, resuming, held, stillHeld, resumed, talking});
 
   const calleeEnded = reaches(answered, [SIP.SessionState.Terminated], 'BYE at the callee');
   await session.bye();
