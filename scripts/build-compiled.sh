@@ -63,6 +63,7 @@ MODULES=(
     sipfarm/proxy/proxy.py
     sipfarm/proxy/nexthop.py
     sipfarm/registrar/registrar.py
+    sipfarm/registrar/flows.py
     sipfarm/protect/authenticator.py
     sipfarm/protect/guard.py
     sipfarm/protect/local_bans.py

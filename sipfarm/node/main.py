@@ -96,6 +96,10 @@ def run_node(args: argparse.Namespace) -> int:
     return 0
 
 
+def _no_flow(_source: Address) -> bool:
+    return False
+
+
 async def _shared_secret(pipe: object, fallback: bytes, key: str = NONCE_SECRET_KEY) -> bytes:
     """A farm-wide secret: created once in Redis (SET NX), read by every process."""
     from sipfarm.store.resp import RedisPipe  # noqa: PLC0415
@@ -175,6 +179,9 @@ async def serve(
             udp_batch_interval=cfg.udp_batch_interval,
         ),
     )
+    # STUN keep-alives are answered only on the UDP flows phones registered over straight to
+    # this node (the registrar's DirectFlows, set once the core exists): none before
+    transports.stun_allowed = _no_flow
     # [node] accept_from: before anything listens, so no request slips in unscreened
     accept = AcceptFrom(cfg.accept_from)
     if accept.open:
@@ -301,6 +308,8 @@ async def serve(
     )
     if farm_secrets is not None:
         core.use_farm_secret(farm_secrets[1])  # before any message can reach the core
+    direct_flows = core.registrar.direct_flows
+    transports.stun_allowed = lambda source: direct_flows.allows(source, time.time())
     glue = NodeGlue(core, transports.send, loop)
     ng_endpoint = None
     if ng_client is not None:

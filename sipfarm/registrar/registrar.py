@@ -37,6 +37,7 @@ from sipfarm.edge import FlowTokens, flow_uri
 from sipfarm.element import Element
 from sipfarm.protect.authenticator import AuthAnswer, Authenticator, Verdict, nonce_use
 from sipfarm.registrar.bindings import ExpiresPolicy, RegisterRequest, read_register, register_ok
+from sipfarm.registrar.flows import DirectFlows
 from sipfarm.registrar.gruu import TempGruus, public_gruu
 from sipfarm.sip import auth
 from sipfarm.sip.address import Address
@@ -106,6 +107,9 @@ class Registrar:
         self.temp_gruus = temp_gruus
         self.flow_timer_udp = flow_timer_udp
         self.flow_timer_stream = flow_timer_stream
+        # the UDP flows registered straight to this node: the only sources whose STUN
+        # keep-alives it answers (:mod:`sipfarm.registrar.flows`)
+        self.direct_flows = DirectFlows()
 
     def challenge_stateless(self, msg: SipMessage, source: Address) -> None:
         """A REGISTER with no credentials: 401 without a transaction (403 to a banned source)."""
@@ -254,6 +258,13 @@ class Registrar:
             element.store_failed(stx, msg, res)
             return
         if res.outcome is RegisterOutcome.OK:
+            source = stx.source
+            if not reg.path and source.transport == "udp":
+                # this node is the phone's edge proxy: answer its flow's STUN keep-alives for
+                # as long as a binding it registered from there lasts
+                received = str(source)
+                until = max((b.expires_at for b in res.bindings if b.received == received), default=0.0)
+                self.direct_flows.registered(source, until)
             gruu = partial(self._gruu_params, msg, reg) if _supports_gruu(msg) else None
             response = register_ok(
                 msg,

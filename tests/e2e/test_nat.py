@@ -246,3 +246,28 @@ def test_tcp_phone_idle_past_the_idle_timeout_still_rings_and_a_dead_connection_
             if closeable is not None:
                 closeable.close()
         idle.close()
+
+
+def test_an_open_node_answers_stun_only_on_the_udp_flows_registered_to_it(redis_url, accounts, start_node):
+    """A node with no balancer in front is its phones' edge proxy: it answers the STUN
+    keep-alives of a flow that registered through it, as long as the binding lasts, and no
+    other source's (a STUN answer goes to a source anyone can forge: no reflector)."""
+    node = start_node(redis_url, "node1")
+    phone = SipClient()
+    stranger = SipClient()
+    forger = SipClient("127.0.0.66")
+    call_id = secrets.token_hex(8)
+    try:
+        assert stun_binding(phone.sock, node.address, []) is None  # not registered yet
+        reply = phone.register(node.address, "bob", accounts["bob"], call_id=call_id)
+        assert reply is not None and reply.status == 200, node.log()[-2000:]
+        assert stun_binding(phone.sock, node.address, []) == ("127.0.0.1", phone.port)
+        assert stun_binding(stranger.sock, node.address, []) is None
+        assert stun_binding(forger.sock, node.address, []) is None
+        # its binding removed, the flow is answered no more
+        reply = phone.register(node.address, "bob", accounts["bob"], expires=0, call_id=call_id, cseq=3)
+        assert reply is not None and reply.status == 200, node.log()[-2000:]
+        assert stun_binding(phone.sock, node.address, []) is None
+    finally:
+        for client in (phone, stranger, forger):
+            client.close()
