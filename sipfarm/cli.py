@@ -38,6 +38,35 @@ def _password(args: argparse.Namespace) -> str:
     return getpass.getpass("password: ")
 
 
+#: the shortest password `sipfarm user add|passwd` takes without --weak-password
+MIN_PASSWORD_LENGTH = 8
+
+
+def weak_password(user: str, password: str) -> str | None:
+    """Why ``password`` is too weak for ``user``'s account, or None. An account may be guessed
+    at online from many addresses at once: the farm bounds that to ``auth_account_lock`` (50)
+    failures per ``auth_failure_window`` (5 min), about 14,000 a day, which finds a 4-digit PIN
+    within a day, and a user name used as its password at once."""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        return f"shorter than {MIN_PASSWORD_LENGTH} characters"
+    if password.lower() == user.lower():
+        return "the user name"
+    return None
+
+
+def _new_password(args: argparse.Namespace, user: str) -> str | None:
+    """The password to set, or None when it is refused as weak (said on stderr)."""
+    password = _password(args)
+    why = weak_password(user, password)
+    if why is not None and not args.weak_password:
+        print(
+            f"sipfarm: weak password ({why}): an online guesser finds it; --weak-password to set it anyway",
+            file=sys.stderr,
+        )
+        return None
+    return password
+
+
 async def _user_command(args: argparse.Namespace) -> int:
     from sipfarm.store import (  # noqa: PLC0415 - keep `sipfarm --help` fast
         AccountExists,
@@ -54,8 +83,11 @@ async def _user_command(args: argparse.Namespace) -> int:
     try:
         if args.user_cmd == "add":
             user, domain = _split_aor(args.aor)
+            password = _new_password(args, user)
+            if password is None:
+                return 2
             try:
-                account = await store.add(user, domain, _password(args), max_contacts=args.max_contacts)
+                account = await store.add(user, domain, password, max_contacts=args.max_contacts)
             except AccountExists:
                 print(f"sipfarm: account {user}@{domain} exists", file=sys.stderr)
                 return 1
@@ -71,8 +103,11 @@ async def _user_command(args: argparse.Namespace) -> int:
             print(f"deleted {user}@{domain}")
         elif args.user_cmd == "passwd":
             user, domain = _split_aor(args.aor)
+            password = _new_password(args, user)
+            if password is None:
+                return 2
             try:
-                await store.set_password(user, domain, _password(args))
+                await store.set_password(user, domain, password)
             except AccountNotFound:
                 print(f"sipfarm: no account {user}@{domain}", file=sys.stderr)
                 return 1
@@ -145,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("aor", help="user@domain")
         p.add_argument("--password", help="password (else $SIPFARM_PASSWORD, stdin or prompt)")
         p.add_argument("--redis")
+        p.add_argument(
+            "--weak-password",
+            action="store_true",
+            help=f"set it even if shorter than {MIN_PASSWORD_LENGTH} characters or the user name",
+        )
         if name == "add":
             p.add_argument("--max-contacts", type=int, default=10)
     p = user_sub.add_parser("del", help="delete an account and its registrations")

@@ -95,9 +95,10 @@ class NodeConfig:
     auth_max_failures: int = 10
     auth_failure_window: float = 300.0
     auth_ban_time: float = 900.0
-    # A source that authenticated within auth_working_time seconds (its phones work: an office
-    # behind one NAT address) is banned at auth_max_failures_working failures instead: one
-    # phone with a stale password retrying every 30 s must not cut off all the others
+    # Failures against an account that authenticated from the same source within
+    # auth_working_time seconds (its phone works: an office behind one NAT address) ban the
+    # source at auth_max_failures_working instead: one phone with a stale password retrying
+    # every 30 s must not cut off all the others
     auth_max_failures_working: int = 100
     auth_working_time: float = 3600.0
     # Guessing spread over many addresses: past auth_account_lock failures against one account

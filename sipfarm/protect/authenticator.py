@@ -323,7 +323,7 @@ class Authenticator:
         if admission.replay:
             self._replayed(msg, source, creds.username)
             return Verdict.STALE
-        guard.succeeded(source.host)
+        guard.succeeded(source.host, f"{creds.username}@{creds.realm}")
         return Verdict.OK
 
     def _ha1(self, account: Account | None, creds: auth.Credentials) -> dict[str, str] | None:
@@ -374,7 +374,7 @@ class Authenticator:
             return AuthAnswer(Verdict.CHALLENGE)
         if self.guard is not None:
             # its phones work: a stale password on one of them does not soon ban them all
-            self.guard.succeeded(check.source.host)
+            self.guard.succeeded(check.source.host, f"{creds.username}@{check.realm}")
         return AuthAnswer(Verdict.OK, account)
 
     def _failed(self, check: _Check, reason: str = "failed") -> None:

@@ -3,7 +3,8 @@
 --
 -- KEYS[1]  sipfarm:protect:fail:src:{<ip>}     counter of the source's failures
 -- KEYS[2]  sipfarm:protect:ban:{<ip>}          the source's ban (same hash slot: one Cluster slot)
--- KEYS[3]  sipfarm:protect:working:{<ip>}      set while the source authenticates (its phones work)
+-- KEYS[3]  sipfarm:protect:working:{<ip>}:<account>  set while the failed account authenticates
+--          from the source (its phone works; for a user name no account has, a key never set)
 -- ARGV     window_ms, max_failures, ban_ms, max_failures_working (the threshold while KEYS[3] is)
 --
 -- Returns {source failures, 1 if this failure started the ban else 0, PTTL of the ban (-2 none,

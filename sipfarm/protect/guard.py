@@ -20,9 +20,11 @@ request:
   write nothing at all (:class:`~sipfarm.protect.authenticator.Authenticator`): no response
   can match such a nonce, so it is no guess, and a spoofed source cannot get its victim banned.
   ``max_failures`` failures from one source within ``window`` seconds ban the source for
-  ``ban_time`` seconds, farm-wide; ``max_failures_working`` when the source authenticated within
-  ``working_time`` (:meth:`Guard.succeeded` marks it): its phones work, and one of them with a
-  stale password, retrying every 30 s, must not cut off an office behind one NAT address.
+  ``ban_time`` seconds, farm-wide; ``max_failures_working`` when the failure is against an
+  account that authenticated from that source within ``working_time`` (:meth:`Guard.succeeded`
+  marks the pair): a phone whose password changed, retrying every 30 s, must not cut off an
+  office behind one NAT address. The mark is the account's, not the source's: an attacker who
+  logs in with an account of its own earns no larger budget against anyone else's.
   An account crossing ``account_alert`` failures in the window is logged and counted as under
   attack.  Guessing spread over many sources (each under
   ``max_failures``) is bounded per account: past ``account_lock`` failures in its window the
@@ -58,8 +60,9 @@ Redis keys (all under ``sipfarm:protect:``)::
     fail:src:{<ip>}            counter of failures from a source; expiry = end of its window
                                (<ip>: the source's subject, an IPv6 address's /64: subject.py)
     fail:acct:<user@domain>    counter of failures against an account; expiry = end of its window
-    working:{<ip>}             "1" while the source authenticates; expiry = working_time after
-                               the last mark (written once per working_time / 4 per process)
+    working:{<ip>}:<user@dom>  "1" while the account authenticates from the source; expiry =
+                               working_time after the last mark (written once per
+                               working_time / 4 per process)
     nonce:<nonce>:<nc>         "1"; expiry = end of the nonce's lifetime
     bans                       zset: banned source -> end of its ban (see BAN_INDEX)
     bans:log                   zset: source -> when its ban last changed (see BAN_LOG)
@@ -145,9 +148,10 @@ def source_failures_key(source_ip: str) -> str:
     return SOURCE_FAILURES_PREFIX + "{" + source_subject(source_ip) + "}"
 
 
-def working_key(source_ip: str) -> str:
-    """The mark of a source that authenticated lately (same hash slot as its counter and ban)."""
-    return WORKING_PREFIX + "{" + source_subject(source_ip) + "}"
+def working_key(source_ip: str, account: str) -> str:
+    """The mark of ``account`` (``user@domain``) authenticated lately from a source (same hash
+    slot as the source's counter and ban)."""
+    return WORKING_PREFIX + "{" + source_subject(source_ip) + "}:" + account
 
 
 def account_failures_key(account: str) -> str:
@@ -226,9 +230,9 @@ class WorkingMarks:
         self.size = size
         self._marked: dict[str, float] = {}  # subject -> when this process last wrote its mark
 
-    def due(self, source_ip: str, now: float) -> bool:
-        """Whether ``source_ip``'s mark is to be written now (and note that it is)."""
-        subject = source_subject(source_ip)
+    def due(self, source_ip: str, account: str, now: float) -> bool:
+        """Whether ``account``'s mark at ``source_ip`` is to be written now (and note that it is)."""
+        subject = source_subject(source_ip) + " " + account
         marked = self._marked
         last = marked.get(subject)
         if last is not None and now - last < self.refresh:
@@ -239,9 +243,9 @@ class WorkingMarks:
         marked[subject] = now
         return True
 
-    def forget(self, source_ip: str) -> None:
+    def forget(self, source_ip: str, account: str) -> None:
         """The mark's write failed: write it again at the next success."""
-        self._marked.pop(source_subject(source_ip), None)
+        self._marked.pop(source_subject(source_ip) + " " + account, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,10 +278,11 @@ class Guard(Protocol):
         user name no account has: no counter, so made-up names mint no keys), expiring after
         ``window``; at ``max_failures`` ban the source for ``ban_time`` (farm-wide)."""
 
-    def succeeded(self, source_ip: str) -> None:
-        """``source_ip`` authenticated: mark it working for ``working_time`` (its failures then
-        ban it at ``max_failures_working``), in the background, at most once per a quarter of
-        that time per process."""
+    def succeeded(self, source_ip: str, account: str) -> None:
+        """``account`` (``user@domain``) authenticated from ``source_ip``: mark the pair working
+        for ``working_time`` (failures against that account from there then ban the source at
+        ``max_failures_working``), in the background, at most once per a quarter of that time
+        per process."""
 
     def banned_locally(self, source_ip: str, now: float) -> bool:
         """No I/O: this process already knows ``source_ip`` is banned (learnt from admit/failed answers;

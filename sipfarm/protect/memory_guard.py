@@ -123,9 +123,9 @@ class MemoryGuard:
         self.keys = ExpiringKeys(clock) if keys is None else keys
         self._working = WorkingMarks(policy.working_time)
 
-    def succeeded(self, source_ip: str) -> None:
-        if self._working.due(source_ip, self._clock()):
-            self.keys.set(working_key(source_ip), 1, _whole_ms(self.policy.working_time))
+    def succeeded(self, source_ip: str, account: str) -> None:
+        if self._working.due(source_ip, account, self._clock()):
+            self.keys.set(working_key(source_ip, account), 1, _whole_ms(self.policy.working_time))
 
     def banned_locally(self, source_ip: str, now: float) -> bool:
         return self.rules.local.banned(source_ip, now)
@@ -156,7 +156,7 @@ class MemoryGuard:
             done(exc)
             return
         started = False
-        working = keys.get(working_key(source_ip)) is not None
+        working = account is not None and keys.get(working_key(source_ip, account)) is not None
         limit = policy.max_failures_working if working else policy.max_failures
         if source >= limit and keys.set(ban_key(source_ip), source, _whole_ms(policy.ban_time), only_new=True):
             started = True

@@ -181,14 +181,15 @@ class RedisGuard:
 
     # -- succeeded -------------------------------------------------------------------------------
 
-    def succeeded(self, source_ip: str) -> None:
-        if self._working.due(source_ip, self._clock()):
+    def succeeded(self, source_ip: str, account: str) -> None:
+        if self._working.due(source_ip, account, self._clock()):
             ms = milliseconds(self.policy.working_time)
-            self.pipe.call(partial(self._working_written, source_ip), "SET", working_key(source_ip), b"1", "PX", ms)
+            key = working_key(source_ip, account)
+            self.pipe.call(partial(self._working_written, source_ip, account), "SET", key, b"1", "PX", ms)
 
-    def _working_written(self, source_ip: str, reply: Reply) -> None:
+    def _working_written(self, source_ip: str, account: str, reply: Reply) -> None:
         if isinstance(reply, Exception):  # Redis unavailable or an error reply: not written
-            self._working.forget(source_ip)
+            self._working.forget(source_ip, account)
 
     # -- failed ----------------------------------------------------------------------------------
 
@@ -211,7 +212,7 @@ class RedisGuard:
             3,
             source_failures_key(replies.source_ip),
             ban_key(replies.source_ip),
-            working_key(replies.source_ip),
+            working_key(replies.source_ip, replies.account_name or ""),  # "": a key never set
             *self._failure_args,
         )
 

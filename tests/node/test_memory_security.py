@@ -214,15 +214,17 @@ def test_ten_wrong_passwords_ban_the_source_even_for_the_right_one(farm: MemFarm
 
 
 def test_a_stale_password_on_one_phone_does_not_cut_off_its_office(farm: MemFarm) -> None:
-    """An office behind one NAT address: bob's phone registers (the address is marked working),
-    then alice's password is changed and her phone there keeps registering with the old one,
-    every 30 s. Its failures do not ban the office at ten, as a stranger's would (below): bob
-    keeps registering and calling. Past ``max_failures_working`` (100) in the window, it is
-    banned all the same (a guesser sharing the office's address gets no more than that)."""
+    """An office behind one NAT address: bob's and alice's phones register (each account is
+    marked working at that address), then alice's password is changed and her phone there keeps
+    registering with the old one, every 30 s. Its failures do not ban the office at ten, as a
+    stranger's would (below): bob keeps registering and calling. Past ``max_failures_working``
+    (100) in the window, it is banned all the same (a guesser sharing the office's address gets
+    no more than that against the accounts that work there)."""
     office = "10.0.0.5"
     bob = farm.phone("bob", office, port=5062)
     assert bob.register().status == 200  # type: ignore[union-attr]
     stale = farm.phone("alice", office, port=5064)
+    assert stale.register().status == 200  # type: ignore[union-attr]
     for _ in range(30):
         assert stale.register(password="old-password").status == 401  # type: ignore[union-attr]
         farm.advance(5.0)
@@ -234,6 +236,18 @@ def test_a_stale_password_on_one_phone_does_not_cut_off_its_office(farm: MemFarm
     for _ in range(80):
         stale.register(password="old-password")
     assert bob.register().status == 403  # type: ignore[union-attr]
+
+
+def test_logging_in_with_an_account_of_ones_own_earns_no_budget_against_others(farm: MemFarm) -> None:
+    """A guesser holding one account (bob's: a customer, or stolen) logs in with it, then
+    guesses alice's password from the same address: banned at ten failures, as any stranger
+    (its success marks bob's account working there, not the address)."""
+    attacker = "10.6.6.20"
+    assert farm.phone("bob", attacker, port=5062).register().status == 200  # type: ignore[union-attr]
+    guesser = farm.phone("alice", attacker, port=5064)
+    for i in range(10):
+        assert guesser.register(password=f"guess-{i}").status == 401  # type: ignore[union-attr]
+    assert guesser.register().status == 403  # type: ignore[union-attr]
 
 
 def test_guesses_for_an_unknown_user_count_like_wrong_passwords(farm: MemFarm) -> None:

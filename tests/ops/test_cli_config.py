@@ -18,14 +18,20 @@ def sipfarm(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess
 
 
 def test_user_add_list_passwd_del(redis_url):
-    added = sipfarm("user", "add", "dave@farm.test", "--password", "pw1", "--redis", redis_url)
+    added = sipfarm("user", "add", "dave@farm.test", "--password", "pw1-long-enough", "--redis", redis_url)
     assert added.returncode == 0, added.stderr
-    again = sipfarm("user", "add", "dave@farm.test", "--password", "pw1", "--redis", redis_url)
+    again = sipfarm("user", "add", "dave@farm.test", "--password", "pw1-long-enough", "--redis", redis_url)
     assert again.returncode == 1 and "exists" in again.stderr
     listed = sipfarm("user", "list", "--redis", redis_url)
     assert "dave@farm.test" in listed.stdout
-    changed = sipfarm("user", "passwd", "dave@farm.test", "--redis", redis_url, stdin="pw2\n")
+    changed = sipfarm("user", "passwd", "dave@farm.test", "--redis", redis_url, stdin="pw2-long-enough\n")
     assert changed.returncode == 0, changed.stderr
+    # a password an online guesser finds (a PIN, the user name) only with --weak-password
+    for weak in ("0042", "1234567"):
+        refused = sipfarm("user", "passwd", "dave@farm.test", "--password", weak, "--redis", redis_url)
+        assert refused.returncode == 2 and "weak password" in refused.stderr, refused.stderr
+    forced = sipfarm("user", "passwd", "dave@farm.test", "--password", "0042", "--weak-password", "--redis", redis_url)
+    assert forced.returncode == 0, forced.stderr
     deleted = sipfarm("user", "del", "dave@farm.test", "--redis", redis_url)
     assert deleted.returncode == 0
     missing = sipfarm("user", "del", "dave@farm.test", "--redis", redis_url)

@@ -105,16 +105,16 @@ async def test_ten_failures_ban_the_source_farm_wide_and_not_nine(
 
 
 async def test_a_source_whose_phones_work_is_banned_at_max_failures_working(redis_url: str) -> None:
-    """An office behind one NAT address: its phones authenticate (the source is marked working
-    for working_time, farm-wide), and one phone with a stale password retrying every 30 s fails
-    over and over: ten failures do not ban the office, a hundred do. A source that never
-    authenticated is banned at ten, as before. The mark is written once per quarter of
-    working_time per process, not per request."""
+    """An office behind one NAT address: alice's phone authenticates there (the pair is marked
+    working for working_time, farm-wide), then, its password changed, retries every 30 s and
+    fails over and over: ten failures against alice do not ban the office, a hundred do. A
+    source that never authenticated is banned at ten, as before. The mark is written once per
+    quarter of working_time per process, not per request."""
     async with pipes(redis_url, 2) as (pipe_a, pipe_b):
         node_a, node_b = RedisGuard(pipe_a), RedisGuard(pipe_b)
         for _ in range(50):
-            node_a.succeeded(OTHER)  # the office's phones, over and over
-        assert await pipe_a.execute("PTTL", working_key(OTHER)) > 3_599_000
+            node_a.succeeded(OTHER, ALICE)  # the office's phone, over and over
+        assert await pipe_a.execute("PTTL", working_key(OTHER, ALICE)) > 3_599_000
         for n in range(1, 100):
             outcome = await failed(node_a if n % 2 else node_b, OTHER, ALICE)
             assert isinstance(outcome, FailureOutcome) and not outcome.banned, n
@@ -124,19 +124,31 @@ async def test_a_source_whose_phones_work_is_banned_at_max_failures_working(redi
             outcome = await failed(node_a, ATTACKER, BOB)
             assert isinstance(outcome, FailureOutcome) and outcome.banned is (n == 10)
     async with pipes(redis_url) as (pipe,):
-        # one SET per source per quarter of working_time: 50 successes wrote one
-        await pipe.execute("DEL", working_key(OTHER))
+        # one SET per source and account per quarter of working_time: 50 successes wrote one
+        await pipe.execute("DEL", working_key(OTHER, ALICE))
         guard = RedisGuard(pipe)
-        guard.succeeded(OTHER)
+        guard.succeeded(OTHER, ALICE)
         await pipe.execute("PING")
-        await pipe.execute("DEL", working_key(OTHER))
-        guard.succeeded(OTHER)
+        await pipe.execute("DEL", working_key(OTHER, ALICE))
+        guard.succeeded(OTHER, ALICE)
         await pipe.execute("PING")
-        assert await pipe.execute("EXISTS", working_key(OTHER)) == 0
-        guard._working_written(OTHER, StoreUnavailable("lost"))  # a write that failed is not remembered
-        guard.succeeded(OTHER)
+        assert await pipe.execute("EXISTS", working_key(OTHER, ALICE)) == 0
+        guard._working_written(OTHER, ALICE, StoreUnavailable("lost"))  # a failed write is not remembered
+        guard.succeeded(OTHER, ALICE)
         await pipe.execute("PING")
-        assert await pipe.execute("EXISTS", working_key(OTHER)) == 1
+        assert await pipe.execute("EXISTS", working_key(OTHER, ALICE)) == 1
+
+
+async def test_an_attacker_logged_in_with_its_own_account_earns_no_budget_against_others(redis_url: str) -> None:
+    """The working mark is the account's: a guesser that authenticates as an account of its own
+    (a customer, a stolen account) and then guesses bob's password, or made-up users', is banned
+    at max_failures, as any stranger."""
+    async with pipes(redis_url) as (pipe,):
+        guard = RedisGuard(pipe)
+        guard.succeeded(ATTACKER, ALICE)
+        for n in range(1, 11):
+            outcome = await failed(guard, ATTACKER, BOB if n % 2 else None)
+            assert isinstance(outcome, FailureOutcome) and outcome.banned is (n == 10), n
 
 
 async def test_failures_outside_the_window_do_not_add_up(redis_url: str) -> None:
@@ -386,7 +398,7 @@ operations = st.lists(
     st.one_of(
         st.tuples(st.just("admit"), st.sampled_from(SOURCES), st.sampled_from(["a:1", "a:2", "b:", "c:00000001"])),
         st.tuples(st.just("failed"), st.sampled_from(SOURCES), st.sampled_from([ALICE, BOB, "x@y", None])),
-        st.tuples(st.just("succeeded"), st.sampled_from(SOURCES), st.none()),
+        st.tuples(st.just("succeeded"), st.sampled_from(SOURCES), st.sampled_from([ALICE, BOB])),
     ),
     max_size=30,
 )
@@ -412,7 +424,7 @@ def test_memory_and_redis_guards_give_the_same_answers(redis_server: RedisProces
                 if op == "admit":
                     memory.admit(source, arg, 60, expected.append)
                 elif op == "succeeded":
-                    memory.succeeded(source)
+                    memory.succeeded(source, arg)
                     expected.append(None)
                 else:
                     memory.failed(source, arg, expected.append)
@@ -424,7 +436,7 @@ def test_memory_and_redis_guards_give_the_same_answers(redis_server: RedisProces
                     if op == "admit":
                         redis.admit(source, arg, 60, partial(got.__setitem__, i))
                     elif op == "succeeded":
-                        redis.succeeded(source)
+                        redis.succeeded(source, arg)
                     else:
                         redis.failed(source, arg, partial(got.__setitem__, i))
                 await pipe.execute("PING")  # replies come in order: every answer is in
