@@ -271,10 +271,16 @@ class Authenticator:
             return
         check = _Check(self, creds, msg, source, realm, wall, done)
         check.nonce_status = nonce_status
-        needed = 2 if self.guard is not None else 1
+        guard = self.guard
+        needed = 2 if guard is not None else 1
+        locked = guard is not None and self._locked_out(creds.username, realm, source.host)
+        if locked:
+            needed += 1  # does the account work from here (its phone, its bindings gone)?
         check.needed = needed
-        if self.guard is not None:
-            self.guard.admit(source.host, nonce_use(creds), self.nonce_use_ttl, check.admitted)
+        if guard is not None:
+            guard.admit(source.host, nonce_use(creds), self.nonce_use_ttl, check.admitted)
+            if locked:
+                guard.works(source.host, f"{creds.username}@{realm}", check.works_here)
         self.accounts.get_account(creds.username, realm, check.account_found)
 
     @property
@@ -357,7 +363,11 @@ class Authenticator:
             client=check.source.host,
             nonce_status=check.nonce_status,  # checked by authenticate: one MAC, not two
         )
-        if account is not None and self._locked_out(creds.username, check.realm, check.source.host):
+        if (
+            account is not None
+            and check.works is not True
+            and self._locked_out(creds.username, check.realm, check.source.host)
+        ):
             # before the stale and replay answers, which only a right password gets
             self._failed(check, "account_locked")
             return AuthAnswer(Verdict.CHALLENGE)
@@ -490,6 +500,7 @@ class _Check:
         "realm",
         "source",
         "wall",
+        "works",
     )
 
     def __init__(
@@ -514,6 +525,8 @@ class _Check:
         self.account: Account | StoreError | None = None
         self.admission: Admission | StoreError | None = None
         self.nonce_status: auth.NonceStatus | None = None
+        # asked only while the account is locked: it authenticated from this source lately
+        self.works: bool | StoreError | None = None
 
     def account_found(self, account: Account | StoreError | None) -> None:
         self.account = account
@@ -521,6 +534,10 @@ class _Check:
 
     def admitted(self, admission: Admission | StoreError) -> None:
         self.admission = admission
+        self._one()
+
+    def works_here(self, works: bool | StoreError) -> None:
+        self.works = works
         self._one()
 
     def _one(self) -> None:

@@ -29,8 +29,10 @@ request:
   attack.  Guessing spread over many sources (each under
   ``max_failures``) is bounded per account: past ``account_lock`` failures in its window the
   account is *locked to its known clients* until the window ends: only the hosts its current
-  bindings were registered from may still authenticate as it, so its phones keep working while
-  guesses from anywhere else fail whatever the password
+  bindings were registered from, and the sources it authenticated from within
+  ``working_time`` (its mark there, :meth:`Guard.works`, asked only for a locked account), may
+  still authenticate as it, so its phones keep working (a rebooted one, one whose
+  registration lapsed) while guesses from anywhere else fail whatever the password
   (:class:`~sipfarm.protect.authenticator.Authenticator` keeps the lock and the hosts per
   process, learnt from the counts these failures return: no I/O on any request's path).
 
@@ -283,6 +285,10 @@ class Guard(Protocol):
         for ``working_time`` (failures against that account from there then ban the source at
         ``max_failures_working``), in the background, at most once per a quarter of that time
         per process."""
+
+    def works(self, source_ip: str, account: str, done: Callable[[bool | StoreError], None]) -> None:
+        """Whether ``account`` authenticated from ``source_ip`` within ``working_time`` (its mark
+        is set): a locked account's phone is let in from there (see the module)."""
 
     def banned_locally(self, source_ip: str, now: float) -> bool:
         """No I/O: this process already knows ``source_ip`` is banned (learnt from admit/failed answers;

@@ -127,6 +127,9 @@ class MemoryGuard:
         if self._working.due(source_ip, account, self._clock()):
             self.keys.set(working_key(source_ip, account), 1, _whole_ms(self.policy.working_time))
 
+    def works(self, source_ip: str, account: str, done: Callable[[bool | StoreError], None]) -> None:
+        done(self.keys.get(working_key(source_ip, account)) is not None)
+
     def banned_locally(self, source_ip: str, now: float) -> bool:
         return self.rules.local.banned(source_ip, now)
 

@@ -187,6 +187,13 @@ class RedisGuard:
             key = working_key(source_ip, account)
             self.pipe.call(partial(self._working_written, source_ip, account), "SET", key, b"1", "PX", ms)
 
+    def works(self, source_ip: str, account: str, done: Callable[[bool | StoreError], None]) -> None:
+        self.pipe.call(partial(self._exists, done), "EXISTS", working_key(source_ip, account))
+
+    def _exists(self, done: Callable[[bool | StoreError], None], reply: Reply) -> None:
+        error = self._settle(None, "EXISTS", reply)
+        done(error if error is not None else reply == 1)
+
     def _working_written(self, source_ip: str, account: str, reply: Reply) -> None:
         if isinstance(reply, Exception):  # Redis unavailable or an error reply: not written
             self._working.forget(source_ip, account)

@@ -335,6 +335,22 @@ def test_a_locked_account_answers_a_stranger_as_an_unknown_user_does() -> None:
     assert not any("nobody" in k for k in farm.keys._data)
 
 
+def test_a_locked_account_lets_in_a_phone_that_authenticated_from_its_address_lately() -> None:
+    """Carol's phone registered from 10.0.0.3, then unregistered (rebooted, or its registration
+    lapsed): no binding names its address any more. While guessers spread over many sources
+    hold her account locked, the phone gets back in from the address it authenticated from
+    within working_time; a new address does not, whatever the password."""
+    farm = MemFarm(policy=LOCKING)
+    phone = farm.phone("carol", "10.0.0.3")
+    assert phone.register().status == 200  # type: ignore[union-attr]
+    assert phone.register(expires=0).status == 200  # type: ignore[union-attr]
+    _guess_from_many_sources(farm, "carol", 4)
+    assert farm.phone("carol", "10.66.1.9").register().status == 401  # type: ignore[union-attr]
+    assert phone.register().status == 200  # type: ignore[union-attr]
+    call = phone.authenticated(phone.request("INVITE", BOB))
+    assert call is not None and call.status != 407
+
+
 def test_a_locked_account_with_no_binding_lets_nobody_in_until_the_window_ends() -> None:
     farm = MemFarm(policy=LOCKING)
     _guess_from_many_sources(farm, "carol", 4)

@@ -399,6 +399,7 @@ operations = st.lists(
         st.tuples(st.just("admit"), st.sampled_from(SOURCES), st.sampled_from(["a:1", "a:2", "b:", "c:00000001"])),
         st.tuples(st.just("failed"), st.sampled_from(SOURCES), st.sampled_from([ALICE, BOB, "x@y", None])),
         st.tuples(st.just("succeeded"), st.sampled_from(SOURCES), st.sampled_from([ALICE, BOB])),
+        st.tuples(st.just("works"), st.sampled_from(SOURCES), st.sampled_from([ALICE, BOB])),
     ),
     max_size=30,
 )
@@ -426,6 +427,8 @@ def test_memory_and_redis_guards_give_the_same_answers(redis_server: RedisProces
                 elif op == "succeeded":
                     memory.succeeded(source, arg)
                     expected.append(None)
+                elif op == "works":
+                    memory.works(source, arg, expected.append)
                 else:
                     memory.failed(source, arg, expected.append)
             got: list[Any] = [None] * len(ops)
@@ -437,6 +440,8 @@ def test_memory_and_redis_guards_give_the_same_answers(redis_server: RedisProces
                         redis.admit(source, arg, 60, partial(got.__setitem__, i))
                     elif op == "succeeded":
                         redis.succeeded(source, arg)
+                    elif op == "works":
+                        redis.works(source, arg, partial(got.__setitem__, i))
                     else:
                         redis.failed(source, arg, partial(got.__setitem__, i))
                 await pipe.execute("PING")  # replies come in order: every answer is in
