@@ -122,6 +122,7 @@ class RelayPort:
         "farm_address",
         "kind",
         "last_seen",
+        "latch_allowed",
         "link",
         "packets",
         "peer_rtcp",
@@ -158,6 +159,9 @@ class RelayPort:
         # whether (host, port) is an address of the farm (media.farm.FarmAddresses): never
         # latched onto, so no spoofed packet can make two relays feed each other
         self.farm_address: Callable[[str, int], bool] | None = None
+        # where the relay may send (the engine's sdp_allowed): a latched port sends to its
+        # source, so a source this refuses is never latched onto (None: any)
+        self.latch_allowed: Callable[[str, int], bool] | None = None
         self.sdp_dest: Addr | None = None
         self.dest: Addr | None = None
         self.packets = 0
@@ -283,6 +287,11 @@ class RelayPort:
         foreign = sources is not None and addr[0] not in sources
         farm = self.farm_address
         if (foreign and self.source is None) or (farm is not None and farm(addr[0], addr[1])):
+            self.drops_unexpected_source += 1
+            return False
+        allowed = self.latch_allowed
+        if allowed is not None and not allowed(addr[0], addr[1]):
+            # a destination the farm refuses: the relay never sends there, so never latches
             self.drops_unexpected_source += 1
             return False
         if addr[1] == 0:

@@ -45,7 +45,10 @@ team, 2026-12-02).  ``latch_from="any"`` restores rtpengine's default (an operat
 send media from addresses their signalling never names).  Whatever the rule, a port never
 latches onto an address of the farm (``farm_address``: another relay's media ports, a node's
 SIP listener): a packet spoofed from relay B's port must not set relay A sending there, with B
-set the same way (two relays feeding each other for ever).
+set the same way (two relays feeding each other for ever).  Nor onto any address ``sdp_allowed``
+refuses: a latched port sends there, so a caller whose SDP named a refused address (a Redis on
+loopback, a metadata service) and who then spoofed one packet from it would have the relay
+stream the other party's media, or its own chosen payloads, at it (red team, 2026-12-03).
 
 Re-latching (from a vouched IP only) needs proof that the new source is the same party (rtpengine's "media handover",
 without its open window for anyone who sends first): ``relatch_packets`` consecutive packets
@@ -631,6 +634,7 @@ class RelayEngine:
             self._owned[owner] = self._owned.get(owner, 0) + len(side.all_ports())
         for port in side.all_ports():
             port.farm_address = self._farm_address
+            port.latch_allowed = self._allowed
             if self._strict:  # nothing vouched for yet: nothing latches (see "Latching")
                 port.sources = frozenset()
         self._opened.extend(side.all_ports())

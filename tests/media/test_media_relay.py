@@ -219,6 +219,24 @@ def test_sdp_address_refused_by_policy_waits_for_latching_nat() -> None:
     assert relay.engine.query("c1").monologues[1].media[0].rtp.source == nat
 
 
+def test_a_source_the_policy_refuses_is_never_latched_onto_even_when_its_sdp_vouched_for_it() -> None:
+    """A caller's SDP names a refused address (a service on 10.0.0.0/8, the SDP vouching for its
+    IP); one packet spoofed from there must not latch the port, or the relay would stream the
+    other party's media (or the caller's chosen payloads) at it (red team, 2026-12-03)."""
+    relay = Relay()
+    victim = ("10.9.9.9", 6379)
+    a, b = relay.call(b_sdp=victim, b_source="198.51.100.7")  # B's SDP names the victim
+    relay.send(b.rtp, rtp(1, ssrc=0xB), victim)  # the spoofed packet: dropped, counted, not latched
+    relay.send(a.rtp, rtp(1), A_SDP)
+    assert relay.sent(b.rtp) == []
+    b_rtp = relay.engine.query("c1").monologues[1].media[0].rtp
+    assert (b_rtp.source, b_rtp.drops_unexpected_source) == (None, 1)
+    nat = ("198.51.100.7", 40000)
+    relay.send(b.rtp, rtp(2, ssrc=0xB), nat)  # B's real address (its SIP's) latches
+    relay.send(a.rtp, rtp(2), A_SDP)
+    assert relay.sent(b.rtp) == [(rtp(2), nat)]
+
+
 def test_an_sdp_inside_another_relays_range_waits_for_latching() -> None:
     """Two relays whose calls' SDPs name each other's ports would bounce one packet for ever:
     a port anywhere in another relay's range (its membership record) is never sent to."""
