@@ -249,7 +249,11 @@ class NodeCore:
         # Responses go to the source: the connection, or the UDP address the request came from
         # (RFC 3581 rport, forced as Kamailio's force_rport does): never to a port the request
         # names. Farm elements send from the port their Via names, so this is where they listen.
-        stx = self.layer.receive_request(msg, source, now)
+        # an INVITE's 100 Trying goes once the node has done what it does at once: one it
+        # refuses at once (a dialog not ours, a Route not served) gets its final alone, sent
+        # once, not the 100 and a final resent for 32 s to a source anyone can forge
+        invite = msg.method == b"INVITE"
+        stx = self.layer.receive_request(msg, source, now, trying=False)
         if stx is None:
             return  # retransmission absorbed, or an ACK (AckFor2xx event)
         try:
@@ -265,3 +269,5 @@ class NodeCore:
                 self.proxy.on_request(stx, msg, local, routes)
         except SipError as exc:
             self.element.fail(stx, exc)
+        if invite:
+            self.layer.start_trying(stx, now)

@@ -39,7 +39,14 @@ A server INVITE transaction answers 100 Trying at once, or, with ``TimerConfig.t
 arms "Timer 100" instead (RFC 3261 17.2.1: no 100 is needed when the TU answers within 200
 ms): the 100 goes when it fires with no response sent, or at the first retransmission of the
 request if that comes first.  A node's callee usually rings within milliseconds, so a call
-costs one datagram less at the node and at the balancer in front of it.
+costs one datagram less at the node and at the balancer in front of it.  A TU may also hold the
+100 until it has done what it does at once (``receive_request(..., trying=False)``, then
+:meth:`TransactionLayer.start_trying`): an INVITE it refuses right away gets its final alone.
+
+Timer G runs only after a provisional response: a client that got none still resends its
+INVITE (Timer A), and each copy is answered with the final again, so the copies Timer G would
+add are not needed for reliability; they would only multiply what a spoofed INVITE makes the
+server send to the address it forged (a dozen datagrams in 32 s for one).
 
 Retransmissions are absorbed before anything is parsed beyond what identifies the transaction:
 the top Via's branch (``via_branch``, no full Via parse), its sent-by, the CSeq method.
@@ -480,12 +487,13 @@ class ClientNonInviteTransaction(ClientTransaction):
 class ServerTransaction(Transaction):
     """A request this element answers (RFC 3261 17.2); ``remote`` is where it came from."""
 
-    __slots__ = ("_response_bytes", "last_response")
+    __slots__ = ("_response_bytes", "last_response", "provisional")
 
     def __init__(self, request: SipMessage, remote: Address, key: tuple[object, ...]) -> None:
         super().__init__(request, remote, key)
         self.last_response: SipMessage | None = None
         self._response_bytes: bytes | None = None
+        self.provisional = False  # a provisional response was sent: the client stopped resending
 
     @property
     def source(self) -> Address:
@@ -815,13 +823,18 @@ class TransactionLayer:
 
     # -- server side ---------------------------------------------------------------------------
 
-    def receive_request(self, msg: SipMessage, source: Address, now: float) -> ServerTransaction | None:
+    def receive_request(
+        self, msg: SipMessage, source: Address, now: float, trying: bool = True
+    ) -> ServerTransaction | None:
         """Match ``msg`` to a server transaction (RFC 3261 17.2.3) or create one.
 
         Returns the new transaction for a new request; None when the request was absorbed (a
         retransmission: the last response is re-sent), when an ACK completed an INVITE
         transaction, or for an ACK no transaction takes (reported as :class:`AckFor2xx`).
         Raises BadMessage for an unreadable top Via and ServiceUnavailable when full.
+        ``trying=False``: a new INVITE's 100 Trying waits for :meth:`start_trying`, which the
+        TU calls once it has done what it does at once (an INVITE it refuses right away then
+        gets its final alone, sent once: see ``_start_timer``).
         """
         method = msg.method
         is_ack = method == _ACK
@@ -858,10 +871,22 @@ class TransactionLayer:
         self._index(new)
         self.stats.server_created += 1
         initial: tuple[Action, ...] = new.INITIAL[0]
-        if self._defer_trying and method == _INVITE:
-            initial = SERVER_INVITE_INITIAL_DEFERRED[0]
+        if method == _INVITE:
+            if not trying:
+                initial = ()
+            elif self._defer_trying:
+                initial = SERVER_INVITE_INITIAL_DEFERRED[0]
         self._run(new, initial, None, now)
         return new
+
+    def start_trying(self, tx: ServerTransaction, now: float) -> None:
+        """The 100 Trying of an INVITE received with ``trying=False``: sent now (or its Timer
+        100 armed, with ``TimerConfig.trying``), unless the TU has answered it already."""
+        if not isinstance(tx, ServerInviteTransaction) or tx.state is not TxState.PROCEEDING:
+            return
+        if tx._response_bytes is not None or TxInput.TIMER_TRYING in tx._timers:
+            return
+        self._run(tx, SERVER_INVITE_INITIAL_DEFERRED[0] if self._defer_trying else SERVER_INVITE_INITIAL[0], None, now)
 
     def _legacy_lookup(
         self, msg: SipMessage, top: bytes, is_ack: bool
@@ -1142,6 +1167,11 @@ class TransactionLayer:
         duration = self._durations[(timer, tx.remote.reliable)]
         if duration is None:
             return  # retransmission timer over a reliable transport
+        if timer is TxInput.TIMER_G and isinstance(tx, ServerTransaction) and not tx.provisional:
+            # no provisional was sent, so the client still resends its INVITE (Timer A), and each
+            # copy gets the final again: Timer G would only send copies nobody asked for, to an
+            # address anyone can forge (one spoofed INVITE, a dozen datagrams at its victim)
+            return
         if timer in _RETRANSMIT_TIMERS:
             tx._interval = duration
         if duration <= 0:
@@ -1165,6 +1195,8 @@ class TransactionLayer:
         assert isinstance(tx, ServerTransaction) and msg is not None
         data = msg.to_bytes()
         self._out.datagrams.append((data, tx.remote))
+        if msg.status < 200:
+            tx.provisional = True
         if tx.state is TxState.ACCEPTED:
             return  # never resent by the layer (RFC 6026 7.1): nothing to keep (see _release)
         old = tx._response_bytes
@@ -1192,6 +1224,7 @@ class TransactionLayer:
         if self.send_trying and tx._response_bytes is None:  # else (deferred) the TU answered first
             trying = make_response(tx.request, 100)
             tx.last_response = trying
+            tx.provisional = True
             data = trying.to_bytes()
             tx._response_bytes = data
             self._charge(tx, len(data))

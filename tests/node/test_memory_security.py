@@ -695,3 +695,31 @@ def test_an_invite_refused_before_routing_is_answered_once_not_reflected(
     answers = [m.status for m in mallory.inbox]
     assert answers == [status, status], answers
     assert farm.transactions(0) == 0 and farm.transactions(1) == 0
+
+
+@pytest.mark.parametrize(
+    ("to_tag", "route", "status"),
+    [
+        ("a1b2", None, 404),  # a dialog that did not go through the farm
+        ("a1b2", "<sip:10.9.9.9;lr>", 404),  # a dialog's Route set that is not ours
+        (None, "<sip:10.9.9.9;lr>", 404),  # an initial INVITE through a proxy it names
+    ],
+    ids=["dialog_not_ours", "foreign_route_in_dialog", "foreign_route"],
+)
+def test_an_invite_the_node_refuses_at_once_gets_one_answer_per_datagram(
+    farm: MemFarm, mallory: Phone, to_tag: str | None, route: str | None, status: int
+) -> None:
+    """Every INVITE the node refuses as soon as it reads it (in a transaction: its
+    retransmissions are absorbed) gets its final answer alone, once: no 100 Trying before it
+    and no Timer G copies after it, since a sender that got no provisional still resends its
+    INVITE, and each copy is answered (tests/sip). A spoofed in-dialog INVITE got a 100 and
+    eleven 404s at its victim (red team, 2026-12-03)."""
+    invite = mallory.request("INVITE", BOB)
+    if to_tag is not None:
+        invite.set("to", invite.get("to") + b";tag=" + to_tag.encode())  # type: ignore[operator]
+    if route is not None:
+        invite.set("route", route.encode())
+    mallory.send(invite)
+    farm.advance(40)
+    answers = [m.status for m in mallory.inbox]
+    assert answers == [status], answers

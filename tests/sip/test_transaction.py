@@ -398,6 +398,39 @@ def test_timer_g_capped_at_t2_then_timer_h_reports_missing_ack() -> None:
     assert len(layer) == 0 and layer.retained_bytes == 0
 
 
+def test_a_final_with_no_provisional_before_it_is_resent_only_for_the_clients_retransmissions() -> None:
+    """An INVITE the TU refuses before its 100 Trying went (``trying=False``, then
+    ``start_trying``): the client got no provisional, so it still resends its INVITE (Timer A)
+    and each copy gets the final again; Timer G sends no copies of its own (to a source anyone
+    can forge), and Timer H still ends the transaction."""
+    layer = TransactionLayer()
+    req = request()
+    tx = layer.receive_request(req, UAC, 0.0, trying=False)
+    assert tx is not None and layer.datagrams_to_send() == []
+    layer.send_response(tx, make_response(req, 404, to_tag=b"t"), 0.0)
+    layer.start_trying(tx, 0.0)  # answered already: no 100
+    ((final, _),) = layer.datagrams_to_send()
+    assert run_timers(layer, 0.9) == []  # no Timer G
+    assert layer.receive_request(request(), UAC, 1.0) is None  # the client's Timer A copy
+    assert layer.datagrams_to_send() == [(final, UAC)]
+    assert run_timers(layer, 100.0) == []
+    assert kinds(layer.events()) == [TransactionTimeout, TransactionTerminated]
+    assert len(layer) == 0
+
+
+def test_start_trying_sends_the_100_and_then_a_final_is_resent_by_timer_g() -> None:
+    layer = TransactionLayer()
+    req = request()
+    tx = layer.receive_request(req, UAC, 0.0, trying=False)
+    assert tx is not None
+    layer.start_trying(tx, 0.0)
+    ((trying, _),) = layer.datagrams_to_send()
+    assert parse_message(trying).status == 100
+    layer.send_response(tx, make_response(req, 486, to_tag=b"t"), 0.1)
+    drain(layer)
+    assert times(run_timers(layer, 4.0)) == [0.6, 1.6, 3.6]  # the client stopped resending: G
+
+
 def test_ack_confirms_then_timer_i_terminates() -> None:
     layer = TransactionLayer()
     req = request()
