@@ -352,6 +352,15 @@ async def serve(
     sync_dropped = sync_counters(lambda: accept.stats, metrics.dropped)
     sync_redis = sync_counters(pipe.stats, metrics.redis_events)
     sync_transactions = sync_counters(core.layer.stats.as_dict, metrics.transaction_events)
+    # unexpected exceptions: in parsing (the transport's) and in handlers of Redis replies
+    internal: dict[str, int] = {"seen": 0}
+
+    def sync_internal() -> None:
+        seen = transports.stats.internal_errors + pipe.callback_failures
+        if seen > internal["seen"]:
+            metrics.internal_errors.inc(seen - internal["seen"])
+            internal["seen"] = seen
+
     registrations = {"bindings": 0, "aors": 0}
 
     def count_registrations() -> None:
@@ -500,6 +509,7 @@ async def serve(
             sync_dropped()
             sync_redis()
             sync_transactions()
+            sync_internal()
             metrics.flush()  # a worker's per-message counters into the multiprocess files
             metrics.transactions.set(len(core.layer))
             metrics.transaction_bytes.set(core.layer.retained_bytes)

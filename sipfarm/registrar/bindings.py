@@ -17,6 +17,9 @@ from sipfarm.sip.message import SipMessage, make_response
 from sipfarm.sip.uri import SipURI
 from sipfarm.store.location import Binding, ContactUpdate
 
+#: the longest +sip.instance a REGISTER may set, in UTF-8 bytes (a temporary GRUU carries it)
+MAX_INSTANCE_BYTES = 255
+
 
 @dataclass(frozen=True, slots=True)
 class ExpiresPolicy:
@@ -129,6 +132,10 @@ def read_register(request: SipMessage, domains: frozenset[str], policy: ExpiresP
         instance = get_param(na.params, "+sip.instance")
         if instance is not None:
             instance = unquote_string(instance) or None
+            if instance is not None and len(instance.encode("utf-8")) > MAX_INSTANCE_BYTES:
+                # a URN of a few dozen characters (RFC 5626 4.1): a longer one is stored in
+                # every binding and encrypted into every temporary GRUU
+                raise BadMessage("+sip.instance too long", partial=request)
         reg_id: int | None = None
         reg_id_param = na.param("reg-id")
         if reg_id_param:

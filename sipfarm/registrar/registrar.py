@@ -287,7 +287,10 @@ class Registrar:
         to_uri = msg.to.uri
         user_part = to_uri.user if isinstance(to_uri, SipURI) and to_uri.user else reg.user
         pub = public_gruu(user_part, reg.domain, instance)
-        temp = self.temp_gruus.uri(reg.user, reg.domain, instance, binding.call_id, binding.cseq)
+        try:
+            temp = self.temp_gruus.uri(reg.user, reg.domain, instance, binding.call_id, binding.cseq)
+        except ValueError:  # an instance no temporary GRUU can carry (stored before the bound)
+            return f';pub-gruu="{pub}"'
         return f';pub-gruu="{pub}";temp-gruu="{temp}"'
 
     def _flow_timer(self, path: tuple[str, ...], source: Address) -> int:

@@ -229,6 +229,7 @@ class RedisPipe:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.errors = 0
         self.commands = 0
+        self.callback_failures = 0  # callbacks that raised (a bug): logged and counted
         # called once after each batch of replies (or failures) has gone to its callbacks: the
         # node's glue drains what the callbacks queued (one drain per batch, not per reply)
         self.after_replies: Callable[[], None] | None = None
@@ -384,6 +385,7 @@ class RedisPipe:
         try:
             callback(reply)
         except Exception:  # a bug in one handler must not poison the connection
+            self.callback_failures += 1  # counted: sipfarm_node_internal_errors_total
             log.exception("event=redis_callback_failed")
 
     def _fail_pending(self, reason: str) -> None:

@@ -80,6 +80,20 @@ def test_register_with_an_instance_and_gruu_support_gets_public_and_temporary_gr
     assert "bob" not in temp  # a temporary GRUU does not tell who it is (RFC 5627 3.1.2)
 
 
+def test_an_instance_too_long_for_a_temporary_gruu_is_refused_when_registered(desk: Phone) -> None:
+    """A +sip.instance over 255 bytes (in UTF-8, as stored: 70 "é" sent as UTF-8 are read as
+    140 latin-1 characters, 280 bytes) is a 400 at REGISTER, with or without gruu support: it
+    crashed the 200's temporary GRUU after the binding was written, leaving the REGISTER
+    unanswered, and every later gruu REGISTER of the account with it (red team, 2026-12-03).
+    A long instance that fits still gets both GRUUs."""
+    for instance, gruu in (("urn:x-long:" + "a" * 250, True), ("urn:x-long:" + "é" * 70, False)):
+        contact = f'<{desk.contact}>;+sip.instance="<{instance}>"'
+        answer = desk.register(contact=contact, headers=GRUU if gruu else ())
+        assert answer is not None and answer.status == 400, answer
+    pub, temp = gruus(register(desk, "urn:x-long:" + "b" * 200), "urn:x-long:" + "b" * 200)
+    assert pub is not None and temp is not None
+
+
 def test_no_gruus_without_supported_gruu(desk: Phone) -> None:
     assert gruus(register(desk, DESK, gruu=False), DESK) == (None, None)
 

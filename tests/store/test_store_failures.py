@@ -12,6 +12,7 @@ from sipfarm.store import ContactUpdate, StoreError, StoreUnavailable, create_re
 from sipfarm.store.location import LocationStore
 from sipfarm.store.redis_client import redis_errors
 from sipfarm.store.redis_server import RedisProcess, free_port
+from sipfarm.store.resp import RedisPipe
 
 AOR = "alice@example.com"
 T0 = 1_700_000_000.0
@@ -71,9 +72,7 @@ async def test_timeout_mid_reply_drops_the_connection(redis_url: str) -> None:
     other = create_redis(redis_url)
     try:
         location = LocationStore(slow)
-        await location.apply_register(
-            AOR, [ContactUpdate("sip:a@h", 60)], call_id="c", cseq=1, now=T0, max_contacts=5
-        )
+        await location.apply_register(AOR, [ContactUpdate("sip:a@h", 60)], call_id="c", cseq=1, now=T0, max_contacts=5)
         # BLPOP blocks server-side longer than the socket timeout: the client gives up while
         # the reply is still owed.
         with pytest.raises(StoreUnavailable), redis_errors:
@@ -94,9 +93,7 @@ async def test_cancelled_command_drops_the_connection(redis_url: str) -> None:
     other = create_redis(redis_url)
     try:
         location = LocationStore(client)
-        await location.apply_register(
-            AOR, [ContactUpdate("sip:a@h", 60)], call_id="c", cseq=1, now=T0, max_contacts=5
-        )
+        await location.apply_register(AOR, [ContactUpdate("sip:a@h", 60)], call_id="c", cseq=1, now=T0, max_contacts=5)
         task = asyncio.create_task(client.blpop(["queue"], timeout=2))
         await asyncio.sleep(0.1)
         task.cancel()
@@ -128,3 +125,24 @@ async def test_corrupt_binding_is_a_store_error_not_a_crash(redis_url: str) -> N
             await LocationStore(redis).apply_register(AOR, [], call_id="c", cseq=1, now=T0, max_contacts=1)
     finally:
         await redis.aclose()
+
+
+async def test_a_reply_handler_that_raises_is_counted_and_the_connection_goes_on(redis_url: str) -> None:
+    """A bug in one reply's handler is logged (``redis_callback_failed``) and counted (the
+    node's ``sipfarm_node_internal_errors_total``), and the replies behind it still arrive."""
+
+    pipe = RedisPipe(redis_url)
+    await pipe.connect()
+    try:
+        got: list[object] = []
+
+        def broken(_reply: object) -> None:
+            raise ValueError("a handler's bug")
+
+        pipe.call(broken, "PING")
+        pipe.call(got.append, "PING")
+        assert await pipe.execute("PING") == b"PONG"
+        assert pipe.callback_failures == 1
+        assert got == [b"PONG"]
+    finally:
+        await pipe.close()
