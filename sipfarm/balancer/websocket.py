@@ -45,6 +45,7 @@ from websockets.protocol import Event
 from sipfarm.balancer.origins import OriginPolicy
 from sipfarm.sip.address import Address
 from sipfarm.transport.manager import REFUSED_SOURCE, TransportManager
+from sipfarm.transport.stats import bump
 from sipfarm.transport.stream import PingLimit
 
 log = logging.getLogger("sipfarm.transport.ws")
@@ -74,7 +75,12 @@ class AdmittedConnection(ServerConnection):
         super().connection_made(transport)
         self.accepted_at = self.loop.time()
         peer = transport.get_extra_info("peername")
-        host = str(peer[0]) if peer else ""
+        if not peer:  # reset between the kernel's accept and this call: counted, closed
+            bump(self.manager.stats.refused, "reset")
+            self.refused = REFUSED_SOURCE
+            cast(asyncio.Transport, transport).abort()
+            return
+        host = str(peer[0])
         self.refused = self.manager.admit(self, host)
         if self.refused == REFUSED_SOURCE:
             cast(asyncio.Transport, transport).abort()  # the allow/deny lists: no HTTP answer

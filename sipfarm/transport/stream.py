@@ -118,6 +118,13 @@ class StreamFlow(asyncio.Protocol):
         peer = tr.get_extra_info("peername")
         sock = tr.get_extra_info("sockname")
         if self.remote is None:
+            if not peer:
+                # reset by the peer between the kernel's accept and this call (RST right after
+                # the handshake): nobody to talk to, counted, no traceback per connection
+                bump(self._stats.refused, "reset")
+                self._closing = True
+                tr.abort()
+                return
             self.remote = Address(self.transport_name, peer[0], peer[1])
         if sock is not None:
             self.local = Address(self.transport_name, sock[0], sock[1])

@@ -573,3 +573,34 @@ def test_an_ipv6_source_is_counted_by_its_64() -> None:
     assert manager.admit(conns[2], "[2001:db8:1:2::3]") is None  # a slot again
     assert manager.admit(conns[4], "203.0.113.7") is None and manager.admit(conns[5], "203.0.113.8") is None
     assert source_key("::ffff:203.0.113.7") == "203.0.113.7" and source_key("not-an-ip:") == "not-an-ip:"
+
+
+def test_connections_reset_as_they_are_accepted_cost_no_traceback(
+    arun: Runner, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that connects and resets at once (SO_LINGER 0) may be gone before the
+    protocol's connection_made: no peer address. Each such connection raised a TypeError
+    there, logged with its traceback by the event loop (red team, 2026-12-03: an unbounded
+    stream of error lines); now it is closed and counted, and the server goes on serving."""
+
+    async def scenario() -> None:
+        manager, addr = await _server()
+        socks = []
+        for _ in range(50):  # connected by the kernel (the backlog), not yet accepted: no await
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            sock.settimeout(1)
+            sock.connect((addr.host, addr.port))
+            sock.send(b"OPTIONS")
+            socks.append(sock)
+        for sock in socks:
+            sock.close()  # RST
+        await asyncio.sleep(0.3)
+        reader, writer = await _open(addr, "127.0.0.3")
+        assert await _answered(reader, writer)
+        writer.close()
+        await manager.close()
+
+    with caplog.at_level("ERROR"):
+        arun(scenario())
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text[-2000:]
