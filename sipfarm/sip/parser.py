@@ -446,6 +446,9 @@ def _check_mandatory(msg: SipMessage, first: dict[str, bytes]) -> None:
             raise UnsupportedURIScheme("unsupported Request-URI scheme", partial=msg)
 
 
+_NOT_IN_WORD: Final = re.compile(rb"[\x00-\x20\x7f]")
+
+
 def validate_request(msg: SipMessage) -> None:
     """Deeper checks for elements acting on a request: Request-URI, From, To, Via, Contact.
 
@@ -455,6 +458,10 @@ def validate_request(msg: SipMessage) -> None:
     if isinstance(uri, SipURI) and uri.headers:
         # RFC 3261 19.1.1 table: headers are not allowed in a Request-URI (RFC 4475 3.1.2.11)
         raise BadMessage("headers in Request-URI", partial=msg)
+    if _NOT_IN_WORD.search(msg.call_id) is not None:
+        # RFC 3261 25.1: Call-ID = word ["@" word], no space or control character (a NUL or an
+        # escape sequence would reach the logs and every element the request crosses)
+        raise BadMessage("Call-ID: space or control character", partial=msg)
     for key in ("from", "to"):
         name_addr = msg.get(key)
         if name_addr is None:

@@ -19,6 +19,7 @@ from fixtures.farm import DOMAIN, free_udp_tcp_port, sip_options
 from fixtures.startup import wait_started
 
 from sipfarm import build
+from sipfarm.logs import split_kv
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -62,7 +63,8 @@ def test_auto_runs_the_compiled_build_when_fresh(redis_url: str, tmp_path: Path)
         if state == "fresh":
             assert "build=compiled" in line, log_path.read_text()[-2000:]
         else:
-            assert "build=interpreted" in line and f"compiled build {state}" in line, line
+            fields = split_kv(line)
+            assert fields["build"] == "interpreted" and f"compiled build {state}" in fields["detail"], line
     finally:
         stop(proc)
 
@@ -71,7 +73,8 @@ def test_interpreted_on_request(redis_url: str, tmp_path: Path) -> None:
     proc, log_path = start_node(redis_url, "interpreted", tmp_path)
     try:
         assert proc.poll() is None, log_path.read_text()[-2000:]
-        assert "build=interpreted" in build_line(log_path) and "SIPFARM_BUILD=interpreted" in build_line(log_path)
+        fields = split_kv(build_line(log_path))  # detail is quoted: it has spaces (sipfarm.logs)
+        assert fields["build"] == "interpreted" and "SIPFARM_BUILD=interpreted" in fields["detail"], fields
     finally:
         stop(proc)
 
