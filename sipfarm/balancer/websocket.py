@@ -56,6 +56,7 @@ MAX_PENDING_SENDS = 256
 # registration says).  There is no idle timeout on WebSockets (compare TransportConfig).
 PING_INTERVAL = 30.0
 _PROTOCOL_ERRORS = (1002, 1007, 1009)
+_DATA_OPCODES = frozenset((Opcode.TEXT, Opcode.BINARY, Opcode.CONT))
 PING_TIMEOUT = 30.0
 
 
@@ -70,6 +71,13 @@ class AdmittedConnection(ServerConnection):
         self.refused: str | None = None  # the limit it is over: answered 503 at the upgrade
         self.accepted_at = 0.0
         self.pings = PingLimit(manager.config.ping_limit, manager.config.ping_window)
+        # the incomplete message it holds, charged to the manager's partial_budget as a TCP
+        # connection's is, and bounded in time by message_timeout (a fragmented message never
+        # finished held ~70 KB a connection for ever: red team, 2026-12-03)
+        self.flow: WebSocketFlow | None = None  # once the upgrade is done and the flow adopted
+        self.fragments = 0  # bytes of the data frames of the message not finished yet
+        self.messages = 0  # data messages finished: tells a stall timer which message it timed
+        self._stall: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -93,9 +101,38 @@ class AdmittedConnection(ServerConnection):
         transport = self.transport
         if transport is not None and transport.get_write_buffer_size() > self.manager.config.write_buffer_limit:
             abort_for_abuse(self.manager, transport, "slow_reader")
+            return
+        flow = self.flow
+        if flow is None or flow.closing:
+            return
+        # a frame not yet whole (in the library's reader) and the whole frames of a message
+        # not yet finished
+        pending = len(self.protocol.reader.buffer) + self.fragments
+        if pending != flow.partial:
+            self.manager.partial_changed(flow, pending)
+        if pending and self._stall is None:
+            timeout = self.manager.config.message_timeout
+            self._stall = self.loop.call_later(timeout, self._stalled, self.messages)
+        elif not pending and self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def _stalled(self, messages: int) -> None:
+        self._stall = None
+        flow = self.flow
+        if flow is not None and flow.partial and self.messages == messages:
+            flow.abort_for_abuse("stalled", "a WebSocket message not finished within message_timeout")
 
     def process_event(self, event: Event) -> None:
         super().process_event(event)
+        if isinstance(event, Frame) and event.opcode in _DATA_OPCODES:
+            if event.fin:
+                self.fragments = 0
+                self.messages += 1
+            elif event.opcode is Opcode.CONT:
+                self.fragments += len(event.data)
+            else:
+                self.fragments = len(event.data)
         # an RFC 6455 ping: the library has answered it already (in data_received), but a peer
         # that floods them is closed before the next read (abort drops the pongs unsent)
         if isinstance(event, Frame) and event.opcode is Opcode.PING and self.pings.over(self.loop.time()):
@@ -106,6 +143,12 @@ class AdmittedConnection(ServerConnection):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self.manager.release(self)
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+        flow = self.flow
+        if flow is not None and flow.partial:
+            self.manager.partial_changed(flow, 0)
         # no complete HTTP upgrade request in open_timeout (not a client that left early)
         late = self.loop.time() - self.accepted_at >= self.open_timeout * 0.9
         if self.refused is None and self.request is None and late:
@@ -144,10 +187,22 @@ class WebSocketFlow:
         self._wake = asyncio.Event()
         self._closing = False
         self._writer: asyncio.Task[None] | None = None
+        self.partial = 0  # bytes of an incomplete message (AdmittedConnection counts them)
 
     @property
     def closing(self) -> bool:
         return self._closing
+
+    def abort_for_abuse(self, reason: str, detail: str) -> None:
+        """Closed at once, counted as a stream connection's abuse (``abuse[reason]``)."""
+        if self._closing:
+            return
+        self._closing = True
+        self._wake.set()
+        log.debug("event=flow_closed_abuse remote=%s reason=%s detail=%s", self.remote, reason, detail)
+        transport = self.connection.transport
+        if transport is not None:
+            abort_for_abuse(self.manager, transport, reason)
 
     def write(self, data: bytes) -> bool:
         if self._closing or len(self._queue) >= MAX_PENDING_SENDS:
@@ -225,6 +280,8 @@ async def listen_websocket(
             flow._closing = True
             await connection.close(1013, "too many connections")
             return
+        if isinstance(connection, AdmittedConnection):
+            connection.flow = flow  # its incomplete messages are charged from now on
         quiet = True  # no SIP message yet: evictable at max_connections (TransportManager.quiet)
         ws_transport = connection.transport
         manager.quiet(connection, ws_transport.abort)
@@ -256,8 +313,10 @@ async def listen_websocket(
                 # message over max_message_size (1009): counted as a stream's framing abuse
                 manager.stats.connections_closed_abuse += 1
                 manager.stats.abuse["ws_protocol"] = manager.stats.abuse.get("ws_protocol", 0) + 1
-            flow._closing = True
             flow._wake.set()
+            if flow.partial:
+                manager.partial_changed(flow, 0)
+            flow._closing = True
             manager.drop_flow(remote, flow, connection)
 
     def admit(connection: ServerConnection, request: Request) -> Response | None:

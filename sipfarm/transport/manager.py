@@ -99,6 +99,11 @@ class Flow(Protocol):
 
     def hold(self, seconds: float) -> None: ...
 
+    # bytes of an incomplete message it buffers (the manager's ``partial_budget``)
+    partial: int
+
+    def abort_for_abuse(self, reason: str, detail: str) -> None: ...
+
 
 _LOG_INTERVAL = 1.0  # at most one error log line per second; the rest go to debug and counters
 
@@ -552,14 +557,15 @@ class TransportManager:
         self.stats.connections_opened += 1
         return True
 
-    def partial_changed(self, flow: StreamFlow, buffered: int) -> None:
-        """``flow`` now buffers ``buffered`` bytes of an incomplete message; over the
-        ``partial_budget`` in all, the flow holding the most is closed (see TransportConfig)."""
+    def partial_changed(self, flow: Flow, buffered: int) -> None:
+        """``flow`` (a TCP/TLS connection or a WebSocket) now buffers ``buffered`` bytes of an
+        incomplete message; over the ``partial_budget`` in all, the flow holding the most is
+        closed (see TransportConfig)."""
         self.partial_bytes += buffered - flow.partial
         flow.partial = buffered
         while self.partial_bytes > self.config.partial_budget:
             largest = max(
-                (f for f in self._flows.values() if isinstance(f, StreamFlow) and not f.closing),
+                (f for f in self._flows.values() if not f.closing),
                 key=lambda f: f.partial,
                 default=None,
             )

@@ -604,3 +604,45 @@ def test_connections_reset_as_they_are_accepted_cost_no_traceback(
     with caplog.at_level("ERROR"):
         arun(scenario())
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text[-2000:]
+
+
+async def _unfinished(ws: object, size: int) -> asyncio.Task[None]:
+    """Send a data frame of ``size`` bytes with FIN=0 and never the rest of the message."""
+
+    async def fragments():  # type: ignore[no-untyped-def]
+        yield "A" * size
+        await asyncio.Event().wait()
+
+    task = asyncio.create_task(ws.send(fragments()))  # type: ignore[attr-defined]
+    await asyncio.sleep(0.05)
+    return task
+
+
+def test_websocket_messages_never_finished_are_bounded_in_bytes_and_time(arun: Runner) -> None:
+    """A fragmented WebSocket message never finished (FIN=0 and nothing more) is an incomplete
+    message as a TCP one is: charged to the partial budget (over it, the connection holding the
+    most is closed) and closed after message_timeout. Each held ~70 KB for ever, 2,000 of them
+    147 MB (red team, 2026-12-03)."""
+
+    async def scenario() -> None:
+        manager, url, server = await _ws_server(partial_budget=120_000, message_timeout=1.0)
+        kw = {"subprotocols": ["sip"], "max_size": None}
+        clients = [await connect(url, local_addr=(f"127.0.0.{10 + i}", 0), **kw) for i in range(3)]  # type: ignore[arg-type]
+        tasks = [await _unfinished(ws, size) for ws, size in zip(clients, (40_000, 50_000, 60_000), strict=True)]
+        await wait_until(lambda: manager.stats.abuse.get("partial_budget") == 1)
+        await asyncio.wait_for(clients[2].wait_closed(), 3)  # the one holding the most
+        assert 0 < manager.partial_bytes <= 120_000
+        for ws in clients[:2]:  # the others, past message_timeout
+            await asyncio.wait_for(ws.wait_closed(), 3)
+        await wait_until(lambda: manager.stats.abuse.get("stalled") == 2)
+        assert manager.partial_bytes == 0
+        talker = await connect(url, **kw)  # type: ignore[arg-type]
+        await talker.send("\r\n\r\n")
+        assert await asyncio.wait_for(talker.recv(), 2) == "\r\n"
+        await talker.close()
+        for task in tasks:
+            task.cancel()
+        server.close()  # type: ignore[attr-defined]
+        await manager.close()
+
+    arun(scenario(), 15.0)
