@@ -65,7 +65,7 @@ from media.bencode import Value
 from sipfarm.proxy.media import Done
 from sipfarm.proxy.ng_client import NgClient, NgError, NgRefused, NgReply, NgTimeout, RelayAddress
 from sipfarm.proxy.relay_choice import RelayTable, relay_index
-from sipfarm.sip.errors import ServiceUnavailable
+from sipfarm.sip.errors import NotAcceptableHere, ServiceUnavailable
 from sipfarm.sip.headers import via_branch
 from sipfarm.sip.memo import bounded_key
 from sipfarm.sip.message import SipMessage
@@ -88,6 +88,7 @@ _REPLACE: list[Value] = [b"origin", b"session-connection"]
 _SAVPF = b"UDP/TLS/RTP/SAVPF"
 # what a relay that cannot bridge WebRTC says (sipfarm relay): the call goes unanchored
 _UNSUPPORTED = "not supported"
+_BAD_SDP = "Failed to parse SDP"  # the relay's (and rtpengine's) error-reason for an unreadable offer
 
 
 class CallRelays(Protocol):
@@ -377,6 +378,15 @@ class RelayMedia:
         error = reply if isinstance(reply, NgError) else NgRefused("offer reply without SDP")
         cid = call_id.decode("latin-1")
         log.warning("event=relay_offer_failed call_id=%s relay=%s:%d error=%s", cid, *relay, _word(error))
+        if isinstance(error, NgRefused) and error.reason.startswith(_BAD_SDP):
+            # the offer itself: every relay would refuse it (rtpengine words it the same way),
+            # and no relay is marked failed for a caller's bad SDP
+            self._counted("sdp_refused")
+            log.info("event=media_sdp_refused call_id=%s reason=%s", cid, error.reason[:200])
+            done(
+                NotAcceptableHere("SDP not acceptable: " + error.reason[len(_BAD_SDP) :].strip(" :")[:100], partial=msg)
+            )
+            return
         if isinstance(error, NgRefused) and _UNSUPPORTED in error.reason:
             # a relay that cannot bridge this media (WebRTC on sipfarm's relay): end to end
             self._counted("unanchored_webrtc")

@@ -216,6 +216,14 @@ class CallDoesNotExist(SipError):
     counter = "no_transaction"
 
 
+class NotAcceptableHere(SipError):
+    """RFC 3261 21.4.26: the session description cannot be used here (the media relay could
+    not read it, RFC 8866): the same offer would fail again, so no Retry-After."""
+
+    status = 488
+    counter = "sdp_not_acceptable"
+
+
 class LoopDetected(SipError):
     status = 482
     counter = "loop"

@@ -718,3 +718,30 @@ def test_a_trusted_gateways_calls_are_not_bounded_as_one_owner() -> None:
     assert len(bob.ringing) == 6 and gateway.last(503, b"INVITE") is None
     offers = [m for m in mf.ng_log if m[b"command"] == b"offer"]
     assert len(offers) == 6 and not any(b"owner" in m for m in offers)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"v=0\r\no=- 1 1 IN IP4 10.0.0.1\r\ns=-\r\nc=IN IP4 phone.example.com\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n",
+        b"v=0\r\no=- 1 1 IN IP4 10.0.0.1\r\ns=-\r\nc=IN IP4 10.0.0.1\r\nt=0 0\r\nm=audio 99999 RTP/AVP 0\r\n",
+        b"this is not SDP at all",
+    ],
+    ids=["hostname", "bad_port", "garbage"],
+)
+def test_an_offer_the_relay_cannot_read_gets_488_not_503_and_fails_no_relay(body: bytes) -> None:
+    """RFC 3261 21.4.26: an SDP offer the relay cannot read is the caller's to fix: 488 Not
+    Acceptable Here, at once (the next relay would refuse it too), and no relay is marked
+    failed for it. It got 503 with Retry-After: 5, so the caller came back with the same offer,
+    and each one counted as a relay failure (red team, 2026-12-03)."""
+    mf = MediaFarm()
+    alice, bob = setup(mf)
+    msg = alice.request("INVITE", BOB, call_id=call_id_on(0), body=body)
+    msg.set("content-type", b"application/sdp")
+    alice.authenticated(msg)
+    mf.advance(1.0)
+    assert alice.finals() == [488], alice.inbox
+    assert not bob.requests(b"INVITE")
+    ok = alice.authenticated(invite(alice, call_id_on(0) + "-2"))  # the relays still serve
+    assert ok is not None
+    assert bob.requests(b"INVITE")
