@@ -29,7 +29,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Final, Protocol
 
 from sipfarm.edge import ChallengeTags, FlowTokens, HopBranches
 from sipfarm.element import Element, NodeIdentity
@@ -48,7 +48,7 @@ from sipfarm.sip import auth
 from sipfarm.sip.address import Address
 from sipfarm.sip.errors import SipError, TooManyHops
 from sipfarm.sip.message import SipMessage
-from sipfarm.sip.parser import max_forwards, validate_request
+from sipfarm.sip.parser import max_forwards, require_understood, validate_request
 from sipfarm.sip.transaction import TimerConfig, TransactionLayer
 from sipfarm.transport.destinations import DestinationPolicy
 from sipfarm.transport.resolver import Resolver
@@ -63,6 +63,10 @@ _EVENT_ROUNDS = 8  # events may queue more output and events; bounded
 class FarmStore(LocationSource, BindingStore, Protocol):
     """The shared state the node's transaction users read and write: FarmState over Redis,
     or a dict-backed twin in the in-memory test tier."""
+
+
+# no answer refuses them (RFC 3261 8.2.2.3, 16.3 step 4): an ACK and a CANCEL are not checked
+_NOT_REFUSED: Final = frozenset((b"ACK", b"CANCEL"))
 
 
 class NodeCore:
@@ -232,6 +236,10 @@ class NodeCore:
         # refused as foreign (403) or answered 200 instead of 400 (RFC 4475 3.1.2). A BadMessage
         # here propagates to the transport, which answers it statelessly and counts it.
         validate_request(msg)
+        if msg.has("proxy-require") and msg.method not in _NOT_REFUSED:
+            require_understood(msg, "proxy-require")  # RFC 3261 16.3 step 4
+        if msg.has("require") and (msg.method == b"REGISTER" or (msg.method == b"OPTIONS" and self.proxy.is_us(msg))):
+            require_understood(msg, "require")  # the node is the UAS (8.2.2.3)
         if msg.method == b"REGISTER" and not msg.has("authorization"):
             # RFC 3261 8.2.7: a challenge may be sent by a stateless UAS. No transaction to keep
             # for 32 s: a lost 401 just gets a fresh challenge on the retransmission.

@@ -16,6 +16,7 @@ import re
 from typing import ClassVar, Final
 
 from sipfarm.sip.errors import (
+    BadExtension,
     BadMessage,
     MessageDropped,
     MessageTooLarge,
@@ -485,6 +486,28 @@ def validate_request(msg: SipMessage) -> None:
             parse_uint(max_forwards, "Max-Forwards", 255)
         except HeaderError as exc:
             raise BadMessage(str(exc), partial=msg) from None
+
+
+#: the option-tags (RFC 3261 19.2) a node understands in Require and Proxy-Require
+UNDERSTOOD_OPTIONS: Final = frozenset((b"path", b"outbound", b"gruu", b"100rel", b"timer", b"replaces"))
+
+
+def require_understood(msg: SipMessage, header: str) -> None:
+    """BadExtension (420, with ``Unsupported`` naming them) for the option-tags of ``header``
+    (``require`` or ``proxy-require``) that a node does not understand (RFC 3261 8.2.2.3, 16.3
+    step 4); the check is case-insensitive (option-tags are tokens)."""
+    unknown: list[bytes] = []
+    for value in msg.values(header):
+        for part in value.split(b","):
+            tag = part.strip()
+            if tag and tag.lower() not in UNDERSTOOD_OPTIONS and tag not in unknown:
+                unknown.append(tag)
+    if unknown:
+        raise BadExtension(
+            f"{header}: {b', '.join(unknown[:8]).decode('latin-1')}",
+            partial=msg,
+            headers=(("unsupported", b", ".join(unknown[:8])),),
+        )
 
 
 def _check_name_addr(msg: SipMessage, key: str, value: bytes) -> None:

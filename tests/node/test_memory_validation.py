@@ -68,3 +68,31 @@ def test_malformed_request_gets_400_before_any_policy(
     assert phone.finals() == [400], (defect, [m.to_bytes()[:120] for m in phone.inbox])
     assert not bob.inbox, "relayed to bob"
     assert not farm.stray, farm.stray
+
+
+@pytest.mark.parametrize(
+    ("method", "uri", "header"),
+    [
+        ("INVITE", f"sip:bob@{DOMAIN}", "proxy-require"),  # any request a proxy forwards (16.3 step 4)
+        ("REGISTER", f"sip:{DOMAIN}", "require"),  # the node is the registrar: the UAS (8.2.2.3)
+        ("OPTIONS", f"sip:{DOMAIN}", "require"),  # to the node itself
+    ],
+)
+def test_an_option_tag_the_node_does_not_understand_gets_420_with_unsupported(
+    farm: MemFarm, method: str, uri: str, header: str
+) -> None:
+    """RFC 3261 8.2.2.3 and 16.3 step 4: 420 Bad Extension naming the option-tags not
+    understood in Unsupported (they were ignored: the request went on, red team 2026-12-03);
+    the ones a node understands (path, outbound, gruu...) pass."""
+    phone = farm.phone("alice", "10.0.0.1")
+    msg = phone.request(method, uri)
+    msg.set(header, b"x-unknown, Path, sec-agree")
+    phone.send(msg)
+    answer = phone.inbox[-1]
+    assert answer.status == 420, answer
+    assert answer.get("unsupported") == b"x-unknown, sec-agree"
+    phone.inbox.clear()
+    ok = phone.request(method, uri)
+    ok.set(header, b"path, outbound")
+    phone.send(ok)
+    assert phone.inbox and phone.inbox[-1].status != 420
