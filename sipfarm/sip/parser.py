@@ -571,16 +571,23 @@ class StreamFramer:
                 if len(buf) < 4 and buf == b"\r\n\r"[: len(buf)]:
                     return None  # could still become a ping
                 del buf[:2]
-            end = buf.find(b"\r\n\r\n", max(0, self._scan - 3))
+            start = max(0, self._scan - 3)
+            end = buf.find(b"\r\n\r\n", start)
+            # a sender ending its lines with bare LF (RFC 3261 7.5 asks receivers to accept it,
+            # as the datagram parser does): its header section ends at the first blank line
+            bare = buf.find(b"\n\n", start, end + 1 if end >= 0 else len(buf))
+            separator = 4
+            if bare >= 0 and (end < 0 or bare < end):
+                end, separator = bare, 2
             if end < 0:
                 if len(buf) > self.max_size:
                     raise MessageTooLarge("header section larger than the maximum message size")
                 self._scan = len(buf)
                 return None
-            if end + 4 > self.max_size:
+            if end + separator > self.max_size:
                 # the same answer however the bytes were chunked (see the check above)
                 raise MessageTooLarge("header section larger than the maximum message size")
-            self._need = end + 4 + self._stream_content_length(bytes(buf[:end]))
+            self._need = end + separator + self._stream_content_length(bytes(buf[:end]))
             if self._need > self.max_size:
                 raise MessageTooLarge(f"message of {self._need} bytes")
         if len(buf) < self._need:
@@ -594,7 +601,7 @@ class StreamFramer:
     @staticmethod
     def _stream_content_length(head: bytes) -> int:
         found: bytes | None = None
-        for line in head.split(b"\r\n")[1:]:
+        for line in head.split(b"\n")[1:]:
             name, colon, value = line.partition(b":")
             if not colon:
                 continue

@@ -689,6 +689,16 @@ def test_framer_byte_by_byte_equals_whole() -> None:
     assert whole == [invite(), StreamFramer.PING, response(), invite(body=b"")]
 
 
+def test_framer_cuts_a_bare_lf_message_as_the_datagram_parser_reads_it() -> None:
+    """RFC 3261 7.5: receivers should accept lines ended by LF alone; the datagram parser does,
+    and over TCP such a message ran into the next one (400 "more than one From")."""
+    bare = invite(body=b"").replace(b"\r\n", b"\n")
+    stream = bare + response() + bare
+    whole = feed_whole(stream)
+    assert whole == feed_bytewise(stream) == [bare, response(), bare]
+    assert parse_message(whole[0]).call_id == parse_message(invite()).call_id
+
+
 def test_framer_two_messages_in_one_chunk() -> None:
     framer = StreamFramer()
     framer.receive_data(invite() + response())
