@@ -99,6 +99,7 @@ from sipfarm.store.accounts import Account
 from sipfarm.store.errors import StoreError
 from sipfarm.store.location import Binding
 from sipfarm.transport.destinations import DestinationPolicy
+from sipfarm.transport.subject import source_subject
 
 log = logging.getLogger("sipfarm.proxy")
 
@@ -115,6 +116,8 @@ FAILOVER_SECONDS = 2.0  # a gateway address silent this long: the next one (RFC 
 # 3261 14; UPDATE, RFC 3311) and answers to an offer in a reliable 18x (PRACK, RFC 3262); a
 # re-INVITE without SDP too (its 2xx will carry the offer). ACK bodies go through _send_ack.
 _IN_DIALOG_MEDIA = frozenset({b"INVITE", b"UPDATE", b"PRACK"})
+# in-dialog requests whose transaction may wait long for its answer: charged to the sender's share
+_IN_DIALOG_HELD = frozenset({b"INVITE", b"UPDATE"})
 # requests whose 18x/2xx SDP the hook sees (an answer, or an offer when the request had none)
 _MEDIA_RESPONSES = frozenset({b"UPDATE", b"PRACK"})
 
@@ -797,7 +800,12 @@ class Proxy:
         if msg.method == b"BYE":
             self.media.release(msg.call_id, msg.from_tag)
         elif self.anchoring and msg.method in _IN_DIALOG_MEDIA and (msg.body or msg.method == b"INVITE"):
-            self.media.offer(msg, then, sender=self.element.client(msg, stx.remote).host)
+            sender = self.element.client(msg, stx.remote).host
+            # a call the relay does not know any more (ended by a BYE, its dialog's route
+            # still sealed) is made again by this offer: owned by its sender, so re-INVITEs
+            # cannot hold ports past max_ports_per_owner (red team, 2026-12-03)
+            owner = None if self._trusted_source(msg, stx) else sender
+            self.media.offer(msg, then, sender=sender, owner=owner)
             return True
         return False
 
@@ -942,6 +950,21 @@ class Proxy:
             call.record_route = True
             call.record_route_flow = record_route_flow
         stx.context = call
+        # a re-INVITE (or UPDATE) waits for its answer as long as a call does (Timer C): its
+        # bytes are charged to its sender's share, as a call's are to its account's, so one
+        # subscriber's dialogs cannot fill the node's transaction memory with re-INVITEs its
+        # own phone never answers (red team, 2026-12-03: 256 MiB, then 503s for everyone)
+        if (
+            msg.to_tag is not None
+            and msg.method in _IN_DIALOG_HELD
+            and self.pending_invites.enabled
+            and not self._trusted_source(msg, stx)
+        ):
+            try:
+                self.pending_invites.admit("src:" + source_subject(self.element.client(msg, stx.source).host), call)
+            except SipError as exc:
+                self.element.fail(stx, exc)
+                return
         call.set_targets([Target(uri=msg.uri, destination=dest, client_flow=client_flow)])
         self._start_group(call, now)
 

@@ -210,11 +210,12 @@ class RelayMedia:
         message = self._message(b"offer", request, from_tag, to_tag, sender)
         receiver = to_tag or b""
         self._flags(message, call, sender=from_tag, receiver=receiver, msg=request, answer=False, to_webrtc=to_webrtc)
+        if owner:
+            # whose call it is, for the relay's bound on the ports one owner's calls hold: a
+            # new call's, or one an in-dialog offer makes again (the relay forgot it: a BYE)
+            message["owner"] = owner.encode("utf-8", "replace")[:200]
         if to_tag is None:
-            # a new call: the relay the table picks (no record to read); whose it is, for the
-            # relay's bound on the ports one owner's calls hold
-            if owner:
-                message["owner"] = owner.encode("utf-8", "replace")[:200]
+            # a new call: the relay the table picks (no record to read)
             self._new_offer(request, done, message, from_tag)
             return
         self._with_relay(call_id, call, partial(self._offer_on, request, done, message, from_tag))

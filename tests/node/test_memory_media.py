@@ -745,3 +745,22 @@ def test_an_offer_the_relay_cannot_read_gets_488_not_503_and_fails_no_relay(body
     ok = alice.authenticated(invite(alice, call_id_on(0) + "-2"))  # the relays still serve
     assert ok is not None
     assert bob.requests(b"INVITE")
+
+
+def test_a_re_invite_after_the_bye_makes_a_relay_call_owned_by_its_sender() -> None:
+    """The relay forgets a call at its BYE, but the dialog's sealed route still carries
+    requests: each later re-INVITE made the call again with no owner, so one subscriber's
+    re-INVITEs held ports past max_ports_per_owner (red team, 2026-12-03: 496 of 400). An
+    in-dialog offer names its sender as the owner of a call it makes."""
+    mf = MediaFarm()
+    call_id = call_id_on(0)
+    alice, _bob, ok = establish(mf, call_id)
+    bye = alice.in_dialog("BYE", ok)
+    alice.send(bye, alice.first_hop(bye))
+    assert mf.calls(0) == []
+    again = alice.in_dialog("INVITE", ok, cseq=ok.cseq[0] + 2)
+    again.set_body(phone_sdp("10.0.0.1", 4002, version=3), b"application/sdp")
+    alice.send(again, alice.first_hop(again))
+    offers = [m for m in mf.ng_log if m.get(b"command") == b"offer"]
+    assert offers[-1].get(b"owner") == b"10.0.0.1", offers[-1]
+    assert offers[0].get(b"owner"), offers[0]  # the caller's account

@@ -723,3 +723,33 @@ def test_an_invite_the_node_refuses_at_once_gets_one_answer_per_datagram(
     farm.advance(40)
     answers = [m.status for m in mallory.inbox]
     assert answers == [status], answers
+
+
+def test_one_subscribers_unanswered_re_invites_cannot_take_the_node_from_everyone() -> None:
+    """A re-INVITE waits for its answer as long as a call does (Timer C), and was charged to no
+    share: one subscriber sending 60 KB re-INVITEs in its own dialog to a phone of its own that
+    only rings filled the node's transaction memory, and every caller got 503 (red team,
+    2026-12-03). They are charged to their sender's share: past it, 403 Too Many Calls; other
+    callers are not affected."""
+    share = 1 << 20
+    farm = MemFarm(node_kwargs={"max_transaction_bytes": 16 * share, "max_pending_invite_bytes": share})
+    alice = farm.phone("alice", "10.0.0.1")
+    bob = farm.phone("bob", "10.0.0.2")
+    carol = farm.phone("carol", "10.0.0.3")
+    assert bob.register() is not None and bob.finals()[-1] == 200
+    ok = alice.authenticated(alice.request("INVITE", BOB, call_id="dialog-1"))
+    assert ok is not None and ok.status == 180
+    bob.answer_call(200, bob.ringing[-1])
+    answered = alice.last(200, b"INVITE")
+    assert answered is not None
+    alice.ack(answered)
+    statuses = []
+    for n in range(12):  # bob's phone rings on each re-INVITE and never answers
+        reinvite = alice.in_dialog("INVITE", answered, cseq=10 + n)
+        reinvite.set("x-filler", b"x" * 60_000)
+        alice.inbox.clear()
+        alice.send(reinvite)
+        statuses.append(alice.inbox[-1].status if alice.inbox else 0)
+    assert statuses.count(403) >= 4 and statuses[:8] == [180] * 8, statuses
+    assert farm.nodes[0].layer.retained_bytes <= 2 * share
+    assert _call(carol, 0, 60_000)[0] == 180  # another caller is not affected
