@@ -26,7 +26,9 @@ balancer, a node, ``sipfarm ban add``) apply here, and lifted ones stop applying
 waits on Redis.
 
 Only evidence from a source that proved its address starts a ban (``proven``: a TCP, TLS or
-WebSocket peer, whose handshake did).  A UDP datagram's source address is whatever its sender
+WebSocket peer, whose handshake did), and a source's forgeable UDP requests spend a budget of
+their own, so forged datagrams can neither make its proven requests the excess nor get it
+banned.  A UDP datagram's source address is whatever its sender
 wrote: one spoofed datagram with a scanner's User-Agent, or a burst of REGISTERs over the
 budget, banned the address it named, farm-wide, on every transport, for ``ban_time`` (a
 victim's phones cut off for 10 minutes; red team D, 2026-12-02).  Over UDP the evidence drops
@@ -140,7 +142,10 @@ class FrontDoor:
             return True
         space = data.find(b" ", 0, 32)
         cls = request_class(data[:space] if space > 0 else data[:32])
-        if self.rates.hit(source, cls, now) is Rate.EXCEEDED:
+        # a forgeable datagram spends a budget of its own: forged UDP from a victim's address
+        # kept the one shared budget full, the victim's own TCP requests became the excess, and
+        # being proven they got the victim banned (red team, 2026-12-03)
+        if self.rates.hit(source if proven else _UDP_PREFIX + source, cls, now) is Rate.EXCEEDED:
             self.count(_RATE_REASONS[cls])
             if not proven or self._sustained(source, now):
                 self._ban(source, _RATE_REASONS[cls], now, proven)
@@ -183,7 +188,8 @@ class FrontDoor:
                 return True  # the core answers a bad Request-URI
             if isinstance(uri, SipURI) and uri.host.lower() not in self._domains and not names_us(uri):
                 self.count("unknown_domain")
-                if self.rates.hit(source, RequestClass.SUSPECT, now) is Rate.EXCEEDED:
+                key = source if proven else _UDP_PREFIX + source  # as in screen
+                if self.rates.hit(key, RequestClass.SUSPECT, now) is Rate.EXCEEDED:
                     self.count(_RATE_REASONS[RequestClass.SUSPECT])
                     self._ban(source, _RATE_REASONS[RequestClass.SUSPECT], now, proven)
                 return False
@@ -291,6 +297,9 @@ class FrontDoor:
             self._exempt.clear()
         self._exempt[source] = exempt
         return exempt
+
+
+_UDP_PREFIX = "udp "  # a source's budget for its datagrams (forgeable): another key
 
 
 class ClientScreen:

@@ -166,6 +166,22 @@ def test_a_spoofed_udp_source_bans_nobody():
     assert [b.source for b in front.take_new_bans()] == ["198.51.100.51"]
 
 
+def test_forged_udp_neither_spends_a_sources_proven_budget_nor_gets_it_banned():
+    """Forged REGISTERs from a victim's address kept the one budget full, so the victim's own
+    TCP REGISTERs were the excess, and, proven, got it banned 3 s later (red team, 2026-12-03).
+    A source's datagrams spend a budget of their own: its connections' requests still pass,
+    and nothing bans it."""
+    front = FrontDoor(FrontDoorPolicy(budgets=RateBudgets(register=3, window=1.0), ban_after=3.0))
+    victim = "198.51.100.50"
+    register = b"REGISTER sip:farm.test SIP/2.0\r\n"
+    for second in range(10):
+        now = 100.0 + second
+        for _ in range(20):  # the forger, far over the budget every second
+            front.screen(register, victim, now, proven=False)
+        assert front.screen(register, victim, now + 0.5, proven=True), second  # the office's TCP phone
+    assert front.take_new_bans() == [] and not front.banned(victim, 110.0)
+
+
 def test_an_ipv6_source_is_budgeted_and_banned_as_its_64():
     """New addresses in one /64 (a host has them all) share one budget and one ban."""
     front = FrontDoor(POLICY)
