@@ -19,7 +19,7 @@ from sipfarm.protect import GuardPolicy
 from sipfarm.sip import auth
 from sipfarm.sip.address import Address
 from sipfarm.sip.headers import parse_name_addr
-from sipfarm.sip.message import SipMessage
+from sipfarm.sip.message import SipMessage, make_response
 from sipfarm.sip.uri import SipURI
 from sipfarm.store.location import Binding
 
@@ -753,3 +753,28 @@ def test_one_subscribers_unanswered_re_invites_cannot_take_the_node_from_everyon
     assert statuses.count(403) >= 4 and statuses[:8] == [180] * 8, statuses
     assert farm.nodes[0].layer.retained_bytes <= 2 * share
     assert _call(carol, 0, 60_000)[0] == 180  # another caller is not affected
+
+
+def test_a_callee_cannot_assert_an_identity_in_its_responses() -> None:
+    """RFC 3325 5: P-Asserted-Identity, P-Preferred-Identity and Remote-Party-ID are the farm's
+    (or a trusted peer's) to write. They were stripped from requests only: a callee's 180 and
+    200 reached the caller with P-Asserted-Identity: Bob, which phones show as the connected
+    party (red team, 2026-12-03)."""
+    farm = MemFarm()
+    alice = farm.phone("alice", "10.0.0.1")
+    carol = farm.phone("carol", "10.0.0.3")
+    assert carol.register() is not None and carol.finals()[-1] == 200
+    carol.answer = None
+    ringing = alice.authenticated(alice.request("INVITE", f"sip:carol@{DOMAIN}", call_id="pai-1"))
+    assert ringing is not None and ringing.status == 180
+    call = carol.ringing[-1]
+    forged = (
+        ("contact", f"<{carol.contact}>"),
+        ("p-asserted-identity", f"<sip:bob@{DOMAIN}>"),
+        ("remote-party-id", f'"Bob" <sip:bob@{DOMAIN}>;party=called'),
+        ("p-preferred-identity", f"<sip:bob@{DOMAIN}>"),
+    )
+    carol.send(make_response(call.request, 200, to_tag=call.tag, headers=forged, record_route=True), call.source)
+    ok = alice.last(200, b"INVITE")
+    assert ok is not None
+    assert [ok.get(h) for h in ("p-asserted-identity", "remote-party-id", "p-preferred-identity")] == [None] * 3
