@@ -225,6 +225,10 @@ class FrontDoor:
         read from ``read_started`` on: they replace the local copy, except the bans this
         balancer started since (their write may not have been read back yet)."""
         bans = {source: now + left for source, left in remote.items() if left > 0}
+        limit = self.policy.max_sources
+        if len(bans) > limit:  # the ones that last longest (a manual ban has no end)
+            self.count("ban_table_full")
+            bans = dict(sorted(bans.items(), key=lambda item: item[1], reverse=True)[:limit])
         for source, started in list(self._own.items()):
             if source in remote or started < read_started:
                 del self._own[source]  # written before the read began: Redis has the last word
@@ -245,8 +249,10 @@ class FrontDoor:
                 if started is not None and started >= read_started:
                     continue
                 bans.pop(source, None)
-            else:
+            elif source in bans or len(bans) < self.policy.max_sources:
                 bans[source] = now + left
+            else:
+                self.count("ban_table_full")
             own.pop(source, None)
 
     def _ban(self, source: str, reason: str, now: float, proven: bool) -> None:
@@ -255,6 +261,12 @@ class FrontDoor:
             return
         seconds = self.policy.ban_time
         if self.banned(source, now):
+            return
+        if len(self._bans) >= self.policy.max_sources:
+            # a bounded table (an IPv6 attacker holds /64s by the thousand, each a ban here and
+            # in Redis: red team, 2026-12-03): past it no new ban starts here; its excess is
+            # still dropped by the budgets
+            self.count("ban_table_full")
             return
         self._bans[source] = now + seconds if seconds > 0 else math.inf
         self._own[source] = now
