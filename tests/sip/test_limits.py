@@ -5,7 +5,7 @@ bound, before any parser reads it whole; realistic long values still pass."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from sipfarm.sip.errors import BadMessage, SipError
@@ -180,7 +180,11 @@ def test_a_request_with_its_answer_headers_intact_is_parsed_or_answered(
         else:
             mutated[pos : pos + 1] = junk
     lines[line] = bytes(mutated)
-    data = b"\r\n".join(lines) + b"\r\nContent-Length: 0\r\n\r\n"
+    head = b"\r\n".join(lines)
+    # an edit that makes a blank line (a CR and an LF side by side) ends the header section
+    # there: the answer headers below it are then the body's, not intact headers
+    assume(b"\n\n" not in head.replace(b"\r\n", b"\n").replace(b"\r", b"\n"))
+    data = head + b"\r\nContent-Length: 0\r\n\r\n"
     try:
         validate_request(parse_message(data))
     except SipError as exc:
