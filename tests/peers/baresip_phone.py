@@ -64,6 +64,10 @@ class BaresipError(Exception):
     """baresip died, refused a command, or an awaited event did not come in time."""
 
 
+START_ATTEMPTS = 3  # baresip started again on new ports when one was taken meanwhile
+PORTS_SETTLE_S = 3.0  # how long its modules take to load, at most
+
+
 def _free_port_pair() -> int:
     """A port P with P (UDP + TCP) and P + 1 (TCP, baresip's TLS listener) free on 127.0.0.1."""
     for _ in range(50):
@@ -137,6 +141,45 @@ class BaresipPhone:
         ``uuid`` module from the config dir. ``regint``: the registration interval asked for.
         """
         self.dump_dir.mkdir(parents=True, exist_ok=True)
+        # ports are probed free, then bound by baresip: another process (a parallel test's
+        # farm or phone) may take one in between, and baresip then runs without it, its
+        # ctrl_tcp port answered by whoever holds it. Seen, it starts again on new ports.
+        for attempt in range(START_ATTEMPTS):
+            last = attempt == START_ATTEMPTS - 1
+            try:
+                self._spawn(
+                    user, domain, password, proxy, transport, cafile, contacts, answermode, regint, sipnat, instance
+                )
+            except BaresipError:
+                if last or "Address already in use" not in self.log():
+                    raise
+                self._stop_process()  # it quit: its SIP port was taken
+                continue
+            if self._own_ports():
+                break
+            self._stop_process()
+            if last:
+                raise BaresipError(f"{self.name}: its ports were taken {START_ATTEMPTS} times: {self.log()[-1500:]}")
+        assert self._sock is not None
+        self._sock.settimeout(None)
+        self._reader = threading.Thread(target=self._read_loop, name=f"baresip-{self.name}", daemon=True)
+        self._reader.start()
+
+    def _spawn(
+        self,
+        user: str,
+        domain: str,
+        password: str,
+        proxy: str,
+        transport: str,
+        cafile: Path | None,
+        contacts: tuple[str, ...],
+        answermode: str,
+        regint: int,
+        sipnat: str | None,
+        instance: str | None,
+    ) -> None:
+        """Start baresip on ports probed free and connect to its ctrl_tcp port."""
         sip_port = self.sip_port = _free_port_pair()
         ctrl_port = free_port("127.0.0.1", tcp=True)
         rtp_low = free_port("127.0.0.1", udp=True) & ~1
@@ -175,10 +218,31 @@ class BaresipPhone:
                          log=self.log_path)  # fmt: skip
         except StartupError as exc:
             raise BaresipError(str(exc)) from None
-        assert self._sock is not None
-        self._sock.settimeout(None)
-        self._reader = threading.Thread(target=self._read_loop, name=f"baresip-{self.name}", daemon=True)
-        self._reader.start()
+
+    def _own_ports(self) -> bool:
+        """baresip bound every port it was given (its log says so once its modules loaded)."""
+        deadline = time.monotonic() + PORTS_SETTLE_S
+        while time.monotonic() < deadline:
+            text = self.log()
+            if "Address already in use" in text:
+                return False
+            if "Populated" in text and "audio filter" in text:  # the last module lines
+                return True
+            time.sleep(0.05)
+        return "Address already in use" not in self.log()
+
+    def _stop_process(self) -> None:
+        """Kill a baresip that could not bind its ports, to start it again."""
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
+            self._sock = None
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(QUIT_TIMEOUT_S)
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+            self.proc = None
 
     def _config(
         self, sip_port: int, ctrl_port: int, rtp_low: int, cafile: Path | None, instance: str | None = None
