@@ -67,6 +67,7 @@ class FarmStore(LocationSource, BindingStore, Protocol):
 
 # no answer refuses them (RFC 3261 8.2.2.3, 16.3 step 4): an ACK and a CANCEL are not checked
 _NOT_REFUSED: Final = frozenset((b"ACK", b"CANCEL"))
+_EXTENSION_HEADERS: Final = frozenset(("proxy-require", "require"))
 
 
 class NodeCore:
@@ -228,6 +229,16 @@ class NodeCore:
 
     # -- requests --------------------------------------------------------------------------------
 
+    def _check_extensions(self, msg: SipMessage) -> None:
+        """BadExtension (420) for option-tags the node does not understand: in Proxy-Require of
+        any request but ACK and CANCEL (RFC 3261 16.3 step 4), in Require of a request the node
+        answers itself, a REGISTER or an OPTIONS to it (8.2.2.3)."""
+        method = msg.method
+        if msg.has("proxy-require") and method not in _NOT_REFUSED:
+            require_understood(msg, "proxy-require")
+        if msg.has("require") and (method == b"REGISTER" or (method == b"OPTIONS" and self.proxy.is_us(msg))):
+            require_understood(msg, "require")
+
     def _on_request(self, msg: SipMessage, source: Address, local: Address, now: float) -> None:
         self.metrics.requests.inc(msg.method)
         # RFC 3261 16.3 step 1 (and 8.2 for the registrar): the grammar first, then any policy.
@@ -236,10 +247,10 @@ class NodeCore:
         # refused as foreign (403) or answered 200 instead of 400 (RFC 4475 3.1.2). A BadMessage
         # here propagates to the transport, which answers it statelessly and counts it.
         validate_request(msg)
-        if msg.has("proxy-require") and msg.method not in _NOT_REFUSED:
-            require_understood(msg, "proxy-require")  # RFC 3261 16.3 step 4
-        if msg.has("require") and (msg.method == b"REGISTER" or (msg.method == b"OPTIONS" and self.proxy.is_us(msg))):
-            require_understood(msg, "require")  # the node is the UAS (8.2.2.3)
+        for key, _, _ in msg.headers:  # one pass: most requests carry neither
+            if key in _EXTENSION_HEADERS:
+                self._check_extensions(msg)
+                break
         if msg.method == b"REGISTER" and not msg.has("authorization"):
             # RFC 3261 8.2.7: a challenge may be sent by a stateless UAS. No transaction to keep
             # for 32 s: a lost 401 just gets a fresh challenge on the retransmission.

@@ -194,7 +194,10 @@ class SipMessage:
         return values[0] if values else None
 
     def has(self, key: str) -> bool:
-        return any(k == key for k, _, _ in self.headers)
+        for k, _, _ in self.headers:  # noqa: SIM110 - compiled, any() over a generator costs more
+            if k == key:
+                return True
+        return False
 
     def __contains__(self, key: str) -> bool:
         return self.has(key)
