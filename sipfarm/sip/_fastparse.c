@@ -1289,6 +1289,224 @@ static PyObject *request_out(PyObject *self, PyObject *const *args, Py_ssize_t n
     return out;
 }
 
+/* ---- request_check: parser.validate_request's common case ------------------------------------
+ *
+ *   request_check(headers, call_id) -> (uri, ...) | None
+ *     headers: a parsed message's [(key, raw_name, value)]; call_id: its Call-ID value.  A
+ *     tuple when validate_request would accept the message's Call-ID, From, To, Vias, Contacts
+ *     and Max-Forwards on their shape alone, the URIs of From, To and each Contact then being
+ *     parse_uri's to judge (the tuple holds them, in that order); None for anything else, and
+ *     the Python checks (the reference) then judge the whole message, so a None is never an
+ *     error.  The common shapes are headers.py's two strict regexes, read byte by byte:
+ *     _NAME_ADDR_COMMON_RE (an optional display name of tokens or a quoted string without
+ *     escapes, "<" a URI without LWS, quotes or angle brackets ">", then token parameters) and
+ *     _VIA_COMMON_RE (SIP/2.0/ 2-4 letters SP, a host of letters, digits, '.' and '-', an
+ *     optional port of at most 65535, token parameters; a first ";rport=" of 1-5 digits up to
+ *     65535), within bounds below headers.py's (RC_MAX_VALUE bytes, RC_MAX_SEMIS ';' per value,
+ *     RC_MAX_ELEMENTS Vias or Contacts).  Via lines are split on ',' as headers.split_comma
+ *     splits a value without '"' or '<' (elements stripped, empty ones dropped); a Contact line
+ *     holding '"' or ',' (or "*") is not the common case.  Max-Forwards (when present): at most
+ *     10 ASCII digits, stripped, up to 255.  Call-ID: no byte 0x00-0x20 or 0x7f.  Only exact
+ *     list/tuple/str/bytes objects are read; no Python code runs.
+ */
+#define RC_MAX_VALUE 1024
+#define RC_MAX_SEMIS 32
+#define RC_MAX_ELEMENTS 32
+#define RC_MAX_URIS (2 + RC_MAX_ELEMENTS)
+
+static int rc_key_is(PyObject *key, const char *name, Py_ssize_t n) {
+    return PyUnicode_CheckExact(key) && PyUnicode_IS_COMPACT_ASCII(key) && PyUnicode_GET_LENGTH(key) == n &&
+           memcmp(PyUnicode_DATA(key), name, (size_t)n) == 0;
+}
+
+static int rc_semis_ok(const unsigned char *p, Py_ssize_t n) {
+    if (n > RC_MAX_VALUE) return 0;
+    int semis = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (p[i] == ';' && ++semis >= RC_MAX_SEMIS) return 0;
+    return 1;
+}
+
+/* [tokext] of the regexes' parameter values: token characters and "[", "]", ":" */
+static int rc_is_value_char(unsigned char c) { return is_token_char(c) || c == '[' || c == ']' || c == ':'; }
+
+/* (?:;token(?:=value)?)*\Z from i: 1 when the rest of the value is such parameters */
+static int rc_params(const unsigned char *p, Py_ssize_t i, Py_ssize_t n) {
+    while (i < n) {
+        if (p[i] != ';') return 0;
+        Py_ssize_t j = ++i;
+        while (i < n && is_token_char(p[i])) i++;
+        if (i == j) return 0;
+        if (i < n && p[i] == '=') {
+            j = ++i;
+            while (i < n && rc_is_value_char(p[i])) i++;
+            if (i == j) return 0;
+        }
+    }
+    return 1;
+}
+
+/* _NAME_ADDR_COMMON_RE on p[0:n]: 1 and the URI's span, or 0 */
+static int rc_name_addr(const unsigned char *p, Py_ssize_t n, Py_ssize_t *ua, Py_ssize_t *uz) {
+    if (!rc_semis_ok(p, n)) return 0;
+    Py_ssize_t i = 0;
+    if (n > 0 && p[0] == '"') {
+        i = 1;
+        while (i < n && p[i] != '"') {
+            unsigned char c = p[i];
+            if (c == '\\' || c == '<' || c == '>' || c < 0x20 || c == 0x7f) return 0;
+            i++;
+        }
+        if (i >= n) return 0;
+        i++;
+        if (i < n && p[i] == ' ') i++;
+    } else {
+        while (i < n && p[i] != '<') {
+            Py_ssize_t j = i;
+            while (i < n && is_token_char(p[i])) i++;
+            if (i == j || i >= n || p[i] != ' ') return 0;
+            i++;
+        }
+    }
+    if (i >= n || p[i] != '<') return 0;
+    Py_ssize_t a = ++i;
+    while (i < n && p[i] != '>') {
+        unsigned char c = p[i];
+        if (c == '<' || c == '"' || c <= 0x20 || c == 0x7f) return 0;
+        i++;
+    }
+    if (i >= n || i == a) return 0;
+    *ua = a;
+    *uz = i;
+    return rc_params(p, i + 1, n);
+}
+
+static int rc_lower(unsigned char c) { return (c >= 'A' && c <= 'Z') ? c + 32 : c; }
+
+/* _VIA_COMMON_RE on p[0:n], with check_via's port and rport checks */
+static int rc_via(const unsigned char *p, Py_ssize_t n) {
+    if (!rc_semis_ok(p, n) || n < 8 || memcmp(p, "SIP/2.0/", 8) != 0) return 0;
+    Py_ssize_t i = 8, j = 8;
+    while (i < n && ((p[i] >= 'A' && p[i] <= 'Z') || (p[i] >= 'a' && p[i] <= 'z'))) i++;
+    if (i - j < 2 || i - j > 4 || i >= n || p[i] != ' ') return 0;
+    j = ++i;
+    while (i < n && ((p[i] >= 'A' && p[i] <= 'Z') || (p[i] >= 'a' && p[i] <= 'z') || (p[i] >= '0' && p[i] <= '9') ||
+                     p[i] == '.' || p[i] == '-'))
+        i++;
+    if (i == j) return 0;
+    if (i < n && p[i] == ':') {
+        j = ++i;
+        long port = 0;
+        while (i < n && p[i] >= '0' && p[i] <= '9' && i - j < 5) port = port * 10 + (p[i++] - '0');
+        if (i == j || port > 65535) return 0;
+    }
+    if (!rc_params(p, i, n)) return 0;
+    /* the first ";rport=" (ASCII case-insensitive) names a port */
+    for (Py_ssize_t k = 0; k + 7 <= n; k++) {
+        if (p[k] != ';') continue;
+        static const char rport[] = "rport=";
+        Py_ssize_t m = 0;
+        while (m < 6 && rc_lower(p[k + 1 + m]) == (unsigned char)rport[m]) m++;
+        if (m < 6) continue;
+        Py_ssize_t v = k + 7, w = v;
+        long port = 0;
+        while (w < n && p[w] != ';') {
+            if (p[w] < '0' || p[w] > '9' || w - v >= 5) return 0;
+            port = port * 10 + (p[w++] - '0');
+        }
+        return w > v && port <= 65535;
+    }
+    return 1;
+}
+
+static PyObject *request_check(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "request_check(headers, call_id)");
+        return NULL;
+    }
+    PyObject *headers = args[0], *call_id = args[1];
+    if (!PyList_CheckExact(headers) || !PyBytes_CheckExact(call_id)) Py_RETURN_NONE;
+    const unsigned char *cid = (const unsigned char *)PyBytes_AS_STRING(call_id);
+    for (Py_ssize_t i = 0; i < PyBytes_GET_SIZE(call_id); i++)
+        if (cid[i] <= 0x20 || cid[i] == 0x7f) Py_RETURN_NONE;
+    /* URI spans: [0] From, [1] To, then Contacts; their bytes objects (borrowed) */
+    PyObject *src[RC_MAX_URIS];
+    Py_ssize_t ua[RC_MAX_URIS], uz[RC_MAX_URIS];
+    int have_from = 0, have_to = 0, have_mf = 0, contacts = 0, vias = 0;
+    Py_ssize_t count = PyList_GET_SIZE(headers);
+    for (Py_ssize_t h = 0; h < count; h++) {
+        PyObject *item = PyList_GET_ITEM(headers, h);
+        if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 3) Py_RETURN_NONE;
+        PyObject *key = PyTuple_GET_ITEM(item, 0), *value = PyTuple_GET_ITEM(item, 2);
+        if (!PyUnicode_CheckExact(key) || !PyBytes_CheckExact(value)) Py_RETURN_NONE;
+        if (!PyUnicode_IS_COMPACT_ASCII(key)) continue;
+        const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(value);
+        Py_ssize_t n = PyBytes_GET_SIZE(value);
+        Py_ssize_t klen = PyUnicode_GET_LENGTH(key);
+        if (klen == 3 && rc_key_is(key, "via", 3)) {
+            if (n > RC_MAX_ELEMENTS * RC_MAX_VALUE || memchr(p, '"', (size_t)n) || memchr(p, '<', (size_t)n))
+                Py_RETURN_NONE;
+            Py_ssize_t commas = 0;
+            for (const unsigned char *c = p; (c = memchr(c, ',', (size_t)(p + n - c))) != NULL; c++)
+                if (++commas >= RC_MAX_ELEMENTS) Py_RETURN_NONE; /* split_comma's bound counts empty ones */
+            Py_ssize_t a = 0;
+            while (a <= n) {
+                const unsigned char *comma = memchr(p + a, ',', (size_t)(n - a));
+                Py_ssize_t z = comma ? comma - p : n;
+                const char *ea = (const char *)p + a, *ez = (const char *)p + z;
+                if (span_strip(&ea, &ez) > 0) {
+                    if (++vias > RC_MAX_ELEMENTS) Py_RETURN_NONE;
+                    if (!rc_via((const unsigned char *)ea, ez - ea)) Py_RETURN_NONE;
+                }
+                a = z + 1;
+            }
+        } else if ((klen == 4 && rc_key_is(key, "from", 4)) || (klen == 2 && rc_key_is(key, "to", 2))) {
+            int slot = klen == 2;
+            int *have = slot ? &have_to : &have_from;
+            if (*have) continue; /* msg.get: the first one */
+            if (!rc_name_addr(p, n, &ua[slot], &uz[slot])) Py_RETURN_NONE;
+            src[slot] = value;
+            *have = 1;
+        } else if (klen == 7 && rc_key_is(key, "contact", 7)) {
+            if (memchr(p, '"', (size_t)n) || memchr(p, ',', (size_t)n)) Py_RETURN_NONE;
+            const char *ea = (const char *)p, *ez = (const char *)p + n;
+            if (span_strip(&ea, &ez) == 0) continue;
+            if (ez - ea == 1 && *ea == '*') Py_RETURN_NONE;
+            if (contacts >= RC_MAX_ELEMENTS) Py_RETURN_NONE;
+            int slot = 2 + contacts;
+            if (!rc_name_addr((const unsigned char *)ea, ez - ea, &ua[slot], &uz[slot])) Py_RETURN_NONE;
+            ua[slot] += ea - (const char *)p;
+            uz[slot] += ea - (const char *)p;
+            src[slot] = value;
+            contacts++;
+        } else if (klen == 12 && rc_key_is(key, "max-forwards", 12)) {
+            if (have_mf) continue;
+            have_mf = 1;
+            const char *ea = (const char *)p, *ez = (const char *)p + n;
+            Py_ssize_t len = span_strip(&ea, &ez);
+            if (len == 0 || len > 10) Py_RETURN_NONE;
+            long long number = 0;
+            for (const char *c = ea; c < ez; c++) {
+                if (*c < '0' || *c > '9') Py_RETURN_NONE;
+                number = number * 10 + (*c - '0');
+            }
+            if (number > 255) Py_RETURN_NONE;
+        }
+    }
+    if (!have_from || !have_to || vias == 0) Py_RETURN_NONE;
+    PyObject *out = PyTuple_New(2 + contacts);
+    if (out == NULL) return NULL;
+    for (int k = 0; k < 2 + contacts; k++) {
+        PyObject *u = PyBytes_FromStringAndSize(PyBytes_AS_STRING(src[k]) + ua[k], uz[k] - ua[k]);
+        if (u == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(out, k, u);
+    }
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"split_headers", (PyCFunction)(void (*)(void))split_headers, METH_FASTCALL,
      "split_headers(data, key_cache, watched, single, max_headers) -> (start_line, headers, first_values, "
@@ -1303,6 +1521,8 @@ static PyMethodDef methods[] = {
      "request_scan(data, max_size) -> (method, uri, to, routes, max_forwards, top_via, call_id, cseq, user_agent) | None"},
     {"request_out", (PyCFunction)(void (*)(void))request_out, METH_FASTCALL,
      "request_out(data, max_size, popped, max_forwards, via, top_via, record_route) -> bytes | None"},
+    {"request_check", (PyCFunction)(void (*)(void))request_check, METH_FASTCALL,
+     "request_check(headers, call_id) -> (from_uri, to_uri, contact_uri...) | None"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -39,9 +39,10 @@ from sipfarm.sip.headers import (
 )
 from sipfarm.sip.memo import MAX_CACHED_KEY
 from sipfarm.sip.message import Header, SipMessage
-from sipfarm.sip.uri import MAX_URI, SipURI
+from sipfarm.sip.uri import MAX_URI, SipURI, URIError, parse_uri
 
 try:  # built by scripts/build-compiled.sh only: the interpreted build does it all in Python
+    from sipfarm.sip._fastparse import request_check as _request_check
     from sipfarm.sip._fastparse import split_headers as _split_headers
 
     HAVE_FASTPARSE = True
@@ -454,11 +455,30 @@ def validate_request(msg: SipMessage) -> None:
     """Deeper checks for elements acting on a request: Request-URI, From, To, Via, Contact.
 
     Raises BadMessage / UnsupportedURIScheme; the parsed values are cached or cheap to redo.
+    The common case of everything after the Request-URI is read in C when built
+    (``_fastparse.request_check``: the headers' shapes, then each name-addr's URI judged by the
+    memoised parse_uri, as check_name_addr does); anything else, and every error, is the
+    Python checks' (:func:`validate_request_general`).
     """
     uri = msg.request_uri
     if isinstance(uri, SipURI) and uri.headers:
         # RFC 3261 19.1.1 table: headers are not allowed in a Request-URI (RFC 4475 3.1.2.11)
         raise BadMessage("headers in Request-URI", partial=msg)
+    if HAVE_FASTPARSE:
+        uris = _request_check(msg.headers, msg.call_id)
+        if uris is not None:
+            try:
+                for raw in uris:
+                    parse_uri(raw)
+            except URIError:
+                pass  # validate_request_general names it
+            else:
+                return
+    validate_request_general(msg)
+
+
+def validate_request_general(msg: SipMessage) -> None:
+    """validate_request after the Request-URI, in Python: the reference the C stands in for."""
     if _NOT_IN_WORD.search(msg.call_id) is not None:
         # RFC 3261 25.1: Call-ID = word ["@" word], no space or control character (a NUL or an
         # escape sequence would reach the logs and every element the request crosses)

@@ -9,7 +9,8 @@ compact names, empty values, whitespace around the colon, NUL and high bytes, mo
 MAX_HEADERS lines, no blank line, truncation): the same message (start line, headers with raw
 names, body, CSeq) or the same exception (class, text, status, partial message) either way, and
 the same bytes out.  ``digest_params`` (an Authorization / WWW-Authenticate value) against
-``auth._parse_fast`` the same way.  The common case must really be the C's (a C that always said None would
+``auth._parse_fast`` the same way; ``request_check`` (validate_request's common case) against
+the Python checks on generated header values and mutated messages.  The common case must really be the C's (a C that always said None would
 pass the rest).
 
 The extension exists only in the compiled build (scripts/test-compiled.sh); the interpreted
@@ -566,3 +567,203 @@ def test_stamp_via_common_shapes_are_the_cs() -> None:
         fastparse.stamp_via(b"SIP/2.0/UDP 10.0.0.1:5062", b"127.0.0.2", 1)
         == b"SIP/2.0/UDP 10.0.0.1:5062;received=127.0.0.2"
     )
+
+
+# -- request_check: validate_request's common case ----------------------------------------------
+
+# (register_pjsip_auth is not: its Contact has a quoted +sip.instance, the Python checks' to read)
+_FAST_REQUESTS = ["ack", "bye", "cancel", "invite_sdp", "options_probe"]
+
+
+def check_outcome(check: object, msg: SipMessage) -> tuple[object, ...]:
+    try:
+        check(msg)  # type: ignore[operator]
+    except SipError as exc:
+        return ("error", type(exc), str(exc), exc.status)
+    return ("valid",)
+
+
+def validate_general(msg: SipMessage) -> None:
+    """validate_request as the interpreted build runs it (the Python checks only)."""
+    saved = parser.HAVE_FASTPARSE
+    parser.HAVE_FASTPARSE = False
+    try:
+        parser.validate_request(msg)
+    finally:
+        parser.HAVE_FASTPARSE = saved
+
+
+def request_check(msg: SipMessage) -> tuple[bytes, ...] | None:
+    return fastparse.request_check(msg.headers, msg.call_id)
+
+
+@pytest.mark.parametrize("name", _FAST_REQUESTS)
+def test_typical_requests_are_validated_by_the_c(name: str) -> None:
+    msg = parse_message((VECTORS / "typical" / f"{name}.sip").read_bytes())
+    validate_general(msg)
+    uris = request_check(msg)
+    assert uris is not None
+    assert uris[:2] == (msg.name_addr("from").raw_uri, msg.name_addr("to").raw_uri)
+    assert list(uris[2:]) == [na.raw_uri for na in msg.name_addrs("contact")]
+
+
+def test_a_sipp_invite_and_register_are_validated_by_the_c() -> None:
+    for data in (_SIPP_INVITE, _SIPP_REGISTER):
+        msg = parse_message(data)
+        assert request_check(msg) is not None
+
+
+_SIPP_INVITE = (
+    b"INVITE sip:bob@example.com SIP/2.0\r\n"
+    b"Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-1-1-0;rport=5070;received=127.0.0.1,"
+    b" SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK-ab-1-0;rport\r\n"
+    b"Max-Forwards: 70\r\n"
+    b'From: "alice" <sip:alice@example.com>;tag=1234SIPpTag001\r\n'
+    b"To: bob <sip:bob@example.com>\r\n"
+    b"Call-ID: 1-1234@127.0.0.1\r\n"
+    b"CSeq: 2 INVITE\r\n"
+    b"Contact: <sip:alice@127.0.0.1:5060;transport=udp>\r\n"
+    b"Content-Length: 0\r\n\r\n"
+)
+_SIPP_REGISTER = (
+    b"REGISTER sip:example.com SIP/2.0\r\n"
+    b"Via: SIP/2.0/UDP 127.0.0.1:5061;branch=z9hG4bK-2-2\r\n"
+    b"From: <sip:u1@example.com>;tag=2\r\n"
+    b"To: <sip:u1@example.com>\r\n"
+    b"Call-ID: 2-5@127.0.0.1\r\n"
+    b"CSeq: 1 REGISTER\r\n"
+    b"Contact: <sip:u1@127.0.0.1:5061>;expires=3600\r\n"
+    b"Max-Forwards: 70\r\n"
+    b"Content-Length: 0\r\n\r\n"
+)
+
+
+def _with(data: bytes, name: bytes, value: bytes) -> bytes:
+    """data with header `name`'s first line's value replaced (or the line added)."""
+    lines = data.split(b"\r\n")
+    for i, line in enumerate(lines[1:], 1):
+        if line.partition(b":")[0].lower() == name.lower():
+            lines[i] = name + b": " + value
+            return b"\r\n".join(lines)
+    return b"\r\n".join([lines[0], name + b": " + value, *lines[1:]])
+
+
+_DECLINED = [
+    (b"Via", b"SIP/2.0/UDP h:65536;branch=z9hG4bK1"),  # port out of range: the reference's
+    (b"Via", b"SIP/2.0/UDP h;rport=65536;branch=z9hG4bK1"),
+    (b"Via", b"SIP/2.0/UDP h;rport=x;branch=z9hG4bK1"),
+    (b"Via", b"SIP/2.0/UDP h;branch=z9hG4bK1;rport=123456"),
+    (b"Via", b"SIP/2.0/UDP [::1]:5060;branch=z9hG4bK1"),  # IPv6: parse_via's
+    (b"Via", b"SIP / 2.0 / UDP h;branch=z9hG4bK1"),
+    (b"Via", b'SIP/2.0/UDP h;branch="q"'),
+    (b"Via", b"SIP/2.0/UDP h;branch=z9hG4bK1" + b"," * 40),  # split_comma's comma bound
+    (b"Via", b", ".join([b"SIP/2.0/UDP h;branch=z9hG4bK%d" % i for i in range(33)])),
+    (b"Via", b"SIP/2.0/UDP h;branch=z9hG4bK1" + b";x" * 40),
+    (b"Via", b"SIP/2.0/UDPXY h;branch=z9hG4bK1"),
+    (b"Via", b"SIP/2.0/U h;branch=z9hG4bK1"),
+    (b"Via", b""),
+    (b"From", b"<sip:a@b> ;tag=1"),
+    (b"From", b'"a\\"b" <sip:a@b>;tag=1'),
+    (b"From", b"a  b <sip:a@b>;tag=1"),
+    (b"From", b"sip:a@b;tag=1"),  # an addr-spec: parse_name_addr's
+    (b"From", b'<sip:a@b>;tag="1"'),
+    (b"From", b"<sip:a@b>;tag="),
+    (b"From", b"<sip:a b@b>;tag=1"),
+    (b"From", b"<>;tag=1"),
+    (b"From", b"<sip:a@b;tag=1"),
+    (b"From", b"<sip:a@b>" + b";x" * 40),
+    (b"From", b"<sip:a@b>;tag=" + b"1" * 1100),
+    (b"To", b""),
+    (b"To", b'"\x01" <sip:b@b>'),
+    (b"Contact", b"*"),
+    (b"Contact", b'<sip:a@b>;+sip.instance="<urn:uuid:1>"'),
+    (b"Contact", b"<sip:a@b>, <sip:c@d>"),
+    (b"Max-Forwards", b"256"),
+    (b"Max-Forwards", b"x"),
+    (b"Max-Forwards", b"12345678901"),
+    (b"Max-Forwards", b""),
+    (b"Call-ID", b"a b"),
+    (b"Call-ID", b"a\x7f"),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), _DECLINED)
+def test_request_check_declines_what_is_not_the_common_case(name: bytes, value: bytes) -> None:
+    try:
+        msg = parse_message(_with(_SIPP_INVITE, name, value))
+    except SipError:
+        return  # refused by the parser already
+    assert request_check(msg) is None
+    assert check_outcome(parser.validate_request, msg) == check_outcome(validate_general, msg)
+
+
+_VIA_PARTS = [
+    b"SIP/2.0/UDP", b"SIP/2.0/TCP", b"SIP/2.0/WSS", b"SIP/2.0/tls", b"SIP/2.0/", b"sip/2.0/UDP", b" ", b"\t",
+    b"127.0.0.1", b"host.example-1.com", b"[::1]", b":5060", b":65535", b":65536", b":0", b":123456",
+    b";branch=z9hG4bK-1", b";rport", b";rport=", b";rport=5060", b";RPORT=99999", b";received=1.2.3.4",
+    b";x=[a]:b", b";", b"=", b",", b", ", b'"', b"<", b"\x00", b"\xff", b"a", b"1",
+]  # fmt: skip
+_NAME_ADDR_PARTS = [
+    b'"alice"', b'"a b"', b'""', b'"', b"alice", b"a b", b" ", b"<", b">", b"<sip:a@b>", b"<sips:a@b:5061>",
+    b"<tel:+1234>", b"<sip:a@b;transport=tcp>", b"<sip:a@b?x=y>", b"<http://x>", b"<sip:a@[::1]>", b"sip:a@b",
+    b";tag=1", b";tag=", b";expires=60", b";x=[1]:2", b";", b"=", b",", b"\\", b"\x00", b"\x7f", b"\xc3\xa9", b"\t",
+]  # fmt: skip
+
+
+_VIAS = [
+    b"SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK-1;rport=5060;received=127.0.0.1",
+    b"SIP/2.0/TCP host.example.com;branch=z9hG4bK-2;rport", b"SIP/2.0/WSS a1b2.invalid;branch=z9hG4bK3",
+    b"SIP/2.0/UDP 10.0.0.1:65535;branch=z9hG4bK-4, SIP/2.0/UDP 10.0.0.2;rport=1;branch=z9hG4bK5",
+]  # fmt: skip
+_NAME_ADDRS = [
+    b'"alice" <sip:alice@example.com>;tag=1234SIPpTag001', b"<sip:u1@example.com>;tag=2", b"bob <sip:bob@b:5061>",
+    b'"A b" <sips:a@b;transport=tcp>;tag=x;x=[1]:2', b"<tel:+1234>", b"<sip:a@127.0.0.1:5060>;expires=60",
+]  # fmt: skip
+
+
+@st.composite
+def mutated(draw: st.DrawFn, values: list[bytes], parts: list[bytes]) -> bytes:
+    """A common value, mostly kept, with a few parts inserted, replaced or cut."""
+    value = draw(st.sampled_from(values))
+    for _ in range(draw(st.integers(0, 2))):
+        i = draw(st.integers(0, len(value)))
+        j = min(len(value), i + draw(st.sampled_from([0, 0, 1, 2, 5])))
+        value = value[:i] + draw(st.sampled_from([b"", *parts])) + value[j:]
+    return value
+
+
+@PROPERTY
+@given(
+    mutated(_VIAS, _VIA_PARTS),
+    mutated(_NAME_ADDRS, _NAME_ADDR_PARTS),
+    mutated(_NAME_ADDRS, _NAME_ADDR_PARTS),
+    st.sampled_from([b"70", b" 70", b"070", b"255", b"256", b"", b"7a", None]),
+    st.sampled_from([b"1@h", b"1@h", b"a b", b"\x00", b"", b"x\xff"]),
+)
+def test_request_check_agrees_with_the_python_checks(
+    via_value: bytes, from_value: bytes, contact_value: bytes, max_forwards: bytes | None, call_id: bytes
+) -> None:
+    headers = [
+        ("via", b"Via", via_value),
+        ("from", b"From", from_value),
+        ("to", b"To", b"<sip:bob@example.com>"),
+        ("call-id", b"Call-ID", call_id),
+        ("contact", b"Contact", contact_value),
+    ]
+    if max_forwards is not None:
+        headers.append(("max-forwards", b"Max-Forwards", max_forwards))
+    msg = SipMessage(method=b"INVITE", uri=b"sip:bob@example.com", headers=headers)
+    assert check_outcome(parser.validate_request, msg) == check_outcome(validate_general, msg)
+    event("the C's" if request_check(msg) is not None else "the Python checks'")
+
+
+@PROPERTY
+@given(mutated_messages())
+def test_validate_request_is_the_python_one_on_mutated_messages(data: bytes) -> None:
+    try:
+        msg = parse_message(data)
+    except SipError:
+        return
+    if not msg.is_request:
+        return
+    assert check_outcome(parser.validate_request, msg) == check_outcome(validate_general, msg)
