@@ -32,6 +32,11 @@ request came in on (``send_response``: never dialling a connection).  The next V
 trusted for the destination: anyone can forge a response.  A response whose branch does not
 verify, or whose flow is gone, is dropped and counted (``dropped_<reason>``).
 
+A message is a node's (a request it sends to a client, a response that marks it alive) when
+:meth:`NodeSet.sender` says so: its source is a node's address and, with a socket facing the
+nodes alone (``--internal``), it came in there; one claiming a node's address elsewhere is a
+client's here (the screen before parsing drops it first, see ``ClientScreen``).
+
 A request taken to its Request-URI (from a node, with no token of ours) goes only where the
 :class:`~sipfarm.transport.destinations.DestinationPolicy` permits: never to the farm's own
 listeners or nodes (a loop), loopback or the operator's internal networks unless allowed (403).
@@ -298,14 +303,14 @@ class BalancerCore:
             registered.heard = True  # a registered UDP phone is alive (keepalive table)
         try:
             if msg.status:
-                node = self.nodes.by_address(source.host, source.port)
+                node = self.nodes.sender(source, local)
                 if node is not None:
                     node.heard = True  # alive, whatever its probes (see NodeSet.due_probes)
                 self._on_response(msg)
             else:
                 # responses go to the source: the connection, or the UDP address and port the
                 # request came from (RFC 3581 rport, forced): never where a Via points
-                from_node = self.nodes.by_address(source.host, source.port) is not None
+                from_node = self.nodes.sender(source, local) is not None
                 if self.stamp_via and not from_node:
                     stamp_received(msg, source)
                 front = self.front
@@ -327,7 +332,7 @@ class BalancerCore:
                     str(exc).replace(" ", "_"),
                 )
             if msg.status == 0:
-                from_node = self.nodes.by_address(source.host, source.port) is not None
+                from_node = self.nodes.sender(source, local) is not None
                 answer = error_response(msg, exc, self._node_to_tag if from_node else self._to_tag)
                 if answer is not None:
                     self.send_response(answer.to_bytes(), hop)
@@ -789,12 +794,12 @@ class BalancerCore:
 
     # -- requests routed by our own Route entries, from their bytes ---------------------------
 
-    def request_fast_path(self) -> Callable[[bytes, Address, int], bool] | None:
+    def request_fast_path(self) -> Callable[[bytes, Address, Address, int], bool] | None:
         """What ``TransportManager.fast_request`` is set to: :meth:`forward_request` when the
         C reader exists (the compiled build), else None (every request the general way)."""
         return self.forward_request if HAVE_REQUEST_HOP else None
 
-    def forward_request(self, data: bytes, source: Address, max_size: int) -> bool:
+    def forward_request(self, data: bytes, source: Address, local: Address, max_size: int) -> bool:
         """The common request routed by our own Route entries, forwarded from its bytes: in a
         dialog (a client's ACK or BYE to its node, a node's to the client its flow token
         names), or a node's initial request to the client its token names (an INVITE routed
@@ -829,7 +834,7 @@ class BalancerCore:
             return False
         if method == b"ACK" and to_tag in (self._to_tag, self._node_to_tag):
             return False  # the ACK of an answer of ours: the general path
-        from_node = self.nodes.by_address(source.host, source.port) is not None
+        from_node = self.nodes.sender(source, local) is not None
         if to_tag is None and not from_node:
             return False  # a client's new work: hashed, admitted and Record-Routed there
         hops = int(mf)
@@ -952,12 +957,12 @@ class BalancerCore:
 
     # -- responses -------------------------------------------------------------------------------
 
-    def response_fast_path(self) -> Callable[[bytes, Address, int], bool] | None:
+    def response_fast_path(self) -> Callable[[bytes, Address, Address, int], bool] | None:
         """What ``TransportManager.fast_response`` is set to: :meth:`forward_response` when the
         C reader exists (the compiled build), else None (every response the general way)."""
         return self.forward_response if HAVE_RESPONSE_HOP else None
 
-    def forward_response(self, data: bytes, source: Address, max_size: int) -> bool:
+    def forward_response(self, data: bytes, source: Address, local: Address, max_size: int) -> bool:
         """The common response, forwarded from its bytes: False when it is not (the caller then
         parses it and calls :meth:`on_message`).
 
@@ -979,7 +984,7 @@ class BalancerCore:
         registered = self._registered_udp.get(source)
         if registered is not None:
             registered.heard = True
-        node = self.nodes.by_address(source.host, source.port)
+        node = self.nodes.sender(source, local)
         if node is not None:
             node.heard = True
         dest = self.branches.decode(branch, key)

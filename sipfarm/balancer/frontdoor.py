@@ -314,17 +314,46 @@ class FrontDoor:
 _UDP_PREFIX = "udp "  # a source's budget for its datagrams (forgeable): another key
 
 
-class ClientScreen:
-    """The balancer's ``TransportManager.screen``: the farm's nodes pass, a client's message
-    goes through :meth:`FrontDoor.screen` (before parsing).  A compiled class, not a closure
-    in the entry point: it runs for every datagram."""
+#: the drop reason of a message claiming a node's address on a socket the nodes do not use
+FORGED_NODE_SOURCE = "forged_node_source"
 
-    def __init__(self, front: FrontDoor, nodes: NodeSet, clock: Callable[[], float]) -> None:
+
+class ClientScreen:
+    """The balancer's ``TransportManager.screen``, before parsing: a node's message passes
+    (:meth:`NodeSet.sender`: its address, on the socket facing the nodes when there is one of
+    its own); one claiming a node's address on another socket is dropped and counted
+    (``forged(reason)``, :data:`FORGED_NODE_SOURCE`): a forgery, which must not be taken as
+    the farm's nor spend a client's budget; a client's goes through ``admit`` (the allow/deny
+    lists) and :meth:`FrontDoor.screen`.  A compiled class, not a closure in the entry point:
+    it runs for every datagram (one dict look-up to tell a node, as before)."""
+
+    def __init__(
+        self,
+        front: FrontDoor | None,
+        nodes: NodeSet,
+        clock: Callable[[], float],
+        *,
+        admit: Callable[[Address], bool] | None = None,
+        forged: Callable[[str], None] | None = None,
+    ) -> None:
         self.front = front
         self.nodes = nodes
         self.clock = clock
+        self.admit = admit
+        self.forged = forged
 
-    def __call__(self, data: bytes, source: Address) -> bool:
-        return self.nodes.by_address(source.host, source.port) is not None or self.front.screen(
-            data, source.host, self.clock(), source.transport != "udp"
-        )
+    def __call__(self, data: bytes, source: Address, local: Address) -> bool:
+        nodes = self.nodes
+        if nodes.by_address(source.host, source.port) is not None:
+            # NodeSet.sender, inline: the look-up is the one a client's message needs anyway
+            facing = nodes.facing
+            if facing is None or local == facing:
+                return True
+            if self.forged is not None:
+                self.forged(FORGED_NODE_SOURCE)
+            return False
+        admit = self.admit
+        if admit is not None and not admit(source):
+            return False
+        front = self.front
+        return front is None or front.screen(data, source.host, self.clock(), source.transport != "udp")

@@ -185,18 +185,20 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
     front = FrontDoor(front_door_policy(cfg)) if cfg.protect else None
     acl = NetList(cfg.allow, cfg.deny) if cfg.allow or cfg.deny else None
     refused: dict[str, int] = {}  # sources refused by the allow/deny lists, by verdict
-    node_at = nodes.by_address
+    admit: Callable[[Address], bool] | None = None
     if acl is not None:
         verdict = acl.verdict
         allowed = Verdict.ALLOWED
 
-        def admit(source: Address) -> bool:
-            # every message, before the front door: one dict look-up (cached); nodes pass
+        def admit_source(source: Address) -> bool:
+            # every client's message, before the front door: one dict look-up (cached)
             found = verdict(source.host)
-            if found is allowed or node_at(source.host, source.port) is not None:
+            if found is allowed:
                 return True
             refused[found.value] = refused.get(found.value, 0) + 1
             return False
+
+        admit = admit_source
 
         def allow_source(host: str) -> bool:
             # a connection as it is accepted, a keep-alive (the nodes talk UDP, never these)
@@ -222,18 +224,6 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
             return by_lists is None or by_lists(host)
 
         transports.allow_source = allow_unbanned
-        # before parsing (hot path): nodes pass; a client is checked against the bans and
-        # its rate budget (see sipfarm.balancer.frontdoor)
-        screen = ClientScreen(front, nodes, time.monotonic)
-        transports.screen = screen
-        if acl is not None:
-
-            def screen_acl(data: bytes, source: Address) -> bool:
-                return admit(source) and screen(data, source)
-
-            transports.screen = screen_acl
-    elif acl is not None:
-        transports.screen = lambda _data, source: admit(source)
     # RFC 5626: this worker's registered flows (each worker its own: a UDP client's 4-tuple
     # and a connection stay with one worker, and a REGISTER's 200 comes back to it)
     registrations = RegisteredFlows(interval=cfg.keepalive_interval, failures=cfg.keepalive_failures)
@@ -300,6 +290,14 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
         stamp_via=True,  # clients' requests only: the transports do not (transport_config)
     )
     holder.append(core)
+    if cfg.internal:
+        # a socket facing the nodes alone: a node's address means the farm only there (a
+        # datagram claiming one on a public socket is forged: dropped, counted)
+        nodes.facing = internal
+    if front is not None or admit is not None or nodes.facing is not None:
+        # before parsing (hot path): nodes pass; a client is checked against the allow/deny
+        # lists, the bans and its rate budget (see sipfarm.balancer.frontdoor)
+        transports.screen = ClientScreen(front, nodes, time.monotonic, admit=admit, forged=core.stats.drop)
     transports.on_message = core.on_message  # from now on straight to the core (no closure)
     transports.fast_response = core.response_fast_path()  # the common response from its bytes (C)
     transports.fast_request = core.request_fast_path()  # the common in-dialog request, the same way

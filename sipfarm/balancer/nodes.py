@@ -22,6 +22,14 @@ process to log and count (:meth:`NodeSet.take_transitions`): this module does no
 rate is bounded by the inputs that make them: membership polls (the farm's own records) and
 probes (a node goes down at most once per ``down_after`` probe intervals, comes back at most
 once per answer); the queue is bounded anyway (``MAX_TRANSITIONS``, the rest counted).
+
+Who is a node: a message is the farm's (a node's request goes to the client its flow token
+names, its response marks it alive, the front door lets it by) only when its source is a node's
+address *and* it came in on the balancer's socket facing the nodes (:meth:`NodeSet.sender`),
+when that socket is a socket of its own (``facing``, the balancer's ``--internal``).  A
+datagram's source address is whatever its sender wrote: on a socket the Internet reaches, a
+node's address proves nothing.  Without ``facing`` (one socket faces clients and nodes) the
+source address alone decides, as it must.
 """
 
 from __future__ import annotations
@@ -116,6 +124,9 @@ class NodeSet:
         self.changes = 0
         self._transitions: list[NodeTransition] = []
         self.transitions_dropped = 0
+        # the balancer's socket facing the nodes when it faces nothing else (``--internal``):
+        # only what arrives there can be a node's (see the module docstring); None: any socket
+        self.facing: Address | None = None
 
     # -- membership --------------------------------------------------------------------------
 
@@ -202,7 +213,28 @@ class NodeSet:
         return () if ring is None else ring.members
 
     def by_address(self, host: str, port: int) -> NodeEntry | None:
+        """The node listening at ``host:port``: for a destination (a Route's, a Contact's).
+        For the source of a received message, :meth:`sender`."""
         return self._by_address.get((host, port))
+
+    def sender(self, source: Address, local: Address) -> NodeEntry | None:
+        """The node a message from ``source``, received on our socket ``local``, comes from;
+        None for a client's, and for one claiming a node's address on a socket other than
+        ``facing`` (when set: a forgery, see the module docstring).  One dict look-up, and a
+        comparison for a node's address only."""
+        entry = self._by_address.get((source.host, source.port))
+        if entry is not None and self.facing is not None and local != self.facing:
+            return None
+        return entry
+
+    def forged(self, source: Address, local: Address) -> bool:
+        """Whether a message claims a node's address ``source`` but came in on ``local``, not
+        on the socket facing the nodes (never without ``facing``)."""
+        return (
+            self.facing is not None
+            and local != self.facing
+            and self._by_address.get((source.host, source.port)) is not None
+        )
 
     def departed(self, host: str, port: int) -> bool:
         """Whether ``host:port`` was a node's address until it left the membership."""

@@ -126,8 +126,9 @@ class AcceptFrom:
     def accepts(self, host: str) -> bool:
         return self._accepts(host)
 
-    def screen(self, data: bytes, source: Address) -> bool:
-        """Before parsing: whether to go on with a message from ``source`` (False: drop it)."""
+    def screen(self, data: bytes, source: Address, local: Address | None = None) -> bool:
+        """Before parsing: whether to go on with a message from ``source`` (False: drop it);
+        every socket of a node is judged alike (``local`` unused)."""
         if self._accepts(source.host) or data.startswith(b"SIP/"):
             return True
         self.stats[_UNKNOWN_SOURCE] = self.stats.get(_UNKNOWN_SOURCE, 0) + 1

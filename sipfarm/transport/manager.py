@@ -12,7 +12,7 @@ stream goes through :meth:`TransportManager.deliver`, inline from the protocol c
 3. the user's ``on_message(msg, source, local)``.  A SipError it raises is answered the same
    way; any other exception is logged with the Call-ID and counted.  Nothing escapes.
 
-Two optional hooks let the process refuse sources cheaply: ``screen(data, source)`` before
+Two optional hooks let the process refuse sources cheaply: ``screen(data, source, local)`` before
 step 1 (False: dropped unparsed and unanswered; the balancer's front door and allow/deny
 lists, a node's ``accept_from``), and ``allow_source(host)`` when a connection is accepted,
 before the limits below and any TLS handshake (False: closed at once), and when a UDP
@@ -141,13 +141,16 @@ class TransportManager:
         self.on_keepalive: Callable[[Address], None] | None = None
         # checked before parsing: False drops the message unparsed and unanswered (the
         # balancer's front door: a banned or flooding source costs a dict look-up or two)
-        self.screen: Callable[[bytes, Address], bool] | None = None
+        # ``local``: the socket it came in on (a node's address proves something only on the
+        # balancer's socket facing the nodes, see sipfarm.balancer.nodes)
+        self.screen: Callable[[bytes, Address, Address], bool] | None = None
         # after the screen, before parsing: the balancer's forwarding of the common response
         # from its bytes (``BalancerCore.forward_response``); False: not handled, parse it
-        self.fast_response: Callable[[bytes, Address, int], bool] | None = None
+        # (data, source, local, max_size)
+        self.fast_response: Callable[[bytes, Address, Address, int], bool] | None = None
         # the same for the common request routed by our Route (``BalancerCore.forward_request``), when
         # this transport does not stamp Vias itself (the balancer's core stamps clients')
-        self.fast_request: Callable[[bytes, Address, int], bool] | None = None
+        self.fast_request: Callable[[bytes, Address, Address, int], bool] | None = None
         # sources (IP address strings) ``max_connections_per_source`` does not apply to
         self.limit_exempt: Callable[[str], bool] | None = None
         # checked first when a connection is accepted (TCP, TLS before its handshake, WebSocket)
@@ -322,12 +325,12 @@ class TransportManager:
     def deliver(self, data: bytes, source: Address, local: Address) -> None:
         """Parse one message from ``source`` and hand it to the callback. Never raises."""
         screen = self.screen
-        if screen is not None and not screen(data, source):
+        if screen is not None and not screen(data, source, local):
             return
         fast = self.fast_response
         if fast is not None:
             try:
-                if fast(data, source, self._max_size):
+                if fast(data, source, local, self._max_size):
                     self.stats.received[source.transport] += 1
                     return
             except Exception:  # a bug there must not take the transport down either
@@ -337,7 +340,7 @@ class TransportManager:
         fast = self.fast_request
         if fast is not None and not self._stamp:
             try:
-                if fast(data, source, self._max_size):
+                if fast(data, source, local, self._max_size):
                     self.stats.received[source.transport] += 1
                     return
             except Exception:  # as above

@@ -197,7 +197,7 @@ def taken(data: bytes) -> bool:
 
 def forwarded_fast(data: bytes, source: Address, public: dict[str, Address] | None = None) -> bool:
     """Whether a fresh balancer's fast path takes ``data`` from ``source`` (C and decisions)."""
-    return Balancer(fast=True, public=public).core.forward_request(data, source, MAX)
+    return Balancer(fast=True, public=public).core.forward_request(data, source, LB, MAX)
 
 
 def test_canonical_requests_take_the_fast_path() -> None:
@@ -224,6 +224,19 @@ def test_canonical_requests_take_the_fast_path() -> None:
     )
     assert b"\r\nRoute: " + NODE_ENTRY + b", " in out and b"\r\nMax-Forwards: 69\r\n" in out
     assert b"Via: SIP/2.0/UDP 127.0.0.2:5062;branch=z9hG4bK-client-9;rport=5062;received=127.0.0.2\r\n" in out
+
+
+def test_a_nodes_address_off_the_internal_socket_is_a_clients_on_both_paths() -> None:
+    """With a socket facing the nodes of its own (``--internal``), a node's in-dialog request
+    arriving on the public socket is a client's on the fast path as on the general one: never
+    sent to the client its token names (without the screen that drops it first)."""
+    slow, fast = pair()
+    for b in (slow, fast):
+        b.core.nodes.facing = Address("udp", "127.0.0.1", 5999)  # not LB, where deliver puts it
+    for method in (b"BYE", b"INVITE", b"ACK"):
+        both(from_node(fast.core, method), NODE, slow, fast)
+    assert all(dest != UAS for _, dest in fast.sent)
+    assert fast.core.stats.to_client == 0
 
 
 def test_ack_of_a_non_2xx_takes_the_fast_path_to_its_invite_node() -> None:

@@ -170,6 +170,25 @@ def test_forged_branch_is_dropped_by_both() -> None:
     assert fast.sent == [] and fast.core.stats.drops == {"forged": 2}
 
 
+def test_a_response_from_a_nodes_address_off_the_internal_socket_keeps_no_node_alive() -> None:
+    """With a socket facing the nodes of its own (``--internal``), a response claiming a
+    node's address on the public socket is routed by its branch as anyone's, on both paths,
+    but marks no node alive (a forger could keep a dead node in the ring)."""
+    slow, fast, vias = setup_pair(b"facing-1")
+    for b in (slow, fast):
+        b.core.nodes.facing = Address("udp", "127.0.0.1", 5999)  # not LB, where deliver puts it
+    data = response(vias, call_id=b"facing-1")
+    both(data, NODE, slow, fast)
+    assert fast.sent and fast.sent[0][1] == CLIENT
+    for b in (slow, fast):
+        entry = b.core.nodes.by_address(NODE.host, NODE.port)
+        assert entry is not None and not entry.heard
+    for b in (slow, fast):
+        b.core.nodes.facing = LB
+    both(data, NODE, slow, fast)
+    assert all(b.core.nodes.nodes["node1"].heard for b in (slow, fast))
+
+
 def test_register_2xx_takes_the_general_path() -> None:
     slow, fast, vias = setup_pair(b"reg-1", b"REGISTER")
     data = response(vias, method=b"REGISTER", call_id=b"reg-1")
