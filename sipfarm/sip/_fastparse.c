@@ -143,8 +143,18 @@ static int is_token_char(unsigned char c) {
            c == '!' || c == '%' || c == '*' || c == '_' || c == '+' || c == '`' || c == '\'' || c == '~';
 }
 
+/* RFC 3261 25.1: a Reason-Phrase holds no control character but HTAB (parser._REASON_CONTROLS) */
+static int reason_ok(const char *p, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)p[i];
+        if ((c < 0x20 && c != '\t') || c == 0x7f) return 0;
+    }
+    return 1;
+}
+
 /* The start line's (method, uri, status, reason) when it is the common case (parser
- * _parse_start_line would accept it as it is): "SIP/2.0 DDD[ reason]" with DDD in 100..699, or
+ * _parse_start_line would accept it as it is): "SIP/2.0 DDD[ reason]" with DDD in 100..699 and
+ * no control character but HTAB in the reason (reason_ok), or
  * "token SP uri SP SIP/2.0" with a non-empty uri without SP.  Py_None otherwise (a new reference
  * either way; NULL on error). */
 static PyObject *start_line_parts(const char *p, Py_ssize_t n) {
@@ -152,7 +162,7 @@ static PyObject *start_line_parts(const char *p, Py_ssize_t n) {
     if (n >= 11 && memcmp(p, "SIP/2.0 ", 8) == 0) {
         const unsigned char *d = (const unsigned char *)p + 8;
         if (d[0] < '1' || d[0] > '6' || d[1] < '0' || d[1] > '9' || d[2] < '0' || d[2] > '9') Py_RETURN_NONE;
-        if (n > 11 && p[11] != ' ') Py_RETURN_NONE;
+        if (n > 11 && (p[11] != ' ' || !reason_ok(p + 12, n - 12))) Py_RETURN_NONE;
         long status = (d[0] - '0') * 100 + (d[1] - '0') * 10 + (d[2] - '0');
         return Py_BuildValue("(y#y#ly#)", "", (Py_ssize_t)0, "", (Py_ssize_t)0, status, n > 11 ? p + 12 : "",
                              n > 11 ? n - 12 : (Py_ssize_t)0);
@@ -467,7 +477,8 @@ fail:
  * response whose top Via is the balancer's own, for the common shape, with the same bytes out;
  * None for anything else (the general path then does the whole job, errors and counters
  * included).  The shape:
- *   - data is at most max_size bytes; starts "SIP/2.0 DDD " (DDD in 100..699);
+ *   - data is at most max_size bytes; starts "SIP/2.0 DDD " (DDD in 100..699), the reason
+ *     after it without a control character but HTAB (reason_ok: the parser drops the rest);
  *   - the header section ends with CRLFCRLF, every line ends with CRLF (no bare CR or LF), no
  *     line starts with SP/HTAB (folding), at most MAX_HEADER_LINES header lines;
  *   - every header line is a non-empty token name, a colon, SP, then the value: out writes it
@@ -567,6 +578,7 @@ static PyObject *response_hop(PyObject *self, PyObject *const *args, Py_ssize_t 
     /* the start line: no CR or LF inside */
     const char *eol = memchr(p, '\r', (size_t)hend + 2);
     if (eol == NULL || eol[1] != '\n' || memchr(p, '\n', (size_t)(eol - p)) != NULL) Py_RETURN_NONE;
+    if (!reason_ok(p + 12, (eol - p) - 12)) Py_RETURN_NONE; /* the parser drops it */
     Py_ssize_t start_len = (eol - p) + 2; /* with its CRLF */
     Py_ssize_t pos = start_len;
     while (pos < hend + 2) {

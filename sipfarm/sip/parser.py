@@ -235,6 +235,10 @@ def _check_bounds(msg: SipMessage) -> None:
         raise ValueTooLong(what, partial=msg)
 
 
+#: what a Reason-Phrase may not hold: the control characters but HTAB (RFC 3261 25.1)
+_REASON_CONTROLS: Final = bytes(c for c in range(0x20) if c != 0x09) + b"\x7f"
+
+
 def _parse_start_line(line: bytes) -> SipMessage:
     if line[:4] == b"SIP/" or line[:4].upper() == b"SIP/":
         # Status-Line = SIP-Version SP Status-Code SP Reason-Phrase
@@ -244,6 +248,11 @@ def _parse_start_line(line: bytes) -> SipMessage:
             raise MessageDropped("response with unsupported SIP version")
         if len(code) != 3 or not code.isdigit() or not (100 <= int(code) <= 699):
             raise MessageDropped("bad status code")
+        if reason and len(reason.translate(None, _REASON_CONTROLS)) != len(reason):
+            # RFC 3261 25.1: Reason-Phrase = *(reserved / unreserved / escaped / UTF8-NONASCII /
+            # UTF8-CONT / SP / HTAB): a NUL or an escape sequence would go on to the caller and
+            # into every log that prints it (sipfarm/sip/_fastparse.c declines the same)
+            raise MessageDropped("control character in Reason-Phrase")
         return SipMessage(status=int(code), reason=reason)
     parts = line.split(b" ")
     if len(parts) != 3:

@@ -239,6 +239,11 @@ DECLINED: dict[str, Callable[[bytes], bytes]] = {
     "status_without_reason": _line(b"SIP/2.0 200 OK", b"SIP/2.0 200"),
     "lower_case_version": _line(b"SIP/2.0 200 OK", b"sip/2.0 200 OK"),
     "status_700": _line(b"SIP/2.0 200 OK", b"SIP/2.0 700 OK"),
+    # RFC 3261 25.1: no control character but HTAB in a Reason-Phrase (the parser drops it)
+    "reason_nul": _line(b"SIP/2.0 200 OK", b"SIP/2.0 200 O\x00K"),
+    "reason_escape": _line(b"SIP/2.0 200 OK", b"SIP/2.0 200 OK\x1b[2J"),
+    "reason_del": _line(b"SIP/2.0 200 OK", b"SIP/2.0 200 \x7f"),
+    "reason_vt": _line(b"SIP/2.0 200 OK", b"SIP/2.0 200 O\x0bK"),
     "our_via_with_params": lambda data: data.replace(
         b"\r\nVia: SIP/2.0/UDP 127.0.0.2", b";received=1.2.3.4\r\nVia: SIP/2.0/UDP 127.0.0.2", 1
     ),
@@ -287,6 +292,8 @@ def test_uncommon_shapes_take_the_general_path(case: str) -> None:
         _line(b"CSeq:", b"Subject: \r\nCSeq:"),
         lambda data: data.replace(b"\r\nVia: SIP/2.0/UDP 127.0.0.2", b",\x0b SIP/2.0/UDP 127.0.0.2", 1),
         lambda data: data.replace(b"\r\nVia: SIP/2.0/UDP 127.0.0.2", b"\r\nv: SIP/2.0/UDP 127.0.0.2", 1),
+        _line(b"SIP/2.0 200 OK", b"SIP/2.0 200 O\tK"),  # HTAB: allowed in a Reason-Phrase
+        _line(b"SIP/2.0 200 OK", "SIP/2.0 200 Très bien".encode()),  # UTF-8 too
     ],
 )
 def test_common_variants_take_the_fast_path(case: Callable[[bytes], bytes]) -> None:
@@ -354,6 +361,11 @@ NEXT_VIAS = st.sampled_from(
             b"200",
             b"200 OK",
             b"180 Ringing",
+            b"200 O\x00K",
+            b"486 Busy\x1b[2J",
+            b"180 Ring\x7fing",
+            b"200 O\tK",
+            "603 Refusé".encode(),
         ]
     ),
     method=st.sampled_from([b"INVITE", b"BYE", b"REGISTER", b"invite", b"OPTIONS"]),
@@ -393,6 +405,27 @@ def test_fast_path_matches_general_path(
     both(data, source, slow, fast)
     # a retransmission: the verified-branch cache's answer, the same again
     both(data, source, slow, fast)
+
+
+_REASON_CONTROLS = bytes(c for c in range(0x20) if c != 0x09) + b"\x7f"
+
+
+@PROPERTY
+@given(reason=st.binary(max_size=24), source=st.sampled_from([NODE, ATTACKER]))
+def test_a_reason_phrase_the_parser_refuses_is_never_forwarded(reason: bytes, source: Address) -> None:
+    """Whatever bytes a callee writes in its reason, both paths agree; one with a control
+    character but HTAB (RFC 3261 25.1) goes nowhere, dropped as malformed and counted."""
+    slow, fast, vias = setup_pair(b"reason-1")
+    data = response(vias, status=b"200 " + reason, call_id=b"reason-1", body=SDP)
+    fast_taken = fastparse.response_hop(data, fast.core._via_starts, HOP_PREFIX, 65535) is not None
+    event("fast" if fast_taken else "general")
+    both(data, source, slow, fast)
+    controls = reason.translate(None, _REASON_CONTROLS) != reason
+    if controls and reason.find(b"\r") < 0 and reason.find(b"\n") < 0:  # (a CR LF: a line of its own)
+        assert not fast_taken and fast.sent == [] and slow.sent == []
+        assert sum(fast.transports.stats.parse_errors.values()) == 1
+    elif not controls and source == NODE:
+        assert fast_taken and len(fast.sent) == 1 and fast.sent[0][0].startswith(b"SIP/2.0 200 " + reason + b"\r\n")
 
 
 def test_interpreted_build_has_no_fast_path_to_compare() -> None:

@@ -109,6 +109,30 @@ def test_response_reason_may_hold_spaces_and_be_empty() -> None:
     assert parse_message(response("100")).reason == b""
 
 
+# RFC 3261 25.1: Reason-Phrase = *(reserved / unreserved / escaped / UTF8-NONASCII / UTF8-CONT /
+# SP / HTAB): every control character but HTAB (CR and LF end the line: a bare one is dropped too)
+REASON_CONTROLS = [c for c in range(0x20) if c not in (0x09, 0x0A, 0x0D)] + [0x7F]
+
+
+@pytest.mark.parametrize("control", REASON_CONTROLS)
+@pytest.mark.parametrize("parse", [parse_message, parse_message_reference])
+def test_a_control_character_in_the_reason_phrase_drops_the_response(
+    control: int, parse: Callable[[bytes], SipMessage]
+) -> None:
+    """A callee's NUL or escape sequence in its reason would go on to the caller and into logs:
+    the response is malformed, dropped (and counted by the transport) as any other."""
+    for reason in (b"O%cK", b"%c", b"Ringing%c", b"Busy\t%c[2J"):
+        data = response().replace(b"200 OK", b"200 " + reason.replace(b"%c", bytes([control])), 1)
+        with pytest.raises(MessageDropped, match="Reason-Phrase"):
+            parse(data)
+
+
+@pytest.mark.parametrize("parse", [parse_message, parse_message_reference])
+def test_a_reason_phrase_may_hold_htab_utf8_and_any_printable(parse: Callable[[bytes], SipMessage]) -> None:
+    for reason in (b"Busy\tHere", "Occupé 忙".encode(), bytes(range(0x20, 0x7F)), b"\x80\xff"):
+        assert parse(response().replace(b"200 OK", b"200 " + reason, 1)).reason == reason
+
+
 @pytest.mark.parametrize("status", [b"99", b"700", b"2000", b"abc", b"", b"20a"])
 def test_bad_status_code_is_dropped(status: bytes) -> None:
     data = response().replace(b"200 OK", status + b" OK", 1)
