@@ -193,6 +193,11 @@ class WebSocketFlow:
     def closing(self) -> bool:
         return self._closing
 
+    @property
+    def half_closed(self) -> bool:
+        """Never: a WebSocket ends with a close handshake, not half a connection."""
+        return False
+
     def abort_for_abuse(self, reason: str, detail: str) -> None:
         """Closed at once, counted as a stream connection's abuse (``abuse[reason]``)."""
         if self._closing:

@@ -28,6 +28,10 @@ class TransportConfig:
     # this long after it was accepted (TCP) or its TLS handshake completed; a silent one is
     # closed and counted (``refused["silent"]``) instead of holding a slot for idle_timeout.
     first_message_timeout: float = 10.0
+    # A TCP connection whose peer shut down its write side (FIN) after its requests stays open
+    # for writing their answers this long at most (or idle_timeout if shorter), then closes:
+    # 64*T1, RFC 3261's Timer B/F, the time a client waits for a transaction's answer.
+    half_closed_timeout: float = 32.0
     # RFC 5626 4.4.1 keep-alives come one at a time, every 25-120 s: more than ``ping_limit``
     # pings within ``ping_window`` seconds on one connection (CRLFCRLF on TCP/TLS, CRLF
     # messages and RFC 6455 pings on WebSocket) close it as abuse (``abuse["ping_flood"]``).

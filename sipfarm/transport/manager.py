@@ -99,6 +99,10 @@ class Flow(Protocol):
 
     def hold(self, seconds: float) -> None: ...
 
+    # the peer shut down its write side: open for the answers owed to it only (never held)
+    @property
+    def half_closed(self) -> bool: ...
+
     # bytes of an incomplete message it buffers (the manager's ``partial_budget``)
     partial: int
 
@@ -464,7 +468,7 @@ class TransportManager:
         False when there is no such open connection.  For a registered phone's flow: its
         registration's lifetime (RFC 5626 5.3: requests reach it over that flow only)."""
         flow = self._flows.get(dest)
-        if flow is None or flow.closing:
+        if flow is None or flow.closing or flow.half_closed:
             return False
         flow.hold(seconds)
         self._registered_flow(self._adopted.get(flow, flow), seconds > 0)
@@ -490,6 +494,11 @@ class TransportManager:
             del self._registered[connection]
             _decrement(by_source, key)
             counted[key] = counted.get(key, 0) + 1
+
+    def flow_half_closed(self, flow: Flow) -> None:
+        """``flow``'s peer shut down its write side: it is leaving, so a registration it
+        carried no longer spares it its source's connection limit."""
+        self._registered_flow(self._adopted.get(flow, flow), False)
 
     def has_flow(self, dest: Address) -> bool:
         """Whether a TCP/TLS connection to ``dest`` is open (or being opened)."""

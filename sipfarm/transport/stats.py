@@ -35,6 +35,10 @@ class TransportStats:
     connections_closed_abuse: int = 0  # subset: framing error, oversize, stalled, slow reader, ping flood
     abuse: dict[str, int] = field(default_factory=dict)  # the same, by reason
     connections_idle_closed: int = 0  # subset: idle timeout
+    # TCP connections whose peer shut down its write side while answers were owed to it: kept
+    # open for writing them (closed when done, or at half_closed_timeout: the subset below)
+    half_closed: int = 0
+    half_closed_timeouts: int = 0
     connections_refused: int = 0  # over max_connections (inbound or outbound) or a per-source limit
     # inbound connections refused, or closed before their first message, by reason: total
     # and per_source (the limits; also in connections_refused), origin (a WebSocket Origin

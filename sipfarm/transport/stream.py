@@ -26,6 +26,19 @@ Bounds, each enforced here and counted in :class:`TransportStats`:
   counted as ``silent``; the first byte of a message is enough (then ``message_timeout``
   bounds the rest).
 
+Half-closed connections: a TCP client may shut down its write side (FIN) once it has sent its
+request, and still read.  A server answers over the connection a request came in on (RFC 3261
+18.2.2), so the flow then stays open for writing (``eof_received`` returns True) until every
+request it delivered has had a final response written (``_owed``: requests other than ACK in,
+final responses out), and at most ``half_closed_timeout`` (or ``idle_timeout`` if shorter) from
+the FIN, whatever is still owed (a request dropped unanswered); then it closes, flushing what is
+buffered.  Meanwhile it still counts towards the connection limits (a registered one towards its
+source's again: ``TransportManager.flow_half_closed``), a hold does not extend it, and a request
+for the peer is refused (it cannot answer it: the sender learns at once, a 430 at the balancer).
+A half-close with nothing owed closes at once, as before.  TLS cannot do this: asyncio's (and
+uvloop's) SSL transport shuts the TLS session down itself when the peer's side ends, whatever
+``eof_received`` returns.
+
 A framing error (garbage, missing or bad Content-Length, oversize) leaves the stream with no
 known message boundary, so the flow is closed; other flows are not affected.  Timers are lazy:
 one ``call_at`` per flow, re-armed when it fires, so reading data never cancels a timer.
@@ -99,6 +112,8 @@ class StreamFlow(asyncio.Protocol):
         self._silent_until = 0.0  # loop time an inbound flow must have spoken by (0: it has)
         self._pings = PingLimit(self._config.ping_limit, self._config.ping_window)
         self.partial = 0  # bytes of an incomplete message buffered (the manager's budget)
+        self._owed = 0  # requests delivered (ACK aside) minus final responses written
+        self._half_closed_until = 0.0  # loop time: the peer sent FIN; closed by then (0: not)
 
     def __repr__(self) -> str:
         return f"<StreamFlow {self.remote} local={self.local}>"
@@ -106,6 +121,11 @@ class StreamFlow(asyncio.Protocol):
     @property
     def closing(self) -> bool:
         return self._closing
+
+    @property
+    def half_closed(self) -> bool:
+        """The peer shut down its write side: open for the answers it is owed only."""
+        return self._half_closed_until > 0.0
 
     @property
     def connected(self) -> bool:
@@ -177,6 +197,8 @@ class StreamFlow(asyncio.Protocol):
                     self.write(PONG)
                 continue
             delivered = True
+            if not event.startswith((b"SIP/", b"ACK ")):
+                self._owed += 1  # a request: a final response is owed (none to an ACK)
             self._deliver(event, remote, self.local)
             if self.closing:  # the callback closed us
                 return
@@ -198,7 +220,15 @@ class StreamFlow(asyncio.Protocol):
                 self._manager.partial_changed(self, 0)
 
     def eof_received(self) -> bool | None:
-        return None  # close our side too: SIP has no use for half-open flows
+        """The peer sent FIN: keep writing while answers are owed (see the module docstring)."""
+        if self._closing or self._transport is None or self._owed <= 0 or self.transport_name != "tcp":
+            return None  # nothing owed (or TLS, which closes anyway): close our side too
+        self._stats.half_closed += 1
+        self._half_closed_until = self._loop.time() + min(self._config.half_closed_timeout, self._config.idle_timeout)
+        self._hold_until = 0.0
+        self._manager.flow_half_closed(self)
+        self._arm(self._half_closed_until)
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
@@ -234,11 +264,17 @@ class StreamFlow(asyncio.Protocol):
             self._pending.append(data)
             self._pending_size += len(data)
             return True
+        if self._half_closed_until and not data.startswith(b"SIP/2.0 "):
+            return False  # a request the peer, whose write side is shut, could never answer
         if tr.get_write_buffer_size() + len(data) > self._config.write_buffer_limit:
             self.abort_for_abuse("slow_reader", "write buffer limit reached")
             return False
         tr.write(data)
         self._last_activity = self._loop.time()
+        if self._owed and data.startswith(b"SIP/2.0 ") and data[8:9] != b"1":
+            self._owed -= 1  # a final response
+            if not self._owed and self._half_closed_until:
+                self.close()  # every answer the half-closed peer was owed is written: flushed, closed
         return True
 
     def close(self) -> None:
@@ -251,6 +287,8 @@ class StreamFlow(asyncio.Protocol):
     def hold(self, seconds: float) -> None:
         """Do not close the flow for idleness for ``seconds`` from now (0 or less: release,
         the ordinary idle timeout applies again).  The caller bounds ``seconds``."""
+        if self._half_closed_until:
+            return  # the peer is leaving: bounded by half_closed_timeout, never held
         now = self._loop.time()
         self._hold_until = now + seconds if seconds > 0 else 0.0
         if self._established and not self._closing:
@@ -302,6 +340,13 @@ class StreamFlow(asyncio.Protocol):
         if self._closing:
             return
         now = self._loop.time()
+        if self._half_closed_until:
+            if now >= self._half_closed_until:
+                self._stats.half_closed_timeouts += 1
+                logger.debug("event=flow_closed_half_closed remote=%s owed=%d", self.remote, self._owed)
+                self.close()
+                return
+            self._arm(self._half_closed_until)
         if self._silent_until:
             if now >= self._silent_until:
                 self._manager.count_refused("silent")
