@@ -4,6 +4,7 @@ UDP caller arrives over that very connection (RFC 5626 flow, Path with the flow 
 from __future__ import annotations
 
 import secrets
+import socket
 import threading
 import time
 
@@ -90,3 +91,22 @@ def test_tcp_register_and_call_arrives_on_the_same_connection(redis_url, account
     finally:
         conn.close()
         client.close()
+
+
+def test_a_phone_that_half_closes_after_its_request_gets_the_nodes_answer(redis_url, start_node, start_balancer):
+    """A REGISTER over TCP then shutdown(SHUT_WR): the node's 401, a moment later, still comes
+    back over the half-closed connection, which the balancer then closes (every request it
+    carried answered).  It used to close on the FIN, and the answer was dropped (no flow)."""
+    start_node(redis_url, "node1")
+    lb = start_balancer(redis_url)
+    wait_nodes_usable(lb, 1)
+    conn = TcpSip(lb.address)
+    try:
+        conn.send(tcp_register(conn, "half-closed-1", 1))
+        conn.sock.shutdown(socket.SHUT_WR)
+        reply = conn.recv(5.0)
+        assert reply is not None and reply.status == 401, lb.log()[-2000:]
+        conn.sock.settimeout(5.0)
+        assert conn.sock.recv(1) == b""  # then closed by the balancer
+    finally:
+        conn.close()
