@@ -234,7 +234,7 @@ class Authenticator:
         return to_uri.host
 
     def caller_realm(self, msg: SipMessage, uri: SipURI) -> str:
-        caller = msg.from_.uri
+        caller = msg.name_addr_uri("from")
         domains = self.element.identity.domains
         if isinstance(caller, SipURI) and caller.host in domains:
             return caller.host

@@ -579,6 +579,20 @@ def check_name_addr(value: bytes) -> None:
         raise HeaderError(f"bad URI: {exc}") from None
 
 
+def name_addr_uri(value: bytes) -> URI:
+    """``parse_name_addr(value).uri`` without building the name-addr: the common shape's URI
+    through the memoised parse_uri (a From's tag makes every value new, its URI recurs), the
+    same HeaderError as parse_name_addr otherwise (check_name_addr's reading)."""
+    check_name_addr_bounds(value)
+    match = _NAME_ADDR_COMMON_RE.match(value)
+    if match is None:
+        return parse_name_addr(value).uri
+    try:
+        return parse_uri(match.group(1))
+    except URIError as exc:
+        raise HeaderError(f"bad URI: {exc}") from None
+
+
 def _parse_name_addr(value: bytes) -> NameAddr:
     value = value.strip()
     lt = _find_unquoted_lt(value) if (value.find(b"<") >= 0) else -1

@@ -26,6 +26,7 @@ from sipfarm.sip.headers import (
     Via,
     display_name,
     first_element,
+    name_addr_uri,
     parse_name_addr,
     parse_via,
     split_comma,
@@ -364,6 +365,16 @@ class SipMessage:
             raise BadMessage(f"missing {key} header", partial=self)
         try:
             return parse_name_addr(value)
+        except HeaderError as exc:
+            raise BadMessage(f"{key}: {exc}", partial=self) from None
+
+    def name_addr_uri(self, key: str) -> URI:
+        """``name_addr(key).uri``, without building the name-addr (headers.name_addr_uri)."""
+        value = self.get(key)
+        if value is None:
+            raise BadMessage(f"missing {key} header", partial=self)
+        try:
+            return name_addr_uri(value)
         except HeaderError as exc:
             raise BadMessage(f"{key}: {exc}", partial=self) from None
 

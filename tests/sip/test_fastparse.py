@@ -10,8 +10,8 @@ MAX_HEADERS lines, no blank line, truncation): the same message (start line, hea
 names, body, CSeq) or the same exception (class, text, status, partial message) either way, and
 the same bytes out.  ``digest_params`` (an Authorization / WWW-Authenticate value) against
 ``auth._parse_fast`` the same way; ``request_check`` (validate_request's common case) against
-the Python checks on generated header values and mutated messages.  The common case must really be the C's (a C that always said None would
-pass the rest).
+the Python checks on generated header values and mutated messages.  The common case must
+really be the C's (a C that always said None would pass the rest).
 
 The extension exists only in the compiled build (scripts/test-compiled.sh); the interpreted
 stage skips this file (its path is the Python one, tested everywhere else).

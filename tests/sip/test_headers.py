@@ -16,6 +16,7 @@ from sipfarm.sip.headers import (
     display_name,
     first_element,
     is_token,
+    name_addr_uri,
     parse_cseq,
     parse_header_params,
     parse_name_addr,
@@ -426,6 +427,22 @@ def test_check_name_addr_agrees_with_parse_name_addr(pieces: tuple[bytes, bytes,
     display, lt, uri, gt, params = pieces
     value = display + lt + uri + gt + b"".join(params)
     assert _verdict(check_name_addr, value) == _verdict(parse_name_addr, value), value
+
+
+@settings(max_examples=1000)
+@given(_NAME_ADDR_PIECES)
+def test_name_addr_uri_is_the_parsed_name_addrs_uri(pieces: tuple[bytes, bytes, bytes, bytes, list[bytes]]) -> None:
+    display, lt, uri, gt, params = pieces
+    value = display + lt + uri + gt + b"".join(params)
+    try:
+        expected: object = parse_name_addr(value).uri
+    except HeaderError as exc:
+        expected = ("error", str(exc))
+    try:
+        got: object = name_addr_uri(value)
+    except HeaderError as exc:
+        got = ("error", str(exc))
+    assert got == expected, value
 
 
 @pytest.mark.parametrize(
