@@ -358,23 +358,24 @@ class SipMessage:
     def to(self) -> NameAddr:
         return self.name_addr("to")
 
-    def name_addr(self, key: str) -> NameAddr:
-        """The first ``key`` header parsed as a name-addr; BadMessage when absent or malformed."""
+    def required(self, key: str) -> bytes:
+        """The first ``key`` header's value; BadMessage when there is none."""
         value = self.get(key)
         if value is None:
             raise BadMessage(f"missing {key} header", partial=self)
+        return value
+
+    def name_addr(self, key: str) -> NameAddr:
+        """The first ``key`` header parsed as a name-addr; BadMessage when absent or malformed."""
         try:
-            return parse_name_addr(value)
+            return parse_name_addr(self.required(key))
         except HeaderError as exc:
             raise BadMessage(f"{key}: {exc}", partial=self) from None
 
     def name_addr_uri(self, key: str) -> URI:
         """``name_addr(key).uri``, without building the name-addr (headers.name_addr_uri)."""
-        value = self.get(key)
-        if value is None:
-            raise BadMessage(f"missing {key} header", partial=self)
         try:
-            return name_addr_uri(value)
+            return name_addr_uri(self.required(key))
         except HeaderError as exc:
             raise BadMessage(f"{key}: {exc}", partial=self) from None
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import socket
 import struct
-import urllib.request
 
 import pytest
 from fixtures.farm import SipClient, free_udp_tcp_port, wait_nodes_usable
 from fixtures.startup import START_TIMEOUT_S
+from test_balancer_attacks import balancer_events
 
 pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 60)
 
@@ -32,17 +32,6 @@ def spoofed_udp(source: tuple[str, int], dest: tuple[str, int], payload: bytes) 
     )  # fmt: skip
     with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
         raw.sendto(ip + udp, (dest[0], 0))
-
-
-def events(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as page:
-        text = page.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("sipfarm_balancer_events_total{"):
-            kind = line.split('kind="', 1)[1].split('"', 1)[0]
-            out[kind] = float(line.rpartition(" ")[2])
-    return out
 
 
 def test_a_nodes_address_forged_on_the_public_socket_is_dropped(redis_url, accounts, start_node, start_balancer):
@@ -78,12 +67,12 @@ def test_a_nodes_address_forged_on_the_public_socket_is_dropped(redis_url, accou
         spoofed_udp(node_address, ("127.0.0.1", internal), invite(2))
         got = alice.recv_request("INVITE", 3.0)
         assert got is not None and got.call_id == b"forged-2@x", lb.log()[-2000:]
-        counted = events(metrics)  # synced every other probe interval
+        counted = balancer_events(metrics)  # synced every other probe interval
         for _ in range(20):
             if counted.get("dropped_forged_node_source"):
                 break
             alice.recv(0.1)
-            counted = events(metrics)
+            counted = balancer_events(metrics)
         assert counted.get("dropped_forged_node_source") == 1, counted
     finally:
         alice.close()
