@@ -189,7 +189,7 @@ class Element:
         client = self.client(request, source)
         if not user:
             try:
-                uri = request.from_.uri
+                uri = request.name_addr_uri("from")
                 user = uri.aor if isinstance(uri, SipURI) else ""
             except SipError:
                 user = ""

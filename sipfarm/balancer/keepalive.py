@@ -134,7 +134,7 @@ def register_contacts(request: SipMessage) -> tuple[str, tuple[str, ...]] | None
     """(AOR, contact URIs) a REGISTER binds, as the registrar stores them; None for a query,
     ``Contact: *`` or one the registrar will reject anyway (unparseable To or Contact)."""
     try:
-        to_uri = request.to.uri
+        to_uri = request.name_addr_uri("to")
         if not isinstance(to_uri, SipURI) or to_uri.user is None:
             return None
         contacts = tuple(str(na.uri) for na in request.name_addrs("contact") if isinstance(na.uri, SipURI))

@@ -228,7 +228,7 @@ class Authenticator:
             return uri.host
         # a phone configured with the farm's address as registrar (sip:IP:port): the
         # address-of-record's domain, in To, decides (step 1 leaves it to the registrar)
-        to_uri = msg.to.uri
+        to_uri = msg.name_addr_uri("to")
         if not isinstance(to_uri, SipURI) or to_uri.host not in domains:
             raise Forbidden("not a domain of this registrar", partial=msg)
         return to_uri.host

@@ -703,7 +703,7 @@ class Proxy:
     def _assert_identity(self, msg: SipMessage, account: Account) -> None:
         """The From must be the authenticated user's own address (403 otherwise: a caller may
         not present itself as someone else); the farm asserts it downstream (RFC 3325 9.1)."""
-        caller = msg.from_.uri
+        caller = msg.name_addr_uri("from")
         if not (
             isinstance(caller, SipURI)
             and (caller.user_unescaped or "") == account.user

@@ -75,7 +75,7 @@ class RegisterRequest:
 
 def read_register(request: SipMessage, domains: frozenset[str], policy: ExpiresPolicy) -> RegisterRequest:
     """RFC 3261 10.3 steps 1-7 as far as they need no state: AOR, Contacts, expiries."""
-    to_uri = request.to.uri
+    to_uri = request.name_addr_uri("to")
     if not isinstance(to_uri, SipURI):
         raise UnsupportedURIScheme("To of a REGISTER must be a SIP URI", partial=request)
     if to_uri.user is None:

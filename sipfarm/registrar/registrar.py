@@ -284,7 +284,7 @@ class Registrar:
         """RFC 5627 5.2, 5.4: the public GRUU and a new temporary one (this binding's Call-ID and
         CSeq: a new one on every refresh) of a binding with an instance ID."""
         instance = binding.instance or ""
-        to_uri = msg.to.uri
+        to_uri = msg.name_addr_uri("to")
         user_part = to_uri.user if isinstance(to_uri, SipURI) and to_uri.user else reg.user
         pub = public_gruu(user_part, reg.domain, instance)
         try:

@@ -145,7 +145,7 @@ class Router:
             return
         query = {
             "method": request.method.decode("latin-1"),
-            "caller": str(request.from_.uri),
+            "caller": str(request.name_addr_uri("from")),
             "callee": request.uri.decode("latin-1"),
             "source": _source(request),
         }
