@@ -1506,16 +1506,20 @@ static PyObject *request_check(PyObject *self, PyObject *const *args, Py_ssize_t
         }
     }
     if (!have_from || !have_to || vias == 0) Py_RETURN_NONE;
-    PyObject *out = PyTuple_New(2 + contacts);
-    if (out == NULL) return NULL;
-    for (int k = 0; k < 2 + contacts; k++) {
-        PyObject *u = PyBytes_FromStringAndSize(PyBytes_AS_STRING(src[k]) + ua[k], uz[k] - ua[k]);
-        if (u == NULL) {
-            Py_DECREF(out);
-            return NULL;
-        }
-        PyTuple_SET_ITEM(out, k, u);
+    /* the URIs' bytes first, while src[] (borrowed) is surely alive: making bytes runs no Python
+     * code, whereas a tuple's allocation may start a collection (and a finaliser) */
+    PyObject *uris[RC_MAX_URIS];
+    int made = 0;
+    for (; made < 2 + contacts; made++) {
+        uris[made] = PyBytes_FromStringAndSize(PyBytes_AS_STRING(src[made]) + ua[made], uz[made] - ua[made]);
+        if (uris[made] == NULL) break;
     }
+    PyObject *out = made == 2 + contacts ? PyTuple_New(made) : NULL;
+    if (out == NULL) {
+        for (int k = 0; k < made; k++) Py_DECREF(uris[k]);
+        return NULL;
+    }
+    for (int k = 0; k < made; k++) PyTuple_SET_ITEM(out, k, uris[k]);
     return out;
 }
 
