@@ -47,13 +47,15 @@ def test_the_helper_program_routes_calls(
     import socket  # noqa: PLC0415
 
     gateway = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    gateway.bind(("127.0.0.1", 15090))
+    gateway.bind(("127.0.0.1", 0))  # a free port, given to the helper (a fixed one may be another test's)
     gateway.settimeout(0.2)
-    node = start_node(redis_url, extra=["--config", str(config(tmp_path, [sys.executable, str(EXAMPLE_HELPER)], 9))])
+    where = f"127.0.0.1:{gateway.getsockname()[1]}"
+    helper = [sys.executable, str(EXAMPLE_HELPER), where]
+    node = start_node(redis_url, extra=["--config", str(config(tmp_path, helper, 9))])
     try:
         phone = place(node, "+15551234")
         try:
-            assert invite_to(gateway, b"sip:+15551234@127.0.0.1:15090", 10.0), node.log()[-3000:]
+            assert invite_to(gateway, f"sip:+15551234@{where}".encode(), 10.0), node.log()[-3000:]
         finally:
             phone.close()
         phone = place(node, "+19005550000")

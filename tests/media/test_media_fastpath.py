@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+from fixtures.relay import free_port_range
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -411,7 +412,7 @@ async def test_the_media_timeout_sees_what_the_fast_path_forwards() -> None:
     """The fast path's "last seen" reaches the media timeout: a call whose media flows only
     through it outlives the timeout, and is freed once its media stops."""
     engine = RelayEngine(
-        PortAllocator(41480, 41499),
+        PortAllocator(*free_port_range(20)),
         sdp_allowed=policy_predicate(DestinationPolicy(allow=["127.0.0.0/8"])),
         media_timeout=1.5,
     )
@@ -454,7 +455,7 @@ async def test_the_media_timeout_sees_what_the_fast_path_forwards() -> None:
 
 
 def test_fast_path_off_leaves_every_packet_to_python() -> None:
-    engine = RelayEngine(PortAllocator(41500, 41519))
+    engine = RelayEngine(PortAllocator(*free_port_range(20)))
     server = RelayServer(engine, "127.0.0.1", fast_path=False)
     try:
         assert not server.fast_path

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
+from fixtures.relay import free_port_range
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -676,7 +677,7 @@ def bindable(port: int) -> bool:
 
 
 async def test_offer_answer_media_query_delete_over_udp() -> None:
-    engine = RelayEngine(PortAllocator(42000, 42099), sdp_allowed=lambda host, port: host.startswith("127."))
+    engine = RelayEngine(PortAllocator(*free_port_range(100)), sdp_allowed=lambda host, port: host.startswith("127."))
     relay = RelayServer(engine, RELAY)
     server = await NgServer.listen(NgController(relay, RELAY), RELAY, 0)
     proxy, proxy_rx = await endpoint(RELAY)

@@ -12,6 +12,7 @@ import struct
 from typing import Any
 
 import pytest
+from fixtures.relay import free_port_range
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -491,7 +492,7 @@ def test_a_dual_stack_socket_sees_ipv4_vouched_sources_in_their_mapped_form() ->
 
 async def test_two_phones_through_the_relay_with_nat_latching() -> None:
     engine = RelayEngine(
-        PortAllocator(41000, 41099),
+        PortAllocator(*free_port_range(100)),
         sdp_allowed=policy_predicate(DestinationPolicy(allow=["127.0.0.0/8"])),
     )
     server = RelayServer(engine, "127.0.0.1")
@@ -543,7 +544,7 @@ async def test_two_phones_through_the_relay_with_nat_latching() -> None:
 
 async def test_media_timeout_closes_sockets_on_a_real_loop() -> None:
     engine = RelayEngine(
-        PortAllocator(41100, 41119), media_timeout=0.2, sdp_allowed=lambda host, port: host.startswith("127.")
+        PortAllocator(*free_port_range(20)), media_timeout=0.2, sdp_allowed=lambda host, port: host.startswith("127.")
     )
     server = RelayServer(engine, "127.0.0.1")
     try:
@@ -567,18 +568,19 @@ async def test_media_timeout_closes_sockets_on_a_real_loop() -> None:
 
 
 async def test_a_port_held_by_another_process_is_retired_and_the_offer_fails_cleanly() -> None:
-    engine = RelayEngine(PortAllocator(41200, 41205, shuffled=False), sdp_allowed=lambda host, port: True)
+    first, last = free_port_range(6)
+    engine = RelayEngine(PortAllocator(first, last, shuffled=False), sdp_allowed=lambda host, port: True)
     server = RelayServer(engine, "127.0.0.1")
     squatter = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    squatter.bind(("127.0.0.1", 41200))
+    squatter.bind(("127.0.0.1", first))
     try:
-        with pytest.raises(PortsExhausted, match=r"^Failed to bind port 41200$"):
+        with pytest.raises(PortsExhausted, match=rf"^Failed to bind port {first}$"):
             await server.offer("c1", "ta", [MediaEndpoint("127.0.0.2", 9)])
         assert engine.list_calls() == [] and server.open_ports == 0
         [ports] = await server.offer("c2", "ta", [MediaEndpoint("127.0.0.2", 9)])
-        assert ports.rtp != 41200 and server.open_ports == 4
+        assert ports.rtp != first and server.open_ports == 4
         server.delete("c2")
-        assert engine.ports.free_ports == 5  # 41200 is never handed out again
+        assert engine.ports.free_ports == 5  # the squatted port is never handed out again
     finally:
         squatter.close()
         server.close()
