@@ -51,6 +51,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <stdint.h>
 #include <string.h>
 
 #define NAME_SLOTS 256 /* power of two */
@@ -143,14 +144,35 @@ static int is_token_char(unsigned char c) {
            c == '!' || c == '%' || c == '*' || c == '_' || c == '+' || c == '`' || c == '\'' || c == '~';
 }
 
-/* RFC 3261 25.1: a Reason-Phrase holds no control character but HTAB (parser._REASON_CONTROLS) */
-static int reason_ok(const char *p, Py_ssize_t n) {
-    for (Py_ssize_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)p[i];
-        if ((c < 0x20 && c != '\t') || c == 0x7f) return 0;
+/* Whether p[0..n) holds a control character but HTAB (LF and CR included): what no start line
+ * holds and no header line but in a quoted-pair (parser._CONTROL, _refuse_controls: every line
+ * holding one is Python's to judge).  Eight bytes at a time: a word with no byte below 0x20 and
+ * none equal to 0x7f is passed over (the test may flag a word that has neither; its bytes are
+ * then looked at one by one). */
+static int has_control(const char *p, Py_ssize_t n) {
+    const unsigned char *s = (const unsigned char *)p;
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t x, y;
+        memcpy(&x, s + i, 8);
+        y = x ^ 0x7f7f7f7f7f7f7f7fULL;
+        uint64_t below = (x - 0x2020202020202020ULL) & ~x & 0x8080808080808080ULL;
+        uint64_t del = (y - 0x0101010101010101ULL) & ~y & 0x8080808080808080ULL;
+        if ((below | del) == 0) continue;
+        for (int k = 0; k < 8; k++) {
+            unsigned char c = s[i + k];
+            if ((c < 0x20 && c != '\t') || c == 0x7f) return 1;
+        }
     }
-    return 1;
+    for (; i < n; i++) {
+        unsigned char c = s[i];
+        if ((c < 0x20 && c != '\t') || c == 0x7f) return 1;
+    }
+    return 0;
 }
+
+/* RFC 3261 25.1: a Reason-Phrase holds no control character but HTAB (parser._REASON_CONTROLS) */
+static int reason_ok(const char *p, Py_ssize_t n) { return !has_control(p, n); }
 
 /* The start line's (method, uri, status, reason) when it is the common case (parser
  * _parse_start_line would accept it as it is): "SIP/2.0 DDD[ reason]" with DDD in 100..699 and
@@ -243,7 +265,7 @@ static PyObject *split_headers(PyObject *self, PyObject *const *args, Py_ssize_t
         line_end = cr != NULL ? cr : end;
         if (cr != NULL && cr[1] != '\n') goto not_mine; /* bare CR */
         if (line_end == p || *p == ' ' || *p == '\t') goto not_mine; /* folding (or empty) */
-        if (memchr(p, '\n', (size_t)(line_end - p)) != NULL) goto not_mine; /* bare LF */
+        if (has_control(p, line_end - p)) goto not_mine; /* a bare LF, a NUL, an escaped one...: Python's */
         if (++count > max_headers) goto not_mine;
         const char *colon = memchr(p, ':', (size_t)(line_end - p));
         if (colon == NULL) goto not_mine;
@@ -577,7 +599,7 @@ static PyObject *response_hop(PyObject *self, PyObject *const *args, Py_ssize_t 
 
     /* the start line: no CR or LF inside */
     const char *eol = memchr(p, '\r', (size_t)hend + 2);
-    if (eol == NULL || eol[1] != '\n' || memchr(p, '\n', (size_t)(eol - p)) != NULL) Py_RETURN_NONE;
+    if (eol == NULL || eol[1] != '\n' || has_control(p, eol - p)) Py_RETURN_NONE;
     if (!reason_ok(p + 12, (eol - p) - 12)) Py_RETURN_NONE; /* the parser drops it */
     Py_ssize_t start_len = (eol - p) + 2; /* with its CRLF */
     Py_ssize_t pos = start_len;
@@ -586,7 +608,7 @@ static PyObject *response_hop(PyObject *self, PyObject *const *args, Py_ssize_t 
         const char *cr = memchr(ls, '\r', (size_t)(hend - pos + 1));
         if (cr == NULL || cr[1] != '\n') Py_RETURN_NONE;
         Py_ssize_t len = cr - ls;
-        if (len == 0 || memchr(ls, '\n', (size_t)len) != NULL) Py_RETURN_NONE;
+        if (len == 0 || has_control(ls, len)) Py_RETURN_NONE; /* the parser's to judge */
         if (nlines >= MAX_HEADER_LINES) Py_RETURN_NONE;
         const char *colon = memchr(ls, ':', (size_t)len);
         if (colon == NULL || colon == ls) Py_RETURN_NONE;
@@ -1021,7 +1043,7 @@ static int scan_request(PyObject *data, Py_ssize_t max_size, req_scan *s) {
     s->body_start = hend + 4;
     /* the request line */
     const char *eol = memchr(p, '\r', (size_t)hend + 2);
-    if (eol == NULL || eol[1] != '\n' || memchr(p, '\n', (size_t)(eol - p)) != NULL) return 0;
+    if (eol == NULL || eol[1] != '\n' || has_control(p, eol - p)) return 0;
     Py_ssize_t llen = eol - p;
     const char *sp1 = memchr(p, ' ', (size_t)llen);
     if (sp1 == NULL || sp1 == p) return 0;
@@ -1048,7 +1070,7 @@ static int scan_request(PyObject *data, Py_ssize_t max_size, req_scan *s) {
         const char *cr = memchr(ls, '\r', (size_t)(hend - pos + 1));
         if (cr == NULL || cr[1] != '\n') return 0;
         Py_ssize_t len = cr - ls;
-        if (len == 0 || memchr(ls, '\n', (size_t)len) != NULL) return 0;
+        if (len == 0 || has_control(ls, len)) return 0; /* the parser's to judge */
         if (s->nlines >= MAX_HEADER_LINES) return 0;
         const char *colon = memchr(ls, ':', (size_t)len);
         if (colon == NULL || colon - ls < 2) return 0; /* no name, or a compact one */

@@ -192,9 +192,56 @@ def _parse(data: bytes, max_size: int) -> SipMessage:
             raise MessageDropped("bare CR in header section")
         msg.headers = _answer_headers(lines[1:])  # those without a CR: the answer must not carry it
         raise BadMessage("bare CR in header section", partial=msg)
+    if _CONTROL(head, len(lines[0])) is not None:
+        _refuse_controls(msg, lines)
     headers, first_values = _parse_headers(lines, sep, msg)
     msg.headers = headers
     return _finish(msg, data, body_start, first_values, max_size)
+
+
+# RFC 3261 25.1: a header value holds no control character but HTAB (TEXT-UTF8, qdtext and ctext
+# exclude them), except escaped in a quoted-pair, in a quoted string or a comment: RFC 4475
+# 3.1.1.11 ("intmeth") is valid with "BEL:\<BEL> NUL:\<NUL> DEL:\<DEL>" in a display name.
+# Forwarded raw, a NUL truncates the value for a C peer and an ESC drives the terminal of
+# whoever reads the log.  sipfarm/sip/_fastparse.c declines every line holding one (this code
+# judges it).
+_CONTROL: Final = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]").search
+
+
+def _refuse_controls(msg: SipMessage, lines: list[bytes]) -> None:
+    """MessageDropped (a response) or BadMessage (a request, answered without the lines that
+    hold one) for a control character outside a quoted-pair in a header line; nothing when
+    every one is escaped."""
+    quote = False  # inside a quoted string
+    depth = 0  # comment nesting
+    bad = False
+    for line in lines[1:]:
+        if not line or (line[0] != 0x20 and line[0] != 0x09):
+            quote, depth = False, 0  # a new header line (not a continuation)
+        i, n = 0, len(line)
+        while i < n:
+            c = line[i]
+            if c == 0x5C and (quote or depth):  # backslash: a quoted-pair, any character but CR/LF
+                i += 2
+                continue
+            if c == 0x22 and not depth:
+                quote = not quote
+            elif c == 0x28 and not quote:
+                depth += 1
+            elif c == 0x29 and depth:
+                depth -= 1
+            elif (c < 0x20 and c != 0x09) or c == 0x7F:
+                bad = True
+                break
+            i += 1
+        if bad:
+            break
+    if not bad:
+        return
+    if msg.is_response:
+        raise MessageDropped("control character in header section")
+    msg.headers = _answer_headers([line for line in lines[1:] if _CONTROL(line) is None])
+    raise BadMessage("control character in header value", partial=msg)
 
 
 def _finish(msg: SipMessage, data: bytes, body_start: int, first_values: dict[str, bytes], max_size: int) -> SipMessage:

@@ -34,7 +34,9 @@ _PASSWORD_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXY
 _PARAM_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.!~*'()%[]/:&+$")
 
 
-_BAD_SIP_CHARS = re.compile(r'[ \t\r\n<>"]').search
+# space and the control characters (RFC 3986 2.1: escaped as %XX, never raw), and what ends a
+# URI in a name-addr
+_BAD_SIP_CHARS = re.compile(r'[\x00-\x20\x7f<>"]').search
 
 
 class URIError(ValueError):

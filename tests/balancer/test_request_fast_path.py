@@ -363,6 +363,13 @@ DECLINED: dict[str, Callable[[bytes], bytes]] = {
     "route_trailing_comma": lambda data: data.replace(b"\r\nMax-Forwards", b",\r\nMax-Forwards", 1),
     "bare_lf": _line(b"From: <sip:alice", b"From: <sip:\nalice"),
     "bare_cr": _line(b"From: <sip:alice", b"From: <sip:\ralice"),
+    # RFC 3261 25.1: a control character but HTAB only escaped in a quoted string or comment
+    # (the parser judges those; a raw one gets a 400 on both paths)
+    "header_nul": _line(b"From: <sip:alice", b"From: <sip:\x00alice"),
+    "header_escape": _line(b"CSeq:", b"User-Agent: x\x1b[2J\r\nCSeq:"),
+    "header_del": _line(b"CSeq:", b"Subject: \x7f\r\nCSeq:"),
+    "header_escaped_bel": _line(b"CSeq:", b'Subject: "\\\x07"\r\nCSeq:'),
+    "request_line_nul": _line(b";transport=UDP SIP", b";transport=\x00UDP SIP"),
     "fold": _line(b"From: <sip:alice", b"From:\r\n <sip:alice"),
     "leading_crlf": lambda data: b"\r\n" + data,
     "no_space_after_colon": _line(b"From: ", b"From:"),
@@ -811,9 +818,9 @@ def test_initial_fast_path_matches_general_path(
 # -- a 2xx ACK past the node ------------------------------------------------------------------
 
 #: the node's Record-Route entry as a node writes it, sealed for from_client's Call-ID
-SEALED_NODE_ENTRY = b"<sip:127.0.0.1:5070;lr;sf=%s>" % FlowTokens(SECRET).seal(
-    "127.0.0.1", 5070, b"dialog-1@127.0.0.2"
-).encode()
+SEALED_NODE_ENTRY = (
+    b"<sip:127.0.0.1:5070;lr;sf=%s>" % FlowTokens(SECRET).seal("127.0.0.1", 5070, b"dialog-1@127.0.0.2").encode()
+)
 
 
 def dialog_routes(core: BalancerCore, callee: Address, node_entry: bytes = SEALED_NODE_ENTRY) -> list[bytes]:
@@ -856,9 +863,9 @@ def test_what_does_not_go_past_the_node() -> None:
     slow, fast = pair()
     routes = dialog_routes(fast.core, UAS)
     at = routes.index(SEALED_NODE_ENTRY)
-    other_node = b"<sip:127.0.0.1:5999;lr;sf=%s>" % FlowTokens(SECRET).seal(
-        "127.0.0.1", 5999, b"dialog-1@127.0.0.2"
-    ).encode()
+    other_node = (
+        b"<sip:127.0.0.1:5999;lr;sf=%s>" % FlowTokens(SECRET).seal("127.0.0.1", 5999, b"dialog-1@127.0.0.2").encode()
+    )
     cases = [
         from_client(fast.core, b"ACK", routes=[*routes[:at], NODE_ENTRY, *routes[at + 1 :]]),  # another Call-ID's seal
         from_client(fast.core, b"ACK", routes=[*routes[:at], other_node, *routes[at + 1 :]]),  # sealed, not a node

@@ -125,10 +125,24 @@ def crafted_vectors() -> list[Torture]:
         "via-list-70": "Via: " + ",".join(f"SIP/2.0/UDP v{i}.example.com;branch=b{i}" for i in range(70)) + "\r\n",
         "contacts-70-lines": _lines("Contact", 70, "<sip:c{i}.example.com>"),
     }
+    controls = {  # RFC 3261 25.1: no control character in a header value but HTAB, or escaped
+        "control-nul-subject": "Subject: call\x00me\r\n",
+        "control-esc-user-agent": "User-Agent: phone \x1b[2J\x1b[31mowned\r\n",
+        "control-del-quoted": 'X-Note: "a\x7fb"\r\n',
+        "control-bel-comment": "Server: box (v1 \x07)\r\n",
+    }
     return [
         Torture("sipfarm", name, "limits", "over a parser bound", _crafted_request(extra), False, "400")
         for name, extra in shapes.items()
-    ]
+    ] + [
+        Torture("sipfarm", name, "controls", "a control character", _crafted_request(extra), False, "400")
+        for name, extra in controls.items()
+    ] + [
+        Torture(
+            "sipfarm", "control-escaped", "controls", "control characters in quoted-pairs (valid)",
+            _crafted_request('X-Note: "bell \\\x07 nul \\\x00" (del \\\x7f)\r\n'), True, "parse",
+        )
+    ]  # fmt: skip
 
 
 ALL = load_vectors() + crafted_vectors()

@@ -19,6 +19,7 @@ from sipfarm.sip.errors import (
 )
 from sipfarm.sip.message import SipMessage, error_response, make_response
 from sipfarm.sip.parser import StreamFramer, parse_message, parse_message_reference, validate_request
+from sipfarm.sip.uri import URIError, parse_uri
 
 SDP = b"v=0\r\no=- 1 1 IN IP4 192.0.2.1\r\ns=-\r\nc=IN IP4 192.0.2.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n"
 
@@ -131,6 +132,56 @@ def test_a_control_character_in_the_reason_phrase_drops_the_response(
 def test_a_reason_phrase_may_hold_htab_utf8_and_any_printable(parse: Callable[[bytes], SipMessage]) -> None:
     for reason in (b"Busy\tHere", "Occupé 忙".encode(), bytes(range(0x20, 0x7F)), b"\x80\xff"):
         assert parse(response().replace(b"200 OK", b"200 " + reason, 1)).reason == reason
+
+
+@pytest.mark.parametrize("control", REASON_CONTROLS)
+@pytest.mark.parametrize("parse", [parse_message, parse_message_reference])
+def test_a_control_character_in_a_header_value_is_refused(control: int, parse: Callable[[bytes], SipMessage]) -> None:
+    """RFC 3261 25.1: no header value holds a control character but HTAB outside a quoted-pair.
+    A request gets its 400 (answered with the lines that hold none), a response is dropped: a
+    NUL or an escape sequence never goes on to the next hop or into a log."""
+    c = bytes([control])
+    for line in (
+        b"Subject: hi" + c,
+        b"User-Agent: x " + c + b"[2J",
+        b'X-Note: "a' + c + b'"',
+        b"Server: (v1 " + c + b")",
+    ):
+        with pytest.raises(BadMessage, match="control character") as info:
+            parse(invite(line.decode("latin-1")))
+        answer = info.value.partial
+        assert answer is not None and answer.call_id == b"a84b4c76e66710@pc33.example.com"
+        assert all(value.find(c) < 0 for _, _, value in answer.headers)
+        with pytest.raises(MessageDropped, match="control character"):
+            parse(response("180 Ringing", line.decode("latin-1")))
+    with pytest.raises(BadMessage, match="control character"):  # in a mandatory header: no From to answer with
+        parse(invite().replace(b'From: "Alice"', b'From: "Al' + c + b'ice"', 1))
+
+
+@pytest.mark.parametrize("parse", [parse_message, parse_message_reference])
+def test_control_characters_escaped_in_quoted_strings_and_comments_are_valid(
+    parse: Callable[[bytes], SipMessage],
+) -> None:
+    """RFC 4475 3.1.1.11 ("intmeth"): quoted-pair = "\\" (%x00-09 / %x0B-0C / %x0E-7F), in a
+    quoted string or a comment; HTAB anywhere."""
+    for line in ('X-Note: "bell \\\x07 nul \\\x00" (del \\\x7f)', "Subject: tab\there", 'X-A: "(\\\x1b" x'):
+        assert parse(invite(line)).get(line.split(":")[0].lower()) == line.partition(": ")[2].encode("latin-1")
+    for line in ("X-Note: \\\x07", 'X-Note: "a" \\\x07', 'X-Note: "\\\x07"\x07'):  # escaped outside: refused
+        with pytest.raises(BadMessage, match="control character"):
+            parse(invite(line))
+
+
+@pytest.mark.parametrize("control", REASON_CONTROLS)
+def test_a_control_character_in_a_request_uri_is_refused(control: int) -> None:
+    with pytest.raises(SipError):
+        validate_request(
+            parse_message(
+                invite().replace(b"sip:bob@example.com SIP", b"sip:bob@exa" + bytes([control]) + b"mple.com SIP", 1)
+            )
+        )
+    for uri in (b"sip:bob@example.com;x=" + bytes([control]), b"sip:bob@example.com?X=" + bytes([control])):
+        with pytest.raises(URIError):
+            parse_uri(uri)
 
 
 @pytest.mark.parametrize("status", [b"99", b"700", b"2000", b"abc", b"", b"20a"])
