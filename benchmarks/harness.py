@@ -48,6 +48,7 @@ from benchmarks.sipp import REGISTER_AUTH, UAC_CALL, SippError, SippResult, Sipp
 from benchmarks.targets import (
     KAMAILIO_MEMORY_MANAGERS,
     KamailioTarget,
+    NodeAloneTarget,
     SipfarmTarget,
     Target,
     TargetError,
@@ -95,12 +96,13 @@ class Settings:
     relays: int = 0  # `sipfarm relay` processes started with each farm, its nodes anchoring media on them
     kinds: tuple[str, ...] = ("register", "call")  # the searches run (--media: calls only)
     kamailio_memory: tuple[str, ...] = ("qm",)
+    node_alone: bool = False  # also one node with no balancer, SIPp straight at it (sipfarm-node)
     """Kamailio's memory managers: the in-memory target runs once with each (the first also
     runs the Redis one); qm is Debian's default, the historical reference."""
 
     @property
     def target_count(self) -> int:
-        return (len(self.nodes) + (len(self.kamailio_memory) if self.kamailio else 0)
+        return (len(self.nodes) + int(self.node_alone) + (len(self.kamailio_memory) if self.kamailio else 0)
                 + int(self.kamailio_redis))
 
 
@@ -352,6 +354,8 @@ class Harness:
         for n in s.nodes:
             yield functools.partial(SipfarmTarget, raw / f"sipfarm-{n}n", self.users, nodes=n, workers=s.workers,
                                     env=self.env, relays=s.relays)
+        if s.node_alone:
+            yield functools.partial(NodeAloneTarget, raw / "sipfarm-node", self.users, workers=s.workers, env=self.env)
         for memory in s.kamailio_memory if s.kamailio else ():
             name = kamailio_target_name(redis_location=False, memory_manager=memory)
             yield functools.partial(KamailioTarget, raw / name, self.users, workers=s.workers, redis_location=False,
@@ -527,6 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Kamailio's memory manager (-x): qm, Debian's default and the historical reference "
                    "(default); tlsf, ~2x less CPU per message in this config; both: the in-memory Kamailio "
                    "twice, kamailio (qm) and kamailio-tlsf, sipfarm's ratios against each (the Redis one: qm)")
+    p.add_argument("--node-alone", action="store_true",
+                   help="also measure one node with no balancer, SIPp straight at it as at Kamailio (sipfarm-node): "
+                   "its per CPU-second figures are not taken while a balancer shares the two cores with it")
     p.add_argument("--build", choices=("auto", "compiled", "interpreted"), default="auto",
                    help="sipfarm as compiled by 'make compiled' (mypyc) or pure Python; auto: compiled when "
                    "that build is fresh")
@@ -599,7 +606,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         search_budget_s=search_budget_s,
         # Searches share this: quick stays under 5 minutes with 4 targets (~15 s each to start
         # and register everyone); a second Kamailio memory manager adds its two searches.
-        total_budget_s=pick(None, 3600.0, 215.0, 0.0) + 2 * search_budget_s * (len(memory) - 1 if kamailio else 0),
+        total_budget_s=pick(None, 3600.0, 215.0, 0.0) + 2 * search_budget_s * (len(memory) - 1 if kamailio else 0)
+        + 2 * search_budget_s * int(args.node_alone),
         max_steps=pick(None, 12, 8, 1),
         precision=pick(None, 0.05, 0.15, 0.5),
         max_p99_ms=args.max_p99_ms or None,
@@ -613,6 +621,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         kamailio_redis=kamailio and not args.no_kamailio_redis and not args.tiny,
         build=args.build,
         kamailio_memory=memory,
+        node_alone=args.node_alone,
     )
 
 

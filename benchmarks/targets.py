@@ -243,6 +243,24 @@ class SipfarmTarget(Target):
         raise TargetError(f"relay{index} did not answer an ng ping on {HOST}:{ng}:\n{relay.log_tail(15)}")
 
 
+class NodeAloneTarget(SipfarmTarget):
+    """One node, SIPp straight at it, no balancer: the node measured as Kamailio is (one process,
+    the phones' messages arriving directly), so that its per CPU-second figures are not taken while
+    a balancer in front shares the machine's two cores with it."""
+
+    def __init__(self, workdir: Path, users: Sequence[User], *, workers: int,
+                 env: Mapping[str, str] | None = None) -> None:
+        # SIPp's UAS sits on loopback, which a node refuses as a destination unless allowed
+        # (in a farm the balancer is the node's only next hop towards a phone)
+        env = {**(env if env is not None else os.environ), "SIPFARM_ALLOW_DESTINATIONS": "127.0.0.0/8"}
+        super().__init__(workdir, users, nodes=1, workers=workers, env=env)
+        self.name = "sipfarm-node"
+        self.note = "one node, no balancer: SIPp straight at it, as at Kamailio"
+
+    def _start_front(self) -> None:
+        self.port = self.node_ports[0]
+
+
 RELAY_PORT_BASE = 24000  # below the ephemeral range; a port another process holds is retired by the relay
 RELAY_PORTS = 4000  # 4 a call: 1,000 concurrent calls a relay
 

@@ -63,6 +63,21 @@ def test_tiny_run_writes_json_markdown_and_plot(tmp_path: Path, capsys: pytest.C
     assert list((run / "raw" / "sipfarm-1n").glob("*/stats.csv"))
 
 
+@pytest.mark.timeout(60)
+def test_tiny_run_measures_the_node_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--node-alone: one node with SIPp straight at it, no balancer (as Kamailio is measured)."""
+    code = harness.main(["--tiny", "--node-alone", "--no-kamailio", "--out", str(tmp_path), "--no-progress"])
+    assert code == 0, capsys.readouterr()
+    summary = json.loads((only_run(tmp_path) / "summary.json").read_text())
+    alone = summary["targets"]["sipfarm-node"]
+    assert alone["error"] is None and alone["max_rate"] == {"register": 25.0, "call": 5.0}
+    for kind in ("register", "call"):
+        best = alone["best"][kind]
+        assert best["succeeded"] > 0 and best["failed"] == 0
+        assert "node1" in best["cpu_s"] and "balancer" not in best["cpu_s"]
+        assert alone["efficiency"][kind]["per_server_cpu_s"] > 0
+
+
 def test_missing_sipp_is_one_line_and_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     real_which = shutil.which
