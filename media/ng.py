@@ -783,7 +783,9 @@ def _relay_media(description: sdp.SessionDescription, source: str | None = None)
     endpoints = sdp.endpoints_of(description)
     enabled = [e.index for e in endpoints if not e.disabled]
     if len(enabled) > MAX_RELAYED_SECTIONS:
-        raise NgError(f"more than {MAX_RELAYED_SECTIONS} media sections")
+        # the offer's own defect, as a host name in c= is: "Failed to parse SDP", which a proxy
+        # answers 488 at once, trying no other relay and marking none failed
+        raise sdp.SdpError(f"more than {MAX_RELAYED_SECTIONS} media sections")
     media: list[relay.MediaEndpoint] = []
     for endpoint in endpoints[: enabled[-1] + 1 if enabled else 0]:
         section = description.media[endpoint.index]
@@ -808,10 +810,11 @@ def _clock_rate(section: sdp.MediaDescription) -> int:
         payload_type, _, encoding = value.partition(" ")
         if payload_type == first:
             rate = encoding.split("/")[1:2]
-            if rate and rate[0].isdigit() and 0 < int(rate[0]) <= 1_000_000:
+            # str.isdigit() takes other scripts' digits too ("¹", which int() refuses): ASCII only
+            if rate and rate[0].isascii() and rate[0].isdigit() and 0 < int(rate[0]) <= 1_000_000:
                 return int(rate[0])
             break
-    if first.isdigit():
+    if first.isascii() and first.isdigit():
         return _STATIC_CLOCK_RATES.get(int(first), relay.DEFAULT_CLOCK_RATE)
     return relay.DEFAULT_CLOCK_RATE
 

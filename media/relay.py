@@ -111,6 +111,7 @@ __all__ = [
     "RelayServer",
     "RelayTotals",
     "SessionLimitReached",
+    "TooManyAnswers",
     "UnknownCall",
     "UnknownTag",
     "policy_predicate",
@@ -125,6 +126,9 @@ LATCH_FROM = ("signalled", "any")  # whom a port latches onto: see "Latching"
 # ports one owner's calls may hold at once (an account's, or a source's, as the controller says
 # in ng "owner"): 100 two-party audio calls with RTCP on its own port; 0: no limit
 DEFAULT_MAX_PORTS_PER_OWNER = 400
+# answer legs (distinct To tags) one call may hold: forks and their early media; a hostile callee's
+# 183s under ever new tags are refused beyond it (each leg ~2.5 KB), the legs it has kept
+MAX_ANSWER_LEGS = 32
 
 _RTP, _RTCP, _MUX = KIND_RTP, KIND_RTCP, KIND_MUX  # kinds of port: what it accepts
 _MAX_ROUNDS = 16  # polls of the plane per loop callback (MAX_EVENTS sockets each)
@@ -142,6 +146,13 @@ class UnknownTag(RelayError):
 
 class SessionLimitReached(RelayError):
     reason = "Session limit reached"
+
+
+class TooManyAnswers(RelayError):
+    """A call's answers under new To tags (forked or early-media legs) beyond ``MAX_ANSWER_LEGS``:
+    each holds its own state, and a callee could send any number of 183s, each with a new tag."""
+
+    reason = "Too many answers (To tags) for one call"
 
 
 class OwnerLimitReached(RelayError):
@@ -482,6 +493,8 @@ class RelayEngine:
             raise UnknownTag(f"Unknown from-tag {from_tag!r}")
         answerer = call.tags.get(to_tag)
         if answerer is None:
+            if len(offerer.peer.legs) >= MAX_ANSWER_LEGS:
+                raise TooManyAnswers
             answerer = offerer.peer
             call.tags[to_tag] = answerer
         elif answerer is not offerer.peer:

@@ -109,6 +109,12 @@ ICE_ATTRIBUTES = frozenset(
     }
 )
 _MUX_ATTRIBUTES = frozenset({"rtcp-mux", "rtcp-mux-only"})  # RFC 5761, RFC 8858
+# Keys and certificates on a plain RTP/AVP(F) stream (RFC 4568 a=crypto, RFC 8122 a=fingerprint,
+# RFC 8842 a=tls-id): the profile decides what a stream is, and the relay carries plain RTP, so
+# :func:`anchor` drops them (a phone's "best-effort SRTP" offer goes plain through the relay; a
+# made-up attribute is no way to have a call's media go end to end, unanchored); an SRTP or DTLS
+# stream (never the sipfarm relay's: secure_media) keeps them
+KEY_ATTRIBUTES = frozenset({"crypto", "fingerprint", "tls-id"})
 _SETUP_ROLES = frozenset({"active", "passive", "actpass", "holdconn"})  # RFC 4145 4
 
 
@@ -670,21 +676,18 @@ def endpoints_of(sdp: SessionDescription) -> list[MediaEndpoint]:
 def secure_media(sdp: SessionDescription) -> str | None:
     """What in ``sdp`` asks for encrypted media on an enabled stream, or None for plain RTP.
 
-    SRTP profiles (RFC 3711 ``RTP/SAVP``, RFC 5124 ``RTP/SAVPF``), DTLS-SRTP (RFC 5764
-    ``UDP/TLS/RTP/SAVP(F)``, ``a=fingerprint`` RFC 8122, session- or media-level) and SDES keys
-    (RFC 4568 ``a=crypto``).  sipfarm's relay terminates none of them: it refuses such SDP
+    SRTP profiles (RFC 3711 ``RTP/SAVP``, RFC 5124 ``RTP/SAVPF``) and DTLS-SRTP (RFC 5764
+    ``UDP/TLS/RTP/SAVP(F)``).  sipfarm's relay terminates none of them: it refuses such SDP
     (one rule for proxies: encrypted media goes to rtpengine, which terminates SRTP per leg),
     rather than forward SDES-keyed SRTP opaquely, which would work only while both legs want
-    the same keys and profile."""
+    the same keys and profile.  The profile alone decides: keys or a fingerprint on a plain
+    ``RTP/AVP`` stream (best-effort SRTP, or an attribute made up to keep a call's media off
+    the relay: red team, 2026-12-03) are dropped by :func:`anchor` (``KEY_ATTRIBUTES``)."""
     for section in sdp.media:
         if section.disabled:
             continue
-        proto = section.line.proto.upper()
-        if "SAVP" in proto or "TLS" in proto:
-            return proto
-        for name in ("fingerprint", "crypto"):
-            if section.has_attribute(name) or sdp.has_attribute(name):
-                return f"a={name}"
+        if not _plain(section):
+            return section.line.proto.upper()
     return None
 
 
@@ -769,6 +772,7 @@ def anchor(
         relays.append(endpoint)
     first = next((r for r in relays if r is not None), None)
     strip_ice = ice is IceMode.REMOVE
+    all_plain = all(section.disabled or _plain(section) for section in sdp.media)
 
     session: list[str] = []
     session_connection = sdp.connection
@@ -781,6 +785,8 @@ def anchor(
             held = sdp.connection.unspecified
             session_connection = _unspecified_like(first.address) if held else first.connection
             session.append("c=" + session_connection.serialize())
+        elif kind == "a" and all_plain and _attribute_name(text) in KEY_ATTRIBUTES:
+            continue
         elif not (kind == "a" and strip_ice and _attribute_name(text) in ICE_ATTRIBUTES):
             session.append(text)
 
@@ -807,6 +813,12 @@ def anchor(
     return sdp._rebuild(session, media)
 
 
+def _plain(section: MediaDescription) -> bool:
+    """A plain RTP profile (RTP/AVP, RTP/AVPF): neither SRTP nor DTLS (see :func:`secure_media`)."""
+    proto = section.line.proto.upper()
+    return "SAVP" not in proto and "TLS" not in proto
+
+
 def _mux_out(phone_muxes: bool, mode: RtcpMuxMode) -> bool:
     if mode is RtcpMuxMode.KEEP:
         return phone_muxes
@@ -829,6 +841,7 @@ def _anchor_section(
     rtcp_written = False
     direction_written = False
     one_port = relay.rtcp == relay.rtp_port
+    plain = _plain(section)
     for text in section.lines[1:]:
         kind = text[0]
         # RFC 8866 5: c= comes after m= and i=, before b=, k= and a=
@@ -842,7 +855,7 @@ def _anchor_section(
             continue
         if kind == "a":
             name = _attribute_name(text)
-            if strip_ice and name in ICE_ATTRIBUTES:
+            if (strip_ice and name in ICE_ATTRIBUTES) or (plain and name in KEY_ATTRIBUTES):
                 continue
             if name in _MUX_ATTRIBUTES and not mux:
                 continue

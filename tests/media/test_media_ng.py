@@ -500,8 +500,6 @@ def secure_sdp(proto: str, media_extra: str = "", session_extra: str = "") -> by
         (secure_sdp("UDP/TLS/RTP/SAVP"), {}),
         (secure_sdp("RTP/SAVPF"), {}),
         (secure_sdp("RTP/SAVP", CRYPTO), {}),  # SDES-SRTP
-        (secure_sdp("RTP/AVP", CRYPTO), {}),  # keys on a plain profile (best-effort SRTP)
-        (secure_sdp("RTP/AVP", session_extra=FINGERPRINT), {}),  # session-level fingerprint
         (phone_sdp("192.168.1.10", 4000), {"ICE": "force"}),
         (phone_sdp("192.168.1.10", 4000), {"ICE": "force-relay"}),
         (phone_sdp("192.168.1.10", 4000), {"DTLS": "passive"}),
@@ -512,7 +510,7 @@ def secure_sdp(proto: str, media_extra: str = "", session_extra: str = "") -> by
         (phone_sdp("192.168.1.10", 4000), BROWSER_FLAGS),
     ],
     ids=[
-        "sdp-dtls-savpf", "sdp-dtls-savp", "sdp-savpf", "sdp-sdes", "sdp-crypto-on-avp", "sdp-session-fingerprint",
+        "sdp-dtls-savpf", "sdp-dtls-savp", "sdp-savpf", "sdp-sdes",
         "ice-force", "ice-force-relay", "dtls-passive", "dtls-active", "tp-savp", "tp-savpf", "tp-dtls", "browser",
     ],
 )  # fmt: skip
@@ -525,6 +523,25 @@ def test_webrtc_offers_get_the_webrtc_error_and_allocate_nothing(sdp: bytes, ext
     assert b"not supported" in reply[b"error-reason"]  # what proxies look for
     assert DTLS_UNSUPPORTED == WEBRTC_UNSUPPORTED
     assert f.engine.ports.free_ports == free and f.engine.list_calls() == [] and f.controller._calls == {}
+
+
+@pytest.mark.parametrize(
+    "sdp",
+    [
+        secure_sdp("RTP/AVP", CRYPTO),
+        secure_sdp("RTP/AVP", session_extra=FINGERPRINT),
+        secure_sdp("RTP/AVP", FINGERPRINT),
+    ],
+    ids=["crypto-on-avp", "session-fingerprint", "media-fingerprint"],
+)
+def test_keys_on_a_plain_profile_are_anchored_without_them(sdp: bytes) -> None:
+    """The profile decides (red team, 2026-12-03: a made-up fingerprint kept a plain call off the
+    relay, both parties' addresses end to end): anchored, keys and fingerprints dropped."""
+    f = Fixture()
+    reply = f.call("c1", ng("c1", ("sdp", sdp), ("call-id", "k"), ("from-tag", "a"), ("command", "offer")))
+    assert reply[b"result"] == b"ok"
+    assert b"crypto" not in reply[b"sdp"] and b"fingerprint" not in reply[b"sdp"]
+    assert b"RTP/AVP" in reply[b"sdp"] and b"c=IN IP4 127.0.0.1" in reply[b"sdp"]  # the relay's
 
 
 def test_a_browsers_answer_to_a_plain_offer_is_refused_and_the_call_kept() -> None:
@@ -760,10 +777,23 @@ def test_long_call_ids_and_tags_are_kept_under_bounded_names_and_still_work() ->
     assert f.engine.list_calls() == []
 
 
+def test_other_scripts_digits_in_an_rtpmap_are_no_internal_error() -> None:
+    """str.isdigit() takes "¹" (latin-1 0xB9), which int() refuses: found by the fuzz test once keys
+    on a plain stream were anchored (2026-12-03)."""
+    f = Fixture()
+    for rate in ("\u00b9000", "8\u00b2", "\u0663"):
+        sdp = phone_sdp("192.168.1.10", 4000).replace(b"PCMU/8000", f"PCMU/{rate}".encode())
+        assert f.call(f"c{rate}", offer(f"c{rate}", sdp))[b"result"] == b"ok"
+    assert f.controller.internal_errors == 0
+
+
 def test_an_offer_of_too_many_media_sections_is_refused() -> None:
     from media import ng as ng_module  # noqa: PLC0415
 
     sections = "".join(f"m=audio {4000 + 2 * i} RTP/AVP 0\r\n" for i in range(ng_module.MAX_RELAYED_SECTIONS + 1))
     sdp = f"v=0\r\no=- 1 1 IN IP4 203.0.113.10\r\ns=-\r\nc=IN IP4 203.0.113.10\r\nt=0 0\r\n{sections}".encode()
-    with pytest.raises(ng_module.NgError, match="media sections"):
+    with pytest.raises(ng_module.sdp.SdpError, match="media sections"):
         ng_module._relay_media(ng_module.sdp.SessionDescription.parse(sdp))
+    f = Fixture()  # the reply a proxy reads as the offer's defect (488 there, no other relay tried)
+    reply = f.call("c1", offer("c1", sdp))
+    assert reply == {b"result": b"error", b"error-reason": b"Failed to parse SDP: more than 16 media sections"}

@@ -19,12 +19,14 @@ from hypothesis import strategies as st
 from media.farm import FarmAddresses, PortRange
 from media.ports import PortAllocator, PortsExhausted, RelayError
 from media.relay import (
+    MAX_ANSWER_LEGS,
     MediaEndpoint,
     MediaPorts,
     RelayEngine,
     RelayPort,
     RelayServer,
     SessionLimitReached,
+    TooManyAnswers,
     UnknownCall,
     UnknownTag,
     policy_predicate,
@@ -396,6 +398,22 @@ def test_forked_answers_each_to_tag_is_a_leg() -> None:
     assert relay.engine.list_calls() == ["c1"]
     relay.engine.delete("c1", "ta", "t1")
     assert relay.engine.list_calls() == []
+
+
+def test_a_call_holds_at_most_max_answer_legs_to_tags() -> None:
+    """A callee's 183s under ever new To tags (red team, 2026-12-03: 12,000 of them grew the
+    relay by 30 MB) are refused past MAX_ANSWER_LEGS; the legs kept still answer and direct."""
+    relay = Relay()
+    relay.engine.offer("c1", "ta", [MediaEndpoint(*A_SDP)])
+    for n in range(MAX_ANSWER_LEGS):
+        relay.engine.answer("c1", "ta", f"t{n}", [MediaEndpoint("203.0.113.31", 6000 + 2 * n)])
+    with pytest.raises(TooManyAnswers):
+        relay.engine.answer("c1", "ta", "one-more", [MediaEndpoint("203.0.113.31", 7000)])
+    assert len(relay.engine.query("c1").monologues[1].legs) == MAX_ANSWER_LEGS
+    relay.engine.answer("c1", "ta", "t0", [MediaEndpoint("203.0.113.31", 7002)])  # a kept leg's new answer
+    assert relay.engine.query("c1").monologues[1].tag == "t0"
+    relay.engine.delete("c1", "ta", "t5")
+    relay.engine.answer("c1", "ta", "one-more", [MediaEndpoint("203.0.113.31", 7000)])  # room again
 
 
 def test_reinvite_from_the_callee_swaps_tags_and_keeps_ports() -> None:

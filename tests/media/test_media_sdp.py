@@ -812,17 +812,26 @@ def test_property_mutated_sdp_parses_or_raises_sdp_error(body: bytes, data: st.D
         (BARESIP, None),
         (SIPP, None),
         (HOLD_ZERO, None),
-        (PJSUA2.replace("a=sendrecv", "a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:" + "A" * 40), "a=crypto"),
+        # keys on a plain profile: the profile decides (anchor drops them)
+        (PJSUA2.replace("a=sendrecv", "a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:" + "A" * 40), None),
     ],
 )  # fmt: skip
 def test_secure_media_names_what_asks_for_srtp_or_dtls(text: str, why: str | None) -> None:
     assert secure_media(SessionDescription.parse(crlf(text))) == why
 
 
-def test_a_session_level_fingerprint_counts_but_a_disabled_secure_stream_does_not() -> None:
+def test_keys_on_a_plain_stream_are_dropped_when_anchored_and_a_disabled_secure_stream_does_not_count() -> None:
+    """Red team (2026-12-03): one made-up ``a=fingerprint`` on a plain RTP/AVP offer kept a call's
+    media off the relay (both parties' addresses end to end).  The profile decides; a plain
+    stream is anchored and its keys and fingerprints (session- or media-level) are dropped."""
     fingerprint = "a=fingerprint:sha-256 " + ":".join(["AB"] * 32)
+    crypto = "a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:" + "A" * 40
     plain = "v=0\no=- 1 1 IN IP4 10.0.0.1\ns=-\nc=IN IP4 10.0.0.1\nt=0 0\n"
     audio = "m=audio 4000 RTP/AVP 0\n"
-    assert secure_media(SessionDescription.parse(crlf(plain + fingerprint + "\n" + audio))) == "a=fingerprint"
+    offer = SessionDescription.parse(crlf(plain + fingerprint + "\n" + audio + crypto + "\na=tls-id:abc\n"))
+    assert secure_media(offer) is None
+    out = anchor(offer, [RelayEndpoint("203.0.113.1", 30000)]).to_bytes()
+    assert b"fingerprint" not in out and b"crypto" not in out and b"tls-id" not in out
+    assert b"m=audio 30000 RTP/AVP 0" in out
     disabled = plain + audio + "m=video 0 UDP/TLS/RTP/SAVPF 96\n"
     assert secure_media(SessionDescription.parse(crlf(disabled))) is None
