@@ -37,6 +37,11 @@ def is_free(host: str, port: int, *, udp: bool = True, tcp: bool = True) -> bool
     kinds = ([socket.SOCK_DGRAM] if udp else []) + ([socket.SOCK_STREAM] if tcp else [])
     for kind in kinds:
         with socket.socket(socket.AF_INET, kind) as sock:
+            if kind == socket.SOCK_STREAM:
+                # as the listener will (asyncio's create_server does): a port whose last
+                # connections linger in TIME-WAIT is free for it (a restarted `sipfarm up`
+                # refused its own ports for a minute)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((host, port))
             except OSError:

@@ -24,7 +24,18 @@ saves little, and its zlib state was most of a connection's memory (~55 KB of ~7
 
 Keep-alives: CRLF messages (RFC 5626 3.5.1 over RFC 7118 6) and RFC 6455 pings together are
 bounded per connection as on TCP (``ping_limit`` per ``ping_window``, :class:`PingLimit`);
-over it the connection is closed as abuse (``ping_flood``).
+over it the connection is closed as abuse (``ping_flood``).  Every frame, data or control, empty
+or not, counts against ``ws_frame_limit`` per ``ws_frame_window``: over it the connection is closed as
+abuse (``frame_flood``; red team, 2026-12-03: one connection of empty pongs or fragments, ~6 us
+of the balancer each and no SIP message for the rate limits to see, pinned its CPU).
+
+Idle connections: as on TCP, a connection without a SIP message or keep-alive for the
+transport's ``idle_timeout`` is closed, unless a registration holds it (``hold``); the
+library's pings keep NATs open and close a peer that stopped answering (``PING_TIMEOUT``).
+
+Upgrade requests: at most ``MAX_UPGRADE_HEADERS`` header lines of ``MAX_UPGRADE_LINE`` bytes are
+read, and one of more than ``MAX_UPGRADE_BYTES`` in all is answered 431; the headers of an
+accepted one are not kept (the library held each connection's, up to ~1 MB, for its lifetime).
 """
 
 from __future__ import annotations
@@ -36,7 +47,9 @@ import ssl
 from collections import deque
 from typing import Any, cast
 
+import websockets.http11
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
@@ -49,12 +62,24 @@ from sipfarm.transport.stats import bump
 from sipfarm.transport.stream import PingLimit
 
 log = logging.getLogger("sipfarm.transport.ws")
+# the library's own lines ("connection open", "connection closed": two at INFO per connection,
+# ~27,000 lines in one red-team run; a TCP connection writes none): warnings and errors only
+_LIBRARY_LOG = logging.getLogger("sipfarm.transport.ws.library")
+_LIBRARY_LOG.setLevel(logging.WARNING)
 
 MAX_PENDING_SENDS = 256
 # RFC 6455 5.5.2 pings, answered by every browser without the page's help: they keep NATs and
 # the connection open, and a peer that stops answering is closed (it is gone, whatever its
-# registration says).  There is no idle timeout on WebSockets (compare TransportConfig).
+# registration says).  Silence is bounded by the transport's idle_timeout, as on TCP.
 PING_INTERVAL = 30.0
+# the upgrade request (a browser's is well under 2 KB, cookies of the page's domain included)
+MAX_UPGRADE_HEADERS = 32
+MAX_UPGRADE_LINE = 8192
+MAX_UPGRADE_BYTES = 16384
+# read by the library's HTTP parser at each request (module globals): the header lines it
+# buffers for an upgrade not yet whole, 32 x 8 KB instead of 128 x 8 KB
+websockets.http11.MAX_NUM_HEADERS = MAX_UPGRADE_HEADERS
+websockets.http11.MAX_LINE_LENGTH = MAX_UPGRADE_LINE
 _PROTOCOL_ERRORS = (1002, 1007, 1009)
 _DATA_OPCODES = frozenset((Opcode.TEXT, Opcode.BINARY, Opcode.CONT))
 PING_TIMEOUT = 30.0
@@ -71,6 +96,7 @@ class AdmittedConnection(ServerConnection):
         self.refused: str | None = None  # the limit it is over: answered 503 at the upgrade
         self.accepted_at = 0.0
         self.pings = PingLimit(manager.config.ping_limit, manager.config.ping_window)
+        self.frames = PingLimit(manager.config.ws_frame_limit, manager.config.ws_frame_window)  # any frame
         # the incomplete message it holds, charged to the manager's partial_budget as a TCP
         # connection's is, and bounded in time by message_timeout (a fragmented message never
         # finished held ~70 KB a connection for ever: red team, 2026-12-03)
@@ -125,6 +151,11 @@ class AdmittedConnection(ServerConnection):
 
     def process_event(self, event: Event) -> None:
         super().process_event(event)
+        if isinstance(event, Frame) and self.frames.over(self.loop.time()):
+            transport = self.transport
+            if transport is not None:
+                abort_for_abuse(self.manager, transport, "frame_flood")
+            return
         if isinstance(event, Frame) and event.opcode in _DATA_OPCODES:
             if event.fin:
                 self.fragments = 0
@@ -188,6 +219,9 @@ class WebSocketFlow:
         self._closing = False
         self._writer: asyncio.Task[None] | None = None
         self.partial = 0  # bytes of an incomplete message (AdmittedConnection counts them)
+        self._last_activity = self._loop.time()  # a SIP message or keep-alive
+        self._hold_until = 0.0  # loop time: not closed for idleness before it (a registration)
+        self._idle: asyncio.TimerHandle | None = self._loop.call_later(manager.config.idle_timeout, self._idle_check)
 
     @property
     def closing(self) -> bool:
@@ -248,10 +282,38 @@ class WebSocketFlow:
         self._wake.set()
         self._loop.create_task(self.connection.close())
 
+    def touch(self) -> None:
+        """A SIP message or keep-alive arrived: the idle timeout starts again."""
+        self._last_activity = self._loop.time()
+
     def hold(self, seconds: float) -> None:
-        """Nothing to hold: a WebSocket has no idle timeout here.  The library's pings
-        (``PING_INTERVAL``) keep a live connection open however long it is silent, and close
-        one whose peer stopped answering them (``PING_TIMEOUT``)."""
+        """Do not close the flow for idleness for ``seconds`` from now (0 or less: release, the
+        ordinary idle timeout applies again).  The caller bounds ``seconds``."""
+        self._hold_until = self._loop.time() + seconds if seconds > 0 else 0.0
+        if seconds <= 0 and self._idle is not None:  # a release may make the deadline earlier
+            self._idle.cancel()
+            self._idle = self._loop.call_later(
+                max(0.0, self._last_activity + self.manager.config.idle_timeout - self._loop.time()),
+                self._idle_check,
+            )
+
+    def _idle_check(self) -> None:
+        self._idle = None
+        if self._closing:
+            return
+        now = self._loop.time()
+        deadline = max(self._last_activity + self.manager.config.idle_timeout, self._hold_until)
+        if now >= deadline:
+            self.manager.stats.connections_idle_closed += 1
+            log.debug("event=flow_closed_idle remote=%s", self.remote)
+            self.close()
+            return
+        self._idle = self._loop.call_later(deadline - now, self._idle_check)
+
+    def stop_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
 
 
 async def listen_websocket(
@@ -272,6 +334,9 @@ async def listen_websocket(
     async def handler(connection: ServerConnection) -> None:
         peer: Any = connection.remote_address
         remote = Address(transport, str(peer[0]), int(peer[1]))
+        request = connection.request
+        if request is not None:
+            request.headers = Headers()  # read by admit; the library would keep them for good
         if connection.subprotocol != "sip":
             log.debug("event=ws_without_sip_subprotocol remote=%s", remote)
         flow = WebSocketFlow(connection, remote, manager)
@@ -293,6 +358,7 @@ async def listen_websocket(
         try:
             async for message in connection:
                 data = message.encode("utf-8") if isinstance(message, str) else bytes(message)
+                flow.touch()
                 if data and not data.strip(b"\r\n"):
                     # RFC 5626 3.5.1 CRLF keep-alive, usable over WebSocket (RFC 7118 6): a
                     # double-CRLF ping is answered with a CRLF pong, and no SIP parse is tried
@@ -319,6 +385,7 @@ async def listen_websocket(
                 manager.stats.connections_closed_abuse += 1
                 manager.stats.abuse["ws_protocol"] = manager.stats.abuse.get("ws_protocol", 0) + 1
             flow._wake.set()
+            flow.stop_idle()
             if flow.partial:
                 manager.partial_changed(flow, 0)
             flow._closing = True
@@ -327,6 +394,11 @@ async def listen_websocket(
     def admit(connection: ServerConnection, request: Request) -> Response | None:
         if isinstance(connection, AdmittedConnection) and connection.refused is not None:
             return connection.respond(503, "Too many connections\n")  # counted by admit
+        if sum(len(name) + len(value) + 4 for name, value in request.headers.raw_items()) > MAX_UPGRADE_BYTES:
+            manager.count_refused("upgrade_too_large")
+            if isinstance(connection, AdmittedConnection):
+                connection.refused = "upgrade_too_large"  # counted: not again as a bad upgrade
+            return connection.respond(431, "Request header fields too large\n")
         values = request.headers.get_all("Origin")
         origin = values[0] if len(values) == 1 else None
         if len(values) > 1 or not policy.allows(origin):
@@ -356,6 +428,7 @@ async def listen_websocket(
         ping_interval=PING_INTERVAL,
         ping_timeout=PING_TIMEOUT,
         reuse_port=reuse_port or None,
+        logger=_LIBRARY_LOG,
     )
     sock = next(iter(server.sockets))
     host, port = sock.getsockname()[:2]

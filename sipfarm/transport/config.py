@@ -44,6 +44,12 @@ class TransportConfig:
     # (the ``websockets`` library's open_timeout; for wss it bounds the TLS handshake too).
     tls_handshake_timeout: float = 5.0
     ws_open_timeout: float = 10.0
+    # WebSocket frames of any kind (data, continuation, control; empty ones too) one connection
+    # may send per ``ws_frame_window`` seconds: over it, closed as abuse (``frame_flood``).  A
+    # SIP client sends about a frame a message; red team, 2026-12-03: empty pongs or fragments
+    # on one connection (~6 us of the balancer each, no SIP message) pinned its CPU.
+    ws_frame_limit: int = 400
+    ws_frame_window: float = 4.0
     # Open connections (inbound from accept, handshakes included, and outbound), and inbound
     # ones from one source IP address (None: no such limit; ``limit_exempt`` of the manager
     # names sources it does not apply to).  Over either, a new connection is closed at

@@ -10,7 +10,7 @@ import socket
 import pytest
 from conftest import Runner, wait_until
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from sipfarm.balancer.websocket import listen_websocket
 from sipfarm.sip.address import Address
@@ -82,10 +82,10 @@ def _upgrade(port: int) -> socket.socket:
     return sock
 
 
-def _masked(opcode: int, payload: bytes) -> bytes:
+def _masked(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
     mask = os.urandom(4)
     body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return bytes((0x80 | opcode, 0x80 | len(payload))) + mask + body
+    return bytes(((0x80 if fin else 0) | opcode, 0x80 | len(payload))) + mask + body
 
 
 def test_a_peer_that_pings_and_never_reads_is_closed_at_the_byte_limit(arun: Runner) -> None:
@@ -94,7 +94,9 @@ def test_a_peer_that_pings_and_never_reads_is_closed_at_the_byte_limit(arun: Run
     pings took a balancer from 32 to 279 MB). Over ``write_buffer_limit`` it is closed, counted
     as a TCP peer that does not read."""
     # no ping limit here: this is about the bytes (a ping flood is closed sooner, see below)
-    config = TransportConfig(write_buffer_high=16 * 1024, write_buffer_limit=64 * 1024, ping_limit=10**9)
+    config = TransportConfig(
+        write_buffer_high=16 * 1024, write_buffer_limit=64 * 1024, ping_limit=10**9, ws_frame_limit=10**9
+    )
 
     async def scenario() -> None:
         manager = TransportManager(lambda msg, source, local: None, config=config)
@@ -222,6 +224,96 @@ def _flood(port: int, frame: bytes, count: int) -> bytes:
     return received
 
 
+@pytest.mark.parametrize(
+    "frame",
+    [_masked(0xA, b""), _masked(0x1, b"OPTIONS", fin=False) + _masked(0x0, b"", fin=False) * 2000],
+    ids=["empty-pongs", "empty-fragments"],
+)
+def test_a_flood_of_frames_is_closed_as_abuse(arun: Runner, frame: bytes) -> None:
+    """Red team (2026-12-03): empty pongs, or empty fragments of a message never finished, on one
+    connection (~6 us of the balancer each; no SIP message for the rate limits, no ping for the
+    ping limit) pinned the balancer's CPU.  Every frame counts: over ``ws_frame_limit`` in
+    ``ws_frame_window`` the connection is closed as abuse; another connection is served."""
+
+    async def scenario() -> None:
+        manager = TransportManager(lambda msg, source, local: None, config=TransportConfig())
+        bound, server = await listen_websocket(manager, Address("ws", "127.0.0.1", 0), None)
+        client = await connect(f"ws://127.0.0.1:{bound.port}", subprotocols=["sip"])  # type: ignore[list-item]
+        try:
+            repeat = 1000 if len(frame) < 100 else 1
+            await asyncio.to_thread(_flood, bound.port, frame, repeat)
+            await wait_until(lambda: manager.stats.abuse == {"frame_flood": 1})
+            assert manager.stats.connections_closed_abuse == 1
+            await client.send("\r\n\r\n")  # the other connection is not affected
+            assert await asyncio.wait_for(client.recv(), 2) == "\r\n"
+        finally:
+            await client.close()
+            server.close()
+            await manager.close()
+
+    arun(scenario())
+
+
+def test_a_silent_connection_is_closed_after_idle_timeout_unless_held(arun: Runner) -> None:
+    """Red team (2026-12-03): WebSocket connections that had sent one message were never closed
+    (no idle timeout, and a connection that spoke is not evicted): 10,000 of them kept every new
+    stream client out.  As on TCP: ``idle_timeout`` without a message or keep-alive closes it,
+    unless a registration holds it."""
+
+    async def scenario() -> None:
+        manager = TransportManager(lambda msg, source, local: None, config=TransportConfig(idle_timeout=0.5))
+        bound, server = await listen_websocket(manager, Address("ws", "127.0.0.1", 0), None)
+        idle = await connect(f"ws://127.0.0.1:{bound.port}", subprotocols=["sip"])  # type: ignore[list-item]
+        held = await connect(f"ws://127.0.0.1:{bound.port}", subprotocols=["sip"])  # type: ignore[list-item]
+        talking = await connect(f"ws://127.0.0.1:{bound.port}", subprotocols=["sip"])  # type: ignore[list-item]
+        try:
+            port = held.local_address[1]
+            await wait_until(lambda: manager.hold_flow(Address("ws", "127.0.0.1", port), 5.0))
+            for _ in range(8):  # 0.8 s: past idle_timeout, each keep-alive starting it again
+                await talking.send("\r\n\r\n")
+                assert await asyncio.wait_for(talking.recv(), 2) == "\r\n"
+                await asyncio.sleep(0.1)
+            await wait_until(lambda: manager.stats.connections_idle_closed == 1)
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(idle.recv(), 2)
+            await held.send("\r\n\r\n")
+            assert await asyncio.wait_for(held.recv(), 2) == "\r\n"
+        finally:
+            for c in (idle, held, talking):
+                await c.close()
+            server.close()
+            await manager.close()
+
+    arun(scenario())
+
+
+def test_an_upgrade_with_overlarge_headers_is_refused_and_an_accepted_ones_are_not_kept(arun: Runner) -> None:
+    """Red team (2026-12-03): upgrades of 120 x 8 KB headers held ~1 MB a connection for its life
+    (the library keeps the request).  Over MAX_UPGRADE_BYTES: 431, counted; an accepted
+    connection's request keeps no headers."""
+
+    async def scenario() -> None:
+        manager = TransportManager(lambda msg, source, local: None, config=TransportConfig())
+        bound, server = await listen_websocket(manager, Address("ws", "127.0.0.1", 0), None)
+        try:
+            big = {f"X-Pad-{i}": "a" * 1000 for i in range(20)}
+            with pytest.raises(InvalidStatus) as info:
+                await connect(f"ws://127.0.0.1:{bound.port}", subprotocols=["sip"], additional_headers=big)  # type: ignore[list-item]
+            assert info.value.response.status_code == 431
+            assert manager.stats.refused.get("upgrade_too_large") == 1
+            client = await connect(f"ws://127.0.0.1:{bound.port}", subprotocols=["sip"])  # type: ignore[list-item]
+            await client.send("\r\n\r\n")
+            assert await asyncio.wait_for(client.recv(), 2) == "\r\n"
+            [connection] = [c for c in server.connections]
+            assert connection.request is not None and not list(connection.request.headers.raw_items())
+            await client.close()
+        finally:
+            server.close()
+            await manager.close()
+
+    arun(scenario())
+
+
 @pytest.mark.parametrize(("kind", "opcode", "payload"), [("crlf", 0x1, b"\r\n\r\n"), ("rfc6455", 0x9, b"p")])
 def test_a_flood_of_pings_is_closed_as_abuse(arun: Runner, kind: str, opcode: int, payload: bytes) -> None:
     """CRLF keep-alives (RFC 7118 6) and RFC 6455 pings are bounded as on TCP: over
@@ -229,7 +321,8 @@ def test_a_flood_of_pings_is_closed_as_abuse(arun: Runner, kind: str, opcode: in
     2026-12-02: a ping flood on one connection took half a core)."""
 
     async def scenario() -> None:
-        manager = TransportManager(lambda msg, source, local: None, config=TransportConfig())
+        config = TransportConfig(ws_frame_limit=10**9)  # the ping limit's doing (frames: below)
+        manager = TransportManager(lambda msg, source, local: None, config=config)
         bound, server = await listen_websocket(manager, Address("ws", "127.0.0.1", 0), None)
         client = await connect(f"ws://127.0.0.1:{bound.port}", subprotocols=["sip"])  # type: ignore[list-item]
         await client.send("\r\n\r\n")  # another client, pinging as it should
