@@ -731,6 +731,15 @@ def _unspecified_like(address: str) -> Connection:
     return Connection.of("0.0.0.0" if _addrtype_of(address) == "IP4" else "::")
 
 
+def _unspecified_line(text: str) -> str:
+    """A c= line of a disabled stream, its address unspecified (same family)."""
+    try:
+        connection = Connection.parse(text[2:])
+    except SdpError:
+        return text  # not reached: the description parsed
+    return "c=" + _unspecified_like(connection.address).serialize()
+
+
 def anchor(
     sdp: SessionDescription,
     endpoints: Sequence[RelayEndpoint | None],
@@ -744,7 +753,9 @@ def anchor(
     """The SDP to forward once every enabled stream is anchored at the relay (an ng offer/answer).
 
     ``endpoints[i]`` is the relay's side for media section ``i`` (None, or anything, for a
-    disabled one: port 0 sections are copied untouched).  For every enabled section the result
+    disabled one: port 0 sections are copied, their own c= made unspecified; with every stream
+    disabled, o= and the session c= name the unspecified address: nothing shows the party's
+    own).  For every enabled section the result
     has: the m= port of the relay (a ``/<number of ports>`` dropped); a c= naming the relay
     (media-level, unless the session-level c= already says so); a=rtcp naming the relay's RTCP
     port, or no a=rtcp when the relay muxes on one port; a=rtcp-mux per ``rtcp_mux``; no ICE
@@ -781,10 +792,17 @@ def anchor(
         if kind == "o" and replace_origin and first is not None:
             origin = replace(sdp.origin, nettype="IN", addrtype=first.connection.addrtype, address=first.address)
             session.append("o=" + origin.serialize())
+        elif kind == "o" and replace_origin:
+            # every stream disabled (port 0): no relay address to name, and the party's own is
+            # not shown either (red team, 2026-12-03: an all-port-0 offer went on with it)
+            unspecified = "::" if sdp.origin.addrtype == "IP6" else "0.0.0.0"
+            session.append("o=" + replace(sdp.origin, address=unspecified).serialize())
         elif kind == "c" and replace_session_connection and first is not None and sdp.connection is not None:
             held = sdp.connection.unspecified
             session_connection = _unspecified_like(first.address) if held else first.connection
             session.append("c=" + session_connection.serialize())
+        elif kind == "c" and replace_session_connection and sdp.connection is not None:
+            session.append("c=" + _unspecified_like(sdp.connection.address).serialize())
         elif kind == "a" and all_plain and _attribute_name(text) in KEY_ATTRIBUTES:
             continue
         elif not (kind == "a" and strip_ice and _attribute_name(text) in ICE_ATTRIBUTES):
@@ -792,8 +810,8 @@ def anchor(
 
     media: list[Sequence[str]] = []
     for index, (section, relay) in enumerate(zip(sdp.media, relays, strict=True)):
-        if relay is None:
-            media.append(section.lines)
+        if relay is None:  # disabled: its own c=, if any, names nobody
+            media.append([_unspecified_line(t) if t[0] == "c" else t for t in section.lines])
             continue
         connection = sdp.connection_of(index)
         held = connection is not None and connection.unspecified

@@ -121,6 +121,21 @@ def _parse_address(text: str) -> RelayAddress | None:
     return host, int(port)
 
 
+def _has_sdp(msg: SipMessage) -> bool:
+    """``msg`` has a body that is (or may hold) SDP: ``application/sdp``, no Content-Type at all
+    (RFC 3261 20.15 wants one; a sloppy phone's SDP is served), or ``multipart/*`` (which the
+    relay refuses: 488, rather than SDP in a part going on unanchored).  Any other type is not an
+    offer or an answer: the body goes on untouched (red team, 2026-12-03: text/plain was
+    anchored as SDP and went on as application/sdp)."""
+    if not msg.body:
+        return False
+    kind = msg.get("content-type")
+    if kind is None:
+        return True
+    kind = kind.partition(b";")[0].strip().lower()
+    return kind == b"application/sdp" or kind.startswith(b"multipart/")
+
+
 def _from_webrtc(msg: SipMessage) -> bool:
     """The party that sent ``msg`` (a request; for a response, its request's sender) is a
     browser: its own Via (the bottom one) says WS/WSS, or its SDP is DTLS-SRTP."""
@@ -186,15 +201,18 @@ class RelayMedia:
             done(None)
             return
         call = self._calls.get(bounded_key(call_id))
-        if not request.body:
+        if not _has_sdp(request):
             if call is not None and request.method == b"INVITE":
                 call.offerer = None  # RFC 3261 14.2: the offer will come in the response
             done(None)
             return
         method = request.method
         to_tag = request.to_tag
+        # an ACK answers only an offer its 2xx made (late offer); the call forgotten here (another
+        # node's, or long answered), the relay's record decides as before
         answering = to_tag is not None and (
-            method == b"ACK" or (method == b"PRACK" and call is not None and call.offerer == bounded_key(to_tag))
+            (method == b"ACK" and (call is None or call.offerer == bounded_key(to_tag)))
+            or (method == b"PRACK" and call is not None and call.offerer == bounded_key(to_tag))
         )
         if answering:
             assert to_tag is not None
@@ -203,8 +221,16 @@ class RelayMedia:
             self._flags(message, call, sender=from_tag, receiver=to_tag, msg=request, answer=True)
             self._with_relay(call_id, call, partial(self._send_answer, request, done, message, call_id))
             return
-        if method == b"ACK" or (call is not None and call.unsupported):
-            done(None)  # an ACK without an offer to answer; a call no relay can carry
+        if method == b"ACK":
+            # SDP in an ACK with no offer outstanding (RFC 3264 4: ignored): not a new answer
+            # for the relay (it moved the sender's media, red team 2026-12-03), and not passed
+            # on either (the sender's own addresses, which an anchored call never shows)
+            if call is not None and call.relay is not None:
+                request.set_body(b"", SDP)
+            done(None)
+            return
+        if call is not None and call.unsupported:
+            done(None)  # a call no relay can carry
             return
         self._prune()
         message = self._message(b"offer", request, from_tag, to_tag, sender)
@@ -223,7 +249,7 @@ class RelayMedia:
     def answer(self, response: SipMessage, done: Done, *, sender: str | None = None) -> None:
         """An 18x/2xx with SDP: the answer to its request's offer, or a (late) offer."""
         from_tag, to_tag = response.from_tag, response.to_tag
-        if from_tag is None or to_tag is None or not response.body:
+        if from_tag is None or to_tag is None or not _has_sdp(response):
             done(None)
             return
         call_id = response.call_id

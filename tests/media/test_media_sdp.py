@@ -555,9 +555,8 @@ def test_anchor_two_streams_one_disabled() -> None:
         "a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:PS1uQCVeeCFCanVmcjkpPywjNWhcYD0mXXtxaVBR|2^20|1:32",
         "a=ptime:20",
         "m=video 0 RTP/AVP 31",
-        "c=IN IP4 10.1.1.1",
+        "c=IN IP4 0.0.0.0",  # a disabled stream's own c= names nobody
     ]
-    assert out.media[1] == sdp.media[1]
 
 
 def test_anchor_hold_sendonly_stays_hold() -> None:
@@ -732,8 +731,10 @@ def test_property_anchor_leaves_only_relay_addresses(
     for index, (before, after, relay, endpoint) in enumerate(
         zip(sdp.media, out.media, relays, endpoints_of(out), strict=True)
     ):
-        if before.disabled:
-            assert after == before
+        if before.disabled:  # copied, its own c= naming nobody
+            assert after.line == before.line
+            assert [t for t in after.lines if t[0] != "c"] == [t for t in before.lines if t[0] != "c"]
+            assert after.connection is None or after.connection.unspecified
             continue
         connection = out.connection_of(index)
         assert connection is not None
@@ -818,6 +819,16 @@ def test_property_mutated_sdp_parses_or_raises_sdp_error(body: bytes, data: st.D
 )  # fmt: skip
 def test_secure_media_names_what_asks_for_srtp_or_dtls(text: str, why: str | None) -> None:
     assert secure_media(SessionDescription.parse(crlf(text))) == why
+
+
+def test_an_offer_with_every_stream_disabled_shows_no_address_of_its_party() -> None:
+    """Red team (2026-12-03): an all-port-0 offer went on with the caller's c= and o= addresses."""
+    sdp = SessionDescription.parse(
+        crlf("v=0\no=- 1 1 IN IP4 10.0.0.1\ns=-\nc=IN IP4 10.0.0.1\nt=0 0\nm=audio 0 RTP/AVP 0\nc=IN IP4 10.0.0.9\n")
+    )
+    out = anchor(sdp, [None]).to_bytes()
+    assert b"10.0.0." not in out
+    assert b"o=- 1 1 IN IP4 0.0.0.0" in out and b"m=audio 0 RTP/AVP 0" in out
 
 
 def test_keys_on_a_plain_stream_are_dropped_when_anchored_and_a_disabled_secure_stream_does_not_count() -> None:

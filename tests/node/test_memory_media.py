@@ -491,6 +491,37 @@ def test_late_offer_in_the_2xx_is_anchored_and_answered_in_the_ack() -> None:
     assert mf.calls(1) == []
 
 
+def test_sdp_in_an_ack_with_no_offer_outstanding_is_no_answer_and_goes_no_further() -> None:
+    """Red team (2026-12-03): after INVITE (offer) and 200 (answer), the caller's ACK with SDP
+    naming 127.0.0.77 moved the relay's media for it there and reached the callee.  RFC 3264 4:
+    no offer outstanding, so no answer: nothing asks the relay, and the SDP is not passed on."""
+    mf = MediaFarm()
+    call_id = call_id_on(1)
+    alice, bob, ok = establish(mf, call_id)
+    commands = mf.commands()
+    ack = alice.in_dialog("ACK", ok)
+    ack.set_body(phone_sdp("127.0.0.77", 5004), b"application/sdp")
+    alice.send(ack, alice.first_hop(ack))
+    acks = bob.requests(b"ACK")
+    assert acks and not acks[-1].body and acks[-1].get("content-type") is None
+    assert mf.commands() == commands  # no answer sent to the relay
+
+
+def test_a_body_that_is_not_sdp_is_neither_offer_nor_answer() -> None:
+    """Red team (2026-12-03): a text/plain body was anchored as SDP and went on as
+    application/sdp.  Only SDP (or a body without a type, or a multipart the relay refuses)
+    goes to the relay; another type goes on untouched."""
+    mf = MediaFarm()
+    alice, bob = setup(mf)
+    msg = alice.request("INVITE", BOB, call_id=call_id_on(1), body=phone_sdp("10.0.0.1", 4000))
+    msg.set("content-type", b"text/plain")
+    alice.authenticated(msg)
+    assert bob.ringing, alice.inbox
+    offered = bob.requests(b"INVITE")[-1]
+    assert offered.body == phone_sdp("10.0.0.1", 4000) and offered.get("content-type") == b"text/plain"
+    assert b"offer" not in mf.commands()
+
+
 def test_a_re_invite_without_sdp_gets_its_offer_from_the_2xx() -> None:
     mf = MediaFarm()
     call_id = call_id_on(0)
