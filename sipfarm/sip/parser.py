@@ -157,16 +157,21 @@ def _parse(data: bytes, max_size: int) -> SipMessage:
     """The Python parse of ``data`` (not empty, no leading CRLF)."""
     head_end = data.find(b"\r\n\r\n")
     sep = b"\r\n"
-    if head_end >= 0:
+    # the first blank line ends the header section, as StreamFramer cuts a stream: a bare-LF
+    # sender's (tolerated), or "\r\n\n" (a CRLF line end, then a bare LF blank line: the framer
+    # cut such a message and this parser dropped it unanswered, red team 2026-12-03)
+    lf_end = data.find(b"\n\n", 0, head_end + 1 if head_end >= 0 else len(data))
+    if lf_end >= 0:
+        body_start = lf_end + 2
+        head_end = lf_end - 1 if lf_end > 0 and data[lf_end - 1] == 0x0D else lf_end
+        if data.find(b"\r\n", 0, head_end) < 0:
+            sep = b"\n"  # bare-LF sender
+    elif head_end >= 0:
         body_start = head_end + 4
+    elif data.endswith(b"\r\n"):
+        head_end, body_start = len(data) - 2, len(data)  # no blank line, no body
     else:
-        lf_end = data.find(b"\n\n")
-        if lf_end >= 0 and data.find(b"\r\n", 0, lf_end) < 0:
-            head_end, body_start, sep = lf_end, lf_end + 2, b"\n"  # bare-LF sender: tolerated
-        elif data.endswith(b"\r\n"):
-            head_end, body_start = len(data) - 2, len(data)  # no blank line, no body
-        else:
-            raise MessageDropped("no end of headers")
+        raise MessageDropped("no end of headers")
     head = data[:head_end]
     lines = head.split(sep)  # the start line, then the header lines (split once, here)
     if sep == b"\r\n":

@@ -184,6 +184,22 @@ def test_a_control_character_in_a_request_uri_is_refused(control: int) -> None:
             parse_uri(uri)
 
 
+@pytest.mark.parametrize("parse", [parse_message, parse_message_reference])
+def test_a_header_section_ending_crlf_then_bare_lf_is_parsed_as_the_stream_framer_cuts_it(
+    parse: Callable[[bytes], SipMessage],
+) -> None:
+    """Red team (2026-12-03): "\\r\\n\\n" ended a message for StreamFramer (the first blank line)
+    and the parser dropped it unanswered; both now read the first blank line as the end."""
+    data = invite().replace(b"\r\n\r\n", b"\r\n\n", 1)
+    framer = StreamFramer()
+    framer.receive_data(data)
+    framed = framer.next_event()
+    assert framed == data
+    msg = parse(data)
+    assert msg.body == SDP and msg.get("content-type") == b"application/sdp"
+    validate_request(msg)
+
+
 @pytest.mark.parametrize("status", [b"99", b"700", b"2000", b"abc", b"", b"20a"])
 def test_bad_status_code_is_dropped(status: bytes) -> None:
     data = response().replace(b"200 OK", status + b" OK", 1)
