@@ -343,7 +343,7 @@ def headline(summary: Mapping[str, Any]) -> list[str]:
                    f"{_f(_eff(t, 'register'))} REG and {_f(_eff(t, 'call'))} calls per server CPU-s")
     for ref, ratios in (summary["comparison"].get("ratios_by_reference") or {}).items():
         for name, r in ratios.items():
-            if summary["targets"][name]["kind"] == "sipfarm":
+            if summary["targets"][name]["kind"] in ("sipfarm", "sipfarm-node"):
                 out.append(f"{name} / {ref}: per CPU-s REG {_f(r['regs_per_cpu_s'], '.2f')}, calls "
                            f"{_f(r['calls_per_cpu_s'], '.2f')}; max rate REG {_f(r['register_rate'], '.2f')}, "
                            f"calls {_f(r['call_rate'], '.2f')}")

@@ -254,6 +254,9 @@ class NodeAloneTarget(SipfarmTarget):
         # (in a farm the balancer is the node's only next hop towards a phone)
         env = {**(env if env is not None else os.environ), "SIPFARM_ALLOW_DESTINATIONS": "127.0.0.0/8"}
         super().__init__(workdir, users, nodes=1, workers=workers, env=env)
+        # its own kind: not a farm of the 1 -> 2 node scaling, the plot or the capacity model
+        # (no balancer), compared with Kamailio as every target is
+        self.kind = "sipfarm-node"
         self.name = "sipfarm-node"
         self.note = "one node, no balancer: SIPp straight at it, as at Kamailio"
 

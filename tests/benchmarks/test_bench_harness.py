@@ -71,6 +71,8 @@ def test_tiny_run_measures_the_node_alone(tmp_path: Path, capsys: pytest.Capture
     summary = json.loads((only_run(tmp_path) / "summary.json").read_text())
     alone = summary["targets"]["sipfarm-node"]
     assert alone["error"] is None and alone["max_rate"] == {"register": 25.0, "call": 5.0}
+    assert alone["kind"] == "sipfarm-node"  # not a farm of the scaling, the plot or the model
+    assert "sipfarm-node" not in json.dumps(summary["model"])  # the model reads sipfarm-1n
     for kind in ("register", "call"):
         best = alone["best"][kind]
         assert best["succeeded"] > 0 and best["failed"] == 0
