@@ -96,6 +96,11 @@ class FrontDoorPolicy:
     # seconds a proven source stays over its REGISTER, INVITE or other budget before it is
     # banned (its excess dropped meanwhile); 0: banned at its first excess
     ban_after: float = 3.0
+    # stream connections (TCP, TLS, WebSocket) of one source closed for abuse (floods of pings or
+    # frames, garbage framing, slow reading...) more than ``abuse_limit`` times within
+    # ``abuse_window`` seconds: the source is banned (each new connection started its abuse over)
+    abuse_limit: int = 5
+    abuse_window: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +125,8 @@ class FrontDoor:
         self.stats: dict[str, int] = {}
         # sources over a budget: [since when, their last excess] (at most max_sources)
         self._over: dict[str, list[float]] = {}
+        # sources whose connections were closed for abuse: [window start, count] (at most max_sources)
+        self._abuse: dict[str, list[float]] = {}
 
     # -- the two checks ---------------------------------------------------------------------------
 
@@ -151,6 +158,29 @@ class FrontDoor:
                 self._ban(source, _RATE_REASONS[cls], now, proven)
             return False
         return True
+
+    def abused(self, source: str, now: float) -> None:
+        """A stream connection from ``source`` was closed for abuse (its transport proved the
+        address): over ``abuse_limit`` such closes within ``abuse_window`` seconds, banned."""
+        limit = self.policy.abuse_limit
+        if limit <= 0:
+            return
+        exempt = self._exempt.get(source)
+        if exempt is None:
+            exempt = self._learn_exempt(source)
+        if exempt:
+            return
+        source = source_subject(source)
+        table = self._abuse
+        entry = table.get(source)
+        if entry is None or now - entry[0] > self.policy.abuse_window:
+            if entry is None and len(table) >= self.policy.max_sources:
+                del table[next(iter(table))]  # the oldest forgotten first
+            table[source] = entry = [now, 0.0]
+        entry[1] += 1
+        if entry[1] > limit:
+            del table[source]
+            self._ban(source, "stream_abuse", now, proven=True)
 
     def _sustained(self, source: str, now: float) -> bool:
         """``source`` has been over its budget for ``ban_after`` seconds, without a quiet

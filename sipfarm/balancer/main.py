@@ -298,6 +298,9 @@ async def serve(cfg: BalancerConfig, *, worker_index: int | None = None, ready: 
         # before parsing (hot path): nodes pass; a client is checked against the allow/deny
         # lists, the bans and its rate budget (see sipfarm.balancer.frontdoor)
         transports.screen = ClientScreen(front, nodes, time.monotonic, admit=admit, forged=core.stats.drop)
+    if front is not None:
+        # a source whose connections keep being closed for abuse is banned (FrontDoor.abused)
+        transports.on_abuse = lambda host: front.abused(host, time.monotonic())
     transports.on_message = core.on_message  # from now on straight to the core (no closure)
     transports.fast_response = core.response_fast_path()  # the common response from its bytes (C)
     transports.fast_request = core.request_fast_path()  # the common in-dialog request, the same way

@@ -195,7 +195,10 @@ def abort_for_abuse(manager: TransportManager, transport: asyncio.BaseTransport,
         return
     manager.stats.connections_closed_abuse += 1
     manager.stats.abuse[reason] = manager.stats.abuse.get(reason, 0) + 1
+    peer = transport.get_extra_info("peername")
     cast(asyncio.Transport, transport).abort()  # nothing owed to an abusive peer: do not flush
+    if peer:
+        manager.abused(str(peer[0]))
 
 
 class WebSocketFlow:

@@ -143,6 +143,10 @@ class TransportManager:
         # told the source of every keep-alive the transport consumes itself (a STUN Binding
         # request or a CRLF on UDP): traffic from that flow that never reaches ``on_message``
         self.on_keepalive: Callable[[Address], None] | None = None
+        # told the host of every stream connection closed for abuse (a flood of pings or frames,
+        # garbage framing, a slow reader...): the balancer's front door bans a source that keeps
+        # coming back (each new connection started the abuse over: red team, 2026-12-03)
+        self.on_abuse: Callable[[str], None] | None = None
         # checked before parsing: False drops the message unparsed and unanswered (the
         # balancer's front door: a banned or flooding source costs a dict look-up or two)
         # ``local``: the socket it came in on (a node's address proves something only on the
@@ -462,6 +466,11 @@ class TransportManager:
     def send_on_flow(self, data: bytes, dest: Address) -> bool:
         """``send`` over an existing flow only (``connect=False``): what responses use."""
         return self.send(data, dest, connect=False)
+
+    def abused(self, host: str) -> None:
+        """A connection from ``host`` was closed for abuse (counted by its closer): told on."""
+        if self.on_abuse is not None:
+            self.on_abuse(host)
 
     def hold_flow(self, dest: Address, seconds: float) -> bool:
         """Keep the connection to ``dest`` open without traffic for ``seconds`` (0: release);

@@ -305,6 +305,8 @@ class StreamFlow(asyncio.Protocol):
         self._closing = True
         if self._transport is not None:
             self._transport.abort()  # nothing owed to an abusive peer: do not flush
+        if self.remote is not None:
+            self._manager.abused(self.remote.host)
 
     def _evict(self) -> None:
         """Closed to make room for a new source at max_connections (``TransportManager.quiet``)."""

@@ -280,3 +280,34 @@ def test_the_ban_table_is_bounded():
     assert front.stats["ban_table_full"] == 3
     front.replace_bans({f"192.0.2.{n}": float(n + 1) for n in range(10)}, 200.0, 300.0)
     assert front.bans_known == 5 and front.banned("192.0.2.9", 200.0) and not front.banned("192.0.2.0", 200.0)
+
+
+def test_a_source_whose_connections_keep_being_closed_for_abuse_is_banned():
+    """Red team (2026-12-03): a connection closed for a flood of frames or pings, garbage framing
+    or not reading cost its sender nothing: the next connection started the abuse over.  Over
+    ``abuse_limit`` such closes within ``abuse_window`` the source is banned (the stream proved
+    its address); closes spread out, exempt sources and other sources are not."""
+    front = FrontDoor(POLICY)
+    limit, window = POLICY.abuse_limit, POLICY.abuse_window
+    for n in range(limit):
+        front.abused(FLOODER, float(n))
+    assert not front.banned(FLOODER, float(limit))  # at the limit: not yet
+    front.abused(FLOODER, float(limit))
+    assert front.banned(FLOODER, float(limit))
+    assert [(b.source, b.reason) for b in front.take_new_bans()] == [(FLOODER, "stream_abuse")]
+    assert not front.screen(request(), FLOODER, float(limit) + 1)
+    # spread over more than the window: never over the limit
+    for n in range(3 * limit):
+        front.abused(PHONE, n * (window / limit + 1))
+    assert not front.banned(PHONE, 3 * limit * window)
+    for n in range(3 * limit):
+        front.abused("10.9.1.1", float(n))  # exempt
+    assert not front.banned("10.9.1.1", 100.0)
+    # an IPv6 source's /64 is one subject
+    for n in range(limit + 1):
+        front.abused(f"2001:db8:5:5::{n + 1:x}", 200.0 + n)
+    assert front.banned("2001:db8:5:5::99", 210.0)
+    off = FrontDoor(FrontDoorPolicy(abuse_limit=0))
+    for n in range(100):
+        off.abused(FLOODER, float(n))
+    assert not off.banned(FLOODER, 100.0)

@@ -109,12 +109,14 @@ def test_a_flood_of_pings_gets_one_pong_a_read_and_is_closed_as_abuse(arun: Runn
 
     async def scenario() -> None:
         manager, addr = await _uas_on_tcp(Uas())
+        abused: list[str] = []
+        manager.on_abuse = abused.append  # the balancer's front door counts them (bans a repeater)
         other_r, other_w = await _connect(addr)
         reader, writer = await _connect(addr)
         writer.write(b"\r\n\r\n" * 1000)
         pongs = await _read_until_closed(reader)
         assert pongs == b"\r\n" * (len(pongs) // 2) and 0 < len(pongs) <= 3 * 2
-        assert manager.stats.abuse == {"ping_flood": 1}
+        assert manager.stats.abuse == {"ping_flood": 1} and abused == ["127.0.0.1"]
         assert manager.stats.connections_closed_abuse == 1
         assert manager.stats.keepalive_pings <= manager.config.ping_limit + 1
         other_w.write(sip_request(via=TCP_VIA))

@@ -237,13 +237,15 @@ def test_a_flood_of_frames_is_closed_as_abuse(arun: Runner, frame: bytes) -> Non
 
     async def scenario() -> None:
         manager = TransportManager(lambda msg, source, local: None, config=TransportConfig())
+        abused: list[str] = []
+        manager.on_abuse = abused.append  # the balancer's front door counts them (bans a repeater)
         bound, server = await listen_websocket(manager, Address("ws", "127.0.0.1", 0), None)
         client = await connect(f"ws://127.0.0.1:{bound.port}", subprotocols=["sip"])  # type: ignore[list-item]
         try:
             repeat = 1000 if len(frame) < 100 else 1
             await asyncio.to_thread(_flood, bound.port, frame, repeat)
             await wait_until(lambda: manager.stats.abuse == {"frame_flood": 1})
-            assert manager.stats.connections_closed_abuse == 1
+            assert manager.stats.connections_closed_abuse == 1 and abused == ["127.0.0.1"]
             await client.send("\r\n\r\n")  # the other connection is not affected
             assert await asyncio.wait_for(client.recv(), 2) == "\r\n"
         finally:
