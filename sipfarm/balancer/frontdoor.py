@@ -166,9 +166,7 @@ class FrontDoor:
         if limit <= 0:
             return
         exempt = self._exempt.get(source)
-        if exempt is None:
-            exempt = self._learn_exempt(source)
-        if exempt:
+        if exempt if exempt is not None else self._learn_exempt(source):
             return
         source = source_subject(source)
         table = self._abuse

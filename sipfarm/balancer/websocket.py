@@ -351,6 +351,7 @@ async def listen_websocket(
         )
         if not manager.adopt_flow(remote, flow, connection):
             flow._closing = True
+            flow.stop_idle()  # its timer would hold the flow and the connection for idle_timeout
             await connection.close(1013, "too many connections")
             return
         if isinstance(connection, AdmittedConnection):

@@ -599,8 +599,8 @@ static PyObject *response_hop(PyObject *self, PyObject *const *args, Py_ssize_t 
 
     /* the start line: no CR or LF inside */
     const char *eol = memchr(p, '\r', (size_t)hend + 2);
+    /* no control character in the start line, its reason included (the parser drops it) */
     if (eol == NULL || eol[1] != '\n' || has_control(p, eol - p)) Py_RETURN_NONE;
-    if (!reason_ok(p + 12, (eol - p) - 12)) Py_RETURN_NONE; /* the parser drops it */
     Py_ssize_t start_len = (eol - p) + 2; /* with its CRLF */
     Py_ssize_t pos = start_len;
     while (pos < hend + 2) {

@@ -305,7 +305,7 @@ class StreamFlow(asyncio.Protocol):
         self._closing = True
         if self._transport is not None:
             self._transport.abort()  # nothing owed to an abusive peer: do not flush
-        if self.remote is not None:
+        if self.remote is not None and not self.outbound:  # an outbound one's peer the farm chose
             self._manager.abused(self.remote.host)
 
     def _evict(self) -> None:

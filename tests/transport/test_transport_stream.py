@@ -352,3 +352,24 @@ def test_send_without_connect_uses_only_an_open_flow_and_never_dials(arun: Runne
         server.close()
 
     arun(scenario())
+
+
+def test_only_an_inbound_connection_closed_for_abuse_is_reported(arun: Runner) -> None:
+    """``on_abuse`` feeds the balancer's bans: an outbound connection's peer is one the farm chose
+    (a node, a registered phone's flow it dialled), never reported."""
+    from sipfarm.transport.stream import StreamFlow  # noqa: PLC0415
+
+    async def scenario() -> None:
+        manager = TransportManager(lambda msg, source, local: None, config=TransportConfig())
+        abused: list[str] = []
+        manager.on_abuse = abused.append
+        outbound = StreamFlow(manager, "tcp", Address("tcp", "192.0.2.9", 5060))
+        outbound.abort_for_abuse("slow_reader", "test")
+        inbound = StreamFlow(manager, "tcp", None)
+        inbound.remote = Address("tcp", "198.51.100.4", 40000)
+        inbound.abort_for_abuse("slow_reader", "test")
+        assert abused == ["198.51.100.4"]
+        assert manager.stats.abuse == {"slow_reader": 2}
+        await manager.close()
+
+    arun(scenario())
