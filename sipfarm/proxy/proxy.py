@@ -539,10 +539,10 @@ class Proxy:
                     if callee is not None:
                         assert isinstance(callee, Account)
                         raise TemporarilyUnavailable("user not registered", partial=msg)
-                    if gruu is not None:
-                        raise NotFound("no such user", partial=msg)
-                    # no such user, told only now, after authentication: the unknown rule
-                    decision = self.router.unknown(decision.user, decision.domain)
+                    # no such user, told only now, after authentication: the unknown rule (a
+                    # GRUU's device is not forwarded to a catch-all: it gets the rule's reject,
+                    # else 404)
+                    decision = self.router.unknown(decision.user, decision.domain, gruu=gruu is not None)
                     if decision.action is not Action.FORWARD:
                         self._unknown_user(call, msg, decision)
                         return

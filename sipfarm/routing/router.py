@@ -10,7 +10,7 @@ The order of steps (one, documented; README "Routing"):
 1. the router table's rules (``[[routing.rules]]``), first match on domain and user: local
    account, alias (fork), forward to a gateway/trunk/voicemail URI, redirect (302), reject;
 2. the node's own domains: a location lookup (``LOCAL``);
-3. for a served domain's user with no account, the ``[routing.unknown]`` rule (reject 404/604,
+3. for a served domain's user with no account, the ``[routing.unknown]`` rule (reject 480/404/604,
    forward to a catch-all, redirect), applied by the proxy after authentication so an outsider
    cannot tell existing from missing users;
 4. anything else: 403.
@@ -175,9 +175,12 @@ class Router:
             return Decision(Action.REJECT, status=404, reason="no user in Request-URI")
         return Decision(Action.LOCAL, aor=uri.aor, user=user, domain=domain)
 
-    def unknown(self, user: str, domain: str) -> Decision:
-        """What a served domain's user with no account gets (step 3)."""
+    def unknown(self, user: str, domain: str, *, gruu: bool = False) -> Decision:
+        """What a served domain's user with no account gets (step 3); for a GRUU (one device,
+        not a catch-all's business): the rule's reject, or 404 when the rule forwards."""
         rule = self.table.unknown
+        if gruu and rule.action is not Action.REJECT:
+            return Decision(Action.REJECT, user=user, domain=domain, status=404)
         if rule.action is Action.REJECT:
             return Decision(Action.REJECT, user=user, domain=domain, status=rule.status, reason=rule.reason)
         return Decision(rule.action, user=user, domain=domain, uri=rule.uri, rule="unknown")

@@ -92,10 +92,11 @@ class Rule:
 @dataclass(frozen=True, slots=True)
 class UnknownRule:
     """What a user of a served domain that has no account gets (after authentication: an
-    outsider cannot tell existing from missing users)."""
+    outsider cannot tell existing from missing users). By default the answer of a user who is
+    not registered, 480: a subscriber cannot tell either (``status = 404`` tells them apart)."""
 
     action: Action = Action.REJECT
-    status: int = 404
+    status: int = 480
     reason: str = ""
     uri: str = ""
 
@@ -283,7 +284,7 @@ def _unknown(raw: dict[str, Any]) -> UnknownRule:
         raise RoutingError(f"unknown key {sorted(extra)[0]!r}")
     action = _action(raw.get("action", "reject"))
     if action is Action.REJECT:
-        status = _status(raw.get("status", 404), 400)
+        status = _status(raw.get("status", 480), 400)
         if status not in (404, 480, 603, 604):
             raise RoutingError("reject: status 404, 480, 603 or 604 (any other tells an unknown user apart)")
         return UnknownRule(action, status, _string(raw, "reason") or "")

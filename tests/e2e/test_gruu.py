@@ -146,7 +146,7 @@ def test_a_gruu_learnt_from_node_1_is_routed_by_node_2_and_the_balancer_to_that_
         forged, _ = invite(alice, node2.address, temp.replace("tgruu.", "tgruu.b", 1), accounts["alice"])
         assert unknown is not None
         assert forged is not None
-        assert (forged.status, forged.reason) == (unknown.status, unknown.reason) == (404, b"Not Found")
+        assert (forged.status, forged.reason) == (unknown.status, unknown.reason) == (480, b"Temporarily Unavailable")
     finally:
         for client in (desk, mobile, alice):
             client.close()

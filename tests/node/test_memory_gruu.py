@@ -365,7 +365,7 @@ def test_a_forged_gruu_gets_the_answer_of_an_unknown_user(alice: Phone, desk: Ph
     _, temp = gruus(register(desk, DESK), DESK)
     assert temp is not None
     unknown = _answer_line(call(alice, f"sip:nobody@{DOMAIN}"))
-    assert unknown[0] == 404
+    assert unknown[0] == 480
     assert _answer_line(call(alice, forge(temp))) == unknown  # type: ignore[operator]
     assert desk.requests() == []
 

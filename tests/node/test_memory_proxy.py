@@ -141,9 +141,7 @@ def test_a_connected_call_is_acked_and_hung_up_through_the_node(farm: MemFarm, a
     assert farm.stray == []
 
 
-def test_a_finished_call_holds_no_parsed_message_yet_forwards_a_2xx_retransmission(
-    farm: MemFarm, alice: Phone
-) -> None:
+def test_a_finished_call_holds_no_parsed_message_yet_forwards_a_2xx_retransmission(farm: MemFarm, alice: Phone) -> None:
     """Past their final responses the call's transactions wait out Timers L, M, J (32 s) with
     no parsed message, nor does the proxy's state for the call; a 2xx the callee sends again
     (its ACK lost) still reaches the caller through the Accepted transactions."""
@@ -274,10 +272,33 @@ def test_no_answer_cancels_the_ringing_branch_at_timer_c_and_caller_gets_408(far
 # -- A: requests that cannot be routed ----------------------------------------------------------
 
 
-def test_unknown_user_gets_404(farm: MemFarm, alice: Phone) -> None:
+def test_unknown_user_gets_480_as_an_unregistered_one_does(farm: MemFarm, alice: Phone) -> None:
     answer = call(alice, f"sip:nobody@{DOMAIN}")
     assert answer is not None
-    assert answer.status == 404
+    assert answer.status == 480
+
+
+@pytest.mark.parametrize("method", ["INVITE", "MESSAGE", "OPTIONS", "SUBSCRIBE", "REFER", "INFO"])
+def test_a_subscriber_cannot_tell_an_unknown_user_from_an_unregistered_one(
+    farm: MemFarm, alice: Phone, method: str
+) -> None:
+    """By default (``[routing.unknown]`` unset): the same answer, header for header but the
+    transaction's own (Via, Call-ID, CSeq) and the To tag."""
+
+    def answer_to(user: str) -> tuple[int, bytes, list[tuple[str, bytes]]]:
+        uri = f"sip:{user}@{DOMAIN}"
+        extra = [("Event", "presence"), ("Expires", "60")] if method == "SUBSCRIBE" else []
+        extra += [("Refer-To", f"<sip:bob@{DOMAIN}>")] if method == "REFER" else []
+        msg = alice.request(method, uri, to=uri, headers=extra)
+        answer = alice.authenticated(msg)
+        assert answer is not None
+        own = {"via", "call-id", "cseq", "to", "from"}
+        headers = [(key, value) for key, _, value in answer if key not in own]
+        return answer.status, answer.reason, headers
+
+    nobody, carol = answer_to("nobody"), answer_to("carol")
+    assert nobody[:2] == carol[:2] == (480, b"Temporarily Unavailable"), (nobody, carol)
+    assert nobody[2] == carol[2]
 
 
 def test_known_but_unregistered_user_gets_480(farm: MemFarm, alice: Phone) -> None:

@@ -110,6 +110,27 @@ def test_unknown_users_can_be_redirected_or_rejected_with_604() -> None:
     assert answer is not None and answer.status == 604
 
 
+def test_an_operator_can_have_unknown_users_told_apart_with_404() -> None:
+    """``status = 404``: "no such user" for a missing account, 480 for one not registered
+    (the default answers 480 to both); a GRUU of a missing account gets the same 404."""
+    mf = farm({"unknown": {"action": "reject", "status": 404}})
+    (carol,) = phones(mf, "carol")
+    for uri, status in (
+        (f"sip:nobody@{DOMAIN}", 404),
+        (f"sip:nobody@{DOMAIN};gr=urn:uuid:1", 404),
+        (f"sip:bob@{DOMAIN}", 480),
+    ):
+        answer = carol.authenticated(carol.request("INVITE", uri))
+        assert answer is not None and answer.status == status, uri
+
+
+def test_a_gruu_of_a_missing_account_is_not_sent_to_the_catch_all() -> None:
+    mf = farm(EXAMPLE)  # unknown users forwarded to voicemail
+    (carol,) = phones(mf, "carol")
+    answer = carol.authenticated(carol.request("INVITE", f"sip:nobody@{DOMAIN};gr=urn:uuid:1"))
+    assert answer is not None and answer.status == 404
+
+
 def test_a_reject_rule_and_the_default_for_other_domains() -> None:
     mf = farm({"rules": [{"user_prefix": "900", "action": "reject", "status": 403, "reason": "Premium"}]})
     (carol,) = phones(mf, "carol")

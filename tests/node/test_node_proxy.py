@@ -228,8 +228,8 @@ def test_wrong_credentials_get_407_again_and_are_counted(redis_url, accounts, st
     assert metric(metrics_port, "sipfarm_node_auth_failures_total", 'reason="failed"') == before + 1
 
 
-@pytest.mark.parametrize(("callee", "status"), [("nobody", 404), ("carol", 480)])
-def test_unknown_user_404_and_unregistered_user_480(redis_url, accounts, start_node, client, callee, status):
+@pytest.mark.parametrize(("callee", "status"), [("nobody", 480), ("carol", 480)])
+def test_unknown_user_and_unregistered_user_both_480(redis_url, accounts, start_node, client, callee, status):
     node = start_node(redis_url)
     dialog = Dialog(client, f"sip:{callee}@{DOMAIN}")
     reply = dialog.invite_with_credentials(node.address, accounts["alice"])
