@@ -605,13 +605,30 @@ def max_forwards(msg: SipMessage) -> int:
     return 70 if value is None else int(value)
 
 
+def _framing_partial(head: bytes) -> SipMessage | None:
+    """A stream message's header section that could not be framed, parsed as far as it goes
+    without its Content-Length lines (the framing's defect): what a 400 or 413 needs (Via, From,
+    To, Call-ID, CSeq), or None. Once per connection: the flow is closed after the answer."""
+    lines = [
+        line.removesuffix(b"\r")
+        for line in head.split(b"\n")
+        if line.partition(b":")[0].rstrip(b" \t").lower() not in (b"content-length", b"l")
+    ]
+    try:
+        return parse_message(b"\r\n".join(lines) + b"\r\n\r\n")
+    except SipError as exc:
+        return exc.partial
+
+
 class StreamFramer:
     """Cuts SIP messages out of a byte stream (TCP, TLS) by Content-Length (RFC 3261 18.3).
 
     Sans-IO: ``receive_data`` buffers, ``next_event`` returns a whole message's bytes, ``PING``
     for a CRLFCRLF keep-alive (RFC 5626 3.5.1; answer with CRLF), or None when more data is needed.
     Scanning is O(bytes received): the header-end search resumes where it stopped.  A message over
-    ``max_size`` or without Content-Length raises SipError; the transport then closes the flow.
+    ``max_size`` or without Content-Length raises SipError (its ``partial``: the header section
+    as far as it parses, for the answer); the transport then answers it if it can and closes
+    the flow.
     """
 
     # An alias of the module's PING: a ClassVar, so that a mypyc-compiled build keeps it a class
@@ -668,9 +685,14 @@ class StreamFramer:
             if end + separator > self.max_size:
                 # the same answer however the bytes were chunked (see the check above)
                 raise MessageTooLarge("header section larger than the maximum message size")
-            self._need = end + separator + self._stream_content_length(bytes(buf[:end]))
-            if self._need > self.max_size:
-                raise MessageTooLarge(f"message of {self._need} bytes")
+            head = bytes(buf[:end])
+            try:
+                self._need = end + separator + self._stream_content_length(head)
+                if self._need > self.max_size:
+                    raise MessageTooLarge(f"message of {self._need} bytes")
+            except SipError as exc:
+                exc.partial = _framing_partial(head)  # what the answer before closing needs
+                raise
         if len(buf) < self._need:
             return None
         message = bytes(buf[: self._need])
@@ -681,6 +703,8 @@ class StreamFramer:
 
     @staticmethod
     def _stream_content_length(head: bytes) -> int:
+        """The Content-Length of a stream message's header section; ``BadMessage`` when it is
+        missing, malformed or given twice with different values."""
         found: bytes | None = None
         for line in head.split(b"\n")[1:]:
             name, colon, value = line.partition(b":")

@@ -398,6 +398,22 @@ class TransportManager:
         if self.send(data, source, local=local, connect=False):
             self.stats.error_responses += 1
 
+    def framing_answer(self, exc: SipError) -> bytes | None:
+        """The answer to a stream message that broke the framing (no or a bad Content-Length,
+        too large), from the header section it had: None when that is not an answerable
+        request. Counted with the error responses."""
+        try:
+            response = error_response(None, exc, _to_tag())
+            if response is None:
+                return None
+            data = response.to_bytes()
+        except Exception:
+            self.stats.internal_errors += 1
+            logger.exception("event=framing_answer_failed error=%s", exc)
+            return None
+        self.stats.error_responses += 1
+        return data
+
     def _log_exception(self, event: str, source: Address, call_id: bytes) -> None:
         now = asyncio.get_running_loop().time()
         cid = call_id.decode("latin-1")

@@ -181,9 +181,10 @@ class StreamFlow(asyncio.Protocol):
             try:
                 event = framer.next_event()
             except SipError as exc:
-                # no message boundary any more: the flow cannot continue
+                # no message boundary any more: the flow cannot continue; a request whose header
+                # section could be read gets its 400 (413) first, flushed as the flow closes
                 bump(self._stats.parse_errors, exc.counter)
-                self.abort_for_abuse(exc.counter, str(exc))
+                self.abort_for_abuse(exc.counter, str(exc), answer=self._manager.framing_answer(exc))
                 return
             if event is None:
                 break
@@ -296,15 +297,23 @@ class StreamFlow(asyncio.Protocol):
             # extends the deadline, the pending timer re-arms itself for the rest
             self._arm(max(self._last_activity + self._config.idle_timeout, self._hold_until))
 
-    def abort_for_abuse(self, reason: str, detail: str) -> None:
+    def abort_for_abuse(self, reason: str, detail: str, *, answer: bytes | None = None) -> None:
+        """Close for abuse: at once, nothing flushed, or with ``answer`` (the error response to
+        a request that broke the framing) written last and flushed (a TCP close, not a reset)."""
         if self._closing:
             return
         self._stats.connections_closed_abuse += 1
         bump(self._stats.abuse, reason)
         logger.debug("event=flow_closed_abuse remote=%s reason=%s detail=%r", self.remote, reason, detail)
         self._closing = True
-        if self._transport is not None:
-            self._transport.abort()  # nothing owed to an abusive peer: do not flush
+        tr = self._transport
+        if tr is None:
+            pass
+        elif answer is not None and tr.get_write_buffer_size() + len(answer) <= self._config.write_buffer_limit:
+            tr.write(answer)
+            tr.close()  # flushes the answer, then closes (no further read is handled)
+        else:
+            tr.abort()  # nothing owed to an abusive peer: do not flush
         if self.remote is not None and not self.outbound:  # an outbound one's peer the farm chose
             self._manager.abused(self.remote.host)
 

@@ -333,6 +333,18 @@ def stream_framed(data: bytes) -> bool:
     return len(values) == 1 and values[0].isdigit() and int(values[0]) == len(body)
 
 
+def framing_refused(data: bytes) -> bool:
+    """Whether a stream cannot frame ``data`` at all (no Content-Length, a non-numeric one, two
+    that differ): the framer gives up on the connection, after answering the request."""
+    head = data.partition(b"\r\n\r\n")[0]
+    values = {
+        line.partition(b":")[2].strip()
+        for line in head.split(b"\r\n")[1:]
+        if line.partition(b":")[0].strip().lower() in (b"content-length", b"l")
+    }
+    return not values or len(values) > 1 or not next(iter(values)).isdigit()
+
+
 def check_outcome(outcome: Outcome) -> str | None:
     """What is wrong with one exchange, or None."""
     vector = outcome.vector
@@ -345,6 +357,9 @@ def check_outcome(outcome: Outcome) -> str | None:
     if vector.is_response:
         return f"a response was answered: {finals}" if outcome.messages else None
     if not finals:
+        answerable = not unanswerable(vector.data) and not vector.data.startswith(b"ACK ")
+        if outcome.transport == "lb-tcp" and framing_refused(vector.data) and answerable:
+            return "closed without answering a request it could not frame (400 first)"
         if vector.expect == "drop" or unanswerable(vector.data) or (stream and not stream_framed(vector.data)):
             return None
         return "no final answer"

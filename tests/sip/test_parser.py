@@ -790,6 +790,31 @@ def test_framer_cuts_a_bare_lf_message_as_the_datagram_parser_reads_it() -> None
     assert parse_message(whole[0]).call_id == parse_message(invite()).call_id
 
 
+@pytest.mark.parametrize("line_end", [b"\r\n", b"\n"])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        (b"Content-Length: 87", b""),
+        (b"Content-Length: 87", b"Content-Length: 12x"),
+        (b"Content-Length: 87", b"Content-Length: 87\r\nl: 7"),
+        (b"Content-Length: 87", b"Content-Length: 99999999"),
+    ],
+)
+def test_framer_error_carries_the_header_section_for_the_answer(line_end: bytes, edit: tuple[bytes, bytes]) -> None:
+    """What the stream transport answers before it closes: the request as far as it parses,
+    without the Content-Length lines that broke the framing."""
+    data = invite().replace(*edit).replace(b"\r\n", line_end)
+    framer = StreamFramer(max_size=4000)
+    framer.receive_data(data)
+    with pytest.raises(SipError) as raised:
+        framer.next_event()
+    partial = raised.value.partial
+    assert partial is not None and partial.method == b"INVITE"
+    assert partial.call_id == parse_message(invite()).call_id
+    response = error_response(None, raised.value, b"t1")
+    assert response is not None and response.status == (413 if b"9999" in edit[1] else 400)
+
+
 def test_framer_two_messages_in_one_chunk() -> None:
     framer = StreamFramer()
     framer.receive_data(invite() + response())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from conftest import Runner, Uas, read_message, sip_request, wait_until
 
 from sipfarm.sip.address import Address
@@ -193,6 +194,70 @@ def test_garbage_and_oversize_connections_are_closed_others_keep_working(arun: R
         await wait_until(lambda: stats.connections_closed == 3)
         for w in (good_w, bad_w, big_w, flood_w):
             w.close()
+        await manager.close()
+
+    arun(scenario())
+
+
+@pytest.mark.parametrize(
+    ("shape", "status"),
+    [
+        ("no content-length", 400),
+        ("content-length: abc", 400),
+        ("two content-lengths", 400),
+        ("content-length over the maximum", 413),
+    ],
+)
+def test_a_request_that_breaks_the_framing_is_answered_before_the_flow_closes(
+    arun: Runner, shape: str, status: int
+) -> None:
+    """RFC 3261 18.3 asks for Content-Length on a stream: a request without a usable one has no
+    message boundary, so the flow cannot go on, but its header section can be answered (red
+    team 2026-12-03: closed without a word, a phone saw only a reset)."""
+    request = sip_request(via=TCP_VIA, call_id="framing")
+    if shape == "no content-length":
+        request = request.replace(b"Content-Length: 0\r\n", b"")
+    elif shape == "content-length: abc":
+        request = request.replace(b"Content-Length: 0", b"Content-Length: abc")
+    elif shape == "two content-lengths":
+        request = request.replace(b"Content-Length: 0\r\n", b"Content-Length: 0\r\nl: 5\r\n")
+    else:
+        request = sip_request(via=TCP_VIA, call_id="framing", content_length=10_000)
+
+    async def scenario() -> None:
+        uas = Uas()
+        manager, addr = await _uas_on_tcp(uas, max_message_size=4000)
+        reader, writer = await _connect(addr)
+        writer.write(request)
+        received = await _read_until_closed(reader)
+        answer = parse_message(received)
+        assert (answer.status, answer.call_id, answer.cseq) == (status, b"framing", (1, b"OPTIONS")), received
+        assert received.endswith(b"\r\n\r\n")  # one whole answer, then the close
+        assert uas.seen == []
+        assert manager.stats.connections_closed_abuse == 1 and manager.stats.error_responses == 1
+        writer.close()
+        await manager.close()
+
+    arun(scenario())
+
+
+def test_what_breaks_the_framing_without_an_answerable_request_gets_no_answer(arun: Runner) -> None:
+    """Not SIP, a response, an ACK, a request without its Via: closed without a word."""
+    shapes = [
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        sip_request(via=TCP_VIA, method="ACK").replace(b"Content-Length: 0\r\n", b""),
+        b"SIP/2.0 200 OK\r\nVia: " + TCP_VIA.encode() + b"\r\nCSeq: 1 OPTIONS\r\n\r\n",
+        sip_request(via=TCP_VIA).replace(b"Content-Length: 0\r\n", b"").replace(f"Via: {TCP_VIA}\r\n".encode(), b""),
+    ]
+
+    async def scenario() -> None:
+        manager, addr = await _uas_on_tcp(Uas())
+        for data in shapes:
+            reader, writer = await _connect(addr)
+            writer.write(data)
+            assert await _read_until_closed(reader) == b"", data
+            writer.close()
+        assert manager.stats.error_responses == 0
         await manager.close()
 
     arun(scenario())
