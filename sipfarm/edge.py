@@ -152,6 +152,8 @@ class FlowTokens:
         # dialog seals: a call's Record-Route seal is checked again on its ACK and BYE (bounded)
         self._dialog_seals: dict[tuple[str, int, bytes], str] = {}
         self._decoded: dict[tuple[str, str, int], Address] = {}  # valid tokens seen, for their next messages
+        # valid dialog tokens seen, under their Call-ID too (valid for that Call-ID only)
+        self._decoded_dialog: dict[tuple[str, str, int, bytes], Address] = {}
 
     def seal(self, host: str, port: int, call_id: bytes = b"") -> str:
         """The ``sf`` parameter the farm puts on URIs it writes into Record-Route and Route.
@@ -189,11 +191,21 @@ class FlowTokens:
         port = uri.port or default_port(uri.transport)
         return hmac.compare_digest(given.lower(), self.seal(uri.host, port, call_id))
 
-    def encode(self, flow: Address, host: str, port: int) -> str:
+    def encode(self, flow: Address, host: str, port: int, call_id: bytes = b"") -> str:
         """The token naming ``flow`` in a URI the farm writes at ``host:port`` (the element
         holding the flow): valid there only, so a token copied into a URI naming any other
         host or port is no token of ours (a token trusted wherever it was written let a URI
-        of one's choosing pass for the farm's, and a node send there)."""
+        of one's choosing pass for the farm's, and a node send there).
+
+        With ``call_id``: a *dialog token*, for the Record-Route entries of one dialog: ``r``
+        then hex, its MAC over the Call-ID too, valid in requests of that Call-ID only. A
+        Record-Route is seen by both parties of a call, so a token valid in any request let a
+        subscriber who once called bob reach bob's phone in a dialog of her own making, from
+        anyone (red team, 2026-12-03). Without: the token of a Path (RFC 3327), which only the
+        registering phone and the farm see, valid in any request."""
+        if call_id:
+            packed = pack_flow(flow)
+            return "r" + (self._mac(packed, host, port, call_id) + packed).hex()
         key = (flow, host, port)
         token = self._cache.get(key)
         if token is None:
@@ -204,19 +216,25 @@ class FlowTokens:
             self._cache[key] = token
         return token
 
-    def _mac(self, packed: bytes, host: str, port: int) -> bytes:
+    def _mac(self, packed: bytes, host: str, port: int, call_id: bytes = b"") -> bytes:
         where = b"@%s:%d" % (host.strip("[]").lower().encode("latin-1"), port)
+        if call_id:
+            where += b"|dialog|" + call_id
         return hmac.digest(self._secret, packed + where, "sha256")[:_MAC_LEN]
 
-    def decode(self, token: str | bytes, host: str, port: int, *, ours: bool = False) -> Address:
+    def decode(self, token: str | bytes, host: str, port: int, *, ours: bool = False, call_id: bytes = b"") -> Address:
         """The flow ``token`` names, when the farm wrote it in a URI at ``host:port`` (the
         port as the URI gives it, else its transport's default); FlowTokenError otherwise.
+        A dialog token (see :meth:`encode`) is valid only with the ``call_id`` of the request
+        that carries it.
 
         ``ours``: the URI names the reader itself, so where it points is not in question, and a
         token of the earlier format (its MAC over the flow alone) is taken too: the Paths and
         dialogs set up before tokens named their place go on.  A reader deciding whether a URI
         naming someone else is the farm's never passes it."""
         text = token.decode("latin-1") if isinstance(token, bytes) else token
+        if text[:1] in ("r", "R"):
+            return self._decode_dialog(text, host, port, call_id)
         key = (text, host, port)
         known = self._decoded.get(key)
         if known is not None:
@@ -242,6 +260,30 @@ class FlowTokens:
         if len(self._decoded) >= CACHE_LIMIT:
             self._decoded.clear()  # bounded; only valid tokens get here, a miss costs one HMAC
         self._decoded[key] = flow
+        return flow
+
+    def _decode_dialog(self, text: str, host: str, port: int, call_id: bytes) -> Address:
+        if not call_id:
+            raise FlowTokenError("a dialog token outside a request")
+        key = (text, host, port, call_id)
+        known = self._decoded_dialog.get(key)
+        if known is not None:
+            return known
+        raw = _unhex(text[1:])
+        if raw is None:
+            raise FlowTokenError("not hex")
+        if len(raw) < _MAC_LEN + 2 + 4 + 2:
+            raise FlowTokenError("too short")
+        mac, packed = raw[:_MAC_LEN], raw[_MAC_LEN:]
+        if not hmac.compare_digest(mac, self._mac(packed, host, port, call_id)):
+            raise FlowTokenError("bad MAC (another dialog's token?)")
+        flow = unpack_flow(packed)
+        if flow is None:
+            raise FlowTokenError("bad layout")
+        if len(text) + len(host) + len(call_id) <= MAX_CACHED_KEY:
+            if len(self._decoded_dialog) >= CACHE_LIMIT:
+                self._decoded_dialog.clear()  # bounded; a miss costs one HMAC
+            self._decoded_dialog[key] = flow
         return flow
 
 
@@ -359,21 +401,23 @@ class OwnRoutes:
     def __len__(self) -> int:
         return len(self._known)
 
-    def _plain_entry(self, top: bytes, plain: tuple[bytes, str, int]) -> Address | None:
+    def _plain_entry(self, top: bytes, plain: tuple[bytes, str, int], call_id: bytes) -> Address | None:
         """A Route entry the cache did not know, read in the plain shape (``plain``, from
         :func:`plain_route_parts`): None when it does not name us (the next hop's), else what
         :meth:`_learn` says of it.  FlowTokenError on an invalid token."""
         if not self.ours(plain[1], plain[2]):
             return None
-        return self._learn(top, plain[0], plain[1], plain[2])
+        return self._learn(top, plain[0], plain[1], plain[2], call_id)
 
-    def _learn(self, top: bytes, user: bytes, host: str, port: int) -> Address:
+    def _learn(self, top: bytes, user: bytes, host: str, port: int, call_id: bytes) -> Address:
         """The flow the token in the user part of our entry ``top`` (at ``host:port``) names
-        (``NO_FLOW``: no token), remembered under ``top``.  FlowTokenError on an invalid token."""
-        named = self.tokens.decode(user, host, port, ours=True) if user else NO_FLOW
+        (``NO_FLOW``: no token), remembered under ``top``.  FlowTokenError on an invalid token
+        (a dialog token of another Call-ID than the request's ``call_id`` included)."""
+        named = self.tokens.decode(user, host, port, ours=True, call_id=call_id) if user else NO_FLOW
         # the sender may pad its entry (long ones are not kept); a sealed entry is one
-        # dialog's or request's (not kept either)
-        if len(top) <= MAX_CACHED_KEY and top.find(b";sf=") < 0:
+        # dialog's or request's, as is one with a dialog token (not kept either: their
+        # validity depends on the Call-ID; the token cache keeps those under it)
+        if len(top) <= MAX_CACHED_KEY and top.find(b";sf=") < 0 and user[:1] not in (b"r", b"R"):
             known = self._known
             if len(known) >= self.limit:
                 known.clear()
@@ -398,7 +442,7 @@ class OwnRoutes:
                 plain = plain_route_parts(top)
                 try:
                     if plain is not None:
-                        named = self._plain_entry(top, plain)
+                        named = self._plain_entry(top, plain, msg.call_id)
                         if named is None:
                             break  # the next hop's entry
                         plain = None
@@ -407,7 +451,8 @@ class OwnRoutes:
                         port = uri.port or default_port(uri.transport) if uri is not None else 0
                         if uri is None or not self.ours(uri.host, port):
                             break
-                        named = self._learn(top, uri.user.encode("latin-1") if uri.user else b"", uri.host, port)
+                        user = uri.user.encode("latin-1") if uri.user else b""
+                        named = self._learn(top, user, uri.host, port, msg.call_id)
                 except FlowTokenError:
                     raise BadMessage("invalid flow token in Route", partial=msg) from None
             pop_value_at(msg, "route", at, rest)
@@ -418,7 +463,7 @@ class OwnRoutes:
         return flow, top, plain
 
     def pop_values(
-        self, values: tuple[bytes, ...]
+        self, values: tuple[bytes, ...], call_id: bytes
     ) -> tuple[Address | None, int, bytes | None, tuple[bytes, str, int] | None] | None:
         """:meth:`pop` on a request's Route elements in order (``values``, as the balancer's
         request fast path reads them): (flow, how many leading elements are ours, the first
@@ -440,7 +485,7 @@ class OwnRoutes:
                 if plain is None:
                     return None  # the URI parser's case
                 try:
-                    named = self._plain_entry(top, plain)
+                    named = self._plain_entry(top, plain, call_id)
                 except FlowTokenError:
                     return None  # BadMessage there
                 if named is None:
@@ -457,16 +502,24 @@ NO_FLOW = Address("", "", 0)
 
 
 def flow_uri(
-    tokens: FlowTokens, flow: Address, host: str, port: int, *, outbound: bool = False, seal: str = ""
+    tokens: FlowTokens,
+    flow: Address,
+    host: str,
+    port: int,
+    *,
+    outbound: bool = False,
+    seal: str = "",
+    call_id: bytes = b"",
 ) -> bytes:
     """Our Path (``ob``, RFC 5626 5.1) or Record-Route entry naming ``flow``: requests routed
-    through it come back here and leave on that connection or NAT binding."""
+    through it come back here and leave on that connection or NAT binding. ``call_id``: a
+    Record-Route's, whose token is valid in that dialog only (:meth:`FlowTokens.encode`)."""
     params = ";lr" + ("" if flow.transport == "udp" else f";transport={flow.transport}")
     if outbound:
         params += ";ob"
     if seal:
         params += f";sf={seal}"
-    return f"<sip:{tokens.encode(flow, host, port)}@{bracket(host)}:{port}{params}>".encode()
+    return f"<sip:{tokens.encode(flow, host, port, call_id)}@{bracket(host)}:{port}{params}>".encode()
 
 
 def add_uri_param(value: bytes, param: bytes) -> bytes:

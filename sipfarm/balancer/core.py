@@ -476,7 +476,7 @@ class BalancerCore:
         if not self.tokens.seal_matches(seal, host, port, call_id):
             return None
         rest = routes[count + 1 :]
-        popped = self.own_routes.pop_values(rest)
+        popped = self.own_routes.pop_values(rest, call_id)
         if popped is None:
             return None
         flow, taken, _, _ = popped
@@ -614,7 +614,7 @@ class BalancerCore:
             # RFC 3327: stay on the path to this UA (token = its flow)
             msg.prepend_values("path", self._own_entries(client_flow, dest.transport, path=True))
         elif method in DIALOG_CREATING and to_tag is None:
-            msg.prepend_values("record-route", self._own_entries(client_flow, dest.transport, path=False))
+            msg.prepend_values("record-route", self._own_entries(client_flow, dest.transport, call_id=msg.call_id))
         self._forward(msg, dest, self.internal, hop, hops)
         if register:  # sent: its 2xx may come (one refused as too large is not remembered)
             self.registrations.on_register(client_flow, msg)
@@ -627,19 +627,21 @@ class BalancerCore:
         self, msg: SipMessage, flow: Address, hop: Address, hops: int, to_tag: bytes | None, *, connect: bool = True
     ) -> None:
         """A request from a node to a client (Record-Routed when it creates a dialog)."""
-        entries = self._client_record_route(msg.method, flow, to_tag)
+        entries = self._client_record_route(msg.method, flow, to_tag, msg.call_id)
         if entries:
             msg.prepend_values("record-route", entries)
         facing = self.public.get(flow.transport) or self.internal
         self._forward(msg, flow, facing, hop, hops, flow_failure=True, connect=connect)
         self.stats.to_client += 1
 
-    def _client_record_route(self, method: bytes, flow: Address, to_tag: bytes | None) -> tuple[bytes, ...]:
+    def _client_record_route(
+        self, method: bytes, flow: Address, to_tag: bytes | None, call_id: bytes
+    ) -> tuple[bytes, ...]:
         """Our Record-Route entries (top first) for a node's request to the client on ``flow``:
         those of a dialog-creating request (no To tag), the client-facing entry on top; none
         for the rest."""
         if method in DIALOG_CREATING and to_tag is None:
-            return self._own_entries(flow, flow.transport, path=False, facing_client=True)
+            return self._own_entries(flow, flow.transport, facing_client=True, call_id=call_id)
         return ()
 
     def _forward(
@@ -712,14 +714,25 @@ class BalancerCore:
         return (_bare(host), port) in self._ours
 
     def _own_entries(
-        self, client_flow: Address, node_transport: str, *, path: bool, facing_client: bool = False
+        self,
+        client_flow: Address,
+        node_transport: str,
+        *,
+        path: bool = False,
+        facing_client: bool = False,
+        call_id: bytes = b"",
     ) -> tuple[bytes, ...]:
-        """Our Record-Route/Path values, top first: the entry facing the receiver on top.
+        """Our Path (``path``) or Record-Route values, top first: the entry facing the
+        receiver on top.
 
         The client-facing entry carries the client's flow token; when client and node sides
-        are the same socket one entry does (RFC 5658 double Record-Route otherwise).  The same
-        flow gets the same entries: remembered (bounded) for its next dialogs and REGISTERs.
+        are the same socket one entry does (RFC 5658 double Record-Route otherwise).  A Path's
+        token is the flow's, the same for every REGISTER: its entries are remembered (bounded).
+        A Record-Route's is a dialog token, valid with ``call_id`` only (``FlowTokens.encode``:
+        both parties of a call see it): made for each dialog.
         """
+        if not path:
+            return self._make_entries(client_flow, path=False, facing_client=facing_client, call_id=call_id)
         key = (client_flow, path, facing_client)
         entries = self._entries.get(key)
         if entries is None:
@@ -729,9 +742,11 @@ class BalancerCore:
             self._entries[key] = entries
         return entries
 
-    def _make_entries(self, client_flow: Address, *, path: bool, facing_client: bool) -> tuple[bytes, ...]:
+    def _make_entries(
+        self, client_flow: Address, *, path: bool, facing_client: bool, call_id: bytes = b""
+    ) -> tuple[bytes, ...]:
         pub = self.public.get(client_flow.transport) or self.internal
-        token = self.tokens.encode(client_flow, pub.host, pub.port)
+        token = self.tokens.encode(client_flow, pub.host, pub.port, call_id)
         params = ";lr" + ("" if client_flow.transport == "udp" else f";transport={client_flow.transport}")
         if path:
             params += ";ob"
@@ -747,7 +762,8 @@ class BalancerCore:
         return (node_entry, client_entry)
 
     def flow_token(self, flow: Address) -> str:
-        """The token our Path and Record-Route entries carry for ``flow`` (see :meth:`_make_entries`)."""
+        """The token our Path entries carry for ``flow`` (a Record-Route's is a dialog token:
+        :meth:`_make_entries`)."""
         pub = self.public.get(flow.transport) or self.internal
         return self.tokens.encode(flow, pub.host, pub.port)
 
@@ -840,7 +856,7 @@ class BalancerCore:
         hops = int(mf)
         if hops <= 0:
             return False  # TooManyHops, answered there
-        popped = self.own_routes.pop_values(routes)
+        popped = self.own_routes.pop_values(routes, call_id)
         if popped is None:
             return False
         if method == b"ACK" and not from_node and self.challenge_tags.matches(to_tag, source, call_id, seq):
@@ -870,7 +886,7 @@ class BalancerCore:
             if flow is None:
                 return False  # to its Request-URI: the destination policy's case
             dest = self._udp_contact_or_flow(uri, flow, to_tag)
-            entries = self._client_record_route(method, dest, to_tag)
+            entries = self._client_record_route(method, dest, to_tag, call_id)
             if entries:
                 record_route = b"".join([_RECORD_ROUTE + value + b"\r\n" for value in entries])
             via_address = self.public.get(dest.transport) or self.internal

@@ -155,6 +155,9 @@ class ProxyCall:
         self.challenges: list[tuple[str, bytes]] = []  # 16.7 step 7
         self.answered = False  # a 2xx or a final was sent upstream
         self.cancelled = False
+        # the Reason (RFC 3326) on the CANCELs of its branches: answered elsewhere, declined
+        # everywhere, or the caller's own CANCEL's
+        self.cancel_reason: bytes | None = None
         self.record_route = False  # a dialog-creating initial request (RFC 3261 16.6 step 4)
         self.inbound = "udp"  # transport the request came in on (double Record-Route, RFC 5658)
         self.record_route_flow: Address | None = None  # Record-Route with this client flow's token

@@ -10,7 +10,9 @@ branch's), and, when ``max_calls`` is set, be at most that many. Past either, th
 call gets 403 Too Many Calls and holds nothing, while its other calls and every other account
 go on. The share is in bytes, not calls: a trunk or a load test sets up hundreds of ordinary
 1-2 KB calls at once (a count of 100 refused an overloaded node's admitted calls), a
-thief with 64 KB INVITEs a few hundred.
+thief with 64 KB INVITEs a few hundred. Despite the name, every request the proxy holds is
+admitted (a MESSAGE to a phone that never answers waits 32 s too), and the key of an
+in-dialog request is its sender's address (``src:...``), which did not authenticate.
 
 The calls are kept, not counted up and down: a call leaves its account's share once answered or
 ended, however it ended. The charge of a call grows as its branches are created (the proxy adds

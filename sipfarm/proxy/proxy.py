@@ -116,10 +116,10 @@ FAILOVER_SECONDS = 2.0  # a gateway address silent this long: the next one (RFC 
 # 3261 14; UPDATE, RFC 3311) and answers to an offer in a reliable 18x (PRACK, RFC 3262); a
 # re-INVITE without SDP too (its 2xx will carry the offer). ACK bodies go through _send_ack.
 _IN_DIALOG_MEDIA = frozenset({b"INVITE", b"UPDATE", b"PRACK"})
-# in-dialog requests whose transaction may wait long for its answer: charged to the sender's share
-_IN_DIALOG_HELD = frozenset({b"INVITE", b"UPDATE"})
 # requests whose 18x/2xx SDP the hook sees (an answer, or an offer when the request had none)
 _MEDIA_RESPONSES = frozenset({b"UPDATE", b"PRACK"})
+_ANSWERED_ELSEWHERE: Final = b'SIP;cause=200;text="Call completed elsewhere"'
+MAX_REASON: Final = 256  # a caller's Reason passed on to the branches' CANCELs, at most
 
 
 class OwnRoutes:
@@ -315,7 +315,7 @@ class Proxy:
             sealed = sealed or seal
             if user and names_us:
                 try:
-                    flow = tokens.decode(user, host, port, ours=True)
+                    flow = tokens.decode(user, host, port, ours=True, call_id=msg.call_id)
                 except FlowTokenError:
                     raise BadMessage("invalid flow token in Route", partial=msg) from None
         return OwnRoutes(flow, sealed, popped)
@@ -522,7 +522,10 @@ class Proxy:
                     call.answered = True
                     return
                 account = answer.account
-                if call.is_invite and account is not None and self.pending_invites.enabled:
+                if account is not None and self.pending_invites.enabled:
+                    # every request the account has the node hold, not only its INVITEs: 60 KB
+                    # MESSAGEs to a phone that never answers each hold two transactions for
+                    # Timer F (red team, 2026-12-03)
                     self.pending_invites.admit(f"{account.user}@{account.domain}", call)
             for value in results.values():
                 if isinstance(value, StoreError):
@@ -734,6 +737,8 @@ class Proxy:
         route = tuple(p.encode("latin-1") for p in binding.path)
         client_flow = False
         try:
+            if contact.find(b"?") >= 0 or contact.lower().find(b"method=") >= 0:
+                contact = _as_request_uri(contact)
             if route:
                 hop = parse_name_addr(route[0]).uri
                 dest = self._destination(hop)
@@ -950,16 +955,12 @@ class Proxy:
             call.record_route = True
             call.record_route_flow = record_route_flow
         stx.context = call
-        # a re-INVITE (or UPDATE) waits for its answer as long as a call does (Timer C): its
-        # bytes are charged to its sender's share, as a call's are to its account's, so one
-        # subscriber's dialogs cannot fill the node's transaction memory with re-INVITEs its
-        # own phone never answers (red team, 2026-12-03: 256 MiB, then 503s for everyone)
-        if (
-            msg.to_tag is not None
-            and msg.method in _IN_DIALOG_HELD
-            and self.pending_invites.enabled
-            and not self._trusted_source(msg, stx)
-        ):
+        # an in-dialog request waits for its answer (a re-INVITE as long as a call, Timer C;
+        # others Timer F, 32 s): its bytes are charged to its sender's share, as a call's are
+        # to its account's, so one subscriber's dialogs cannot fill the node's transaction
+        # memory with requests its own phone never answers (red team, 2026-12-03: re-INVITEs,
+        # then 60 KB MESSAGEs: 256 MiB, then 503s for everyone)
+        if msg.to_tag is not None and self.pending_invites.enabled and not self._trusted_source(msg, stx):
             try:
                 self.pending_invites.admit("src:" + source_subject(self.element.client(msg, stx.source).host), call)
             except SipError as exc:
@@ -988,7 +989,7 @@ class Proxy:
         was sent (the phone itself, a gateway); None behind a Path of someone else's."""
         if not target.route:
             return target.destination.host
-        return self._token_flow_host(target.route[0])
+        return self._token_flow_host(target.route[0], call_id)
 
     def binding_client(self, binding: Binding) -> str | None:
         """The host of the client ``binding`` was registered from: the flow a farm flow token
@@ -1001,7 +1002,7 @@ class Proxy:
         except ValueError:
             return None
 
-    def _token_flow_host(self, entry: bytes) -> str | None:
+    def _token_flow_host(self, entry: bytes, call_id: bytes = b"") -> str | None:
         """The host of the flow a farm flow token in the Route/Path ``entry`` names (valid at its
         host and port, no ``maddr``: what :meth:`_farm_uri` accepts of a token); None for any
         other entry."""
@@ -1012,7 +1013,8 @@ class Proxy:
         if not (isinstance(hop, SipURI) and hop.user and hop.param("maddr") is None):
             return None
         try:
-            return self.flow_tokens.decode(hop.user, hop.host, hop.port or default_port(hop.transport)).host
+            port = hop.port or default_port(hop.transport)
+            return self.flow_tokens.decode(hop.user, hop.host, port, call_id=call_id).host
         except FlowTokenError:
             return None
 
@@ -1026,7 +1028,7 @@ class Proxy:
         tokens = self.flow_tokens
         if uri.user:
             try:
-                tokens.decode(uri.user, uri.host, uri.port or default_port(uri.transport))
+                tokens.decode(uri.user, uri.host, uri.port or default_port(uri.transport), call_id=call_id)
             except FlowTokenError:
                 return False
             return True
@@ -1086,7 +1088,8 @@ class Proxy:
                 # toward a client on our connection: the entry carries its flow token
                 host, port = identity.route_address(flow.transport)
                 seal = self.flow_tokens.seal(host, port, req.call_id)
-                req.prepend("record-route", flow_uri(self.flow_tokens, flow, host, port, seal=seal))
+                entry = flow_uri(self.flow_tokens, flow, host, port, seal=seal, call_id=req.call_id)
+                req.prepend("record-route", entry)
             else:
                 req.prepend("record-route", self._record_route(out_transport, req.call_id))
         for route in reversed(target.route):
@@ -1179,6 +1182,8 @@ class Proxy:
             self._send_upstream(call, _upstream(msg), branch)
             if first and call.is_invite:
                 call.groups.clear()
+                # RFC 3326: the other phones show "answered elsewhere", not a missed call
+                call.cancel_reason = _ANSWERED_ELSEWHERE
                 for other in call.active():
                     self._cancel_branch(other, now)
             return
@@ -1199,6 +1204,7 @@ class Proxy:
         if status >= 600 and call.is_invite:
             # RFC 3261 16.7 step 5: no more branches, cancel the others
             call.groups.clear()
+            call.cancel_reason = b'SIP;cause=%d;text="Declined elsewhere"' % status
             self._end_branches(call, call.active(), now)
         self._maybe_finish(call, now)
 
@@ -1332,6 +1338,9 @@ class Proxy:
             return
         call.cancelled = True
         call.groups.clear()
+        reason = msg.get("reason")
+        if reason is not None and len(reason) <= MAX_REASON:
+            call.cancel_reason = reason  # the caller's (RFC 3326 3: a proxy passes it on)
         active = call.active()
         if not active:
             # still waiting on Redis (or nothing forked): answer the INVITE ourselves
@@ -1371,6 +1380,9 @@ class Proxy:
         for key in ("from", "to", "call-id"):
             cancel.append(key, req.get(key) or b"")
         cancel.append("cseq", b"%d CANCEL" % req.cseq[0])
+        reason = branch.call.cancel_reason
+        if reason is not None:
+            cancel.append("reason", reason)
         cancel.set_body(b"", None)
         ctx = branch.client_tx
         assert isinstance(ctx, ClientTransaction)
@@ -1628,3 +1640,14 @@ def _strip_identity(msg: SipMessage) -> None:
         if key in IDENTITY_HEADERS:
             msg.headers = [h for h in headers if h[0] not in IDENTITY_HEADERS]
             return
+
+
+def _as_request_uri(contact: bytes) -> bytes:
+    """A registered Contact as the Request-URI of a request to it: without the URI headers and
+    ``method`` a Contact of a REGISTER may carry (RFC 3261 19.1.1 Table 1: neither is allowed in
+    a Request-URI; a phone answered such an INVITE 400). The headers are not applied either:
+    a Contact's ``?Route=...`` is the phone's wish, never the farm's routing."""
+    uri = parse_uri(contact)
+    if isinstance(uri, SipURI) and (uri.headers or uri.has_param("method")):
+        return str(uri.without_param("method").replace(headers="")).encode("latin-1")
+    return contact

@@ -18,7 +18,7 @@ from sipfarm.balancer.core import BalancerCore
 from sipfarm.balancer.nodes import Health, NodeSet
 from sipfarm.balancer.overload import AdmissionControl
 from sipfarm.cluster.membership import Member, Role
-from sipfarm.edge import ChallengeTags, FlowTokens
+from sipfarm.edge import ChallengeTags, FlowTokenError, FlowTokens
 from sipfarm.sip.address import Address
 from sipfarm.sip.errors import SipError
 from sipfarm.sip.headers import parse_name_addr
@@ -172,7 +172,11 @@ def test_invite_hashed_by_call_id_with_record_route_via_and_max_forwards(lb: Har
         rr = msg.values("record-route")
         assert len(rr) == 1
         token = uri_of(rr[0]).user
-        assert token is not None and lb.tokens.decode(token, "10.0.0.1", 5060) == CLIENT
+        # a dialog token: valid in this dialog's requests only
+        assert token is not None and lb.tokens.decode(token, "10.0.0.1", 5060, call_id=msg.call_id) == CLIENT
+        for other in (b"", b"another-call"):
+            with pytest.raises(FlowTokenError):
+                lb.tokens.decode(token, "10.0.0.1", 5060, call_id=other)
 
 
 def test_cancel_and_ack_follow_their_invite(lb: Harness):
@@ -271,7 +275,8 @@ def test_request_from_node_with_client_token_goes_out_on_the_tcp_flow(lb: Harnes
     assert msg.top_via.transport == "TCP" and (msg.top_via.host, msg.top_via.port) == ("10.0.0.1", 5060)
     rr = [uri_of(v) for v in msg.values("record-route")]
     # facing the client on top (its token, transport=tcp), then our node side, then the node
-    assert rr[0].user is not None and lb.tokens.decode(rr[0].user, rr[0].host, rr[0].port or 5060) == TCP_CLIENT
+    assert rr[0].user is not None
+    assert lb.tokens.decode(rr[0].user, rr[0].host, rr[0].port or 5060, call_id=msg.call_id) == TCP_CLIENT
     assert rr[0].transport == "tcp"
     assert (rr[1].host, rr[1].port, rr[1].user) == ("10.0.0.1", 5060, None)
     assert (rr[2].host, rr[2].port) == ("10.0.1.1", 5060)
@@ -294,7 +299,8 @@ def test_node_side_of_dialog_with_tcp_caller_routes_through_internal_udp(lb: Har
     rr = [uri_of(v) for v in msg.values("record-route")]
     assert len(rr) == 2
     assert (rr[0].host, rr[0].port, rr[0].transport, rr[0].user) == ("10.0.0.1", 5060, "udp", None)
-    assert rr[1].user is not None and lb.tokens.decode(rr[1].user, rr[1].host, rr[1].port or 5060) == TCP_CLIENT
+    assert rr[1].user is not None
+    assert lb.tokens.decode(rr[1].user, rr[1].host, rr[1].port or 5060, call_id=msg.call_id) == TCP_CLIENT
 
 
 # -- in-dialog requests and dead nodes -----------------------------------------------------------

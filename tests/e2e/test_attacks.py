@@ -276,6 +276,48 @@ def test_callee_sees_the_asserted_identity_only(farm: Farm):
     assert "ceo" not in invite.to_bytes().decode(errors="replace").lower()
 
 
+@pytest.mark.parametrize("target", ["bob", "carol"])
+def test_a_record_route_token_seen_in_one_call_opens_no_other_dialog(farm: Farm, target: str):
+    """Red team (2026-12-03): a phone's flow token in the balancer's Record-Route was valid in
+    any request. A subscriber who once called bob kept it, put it after the node's entry of a
+    dialog of her own (any Call-ID: a call to another phone gets her the node's seal), and bob's
+    phone got her MESSAGEs, INVITEs and BYEs with any From. A Record-Route token is a dialog
+    token now, valid with its own Call-ID only. Control (``carol``): the same request along the
+    route set of that very dialog reaches its callee, as an in-dialog request must."""
+    alice = Caller("alice", ACCOUNTS["alice"], host="127.0.0.70")
+    try:
+        first = alice.invite(farm.lb.address, "bob")  # the call that shows bob's token
+        assert first.final is not None and first.final.status == 200, farm.logs()
+        bob_entry = first.final.values("record-route")[0]
+        second = alice.invite(farm.lb.address, "carol")  # a dialog of her own: the node's seal
+        assert second.final is not None and second.final.status == 200, farm.logs()
+        record_route = second.final.values("record-route")
+        route_set = list(reversed(record_route))  # as a UAC uses it (RFC 3261 12.1.2)
+        if target == "bob":
+            route_set[-1] = bob_entry
+        farm.bob.clear()
+        farm.carol.clear()
+        dialog = second.final
+        headers = (
+            ("Route", ", ".join(v.decode() for v in route_set)),
+            ("Content-Type", "text/plain"),
+        )
+        data = request(
+            "MESSAGE", f"sip:{target}@127.0.0.1:5060", alice.attacker.via(), from_=f"<sip:erin@{DOMAIN}>",
+            to=(dialog.get("to") or b"").decode(), cid=dialog.call_id.decode(), cseq=5, headers=headers, body=b"hi",
+        )  # fmt: skip
+        alice.attacker.send(data, farm.lb.address)
+        final = alice.attacker.final(5.0, call_id=dialog.call_id.decode(), cseq=5)
+    finally:
+        alice.close()
+    reached = farm.bob.received(0.5, method=b"MESSAGE") + farm.carol.received(0.0, method=b"MESSAGE")
+    if target == "bob":
+        assert reached == [], [m.to_bytes()[:300] for m in reached]
+        assert final is not None and final.status in (400, 403), final and final.to_bytes()
+    else:
+        assert [m.call_id for m in reached] == [dialog.call_id] and final is not None and final.status == 200
+
+
 # -- 7. credential replay ------------------------------------------------------------------------------
 
 

@@ -218,10 +218,25 @@ def test_parallel_forking_rings_both_first_200_wins_the_other_is_cancelled(farm:
     assert len(mobile.requests(b"INVITE")) == 1
     desk.answer_call(200)
     assert statuses(alice)[-1] == 200
-    assert len(mobile.requests(b"CANCEL")) == 1
+    (cancel,) = mobile.requests(b"CANCEL")
+    # RFC 3326: the phone shows the call answered elsewhere, not missed
+    assert cancel.get("reason") == b'SIP;cause=200;text="Call completed elsewhere"'
     assert desk.requests(b"CANCEL") == []
     farm.advance(40)
     assert [s for s in statuses(alice) if s >= 200] == [200]  # mobile's 487 stays at the node
+
+
+def test_the_callers_cancel_reason_and_a_6xx_reach_the_other_branches_cancels(farm: MemFarm, alice: Phone) -> None:
+    desk = registered(farm, "bob", "10.0.0.2")
+    mobile = registered(farm, "bob", "10.0.0.3")
+    call(alice)
+    alice.cancel(last_invite(alice))
+    assert statuses(alice, b"CANCEL") == [200]
+    reasons = [m.get("reason") for m in desk.requests(b"CANCEL") + mobile.requests(b"CANCEL")]
+    assert reasons == [None, None]  # the caller gave none: none is made up
+    call(alice, call_id="second")
+    mobile.answer_call(603, mobile.ringing[-1])  # declined: no other branch is tried (16.7 step 5)
+    assert desk.requests(b"CANCEL")[-1].get("reason") == b'SIP;cause=603;text="Declined elsewhere"'
 
 
 def test_serial_forking_tries_the_higher_q_contact_first(farm: MemFarm, alice: Phone) -> None:
@@ -267,6 +282,27 @@ def test_no_answer_cancels_the_ringing_branch_at_timer_c_and_caller_gets_408(far
     farm.advance(2)
     assert len(bob.requests(b"CANCEL")) == 1
     assert [s for s in statuses(alice) if s >= 200] == [408]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    ["?Route=%3Csip:10.9.9.9;lr%3E", "?P-Asserted-Identity=%3Csip:ceo@farm.test%3E&Subject=x", ";method=INVITE"],
+)
+def test_a_registered_contacts_uri_headers_and_method_do_not_reach_the_request_uri(
+    farm: MemFarm, alice: Phone, extra: str
+) -> None:
+    """RFC 3261 19.1.1 Table 1: a REGISTER's Contact may carry URI headers and ``method``, a
+    Request-URI neither; forwarded as they were, a strict phone answered 400 (red team,
+    2026-12-03). Stripped, and the headers are not applied either."""
+    bob = farm.phone("bob", "10.0.0.2")
+    assert bob.register(contact=f"<sip:bob@10.0.0.2:5060{extra}>").status == 200  # type: ignore[union-attr]
+    bob.answer = 200
+    answer = call(alice)
+    assert answer is not None and answer.status == 200
+    (invite,) = bob.requests(b"INVITE")
+    assert invite.uri == b"sip:bob@10.0.0.2:5060", invite.uri
+    assert not invite.values("subject") and b"ceo" not in invite.to_bytes()
+    assert [r for r in invite.values("route") if b"10.9.9.9" in r] == []
 
 
 # -- A: requests that cannot be routed ----------------------------------------------------------

@@ -491,7 +491,35 @@ def test_an_out_of_dialog_request_routed_by_a_flow_token_is_refused(
         route = token_entry.decode()
     bob.inbox.clear()
     mallory.send(mallory.request(method, binding.contact, headers=[("route", route)]))
-    assert finals(mallory) in ([403], [404])
+    # a Record-Route's token is a dialog token: invalid in another Call-ID's request (400)
+    assert finals(mallory) in ([403], [404]) if seen_in == "path" else [[400]]
+    assert bob.inbox == []
+
+
+@pytest.mark.parametrize("method", ["MESSAGE", "INVITE", "BYE"])
+def test_a_flow_token_seen_in_one_dialog_opens_no_other(farm: MemFarm, alice: Phone, method: str) -> None:
+    """Red team (2026-12-03): the token naming bob's connection in one call's Record-Route,
+    put after the node's sealed entries of another dialog of the caller's own (to carol), made
+    the node deliver that dialog's requests on bob's connection, From anyone. A Record-Route
+    token is valid in its own dialog's requests only (400 in any other)."""
+    bob = farm.tcp_phone("bob", "10.0.0.4")
+    carol = farm.tcp_phone("carol", "10.0.0.5")
+    for phone in (bob, carol):
+        assert phone.register().status == 200  # type: ignore[union-attr]
+        phone.answer = 200
+    first = alice.authenticated(alice.request("INVITE", BOB))
+    assert first is not None and first.status == 200
+    (bob_entry,) = [v for v in first.values("record-route") if b"@" in v]
+    second = alice.authenticated(alice.request("INVITE", f"sip:carol@{DOMAIN}"))
+    assert second is not None and second.status == 200
+    route_set = [v for v in reversed(second.values("record-route")) if b"@" not in v] + [bob_entry]
+    request = alice.in_dialog(method, second)
+    request.set("route", b", ".join(route_set))
+    request.set("from", f"<sip:erin@{DOMAIN}>;tag={second.from_tag.decode()}")  # type: ignore[union-attr]
+    bob.inbox.clear()
+    alice.inbox.clear()
+    alice.send(request, farm.node_addresses[0])
+    assert finals(alice) == [400]
     assert bob.inbox == []
 
 
@@ -522,7 +550,8 @@ def test_a_dialogs_own_route_set_cannot_send_the_node_elsewhere(
     other_node = farm.node_addresses[1]
     element_seal = farm.tokens.seal(other_node.host, other_node.port)
     dialog_seal = farm.tokens.seal(other_node.host, other_node.port, answer.call_id)
-    packed = bytes.fromhex(token)[8:]  # a token of the earlier format: its MAC over the flow alone
+    # a token of the earlier format: its MAC over the flow alone (the Record-Route's is a dialog token)
+    packed = bytes.fromhex(token.removeprefix("r"))[8:]
     legacy = (hmac.digest(farm.tokens._secret, packed, hashlib.sha256)[:8] + packed).hex()
     hop = {
         "token_moved": f"<sip:{token}@{victim};lr>",
@@ -753,6 +782,47 @@ def test_one_subscribers_unanswered_re_invites_cannot_take_the_node_from_everyon
     assert statuses.count(403) >= 4 and statuses[:8] == [180] * 8, statuses
     assert farm.nodes[0].layer.retained_bytes <= 2 * share
     assert _call(carol, 0, 60_000)[0] == 180  # another caller is not affected
+
+
+@pytest.mark.parametrize("in_dialog", [False, True])
+def test_one_subscribers_unanswered_messages_cannot_take_the_node_from_everyone(in_dialog: bool) -> None:
+    """Not only INVITEs wait: a MESSAGE (or any request) to a phone that never answers holds
+    its server and client transactions until Timer F (32 s). 60 KB MESSAGEs, to a silent phone
+    of one's own or inside one's own dialog, filled a node's 256 MiB and every caller got 503
+    (red team, 2026-12-03). Every request the node holds is charged to its account (in a
+    dialog: its sender's) share: past it, 403; other callers are not affected."""
+    share = 1 << 20
+    farm = MemFarm(node_kwargs={"max_transaction_bytes": 16 * share, "max_pending_invite_bytes": share})
+    alice = farm.phone("alice", "10.0.0.1")
+    bob = farm.phone("bob", "10.0.0.2")
+    carol = farm.phone("carol", "10.0.0.3")
+    assert bob.register() is not None and bob.finals()[-1] == 200
+    answered = None
+    if in_dialog:
+        ok = alice.authenticated(alice.request("INVITE", BOB, call_id="dialog-m"))
+        assert ok is not None and ok.status == 180
+        bob.answer_call(200, bob.ringing[-1])
+        answered = alice.last(200, b"INVITE")
+        assert answered is not None
+        alice.ack(answered)
+    bob.silent = True  # gone: answers nothing from now on
+    statuses = []
+    for n in range(12):
+        if answered is not None:
+            message = alice.in_dialog("MESSAGE", answered, cseq=10 + n)
+            message.set_body(b"x" * 60_000, "text/plain")
+            alice.inbox.clear()
+            alice.send(message)
+            statuses.append(alice.inbox[-1].status if alice.inbox else 0)
+        else:
+            message = alice.request("MESSAGE", BOB, call_id=f"m-{n}", body=b"x" * 60_000)
+            answer = alice.authenticated(message)
+            statuses.append(answer.status if answer is not None and answer.status >= 200 else 0)
+    assert statuses.count(403) >= 4 and statuses[:6] == [0] * 6, statuses
+    assert farm.nodes[0].layer.retained_bytes <= 2 * share
+    assert _call(carol, 0, 60_000)[0] == 100  # another caller is not affected (silent bob: Trying)
+    farm.advance(40.0)  # Timer F ends them: alice may send again
+    assert farm.nodes[0].layer.retained_bytes < share
 
 
 def test_a_callee_cannot_assert_an_identity_in_its_responses() -> None:
