@@ -666,7 +666,11 @@ def tag_of(value: bytes) -> bytes | None:
 
 # --- CSeq, Max-Forwards, Content-Length, Expires ----------------------------------------------
 
-_MAX_CSEQ = 2**31  # RFC 3261 8.1.1.5: "MUST be less than 2**31"
+# RFC 3261 20.16: "a single decimal sequence number" that 8.1.1.5 asks to be "expressible as a
+# 32-bit unsigned integer"; its "less than 2**31" is for the first request a UAC sends, and a
+# dialog's later requests go past it (a BYE at 2**31 refused left a call that began at
+# 2**31 - 1 up, red team 2026-12-03)
+_MAX_CSEQ = 2**32
 
 
 def parse_cseq(value: bytes) -> tuple[int, bytes]:
@@ -674,7 +678,8 @@ def parse_cseq(value: bytes) -> tuple[int, bytes]:
     if len(parts) != 2:
         raise HeaderError("malformed CSeq")
     number, method = parts
-    if not number.isdigit() or len(number) > 10:
+    # leading zeros are digits of the same number ("00000000001" is 1); bounded all the same
+    if not number.isdigit() or len(number) > 20 or len(number.lstrip(b"0")) > 10:
         raise HeaderError("CSeq number is not a 32-bit integer")
     seq = int(number)
     if seq >= _MAX_CSEQ:

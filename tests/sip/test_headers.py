@@ -503,6 +503,10 @@ def test_tag_of(value: bytes, tag: bytes | None) -> None:
         (b"1 INVITE", (1, b"INVITE")),
         (b"0009  INVITE", (9, b"INVITE")),
         (b" 2147483647 BYE ", (2147483647, b"BYE")),
+        # a dialog's later requests go past 2**31 (RFC 3261 8.1.1.5 bounds the first one)
+        (b"2147483648 BYE", (2147483648, b"BYE")),
+        (b"4294967295 BYE", (4294967295, b"BYE")),
+        (b"00000000001 INVITE", (1, b"INVITE")),  # leading zeros: the same number
     ],
 )
 def test_cseq(value: bytes, parsed: tuple[int, bytes]) -> None:
@@ -516,8 +520,9 @@ def test_cseq(value: bytes, parsed: tuple[int, bytes]) -> None:
         b"1",
         b"INVITE",
         b"-1 INVITE",
-        b"2147483648 INVITE",
+        b"4294967296 INVITE",
         b"36893488147419103232 REGISTER",
+        b"000000000000000000001 INVITE",
         b"1 INV ITE",
         b"1 INV:ITE",
         b"\xd9\xa3 INVITE",
