@@ -114,6 +114,7 @@ class StreamFlow(asyncio.Protocol):
         self.partial = 0  # bytes of an incomplete message buffered (the manager's budget)
         self._owed = 0  # requests delivered (ACK aside) minus final responses written
         self._half_closed_until = 0.0  # loop time: the peer sent FIN; closed by then (0: not)
+        self._unframed = False  # the framing broke: nothing more is read (_close_when_answered)
 
     def __repr__(self) -> str:
         return f"<StreamFlow {self.remote} local={self.local}>"
@@ -168,7 +169,7 @@ class StreamFlow(asyncio.Protocol):
                     self._stats.dropped += 1
 
     def data_received(self, data: bytes) -> None:
-        if self._closing:
+        if self._closing or self._unframed:
             return
         now = self._loop.time()
         self._last_activity = now
@@ -184,7 +185,11 @@ class StreamFlow(asyncio.Protocol):
                 # no message boundary any more: the flow cannot continue; a request whose header
                 # section could be read gets its 400 (413) first, flushed as the flow closes
                 bump(self._stats.parse_errors, exc.counter)
-                self.abort_for_abuse(exc.counter, str(exc), answer=self._manager.framing_answer(exc))
+                answer = self._manager.framing_answer(exc)
+                if self._owed > 0:
+                    self._close_when_answered(exc.counter, str(exc), answer)
+                else:
+                    self.abort_for_abuse(exc.counter, str(exc), answer=answer)
                 return
             if event is None:
                 break
@@ -315,6 +320,33 @@ class StreamFlow(asyncio.Protocol):
         else:
             tr.abort()  # nothing owed to an abusive peer: do not flush
         if self.remote is not None and not self.outbound:  # an outbound one's peer the farm chose
+            self._manager.abused(self.remote.host)
+
+    def _close_when_answered(self, reason: str, detail: str, answer: bytes | None) -> None:
+        """A framing error after requests the flow still owes answers to (a valid request and
+        garbage in one write, red team 2026-12-03: the answer was lost with the connection).
+        Counted as abuse as :meth:`abort_for_abuse` does, but nothing more is read, and the flow
+        closes once those answers are written, as after a half-close (bounded by
+        ``half_closed_timeout``); ``answer``, the broken request's, goes first."""
+        tr = self._transport
+        if tr is None:
+            self.abort_for_abuse(reason, detail, answer=answer)
+            return
+        self._stats.connections_closed_abuse += 1
+        bump(self._stats.abuse, reason)
+        logger.debug(
+            "event=flow_closed_abuse remote=%s reason=%s detail=%r owed=%d", self.remote, reason, detail, self._owed
+        )
+        self._unframed = True
+        self._message_start = None  # the garbage is no message in progress (no stall timeout)
+        tr.pause_reading()
+        if answer is not None and tr.get_write_buffer_size() + len(answer) <= self._config.write_buffer_limit:
+            tr.write(answer)
+        self._half_closed_until = self._loop.time() + min(self._config.half_closed_timeout, self._config.idle_timeout)
+        self._hold_until = 0.0
+        self._manager.flow_half_closed(self)
+        self._arm(self._half_closed_until)
+        if self.remote is not None and not self.outbound:
             self._manager.abused(self.remote.host)
 
     def _evict(self) -> None:

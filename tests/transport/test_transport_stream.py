@@ -8,8 +8,9 @@ import pytest
 from conftest import Runner, Uas, read_message, sip_request, wait_until
 
 from sipfarm.sip.address import Address
-from sipfarm.sip.message import SipMessage
+from sipfarm.sip.message import SipMessage, make_response
 from sipfarm.sip.parser import parse_message
+from sipfarm.sip.via import response_target
 from sipfarm.transport.config import TransportConfig
 from sipfarm.transport.manager import TransportManager
 
@@ -235,6 +236,33 @@ def test_a_request_that_breaks_the_framing_is_answered_before_the_flow_closes(
         assert received.endswith(b"\r\n\r\n")  # one whole answer, then the close
         assert uas.seen == []
         assert manager.stats.connections_closed_abuse == 1 and manager.stats.error_responses == 1
+        writer.close()
+        await manager.close()
+
+    arun(scenario())
+
+
+def test_a_request_answered_after_the_framing_broke_behind_it_still_gets_its_answer(arun: Runner) -> None:
+    """A valid request and garbage in one write (red team 2026-12-03, RFC 4475 dblreq over
+    TCP): the connection closed at once and the valid request's answer, not written yet, was
+    lost. Nothing more is read; the flow closes once the owed answers are written."""
+
+    async def scenario() -> None:
+        uas = Uas(answer=False)  # answers later, as a node behind the balancer does
+        manager, addr = await _uas_on_tcp(uas)
+        reader, writer = await _connect(addr)
+        writer.write(sip_request(via=TCP_VIA, call_id="owed") + b"xyz\r\n\r\n")
+        await wait_until(lambda: manager.stats.abuse == {"bad_message": 1})
+        writer.write(sip_request(via=TCP_VIA, call_id="unread"))  # no longer read
+        await asyncio.sleep(0.2)
+        assert [m.call_id for m, _, _ in uas.seen] == [b"owed"]
+        msg, source, local = uas.seen[0]
+        response = make_response(msg, 200, to_tag=b"uas")
+        assert manager.send(response.to_bytes(), response_target(response, source), local=local)
+        received = await _read_until_closed(reader, timeout=5.0)
+        answer = parse_message(received)
+        assert (answer.status, answer.call_id) == (200, b"owed"), received
+        assert received.endswith(b"\r\n\r\n")  # that answer alone, then the close
         writer.close()
         await manager.close()
 
