@@ -69,6 +69,7 @@ from sipfarm.sip.errors import NotAcceptableHere, ServiceUnavailable
 from sipfarm.sip.headers import via_branch
 from sipfarm.sip.memo import bounded_key
 from sipfarm.sip.message import SipMessage
+from sipfarm.sip.multipart import SdpPart, sdp_part
 
 log = logging.getLogger("sipfarm.proxy.media")
 
@@ -123,17 +124,45 @@ def _parse_address(text: str) -> RelayAddress | None:
 
 def _has_sdp(msg: SipMessage) -> bool:
     """``msg`` has a body that is (or may hold) SDP: ``application/sdp``, no Content-Type at all
-    (RFC 3261 20.15 wants one; a sloppy phone's SDP is served), or ``multipart/*`` (which the
-    relay refuses: 488, rather than SDP in a part going on unanchored).  Any other type is not an
-    offer or an answer: the body goes on untouched (red team, 2026-12-03: text/plain was
-    anchored as SDP and went on as application/sdp)."""
+    (RFC 3261 20.15 wants one; a sloppy phone's SDP is served), or ``multipart/*`` with an SDP
+    part (RFC 5621: the relay gets that part, :func:`_sdp_of`), or one naming
+    ``application/sdp`` where no part of it could be read (which the relay refuses: 488, rather
+    than SDP going on unanchored).  Any other type is not an offer or an answer: the body goes
+    on untouched (red team, 2026-12-03: text/plain was anchored as SDP and went on as
+    application/sdp; a SIP-T gateway's multipart offer got 488)."""
     if not msg.body:
         return False
     kind = msg.get("content-type")
     if kind is None:
         return True
     kind = kind.partition(b";")[0].strip().lower()
-    return kind == b"application/sdp" or kind.startswith(b"multipart/")
+    if kind.startswith(b"multipart/"):
+        return _multipart_sdp(msg) is not None or msg.body.lower().find(b"application/sdp") >= 0
+    return kind == b"application/sdp"
+
+
+def _multipart_sdp(msg: SipMessage) -> SdpPart | None:
+    """The SDP part of ``msg``'s multipart body, if it is one and has one."""
+    kind = msg.get("content-type")
+    if kind is None or kind.lstrip()[:10].lower() != b"multipart/":
+        return None
+    return sdp_part(kind, msg.body)
+
+
+def _sdp_of(msg: SipMessage) -> bytes:
+    """What the relay reads of ``msg``'s body: its SDP part, or the whole body."""
+    part = _multipart_sdp(msg)
+    return part.sdp if part is not None else msg.body
+
+
+def _put_sdp(msg: SipMessage, sdp: bytes) -> None:
+    """The relay's rewritten ``sdp`` in ``msg``: in place of its SDP part (every other part as
+    it was), or as its whole body."""
+    part = _multipart_sdp(msg)
+    if part is not None:
+        msg.set_body(part.with_sdp(sdp), msg.get("content-type"))
+    else:
+        msg.set_body(sdp, SDP)
 
 
 def _from_webrtc(msg: SipMessage) -> bool:
@@ -389,7 +418,7 @@ class RelayMedia:
         if isinstance(sdp, bytes):
             new = bounded_key(call_id) not in self._calls
             webrtc = _from_webrtc(msg) if msg.is_request else _SAVPF in msg.body
-            msg.set_body(sdp, SDP)
+            _put_sdp(msg, sdp)
             call = self._remember(call_id, relay)
             call.offerer = bounded_key(offerer)
             call.expires = None
@@ -454,7 +483,7 @@ class RelayMedia:
     def _answered(self, msg: SipMessage, done: Done, relay: RelayAddress, reply: NgReply | NgError) -> None:
         sdp = reply.get(b"sdp") if isinstance(reply, dict) else None
         if isinstance(sdp, bytes):
-            msg.set_body(sdp, SDP)
+            _put_sdp(msg, sdp)
             done(None)
             return
         error = reply if isinstance(reply, NgError) else NgRefused("answer reply without SDP")
@@ -475,7 +504,7 @@ class RelayMedia:
         message: dict[str, Value] = {"command": command, "call-id": msg.call_id, "from-tag": from_tag}
         if to_tag:
             message["to-tag"] = to_tag
-        message["sdp"] = msg.body
+        message["sdp"] = _sdp_of(msg)
         if sender:  # rtpengine's [family, address] (Kamailio's rtpengine module sends it too)
             message["received-from"] = [b"IP6" if ":" in sender else b"IP4", sender.strip("[]").encode("latin-1")]
         branch = via_branch(msg.top_via_value)

@@ -29,6 +29,7 @@ from sipfarm.routing.router import Router
 from sipfarm.routing.table import RoutingTable
 from sipfarm.sip.address import Address
 from sipfarm.sip.message import SipMessage, make_response
+from sipfarm.sip.multipart import sdp_part
 
 BOB = f"sip:bob@{DOMAIN}"
 RELAYS = [("127.0.5.1", 2223), ("127.0.5.2", 2223)]
@@ -519,6 +520,62 @@ def test_a_body_that_is_not_sdp_is_neither_offer_nor_answer() -> None:
     assert bob.ringing, alice.inbox
     offered = bob.requests(b"INVITE")[-1]
     assert offered.body == phone_sdp("10.0.0.1", 4000) and offered.get("content-type") == b"text/plain"
+    assert b"offer" not in mf.commands()
+
+
+def _multipart(sdp: bytes, boundary: bytes = b"unique-boundary-1") -> tuple[bytes, bytes]:
+    """A SIP-T style body (RFC 3204): the SDP, then an ISUP part; and its Content-Type."""
+    body = (
+        b"--" + boundary + b"\r\nContent-Type: application/sdp\r\n\r\n" + sdp
+        + b"\r\n--" + boundary + b"\r\nContent-Type: application/ISUP;version=itu-t92+\r\n"
+        + b"Content-Disposition: signal;handling=optional\r\n\r\n\x01\x00\x49\x00\x00\x03\x02\x00\x07"
+        + b"\r\n--" + boundary + b"--\r\n"
+    )  # fmt: skip
+    return body, b'multipart/mixed;boundary="' + boundary + b'"'
+
+
+def test_the_sdp_part_of_a_multipart_offer_and_answer_is_anchored_the_rest_kept() -> None:
+    """RFC 5621: a SIP-T gateway's offer is a multipart body with an SDP part; it got 488 (the
+    whole body went to the relay as SDP, red team 2026-12-03). The relay reads and rewrites
+    that part; every other byte of the body goes on as it was; the answer likewise."""
+    mf = MediaFarm()
+    alice, bob = setup(mf)
+    body, kind = _multipart(phone_sdp("10.0.0.1", 4000))
+    msg = alice.request("INVITE", BOB, call_id=call_id_on(1), body=body)
+    msg.set("content-type", kind)
+    alice.authenticated(msg)
+    assert bob.ringing, alice.inbox
+    offered = bob.requests(b"INVITE")[-1]
+    assert offered.get("content-type") == kind
+    part = sdp_part(kind, offered.body)
+    assert part is not None and b"10.0.0.1" not in part.sdp
+    host, _ = media_of(SipMessage.request("INVITE", BOB, [], body=part.sdp))
+    assert host == "127.0.5.2"
+    assert offered.body.endswith(body[body.index(b"\r\n--unique-boundary-1\r\n") :])
+    assert int(offered.get("content-length") or b"0") == len(offered.body)
+    answer, _ = _multipart(phone_sdp("10.0.0.2", 5000))
+    call = bob.ringing[-1]
+    bob.ringing.remove(call)
+    response = make_response(
+        call.request, 200, to_tag=call.tag, headers=(("contact", f"<{bob.contact}>"),), body=answer,
+        content_type=kind, record_route=True,
+    )  # fmt: skip
+    bob.send(response, call.source)
+    ok = alice.last(200, b"INVITE")
+    assert ok is not None
+    answered = sdp_part(kind, ok.body)
+    assert answered is not None and b"10.0.0.2" not in answered.sdp and b"127.0.5.2" in answered.sdp
+    assert mf.commands() == [b"offer", b"answer"]
+
+
+def test_a_multipart_body_without_sdp_goes_on_untouched() -> None:
+    mf = MediaFarm()
+    alice, bob = setup(mf)
+    body = b"--b1\r\nContent-Type: text/plain\r\n\r\nhello\r\n--b1--\r\n"
+    msg = alice.request("MESSAGE", BOB, call_id=call_id_on(1), body=body)
+    msg.set("content-type", b"multipart/mixed;boundary=b1")
+    alice.authenticated(msg)
+    assert bob.requests(b"MESSAGE")[-1].body == body
     assert b"offer" not in mf.commands()
 
 
