@@ -44,8 +44,17 @@ from sipfarm.sip.via import default_port
 DIALOG_CREATING = frozenset({b"INVITE", b"SUBSCRIBE", b"REFER", b"NOTIFY"})
 MAX_OWN_ENTRIES = 4  # a double Record-Route (RFC 5658) is two; more means a loop or junk
 #: the identity headers only the farm may write (RFC 3325 5): a node strips them from what it
-#: forwards, and the balancer sends a request that carries one through a node
-IDENTITY_HEADERS: Final = ("p-asserted-identity", "p-preferred-identity", "remote-party-id")
+#: forwards, and the balancer sends a request that carries one through a node. With them, a
+#: STIR ``Identity`` (RFC 8224: the farm, not a phone, is the authentication service; a
+#: PASSporT copied from another call would verify downstream) and ``P-Called-Party-ID`` (RFC
+#: 3455: written by the callee's proxy), which phones show (red team, 2026-12-03)
+IDENTITY_HEADERS: Final = (
+    "p-asserted-identity",
+    "p-preferred-identity",
+    "remote-party-id",
+    "identity",
+    "p-called-party-id",
+)
 
 __all__ = [
     "CHALLENGE_TAG_PREFIX",

@@ -1140,7 +1140,8 @@ class BalancerCore:
         return branch
 
 
-_IDENTITY_NAMES = tuple(b"\n" + name.encode() for name in IDENTITY_HEADERS)
+# with Identity's compact form ("y", RFC 8224): any line starting with y declines (rare, safe)
+_IDENTITY_NAMES = (*(b"\n" + name.encode() for name in IDENTITY_HEADERS), b"\ny")
 
 
 def _names_identity(data: bytes) -> bool:

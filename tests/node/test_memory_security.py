@@ -25,7 +25,7 @@ from sipfarm.store.location import Binding
 
 BOB = f"sip:bob@{DOMAIN}"
 VICTIM_HOST, VICTIM_PORT = "127.0.0.1", 6379  # say, a Redis without a password on loopback
-IDENTITY_HEADERS = ("p-asserted-identity", "p-preferred-identity", "remote-party-id")
+IDENTITY_HEADERS = ("p-asserted-identity", "p-preferred-identity", "remote-party-id", "identity", "p-called-party-id")
 
 
 @pytest.fixture
@@ -119,6 +119,11 @@ def test_the_callee_sees_the_authenticated_identity_only(farm: MemFarm, alice: P
         ("p-asserted-identity", f'"CEO" <sip:ceo@{DOMAIN}>'),
         ("p-preferred-identity", f"<sip:ceo@{DOMAIN}>"),
         ("remote-party-id", f'"CEO" <sip:ceo@{DOMAIN}>;party=calling;screen=yes'),
+        # a STIR PASSporT (copied from another call: it would verify downstream) and a called
+        # party only the callee's proxy writes (red team, 2026-12-03)
+        ("identity", "eyJhbGciOiJFUzI1NiJ9.eyJvcmlnIjp7InRuIjoiY2VvIn19.c2ln;info=<https://ceo.example/cert>"),
+        ("y", "eyJhbGciOiJFUzI1NiJ9.eyJjZW8iOjF9.c2ln"),
+        ("p-called-party-id", f"<sip:ceo@{DOMAIN}>"),
     ]
     answer = alice.authenticated(alice.request("INVITE", BOB, headers=forged))
     assert answer is not None
@@ -131,6 +136,7 @@ def test_the_callee_sees_the_authenticated_identity_only(farm: MemFarm, alice: P
     assert uri.aor == f"alice@{DOMAIN}"
     assert not invite.has("p-preferred-identity")
     assert not invite.has("remote-party-id")
+    assert not invite.has("identity") and not invite.has("p-called-party-id")
     assert all(b"ceo" not in v for name in IDENTITY_HEADERS for v in invite.get_all(name))
 
 
