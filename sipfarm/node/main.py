@@ -213,6 +213,10 @@ async def serve(
         route_addresses=route_addresses,
     )
     destinations = DestinationPolicy(allow=cfg.allow_destinations, deny=cfg.internal_networks, own=transports.addresses)
+    # the farm's own services are never a destination a message names, even where loopback or
+    # an internal network is allowed (red team, 2026-12-03: an in-dialog request's Request-URI
+    # reached Redis; a password stops its commands, not the traffic)
+    destinations.refuse(redis_endpoints(cfg.redis))
     guard = RedisGuard(
         pipe,
         GuardPolicy(
@@ -245,6 +249,7 @@ async def serve(
                     for h, _, p in (r.rpartition(":") for r in cfg.relays)
                 ]
             )
+            destinations.refuse(relay_table.addresses)  # their ng ports: never a SIP destination
         media = RelayMedia(
             ng_client,
             relay_table,
@@ -423,7 +428,9 @@ async def serve(
         table = relay_table
 
         def relays_changed(_change: object = None) -> None:
-            table.update(relay_loads(relay_watcher.active() if relay_watcher is not None else ()))
+            loads = relay_loads(relay_watcher.active() if relay_watcher is not None else ())
+            table.update(loads)
+            destinations.refuse(load.address for load in loads)  # their ng ports, as above
 
         relay_watcher.add_listener(relays_changed)
         relay_watcher.start()
@@ -558,6 +565,23 @@ def ldap_section(path: str) -> LdapConfig | None:
     if not isinstance(section, dict):
         raise ValueError("ldap: expected a table")
     return LdapConfig.from_dict(section)
+
+
+def redis_endpoints(url: str) -> list[tuple[str, int]]:
+    """The Redis addresses a farm URL names (a server, a cluster's seeds, the sentinels), for
+    the destination policy; [] for one it cannot read (the store reports that itself)."""
+    from sipfarm.store.resp import is_cluster_url, parse_cluster_url, parse_redis_url  # noqa: PLC0415
+    from sipfarm.store.sentinel import is_sentinel_url, parse_sentinel_url  # noqa: PLC0415
+
+    try:
+        if is_cluster_url(url):
+            return list(parse_cluster_url(url)[0])
+        if is_sentinel_url(url):
+            return list(parse_sentinel_url(url).sentinels)
+        host, port, *_ = parse_redis_url(url)
+        return [(host, port)]
+    except ValueError:
+        return []
 
 
 def relay_loads(members: Iterable[Member]) -> list[RelayLoad]:

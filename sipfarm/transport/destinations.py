@@ -126,6 +126,16 @@ class DestinationPolicy:
                 self._own.add((ip, port))
                 self._own_hosts.add(ip)
 
+    def refuse(self, endpoints: Iterable[tuple[str, int]]) -> None:
+        """Never send to these exact addresses (the farm's Redis, its relays' ng ports):
+        services of the farm's, not listeners of this process, so their hosts stay other
+        hosts."""
+        self._judged = {}
+        for host, port in endpoints:
+            ip = _ip(host)
+            if ip is not None:
+                self._own.add((ip, port))
+
     def allow(self, entries: Iterable[str]) -> None:
         """Permit more destinations (networks or ``IP:PORT``), e.g. a test's loopback peers."""
         nets, exact = _split(entries)

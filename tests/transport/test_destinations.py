@@ -48,6 +48,29 @@ def test_own_listeners_are_refused_even_inside_an_allowed_network() -> None:
     assert not policy.permits(udp("127.0.0.1", 7000))
 
 
+def test_the_farms_services_are_refused_by_address_only() -> None:
+    """A node refuses its Redis and its relays' ng ports as destinations (red team, 2026-12-03:
+    an in-dialog request's Request-URI reached Redis where loopback was allowed), by exact
+    address: the host is no listener of its own, so its other ports stay other peers'."""
+    policy = DestinationPolicy(allow=["127.0.0.0/8", "10.0.0.0/8"], own=[Address("udp", "0.0.0.0", 5060)])
+    policy.refuse([("127.0.0.1", 6379), ("10.0.0.5", 2223), ("redis.example", 6379)])
+    for host, port in (("127.0.0.1", 6379), ("10.0.0.5", 2223)):
+        assert not policy.permits(Address("tcp", host, port)) and not policy.permits(udp(host, port))
+    assert policy.permits(udp("10.0.0.5", 5060))  # a peer on Redis's host, on the node's wildcard port
+    assert policy.permits(udp("127.0.0.1", 6380))
+
+
+def test_redis_endpoints_of_every_url_form() -> None:
+    from sipfarm.node.main import redis_endpoints  # noqa: PLC0415
+
+    assert redis_endpoints("redis://:pw@127.0.0.1:7000/0") == [("127.0.0.1", 7000)]
+    assert redis_endpoints("redis://10.0.0.9") == [("10.0.0.9", 6379)]
+    cluster = "redis+cluster://127.0.0.1:7001,127.0.0.1:7002"
+    assert redis_endpoints(cluster) == [("127.0.0.1", 7001), ("127.0.0.1", 7002)]
+    assert redis_endpoints("redis+sentinel://127.0.0.1:26379/mymaster") == [("127.0.0.1", 26379)]
+    assert redis_endpoints("nonsense://x") == []
+
+
 @pytest.mark.parametrize("entry", ["nonsense", "10.0.0.0/33", "1.2.3.4:", "1.2.3.4:99999", "[::1:5060", "name:5060"])
 def test_bad_entries_are_refused_with_the_entry_named(entry: str) -> None:
     with pytest.raises(ValueError, match="bad destination"):
