@@ -344,6 +344,11 @@ class BalancerCore:
         # the top Route left): no header list scanned twice for the same value
         hops = max_forwards(msg)
         if hops <= 0:
+            if msg.method == b"OPTIONS" and not msg.has("route") and self._is_for_us(msg):
+                # RFC 3261 16.3 step 3: an element may answer an OPTIONS for itself at 0
+                # (monitoring sends Max-Forwards 0 so that nothing goes further)
+                self._answer_locally(msg, hop)
+                return
             raise TooManyHops("Max-Forwards reached 0", partial=msg)
         flow, route, plain = self.own_routes.pop(msg)
         method = msg.method

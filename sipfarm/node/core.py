@@ -46,7 +46,7 @@ from sipfarm.registrar.registrar import FLOW_TIMER_STREAM, FLOW_TIMER_UDP, Bindi
 from sipfarm.routing.router import Router
 from sipfarm.sip import auth
 from sipfarm.sip.address import Address
-from sipfarm.sip.errors import SipError, TooManyHops
+from sipfarm.sip.errors import SipError
 from sipfarm.sip.message import SipMessage
 from sipfarm.sip.parser import max_forwards, require_understood, validate_request
 from sipfarm.sip.transaction import TimerConfig, TransactionLayer
@@ -281,8 +281,9 @@ class NodeCore:
                 msg.set("max-forwards", b"%d" % MAX_FORWARDS)
             routes = self.proxy.own_routes(msg)
             if msg.method == b"REGISTER":
-                if max_forwards(msg) <= 0:
-                    raise TooManyHops("Max-Forwards reached 0", partial=msg)
+                # the registrar is the REGISTER's UAS, not a proxy: Max-Forwards 0 is no reason
+                # to refuse it (RFC 3261 16.3 step 3 is a proxy's check; a phone sending 1 got
+                # 483 behind the balancer, red team 2026-12-03)
                 self.registrar.on_register(stx, msg, source)
             else:
                 self.proxy.on_request(stx, msg, local, routes)

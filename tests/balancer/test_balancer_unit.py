@@ -426,6 +426,16 @@ def test_options_to_the_balancer_is_answered_locally(lb: Harness):
     assert lb.core.stats.to_node == 0
 
 
+def test_options_to_the_balancer_with_max_forwards_0_is_answered_not_483(lb: Harness):
+    """RFC 3261 16.3 step 3: an element may answer an OPTIONS for itself at Max-Forwards 0
+    (monitoring pings send 0); anything else at 0 is 483."""
+    out, _ = lb.one(request("OPTIONS", "sip:10.0.0.1:5060", max_forwards=0), CLIENT)
+    assert out.status == 200
+    out, _ = lb.one(request("OPTIONS", "sip:bob@farm.test", max_forwards=0), CLIENT)
+    assert out.status == 483
+    assert lb.core.stats.to_node == 0
+
+
 def test_unreachable_client_flow_gives_430(lb: Harness):
     paths, node = _path_of(lb, TCP_CLIENT, LB_TCP, "SIP/2.0/TCP 192.168.1.5:5062")
     lb.fail_to.add(TCP_CLIENT)

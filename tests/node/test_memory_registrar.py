@@ -46,6 +46,16 @@ def test_register_is_challenged_with_401_then_accepted(farm: MemFarm) -> None:
     assert _contacts(answer) == [b"<sip:alice@10.0.0.1:5060>;expires=600"]
 
 
+def test_a_register_with_max_forwards_0_is_the_registrars_to_answer(farm: MemFarm) -> None:
+    """The registrar is the REGISTER's UAS, not a proxy (RFC 3261 16.3 step 3 is a proxy's
+    check): a phone sending Max-Forwards 1 reached the node at 0 behind the balancer, and got
+    483 (red team, 2026-12-03)."""
+    alice = farm.phone("alice", "10.0.0.1")
+    request = alice.request("REGISTER", f"sip:{DOMAIN}", to=f"<sip:alice@{DOMAIN}>", max_forwards=0)
+    answer = alice.authenticated(request)
+    assert answer is not None and answer.status == 200
+
+
 def test_200_lists_every_contact_of_the_address_of_record(farm: MemFarm) -> None:
     desk = farm.phone("bob", "10.0.0.2")
     mobile = farm.phone("bob", "10.0.0.3")
