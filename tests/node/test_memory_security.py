@@ -760,24 +760,37 @@ def test_an_invite_the_node_refuses_at_once_gets_one_answer_per_datagram(
     assert answers == [status], answers
 
 
+SHARE = 1 << 20  # an account's share of the node's transaction memory in the tests below
+
+
+def _small_share_farm() -> tuple[MemFarm, Phone, Phone, Phone]:
+    """A node with 16 MiB of transaction memory, 1 MiB an account's; alice, bob (registered),
+    carol."""
+    farm = MemFarm(node_kwargs={"max_transaction_bytes": 16 * SHARE, "max_pending_invite_bytes": SHARE})
+    alice, bob, carol = (farm.phone(user, f"10.0.0.{i}") for i, user in enumerate(("alice", "bob", "carol"), 1))
+    assert bob.register() is not None and bob.finals()[-1] == 200
+    return farm, alice, bob, carol
+
+
+def _answered_call(alice: Phone, bob: Phone, call_id: str) -> SipMessage:
+    """alice calls bob, bob answers, alice ACKs: the 200."""
+    ok = alice.authenticated(alice.request("INVITE", BOB, call_id=call_id))
+    assert ok is not None and ok.status == 180
+    bob.answer_call(200, bob.ringing[-1])
+    answered = alice.last(200, b"INVITE")
+    assert answered is not None
+    alice.ack(answered)
+    return answered
+
+
 def test_one_subscribers_unanswered_re_invites_cannot_take_the_node_from_everyone() -> None:
     """A re-INVITE waits for its answer as long as a call does (Timer C), and was charged to no
     share: one subscriber sending 60 KB re-INVITEs in its own dialog to a phone of its own that
     only rings filled the node's transaction memory, and every caller got 503 (red team,
     2026-12-03). They are charged to their sender's share: past it, 403 Too Many Calls; other
     callers are not affected."""
-    share = 1 << 20
-    farm = MemFarm(node_kwargs={"max_transaction_bytes": 16 * share, "max_pending_invite_bytes": share})
-    alice = farm.phone("alice", "10.0.0.1")
-    bob = farm.phone("bob", "10.0.0.2")
-    carol = farm.phone("carol", "10.0.0.3")
-    assert bob.register() is not None and bob.finals()[-1] == 200
-    ok = alice.authenticated(alice.request("INVITE", BOB, call_id="dialog-1"))
-    assert ok is not None and ok.status == 180
-    bob.answer_call(200, bob.ringing[-1])
-    answered = alice.last(200, b"INVITE")
-    assert answered is not None
-    alice.ack(answered)
+    farm, alice, bob, carol = _small_share_farm()
+    answered = _answered_call(alice, bob, "dialog-1")
     statuses = []
     for n in range(12):  # bob's phone rings on each re-INVITE and never answers
         reinvite = alice.in_dialog("INVITE", answered, cseq=10 + n)
@@ -786,7 +799,7 @@ def test_one_subscribers_unanswered_re_invites_cannot_take_the_node_from_everyon
         alice.send(reinvite)
         statuses.append(alice.inbox[-1].status if alice.inbox else 0)
     assert statuses.count(403) >= 4 and statuses[:8] == [180] * 8, statuses
-    assert farm.nodes[0].layer.retained_bytes <= 2 * share
+    assert farm.nodes[0].layer.retained_bytes <= 2 * SHARE
     assert _call(carol, 0, 60_000)[0] == 180  # another caller is not affected
 
 
@@ -797,20 +810,8 @@ def test_one_subscribers_unanswered_messages_cannot_take_the_node_from_everyone(
     of one's own or inside one's own dialog, filled a node's 256 MiB and every caller got 503
     (red team, 2026-12-03). Every request the node holds is charged to its account (in a
     dialog: its sender's) share: past it, 403; other callers are not affected."""
-    share = 1 << 20
-    farm = MemFarm(node_kwargs={"max_transaction_bytes": 16 * share, "max_pending_invite_bytes": share})
-    alice = farm.phone("alice", "10.0.0.1")
-    bob = farm.phone("bob", "10.0.0.2")
-    carol = farm.phone("carol", "10.0.0.3")
-    assert bob.register() is not None and bob.finals()[-1] == 200
-    answered = None
-    if in_dialog:
-        ok = alice.authenticated(alice.request("INVITE", BOB, call_id="dialog-m"))
-        assert ok is not None and ok.status == 180
-        bob.answer_call(200, bob.ringing[-1])
-        answered = alice.last(200, b"INVITE")
-        assert answered is not None
-        alice.ack(answered)
+    farm, alice, bob, carol = _small_share_farm()
+    answered = _answered_call(alice, bob, "dialog-m") if in_dialog else None
     bob.silent = True  # gone: answers nothing from now on
     statuses = []
     for n in range(12):
@@ -825,10 +826,10 @@ def test_one_subscribers_unanswered_messages_cannot_take_the_node_from_everyone(
             answer = alice.authenticated(message)
             statuses.append(answer.status if answer is not None and answer.status >= 200 else 0)
     assert statuses.count(403) >= 4 and statuses[:6] == [0] * 6, statuses
-    assert farm.nodes[0].layer.retained_bytes <= 2 * share
+    assert farm.nodes[0].layer.retained_bytes <= 2 * SHARE
     assert _call(carol, 0, 60_000)[0] == 100  # another caller is not affected (silent bob: Trying)
     farm.advance(40.0)  # Timer F ends them: alice may send again
-    assert farm.nodes[0].layer.retained_bytes < share
+    assert farm.nodes[0].layer.retained_bytes < SHARE
 
 
 def test_a_callee_cannot_assert_an_identity_in_its_responses() -> None:
