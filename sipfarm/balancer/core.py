@@ -176,6 +176,7 @@ class BalancerStats:
     local: int = 0
     acks_ended: int = 0  # ACKs of a node's stateless challenge, ended here (ChallengeTags)
     acks_past_node: int = 0  # 2xx ACKs sent on to the callee's flow without the node (also to_client)
+    client_paths_removed: int = 0  # REGISTERs from clients whose own Path entries were removed
     errors: dict[str, int] = field(default_factory=dict)
     # responses: not_ours (another element's Via), forged (branch not ours or not for this
     # response), bad_via, no_flow (the client's connection is gone), send_failed; requests:
@@ -201,6 +202,7 @@ class BalancerStats:
                 "local",
                 "acks_ended",
                 "acks_past_node",
+                "client_paths_removed",
             )
         }
         out.update({f"error_{k}": v for k, v in self.errors.items()})
@@ -616,7 +618,14 @@ class BalancerCore:
         # top, so that the node's requests to the client come to it
         register = method == b"REGISTER"
         if register:
-            # RFC 3327: stay on the path to this UA (token = its flow)
+            # RFC 3327: stay on the path to this UA (token = its flow). A client's own Path
+            # entries go: Path is the proxies' between a UA and its registrar, and the farm's
+            # edge is here; kept, they were stored in the binding and sent back as the Route of
+            # every request to it (64 entries of 900 bytes: 57 KB per branch, ~3,800 times what
+            # the subscriber sent, red team 2026-12-03)
+            if msg.has("path"):
+                msg.remove("path")
+                self.stats.client_paths_removed += 1
             msg.prepend_values("path", self._own_entries(client_flow, dest.transport, path=True))
         elif method in DIALOG_CREATING and to_tag is None:
             msg.prepend_values("record-route", self._own_entries(client_flow, dest.transport, call_id=msg.call_id))

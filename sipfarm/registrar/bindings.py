@@ -19,6 +19,12 @@ from sipfarm.store.location import Binding, ContactUpdate
 
 #: the longest +sip.instance a REGISTER may set, in UTF-8 bytes (a temporary GRUU carries it)
 MAX_INSTANCE_BYTES = 255
+# a binding's Path (RFC 3327), at most: the farm's own edge writes one or two entries of ~100
+# bytes (a proxy of the operator's in front adds a few); each request to the binding carries
+# it as its Route, per branch, so an attacker's 57 KB Path came back ~3,800-fold (red team,
+# 2026-12-03)
+MAX_PATH_ENTRIES: Final = 8
+MAX_PATH_BYTES: Final = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +96,8 @@ def read_register(request: SipMessage, domains: frozenset[str], policy: ExpiresP
         header_expires = parse_uint(raw_expires, "Expires", 2**32 - 1)
     contacts = request.values("contact")
     path = tuple(v.decode("latin-1") for v in request.values("path"))
+    if len(path) > MAX_PATH_ENTRIES or sum(len(v) for v in path) > MAX_PATH_BYTES:
+        raise Forbidden("Path too long", partial=request)
     if contacts == [b"*"] or b"*" in contacts:
         # step 6: "*" only alone and only with Expires: 0
         if len(contacts) != 1 or header_expires != 0:

@@ -150,6 +150,18 @@ def test_register_gets_path_with_token_of_client_flow_and_goes_to_node_of_aor(lb
     assert top.param("lr") is not None and top.param("ob") is not None
 
 
+def test_a_clients_own_path_entries_are_removed_before_ours(lb: Harness):
+    """RFC 3327 Path is the proxies' between a UA and its registrar: a client's own entries were
+    stored in the binding and came back as the Route of every request to it, up to 57 KB a
+    branch (red team, 2026-12-03)."""
+    own = b"".join(b"Path: <sip:127.0.0.90:%d;lr;x=%s>\r\n" % (5060 + i, b"y" * 200) for i in range(8))
+    bloated = register().replace(b"Supported: path\r\n", b"Supported: path\r\n" + own)
+    msg, _ = lb.one(bloated, CLIENT)
+    paths = msg.values("path")
+    assert len(paths) == 1 and b"127.0.0.90" not in msg.to_bytes()
+    assert lb.core.stats.client_paths_removed == 1
+
+
 def test_register_refreshes_of_one_aor_meet_one_node(lb: Harness):
     dests = {lb.one(register(call_id=secrets.token_hex(8), cseq=n), CLIENT)[1] for n in range(1, 20)}
     assert len(dests) == 1

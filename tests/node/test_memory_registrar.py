@@ -56,6 +56,20 @@ def test_a_register_with_max_forwards_0_is_the_registrars_to_answer(farm: MemFar
     assert answer is not None and answer.status == 200
 
 
+@pytest.mark.parametrize(
+    ("entries", "size", "status"),
+    [(2, 100, 200), (8, 200, 200), (9, 20, 403), (3, 900, 403)],
+)
+def test_a_binding_keeps_a_bounded_path(farm: MemFarm, entries: int, size: int, status: int) -> None:
+    """A binding's Path comes back as the Route of every request to it, per branch: at most 8
+    entries and 2 KB (red team, 2026-12-03: 64 entries of 900 bytes from a client sent
+    straight to a node, ~3,800 times the bytes it sent came back); over it, 403."""
+    alice = farm.phone("alice", "10.0.0.1")
+    path = [("path", f"<sip:10.0.0.9:{5060 + i};lr;x={'y' * size}>") for i in range(entries)]
+    answer = alice.register(headers=path)
+    assert answer is not None and answer.status == status, answer and answer.reason
+
+
 def test_200_lists_every_contact_of_the_address_of_record(farm: MemFarm) -> None:
     desk = farm.phone("bob", "10.0.0.2")
     mobile = farm.phone("bob", "10.0.0.3")
