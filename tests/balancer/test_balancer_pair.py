@@ -20,6 +20,7 @@ def test_call_through_the_other_balancer(redis_url, accounts, start_node, start_
     lb_a = start_balancer(redis_url)
     lb_b = start_balancer(redis_url)
     wait_nodes_usable(lb_a, 2)
+    wait_nodes_usable(lb_b, 2)  # the call goes in through B: it must know the nodes too
     callee = SipClient()
     caller_socket = SipClient()
     try:
