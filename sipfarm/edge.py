@@ -253,20 +253,13 @@ class FlowTokens:
         known = self._decoded.get(key)
         if known is not None:
             return known
-        raw = _unhex(text)
-        if raw is None:
-            raise FlowTokenError("not hex")
-        if len(raw) < _MAC_LEN + 2 + 4 + 2:
-            raise FlowTokenError("too short")
-        mac, packed = raw[:_MAC_LEN], raw[_MAC_LEN:]
+        mac, packed = _split_token(text)
         bound = hmac.compare_digest(mac, self._mac(packed, host, port))
         if not bound and not (
             ours and hmac.compare_digest(mac, hmac.digest(self._secret, packed, "sha256")[:_MAC_LEN])
         ):
             raise FlowTokenError("bad MAC")
-        flow = unpack_flow(packed)
-        if flow is None:
-            raise FlowTokenError("bad layout")
+        flow = _flow_of(packed)
         if not bound:
             return flow  # an earlier-format token: taken where it names us, never remembered
         if len(text) + len(host) > MAX_CACHED_KEY:
@@ -283,22 +276,32 @@ class FlowTokens:
         known = self._decoded_dialog.get(key)
         if known is not None:
             return known
-        raw = _unhex(text[1:])
-        if raw is None:
-            raise FlowTokenError("not hex")
-        if len(raw) < _MAC_LEN + 2 + 4 + 2:
-            raise FlowTokenError("too short")
-        mac, packed = raw[:_MAC_LEN], raw[_MAC_LEN:]
+        mac, packed = _split_token(text[1:])
         if not hmac.compare_digest(mac, self._dialog_mac(packed, host, port, call_id)):
             raise FlowTokenError("bad MAC (another dialog's token?)")
-        flow = unpack_flow(packed)
-        if flow is None:
-            raise FlowTokenError("bad layout")
+        flow = _flow_of(packed)
         if len(text) + len(host) + len(call_id) <= MAX_CACHED_KEY:
             if len(self._decoded_dialog) >= CACHE_LIMIT:
                 self._decoded_dialog.clear()  # bounded; a miss costs one HMAC
             self._decoded_dialog[key] = flow
         return flow
+
+
+def _split_token(text: str) -> tuple[bytes, bytes]:
+    """A token's hex as (MAC, packed flow); FlowTokenError when it is not hex or too short."""
+    raw = _unhex(text)
+    if raw is None:
+        raise FlowTokenError("not hex")
+    if len(raw) < _MAC_LEN + 2 + 4 + 2:
+        raise FlowTokenError("too short")
+    return raw[:_MAC_LEN], raw[_MAC_LEN:]
+
+
+def _flow_of(packed: bytes) -> Address:
+    flow = unpack_flow(packed)
+    if flow is None:
+        raise FlowTokenError("bad layout")
+    return flow
 
 
 def route_uri(msg: SipMessage, value: bytes) -> SipURI | None:

@@ -130,11 +130,11 @@ class DestinationPolicy:
         """Never send to these exact addresses (the farm's Redis, its relays' ng ports):
         services of the farm's, not listeners of this process, so their hosts stay other
         hosts."""
-        self._judged = {}
         for host, port in endpoints:
             ip = _ip(host)
-            if ip is not None:
+            if ip is not None and (ip, port) not in self._own:
                 self._own.add((ip, port))
+                self._judged = {}  # only when something new is refused (a node calls this on every relay change)
 
     def allow(self, entries: Iterable[str]) -> None:
         """Permit more destinations (networks or ``IP:PORT``), e.g. a test's loopback peers."""

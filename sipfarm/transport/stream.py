@@ -230,11 +230,16 @@ class StreamFlow(asyncio.Protocol):
         if self._closing or self._transport is None or self._owed <= 0 or self.transport_name != "tcp":
             return None  # nothing owed (or TLS, which closes anyway): close our side too
         self._stats.half_closed += 1
+        self._leave_when_answered()
+        return True
+
+    def _leave_when_answered(self) -> None:
+        """Close once every answer owed is written (``write``), at most ``half_closed_timeout``
+        from now (``_on_timer``): after the peer's FIN, or a framing error behind requests."""
         self._half_closed_until = self._loop.time() + min(self._config.half_closed_timeout, self._config.idle_timeout)
         self._hold_until = 0.0
         self._manager.flow_half_closed(self)
         self._arm(self._half_closed_until)
-        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
@@ -307,47 +312,47 @@ class StreamFlow(asyncio.Protocol):
         a request that broke the framing) written last and flushed (a TCP close, not a reset)."""
         if self._closing:
             return
-        self._stats.connections_closed_abuse += 1
-        bump(self._stats.abuse, reason)
-        logger.debug("event=flow_closed_abuse remote=%s reason=%s detail=%r", self.remote, reason, detail)
         self._closing = True
         tr = self._transport
-        if tr is None:
-            pass
-        elif answer is not None and tr.get_write_buffer_size() + len(answer) <= self._config.write_buffer_limit:
-            tr.write(answer)
-            tr.close()  # flushes the answer, then closes (no further read is handled)
-        else:
-            tr.abort()  # nothing owed to an abusive peer: do not flush
-        if self.remote is not None and not self.outbound:  # an outbound one's peer the farm chose
-            self._manager.abused(self.remote.host)
+        if tr is not None:
+            if self._write_answer(tr, answer):
+                tr.close()  # flushes the answer, then closes (no further read is handled)
+            else:
+                tr.abort()  # nothing owed to an abusive peer: do not flush
+        self._count_abuse(reason, detail)
 
     def _close_when_answered(self, reason: str, detail: str, answer: bytes | None) -> None:
         """A framing error after requests the flow still owes answers to (a valid request and
         garbage in one write, red team 2026-12-03: the answer was lost with the connection).
         Counted as abuse as :meth:`abort_for_abuse` does, but nothing more is read, and the flow
-        closes once those answers are written, as after a half-close (bounded by
-        ``half_closed_timeout``); ``answer``, the broken request's, goes first."""
+        closes once those answers are written, as after a half-close; ``answer``, the broken
+        request's, goes first."""
         tr = self._transport
         if tr is None:
             self.abort_for_abuse(reason, detail, answer=answer)
             return
-        self._stats.connections_closed_abuse += 1
-        bump(self._stats.abuse, reason)
-        logger.debug(
-            "event=flow_closed_abuse remote=%s reason=%s detail=%r owed=%d", self.remote, reason, detail, self._owed
-        )
         self._unframed = True
         self._message_start = None  # the garbage is no message in progress (no stall timeout)
         tr.pause_reading()
-        if answer is not None and tr.get_write_buffer_size() + len(answer) <= self._config.write_buffer_limit:
-            tr.write(answer)
-        self._half_closed_until = self._loop.time() + min(self._config.half_closed_timeout, self._config.idle_timeout)
-        self._hold_until = 0.0
-        self._manager.flow_half_closed(self)
-        self._arm(self._half_closed_until)
+        self._write_answer(tr, answer)
+        self._leave_when_answered()
+        self._count_abuse(reason, detail)
+
+    def _count_abuse(self, reason: str, detail: str) -> None:
+        """Counted, logged, and told to the manager (its source's bans) unless the farm chose
+        the peer (an outbound connection); last, once the flow's own state is settled."""
+        self._stats.connections_closed_abuse += 1
+        bump(self._stats.abuse, reason)
+        logger.debug("event=flow_closed_abuse remote=%s reason=%s detail=%r", self.remote, reason, detail)
         if self.remote is not None and not self.outbound:
             self._manager.abused(self.remote.host)
+
+    def _write_answer(self, tr: asyncio.Transport, answer: bytes | None) -> bool:
+        """Write the answer to a request that broke the framing, within the write-buffer limit."""
+        if answer is None or tr.get_write_buffer_size() + len(answer) > self._config.write_buffer_limit:
+            return False
+        tr.write(answer)
+        return True
 
     def _evict(self) -> None:
         """Closed to make room for a new source at max_connections (``TransportManager.quiet``)."""
